@@ -1,0 +1,332 @@
+//! Wire types of the agentenv HTTP API.
+//!
+//! Everything the daemon sends or accepts over HTTP is defined here, so that the
+//! daemon, the CLI and the OpenAPI document agree by construction. This crate has
+//! no runtime: no tokio, no axum, no I/O.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Version prefix of every route.
+pub const API_PREFIX: &str = "/v1";
+
+/// Largest request body the daemon accepts, in bytes.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Where a VM is in its life.
+///
+/// The in-between states (`creating`, `pausing`, …) are visible while an
+/// operation runs; every change goes through one transition table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Resources are being prepared and the VMM is being started.
+    Creating,
+    /// The guest runs.
+    Running,
+    /// A pause request is in flight.
+    Pausing,
+    /// The guest's vCPUs are stopped; memory is kept.
+    Paused,
+    /// A resume request is in flight.
+    Resuming,
+    /// A disk snapshot is being taken.
+    Snapshotting,
+    /// A shutdown request is in flight.
+    Stopping,
+    /// The VMM exited normally; its resources are freed, the record stays.
+    Stopped,
+    /// The VMM died or could not be started; the cause is recorded.
+    Failed,
+    /// The VM is being removed.
+    Deleting,
+}
+
+impl VmState {
+    /// Every state, in declaration order.
+    pub const ALL: [VmState; 10] = [
+        VmState::Creating,
+        VmState::Running,
+        VmState::Pausing,
+        VmState::Paused,
+        VmState::Resuming,
+        VmState::Snapshotting,
+        VmState::Stopping,
+        VmState::Stopped,
+        VmState::Failed,
+        VmState::Deleting,
+    ];
+
+    /// The name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Creating => "creating",
+            VmState::Running => "running",
+            VmState::Pausing => "pausing",
+            VmState::Paused => "paused",
+            VmState::Resuming => "resuming",
+            VmState::Snapshotting => "snapshotting",
+            VmState::Stopping => "stopping",
+            VmState::Stopped => "stopped",
+            VmState::Failed => "failed",
+            VmState::Deleting => "deleting",
+        }
+    }
+
+    /// True while a VMM process is (supposed to be) alive.
+    pub fn has_vmm(self) -> bool {
+        !matches!(self, VmState::Stopped | VmState::Failed)
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which VMM runs a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// Firecracker, configured over its Unix-socket API.
+    Firecracker,
+    /// QEMU's `microvm` machine, controlled over QMP.
+    Qemu,
+}
+
+impl BackendKind {
+    /// The name used on the wire and in config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Firecracker => "firecracker",
+            BackendKind::Qemu => "qemu",
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `POST /v1/vm` body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVmRequest {
+    /// `[A-Za-z0-9][A-Za-z0-9._-]{0,62}`, not `.` or `..`; becomes a directory name.
+    pub vm_id: String,
+    /// One slot is `memory_mib_per_slot` MiB and one vCPU; 1 to 32. Default from config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<u32>,
+    /// The VM's disk.
+    pub disk: DiskSpec,
+    /// TAP and MAC to use when automatic networking is disabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkSpec>,
+    /// Kernel file name under `kernel_root`. Default: `default_kernel`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// Initramfs file name under `initramfs_root`. Default: `default_initrd`, if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// Kernel command line; replaces `default_boot_args`. agentenv appends its own
+    /// `agentenv.*` parameters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+}
+
+/// What the VM boots from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DiskSpec {
+    /// The read-only base `rootfs_root/{rootfs_id}` plus a fresh writable overlay disk.
+    Overlay {
+        /// File name of the base image under `rootfs_root`.
+        rootfs_id: String,
+        /// Size of the writable overlay disk; default `default_disk_size_gib`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        disk_size_gib: Option<u64>,
+    },
+    /// A copy of a disk snapshot's overlay, on the base it was taken from.
+    Snapshot {
+        /// The snapshot to start from.
+        snapshot_id: String,
+    },
+    /// A host disk image used as is (read-write), under one of `direct_disk_roots`.
+    Direct {
+        /// Absolute path of the image.
+        path: String,
+    },
+}
+
+impl DiskSpec {
+    /// The `kind` tag used on the wire.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DiskSpec::Overlay { .. } => "overlay",
+            DiskSpec::Snapshot { .. } => "snapshot",
+            DiskSpec::Direct { .. } => "direct",
+        }
+    }
+}
+
+/// A caller-chosen TAP device and guest MAC (used only when networking is disabled).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// Existing TAP device on the host, at most 15 bytes.
+    pub tap_name: String,
+    /// `xx:xx:xx:xx:xx:xx`, unicast.
+    pub guest_mac: String,
+}
+
+/// The disks a VM was given, as host paths.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DiskInfo {
+    /// `overlay`, `snapshot` or `direct`.
+    pub kind: String,
+    /// Read-only base image (overlay and snapshot kinds).
+    pub rootfs_path: Option<String>,
+    /// The VM's writable disk: the overlay, or the direct disk.
+    pub writable_path: String,
+    /// Base image id (overlay and snapshot kinds).
+    pub rootfs_id: Option<String>,
+    /// Snapshot the writable disk was copied from (snapshot kind).
+    pub snapshot_id: Option<String>,
+    /// Logical size of the writable disk in bytes.
+    pub size_bytes: u64,
+}
+
+/// How a VM that is no longer running ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExitInfo {
+    /// Exit status of the VMM process, when it exited.
+    pub exit_code: Option<i32>,
+    /// Signal that killed the VMM process, when one did.
+    pub signal: Option<i32>,
+    /// What happened, for people.
+    pub cause: String,
+    /// When the exit was noticed.
+    pub at: DateTime<Utc>,
+}
+
+/// A VM as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmInfo {
+    /// The VM's id.
+    pub vm_id: String,
+    /// Current state.
+    pub state: VmState,
+    /// Which VMM runs it.
+    pub backend: BackendKind,
+    /// The VMM's control socket (Firecracker API or QMP).
+    pub api_socket: String,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Disks.
+    pub disk: DiskInfo,
+    /// Kernel image path.
+    pub kernel: String,
+    /// Initramfs path, when one is used.
+    pub initrd: Option<String>,
+    /// Full kernel command line given to the guest.
+    pub boot_args: String,
+    /// TAP device, when the VM has a network interface.
+    pub tap_name: Option<String>,
+    /// Guest MAC, when the VM has a network interface.
+    pub guest_mac: Option<String>,
+    /// Host side address of the VM's subnet (automatic networking).
+    pub host_ip: Option<String>,
+    /// Guest address (automatic networking).
+    pub guest_ip: Option<String>,
+    /// Session directory holding config, disks, logs and the metadata record.
+    pub session_dir: String,
+    /// Console and VMM log file (bounded in size).
+    pub console_log: String,
+    /// VMM process id while it runs.
+    pub pid: Option<u32>,
+    /// When the VM was created.
+    pub created_at: DateTime<Utc>,
+    /// When its state last changed.
+    pub updated_at: DateTime<Utc>,
+    /// How it ended, once stopped or failed.
+    pub exit: Option<ExitInfo>,
+    /// Notes about how the request was applied (e.g. an ignored field).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// `GET /v1/vm` response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmList {
+    /// Every VM the daemon tracks, sorted by id.
+    pub vms: Vec<VmInfo>,
+}
+
+/// Every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, naming the field or the state.
+    pub error: String,
+    /// The request field at fault, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// The VM's current state, for conflicts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<VmState>,
+}
+
+/// `GET /v1/health` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// Always `ok` when the daemon answers.
+    pub status: String,
+    /// agentenv's version.
+    pub version: String,
+    /// The VMM backend new VMs get.
+    pub backend: BackendKind,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_spec_is_tagged_by_kind() {
+        let d: DiskSpec =
+            serde_json::from_str(r#"{"kind":"overlay","rootfs_id":"base.ext4"}"#).unwrap();
+        assert_eq!(
+            d,
+            DiskSpec::Overlay {
+                rootfs_id: "base.ext4".into(),
+                disk_size_gib: None
+            }
+        );
+        let err = serde_json::from_str::<DiskSpec>(r#"{"kind":"overlay","rootfs_id":"a","x":1}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("unknown field `x`"), "{err}");
+    }
+
+    #[test]
+    fn create_request_rejects_unknown_fields() {
+        let err = serde_json::from_str::<CreateVmRequest>(
+            r#"{"vm_id":"a","disk":{"kind":"direct","path":"/x"},"memory":5}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `memory`"), "{err}");
+    }
+
+    #[test]
+    fn states_round_trip_by_name() {
+        for s in VmState::ALL {
+            let json = serde_json::to_string(&s).unwrap();
+            assert_eq!(json, format!("\"{}\"", s.as_str()));
+            assert_eq!(serde_json::from_str::<VmState>(&json).unwrap(), s);
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The VMM backend seam: everything the engine needs from Firecracker or QEMU.
+//!
+//! A backend starts one VMM process per VM and hands back a [`VmmInstance`] to
+//! control it. The engine never talks to a VMM any other way.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agentenv_api::BackendKind;
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+/// Everything a backend needs to start one VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaunchSpec {
+    /// The VM's id (also given to the VMM as its instance id).
+    pub vm_id: String,
+    /// The VM's session directory; the backend writes its generated config here.
+    pub session_dir: PathBuf,
+    /// Control socket the VMM must serve (Firecracker API socket or QMP socket).
+    pub control_socket: PathBuf,
+    /// File that receives the VMM's stdout/stderr (guest console and VMM log).
+    pub console_log: PathBuf,
+    /// Size at which `console_log` is rotated to `console_log.1` (so at most twice this is kept).
+    pub console_log_max_bytes: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Kernel image (an ELF vmlinux for Firecracker, a bzImage or vmlinux for QEMU).
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Full kernel command line.
+    pub boot_args: String,
+    /// Block devices in the order the guest sees them (`/dev/vda`, `/dev/vdb`, …).
+    pub drives: Vec<DriveSpec>,
+    /// Network interface, if any.
+    pub net: Option<NetAttachment>,
+    /// How long the VMM may take to create its control socket and accept the configuration.
+    pub startup_timeout: Duration,
+    /// How long one control-socket request may take before it fails.
+    pub request_timeout: Duration,
+}
+
+/// One block device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveSpec {
+    /// Drive id (`rootfs`, `overlay`, …).
+    pub id: String,
+    /// Host file backing it.
+    pub path: PathBuf,
+    /// Attached read-only.
+    pub read_only: bool,
+    /// The guest boots from it.
+    pub is_root: bool,
+}
+
+/// A TAP device attached as the guest's `eth0`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetAttachment {
+    /// Host TAP device.
+    pub tap_name: String,
+    /// Guest MAC address.
+    pub guest_mac: String,
+}
+
+/// How a VMM process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmmExit {
+    /// Exit status, when it exited.
+    pub code: Option<i32>,
+    /// Signal, when one killed it.
+    pub signal: Option<i32>,
+}
+
+impl VmmExit {
+    /// True for a clean exit with status 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+impl std::fmt::Display for VmmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (Some(c), _) => write!(f, "exited with status {c}"),
+            (None, Some(s)) => write!(f, "killed by signal {s}"),
+            (None, None) => f.write_str("exited"),
+        }
+    }
+}
+
+/// What went wrong talking to or starting a VMM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The VMM binary could not be started.
+    #[error("failed to start {binary}: {source}")]
+    Spawn {
+        /// The binary.
+        binary: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The VMM did not create its control socket in time.
+    #[error("vmm did not create its socket {path} within {timeout_ms} ms")]
+    SocketTimeout {
+        /// The socket path.
+        path: PathBuf,
+        /// How long we waited.
+        timeout_ms: u64,
+    },
+    /// The VMM process exited while it was being started.
+    #[error("vmm exited during startup ({exit}): {detail}")]
+    ExitedEarly {
+        /// How it exited.
+        exit: VmmExit,
+        /// The last lines of its output.
+        detail: String,
+    },
+    /// The VMM answered a request with an error.
+    #[error("vmm refused {request}: {message}")]
+    Refused {
+        /// The request, e.g. `PUT /machine-config`.
+        request: String,
+        /// HTTP status (Firecracker) or 0 (QMP).
+        status: u16,
+        /// The VMM's own message.
+        message: String,
+    },
+    /// The control socket failed.
+    #[error("vmm request {request} failed: {message}")]
+    Transport {
+        /// The request.
+        request: String,
+        /// What failed.
+        message: String,
+    },
+    /// A request got no answer in time (the VMM may be hung).
+    #[error("vmm request {request} timed out after {timeout_ms} ms")]
+    Timeout {
+        /// The request.
+        request: String,
+        /// How long we waited.
+        timeout_ms: u64,
+    },
+    /// The VMM process is gone.
+    #[error("vmm is not running")]
+    NotRunning,
+    /// A host file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, with the path.
+        context: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Starts VMMs. One implementation per VMM (Firecracker, QEMU).
+#[async_trait]
+pub trait Vmm: Send + Sync + 'static {
+    /// Which VMM this is.
+    fn kind(&self) -> BackendKind;
+
+    /// Starts a VMM process for `spec` and boots the guest.
+    ///
+    /// On error nothing is left behind: the process is killed and reaped and its
+    /// control socket removed.
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmmInstance>, VmmError>;
+}
+
+/// One running VMM process.
+#[async_trait]
+pub trait VmmInstance: Send + Sync {
+    /// The VMM's process id.
+    fn pid(&self) -> Option<u32>;
+
+    /// Stops the guest's vCPUs.
+    async fn pause(&self) -> Result<(), VmmError>;
+
+    /// Restarts the guest's vCPUs.
+    async fn resume(&self) -> Result<(), VmmError>;
+
+    /// Asks the guest to power off (Ctrl-Alt-Del for Firecracker, the ACPI power
+    /// button for QEMU). Returns once asked; watch [`VmmInstance::exit_watch`] for the exit.
+    async fn request_shutdown(&self) -> Result<(), VmmError>;
+
+    /// Kills the VMM's whole process group and waits until it is reaped.
+    async fn kill(&self) -> Result<VmmExit, VmmError>;
+
+    /// Becomes `Some` when the VMM process has exited and been reaped.
+    fn exit_watch(&self) -> watch::Receiver<Option<VmmExit>>;
+}
+
+/// Waits on an exit watch until the process is gone, or until `timeout`.
+pub async fn wait_exit(
+    mut rx: watch::Receiver<Option<VmmExit>>,
+    timeout: Duration,
+) -> Option<VmmExit> {
+    let fut = async {
+        loop {
+            if let Some(e) = *rx.borrow_and_update() {
+                return Some(e);
+            }
+            if rx.changed().await.is_err() {
+                return *rx.borrow();
+            }
+        }
+    };
+    tokio::time::timeout(timeout, fut).await.ok().flatten()
+}

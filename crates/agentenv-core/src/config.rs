@@ -1,0 +1,412 @@
+//! The daemon's TOML configuration: every key optional, unknown keys refused.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default kernel command line.
+pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+
+/// Firecracker's vCPU limit, and so the slot limit.
+pub const MAX_SLOTS: u32 = 32;
+
+/// Which VMM new VMs get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmmChoice {
+    /// Firecracker (needs a working KVM).
+    Firecracker,
+    /// QEMU `microvm` (KVM when usable, TCG otherwise).
+    Qemu,
+    /// Firecracker when its binary exists and KVM runs a guest, QEMU otherwise.
+    Auto,
+}
+
+/// What a clean daemon stop does to running VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnShutdown {
+    /// Shut every VM down (then kill what does not exit in time).
+    Stop,
+    /// Leave VMMs running.
+    Leave,
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Per-VM session directories.
+    pub session_root: PathBuf,
+    /// VMM control sockets (kept short: Unix socket paths are limited to 107 bytes).
+    pub socket_root: PathBuf,
+    /// Read-only base images, by `rootfs_id`.
+    pub rootfs_root: PathBuf,
+    /// Snapshot metadata.
+    pub snapshots_root: PathBuf,
+    /// Fast snapshot tier (a tmpfs).
+    pub tmpfs_snapshot_root: PathBuf,
+    /// Durable snapshot tier (any mounted path).
+    pub hdfs_snapshot_root: PathBuf,
+    /// Kernel images, by name.
+    pub kernel_root: PathBuf,
+    /// Initramfs images, by name.
+    pub initramfs_root: PathBuf,
+    /// Firecracker binary (a bare name is looked up in `PATH`).
+    pub firecracker_binary: PathBuf,
+    /// QEMU binary (a bare name is looked up in `PATH`).
+    pub qemu_binary: PathBuf,
+    /// Which VMM new VMs get.
+    pub vmm: VmmChoice,
+    /// Kernel file name under `kernel_root` used when a request names none.
+    pub default_kernel: String,
+    /// Initramfs file name under `initramfs_root` used when a request names none.
+    pub default_initrd: Option<String>,
+    /// Kernel command line used when a request gives none.
+    pub default_boot_args: String,
+    /// MiB of guest memory per slot.
+    pub memory_mib_per_slot: u64,
+    /// Slots a VM gets when the request names none.
+    pub default_slots: u32,
+    /// Size of a fresh overlay disk when the request names none.
+    pub default_disk_size_gib: u64,
+    /// Room kept beside a snapshot's disk in the tmpfs tier.
+    pub snapshot_state_overhead_mib: u64,
+    /// Directories under which `direct` disks may live (none: direct disks refused).
+    pub direct_disk_roots: Vec<PathBuf>,
+    /// Seconds a shutdown waits for the guest to power off before killing the VMM.
+    pub shutdown_timeout_s: u64,
+    /// Milliseconds a VMM may take to come up and accept its configuration.
+    pub startup_timeout_ms: u64,
+    /// Milliseconds one VMM control request may take.
+    pub request_timeout_ms: u64,
+    /// Size at which a VM's console log is rotated (one old file kept).
+    pub console_log_max_bytes: u64,
+    /// Memory the daemon may commit to VMs, in MiB (default: the host's total memory).
+    pub max_memory_mib: Option<u64>,
+    /// What a clean daemon stop does to running VMs.
+    pub on_shutdown: OnShutdown,
+    /// Automatic networking.
+    pub network: NetworkConfig,
+}
+
+/// The `[network]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// Create a TAP and a subnet per VM.
+    pub enable: bool,
+    /// TAP names are `{tap_prefix}{n}`.
+    pub tap_prefix: String,
+    /// First two octets of the VM subnets: VM `n` gets `{subnet_prefix}.{n}.0`.
+    pub subnet_prefix: String,
+    /// Netmask of each VM subnet.
+    pub netmask: String,
+    /// Interface NAT leaves through (default: the default route's).
+    pub host_interface: Option<String>,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            enable: false,
+            tap_prefix: "agtap".into(),
+            subnet_prefix: "172.20".into(),
+            netmask: "255.255.255.0".into(),
+            host_interface: None,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let data = Path::new("data");
+        Config {
+            session_root: data.join("sessions"),
+            socket_root: data.join("sockets"),
+            rootfs_root: data.join("rootfs"),
+            snapshots_root: data.join("snapshots"),
+            tmpfs_snapshot_root: data.join("snapshots/tmpfs"),
+            hdfs_snapshot_root: data.join("snapshots/durable"),
+            kernel_root: data.join("kernels"),
+            initramfs_root: data.join("initramfs"),
+            firecracker_binary: PathBuf::from("firecracker"),
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            vmm: VmmChoice::Auto,
+            default_kernel: "vmlinux".into(),
+            default_initrd: None,
+            default_boot_args: DEFAULT_BOOT_ARGS.into(),
+            memory_mib_per_slot: 1024,
+            default_slots: 2,
+            default_disk_size_gib: 32,
+            snapshot_state_overhead_mib: 64,
+            direct_disk_roots: Vec::new(),
+            shutdown_timeout_s: 10,
+            startup_timeout_ms: 5000,
+            request_timeout_ms: 5000,
+            console_log_max_bytes: 4 * 1024 * 1024,
+            max_memory_mib: None,
+            on_shutdown: OnShutdown::Stop,
+            network: NetworkConfig::default(),
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key, or a value of the wrong type.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (names the key and line).
+        message: String,
+    },
+    /// A key has a value outside its range.
+    #[error("config key `{key}`: {reason}")]
+    Invalid {
+        /// The key, dotted for tables (`network.netmask`).
+        key: String,
+        /// Why the value is refused.
+        reason: String,
+    },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every value's range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.memory_mib_per_slot == 0 {
+            return Err(invalid("memory_mib_per_slot", "must be at least 1"));
+        }
+        if self.default_slots == 0 || self.default_slots > MAX_SLOTS {
+            return Err(invalid(
+                "default_slots",
+                format!("must be between 1 and {MAX_SLOTS}"),
+            ));
+        }
+        if self.default_disk_size_gib == 0 || self.default_disk_size_gib > 16 * 1024 {
+            return Err(invalid(
+                "default_disk_size_gib",
+                "must be between 1 and 16384",
+            ));
+        }
+        if self.default_boot_args.trim().is_empty() {
+            return Err(invalid("default_boot_args", "must not be empty"));
+        }
+        crate::ids::validate_id("default_kernel", &self.default_kernel)
+            .map_err(|e| invalid("default_kernel", e.reason))?;
+        if let Some(initrd) = &self.default_initrd {
+            crate::ids::validate_id("default_initrd", initrd)
+                .map_err(|e| invalid("default_initrd", e.reason))?;
+        }
+        for (key, value) in [
+            ("shutdown_timeout_s", self.shutdown_timeout_s),
+            ("startup_timeout_ms", self.startup_timeout_ms),
+            ("request_timeout_ms", self.request_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if self.console_log_max_bytes < 4096 {
+            return Err(invalid("console_log_max_bytes", "must be at least 4096"));
+        }
+        if self.max_memory_mib == Some(0) {
+            return Err(invalid("max_memory_mib", "must be at least 1"));
+        }
+        for (key, path) in self.roots() {
+            if path.as_os_str().is_empty() {
+                return Err(invalid(key, "must not be empty"));
+            }
+        }
+        for root in &self.direct_disk_roots {
+            if !root.is_absolute() {
+                return Err(invalid(
+                    "direct_disk_roots",
+                    format!("{} is not an absolute path", root.display()),
+                ));
+            }
+        }
+        self.network.validate()
+    }
+
+    /// Every directory the daemon owns, with its key.
+    pub fn roots(&self) -> [(&'static str, &Path); 8] {
+        [
+            ("session_root", &self.session_root),
+            ("socket_root", &self.socket_root),
+            ("rootfs_root", &self.rootfs_root),
+            ("snapshots_root", &self.snapshots_root),
+            ("tmpfs_snapshot_root", &self.tmpfs_snapshot_root),
+            ("hdfs_snapshot_root", &self.hdfs_snapshot_root),
+            ("kernel_root", &self.kernel_root),
+            ("initramfs_root", &self.initramfs_root),
+        ]
+    }
+}
+
+impl NetworkConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.tap_prefix.is_empty()
+            || self.tap_prefix.len() > 10
+            || !self
+                .tap_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(invalid(
+                "network.tap_prefix",
+                "must be 1 to 10 ASCII letters, digits, `-` or `_`",
+            ));
+        }
+        let octets: Vec<&str> = self.subnet_prefix.split('.').collect();
+        if octets.len() != 2 || octets.iter().any(|o| o.parse::<u8>().is_err()) {
+            return Err(invalid(
+                "network.subnet_prefix",
+                format!(
+                    "{:?} is not two dotted octets such as \"172.20\"",
+                    self.subnet_prefix
+                ),
+            ));
+        }
+        let mask: Ipv4Addr = self.netmask.parse().map_err(|_| {
+            invalid(
+                "network.netmask",
+                format!("{:?} is not an IPv4 netmask", self.netmask),
+            )
+        })?;
+        let bits = u32::from(mask);
+        if bits.leading_ones() + bits.trailing_zeros() != 32 || bits.leading_ones() < 24 {
+            return Err(invalid(
+                "network.netmask",
+                format!("{:?} must be a contiguous mask of /24 or longer", self.netmask),
+            ));
+        }
+        if let Some(ifname) = &self.host_interface {
+            if ifname.is_empty() || ifname.len() > 15 {
+                return Err(invalid("network.host_interface", "must be 1 to 15 bytes"));
+            }
+        }
+        if self.enable {
+            return Err(invalid(
+                "network.enable",
+                "automatic networking is not available in this build yet; set enable = false and pass `network` in each create request",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.memory_mib_per_slot, 1024);
+        assert_eq!(c.default_slots, 2);
+        assert_eq!(c.default_disk_size_gib, 32);
+        assert_eq!(c.snapshot_state_overhead_mib, 64);
+        assert_eq!(c.default_boot_args, "console=ttyS0 reboot=k panic=1 pci=off");
+        assert_eq!(c.session_root, PathBuf::from("data/sessions"));
+    }
+
+    #[test]
+    fn keys_are_read() {
+        let c = Config::parse(
+            r#"
+            session_root = "/srv/s"
+            memory_mib_per_slot = 512
+            default_slots = 4
+            vmm = "qemu"
+            direct_disk_roots = ["/images"]
+            [network]
+            tap_prefix = "vmtap"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.session_root, PathBuf::from("/srv/s"));
+        assert_eq!(c.memory_mib_per_slot, 512);
+        assert_eq!(c.default_slots, 4);
+        assert_eq!(c.vmm, VmmChoice::Qemu);
+        assert_eq!(c.network.tap_prefix, "vmtap");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        assert!(err("sesion_root = \"/x\"").contains("unknown field `sesion_root`"));
+        assert!(err("[network]\nenabled = true").contains("unknown field `enabled`"));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases = [
+            ("memory_mib_per_slot = 0", "memory_mib_per_slot"),
+            ("memory_mib_per_slot = \"lots\"", "memory_mib_per_slot"),
+            ("default_slots = 33", "default_slots"),
+            ("default_slots = 0", "default_slots"),
+            ("default_disk_size_gib = 0", "default_disk_size_gib"),
+            ("default_kernel = \"../vmlinux\"", "default_kernel"),
+            ("default_boot_args = \" \"", "default_boot_args"),
+            ("vmm = \"xen\"", "vmm"),
+            ("shutdown_timeout_s = 0", "shutdown_timeout_s"),
+            ("session_root = \"\"", "session_root"),
+            ("direct_disk_roots = [\"rel\"]", "direct_disk_roots"),
+            ("[network]\nnetmask = \"255.0.255.0\"", "network.netmask"),
+            ("[network]\nsubnet_prefix = \"10\"", "network.subnet_prefix"),
+            ("[network]\ntap_prefix = \"a-very-long-prefix\"", "network.tap_prefix"),
+        ];
+        for (text, key) in cases {
+            let e = err(text);
+            assert!(e.contains(key), "{text:?} gave {e:?}");
+        }
+    }
+}

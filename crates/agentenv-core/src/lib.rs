@@ -1,0 +1,10 @@
+//! agentenv's domain and engine.
+//!
+//! Invariant: this crate makes no direct OS calls. Everything that touches the
+//! host (VMM processes, files, memory figures) goes through the traits in
+//! [`backend`] and [`host`], implemented in `agentenv-host` and faked in tests.
+
+pub mod backend;
+pub mod config;
+pub mod ids;
+pub mod state;
