@@ -6,5 +6,11 @@
 
 pub mod backend;
 pub mod config;
+pub mod engine;
+pub mod error;
+pub mod host;
 pub mod ids;
 pub mod state;
+
+pub use engine::Engine;
+pub use error::EngineError;

@@ -1,0 +1,146 @@
+//! Pause, resume, shutdown and delete.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentenv_api::{VmInfo, VmState};
+
+use super::{Engine, VmSlot};
+use crate::backend::{wait_exit, VmmInstance};
+use crate::error::EngineError;
+use crate::state::transition;
+
+impl Engine {
+    /// Checks that `to` is reachable now, before doing anything.
+    fn check(&self, slot: &VmSlot, to: VmState) -> Result<(), EngineError> {
+        let info = slot.info.lock().unwrap_or_else(|p| p.into_inner());
+        transition(&info.vm_id, info.state, to)?;
+        Ok(())
+    }
+
+    fn live_instance(&self, slot: &VmSlot) -> Result<Arc<dyn VmmInstance>, EngineError> {
+        slot.instance().ok_or_else(|| {
+            let state = slot.state();
+            EngineError::Conflict {
+                message: format!("vm {} has no running vmm (state {state})", slot.info().vm_id),
+                state: Some(state),
+            }
+        })
+    }
+
+    /// Stops a running VM's vCPUs.
+    pub async fn pause(&self, vm_id: &str) -> Result<VmInfo, EngineError> {
+        self.flip(vm_id, VmState::Pausing, VmState::Paused, VmState::Running, true)
+            .await
+    }
+
+    /// Restarts a paused VM's vCPUs.
+    pub async fn resume(&self, vm_id: &str) -> Result<VmInfo, EngineError> {
+        self.flip(vm_id, VmState::Resuming, VmState::Running, VmState::Paused, false)
+            .await
+    }
+
+    /// Pause and resume share one shape: in-between state, VMM call, settled state
+    /// (or back to where it was on error).
+    async fn flip(
+        &self,
+        vm_id: &str,
+        during: VmState,
+        done: VmState,
+        back: VmState,
+        pause: bool,
+    ) -> Result<VmInfo, EngineError> {
+        let slot = self.slot(vm_id)?;
+        let _op = slot.op.lock().await;
+        self.check(&slot, during)?;
+        let inst = self.live_instance(&slot)?;
+        self.set_state(&slot, during)?;
+        let res = if pause {
+            inst.pause().await
+        } else {
+            inst.resume().await
+        };
+        match res {
+            Ok(()) => self.set_state(&slot, done),
+            Err(source) => {
+                // Back to the state the VM was in; if the VMM died meanwhile the exit
+                // monitor settles it once we release the operation lock.
+                let _ = self.set_state(&slot, back);
+                Err(EngineError::Vmm {
+                    vm_id: vm_id.to_string(),
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Asks the guest to power off, waits up to `shutdown_timeout_s`, then kills
+    /// the VMM. The record stays, in `stopped`.
+    pub async fn shutdown(&self, vm_id: &str) -> Result<VmInfo, EngineError> {
+        let slot = self.slot(vm_id)?;
+        let _op = slot.op.lock().await;
+        self.check(&slot, VmState::Stopping)?;
+        let inst = self.live_instance(&slot)?;
+        let was = slot.state();
+        self.set_state(&slot, VmState::Stopping)?;
+        let timeout = Duration::from_secs(self.cfg.shutdown_timeout_s);
+        if was == VmState::Paused {
+            // A paused guest cannot act on the request.
+            if let Err(e) = inst.resume().await {
+                tracing::warn!("vm {vm_id}: resume before shutdown: {e}");
+            }
+        }
+        let asked = inst.request_shutdown().await;
+        let (exit, why) = match asked {
+            Ok(()) => match wait_exit(inst.exit_watch(), timeout).await {
+                Some(exit) => (exit, "shut down by request".to_string()),
+                None => (
+                    self.kill_instance(&inst).await,
+                    format!(
+                        "killed: the guest did not power off within {} s",
+                        timeout.as_secs()
+                    ),
+                ),
+            },
+            Err(e) => (
+                self.kill_instance(&inst).await,
+                format!("killed: the shutdown request failed ({e})"),
+            ),
+        };
+        Ok(self.settle_exit(&slot, exit, Some(&why)))
+    }
+
+    async fn kill_instance(&self, inst: &Arc<dyn VmmInstance>) -> crate::backend::VmmExit {
+        match inst.kill().await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!("kill failed: {e}");
+                crate::backend::VmmExit {
+                    code: None,
+                    signal: None,
+                }
+            }
+        }
+    }
+
+    /// Kills the VMM if there is one, removes the session directory and forgets the VM.
+    pub async fn delete(&self, vm_id: &str) -> Result<(), EngineError> {
+        let slot = self.slot(vm_id)?;
+        let _op = slot.op.lock().await;
+        self.check(&slot, VmState::Deleting)?;
+        if let Some(inst) = slot.instance() {
+            let exit = self.kill_instance(&inst).await;
+            self.settle_exit(&slot, exit, Some("killed: the vm was deleted"));
+        }
+        self.set_state(&slot, VmState::Deleting)?;
+        let info = slot.info();
+        self.host.remove_file(&PathBuf::from(&info.api_socket))?;
+        self.host.remove_dir_all(&PathBuf::from(&info.session_dir))?;
+        self.vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(vm_id);
+        Ok(())
+    }
+}

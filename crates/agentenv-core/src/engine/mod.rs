@@ -1,0 +1,444 @@
+//! The lifecycle engine: owns the VM table and orchestrates every operation over
+//! the [`Vmm`] backend and the [`Host`].
+//!
+//! Locking: the table lock (`vms`) is held only for lookups and insertions. Each
+//! VM has an async operation lock (`op`) that serialises operations on it, and a
+//! plain mutex around its record for quick reads (`GET` never waits for an
+//! operation to finish).
+
+mod create;
+mod lifecycle;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentenv_api::{ExitInfo, VmInfo, VmState};
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Vmm, VmmExit, VmmInstance};
+use crate::config::Config;
+use crate::error::EngineError;
+use crate::host::Host;
+use crate::ids::checked_join;
+use crate::state::transition;
+
+/// Version of the on-disk VM record.
+pub const VM_RECORD_SCHEMA: u32 = 1;
+
+/// Name of the metadata record in a session directory.
+pub const RECORD_FILE: &str = "vm.json";
+
+/// Name of the console log in a session directory.
+pub const CONSOLE_LOG: &str = "console.log";
+
+/// The VM metadata record as stored in `session_dir/vm.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// Always [`VM_RECORD_SCHEMA`] when written by this version.
+    pub schema_version: u32,
+    /// The VM as the API shows it.
+    pub vm: VmInfo,
+}
+
+/// One tracked VM.
+struct VmSlot {
+    /// Serialises operations on this VM.
+    op: tokio::sync::Mutex<()>,
+    /// The current record; cheap to read.
+    info: Mutex<VmInfo>,
+    /// The running VMM, while there is one.
+    instance: Mutex<Option<Arc<dyn VmmInstance>>>,
+}
+
+impl VmSlot {
+    fn new(info: VmInfo) -> Arc<VmSlot> {
+        Arc::new(VmSlot {
+            op: tokio::sync::Mutex::new(()),
+            info: Mutex::new(info),
+            instance: Mutex::new(None),
+        })
+    }
+
+    fn info(&self) -> VmInfo {
+        self.info.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn state(&self) -> VmState {
+        self.info.lock().unwrap_or_else(|p| p.into_inner()).state
+    }
+
+    fn instance(&self) -> Option<Arc<dyn VmmInstance>> {
+        self.instance
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_instance(&self, inst: Option<Arc<dyn VmmInstance>>) {
+        *self.instance.lock().unwrap_or_else(|p| p.into_inner()) = inst;
+    }
+}
+
+/// Named points in multi-step operations where tests can inject a failure.
+#[derive(Default)]
+pub struct Failpoints {
+    armed: Mutex<HashSet<String>>,
+}
+
+impl Failpoints {
+    /// Makes the named step fail until [`Failpoints::clear`].
+    pub fn arm(&self, name: &str) {
+        self.armed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string());
+    }
+
+    /// Disarms every failpoint.
+    pub fn clear(&self) {
+        self.armed.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    fn check(&self, name: &'static str) -> Result<(), EngineError> {
+        if self
+            .armed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
+        {
+            Err(EngineError::Injected(name))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Every failpoint name, in the order the steps run.
+pub const FAILPOINTS: &[&str] = &[
+    "create.session_dir",
+    "create.disk",
+    "create.record",
+    "create.launch",
+    "create.running",
+];
+
+/// The lifecycle engine.
+pub struct Engine {
+    cfg: Arc<Config>,
+    vmm: Arc<dyn Vmm>,
+    host: Arc<dyn Host>,
+    vms: Mutex<BTreeMap<String, Arc<VmSlot>>>,
+    /// Test-only failure injection.
+    pub failpoints: Failpoints,
+}
+
+impl Engine {
+    /// Builds an engine and loads the VM records found under `session_root`.
+    ///
+    /// `cfg` paths must be absolute. Records of VMs that were running when the
+    /// daemon last stopped are marked `failed` (their VMM is stopped if it is still
+    /// there), since this version does not re-adopt VMMs.
+    pub fn new(cfg: Config, vmm: Arc<dyn Vmm>, host: Arc<dyn Host>) -> Arc<Engine> {
+        let engine = Arc::new(Engine {
+            cfg: Arc::new(cfg),
+            vmm,
+            host,
+            vms: Mutex::new(BTreeMap::new()),
+            failpoints: Failpoints::default(),
+        });
+        engine.load_records();
+        engine
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The backend new VMs get.
+    pub fn backend(&self) -> agentenv_api::BackendKind {
+        self.vmm.kind()
+    }
+
+    fn load_records(&self) {
+        let names = match self.host.list_dir(&self.cfg.session_root) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("cannot list session_root: {e}");
+                return;
+            }
+        };
+        let mut vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        for name in names {
+            let Ok(dir) = checked_join(&self.cfg.session_root, "vm_id", &name) else {
+                continue;
+            };
+            let path = dir.join(RECORD_FILE);
+            let record = match self.host.read(&path).and_then(|b| {
+                serde_json::from_slice::<VmRecord>(&b).map_err(|e| crate::host::HostError {
+                    context: format!("cannot parse {}", path.display()),
+                    message: e.to_string(),
+                    no_space: false,
+                })
+            }) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!("skipping session {name}: {e}");
+                    continue;
+                }
+            };
+            if record.schema_version != VM_RECORD_SCHEMA {
+                tracing::warn!(
+                    "skipping session {name}: record schema {} is not {VM_RECORD_SCHEMA}",
+                    record.schema_version
+                );
+                continue;
+            }
+            let mut info = record.vm;
+            if info.vm_id != name {
+                tracing::warn!("skipping session {name}: record names vm {}", info.vm_id);
+                continue;
+            }
+            if info.state.has_vmm() {
+                let socket = PathBuf::from(&info.api_socket);
+                if let Some(pid) = info.pid {
+                    if self.host.kill_stale_process(pid, &socket) {
+                        tracing::warn!("vm {name}: stopped vmm pid {pid} left from a previous run");
+                    }
+                }
+                let _ = self.host.remove_file(&socket);
+                info.exit = Some(ExitInfo {
+                    exit_code: None,
+                    signal: None,
+                    cause: format!(
+                        "agentenv restarted while the vm was {}; its vmm was not re-adopted",
+                        info.state
+                    ),
+                    at: Utc::now(),
+                });
+                info.state = VmState::Failed;
+                info.pid = None;
+                info.updated_at = Utc::now();
+                if let Err(e) = self.persist(&info) {
+                    tracing::warn!("vm {name}: {e}");
+                }
+            }
+            vms.insert(name, VmSlot::new(info));
+        }
+    }
+
+    fn slot(&self, vm_id: &str) -> Result<Arc<VmSlot>, EngineError> {
+        crate::ids::validate_id("vm_id", vm_id)?;
+        self.vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vm_id)
+            .cloned()
+            .ok_or_else(|| EngineError::not_found("vm_id", format!("vm {vm_id} not found")))
+    }
+
+    /// One VM.
+    pub fn get(&self, vm_id: &str) -> Result<VmInfo, EngineError> {
+        Ok(self.slot(vm_id)?.info())
+    }
+
+    /// Every VM, sorted by id.
+    pub fn list(&self) -> Vec<VmInfo> {
+        let slots: Vec<Arc<VmSlot>> = self
+            .vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        slots.iter().map(|s| s.info()).collect()
+    }
+
+    /// Number of tracked VMs.
+    pub fn len(&self) -> usize {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// True when no VM is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn persist(&self, info: &VmInfo) -> Result<(), EngineError> {
+        let record = VmRecord {
+            schema_version: VM_RECORD_SCHEMA,
+            vm: info.clone(),
+        };
+        let bytes = serde_json::to_vec_pretty(&record).expect("records serialise");
+        let path = Path::new(&info.session_dir).join(RECORD_FILE);
+        self.host.write_atomic(&path, &bytes)?;
+        Ok(())
+    }
+
+    /// Moves a VM to `to` through the transition table; settled states are
+    /// persisted before this returns.
+    fn set_state(&self, slot: &VmSlot, to: VmState) -> Result<VmInfo, EngineError> {
+        let info = {
+            let mut info = slot.info.lock().unwrap_or_else(|p| p.into_inner());
+            info.state = transition(&info.vm_id, info.state, to)?;
+            info.updated_at = Utc::now();
+            info.clone()
+        };
+        if is_settled(to) {
+            self.persist(&info)?;
+        }
+        Ok(info)
+    }
+
+    /// Records how the VMM ended, frees what it held and settles the VM in
+    /// `stopped` or `failed`.
+    fn settle_exit(&self, slot: &VmSlot, exit: VmmExit, requested: Option<&str>) -> VmInfo {
+        let console = {
+            let info = slot.info.lock().unwrap_or_else(|p| p.into_inner());
+            PathBuf::from(&info.console_log)
+        };
+        let panic = find_panic(&self.host.read_tail(&console, 64 * 1024));
+        let (to, cause) = match (panic, requested) {
+            (Some(p), _) => (VmState::Failed, format!("guest kernel panic: {p}")),
+            (None, Some(why)) => (VmState::Stopped, format!("{why} (vmm {exit})")),
+            (None, None) if exit.success() => (
+                VmState::Stopped,
+                "the guest powered off or rebooted (vmm exited with status 0)".to_string(),
+            ),
+            (None, None) => (VmState::Failed, format!("vmm {exit} unexpectedly")),
+        };
+        slot.set_instance(None);
+        let info = {
+            let mut info = slot.info.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = self.host.remove_file(Path::new(&info.api_socket));
+            match transition(&info.vm_id, info.state, to) {
+                Ok(s) => info.state = s,
+                Err(e) => {
+                    tracing::error!("{e}; forcing {to}");
+                    info.state = to;
+                }
+            }
+            info.pid = None;
+            info.updated_at = Utc::now();
+            info.exit = Some(ExitInfo {
+                exit_code: exit.code,
+                signal: exit.signal,
+                cause,
+                at: Utc::now(),
+            });
+            info.clone()
+        };
+        if let Err(e) = self.persist(&info) {
+            tracing::warn!("vm {}: {e}", info.vm_id);
+        }
+        tracing::info!(
+            vm_id = %info.vm_id,
+            "vm is {}: {}",
+            info.state,
+            info.exit.as_ref().map(|e| e.cause.as_str()).unwrap_or("")
+        );
+        info
+    }
+
+    /// Watches a VMM and settles its VM when it exits on its own.
+    fn spawn_exit_monitor(self: &Arc<Self>, vm_id: String, inst: Arc<dyn VmmInstance>) {
+        let engine = Arc::downgrade(self);
+        let rx = inst.exit_watch();
+        tokio::spawn(async move {
+            let Some(exit) = crate::backend::wait_exit(rx, Duration::MAX).await else {
+                return;
+            };
+            let Some(engine) = engine.upgrade() else {
+                return;
+            };
+            let Ok(slot) = engine.slot(&vm_id) else {
+                return;
+            };
+            let _op = slot.op.lock().await;
+            // An operation that expected the exit (shutdown, delete) has settled
+            // the VM already; only act when this VMM is still the VM's VMM.
+            let current = slot.instance();
+            if current.is_some_and(|c| Arc::ptr_eq(&c, &inst)) && slot.state().has_vmm() {
+                engine.settle_exit(&slot, exit, None);
+            }
+        });
+    }
+
+    /// Stops the daemon's VMs as `on_shutdown` says. Called on a clean daemon stop.
+    pub async fn shutdown_all(self: &Arc<Self>) {
+        if self.cfg.on_shutdown == crate::config::OnShutdown::Leave {
+            return;
+        }
+        let ids: Vec<String> = self
+            .list()
+            .into_iter()
+            .filter(|v| v.state.has_vmm())
+            .map(|v| v.vm_id)
+            .collect();
+        let mut tasks = Vec::new();
+        for id in ids {
+            let engine = self.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = engine.shutdown(&id).await {
+                    tracing::warn!("vm {id}: shutdown at daemon stop: {e}");
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// States that are written to disk. In-between states live in memory only: a
+/// crash in the middle of an operation is reconciled from the VMM itself.
+fn is_settled(s: VmState) -> bool {
+    matches!(
+        s,
+        VmState::Creating
+            | VmState::Running
+            | VmState::Paused
+            | VmState::Stopped
+            | VmState::Failed
+            | VmState::Deleting
+    )
+}
+
+/// The message of the last kernel panic in a console excerpt.
+pub fn find_panic(console: &str) -> Option<String> {
+    let line = console
+        .lines()
+        .rev()
+        .find(|l| l.contains("Kernel panic - not syncing"))?;
+    let msg = line
+        .split_once("Kernel panic - not syncing:")
+        .map(|(_, m)| m.trim())
+        .unwrap_or(line.trim());
+    Some(msg.trim_end_matches(" ]---").to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panics_are_found_in_console_output() {
+        let log = "[    0.5] foo\n[    1.2] Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)\n[    1.3] ---[ end Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0) ]---\n";
+        assert_eq!(
+            find_panic(log).unwrap(),
+            "VFS: Unable to mount root fs on unknown-block(0,0)"
+        );
+        assert_eq!(find_panic("all fine\n"), None);
+    }
+
+    #[test]
+    fn every_settled_state_is_persisted() {
+        assert!(is_settled(VmState::Running));
+        assert!(is_settled(VmState::Stopped));
+        assert!(!is_settled(VmState::Pausing));
+        assert!(!is_settled(VmState::Stopping));
+    }
+}

@@ -1,0 +1,101 @@
+//! The host seam: every file-system and process fact the engine needs.
+//!
+//! `agentenv_host::LocalHost` implements it on the real machine.
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+
+/// What kind of file a path names (without following a final symlink).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link.
+    Symlink,
+    /// A block or character device.
+    Device,
+    /// A FIFO or socket.
+    Special,
+}
+
+/// `lstat` facts about a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileInfo {
+    /// What it is.
+    pub kind: FileKind,
+    /// Size in bytes.
+    pub len: u64,
+    /// Hard link count.
+    pub nlink: u64,
+    /// Whether the current user may write it.
+    pub writable: bool,
+}
+
+/// A host operation that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{context}: {message}")]
+pub struct HostError {
+    /// What was being done, with the path.
+    pub context: String,
+    /// The OS error or the command's stderr.
+    pub message: String,
+    /// Set when the failure is a full disk.
+    pub no_space: bool,
+}
+
+impl HostError {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, e: std::io::Error) -> HostError {
+        HostError {
+            context: context.into(),
+            no_space: e.raw_os_error() == Some(28),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// The host operations the engine uses. All paths are absolute and were built
+/// through [`crate::ids::checked_join`] or validated by the engine.
+#[async_trait]
+pub trait Host: Send + Sync + 'static {
+    /// Total memory of the host in MiB.
+    fn memory_total_mib(&self) -> u64;
+
+    /// `lstat` of a path.
+    fn inspect(&self, path: &Path) -> std::io::Result<FileInfo>;
+
+    /// The path with every symlink and `..` resolved.
+    fn canonicalize(&self, path: &Path) -> std::io::Result<PathBuf>;
+
+    /// Creates a session directory; fails if it already exists.
+    fn create_dir(&self, path: &Path) -> Result<(), HostError>;
+
+    /// Removes a directory tree; succeeds if it is already gone.
+    fn remove_dir_all(&self, path: &Path) -> Result<(), HostError>;
+
+    /// Removes a file; succeeds if it is already gone.
+    fn remove_file(&self, path: &Path) -> Result<(), HostError>;
+
+    /// Creates a sparse file of `size_bytes` holding an empty ext4 file system.
+    async fn create_ext4_disk(&self, path: &Path, size_bytes: u64) -> Result<(), HostError>;
+
+    /// Writes a file atomically: temp file, fsync, rename, fsync the directory.
+    fn write_atomic(&self, path: &Path, data: &[u8]) -> Result<(), HostError>;
+
+    /// Reads a whole file.
+    fn read(&self, path: &Path) -> Result<Vec<u8>, HostError>;
+
+    /// The entries (names) of a directory; empty when it does not exist.
+    fn list_dir(&self, path: &Path) -> Result<Vec<String>, HostError>;
+
+    /// The last `max` bytes of a file, lossily decoded; empty if unreadable.
+    fn read_tail(&self, path: &Path, max: u64) -> String;
+
+    /// Kills the process group of `pid` if that process is still alive and its
+    /// command line mentions `marker` (so an unrelated process that reused the pid
+    /// is never touched). Returns whether something was killed.
+    fn kill_stale_process(&self, pid: u32, marker: &Path) -> bool;
+}

@@ -1,0 +1,155 @@
+//! A small HTTP/1.1 client for Firecracker's API on its Unix socket.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use agentenv_core::backend::VmmError;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+/// One keep-alive connection to a Firecracker API socket, re-opened when it breaks.
+pub struct FcClient {
+    socket: PathBuf,
+    timeout: Duration,
+    conn: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
+}
+
+impl FcClient {
+    /// A client for `socket`; each request may take at most `timeout`.
+    pub fn new(socket: &Path, timeout: Duration) -> FcClient {
+        FcClient {
+            socket: socket.to_path_buf(),
+            timeout,
+            conn: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", self.socket.display()))?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("http handshake: {e}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    /// Sends one request. Success is any 2xx; the JSON body (if any) is returned.
+    /// A 4xx/5xx becomes [`VmmError::Refused`] with Firecracker's `fault_message`.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Option<Value>, VmmError> {
+        let what = format!("{method} {path}");
+        let fut = self.request_inner(method, path, body, &what);
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => {
+                // The connection may be mid-request; never reuse it.
+                if let Ok(mut c) = self.conn.try_lock() {
+                    *c = None;
+                }
+                Err(VmmError::Timeout {
+                    request: what,
+                    timeout_ms: self.timeout.as_millis() as u64,
+                })
+            }
+        }
+    }
+
+    async fn request_inner(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        what: &str,
+    ) -> Result<Option<Value>, VmmError> {
+        let transport = |message: String| VmmError::Transport {
+            request: what.to_string(),
+            message,
+        };
+        let bytes = body
+            .map(|b| Bytes::from(serde_json::to_vec(b).expect("json serialises")))
+            .unwrap_or_default();
+        let mut guard = self.conn.lock().await;
+        let mut attempt = 0;
+        let resp = loop {
+            attempt += 1;
+            let sender = match guard.as_mut() {
+                Some(s) if !s.is_closed() => s,
+                _ => guard.insert(self.connect().await.map_err(transport)?),
+            };
+            let mut req = Request::builder()
+                .method(method.clone())
+                .uri(path)
+                .header("Host", "localhost")
+                .header("Accept", "application/json");
+            if body.is_some() {
+                req = req.header("Content-Type", "application/json");
+            }
+            let req = req
+                .body(Full::new(bytes.clone()))
+                .map_err(|e| transport(e.to_string()))?;
+            if sender.ready().await.is_err() {
+                *guard = None;
+                if attempt < 2 {
+                    continue;
+                }
+                return Err(transport("connection closed".into()));
+            }
+            match sender.send_request(req).await {
+                Ok(r) => break r,
+                // A kept-alive connection the server closed: retry once on a new one.
+                Err(e) if attempt < 2 && e.is_canceled() => {
+                    *guard = None;
+                }
+                Err(e) => {
+                    *guard = None;
+                    return Err(transport(e.to_string()));
+                }
+            }
+        };
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| transport(e.to_string()))?
+            .to_bytes();
+        let json: Option<Value> = if body.is_empty() {
+            None
+        } else {
+            serde_json::from_slice(&body).ok()
+        };
+        if status.is_success() {
+            return Ok(json);
+        }
+        let message = json
+            .as_ref()
+            .and_then(|j| j.get("fault_message"))
+            .and_then(|m| m.as_str())
+            .map(str::to_string)
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        Err(VmmError::Refused {
+            request: what.to_string(),
+            status: status.as_u16(),
+            message: if message.is_empty() {
+                status
+                    .canonical_reason()
+                    .unwrap_or("error")
+                    .to_string()
+            } else {
+                message
+            },
+        })
+    }
+}

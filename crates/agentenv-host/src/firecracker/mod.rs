@@ -1,0 +1,348 @@
+//! The Firecracker driver: one `firecracker` process per VM, configured over its
+//! Unix-socket API exactly as Firecracker's swagger documents it.
+
+mod api;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use agentenv_api::BackendKind;
+use agentenv_core::backend::{LaunchSpec, Vmm, VmmError, VmmExit, VmmInstance};
+use async_trait::async_trait;
+use hyper::Method;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+pub use api::FcClient;
+
+use crate::process::{wait_for_socket, SpawnSpec, VmmProcess};
+
+/// Name of the generated configuration in the session directory.
+pub const CONFIG_FILE: &str = "firecracker.json";
+
+/// Starts Firecracker VMMs.
+#[derive(Debug, Clone)]
+pub struct FirecrackerVmm {
+    binary: PathBuf,
+}
+
+impl FirecrackerVmm {
+    /// A driver for the given `firecracker` binary.
+    pub fn new(binary: PathBuf) -> FirecrackerVmm {
+        FirecrackerVmm { binary }
+    }
+}
+
+/// Firecracker's instance ids allow ASCII letters, digits and `-`, 1 to 64 long.
+pub fn instance_id(vm_id: &str) -> String {
+    vm_id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(64)
+        .collect()
+}
+
+/// The VM's configuration as the API calls that build it, in order. The same
+/// bodies, grouped, form the readable `firecracker.json` (Firecracker's
+/// `--config-file` format).
+pub fn api_calls(spec: &LaunchSpec) -> Vec<(String, Value)> {
+    let mut calls = vec![
+        (
+            "/machine-config".to_string(),
+            json!({ "vcpu_count": spec.vcpus, "mem_size_mib": spec.memory_mib, "smt": false }),
+        ),
+        ("/boot-source".to_string(), boot_source(spec)),
+    ];
+    for d in &spec.drives {
+        calls.push((format!("/drives/{}", d.id), drive(d)));
+    }
+    if let Some(net) = &spec.net {
+        calls.push((
+            "/network-interfaces/eth0".to_string(),
+            json!({ "iface_id": "eth0", "host_dev_name": net.tap_name, "guest_mac": net.guest_mac }),
+        ));
+    }
+    calls
+}
+
+fn boot_source(spec: &LaunchSpec) -> Value {
+    let mut b = json!({
+        "kernel_image_path": spec.kernel,
+        "boot_args": spec.boot_args,
+    });
+    if let Some(initrd) = &spec.initrd {
+        b["initrd_path"] = json!(initrd);
+    }
+    b
+}
+
+fn drive(d: &agentenv_core::backend::DriveSpec) -> Value {
+    json!({
+        "drive_id": d.id,
+        "path_on_host": d.path,
+        "is_root_device": d.is_root,
+        "is_read_only": d.read_only,
+    })
+}
+
+/// The readable `--config-file` form of a launch.
+pub fn config_document(spec: &LaunchSpec) -> Value {
+    let mut doc = json!({
+        "boot-source": boot_source(spec),
+        "drives": spec.drives.iter().map(drive).collect::<Vec<_>>(),
+        "machine-config": { "vcpu_count": spec.vcpus, "mem_size_mib": spec.memory_mib, "smt": false },
+    });
+    if let Some(net) = &spec.net {
+        doc["network-interfaces"] = json!([
+            { "iface_id": "eth0", "host_dev_name": net.tap_name, "guest_mac": net.guest_mac }
+        ]);
+    }
+    doc
+}
+
+#[async_trait]
+impl Vmm for FirecrackerVmm {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Firecracker
+    }
+
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmmInstance>, VmmError> {
+        let doc = serde_json::to_vec_pretty(&config_document(spec)).expect("json serialises");
+        let cfg_path = spec.session_dir.join(CONFIG_FILE);
+        crate::local::write_atomic(&cfg_path, &doc).map_err(|source| VmmError::Io {
+            context: format!("cannot write {}", cfg_path.display()),
+            source,
+        })?;
+        // A socket file left by a dead VMM would make Firecracker refuse to start;
+        // the engine guarantees no live VMM owns this path.
+        remove_socket(&spec.control_socket);
+        let process = VmmProcess::spawn(&SpawnSpec {
+            binary: self.binary.clone(),
+            args: vec![
+                "--api-sock".into(),
+                spec.control_socket.clone().into_os_string(),
+                "--id".into(),
+                instance_id(&spec.vm_id).into(),
+            ],
+            console_log: spec.console_log.clone(),
+            console_log_max_bytes: spec.console_log_max_bytes,
+        })?;
+        let inst = FirecrackerInstance::new(process, spec);
+        match inst.boot(spec).await {
+            Ok(()) => Ok(Box::new(inst)),
+            Err(e) => {
+                inst.process.kill().await;
+                remove_socket(&spec.control_socket);
+                Err(e)
+            }
+        }
+    }
+}
+
+fn remove_socket(p: &Path) {
+    let _ = std::fs::remove_file(p);
+}
+
+/// One running Firecracker process.
+pub struct FirecrackerInstance {
+    process: VmmProcess,
+    client: FcClient,
+    socket: PathBuf,
+}
+
+impl FirecrackerInstance {
+    fn new(process: VmmProcess, spec: &LaunchSpec) -> FirecrackerInstance {
+        let inst = FirecrackerInstance {
+            client: FcClient::new(&spec.control_socket, spec.request_timeout),
+            socket: spec.control_socket.clone(),
+            process,
+        };
+        // Firecracker removes its socket on a clean exit, not when killed.
+        let socket = inst.socket.clone();
+        let rx = inst.process.exit_watch();
+        tokio::spawn(async move {
+            if agentenv_core::backend::wait_exit(rx, Duration::MAX)
+                .await
+                .is_some()
+            {
+                remove_socket(&socket);
+            }
+        });
+        inst
+    }
+
+    async fn boot(&self, spec: &LaunchSpec) -> Result<(), VmmError> {
+        wait_for_socket(
+            &spec.control_socket,
+            &self.process,
+            &spec.console_log,
+            spec.startup_timeout,
+        )
+        .await?;
+        for (path, body) in api_calls(spec) {
+            self.call(Method::PUT, &path, Some(&body)).await?;
+        }
+        self.action("InstanceStart").await
+    }
+
+    /// One API call; when the process died meanwhile, says so with its output.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Option<Value>, VmmError> {
+        match self.client.request(method, path, body).await {
+            Ok(v) => Ok(v),
+            Err(e) => match self.process.exited() {
+                Some(exit) if !matches!(e, VmmError::Refused { .. }) => {
+                    Err(VmmError::ExitedEarly {
+                        exit,
+                        detail: format!("{e}"),
+                    })
+                }
+                _ => Err(e),
+            },
+        }
+    }
+
+    async fn action(&self, action: &str) -> Result<(), VmmError> {
+        self.call(
+            Method::PUT,
+            "/actions",
+            Some(&json!({ "action_type": action })),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// `GET /`: Firecracker's instance info (`state` is `Not started`, `Running` or `Paused`).
+    pub async fn instance_info(&self) -> Result<Value, VmmError> {
+        self.call(Method::GET, "/", None)
+            .await?
+            .ok_or_else(|| VmmError::Transport {
+                request: "GET /".into(),
+                message: "empty body".into(),
+            })
+    }
+}
+
+#[async_trait]
+impl VmmInstance for FirecrackerInstance {
+    fn pid(&self) -> Option<u32> {
+        Some(self.process.pid())
+    }
+
+    async fn pause(&self) -> Result<(), VmmError> {
+        self.call(Method::PATCH, "/vm", Some(&json!({ "state": "Paused" })))
+            .await
+            .map(|_| ())
+    }
+
+    async fn resume(&self) -> Result<(), VmmError> {
+        self.call(Method::PATCH, "/vm", Some(&json!({ "state": "Resumed" })))
+            .await
+            .map(|_| ())
+    }
+
+    async fn request_shutdown(&self) -> Result<(), VmmError> {
+        self.action("SendCtrlAltDel").await
+    }
+
+    async fn kill(&self) -> Result<VmmExit, VmmError> {
+        let exit = self.process.kill().await;
+        remove_socket(&self.socket);
+        Ok(exit)
+    }
+
+    fn exit_watch(&self) -> watch::Receiver<Option<VmmExit>> {
+        self.process.exit_watch()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentenv_core::backend::{DriveSpec, NetAttachment};
+
+    fn spec() -> LaunchSpec {
+        LaunchSpec {
+            vm_id: "vm_1.a".into(),
+            session_dir: "/s/vm".into(),
+            control_socket: "/sock/vm.sock".into(),
+            console_log: "/s/vm/console.log".into(),
+            console_log_max_bytes: 1 << 20,
+            vcpus: 2,
+            memory_mib: 2048,
+            kernel: "/k/vmlinux".into(),
+            initrd: Some("/i/initrd.img".into()),
+            boot_args: "console=ttyS0".into(),
+            drives: vec![
+                DriveSpec {
+                    id: "rootfs".into(),
+                    path: "/r/base.ext4".into(),
+                    read_only: true,
+                    is_root: true,
+                },
+                DriveSpec {
+                    id: "overlay".into(),
+                    path: "/s/vm/overlay.ext4".into(),
+                    read_only: false,
+                    is_root: false,
+                },
+            ],
+            net: Some(NetAttachment {
+                tap_name: "tap0".into(),
+                guest_mac: "06:00:00:00:00:01".into(),
+            }),
+            startup_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn calls_follow_the_documented_bodies() {
+        let calls = api_calls(&spec());
+        let paths: Vec<&str> = calls.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "/machine-config",
+                "/boot-source",
+                "/drives/rootfs",
+                "/drives/overlay",
+                "/network-interfaces/eth0"
+            ]
+        );
+        assert_eq!(
+            calls[0].1,
+            json!({"vcpu_count": 2, "mem_size_mib": 2048, "smt": false})
+        );
+        assert_eq!(
+            calls[1].1,
+            json!({"kernel_image_path": "/k/vmlinux", "boot_args": "console=ttyS0", "initrd_path": "/i/initrd.img"})
+        );
+        assert_eq!(
+            calls[2].1,
+            json!({"drive_id": "rootfs", "path_on_host": "/r/base.ext4", "is_root_device": true, "is_read_only": true})
+        );
+        assert_eq!(
+            calls[4].1,
+            json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:00:00:00:01"})
+        );
+    }
+
+    #[test]
+    fn config_document_groups_the_same_bodies() {
+        let doc = config_document(&spec());
+        assert_eq!(doc["drives"].as_array().unwrap().len(), 2);
+        assert_eq!(doc["machine-config"]["vcpu_count"], 2);
+        assert_eq!(doc["network-interfaces"][0]["host_dev_name"], "tap0");
+    }
+
+    #[test]
+    fn instance_ids_are_sanitised() {
+        assert_eq!(instance_id("vm_1.a"), "vm-1-a");
+        assert_eq!(instance_id(&"x".repeat(70)).len(), 64);
+    }
+}

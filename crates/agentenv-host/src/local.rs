@@ -1,0 +1,238 @@
+//! [`LocalHost`]: the engine's host seam on the real machine.
+
+use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use agentenv_core::host::{FileInfo, FileKind, Host, HostError};
+use async_trait::async_trait;
+
+use crate::runner;
+
+/// The real host.
+#[derive(Debug, Default, Clone)]
+pub struct LocalHost;
+
+/// How long `mkfs.ext4` may take.
+const MKFS_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[async_trait]
+impl Host for LocalHost {
+    fn memory_total_mib(&self) -> u64 {
+        memory_total_mib().unwrap_or(u64::MAX)
+    }
+
+    fn inspect(&self, path: &Path) -> std::io::Result<FileInfo> {
+        let m = std::fs::symlink_metadata(path)?;
+        let ft = m.file_type();
+        let kind = if ft.is_symlink() {
+            FileKind::Symlink
+        } else if ft.is_dir() {
+            FileKind::Dir
+        } else if ft.is_file() {
+            FileKind::File
+        } else if ft.is_block_device() || ft.is_char_device() {
+            FileKind::Device
+        } else {
+            FileKind::Special
+        };
+        Ok(FileInfo {
+            kind,
+            len: m.len(),
+            nlink: m.nlink(),
+            writable: nix::unistd::access(path, nix::unistd::AccessFlags::W_OK).is_ok(),
+        })
+    }
+
+    fn canonicalize(&self, path: &Path) -> std::io::Result<PathBuf> {
+        std::fs::canonicalize(path)
+    }
+
+    fn create_dir(&self, path: &Path) -> Result<(), HostError> {
+        std::fs::create_dir(path)
+            .map_err(|e| HostError::io(format!("cannot create {}", path.display()), e))
+    }
+
+    fn remove_dir_all(&self, path: &Path) -> Result<(), HostError> {
+        match std::fs::remove_dir_all(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(HostError::io(
+                format!("cannot remove {}", path.display()),
+                e,
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn remove_file(&self, path: &Path) -> Result<(), HostError> {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(HostError::io(
+                format!("cannot remove {}", path.display()),
+                e,
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    async fn create_ext4_disk(&self, path: &Path, size_bytes: u64) -> Result<(), HostError> {
+        let ctx = || format!("cannot create disk {}", path.display());
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| HostError::io(ctx(), e))?;
+        f.set_len(size_bytes).map_err(|e| HostError::io(ctx(), e))?;
+        drop(f);
+        runner::run(
+            "mkfs.ext4",
+            [
+                "-q".as_ref(),
+                "-F".as_ref(),
+                "-E".as_ref(),
+                "lazy_itable_init=1,lazy_journal_init=1,nodiscard".as_ref(),
+                path.as_os_str(),
+            ],
+            MKFS_TIMEOUT,
+        )
+        .await
+        .map_err(|e| {
+            let msg = e.to_string();
+            HostError {
+                context: ctx(),
+                no_space: msg.contains("No space left"),
+                message: msg,
+            }
+        })?;
+        Ok(())
+    }
+
+    fn write_atomic(&self, path: &Path, data: &[u8]) -> Result<(), HostError> {
+        write_atomic(path, data)
+            .map_err(|e| HostError::io(format!("cannot write {}", path.display()), e))
+    }
+
+    fn read(&self, path: &Path) -> Result<Vec<u8>, HostError> {
+        std::fs::read(path).map_err(|e| HostError::io(format!("cannot read {}", path.display()), e))
+    }
+
+    fn list_dir(&self, path: &Path) -> Result<Vec<String>, HostError> {
+        let rd = match std::fs::read_dir(path) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(HostError::io(format!("cannot list {}", path.display()), e)),
+        };
+        let mut names: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn read_tail(&self, path: &Path, max: u64) -> String {
+        crate::process::read_tail(path, max)
+    }
+
+    fn kill_stale_process(&self, pid: u32, marker: &Path) -> bool {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            return false;
+        };
+        let marker = marker.as_os_str().as_encoded_bytes();
+        if !cmdline.windows(marker.len()).any(|w| w == marker) {
+            return false;
+        }
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL)
+            .or_else(|_| nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL))
+            .is_ok()
+    }
+}
+
+/// Temp file in the same directory, fsync, rename over the target, fsync the directory.
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// `MemTotal` from `/proc/meminfo`, in MiB.
+pub fn memory_total_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("vm.json");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn inspect_tells_kinds() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        let l = dir.path().join("l");
+        std::os::unix::fs::symlink(&f, &l).unwrap();
+        let h = LocalHost;
+        assert_eq!(h.inspect(&f).unwrap().kind, FileKind::File);
+        assert_eq!(h.inspect(&l).unwrap().kind, FileKind::Symlink);
+        assert_eq!(h.inspect(dir.path()).unwrap().kind, FileKind::Dir);
+        assert_eq!(
+            h.inspect(Path::new("/dev/null")).unwrap().kind,
+            FileKind::Device
+        );
+        std::fs::hard_link(&f, dir.path().join("h")).unwrap();
+        assert_eq!(h.inspect(&f).unwrap().nlink, 2);
+    }
+
+    #[test]
+    fn meminfo_is_read() {
+        assert!(memory_total_mib().unwrap() > 0);
+    }
+
+    #[tokio::test]
+    async fn ext4_disk_is_sparse() {
+        if which("mkfs.ext4").is_none() {
+            eprintln!("skipping: mkfs.ext4 not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.ext4");
+        LocalHost.create_ext4_disk(&p, 4 << 30).await.unwrap();
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!(m.len(), 4 << 30);
+        assert!(m.blocks() * 512 < 256 << 20, "allocated {}", m.blocks() * 512);
+        // A second create of the same path refuses to overwrite.
+        assert!(LocalHost.create_ext4_disk(&p, 1 << 30).await.is_err());
+    }
+
+    fn which(p: &str) -> Option<PathBuf> {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(p))
+                .find(|c| c.exists())
+        })
+    }
+}
