@@ -293,6 +293,26 @@ mod tests {
         assert!(text.contains("hello") && text.contains("oops"), "{text}");
     }
 
+    /// Pids of non-zombie processes in a process group, from /proc.
+    fn live_group_members(pgid: i32) -> Vec<i32> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // Fields after the parenthesised command: state, ppid, pgrp, …
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            if f[0] != "Z" && f[2].parse::<i32>() == Ok(pgid) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
     #[tokio::test]
     async fn kill_takes_the_whole_group() {
         let dir = tempfile::tempdir().unwrap();
@@ -306,9 +326,8 @@ mod tests {
         let pgid = p.pid() as i32;
         let exit = p.kill().await;
         assert_eq!(exit.signal, Some(libc::SIGKILL));
-        // Nothing is left in the group.
+        // Nothing is left running in the group (zombies awaiting their reaper do not count).
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let alive = killpg(Pid::from_raw(pgid), None).is_ok();
-        assert!(!alive, "process group {pgid} survived");
+        assert_eq!(live_group_members(pgid), Vec::<i32>::new());
     }
 }

@@ -1,0 +1,116 @@
+//! Daemon start-up: configuration, directories, backend choice, serving, signals.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use agentenv_core::config::{Config, VmmChoice};
+use agentenv_core::backend::Vmm;
+use agentenv_core::Engine;
+use agentenv_host::firecracker::FirecrackerVmm;
+use agentenv_host::LocalHost;
+use anyhow::{bail, Context};
+
+/// Loads the config from `path` (or defaults when `None`) and makes every root
+/// path absolute, relative to the current directory.
+pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
+    let mut cfg = match path {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    let abs = |p: &mut PathBuf| {
+        if p.is_relative() {
+            *p = cwd.join(&*p);
+        }
+    };
+    abs(&mut cfg.session_root);
+    abs(&mut cfg.socket_root);
+    abs(&mut cfg.rootfs_root);
+    abs(&mut cfg.snapshots_root);
+    abs(&mut cfg.tmpfs_snapshot_root);
+    abs(&mut cfg.hdfs_snapshot_root);
+    abs(&mut cfg.kernel_root);
+    abs(&mut cfg.initramfs_root);
+    Ok(cfg)
+}
+
+/// Creates every root directory the config names.
+pub fn create_roots(cfg: &Config) -> anyhow::Result<()> {
+    for (key, path) in cfg.roots() {
+        std::fs::create_dir_all(path)
+            .with_context(|| format!("config key `{key}`: cannot create {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Finds a binary: a path with a `/` is taken as is (made absolute), a bare
+/// name is looked up in `PATH`.
+pub fn find_binary(bin: &Path) -> Option<PathBuf> {
+    if bin.components().count() > 1 || bin.is_absolute() {
+        let p = std::env::current_dir().ok()?.join(bin);
+        return p.is_file().then_some(p);
+    }
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(bin))
+        .find(|p| p.is_file())
+}
+
+/// Picks the VMM backend the config asks for, with the reason, for the log.
+pub fn choose_backend(cfg: &Config) -> anyhow::Result<(Arc<dyn Vmm>, String)> {
+    let fc = find_binary(&cfg.firecracker_binary);
+    match cfg.vmm {
+        VmmChoice::Firecracker => {
+            let Some(bin) = fc else {
+                bail!(
+                    "config key `firecracker_binary`: {} not found (vmm = \"firecracker\"); run scripts/get-firecracker.sh or set vmm = \"qemu\"",
+                    cfg.firecracker_binary.display()
+                );
+            };
+            let why = format!("vmm = \"firecracker\" ({})", bin.display());
+            Ok((Arc::new(FirecrackerVmm::new(bin)), why))
+        }
+        VmmChoice::Qemu | VmmChoice::Auto => {
+            let bin = fc.unwrap_or_default();
+            bail!(
+                "config key `vmm`: the QEMU backend is not available in this build ({})",
+                bin.display()
+            )
+        }
+    }
+}
+
+/// Builds the engine for a config: directories, backend, records.
+pub fn build_engine(cfg: Config) -> anyhow::Result<Arc<Engine>> {
+    create_roots(&cfg)?;
+    let (vmm, why) = choose_backend(&cfg)?;
+    tracing::info!("vmm backend: {} ({why})", vmm.kind());
+    Ok(Engine::new(cfg, vmm, Arc::new(LocalHost)))
+}
+
+/// Runs the daemon until Ctrl-C or SIGTERM.
+pub async fn serve(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
+    let engine = build_engine(cfg)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(
+        "agentenv {} listening on http://{}",
+        env!("CARGO_PKG_VERSION"),
+        listener.local_addr()?
+    );
+    crate::server::run(listener, engine, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+        _ = term.recv() => tracing::info!("SIGTERM; stopping"),
+    }
+}

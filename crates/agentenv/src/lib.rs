@@ -1,0 +1,5 @@
+//! The agentenv daemon and CLI.
+
+pub mod cli;
+pub mod daemon;
+pub mod server;

@@ -1,0 +1,89 @@
+//! Request bodies: size-limited, parsed with the failing field's path in the error.
+
+use agentenv_api::MAX_BODY_BYTES;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+
+/// A JSON body of at most [`MAX_BODY_BYTES`], parsed into `T`.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+                )
+            })?;
+        parse(&bytes).map(JsonBody)
+    }
+}
+
+/// Parses JSON, naming the field at fault (`disk.rootfs_id`, `slots`, …).
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_field(None, "request body is empty; expected JSON"));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        // The path names the failing field, an unknown one included; at the top
+        // level it is `.` and the unknown field is named only in the message.
+        let field = if path != "." && !path.is_empty() {
+            Some(path)
+        } else {
+            unknown_field(&inner.to_string())
+        };
+        let msg = match (&field, inner.classify()) {
+            (_, serde_json::error::Category::Syntax | serde_json::error::Category::Eof) => {
+                format!("malformed JSON: {inner}")
+            }
+            (Some(f), _) => format!("invalid field `{f}`: {inner}"),
+            (None, _) => format!("invalid request: {inner}"),
+        };
+        ApiError::bad_field(field, msg)
+    })?;
+    Ok(value)
+}
+
+fn unknown_field(msg: &str) -> Option<String> {
+    let rest = msg.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentenv_api::CreateVmRequest;
+
+    fn err(body: &str) -> ApiError {
+        parse::<CreateVmRequest>(body.as_bytes()).err().unwrap()
+    }
+
+    #[test]
+    fn fields_are_named() {
+        let e = err(r#"{"vm_id":"a","disk":{"kind":"direct","path":"/x"},"memory":1}"#);
+        assert_eq!(e.body.field.as_deref(), Some("memory"));
+        let e = err(r#"{"vm_id":"a","slots":"two","disk":{"kind":"direct","path":"/x"}}"#);
+        assert_eq!(e.body.field.as_deref(), Some("slots"));
+        assert!(e.body.error.contains("slots"), "{}", e.body.error);
+        let e = err(r#"{"vm_id":7,"disk":{"kind":"direct","path":"/x"}}"#);
+        assert_eq!(e.body.field.as_deref(), Some("vm_id"));
+        let e = err(r#"{"vm_id":"a"}"#);
+        assert!(e.body.error.contains("disk"), "{}", e.body.error);
+        let e = err(r#"{"vm_id":"a","disk":{"kind":"floppy"}}"#);
+        assert!(e.body.error.contains("floppy"), "{}", e.body.error);
+        let e = err(r#"{"vm_id": "a", "#);
+        assert!(e.body.error.starts_with("malformed JSON"), "{}", e.body.error);
+        let e = err("");
+        assert!(e.body.error.contains("empty"), "{}", e.body.error);
+    }
+}

@@ -1,0 +1,73 @@
+//! The HTTP API: routes that translate HTTP to engine calls and back. Handlers
+//! parse, call the engine, map the result — no state checks, no OS calls.
+
+pub mod error;
+pub mod json;
+pub mod openapi;
+mod vm;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use agentenv_api::Health;
+use agentenv_core::Engine;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use error::ApiError;
+
+/// Shared state of every handler.
+pub type AppState = Arc<Engine>;
+
+/// The whole API.
+pub fn router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/openapi.json", get(openapi::serve))
+        .route("/v1/vm", post(vm::create).get(vm::list))
+        .route("/v1/vm/{vm_id}", get(vm::show).delete(vm::delete))
+        .route("/v1/vm/{vm_id}/pause", post(vm::pause))
+        .route("/v1/vm/{vm_id}/resume", post(vm::resume))
+        .route("/v1/vm/{vm_id}/shutdown", post(vm::shutdown))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(engine)
+}
+
+/// Serves the API on an already-bound listener until `shutdown` resolves, then
+/// stops the VMs as `on_shutdown` says.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    engine: Arc<Engine>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(engine.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    engine.shutdown_all().await;
+    Ok(())
+}
+
+#[utoipa::path(get, path = "/v1/health", tag = "daemon",
+    responses((status = 200, description = "The daemon answers", body = Health)))]
+pub(crate) async fn health(State(engine): State<AppState>) -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        backend: engine.backend(),
+    })
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no route for {}", uri.path()))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
