@@ -198,7 +198,7 @@ impl Engine {
                 disk_size_gib,
             } => {
                 let base =
-                    self.existing_file(&cfg.rootfs_root, "rootfs_id", rootfs_id, "rootfs_root")?;
+                    self.existing_file(&cfg.rootfs_root, "disk.rootfs_id", rootfs_id, "rootfs_root")?;
                 let gib = disk_size_gib.unwrap_or(cfg.default_disk_size_gib);
                 if gib == 0 || gib > MAX_DISK_GIB {
                     return Err(EngineError::bad(

@@ -1,0 +1,138 @@
+//! A leak checker: what a test left behind under its own directory.
+//!
+//! Every integration test owns one temporary directory holding all its roots
+//! (sessions, sockets, disks). At the end, the directory's files must be back
+//! to the baseline and no process may mention the directory on its command line.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// What existed when the baseline was taken.
+#[derive(Debug, Clone)]
+pub struct Baseline {
+    root: PathBuf,
+    files: BTreeSet<PathBuf>,
+    processes: BTreeSet<u32>,
+}
+
+/// Processes whose command line mentions `needle`, as `(pid, cmdline)`.
+pub fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
+    let needle = needle.as_os_str().as_encoded_bytes();
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if is_zombie(pid) {
+            continue;
+        }
+        if cmd.windows(needle.len()).any(|w| w == needle) {
+            let text = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            out.push((pid, text.trim().to_string()));
+        }
+    }
+    out
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s[s.rfind(')')? + 2..].to_string();
+            rest.split_whitespace().next().map(|st| st == "Z")
+        })
+        .unwrap_or(false)
+}
+
+/// Every file and directory below `root` (not following symlinks).
+pub fn files_below(root: &Path) -> BTreeSet<PathBuf> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                stack.push(p.clone());
+            }
+            out.insert(p);
+        }
+    }
+    out
+}
+
+impl Baseline {
+    /// Records the files below `root` and the processes mentioning it.
+    pub fn capture(root: &Path) -> Baseline {
+        Baseline {
+            root: root.to_path_buf(),
+            files: files_below(root),
+            processes: processes_mentioning(root).into_iter().map(|p| p.0).collect(),
+        }
+    }
+
+    /// What is there now and was not at the baseline (waiting up to `grace` for
+    /// exiting processes to go). Empty means no leak.
+    pub fn leaks(&self, grace: Duration) -> Vec<String> {
+        let start = Instant::now();
+        loop {
+            let mut leaks = Vec::new();
+            for (pid, cmd) in processes_mentioning(&self.root) {
+                if !self.processes.contains(&pid) {
+                    leaks.push(format!("process {pid}: {cmd}"));
+                }
+            }
+            for f in files_below(&self.root).difference(&self.files) {
+                leaks.push(format!("file {}", f.display()));
+            }
+            if leaks.is_empty() || start.elapsed() >= grace {
+                return leaks;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Panics listing every leak.
+    pub fn assert_clean(&self) {
+        let leaks = self.leaks(Duration::from_secs(2));
+        assert!(leaks.is_empty(), "leaked:\n  {}", leaks.join("\n  "));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_new_files_and_processes() {
+        let dir = std::env::temp_dir().join(format!("leaks-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = Baseline::capture(&dir);
+        assert!(base.leaks(Duration::ZERO).is_empty());
+        std::fs::write(dir.join("left"), b"x").unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .arg(dir.join("marker"))
+            .spawn()
+            .unwrap();
+        let leaks = base.leaks(Duration::ZERO);
+        assert_eq!(leaks.len(), 2, "{leaks:?}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        std::fs::remove_file(dir.join("left")).unwrap();
+        assert!(base.leaks(Duration::ZERO).is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

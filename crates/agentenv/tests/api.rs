@@ -1,0 +1,450 @@
+//! The daemon over real HTTP, through the real Firecracker driver, against the
+//! Firecracker API double (or a real Firecracker with AGENTENV_TEST_FIRECRACKER).
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{finish, is_real, overlay_req, Daemon, TestDir};
+use serde_json::{json, Value};
+
+#[test]
+fn lifecycle_create_pause_resume_shutdown_delete() {
+    let (d, dir) = Daemon::start();
+    let (code, vm) = d.create("vm1");
+    assert_eq!(code, 201, "{vm}");
+    assert_eq!(vm["vm_id"], "vm1");
+    assert_eq!(vm["state"], "running");
+    assert_eq!(vm["backend"], "firecracker");
+    assert_eq!(vm["vcpus"], 1);
+    assert_eq!(vm["memory_mib"], 128);
+    assert_eq!(vm["host_ip"], Value::Null);
+    assert_eq!(vm["guest_ip"], Value::Null);
+    assert_eq!(vm["tap_name"], Value::Null);
+    assert!(vm["created_at"].as_str().unwrap().contains('T'));
+    assert!(vm["pid"].as_u64().is_some());
+    let sock = vm["api_socket"].as_str().unwrap();
+    assert!(sock.starts_with(dir.path().join("s").to_str().unwrap()), "{sock}");
+    assert!(Path::new(sock).exists());
+    assert_eq!(vm["disk"]["kind"], "overlay");
+    assert!(vm["disk"]["rootfs_path"]
+        .as_str()
+        .unwrap()
+        .ends_with("rootfs/base.ext4"));
+    assert_eq!(vm["disk"]["size_bytes"], 1u64 << 30);
+    assert!(vm["boot_args"]
+        .as_str()
+        .unwrap()
+        .starts_with("console=ttyS0 reboot=k panic=1 pci=off agentenv.vm_id=vm1"));
+
+    // The session directory holds config, disk, log and record.
+    let session = Path::new(vm["session_dir"].as_str().unwrap());
+    for f in ["firecracker.json", "overlay.ext4", "console.log", "vm.json"] {
+        assert!(session.join(f).exists(), "{f} missing");
+    }
+    let fc: Value =
+        serde_json::from_slice(&std::fs::read(session.join("firecracker.json")).unwrap()).unwrap();
+    assert_eq!(fc["machine-config"]["mem_size_mib"], 128);
+    assert_eq!(fc["drives"][0]["is_read_only"], true);
+    assert_eq!(fc["drives"][1]["drive_id"], "overlay");
+    let rec: Value =
+        serde_json::from_slice(&std::fs::read(session.join("vm.json")).unwrap()).unwrap();
+    assert_eq!(rec["schema_version"], 1);
+    assert_eq!(rec["vm"]["state"], "running");
+
+    let (code, list) = d.call("GET", "/v1/vm", None);
+    assert_eq!(code, 200);
+    assert_eq!(list["vms"].as_array().unwrap().len(), 1);
+
+    let (code, v) = d.call("POST", "/v1/vm/vm1/pause", None);
+    assert_eq!((code, v["state"].as_str()), (200, Some("paused")), "{v}");
+    let rec: Value =
+        serde_json::from_slice(&std::fs::read(session.join("vm.json")).unwrap()).unwrap();
+    assert_eq!(rec["vm"]["state"], "paused", "state persisted before answering");
+    let (code, v) = d.call("POST", "/v1/vm/vm1/resume", None);
+    assert_eq!((code, v["state"].as_str()), (200, Some("running")), "{v}");
+
+    let (code, v) = d.call("POST", "/v1/vm/vm1/shutdown", None);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["state"], "stopped");
+    assert_eq!(v["pid"], Value::Null);
+    assert!(!Path::new(sock).exists(), "socket removed");
+    if !is_real() {
+        // The double exits on Ctrl-Alt-Del; a real guest kernel is too slow here.
+        assert!(
+            v["exit"]["cause"]
+                .as_str()
+                .unwrap()
+                .starts_with("shut down by request"),
+            "{v}"
+        );
+        assert_eq!(v["exit"]["exit_code"], 0);
+    }
+    // The record stays after shutdown.
+    let (code, v) = d.call("GET", "/v1/vm/vm1", None);
+    assert_eq!((code, v["state"].as_str()), (200, Some("stopped")));
+
+    let (code, _) = d.call("DELETE", "/v1/vm/vm1", None);
+    assert_eq!(code, 204);
+    assert!(!session.exists());
+    let (code, v) = d.call("GET", "/v1/vm/vm1", None);
+    assert_eq!(code, 404, "{v}");
+    assert_eq!(v["field"], "vm_id");
+    finish(d, dir);
+}
+
+#[test]
+fn delete_stops_a_running_vm_and_leaves_nothing() {
+    let (d, dir) = Daemon::start();
+    for id in ["a", "b"] {
+        assert_eq!(d.create(id).0, 201);
+    }
+    let (code, _) = d.call("POST", "/v1/vm/b/pause", None);
+    assert_eq!(code, 200);
+    for id in ["a", "b"] {
+        let (code, v) = d.call("DELETE", &format!("/v1/vm/{id}"), None);
+        assert_eq!(code, 204, "{v}");
+    }
+    let (_, list) = d.call("GET", "/v1/vm", None);
+    assert_eq!(list["vms"], json!([]));
+    finish(d, dir);
+}
+
+#[test]
+fn wrong_state_is_409_with_the_current_state() {
+    let (d, dir) = Daemon::start();
+    assert_eq!(d.create("vm1").0, 201);
+    let (code, v) = d.call("POST", "/v1/vm/vm1/resume", None);
+    assert_eq!((code, v["state"].as_str()), (409, Some("running")), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("running"), "{v}");
+    d.call("POST", "/v1/vm/vm1/pause", None);
+    let (code, v) = d.call("POST", "/v1/vm/vm1/pause", None);
+    assert_eq!((code, v["state"].as_str()), (409, Some("paused")), "{v}");
+    let (code, v) = d.call("POST", "/v1/vm/vm1/shutdown", None);
+    assert_eq!(code, 200, "a paused vm can be shut down: {v}");
+    for verb in ["pause", "resume", "shutdown"] {
+        let (code, v) = d.call("POST", &format!("/v1/vm/vm1/{verb}"), None);
+        assert_eq!((code, v["state"].as_str()), (409, Some("stopped")), "{verb}: {v}");
+    }
+    finish(d, dir);
+}
+
+#[test]
+fn unknown_vms_are_404_and_bad_ids_400() {
+    let (d, dir) = Daemon::start();
+    for (m, p) in [
+        ("GET", "/v1/vm/nope"),
+        ("DELETE", "/v1/vm/nope"),
+        ("POST", "/v1/vm/nope/pause"),
+        ("POST", "/v1/vm/nope/resume"),
+        ("POST", "/v1/vm/nope/shutdown"),
+    ] {
+        let (code, v) = d.call(m, p, None);
+        assert_eq!(code, 404, "{m} {p}: {v}");
+        assert!(v["error"].as_str().unwrap().contains("nope"), "{v}");
+    }
+    for bad in ["..", ".hidden", "-x", "a%20b", "%C3%A9", &"x".repeat(64)] {
+        let (code, v) = d.call("GET", &format!("/v1/vm/{bad}"), None);
+        assert_eq!(code, 400, "{bad}: {v}");
+        assert_eq!(v["field"], "vm_id");
+    }
+    let (code, v) = d.call("GET", "/v1/nothing", None);
+    assert_eq!(code, 404, "{v}");
+    assert!(v["error"].is_string());
+    let (code, v) = d.call("PUT", "/v1/vm", None);
+    assert_eq!(code, 405, "{v}");
+    assert!(v["error"].is_string());
+    finish(d, dir);
+}
+
+#[test]
+fn bad_create_bodies_name_the_field_and_leave_nothing() {
+    let (d, dir) = Daemon::start();
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (json!({"vm_id": "../x", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "vm_id"),
+        (json!({"vm_id": "", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "vm_id"),
+        (json!({"vm_id": "a b", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "vm_id"),
+        (json!({"vm_id": "x".repeat(64), "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "vm_id"),
+        (json!({"vm_id": "١٢٣", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "vm_id"),
+        (json!({"vm_id": 5, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "vm_id"),
+        (json!({"vm_id": "a", "slots": 0, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "slots"),
+        (json!({"vm_id": "a", "slots": 33, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "slots"),
+        (json!({"vm_id": "a", "slots": -1, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "slots"),
+        (json!({"vm_id": "a", "slots": "2", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "slots"),
+        (json!({"vm_id": "a", "memory": 1, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "memory"),
+        (json!({"vm_id": "a"}), 400, ""),
+        (json!({"vm_id": "a", "disk": {"kind":"floppy"}}), 400, "disk"),
+        (json!({"vm_id": "a", "disk": {"kind":"overlay","rootfs_id":"nope.ext4"}}), 404, "disk.rootfs_id"),
+        (json!({"vm_id": "a", "disk": {"kind":"overlay","rootfs_id":"../etc/passwd"}}), 400, "disk.rootfs_id"),
+        (json!({"vm_id": "a", "disk": {"kind":"overlay","rootfs_id":"base.ext4","disk_size_gib":0}}), 400, "disk.disk_size_gib"),
+        (json!({"vm_id": "a", "disk": {"kind":"overlay","rootfs_id":"base.ext4","extra":1}}), 400, "disk"),
+        (json!({"vm_id": "a", "disk": {"kind":"snapshot","snapshot_id":"nope"}}), 404, "disk.snapshot_id"),
+        (json!({"vm_id": "a", "disk": {"kind":"snapshot","snapshot_id":"../x"}}), 400, "disk.snapshot_id"),
+        (json!({"vm_id": "a", "kernel": "missing", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 404, "kernel"),
+        (json!({"vm_id": "a", "kernel": "/etc/passwd", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "kernel"),
+        (json!({"vm_id": "a", "initrd": "missing.img", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 404, "initrd"),
+        (json!({"vm_id": "a", "boot_args": "x agentenv.root=/dev/sda", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "boot_args"),
+        (json!({"vm_id": "a", "boot_args": "a\u{0}b", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "boot_args"),
+        (json!({"vm_id": "a", "network": {"tap_name":"tap0","guest_mac":"zz"}, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "network.guest_mac"),
+        (json!({"vm_id": "a", "network": {"tap_name":"a/b","guest_mac":"06:00:00:00:00:01"}, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "network.tap_name"),
+        (json!({"vm_id": "a", "network": {"tap_name":"tap0"}, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "network"),
+    ];
+    for (body, code, field) in cases {
+        let (got, v) = d.call("POST", "/v1/vm", Some(body.clone()));
+        assert_eq!(got, code, "{body} → {v}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+        if !field.is_empty() {
+            assert_eq!(v["field"], field, "{body} → {v}");
+        }
+    }
+    // Malformed JSON, empty and oversized bodies.
+    let (code, v) = d.post_raw("/v1/vm", b"{\"vm_id\": ");
+    assert_eq!(code, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("malformed JSON"), "{v}");
+    let (code, v) = d.post_raw("/v1/vm", b"");
+    assert_eq!(code, 400, "{v}");
+    let big = format!(
+        "{{\"vm_id\":\"a\",\"boot_args\":\"{}\",\"disk\":{{\"kind\":\"overlay\",\"rootfs_id\":\"base.ext4\"}}}}",
+        "x".repeat(70 * 1024)
+    );
+    let (code, v) = d.post_raw("/v1/vm", big.as_bytes());
+    assert_eq!(code, 413, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("65536"), "{v}");
+    assert!(d.engine.is_empty());
+    finish(d, dir);
+}
+
+#[test]
+fn concurrent_creates_of_one_id_give_exactly_one_201() {
+    let (d, dir) = Daemon::start();
+    let d = std::sync::Arc::new(d);
+    let handles: Vec<_> = (0..10)
+        .map(|_| {
+            let d = d.clone();
+            std::thread::spawn(move || d.create("same").0)
+        })
+        .collect();
+    let mut codes: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    codes.sort();
+    assert_eq!(codes, [201, 409, 409, 409, 409, 409, 409, 409, 409, 409]);
+    let d = std::sync::Arc::into_inner(d).unwrap();
+    finish(d, dir);
+}
+
+#[test]
+fn memory_admission_counts_running_vms() {
+    let mut dir = TestDir::new();
+    dir.baseline = Some(agentenv_testkit::leaks::Baseline::capture(dir.path()));
+    let mut cfg = dir.config();
+    cfg.max_memory_mib = Some(300);
+    let d = Daemon::start_with(cfg, dir.path());
+    assert_eq!(d.create("a").0, 201);
+    assert_eq!(d.create("b").0, 201);
+    let (code, v) = d.create("c");
+    assert_eq!(code, 507, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("256 MiB"), "{v}");
+    // A stopped VM no longer counts.
+    assert_eq!(d.call("POST", "/v1/vm/a/shutdown", None).0, 200);
+    assert_eq!(d.create("c").0, 201);
+    // 32 slots of 128 MiB: 4 GiB, more than the limit.
+    let (code, _) = d.call(
+        "POST",
+        "/v1/vm",
+        Some(json!({"vm_id":"big","slots":32,"disk":{"kind":"overlay","rootfs_id":"base.ext4"}})),
+    );
+    assert_eq!(code, 507);
+    finish(d, dir);
+}
+
+#[test]
+fn direct_disks_follow_the_path_rules() {
+    let mut dir = TestDir::new();
+    let disks = dir.path().join("disks");
+    let ok = disks.join("ok.img");
+    std::fs::File::create(&ok).unwrap().set_len(1 << 20).unwrap();
+    std::os::unix::fs::symlink(&ok, disks.join("link.img")).unwrap();
+    std::fs::write(disks.join("linked.img"), b"x").unwrap();
+    std::fs::hard_link(disks.join("linked.img"), disks.join("linked2.img")).unwrap();
+    nix::unistd::mkfifo(&disks.join("fifo.img"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    std::fs::create_dir(disks.join("dir.img")).unwrap();
+    let outside = dir.path().join("rootfs/base.ext4");
+    let req = |id: &str, path: &Path| {
+        json!({"vm_id": id, "disk": {"kind": "direct", "path": path}})
+    };
+
+    // Without direct_disk_roots every direct disk is refused.
+    let cfg = dir.config();
+    let d = Daemon::start_with(cfg.clone(), dir.path());
+    let (code, v) = d.call("POST", "/v1/vm", Some(req("a", &ok)));
+    assert_eq!(code, 403, "{v}");
+    assert_eq!(v["field"], "disk.path");
+    d.stop();
+
+    dir.baseline = Some(agentenv_testkit::leaks::Baseline::capture(dir.path()));
+    let mut cfg = cfg;
+    cfg.direct_disk_roots = vec![disks.clone()];
+    let d = Daemon::start_with(cfg, dir.path());
+    let cases = [
+        (disks.join("link.img"), 400, "symlink"),
+        (disks.join("linked.img"), 400, "hard link"),
+        (disks.join("fifo.img"), 400, "FIFO"),
+        (disks.join("dir.img"), 400, "directory"),
+        (disks.join("missing.img"), 404, "does not exist"),
+        (disks.join("../rootfs/base.ext4"), 400, ".."),
+        (outside.clone(), 403, "direct_disk_roots"),
+        ("relative.img".into(), 400, "absolute"),
+    ];
+    for (path, code, word) in cases {
+        let (got, v) = d.call("POST", "/v1/vm", Some(req("a", &path)));
+        assert_eq!(got, code, "{} → {v}", path.display());
+        assert_eq!(v["field"], "disk.path");
+        assert!(v["error"].as_str().unwrap().contains(word), "{v}");
+    }
+    let (code, v) = d.call("POST", "/v1/vm", Some(req("a", &ok)));
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["disk"]["kind"], "direct");
+    assert_eq!(v["disk"]["writable_path"], ok.to_str().unwrap());
+    assert!(!v["boot_args"].as_str().unwrap().contains("agentenv.overlay"));
+    let (code, v) = d.call("POST", "/v1/vm", Some(req("b", &ok)));
+    assert_eq!(code, 409, "two vms on one direct disk: {v}");
+    // Deleting the VM keeps the user's disk.
+    finish(d, dir);
+    assert!(ok.exists());
+}
+
+#[test]
+fn network_is_used_as_given_when_networking_is_disabled() {
+    let (d, dir) = Daemon::start();
+    let mut body = overlay_req("n1");
+    body["network"] = json!({"tap_name": "tap7", "guest_mac": "06:00:AC:10:00:02"});
+    let (code, v) = d.call("POST", "/v1/vm", Some(body));
+    if is_real() {
+        // A real Firecracker opens the TAP, which does not exist here.
+        assert_eq!(code, 502, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("network-interfaces"), "{v}");
+    } else {
+        assert_eq!(code, 201, "{v}");
+        assert_eq!(v["tap_name"], "tap7");
+        assert_eq!(v["guest_mac"], "06:00:ac:10:00:02");
+        let fc: Value = serde_json::from_slice(
+            &std::fs::read(Path::new(v["session_dir"].as_str().unwrap()).join("firecracker.json"))
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(fc["network-interfaces"][0]["host_dev_name"], "tap7");
+    }
+    finish(d, dir);
+}
+
+#[test]
+fn records_survive_a_daemon_restart() {
+    let (d, dir) = Daemon::start();
+    assert_eq!(d.create("keep").0, 201);
+    assert_eq!(d.call("POST", "/v1/vm/keep/shutdown", None).0, 200);
+    assert_eq!(d.create("live").0, 201);
+    let cfg = d.cfg.clone();
+    // A clean stop with on_shutdown = "stop" shuts the running VM down.
+    d.stop();
+    let d = Daemon::start_with(cfg, dir.path());
+    let v = d.engine.get("keep").unwrap();
+    assert_eq!(v.state, agentenv_api::VmState::Stopped);
+    assert!(v.exit.is_some());
+    let v = d.engine.get("live").unwrap();
+    assert_eq!(v.state, agentenv_api::VmState::Stopped, "{v:?}");
+    finish(d, dir);
+}
+
+#[test]
+fn openapi_document_is_served() {
+    let (d, dir) = Daemon::start();
+    let (code, v) = d.call("GET", "/v1/openapi.json", None);
+    assert_eq!(code, 200);
+    assert!(v["paths"]["/v1/vm/{vm_id}/pause"]["post"].is_object(), "{v}");
+    let (code, v) = d.call("GET", "/v1/health", None);
+    assert_eq!((code, v["status"].as_str()), (200, Some("ok")));
+    finish(d, dir);
+}
+
+#[test]
+fn vmm_exit_is_noticed_and_recorded() {
+    if is_real() {
+        eprintln!("skipping: uses the double's --exit-on-start/--panic-on-start");
+        return;
+    }
+    let mut dir = TestDir::new();
+    dir.baseline = Some(agentenv_testkit::leaks::Baseline::capture(dir.path()));
+    let mut cfg = dir.config();
+    cfg.firecracker_binary = dir.wrapper("fc-exit", &["--exit-on-start"]);
+    let d = Daemon::start_with(cfg.clone(), dir.path());
+    let (code, v) = d.create("gone");
+    assert_eq!(code, 201, "{v}");
+    let v = d.wait_state("gone", "stopped", Duration::from_secs(1));
+    assert!(
+        v["exit"]["cause"].as_str().unwrap().contains("powered off"),
+        "{v}"
+    );
+    assert!(!Path::new(v["api_socket"].as_str().unwrap()).exists());
+    d.stop();
+
+    cfg.firecracker_binary = dir.wrapper("fc-panic", &["--panic-on-start"]);
+    let d = Daemon::start_with(cfg, dir.path());
+    assert_eq!(d.create("panics").0, 201);
+    let v = d.wait_state("panics", "failed", Duration::from_secs(2));
+    assert!(
+        v["exit"]["cause"]
+            .as_str()
+            .unwrap()
+            .contains("guest kernel panic: injected panic"),
+        "{v}"
+    );
+    finish(d, dir);
+}
+
+#[test]
+fn shutdown_kills_a_guest_that_ignores_it() {
+    if is_real() {
+        eprintln!("skipping: uses the double's --ignore-ctrl-alt-del");
+        return;
+    }
+    let mut dir = TestDir::new();
+    dir.baseline = Some(agentenv_testkit::leaks::Baseline::capture(dir.path()));
+    let mut cfg = dir.config();
+    cfg.shutdown_timeout_s = 1;
+    cfg.firecracker_binary = dir.wrapper("fc-stubborn", &["--ignore-ctrl-alt-del"]);
+    let d = Daemon::start_with(cfg, dir.path());
+    assert_eq!(d.create("stubborn").0, 201);
+    let (code, v) = d.call("POST", "/v1/vm/stubborn/shutdown", None);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["state"], "stopped");
+    assert!(
+        v["exit"]["cause"]
+            .as_str()
+            .unwrap()
+            .contains("did not power off within 1 s"),
+        "{v}"
+    );
+    assert_eq!(v["exit"]["signal"], 9);
+    finish(d, dir);
+}
+
+#[test]
+fn a_hung_vmm_gives_504_and_the_vm_stays_usable() {
+    if is_real() {
+        eprintln!("skipping: uses the double's --hang-on");
+        return;
+    }
+    let mut dir = TestDir::new();
+    dir.baseline = Some(agentenv_testkit::leaks::Baseline::capture(dir.path()));
+    let mut cfg = dir.config();
+    cfg.request_timeout_ms = 300;
+    cfg.firecracker_binary = dir.wrapper("fc-hang", &["--hang-on", "PATCH /vm"]);
+    let d = Daemon::start_with(cfg, dir.path());
+    assert_eq!(d.create("hung").0, 201);
+    let (code, v) = d.call("POST", "/v1/vm/hung/pause", None);
+    assert_eq!(code, 504, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("timed out"), "{v}");
+    let (_, v) = d.call("GET", "/v1/vm/hung", None);
+    assert_eq!(v["state"], "running");
+    finish(d, dir);
+}

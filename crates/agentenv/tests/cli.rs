@@ -1,0 +1,171 @@
+//! The `agentenv` binary: the daemon started for real, the CLI against it,
+//! signals, and config errors.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::TestDir;
+
+const BIN: &str = env!("CARGO_BIN_EXE_agentenv");
+
+fn write_config(dir: &TestDir, extra: &str) -> std::path::PathBuf {
+    let c = dir.config();
+    let text = format!(
+        r#"session_root = "{}"
+socket_root = "{}"
+rootfs_root = "{}"
+snapshots_root = "{}"
+tmpfs_snapshot_root = "{}"
+hdfs_snapshot_root = "{}"
+kernel_root = "{}"
+initramfs_root = "{}"
+firecracker_binary = "{}"
+vmm = "firecracker"
+memory_mib_per_slot = 128
+default_slots = 1
+default_disk_size_gib = 1
+{extra}
+"#,
+        c.session_root.display(),
+        c.socket_root.display(),
+        c.rootfs_root.display(),
+        c.snapshots_root.display(),
+        c.tmpfs_snapshot_root.display(),
+        c.hdfs_snapshot_root.display(),
+        c.kernel_root.display(),
+        c.initramfs_root.display(),
+        c.firecracker_binary.display(),
+    );
+    let p = dir.path().join("agentenv.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn cli(server: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .arg("vm")
+        .args(args)
+        .args(["--server", server])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn daemon_and_cli_end_to_end_then_sigterm_stops_cleanly() {
+    let dir = TestDir::new();
+    let base = agentenv_testkit::leaks::Baseline::capture(dir.path());
+    let config = write_config(&dir, "");
+    let port = free_port();
+    let server = format!("http://127.0.0.1:{port}");
+    let mut daemon = Command::new(BIN)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("AGENTENV_CONFIG", &config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while ureq::get(&format!("{server}/v1/health")).call().is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "daemon did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let (code, out, err) = cli(&server, &["create", "c1", "--rootfs", "base.ext4"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("state          running"), "{out}");
+    let (code, out, _) = cli(&server, &["create", "c2", "--rootfs", "base.ext4", "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["state"], "running");
+
+    let (code, out, _) = cli(&server, &["ls"]);
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("VM_ID"), "{out}");
+    assert!(lines[1].starts_with("c1 ") && lines[1].contains("running"), "{out}");
+    assert_eq!(lines.len(), 3, "{out}");
+    let (_, out, _) = cli(&server, &["ls", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["vms"].as_array().unwrap().len(), 2);
+
+    let (code, out, _) = cli(&server, &["pause", "c1"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("paused"), "{out}");
+    let (code, _, err) = cli(&server, &["pause", "c1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is paused") && err.contains("HTTP 409"), "{err}");
+    let (code, out, _) = cli(&server, &["resume", "c1"]);
+    assert_eq!((code, out.contains("running")), (0, true), "{out}");
+    let (code, out, _) = cli(&server, &["shutdown", "c1"]);
+    assert_eq!((code, out.contains("stopped")), (0, true), "{out}");
+    let (code, out, _) = cli(&server, &["show", "c1"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("exit") && out.contains("shut down by request"), "{out}");
+    let (code, out, _) = cli(&server, &["rm", "c1"]);
+    assert_eq!((code, out.trim()), (0, "deleted c1"));
+    let (code, _, err) = cli(&server, &["show", "c1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not found"), "{err}");
+
+    // SIGTERM: the daemon stops its VMs (on_shutdown = "stop") and exits 0.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = daemon.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let records = agentenv_testkit::leaks::processes_mentioning(dir.path());
+    assert!(records.is_empty(), "vmm survived: {records:?}");
+    // c2's record remains (stopped); remove it and check nothing else leaked.
+    std::fs::remove_dir_all(dir.path().join("sessions/c2")).unwrap();
+    base.assert_clean();
+}
+
+#[test]
+fn cli_says_when_the_daemon_is_unreachable() {
+    let port = free_port();
+    let (code, _, err) = cli(&format!("http://127.0.0.1:{port}"), &["ls"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot reach the agentenv daemon"), "{err}");
+}
+
+#[test]
+fn bad_config_stops_startup_naming_the_key() {
+    let dir = TestDir::new();
+    for (extra, key) in [
+        ("shutdown_timeout_s = 0", "shutdown_timeout_s"),
+        ("colour = \"blue\"", "colour"),
+        ("[network]\nnetmask = \"1.2.3\"", "network.netmask"),
+    ] {
+        let config = write_config(&dir, extra);
+        let out = Command::new(BIN)
+            .args(["--config", config.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{extra:?}: {err}");
+    }
+    let out = Command::new(BIN)
+        .args(["--config", "/nonexistent/agentenv.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agentenv.toml"));
+}

@@ -1,0 +1,268 @@
+//! The daemon started in-process on port 0, over real HTTP, with the Firecracker
+//! double (or a real Firecracker when `AGENTENV_TEST_FIRECRACKER` is set).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentenv_core::config::{Config, VmmChoice};
+use agentenv_core::Engine;
+use agentenv_testkit::leaks::Baseline;
+use agentenv_testkit::paths;
+use serde_json::Value;
+
+/// A running daemon and the directory holding all its state.
+pub struct Daemon {
+    pub base: String,
+    pub engine: Arc<Engine>,
+    pub dir: PathBuf,
+    pub cfg: Config,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A fresh test directory with the layout a daemon needs and a fake (or, with a
+/// real Firecracker, the real) kernel and a small base image.
+pub struct TestDir {
+    pub tmp: tempfile::TempDir,
+    pub baseline: Option<Baseline>,
+}
+
+impl TestDir {
+    pub fn new() -> TestDir {
+        let tmp = tempfile::Builder::new()
+            .prefix("ae")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let d = tmp.path();
+        for sub in ["sessions", "s", "rootfs", "kernels", "initramfs", "snap", "disks"] {
+            std::fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        match real_kernel() {
+            Some(k) => {
+                std::fs::copy(k, d.join("kernels/vmlinux")).unwrap();
+            }
+            None => std::fs::write(d.join("kernels/vmlinux"), b"not a kernel").unwrap(),
+        }
+        let base = std::fs::File::create(d.join("rootfs/base.ext4")).unwrap();
+        base.set_len(8 << 20).unwrap();
+        TestDir {
+            tmp,
+            baseline: None,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// A config whose roots all live in this directory.
+    pub fn config(&self) -> Config {
+        let d = self.path();
+        Config {
+            session_root: d.join("sessions"),
+            socket_root: d.join("s"),
+            rootfs_root: d.join("rootfs"),
+            snapshots_root: d.join("snap"),
+            tmpfs_snapshot_root: d.join("snap/tmpfs"),
+            hdfs_snapshot_root: d.join("snap/durable"),
+            kernel_root: d.join("kernels"),
+            initramfs_root: d.join("initramfs"),
+            firecracker_binary: firecracker(),
+            vmm: VmmChoice::Firecracker,
+            default_slots: 1,
+            memory_mib_per_slot: 128,
+            default_disk_size_gib: 1,
+            shutdown_timeout_s: 5,
+            startup_timeout_ms: 3000,
+            request_timeout_ms: 3000,
+            ..Config::default()
+        }
+    }
+
+    /// Writes a wrapper script that runs the VMM binary with extra flags (the
+    /// double's failure injection), returning its path.
+    pub fn wrapper(&self, name: &str, extra: &[&str]) -> PathBuf {
+        let p = self.path().join(name);
+        let quoted: Vec<String> = extra.iter().map(|a| format!("'{a}'")).collect();
+        std::fs::write(
+            &p,
+            format!(
+                "#!/bin/sh\nexec '{}' {} \"$@\"\n",
+                paths::fc_double().display(),
+                quoted.join(" ")
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+}
+
+/// The VMM binary under test.
+pub fn firecracker() -> PathBuf {
+    paths::real_firecracker().unwrap_or_else(paths::fc_double)
+}
+
+/// True when running against a real Firecracker (tests of the double's
+/// failure-injection flags skip then).
+pub fn is_real() -> bool {
+    paths::real_firecracker().is_some()
+}
+
+/// A real vmlinux for a real Firecracker (it refuses a fake kernel at InstanceStart).
+fn real_kernel() -> Option<PathBuf> {
+    paths::real_firecracker()?;
+    let k = paths::artifacts().join("kernels/vmlinux");
+    assert!(
+        k.exists(),
+        "AGENTENV_TEST_FIRECRACKER needs a real kernel at {} (scripts/build-kernel.sh)",
+        k.display()
+    );
+    Some(k)
+}
+
+impl Daemon {
+    /// Starts a daemon on a fresh test directory.
+    pub fn start() -> (Daemon, TestDir) {
+        let mut dir = TestDir::new();
+        dir.baseline = Some(Baseline::capture(dir.path()));
+        let cfg = dir.config();
+        (Daemon::start_with(cfg, dir.path()), dir)
+    }
+
+    /// Starts a daemon with a given config.
+    pub fn start_with(cfg: Config, dir: &Path) -> Daemon {
+        let engine = agentenv::daemon::build_engine(cfg.clone()).expect("engine builds");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let e = engine.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                agentenv::server::run(listener, e, async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        let addr = addr_rx.recv().unwrap();
+        Daemon {
+            base: format!("http://{addr}"),
+            engine,
+            dir: dir.to_path_buf(),
+            cfg,
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the daemon (its VMs are stopped as `on_shutdown` says).
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// One request; returns the status and the JSON body (`Null` when empty).
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let url = format!("{}{path}", self.base);
+        let req = ureq::request(method, &url).timeout(Duration::from_secs(60));
+        let res = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        let resp = match res {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        let code = resp.status();
+        let text = resp.into_string().unwrap();
+        let json = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (code, json)
+    }
+
+    /// Sends raw bytes as a POST body.
+    pub fn post_raw(&self, path: &str, body: &[u8]) -> (u16, Value) {
+        let url = format!("{}{path}", self.base);
+        let res = ureq::post(&url)
+            .set("Content-Type", "application/json")
+            .send_bytes(body);
+        let resp = match res {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("POST {path}: {e}"),
+        };
+        let code = resp.status();
+        let text = resp.into_string().unwrap_or_default();
+        (code, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// Creates an overlay VM on the test base image.
+    pub fn create(&self, vm_id: &str) -> (u16, Value) {
+        self.call("POST", "/v1/vm", Some(overlay_req(vm_id)))
+    }
+
+    /// Waits until the VM reaches `state` (or panics after `timeout`).
+    pub fn wait_state(&self, vm_id: &str, state: &str, timeout: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            let (code, v) = self.call("GET", &format!("/v1/vm/{vm_id}"), None);
+            if code == 200 && v["state"] == state {
+                return v;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "vm {vm_id} not {state} after {timeout:?}: {code} {v}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+/// A create request for an overlay VM on `base.ext4`.
+pub fn overlay_req(vm_id: &str) -> Value {
+    serde_json::json!({
+        "vm_id": vm_id,
+        "disk": {"kind": "overlay", "rootfs_id": "base.ext4"},
+    })
+}
+
+/// Deletes every VM, stops the daemon, and checks nothing was left behind.
+pub fn finish(d: Daemon, dir: TestDir) {
+    for vm in d.engine.list() {
+        let (code, body) = d.call("DELETE", &format!("/v1/vm/{}", vm.vm_id), None);
+        assert_eq!(code, 204, "{body}");
+    }
+    d.stop();
+    if let Some(b) = &dir.baseline {
+        b.assert_clean();
+    }
+}
