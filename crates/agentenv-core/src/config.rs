@@ -318,10 +318,14 @@ impl NetworkConfig {
             )
         })?;
         let bits = u32::from(mask);
-        if bits.leading_ones() + bits.trailing_zeros() != 32 || bits.leading_ones() < 24 {
+        let len = bits.leading_ones();
+        if len + bits.trailing_zeros() != 32 || !(24..=30).contains(&len) {
             return Err(invalid(
                 "network.netmask",
-                format!("{:?} must be a contiguous mask of /24 or longer", self.netmask),
+                format!(
+                    "{:?} must be a contiguous mask from /24 to /30",
+                    self.netmask
+                ),
             ));
         }
         if let Some(ifname) = &self.host_interface {
@@ -401,6 +405,8 @@ mod tests {
             ("session_root = \"\"", "session_root"),
             ("direct_disk_roots = [\"rel\"]", "direct_disk_roots"),
             ("[network]\nnetmask = \"255.0.255.0\"", "network.netmask"),
+            ("[network]\nnetmask = \"255.255.255.254\"", "network.netmask"),
+            ("[network]\nnetmask = \"255.255.0.0\"", "network.netmask"),
             ("[network]\nsubnet_prefix = \"10\"", "network.subnet_prefix"),
             ("[network]\ntap_prefix = \"a-very-long-prefix\"", "network.tap_prefix"),
         ];

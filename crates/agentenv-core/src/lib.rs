@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod host;
 pub mod ids;
+pub mod net;
 pub mod state;
 
 pub use engine::Engine;
