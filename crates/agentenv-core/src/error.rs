@@ -48,6 +48,9 @@ pub enum EngineError {
         /// The figures.
         message: String,
     },
+    /// A finite resource (VM subnets) is used up.
+    #[error("{0}")]
+    Exhausted(String),
     /// A storage root is full.
     #[error("{0}")]
     NoSpace(String),
@@ -63,6 +66,9 @@ pub enum EngineError {
     /// A host operation failed.
     #[error("{0}")]
     Host(HostError),
+    /// Host networking failed.
+    #[error("network: {0}")]
+    Network(String),
     /// An injected failure (tests only).
     #[error("injected failure at {0}")]
     Injected(&'static str),

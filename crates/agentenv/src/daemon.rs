@@ -82,17 +82,18 @@ pub fn choose_backend(cfg: &Config) -> anyhow::Result<(Arc<dyn Vmm>, String)> {
     }
 }
 
-/// Builds the engine for a config: directories, backend, records.
-pub fn build_engine(cfg: Config) -> anyhow::Result<Arc<Engine>> {
+/// Builds the engine for a config: directories, backend, networking, records.
+pub async fn build_engine(cfg: Config) -> anyhow::Result<Arc<Engine>> {
     create_roots(&cfg)?;
     let (vmm, why) = choose_backend(&cfg)?;
     tracing::info!("vmm backend: {} ({why})", vmm.kind());
-    Ok(Engine::new(cfg, vmm, Arc::new(LocalHost)))
+    let engine = Engine::start(cfg, vmm, Arc::new(LocalHost), None).await?;
+    Ok(engine)
 }
 
 /// Runs the daemon until Ctrl-C or SIGTERM.
 pub async fn serve(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
-    let engine = build_engine(cfg)?;
+    let engine = build_engine(cfg).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

@@ -68,8 +68,8 @@ fn cli(server: &str, args: &[&str]) -> (i32, String, String) {
 #[test]
 fn daemon_and_cli_end_to_end_then_sigterm_stops_cleanly() {
     let dir = TestDir::new();
-    let base = agentenv_testkit::leaks::Baseline::capture(dir.path());
     let config = write_config(&dir, "");
+    let base = agentenv_testkit::leaks::Baseline::capture(dir.path());
     let port = free_port();
     let server = format!("http://127.0.0.1:{port}");
     let mut daemon = Command::new(BIN)

@@ -13,6 +13,7 @@ use crate::config::MAX_SLOTS;
 use crate::error::EngineError;
 use crate::host::FileKind;
 use crate::ids::{checked_join, validate_id};
+use crate::net::NetLease;
 
 /// Longest path a Unix socket address holds.
 const MAX_SOCKET_PATH: usize = 107;
@@ -29,13 +30,15 @@ struct Plan {
     launch: LaunchSpec,
     /// The overlay disk to create, with its size.
     new_disk: Option<(PathBuf, u64)>,
+    /// The network lease, assigned at reservation (automatic networking).
+    lease: Option<NetLease>,
 }
 
 impl Engine {
     /// Creates and boots a VM. On any failure everything made so far is undone.
     pub async fn create(self: &Arc<Self>, req: CreateVmRequest) -> Result<VmInfo, EngineError> {
-        let plan = self.plan(&req)?;
-        let slot = self.reserve(&plan)?;
+        let mut plan = self.plan(&req)?;
+        let slot = self.reserve(&mut plan)?;
         let result = self.build(&slot, &plan).await;
         match result {
             Ok(inst) => {
@@ -100,7 +103,14 @@ impl Engine {
 
         let (disk, drives, new_disk, has_overlay) = self.plan_disk(&req.disk, &session_dir)?;
 
+        let mut warnings = Vec::new();
         let net = match &req.network {
+            Some(_) if self.net.is_some() => {
+                warnings.push(
+                    "`network` was ignored: automatic networking is enabled, so agentenv assigned the TAP, MAC and addresses".to_string(),
+                );
+                None
+            }
             Some(n) => {
                 check_network(n)?;
                 Some(NetAttachment {
@@ -138,7 +148,7 @@ impl Engine {
             created_at: now,
             updated_at: now,
             exit: None,
-            warnings: Vec::new(),
+            warnings,
         };
         let launch = LaunchSpec {
             vm_id,
@@ -160,6 +170,7 @@ impl Engine {
             info,
             launch,
             new_disk,
+            lease: None,
         })
     }
 
@@ -322,11 +333,12 @@ impl Engine {
         Ok(canonical)
     }
 
-    /// Inserts the VM in `creating`, checking the id is free and memory suffices.
-    fn reserve(&self, plan: &Plan) -> Result<Arc<VmSlot>, EngineError> {
+    /// Inserts the VM in `creating`, checking the id is free and memory suffices,
+    /// and assigns its network lease.
+    fn reserve(&self, plan: &mut Plan) -> Result<Arc<VmSlot>, EngineError> {
         let mut vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
-        let id = &plan.info.vm_id;
-        if let Some(existing) = vms.get(id) {
+        let id = plan.info.vm_id.clone();
+        if let Some(existing) = vms.get(&id) {
             let state = existing.state();
             return Err(EngineError::Conflict {
                 message: format!("vm {id} already exists (state {state})"),
@@ -365,7 +377,17 @@ impl Engine {
                 ),
             });
         }
-        let slot = VmSlot::new(plan.info.clone());
+        if let Some((_, netplan)) = &self.net {
+            let used = vms.values().filter_map(|s| s.lease()).map(|l| l.index);
+            let lease = netplan.next_free(used).ok_or_else(|| {
+                EngineError::Exhausted(format!(
+                    "no free vm subnet: all {} are in use",
+                    netplan.capacity()
+                ))
+            })?;
+            apply_lease(plan, lease);
+        }
+        let slot = VmSlot::new(plan.info.clone(), plan.lease.clone());
         vms.insert(id.clone(), slot.clone());
         Ok(slot)
     }
@@ -390,11 +412,17 @@ impl Engine {
         }
         self.host.create_dir(dir)?;
         fp.check("create.session_dir")?;
+        if let (Some((net, _)), Some(lease)) = (&self.net, &plan.lease) {
+            net.setup(lease)
+                .await
+                .map_err(|e| EngineError::Network(e.to_string()))?;
+        }
+        fp.check("create.network")?;
         if let Some((path, size)) = &plan.new_disk {
             self.host.create_ext4_disk(path, *size).await?;
         }
         fp.check("create.disk")?;
-        self.persist(&plan.info)?;
+        self.persist(&plan.info, plan.lease.clone())?;
         fp.check("create.record")?;
         let inst: Arc<dyn VmmInstance> =
             Arc::from(self.vmm.launch(&plan.launch).await.map_err(|source| {
@@ -424,6 +452,11 @@ impl Engine {
     /// Undoes a failed create: session directory, socket, table entry.
     async fn rollback(&self, plan: &Plan) {
         let id = &plan.info.vm_id;
+        if let (Some((net, _)), Some(lease)) = (&self.net, &plan.lease) {
+            if let Err(e) = net.teardown(lease).await {
+                tracing::error!("vm {id}: rollback: {e}");
+            }
+        }
         if let Err(e) = self.host.remove_dir_all(&plan.launch.session_dir) {
             tracing::error!("vm {id}: rollback: {e}");
         }
@@ -435,6 +468,22 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
     }
+}
+
+/// Puts a lease's TAP, MAC and addresses into the plan.
+fn apply_lease(plan: &mut Plan, lease: NetLease) {
+    let info = &mut plan.info;
+    info.tap_name = Some(lease.tap_name.clone());
+    info.guest_mac = Some(lease.guest_mac.clone());
+    info.host_ip = Some(lease.host_ip.to_string());
+    info.guest_ip = Some(lease.guest_ip.to_string());
+    info.boot_args = format!("{} {}", info.boot_args, lease.boot_args());
+    plan.launch.boot_args = info.boot_args.clone();
+    plan.launch.net = Some(NetAttachment {
+        tap_name: lease.tap_name.clone(),
+        guest_mac: lease.guest_mac.clone(),
+    });
+    plan.lease = Some(lease);
 }
 
 fn check_boot_args(args: &str) -> Result<(), EngineError> {

@@ -108,7 +108,7 @@ impl Engine {
                 format!("killed: the shutdown request failed ({e})"),
             ),
         };
-        Ok(self.settle_exit(&slot, exit, Some(&why)))
+        Ok(self.settle_exit(&slot, exit, Some(&why)).await)
     }
 
     async fn kill_instance(&self, inst: &Arc<dyn VmmInstance>) -> crate::backend::VmmExit {
@@ -131,7 +131,8 @@ impl Engine {
         self.check(&slot, VmState::Deleting)?;
         if let Some(inst) = slot.instance() {
             let exit = self.kill_instance(&inst).await;
-            self.settle_exit(&slot, exit, Some("killed: the vm was deleted"));
+            self.settle_exit(&slot, exit, Some("killed: the vm was deleted"))
+                .await;
         }
         self.set_state(&slot, VmState::Deleting)?;
         let info = slot.info();

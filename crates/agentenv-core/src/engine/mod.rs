@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::error::EngineError;
 use crate::host::Host;
 use crate::ids::checked_join;
+use crate::net::{HostNetwork, NetLease, NetPlan};
 use crate::state::transition;
 
 /// Version of the on-disk VM record.
@@ -41,6 +42,9 @@ pub struct VmRecord {
     pub schema_version: u32,
     /// The VM as the API shows it.
     pub vm: VmInfo,
+    /// Its network lease while it holds one (automatic networking).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetLease>,
 }
 
 /// One tracked VM.
@@ -51,15 +55,26 @@ struct VmSlot {
     info: Mutex<VmInfo>,
     /// The running VMM, while there is one.
     instance: Mutex<Option<Arc<dyn VmmInstance>>>,
+    /// The network lease, while the VM holds one.
+    net: Mutex<Option<NetLease>>,
 }
 
 impl VmSlot {
-    fn new(info: VmInfo) -> Arc<VmSlot> {
+    fn new(info: VmInfo, net: Option<NetLease>) -> Arc<VmSlot> {
         Arc::new(VmSlot {
             op: tokio::sync::Mutex::new(()),
             info: Mutex::new(info),
             instance: Mutex::new(None),
+            net: Mutex::new(net),
         })
+    }
+
+    fn lease(&self) -> Option<NetLease> {
+        self.net.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn take_lease(&self) -> Option<NetLease> {
+        self.net.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     fn info(&self) -> VmInfo {
@@ -119,6 +134,7 @@ impl Failpoints {
 /// Every failpoint name, in the order the steps run.
 pub const FAILPOINTS: &[&str] = &[
     "create.session_dir",
+    "create.network",
     "create.disk",
     "create.record",
     "create.launch",
@@ -130,6 +146,8 @@ pub struct Engine {
     cfg: Arc<Config>,
     vmm: Arc<dyn Vmm>,
     host: Arc<dyn Host>,
+    /// Automatic networking, when `[network] enable = true`.
+    net: Option<(Arc<dyn HostNetwork>, NetPlan)>,
     vms: Mutex<BTreeMap<String, Arc<VmSlot>>>,
     /// Test-only failure injection.
     pub failpoints: Failpoints,
@@ -140,17 +158,38 @@ impl Engine {
     ///
     /// `cfg` paths must be absolute. Records of VMs that were running when the
     /// daemon last stopped are marked `failed` (their VMM is stopped if it is still
-    /// there), since this version does not re-adopt VMMs.
-    pub fn new(cfg: Config, vmm: Arc<dyn Vmm>, host: Arc<dyn Host>) -> Arc<Engine> {
+    /// there), since this version does not re-adopt VMMs. With networking, the
+    /// firewall table is installed and network objects no VM owns are reclaimed.
+    pub async fn start(
+        cfg: Config,
+        vmm: Arc<dyn Vmm>,
+        host: Arc<dyn Host>,
+        net: Option<Arc<dyn HostNetwork>>,
+    ) -> Result<Arc<Engine>, EngineError> {
+        let plan = NetPlan::new(&cfg.network);
         let engine = Arc::new(Engine {
             cfg: Arc::new(cfg),
             vmm,
             host,
+            net: net.map(|n| (n, plan)),
             vms: Mutex::new(BTreeMap::new()),
             failpoints: Failpoints::default(),
         });
         engine.load_records();
-        engine
+        if let Some((net, plan)) = &engine.net {
+            let keep: Vec<NetLease> = engine.slots().iter().filter_map(|s| s.lease()).collect();
+            net.init(plan, &keep).await.map_err(|e| EngineError::Network(e.to_string()))?;
+        }
+        Ok(engine)
+    }
+
+    fn slots(&self) -> Vec<Arc<VmSlot>> {
+        self.vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// The configuration in force.
@@ -198,6 +237,7 @@ impl Engine {
                 continue;
             }
             let mut info = record.vm;
+            let mut lease = record.net;
             if info.vm_id != name {
                 tracing::warn!("skipping session {name}: record names vm {}", info.vm_id);
                 continue;
@@ -222,11 +262,13 @@ impl Engine {
                 info.state = VmState::Failed;
                 info.pid = None;
                 info.updated_at = Utc::now();
-                if let Err(e) = self.persist(&info) {
+                // Its TAP and rules are reclaimed by the network's init.
+                lease = None;
+                if let Err(e) = self.persist(&info, None) {
                     tracing::warn!("vm {name}: {e}");
                 }
             }
-            vms.insert(name, VmSlot::new(info));
+            vms.insert(name, VmSlot::new(info, lease));
         }
     }
 
@@ -247,14 +289,7 @@ impl Engine {
 
     /// Every VM, sorted by id.
     pub fn list(&self) -> Vec<VmInfo> {
-        let slots: Vec<Arc<VmSlot>> = self
-            .vms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        slots.iter().map(|s| s.info()).collect()
+        self.slots().iter().map(|s| s.info()).collect()
     }
 
     /// Number of tracked VMs.
@@ -267,10 +302,11 @@ impl Engine {
         self.len() == 0
     }
 
-    fn persist(&self, info: &VmInfo) -> Result<(), EngineError> {
+    fn persist(&self, info: &VmInfo, net: Option<NetLease>) -> Result<(), EngineError> {
         let record = VmRecord {
             schema_version: VM_RECORD_SCHEMA,
             vm: info.clone(),
+            net,
         };
         let bytes = serde_json::to_vec_pretty(&record).expect("records serialise");
         let path = Path::new(&info.session_dir).join(RECORD_FILE);
@@ -288,14 +324,14 @@ impl Engine {
             info.clone()
         };
         if is_settled(to) {
-            self.persist(&info)?;
+            self.persist(&info, slot.lease())?;
         }
         Ok(info)
     }
 
     /// Records how the VMM ended, frees what it held and settles the VM in
     /// `stopped` or `failed`.
-    fn settle_exit(&self, slot: &VmSlot, exit: VmmExit, requested: Option<&str>) -> VmInfo {
+    async fn settle_exit(&self, slot: &VmSlot, exit: VmmExit, requested: Option<&str>) -> VmInfo {
         let console = {
             let info = slot.info.lock().unwrap_or_else(|p| p.into_inner());
             PathBuf::from(&info.console_log)
@@ -311,6 +347,7 @@ impl Engine {
             (None, None) => (VmState::Failed, format!("vmm {exit} unexpectedly")),
         };
         slot.set_instance(None);
+        self.release_network(slot).await;
         let info = {
             let mut info = slot.info.lock().unwrap_or_else(|p| p.into_inner());
             let _ = self.host.remove_file(Path::new(&info.api_socket));
@@ -331,7 +368,7 @@ impl Engine {
             });
             info.clone()
         };
-        if let Err(e) = self.persist(&info) {
+        if let Err(e) = self.persist(&info, None) {
             tracing::warn!("vm {}: {e}", info.vm_id);
         }
         tracing::info!(
@@ -362,9 +399,18 @@ impl Engine {
             // the VM already; only act when this VMM is still the VM's VMM.
             let current = slot.instance();
             if current.is_some_and(|c| Arc::ptr_eq(&c, &inst)) && slot.state().has_vmm() {
-                engine.settle_exit(&slot, exit, None);
+                engine.settle_exit(&slot, exit, None).await;
             }
         });
+    }
+
+    /// Tears down a VM's TAP and rules, if it holds a lease.
+    async fn release_network(&self, slot: &VmSlot) {
+        if let (Some((net, _)), Some(lease)) = (&self.net, slot.take_lease()) {
+            if let Err(e) = net.teardown(&lease).await {
+                tracing::error!("{}: network teardown: {e}", lease.tap_name);
+            }
+        }
     }
 
     /// Stops the daemon's VMs as `on_shutdown` says. Called on a clean daemon stop.

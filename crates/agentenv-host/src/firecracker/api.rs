@@ -41,6 +41,27 @@ impl FcClient {
         Ok(sender)
     }
 
+    /// Opens the connection, retrying while the socket exists but does not accept
+    /// yet (bound, not listening), until `timeout`.
+    pub async fn connect_within(&self, timeout: Duration) -> Result<(), VmmError> {
+        let start = std::time::Instant::now();
+        loop {
+            match self.connect().await {
+                Ok(sender) => {
+                    *self.conn.lock().await = Some(sender);
+                    return Ok(());
+                }
+                Err(message) if start.elapsed() >= timeout => {
+                    return Err(VmmError::Transport {
+                        request: "connect".into(),
+                        message,
+                    })
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        }
+    }
+
     /// Sends one request. Success is any 2xx; the JSON body (if any) is returned.
     /// A 4xx/5xx becomes [`VmmError::Refused`] with Firecracker's `fault_message`.
     pub async fn request(

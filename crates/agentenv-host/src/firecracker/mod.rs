@@ -179,6 +179,15 @@ impl FirecrackerInstance {
             spec.startup_timeout,
         )
         .await?;
+        if let Err(e) = self.client.connect_within(spec.startup_timeout).await {
+            return Err(match self.process.exited() {
+                Some(exit) => VmmError::ExitedEarly {
+                    exit,
+                    detail: crate::process::last_lines(&spec.console_log),
+                },
+                None => e,
+            });
+        }
         for (path, body) in api_calls(spec) {
             self.call(Method::PUT, &path, Some(&body)).await?;
         }

@@ -44,15 +44,17 @@ pub fn status_of(e: &EngineError) -> StatusCode {
         EngineError::Forbidden { .. } => StatusCode::FORBIDDEN,
         EngineError::NotFound { .. } => StatusCode::NOT_FOUND,
         EngineError::Conflict { .. } => StatusCode::CONFLICT,
-        EngineError::InsufficientMemory { .. } | EngineError::NoSpace(_) => {
-            StatusCode::INSUFFICIENT_STORAGE
-        }
+        EngineError::InsufficientMemory { .. }
+        | EngineError::NoSpace(_)
+        | EngineError::Exhausted(_) => StatusCode::INSUFFICIENT_STORAGE,
         EngineError::Vmm {
             source: VmmError::Timeout { .. },
             ..
         } => StatusCode::GATEWAY_TIMEOUT,
         EngineError::Vmm { .. } => StatusCode::BAD_GATEWAY,
-        EngineError::Host(_) | EngineError::Injected(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        EngineError::Host(_) | EngineError::Network(_) | EngineError::Injected(_) => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
     }
 }
 

@@ -36,7 +36,16 @@ impl TestDir {
             .tempdir_in("/tmp")
             .unwrap();
         let d = tmp.path();
-        for sub in ["sessions", "s", "rootfs", "kernels", "initramfs", "snap", "disks"] {
+        for sub in [
+            "sessions",
+            "s",
+            "rootfs",
+            "kernels",
+            "initramfs",
+            "snap/tmpfs",
+            "snap/durable",
+            "disks",
+        ] {
             std::fs::create_dir_all(d.join(sub)).unwrap();
         }
         match real_kernel() {
@@ -135,10 +144,9 @@ impl Daemon {
 
     /// Starts a daemon with a given config.
     pub fn start_with(cfg: Config, dir: &Path) -> Daemon {
-        let engine = agentenv::daemon::build_engine(cfg.clone()).expect("engine builds");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let e = engine.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let c = cfg.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -146,16 +154,19 @@ impl Daemon {
                 .build()
                 .unwrap();
             rt.block_on(async move {
+                let engine = agentenv::daemon::build_engine(c).await.expect("engine builds");
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                addr_tx.send(listener.local_addr().unwrap()).unwrap();
-                agentenv::server::run(listener, e, async {
+                ready_tx
+                    .send((listener.local_addr().unwrap(), engine.clone()))
+                    .unwrap();
+                agentenv::server::run(listener, engine, async {
                     let _ = rx.await;
                 })
                 .await
                 .unwrap();
             });
         });
-        let addr = addr_rx.recv().unwrap();
+        let (addr, engine) = ready_rx.recv().expect("daemon starts");
         Daemon {
             base: format!("http://{addr}"),
             engine,
@@ -222,6 +233,14 @@ impl Daemon {
     /// Creates an overlay VM on the test base image.
     pub fn create(&self, vm_id: &str) -> (u16, Value) {
         self.call("POST", "/v1/vm", Some(overlay_req(vm_id)))
+    }
+
+    /// Creates an overlay VM and checks it is running.
+    pub fn create_ok(&self, vm_id: &str) -> Value {
+        let (code, v) = self.create(vm_id);
+        assert_eq!(code, 201, "create {vm_id}: {v}");
+        assert_eq!(v["state"], "running", "{v}");
+        v
     }
 
     /// Waits until the VM reaches `state` (or panics after `timeout`).
