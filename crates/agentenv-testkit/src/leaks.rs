@@ -127,6 +127,11 @@ mod tests {
             .arg(dir.join("marker"))
             .spawn()
             .unwrap();
+        // The child's command line is visible once it has exec'd.
+        let start = Instant::now();
+        while processes_mentioning(&dir).is_empty() && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let leaks = base.leaks(Duration::ZERO);
         assert_eq!(leaks.len(), 2, "{leaks:?}");
         child.kill().unwrap();

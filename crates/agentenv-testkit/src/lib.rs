@@ -1,1 +1,6 @@
 //! Test kit.
+
+pub mod leaks;
+pub mod paths;
+
+pub mod fc_double;

@@ -157,7 +157,7 @@ impl FirecrackerInstance {
             socket: spec.control_socket.clone(),
             process,
         };
-        // Firecracker removes its socket on a clean exit, not when killed.
+        // Firecracker leaves its socket file behind when it exits; remove it.
         let socket = inst.socket.clone();
         let rx = inst.process.exit_watch();
         tokio::spawn(async move {

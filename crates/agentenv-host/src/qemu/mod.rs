@@ -1,0 +1,376 @@
+//! The QEMU driver: one `qemu-system-x86_64 -M microvm` process per VM, started
+//! with its whole configuration on the command line and controlled over QMP.
+//!
+//! Launch: write `qemu.json` (the exact command) into the session directory,
+//! spawn QEMU in its own process group, wait for the QMP socket, negotiate
+//! capabilities and check that the guest runs. Any failure after the spawn kills
+//! and reaps the process and removes the socket before the error is returned.
+
+pub mod args;
+pub mod qmp;
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use agentenv_api::BackendKind;
+use agentenv_core::backend::{wait_exit, LaunchSpec, Vmm, VmmError, VmmExit, VmmInstance};
+use async_trait::async_trait;
+use serde_json::Value;
+use tokio::sync::watch;
+
+pub use args::{command_document, qemu_args};
+pub use qmp::QmpClient;
+
+use crate::process::{last_lines, wait_for_socket, SpawnSpec, VmmProcess};
+
+/// Name of the recorded command line in the session directory.
+pub const COMMAND_FILE: &str = "qemu.json";
+
+/// How QEMU runs the guest's vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Accel {
+    /// Hardware virtualization through `/dev/kvm` (`-accel kvm -cpu host`).
+    Kvm,
+    /// QEMU's software emulator (`-accel tcg`): slow, but works everywhere.
+    Tcg,
+}
+
+impl Accel {
+    /// QEMU's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Starts QEMU microvm VMMs.
+#[derive(Debug, Clone)]
+pub struct QemuVmm {
+    binary: PathBuf,
+    accel: Accel,
+}
+
+impl QemuVmm {
+    /// A driver for the given `qemu-system-x86_64` binary and accelerator.
+    pub fn new(binary: PathBuf, accel: Accel) -> QemuVmm {
+        QemuVmm { binary, accel }
+    }
+
+    /// The QEMU binary.
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    /// The accelerator every VM gets.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// [`Vmm::launch`] with the concrete instance type.
+    pub async fn start(&self, spec: &LaunchSpec) -> Result<QemuInstance, VmmError> {
+        let args = qemu_args(spec, self.accel);
+        let doc = serde_json::to_vec_pretty(&command_document(&self.binary, &args))
+            .expect("json serialises");
+        let doc_path = spec.session_dir.join(COMMAND_FILE);
+        crate::local::write_atomic(&doc_path, &doc).map_err(|source| VmmError::Io {
+            context: format!("cannot write {}", doc_path.display()),
+            source,
+        })?;
+        clear_stale_socket(&spec.control_socket)?;
+        let spawned = Instant::now();
+        let process = VmmProcess::spawn(&SpawnSpec {
+            binary: self.binary.clone(),
+            args,
+            console_log: spec.console_log.clone(),
+            console_log_max_bytes: spec.console_log_max_bytes,
+        })?;
+        let qmp = QmpClient::new(&spec.control_socket, spec.request_timeout);
+        match startup(&process, &qmp, spec, spawned).await {
+            Ok(socket_id) => {
+                tracing::info!(
+                    vm_id = %spec.vm_id,
+                    pid = process.pid(),
+                    accel = %self.accel,
+                    ms = spawned.elapsed().as_millis() as u64,
+                    "qemu running, qmp ready"
+                );
+                Ok(QemuInstance::new(process, qmp, spec, socket_id))
+            }
+            Err(e) => {
+                let e = explain_exit(e, &process, &spec.console_log).await;
+                process.kill().await;
+                let _ = remove_socket(&spec.control_socket, None);
+                Err(e)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Vmm for QemuVmm {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmmInstance>, VmmError> {
+        Ok(Box::new(self.start(spec).await?))
+    }
+}
+
+/// Waits for the QMP socket, negotiates, and checks the guest runs. Returns the
+/// socket's identity (device, inode) so that only this QEMU's socket is removed later.
+async fn startup(
+    process: &VmmProcess,
+    qmp: &QmpClient,
+    spec: &LaunchSpec,
+    spawned: Instant,
+) -> Result<(u64, u64), VmmError> {
+    wait_for_socket(
+        &spec.control_socket,
+        process,
+        &spec.console_log,
+        spec.startup_timeout,
+    )
+    .await?;
+    let socket_id = std::fs::symlink_metadata(&spec.control_socket)
+        .map(|m| (m.dev(), m.ino()))
+        .map_err(|source| VmmError::Io {
+            context: format!("cannot stat {}", spec.control_socket.display()),
+            source,
+        })?;
+    // QEMU greets only once its main loop runs: the rest of the startup budget.
+    let left = spec
+        .startup_timeout
+        .saturating_sub(spawned.elapsed())
+        .max(Duration::from_millis(100));
+    qmp.connect(left).await?;
+    let status = qmp.query_status().await?;
+    if status != "running" {
+        return Err(VmmError::Refused {
+            request: "query-status".into(),
+            status: 0,
+            message: format!("guest is {status}, expected running"),
+        });
+    }
+    Ok(socket_id)
+}
+
+/// A control-socket failure during startup is usually QEMU exiting (a missing
+/// kernel, a bad option): say so, with its last words.
+async fn explain_exit(e: VmmError, process: &VmmProcess, console_log: &Path) -> VmmError {
+    if !matches!(e, VmmError::Transport { .. } | VmmError::Timeout { .. }) {
+        return e;
+    }
+    match wait_exit(process.exit_watch(), Duration::from_millis(500)).await {
+        Some(exit) => VmmError::ExitedEarly {
+            exit,
+            detail: last_lines(console_log),
+        },
+        None => e,
+    }
+}
+
+/// Removes a socket file left at `path` by a dead VMM (QEMU would replace it
+/// anyway, but [`wait_for_socket`] must not mistake it for the new one). Any
+/// other kind of file there is an error.
+fn clear_stale_socket(path: &Path) -> Result<(), VmmError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|source| VmmError::Io {
+                context: format!("cannot remove stale socket {}", path.display()),
+                source,
+            })
+        }
+        Ok(_) => Err(VmmError::Io {
+            context: format!("control socket path {} is not a socket", path.display()),
+            source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+        }),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Removes the socket at `path` when it is a socket and, given `id`, still the one
+/// this QEMU created (a later VMM may already own the path).
+fn remove_socket(path: &Path, id: Option<(u64, u64)>) -> std::io::Result<()> {
+    let m = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let same = match id {
+        Some(id) => id == (m.dev(), m.ino()),
+        None => true,
+    };
+    let ours = m.file_type().is_socket() && same;
+    if ours {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// One running QEMU process.
+pub struct QemuInstance {
+    process: VmmProcess,
+    qmp: QmpClient,
+    socket: PathBuf,
+    socket_id: (u64, u64),
+}
+
+impl std::fmt::Debug for QemuInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QemuInstance")
+            .field("pid", &self.process.pid())
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QemuInstance {
+    fn new(
+        process: VmmProcess,
+        qmp: QmpClient,
+        spec: &LaunchSpec,
+        socket_id: (u64, u64),
+    ) -> QemuInstance {
+        // QEMU removes its socket when it exits cleanly, not when killed.
+        let socket = spec.control_socket.clone();
+        let rx = process.exit_watch();
+        tokio::spawn(async move {
+            if wait_exit(rx, Duration::MAX).await.is_some() {
+                let _ = remove_socket(&socket, Some(socket_id));
+            }
+        });
+        QemuInstance {
+            process,
+            qmp,
+            socket: spec.control_socket.clone(),
+            socket_id,
+        }
+    }
+
+    /// The QMP socket.
+    pub fn control_socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// QMP's `query-status`: `running`, `paused`, `shutdown`, …
+    pub async fn query_status(&self) -> Result<String, VmmError> {
+        self.checked(self.qmp.query_status().await)
+    }
+
+    /// Runs one QMP command (for diagnostics and tests).
+    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, VmmError> {
+        if self.process.exited().is_some() {
+            return Err(VmmError::NotRunning);
+        }
+        self.checked(self.qmp.execute(command, arguments).await)
+    }
+
+    /// A control-socket failure of a process that has exited is `NotRunning`.
+    fn checked<T>(&self, r: Result<T, VmmError>) -> Result<T, VmmError> {
+        match r {
+            Err(VmmError::Transport { .. } | VmmError::Timeout { .. })
+                if self.process.exited().is_some() =>
+            {
+                Err(VmmError::NotRunning)
+            }
+            r => r,
+        }
+    }
+
+    /// Runs `command`, then checks that `query-status` reports `want`.
+    async fn change_state(&self, command: &str, want: &str) -> Result<(), VmmError> {
+        self.execute(command, None).await?;
+        let status = self.query_status().await?;
+        if status != want {
+            return Err(VmmError::Refused {
+                request: command.to_string(),
+                status: 0,
+                message: format!("guest is {status} afterwards, expected {want}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl VmmInstance for QemuInstance {
+    fn pid(&self) -> Option<u32> {
+        Some(self.process.pid())
+    }
+
+    async fn pause(&self) -> Result<(), VmmError> {
+        self.change_state("stop", "paused").await
+    }
+
+    async fn resume(&self) -> Result<(), VmmError> {
+        self.change_state("cont", "running").await
+    }
+
+    async fn request_shutdown(&self) -> Result<(), VmmError> {
+        self.execute("system_powerdown", None).await.map(|_| ())
+    }
+
+    async fn kill(&self) -> Result<VmmExit, VmmError> {
+        let exit = self.process.kill().await;
+        remove_socket(&self.socket, Some(self.socket_id)).map_err(|source| VmmError::Io {
+            context: format!("cannot remove {}", self.socket.display()),
+            source,
+        })?;
+        Ok(exit)
+    }
+
+    fn exit_watch(&self) -> watch::Receiver<Option<VmmExit>> {
+        self.process.exit_watch()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_sockets_are_cleared_and_other_files_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("vm.qmp");
+        let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        drop(l);
+        clear_stale_socket(&sock).unwrap();
+        assert!(!sock.exists());
+        clear_stale_socket(&sock).unwrap();
+        std::fs::write(&sock, b"x").unwrap();
+        assert!(clear_stale_socket(&sock).is_err());
+        assert!(sock.exists());
+    }
+
+    #[test]
+    fn only_our_socket_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("vm.qmp");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let m = std::fs::metadata(&sock).unwrap();
+        // Another VMM's socket (a different inode) stays.
+        remove_socket(&sock, Some((m.dev(), m.ino() + 1))).unwrap();
+        assert!(sock.exists());
+        remove_socket(&sock, Some((m.dev(), m.ino()))).unwrap();
+        assert!(!sock.exists());
+        // Gone already: fine.
+        remove_socket(&sock, None).unwrap();
+        // Not a socket: left alone.
+        std::fs::write(&sock, b"x").unwrap();
+        remove_socket(&sock, None).unwrap();
+        assert!(sock.exists());
+    }
+}

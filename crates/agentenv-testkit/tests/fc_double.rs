@@ -1,0 +1,1290 @@
+//! Tests of the Firecracker API double (`fc-double`), over raw HTTP/1.1 on its
+//! Unix socket.
+//!
+//! The API-level tests also run against a real Firecracker when
+//! `AGENTENV_TEST_FIRECRACKER` names its binary, so that the double's answers
+//! can be compared with the real ones. Tests that boot the VM need a real
+//! kernel for the real binary (`AGENTENV_TEST_KERNEL`, else
+//! `<artifacts>/kernels/vmlinux`); the Ctrl-Alt-Del power-off additionally
+//! needs a root file system whose init handles it (`AGENTENV_TEST_ROOTFS`).
+//! Tests of the double's failure-injection flags run against the double only.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const POST_BOOT: &str = "The requested operation is not supported after starting the microVM.";
+const PRE_BOOT: &str = "The requested operation is not supported before starting the microVM.";
+const VCPU_ERR: &str = "Machine config error: The number of vCPUs must be greater than 0, less \
+                        than 32 and must be 1 or an even number if SMT is enabled.";
+const BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off agentenv.vm_id=vm-test";
+
+/// The `fault_message` of a body that could not be parsed.
+fn serde_fault(detail: &str) -> String {
+    format!("An error occurred when deserializing the json body of a request: {detail}")
+}
+
+// ------------------------------------------------------------------ targets
+
+/// The binary under test.
+#[derive(Clone, Debug)]
+enum Target {
+    Double,
+    Real(PathBuf),
+}
+
+impl Target {
+    fn binary(&self) -> PathBuf {
+        match self {
+            Target::Double => PathBuf::from(env!("CARGO_BIN_EXE_fc-double")),
+            Target::Real(path) => path.clone(),
+        }
+    }
+
+    fn is_double(&self) -> bool {
+        matches!(self, Target::Double)
+    }
+
+    /// A kernel this target accepts at `InstanceStart`.
+    fn kernel(&self, dir: &Path) -> Option<PathBuf> {
+        match self {
+            Target::Double => {
+                let k = dir.join("vmlinux");
+                std::fs::write(&k, b"not a kernel").unwrap();
+                Some(k)
+            }
+            Target::Real(_) => real_kernel(),
+        }
+    }
+}
+
+fn real_firecracker() -> Option<PathBuf> {
+    agentenv_testkit::paths::real_firecracker()
+}
+
+fn real_kernel() -> Option<PathBuf> {
+    let from_env = std::env::var_os("AGENTENV_TEST_KERNEL")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    let kernel =
+        from_env.unwrap_or_else(|| agentenv_testkit::paths::artifacts().join("kernels/vmlinux"));
+    kernel.exists().then_some(kernel)
+}
+
+/// The double, and the real binary when one is given.
+fn targets() -> Vec<Target> {
+    let mut out = vec![Target::Double];
+    if let Some(real) = real_firecracker() {
+        out.push(Target::Real(real));
+    }
+    out
+}
+
+/// The targets that can boot a VM (the real binary needs a real kernel).
+fn bootable_targets() -> Vec<Target> {
+    targets()
+        .into_iter()
+        .filter(|t| {
+            let ok = t.is_double() || real_kernel().is_some();
+            if !ok {
+                eprintln!("skipping the real Firecracker: no kernel (AGENTENV_TEST_KERNEL)");
+            }
+            ok
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------------- client
+
+/// One HTTP response.
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    fn fault(&self) -> String {
+        self.json()["fault_message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no fault_message in {:?}", self.body))
+            .to_string()
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A keep-alive connection to the API socket.
+struct Conn {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Conn {
+    fn open(sock: &Path) -> Conn {
+        let stream =
+            UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Conn {
+            writer: stream.try_clone().unwrap(),
+            reader: BufReader::new(stream),
+        }
+    }
+
+    fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).unwrap();
+    }
+
+    fn send(&mut self, method: &str, path: &str, body: Option<&str>) {
+        let mut req =
+            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n");
+        if let Some(body) = body {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
+        }
+        req.push_str("\r\n");
+        if let Some(body) = body {
+            req.push_str(body);
+        }
+        self.send_raw(req.as_bytes());
+    }
+
+    /// Reads one response; `None` when the connection was closed or timed out.
+    fn read(&mut self) -> Option<Resp> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let status: u16 = line.split(' ').nth(1)?.trim().parse().ok()?;
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            if self.reader.read_line(&mut h).ok()? == 0 {
+                return None;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            let (k, v) = h.split_once(':')?;
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+        let len: usize = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .map(|(_, v)| v.parse().unwrap())
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        self.reader.read_exact(&mut body).ok()?;
+        Some(Resp {
+            status,
+            headers,
+            body: String::from_utf8(body).unwrap(),
+        })
+    }
+
+    fn call(&mut self, method: &str, path: &str, body: Option<&str>) -> Resp {
+        self.send(method, path, body);
+        self.read()
+            .unwrap_or_else(|| panic!("{method} {path}: no response"))
+    }
+}
+
+// --------------------------------------------------------------- processes
+
+/// A running VMM (double or real) on a socket in its own directory.
+struct Vmm {
+    target: Target,
+    dir: tempfile::TempDir,
+    sock: PathBuf,
+    child: Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    /// The threads reading stdout and stderr (joined once the process ended).
+    readers: Vec<JoinHandle<()>>,
+    status: Option<ExitStatus>,
+}
+
+fn collect(pipe: impl Read + Send + 'static, into: Arc<Mutex<String>>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(pipe);
+        let mut line = String::new();
+        while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+            into.lock().unwrap().push_str(&line);
+            line.clear();
+        }
+    })
+}
+
+impl Vmm {
+    /// Starts `target` with `extra` flags, without waiting for its socket.
+    fn spawn(target: &Target, extra: &[&str]) -> Vmm {
+        assert!(
+            target.is_double() || extra.is_empty(),
+            "the real Firecracker takes no injection flags"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("fcd")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let sock = dir.path().join("api.sock");
+        Self::spawn_on(target, dir, sock, extra)
+    }
+
+    fn spawn_on(target: &Target, dir: tempfile::TempDir, sock: PathBuf, extra: &[&str]) -> Vmm {
+        let mut child = Command::new(target.binary())
+            .arg("--api-sock")
+            .arg(&sock)
+            .args(["--id", "vm-test"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", target.binary().display()));
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let readers = vec![
+            collect(child.stdout.take().unwrap(), Arc::clone(&stdout)),
+            collect(child.stderr.take().unwrap(), Arc::clone(&stderr)),
+        ];
+        Vmm {
+            target: target.clone(),
+            dir,
+            sock,
+            child,
+            stdout,
+            stderr,
+            readers,
+            status: None,
+        }
+    }
+
+    /// Starts `target` and waits until its API answers.
+    fn start(target: &Target, extra: &[&str]) -> Vmm {
+        let mut vmm = Self::spawn(target, extra);
+        vmm.wait_ready();
+        vmm
+    }
+
+    fn wait_ready(&mut self) {
+        let start = Instant::now();
+        while !(self.sock.exists() && UnixStream::connect(&self.sock).is_ok()) {
+            if let Some(status) = self.try_status() {
+                panic!("exited early ({status}): {}", self.stderr());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no socket after 10 s: {}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// An (empty) file in the VMM's directory, e.g. a disk image.
+    fn file(&self, name: &str) -> PathBuf {
+        let p = self.path(name);
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(1 << 20).unwrap();
+        p
+    }
+
+    fn conn(&self) -> Conn {
+        Conn::open(&self.sock)
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Resp {
+        let body = body.map(|b| b.to_string());
+        self.conn().call(method, path, body.as_deref())
+    }
+
+    fn get(&self, path: &str) -> Resp {
+        self.call("GET", path, None)
+    }
+
+    fn put(&self, path: &str, body: Value) -> Resp {
+        self.call("PUT", path, Some(body))
+    }
+
+    fn patch(&self, path: &str, body: Value) -> Resp {
+        self.call("PATCH", path, Some(body))
+    }
+
+    fn put_raw(&self, path: &str, body: &str) -> Resp {
+        self.conn().call("PUT", path, Some(body))
+    }
+
+    fn action(&self, action: &str) -> Resp {
+        self.put("/actions", json!({ "action_type": action }))
+    }
+
+    fn state(&self) -> String {
+        let r = self.get("/");
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["state"].as_str().unwrap().to_string()
+    }
+
+    /// Asserts a 204.
+    fn ok(&self, r: Resp, what: &str) {
+        assert_eq!(r.status, 204, "{what}: {} {}", r.status, r.body);
+    }
+
+    /// Configures a bootable VM (boot source and a root drive).
+    fn configure(&self) {
+        let kernel = self.target.kernel(self.dir.path()).expect("a kernel");
+        self.ok(
+            self.put(
+                "/machine-config",
+                json!({"vcpu_count": 2, "mem_size_mib": 256, "smt": false}),
+            ),
+            "machine-config",
+        );
+        self.ok(
+            self.put(
+                "/boot-source",
+                json!({"kernel_image_path": kernel, "boot_args": BOOT_ARGS}),
+            ),
+            "boot-source",
+        );
+        let rootfs = std::env::var_os("AGENTENV_TEST_ROOTFS")
+            .filter(|_| !self.target.is_double())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.file("rootfs.ext4"));
+        self.ok(
+            self.put(
+                "/drives/rootfs",
+                json!({"drive_id": "rootfs", "path_on_host": rootfs,
+                       "is_root_device": true, "is_read_only": true}),
+            ),
+            "drives/rootfs",
+        );
+        self.ok(
+            self.put(
+                "/drives/overlay",
+                json!({"drive_id": "overlay", "path_on_host": self.file("overlay.ext4"),
+                       "is_root_device": false, "is_read_only": false}),
+            ),
+            "drives/overlay",
+        );
+    }
+
+    fn start_vm(&self) {
+        self.configure();
+        self.ok(self.action("InstanceStart"), "InstanceStart");
+    }
+
+    /// The exit status, once the process ended (its output is then complete).
+    fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().unwrap();
+            if self.status.is_some() {
+                for reader in self.readers.drain(..) {
+                    let _ = reader.join();
+                }
+            }
+        }
+        self.status
+    }
+
+    /// Waits for the process to exit.
+    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(status) = self.try_status() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
+    }
+
+    fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until stdout contains `needle`.
+    fn wait_stdout(&self, needle: &str, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.stdout().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if self.try_status().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn heartbeats(text: &str) -> usize {
+    text.lines()
+        .filter(|l| l.starts_with("agentenv-heartbeat "))
+        .count()
+}
+
+// -------------------------------------------------------------- API tests
+
+#[test]
+fn happy_path_configure_start_pause_resume_power_off() {
+    for target in bootable_targets() {
+        let mut vmm = Vmm::start(&target, &[]);
+        let info = vmm.get("/").json();
+        assert_eq!(info["state"], "Not started");
+        assert_eq!(info["id"], "vm-test");
+        assert_eq!(info["app_name"], "Firecracker");
+        assert!(
+            info["vmm_version"].as_str().unwrap().starts_with("1."),
+            "{info}"
+        );
+
+        vmm.configure();
+        let mc = vmm.get("/machine-config").json();
+        assert_eq!(mc["vcpu_count"], 2);
+        assert_eq!(mc["mem_size_mib"], 256);
+        assert_eq!(mc["smt"], false);
+
+        let cfg = vmm.get("/vm/config").json();
+        assert_eq!(cfg["machine-config"]["mem_size_mib"], 256);
+        assert_eq!(cfg["boot-source"]["boot_args"], BOOT_ARGS);
+        let drives = cfg["drives"].as_array().unwrap();
+        assert_eq!(drives.len(), 2);
+        assert_eq!(drives[0]["drive_id"], "rootfs");
+        assert_eq!(drives[0]["is_root_device"], true);
+        assert_eq!(drives[0]["is_read_only"], true);
+        assert_eq!(drives[1]["drive_id"], "overlay");
+        assert_eq!(drives[1]["is_read_only"], false);
+        assert_eq!(cfg["network-interfaces"], json!([]));
+
+        vmm.ok(vmm.action("InstanceStart"), "InstanceStart");
+        assert_eq!(vmm.state(), "Running");
+        vmm.ok(vmm.patch("/vm", json!({"state": "Paused"})), "pause");
+        assert_eq!(vmm.state(), "Paused");
+        vmm.ok(vmm.patch("/vm", json!({"state": "Resumed"})), "resume");
+        assert_eq!(vmm.state(), "Running");
+
+        let real_guest = std::env::var_os("AGENTENV_TEST_ROOTFS").is_some();
+        if !target.is_double() && !real_guest {
+            eprintln!("skipping Ctrl-Alt-Del on the real Firecracker: no AGENTENV_TEST_ROOTFS");
+            continue;
+        }
+        // A real guest only reacts once its keyboard driver is up: repeat.
+        let mut status = None;
+        let start = Instant::now();
+        while status.is_none() && start.elapsed() < Duration::from_secs(60) {
+            vmm.ok(vmm.action("SendCtrlAltDel"), "SendCtrlAltDel");
+            status = vmm.wait_exit(Duration::from_secs(2));
+        }
+        let status = status.expect("the VMM exits after Ctrl-Alt-Del");
+        assert!(status.success(), "{status}");
+        if target.is_double() {
+            // (Firecracker itself leaves its socket file behind.)
+            assert!(!vmm.sock.exists(), "the socket file is removed on exit");
+        }
+    }
+}
+
+#[test]
+fn bodies_are_checked_like_firecracker() {
+    for target in targets() {
+        let vmm = Vmm::start(&target, &[]);
+
+        // An unknown field.
+        let r = vmm.put_raw(
+            "/machine-config",
+            r#"{"vcpu_count": 2, "mem_size_mib": 256, "foo": 1}"#,
+        );
+        assert_eq!(r.status, 400);
+        assert!(
+            r.fault().starts_with(&serde_fault(
+                "unknown field `foo`, expected one of `vcpu_count`, `mem_size_mib`, `smt`, \
+                 `cpu_template`, `track_dirty_pages`, `huge_pages`"
+            )),
+            "{}",
+            r.fault()
+        );
+        let r = vmm.put_raw(
+            "/boot-source",
+            r#"{"kernel_image_path": "/k", "initrd": "/i"}"#,
+        );
+        assert!(
+            r.fault().contains("unknown field `initrd`"),
+            "{}",
+            r.fault()
+        );
+
+        // A wrong type.
+        let r = vmm.put_raw(
+            "/machine-config",
+            r#"{"vcpu_count": "2", "mem_size_mib": 256}"#,
+        );
+        assert_eq!(r.status, 400);
+        assert!(
+            r.fault()
+                .starts_with(&serde_fault("invalid type: string \"2\", expected u8")),
+            "{}",
+            r.fault()
+        );
+        let r = vmm.put_raw(
+            "/drives/rootfs",
+            r#"{"drive_id": "rootfs", "path_on_host": "/x", "is_root_device": "yes"}"#,
+        );
+        assert!(r
+            .fault()
+            .contains("invalid type: string \"yes\", expected a boolean"));
+
+        // Missing required fields.
+        let r = vmm.put_raw("/boot-source", r#"{"boot_args": "console=ttyS0"}"#);
+        assert_eq!(r.status, 400);
+        assert!(
+            r.fault()
+                .starts_with(&serde_fault("missing field `kernel_image_path`")),
+            "{}",
+            r.fault()
+        );
+        let r = vmm.put_raw("/machine-config", r#"{"vcpu_count": 2}"#);
+        assert!(
+            r.fault().contains("missing field `mem_size_mib`"),
+            "{}",
+            r.fault()
+        );
+        let rootfs = vmm.file("rootfs.ext4");
+        let r = vmm.put(
+            "/drives/rootfs",
+            json!({"drive_id": "rootfs", "path_on_host": rootfs}),
+        );
+        assert!(
+            r.fault().contains("missing field `is_root_device`"),
+            "{}",
+            r.fault()
+        );
+
+        // The id in the path must be the one in the body, and a valid id.
+        let r = vmm.put(
+            "/drives/other",
+            json!({"drive_id": "rootfs", "path_on_host": rootfs, "is_root_device": true}),
+        );
+        assert_eq!(r.status, 400);
+        assert_eq!(
+            r.fault(),
+            "The id from the path does not match the id from the body!"
+        );
+        let r = vmm.put(
+            "/drives/root-fs",
+            json!({"drive_id": "root-fs", "path_on_host": rootfs, "is_root_device": true}),
+        );
+        assert_eq!(
+            r.fault(),
+            "API Resource IDs can only contain alphanumeric characters and underscores."
+        );
+        let r = vmm.put(
+            "/network-interfaces/eth0",
+            json!({"iface_id": "eth1", "host_dev_name": "tap0"}),
+        );
+        assert_eq!(
+            r.fault(),
+            "The id from the path [eth0] does not match the id from the body [eth1]!"
+        );
+        let r = vmm.put(
+            "/network-interfaces/eth0",
+            json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:00:00:00"}),
+        );
+        assert!(
+            r.fault().contains("The provided MAC address is invalid."),
+            "{}",
+            r.fault()
+        );
+
+        // vCPU and memory limits.
+        for (body, what) in [
+            (json!({"vcpu_count": 0, "mem_size_mib": 128}), "0 vCPUs"),
+            (json!({"vcpu_count": 33, "mem_size_mib": 128}), "33 vCPUs"),
+            (
+                json!({"vcpu_count": 3, "mem_size_mib": 128, "smt": true}),
+                "odd with SMT",
+            ),
+        ] {
+            let r = vmm.put("/machine-config", body);
+            assert_eq!(r.status, 400, "{what}");
+            assert_eq!(r.fault(), VCPU_ERR, "{what}");
+        }
+        let r = vmm.put(
+            "/machine-config",
+            json!({"vcpu_count": 32, "mem_size_mib": 128}),
+        );
+        vmm.ok(r, "32 vCPUs");
+        let r = vmm.put(
+            "/machine-config",
+            json!({"vcpu_count": 1, "mem_size_mib": 0}),
+        );
+        assert!(
+            r.fault()
+                .starts_with("Machine config error: The memory size (MiB)"),
+            "{}",
+            r.fault()
+        );
+        let r = vmm.patch("/machine-config", json!({}));
+        assert_eq!(r.fault(), "Empty PATCH request.");
+        vmm.ok(
+            vmm.patch("/machine-config", json!({"vcpu_count": 4})),
+            "PATCH",
+        );
+        assert_eq!(vmm.get("/machine-config").json()["vcpu_count"], 4);
+
+        // Files are opened when configured.
+        let r = vmm.put(
+            "/boot-source",
+            json!({"kernel_image_path": vmm.path("missing")}),
+        );
+        assert_eq!(r.status, 400);
+        assert_eq!(
+            r.fault(),
+            "Boot source error: The kernel file cannot be opened: No such file or directory \
+             (os error 2)"
+        );
+        let r = vmm.put(
+            "/drives/rootfs",
+            json!({"drive_id": "rootfs", "path_on_host": vmm.path("missing"),
+                   "is_root_device": true}),
+        );
+        assert_eq!(r.status, 400);
+        assert!(
+            r.fault().starts_with("Drive config error:"),
+            "{}",
+            r.fault()
+        );
+        assert!(
+            r.fault().contains("No such file or directory"),
+            "{}",
+            r.fault()
+        );
+
+        // Only one root device.
+        let body =
+            |id: &str| json!({"drive_id": id, "path_on_host": rootfs, "is_root_device": true});
+        vmm.ok(vmm.put("/drives/a", body("a")), "root a");
+        vmm.ok(vmm.put("/drives/a", body("a")), "root a again");
+        let r = vmm.put("/drives/b", body("b"));
+        assert_eq!(
+            r.fault(),
+            "Drive config error: A root block device already exists!"
+        );
+
+        // Unknown paths and wrong methods.
+        let r = vmm.get("/foo/bar");
+        assert_eq!(r.status, 400);
+        assert_eq!(r.fault(), "Invalid request method and/or path: GET foo.");
+        let r = vmm.get("/actions");
+        assert_eq!(
+            r.fault(),
+            "Invalid request method and/or path: GET actions."
+        );
+        let r = vmm.call("DELETE", "/drives/a", None);
+        assert_eq!(
+            r.fault(),
+            "Invalid request method and/or path: DELETE drives."
+        );
+        let r = vmm.patch("/boot-source", json!({"kernel_image_path": "/k"}));
+        assert_eq!(
+            r.fault(),
+            "Invalid request method and/or path: PATCH boot-source."
+        );
+        let r = vmm.call("PUT", "/actions", None);
+        assert_eq!(r.fault(), "Empty PUT request.");
+        let r = vmm.call("GET", "/", Some(json!({})));
+        assert_eq!(r.fault(), "GET request cannot have a body.");
+        let r = vmm.put("/snapshot", json!({}));
+        assert_eq!(r.fault(), "Missing snapshot operation type.");
+        let r = vmm.action("Reboot");
+        assert!(
+            r.fault().contains("unknown variant `Reboot`"),
+            "{}",
+            r.fault()
+        );
+
+        // Actions that need a started VM.
+        let r = vmm.action("InstanceStart");
+        assert_eq!(
+            r.fault(),
+            "Start microvm error: Cannot start microvm without kernel configuration."
+        );
+        assert_eq!(
+            vmm.patch("/vm", json!({"state": "Paused"})).fault(),
+            PRE_BOOT
+        );
+        assert_eq!(vmm.action("SendCtrlAltDel").fault(), PRE_BOOT);
+        assert_eq!(vmm.action("FlushMetrics").fault(), PRE_BOOT);
+        let r = vmm.put(
+            "/snapshot/create",
+            json!({"snapshot_path": vmm.path("s"), "mem_file_path": vmm.path("m")}),
+        );
+        assert_eq!(r.fault(), PRE_BOOT);
+        assert_eq!(vmm.state(), "Not started");
+    }
+}
+
+#[test]
+fn preboot_only_calls_are_refused_after_start() {
+    for target in bootable_targets() {
+        let vmm = Vmm::start(&target, &[]);
+        vmm.start_vm();
+        let rootfs = vmm.file("other.ext4");
+        let refused: Vec<(&str, &str, Value)> = vec![
+            ("PUT", "/boot-source", json!({"kernel_image_path": rootfs})),
+            (
+                "PUT",
+                "/machine-config",
+                json!({"vcpu_count": 1, "mem_size_mib": 128}),
+            ),
+            ("PATCH", "/machine-config", json!({"vcpu_count": 1})),
+            (
+                "PUT",
+                "/drives/extra",
+                json!({"drive_id": "extra", "path_on_host": rootfs, "is_root_device": false}),
+            ),
+            (
+                "PUT",
+                "/network-interfaces/eth0",
+                json!({"iface_id": "eth0", "host_dev_name": "tap0"}),
+            ),
+            (
+                "PUT",
+                "/vsock",
+                json!({"guest_cid": 3, "uds_path": vmm.path("v.sock")}),
+            ),
+            ("PUT", "/logger", json!({"level": "Info"})),
+            ("PUT", "/metrics", json!({"metrics_path": rootfs})),
+            (
+                "PUT",
+                "/balloon",
+                json!({"amount_mib": 1, "deflate_on_oom": false}),
+            ),
+            ("PUT", "/entropy", json!({})),
+            (
+                "PUT",
+                "/snapshot/load",
+                json!({"snapshot_path": vmm.path("s"), "mem_backend":
+                       {"backend_type": "File", "backend_path": vmm.path("m")}}),
+            ),
+            ("PUT", "/actions", json!({"action_type": "InstanceStart"})),
+        ];
+        for (method, path, body) in refused {
+            let r = vmm.call(method, path, Some(body));
+            assert_eq!(r.status, 400, "{method} {path}: {}", r.body);
+            assert_eq!(r.fault(), POST_BOOT, "{method} {path}");
+        }
+        // Reads and the MMDS still work.
+        assert_eq!(vmm.get("/machine-config").json()["vcpu_count"], 2);
+        assert_eq!(vmm.get("/vm/config").status, 200);
+        vmm.ok(vmm.put("/mmds", json!({"k": "v"})), "PUT /mmds");
+        assert_eq!(vmm.get("/mmds").json(), json!({"k": "v"}));
+        vmm.ok(vmm.action("FlushMetrics"), "FlushMetrics");
+        assert_eq!(vmm.state(), "Running");
+    }
+}
+
+#[test]
+fn mmds_balloon_vsock_entropy_and_version() {
+    for target in targets() {
+        let vmm = Vmm::start(&target, &[]);
+        let version = vmm.get("/version").json();
+        assert!(version["firecracker_version"]
+            .as_str()
+            .unwrap()
+            .starts_with("1."));
+
+        assert_eq!(vmm.get("/mmds").json(), json!({}));
+        assert_eq!(
+            vmm.patch("/mmds", json!({"a": 1})).fault(),
+            "MMDS error: The MMDS data store is not initialized."
+        );
+        vmm.ok(
+            vmm.put("/mmds", json!({"a": {"b": 1, "c": 2}})),
+            "PUT /mmds",
+        );
+        vmm.ok(
+            vmm.patch("/mmds", json!({"a": {"c": null, "d": 3}})),
+            "PATCH /mmds",
+        );
+        assert_eq!(vmm.get("/mmds").json(), json!({"a": {"b": 1, "d": 3}}));
+
+        assert_eq!(
+            vmm.get("/balloon").fault(),
+            "Balloon config error: No balloon device found."
+        );
+        let r = vmm.put(
+            "/balloon",
+            json!({"amount_mib": 1024, "deflate_on_oom": true}),
+        );
+        assert_eq!(
+            r.fault(),
+            "Balloon config error: Amount of pages requested is too large."
+        );
+        vmm.ok(
+            vmm.put(
+                "/balloon",
+                json!({"amount_mib": 64, "deflate_on_oom": true}),
+            ),
+            "PUT /balloon",
+        );
+        let balloon = vmm.get("/balloon").json();
+        assert_eq!(balloon["amount_mib"], 64);
+        assert_eq!(balloon["deflate_on_oom"], true);
+        assert_eq!(balloon["stats_polling_interval_s"], 0);
+        let r = vmm.patch("/balloon", json!({"amount_mib": 32}));
+        assert_eq!(r.fault(), PRE_BOOT);
+
+        let uds = vmm.path("vsock.sock");
+        vmm.ok(
+            vmm.put("/vsock", json!({"guest_cid": 3, "uds_path": uds})),
+            "PUT /vsock",
+        );
+        assert!(uds.exists(), "the vsock socket is bound at configuration");
+        vmm.ok(vmm.put("/entropy", json!({})), "PUT /entropy");
+
+        let cfg = vmm.get("/vm/config").json();
+        assert_eq!(cfg["balloon"]["amount_mib"], 64);
+        assert_eq!(cfg["vsock"]["guest_cid"], 3);
+        assert_eq!(cfg["vsock"]["uds_path"], json!(uds));
+        assert_eq!(cfg["entropy"], json!({"rate_limiter": null}));
+    }
+}
+
+#[test]
+fn keep_alive_and_concurrent_connections() {
+    for target in targets() {
+        let vmm = Vmm::start(&target, &[]);
+        let mut conn = vmm.conn();
+        for i in 0..20 {
+            let r = conn.call("GET", "/", None);
+            assert_eq!(r.status, 200, "request {i}");
+            assert_eq!(r.header("Connection"), Some("keep-alive"));
+        }
+        // Pipelined requests on one connection are answered in order.
+        conn.send("GET", "/version", None);
+        conn.send("PUT", "/actions", None);
+        conn.send("GET", "/machine-config", None);
+        assert_eq!(conn.read().unwrap().status, 200);
+        assert_eq!(conn.read().unwrap().status, 400);
+        assert_eq!(conn.read().unwrap().json()["vcpu_count"], 1);
+
+        let sock = vmm.sock.clone();
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let sock = sock.clone();
+                std::thread::spawn(move || {
+                    let mut conn = Conn::open(&sock);
+                    for i in 0..10 {
+                        let body = json!({"vcpu_count": 1 + t % 2, "mem_size_mib": 128 + i});
+                        let r = conn.call("PUT", "/machine-config", Some(&body.to_string()));
+                        assert_eq!(r.status, 204, "{}", r.body);
+                        assert_eq!(conn.call("GET", "/", None).status, 200);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(vmm.state(), "Not started");
+    }
+}
+
+#[test]
+fn refuses_an_existing_socket_path() {
+    for target in targets() {
+        let dir = tempfile::Builder::new()
+            .prefix("fcd")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let sock = dir.path().join("api.sock");
+        std::fs::write(&sock, b"in the way").unwrap();
+        let mut vmm = Vmm::spawn_on(&target, dir, sock.clone(), &[]);
+        let status = vmm
+            .wait_exit(Duration::from_secs(10))
+            .expect("exits at once");
+        assert!(!status.success(), "{status}");
+        assert!(
+            vmm.stderr().contains("FailedToBindSocket"),
+            "stderr: {}",
+            vmm.stderr()
+        );
+        assert_eq!(std::fs::read(&sock).unwrap(), b"in the way");
+    }
+}
+
+// ----------------------------------------------------- double-only tests
+
+#[test]
+fn starts_quickly_and_reports_its_version() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fc-double"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("Firecracker v1.13.1-double"), "{text}");
+
+    // Startup to a connectable socket, best of a few runs.
+    let mut best = Duration::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let vmm = Vmm::start(&Target::Double, &[]);
+        best = best.min(start.elapsed());
+        drop(vmm);
+    }
+    eprintln!("fc-double: socket ready after {best:?}");
+    assert!(best < Duration::from_millis(500), "{best:?}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_fc-double"))
+        .args(["--api-sock", "/tmp/x.sock", "--bogus"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(153));
+}
+
+#[test]
+fn malformed_http_gets_400_and_the_connection_is_closed() {
+    let vmm = Vmm::start(&Target::Double, &[]);
+    for raw in [
+        &b"HELLO\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/2.0\r\n\r\n",
+        b"PUT /actions HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+        b"PUT /actions HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",
+        b"PUT /actions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ] {
+        let mut conn = vmm.conn();
+        conn.send_raw(raw);
+        let r = conn.read().expect("an answer");
+        assert_eq!(r.status, 400, "{:?}", String::from_utf8_lossy(raw));
+        assert!(!r.fault().is_empty());
+        assert!(conn.read().is_none(), "closed after a malformed request");
+    }
+    // Invalid JSON in a well-formed request keeps the connection.
+    let mut conn = vmm.conn();
+    let r = conn.call("PUT", "/actions", Some("{not json"));
+    assert_eq!(r.status, 400);
+    assert!(
+        r.fault().starts_with(&serde_fault("key must be a string")),
+        "{}",
+        r.fault()
+    );
+    assert_eq!(conn.call("GET", "/", None).status, 200);
+    assert_eq!(vmm.state(), "Not started");
+}
+
+#[test]
+fn fail_request_matches_method_and_path_prefix() {
+    let vmm = Vmm::start(
+        &Target::Double,
+        &[
+            "--fail-request",
+            "PUT /drives",
+            "--fail-request",
+            "GET /version",
+        ],
+    );
+    let rootfs = vmm.file("rootfs.ext4");
+    let r = vmm.put(
+        "/drives/rootfs",
+        json!({"drive_id": "rootfs", "path_on_host": rootfs, "is_root_device": true}),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.fault(), "injected failure: PUT /drives/rootfs");
+    assert_eq!(
+        vmm.get("/version").fault(),
+        "injected failure: GET /version"
+    );
+    // Other methods and paths are served.
+    assert_eq!(vmm.get("/").status, 200);
+    assert_eq!(vmm.get("/vm/config").json()["drives"], json!([]));
+    let r = vmm.patch("/drives/rootfs", json!({"drive_id": "rootfs"}));
+    assert_eq!(r.fault(), PRE_BOOT);
+}
+
+#[test]
+fn no_socket_and_exit_at_start() {
+    let mut vmm = Vmm::spawn(&Target::Double, &["--no-socket"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(vmm.try_status().is_none(), "still running");
+    assert!(!vmm.sock.exists(), "no socket");
+    drop(vmm);
+
+    let mut vmm = Vmm::spawn(&Target::Double, &["--exit-at-start", "7"]);
+    let status = vmm.wait_exit(Duration::from_secs(5)).expect("exits");
+    assert_eq!(status.code(), Some(7));
+    assert!(vmm.stderr().contains("exit"), "stderr: {}", vmm.stderr());
+    assert!(!vmm.sock.exists());
+}
+
+#[test]
+fn exit_on_start_and_panic_on_start() {
+    let mut vmm = Vmm::start(&Target::Double, &["--exit-on-start"]);
+    vmm.configure();
+    vmm.ok(vmm.action("InstanceStart"), "InstanceStart is answered");
+    let status = vmm.wait_exit(Duration::from_secs(5)).expect("exits");
+    assert_eq!(status.code(), Some(0));
+    assert!(!vmm.sock.exists(), "the socket file is removed");
+
+    let mut vmm = Vmm::start(&Target::Double, &["--panic-on-start"]);
+    vmm.configure();
+    vmm.ok(vmm.action("InstanceStart"), "InstanceStart is answered");
+    let status = vmm.wait_exit(Duration::from_secs(5)).expect("exits");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        vmm.stdout()
+            .contains("Kernel panic - not syncing: injected panic"),
+        "{}",
+        vmm.stdout()
+    );
+    assert!(!vmm.sock.exists());
+}
+
+#[test]
+fn hang_on_never_answers_that_request() {
+    let vmm = Vmm::start(&Target::Double, &["--hang-on", "PATCH /vm"]);
+    vmm.start_vm();
+    let mut hung = vmm.conn();
+    hung.writer
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    hung.send("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    let start = Instant::now();
+    assert!(hung.read().is_none(), "no answer");
+    assert!(start.elapsed() >= Duration::from_millis(250));
+    // Other requests are still answered; the state did not change.
+    assert_eq!(vmm.state(), "Running");
+}
+
+#[test]
+fn ctrl_alt_del_delay_and_ignore() {
+    let mut vmm = Vmm::start(&Target::Double, &["--shutdown-delay-ms", "400"]);
+    vmm.start_vm();
+    vmm.ok(vmm.action("SendCtrlAltDel"), "SendCtrlAltDel");
+    assert!(
+        vmm.wait_exit(Duration::from_millis(150)).is_none(),
+        "not yet"
+    );
+    assert_eq!(vmm.state(), "Running");
+    let status = vmm.wait_exit(Duration::from_secs(5)).expect("exits");
+    assert_eq!(status.code(), Some(0));
+    assert!(!vmm.sock.exists());
+
+    // A paused guest does not act on the key press until resumed.
+    let mut vmm = Vmm::start(&Target::Double, &["--shutdown-delay-ms", "0"]);
+    vmm.start_vm();
+    vmm.ok(vmm.patch("/vm", json!({"state": "Paused"})), "pause");
+    vmm.ok(vmm.action("SendCtrlAltDel"), "SendCtrlAltDel");
+    assert!(
+        vmm.wait_exit(Duration::from_millis(200)).is_none(),
+        "paused"
+    );
+    vmm.ok(vmm.patch("/vm", json!({"state": "Resumed"})), "resume");
+    assert_eq!(
+        vmm.wait_exit(Duration::from_secs(5)).unwrap().code(),
+        Some(0)
+    );
+
+    let mut vmm = Vmm::start(&Target::Double, &["--ignore-ctrl-alt-del"]);
+    vmm.start_vm();
+    vmm.ok(vmm.action("SendCtrlAltDel"), "SendCtrlAltDel");
+    assert!(
+        vmm.wait_exit(Duration::from_millis(500)).is_none(),
+        "ignored"
+    );
+    assert_eq!(vmm.state(), "Running");
+}
+
+#[test]
+fn boot_console_prints_ready_and_heartbeats_only_while_running() {
+    let vmm = Vmm::start(&Target::Double, &["--boot-console"]);
+    vmm.start_vm();
+    assert!(
+        vmm.wait_stdout("AGENTENV_READY vm_id=vm-test", Duration::from_secs(5)),
+        "{}",
+        vmm.stdout()
+    );
+    assert!(vmm.stdout().contains(&format!("Command line: {BOOT_ARGS}")));
+    assert!(vmm.wait_stdout("agentenv-heartbeat 2", Duration::from_secs(5)));
+
+    vmm.ok(vmm.patch("/vm", json!({"state": "Paused"})), "pause");
+    let paused_at = heartbeats(&vmm.stdout());
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(
+        heartbeats(&vmm.stdout()),
+        paused_at,
+        "no heartbeat while paused"
+    );
+
+    vmm.ok(vmm.patch("/vm", json!({"state": "Resumed"})), "resume");
+    let next = format!("agentenv-heartbeat {}", paused_at + 1);
+    assert!(
+        vmm.wait_stdout(&next, Duration::from_secs(5)),
+        "{}",
+        vmm.stdout()
+    );
+}
+
+#[test]
+fn snapshot_create_and_load() {
+    let vmm = Vmm::start(&Target::Double, &["--boot-console"]);
+    vmm.start_vm();
+    let snap = vmm.path("vm.snap");
+    let mem = vmm.path("vm.mem");
+    let body = json!({"snapshot_path": snap, "mem_file_path": mem});
+    let r = vmm.put("/snapshot/create", body.clone());
+    assert_eq!(
+        r.fault(),
+        "Create snapshot error: Cannot save the microVM state: Operation not allowed: \
+         save/restore unavailable while running"
+    );
+    vmm.ok(vmm.patch("/vm", json!({"state": "Paused"})), "pause");
+    vmm.ok(vmm.put("/snapshot/create", body), "create");
+    assert!(snap.exists());
+    assert_eq!(std::fs::metadata(&mem).unwrap().len(), 256 << 20);
+
+    // A fresh VMM restores it.
+    let restored = Vmm::start(&Target::Double, &["--boot-console"]);
+    let load = json!({"snapshot_path": snap, "mem_backend":
+                      {"backend_type": "File", "backend_path": mem}});
+    let r = restored.put("/snapshot/load", load.clone());
+    restored.ok(r, "load");
+    assert_eq!(restored.state(), "Paused");
+    let cfg = restored.get("/vm/config").json();
+    assert_eq!(cfg["machine-config"]["vcpu_count"], 2);
+    assert_eq!(cfg["drives"].as_array().unwrap().len(), 2);
+    restored.ok(restored.patch("/vm", json!({"state": "Resumed"})), "resume");
+    assert!(restored.wait_stdout("agentenv-heartbeat", Duration::from_secs(5)));
+
+    // Not after a boot resource; deprecated fields are flagged.
+    let other = Vmm::start(&Target::Double, &[]);
+    other.ok(
+        other.put(
+            "/machine-config",
+            json!({"vcpu_count": 1, "mem_size_mib": 128}),
+        ),
+        "machine-config",
+    );
+    let r = other.put("/snapshot/load", load);
+    assert_eq!(
+        r.fault(),
+        "Load snapshot error: Loading a microVM snapshot not allowed after configuring \
+         boot-specific resources."
+    );
+    let r = other.put(
+        "/snapshot/load",
+        json!({"snapshot_path": snap, "mem_file_path": mem,
+               "mem_backend": {"backend_type": "File", "backend_path": mem}}),
+    );
+    assert!(r.fault().contains("too many fields"), "{}", r.fault());
+
+    // A failed load is fatal: answered, then the process exits.
+    let mut broken = Vmm::start(&Target::Double, &[]);
+    let r = broken.put(
+        "/snapshot/load",
+        json!({"snapshot_path": broken.path("missing"), "mem_file_path": mem}),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.header("Deprecation"), Some("true"));
+    assert!(
+        r.fault().contains("Failed to open snapshot file"),
+        "{}",
+        r.fault()
+    );
+    let status = broken.wait_exit(Duration::from_secs(5)).expect("exits");
+    assert_eq!(status.code(), Some(1));
+}
+
+#[test]
+fn sigterm_removes_the_socket() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut vmm = Vmm::start(&Target::Double, &[]);
+    let pid = vmm.child.id() as libc::pid_t;
+    // SAFETY: signals our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = vmm.wait_exit(Duration::from_secs(5)).expect("exits");
+    assert_eq!(status.signal(), Some(libc::SIGTERM));
+    assert!(!vmm.sock.exists());
+}
+
+#[test]
+fn logger_and_metrics_write_to_their_files() {
+    let vmm = Vmm::start(&Target::Double, &[]);
+    let log = vmm.path("fc.log");
+    let metrics = vmm.path("fc.metrics");
+    std::fs::File::create(&log).unwrap();
+    std::fs::File::create(&metrics).unwrap();
+    let r = vmm.put(
+        "/logger",
+        json!({"log_path": vmm.path("nope"), "level": "Debug"}),
+    );
+    assert!(
+        r.fault()
+            .starts_with("Logger error: Failed to open target file"),
+        "{}",
+        r.fault()
+    );
+    let r = vmm.put("/logger", json!({"log_path": log, "level": "Loud"}));
+    assert!(r.fault().contains("Invalid LevelFilter"), "{}", r.fault());
+    vmm.ok(
+        vmm.put("/logger", json!({"log_path": log, "level": "Warning"})),
+        "logger",
+    );
+    vmm.ok(
+        vmm.put("/metrics", json!({"metrics_path": metrics})),
+        "metrics",
+    );
+    let r = vmm.put("/metrics", json!({"metrics_path": metrics}));
+    assert!(
+        r.fault()
+            .ends_with("Reinitialization of metrics not allowed."),
+        "{}",
+        r.fault()
+    );
+    vmm.start_vm();
+    vmm.ok(vmm.action("FlushMetrics"), "FlushMetrics");
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("InstanceStart"));
+    let line = std::fs::read_to_string(&metrics).unwrap();
+    let first: Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    assert!(first["utc_timestamp_ms"].is_u64());
+}
