@@ -136,6 +136,44 @@ pub struct CreateVmRequest {
     /// `agentenv.*` parameters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_args: Option<String>,
+    /// Host directories copied into ext4 images and mounted in the guest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<ShareSpec>,
+}
+
+/// A host directory shared with the guest as an extra disk.
+///
+/// The directory's content is copied into an ext4 image in the session
+/// directory when the VM is created; guest writes stay in that image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShareSpec {
+    /// Absolute host directory under one of `direct_disk_roots`.
+    pub host_path: String,
+    /// Absolute mount point in the guest.
+    pub guest_path: String,
+    /// Attach the image read-only (default true).
+    #[serde(default = "default_true")]
+    pub read_only: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A share as attached to a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ShareInfo {
+    /// The host directory it was built from.
+    pub host_path: String,
+    /// Where the guest mounts it.
+    pub guest_path: String,
+    /// Attached read-only.
+    pub read_only: bool,
+    /// The ext4 image in the session directory.
+    pub image_path: String,
+    /// The guest block device (`/dev/vdc`, …).
+    pub device: String,
 }
 
 /// What the VM boots from.
@@ -230,6 +268,9 @@ pub struct VmInfo {
     pub memory_mib: u64,
     /// Disks.
     pub disk: DiskInfo,
+    /// Host shares.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<ShareInfo>,
     /// Kernel image path.
     pub kernel: String,
     /// Initramfs path, when one is used.
@@ -290,6 +331,82 @@ pub struct Health {
     pub version: String,
     /// The VMM backend new VMs get.
     pub backend: BackendKind,
+}
+
+/// Where a snapshot's disk lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotTier {
+    /// The fast tier (`tmpfs_snapshot_root`): lost on reboot until persisted.
+    Tmpfs,
+    /// The durable tier (`hdfs_snapshot_root`).
+    Durable,
+}
+
+/// Whether a snapshot can be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotStatus {
+    /// Complete and verified when last checked.
+    Ready,
+    /// Its disk no longer matches its checksum; refused as a source (422).
+    Corrupt,
+}
+
+/// `POST /v1/vm/{vm_id}/snapshot` body (may be empty).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshotRequest {
+    /// Id of the new snapshot; default `{vm_id}-{UTC timestamp}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_id: Option<String>,
+}
+
+/// `POST /v1/snapshots/{snapshot_id}/persist` body (may be empty).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PersistSnapshotRequest {
+    /// Keep the tmpfs copy after persisting (default false: it is dropped).
+    #[serde(default)]
+    pub keep_tmpfs: bool,
+}
+
+/// A disk snapshot as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotInfo {
+    /// The snapshot's id.
+    pub snapshot_id: String,
+    /// The VM it was taken from.
+    pub vm_id: String,
+    /// The base image the disk sits on (overlay and snapshot VMs).
+    pub rootfs_id: Option<String>,
+    /// The backend of the source VM.
+    pub backend: BackendKind,
+    /// Where the primary copy lives.
+    pub tier: SnapshotTier,
+    /// Usable or corrupt.
+    pub status: SnapshotStatus,
+    /// The tmpfs copy, if there is one.
+    pub tmpfs_path: Option<String>,
+    /// The durable copy, if there is one.
+    pub durable_path: Option<String>,
+    /// Logical size of the disk in bytes.
+    pub logical_bytes: u64,
+    /// Bytes actually allocated (data, not holes).
+    pub allocated_bytes: u64,
+    /// SHA-256 of the disk's content (see docs/snapshots.md for the sparse-aware definition).
+    pub sha256: String,
+    /// When it was taken.
+    pub created_at: DateTime<Utc>,
+    /// When it was copied to the durable tier.
+    pub persisted_at: Option<DateTime<Utc>>,
+}
+
+/// `GET /v1/snapshots` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotList {
+    /// Every complete snapshot, sorted by id.
+    pub snapshots: Vec<SnapshotInfo>,
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use agentenv_api::VmState;
 use crate::backend::VmmError;
 use crate::host::HostError;
 use crate::ids::IdError;
+use crate::snapshot::SnapshotError;
 use crate::state::TransitionError;
 
 /// Why an engine operation failed.
@@ -66,6 +67,15 @@ pub enum EngineError {
     /// A host operation failed.
     #[error("{0}")]
     Host(HostError),
+    /// A snapshot operation failed.
+    #[error("{source}")]
+    Snapshot {
+        /// The request field that named the snapshot, if any.
+        field: Option<String>,
+        /// The store's error.
+        #[source]
+        source: SnapshotError,
+    },
     /// Host networking failed.
     #[error("network: {0}")]
     Network(String),
@@ -91,12 +101,21 @@ impl EngineError {
         }
     }
 
+    /// A snapshot error attributed to a request field.
+    pub fn snapshot(field: &str, source: SnapshotError) -> EngineError {
+        EngineError::Snapshot {
+            field: Some(field.into()),
+            source,
+        }
+    }
+
     /// The request field at fault, if any.
     pub fn field(&self) -> Option<&str> {
         match self {
             EngineError::BadRequest { field, .. }
             | EngineError::Forbidden { field, .. }
             | EngineError::NotFound { field, .. } => Some(field),
+            EngineError::Snapshot { field, .. } => field.as_deref(),
             _ => None,
         }
     }
@@ -134,6 +153,15 @@ impl From<HostError> for EngineError {
             EngineError::NoSpace(e.to_string())
         } else {
             EngineError::Host(e)
+        }
+    }
+}
+
+impl From<SnapshotError> for EngineError {
+    fn from(source: SnapshotError) -> Self {
+        EngineError::Snapshot {
+            field: None,
+            source,
         }
     }
 }

@@ -82,6 +82,20 @@ pub trait Host: Send + Sync + 'static {
     /// Creates a sparse file of `size_bytes` holding an empty ext4 file system.
     async fn create_ext4_disk(&self, path: &Path, size_bytes: u64) -> Result<(), HostError>;
 
+    /// Builds an ext4 image of `size_bytes` at `image` holding a copy of `dir`.
+    async fn create_ext4_from_dir(
+        &self,
+        dir: &Path,
+        image: &Path,
+        size_bytes: u64,
+    ) -> Result<(), HostError>;
+
+    /// Bytes used by the regular files below `dir` (symlinks not followed).
+    fn dir_usage(&self, dir: &Path) -> Result<u64, HostError>;
+
+    /// Flushes a file's data to stable storage.
+    fn sync_file(&self, path: &Path) -> Result<(), HostError>;
+
     /// Writes a file atomically: temp file, fsync, rename, fsync the directory.
     fn write_atomic(&self, path: &Path, data: &[u8]) -> Result<(), HostError>;
 

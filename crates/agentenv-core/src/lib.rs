@@ -11,6 +11,7 @@ pub mod error;
 pub mod host;
 pub mod ids;
 pub mod net;
+pub mod snapshot;
 pub mod state;
 
 pub use engine::Engine;

@@ -106,6 +106,72 @@ impl Host for LocalHost {
         Ok(())
     }
 
+    async fn create_ext4_from_dir(
+        &self,
+        dir: &Path,
+        image: &Path,
+        size_bytes: u64,
+    ) -> Result<(), HostError> {
+        let ctx = || format!("cannot build {} from {}", image.display(), dir.display());
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(image)
+            .map_err(|e| HostError::io(ctx(), e))?;
+        f.set_len(size_bytes).map_err(|e| HostError::io(ctx(), e))?;
+        drop(f);
+        runner::run(
+            "mkfs.ext4",
+            [
+                "-q".as_ref(),
+                "-F".as_ref(),
+                "-E".as_ref(),
+                "lazy_itable_init=1,lazy_journal_init=1,nodiscard".as_ref(),
+                "-d".as_ref(),
+                dir.as_os_str(),
+                image.as_os_str(),
+            ],
+            MKFS_TIMEOUT,
+        )
+        .await
+        .map_err(|e| {
+            let _ = std::fs::remove_file(image);
+            let msg = e.to_string();
+            HostError {
+                context: ctx(),
+                no_space: msg.contains("No space left") || msg.contains("Could not allocate"),
+                message: msg,
+            }
+        })?;
+        Ok(())
+    }
+
+    fn dir_usage(&self, dir: &Path) -> Result<u64, HostError> {
+        let mut total = 0u64;
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            let rd = std::fs::read_dir(&d)
+                .map_err(|e| HostError::io(format!("cannot list {}", d.display()), e))?;
+            for e in rd {
+                let e = e.map_err(|e| HostError::io(format!("cannot list {}", d.display()), e))?;
+                let m = std::fs::symlink_metadata(e.path())
+                    .map_err(|err| HostError::io(format!("cannot stat {}", e.path().display()), err))?;
+                if m.is_dir() {
+                    stack.push(e.path());
+                }
+                // Directories and inodes cost blocks too; count a block each.
+                total += m.len().max(4096);
+            }
+        }
+        Ok(total)
+    }
+
+    fn sync_file(&self, path: &Path) -> Result<(), HostError> {
+        std::fs::File::open(path)
+            .and_then(|f| f.sync_data())
+            .map_err(|e| HostError::io(format!("cannot flush {}", path.display()), e))
+    }
+
     fn write_atomic(&self, path: &Path, data: &[u8]) -> Result<(), HostError> {
         write_atomic(path, data)
             .map_err(|e| HostError::io(format!("cannot write {}", path.display()), e))

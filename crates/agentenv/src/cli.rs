@@ -1,6 +1,9 @@
 //! The CLI: a typed client of the API. Tables for people, `--json` for scripts.
 
-use agentenv_api::{CreateVmRequest, DiskSpec, ErrorBody, NetworkSpec, VmInfo, VmList};
+use agentenv_api::{
+    CreateSnapshotRequest, CreateVmRequest, DiskSpec, ErrorBody, NetworkSpec,
+    PersistSnapshotRequest, ShareSpec, SnapshotInfo, SnapshotList, VmInfo, VmList,
+};
 use anyhow::{anyhow, Context};
 use clap::{Args, Subcommand};
 use serde::de::DeserializeOwned;
@@ -49,6 +52,39 @@ pub enum VmCommand {
         /// The VM's id.
         vm_id: String,
     },
+    /// Snapshot a VM's writable disk (a running VM is paused for the copy).
+    Snapshot {
+        /// The VM's id.
+        vm_id: String,
+        /// The snapshot's id (default `{vm_id}-{UTC timestamp}`).
+        #[arg(long = "id")]
+        snapshot_id: Option<String>,
+    },
+}
+
+/// `agentenv snapshot …`
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// List snapshots.
+    Ls,
+    /// Show one snapshot.
+    Show {
+        /// The snapshot's id.
+        snapshot_id: String,
+    },
+    /// Copy a tmpfs snapshot to the durable tier.
+    Persist {
+        /// The snapshot's id.
+        snapshot_id: String,
+        /// Keep the tmpfs copy too.
+        #[arg(long)]
+        keep_tmpfs: bool,
+    },
+    /// Remove a snapshot from every tier.
+    Rm {
+        /// The snapshot's id.
+        snapshot_id: String,
+    },
 }
 
 /// `agentenv vm create` options.
@@ -86,6 +122,26 @@ pub struct CreateArgs {
     /// Kernel command line (replaces the default).
     #[arg(long)]
     pub boot_args: Option<String>,
+    /// Share a host directory: HOST_DIR:GUEST_PATH[:ro|rw] (read-only by default; repeatable).
+    #[arg(long = "share", value_parser = parse_share)]
+    pub shares: Vec<ShareSpec>,
+}
+
+fn parse_share(s: &str) -> Result<ShareSpec, String> {
+    let mut parts = s.splitn(3, ':');
+    let (Some(host), Some(guest)) = (parts.next(), parts.next()) else {
+        return Err("expected HOST_DIR:GUEST_PATH[:ro|rw]".into());
+    };
+    let read_only = match parts.next() {
+        None | Some("ro") => true,
+        Some("rw") => false,
+        Some(other) => return Err(format!("mode {other:?} is not ro or rw")),
+    };
+    Ok(ShareSpec {
+        host_path: host.into(),
+        guest_path: guest.into(),
+        read_only,
+    })
 }
 
 impl CreateArgs {
@@ -114,6 +170,7 @@ impl CreateArgs {
             kernel: self.kernel,
             initrd: self.initrd,
             boot_args: self.boot_args,
+            shares: self.shares,
         })
     }
 }
@@ -188,10 +245,42 @@ impl Client {
             .ok_or_else(|| anyhow!("empty response"))
     }
 
-    /// `DELETE /v1/vm/{id}`.
-    pub fn remove(&self, id: &str) -> anyhow::Result<()> {
-        self.call::<serde_json::Value>("DELETE", &format!("/v1/vm/{id}"), None::<&()>)?;
+    /// `DELETE` of a VM (`/v1/vm/{id}`) or a snapshot (`/v1/snapshots/{id}`).
+    pub fn remove(&self, path: &str) -> anyhow::Result<()> {
+        self.call::<serde_json::Value>("DELETE", path, None::<&()>)?;
         Ok(())
+    }
+
+    /// `POST /v1/vm/{id}/snapshot`.
+    pub fn snapshot(&self, id: &str, snapshot_id: Option<String>) -> anyhow::Result<SnapshotInfo> {
+        self.call(
+            "POST",
+            &format!("/v1/vm/{id}/snapshot"),
+            Some(&CreateSnapshotRequest { snapshot_id }),
+        )?
+        .ok_or_else(|| anyhow!("empty response"))
+    }
+
+    /// `GET /v1/snapshots`.
+    pub fn snapshots(&self) -> anyhow::Result<SnapshotList> {
+        self.call("GET", "/v1/snapshots", None::<&()>)?
+            .ok_or_else(|| anyhow!("empty response"))
+    }
+
+    /// `GET /v1/snapshots/{id}`.
+    pub fn snapshot_info(&self, id: &str) -> anyhow::Result<SnapshotInfo> {
+        self.call("GET", &format!("/v1/snapshots/{id}"), None::<&()>)?
+            .ok_or_else(|| anyhow!("empty response"))
+    }
+
+    /// `POST /v1/snapshots/{id}/persist`.
+    pub fn persist(&self, id: &str, keep_tmpfs: bool) -> anyhow::Result<SnapshotInfo> {
+        self.call(
+            "POST",
+            &format!("/v1/snapshots/{id}/persist"),
+            Some(&PersistSnapshotRequest { keep_tmpfs }),
+        )?
+        .ok_or_else(|| anyhow!("empty response"))
     }
 }
 
@@ -215,15 +304,130 @@ pub fn run_vm(opts: &ClientOpts, cmd: VmCommand) -> anyhow::Result<()> {
         VmCommand::Resume { vm_id } => print_vm(&mut out, opts, &c.act(&vm_id, "resume")?),
         VmCommand::Shutdown { vm_id } => print_vm(&mut out, opts, &c.act(&vm_id, "shutdown")?),
         VmCommand::Rm { vm_id } => {
-            c.remove(&vm_id)?;
+            c.remove(&format!("/v1/vm/{vm_id}"))?;
+            print_deleted(&mut out, opts, &vm_id)
+        }
+        VmCommand::Snapshot {
+            vm_id,
+            snapshot_id,
+        } => print_snapshot(&mut out, opts, &c.snapshot(&vm_id, snapshot_id)?),
+    }
+}
+
+/// Runs one `snapshot` command, printing its result.
+pub fn run_snapshot(opts: &ClientOpts, cmd: SnapshotCommand) -> anyhow::Result<()> {
+    let c = Client::new(&opts.server);
+    let out = std::io::stdout();
+    let mut out = out.lock();
+    match cmd {
+        SnapshotCommand::Ls => {
+            let list = c.snapshots()?;
             if opts.json {
-                print_json(&mut out, &serde_json::json!({ "deleted": vm_id }))
+                print_json(&mut out, &list)
             } else {
-                use std::io::Write;
-                writeln!(out, "deleted {vm_id}").map_err(Into::into)
+                write_snapshot_table(&mut out, &list.snapshots)
             }
         }
+        SnapshotCommand::Show { snapshot_id } => {
+            print_snapshot(&mut out, opts, &c.snapshot_info(&snapshot_id)?)
+        }
+        SnapshotCommand::Persist {
+            snapshot_id,
+            keep_tmpfs,
+        } => print_snapshot(&mut out, opts, &c.persist(&snapshot_id, keep_tmpfs)?),
+        SnapshotCommand::Rm { snapshot_id } => {
+            c.remove(&format!("/v1/snapshots/{snapshot_id}"))?;
+            print_deleted(&mut out, opts, &snapshot_id)
+        }
     }
+}
+
+fn print_deleted(out: &mut impl std::io::Write, opts: &ClientOpts, id: &str) -> anyhow::Result<()> {
+    if opts.json {
+        print_json(out, &serde_json::json!({ "deleted": id }))
+    } else {
+        writeln!(out, "deleted {id}").map_err(Into::into)
+    }
+}
+
+fn print_snapshot(
+    out: &mut impl std::io::Write,
+    opts: &ClientOpts,
+    s: &SnapshotInfo,
+) -> anyhow::Result<()> {
+    if opts.json {
+        return print_json(out, s);
+    }
+    let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    let rows = [
+        ("snapshot_id", s.snapshot_id.clone()),
+        ("vm_id", s.vm_id.clone()),
+        ("rootfs_id", opt(&s.rootfs_id)),
+        ("tier", format!("{:?}", s.tier).to_lowercase()),
+        ("status", format!("{:?}", s.status).to_lowercase()),
+        ("tmpfs_path", opt(&s.tmpfs_path)),
+        ("durable_path", opt(&s.durable_path)),
+        ("logical_bytes", s.logical_bytes.to_string()),
+        ("allocated_bytes", s.allocated_bytes.to_string()),
+        ("sha256", s.sha256.clone()),
+        ("created_at", s.created_at.to_rfc3339()),
+        (
+            "persisted_at",
+            s.persisted_at
+                .map(|t| t.to_rfc3339())
+                .unwrap_or_else(|| "-".into()),
+        ),
+    ];
+    for (k, v) in rows {
+        writeln!(out, "{k:<15} {v}")?;
+    }
+    Ok(())
+}
+
+fn write_snapshot_table(out: &mut impl std::io::Write, snaps: &[SnapshotInfo]) -> anyhow::Result<()> {
+    let rows: Vec<Vec<String>> = snaps
+        .iter()
+        .map(|s| {
+            vec![
+                s.snapshot_id.clone(),
+                s.vm_id.clone(),
+                format!("{:?}", s.tier).to_lowercase(),
+                format!("{:?}", s.status).to_lowercase(),
+                s.allocated_bytes.to_string(),
+                s.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            ]
+        })
+        .collect();
+    write_rows(
+        out,
+        &["SNAPSHOT_ID", "VM_ID", "TIER", "STATUS", "ALLOCATED", "CREATED"],
+        &rows,
+    )
+}
+
+/// Left-aligned columns, two spaces apart.
+fn write_rows(out: &mut impl std::io::Write, head: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
+    let mut widths: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    writeln!(out, "{}", line(head.to_vec()))?;
+    for r in rows {
+        writeln!(out, "{}", line(r.iter().map(String::as_str).collect()))?;
+    }
+    Ok(())
 }
 
 fn print_json(out: &mut impl std::io::Write, v: &impl Serialize) -> anyhow::Result<()> {
@@ -241,10 +445,10 @@ fn print_vm(out: &mut impl std::io::Write, opts: &ClientOpts, vm: &VmInfo) -> an
 
 /// `vm ls` as a table.
 pub fn write_table(out: &mut impl std::io::Write, vms: &[VmInfo]) -> anyhow::Result<()> {
-    let rows: Vec<[String; 7]> = vms
+    let rows: Vec<Vec<String>> = vms
         .iter()
         .map(|v| {
-            [
+            vec![
                 v.vm_id.clone(),
                 v.state.to_string(),
                 v.backend.to_string(),
@@ -255,28 +459,11 @@ pub fn write_table(out: &mut impl std::io::Write, vms: &[VmInfo]) -> anyhow::Res
             ]
         })
         .collect();
-    let head = ["VM_ID", "STATE", "BACKEND", "VCPUS", "MEM_MIB", "GUEST_IP", "CREATED"];
-    let mut widths = head.map(str::len);
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    writeln!(out, "{}", line(head.to_vec()))?;
-    for r in &rows {
-        writeln!(out, "{}", line(r.iter().map(String::as_str).collect()))?;
-    }
-    Ok(())
+    write_rows(
+        out,
+        &["VM_ID", "STATE", "BACKEND", "VCPUS", "MEM_MIB", "GUEST_IP", "CREATED"],
+        &rows,
+    )
 }
 
 /// One VM as `key: value` lines.
@@ -304,6 +491,18 @@ pub fn write_details(out: &mut impl std::io::Write, v: &VmInfo) -> anyhow::Resul
         ("pid", v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())),
         ("created_at", v.created_at.to_rfc3339()),
     ];
+    for sh in &v.shares {
+        rows.push((
+            "share",
+            format!(
+                "{} -> {} ({}, {})",
+                sh.host_path,
+                sh.guest_path,
+                if sh.read_only { "ro" } else { "rw" },
+                sh.device
+            ),
+        ));
+    }
     if let Some(e) = &v.exit {
         rows.push(("exit", e.cause.clone()));
     }

@@ -8,6 +8,8 @@ use agentenv_core::config::{Config, VmmChoice};
 use agentenv_core::backend::Vmm;
 use agentenv_core::Engine;
 use agentenv_host::firecracker::FirecrackerVmm;
+use agentenv_host::kvm;
+use agentenv_host::qemu::QemuVmm;
 use agentenv_host::LocalHost;
 use anyhow::{bail, Context};
 
@@ -59,8 +61,22 @@ pub fn find_binary(bin: &Path) -> Option<PathBuf> {
 }
 
 /// Picks the VMM backend the config asks for, with the reason, for the log.
+///
+/// `auto`: Firecracker when its binary exists and KVM really runs a guest;
+/// otherwise QEMU, with KVM when usable and TCG when not.
 pub fn choose_backend(cfg: &Config) -> anyhow::Result<(Arc<dyn Vmm>, String)> {
     let fc = find_binary(&cfg.firecracker_binary);
+    let qemu = || {
+        let Some(bin) = find_binary(&cfg.qemu_binary) else {
+            bail!(
+                "config key `qemu_binary`: {} not found; install qemu-system-x86 or set qemu_binary",
+                cfg.qemu_binary.display()
+            );
+        };
+        let (accel, why) = kvm::choose_accel();
+        let vmm: Arc<dyn Vmm> = Arc::new(QemuVmm::new(bin.clone(), accel));
+        Ok((vmm, format!("{} with {accel}: {why}", bin.display())))
+    };
     match cfg.vmm {
         VmmChoice::Firecracker => {
             let Some(bin) = fc else {
@@ -72,13 +88,34 @@ pub fn choose_backend(cfg: &Config) -> anyhow::Result<(Arc<dyn Vmm>, String)> {
             let why = format!("vmm = \"firecracker\" ({})", bin.display());
             Ok((Arc::new(FirecrackerVmm::new(bin)), why))
         }
-        VmmChoice::Qemu | VmmChoice::Auto => {
-            let bin = fc.unwrap_or_default();
-            bail!(
-                "config key `vmm`: the QEMU backend is not available in this build ({})",
-                bin.display()
-            )
+        VmmChoice::Qemu => {
+            let (vmm, why) = qemu()?;
+            Ok((vmm, format!("vmm = \"qemu\"; {why}")))
         }
+        VmmChoice::Auto => match fc {
+            Some(bin) => {
+                let (usable, why) = kvm::kvm_usable();
+                if usable {
+                    let why = format!("vmm = \"auto\": {} found and KVM runs guests ({why})", bin.display());
+                    return Ok((Arc::new(FirecrackerVmm::new(bin)), why));
+                }
+                let (vmm, qwhy) = qemu()?;
+                Ok((
+                    vmm,
+                    format!("vmm = \"auto\": {} found but KVM cannot run a guest ({why}); QEMU {qwhy}", bin.display()),
+                ))
+            }
+            None => {
+                let (vmm, why) = qemu()?;
+                Ok((
+                    vmm,
+                    format!(
+                        "vmm = \"auto\": no firecracker binary ({}); QEMU {why}",
+                        cfg.firecracker_binary.display()
+                    ),
+                ))
+            }
+        },
     }
 }
 

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use agentenv::cli::{ClientOpts, VmCommand};
+use agentenv::cli::{ClientOpts, SnapshotCommand, VmCommand};
 use clap::{Parser, Subcommand};
 
 /// Disposable microVMs behind a JSON HTTP API.
@@ -31,6 +31,13 @@ enum Command {
         #[command(subcommand)]
         command: VmCommand,
     },
+    /// Manage disk snapshots through a running daemon.
+    Snapshot {
+        #[command(flatten)]
+        opts: ClientOpts,
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
     /// Check a config file and print it with every default filled in.
     CheckConfig,
     /// Print the OpenAPI document.
@@ -42,6 +49,7 @@ fn main() {
     let result = match cli.command {
         None | Some(Command::Serve) => daemon(cli.config, cli.listen),
         Some(Command::Vm { opts, command }) => agentenv::cli::run_vm(&opts, command),
+        Some(Command::Snapshot { opts, command }) => agentenv::cli::run_snapshot(&opts, command),
         Some(Command::CheckConfig) => agentenv::daemon::load_config(cli.config.as_deref())
             .map(|c| println!("{c:#?}")),
         Some(Command::Openapi) => {

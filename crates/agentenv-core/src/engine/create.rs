@@ -4,7 +4,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentenv_api::{CreateVmRequest, DiskInfo, DiskSpec, NetworkSpec, VmInfo, VmState};
+use agentenv_api::{
+    CreateVmRequest, DiskInfo, DiskSpec, NetworkSpec, ShareInfo, ShareSpec, SnapshotStatus, VmInfo,
+    VmState,
+};
 use chrono::Utc;
 
 use super::{Engine, VmSlot, CONSOLE_LOG};
@@ -24,12 +27,35 @@ const MAX_BOOT_ARGS: usize = 2048;
 /// Largest overlay disk, in GiB.
 const MAX_DISK_GIB: u64 = 16 * 1024;
 
+/// Most shares one VM may have (devices `vdc` … `vdj`).
+const MAX_SHARES: usize = 8;
+
+/// Where a new VM's writable disk comes from.
+enum DiskSource {
+    /// A fresh, empty ext4 disk of this size.
+    Fresh(PathBuf, u64),
+    /// A copy of a snapshot's disk.
+    Restore(String, PathBuf),
+    /// The user's own disk, used in place.
+    InPlace,
+}
+
+/// The disk part of a plan.
+struct DiskPlan {
+    info: DiskInfo,
+    drives: Vec<DriveSpec>,
+    source: DiskSource,
+    has_overlay: bool,
+}
+
 /// A create request checked and resolved against the configuration.
 struct Plan {
     info: VmInfo,
     launch: LaunchSpec,
-    /// The overlay disk to create, with its size.
-    new_disk: Option<(PathBuf, u64)>,
+    /// How the writable disk comes to be.
+    disk_source: DiskSource,
+    /// Share images to build: (host dir, image, size).
+    shares: Vec<(PathBuf, PathBuf, u64)>,
     /// The network lease, assigned at reservation (automatic networking).
     lease: Option<NetLease>,
 }
@@ -38,6 +64,10 @@ impl Engine {
     /// Creates and boots a VM. On any failure everything made so far is undone.
     pub async fn create(self: &Arc<Self>, req: CreateVmRequest) -> Result<VmInfo, EngineError> {
         let mut plan = self.plan(&req)?;
+        let _hold = match &plan.disk_source {
+            DiskSource::Restore(id, _) => Some(self.hold_snapshot(id)),
+            _ => None,
+        };
         let slot = self.reserve(&mut plan)?;
         let result = self.build(&slot, &plan).await;
         match result {
@@ -101,7 +131,14 @@ impl Engine {
             ));
         }
 
-        let (disk, drives, new_disk, has_overlay) = self.plan_disk(&req.disk, &session_dir)?;
+        let DiskPlan {
+            info: disk,
+            mut drives,
+            source: disk_source,
+            has_overlay,
+        } = self.plan_disk(&req.disk, &session_dir)?;
+        let (share_infos, shares, share_args) =
+            self.plan_shares(&req.shares, &session_dir, &mut drives)?;
 
         let mut warnings = Vec::new();
         let net = match &req.network {
@@ -125,6 +162,7 @@ impl Engine {
         if has_overlay {
             boot_args.push_str(" agentenv.overlay=/dev/vdb");
         }
+        boot_args.push_str(&share_args);
         let console_log = session_dir.join(CONSOLE_LOG);
         let now = Utc::now();
         let info = VmInfo {
@@ -135,6 +173,7 @@ impl Engine {
             vcpus: slots,
             memory_mib,
             disk,
+            shares: share_infos,
             kernel: kernel.display().to_string(),
             initrd: initrd.as_ref().map(|p| p.display().to_string()),
             boot_args: boot_args.clone(),
@@ -169,7 +208,8 @@ impl Engine {
         Ok(Plan {
             info,
             launch,
-            new_disk,
+            disk_source,
+            shares,
             lease: None,
         })
     }
@@ -196,20 +236,36 @@ impl Engine {
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    fn plan_disk(
-        &self,
-        spec: &DiskSpec,
-        session_dir: &Path,
-    ) -> Result<(DiskInfo, Vec<DriveSpec>, Option<(PathBuf, u64)>, bool), EngineError> {
+    fn plan_disk(&self, spec: &DiskSpec, session_dir: &Path) -> Result<DiskPlan, EngineError> {
         let cfg = &self.cfg;
+        let overlay = session_dir.join("overlay.ext4");
+        let overlay_drives = |base: PathBuf, overlay: &Path| {
+            vec![
+                DriveSpec {
+                    id: "rootfs".into(),
+                    path: base,
+                    read_only: true,
+                    is_root: true,
+                },
+                DriveSpec {
+                    id: "overlay".into(),
+                    path: overlay.to_path_buf(),
+                    read_only: false,
+                    is_root: false,
+                },
+            ]
+        };
         match spec {
             DiskSpec::Overlay {
                 rootfs_id,
                 disk_size_gib,
             } => {
-                let base =
-                    self.existing_file(&cfg.rootfs_root, "disk.rootfs_id", rootfs_id, "rootfs_root")?;
+                let base = self.existing_file(
+                    &cfg.rootfs_root,
+                    "disk.rootfs_id",
+                    rootfs_id,
+                    "rootfs_root",
+                )?;
                 let gib = disk_size_gib.unwrap_or(cfg.default_disk_size_gib);
                 if gib == 0 || gib > MAX_DISK_GIB {
                     return Err(EngineError::bad(
@@ -218,104 +274,227 @@ impl Engine {
                     ));
                 }
                 let size = gib << 30;
-                let overlay = session_dir.join("overlay.ext4");
-                let info = DiskInfo {
-                    kind: "overlay".into(),
-                    rootfs_path: Some(base.display().to_string()),
-                    writable_path: overlay.display().to_string(),
-                    rootfs_id: Some(rootfs_id.clone()),
-                    snapshot_id: None,
-                    size_bytes: size,
-                };
-                let drives = vec![
-                    DriveSpec {
-                        id: "rootfs".into(),
-                        path: base,
-                        read_only: true,
-                        is_root: true,
+                Ok(DiskPlan {
+                    info: DiskInfo {
+                        kind: "overlay".into(),
+                        rootfs_path: Some(base.display().to_string()),
+                        writable_path: overlay.display().to_string(),
+                        rootfs_id: Some(rootfs_id.clone()),
+                        snapshot_id: None,
+                        size_bytes: size,
                     },
-                    DriveSpec {
-                        id: "overlay".into(),
-                        path: overlay.clone(),
-                        read_only: false,
-                        is_root: false,
-                    },
-                ];
-                Ok((info, drives, Some((overlay, size)), true))
+                    drives: overlay_drives(base, &overlay),
+                    source: DiskSource::Fresh(overlay.clone(), size),
+                    has_overlay: true,
+                })
             }
             DiskSpec::Snapshot { snapshot_id } => {
-                validate_id("disk.snapshot_id", snapshot_id)?;
-                Err(EngineError::not_found(
-                    "disk.snapshot_id",
-                    format!("snapshot {snapshot_id:?} not found"),
-                ))
+                const F: &str = "disk.snapshot_id";
+                validate_id(F, snapshot_id)?;
+                let snap = self
+                    .snapshots
+                    .get(snapshot_id)
+                    .map_err(|e| EngineError::snapshot(F, e))?;
+                if snap.status == SnapshotStatus::Corrupt {
+                    return Err(EngineError::snapshot(
+                        F,
+                        crate::snapshot::SnapshotError::Corrupt {
+                            id: snapshot_id.clone(),
+                            why: "its checksum no longer matches".into(),
+                        },
+                    ));
+                }
+                match &snap.rootfs_id {
+                    Some(rootfs_id) => {
+                        let base = self
+                            .existing_file(&cfg.rootfs_root, F, rootfs_id, "rootfs_root")
+                            .map_err(|e| match e {
+                                EngineError::NotFound { field, .. } => EngineError::NotFound {
+                                    field,
+                                    message: format!(
+                                        "snapshot {snapshot_id} needs base image {rootfs_id:?}, which is gone from rootfs_root"
+                                    ),
+                                },
+                                other => other,
+                            })?;
+                        Ok(DiskPlan {
+                            info: DiskInfo {
+                                kind: "snapshot".into(),
+                                rootfs_path: Some(base.display().to_string()),
+                                writable_path: overlay.display().to_string(),
+                                rootfs_id: Some(rootfs_id.clone()),
+                                snapshot_id: Some(snapshot_id.clone()),
+                                size_bytes: snap.logical_bytes,
+                            },
+                            drives: overlay_drives(base, &overlay),
+                            source: DiskSource::Restore(snapshot_id.clone(), overlay.clone()),
+                            has_overlay: true,
+                        })
+                    }
+                    None => {
+                        // A snapshot of a direct disk is a whole root disk.
+                        let root = session_dir.join("root.ext4");
+                        Ok(DiskPlan {
+                            info: DiskInfo {
+                                kind: "snapshot".into(),
+                                rootfs_path: None,
+                                writable_path: root.display().to_string(),
+                                rootfs_id: None,
+                                snapshot_id: Some(snapshot_id.clone()),
+                                size_bytes: snap.logical_bytes,
+                            },
+                            drives: vec![DriveSpec {
+                                id: "rootfs".into(),
+                                path: root.clone(),
+                                read_only: false,
+                                is_root: true,
+                            }],
+                            source: DiskSource::Restore(snapshot_id.clone(), root),
+                            has_overlay: false,
+                        })
+                    }
+                }
             }
             DiskSpec::Direct { path } => {
-                let path = self.check_direct_disk(path)?;
+                let path = self.check_host_path("disk.path", path, false)?;
                 let size = self.host.inspect(&path).map(|i| i.len).unwrap_or(0);
-                let info = DiskInfo {
-                    kind: "direct".into(),
-                    rootfs_path: None,
-                    writable_path: path.display().to_string(),
-                    rootfs_id: None,
-                    snapshot_id: None,
-                    size_bytes: size,
-                };
-                let drives = vec![DriveSpec {
-                    id: "rootfs".into(),
-                    path,
-                    read_only: false,
-                    is_root: true,
-                }];
-                Ok((info, drives, None, false))
+                Ok(DiskPlan {
+                    info: DiskInfo {
+                        kind: "direct".into(),
+                        rootfs_path: None,
+                        writable_path: path.display().to_string(),
+                        rootfs_id: None,
+                        snapshot_id: None,
+                        size_bytes: size,
+                    },
+                    drives: vec![DriveSpec {
+                        id: "rootfs".into(),
+                        path,
+                        read_only: false,
+                        is_root: true,
+                    }],
+                    source: DiskSource::InPlace,
+                    has_overlay: false,
+                })
             }
         }
     }
 
-    /// A direct disk must be an absolute path to a regular, singly-linked,
-    /// symlink-free file under one of `direct_disk_roots`.
-    fn check_direct_disk(&self, raw: &str) -> Result<PathBuf, EngineError> {
-        const F: &str = "disk.path";
+    /// Checks shares and adds their drives; returns what the VM shows, the
+    /// images to build, and the boot args that tell overlay-init where to mount.
+    #[allow(clippy::type_complexity)]
+    fn plan_shares(
+        &self,
+        shares: &[ShareSpec],
+        session_dir: &Path,
+        drives: &mut Vec<DriveSpec>,
+    ) -> Result<(Vec<ShareInfo>, Vec<(PathBuf, PathBuf, u64)>, String), EngineError> {
+        if shares.len() > MAX_SHARES {
+            return Err(EngineError::bad(
+                "shares",
+                format!("at most {MAX_SHARES} shares, got {}", shares.len()),
+            ));
+        }
+        let mut infos = Vec::new();
+        let mut builds = Vec::new();
+        let mut args = String::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, share) in shares.iter().enumerate() {
+            let field = format!("shares[{i}]");
+            let host = self.check_host_path(&format!("{field}.host_path"), &share.host_path, true)?;
+            let g = &share.guest_path;
+            let gfield = format!("{field}.guest_path");
+            if !g.starts_with('/')
+                || g == "/"
+                || g.len() > 255
+                || g.split('/').any(|c| c == "." || c == "..")
+                || !g
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'.' | b'_' | b'-'))
+            {
+                return Err(EngineError::bad(
+                    &gfield,
+                    format!("{gfield} {g:?} must be an absolute guest path other than / made of ASCII letters, digits, `/`, `.`, `_` and `-`, without `.` or `..` components"),
+                ));
+            }
+            if !seen.insert(g.trim_end_matches('/').to_string()) {
+                return Err(EngineError::bad(&gfield, format!("{gfield} {g:?} is used twice")));
+            }
+            let used = self.host.dir_usage(&host).map_err(|e| {
+                EngineError::bad(&format!("{field}.host_path"), e.to_string())
+            })?;
+            // Room for the data, its metadata and the journal.
+            let size = (used + used / 2 + (64 << 20)).next_multiple_of(1 << 20);
+            let image = session_dir.join(format!("share{i}.ext4"));
+            let device = format!("/dev/vd{}", (b'a' + drives.len() as u8) as char);
+            drives.push(DriveSpec {
+                id: format!("share{i}"),
+                path: image.clone(),
+                read_only: share.read_only,
+                is_root: false,
+            });
+            args.push_str(&format!(
+                " agentenv.share={device}:{g}:{}",
+                if share.read_only { "ro" } else { "rw" }
+            ));
+            infos.push(ShareInfo {
+                host_path: host.display().to_string(),
+                guest_path: g.clone(),
+                read_only: share.read_only,
+                image_path: image.display().to_string(),
+                device,
+            });
+            builds.push((host, image, size));
+        }
+        Ok((infos, builds, args))
+    }
+
+    /// A direct disk (or a share's directory) must be an absolute, `..`-free,
+    /// symlink-free path under one of `direct_disk_roots`; a disk must be a
+    /// regular file with one hard link, a share a directory.
+    fn check_host_path(&self, field: &str, raw: &str, want_dir: bool) -> Result<PathBuf, EngineError> {
+        let f = field;
         if raw.contains('\0') {
-            return Err(EngineError::bad(F, "disk.path must not contain NUL"));
+            return Err(EngineError::bad(f, format!("{f} must not contain NUL")));
         }
         let path = PathBuf::from(raw);
         if !path.is_absolute() {
-            return Err(EngineError::bad(
-                F,
-                format!("disk.path {raw:?} must be an absolute path"),
-            ));
+            return Err(EngineError::bad(f, format!("{f} {raw:?} must be an absolute path")));
         }
         if path
             .components()
             .any(|c| matches!(c, std::path::Component::ParentDir))
         {
-            return Err(EngineError::bad(F, format!("disk.path {raw:?} must not contain `..`")));
+            return Err(EngineError::bad(f, format!("{f} {raw:?} must not contain `..`")));
         }
         if self.cfg.direct_disk_roots.is_empty() {
             return Err(EngineError::Forbidden {
-                field: F.into(),
-                message: "direct disks are disabled: no direct_disk_roots are configured".into(),
+                field: f.into(),
+                message: format!(
+                    "{f}: host paths are disabled: no direct_disk_roots are configured"
+                ),
             });
         }
-        let info = self.host.inspect(&path).map_err(|_| {
-            EngineError::not_found(F, format!("disk.path {raw:?} does not exist"))
-        })?;
-        let kind_err = |what: &str| EngineError::bad(F, format!("disk.path {raw:?} is {what}"));
-        match info.kind {
-            FileKind::File => {}
-            FileKind::Symlink => return Err(kind_err("a symlink")),
-            FileKind::Dir => return Err(kind_err("a directory")),
-            FileKind::Device => return Err(kind_err("a device")),
-            FileKind::Special => return Err(kind_err("a FIFO or socket")),
+        let info = self
+            .host
+            .inspect(&path)
+            .map_err(|_| EngineError::not_found(f, format!("{f} {raw:?} does not exist")))?;
+        let kind_err = |what: &str| EngineError::bad(f, format!("{f} {raw:?} is {what}"));
+        match (info.kind, want_dir) {
+            (FileKind::File, false) | (FileKind::Dir, true) => {}
+            (FileKind::Symlink, _) => return Err(kind_err("a symlink")),
+            (FileKind::Dir, false) => return Err(kind_err("a directory")),
+            (FileKind::File, true) => return Err(kind_err("a file, not a directory")),
+            (FileKind::Device, _) => return Err(kind_err("a device")),
+            (FileKind::Special, _) => return Err(kind_err("a FIFO or socket")),
         }
-        if info.nlink > 1 {
+        if !want_dir && info.nlink > 1 {
             return Err(kind_err("a file with more than one hard link"));
         }
         let canonical = self
             .host
             .canonicalize(&path)
-            .map_err(|e| EngineError::bad(F, format!("disk.path {raw:?}: {e}")))?;
+            .map_err(|e| EngineError::bad(f, format!("{f} {raw:?}: {e}")))?;
         if canonical != path {
             return Err(kind_err("reached through a symlink"));
         }
@@ -326,8 +505,8 @@ impl Engine {
         });
         if !allowed {
             return Err(EngineError::Forbidden {
-                field: F.into(),
-                message: format!("disk.path {raw:?} is not under any of direct_disk_roots"),
+                field: f.into(),
+                message: format!("{f} {raw:?} is not under any of direct_disk_roots"),
             });
         }
         Ok(canonical)
@@ -418,8 +597,18 @@ impl Engine {
                 .map_err(|e| EngineError::Network(e.to_string()))?;
         }
         fp.check("create.network")?;
-        if let Some((path, size)) = &plan.new_disk {
-            self.host.create_ext4_disk(path, *size).await?;
+        match &plan.disk_source {
+            DiskSource::Fresh(path, size) => self.host.create_ext4_disk(path, *size).await?,
+            DiskSource::Restore(id, path) => {
+                self.snapshots
+                    .restore(id, path)
+                    .await
+                    .map_err(|e| EngineError::snapshot("disk.snapshot_id", e))?;
+            }
+            DiskSource::InPlace => {}
+        }
+        for (dir, image, size) in &plan.shares {
+            self.host.create_ext4_from_dir(dir, image, *size).await?;
         }
         fp.check("create.disk")?;
         self.persist(&plan.info, plan.lease.clone())?;

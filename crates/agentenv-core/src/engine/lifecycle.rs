@@ -13,13 +13,13 @@ use crate::state::transition;
 
 impl Engine {
     /// Checks that `to` is reachable now, before doing anything.
-    fn check(&self, slot: &VmSlot, to: VmState) -> Result<(), EngineError> {
+    pub(super) fn check_transition(&self, slot: &VmSlot, to: VmState) -> Result<(), EngineError> {
         let info = slot.info.lock().unwrap_or_else(|p| p.into_inner());
         transition(&info.vm_id, info.state, to)?;
         Ok(())
     }
 
-    fn live_instance(&self, slot: &VmSlot) -> Result<Arc<dyn VmmInstance>, EngineError> {
+    pub(super) fn live_instance(&self, slot: &VmSlot) -> Result<Arc<dyn VmmInstance>, EngineError> {
         slot.instance().ok_or_else(|| {
             let state = slot.state();
             EngineError::Conflict {
@@ -53,7 +53,7 @@ impl Engine {
     ) -> Result<VmInfo, EngineError> {
         let slot = self.slot(vm_id)?;
         let _op = slot.op.lock().await;
-        self.check(&slot, during)?;
+        self.check_transition(&slot, during)?;
         let inst = self.live_instance(&slot)?;
         self.set_state(&slot, during)?;
         let res = if pause {
@@ -80,7 +80,7 @@ impl Engine {
     pub async fn shutdown(&self, vm_id: &str) -> Result<VmInfo, EngineError> {
         let slot = self.slot(vm_id)?;
         let _op = slot.op.lock().await;
-        self.check(&slot, VmState::Stopping)?;
+        self.check_transition(&slot, VmState::Stopping)?;
         let inst = self.live_instance(&slot)?;
         let was = slot.state();
         self.set_state(&slot, VmState::Stopping)?;
@@ -128,7 +128,7 @@ impl Engine {
     pub async fn delete(&self, vm_id: &str) -> Result<(), EngineError> {
         let slot = self.slot(vm_id)?;
         let _op = slot.op.lock().await;
-        self.check(&slot, VmState::Deleting)?;
+        self.check_transition(&slot, VmState::Deleting)?;
         if let Some(inst) = slot.instance() {
             let exit = self.kill_instance(&inst).await;
             self.settle_exit(&slot, exit, Some("killed: the vm was deleted"))

@@ -8,8 +8,9 @@
 
 mod create;
 mod lifecycle;
+mod snapshot;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,6 +25,7 @@ use crate::error::EngineError;
 use crate::host::Host;
 use crate::ids::checked_join;
 use crate::net::{HostNetwork, NetLease, NetPlan};
+use crate::snapshot::SnapshotStore;
 use crate::state::transition;
 
 /// Version of the on-disk VM record.
@@ -148,6 +150,10 @@ pub struct Engine {
     host: Arc<dyn Host>,
     /// Automatic networking, when `[network] enable = true`.
     net: Option<(Arc<dyn HostNetwork>, NetPlan)>,
+    /// Disk snapshots.
+    snapshots: Arc<dyn SnapshotStore>,
+    /// Snapshots being copied into new VMs, with their count (no delete meanwhile).
+    snapshot_holds: Mutex<HashMap<String, usize>>,
     vms: Mutex<BTreeMap<String, Arc<VmSlot>>>,
     /// Test-only failure injection.
     pub failpoints: Failpoints,
@@ -165,13 +171,20 @@ impl Engine {
         vmm: Arc<dyn Vmm>,
         host: Arc<dyn Host>,
         net: Option<Arc<dyn HostNetwork>>,
+        snapshots: Arc<dyn SnapshotStore>,
     ) -> Result<Arc<Engine>, EngineError> {
         let plan = NetPlan::new(&cfg.network);
+        let cleanup = snapshots.init().await?;
+        for p in &cleanup.removed {
+            tracing::warn!("removed partial snapshot leftover {}", p.display());
+        }
         let engine = Arc::new(Engine {
             cfg: Arc::new(cfg),
             vmm,
             host,
             net: net.map(|n| (n, plan)),
+            snapshots,
+            snapshot_holds: Mutex::new(HashMap::new()),
             vms: Mutex::new(BTreeMap::new()),
             failpoints: Failpoints::default(),
         });

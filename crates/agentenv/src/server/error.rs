@@ -2,6 +2,7 @@
 
 use agentenv_api::ErrorBody;
 use agentenv_core::backend::VmmError;
+use agentenv_core::snapshot::SnapshotError;
 use agentenv_core::EngineError;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -52,6 +53,14 @@ pub fn status_of(e: &EngineError) -> StatusCode {
             ..
         } => StatusCode::GATEWAY_TIMEOUT,
         EngineError::Vmm { .. } => StatusCode::BAD_GATEWAY,
+        EngineError::Snapshot { source, .. } => match source {
+            SnapshotError::NotFound(_) => StatusCode::NOT_FOUND,
+            SnapshotError::Exists(_) | SnapshotError::Busy { .. } => StatusCode::CONFLICT,
+            SnapshotError::Corrupt { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            SnapshotError::TierUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            SnapshotError::NoSpace { .. } => StatusCode::INSUFFICIENT_STORAGE,
+            SnapshotError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        },
         EngineError::Host(_) | EngineError::Network(_) | EngineError::Injected(_) => {
             StatusCode::INTERNAL_SERVER_ERROR
         }

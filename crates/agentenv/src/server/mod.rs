@@ -4,6 +4,7 @@
 pub mod error;
 pub mod json;
 pub mod openapi;
+mod snapshots;
 mod vm;
 
 use std::future::Future;
@@ -31,6 +32,13 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/vm/{vm_id}/pause", post(vm::pause))
         .route("/v1/vm/{vm_id}/resume", post(vm::resume))
         .route("/v1/vm/{vm_id}/shutdown", post(vm::shutdown))
+        .route("/v1/vm/{vm_id}/snapshot", post(snapshots::create))
+        .route("/v1/snapshots", get(snapshots::list))
+        .route(
+            "/v1/snapshots/{snapshot_id}",
+            get(snapshots::show).delete(snapshots::delete),
+        )
+        .route("/v1/snapshots/{snapshot_id}/persist", post(snapshots::persist))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(engine)

@@ -19,6 +19,11 @@ use utoipa::OpenApi;
         super::vm::resume,
         super::vm::shutdown,
         super::vm::delete,
+        super::snapshots::create,
+        super::snapshots::list,
+        super::snapshots::show,
+        super::snapshots::persist,
+        super::snapshots::delete,
     ),
     components(schemas(
         api::CreateVmRequest,
@@ -32,6 +37,14 @@ use utoipa::OpenApi;
         api::BackendKind,
         api::ErrorBody,
         api::Health,
+        api::ShareSpec,
+        api::ShareInfo,
+        api::CreateSnapshotRequest,
+        api::PersistSnapshotRequest,
+        api::SnapshotInfo,
+        api::SnapshotList,
+        api::SnapshotTier,
+        api::SnapshotStatus,
     ))
 )]
 pub struct ApiDoc;

@@ -1,0 +1,184 @@
+//! Disk snapshots: take one from a VM, list, persist, delete.
+
+use std::path::PathBuf;
+
+use agentenv_api::{SnapshotInfo, VmState};
+use chrono::Utc;
+
+use super::Engine;
+use crate::error::EngineError;
+use crate::ids::{validate_id, MAX_ID_LEN};
+use crate::snapshot::{NewSnapshot, SnapshotError};
+
+/// Releases a snapshot hold when a create from it ends, however it ends.
+pub(super) struct SnapshotHold<'a> {
+    engine: &'a Engine,
+    id: String,
+}
+
+impl Drop for SnapshotHold<'_> {
+    fn drop(&mut self) {
+        let mut holds = self
+            .engine
+            .snapshot_holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = holds.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                holds.remove(&self.id);
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// Marks a snapshot as being copied into a new VM until the guard drops.
+    pub(super) fn hold_snapshot(&self, id: &str) -> SnapshotHold<'_> {
+        *self
+            .snapshot_holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_string())
+            .or_default() += 1;
+        SnapshotHold {
+            engine: self,
+            id: id.to_string(),
+        }
+    }
+
+    /// Takes a consistent copy of a VM's writable disk: a running VM is paused
+    /// for the copy and resumed on every path, success or error.
+    pub async fn snapshot(
+        &self,
+        vm_id: &str,
+        snapshot_id: Option<String>,
+    ) -> Result<SnapshotInfo, EngineError> {
+        let slot = self.slot(vm_id)?;
+        let snapshot_id = match snapshot_id {
+            Some(id) => {
+                validate_id("snapshot_id", &id)?;
+                id
+            }
+            None => generated_id(vm_id),
+        };
+        if self.snapshots.get(&snapshot_id).is_ok() {
+            return Err(EngineError::snapshot(
+                "snapshot_id",
+                SnapshotError::Exists(snapshot_id),
+            ));
+        }
+        let _op = slot.op.lock().await;
+        let was = slot.state();
+        self.check_transition(&slot, VmState::Snapshotting)?;
+        let inst = self.live_instance(&slot)?;
+        let info = slot.info();
+        self.set_state(&slot, VmState::Snapshotting)?;
+        if was == VmState::Running {
+            if let Err(source) = inst.pause().await {
+                let _ = self.set_state(&slot, was);
+                return Err(EngineError::Vmm {
+                    vm_id: vm_id.into(),
+                    source,
+                });
+            }
+        }
+        let disk = PathBuf::from(&info.disk.writable_path);
+        let result = match self.host.sync_file(&disk) {
+            Ok(()) => self
+                .snapshots
+                .create(NewSnapshot {
+                    snapshot_id,
+                    vm_id: vm_id.into(),
+                    rootfs_id: info.disk.rootfs_id.clone(),
+                    backend: info.backend,
+                    source: disk,
+                })
+                .await
+                .map_err(EngineError::from),
+            Err(e) => Err(e.into()),
+        };
+        let mut back = was;
+        if was == VmState::Running {
+            if let Err(e) = inst.resume().await {
+                tracing::error!("vm {vm_id}: resume after snapshot failed: {e}");
+                back = VmState::Paused;
+            }
+        }
+        self.set_state(&slot, back)?;
+        result
+    }
+
+    /// Every complete snapshot.
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        self.snapshots.list()
+    }
+
+    /// One snapshot.
+    pub fn snapshot_info(&self, snapshot_id: &str) -> Result<SnapshotInfo, EngineError> {
+        validate_id("snapshot_id", snapshot_id)?;
+        self.snapshots
+            .get(snapshot_id)
+            .map_err(|e| EngineError::snapshot("snapshot_id", e))
+    }
+
+    /// Copies a tmpfs snapshot to the durable tier.
+    pub async fn persist_snapshot(
+        &self,
+        snapshot_id: &str,
+        keep_tmpfs: bool,
+    ) -> Result<SnapshotInfo, EngineError> {
+        validate_id("snapshot_id", snapshot_id)?;
+        self.snapshots
+            .persist(snapshot_id, keep_tmpfs)
+            .await
+            .map_err(|e| EngineError::snapshot("snapshot_id", e))
+    }
+
+    /// Removes a snapshot; refused while a VM is being created from it.
+    pub async fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), EngineError> {
+        validate_id("snapshot_id", snapshot_id)?;
+        let held = self
+            .snapshot_holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(snapshot_id)
+            .copied()
+            .unwrap_or(0);
+        if held > 0 {
+            return Err(EngineError::snapshot(
+                "snapshot_id",
+                SnapshotError::Busy {
+                    id: snapshot_id.into(),
+                    why: format!("{held} vm(s) are being created from it"),
+                },
+            ));
+        }
+        self.snapshots
+            .delete(snapshot_id)
+            .await
+            .map_err(|e| EngineError::snapshot("snapshot_id", e))
+    }
+}
+
+/// `{vm_id}-{UTC timestamp}`, shortening the vm id so the result is a valid id.
+fn generated_id(vm_id: &str) -> String {
+    let stamp = Utc::now().format("%Y%m%dT%H%M%S%.3fZ").to_string();
+    let keep = MAX_ID_LEN - stamp.len() - 1;
+    let prefix: String = vm_id.chars().take(keep).collect();
+    format!("{prefix}-{stamp}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_are_valid() {
+        for vm in ["vm1", &"v".repeat(63)] {
+            let id = generated_id(vm);
+            validate_id("snapshot_id", &id).unwrap();
+            assert!(id.ends_with('Z'), "{id}");
+        }
+    }
+}

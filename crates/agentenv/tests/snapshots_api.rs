@@ -1,0 +1,236 @@
+//! Disk snapshots through the HTTP API, against the Firecracker double, on real
+//! files: take, list, create a VM from one, persist, delete, and the errors.
+
+mod common;
+
+use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use common::{finish, Daemon, TestDir};
+use serde_json::{json, Value};
+
+/// Writes `data` at `offset` of a VM's overlay, as the guest would.
+fn write_into(path: &str, offset: u64, data: &[u8]) {
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(data).unwrap();
+}
+
+fn read_at(path: &str, offset: u64, len: usize) -> Vec<u8> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut buf = vec![0; len];
+    f.read_exact(&mut buf).unwrap();
+    buf
+}
+
+/// Firecracker's own view of the instance state (`Running`, `Paused`).
+fn fc_state(d: &Daemon, vm_id: &str) -> String {
+    let (_, v) = d.call("GET", &format!("/v1/vm/{vm_id}"), None);
+    let sock = v["api_socket"].as_str().unwrap();
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    use std::io::Read;
+    s.read_to_string(&mut out).unwrap();
+    let body = &out[out.find("\r\n\r\n").unwrap() + 4..];
+    let v: Value = serde_json::from_str(body).unwrap();
+    v["state"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn snapshot_restore_persist_delete() {
+    let (d, dir) = Daemon::start();
+    let vm = d.create_ok("src");
+    let overlay = vm["disk"]["writable_path"].as_str().unwrap().to_string();
+    let marker = b"written by the guest before the snapshot";
+    write_into(&overlay, 512 << 20, marker);
+
+    let (code, s) = d.call("POST", "/v1/vm/src/snapshot", Some(json!({"snapshot_id": "s1"})));
+    assert_eq!(code, 201, "{s}");
+    assert_eq!(s["snapshot_id"], "s1");
+    assert_eq!(s["vm_id"], "src");
+    assert_eq!(s["rootfs_id"], "base.ext4");
+    assert_eq!(s["tier"], "tmpfs");
+    assert_eq!(s["status"], "ready");
+    assert_eq!(s["logical_bytes"], 1u64 << 30);
+    assert!(s["allocated_bytes"].as_u64().unwrap() < 64 << 20, "{s}");
+    assert_eq!(s["sha256"].as_str().unwrap().len(), 64);
+    // The source VM keeps running, and Firecracker agrees.
+    let (_, v) = d.call("GET", "/v1/vm/src", None);
+    assert_eq!(v["state"], "running");
+    assert_eq!(fc_state(&d, "src"), "Running");
+
+    // An empty body generates an id.
+    let (code, s2) = d.call("POST", "/v1/vm/src/snapshot", None);
+    assert_eq!(code, 201, "{s2}");
+    assert!(s2["snapshot_id"].as_str().unwrap().starts_with("src-"), "{s2}");
+    let (code, list) = d.call("GET", "/v1/snapshots", None);
+    assert_eq!(code, 200);
+    assert_eq!(list["snapshots"].as_array().unwrap().len(), 2);
+
+    // The source's later writes do not reach the snapshot.
+    write_into(&overlay, 512 << 20, b"XXXXXXXX");
+    let (code, v) = d.call(
+        "POST",
+        "/v1/vm",
+        Some(json!({"vm_id": "copy", "disk": {"kind": "snapshot", "snapshot_id": "s1"}})),
+    );
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["disk"]["kind"], "snapshot");
+    assert_eq!(v["disk"]["snapshot_id"], "s1");
+    assert!(v["boot_args"].as_str().unwrap().contains("agentenv.overlay=/dev/vdb"));
+    let copy = v["disk"]["writable_path"].as_str().unwrap();
+    assert_eq!(read_at(copy, 512 << 20, marker.len()), marker);
+
+    // Persist: tmpfs → durable, idempotent.
+    let (code, p) = d.call("POST", "/v1/snapshots/s1/persist", Some(json!({"keep_tmpfs": true})));
+    assert_eq!(code, 200, "{p}");
+    assert_eq!(p["tier"], "durable");
+    assert!(p["persisted_at"].is_string());
+    assert!(Path::new(p["durable_path"].as_str().unwrap()).exists());
+    assert!(Path::new(p["tmpfs_path"].as_str().unwrap()).exists());
+    let (code, p2) = d.call("POST", "/v1/snapshots/s1/persist", None);
+    assert_eq!(code, 200, "{p2}");
+    assert_eq!(p2["persisted_at"], p["persisted_at"]);
+    let id2 = s2["snapshot_id"].as_str().unwrap();
+    let (code, p) = d.call("POST", &format!("/v1/snapshots/{id2}/persist"), None);
+    assert_eq!(code, 200, "{p}");
+    assert_eq!(p["tmpfs_path"], Value::Null, "tmpfs copy dropped: {p}");
+
+    // Delete.
+    for id in ["s1", id2] {
+        let (code, v) = d.call("DELETE", &format!("/v1/snapshots/{id}"), None);
+        assert_eq!(code, 204, "{v}");
+    }
+    let (code, _) = d.call("GET", "/v1/snapshots/s1", None);
+    assert_eq!(code, 404);
+    finish(d, dir);
+}
+
+#[test]
+fn a_paused_vm_stays_paused_and_errors_are_named() {
+    let (d, dir) = Daemon::start();
+    d.create_ok("p");
+    assert_eq!(d.call("POST", "/v1/vm/p/pause", None).0, 200);
+    let (code, s) = d.call("POST", "/v1/vm/p/snapshot", Some(json!({"snapshot_id": "sp"})));
+    assert_eq!(code, 201, "{s}");
+    let (_, v) = d.call("GET", "/v1/vm/p", None);
+    assert_eq!(v["state"], "paused");
+    assert_eq!(fc_state(&d, "p"), "Paused");
+
+    let cases = [
+        ("/v1/vm/p/snapshot", json!({"snapshot_id": "sp"}), 409, "already exists"),
+        ("/v1/vm/p/snapshot", json!({"snapshot_id": "../x"}), 400, "snapshot_id"),
+        ("/v1/vm/p/snapshot", json!({"snapshot_id": "a", "x": 1}), 400, "unknown field"),
+        ("/v1/vm/nope/snapshot", json!({}), 404, "nope"),
+        ("/v1/snapshots/nope/persist", json!({}), 404, "nope"),
+    ];
+    for (path, body, code, word) in cases {
+        let (got, v) = d.call("POST", path, Some(body.clone()));
+        assert_eq!(got, code, "{path} {body} → {v}");
+        assert!(v["error"].as_str().unwrap().contains(word), "{v}");
+    }
+    let (code, v) = d.call("GET", "/v1/snapshots/.bad", None);
+    assert_eq!((code, v["field"].as_str()), (400, Some("snapshot_id")), "{v}");
+    let (code, _) = d.call("DELETE", "/v1/snapshots/nope", None);
+    assert_eq!(code, 404);
+
+    // A stopped VM has nothing to snapshot.
+    assert_eq!(d.call("POST", "/v1/vm/p/shutdown", None).0, 200);
+    let (code, v) = d.call("POST", "/v1/vm/p/snapshot", None);
+    assert_eq!((code, v["state"].as_str()), (409, Some("stopped")), "{v}");
+
+    // A source whose base image is gone is refused with 404.
+    std::fs::rename(
+        dir.path().join("rootfs/base.ext4"),
+        dir.path().join("rootfs/moved.ext4"),
+    )
+    .unwrap();
+    let (code, v) = d.call(
+        "POST",
+        "/v1/vm",
+        Some(json!({"vm_id": "x", "disk": {"kind": "snapshot", "snapshot_id": "sp"}})),
+    );
+    assert_eq!(code, 404, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("base.ext4"), "{v}");
+    std::fs::rename(
+        dir.path().join("rootfs/moved.ext4"),
+        dir.path().join("rootfs/base.ext4"),
+    )
+    .unwrap();
+
+    // A corrupt snapshot is reported and refused as a source with 422.
+    let (_, s) = d.call("GET", "/v1/snapshots/sp", None);
+    let disk = s["tmpfs_path"].as_str().unwrap();
+    let disk = if Path::new(disk).is_dir() {
+        format!("{disk}/disk.ext4")
+    } else {
+        disk.to_string()
+    };
+    let byte = read_at(&disk, 1024, 1)[0];
+    write_into(&disk, 1024, &[byte ^ 0xff]);
+    let (code, v) = d.call(
+        "POST",
+        "/v1/vm",
+        Some(json!({"vm_id": "x", "disk": {"kind": "snapshot", "snapshot_id": "sp"}})),
+    );
+    assert_eq!(code, 422, "{v}");
+    assert_eq!(v["field"], "disk.snapshot_id");
+    let (_, s) = d.call("GET", "/v1/snapshots/sp", None);
+    assert_eq!(s["status"], "corrupt");
+    let (code, v) = d.call(
+        "POST",
+        "/v1/vm",
+        Some(json!({"vm_id": "x", "disk": {"kind": "snapshot", "snapshot_id": "sp"}})),
+    );
+    assert_eq!(code, 422, "{v}");
+    assert_eq!(d.call("DELETE", "/v1/snapshots/sp", None).0, 204);
+    finish(d, dir);
+}
+
+#[test]
+fn a_snapshot_cannot_be_deleted_while_a_vm_is_created_from_it() {
+    if common::is_real() {
+        eprintln!("skipping: uses the double's --hang-on");
+        return;
+    }
+    let mut dir = TestDir::new();
+    let mut cfg = dir.config();
+    cfg.request_timeout_ms = 1500;
+    let slow = dir.wrapper("fc-slow", &["--hang-on", "PUT /actions"]);
+    dir.baseline = Some(agentenv_testkit::leaks::Baseline::capture(dir.path()));
+    let d = std::sync::Arc::new(Daemon::start_with(cfg.clone(), dir.path()));
+    d.create_ok("src");
+    assert_eq!(
+        d.call("POST", "/v1/vm/src/snapshot", Some(json!({"snapshot_id": "busy"}))).0,
+        201
+    );
+    // Swap the VMM for one whose InstanceStart hangs until the request timeout.
+    let d = std::sync::Arc::into_inner(d).unwrap();
+    d.stop();
+    cfg.firecracker_binary = slow;
+    let d = std::sync::Arc::new(Daemon::start_with(cfg, dir.path()));
+    let creator = {
+        let d = d.clone();
+        std::thread::spawn(move || {
+            d.call(
+                "POST",
+                "/v1/vm",
+                Some(json!({"vm_id": "from", "disk": {"kind": "snapshot", "snapshot_id": "busy"}})),
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, v) = d.call("DELETE", "/v1/snapshots/busy", None);
+    assert_eq!(code, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("being created"), "{v}");
+    let (code, _) = creator.join().unwrap();
+    assert_eq!(code, 504, "the hung create times out and rolls back");
+    assert_eq!(d.call("DELETE", "/v1/snapshots/busy", None).0, 204);
+    let d = std::sync::Arc::into_inner(d).unwrap();
+    finish(d, dir);
+}
