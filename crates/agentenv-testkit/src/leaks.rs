@@ -14,6 +14,8 @@ pub struct Baseline {
     root: PathBuf,
     files: BTreeSet<PathBuf>,
     processes: BTreeSet<u32>,
+    /// Paths that may appear and stay (caches such as overlay templates).
+    allowed: Vec<PathBuf>,
 }
 
 /// Processes whose command line mentions `needle`, as `(pid, cmdline)`.
@@ -80,7 +82,14 @@ impl Baseline {
             root: root.to_path_buf(),
             files: files_below(root),
             processes: processes_mentioning(root).into_iter().map(|p| p.0).collect(),
+            allowed: Vec::new(),
         }
+    }
+
+    /// Lets files at or below `path` appear without counting as leaks.
+    pub fn allow(mut self, path: &Path) -> Baseline {
+        self.allowed.push(path.to_path_buf());
+        self
     }
 
     /// What is there now and was not at the baseline (waiting up to `grace` for
@@ -95,7 +104,9 @@ impl Baseline {
                 }
             }
             for f in files_below(&self.root).difference(&self.files) {
-                leaks.push(format!("file {}", f.display()));
+                if !self.allowed.iter().any(|a| f.starts_with(a)) {
+                    leaks.push(format!("file {}", f.display()));
+                }
             }
             if leaks.is_empty() || start.elapsed() >= grace {
                 return leaks;

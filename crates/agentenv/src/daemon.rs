@@ -10,6 +10,7 @@ use agentenv_core::Engine;
 use agentenv_host::firecracker::FirecrackerVmm;
 use agentenv_host::kvm;
 use agentenv_host::qemu::QemuVmm;
+use agentenv_host::snapshots::TieredStore;
 use agentenv_host::LocalHost;
 use anyhow::{bail, Context};
 
@@ -124,7 +125,9 @@ pub async fn build_engine(cfg: Config) -> anyhow::Result<Arc<Engine>> {
     create_roots(&cfg)?;
     let (vmm, why) = choose_backend(&cfg)?;
     tracing::info!("vmm backend: {} ({why})", vmm.kind());
-    let engine = Engine::start(cfg, vmm, Arc::new(LocalHost), None).await?;
+    let host = Arc::new(LocalHost::with_templates(cfg.snapshots_root.join("templates")));
+    let snapshots = Arc::new(TieredStore::from_config(&cfg));
+    let engine = Engine::start(cfg, vmm, host, None, snapshots).await?;
     Ok(engine)
 }
 

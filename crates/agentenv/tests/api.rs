@@ -235,7 +235,7 @@ fn concurrent_creates_of_one_id_give_exactly_one_201() {
 #[test]
 fn memory_admission_counts_running_vms() {
     let mut dir = TestDir::new();
-    dir.baseline = Some(agentenv_testkit::leaks::Baseline::capture(dir.path()));
+    dir.baseline = Some(common::baseline(dir.path()));
     let mut cfg = dir.config();
     cfg.max_memory_mib = Some(300);
     let d = Daemon::start_with(cfg, dir.path());
@@ -281,7 +281,7 @@ fn direct_disks_follow_the_path_rules() {
     assert_eq!(v["field"], "disk.path");
     d.stop();
 
-    dir.baseline = Some(agentenv_testkit::leaks::Baseline::capture(dir.path()));
+    dir.baseline = Some(common::baseline(dir.path()));
     let mut cfg = cfg;
     cfg.direct_disk_roots = vec![disks.clone()];
     let d = Daemon::start_with(cfg, dir.path());
@@ -378,7 +378,7 @@ fn vmm_exit_is_noticed_and_recorded() {
     let mut cfg = dir.config();
     cfg.firecracker_binary = dir.wrapper("fc-exit", &["--exit-on-start"]);
     let panicking = dir.wrapper("fc-panic", &["--panic-on-start"]);
-    dir.baseline = Some(agentenv_testkit::leaks::Baseline::capture(dir.path()));
+    dir.baseline = Some(common::baseline(dir.path()));
     let d = Daemon::start_with(cfg.clone(), dir.path());
     let (code, v) = d.create("gone");
     assert_eq!(code, 201, "{v}");
@@ -414,7 +414,7 @@ fn shutdown_kills_a_guest_that_ignores_it() {
     let mut cfg = dir.config();
     cfg.shutdown_timeout_s = 1;
     cfg.firecracker_binary = dir.wrapper("fc-stubborn", &["--ignore-ctrl-alt-del"]);
-    dir.baseline = Some(agentenv_testkit::leaks::Baseline::capture(dir.path()));
+    dir.baseline = Some(common::baseline(dir.path()));
     let d = Daemon::start_with(cfg, dir.path());
     d.create_ok("stubborn");
     let (code, v) = d.call("POST", "/v1/vm/stubborn/shutdown", None);
@@ -441,7 +441,7 @@ fn a_hung_vmm_gives_504_and_the_vm_stays_usable() {
     let mut cfg = dir.config();
     cfg.request_timeout_ms = 300;
     cfg.firecracker_binary = dir.wrapper("fc-hang", &["--hang-on", "PATCH /vm"]);
-    dir.baseline = Some(agentenv_testkit::leaks::Baseline::capture(dir.path()));
+    dir.baseline = Some(common::baseline(dir.path()));
     let d = Daemon::start_with(cfg, dir.path());
     d.create_ok("hung");
     let (code, v) = d.call("POST", "/v1/vm/hung/pause", None);

@@ -69,7 +69,7 @@ fn cli(server: &str, args: &[&str]) -> (i32, String, String) {
 fn daemon_and_cli_end_to_end_then_sigterm_stops_cleanly() {
     let dir = TestDir::new();
     let config = write_config(&dir, "");
-    let base = agentenv_testkit::leaks::Baseline::capture(dir.path());
+    let base = common::baseline(dir.path());
     let port = free_port();
     let server = format!("http://127.0.0.1:{port}");
     let mut daemon = Command::new(BIN)

@@ -7,7 +7,7 @@ use common::{is_real, Daemon, TestDir};
 
 /// Runs one failing create and checks the aftermath.
 fn check_rollback(d: &Daemon, dir: &TestDir, expect: u16, word: &str) {
-    let base = agentenv_testkit::leaks::Baseline::capture(dir.path());
+    let base = common::baseline(dir.path());
     let (code, v) = d.create("rb");
     assert_eq!(code, expect, "{v}");
     let err = v["error"].as_str().unwrap();

@@ -202,7 +202,7 @@ fn a_snapshot_cannot_be_deleted_while_a_vm_is_created_from_it() {
     let mut cfg = dir.config();
     cfg.request_timeout_ms = 1500;
     let slow = dir.wrapper("fc-slow", &["--hang-on", "PUT /actions"]);
-    dir.baseline = Some(agentenv_testkit::leaks::Baseline::capture(dir.path()));
+    dir.baseline = Some(common::baseline(dir.path()));
     let d = std::sync::Arc::new(Daemon::start_with(cfg.clone(), dir.path()));
     d.create_ok("src");
     assert_eq!(
