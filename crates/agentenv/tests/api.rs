@@ -317,25 +317,24 @@ fn direct_disks_follow_the_path_rules() {
 
 #[test]
 fn network_is_used_as_given_when_networking_is_disabled() {
+    if is_real() {
+        // A real Firecracker opens the TAP, creating it in the host's namespace.
+        eprintln!("skipping: would make a real Firecracker create a TAP on this host");
+        return;
+    }
     let (d, dir) = Daemon::start();
     let mut body = overlay_req("n1");
     body["network"] = json!({"tap_name": "tap7", "guest_mac": "06:00:AC:10:00:02"});
     let (code, v) = d.call("POST", "/v1/vm", Some(body));
-    if is_real() {
-        // A real Firecracker opens the TAP, which does not exist here.
-        assert_eq!(code, 502, "{v}");
-        assert!(v["error"].as_str().unwrap().contains("network-interfaces"), "{v}");
-    } else {
-        assert_eq!(code, 201, "{v}");
-        assert_eq!(v["tap_name"], "tap7");
-        assert_eq!(v["guest_mac"], "06:00:ac:10:00:02");
-        let fc: Value = serde_json::from_slice(
-            &std::fs::read(Path::new(v["session_dir"].as_str().unwrap()).join("firecracker.json"))
-                .unwrap(),
-        )
-        .unwrap();
-        assert_eq!(fc["network-interfaces"][0]["host_dev_name"], "tap7");
-    }
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["tap_name"], "tap7");
+    assert_eq!(v["guest_mac"], "06:00:ac:10:00:02");
+    let fc: Value = serde_json::from_slice(
+        &std::fs::read(Path::new(v["session_dir"].as_str().unwrap()).join("firecracker.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(fc["network-interfaces"][0]["host_dev_name"], "tap7");
     finish(d, dir);
 }
 
