@@ -110,7 +110,7 @@ pub struct NetworkConfig {
 impl Default for NetworkConfig {
     fn default() -> Self {
         NetworkConfig {
-            enable: false,
+            enable: true,
             tap_prefix: "agtap".into(),
             subnet_prefix: "172.20".into(),
             netmask: "255.255.255.0".into(),
@@ -333,12 +333,6 @@ impl NetworkConfig {
                 return Err(invalid("network.host_interface", "must be 1 to 15 bytes"));
             }
         }
-        if self.enable {
-            return Err(invalid(
-                "network.enable",
-                "automatic networking is not available in this build yet; set enable = false and pass `network` in each create request",
-            ));
-        }
         Ok(())
     }
 }
@@ -359,7 +353,10 @@ mod tests {
         assert_eq!(c.default_slots, 2);
         assert_eq!(c.default_disk_size_gib, 32);
         assert_eq!(c.snapshot_state_overhead_mib, 64);
-        assert_eq!(c.default_boot_args, "console=ttyS0 reboot=k panic=1 pci=off");
+        assert_eq!(
+            c.default_boot_args,
+            "console=ttyS0 reboot=k panic=1 pci=off"
+        );
         assert_eq!(c.session_root, PathBuf::from("data/sessions"));
     }
 
@@ -405,10 +402,16 @@ mod tests {
             ("session_root = \"\"", "session_root"),
             ("direct_disk_roots = [\"rel\"]", "direct_disk_roots"),
             ("[network]\nnetmask = \"255.0.255.0\"", "network.netmask"),
-            ("[network]\nnetmask = \"255.255.255.254\"", "network.netmask"),
+            (
+                "[network]\nnetmask = \"255.255.255.254\"",
+                "network.netmask",
+            ),
             ("[network]\nnetmask = \"255.255.0.0\"", "network.netmask"),
             ("[network]\nsubnet_prefix = \"10\"", "network.subnet_prefix"),
-            ("[network]\ntap_prefix = \"a-very-long-prefix\"", "network.tap_prefix"),
+            (
+                "[network]\ntap_prefix = \"a-very-long-prefix\"",
+                "network.tap_prefix",
+            ),
         ];
         for (text, key) in cases {
             let e = err(text);

@@ -106,7 +106,10 @@ mod tests {
     #[test]
     fn error_names_the_field() {
         let e = validate_id("snapshot_id", "../x").unwrap_err();
-        assert!(e.to_string().starts_with("snapshot_id \"../x\" is invalid"), "{e}");
+        assert!(
+            e.to_string().starts_with("snapshot_id \"../x\" is invalid"),
+            "{e}"
+        );
     }
 
     #[test]

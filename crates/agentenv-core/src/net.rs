@@ -168,7 +168,10 @@ mod tests {
         assert_eq!(l.guest_ip, Ipv4Addr::new(172, 20, 1, 2));
         assert_eq!(l.guest_mac, "06:00:ac:14:01:02");
         assert_eq!(l.network(), Ipv4Addr::new(172, 20, 1, 0));
-        assert_eq!(l.boot_args(), "agentenv.ip=172.20.1.2/24 agentenv.gw=172.20.1.1");
+        assert_eq!(
+            l.boot_args(),
+            "agentenv.ip=172.20.1.2/24 agentenv.gw=172.20.1.1"
+        );
         assert_eq!(p.capacity(), 255);
         assert!(p.lease(256).is_none());
         assert!(p.lease(0).is_none());

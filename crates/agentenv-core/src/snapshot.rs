@@ -101,8 +101,11 @@ pub trait SnapshotStore: Send + Sync + 'static {
     /// Copies a tmpfs snapshot to the durable tier (temp name, fsync, verify the
     /// checksum, rename, fsync the directory), then marks it durable, keeping or
     /// dropping the tmpfs copy. Persisting a durable snapshot does nothing.
-    async fn persist(&self, snapshot_id: &str, keep_tmpfs: bool)
-        -> Result<SnapshotInfo, SnapshotError>;
+    async fn persist(
+        &self,
+        snapshot_id: &str,
+        keep_tmpfs: bool,
+    ) -> Result<SnapshotInfo, SnapshotError>;
 
     /// Verifies the snapshot's checksum and copies its disk (sparse-aware) to
     /// `dest`, which must not exist. A mismatch marks it corrupt and fails.

@@ -13,7 +13,12 @@ use serde::Serialize;
 #[derive(Debug, Clone, Args)]
 pub struct ClientOpts {
     /// The daemon's address.
-    #[arg(long, global = true, env = "AGENTENV_SERVER", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "AGENTENV_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub server: String,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
@@ -153,7 +158,11 @@ impl CreateArgs {
             },
             (None, Some(snapshot_id), None) => DiskSpec::Snapshot { snapshot_id },
             (None, None, Some(path)) => DiskSpec::Direct { path },
-            _ => return Err(anyhow!("give exactly one of --rootfs, --snapshot or --direct")),
+            _ => {
+                return Err(anyhow!(
+                    "give exactly one of --rootfs, --snapshot or --direct"
+                ))
+            }
         };
         let network = match (self.tap, self.mac) {
             (Some(tap_name), Some(guest_mac)) => Some(NetworkSpec {
@@ -217,7 +226,10 @@ impl Client {
                     .unwrap_or(text);
                 Err(anyhow!("{msg} (HTTP {code})"))
             }
-            Err(e) => Err(anyhow!("cannot reach the agentenv daemon at {}: {e}", self.base)),
+            Err(e) => Err(anyhow!(
+                "cannot reach the agentenv daemon at {}: {e}",
+                self.base
+            )),
         }
     }
 
@@ -307,10 +319,9 @@ pub fn run_vm(opts: &ClientOpts, cmd: VmCommand) -> anyhow::Result<()> {
             c.remove(&format!("/v1/vm/{vm_id}"))?;
             print_deleted(&mut out, opts, &vm_id)
         }
-        VmCommand::Snapshot {
-            vm_id,
-            snapshot_id,
-        } => print_snapshot(&mut out, opts, &c.snapshot(&vm_id, snapshot_id)?),
+        VmCommand::Snapshot { vm_id, snapshot_id } => {
+            print_snapshot(&mut out, opts, &c.snapshot(&vm_id, snapshot_id)?)
+        }
     }
 }
 
@@ -384,7 +395,10 @@ fn print_snapshot(
     Ok(())
 }
 
-fn write_snapshot_table(out: &mut impl std::io::Write, snaps: &[SnapshotInfo]) -> anyhow::Result<()> {
+fn write_snapshot_table(
+    out: &mut impl std::io::Write,
+    snaps: &[SnapshotInfo],
+) -> anyhow::Result<()> {
     let rows: Vec<Vec<String>> = snaps
         .iter()
         .map(|s| {
@@ -400,13 +414,24 @@ fn write_snapshot_table(out: &mut impl std::io::Write, snaps: &[SnapshotInfo]) -
         .collect();
     write_rows(
         out,
-        &["SNAPSHOT_ID", "VM_ID", "TIER", "STATUS", "ALLOCATED", "CREATED"],
+        &[
+            "SNAPSHOT_ID",
+            "VM_ID",
+            "TIER",
+            "STATUS",
+            "ALLOCATED",
+            "CREATED",
+        ],
         &rows,
     )
 }
 
 /// Left-aligned columns, two spaces apart.
-fn write_rows(out: &mut impl std::io::Write, head: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
+fn write_rows(
+    out: &mut impl std::io::Write,
+    head: &[&str],
+    rows: &[Vec<String>],
+) -> anyhow::Result<()> {
     let mut widths: Vec<usize> = head.iter().map(|h| h.len()).collect();
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -461,7 +486,9 @@ pub fn write_table(out: &mut impl std::io::Write, vms: &[VmInfo]) -> anyhow::Res
         .collect();
     write_rows(
         out,
-        &["VM_ID", "STATE", "BACKEND", "VCPUS", "MEM_MIB", "GUEST_IP", "CREATED"],
+        &[
+            "VM_ID", "STATE", "BACKEND", "VCPUS", "MEM_MIB", "GUEST_IP", "CREATED",
+        ],
         &rows,
     )
 }
@@ -488,7 +515,10 @@ pub fn write_details(out: &mut impl std::io::Write, v: &VmInfo) -> anyhow::Resul
         ("api_socket", v.api_socket.clone()),
         ("session_dir", v.session_dir.clone()),
         ("console_log", v.console_log.clone()),
-        ("pid", v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())),
+        (
+            "pid",
+            v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+        ),
         ("created_at", v.created_at.to_rfc3339()),
     ];
     for sh in &v.shares {

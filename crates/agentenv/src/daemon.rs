@@ -4,11 +4,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use agentenv_core::config::{Config, VmmChoice};
 use agentenv_core::backend::Vmm;
+use agentenv_core::config::{Config, VmmChoice};
+use agentenv_core::net::HostNetwork;
 use agentenv_core::Engine;
 use agentenv_host::firecracker::FirecrackerVmm;
 use agentenv_host::kvm;
+use agentenv_host::net::LinuxNetwork;
 use agentenv_host::qemu::QemuVmm;
 use agentenv_host::snapshots::TieredStore;
 use agentenv_host::LocalHost;
@@ -93,41 +95,68 @@ pub fn choose_backend(cfg: &Config) -> anyhow::Result<(Arc<dyn Vmm>, String)> {
             let (vmm, why) = qemu()?;
             Ok((vmm, format!("vmm = \"qemu\"; {why}")))
         }
-        VmmChoice::Auto => match fc {
-            Some(bin) => {
-                let (usable, why) = kvm::kvm_usable();
-                if usable {
-                    let why = format!("vmm = \"auto\": {} found and KVM runs guests ({why})", bin.display());
-                    return Ok((Arc::new(FirecrackerVmm::new(bin)), why));
-                }
-                let (vmm, qwhy) = qemu()?;
-                Ok((
+        VmmChoice::Auto => {
+            match fc {
+                Some(bin) => {
+                    let (usable, why) = kvm::kvm_usable();
+                    if usable {
+                        let why = format!(
+                            "vmm = \"auto\": {} found and KVM runs guests ({why})",
+                            bin.display()
+                        );
+                        return Ok((Arc::new(FirecrackerVmm::new(bin)), why));
+                    }
+                    let (vmm, qwhy) = qemu()?;
+                    Ok((
                     vmm,
                     format!("vmm = \"auto\": {} found but KVM cannot run a guest ({why}); QEMU {qwhy}", bin.display()),
                 ))
+                }
+                None => {
+                    let (vmm, why) = qemu()?;
+                    Ok((
+                        vmm,
+                        format!(
+                            "vmm = \"auto\": no firecracker binary ({}); QEMU {why}",
+                            cfg.firecracker_binary.display()
+                        ),
+                    ))
+                }
             }
-            None => {
-                let (vmm, why) = qemu()?;
-                Ok((
-                    vmm,
-                    format!(
-                        "vmm = \"auto\": no firecracker binary ({}); QEMU {why}",
-                        cfg.firecracker_binary.display()
-                    ),
-                ))
-            }
-        },
+        }
     }
 }
 
 /// Builds the engine for a config: directories, backend, networking, records.
 pub async fn build_engine(cfg: Config) -> anyhow::Result<Arc<Engine>> {
+    build_engine_in(cfg, None).await
+}
+
+/// Like [`build_engine`], with the VM networking done inside the network
+/// namespace `netns` (a path like `/run/netns/NAME`) instead of the daemon's own.
+pub async fn build_engine_in(cfg: Config, netns: Option<PathBuf>) -> anyhow::Result<Arc<Engine>> {
     create_roots(&cfg)?;
     let (vmm, why) = choose_backend(&cfg)?;
     tracing::info!("vmm backend: {} ({why})", vmm.kind());
-    let host = Arc::new(LocalHost::with_templates(cfg.snapshots_root.join("templates")));
+    let host = Arc::new(LocalHost::with_templates(
+        cfg.snapshots_root.join("templates"),
+    ));
     let snapshots = Arc::new(TieredStore::from_config(&cfg));
-    let engine = Engine::start(cfg, vmm, host, None, snapshots).await?;
+    let net: Option<Arc<dyn HostNetwork>> = if cfg.network.enable {
+        let net = LinuxNetwork::new(&cfg.network, netns)
+            .map_err(|e| anyhow::anyhow!("config table `[network]`: {e}"))?;
+        tracing::info!(
+            "automatic networking on: {}N TAPs, subnets of {} in {}.0.0/16",
+            cfg.network.tap_prefix,
+            cfg.network.netmask,
+            cfg.network.subnet_prefix
+        );
+        Some(Arc::new(net))
+    } else {
+        tracing::info!("automatic networking off: create requests name their own TAP");
+        None
+    };
+    let engine = Engine::start(cfg, vmm, host, net, snapshots).await?;
     Ok(engine)
 }
 

@@ -50,8 +50,9 @@ fn main() {
         None | Some(Command::Serve) => daemon(cli.config, cli.listen),
         Some(Command::Vm { opts, command }) => agentenv::cli::run_vm(&opts, command),
         Some(Command::Snapshot { opts, command }) => agentenv::cli::run_snapshot(&opts, command),
-        Some(Command::CheckConfig) => agentenv::daemon::load_config(cli.config.as_deref())
-            .map(|c| println!("{c:#?}")),
+        Some(Command::CheckConfig) => {
+            agentenv::daemon::load_config(cli.config.as_deref()).map(|c| println!("{c:#?}"))
+        }
         Some(Command::Openapi) => {
             print!("{}", agentenv::server::openapi::document());
             Ok(())
@@ -66,8 +67,7 @@ fn main() {
 fn daemon(config: Option<PathBuf>, listen: SocketAddr) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -25,7 +25,10 @@ fn lifecycle_create_pause_resume_shutdown_delete() {
     assert!(vm["created_at"].as_str().unwrap().contains('T'));
     assert!(vm["pid"].as_u64().is_some());
     let sock = vm["api_socket"].as_str().unwrap();
-    assert!(sock.starts_with(dir.path().join("s").to_str().unwrap()), "{sock}");
+    assert!(
+        sock.starts_with(dir.path().join("s").to_str().unwrap()),
+        "{sock}"
+    );
     assert!(Path::new(sock).exists());
     assert_eq!(vm["disk"]["kind"], "overlay");
     assert!(vm["disk"]["rootfs_path"]
@@ -61,7 +64,10 @@ fn lifecycle_create_pause_resume_shutdown_delete() {
     assert_eq!((code, v["state"].as_str()), (200, Some("paused")), "{v}");
     let rec: Value =
         serde_json::from_slice(&std::fs::read(session.join("vm.json")).unwrap()).unwrap();
-    assert_eq!(rec["vm"]["state"], "paused", "state persisted before answering");
+    assert_eq!(
+        rec["vm"]["state"], "paused",
+        "state persisted before answering"
+    );
     let (code, v) = d.call("POST", "/v1/vm/vm1/resume", None);
     assert_eq!((code, v["state"].as_str()), (200, Some("running")), "{v}");
 
@@ -125,7 +131,11 @@ fn wrong_state_is_409_with_the_current_state() {
     assert_eq!(code, 200, "a paused vm can be shut down: {v}");
     for verb in ["pause", "resume", "shutdown"] {
         let (code, v) = d.call("POST", &format!("/v1/vm/vm1/{verb}"), None);
-        assert_eq!((code, v["state"].as_str()), (409, Some("stopped")), "{verb}: {v}");
+        assert_eq!(
+            (code, v["state"].as_str()),
+            (409, Some("stopped")),
+            "{verb}: {v}"
+        );
     }
     finish(d, dir);
 }
@@ -162,33 +172,137 @@ fn unknown_vms_are_404_and_bad_ids_400() {
 fn bad_create_bodies_name_the_field_and_leave_nothing() {
     let (d, dir) = Daemon::start();
     let cases: Vec<(Value, u16, &str)> = vec![
-        (json!({"vm_id": "../x", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "vm_id"),
-        (json!({"vm_id": "", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "vm_id"),
-        (json!({"vm_id": "a b", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "vm_id"),
-        (json!({"vm_id": "x".repeat(64), "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "vm_id"),
-        (json!({"vm_id": "١٢٣", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "vm_id"),
-        (json!({"vm_id": 5, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "vm_id"),
-        (json!({"vm_id": "a", "slots": 0, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "slots"),
-        (json!({"vm_id": "a", "slots": 33, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "slots"),
-        (json!({"vm_id": "a", "slots": -1, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "slots"),
-        (json!({"vm_id": "a", "slots": "2", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "slots"),
-        (json!({"vm_id": "a", "memory": 1, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "memory"),
+        (
+            json!({"vm_id": "../x", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}),
+            400,
+            "vm_id",
+        ),
+        (
+            json!({"vm_id": "", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}),
+            400,
+            "vm_id",
+        ),
+        (
+            json!({"vm_id": "a b", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}),
+            400,
+            "vm_id",
+        ),
+        (
+            json!({"vm_id": "x".repeat(64), "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}),
+            400,
+            "vm_id",
+        ),
+        (
+            json!({"vm_id": "١٢٣", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}),
+            400,
+            "vm_id",
+        ),
+        (
+            json!({"vm_id": 5, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}),
+            400,
+            "vm_id",
+        ),
+        (
+            json!({"vm_id": "a", "slots": 0, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}),
+            400,
+            "slots",
+        ),
+        (
+            json!({"vm_id": "a", "slots": 33, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}),
+            400,
+            "slots",
+        ),
+        (
+            json!({"vm_id": "a", "slots": -1, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}),
+            400,
+            "slots",
+        ),
+        (
+            json!({"vm_id": "a", "slots": "2", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}),
+            400,
+            "slots",
+        ),
+        (
+            json!({"vm_id": "a", "memory": 1, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}),
+            400,
+            "memory",
+        ),
         (json!({"vm_id": "a"}), 400, ""),
-        (json!({"vm_id": "a", "disk": {"kind":"floppy"}}), 400, "disk.kind"),
-        (json!({"vm_id": "a", "disk": {"kind":"overlay","rootfs_id":"nope.ext4"}}), 404, "disk.rootfs_id"),
-        (json!({"vm_id": "a", "disk": {"kind":"overlay","rootfs_id":"../etc/passwd"}}), 400, "disk.rootfs_id"),
-        (json!({"vm_id": "a", "disk": {"kind":"overlay","rootfs_id":"base.ext4","disk_size_gib":0}}), 400, "disk.disk_size_gib"),
-        (json!({"vm_id": "a", "disk": {"kind":"overlay","rootfs_id":"base.ext4","extra":1}}), 400, "disk"),
-        (json!({"vm_id": "a", "disk": {"kind":"snapshot","snapshot_id":"nope"}}), 404, "disk.snapshot_id"),
-        (json!({"vm_id": "a", "disk": {"kind":"snapshot","snapshot_id":"../x"}}), 400, "disk.snapshot_id"),
-        (json!({"vm_id": "a", "kernel": "missing", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 404, "kernel"),
-        (json!({"vm_id": "a", "kernel": "/etc/passwd", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "kernel"),
-        (json!({"vm_id": "a", "initrd": "missing.img", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 404, "initrd"),
-        (json!({"vm_id": "a", "boot_args": "x agentenv.root=/dev/sda", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "boot_args"),
-        (json!({"vm_id": "a", "boot_args": "a\u{0}b", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "boot_args"),
-        (json!({"vm_id": "a", "network": {"tap_name":"tap0","guest_mac":"zz"}, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "network.guest_mac"),
-        (json!({"vm_id": "a", "network": {"tap_name":"a/b","guest_mac":"06:00:00:00:00:01"}, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "network.tap_name"),
-        (json!({"vm_id": "a", "network": {"tap_name":"tap0"}, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}), 400, "network"),
+        (
+            json!({"vm_id": "a", "disk": {"kind":"floppy"}}),
+            400,
+            "disk.kind",
+        ),
+        (
+            json!({"vm_id": "a", "disk": {"kind":"overlay","rootfs_id":"nope.ext4"}}),
+            404,
+            "disk.rootfs_id",
+        ),
+        (
+            json!({"vm_id": "a", "disk": {"kind":"overlay","rootfs_id":"../etc/passwd"}}),
+            400,
+            "disk.rootfs_id",
+        ),
+        (
+            json!({"vm_id": "a", "disk": {"kind":"overlay","rootfs_id":"base.ext4","disk_size_gib":0}}),
+            400,
+            "disk.disk_size_gib",
+        ),
+        (
+            json!({"vm_id": "a", "disk": {"kind":"overlay","rootfs_id":"base.ext4","extra":1}}),
+            400,
+            "disk",
+        ),
+        (
+            json!({"vm_id": "a", "disk": {"kind":"snapshot","snapshot_id":"nope"}}),
+            404,
+            "disk.snapshot_id",
+        ),
+        (
+            json!({"vm_id": "a", "disk": {"kind":"snapshot","snapshot_id":"../x"}}),
+            400,
+            "disk.snapshot_id",
+        ),
+        (
+            json!({"vm_id": "a", "kernel": "missing", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}),
+            404,
+            "kernel",
+        ),
+        (
+            json!({"vm_id": "a", "kernel": "/etc/passwd", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}),
+            400,
+            "kernel",
+        ),
+        (
+            json!({"vm_id": "a", "initrd": "missing.img", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}),
+            404,
+            "initrd",
+        ),
+        (
+            json!({"vm_id": "a", "boot_args": "x agentenv.root=/dev/sda", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}),
+            400,
+            "boot_args",
+        ),
+        (
+            json!({"vm_id": "a", "boot_args": "a\u{0}b", "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}),
+            400,
+            "boot_args",
+        ),
+        (
+            json!({"vm_id": "a", "network": {"tap_name":"tap0","guest_mac":"zz"}, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}),
+            400,
+            "network.guest_mac",
+        ),
+        (
+            json!({"vm_id": "a", "network": {"tap_name":"a/b","guest_mac":"06:00:00:00:00:01"}, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}),
+            400,
+            "network.tap_name",
+        ),
+        (
+            json!({"vm_id": "a", "network": {"tap_name":"tap0"}, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}}),
+            400,
+            "network",
+        ),
     ];
     for (body, code, field) in cases {
         let (got, v) = d.call("POST", "/v1/vm", Some(body.clone()));
@@ -201,7 +315,10 @@ fn bad_create_bodies_name_the_field_and_leave_nothing() {
     // Malformed JSON, empty and oversized bodies.
     let (code, v) = d.post_raw("/v1/vm", b"{\"vm_id\": ");
     assert_eq!(code, 400, "{v}");
-    assert!(v["error"].as_str().unwrap().contains("malformed JSON"), "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("malformed JSON"),
+        "{v}"
+    );
     let (code, v) = d.post_raw("/v1/vm", b"");
     assert_eq!(code, 400, "{v}");
     let big = format!(
@@ -262,16 +379,18 @@ fn direct_disks_follow_the_path_rules() {
     let mut dir = TestDir::new();
     let disks = dir.path().join("disks");
     let ok = disks.join("ok.img");
-    std::fs::File::create(&ok).unwrap().set_len(1 << 20).unwrap();
+    std::fs::File::create(&ok)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
     std::os::unix::fs::symlink(&ok, disks.join("link.img")).unwrap();
     std::fs::write(disks.join("linked.img"), b"x").unwrap();
     std::fs::hard_link(disks.join("linked.img"), disks.join("linked2.img")).unwrap();
     nix::unistd::mkfifo(&disks.join("fifo.img"), nix::sys::stat::Mode::S_IRWXU).unwrap();
     std::fs::create_dir(disks.join("dir.img")).unwrap();
     let outside = dir.path().join("rootfs/base.ext4");
-    let req = |id: &str, path: &Path| {
-        json!({"vm_id": id, "disk": {"kind": "direct", "path": path}})
-    };
+    let req =
+        |id: &str, path: &Path| json!({"vm_id": id, "disk": {"kind": "direct", "path": path}});
 
     // Without direct_disk_roots every direct disk is refused.
     let cfg = dir.config();
@@ -305,7 +424,10 @@ fn direct_disks_follow_the_path_rules() {
     assert_eq!(code, 201, "{v}");
     assert_eq!(v["disk"]["kind"], "direct");
     assert_eq!(v["disk"]["writable_path"], ok.to_str().unwrap());
-    assert!(!v["boot_args"].as_str().unwrap().contains("agentenv.overlay"));
+    assert!(!v["boot_args"]
+        .as_str()
+        .unwrap()
+        .contains("agentenv.overlay"));
     let (code, v) = d.call("POST", "/v1/vm", Some(req("b", &ok)));
     assert_eq!(code, 409, "two vms on one direct disk: {v}");
     // Deleting the VM keeps the user's disk.
@@ -361,7 +483,10 @@ fn openapi_document_is_served() {
     let (d, dir) = Daemon::start();
     let (code, v) = d.call("GET", "/v1/openapi.json", None);
     assert_eq!(code, 200);
-    assert!(v["paths"]["/v1/vm/{vm_id}/pause"]["post"].is_object(), "{v}");
+    assert!(
+        v["paths"]["/v1/vm/{vm_id}/pause"]["post"].is_object(),
+        "{v}"
+    );
     let (code, v) = d.call("GET", "/v1/health", None);
     assert_eq!((code, v["status"].as_str()), (200, Some("ok")));
     finish(d, dir);

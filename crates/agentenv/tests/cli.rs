@@ -12,6 +12,12 @@ const BIN: &str = env!("CARGO_BIN_EXE_agentenv");
 
 fn write_config(dir: &TestDir, extra: &str) -> std::path::PathBuf {
     let c = dir.config();
+    // These tests run in the host's namespace: networking stays off.
+    let extra = if extra.contains("[network]") {
+        extra.replace("[network]", "[network]\nenable = false")
+    } else {
+        format!("{extra}\n[network]\nenable = false")
+    };
     let text = format!(
         r#"session_root = "{}"
 socket_root = "{}"
@@ -81,14 +87,20 @@ fn daemon_and_cli_end_to_end_then_sigterm_stops_cleanly() {
         .unwrap();
     let start = Instant::now();
     while ureq::get(&format!("{server}/v1/health")).call().is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10), "daemon did not come up");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "daemon did not come up"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 
     let (code, out, err) = cli(&server, &["create", "c1", "--rootfs", "base.ext4"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("state          running"), "{out}");
-    let (code, out, _) = cli(&server, &["create", "c2", "--rootfs", "base.ext4", "--json"]);
+    let (code, out, _) = cli(
+        &server,
+        &["create", "c2", "--rootfs", "base.ext4", "--json"],
+    );
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["state"], "running");
@@ -97,7 +109,10 @@ fn daemon_and_cli_end_to_end_then_sigterm_stops_cleanly() {
     assert_eq!(code, 0);
     let lines: Vec<&str> = out.lines().collect();
     assert!(lines[0].starts_with("VM_ID"), "{out}");
-    assert!(lines[1].starts_with("c1 ") && lines[1].contains("running"), "{out}");
+    assert!(
+        lines[1].starts_with("c1 ") && lines[1].contains("running"),
+        "{out}"
+    );
     assert_eq!(lines.len(), 3, "{out}");
     let (_, out, _) = cli(&server, &["ls", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -108,14 +123,20 @@ fn daemon_and_cli_end_to_end_then_sigterm_stops_cleanly() {
     assert!(out.contains("paused"), "{out}");
     let (code, _, err) = cli(&server, &["pause", "c1"]);
     assert_eq!(code, 1);
-    assert!(err.contains("is paused") && err.contains("HTTP 409"), "{err}");
+    assert!(
+        err.contains("is paused") && err.contains("HTTP 409"),
+        "{err}"
+    );
     let (code, out, _) = cli(&server, &["resume", "c1"]);
     assert_eq!((code, out.contains("running")), (0, true), "{out}");
     let (code, out, _) = cli(&server, &["shutdown", "c1"]);
     assert_eq!((code, out.contains("stopped")), (0, true), "{out}");
     let (code, out, _) = cli(&server, &["show", "c1"]);
     assert_eq!(code, 0);
-    assert!(out.contains("exit") && out.contains("shut down by request"), "{out}");
+    assert!(
+        out.contains("exit") && out.contains("shut down by request"),
+        "{out}"
+    );
     let (code, out, _) = cli(&server, &["rm", "c1"]);
     assert_eq!((code, out.trim()), (0, "deleted c1"));
     let (code, _, err) = cli(&server, &["show", "c1"]);
@@ -155,7 +176,12 @@ fn bad_config_stops_startup_naming_the_key() {
     ] {
         let config = write_config(&dir, extra);
         let out = Command::new(BIN)
-            .args(["--config", config.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .args([
+                "--config",
+                config.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ])
             .output()
             .unwrap();
         assert!(!out.status.success());

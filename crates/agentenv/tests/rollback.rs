@@ -41,10 +41,26 @@ fn vmm_failures_roll_back_every_step() {
     let cases: &[(&[&str], u16, &str)] = &[
         (&["--exit-at-start", "3"], 502, "exited during startup"),
         (&["--no-socket"], 502, "did not create its socket"),
-        (&["--fail-request", "PUT /machine-config"], 502, "PUT /machine-config"),
-        (&["--fail-request", "PUT /boot-source"], 502, "PUT /boot-source"),
-        (&["--fail-request", "PUT /drives/rootfs"], 502, "PUT /drives/rootfs"),
-        (&["--fail-request", "PUT /drives/overlay"], 502, "PUT /drives/overlay"),
+        (
+            &["--fail-request", "PUT /machine-config"],
+            502,
+            "PUT /machine-config",
+        ),
+        (
+            &["--fail-request", "PUT /boot-source"],
+            502,
+            "PUT /boot-source",
+        ),
+        (
+            &["--fail-request", "PUT /drives/rootfs"],
+            502,
+            "PUT /drives/rootfs",
+        ),
+        (
+            &["--fail-request", "PUT /drives/overlay"],
+            502,
+            "PUT /drives/overlay",
+        ),
         (&["--fail-request", "PUT /actions"], 502, "PUT /actions"),
         (&["--hang-on", "PUT /actions"], 504, "timed out"),
     ];
@@ -61,11 +77,17 @@ fn vmm_failures_roll_back_every_step() {
     // A missing binary is a clean 502 too.
     let mut cfg = dir.config();
     cfg.firecracker_binary = dir.path().join("fc-missing");
-    std::fs::write(&cfg.firecracker_binary, "#!/bin/sh\nexec /nonexistent/firecracker \"$@\"\n")
-        .unwrap();
+    std::fs::write(
+        &cfg.firecracker_binary,
+        "#!/bin/sh\nexec /nonexistent/firecracker \"$@\"\n",
+    )
+    .unwrap();
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&cfg.firecracker_binary, std::fs::Permissions::from_mode(0o755))
-        .unwrap();
+    std::fs::set_permissions(
+        &cfg.firecracker_binary,
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     let d = Daemon::start_with(cfg, dir.path());
     check_rollback(&d, &dir, 502, "exited during startup");
     d.stop();

@@ -49,7 +49,11 @@ fn snapshot_restore_persist_delete() {
     let marker = b"written by the guest before the snapshot";
     write_into(&overlay, 512 << 20, marker);
 
-    let (code, s) = d.call("POST", "/v1/vm/src/snapshot", Some(json!({"snapshot_id": "s1"})));
+    let (code, s) = d.call(
+        "POST",
+        "/v1/vm/src/snapshot",
+        Some(json!({"snapshot_id": "s1"})),
+    );
     assert_eq!(code, 201, "{s}");
     assert_eq!(s["snapshot_id"], "s1");
     assert_eq!(s["vm_id"], "src");
@@ -67,7 +71,10 @@ fn snapshot_restore_persist_delete() {
     // An empty body generates an id.
     let (code, s2) = d.call("POST", "/v1/vm/src/snapshot", None);
     assert_eq!(code, 201, "{s2}");
-    assert!(s2["snapshot_id"].as_str().unwrap().starts_with("src-"), "{s2}");
+    assert!(
+        s2["snapshot_id"].as_str().unwrap().starts_with("src-"),
+        "{s2}"
+    );
     let (code, list) = d.call("GET", "/v1/snapshots", None);
     assert_eq!(code, 200);
     assert_eq!(list["snapshots"].as_array().unwrap().len(), 2);
@@ -82,12 +89,19 @@ fn snapshot_restore_persist_delete() {
     assert_eq!(code, 201, "{v}");
     assert_eq!(v["disk"]["kind"], "snapshot");
     assert_eq!(v["disk"]["snapshot_id"], "s1");
-    assert!(v["boot_args"].as_str().unwrap().contains("agentenv.overlay=/dev/vdb"));
+    assert!(v["boot_args"]
+        .as_str()
+        .unwrap()
+        .contains("agentenv.overlay=/dev/vdb"));
     let copy = v["disk"]["writable_path"].as_str().unwrap();
     assert_eq!(read_at(copy, 512 << 20, marker.len()), marker);
 
     // Persist: tmpfs → durable, idempotent.
-    let (code, p) = d.call("POST", "/v1/snapshots/s1/persist", Some(json!({"keep_tmpfs": true})));
+    let (code, p) = d.call(
+        "POST",
+        "/v1/snapshots/s1/persist",
+        Some(json!({"keep_tmpfs": true})),
+    );
     assert_eq!(code, 200, "{p}");
     assert_eq!(p["tier"], "durable");
     assert!(p["persisted_at"].is_string());
@@ -116,16 +130,35 @@ fn a_paused_vm_stays_paused_and_errors_are_named() {
     let (d, dir) = Daemon::start();
     d.create_ok("p");
     assert_eq!(d.call("POST", "/v1/vm/p/pause", None).0, 200);
-    let (code, s) = d.call("POST", "/v1/vm/p/snapshot", Some(json!({"snapshot_id": "sp"})));
+    let (code, s) = d.call(
+        "POST",
+        "/v1/vm/p/snapshot",
+        Some(json!({"snapshot_id": "sp"})),
+    );
     assert_eq!(code, 201, "{s}");
     let (_, v) = d.call("GET", "/v1/vm/p", None);
     assert_eq!(v["state"], "paused");
     assert_eq!(fc_state(&d, "p"), "Paused");
 
     let cases = [
-        ("/v1/vm/p/snapshot", json!({"snapshot_id": "sp"}), 409, "already exists"),
-        ("/v1/vm/p/snapshot", json!({"snapshot_id": "../x"}), 400, "snapshot_id"),
-        ("/v1/vm/p/snapshot", json!({"snapshot_id": "a", "x": 1}), 400, "unknown field"),
+        (
+            "/v1/vm/p/snapshot",
+            json!({"snapshot_id": "sp"}),
+            409,
+            "already exists",
+        ),
+        (
+            "/v1/vm/p/snapshot",
+            json!({"snapshot_id": "../x"}),
+            400,
+            "snapshot_id",
+        ),
+        (
+            "/v1/vm/p/snapshot",
+            json!({"snapshot_id": "a", "x": 1}),
+            400,
+            "unknown field",
+        ),
         ("/v1/vm/nope/snapshot", json!({}), 404, "nope"),
         ("/v1/snapshots/nope/persist", json!({}), 404, "nope"),
     ];
@@ -135,7 +168,11 @@ fn a_paused_vm_stays_paused_and_errors_are_named() {
         assert!(v["error"].as_str().unwrap().contains(word), "{v}");
     }
     let (code, v) = d.call("GET", "/v1/snapshots/.bad", None);
-    assert_eq!((code, v["field"].as_str()), (400, Some("snapshot_id")), "{v}");
+    assert_eq!(
+        (code, v["field"].as_str()),
+        (400, Some("snapshot_id")),
+        "{v}"
+    );
     let (code, _) = d.call("DELETE", "/v1/snapshots/nope", None);
     assert_eq!(code, 404);
 
@@ -206,7 +243,12 @@ fn a_snapshot_cannot_be_deleted_while_a_vm_is_created_from_it() {
     let d = std::sync::Arc::new(Daemon::start_with(cfg.clone(), dir.path()));
     d.create_ok("src");
     assert_eq!(
-        d.call("POST", "/v1/vm/src/snapshot", Some(json!({"snapshot_id": "busy"}))).0,
+        d.call(
+            "POST",
+            "/v1/vm/src/snapshot",
+            Some(json!({"snapshot_id": "busy"}))
+        )
+        .0,
         201
     );
     // Swap the VMM for one whose InstanceStart hangs until the request timeout.
@@ -227,7 +269,10 @@ fn a_snapshot_cannot_be_deleted_while_a_vm_is_created_from_it() {
     std::thread::sleep(Duration::from_millis(500));
     let (code, v) = d.call("DELETE", "/v1/snapshots/busy", None);
     assert_eq!(code, 409, "{v}");
-    assert!(v["error"].as_str().unwrap().contains("being created"), "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("being created"),
+        "{v}"
+    );
     let (code, _) = creator.join().unwrap();
     assert_eq!(code, 504, "the hung create times out and rolls back");
     assert_eq!(d.call("DELETE", "/v1/snapshots/busy", None).0, 204);

@@ -102,12 +102,9 @@ impl Engine {
         let kernel_name = req.kernel.as_deref().unwrap_or(&cfg.default_kernel);
         let kernel = self.existing_file(&cfg.kernel_root, "kernel", kernel_name, "kernel_root")?;
         let initrd = match req.initrd.as_deref().or(cfg.default_initrd.as_deref()) {
-            Some(name) => Some(self.existing_file(
-                &cfg.initramfs_root,
-                "initrd",
-                name,
-                "initramfs_root",
-            )?),
+            Some(name) => {
+                Some(self.existing_file(&cfg.initramfs_root, "initrd", name, "initramfs_root")?)
+            }
             None => None,
         };
 
@@ -231,7 +228,10 @@ impl Engine {
             )),
             Err(_) => Err(EngineError::not_found(
                 field,
-                format!("{field} {name:?} not found in {root_key} ({})", root.display()),
+                format!(
+                    "{field} {name:?} not found in {root_key} ({})",
+                    root.display()
+                ),
             )),
         }
     }
@@ -270,7 +270,9 @@ impl Engine {
                 if gib == 0 || gib > MAX_DISK_GIB {
                     return Err(EngineError::bad(
                         "disk.disk_size_gib",
-                        format!("disk.disk_size_gib must be between 1 and {MAX_DISK_GIB}, got {gib}"),
+                        format!(
+                            "disk.disk_size_gib must be between 1 and {MAX_DISK_GIB}, got {gib}"
+                        ),
                     ));
                 }
                 let size = gib << 30;
@@ -401,7 +403,8 @@ impl Engine {
         let mut seen = std::collections::HashSet::new();
         for (i, share) in shares.iter().enumerate() {
             let field = format!("shares[{i}]");
-            let host = self.check_host_path(&format!("{field}.host_path"), &share.host_path, true)?;
+            let host =
+                self.check_host_path(&format!("{field}.host_path"), &share.host_path, true)?;
             let g = &share.guest_path;
             let gfield = format!("{field}.guest_path");
             if !g.starts_with('/')
@@ -418,11 +421,15 @@ impl Engine {
                 ));
             }
             if !seen.insert(g.trim_end_matches('/').to_string()) {
-                return Err(EngineError::bad(&gfield, format!("{gfield} {g:?} is used twice")));
+                return Err(EngineError::bad(
+                    &gfield,
+                    format!("{gfield} {g:?} is used twice"),
+                ));
             }
-            let used = self.host.dir_usage(&host).map_err(|e| {
-                EngineError::bad(&format!("{field}.host_path"), e.to_string())
-            })?;
+            let used = self
+                .host
+                .dir_usage(&host)
+                .map_err(|e| EngineError::bad(&format!("{field}.host_path"), e.to_string()))?;
             // Room for the data, its metadata and the journal.
             let size = (used + used / 2 + (64 << 20)).next_multiple_of(1 << 20);
             let image = session_dir.join(format!("share{i}.ext4"));
@@ -452,20 +459,31 @@ impl Engine {
     /// A direct disk (or a share's directory) must be an absolute, `..`-free,
     /// symlink-free path under one of `direct_disk_roots`; a disk must be a
     /// regular file with one hard link, a share a directory.
-    fn check_host_path(&self, field: &str, raw: &str, want_dir: bool) -> Result<PathBuf, EngineError> {
+    fn check_host_path(
+        &self,
+        field: &str,
+        raw: &str,
+        want_dir: bool,
+    ) -> Result<PathBuf, EngineError> {
         let f = field;
         if raw.contains('\0') {
             return Err(EngineError::bad(f, format!("{f} must not contain NUL")));
         }
         let path = PathBuf::from(raw);
         if !path.is_absolute() {
-            return Err(EngineError::bad(f, format!("{f} {raw:?} must be an absolute path")));
+            return Err(EngineError::bad(
+                f,
+                format!("{f} {raw:?} must be an absolute path"),
+            ));
         }
         if path
             .components()
             .any(|c| matches!(c, std::path::Component::ParentDir))
         {
-            return Err(EngineError::bad(f, format!("{f} {raw:?} must not contain `..`")));
+            return Err(EngineError::bad(
+                f,
+                format!("{f} {raw:?} must not contain `..`"),
+            ));
         }
         if self.cfg.direct_disk_roots.is_empty() {
             return Err(EngineError::Forbidden {
@@ -613,13 +631,12 @@ impl Engine {
         fp.check("create.disk")?;
         self.persist(&plan.info, plan.lease.clone())?;
         fp.check("create.record")?;
-        let inst: Arc<dyn VmmInstance> =
-            Arc::from(self.vmm.launch(&plan.launch).await.map_err(|source| {
-                EngineError::Vmm {
-                    vm_id: plan.info.vm_id.clone(),
-                    source,
-                }
-            })?);
+        let inst: Arc<dyn VmmInstance> = Arc::from(self.vmm.launch(&plan.launch).await.map_err(
+            |source| EngineError::Vmm {
+                vm_id: plan.info.vm_id.clone(),
+                source,
+            },
+        )?);
         if let Err(e) = fp.check("create.launch") {
             let _ = inst.kill().await;
             return Err(e);
@@ -711,7 +728,9 @@ fn check_network(n: &NetworkSpec) -> Result<(), EngineError> {
     {
         return Err(EngineError::bad(
             "network.tap_name",
-            format!("network.tap_name {t:?} must be 1 to 15 ASCII letters, digits, `-`, `_` or `.`"),
+            format!(
+                "network.tap_name {t:?} must be 1 to 15 ASCII letters, digits, `-`, `_` or `.`"
+            ),
         ));
     }
     if !is_unicast_mac(&n.guest_mac) {
@@ -762,7 +781,13 @@ mod tests {
     #[test]
     fn boot_args_rules() {
         assert!(check_boot_args("console=ttyS0 panic=1").is_ok());
-        for bad in ["", "  ", "a\nb", "x agentenv.root=/dev/sda", &"a".repeat(3000)] {
+        for bad in [
+            "",
+            "  ",
+            "a\nb",
+            "x agentenv.root=/dev/sda",
+            &"a".repeat(3000),
+        ] {
             let e = check_boot_args(bad).unwrap_err();
             assert_eq!(e.field(), Some("boot_args"), "{bad:?}");
         }

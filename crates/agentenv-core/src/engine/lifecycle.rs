@@ -23,7 +23,10 @@ impl Engine {
         slot.instance().ok_or_else(|| {
             let state = slot.state();
             EngineError::Conflict {
-                message: format!("vm {} has no running vmm (state {state})", slot.info().vm_id),
+                message: format!(
+                    "vm {} has no running vmm (state {state})",
+                    slot.info().vm_id
+                ),
                 state: Some(state),
             }
         })
@@ -31,14 +34,26 @@ impl Engine {
 
     /// Stops a running VM's vCPUs.
     pub async fn pause(&self, vm_id: &str) -> Result<VmInfo, EngineError> {
-        self.flip(vm_id, VmState::Pausing, VmState::Paused, VmState::Running, true)
-            .await
+        self.flip(
+            vm_id,
+            VmState::Pausing,
+            VmState::Paused,
+            VmState::Running,
+            true,
+        )
+        .await
     }
 
     /// Restarts a paused VM's vCPUs.
     pub async fn resume(&self, vm_id: &str) -> Result<VmInfo, EngineError> {
-        self.flip(vm_id, VmState::Resuming, VmState::Running, VmState::Paused, false)
-            .await
+        self.flip(
+            vm_id,
+            VmState::Resuming,
+            VmState::Running,
+            VmState::Paused,
+            false,
+        )
+        .await
     }
 
     /// Pause and resume share one shape: in-between state, VMM call, settled state
@@ -137,7 +152,8 @@ impl Engine {
         self.set_state(&slot, VmState::Deleting)?;
         let info = slot.info();
         self.host.remove_file(&PathBuf::from(&info.api_socket))?;
-        self.host.remove_dir_all(&PathBuf::from(&info.session_dir))?;
+        self.host
+            .remove_dir_all(&PathBuf::from(&info.session_dir))?;
         self.vms
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -191,7 +191,9 @@ impl Engine {
         engine.load_records();
         if let Some((net, plan)) = &engine.net {
             let keep: Vec<NetLease> = engine.slots().iter().filter_map(|s| s.lease()).collect();
-            net.init(plan, &keep).await.map_err(|e| EngineError::Network(e.to_string()))?;
+            net.init(plan, &keep)
+                .await
+                .map_err(|e| EngineError::Network(e.to_string()))?;
         }
         Ok(engine)
     }

@@ -10,8 +10,8 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP,
-    NLM_F_EXCL, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
+    NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
@@ -56,8 +56,7 @@ impl RtnlError {
     pub fn errno(&self) -> Option<i32> {
         match self {
             RtnlError::Kernel { errno, .. } => Some(*errno),
-            RtnlError::Socket(e) => e.raw_os_error(),
-            RtnlError::Decode(_) => None,
+            RtnlError::Socket(_) | RtnlError::Decode(_) => None,
         }
     }
 }
@@ -274,6 +273,9 @@ impl Rtnl {
                 .sock
                 .recv(&mut &mut self.buf[..], 0)
                 .map_err(RtnlError::Socket)?;
+            if n == 0 {
+                return Err(RtnlError::Decode("empty datagram".into()));
+            }
             let n = n.min(self.buf.len());
             let mut off = 0;
             while off < n {
@@ -398,7 +400,10 @@ mod tests {
         let mut payload = vec![0u8; 24];
         payload[0..4].copy_from_slice(&24u32.to_ne_bytes());
         payload.extend(nla(NLMSGERR_ATTR_MSG, b"bad\0"));
-        assert_eq!(extack_message(NLM_F_ACK_TLVS, &payload).as_deref(), Some("bad"));
+        assert_eq!(
+            extack_message(NLM_F_ACK_TLVS, &payload).as_deref(),
+            Some("bad")
+        );
         // Truncated or garbage attributes give no message rather than a panic.
         assert_eq!(extack_message(NLM_F_ACK_TLVS, &payload[..26]), None);
     }

@@ -51,7 +51,10 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJ
 /// Parses JSON, naming the field at fault (`disk.rootfs_id`, `slots`, …).
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::bad_field(None, "request body is empty; expected JSON"));
+        return Err(ApiError::bad_field(
+            None,
+            "request body is empty; expected JSON",
+        ));
     }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -104,7 +107,11 @@ mod tests {
         let e = err(r#"{"vm_id":"a","disk":{"kind":"floppy"}}"#);
         assert!(e.body.error.contains("floppy"), "{}", e.body.error);
         let e = err(r#"{"vm_id": "a", "#);
-        assert!(e.body.error.starts_with("malformed JSON"), "{}", e.body.error);
+        assert!(
+            e.body.error.starts_with("malformed JSON"),
+            "{}",
+            e.body.error
+        );
         let e = err("");
         assert!(e.body.error.contains("empty"), "{}", e.body.error);
     }

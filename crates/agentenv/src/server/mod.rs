@@ -38,7 +38,10 @@ pub fn router(engine: Arc<Engine>) -> Router {
             "/v1/snapshots/{snapshot_id}",
             get(snapshots::show).delete(snapshots::delete),
         )
-        .route("/v1/snapshots/{snapshot_id}/persist", post(snapshots::persist))
+        .route(
+            "/v1/snapshots/{snapshot_id}/persist",
+            post(snapshots::persist),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(engine)
@@ -70,7 +73,10 @@ pub(crate) async fn health(State(engine): State<AppState>) -> Json<Health> {
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, format!("no route for {}", uri.path()))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no route for {}", uri.path()),
+    )
 }
 
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {

@@ -9,7 +9,10 @@ use utoipa::OpenApi;
 /// The API description.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "agentenv", description = "Disposable microVMs behind a JSON API."),
+    info(
+        title = "agentenv",
+        description = "Disposable microVMs behind a JSON API."
+    ),
     paths(
         super::health,
         super::vm::create,

@@ -68,7 +68,9 @@ pub(crate) async fn persist(
     OptionalJsonBody(req): OptionalJsonBody<PersistSnapshotRequest>,
 ) -> Result<Json<SnapshotInfo>, ApiError> {
     Ok(Json(
-        engine.persist_snapshot(&snapshot_id, req.keep_tmpfs).await?,
+        engine
+            .persist_snapshot(&snapshot_id, req.keep_tmpfs)
+            .await?,
     ))
 }
 

@@ -86,6 +86,11 @@ impl TestDir {
             shutdown_timeout_s: 5,
             startup_timeout_ms: 3000,
             request_timeout_ms: 3000,
+            // These tests run in the host's namespace: never touch its network.
+            network: agentenv_core::config::NetworkConfig {
+                enable: false,
+                ..Default::default()
+            },
             ..Config::default()
         }
     }
@@ -149,6 +154,11 @@ impl Daemon {
 
     /// Starts a daemon with a given config.
     pub fn start_with(cfg: Config, dir: &Path) -> Daemon {
+        Daemon::start_in(cfg, dir, None)
+    }
+
+    /// Starts a daemon whose VM networking lives in the namespace `netns`.
+    pub fn start_in(cfg: Config, dir: &Path, netns: Option<PathBuf>) -> Daemon {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let c = cfg.clone();
@@ -159,7 +169,9 @@ impl Daemon {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let engine = agentenv::daemon::build_engine(c).await.expect("engine builds");
+                let engine = agentenv::daemon::build_engine_in(c, netns)
+                    .await
+                    .expect("engine builds");
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 ready_tx
                     .send((listener.local_addr().unwrap(), engine.clone()))
@@ -232,7 +244,10 @@ impl Daemon {
         };
         let code = resp.status();
         let text = resp.into_string().unwrap_or_default();
-        (code, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            code,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// Creates an overlay VM on the test base image.
