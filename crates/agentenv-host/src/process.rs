@@ -5,7 +5,6 @@ use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentenv_core::backend::{VmmError, VmmExit};
@@ -44,33 +43,42 @@ impl VmmProcess {
                 source,
             },
         )?;
-        let log = Arc::new(Mutex::new(log));
+        // stdout and stderr share one pipe, so the log keeps their order and each
+        // VM costs one reader task and one buffer.
+        let io_err = |context: &str, source| VmmError::Io {
+            context: format!("{context} for {}", spec.binary.display()),
+            source,
+        };
+        let (writer, reader) =
+            tokio::net::unix::pipe::pipe().map_err(|e| io_err("cannot make the output pipe", e))?;
+        let writer = writer
+            .into_blocking_fd()
+            .map_err(|e| io_err("cannot make the output pipe", e))?;
+        let writer2 = writer
+            .try_clone()
+            .map_err(|e| io_err("cannot make the output pipe", e))?;
         let mut cmd = tokio::process::Command::new(&spec.binary);
         cmd.args(&spec.args)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(Stdio::from(writer))
+            .stderr(Stdio::from(writer2))
             .process_group(0)
             .kill_on_drop(false);
         let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
             binary: spec.binary.clone(),
             source,
         })?;
+        // Our copies of the write end go with `cmd`, so the reader sees EOF once
+        // the process (and anything it left holding the pipe) is gone.
+        drop(cmd);
         let pid = child.id().expect("a freshly spawned child has a pid");
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let out_task = tokio::spawn(copy_into(stdout, log.clone()));
-        let err_task = tokio::spawn(copy_into(stderr, log));
+        let out_task = tokio::spawn(copy_into(reader, log));
         let (tx, exit_rx) = watch::channel(None);
         tokio::spawn(async move {
             let status = child.wait().await;
-            // Let the readers drain what the process wrote before it died, but do not
+            // Let the reader drain what the process wrote before it died, but do not
             // wait forever on a pipe some leftover grandchild still holds.
-            let _ = tokio::time::timeout(Duration::from_millis(500), async {
-                let _ = out_task.await;
-                let _ = err_task.await;
-            })
-            .await;
+            let _ = tokio::time::timeout(Duration::from_millis(500), out_task).await;
             let exit = match status {
                 Ok(s) => {
                     use std::os::unix::process::ExitStatusExt;
@@ -127,15 +135,13 @@ impl VmmProcess {
     }
 }
 
-async fn copy_into<R: tokio::io::AsyncRead + Unpin>(mut r: R, log: Arc<Mutex<BoundedLog>>) {
-    let mut buf = vec![0u8; 16 * 1024];
+async fn copy_into<R: tokio::io::AsyncRead + Unpin>(mut r: R, mut log: BoundedLog) {
+    // Small: one of these lives per VM for the VM's whole life.
+    let mut buf = [0u8; 2048];
     loop {
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => {
-                let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
-                log.write(&buf[..n]);
-            }
+            Ok(n) => log.write(&buf[..n]),
         }
     }
 }
@@ -237,7 +243,7 @@ pub async fn wait_for_socket(
                 timeout_ms: timeout.as_millis() as u64,
             });
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 

@@ -641,10 +641,10 @@ impl Engine {
             let _ = inst.kill().await;
             return Err(e);
         }
-        {
-            let mut info = slot.info.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = slot.update(|info| {
             info.pid = inst.pid();
-        }
+            Ok::<(), std::convert::Infallible>(())
+        });
         let settled = fp
             .check("create.running")
             .and_then(|_| self.set_state(slot, VmState::Running));

@@ -55,6 +55,8 @@ struct VmSlot {
     op: tokio::sync::Mutex<()>,
     /// The current record; cheap to read.
     info: Mutex<VmInfo>,
+    /// `info` as JSON, rendered at each change, so listing many VMs is a copy.
+    json: Mutex<Arc<str>>,
     /// The running VMM, while there is one.
     instance: Mutex<Option<Arc<dyn VmmInstance>>>,
     /// The network lease, while the VM holds one.
@@ -65,6 +67,7 @@ impl VmSlot {
     fn new(info: VmInfo, net: Option<NetLease>) -> Arc<VmSlot> {
         Arc::new(VmSlot {
             op: tokio::sync::Mutex::new(()),
+            json: Mutex::new(render(&info)),
             info: Mutex::new(info),
             instance: Mutex::new(None),
             net: Mutex::new(net),
@@ -81,6 +84,19 @@ impl VmSlot {
 
     fn info(&self) -> VmInfo {
         self.info.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn json(&self) -> Arc<str> {
+        self.json.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Changes the record (all changes go through here, so the rendered JSON
+    /// stays in step) and returns the new one.
+    fn update<E>(&self, f: impl FnOnce(&mut VmInfo) -> Result<(), E>) -> Result<VmInfo, E> {
+        let mut info = self.info.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut info)?;
+        *self.json.lock().unwrap_or_else(|p| p.into_inner()) = render(&info);
+        Ok(info.clone())
     }
 
     fn state(&self) -> VmState {
@@ -307,6 +323,21 @@ impl Engine {
         self.slots().iter().map(|s| s.info()).collect()
     }
 
+    /// Every VM, sorted by id, as the JSON of a `VmList`, without re-serialising.
+    pub fn list_json(&self) -> String {
+        let parts: Vec<Arc<str>> = self.slots().iter().map(|s| s.json()).collect();
+        let mut out = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum::<usize>() + 12);
+        out.push_str("{\"vms\":[");
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(p);
+        }
+        out.push_str("]}");
+        out
+    }
+
     /// Number of tracked VMs.
     pub fn len(&self) -> usize {
         self.vms.lock().unwrap_or_else(|p| p.into_inner()).len()
@@ -332,12 +363,11 @@ impl Engine {
     /// Moves a VM to `to` through the transition table; settled states are
     /// persisted before this returns.
     fn set_state(&self, slot: &VmSlot, to: VmState) -> Result<VmInfo, EngineError> {
-        let info = {
-            let mut info = slot.info.lock().unwrap_or_else(|p| p.into_inner());
+        let info = slot.update(|info| {
             info.state = transition(&info.vm_id, info.state, to)?;
             info.updated_at = Utc::now();
-            info.clone()
-        };
+            Ok::<(), EngineError>(())
+        })?;
         if is_settled(to) {
             self.persist(&info, slot.lease())?;
         }
@@ -363,8 +393,7 @@ impl Engine {
         };
         slot.set_instance(None);
         self.release_network(slot).await;
-        let info = {
-            let mut info = slot.info.lock().unwrap_or_else(|p| p.into_inner());
+        let info = slot.update(|info| {
             let _ = self.host.remove_file(Path::new(&info.api_socket));
             match transition(&info.vm_id, info.state, to) {
                 Ok(s) => info.state = s,
@@ -381,8 +410,9 @@ impl Engine {
                 cause,
                 at: Utc::now(),
             });
-            info.clone()
-        };
+            Ok::<(), std::convert::Infallible>(())
+        });
+        let Ok(info) = info;
         if let Err(e) = self.persist(&info, None) {
             tracing::warn!("vm {}: {e}", info.vm_id);
         }
@@ -433,6 +463,15 @@ impl Engine {
         if self.cfg.on_shutdown == crate::config::OnShutdown::Leave {
             return;
         }
+        // Creates in flight finish (or roll back) first: they run in their own
+        // tasks and hold their VM's operation lock until then.
+        let deadline = std::time::Instant::now()
+            + Duration::from_millis(self.cfg.startup_timeout_ms.saturating_mul(2));
+        while self.list().iter().any(|v| v.state == VmState::Creating)
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let ids: Vec<String> = self
             .list()
             .into_iter()
@@ -452,6 +491,10 @@ impl Engine {
             let _ = t.await;
         }
     }
+}
+
+fn render(info: &VmInfo) -> Arc<str> {
+    serde_json::to_string(info).expect("vm info serialises").into()
 }
 
 /// States that are written to disk. In-between states live in memory only: a

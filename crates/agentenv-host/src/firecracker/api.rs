@@ -16,6 +16,9 @@ pub struct FcClient {
     socket: PathBuf,
     timeout: Duration,
     conn: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
+    /// Keep the connection between requests (during configuration bursts);
+    /// otherwise each request closes it, so an idle VM holds no connection.
+    keep_alive: std::sync::atomic::AtomicBool,
 }
 
 impl FcClient {
@@ -25,6 +28,17 @@ impl FcClient {
             socket: socket.to_path_buf(),
             timeout,
             conn: tokio::sync::Mutex::new(None),
+            keep_alive: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
+    /// Whether to keep the connection open between requests; turning it off
+    /// closes the current one.
+    pub async fn set_keep_alive(&self, on: bool) {
+        self.keep_alive
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+        if !on {
+            *self.conn.lock().await = None;
         }
     }
 
@@ -57,7 +71,7 @@ impl FcClient {
                         message,
                     })
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+                Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
             }
         }
     }
@@ -139,6 +153,10 @@ impl FcClient {
                 }
             }
         };
+        if !self.keep_alive.load(std::sync::atomic::Ordering::Relaxed) {
+            *guard = None;
+        }
+        drop(guard);
         let status = resp.status();
         let body = resp
             .into_body()

@@ -109,7 +109,8 @@ impl Vmm for FirecrackerVmm {
     async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmmInstance>, VmmError> {
         let doc = serde_json::to_vec_pretty(&config_document(spec)).expect("json serialises");
         let cfg_path = spec.session_dir.join(CONFIG_FILE);
-        crate::local::write_atomic(&cfg_path, &doc).map_err(|source| VmmError::Io {
+        // For people to read; the API calls are what configure the VMM, so no fsync.
+        std::fs::write(&cfg_path, &doc).map_err(|source| VmmError::Io {
             context: format!("cannot write {}", cfg_path.display()),
             source,
         })?;
@@ -191,7 +192,10 @@ impl FirecrackerInstance {
         for (path, body) in api_calls(spec) {
             self.call(Method::PUT, &path, Some(&body)).await?;
         }
-        self.action("InstanceStart").await
+        self.action("InstanceStart").await?;
+        // Later calls are rare; an idle VM keeps no connection (and its buffers).
+        self.client.set_keep_alive(false).await;
+        Ok(())
     }
 
     /// One API call; when the process died meanwhile, says so with its output.

@@ -72,6 +72,21 @@ pub(crate) async fn health(State(engine): State<AppState>) -> Json<Health> {
     })
 }
 
+/// Runs an engine operation in its own task, so that a client that goes away
+/// (or a request timeout) cannot cancel it half-way: the operation finishes or
+/// rolls back on its own, whatever happens to the connection.
+pub(crate) async fn detached<T: Send + 'static>(
+    op: impl Future<Output = Result<T, agentenv_core::EngineError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::spawn(op).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("operation failed: {e}"),
+        )),
+    }
+}
+
 async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,

@@ -9,7 +9,7 @@ use axum::Json;
 
 use super::error::ApiError;
 use super::json::OptionalJsonBody;
-use super::AppState;
+use super::{detached, AppState};
 
 #[utoipa::path(post, path = "/v1/vm/{vm_id}/snapshot", tag = "snapshots",
     params(("vm_id" = String, Path, description = "The VM's id")),
@@ -27,7 +27,7 @@ pub(crate) async fn create(
     Path(vm_id): Path<String>,
     OptionalJsonBody(req): OptionalJsonBody<CreateSnapshotRequest>,
 ) -> Result<(StatusCode, Json<SnapshotInfo>), ApiError> {
-    let s = engine.snapshot(&vm_id, req.snapshot_id).await?;
+    let s = detached(async move { engine.snapshot(&vm_id, req.snapshot_id).await }).await?;
     Ok((StatusCode::CREATED, Json(s)))
 }
 
@@ -85,6 +85,6 @@ pub(crate) async fn delete(
     State(engine): State<AppState>,
     Path(snapshot_id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    engine.delete_snapshot(&snapshot_id).await?;
+    detached(async move { engine.delete_snapshot(&snapshot_id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }

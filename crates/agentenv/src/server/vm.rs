@@ -1,13 +1,14 @@
 //! `/v1/vm` routes.
 
-use agentenv_api::{CreateVmRequest, ErrorBody, VmInfo, VmList};
+use agentenv_api::{CreateVmRequest, ErrorBody, VmInfo};
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
 use axum::Json;
 
 use super::error::ApiError;
 use super::json::JsonBody;
-use super::AppState;
+use super::{detached, AppState};
 
 #[utoipa::path(post, path = "/v1/vm", tag = "vm", request_body = CreateVmRequest,
     responses(
@@ -24,14 +25,18 @@ pub(crate) async fn create(
     State(engine): State<AppState>,
     JsonBody(req): JsonBody<CreateVmRequest>,
 ) -> Result<(StatusCode, Json<VmInfo>), ApiError> {
-    let vm = engine.create(req).await?;
+    let vm = detached(async move { engine.create(req).await }).await?;
     Ok((StatusCode::CREATED, Json(vm)))
 }
 
 #[utoipa::path(get, path = "/v1/vm", tag = "vm",
-    responses((status = 200, description = "Every VM", body = VmList)))]
-pub(crate) async fn list(State(engine): State<AppState>) -> Json<VmList> {
-    Json(VmList { vms: engine.list() })
+    responses((status = 200, description = "Every VM", body = agentenv_api::VmList)))]
+pub(crate) async fn list(State(engine): State<AppState>) -> impl IntoResponse {
+    // Each VM's JSON is rendered when it changes; listing only concatenates.
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        engine.list_json(),
+    )
 }
 
 #[utoipa::path(get, path = "/v1/vm/{vm_id}", tag = "vm",
@@ -61,7 +66,7 @@ pub(crate) async fn pause(
     State(engine): State<AppState>,
     Path(vm_id): Path<String>,
 ) -> Result<Json<VmInfo>, ApiError> {
-    Ok(Json(engine.pause(&vm_id).await?))
+    Ok(Json(detached(async move { engine.pause(&vm_id).await }).await?))
 }
 
 #[utoipa::path(post, path = "/v1/vm/{vm_id}/resume", tag = "vm",
@@ -77,7 +82,7 @@ pub(crate) async fn resume(
     State(engine): State<AppState>,
     Path(vm_id): Path<String>,
 ) -> Result<Json<VmInfo>, ApiError> {
-    Ok(Json(engine.resume(&vm_id).await?))
+    Ok(Json(detached(async move { engine.resume(&vm_id).await }).await?))
 }
 
 #[utoipa::path(post, path = "/v1/vm/{vm_id}/shutdown", tag = "vm",
@@ -91,7 +96,9 @@ pub(crate) async fn shutdown(
     State(engine): State<AppState>,
     Path(vm_id): Path<String>,
 ) -> Result<Json<VmInfo>, ApiError> {
-    Ok(Json(engine.shutdown(&vm_id).await?))
+    Ok(Json(
+        detached(async move { engine.shutdown(&vm_id).await }).await?,
+    ))
 }
 
 #[utoipa::path(delete, path = "/v1/vm/{vm_id}", tag = "vm",
@@ -105,6 +112,6 @@ pub(crate) async fn delete(
     State(engine): State<AppState>,
     Path(vm_id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    engine.delete(&vm_id).await?;
+    detached(async move { engine.delete(&vm_id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
