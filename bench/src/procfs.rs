@@ -1,0 +1,153 @@
+//! Memory figures and process scans from `/proc`.
+
+use std::path::Path;
+
+/// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`, …), in KiB.
+pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_status_kib(&text, field)
+}
+
+fn parse_status_kib(text: &str, field: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(field)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// Resident and peak-resident memory of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rss {
+    /// `VmRSS`, KiB.
+    pub rss_kib: u64,
+    /// `VmHWM` (the peak of `VmRSS` over the process's life), KiB.
+    pub hwm_kib: u64,
+}
+
+impl Rss {
+    /// Reads both figures; `None` when the process is gone.
+    pub fn of(pid: u32) -> Option<Rss> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        Some(Rss {
+            rss_kib: parse_status_kib(&text, "VmRSS")?,
+            hwm_kib: parse_status_kib(&text, "VmHWM")?,
+        })
+    }
+}
+
+/// Live (non-zombie) processes other than this one whose command line
+/// mentions `needle`, as `(pid, command line)`.
+pub fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
+    let needle = needle.as_os_str().as_encoded_bytes();
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if !cmd.windows(needle.len()).any(|w| w == needle) || is_zombie(pid) {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        out.push((pid, text.trim().to_string()));
+    }
+    out
+}
+
+/// True when the process is a zombie (exited, not reaped yet).
+pub fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.get(s.rfind(')')? + 2..)?;
+            rest.split_whitespace().next().map(|st| st == "Z")
+        })
+        .unwrap_or(false)
+}
+
+/// Number of open file descriptors of a process.
+pub fn open_fds(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+/// Number of threads of a process.
+pub fn threads(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Threads:")?.trim().parse().ok())
+}
+
+/// The file-system type of a path, by `statfs` magic (for the report: fsync
+/// costs differ a lot between tmpfs and a disk).
+pub fn fs_type(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return "unknown".into();
+    };
+    // SAFETY: `c` is a valid NUL-terminated path and `buf` a writable statfs.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut buf) } != 0 {
+        return "unknown".into();
+    }
+    #[allow(clippy::unnecessary_cast)]
+    match buf.f_type as i64 {
+        0xEF53 => "ext4".into(),
+        0x0102_1994 => "tmpfs".into(),
+        0x5846_5342 => "xfs".into(),
+        0x9123_683E => "btrfs".into(),
+        0x794C_7630 => "overlayfs".into(),
+        0x0102_1997 => "9p".into(),
+        0x6573_5546 => "fuse".into(),
+        other => format!("0x{other:x}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_fields_are_read() {
+        let text = "Name:\tx\nVmHWM:\t   12345 kB\nVmRSS:\t    2048 kB\nThreads:\t3\n";
+        assert_eq!(parse_status_kib(text, "VmRSS"), Some(2048));
+        assert_eq!(parse_status_kib(text, "VmHWM"), Some(12345));
+        assert_eq!(parse_status_kib(text, "VmSwap"), None);
+        let me = Rss::of(std::process::id()).unwrap();
+        assert!(me.rss_kib > 0 && me.hwm_kib >= me.rss_kib);
+        assert!(threads(std::process::id()).unwrap() >= 1);
+    }
+
+    #[test]
+    fn processes_are_found_by_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("marker");
+        // The marker is `$1` of a shell that waits on a builtin (no child).
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "read x", "sh"])
+            .arg(&marker)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Right after a vfork-style spawn the child's command line can still
+        // be empty: the parent resumes before exec has set up the new argv.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut found = processes_mentioning(&marker);
+        while found.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            found = processes_mentioning(&marker);
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].0, child.id());
+        assert!(processes_mentioning(&marker).is_empty());
+    }
+}
