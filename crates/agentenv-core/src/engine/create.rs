@@ -709,10 +709,17 @@ fn check_boot_args(args: &str) -> Result<(), EngineError> {
             "boot_args must not contain control characters",
         ));
     }
-    if args.split_whitespace().any(|w| w.starts_with("agentenv.")) {
+    // The parameters agentenv sets itself (docs/guest-contract.md); others,
+    // such as agentenv.heartbeat, are the caller's to give.
+    const RESERVED: [&str; 6] = ["vm_id", "root", "overlay", "share", "ip", "gw"];
+    if let Some(w) = args.split_whitespace().find(|w| {
+        w.strip_prefix("agentenv.")
+            .map(|rest| rest.split('=').next().unwrap_or(""))
+            .is_some_and(|name| RESERVED.contains(&name))
+    }) {
         return Err(EngineError::bad(
             F,
-            "boot_args must not set agentenv.* parameters (agentenv adds them)",
+            format!("boot_args must not set {w:?}: agentenv sets agentenv.vm_id, .root, .overlay, .share, .ip and .gw itself"),
         ));
     }
     Ok(())
@@ -781,6 +788,7 @@ mod tests {
     #[test]
     fn boot_args_rules() {
         assert!(check_boot_args("console=ttyS0 panic=1").is_ok());
+        assert!(check_boot_args("console=ttyS0 agentenv.heartbeat=1").is_ok());
         for bad in [
             "",
             "  ",
