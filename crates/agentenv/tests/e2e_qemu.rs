@@ -234,3 +234,61 @@ fn snapshot_carries_guest_data_into_a_new_vm_while_the_source_runs() {
     assert_eq!(d.call("DELETE", "/v1/snapshots/snap1", None).0, 204);
     finish(d, dir);
 }
+
+/// A `qemu_binary` that runs QEMU inside the network namespace holding the TAPs.
+fn qemu_in_netns(dir: &TestDir, ns: &str) -> PathBuf {
+    let p = dir.path().join("qemu-in-netns");
+    std::fs::write(
+        &p,
+        format!("#!/bin/sh\nexec ip netns exec '{ns}' qemu-system-x86_64 \"$@\"\n"),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+#[test]
+fn guests_reach_their_gateway_and_the_outside_but_not_each_other() {
+    let art = need_artifacts!();
+    if let Some(why) = agentenv_testkit::netns::unavailable() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let ns = agentenv_testkit::netns::NetnsPair::new("e2e").unwrap();
+    let mut dir = TestDir::new();
+    let mut cfg = qemu_config(&dir, &art);
+    cfg.network.enable = true;
+    cfg.qemu_binary = qemu_in_netns(&dir, &ns.host);
+    dir.baseline = Some(common::baseline(dir.path()));
+    let d = Daemon::start_in(cfg, dir.path(), Some(ns.host_path()));
+    let before = ns.state();
+
+    // a: eth0 from the command line; its gateway and the outside answer.
+    let a = create(
+        &d,
+        json!({"vm_id": "a", "boot_args": format!("{BOOT_ARGS} agentenv.check=ping:172.20.1.1,ping:198.18.0.1"),
+               "disk": {"kind": "overlay", "rootfs_id": "minimal.ext4"}}),
+    );
+    assert_eq!(a["guest_ip"], "172.20.1.2");
+    wait_line(&a, "AGENTENV_READY", BOOT_TIMEOUT);
+    let text = console(&a);
+    assert!(text.contains("agentenv-check ping 172.20.1.1 ok"), "gateway:\n{text}");
+    assert!(text.contains("agentenv-check ping 198.18.0.1 ok"), "outside via NAT:\n{text}");
+
+    // b, while a runs: a is unreachable, b's own gateway answers.
+    let b = create(
+        &d,
+        json!({"vm_id": "b", "boot_args": format!("{BOOT_ARGS} agentenv.check=ping:172.20.1.2,ping:172.20.1.1,ping:172.20.2.1"),
+               "disk": {"kind": "overlay", "rootfs_id": "minimal.ext4"}}),
+    );
+    assert_eq!(b["guest_ip"], "172.20.2.2");
+    wait_line(&b, "AGENTENV_READY", BOOT_TIMEOUT);
+    let text = console(&b);
+    assert!(text.contains("agentenv-check ping 172.20.2.1 ok"), "own gateway:\n{text}");
+    assert!(text.contains("agentenv-check ping 172.20.1.2 fail"), "other guest:\n{text}");
+    assert!(text.contains("agentenv-check ping 172.20.1.1 fail"), "other gateway:\n{text}");
+
+    finish(d, dir);
+    assert_eq!(ns.state(), before, "namespace not back to its baseline");
+}

@@ -37,7 +37,7 @@ mod vmm;
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Write};
+use std::io::Write;
 use std::net::Shutdown;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -49,7 +49,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use vmm::VMM_VERSION;
 
-use http::ReadError;
 use vmm::{After, Reply, Shared, VmmState};
 
 /// Firecracker's default API socket path.
@@ -433,7 +432,6 @@ fn describe_request(method: &str, path: &str, body: Option<&[u8]>) -> String {
         "GET" => "Get",
         "PUT" => "Put",
         "PATCH" => "Patch",
-        "DELETE" => "Delete",
         other => other,
     };
     match body {
@@ -507,71 +505,82 @@ fn after_reply(shared: &Arc<Shared>, after: After) {
 }
 
 /// Serves one connection: requests are answered in order, until the peer
-/// closes it or sends something that is not HTTP.
+/// closes it (bytes that are not HTTP get a 400; the connection stays open,
+/// as in Firecracker).
 fn serve(shared: Arc<Shared>, stream: UnixStream) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
-    let mut reader = BufReader::new(stream);
+    let mut conn = http::Connection::new(stream, shared.opts.payload_limit);
     loop {
-        let request = match http::read_request(&mut reader, &mut writer, shared.opts.payload_limit)
-        {
-            Ok(request) => request,
-            Err(ReadError::Closed) => return,
-            Err(ReadError::Malformed(message)) => {
-                let reply = Reply::error(400, message);
-                log_reply(&reply);
-                let _ = http::write_response(&mut writer, 400, reply.body.as_deref(), false);
+        let batch = match conn.read_batch() {
+            Ok(Some(batch)) => batch,
+            Ok(None) | Err(_) => return,
+        };
+        for version in batch.continues {
+            if http::write_continue(&mut writer, version).is_err() {
+                return;
+            }
+        }
+        if let Some(message) = batch.error {
+            if http::write_parse_error(&mut writer, &message).is_err() {
+                return;
+            }
+            continue;
+        }
+        for request in batch.requests {
+            if !answer(&shared, &mut writer, request) {
                 let _ = writer.shutdown(Shutdown::Both);
                 return;
             }
-        };
-        log(&describe_request(
-            &request.method,
-            &request.path,
-            request.body.as_deref(),
-        ));
-        let opts = &shared.opts;
-        if opts
-            .hang_on
-            .iter()
-            .any(|m| m.matches(&request.method, &request.path))
-        {
-            log("This request is never answered (--hang-on).");
-            loop {
-                thread::sleep(Duration::from_secs(3600));
-            }
-        }
-        let injected = opts
-            .fail_requests
-            .iter()
-            .any(|m| m.matches(&request.method, &request.path));
-        let reply = if injected {
-            Reply::error(
-                400,
-                format!("injected failure: {} {}", request.method, request.path),
-            )
-        } else {
-            vmm::handle(
-                &shared,
-                &request.method,
-                &request.path,
-                request.body.as_deref(),
-            )
-        };
-        log_reply(&reply);
-        let written = http::write_response(
-            &mut writer,
-            reply.status,
-            reply.body.as_deref(),
-            reply.deprecation,
-        );
-        after_reply(&shared, reply.after);
-        if written.is_err() || request.close {
-            let _ = writer.shutdown(Shutdown::Both);
-            return;
         }
     }
+}
+
+/// Answers one request; `false` when the connection is to be closed.
+fn answer(shared: &Arc<Shared>, writer: &mut UnixStream, request: http::Request) -> bool {
+    log(&describe_request(
+        request.method,
+        &request.path,
+        request.body.as_deref(),
+    ));
+    let opts = &shared.opts;
+    if opts
+        .hang_on
+        .iter()
+        .any(|m| m.matches(request.method, &request.path))
+    {
+        log("This request is never answered (--hang-on).");
+        loop {
+            thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    let injected = opts
+        .fail_requests
+        .iter()
+        .any(|m| m.matches(request.method, &request.path));
+    let reply = if injected {
+        Reply::error(
+            400,
+            format!("injected failure: {} {}", request.method, request.path),
+        )
+    } else {
+        vmm::handle(
+            shared,
+            request.method,
+            &request.path,
+            request.body.as_deref(),
+        )
+    };
+    log_reply(&reply);
+    let written = http::write_response(
+        writer,
+        reply.status,
+        reply.body.as_deref(),
+        reply.deprecation,
+    );
+    after_reply(shared, reply.after);
+    written.is_ok() && !request.close
 }
 
 /// Runs the double with a full command line (`args[0]` is the program

@@ -112,6 +112,20 @@ pub enum CpuTemplate {
     T2A,
 }
 
+/// The body of `PUT /cpu-config` (a custom CPU template, x86_64 layout).
+/// Only its shape is checked: the modifiers are not interpreted.
+#[allow(dead_code)]
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomCpuTemplate {
+    #[serde(default)]
+    pub kvm_capabilities: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub cpuid_modifiers: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub msr_modifiers: Vec<serde_json::Value>,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub enum HugePages {
     #[default]

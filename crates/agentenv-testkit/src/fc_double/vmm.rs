@@ -232,8 +232,9 @@ impl Reply {
         Reply::error(400, message)
     }
 
+    /// Marks the answer with `Deprecation: true` when `yes`.
     fn deprecated(mut self, yes: bool) -> Reply {
-        self.deprecation = yes;
+        self.deprecation |= yes;
         self
     }
 
@@ -253,6 +254,17 @@ impl Reply {
 }
 
 type Outcome = Result<Reply, Reply>;
+
+/// Runs the stage after parsing. As in Firecracker, a request whose body
+/// used a deprecated field is answered with `Deprecation: true` whatever the
+/// outcome of that stage (refusals included); errors in parsing the body are
+/// not marked.
+fn deprecating(yes: bool, stage: impl FnOnce() -> Outcome) -> Outcome {
+    match stage() {
+        Ok(reply) => Ok(reply.deprecated(yes)),
+        Err(reply) => Err(reply.deprecated(yes)),
+    }
+}
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Reply> {
     serde_json::from_slice(body).map_err(|e| {
@@ -494,11 +506,13 @@ fn put_machine_config(shared: &Shared, body: &[u8]) -> Outcome {
     let cfg: MachineConfig = parse(body)?;
     let deprecated = cfg.cpu_template.is_some();
     let update = MachineConfigUpdate::from(cfg);
-    let mut st = shared.lock();
-    st.preboot_only()?;
-    st.boot_path = true;
-    apply_machine_update(&mut st, &update)?;
-    Ok(Reply::no_content().deprecated(deprecated))
+    deprecating(deprecated, || {
+        let mut st = shared.lock();
+        st.preboot_only()?;
+        st.boot_path = true;
+        apply_machine_update(&mut st, &update)?;
+        Ok(Reply::no_content())
+    })
 }
 
 fn patch_machine_config(shared: &Shared, body: &[u8]) -> Outcome {
@@ -507,11 +521,13 @@ fn patch_machine_config(shared: &Shared, body: &[u8]) -> Outcome {
         return Err(Reply::bad("Empty PATCH request."));
     }
     let deprecated = update.cpu_template.is_some();
-    let mut st = shared.lock();
-    st.preboot_only()?;
-    st.boot_path = true;
-    apply_machine_update(&mut st, &update)?;
-    Ok(Reply::no_content().deprecated(deprecated))
+    deprecating(deprecated, || {
+        let mut st = shared.lock();
+        st.preboot_only()?;
+        st.boot_path = true;
+        apply_machine_update(&mut st, &update)?;
+        Ok(Reply::no_content())
+    })
 }
 
 fn apply_machine_update(st: &mut VmmState, update: &MachineConfigUpdate) -> Result<(), Reply> {
@@ -567,7 +583,7 @@ fn apply_machine_update(st: &mut VmmState, update: &MachineConfigUpdate) -> Resu
 }
 
 fn put_cpu_config(shared: &Shared, body: &[u8]) -> Outcome {
-    let _template: serde_json::Map<String, Value> = parse(body)?;
+    let _template: CustomCpuTemplate = parse(body)?;
     let st = shared.lock();
     st.preboot_only()?;
     Ok(Reply::no_content())
@@ -664,8 +680,8 @@ fn build_drive(cfg: Drive) -> Result<Drive, Reply> {
         let socket = cfg.socket.clone().unwrap_or_default();
         UnixStream::connect(&socket).map_err(|e| {
             Reply::bad(format!(
-                "{BLOCK_ERR}: Vhost user backend error: Cannot connect to the vhost-user \
-                 backend at {socket}: {e}"
+                "{BLOCK_ERR}: Vhost user backend error: Vhost-user error: Failed to connect to \
+                 UDS Unix stream: {e}"
             ))
         })?;
         Ok(cfg)
@@ -701,6 +717,12 @@ fn insert_drive(drives: &mut Vec<Drive>, cfg: Drive) -> Result<(), Reply> {
     Ok(())
 }
 
+/// Updating a drive in a way only the other kind of block device (virtio or
+/// vhost-user) supports.
+const WRONG_BACKEND: &str =
+    "Failed perform action on device: Internal Device error: Running method expected different \
+     backend.";
+
 fn patch_drive(shared: &Shared, body: &[u8], path_id: Option<&str>) -> Outcome {
     let id = checked_id(path_id)?;
     let update: PartialDrive = parse(body)?;
@@ -725,16 +747,12 @@ fn patch_drive(shared: &Shared, body: &[u8], path_id: Option<&str>) -> Outcome {
     let is_vhost_user = drive.socket.is_some();
     if update.path_on_host.is_none() && update.rate_limiter.is_none() {
         if !is_vhost_user {
-            return Err(patch_err(
-                "Failed perform action on device: Device type is invalid",
-            ));
+            return Err(patch_err(WRONG_BACKEND));
         }
         return Ok(Reply::no_content());
     }
     if is_vhost_user {
-        return Err(patch_err(
-            "Failed perform action on device: Device type is invalid",
-        ));
+        return Err(patch_err(WRONG_BACKEND));
     }
     if let Some(path) = &update.path_on_host {
         let read_only = drive.is_read_only.unwrap_or(false);
@@ -852,19 +870,21 @@ fn bind_vsock(path: &str) -> std::io::Result<()> {
 fn put_vsock(shared: &Shared, body: &[u8]) -> Outcome {
     let cfg: Vsock = parse(body)?;
     let deprecated = cfg.vsock_id.is_some();
-    let mut st = shared.lock();
-    st.preboot_only()?;
-    st.boot_path = true;
-    if let Some(old) = st.vsock.take() {
-        std::fs::remove_file(&old.uds_path).map_err(vsock_err)?;
-        super::set_vsock_path(None);
-    }
-    bind_vsock(&cfg.uds_path).map_err(vsock_err)?;
-    st.vsock = Some(Vsock {
-        vsock_id: None,
-        ..cfg
-    });
-    Ok(Reply::no_content().deprecated(deprecated))
+    deprecating(deprecated, || {
+        let mut st = shared.lock();
+        st.preboot_only()?;
+        st.boot_path = true;
+        if let Some(old) = st.vsock.take() {
+            std::fs::remove_file(&old.uds_path).map_err(vsock_err)?;
+            super::set_vsock_path(None);
+        }
+        bind_vsock(&cfg.uds_path).map_err(vsock_err)?;
+        st.vsock = Some(Vsock {
+            vsock_id: None,
+            ..cfg
+        });
+        Ok(Reply::no_content())
+    })
 }
 
 // ---------------------------------------------------------------- balloon
@@ -1024,6 +1044,10 @@ fn put_mmds(shared: &Shared, body: &[u8], second: Option<&str>) -> Outcome {
 fn put_mmds_config(shared: &Shared, body: &[u8]) -> Outcome {
     let cfg: MmdsConfig = parse(body)?;
     let deprecated = cfg.version == MmdsVersion::V1;
+    deprecating(deprecated, || set_mmds_config(shared, cfg))
+}
+
+fn set_mmds_config(shared: &Shared, cfg: MmdsConfig) -> Outcome {
     let mut st = shared.lock();
     st.preboot_only()?;
     st.boot_path = true;
@@ -1062,7 +1086,7 @@ fn put_mmds_config(shared: &Shared, body: &[u8]) -> Outcome {
     store.version = cfg.version;
     store.imds_compat = cfg.imds_compat;
     store.ipv4 = ipv4;
-    Ok(Reply::no_content().deprecated(deprecated))
+    Ok(Reply::no_content())
 }
 
 /// Applies a JSON merge patch (RFC 7396).
@@ -1176,6 +1200,13 @@ fn snapshot_load(shared: &Shared, body: &[u8]) -> Outcome {
         ),
         (None, Some(path)) => (path.clone(), false),
     };
+    deprecating(deprecated, || {
+        load_snapshot(shared, &params, &mem_path, uffd)
+    })
+}
+
+/// The stage of `PUT /snapshot/load` after parsing.
+fn load_snapshot(shared: &Shared, params: &SnapshotLoad, mem_path: &Path, uffd: bool) -> Outcome {
     let mut st = shared.lock();
     st.preboot_only()?;
     if st.boot_path {
@@ -1190,7 +1221,6 @@ fn snapshot_load(shared: &Shared, body: &[u8]) -> Outcome {
             "Load snapshot error: Failed to restore from snapshot: {detail}"
         ))
         .then(After::Fatal(1))
-        .deprecated(deprecated)
     };
     let from_file = "Failed to get snapshot state from file";
     let text = std::fs::read_to_string(&params.snapshot_path)
@@ -1211,14 +1241,14 @@ fn snapshot_load(shared: &Shared, body: &[u8]) -> Outcome {
     }
     let memory = "Failed to load guest memory";
     if uffd {
-        UnixStream::connect(&mem_path).map_err(|e| {
+        UnixStream::connect(mem_path).map_err(|e| {
             fatal(format!(
                 "{memory}: Error creating guest memory from uffd: Failed to connect to UDS Unix \
                  stream: {e}"
             ))
         })?;
     } else {
-        File::open(&mem_path).map_err(|e| {
+        File::open(mem_path).map_err(|e| {
             fatal(format!(
                 "{memory}: Error creating guest memory from file: Failed to load guest memory: \
                  {e}"
@@ -1269,9 +1299,7 @@ fn snapshot_load(shared: &Shared, body: &[u8]) -> Outcome {
     } else {
         Phase::Paused
     };
-    Ok(Reply::no_content()
-        .then(After::Restored)
-        .deprecated(deprecated))
+    Ok(Reply::no_content().then(After::Restored))
 }
 
 #[cfg(test)]
