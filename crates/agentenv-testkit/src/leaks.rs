@@ -133,9 +133,11 @@ mod tests {
         let base = Baseline::capture(&dir);
         assert!(base.leaks(Duration::ZERO).is_empty());
         std::fs::write(dir.join("left"), b"x").unwrap();
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
+        // `cat -` blocks on its (piped) stdin; its command line names the marker.
+        let mut child = std::process::Command::new("cat")
+            .arg("-")
             .arg(dir.join("marker"))
+            .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         // The child's command line is visible once it has exec'd.
@@ -149,7 +151,7 @@ mod tests {
             "{leaks:?}"
         );
         assert!(
-            leaks.iter().any(|l| l.starts_with("process ") && l.contains("sleep 30")),
+            leaks.iter().any(|l| l.starts_with("process ") && l.contains("cat -")),
             "{leaks:?}"
         );
         child.kill().unwrap();
