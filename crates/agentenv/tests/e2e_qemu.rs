@@ -17,7 +17,11 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// The artifacts, or why the test cannot run.
 fn artifacts() -> Result<PathBuf, String> {
     let dir = agentenv_testkit::paths::artifacts();
-    for f in ["kernels/vmlinuz", "initramfs/initrd.img", "rootfs/minimal.ext4"] {
+    for f in [
+        "kernels/vmlinuz",
+        "initramfs/initrd.img",
+        "rootfs/minimal.ext4",
+    ] {
         if !dir.join(f).exists() {
             return Err(format!(
                 "{} missing (run scripts/build-artifacts.sh)",
@@ -90,7 +94,14 @@ fn wait_line(vm: &Value, needle: &str, timeout: Duration) -> String {
         assert!(
             start.elapsed() < timeout,
             "no {needle:?} on the console after {timeout:?}; tail:\n{}",
-            text.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+            text.lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -154,7 +165,10 @@ fn boot_pause_resume_shutdown_and_boot_again() {
     assert_eq!((code, v["state"].as_str()), (200, Some("running")), "{v}");
     let start = Instant::now();
     while heartbeats(&vm) <= n1 + 2 {
-        assert!(start.elapsed() < Duration::from_secs(20), "no heartbeats after resume");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no heartbeats after resume"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
@@ -165,18 +179,30 @@ fn boot_pause_resume_shutdown_and_boot_again() {
     assert_eq!(v["exit"]["exit_code"], 0, "{v}");
     assert_eq!(v["exit"]["signal"], Value::Null, "{v}");
     assert!(
-        v["exit"]["cause"].as_str().unwrap().starts_with("shut down by request"),
+        v["exit"]["cause"]
+            .as_str()
+            .unwrap()
+            .starts_with("shut down by request"),
         "{v}"
     );
     // What the guest wrote landed in its overlay; the base is untouched.
-    let boots = debugfs_cat(vm["disk"]["writable_path"].as_str().unwrap(), "/upper/var/lib/agentenv/boots");
-    assert!(boots.contains("e1"), "boot record missing from the overlay: {boots:?}");
+    let boots = debugfs_cat(
+        vm["disk"]["writable_path"].as_str().unwrap(),
+        "/upper/var/lib/agentenv/boots",
+    );
+    assert!(
+        boots.contains("e1"),
+        "boot record missing from the overlay: {boots:?}"
+    );
     assert_eq!(sha256(&base), base_sum, "base image changed");
 
     // The same base boots again.
     let vm2 = create(&d, overlay("e2"));
     let ready = wait_line(&vm2, "AGENTENV_READY", BOOT_TIMEOUT);
-    assert!(ready.contains("vm_id=e2") && ready.contains("boots=1"), "{ready}");
+    assert!(
+        ready.contains("vm_id=e2") && ready.contains("boots=1"),
+        "{ready}"
+    );
     finish(d, dir);
     assert_eq!(sha256(&base), base_sum, "base image changed");
 }
@@ -195,7 +221,11 @@ fn a_kernel_panic_ends_in_failed_with_the_cause() {
     );
     let v = d.wait_state("panics", "failed", BOOT_TIMEOUT);
     let cause = v["exit"]["cause"].as_str().unwrap();
-    assert!(cause.starts_with("guest kernel panic:"), "{cause}\n{}", console(&vm));
+    assert!(
+        cause.starts_with("guest kernel panic:"),
+        "{cause}\n{}",
+        console(&vm)
+    );
     finish(d, dir);
 }
 
@@ -210,14 +240,21 @@ fn snapshot_carries_guest_data_into_a_new_vm_while_the_source_runs() {
     wait_line(&src, "AGENTENV_READY", BOOT_TIMEOUT);
     let before = heartbeats(&src);
 
-    let (code, s) = d.call("POST", "/v1/vm/src/snapshot", Some(json!({"snapshot_id": "snap1"})));
+    let (code, s) = d.call(
+        "POST",
+        "/v1/vm/src/snapshot",
+        Some(json!({"snapshot_id": "snap1"})),
+    );
     assert_eq!(code, 201, "{s}");
     // The source keeps running.
     let (_, v) = d.call("GET", "/v1/vm/src", None);
     assert_eq!(v["state"], "running");
     let start = Instant::now();
     while heartbeats(&src) <= before + 2 {
-        assert!(start.elapsed() < Duration::from_secs(20), "source stopped making progress");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "source stopped making progress"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
@@ -229,7 +266,10 @@ fn snapshot_carries_guest_data_into_a_new_vm_while_the_source_runs() {
                "disk": {"kind": "snapshot", "snapshot_id": "snap1"}}),
     );
     let ready = wait_line(&copy, "AGENTENV_READY", BOOT_TIMEOUT);
-    assert!(ready.contains("vm_id=copy") && ready.contains("boots=2"), "{ready}");
+    assert!(
+        ready.contains("vm_id=copy") && ready.contains("boots=2"),
+        "{ready}"
+    );
     wait_line(&copy, "agentenv: previous boot src", Duration::from_secs(5));
     assert_eq!(d.call("DELETE", "/v1/snapshots/snap1", None).0, 204);
     finish(d, dir);
@@ -273,8 +313,14 @@ fn guests_reach_their_gateway_and_the_outside_but_not_each_other() {
     assert_eq!(a["guest_ip"], "172.20.1.2");
     wait_line(&a, "AGENTENV_READY", BOOT_TIMEOUT);
     let text = console(&a);
-    assert!(text.contains("agentenv-check ping 172.20.1.1 ok"), "gateway:\n{text}");
-    assert!(text.contains("agentenv-check ping 198.18.0.1 ok"), "outside via NAT:\n{text}");
+    assert!(
+        text.contains("agentenv-check ping 172.20.1.1 ok"),
+        "gateway:\n{text}"
+    );
+    assert!(
+        text.contains("agentenv-check ping 198.18.0.1 ok"),
+        "outside via NAT:\n{text}"
+    );
 
     // b, while a runs: a is unreachable, b's own gateway answers.
     let b = create(
@@ -285,9 +331,18 @@ fn guests_reach_their_gateway_and_the_outside_but_not_each_other() {
     assert_eq!(b["guest_ip"], "172.20.2.2");
     wait_line(&b, "AGENTENV_READY", BOOT_TIMEOUT);
     let text = console(&b);
-    assert!(text.contains("agentenv-check ping 172.20.2.1 ok"), "own gateway:\n{text}");
-    assert!(text.contains("agentenv-check ping 172.20.1.2 fail"), "other guest:\n{text}");
-    assert!(text.contains("agentenv-check ping 172.20.1.1 fail"), "other gateway:\n{text}");
+    assert!(
+        text.contains("agentenv-check ping 172.20.2.1 ok"),
+        "own gateway:\n{text}"
+    );
+    assert!(
+        text.contains("agentenv-check ping 172.20.1.2 fail"),
+        "other guest:\n{text}"
+    );
+    assert!(
+        text.contains("agentenv-check ping 172.20.1.1 fail"),
+        "other gateway:\n{text}"
+    );
 
     finish(d, dir);
     assert_eq!(ns.state(), before, "namespace not back to its baseline");

@@ -22,8 +22,10 @@ pub const TCG_CPU: &str = "max";
 /// The id of the guest's network device (its backend and frontend).
 pub const NETDEV_ID: &str = "net0";
 
-/// QEMU's argument list for `spec`.
-pub fn qemu_args(spec: &LaunchSpec, accel: Accel) -> Vec<OsString> {
+/// QEMU's argument list for `spec`. Under TCG, `tsc_khz` (the host's TSC rate,
+/// see [`super::tsc`]) is handed to the guest kernel as `tsc_early_khz=` unless
+/// the boot args set it already.
+pub fn qemu_args(spec: &LaunchSpec, accel: Accel, tsc_khz: Option<u64>) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |s: &[&OsStr]| a.extend(s.iter().map(|s| s.to_os_string()));
     let (accel_name, cpu) = match accel {
@@ -58,7 +60,8 @@ pub fn qemu_args(spec: &LaunchSpec, accel: Accel) -> Vec<OsString> {
     if let Some(initrd) = &spec.initrd {
         push(&["-initrd".as_ref(), initrd.as_ref()]);
     }
-    push(&["-append".as_ref(), spec.boot_args.as_ref()]);
+    let append = kernel_cmdline(&spec.boot_args, accel, tsc_khz);
+    push(&["-append".as_ref(), append.as_ref()]);
     for d in &spec.drives {
         let id = opt_value(d.id.as_ref());
         let mut drive = OsString::from("id=");
@@ -96,6 +99,20 @@ pub fn qemu_args(spec: &LaunchSpec, accel: Accel) -> Vec<OsString> {
     qmp.push(",server=on,wait=off");
     push(&["-qmp".as_ref(), qmp.as_ref()]);
     a
+}
+
+/// The guest kernel's command line: the spec's, plus `tsc_early_khz=` under TCG.
+pub fn kernel_cmdline(boot_args: &str, accel: Accel, tsc_khz: Option<u64>) -> String {
+    match (accel, tsc_khz) {
+        (Accel::Tcg, Some(khz))
+            if !boot_args
+                .split_whitespace()
+                .any(|a| a.starts_with("tsc_early_khz=")) =>
+        {
+            format!("{} tsc_early_khz={khz}", boot_args.trim_end())
+        }
+        _ => boot_args.to_string(),
+    }
 }
 
 /// A value inside a QEMU option list (`key=value,key=value`): commas are doubled.
@@ -171,7 +188,7 @@ mod tests {
 
     #[test]
     fn two_drives_and_a_tap_under_tcg() {
-        let args = strings(&qemu_args(&spec(), Accel::Tcg));
+        let args = strings(&qemu_args(&spec(), Accel::Tcg, None));
         let expected = [
             "-M",
             "microvm,x-option-roms=off,isa-serial=on,rtc=off",
@@ -217,7 +234,7 @@ mod tests {
 
     #[test]
     fn kvm_uses_the_host_cpu() {
-        let args = strings(&qemu_args(&spec(), Accel::Kvm));
+        let args = strings(&qemu_args(&spec(), Accel::Kvm, Some(2_600_000)));
         let at = args.iter().position(|a| a == "-accel").unwrap();
         assert_eq!(args[at..at + 4], ["-accel", "kvm", "-cpu", "host"]);
     }
@@ -228,7 +245,7 @@ mod tests {
         s.initrd = None;
         s.drives.clear();
         s.net = None;
-        let args = strings(&qemu_args(&s, Accel::Tcg));
+        let args = strings(&qemu_args(&s, Accel::Tcg, None));
         for flag in ["-initrd", "-drive", "-device", "-netdev"] {
             assert!(!args.iter().any(|a| a == flag), "{flag} in {args:?}");
         }
@@ -236,23 +253,38 @@ mod tests {
     }
 
     #[test]
+    fn tcg_guests_are_told_the_tsc_rate() {
+        let args = strings(&qemu_args(&spec(), Accel::Tcg, Some(2_599_998)));
+        assert!(args.contains(&"console=ttyS0 reboot=k panic=1 tsc_early_khz=2599998".into()));
+        // Not twice, not under KVM (kvmclock tells the guest), not when unknown.
+        assert_eq!(
+            kernel_cmdline("a tsc_early_khz=1000000", Accel::Tcg, Some(2)),
+            "a tsc_early_khz=1000000"
+        );
+        assert_eq!(kernel_cmdline("a", Accel::Kvm, Some(2)), "a");
+        assert_eq!(kernel_cmdline("a", Accel::Tcg, None), "a");
+        let kvm = strings(&qemu_args(&spec(), Accel::Kvm, Some(2_600_000)));
+        assert!(kvm.contains(&"console=ttyS0 reboot=k panic=1".into()));
+    }
+
+    #[test]
     fn commas_in_option_values_are_doubled() {
         let mut s = spec();
         s.control_socket = "/run/a,b.qmp".into();
         s.drives[0].path = "/r/x,readonly=off".into();
-        let args = strings(&qemu_args(&s, Accel::Tcg));
+        let args = strings(&qemu_args(&s, Accel::Tcg, None));
         assert!(args.contains(&"unix:/run/a,,b.qmp,server=on,wait=off".to_string()));
         assert!(args
             .contains(&"id=rootfs,file=/r/x,,readonly=off,format=raw,if=none,readonly=on".into()));
         // Verbatim arguments are left alone.
         s.boot_args = "a=1,2".into();
-        let args = strings(&qemu_args(&s, Accel::Tcg));
+        let args = strings(&qemu_args(&s, Accel::Tcg, None));
         assert!(args.contains(&"a=1,2".to_string()));
     }
 
     #[test]
     fn command_document_lists_binary_and_args() {
-        let args = qemu_args(&spec(), Accel::Tcg);
+        let args = qemu_args(&spec(), Accel::Tcg, None);
         let doc = command_document("/usr/bin/qemu-system-x86_64".as_ref(), &args);
         assert_eq!(doc["binary"], "/usr/bin/qemu-system-x86_64");
         assert_eq!(doc["args"].as_array().unwrap().len(), args.len());

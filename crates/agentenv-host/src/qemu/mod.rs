@@ -5,9 +5,14 @@
 //! spawn QEMU in its own process group, wait for the QMP socket, negotiate
 //! capabilities and check that the guest runs. Any failure after the spawn kills
 //! and reaps the process and removes the socket before the error is returned.
+//!
+//! Under TCG the guest kernel's command line gets `tsc_early_khz=<host TSC rate>`
+//! (see [`tsc`]): without it a busy host makes the Debian cloud kernel hang early
+//! in boot.
 
 pub mod args;
 pub mod qmp;
+pub mod tsc;
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -57,12 +62,22 @@ impl std::fmt::Display for Accel {
 pub struct QemuVmm {
     binary: PathBuf,
     accel: Accel,
+    tsc_khz: Option<u64>,
 }
 
 impl QemuVmm {
-    /// A driver for the given `qemu-system-x86_64` binary and accelerator.
+    /// A driver for the given `qemu-system-x86_64` binary and accelerator. Under
+    /// TCG this measures the host's TSC rate once (tens of ms; see [`tsc`]).
     pub fn new(binary: PathBuf, accel: Accel) -> QemuVmm {
-        QemuVmm { binary, accel }
+        let tsc_khz = match accel {
+            Accel::Tcg => tsc::host_tsc_khz(),
+            Accel::Kvm => None,
+        };
+        QemuVmm {
+            binary,
+            accel,
+            tsc_khz,
+        }
     }
 
     /// The QEMU binary.
@@ -75,9 +90,14 @@ impl QemuVmm {
         self.accel
     }
 
+    /// The TSC rate (kHz) TCG guests are told, when known.
+    pub fn tsc_khz(&self) -> Option<u64> {
+        self.tsc_khz
+    }
+
     /// [`Vmm::launch`] with the concrete instance type.
     pub async fn start(&self, spec: &LaunchSpec) -> Result<QemuInstance, VmmError> {
-        let args = qemu_args(spec, self.accel);
+        let args = qemu_args(spec, self.accel, self.tsc_khz);
         let doc = serde_json::to_vec_pretty(&command_document(&self.binary, &args))
             .expect("json serialises");
         let doc_path = spec.session_dir.join(COMMAND_FILE);
@@ -220,7 +240,8 @@ fn remove_socket(path: &Path, id: Option<(u64, u64)>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// One running QEMU process.
+/// One running QEMU process. Dropping it leaves the process running (the
+/// engine decides its fate); [`VmmInstance::kill`] ends it.
 pub struct QemuInstance {
     process: VmmProcess,
     qmp: QmpClient,
@@ -271,7 +292,11 @@ impl QemuInstance {
     }
 
     /// Runs one QMP command (for diagnostics and tests).
-    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, VmmError> {
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, VmmError> {
         if self.process.exited().is_some() {
             return Err(VmmError::NotRunning);
         }

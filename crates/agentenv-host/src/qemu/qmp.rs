@@ -56,7 +56,9 @@ pub fn parse_message(line: &str) -> Result<QmpMessage, String> {
         return Ok(QmpMessage::Greeting(g));
     }
     if let Some(e) = m.get("event") {
-        return Ok(QmpMessage::Event(e.as_str().unwrap_or_default().to_string()));
+        return Ok(QmpMessage::Event(
+            e.as_str().unwrap_or_default().to_string(),
+        ));
     }
     if let Some(value) = m.remove("return") {
         return Ok(QmpMessage::Return { id, value });
@@ -71,11 +73,7 @@ pub fn parse_message(line: &str) -> Result<QmpMessage, String> {
 
 /// What waiting for the reply to command `id` makes of one message: `None` to
 /// keep reading (events, replies to other ids), or the command's result.
-pub fn reply_for(
-    request: &str,
-    id: &Value,
-    msg: QmpMessage,
-) -> Option<Result<Value, VmmError>> {
+pub fn reply_for(request: &str, id: &Value, msg: QmpMessage) -> Option<Result<Value, VmmError>> {
     match msg {
         QmpMessage::Greeting(_) | QmpMessage::Event(_) => None,
         QmpMessage::Return { id: got, .. } | QmpMessage::Error { id: got, .. }
@@ -133,7 +131,11 @@ impl QmpClient {
     }
 
     /// Runs `command` with optional `arguments` and returns its `return` value.
-    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, VmmError> {
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, VmmError> {
         let mut guard = self.conn.lock().await;
         let mut reconnected = false;
         if guard.is_none() {
@@ -190,9 +192,23 @@ impl QmpClient {
     async fn open(&self, timeout: Duration) -> Result<Conn, VmmError> {
         let request = "qmp_capabilities";
         let fut = async {
-            let stream = UnixStream::connect(&self.path)
-                .await
-                .map_err(|e| transport(request, format!("connect {}: {e}", self.path.display())))?;
+            let stream = loop {
+                match UnixStream::connect(&self.path).await {
+                    Ok(s) => break s,
+                    // QEMU binds the socket file before it listens on it: a
+                    // refusal right after startup means "not yet". The timeout
+                    // around this future bounds the retries.
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err(e) => {
+                        return Err(transport(
+                            request,
+                            format!("connect {}: {e}", self.path.display()),
+                        ))
+                    }
+                }
+            };
             let mut conn = Conn {
                 stream: BufReader::new(stream),
                 next_id: 1,
@@ -202,7 +218,10 @@ impl QmpClient {
                     Ok(QmpMessage::Greeting(_)) => break,
                     Ok(QmpMessage::Event(_)) => continue,
                     Ok(other) => {
-                        return Err(transport(request, format!("expected greeting, got {other:?}")))
+                        return Err(transport(
+                            request,
+                            format!("expected greeting, got {other:?}"),
+                        ))
                     }
                     Err(e) => return Err(transport(request, e)),
                 }
@@ -216,7 +235,12 @@ impl QmpClient {
     }
 
     async fn send(&self, conn: &mut Conn, request: &str, line: &str) -> Result<(), VmmError> {
-        bounded(request, self.timeout, write_line(&mut conn.stream, request, line)).await
+        bounded(
+            request,
+            self.timeout,
+            write_line(&mut conn.stream, request, line),
+        )
+        .await
     }
 
     async fn read_reply(
@@ -322,10 +346,9 @@ mod tests {
     fn messages_are_classified() {
         let g = parse_message(r#"{"QMP": {"version": {}, "capabilities": ["oob"]}}"#).unwrap();
         assert!(matches!(g, QmpMessage::Greeting(_)));
-        let e = parse_message(
-            r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}"#,
-        )
-        .unwrap();
+        let e =
+            parse_message(r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}"#)
+                .unwrap();
         assert_eq!(e, QmpMessage::Event("STOP".into()));
         let r = parse_message(r#"{"return": {"status": "running"}, "id": 3}"#).unwrap();
         assert_eq!(
@@ -359,7 +382,10 @@ mod tests {
         assert!(check(r#"{"event": "RESUME"}"#).is_none());
         assert!(check(r#"{"return": {}, "id": 6}"#).is_none());
         assert!(check(r#"{"return": {}}"#).is_none());
-        assert_eq!(check(r#"{"return": {}, "id": 7}"#).unwrap().unwrap(), json!({}));
+        assert_eq!(
+            check(r#"{"return": {}, "id": 7}"#).unwrap().unwrap(),
+            json!({})
+        );
         match check(r#"{"error": {"class": "GenericError", "desc": "boom"}, "id": 7}"#) {
             Some(Err(VmmError::Refused {
                 request,
@@ -444,7 +470,10 @@ mod tests {
         assert_eq!(c.query_status().await.unwrap(), "paused");
         match c.execute("nope", None).await {
             Err(VmmError::Refused { message, .. }) => {
-                assert_eq!(message, "CommandNotFound: The command nope has not been found")
+                assert_eq!(
+                    message,
+                    "CommandNotFound: The command nope has not been found"
+                )
             }
             other => panic!("{other:?}"),
         }

@@ -66,7 +66,9 @@ pub(crate) async fn pause(
     State(engine): State<AppState>,
     Path(vm_id): Path<String>,
 ) -> Result<Json<VmInfo>, ApiError> {
-    Ok(Json(detached(async move { engine.pause(&vm_id).await }).await?))
+    Ok(Json(
+        detached(async move { engine.pause(&vm_id).await }).await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/vm/{vm_id}/resume", tag = "vm",
@@ -82,7 +84,9 @@ pub(crate) async fn resume(
     State(engine): State<AppState>,
     Path(vm_id): Path<String>,
 ) -> Result<Json<VmInfo>, ApiError> {
-    Ok(Json(detached(async move { engine.resume(&vm_id).await }).await?))
+    Ok(Json(
+        detached(async move { engine.resume(&vm_id).await }).await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/vm/{vm_id}/shutdown", tag = "vm",

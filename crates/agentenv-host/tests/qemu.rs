@@ -1,0 +1,405 @@
+//! The QEMU driver against real QEMU.
+//!
+//! Needs `qemu-system-x86_64` on PATH (tests skip with a message otherwise). The
+//! guest tests also need the guest artifacts (`kernels/vmlinuz`,
+//! `initramfs/initrd.img`, `rootfs/minimal.ext4`) under `$AGENTENV_ARTIFACTS` or
+//! the repository's `artifacts/`. Guests run under TCG (see GUEST-NOTES: KVM here
+//! is kvm_pvm, where guests hang), one at a time so that boots stay fast.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use agentenv_core::backend::{wait_exit, DriveSpec, LaunchSpec, Vmm, VmmError, VmmInstance};
+use agentenv_host::qemu::{Accel, QemuInstance, QemuVmm, COMMAND_FILE};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+/// Guests boot one at a time: two TCG guests on two cores slow each other down.
+static GUESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn qemu_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("qemu-system-x86_64"))
+        .find(|p| p.is_file())
+}
+
+struct Artifacts {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    rootfs: PathBuf,
+}
+
+fn artifacts() -> Result<Artifacts, String> {
+    let root = std::env::var_os("AGENTENV_ARTIFACTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../artifacts"));
+    let a = Artifacts {
+        kernel: root.join("kernels/vmlinuz"),
+        initrd: root.join("initramfs/initrd.img"),
+        rootfs: root.join("rootfs/minimal.ext4"),
+    };
+    for p in [&a.kernel, &a.initrd, &a.rootfs] {
+        if !p.is_file() {
+            return Err(format!("missing {}", p.display()));
+        }
+    }
+    Ok(a)
+}
+
+macro_rules! need_qemu {
+    () => {
+        match qemu_binary() {
+            Some(q) => q,
+            None => {
+                eprintln!("skipped: qemu-system-x86_64 is not on PATH");
+                return;
+            }
+        }
+    };
+}
+
+macro_rules! need_guest {
+    () => {
+        match (qemu_binary(), artifacts()) {
+            (Some(q), Ok(a)) => (q, a),
+            (None, _) => {
+                eprintln!("skipped: qemu-system-x86_64 is not on PATH");
+                return;
+            }
+            (_, Err(e)) => {
+                eprintln!("skipped: no guest artifacts ({e}); set AGENTENV_ARTIFACTS");
+                return;
+            }
+        }
+    };
+}
+
+/// Kills the VMM's process group when the test ends, however it ends.
+struct KillGuard(Option<u32>);
+
+impl Drop for KillGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            let _ = killpg(Pid::from_raw(pgid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+fn group_alive(pgid: u32) -> bool {
+    killpg(Pid::from_raw(pgid as i32), None).is_ok()
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if pid == std::process::id().to_string() {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                found.push(format!("{pid}: {cmd}"));
+            }
+        }
+    }
+    found
+}
+
+fn spec(dir: &Path, vm_id: &str, kernel: PathBuf) -> LaunchSpec {
+    LaunchSpec {
+        vm_id: vm_id.into(),
+        session_dir: dir.to_path_buf(),
+        control_socket: dir.join("qmp.sock"),
+        console_log: dir.join("console.log"),
+        console_log_max_bytes: 4 << 20,
+        vcpus: 1,
+        memory_mib: 256,
+        kernel,
+        initrd: None,
+        boot_args: format!("console=ttyS0 reboot=k panic=1 pci=off agentenv.vm_id={vm_id}"),
+        drives: vec![],
+        net: None,
+        startup_timeout: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(5),
+    }
+}
+
+/// A spec that boots the test guest from a private copy of the rootfs (the
+/// root is mounted read-write without an overlay).
+fn guest_spec(dir: &Path, vm_id: &str, a: &Artifacts) -> LaunchSpec {
+    let root = dir.join("root.ext4");
+    std::fs::copy(&a.rootfs, &root).unwrap();
+    let mut s = spec(dir, vm_id, a.kernel.clone());
+    s.initrd = Some(a.initrd.clone());
+    s.boot_args
+        .push_str(" agentenv.root=/dev/vda agentenv.heartbeat=1");
+    s.drives.push(DriveSpec {
+        id: "rootfs".into(),
+        path: root,
+        read_only: false,
+        is_root: true,
+    });
+    s
+}
+
+fn console(s: &LaunchSpec) -> String {
+    String::from_utf8_lossy(&std::fs::read(&s.console_log).unwrap_or_default()).into_owned()
+}
+
+fn heartbeats(s: &LaunchSpec) -> usize {
+    console(s)
+        .lines()
+        .filter(|l| l.contains("agentenv-heartbeat "))
+        .count()
+}
+
+/// Waits until `cond` holds, polling every 20 ms, for at most `timeout`.
+async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cond()
+}
+
+fn tail(s: &LaunchSpec) -> String {
+    let c = console(s);
+    let lines: Vec<&str> = c.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+#[tokio::test]
+async fn a_missing_kernel_fails_the_launch_and_leaves_nothing() {
+    let qemu = need_qemu!();
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(dir.path(), "nokernel", dir.path().join("no-such-vmlinuz"));
+    let vmm = QemuVmm::new(qemu.clone(), Accel::Tcg);
+    let start = Instant::now();
+    let err = vmm.start(&s).await.unwrap_err();
+    eprintln!("launch failed after {:?}: {err}", start.elapsed());
+    match &err {
+        VmmError::ExitedEarly { exit, detail } => {
+            assert!(!exit.success(), "{exit}");
+            assert!(detail.contains("no-such-vmlinuz"), "{detail}");
+        }
+        other => panic!("expected ExitedEarly, got {other:?}"),
+    }
+    assert!(!s.control_socket.exists(), "qmp socket left behind");
+    let left = processes_mentioning(&dir.path().to_string_lossy());
+    assert!(left.is_empty(), "processes left: {left:?}");
+    // The command was recorded before the spawn.
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join(COMMAND_FILE)).unwrap()).unwrap();
+    assert_eq!(doc["binary"], qemu.to_string_lossy().as_ref());
+    let args: Vec<&str> = doc["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        &args[..6],
+        [
+            "-M",
+            "microvm,x-option-roms=off,isa-serial=on,rtc=off",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max"
+        ]
+    );
+    // Under TCG the kernel is told the host's TSC rate.
+    let append = args[args.iter().position(|a| *a == "-append").unwrap() + 1];
+    if let Some(khz) = vmm.tsc_khz() {
+        assert!(
+            append.ends_with(&format!(" tsc_early_khz={khz}")),
+            "{append}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_vmm_that_never_serves_qmp_times_out_and_is_killed() {
+    // No QEMU needed: a stand-in that never creates the socket, with a child.
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("fake-qemu");
+    std::fs::write(&fake, "#!/bin/sh\nsleep 987654 &\nwait\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut s = spec(dir.path(), "silent", dir.path().join("vmlinuz"));
+    s.startup_timeout = Duration::from_millis(300);
+    let start = Instant::now();
+    let err = QemuVmm::new(fake, Accel::Tcg)
+        .launch(&s)
+        .await
+        .err()
+        .expect("launch must fail");
+    assert!(matches!(err, VmmError::SocketTimeout { .. }), "{err:?}");
+    assert!(start.elapsed() < Duration::from_secs(3));
+    let mut left = processes_mentioning(&dir.path().to_string_lossy());
+    left.extend(processes_mentioning("sleep 987654"));
+    assert!(left.is_empty(), "processes left: {left:?}");
+}
+
+#[tokio::test]
+async fn a_non_socket_at_the_control_path_is_refused_before_spawning() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(dir.path(), "blocked", dir.path().join("vmlinuz"));
+    std::fs::write(&s.control_socket, b"not a socket").unwrap();
+    let err = QemuVmm::new("/nonexistent/qemu".into(), Accel::Tcg)
+        .launch(&s)
+        .await
+        .err()
+        .expect("launch must fail");
+    match err {
+        VmmError::Io { context, .. } => assert!(context.contains("qmp.sock"), "{context}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn guest_pauses_resumes_and_powers_off() {
+    let (qemu, a) = need_guest!();
+    let _one = GUESTS.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = guest_spec(dir.path(), "lifecycle", &a);
+    let vmm = QemuVmm::new(qemu, Accel::Tcg);
+
+    let t = Instant::now();
+    let vm: QemuInstance = vmm.start(&s).await.unwrap();
+    let qmp_ready = t.elapsed();
+    let _guard = KillGuard(vm.pid());
+    assert_eq!(vm.query_status().await.unwrap(), "running");
+
+    let ready = wait_until(Duration::from_secs(90), || {
+        console(&s).contains("AGENTENV_READY vm_id=lifecycle")
+    })
+    .await;
+    assert!(ready, "no READY line; console tail:\n{}", tail(&s));
+    let booted = t.elapsed();
+    assert!(
+        wait_until(Duration::from_secs(10), || heartbeats(&s) >= 2).await,
+        "no heartbeats; console tail:\n{}",
+        tail(&s)
+    );
+
+    let t = Instant::now();
+    vm.pause().await.unwrap();
+    let pause_ms = t.elapsed();
+    assert_eq!(vm.query_status().await.unwrap(), "paused");
+    // Let output written before the pause reach the log, then watch for a second.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = heartbeats(&s);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(heartbeats(&s), before, "heartbeats went on while paused");
+
+    let t = Instant::now();
+    vm.resume().await.unwrap();
+    let resume_ms = t.elapsed();
+    assert_eq!(vm.query_status().await.unwrap(), "running");
+    assert!(
+        wait_until(Duration::from_secs(5), || heartbeats(&s) >= before + 2).await,
+        "heartbeats did not continue; console tail:\n{}",
+        tail(&s)
+    );
+
+    let t = Instant::now();
+    vm.request_shutdown().await.unwrap();
+    let exit = wait_exit(vm.exit_watch(), Duration::from_secs(20)).await;
+    let off = t.elapsed();
+    let exit = exit.unwrap_or_else(|| panic!("no exit 20 s after powerdown:\n{}", tail(&s)));
+    assert!(exit.success(), "{exit}:\n{}", tail(&s));
+    assert!(
+        wait_until(Duration::from_secs(2), || !s.control_socket.exists()).await,
+        "qmp socket left behind"
+    );
+    assert!(matches!(vm.query_status().await, Err(VmmError::NotRunning)));
+    eprintln!(
+        "timings: spawn->qmp ready {qmp_ready:?}, spawn->READY {booted:?}, pause {pause_ms:?}, \
+         resume {resume_ms:?}, powerdown->exit {off:?}"
+    );
+}
+
+#[tokio::test]
+async fn kill_takes_the_whole_group_and_the_socket() {
+    let (qemu, a) = need_guest!();
+    let _one = GUESTS.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = guest_spec(dir.path(), "killed", &a);
+    let vm: Box<dyn VmmInstance> = QemuVmm::new(qemu, Accel::Tcg).launch(&s).await.unwrap();
+    let pgid = vm.pid().unwrap();
+    let _guard = KillGuard(Some(pgid));
+    assert!(group_alive(pgid));
+    assert!(s.control_socket.exists());
+    // Let the guest get going, so that it is killed mid-boot.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = Instant::now();
+    let exit = vm.kill().await.unwrap();
+    eprintln!("kill took {:?}: {exit}", t.elapsed());
+    assert_eq!(exit.signal, Some(libc::SIGKILL));
+    assert!(!group_alive(pgid), "process group {pgid} survived");
+    assert!(!s.control_socket.exists(), "qmp socket left behind");
+    assert!(processes_mentioning(&dir.path().to_string_lossy()).is_empty());
+    assert!(matches!(vm.pause().await, Err(VmmError::NotRunning)));
+    // A second kill reports the same exit.
+    assert_eq!(vm.kill().await.unwrap(), exit);
+}
+
+/// Boots with every host core saturated (TCG's TSC calibration fails then; the
+/// driver's `tsc_early_khz=` must carry the boot). Slow: `AGENTENV_SLOW_TESTS=1`.
+#[tokio::test]
+async fn guest_boots_while_the_host_is_saturated() {
+    if std::env::var_os("AGENTENV_SLOW_TESTS").is_none() {
+        eprintln!("skipped: set AGENTENV_SLOW_TESTS=1 to run");
+        return;
+    }
+    let (qemu, a) = need_guest!();
+    let _one = GUESTS.lock().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let spinners: Vec<_> = (0..cores * 2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let s = guest_spec(dir.path(), "loaded", &a);
+    let t = Instant::now();
+    let vm = QemuVmm::new(qemu, Accel::Tcg).start(&s).await.unwrap();
+    let _guard = KillGuard(vm.pid());
+    let ready = wait_until(Duration::from_secs(240), || {
+        console(&s).contains("AGENTENV_READY vm_id=loaded")
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in spinners {
+        t.join().unwrap();
+    }
+    assert!(ready, "no READY line; console tail:\n{}", tail(&s));
+    let tsc: Vec<String> = console(&s)
+        .lines()
+        .filter(|l| l.contains("tsc:"))
+        .map(str::to_string)
+        .collect();
+    eprintln!("booted under load in {:?}; {tsc:?}", t.elapsed());
+    vm.kill().await.unwrap();
+}
