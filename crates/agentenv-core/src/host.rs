@@ -110,6 +110,7 @@ pub trait Host: Send + Sync + 'static {
 
     /// Kills the process group of `pid` if that process is still alive and its
     /// command line mentions `marker` (so an unrelated process that reused the pid
-    /// is never touched). Returns whether something was killed.
-    fn kill_stale_process(&self, pid: u32, marker: &Path) -> bool;
+    /// is never touched); with no pid, of every process whose command line
+    /// mentions `marker`. Returns whether something was killed.
+    fn kill_stale_process(&self, pid: Option<u32>, marker: &Path) -> bool;
 }

@@ -575,3 +575,45 @@ fn a_hung_vmm_gives_504_and_the_vm_stays_usable() {
     assert_eq!(v["state"], "running");
     finish(d, dir);
 }
+
+/// Rewrites a VM's record as a crash in the middle of an operation would leave it.
+fn set_record_state(dir: &TestDir, vm_id: &str, state: &str, pid: Value) {
+    let p = dir.path().join(format!("sessions/{vm_id}/vm.json"));
+    let mut rec: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    rec["vm"]["state"] = json!(state);
+    rec["vm"]["pid"] = pid;
+    std::fs::write(&p, serde_json::to_vec(&rec).unwrap()).unwrap();
+}
+
+#[test]
+fn a_restart_finishes_what_a_crash_interrupted() {
+    let mut dir = TestDir::new();
+    dir.baseline = Some(common::baseline(dir.path()));
+    // A daemon that leaves its VMMs behind when it goes away, as a crash would.
+    let mut cfg = dir.config();
+    cfg.on_shutdown = agentenv_core::config::OnShutdown::Leave;
+    let d = Daemon::start_with(cfg, dir.path());
+    for id in ["creating", "deleting", "running"] {
+        d.create_ok(id);
+    }
+    d.stop();
+    assert_eq!(
+        agentenv_testkit::leaks::processes_mentioning(&dir.path().join("s")).len(),
+        3,
+        "the three VMMs outlive the daemon"
+    );
+    // Records as a crash mid-create (no pid yet) and mid-delete leave them.
+    set_record_state(&dir, "creating", "creating", Value::Null);
+    set_record_state(&dir, "deleting", "deleting", Value::Null);
+    let d = Daemon::start_with(dir.config(), dir.path());
+    // The interrupted create is rolled back and the delete finished: gone, with
+    // their VMMs; the VM that was running is marked failed, its VMM stopped.
+    assert!(d.engine.get("creating").is_err());
+    assert!(d.engine.get("deleting").is_err());
+    assert!(!dir.path().join("sessions/creating").exists());
+    assert!(!dir.path().join("sessions/deleting").exists());
+    let v = d.engine.get("running").unwrap();
+    assert_eq!(v.state, agentenv_api::VmState::Failed);
+    assert!(v.exit.unwrap().cause.contains("not re-adopted"));
+    finish(d, dir);
+}

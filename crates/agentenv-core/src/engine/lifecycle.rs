@@ -143,13 +143,19 @@ impl Engine {
     pub async fn delete(&self, vm_id: &str) -> Result<(), EngineError> {
         let slot = self.slot(vm_id)?;
         let _op = slot.op.lock().await;
-        self.check_transition(&slot, VmState::Deleting)?;
+        // A delete that failed half-way (a file it could not remove) may be retried.
+        let retry = slot.state() == VmState::Deleting;
+        if !retry {
+            self.check_transition(&slot, VmState::Deleting)?;
+        }
         if let Some(inst) = slot.instance() {
             let exit = self.kill_instance(&inst).await;
             self.settle_exit(&slot, exit, Some("killed: the vm was deleted"))
                 .await;
         }
-        self.set_state(&slot, VmState::Deleting)?;
+        if !retry {
+            self.set_state(&slot, VmState::Deleting)?;
+        }
         let info = slot.info();
         self.host.remove_file(&PathBuf::from(&info.api_socket))?;
         self.host

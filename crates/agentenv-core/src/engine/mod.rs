@@ -273,12 +273,28 @@ impl Engine {
                 tracing::warn!("skipping session {name}: record names vm {}", info.vm_id);
                 continue;
             }
+            // A create or a delete cut short by a crash is finished now: the
+            // create is rolled back, the delete completed.
+            if matches!(info.state, VmState::Creating | VmState::Deleting) {
+                let socket = PathBuf::from(&info.api_socket);
+                self.host.kill_stale_process(info.pid, &socket);
+                let _ = self.host.remove_file(&socket);
+                match self.host.remove_dir_all(&dir) {
+                    Ok(()) => tracing::warn!(
+                        "vm {name}: finished an interrupted {} (session removed)",
+                        if info.state == VmState::Creating { "create" } else { "delete" }
+                    ),
+                    Err(e) => tracing::error!("vm {name}: {e}"),
+                }
+                continue;
+            }
             if info.state.has_vmm() {
                 let socket = PathBuf::from(&info.api_socket);
-                if let Some(pid) = info.pid {
-                    if self.host.kill_stale_process(pid, &socket) {
-                        tracing::warn!("vm {name}: stopped vmm pid {pid} left from a previous run");
-                    }
+                if self.host.kill_stale_process(info.pid, &socket) {
+                    tracing::warn!(
+                        "vm {name}: stopped the vmm left from a previous run (pid {:?})",
+                        info.pid
+                    );
                 }
                 let _ = self.host.remove_file(&socket);
                 info.exit = Some(ExitInfo {
