@@ -14,4 +14,5 @@ AGENTENV_PACKAGES=(
   xfsprogs          # reflink tests (mkfs.xfs -m reflink=1)
   curl ca-certificates
   python3
+  fakeroot          # building images without root
 )

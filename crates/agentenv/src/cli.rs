@@ -29,7 +29,7 @@ pub struct ClientOpts {
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
     /// Create and boot a VM.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List VMs.
     Ls,
     /// Show one VM.
