@@ -94,7 +94,7 @@ if "$bin" vm show "$vm" --server "$server" >/dev/null 2>&1; then
 fi
 
 step "creating VM $vm from rootfs minimal.ext4"
-"$bin" vm create "$vm" --rootfs minimal.ext4 --server "$server"
+"$bin" vm create "$vm" --rootfs minimal.ext4 --slots 1 --server "$server"
 
 console=$("$bin" vm show "$vm" --server "$server" --json | sed -n 's/.*"console_log": "\(.*\)".*/\1/p')
 step "waiting for the guest's ready line in $console"

@@ -3,16 +3,44 @@
 use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use agentenv_core::host::{FileInfo, FileKind, Host, HostError};
 use async_trait::async_trait;
 
+use crate::disk::Ext4Templates;
 use crate::runner;
 
 /// The real host.
+///
+/// `LocalHost::default()` makes each overlay with `mkfs.ext4`;
+/// [`LocalHost::with_templates`] clones a per-size empty ext4 template instead
+/// (see [`crate::disk::Ext4Templates`]).
 #[derive(Debug, Default, Clone)]
-pub struct LocalHost;
+pub struct LocalHost {
+    templates: Option<Arc<Ext4Templates>>,
+}
+
+impl LocalHost {
+    /// A host that runs `mkfs.ext4` for every new overlay.
+    pub fn new() -> LocalHost {
+        LocalHost::default()
+    }
+
+    /// A host that makes new overlays by cloning ext4 templates kept in
+    /// `dir` (e.g. `snapshots_root/templates`).
+    pub fn with_templates(dir: impl Into<PathBuf>) -> LocalHost {
+        LocalHost {
+            templates: Some(Arc::new(Ext4Templates::new(dir))),
+        }
+    }
+
+    /// The templates, when this host uses them.
+    pub fn templates(&self) -> Option<&Ext4Templates> {
+        self.templates.as_deref()
+    }
+}
 
 /// How long `mkfs.ext4` may take.
 const MKFS_TIMEOUT: Duration = Duration::from_secs(120);
@@ -76,6 +104,19 @@ impl Host for LocalHost {
 
     async fn create_ext4_disk(&self, path: &Path, size_bytes: u64) -> Result<(), HostError> {
         let ctx = || format!("cannot create disk {}", path.display());
+        if let Some(t) = &self.templates {
+            match t.create_disk(path, size_bytes).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.is_no_space() || path.exists() => {
+                    return Err(HostError {
+                        context: ctx(),
+                        no_space: e.is_no_space(),
+                        message: e.to_string(),
+                    })
+                }
+                Err(e) => tracing::warn!("ext4 template unusable, running mkfs.ext4: {e}"),
+            }
+        }
         let f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -199,18 +240,32 @@ impl Host for LocalHost {
         crate::process::read_tail(path, max)
     }
 
-    fn kill_stale_process(&self, pid: u32, marker: &Path) -> bool {
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            return false;
-        };
+    fn kill_stale_process(&self, pid: Option<u32>, marker: &Path) -> bool {
         let marker = marker.as_os_str().as_encoded_bytes();
-        if !cmdline.windows(marker.len()).any(|w| w == marker) {
-            return false;
+        let mentions = |pid: u32| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| !marker.is_empty() && c.windows(marker.len()).any(|w| w == marker))
+        };
+        let pids: Vec<u32> = match pid {
+            Some(p) => vec![p],
+            // No pid recorded: look for the VMM by its socket path.
+            None => std::fs::read_dir("/proc")
+                .map(|rd| {
+                    rd.flatten()
+                        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                        .filter(|&p| p != std::process::id())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        let mut killed = false;
+        for p in pids.into_iter().filter(|&p| mentions(p)) {
+            let pid = nix::unistd::Pid::from_raw(p as i32);
+            killed |= nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL)
+                .or_else(|_| nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL))
+                .is_ok();
         }
-        let pid = nix::unistd::Pid::from_raw(pid as i32);
-        nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL)
-            .or_else(|_| nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL))
-            .is_ok()
+        killed
     }
 }
 
@@ -261,7 +316,7 @@ mod tests {
         std::fs::write(&f, b"x").unwrap();
         let l = dir.path().join("l");
         std::os::unix::fs::symlink(&f, &l).unwrap();
-        let h = LocalHost;
+        let h = LocalHost::default();
         assert_eq!(h.inspect(&f).unwrap().kind, FileKind::File);
         assert_eq!(h.inspect(&l).unwrap().kind, FileKind::Symlink);
         assert_eq!(h.inspect(dir.path()).unwrap().kind, FileKind::Dir);
@@ -286,12 +341,12 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d.ext4");
-        LocalHost.create_ext4_disk(&p, 4 << 30).await.unwrap();
+        LocalHost::default().create_ext4_disk(&p, 4 << 30).await.unwrap();
         let m = std::fs::metadata(&p).unwrap();
         assert_eq!(m.len(), 4 << 30);
         assert!(m.blocks() * 512 < 256 << 20, "allocated {}", m.blocks() * 512);
         // A second create of the same path refuses to overwrite.
-        assert!(LocalHost.create_ext4_disk(&p, 1 << 30).await.is_err());
+        assert!(LocalHost::default().create_ext4_disk(&p, 1 << 30).await.is_err());
     }
 
     fn which(p: &str) -> Option<PathBuf> {

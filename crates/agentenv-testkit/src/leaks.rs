@@ -81,7 +81,10 @@ impl Baseline {
         Baseline {
             root: root.to_path_buf(),
             files: files_below(root),
-            processes: processes_mentioning(root).into_iter().map(|p| p.0).collect(),
+            processes: processes_mentioning(root)
+                .into_iter()
+                .map(|p| p.0)
+                .collect(),
             allowed: Vec::new(),
         }
     }
@@ -147,11 +150,15 @@ mod tests {
         }
         let leaks = base.leaks(Duration::ZERO);
         assert!(
-            leaks.iter().any(|l| l.starts_with("file ") && l.ends_with("/left")),
+            leaks
+                .iter()
+                .any(|l| l.starts_with("file ") && l.ends_with("/left")),
             "{leaks:?}"
         );
         assert!(
-            leaks.iter().any(|l| l.starts_with("process ") && l.contains("cat -")),
+            leaks
+                .iter()
+                .any(|l| l.starts_with("process ") && l.contains("cat -")),
             "{leaks:?}"
         );
         child.kill().unwrap();

@@ -1,0 +1,400 @@
+//! Store tests on plain directories (no root needed). The tier tests that
+//! need real tmpfs mounts, full file systems and reflinks are in
+//! `tests/snapshots.rs`.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use agentenv_api::{BackendKind, SnapshotStatus, SnapshotTier};
+use agentenv_core::snapshot::{NewSnapshot, SnapshotError, SnapshotStore};
+
+use super::*;
+
+/// Holds a restore after it registered, until the test releases it.
+#[derive(Debug)]
+pub(super) struct Gate {
+    entered: mpsc::Sender<()>,
+    release: mpsc::Receiver<()>,
+}
+
+pub(super) fn pass_gate(inner: &Inner) {
+    let gate = inner
+        .restore_gate
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(g) = gate {
+        let _ = g.entered.send(());
+        let _ = g.release.recv();
+    }
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    store: TieredStore,
+}
+
+impl Fixture {
+    fn new(overhead: u64) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["tmpfs", "durable", "vm"] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        let store = TieredStore::new(
+            dir.path(),
+            dir.path().join("tmpfs"),
+            dir.path().join("durable"),
+            overhead,
+        );
+        Fixture { dir, store }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// A 256 MiB sparse "disk" with 1 MiB of data in two places.
+    fn source(&self) -> PathBuf {
+        let p = self.path("vm/overlay.ext4");
+        if !p.exists() {
+            let f = std::fs::File::create(&p).unwrap();
+            f.set_len(256 << 20).unwrap();
+            f.write_all_at(&vec![0xa5; 512 << 10], 0).unwrap();
+            f.write_all_at(&vec![0x5a; 512 << 10], 200 << 20).unwrap();
+        }
+        p
+    }
+
+    fn new_snapshot(&self, id: &str) -> NewSnapshot {
+        NewSnapshot {
+            snapshot_id: id.into(),
+            vm_id: "vm1".into(),
+            rootfs_id: Some("base.ext4".into()),
+            backend: BackendKind::Firecracker,
+            source: self.source(),
+        }
+    }
+
+    fn entries(&self, tier: &str) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.path(tier))
+            .map(|rd| {
+                rd.map(|e| e.unwrap().file_name().into_string().unwrap())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+fn flip_byte(path: &Path, at: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0xff;
+    f.write_all_at(&b, at).unwrap();
+}
+
+#[tokio::test]
+async fn create_goes_to_tmpfs_when_it_fits() {
+    let fx = Fixture::new(1 << 20);
+    let info = fx.store.create(fx.new_snapshot("s1")).await.unwrap();
+    assert_eq!(info.tier, SnapshotTier::Tmpfs);
+    assert_eq!(info.status, SnapshotStatus::Ready);
+    assert_eq!(info.logical_bytes, 256 << 20);
+    assert!(info.allocated_bytes >= 1 << 20 && info.allocated_bytes < 2 << 20);
+    assert_eq!(info.sha256, disk::sparse_sha256(&fx.source()).unwrap());
+    let disk_path = fx.path("tmpfs/s1/disk.ext4");
+    assert_eq!(
+        info.tmpfs_path.as_deref(),
+        Some(disk_path.to_str().unwrap())
+    );
+    assert_eq!(info.durable_path, None);
+    assert_eq!(fx.entries("tmpfs"), ["s1"]);
+    assert_eq!(fx.entries("tmpfs/s1"), ["disk.ext4", "meta.json"]);
+    assert!(fx.entries("durable").is_empty());
+    assert_eq!(fx.store.list(), vec![info.clone()]);
+    assert_eq!(fx.store.get("s1").unwrap(), info);
+    assert!(matches!(
+        fx.store.get("nope"),
+        Err(SnapshotError::NotFound(_))
+    ));
+    let e = fx.store.create(fx.new_snapshot("s1")).await.unwrap_err();
+    assert!(matches!(e, SnapshotError::Exists(_)), "{e}");
+}
+
+#[tokio::test]
+async fn create_goes_durable_when_tmpfs_lacks_room() {
+    // An overhead no file system has.
+    let fx = Fixture::new(u64::MAX / 2);
+    let info = fx.store.create(fx.new_snapshot("s1")).await.unwrap();
+    assert_eq!(info.tier, SnapshotTier::Durable);
+    assert!(info.persisted_at.is_some());
+    assert!(fx.entries("tmpfs").is_empty());
+    assert_eq!(fx.entries("durable/s1"), ["disk.ext4", "meta.json"]);
+    // Persisting a durable snapshot does nothing.
+    assert_eq!(fx.store.persist("s1", false).await.unwrap(), info);
+}
+
+#[tokio::test]
+async fn missing_durable_tier_matters_only_when_needed() {
+    let fx = Fixture::new(0);
+    std::fs::remove_dir(fx.path("durable")).unwrap();
+    fx.store.create(fx.new_snapshot("fits")).await.unwrap();
+    let e = fx.store.persist("fits", false).await.unwrap_err();
+    match e {
+        SnapshotError::TierUnavailable { path, why } => {
+            assert_eq!(path, fx.path("durable"));
+            assert_eq!(why, "does not exist");
+        }
+        e => panic!("{e}"),
+    }
+    // Still a tmpfs snapshot, not busy.
+    assert_eq!(fx.store.get("fits").unwrap().tier, SnapshotTier::Tmpfs);
+
+    let big = Fixture::new(u64::MAX / 2);
+    std::fs::remove_dir(big.path("durable")).unwrap();
+    let e = big.store.create(big.new_snapshot("s")).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(big.path("durable").to_str().unwrap()),
+        "{e}"
+    );
+    assert!(matches!(e, SnapshotError::TierUnavailable { .. }), "{e}");
+    assert!(big.store.list().is_empty());
+    assert!(big.entries("tmpfs").is_empty());
+}
+
+#[tokio::test]
+async fn persist_drops_or_keeps_the_tmpfs_copy() {
+    let fx = Fixture::new(0);
+    let a = fx.store.create(fx.new_snapshot("a")).await.unwrap();
+    fx.store.create(fx.new_snapshot("b")).await.unwrap();
+
+    let pa = fx.store.persist("a", false).await.unwrap();
+    assert_eq!(pa.tier, SnapshotTier::Durable);
+    assert_eq!(pa.tmpfs_path, None);
+    assert!(pa.durable_path.is_some());
+    assert!(pa.persisted_at.is_some());
+    assert_eq!(pa.sha256, a.sha256);
+    assert_eq!(fx.entries("tmpfs"), ["b"]);
+    assert_eq!(fx.entries("durable"), ["a"]);
+
+    let pb = fx.store.persist("b", true).await.unwrap();
+    assert_eq!(pb.tier, SnapshotTier::Durable);
+    assert!(pb.tmpfs_path.is_some() && pb.durable_path.is_some());
+    assert_eq!(fx.entries("tmpfs"), ["b"]);
+    assert_eq!(fx.entries("durable"), ["a", "b"]);
+    // Both records say the same.
+    let t = meta::SnapshotMeta::load(&fx.path("tmpfs/b/meta.json")).unwrap();
+    let d = meta::SnapshotMeta::load(&fx.path("durable/b/meta.json")).unwrap();
+    assert_eq!(t, d);
+    assert_eq!(t.tier, SnapshotTier::Durable);
+
+    // Idempotent.
+    assert_eq!(fx.store.persist("b", false).await.unwrap(), pb);
+    assert_eq!(fx.store.persist("a", true).await.unwrap(), pa);
+
+    // A fresh store reads the same thing back.
+    let again = TieredStore::new(fx.dir.path(), fx.path("tmpfs"), fx.path("durable"), 0);
+    let cleanup = again.init().await.unwrap();
+    assert!(cleanup.removed.is_empty());
+    assert_eq!(again.list(), fx.store.list());
+}
+
+#[tokio::test]
+async fn restore_copies_and_refuses_an_existing_dest() {
+    let fx = Fixture::new(0);
+    fx.store.create(fx.new_snapshot("s")).await.unwrap();
+    let dest = fx.path("vm/restored.ext4");
+    fx.store.restore("s", &dest).await.unwrap();
+    assert_eq!(
+        std::fs::read(&dest).unwrap(),
+        std::fs::read(fx.source()).unwrap()
+    );
+    assert!(disk::allocated_bytes(&dest).unwrap() < 2 << 20);
+    std::fs::write(&dest, b"mine").unwrap();
+    let e = fx.store.restore("s", &dest).await.unwrap_err();
+    assert!(e.to_string().contains("restored.ext4"), "{e}");
+    assert_eq!(std::fs::read(&dest).unwrap(), b"mine");
+    assert!(matches!(
+        fx.store.restore("nope", &dest).await,
+        Err(SnapshotError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_flipped_byte_marks_the_snapshot_corrupt() {
+    let fx = Fixture::new(0);
+    fx.store.create(fx.new_snapshot("s")).await.unwrap();
+    flip_byte(&fx.path("tmpfs/s/disk.ext4"), (200 << 20) + 7);
+    let dest = fx.path("vm/restored.ext4");
+    let e = fx.store.restore("s", &dest).await.unwrap_err();
+    assert!(matches!(e, SnapshotError::Corrupt { .. }), "{e}");
+    assert!(!dest.exists());
+    assert_eq!(fx.store.get("s").unwrap().status, SnapshotStatus::Corrupt);
+    let m = meta::SnapshotMeta::load(&fx.path("tmpfs/s/meta.json")).unwrap();
+    assert_eq!(m.status, SnapshotStatus::Corrupt);
+    // It stays corrupt across a restart, and is refused without a copy.
+    let again = TieredStore::new(fx.dir.path(), fx.path("tmpfs"), fx.path("durable"), 0);
+    again.init().await.unwrap();
+    assert_eq!(again.get("s").unwrap().status, SnapshotStatus::Corrupt);
+    assert!(matches!(
+        again.restore("s", &dest).await,
+        Err(SnapshotError::Corrupt { .. })
+    ));
+    assert!(matches!(
+        again.persist("s", false).await,
+        Err(SnapshotError::Corrupt { .. })
+    ));
+    // It can still be deleted.
+    again.delete("s").await.unwrap();
+    assert!(fx.entries("tmpfs").is_empty());
+}
+
+#[tokio::test]
+async fn persist_refuses_a_corrupt_tmpfs_copy() {
+    let fx = Fixture::new(0);
+    fx.store.create(fx.new_snapshot("s")).await.unwrap();
+    flip_byte(&fx.path("tmpfs/s/disk.ext4"), 3);
+    let e = fx.store.persist("s", false).await.unwrap_err();
+    assert!(matches!(e, SnapshotError::Corrupt { .. }), "{e}");
+    assert!(fx.entries("durable").is_empty());
+    assert_eq!(fx.store.get("s").unwrap().status, SnapshotStatus::Corrupt);
+}
+
+#[tokio::test]
+async fn a_bad_tmpfs_copy_falls_back_to_the_durable_one() {
+    let fx = Fixture::new(0);
+    fx.store.create(fx.new_snapshot("s")).await.unwrap();
+    fx.store.persist("s", true).await.unwrap();
+    flip_byte(&fx.path("tmpfs/s/disk.ext4"), 3);
+    let dest = fx.path("vm/restored.ext4");
+    let info = fx.store.restore("s", &dest).await.unwrap();
+    assert_eq!(info.status, SnapshotStatus::Ready);
+    assert_eq!(info.tmpfs_path, None);
+    assert_eq!(
+        std::fs::read(&dest).unwrap(),
+        std::fs::read(fx.source()).unwrap()
+    );
+    assert!(fx.entries("tmpfs").is_empty());
+}
+
+#[tokio::test]
+async fn init_removes_crash_leftovers_and_loads_the_rest() {
+    let fx = Fixture::new(0);
+    fx.store.create(fx.new_snapshot("kept")).await.unwrap();
+    // A copy interrupted mid-way, a meta write interrupted, a directory
+    // without a record (not ours to remove), and a non-snapshot file.
+    let partial = fx.path("tmpfs/.partial-s2-999-0");
+    std::fs::create_dir(&partial).unwrap();
+    std::fs::write(partial.join("disk.ext4"), b"half").unwrap();
+    let dpartial = fx.path("durable/.partial-s3-1-1");
+    std::fs::create_dir(&dpartial).unwrap();
+    let temp = fx.path("tmpfs/kept/.meta.json.tmp.4242");
+    std::fs::write(&temp, b"{").unwrap();
+    std::fs::create_dir(fx.path("durable/norecord")).unwrap();
+    std::fs::write(fx.path("durable/README"), b"x").unwrap();
+
+    let again = TieredStore::new(fx.dir.path(), fx.path("tmpfs"), fx.path("durable"), 0);
+    let mut removed = again.init().await.unwrap().removed;
+    removed.sort();
+    let mut expected = vec![partial, dpartial, temp];
+    expected.sort();
+    assert_eq!(removed, expected);
+    let ids: Vec<String> = again.list().into_iter().map(|s| s.snapshot_id).collect();
+    assert_eq!(ids, ["kept"]);
+    assert!(fx.path("durable/norecord").exists());
+}
+
+#[tokio::test]
+async fn a_lost_tmpfs_tier_leaves_the_durable_copy() {
+    let fx = Fixture::new(0);
+    fx.store.create(fx.new_snapshot("s")).await.unwrap();
+    fx.store.persist("s", true).await.unwrap();
+    // A reboot empties tmpfs.
+    std::fs::remove_dir_all(fx.path("tmpfs/s")).unwrap();
+    let again = TieredStore::new(fx.dir.path(), fx.path("tmpfs"), fx.path("durable"), 0);
+    again.init().await.unwrap();
+    let info = again.get("s").unwrap();
+    assert_eq!(info.tier, SnapshotTier::Durable);
+    assert_eq!(info.tmpfs_path, None);
+    again.restore("s", &fx.path("vm/r.ext4")).await.unwrap();
+}
+
+#[tokio::test]
+async fn delete_removes_every_copy() {
+    let fx = Fixture::new(0);
+    fx.store.create(fx.new_snapshot("s")).await.unwrap();
+    fx.store.persist("s", true).await.unwrap();
+    fx.store.delete("s").await.unwrap();
+    assert!(fx.store.list().is_empty());
+    assert!(fx.entries("tmpfs").is_empty());
+    assert!(fx.entries("durable").is_empty());
+    assert!(matches!(
+        fx.store.delete("s").await,
+        Err(SnapshotError::NotFound(_))
+    ));
+    // The id can be used again.
+    fx.store.create(fx.new_snapshot("s")).await.unwrap();
+}
+
+#[tokio::test]
+async fn delete_is_refused_while_a_restore_runs() {
+    let fx = Fixture::new(0);
+    fx.store.create(fx.new_snapshot("s")).await.unwrap();
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel();
+    *fx.store.inner.restore_gate.lock().unwrap() = Some(Gate {
+        entered: entered_tx,
+        release: release_rx,
+    });
+    let store = fx.store.clone();
+    let dest = fx.path("vm/r.ext4");
+    let d2 = dest.clone();
+    let restore = tokio::spawn(async move { store.restore("s", &d2).await });
+    tokio::task::spawn_blocking(move || entered_rx.recv().unwrap())
+        .await
+        .unwrap();
+    let e = fx.store.delete("s").await.unwrap_err();
+    match &e {
+        SnapshotError::Busy { id, why } => {
+            assert_eq!(id, "s");
+            assert!(why.contains("restore"), "{why}");
+        }
+        e => panic!("{e}"),
+    }
+    release_tx.send(()).unwrap();
+    restore.await.unwrap().unwrap();
+    assert!(dest.exists());
+    fx.store.delete("s").await.unwrap();
+}
+
+#[tokio::test]
+async fn ids_are_checked_before_any_path_is_built() {
+    let fx = Fixture::new(0);
+    let mut n = fx.new_snapshot("x");
+    n.snapshot_id = "../escape".into();
+    let e = fx.store.create(n).await.unwrap_err();
+    assert!(e.to_string().contains("escape"), "{e}");
+    assert!(!fx.path("escape").exists());
+    assert!(fx.store.list().is_empty());
+}
+
+#[tokio::test]
+async fn a_missing_source_is_an_io_error_naming_it() {
+    let fx = Fixture::new(0);
+    let mut n = fx.new_snapshot("x");
+    n.source = fx.path("vm/none.ext4");
+    let e = fx.store.create(n).await.unwrap_err();
+    assert!(matches!(e, SnapshotError::Io { .. }), "{e}");
+    assert!(e.to_string().contains("none.ext4"), "{e}");
+    assert!(fx.store.list().is_empty());
+    // The id was released.
+    fx.store.create(fx.new_snapshot("x")).await.unwrap();
+}
