@@ -117,34 +117,7 @@ impl Host for LocalHost {
                 Err(e) => tracing::warn!("ext4 template unusable, running mkfs.ext4: {e}"),
             }
         }
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(|e| HostError::io(ctx(), e))?;
-        f.set_len(size_bytes).map_err(|e| HostError::io(ctx(), e))?;
-        drop(f);
-        runner::run(
-            "mkfs.ext4",
-            [
-                "-q".as_ref(),
-                "-F".as_ref(),
-                "-E".as_ref(),
-                "lazy_itable_init=1,lazy_journal_init=1,nodiscard".as_ref(),
-                path.as_os_str(),
-            ],
-            MKFS_TIMEOUT,
-        )
-        .await
-        .map_err(|e| {
-            let msg = e.to_string();
-            HostError {
-                context: ctx(),
-                no_space: msg.contains("No space left"),
-                message: msg,
-            }
-        })?;
-        Ok(())
+        mkfs_ext4(path, size_bytes, None, ctx()).await
     }
 
     async fn create_ext4_from_dir(
@@ -153,38 +126,8 @@ impl Host for LocalHost {
         image: &Path,
         size_bytes: u64,
     ) -> Result<(), HostError> {
-        let ctx = || format!("cannot build {} from {}", image.display(), dir.display());
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(image)
-            .map_err(|e| HostError::io(ctx(), e))?;
-        f.set_len(size_bytes).map_err(|e| HostError::io(ctx(), e))?;
-        drop(f);
-        runner::run(
-            "mkfs.ext4",
-            [
-                "-q".as_ref(),
-                "-F".as_ref(),
-                "-E".as_ref(),
-                "lazy_itable_init=1,lazy_journal_init=1,nodiscard".as_ref(),
-                "-d".as_ref(),
-                dir.as_os_str(),
-                image.as_os_str(),
-            ],
-            MKFS_TIMEOUT,
-        )
-        .await
-        .map_err(|e| {
-            let _ = std::fs::remove_file(image);
-            let msg = e.to_string();
-            HostError {
-                context: ctx(),
-                no_space: msg.contains("No space left") || msg.contains("Could not allocate"),
-                message: msg,
-            }
-        })?;
-        Ok(())
+        let ctx = format!("cannot build {} from {}", image.display(), dir.display());
+        mkfs_ext4(image, size_bytes, Some(dir), ctx).await
     }
 
     fn dir_usage(&self, dir: &Path) -> Result<u64, HostError> {
@@ -195,8 +138,9 @@ impl Host for LocalHost {
                 .map_err(|e| HostError::io(format!("cannot list {}", d.display()), e))?;
             for e in rd {
                 let e = e.map_err(|e| HostError::io(format!("cannot list {}", d.display()), e))?;
-                let m = std::fs::symlink_metadata(e.path())
-                    .map_err(|err| HostError::io(format!("cannot stat {}", e.path().display()), err))?;
+                let m = std::fs::symlink_metadata(e.path()).map_err(|err| {
+                    HostError::io(format!("cannot stat {}", e.path().display()), err)
+                })?;
                 if m.is_dir() {
                     stack.push(e.path());
                 }
@@ -267,6 +211,50 @@ impl Host for LocalHost {
         }
         killed
     }
+}
+
+/// Creates `image` (which must not exist) as a sparse file of `size_bytes` and
+/// makes an ext4 file system in it, filled from `from_dir` when given. On
+/// failure the image is removed.
+async fn mkfs_ext4(
+    image: &Path,
+    size_bytes: u64,
+    from_dir: Option<&Path>,
+    ctx: String,
+) -> Result<(), HostError> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(image)
+        .map_err(|e| HostError::io(ctx.clone(), e))?;
+    let sized = f.set_len(size_bytes);
+    drop(f);
+    if let Err(e) = sized {
+        let _ = std::fs::remove_file(image);
+        return Err(HostError::io(ctx, e));
+    }
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "-q".as_ref(),
+        "-F".as_ref(),
+        "-E".as_ref(),
+        "lazy_itable_init=1,lazy_journal_init=1,nodiscard".as_ref(),
+    ];
+    if let Some(dir) = from_dir {
+        args.extend(["-d".as_ref(), dir.as_os_str()]);
+    }
+    args.push(image.as_os_str());
+    runner::run("mkfs.ext4", args, MKFS_TIMEOUT)
+        .await
+        .map_err(|e| {
+            let _ = std::fs::remove_file(image);
+            let msg = e.to_string();
+            HostError {
+                context: ctx,
+                no_space: msg.contains("No space left") || msg.contains("Could not allocate"),
+                message: msg,
+            }
+        })?;
+    Ok(())
 }
 
 /// Temp file in the same directory, fsync, rename over the target, fsync the directory.
@@ -341,12 +329,22 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d.ext4");
-        LocalHost::default().create_ext4_disk(&p, 4 << 30).await.unwrap();
+        LocalHost::default()
+            .create_ext4_disk(&p, 4 << 30)
+            .await
+            .unwrap();
         let m = std::fs::metadata(&p).unwrap();
         assert_eq!(m.len(), 4 << 30);
-        assert!(m.blocks() * 512 < 256 << 20, "allocated {}", m.blocks() * 512);
+        assert!(
+            m.blocks() * 512 < 256 << 20,
+            "allocated {}",
+            m.blocks() * 512
+        );
         // A second create of the same path refuses to overwrite.
-        assert!(LocalHost::default().create_ext4_disk(&p, 1 << 30).await.is_err());
+        assert!(LocalHost::default()
+            .create_ext4_disk(&p, 1 << 30)
+            .await
+            .is_err());
     }
 
     fn which(p: &str) -> Option<PathBuf> {
