@@ -37,12 +37,13 @@ impl VmmProcess {
     /// Starts the process in a new process group with stdin closed and its output
     /// captured into the bounded console log.
     pub fn spawn(spec: &SpawnSpec) -> Result<VmmProcess, VmmError> {
-        let log = BoundedLog::open(&spec.console_log, spec.console_log_max_bytes).map_err(
-            |source| VmmError::Io {
-                context: format!("cannot open console log {}", spec.console_log.display()),
-                source,
-            },
-        )?;
+        let log =
+            BoundedLog::open(&spec.console_log, spec.console_log_max_bytes).map_err(|source| {
+                VmmError::Io {
+                    context: format!("cannot open console log {}", spec.console_log.display()),
+                    source,
+                }
+            })?;
         // stdout and stderr share one pipe, so the log keeps their order and each
         // VM costs one reader task and one buffer.
         let io_err = |context: &str, source| VmmError::Io {

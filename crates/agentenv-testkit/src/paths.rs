@@ -23,7 +23,14 @@ pub fn fc_double() -> PathBuf {
     if !bin.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = std::process::Command::new(cargo)
-            .args(["build", "-q", "-p", "agentenv-testkit", "--bin", "fc-double"])
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "agentenv-testkit",
+                "--bin",
+                "fc-double",
+            ])
             .current_dir(workspace_root())
             .status()
             .expect("cargo runs");

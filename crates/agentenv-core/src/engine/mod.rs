@@ -282,7 +282,11 @@ impl Engine {
                 match self.host.remove_dir_all(&dir) {
                     Ok(()) => tracing::warn!(
                         "vm {name}: finished an interrupted {} (session removed)",
-                        if info.state == VmState::Creating { "create" } else { "delete" }
+                        if info.state == VmState::Creating {
+                            "create"
+                        } else {
+                            "delete"
+                        }
                     ),
                     Err(e) => tracing::error!("vm {name}: {e}"),
                 }
@@ -510,7 +514,9 @@ impl Engine {
 }
 
 fn render(info: &VmInfo) -> Arc<str> {
-    serde_json::to_string(info).expect("vm info serialises").into()
+    serde_json::to_string(info)
+        .expect("vm info serialises")
+        .into()
 }
 
 /// States that are written to disk. In-between states live in memory only: a

@@ -182,10 +182,7 @@ impl FcClient {
             request: what.to_string(),
             status: status.as_u16(),
             message: if message.is_empty() {
-                status
-                    .canonical_reason()
-                    .unwrap_or("error")
-                    .to_string()
+                status.canonical_reason().unwrap_or("error").to_string()
             } else {
                 message
             },
