@@ -617,3 +617,116 @@ fn a_restart_finishes_what_a_crash_interrupted() {
     assert!(v.exit.unwrap().cause.contains("not re-adopted"));
     finish(d, dir);
 }
+
+#[test]
+fn shares_become_disk_images_and_follow_the_path_rules() {
+    let mut dir = TestDir::new();
+    let disks = dir.path().join("disks");
+    let share = disks.join("data");
+    std::fs::create_dir_all(share.join("sub")).unwrap();
+    std::fs::write(share.join("sub/hello.txt"), b"hello from the host").unwrap();
+    std::fs::write(disks.join("file.img"), b"x").unwrap();
+    std::os::unix::fs::symlink(&share, disks.join("link")).unwrap();
+    let mut cfg = dir.config();
+    cfg.direct_disk_roots = vec![disks.clone()];
+    dir.baseline = Some(common::baseline(dir.path()));
+    let d = Daemon::start_with(cfg, dir.path());
+
+    let mut body = overlay_req("sh");
+    body["shares"] = json!([
+        {"host_path": share, "guest_path": "/mnt/data"},
+        {"host_path": share, "guest_path": "/mnt/rw", "read_only": false},
+    ]);
+    let (code, v) = d.call("POST", "/v1/vm", Some(body));
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["shares"][0]["device"], "/dev/vdc");
+    assert_eq!(v["shares"][0]["read_only"], true);
+    assert_eq!(v["shares"][1]["device"], "/dev/vdd");
+    let args = v["boot_args"].as_str().unwrap();
+    assert!(
+        args.ends_with("agentenv.share=/dev/vdc:/mnt/data:ro agentenv.share=/dev/vdd:/mnt/rw:rw"),
+        "{args}"
+    );
+    // The image holds a copy of the directory.
+    let image = v["shares"][0]["image_path"].as_str().unwrap();
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", "cat /sub/hello.txt", image])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from the host");
+    let fc: Value = serde_json::from_slice(
+        &std::fs::read(Path::new(v["session_dir"].as_str().unwrap()).join("firecracker.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(fc["drives"][2]["drive_id"], "share0");
+    assert_eq!(fc["drives"][2]["is_read_only"], true);
+    assert_eq!(fc["drives"][3]["is_read_only"], false);
+
+    let bad = |shares: Value| {
+        let mut b = overlay_req("bad");
+        b["shares"] = shares;
+        d.call("POST", "/v1/vm", Some(b))
+    };
+    let cases = [
+        (
+            json!([{"host_path": dir.path().join("rootfs"), "guest_path": "/mnt/x"}]),
+            403,
+            "shares[0].host_path",
+        ),
+        (
+            json!([{"host_path": disks.join("file.img"), "guest_path": "/mnt/x"}]),
+            400,
+            "shares[0].host_path",
+        ),
+        (
+            json!([{"host_path": disks.join("link"), "guest_path": "/mnt/x"}]),
+            400,
+            "shares[0].host_path",
+        ),
+        (
+            json!([{"host_path": "relative", "guest_path": "/mnt/x"}]),
+            400,
+            "shares[0].host_path",
+        ),
+        (
+            json!([{"host_path": share, "guest_path": "mnt"}]),
+            400,
+            "shares[0].guest_path",
+        ),
+        (
+            json!([{"host_path": share, "guest_path": "/"}]),
+            400,
+            "shares[0].guest_path",
+        ),
+        (
+            json!([{"host_path": share, "guest_path": "/a/../etc"}]),
+            400,
+            "shares[0].guest_path",
+        ),
+        (
+            json!([{"host_path": share, "guest_path": "/a b"}]),
+            400,
+            "shares[0].guest_path",
+        ),
+        (
+            json!([{"host_path": share, "guest_path": "/m"}, {"host_path": share, "guest_path": "/m"}]),
+            400,
+            "shares[1].guest_path",
+        ),
+        (
+            json!([{"host_path": share, "guest_path": "/m", "mode": "ro"}]),
+            400,
+            "shares[0]",
+        ),
+    ];
+    for (shares, code, field) in cases {
+        let (got, v) = bad(shares.clone());
+        assert_eq!(got, code, "{shares} → {v}");
+        assert!(
+            v["field"].as_str().is_some_and(|f| f.starts_with(field)),
+            "{shares} → {v}"
+        );
+    }
+    finish(d, dir);
+}

@@ -347,3 +347,33 @@ fn guests_reach_their_gateway_and_the_outside_but_not_each_other() {
     finish(d, dir);
     assert_eq!(ns.state(), before, "namespace not back to its baseline");
 }
+
+#[test]
+fn a_guest_sees_its_host_shares() {
+    let art = need_artifacts!();
+    let mut dir = TestDir::new();
+    let share = dir.path().join("disks/data");
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::write(share.join("hello.txt"), b"hello from the host").unwrap();
+    let mut cfg = qemu_config(&dir, &art);
+    cfg.direct_disk_roots = vec![dir.path().join("disks")];
+    dir.baseline = Some(common::baseline(dir.path()));
+    let d = Daemon::start_with(cfg, dir.path());
+    let vm = create(
+        &d,
+        json!({"vm_id": "sh", "boot_args": format!("{BOOT_ARGS} agentenv.check=file:/mnt/data/hello.txt,file:/mnt/data/missing"),
+               "disk": {"kind": "overlay", "rootfs_id": "minimal.ext4"},
+               "shares": [{"host_path": share, "guest_path": "/mnt/data"}]}),
+    );
+    wait_line(&vm, "AGENTENV_READY", BOOT_TIMEOUT);
+    let text = console(&vm);
+    assert!(
+        text.contains("agentenv-check file /mnt/data/hello.txt ok hello from the host"),
+        "{text}"
+    );
+    assert!(
+        text.contains("agentenv-check file /mnt/data/missing fail"),
+        "{text}"
+    );
+    finish(d, dir);
+}

@@ -298,3 +298,102 @@ fn a_snapshot_cannot_be_deleted_while_a_vm_is_created_from_it() {
     let d = std::sync::Arc::into_inner(d).unwrap();
     finish(d, dir);
 }
+
+/// A tmpfs mounted for one test; unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str, extra: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(path).unwrap();
+        let opts = format!("size={size}{extra}");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &opts, "tmpfs"])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(path.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_or_missing_tiers_fail_cleanly_and_the_vm_runs_on() {
+    if nix::unistd::geteuid().as_raw() != 0 {
+        eprintln!("skipping: needs root to mount small tmpfs tiers");
+        return;
+    }
+    let mut dir = TestDir::new();
+    let cfg = dir.config();
+    let Some(tmpfs) = Tmpfs::mount(&cfg.tmpfs_snapshot_root, "2m", "") else {
+        eprintln!("skipping: cannot mount a tmpfs");
+        return;
+    };
+    let durable = Tmpfs::mount(&cfg.hdfs_snapshot_root, "2m", "").unwrap();
+    dir.baseline = Some(common::baseline(dir.path()));
+    let d = Daemon::start_with(cfg.clone(), dir.path());
+    let vm = d.create_ok("big");
+    // 8 MiB of guest data: more than either tier holds.
+    write_into(
+        vm["disk"]["writable_path"].as_str().unwrap(),
+        1 << 20,
+        &vec![0xa5; 8 << 20],
+    );
+    let (code, v) = d.call(
+        "POST",
+        "/v1/vm/big/snapshot",
+        Some(json!({"snapshot_id": "nope"})),
+    );
+    assert_eq!(code, 507, "{v}");
+    let (_, v) = d.call("GET", "/v1/vm/big", None);
+    assert_eq!(v["state"], "running");
+    assert_eq!(
+        fc_state(&d, "big"),
+        "Running",
+        "the VM is resumed after a failed snapshot"
+    );
+    assert_eq!(d.call("GET", "/v1/snapshots/nope", None).0, 404);
+    for tier in [&cfg.tmpfs_snapshot_root, &cfg.hdfs_snapshot_root] {
+        let left: Vec<_> = std::fs::read_dir(tier)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert!(left.is_empty(), "left in {}: {left:?}", tier.display());
+    }
+    d.stop();
+
+    // A read-only durable tier, needed because tmpfs is too small: 503 naming it.
+    drop(durable);
+    let ro = Tmpfs::mount(&cfg.hdfs_snapshot_root, "64m", ",ro").unwrap();
+    let d = Daemon::start_with(cfg, dir.path());
+    let (code, v) = d.call(
+        "POST",
+        "/v1/vm/big/snapshot",
+        Some(json!({"snapshot_id": "nope"})),
+    );
+    // The restarted daemon did not re-adopt `big` (it is failed): make a new VM.
+    assert_eq!(code, 409, "{v}");
+    let vm = d.create_ok("big2");
+    write_into(
+        vm["disk"]["writable_path"].as_str().unwrap(),
+        1 << 20,
+        &vec![0xa5; 8 << 20],
+    );
+    let (code, v) = d.call("POST", "/v1/vm/big2/snapshot", None);
+    assert_eq!(code, 503, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains(dir.path().join("snap/durable").to_str().unwrap()),
+        "{v}"
+    );
+    assert_eq!(fc_state(&d, "big2"), "Running");
+    drop((tmpfs, ro));
+    finish(d, dir);
+}
