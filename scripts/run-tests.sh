@@ -26,5 +26,22 @@ else
   echo "==> skipping guest artifacts: mkfs.ext4, busybox or lz4 missing; tests that boot real guests will skip"
 fi
 export AGENTENV_ARTIFACTS="$PWD/artifacts"
-echo "==> cargo test --workspace $*"
-exec cargo test --workspace "$@"
+# Show what tests print, so skip reasons ("skipping: needs root") reach the log.
+export RUST_TEST_NOCAPTURE=1
+echo "==> cargo test --workspace --all-targets $*"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --all-targets "$@" 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ {
+        for (i = 1; i <= NF; i++) {
+          if ($(i + 1) ~ /^passed/) p += $i
+          if ($(i + 1) ~ /^failed/) f += $i
+          if ($(i + 1) ~ /^ignored/) s += $i
+        }
+      }
+      END { printf "\ntests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+skips=$(grep -c '^skipping' "$log" || true)
+[ "$skips" -gt 0 ] && echo "($skips tests printed a reason and skipped their checks: grep '^skipping' in the output)"
+exit "$status"

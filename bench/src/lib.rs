@@ -8,13 +8,20 @@
 //! - [`http`], a minimal blocking HTTP/1.1 client over TCP or a Unix socket,
 //!   used for both the daemon and the bare Firecracker API baseline, so that
 //!   both sides pay for the same client code;
-//! - [`stats`], percentiles;
-//! - [`procfs`], memory figures and process scans from `/proc`;
+//! - [`daemon`], the real `agentenv` daemon as a separate process: finding
+//!   the binaries, a temporary directory with a generated config (networking
+//!   always off), start, health wait, and a teardown that deletes the VMs,
+//!   stops the daemon with SIGTERM and checks that no process is left;
+//! - [`stats`], percentiles and PASS/MISS;
+//! - [`procfs`], memory figures and process scans from `/proc`, and the
+//!   host's description and load;
 //! - [`signals`], Ctrl-C and SIGTERM turned into a flag that the benchmark
-//!   loops check, so they can stop and clean up.
+//!   loops check, so they can stop and clean up; and children that die with
+//!   the benchmark.
 //!
 //! See `bench/README.md` for how to run each benchmark.
 
+pub mod daemon;
 pub mod http;
 pub mod procfs;
 pub mod signals;

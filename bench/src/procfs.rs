@@ -1,4 +1,5 @@
-//! Memory figures and process scans from `/proc`.
+//! Memory figures and process scans from `/proc`, and the host's description
+//! and load for the reports.
 
 use std::path::Path;
 
@@ -107,6 +108,84 @@ pub fn fs_type(path: &Path) -> String {
         0x0102_1997 => "9p".into(),
         0x6573_5546 => "fuse".into(),
         other => format!("0x{other:x}"),
+    }
+}
+
+/// The 1-minute load average (0 when it cannot be read).
+pub fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The machine a benchmark ran on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostInfo {
+    /// CPUs available to this process.
+    pub cpus: usize,
+    /// The kernel release.
+    pub kernel: String,
+    /// The first CPU's model name.
+    pub cpu_model: String,
+}
+
+impl HostInfo {
+    /// Reads it (fields it cannot read are 0 or empty).
+    pub fn read() -> HostInfo {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0);
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|t| {
+                t.lines().find_map(|l| {
+                    l.strip_prefix("model name")
+                        .map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())
+                })
+            })
+            .unwrap_or_default();
+        HostInfo {
+            cpus,
+            kernel,
+            cpu_model,
+        }
+    }
+
+    /// True when the higher of two load averages is above half the CPUs: the
+    /// figures of such a run are noisy.
+    pub fn busy(&self, load: (f64, f64)) -> bool {
+        load.0.max(load.1) > self.cpus as f64 * 0.5
+    }
+
+    /// A report's line about the 1-minute load average at the start and at
+    /// the end of the run, ending in `busy_note` when the machine was busy.
+    pub fn load_line(&self, load: (f64, f64), busy_note: &str) -> String {
+        format!(
+            "  load      1-min load average {:.2} at the start, {:.2} at the end{}",
+            load.0,
+            load.1,
+            if self.busy(load) { busy_note } else { "" }
+        )
+    }
+
+    /// As JSON: `cpus`, `kernel`, `cpu_model`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({"cpus": self.cpus, "kernel": self.kernel, "cpu_model": self.cpu_model})
+    }
+}
+
+impl std::fmt::Display for HostInfo {
+    /// "N CPUs, model, Linux release".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} CPUs, {}, Linux {}",
+            self.cpus, self.cpu_model, self.kernel
+        )
     }
 }
 

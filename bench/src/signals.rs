@@ -2,7 +2,12 @@
 //! benchmark stops at its next check and cleans up; a second one kills the
 //! process the default way (children started with a parent-death signal still
 //! get cleaned up by the kernel).
+//!
+//! Also the two ways the benchmarks make sure their children go away:
+//! [`die_with_parent`] and [`kill_group`].
 
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicI32, Ordering};
 
 static RECEIVED: AtomicI32 = AtomicI32::new(0);
@@ -42,4 +47,29 @@ pub fn check() -> anyhow::Result<()> {
         None => Ok(()),
         Some(s) => anyhow::bail!("interrupted by signal {s}; cleaning up"),
     }
+}
+
+/// Has the kernel send `sig` to the child once this process dies
+/// (`PR_SET_PDEATHSIG`), so that nothing outlives a benchmark that is killed
+/// before it can clean up.
+pub fn die_with_parent(cmd: &mut Command, sig: libc::c_int) -> &mut Command {
+    // SAFETY: prctl is async-signal-safe and touches nothing of the parent's.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, sig) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// SIGKILL to the process group a child leads (it was started with
+/// `process_group(0)`), then reaps the child.
+pub fn kill_group(mut child: Child) {
+    // SAFETY: the group leader is our unreaped child, so the group id is ours.
+    unsafe {
+        libc::killpg(child.id() as i32, libc::SIGKILL);
+    }
+    let _ = child.wait();
 }

@@ -1,4 +1,4 @@
-//! Percentiles of latency samples.
+//! Percentiles of latency samples, and PASS/MISS for targets.
 
 use std::time::Duration;
 
@@ -59,6 +59,15 @@ impl Summary {
             "max_ms": round3(self.max),
             "mean_ms": round3(self.mean),
         })
+    }
+}
+
+/// How a target is shown beside a figure: `PASS` or `MISS`.
+pub fn pass(ok: bool) -> &'static str {
+    if ok {
+        "PASS"
+    } else {
+        "MISS"
     }
 }
 

@@ -19,16 +19,16 @@
 
 use std::fmt::Write as _;
 use std::fs::File;
-use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use agentenv_bench::daemon::{self, find_in_path, tail_lines, Cleanup, Harness, Vmm};
 use agentenv_bench::http::{Client, Endpoint, Response};
-use agentenv_bench::procfs::{self, Rss};
+use agentenv_bench::procfs::{self, HostInfo, Rss};
 use agentenv_bench::signals;
-use agentenv_bench::stats::{round3, Summary};
+use agentenv_bench::stats::{pass, round3, Summary};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
@@ -44,17 +44,12 @@ const TARGET_RSS_MIB: f64 = 30.0;
 const MEMORY_MIB_PER_SLOT: u64 = 32;
 /// Kernel command line, as the daemon's default plus its `agentenv.*` parameters.
 const BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
-/// Flags the daemon gives `mkfs.ext4` for overlays (crates/agentenv-host/src/local.rs).
-const MKFS_FLAGS: &[&str] = &[
-    "-q",
-    "-F",
-    "-E",
-    "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-];
 /// Overlay size: the config's `default_disk_size_gib`.
 const OVERLAY_GIB: u64 = 1;
 /// How long any single HTTP read or write may block.
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the daemon may take to answer `/v1/health` after its start.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The agentenv daemon against a bare Firecracker API client, same run.
 #[derive(Debug, Parser)]
@@ -141,38 +136,24 @@ fn main() {
         }
     };
     let result = run(&mut env, &params);
-    if result.is_err() && signals::received().is_none() {
-        let tail = env.daemon_log_tail(20);
-        if !tail.is_empty() {
-            eprintln!("--- last lines of the daemon log ---\n{tail}\n---");
-        }
+    let (mut report, cleanup) = env
+        .h
+        .finish("api_overhead", result, args.keep, cleanup_summary);
+    report.cleanup = cleanup_json(&cleanup);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report.to_json(&env, &params)).expect("json serialises")
+        );
+    } else {
+        print!("{}", report.to_text(&env, &params, &cleanup));
     }
-    let cleanup = env.teardown(args.keep);
-    match result {
-        Ok(mut report) => {
-            report.cleanup = cleanup.to_json();
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report.to_json(&env, &params))
-                        .expect("json serialises")
-                );
-            } else {
-                print!("{}", report.to_text(&env, &params, &cleanup));
-            }
-            if !cleanup.clean() {
-                eprintln!(
-                    "api_overhead: cleanup was not complete: {}",
-                    cleanup.summary()
-                );
-                std::process::exit(1);
-            }
-        }
-        Err(e) => {
-            eprintln!("api_overhead: {e:#}");
-            eprintln!("cleanup: {}", cleanup.summary());
-            std::process::exit(1);
-        }
+    if !cleanup.clean() {
+        eprintln!(
+            "api_overhead: cleanup was not complete: {}",
+            cleanup_summary(&cleanup)
+        );
+        std::process::exit(1);
     }
 }
 
@@ -184,85 +165,39 @@ struct Binaries {
 }
 
 fn find_binaries(bin_dir: Option<&Path>) -> Result<Binaries> {
-    let mut dirs = Vec::new();
-    match bin_dir {
-        Some(d) => dirs.push(d.to_path_buf()),
-        None => {
-            if let Some(d) = std::env::current_exe()
-                .ok()
-                .and_then(|e| e.parent().map(Path::to_path_buf))
-            {
-                dirs.push(d);
-            }
-            let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-            dirs.push(ws.join("target/release"));
-        }
-    }
-    for d in &dirs {
-        let (a, f) = (d.join("agentenv"), d.join("fc-double"));
-        if a.is_file() && f.is_file() {
-            return Ok(Binaries {
-                agentenv: std::fs::canonicalize(a)?,
-                fc_double: std::fs::canonicalize(f)?,
-            });
-        }
-    }
-    let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-    bail!(
-        "cannot find both `agentenv` and `fc-double` (looked in {}).\n\
-         This benchmark builds nothing itself; build them first with:\n\n    \
-         cargo build --release -p agentenv -p agentenv-testkit\n",
-        looked.join(", ")
-    )
+    let [agentenv, fc_double] = daemon::find_binaries(
+        bin_dir,
+        ["agentenv", "fc-double"],
+        "build them first with:\n\n    cargo build --release -p agentenv -p agentenv-testkit\n",
+    )?;
+    Ok(Binaries {
+        agentenv,
+        fc_double,
+    })
 }
 
 // ---------------------------------------------------------------- environment
 
-/// The run's directory, the daemon, and the one bare VM alive at a time.
+/// The run's directory and daemon, and what the bare side needs.
 struct Env {
-    tmp: Option<tempfile::TempDir>,
+    h: Harness,
+    /// The run's directory (`h.root()`).
     root: PathBuf,
     bins: Binaries,
-    config: PathBuf,
     kernel: PathBuf,
     mkfs: Option<PathBuf>,
-    daemon: Option<Daemon>,
-    /// File system of the temporary directory.
-    fs: String,
     list_bytes: usize,
-}
-
-struct Daemon {
-    child: Child,
-    pid: u32,
-    addr: SocketAddr,
-    api: Client,
-    log: PathBuf,
 }
 
 impl Env {
     fn new(args: &Args, bins: Binaries, p: &Params) -> Result<Env> {
         check_limits(p.vms)?;
-        let parent = args.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
-        let tmp = tempfile::Builder::new()
-            .prefix("ae-bench-")
-            .tempdir_in(&parent)
-            .with_context(|| {
-                format!("cannot make a temporary directory in {}", parent.display())
-            })?;
-        let root = std::fs::canonicalize(tmp.path())?;
-        for sub in [
-            "sessions",
-            "s",
-            "rootfs",
-            "kernels",
-            "initramfs",
-            "snap",
-            "disks",
-            "bare",
-        ] {
-            std::fs::create_dir_all(root.join(sub))?;
-        }
+        let mut h = Harness::new(
+            args.tmp_dir.as_deref(),
+            "ae-bench-",
+            &["rootfs", "kernels", "initramfs", "disks", "bare"],
+        )?;
+        let root = h.root().to_path_buf();
         let kernel = root.join("kernels/vmlinux");
         std::fs::write(&kernel, b"not a kernel: fc-double only opens it")?;
         sparse(&root.join("rootfs/base.ext4"), 8 << 20)?;
@@ -271,163 +206,39 @@ impl Env {
         for j in 0..p.vms {
             sparse(&root.join(format!("disks/d-{j:05}.img")), 1 << 20)?;
         }
-        let mkfs = find_in_path("mkfs.ext4");
-        let mut env = Env {
-            tmp: Some(tmp),
+        h.write_config(
+            "api_overhead",
+            &daemon::Config {
+                vmm: Vmm::Firecracker(bins.fc_double.clone()),
+                rootfs_root: root.join("rootfs"),
+                kernel_root: root.join("kernels"),
+                initramfs_root: root.join("initramfs"),
+                default_kernel: None,
+                default_initrd: None,
+                memory_mib_per_slot: MEMORY_MIB_PER_SLOT,
+                default_disk_size_gib: OVERLAY_GIB,
+                max_memory_mib: Some((p.vms as u64 + 1024) * MEMORY_MIB_PER_SLOT),
+                direct_disk_roots: vec![root.join("disks")],
+                startup_timeout_ms: 10000,
+                request_timeout_ms: 10000,
+            },
+        )?;
+        Ok(Env {
+            h,
             root,
             bins,
-            config: PathBuf::new(),
             kernel,
-            mkfs,
-            daemon: None,
-            fs: String::new(),
+            mkfs: find_in_path("mkfs.ext4"),
             list_bytes: 0,
-        };
-        env.config = env.write_config(p)?;
-        env.fs = procfs::fs_type(&env.root);
-        Ok(env)
-    }
-
-    fn write_config(&self, p: &Params) -> Result<PathBuf> {
-        let r = &self.root;
-        let q = |path: PathBuf| serde_json::to_string(&path.display().to_string()).expect("string");
-        let text = format!(
-            r#"# agentenv-bench api_overhead
-session_root = {}
-socket_root = {}
-rootfs_root = {}
-snapshots_root = {}
-tmpfs_snapshot_root = {}
-hdfs_snapshot_root = {}
-kernel_root = {}
-initramfs_root = {}
-firecracker_binary = {}
-vmm = "firecracker"
-memory_mib_per_slot = {MEMORY_MIB_PER_SLOT}
-default_slots = 1
-default_disk_size_gib = {OVERLAY_GIB}
-max_memory_mib = {}
-direct_disk_roots = [{}]
-shutdown_timeout_s = 5
-startup_timeout_ms = 10000
-request_timeout_ms = 10000
-
-# The benchmark measures the API, not networking, and runs in the host's own
-# namespace: it must never create TAPs or firewall rules there.
-[network]
-enable = false
-"#,
-            q(r.join("sessions")),
-            q(r.join("s")),
-            q(r.join("rootfs")),
-            q(r.join("snap")),
-            q(r.join("snap/tmpfs")),
-            q(r.join("snap/durable")),
-            q(r.join("kernels")),
-            q(r.join("initramfs")),
-            q(self.bins.fc_double.clone()),
-            (p.vms as u64 + 1024) * MEMORY_MIB_PER_SLOT,
-            q(r.join("disks")),
-        );
-        let path = r.join("agentenv.toml");
-        std::fs::write(&path, text)?;
-        Ok(path)
-    }
-
-    fn start_daemon(&mut self) -> Result<()> {
-        let mut last_err = None;
-        for _ in 0..3 {
-            match self.try_start_daemon() {
-                Ok(d) => {
-                    self.daemon = Some(d);
-                    return Ok(());
-                }
-                // Another process may have taken the free port; try another one.
-                Err(e) if format!("{e:#}").contains("cannot listen") => last_err = Some(e),
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last_err.expect("three attempts"))
-    }
-
-    fn try_start_daemon(&mut self) -> Result<Daemon> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let log = self.root.join("daemon.log");
-        let log_file = File::create(&log)?;
-        let mut cmd = Command::new(&self.bins.agentenv);
-        cmd.arg("--config")
-            .arg(&self.config)
-            .arg("--listen")
-            .arg(addr.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            // Its own process group: a Ctrl-C in the terminal reaches only this
-            // benchmark, which then deletes the VMs and stops the daemon in order.
-            .process_group(0);
-        // SAFETY: prctl is async-signal-safe. If this benchmark dies without
-        // cleaning up, the daemon gets SIGTERM and stops its VMs itself.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", self.bins.agentenv.display()))?;
-        let pid = child.id();
-        let mut d = Daemon {
-            child,
-            pid,
-            addr,
-            api: Client::new(Endpoint::Tcp(addr), IO_TIMEOUT),
-            log,
-        };
-        let start = Instant::now();
-        loop {
-            signals::check()?;
-            if let Some(status) = d.child.try_wait()? {
-                let tail = tail_lines(&d.log, 10);
-                bail!("the daemon exited at start ({status}): {tail}");
-            }
-            if let Ok(r) = d.api.request("GET", "/v1/health", None) {
-                if r.status == 200 {
-                    break;
-                }
-            }
-            if start.elapsed() > Duration::from_secs(15) {
-                let _ = d.child.kill();
-                let _ = d.child.wait();
-                bail!("the daemon did not answer /v1/health within 15 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(d)
-    }
-
-    fn daemon(&mut self) -> &mut Daemon {
-        self.daemon.as_mut().expect("the daemon runs")
+        })
     }
 
     fn daemon_pid(&self) -> u32 {
-        self.daemon.as_ref().map(|d| d.pid).unwrap_or(0)
+        self.h.daemon().map_or(0, |d| d.pid)
     }
 
     fn daemon_rss(&self) -> Result<Rss> {
         Rss::of(self.daemon_pid()).context("cannot read the daemon's /proc/PID/status")
-    }
-
-    fn daemon_log_tail(&self, n: usize) -> String {
-        self.daemon
-            .as_ref()
-            .map(|d| tail_lines(&d.log, n))
-            .unwrap_or_default()
     }
 
     /// One daemon request, checked for the expected status.
@@ -438,7 +249,7 @@ enable = false
         body: Option<&Value>,
         want: u16,
     ) -> Result<(Duration, Response)> {
-        let d = self.daemon();
+        let d = self.h.daemon_mut();
         let t0 = Instant::now();
         let r = match body {
             Some(b) => d.api.request_json(method, path, b),
@@ -486,99 +297,6 @@ enable = false
             fc_double: self.bins.fc_double.clone(),
             kernel: self.kernel.clone(),
             dir: self.root.join("bare"),
-        }
-    }
-
-    /// Deletes every VM, stops the daemon with SIGTERM, makes sure no process
-    /// of the run is left, and removes the temporary directory.
-    fn teardown(&mut self, keep: bool) -> Cleanup {
-        let mut c = Cleanup::default();
-        if let Some(mut d) = self.daemon.take() {
-            let t0 = Instant::now();
-            let ids: Vec<String> = match d.api.request("GET", "/v1/vm", None).and_then(|r| r.json())
-            {
-                Ok(v) => v["vms"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|vm| vm["vm_id"].as_str().map(String::from))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                Err(e) => {
-                    c.errors.push(format!("listing VMs: {e}"));
-                    Vec::new()
-                }
-            };
-            if !ids.is_empty() {
-                eprintln!("cleanup: deleting {} VMs …", ids.len());
-            }
-            for id in &ids {
-                match d.api.request("DELETE", &format!("/v1/vm/{id}"), None) {
-                    Ok(r) if r.status == 204 => c.deleted += 1,
-                    Ok(r) => c
-                        .errors
-                        .push(format!("DELETE {id}: HTTP {}: {}", r.status, r.text())),
-                    Err(e) => c.errors.push(format!("DELETE {id}: {e}")),
-                }
-            }
-            c.delete_s = t0.elapsed().as_secs_f64();
-            // SIGTERM, then wait for a clean exit.
-            // SAFETY: plain kill(2) on our own child, not reaped yet.
-            unsafe {
-                libc::kill(d.pid as i32, libc::SIGTERM);
-            }
-            let t1 = Instant::now();
-            let status = loop {
-                match d.child.try_wait() {
-                    Ok(Some(s)) => break Some(s),
-                    Ok(None) if t1.elapsed() < Duration::from_secs(30) => {
-                        std::thread::sleep(Duration::from_millis(10))
-                    }
-                    _ => {
-                        c.errors
-                            .push("the daemon did not exit within 30 s of SIGTERM; killed".into());
-                        let _ = d.child.kill();
-                        break d.child.wait().ok();
-                    }
-                }
-            };
-            c.daemon_exit = status.map(|s| s.to_string());
-            c.daemon_exit_ok = status.is_some_and(|s| s.success());
-            c.daemon_stop_s = t1.elapsed().as_secs_f64();
-        }
-        // Any process still naming the run's directory (an fc-double above all).
-        let deadline = Instant::now() + Duration::from_secs(2);
-        let mut left = procfs::processes_mentioning(&self.root);
-        while !left.is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-            left = procfs::processes_mentioning(&self.root);
-        }
-        for (pid, cmd) in &left {
-            c.leftover.push(format!("{pid} {cmd}"));
-            // SAFETY: plain kill(2) of a leftover of this run.
-            unsafe {
-                libc::kill(*pid as i32, libc::SIGKILL);
-            }
-        }
-        if let Some(tmp) = self.tmp.take() {
-            if keep {
-                c.kept_dir = Some(tmp.keep().display().to_string());
-            } else if let Err(e) = tmp.close() {
-                c.errors
-                    .push(format!("removing {}: {e}", self.root.display()));
-            } else {
-                c.dir_removed = true;
-            }
-        }
-        c
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if self.daemon.is_some() || self.tmp.is_some() {
-            let _ = self.teardown(false);
         }
     }
 }
@@ -709,12 +427,8 @@ impl BareVm {
     fn kill(&mut self) -> Duration {
         let t0 = Instant::now();
         self.api.disconnect();
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: the group leader is our unreaped child, so the id is ours.
-            unsafe {
-                libc::killpg(child.id() as i32, libc::SIGKILL);
-            }
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            signals::kill_group(child);
         }
         let _ = std::fs::remove_file(&self.sock);
         t0.elapsed()
@@ -730,20 +444,6 @@ impl Drop for BareVm {
 fn sparse(path: &Path, len: u64) -> Result<()> {
     File::create(path)?.set_len(len)?;
     Ok(())
-}
-
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    let paths = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&paths)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-fn tail_lines(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Raises the open-file limit to its hard limit and checks that `vms` VMs fit.
@@ -851,17 +551,17 @@ fn progress(msg: &str) {
 
 fn run(env: &mut Env, p: &Params) -> Result<Report> {
     let started = Instant::now();
-    let load_start = loadavg();
+    let load_start = procfs::loadavg();
     let mut rep = Report::default();
     progress(&format!(
         "temp dir {} ({}); starting the daemon",
         env.root.display(),
-        env.fs
+        env.h.fs()
     ));
-    env.start_daemon()?;
-    if let Some(d) = &env.daemon {
-        progress(&format!("daemon pid {} on http://{}", d.pid, d.addr));
-    }
+    let d = env
+        .h
+        .start_daemon(&env.bins.agentenv, IO_TIMEOUT, HEALTH_TIMEOUT)?;
+    progress(&format!("daemon pid {} on http://{}", d.pid, d.addr));
     std::thread::sleep(Duration::from_millis(200));
     rep.rss_fresh = Some(env.daemon_rss()?);
 
@@ -934,7 +634,7 @@ fn run(env: &mut Env, p: &Params) -> Result<Report> {
 
     list_phase(env, p, &mut rep)?;
     rep.wall = started.elapsed();
-    rep.load = (load_start, loadavg());
+    rep.load = (load_start, procfs::loadavg());
     Ok(rep)
 }
 
@@ -971,18 +671,7 @@ fn overlay_phase(env: &mut Env, p: &Params, mkfs: &Path, rep: &mut Report) -> Re
             // The bare equivalent: make the sparse file, mkfs.ext4 it with the
             // daemon's flags, then boot with base (read-only) and overlay.
             let t0 = Instant::now();
-            File::create(&overlay)?.set_len(OVERLAY_GIB << 30)?;
-            let out = Command::new(mkfs)
-                .args(MKFS_FLAGS)
-                .arg(&overlay)
-                .stdin(Stdio::null())
-                .output()
-                .context("cannot run mkfs.ext4")?;
-            ensure!(
-                out.status.success(),
-                "mkfs.ext4: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            daemon::mkfs_overlay(mkfs, &overlay, OVERLAY_GIB << 30)?;
             let (_, vm) = bare_client.create(
                 &format!("o-{i:03}"),
                 &[("rootfs", &base, true), ("overlay", &overlay, false)],
@@ -1069,75 +758,29 @@ fn list_phase(env: &mut Env, p: &Params, rep: &mut Report) -> Result<()> {
 
 // ---------------------------------------------------------------- cleanup
 
-#[derive(Default)]
-struct Cleanup {
-    deleted: usize,
-    delete_s: f64,
-    daemon_exit: Option<String>,
-    daemon_exit_ok: bool,
-    daemon_stop_s: f64,
-    leftover: Vec<String>,
-    dir_removed: bool,
-    kept_dir: Option<String>,
-    errors: Vec<String>,
+fn cleanup_summary(c: &Cleanup) -> String {
+    c.summary(&format!(
+        "deleted {} VMs in {:.1} s; daemon stopped by SIGTERM in {:.2} s ({}); {} leftover processes; ",
+        c.deleted,
+        c.delete_s,
+        c.daemon_stop_s,
+        c.daemon_exit.as_deref().unwrap_or("not running"),
+        c.leftover.len(),
+    ))
 }
 
-impl Cleanup {
-    fn clean(&self) -> bool {
-        self.leftover.is_empty() && self.errors.is_empty() && self.daemon_exit_ok
-    }
-
-    fn summary(&self) -> String {
-        let mut s = format!(
-            "deleted {} VMs in {:.1} s; daemon stopped by SIGTERM in {:.2} s ({}); {} leftover processes; ",
-            self.deleted,
-            self.delete_s,
-            self.daemon_stop_s,
-            self.daemon_exit.as_deref().unwrap_or("not running"),
-            self.leftover.len(),
-        );
-        match (&self.kept_dir, self.dir_removed) {
-            (Some(d), _) => s.push_str(&format!("temp dir kept at {d}")),
-            (None, true) => s.push_str("temp dir removed"),
-            (None, false) => s.push_str("temp dir NOT removed"),
-        }
-        for l in &self.leftover {
-            s.push_str(&format!("\n  leftover (killed): {l}"));
-        }
-        for e in &self.errors {
-            s.push_str(&format!("\n  error: {e}"));
-        }
-        s
-    }
-
-    fn to_json(&self) -> Value {
-        json!({
-            "deleted_vms": self.deleted,
-            "delete_s": round3(self.delete_s),
-            "daemon_exit": self.daemon_exit,
-            "daemon_exit_ok": self.daemon_exit_ok,
-            "daemon_stop_s": round3(self.daemon_stop_s),
-            "leftover_processes": self.leftover,
-            "temp_dir_removed": self.dir_removed,
-            "temp_dir_kept": self.kept_dir,
-            "errors": self.errors,
-            "clean": self.clean(),
-        })
-    }
+fn cleanup_json(c: &Cleanup) -> Value {
+    let mut v = c.to_json();
+    v["deleted_vms"] = json!(c.deleted);
+    v["delete_s"] = json!(round3(c.delete_s));
+    v["daemon_stop_s"] = json!(round3(c.daemon_stop_s));
+    v
 }
 
 // ---------------------------------------------------------------- output
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
-}
-
-fn pass(ok: bool) -> &'static str {
-    if ok {
-        "PASS"
-    } else {
-        "MISS"
-    }
 }
 
 /// One compared operation, summarised.
@@ -1183,33 +826,6 @@ fn tenths(v: &[Duration]) -> (Option<Summary>, Option<Summary>) {
     (Summary::of(&v[..k]), Summary::of(&v[v.len() - k..]))
 }
 
-/// The 1-minute load average.
-fn loadavg() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
-fn host_info() -> Value {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default();
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())
-            })
-        })
-        .unwrap_or_default();
-    json!({"cpus": cpus, "kernel": kernel, "cpu_model": model})
-}
-
 impl Report {
     fn targets(&self) -> Vec<(&'static str, bool)> {
         let mut t = Vec::new();
@@ -1252,8 +868,8 @@ impl Report {
                 "overlay_iterations": p.overlay_iterations,
                 "warmup": p.warmup,
             },
-            "host": host_info(),
-            "temp_dir_fs": env.fs,
+            "host": HostInfo::read().to_json(),
+            "temp_dir_fs": env.h.fs(),
             "binaries": {
                 "agentenv": env.bins.agentenv,
                 "fc_double": env.bins.fc_double,
@@ -1315,19 +931,13 @@ impl Report {
 
     fn to_text(&self, env: &Env, p: &Params, cleanup: &Cleanup) -> String {
         let mut o = String::new();
-        let host = host_info();
+        let host = HostInfo::read();
         let w = &mut o;
         let _ = writeln!(
             w,
             "\nagentenv API overhead: the daemon vs a bare Firecracker API client, same run"
         );
-        let _ = writeln!(
-            w,
-            "  host      {} CPUs, {}, Linux {}",
-            host["cpus"],
-            host["cpu_model"].as_str().unwrap_or("?"),
-            host["kernel"].as_str().unwrap_or("?")
-        );
+        let _ = writeln!(w, "  host      {host}");
         let _ = writeln!(
             w,
             "  daemon    {} with VMM {}",
@@ -1337,7 +947,7 @@ impl Report {
         let _ = writeln!(
             w,
             "  temp dir  on {} (the daemon fsyncs its VM records there)",
-            env.fs
+            env.h.fs()
         );
         let _ = writeln!(
             w,
@@ -1347,18 +957,13 @@ impl Report {
             p.warmup,
             self.wall.as_secs_f64()
         );
-        let cpus = host["cpus"].as_f64().unwrap_or(1.0);
-        let busy = self.load.0.max(self.load.1) > cpus * 0.5;
         let _ = writeln!(
             w,
-            "  load      1-min load average {:.2} at the start, {:.2} at the end{}",
-            self.load.0,
-            self.load.1,
-            if busy {
+            "{}",
+            host.load_line(
+                self.load,
                 " (the machine was busy: expect noisy figures, p99 above all)"
-            } else {
-                ""
-            }
+            )
         );
         let _ = writeln!(
             w,
@@ -1450,22 +1055,28 @@ impl Report {
             );
         }
         if let (Some(n), Some(z)) = (self.rss_n, self.rss_fresh) {
-            let _ = writeln!(
-                w,
-                "{:<32} {:>17.1} {:>17.1}  ≤ {TARGET_RSS_MIB} MiB   {}  (baseline: at 0 VMs, fresh)",
-                "daemon VmRSS (MiB)",
-                mib(n.rss_kib),
-                mib(z.rss_kib),
-                pass(mib(n.rss_kib) <= TARGET_RSS_MIB)
-            );
-            let _ = writeln!(
-                w,
-                "{:<32} {:>17.1} {:>17.1}  ≤ {TARGET_RSS_MIB} MiB   {}  (peak over the whole run)",
-                "daemon VmHWM (MiB)",
-                mib(n.hwm_kib),
-                mib(z.hwm_kib),
-                pass(mib(n.hwm_kib) <= TARGET_RSS_MIB)
-            );
+            for (name, value, baseline, note) in [
+                (
+                    "daemon VmRSS (MiB)",
+                    n.rss_kib,
+                    z.rss_kib,
+                    "baseline: at 0 VMs, fresh",
+                ),
+                (
+                    "daemon VmHWM (MiB)",
+                    n.hwm_kib,
+                    z.hwm_kib,
+                    "peak over the whole run",
+                ),
+            ] {
+                let _ = writeln!(
+                    w,
+                    "{name:<32} {:>17.1} {:>17.1}  ≤ {TARGET_RSS_MIB} MiB   {}  ({note})",
+                    mib(value),
+                    mib(baseline),
+                    pass(mib(value) <= TARGET_RSS_MIB)
+                );
+            }
         }
         if let Some(c) = self.rss_churned {
             let _ = writeln!(
@@ -1551,7 +1162,7 @@ impl Report {
             .filter(|(_, ok)| !ok)
             .map(|(n, _)| *n)
             .collect();
-        let _ = writeln!(w, "\ncleanup: {}", cleanup.summary());
+        let _ = writeln!(w, "\ncleanup: {}", cleanup_summary(cleanup));
         let _ = writeln!(
             w,
             "targets: {met} of {} met{} (informational: the exit status does not depend on them)",

@@ -26,17 +26,16 @@
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agentenv_bench::http::{Client, Endpoint};
-use agentenv_bench::procfs;
+use agentenv_bench::daemon::{self, find_in_path, tail_lines, workspace, Cleanup, Harness, Vmm};
+use agentenv_bench::procfs::{self, HostInfo};
 use agentenv_bench::signals;
-use agentenv_bench::stats::{round3, Summary};
+use agentenv_bench::stats::{ms, pass, round3, Summary};
 use agentenv_host::disk;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
@@ -52,14 +51,6 @@ const MEMORY_MIB: u64 = 256;
 const OVERLAY_GIB: u64 = 1;
 /// Base image under the artifacts' `rootfs/`.
 const ROOTFS_ID: &str = "minimal.ext4";
-/// The daemon's `mkfs.ext4` flags for overlays (crates/agentenv-host/src/local.rs),
-/// used by hand only when the daemon left no template to clone.
-const MKFS_FLAGS: &[&str] = &[
-    "-q",
-    "-F",
-    "-E",
-    "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-];
 /// Both sides look for the ready line at most once per this interval: QEMU
 /// writes the serial console a few bytes at a time (thousands of writes per
 /// boot), and waking up for each would cost the guest CPU on a small machine.
@@ -67,6 +58,8 @@ const MKFS_FLAGS: &[&str] = &[
 const CHECK_EVERY: Duration = Duration::from_millis(5);
 /// How long a single HTTP read or write may block.
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the daemon may take to answer `/v1/health` after its start.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Placeholders in a normalised QEMU command line.
 const P_SESSION: &str = "{SESSION_DIR}";
 const P_SOCKET: &str = "{QMP_SOCKET}";
@@ -109,11 +102,6 @@ fn progress(msg: &str) {
     eprintln!("[boot_ready] {msg}");
 }
 
-fn workspace() -> PathBuf {
-    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    std::fs::canonicalize(&ws).unwrap_or(ws)
-}
-
 fn main() {
     let args = Args::parse();
     signals::install();
@@ -146,42 +134,28 @@ fn main() {
         }
     };
     let result = run(&mut env, &args);
-    if result.is_err() && signals::received().is_none() {
-        let tail = env.daemon_log_tail(20);
-        if !tail.is_empty() {
-            eprintln!("--- last lines of the daemon log ---\n{tail}\n---");
-        }
+    let (report, cleanup) = env
+        .h
+        .finish("boot_ready", result, args.keep, cleanup_summary);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report.to_json(&env, &args, &cleanup))
+                .expect("json serialises")
+        );
+    } else {
+        print!("{}", report.to_text(&env, &args, &cleanup));
     }
-    let cleanup = env.teardown(args.keep);
-    match result {
-        Ok(report) => {
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report.to_json(&env, &args, &cleanup))
-                        .expect("json serialises")
-                );
-            } else {
-                print!("{}", report.to_text(&env, &args, &cleanup));
-            }
-            let build_failed = report.build.as_ref().is_some_and(|b| b.error.is_some());
-            if !cleanup.clean() {
-                eprintln!(
-                    "boot_ready: cleanup was not complete: {}",
-                    cleanup.summary()
-                );
-                std::process::exit(1);
-            }
-            if build_failed {
-                eprintln!("boot_ready: scripts/build-artifacts.sh failed (see above)");
-                std::process::exit(1);
-            }
-        }
-        Err(e) => {
-            eprintln!("boot_ready: {e:#}");
-            eprintln!("cleanup: {}", cleanup.summary());
-            std::process::exit(1);
-        }
+    if !cleanup.clean() {
+        eprintln!(
+            "boot_ready: cleanup was not complete: {}",
+            cleanup_summary(&cleanup)
+        );
+        std::process::exit(1);
+    }
+    if report.build.as_ref().is_some_and(|b| b.error.is_some()) {
+        eprintln!("boot_ready: scripts/build-artifacts.sh failed (see above)");
+        std::process::exit(1);
     }
 }
 
@@ -236,7 +210,11 @@ fn preflight(args: &Args) -> Result<Preflight> {
         )));
     }
     let artifacts = std::fs::canonicalize(&artifacts)?;
-    let agentenv = find_agentenv(args.bin_dir.as_deref())?;
+    let [agentenv] = daemon::find_binaries(
+        args.bin_dir.as_deref(),
+        ["agentenv"],
+        "build the daemon first with:\n\n    cargo build --release -p agentenv\n",
+    )?;
     let build_script = ws.join("scripts/build-artifacts.sh");
     if !args.skip_artifacts && !build_script.is_file() {
         bail!(
@@ -265,308 +243,42 @@ fn preflight(args: &Args) -> Result<Preflight> {
     }))
 }
 
-fn find_agentenv(bin_dir: Option<&Path>) -> Result<PathBuf> {
-    let mut dirs = Vec::new();
-    match bin_dir {
-        Some(d) => dirs.push(d.to_path_buf()),
-        None => {
-            if let Some(d) = std::env::current_exe()
-                .ok()
-                .and_then(|e| e.parent().map(Path::to_path_buf))
-            {
-                dirs.push(d);
-            }
-            dirs.push(workspace().join("target/release"));
-        }
-    }
-    for d in &dirs {
-        let a = d.join("agentenv");
-        if a.is_file() {
-            return Ok(std::fs::canonicalize(a)?);
-        }
-    }
-    let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-    bail!(
-        "cannot find `agentenv` (looked in {}).\n\
-         This benchmark builds nothing itself; build the daemon first with:\n\n    \
-         cargo build --release -p agentenv\n",
-        looked.join(", ")
-    )
-}
-
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    let paths = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&paths)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
 // ---------------------------------------------------------------- environment
 
 /// The run's directory and the daemon.
 struct Env {
-    tmp: Option<tempfile::TempDir>,
+    h: Harness,
+    /// The run's directory (`h.root()`).
     root: PathBuf,
     found: Found,
-    config: PathBuf,
-    daemon: Option<Daemon>,
-    fs: String,
-}
-
-struct Daemon {
-    child: Child,
-    pid: u32,
-    addr: SocketAddr,
-    api: Client,
-    log: PathBuf,
 }
 
 impl Env {
     fn new(args: &Args, found: Found) -> Result<Env> {
-        let parent = args.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
-        let tmp = tempfile::Builder::new()
-            .prefix("ae-boot-")
-            .tempdir_in(&parent)
-            .with_context(|| {
-                format!("cannot make a temporary directory in {}", parent.display())
-            })?;
-        let root = std::fs::canonicalize(tmp.path())?;
-        for sub in ["sessions", "s", "snap", "hand"] {
-            std::fs::create_dir_all(root.join(sub))?;
-        }
-        let mut env = Env {
-            tmp: Some(tmp),
-            root,
+        let mut h = Harness::new(args.tmp_dir.as_deref(), "ae-boot-", &["hand"])?;
+        let a = &found.artifacts;
+        h.write_config(
+            "boot_ready",
+            &daemon::Config {
+                vmm: Vmm::Qemu(found.qemu.clone()),
+                rootfs_root: a.join("rootfs"),
+                kernel_root: a.join("kernels"),
+                initramfs_root: a.join("initramfs"),
+                default_kernel: Some("vmlinuz".into()),
+                default_initrd: Some("initrd.img".into()),
+                memory_mib_per_slot: MEMORY_MIB,
+                default_disk_size_gib: OVERLAY_GIB,
+                max_memory_mib: None,
+                direct_disk_roots: Vec::new(),
+                startup_timeout_ms: 30000,
+                request_timeout_ms: 30000,
+            },
+        )?;
+        Ok(Env {
+            root: h.root().to_path_buf(),
+            h,
             found,
-            config: PathBuf::new(),
-            daemon: None,
-            fs: String::new(),
-        };
-        env.config = env.write_config()?;
-        env.fs = procfs::fs_type(&env.root);
-        Ok(env)
-    }
-
-    fn write_config(&self) -> Result<PathBuf> {
-        let r = &self.root;
-        let a = &self.found.artifacts;
-        let q = |path: PathBuf| serde_json::to_string(&path.display().to_string()).expect("string");
-        let text = format!(
-            r#"# agentenv-bench boot_ready
-session_root = {}
-socket_root = {}
-snapshots_root = {}
-tmpfs_snapshot_root = {}
-hdfs_snapshot_root = {}
-rootfs_root = {}
-kernel_root = {}
-initramfs_root = {}
-qemu_binary = {}
-vmm = "qemu"
-default_kernel = "vmlinuz"
-default_initrd = "initrd.img"
-memory_mib_per_slot = {MEMORY_MIB}
-default_slots = 1
-default_disk_size_gib = {OVERLAY_GIB}
-shutdown_timeout_s = 5
-startup_timeout_ms = 30000
-request_timeout_ms = 30000
-
-# The benchmark runs in the host's own network namespace: it must never
-# create TAPs or firewall rules there.
-[network]
-enable = false
-"#,
-            q(r.join("sessions")),
-            q(r.join("s")),
-            q(r.join("snap")),
-            q(r.join("snap/tmpfs")),
-            q(r.join("snap/durable")),
-            q(a.join("rootfs")),
-            q(a.join("kernels")),
-            q(a.join("initramfs")),
-            q(self.found.qemu.clone()),
-        );
-        let path = r.join("agentenv.toml");
-        std::fs::write(&path, text)?;
-        Ok(path)
-    }
-
-    fn start_daemon(&mut self) -> Result<()> {
-        let mut last_err = None;
-        for _ in 0..3 {
-            match self.try_start_daemon() {
-                Ok(d) => {
-                    self.daemon = Some(d);
-                    return Ok(());
-                }
-                // Another process may have taken the free port; try another one.
-                Err(e) if format!("{e:#}").contains("cannot listen") => last_err = Some(e),
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last_err.expect("three attempts"))
-    }
-
-    fn try_start_daemon(&mut self) -> Result<Daemon> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let log = self.root.join("daemon.log");
-        let log_file = File::create(&log)?;
-        let mut cmd = Command::new(&self.found.agentenv);
-        cmd.arg("--config")
-            .arg(&self.config)
-            .arg("--listen")
-            .arg(addr.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            // Its own process group: a Ctrl-C in the terminal reaches only this
-            // benchmark, which then deletes the VM and stops the daemon in order.
-            .process_group(0);
-        // SAFETY: prctl is async-signal-safe. If this benchmark dies without
-        // cleaning up, the daemon gets SIGTERM and stops its VMs itself.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", self.found.agentenv.display()))?;
-        let pid = child.id();
-        let mut d = Daemon {
-            child,
-            pid,
-            addr,
-            api: Client::new(Endpoint::Tcp(addr), IO_TIMEOUT),
-            log,
-        };
-        let start = Instant::now();
-        loop {
-            if let Some(status) = d.child.try_wait()? {
-                let tail = tail_lines(&d.log, 10);
-                bail!("the daemon exited at start ({status}): {tail}");
-            }
-            if signals::received().is_some() || start.elapsed() > Duration::from_secs(30) {
-                let _ = d.child.kill();
-                let _ = d.child.wait();
-                signals::check()?;
-                bail!("the daemon did not answer /v1/health within 30 s");
-            }
-            if let Ok(r) = d.api.request("GET", "/v1/health", None) {
-                if r.status == 200 {
-                    break;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(d)
-    }
-
-    fn daemon(&mut self) -> &mut Daemon {
-        self.daemon.as_mut().expect("the daemon runs")
-    }
-
-    fn daemon_log_tail(&self, n: usize) -> String {
-        self.daemon
-            .as_ref()
-            .map(|d| tail_lines(&d.log, n))
-            .unwrap_or_default()
-    }
-
-    /// Deletes every VM, stops the daemon with SIGTERM, kills (and reports) any
-    /// process still naming the run's directory, and removes the directory.
-    fn teardown(&mut self, keep: bool) -> Cleanup {
-        let mut c = Cleanup::default();
-        if let Some(mut d) = self.daemon.take() {
-            let ids: Vec<String> = match d.api.request("GET", "/v1/vm", None).and_then(|r| r.json())
-            {
-                Ok(v) => v["vms"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|vm| vm["vm_id"].as_str().map(String::from))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                Err(e) => {
-                    c.errors.push(format!("listing VMs: {e}"));
-                    Vec::new()
-                }
-            };
-            for id in &ids {
-                match d.api.request("DELETE", &format!("/v1/vm/{id}"), None) {
-                    Ok(r) if r.status == 204 => c.deleted += 1,
-                    Ok(r) => c
-                        .errors
-                        .push(format!("DELETE {id}: HTTP {}: {}", r.status, r.text())),
-                    Err(e) => c.errors.push(format!("DELETE {id}: {e}")),
-                }
-            }
-            // SAFETY: plain kill(2) on our own child, not reaped yet.
-            unsafe {
-                libc::kill(d.pid as i32, libc::SIGTERM);
-            }
-            let t = Instant::now();
-            let status = loop {
-                match d.child.try_wait() {
-                    Ok(Some(s)) => break Some(s),
-                    Ok(None) if t.elapsed() < Duration::from_secs(30) => {
-                        std::thread::sleep(Duration::from_millis(10))
-                    }
-                    _ => {
-                        c.errors
-                            .push("the daemon did not exit within 30 s of SIGTERM; killed".into());
-                        let _ = d.child.kill();
-                        break d.child.wait().ok();
-                    }
-                }
-            };
-            c.daemon_exit = status.map(|s| s.to_string());
-            c.daemon_exit_ok = status.is_some_and(|s| s.success());
-        } else {
-            c.daemon_exit_ok = true;
-        }
-        // Any process still naming the run's directory: a QEMU, a build step.
-        let deadline = Instant::now() + Duration::from_secs(2);
-        let mut left = procfs::processes_mentioning(&self.root);
-        while !left.is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-            left = procfs::processes_mentioning(&self.root);
-        }
-        for (pid, cmd) in &left {
-            c.leftover.push(format!("{pid} {cmd}"));
-            // SAFETY: plain kill(2) of a leftover of this run, by its pid.
-            unsafe {
-                libc::kill(*pid as i32, libc::SIGKILL);
-            }
-        }
-        if let Some(tmp) = self.tmp.take() {
-            if keep {
-                c.kept_dir = Some(tmp.keep().display().to_string());
-            } else if let Err(e) = tmp.close() {
-                c.errors
-                    .push(format!("removing {}: {e}", self.root.display()));
-            } else {
-                c.dir_removed = true;
-            }
-        }
-        c
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if self.daemon.is_some() || self.tmp.is_some() {
-            let _ = self.teardown(false);
-        }
+        })
     }
 }
 
@@ -794,7 +506,7 @@ fn daemon_boot(env: &mut Env, id: &str, timeout: Duration) -> Result<DaemonBoot>
         "slots": 1,
         "disk": {"kind": "overlay", "rootfs_id": ROOTFS_ID},
     });
-    let d = env.daemon();
+    let d = env.h.daemon_mut();
     let daemon_pid = d.pid;
     let cpu0 = cpu_time(daemon_pid);
     let t0 = Instant::now();
@@ -864,7 +576,8 @@ fn daemon_boot(env: &mut Env, id: &str, timeout: Duration) -> Result<DaemonBoot>
 enum OverlayMethod {
     /// Clone the daemon's empty ext4 template (as the daemon does).
     Template(PathBuf),
-    /// `truncate` + `mkfs.ext4` with the daemon's flags.
+    /// `truncate` + `mkfs.ext4` with the daemon's flags (only when the daemon
+    /// left no template to clone).
     Mkfs(PathBuf),
 }
 
@@ -898,7 +611,7 @@ impl OverlayMethod {
             ),
             OverlayMethod::Mkfs(_) => format!(
                 "truncate to {OVERLAY_GIB} GiB + mkfs.ext4 {} (the daemon left no template)",
-                MKFS_FLAGS.join(" ")
+                daemon::MKFS_FLAGS.join(" ")
             ),
         }
     }
@@ -915,18 +628,7 @@ impl OverlayMethod {
                 Ok(stats.method.as_str().to_string())
             }
             OverlayMethod::Mkfs(mkfs) => {
-                File::create_new(path)?.set_len(OVERLAY_GIB << 30)?;
-                let out = Command::new(mkfs)
-                    .args(MKFS_FLAGS)
-                    .arg(path)
-                    .stdin(Stdio::null())
-                    .output()
-                    .context("cannot run mkfs.ext4")?;
-                ensure!(
-                    out.status.success(),
-                    "mkfs.ext4: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                daemon::mkfs_overlay(mkfs, path, OVERLAY_GIB << 30)?;
                 Ok("mkfs.ext4".into())
             }
         }
@@ -945,12 +647,8 @@ impl HandVm {
     /// Kill, reap, remove the socket and the session directory.
     fn kill(&mut self) -> Duration {
         let t0 = Instant::now();
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: the group leader is our unreaped child, so the id is ours.
-            unsafe {
-                libc::killpg(child.id() as i32, libc::SIGKILL);
-            }
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            signals::kill_group(child);
         }
         let _ = std::fs::remove_file(&self.socket);
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -1012,15 +710,8 @@ fn hand_boot(
         .stdout(writer)
         .stderr(writer2)
         .process_group(0);
-    // SAFETY: prctl is async-signal-safe. Should this benchmark die, QEMU dies too.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // Should this benchmark die, QEMU dies too.
+    signals::die_with_parent(&mut command, libc::SIGKILL);
     vm.child = Some(
         command
             .spawn()
@@ -1183,15 +874,7 @@ fn build_artifacts(env: &Env) -> Result<ArtifactBuild> {
         .stdout(log_file.try_clone()?)
         .stderr(log_file)
         .process_group(0);
-    // SAFETY: prctl is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    signals::die_with_parent(&mut cmd, libc::SIGTERM);
     progress(&format!("artifacts: {command}"));
     let t0 = Instant::now();
     let mut proc = BuildProc {
@@ -1304,18 +987,18 @@ struct Report {
 }
 
 fn run(env: &mut Env, args: &Args) -> Result<Report> {
-    let load_start = loadavg();
+    let load_start = procfs::loadavg();
     let timeout = Duration::from_secs(args.boot_timeout_s.max(1));
     progress(&format!(
         "temp dir {} ({}); starting the daemon {}",
         env.root.display(),
-        env.fs,
+        env.h.fs(),
         env.found.agentenv.display()
     ));
-    env.start_daemon()?;
-    if let Some(d) = &env.daemon {
-        progress(&format!("daemon pid {} on http://{}", d.pid, d.addr));
-    }
+    let d = env
+        .h
+        .start_daemon(&env.found.agentenv, IO_TIMEOUT, HEALTH_TIMEOUT)?;
+    progress(&format!("daemon pid {} on http://{}", d.pid, d.addr));
     let started = Instant::now();
 
     progress(
@@ -1389,7 +1072,7 @@ fn run(env: &mut Env, args: &Args) -> Result<Report> {
         rep.pairs.push(Pair { daemon_first, d, h });
     }
     rep.boots_wall = started.elapsed();
-    rep.load.1 = loadavg();
+    rep.load.1 = procfs::loadavg();
 
     if !args.skip_artifacts {
         signals::check()?;
@@ -1406,70 +1089,22 @@ fn run(env: &mut Env, args: &Args) -> Result<Report> {
 
 // ---------------------------------------------------------------- cleanup
 
-#[derive(Default)]
-struct Cleanup {
-    deleted: usize,
-    daemon_exit: Option<String>,
-    daemon_exit_ok: bool,
-    leftover: Vec<String>,
-    dir_removed: bool,
-    kept_dir: Option<String>,
-    errors: Vec<String>,
+fn cleanup_summary(c: &Cleanup) -> String {
+    c.summary(&format!(
+        "{} VMs left to delete; daemon stopped by SIGTERM ({}); {} leftover processes; ",
+        c.deleted,
+        c.daemon_exit.as_deref().unwrap_or("not running"),
+        c.leftover.len(),
+    ))
 }
 
-impl Cleanup {
-    fn clean(&self) -> bool {
-        self.leftover.is_empty() && self.errors.is_empty() && self.daemon_exit_ok
-    }
-
-    fn summary(&self) -> String {
-        let mut s = format!(
-            "{} VMs left to delete; daemon stopped by SIGTERM ({}); {} leftover processes; ",
-            self.deleted,
-            self.daemon_exit.as_deref().unwrap_or("not running"),
-            self.leftover.len(),
-        );
-        match (&self.kept_dir, self.dir_removed) {
-            (Some(d), _) => s.push_str(&format!("temp dir kept at {d}")),
-            (None, true) => s.push_str("temp dir removed"),
-            (None, false) => s.push_str("temp dir NOT removed"),
-        }
-        for l in &self.leftover {
-            s.push_str(&format!("\n  leftover (killed): {l}"));
-        }
-        for e in &self.errors {
-            s.push_str(&format!("\n  error: {e}"));
-        }
-        s
-    }
-
-    fn to_json(&self) -> Value {
-        json!({
-            "vms_deleted_at_cleanup": self.deleted,
-            "daemon_exit": self.daemon_exit,
-            "daemon_exit_ok": self.daemon_exit_ok,
-            "leftover_processes": self.leftover,
-            "temp_dir_removed": self.dir_removed,
-            "temp_dir_kept": self.kept_dir,
-            "errors": self.errors,
-            "clean": self.clean(),
-        })
-    }
+fn cleanup_json(c: &Cleanup) -> Value {
+    let mut v = c.to_json();
+    v["vms_deleted_at_cleanup"] = json!(c.deleted);
+    v
 }
 
 // ---------------------------------------------------------------- output
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn pass(ok: bool) -> &'static str {
-    if ok {
-        "PASS"
-    } else {
-        "MISS"
-    }
-}
 
 /// User + system CPU time of a process, from `/proc/PID/stat`.
 fn cpu_time(pid: u32) -> Option<Duration> {
@@ -1482,39 +1117,6 @@ fn cpu_time(pid: u32) -> Option<Duration> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
-}
-
-fn tail_lines(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// The 1-minute load average.
-fn loadavg() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
-fn host_info() -> Value {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default();
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())
-            })
-        })
-        .unwrap_or_default();
-    json!({"cpus": cpus, "kernel": kernel, "cpu_model": model})
 }
 
 /// The median (lower middle for an even count) of plain numbers.
@@ -1554,8 +1156,8 @@ impl Report {
             "params": {"runs": args.runs, "boot_timeout_s": args.boot_timeout_s,
                        "memory_mib": MEMORY_MIB, "vcpus": 1, "overlay_gib": OVERLAY_GIB,
                        "rootfs": ROOTFS_ID},
-            "host": host_info(),
-            "temp_dir_fs": env.fs,
+            "host": HostInfo::read().to_json(),
+            "temp_dir_fs": env.h.fs(),
             "daemon": env.found.agentenv,
             "qemu": {"binary": self.cmd.binary, "version": env.found.qemu_version,
                      "accel": self.cmd.value_of("-accel"), "args": self.cmd.args},
@@ -1605,27 +1207,21 @@ impl Report {
                     "cache_leftovers": b.cache_leftovers,
                 }),
             },
-            "cleanup": cleanup.to_json(),
+            "cleanup": cleanup_json(cleanup),
         })
     }
 
     fn to_text(&self, env: &Env, args: &Args, cleanup: &Cleanup) -> String {
         let mut o = String::new();
         let w = &mut o;
-        let host = host_info();
+        let host = HostInfo::read();
         let (d, h) = self.summaries();
         let ratio = d.p50 / h.p50;
         let _ = writeln!(
             w,
             "\nagentenv boot to AGENTENV_READY: the daemon vs the same QEMU command line by hand, same run"
         );
-        let _ = writeln!(
-            w,
-            "  host      {} CPUs, {}, Linux {}",
-            host["cpus"],
-            host["cpu_model"].as_str().unwrap_or("?"),
-            host["kernel"].as_str().unwrap_or("?")
-        );
+        let _ = writeln!(w, "  host      {host}");
         let _ = writeln!(
             w,
             "  qemu      {} ({}), -accel {}",
@@ -1643,7 +1239,7 @@ impl Report {
             w,
             "  daemon    {} (vmm = \"qemu\", [network] enable = false); temp dir on {}",
             env.found.agentenv.display(),
-            env.fs
+            env.h.fs()
         );
         let _ = writeln!(
             w,
@@ -1676,18 +1272,13 @@ impl Report {
             self.pairs.len(),
             self.boots_wall.as_secs_f64()
         );
-        let cpus = host["cpus"].as_f64().unwrap_or(1.0);
-        let busy = self.load.0.max(self.load.1) > cpus * 0.5;
         let _ = writeln!(
             w,
-            "  load      1-min load average {:.2} at the start, {:.2} at the end{}",
-            self.load.0,
-            self.load.1,
-            if busy {
+            "{}",
+            host.load_line(
+                self.load,
                 " (the machine was busy: TCG boots slow down and vary with it)"
-            } else {
-                ""
-            }
+            )
         );
 
         let _ = writeln!(
@@ -1802,7 +1393,7 @@ impl Report {
                 }
             }
         }
-        let _ = writeln!(w, "\ncleanup: {}", cleanup.summary());
+        let _ = writeln!(w, "\ncleanup: {}", cleanup_summary(cleanup));
         let _ = writeln!(
             w,
             "target: daemon p50 ≤ {TARGET_RATIO:.2}x by hand: {} (informational: the exit status \
@@ -1835,23 +1426,20 @@ mod tests {
 
     #[test]
     fn command_lines_are_normalised_and_replayed() {
-        let doc = json!({
-            "binary": "/usr/bin/qemu-system-x86_64",
-            "args": ["-name", "bd-000", "-append", "console=ttyS0 agentenv.vm_id=bd-000 agentenv.root=/dev/vda",
-                     "-drive", "id=overlay,file=/t/sessions/bd-000/overlay.ext4,format=raw,if=none",
-                     "-qmp", "unix:/t/s/bd-000.sock,server=on,wait=off"],
-        });
-        let c =
-            QemuCmd::from_doc(&doc, "/t/sessions/bd-000", "/t/s/bd-000.sock", "bd-000").unwrap();
-        let other = json!({
-            "binary": "/usr/bin/qemu-system-x86_64",
-            "args": ["-name", "bd-001", "-append", "console=ttyS0 agentenv.vm_id=bd-001 agentenv.root=/dev/vda",
-                     "-drive", "id=overlay,file=/t/sessions/bd-001/overlay.ext4,format=raw,if=none",
-                     "-qmp", "unix:/t/s/bd-001.sock,server=on,wait=off"],
-        });
-        let c1 =
-            QemuCmd::from_doc(&other, "/t/sessions/bd-001", "/t/s/bd-001.sock", "bd-001").unwrap();
-        assert_eq!(c, c1);
+        // What the daemon records for VM `id`, normalised.
+        let recorded = |id: &str| {
+            let doc = json!({
+                "binary": "/usr/bin/qemu-system-x86_64",
+                "args": ["-name", id,
+                         "-append", format!("console=ttyS0 agentenv.vm_id={id} agentenv.root=/dev/vda"),
+                         "-drive", format!("id=overlay,file=/t/sessions/{id}/overlay.ext4,format=raw,if=none"),
+                         "-qmp", format!("unix:/t/s/{id}.sock,server=on,wait=off")],
+            });
+            let (session, socket) = (format!("/t/sessions/{id}"), format!("/t/s/{id}.sock"));
+            QemuCmd::from_doc(&doc, &session, &socket, id).unwrap()
+        };
+        let c = recorded("bd-000");
+        assert_eq!(c, recorded("bd-001"));
         let args = c.instantiate(
             Path::new("/t/hand/bh-001"),
             Path::new("/t/s/bh-001.sock"),

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentenv_bench::signals;
-use agentenv_bench::stats::{round3, Summary};
+use agentenv_bench::stats::{pass, round3, Summary};
 use agentenv_core::config::NetworkConfig;
 use agentenv_core::net::{HostNetwork, NetLease, NetPlan};
 use agentenv_host::net::rtnl::Rtnl;
@@ -371,14 +371,6 @@ fn tap_via_ip(worker: &NetnsThread, l: &NetLease) -> Result<Split> {
 
 fn summary(v: &[Duration]) -> Summary {
     Summary::of(v).expect("at least one sample")
-}
-
-fn pass(ok: bool) -> &'static str {
-    if ok {
-        "PASS"
-    } else {
-        "MISS"
-    }
 }
 
 impl Report {

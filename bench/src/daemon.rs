@@ -1,0 +1,657 @@
+//! The real `agentenv` daemon as a separate process, for the benchmarks that
+//! measure through it: finding the binaries, a temporary directory with a
+//! generated config, start and health wait, and an orderly teardown.
+//!
+//! A [`Harness`] owns the run's temporary directory and, once started, the
+//! daemon. [`Harness::teardown`] (or dropping the harness) deletes every VM
+//! through the API, stops the daemon with SIGTERM, kills and reports any
+//! process still naming the directory, and removes the directory.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::http::{Client, Endpoint};
+use crate::{procfs, signals};
+
+/// The workspace root (canonical where possible).
+pub fn workspace() -> PathBuf {
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::fs::canonicalize(&ws).unwrap_or(ws)
+}
+
+/// Finds all of `names` in one directory: `bin_dir` if given, else this
+/// program's own directory, then `<workspace>/target/release`. The paths come
+/// back canonical, in the order of `names`. When no directory holds them
+/// all, the error says where it looked and then `build` (how to build them,
+/// e.g. "build the daemon first with:\n\n    cargo build --release -p agentenv\n").
+pub fn find_binaries<const N: usize>(
+    bin_dir: Option<&Path>,
+    names: [&str; N],
+    build: &str,
+) -> Result<[PathBuf; N]> {
+    let mut dirs = Vec::new();
+    match bin_dir {
+        Some(d) => dirs.push(d.to_path_buf()),
+        None => {
+            if let Some(d) = std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(Path::to_path_buf))
+            {
+                dirs.push(d);
+            }
+            dirs.push(workspace().join("target/release"));
+        }
+    }
+    for d in &dirs {
+        let mut paths = names.map(|n| d.join(n));
+        if paths.iter().all(|p| p.is_file()) {
+            for p in &mut paths {
+                *p = std::fs::canonicalize(&p)?;
+            }
+            return Ok(paths);
+        }
+    }
+    let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+    let what = match quoted.as_slice() {
+        [one] => one.clone(),
+        [a, b] => format!("both {a} and {b}"),
+        all => format!("all of {}", all.join(", ")),
+    };
+    let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+    bail!(
+        "cannot find {what} (looked in {}).\n\
+         This benchmark builds nothing itself; {build}",
+        looked.join(", ")
+    )
+}
+
+/// The first file called `name` in `$PATH`, then `/usr/sbin` and `/sbin`.
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
+    let paths = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&paths)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The last `n` lines of a text file (empty when it cannot be read).
+pub fn tail_lines(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The flags the daemon gives `mkfs.ext4` for overlays
+/// (crates/agentenv-host/src/local.rs).
+pub const MKFS_FLAGS: &[&str] = &[
+    "-q",
+    "-F",
+    "-E",
+    "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+];
+
+/// Makes an empty overlay the way the daemon does without a template: a new
+/// sparse file of `bytes`, then `mkfs` (the path of `mkfs.ext4`) with the
+/// daemon's [`MKFS_FLAGS`].
+pub fn mkfs_overlay(mkfs: &Path, path: &Path, bytes: u64) -> Result<()> {
+    File::create_new(path)?.set_len(bytes)?;
+    let out = Command::new(mkfs)
+        .args(MKFS_FLAGS)
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run mkfs.ext4")?;
+    ensure!(
+        out.status.success(),
+        "mkfs.ext4: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------- config
+
+/// The VMM the daemon runs, with its binary.
+#[derive(Debug, Clone)]
+pub enum Vmm {
+    /// `vmm = "firecracker"` and `firecracker_binary`.
+    Firecracker(PathBuf),
+    /// `vmm = "qemu"` and `qemu_binary`.
+    Qemu(PathBuf),
+}
+
+/// What a benchmark chooses in the daemon's config. The roots of the daemon's
+/// own state (`sessions/`, sockets in `s/`, snapshots in `snap/`) always go
+/// under the run's directory, and networking is always off: the benchmarks
+/// run in the host's own network namespace and must never create TAPs or
+/// firewall rules there.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub vmm: Vmm,
+    pub rootfs_root: PathBuf,
+    pub kernel_root: PathBuf,
+    pub initramfs_root: PathBuf,
+    /// `default_kernel` (the daemon's default when `None`).
+    pub default_kernel: Option<String>,
+    /// `default_initrd` (none when `None`).
+    pub default_initrd: Option<String>,
+    pub memory_mib_per_slot: u64,
+    pub default_disk_size_gib: u64,
+    /// `max_memory_mib` (the daemon's default when `None`).
+    pub max_memory_mib: Option<u64>,
+    pub direct_disk_roots: Vec<PathBuf>,
+    pub startup_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+}
+
+impl Config {
+    /// The config file's text, for a run whose directory is `root`; `bench`
+    /// names the benchmark in its first line.
+    pub fn to_toml(&self, bench: &str, root: &Path) -> String {
+        let q = |path: &Path| serde_json::to_string(&path.display().to_string()).expect("string");
+        let (vmm, binary_key, binary) = match &self.vmm {
+            Vmm::Firecracker(b) => ("firecracker", "firecracker_binary", b),
+            Vmm::Qemu(b) => ("qemu", "qemu_binary", b),
+        };
+        let mut t = format!("# agentenv-bench {bench}\n");
+        for (key, path) in [
+            ("session_root", root.join("sessions")),
+            ("socket_root", root.join("s")),
+            ("snapshots_root", root.join("snap")),
+            ("tmpfs_snapshot_root", root.join("snap/tmpfs")),
+            ("hdfs_snapshot_root", root.join("snap/durable")),
+            ("rootfs_root", self.rootfs_root.clone()),
+            ("kernel_root", self.kernel_root.clone()),
+            ("initramfs_root", self.initramfs_root.clone()),
+            (binary_key, binary.clone()),
+        ] {
+            t.push_str(&format!("{key} = {}\n", q(&path)));
+        }
+        t.push_str(&format!("vmm = \"{vmm}\"\n"));
+        for (key, value) in [
+            ("default_kernel", &self.default_kernel),
+            ("default_initrd", &self.default_initrd),
+        ] {
+            if let Some(v) = value {
+                t.push_str(&format!(
+                    "{key} = {}\n",
+                    serde_json::to_string(v).expect("string")
+                ));
+            }
+        }
+        t.push_str(&format!(
+            "memory_mib_per_slot = {}\ndefault_slots = 1\ndefault_disk_size_gib = {}\n",
+            self.memory_mib_per_slot, self.default_disk_size_gib
+        ));
+        if let Some(m) = self.max_memory_mib {
+            t.push_str(&format!("max_memory_mib = {m}\n"));
+        }
+        if !self.direct_disk_roots.is_empty() {
+            let roots: Vec<String> = self.direct_disk_roots.iter().map(|p| q(p)).collect();
+            t.push_str(&format!("direct_disk_roots = [{}]\n", roots.join(", ")));
+        }
+        t.push_str(&format!(
+            "shutdown_timeout_s = 5\nstartup_timeout_ms = {}\nrequest_timeout_ms = {}\n",
+            self.startup_timeout_ms, self.request_timeout_ms
+        ));
+        t.push_str(
+            "\n# The benchmarks run in the host's own network namespace: they must never\n\
+             # create TAPs or firewall rules there.\n\
+             [network]\n\
+             enable = false\n",
+        );
+        t
+    }
+}
+
+// ---------------------------------------------------------------- the daemon
+
+/// A running daemon, started by [`Harness::start_daemon`].
+pub struct Daemon {
+    child: Child,
+    pub pid: u32,
+    pub addr: SocketAddr,
+    /// A client for its HTTP API.
+    pub api: Client,
+    /// Its stderr.
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon on a free loopback port and waits until it answers
+    /// `GET /v1/health`.
+    fn start(
+        agentenv: &Path,
+        config: &Path,
+        log: &Path,
+        io_timeout: Duration,
+        health_timeout: Duration,
+    ) -> Result<Daemon> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let log_file = File::create(log)?;
+        let mut cmd = Command::new(agentenv);
+        cmd.arg("--config")
+            .arg(config)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            // Its own process group: a Ctrl-C in the terminal reaches only the
+            // benchmark, which then deletes the VMs and stops the daemon in order.
+            .process_group(0);
+        // If the benchmark dies without cleaning up, the daemon gets SIGTERM
+        // and stops its VMs itself.
+        signals::die_with_parent(&mut cmd, libc::SIGTERM);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", agentenv.display()))?;
+        let mut d = Daemon {
+            pid: child.id(),
+            child,
+            addr,
+            api: Client::new(Endpoint::Tcp(addr), io_timeout),
+            log: log.to_path_buf(),
+        };
+        let start = Instant::now();
+        loop {
+            if let Some(status) = d.child.try_wait()? {
+                let tail = tail_lines(&d.log, 10);
+                bail!("the daemon exited at start ({status}): {tail}");
+            }
+            if signals::received().is_some() || start.elapsed() > health_timeout {
+                let _ = d.child.kill();
+                let _ = d.child.wait();
+                signals::check()?;
+                bail!(
+                    "the daemon did not answer /v1/health within {} s",
+                    health_timeout.as_secs()
+                );
+            }
+            if let Ok(r) = d.api.request("GET", "/v1/health", None) {
+                if r.status == 200 {
+                    return Ok(d);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Deletes every VM through the API, then stops the daemon with SIGTERM
+    /// (SIGKILL after 30 s), recording what happened in `c`.
+    fn stop(mut self, c: &mut Cleanup) {
+        let t0 = Instant::now();
+        let ids: Vec<String> = match self
+            .api
+            .request("GET", "/v1/vm", None)
+            .and_then(|r| r.json())
+        {
+            Ok(v) => v["vms"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|vm| vm["vm_id"].as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            Err(e) => {
+                c.errors.push(format!("listing VMs: {e}"));
+                Vec::new()
+            }
+        };
+        if !ids.is_empty() {
+            eprintln!("cleanup: deleting {} VMs …", ids.len());
+        }
+        for id in &ids {
+            match self.api.request("DELETE", &format!("/v1/vm/{id}"), None) {
+                Ok(r) if r.status == 204 => c.deleted += 1,
+                Ok(r) => c
+                    .errors
+                    .push(format!("DELETE {id}: HTTP {}: {}", r.status, r.text())),
+                Err(e) => c.errors.push(format!("DELETE {id}: {e}")),
+            }
+        }
+        c.delete_s = t0.elapsed().as_secs_f64();
+        // SAFETY: plain kill(2) on our own child, not reaped yet.
+        unsafe {
+            libc::kill(self.pid as i32, libc::SIGTERM);
+        }
+        let t1 = Instant::now();
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(s)) => break Some(s),
+                Ok(None) if t1.elapsed() < Duration::from_secs(30) => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                _ => {
+                    c.errors
+                        .push("the daemon did not exit within 30 s of SIGTERM; killed".into());
+                    let _ = self.child.kill();
+                    break self.child.wait().ok();
+                }
+            }
+        };
+        c.daemon_exit = status.map(|s| s.to_string());
+        c.daemon_exit_ok = status.is_some_and(|s| s.success());
+        c.daemon_stop_s = t1.elapsed().as_secs_f64();
+    }
+}
+
+// ---------------------------------------------------------------- the harness
+
+/// A benchmark run's temporary directory, the daemon's config in it, and the
+/// daemon once started. Torn down by [`Harness::teardown`], or when dropped.
+pub struct Harness {
+    tmp: Option<tempfile::TempDir>,
+    root: PathBuf,
+    fs: String,
+    config: Option<PathBuf>,
+    daemon: Option<Daemon>,
+}
+
+impl Harness {
+    /// Makes a temporary directory named `prefix…` in `parent` (default:
+    /// `$TMPDIR` or `/tmp`), with the daemon's state roots and `subdirs` in it.
+    pub fn new(parent: Option<&Path>, prefix: &str, subdirs: &[&str]) -> Result<Harness> {
+        let parent = parent.map_or_else(std::env::temp_dir, Path::to_path_buf);
+        let tmp = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(&parent)
+            .with_context(|| {
+                format!("cannot make a temporary directory in {}", parent.display())
+            })?;
+        let root = std::fs::canonicalize(tmp.path())?;
+        for sub in ["sessions", "s", "snap"].iter().chain(subdirs) {
+            std::fs::create_dir_all(root.join(sub))?;
+        }
+        Ok(Harness {
+            fs: procfs::fs_type(&root),
+            tmp: Some(tmp),
+            root,
+            config: None,
+            daemon: None,
+        })
+    }
+
+    /// The run's directory (canonical).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The file system the run's directory is on.
+    pub fn fs(&self) -> &str {
+        &self.fs
+    }
+
+    /// Writes the daemon's config to `agentenv.toml` in the run's directory.
+    pub fn write_config(&mut self, bench: &str, config: &Config) -> Result<()> {
+        let path = self.root.join("agentenv.toml");
+        std::fs::write(&path, config.to_toml(bench, &self.root))?;
+        self.config = Some(path);
+        Ok(())
+    }
+
+    /// Starts `agentenv` with the config written before, stderr to
+    /// `daemon.log`, and waits up to `health_timeout` for it to answer.
+    /// Its API client gives up on any single read or write after `io_timeout`.
+    pub fn start_daemon(
+        &mut self,
+        agentenv: &Path,
+        io_timeout: Duration,
+        health_timeout: Duration,
+    ) -> Result<&mut Daemon> {
+        let config = self
+            .config
+            .as_deref()
+            .context("no config written for the daemon")?;
+        ensure!(self.daemon.is_none(), "the daemon is already running");
+        let log = self.root.join("daemon.log");
+        let mut last_err = None;
+        for _ in 0..3 {
+            match Daemon::start(agentenv, config, &log, io_timeout, health_timeout) {
+                Ok(d) => return Ok(self.daemon.insert(d)),
+                // Another process may have taken the free port; try another one.
+                Err(e) if format!("{e:#}").contains("cannot listen") => last_err = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_err.expect("three attempts"))
+    }
+
+    /// The daemon, if it runs.
+    pub fn daemon(&self) -> Option<&Daemon> {
+        self.daemon.as_ref()
+    }
+
+    /// The daemon, which must run.
+    pub fn daemon_mut(&mut self) -> &mut Daemon {
+        self.daemon.as_mut().expect("the daemon runs")
+    }
+
+    /// The last `n` lines of the daemon's log (empty if it never started).
+    pub fn daemon_log_tail(&self, n: usize) -> String {
+        self.daemon
+            .as_ref()
+            .map(|d| tail_lines(&d.log, n))
+            .unwrap_or_default()
+    }
+
+    /// Ends a benchmark's run. After a failure that no signal caused, it
+    /// first shows the end of the daemon's log; then it tears down (see
+    /// [`Harness::teardown`]). A failed run is reported on stderr with the
+    /// cleanup, in `summary`'s words, and the process exits 1; otherwise the
+    /// run's result comes back with the cleanup.
+    pub fn finish<R>(
+        &mut self,
+        bench: &str,
+        result: Result<R>,
+        keep: bool,
+        summary: impl Fn(&Cleanup) -> String,
+    ) -> (R, Cleanup) {
+        if result.is_err() && signals::received().is_none() {
+            let tail = self.daemon_log_tail(20);
+            if !tail.is_empty() {
+                eprintln!("--- last lines of the daemon log ---\n{tail}\n---");
+            }
+        }
+        let cleanup = self.teardown(keep);
+        match result {
+            Ok(r) => (r, cleanup),
+            Err(e) => {
+                eprintln!("{bench}: {e:#}");
+                eprintln!("cleanup: {}", summary(&cleanup));
+                std::process::exit(1);
+            }
+        }
+    }
+
+    /// Deletes every VM, stops the daemon with SIGTERM, kills (and reports)
+    /// any process still naming the run's directory, then removes the
+    /// directory, or keeps it if `keep`.
+    pub fn teardown(&mut self, keep: bool) -> Cleanup {
+        let mut c = Cleanup::default();
+        match self.daemon.take() {
+            Some(d) => d.stop(&mut c),
+            None => c.daemon_exit_ok = true,
+        }
+        // Any process still naming the run's directory: a VMM, a build step.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut left = procfs::processes_mentioning(&self.root);
+        while !left.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            left = procfs::processes_mentioning(&self.root);
+        }
+        for (pid, cmd) in &left {
+            c.leftover.push(format!("{pid} {cmd}"));
+            // SAFETY: plain kill(2) of a leftover of this run, by its pid.
+            unsafe {
+                libc::kill(*pid as i32, libc::SIGKILL);
+            }
+        }
+        if let Some(tmp) = self.tmp.take() {
+            if keep {
+                c.kept_dir = Some(tmp.keep().display().to_string());
+            } else if let Err(e) = tmp.close() {
+                c.errors
+                    .push(format!("removing {}: {e}", self.root.display()));
+            } else {
+                c.dir_removed = true;
+            }
+        }
+        c
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if self.daemon.is_some() || self.tmp.is_some() {
+            let _ = self.teardown(false);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- cleanup
+
+/// What [`Harness::teardown`] did.
+#[derive(Debug, Default)]
+pub struct Cleanup {
+    /// VMs deleted through the API.
+    pub deleted: usize,
+    /// Seconds spent deleting them.
+    pub delete_s: f64,
+    /// The daemon's exit status, if it ran.
+    pub daemon_exit: Option<String>,
+    /// The daemon exited successfully after SIGTERM (or never ran).
+    pub daemon_exit_ok: bool,
+    /// Seconds from SIGTERM to the daemon's exit.
+    pub daemon_stop_s: f64,
+    /// Processes still naming the run's directory (killed), as "PID command".
+    pub leftover: Vec<String>,
+    pub dir_removed: bool,
+    pub kept_dir: Option<String>,
+    pub errors: Vec<String>,
+}
+
+impl Cleanup {
+    /// Nothing left over, no errors, and the daemon stopped cleanly.
+    pub fn clean(&self) -> bool {
+        self.leftover.is_empty() && self.errors.is_empty() && self.daemon_exit_ok
+    }
+
+    /// `head` (the benchmark's own words about the VMs and the daemon), then
+    /// what became of the temporary directory, then each leftover process and
+    /// each error on a line of its own.
+    pub fn summary(&self, head: &str) -> String {
+        let mut s = head.to_string();
+        match (&self.kept_dir, self.dir_removed) {
+            (Some(d), _) => s.push_str(&format!("temp dir kept at {d}")),
+            (None, true) => s.push_str("temp dir removed"),
+            (None, false) => s.push_str("temp dir NOT removed"),
+        }
+        for l in &self.leftover {
+            s.push_str(&format!("\n  leftover (killed): {l}"));
+        }
+        for e in &self.errors {
+            s.push_str(&format!("\n  error: {e}"));
+        }
+        s
+    }
+
+    /// The fields every benchmark reports, as a JSON object to add to.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "daemon_exit": self.daemon_exit,
+            "daemon_exit_ok": self.daemon_exit_ok,
+            "leftover_processes": self.leftover,
+            "temp_dir_removed": self.dir_removed,
+            "temp_dir_kept": self.kept_dir,
+            "errors": self.errors,
+            "clean": self.clean(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vmm: Vmm) -> Config {
+        Config {
+            vmm,
+            rootfs_root: "/a/rootfs".into(),
+            kernel_root: "/a/kernels".into(),
+            initramfs_root: "/a/initramfs".into(),
+            default_kernel: None,
+            default_initrd: None,
+            memory_mib_per_slot: 32,
+            default_disk_size_gib: 1,
+            max_memory_mib: None,
+            direct_disk_roots: Vec::new(),
+            startup_timeout_ms: 10000,
+            request_timeout_ms: 20000,
+        }
+    }
+
+    #[test]
+    fn configs_parse_with_the_roots_in_the_run_and_networking_off() {
+        use agentenv_core::config::{Config as Daemon, VmmChoice};
+        let root = Path::new("/r \"x\"");
+        let fc = Config {
+            max_memory_mib: Some(4096),
+            direct_disk_roots: vec![root.join("disks"), "/d2".into()],
+            ..config(Vmm::Firecracker("/bin/fc".into()))
+        };
+        let c = Daemon::parse(&fc.to_toml("t", root)).unwrap();
+        assert_eq!(c.vmm, VmmChoice::Firecracker);
+        assert_eq!(c.firecracker_binary, Path::new("/bin/fc"));
+        assert_eq!(c.session_root, root.join("sessions"));
+        assert_eq!(c.socket_root, root.join("s"));
+        assert_eq!(c.snapshots_root, root.join("snap"));
+        assert_eq!(c.tmpfs_snapshot_root, root.join("snap/tmpfs"));
+        assert_eq!(c.hdfs_snapshot_root, root.join("snap/durable"));
+        assert_eq!(c.rootfs_root, Path::new("/a/rootfs"));
+        assert_eq!(c.max_memory_mib, Some(4096));
+        assert_eq!(c.direct_disk_roots, [root.join("disks"), "/d2".into()]);
+        assert_eq!((c.startup_timeout_ms, c.request_timeout_ms), (10000, 20000));
+        assert!(!c.network.enable);
+
+        let qemu = Config {
+            default_kernel: Some("vmlinuz".into()),
+            default_initrd: Some("initrd.img".into()),
+            ..config(Vmm::Qemu("/bin/qemu".into()))
+        };
+        let c = Daemon::parse(&qemu.to_toml("t", root)).unwrap();
+        assert_eq!(c.vmm, VmmChoice::Qemu);
+        assert_eq!(c.qemu_binary, Path::new("/bin/qemu"));
+        assert_eq!(c.default_kernel, "vmlinuz");
+        assert_eq!(c.default_initrd.as_deref(), Some("initrd.img"));
+        assert_eq!(c.max_memory_mib, None);
+        assert!(c.direct_disk_roots.is_empty());
+        assert!(!c.network.enable);
+    }
+
+    #[test]
+    fn missing_binaries_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), b"").unwrap();
+        let [a] = find_binaries(Some(dir.path()), ["a"], "").unwrap();
+        assert_eq!(a, std::fs::canonicalize(dir.path().join("a")).unwrap());
+        let e = find_binaries(Some(dir.path()), ["a", "b"], "build them.")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("cannot find both `a` and `b` (looked in "),
+            "{e}"
+        );
+        assert!(e.ends_with("builds nothing itself; build them."), "{e}");
+    }
+}
