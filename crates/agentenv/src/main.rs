@@ -11,10 +11,10 @@ use clap::{Parser, Subcommand};
 #[command(name = "agentenv", version, about)]
 struct Cli {
     /// Daemon configuration file (TOML). Without one, defaults under ./data.
-    #[arg(long, env = "AGENTENV_CONFIG")]
+    #[arg(long, env = "AGENTENV_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Address the daemon listens on.
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    #[arg(long, default_value = "127.0.0.1:8080", global = true)]
     listen: SocketAddr,
     #[command(subcommand)]
     command: Option<Command>,
