@@ -64,6 +64,12 @@ fn main() {
     }
 }
 
+/// Writes to stdout, ignoring a closed pipe (`agentenv openapi | head`).
+fn print_out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
 fn daemon(config: Option<PathBuf>, listen: SocketAddr) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
