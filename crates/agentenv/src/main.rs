@@ -50,11 +50,10 @@ fn main() {
         None | Some(Command::Serve) => daemon(cli.config, cli.listen),
         Some(Command::Vm { opts, command }) => agentenv::cli::run_vm(&opts, command),
         Some(Command::Snapshot { opts, command }) => agentenv::cli::run_snapshot(&opts, command),
-        Some(Command::CheckConfig) => {
-            agentenv::daemon::load_config(cli.config.as_deref()).map(|c| println!("{c:#?}"))
-        }
+        Some(Command::CheckConfig) => agentenv::daemon::load_config(cli.config.as_deref())
+            .map(|c| print_out(&format!("{c:#?}\n"))),
         Some(Command::Openapi) => {
-            print!("{}", agentenv::server::openapi::document());
+            print_out(&agentenv::server::openapi::document());
             Ok(())
         }
     };
