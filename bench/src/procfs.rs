@@ -37,42 +37,8 @@ impl Rss {
 }
 
 /// Live (non-zombie) processes other than this one whose command line
-/// mentions `needle`, as `(pid, command line)`.
-pub fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
-    let needle = needle.as_os_str().as_encoded_bytes();
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if pid == std::process::id() {
-            continue;
-        }
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        if !cmd.windows(needle.len()).any(|w| w == needle) || is_zombie(pid) {
-            continue;
-        }
-        let text = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        out.push((pid, text.trim().to_string()));
-    }
-    out
-}
-
-/// True when the process is a zombie (exited, not reaped yet).
-pub fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let rest = s.get(s.rfind(')')? + 2..)?;
-            rest.split_whitespace().next().map(|st| st == "Z")
-        })
-        .unwrap_or(false)
-}
+/// mentions a path: the test kit's leak checker's scan, shared.
+pub use agentenv_testkit::leaks::processes_mentioning;
 
 /// Number of open file descriptors of a process.
 pub fn open_fds(pid: u32) -> Option<usize> {
