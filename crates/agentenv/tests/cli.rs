@@ -50,6 +50,18 @@ shutdown_timeout_s = 3
     p
 }
 
+/// The daemon process, killed if the test fails before stopping it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -79,13 +91,15 @@ fn daemon_and_cli_end_to_end_then_sigterm_stops_cleanly() {
     let base = common::baseline(dir.path());
     let port = free_port();
     let server = format!("http://127.0.0.1:{port}");
-    let mut daemon = Command::new(BIN)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("AGENTENV_CONFIG", &config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut daemon = KillOnDrop(
+        Command::new(BIN)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("AGENTENV_CONFIG", &config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let start = Instant::now();
     while ureq::get(&format!("{server}/v1/health")).call().is_err() {
         assert!(
@@ -150,11 +164,11 @@ fn daemon_and_cli_end_to_end_then_sigterm_stops_cleanly() {
 
     // SIGTERM: the daemon stops its VMs (on_shutdown = "stop") and exits 0.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let status = daemon.wait().unwrap();
+    let status = daemon.0.wait().unwrap();
     assert!(status.success(), "{status}");
     let records = agentenv_testkit::leaks::processes_mentioning(dir.path());
     assert!(records.is_empty(), "vmm survived: {records:?}");
