@@ -637,11 +637,7 @@ fn check_cmdline(args: &str) -> Result<(), Reply> {
 fn put_drive(shared: &Shared, body: &[u8], path_id: Option<&str>) -> Outcome {
     let id = checked_id(path_id)?;
     let cfg: Drive = parse(body)?;
-    if cfg.drive_id != id {
-        return Err(Reply::bad(
-            "The id from the path does not match the id from the body!",
-        ));
-    }
+    same_drive_id(id, &cfg.drive_id)?;
     let mut st = shared.lock();
     st.preboot_only()?;
     st.boot_path = true;
@@ -726,11 +722,7 @@ const WRONG_BACKEND: &str =
 fn patch_drive(shared: &Shared, body: &[u8], path_id: Option<&str>) -> Outcome {
     let id = checked_id(path_id)?;
     let update: PartialDrive = parse(body)?;
-    if update.drive_id != id {
-        return Err(Reply::bad(
-            "The id from the path does not match the id from the body!",
-        ));
-    }
+    same_drive_id(id, &update.drive_id)?;
     let mut st = shared.lock();
     st.postboot_only()?;
     let patch_err = |detail: &str| {
@@ -770,17 +762,35 @@ fn patch_drive(shared: &Shared, body: &[u8], path_id: Option<&str>) -> Outcome {
     Ok(Reply::no_content())
 }
 
+/// A drive's id in the path must be the one in the body (Firecracker's wording).
+fn same_drive_id(path_id: &str, body_id: &str) -> Result<(), Reply> {
+    if body_id == path_id {
+        Ok(())
+    } else {
+        Err(Reply::bad(
+            "The id from the path does not match the id from the body!",
+        ))
+    }
+}
+
+/// A network interface's id in the path must be the one in the body
+/// (Firecracker's wording, which, unlike the drives', names both).
+fn same_iface_id(path_id: &str, body_id: &str) -> Result<(), Reply> {
+    if body_id == path_id {
+        Ok(())
+    } else {
+        Err(Reply::bad(format!(
+            "The id from the path [{path_id}] does not match the id from the body [{body_id}]!"
+        )))
+    }
+}
+
 // ------------------------------------------------------ network interfaces
 
 fn put_net(shared: &Shared, body: &[u8], path_id: Option<&str>) -> Outcome {
     let id = checked_id(path_id)?;
     let cfg: NetworkInterface = parse(body)?;
-    if cfg.iface_id != id {
-        return Err(Reply::bad(format!(
-            "The id from the path [{id}] does not match the id from the body [{}]!",
-            cfg.iface_id
-        )));
-    }
+    same_iface_id(id, &cfg.iface_id)?;
     let mut st = shared.lock();
     st.preboot_only()?;
     st.boot_path = true;
@@ -816,12 +826,7 @@ fn put_net(shared: &Shared, body: &[u8], path_id: Option<&str>) -> Outcome {
 fn patch_net(shared: &Shared, body: &[u8], path_id: Option<&str>) -> Outcome {
     let id = checked_id(path_id)?;
     let update: PartialNetworkInterface = parse(body)?;
-    if update.iface_id != id {
-        return Err(Reply::bad(format!(
-            "The id from the path [{id}] does not match the id from the body [{}]!",
-            update.iface_id
-        )));
-    }
+    same_iface_id(id, &update.iface_id)?;
     let mut st = shared.lock();
     st.postboot_only()?;
     let Some(net) = st
