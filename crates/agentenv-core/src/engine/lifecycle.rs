@@ -34,38 +34,23 @@ impl Engine {
 
     /// Stops a running VM's vCPUs.
     pub async fn pause(&self, vm_id: &str) -> Result<VmInfo, EngineError> {
-        self.flip(
-            vm_id,
-            VmState::Pausing,
-            VmState::Paused,
-            VmState::Running,
-            true,
-        )
-        .await
+        self.flip(vm_id, true).await
     }
 
     /// Restarts a paused VM's vCPUs.
     pub async fn resume(&self, vm_id: &str) -> Result<VmInfo, EngineError> {
-        self.flip(
-            vm_id,
-            VmState::Resuming,
-            VmState::Running,
-            VmState::Paused,
-            false,
-        )
-        .await
+        self.flip(vm_id, false).await
     }
 
     /// Pause and resume share one shape: in-between state, VMM call, settled state
     /// (or back to where it was on error).
-    async fn flip(
-        &self,
-        vm_id: &str,
-        during: VmState,
-        done: VmState,
-        back: VmState,
-        pause: bool,
-    ) -> Result<VmInfo, EngineError> {
+    async fn flip(&self, vm_id: &str, pause: bool) -> Result<VmInfo, EngineError> {
+        use VmState::*;
+        let (during, done, back) = if pause {
+            (Pausing, Paused, Running)
+        } else {
+            (Resuming, Running, Paused)
+        };
         let slot = self.slot(vm_id)?;
         let _op = slot.op.lock().await;
         self.check_transition(&slot, during)?;
