@@ -487,7 +487,7 @@ impl Engine {
         // tasks and hold their VM's operation lock until then.
         let deadline = std::time::Instant::now()
             + Duration::from_millis(self.cfg.startup_timeout_ms.saturating_mul(2));
-        while self.list().iter().any(|v| v.state == VmState::Creating)
+        while self.slots().iter().any(|s| s.state() == VmState::Creating)
             && std::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
