@@ -37,6 +37,10 @@ pub struct LaunchSpec {
     pub drives: Vec<DriveSpec>,
     /// Network interface, if any.
     pub net: Option<NetAttachment>,
+    /// Host end of the guest agent channel, if the VM gets one: the Unix socket
+    /// of Firecracker's vsock device (hybrid vsock: connect, then `CONNECT <port>`)
+    /// or of QEMU's virtio-serial port (a socket chardev QEMU serves).
+    pub agent_socket: Option<PathBuf>,
     /// How long the VMM may take to create its control socket and accept the configuration.
     pub startup_timeout: Duration,
     /// How long one control-socket request may take before it fails.
@@ -191,6 +195,26 @@ pub trait VmmInstance: Send + Sync {
 
     /// Becomes `Some` when the VMM process has exited and been reaped.
     fn exit_watch(&self) -> watch::Receiver<Option<VmmExit>>;
+
+    /// How the host reaches the guest agent, when the VM has a channel for it.
+    fn agent_channel(&self) -> Option<AgentChannel> {
+        None
+    }
+}
+
+/// The host end of a VM's guest agent channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentChannel {
+    /// A Unix socket that is the byte stream itself (QEMU virtio-serial chardev).
+    Stream(PathBuf),
+    /// Firecracker's hybrid vsock: connect to the socket, write `CONNECT <port>\n`,
+    /// read `OK <host port>\n`, then the byte stream follows.
+    HybridVsock {
+        /// The vsock device's Unix socket.
+        socket: PathBuf,
+        /// The guest port.
+        port: u32,
+    },
 }
 
 /// Waits on an exit watch until the process is gone, or until `timeout`.

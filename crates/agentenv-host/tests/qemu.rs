@@ -131,6 +131,7 @@ fn spec(dir: &Path, vm_id: &str, kernel: PathBuf) -> LaunchSpec {
         boot_args: format!("console=ttyS0 reboot=k panic=1 pci=off agentenv.vm_id={vm_id}"),
         drives: vec![],
         net: None,
+        agent_socket: None,
         startup_timeout: Duration::from_secs(10),
         request_timeout: Duration::from_secs(5),
     }

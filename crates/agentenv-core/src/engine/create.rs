@@ -10,7 +10,7 @@ use agentenv_api::{
 };
 use chrono::Utc;
 
-use super::{Engine, VmSlot, CONSOLE_LOG};
+use super::{Engine, VmSlot, AGENT_SOCKET, CONSOLE_LOG};
 use crate::backend::{DriveSpec, LaunchSpec, NetAttachment, VmmInstance};
 use crate::config::MAX_SLOTS;
 use crate::error::EngineError;
@@ -161,6 +161,7 @@ impl Engine {
         }
         boot_args.push_str(&share_args);
         let console_log = session_dir.join(CONSOLE_LOG);
+        let agent_socket = session_dir.join(AGENT_SOCKET);
         let now = Utc::now();
         let info = VmInfo {
             vm_id: vm_id.clone(),
@@ -199,6 +200,7 @@ impl Engine {
             boot_args,
             drives,
             net,
+            agent_socket: Some(agent_socket),
             startup_timeout: Duration::from_millis(cfg.startup_timeout_ms),
             request_timeout: Duration::from_millis(cfg.request_timeout_ms),
         };

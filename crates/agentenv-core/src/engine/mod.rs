@@ -37,6 +37,9 @@ pub const RECORD_FILE: &str = "vm.json";
 /// Name of the console log in a session directory.
 pub const CONSOLE_LOG: &str = "console.log";
 
+/// Name of the guest agent channel's host socket in a session directory.
+pub const AGENT_SOCKET: &str = "agent.sock";
+
 /// The VM metadata record as stored in `session_dir/vm.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmRecord {

@@ -308,6 +308,7 @@ mod tests {
                 tap_name: "tap0".into(),
                 guest_mac: "06:00:00:00:00:01".into(),
             }),
+            agent_socket: Some("/s/vm/agent.sock".into()),
             startup_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
         }

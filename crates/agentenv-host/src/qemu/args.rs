@@ -181,6 +181,7 @@ mod tests {
                 tap_name: "ae-tap1".into(),
                 guest_mac: "06:00:0a:00:00:02".into(),
             }),
+            agent_socket: Some("/s/vm1/agent.sock".into()),
             startup_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(1),
         }

@@ -1,0 +1,2 @@
+//! agentenv-guest: the agent every agentenv VM runs (placeholder while it is written).
+fn main() {}
