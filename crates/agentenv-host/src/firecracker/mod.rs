@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agentenv_api::BackendKind;
-use agentenv_core::backend::{LaunchSpec, Vmm, VmmError, VmmExit, VmmInstance};
+use agentenv_core::backend::{AgentChannel, LaunchSpec, Vmm, VmmError, VmmExit, VmmInstance};
 use async_trait::async_trait;
 use hyper::Method;
 use serde_json::{json, Value};
@@ -19,6 +19,14 @@ use crate::process::{wait_for_socket, SpawnSpec, VmmProcess};
 
 /// Name of the generated configuration in the session directory.
 pub const CONFIG_FILE: &str = "firecracker.json";
+
+/// The guest's vsock context id. Each Firecracker process has its own vsock
+/// device and the host end is a Unix socket, so every VM can use the first
+/// id a guest may have (0–2 are reserved).
+pub const GUEST_CID: u32 = 3;
+
+/// The guest port the agent listens on (hybrid vsock `CONNECT <port>`).
+pub const AGENT_VSOCK_PORT: u32 = agentenv_guest::proto::VSOCK_PORT;
 
 /// Starts Firecracker VMMs.
 #[derive(Debug, Clone)]
@@ -62,7 +70,16 @@ pub fn api_calls(spec: &LaunchSpec) -> Vec<(String, Value)> {
             json!({ "iface_id": "eth0", "host_dev_name": net.tap_name, "guest_mac": net.guest_mac }),
         ));
     }
+    if let Some(sock) = &spec.agent_socket {
+        calls.push(("/vsock".to_string(), vsock(sock)));
+    }
     calls
+}
+
+/// The vsock device (`PUT /vsock`). `vsock_id` is deprecated since
+/// Firecracker 1.4 and not sent.
+fn vsock(uds_path: &Path) -> Value {
+    json!({ "guest_cid": GUEST_CID, "uds_path": uds_path })
 }
 
 fn boot_source(spec: &LaunchSpec) -> Value {
@@ -97,6 +114,9 @@ pub fn config_document(spec: &LaunchSpec) -> Value {
             { "iface_id": "eth0", "host_dev_name": net.tap_name, "guest_mac": net.guest_mac }
         ]);
     }
+    if let Some(sock) = &spec.agent_socket {
+        doc["vsock"] = vsock(sock);
+    }
     doc
 }
 
@@ -114,9 +134,12 @@ impl Vmm for FirecrackerVmm {
             context: format!("cannot write {}", cfg_path.display()),
             source,
         })?;
-        // A socket file left by a dead VMM would make Firecracker refuse to start;
-        // the engine guarantees no live VMM owns this path.
+        // A socket file left by a dead VMM would make Firecracker refuse to start
+        // (or refuse `PUT /vsock`); the engine guarantees no live VMM owns these paths.
         remove_socket(&spec.control_socket);
+        if let Some(agent) = &spec.agent_socket {
+            remove_socket(agent);
+        }
         let process = VmmProcess::spawn(&SpawnSpec {
             binary: self.binary.clone(),
             args: vec![
@@ -133,7 +156,7 @@ impl Vmm for FirecrackerVmm {
             Ok(()) => Ok(Box::new(inst)),
             Err(e) => {
                 inst.process.kill().await;
-                remove_socket(&spec.control_socket);
+                inst.remove_sockets();
                 Err(e)
             }
         }
@@ -149,6 +172,8 @@ pub struct FirecrackerInstance {
     process: VmmProcess,
     client: FcClient,
     socket: PathBuf,
+    /// The vsock device's Unix socket (host end of the agent channel).
+    agent_socket: Option<PathBuf>,
 }
 
 impl FirecrackerInstance {
@@ -156,20 +181,32 @@ impl FirecrackerInstance {
         let inst = FirecrackerInstance {
             client: FcClient::new(&spec.control_socket, spec.request_timeout),
             socket: spec.control_socket.clone(),
+            agent_socket: spec.agent_socket.clone(),
             process,
         };
-        // Firecracker leaves its socket file behind when it exits; remove it.
-        let socket = inst.socket.clone();
+        // Firecracker leaves its socket files behind when it exits; remove them.
+        let sockets = inst.sockets();
         let rx = inst.process.exit_watch();
         tokio::spawn(async move {
             if agentenv_core::backend::wait_exit(rx, Duration::MAX)
                 .await
                 .is_some()
             {
-                remove_socket(&socket);
+                sockets.iter().for_each(|s| remove_socket(s));
             }
         });
         inst
+    }
+
+    /// The API socket and, when configured, the vsock socket.
+    fn sockets(&self) -> Vec<PathBuf> {
+        std::iter::once(self.socket.clone())
+            .chain(self.agent_socket.clone())
+            .collect()
+    }
+
+    fn remove_sockets(&self) {
+        self.sockets().iter().for_each(|s| remove_socket(s));
     }
 
     async fn boot(&self, spec: &LaunchSpec) -> Result<(), VmmError> {
@@ -264,12 +301,21 @@ impl VmmInstance for FirecrackerInstance {
 
     async fn kill(&self) -> Result<VmmExit, VmmError> {
         let exit = self.process.kill().await;
-        remove_socket(&self.socket);
+        self.remove_sockets();
         Ok(exit)
     }
 
     fn exit_watch(&self) -> watch::Receiver<Option<VmmExit>> {
         self.process.exit_watch()
+    }
+
+    fn agent_channel(&self) -> Option<AgentChannel> {
+        self.agent_socket
+            .as_ref()
+            .map(|socket| AgentChannel::HybridVsock {
+                socket: socket.clone(),
+                port: AGENT_VSOCK_PORT,
+            })
     }
 }
 
@@ -325,7 +371,8 @@ mod tests {
                 "/boot-source",
                 "/drives/rootfs",
                 "/drives/overlay",
-                "/network-interfaces/eth0"
+                "/network-interfaces/eth0",
+                "/vsock"
             ]
         );
         assert_eq!(
@@ -344,6 +391,19 @@ mod tests {
             calls[4].1,
             json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:00:00:00:01"})
         );
+        // Firecracker 1.13's Vsock object, without the deprecated `vsock_id`.
+        assert_eq!(
+            calls[5].1,
+            json!({"guest_cid": 3, "uds_path": "/s/vm/agent.sock"})
+        );
+    }
+
+    #[test]
+    fn no_agent_socket_no_vsock() {
+        let mut s = spec();
+        s.agent_socket = None;
+        assert!(!api_calls(&s).iter().any(|(p, _)| p == "/vsock"));
+        assert!(config_document(&s).get("vsock").is_none());
     }
 
     #[test]
@@ -352,6 +412,10 @@ mod tests {
         assert_eq!(doc["drives"].as_array().unwrap().len(), 2);
         assert_eq!(doc["machine-config"]["vcpu_count"], 2);
         assert_eq!(doc["network-interfaces"][0]["host_dev_name"], "tap0");
+        assert_eq!(
+            doc["vsock"],
+            json!({"guest_cid": 3, "uds_path": "/s/vm/agent.sock"})
+        );
     }
 
     #[test]
