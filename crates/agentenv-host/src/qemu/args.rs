@@ -22,6 +22,13 @@ pub const TCG_CPU: &str = "max";
 /// The id of the guest's network device (its backend and frontend).
 pub const NETDEV_ID: &str = "net0";
 
+/// The id of the agent channel's chardev.
+pub const AGENT_CHARDEV_ID: &str = "agent";
+
+/// The name of the virtio-serial port the guest agent opens
+/// (`/sys/class/virtio-ports/vportNpM/name` in the guest).
+pub const AGENT_PORT_NAME: &str = agentenv_guest::proto::SERIAL_PORT_NAME;
+
 /// QEMU's argument list for `spec`. Under TCG, `tsc_khz` (the host's TSC rate,
 /// see [`super::tsc`]) is handed to the guest kernel as `tsc_early_khz=` unless
 /// the boot args set it already.
@@ -98,6 +105,23 @@ pub fn qemu_args(spec: &LaunchSpec, accel: Accel, tsc_khz: Option<u64>) -> Vec<O
             &netdev,
             "-device".as_ref(),
             device.as_ref(),
+        ]);
+    }
+    if let Some(sock) = &spec.agent_socket {
+        // The agent channel: a virtio-serial port whose host end is a Unix
+        // socket QEMU serves (one client at a time; without `wait=off` QEMU
+        // would block until a client connects).
+        let mut chardev = OsString::from(format!("socket,id={AGENT_CHARDEV_ID},path="));
+        chardev.push(opt_value(sock.as_ref()));
+        chardev.push(",server=on,wait=off");
+        let port = format!("virtserialport,chardev={AGENT_CHARDEV_ID},name={AGENT_PORT_NAME}");
+        push(&[
+            "-device".as_ref(),
+            "virtio-serial-device".as_ref(),
+            "-chardev".as_ref(),
+            &chardev,
+            "-device".as_ref(),
+            port.as_ref(),
         ]);
     }
     let mut qmp = OsString::from("unix:");
@@ -235,6 +259,12 @@ mod tests {
             "tap,id=net0,ifname=ae-tap1,script=no,downscript=no",
             "-device",
             "virtio-net-device,netdev=net0,mac=06:00:0a:00:00:02",
+            "-device",
+            "virtio-serial-device",
+            "-chardev",
+            "socket,id=agent,path=/s/vm1/agent.sock,server=on,wait=off",
+            "-device",
+            "virtserialport,chardev=agent,name=org.agentenv.agent.0",
             "-qmp",
             "unix:/run/vm1.qmp,server=on,wait=off",
         ];
@@ -249,13 +279,14 @@ mod tests {
     }
 
     #[test]
-    fn minimal_spec_has_no_initrd_drives_or_net() {
+    fn minimal_spec_has_no_initrd_drives_net_or_agent() {
         let mut s = spec();
         s.initrd = None;
         s.drives.clear();
         s.net = None;
+        s.agent_socket = None;
         let args = strings(&qemu_args(&s, Accel::Tcg, None));
-        for flag in ["-initrd", "-drive", "-netdev"] {
+        for flag in ["-initrd", "-drive", "-netdev", "-chardev"] {
             assert!(!args.iter().any(|a| a == flag), "{flag} in {args:?}");
         }
         // The only device is the i8042 controller.
@@ -289,8 +320,11 @@ mod tests {
         let mut s = spec();
         s.control_socket = "/run/a,b.qmp".into();
         s.drives[0].path = "/r/x,readonly=off".into();
+        s.agent_socket = Some("/s/a,b/agent.sock".into());
         let args = strings(&qemu_args(&s, Accel::Tcg, None));
         assert!(args.contains(&"unix:/run/a,,b.qmp,server=on,wait=off".to_string()));
+        assert!(args
+            .contains(&"socket,id=agent,path=/s/a,,b/agent.sock,server=on,wait=off".to_string()));
         assert!(args
             .contains(&"id=rootfs,file=/r/x,,readonly=off,format=raw,if=none,readonly=on".into()));
         // Verbatim arguments are left alone.

@@ -4,7 +4,8 @@
 //! Launch: write `qemu.json` (the exact command) into the session directory,
 //! spawn QEMU in its own process group, wait for the QMP socket, negotiate
 //! capabilities and check that the guest runs. Any failure after the spawn kills
-//! and reaps the process and removes the socket before the error is returned.
+//! and reaps the process and removes its sockets (QMP, and the guest agent's
+//! virtio-serial chardev) before the error is returned.
 //!
 //! Under TCG the guest kernel's command line gets `tsc_early_khz=<host TSC rate>`
 //! (see [`tsc`]): without it a busy host makes the Debian cloud kernel hang early
@@ -19,7 +20,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agentenv_api::BackendKind;
-use agentenv_core::backend::{wait_exit, LaunchSpec, Vmm, VmmError, VmmExit, VmmInstance};
+use agentenv_core::backend::{
+    wait_exit, AgentChannel, LaunchSpec, Vmm, VmmError, VmmExit, VmmInstance,
+};
 use async_trait::async_trait;
 use serde_json::Value;
 use tokio::sync::watch;
@@ -106,6 +109,9 @@ impl QemuVmm {
             source,
         })?;
         clear_stale_socket(&spec.control_socket)?;
+        if let Some(agent) = &spec.agent_socket {
+            clear_stale_socket(agent)?;
+        }
         let spawned = Instant::now();
         let process = VmmProcess::spawn(&SpawnSpec {
             binary: self.binary.clone(),
@@ -115,7 +121,7 @@ impl QemuVmm {
         })?;
         let qmp = QmpClient::new(&spec.control_socket, spec.request_timeout);
         match startup(&process, &qmp, spec, spawned).await {
-            Ok(socket_id) => {
+            Ok(ids) => {
                 tracing::info!(
                     vm_id = %spec.vm_id,
                     pid = process.pid(),
@@ -123,12 +129,15 @@ impl QemuVmm {
                     ms = spawned.elapsed().as_millis() as u64,
                     "qemu running, qmp ready"
                 );
-                Ok(QemuInstance::new(process, qmp, spec, socket_id))
+                Ok(QemuInstance::new(process, qmp, spec, ids))
             }
             Err(e) => {
                 let e = explain_exit(e, &process, &spec.console_log).await;
                 process.kill().await;
                 let _ = remove_socket(&spec.control_socket, None);
+                if let Some(agent) = &spec.agent_socket {
+                    let _ = remove_socket(agent, None);
+                }
                 Err(e)
             }
         }
@@ -146,14 +155,34 @@ impl Vmm for QemuVmm {
     }
 }
 
+/// A socket file's identity (device, inode): only the socket this QEMU created
+/// is removed later.
+type SocketId = (u64, u64);
+
+/// The identities of a QEMU's sockets.
+#[derive(Debug, Clone, Copy)]
+struct SocketIds {
+    control: SocketId,
+    agent: Option<SocketId>,
+}
+
+fn socket_id(path: &Path) -> Result<SocketId, VmmError> {
+    std::fs::symlink_metadata(path)
+        .map(|m| (m.dev(), m.ino()))
+        .map_err(|source| VmmError::Io {
+            context: format!("cannot stat {}", path.display()),
+            source,
+        })
+}
+
 /// Waits for the QMP socket, negotiates, and checks the guest runs. Returns the
-/// socket's identity (device, inode) so that only this QEMU's socket is removed later.
+/// identities of the QMP and agent sockets.
 async fn startup(
     process: &VmmProcess,
     qmp: &QmpClient,
     spec: &LaunchSpec,
     spawned: Instant,
-) -> Result<(u64, u64), VmmError> {
+) -> Result<SocketIds, VmmError> {
     wait_for_socket(
         &spec.control_socket,
         process,
@@ -161,12 +190,7 @@ async fn startup(
         spec.startup_timeout,
     )
     .await?;
-    let socket_id = std::fs::symlink_metadata(&spec.control_socket)
-        .map(|m| (m.dev(), m.ino()))
-        .map_err(|source| VmmError::Io {
-            context: format!("cannot stat {}", spec.control_socket.display()),
-            source,
-        })?;
+    let control = socket_id(&spec.control_socket)?;
     // QEMU greets only once its main loop runs: the rest of the startup budget.
     let left = spec
         .startup_timeout
@@ -181,7 +205,12 @@ async fn startup(
             message: format!("guest is {status}, expected running"),
         });
     }
-    Ok(socket_id)
+    // QEMU creates its chardev sockets before its monitor answers.
+    let agent = match &spec.agent_socket {
+        Some(path) => Some(socket_id(path)?),
+        None => None,
+    };
+    Ok(SocketIds { control, agent })
 }
 
 /// A control-socket failure during startup is usually QEMU exiting (a missing
@@ -220,7 +249,7 @@ fn clear_stale_socket(path: &Path) -> Result<(), VmmError> {
 
 /// Removes the socket at `path` when it is a socket and, given `id`, still the one
 /// this QEMU created (a later VMM may already own the path).
-fn remove_socket(path: &Path, id: Option<(u64, u64)>) -> std::io::Result<()> {
+fn remove_socket(path: &Path, id: Option<SocketId>) -> std::io::Result<()> {
     let m = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -246,7 +275,9 @@ pub struct QemuInstance {
     process: VmmProcess,
     qmp: QmpClient,
     socket: PathBuf,
-    socket_id: (u64, u64),
+    /// The agent channel's socket (a virtio-serial chardev QEMU serves).
+    agent_socket: Option<PathBuf>,
+    ids: SocketIds,
 }
 
 impl std::fmt::Debug for QemuInstance {
@@ -259,26 +290,33 @@ impl std::fmt::Debug for QemuInstance {
 }
 
 impl QemuInstance {
-    fn new(
-        process: VmmProcess,
-        qmp: QmpClient,
-        spec: &LaunchSpec,
-        socket_id: (u64, u64),
-    ) -> QemuInstance {
-        // QEMU removes its socket when it exits cleanly, not when killed.
-        let socket = spec.control_socket.clone();
-        let rx = process.exit_watch();
-        tokio::spawn(async move {
-            if wait_exit(rx, Duration::MAX).await.is_some() {
-                let _ = remove_socket(&socket, Some(socket_id));
-            }
-        });
-        QemuInstance {
+    fn new(process: VmmProcess, qmp: QmpClient, spec: &LaunchSpec, ids: SocketIds) -> QemuInstance {
+        let inst = QemuInstance {
             process,
             qmp,
             socket: spec.control_socket.clone(),
-            socket_id,
-        }
+            agent_socket: spec.agent_socket.clone(),
+            ids,
+        };
+        // QEMU removes its sockets when it exits cleanly, not when killed.
+        let sockets = inst.sockets();
+        let rx = inst.process.exit_watch();
+        tokio::spawn(async move {
+            if wait_exit(rx, Duration::MAX).await.is_some() {
+                for (path, id) in sockets {
+                    let _ = remove_socket(&path, Some(id));
+                }
+            }
+        });
+        inst
+    }
+
+    /// The QMP socket and, when there is one, the agent socket, with their identities.
+    fn sockets(&self) -> Vec<(PathBuf, SocketId)> {
+        let agent = self.agent_socket.clone().zip(self.ids.agent);
+        std::iter::once((self.socket.clone(), self.ids.control))
+            .chain(agent)
+            .collect()
     }
 
     /// The QMP socket.
@@ -350,15 +388,21 @@ impl VmmInstance for QemuInstance {
 
     async fn kill(&self) -> Result<VmmExit, VmmError> {
         let exit = self.process.kill().await;
-        remove_socket(&self.socket, Some(self.socket_id)).map_err(|source| VmmError::Io {
-            context: format!("cannot remove {}", self.socket.display()),
-            source,
-        })?;
+        for (path, id) in self.sockets() {
+            remove_socket(&path, Some(id)).map_err(|source| VmmError::Io {
+                context: format!("cannot remove {}", path.display()),
+                source,
+            })?;
+        }
         Ok(exit)
     }
 
     fn exit_watch(&self) -> watch::Receiver<Option<VmmExit>> {
         self.process.exit_watch()
+    }
+
+    fn agent_channel(&self) -> Option<AgentChannel> {
+        self.agent_socket.clone().map(AgentChannel::Stream)
     }
 }
 
