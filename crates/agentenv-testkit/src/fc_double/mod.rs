@@ -29,11 +29,16 @@
 //! - `--boot-console`: after `InstanceStart`, print kernel lines,
 //!   `AGENTENV_READY vm_id=ID`, then `agentenv-heartbeat N` every 200 ms while
 //!   running.
+//! - `--vsock-agent PORT=UNIX_PATH` (repeatable): a program in the "guest"
+//!   listens on vsock port PORT; host-initiated connections to it through the
+//!   vsock device (`CONNECT PORT`) are bridged to the Unix socket UNIX_PATH
+//!   (see `vsock.rs`).
 
 mod console;
 mod http;
 mod model;
 mod vmm;
+mod vsock;
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
@@ -104,6 +109,7 @@ pub(crate) struct Options {
     shutdown_delay_ms: u64,
     ignore_ctrl_alt_del: bool,
     boot_console: bool,
+    vsock_agents: Vec<(u32, PathBuf)>,
     version: bool,
     help: bool,
 }
@@ -143,6 +149,7 @@ const DOUBLE_VALUE_FLAGS: &[&str] = &[
     "hang-on",
     "exit-at-start",
     "shutdown-delay-ms",
+    "vsock-agent",
 ];
 const DOUBLE_SWITCHES: &[&str] = &[
     "no-socket",
@@ -175,6 +182,7 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
         shutdown_delay_ms: 50,
         ignore_ctrl_alt_del: false,
         boot_console: false,
+        vsock_agents: Vec::new(),
         version: false,
         help: false,
     };
@@ -231,6 +239,7 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
             "hang-on" => opts.hang_on.push(RequestMatch::parse(&value)?),
             "exit-at-start" => opts.exit_at_start = Some(parse_number(name, &value)?),
             "shutdown-delay-ms" => opts.shutdown_delay_ms = parse_number(name, &value)?,
+            "vsock-agent" => opts.vsock_agents.push(vsock::parse_agent(&value)?),
             _ => {} // Firecracker options without meaning here.
         }
     }
@@ -275,6 +284,10 @@ fn usage() -> String {
         (
             "--boot-console",
             "print boot lines, AGENTENV_READY and heartbeats",
+        ),
+        (
+            "--vsock-agent PORT=UNIX_PATH",
+            "bridge vsock CONNECT PORT to a Unix socket (repeatable)",
         ),
     ];
     for (flag, what) in own {
@@ -674,9 +687,11 @@ fn run(args: &[String]) -> i32 {
     register_path(&API_SOCK_C, Some(&sock));
     log(&format!("Listening on API socket ({sock:?})."));
 
+    let vsock = Arc::new(vsock::Mux::new(opts.vsock_agents.clone()));
     let shared = Arc::new(Shared {
         opts,
         state: Mutex::new(state),
+        vsock,
     });
     for conn in listener.incoming() {
         match conn {
@@ -725,6 +740,9 @@ mod tests {
             "--shutdown-delay-ms",
             "5",
             "--boot-console",
+            "--vsock-agent",
+            "10789=/tmp/agent.sock",
+            "--vsock-agent=52=/tmp/b",
         ]))
         .unwrap();
         assert_eq!(opts.api_sock, PathBuf::from("/tmp/x.sock"));
@@ -735,6 +753,13 @@ mod tests {
         assert!(!opts.fail_requests[0].matches("PATCH", "/drives/rootfs"));
         assert!(opts.fail_requests[1].matches("PATCH", "/vm"));
         assert_eq!(opts.mmds_size_limit, DEFAULT_PAYLOAD_LIMIT);
+        assert_eq!(
+            opts.vsock_agents,
+            [
+                (10789, PathBuf::from("/tmp/agent.sock")),
+                (52, PathBuf::from("/tmp/b"))
+            ]
+        );
     }
 
     #[test]
@@ -744,6 +769,7 @@ mod tests {
         assert!(parse_args(&args(&["stray"])).is_err());
         assert!(parse_args(&args(&["--fail-request", "PUT"])).is_err());
         assert!(parse_args(&args(&["--exit-at-start", "x"])).is_err());
+        assert!(parse_args(&args(&["--vsock-agent", "/tmp/a"])).is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::de::DeserializeOwned;
@@ -21,6 +21,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::model::*;
+use super::vsock::Mux;
 use super::Options;
 
 /// The Firecracker version the double answers as.
@@ -162,6 +163,8 @@ impl Default for VmmState {
 pub struct Shared {
     pub opts: Options,
     pub state: Mutex<VmmState>,
+    /// The vsock device's host side (serves its socket once the guest runs).
+    pub vsock: Arc<Mux>,
 }
 
 impl Shared {
@@ -464,6 +467,7 @@ fn put_actions(shared: &Shared, body: &[u8]) -> Outcome {
                 ));
             }
             st.phase = Phase::Running;
+            shared.vsock.start();
             Ok(Reply::no_content().then(After::Started))
         }
         ActionType::SendCtrlAltDel => {
@@ -854,21 +858,12 @@ fn vsock_err(e: std::io::Error) -> Reply {
 }
 
 /// Binds the host side of the vsock device, as Firecracker does at
-/// configuration time. Connections to it are accepted and closed at once
-/// (there is no guest to forward them to).
-fn bind_vsock(path: &str) -> std::io::Result<()> {
+/// configuration time; host-initiated connections are served once the guest
+/// runs (see [`super::vsock`]).
+fn bind_vsock(shared: &Shared, path: &str) -> std::io::Result<()> {
     let listener = UnixListener::bind(path)?;
     super::set_vsock_path(Some(Path::new(path)));
-    let spawned = std::thread::Builder::new()
-        .name("fc_vsock".to_string())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                drop(conn);
-            }
-        });
-    if spawned.is_err() {
-        super::log("Cannot start the vsock listener thread.");
-    }
+    super::vsock::serve(listener, Arc::clone(&shared.vsock));
     Ok(())
 }
 
@@ -883,7 +878,7 @@ fn put_vsock(shared: &Shared, body: &[u8]) -> Outcome {
             std::fs::remove_file(&old.uds_path).map_err(vsock_err)?;
             super::set_vsock_path(None);
         }
-        bind_vsock(&cfg.uds_path).map_err(vsock_err)?;
+        bind_vsock(shared, &cfg.uds_path).map_err(vsock_err)?;
         st.vsock = Some(Vsock {
             vsock_id: None,
             ..cfg
@@ -1272,7 +1267,7 @@ fn load_snapshot(shared: &Shared, params: &SnapshotLoad, mem_path: &Path, uffd: 
         }
     }
     if let Some(vsock) = &state.vsock {
-        bind_vsock(&vsock.uds_path).map_err(|e| {
+        bind_vsock(shared, &vsock.uds_path).map_err(|e| {
             fatal(format!(
                 "{build}: Cannot restore devices: Vsock: Error binding to the host-side Unix \
                  socket: {e}"
@@ -1299,6 +1294,7 @@ fn load_snapshot(shared: &Shared, params: &SnapshotLoad, mem_path: &Path, uffd: 
         st.mmds.get_or_insert_with(MmdsStore::new).version = version;
     }
     st.heartbeat = state.heartbeat;
+    shared.vsock.start();
     st.phase = if params.resume_vm {
         Phase::Running
     } else {
