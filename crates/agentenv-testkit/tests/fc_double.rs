@@ -8,6 +8,12 @@
 //! `<artifacts>/kernels/vmlinux`); the Ctrl-Alt-Del power-off additionally
 //! needs a root file system whose init handles it (`AGENTENV_TEST_ROOTFS`).
 //! Tests of the double's failure-injection flags run against the double only.
+//!
+//! The vsock tests check Firecracker's hybrid vsock (host-initiated
+//! `CONNECT <port>\n`). A real Firecracker only serves the vsock socket once
+//! the guest's vsock driver is up, which a guest that does not boot (as on
+//! hosts without usable KVM) never reaches: there, what the tests can check is
+//! that no `OK` ever comes. Guest listeners need the double's `--vsock-agent`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -1437,4 +1443,310 @@ fn logger_and_metrics_write_to_their_files() {
     let line = std::fs::read_to_string(&metrics).unwrap();
     let first: Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
     assert!(first["utc_timestamp_ms"].is_u64());
+}
+
+// ------------------------------------------------------------------ vsock
+
+/// The guest port the agent listens on.
+const AGENT_PORT: u32 = 10789;
+/// The first host side port Firecracker hands out for host-initiated connections.
+const FIRST_HOST_PORT: u32 = 1 << 30;
+
+/// A Unix socket listener that echoes every connection (the "guest program").
+struct Echo {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl Echo {
+    fn start() -> Echo {
+        let dir = tempfile::Builder::new()
+            .prefix("fcd-echo")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                std::thread::spawn(move || {
+                    let mut reader = conn.try_clone().unwrap();
+                    let mut writer = conn;
+                    let _ = std::io::copy(&mut reader, &mut writer);
+                    let _ = writer.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Echo { _dir: dir, path }
+    }
+
+    fn flag(&self, port: u32) -> String {
+        format!("{port}={}", self.path.display())
+    }
+}
+
+/// Connects to the vsock socket and sends `bytes` (a `CONNECT` line, maybe more).
+fn vsock_connect(uds: &Path, bytes: &[u8]) -> UnixStream {
+    let mut s = UnixStream::connect(uds).unwrap_or_else(|e| panic!("{}: {e}", uds.display()));
+    s.write_all(bytes).unwrap();
+    s
+}
+
+/// Reads one line byte by byte (so nothing after it is consumed).
+fn read_line_raw(s: &mut UnixStream, timeout: Duration) -> std::io::Result<String> {
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        match s.read(&mut byte)? {
+            0 => break,
+            _ => line.push(byte[0]),
+        }
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// The host side port of an `OK <port>\n` line.
+fn ok_port(line: &str) -> u32 {
+    line.strip_prefix("OK ")
+        .and_then(|l| l.strip_suffix('\n'))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("not an OK line: {line:?}"))
+}
+
+/// When to stop waiting for the answers to vsock connections made now: the
+/// double closes them at once; a real Firecracker whose guest never brought
+/// up its vsock driver leaves them waiting, so there only silence is checked.
+fn silence_deadline(target: &Target) -> Instant {
+    Instant::now()
+        + if target.is_double() {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_secs(2)
+        }
+}
+
+/// Checks that the connection got no answer by `deadline` (see [`silence_deadline`]).
+fn assert_closed_without_reply(target: &Target, s: &mut UnixStream, deadline: Instant, what: &str) {
+    let wait = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(10));
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        // Closed; a reset when bytes behind the line were never read.
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Ok(n) => panic!(
+            "{what}: expected no reply, got {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(e)
+            if !target.is_double()
+                && matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+        {
+            eprintln!(
+                "{what}: no reply from the real Firecracker (its guest's vsock driver is not \
+                 up, so the connection waits)"
+            );
+        }
+        Err(e) => panic!("{what}: expected the connection closed, got {e}"),
+    }
+}
+
+/// Echoes `data` through an established connection.
+fn assert_echo(s: &mut UnixStream, data: &[u8]) {
+    s.write_all(data).unwrap();
+    let mut back = vec![0u8; data.len()];
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(back, data);
+}
+
+#[test]
+fn vsock_connect_is_bridged_to_a_guest_listener() {
+    for target in targets() {
+        if !target.is_double() {
+            eprintln!(
+                "skipping the real Firecracker: a guest listener needs a booted guest (the \
+                 double's --vsock-agent stands in for one)"
+            );
+            continue;
+        }
+        let echo = Echo::start();
+        let flag = echo.flag(AGENT_PORT);
+        let vmm = Vmm::start(&target, &["--vsock-agent", &flag]);
+        vmm.configure();
+        let uds = vmm.path("v.sock");
+        vmm.ok(
+            vmm.put("/vsock", json!({"guest_cid": 3, "uds_path": uds})),
+            "PUT /vsock",
+        );
+
+        // Before the guest runs, a connection waits (in the listen backlog).
+        let mut early = vsock_connect(&uds, b"CONNECT 10789\n");
+        let r = read_line_raw(&mut early, Duration::from_millis(300));
+        assert!(
+            matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "{r:?}"
+        );
+        vmm.ok(vmm.action("InstanceStart"), "InstanceStart");
+        let line = read_line_raw(&mut early, Duration::from_secs(5)).unwrap();
+        let first = ok_port(&line);
+        assert_eq!(first, FIRST_HOST_PORT, "{line:?}");
+        assert_echo(&mut early, b"hello through the vsock");
+
+        // Bytes right behind the CONNECT line belong to the stream; the
+        // keyword is case-insensitive; host ports are handed out in order.
+        let mut second = vsock_connect(&uds, b"connect 10789\nping");
+        let line = read_line_raw(&mut second, Duration::from_secs(5)).unwrap();
+        assert_eq!(ok_port(&line), first + 1);
+        let mut ping = [0u8; 4];
+        second.read_exact(&mut ping).unwrap();
+        assert_eq!(&ping, b"ping");
+
+        // Large transfers in both directions at once.
+        let blob: Vec<u8> = (0..4 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+        let mut writer = second.try_clone().unwrap();
+        let sent = blob.clone();
+        let t = std::thread::spawn(move || writer.write_all(&sent).unwrap());
+        let mut back = vec![0u8; blob.len()];
+        second.read_exact(&mut back).unwrap();
+        t.join().unwrap();
+        assert!(back == blob, "the echo differs");
+
+        // The host closing its side reaches the guest, whose close comes back.
+        second.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        second.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+
+        // Paused: connections are still served (Firecracker queues them).
+        vmm.ok(vmm.patch("/vm", json!({"state": "Paused"})), "pause");
+        let mut third = vsock_connect(&uds, b"CONNECT 10789\n");
+        let line = read_line_raw(&mut third, Duration::from_secs(5)).unwrap();
+        assert!(ok_port(&line) > first);
+        vmm.ok(vmm.patch("/vm", json!({"state": "Resumed"})), "resume");
+        assert_echo(&mut third, b"after resume");
+        assert_echo(&mut early, b"the first one still works");
+    }
+}
+
+#[test]
+fn vsock_connect_without_a_guest_listener_is_closed() {
+    for target in bootable_targets() {
+        // Port 52: the double's "guest listener" there is a socket nobody serves.
+        let flags: Vec<String> = if target.is_double() {
+            vec!["--vsock-agent".into(), "52=/nonexistent/agent.sock".into()]
+        } else {
+            vec![]
+        };
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let vmm = Vmm::start(&target, &flags);
+        vmm.configure();
+        let uds = vmm.path("v.sock");
+        vmm.ok(
+            vmm.put("/vsock", json!({"guest_cid": 3, "uds_path": uds})),
+            "PUT /vsock",
+        );
+        vmm.ok(vmm.action("InstanceStart"), "InstanceStart");
+        let deadline = silence_deadline(&target);
+        let mut conns = vec![(
+            "no listener on 10789",
+            vsock_connect(&uds, b"CONNECT 10789\n"),
+        )];
+        if target.is_double() {
+            conns.push((
+                "a listener that is gone",
+                vsock_connect(&uds, b"CONNECT 52\n"),
+            ));
+        }
+        for (what, mut conn) in conns {
+            assert_closed_without_reply(&target, &mut conn, deadline, what);
+        }
+        assert!(uds.exists(), "the vsock socket stays");
+    }
+}
+
+#[test]
+fn vsock_malformed_connect_lines_are_closed() {
+    for target in bootable_targets() {
+        let echo = Echo::start();
+        let flag = echo.flag(AGENT_PORT);
+        let flags: Vec<&str> = if target.is_double() {
+            vec!["--vsock-agent", &flag]
+        } else {
+            vec![]
+        };
+        let vmm = Vmm::start(&target, &flags);
+        vmm.configure();
+        let uds = vmm.path("v.sock");
+        vmm.ok(
+            vmm.put("/vsock", json!({"guest_cid": 3, "uds_path": uds})),
+            "PUT /vsock",
+        );
+        vmm.ok(vmm.action("InstanceStart"), "InstanceStart");
+        let lines: [&[u8]; 6] = [
+            b"BOGUS 10789\n",
+            b"CONNECT\n",
+            b"CONNECT port\n",
+            b"CONNECT -10789\n",
+            b"CONNECT 99999999999\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        ];
+        // All sent first, so a real Firecracker's silence is waited for once.
+        let deadline = silence_deadline(&target);
+        let conns: Vec<(String, UnixStream)> = lines
+            .iter()
+            .map(|l| {
+                (
+                    format!("{:?}", String::from_utf8_lossy(l)),
+                    vsock_connect(&uds, l),
+                )
+            })
+            .collect();
+        for (what, mut conn) in conns {
+            assert_closed_without_reply(&target, &mut conn, deadline, &what);
+        }
+        if target.is_double() {
+            // A good line still works afterwards.
+            let mut good = vsock_connect(&uds, b"CONNECT 10789\n");
+            let line = read_line_raw(&mut good, Duration::from_secs(5)).unwrap();
+            ok_port(&line);
+            assert_echo(&mut good, b"ok");
+        }
+    }
+}
+
+#[test]
+fn vsock_is_configured_before_boot_only() {
+    for target in bootable_targets() {
+        let vmm = Vmm::start(&target, &[]);
+        vmm.configure();
+        let uds = vmm.path("v.sock");
+        // `vsock_id` is deprecated: accepted, and the answer says so.
+        let r = vmm.put(
+            "/vsock",
+            json!({"vsock_id": "agent", "guest_cid": 3, "uds_path": uds}),
+        );
+        assert_eq!(r.status, 204, "{}", r.body);
+        assert_eq!(r.header("Deprecation"), Some("true"));
+        let r = vmm.put("/vsock", json!({"guest_cid": 3, "uds_path": uds}));
+        assert_eq!(r.status, 204, "{}", r.body);
+        assert_eq!(r.header("Deprecation"), None);
+        vmm.ok(vmm.action("InstanceStart"), "InstanceStart");
+
+        let other = vmm.path("v2.sock");
+        let r = vmm.put("/vsock", json!({"guest_cid": 4, "uds_path": other}));
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert_eq!(r.fault(), POST_BOOT);
+        assert!(!other.exists(), "a refused vsock binds nothing");
+        assert!(uds.exists(), "the configured vsock socket stays");
+        let cfg = vmm.get("/vm/config").json();
+        assert_eq!(cfg["vsock"]["guest_cid"], 3);
+        assert_eq!(cfg["vsock"]["uds_path"], json!(uds));
+    }
 }
