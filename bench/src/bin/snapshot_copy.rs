@@ -301,6 +301,7 @@ fn new_snapshot(id: &str, source: &Path) -> NewSnapshot {
         rootfs_id: None,
         backend: BackendKind::Firecracker,
         source: source.to_path_buf(),
+        fs_frozen: false,
     }
 }
 

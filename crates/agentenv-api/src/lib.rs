@@ -4,6 +4,8 @@
 //! daemon, the CLI and the OpenAPI document agree by construction. This crate has
 //! no runtime: no tokio, no axum, no I/O.
 
+pub mod base64;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -139,6 +141,13 @@ pub struct CreateVmRequest {
     /// Host directories copied into ext4 images and mounted in the guest.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shares: Vec<ShareSpec>,
+    /// Answer only once the guest agent answers (`ready`), so the VM is usable at once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wait_ready: bool,
+    /// Seconds `wait_ready` waits (default: config `agent.ready_timeout_s`). On
+    /// timeout the answer is 504 and the VM stays, running, for inspection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_ready_timeout_s: Option<u64>,
 }
 
 /// A host directory shared with the guest as an extra disk.
@@ -300,6 +309,119 @@ pub struct VmInfo {
     /// Notes about how the request was applied (e.g. an ignored field).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// The guest agent answers: exec and file calls work.
+    #[serde(default)]
+    pub ready: bool,
+    /// The guest agent, once it has answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentInfo>,
+}
+
+/// The guest agent of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AgentInfo {
+    /// Its name and version, e.g. `agentenv-guest 0.1.0`.
+    pub version: String,
+    /// The protocol version it speaks.
+    pub protocol: u32,
+    /// When it first answered (for this VMM process).
+    pub ready_at: DateTime<Utc>,
+}
+
+/// `POST /v1/vm/{vm_id}/exec` body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments (the program is looked up in the guest's `PATH`).
+    pub cmd: Vec<String>,
+    /// Extra environment variables.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Working directory in the guest (default `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Text fed to the command's stdin (at most 48 KiB; else stdin is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Like `stdin`, base64-encoded, for binary input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin_base64: Option<String>,
+    /// Seconds after which the command's process group is killed (default: config
+    /// `agent.default_exec_timeout_s`). Fractions allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<f64>,
+    /// Answer with `application/x-ndjson`: one [`ExecEvent`] per line as output comes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+}
+
+/// `POST /v1/vm/{vm_id}/exec` answer (non-streaming).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExecResult {
+    /// Exit status, when the command exited.
+    pub exit_code: Option<i32>,
+    /// Signal that ended it, when one did.
+    pub signal: Option<i32>,
+    /// Its stdout (invalid UTF-8 replaced), at most `agent.max_output_bytes`.
+    pub stdout: String,
+    /// Its stderr, likewise.
+    pub stderr: String,
+    /// Either output went past the cap.
+    pub truncated: bool,
+    /// The timeout killed it.
+    pub timed_out: bool,
+    /// Wall time in the guest.
+    pub duration_ms: u64,
+    /// Bytes written to stdout (kept or not).
+    pub stdout_bytes: u64,
+    /// Bytes written to stderr (kept or not).
+    pub stderr_bytes: u64,
+}
+
+/// One line of a streaming exec answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecEvent {
+    /// The command started.
+    Started {
+        /// Its pid in the guest.
+        pid: u32,
+    },
+    /// Output on stdout.
+    Stdout {
+        /// The bytes, base64.
+        data: String,
+    },
+    /// Output on stderr.
+    Stderr {
+        /// The bytes, base64.
+        data: String,
+    },
+    /// The command ended; the last line.
+    Exit {
+        /// Exit status, when it exited.
+        exit_code: Option<i32>,
+        /// Signal that ended it, when one did.
+        signal: Option<i32>,
+        /// The timeout killed it.
+        timed_out: bool,
+        /// Wall time in the guest.
+        duration_ms: u64,
+    },
+    /// The exec failed after it started (e.g. the agent connection broke); the last line.
+    Error {
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// `PUT /v1/vm/{vm_id}/files` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FileWritten {
+    /// The guest path written.
+    pub path: String,
+    /// Bytes written.
+    pub bytes: u64,
 }
 
 /// `GET /v1/vm` response.
@@ -400,6 +522,10 @@ pub struct SnapshotInfo {
     pub created_at: DateTime<Utc>,
     /// When it was copied to the durable tier.
     pub persisted_at: Option<DateTime<Utc>>,
+    /// The guest's file systems were frozen by its agent for the copy (else the VM
+    /// was only paused: consistent like a power cut).
+    #[serde(default)]
+    pub fs_frozen: bool,
 }
 
 /// `GET /v1/snapshots` response.

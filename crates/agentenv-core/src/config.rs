@@ -89,6 +89,37 @@ pub struct Config {
     pub on_shutdown: OnShutdown,
     /// Automatic networking.
     pub network: NetworkConfig,
+    /// The guest agent.
+    pub agent: AgentConfig,
+}
+
+/// The `[agent]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Give VMs an agent channel and connect to the agent.
+    pub enable: bool,
+    /// Bytes of stdout and of stderr a non-streaming exec returns (the rest is dropped
+    /// and the result says `truncated`).
+    pub max_output_bytes: u64,
+    /// Seconds `wait_ready` waits when the request names no timeout.
+    pub ready_timeout_s: u64,
+    /// Milliseconds one connection attempt (with the handshake) may take.
+    pub connect_timeout_ms: u64,
+    /// Seconds an exec may run when the request names no timeout.
+    pub default_exec_timeout_s: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            enable: true,
+            max_output_bytes: 1024 * 1024,
+            ready_timeout_s: 120,
+            connect_timeout_ms: 2000,
+            default_exec_timeout_s: 600,
+        }
+    }
 }
 
 /// The `[network]` table.
@@ -149,6 +180,7 @@ impl Default for Config {
             max_memory_mib: None,
             on_shutdown: OnShutdown::Stop,
             network: NetworkConfig::default(),
+            agent: AgentConfig::default(),
         }
     }
 }
@@ -249,6 +281,24 @@ impl Config {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
             }
+        }
+        if self.agent.max_output_bytes > 64 * 1024 * 1024 {
+            return Err(invalid(
+                "agent.max_output_bytes",
+                "must be at most 67108864 (64 MiB)",
+            ));
+        }
+        if self.agent.ready_timeout_s == 0 || self.agent.ready_timeout_s > 3600 {
+            return Err(invalid("agent.ready_timeout_s", "must be 1 to 3600"));
+        }
+        if !(10..=60_000).contains(&self.agent.connect_timeout_ms) {
+            return Err(invalid("agent.connect_timeout_ms", "must be 10 to 60000"));
+        }
+        if self.agent.default_exec_timeout_s == 0 || self.agent.default_exec_timeout_s > 86_400 {
+            return Err(invalid(
+                "agent.default_exec_timeout_s",
+                "must be 1 to 86400",
+            ));
         }
         if self.console_log_max_bytes < 4096 {
             return Err(invalid("console_log_max_bytes", "must be at least 4096"));

@@ -79,6 +79,15 @@ pub enum EngineError {
     /// Host networking failed.
     #[error("network: {0}")]
     Network(String),
+    /// The guest agent cannot be reached (not started yet, or its connection broke).
+    #[error("{0}")]
+    AgentUnavailable(String),
+    /// The guest failed to carry out a request (an I/O error inside the VM).
+    #[error("{0}")]
+    Guest(String),
+    /// Something did not finish in time.
+    #[error("{0}")]
+    Timeout(String),
     /// An injected failure (tests only).
     #[error("injected failure at {0}")]
     Injected(&'static str),

@@ -20,6 +20,8 @@ pub struct NewSnapshot {
     pub backend: BackendKind,
     /// The VM's writable disk (the VM is paused while this is read).
     pub source: PathBuf,
+    /// The guest's file systems are frozen by its agent during the copy.
+    pub fs_frozen: bool,
 }
 
 /// Why a snapshot operation failed. The daemon maps each to one status.

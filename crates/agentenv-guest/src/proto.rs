@@ -191,14 +191,14 @@ impl Frame {
 
     /// The credit carried by a window frame.
     pub fn window_bytes(&self) -> Result<u32, ProtoError> {
-        let b: [u8; 4] = self
-            .payload
-            .as_slice()
-            .try_into()
-            .map_err(|_| ProtoError::BadMessage {
-                kind: self.kind,
-                message: format!("window payload is {} bytes, not 4", self.payload.len()),
-            })?;
+        let b: [u8; 4] =
+            self.payload
+                .as_slice()
+                .try_into()
+                .map_err(|_| ProtoError::BadMessage {
+                    kind: self.kind,
+                    message: format!("window payload is {} bytes, not 4", self.payload.len()),
+                })?;
         Ok(u32::from_be_bytes(b))
     }
 
@@ -243,11 +243,9 @@ pub enum ProtoError {
 impl std::fmt::Display for ProtoError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ProtoError::BadLength(n) => write!(
-                f,
-                "bad frame length {n} (must be 5..={})",
-                MAX_PAYLOAD + 5
-            ),
+            ProtoError::BadLength(n) => {
+                write!(f, "bad frame length {n} (must be 5..={})", MAX_PAYLOAD + 5)
+            }
             ProtoError::UnknownKind(k) => write!(f, "unknown frame kind 0x{k:02x}"),
             ProtoError::Truncated => f.write_str("the stream ended inside a frame"),
             ProtoError::BadMessage { kind, message } => {

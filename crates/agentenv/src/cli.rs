@@ -1,7 +1,8 @@
 //! The CLI: a typed client of the API. Tables for people, `--json` for scripts.
 
 use agentenv_api::{
-    CreateSnapshotRequest, CreateVmRequest, DiskSpec, ErrorBody, NetworkSpec,
+    CreateSnapshotRequest, CreateVmRequest, DiskSpec, ErrorBody, ExecEvent, ExecRequest,
+    FileWritten, NetworkSpec,
     PersistSnapshotRequest, ShareSpec, SnapshotInfo, SnapshotList, VmInfo, VmList,
 };
 use anyhow::{anyhow, Context};
@@ -57,6 +58,12 @@ pub enum VmCommand {
         /// The VM's id.
         vm_id: String,
     },
+    /// Run a command in a VM through its guest agent, streaming its output;
+    /// exits with the command's exit status (128+N for signal N, 124 on timeout).
+    Exec(ExecArgs),
+    /// Copy a file into or out of a VM: `cp LOCAL VM:/PATH` or `cp VM:/PATH LOCAL`
+    /// (`-` is stdin/stdout).
+    Cp(CpArgs),
     /// Snapshot a VM's writable disk (a running VM is paused for the copy).
     Snapshot {
         /// The VM's id.
@@ -65,6 +72,55 @@ pub enum VmCommand {
         #[arg(long = "id")]
         snapshot_id: Option<String>,
     },
+}
+
+/// `agentenv vm exec` options.
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// The VM's id.
+    pub vm_id: String,
+    /// Environment variable for the command, NAME=VALUE (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Working directory in the guest.
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Seconds after which the command is killed.
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Send this process's stdin to the command (at most 48 KiB).
+    #[arg(long, short = 'i')]
+    pub stdin: bool,
+    /// The command and its arguments (after `--`).
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub cmd: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
+}
+
+/// `agentenv vm cp` options.
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// Source: a local path, `-`, or VM:/PATH.
+    pub src: String,
+    /// Destination: a local path, `-`, or VM:/PATH.
+    pub dst: String,
+    /// Permission bits of an uploaded file, in octal (default: the local file's).
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// Create missing parent directories in the guest.
+    #[arg(long, short = 'p')]
+    pub parents: bool,
+}
+
+/// `VM:/PATH` split, when `s` names a guest path.
+fn guest_side(s: &str) -> Option<(&str, &str)> {
+    let (vm, path) = s.split_once(':')?;
+    (!vm.is_empty() && !vm.contains('/') && path.starts_with('/')).then_some((vm, path))
 }
 
 /// `agentenv snapshot …`
@@ -130,6 +186,12 @@ pub struct CreateArgs {
     /// Share a host directory: HOST_DIR:GUEST_PATH[:ro|rw] (read-only by default; repeatable).
     #[arg(long = "share", value_parser = parse_share)]
     pub shares: Vec<ShareSpec>,
+    /// Return only once the guest agent answers (the VM is then `ready`).
+    #[arg(long)]
+    pub wait_ready: bool,
+    /// Seconds --wait-ready waits (default: the daemon's `agent.ready_timeout_s`).
+    #[arg(long, requires = "wait_ready")]
+    pub ready_timeout: Option<u64>,
 }
 
 fn parse_share(s: &str) -> Result<ShareSpec, String> {
@@ -180,6 +242,8 @@ impl CreateArgs {
             initrd: self.initrd,
             boot_args: self.boot_args,
             shares: self.shares,
+            wait_ready: self.wait_ready,
+            wait_ready_timeout_s: self.ready_timeout,
         })
     }
 }
@@ -199,6 +263,91 @@ impl Client {
                 .timeout(std::time::Duration::from_secs(120))
                 .build(),
         }
+    }
+
+    /// An agent without an overall timeout, for streams (exec output, files).
+    fn streaming(&self) -> ureq::Agent {
+        ureq::AgentBuilder::new()
+            .timeout_connect(std::time::Duration::from_secs(10))
+            .build()
+    }
+
+    fn fail(&self, url: &str, e: ureq::Error) -> anyhow::Error {
+        match e {
+            ureq::Error::Status(code, resp) => {
+                let text = resp.into_string().unwrap_or_default();
+                let msg = serde_json::from_str::<ErrorBody>(&text)
+                    .map(|e| e.error)
+                    .unwrap_or(text);
+                anyhow!("{msg} (HTTP {code})")
+            }
+            e => anyhow!("cannot reach the agentenv daemon at {} ({url}): {e}", self.base),
+        }
+    }
+
+    /// `POST /v1/vm/{id}/exec` with `stream: true`: calls `on_event` for each
+    /// event as it arrives.
+    pub fn exec_stream(
+        &self,
+        id: &str,
+        req: &ExecRequest,
+        mut on_event: impl FnMut(ExecEvent) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        use std::io::BufRead;
+        let url = format!("{}/v1/vm/{id}/exec", self.base);
+        let resp = self
+            .streaming()
+            .post(&url)
+            .send_json(req)
+            .map_err(|e| self.fail(&url, e))?;
+        let reader = std::io::BufReader::new(resp.into_reader());
+        for line in reader.lines() {
+            let line = line.with_context(|| format!("reading the output of {url}"))?;
+            if line.is_empty() {
+                continue;
+            }
+            let ev: ExecEvent = serde_json::from_str(&line)
+                .with_context(|| format!("bad event from {url}: {line}"))?;
+            on_event(ev)?;
+        }
+        Ok(())
+    }
+
+    /// `PUT /v1/vm/{id}/files`: streams `body` into the guest file `path`.
+    pub fn upload(
+        &self,
+        id: &str,
+        path: &str,
+        mode: Option<u32>,
+        make_parents: bool,
+        body: impl std::io::Read,
+    ) -> anyhow::Result<FileWritten> {
+        let url = format!("{}/v1/vm/{id}/files", self.base);
+        let mut req = self.streaming().put(&url).query("path", path);
+        if let Some(m) = mode {
+            req = req.query("mode", &format!("{m:o}"));
+        }
+        if make_parents {
+            req = req.query("make_parents", "true");
+        }
+        let resp = req
+            .set("content-type", "application/octet-stream")
+            .send(body)
+            .map_err(|e| self.fail(&url, e))?;
+        resp.into_json()
+            .with_context(|| format!("bad response from {url}"))
+    }
+
+    /// `GET /v1/vm/{id}/files`: the guest file `path` as a stream.
+    pub fn download(&self, id: &str, path: &str) -> anyhow::Result<Box<dyn std::io::Read + Send>> {
+        let url = format!("{}/v1/vm/{id}/files", self.base);
+        let resp = self
+            .streaming()
+            .get(&url)
+            .query("path", path)
+            .call()
+            .map_err(|e| self.fail(&url, e))?;
+        Ok(Box::new(resp.into_reader()))
     }
 
     fn call<T: DeserializeOwned>(
@@ -322,6 +471,151 @@ pub fn run_vm(opts: &ClientOpts, cmd: VmCommand) -> anyhow::Result<()> {
         VmCommand::Snapshot { vm_id, snapshot_id } => {
             print_snapshot(&mut out, opts, &c.snapshot(&vm_id, snapshot_id)?)
         }
+        VmCommand::Exec(args) => {
+            drop(out);
+            let code = run_exec(&c, args)?;
+            std::process::exit(code);
+        }
+        VmCommand::Cp(args) => run_cp(&c, opts, &mut out, args),
+    }
+}
+
+/// `vm exec`: streams the command's output to ours and returns its exit status.
+fn run_exec(c: &Client, args: ExecArgs) -> anyhow::Result<i32> {
+    use std::io::{Read, Write};
+    let stdin = if args.stdin {
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .context("reading stdin")?;
+        Some(agentenv_api::base64::encode(&buf))
+    } else {
+        None
+    };
+    let req = ExecRequest {
+        cmd: args.cmd,
+        env: args.env.into_iter().collect(),
+        cwd: args.cwd,
+        stdin: None,
+        stdin_base64: stdin,
+        timeout_s: args.timeout,
+        stream: true,
+    };
+    let mut code = None;
+    let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
+    c.exec_stream(&args.vm_id, &req, |ev| {
+        match ev {
+            ExecEvent::Started { .. } => {}
+            ExecEvent::Stdout { data } | ExecEvent::Stderr { data } if data.is_empty() => {}
+            ExecEvent::Stdout { data } => {
+                let b = agentenv_api::base64::decode(&data).ok_or_else(|| anyhow!("bad base64 output"))?;
+                let mut o = stdout.lock();
+                o.write_all(&b)?;
+                o.flush()?;
+            }
+            ExecEvent::Stderr { data } => {
+                let b = agentenv_api::base64::decode(&data).ok_or_else(|| anyhow!("bad base64 output"))?;
+                let mut e = stderr.lock();
+                e.write_all(&b)?;
+                e.flush()?;
+            }
+            ExecEvent::Exit {
+                exit_code,
+                signal,
+                timed_out,
+                ..
+            } => {
+                code = Some(if timed_out {
+                    eprintln!("agentenv: the command timed out and was killed");
+                    124
+                } else {
+                    match (exit_code, signal) {
+                        (Some(c), _) => c,
+                        (None, Some(s)) => 128 + s,
+                        (None, None) => 1,
+                    }
+                });
+            }
+            ExecEvent::Error { error } => return Err(anyhow!("{error}")),
+        }
+        Ok(())
+    })?;
+    code.ok_or_else(|| anyhow!("the output ended without the command's exit status"))
+}
+
+/// `vm cp`: one side local, the other `VM:/PATH`.
+fn run_cp(
+    c: &Client,
+    opts: &ClientOpts,
+    out: &mut impl std::io::Write,
+    args: CpArgs,
+) -> anyhow::Result<()> {
+    let mode = match &args.mode {
+        Some(m) => Some(
+            u32::from_str_radix(m, 8).map_err(|_| anyhow!("--mode {m:?} is not an octal number"))?,
+        ),
+        None => None,
+    };
+    match (guest_side(&args.src), guest_side(&args.dst)) {
+        (None, Some((vm, path))) => {
+            let (reader, local_mode): (Box<dyn std::io::Read>, Option<u32>) = if args.src == "-" {
+                (Box::new(std::io::stdin()), None)
+            } else {
+                let f = std::fs::File::open(&args.src)
+                    .with_context(|| format!("cannot open {}", args.src))?;
+                use std::os::unix::fs::PermissionsExt;
+                let m = f.metadata().map(|m| m.permissions().mode() & 0o7777).ok();
+                (Box::new(f), m)
+            };
+            let done = c.upload(vm, path, mode.or(local_mode), args.parents, reader)?;
+            if opts.json {
+                print_json(out, &done)
+            } else {
+                writeln!(out, "wrote {} bytes to {vm}:{}", done.bytes, done.path).map_err(Into::into)
+            }
+        }
+        (Some((vm, path)), None) => {
+            if args.mode.is_some() || args.parents {
+                return Err(anyhow!("--mode and --parents apply to uploads only"));
+            }
+            let mut body = c.download(vm, path)?;
+            if args.dst == "-" {
+                std::io::copy(&mut body, &mut std::io::stdout().lock())
+                    .context("writing to stdout")?;
+                return Ok(());
+            }
+            // Written beside the target and renamed, so a failed copy leaves nothing.
+            let dst = std::path::Path::new(&args.dst);
+            let dst = if dst.is_dir() {
+                dst.join(path.rsplit('/').next().unwrap_or("file"))
+            } else {
+                dst.to_path_buf()
+            };
+            let tmp = dst.with_file_name(format!(
+                ".{}.agentenv-cp",
+                dst.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+            ));
+            let copy = (|| -> anyhow::Result<u64> {
+                let mut f = std::fs::File::create(&tmp)
+                    .with_context(|| format!("cannot create {}", tmp.display()))?;
+                let n = std::io::copy(&mut body, &mut f)
+                    .with_context(|| format!("copying {vm}:{path}"))?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &dst)
+                    .with_context(|| format!("cannot rename into {}", dst.display()))?;
+                Ok(n)
+            })();
+            let n = copy.inspect_err(|_| {
+                let _ = std::fs::remove_file(&tmp);
+            })?;
+            if opts.json {
+                print_json(out, &serde_json::json!({"path": dst, "bytes": n}))
+            } else {
+                writeln!(out, "wrote {n} bytes to {}", dst.display()).map_err(Into::into)
+            }
+        }
+        (Some(_), Some(_)) => Err(anyhow!("copy between two VMs is not supported; go through the host")),
+        (None, None) => Err(anyhow!("one side must be VM:/ABSOLUTE_PATH")),
     }
 }
 
@@ -499,6 +793,14 @@ pub fn write_details(out: &mut impl std::io::Write, v: &VmInfo) -> anyhow::Resul
     let mut rows = vec![
         ("vm_id", v.vm_id.clone()),
         ("state", v.state.to_string()),
+        ("ready", v.ready.to_string()),
+        (
+            "agent",
+            v.agent
+                .as_ref()
+                .map(|a| a.version.clone())
+                .unwrap_or_else(|| "-".into()),
+        ),
         ("backend", v.backend.to_string()),
         ("vcpus", v.vcpus.to_string()),
         ("memory_mib", v.memory_mib.to_string()),

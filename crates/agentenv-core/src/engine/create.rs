@@ -73,7 +73,16 @@ impl Engine {
         match result {
             Ok(inst) => {
                 slot.set_instance(Some(inst.clone()));
-                self.spawn_exit_monitor(plan.info.vm_id.clone(), inst);
+                self.spawn_exit_monitor(plan.info.vm_id.clone(), inst.clone());
+                self.spawn_agent_watch(plan.info.vm_id.clone(), inst);
+                if req.wait_ready {
+                    let timeout = req
+                        .wait_ready_timeout_s
+                        .unwrap_or(self.cfg.agent.ready_timeout_s);
+                    return self
+                        .wait_ready(&plan.info.vm_id, Duration::from_secs(timeout))
+                        .await;
+                }
                 Ok(slot.info())
             }
             Err(e) => {
@@ -88,6 +97,26 @@ impl Engine {
         let cfg = &self.cfg;
         validate_id("vm_id", &req.vm_id)?;
         let vm_id = req.vm_id.clone();
+        if req.wait_ready && !cfg.agent.enable {
+            return Err(EngineError::bad(
+                "wait_ready",
+                "wait_ready needs the guest agent, which is disabled (agent.enable = false)",
+            ));
+        }
+        if let Some(t) = req.wait_ready_timeout_s {
+            if !req.wait_ready {
+                return Err(EngineError::bad(
+                    "wait_ready_timeout_s",
+                    "wait_ready_timeout_s is given without wait_ready: true",
+                ));
+            }
+            if t == 0 || t > 3600 {
+                return Err(EngineError::bad(
+                    "wait_ready_timeout_s",
+                    format!("wait_ready_timeout_s must be 1 to 3600, got {t}"),
+                ));
+            }
+        }
         let slots = req.slots.unwrap_or(cfg.default_slots);
         if slots == 0 || slots > MAX_SLOTS {
             return Err(EngineError::bad(
@@ -186,6 +215,8 @@ impl Engine {
             updated_at: now,
             exit: None,
             warnings,
+            ready: false,
+            agent: None,
         };
         let launch = LaunchSpec {
             vm_id,
@@ -200,7 +231,7 @@ impl Engine {
             boot_args,
             drives,
             net,
-            agent_socket: Some(agent_socket),
+            agent_socket: cfg.agent.enable.then_some(agent_socket),
             startup_timeout: Duration::from_millis(cfg.startup_timeout_ms),
             request_timeout: Duration::from_millis(cfg.request_timeout_ms),
         };

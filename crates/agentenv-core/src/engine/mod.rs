@@ -6,6 +6,7 @@
 //! plain mutex around its record for quick reads (`GET` never waits for an
 //! operation to finish).
 
+mod agent;
 mod create;
 mod lifecycle;
 mod snapshot;
@@ -64,6 +65,10 @@ struct VmSlot {
     instance: Mutex<Option<Arc<dyn VmmInstance>>>,
     /// The network lease, while the VM holds one.
     net: Mutex<Option<NetLease>>,
+    /// The guest agent connection, while the agent answers.
+    agent: Mutex<Option<agentenv_guest::client::AgentClient>>,
+    /// True while the agent answers (for waiters).
+    ready: tokio::sync::watch::Sender<bool>,
 }
 
 impl VmSlot {
@@ -74,7 +79,17 @@ impl VmSlot {
             info: Mutex::new(info),
             instance: Mutex::new(None),
             net: Mutex::new(net),
+            agent: Mutex::new(None),
+            ready: tokio::sync::watch::channel(false).0,
         })
+    }
+
+    fn agent(&self) -> Option<agentenv_guest::client::AgentClient> {
+        self.agent.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_agent(&self, a: Option<agentenv_guest::client::AgentClient>) {
+        *self.agent.lock().unwrap_or_else(|p| p.into_inner()) = a;
     }
 
     fn lease(&self) -> Option<NetLease> {
@@ -272,6 +287,8 @@ impl Engine {
             }
             let mut info = record.vm;
             let mut lease = record.net;
+            // Readiness is a live connection, never carried over.
+            info.ready = false;
             if info.vm_id != name {
                 tracing::warn!("skipping session {name}: record names vm {}", info.vm_id);
                 continue;
@@ -415,6 +432,11 @@ impl Engine {
             (None, None) => (VmState::Failed, format!("vmm {exit} unexpectedly")),
         };
         slot.set_instance(None);
+        if let Some(a) = slot.agent() {
+            a.shutdown();
+        }
+        slot.set_agent(None);
+        slot.ready.send_replace(false);
         self.release_network(slot).await;
         let info = slot.update(|info| {
             let _ = self.host.remove_file(Path::new(&info.api_socket));
@@ -426,6 +448,7 @@ impl Engine {
                 }
             }
             info.pid = None;
+            info.ready = false;
             info.updated_at = Utc::now();
             info.exit = Some(ExitInfo {
                 exit_code: exit.code,

@@ -74,8 +74,27 @@ impl Engine {
         let inst = self.live_instance(&slot)?;
         let info = slot.info();
         self.set_state(&slot, VmState::Snapshotting)?;
+        // With an agent, the guest's file systems are frozen first (a paused
+        // guest cannot freeze), so the copy holds no half-written metadata.
+        let frozen = if was == VmState::Running {
+            self.freeze_for_snapshot(&slot).await
+        } else {
+            None
+        };
+        let thaw = |frozen: Option<agentenv_guest::client::AgentClient>| async move {
+            if let Some(agent) = frozen {
+                // Bounded: a guest left paused cannot answer; its agent thaws
+                // by itself once it runs again and no thaw has come.
+                match tokio::time::timeout(std::time::Duration::from_secs(5), agent.thaw()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::error!("vm {vm_id}: thaw after snapshot failed: {e}"),
+                    Err(_) => tracing::error!("vm {vm_id}: thaw after snapshot timed out"),
+                }
+            }
+        };
         if was == VmState::Running {
             if let Err(source) = inst.pause().await {
+                thaw(frozen).await;
                 let _ = self.set_state(&slot, was);
                 return Err(EngineError::Vmm {
                     vm_id: vm_id.into(),
@@ -93,6 +112,7 @@ impl Engine {
                     rootfs_id: info.disk.rootfs_id.clone(),
                     backend: info.backend,
                     source: disk,
+                    fs_frozen: frozen.is_some(),
                 })
                 .await
                 .map_err(EngineError::from),
@@ -105,6 +125,7 @@ impl Engine {
                 back = VmState::Paused;
             }
         }
+        thaw(frozen).await;
         self.set_state(&slot, back)?;
         result
     }

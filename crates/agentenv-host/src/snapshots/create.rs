@@ -188,6 +188,7 @@ fn fill(
         sha256,
         created_at: Utc::now(),
         persisted_at,
+        fs_frozen: new.fs_frozen,
     };
     match inner.write_meta(partial, &meta) {
         Ok(()) => {}

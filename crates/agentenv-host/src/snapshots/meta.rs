@@ -45,6 +45,9 @@ pub struct SnapshotMeta {
     pub created_at: DateTime<Utc>,
     /// When it reached the durable tier.
     pub persisted_at: Option<DateTime<Utc>>,
+    /// The guest agent froze the file systems for the copy.
+    #[serde(default)]
+    pub fs_frozen: bool,
 }
 
 /// Why a `meta.json` was not loaded.
@@ -85,6 +88,7 @@ impl SnapshotMeta {
             sha256: self.sha256.clone(),
             created_at: self.created_at,
             persisted_at: self.persisted_at,
+            fs_frozen: self.fs_frozen,
         }
     }
 
@@ -144,6 +148,7 @@ mod tests {
             sha256: "ab".repeat(32),
             created_at: "2025-01-02T03:04:05Z".parse().unwrap(),
             persisted_at: None,
+            fs_frozen: false,
         }
     }
 

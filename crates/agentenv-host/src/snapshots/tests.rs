@@ -73,6 +73,7 @@ impl Fixture {
             rootfs_id: Some("base.ext4".into()),
             backend: BackendKind::Firecracker,
             source: self.source(),
+            fs_frozen: false,
         }
     }
 

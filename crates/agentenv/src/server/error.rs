@@ -61,6 +61,9 @@ pub fn status_of(e: &EngineError) -> StatusCode {
             SnapshotError::NoSpace { .. } => StatusCode::INSUFFICIENT_STORAGE,
             SnapshotError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         },
+        EngineError::AgentUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        EngineError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        EngineError::Guest(_) => StatusCode::BAD_GATEWAY,
         EngineError::Host(_) | EngineError::Network(_) | EngineError::Injected(_) => {
             StatusCode::INTERNAL_SERVER_ERROR
         }
@@ -128,6 +131,9 @@ mod tests {
                 },
                 502,
             ),
+            (EngineError::AgentUnavailable("x".into()), 503),
+            (EngineError::Timeout("x".into()), 504),
+            (EngineError::Guest("x".into()), 502),
             (EngineError::Injected("x"), 500),
         ];
         for (e, code) in cases {

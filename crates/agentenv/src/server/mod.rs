@@ -1,6 +1,7 @@
 //! The HTTP API: routes that translate HTTP to engine calls and back. Handlers
 //! parse, call the engine, map the result — no state checks, no OS calls.
 
+mod agent;
 pub mod error;
 pub mod json;
 pub mod openapi;
@@ -33,6 +34,11 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/vm/{vm_id}/resume", post(vm::resume))
         .route("/v1/vm/{vm_id}/shutdown", post(vm::shutdown))
         .route("/v1/vm/{vm_id}/snapshot", post(snapshots::create))
+        .route("/v1/vm/{vm_id}/exec", post(agent::exec))
+        .route(
+            "/v1/vm/{vm_id}/files",
+            get(agent::get_file).put(agent::put_file),
+        )
         .route("/v1/snapshots", get(snapshots::list))
         .route(
             "/v1/snapshots/{snapshot_id}",

@@ -27,6 +27,9 @@ use utoipa::OpenApi;
         super::snapshots::show,
         super::snapshots::persist,
         super::snapshots::delete,
+        super::agent::exec,
+        super::agent::put_file,
+        super::agent::get_file,
     ),
     components(schemas(
         api::CreateVmRequest,
@@ -48,6 +51,11 @@ use utoipa::OpenApi;
         api::SnapshotList,
         api::SnapshotTier,
         api::SnapshotStatus,
+        api::AgentInfo,
+        api::ExecRequest,
+        api::ExecResult,
+        api::ExecEvent,
+        api::FileWritten,
     ))
 )]
 pub struct ApiDoc;
