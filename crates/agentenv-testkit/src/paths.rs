@@ -13,28 +13,32 @@ pub fn workspace_root() -> PathBuf {
 
 /// The `fc-double` binary, built on first use when another package's tests need it.
 pub fn fc_double() -> PathBuf {
+    workspace_bin("agentenv-testkit", "fc-double")
+}
+
+/// The guest agent binary `agentenv-guest` (a host build, for tests that run the
+/// agent outside a VM, behind the Firecracker double's vsock).
+pub fn guest_agent() -> PathBuf {
+    workspace_bin("agentenv-guest", "agentenv-guest")
+}
+
+/// A binary of this workspace next to the running test, built on first use.
+fn workspace_bin(package: &str, name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/<profile>/fc-double
+    // target/<profile>/deps/<test> → target/<profile>/<name>
     let dir = exe
         .parent()
         .and_then(|d| d.parent())
         .expect("test binaries live in target/<profile>/deps");
-    let bin = dir.join("fc-double");
+    let bin = dir.join(name);
     if !bin.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = std::process::Command::new(cargo)
-            .args([
-                "build",
-                "-q",
-                "-p",
-                "agentenv-testkit",
-                "--bin",
-                "fc-double",
-            ])
+            .args(["build", "-q", "-p", package, "--bin", name])
             .current_dir(workspace_root())
             .status()
             .expect("cargo runs");
-        assert!(status.success(), "building fc-double failed");
+        assert!(status.success(), "building {name} failed");
     }
     assert!(bin.exists(), "{} missing", bin.display());
     bin
