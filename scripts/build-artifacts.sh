@@ -10,7 +10,8 @@ Usage: $PROG [--output DIR] [--force] [--rootfs-size-mib N] [--timings FILE]
 
 Builds into DIR (default: $AGENTENV_REPO/artifacts):
   kernels/vmlinuz, kernels/vmlinux, initramfs/initrd.img    scripts/build-kernel.sh
-  rootfs/minimal.ext4                                       scripts/create-rootfs.sh --flavor minimal
+  agentenv-guest (the guest agent, static)                  scripts/build-guest-agent.sh
+  rootfs/minimal.ext4 (with that agent)                     scripts/create-rootfs.sh --flavor minimal
 and prints how long each took. Up-to-date artifacts are kept (each script checks);
 --force rebuilds them.
 
@@ -63,8 +64,9 @@ timed() {
 
 total_start=$(date +%s.%N)
 timed kernel+initramfs "$here/build-kernel.sh" --output "$output" ${force[@]+"${force[@]}"}
+timed guest-agent "$here/build-guest-agent.sh" --out "$output/agentenv-guest" ${force[@]+"${force[@]}"}
 timed rootfs-minimal "$here/create-rootfs.sh" --flavor minimal --size-mib "$size" \
-    --output "$output/rootfs/minimal.ext4" ${force[@]+"${force[@]}"}
+    --agent "$output/agentenv-guest" --output "$output/rootfs/minimal.ext4" ${force[@]+"${force[@]}"}
 total=$(elapsed_since "$total_start")
 
 echo "==> build times"
@@ -73,7 +75,7 @@ for i in "${!names[@]}"; do
 done
 printf '    %-18s %6s s\n' total "$total"
 echo "==> artifacts in $output:"
-for f in kernels/vmlinuz kernels/vmlinux initramfs/initrd.img rootfs/minimal.ext4; do
+for f in kernels/vmlinuz kernels/vmlinux initramfs/initrd.img agentenv-guest rootfs/minimal.ext4; do
     printf '    %-22s %s\n' "$f" "$(du -h --apparent-size "$output/$f" | cut -f1)"
 done
 

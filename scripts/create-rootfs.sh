@@ -7,12 +7,13 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
 usage() {
     cat <<EOF
-Usage: $PROG --output IMG --size-mib N [--flavor minimal|debian] [--dockerfile FILE] [--force]
+Usage: $PROG --output IMG --size-mib N [--flavor minimal|debian] [--dockerfile FILE]
+       [--agent FILE] [--force]
 
 Builds the ext4 image IMG of N MiB. Every image carries /sbin/overlay-init (the program the
-agentenv initramfs starts; it stacks the overlay disk over the read-only image and runs
-/sbin/init) and /sbin/agentenv-boot (hostname, network, AGENTENV_READY, heartbeat); see
-docs/guest-contract.md.
+agentenv initramfs starts; it stacks the overlay disk over the read-only image, starts the
+guest agent and runs /sbin/init), /sbin/agentenv-boot (hostname, network, AGENTENV_READY,
+heartbeat) and the guest agent /usr/sbin/agentenv-guest; see docs/guest-contract.md.
 
 Flavors:
   minimal   busybox (busybox-static) with busybox init; builds in seconds; what the tests use.
@@ -33,6 +34,10 @@ Options:
                         else http://deb.debian.org/debian)
   --include PKGS        debian: extra packages, comma-separated
   --ssh-key FILE        debian/dockerfile: install FILE as /root/.ssh/authorized_keys
+  --agent FILE          the guest agent to install as /usr/sbin/agentenv-guest, a static
+                        executable (default $default_agent;
+                        built with scripts/build-guest-agent.sh when missing; run that
+                        script, or build-artifacts.sh, to refresh it)
   --force               rebuild even when IMG is up to date
   -h, --help            show this help
 
@@ -41,9 +46,12 @@ Environment:
                         ~/.cache/agentenv): build stamps, debootstrap's package cache
 
 Needs: e2fsprogs (mkfs.ext4 >= 1.43 for -d); minimal: busybox-static, fakeroot when not
-root; debian: debootstrap; dockerfile: docker with a running engine.
+root; debian: debootstrap; dockerfile: docker with a running engine; without --agent and
+without the default agent: a Rust toolchain (see scripts/build-guest-agent.sh).
 EOF
 }
+
+default_agent="$AGENTENV_REPO/artifacts/agentenv-guest"
 
 output=""
 size_mib=""
@@ -54,6 +62,7 @@ suite=bookworm
 mirror=""
 include=""
 ssh_key=""
+agent=""
 force=0
 orig_args=("$@")
 
@@ -78,6 +87,8 @@ while [ $# -gt 0 ]; do
         --include=*) include=${1#*=}; shift ;;
         --ssh-key) need_value "$1" $#; ssh_key=$2; shift 2 ;;
         --ssh-key=*) ssh_key=${1#*=}; shift ;;
+        --agent) need_value "$1" $#; agent=$2; shift 2 ;;
+        --agent=*) agent=${1#*=}; [ -n "$agent" ] || usage_error "--agent needs a value"; shift ;;
         --force) force=1; shift ;;
         *) usage_error "unknown argument '$1'" ;;
     esac
@@ -109,8 +120,28 @@ if [ -n "$ssh_key" ]; then
 fi
 [[ $suite =~ ^[a-z]+$ ]] || usage_error "--suite must be a Debian release name such as bookworm, got '$suite'"
 [[ -z $include || $include =~ ^[a-z0-9.+,-]+$ ]] || usage_error "--include must be comma-separated package names, got '$include'"
+if [ -n "$agent" ]; then
+    [ -f "$agent" ] || usage_error "--agent: no such file '$agent' (scripts/build-guest-agent.sh --out FILE builds one)"
+fi
 
 need_cmd mkfs.ext4 e2fsprogs
+
+# The guest agent: the default one is built when missing (before a fakeroot re-run, which
+# then finds it).
+if [ -z "$agent" ]; then
+    agent=$default_agent
+    if [ ! -f "$agent" ]; then
+        step "building the guest agent (no $agent)"
+        "$AGENTENV_REPO/scripts/build-guest-agent.sh" --out "$agent" 2>&1 | sed 's/^/    /' \
+            || die "building the guest agent failed (output above); or pass --agent FILE"
+        step_end
+    fi
+fi
+[ "$(head -c 4 "$agent" | od -An -tx1 | tr -d ' \n')" = 7f454c46 ] \
+    || die "--agent: $agent is not an executable (not an ELF file)"
+is_static_elf "$agent" \
+    || die "--agent: $agent is not statically linked (scripts/build-guest-agent.sh builds a static one)"
+agent=$(abspath "$agent")
 
 # Files in the image must be owned by root: without root, redo the whole run under fakeroot.
 if [ "$(id -u)" != 0 ]; then
@@ -142,6 +173,7 @@ inputs=$( {
         dockerfile) sha256 "$dockerfile" ;;
     esac
     [ -z "$ssh_key" ] || sha256 "$ssh_key"
+    sha256 "$agent"
 } | sha256sum | cut -d' ' -f1)
 if [ "$force" = 0 ] && stamp_matches "$stamp" "$inputs" "$output"; then
     echo "==> up to date: $output (--force rebuilds)"
@@ -160,7 +192,7 @@ mkdir -p "$root"
 # install_agentenv_files ROOT: what every image carries, whatever its flavor.
 install_agentenv_files() {
     local r=$1
-    mkdir -p "$r/sbin" "$r/etc/agentenv"
+    mkdir -p "$r/sbin" "$r/usr/sbin" "$r/etc/agentenv"
     for d in dev proc sys run tmp mnt root; do
         mkdir -p "$r/$d"
     done
@@ -168,6 +200,7 @@ install_agentenv_files() {
     chmod 0700 "$r/root"
     install -m 0755 "$res/overlay-init" "$r/sbin/overlay-init"
     install -m 0755 "$res/agentenv-boot" "$r/sbin/agentenv-boot"
+    install -m 0755 "$agent" "$r/usr/sbin/agentenv-guest"
     echo "flavor=$flavor inputs=$inputs" >"$r/etc/agentenv/build-info"
 }
 
