@@ -1,9 +1,11 @@
 //! The shell scripts in `scripts/`, run for real: their `--help`, argument errors that name
 //! the argument, `setup-runtime.sh` on a temporary config, `setup-remote-host.sh
 //! --print-unit`/`--dry-run`, `get-firecracker.sh` without network (and from a cached
-//! release), and builds of the minimal rootfs and of the kernel artifacts.
+//! release), the static guest agent build, and builds of the minimal rootfs (with the agent)
+//! and of the kernel artifacts.
 //!
-//! Nothing here needs root. Tests that need tools which may be missing (mkfs.ext4, debugfs,
+//! Nothing here needs root. The guest agent is built in `target/guest` (shared with
+//! `scripts/build-guest-agent.sh` runs outside the tests), so only the first build is slow. Tests that need tools which may be missing (mkfs.ext4, debugfs,
 //! busybox-static, a cached kernel package) print why they skip. Every script runs with a
 //! timeout, in its own process group, which is killed if the timeout passes.
 
@@ -194,7 +196,20 @@ fn help_names_every_option() {
                 "--mirror",
                 "--include",
                 "--ssh-key",
+                "--agent",
+                "/usr/sbin/agentenv-guest",
                 "--force",
+            ],
+        ),
+        (
+            "build-guest-agent.sh",
+            &[
+                "--out",
+                "--force",
+                "crt-static",
+                "target/guest",
+                "x86_64-unknown-linux-gnu",
+                "CARGO",
             ],
         ),
         (
@@ -243,7 +258,13 @@ fn help_names_every_option() {
         ),
         (
             "build-artifacts.sh",
-            &["--output", "--force", "--rootfs-size-mib", "--timings"],
+            &[
+                "--output",
+                "--force",
+                "--rootfs-size-mib",
+                "--timings",
+                "agentenv-guest",
+            ],
         ),
         (
             "verify-guest.py",
@@ -401,6 +422,31 @@ fn bad_arguments_are_named() {
             ],
             "--ssh-key",
         ),
+        (
+            "create-rootfs.sh",
+            &[
+                "--output",
+                "x.ext4",
+                "--size-mib",
+                "64",
+                "--agent",
+                "/nonexistent/agentenv-guest",
+            ],
+            "--agent",
+        ),
+        (
+            "create-rootfs.sh",
+            &["--output", "x.ext4", "--size-mib", "64", "--agent"],
+            "--agent needs a value",
+        ),
+        ("build-guest-agent.sh", &["--bogus"], "--bogus"),
+        ("build-guest-agent.sh", &["--out"], "--out needs a value"),
+        (
+            "build-guest-agent.sh",
+            &["--out", "/nonexistent/dir/agentenv-guest"],
+            "--out",
+        ),
+        ("build-guest-agent.sh", &["--out", "/tmp"], "--out"),
         ("get-firecracker.sh", &["--output", "fc"], "--version"),
         ("get-firecracker.sh", &["--version", "1.13.1"], "--output"),
         (
@@ -870,6 +916,8 @@ fn dockerfile_without_a_docker_engine_is_refused_clearly() {
     }
     let dir = tempdir();
     let img = dir.path().join("x.ext4");
+    // An explicit agent, so that the repository's default one is neither needed nor built.
+    let agent = build_guest_agent(dir.path());
     let ran = Run::new(
         "create-rootfs.sh",
         &[
@@ -879,6 +927,8 @@ fn dockerfile_without_a_docker_engine_is_refused_clearly() {
             "64",
             "--dockerfile",
             "resources/rootfs/Dockerfile",
+            "--agent",
+            agent.to_str().unwrap(),
         ],
     )
     .env("AGENTENV_CACHE", dir.path().join("cache"))
@@ -924,13 +974,110 @@ fn debugfs(image: &Path, request: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// What an ELF file's header says: (x86-64, has a program interpreter).
+fn elf_facts(bytes: &[u8]) -> (bool, bool) {
+    assert!(bytes.len() > 64, "too short for an ELF file");
+    assert_eq!(&bytes[..4], b"\x7fELF", "not an ELF file");
+    assert_eq!(bytes[4], 2, "not a 64-bit ELF file");
+    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]);
+    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
+    let x86_64 = u16_at(0x12) == 0x3e;
+    let (phoff, phentsize, phnum) = (u64_at(0x20) as usize, u16_at(0x36), u16_at(0x38));
+    // PT_INTERP (3): the binary needs a dynamic loader.
+    let interp = (0..phnum as usize).any(|i| {
+        let at = phoff + i * phentsize as usize;
+        u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) == 3
+    });
+    (x86_64, interp)
+}
+
+/// Builds the guest agent with `scripts/build-guest-agent.sh` into `dir`.
+fn build_guest_agent(dir: &Path) -> PathBuf {
+    let out = dir.join("agentenv-guest");
+    // The first build compiles the agent's dependencies; later ones reuse target/guest.
+    let ran = Run::new("build-guest-agent.sh", &["--out", out.to_str().unwrap()])
+        .timeout(900)
+        .run();
+    assert_eq!(ran.code, Some(0), "{}", ran.describe());
+    out
+}
+
 #[test]
-fn minimal_rootfs_carries_overlay_init() {
+fn guest_agent_builds_static_and_is_kept_when_up_to_date() {
+    let dir = tempdir();
+    let agent = build_guest_agent(dir.path());
+    let bytes = fs::read(&agent).unwrap();
+    let (x86_64, interp) = elf_facts(&bytes);
+    assert!(x86_64, "the agent is not an x86-64 executable");
+    assert!(!interp, "the agent is dynamically linked (has PT_INTERP)");
+    let mode = fs::metadata(&agent).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o755, "mode {mode:o}");
+    let built = repo().join("target/guest/x86_64-unknown-linux-gnu/release/agentenv-guest");
+    assert_eq!(fs::read(&built).unwrap(), bytes, "installed copy differs");
+
+    let again = Run::new("build-guest-agent.sh", &["--out", agent.to_str().unwrap()])
+        .timeout(300)
+        .run();
+    assert_eq!(again.code, Some(0), "{}", again.describe());
+    assert!(again.stdout.contains("up to date"), "{}", again.describe());
+    let forced = Run::new(
+        "build-guest-agent.sh",
+        &["--out", agent.to_str().unwrap(), "--force"],
+    )
+    .timeout(300)
+    .run();
+    assert_eq!(forced.code, Some(0), "{}", forced.describe());
+    assert!(forced.stdout.contains("==> done"), "{}", forced.describe());
+}
+
+#[test]
+fn create_rootfs_refuses_an_agent_that_is_not_static() {
     if let Some(why) = minimal_rootfs_blocker() {
         eprintln!("skipped: {why}");
         return;
     }
     let dir = tempdir();
+    let img = dir.path().join("x.ext4");
+    let text = dir.path().join("agent.txt");
+    fs::write(&text, "#!/bin/sh\necho not an agent\n").unwrap();
+    // A dynamically linked executable from the host.
+    let dynamic = ["/bin/ls", "/usr/bin/ls", "/bin/true"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file() && elf_facts(&fs::read(p).unwrap()).1);
+    let mut cases = vec![(text, "not an ELF file")];
+    if let Some(d) = dynamic {
+        cases.push((d, "not statically linked"));
+    }
+    for (agent, why) in cases {
+        let ran = Run::new(
+            "create-rootfs.sh",
+            &[
+                "--output",
+                img.to_str().unwrap(),
+                "--size-mib",
+                "32",
+                "--agent",
+                agent.to_str().unwrap(),
+            ],
+        )
+        .env("AGENTENV_CACHE", dir.path().join("cache"))
+        .run();
+        assert_eq!(ran.code, Some(1), "{}", ran.describe());
+        assert!(ran.stderr.contains("--agent"), "{}", ran.describe());
+        assert!(ran.stderr.contains(why), "{}", ran.describe());
+        assert!(!img.exists());
+    }
+}
+
+#[test]
+fn minimal_rootfs_carries_overlay_init_and_the_agent() {
+    if let Some(why) = minimal_rootfs_blocker() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = tempdir();
+    let agent = build_guest_agent(dir.path());
     let img = dir.path().join("minimal.ext4");
     let cache = dir.path().join("cache");
     let args = [
@@ -940,6 +1087,8 @@ fn minimal_rootfs_carries_overlay_init() {
         "32",
         "--flavor",
         "minimal",
+        "--agent",
+        agent.to_str().unwrap(),
     ];
     let ran = Run::new("create-rootfs.sh", &args)
         .env("AGENTENV_CACHE", &cache)
@@ -968,6 +1117,33 @@ fn minimal_rootfs_carries_overlay_init() {
         overlay_init,
         fs::read_to_string(repo().join("resources/rootfs/overlay-init")).unwrap(),
         "the image's overlay-init differs from resources/rootfs/overlay-init"
+    );
+    assert!(
+        overlay_init.contains("agentenv.agent=")
+            && overlay_init.contains("/usr/sbin/agentenv-guest; sleep 1; done"),
+        "overlay-init does not start the agent"
+    );
+
+    // The agent: root's, 0755, byte for byte the one given.
+    let stat = debugfs(&img, "stat /usr/sbin/agentenv-guest");
+    assert!(
+        stat.contains("Type: regular"),
+        "/usr/sbin/agentenv-guest: {stat}"
+    );
+    assert!(stat.contains("Mode:  0755"), "agent mode: {stat}");
+    assert!(
+        stat.contains("User:     0   Group:     0"),
+        "agent owner: {stat}"
+    );
+    let dumped = dir.path().join("dumped-agent");
+    debugfs(
+        &img,
+        &format!("dump /usr/sbin/agentenv-guest {}", dumped.display()),
+    );
+    assert!(
+        fs::read(&dumped).unwrap() == fs::read(&agent).unwrap(),
+        "the image's agent differs from {}",
+        agent.display()
     );
     for (path, needle) in [
         ("/etc/inittab", "::ctrlaltdel:"),
@@ -1003,11 +1179,37 @@ fn minimal_rootfs_carries_overlay_init() {
     assert_eq!(again.code, Some(0), "{}", again.describe());
     assert!(again.stdout.contains("up to date"), "{}", again.describe());
 
+    // Another agent is another image.
+    let other = dir.path().join("other-agent");
+    let mut bytes = fs::read(&agent).unwrap();
+    bytes.extend_from_slice(b"trailing bytes");
+    fs::write(&other, &bytes).unwrap();
+    fs::set_permissions(&other, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut other_args = args;
+    other_args[7] = other.to_str().unwrap();
+    let rebuilt = Run::new("create-rootfs.sh", &other_args)
+        .env("AGENTENV_CACHE", &cache)
+        .timeout(180)
+        .run();
+    assert_eq!(rebuilt.code, Some(0), "{}", rebuilt.describe());
+    assert!(
+        !rebuilt.stdout.contains("up to date"),
+        "{}",
+        rebuilt.describe()
+    );
+
     // Too small an image is refused with the size it needs.
     let small = dir.path().join("small.ext4");
     let ran = Run::new(
         "create-rootfs.sh",
-        &["--output", small.to_str().unwrap(), "--size-mib", "8"],
+        &[
+            "--output",
+            small.to_str().unwrap(),
+            "--size-mib",
+            "8",
+            "--agent",
+            agent.to_str().unwrap(),
+        ],
     )
     .env("AGENTENV_CACHE", &cache)
     .run();
