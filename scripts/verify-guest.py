@@ -3,11 +3,13 @@
 checks the guest contract (docs/guest-contract.md) end to end.
 
 Scenarios (all by default; pick some with --only):
-  overlay     read-only base + overlay disk + two host shares (ro, rw): AGENTENV_READY,
+  overlay     read-only base + overlay disk + two host shares (ro, rw): the guest agent is
+              started (when the image has one), AGENTENV_READY,
               heartbeats, QMP stop/cont stops/resumes them, a file written in the guest lands
               in the overlay's upper/ and the base image is unchanged, the shares are mounted
               with the right mode, QMP system_powerdown ends QEMU with status 0, disks clean
-  direct      read-write root, no overlay: boots, a written file lands in the image,
+  direct      read-write root, no overlay, agentenv.agent=0 (no agent started): boots, a
+              written file lands in the image,
               Ctrl-Alt-Del ends QEMU with 0 (QMP send-key when --qemu-arg i8042 gives microvm
               a keyboard controller, else SIGINT to init, what the key press becomes)
   poweroff    `poweroff` typed in the guest ends QEMU with 0 and leaves the disk clean
@@ -255,6 +257,9 @@ def scenario_overlay(args, work, c):
         c.check(ready is not None, f"AGENTENV_READY vm_id=t1 ({ready:.2f} s after QEMU start)" if ready else "AGENTENV_READY")
         if ready is None:
             return
+        if vm.wait_for("no guest agent in this image", 0) is None:
+            c.check(vm.wait_for("guest agent /usr/sbin/agentenv-guest started", 0) is not None,
+                    "overlay-init started the guest agent")
         t = vm.wait_for("agentenv-heartbeat 5", 10)
         c.check(t is not None, f"heartbeats (5th at {t:.2f} s)" if t else "heartbeats")
         time.sleep(1)
@@ -311,7 +316,7 @@ def scenario_overlay(args, work, c):
 def scenario_direct(args, work, c):
     disk = os.path.join(work, "direct.ext4")
     shutil.copyfile(args.rootfs, disk)
-    append = f"{BOOT_ARGS} agentenv.vm_id=d1 agentenv.root=/dev/vda"
+    append = f"{BOOT_ARGS} agentenv.vm_id=d1 agentenv.root=/dev/vda agentenv.agent=0"
     vm = Qemu(args, work, "direct", append, [(disk, False)], print)
     try:
         ready = vm.wait_for("AGENTENV_READY vm_id=d1", args.timeout)
@@ -319,6 +324,8 @@ def scenario_direct(args, work, c):
         if ready is None:
             return
         c.check(vm.count("agentenv-heartbeat") == 0, "no heartbeats without agentenv.heartbeat=1")
+        c.check(vm.count("guest agent not started (agentenv.agent=0)") == 1
+                and vm.count("agentenv-guest") == 0, "agentenv.agent=0: no guest agent started")
         login(vm)
         mark = vm.mark()
         vm.type("echo direct-test > /root/direct.txt; sync; echo WRITE-$((40+2))\n")
