@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # The Debian packages agentenv's quickstart, tests and CI need. Sourced by
 # scripts/quickstart.sh and .ci/run, so the list lives in one place.
 # shellcheck disable=SC2034
