@@ -1,0 +1,140 @@
+//! The agent: transports ([`transport`]) feed sessions ([`session`]), which
+//! start requests: commands ([`exec`]), file transfers ([`files`]) and
+//! file-system freezes ([`freeze`]). Everything runs on std threads; the
+//! guest → host direction goes through one writer thread per session ([`out`]).
+
+pub mod exec;
+pub mod files;
+pub mod freeze;
+pub mod out;
+pub mod session;
+pub mod sys;
+pub mod transport;
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use agentenv_guest::proto::{SERIAL_PORT_NAME, VSOCK_PORT};
+
+/// The agent's name and version, as `HelloOk` reports it.
+pub const AGENT: &str = concat!("agentenv-guest ", env!("CARGO_PKG_VERSION"));
+
+/// How often the agent looks for its devices while they are missing.
+const DEVICE_POLL: Duration = Duration::from_millis(200);
+
+/// Once one transport is up, how long (from start) the agent still looks for the other.
+const LATE_DEVICES: Duration = Duration::from_secs(5);
+
+/// Settings from the command line.
+#[derive(Debug, Default)]
+pub struct Config {
+    /// Freeze only file systems mounted under this directory (tests).
+    pub freeze_only_under: Option<PathBuf>,
+}
+
+/// Locks a mutex; a thread that panicked while holding it does not take the
+/// agent down with it.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Starts a worker thread (small stack: workers keep their buffers on the heap).
+pub fn spawn<F: FnOnce() + Send + 'static>(name: &str, f: F) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .stack_size(256 * 1024)
+        .spawn(f)
+        .map(drop)
+}
+
+/// Starts a session or listener thread (it parses JSON: a larger stack).
+pub fn spawn_session<F: FnOnce() + Send + 'static>(f: F) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("session".to_string())
+        .stack_size(1024 * 1024)
+        .spawn(f)
+        .map(drop)
+}
+
+/// Guest mode: serves the vsock port and the virtio-serial port, whichever
+/// exist, waiting for them to appear (modules may load late).
+pub fn run_guest(cfg: Config) -> ! {
+    let cfg = Arc::new(cfg);
+    let start = Instant::now();
+    let (mut vsock, mut serial) = (false, false);
+    let (mut vsock_error_shown, mut waiting_shown) = (false, false);
+    loop {
+        let mut now = Vec::new();
+        if !vsock {
+            match transport_vsock(&cfg) {
+                Ok(()) => {
+                    vsock = true;
+                    now.push(format!("vsock port {VSOCK_PORT}"));
+                }
+                // No vsock support (yet): not worth a line.
+                Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
+                Err(e) => {
+                    if !vsock_error_shown {
+                        eprintln!("agentenv-guest: vsock port {VSOCK_PORT}: {e}");
+                        vsock_error_shown = true;
+                    }
+                }
+            }
+        }
+        if !serial {
+            if let Some(dev) = transport::find_serial_port() {
+                let (dev2, cfg2) = (dev.clone(), cfg.clone());
+                match spawn_session(move || transport::run_serial(&dev2, &cfg2)) {
+                    Ok(()) => {
+                        serial = true;
+                        now.push(format!("{} ({SERIAL_PORT_NAME})", dev.display()));
+                    }
+                    Err(e) => eprintln!(
+                        "agentenv-guest: {}: cannot start a thread: {e}",
+                        dev.display()
+                    ),
+                }
+            }
+        }
+        if !now.is_empty() {
+            eprintln!("{AGENT}: listening on {}", now.join(" and "));
+        }
+        let up = vsock || serial;
+        if (vsock && serial) || (up && start.elapsed() >= LATE_DEVICES) {
+            break;
+        }
+        if !up && !waiting_shown && start.elapsed() >= LATE_DEVICES {
+            eprintln!(
+                "{AGENT}: no vsock and no virtio-serial port named {SERIAL_PORT_NAME} yet; still looking"
+            );
+            waiting_shown = true;
+        }
+        std::thread::sleep(DEVICE_POLL);
+    }
+    loop {
+        std::thread::park();
+    }
+}
+
+fn transport_vsock(cfg: &Arc<Config>) -> io::Result<()> {
+    let listener: OwnedFd = sys::vsock_listen(VSOCK_PORT)?;
+    let cfg = cfg.clone();
+    spawn_session(move || transport::run_vsock(&listener, &cfg))
+}
+
+/// Test mode: serves connections on the Unix socket `path`.
+pub fn run_unix(path: &Path, cfg: Config) -> io::Result<()> {
+    // A socket left by an earlier run is replaced; anything else is not.
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    eprintln!("{AGENT}: listening on unix socket {}", path.display());
+    transport::run_unix(&listener, &Arc::new(cfg));
+    Ok(())
+}
