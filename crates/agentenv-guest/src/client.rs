@@ -140,6 +140,9 @@ fn nonce() -> [u8; NONCE_LEN] {
     out
 }
 
+/// How often an unanswered hello is sent again.
+const HELLO_RESEND: Duration = Duration::from_millis(300);
+
 /// Most bytes skipped while looking for the agent's `HelloOk`.
 const MAX_RESYNC_BYTES: usize = 8 << 20;
 
@@ -210,10 +213,18 @@ impl AgentClient {
                     "no hello answer in the first {MAX_RESYNC_BYTES} bytes"
                 )));
             }
-            let n = rd
-                .read(&mut chunk)
-                .await
-                .map_err(|e| AgentError::Connect(format!("reading hello answer: {e}")))?;
+            // A serial port drops what arrives before the guest opens it, so the
+            // hello is repeated until answered (each answer carries the nonce).
+            let n = tokio::select! {
+                r = rd.read(&mut chunk) => r
+                    .map_err(|e| AgentError::Connect(format!("reading hello answer: {e}")))?,
+                _ = tokio::time::sleep(HELLO_RESEND) => {
+                    wr.write_all(&hello.encode())
+                        .await
+                        .map_err(|e| AgentError::Connect(format!("sending hello: {e}")))?;
+                    continue;
+                }
+            };
             if n == 0 {
                 return Err(AgentError::Connect(
                     "the connection closed before the agent answered".into(),
@@ -508,6 +519,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
 fn dispatch(inner: &Inner, frame: Frame) {
     if frame.stream == 0 {
         let why = match frame.kind {
+            // The answer to a repeated hello.
+            Kind::HelloOk => return,
             Kind::Error => frame
                 .parse::<ErrorMsg>()
                 .map(|m| m.error)

@@ -49,6 +49,7 @@ fn parse(args: impl Iterator<Item = String>) -> Result<(Mode, agent::Config), St
     if cfg.freeze_only_under.is_some() && !matches!(mode, Mode::Unix(_)) {
         return Err("--freeze-only-under needs --listen-unix".to_string());
     }
+    cfg.freeze_enabled = matches!(mode, Mode::Guest) || cfg.freeze_only_under.is_some();
     Ok((mode, cfg))
 }
 

@@ -978,6 +978,19 @@ fn freeze_and_thaw_with_nothing_to_freeze() {
     }
 }
 
+#[test]
+fn an_agent_on_a_unix_socket_never_freezes_the_host() {
+    let agent = Agent::start_with(&[]);
+    let mut c = agent.client();
+    let s = c.bare(Kind::Freeze);
+    let e = c.expect_error(s);
+    assert_eq!(e.code, ErrorCode::BadRequest, "{e:?}");
+    assert!(e.error.contains("freeze is disabled"), "{}", e.error);
+    // Thaw stays harmless.
+    let s = c.bare(Kind::Thaw);
+    assert_eq!(c.recv(s).kind, Kind::Done);
+}
+
 /// A loop-mounted ext4 in a temporary directory; thawed and unmounted on drop.
 struct LoopMount {
     dir: tempfile::TempDir,

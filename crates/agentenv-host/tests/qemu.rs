@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agentenv_core::backend::{wait_exit, DriveSpec, LaunchSpec, Vmm, VmmError, VmmInstance};
+use agentenv_guest::client::{AgentClient, Endpoint, ExecEvent};
+use agentenv_guest::proto;
 use agentenv_host::qemu::{Accel, QemuInstance, QemuVmm, COMMAND_FILE};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -403,4 +405,146 @@ async fn guest_boots_while_the_host_is_saturated() {
         .collect();
     eprintln!("booted under load in {:?}; {tsc:?}", t.elapsed());
     vm.kill().await.unwrap();
+}
+
+/// True when the test rootfs carries the guest agent (else says why not).
+fn rootfs_has_agent(a: &Artifacts) -> bool {
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", "stat /usr/sbin/agentenv-guest"])
+        .arg(&a.rootfs)
+        .output()
+        .unwrap();
+    let ok = String::from_utf8_lossy(&out.stdout).contains("Inode:");
+    if !ok {
+        eprintln!(
+            "skipped: {} has no /usr/sbin/agentenv-guest",
+            a.rootfs.display()
+        );
+    }
+    ok
+}
+
+/// Reads frames from a raw agent connection until one of `kind` on `stream`.
+async fn read_until(
+    sock: &mut tokio::net::UnixStream,
+    kind: proto::Kind,
+    stream: u32,
+) -> proto::Frame {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        while let Some(f) = proto::take_frame(&mut buf).unwrap() {
+            if f.kind == kind && f.stream == stream {
+                return f;
+            }
+        }
+        assert!(Instant::now() < deadline, "no {kind:?} on stream {stream}");
+        let n = tokio::time::timeout(Duration::from_secs(20), sock.read(&mut chunk))
+            .await
+            .expect("the agent answers")
+            .unwrap();
+        assert!(n > 0, "connection closed");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn the_guest_agent_refuses_malformed_frames_and_keeps_serving() {
+    use tokio::io::AsyncWriteExt;
+    let (qemu, a) = need_guest!();
+    if !rootfs_has_agent(&a) {
+        return;
+    }
+    let _one = GUESTS.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = guest_spec(dir.path(), "agentframes", &a);
+    let sock = dir.path().join("agent.sock");
+    s.agent_socket = Some(sock.clone());
+    let vm: Box<dyn VmmInstance> = QemuVmm::new(qemu, Accel::Tcg).launch(&s).await.unwrap();
+    let _guard = KillGuard(vm.pid());
+    let ep = Endpoint::Stream(sock.clone());
+    assert_eq!(
+        vm.agent_channel(),
+        Some(agentenv_core::backend::AgentChannel::Stream(sock.clone()))
+    );
+
+    // The agent answers once the guest is up.
+    let t = Instant::now();
+    let client = loop {
+        match AgentClient::connect(&ep, Duration::from_secs(2)).await {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(t.elapsed() < Duration::from_secs(90), "{e}\n{}", tail(&s));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    eprintln!(
+        "agent answered {:?} after launch: {:?}",
+        t.elapsed(),
+        client.hello()
+    );
+    client.shutdown();
+    drop(client);
+
+    // An oversized length: an error on stream 0.
+    let mut raw = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    raw.write_all(&[0xff, 0xff, 0xff, 0xff, 0x02, 0, 0, 0, 1])
+        .await
+        .unwrap();
+    let f = read_until(&mut raw, proto::Kind::Error, 0).await;
+    let msg: proto::ErrorMsg = f.parse().unwrap();
+    assert_eq!(msg.code, proto::ErrorCode::Protocol, "{msg:?}");
+    drop(raw);
+
+    // After a hello, an unknown kind: an error on stream 0 again.
+    let mut raw = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let hello = proto::Frame::json(
+        proto::Kind::Hello,
+        0,
+        &proto::Hello {
+            version: proto::PROTOCOL_VERSION,
+            nonce: "0123456789abcdef".into(),
+        },
+    );
+    raw.write_all(&hello.encode()).await.unwrap();
+    read_until(&mut raw, proto::Kind::HelloOk, 0).await;
+    raw.write_all(&[0, 0, 0, 5, 0x7f, 0, 0, 0, 1])
+        .await
+        .unwrap();
+    let f = read_until(&mut raw, proto::Kind::Error, 0).await;
+    let msg: proto::ErrorMsg = f.parse().unwrap();
+    assert!(msg.error.contains("0x7f"), "{msg:?}");
+    drop(raw);
+
+    // The agent still serves a new connection.
+    let client = AgentClient::connect(&ep, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut e = client
+        .exec(
+            &proto::ExecRequest {
+                cmd: vec!["echo".into(), "still here".into()],
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let status = loop {
+        match e.next().await.unwrap() {
+            ExecEvent::Stdout(b) => out.extend(b),
+            ExecEvent::Stderr(_) => {}
+            ExecEvent::Exit(st) => break st,
+        }
+    };
+    assert_eq!(
+        (status.exit_code, out.as_slice()),
+        (Some(0), &b"still here\n"[..])
+    );
+    vm.kill().await.unwrap();
+    assert!(!sock.exists(), "agent socket left behind");
 }

@@ -377,3 +377,214 @@ fn a_guest_sees_its_host_shares() {
     );
     finish(d, dir);
 }
+
+/// Skips (with the reason) when the base image predates the guest agent.
+fn image_has_agent(art: &Path) -> bool {
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", "stat /usr/sbin/agentenv-guest"])
+        .arg(art.join("rootfs/minimal.ext4"))
+        .output()
+        .unwrap();
+    let ok = String::from_utf8_lossy(&out.stdout).contains("Inode:");
+    if !ok {
+        eprintln!("skipping: rootfs/minimal.ext4 has no /usr/sbin/agentenv-guest (rebuild it with scripts/build-artifacts.sh)");
+    }
+    ok
+}
+
+fn exec(d: &Daemon, vm: &str, body: Value) -> Value {
+    let (code, v) = d.call("POST", &format!("/v1/vm/{vm}/exec"), Some(body.clone()));
+    assert_eq!(code, 200, "{body}: {v}");
+    v
+}
+
+fn create_ready(d: &Daemon, mut body: Value) -> Value {
+    body["wait_ready"] = json!(true);
+    body["wait_ready_timeout_s"] = json!(BOOT_TIMEOUT.as_secs());
+    let v = create(d, body);
+    assert_eq!(v["ready"], true, "{v}");
+    v
+}
+
+#[test]
+fn the_guest_agent_runs_commands_moves_files_and_freezes_for_snapshots() {
+    let art = need_artifacts!();
+    if !image_has_agent(&art) {
+        return;
+    }
+    let mut dir = TestDir::new();
+    let mut cfg = qemu_config(&dir, &art);
+    cfg.agent.max_output_bytes = 1 << 20;
+    dir.baseline = Some(common::baseline(dir.path()));
+    let d = Daemon::start_with(cfg, dir.path());
+
+    let t = Instant::now();
+    let vm = create_ready(&d, overlay("a1"));
+    eprintln!("a1 ready (agent answers) after {:?}", t.elapsed());
+    assert!(vm["agent"]["version"]
+        .as_str()
+        .unwrap()
+        .starts_with("agentenv-guest "));
+
+    // Exit codes, separate streams, stdin, environment, working directory.
+    let r = exec(
+        &d,
+        "a1",
+        json!({"cmd": ["sh", "-c", "echo out; echo err >&2; exit 42"]}),
+    );
+    assert_eq!(
+        (
+            r["exit_code"].as_i64(),
+            r["stdout"].as_str(),
+            r["stderr"].as_str()
+        ),
+        (Some(42), Some("out\n"), Some("err\n")),
+        "{r}"
+    );
+    let r = exec(&d, "a1", json!({"cmd": ["cat"], "stdin": "from the host"}));
+    assert_eq!(r["stdout"], "from the host", "{r}");
+    let r = exec(
+        &d,
+        "a1",
+        json!({"cmd": ["sh", "-c", "echo $X; pwd"], "env": {"X": "y"}, "cwd": "/tmp"}),
+    );
+    assert_eq!(r["stdout"], "y\n/tmp\n", "{r}");
+
+    // 10 MiB of output, capped at 1 MiB as configured.
+    let r = exec(
+        &d,
+        "a1",
+        json!({"cmd": ["sh", "-c", "yes 0123456789abcdef | head -c 10485760"]}),
+    );
+    assert_eq!(r["stdout"].as_str().unwrap().len(), 1 << 20);
+    assert_eq!(
+        (r["truncated"].as_bool(), r["stdout_bytes"].as_u64()),
+        (Some(true), Some(10 << 20))
+    );
+
+    // A timeout kills the command's process group.
+    let t = Instant::now();
+    let r = exec(
+        &d,
+        "a1",
+        json!({"cmd": ["sh", "-c", "sleep 60 & sleep 60"], "timeout_s": 1}),
+    );
+    assert_eq!(
+        (r["timed_out"].as_bool(), r["signal"].as_i64()),
+        (Some(true), Some(9)),
+        "{r}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    let r = exec(
+        &d,
+        "a1",
+        json!({"cmd": ["sh", "-c", "pgrep -c 'sleep 60' || true"]}),
+    );
+    assert_eq!(
+        r["stdout"].as_str().unwrap().trim(),
+        "0",
+        "the group survived: {r}"
+    );
+
+    // A 64 MiB binary file, up and down, with the guest's own checksum.
+    let data: Vec<u8> = {
+        let mut x = 0x9e3779b97f4a7c15u64;
+        (0..64usize << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect()
+    };
+    let local = dir.path().join("big.bin");
+    std::fs::write(&local, &data).unwrap();
+    let url = format!("{}/v1/vm/a1/files", d.base);
+    let t = Instant::now();
+    let w: Value = ureq::put(&url)
+        .query("path", "/root/big.bin")
+        .send(std::fs::File::open(&local).unwrap())
+        .unwrap()
+        .into_json()
+        .unwrap();
+    eprintln!("64 MiB upload: {:?}", t.elapsed());
+    assert_eq!(w["bytes"], 64u64 << 20);
+    let r = exec(&d, "a1", json!({"cmd": ["sha256sum", "/root/big.bin"]}));
+    assert_eq!(
+        r["stdout"].as_str().unwrap().split_whitespace().next(),
+        Some(sha256(&local).as_str()),
+        "{r}"
+    );
+    let t = Instant::now();
+    let mut back = Vec::with_capacity(64 << 20);
+    std::io::Read::read_to_end(
+        &mut ureq::get(&url)
+            .query("path", "/root/big.bin")
+            .call()
+            .unwrap()
+            .into_reader(),
+        &mut back,
+    )
+    .unwrap();
+    eprintln!("64 MiB download: {:?}", t.elapsed());
+    assert!(back == data, "downloaded bytes differ");
+    std::fs::remove_file(&local).unwrap();
+    exec(&d, "a1", json!({"cmd": ["rm", "/root/big.bin"]}));
+
+    // The agent keeps up: 100 sequential and 20 concurrent commands.
+    for i in 0..100 {
+        let r = exec(&d, "a1", json!({"cmd": ["true"]}));
+        assert_eq!(r["exit_code"], 0, "exec {i}: {r}");
+    }
+    let threads: Vec<_> = (0..20)
+        .map(|i| {
+            let url = format!("{}/v1/vm/a1/exec", d.base);
+            std::thread::spawn(move || {
+                let r: Value = ureq::post(&url)
+                    .send_json(json!({"cmd": ["sh", "-c", format!("sleep 1; echo {i}")]}))
+                    .unwrap()
+                    .into_json()
+                    .unwrap();
+                assert_eq!(r["stdout"], format!("{i}\n"), "{r}");
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+
+    // A snapshot freezes the guest's file systems: data written a moment
+    // before (still in the guest's page cache) is in the copy.
+    exec(
+        &d,
+        "a1",
+        json!({"cmd": ["sh", "-c", "echo frozen-in > /root/marker"]}),
+    );
+    let (code, snap) = d.call(
+        "POST",
+        "/v1/vm/a1/snapshot",
+        Some(json!({"snapshot_id": "a1-snap"})),
+    );
+    assert_eq!(code, 201, "{snap}");
+    assert_eq!(snap["fs_frozen"], true, "{snap}");
+    // The source is thawed: it still writes.
+    let r = exec(
+        &d,
+        "a1",
+        json!({"cmd": ["sh", "-c", "echo after > /root/after && sync && cat /root/after"]}),
+    );
+    assert_eq!(r["stdout"], "after\n", "{r}");
+    let (code, v) = d.call("DELETE", "/v1/vm/a1", None);
+    assert_eq!(code, 204, "{v}");
+    create_ready(
+        &d,
+        json!({"vm_id": "a2", "boot_args": BOOT_ARGS,
+               "disk": {"kind": "snapshot", "snapshot_id": "a1-snap"}}),
+    );
+    let r = exec(&d, "a2", json!({"cmd": ["cat", "/root/marker"]}));
+    assert_eq!(r["stdout"], "frozen-in\n", "{r}");
+    let (code, _) = d.call("DELETE", "/v1/snapshots/a1-snap", None);
+    assert_eq!(code, 204);
+    finish(d, dir);
+}

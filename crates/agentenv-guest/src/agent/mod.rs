@@ -35,6 +35,10 @@ const LATE_DEVICES: Duration = Duration::from_secs(5);
 pub struct Config {
     /// Freeze only file systems mounted under this directory (tests).
     pub freeze_only_under: Option<PathBuf>,
+    /// Freeze requests are served. Off for `--listen-unix` without
+    /// `--freeze-only-under`: an agent running on a host must never freeze the
+    /// host's own file systems.
+    pub freeze_enabled: bool,
 }
 
 /// Locks a mutex; a thread that panicked while holding it does not take the

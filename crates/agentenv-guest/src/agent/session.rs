@@ -188,7 +188,14 @@ impl Session {
                 let out = OutStream::new(self.out.clone(), stream, None);
                 let (session, cfg, kind) = (self.id, self.cfg.clone(), f.kind);
                 let run = move || {
-                    let r = if kind == Kind::Freeze {
+                    let r = if kind == Kind::Freeze && !cfg.freeze_enabled {
+                        Err(ErrorMsg::new(
+                            ErrorCode::BadRequest,
+                            None,
+                            "freeze is disabled: this agent serves a unix socket on a host \
+                             (give --freeze-only-under DIR to allow it there)",
+                        ))
+                    } else if kind == Kind::Freeze {
                         freeze::freeze(session, cfg.freeze_only_under.as_deref())
                     } else {
                         freeze::thaw()
