@@ -2,8 +2,8 @@
 
 use agentenv_api::{
     CreateSnapshotRequest, CreateVmRequest, DiskSpec, ErrorBody, ExecEvent, ExecRequest,
-    FileWritten, NetworkSpec,
-    PersistSnapshotRequest, ShareSpec, SnapshotInfo, SnapshotList, VmInfo, VmList,
+    FileWritten, NetworkSpec, PersistSnapshotRequest, ShareSpec, SnapshotInfo, SnapshotList,
+    VmInfo, VmList,
 };
 use anyhow::{anyhow, Context};
 use clap::{Args, Subcommand};
@@ -281,7 +281,10 @@ impl Client {
                     .unwrap_or(text);
                 anyhow!("{msg} (HTTP {code})")
             }
-            e => anyhow!("cannot reach the agentenv daemon at {} ({url}): {e}", self.base),
+            e => anyhow!(
+                "cannot reach the agentenv daemon at {} ({url}): {e}",
+                self.base
+            ),
         }
     }
 
@@ -508,13 +511,15 @@ fn run_exec(c: &Client, args: ExecArgs) -> anyhow::Result<i32> {
             ExecEvent::Started { .. } => {}
             ExecEvent::Stdout { data } | ExecEvent::Stderr { data } if data.is_empty() => {}
             ExecEvent::Stdout { data } => {
-                let b = agentenv_api::base64::decode(&data).ok_or_else(|| anyhow!("bad base64 output"))?;
+                let b = agentenv_api::base64::decode(&data)
+                    .ok_or_else(|| anyhow!("bad base64 output"))?;
                 let mut o = stdout.lock();
                 o.write_all(&b)?;
                 o.flush()?;
             }
             ExecEvent::Stderr { data } => {
-                let b = agentenv_api::base64::decode(&data).ok_or_else(|| anyhow!("bad base64 output"))?;
+                let b = agentenv_api::base64::decode(&data)
+                    .ok_or_else(|| anyhow!("bad base64 output"))?;
                 let mut e = stderr.lock();
                 e.write_all(&b)?;
                 e.flush()?;
@@ -552,7 +557,8 @@ fn run_cp(
 ) -> anyhow::Result<()> {
     let mode = match &args.mode {
         Some(m) => Some(
-            u32::from_str_radix(m, 8).map_err(|_| anyhow!("--mode {m:?} is not an octal number"))?,
+            u32::from_str_radix(m, 8)
+                .map_err(|_| anyhow!("--mode {m:?} is not an octal number"))?,
         ),
         None => None,
     };
@@ -571,7 +577,8 @@ fn run_cp(
             if opts.json {
                 print_json(out, &done)
             } else {
-                writeln!(out, "wrote {} bytes to {vm}:{}", done.bytes, done.path).map_err(Into::into)
+                writeln!(out, "wrote {} bytes to {vm}:{}", done.bytes, done.path)
+                    .map_err(Into::into)
             }
         }
         (Some((vm, path)), None) => {
@@ -614,7 +621,9 @@ fn run_cp(
                 writeln!(out, "wrote {n} bytes to {}", dst.display()).map_err(Into::into)
             }
         }
-        (Some(_), Some(_)) => Err(anyhow!("copy between two VMs is not supported; go through the host")),
+        (Some(_), Some(_)) => Err(anyhow!(
+            "copy between two VMs is not supported; go through the host"
+        )),
         (None, None) => Err(anyhow!("one side must be VM:/ABSOLUTE_PATH")),
     }
 }

@@ -114,10 +114,12 @@ pub(crate) struct FileQuery {
 
 fn query(q: Result<Query<FileQuery>, QueryRejection>) -> Result<(FileQuery, String), ApiError> {
     let Query(q) = q.map_err(|e| ApiError::bad_field(None, format!("bad query string: {e}")))?;
-    let path = q
-        .path
-        .clone()
-        .ok_or_else(|| ApiError::bad_field(Some("path".into()), "the query needs path=ABSOLUTE_GUEST_PATH"))?;
+    let path = q.path.clone().ok_or_else(|| {
+        ApiError::bad_field(
+            Some("path".into()),
+            "the query needs path=ABSOLUTE_GUEST_PATH",
+        )
+    })?;
     Ok((q, path))
 }
 
@@ -142,7 +144,10 @@ pub(crate) async fn put_file(
     let mode = match &q.mode {
         None => None,
         Some(m) => Some(u32::from_str_radix(m, 8).map_err(|_| {
-            ApiError::bad_field(Some("mode".into()), format!("mode {m:?} is not an octal number"))
+            ApiError::bad_field(
+                Some("mode".into()),
+                format!("mode {m:?} is not an octal number"),
+            )
         })?),
     };
     let mut up = engine
@@ -182,7 +187,11 @@ pub(crate) async fn get_file(
 ) -> Result<Response, ApiError> {
     let (q, path) = query(q)?;
     if q.mode.is_some() || q.make_parents.is_some() {
-        let f = if q.mode.is_some() { "mode" } else { "make_parents" };
+        let f = if q.mode.is_some() {
+            "mode"
+        } else {
+            "make_parents"
+        };
         return Err(ApiError::bad_field(
             Some(f.into()),
             format!("{f} applies to uploads only"),
