@@ -178,7 +178,7 @@ impl Default for Config {
             request_timeout_ms: 5000,
             console_log_max_bytes: 4 * 1024 * 1024,
             max_memory_mib: None,
-            on_shutdown: OnShutdown::Stop,
+            on_shutdown: OnShutdown::Leave,
             network: NetworkConfig::default(),
             agent: AgentConfig::default(),
         }

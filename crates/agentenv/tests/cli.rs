@@ -33,6 +33,7 @@ memory_mib_per_slot = 128
 default_slots = 1
 default_disk_size_gib = 1
 shutdown_timeout_s = 3
+on_shutdown = "stop"
 {extra}
 "#,
         c.session_root.display(),

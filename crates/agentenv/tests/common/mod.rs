@@ -86,6 +86,8 @@ impl TestDir {
             shutdown_timeout_s: 5,
             startup_timeout_ms: 3000,
             request_timeout_ms: 3000,
+            // Tests stop their VMs with the daemon (the default leaves them).
+            on_shutdown: agentenv_core::config::OnShutdown::Stop,
             // These tests run in the host's namespace: never touch its network.
             network: agentenv_core::config::NetworkConfig {
                 enable: false,
