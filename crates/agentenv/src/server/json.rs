@@ -54,7 +54,7 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         ));
     }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         // The path names the failing field, an unknown one included; at the top
@@ -73,6 +73,10 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         };
         ApiError::bad_field(field, msg)
     })?;
+    // Bytes after the value (`{…} x`, two objects) are malformed too:
+    // `serde_json::from_slice` checks this, a bare `Deserializer` needs `end`.
+    de.end()
+        .map_err(|e| ApiError::bad_field(None, format!("malformed JSON: {e}")))?;
     Ok(value)
 }
 
