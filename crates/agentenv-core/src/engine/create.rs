@@ -440,8 +440,9 @@ impl Engine {
                 self.check_host_path(&format!("{field}.host_path"), &share.host_path, true)?;
             let g = &share.guest_path;
             let gfield = format!("{field}.guest_path");
+            // `//` (any run of slashes) is the root too.
             if !g.starts_with('/')
-                || g == "/"
+                || g.bytes().all(|b| b == b'/')
                 || g.len() > 255
                 || g.split('/').any(|c| c == "." || c == "..")
                 || !g
@@ -453,7 +454,9 @@ impl Engine {
                     format!("{gfield} {g:?} must be an absolute guest path other than / made of ASCII letters, digits, `/`, `.`, `_` and `-`, without `.` or `..` components"),
                 ));
             }
-            if !seen.insert(g.trim_end_matches('/').to_string()) {
+            // `/mnt`, `/mnt/` and `//mnt` are one mount point.
+            let key: Vec<&str> = g.split('/').filter(|c| !c.is_empty()).collect();
+            if !seen.insert(key.join("/")) {
                 return Err(EngineError::bad(
                     &gfield,
                     format!("{gfield} {g:?} is used twice"),
