@@ -113,7 +113,15 @@ pub(crate) struct FileQuery {
 }
 
 fn query(q: Result<Query<FileQuery>, QueryRejection>) -> Result<(FileQuery, String), ApiError> {
-    let Query(q) = q.map_err(|e| ApiError::bad_field(None, format!("bad query string: {e}")))?;
+    let Query(q) = q.map_err(|e| {
+        // The message names the parameter: `…: make_parents: provided string
+        // was not true or false`, `duplicate field `path``.
+        let text = e.body_text();
+        let field = ["path", "mode", "make_parents"]
+            .into_iter()
+            .find(|f| text.contains(&format!(": {f}: ")) || text.contains(&format!("`{f}`")));
+        ApiError::bad_field(field.map(String::from), format!("bad query string: {e}"))
+    })?;
     let path = q.path.clone().ok_or_else(|| {
         ApiError::bad_field(
             Some("path".into()),
