@@ -307,3 +307,135 @@ pub fn finish(d: Daemon, dir: TestDir) {
         b.assert_clean();
     }
 }
+
+/// An answer read off a raw HTTP connection.
+#[derive(Debug)]
+pub struct RawAnswer {
+    pub status: u16,
+    pub content_type: String,
+    /// The body as JSON, or as a JSON string when it is not JSON.
+    pub body: Value,
+}
+
+/// Sends `request` (bytes exactly as given: no URL normalisation, any method,
+/// header or body) on a new connection to the daemon and reads the answer.
+/// The request should say `Connection: close`. Panics when no answer comes
+/// within `timeout`. The request is written from another thread while the
+/// answer is read, so a daemon that answers before reading a whole (huge)
+/// body is seen answering.
+pub fn raw_http(base: &str, request: Vec<u8>, timeout: Duration) -> RawAnswer {
+    use std::io::{Read, Write};
+    let addr = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).expect("daemon accepts connections");
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.set_write_timeout(Some(timeout)).unwrap();
+    let mut w = s.try_clone().unwrap();
+    // Write errors are expected when the daemon answers early and closes.
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(&request);
+    });
+    let start = Instant::now();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let mut head: Option<(usize, Option<usize>)> = None;
+    loop {
+        if let Some((end, Some(len))) = head {
+            if buf.len() >= end + len {
+                break;
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            // A reset after the answer was read (the daemon closed on an unread body).
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && head.is_some() => break,
+            Err(e) => panic!(
+                "no answer after {:?} ({e}); read so far: {:?}",
+                start.elapsed(),
+                String::from_utf8_lossy(&buf)
+            ),
+        }
+        if head.is_none() {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let text = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                let len = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map(|v| v.trim().parse::<usize>().unwrap());
+                head = Some((i + 4, len));
+            }
+        }
+    }
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    let _ = writer.join();
+    let (end, _) = head.unwrap_or_else(|| {
+        panic!(
+            "incomplete answer: {:?}",
+            String::from_utf8_lossy(&buf[..buf.len().min(2000)])
+        )
+    });
+    let text = String::from_utf8_lossy(&buf[..end]).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line: {text:?}"));
+    let content_type = text
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-type")
+                .then(|| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    let raw = &buf[end..];
+    let body = serde_json::from_slice(raw)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(raw).into_owned()));
+    RawAnswer {
+        status,
+        content_type,
+        body,
+    }
+}
+
+impl Daemon {
+    /// One request with the target sent verbatim (`path` may hold `..`,
+    /// percent-escapes, anything) and an optional content type; the answer
+    /// must come within 10 s.
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> RawAnswer {
+        let mut req =
+            format!("{method} {path} HTTP/1.1\r\nHost: agentenv\r\nConnection: close\r\n");
+        if let Some(ct) = content_type {
+            req.push_str(&format!("Content-Type: {ct}\r\n"));
+        }
+        req.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body);
+        raw_http(&self.base, bytes, Duration::from_secs(10))
+    }
+
+    /// Answers `GET /v1/health` with 200 (the daemon still serves).
+    pub fn assert_healthy(&self) {
+        let (code, v) = self.call("GET", "/v1/health", None);
+        assert_eq!((code, v["status"].as_str()), (200, Some("ok")), "{v}");
+    }
+}
+
+/// The test process's resident memory (kB) and open file descriptors; the
+/// in-process daemon lives in it.
+pub fn rss_kib_and_fds() -> (u64, usize) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS in /proc/self/status");
+    let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
+    (rss, fds)
+}
