@@ -87,6 +87,14 @@ pub struct Config {
     pub max_memory_mib: Option<u64>,
     /// What a clean daemon stop does to running VMs.
     pub on_shutdown: OnShutdown,
+    /// Mutating API requests (POST, PUT, DELETE) served at once; more get 429.
+    pub max_inflight_ops: u32,
+    /// Milliseconds a client may take to send a request's headers (and an idle
+    /// connection is kept open between requests).
+    pub header_timeout_ms: u64,
+    /// Milliseconds a client may take to send a JSON body; for file uploads, the
+    /// longest pause between two pieces of the body.
+    pub body_timeout_ms: u64,
     /// Automatic networking.
     pub network: NetworkConfig,
     /// The guest agent.
@@ -179,6 +187,9 @@ impl Default for Config {
             console_log_max_bytes: 4 * 1024 * 1024,
             max_memory_mib: None,
             on_shutdown: OnShutdown::Leave,
+            max_inflight_ops: 64,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 10_000,
             network: NetworkConfig::default(),
             agent: AgentConfig::default(),
         }
@@ -300,6 +311,17 @@ impl Config {
                 "must be 1 to 86400",
             ));
         }
+        if self.max_inflight_ops == 0 || self.max_inflight_ops > 65_536 {
+            return Err(invalid("max_inflight_ops", "must be 1 to 65536"));
+        }
+        for (key, value) in [
+            ("header_timeout_ms", self.header_timeout_ms),
+            ("body_timeout_ms", self.body_timeout_ms),
+        ] {
+            if !(10..=3_600_000).contains(&value) {
+                return Err(invalid(key, "must be 10 to 3600000"));
+            }
+        }
         if self.console_log_max_bytes < 4096 {
             return Err(invalid("console_log_max_bytes", "must be at least 4096"));
         }
@@ -408,6 +430,9 @@ mod tests {
             "console=ttyS0 reboot=k panic=1 pci=off"
         );
         assert_eq!(c.session_root, PathBuf::from("data/sessions"));
+        assert_eq!(c.max_inflight_ops, 64);
+        assert_eq!(c.header_timeout_ms, 10_000);
+        assert_eq!(c.body_timeout_ms, 10_000);
     }
 
     #[test]
@@ -449,6 +474,12 @@ mod tests {
             ("default_boot_args = \" \"", "default_boot_args"),
             ("vmm = \"xen\"", "vmm"),
             ("shutdown_timeout_s = 0", "shutdown_timeout_s"),
+            ("max_inflight_ops = 0", "max_inflight_ops"),
+            ("max_inflight_ops = 100000", "max_inflight_ops"),
+            ("max_inflight_ops = -1", "max_inflight_ops"),
+            ("header_timeout_ms = 0", "header_timeout_ms"),
+            ("body_timeout_ms = 5", "body_timeout_ms"),
+            ("body_timeout_ms = 3600001", "body_timeout_ms"),
             ("session_root = \"\"", "session_root"),
             ("direct_disk_roots = [\"rel\"]", "direct_disk_roots"),
             ("[network]\nnetmask = \"255.0.255.0\"", "network.netmask"),

@@ -13,7 +13,7 @@ use agentenv_core::EngineError;
 use agentenv_guest::client::ExecEvent as AgentEvent;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -21,8 +21,9 @@ use http_body_util::BodyExt;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use super::error::ApiError;
+use super::error::{ApiError, LimitError};
 use super::json::JsonBody;
+use super::limits::{is_idle_timeout, BodyTimeout};
 use super::AppState;
 
 /// A response body fed by a channel; an `Err` aborts the response mid-way.
@@ -139,6 +140,7 @@ fn query(q: Result<Query<FileQuery>, QueryRejection>) -> Result<(FileQuery, Stri
         (status = 200, description = "Written (replaced atomically)", body = FileWritten),
         (status = 400, description = "Bad path or mode (named in `field`)", body = ErrorBody),
         (status = 404, description = "No such VM, or the parent directory is missing", body = ErrorBody),
+        (status = 408, description = "The upload sent nothing for `body_timeout_ms`", body = ErrorBody),
         (status = 409, description = "The VM is not running", body = ErrorBody),
         (status = 503, description = "The guest agent is not ready", body = ErrorBody),
     ))]
@@ -146,8 +148,10 @@ pub(crate) async fn put_file(
     State(engine): State<AppState>,
     Path(vm_id): Path<String>,
     q: Result<Query<FileQuery>, QueryRejection>,
+    timeout: Option<Extension<BodyTimeout>>,
     body: Body,
 ) -> Result<Json<FileWritten>, ApiError> {
+    let timeout = timeout.map(|Extension(t)| t).unwrap_or_default();
     let (q, path) = query(q)?;
     let mode = match &q.mode {
         None => None,
@@ -163,8 +167,16 @@ pub(crate) async fn put_file(
         .await?;
     let mut body = body;
     while let Some(frame) = body.frame().await {
+        // A stalled upload ends with 408 after `body_timeout_ms` without a byte
+        // (see `limits.rs`); dropping `up` aborts the transfer in the guest.
         let frame = frame.map_err(|e| {
-            ApiError::bad_field(None, format!("reading the request body failed: {e}"))
+            if is_idle_timeout(&e) {
+                ApiError::from(LimitError::BodyIdle {
+                    timeout_ms: timeout.ms(),
+                })
+            } else {
+                ApiError::bad_field(None, format!("reading the request body failed: {e}"))
+            }
         })?;
         if let Ok(data) = frame.into_data() {
             up.write(&data).await.map_err(EngineError::from)?;

@@ -4,7 +4,7 @@ use agentenv_api::ErrorBody;
 use agentenv_core::backend::VmmError;
 use agentenv_core::snapshot::SnapshotError;
 use agentenv_core::EngineError;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
@@ -35,6 +35,69 @@ impl ApiError {
         let mut e = ApiError::new(StatusCode::BAD_REQUEST, message);
         e.body.field = field;
         e
+    }
+}
+
+/// A request refused by the daemon's own limits, before or while it reaches
+/// the engine (see `limits.rs` and `json.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitError {
+    /// Too many mutating requests are being served.
+    TooManyOps {
+        /// `max_inflight_ops`.
+        limit: u32,
+    },
+    /// A JSON body did not arrive whole within `body_timeout_ms`.
+    BodyTimeout {
+        /// `body_timeout_ms`.
+        timeout_ms: u64,
+    },
+    /// A streamed body (a file upload) sent nothing for `body_timeout_ms`.
+    BodyIdle {
+        /// `body_timeout_ms`.
+        timeout_ms: u64,
+    },
+    /// A JSON body is larger than allowed.
+    BodyTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+}
+
+impl std::fmt::Display for LimitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LimitError::TooManyOps { limit } => write!(
+                f,
+                "too many operations in flight: the limit is {limit} (max_inflight_ops); retry later"
+            ),
+            LimitError::BodyTimeout { timeout_ms } => write!(
+                f,
+                "the request body did not arrive within {timeout_ms} ms (body_timeout_ms)"
+            ),
+            LimitError::BodyIdle { timeout_ms } => write!(
+                f,
+                "the request body stalled: no bytes for {timeout_ms} ms (body_timeout_ms)"
+            ),
+            LimitError::BodyTooLarge { limit } => {
+                write!(f, "request body is larger than {limit} bytes")
+            }
+        }
+    }
+}
+
+/// The HTTP status of each limit. Decided here and nowhere else.
+pub fn limit_status(e: &LimitError) -> StatusCode {
+    match e {
+        LimitError::TooManyOps { .. } => StatusCode::TOO_MANY_REQUESTS,
+        LimitError::BodyTimeout { .. } | LimitError::BodyIdle { .. } => StatusCode::REQUEST_TIMEOUT,
+        LimitError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+    }
+}
+
+impl From<LimitError> for ApiError {
+    fn from(e: LimitError) -> Self {
+        ApiError::new(limit_status(&e), e.to_string())
     }
 }
 
@@ -88,7 +151,17 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::warn!(status = self.status.as_u16(), "{}", self.body.error);
         }
-        (self.status, Json(self.body)).into_response()
+        let mut resp = (self.status, Json(self.body)).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body was never read: the connection cannot be reused.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
     }
 }
 
@@ -138,6 +211,31 @@ mod tests {
         ];
         for (e, code) in cases {
             assert_eq!(status_of(&e).as_u16(), code, "{e}");
+        }
+    }
+
+    #[test]
+    fn limits() {
+        let cases = [
+            (
+                LimitError::TooManyOps { limit: 3 },
+                429,
+                "3 (max_inflight_ops)",
+            ),
+            (LimitError::BodyTimeout { timeout_ms: 7 }, 408, "7 ms"),
+            (
+                LimitError::BodyIdle { timeout_ms: 7 },
+                408,
+                "no bytes for 7 ms",
+            ),
+            (LimitError::BodyTooLarge { limit: 9 }, 413, "9 bytes"),
+        ];
+        for (e, code, words) in cases {
+            let resp = ApiError::from(e.clone()).into_response();
+            assert_eq!(resp.status().as_u16(), code, "{e}");
+            assert!(e.to_string().contains(words), "{e}");
+            let retry = resp.headers().get(header::RETRY_AFTER);
+            assert_eq!(retry.is_some(), code == 429, "{e}");
         }
     }
 }

@@ -2,10 +2,10 @@
 
 use agentenv_api::MAX_BODY_BYTES;
 use axum::extract::{FromRequest, Request};
-use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 
-use super::error::ApiError;
+use super::error::{ApiError, LimitError};
+use super::limits::{is_idle_timeout, BodyTimeout};
 
 /// A JSON body of at most [`MAX_BODY_BYTES`], parsed into `T`.
 pub struct JsonBody<T>(pub T);
@@ -33,16 +33,46 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJ
     }
 }
 
-/// The whole body, or 413 past [`MAX_BODY_BYTES`].
+/// The whole body, or 413 past [`MAX_BODY_BYTES`], or 408 when it does not
+/// arrive whole within the body timeout (a slow client holds no task for long).
 async fn read_body(req: Request) -> Result<axum::body::Bytes, ApiError> {
-    axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body is larger than {MAX_BODY_BYTES} bytes"),
-            )
-        })
+    let timeout = req
+        .extensions()
+        .get::<BodyTimeout>()
+        .copied()
+        .unwrap_or_default();
+    let read = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES);
+    match tokio::time::timeout(timeout.0, read).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Err(_) => Err(LimitError::BodyTimeout {
+            timeout_ms: timeout.ms(),
+        }
+        .into()),
+        Ok(Err(e)) if is_idle_timeout(&e) => Err(LimitError::BodyTimeout {
+            timeout_ms: timeout.ms(),
+        }
+        .into()),
+        Ok(Err(e)) if is_length_limit(&e) => Err(LimitError::BodyTooLarge {
+            limit: MAX_BODY_BYTES,
+        }
+        .into()),
+        Ok(Err(e)) => Err(ApiError::bad_field(
+            None,
+            format!("reading the request body failed: {e}"),
+        )),
+    }
+}
+
+/// True when `to_bytes` stopped at its limit.
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// Parses JSON, naming the field at fault (`disk.rootfs_id`, `slots`, …).

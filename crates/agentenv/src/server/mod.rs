@@ -4,6 +4,7 @@
 mod agent;
 pub mod error;
 pub mod json;
+pub mod limits;
 pub mod openapi;
 mod snapshots;
 mod vm;
@@ -23,8 +24,9 @@ use error::ApiError;
 /// Shared state of every handler.
 pub type AppState = Arc<Engine>;
 
-/// The whole API.
+/// The whole API, with the request limits of the engine's config.
 pub fn router(engine: Arc<Engine>) -> Router {
+    let limits = limits::Limits::from_config(engine.config());
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi::serve))
@@ -51,19 +53,57 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(engine)
+        .layer(axum::middleware::from_fn_with_state(limits, limits::limit))
 }
 
 /// Serves the API on an already-bound listener until `shutdown` resolves, then
 /// stops the VMs as `on_shutdown` says.
+///
+/// HTTP/1.1 with a header read timeout (`header_timeout_ms`): a client that
+/// does not send its request headers in time, or leaves a kept-alive
+/// connection idle that long, is disconnected. On shutdown, no new connection
+/// is accepted, idle ones are closed, and requests in progress finish first.
 pub async fn run(
     listener: tokio::net::TcpListener,
     engine: Arc<Engine>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
     let app = router(engine.clone());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let header_timeout = std::time::Duration::from_millis(engine.config().header_timeout_ms);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!("accepting a connection failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("connection ended: {e}");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
     engine.shutdown_all().await;
     Ok(())
 }
