@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use agentenv_api::BackendKind;
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 /// Everything a backend needs to start one VM.
@@ -67,6 +68,16 @@ pub struct NetAttachment {
     pub tap_name: String,
     /// Guest MAC address.
     pub guest_mac: String,
+}
+
+/// What identifies a VMM process across daemon restarts: a pid alone may be
+/// reused, a pid with its start time (clock ticks after boot) may not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessIdentity {
+    /// Process id (also its process group id).
+    pub pid: u32,
+    /// Field 22 of `/proc/<pid>/stat`.
+    pub start_time: u64,
 }
 
 /// How a VMM process ended.
@@ -172,6 +183,49 @@ pub trait Vmm: Send + Sync + 'static {
     /// On error nothing is left behind: the process is killed and reaped and its
     /// control socket removed.
     async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmmInstance>, VmmError>;
+
+    /// Takes over a VMM that an earlier daemon started: checks that the process
+    /// is the recorded one, connects to its control socket and reads back
+    /// whether the guest runs or is paused. On error nothing is changed (the
+    /// caller decides what to do with the process).
+    async fn adopt(
+        &self,
+        spec: &AdoptSpec,
+    ) -> Result<(Box<dyn VmmInstance>, AdoptedState), VmmError> {
+        let _ = spec;
+        Err(VmmError::Transport {
+            request: "adopt".into(),
+            message: format!("the {} backend cannot re-adopt vmms", self.kind()),
+        })
+    }
+}
+
+/// What a new daemon knows about a VMM an earlier one started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdoptSpec {
+    /// The VM's id.
+    pub vm_id: String,
+    /// The recorded process.
+    pub process: ProcessIdentity,
+    /// Its control socket (also what its command line must mention).
+    pub control_socket: PathBuf,
+    /// Its agent channel socket, if it has one.
+    pub agent_socket: Option<PathBuf>,
+    /// Its console log (kept bounded from now on).
+    pub console_log: PathBuf,
+    /// Rotation size of `console_log`.
+    pub console_log_max_bytes: u64,
+    /// How long one control request may take.
+    pub request_timeout: Duration,
+}
+
+/// What a re-adopted VMM says its guest is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdoptedState {
+    /// The vCPUs run.
+    Running,
+    /// The vCPUs are stopped.
+    Paused,
 }
 
 /// One running VMM process.
@@ -179,6 +233,11 @@ pub trait Vmm: Send + Sync + 'static {
 pub trait VmmInstance: Send + Sync {
     /// The VMM's process id.
     fn pid(&self) -> Option<u32>;
+
+    /// The process's identity (pid and start time), for re-adoption after a restart.
+    fn identity(&self) -> Option<ProcessIdentity> {
+        None
+    }
 
     /// Stops the guest's vCPUs.
     async fn pause(&self) -> Result<(), VmmError>;

@@ -113,4 +113,10 @@ pub trait Host: Send + Sync + 'static {
     /// is never touched); with no pid, of every process whose command line
     /// mentions `marker`. Returns whether something was killed.
     fn kill_stale_process(&self, pid: Option<u32>, marker: &Path) -> bool;
+
+    /// Live processes (not this one, not zombies) whose command line mentions `marker`.
+    fn processes_mentioning(&self, marker: &Path) -> Vec<u32>;
+
+    /// Renames a file or directory (same file system).
+    fn rename(&self, from: &Path, to: &Path) -> Result<(), HostError>;
 }

@@ -184,26 +184,28 @@ impl Host for LocalHost {
         crate::process::read_tail(path, max)
     }
 
+    fn processes_mentioning(&self, marker: &Path) -> Vec<u32> {
+        processes_mentioning(marker)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> Result<(), HostError> {
+        std::fs::rename(from, to).map_err(|e| {
+            HostError::io(
+                format!("cannot rename {} to {}", from.display(), to.display()),
+                e,
+            )
+        })
+    }
+
     fn kill_stale_process(&self, pid: Option<u32>, marker: &Path) -> bool {
-        let marker = marker.as_os_str().as_encoded_bytes();
-        let mentions = |pid: u32| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| !marker.is_empty() && c.windows(marker.len()).any(|w| w == marker))
-        };
         let pids: Vec<u32> = match pid {
-            Some(p) => vec![p],
+            Some(p) if mentions(p, marker) => vec![p],
+            Some(_) => vec![],
             // No pid recorded: look for the VMM by its socket path.
-            None => std::fs::read_dir("/proc")
-                .map(|rd| {
-                    rd.flatten()
-                        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                        .filter(|&p| p != std::process::id())
-                        .collect()
-                })
-                .unwrap_or_default(),
+            None => processes_mentioning(marker),
         };
         let mut killed = false;
-        for p in pids.into_iter().filter(|&p| mentions(p)) {
+        for p in pids {
             let pid = nix::unistd::Pid::from_raw(p as i32);
             killed |= nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL)
                 .or_else(|_| nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL))
@@ -211,6 +213,32 @@ impl Host for LocalHost {
         }
         killed
     }
+}
+
+/// True when process `pid`'s command line contains `marker`'s bytes.
+fn mentions(pid: u32, marker: &Path) -> bool {
+    let m = marker.as_os_str().as_encoded_bytes();
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| !m.is_empty() && c.windows(m.len()).any(|w| w == m))
+}
+
+/// Live processes (not this one) whose command line contains `marker`.
+pub fn processes_mentioning(marker: &Path) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .filter(|&p| p != std::process::id() && mentions(p, marker))
+                .filter(|&p| {
+                    // Zombies wait for their reaper; they hold nothing.
+                    std::fs::read_to_string(format!("/proc/{p}/stat"))
+                        .ok()
+                        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
+                        == Some(false)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Creates `image` (which must not exist) as a sparse file of `size_bytes` and

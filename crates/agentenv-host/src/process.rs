@@ -1,17 +1,27 @@
-//! VMM processes: spawning in their own process group, a bounded console log,
-//! exit notification as soon as the kernel reports it, and killing the group.
+//! VMM processes: spawning in their own process group with their output going
+//! straight to a bounded console log file, exit notification as soon as the
+//! kernel reports it, killing the group, and re-adopting a VMM that an earlier
+//! daemon started.
+//!
+//! VMMs must outlive the daemon (upgrades restart it), so nothing of theirs may
+//! depend on the daemon process: their stdout/stderr is the log file itself (no
+//! pipe that would break), and the file is kept bounded by copy-and-truncate,
+//! which works while the VMM keeps its `O_APPEND` descriptor.
 
 use std::ffi::OsString;
-use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentenv_core::backend::{VmmError, VmmExit};
+use agentenv_core::backend::{ProcessIdentity, VmmError, VmmExit};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
+
+/// How often a console log's size is checked.
+const LOG_CHECK: Duration = Duration::from_millis(500);
 
 /// How to start one VMM process.
 #[derive(Debug, Clone)]
@@ -26,60 +36,48 @@ pub struct SpawnSpec {
     pub console_log_max_bytes: u64,
 }
 
-/// A spawned VMM process, reaped by a background task.
+/// A VMM process: our child, or one adopted from an earlier daemon.
 #[derive(Debug)]
 pub struct VmmProcess {
     pid: u32,
+    start_time: u64,
     exit_rx: watch::Receiver<Option<VmmExit>>,
+    /// For an adopted process: a pidfd, so signals can never reach a reused pid.
+    pidfd: Option<Arc<OwnedFd>>,
 }
 
 impl VmmProcess {
-    /// Starts the process in a new process group with stdin closed and its output
-    /// captured into the bounded console log.
+    /// Starts the process in a new process group with stdin closed and its
+    /// output appended to the console log.
     pub fn spawn(spec: &SpawnSpec) -> Result<VmmProcess, VmmError> {
-        let log =
-            BoundedLog::open(&spec.console_log, spec.console_log_max_bytes).map_err(|source| {
-                VmmError::Io {
+        let open_log = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&spec.console_log)
+                .map_err(|source| VmmError::Io {
                     context: format!("cannot open console log {}", spec.console_log.display()),
                     source,
-                }
-            })?;
-        // stdout and stderr share one pipe, so the log keeps their order and each
-        // VM costs one reader task and one buffer.
-        let io_err = |context: &str, source| VmmError::Io {
-            context: format!("{context} for {}", spec.binary.display()),
-            source,
+                })
         };
-        let (writer, reader) =
-            tokio::net::unix::pipe::pipe().map_err(|e| io_err("cannot make the output pipe", e))?;
-        let writer = writer
-            .into_blocking_fd()
-            .map_err(|e| io_err("cannot make the output pipe", e))?;
-        let writer2 = writer
-            .try_clone()
-            .map_err(|e| io_err("cannot make the output pipe", e))?;
+        let (out, err) = (open_log()?, open_log()?);
         let mut cmd = tokio::process::Command::new(&spec.binary);
         cmd.args(&spec.args)
             .stdin(Stdio::null())
-            .stdout(Stdio::from(writer))
-            .stderr(Stdio::from(writer2))
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
             .process_group(0)
             .kill_on_drop(false);
         let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
             binary: spec.binary.clone(),
             source,
         })?;
-        // Our copies of the write end go with `cmd`, so the reader sees EOF once
-        // the process (and anything it left holding the pipe) is gone.
-        drop(cmd);
         let pid = child.id().expect("a freshly spawned child has a pid");
-        let out_task = tokio::spawn(copy_into(reader, log));
+        // Not reaped yet, so /proc/<pid> is this process.
+        let start_time = proc_start_time(pid).unwrap_or(0);
         let (tx, exit_rx) = watch::channel(None);
         tokio::spawn(async move {
             let status = child.wait().await;
-            // Let the reader drain what the process wrote before it died, but do not
-            // wait forever on a pipe some leftover grandchild still holds.
-            let _ = tokio::time::timeout(Duration::from_millis(500), out_task).await;
             let exit = match status {
                 Ok(s) => {
                     use std::os::unix::process::ExitStatusExt;
@@ -95,7 +93,97 @@ impl VmmProcess {
             };
             let _ = tx.send(Some(exit));
         });
-        Ok(VmmProcess { pid, exit_rx })
+        tokio::spawn(keep_bounded(
+            spec.console_log.clone(),
+            spec.console_log_max_bytes,
+            exit_rx.clone(),
+        ));
+        Ok(VmmProcess {
+            pid,
+            start_time,
+            exit_rx,
+            pidfd: None,
+        })
+    }
+
+    /// Takes over a VMM started by an earlier daemon: `id` must still name the
+    /// same process (its start time matches) and its command line must mention
+    /// `marker` (its control socket). Its exit is then noticed through a pidfd;
+    /// the exit status is unknown (it is not our child), so it reads as `None`.
+    pub fn adopt(
+        id: ProcessIdentity,
+        marker: &Path,
+        console_log: &Path,
+        console_log_max_bytes: u64,
+    ) -> Result<VmmProcess, VmmError> {
+        let gone = |why: String| VmmError::Io {
+            context: format!("vmm pid {}", id.pid),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, why),
+        };
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1;
+        // no memory is passed.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, id.pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(gone(format!(
+                "is gone ({})",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: the syscall returned a fresh descriptor that nothing else owns.
+        let pidfd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+        // With the pidfd held, checking /proc/<pid> checks the process it names.
+        match proc_start_time(id.pid) {
+            Some(t) if t == id.start_time => {}
+            Some(_) => return Err(gone("is another process now (start time differs)".into())),
+            None => return Err(gone("is gone".into())),
+        }
+        if proc_state(id.pid) == Some('Z') {
+            return Err(gone("is gone (exited, not reaped yet)".into()));
+        }
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", id.pid)).unwrap_or_default();
+        let m = marker.as_os_str().as_encoded_bytes();
+        if m.is_empty() || !cmdline.windows(m.len()).any(|w| w == m) {
+            return Err(gone(format!(
+                "does not mention {} in its command line",
+                marker.display()
+            )));
+        }
+        let (tx, exit_rx) = watch::channel(None);
+        let watched = pidfd.clone();
+        tokio::spawn(async move {
+            // A pidfd becomes readable when its process exits.
+            // SAFETY: the `SharedFd` owns a clone of the `Arc<OwnedFd>`, so the
+            // descriptor stays open and the same for the AsyncFd's whole life.
+            let registered = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    SharedFd(watched.clone()),
+                    tokio::io::Interest::READABLE,
+                )
+            };
+            if let Ok(afd) = registered {
+                let _ = afd.readable().await;
+            } else {
+                // Cannot register (should not happen): poll instead.
+                while pidfd_alive(&watched) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            let _ = tx.send(Some(VmmExit {
+                code: None,
+                signal: None,
+            }));
+        });
+        tokio::spawn(keep_bounded(
+            console_log.to_path_buf(),
+            console_log_max_bytes,
+            exit_rx.clone(),
+        ));
+        Ok(VmmProcess {
+            pid: id.pid,
+            start_time: id.start_time,
+            exit_rx,
+            pidfd: Some(pidfd),
+        })
     }
 
     /// The process id (also its process group id).
@@ -103,7 +191,15 @@ impl VmmProcess {
         self.pid
     }
 
-    /// Becomes `Some` once the process has exited and been reaped.
+    /// What identifies this process across daemon restarts.
+    pub fn identity(&self) -> ProcessIdentity {
+        ProcessIdentity {
+            pid: self.pid,
+            start_time: self.start_time,
+        }
+    }
+
+    /// Becomes `Some` once the process has exited (and, for a child, been reaped).
     pub fn exit_watch(&self) -> watch::Receiver<Option<VmmExit>> {
         self.exit_rx.clone()
     }
@@ -113,14 +209,36 @@ impl VmmProcess {
         *self.exit_rx.borrow()
     }
 
-    /// Kills the whole process group with SIGKILL and waits until the process is reaped.
+    /// Kills the whole process group with SIGKILL and waits until the process is gone.
     pub async fn kill(&self) -> VmmExit {
         if let Some(e) = self.exited() {
             return e;
         }
-        // The group leader is not reaped yet (the watch is still empty), so the
-        // group id cannot have been reused.
-        let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        match &self.pidfd {
+            // A child not reaped yet (the watch is still empty) keeps its group
+            // id reserved, so the group cannot be someone else's.
+            None => {
+                let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+            }
+            Some(fd) => {
+                // The group goes first while its leader (named by the pidfd) is
+                // alive, then the leader through the pidfd itself.
+                if pidfd_alive(fd) {
+                    let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+                }
+                // SAFETY: pidfd_send_signal takes a valid pidfd, a signal number,
+                // a null siginfo and zero flags.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        fd.as_raw_fd(),
+                        libc::SIGKILL,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    );
+                }
+            }
+        }
         let mut rx = self.exit_rx.clone();
         loop {
             if let Some(e) = *rx.borrow_and_update() {
@@ -136,88 +254,92 @@ impl VmmProcess {
     }
 }
 
-async fn copy_into<R: tokio::io::AsyncRead + Unpin>(mut r: R, mut log: BoundedLog) {
-    // Small: one of these lives per VM for the VM's whole life.
-    let mut buf = [0u8; 2048];
+/// A shared pidfd, registrable with tokio.
+struct SharedFd(Arc<OwnedFd>);
+
+impl AsRawFd for SharedFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// True while the process a pidfd names has not exited.
+fn pidfd_alive(fd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 0
+}
+
+/// A process's state letter (`R`, `S`, `Z`, …; field 3 of /proc/<pid>/stat).
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].chars().next()
+}
+
+/// A process's start time (clock ticks after boot, field 22 of /proc/<pid>/stat).
+pub fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: count after it.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Keeps a console log under about `max` bytes while its VMM runs: when it
+/// grows past `max`, its content is copied to `NAME.1` and it is truncated. The
+/// VMM appends (`O_APPEND`), so its next write lands at the new end.
+async fn keep_bounded(path: PathBuf, max: u64, mut exit: watch::Receiver<Option<VmmExit>>) {
     loop {
-        match r.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => log.write(&buf[..n]),
-        }
-    }
-}
-
-/// An append-only log file rotated to `NAME.1` when it reaches its limit, so at
-/// most about twice the limit is ever kept on disk.
-#[derive(Debug)]
-pub struct BoundedLog {
-    path: PathBuf,
-    file: Option<std::fs::File>,
-    size: u64,
-    max: u64,
-}
-
-impl BoundedLog {
-    /// Opens (appending) or creates the log.
-    pub fn open(path: &Path, max: u64) -> std::io::Result<BoundedLog> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
-        let size = file.metadata()?.len();
-        Ok(BoundedLog {
-            path: path.to_path_buf(),
-            file: Some(file),
-            size,
-            max,
-        })
-    }
-
-    /// Appends, rotating first when the write would pass the limit. Write errors
-    /// (a full disk) drop the output rather than stall the VMM.
-    pub fn write(&mut self, mut data: &[u8]) {
-        while !data.is_empty() {
-            if self.size >= self.max {
-                self.rotate();
-            }
-            let room = (self.max - self.size.min(self.max)).max(1) as usize;
-            let n = room.min(data.len());
-            if let Some(f) = self.file.as_mut() {
-                if f.write_all(&data[..n]).is_err() {
+        tokio::select! {
+            _ = tokio::time::sleep(LOG_CHECK) => {}
+            r = exit.changed() => {
+                if r.is_err() || exit.borrow().is_some() {
+                    rotate_if_over(&path, max);
                     return;
                 }
-            } else {
-                return;
             }
-            self.size += n as u64;
-            data = &data[n..];
         }
-    }
-
-    fn rotate(&mut self) {
-        let mut old = self.path.clone().into_os_string();
-        old.push(".1");
-        let _ = std::fs::rename(&self.path, &old);
-        self.file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .ok();
-        self.size = 0;
+        rotate_if_over(&path, max);
     }
 }
 
-/// The last `max` bytes of a file, lossily decoded (empty when it cannot be read).
-pub fn read_tail(path: &Path, max: u64) -> String {
+/// Rotates `path` to `path.1` by copy and truncate when it is over `max` bytes.
+pub fn rotate_if_over(path: &Path, max: u64) {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    if meta.len() <= max {
+        return;
+    }
+    let mut old = path.as_os_str().to_owned();
+    old.push(".1");
+    // Only the last `max` bytes are worth keeping.
+    let tail = read_tail_bytes(path, max);
+    let _ = std::fs::write(&old, tail);
+    if let Ok(f) = std::fs::OpenOptions::new().write(true).open(path) {
+        let _ = f.set_len(0);
+    }
+}
+
+fn read_tail_bytes(path: &Path, max: u64) -> Vec<u8> {
     use std::io::{Read, Seek, SeekFrom};
     let Ok(mut f) = std::fs::File::open(path) else {
-        return String::new();
+        return Vec::new();
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
     let mut buf = Vec::new();
     let _ = f.take(max).read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).into_owned()
+    buf
+}
+
+/// The last `max` bytes of a file, lossily decoded (empty when it cannot be read).
+pub fn read_tail(path: &Path, max: u64) -> String {
+    String::from_utf8_lossy(&read_tail_bytes(path, max)).into_owned()
 }
 
 /// Waits until `socket` exists, failing early when the process exits first.
@@ -265,20 +387,93 @@ pub fn last_lines(console_log: &Path) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn bounded_log_rotates_and_keeps_at_most_twice_the_limit() {
+    #[tokio::test]
+    async fn the_console_log_stays_bounded_while_the_vmm_writes() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("console.log");
-        let mut log = BoundedLog::open(&p, 4096).unwrap();
-        for i in 0..1000 {
-            log.write(format!("line {i:05}\n").as_bytes());
+        let proc = VmmProcess::spawn(&SpawnSpec {
+            binary: "/bin/sh".into(),
+            args: vec![
+                "-c".into(),
+                "i=0; while [ $i -lt 3000 ]; do echo line $i; i=$((i+1)); \
+                 [ $((i % 500)) = 0 ] && sleep 0.3; done"
+                    .into(),
+            ],
+            console_log: p.clone(),
+            console_log_max_bytes: 4096,
+        })
+        .unwrap();
+        let mut biggest = 0;
+        while proc.exited().is_none() {
+            biggest = biggest.max(std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let cur = std::fs::metadata(&p).unwrap().len();
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let old = std::fs::metadata(dir.path().join("console.log.1"))
             .unwrap()
             .len();
-        assert!(cur <= 4096 && old <= 4096, "{cur} {old}");
-        assert!(read_tail(&p, 100).ends_with("line 00999\n"));
+        // Each burst of 500 lines is about 5 KiB; rotation keeps the file near the limit.
+        assert!(biggest < 16 * 1024, "console log reached {biggest} bytes");
+        assert!(old <= 4096, "{old}");
+        assert!(
+            read_tail(&p, 100).ends_with("line 2999\n")
+                || read_tail(&dir.path().join("console.log.1"), 100).ends_with("line 2999\n")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_adopted_process_is_watched_and_killed_through_its_pidfd() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("marker.sock");
+        // A process that is not our child: started by a shell that exits at once.
+        std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!(
+                "setsid sh -c 'sleep 1000; :' {} >/dev/null 2>&1 </dev/null &",
+                marker.display()
+            ))
+            .status()
+            .unwrap();
+        // Find it by its marker.
+        let mut pid = None;
+        for _ in 0..100 {
+            pid = crate::local::processes_mentioning(&marker).first().copied();
+            if pid.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let pid = pid.expect("the orphan runs");
+        let start_time = proc_start_time(pid).unwrap();
+        let log = dir.path().join("c.log");
+        let wrong = ProcessIdentity {
+            pid,
+            start_time: start_time + 1,
+        };
+        assert!(VmmProcess::adopt(wrong, &marker, &log, 1 << 20).is_err());
+        assert!(VmmProcess::adopt(
+            ProcessIdentity { pid, start_time },
+            Path::new("/elsewhere"),
+            &log,
+            1 << 20
+        )
+        .is_err());
+        let p =
+            VmmProcess::adopt(ProcessIdentity { pid, start_time }, &marker, &log, 1 << 20).unwrap();
+        assert_eq!(p.identity(), ProcessIdentity { pid, start_time });
+        assert!(p.exited().is_none());
+        let t = Instant::now();
+        let exit = p.kill().await;
+        assert_eq!(
+            exit,
+            VmmExit {
+                code: None,
+                signal: None
+            }
+        );
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        // Dead (at most a zombie waiting for its reaper).
+        assert!(crate::local::processes_mentioning(&marker).is_empty());
     }
 
     #[tokio::test]

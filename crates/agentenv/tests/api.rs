@@ -586,35 +586,111 @@ fn set_record_state(dir: &TestDir, vm_id: &str, state: &str, pid: Value) {
 }
 
 #[test]
-fn a_restart_finishes_what_a_crash_interrupted() {
+fn a_restart_re_adopts_live_vmms_and_finishes_what_a_crash_interrupted() {
     let mut dir = TestDir::new();
     dir.baseline = Some(common::baseline(dir.path()));
     // A daemon that leaves its VMMs behind when it goes away, as a crash would.
     let mut cfg = dir.config();
     cfg.on_shutdown = agentenv_core::config::OnShutdown::Leave;
-    let d = Daemon::start_with(cfg, dir.path());
-    for id in ["creating", "deleting", "running"] {
+    let d = Daemon::start_with(cfg.clone(), dir.path());
+    for id in [
+        "creating", "deleting", "running", "paused", "died", "stopped",
+    ] {
         d.create_ok(id);
     }
+    assert_eq!(d.call("POST", "/v1/vm/paused/pause", None).0, 200);
+    assert_eq!(d.call("POST", "/v1/vm/stopped/shutdown", None).0, 200);
+    let pids: std::collections::HashMap<String, u64> = d
+        .engine
+        .list()
+        .into_iter()
+        .filter_map(|v| Some((v.vm_id, u64::from(v.pid?))))
+        .collect();
     d.stop();
     assert_eq!(
         agentenv_testkit::leaks::processes_mentioning(&dir.path().join("s")).len(),
-        3,
-        "the three VMMs outlive the daemon"
+        5,
+        "the five VMMs outlive the daemon"
     );
     // Records as a crash mid-create (no pid yet) and mid-delete leave them.
     set_record_state(&dir, "creating", "creating", Value::Null);
     set_record_state(&dir, "deleting", "deleting", Value::Null);
-    let d = Daemon::start_with(dir.config(), dir.path());
+    // One VMM dies while no daemon runs.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids["died"] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Leftovers no record owns: a VMM started by hand on the socket root, a
+    // socket file, a session directory without a record, one with a torn record.
+    let orphan_sock = dir.path().join("s/orphan.sock");
+    let orphan = std::process::Command::new(common::firecracker())
+        .arg("--api-sock")
+        .arg(&orphan_sock)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stray_sock = dir.path().join("s/stray.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stray_sock).unwrap());
+    std::fs::create_dir_all(dir.path().join("sessions/norecord")).unwrap();
+    std::fs::create_dir_all(dir.path().join("sessions/torn")).unwrap();
+    std::fs::write(dir.path().join("sessions/torn/vm.json"), b"{\"schema_vers").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
+    let d = Daemon::start_with(cfg, dir.path());
     // The interrupted create is rolled back and the delete finished: gone, with
-    // their VMMs; the VM that was running is marked failed, its VMM stopped.
+    // their VMMs.
     assert!(d.engine.get("creating").is_err());
     assert!(d.engine.get("deleting").is_err());
     assert!(!dir.path().join("sessions/creating").exists());
     assert!(!dir.path().join("sessions/deleting").exists());
-    let v = d.engine.get("running").unwrap();
+    // Live VMMs are re-adopted in the state they report, same processes.
+    for (id, state) in [("running", "running"), ("paused", "paused")] {
+        let (_, v) = d.call("GET", &format!("/v1/vm/{id}"), None);
+        assert_eq!(v["state"], state, "{v}");
+        assert_eq!(v["pid"].as_u64(), Some(pids[id]), "{v}");
+    }
+    // ... and work: pause, resume, shutdown.
+    let (code, v) = d.call("POST", "/v1/vm/running/pause", None);
+    assert_eq!((code, v["state"].as_str()), (200, Some("paused")), "{v}");
+    let (code, v) = d.call("POST", "/v1/vm/paused/resume", None);
+    assert_eq!((code, v["state"].as_str()), (200, Some("running")), "{v}");
+    let (code, v) = d.call("POST", "/v1/vm/paused/shutdown", None);
+    assert_eq!((code, v["state"].as_str()), (200, Some("stopped")), "{v}");
+    // The VMM that died meanwhile: failed, with the cause.
+    let v = d.engine.get("died").unwrap();
     assert_eq!(v.state, agentenv_api::VmState::Failed);
-    assert!(v.exit.unwrap().cause.contains("not re-adopted"));
+    let cause = v.exit.unwrap().cause;
+    assert!(
+        cause.contains("could not be re-adopted") && cause.contains("gone"),
+        "{cause}"
+    );
+    assert_eq!(
+        d.engine.get("stopped").unwrap().state,
+        agentenv_api::VmState::Stopped
+    );
+    // Leftovers are cleaned: the orphan VMM killed, the sockets removed, the
+    // record-less session removed, the torn one moved aside.
+    let mut orphan = orphan;
+    let start = std::time::Instant::now();
+    while orphan.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "orphan vmm survived"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!orphan_sock.exists() && !stray_sock.exists());
+    assert!(!dir.path().join("sessions/norecord").exists());
+    assert!(!dir.path().join("sessions/torn").exists());
+    let quarantined = std::fs::read_dir(dir.path().join("sessions/.quarantine"))
+        .unwrap()
+        .count();
+    assert_eq!(quarantined, 1);
+    // A VM of the same id as the torn one can be made again.
+    d.create_ok("torn");
+    std::fs::remove_dir_all(dir.path().join("sessions/.quarantine")).unwrap();
     finish(d, dir);
 }
 

@@ -478,13 +478,16 @@ fn the_guest_agent_runs_commands_moves_files_and_freezes_for_snapshots() {
     let r = exec(
         &d,
         "a1",
-        json!({"cmd": ["sh", "-c", "pgrep -c 'sleep 60' || true"]}),
+        json!({"cmd": ["sh", "-c",
+            "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' <$f; echo; done 2>/dev/null \
+             | grep -c '^slee[p] 60' || true"]}),
     );
     assert_eq!(
         r["stdout"].as_str().unwrap().trim(),
         "0",
         "the group survived: {r}"
     );
+    assert_eq!(r["stderr"], "", "{r}");
 
     // A 64 MiB binary file, up and down, with the guest's own checksum.
     let data: Vec<u8> = {

@@ -620,7 +620,11 @@ impl Engine {
             })?;
             apply_lease(plan, lease);
         }
-        let slot = VmSlot::new(plan.info.clone(), plan.lease.clone());
+        let slot = VmSlot::new(
+            plan.info.clone(),
+            plan.lease.clone(),
+            plan.launch.agent_socket.clone(),
+        );
         vms.insert(id.clone(), slot.clone());
         Ok(slot)
     }
@@ -665,7 +669,7 @@ impl Engine {
             self.host.create_ext4_from_dir(dir, image, *size).await?;
         }
         fp.check("create.disk")?;
-        self.persist(&plan.info, plan.lease.clone())?;
+        self.persist(slot, &plan.info)?;
         fp.check("create.record")?;
         let inst: Arc<dyn VmmInstance> = Arc::from(self.vmm.launch(&plan.launch).await.map_err(
             |source| EngineError::Vmm {
@@ -681,6 +685,7 @@ impl Engine {
             info.pid = inst.pid();
             Ok::<(), std::convert::Infallible>(())
         });
+        slot.set_process(inst.identity());
         let settled = fp
             .check("create.running")
             .and_then(|_| self.set_state(slot, VmState::Running));

@@ -9,6 +9,7 @@
 mod agent;
 mod create;
 mod lifecycle;
+mod restore;
 mod snapshot;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -20,11 +21,10 @@ use agentenv_api::{ExitInfo, VmInfo, VmState};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Vmm, VmmExit, VmmInstance};
+use crate::backend::{ProcessIdentity, Vmm, VmmExit, VmmInstance};
 use crate::config::Config;
 use crate::error::EngineError;
 use crate::host::Host;
-use crate::ids::checked_join;
 use crate::net::{HostNetwork, NetLease, NetPlan};
 use crate::snapshot::SnapshotStore;
 use crate::state::transition;
@@ -51,6 +51,12 @@ pub struct VmRecord {
     /// Its network lease while it holds one (automatic networking).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<NetLease>,
+    /// The VMM process while there is one, for re-adoption after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm_process: Option<ProcessIdentity>,
+    /// The host end of the guest agent channel, when the VM has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_socket: Option<PathBuf>,
 }
 
 /// One tracked VM.
@@ -69,10 +75,14 @@ struct VmSlot {
     agent: Mutex<Option<agentenv_guest::client::AgentClient>>,
     /// True while the agent answers (for waiters).
     ready: tokio::sync::watch::Sender<bool>,
+    /// The VMM process while there is one (persisted for re-adoption).
+    process: Mutex<Option<ProcessIdentity>>,
+    /// The host end of the agent channel, when the VM has one.
+    agent_socket: Option<PathBuf>,
 }
 
 impl VmSlot {
-    fn new(info: VmInfo, net: Option<NetLease>) -> Arc<VmSlot> {
+    fn new(info: VmInfo, net: Option<NetLease>, agent_socket: Option<PathBuf>) -> Arc<VmSlot> {
         Arc::new(VmSlot {
             op: tokio::sync::Mutex::new(()),
             json: Mutex::new(render(&info)),
@@ -81,7 +91,17 @@ impl VmSlot {
             net: Mutex::new(net),
             agent: Mutex::new(None),
             ready: tokio::sync::watch::channel(false).0,
+            process: Mutex::new(None),
+            agent_socket,
         })
+    }
+
+    fn process(&self) -> Option<ProcessIdentity> {
+        *self.process.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_process(&self, p: Option<ProcessIdentity>) {
+        *self.process.lock().unwrap_or_else(|p| p.into_inner()) = p;
     }
 
     fn agent(&self) -> Option<agentenv_guest::client::AgentClient> {
@@ -194,12 +214,12 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Builds an engine and loads the VM records found under `session_root`.
+    /// Builds an engine and reconciles the VM records found under `session_root`
+    /// with what is alive (see [`restore`](Engine::restore)): live VMMs are
+    /// re-adopted, dead ones recorded as failed, leftovers cleaned.
     ///
-    /// `cfg` paths must be absolute. Records of VMs that were running when the
-    /// daemon last stopped are marked `failed` (their VMM is stopped if it is still
-    /// there), since this version does not re-adopt VMMs. With networking, the
-    /// firewall table is installed and network objects no VM owns are reclaimed.
+    /// `cfg` paths must be absolute. With networking, the firewall table is
+    /// installed and network objects no VM owns are reclaimed.
     pub async fn start(
         cfg: Config,
         vmm: Arc<dyn Vmm>,
@@ -222,7 +242,7 @@ impl Engine {
             vms: Mutex::new(BTreeMap::new()),
             failpoints: Failpoints::default(),
         });
-        engine.load_records();
+        engine.restore().await;
         if let Some((net, plan)) = &engine.net {
             let keep: Vec<NetLease> = engine.slots().iter().filter_map(|s| s.lease()).collect();
             net.init(plan, &keep)
@@ -249,98 +269,6 @@ impl Engine {
     /// The backend new VMs get.
     pub fn backend(&self) -> agentenv_api::BackendKind {
         self.vmm.kind()
-    }
-
-    fn load_records(&self) {
-        let names = match self.host.list_dir(&self.cfg.session_root) {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!("cannot list session_root: {e}");
-                return;
-            }
-        };
-        let mut vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
-        for name in names {
-            let Ok(dir) = checked_join(&self.cfg.session_root, "vm_id", &name) else {
-                continue;
-            };
-            let path = dir.join(RECORD_FILE);
-            let record = match self.host.read(&path).and_then(|b| {
-                serde_json::from_slice::<VmRecord>(&b).map_err(|e| crate::host::HostError {
-                    context: format!("cannot parse {}", path.display()),
-                    message: e.to_string(),
-                    no_space: false,
-                })
-            }) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!("skipping session {name}: {e}");
-                    continue;
-                }
-            };
-            if record.schema_version != VM_RECORD_SCHEMA {
-                tracing::warn!(
-                    "skipping session {name}: record schema {} is not {VM_RECORD_SCHEMA}",
-                    record.schema_version
-                );
-                continue;
-            }
-            let mut info = record.vm;
-            let mut lease = record.net;
-            // Readiness is a live connection, never carried over.
-            info.ready = false;
-            if info.vm_id != name {
-                tracing::warn!("skipping session {name}: record names vm {}", info.vm_id);
-                continue;
-            }
-            // A create or a delete cut short by a crash is finished now: the
-            // create is rolled back, the delete completed.
-            if matches!(info.state, VmState::Creating | VmState::Deleting) {
-                let socket = PathBuf::from(&info.api_socket);
-                self.host.kill_stale_process(info.pid, &socket);
-                let _ = self.host.remove_file(&socket);
-                match self.host.remove_dir_all(&dir) {
-                    Ok(()) => tracing::warn!(
-                        "vm {name}: finished an interrupted {} (session removed)",
-                        if info.state == VmState::Creating {
-                            "create"
-                        } else {
-                            "delete"
-                        }
-                    ),
-                    Err(e) => tracing::error!("vm {name}: {e}"),
-                }
-                continue;
-            }
-            if info.state.has_vmm() {
-                let socket = PathBuf::from(&info.api_socket);
-                if self.host.kill_stale_process(info.pid, &socket) {
-                    tracing::warn!(
-                        "vm {name}: stopped the vmm left from a previous run (pid {:?})",
-                        info.pid
-                    );
-                }
-                let _ = self.host.remove_file(&socket);
-                info.exit = Some(ExitInfo {
-                    exit_code: None,
-                    signal: None,
-                    cause: format!(
-                        "agentenv restarted while the vm was {}; its vmm was not re-adopted",
-                        info.state
-                    ),
-                    at: Utc::now(),
-                });
-                info.state = VmState::Failed;
-                info.pid = None;
-                info.updated_at = Utc::now();
-                // Its TAP and rules are reclaimed by the network's init.
-                lease = None;
-                if let Err(e) = self.persist(&info, None) {
-                    tracing::warn!("vm {name}: {e}");
-                }
-            }
-            vms.insert(name, VmSlot::new(info, lease));
-        }
     }
 
     fn slot(&self, vm_id: &str) -> Result<Arc<VmSlot>, EngineError> {
@@ -388,11 +316,14 @@ impl Engine {
         self.len() == 0
     }
 
-    fn persist(&self, info: &VmInfo, net: Option<NetLease>) -> Result<(), EngineError> {
+    /// Writes `info` with what the slot holds (lease, process, agent socket).
+    fn persist(&self, slot: &VmSlot, info: &VmInfo) -> Result<(), EngineError> {
         let record = VmRecord {
             schema_version: VM_RECORD_SCHEMA,
             vm: info.clone(),
-            net,
+            net: slot.lease(),
+            vmm_process: slot.process(),
+            agent_socket: slot.agent_socket.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&record).expect("records serialise");
         let path = Path::new(&info.session_dir).join(RECORD_FILE);
@@ -409,7 +340,7 @@ impl Engine {
             Ok::<(), EngineError>(())
         })?;
         if is_settled(to) {
-            self.persist(&info, slot.lease())?;
+            self.persist(slot, &info)?;
         }
         Ok(info)
     }
@@ -432,6 +363,7 @@ impl Engine {
             (None, None) => (VmState::Failed, format!("vmm {exit} unexpectedly")),
         };
         slot.set_instance(None);
+        slot.set_process(None);
         if let Some(a) = slot.agent() {
             a.shutdown();
         }
@@ -459,7 +391,7 @@ impl Engine {
             Ok::<(), std::convert::Infallible>(())
         });
         let Ok(info) = info;
-        if let Err(e) = self.persist(&info, None) {
+        if let Err(e) = self.persist(slot, &info) {
             tracing::warn!("vm {}: {e}", info.vm_id);
         }
         tracing::info!(

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agentenv_api::BackendKind;
-use agentenv_core::backend::{AgentChannel, LaunchSpec, Vmm, VmmError, VmmExit, VmmInstance};
+use agentenv_core::backend::{
+    AdoptSpec, AdoptedState, AgentChannel, LaunchSpec, ProcessIdentity, Vmm, VmmError, VmmExit,
+    VmmInstance,
+};
 use async_trait::async_trait;
 use hyper::Method;
 use serde_json::{json, Value};
@@ -151,7 +154,12 @@ impl Vmm for FirecrackerVmm {
             console_log: spec.console_log.clone(),
             console_log_max_bytes: spec.console_log_max_bytes,
         })?;
-        let inst = FirecrackerInstance::new(process, spec);
+        let inst = FirecrackerInstance::new(
+            process,
+            &spec.control_socket,
+            spec.agent_socket.clone(),
+            spec.request_timeout,
+        );
         match inst.boot(spec).await {
             Ok(()) => Ok(Box::new(inst)),
             Err(e) => {
@@ -160,6 +168,37 @@ impl Vmm for FirecrackerVmm {
                 Err(e)
             }
         }
+    }
+
+    async fn adopt(
+        &self,
+        spec: &AdoptSpec,
+    ) -> Result<(Box<dyn VmmInstance>, AdoptedState), VmmError> {
+        let process = VmmProcess::adopt(
+            spec.process,
+            &spec.control_socket,
+            &spec.console_log,
+            spec.console_log_max_bytes,
+        )?;
+        let inst = FirecrackerInstance::new(
+            process,
+            &spec.control_socket,
+            spec.agent_socket.clone(),
+            spec.request_timeout,
+        );
+        inst.client.set_keep_alive(false).await;
+        let info = inst.instance_info().await?;
+        let state = match info["state"].as_str() {
+            Some("Running") => AdoptedState::Running,
+            Some("Paused") => AdoptedState::Paused,
+            other => {
+                return Err(VmmError::Transport {
+                    request: "GET /".into(),
+                    message: format!("the vmm reports state {other:?}, not Running or Paused"),
+                })
+            }
+        };
+        Ok((Box::new(inst), state))
     }
 }
 
@@ -177,11 +216,16 @@ pub struct FirecrackerInstance {
 }
 
 impl FirecrackerInstance {
-    fn new(process: VmmProcess, spec: &LaunchSpec) -> FirecrackerInstance {
+    fn new(
+        process: VmmProcess,
+        control_socket: &Path,
+        agent_socket: Option<PathBuf>,
+        request_timeout: Duration,
+    ) -> FirecrackerInstance {
         let inst = FirecrackerInstance {
-            client: FcClient::new(&spec.control_socket, spec.request_timeout),
-            socket: spec.control_socket.clone(),
-            agent_socket: spec.agent_socket.clone(),
+            client: FcClient::new(control_socket, request_timeout),
+            socket: control_socket.to_path_buf(),
+            agent_socket,
             process,
         };
         // Firecracker leaves its socket files behind when it exits; remove them.
@@ -281,6 +325,10 @@ impl FirecrackerInstance {
 impl VmmInstance for FirecrackerInstance {
     fn pid(&self) -> Option<u32> {
         Some(self.process.pid())
+    }
+
+    fn identity(&self) -> Option<ProcessIdentity> {
+        Some(self.process.identity())
     }
 
     async fn pause(&self) -> Result<(), VmmError> {

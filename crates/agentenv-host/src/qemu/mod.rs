@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use agentenv_api::BackendKind;
 use agentenv_core::backend::{
-    wait_exit, AgentChannel, LaunchSpec, Vmm, VmmError, VmmExit, VmmInstance,
+    wait_exit, AdoptSpec, AdoptedState, AgentChannel, LaunchSpec, ProcessIdentity, Vmm, VmmError,
+    VmmExit, VmmInstance,
 };
 use async_trait::async_trait;
 use serde_json::Value;
@@ -129,7 +130,13 @@ impl QemuVmm {
                     ms = spawned.elapsed().as_millis() as u64,
                     "qemu running, qmp ready"
                 );
-                Ok(QemuInstance::new(process, qmp, spec, ids))
+                Ok(QemuInstance::new(
+                    process,
+                    qmp,
+                    &spec.control_socket,
+                    spec.agent_socket.clone(),
+                    ids,
+                ))
             }
             Err(e) => {
                 let e = explain_exit(e, &process, &spec.console_log).await;
@@ -152,6 +159,46 @@ impl Vmm for QemuVmm {
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmmInstance>, VmmError> {
         Ok(Box::new(self.start(spec).await?))
+    }
+
+    async fn adopt(
+        &self,
+        spec: &AdoptSpec,
+    ) -> Result<(Box<dyn VmmInstance>, AdoptedState), VmmError> {
+        let process = VmmProcess::adopt(
+            spec.process,
+            &spec.control_socket,
+            &spec.console_log,
+            spec.console_log_max_bytes,
+        )?;
+        let qmp = QmpClient::new(&spec.control_socket, spec.request_timeout);
+        qmp.connect(spec.request_timeout).await?;
+        let state = match qmp.query_status().await?.as_str() {
+            "running" => AdoptedState::Running,
+            "paused" => AdoptedState::Paused,
+            other => {
+                return Err(VmmError::Refused {
+                    request: "query-status".into(),
+                    status: 0,
+                    message: format!("guest is {other}, not running or paused"),
+                })
+            }
+        };
+        let ids = SocketIds {
+            control: socket_id(&spec.control_socket)?,
+            agent: match &spec.agent_socket {
+                Some(p) => Some(socket_id(p)?),
+                None => None,
+            },
+        };
+        let inst = QemuInstance::new(
+            process,
+            qmp,
+            &spec.control_socket,
+            spec.agent_socket.clone(),
+            ids,
+        );
+        Ok((Box::new(inst), state))
     }
 }
 
@@ -290,12 +337,18 @@ impl std::fmt::Debug for QemuInstance {
 }
 
 impl QemuInstance {
-    fn new(process: VmmProcess, qmp: QmpClient, spec: &LaunchSpec, ids: SocketIds) -> QemuInstance {
+    fn new(
+        process: VmmProcess,
+        qmp: QmpClient,
+        control_socket: &Path,
+        agent_socket: Option<PathBuf>,
+        ids: SocketIds,
+    ) -> QemuInstance {
         let inst = QemuInstance {
             process,
             qmp,
-            socket: spec.control_socket.clone(),
-            agent_socket: spec.agent_socket.clone(),
+            socket: control_socket.to_path_buf(),
+            agent_socket,
             ids,
         };
         // QEMU removes its sockets when it exits cleanly, not when killed.
@@ -372,6 +425,10 @@ impl QemuInstance {
 impl VmmInstance for QemuInstance {
     fn pid(&self) -> Option<u32> {
         Some(self.process.pid())
+    }
+
+    fn identity(&self) -> Option<ProcessIdentity> {
+        Some(self.process.identity())
     }
 
     async fn pause(&self) -> Result<(), VmmError> {

@@ -1,0 +1,317 @@
+//! Startup reconciliation: the VM records on disk against what is alive.
+//!
+//! VMMs outlive the daemon. At startup each record is settled:
+//! - `creating` / `deleting` (a crash mid-operation): the create is rolled back,
+//!   the delete completed;
+//! - `running` / `paused` whose VMM is the recorded process (same pid and start
+//!   time, command line naming its control socket) and answers on its control
+//!   socket: re-adopted, in the state the VMM reports;
+//! - otherwise: `failed` with the cause, its VMM (if any is left) killed and its
+//!   resources freed;
+//! - a session directory without a record is a create that never got one:
+//!   removed; one whose record cannot be read is moved aside and reported, and
+//!   stops nothing else.
+//!
+//! Then everything with agentenv's naming that no record owns is cleaned and
+//! logged: VMM processes mentioning the socket root, sockets in it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use agentenv_api::{ExitInfo, VmInfo, VmState};
+use chrono::Utc;
+
+use super::{Engine, VmRecord, VmSlot, RECORD_FILE, VM_RECORD_SCHEMA};
+use crate::backend::{AdoptSpec, AdoptedState, VmmInstance};
+use crate::ids::checked_join;
+
+/// Where unreadable session directories are moved, under `session_root`.
+pub const QUARANTINE_DIR: &str = ".quarantine";
+
+/// What became of one session directory.
+enum Outcome {
+    /// A VM to track, with its VMM when it was re-adopted.
+    Track(Arc<VmSlot>, Option<Arc<dyn VmmInstance>>),
+    /// Nothing to track.
+    Skip,
+}
+
+impl Engine {
+    /// Reconciles every session directory with what is alive, then cleans what
+    /// no record owns. Never fails: a bad record is reported and skipped.
+    pub(super) async fn restore(self: &Arc<Self>) {
+        let root = self.cfg.session_root.clone();
+        let names = match self.host.list_dir(&root) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("cannot list session_root: {e}");
+                return;
+            }
+        };
+        let mut adopted = Vec::new();
+        for name in names {
+            if name.starts_with('.') {
+                continue;
+            }
+            match self.restore_one(&root, &name).await {
+                Outcome::Track(slot, inst) => {
+                    if let Some(inst) = inst {
+                        adopted.push((name.clone(), inst));
+                    }
+                    self.vms
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(name, slot);
+                }
+                Outcome::Skip => {}
+            }
+        }
+        for (vm_id, inst) in adopted {
+            self.spawn_exit_monitor(vm_id.clone(), inst.clone());
+            self.spawn_agent_watch(vm_id, inst);
+        }
+        self.clean_orphans();
+    }
+
+    async fn restore_one(&self, root: &Path, name: &str) -> Outcome {
+        let Ok(dir) = checked_join(root, "vm_id", name) else {
+            tracing::warn!("session_root holds {name:?}, which is no vm id; left alone");
+            return Outcome::Skip;
+        };
+        let path = dir.join(RECORD_FILE);
+        let bytes = match self.host.read(&path) {
+            Ok(b) => b,
+            Err(_) if self.host.inspect(&path).is_err() => {
+                // A create that crashed before writing its record: nothing
+                // refers to this directory.
+                match self.host.remove_dir_all(&dir) {
+                    Ok(()) => tracing::warn!("removed session {name}: it has no vm record"),
+                    Err(e) => tracing::error!("session {name} has no vm record: {e}"),
+                }
+                return Outcome::Skip;
+            }
+            Err(e) => {
+                self.quarantine(&dir, name, &e.to_string());
+                return Outcome::Skip;
+            }
+        };
+        let record: VmRecord = match serde_json::from_slice(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                self.quarantine(&dir, name, &format!("cannot parse {}: {e}", path.display()));
+                return Outcome::Skip;
+            }
+        };
+        if record.schema_version != VM_RECORD_SCHEMA {
+            tracing::error!(
+                "session {name}: record schema {} is not {VM_RECORD_SCHEMA}; left alone",
+                record.schema_version
+            );
+            return Outcome::Skip;
+        }
+        if record.vm.vm_id != name {
+            tracing::error!(
+                "session {name}: its record names vm {}; left alone",
+                record.vm.vm_id
+            );
+            return Outcome::Skip;
+        }
+        let mut info = record.vm.clone();
+        let socket = PathBuf::from(&info.api_socket);
+        // Readiness is a live connection, never carried over.
+        info.ready = false;
+
+        if matches!(info.state, VmState::Creating | VmState::Deleting) {
+            // A create or a delete cut short by a crash is finished now: the
+            // create is rolled back, the delete completed.
+            self.host.kill_stale_process(info.pid, &socket);
+            let _ = self.host.remove_file(&socket);
+            match self.host.remove_dir_all(&dir) {
+                Ok(()) => tracing::warn!(
+                    "vm {name}: finished an interrupted {} (session removed)",
+                    if info.state == VmState::Creating {
+                        "create"
+                    } else {
+                        "delete"
+                    }
+                ),
+                Err(e) => tracing::error!("vm {name}: {e}"),
+            }
+            return Outcome::Skip;
+        }
+
+        let slot = VmSlot::new(
+            info.clone(),
+            record.net.clone(),
+            record.agent_socket.clone(),
+        );
+        if !info.state.has_vmm() {
+            return Outcome::Track(slot, None);
+        }
+        match self.adopt(&info, &record).await {
+            Ok((inst, state)) => {
+                slot.set_process(inst.identity());
+                slot.set_instance(Some(inst.clone()));
+                let to = match state {
+                    AdoptedState::Running => VmState::Running,
+                    AdoptedState::Paused => VmState::Paused,
+                };
+                let info = slot
+                    .update(|i| {
+                        if i.state != to {
+                            tracing::warn!(
+                                "vm {name}: recorded {} but its vmm reports {to}; keeping {to}",
+                                i.state
+                            );
+                        }
+                        i.state = to;
+                        i.pid = inst.pid();
+                        i.updated_at = Utc::now();
+                        Ok::<(), std::convert::Infallible>(())
+                    })
+                    .unwrap_or_else(|e| match e {});
+                if let Err(e) = self.persist(&slot, &info) {
+                    tracing::warn!("vm {name}: {e}");
+                }
+                tracing::info!(
+                    vm_id = %name,
+                    pid = info.pid.unwrap_or(0),
+                    "re-adopted the running vmm ({to})"
+                );
+                Outcome::Track(slot, Some(inst))
+            }
+            Err(why) => {
+                if self.host.kill_stale_process(info.pid, &socket) {
+                    tracing::warn!("vm {name}: killed its vmm (pid {:?}): {why}", info.pid);
+                }
+                let _ = self.host.remove_file(&socket);
+                if let Some(a) = &record.agent_socket {
+                    let _ = self.host.remove_file(a);
+                }
+                // Its TAP and rules are reclaimed by the network's init.
+                let _ = slot.take_lease();
+                let was = info.state;
+                let info = slot
+                    .update(|i| {
+                        i.exit = Some(ExitInfo {
+                            exit_code: None,
+                            signal: None,
+                            cause: format!("agentenv restarted while the vm was {was}: {why}"),
+                            at: Utc::now(),
+                        });
+                        i.state = VmState::Failed;
+                        i.pid = None;
+                        i.updated_at = Utc::now();
+                        Ok::<(), std::convert::Infallible>(())
+                    })
+                    .unwrap_or_else(|e| match e {});
+                if let Err(e) = self.persist(&slot, &info) {
+                    tracing::warn!("vm {name}: {e}");
+                }
+                tracing::warn!("vm {name}: failed: {why}");
+                Outcome::Track(slot, None)
+            }
+        }
+    }
+
+    /// Re-adopts a record's VMM, or says why it cannot be.
+    async fn adopt(
+        &self,
+        info: &VmInfo,
+        record: &VmRecord,
+    ) -> Result<(Arc<dyn VmmInstance>, AdoptedState), String> {
+        if info.backend != self.vmm.kind() {
+            return Err(format!(
+                "its vmm is {} but this daemon runs {}; it was not re-adopted",
+                info.backend,
+                self.vmm.kind()
+            ));
+        }
+        let Some(process) = record.vmm_process else {
+            return Err("its record names no vmm process (written by an older agentenv)".into());
+        };
+        let spec = AdoptSpec {
+            vm_id: info.vm_id.clone(),
+            process,
+            control_socket: PathBuf::from(&info.api_socket),
+            agent_socket: record.agent_socket.clone(),
+            console_log: PathBuf::from(&info.console_log),
+            console_log_max_bytes: self.cfg.console_log_max_bytes,
+            request_timeout: std::time::Duration::from_millis(self.cfg.request_timeout_ms),
+        };
+        match self.vmm.adopt(&spec).await {
+            Ok((inst, state)) => Ok((Arc::from(inst), state)),
+            Err(e) => Err(format!(
+                "its vmm (pid {}) could not be re-adopted: {e}",
+                process.pid
+            )),
+        }
+    }
+
+    /// Moves an unreadable session aside so it blocks nothing, and says so.
+    fn quarantine(&self, dir: &Path, name: &str, why: &str) {
+        let qdir = self.cfg.session_root.join(QUARANTINE_DIR);
+        let to = qdir.join(format!(
+            "{name}.{}",
+            Utc::now().format("%Y%m%dT%H%M%S%.3fZ")
+        ));
+        let moved = self
+            .host
+            .create_dir(&qdir)
+            .or_else(|e| match self.host.inspect(&qdir) {
+                Ok(_) => Ok(()),
+                Err(_) => Err(e),
+            })
+            .and_then(|()| self.host.rename(dir, &to));
+        match moved {
+            Ok(()) => tracing::error!(
+                "session {name}: unreadable record ({why}); moved to {} for inspection",
+                to.display()
+            ),
+            Err(e) => tracing::error!("session {name}: unreadable record ({why}); {e}"),
+        }
+    }
+
+    /// Kills VMM processes and removes sockets under `socket_root` that no
+    /// tracked VM owns (left by a crash between spawn and record, or by hand).
+    fn clean_orphans(&self) {
+        let slots = self.slots();
+        let owned_pids: Vec<u32> = slots
+            .iter()
+            .filter_map(|s| s.process().map(|p| p.pid))
+            .collect();
+        let owned_sockets: Vec<PathBuf> = slots
+            .iter()
+            .map(|s| PathBuf::from(&s.info().api_socket))
+            .collect();
+        let root = &self.cfg.socket_root;
+        // With the separator, so `/x/s` does not match `/x/sessions`.
+        let marker = PathBuf::from(format!("{}/", root.display()));
+        for pid in self.host.processes_mentioning(&marker) {
+            if owned_pids.contains(&pid) {
+                continue;
+            }
+            if self.host.kill_stale_process(Some(pid), &marker) {
+                tracing::warn!(
+                    "killed orphan process {pid}: it uses {} but no vm owns it",
+                    root.display()
+                );
+            }
+        }
+        for name in self.host.list_dir(root).unwrap_or_default() {
+            let Ok(path) = checked_join(root, "socket", &name) else {
+                continue;
+            };
+            if owned_sockets.contains(&path) {
+                continue;
+            }
+            let is_socket = self
+                .host
+                .inspect(&path)
+                .is_ok_and(|i| i.kind == crate::host::FileKind::Special);
+            if is_socket && self.host.remove_file(&path).is_ok() {
+                tracing::warn!("removed orphan socket {}", path.display());
+            }
+        }
+    }
+}
