@@ -6,70 +6,9 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::TestDir;
+use common::{free_port, write_config, KillOnDrop, TestDir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_agentenv");
-
-fn write_config(dir: &TestDir, extra: &str) -> std::path::PathBuf {
-    let c = dir.config();
-    // These tests run in the host's namespace: networking stays off.
-    let extra = if extra.contains("[network]") {
-        extra.replace("[network]", "[network]\nenable = false")
-    } else {
-        format!("{extra}\n[network]\nenable = false")
-    };
-    let text = format!(
-        r#"session_root = "{}"
-socket_root = "{}"
-rootfs_root = "{}"
-snapshots_root = "{}"
-tmpfs_snapshot_root = "{}"
-hdfs_snapshot_root = "{}"
-kernel_root = "{}"
-initramfs_root = "{}"
-firecracker_binary = "{}"
-vmm = "firecracker"
-memory_mib_per_slot = 128
-default_slots = 1
-default_disk_size_gib = 1
-shutdown_timeout_s = 3
-on_shutdown = "stop"
-{extra}
-"#,
-        c.session_root.display(),
-        c.socket_root.display(),
-        c.rootfs_root.display(),
-        c.snapshots_root.display(),
-        c.tmpfs_snapshot_root.display(),
-        c.hdfs_snapshot_root.display(),
-        c.kernel_root.display(),
-        c.initramfs_root.display(),
-        c.firecracker_binary.display(),
-    );
-    let p = dir.path().join("agentenv.toml");
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
-/// The daemon process, killed if the test fails before stopping it.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn cli(server: &str, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN)
