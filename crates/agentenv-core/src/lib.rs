@@ -8,6 +8,7 @@ pub mod backend;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod failpoints;
 pub mod host;
 pub mod ids;
 pub mod net;

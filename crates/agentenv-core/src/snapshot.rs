@@ -65,6 +65,9 @@ pub enum SnapshotError {
         /// The figures.
         why: String,
     },
+    /// A failure injected by a test at the named step (500).
+    #[error("injected failure at {0}")]
+    Injected(&'static str),
     /// Any other I/O failure (500, names the path).
     #[error("{context}: {source}")]
     Io {
@@ -115,4 +118,10 @@ pub trait SnapshotStore: Send + Sync + 'static {
 
     /// Removes a snapshot and all its copies.
     async fn delete(&self, snapshot_id: &str) -> Result<(), SnapshotError>;
+
+    /// Lets tests inject failures at the store's steps (`snapshot_store.*`,
+    /// `persist.*` in [`crate::failpoints::FAILPOINTS`]).
+    fn set_failpoints(&self, failpoints: std::sync::Arc<crate::failpoints::Failpoints>) {
+        let _ = failpoints;
+    }
 }

@@ -18,10 +18,95 @@ fn check_rollback(d: &Daemon, dir: &TestDir, expect: u16, word: &str) {
     assert_eq!(code, 404);
 }
 
+fn points(prefixes: &[&str]) -> Vec<&'static str> {
+    agentenv_core::engine::FAILPOINTS
+        .iter()
+        .copied()
+        .filter(|f| prefixes.iter().any(|p| f.starts_with(p)))
+        .collect()
+}
+
+#[test]
+fn snapshot_persist_and_delete_failpoints_roll_back_or_stay_retryable() {
+    let (d, dir) = Daemon::start();
+    let mut cases = 0;
+    d.create_ok("vm1");
+    // A snapshot that fails at any step: the VM runs on, no snapshot, no file.
+    let base = common::baseline(dir.path());
+    for fp in points(&["snapshot."]) {
+        d.engine.failpoints.arm(fp);
+        let (code, v) = d.call(
+            "POST",
+            "/v1/vm/vm1/snapshot",
+            Some(serde_json::json!({"snapshot_id": "s1"})),
+        );
+        d.engine.failpoints.clear();
+        assert_eq!(code, 500, "{fp}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(fp), "{fp}: {v}");
+        assert_eq!(
+            d.call("GET", "/v1/vm/vm1", None).1["state"],
+            "running",
+            "{fp}"
+        );
+        assert_eq!(d.call("GET", "/v1/snapshots/s1", None).0, 404, "{fp}");
+        base.assert_clean();
+        cases += 1;
+    }
+    let (code, v) = d.call(
+        "POST",
+        "/v1/vm/vm1/snapshot",
+        Some(serde_json::json!({"snapshot_id": "s1"})),
+    );
+    assert_eq!(code, 201, "{v}");
+    // A persist that fails at any step: the tmpfs copy stays, usable; no partial file.
+    let base = common::baseline(dir.path());
+    for fp in points(&["persist."]) {
+        d.engine.failpoints.arm(fp);
+        let (code, v) = d.call("POST", "/v1/snapshots/s1/persist", None);
+        d.engine.failpoints.clear();
+        assert_eq!(code, 500, "{fp}: {v}");
+        let (_, s) = d.call("GET", "/v1/snapshots/s1", None);
+        assert_eq!(
+            (s["tier"].as_str(), s["durable_path"].as_str()),
+            (Some("tmpfs"), None),
+            "{fp}: {s}"
+        );
+        base.assert_clean();
+        cases += 1;
+    }
+    assert_eq!(d.call("POST", "/v1/snapshots/s1/persist", None).0, 200);
+    assert_eq!(d.call("DELETE", "/v1/snapshots/s1", None).0, 204);
+    // A delete that fails at any step stays retryable, and a retry finishes it.
+    for (i, fp) in points(&["delete."]).into_iter().enumerate() {
+        let id = format!("del{i}");
+        d.create_ok(&id);
+        d.engine.failpoints.arm(fp);
+        let (code, v) = d.call("DELETE", &format!("/v1/vm/{id}"), None);
+        d.engine.failpoints.clear();
+        assert_eq!(code, 500, "{fp}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(fp), "{fp}: {v}");
+        let (code, v) = d.call("DELETE", &format!("/v1/vm/{id}"), None);
+        assert_eq!(code, 204, "{fp}: retry: {v}");
+        cases += 1;
+    }
+    // A delete interrupted by a crash is finished by the next startup.
+    d.create_ok("crashy");
+    d.engine.failpoints.arm("delete.socket_removed");
+    assert_eq!(d.call("DELETE", "/v1/vm/crashy", None).0, 500);
+    d.engine.failpoints.clear();
+    let cfg = d.cfg.clone();
+    d.stop();
+    let d = Daemon::start_with(cfg, dir.path());
+    assert_eq!(d.call("GET", "/v1/vm/crashy", None).0, 404);
+    assert!(!dir.path().join("sessions/crashy").exists());
+    eprintln!("failpoint cases (snapshot, persist, delete): {cases}");
+    common::finish(d, dir);
+}
+
 #[test]
 fn engine_failpoints_roll_back_every_step() {
     let (d, dir) = Daemon::start();
-    for fp in agentenv_core::engine::FAILPOINTS {
+    for fp in points(&["create."]) {
         d.engine.failpoints.arm(fp);
         check_rollback(&d, &dir, 500, fp);
         d.engine.failpoints.clear();

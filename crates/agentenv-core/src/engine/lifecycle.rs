@@ -138,11 +138,16 @@ impl Engine {
             self.settle_exit(&slot, exit, Some("killed: the vm was deleted"))
                 .await;
         }
+        // From here a failure leaves the VM stopped or `deleting`: a retried
+        // DELETE (or the next startup) finishes the job.
+        self.failpoints.check("delete.vmm_stopped")?;
         if !retry {
             self.set_state(&slot, VmState::Deleting)?;
         }
+        self.failpoints.check("delete.marked")?;
         let info = slot.info();
         self.host.remove_file(&PathBuf::from(&info.api_socket))?;
+        self.failpoints.check("delete.socket_removed")?;
         self.host
             .remove_dir_all(&PathBuf::from(&info.session_dir))?;
         self.vms

@@ -12,7 +12,7 @@ mod lifecycle;
 mod restore;
 mod snapshot;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{ProcessIdentity, Vmm, VmmExit, VmmInstance};
 use crate::config::Config;
 use crate::error::EngineError;
+pub use crate::failpoints::{Failpoints, FAILPOINTS};
 use crate::host::Host;
 use crate::net::{HostNetwork, NetLease, NetPlan};
 use crate::snapshot::SnapshotStore;
@@ -153,50 +154,6 @@ impl VmSlot {
     }
 }
 
-/// Named points in multi-step operations where tests can inject a failure.
-#[derive(Default)]
-pub struct Failpoints {
-    armed: Mutex<HashSet<String>>,
-}
-
-impl Failpoints {
-    /// Makes the named step fail until [`Failpoints::clear`].
-    pub fn arm(&self, name: &str) {
-        self.armed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string());
-    }
-
-    /// Disarms every failpoint.
-    pub fn clear(&self) {
-        self.armed.lock().unwrap_or_else(|p| p.into_inner()).clear();
-    }
-
-    fn check(&self, name: &'static str) -> Result<(), EngineError> {
-        if self
-            .armed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(name)
-        {
-            Err(EngineError::Injected(name))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-/// Every failpoint name, in the order the steps run.
-pub const FAILPOINTS: &[&str] = &[
-    "create.session_dir",
-    "create.network",
-    "create.disk",
-    "create.record",
-    "create.launch",
-    "create.running",
-];
-
 /// The lifecycle engine.
 pub struct Engine {
     cfg: Arc<Config>,
@@ -210,7 +167,7 @@ pub struct Engine {
     snapshot_holds: Mutex<HashMap<String, usize>>,
     vms: Mutex<BTreeMap<String, Arc<VmSlot>>>,
     /// Test-only failure injection.
-    pub failpoints: Failpoints,
+    pub failpoints: Arc<Failpoints>,
 }
 
 impl Engine {
@@ -240,8 +197,9 @@ impl Engine {
             snapshots,
             snapshot_holds: Mutex::new(HashMap::new()),
             vms: Mutex::new(BTreeMap::new()),
-            failpoints: Failpoints::default(),
+            failpoints: Arc::new(Failpoints::default()),
         });
+        engine.snapshots.set_failpoints(engine.failpoints.clone());
         engine.restore().await;
         if let Some((net, plan)) = &engine.net {
             let keep: Vec<NetLease> = engine.slots().iter().filter_map(|s| s.lease()).collect();

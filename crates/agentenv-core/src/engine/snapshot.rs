@@ -92,34 +92,42 @@ impl Engine {
                 }
             }
         };
-        if was == VmState::Running {
-            if let Err(source) = inst.pause().await {
-                thaw(frozen).await;
-                let _ = self.set_state(&slot, was);
-                return Err(EngineError::Vmm {
+        let fp = &self.failpoints;
+        let mut paused = false;
+        let result = async {
+            fp.check("snapshot.frozen")?;
+            if was == VmState::Running {
+                inst.pause().await.map_err(|source| EngineError::Vmm {
                     vm_id: vm_id.into(),
                     source,
-                });
+                })?;
+                paused = true;
             }
-        }
-        let disk = PathBuf::from(&info.disk.writable_path);
-        let result = match self.host.sync_file(&disk) {
-            Ok(()) => self
+            fp.check("snapshot.paused")?;
+            let disk = PathBuf::from(&info.disk.writable_path);
+            self.host.sync_file(&disk)?;
+            let snap = self
                 .snapshots
                 .create(NewSnapshot {
-                    snapshot_id,
+                    snapshot_id: snapshot_id.clone(),
                     vm_id: vm_id.into(),
                     rootfs_id: info.disk.rootfs_id.clone(),
                     backend: info.backend,
                     source: disk,
                     fs_frozen: frozen.is_some(),
                 })
-                .await
-                .map_err(EngineError::from),
-            Err(e) => Err(e.into()),
-        };
+                .await?;
+            if let Err(e) = fp.check("snapshot.copied") {
+                if let Err(de) = self.snapshots.delete(&snapshot_id).await {
+                    tracing::error!("snapshot {snapshot_id}: rollback: {de}");
+                }
+                return Err(e);
+            }
+            Ok(snap)
+        }
+        .await;
         let mut back = was;
-        if was == VmState::Running {
+        if paused {
             if let Err(e) = inst.resume().await {
                 tracing::error!("vm {vm_id}: resume after snapshot failed: {e}");
                 back = VmState::Paused;

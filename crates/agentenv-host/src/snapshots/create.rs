@@ -166,6 +166,7 @@ fn fill(
     disk::sync_file(&tmp_disk).map_err(|e| classify(root, String::new(), e))?;
     let allocated =
         disk::allocated_bytes(&tmp_disk).map_err(|e| classify(root, String::new(), e))?;
+    inner.failpoint("snapshot_store.copied")?;
     let final_dir = inner.dir(tier, &new.snapshot_id)?;
     let final_disk = final_dir.join(DISK_FILE).display().to_string();
     let (tmpfs_path, durable_path, persisted_at) = match tier {
@@ -195,6 +196,7 @@ fn fill(
         Err(SnapshotError::Io { context, source }) => return Err(classify(root, context, source)),
         Err(e) => return Err(e.into()),
     }
+    inner.failpoint("snapshot_store.recorded")?;
     std::fs::rename(partial, &final_dir).map_err(|e| {
         classify(
             root,

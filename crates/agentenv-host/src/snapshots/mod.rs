@@ -72,6 +72,8 @@ struct Inner {
     /// Serialises `meta.json` writes (their temp name is per process).
     meta_lock: Mutex<()>,
     seq: AtomicU64,
+    /// Test-only failure injection, shared with the engine.
+    failpoints: std::sync::OnceLock<Arc<agentenv_core::failpoints::Failpoints>>,
     #[cfg(test)]
     restore_gate: Mutex<Option<tests::Gate>>,
 }
@@ -104,6 +106,7 @@ impl TieredStore {
                 index: Mutex::new(BTreeMap::new()),
                 meta_lock: Mutex::new(()),
                 seq: AtomicU64::new(0),
+                failpoints: std::sync::OnceLock::new(),
                 #[cfg(test)]
                 restore_gate: Mutex::new(None),
             }),
@@ -132,6 +135,14 @@ impl TieredStore {
 }
 
 impl Inner {
+    /// Fails when a test armed the named step.
+    fn failpoint(&self, name: &'static str) -> Result<(), SnapshotError> {
+        match self.failpoints.get() {
+            Some(f) if f.hit(name) => Err(SnapshotError::Injected(name)),
+            _ => Ok(()),
+        }
+    }
+
     fn root(&self, tier: SnapshotTier) -> &Path {
         match tier {
             SnapshotTier::Tmpfs => &self.tmpfs_root,
@@ -350,6 +361,10 @@ impl SnapshotStore for TieredStore {
     async fn delete(&self, snapshot_id: &str) -> Result<(), SnapshotError> {
         let hold = delete::start(&self.inner, snapshot_id)?;
         blocking(move || delete::run(hold)).await
+    }
+
+    fn set_failpoints(&self, failpoints: Arc<agentenv_core::failpoints::Failpoints>) {
+        let _ = self.inner.failpoints.set(failpoints);
     }
 }
 

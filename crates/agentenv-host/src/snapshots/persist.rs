@@ -80,6 +80,10 @@ pub(super) fn run(
             return Err(e);
         }
     };
+    if let Err(e) = inner.failpoint("persist.copied") {
+        let _ = std::fs::remove_dir_all(&partial);
+        return Err(e);
+    }
     let durable_disk = final_dir.join(DISK_FILE).display().to_string();
     new_meta.durable_path = Some(durable_disk);
     if !keep_tmpfs {
@@ -87,6 +91,7 @@ pub(super) fn run(
     }
     let publish = (|| {
         inner.write_meta(&partial, &new_meta)?;
+        inner.failpoint("persist.recorded")?;
         std::fs::rename(&partial, &final_dir).map_err(|e| {
             tier_error(
                 root,

@@ -122,7 +122,9 @@ pub fn status_of(e: &EngineError) -> StatusCode {
             SnapshotError::Corrupt { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             SnapshotError::TierUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             SnapshotError::NoSpace { .. } => StatusCode::INSUFFICIENT_STORAGE,
-            SnapshotError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            SnapshotError::Io { .. } | SnapshotError::Injected(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         },
         EngineError::AgentUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         EngineError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
