@@ -591,3 +591,54 @@ fn the_guest_agent_runs_commands_moves_files_and_freezes_for_snapshots() {
     assert_eq!(code, 204);
     finish(d, dir);
 }
+
+#[test]
+fn a_restarted_daemon_re_adopts_a_qemu_guest_and_its_agent() {
+    let art = need_artifacts!();
+    if !image_has_agent(&art) {
+        return;
+    }
+    let mut dir = TestDir::new();
+    let mut cfg = qemu_config(&dir, &art);
+    cfg.on_shutdown = agentenv_core::config::OnShutdown::Leave;
+    dir.baseline = Some(common::baseline(dir.path()));
+    let d = Daemon::start_with(cfg.clone(), dir.path());
+    let vm = create_ready(&d, overlay("r1"));
+    let pid = vm["pid"].as_u64().unwrap();
+    exec(
+        &d,
+        "r1",
+        json!({"cmd": ["sh", "-c", "echo before > /root/state"]}),
+    );
+    // The daemon goes away; QEMU and the guest go on.
+    d.stop();
+    std::thread::sleep(Duration::from_millis(300));
+    let d = Daemon::start_with(cfg, dir.path());
+    let (_, v) = d.call("GET", "/v1/vm/r1", None);
+    assert_eq!(
+        (v["state"].as_str(), v["pid"].as_u64()),
+        (Some("running"), Some(pid)),
+        "{v}"
+    );
+    // The agent answers the new daemon over the same virtio-serial port.
+    let start = Instant::now();
+    while d.call("GET", "/v1/vm/r1", None).1["ready"] != true {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "agent not ready again"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("agent ready again {:?} after the restart", start.elapsed());
+    let r = exec(&d, "r1", json!({"cmd": ["cat", "/root/state"]}));
+    assert_eq!(r["stdout"], "before\n", "{r}");
+    // QMP works: pause, resume; and the guest still powers off on request.
+    assert_eq!(d.call("POST", "/v1/vm/r1/pause", None).1["state"], "paused");
+    assert_eq!(
+        d.call("POST", "/v1/vm/r1/resume", None).1["state"],
+        "running"
+    );
+    let (code, v) = d.call("POST", "/v1/vm/r1/shutdown", None);
+    assert_eq!((code, v["state"].as_str()), (200, Some("stopped")), "{v}");
+    finish(d, dir);
+}
