@@ -110,11 +110,23 @@ if [[ -z $ready ]]; then
   exit 1
 fi
 
+step "waiting for the guest agent"
+for _ in $(seq 300); do
+  "$bin" vm show "$vm" --server "$server" --json | grep -q '"ready": *true' && break
+  sleep 0.1
+done
+step "running a command in the VM through its agent"
+"$bin" vm exec "$vm" --server "$server" -- uname -sr || {
+  echo "quickstart: exec through the guest agent failed" >&2
+  exit 1
+}
+
 step "the VM is running"
 "$bin" vm ls --server "$server"
 echo
 echo "console: $ready"
 echo
 echo "The daemon keeps running (pid $(cat "$pidfile")). Try:"
+echo "  $bin vm exec $vm -- sh -c 'cat /etc/os-release'; $bin vm cp ./file $vm:/root/file"
 echo "  $bin vm pause $vm; $bin vm resume $vm; $bin vm shutdown $vm; $bin vm rm $vm"
 echo "Stop the daemon with: kill \$(cat data/agentenv.pid)"
