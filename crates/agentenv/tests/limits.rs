@@ -1,0 +1,476 @@
+//! The daemon's request limits over real HTTP: the cap on mutating requests in
+//! flight (429 + `Retry-After`), the header read timeout (slow or idle clients
+//! are disconnected), the JSON body timeout and the upload idle timeout (408),
+//! and a clean stop while slow clients are connected.
+//!
+//! Each test prints the number of fault cases it tried (`fault cases: N`).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use agentenv_core::config::Config;
+use agentenv_testkit::paths;
+use common::{finish, is_real, Daemon, TestDir};
+use serde_json::{json, Value};
+
+/// A response read off a raw connection.
+#[derive(Debug)]
+struct Raw {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Value,
+}
+
+impl Raw {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn addr(d: &Daemon) -> String {
+    d.base.trim_start_matches("http://").to_string()
+}
+
+/// Opens a connection and sends `head` (and nothing more).
+fn connect(d: &Daemon, head: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr(d)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    s
+}
+
+/// Reads one response; the server is expected to close the connection after it
+/// (requests here say `Connection: close`, or the server does on a timeout).
+fn read_response(s: &mut TcpStream) -> Raw {
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response: {text:?}"));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line: {head:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Raw {
+        status,
+        headers,
+        body: serde_json::from_str(body).unwrap_or(Value::String(body.to_string())),
+    }
+}
+
+/// True when the server closed the connection (EOF or reset) within `within`.
+fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut b = [0u8; 256];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// One request through ureq, with its status, `Retry-After` and JSON body.
+fn call(d: &Daemon, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Option<String>, Value) {
+    let req = ureq::request(method, &format!("{}{path}", d.base)).timeout(Duration::from_secs(60));
+    let res = match body {
+        Some(b) => req.set("Content-Type", "application/json").send_bytes(b),
+        None => req.call(),
+    };
+    let resp = match res {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {path}: {e}"),
+    };
+    let code = resp.status();
+    let retry = resp.header("retry-after").map(str::to_string);
+    let text = resp.into_string().unwrap_or_default();
+    (
+        code,
+        retry,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// TCP sockets this process (and so the in-process daemon) has open.
+fn open_sockets() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path())
+                .map(|l| l.to_string_lossy().starts_with("socket:"))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+/// Waits until `cond` holds, or panics after `timeout`.
+fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < timeout, "{what}: not after {timeout:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn daemon(tweak: impl FnOnce(&mut Config, &TestDir)) -> (Daemon, TestDir) {
+    let mut dir = TestDir::new();
+    let mut cfg = dir.config();
+    tweak(&mut cfg, &dir);
+    dir.baseline = Some(common::baseline(dir.path()));
+    (Daemon::start_with(cfg, dir.path()), dir)
+}
+
+#[test]
+fn operations_beyond_the_cap_get_429_at_once_and_reads_are_never_limited() {
+    if is_real() {
+        eprintln!("skipping: uses the double's --hang-on");
+        return;
+    }
+    let mut cases = 0;
+    let (d, dir) = daemon(|cfg, dir| {
+        cfg.max_inflight_ops = 2;
+        cfg.request_timeout_ms = 3000;
+        cfg.firecracker_binary = dir.wrapper("fc-hang", &["--hang-on", "PATCH /vm"]);
+    });
+    for vm in ["a", "b", "c"] {
+        d.create_ok(vm);
+    }
+    // Two pauses hang in the VMM and hold both permits.
+    let base = d.base.clone();
+    let hung: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|vm| {
+            let url = format!("{base}/v1/vm/{vm}/pause");
+            std::thread::spawn(move || match ureq::post(&url).call() {
+                Ok(r) => r.status(),
+                Err(ureq::Error::Status(c, _)) => c,
+                Err(e) => panic!("{e}"),
+            })
+        })
+        .collect();
+    for vm in ["a", "b"] {
+        d.wait_state(vm, "pausing", Duration::from_secs(10));
+    }
+    let create = serde_json::to_vec(&common::overlay_req("d")).unwrap();
+    let files = format!(
+        "/v1/vm/c/files?path={}",
+        dir.path().join("x").to_str().unwrap()
+    );
+    let exec = br#"{"cmd":["true"]}"#;
+    let refused: [(&str, &str, Option<&[u8]>); 9] = [
+        ("POST", "/v1/vm/c/pause", None),
+        ("POST", "/v1/vm/c/resume", None),
+        ("POST", "/v1/vm/c/shutdown", None),
+        ("POST", "/v1/vm/c/snapshot", None),
+        ("DELETE", "/v1/vm/c", None),
+        ("POST", "/v1/vm", Some(&create)),
+        ("POST", "/v1/vm/c/exec", Some(exec)),
+        ("PUT", &files, Some(b"data")),
+        ("DELETE", "/v1/snapshots/none", None),
+    ];
+    for (method, path, body) in refused {
+        let start = Instant::now();
+        let (code, retry, v) = call(&d, method, path, body);
+        let took = start.elapsed();
+        assert_eq!(code, 429, "{method} {path}: {v}");
+        assert_eq!(retry.as_deref(), Some("1"), "{method} {path}");
+        let msg = v["error"].as_str().unwrap();
+        assert!(msg.contains("2 (max_inflight_ops)"), "{msg}");
+        assert!(
+            took < Duration::from_secs(1),
+            "{method} {path} took {took:?}"
+        );
+        cases += 1;
+    }
+    // Nothing was touched by the refused calls.
+    assert_eq!(d.call("GET", "/v1/vm/c", None).1["state"], "running");
+    assert_eq!(d.call("GET", "/v1/vm/d", None).0, 404);
+    // Reads are never limited.
+    for path in [
+        "/v1/health",
+        "/v1/vm",
+        "/v1/vm/c",
+        "/v1/snapshots",
+        "/v1/openapi.json",
+    ] {
+        let start = Instant::now();
+        let (code, _, v) = call(&d, "GET", path, None);
+        assert_eq!(code, 200, "{path}: {v}");
+        assert!(start.elapsed() < Duration::from_secs(1), "{path}");
+        cases += 1;
+    }
+    for h in hung {
+        assert_eq!(h.join().unwrap(), 504);
+        cases += 1;
+    }
+    // The permits came back: operations run again.
+    let (code, _, v) = call(&d, "DELETE", "/v1/vm/c", None);
+    assert_eq!(code, 204, "{v}");
+    println!("fault cases: {cases}");
+    finish(d, dir);
+}
+
+#[test]
+fn a_slow_json_body_holds_its_permit_until_408() {
+    let mut cases = 0;
+    let (d, dir) = daemon(|cfg, _| {
+        cfg.max_inflight_ops = 1;
+        cfg.body_timeout_ms = 500;
+    });
+    let body = serde_json::to_string(&common::overlay_req("slow")).unwrap();
+    let head = |len: usize| {
+        format!(
+            "POST /v1/vm HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {len}\r\n\r\n"
+        )
+    };
+    // 1. Part of the body, then silence.
+    let start = Instant::now();
+    let mut s = connect(&d, &head(body.len()));
+    s.write_all(&body.as_bytes()[..10]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    // It is in flight: the only permit is taken.
+    let (code, retry, v) = call(&d, "POST", "/v1/vm/x/pause", None);
+    assert_eq!((code, retry.as_deref()), (429, Some("1")), "{v}");
+    cases += 1;
+    let r = read_response(&mut s);
+    let took = start.elapsed();
+    assert_eq!(r.status, 408, "{r:?}");
+    let msg = r.body["error"].as_str().unwrap();
+    assert!(msg.contains("500 ms (body_timeout_ms)"), "{msg}");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    cases += 1;
+
+    // 2. A drip feed never idle for long still ends at the total timeout.
+    let start = Instant::now();
+    let mut s = connect(&d, &head(body.len()));
+    for b in body.as_bytes() {
+        if s.write_all(&[*b]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        if start.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+    }
+    let r = read_response(&mut s);
+    let took = start.elapsed();
+    assert_eq!(r.status, 408, "{r:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    cases += 1;
+
+    // 3. Headers promising a body that never comes.
+    let mut s = connect(&d, &head(100));
+    let r = read_response(&mut s);
+    assert_eq!(r.status, 408, "{r:?}");
+    cases += 1;
+
+    // 4. Chunked, with a chunk that stops half-way.
+    let mut s = connect(
+        &d,
+        "POST /v1/vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n100\r\n{\"vm_id\":",
+    );
+    let r = read_response(&mut s);
+    assert_eq!(r.status, 408, "{r:?}");
+    cases += 1;
+
+    // The permit came back and nothing was created.
+    assert_eq!(d.call("GET", "/v1/vm/slow", None).0, 404);
+    d.create_ok("slow");
+    println!("fault cases: {cases}");
+    finish(d, dir);
+}
+
+#[test]
+fn slow_headers_and_idle_connections_are_closed() {
+    let mut cases = 0;
+    let (d, dir) = daemon(|cfg, _| {
+        cfg.header_timeout_ms = 300;
+    });
+    let before = open_sockets();
+    let start = Instant::now();
+    let heads = [
+        "",
+        "P",
+        "POST /v1/vm HTTP/1.1\r\n",
+        "POST /v1/vm HTTP/1.1\r\nHost: x\r\nContent-Type: app",
+        "GET /v1/vm HTTP/1.1\r\nHost: x\r\n",
+    ];
+    let mut conns: Vec<TcpStream> = (0..40)
+        .map(|i| connect(&d, heads[i % heads.len()]))
+        .collect();
+    // While they hang, the daemon serves others.
+    assert_eq!(d.call("GET", "/v1/health", None).0, 200);
+    for s in &mut conns {
+        assert!(
+            closed_within(s, Duration::from_secs(10)),
+            "a slow connection was not closed"
+        );
+        cases += 1;
+    }
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    // A kept-alive connection left idle after a request is closed as well.
+    let mut s = connect(&d, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut first = [0u8; 12];
+    s.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    assert!(closed_within(&mut s, Duration::from_secs(10)));
+    cases += 1;
+    drop(conns);
+    drop(s);
+    // Every connection (and its task) is gone on the daemon's side too.
+    wait_for(
+        "sockets back to the baseline",
+        Duration::from_secs(10),
+        || open_sockets() <= before,
+    );
+    println!(
+        "fault cases: {cases} (40 slow connections closed after {} ms)",
+        took.as_millis()
+    );
+    finish(d, dir);
+}
+
+#[test]
+fn a_stop_with_slow_clients_connected_is_prompt() {
+    // Requests in progress finish before the stop; a slow client's is bounded by
+    // these timeouts.
+    let (d, dir) = daemon(|cfg, _| {
+        cfg.header_timeout_ms = 500;
+        cfg.body_timeout_ms = 500;
+    });
+    d.create_ok("vm1");
+    let mut partial = connect(&d, "POST /v1/vm HTTP/1.1\r\nHost: x\r\n");
+    let mut idle = connect(&d, "");
+    let mut body = connect(
+        &d,
+        "POST /v1/vm HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{",
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    let start = Instant::now();
+    finish(d, dir);
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(5), "stop took {took:?}");
+    for s in [&mut partial, &mut idle, &mut body] {
+        assert!(closed_within(s, Duration::from_secs(5)));
+    }
+    println!("fault cases: 3 (stopped in {} ms)", took.as_millis());
+}
+
+/// The guest agent on the host behind the double's vsock (as in `agent_api.rs`).
+struct HostAgent(Child, PathBuf);
+
+impl HostAgent {
+    fn start(socket: &Path) -> HostAgent {
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new(paths::guest_agent())
+            .arg("--listen-unix")
+            .arg(socket)
+            .spawn()
+            .expect("agentenv-guest starts");
+        wait_for("agent socket", Duration::from_secs(10), || socket.exists());
+        HostAgent(child, socket.to_path_buf())
+    }
+}
+
+impl Drop for HostAgent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_file(&self.1);
+    }
+}
+
+#[test]
+fn a_stalled_upload_is_408_but_a_slow_steady_one_completes() {
+    if is_real() {
+        eprintln!("skipped: a real Firecracker boots no guest here, so no agent answers");
+        return;
+    }
+    let mut cases = 0;
+    let mut dir = TestDir::new();
+    let sock = dir.path().join("agent-host.sock");
+    let spec = format!("{}={}", agentenv_guest::proto::VSOCK_PORT, sock.display());
+    let mut cfg = dir.config();
+    cfg.firecracker_binary = dir.wrapper("fc-agent", &["--vsock-agent", &spec]);
+    cfg.body_timeout_ms = 500;
+    dir.baseline = Some(common::baseline(dir.path()));
+    let agent = HostAgent::start(&sock);
+    let d = Daemon::start_with(cfg, dir.path());
+    let mut req = common::overlay_req("vm1");
+    req["wait_ready"] = json!(true);
+    req["wait_ready_timeout_s"] = json!(20);
+    let (code, v) = d.call("POST", "/v1/vm", Some(req));
+    assert_eq!(code, 201, "{v}");
+    let put_head = |target: &Path, len: usize| {
+        format!(
+            "PUT /v1/vm/vm1/files?path={} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {len}\r\n\r\n",
+            target.display()
+        )
+    };
+
+    // Stalls after 256 KiB of 1 MiB: 408 after the idle timeout, nothing written.
+    let stalled = dir.path().join("stalled.bin");
+    let start = Instant::now();
+    let mut s = connect(&d, &put_head(&stalled, 1 << 20));
+    s.write_all(&vec![7u8; 256 << 10]).unwrap();
+    let r = read_response(&mut s);
+    let took = start.elapsed();
+    assert_eq!(r.status, 408, "{r:?}");
+    let msg = r.body["error"].as_str().unwrap();
+    assert!(msg.contains("no bytes for 500 ms"), "{msg}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    wait_for("no upload leftovers", Duration::from_secs(5), || {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().contains("agentenv-upload"))
+    });
+    assert!(!stalled.exists());
+    cases += 1;
+
+    // Slow but steady: a piece every 200 ms for 2 s (4× body_timeout_ms) is fine.
+    let steady = dir.path().join("steady.bin");
+    let pieces = 10;
+    let mut s = connect(&d, &put_head(&steady, pieces * 1000));
+    for _ in 0..pieces {
+        s.write_all(&[1u8; 1000]).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = read_response(&mut s);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["bytes"], pieces * 1000);
+    assert_eq!(
+        std::fs::metadata(&steady).unwrap().len(),
+        pieces as u64 * 1000
+    );
+    cases += 1;
+    std::fs::remove_file(&steady).unwrap();
+
+    println!("fault cases: {cases}");
+    drop(agent);
+    finish(d, dir);
+}
