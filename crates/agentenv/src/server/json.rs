@@ -85,11 +85,11 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
-        let path = e.path().to_string();
+        let path = field_path(e.path());
         let inner = e.into_inner();
         // The path names the failing field, an unknown one included; at the top
-        // level it is `.` and the unknown field is named only in the message.
-        let field = if path != "." && !path.is_empty() {
+        // level it is empty and the unknown field is named only in the message.
+        let field = if !path.is_empty() {
             Some(path)
         } else {
             unknown_field(&inner.to_string())
@@ -108,6 +108,27 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     de.end()
         .map_err(|e| ApiError::bad_field(None, format!("malformed JSON: {e}")))?;
     Ok(value)
+}
+
+/// The path as `disk.rootfs_id`, `shares[0].host_path`, up to the first
+/// position serde could not name (it shows as `?` inside a truncated object):
+/// `{"disk": {` blames `disk`, `{` blames nothing.
+fn field_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for seg in path.iter() {
+        match seg {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => break,
+        }
+    }
+    out
 }
 
 fn unknown_field(msg: &str) -> Option<String> {
