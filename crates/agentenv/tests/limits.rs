@@ -230,6 +230,42 @@ fn operations_beyond_the_cap_get_429_at_once_and_reads_are_never_limited() {
 }
 
 #[test]
+fn an_operation_whose_client_went_away_still_counts() {
+    if is_real() {
+        eprintln!("skipping: uses the double's --hang-on");
+        return;
+    }
+    let (d, dir) = daemon(|cfg, dir| {
+        cfg.max_inflight_ops = 1;
+        cfg.request_timeout_ms = 1500;
+        cfg.firecracker_binary = dir.wrapper("fc-hang", &["--hang-on", "PATCH /vm"]);
+    });
+    d.create_ok("a");
+    // The pause hangs in the VMM; its client hangs up. The engine task goes
+    // on (a disconnect must not cancel an operation half-way) and so does its
+    // claim on the limit.
+    let s = connect(
+        &d,
+        "POST /v1/vm/a/pause HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    );
+    d.wait_state("a", "pausing", Duration::from_secs(10));
+    let hung_up = Instant::now();
+    drop(s);
+    std::thread::sleep(Duration::from_millis(200));
+    let (code, retry, v) = call(&d, "DELETE", "/v1/vm/a", None);
+    assert_eq!((code, retry.as_deref()), (429, Some("1")), "{v}");
+    // Once the pause has timed out, the permit is back.
+    d.wait_state("a", "running", Duration::from_secs(10));
+    wait_for("the permit back", Duration::from_secs(10), || {
+        call(&d, "GET", "/v1/health", None).0 == 200
+            && call(&d, "POST", "/v1/vm/nope/resume", None).0 == 404
+    });
+    assert!(hung_up.elapsed() >= Duration::from_millis(1000));
+    println!("fault cases: 1");
+    finish(d, dir);
+}
+
+#[test]
 fn a_slow_json_body_holds_its_permit_until_408() {
     let mut cases = 0;
     let (d, dir) = daemon(|cfg, _| {

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use agentenv_core::config::Config;
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -87,6 +88,11 @@ pub async fn limit(State(limits): State<Limits>, req: Request, next: Next) -> Re
         })
         .into_response();
     };
+    let permit = Permit {
+        _shared: Arc::new(permit),
+    };
+    let mut req = req;
+    req.extensions_mut().insert(permit.clone());
     let resp = next.run(req).await;
     resp.map(|b| {
         Body::new(PermitBody {
@@ -96,10 +102,34 @@ pub async fn limit(State(limits): State<Limits>, req: Request, next: Next) -> Re
     })
 }
 
+/// An operation's in-flight permit, shared by the request, its response body
+/// and the engine task it started (see [`Held`]): given back when the last goes.
+#[derive(Clone)]
+struct Permit {
+    _shared: Arc<OwnedSemaphorePermit>,
+}
+
+/// The in-flight permit of the request, for a handler to move into the task
+/// that runs its engine operation (`server::detached`): an operation whose
+/// client went away still counts until it has finished.
+pub struct Held {
+    _permit: Option<Permit>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Held {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(Held {
+            _permit: parts.extensions.get::<Permit>().cloned(),
+        })
+    }
+}
+
 /// A response body that holds an in-flight permit until it ends or is dropped.
 struct PermitBody {
     inner: Body,
-    _permit: OwnedSemaphorePermit,
+    _permit: Permit,
 }
 
 impl http_body::Body for PermitBody {

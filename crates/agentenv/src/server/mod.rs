@@ -120,11 +120,19 @@ pub(crate) async fn health(State(engine): State<AppState>) -> Json<Health> {
 
 /// Runs an engine operation in its own task, so that a client that goes away
 /// (or a request timeout) cannot cancel it half-way: the operation finishes or
-/// rolls back on its own, whatever happens to the connection.
+/// rolls back on its own, whatever happens to the connection. The task holds
+/// the request's in-flight permit (`held`), so it counts against
+/// `max_inflight_ops` until it ends, with or without its client.
 pub(crate) async fn detached<T: Send + 'static>(
+    held: limits::Held,
     op: impl Future<Output = Result<T, agentenv_core::EngineError>> + Send + 'static,
 ) -> Result<T, ApiError> {
-    match tokio::spawn(op).await {
+    let task = async move {
+        let out = op.await;
+        drop(held);
+        out
+    };
+    match tokio::spawn(task).await {
         Ok(r) => r.map_err(ApiError::from),
         Err(e) => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

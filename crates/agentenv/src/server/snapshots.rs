@@ -9,6 +9,7 @@ use axum::Json;
 
 use super::error::ApiError;
 use super::json::OptionalJsonBody;
+use super::limits::Held;
 use super::{detached, AppState};
 
 #[utoipa::path(post, path = "/v1/vm/{vm_id}/snapshot", tag = "snapshots",
@@ -24,10 +25,14 @@ use super::{detached, AppState};
     ))]
 pub(crate) async fn create(
     State(engine): State<AppState>,
+    held: Held,
     Path(vm_id): Path<String>,
     OptionalJsonBody(req): OptionalJsonBody<CreateSnapshotRequest>,
 ) -> Result<(StatusCode, Json<SnapshotInfo>), ApiError> {
-    let s = detached(async move { engine.snapshot(&vm_id, req.snapshot_id).await }).await?;
+    let s = detached(held, async move {
+        engine.snapshot(&vm_id, req.snapshot_id).await
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(s)))
 }
 
@@ -83,8 +88,13 @@ pub(crate) async fn persist(
     ))]
 pub(crate) async fn delete(
     State(engine): State<AppState>,
+    held: Held,
     Path(snapshot_id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    detached(async move { engine.delete_snapshot(&snapshot_id).await }).await?;
+    detached(
+        held,
+        async move { engine.delete_snapshot(&snapshot_id).await },
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -8,6 +8,7 @@ use axum::Json;
 
 use super::error::ApiError;
 use super::json::JsonBody;
+use super::limits::Held;
 use super::{detached, AppState};
 
 #[utoipa::path(post, path = "/v1/vm", tag = "vm", request_body = CreateVmRequest,
@@ -23,9 +24,10 @@ use super::{detached, AppState};
     ))]
 pub(crate) async fn create(
     State(engine): State<AppState>,
+    held: Held,
     JsonBody(req): JsonBody<CreateVmRequest>,
 ) -> Result<(StatusCode, Json<VmInfo>), ApiError> {
-    let vm = detached(async move { engine.create(req).await }).await?;
+    let vm = detached(held, async move { engine.create(req).await }).await?;
     Ok((StatusCode::CREATED, Json(vm)))
 }
 
@@ -64,10 +66,11 @@ pub(crate) async fn show(
     ))]
 pub(crate) async fn pause(
     State(engine): State<AppState>,
+    held: Held,
     Path(vm_id): Path<String>,
 ) -> Result<Json<VmInfo>, ApiError> {
     Ok(Json(
-        detached(async move { engine.pause(&vm_id).await }).await?,
+        detached(held, async move { engine.pause(&vm_id).await }).await?,
     ))
 }
 
@@ -82,10 +85,11 @@ pub(crate) async fn pause(
     ))]
 pub(crate) async fn resume(
     State(engine): State<AppState>,
+    held: Held,
     Path(vm_id): Path<String>,
 ) -> Result<Json<VmInfo>, ApiError> {
     Ok(Json(
-        detached(async move { engine.resume(&vm_id).await }).await?,
+        detached(held, async move { engine.resume(&vm_id).await }).await?,
     ))
 }
 
@@ -98,10 +102,11 @@ pub(crate) async fn resume(
     ))]
 pub(crate) async fn shutdown(
     State(engine): State<AppState>,
+    held: Held,
     Path(vm_id): Path<String>,
 ) -> Result<Json<VmInfo>, ApiError> {
     Ok(Json(
-        detached(async move { engine.shutdown(&vm_id).await }).await?,
+        detached(held, async move { engine.shutdown(&vm_id).await }).await?,
     ))
 }
 
@@ -114,8 +119,9 @@ pub(crate) async fn shutdown(
     ))]
 pub(crate) async fn delete(
     State(engine): State<AppState>,
+    held: Held,
     Path(vm_id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    detached(async move { engine.delete(&vm_id).await }).await?;
+    detached(held, async move { engine.delete(&vm_id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
