@@ -11,6 +11,9 @@
 mod common;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::{finish, Daemon, TestDir};
 use serde_json::{json, Value};
@@ -400,7 +403,7 @@ fn rootfs_kernel_and_initrd_must_be_regular_files_under_their_roots() {
                 "disk.rootfs_id" => b["disk"]["rootfs_id"] = json!(id),
                 f => b[f] = json!(id),
             }
-            let started = std::time::Instant::now();
+            let started = Instant::now();
             let got = post(&d, "/v1/vm", &b);
             c.check(
                 &format!("{field} {id}"),
@@ -418,7 +421,7 @@ fn rootfs_kernel_and_initrd_must_be_regular_files_under_their_roots() {
             );
             // A FIFO is never opened: the answer is immediate.
             assert!(
-                started.elapsed() < std::time::Duration::from_secs(5),
+                started.elapsed() < Duration::from_secs(5),
                 "{field} {id} took {:?}",
                 started.elapsed()
             );
@@ -775,7 +778,7 @@ fn hostile_bodies_are_refused_cleanly() {
         chunked.extend_from_slice(b"\r\n");
     }
     chunked.extend_from_slice(b"0\r\n\r\n");
-    let a = common::raw_http(&d.base, chunked, std::time::Duration::from_secs(10));
+    let a = common::raw_http(&d.base, chunked, Duration::from_secs(10));
     c.check(
         "1 MiB chunked",
         (a.status, &a.body),
@@ -1202,4 +1205,125 @@ impl Pair for (u16, Value) {
     fn pair(&self) -> (u16, &Value) {
         (self.0, &self.1)
     }
+}
+
+/// Sends `head`, then `piece` every 100 ms for as long as the connection
+/// takes it, and reads the answer; panics when none comes within 30 s.
+fn trickle(d: &Daemon, head: String, piece: &'static [u8]) -> (u16, Value, Duration) {
+    use std::io::{Read, Write};
+    let addr = d.base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let started = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut w = s.try_clone().unwrap();
+    let stop_w = stop.clone();
+    let writer = std::thread::spawn(move || {
+        while !stop_w.load(Ordering::SeqCst) && w.write_all(piece).is_ok() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if !buf.is_empty() && e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("no answer after {:?}: {e}", started.elapsed()),
+        }
+        // The answer is complete once its Content-Length bytes are in.
+        let text = String::from_utf8_lossy(&buf).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse::<usize>().ok());
+            if len.is_some_and(|n| body.len() >= n) {
+                break;
+            }
+        }
+    }
+    let took = started.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    writer.join().unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no answer: {text:?}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap();
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(Value::String(body.into())),
+        took,
+    )
+}
+
+#[test]
+fn bodies_trickled_forever_end_in_408_with_the_default_timeout() {
+    let default_ms = agentenv_core::config::Config::default().body_timeout_ms;
+    assert!(
+        default_ms <= 30_000,
+        "body_timeout_ms defaults to {default_ms}"
+    );
+    let (d, dir) = Daemon::start();
+    d.create_ok("g");
+    let head = |path: &str, framing: &str| {
+        format!("POST {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Type: application/json\r\n{framing}\r\n\r\n")
+    };
+    let sized = "Content-Length: 1000";
+    let chunked = "Transfer-Encoding: chunked";
+    let cases: Vec<(String, &'static [u8])> = vec![
+        (head("/v1/vm", sized), b" "),
+        (head("/v1/vm", chunked), b"1\r\n \r\n"),
+        (head("/v1/vm/g/exec", sized), b" "),
+        (head("/v1/vm/g/snapshot", sized), b" "),
+        (head("/v1/vm/g/snapshot", chunked), b"1\r\n \r\n"),
+        (head("/v1/snapshots/none/persist", sized), b" "),
+    ];
+    let d = Arc::new(d);
+    let handles: Vec<_> = cases
+        .into_iter()
+        .map(|(h, piece)| {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                let first = h.lines().next().unwrap().to_string();
+                let framing = if h.contains("chunked") {
+                    "chunked"
+                } else {
+                    "sized"
+                };
+                (format!("{first} ({framing})"), trickle(&d, h, piece))
+            })
+        })
+        .collect();
+    let mut c = Cases::new();
+    for h in handles {
+        let (ctx, (code, v, took)) = h.join().unwrap();
+        c.check(&ctx, (code, &v), 408, Want::Message("body_timeout_ms"));
+        assert!(
+            took >= Duration::from_millis(default_ms) && took < Duration::from_secs(30),
+            "{ctx}: answered after {took:?}"
+        );
+    }
+    let d = Arc::into_inner(d).unwrap();
+    // Nothing was made, the VM was not touched, the permits came back.
+    let (_, v) = d.call("GET", "/v1/vm/g", None);
+    assert_eq!(v["state"], "running", "{v}");
+    let (_, snaps) = d.call("GET", "/v1/snapshots", None);
+    assert_eq!(snaps["snapshots"], json!([]));
+    d.create_ok("after");
+    d.assert_healthy();
+    c.done("bodies trickled forever");
+    finish(d, dir);
 }
