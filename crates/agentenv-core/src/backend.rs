@@ -234,6 +234,11 @@ pub trait VmmInstance: Send + Sync {
     /// The VMM's process id.
     fn pid(&self) -> Option<u32>;
 
+    /// Whether the guest's vCPUs run or are paused, as the VMM says now.
+    async fn guest_state(&self) -> Result<AdoptedState, VmmError> {
+        Err(VmmError::NotRunning)
+    }
+
     /// The process's identity (pid and start time), for re-adoption after a restart.
     fn identity(&self) -> Option<ProcessIdentity> {
         None

@@ -7,7 +7,7 @@ use std::time::Duration;
 use agentenv_api::{VmInfo, VmState};
 
 use super::{Engine, VmSlot};
-use crate::backend::{wait_exit, VmmInstance};
+use crate::backend::{wait_exit, VmmError, VmmInstance};
 use crate::error::EngineError;
 use crate::state::transition;
 
@@ -33,18 +33,18 @@ impl Engine {
     }
 
     /// Stops a running VM's vCPUs.
-    pub async fn pause(&self, vm_id: &str) -> Result<VmInfo, EngineError> {
+    pub async fn pause(self: &Arc<Self>, vm_id: &str) -> Result<VmInfo, EngineError> {
         self.flip(vm_id, true).await
     }
 
     /// Restarts a paused VM's vCPUs.
-    pub async fn resume(&self, vm_id: &str) -> Result<VmInfo, EngineError> {
+    pub async fn resume(self: &Arc<Self>, vm_id: &str) -> Result<VmInfo, EngineError> {
         self.flip(vm_id, false).await
     }
 
     /// Pause and resume share one shape: in-between state, VMM call, settled state
     /// (or back to where it was on error).
-    async fn flip(&self, vm_id: &str, pause: bool) -> Result<VmInfo, EngineError> {
+    async fn flip(self: &Arc<Self>, vm_id: &str, pause: bool) -> Result<VmInfo, EngineError> {
         use VmState::*;
         let (during, done, back) = if pause {
             (Pausing, Paused, Running)
@@ -67,6 +67,10 @@ impl Engine {
                 // Back to the state the VM was in; if the VMM died meanwhile the exit
                 // monitor settles it once we release the operation lock.
                 let _ = self.set_state(&slot, back);
+                if matches!(source, VmmError::Timeout { .. }) {
+                    // A hung VMM may still carry the request out when it wakes up.
+                    self.spawn_reconcile(vm_id.to_string(), inst.clone());
+                }
                 Err(EngineError::Vmm {
                     vm_id: vm_id.to_string(),
                     source,
@@ -93,7 +97,11 @@ impl Engine {
         }
         let asked = inst.request_shutdown().await;
         let (exit, why) = match asked {
+            // Killed from outside while powering off: not a requested stop.
             Ok(()) => match wait_exit(inst.exit_watch(), timeout).await {
+                Some(exit) if exit.signal.is_some() => {
+                    return Ok(self.settle_exit(&slot, exit, None).await)
+                }
                 Some(exit) => (exit, "shut down by request".to_string()),
                 None => (
                     self.kill_instance(&inst).await,
@@ -103,12 +111,70 @@ impl Engine {
                     ),
                 ),
             },
-            Err(e) => (
-                self.kill_instance(&inst).await,
-                format!("killed: the shutdown request failed ({e})"),
-            ),
+            Err(e) => {
+                if let Some(exit) = wait_exit(inst.exit_watch(), Duration::from_millis(200)).await {
+                    // The VMM died on its own: that is the story, not the request.
+                    return Ok(self.settle_exit(&slot, exit, None).await);
+                }
+                (
+                    self.kill_instance(&inst).await,
+                    format!("killed: the shutdown request failed ({e})"),
+                )
+            }
         };
         Ok(self.settle_exit(&slot, exit, Some(&why)).await)
+    }
+
+    /// After a VMM request timed out, reads the guest's state back once the VMM
+    /// answers again (a hung VMM may carry out late requests when it wakes, in
+    /// any order) and settles the VM in what the VMM says, for a few seconds
+    /// more so that every late request has landed. Gives up after ten minutes.
+    fn spawn_reconcile(self: &Arc<Self>, vm_id: String, inst: Arc<dyn VmmInstance>) {
+        let engine = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+            let mut answered = false;
+            while tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let Some(engine) = engine.upgrade() else {
+                    return;
+                };
+                let Ok(slot) = engine.slot(&vm_id) else {
+                    return;
+                };
+                let _op = slot.op.lock().await;
+                if !slot.instance().is_some_and(|c| Arc::ptr_eq(&c, &inst)) {
+                    return;
+                }
+                let truth = match inst.guest_state().await {
+                    Ok(crate::backend::AdoptedState::Running) => VmState::Running,
+                    Ok(crate::backend::AdoptedState::Paused) => VmState::Paused,
+                    Err(VmmError::NotRunning) => return,
+                    Err(_) => continue,
+                };
+                let now = slot.state();
+                if matches!(now, VmState::Running | VmState::Paused) && now != truth {
+                    tracing::warn!(
+                        "vm {vm_id}: the vmm answers again and reports {truth} (recorded {now}); \
+                         following the vmm"
+                    );
+                    let info = slot
+                        .update(|i| {
+                            i.state = truth;
+                            i.updated_at = chrono::Utc::now();
+                            Ok::<(), std::convert::Infallible>(())
+                        })
+                        .unwrap_or_else(|e| match e {});
+                    if let Err(e) = engine.persist(&slot, &info) {
+                        tracing::warn!("vm {vm_id}: {e}");
+                    }
+                }
+                if !answered {
+                    answered = true;
+                    deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                }
+            }
+        });
     }
 
     async fn kill_instance(&self, inst: &Arc<dyn VmmInstance>) -> crate::backend::VmmExit {

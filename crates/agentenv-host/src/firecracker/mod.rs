@@ -187,17 +187,7 @@ impl Vmm for FirecrackerVmm {
             spec.request_timeout,
         );
         inst.client.set_keep_alive(false).await;
-        let info = inst.instance_info().await?;
-        let state = match info["state"].as_str() {
-            Some("Running") => AdoptedState::Running,
-            Some("Paused") => AdoptedState::Paused,
-            other => {
-                return Err(VmmError::Transport {
-                    request: "GET /".into(),
-                    message: format!("the vmm reports state {other:?}, not Running or Paused"),
-                })
-            }
-        };
+        let state = inst.guest_state().await?;
         Ok((Box::new(inst), state))
     }
 }
@@ -288,7 +278,7 @@ impl FirecrackerInstance {
     ) -> Result<Option<Value>, VmmError> {
         match self.client.request(method, path, body).await {
             Ok(v) => Ok(v),
-            Err(e) => match self.process.exited() {
+            Err(e) => match self.exited_soon(&e).await {
                 Some(exit) if !matches!(e, VmmError::Refused { .. }) => {
                     Err(VmmError::ExitedEarly {
                         exit,
@@ -297,6 +287,17 @@ impl FirecrackerInstance {
                 }
                 _ => Err(e),
             },
+        }
+    }
+
+    /// After a failed request: the exit, if the process is gone or goes within
+    /// a moment (a killed VMM drops its socket before it is reaped).
+    async fn exited_soon(&self, e: &VmmError) -> Option<VmmExit> {
+        if matches!(e, VmmError::Transport { .. }) {
+            agentenv_core::backend::wait_exit(self.process.exit_watch(), Duration::from_millis(200))
+                .await
+        } else {
+            self.process.exited()
         }
     }
 
@@ -329,6 +330,18 @@ impl VmmInstance for FirecrackerInstance {
 
     fn identity(&self) -> Option<ProcessIdentity> {
         Some(self.process.identity())
+    }
+
+    async fn guest_state(&self) -> Result<AdoptedState, VmmError> {
+        let info = self.instance_info().await?;
+        match info["state"].as_str() {
+            Some("Running") => Ok(AdoptedState::Running),
+            Some("Paused") => Ok(AdoptedState::Paused),
+            other => Err(VmmError::Transport {
+                request: "GET /".into(),
+                message: format!("the vmm reports state {other:?}, not Running or Paused"),
+            }),
+        }
     }
 
     async fn pause(&self) -> Result<(), VmmError> {

@@ -173,17 +173,7 @@ impl Vmm for QemuVmm {
         )?;
         let qmp = QmpClient::new(&spec.control_socket, spec.request_timeout);
         qmp.connect(spec.request_timeout).await?;
-        let state = match qmp.query_status().await?.as_str() {
-            "running" => AdoptedState::Running,
-            "paused" => AdoptedState::Paused,
-            other => {
-                return Err(VmmError::Refused {
-                    request: "query-status".into(),
-                    status: 0,
-                    message: format!("guest is {other}, not running or paused"),
-                })
-            }
-        };
+        let state = adopted_state(&qmp.query_status().await?)?;
         let ids = SocketIds {
             control: socket_id(&spec.control_socket)?,
             agent: match &spec.agent_socket {
@@ -199,6 +189,19 @@ impl Vmm for QemuVmm {
             ids,
         );
         Ok((Box::new(inst), state))
+    }
+}
+
+/// `query-status`'s answer as a running/paused state.
+fn adopted_state(status: &str) -> Result<AdoptedState, VmmError> {
+    match status {
+        "running" => Ok(AdoptedState::Running),
+        "paused" => Ok(AdoptedState::Paused),
+        other => Err(VmmError::Refused {
+            request: "query-status".into(),
+            status: 0,
+            message: format!("guest is {other}, not running or paused"),
+        }),
     }
 }
 
@@ -429,6 +432,10 @@ impl VmmInstance for QemuInstance {
 
     fn identity(&self) -> Option<ProcessIdentity> {
         Some(self.process.identity())
+    }
+
+    async fn guest_state(&self) -> Result<AdoptedState, VmmError> {
+        adopted_state(&self.query_status().await?)
     }
 
     async fn pause(&self) -> Result<(), VmmError> {
