@@ -45,6 +45,26 @@ pub fn open_fds(pid: u32) -> Option<usize> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
 
+/// CPU time a process has used so far, user plus system (all its threads;
+/// `/proc/PID/stat` fields 14 and 15, in clock ticks, usually 10 ms).
+pub fn cpu_time(pid: u32) -> Option<std::time::Duration> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let ticks = parse_stat_cpu_ticks(&text)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| std::time::Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
+/// utime + stime from a `/proc/PID/stat` line. The command name (field 2)
+/// may hold spaces and parentheses, so fields are counted after its last `)`.
+fn parse_stat_cpu_ticks(text: &str) -> Option<u64> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace().skip(11); // fields 3..=13
+    let utime: u64 = f.next()?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
 /// Number of threads of a process.
 pub fn threads(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -168,6 +188,14 @@ mod tests {
         let me = Rss::of(std::process::id()).unwrap();
         assert!(me.rss_kib > 0 && me.hwm_kib >= me.rss_kib);
         assert!(threads(std::process::id()).unwrap() >= 1);
+    }
+
+    #[test]
+    fn cpu_ticks_are_counted_after_the_command_name() {
+        let line = "42 (a b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 31 0 0 20 0 1 0 5 0 0\n";
+        assert_eq!(parse_stat_cpu_ticks(line), Some(281));
+        assert_eq!(parse_stat_cpu_ticks("42 (x) S 1"), None);
+        assert!(cpu_time(std::process::id()).is_some());
     }
 
     #[test]
