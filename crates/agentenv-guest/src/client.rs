@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::proto::{
     self, Done, ErrorMsg, ExecRequest, ExitStatus, FileInfo, Frame, GetFile, Hello, HelloOk, Kind,
-    PutFile, Started, DATA_CHUNK, INITIAL_WINDOW, NONCE_LEN, PROTOCOL_VERSION,
+    PutFile, Started, DATA_CHUNK, GRANT_BATCH, INITIAL_WINDOW, NONCE_LEN, PROTOCOL_VERSION,
 };
 
 /// How to reach an agent.
@@ -318,6 +318,7 @@ impl AgentClient {
             rx,
             credit,
             finished: false,
+            ungranted: 0,
         })
     }
 
@@ -577,6 +578,8 @@ struct Request {
     credit: Arc<Semaphore>,
     /// The agent ended the stream (no `Kill` needed on drop).
     finished: bool,
+    /// Bytes consumed but not yet credited back.
+    ungranted: usize,
 }
 
 impl Request {
@@ -624,11 +627,14 @@ impl Request {
         AgentError::Protocol(format!("unexpected {:?} on stream {}", f.kind, self.id))
     }
 
-    fn grant(&self, n: usize) {
-        if n > 0 {
+    /// Counts `n` consumed bytes; returns credit once a batch has gathered.
+    fn grant(&mut self, n: usize) {
+        self.ungranted += n;
+        if self.ungranted >= GRANT_BATCH as usize {
+            let give = std::mem::take(&mut self.ungranted);
             let _ = self
                 .inner
-                .send(&Frame::window(Kind::Window, self.id, n as u32));
+                .send(&Frame::window(Kind::Window, self.id, give as u32));
         }
     }
 }

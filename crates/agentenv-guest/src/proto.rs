@@ -35,8 +35,9 @@
 //! host) are credited per stream: a sender starts with [`INITIAL_WINDOW`] bytes
 //! of credit and spends it on payload bytes; the receiver returns credit with
 //! [`Kind::Window`] (host → guest) or [`Kind::GuestWindow`] (guest → host), a
-//! `u32be` increment, once it has consumed the bytes. So no side buffers more
-//! than a window per stream, however slow the other end reads.
+//! `u32be` increment, once it has consumed the bytes (in batches of at least
+//! [`GRANT_BATCH`]). So no side buffers more than a window per stream, however
+//! slow the other end reads.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -55,7 +56,12 @@ pub const MAX_PAYLOAD: usize = 256 * 1024;
 pub const DATA_CHUNK: usize = 64 * 1024;
 
 /// Credit each side starts with, per stream and direction.
-pub const INITIAL_WINDOW: u32 = 1024 * 1024;
+pub const INITIAL_WINDOW: u32 = 4 * 1024 * 1024;
+
+/// A receiver returns credit once it has consumed at least this many bytes
+/// (one window message per 256 KiB, not per frame). Never more than the
+/// window, so a sender waiting for credit always gets it.
+pub const GRANT_BATCH: u32 = 256 * 1024;
 
 /// The vsock port the agent listens on (Firecracker).
 pub const VSOCK_PORT: u32 = 10789;

@@ -238,24 +238,35 @@ impl OutStream {
     }
 }
 
-/// Host → guest bulk bytes received on a stream but not yet consumed (and so
-/// not yet credited back with `GuestWindow`).
+/// Host → guest bulk bytes received on a stream but not yet consumed, and
+/// consumed bytes not yet credited back with `GuestWindow` (sent in batches of
+/// at least `GRANT_BATCH`).
 #[derive(Default)]
-pub struct Inflight(AtomicU64);
+pub struct Inflight {
+    unconsumed: AtomicU64,
+    ungranted: AtomicU64,
+}
 
 impl Inflight {
     /// Counts `n` received bytes; false if that exceeds the host's window.
     pub fn receive(&self, n: usize) -> bool {
         let n = n as u64;
-        self.0.fetch_add(n, Ordering::SeqCst) + n <= u64::from(INITIAL_WINDOW)
+        self.unconsumed.fetch_add(n, Ordering::SeqCst) + n <= u64::from(INITIAL_WINDOW)
     }
 
-    /// Counts `n` consumed bytes and grants them back to the host.
+    /// Counts `n` consumed bytes and grants them back to the host once a
+    /// batch has gathered.
     pub fn consumed(&self, out: &OutStream, n: usize) {
         if n == 0 {
             return;
         }
-        self.0.fetch_sub(n as u64, Ordering::SeqCst);
-        out.send(Kind::GuestWindow, &(n as u32).to_be_bytes());
+        self.unconsumed.fetch_sub(n as u64, Ordering::SeqCst);
+        let pending = self.ungranted.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+        if pending >= u64::from(proto::GRANT_BATCH) {
+            let give = self.ungranted.swap(0, Ordering::SeqCst);
+            if give > 0 {
+                out.send(Kind::GuestWindow, &(give as u32).to_be_bytes());
+            }
+        }
     }
 }
