@@ -80,11 +80,15 @@ struct Inner {
 
 impl Inner {
     fn send(&self, f: &Frame) -> Result<(), AgentError> {
+        self.send_encoded(f.encode())
+    }
+
+    fn send_encoded(&self, bytes: Vec<u8>) -> Result<(), AgentError> {
         if self.dead.load(Ordering::SeqCst) {
             return Err(AgentError::Closed(self.reason()));
         }
         self.out
-            .send(f.encode())
+            .send(bytes)
             .map_err(|_| AgentError::Closed(self.reason()))
     }
 
@@ -368,7 +372,10 @@ impl AgentClient {
     pub async fn put_file(&self, put: &PutFile) -> Result<Upload, AgentError> {
         let r = self.open()?;
         r.send_json(Kind::PutFile, put)?;
-        Ok(Upload { req: r })
+        Ok(Upload {
+            req: r,
+            pending: Vec::new(),
+        })
     }
 
     /// Starts a download; read it with [`Download::next_chunk`].
@@ -477,12 +484,16 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut buf: Vec<u8>,
     mut closed: watch::Receiver<Option<String>>,
 ) {
-    let mut chunk = vec![0u8; 128 * 1024];
+    const READ_SIZE: usize = 256 * 1024;
     loop {
-        loop {
-            let frame = match proto::take_frame(&mut buf) {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
+        // Every whole frame in the buffer, then one move of the partial tail.
+        let mut pos = 0;
+        while buf.len() - pos >= proto::HEADER_LEN {
+            let h: [u8; proto::HEADER_LEN] = buf[pos..pos + proto::HEADER_LEN]
+                .try_into()
+                .expect("length checked");
+            let (kind, stream, n) = match proto::parse_header(&h) {
+                Ok(x) => x,
                 Err(e) => {
                     if let Some(i) = inner.upgrade() {
                         i.close(format!("protocol error from the agent: {e}"));
@@ -490,11 +501,23 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     return;
                 }
             };
+            let end = pos + proto::HEADER_LEN + n;
+            if buf.len() < end {
+                break;
+            }
+            let frame = Frame {
+                kind,
+                stream,
+                payload: buf[pos + proto::HEADER_LEN..end].to_vec(),
+            };
+            pos = end;
             let Some(i) = inner.upgrade() else { return };
             dispatch(&i, frame);
         }
+        buf.drain(..pos);
+        buf.reserve(READ_SIZE);
         let read = tokio::select! {
-            r = rd.read(&mut chunk) => r,
+            r = rd.read_buf(&mut buf) => r,
             c = closed.changed() => {
                 if c.is_err() || closed.borrow().is_some() {
                     return;
@@ -504,10 +527,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         };
         let why = match read {
             Ok(0) => "the agent closed the connection".to_string(),
-            Ok(n) => {
-                buf.extend_from_slice(&chunk[..n]);
-                continue;
-            }
+            Ok(_) => continue,
             Err(e) => format!("read failed: {e}"),
         };
         if let Some(i) = inner.upgrade() {
@@ -561,11 +581,7 @@ async fn send_data(
             .await
             .map_err(|_| AgentError::Closed(inner.reason()))?;
         permit.forget();
-        inner.send(&Frame {
-            kind: Kind::Data,
-            stream: id,
-            payload: piece.to_vec(),
-        })?;
+        inner.send_encoded(proto::encode(Kind::Data, id, piece))?;
     }
     Ok(())
 }
@@ -704,6 +720,8 @@ impl Exec {
 /// the guest removes the partial file.
 pub struct Upload {
     req: Request,
+    /// Bytes not yet sent: small writes are gathered into full frames.
+    pending: Vec<u8>,
 }
 
 impl Upload {
@@ -719,6 +737,24 @@ impl Upload {
                 _ => self.req.unexpected(f),
             });
         }
+        // Whole frames go out; a tail shorter than a frame waits for more.
+        if self.pending.is_empty() {
+            let full = bytes.len() / DATA_CHUNK * DATA_CHUNK;
+            self.send_now(&bytes[..full]).await?;
+            self.pending.extend_from_slice(&bytes[full..]);
+            return Ok(());
+        }
+        self.pending.extend_from_slice(bytes);
+        let full = self.pending.len() / DATA_CHUNK * DATA_CHUNK;
+        let rest = self.pending.split_off(full);
+        let now = std::mem::replace(&mut self.pending, rest);
+        self.send_now(&now).await
+    }
+
+    async fn send_now(&mut self, bytes: &[u8]) -> Result<(), AgentError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
         let (inner, id, credit) = (self.req.inner.clone(), self.req.id, self.req.credit.clone());
         tokio::select! {
             r = send_data(&inner, id, &credit, bytes) => r,
@@ -731,6 +767,8 @@ impl Upload {
 
     /// Ends the upload and waits until the file is in place.
     pub async fn finish(mut self) -> Result<Done, AgentError> {
+        let tail = std::mem::take(&mut self.pending);
+        self.send_now(&tail).await?;
         self.req.send(Kind::Eof, Vec::new())?;
         self.req.expect_done().await
     }

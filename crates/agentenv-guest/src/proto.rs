@@ -53,7 +53,7 @@ pub const HEADER_LEN: usize = 9;
 pub const MAX_PAYLOAD: usize = 256 * 1024;
 
 /// Bulk data is sent in frames of at most this many payload bytes.
-pub const DATA_CHUNK: usize = 64 * 1024;
+pub const DATA_CHUNK: usize = 128 * 1024;
 
 /// Credit each side starts with, per stream and direction.
 pub const INITIAL_WINDOW: u32 = 4 * 1024 * 1024;
