@@ -197,7 +197,9 @@ impl Config {
             t.push_str(&format!("direct_disk_roots = [{}]\n", roots.join(", ")));
         }
         t.push_str(&format!(
-            "shutdown_timeout_s = 5\nstartup_timeout_ms = {}\nrequest_timeout_ms = {}\n",
+            "shutdown_timeout_s = 5\nstartup_timeout_ms = {}\nrequest_timeout_ms = {}\n\
+             # A benchmark's VMs go with its daemon, even when it is interrupted.\n\
+             on_shutdown = \"stop\"\n",
             self.startup_timeout_ms, self.request_timeout_ms
         ));
         t.push_str(
