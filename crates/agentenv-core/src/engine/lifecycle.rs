@@ -194,6 +194,15 @@ impl Engine {
     pub async fn delete(&self, vm_id: &str) -> Result<(), EngineError> {
         let slot = self.slot(vm_id)?;
         let _op = slot.op.lock().await;
+        // Another delete may have finished while this one waited for the lock:
+        // the slot is then out of the table, and a create may already have
+        // reused the id. Going on would remove that new VM's files and entry.
+        if !self.is_current(vm_id, &slot) {
+            return Err(EngineError::not_found(
+                "vm_id",
+                format!("vm {vm_id} not found (it was deleted meanwhile)"),
+            ));
+        }
         // A delete that failed half-way (a file it could not remove) may be retried.
         let retry = slot.state() == VmState::Deleting;
         if !retry {
@@ -221,5 +230,14 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .remove(vm_id);
         Ok(())
+    }
+
+    /// True while `slot` is the table's entry for `vm_id`.
+    fn is_current(&self, vm_id: &str, slot: &Arc<VmSlot>) -> bool {
+        self.vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vm_id)
+            .is_some_and(|s| Arc::ptr_eq(s, slot))
     }
 }
