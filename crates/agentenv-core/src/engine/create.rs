@@ -72,7 +72,6 @@ impl Engine {
         let result = self.build(&slot, &plan).await;
         match result {
             Ok(inst) => {
-                slot.set_instance(Some(inst.clone()));
                 self.spawn_exit_monitor(plan.info.vm_id.clone(), inst.clone());
                 self.spawn_agent_watch(plan.info.vm_id.clone(), inst);
                 if req.wait_ready {
@@ -693,6 +692,9 @@ impl Engine {
             let _ = inst.kill().await;
             return Err(e);
         }
+        // Still under the operation lock: an operation that waited for it (a
+        // delete) must find the VMM to stop, not a running VM without one.
+        slot.set_instance(Some(inst.clone()));
         Ok(inst)
     }
 
