@@ -4,6 +4,7 @@
 mod api;
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentenv_api::BackendKind;
@@ -139,9 +140,9 @@ impl Vmm for FirecrackerVmm {
         })?;
         // A socket file left by a dead VMM would make Firecracker refuse to start
         // (or refuse `PUT /vsock`); the engine guarantees no live VMM owns these paths.
-        remove_socket(&spec.control_socket);
+        remove_socket(&spec.control_socket, None);
         if let Some(agent) = &spec.agent_socket {
-            remove_socket(agent);
+            remove_socket(agent, None);
         }
         let process = VmmProcess::spawn(&SpawnSpec {
             binary: self.binary.clone(),
@@ -161,7 +162,10 @@ impl Vmm for FirecrackerVmm {
             spec.request_timeout,
         );
         match inst.boot(spec).await {
-            Ok(()) => Ok(Box::new(inst)),
+            Ok(()) => {
+                inst.remember_sockets();
+                Ok(Box::new(inst))
+            }
             Err(e) => {
                 inst.process.kill().await;
                 inst.remove_sockets();
@@ -186,14 +190,29 @@ impl Vmm for FirecrackerVmm {
             spec.agent_socket.clone(),
             spec.request_timeout,
         );
+        inst.remember_sockets();
         inst.client.set_keep_alive(false).await;
         let state = inst.guest_state().await?;
         Ok((Box::new(inst), state))
     }
 }
 
-fn remove_socket(p: &Path) {
-    let _ = std::fs::remove_file(p);
+/// A socket file's identity: device and inode.
+type SocketId = (u64, u64);
+
+fn socket_id(p: &Path) -> Option<SocketId> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = std::fs::symlink_metadata(p).ok()?;
+    m.file_type().is_socket().then(|| (m.dev(), m.ino()))
+}
+
+/// Removes the socket file at `p`; given `id`, only while it is still that
+/// socket: once this VMM has exited, a new VMM of the same VM (a create that
+/// reuses a deleted VM's id) may already have its own socket at the path.
+fn remove_socket(p: &Path, id: Option<SocketId>) {
+    if id.is_none() || socket_id(p) == id {
+        let _ = std::fs::remove_file(p);
+    }
 }
 
 /// One running Firecracker process.
@@ -203,6 +222,8 @@ pub struct FirecrackerInstance {
     socket: PathBuf,
     /// The vsock device's Unix socket (host end of the agent channel).
     agent_socket: Option<PathBuf>,
+    /// The sockets this VMM made, with their identities, once it has booted.
+    owned: Arc<Mutex<Vec<(PathBuf, SocketId)>>>,
 }
 
 impl FirecrackerInstance {
@@ -217,19 +238,35 @@ impl FirecrackerInstance {
             socket: control_socket.to_path_buf(),
             agent_socket,
             process,
+            owned: Arc::default(),
         };
-        // Firecracker leaves its socket files behind when it exits; remove them.
-        let sockets = inst.sockets();
+        // Firecracker leaves its socket files behind when it exits; remove them
+        // (those it made: this runs whenever the exit is noticed, maybe after
+        // the VM was deleted and its id reused).
+        let owned = inst.owned.clone();
         let rx = inst.process.exit_watch();
         tokio::spawn(async move {
             if agentenv_core::backend::wait_exit(rx, Duration::MAX)
                 .await
                 .is_some()
             {
-                sockets.iter().for_each(|s| remove_socket(s));
+                let owned = owned.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                for (path, id) in owned {
+                    remove_socket(&path, Some(id));
+                }
             }
         });
         inst
+    }
+
+    /// Records the identities of the sockets this VMM made (after boot or adoption).
+    fn remember_sockets(&self) {
+        let ids = self
+            .sockets()
+            .into_iter()
+            .filter_map(|p| socket_id(&p).map(|id| (p, id)))
+            .collect();
+        *self.owned.lock().unwrap_or_else(|p| p.into_inner()) = ids;
     }
 
     /// The API socket and, when configured, the vsock socket.
@@ -239,8 +276,15 @@ impl FirecrackerInstance {
             .collect()
     }
 
+    /// Removes this VMM's sockets: by identity once known, else (a boot that
+    /// failed, while the engine still holds the VM's id) by path.
     fn remove_sockets(&self) {
-        self.sockets().iter().for_each(|s| remove_socket(s));
+        let owned = self.owned.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if owned.is_empty() {
+            self.sockets().iter().for_each(|s| remove_socket(s, None));
+        } else {
+            owned.iter().for_each(|(s, id)| remove_socket(s, Some(*id)));
+        }
     }
 
     async fn boot(&self, spec: &LaunchSpec) -> Result<(), VmmError> {
