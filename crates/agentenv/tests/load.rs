@@ -218,7 +218,7 @@ fn storm(
 }
 
 #[test]
-fn two_hundred_concurrent_mixed_operations_answer_without_5xx_or_leak() {
+fn rounds_of_two_hundred_concurrent_mixed_operations_answer_without_5xx_or_leak() {
     if is_real() {
         eprintln!("skipping: 20 real Firecracker VMs at once are more than this test needs");
         return;
@@ -233,10 +233,12 @@ fn two_hundred_concurrent_mixed_operations_answer_without_5xx_or_leak() {
         d.create_ok(id);
     }
     let d = Arc::new(d);
-    // Five rounds of 200, each from its own seed and starting from the state
-    // the previous round left.
+    // Ten rounds of 200, each from its own seed and starting from the state
+    // the previous round left. Races between a delete and a create of the
+    // same id (a second delete removing the new VM, an old VMM's exit
+    // removing the new VMM's socket) showed about once in ten rounds.
     let mut tally: BTreeMap<(&str, u16), usize> = BTreeMap::new();
-    for round in 0..5u64 {
+    for round in 0..10u64 {
         let seed = 0x5eed_0700 + round;
         let (took, slowest) = storm(&d, &vms, seed, &mut tally);
         println!(
