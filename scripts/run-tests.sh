@@ -28,11 +28,11 @@ fi
 export AGENTENV_ARTIFACTS="$PWD/artifacts"
 # Show what tests print, so skip reasons ("skipping: needs root") reach the log.
 export RUST_TEST_NOCAPTURE=1
-echo "==> cargo test --workspace --all-targets $*"
+echo "==> cargo test --workspace --all-targets --no-fail-fast $*"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --all-targets "$@" 2>&1 | tee "$log" || status=$?
+cargo test --workspace --all-targets --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 # One closing line for the whole run, summed over every test binary.
 awk '/^test result:/ {
         for (i = 1; i <= NF; i++) {

@@ -240,17 +240,26 @@ impl VmmProcess {
             }
         }
         let mut rx = self.exit_rx.clone();
-        loop {
+        let exit = loop {
             if let Some(e) = *rx.borrow_and_update() {
-                return e;
+                break e;
             }
             if rx.changed().await.is_err() {
-                return rx.borrow().unwrap_or(VmmExit {
+                break rx.borrow().unwrap_or(VmmExit {
                     code: None,
                     signal: Some(libc::SIGKILL),
                 });
             }
+        };
+        // SIGKILL is asynchronous: the rest of the group (helpers the VMM
+        // started) may take a moment to die. Wait until the group is empty, so
+        // that "killed" means gone, for at most half a second.
+        let group = Pid::from_raw(self.pid as i32);
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while killpg(group, None).is_ok() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        exit
     }
 }
 

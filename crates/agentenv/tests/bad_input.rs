@@ -293,25 +293,28 @@ fn hostile_ids_in_url_paths_are_400_naming_the_field() {
             );
         }
     }
-    // Segments invalid as UTF-8 once decoded. These are refused by axum's
-    // `Path` extractor before any handler runs, so the answer is axum's plain
-    // text ("Invalid URL: Invalid UTF-8 in `vm_id`"), not the JSON error body:
-    // a known gap (a JSON answer needs a path extractor of our own in every
-    // handler). It is still a 400 that names the parameter.
+    // Segments invalid as UTF-8 once decoded. axum's `Path` extractor refuses
+    // them before any handler runs; its plain-text answer is rewritten into the
+    // JSON error body, naming the parameter.
     for seg in ["%FF", "a%C3", "%C0%AE", "%ED%A0%80"] {
         for (m, tail, body) in vm_routes {
             let p = format!("/v1/vm/{seg}{tail}");
             let a = d.raw(m, &p, Some("application/json"), body);
-            c.check_text(&format!("{m} {p}"), (a.status, &a.body), 400, "`vm_id`");
+            c.check(
+                &format!("{m} {p}"),
+                (a.status, &a.body),
+                400,
+                Want::Field("vm_id"),
+            );
         }
         for (m, tail) in snap_routes {
             let p = format!("/v1/snapshots/{seg}{tail}");
             let a = d.raw(m, &p, None, b"");
-            c.check_text(
+            c.check(
                 &format!("{m} {p}"),
                 (a.status, &a.body),
                 400,
-                "`snapshot_id`",
+                Want::Field("snapshot_id"),
             );
         }
     }
@@ -921,7 +924,11 @@ fn hostile_bodies_are_refused_cleanly() {
             json!({"vm_id": "a", "disk": ov, "network": "tap0"}),
             Want::Field("network"),
         ),
-        (json!([]), Want::Message("invalid")),
+        (json!([]), Want::Message("not an array")),
+        (
+            json!(["a", null, {"kind": "overlay", "rootfs_id": "base.ext4"}]),
+            Want::Message("not an array"),
+        ),
         (json!("vm"), Want::Message("invalid")),
         (json!(5), Want::Message("invalid")),
         (json!(null), Want::Message("invalid")),

@@ -148,6 +148,42 @@ impl From<EngineError> for ApiError {
     }
 }
 
+/// Rewrites the plain-text 4xx answers axum's own extractors give (a path
+/// segment that is not UTF-8, a malformed query) into the API's JSON error
+/// body, naming the parameter when the message does (in backquotes).
+pub async fn json_rejections(resp: Response) -> Response {
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !resp.status().is_client_error() || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes).trim().to_string();
+    let message = if text.is_empty() {
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or("bad request")
+            .to_lowercase()
+    } else {
+        text
+    };
+    let mut e = ApiError::new(parts.status, message);
+    e.body.field = e.body.error.split('`').nth(1).map(str::to_string);
+    let mut resp = e.into_response();
+    for (k, v) in parts.headers.iter() {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            resp.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    resp
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
