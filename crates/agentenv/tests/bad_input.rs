@@ -59,15 +59,6 @@ impl Cases {
         }
     }
 
-    /// Checks a plain-text answer (not the daemon's JSON error body).
-    fn check_text(&mut self, ctx: &str, got: (u16, &Value), code: u16, word: &str) {
-        self.n += 1;
-        let (status, v) = got;
-        assert_eq!(status, code, "{ctx} → {v}");
-        let text = v.as_str().unwrap_or_default();
-        assert!(text.contains(word), "{ctx}: {word:?} not in {v}");
-    }
-
     /// Prints the count.
     fn done(self, test: &str) {
         println!("bad-input cases: {} ({test})", self.n);
