@@ -15,7 +15,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentenv_core::backend::{ProcessIdentity, VmmError, VmmExit};
+use agentenv_core::backend::{AdoptSpec, ProcessIdentity, VmmError, VmmExit};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::sync::watch;
@@ -184,6 +184,16 @@ impl VmmProcess {
             exit_rx,
             pidfd: Some(pidfd),
         })
+    }
+
+    /// [`VmmProcess::adopt`] for a VMM described by an [`AdoptSpec`].
+    pub fn adopt_vmm(spec: &AdoptSpec) -> Result<VmmProcess, VmmError> {
+        VmmProcess::adopt(
+            spec.process,
+            &spec.control_socket,
+            &spec.console_log,
+            spec.console_log_max_bytes,
+        )
     }
 
     /// The process id (also its process group id).

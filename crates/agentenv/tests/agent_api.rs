@@ -9,73 +9,22 @@
 mod common;
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use agentenv_core::config::Config;
-use agentenv_testkit::paths;
-use common::{finish, is_real, Daemon, TestDir};
+
+use common::{finish, is_real, noise, Daemon, HostAgent, TestDir};
 use serde_json::{json, Value};
 
-/// The agent process, killed when dropped.
-struct HostAgent {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl HostAgent {
-    fn start(socket: &Path) -> HostAgent {
-        let _ = std::fs::remove_file(socket);
-        let child = Command::new(paths::guest_agent())
-            .arg("--listen-unix")
-            .arg(socket)
-            .spawn()
-            .expect("agentenv-guest starts");
-        let start = Instant::now();
-        while !socket.exists() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "agent socket missing"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        HostAgent {
-            child,
-            socket: socket.to_path_buf(),
-        }
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.socket);
-    }
-}
-
-impl Drop for HostAgent {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// A daemon whose Firecracker double bridges vsock port 10789 to a host agent.
+/// A daemon whose Firecracker double bridges the agent's vsock port to a host agent.
 fn start(tweak: impl FnOnce(&mut Config)) -> Option<(Daemon, TestDir, HostAgent)> {
     if is_real() {
         eprintln!("skipped: a real Firecracker boots no guest here, so no agent answers");
         return None;
     }
-    let mut dir = TestDir::new();
-    let sock = dir.path().join("agent-host.sock");
-    let spec = format!("{}={}", agentenv_guest::proto::VSOCK_PORT, sock.display());
-    let wrapper = dir.wrapper("fc-agent", &["--vsock-agent", &spec]);
-    dir.baseline = Some(common::baseline(dir.path()));
-    let agent = HostAgent::start(&sock);
-    let mut cfg = dir.config();
-    cfg.firecracker_binary = wrapper;
-    tweak(&mut cfg);
-    let d = Daemon::start_with(cfg, dir.path());
-    Some((d, dir, agent))
+    Some(common::start_with_agent(tweak))
 }
 
 fn create_ready(d: &Daemon, vm: &str) -> Value {
@@ -319,19 +268,6 @@ fn streaming_exec_sends_output_as_it_comes() {
         (Some("exit"), Some(7))
     );
     done(d, dir, agent);
-}
-
-/// Deterministic pseudo-random bytes.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 #[test]

@@ -490,17 +490,7 @@ fn the_guest_agent_runs_commands_moves_files_and_freezes_for_snapshots() {
     assert_eq!(r["stderr"], "", "{r}");
 
     // A 64 MiB binary file, up and down, with the guest's own checksum.
-    let data: Vec<u8> = {
-        let mut x = 0x9e3779b97f4a7c15u64;
-        (0..64usize << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 32) as u8
-            })
-            .collect()
-    };
+    let data = common::noise(64 << 20, 0x9e37_79b9_7f4a_7c15);
     let local = dir.path().join("big.bin");
     std::fs::write(&local, &data).unwrap();
     let url = format!("{}/v1/vm/a1/files", d.base);

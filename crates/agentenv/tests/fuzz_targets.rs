@@ -8,8 +8,12 @@
 //! targets include too: one copy of the properties, compiled in both places,
 //! and no change to any crate's public API for the fuzzers' sake.
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::Instant;
+
+use common::Rng;
 
 #[allow(dead_code)]
 mod api_request {
@@ -19,31 +23,6 @@ mod api_request {
 #[allow(dead_code)]
 mod agent_frames {
     include!("../../../fuzz/targets/agent_frames.rs");
-}
-
-/// splitmix64: the inputs are the same on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-
-    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
-        &xs[self.below(xs.len())]
-    }
 }
 
 /// The seed inputs of one fuzz target.

@@ -9,12 +9,12 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::Path;
+
 use std::time::{Duration, Instant};
 
 use agentenv_core::config::Config;
-use agentenv_testkit::paths;
+
 use common::{finish, is_real, Daemon, TestDir};
 use serde_json::{json, Value};
 
@@ -417,29 +417,6 @@ fn a_stop_with_slow_clients_connected_is_prompt() {
 }
 
 /// The guest agent on the host behind the double's vsock (as in `agent_api.rs`).
-struct HostAgent(Child, PathBuf);
-
-impl HostAgent {
-    fn start(socket: &Path) -> HostAgent {
-        let _ = std::fs::remove_file(socket);
-        let child = Command::new(paths::guest_agent())
-            .arg("--listen-unix")
-            .arg(socket)
-            .spawn()
-            .expect("agentenv-guest starts");
-        wait_for("agent socket", Duration::from_secs(10), || socket.exists());
-        HostAgent(child, socket.to_path_buf())
-    }
-}
-
-impl Drop for HostAgent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let _ = std::fs::remove_file(&self.1);
-    }
-}
-
 #[test]
 fn a_stalled_upload_is_408_but_a_slow_steady_one_completes() {
     if is_real() {
@@ -447,15 +424,7 @@ fn a_stalled_upload_is_408_but_a_slow_steady_one_completes() {
         return;
     }
     let mut cases = 0;
-    let mut dir = TestDir::new();
-    let sock = dir.path().join("agent-host.sock");
-    let spec = format!("{}={}", agentenv_guest::proto::VSOCK_PORT, sock.display());
-    let mut cfg = dir.config();
-    cfg.firecracker_binary = dir.wrapper("fc-agent", &["--vsock-agent", &spec]);
-    cfg.body_timeout_ms = 500;
-    dir.baseline = Some(common::baseline(dir.path()));
-    let agent = HostAgent::start(&sock);
-    let d = Daemon::start_with(cfg, dir.path());
+    let (d, dir, agent) = common::start_with_agent(|cfg| cfg.body_timeout_ms = 500);
     let mut req = common::overlay_req("vm1");
     req["wait_ready"] = json!(true);
     req["wait_ready_timeout_s"] = json!(20);

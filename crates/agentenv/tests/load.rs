@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::{finish, is_real, rss_kib_and_fds, Daemon};
+use common::{finish, is_real, rss_kib_and_fds, Daemon, Rng};
 use serde_json::{json, Value};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -67,23 +67,6 @@ fn call(
         code,
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
-}
-
-/// splitmix64: a small seeded PRNG, so a failing order can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 #[test]
@@ -167,8 +150,8 @@ fn storm(
     let mut rng = Rng(seed);
     let ops: Vec<(usize, &'static str, String)> = (0..200)
         .map(|i| {
-            let vm = vms[rng.below(vms.len() as u64) as usize].clone();
-            (i, VERBS[rng.below(VERBS.len() as u64) as usize], vm)
+            let vm = vms[rng.below(vms.len())].clone();
+            (i, VERBS[rng.below(VERBS.len())], vm)
         })
         .collect();
     let barrier = Arc::new(Barrier::new(ops.len()));

@@ -48,20 +48,7 @@ impl DaemonProc {
     }
 
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let req =
-            ureq::request(method, &format!("{}{path}", self.base)).timeout(Duration::from_secs(30));
-        let res = match body {
-            Some(b) => req.send_json(b),
-            None => req.call(),
-        };
-        let resp = match res {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("{method} {path}: {e}"),
-        };
-        let code = resp.status();
-        let text = resp.into_string().unwrap_or_default();
-        (code, serde_json::from_str(&text).unwrap_or(Value::Null))
+        common::http_call(&self.base, method, path, body)
     }
 
     fn vm(&self, id: &str) -> Value {

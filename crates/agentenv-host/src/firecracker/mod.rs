@@ -178,12 +178,7 @@ impl Vmm for FirecrackerVmm {
         &self,
         spec: &AdoptSpec,
     ) -> Result<(Box<dyn VmmInstance>, AdoptedState), VmmError> {
-        let process = VmmProcess::adopt(
-            spec.process,
-            &spec.control_socket,
-            &spec.console_log,
-            spec.console_log_max_bytes,
-        )?;
+        let process = VmmProcess::adopt_vmm(spec)?;
         let inst = FirecrackerInstance::new(
             process,
             &spec.control_socket,

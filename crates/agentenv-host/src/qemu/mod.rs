@@ -165,12 +165,7 @@ impl Vmm for QemuVmm {
         &self,
         spec: &AdoptSpec,
     ) -> Result<(Box<dyn VmmInstance>, AdoptedState), VmmError> {
-        let process = VmmProcess::adopt(
-            spec.process,
-            &spec.control_socket,
-            &spec.console_log,
-            spec.console_log_max_bytes,
-        )?;
+        let process = VmmProcess::adopt_vmm(spec)?;
         let qmp = QmpClient::new(&spec.control_socket, spec.request_timeout);
         qmp.connect(spec.request_timeout).await?;
         let state = adopted_state(&qmp.query_status().await?)?;

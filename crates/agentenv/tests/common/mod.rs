@@ -212,25 +212,7 @@ impl Daemon {
 
     /// One request; returns the status and the JSON body (`Null` when empty).
     pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let url = format!("{}{path}", self.base);
-        let req = ureq::request(method, &url).timeout(Duration::from_secs(60));
-        let res = match body {
-            Some(b) => req.send_json(b),
-            None => req.call(),
-        };
-        let resp = match res {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("{method} {path}: {e}"),
-        };
-        let code = resp.status();
-        let text = resp.into_string().unwrap();
-        let json = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        (code, json)
+        http_call(&self.base, method, path, body)
     }
 
     /// Sends raw bytes as a POST body.
@@ -506,4 +488,129 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// The guest agent running on the host (`--listen-unix`), killed when dropped.
+pub struct HostAgent {
+    child: std::process::Child,
+    pub socket: PathBuf,
+}
+
+impl HostAgent {
+    /// Starts `agentenv-guest --listen-unix socket` and waits for its socket.
+    pub fn start(socket: &Path) -> HostAgent {
+        let _ = std::fs::remove_file(socket);
+        let child = std::process::Command::new(paths::guest_agent())
+            .arg("--listen-unix")
+            .arg(socket)
+            .spawn()
+            .expect("agentenv-guest starts");
+        let start = Instant::now();
+        while !socket.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "agent socket missing"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        HostAgent {
+            child,
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    /// Kills the agent and removes its socket.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+impl Drop for HostAgent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A daemon whose Firecracker double bridges the guest agent's vsock port to
+/// an agent running on the host, so the whole agent path runs without a VM.
+pub fn start_with_agent(tweak: impl FnOnce(&mut Config)) -> (Daemon, TestDir, HostAgent) {
+    let mut dir = TestDir::new();
+    let sock = dir.path().join("agent-host.sock");
+    let spec = format!("{}={}", agentenv_guest::proto::VSOCK_PORT, sock.display());
+    let wrapper = dir.wrapper("fc-agent", &["--vsock-agent", &spec]);
+    dir.baseline = Some(baseline(dir.path()));
+    let agent = HostAgent::start(&sock);
+    let mut cfg = dir.config();
+    cfg.firecracker_binary = wrapper;
+    tweak(&mut cfg);
+    let d = Daemon::start_with(cfg, dir.path());
+    (d, dir, agent)
+}
+
+/// Deterministic pseudo-random bytes (xorshift).
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// splitmix64: the same pseudo-random sequence on every run.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next number.
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    /// `n` pseudo-random bytes.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+
+    /// One of `xs` (not empty).
+    pub fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
+        &xs[self.below(xs.len())]
+    }
+}
+
+/// One request to a daemon at `base`; the status and the JSON body (`Null`
+/// when empty, a string when not JSON).
+pub fn http_call(base: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let url = format!("{base}{path}");
+    let req = ureq::request(method, &url).timeout(Duration::from_secs(60));
+    let res = match body {
+        Some(b) => req.send_json(b),
+        None => req.call(),
+    };
+    let resp = match res {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {path}: {e}"),
+    };
+    let code = resp.status();
+    let text = resp.into_string().unwrap_or_default();
+    let json = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    (code, json)
 }
