@@ -26,6 +26,9 @@ const MAX_GUEST_PATH: usize = 4096;
 /// Longest a freeze may take before the snapshot goes ahead with a pause only.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the agent watcher retries quickly before backing off to 5 s.
+const SLOW_RETRY_AFTER: Duration = Duration::from_secs(60);
+
 /// Extra time the host gives the agent past an exec's own timeout.
 const EXEC_GRACE: Duration = Duration::from_secs(30);
 
@@ -377,6 +380,9 @@ async fn agent_watch(
 ) {
     let mut exit = inst.exit_watch();
     let mut delay = Duration::from_millis(50);
+    // Retries are quick while a guest boots, then slow down: a VM whose image
+    // has no agent costs a connection attempt every few seconds, not twice a second.
+    let mut unanswered_since = tokio::time::Instant::now();
     loop {
         let (slot, connect_timeout) = {
             let Some(engine) = engine.upgrade() else {
@@ -410,7 +416,12 @@ async fn agent_watch(
             Err(e) => {
                 tracing::debug!(vm_id = %vm_id, "agent not reachable yet: {e}");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_millis(500));
+                let cap = if unanswered_since.elapsed() < SLOW_RETRY_AFTER {
+                    Duration::from_millis(500)
+                } else {
+                    Duration::from_secs(5)
+                };
+                delay = (delay * 2).min(cap);
                 continue;
             }
         };
@@ -440,6 +451,7 @@ async fn agent_watch(
         });
         slot.ready.send_replace(false);
         tracing::info!(vm_id = %vm_id, "guest agent connection ended: {why}");
+        unanswered_since = tokio::time::Instant::now();
     }
 }
 
