@@ -247,6 +247,13 @@ fn hostile_ids_in_url_paths_are_400_naming_the_field() {
             "%E2%80%AE",
             "a%20",
             "%7Eroot",
+            // Invalid UTF-8 once decoded: axum's `Path` extractor refuses these
+            // before any handler runs, and its plain-text answer is rewritten
+            // into the JSON error body naming the parameter.
+            "%FF",
+            "a%C3",
+            "%C0%AE",
+            "%ED%A0%80",
         ]
         .map(String::from),
     );
@@ -263,31 +270,6 @@ fn hostile_ids_in_url_paths_are_400_naming_the_field() {
     ];
     let snap_routes: [(&str, &str); 3] = [("GET", ""), ("DELETE", ""), ("POST", "/persist")];
     for seg in &segments {
-        for (m, tail, body) in vm_routes {
-            let p = format!("/v1/vm/{seg}{tail}");
-            let a = d.raw(m, &p, Some("application/json"), body);
-            c.check(
-                &format!("{m} {p}"),
-                (a.status, &a.body),
-                400,
-                Want::Field("vm_id"),
-            );
-        }
-        for (m, tail) in snap_routes {
-            let p = format!("/v1/snapshots/{seg}{tail}");
-            let a = d.raw(m, &p, None, b"");
-            c.check(
-                &format!("{m} {p}"),
-                (a.status, &a.body),
-                400,
-                Want::Field("snapshot_id"),
-            );
-        }
-    }
-    // Segments invalid as UTF-8 once decoded. axum's `Path` extractor refuses
-    // them before any handler runs; its plain-text answer is rewritten into the
-    // JSON error body, naming the parameter.
-    for seg in ["%FF", "a%C3", "%C0%AE", "%ED%A0%80"] {
         for (m, tail, body) in vm_routes {
             let p = format!("/v1/vm/{seg}{tail}");
             let a = d.raw(m, &p, Some("application/json"), body);
