@@ -202,14 +202,10 @@ impl AgentClient {
                     Ok(None) => {}
                     Err(e) => return Err(AgentError::Protocol(e.to_string())),
                 }
-            } else if let Ok(Some(f)) = proto::take_frame(&mut buf.clone()) {
+            } else if let Some(msg) = leading_error(&buf)? {
                 // An error on stream 0 before our HelloOk: the agent refused the hello.
-                if f.kind == Kind::Error && f.stream == 0 {
-                    let msg: ErrorMsg =
-                        f.parse().map_err(|e| AgentError::Protocol(e.to_string()))?;
-                    if msg.error.contains("version") {
-                        return Err(AgentError::Remote(msg));
-                    }
+                if msg.error.contains("version") {
+                    return Err(AgentError::Remote(msg));
                 }
             }
             if buf.len() > MAX_RESYNC_BYTES {
@@ -412,6 +408,27 @@ impl AgentClient {
         r.send(Kind::Thaw, Vec::new())?;
         r.expect_done().await
     }
+}
+
+/// The message of an `Error` frame on stream 0 at the start of `buf`, once
+/// whole (read in place: the buffer may hold megabytes of resync bytes).
+fn leading_error(buf: &[u8]) -> Result<Option<ErrorMsg>, AgentError> {
+    let Some(h) = buf.get(..proto::HEADER_LEN) else {
+        return Ok(None);
+    };
+    let h: [u8; proto::HEADER_LEN] = h.try_into().expect("length checked");
+    let Ok((kind, stream, n)) = proto::parse_header(&h) else {
+        return Ok(None);
+    };
+    if kind != Kind::Error || stream != 0 {
+        return Ok(None);
+    }
+    let Some(payload) = buf.get(proto::HEADER_LEN..proto::HEADER_LEN + n) else {
+        return Ok(None);
+    };
+    serde_json::from_slice(payload)
+        .map(Some)
+        .map_err(|e| AgentError::Protocol(format!("bad Error message: {e}")))
 }
 
 async fn vsock_handshake(sock: &mut UnixStream, path: &Path, port: u32) -> Result<(), AgentError> {
