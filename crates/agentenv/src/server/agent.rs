@@ -27,7 +27,7 @@ use super::limits::{is_idle_timeout, BodyTimeout};
 use super::AppState;
 
 /// A response body fed by a channel; an `Err` aborts the response mid-way.
-struct ChannelBody(mpsc::Receiver<Result<Bytes, std::io::Error>>);
+pub(crate) struct ChannelBody(pub(crate) mpsc::Receiver<Result<Bytes, std::io::Error>>);
 
 impl http_body::Body for ChannelBody {
     type Data = Bytes;

@@ -234,36 +234,21 @@ impl http_body::Body for IdleTimeoutBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    // A request body fed by a channel, as a slow client would send it.
+    use crate::server::agent::ChannelBody;
     use http_body_util::BodyExt;
     use tokio::sync::mpsc;
-
-    /// A request body fed by a channel, as a slow client would send it.
-    struct Chan(mpsc::Receiver<Bytes>);
-
-    impl http_body::Body for Chan {
-        type Data = Bytes;
-        type Error = std::io::Error;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-            self.0
-                .poll_recv(cx)
-                .map(|o| o.map(|b| Ok(http_body::Frame::data(b))))
-        }
-    }
 
     #[tokio::test]
     async fn an_idle_body_times_out_but_a_slow_consumer_does_not() {
         let (tx, rx) = mpsc::channel(1);
-        let mut body = IdleTimeoutBody::new(Body::new(Chan(rx)), Duration::from_millis(100));
-        tx.send(Bytes::from_static(b"a")).await.unwrap();
+        let mut body = IdleTimeoutBody::new(Body::new(ChannelBody(rx)), Duration::from_millis(100));
+        tx.send(Ok(Bytes::from_static(b"a"))).await.unwrap();
         let f = body.frame().await.unwrap().unwrap();
         assert_eq!(f.into_data().unwrap(), "a");
         // The consumer is busy for longer than the timeout: not the client's fault.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        tx.send(Bytes::from_static(b"b")).await.unwrap();
+        tx.send(Ok(Bytes::from_static(b"b"))).await.unwrap();
         let f = body.frame().await.unwrap().unwrap();
         assert_eq!(f.into_data().unwrap(), "b");
         // The client sends nothing for 100 ms: the body fails, recognisably.
