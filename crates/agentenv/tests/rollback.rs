@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{is_real, Daemon, TestDir};
 
 /// Runs one failing create and checks the aftermath.
@@ -186,5 +188,175 @@ fn a_stale_socket_file_does_not_block_a_create() {
     std::fs::write(&stale, b"").unwrap();
     let (code, v) = d.create("stale");
     assert_eq!(code, 201, "{v}");
+    common::finish(d, dir);
+}
+
+/// Sends a request from its own thread, whose client gives up after
+/// `patience`; what it gets back does not matter.
+fn fire(
+    d: &Daemon,
+    method: &'static str,
+    path: String,
+    body: serde_json::Value,
+    patience: std::time::Duration,
+) -> std::thread::JoinHandle<()> {
+    let url = format!("{}{path}", d.base);
+    std::thread::spawn(move || {
+        let _ = ureq::request(method, &url)
+            .timeout(patience)
+            .send_string(&body.to_string());
+    })
+}
+
+/// Waits until an operation hangs at its failpoint.
+fn wait_hung(d: &Daemon, fp: &str) {
+    let start = std::time::Instant::now();
+    while d.engine.failpoints.hung() < 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{fp} never reached"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The daemon crashes at each step of create, snapshot and delete (every
+/// operation stops where it is; VMMs live on), and the next start finishes or
+/// undoes what was cut short: a create is rolled back, a delete completed or
+/// left retryable, a snapshot's VM runs again (or stays paused if it was)
+/// with the copy kept only when it was complete. Nothing leaks.
+#[test]
+fn a_crash_at_each_step_is_finished_or_undone_at_the_next_start() {
+    let mut dir = TestDir::new();
+    dir.baseline = Some(common::baseline(dir.path()));
+    let mut cfg = dir.config();
+    cfg.on_shutdown = agentenv_core::config::OnShutdown::Leave;
+    let mut cases: Vec<(&str, &str)> = points(&["create.", "delete."])
+        .into_iter()
+        .map(|fp| (fp, "running"))
+        .collect();
+    for fp in ["snapshot.frozen", "snapshot.paused", "snapshot.copied"] {
+        cases.push((fp, "running"));
+        cases.push((fp, "paused"));
+    }
+    for &(fp, was) in &cases {
+        let d = Daemon::start_with(cfg.clone(), dir.path());
+        let mut pid = None;
+        if !fp.starts_with("create.") {
+            pid = d.create_ok("vm")["pid"].as_u64();
+            if was == "paused" {
+                assert_eq!(d.call("POST", "/v1/vm/vm/pause", None).0, 200);
+            }
+        }
+        d.engine.failpoints.arm_hang(fp);
+        let op = fp.split('.').next().unwrap();
+        let (method, path, body) = match op {
+            "create" => ("POST", "/v1/vm", common::overlay_req("vm")),
+            "snapshot" => (
+                "POST",
+                "/v1/vm/vm/snapshot",
+                serde_json::json!({"snapshot_id": "s1"}),
+            ),
+            _ => ("DELETE", "/v1/vm/vm", serde_json::Value::Null),
+        };
+        fire(&d, method, path.into(), body, Duration::from_secs(30));
+        wait_hung(&d, fp);
+        if op == "snapshot" {
+            // The record on disk says what a restart must finish.
+            let rec: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(dir.path().join("sessions/vm/vm.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(rec["vm"]["state"], "snapshotting", "{fp}: {rec}");
+            assert_eq!(rec["snapshot"]["snapshot_id"], "s1", "{fp}: {rec}");
+            assert_eq!(rec["snapshot"]["resume"], was == "running", "{fp}: {rec}");
+        }
+        d.crash();
+
+        let d = Daemon::start_with(cfg.clone(), dir.path());
+        let (code, v) = d.call("GET", "/v1/vm/vm", None);
+        match op {
+            "create" => {
+                assert_eq!(code, 404, "{fp}: {v}");
+                assert!(!dir.path().join("sessions/vm").exists(), "{fp}");
+            }
+            "snapshot" => {
+                assert_eq!(code, 200, "{fp}: {v}");
+                assert_eq!(v["state"], was, "{fp}: {v}");
+                assert_eq!(v["pid"].as_u64(), pid, "{fp}: the same vmm, re-adopted");
+                let kept = fp == "snapshot.copied";
+                let (code, s) = d.call("GET", "/v1/snapshots/s1", None);
+                assert_eq!(code, if kept { 200 } else { 404 }, "{fp}: {s}");
+                if kept {
+                    assert_eq!(d.call("DELETE", "/v1/snapshots/s1", None).0, 204);
+                }
+                // The re-adopted VM takes operations again.
+                let (code, v) = d.call(
+                    "POST",
+                    "/v1/vm/vm/snapshot",
+                    Some(serde_json::json!({"snapshot_id": "s2"})),
+                );
+                assert_eq!(code, 201, "{fp}: {v}");
+                assert_eq!(d.call("GET", "/v1/vm/vm", None).1["state"], was, "{fp}");
+                assert_eq!(d.call("DELETE", "/v1/snapshots/s2", None).0, 204);
+            }
+            _ => {
+                // Cut before the record said `deleting`: the VM is stopped
+                // and a DELETE finishes the job; after: it is gone.
+                if fp == "delete.vmm_stopped" {
+                    assert_eq!((code, v["state"].as_str()), (200, Some("stopped")), "{v}");
+                } else {
+                    assert_eq!(code, 404, "{fp}: {v}");
+                }
+            }
+        }
+        for vm in d.engine.list() {
+            let (code, body) = d.call("DELETE", &format!("/v1/vm/{}", vm.vm_id), None);
+            assert_eq!(code, 204, "{fp}: {body}");
+        }
+        d.stop();
+        dir.baseline.as_ref().unwrap().assert_clean();
+    }
+    eprintln!("crash cases (create, snapshot, delete): {}", cases.len());
+}
+
+/// A clean stop waits for the operations whose clients went away: here a
+/// snapshot, held at a step until the stop is under way. It finishes, and the
+/// next start finds the copy complete and the VM running.
+#[test]
+fn a_clean_stop_lets_operations_in_flight_finish() {
+    let mut dir = TestDir::new();
+    dir.baseline = Some(common::baseline(dir.path()));
+    let mut cfg = dir.config();
+    cfg.on_shutdown = agentenv_core::config::OnShutdown::Leave;
+    let d = Daemon::start_with(cfg.clone(), dir.path());
+    let pid = d.create_ok("vm")["pid"].as_u64();
+    d.engine.failpoints.arm_hang("snapshot.paused");
+    let client = fire(
+        &d,
+        "POST",
+        "/v1/vm/vm/snapshot".into(),
+        serde_json::json!({"snapshot_id": "s1"}),
+        Duration::from_millis(300),
+    );
+    wait_hung(&d, "snapshot.paused");
+    client.join().unwrap();
+    let engine = d.engine.clone();
+    let stopper = std::thread::spawn(move || d.stop());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !stopper.is_finished(),
+        "the stop did not wait for the snapshot"
+    );
+    engine.failpoints.clear();
+    stopper.join().unwrap();
+
+    let d = Daemon::start_with(cfg, dir.path());
+    let v = d.call("GET", "/v1/vm/vm", None).1;
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["pid"].as_u64(), pid, "{v}");
+    let (code, s) = d.call("GET", "/v1/snapshots/s1", None);
+    assert_eq!(code, 200, "{s}");
+    assert_eq!(d.call("DELETE", "/v1/snapshots/s1", None).0, 204);
     common::finish(d, dir);
 }

@@ -647,13 +647,13 @@ impl Engine {
             });
         }
         self.host.create_dir(dir)?;
-        fp.check("create.session_dir")?;
+        fp.point("create.session_dir").await?;
         if let (Some((net, _)), Some(lease)) = (&self.net, &plan.lease) {
             net.setup(lease)
                 .await
                 .map_err(|e| EngineError::Network(e.to_string()))?;
         }
-        fp.check("create.network")?;
+        fp.point("create.network").await?;
         match &plan.disk_source {
             DiskSource::Fresh(path, size) => self.host.create_ext4_disk(path, *size).await?,
             DiskSource::Restore(id, path) => {
@@ -667,16 +667,16 @@ impl Engine {
         for (dir, image, size) in &plan.shares {
             self.host.create_ext4_from_dir(dir, image, *size).await?;
         }
-        fp.check("create.disk")?;
+        fp.point("create.disk").await?;
         self.persist(slot, &plan.info)?;
-        fp.check("create.record")?;
+        fp.point("create.record").await?;
         let inst: Arc<dyn VmmInstance> = Arc::from(self.vmm.launch(&plan.launch).await.map_err(
             |source| EngineError::Vmm {
                 vm_id: plan.info.vm_id.clone(),
                 source,
             },
         )?);
-        if let Err(e) = fp.check("create.launch") {
+        if let Err(e) = fp.point("create.launch").await {
             let _ = inst.kill().await;
             return Err(e);
         }
@@ -685,9 +685,10 @@ impl Engine {
             Ok::<(), std::convert::Infallible>(())
         });
         slot.set_process(inst.identity());
-        let settled = fp
-            .check("create.running")
-            .and_then(|_| self.set_state(slot, VmState::Running));
+        let settled = match fp.point("create.running").await {
+            Ok(()) => self.set_state(slot, VmState::Running),
+            Err(e) => Err(e),
+        };
         if let Err(e) = settled {
             let _ = inst.kill().await;
             return Err(e);

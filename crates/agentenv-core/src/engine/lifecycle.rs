@@ -215,14 +215,14 @@ impl Engine {
         }
         // From here a failure leaves the VM stopped or `deleting`: a retried
         // DELETE (or the next startup) finishes the job.
-        self.failpoints.check("delete.vmm_stopped")?;
+        self.failpoints.point("delete.vmm_stopped").await?;
         if !retry {
             self.set_state(&slot, VmState::Deleting)?;
         }
-        self.failpoints.check("delete.marked")?;
+        self.failpoints.point("delete.marked").await?;
         let info = slot.info();
         self.host.remove_file(&PathBuf::from(&info.api_socket))?;
-        self.failpoints.check("delete.socket_removed")?;
+        self.failpoints.point("delete.socket_removed").await?;
         self.host
             .remove_dir_all(&PathBuf::from(&info.session_dir))?;
         self.vms

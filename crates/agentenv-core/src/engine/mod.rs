@@ -58,6 +58,19 @@ pub struct VmRecord {
     /// The host end of the guest agent channel, when the VM has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_socket: Option<PathBuf>,
+    /// A snapshot being taken, for a restart to finish what a crash cut short.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotInProgress>,
+}
+
+/// A snapshot in progress, as the VM record keeps it (state `snapshotting`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotInProgress {
+    /// The snapshot being made.
+    pub snapshot_id: String,
+    /// True when the snapshot pauses a running VM, which must run again
+    /// afterwards, whatever happens in between.
+    pub resume: bool,
 }
 
 /// One tracked VM.
@@ -80,6 +93,8 @@ struct VmSlot {
     process: Mutex<Option<ProcessIdentity>>,
     /// The host end of the agent channel, when the VM has one.
     agent_socket: Option<PathBuf>,
+    /// The snapshot being taken (persisted while the state is `snapshotting`).
+    snapshot: Mutex<Option<SnapshotInProgress>>,
 }
 
 impl VmSlot {
@@ -94,7 +109,12 @@ impl VmSlot {
             ready: tokio::sync::watch::channel(false).0,
             process: Mutex::new(None),
             agent_socket,
+            snapshot: Mutex::new(None),
         })
+    }
+
+    fn set_snapshot(&self, s: Option<SnapshotInProgress>) {
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = s;
     }
 
     fn process(&self) -> Option<ProcessIdentity> {
@@ -282,6 +302,11 @@ impl Engine {
             net: slot.lease(),
             vmm_process: slot.process(),
             agent_socket: slot.agent_socket.clone(),
+            snapshot: slot
+                .snapshot
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         };
         let bytes = serde_json::to_vec_pretty(&record).expect("records serialise");
         let path = Path::new(&info.session_dir).join(RECORD_FILE);
@@ -435,8 +460,10 @@ fn render(info: &VmInfo) -> Arc<str> {
         .into()
 }
 
-/// States that are written to disk. In-between states live in memory only: a
-/// crash in the middle of an operation is reconciled from the VMM itself.
+/// States that are written to disk when entered. Other in-between states live
+/// in memory only: a crash in the middle of a pause, resume or shutdown is
+/// reconciled from the VMM itself. (`snapshotting` is written by the snapshot
+/// itself, together with what a restart must finish.)
 fn is_settled(s: VmState) -> bool {
     matches!(
         s,

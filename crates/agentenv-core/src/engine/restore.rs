@@ -6,6 +6,8 @@
 //! - `running` / `paused` whose VMM is the recorded process (same pid and start
 //!   time, command line naming its control socket) and answers on its control
 //!   socket: re-adopted, in the state the VMM reports;
+//! - `snapshotting` (a crash mid-snapshot): re-adopted as above, and resumed
+//!   when the snapshot had paused it; the copy is kept if it was complete;
 //! - otherwise: `failed` with the cause, its VMM (if any is left) killed and its
 //!   resources freed;
 //! - a session directory without a record is a create that never got one:
@@ -21,7 +23,7 @@ use std::sync::Arc;
 use agentenv_api::{ExitInfo, VmInfo, VmState};
 use chrono::Utc;
 
-use super::{Engine, VmRecord, VmSlot, RECORD_FILE, VM_RECORD_SCHEMA};
+use super::{Engine, SnapshotInProgress, VmRecord, VmSlot, RECORD_FILE, VM_RECORD_SCHEMA};
 use crate::backend::{AdoptSpec, AdoptedState, VmmInstance};
 use crate::ids::checked_join;
 
@@ -152,13 +154,18 @@ impl Engine {
             Ok((inst, state)) => {
                 slot.set_process(inst.identity());
                 slot.set_instance(Some(inst.clone()));
-                let to = match state {
+                let mut to = match state {
                     AdoptedState::Running => VmState::Running,
                     AdoptedState::Paused => VmState::Paused,
                 };
+                if info.state == VmState::Snapshotting {
+                    to = self
+                        .finish_snapshot(name, record.snapshot.as_ref(), &*inst, to)
+                        .await;
+                }
                 let info = slot
                     .update(|i| {
-                        if i.state != to {
+                        if i.state != to && i.state != VmState::Snapshotting {
                             tracing::warn!(
                                 "vm {name}: recorded {} but its vmm reports {to}; keeping {to}",
                                 i.state
@@ -212,6 +219,42 @@ impl Engine {
                 Outcome::Track(slot, None)
             }
         }
+    }
+
+    /// Finishes a snapshot that a crash cut short, on its re-adopted VMM: the
+    /// VM runs again if the snapshot had paused it. The copy itself was either
+    /// complete (and is kept) or partial (and the snapshot store removed it
+    /// when it opened). A guest file system the snapshot froze is thawed by
+    /// the agent itself: its session ended with the old daemon. Returns the
+    /// state the VM is in now.
+    async fn finish_snapshot(
+        &self,
+        name: &str,
+        snap: Option<&SnapshotInProgress>,
+        inst: &dyn VmmInstance,
+        now: VmState,
+    ) -> VmState {
+        let Some(snap) = snap else {
+            tracing::warn!("vm {name}: recorded as snapshotting without its snapshot; left {now}");
+            return now;
+        };
+        let copy = if self.snapshots.get(&snap.snapshot_id).is_ok() {
+            "complete, kept"
+        } else {
+            "partial, removed"
+        };
+        let mut to = now;
+        if snap.resume && now == VmState::Paused {
+            match inst.resume().await {
+                Ok(()) => to = VmState::Running,
+                Err(e) => tracing::error!("vm {name}: cannot resume it after its snapshot: {e}"),
+            }
+        }
+        tracing::warn!(
+            "vm {name}: finished snapshot {} that a restart interrupted (copy {copy}); the vm is {to}",
+            snap.snapshot_id
+        );
+        to
     }
 
     /// Re-adopts a record's VMM, or says why it cannot be.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use agentenv_api::{SnapshotInfo, VmState};
 use chrono::Utc;
 
-use super::Engine;
+use super::{Engine, SnapshotInProgress};
 use crate::error::EngineError;
 use crate::ids::{validate_id, MAX_ID_LEN};
 use crate::snapshot::{NewSnapshot, SnapshotError};
@@ -73,7 +73,25 @@ impl Engine {
         self.check_transition(&slot, VmState::Snapshotting)?;
         let inst = self.live_instance(&slot)?;
         let info = slot.info();
-        self.set_state(&slot, VmState::Snapshotting)?;
+        // The record says a snapshot is under way before anything is frozen or
+        // paused, so that a crash from here on is finished at the next start
+        // (`restore.rs`): the VM runs again and a partial copy is removed.
+        slot.set_snapshot(Some(SnapshotInProgress {
+            snapshot_id: snapshot_id.clone(),
+            resume: was == VmState::Running,
+        }));
+        let marked = self
+            .set_state(&slot, VmState::Snapshotting)
+            .and_then(|info| self.persist(&slot, &info));
+        if let Err(e) = marked {
+            slot.set_snapshot(None);
+            if slot.state() != was {
+                if let Err(e) = self.set_state(&slot, was) {
+                    tracing::error!("vm {vm_id}: {e}");
+                }
+            }
+            return Err(e);
+        }
         // With an agent, the guest's file systems are frozen first (a paused
         // guest cannot freeze), so the copy holds no half-written metadata.
         let frozen = if was == VmState::Running {
@@ -95,7 +113,7 @@ impl Engine {
         let fp = &self.failpoints;
         let mut paused = false;
         let result = async {
-            fp.check("snapshot.frozen")?;
+            fp.point("snapshot.frozen").await?;
             if was == VmState::Running {
                 inst.pause().await.map_err(|source| EngineError::Vmm {
                     vm_id: vm_id.into(),
@@ -103,7 +121,7 @@ impl Engine {
                 })?;
                 paused = true;
             }
-            fp.check("snapshot.paused")?;
+            fp.point("snapshot.paused").await?;
             let disk = PathBuf::from(&info.disk.writable_path);
             self.host.sync_file(&disk)?;
             let snap = self
@@ -117,7 +135,7 @@ impl Engine {
                     fs_frozen: frozen.is_some(),
                 })
                 .await?;
-            if let Err(e) = fp.check("snapshot.copied") {
+            if let Err(e) = fp.point("snapshot.copied").await {
                 if let Err(de) = self.snapshots.delete(&snapshot_id).await {
                     tracing::error!("snapshot {snapshot_id}: rollback: {de}");
                 }
@@ -134,6 +152,7 @@ impl Engine {
             }
         }
         thaw(frozen).await;
+        slot.set_snapshot(None);
         self.set_state(&slot, back)?;
         result
     }

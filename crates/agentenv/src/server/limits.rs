@@ -63,6 +63,13 @@ impl Limits {
     pub fn in_flight(&self) -> usize {
         self.max_inflight as usize - self.inflight.available_permits()
     }
+
+    /// Waits up to `timeout` until no operation is in flight (their tasks
+    /// hold permits until they end); false when some still are.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let all = self.inflight.acquire_many(self.max_inflight);
+        matches!(tokio::time::timeout(timeout, all).await, Ok(Ok(_)))
+    }
 }
 
 /// Only reads are free; everything else is an operation.

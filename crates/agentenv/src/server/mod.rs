@@ -27,6 +27,11 @@ pub type AppState = Arc<Engine>;
 /// The whole API, with the request limits of the engine's config.
 pub fn router(engine: Arc<Engine>) -> Router {
     let limits = limits::Limits::from_config(engine.config());
+    router_with(engine, limits)
+}
+
+/// The whole API, counting its operations in `limits`.
+fn router_with(engine: Arc<Engine>, limits: limits::Limits) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi::serve))
@@ -57,13 +62,17 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .layer(axum::middleware::from_fn_with_state(limits, limits::limit))
 }
 
+/// How long a clean stop waits for operations still in flight.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Serves the API on an already-bound listener until `shutdown` resolves, then
-/// stops the VMs as `on_shutdown` says.
+/// waits for the operations in flight and stops the VMs as `on_shutdown` says.
 ///
 /// HTTP/1.1 with a header read timeout (`header_timeout_ms`): a client that
 /// does not send its request headers in time, or leaves a kept-alive
 /// connection idle that long, is disconnected. On shutdown, no new connection
-/// is accepted, idle ones are closed, and requests in progress finish first.
+/// is accepted, idle ones are closed, requests in progress finish first, and
+/// so do operations whose clients went away (up to [`SHUTDOWN_GRACE`]).
 pub async fn run(
     listener: tokio::net::TcpListener,
     engine: Arc<Engine>,
@@ -73,7 +82,8 @@ pub async fn run(
     use hyper_util::server::graceful::GracefulShutdown;
     use hyper_util::service::TowerToHyperService;
 
-    let app = router(engine.clone());
+    let limits = limits::Limits::from_config(engine.config());
+    let app = router_with(engine.clone(), limits.clone());
     let header_timeout = std::time::Duration::from_millis(engine.config().header_timeout_ms);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -105,6 +115,17 @@ pub async fn run(
     }
     drop(listener);
     graceful.shutdown().await;
+    // Operations whose clients went away still run in their own tasks: they
+    // finish (or roll back) before the runtime goes, not cut at an arbitrary
+    // step. One still running after the grace period is cut as a crash would
+    // cut it, and the next start finishes it.
+    if !limits.drain(SHUTDOWN_GRACE).await {
+        tracing::warn!(
+            "{} operation(s) still running after {}s; stopping anyway (the next start finishes them)",
+            limits.in_flight(),
+            SHUTDOWN_GRACE.as_secs()
+        );
+    }
     engine.shutdown_all().await;
     Ok(())
 }

@@ -19,6 +19,7 @@ pub struct Daemon {
     pub dir: PathBuf,
     pub cfg: Config,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    abort: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -162,6 +163,7 @@ impl Daemon {
     /// Starts a daemon whose VM networking lives in the namespace `netns`.
     pub fn start_in(cfg: Config, dir: &Path, netns: Option<PathBuf>) -> Daemon {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (abort_tx, abort_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let c = cfg.clone();
         let thread = std::thread::spawn(move || {
@@ -178,12 +180,17 @@ impl Daemon {
                 ready_tx
                     .send((listener.local_addr().unwrap(), engine.clone()))
                     .unwrap();
-                agentenv::server::run(listener, engine, async {
+                let serve = agentenv::server::run(listener, engine, async {
                     let _ = rx.await;
-                })
-                .await
-                .unwrap();
+                });
+                tokio::select! {
+                    biased;
+                    Ok(()) = abort_rx => {}
+                    r = serve => r.unwrap(),
+                }
             });
+            // After an abort: every task is dropped where it stands.
+            rt.shutdown_background();
         });
         let (addr, engine) = ready_rx.recv().expect("daemon starts");
         Daemon {
@@ -192,6 +199,7 @@ impl Daemon {
             dir: dir.to_path_buf(),
             cfg,
             stop: Some(tx),
+            abort: Some(abort_tx),
             thread: Some(thread),
         }
     }
@@ -199,6 +207,17 @@ impl Daemon {
     /// Stops the daemon (its VMs are stopped as `on_shutdown` says).
     pub fn stop(mut self) {
         self.stop_inner();
+    }
+
+    /// Ends the daemon as a crash would: every operation stops where it is,
+    /// nothing is cleaned up, VMMs are left running.
+    pub fn crash(mut self) {
+        if let Some(tx) = self.abort.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 
     fn stop_inner(&mut self) {
