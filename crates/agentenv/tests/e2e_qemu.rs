@@ -632,3 +632,60 @@ fn a_restarted_daemon_re_adopts_a_qemu_guest_and_its_agent() {
     assert_eq!((code, v["state"].as_str()), (200, Some("stopped")), "{v}");
     finish(d, dir);
 }
+
+#[test]
+fn a_crash_mid_snapshot_leaves_the_guest_running_and_thawed() {
+    let art = need_artifacts!();
+    if !image_has_agent(&art) {
+        return;
+    }
+    let mut dir = TestDir::new();
+    let mut cfg = qemu_config(&dir, &art);
+    cfg.on_shutdown = agentenv_core::config::OnShutdown::Leave;
+    dir.baseline = Some(common::baseline(dir.path()));
+    let d = Daemon::start_with(cfg.clone(), dir.path());
+    let pid = create_ready(&d, overlay("c1"))["pid"].as_u64();
+    // The daemon dies with the guest's file systems frozen and the VM paused.
+    d.engine.failpoints.arm_hang("snapshot.paused");
+    common::fire(
+        &d,
+        "POST",
+        "/v1/vm/c1/snapshot".into(),
+        json!({"snapshot_id": "c1-snap"}),
+        Duration::from_secs(60),
+    );
+    common::wait_hung(&d, "snapshot.paused");
+    d.crash();
+
+    let d = Daemon::start_with(cfg, dir.path());
+    let (_, v) = d.call("GET", "/v1/vm/c1", None);
+    assert_eq!(
+        (v["state"].as_str(), v["pid"].as_u64()),
+        (Some("running"), pid),
+        "{v}"
+    );
+    assert_eq!(d.call("GET", "/v1/snapshots/c1-snap", None).0, 404);
+    let start = Instant::now();
+    while d.call("GET", "/v1/vm/c1", None).1["ready"] != true {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "agent not ready again"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The new session thawed what the old one froze: a write and a sync
+    // finish at once, not when the 10 s auto-thaw comes.
+    let r = exec(
+        &d,
+        "c1",
+        json!({"cmd": ["sh", "-c", "echo after > /root/after && sync && cat /root/after"],
+               "timeout_s": 5}),
+    );
+    assert_eq!(
+        (r["exit_code"].as_i64(), r["stdout"].as_str()),
+        (Some(0), Some("after\n")),
+        "{r}"
+    );
+    eprintln!("write after the restart took {} ms", r["duration_ms"]);
+    finish(d, dir);
+}

@@ -191,35 +191,6 @@ fn a_stale_socket_file_does_not_block_a_create() {
     common::finish(d, dir);
 }
 
-/// Sends a request from its own thread, whose client gives up after
-/// `patience`; what it gets back does not matter.
-fn fire(
-    d: &Daemon,
-    method: &'static str,
-    path: String,
-    body: serde_json::Value,
-    patience: std::time::Duration,
-) -> std::thread::JoinHandle<()> {
-    let url = format!("{}{path}", d.base);
-    std::thread::spawn(move || {
-        let _ = ureq::request(method, &url)
-            .timeout(patience)
-            .send_string(&body.to_string());
-    })
-}
-
-/// Waits until an operation hangs at its failpoint.
-fn wait_hung(d: &Daemon, fp: &str) {
-    let start = std::time::Instant::now();
-    while d.engine.failpoints.hung() < 1 {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "{fp} never reached"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// The daemon crashes at each step of create, snapshot and delete (every
 /// operation stops where it is; VMMs live on), and the next start finishes or
 /// undoes what was cut short: a create is rolled back, a delete completed or
@@ -259,8 +230,8 @@ fn a_crash_at_each_step_is_finished_or_undone_at_the_next_start() {
             ),
             _ => ("DELETE", "/v1/vm/vm", serde_json::Value::Null),
         };
-        fire(&d, method, path.into(), body, Duration::from_secs(30));
-        wait_hung(&d, fp);
+        common::fire(&d, method, path.into(), body, Duration::from_secs(30));
+        common::wait_hung(&d, fp);
         if op == "snapshot" {
             // The record on disk says what a restart must finish.
             let rec: serde_json::Value = serde_json::from_slice(
@@ -332,14 +303,14 @@ fn a_clean_stop_lets_operations_in_flight_finish() {
     let d = Daemon::start_with(cfg.clone(), dir.path());
     let pid = d.create_ok("vm")["pid"].as_u64();
     d.engine.failpoints.arm_hang("snapshot.paused");
-    let client = fire(
+    let client = common::fire(
         &d,
         "POST",
         "/v1/vm/vm/snapshot".into(),
         serde_json::json!({"snapshot_id": "s1"}),
         Duration::from_millis(300),
     );
-    wait_hung(&d, "snapshot.paused");
+    common::wait_hung(&d, "snapshot.paused");
     client.join().unwrap();
     let engine = d.engine.clone();
     let stopper = std::thread::spawn(move || d.stop());

@@ -633,3 +633,32 @@ pub fn http_call(base: &str, method: &str, path: &str, body: Option<Value>) -> (
     };
     (code, json)
 }
+
+/// Sends a request from its own thread, whose client gives up after
+/// `patience`; what it gets back does not matter.
+pub fn fire(
+    d: &Daemon,
+    method: &'static str,
+    path: String,
+    body: serde_json::Value,
+    patience: Duration,
+) -> std::thread::JoinHandle<()> {
+    let url = format!("{}{path}", d.base);
+    std::thread::spawn(move || {
+        let _ = ureq::request(method, &url)
+            .timeout(patience)
+            .send_string(&body.to_string());
+    })
+}
+
+/// Waits until an operation hangs at its failpoint.
+pub fn wait_hung(d: &Daemon, fp: &str) {
+    let start = Instant::now();
+    while d.engine.failpoints.hung() < 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{fp} never reached"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
