@@ -506,7 +506,7 @@ fn vmm_exit_is_noticed_and_recorded() {
     let d = Daemon::start_with(cfg.clone(), dir.path());
     let (code, v) = d.create("gone");
     assert_eq!(code, 201, "{v}");
-    let v = d.wait_state("gone", "stopped", Duration::from_secs(1));
+    let v = d.wait_state("gone", "stopped", Duration::from_secs(10));
     assert!(
         v["exit"]["cause"].as_str().unwrap().contains("powered off"),
         "{v}"
@@ -517,7 +517,7 @@ fn vmm_exit_is_noticed_and_recorded() {
     cfg.firecracker_binary = panicking;
     let d = Daemon::start_with(cfg, dir.path());
     d.create_ok("panics");
-    let v = d.wait_state("panics", "failed", Duration::from_secs(2));
+    let v = d.wait_state("panics", "failed", Duration::from_secs(10));
     assert!(
         v["exit"]["cause"]
             .as_str()
@@ -563,7 +563,7 @@ fn a_hung_vmm_gives_504_and_the_vm_stays_usable() {
     }
     let mut dir = TestDir::new();
     let mut cfg = dir.config();
-    cfg.request_timeout_ms = 300;
+    cfg.request_timeout_ms = 2000;
     cfg.firecracker_binary = dir.wrapper("fc-hang", &["--hang-on", "PATCH /vm"]);
     dir.baseline = Some(common::baseline(dir.path()));
     let d = Daemon::start_with(cfg, dir.path());
