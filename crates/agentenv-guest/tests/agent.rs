@@ -645,22 +645,39 @@ fn a_live_stream_id_cannot_be_reused() {
     assert_eq!(c.recv(s).kind, Kind::Exit);
 }
 
+/// Reads stream `s` (a `head` frame, then `data` frames) until the initial
+/// window has come without any credit (each read waits up to 20 s), then
+/// checks that nothing more comes while it is spent: no data, no end.
+fn just_the_initial_window(c: &mut Client, s: u32, head: Kind, data: Kind) -> usize {
+    let mut got = 0usize;
+    while got < INITIAL_WINDOW as usize {
+        let f = c.recv(s);
+        match f.kind {
+            k if k == head => {}
+            k if k == data => got += f.payload.len(),
+            k => panic!("unexpected {k:?} after {got} bytes"),
+        }
+    }
+    assert_eq!(got, INITIAL_WINDOW as usize, "exactly the initial window");
+    let more = c.drain(Duration::from_millis(300));
+    assert!(
+        more.is_empty(),
+        "past the window: {:?}",
+        more.iter()
+            .map(|f| (f.kind, f.payload.len()))
+            .collect::<Vec<_>>()
+    );
+    got
+}
+
 #[test]
 fn output_stops_at_the_window_until_the_host_grants_more() {
     let agent = Agent::start();
     let mut c = agent.client();
     let total = 2 * INITIAL_WINDOW as usize + 12_345;
     let s = c.request(Kind::Exec, &sh(&format!("head -c {total} /dev/zero")));
-    let mut got = 0usize;
+    let mut got = just_the_initial_window(&mut c, s, Kind::Started, Kind::Stdout);
     let mut exit = None;
-    for f in c.drain(Duration::from_millis(500)) {
-        match f.kind {
-            Kind::Started => {}
-            Kind::Stdout => got += f.payload.len(),
-            k => panic!("unexpected {k:?}"),
-        }
-    }
-    assert_eq!(got, INITIAL_WINDOW as usize, "exactly the initial window");
     c.window(s, total);
     while exit.is_none() {
         let f = c.recv(s);
@@ -958,13 +975,7 @@ fn a_download_waits_for_credit_and_can_be_cancelled() {
             path: path.to_str().unwrap().into(),
         },
     );
-    let got: usize = c
-        .drain(Duration::from_millis(300))
-        .iter()
-        .filter(|f| f.kind == Kind::FileData)
-        .map(|f| f.payload.len())
-        .sum();
-    assert_eq!(got, INITIAL_WINDOW as usize);
+    just_the_initial_window(&mut c, s, Kind::FileInfo, Kind::FileData);
     c.send(&Frame {
         kind: Kind::Kill,
         stream: s,

@@ -242,6 +242,9 @@ struct Vmm {
     sock: PathBuf,
     child: Child,
     stdout: Arc<Mutex<String>>,
+    /// Where stdout goes instead of a pipe, if it does (see
+    /// [`Vmm::start_stdout_to_file`]).
+    stdout_file: Option<PathBuf>,
     stderr: Arc<Mutex<String>>,
     /// The threads reading stdout and stderr (joined once the process ended).
     readers: Vec<JoinHandle<()>>,
@@ -275,28 +278,46 @@ impl Vmm {
     }
 
     fn spawn_on(target: &Target, dir: tempfile::TempDir, sock: PathBuf, extra: &[&str]) -> Vmm {
+        Self::spawn_with(target, dir, sock, extra, false)
+    }
+
+    /// `stdout_to_file`: the process writes its stdout straight to a file in
+    /// its directory rather than to a pipe drained by a thread.
+    fn spawn_with(
+        target: &Target,
+        dir: tempfile::TempDir,
+        sock: PathBuf,
+        extra: &[&str],
+        stdout_to_file: bool,
+    ) -> Vmm {
+        let stdout_file = stdout_to_file.then(|| dir.path().join("stdout.txt"));
+        let out = match &stdout_file {
+            Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+            None => Stdio::piped(),
+        };
         let mut child = Command::new(target.binary())
             .arg("--api-sock")
             .arg(&sock)
             .args(["--id", "vm-test"])
             .args(extra)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(out)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", target.binary().display()));
         let stdout = Arc::new(Mutex::new(String::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
-        let readers = vec![
-            collect(child.stdout.take().unwrap(), Arc::clone(&stdout)),
-            collect(child.stderr.take().unwrap(), Arc::clone(&stderr)),
-        ];
+        let mut readers = vec![collect(child.stderr.take().unwrap(), Arc::clone(&stderr))];
+        if let Some(pipe) = child.stdout.take() {
+            readers.push(collect(pipe, Arc::clone(&stdout)));
+        }
         Vmm {
             target: target.clone(),
             dir,
             sock,
             child,
             stdout,
+            stdout_file,
             stderr,
             readers,
             status: None,
@@ -306,6 +327,20 @@ impl Vmm {
     /// Starts `target` and waits until its API answers.
     fn start(target: &Target, extra: &[&str]) -> Vmm {
         let mut vmm = Self::spawn(target, extra);
+        vmm.wait_ready();
+        vmm
+    }
+
+    /// Like [`Vmm::start`], with stdout going to a file: what the process
+    /// wrote before it answered a request is then all there when the answer
+    /// arrives (with a pipe, the reader thread may still be behind).
+    fn start_stdout_to_file(target: &Target, extra: &[&str]) -> Vmm {
+        let dir = tempfile::Builder::new()
+            .prefix("fcd")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let sock = dir.path().join("api.sock");
+        let mut vmm = Self::spawn_with(target, dir, sock, extra, true);
         vmm.wait_ready();
         vmm
     }
@@ -447,7 +482,10 @@ impl Vmm {
     }
 
     fn stdout(&self) -> String {
-        self.stdout.lock().unwrap().clone()
+        match &self.stdout_file {
+            Some(path) => String::from_utf8_lossy(&std::fs::read(path).unwrap()).into_owned(),
+            None => self.stdout.lock().unwrap().clone(),
+        }
     }
 
     fn stderr(&self) -> String {
@@ -1252,15 +1290,21 @@ fn hang_on_never_answers_that_request() {
 
 #[test]
 fn ctrl_alt_del_delay_and_ignore() {
-    let mut vmm = Vmm::start(&Target::Double, &["--shutdown-delay-ms", "400"]);
-    vmm.start_vm();
-    vmm.ok(vmm.action("SendCtrlAltDel"), "SendCtrlAltDel");
-    assert!(
-        vmm.wait_exit(Duration::from_millis(150)).is_none(),
-        "not yet"
+    // A delay long enough that the state can be read before the power-off
+    // even when this thread is descheduled for a while on a loaded machine.
+    let delay = Duration::from_millis(2000);
+    let mut vmm = Vmm::start(
+        &Target::Double,
+        &["--shutdown-delay-ms", &delay.as_millis().to_string()],
     );
+    vmm.start_vm();
+    let sent = Instant::now();
+    vmm.ok(vmm.action("SendCtrlAltDel"), "SendCtrlAltDel");
+    // The key press does not change the state; the guest runs on.
     assert_eq!(vmm.state(), "Running");
-    let status = vmm.wait_exit(Duration::from_secs(5)).expect("exits");
+    let status = vmm.wait_exit(Duration::from_secs(10)).expect("exits");
+    // Not before the delay (the double got the request after `sent`).
+    assert!(sent.elapsed() >= delay, "exited after {:?}", sent.elapsed());
     assert_eq!(status.code(), Some(0));
     assert!(!vmm.sock.exists());
 
@@ -1291,7 +1335,10 @@ fn ctrl_alt_del_delay_and_ignore() {
 
 #[test]
 fn boot_console_prints_ready_and_heartbeats_only_while_running() {
-    let vmm = Vmm::start(&Target::Double, &["--boot-console"]);
+    // The double prints each heartbeat under its state lock and answers the
+    // pause after taking that lock, so once the pause is answered the file
+    // holds every heartbeat printed before it.
+    let vmm = Vmm::start_stdout_to_file(&Target::Double, &["--boot-console"]);
     vmm.start_vm();
     assert!(
         vmm.wait_stdout("AGENTENV_READY vm_id=vm-test", Duration::from_secs(5)),
@@ -1303,6 +1350,8 @@ fn boot_console_prints_ready_and_heartbeats_only_while_running() {
 
     vmm.ok(vmm.patch("/vm", json!({"state": "Paused"})), "pause");
     let paused_at = heartbeats(&vmm.stdout());
+    assert!(paused_at >= 2, "{}", vmm.stdout());
+    // More than three heartbeat periods.
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(
         heartbeats(&vmm.stdout()),

@@ -119,12 +119,14 @@ impl Session {
     pub fn end(&mut self) {
         let entries: Vec<Entry> = lock(&self.reg).drain().map(|(_, e)| e).collect();
         for e in entries {
+            // Closed first, so that nothing the kill or the abort provokes
+            // (an `Exit`, an `Error`) goes out for a session that has ended.
+            e.out.close();
             match &e.handle {
                 Handle::Exec(h) => h.exec.kill(KillReason::SessionEnd),
                 Handle::Put(h) => h.abort(),
                 Handle::Get => {}
             }
-            e.out.close();
         }
         self.hello = false;
         freeze::release(self.id);

@@ -292,27 +292,50 @@ mod tests {
         Bytes(Vec<u8>),
         /// `read` returns 0: the host is not connected.
         Disconnect,
-        /// Let the writer catch up.
-        Pause,
+        /// Let the writer catch up: wait until it has written `n` frames in
+        /// all (frames queued for an older generation are dropped once a
+        /// `Hello` or a disconnect starts a new one).
+        WaitFrames(usize),
     }
 
-    /// A serial port that replays a script, then fails.
-    struct Script(VecDeque<Step>);
+    /// A serial port that replays a script, then fails. It sees what the
+    /// agent wrote to `sink`, for [`Step::WaitFrames`].
+    struct Script {
+        steps: VecDeque<Step>,
+        sink: Sink,
+    }
+
+    /// How long [`Step::WaitFrames`] waits for the writer.
+    const WRITER_DEADLINE: Duration = Duration::from_secs(10);
 
     impl Read for Script {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
             loop {
-                match self.0.pop_front() {
+                match self.steps.pop_front() {
                     Some(Step::Bytes(mut b)) => {
                         let n = b.len().min(buf.len());
                         buf[..n].copy_from_slice(&b[..n]);
                         if n < b.len() {
-                            self.0.push_front(Step::Bytes(b.split_off(n)));
+                            self.steps.push_front(Step::Bytes(b.split_off(n)));
                         }
                         return Ok(n);
                     }
                     Some(Step::Disconnect) => return Ok(0),
-                    Some(Step::Pause) => std::thread::sleep(Duration::from_millis(100)),
+                    Some(Step::WaitFrames(n)) => {
+                        let t = std::time::Instant::now();
+                        loop {
+                            let written = self.sink.frames();
+                            if written.len() >= n {
+                                break;
+                            }
+                            assert!(
+                                t.elapsed() < WRITER_DEADLINE,
+                                "waiting for {n} frames, the agent wrote {:?}",
+                                kinds(&written)
+                            );
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                    }
                     None => return Err(io::Error::other("end of script")),
                 }
             }
@@ -321,6 +344,18 @@ mod tests {
 
     #[derive(Clone, Default)]
     struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Sink {
+        /// The whole frames written so far.
+        fn frames(&self) -> Vec<Frame> {
+            let mut bytes = self.0.lock().unwrap().clone();
+            let mut frames = Vec::new();
+            while let Some(f) = proto::take_frame(&mut bytes).unwrap() {
+                frames.push(f);
+            }
+            frames
+        }
+    }
 
     impl Write for Sink {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -347,8 +382,12 @@ mod tests {
     /// Runs the script; returns the frames the agent wrote.
     fn serve(steps: Vec<Step>) -> Vec<Frame> {
         let sink = Sink::default();
+        let script = Script {
+            steps: steps.into(),
+            sink: sink.clone(),
+        };
         let e = serve_serial(
-            Script(steps.into()),
+            script,
             sink.clone(),
             Arc::new(Config::default()),
             Duration::from_millis(1),
@@ -392,14 +431,17 @@ mod tests {
         let frames = serve(vec![
             Step::Bytes(hello("aaaaaaaaaaaaaaaa")),
             Step::Bytes(bare(Kind::Ping, 1)),
-            Step::Pause,
+            // HelloOk, Done.
+            Step::WaitFrames(2),
             // Split inside the garbage and inside the Hello.
             Step::Bytes(garbage[..5].to_vec()),
             Step::Bytes(garbage[5..].to_vec()),
             Step::Bytes(tail[..7].to_vec()),
-            Step::Pause,
+            // The Error, before the Hello starts a new generation.
+            Step::WaitFrames(3),
             Step::Bytes(tail[7..].to_vec()),
-            Step::Pause,
+            // HelloOk, Done.
+            Step::WaitFrames(5),
         ]);
         assert_eq!(
             kinds(&frames),
@@ -428,7 +470,8 @@ mod tests {
         let frames = serve(vec![
             Step::Bytes(hello("aaaaaaaaaaaaaaaa")),
             Step::Bytes(Frame::json(Kind::Exec, 1, &exec).encode()),
-            Step::Pause,
+            // HelloOk, Started, before the disconnect starts a new generation.
+            Step::WaitFrames(2),
             Step::Disconnect,
             Step::Disconnect,
             // Half a frame, then the host goes away: the rest is forgotten.
@@ -436,7 +479,8 @@ mod tests {
             Step::Disconnect,
             Step::Bytes(hello("bbbbbbbbbbbbbbbb")),
             Step::Bytes(bare(Kind::Ping, 2)),
-            Step::Pause,
+            // HelloOk, Done.
+            Step::WaitFrames(4),
         ]);
         assert_eq!(
             kinds(&frames),
@@ -451,10 +495,7 @@ mod tests {
         let t = std::time::Instant::now();
         // SAFETY: signal 0 only checks whether the process still exists (unreaped).
         while unsafe { libc::kill(pid, 0) } == 0 {
-            assert!(
-                t.elapsed() < Duration::from_secs(3),
-                "the command was not killed"
-            );
+            assert!(t.elapsed() < WRITER_DEADLINE, "the command was not killed");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
