@@ -453,6 +453,11 @@ pub struct Health {
     pub version: String,
     /// The VMM backend new VMs get.
     pub backend: BackendKind,
+    /// Operations in flight now: mutating requests being served, and engine
+    /// operations still running after their client went away. They count
+    /// against `max_inflight_ops`; beyond it, operations get 429.
+    #[serde(default)]
+    pub ops_in_flight: u32,
 }
 
 /// Where a snapshot's disk lives.

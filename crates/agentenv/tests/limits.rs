@@ -131,6 +131,15 @@ fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Operations the daemon counts in flight now (`ops_in_flight` of `GET /v1/health`).
+fn ops_in_flight(d: &Daemon) -> u64 {
+    let (code, _, v) = call(d, "GET", "/v1/health", None);
+    assert_eq!(code, 200, "{v}");
+    v["ops_in_flight"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no ops_in_flight: {v}"))
+}
+
 fn daemon(tweak: impl FnOnce(&mut Config, &TestDir)) -> (Daemon, TestDir) {
     let mut dir = TestDir::new();
     let mut cfg = dir.config();
@@ -146,9 +155,11 @@ fn operations_beyond_the_cap_get_429_at_once_and_reads_are_never_limited() {
         return;
     }
     let mut cases = 0;
+    // The two hung pauses hold both permits until they time out: every check
+    // below has to fit in that window, on a loaded machine too.
     let (d, dir) = daemon(|cfg, dir| {
         cfg.max_inflight_ops = 2;
-        cfg.request_timeout_ms = 3000;
+        cfg.request_timeout_ms = 10_000;
         cfg.firecracker_binary = dir.wrapper("fc-hang", &["--hang-on", "PATCH /vm"]);
     });
     for vm in ["a", "b", "c"] {
@@ -170,6 +181,10 @@ fn operations_beyond_the_cap_get_429_at_once_and_reads_are_never_limited() {
     for vm in ["a", "b"] {
         d.wait_state(vm, "pausing", Duration::from_secs(10));
     }
+    assert_eq!(ops_in_flight(&d), 2);
+    // "At once": a refused call is not queued behind the hung ones (which
+    // would cost the whole 10 s request timeout).
+    let at_once = Duration::from_secs(2);
     let create = serde_json::to_vec(&common::overlay_req("d")).unwrap();
     let files = format!(
         "/v1/vm/c/files?path={}",
@@ -195,10 +210,7 @@ fn operations_beyond_the_cap_get_429_at_once_and_reads_are_never_limited() {
         assert_eq!(retry.as_deref(), Some("1"), "{method} {path}");
         let msg = v["error"].as_str().unwrap();
         assert!(msg.contains("2 (max_inflight_ops)"), "{msg}");
-        assert!(
-            took < Duration::from_secs(1),
-            "{method} {path} took {took:?}"
-        );
+        assert!(took < at_once, "{method} {path} took {took:?}");
         cases += 1;
     }
     // Nothing was touched by the refused calls.
@@ -215,14 +227,19 @@ fn operations_beyond_the_cap_get_429_at_once_and_reads_are_never_limited() {
         let start = Instant::now();
         let (code, _, v) = call(&d, "GET", path, None);
         assert_eq!(code, 200, "{path}: {v}");
-        assert!(start.elapsed() < Duration::from_secs(1), "{path}");
+        let took = start.elapsed();
+        assert!(took < at_once, "{path} took {took:?}");
         cases += 1;
     }
     for h in hung {
         assert_eq!(h.join().unwrap(), 504);
         cases += 1;
     }
-    // The permits came back: operations run again.
+    // The permits come back (a response is read before the server has dropped
+    // it): operations run again.
+    wait_for("the permits back", Duration::from_secs(10), || {
+        ops_in_flight(&d) == 0
+    });
     let (code, _, v) = call(&d, "DELETE", "/v1/vm/c", None);
     assert_eq!(code, 204, "{v}");
     println!("fault cases: {cases}");
@@ -235,32 +252,39 @@ fn an_operation_whose_client_went_away_still_counts() {
         eprintln!("skipping: uses the double's --hang-on");
         return;
     }
+    // The hung pause holds the only permit until it times out: the checks
+    // after the hang-up have to fit in that window, on a loaded machine too.
+    const TIMEOUT_MS: u64 = 5000;
     let (d, dir) = daemon(|cfg, dir| {
         cfg.max_inflight_ops = 1;
-        cfg.request_timeout_ms = 1500;
+        cfg.request_timeout_ms = TIMEOUT_MS;
         cfg.firecracker_binary = dir.wrapper("fc-hang", &["--hang-on", "PATCH /vm"]);
     });
     d.create_ok("a");
     // The pause hangs in the VMM; its client hangs up. The engine task goes
     // on (a disconnect must not cancel an operation half-way) and so does its
     // claim on the limit.
+    let sent = Instant::now();
     let s = connect(
         &d,
         "POST /v1/vm/a/pause HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
     );
     d.wait_state("a", "pausing", Duration::from_secs(10));
-    let hung_up = Instant::now();
     drop(s);
+    // Time for the server to see the hang-up (and drop the request's future).
     std::thread::sleep(Duration::from_millis(200));
     let (code, retry, v) = call(&d, "DELETE", "/v1/vm/a", None);
     assert_eq!((code, retry.as_deref()), (429, Some("1")), "{v}");
+    assert_eq!(ops_in_flight(&d), 1);
     // Once the pause has timed out, the permit is back.
-    d.wait_state("a", "running", Duration::from_secs(10));
+    d.wait_state("a", "running", Duration::from_secs(30));
     wait_for("the permit back", Duration::from_secs(10), || {
-        call(&d, "GET", "/v1/health", None).0 == 200
-            && call(&d, "POST", "/v1/vm/nope/resume", None).0 == 404
+        ops_in_flight(&d) == 0 && call(&d, "POST", "/v1/vm/nope/resume", None).0 == 404
     });
-    assert!(hung_up.elapsed() >= Duration::from_millis(1000));
+    // Held until the pause timed out (TIMEOUT_MS after it was sent at the
+    // earliest), not given back when the client hung up.
+    let held = sent.elapsed();
+    assert!(held >= Duration::from_millis(TIMEOUT_MS), "{held:?}");
     println!("fault cases: 1");
     finish(d, dir);
 }
@@ -268,9 +292,11 @@ fn an_operation_whose_client_went_away_still_counts() {
 #[test]
 fn a_slow_json_body_holds_its_permit_until_408() {
     let mut cases = 0;
+    const BODY_TIMEOUT_MS: u64 = 2000;
+    let body_timeout = Duration::from_millis(BODY_TIMEOUT_MS);
     let (d, dir) = daemon(|cfg, _| {
         cfg.max_inflight_ops = 1;
-        cfg.body_timeout_ms = 500;
+        cfg.body_timeout_ms = BODY_TIMEOUT_MS;
     });
     let body = serde_json::to_string(&common::overlay_req("slow")).unwrap();
     let head = |len: usize| {
@@ -282,8 +308,12 @@ fn a_slow_json_body_holds_its_permit_until_408() {
     let start = Instant::now();
     let mut s = connect(&d, &head(body.len()));
     s.write_all(&body.as_bytes()[..10]).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    // It is in flight: the only permit is taken.
+    // It is in flight once the daemon has read its headers: the only permit is taken.
+    wait_for(
+        "the slow request in flight",
+        Duration::from_secs(10),
+        || ops_in_flight(&d) == 1,
+    );
     let (code, retry, v) = call(&d, "POST", "/v1/vm/x/pause", None);
     assert_eq!((code, retry.as_deref()), (429, Some("1")), "{v}");
     cases += 1;
@@ -291,39 +321,59 @@ fn a_slow_json_body_holds_its_permit_until_408() {
     let took = start.elapsed();
     assert_eq!(r.status, 408, "{r:?}");
     let msg = r.body["error"].as_str().unwrap();
-    assert!(msg.contains("500 ms (body_timeout_ms)"), "{msg}");
+    assert!(
+        msg.contains(&format!("{BODY_TIMEOUT_MS} ms (body_timeout_ms)")),
+        "{msg}"
+    );
     assert_eq!(r.header("connection"), Some("close"));
     assert!(
-        took >= Duration::from_millis(500) && took < Duration::from_secs(5),
+        took >= body_timeout && took < body_timeout + Duration::from_secs(8),
         "{took:?}"
     );
     cases += 1;
+    // Each part starts once the last one's permit is back (its response can
+    // be read before the server has dropped it).
+    let permit_back = || {
+        wait_for("the permit back", Duration::from_secs(10), || {
+            ops_in_flight(&d) == 0
+        })
+    };
 
-    // 2. A drip feed never idle for long still ends at the total timeout.
+    // 2. A drip feed never idle for long (a byte every 100 ms; the whole body
+    // would take several times body_timeout_ms) still ends at the total timeout.
+    assert!(body.len() as u64 * 100 > 2 * BODY_TIMEOUT_MS);
+    permit_back();
     let start = Instant::now();
     let mut s = connect(&d, &head(body.len()));
     for b in body.as_bytes() {
         if s.write_all(&[*b]).is_err() {
             break;
         }
-        std::thread::sleep(Duration::from_millis(50));
-        if start.elapsed() > Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(100));
+        if start.elapsed() > 2 * body_timeout {
             break;
         }
     }
     let r = read_response(&mut s);
     let took = start.elapsed();
     assert_eq!(r.status, 408, "{r:?}");
-    assert!(took < Duration::from_secs(5), "{took:?}");
+    let msg = r.body["error"].as_str().unwrap();
+    assert!(msg.contains("did not arrive within"), "{msg}");
+    assert!(
+        took >= body_timeout && took < body_timeout + Duration::from_secs(8),
+        "{took:?}"
+    );
     cases += 1;
 
     // 3. Headers promising a body that never comes.
+    permit_back();
     let mut s = connect(&d, &head(100));
     let r = read_response(&mut s);
     assert_eq!(r.status, 408, "{r:?}");
     cases += 1;
 
     // 4. Chunked, with a chunk that stops half-way.
+    permit_back();
     let mut s = connect(
         &d,
         "POST /v1/vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n100\r\n{\"vm_id\":",
@@ -333,6 +383,7 @@ fn a_slow_json_body_holds_its_permit_until_408() {
     cases += 1;
 
     // The permit came back and nothing was created.
+    permit_back();
     assert_eq!(d.call("GET", "/v1/vm/slow", None).0, 404);
     d.create_ok("slow");
     println!("fault cases: {cases}");
@@ -424,7 +475,8 @@ fn a_stalled_upload_is_408_but_a_slow_steady_one_completes() {
         return;
     }
     let mut cases = 0;
-    let (d, dir, agent) = common::start_with_agent(|cfg| cfg.body_timeout_ms = 500);
+    const BODY_TIMEOUT_MS: u64 = 1500;
+    let (d, dir, agent) = common::start_with_agent(|cfg| cfg.body_timeout_ms = BODY_TIMEOUT_MS);
     let mut req = common::overlay_req("vm1");
     req["wait_ready"] = json!(true);
     req["wait_ready_timeout_s"] = json!(20);
@@ -446,8 +498,14 @@ fn a_stalled_upload_is_408_but_a_slow_steady_one_completes() {
     let took = start.elapsed();
     assert_eq!(r.status, 408, "{r:?}");
     let msg = r.body["error"].as_str().unwrap();
-    assert!(msg.contains("no bytes for 500 ms"), "{msg}");
-    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(
+        msg.contains(&format!("no bytes for {BODY_TIMEOUT_MS} ms")),
+        "{msg}"
+    );
+    assert!(
+        took >= Duration::from_millis(BODY_TIMEOUT_MS) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
     wait_for("no upload leftovers", Duration::from_secs(5), || {
         std::fs::read_dir(dir.path())
             .unwrap()
@@ -457,9 +515,10 @@ fn a_stalled_upload_is_408_but_a_slow_steady_one_completes() {
     assert!(!stalled.exists());
     cases += 1;
 
-    // Slow but steady: a piece every 200 ms for 2 s (4× body_timeout_ms) is fine.
+    // Slow but steady: a piece every 200 ms for 3 s (2× body_timeout_ms) is fine.
     let steady = dir.path().join("steady.bin");
-    let pieces = 10;
+    let pieces = 15;
+    assert!(pieces as u64 * 200 >= 2 * BODY_TIMEOUT_MS);
     let mut s = connect(&d, &put_head(&steady, pieces * 1000));
     for _ in 0..pieces {
         s.write_all(&[1u8; 1000]).unwrap();

@@ -17,7 +17,7 @@ use agentenv_core::Engine;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 
 use error::ApiError;
 
@@ -58,6 +58,7 @@ fn router_with(engine: Arc<Engine>, limits: limits::Limits) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(engine)
+        .layer(Extension(limits.clone()))
         .layer(axum::middleware::map_response(error::json_rejections))
         .layer(axum::middleware::from_fn_with_state(limits, limits::limit))
 }
@@ -132,11 +133,15 @@ pub async fn run(
 
 #[utoipa::path(get, path = "/v1/health", tag = "daemon",
     responses((status = 200, description = "The daemon answers", body = Health)))]
-pub(crate) async fn health(State(engine): State<AppState>) -> Json<Health> {
+pub(crate) async fn health(
+    State(engine): State<AppState>,
+    Extension(limits): Extension<limits::Limits>,
+) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         backend: engine.backend(),
+        ops_in_flight: u32::try_from(limits.in_flight()).unwrap_or(u32::MAX),
     })
 }
 
