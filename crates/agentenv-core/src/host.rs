@@ -79,6 +79,11 @@ pub trait Host: Send + Sync + 'static {
     /// Removes a file; succeeds if it is already gone.
     fn remove_file(&self, path: &Path) -> Result<(), HostError>;
 
+    /// Checks that a new entry (a VMM's socket) can be made in `dir`, by
+    /// making and removing an empty file there: a full inode table is found
+    /// before a VMM starts and fails on it.
+    fn probe_new_entry(&self, dir: &Path) -> Result<(), HostError>;
+
     /// Creates a sparse file of `size_bytes` holding an empty ext4 file system.
     async fn create_ext4_disk(&self, path: &Path, size_bytes: u64) -> Result<(), HostError>;
 

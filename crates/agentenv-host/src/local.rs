@@ -102,6 +102,21 @@ impl Host for LocalHost {
         }
     }
 
+    fn probe_new_entry(&self, dir: &Path) -> Result<(), HostError> {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let probe = dir.join(format!(".probe-{}-{n}", std::process::id()));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)
+            .map_err(|e| {
+                HostError::io(format!("cannot make a new entry in {}", dir.display()), e)
+            })?;
+        let _ = std::fs::remove_file(&probe);
+        Ok(())
+    }
+
     async fn create_ext4_disk(&self, path: &Path, size_bytes: u64) -> Result<(), HostError> {
         let ctx = || format!("cannot create disk {}", path.display());
         if let Some(t) = &self.templates {

@@ -182,12 +182,25 @@ fn vmm_failures_roll_back_every_step() {
 }
 
 #[test]
-fn a_stale_socket_file_does_not_block_a_create() {
+fn a_stale_socket_file_does_not_block_a_create_but_a_directory_does() {
     let (d, dir) = Daemon::start();
     let stale = dir.path().join("s/stale.sock");
     std::fs::write(&stale, b"").unwrap();
     let (code, v) = d.create("stale");
     assert_eq!(code, 201, "{v}");
+    // A directory there is not ours to remove: 409 before anything is made.
+    let taken = dir.path().join("s/taken.sock");
+    std::fs::create_dir(&taken).unwrap();
+    let (code, v) = d.create("taken");
+    assert_eq!(code, 409, "{v}");
+    let err = v["error"].as_str().unwrap();
+    assert!(
+        err.contains("taken.sock") && err.contains("directory"),
+        "{v}"
+    );
+    assert!(!dir.path().join("sessions/taken").exists());
+    assert_eq!(d.call("GET", "/v1/vm/taken", None).0, 404);
+    std::fs::remove_dir(&taken).unwrap();
     common::finish(d, dir);
 }
 

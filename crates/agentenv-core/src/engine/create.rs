@@ -646,6 +646,32 @@ impl Engine {
                 state: None,
             });
         }
+        // A socket (or file) left at the control socket path by a dead VMM is
+        // replaced at launch; anything that cannot simply be removed is not
+        // ours to touch, and would only make the VMM fail later.
+        let sock = &plan.launch.control_socket;
+        if let Ok(f) = self.host.inspect(sock) {
+            if matches!(f.kind, FileKind::Dir | FileKind::Device) {
+                return Err(EngineError::Conflict {
+                    message: format!(
+                        "the control socket path {} is taken by a {}; remove it",
+                        sock.display(),
+                        if f.kind == FileKind::Dir {
+                            "directory"
+                        } else {
+                            "device node"
+                        }
+                    ),
+                    state: None,
+                });
+            }
+        }
+        self.host
+            .probe_new_entry(&self.cfg.socket_root)
+            .map_err(|mut e| {
+                e.context = format!("socket_root: {}", e.context);
+                e
+            })?;
         self.host.create_dir(dir)?;
         fp.point("create.session_dir").await?;
         if let (Some((net, _)), Some(lease)) = (&self.net, &plan.lease) {
