@@ -251,7 +251,7 @@ fn bad_create_bodies_name_the_field_and_leave_nothing() {
         (
             json!({"vm_id": "a", "disk": {"kind":"overlay","rootfs_id":"base.ext4","extra":1}}),
             400,
-            "disk",
+            "disk.extra",
         ),
         (
             json!({"vm_id": "a", "disk": {"kind":"snapshot","snapshot_id":"nope"}}),

@@ -93,8 +93,11 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
-        let path = field_path(e.path());
+        let mut path = field_path(e.path());
         let inner = e.into_inner();
+        if let Some(key) = inside_tagged::<T>(bytes, &path, &inner) {
+            path = format!("{path}.{key}");
+        }
         // The path names the failing field, an unknown one included; at the top
         // level it is empty and the unknown field is named only in the message.
         let field = if !path.is_empty() {
@@ -139,6 +142,63 @@ fn field_path(path: &serde_path_to_error::Path) -> String {
     out
 }
 
+/// The key at fault inside a tagged object (`disk: {"kind": …}`), whose
+/// errors serde reports against the object as a whole: a missing or unknown
+/// key is in the message; a bad value is found by taking the object's keys
+/// out one at a time until the error is no longer about that value.
+fn inside_tagged<T: DeserializeOwned>(
+    bytes: &[u8],
+    path: &str,
+    err: &serde_json::Error,
+) -> Option<String> {
+    /// More keys than this are not worth a parse each (the error stays on the object).
+    const MAX_KEYS: usize = 16;
+    if path.is_empty() || path.contains('[') {
+        return None;
+    }
+    let mut root: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let obj = path
+        .split('.')
+        .try_fold(&mut root, |v, k| v.get_mut(k))?
+        .as_object()?;
+    let msg = err.to_string();
+    if !obj.contains_key("kind") {
+        // Then the one thing it can lack is its tag.
+        return msg
+            .starts_with("missing field `kind`")
+            .then(|| "kind".to_string());
+    }
+    for prefix in ["missing field `", "unknown field `"] {
+        if let Some(rest) = msg.strip_prefix(prefix) {
+            return Some(rest[..rest.find('`')?].to_string());
+        }
+    }
+    let what = without_position(&msg);
+    let keys: Vec<String> = obj.keys().filter(|k| *k != "kind").cloned().collect();
+    if keys.len() > MAX_KEYS {
+        return None;
+    }
+    keys.into_iter().find(|key| {
+        let mut v = root.clone();
+        if let Some(o) = path
+            .split('.')
+            .try_fold(&mut v, |v, k| v.get_mut(k))
+            .and_then(|o| o.as_object_mut())
+        {
+            o.remove(key);
+        }
+        match serde_json::from_value::<T>(v) {
+            Ok(_) => true,
+            Err(e) => without_position(&e.to_string()) != what,
+        }
+    })
+}
+
+/// A serde_json message without its ` at line L column C`.
+fn without_position(msg: &str) -> &str {
+    msg.rfind(" at line ").map_or(msg, |i| &msg[..i])
+}
+
 fn unknown_field(msg: &str) -> Option<String> {
     let rest = msg.strip_prefix("unknown field `")?;
     Some(rest[..rest.find('`')?].to_string())
@@ -166,6 +226,39 @@ mod tests {
         assert!(e.body.error.contains("disk"), "{}", e.body.error);
         let e = err(r#"{"vm_id":"a","disk":{"kind":"floppy"}}"#);
         assert!(e.body.error.contains("floppy"), "{}", e.body.error);
+        // Inside the tagged `disk` object, the key at fault is named too.
+        for (body, field) in [
+            (
+                r#"{"vm_id":"a","disk":{"kind":"overlay","rootfs_id":5}}"#,
+                "disk.rootfs_id",
+            ),
+            (
+                r#"{"vm_id":"a","disk":{"kind":"overlay"}}"#,
+                "disk.rootfs_id",
+            ),
+            (
+                r#"{"vm_id":"a","disk":{"kind":"direct","path":"/x","foo":1}}"#,
+                "disk.foo",
+            ),
+            (r#"{"vm_id":"a","disk":{"rootfs_id":"x"}}"#, "disk.kind"),
+            (
+                r#"{"vm_id":"a","disk":{"kind":"overlay","rootfs_id":"x","disk_size_gib":"big"}}"#,
+                "disk.disk_size_gib",
+            ),
+            (
+                r#"{"disk":{"disk_size_gib":-1,"kind":"overlay","rootfs_id":"x"},"vm_id":"a"}"#,
+                "disk.disk_size_gib",
+            ),
+        ] {
+            let e = err(body);
+            assert_eq!(
+                e.body.field.as_deref(),
+                Some(field),
+                "{body}: {}",
+                e.body.error
+            );
+            assert!(e.body.error.contains(field), "{}", e.body.error);
+        }
         let e = err(r#"{"vm_id": "a", "#);
         assert!(
             e.body.error.starts_with("malformed JSON"),
