@@ -365,31 +365,7 @@ fn many_execs_sequential_and_concurrent_and_paused_vms_refuse() {
         return;
     };
     create_ready(&d, "vm1");
-    for i in 0..100 {
-        let (code, r) = exec(&d, "vm1", json!({"cmd": ["true"]}));
-        assert_eq!(
-            (code, r["exit_code"].as_i64()),
-            (200, Some(0)),
-            "exec {i}: {r}"
-        );
-    }
-    let base = d.base.clone();
-    let threads: Vec<_> = (0..20)
-        .map(|i| {
-            let url = format!("{base}/v1/vm/vm1/exec");
-            std::thread::spawn(move || {
-                let r: Value = ureq::post(&url)
-                    .send_json(json!({"cmd": ["sh", "-c", format!("sleep 0.2; echo {i}")]}))
-                    .unwrap()
-                    .into_json()
-                    .unwrap();
-                assert_eq!(r["stdout"], format!("{i}\n"), "{r}");
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
+    common::sequential_and_concurrent_execs(&d, "vm1", 20, 0.2);
     assert_eq!(d.call("POST", "/v1/vm/vm1/pause", None).0, 200);
     let (code, e) = exec(&d, "vm1", json!({"cmd": ["true"]}));
     assert_eq!((code, e["state"].as_str()), (409, Some("paused")), "{e}");

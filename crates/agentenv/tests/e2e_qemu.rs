@@ -526,26 +526,7 @@ fn the_guest_agent_runs_commands_moves_files_and_freezes_for_snapshots() {
     exec(&d, "a1", json!({"cmd": ["rm", "/root/big.bin"]}));
 
     // The agent keeps up: 100 sequential and 20 concurrent commands.
-    for i in 0..100 {
-        let r = exec(&d, "a1", json!({"cmd": ["true"]}));
-        assert_eq!(r["exit_code"], 0, "exec {i}: {r}");
-    }
-    let threads: Vec<_> = (0..20)
-        .map(|i| {
-            let url = format!("{}/v1/vm/a1/exec", d.base);
-            std::thread::spawn(move || {
-                let r: Value = ureq::post(&url)
-                    .send_json(json!({"cmd": ["sh", "-c", format!("sleep 1; echo {i}")]}))
-                    .unwrap()
-                    .into_json()
-                    .unwrap();
-                assert_eq!(r["stdout"], format!("{i}\n"), "{r}");
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
+    common::sequential_and_concurrent_execs(&d, "a1", 20, 1.0);
 
     // A snapshot freezes the guest's file systems: data written a moment
     // before (still in the guest's page cache) is in the copy.

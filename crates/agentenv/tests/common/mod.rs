@@ -662,3 +662,38 @@ pub fn wait_hung(d: &Daemon, fp: &str) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// Runs 100 `true` one after another, then `n` commands at once that each
+/// sleep `sleep_s` and echo their number, through the daemon's exec API;
+/// each must answer with its own output.
+pub fn sequential_and_concurrent_execs(d: &Daemon, vm: &str, n: usize, sleep_s: f64) {
+    for i in 0..100 {
+        let (code, r) = d.call(
+            "POST",
+            &format!("/v1/vm/{vm}/exec"),
+            Some(serde_json::json!({"cmd": ["true"]})),
+        );
+        assert_eq!(
+            (code, r["exit_code"].as_i64()),
+            (200, Some(0)),
+            "exec {i}: {r}"
+        );
+    }
+    let threads: Vec<_> = (0..n)
+        .map(|i| {
+            let url = format!("{}/v1/vm/{vm}/exec", d.base);
+            std::thread::spawn(move || {
+                let cmd = format!("sleep {sleep_s}; echo {i}");
+                let r: Value = ureq::post(&url)
+                    .send_json(serde_json::json!({"cmd": ["sh", "-c", cmd]}))
+                    .unwrap()
+                    .into_json()
+                    .unwrap();
+                assert_eq!(r["stdout"], format!("{i}\n"), "{r}");
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
