@@ -12,6 +12,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -20,7 +21,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::proto::{
     self, Done, ErrorMsg, ExecRequest, ExitStatus, FileInfo, Frame, GetFile, Hello, HelloOk, Kind,
-    PutFile, Started, DATA_CHUNK, GRANT_BATCH, INITIAL_WINDOW, NONCE_LEN, PROTOCOL_VERSION,
+    PutFile, Started, DATA_CHUNK, GRANT_BATCH, HEADER_LEN, INITIAL_WINDOW, NONCE_LEN,
+    PROTOCOL_VERSION,
 };
 
 /// How to reach an agent.
@@ -63,13 +65,87 @@ struct Route {
     tx: mpsc::UnboundedSender<Frame>,
     /// Credit for the bytes this stream sends (`Data`).
     credit: Arc<Semaphore>,
+    /// Where the stream's large payloads are read into (a download's).
+    pool: Option<Arc<BufPool>>,
+}
+
+/// The most buffers a [`BufPool`] keeps: a window's worth of full frames
+/// (what a stream can have in flight) and a few more. A pool only keeps what
+/// its transfer had in use at once, so a fast consumer keeps a few; a slow
+/// one, whose window fills again and again, reuses the same buffers instead
+/// of allocating a fresh window each time (from another thread's arena).
+const POOL_KEEP: usize = INITIAL_WINDOW as usize / DATA_CHUNK + 8;
+
+/// A frame (header and a full bulk payload): what an upload's buffers hold.
+const DATA_FRAME: usize = HEADER_LEN + DATA_CHUNK;
+
+/// A payload at least this large that is not all in the read buffer yet is
+/// read straight into its own buffer instead of through the read buffer.
+const DIRECT_READ_MIN: usize = 16 * 1024;
+
+/// Frame-sized buffers one transfer reuses, so that moving a large file
+/// neither allocates nor pages in fresh memory for every frame. It keeps at
+/// most [`POOL_KEEP`] of them, and goes with the transfer.
+#[derive(Default)]
+struct BufPool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufPool {
+    /// An empty buffer with room for at least `cap` bytes.
+    fn take(&self, cap: usize) -> Vec<u8> {
+        let got = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match got {
+            Some(mut v) => {
+                v.reserve(cap);
+                v
+            }
+            None => Vec::with_capacity(cap),
+        }
+    }
+
+    fn give(&self, mut v: Vec<u8>) {
+        // Only buffers of a frame's size are worth keeping.
+        if !(DATA_CHUNK..=2 * DATA_FRAME).contains(&v.capacity()) {
+            return;
+        }
+        v.clear();
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < POOL_KEEP {
+            free.push(v);
+        }
+    }
+}
+
+/// Where a download's chunks go once the caller is done with them: handing
+/// them back (optional) lets the download reuse them instead of allocating.
+#[derive(Clone)]
+pub struct Recycler(Arc<BufPool>);
+
+impl Recycler {
+    /// Takes back a chunk that [`Download::next_chunk`] returned.
+    pub fn give(&self, chunk: Vec<u8>) {
+        self.0.give(chunk);
+    }
+}
+
+impl std::fmt::Debug for Recycler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recycler").finish_non_exhaustive()
+    }
+}
+
+/// Wire bytes for the writer task; buffers of a pool go back to it once written.
+struct Outgoing {
+    bytes: Vec<u8>,
+    pool: Option<Arc<BufPool>>,
 }
 
 struct Inner {
     /// Encoded frames for the writer task. Writing happens in that task only,
     /// so a caller that gives up can never leave half a frame on the wire.
     /// Unbounded, but bulk data is queued only within a stream's credit.
-    out: mpsc::UnboundedSender<Vec<u8>>,
+    out: mpsc::UnboundedSender<Outgoing>,
     routes: Mutex<HashMap<u32, Route>>,
     next_stream: AtomicU32,
     /// Set once the connection is gone, with the reason.
@@ -84,12 +160,31 @@ impl Inner {
     }
 
     fn send_encoded(&self, bytes: Vec<u8>) -> Result<(), AgentError> {
+        self.send_out(Outgoing { bytes, pool: None })
+    }
+
+    fn send_out(&self, out: Outgoing) -> Result<(), AgentError> {
         if self.dead.load(Ordering::SeqCst) {
             return Err(AgentError::Closed(self.reason()));
         }
         self.out
-            .send(bytes)
+            .send(out)
             .map_err(|_| AgentError::Closed(self.reason()))
+    }
+
+    /// A buffer for an `n`-byte payload of `stream`: from the stream's pool
+    /// when it has one.
+    fn payload_buf(&self, stream: u32, n: usize) -> Vec<u8> {
+        let pool = self
+            .routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&stream)
+            .and_then(|r| r.pool.clone());
+        match pool {
+            Some(p) => p.take(n),
+            None => Vec::with_capacity(n),
+        }
     }
 
     fn close(&self, why: String) {
@@ -171,7 +266,11 @@ impl AgentClient {
         if let Some(port) = port {
             vsock_handshake(&mut sock, path, port).await?;
         }
-        Self::handshake(sock).await
+        // Halves that need no lock between them (`tokio::io::split` takes
+        // one around every read and write, so the reader task would wait
+        // while the writer task's write runs).
+        let (rd, wr) = sock.into_split();
+        Self::handshake_halves(rd, wr).await
     }
 
     /// Runs the protocol handshake over an already connected byte stream.
@@ -179,7 +278,15 @@ impl AgentClient {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let (mut rd, mut wr) = tokio::io::split(sock);
+        let (rd, wr) = tokio::io::split(sock);
+        Self::handshake_halves(rd, wr).await
+    }
+
+    async fn handshake_halves<R, W>(mut rd: R, mut wr: W) -> Result<AgentClient, AgentError>
+    where
+        R: AsyncRead + Send + Unpin + 'static,
+        W: AsyncWrite + Send + Unpin + 'static,
+    {
         let nonce = nonce();
         let hello = Frame::json(
             Kind::Hello,
@@ -295,6 +402,11 @@ impl AgentClient {
     }
 
     fn open(&self) -> Result<Request, AgentError> {
+        self.open_with(None)
+    }
+
+    /// Opens a stream whose large payloads are read into `pool`'s buffers.
+    fn open_with(&self, pool: Option<Arc<BufPool>>) -> Result<Request, AgentError> {
         if self.is_closed() {
             return Err(AgentError::Closed(self.inner.reason()));
         }
@@ -310,6 +422,7 @@ impl AgentClient {
                 Route {
                     tx,
                     credit: credit.clone(),
+                    pool,
                 },
             );
         Ok(Request {
@@ -370,13 +483,15 @@ impl AgentClient {
         r.send_json(Kind::PutFile, put)?;
         Ok(Upload {
             req: r,
-            pending: Vec::new(),
+            frame: Vec::new(),
+            pool: Arc::default(),
         })
     }
 
     /// Starts a download; read it with [`Download::next_chunk`].
     pub async fn get_file(&self, path: &str) -> Result<Download, AgentError> {
-        let mut r = self.open()?;
+        let pool = Arc::<BufPool>::default();
+        let mut r = self.open_with(Some(pool.clone()))?;
         r.send_json(
             Kind::GetFile,
             &GetFile {
@@ -392,6 +507,7 @@ impl AgentClient {
             req: r,
             info,
             done: None,
+            pool,
         })
     }
 
@@ -469,11 +585,11 @@ async fn vsock_handshake(sock: &mut UnixStream, path: &Path, port: u32) -> Resul
 async fn write_loop<W: AsyncWrite + Unpin>(
     inner: std::sync::Weak<Inner>,
     mut wr: W,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
     mut closed: watch::Receiver<Option<String>>,
 ) {
     loop {
-        let bytes = tokio::select! {
+        let out = tokio::select! {
             b = rx.recv() => match b {
                 Some(b) => b,
                 None => break,
@@ -485,11 +601,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 continue;
             }
         };
-        if let Err(e) = wr.write_all(&bytes).await {
+        if let Err(e) = wr.write_all(&out.bytes).await {
             if let Some(i) = inner.upgrade() {
                 i.close(format!("write failed: {e}"));
             }
             break;
+        }
+        if let Some(pool) = out.pool {
+            pool.give(out.bytes);
         }
     }
     let _ = wr.shutdown().await;
@@ -502,11 +621,17 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut closed: watch::Receiver<Option<String>>,
 ) {
     const READ_SIZE: usize = 256 * 1024;
+    // Set once a payload was read straight into its own buffer: the next read
+    // takes only the next header, so that a large payload after it can be too.
+    let mut header_only = false;
     loop {
         // Every whole frame in the buffer, then one move of the partial tail.
         let mut pos = 0;
-        while buf.len() - pos >= proto::HEADER_LEN {
-            let h: [u8; proto::HEADER_LEN] = buf[pos..pos + proto::HEADER_LEN]
+        // A large frame whose payload is only partly here: (kind, stream,
+        // length, the bytes so far).
+        let mut partial = None;
+        while buf.len() - pos >= HEADER_LEN {
+            let h: [u8; HEADER_LEN] = buf[pos..pos + HEADER_LEN]
                 .try_into()
                 .expect("length checked");
             let (kind, stream, n) = match proto::parse_header(&h) {
@@ -518,28 +643,86 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     return;
                 }
             };
-            let end = pos + proto::HEADER_LEN + n;
-            if buf.len() < end {
+            let end = pos + HEADER_LEN + n;
+            if buf.len() < end && n < DIRECT_READ_MIN {
                 break;
             }
-            let frame = Frame {
-                kind,
-                stream,
-                payload: buf[pos + proto::HEADER_LEN..end].to_vec(),
-            };
-            pos = end;
             let Some(i) = inner.upgrade() else { return };
-            dispatch(&i, frame);
+            let mut payload = if n >= DIRECT_READ_MIN {
+                i.payload_buf(stream, n)
+            } else {
+                Vec::with_capacity(n)
+            };
+            payload.extend_from_slice(&buf[pos + HEADER_LEN..end.min(buf.len())]);
+            if buf.len() < end {
+                pos = buf.len();
+                partial = Some((kind, stream, n, payload));
+                break;
+            }
+            pos = end;
+            dispatch(
+                &i,
+                Frame {
+                    kind,
+                    stream,
+                    payload,
+                },
+            );
         }
         buf.drain(..pos);
-        buf.reserve(READ_SIZE);
-        let read = tokio::select! {
-            r = rd.read_buf(&mut buf) => r,
-            c = closed.changed() => {
-                if c.is_err() || closed.borrow().is_some() {
-                    return;
+        let read = match partial {
+            Some((kind, stream, n, mut payload)) => {
+                // The rest of the payload goes straight into its buffer (not
+                // past it: the reads are limited to what the frame lacks).
+                let read = loop {
+                    let mut rest = (&mut rd).take((n - payload.len()) as u64);
+                    let r = tokio::select! {
+                        r = rest.read_buf(&mut payload) => r,
+                        c = closed.changed() => {
+                            if c.is_err() || closed.borrow().is_some() {
+                                return;
+                            }
+                            continue;
+                        }
+                    };
+                    match r {
+                        Ok(m) if m > 0 && payload.len() < n => {}
+                        r => break r,
+                    }
+                };
+                if let Ok(1..) = read {
+                    let Some(i) = inner.upgrade() else { return };
+                    dispatch(
+                        &i,
+                        Frame {
+                            kind,
+                            stream,
+                            payload,
+                        },
+                    );
+                    header_only = true;
+                    continue;
                 }
-                continue;
+                read
+            }
+            None => {
+                let header = std::mem::take(&mut header_only) && buf.len() < HEADER_LEN;
+                let want = if header {
+                    HEADER_LEN - buf.len()
+                } else {
+                    READ_SIZE
+                };
+                buf.reserve(want);
+                let mut limited = (&mut rd).take(want as u64);
+                tokio::select! {
+                    r = limited.read_buf(&mut buf) => r,
+                    c = closed.changed() => {
+                        if c.is_err() || closed.borrow().is_some() {
+                            return;
+                        }
+                        continue;
+                    }
+                }
             }
         };
         let why = match read {
@@ -630,10 +813,14 @@ impl Request {
 
     /// The next frame; an `Error` frame becomes `Err(Remote)`.
     async fn next(&mut self) -> Result<Frame, AgentError> {
-        match self.rx.recv().await {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame, AgentError>> {
+        Poll::Ready(match ready!(self.rx.poll_recv(cx)) {
             Some(f) if f.kind == Kind::Error => {
                 self.finished = true;
-                Err(AgentError::Remote(parse(&f)?))
+                parse(&f).and_then(|m| Err(AgentError::Remote(m)))
             }
             Some(f) => {
                 if matches!(f.kind, Kind::Exit | Kind::Done) {
@@ -645,7 +832,7 @@ impl Request {
                 self.finished = true;
                 Err(AgentError::Closed(self.inner.reason()))
             }
-        }
+        })
     }
 
     async fn expect_done(&mut self) -> Result<Done, AgentError> {
@@ -737,13 +924,17 @@ impl Exec {
 /// the guest removes the partial file.
 pub struct Upload {
     req: Request,
-    /// Bytes not yet sent: small writes are gathered into full frames.
-    pending: Vec<u8>,
+    /// The next `Data` frame: room for its header, then the bytes gathered
+    /// so far (empty when none is started). Small writes are gathered into
+    /// full frames; a frame goes out once it holds [`DATA_CHUNK`] bytes.
+    frame: Vec<u8>,
+    /// The frames' buffers, back from the writer task once written.
+    pool: Arc<BufPool>,
 }
 
 impl Upload {
     /// Sends the next bytes of the file (waits for credit).
-    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), AgentError> {
+    pub async fn write(&mut self, mut bytes: &[u8]) -> Result<(), AgentError> {
         // An early error (bad path) arrives while the host is still sending.
         if let Ok(f) = self.req.rx.try_recv() {
             return Err(match f.kind {
@@ -755,37 +946,47 @@ impl Upload {
             });
         }
         // Whole frames go out; a tail shorter than a frame waits for more.
-        if self.pending.is_empty() {
-            let full = bytes.len() / DATA_CHUNK * DATA_CHUNK;
-            self.send_now(&bytes[..full]).await?;
-            self.pending.extend_from_slice(&bytes[full..]);
-            return Ok(());
+        while !bytes.is_empty() {
+            if self.frame.is_empty() {
+                self.frame = self.pool.take(DATA_FRAME);
+                self.frame.extend_from_slice(&[0; HEADER_LEN]);
+            }
+            let n = (DATA_FRAME - self.frame.len()).min(bytes.len());
+            self.frame.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.frame.len() == DATA_FRAME {
+                self.send_frame().await?;
+            }
         }
-        self.pending.extend_from_slice(bytes);
-        let full = self.pending.len() / DATA_CHUNK * DATA_CHUNK;
-        let rest = self.pending.split_off(full);
-        let now = std::mem::replace(&mut self.pending, rest);
-        self.send_now(&now).await
+        Ok(())
     }
 
-    async fn send_now(&mut self, bytes: &[u8]) -> Result<(), AgentError> {
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        let (inner, id, credit) = (self.req.inner.clone(), self.req.id, self.req.credit.clone());
+    /// Sends the gathered frame once its credit is there.
+    async fn send_frame(&mut self) -> Result<(), AgentError> {
+        let n = self.frame.len() - HEADER_LEN;
+        let credit = self.req.credit.clone();
         tokio::select! {
-            r = send_data(&inner, id, &credit, bytes) => r,
-            f = self.req.next() => Err(match f {
+            permit = credit.acquire_many(n as u32) => permit
+                .map_err(|_| AgentError::Closed(self.req.inner.reason()))?
+                .forget(),
+            f = self.req.next() => return Err(match f {
                 Ok(f) => self.req.unexpected(f),
                 Err(e) => e,
             }),
         }
+        let mut bytes = std::mem::take(&mut self.frame);
+        bytes[..HEADER_LEN].copy_from_slice(&proto::header(Kind::Data, self.req.id, n));
+        self.req.inner.send_out(Outgoing {
+            bytes,
+            pool: Some(self.pool.clone()),
+        })
     }
 
     /// Ends the upload and waits until the file is in place.
     pub async fn finish(mut self) -> Result<Done, AgentError> {
-        let tail = std::mem::take(&mut self.pending);
-        self.send_now(&tail).await?;
+        if self.frame.len() > HEADER_LEN {
+            self.send_frame().await?;
+        }
         self.req.send(Kind::Eof, Vec::new())?;
         self.req.expect_done().await
     }
@@ -797,25 +998,63 @@ pub struct Download {
     /// The file's size and mode when the agent opened it.
     pub info: FileInfo,
     done: Option<Done>,
+    /// What the chunks are read into.
+    pool: Arc<BufPool>,
 }
 
 impl Download {
     /// The next chunk of the file, or `None` at its end.
     pub async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, AgentError> {
+        std::future::poll_fn(|cx| self.poll_chunk(cx)).await
+    }
+
+    /// [`Download::next_chunk`] as a poll, for a caller that is itself polled
+    /// (a response body). Credit goes back as chunks are taken.
+    pub fn poll_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<Vec<u8>>, AgentError>> {
         if self.done.is_some() {
-            return Ok(None);
+            return Poll::Ready(Ok(None));
         }
-        let f = self.req.next().await?;
-        match f.kind {
+        let f = match ready!(self.req.poll_next(cx)) {
+            Ok(f) => f,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        Poll::Ready(match f.kind {
             Kind::FileData => {
                 self.req.grant(f.payload.len());
                 Ok(Some(f.payload))
             }
-            Kind::Done => {
-                self.done = Some(parse(&f)?);
-                Ok(None)
-            }
+            Kind::Done => parse(&f).map(|d| {
+                self.done = Some(d);
+                None
+            }),
             _ => Err(self.req.unexpected(f)),
+        })
+    }
+
+    /// Where chunks can be handed back once used, to be read into again.
+    pub fn recycler(&self) -> Recycler {
+        Recycler(self.pool.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pools_keep_a_few_frame_sized_buffers() {
+        let pool = BufPool::default();
+        for _ in 0..POOL_KEEP + 3 {
+            pool.give(Vec::with_capacity(DATA_FRAME));
         }
+        pool.give(vec![0; 16]);
+        pool.give(Vec::with_capacity(16 * DATA_FRAME));
+        assert_eq!(pool.free.lock().unwrap().len(), POOL_KEEP);
+        let v = pool.take(DATA_FRAME);
+        assert!(v.is_empty() && v.capacity() >= DATA_FRAME);
+        assert_eq!(pool.free.lock().unwrap().len(), POOL_KEEP - 1);
     }
 }

@@ -219,11 +219,19 @@ impl Frame {
 pub fn encode(kind: Kind, stream: u32, payload: &[u8]) -> Vec<u8> {
     assert!(payload.len() <= MAX_PAYLOAD, "frame payload too large");
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(&((payload.len() + 5) as u32).to_be_bytes());
-    out.push(kind as u8);
-    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(&header(kind, stream, payload.len()));
     out.extend_from_slice(payload);
     out
+}
+
+/// The header of a frame with `len` payload bytes, for a caller that builds
+/// the frame in place behind it.
+pub fn header(kind: Kind, stream: u32, len: usize) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..4].copy_from_slice(&((len + 5) as u32).to_be_bytes());
+    h[4] = kind as u8;
+    h[5..].copy_from_slice(&stream.to_be_bytes());
+    h
 }
 
 /// What can be wrong with a byte stream or a message.

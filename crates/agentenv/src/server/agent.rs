@@ -6,11 +6,11 @@
 //! request, which kills the command or aborts the transfer in the guest.
 
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use agentenv_api::{base64, ErrorBody, ExecEvent, ExecRequest, ExecResult, FileWritten};
 use agentenv_core::EngineError;
-use agentenv_guest::client::ExecEvent as AgentEvent;
+use agentenv_guest::client::{Download, ExecEvent as AgentEvent, Recycler};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Extension, Path, Query, State};
@@ -40,6 +40,68 @@ impl http_body::Body for ChannelBody {
         self.0
             .poll_recv(cx)
             .map(|o| o.map(|r| r.map(http_body::Frame::data)))
+    }
+}
+
+/// A download's response body: the connection takes the agent's chunks as it
+/// can send them, and credit for more goes back to the agent as it does, so
+/// a slow client holds back the guest, not memory here. An `Err` aborts the
+/// response mid-way; dropping the body (the client went away) aborts the
+/// transfer in the guest.
+struct DownloadBody {
+    /// `None` once the file has ended or failed.
+    dl: Option<Download>,
+    recycler: Recycler,
+}
+
+/// A chunk on its way out; its buffer goes back to the download once sent.
+struct Chunk {
+    buf: Vec<u8>,
+    recycler: Recycler,
+}
+
+impl AsRef<[u8]> for Chunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        self.recycler.give(std::mem::take(&mut self.buf));
+    }
+}
+
+impl http_body::Body for DownloadBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let Some(dl) = this.dl.as_mut() else {
+            return Poll::Ready(None);
+        };
+        Poll::Ready(match ready!(dl.poll_chunk(cx)) {
+            Ok(Some(buf)) => Some(Ok(http_body::Frame::data(Bytes::from_owner(Chunk {
+                buf,
+                recycler: this.recycler.clone(),
+            })))),
+            Ok(None) => {
+                this.dl = None;
+                None
+            }
+            Err(e) => {
+                this.dl = None;
+                Some(Err(std::io::Error::other(e.to_string())))
+            }
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.dl.is_none()
     }
 }
 
@@ -217,23 +279,13 @@ pub(crate) async fn get_file(
             format!("{f} applies to uploads only"),
         ));
     }
-    let mut dl = engine.get_file(&vm_id, &path).await?;
+    let dl = engine.get_file(&vm_id, &path).await?;
     let info = dl.info;
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    tokio::spawn(async move {
-        loop {
-            let item = match dl.next_chunk().await {
-                Ok(Some(b)) => Ok(Bytes::from(b)),
-                Ok(None) => return,
-                Err(e) => Err(std::io::Error::other(e.to_string())),
-            };
-            let stop = item.is_err();
-            if tx.send(item).await.is_err() || stop {
-                return;
-            }
-        }
-    });
-    let mut resp = (StatusCode::OK, Body::new(ChannelBody(rx))).into_response();
+    let body = DownloadBody {
+        recycler: dl.recycler(),
+        dl: Some(dl),
+    };
+    let mut resp = (StatusCode::OK, Body::new(body)).into_response();
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
