@@ -614,6 +614,27 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let _ = wr.shutdown().await;
 }
 
+/// Reads at most `limit` bytes into `buf`; `None` once the connection is
+/// closed (by this side) while waiting.
+async fn read_some<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut Vec<u8>,
+    limit: usize,
+    closed: &mut watch::Receiver<Option<String>>,
+) -> Option<std::io::Result<usize>> {
+    loop {
+        let mut limited = (&mut *rd).take(limit as u64);
+        tokio::select! {
+            r = limited.read_buf(buf) => return Some(r),
+            c = closed.changed() => {
+                if c.is_err() || closed.borrow().is_some() {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 async fn read_loop<R: AsyncRead + Unpin>(
     inner: std::sync::Weak<Inner>,
     mut rd: R,
@@ -675,15 +696,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 // The rest of the payload goes straight into its buffer (not
                 // past it: the reads are limited to what the frame lacks).
                 let read = loop {
-                    let mut rest = (&mut rd).take((n - payload.len()) as u64);
-                    let r = tokio::select! {
-                        r = rest.read_buf(&mut payload) => r,
-                        c = closed.changed() => {
-                            if c.is_err() || closed.borrow().is_some() {
-                                return;
-                            }
-                            continue;
-                        }
+                    let want = n - payload.len();
+                    let Some(r) = read_some(&mut rd, &mut payload, want, &mut closed).await else {
+                        return;
                     };
                     match r {
                         Ok(m) if m > 0 && payload.len() < n => {}
@@ -713,16 +728,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     READ_SIZE
                 };
                 buf.reserve(want);
-                let mut limited = (&mut rd).take(want as u64);
-                tokio::select! {
-                    r = limited.read_buf(&mut buf) => r,
-                    c = closed.changed() => {
-                        if c.is_err() || closed.borrow().is_some() {
-                            return;
-                        }
-                        continue;
-                    }
-                }
+                let Some(r) = read_some(&mut rd, &mut buf, want, &mut closed).await else {
+                    return;
+                };
+                r
             }
         };
         let why = match read {

@@ -563,17 +563,35 @@ fn the_guest_agent_runs_commands_moves_files_and_freezes_for_snapshots() {
     finish(d, dir);
 }
 
+/// A QEMU daemon whose VMs outlive it (`on_shutdown = leave`), as after a crash.
+fn daemon_that_leaves_its_vms(art: &Path) -> (Daemon, TestDir, Config) {
+    let mut dir = TestDir::new();
+    let mut cfg = qemu_config(&dir, art);
+    cfg.on_shutdown = agentenv_core::config::OnShutdown::Leave;
+    dir.baseline = Some(common::baseline(dir.path()));
+    (Daemon::start_with(cfg.clone(), dir.path()), dir, cfg)
+}
+
+/// Waits until a re-adopted VM's agent answers the new daemon; how long it took.
+fn wait_ready_again(d: &Daemon, vm: &str) -> Duration {
+    let start = Instant::now();
+    while d.call("GET", &format!("/v1/vm/{vm}"), None).1["ready"] != true {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "agent not ready again"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
 #[test]
 fn a_restarted_daemon_re_adopts_a_qemu_guest_and_its_agent() {
     let art = need_artifacts!();
     if !image_has_agent(&art) {
         return;
     }
-    let mut dir = TestDir::new();
-    let mut cfg = qemu_config(&dir, &art);
-    cfg.on_shutdown = agentenv_core::config::OnShutdown::Leave;
-    dir.baseline = Some(common::baseline(dir.path()));
-    let d = Daemon::start_with(cfg.clone(), dir.path());
+    let (d, dir, cfg) = daemon_that_leaves_its_vms(&art);
     let vm = create_ready(&d, overlay("r1"));
     let pid = vm["pid"].as_u64().unwrap();
     exec(
@@ -592,15 +610,8 @@ fn a_restarted_daemon_re_adopts_a_qemu_guest_and_its_agent() {
         "{v}"
     );
     // The agent answers the new daemon over the same virtio-serial port.
-    let start = Instant::now();
-    while d.call("GET", "/v1/vm/r1", None).1["ready"] != true {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "agent not ready again"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    eprintln!("agent ready again {:?} after the restart", start.elapsed());
+    let took = wait_ready_again(&d, "r1");
+    eprintln!("agent ready again {took:?} after the restart");
     let r = exec(&d, "r1", json!({"cmd": ["cat", "/root/state"]}));
     assert_eq!(r["stdout"], "before\n", "{r}");
     // QMP works: pause, resume; and the guest still powers off on request.
@@ -620,11 +631,7 @@ fn a_crash_mid_snapshot_leaves_the_guest_running_and_thawed() {
     if !image_has_agent(&art) {
         return;
     }
-    let mut dir = TestDir::new();
-    let mut cfg = qemu_config(&dir, &art);
-    cfg.on_shutdown = agentenv_core::config::OnShutdown::Leave;
-    dir.baseline = Some(common::baseline(dir.path()));
-    let d = Daemon::start_with(cfg.clone(), dir.path());
+    let (d, dir, cfg) = daemon_that_leaves_its_vms(&art);
     let pid = create_ready(&d, overlay("c1"))["pid"].as_u64();
     // The daemon dies with the guest's file systems frozen and the VM paused.
     d.engine.failpoints.arm_hang("snapshot.paused");
@@ -646,14 +653,7 @@ fn a_crash_mid_snapshot_leaves_the_guest_running_and_thawed() {
         "{v}"
     );
     assert_eq!(d.call("GET", "/v1/snapshots/c1-snap", None).0, 404);
-    let start = Instant::now();
-    while d.call("GET", "/v1/vm/c1", None).1["ready"] != true {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "agent not ready again"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_ready_again(&d, "c1");
     // The new session thawed what the old one froze: a write and a sync
     // finish at once, not when the 10 s auto-thaw comes.
     let r = exec(
