@@ -874,17 +874,22 @@ fn a_cancelled_or_abandoned_upload_leaves_nothing() {
             .collect()
     };
     let mut c = agent.client();
-    let s = c.request(Kind::PutFile, &put_req(&agent.path("cancelled")));
-    c.send(&Frame {
-        kind: Kind::Data,
-        stream: s,
-        payload: vec![1; 1000],
-    });
-    // Written (credit comes back in batches, so watch the file instead).
-    let t = Instant::now();
-    while leftovers(agent.dir.path()).is_empty() && t.elapsed() < Duration::from_secs(3) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // Starts an upload of `name` and waits until its temporary file holds
+    // data (credit comes back in batches, so the file is watched instead).
+    let start_upload = |c: &mut Client, name: &str| {
+        let s = c.request(Kind::PutFile, &put_req(&agent.path(name)));
+        c.send(&Frame {
+            kind: Kind::Data,
+            stream: s,
+            payload: vec![1; 1000],
+        });
+        let t = Instant::now();
+        while leftovers(agent.dir.path()).is_empty() && t.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        s
+    };
+    let s = start_upload(&mut c, "cancelled");
     assert_eq!(
         leftovers(agent.dir.path()),
         vec![format!(".cancelled.agentenv-upload-{s}")]
@@ -898,17 +903,7 @@ fn a_cancelled_or_abandoned_upload_leaves_nothing() {
     assert!(e.error.contains("cancelled"), "{}", e.error);
     assert!(leftovers(agent.dir.path()).is_empty());
 
-    let s = c.request(Kind::PutFile, &put_req(&agent.path("abandoned")));
-    c.send(&Frame {
-        kind: Kind::Data,
-        stream: s,
-        payload: vec![1; 1000],
-    });
-    // Written (credit comes back in batches, so watch the file instead).
-    let t = Instant::now();
-    while leftovers(agent.dir.path()).is_empty() && t.elapsed() < Duration::from_secs(3) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    start_upload(&mut c, "abandoned");
     drop(c);
     let t = Instant::now();
     while !leftovers(agent.dir.path()).is_empty() && t.elapsed() < Duration::from_secs(3) {

@@ -413,6 +413,17 @@ impl Vmm {
     }
 
     /// Configures a bootable VM (boot source and a root drive).
+    /// Configures a vsock device (guest CID 3) whose host socket is `name` in
+    /// the test directory; returns the socket's path.
+    fn put_vsock(&self, name: &str) -> PathBuf {
+        let uds = self.path(name);
+        self.ok(
+            self.put("/vsock", json!({"guest_cid": 3, "uds_path": uds})),
+            "PUT /vsock",
+        );
+        uds
+    }
+
     fn configure(&self) {
         let kernel = self.target.kernel(self.dir.path()).expect("a kernel");
         self.ok(
@@ -1001,11 +1012,7 @@ fn mmds_balloon_vsock_entropy_and_version() {
         let r = vmm.patch("/balloon", json!({"amount_mib": 32}));
         assert_eq!(r.fault(), PRE_BOOT);
 
-        let uds = vmm.path("vsock.sock");
-        vmm.ok(
-            vmm.put("/vsock", json!({"guest_cid": 3, "uds_path": uds})),
-            "PUT /vsock",
-        );
+        let uds = vmm.put_vsock("vsock.sock");
         assert!(uds.exists(), "the vsock socket is bound at configuration");
         vmm.ok(vmm.put("/entropy", json!({})), "PUT /entropy");
 
@@ -1629,11 +1636,7 @@ fn vsock_connect_is_bridged_to_a_guest_listener() {
         let flag = echo.flag(AGENT_PORT);
         let vmm = Vmm::start(&target, &["--vsock-agent", &flag]);
         vmm.configure();
-        let uds = vmm.path("v.sock");
-        vmm.ok(
-            vmm.put("/vsock", json!({"guest_cid": 3, "uds_path": uds})),
-            "PUT /vsock",
-        );
+        let uds = vmm.put_vsock("v.sock");
 
         // Before the guest runs, a connection waits (in the listen backlog).
         let mut early = vsock_connect(&uds, b"CONNECT 10789\n");
@@ -1696,11 +1699,7 @@ fn vsock_connect_without_a_guest_listener_is_closed() {
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         let vmm = Vmm::start(&target, &flags);
         vmm.configure();
-        let uds = vmm.path("v.sock");
-        vmm.ok(
-            vmm.put("/vsock", json!({"guest_cid": 3, "uds_path": uds})),
-            "PUT /vsock",
-        );
+        let uds = vmm.put_vsock("v.sock");
         vmm.ok(vmm.action("InstanceStart"), "InstanceStart");
         let deadline = silence_deadline(&target);
         let mut conns = vec![(
@@ -1732,11 +1731,7 @@ fn vsock_malformed_connect_lines_are_closed() {
         };
         let vmm = Vmm::start(&target, &flags);
         vmm.configure();
-        let uds = vmm.path("v.sock");
-        vmm.ok(
-            vmm.put("/vsock", json!({"guest_cid": 3, "uds_path": uds})),
-            "PUT /vsock",
-        );
+        let uds = vmm.put_vsock("v.sock");
         vmm.ok(vmm.action("InstanceStart"), "InstanceStart");
         let lines: [&[u8]; 6] = [
             b"BOGUS 10789\n",
