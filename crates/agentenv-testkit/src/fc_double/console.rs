@@ -30,19 +30,9 @@ fn guest_vm_id(boot_args: &str, instance_id: &str) -> String {
         .unwrap_or_else(|| instance_id.to_string())
 }
 
-fn spawn(name: &str, body: impl FnOnce() + Send + 'static) {
-    if thread::Builder::new()
-        .name(name.to_string())
-        .spawn(body)
-        .is_err()
-    {
-        super::log(&format!("Cannot start the {name} thread."));
-    }
-}
-
 /// After `InstanceStart`: boot lines, `AGENTENV_READY`, then the heartbeat.
 pub fn spawn_boot(shared: Arc<Shared>) {
-    spawn("fc_vcpu_0", move || {
+    super::spawn("fc_vcpu_0", move || {
         let boot_args = shared.lock().boot_args().unwrap_or_default();
         let vcpus = shared.lock().machine_vcpus();
         line("[    0.000000] Linux version 6.1.0-fc-double (agentenv test double) #1 SMP");
@@ -65,7 +55,7 @@ pub fn spawn_boot(shared: Arc<Shared>) {
 
 /// After a snapshot was loaded: the guest carries on with its heartbeat.
 pub fn spawn_heartbeat(shared: Arc<Shared>) {
-    spawn("fc_vcpu_0", move || heartbeat_loop(&shared));
+    super::spawn("fc_vcpu_0", move || heartbeat_loop(&shared));
 }
 
 fn wait_while_paused(shared: &Shared) {
@@ -100,7 +90,7 @@ pub fn panic_and_exit() -> ! {
 /// Ctrl-Alt-Del: the guest powers off after `delay`, counting only the time
 /// it runs (a paused guest does not act on the key press).
 pub fn spawn_power_off(shared: Arc<Shared>, delay: Duration, print: bool) {
-    spawn("fc_power_off", move || {
+    super::spawn("fc_power_off", move || {
         let step = Duration::from_millis(5);
         let mut waited = Duration::ZERO;
         while waited < delay {

@@ -351,6 +351,17 @@ fn timestamp() -> String {
     )
 }
 
+/// Starts a named thread (Firecracker's thread names), logging when it cannot.
+pub(crate) fn spawn(name: &str, body: impl FnOnce() + Send + 'static) {
+    if thread::Builder::new()
+        .name(name.to_string())
+        .spawn(body)
+        .is_err()
+    {
+        log(&format!("Cannot start the {name} thread."));
+    }
+}
+
 /// Writes one log line, Firecracker style, to the log target (stdout unless
 /// a logger was configured).
 pub(crate) fn log(message: &str) {

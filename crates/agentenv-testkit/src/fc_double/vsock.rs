@@ -130,21 +130,11 @@ pub fn serve(listener: UnixListener, mux: Arc<Mux>) {
             for conn in listener.incoming() {
                 let Ok(stream) = conn else { continue };
                 let mux = Arc::clone(&mux);
-                spawn("fc_vsock_conn", move || host_connection(&mux, stream));
+                super::spawn("fc_vsock_conn", move || host_connection(&mux, stream));
             }
         });
     if spawned.is_err() {
         super::log("Cannot start the vsock listener thread.");
-    }
-}
-
-fn spawn(name: &str, body: impl FnOnce() + Send + 'static) {
-    if thread::Builder::new()
-        .name(name.to_string())
-        .spawn(body)
-        .is_err()
-    {
-        super::log(&format!("Cannot start the {name} thread."));
     }
 }
 
