@@ -252,7 +252,7 @@ impl Engine {
         root_key: &str,
     ) -> Result<PathBuf, EngineError> {
         let path = checked_join(root, field, name)?;
-        match self.host.inspect(&path) {
+        match self.host.files.inspect(&path) {
             Ok(i) if i.kind == FileKind::File => Ok(path),
             Ok(_) => Err(EngineError::bad(
                 field,
@@ -391,7 +391,7 @@ impl Engine {
             }
             DiskSpec::Direct { path } => {
                 let path = self.check_host_path("disk.path", path, false)?;
-                let size = self.host.inspect(&path).map(|i| i.len).unwrap_or(0);
+                let size = self.host.files.inspect(&path).map(|i| i.len).unwrap_or(0);
                 Ok(DiskPlan {
                     info: DiskInfo {
                         kind: "direct".into(),
@@ -463,6 +463,7 @@ impl Engine {
             }
             let used = self
                 .host
+                .files
                 .dir_usage(&host)
                 .map_err(|e| EngineError::bad(&format!("{field}.host_path"), e.to_string()))?;
             // Room for the data, its metadata and the journal.
@@ -530,6 +531,7 @@ impl Engine {
         }
         let info = self
             .host
+            .files
             .inspect(&path)
             .map_err(|_| EngineError::not_found(f, format!("{f} {raw:?} does not exist")))?;
         let kind_err = |what: &str| EngineError::bad(f, format!("{f} {raw:?} is {what}"));
@@ -546,6 +548,7 @@ impl Engine {
         }
         let canonical = self
             .host
+            .files
             .canonicalize(&path)
             .map_err(|e| EngineError::bad(f, format!("{f} {raw:?}: {e}")))?;
         if canonical != path {
@@ -553,6 +556,7 @@ impl Engine {
         }
         let allowed = self.cfg.direct_disk_roots.iter().any(|root| {
             self.host
+                .files
                 .canonicalize(root)
                 .is_ok_and(|r| canonical.starts_with(&r) && canonical != r)
         });
@@ -579,7 +583,8 @@ impl Engine {
         }
         let mut committed = 0u64;
         for s in vms.values() {
-            let info = s.info.lock().unwrap_or_else(|p| p.into_inner());
+            let rt = s.rt();
+            let info = &rt.info;
             if info.state.has_vmm() {
                 committed += info.memory_mib;
                 // Two VMs never share a direct disk.
@@ -600,7 +605,7 @@ impl Engine {
         let limit = self
             .cfg
             .max_memory_mib
-            .unwrap_or_else(|| self.host.memory_total_mib());
+            .unwrap_or_else(|| self.host.facts.memory_total_mib());
         let want = plan.info.memory_mib;
         if committed.saturating_add(want) > limit {
             return Err(EngineError::InsufficientMemory {
@@ -637,7 +642,7 @@ impl Engine {
         let _op = slot.op.lock().await;
         let fp = &self.failpoints;
         let dir = &plan.launch.session_dir;
-        if self.host.inspect(dir).is_ok() {
+        if self.host.files.inspect(dir).is_ok() {
             return Err(EngineError::Conflict {
                 message: format!(
                     "session directory {} already exists without a vm record",
@@ -650,7 +655,7 @@ impl Engine {
         // replaced at launch; anything that cannot simply be removed is not
         // ours to touch, and would only make the VMM fail later.
         let sock = &plan.launch.control_socket;
-        if let Ok(f) = self.host.inspect(sock) {
+        if let Ok(f) = self.host.files.inspect(sock) {
             if matches!(f.kind, FileKind::Dir | FileKind::Device) {
                 return Err(EngineError::Conflict {
                     message: format!(
@@ -667,12 +672,13 @@ impl Engine {
             }
         }
         self.host
+            .files
             .probe_new_entry(&self.cfg.socket_root)
             .map_err(|mut e| {
                 e.context = format!("socket_root: {}", e.context);
                 e
             })?;
-        self.host.create_dir(dir)?;
+        self.host.files.create_dir(dir)?;
         fp.point("create.session_dir").await?;
         if let (Some((net, _)), Some(lease)) = (&self.net, &plan.lease) {
             net.setup(lease)
@@ -681,7 +687,7 @@ impl Engine {
         }
         fp.point("create.network").await?;
         match &plan.disk_source {
-            DiskSource::Fresh(path, size) => self.host.create_ext4_disk(path, *size).await?,
+            DiskSource::Fresh(path, size) => self.host.images.create_ext4_disk(path, *size).await?,
             DiskSource::Restore(id, path) => {
                 self.snapshots
                     .restore(id, path)
@@ -691,10 +697,13 @@ impl Engine {
             DiskSource::InPlace => {}
         }
         for (dir, image, size) in &plan.shares {
-            self.host.create_ext4_from_dir(dir, image, *size).await?;
+            self.host
+                .images
+                .create_ext4_from_dir(dir, image, *size)
+                .await?;
         }
         fp.point("create.disk").await?;
-        self.persist(slot, &plan.info)?;
+        self.write_record(slot)?;
         fp.point("create.record").await?;
         let inst: Arc<dyn VmmInstance> = Arc::from(self.vmm.launch(&plan.launch).await.map_err(
             |source| EngineError::Vmm {
@@ -733,10 +742,10 @@ impl Engine {
                 tracing::error!("vm {id}: rollback: {e}");
             }
         }
-        if let Err(e) = self.host.remove_dir_all(&plan.launch.session_dir) {
+        if let Err(e) = self.host.files.remove_dir_all(&plan.launch.session_dir) {
             tracing::error!("vm {id}: rollback: {e}");
         }
-        if let Err(e) = self.host.remove_file(&plan.launch.control_socket) {
+        if let Err(e) = self.host.files.remove_file(&plan.launch.control_socket) {
             tracing::error!("vm {id}: rollback: {e}");
         }
         self.vms
