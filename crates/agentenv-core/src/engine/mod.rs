@@ -8,9 +8,11 @@
 
 mod agent;
 mod create;
+mod host_paths;
 mod lifecycle;
 mod restore;
 mod snapshot;
+mod validate;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
