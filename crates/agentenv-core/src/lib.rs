@@ -14,6 +14,8 @@ pub mod ids;
 pub mod net;
 pub mod snapshot;
 pub mod state;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use engine::Engine;
 pub use error::EngineError;

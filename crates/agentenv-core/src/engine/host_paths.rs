@@ -78,3 +78,66 @@ pub(super) fn check_host_path(
     }
     Ok(canonical)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::testing::{FakeHost, Node};
+
+    fn check(host: &FakeHost, raw: &str, want_dir: bool) -> Result<PathBuf, EngineError> {
+        check_host_path(host, &["/srv/direct".into()], "disk.path", raw, want_dir)
+    }
+
+    #[test]
+    fn only_plain_paths_under_a_root_pass() {
+        let host = FakeHost::new(1024);
+        host.put_file(Path::new("/srv/direct/d.ext4"), b"");
+        host.put_file(Path::new("/srv/other/d.ext4"), b"");
+        host.mkdir_p(Path::new("/srv/direct/share"));
+        host.put(
+            Path::new("/srv/direct/link"),
+            Node::Symlink("/srv/other".into()),
+        );
+        host.put(
+            Path::new("/srv/direct/l.ext4"),
+            Node::Symlink("/srv/direct/d.ext4".into()),
+        );
+        assert_eq!(
+            check(&host, "/srv/direct/d.ext4", false).unwrap(),
+            Path::new("/srv/direct/d.ext4")
+        );
+        assert!(check(&host, "/srv/direct/share", true).is_ok());
+        for (raw, want_dir, says) in [
+            ("srv/direct/d.ext4", false, "must be an absolute path"),
+            (
+                "/srv/direct/../other/d.ext4",
+                false,
+                "must not contain `..`",
+            ),
+            ("/srv/direct/missing", false, "does not exist"),
+            ("/srv/direct/l.ext4", false, "is a symlink"),
+            (
+                "/srv/direct/link/d.ext4",
+                false,
+                "reached through a symlink",
+            ),
+            ("/srv/direct/share", false, "is a directory"),
+            ("/srv/direct/d.ext4", true, "a file, not a directory"),
+            (
+                "/srv/other/d.ext4",
+                false,
+                "not under any of direct_disk_roots",
+            ),
+            ("/srv/direct", true, "not under any of direct_disk_roots"),
+        ] {
+            let e = check(&host, raw, want_dir).unwrap_err().to_string();
+            assert!(e.contains(says), "{raw}: {e}");
+        }
+        let e = check_host_path(&*host, &[], "disk.path", "/srv/direct/d.ext4", false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no direct_disk_roots"), "{e}");
+    }
+}

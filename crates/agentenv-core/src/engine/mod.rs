@@ -14,6 +14,9 @@ mod restore;
 mod snapshot;
 mod validate;
 
+#[cfg(test)]
+mod orchestration_tests;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
