@@ -71,6 +71,16 @@ pub enum Node {
     Symlink(PathBuf),
 }
 
+impl Node {
+    /// A sparse file of `len` bytes (an image with no content to look at).
+    pub fn sparse(len: u64) -> Node {
+        Node::File {
+            data: Vec::new(),
+            len,
+        }
+    }
+}
+
 /// A call that changed the fake host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostCall {
@@ -418,11 +428,7 @@ impl DiskImages for FakeHost {
     async fn create_ext4_disk(&self, path: &Path, size_bytes: u64) -> Result<(), HostError> {
         self.record(HostCall::CreateExt4Disk(path.into(), size_bytes));
         self.fault("create_ext4_disk", path)?;
-        let node = Node::File {
-            data: Vec::new(),
-            len: size_bytes,
-        };
-        self.create(path, node, "create disk")
+        self.create(path, Node::sparse(size_bytes), "create disk")
     }
 
     async fn create_ext4_from_dir(
@@ -437,11 +443,7 @@ impl DiskImages for FakeHost {
             size_bytes,
         ));
         self.fault("create_ext4_from_dir", image)?;
-        let node = Node::File {
-            data: Vec::new(),
-            len: size_bytes,
-        };
-        self.create(image, node, "build")
+        self.create(image, Node::sparse(size_bytes), "build")
     }
 }
 
@@ -999,13 +1001,7 @@ impl SnapshotStore for FakeSnapshots {
                 source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
             });
         }
-        self.host.put(
-            dest,
-            Node::File {
-                data: Vec::new(),
-                len: s.logical_bytes,
-            },
-        );
+        self.host.put(dest, Node::sparse(s.logical_bytes));
         Ok(s)
     }
 

@@ -1,10 +1,18 @@
 //! The lifecycle engine: owns the VM table and orchestrates every operation over
-//! the [`Vmm`] backend and the [`Host`].
+//! the [`Vmm`] backend, the [`Host`] seams, [`HostNetwork`] and the
+//! [`SnapshotStore`].
 //!
 //! Locking: the table lock (`vms`) is held only for lookups and insertions. Each
-//! VM has an async operation lock (`op`) that serialises operations on it, and a
-//! plain mutex around its record for quick reads (`GET` never waits for an
-//! operation to finish).
+//! VM has an async operation lock (`op`) that serialises operations on it, and
+//! one plain mutex around all its runtime state (`VmRuntime`) for quick reads
+//! (`GET` never waits for an operation to finish); its record on disk is one
+//! copy of that state taken under that mutex (`Engine::write_record`).
+//!
+//! Files: `create.rs` (plan, reserve, build, rollback) with its field checks in
+//! `validate.rs` and the host-path policy in `host_paths.rs`; `lifecycle.rs`
+//! (pause, resume, shutdown, delete); `snapshot.rs`; `restore.rs` (startup);
+//! `agent.rs`; `orchestration_tests.rs` drives them over the fakes of
+//! `crate::testing`.
 
 mod agent;
 mod create;
@@ -79,7 +87,7 @@ pub struct SnapshotInProgress {
 }
 
 /// A VM's mutable runtime state. It sits under one lock, so that the record
-/// written to `vm.json` ([`Engine::write_record`]) is always one consistent
+/// written to `vm.json` (`Engine::write_record`) is always one consistent
 /// copy, never pieces read at different moments.
 struct VmRuntime {
     /// The current record.
