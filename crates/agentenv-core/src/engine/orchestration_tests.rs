@@ -481,3 +481,25 @@ async fn a_deleted_vm_leaves_nothing() {
     engine.delete("vm1").await.unwrap();
     rig.assert_gone(&engine, "vm1", "delete");
 }
+
+#[tokio::test]
+async fn a_vmm_that_dies_on_its_own_leaves_its_vm_failed_and_its_lease_freed() {
+    let rig = Rig::new();
+    let engine = rig.start().await;
+    let pid = engine.create(overlay("vm1")).await.unwrap().pid.unwrap();
+    assert!(rig.vmm.crash(pid));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while engine.get("vm1").unwrap().state != VmState::Failed {
+        assert!(tokio::time::Instant::now() < deadline, "never settled");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let record = rig.record("vm1");
+    assert_eq!(record.vm.state, VmState::Failed);
+    assert_eq!(
+        record.vm.exit.map(|e| e.cause),
+        Some("vmm killed by signal 9 unexpectedly".to_string())
+    );
+    assert!(record.net.is_none() && record.vmm_process.is_none());
+    assert_eq!(rig.net.taps(), Vec::<String>::new());
+    assert_eq!(rig.host.node(&rig.socket("vm1")), None);
+}
