@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use agentenv_api::BackendKind;
 use agentenv_bench::signals;
 use agentenv_bench::stats::Summary;
-use agentenv_core::host::Host;
+use agentenv_core::host::DiskImages;
 use agentenv_core::snapshot::{NewSnapshot, SnapshotStore};
 use agentenv_host::disk::{self, CopyOptions};
 use agentenv_host::snapshots::TieredStore;
@@ -603,7 +603,7 @@ fn measure_size(
 
 fn overlays(args: &Args, ws: &Workspace, rt: &tokio::runtime::Runtime) -> Result<()> {
     println!(
-        "Fresh overlays (`Host::create_ext4_disk`), medians of {} runs:",
+        "Fresh overlays (`DiskImages::create_ext4_disk`), medians of {} runs:",
         args.overlay_reps
     );
     println!();

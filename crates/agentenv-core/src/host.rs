@@ -1,8 +1,10 @@
-//! The host seam: every file-system and process fact the engine needs.
+//! The host seams: every file-system, disk-image, process and machine fact
+//! the engine needs, one narrow trait each, bundled in [`Host`].
 //!
-//! `agentenv_host::LocalHost` implements it on the real machine.
+//! `agentenv_host::LocalHost` implements them on the real machine.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
@@ -57,13 +59,40 @@ impl HostError {
     }
 }
 
-/// The host operations the engine uses. All paths are absolute and were built
-/// through [`crate::ids::checked_join`] or validated by the engine.
-#[async_trait]
-pub trait Host: Send + Sync + 'static {
-    /// Total memory of the host in MiB.
-    fn memory_total_mib(&self) -> u64;
+/// The host as the engine sees it: four narrow seams, each with a real
+/// implementation (`agentenv_host::LocalHost` implements all four) and a
+/// recording fake (`crate::testing`).
+#[derive(Clone)]
+pub struct Host {
+    /// Files and directories.
+    pub files: Arc<dyn HostFiles>,
+    /// ext4 images for overlays and shares.
+    pub images: Arc<dyn DiskImages>,
+    /// Processes left by an earlier daemon.
+    pub processes: Arc<dyn HostProcesses>,
+    /// Facts about the machine.
+    pub facts: Arc<dyn HostFacts>,
+}
 
+impl Host {
+    /// All four seams from one implementation of them.
+    pub fn from_one<T>(host: Arc<T>) -> Host
+    where
+        T: HostFiles + DiskImages + HostProcesses + HostFacts,
+    {
+        Host {
+            files: host.clone(),
+            images: host.clone(),
+            processes: host.clone(),
+            facts: host,
+        }
+    }
+}
+
+/// The file-system operations the engine uses. All paths are absolute and
+/// were built through [`crate::ids::checked_join`] or validated by the engine
+/// (see `engine::host_paths`).
+pub trait HostFiles: Send + Sync + 'static {
     /// `lstat` of a path.
     fn inspect(&self, path: &Path) -> std::io::Result<FileInfo>;
 
@@ -84,17 +113,6 @@ pub trait Host: Send + Sync + 'static {
     /// before a VMM starts and fails on it.
     fn probe_new_entry(&self, dir: &Path) -> Result<(), HostError>;
 
-    /// Creates a sparse file of `size_bytes` holding an empty ext4 file system.
-    async fn create_ext4_disk(&self, path: &Path, size_bytes: u64) -> Result<(), HostError>;
-
-    /// Builds an ext4 image of `size_bytes` at `image` holding a copy of `dir`.
-    async fn create_ext4_from_dir(
-        &self,
-        dir: &Path,
-        image: &Path,
-        size_bytes: u64,
-    ) -> Result<(), HostError>;
-
     /// Bytes used by the regular files below `dir` (symlinks not followed).
     fn dir_usage(&self, dir: &Path) -> Result<u64, HostError>;
 
@@ -113,6 +131,27 @@ pub trait Host: Send + Sync + 'static {
     /// The last `max` bytes of a file, lossily decoded; empty if unreadable.
     fn read_tail(&self, path: &Path, max: u64) -> String;
 
+    /// Renames a file or directory (same file system).
+    fn rename(&self, from: &Path, to: &Path) -> Result<(), HostError>;
+}
+
+/// Builds the ext4 images a VM boots with.
+#[async_trait]
+pub trait DiskImages: Send + Sync + 'static {
+    /// Creates a sparse file of `size_bytes` holding an empty ext4 file system.
+    async fn create_ext4_disk(&self, path: &Path, size_bytes: u64) -> Result<(), HostError>;
+
+    /// Builds an ext4 image of `size_bytes` at `image` holding a copy of `dir`.
+    async fn create_ext4_from_dir(
+        &self,
+        dir: &Path,
+        image: &Path,
+        size_bytes: u64,
+    ) -> Result<(), HostError>;
+}
+
+/// The host's processes, for cleaning up VMMs an earlier daemon left.
+pub trait HostProcesses: Send + Sync + 'static {
     /// Kills the process group of `pid` if that process is still alive and its
     /// command line mentions `marker` (so an unrelated process that reused the pid
     /// is never touched); with no pid, of every process whose command line
@@ -121,7 +160,10 @@ pub trait Host: Send + Sync + 'static {
 
     /// Live processes (not this one, not zombies) whose command line mentions `marker`.
     fn processes_mentioning(&self, marker: &Path) -> Vec<u32>;
+}
 
-    /// Renames a file or directory (same file system).
-    fn rename(&self, from: &Path, to: &Path) -> Result<(), HostError>;
+/// Facts about the machine.
+pub trait HostFacts: Send + Sync + 'static {
+    /// Total memory of the host in MiB.
+    fn memory_total_mib(&self) -> u64;
 }

@@ -2,7 +2,9 @@
 //!
 //! Invariant: this crate makes no direct OS calls. Everything that touches the
 //! host (VMM processes, files, memory figures) goes through the traits in
-//! [`backend`] and [`host`], implemented in `agentenv-host` and faked in tests.
+//! [`backend`], [`host`], [`net`] and [`snapshot`], implemented in
+//! `agentenv-host` and faked by the recording fakes of `testing` in the
+//! engine's own tests.
 
 pub mod backend;
 pub mod config;
@@ -14,6 +16,8 @@ pub mod ids;
 pub mod net;
 pub mod snapshot;
 pub mod state;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use engine::Engine;
 pub use error::EngineError;

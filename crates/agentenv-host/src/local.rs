@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentenv_core::host::{FileInfo, FileKind, Host, HostError};
+use agentenv_core::host::{
+    DiskImages, FileInfo, FileKind, HostError, HostFacts, HostFiles, HostProcesses,
+};
 use async_trait::async_trait;
 
 use crate::disk::Ext4Templates;
@@ -45,12 +47,13 @@ impl LocalHost {
 /// How long `mkfs.ext4` may take.
 const MKFS_TIMEOUT: Duration = Duration::from_secs(120);
 
-#[async_trait]
-impl Host for LocalHost {
+impl HostFacts for LocalHost {
     fn memory_total_mib(&self) -> u64 {
         memory_total_mib().unwrap_or(u64::MAX)
     }
+}
 
+impl HostFiles for LocalHost {
     fn inspect(&self, path: &Path) -> std::io::Result<FileInfo> {
         let m = std::fs::symlink_metadata(path)?;
         let ft = m.file_type();
@@ -117,34 +120,6 @@ impl Host for LocalHost {
         Ok(())
     }
 
-    async fn create_ext4_disk(&self, path: &Path, size_bytes: u64) -> Result<(), HostError> {
-        let ctx = || format!("cannot create disk {}", path.display());
-        if let Some(t) = &self.templates {
-            match t.create_disk(path, size_bytes).await {
-                Ok(_) => return Ok(()),
-                Err(e) if e.is_no_space() || path.exists() => {
-                    return Err(HostError {
-                        context: ctx(),
-                        no_space: e.is_no_space(),
-                        message: e.to_string(),
-                    })
-                }
-                Err(e) => tracing::warn!("ext4 template unusable, running mkfs.ext4: {e}"),
-            }
-        }
-        mkfs_ext4(path, size_bytes, None, ctx()).await
-    }
-
-    async fn create_ext4_from_dir(
-        &self,
-        dir: &Path,
-        image: &Path,
-        size_bytes: u64,
-    ) -> Result<(), HostError> {
-        let ctx = format!("cannot build {} from {}", image.display(), dir.display());
-        mkfs_ext4(image, size_bytes, Some(dir), ctx).await
-    }
-
     fn dir_usage(&self, dir: &Path) -> Result<u64, HostError> {
         let mut total = 0u64;
         let mut stack = vec![dir.to_path_buf()];
@@ -199,10 +174,6 @@ impl Host for LocalHost {
         crate::process::read_tail(path, max)
     }
 
-    fn processes_mentioning(&self, marker: &Path) -> Vec<u32> {
-        processes_mentioning(marker)
-    }
-
     fn rename(&self, from: &Path, to: &Path) -> Result<(), HostError> {
         std::fs::rename(from, to).map_err(|e| {
             HostError::io(
@@ -211,7 +182,40 @@ impl Host for LocalHost {
             )
         })
     }
+}
 
+#[async_trait]
+impl DiskImages for LocalHost {
+    async fn create_ext4_disk(&self, path: &Path, size_bytes: u64) -> Result<(), HostError> {
+        let ctx = || format!("cannot create disk {}", path.display());
+        if let Some(t) = &self.templates {
+            match t.create_disk(path, size_bytes).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.is_no_space() || path.exists() => {
+                    return Err(HostError {
+                        context: ctx(),
+                        no_space: e.is_no_space(),
+                        message: e.to_string(),
+                    })
+                }
+                Err(e) => tracing::warn!("ext4 template unusable, running mkfs.ext4: {e}"),
+            }
+        }
+        mkfs_ext4(path, size_bytes, None, ctx()).await
+    }
+
+    async fn create_ext4_from_dir(
+        &self,
+        dir: &Path,
+        image: &Path,
+        size_bytes: u64,
+    ) -> Result<(), HostError> {
+        let ctx = format!("cannot build {} from {}", image.display(), dir.display());
+        mkfs_ext4(image, size_bytes, Some(dir), ctx).await
+    }
+}
+
+impl HostProcesses for LocalHost {
     fn kill_stale_process(&self, pid: Option<u32>, marker: &Path) -> bool {
         let pids: Vec<u32> = match pid {
             Some(p) if mentions(p, marker) => vec![p],
@@ -227,6 +231,10 @@ impl Host for LocalHost {
                 .is_ok();
         }
         killed
+    }
+
+    fn processes_mentioning(&self, marker: &Path) -> Vec<u32> {
+        processes_mentioning(marker)
     }
 }
 

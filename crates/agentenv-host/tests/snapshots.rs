@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use agentenv_api::{BackendKind, SnapshotStatus, SnapshotTier};
-use agentenv_core::host::Host;
+use agentenv_core::host::DiskImages;
 use agentenv_core::snapshot::{NewSnapshot, SnapshotError, SnapshotStore};
 use agentenv_host::disk::{self, CopyMethod};
 use agentenv_host::snapshots::TieredStore;

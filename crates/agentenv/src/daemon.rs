@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use agentenv_core::backend::Vmm;
 use agentenv_core::config::{Config, VmmChoice};
+use agentenv_core::host::Host;
 use agentenv_core::net::HostNetwork;
 use agentenv_core::Engine;
 use agentenv_host::firecracker::FirecrackerVmm;
@@ -138,9 +139,9 @@ pub async fn build_engine_in(cfg: Config, netns: Option<PathBuf>) -> anyhow::Res
     create_roots(&cfg)?;
     let (vmm, why) = choose_backend(&cfg)?;
     tracing::info!("vmm backend: {} ({why})", vmm.kind());
-    let host = Arc::new(LocalHost::with_templates(
+    let host = Host::from_one(Arc::new(LocalHost::with_templates(
         cfg.snapshots_root.join("templates"),
-    ));
+    )));
     let snapshots = Arc::new(TieredStore::from_config(&cfg));
     let net: Option<Arc<dyn HostNetwork>> = if cfg.network.enable {
         let net = LinuxNetwork::new(&cfg.network, netns)

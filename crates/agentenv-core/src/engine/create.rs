@@ -5,11 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentenv_api::{
-    CreateVmRequest, DiskInfo, DiskSpec, NetworkSpec, ShareInfo, ShareSpec, SnapshotStatus, VmInfo,
-    VmState,
+    CreateVmRequest, DiskInfo, DiskSpec, ShareInfo, ShareSpec, SnapshotStatus, VmInfo, VmState,
 };
 use chrono::Utc;
 
+use super::host_paths::check_host_path;
+use super::validate::{check_boot_args, check_network, check_share_guest_path};
 use super::{Engine, VmSlot, AGENT_SOCKET, CONSOLE_LOG};
 use crate::backend::{DriveSpec, LaunchSpec, NetAttachment, VmmInstance};
 use crate::config::MAX_SLOTS;
@@ -20,9 +21,6 @@ use crate::net::NetLease;
 
 /// Longest path a Unix socket address holds.
 const MAX_SOCKET_PATH: usize = 107;
-
-/// Longest kernel command line accepted from a request.
-const MAX_BOOT_ARGS: usize = 2048;
 
 /// Largest overlay disk, in GiB.
 const MAX_DISK_GIB: u64 = 16 * 1024;
@@ -252,7 +250,7 @@ impl Engine {
         root_key: &str,
     ) -> Result<PathBuf, EngineError> {
         let path = checked_join(root, field, name)?;
-        match self.host.inspect(&path) {
+        match self.host.files.inspect(&path) {
             Ok(i) if i.kind == FileKind::File => Ok(path),
             Ok(_) => Err(EngineError::bad(
                 field,
@@ -390,8 +388,14 @@ impl Engine {
                 }
             }
             DiskSpec::Direct { path } => {
-                let path = self.check_host_path("disk.path", path, false)?;
-                let size = self.host.inspect(&path).map(|i| i.len).unwrap_or(0);
+                let path = check_host_path(
+                    &*self.host.files,
+                    &cfg.direct_disk_roots,
+                    "disk.path",
+                    path,
+                    false,
+                )?;
+                let size = self.host.files.inspect(&path).map(|i| i.len).unwrap_or(0);
                 Ok(DiskPlan {
                     info: DiskInfo {
                         kind: "direct".into(),
@@ -435,24 +439,16 @@ impl Engine {
         let mut seen = std::collections::HashSet::new();
         for (i, share) in shares.iter().enumerate() {
             let field = format!("shares[{i}]");
-            let host =
-                self.check_host_path(&format!("{field}.host_path"), &share.host_path, true)?;
+            let host = check_host_path(
+                &*self.host.files,
+                &self.cfg.direct_disk_roots,
+                &format!("{field}.host_path"),
+                &share.host_path,
+                true,
+            )?;
             let g = &share.guest_path;
             let gfield = format!("{field}.guest_path");
-            // `//` (any run of slashes) is the root too.
-            if !g.starts_with('/')
-                || g.bytes().all(|b| b == b'/')
-                || g.len() > 255
-                || g.split('/').any(|c| c == "." || c == "..")
-                || !g
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'.' | b'_' | b'-'))
-            {
-                return Err(EngineError::bad(
-                    &gfield,
-                    format!("{gfield} {g:?} must be an absolute guest path other than / made of ASCII letters, digits, `/`, `.`, `_` and `-`, without `.` or `..` components"),
-                ));
-            }
+            check_share_guest_path(&gfield, g)?;
             // `/mnt`, `/mnt/` and `//mnt` are one mount point.
             let key: Vec<&str> = g.split('/').filter(|c| !c.is_empty()).collect();
             if !seen.insert(key.join("/")) {
@@ -463,6 +459,7 @@ impl Engine {
             }
             let used = self
                 .host
+                .files
                 .dir_usage(&host)
                 .map_err(|e| EngineError::bad(&format!("{field}.host_path"), e.to_string()))?;
             // Room for the data, its metadata and the journal.
@@ -491,80 +488,6 @@ impl Engine {
         Ok((infos, builds, args))
     }
 
-    /// A direct disk (or a share's directory) must be an absolute, `..`-free,
-    /// symlink-free path under one of `direct_disk_roots`; a disk must be a
-    /// regular file with one hard link, a share a directory.
-    fn check_host_path(
-        &self,
-        field: &str,
-        raw: &str,
-        want_dir: bool,
-    ) -> Result<PathBuf, EngineError> {
-        let f = field;
-        if raw.contains('\0') {
-            return Err(EngineError::bad(f, format!("{f} must not contain NUL")));
-        }
-        let path = PathBuf::from(raw);
-        if !path.is_absolute() {
-            return Err(EngineError::bad(
-                f,
-                format!("{f} {raw:?} must be an absolute path"),
-            ));
-        }
-        if path
-            .components()
-            .any(|c| matches!(c, std::path::Component::ParentDir))
-        {
-            return Err(EngineError::bad(
-                f,
-                format!("{f} {raw:?} must not contain `..`"),
-            ));
-        }
-        if self.cfg.direct_disk_roots.is_empty() {
-            return Err(EngineError::Forbidden {
-                field: f.into(),
-                message: format!(
-                    "{f}: host paths are disabled: no direct_disk_roots are configured"
-                ),
-            });
-        }
-        let info = self
-            .host
-            .inspect(&path)
-            .map_err(|_| EngineError::not_found(f, format!("{f} {raw:?} does not exist")))?;
-        let kind_err = |what: &str| EngineError::bad(f, format!("{f} {raw:?} is {what}"));
-        match (info.kind, want_dir) {
-            (FileKind::File, false) | (FileKind::Dir, true) => {}
-            (FileKind::Symlink, _) => return Err(kind_err("a symlink")),
-            (FileKind::Dir, false) => return Err(kind_err("a directory")),
-            (FileKind::File, true) => return Err(kind_err("a file, not a directory")),
-            (FileKind::Device, _) => return Err(kind_err("a device")),
-            (FileKind::Special, _) => return Err(kind_err("a FIFO or socket")),
-        }
-        if !want_dir && info.nlink > 1 {
-            return Err(kind_err("a file with more than one hard link"));
-        }
-        let canonical = self
-            .host
-            .canonicalize(&path)
-            .map_err(|e| EngineError::bad(f, format!("{f} {raw:?}: {e}")))?;
-        if canonical != path {
-            return Err(kind_err("reached through a symlink"));
-        }
-        let allowed = self.cfg.direct_disk_roots.iter().any(|root| {
-            self.host
-                .canonicalize(root)
-                .is_ok_and(|r| canonical.starts_with(&r) && canonical != r)
-        });
-        if !allowed {
-            return Err(EngineError::Forbidden {
-                field: f.into(),
-                message: format!("{f} {raw:?} is not under any of direct_disk_roots"),
-            });
-        }
-        Ok(canonical)
-    }
-
     /// Inserts the VM in `creating`, checking the id is free and memory suffices,
     /// and assigns its network lease.
     fn reserve(&self, plan: &mut Plan) -> Result<Arc<VmSlot>, EngineError> {
@@ -579,7 +502,8 @@ impl Engine {
         }
         let mut committed = 0u64;
         for s in vms.values() {
-            let info = s.info.lock().unwrap_or_else(|p| p.into_inner());
+            let rt = s.rt();
+            let info = &rt.info;
             if info.state.has_vmm() {
                 committed += info.memory_mib;
                 // Two VMs never share a direct disk.
@@ -600,7 +524,7 @@ impl Engine {
         let limit = self
             .cfg
             .max_memory_mib
-            .unwrap_or_else(|| self.host.memory_total_mib());
+            .unwrap_or_else(|| self.host.facts.memory_total_mib());
         let want = plan.info.memory_mib;
         if committed.saturating_add(want) > limit {
             return Err(EngineError::InsufficientMemory {
@@ -637,7 +561,7 @@ impl Engine {
         let _op = slot.op.lock().await;
         let fp = &self.failpoints;
         let dir = &plan.launch.session_dir;
-        if self.host.inspect(dir).is_ok() {
+        if self.host.files.inspect(dir).is_ok() {
             return Err(EngineError::Conflict {
                 message: format!(
                     "session directory {} already exists without a vm record",
@@ -650,7 +574,7 @@ impl Engine {
         // replaced at launch; anything that cannot simply be removed is not
         // ours to touch, and would only make the VMM fail later.
         let sock = &plan.launch.control_socket;
-        if let Ok(f) = self.host.inspect(sock) {
+        if let Ok(f) = self.host.files.inspect(sock) {
             if matches!(f.kind, FileKind::Dir | FileKind::Device) {
                 return Err(EngineError::Conflict {
                     message: format!(
@@ -667,12 +591,13 @@ impl Engine {
             }
         }
         self.host
+            .files
             .probe_new_entry(&self.cfg.socket_root)
             .map_err(|mut e| {
                 e.context = format!("socket_root: {}", e.context);
                 e
             })?;
-        self.host.create_dir(dir)?;
+        self.host.files.create_dir(dir)?;
         fp.point("create.session_dir").await?;
         if let (Some((net, _)), Some(lease)) = (&self.net, &plan.lease) {
             net.setup(lease)
@@ -681,7 +606,7 @@ impl Engine {
         }
         fp.point("create.network").await?;
         match &plan.disk_source {
-            DiskSource::Fresh(path, size) => self.host.create_ext4_disk(path, *size).await?,
+            DiskSource::Fresh(path, size) => self.host.images.create_ext4_disk(path, *size).await?,
             DiskSource::Restore(id, path) => {
                 self.snapshots
                     .restore(id, path)
@@ -691,10 +616,13 @@ impl Engine {
             DiskSource::InPlace => {}
         }
         for (dir, image, size) in &plan.shares {
-            self.host.create_ext4_from_dir(dir, image, *size).await?;
+            self.host
+                .images
+                .create_ext4_from_dir(dir, image, *size)
+                .await?;
         }
         fp.point("create.disk").await?;
-        self.persist(slot, &plan.info)?;
+        self.write_record(slot)?;
         fp.point("create.record").await?;
         let inst: Arc<dyn VmmInstance> = Arc::from(self.vmm.launch(&plan.launch).await.map_err(
             |source| EngineError::Vmm {
@@ -733,10 +661,10 @@ impl Engine {
                 tracing::error!("vm {id}: rollback: {e}");
             }
         }
-        if let Err(e) = self.host.remove_dir_all(&plan.launch.session_dir) {
+        if let Err(e) = self.host.files.remove_dir_all(&plan.launch.session_dir) {
             tracing::error!("vm {id}: rollback: {e}");
         }
-        if let Err(e) = self.host.remove_file(&plan.launch.control_socket) {
+        if let Err(e) = self.host.files.remove_file(&plan.launch.control_socket) {
             tracing::error!("vm {id}: rollback: {e}");
         }
         self.vms
@@ -760,133 +688,4 @@ fn apply_lease(plan: &mut Plan, lease: NetLease) {
         guest_mac: lease.guest_mac.clone(),
     });
     plan.lease = Some(lease);
-}
-
-fn check_boot_args(args: &str) -> Result<(), EngineError> {
-    const F: &str = "boot_args";
-    if args.trim().is_empty() {
-        return Err(EngineError::bad(F, "boot_args must not be empty"));
-    }
-    if args.len() > MAX_BOOT_ARGS {
-        return Err(EngineError::bad(
-            F,
-            format!("boot_args is {} bytes, at most {MAX_BOOT_ARGS}", args.len()),
-        ));
-    }
-    if args.chars().any(|c| c.is_control()) {
-        return Err(EngineError::bad(
-            F,
-            "boot_args must not contain control characters",
-        ));
-    }
-    // The parameters agentenv sets itself (docs/guest-contract.md); others,
-    // such as agentenv.heartbeat, are the caller's to give.
-    const RESERVED: [&str; 6] = ["vm_id", "root", "overlay", "share", "ip", "gw"];
-    if let Some(w) = args.split_whitespace().find(|w| {
-        w.strip_prefix("agentenv.")
-            .map(|rest| rest.split('=').next().unwrap_or(""))
-            .is_some_and(|name| RESERVED.contains(&name))
-    }) {
-        return Err(EngineError::bad(
-            F,
-            format!("boot_args must not set {w:?}: agentenv sets agentenv.vm_id, .root, .overlay, .share, .ip and .gw itself"),
-        ));
-    }
-    Ok(())
-}
-
-fn check_network(n: &NetworkSpec) -> Result<(), EngineError> {
-    let t = &n.tap_name;
-    if t.is_empty()
-        || t.len() > 15
-        || !t
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    {
-        return Err(EngineError::bad(
-            "network.tap_name",
-            format!(
-                "network.tap_name {t:?} must be 1 to 15 ASCII letters, digits, `-`, `_` or `.`"
-            ),
-        ));
-    }
-    if !is_unicast_mac(&n.guest_mac) {
-        return Err(EngineError::bad(
-            "network.guest_mac",
-            format!(
-                "network.guest_mac {:?} must be a unicast MAC written as xx:xx:xx:xx:xx:xx",
-                n.guest_mac
-            ),
-        ));
-    }
-    Ok(())
-}
-
-fn is_unicast_mac(mac: &str) -> bool {
-    let parts: Vec<&str> = mac.split(':').collect();
-    if parts.len() != 6 {
-        return false;
-    }
-    let mut bytes = [0u8; 6];
-    for (i, p) in parts.iter().enumerate() {
-        if p.len() != 2 {
-            return false;
-        }
-        match u8::from_str_radix(p, 16) {
-            Ok(b) => bytes[i] = b,
-            Err(_) => return false,
-        }
-    }
-    bytes[0] & 1 == 0 && bytes != [0; 6]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn macs() {
-        assert!(is_unicast_mac("06:00:ac:10:00:02"));
-        assert!(is_unicast_mac("AA:BB:CC:DD:EE:FE"));
-        assert!(!is_unicast_mac("01:00:5e:00:00:01"), "multicast");
-        assert!(!is_unicast_mac("00:00:00:00:00:00"));
-        assert!(!is_unicast_mac("06:00:ac:10:00"));
-        assert!(!is_unicast_mac("06-00-ac-10-00-02"));
-        assert!(!is_unicast_mac("06:00:ac:10:00:0g"));
-    }
-
-    #[test]
-    fn boot_args_rules() {
-        assert!(check_boot_args("console=ttyS0 panic=1").is_ok());
-        assert!(check_boot_args("console=ttyS0 agentenv.heartbeat=1").is_ok());
-        for bad in [
-            "",
-            "  ",
-            "a\nb",
-            "x agentenv.root=/dev/sda",
-            &"a".repeat(3000),
-        ] {
-            let e = check_boot_args(bad).unwrap_err();
-            assert_eq!(e.field(), Some("boot_args"), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn tap_names() {
-        let ok = NetworkSpec {
-            tap_name: "tap0".into(),
-            guest_mac: "06:00:00:00:00:01".into(),
-        };
-        assert!(check_network(&ok).is_ok());
-        for bad in ["", "a/b", "way-too-long-name0", "tap 0"] {
-            let n = NetworkSpec {
-                tap_name: bad.into(),
-                ..ok.clone()
-            };
-            assert_eq!(
-                check_network(&n).unwrap_err().field(),
-                Some("network.tap_name")
-            );
-        }
-    }
 }

@@ -14,8 +14,7 @@ use crate::state::transition;
 impl Engine {
     /// Checks that `to` is reachable now, before doing anything.
     pub(super) fn check_transition(&self, slot: &VmSlot, to: VmState) -> Result<(), EngineError> {
-        let info = slot.info.lock().unwrap_or_else(|p| p.into_inner());
-        transition(&info.vm_id, info.state, to)?;
+        slot.with_info(|info| transition(&info.vm_id, info.state, to))?;
         Ok(())
     }
 
@@ -158,14 +157,12 @@ impl Engine {
                         "vm {vm_id}: the vmm answers again and reports {truth} (recorded {now}); \
                          following the vmm"
                     );
-                    let info = slot
-                        .update(|i| {
-                            i.state = truth;
-                            i.updated_at = chrono::Utc::now();
-                            Ok::<(), std::convert::Infallible>(())
-                        })
-                        .unwrap_or_else(|e| match e {});
-                    if let Err(e) = engine.persist(&slot, &info) {
+                    let Ok(_) = slot.update(|i| {
+                        i.state = truth;
+                        i.updated_at = chrono::Utc::now();
+                        Ok::<(), std::convert::Infallible>(())
+                    });
+                    if let Err(e) = engine.write_record(&slot) {
                         tracing::warn!("vm {vm_id}: {e}");
                     }
                 }
@@ -221,9 +218,12 @@ impl Engine {
         }
         self.failpoints.point("delete.marked").await?;
         let info = slot.info();
-        self.host.remove_file(&PathBuf::from(&info.api_socket))?;
+        self.host
+            .files
+            .remove_file(&PathBuf::from(&info.api_socket))?;
         self.failpoints.point("delete.socket_removed").await?;
         self.host
+            .files
             .remove_dir_all(&PathBuf::from(&info.session_dir))?;
         self.vms
             .lock()

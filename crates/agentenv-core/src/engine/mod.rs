@@ -1,16 +1,29 @@
 //! The lifecycle engine: owns the VM table and orchestrates every operation over
-//! the [`Vmm`] backend and the [`Host`].
+//! the [`Vmm`] backend, the [`Host`] seams, [`HostNetwork`] and the
+//! [`SnapshotStore`].
 //!
 //! Locking: the table lock (`vms`) is held only for lookups and insertions. Each
-//! VM has an async operation lock (`op`) that serialises operations on it, and a
-//! plain mutex around its record for quick reads (`GET` never waits for an
-//! operation to finish).
+//! VM has an async operation lock (`op`) that serialises operations on it, and
+//! one plain mutex around all its runtime state (`VmRuntime`) for quick reads
+//! (`GET` never waits for an operation to finish); its record on disk is one
+//! copy of that state taken under that mutex (`Engine::write_record`).
+//!
+//! Files: `create.rs` (plan, reserve, build, rollback) with its field checks in
+//! `validate.rs` and the host-path policy in `host_paths.rs`; `lifecycle.rs`
+//! (pause, resume, shutdown, delete); `snapshot.rs`; `restore.rs` (startup);
+//! `agent.rs`; `orchestration_tests.rs` drives them over the fakes of
+//! `crate::testing`.
 
 mod agent;
 mod create;
+mod host_paths;
 mod lifecycle;
 mod restore;
 mod snapshot;
+mod validate;
+
+#[cfg(test)]
+mod orchestration_tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -73,104 +86,136 @@ pub struct SnapshotInProgress {
     pub resume: bool,
 }
 
+/// A VM's mutable runtime state. It sits under one lock, so that the record
+/// written to `vm.json` (`Engine::write_record`) is always one consistent
+/// copy, never pieces read at different moments.
+struct VmRuntime {
+    /// The current record.
+    info: VmInfo,
+    /// `info` as JSON, rendered at each change, so listing many VMs is a copy.
+    json: Arc<str>,
+    /// The running VMM, while there is one.
+    instance: Option<Arc<dyn VmmInstance>>,
+    /// The network lease, while the VM holds one.
+    net: Option<NetLease>,
+    /// The guest agent connection, while the agent answers.
+    agent: Option<agentenv_guest::client::AgentClient>,
+    /// The VMM process while there is one (persisted for re-adoption).
+    process: Option<ProcessIdentity>,
+    /// The snapshot being taken (persisted while the state is `snapshotting`).
+    snapshot: Option<SnapshotInProgress>,
+}
+
 /// One tracked VM.
 struct VmSlot {
     /// Serialises operations on this VM.
     op: tokio::sync::Mutex<()>,
-    /// The current record; cheap to read.
-    info: Mutex<VmInfo>,
-    /// `info` as JSON, rendered at each change, so listing many VMs is a copy.
-    json: Mutex<Arc<str>>,
-    /// The running VMM, while there is one.
-    instance: Mutex<Option<Arc<dyn VmmInstance>>>,
-    /// The network lease, while the VM holds one.
-    net: Mutex<Option<NetLease>>,
-    /// The guest agent connection, while the agent answers.
-    agent: Mutex<Option<agentenv_guest::client::AgentClient>>,
-    /// True while the agent answers (for waiters).
+    /// Everything that changes; held only for quick reads and writes, never
+    /// across an await (`GET` never waits for an operation to finish).
+    rt: Mutex<VmRuntime>,
+    /// True while the agent answers, for waiters. Beside `rt`, not in it: a
+    /// watch is its own synchronised cell that waiters subscribe to without
+    /// the runtime lock, and it is no part of the record.
     ready: tokio::sync::watch::Sender<bool>,
-    /// The VMM process while there is one (persisted for re-adoption).
-    process: Mutex<Option<ProcessIdentity>>,
-    /// The host end of the agent channel, when the VM has one.
+    /// The host end of the agent channel, when the VM has one (never changes).
     agent_socket: Option<PathBuf>,
-    /// The snapshot being taken (persisted while the state is `snapshotting`).
-    snapshot: Mutex<Option<SnapshotInProgress>>,
 }
 
 impl VmSlot {
     fn new(info: VmInfo, net: Option<NetLease>, agent_socket: Option<PathBuf>) -> Arc<VmSlot> {
         Arc::new(VmSlot {
             op: tokio::sync::Mutex::new(()),
-            json: Mutex::new(render(&info)),
-            info: Mutex::new(info),
-            instance: Mutex::new(None),
-            net: Mutex::new(net),
-            agent: Mutex::new(None),
+            rt: Mutex::new(VmRuntime {
+                json: render(&info),
+                info,
+                instance: None,
+                net,
+                agent: None,
+                process: None,
+                snapshot: None,
+            }),
             ready: tokio::sync::watch::channel(false).0,
-            process: Mutex::new(None),
             agent_socket,
-            snapshot: Mutex::new(None),
         })
     }
 
+    fn rt(&self) -> std::sync::MutexGuard<'_, VmRuntime> {
+        self.rt.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The record as `vm.json` holds it: one copy, taken under the one lock.
+    fn record(&self) -> VmRecord {
+        let rt = self.rt();
+        VmRecord {
+            schema_version: VM_RECORD_SCHEMA,
+            vm: rt.info.clone(),
+            net: rt.net.clone(),
+            vmm_process: rt.process,
+            agent_socket: self.agent_socket.clone(),
+            snapshot: rt.snapshot.clone(),
+        }
+    }
+
     fn set_snapshot(&self, s: Option<SnapshotInProgress>) {
-        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = s;
+        self.rt().snapshot = s;
     }
 
     fn process(&self) -> Option<ProcessIdentity> {
-        *self.process.lock().unwrap_or_else(|p| p.into_inner())
+        self.rt().process
     }
 
     fn set_process(&self, p: Option<ProcessIdentity>) {
-        *self.process.lock().unwrap_or_else(|p| p.into_inner()) = p;
+        self.rt().process = p;
     }
 
     fn agent(&self) -> Option<agentenv_guest::client::AgentClient> {
-        self.agent.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.rt().agent.clone()
     }
 
     fn set_agent(&self, a: Option<agentenv_guest::client::AgentClient>) {
-        *self.agent.lock().unwrap_or_else(|p| p.into_inner()) = a;
+        self.rt().agent = a;
     }
 
     fn lease(&self) -> Option<NetLease> {
-        self.net.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.rt().net.clone()
     }
 
     fn take_lease(&self) -> Option<NetLease> {
-        self.net.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.rt().net.take()
     }
 
     fn info(&self) -> VmInfo {
-        self.info.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.rt().info.clone()
+    }
+
+    /// Reads the record in place, without a copy.
+    fn with_info<R>(&self, f: impl FnOnce(&VmInfo) -> R) -> R {
+        f(&self.rt().info)
     }
 
     fn json(&self) -> Arc<str> {
-        self.json.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.rt().json.clone()
     }
 
     /// Changes the record (all changes go through here, so the rendered JSON
     /// stays in step) and returns the new one.
     fn update<E>(&self, f: impl FnOnce(&mut VmInfo) -> Result<(), E>) -> Result<VmInfo, E> {
-        let mut info = self.info.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut info)?;
-        *self.json.lock().unwrap_or_else(|p| p.into_inner()) = render(&info);
-        Ok(info.clone())
+        let mut rt = self.rt();
+        f(&mut rt.info)?;
+        rt.json = render(&rt.info);
+        Ok(rt.info.clone())
     }
 
     fn state(&self) -> VmState {
-        self.info.lock().unwrap_or_else(|p| p.into_inner()).state
+        self.rt().info.state
     }
 
     fn instance(&self) -> Option<Arc<dyn VmmInstance>> {
-        self.instance
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.rt().instance.clone()
     }
 
     fn set_instance(&self, inst: Option<Arc<dyn VmmInstance>>) {
-        *self.instance.lock().unwrap_or_else(|p| p.into_inner()) = inst;
+        self.rt().instance = inst;
     }
 }
 
@@ -178,7 +223,7 @@ impl VmSlot {
 pub struct Engine {
     cfg: Arc<Config>,
     vmm: Arc<dyn Vmm>,
-    host: Arc<dyn Host>,
+    host: Host,
     /// Automatic networking, when `[network] enable = true`.
     net: Option<(Arc<dyn HostNetwork>, NetPlan)>,
     /// Disk snapshots.
@@ -200,7 +245,7 @@ impl Engine {
     pub async fn start(
         cfg: Config,
         vmm: Arc<dyn Vmm>,
-        host: Arc<dyn Host>,
+        host: Host,
         net: Option<Arc<dyn HostNetwork>>,
         snapshots: Arc<dyn SnapshotStore>,
     ) -> Result<Arc<Engine>, EngineError> {
@@ -294,23 +339,13 @@ impl Engine {
         self.len() == 0
     }
 
-    /// Writes `info` with what the slot holds (lease, process, agent socket).
-    fn persist(&self, slot: &VmSlot, info: &VmInfo) -> Result<(), EngineError> {
-        let record = VmRecord {
-            schema_version: VM_RECORD_SCHEMA,
-            vm: info.clone(),
-            net: slot.lease(),
-            vmm_process: slot.process(),
-            agent_socket: slot.agent_socket.clone(),
-            snapshot: slot
-                .snapshot
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        };
+    /// Writes the VM's record (`vm.json`): one consistent copy of its runtime
+    /// state. Writers hold the VM's operation lock, so records land in order.
+    fn write_record(&self, slot: &VmSlot) -> Result<(), EngineError> {
+        let record = slot.record();
         let bytes = serde_json::to_vec_pretty(&record).expect("records serialise");
-        let path = Path::new(&info.session_dir).join(RECORD_FILE);
-        self.host.write_atomic(&path, &bytes)?;
+        let path = Path::new(&record.vm.session_dir).join(RECORD_FILE);
+        self.host.files.write_atomic(&path, &bytes)?;
         Ok(())
     }
 
@@ -323,7 +358,7 @@ impl Engine {
             Ok::<(), EngineError>(())
         })?;
         if is_settled(to) {
-            self.persist(slot, &info)?;
+            self.write_record(slot)?;
         }
         Ok(info)
     }
@@ -331,11 +366,8 @@ impl Engine {
     /// Records how the VMM ended, frees what it held and settles the VM in
     /// `stopped` or `failed`.
     async fn settle_exit(&self, slot: &VmSlot, exit: VmmExit, requested: Option<&str>) -> VmInfo {
-        let console = {
-            let info = slot.info.lock().unwrap_or_else(|p| p.into_inner());
-            PathBuf::from(&info.console_log)
-        };
-        let panic = find_panic(&self.host.read_tail(&console, 64 * 1024));
+        let console = slot.with_info(|info| PathBuf::from(&info.console_log));
+        let panic = find_panic(&self.host.files.read_tail(&console, 64 * 1024));
         let (to, cause) = match (panic, requested) {
             (Some(p), _) => (VmState::Failed, format!("guest kernel panic: {p}")),
             (None, Some(why)) => (VmState::Stopped, format!("{why} (vmm {exit})")),
@@ -354,7 +386,7 @@ impl Engine {
         slot.ready.send_replace(false);
         self.release_network(slot).await;
         let info = slot.update(|info| {
-            let _ = self.host.remove_file(Path::new(&info.api_socket));
+            let _ = self.host.files.remove_file(Path::new(&info.api_socket));
             match transition(&info.vm_id, info.state, to) {
                 Ok(s) => info.state = s,
                 Err(e) => {
@@ -374,7 +406,7 @@ impl Engine {
             Ok::<(), std::convert::Infallible>(())
         });
         let Ok(info) = info;
-        if let Err(e) = self.persist(slot, &info) {
+        if let Err(e) = self.write_record(slot) {
             tracing::warn!("vm {}: {e}", info.vm_id);
         }
         tracing::info!(

@@ -43,7 +43,7 @@ impl Engine {
     /// no record owns. Never fails: a bad record is reported and skipped.
     pub(super) async fn restore(self: &Arc<Self>) {
         let root = self.cfg.session_root.clone();
-        let names = match self.host.list_dir(&root) {
+        let names = match self.host.files.list_dir(&root) {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!("cannot list session_root: {e}");
@@ -81,12 +81,12 @@ impl Engine {
             return Outcome::Skip;
         };
         let path = dir.join(RECORD_FILE);
-        let bytes = match self.host.read(&path) {
+        let bytes = match self.host.files.read(&path) {
             Ok(b) => b,
-            Err(_) if self.host.inspect(&path).is_err() => {
+            Err(_) if self.host.files.inspect(&path).is_err() => {
                 // A create that crashed before writing its record: nothing
                 // refers to this directory.
-                match self.host.remove_dir_all(&dir) {
+                match self.host.files.remove_dir_all(&dir) {
                     Ok(()) => tracing::warn!("removed session {name}: it has no vm record"),
                     Err(e) => tracing::error!("session {name} has no vm record: {e}"),
                 }
@@ -126,9 +126,9 @@ impl Engine {
         if matches!(info.state, VmState::Creating | VmState::Deleting) {
             // A create or a delete cut short by a crash is finished now: the
             // create is rolled back, the delete completed.
-            self.host.kill_stale_process(info.pid, &socket);
-            let _ = self.host.remove_file(&socket);
-            match self.host.remove_dir_all(&dir) {
+            self.host.processes.kill_stale_process(info.pid, &socket);
+            let _ = self.host.files.remove_file(&socket);
+            match self.host.files.remove_dir_all(&dir) {
                 Ok(()) => tracing::warn!(
                     "vm {name}: finished an interrupted {} (session removed)",
                     if info.state == VmState::Creating {
@@ -177,7 +177,7 @@ impl Engine {
                         Ok::<(), std::convert::Infallible>(())
                     })
                     .unwrap_or_else(|e| match e {});
-                if let Err(e) = self.persist(&slot, &info) {
+                if let Err(e) = self.write_record(&slot) {
                     tracing::warn!("vm {name}: {e}");
                 }
                 tracing::info!(
@@ -188,31 +188,29 @@ impl Engine {
                 Outcome::Track(slot, Some(inst))
             }
             Err(why) => {
-                if self.host.kill_stale_process(info.pid, &socket) {
+                if self.host.processes.kill_stale_process(info.pid, &socket) {
                     tracing::warn!("vm {name}: killed its vmm (pid {:?}): {why}", info.pid);
                 }
-                let _ = self.host.remove_file(&socket);
+                let _ = self.host.files.remove_file(&socket);
                 if let Some(a) = &record.agent_socket {
-                    let _ = self.host.remove_file(a);
+                    let _ = self.host.files.remove_file(a);
                 }
                 // Its TAP and rules are reclaimed by the network's init.
                 let _ = slot.take_lease();
                 let was = info.state;
-                let info = slot
-                    .update(|i| {
-                        i.exit = Some(ExitInfo {
-                            exit_code: None,
-                            signal: None,
-                            cause: format!("agentenv restarted while the vm was {was}: {why}"),
-                            at: Utc::now(),
-                        });
-                        i.state = VmState::Failed;
-                        i.pid = None;
-                        i.updated_at = Utc::now();
-                        Ok::<(), std::convert::Infallible>(())
-                    })
-                    .unwrap_or_else(|e| match e {});
-                if let Err(e) = self.persist(&slot, &info) {
+                let Ok(_) = slot.update(|i| {
+                    i.exit = Some(ExitInfo {
+                        exit_code: None,
+                        signal: None,
+                        cause: format!("agentenv restarted while the vm was {was}: {why}"),
+                        at: Utc::now(),
+                    });
+                    i.state = VmState::Failed;
+                    i.pid = None;
+                    i.updated_at = Utc::now();
+                    Ok::<(), std::convert::Infallible>(())
+                });
+                if let Err(e) = self.write_record(&slot) {
                     tracing::warn!("vm {name}: {e}");
                 }
                 tracing::warn!("vm {name}: failed: {why}");
@@ -300,12 +298,13 @@ impl Engine {
         ));
         let moved = self
             .host
+            .files
             .create_dir(&qdir)
-            .or_else(|e| match self.host.inspect(&qdir) {
+            .or_else(|e| match self.host.files.inspect(&qdir) {
                 Ok(_) => Ok(()),
                 Err(_) => Err(e),
             })
-            .and_then(|()| self.host.rename(dir, &to));
+            .and_then(|()| self.host.files.rename(dir, &to));
         match moved {
             Ok(()) => tracing::error!(
                 "session {name}: unreadable record ({why}); moved to {} for inspection",
@@ -330,18 +329,18 @@ impl Engine {
         let root = &self.cfg.socket_root;
         // With the separator, so `/x/s` does not match `/x/sessions`.
         let marker = PathBuf::from(format!("{}/", root.display()));
-        for pid in self.host.processes_mentioning(&marker) {
+        for pid in self.host.processes.processes_mentioning(&marker) {
             if owned_pids.contains(&pid) {
                 continue;
             }
-            if self.host.kill_stale_process(Some(pid), &marker) {
+            if self.host.processes.kill_stale_process(Some(pid), &marker) {
                 tracing::warn!(
                     "killed orphan process {pid}: it uses {} but no vm owns it",
                     root.display()
                 );
             }
         }
-        for name in self.host.list_dir(root).unwrap_or_default() {
+        for name in self.host.files.list_dir(root).unwrap_or_default() {
             let Ok(path) = checked_join(root, "socket", &name) else {
                 continue;
             };
@@ -350,9 +349,10 @@ impl Engine {
             }
             let is_socket = self
                 .host
+                .files
                 .inspect(&path)
                 .is_ok_and(|i| i.kind == crate::host::FileKind::Special);
-            if is_socket && self.host.remove_file(&path).is_ok() {
+            if is_socket && self.host.files.remove_file(&path).is_ok() {
                 tracing::warn!("removed orphan socket {}", path.display());
             }
         }

@@ -82,7 +82,7 @@ impl Engine {
         }));
         let marked = self
             .set_state(&slot, VmState::Snapshotting)
-            .and_then(|info| self.persist(&slot, &info));
+            .and_then(|_| self.write_record(&slot));
         if let Err(e) = marked {
             slot.set_snapshot(None);
             if slot.state() != was {
@@ -123,7 +123,7 @@ impl Engine {
             }
             fp.point("snapshot.paused").await?;
             let disk = PathBuf::from(&info.disk.writable_path);
-            self.host.sync_file(&disk)?;
+            self.host.files.sync_file(&disk)?;
             let snap = self
                 .snapshots
                 .create(NewSnapshot {

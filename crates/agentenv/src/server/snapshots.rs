@@ -69,14 +69,15 @@ pub(crate) async fn show(
     ))]
 pub(crate) async fn persist(
     State(engine): State<AppState>,
+    held: Held,
     Path(snapshot_id): Path<String>,
     OptionalJsonBody(req): OptionalJsonBody<PersistSnapshotRequest>,
 ) -> Result<Json<SnapshotInfo>, ApiError> {
-    Ok(Json(
-        engine
-            .persist_snapshot(&snapshot_id, req.keep_tmpfs)
-            .await?,
-    ))
+    let s = detached(held, async move {
+        engine.persist_snapshot(&snapshot_id, req.keep_tmpfs).await
+    })
+    .await?;
+    Ok(Json(s))
 }
 
 #[utoipa::path(delete, path = "/v1/snapshots/{snapshot_id}", tag = "snapshots",

@@ -1,0 +1,143 @@
+//! The host-path policy: which paths on the host a request may name (direct
+//! disks, shares), and how they are checked. Paths from users enter the
+//! engine here and nowhere else; a later safe open (no symlinks, beneath its
+//! root, the open file passed on) belongs here too.
+
+use std::path::PathBuf;
+
+use crate::error::EngineError;
+use crate::host::{FileKind, HostFiles};
+
+/// A direct disk (or a share's directory) must be an absolute, `..`-free,
+/// symlink-free path under one of `direct_disk_roots`; a disk must be a
+/// regular file with one hard link, a share a directory.
+pub(super) fn check_host_path(
+    files: &dyn HostFiles,
+    roots: &[PathBuf],
+    field: &str,
+    raw: &str,
+    want_dir: bool,
+) -> Result<PathBuf, EngineError> {
+    let f = field;
+    if raw.contains('\0') {
+        return Err(EngineError::bad(f, format!("{f} must not contain NUL")));
+    }
+    let path = PathBuf::from(raw);
+    if !path.is_absolute() {
+        return Err(EngineError::bad(
+            f,
+            format!("{f} {raw:?} must be an absolute path"),
+        ));
+    }
+    if path
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(EngineError::bad(
+            f,
+            format!("{f} {raw:?} must not contain `..`"),
+        ));
+    }
+    if roots.is_empty() {
+        return Err(EngineError::Forbidden {
+            field: f.into(),
+            message: format!("{f}: host paths are disabled: no direct_disk_roots are configured"),
+        });
+    }
+    let info = files
+        .inspect(&path)
+        .map_err(|_| EngineError::not_found(f, format!("{f} {raw:?} does not exist")))?;
+    let kind_err = |what: &str| EngineError::bad(f, format!("{f} {raw:?} is {what}"));
+    match (info.kind, want_dir) {
+        (FileKind::File, false) | (FileKind::Dir, true) => {}
+        (FileKind::Symlink, _) => return Err(kind_err("a symlink")),
+        (FileKind::Dir, false) => return Err(kind_err("a directory")),
+        (FileKind::File, true) => return Err(kind_err("a file, not a directory")),
+        (FileKind::Device, _) => return Err(kind_err("a device")),
+        (FileKind::Special, _) => return Err(kind_err("a FIFO or socket")),
+    }
+    if !want_dir && info.nlink > 1 {
+        return Err(kind_err("a file with more than one hard link"));
+    }
+    let canonical = files
+        .canonicalize(&path)
+        .map_err(|e| EngineError::bad(f, format!("{f} {raw:?}: {e}")))?;
+    if canonical != path {
+        return Err(kind_err("reached through a symlink"));
+    }
+    let allowed = roots.iter().any(|root| {
+        files
+            .canonicalize(root)
+            .is_ok_and(|r| canonical.starts_with(&r) && canonical != r)
+    });
+    if !allowed {
+        return Err(EngineError::Forbidden {
+            field: f.into(),
+            message: format!("{f} {raw:?} is not under any of direct_disk_roots"),
+        });
+    }
+    Ok(canonical)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::testing::{FakeHost, Node};
+
+    fn check(host: &FakeHost, raw: &str, want_dir: bool) -> Result<PathBuf, EngineError> {
+        check_host_path(host, &["/srv/direct".into()], "disk.path", raw, want_dir)
+    }
+
+    #[test]
+    fn only_plain_paths_under_a_root_pass() {
+        let host = FakeHost::new(1024);
+        host.put_file(Path::new("/srv/direct/d.ext4"), b"");
+        host.put_file(Path::new("/srv/other/d.ext4"), b"");
+        host.mkdir_p(Path::new("/srv/direct/share"));
+        host.put(
+            Path::new("/srv/direct/link"),
+            Node::Symlink("/srv/other".into()),
+        );
+        host.put(
+            Path::new("/srv/direct/l.ext4"),
+            Node::Symlink("/srv/direct/d.ext4".into()),
+        );
+        assert_eq!(
+            check(&host, "/srv/direct/d.ext4", false).unwrap(),
+            Path::new("/srv/direct/d.ext4")
+        );
+        assert!(check(&host, "/srv/direct/share", true).is_ok());
+        for (raw, want_dir, says) in [
+            ("srv/direct/d.ext4", false, "must be an absolute path"),
+            (
+                "/srv/direct/../other/d.ext4",
+                false,
+                "must not contain `..`",
+            ),
+            ("/srv/direct/missing", false, "does not exist"),
+            ("/srv/direct/l.ext4", false, "is a symlink"),
+            (
+                "/srv/direct/link/d.ext4",
+                false,
+                "reached through a symlink",
+            ),
+            ("/srv/direct/share", false, "is a directory"),
+            ("/srv/direct/d.ext4", true, "a file, not a directory"),
+            (
+                "/srv/other/d.ext4",
+                false,
+                "not under any of direct_disk_roots",
+            ),
+            ("/srv/direct", true, "not under any of direct_disk_roots"),
+        ] {
+            let e = check(&host, raw, want_dir).unwrap_err().to_string();
+            assert!(e.contains(says), "{raw}: {e}");
+        }
+        let e = check_host_path(&*host, &[], "disk.path", "/srv/direct/d.ext4", false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no direct_disk_roots"), "{e}");
+    }
+}

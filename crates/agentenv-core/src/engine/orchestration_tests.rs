@@ -1,0 +1,505 @@
+//! The engine's orchestration over recording fakes of every seam
+//! (`crate::testing`): create and its rollback, restore at startup, snapshot.
+//! No root, no VMM, no files: each test builds its own world in memory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use agentenv_api::{BackendKind, CreateVmRequest, DiskSpec, ShareSpec, VmState};
+
+use super::{Engine, SnapshotInProgress, VmRecord, RECORD_FILE};
+use crate::backend::AdoptedState;
+use crate::config::{AgentConfig, Config};
+use crate::snapshot::{NewSnapshot, SnapshotStore};
+use crate::testing::{
+    FakeHost, FakeNetwork, FakeSnapshots, FakeVmm, HostCall, NetCall, SnapshotCall, VmmCall,
+};
+
+const SESSIONS: &str = "/srv/sessions";
+const SOCKETS: &str = "/run/ae";
+
+/// One world of fakes; engines started on it share it, as daemons share a host.
+struct Rig {
+    host: Arc<FakeHost>,
+    vmm: Arc<FakeVmm>,
+    net: Arc<FakeNetwork>,
+    snaps: Arc<FakeSnapshots>,
+    cfg: Config,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let host = FakeHost::new(8192);
+        host.mkdir_p(Path::new(SESSIONS));
+        host.mkdir_p(Path::new(SOCKETS));
+        host.put_file(Path::new("/srv/kernels/vmlinux"), b"kernel");
+        host.put_file(Path::new("/srv/rootfs/base.ext4"), b"base");
+        host.put_file(Path::new("/srv/direct/disk.ext4"), b"disk");
+        host.put_file(Path::new("/srv/direct/share/a.txt"), b"hello");
+        let cfg = Config {
+            session_root: SESSIONS.into(),
+            socket_root: SOCKETS.into(),
+            rootfs_root: "/srv/rootfs".into(),
+            kernel_root: "/srv/kernels".into(),
+            initramfs_root: "/srv/initramfs".into(),
+            direct_disk_roots: vec!["/srv/direct".into()],
+            agent: AgentConfig {
+                enable: false,
+                ..AgentConfig::default()
+            },
+            ..Config::default()
+        };
+        Rig {
+            vmm: FakeVmm::new(host.clone()),
+            net: FakeNetwork::new(),
+            snaps: FakeSnapshots::new(host.clone()),
+            host,
+            cfg,
+        }
+    }
+
+    async fn start(&self) -> Arc<Engine> {
+        Engine::start(
+            self.cfg.clone(),
+            self.vmm.clone(),
+            self.host.seams(),
+            Some(self.net.clone()),
+            self.snaps.clone(),
+        )
+        .await
+        .expect("engine starts")
+    }
+
+    fn session(&self, vm_id: &str) -> PathBuf {
+        Path::new(SESSIONS).join(vm_id)
+    }
+
+    fn socket(&self, vm_id: &str) -> PathBuf {
+        Path::new(SOCKETS).join(format!("{vm_id}.sock"))
+    }
+
+    fn record(&self, vm_id: &str) -> VmRecord {
+        let bytes = self
+            .host
+            .file(&self.session(vm_id).join(RECORD_FILE))
+            .expect("a record");
+        serde_json::from_slice(&bytes).expect("a readable record")
+    }
+
+    /// Rewrites a record as a daemon that crashed mid-operation left it.
+    fn edit_record(&self, vm_id: &str, f: impl FnOnce(&mut VmRecord)) {
+        let mut r = self.record(vm_id);
+        f(&mut r);
+        self.host.put_file(
+            &self.session(vm_id).join(RECORD_FILE),
+            &serde_json::to_vec(&r).unwrap(),
+        );
+    }
+
+    /// Nothing of `vm_id` is left: no table entry, session, socket, VMM or TAP.
+    fn assert_gone(&self, engine: &Engine, vm_id: &str, why: &str) {
+        assert!(engine.get(vm_id).is_err(), "{why}: still in the table");
+        assert!(
+            !engine.list().iter().any(|v| v.vm_id == vm_id),
+            "{why}: still listed"
+        );
+        assert_eq!(self.host.node(&self.session(vm_id)), None, "{why}: session");
+        assert_eq!(self.host.node(&self.socket(vm_id)), None, "{why}: socket");
+        assert_eq!(self.vmm.live(), Vec::<u32>::new(), "{why}: vmm");
+        assert_eq!(self.host.processes(), Vec::<u32>::new(), "{why}: process");
+        assert_eq!(self.net.taps(), Vec::<String>::new(), "{why}: tap");
+        let holds = engine.snapshot_holds.lock().unwrap();
+        assert!(holds.is_empty(), "{why}: snapshot holds {holds:?}");
+    }
+}
+
+fn overlay(vm_id: &str) -> CreateVmRequest {
+    CreateVmRequest {
+        vm_id: vm_id.into(),
+        slots: Some(1),
+        disk: DiskSpec::Overlay {
+            rootfs_id: "base.ext4".into(),
+            disk_size_gib: Some(1),
+        },
+        network: None,
+        kernel: None,
+        initrd: None,
+        boot_args: None,
+        shares: vec![ShareSpec {
+            host_path: "/srv/direct/share".into(),
+            guest_path: "/mnt/share".into(),
+            read_only: true,
+        }],
+        wait_ready: false,
+        wait_ready_timeout_s: None,
+    }
+}
+
+fn from_snapshot(vm_id: &str, snapshot_id: &str) -> CreateVmRequest {
+    CreateVmRequest {
+        disk: DiskSpec::Snapshot {
+            snapshot_id: snapshot_id.into(),
+        },
+        shares: Vec::new(),
+        ..overlay(vm_id)
+    }
+}
+
+/// A snapshot in the store, made without a VM.
+async fn seed_snapshot(rig: &Rig, snapshot_id: &str) {
+    rig.snaps
+        .create(NewSnapshot {
+            snapshot_id: snapshot_id.into(),
+            vm_id: "gone".into(),
+            rootfs_id: Some("base.ext4".into()),
+            backend: BackendKind::Firecracker,
+            source: "/srv/direct/disk.ext4".into(),
+            fs_frozen: false,
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn create_boots_the_vm_and_writes_its_record() {
+    let rig = Rig::new();
+    let engine = rig.start().await;
+    let info = engine.create(overlay("vm1")).await.unwrap();
+    assert_eq!(info.state, VmState::Running);
+    let pid = info.pid.expect("a pid");
+    assert_eq!(rig.vmm.live(), vec![pid]);
+    assert_eq!(rig.vmm.calls(), vec![VmmCall::Launch("vm1".into())]);
+    assert_eq!(rig.net.taps(), vec!["agtap1".to_string()]);
+
+    let record = rig.record("vm1");
+    assert_eq!(record.vm.state, VmState::Running);
+    assert_eq!(record.vm.pid, Some(pid));
+    assert_eq!(record.vmm_process.map(|p| p.pid), Some(pid));
+    assert_eq!(record.net.map(|l| l.tap_name), Some("agtap1".into()));
+    assert_eq!(record.vm.guest_ip.as_deref(), Some("172.20.1.2"));
+    assert!(record.snapshot.is_none());
+
+    // The steps ran in order: session, disks, record, then nothing more.
+    let session = rig.session("vm1");
+    let made: Vec<HostCall> = rig
+        .host
+        .calls()
+        .into_iter()
+        .filter(|c| !matches!(c, HostCall::KillStale(..)))
+        .collect();
+    let record_path = session.join(RECORD_FILE);
+    assert_eq!(
+        made,
+        vec![
+            HostCall::CreateDir(session.clone()),
+            HostCall::CreateExt4Disk(session.join("overlay.ext4"), 1 << 30),
+            HostCall::CreateExt4FromDir(
+                "/srv/direct/share".into(),
+                session.join("share0.ext4"),
+                (64 << 20) + (1 << 20),
+            ),
+            HostCall::WriteAtomic(record_path.clone()),
+            HostCall::WriteAtomic(record_path),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_failure_at_any_create_step_rolls_everything_back() {
+    for fp in super::FAILPOINTS
+        .iter()
+        .filter(|p| p.starts_with("create."))
+    {
+        let rig = Rig::new();
+        let engine = rig.start().await;
+        engine.failpoints.arm(fp);
+        assert!(engine.create(overlay("vm1")).await.is_err(), "{fp}");
+        rig.assert_gone(&engine, "vm1", fp);
+        // Nothing stays reserved: the same id, memory and subnet are free.
+        engine.failpoints.clear();
+        let info = engine.create(overlay("vm1")).await.unwrap();
+        assert_eq!(info.tap_name.as_deref(), Some("agtap1"), "{fp}");
+    }
+}
+
+#[tokio::test]
+async fn a_failing_seam_during_create_rolls_everything_back() {
+    type Inject = fn(&Rig);
+    let cases: [(&str, Inject); 6] = [
+        ("host create_dir", |r| r.host.faults.inject("create_dir")),
+        ("host create_ext4_disk", |r| {
+            r.host.faults.inject("create_ext4_disk")
+        }),
+        ("host create_ext4_from_dir", |r| {
+            r.host.faults.inject("create_ext4_from_dir")
+        }),
+        ("host write_atomic", |r| {
+            r.host.faults.inject("write_atomic")
+        }),
+        ("network setup", |r| r.net.faults.inject("setup")),
+        ("vmm launch", |r| r.vmm.faults().inject("launch")),
+    ];
+    for (why, inject) in cases {
+        let rig = Rig::new();
+        let engine = rig.start().await;
+        inject(&rig);
+        assert!(engine.create(overlay("vm1")).await.is_err(), "{why}");
+        rig.assert_gone(&engine, "vm1", why);
+        rig.host.faults.clear();
+        rig.net.faults.clear();
+        rig.vmm.faults().clear();
+        engine.create(overlay("vm1")).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_failed_restore_from_a_snapshot_rolls_back_and_releases_the_snapshot() {
+    let rig = Rig::new();
+    let engine = rig.start().await;
+    seed_snapshot(&rig, "s1").await;
+    rig.snaps.faults.inject("restore");
+    assert!(engine.create(from_snapshot("vm1", "s1")).await.is_err());
+    rig.assert_gone(&engine, "vm1", "snapshot restore");
+    // No hold is left: the snapshot can go.
+    engine.delete_snapshot("s1").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_create_from_a_snapshot_restores_its_disk() {
+    let rig = Rig::new();
+    let engine = rig.start().await;
+    seed_snapshot(&rig, "s1").await;
+    let info = engine.create(from_snapshot("vm1", "s1")).await.unwrap();
+    assert_eq!(info.state, VmState::Running);
+    let overlay = rig.session("vm1").join("overlay.ext4");
+    assert!(rig
+        .snaps
+        .calls()
+        .contains(&SnapshotCall::Restore("s1".into(), overlay.clone())));
+    assert!(rig.host.node(&overlay).is_some());
+    assert!(engine.snapshot_holds.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn restore_re_adopts_a_live_matching_vmm() {
+    let rig = Rig::new();
+    let first = rig.start().await;
+    let pid = first.create(overlay("vm1")).await.unwrap().pid.unwrap();
+    first.create(overlay("vm2")).await.unwrap();
+    first.pause("vm2").await.unwrap();
+    drop(first);
+
+    let engine = rig.start().await;
+    let vm1 = engine.get("vm1").unwrap();
+    assert_eq!(vm1.state, VmState::Running);
+    assert_eq!(vm1.pid, Some(pid));
+    assert_eq!(engine.get("vm2").unwrap().state, VmState::Paused);
+    assert!(rig.vmm.calls().contains(&VmmCall::Adopt("vm1".into(), pid)));
+    assert_eq!(rig.vmm.live().len(), 2);
+    // The leases are kept, and the network keeps their TAPs.
+    assert_eq!(rig.net.taps(), vec!["agtap1".to_string(), "agtap2".into()]);
+    assert_eq!(
+        rig.net.calls().last(),
+        Some(&NetCall::Init(vec!["agtap1".into(), "agtap2".into()]))
+    );
+    // The re-adopted VM is driven as before.
+    engine.shutdown("vm1").await.unwrap();
+    assert_eq!(rig.record("vm1").vm.state, VmState::Stopped);
+}
+
+#[tokio::test]
+async fn restore_leaves_a_vm_whose_vmm_died_failed_with_the_cause() {
+    let rig = Rig::new();
+    let first = rig.start().await;
+    let pid = first.create(overlay("vm1")).await.unwrap().pid.unwrap();
+    drop(first);
+    assert!(rig.vmm.crash(pid));
+
+    let engine = rig.start().await;
+    let info = engine.get("vm1").unwrap();
+    assert_eq!(info.state, VmState::Failed);
+    assert_eq!(info.pid, None);
+    let cause = info.exit.expect("an exit").cause;
+    assert!(
+        cause.starts_with("agentenv restarted while the vm was running: its vmm (pid"),
+        "{cause}"
+    );
+    let record = rig.record("vm1");
+    assert_eq!(record.vm.state, VmState::Failed);
+    assert!(record.net.is_none() && record.vmm_process.is_none());
+    assert_eq!(rig.host.node(&rig.socket("vm1")), None);
+    assert_eq!(rig.net.taps(), Vec::<String>::new(), "its TAP is reclaimed");
+}
+
+#[tokio::test]
+async fn restore_finishes_an_interrupted_create_or_delete() {
+    for cut in [VmState::Creating, VmState::Deleting] {
+        let rig = Rig::new();
+        let first = rig.start().await;
+        let pid = first.create(overlay("vm1")).await.unwrap().pid.unwrap();
+        drop(first);
+        rig.edit_record("vm1", |r| r.vm.state = cut);
+
+        let engine = rig.start().await;
+        rig.assert_gone(&engine, "vm1", &cut.to_string());
+        assert!(
+            rig.host.calls().contains(&HostCall::KillStale(
+                Some(pid),
+                rig.socket("vm1"),
+                vec![pid]
+            )),
+            "{cut}: its vmm is killed"
+        );
+    }
+}
+
+#[tokio::test]
+async fn restore_removes_a_session_without_a_record() {
+    let rig = Rig::new();
+    rig.host
+        .put_file(&rig.session("vm1").join("overlay.ext4"), b"");
+    let engine = rig.start().await;
+    rig.assert_gone(&engine, "vm1", "no record");
+}
+
+#[tokio::test]
+async fn restore_re_adopts_and_resumes_a_vm_cut_short_in_a_snapshot() {
+    for complete in [true, false] {
+        let rig = Rig::new();
+        let first = rig.start().await;
+        let pid = first.create(overlay("vm1")).await.unwrap().pid.unwrap();
+        drop(first);
+        if complete {
+            seed_snapshot(&rig, "s1").await;
+        }
+        // The snapshot had paused the guest when the daemon died.
+        rig.vmm.set_guest(pid, AdoptedState::Paused);
+        rig.edit_record("vm1", |r| {
+            r.vm.state = VmState::Snapshotting;
+            r.snapshot = Some(SnapshotInProgress {
+                snapshot_id: "s1".into(),
+                resume: true,
+            });
+        });
+
+        let engine = rig.start().await;
+        assert_eq!(engine.get("vm1").unwrap().state, VmState::Running);
+        assert_eq!(rig.vmm.guest(pid), Some(AdoptedState::Running));
+        assert!(rig.vmm.calls().contains(&VmmCall::Resume(pid)));
+        let record = rig.record("vm1");
+        assert_eq!(record.vm.state, VmState::Running);
+        assert!(record.snapshot.is_none(), "the snapshot is finished");
+        assert_eq!(rig.snaps.ids().len(), usize::from(complete));
+    }
+}
+
+/// Takes a snapshot of a running VM with one step failing (or none), and
+/// checks the VM runs again afterwards, in memory, in its VMM and on disk.
+/// `refused_pauses` is how many pause requests the VMM refuses (nothing to undo).
+async fn snapshot_with(
+    why: &str,
+    refused_pauses: usize,
+    inject: impl FnOnce(&Rig, &Engine),
+) -> Result<(), String> {
+    let rig = Rig::new();
+    let engine = rig.start().await;
+    let pid = engine.create(overlay("vm1")).await.unwrap().pid.unwrap();
+    inject(&rig, &engine);
+    let result = engine.snapshot("vm1", Some("s1".into())).await;
+    assert_eq!(engine.get("vm1").unwrap().state, VmState::Running, "{why}");
+    assert_eq!(rig.vmm.guest(pid), Some(AdoptedState::Running), "{why}");
+    let record = rig.record("vm1");
+    assert_eq!(record.vm.state, VmState::Running, "{why}");
+    assert!(record.snapshot.is_none(), "{why}");
+    let calls = rig.vmm.calls();
+    let pauses = calls.iter().filter(|c| **c == VmmCall::Pause(pid)).count();
+    let resumes = calls.iter().filter(|c| **c == VmmCall::Resume(pid)).count();
+    assert_eq!(
+        pauses - refused_pauses,
+        resumes,
+        "{why}: every pause is undone"
+    );
+    let kept = rig.snaps.ids();
+    match &result {
+        Ok(_) => assert_eq!(kept, vec!["s1".to_string()], "{why}"),
+        Err(_) => assert!(kept.is_empty(), "{why}: {kept:?} left"),
+    }
+    result.map(|_| ()).map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn a_snapshot_resumes_the_vm_on_every_path() {
+    snapshot_with("success", 0, |_, _| {}).await.unwrap();
+    for fp in [
+        "snapshot.frozen",
+        "snapshot.paused",
+        "snapshot.copied",
+        "snapshot_store.copied",
+        "snapshot_store.recorded",
+    ] {
+        let e = snapshot_with(fp, 0, |_, engine| engine.failpoints.arm(fp))
+            .await
+            .unwrap_err();
+        assert!(e.contains(fp), "{fp}: {e}");
+    }
+    snapshot_with("host sync_file", 0, |rig, _| {
+        rig.host.faults.inject("sync_file")
+    })
+    .await
+    .unwrap_err();
+    snapshot_with("store create", 0, |rig, _| {
+        rig.snaps.faults.inject("create")
+    })
+    .await
+    .unwrap_err();
+    snapshot_with("vmm pause", 1, |rig, _| rig.vmm.faults().inject("pause"))
+        .await
+        .unwrap_err();
+}
+
+#[tokio::test]
+async fn a_snapshot_of_a_paused_vm_leaves_it_paused() {
+    let rig = Rig::new();
+    let engine = rig.start().await;
+    let pid = engine.create(overlay("vm1")).await.unwrap().pid.unwrap();
+    engine.pause("vm1").await.unwrap();
+    engine.snapshot("vm1", Some("s1".into())).await.unwrap();
+    assert_eq!(engine.get("vm1").unwrap().state, VmState::Paused);
+    assert_eq!(rig.vmm.guest(pid), Some(AdoptedState::Paused));
+    assert_eq!(rig.record("vm1").vm.state, VmState::Paused);
+    assert_eq!(
+        rig.vmm.calls(),
+        vec![VmmCall::Launch("vm1".into()), VmmCall::Pause(pid)]
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_vm_leaves_nothing() {
+    let rig = Rig::new();
+    let engine = rig.start().await;
+    engine.create(overlay("vm1")).await.unwrap();
+    engine.delete("vm1").await.unwrap();
+    rig.assert_gone(&engine, "vm1", "delete");
+}
+
+#[tokio::test]
+async fn a_vmm_that_dies_on_its_own_leaves_its_vm_failed_and_its_lease_freed() {
+    let rig = Rig::new();
+    let engine = rig.start().await;
+    let pid = engine.create(overlay("vm1")).await.unwrap().pid.unwrap();
+    assert!(rig.vmm.crash(pid));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while engine.get("vm1").unwrap().state != VmState::Failed {
+        assert!(tokio::time::Instant::now() < deadline, "never settled");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let record = rig.record("vm1");
+    assert_eq!(record.vm.state, VmState::Failed);
+    assert_eq!(
+        record.vm.exit.map(|e| e.cause),
+        Some("vmm killed by signal 9 unexpectedly".to_string())
+    );
+    assert!(record.net.is_none() && record.vmm_process.is_none());
+    assert_eq!(rig.net.taps(), Vec::<String>::new());
+    assert_eq!(rig.host.node(&rig.socket("vm1")), None);
+}

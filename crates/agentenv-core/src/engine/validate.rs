@@ -1,0 +1,161 @@
+//! Field validators for create requests: pure checks of one value each,
+//! with the error naming the field.
+
+use agentenv_api::NetworkSpec;
+
+use crate::error::EngineError;
+
+/// Longest kernel command line accepted from a request.
+const MAX_BOOT_ARGS: usize = 2048;
+
+/// A caller's kernel command line: not empty, bounded, printable, and not
+/// setting what agentenv sets itself.
+pub(super) fn check_boot_args(args: &str) -> Result<(), EngineError> {
+    const F: &str = "boot_args";
+    if args.trim().is_empty() {
+        return Err(EngineError::bad(F, "boot_args must not be empty"));
+    }
+    if args.len() > MAX_BOOT_ARGS {
+        return Err(EngineError::bad(
+            F,
+            format!("boot_args is {} bytes, at most {MAX_BOOT_ARGS}", args.len()),
+        ));
+    }
+    if args.chars().any(|c| c.is_control()) {
+        return Err(EngineError::bad(
+            F,
+            "boot_args must not contain control characters",
+        ));
+    }
+    // The parameters agentenv sets itself (docs/guest-contract.md); others,
+    // such as agentenv.heartbeat, are the caller's to give.
+    const RESERVED: [&str; 6] = ["vm_id", "root", "overlay", "share", "ip", "gw"];
+    if let Some(w) = args.split_whitespace().find(|w| {
+        w.strip_prefix("agentenv.")
+            .map(|rest| rest.split('=').next().unwrap_or(""))
+            .is_some_and(|name| RESERVED.contains(&name))
+    }) {
+        return Err(EngineError::bad(
+            F,
+            format!("boot_args must not set {w:?}: agentenv sets agentenv.vm_id, .root, .overlay, .share, .ip and .gw itself"),
+        ));
+    }
+    Ok(())
+}
+
+/// A caller's own TAP and MAC (without automatic networking).
+pub(super) fn check_network(n: &NetworkSpec) -> Result<(), EngineError> {
+    let t = &n.tap_name;
+    if t.is_empty()
+        || t.len() > 15
+        || !t
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(EngineError::bad(
+            "network.tap_name",
+            format!(
+                "network.tap_name {t:?} must be 1 to 15 ASCII letters, digits, `-`, `_` or `.`"
+            ),
+        ));
+    }
+    if !is_unicast_mac(&n.guest_mac) {
+        return Err(EngineError::bad(
+            "network.guest_mac",
+            format!(
+                "network.guest_mac {:?} must be a unicast MAC written as xx:xx:xx:xx:xx:xx",
+                n.guest_mac
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn is_unicast_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    if parts.len() != 6 {
+        return false;
+    }
+    let mut bytes = [0u8; 6];
+    for (i, p) in parts.iter().enumerate() {
+        if p.len() != 2 {
+            return false;
+        }
+        match u8::from_str_radix(p, 16) {
+            Ok(b) => bytes[i] = b,
+            Err(_) => return false,
+        }
+    }
+    bytes[0] & 1 == 0 && bytes != [0; 6]
+}
+
+/// A share's mount point in the guest: absolute, not `/`, plain ASCII, without
+/// `.` or `..` components.
+pub(super) fn check_share_guest_path(gfield: &str, g: &str) -> Result<(), EngineError> {
+    // `//` (any run of slashes) is the root too.
+    if !g.starts_with('/')
+        || g.bytes().all(|b| b == b'/')
+        || g.len() > 255
+        || g.split('/').any(|c| c == "." || c == "..")
+        || !g
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'.' | b'_' | b'-'))
+    {
+        return Err(EngineError::bad(
+            gfield,
+            format!("{gfield} {g:?} must be an absolute guest path other than / made of ASCII letters, digits, `/`, `.`, `_` and `-`, without `.` or `..` components"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs() {
+        assert!(is_unicast_mac("06:00:ac:10:00:02"));
+        assert!(is_unicast_mac("AA:BB:CC:DD:EE:FE"));
+        assert!(!is_unicast_mac("01:00:5e:00:00:01"), "multicast");
+        assert!(!is_unicast_mac("00:00:00:00:00:00"));
+        assert!(!is_unicast_mac("06:00:ac:10:00"));
+        assert!(!is_unicast_mac("06-00-ac-10-00-02"));
+        assert!(!is_unicast_mac("06:00:ac:10:00:0g"));
+    }
+
+    #[test]
+    fn boot_args_rules() {
+        assert!(check_boot_args("console=ttyS0 panic=1").is_ok());
+        assert!(check_boot_args("console=ttyS0 agentenv.heartbeat=1").is_ok());
+        for bad in [
+            "",
+            "  ",
+            "a\nb",
+            "x agentenv.root=/dev/sda",
+            &"a".repeat(3000),
+        ] {
+            let e = check_boot_args(bad).unwrap_err();
+            assert_eq!(e.field(), Some("boot_args"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn tap_names() {
+        let ok = NetworkSpec {
+            tap_name: "tap0".into(),
+            guest_mac: "06:00:00:00:00:01".into(),
+        };
+        assert!(check_network(&ok).is_ok());
+        for bad in ["", "a/b", "way-too-long-name0", "tap 0"] {
+            let n = NetworkSpec {
+                tap_name: bad.into(),
+                ..ok.clone()
+            };
+            assert_eq!(
+                check_network(&n).unwrap_err().field(),
+                Some("network.tap_name")
+            );
+        }
+    }
+}
