@@ -56,7 +56,8 @@ pub enum Ext4Error {
     /// `sparse_super2` keeps its backups elsewhere; not supported.
     #[error("sparse_super2 is not supported")]
     SparseSuper2,
-    /// Block size, blocks per group or block count make no file system.
+    /// Block size, blocks per group or block count make no file system (no
+    /// block group at all included).
     #[error("implausible geometry")]
     Geometry,
     /// The primary superblock could not be read.
@@ -237,6 +238,7 @@ impl Geometry {
         }
         let groups = blocks
             .checked_sub(first_data_block)
+            .filter(|&data_blocks| data_blocks > 0)
             .ok_or(Ext4Error::Geometry)?
             .div_ceil(per_group);
         Ok(Geometry {
@@ -568,7 +570,8 @@ mod tests {
                     let blocks = le32(sb, SB_BLOCKS_COUNT_LO);
                     let inc = le32(sb, SB_FEATURE_INCOMPAT) & !INCOMPAT_64BIT;
                     put32(sb, SB_FEATURE_INCOMPAT, inc);
-                    put32(sb, SB_FIRST_DATA_BLOCK, blocks + 1);
+                    // No block after the first data block, or fewer blocks.
+                    put32(sb, SB_FIRST_DATA_BLOCK, blocks + (case / 6 % 2) as u32);
                     "implausible geometry"
                 }
             };
