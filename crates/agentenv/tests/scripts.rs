@@ -242,6 +242,7 @@ fn help_names_every_option() {
             &[
                 "--host",
                 "--firecracker",
+                "--agentenv",
                 "--hypervisor",
                 "--kernel",
                 "--initrd",
@@ -490,6 +491,28 @@ fn bad_arguments_are_named() {
             "--firecracker",
         ),
         ("setup-remote-host.sh", &["--host", "bad host"], "--host"),
+        (
+            "setup-remote-host.sh",
+            &[
+                "--host",
+                "h",
+                "--firecracker",
+                "/bin/sh",
+                "--kernel",
+                "/bin/sh",
+            ],
+            "--agentenv FILE is required",
+        ),
+        (
+            "setup-remote-host.sh",
+            &["--agentenv", "a", "--hypervisor", "b"],
+            "--agentenv and --hypervisor both name the agentenv binary",
+        ),
+        (
+            "setup-remote-host.sh",
+            &["--hypervisor=b", "--agentenv=a"],
+            "--hypervisor and --agentenv both name",
+        ),
         (
             "setup-remote-host.sh",
             &["--print-unit", "--listen", "8080"],
@@ -806,6 +829,35 @@ fn remote_host_dry_run_lists_the_commands() {
         !no_service.stdout.contains("systemctl"),
         "{}",
         no_service.describe()
+    );
+
+    // --agentenv is the documented name of what --hypervisor gives.
+    let named = Run::new(
+        "setup-remote-host.sh",
+        &[
+            "--host",
+            "vmhost",
+            "--firecracker",
+            "firecracker",
+            "--agentenv=agentenv",
+            "--kernel",
+            "vmlinux",
+            "--rootfs",
+            "base.ext4",
+            "--config",
+            "agentenv.toml",
+            "--dry-run",
+        ],
+    )
+    .cwd(dir.path())
+    .run();
+    assert_eq!(named.code, Some(0), "{}", named.describe());
+    assert!(
+        named
+            .stdout
+            .contains("install -m 0755 agentenv /opt/agentenv/bin/agentenv"),
+        "{}",
+        named.describe()
     );
 }
 
