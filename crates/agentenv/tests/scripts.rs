@@ -568,6 +568,40 @@ fn runtime_config(dir: &Path) -> (PathBuf, Vec<PathBuf>) {
 }
 
 #[test]
+fn setup_runtime_takes_the_durable_tier_by_either_name() {
+    let dir = tempdir();
+    let config = dir.path().join("agentenv.toml");
+    fs::write(&config, "durable_snapshot_root = \"rt/durable\"\n").unwrap();
+    let config = config.to_str().unwrap();
+    let ran = Run::new("setup-runtime.sh", &["--config", config])
+        .cwd(dir.path())
+        .run();
+    assert_eq!(ran.code, Some(0), "{}", ran.describe());
+    assert!(dir.path().join("rt/durable").is_dir(), "{}", ran.describe());
+    assert!(
+        !dir.path().join("data/snapshots/durable").exists(),
+        "the default durable tier was made too: {}",
+        ran.describe()
+    );
+
+    fs::write(
+        config,
+        "hdfs_snapshot_root = \"rt/a\"\ndurable_snapshot_root = \"rt/b\"\n",
+    )
+    .unwrap();
+    let both = Run::new("setup-runtime.sh", &["--config", config])
+        .cwd(dir.path())
+        .run();
+    assert_eq!(both.code, Some(1), "{}", both.describe());
+    assert!(
+        both.stderr.contains("hdfs_snapshot_root") && both.stderr.contains("durable_snapshot_root"),
+        "{}",
+        both.describe()
+    );
+    assert!(!dir.path().join("rt/a").exists() && !dir.path().join("rt/b").exists());
+}
+
+#[test]
 fn setup_runtime_creates_and_cleans_the_config_directories() {
     let dir = tempdir();
     let (config, dirs) = runtime_config(dir.path());
