@@ -837,27 +837,18 @@ fn remote_host_dry_run_lists_the_commands() {
         );
     }
 
-    let no_service = Run::new(
-        "setup-remote-host.sh",
-        &[
-            "--host",
-            "vmhost",
-            "--firecracker",
-            "firecracker",
-            "--hypervisor",
-            "agentenv",
-            "--kernel",
-            "vmlinux",
-            "--rootfs",
-            "base.ext4",
-            "--config",
-            "agentenv.toml",
-            "--no-service",
-            "--dry-run",
-        ],
-    )
-    .cwd(dir.path())
-    .run();
+    // The fewest options, with the agentenv binary given by `agentenv`.
+    let minimal = |agentenv: &[&str], extra: &[&str]| {
+        let mut args = vec!["--host", "vmhost", "--firecracker", "firecracker"];
+        args.extend_from_slice(agentenv);
+        args.extend_from_slice(&["--kernel", "vmlinux", "--rootfs", "base.ext4"]);
+        args.extend_from_slice(&["--config", "agentenv.toml", "--dry-run"]);
+        args.extend_from_slice(extra);
+        Run::new("setup-remote-host.sh", &args)
+            .cwd(dir.path())
+            .run()
+    };
+    let no_service = minimal(&["--hypervisor", "agentenv"], &["--no-service"]);
     assert_eq!(no_service.code, Some(0), "{}", no_service.describe());
     assert!(
         !no_service.stdout.contains("systemctl"),
@@ -866,25 +857,7 @@ fn remote_host_dry_run_lists_the_commands() {
     );
 
     // --agentenv is the documented name of what --hypervisor gives.
-    let named = Run::new(
-        "setup-remote-host.sh",
-        &[
-            "--host",
-            "vmhost",
-            "--firecracker",
-            "firecracker",
-            "--agentenv=agentenv",
-            "--kernel",
-            "vmlinux",
-            "--rootfs",
-            "base.ext4",
-            "--config",
-            "agentenv.toml",
-            "--dry-run",
-        ],
-    )
-    .cwd(dir.path())
-    .run();
+    let named = minimal(&["--agentenv=agentenv"], &[]);
     assert_eq!(named.code, Some(0), "{}", named.describe());
     assert!(
         named
