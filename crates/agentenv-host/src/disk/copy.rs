@@ -1,7 +1,7 @@
 //! Sparse copies: a reflink (`FICLONE`) where the file system shares
 //! extents, else the data extents only (`SEEK_DATA`/`SEEK_HOLE`) with
 //! `copy_file_range`, else with `pread`/`pwrite` (which leaves all-zero
-//! blocks as holes and can hash the data as it passes, see [`super::buffers`]).
+//! blocks as holes and can hash the data as it passes, see `buffers.rs`).
 
 use std::fs::{File, OpenOptions};
 use std::io;
