@@ -4,7 +4,7 @@ set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
-ALL_TARGETS=(api_request agent_frames)
+ALL_TARGETS=(api_request agent_frames ext4_superblock)
 
 usage() {
     cat <<EOF
@@ -18,6 +18,9 @@ for N seconds (libFuzzer -max_total_time), then prints its number of executions:
                  and CreateSnapshotRequest, plus the id grammar
   agent_frames   arbitrary bytes into the guest agent protocol's decoders
                  (take_frame, read_frame, find_hello_ok, every message type)
+  ext4_superblock  arbitrary bytes, as an ext4 image in memory, into the
+                 superblock UUID rewrite of the overlay templates
+                 (agentenv_host::disk::rewrite_uuid)
 
 Each target starts from fuzz/seeds/NAME and keeps what it finds in
 fuzz/corpus/NAME (not versioned), so later runs start further. An input that

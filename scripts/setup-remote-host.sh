@@ -9,13 +9,13 @@ UNIT=agentenv.service
 
 usage() {
     cat <<EOF
-Usage: $PROG --host USER@HOST --firecracker FILE --hypervisor BIN --kernel FILE
+Usage: $PROG --host USER@HOST --firecracker FILE --agentenv BIN --kernel FILE
           --rootfs FILE --config FILE [--initrd FILE] [--no-service] [--sudo]
           [--ssh-opts "..."] [--listen ADDR] [--dry-run]
        $PROG --print-unit [--listen ADDR]
 
 Copies the files to USER@HOST with scp and ssh:
-  $PREFIX/bin/agentenv              <- --hypervisor (the agentenv daemon binary)
+  $PREFIX/bin/agentenv              <- --agentenv (the agentenv daemon binary)
   $PREFIX/bin/firecracker           <- --firecracker
   $PREFIX/bin/setup-runtime.sh      <- scripts/setup-runtime.sh (run there to make the
                                               config's directories, from $PREFIX)
@@ -30,7 +30,8 @@ VMMs survive a daemon restart. Give the config kernel_root = "$PREFIX/kernels" e
 Options:
   --host USER@HOST     the SSH destination
   --firecracker FILE   the firecracker binary
-  --hypervisor BIN     the agentenv daemon binary
+  --agentenv BIN       the agentenv daemon binary
+  --hypervisor BIN     the same (the option's former name, still accepted)
   --kernel FILE        guest kernel (vmlinux for Firecracker, vmlinuz for QEMU)
   --initrd FILE        guest initramfs (initrd.img), optional
   --rootfs FILE        base root file system image
@@ -49,7 +50,8 @@ EOF
 
 host=""
 firecracker=""
-hypervisor=""
+agentenv_bin=""
+agentenv_opt=""
 kernel=""
 initrd=""
 rootfs=""
@@ -61,6 +63,14 @@ ssh_opts=""
 dry_run=0
 print_unit=0
 
+# --agentenv and its former name --hypervisor name the same file: use one of them.
+set_agentenv() {
+    [ -z "$agentenv_opt" ] || [ "$agentenv_opt" = "$1" ] \
+        || usage_error "$agentenv_opt and $1 both name the agentenv binary; give one of them"
+    agentenv_opt=$1
+    agentenv_bin=$2
+}
+
 while [ $# -gt 0 ]; do
     case "$1" in
         -h | --help) usage; exit 0 ;;
@@ -68,8 +78,8 @@ while [ $# -gt 0 ]; do
         --host=*) host=${1#*=}; shift ;;
         --firecracker) need_value "$1" $#; firecracker=$2; shift 2 ;;
         --firecracker=*) firecracker=${1#*=}; shift ;;
-        --hypervisor) need_value "$1" $#; hypervisor=$2; shift 2 ;;
-        --hypervisor=*) hypervisor=${1#*=}; shift ;;
+        --agentenv | --hypervisor) need_value "$1" $#; set_agentenv "$1" "$2"; shift 2 ;;
+        --agentenv=* | --hypervisor=*) set_agentenv "${1%%=*}" "${1#*=}"; shift ;;
         --kernel) need_value "$1" $#; kernel=$2; shift 2 ;;
         --kernel=*) kernel=${1#*=}; shift ;;
         --initrd) need_value "$1" $#; initrd=$2; shift 2 ;;
@@ -123,7 +133,7 @@ fi
 
 [ -n "$host" ] || usage_error "--host USER@HOST is required"
 [[ $host =~ ^([A-Za-z0-9._-]+@)?[A-Za-z0-9.:_-]+$ ]] || usage_error "--host must look like user@host, got '$host'"
-for pair in "--firecracker:$firecracker" "--hypervisor:$hypervisor" "--kernel:$kernel" \
+for pair in "--firecracker:$firecracker" "--agentenv:$agentenv_bin" "--kernel:$kernel" \
     "--rootfs:$rootfs" "--config:$config"; do
     opt=${pair%%:*}
     file=${pair#*:}
@@ -134,7 +144,7 @@ if [ -n "$initrd" ]; then
     [ -f "$initrd" ] || usage_error "--initrd: no such file '$initrd'"
 fi
 declare -A seen_names=()
-for file in "$hypervisor" "$firecracker" "$kernel" "$rootfs" "$config" ${initrd:+"$initrd"}; do
+for file in "$agentenv_bin" "$firecracker" "$kernel" "$rootfs" "$config" ${initrd:+"$initrd"}; do
     name=$(basename "$file")
     [[ $name =~ ^[A-Za-z0-9._-]+$ ]] || usage_error "file name '$name' must be letters, digits, '.', '_' or '-' only"
     case "$name" in setup-runtime.sh | common.sh) usage_error "file name '$name' clashes with the helper scripts copied along" ;; esac
@@ -196,14 +206,14 @@ remote "set -e; mkdir -p $stage; ${sudo}mkdir -p $PREFIX/bin $PREFIX/kernels $PR
     || die "cannot prepare $PREFIX on $host over ssh (reachable? key? --sudo needed for a non-root user?)"
 
 step "copying files to $host"
-files=("$hypervisor" "$firecracker" "$AGENTENV_REPO/scripts/setup-runtime.sh" "$AGENTENV_REPO/scripts/lib/common.sh" "$kernel" "$rootfs" "$config")
+files=("$agentenv_bin" "$firecracker" "$AGENTENV_REPO/scripts/setup-runtime.sh" "$AGENTENV_REPO/scripts/lib/common.sh" "$kernel" "$rootfs" "$config")
 [ -n "$initrd" ] && files+=("$initrd")
 run scp -p ${scp_args[@]+"${scp_args[@]}"} "${files[@]}" "$host:$stage/" \
     || die "copying the files to $host:$stage/ failed (scp; the remote sshd needs its sftp subsystem)"
 
 step "installing into $PREFIX"
 install_cmd="set -e; cd $stage"
-install_cmd+="; ${sudo}install -m 0755 $(basename "$hypervisor") $PREFIX/bin/agentenv"
+install_cmd+="; ${sudo}install -m 0755 $(basename "$agentenv_bin") $PREFIX/bin/agentenv"
 install_cmd+="; ${sudo}install -m 0755 $(basename "$firecracker") $PREFIX/bin/firecracker"
 install_cmd+="; ${sudo}install -m 0755 setup-runtime.sh $PREFIX/bin/setup-runtime.sh"
 install_cmd+="; ${sudo}install -D -m 0644 common.sh $PREFIX/bin/lib/common.sh"

@@ -16,12 +16,18 @@ declare -A DEFAULTS=(
     [kernel_root]=data/kernels
     [initramfs_root]=data/initramfs
 )
+# Other names of those keys (the daemon's too): the durable snapshot tier is
+# any mounted path, so it may be written durable_snapshot_root.
+declare -A ALIASES=(
+    [durable_snapshot_root]=hdfs_snapshot_root
+)
 
 usage() {
     cat <<EOF
 Usage: $PROG [--config FILE] [--clean [--force]]
 
-Creates every directory the daemon config names: ${KEYS[*]}.
+Creates every directory the daemon config names: ${KEYS[*]}
+(hdfs_snapshot_root, the durable snapshot tier, may be written durable_snapshot_root).
 Keys missing from the file (or every key, without --config) take the daemon's defaults:
 data/sessions, data/sockets, data/rootfs, data/snapshots, data/snapshots/tmpfs,
 data/snapshots/durable, data/kernels, data/initramfs. Relative paths are taken from the
@@ -64,7 +70,7 @@ fi
 read_roots() {
     [ -n "$config" ] || return 0
     if python3 -c 'import tomllib' 2>/dev/null; then
-        python3 - "$config" "${KEYS[@]}" <<'EOF'
+        python3 - "$config" "${KEYS[@]}" "${!ALIASES[@]}" <<'EOF'
 import sys, tomllib
 path, keys = sys.argv[1], sys.argv[2:]
 try:
@@ -83,7 +89,7 @@ for key in keys:
 EOF
     else
         # Top-level `key = "value"` lines only (before the first [table]).
-        awk -v keys="${KEYS[*]}" '
+        awk -v keys="${KEYS[*]} ${!ALIASES[*]}" '
             BEGIN { n = split(keys, k, " "); for (i = 1; i <= n; i++) want[k[i]] = 1 }
             /^[ \t]*\[/ { exit }
             match($0, /^[ \t]*[a-z_]+[ \t]*=[ \t]*"[^"]*"/) {
@@ -100,9 +106,15 @@ for key in "${KEYS[@]}"; do
     roots[$key]=${DEFAULTS[$key]}
 done
 parsed=$(read_roots) || die "cannot read the directory keys of ${config}"
+declare -A given=()
 while IFS=$'\t' read -r key value; do
     [ -n "$key" ] || continue
-    roots[$key]=$value
+    name=${ALIASES[$key]:-$key}
+    if [ -n "${given[$name]:-}" ] && [ "${given[$name]}" != "$key" ]; then
+        die "$config: keys ${given[$name]} and $key name the same directory; give one of them"
+    fi
+    given[$name]=$key
+    roots[$name]=$value
 done <<<"$parsed"
 
 # is_mountpoint DIR

@@ -269,7 +269,10 @@ pub struct VmInfo {
     pub state: VmState,
     /// Which VMM runs it.
     pub backend: BackendKind,
-    /// The VMM's control socket (Firecracker API or QMP).
+    /// The VMM's control socket, a Unix socket path: Firecracker's HTTP API
+    /// socket when `backend` is `firecracker`, QEMU's QMP (QEMU Machine
+    /// Protocol, JSON) socket when it is `qemu`. The field keeps its name
+    /// for existing clients.
     pub api_socket: String,
     /// Number of vCPUs.
     pub vcpus: u32,
@@ -466,7 +469,8 @@ pub struct Health {
 pub enum SnapshotTier {
     /// The fast tier (`tmpfs_snapshot_root`): lost on reboot until persisted.
     Tmpfs,
-    /// The durable tier (`hdfs_snapshot_root`).
+    /// The durable tier (`durable_snapshot_root`, also spelt
+    /// `hdfs_snapshot_root`): any mounted file system; survives reboots.
     Durable,
 }
 

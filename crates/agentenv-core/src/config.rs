@@ -47,7 +47,12 @@ pub struct Config {
     pub snapshots_root: PathBuf,
     /// Fast snapshot tier (a tmpfs).
     pub tmpfs_snapshot_root: PathBuf,
-    /// Durable snapshot tier (any mounted path).
+    /// Durable snapshot tier: a directory on any mounted file system (local
+    /// disk, NFS, …; not necessarily HDFS) whose copies survive a reboot.
+    /// The TOML key is `hdfs_snapshot_root` (its original name, kept for
+    /// existing configs) or, preferred, its alias `durable_snapshot_root`;
+    /// a file giving both is refused ([`ConfigError::BothKeys`]).
+    #[serde(alias = "durable_snapshot_root")]
     pub hdfs_snapshot_root: PathBuf,
     /// Kernel images, by name.
     pub kernel_root: PathBuf,
@@ -215,6 +220,14 @@ pub enum ConfigError {
         /// The parser's message (names the key and line).
         message: String,
     },
+    /// Two keys that name the same setting (a key and its alias) are both given.
+    #[error("config keys `{key}` and `{alias}` name the same setting; give one of them")]
+    BothKeys {
+        /// The key.
+        key: &'static str,
+        /// Its alias.
+        alias: &'static str,
+    },
     /// A key has a value outside its range.
     #[error("config key `{key}`: {reason}")]
     Invalid {
@@ -223,6 +236,26 @@ pub enum ConfigError {
         /// Why the value is refused.
         reason: String,
     },
+}
+
+/// Top-level keys that have an alias, with it: the alias is the preferred
+/// name, the key stays for the configs that already use it.
+const KEY_ALIASES: &[(&str, &str)] = &[("hdfs_snapshot_root", "durable_snapshot_root")];
+
+/// Refuses a file that gives both a key and its alias (serde's own message
+/// would name only one of them). Malformed TOML passes here and is reported by
+/// the real parse, with its line.
+fn refuse_both_keys(text: &str) -> Result<(), ConfigError> {
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return Ok(());
+    };
+    match KEY_ALIASES
+        .iter()
+        .find(|(key, alias)| table.contains_key(*key) && table.contains_key(*alias))
+    {
+        Some(&(key, alias)) => Err(ConfigError::BothKeys { key, alias }),
+        None => Ok(()),
+    }
 }
 
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
@@ -250,6 +283,7 @@ impl Config {
 
     /// Parses and validates TOML text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        refuse_both_keys(text)?;
         let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::from("<text>"),
             message: e.to_string().trim_end().replace('\n', " "),
@@ -454,6 +488,22 @@ mod tests {
         assert_eq!(c.default_slots, 4);
         assert_eq!(c.vmm, VmmChoice::Qemu);
         assert_eq!(c.network.tap_prefix, "vmtap");
+    }
+
+    #[test]
+    fn the_durable_tier_has_two_names_but_takes_one() {
+        let old = Config::parse("hdfs_snapshot_root = \"/mnt/nfs/snaps\"").unwrap();
+        assert_eq!(old.hdfs_snapshot_root, PathBuf::from("/mnt/nfs/snaps"));
+        let new = Config::parse("durable_snapshot_root = \"/mnt/nfs/snaps\"").unwrap();
+        assert_eq!(new, old);
+        let e = err("hdfs_snapshot_root = \"/a\"\ndurable_snapshot_root = \"/b\"");
+        assert!(
+            e.contains("`hdfs_snapshot_root`") && e.contains("`durable_snapshot_root`"),
+            "{e}"
+        );
+        // The same key twice is still the parser's error, with its line.
+        let e = err("durable_snapshot_root = \"/a\"\ndurable_snapshot_root = \"/b\"");
+        assert!(e.contains("line 2"), "{e}");
     }
 
     #[test]

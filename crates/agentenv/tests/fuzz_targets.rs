@@ -1,7 +1,8 @@
-//! The two cargo-fuzz targets of `fuzz/` (request parsing, agent frames) run as
-//! an ordinary, deterministic test over tens of thousands of inputs: the seeds in
-//! `fuzz/seeds/`, PRNG mutations of them, generated JSON and frame streams,
-//! deep nesting and random bytes. So CI exercises the same properties without
+//! The three cargo-fuzz targets of `fuzz/` (request parsing, agent frames, the
+//! ext4 superblock rewrite) run as an ordinary, deterministic test over tens of
+//! thousands of inputs: the seeds in `fuzz/seeds/`, PRNG mutations of them,
+//! generated JSON, frame streams and superblock fields, deep nesting and random
+//! bytes. So CI exercises the same properties without
 //! nightly or cargo-fuzz; `scripts/fuzz.sh` runs the real fuzzers.
 //!
 //! The target bodies are `include!`d from `fuzz/targets/`, the files the fuzz
@@ -23,6 +24,11 @@ mod api_request {
 #[allow(dead_code)]
 mod agent_frames {
     include!("../../../fuzz/targets/agent_frames.rs");
+}
+
+#[allow(dead_code)]
+mod ext4_superblock {
+    include!("../../../fuzz/targets/ext4_superblock.rs");
 }
 
 /// The seed inputs of one fuzz target.
@@ -309,4 +315,82 @@ fn agent_frames_target_over_generated_inputs() {
         inputs.push(rng.bytes(n));
     }
     run("agent_frames", inputs, agent_frames::agent_frames);
+}
+
+#[test]
+fn ext4_superblock_target_over_generated_inputs() {
+    /// Offsets in the primary superblock of the fields the geometry and the
+    /// feature checks read, with their widths.
+    const FIELDS: &[(usize, usize)] = &[
+        (0x04, 4),  // blocks count (low)
+        (0x14, 4),  // first data block
+        (0x18, 4),  // log block size
+        (0x20, 4),  // blocks per group
+        (0x38, 2),  // magic
+        (0x5a, 2),  // block group number
+        (0x5c, 4),  // compat features
+        (0x60, 4),  // incompat features
+        (0x64, 4),  // ro_compat features
+        (0x150, 4), // blocks count (high)
+    ];
+    const VALUES: &[u32] = &[
+        0,
+        1,
+        2,
+        3,
+        6,
+        7,
+        63,
+        64,
+        0xef53,
+        0x80,
+        0x200,
+        0x400,
+        0x2000,
+        0x2080,
+        0x401,
+        0x8000,
+        u32::MAX,
+        u32::MAX - 1,
+        1 << 31,
+    ];
+    let mut rng = Rng(0xe74_0007);
+    let seeds = seeds("ext4_superblock");
+    let mut inputs = seeds.clone();
+    let tokens: &[&[u8]] = &[b"\x53\xef", &[0xff; 4], &[0; 4], &[1, 0, 0, 0], &[0; 1024]];
+    for _ in 0..3_000 {
+        let s = rng.pick(&seeds).clone();
+        inputs.push(mutate(&mut rng, &s, tokens, &seeds));
+    }
+    // Seeds with one to three fields of a superblock (the primary or any
+    // other 1 KiB window) set to edge values or random ones.
+    for _ in 0..6_000 {
+        let mut v = rng.pick(&seeds).clone();
+        for _ in 0..1 + rng.below(3) {
+            let window = if rng.below(3) == 0 {
+                1024 * rng.below(v.len() / 1024)
+            } else {
+                1024
+            };
+            let (at, width) = *rng.pick(FIELDS);
+            let value = if rng.below(3) == 0 {
+                rng.next() as u32
+            } else {
+                *rng.pick(VALUES)
+            };
+            if let Some(field) = v.get_mut(window + at..window + at + width) {
+                field.copy_from_slice(&value.to_le_bytes()[..width]);
+            }
+        }
+        if rng.below(4) == 0 {
+            let n = rng.below(v.len() + 1);
+            v.truncate(n);
+        }
+        inputs.push(v);
+    }
+    for _ in 0..1_000 {
+        let n = rng.below(4096);
+        inputs.push(rng.bytes(n));
+    }
+    run("ext4_superblock", inputs, ext4_superblock::ext4_superblock);
 }

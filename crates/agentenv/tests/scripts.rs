@@ -242,6 +242,7 @@ fn help_names_every_option() {
             &[
                 "--host",
                 "--firecracker",
+                "--agentenv",
                 "--hypervisor",
                 "--kernel",
                 "--initrd",
@@ -492,6 +493,28 @@ fn bad_arguments_are_named() {
         ("setup-remote-host.sh", &["--host", "bad host"], "--host"),
         (
             "setup-remote-host.sh",
+            &[
+                "--host",
+                "h",
+                "--firecracker",
+                "/bin/sh",
+                "--kernel",
+                "/bin/sh",
+            ],
+            "--agentenv FILE is required",
+        ),
+        (
+            "setup-remote-host.sh",
+            &["--agentenv", "a", "--hypervisor", "b"],
+            "--agentenv and --hypervisor both name the agentenv binary",
+        ),
+        (
+            "setup-remote-host.sh",
+            &["--hypervisor=b", "--agentenv=a"],
+            "--hypervisor and --agentenv both name",
+        ),
+        (
+            "setup-remote-host.sh",
             &["--print-unit", "--listen", "8080"],
             "--listen",
         ),
@@ -542,6 +565,40 @@ fn runtime_config(dir: &Path) -> (PathBuf, Vec<PathBuf>) {
     let config = dir.join("agentenv.toml");
     fs::write(&config, text).unwrap();
     (config, keys.iter().map(|(_, v)| dir.join(v)).collect())
+}
+
+#[test]
+fn setup_runtime_takes_the_durable_tier_by_either_name() {
+    let dir = tempdir();
+    let config = dir.path().join("agentenv.toml");
+    fs::write(&config, "durable_snapshot_root = \"rt/durable\"\n").unwrap();
+    let config = config.to_str().unwrap();
+    let ran = Run::new("setup-runtime.sh", &["--config", config])
+        .cwd(dir.path())
+        .run();
+    assert_eq!(ran.code, Some(0), "{}", ran.describe());
+    assert!(dir.path().join("rt/durable").is_dir(), "{}", ran.describe());
+    assert!(
+        !dir.path().join("data/snapshots/durable").exists(),
+        "the default durable tier was made too: {}",
+        ran.describe()
+    );
+
+    fs::write(
+        config,
+        "hdfs_snapshot_root = \"rt/a\"\ndurable_snapshot_root = \"rt/b\"\n",
+    )
+    .unwrap();
+    let both = Run::new("setup-runtime.sh", &["--config", config])
+        .cwd(dir.path())
+        .run();
+    assert_eq!(both.code, Some(1), "{}", both.describe());
+    assert!(
+        both.stderr.contains("hdfs_snapshot_root") && both.stderr.contains("durable_snapshot_root"),
+        "{}",
+        both.describe()
+    );
+    assert!(!dir.path().join("rt/a").exists() && !dir.path().join("rt/b").exists());
 }
 
 #[test]
@@ -780,32 +837,34 @@ fn remote_host_dry_run_lists_the_commands() {
         );
     }
 
-    let no_service = Run::new(
-        "setup-remote-host.sh",
-        &[
-            "--host",
-            "vmhost",
-            "--firecracker",
-            "firecracker",
-            "--hypervisor",
-            "agentenv",
-            "--kernel",
-            "vmlinux",
-            "--rootfs",
-            "base.ext4",
-            "--config",
-            "agentenv.toml",
-            "--no-service",
-            "--dry-run",
-        ],
-    )
-    .cwd(dir.path())
-    .run();
+    // The fewest options, with the agentenv binary given by `agentenv`.
+    let minimal = |agentenv: &[&str], extra: &[&str]| {
+        let mut args = vec!["--host", "vmhost", "--firecracker", "firecracker"];
+        args.extend_from_slice(agentenv);
+        args.extend_from_slice(&["--kernel", "vmlinux", "--rootfs", "base.ext4"]);
+        args.extend_from_slice(&["--config", "agentenv.toml", "--dry-run"]);
+        args.extend_from_slice(extra);
+        Run::new("setup-remote-host.sh", &args)
+            .cwd(dir.path())
+            .run()
+    };
+    let no_service = minimal(&["--hypervisor", "agentenv"], &["--no-service"]);
     assert_eq!(no_service.code, Some(0), "{}", no_service.describe());
     assert!(
         !no_service.stdout.contains("systemctl"),
         "{}",
         no_service.describe()
+    );
+
+    // --agentenv is the documented name of what --hypervisor gives.
+    let named = minimal(&["--agentenv=agentenv"], &[]);
+    assert_eq!(named.code, Some(0), "{}", named.describe());
+    assert!(
+        named
+            .stdout
+            .contains("install -m 0755 agentenv /opt/agentenv/bin/agentenv"),
+        "{}",
+        named.describe()
     );
 }
 
