@@ -170,6 +170,40 @@ impl FirecrackerVmm {
         ))
     }
 
+    /// Starts a VMM, configures it for `spec` and boots it (what
+    /// [`Vmm::launch`] does), returning the Firecracker instance itself.
+    pub async fn launch_instance(
+        &self,
+        spec: &LaunchSpec,
+    ) -> Result<FirecrackerInstance, VmmError> {
+        let doc = serde_json::to_vec_pretty(&vm_config(spec)).expect("api objects serialise");
+        let cfg_path = spec.session_dir.join(CONFIG_FILE);
+        // For people to read; the API calls are what configure the VMM, so no fsync.
+        std::fs::write(&cfg_path, &doc).map_err(|source| VmmError::Io {
+            context: format!("cannot write {}", cfg_path.display()),
+            source,
+        })?;
+        let inst = self.spawn(
+            &spec.vm_id,
+            &spec.control_socket,
+            spec.agent_socket.as_ref(),
+            &spec.console_log,
+            spec.console_log_max_bytes,
+            spec.request_timeout,
+        )?;
+        match inst.boot(spec).await {
+            Ok(()) => {
+                inst.remember_sockets();
+                Ok(inst)
+            }
+            Err(e) => {
+                inst.process.kill().await;
+                inst.remove_sockets();
+                Err(e)
+            }
+        }
+    }
+
     /// Starts a fresh VMM and loads a snapshot into it (`PUT /snapshot/load`),
     /// instead of configuring and booting it. With `load.resume_vm` the VM
     /// runs on at once, else it stays paused.
@@ -209,32 +243,7 @@ impl Vmm for FirecrackerVmm {
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmmInstance>, VmmError> {
-        let doc = serde_json::to_vec_pretty(&vm_config(spec)).expect("api objects serialise");
-        let cfg_path = spec.session_dir.join(CONFIG_FILE);
-        // For people to read; the API calls are what configure the VMM, so no fsync.
-        std::fs::write(&cfg_path, &doc).map_err(|source| VmmError::Io {
-            context: format!("cannot write {}", cfg_path.display()),
-            source,
-        })?;
-        let inst = self.spawn(
-            &spec.vm_id,
-            &spec.control_socket,
-            spec.agent_socket.as_ref(),
-            &spec.console_log,
-            spec.console_log_max_bytes,
-            spec.request_timeout,
-        )?;
-        match inst.boot(spec).await {
-            Ok(()) => {
-                inst.remember_sockets();
-                Ok(Box::new(inst))
-            }
-            Err(e) => {
-                inst.process.kill().await;
-                inst.remove_sockets();
-                Err(e)
-            }
-        }
+        Ok(Box::new(self.launch_instance(spec).await?))
     }
 
     async fn adopt(
