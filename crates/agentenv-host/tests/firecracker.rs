@@ -11,25 +11,13 @@ use agentenv_host::firecracker::models::{
     InstanceState, MemBackend, MemBackendType, NetworkOverride, SnapshotCreateParams,
     SnapshotLoadParams, SnapshotType, VsockOverride,
 };
-use agentenv_host::firecracker::{FirecrackerInstance, FirecrackerVmm, RestoreSpec};
+use agentenv_host::firecracker::{FirecrackerInstance, FirecrackerVmm, ProcessSpec, RestoreSpec};
 use agentenv_testkit::paths;
 
 /// The double behind a wrapper script that adds `extra` flags.
 fn driver(dir: &Path, extra: &[&str]) -> FirecrackerVmm {
-    let wrapper = dir.join(format!("fc-{}.sh", extra.len()));
-    let quoted: Vec<String> = extra.iter().map(|a| format!("'{a}'")).collect();
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexec '{}' {} \"$@\"\n",
-            paths::fc_double().display(),
-            quoted.join(" ")
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    FirecrackerVmm::new(wrapper)
+    let name = format!("fc-{}.sh", extra.len());
+    FirecrackerVmm::new(paths::fc_double_wrapper(dir, &name, extra))
 }
 
 fn tempdir() -> tempfile::TempDir {
@@ -82,16 +70,9 @@ fn spec(dir: &Path, vm_id: &str) -> LaunchSpec {
 }
 
 fn restore_spec(dir: &Path, vm_id: &str, load: SnapshotLoadParams) -> RestoreSpec {
-    RestoreSpec {
-        vm_id: vm_id.into(),
-        control_socket: dir.join(format!("{vm_id}.sock")),
-        console_log: dir.join(format!("{vm_id}.log")),
-        console_log_max_bytes: 1 << 20,
-        agent_socket: Some(dir.join("agent.sock")),
-        load,
-        startup_timeout: Duration::from_secs(10),
-        request_timeout: Duration::from_secs(10),
-    }
+    let mut process = ProcessSpec::from(&spec(dir, vm_id));
+    process.agent_socket = Some(dir.join("agent.sock"));
+    RestoreSpec { process, load }
 }
 
 fn file_load(snap: &Path, mem: &Path) -> SnapshotLoadParams {
@@ -232,7 +213,7 @@ async fn v1_16_restores_a_clone_beside_its_source_with_vsock_override() {
         uds_path: dir.path().join("clone-agent.sock"),
     });
     let mut rs = restore_spec(dir.path(), "clone", load);
-    rs.agent_socket = Some(dir.path().join("clone-agent.sock"));
+    rs.process.agent_socket = Some(dir.path().join("clone-agent.sock"));
     let clone = vmm.restore(&rs).await.unwrap();
     assert_eq!(clone.instance_info().await.unwrap().vmm_version, "1.16.1");
     assert!(dir.path().join("clone-agent.sock").exists());

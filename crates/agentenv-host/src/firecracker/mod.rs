@@ -117,56 +117,69 @@ pub fn config_document(spec: &LaunchSpec) -> Value {
     serde_json::to_value(vm_config(spec)).expect("api objects serialise")
 }
 
-/// What [`FirecrackerVmm::restore`] needs: a fresh VMM's paths and the
-/// snapshot to load into it.
+/// What starting a `firecracker` process needs: its id and paths.
 #[derive(Debug, Clone)]
-pub struct RestoreSpec {
+pub struct ProcessSpec {
     pub vm_id: String,
     pub control_socket: PathBuf,
+    /// The vsock device's socket (the host end of the agent channel). After
+    /// a restore it is the saved `uds_path`, or `vsock_override`'s
+    /// (Firecracker v1.16) when given.
+    pub agent_socket: Option<PathBuf>,
     pub console_log: PathBuf,
     pub console_log_max_bytes: u64,
-    /// The vsock socket the restored VMM binds: the saved `uds_path`, or
-    /// `load.vsock_override` (Firecracker v1.16) when given.
-    pub agent_socket: Option<PathBuf>,
-    pub load: SnapshotLoadParams,
     pub startup_timeout: Duration,
     pub request_timeout: Duration,
 }
 
+impl From<&LaunchSpec> for ProcessSpec {
+    fn from(s: &LaunchSpec) -> Self {
+        ProcessSpec {
+            vm_id: s.vm_id.clone(),
+            control_socket: s.control_socket.clone(),
+            agent_socket: s.agent_socket.clone(),
+            console_log: s.console_log.clone(),
+            console_log_max_bytes: s.console_log_max_bytes,
+            startup_timeout: s.startup_timeout,
+            request_timeout: s.request_timeout,
+        }
+    }
+}
+
+/// What [`FirecrackerVmm::restore`] needs: a fresh VMM and the snapshot to
+/// load into it.
+#[derive(Debug, Clone)]
+pub struct RestoreSpec {
+    pub process: ProcessSpec,
+    pub load: SnapshotLoadParams,
+}
+
 impl FirecrackerVmm {
-    /// Starts a `firecracker` process on `control_socket` (removing socket
+    /// Starts a `firecracker` process on its control socket (removing socket
     /// files a dead VMM left there first).
-    fn spawn(
-        &self,
-        vm_id: &str,
-        control_socket: &Path,
-        agent_socket: Option<&PathBuf>,
-        console_log: &Path,
-        console_log_max_bytes: u64,
-        request_timeout: Duration,
-    ) -> Result<FirecrackerInstance, VmmError> {
+    fn spawn(&self, p: &ProcessSpec) -> Result<FirecrackerInstance, VmmError> {
         // A socket file left by a dead VMM would make Firecracker refuse to start
         // (or refuse `PUT /vsock`); the engine guarantees no live VMM owns these paths.
-        remove_socket(control_socket, None);
-        if let Some(agent) = agent_socket {
+        remove_socket(&p.control_socket, None);
+        if let Some(agent) = &p.agent_socket {
             remove_socket(agent, None);
         }
         let process = VmmProcess::spawn(&SpawnSpec {
             binary: self.binary.clone(),
             args: vec![
                 "--api-sock".into(),
-                control_socket.to_path_buf().into_os_string(),
+                p.control_socket.clone().into_os_string(),
                 "--id".into(),
-                instance_id(vm_id).into(),
+                instance_id(&p.vm_id).into(),
             ],
-            console_log: console_log.to_path_buf(),
-            console_log_max_bytes,
+            console_log: p.console_log.clone(),
+            console_log_max_bytes: p.console_log_max_bytes,
         })?;
         Ok(FirecrackerInstance::new(
             process,
-            control_socket,
-            agent_socket.cloned(),
-            request_timeout,
+            &p.control_socket,
+            p.agent_socket.clone(),
+            p.request_timeout,
         ))
     }
 
@@ -183,56 +196,26 @@ impl FirecrackerVmm {
             context: format!("cannot write {}", cfg_path.display()),
             source,
         })?;
-        let inst = self.spawn(
-            &spec.vm_id,
-            &spec.control_socket,
-            spec.agent_socket.as_ref(),
-            &spec.console_log,
-            spec.console_log_max_bytes,
-            spec.request_timeout,
-        )?;
-        match inst.boot(spec).await {
-            Ok(()) => {
-                inst.remember_sockets();
-                Ok(inst)
-            }
-            Err(e) => {
-                inst.process.kill().await;
-                inst.remove_sockets();
-                Err(e)
-            }
-        }
+        let inst = self.spawn(&spec.into())?;
+        let booted = inst.boot(spec).await;
+        inst.settle(booted).await
     }
 
     /// Starts a fresh VMM and loads a snapshot into it (`PUT /snapshot/load`),
     /// instead of configuring and booting it. With `load.resume_vm` the VM
     /// runs on at once, else it stays paused.
     pub async fn restore(&self, spec: &RestoreSpec) -> Result<FirecrackerInstance, VmmError> {
-        let inst = self.spawn(
-            &spec.vm_id,
-            &spec.control_socket,
-            spec.agent_socket.as_ref(),
-            &spec.console_log,
-            spec.console_log_max_bytes,
-            spec.request_timeout,
-        )?;
+        let p = &spec.process;
+        let inst = self.spawn(p)?;
         let loaded = async {
-            inst.wait_api(&spec.console_log, spec.startup_timeout)
-                .await?;
-            inst.put("/snapshot/load", &spec.load).await
-        };
-        match loaded.await {
-            Ok(()) => {
-                inst.client.set_keep_alive(false).await;
-                inst.remember_sockets();
-                Ok(inst)
-            }
-            Err(e) => {
-                inst.process.kill().await;
-                inst.remove_sockets();
-                Err(e)
-            }
+            inst.wait_api(&p.console_log, p.startup_timeout).await?;
+            inst.put("/snapshot/load", &spec.load).await?;
+            // Later calls are rare; an idle VM keeps no connection.
+            inst.client.set_keep_alive(false).await;
+            Ok(())
         }
+        .await;
+        inst.settle(loaded).await
     }
 }
 
@@ -351,6 +334,22 @@ impl FirecrackerInstance {
             self.sockets().iter().for_each(|s| remove_socket(s, None));
         } else {
             owned.iter().for_each(|(s, id)| remove_socket(s, Some(*id)));
+        }
+    }
+
+    /// After the setup of a new VMM: on success it is ready (its sockets
+    /// recorded), on failure it is killed and its sockets removed.
+    async fn settle(self, setup: Result<(), VmmError>) -> Result<FirecrackerInstance, VmmError> {
+        match setup {
+            Ok(()) => {
+                self.remember_sockets();
+                Ok(self)
+            }
+            Err(e) => {
+                self.process.kill().await;
+                self.remove_sockets();
+                Err(e)
+            }
         }
     }
 
