@@ -9,7 +9,6 @@ use hyper::body::Bytes;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::models::ApiError;
@@ -84,22 +83,6 @@ impl FcClient {
         self.request(Method::PUT, path, Some(to_bytes(body)))
             .await
             .map(|_| ())
-    }
-
-    /// `PATCH path` with `body`.
-    pub async fn patch<T: Serialize>(&self, path: &str, body: &T) -> Result<(), VmmError> {
-        self.request(Method::PATCH, path, Some(to_bytes(body)))
-            .await
-            .map(|_| ())
-    }
-
-    /// `GET path`, its answer parsed as `R`.
-    pub async fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, VmmError> {
-        let body = self.request(Method::GET, path, None).await?;
-        serde_json::from_slice(&body).map_err(|e| VmmError::Transport {
-            request: format!("GET {path}"),
-            message: format!("unexpected answer: {e}"),
-        })
     }
 
     /// Sends one request. Success is any 2xx; its body (maybe empty) is returned.

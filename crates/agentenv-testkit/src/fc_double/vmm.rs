@@ -505,8 +505,11 @@ fn put_machine_config(shared: &Shared, body: &[u8]) -> Outcome {
                  the configured page size.",
             ));
         }
+        // Reported back as Firecracker does: no template when `None`, the
+        // page size always.
         st.machine = MachineConfiguration {
             cpu_template: cfg.cpu_template.filter(|t| *t != CpuTemplate::None),
+            huge_pages: Some(cfg.huge_pages.unwrap_or_default()),
             ..cfg
         };
         Ok(Reply::no_content())
