@@ -16,6 +16,27 @@ pub fn fc_double() -> PathBuf {
     workspace_bin("agentenv-testkit", "fc-double")
 }
 
+/// Writes `dir/name`, a script that runs `fc-double` with `extra` flags
+/// before the ones it is given (the double's failure injection and guest
+/// scripting, for code that only takes a VMM binary), and returns its path.
+pub fn fc_double_wrapper(dir: &std::path::Path, name: &str, extra: &[&str]) -> PathBuf {
+    let p = dir.join(name);
+    let quoted: Vec<String> = extra.iter().map(|a| format!("'{a}'")).collect();
+    std::fs::write(
+        &p,
+        format!(
+            "#!/bin/sh\nexec '{}' {} \"$@\"\n",
+            fc_double().display(),
+            quoted.join(" ")
+        ),
+    )
+    .expect("write the fc-double wrapper");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
+        .expect("make the fc-double wrapper executable");
+    p
+}
+
 /// The guest agent binary `agentenv-guest` (a host build, for tests that run the
 /// agent outside a VM, behind the Firecracker double's vsock).
 pub fn guest_agent() -> PathBuf {

@@ -9,7 +9,9 @@ use hyper::body::Bytes;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
-use serde_json::Value;
+use serde::Serialize;
+
+use super::models::ApiError;
 
 /// One keep-alive connection to a Firecracker API socket, re-opened when it breaks.
 pub struct FcClient {
@@ -76,14 +78,21 @@ impl FcClient {
         }
     }
 
-    /// Sends one request. Success is any 2xx; the JSON body (if any) is returned.
+    /// `PUT path` with `body`.
+    pub async fn put<T: Serialize>(&self, path: &str, body: &T) -> Result<(), VmmError> {
+        self.request(Method::PUT, path, Some(to_bytes(body)))
+            .await
+            .map(|_| ())
+    }
+
+    /// Sends one request. Success is any 2xx; its body (maybe empty) is returned.
     /// A 4xx/5xx becomes [`VmmError::Refused`] with Firecracker's `fault_message`.
     pub async fn request(
         &self,
         method: Method,
         path: &str,
-        body: Option<&Value>,
-    ) -> Result<Option<Value>, VmmError> {
+        body: Option<Bytes>,
+    ) -> Result<Bytes, VmmError> {
         let what = format!("{method} {path}");
         let fut = self.request_inner(method, path, body, &what);
         match tokio::time::timeout(self.timeout, fut).await {
@@ -105,16 +114,15 @@ impl FcClient {
         &self,
         method: Method,
         path: &str,
-        body: Option<&Value>,
+        body: Option<Bytes>,
         what: &str,
-    ) -> Result<Option<Value>, VmmError> {
+    ) -> Result<Bytes, VmmError> {
         let transport = |message: String| VmmError::Transport {
             request: what.to_string(),
             message,
         };
-        let bytes = body
-            .map(|b| Bytes::from(serde_json::to_vec(b).expect("json serialises")))
-            .unwrap_or_default();
+        let has_body = body.is_some();
+        let bytes = body.unwrap_or_default();
         let mut guard = self.conn.lock().await;
         let mut attempt = 0;
         let resp = loop {
@@ -128,7 +136,7 @@ impl FcClient {
                 .uri(path)
                 .header("Host", "localhost")
                 .header("Accept", "application/json");
-            if body.is_some() {
+            if has_body {
                 req = req.header("Content-Type", "application/json");
             }
             let req = req
@@ -164,20 +172,12 @@ impl FcClient {
             .await
             .map_err(|e| transport(e.to_string()))?
             .to_bytes();
-        let json: Option<Value> = if body.is_empty() {
-            None
-        } else {
-            serde_json::from_slice(&body).ok()
-        };
         if status.is_success() {
-            return Ok(json);
+            return Ok(body);
         }
-        let message = json
-            .as_ref()
-            .and_then(|j| j.get("fault_message"))
-            .and_then(|m| m.as_str())
-            .map(str::to_string)
-            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        let message = serde_json::from_slice::<ApiError>(&body)
+            .map(|e| e.fault_message)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
         Err(VmmError::Refused {
             request: what.to_string(),
             status: status.as_u16(),
@@ -188,4 +188,8 @@ impl FcClient {
             },
         })
     }
+}
+
+pub(super) fn to_bytes<T: Serialize>(body: &T) -> Bytes {
+    Bytes::from(serde_json::to_vec(body).expect("api objects serialise"))
 }

@@ -2,6 +2,7 @@
 //! Unix-socket API exactly as Firecracker's swagger documents it.
 
 mod api;
+pub mod models;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -13,11 +14,19 @@ use agentenv_core::backend::{
     VmmInstance,
 };
 use async_trait::async_trait;
+use hyper::body::Bytes;
 use hyper::Method;
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
 use tokio::sync::watch;
 
 pub use api::FcClient;
+use models::{
+    ActionType, BootSource, Drive, FullVmConfiguration, InstanceActionInfo, InstanceInfo,
+    InstanceState, MachineConfiguration, NetworkInterface, SnapshotCreateParams,
+    SnapshotLoadParams, Vm, VmState, Vsock,
+};
 
 use crate::process::{wait_for_socket, SpawnSpec, VmmProcess};
 
@@ -54,74 +63,160 @@ pub fn instance_id(vm_id: &str) -> String {
         .collect()
 }
 
-/// The VM's configuration as the API calls that build it, in order. The same
-/// bodies, grouped, form the readable `firecracker.json` (Firecracker's
-/// `--config-file` format).
+/// How often a shutdown request presses Ctrl-Alt-Del again: a guest ignores
+/// the key press until its keyboard driver (i8042) is up.
+pub const CTRL_ALT_DEL_REPEAT: Duration = Duration::from_millis(500);
+
+/// The VM's whole configuration, typed: the API calls that build it
+/// ([`api_calls`]) and the readable `firecracker.json` (Firecracker's
+/// `--config-file` format) both come from it.
+pub fn vm_config(spec: &LaunchSpec) -> FullVmConfiguration {
+    FullVmConfiguration {
+        boot_source: BootSource {
+            kernel_image_path: spec.kernel.clone(),
+            initrd_path: spec.initrd.clone(),
+            boot_args: Some(spec.boot_args.clone()),
+        },
+        drives: spec
+            .drives
+            .iter()
+            .map(|d| Drive::file(&d.id, d.path.clone(), d.is_root, d.read_only))
+            .collect(),
+        machine_config: MachineConfiguration {
+            // The engine caps a VM's slots far below 255.
+            vcpu_count: u8::try_from(spec.vcpus).unwrap_or(u8::MAX),
+            mem_size_mib: spec.memory_mib as usize,
+            smt: false,
+            ..MachineConfiguration::default()
+        },
+        network_interfaces: spec.net.as_ref().map(|net| {
+            vec![NetworkInterface {
+                iface_id: "eth0".into(),
+                host_dev_name: net.tap_name.clone(),
+                guest_mac: Some(net.guest_mac.clone()),
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            }]
+        }),
+        // `vsock_id` is deprecated since Firecracker 1.4 and not sent.
+        vsock: spec.agent_socket.as_ref().map(|sock| Vsock {
+            vsock_id: None,
+            guest_cid: GUEST_CID,
+            uds_path: sock.clone(),
+        }),
+    }
+}
+
+/// The VM's configuration as the API calls that build it, in order.
 pub fn api_calls(spec: &LaunchSpec) -> Vec<(String, Value)> {
-    let mut calls = vec![
-        (
-            "/machine-config".to_string(),
-            json!({ "vcpu_count": spec.vcpus, "mem_size_mib": spec.memory_mib, "smt": false }),
-        ),
-        ("/boot-source".to_string(), boot_source(spec)),
-    ];
-    for d in &spec.drives {
-        calls.push((format!("/drives/{}", d.id), drive(d)));
-    }
-    if let Some(net) = &spec.net {
-        calls.push((
-            "/network-interfaces/eth0".to_string(),
-            json!({ "iface_id": "eth0", "host_dev_name": net.tap_name, "guest_mac": net.guest_mac }),
-        ));
-    }
-    if let Some(sock) = &spec.agent_socket {
-        calls.push(("/vsock".to_string(), vsock(sock)));
-    }
-    calls
-}
-
-/// The vsock device (`PUT /vsock`). `vsock_id` is deprecated since
-/// Firecracker 1.4 and not sent.
-fn vsock(uds_path: &Path) -> Value {
-    json!({ "guest_cid": GUEST_CID, "uds_path": uds_path })
-}
-
-fn boot_source(spec: &LaunchSpec) -> Value {
-    let mut b = json!({
-        "kernel_image_path": spec.kernel,
-        "boot_args": spec.boot_args,
-    });
-    if let Some(initrd) = &spec.initrd {
-        b["initrd_path"] = json!(initrd);
-    }
-    b
-}
-
-fn drive(d: &agentenv_core::backend::DriveSpec) -> Value {
-    json!({
-        "drive_id": d.id,
-        "path_on_host": d.path,
-        "is_root_device": d.is_root,
-        "is_read_only": d.read_only,
-    })
+    vm_config(spec).api_calls()
 }
 
 /// The readable `--config-file` form of a launch.
 pub fn config_document(spec: &LaunchSpec) -> Value {
-    let mut doc = json!({
-        "boot-source": boot_source(spec),
-        "drives": spec.drives.iter().map(drive).collect::<Vec<_>>(),
-        "machine-config": { "vcpu_count": spec.vcpus, "mem_size_mib": spec.memory_mib, "smt": false },
-    });
-    if let Some(net) = &spec.net {
-        doc["network-interfaces"] = json!([
-            { "iface_id": "eth0", "host_dev_name": net.tap_name, "guest_mac": net.guest_mac }
-        ]);
+    serde_json::to_value(vm_config(spec)).expect("api objects serialise")
+}
+
+/// What starting a `firecracker` process needs: its id and paths.
+#[derive(Debug, Clone)]
+pub struct ProcessSpec {
+    pub vm_id: String,
+    pub control_socket: PathBuf,
+    /// The vsock device's socket (the host end of the agent channel). After
+    /// a restore it is the saved `uds_path`, or `vsock_override`'s
+    /// (Firecracker v1.16) when given.
+    pub agent_socket: Option<PathBuf>,
+    pub console_log: PathBuf,
+    pub console_log_max_bytes: u64,
+    pub startup_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+impl From<&LaunchSpec> for ProcessSpec {
+    fn from(s: &LaunchSpec) -> Self {
+        ProcessSpec {
+            vm_id: s.vm_id.clone(),
+            control_socket: s.control_socket.clone(),
+            agent_socket: s.agent_socket.clone(),
+            console_log: s.console_log.clone(),
+            console_log_max_bytes: s.console_log_max_bytes,
+            startup_timeout: s.startup_timeout,
+            request_timeout: s.request_timeout,
+        }
     }
-    if let Some(sock) = &spec.agent_socket {
-        doc["vsock"] = vsock(sock);
+}
+
+/// What [`FirecrackerVmm::restore`] needs: a fresh VMM and the snapshot to
+/// load into it.
+#[derive(Debug, Clone)]
+pub struct RestoreSpec {
+    pub process: ProcessSpec,
+    pub load: SnapshotLoadParams,
+}
+
+impl FirecrackerVmm {
+    /// Starts a `firecracker` process on its control socket (removing socket
+    /// files a dead VMM left there first).
+    fn spawn(&self, p: &ProcessSpec) -> Result<FirecrackerInstance, VmmError> {
+        // A socket file left by a dead VMM would make Firecracker refuse to start
+        // (or refuse `PUT /vsock`); the engine guarantees no live VMM owns these paths.
+        remove_socket(&p.control_socket, None);
+        if let Some(agent) = &p.agent_socket {
+            remove_socket(agent, None);
+        }
+        let process = VmmProcess::spawn(&SpawnSpec {
+            binary: self.binary.clone(),
+            args: vec![
+                "--api-sock".into(),
+                p.control_socket.clone().into_os_string(),
+                "--id".into(),
+                instance_id(&p.vm_id).into(),
+            ],
+            console_log: p.console_log.clone(),
+            console_log_max_bytes: p.console_log_max_bytes,
+        })?;
+        Ok(FirecrackerInstance::new(
+            process,
+            &p.control_socket,
+            p.agent_socket.clone(),
+            p.request_timeout,
+        ))
     }
-    doc
+
+    /// Starts a VMM, configures it for `spec` and boots it (what
+    /// [`Vmm::launch`] does), returning the Firecracker instance itself.
+    pub async fn launch_instance(
+        &self,
+        spec: &LaunchSpec,
+    ) -> Result<FirecrackerInstance, VmmError> {
+        let doc = serde_json::to_vec_pretty(&vm_config(spec)).expect("api objects serialise");
+        let cfg_path = spec.session_dir.join(CONFIG_FILE);
+        // For people to read; the API calls are what configure the VMM, so no fsync.
+        std::fs::write(&cfg_path, &doc).map_err(|source| VmmError::Io {
+            context: format!("cannot write {}", cfg_path.display()),
+            source,
+        })?;
+        let inst = self.spawn(&spec.into())?;
+        let booted = inst.boot(spec).await;
+        inst.settle(booted).await
+    }
+
+    /// Starts a fresh VMM and loads a snapshot into it (`PUT /snapshot/load`),
+    /// instead of configuring and booting it. With `load.resume_vm` the VM
+    /// runs on at once, else it stays paused.
+    pub async fn restore(&self, spec: &RestoreSpec) -> Result<FirecrackerInstance, VmmError> {
+        let p = &spec.process;
+        let inst = self.spawn(p)?;
+        let loaded = async {
+            inst.wait_api(&p.console_log, p.startup_timeout).await?;
+            inst.put("/snapshot/load", &spec.load).await?;
+            // Later calls are rare; an idle VM keeps no connection.
+            inst.client.set_keep_alive(false).await;
+            Ok(())
+        }
+        .await;
+        inst.settle(loaded).await
+    }
 }
 
 #[async_trait]
@@ -131,47 +226,7 @@ impl Vmm for FirecrackerVmm {
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmmInstance>, VmmError> {
-        let doc = serde_json::to_vec_pretty(&config_document(spec)).expect("json serialises");
-        let cfg_path = spec.session_dir.join(CONFIG_FILE);
-        // For people to read; the API calls are what configure the VMM, so no fsync.
-        std::fs::write(&cfg_path, &doc).map_err(|source| VmmError::Io {
-            context: format!("cannot write {}", cfg_path.display()),
-            source,
-        })?;
-        // A socket file left by a dead VMM would make Firecracker refuse to start
-        // (or refuse `PUT /vsock`); the engine guarantees no live VMM owns these paths.
-        remove_socket(&spec.control_socket, None);
-        if let Some(agent) = &spec.agent_socket {
-            remove_socket(agent, None);
-        }
-        let process = VmmProcess::spawn(&SpawnSpec {
-            binary: self.binary.clone(),
-            args: vec![
-                "--api-sock".into(),
-                spec.control_socket.clone().into_os_string(),
-                "--id".into(),
-                instance_id(&spec.vm_id).into(),
-            ],
-            console_log: spec.console_log.clone(),
-            console_log_max_bytes: spec.console_log_max_bytes,
-        })?;
-        let inst = FirecrackerInstance::new(
-            process,
-            &spec.control_socket,
-            spec.agent_socket.clone(),
-            spec.request_timeout,
-        );
-        match inst.boot(spec).await {
-            Ok(()) => {
-                inst.remember_sockets();
-                Ok(Box::new(inst))
-            }
-            Err(e) => {
-                inst.process.kill().await;
-                inst.remove_sockets();
-                Err(e)
-            }
-        }
+        Ok(Box::new(self.launch_instance(spec).await?))
     }
 
     async fn adopt(
@@ -213,7 +268,7 @@ fn remove_socket(p: &Path, id: Option<SocketId>) {
 /// One running Firecracker process.
 pub struct FirecrackerInstance {
     process: VmmProcess,
-    client: FcClient,
+    client: Arc<FcClient>,
     socket: PathBuf,
     /// The vsock device's Unix socket (host end of the agent channel).
     agent_socket: Option<PathBuf>,
@@ -229,7 +284,7 @@ impl FirecrackerInstance {
         request_timeout: Duration,
     ) -> FirecrackerInstance {
         let inst = FirecrackerInstance {
-            client: FcClient::new(control_socket, request_timeout),
+            client: Arc::new(FcClient::new(control_socket, request_timeout)),
             socket: control_socket.to_path_buf(),
             agent_socket,
             process,
@@ -282,27 +337,44 @@ impl FirecrackerInstance {
         }
     }
 
-    async fn boot(&self, spec: &LaunchSpec) -> Result<(), VmmError> {
-        wait_for_socket(
-            &spec.control_socket,
-            &self.process,
-            &spec.console_log,
-            spec.startup_timeout,
-        )
-        .await?;
-        if let Err(e) = self.client.connect_within(spec.startup_timeout).await {
+    /// After the setup of a new VMM: on success it is ready (its sockets
+    /// recorded), on failure it is killed and its sockets removed.
+    async fn settle(self, setup: Result<(), VmmError>) -> Result<FirecrackerInstance, VmmError> {
+        match setup {
+            Ok(()) => {
+                self.remember_sockets();
+                Ok(self)
+            }
+            Err(e) => {
+                self.process.kill().await;
+                self.remove_sockets();
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits until the API socket accepts connections (or the process died).
+    async fn wait_api(&self, console_log: &Path, timeout: Duration) -> Result<(), VmmError> {
+        wait_for_socket(&self.socket, &self.process, console_log, timeout).await?;
+        if let Err(e) = self.client.connect_within(timeout).await {
             return Err(match self.process.exited() {
                 Some(exit) => VmmError::ExitedEarly {
                     exit,
-                    detail: crate::process::last_lines(&spec.console_log),
+                    detail: crate::process::last_lines(console_log),
                 },
                 None => e,
             });
         }
+        Ok(())
+    }
+
+    async fn boot(&self, spec: &LaunchSpec) -> Result<(), VmmError> {
+        self.wait_api(&spec.console_log, spec.startup_timeout)
+            .await?;
         for (path, body) in api_calls(spec) {
-            self.call(Method::PUT, &path, Some(&body)).await?;
+            self.put(&path, &body).await?;
         }
-        self.action("InstanceStart").await?;
+        self.action(ActionType::InstanceStart).await?;
         // Later calls are rare; an idle VM keeps no connection (and its buffers).
         self.client.set_keep_alive(false).await;
         Ok(())
@@ -313,8 +385,8 @@ impl FirecrackerInstance {
         &self,
         method: Method,
         path: &str,
-        body: Option<&Value>,
-    ) -> Result<Option<Value>, VmmError> {
+        body: Option<Bytes>,
+    ) -> Result<Bytes, VmmError> {
         match self.client.request(method, path, body).await {
             Ok(v) => Ok(v),
             Err(e) => match self.exited_soon(&e).await {
@@ -329,6 +401,26 @@ impl FirecrackerInstance {
         }
     }
 
+    async fn put<T: Serialize>(&self, path: &str, body: &T) -> Result<(), VmmError> {
+        self.call(Method::PUT, path, Some(api::to_bytes(body)))
+            .await
+            .map(|_| ())
+    }
+
+    async fn patch<T: Serialize>(&self, path: &str, body: &T) -> Result<(), VmmError> {
+        self.call(Method::PATCH, path, Some(api::to_bytes(body)))
+            .await
+            .map(|_| ())
+    }
+
+    async fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, VmmError> {
+        let body = self.call(Method::GET, path, None).await?;
+        serde_json::from_slice(&body).map_err(|e| VmmError::Transport {
+            request: format!("GET {path}"),
+            message: format!("unexpected answer: {e}"),
+        })
+    }
+
     /// After a failed request: the exit, if the process is gone or goes within
     /// a moment (a killed VMM drops its socket before it is reaped).
     async fn exited_soon(&self, e: &VmmError) -> Option<VmmExit> {
@@ -340,24 +432,21 @@ impl FirecrackerInstance {
         }
     }
 
-    async fn action(&self, action: &str) -> Result<(), VmmError> {
-        self.call(
-            Method::PUT,
-            "/actions",
-            Some(&json!({ "action_type": action })),
-        )
-        .await
-        .map(|_| ())
+    async fn action(&self, action_type: ActionType) -> Result<(), VmmError> {
+        self.put("/actions", &InstanceActionInfo { action_type })
+            .await
     }
 
     /// `GET /`: Firecracker's instance info (`state` is `Not started`, `Running` or `Paused`).
-    pub async fn instance_info(&self) -> Result<Value, VmmError> {
-        self.call(Method::GET, "/", None)
-            .await?
-            .ok_or_else(|| VmmError::Transport {
-                request: "GET /".into(),
-                message: "empty body".into(),
-            })
+    pub async fn instance_info(&self) -> Result<InstanceInfo, VmmError> {
+        self.get("/").await
+    }
+
+    /// `PUT /snapshot/create`: writes the VM's state and its memory to the
+    /// files `params` names. Firecracker refuses it unless the VM is paused
+    /// ([`VmmInstance::pause`] first); the VM stays paused.
+    pub async fn snapshot_create(&self, params: &SnapshotCreateParams) -> Result<(), VmmError> {
+        self.put("/snapshot/create", params).await
     }
 }
 
@@ -373,9 +462,9 @@ impl VmmInstance for FirecrackerInstance {
 
     async fn guest_state(&self) -> Result<AdoptedState, VmmError> {
         let info = self.instance_info().await?;
-        match info["state"].as_str() {
-            Some("Running") => Ok(AdoptedState::Running),
-            Some("Paused") => Ok(AdoptedState::Paused),
+        match info.state {
+            InstanceState::Running => Ok(AdoptedState::Running),
+            InstanceState::Paused => Ok(AdoptedState::Paused),
             other => Err(VmmError::Transport {
                 request: "GET /".into(),
                 message: format!("the vmm reports state {other:?}, not Running or Paused"),
@@ -384,19 +473,54 @@ impl VmmInstance for FirecrackerInstance {
     }
 
     async fn pause(&self) -> Result<(), VmmError> {
-        self.call(Method::PATCH, "/vm", Some(&json!({ "state": "Paused" })))
-            .await
-            .map(|_| ())
+        self.patch(
+            "/vm",
+            &Vm {
+                state: VmState::Paused,
+            },
+        )
+        .await
     }
 
     async fn resume(&self) -> Result<(), VmmError> {
-        self.call(Method::PATCH, "/vm", Some(&json!({ "state": "Resumed" })))
-            .await
-            .map(|_| ())
+        self.patch(
+            "/vm",
+            &Vm {
+                state: VmState::Resumed,
+            },
+        )
+        .await
     }
 
+    /// Presses Ctrl-Alt-Del, then again every [`CTRL_ALT_DEL_REPEAT`] until
+    /// the VMM exits: a guest whose keyboard driver is not up yet ignores the
+    /// key press. The caller kills the VMM when its shutdown timeout passes,
+    /// which ends the repeats (so does dropping this instance, or a refusal).
     async fn request_shutdown(&self) -> Result<(), VmmError> {
-        self.action("SendCtrlAltDel").await
+        self.action(ActionType::SendCtrlAltDel).await?;
+        let client = Arc::downgrade(&self.client);
+        let exit = self.process.exit_watch();
+        tokio::spawn(async move {
+            let press = InstanceActionInfo {
+                action_type: ActionType::SendCtrlAltDel,
+            };
+            loop {
+                if agentenv_core::backend::wait_exit(exit.clone(), CTRL_ALT_DEL_REPEAT)
+                    .await
+                    .is_some()
+                {
+                    return;
+                }
+                let Some(client) = client.upgrade() else {
+                    return;
+                };
+                if let Err(e) = client.put("/actions", &press).await {
+                    tracing::debug!("repeated Ctrl-Alt-Del: {e}");
+                    return;
+                }
+            }
+        });
+        Ok(())
     }
 
     async fn kill(&self) -> Result<VmmExit, VmmError> {
@@ -423,6 +547,8 @@ impl VmmInstance for FirecrackerInstance {
 mod tests {
     use super::*;
     use agentenv_core::backend::{DriveSpec, NetAttachment};
+    use models::{MemBackend, MemBackendType, NetworkOverride, SnapshotType, VsockOverride};
+    use serde_json::json;
 
     fn spec() -> LaunchSpec {
         LaunchSpec {
@@ -515,6 +641,63 @@ mod tests {
         assert_eq!(
             doc["vsock"],
             json!({"guest_cid": 3, "uds_path": "/s/vm/agent.sock"})
+        );
+    }
+
+    #[test]
+    fn snapshot_bodies_follow_the_swagger() {
+        let create = SnapshotCreateParams {
+            snapshot_type: Some(SnapshotType::Full),
+            snapshot_path: "/t/vm.snap".into(),
+            mem_file_path: "/t/vm.mem".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&create).unwrap(),
+            json!({"snapshot_type": "Full", "snapshot_path": "/t/vm.snap",
+                   "mem_file_path": "/t/vm.mem"})
+        );
+        let mut load = SnapshotLoadParams {
+            snapshot_path: "/t/vm.snap".into(),
+            mem_backend: Some(MemBackend {
+                backend_type: MemBackendType::File,
+                backend_path: "/t/vm.mem".into(),
+            }),
+            resume_vm: true,
+            network_overrides: vec![NetworkOverride {
+                iface_id: "eth0".into(),
+                host_dev_name: "tap7".into(),
+            }],
+            ..Default::default()
+        };
+        // What Firecracker v1.13.1 takes.
+        assert_eq!(
+            serde_json::to_value(&load).unwrap(),
+            json!({"snapshot_path": "/t/vm.snap",
+                   "mem_backend": {"backend_type": "File", "backend_path": "/t/vm.mem"},
+                   "resume_vm": true,
+                   "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap7"}]})
+        );
+        // v1.16's overrides appear only when set.
+        load.vsock_override = Some(VsockOverride {
+            uds_path: "/t/agent.sock".into(),
+        });
+        load.clock_realtime = true;
+        let body = serde_json::to_value(&load).unwrap();
+        assert_eq!(body["vsock_override"], json!({"uds_path": "/t/agent.sock"}));
+        assert_eq!(body["clock_realtime"], true);
+        assert_eq!(
+            serde_json::to_value(InstanceActionInfo {
+                action_type: ActionType::SendCtrlAltDel
+            })
+            .unwrap(),
+            json!({"action_type": "SendCtrlAltDel"})
+        );
+        assert_eq!(
+            serde_json::to_value(Vm {
+                state: VmState::Paused
+            })
+            .unwrap(),
+            json!({"state": "Paused"})
         );
     }
 

@@ -1,18 +1,61 @@
 //! A test double of the Firecracker VMM's HTTP API (the `fc-double` binary).
 //!
 //! It takes Firecracker's command line, listens on the API socket
-//! (HTTP/1.1 over a Unix stream socket) and answers the API requests as
-//! Firecracker v1.13 does: the same paths, the same body checks, the same
-//! pre-boot/post-boot rules, the same status codes and fault messages where
-//! they are known. It runs no guest: `InstanceStart` only changes the state,
-//! and a few flags script what the "guest" does (print a boot console, panic,
-//! power off on Ctrl-Alt-Del) and inject failures. It uses only std threads
-//! and starts in a few milliseconds.
+//! (HTTP/1.1 over a Unix stream socket) and answers the API requests
+//! agentenv's driver makes as Firecracker v1.13.1 (or, with
+//! `--fc-version 1.16.1`, v1.16) does: the same paths, bodies parsed with the
+//! driver's own typed API objects (`agentenv_host::firecracker::models`), the
+//! same pre-boot/post-boot rules, status codes and fault messages where they
+//! are known. It runs no guest: `InstanceStart` only changes the state, and a
+//! few flags script what the "guest" does and inject failures. It uses only
+//! std threads and starts in a few milliseconds.
+//!
+//! Modelled: `GET /`, `GET /version`, `GET /vm/config`, `PUT /machine-config`,
+//! `/boot-source`, `/drives/{id}`, `/network-interfaces/{id}`, `/vsock`,
+//! `/actions` (`InstanceStart`, `SendCtrlAltDel`, `FlushMetrics`),
+//! `PATCH /vm`, `PUT /snapshot/create` and `PUT /snapshot/load`. Firecracker's
+//! other endpoints (balloon, MMDS, logger, metrics, entropy, CPU templates,
+//! updates of drives and interfaces, v1.16's pmem, serial and hotplug)
+//! answer 400 `fc-double does not model …`: the driver never calls them.
+//!
+//! Behaviours that decide real outcomes:
+//!
+//! - **The kernel command-line budget.** At `InstanceStart` Firecracker
+//!   appends `root=/dev/vda ro` (or `rw`; for the root drive) and one
+//!   `virtio_mmio.device=4K@0x…:IRQ` per virtio device (drives, network
+//!   interfaces, vsock) to `boot_args`, within 2048 bytes (the final NUL
+//!   included). Over it, `InstanceStart` fails with 400 `Start microvm error:
+//!   Invalid kernel command line: Inserting string would make command line
+//!   too long.` (linux-loader's wording) and the VM stays `Not started`.
+//! - **Ctrl-Alt-Del before the keyboard driver is up.** A real guest only
+//!   acts on `SendCtrlAltDel` once its i8042 driver is up; before that the
+//!   request is answered 204 and the key press is lost.
+//!   `--i8042-delay-ms N` sets when that happens (N ms after
+//!   `InstanceStart`; default 0; a restored guest has it up already).
+//! - **Snapshots.** `PUT /snapshot/create` only on a paused VM (else 400;
+//!   `Diff` only with dirty page tracking): it writes a state file (a
+//!   `fc-double snapshot` line, then a versioned JSON document of the VM's
+//!   configuration: machine, drives with their paths, interfaces, the vsock
+//!   with its `uds_path`) and a sparse memory file of `mem_size_mib`.
+//!   `PUT /snapshot/load` only in a fresh process before any configuration
+//!   (else 400); exactly one of `mem_backend` (`File` or `Uffd`) and the
+//!   deprecated `mem_file_path`; it reads the state back (missing, corrupt,
+//!   another format or another Firecracker version → 400), checks the memory
+//!   file (missing or shorter than the guest memory → 400), opens the drives
+//!   and binds the vsock socket at their saved paths, applies
+//!   `network_overrides` and — v1.16 only, v1.13.1 refuses them as unknown
+//!   fields — `vsock_override` and `clock_realtime`, and leaves the VM
+//!   `Paused`, or `Running` with `resume_vm`. A failure once loading began is
+//!   fatal, as in Firecracker: answered, then the process exits with
+//!   status 1.
 //!
 //! Flags of its own (besides Firecracker's, which are accepted; `--api-sock`,
-//! `--id`, `--log-path`, `--metadata`, `--http-api-max-payload-size` and
-//! `--mmds-size-limit` are honoured):
+//! `--id`, `--log-path` and `--http-api-max-payload-size` are honoured):
 //!
+//! - `--fc-version V`: the Firecracker version to emulate, `1.13.1`
+//!   (default) or `1.16.1`; `GET /version`, `GET /` and `--version` report it.
+//! - `--i8042-delay-ms N` (default 0): Ctrl-Alt-Del is lost until N ms after
+//!   `InstanceStart`.
 //! - `--fail-request "METHOD /path"` (repeatable): answer 400 with
 //!   `injected failure: …` to requests of that method whose path starts with
 //!   `/path`.
@@ -23,8 +66,8 @@
 //! - `--exit-on-start`: exit 0 right after answering `InstanceStart`.
 //! - `--panic-on-start`: after `InstanceStart`, print a kernel panic line and
 //!   exit 0 about 100 ms later.
-//! - `--shutdown-delay-ms N` (default 50): after `SendCtrlAltDel`, exit 0
-//!   after N ms of guest run time.
+//! - `--shutdown-delay-ms N` (default 50): after a Ctrl-Alt-Del the guest
+//!   took, exit 0 after N ms of guest run time.
 //! - `--ignore-ctrl-alt-del`: accept `SendCtrlAltDel` but never exit.
 //! - `--boot-console`: after `InstanceStart`, print kernel lines,
 //!   `AGENTENV_READY vm_id=ID`, then `agentenv-heartbeat N` every 200 ms while
@@ -52,7 +95,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use vmm::VMM_VERSION;
+pub use vmm::FcVersion;
 
 use vmm::{After, Reply, Shared, VmmState};
 
@@ -97,9 +140,9 @@ pub(crate) struct Options {
     api_sock: PathBuf,
     pub(crate) id: String,
     log_path: Option<PathBuf>,
-    metadata: Option<PathBuf>,
     payload_limit: usize,
-    pub(crate) mmds_size_limit: usize,
+    pub(crate) fc_version: FcVersion,
+    pub(crate) i8042_delay_ms: u64,
     fail_requests: Vec<RequestMatch>,
     hang_on: Vec<RequestMatch>,
     no_socket: bool,
@@ -149,6 +192,8 @@ const DOUBLE_VALUE_FLAGS: &[&str] = &[
     "hang-on",
     "exit-at-start",
     "shutdown-delay-ms",
+    "fc-version",
+    "i8042-delay-ms",
     "vsock-agent",
 ];
 const DOUBLE_SWITCHES: &[&str] = &[
@@ -170,9 +215,9 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
         api_sock: PathBuf::from(DEFAULT_API_SOCK),
         id: DEFAULT_INSTANCE_ID.to_string(),
         log_path: None,
-        metadata: None,
         payload_limit: DEFAULT_PAYLOAD_LIMIT,
-        mmds_size_limit: 0,
+        fc_version: FcVersion::default(),
+        i8042_delay_ms: 0,
         fail_requests: Vec::new(),
         hang_on: Vec::new(),
         no_socket: false,
@@ -186,7 +231,6 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
         version: false,
         help: false,
     };
-    let mut mmds_size_limit = None;
     let mut iter = args.iter().skip(1);
     while let Some(arg) = iter.next() {
         let Some(flag) = arg.strip_prefix("--") else {
@@ -232,9 +276,9 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
             "api-sock" => opts.api_sock = PathBuf::from(value),
             "id" => opts.id = value,
             "log-path" => opts.log_path = Some(PathBuf::from(value)),
-            "metadata" => opts.metadata = Some(PathBuf::from(value)),
             "http-api-max-payload-size" => opts.payload_limit = parse_number(name, &value)?,
-            "mmds-size-limit" => mmds_size_limit = Some(parse_number(name, &value)?),
+            "fc-version" => opts.fc_version = FcVersion::parse(&value)?,
+            "i8042-delay-ms" => opts.i8042_delay_ms = parse_number(name, &value)?,
             "fail-request" => opts.fail_requests.push(RequestMatch::parse(&value)?),
             "hang-on" => opts.hang_on.push(RequestMatch::parse(&value)?),
             "exit-at-start" => opts.exit_at_start = Some(parse_number(name, &value)?),
@@ -243,15 +287,15 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
             _ => {} // Firecracker options without meaning here.
         }
     }
-    opts.mmds_size_limit = mmds_size_limit.unwrap_or(opts.payload_limit);
     Ok(opts)
 }
 
 fn usage() -> String {
     let mut text = format!(
-        "Firecracker v{VMM_VERSION}-double\n\nA test double of Firecracker's API (no guest is \
-         run).\n\nFirecracker flags (accepted; api-sock, id, log-path, metadata, \
-         http-api-max-payload-size and mmds-size-limit are honoured):\n"
+        "Firecracker v{}-double\n\nA test double of Firecracker's API (no guest is \
+         run).\n\nFirecracker flags (accepted; api-sock, id, log-path and \
+         http-api-max-payload-size are honoured):\n",
+        FcVersion::default().label()
     );
     for flag in FC_VALUE_FLAGS {
         text.push_str(&format!("  --{flag} <value>\n"));
@@ -261,6 +305,14 @@ fn usage() -> String {
     }
     text.push_str("\nFailure injection and fake guest:\n");
     let own = [
+        (
+            "--fc-version V",
+            "emulate Firecracker 1.13.1 (default) or 1.16.1",
+        ),
+        (
+            "--i8042-delay-ms N",
+            "Ctrl-Alt-Del is lost until N ms after InstanceStart",
+        ),
         (
             "--fail-request \"METHOD /path\"",
             "answer 400 to matching requests (repeatable)",
@@ -623,7 +675,7 @@ fn run(args: &[String]) -> i32 {
         return 0;
     }
     if opts.version {
-        println!("Firecracker v{VMM_VERSION}-double\n");
+        println!("Firecracker v{}-double\n", opts.fc_version.label());
         return 0;
     }
     if let Some(code) = opts.exit_at_start {
@@ -644,24 +696,9 @@ fn run(args: &[String]) -> i32 {
             ),
         }
     }
-    log(&format!("Running Firecracker v{VMM_VERSION}"));
+    log(&format!("Running Firecracker v{}", opts.fc_version.label()));
 
-    let mut state = VmmState::new();
-    if let Some(path) = &opts.metadata {
-        let data = std::fs::read_to_string(path)
-            .map_err(|e| e.to_string())
-            .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()));
-        match data {
-            Ok(value) => state.put_mmds_data(value),
-            Err(e) => {
-                eprintln!(
-                    "Unable to read the mmds content file {}: {e}",
-                    path.display()
-                );
-                return 1;
-            }
-        }
-    }
+    let state = VmmState::new();
 
     if opts.no_socket {
         log("The API socket is not created (--no-socket).");
@@ -763,7 +800,7 @@ mod tests {
         assert!(opts.fail_requests[0].matches("PUT", "/drives/rootfs"));
         assert!(!opts.fail_requests[0].matches("PATCH", "/drives/rootfs"));
         assert!(opts.fail_requests[1].matches("PATCH", "/vm"));
-        assert_eq!(opts.mmds_size_limit, DEFAULT_PAYLOAD_LIMIT);
+        assert_eq!(opts.fc_version, FcVersion::V1_13);
         assert_eq!(
             opts.vsock_agents,
             [
@@ -771,6 +808,9 @@ mod tests {
                 (52, PathBuf::from("/tmp/b"))
             ]
         );
+        let opts = parse_args(&args(&["--fc-version", "1.16.1", "--i8042-delay-ms=700"])).unwrap();
+        assert_eq!(opts.fc_version, FcVersion::V1_16);
+        assert_eq!(opts.i8042_delay_ms, 700);
     }
 
     #[test]
@@ -781,6 +821,7 @@ mod tests {
         assert!(parse_args(&args(&["--fail-request", "PUT"])).is_err());
         assert!(parse_args(&args(&["--exit-at-start", "x"])).is_err());
         assert!(parse_args(&args(&["--vsock-agent", "/tmp/a"])).is_err());
+        assert!(parse_args(&args(&["--fc-version", "1.7.0"])).is_err());
     }
 
     #[test]

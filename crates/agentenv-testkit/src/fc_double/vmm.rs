@@ -2,30 +2,33 @@
 //! the handling of each API request.
 //!
 //! A request goes through the same two stages as in Firecracker: first the
-//! path and the body are parsed (errors there are answered without looking
-//! at the state), then the action runs against the state (pre-boot-only and
-//! post-boot-only actions are refused in the wrong phase, then the resource
-//! is validated).
+//! path and the body are parsed with the driver's typed API objects (errors
+//! there are answered without looking at the state), then the action runs
+//! against the state (pre-boot-only and post-boot-only actions are refused in
+//! the wrong phase, then the resource is validated).
+//!
+//! Only the endpoints agentenv's driver calls are modelled; the others of
+//! Firecracker's API answer 400 `fc-double does not model …`. The effort goes
+//! to what decides real outcomes: the kernel command-line budget at
+//! `InstanceStart`, Ctrl-Alt-Del lost before the guest's keyboard driver is
+//! up, and the snapshot endpoints with their errors (see the module docs of
+//! [`super`]).
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::net::Ipv4Addr;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::Value;
 
 use super::model::*;
 use super::vsock::Mux;
 use super::Options;
 
-/// The Firecracker version the double answers as.
-pub const VMM_VERSION: &str = "1.13.1";
 /// The application name in `GET /`.
 pub const APP_NAME: &str = "Firecracker";
 
@@ -34,7 +37,43 @@ const NOT_SUPPORTED_POST_BOOT: &str =
 const NOT_SUPPORTED_PRE_BOOT: &str =
     "The requested operation is not supported before starting the microVM.";
 const MAX_VCPUS: u8 = 32;
-const CMDLINE_CAPACITY: usize = 2048;
+/// The capacity of Firecracker's kernel command line, its final NUL included.
+pub const CMDLINE_CAPACITY: usize = 2048;
+/// Where Firecracker (x86_64) maps its first virtio-mmio device, the size of
+/// each device's window, and the first device's interrupt.
+const MMIO_MEM_START: u64 = 0xd000_0000;
+const MMIO_LEN: u64 = 0x1000;
+const IRQ_BASE: u64 = 5;
+
+/// The Firecracker version the double emulates (`--fc-version`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FcVersion {
+    /// What `get-firecracker.sh` fetches.
+    #[default]
+    V1_13,
+    /// Adds `vsock_override` and `clock_realtime` to `PUT /snapshot/load`.
+    V1_16,
+}
+
+impl FcVersion {
+    pub fn parse(text: &str) -> Result<FcVersion, String> {
+        match text.trim_start_matches('v') {
+            "1.13" | "1.13.1" => Ok(FcVersion::V1_13),
+            "1.16" | "1.16.0" | "1.16.1" => Ok(FcVersion::V1_16),
+            other => Err(format!(
+                "'--fc-version' expects 1.13.1 or 1.16.1, got {other:?}"
+            )),
+        }
+    }
+
+    /// The version string `GET /version` and `GET /` report.
+    pub fn label(self) -> &'static str {
+        match self {
+            FcVersion::V1_13 => "1.13.1",
+            FcVersion::V1_16 => "1.16.1",
+        }
+    }
+}
 
 /// The microVM's state, as `GET /` reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,37 +84,11 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub fn label(self) -> &'static str {
+    fn instance_state(self) -> InstanceState {
         match self {
-            Phase::NotStarted => "Not started",
-            Phase::Running => "Running",
-            Phase::Paused => "Paused",
-        }
-    }
-}
-
-struct NetEntry {
-    cfg: NetworkInterface,
-    /// MMDS requests are answered on this interface.
-    mmds: bool,
-}
-
-struct MmdsStore {
-    data: Value,
-    initialized: bool,
-    version: MmdsVersion,
-    imds_compat: bool,
-    ipv4: Ipv4Addr,
-}
-
-impl MmdsStore {
-    fn new() -> Self {
-        MmdsStore {
-            data: Value::Null,
-            initialized: false,
-            version: MmdsVersion::V1,
-            imds_compat: false,
-            ipv4: Ipv4Addr::new(169, 254, 169, 254),
+            Phase::NotStarted => InstanceState::NotStarted,
+            Phase::Running => InstanceState::Running,
+            Phase::Paused => InstanceState::Paused,
         }
     }
 }
@@ -86,16 +99,13 @@ pub struct VmmState {
     /// A boot-specific resource was configured: loading a snapshot is no
     /// longer allowed.
     boot_path: bool,
-    machine: MachineConfig,
+    machine: MachineConfiguration,
     boot_source: Option<BootSource>,
     drives: Vec<Drive>,
-    nets: Vec<NetEntry>,
+    nets: Vec<NetworkInterface>,
     vsock: Option<Vsock>,
-    balloon: Option<Balloon>,
-    entropy: Option<Entropy>,
-    mmds: Option<MmdsStore>,
-    metrics: Option<File>,
-    metrics_flushes: u64,
+    /// From when the guest's keyboard driver (i8042) takes Ctrl-Alt-Del.
+    keyboard_up_at: Option<Instant>,
     /// The last heartbeat number the fake guest printed.
     pub heartbeat: u64,
 }
@@ -105,16 +115,12 @@ impl VmmState {
         VmmState {
             phase: Phase::NotStarted,
             boot_path: false,
-            machine: MachineConfig::default(),
+            machine: MachineConfiguration::default(),
             boot_source: None,
             drives: Vec::new(),
             nets: Vec::new(),
             vsock: None,
-            balloon: None,
-            entropy: None,
-            mmds: None,
-            metrics: None,
-            metrics_flushes: 0,
+            keyboard_up_at: None,
             heartbeat: 0,
         }
     }
@@ -127,13 +133,6 @@ impl VmmState {
     /// The configured number of vCPUs.
     pub fn machine_vcpus(&self) -> u8 {
         self.machine.vcpu_count
-    }
-
-    /// Puts data into the MMDS store (used for `--metadata`).
-    pub fn put_mmds_data(&mut self, data: Value) {
-        let store = self.mmds.get_or_insert_with(MmdsStore::new);
-        store.data = data;
-        store.initialized = true;
     }
 
     fn preboot_only(&self) -> Result<(), Reply> {
@@ -150,6 +149,53 @@ impl VmmState {
         } else {
             Ok(())
         }
+    }
+
+    /// The command line the guest kernel gets: the boot arguments, then what
+    /// Firecracker appends at `InstanceStart` — `root=/dev/vda ro|rw` for a
+    /// root drive and one `virtio_mmio.device=4K@0x…:IRQ` per virtio device
+    /// (drives, network interfaces, vsock) — within [`CMDLINE_CAPACITY`]
+    /// (its final NUL included), as linux-loader's `Cmdline` counts it.
+    fn kernel_cmdline(&self) -> Result<String, Reply> {
+        let mut line = self.boot_args().unwrap_or_default();
+        let mut insert = |s: &str| {
+            let extra = if line.is_empty() {
+                s.len()
+            } else {
+                s.len() + 1
+            };
+            if line.len() + extra >= CMDLINE_CAPACITY {
+                return Err(Reply::bad(
+                    "Start microvm error: Invalid kernel command line: Inserting string would \
+                     make command line too long.",
+                ));
+            }
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            line.push_str(s);
+            Ok(())
+        };
+        if let Some(root) = self.drives.first().filter(|d| d.is_root_device) {
+            let mode = if root.is_read_only.unwrap_or(false) {
+                "ro"
+            } else {
+                "rw"
+            };
+            match &root.partuuid {
+                Some(id) => insert(&format!("root=PARTUUID={id} {mode}"))?,
+                None => insert(&format!("root=/dev/vda {mode}"))?,
+            }
+        }
+        let devices = self.drives.len() + self.nets.len() + usize::from(self.vsock.is_some());
+        for i in 0..devices as u64 {
+            insert(&format!(
+                "virtio_mmio.device=4K@0x{:x}:{}",
+                MMIO_MEM_START + i * MMIO_LEN,
+                IRQ_BASE + i
+            ))?;
+        }
+        Ok(line)
     }
 }
 
@@ -222,7 +268,10 @@ impl Reply {
 
     /// An error answer with `{"fault_message": …}`.
     pub fn error(status: u16, message: impl Into<String>) -> Reply {
-        let body = serde_json::json!({ "fault_message": message.into() }).to_string();
+        let body = serde_json::to_string(&ApiError {
+            fault_message: message.into(),
+        })
+        .unwrap_or_default();
         Reply {
             status,
             body: Some(body),
@@ -251,8 +300,8 @@ impl Reply {
         if self.status < 400 {
             return None;
         }
-        let body: Value = serde_json::from_str(self.body.as_deref()?).ok()?;
-        body.get("fault_message")?.as_str().map(str::to_string)
+        let body: ApiError = serde_json::from_str(self.body.as_deref()?).ok()?;
+        Some(body.fault_message)
     }
 }
 
@@ -298,34 +347,45 @@ pub fn handle(shared: &Shared, method: &str, path: &str, body: Option<&[u8]>) ->
     }
 }
 
+/// Firecracker's endpoints the double does not model (agentenv's driver
+/// never calls them): `(method, first path segment)`.
+const NOT_MODELLED: &[(&str, &str)] = &[
+    ("GET", "balloon"),
+    ("PUT", "balloon"),
+    ("PATCH", "balloon"),
+    ("PUT", "cpu-config"),
+    ("PUT", "entropy"),
+    ("GET", "hotplug"),
+    ("PUT", "hotplug"),
+    ("PATCH", "hotplug"),
+    ("PUT", "logger"),
+    ("GET", "machine-config"),
+    ("PATCH", "machine-config"),
+    ("PUT", "metrics"),
+    ("GET", "mmds"),
+    ("PUT", "mmds"),
+    ("PATCH", "mmds"),
+    ("PATCH", "drives"),
+    ("PATCH", "network-interfaces"),
+    ("PUT", "pmem"),
+    ("PATCH", "pmem"),
+    ("PUT", "serial"),
+];
+
 fn route(shared: &Shared, method: &str, path: &str, body: Option<&[u8]>) -> Outcome {
     let mut tokens = path.trim_start_matches('/').split_terminator('/');
     let first = tokens.next().unwrap_or("");
     match (method, first, body) {
         ("GET", "", None) => Ok(instance_info(shared)),
-        ("GET", "balloon", None) => match tokens.next() {
-            Some("statistics") => get_balloon_stats(shared),
-            Some(other) => Err(Reply::bad(format!(
-                "Unrecognized GET request path `{other}`."
-            ))),
-            None => get_balloon(shared),
-        },
-        ("GET", "version", None) => Ok(Reply::json(
-            &serde_json::json!({ "firecracker_version": VMM_VERSION }),
-        )),
+        ("GET", "version", None) => Ok(Reply::json(&FirecrackerVersion {
+            firecracker_version: shared.opts.fc_version.label().to_string(),
+        })),
         ("GET", "vm", None) if tokens.next() == Some("config") => Ok(full_config(shared)),
-        ("GET", "machine-config", None) => Ok(Reply::json(&shared.lock().machine)),
-        ("GET", "mmds", None) => Ok(get_mmds(shared)),
         ("GET", _, Some(_)) => Err(Reply::bad("GET request cannot have a body.")),
         ("PUT", "actions", Some(b)) => put_actions(shared, b),
-        ("PUT", "balloon", Some(b)) => put_balloon(shared, b),
         ("PUT", "boot-source", Some(b)) => put_boot_source(shared, b),
-        ("PUT", "cpu-config", Some(b)) => put_cpu_config(shared, b),
         ("PUT", "drives", Some(b)) => put_drive(shared, b, tokens.next()),
-        ("PUT", "logger", Some(b)) => put_logger(shared, b),
         ("PUT", "machine-config", Some(b)) => put_machine_config(shared, b),
-        ("PUT", "metrics", Some(b)) => put_metrics(shared, b),
-        ("PUT", "mmds", Some(b)) => put_mmds(shared, b, tokens.next()),
         ("PUT", "network-interfaces", Some(b)) => put_net(shared, b, tokens.next()),
         ("PUT", "snapshot", Some(b)) => match tokens.next() {
             Some("create") => snapshot_create(shared, b),
@@ -336,15 +396,12 @@ fn route(shared: &Shared, method: &str, path: &str, body: Option<&[u8]>) -> Outc
             None => Err(Reply::bad("Missing snapshot operation type.")),
         },
         ("PUT", "vsock", Some(b)) => put_vsock(shared, b),
-        ("PUT", "entropy", Some(b)) => put_entropy(shared, b),
         ("PUT", _, None) => Err(Reply::bad("Empty PUT request.")),
-        ("PATCH", "balloon", Some(b)) => patch_balloon(shared, b, tokens.next()),
-        ("PATCH", "drives", Some(b)) => patch_drive(shared, b, tokens.next()),
-        ("PATCH", "machine-config", Some(b)) => patch_machine_config(shared, b),
-        ("PATCH", "mmds", Some(b)) => patch_mmds(shared, b),
-        ("PATCH", "network-interfaces", Some(b)) => patch_net(shared, b, tokens.next()),
         ("PATCH", "vm", Some(b)) => patch_vm(shared, b),
         ("PATCH", _, None) => Err(Reply::bad("Empty PATCH request.")),
+        (method, first, _) if NOT_MODELLED.contains(&(method, first)) => Err(Reply::bad(format!(
+            "fc-double does not model {method} /{first} (agentenv's driver never calls it)"
+        ))),
         (method, first, _) => Err(Reply::bad(format!(
             "Invalid request method and/or path: {method} {first}."
         ))),
@@ -356,107 +413,33 @@ fn route(shared: &Shared, method: &str, path: &str, body: Option<&[u8]>) -> Outc
 fn instance_info(shared: &Shared) -> Reply {
     let st = shared.lock();
     Reply::json(&InstanceInfo {
-        id: &shared.opts.id,
-        state: st.phase.label(),
-        vmm_version: VMM_VERSION,
-        app_name: APP_NAME,
+        id: shared.opts.id.clone(),
+        state: st.phase.instance_state(),
+        vmm_version: shared.opts.fc_version.label().to_string(),
+        app_name: APP_NAME.to_string(),
     })
 }
 
 fn full_config(shared: &Shared) -> Reply {
     let st = shared.lock();
-    let mmds_config = st.mmds.as_ref().and_then(|store| {
-        let ifaces: Vec<String> = st
-            .nets
-            .iter()
-            .filter(|n| n.mmds)
-            .map(|n| n.cfg.iface_id.clone())
-            .collect();
-        if ifaces.is_empty() {
-            return None;
-        }
-        Some(MmdsConfig {
-            version: store.version,
-            network_interfaces: ifaces,
-            ipv4_address: Some(store.ipv4),
-            imds_compat: store.imds_compat,
-        })
-    });
-    Reply::json(&FullVmConfig {
-        balloon: st.balloon.clone(),
-        drives: st.drives.clone(),
+    Reply::json(&FullVmConfiguration {
         boot_source: st.boot_source.clone().unwrap_or_default(),
-        cpu_config: None,
-        logger: None,
-        machine_config: Some(st.machine.clone()),
-        metrics: None,
-        mmds_config,
-        network_interfaces: st.nets.iter().map(|n| n.cfg.clone()).collect(),
+        drives: st.drives.clone(),
+        machine_config: st.machine.clone(),
+        network_interfaces: Some(st.nets.clone()),
         vsock: st.vsock.clone(),
-        entropy: st.entropy.clone(),
     })
-}
-
-fn get_mmds(shared: &Shared) -> Reply {
-    let mut st = shared.lock();
-    let store = st.mmds.get_or_insert_with(MmdsStore::new);
-    let body = match &store.data {
-        Value::Null => "{}".to_string(),
-        other => other.to_string(),
-    };
-    Reply {
-        status: 200,
-        body: Some(body),
-        deprecation: false,
-        after: After::Nothing,
-    }
-}
-
-fn get_balloon(shared: &Shared) -> Outcome {
-    let st = shared.lock();
-    match (&st.balloon, st.phase) {
-        (Some(b), _) => Ok(Reply::json(b)),
-        (None, Phase::NotStarted) => {
-            Err(Reply::bad("Balloon config error: No balloon device found."))
-        }
-        (None, _) => Err(Reply::bad(
-            "Internal VMM error: Failed perform action on device: Device not found",
-        )),
-    }
-}
-
-fn get_balloon_stats(shared: &Shared) -> Outcome {
-    let st = shared.lock();
-    st.postboot_only()?;
-    let Some(b) = &st.balloon else {
-        return Err(Reply::bad(
-            "Internal VMM error: Failed perform action on device: Device not found",
-        ));
-    };
-    if b.stats_polling_interval_s == 0 {
-        return Err(Reply::bad(
-            "Internal VMM error: Failed perform action on device: Internal Device error: \
-             Received stats query when stats are disabled.",
-        ));
-    }
-    let pages = b.amount_mib.saturating_mul(256);
-    Ok(Reply::json(&BalloonStats {
-        target_pages: pages,
-        actual_pages: pages,
-        target_mib: b.amount_mib,
-        actual_mib: b.amount_mib,
-    }))
 }
 
 // --------------------------------------------------------------- actions
 
 fn put_actions(shared: &Shared, body: &[u8]) -> Outcome {
-    let action: ActionBody = parse(body)?;
+    let action: InstanceActionInfo = parse(body)?;
     let mut st = shared.lock();
     match action.action_type {
         ActionType::FlushMetrics => {
+            // No metrics are modelled: nothing to flush.
             st.postboot_only()?;
-            flush_metrics(&mut st);
             Ok(Reply::no_content())
         }
         ActionType::InstanceStart => {
@@ -466,40 +449,31 @@ fn put_actions(shared: &Shared, body: &[u8]) -> Outcome {
                     "Start microvm error: Cannot start microvm without kernel configuration.",
                 ));
             }
+            st.kernel_cmdline()?;
             st.phase = Phase::Running;
+            st.keyboard_up_at =
+                Some(Instant::now() + Duration::from_millis(shared.opts.i8042_delay_ms));
             shared.vsock.start();
             Ok(Reply::no_content().then(After::Started))
         }
         ActionType::SendCtrlAltDel => {
             st.postboot_only()?;
+            if st.keyboard_up_at.is_some_and(|at| Instant::now() < at) {
+                super::log("The guest's keyboard driver is not up yet: Ctrl-Alt-Del is lost.");
+                return Ok(Reply::no_content());
+            }
             Ok(Reply::no_content().then(After::CtrlAltDel))
         }
     }
 }
 
-fn flush_metrics(st: &mut VmmState) {
-    st.metrics_flushes += 1;
-    let flushes = st.metrics_flushes;
-    if let Some(file) = st.metrics.as_mut() {
-        let ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0);
-        let line = serde_json::json!({
-            "utc_timestamp_ms": ms,
-            "fc_double": { "flushes": flushes },
-        });
-        let _ = writeln!(file, "{line}");
-    }
-}
-
 fn patch_vm(shared: &Shared, body: &[u8]) -> Outcome {
-    let vm: VmBody = parse(body)?;
+    let vm: Vm = parse(body)?;
     let mut st = shared.lock();
     st.postboot_only()?;
     st.phase = match vm.state {
-        VmStateRequest::Paused => Phase::Paused,
-        VmStateRequest::Resumed => Phase::Running,
+        VmState::Paused => Phase::Paused,
+        VmState::Resumed => Phase::Running,
     };
     Ok(Reply::no_content())
 }
@@ -507,90 +481,39 @@ fn patch_vm(shared: &Shared, body: &[u8]) -> Outcome {
 // ------------------------------------------------------- machine config
 
 fn put_machine_config(shared: &Shared, body: &[u8]) -> Outcome {
-    let cfg: MachineConfig = parse(body)?;
+    let cfg: MachineConfiguration = parse(body)?;
     let deprecated = cfg.cpu_template.is_some();
-    let update = MachineConfigUpdate::from(cfg);
     deprecating(deprecated, || {
         let mut st = shared.lock();
         st.preboot_only()?;
         st.boot_path = true;
-        apply_machine_update(&mut st, &update)?;
-        Ok(Reply::no_content())
-    })
-}
-
-fn patch_machine_config(shared: &Shared, body: &[u8]) -> Outcome {
-    let update: MachineConfigUpdate = parse(body)?;
-    if update.is_empty() {
-        return Err(Reply::bad("Empty PATCH request."));
-    }
-    let deprecated = update.cpu_template.is_some();
-    deprecating(deprecated, || {
-        let mut st = shared.lock();
-        st.preboot_only()?;
-        st.boot_path = true;
-        apply_machine_update(&mut st, &update)?;
-        Ok(Reply::no_content())
-    })
-}
-
-fn apply_machine_update(st: &mut VmmState, update: &MachineConfigUpdate) -> Result<(), Reply> {
-    let old = &st.machine;
-    let vcpu_count = update.vcpu_count.unwrap_or(old.vcpu_count);
-    let smt = update.smt.unwrap_or(old.smt);
-    if vcpu_count == 0 || vcpu_count > MAX_VCPUS || (smt && vcpu_count > 1 && vcpu_count % 2 == 1) {
-        return Err(Reply::bad(format!(
-            "Machine config error: The number of vCPUs must be greater than 0, less than \
-             {MAX_VCPUS} and must be 1 or an even number if SMT is enabled."
-        )));
-    }
-    let mem_size_mib = update.mem_size_mib.unwrap_or(old.mem_size_mib);
-    let huge_pages = update.huge_pages.unwrap_or(old.huge_pages);
-    let page_multiple = match huge_pages {
-        HugePages::None => 1,
-        HugePages::Hugetlbfs2M => 2,
-    };
-    if mem_size_mib == 0 || mem_size_mib % page_multiple != 0 {
-        return Err(Reply::bad(
-            "Machine config error: The memory size (MiB) is either 0, or not a multiple of the \
-             configured page size.",
-        ));
-    }
-    let cpu_template = match update.cpu_template {
-        None => old.cpu_template,
-        Some(CpuTemplate::None) => None,
-        Some(other) => Some(other),
-    };
-    if let Some(balloon) = &st.balloon {
-        if mem_size_mib < balloon.amount_mib as usize {
+        let smt = cfg.smt;
+        let vcpus = cfg.vcpu_count;
+        if vcpus == 0 || vcpus > MAX_VCPUS || (smt && vcpus > 1 && vcpus % 2 == 1) {
+            return Err(Reply::bad(format!(
+                "Machine config error: The number of vCPUs must be greater than 0, less than \
+                 {MAX_VCPUS} and must be 1 or an even number if SMT is enabled."
+            )));
+        }
+        let page_multiple = match cfg.huge_pages.unwrap_or_default() {
+            HugePages::None => 1,
+            HugePages::Hugetlbfs2M => 2,
+        };
+        if cfg.mem_size_mib == 0 || cfg.mem_size_mib % page_multiple != 0 {
             return Err(Reply::bad(
-                "Machine config error: The memory size (MiB) is smaller than the previously set \
-                 balloon device target size.",
+                "Machine config error: The memory size (MiB) is either 0, or not a multiple of \
+                 the configured page size.",
             ));
         }
-        if huge_pages != HugePages::None {
-            return Err(Reply::bad(
-                "Machine config error: Firecracker's huge pages support is incompatible with \
-                 memory ballooning.",
-            ));
-        }
-    }
-    st.machine = MachineConfig {
-        vcpu_count,
-        mem_size_mib,
-        smt,
-        cpu_template,
-        track_dirty_pages: update.track_dirty_pages.unwrap_or(old.track_dirty_pages),
-        huge_pages,
-    };
-    Ok(())
-}
-
-fn put_cpu_config(shared: &Shared, body: &[u8]) -> Outcome {
-    let _template: CustomCpuTemplate = parse(body)?;
-    let st = shared.lock();
-    st.preboot_only()?;
-    Ok(Reply::no_content())
+        // Reported back as Firecracker does: no template when `None`, the
+        // page size always.
+        st.machine = MachineConfiguration {
+            cpu_template: cfg.cpu_template.filter(|t| *t != CpuTemplate::None),
+            huge_pages: Some(cfg.huge_pages.unwrap_or_default()),
+            ..cfg
+        };
+        Ok(Reply::no_content())
+    })
 }
 
 // ------------------------------------------------------------ boot source
@@ -620,6 +543,8 @@ fn put_boot_source(shared: &Shared, body: &[u8]) -> Outcome {
     Ok(Reply::no_content())
 }
 
+/// The check of `boot_args` at `PUT /boot-source` (what Firecracker appends
+/// is checked at `InstanceStart`, see [`VmmState::kernel_cmdline`]).
 fn check_cmdline(args: &str) -> Result<(), Reply> {
     let reason = if !args.chars().all(|c| (' '..='~').contains(&c)) {
         Some("String contains an invalid character")
@@ -666,12 +591,14 @@ fn build_drive(cfg: Drive) -> Result<Drive, Reply> {
         open_backing_file(&path, read_only).map_err(|e| {
             Reply::bad(format!(
                 "{BLOCK_ERR}: Virtio backend error: Error manipulating the backing file: {e} \
-                 {path}"
+                 {}",
+                path.display()
             ))
         })?;
         Ok(Drive {
             is_read_only: Some(read_only),
             rate_limiter: normalize_rate_limiter(cfg.rate_limiter),
+            cache_type: Some(cfg.cache_type.unwrap_or_default()),
             io_engine: Some(cfg.io_engine.unwrap_or_default()),
             socket: None,
             ..cfg
@@ -690,7 +617,7 @@ fn build_drive(cfg: Drive) -> Result<Drive, Reply> {
     }
 }
 
-fn open_backing_file(path: &str, read_only: bool) -> std::io::Result<File> {
+fn open_backing_file(path: &Path, read_only: bool) -> std::io::Result<File> {
     OpenOptions::new().read(true).write(!read_only).open(path)
 }
 
@@ -715,55 +642,6 @@ fn insert_drive(drives: &mut Vec<Drive>, cfg: Drive) -> Result<(), Reply> {
         }
     }
     Ok(())
-}
-
-/// Updating a drive in a way only the other kind of block device (virtio or
-/// vhost-user) supports.
-const WRONG_BACKEND: &str =
-    "Failed perform action on device: Internal Device error: Running method expected different \
-     backend.";
-
-fn patch_drive(shared: &Shared, body: &[u8], path_id: Option<&str>) -> Outcome {
-    let id = checked_id(path_id)?;
-    let update: PartialDrive = parse(body)?;
-    same_drive_id(id, &update.drive_id)?;
-    let mut st = shared.lock();
-    st.postboot_only()?;
-    let patch_err = |detail: &str| {
-        Reply::bad(format!(
-            "Drive config error: Unable to patch the block device: {detail} Please verify the \
-             request arguments."
-        ))
-    };
-    let Some(drive) = st.drives.iter_mut().find(|d| d.drive_id == update.drive_id) else {
-        return Err(patch_err(
-            "Failed perform action on device: Device not found",
-        ));
-    };
-    let is_vhost_user = drive.socket.is_some();
-    if update.path_on_host.is_none() && update.rate_limiter.is_none() {
-        if !is_vhost_user {
-            return Err(patch_err(WRONG_BACKEND));
-        }
-        return Ok(Reply::no_content());
-    }
-    if is_vhost_user {
-        return Err(patch_err(WRONG_BACKEND));
-    }
-    if let Some(path) = &update.path_on_host {
-        let read_only = drive.is_read_only.unwrap_or(false);
-        open_backing_file(path, read_only).map_err(|e| {
-            patch_err(&format!(
-                "Failed perform action on device: Internal Device error: Virtio backend error: \
-                 Error manipulating the backing file: {e} {path}"
-            ))
-        })?;
-        drive.path_on_host = Some(path.clone());
-    }
-    if update.rate_limiter.is_some() {
-        drive.rate_limiter = update_rate_limiter(drive.rate_limiter, update.rate_limiter);
-    }
-    Ok(Reply::no_content())
 }
 
 /// A drive's id in the path must be the one in the body (Firecracker's wording).
@@ -794,22 +672,31 @@ fn same_iface_id(path_id: &str, body_id: &str) -> Result<(), Reply> {
 fn put_net(shared: &Shared, body: &[u8], path_id: Option<&str>) -> Outcome {
     let id = checked_id(path_id)?;
     let cfg: NetworkInterface = parse(body)?;
+    let mac = match &cfg.guest_mac {
+        None => None,
+        Some(text) => Some(MacAddr::parse(text).ok_or_else(|| {
+            Reply::bad(
+                "An error occurred when deserializing the json body of a request: The provided \
+                 MAC address is invalid.",
+            )
+        })?),
+    };
     same_iface_id(id, &cfg.iface_id)?;
     let mut st = shared.lock();
     st.preboot_only()?;
     st.boot_path = true;
-    if let Some(mac) = cfg.guest_mac {
-        let in_use = st
-            .nets
-            .iter()
-            .any(|n| n.cfg.guest_mac == Some(mac) && n.cfg.iface_id != cfg.iface_id);
+    if let Some(mac) = mac {
+        let in_use = st.nets.iter().any(|n| {
+            n.iface_id != cfg.iface_id
+                && n.guest_mac.as_deref().and_then(MacAddr::parse) == Some(mac)
+        });
         if in_use {
             return Err(Reply::bad(format!(
                 "Network config error: The MAC address is already in use: {mac}"
             )));
         }
     }
-    if let Some(index) = st.nets.iter().position(|n| n.cfg.iface_id == cfg.iface_id) {
+    if let Some(index) = st.nets.iter().position(|n| n.iface_id == cfg.iface_id) {
         st.nets.swap_remove(index);
     }
     if cfg.host_dev_name.len() >= 16 {
@@ -818,33 +705,12 @@ fn put_net(shared: &Shared, body: &[u8], path_id: Option<&str>) -> Outcome {
              failed: Invalid interface name",
         ));
     }
-    let cfg = NetworkInterface {
+    st.nets.push(NetworkInterface {
+        guest_mac: mac.map(|m| m.to_string()),
         rx_rate_limiter: normalize_rate_limiter(cfg.rx_rate_limiter),
         tx_rate_limiter: normalize_rate_limiter(cfg.tx_rate_limiter),
         ..cfg
-    };
-    st.nets.push(NetEntry { cfg, mmds: false });
-    Ok(Reply::no_content())
-}
-
-fn patch_net(shared: &Shared, body: &[u8], path_id: Option<&str>) -> Outcome {
-    let id = checked_id(path_id)?;
-    let update: PartialNetworkInterface = parse(body)?;
-    same_iface_id(id, &update.iface_id)?;
-    let mut st = shared.lock();
-    st.postboot_only()?;
-    let Some(net) = st
-        .nets
-        .iter_mut()
-        .find(|n| n.cfg.iface_id == update.iface_id)
-    else {
-        return Err(Reply::bad(
-            "Network config error: Unable to update the net device: Failed perform action on \
-             device: Device not found",
-        ));
-    };
-    net.cfg.rx_rate_limiter = update_rate_limiter(net.cfg.rx_rate_limiter, update.rx_rate_limiter);
-    net.cfg.tx_rate_limiter = update_rate_limiter(net.cfg.tx_rate_limiter, update.tx_rate_limiter);
+    });
     Ok(Reply::no_content())
 }
 
@@ -860,9 +726,9 @@ fn vsock_err(e: std::io::Error) -> Reply {
 /// Binds the host side of the vsock device, as Firecracker does at
 /// configuration time; host-initiated connections are served once the guest
 /// runs (see [`super::vsock`]).
-fn bind_vsock(shared: &Shared, path: &str) -> std::io::Result<()> {
+fn bind_vsock(shared: &Shared, path: &Path) -> std::io::Result<()> {
     let listener = UnixListener::bind(path)?;
-    super::set_vsock_path(Some(Path::new(path)));
+    super::set_vsock_path(Some(path));
     super::vsock::serve(listener, Arc::clone(&shared.vsock));
     Ok(())
 }
@@ -887,253 +753,12 @@ fn put_vsock(shared: &Shared, body: &[u8]) -> Outcome {
     })
 }
 
-// ---------------------------------------------------------------- balloon
-
-fn put_balloon(shared: &Shared, body: &[u8]) -> Outcome {
-    let cfg: Balloon = parse(body)?;
-    let mut st = shared.lock();
-    st.preboot_only()?;
-    st.boot_path = true;
-    if cfg.amount_mib as usize > st.machine.mem_size_mib {
-        return Err(Reply::bad(
-            "Balloon config error: Amount of pages requested is too large.",
-        ));
-    }
-    if st.machine.huge_pages != HugePages::None {
-        return Err(Reply::bad(
-            "Balloon config error: Firecracker's huge pages support is incompatible with memory \
-             ballooning.",
-        ));
-    }
-    st.balloon = Some(cfg);
-    Ok(Reply::no_content())
-}
-
-fn patch_balloon(shared: &Shared, body: &[u8], second: Option<&str>) -> Outcome {
-    enum Update {
-        Amount(u32),
-        Stats(u16),
-    }
-    let update = match second {
-        Some("statistics") => {
-            Update::Stats(parse::<BalloonStatsUpdate>(body)?.stats_polling_interval_s)
-        }
-        Some(other) => {
-            return Err(Reply::bad(format!(
-                "Unrecognized PATCH request path `{other}`."
-            )))
-        }
-        None => Update::Amount(parse::<BalloonUpdate>(body)?.amount_mib),
-    };
-    let mut st = shared.lock();
-    st.postboot_only()?;
-    let mem_size_mib = st.machine.mem_size_mib;
-    let Some(balloon) = st.balloon.as_mut() else {
-        return Err(Reply::bad(
-            "Balloon update error: Failed perform action on device: Device not found",
-        ));
-    };
-    match update {
-        Update::Amount(amount) => {
-            if amount as usize > mem_size_mib {
-                return Err(Reply::bad(format!(
-                    "Balloon update error: Failed perform action on device: Internal Device \
-                     error: Requested memory should be less than {amount}MiB"
-                )));
-            }
-            balloon.amount_mib = amount;
-        }
-        Update::Stats(interval) => {
-            if interval != balloon.stats_polling_interval_s
-                && (interval == 0 || balloon.stats_polling_interval_s == 0)
-            {
-                return Err(Reply::bad(
-                    "Balloon update error: Failed perform action on device: Internal Device \
-                     error: Statistics cannot be enabled/disabled after activation.",
-                ));
-            }
-            balloon.stats_polling_interval_s = interval;
-        }
-    }
-    Ok(Reply::no_content())
-}
-
-// ---------------------------------------------------------------- entropy
-
-fn put_entropy(shared: &Shared, body: &[u8]) -> Outcome {
-    let cfg: Entropy = parse(body)?;
-    let mut st = shared.lock();
-    st.preboot_only()?;
-    st.boot_path = true;
-    st.entropy = Some(Entropy {
-        rate_limiter: normalize_rate_limiter(cfg.rate_limiter),
-    });
-    Ok(Reply::no_content())
-}
-
-// -------------------------------------------------------- logger, metrics
-
-/// Opens a log or metrics destination the way Firecracker does: it must
-/// exist already (a file or a named pipe).
-fn open_destination(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-}
-
-fn put_logger(shared: &Shared, body: &[u8]) -> Outcome {
-    let cfg: Logger = parse(body)?;
-    let st = shared.lock();
-    st.preboot_only()?;
-    if let Some(path) = &cfg.log_path {
-        let file = open_destination(path)
-            .map_err(|e| Reply::bad(format!("Logger error: Failed to open target file: {e}")))?;
-        super::set_log_target(file);
-    }
-    Ok(Reply::no_content())
-}
-
-fn put_metrics(shared: &Shared, body: &[u8]) -> Outcome {
-    let cfg: Metrics = parse(body)?;
-    let mut st = shared.lock();
-    st.preboot_only()?;
-    let prefix = "Metrics error: Cannot initialize the metrics system due to bad user input";
-    let file =
-        open_destination(&cfg.metrics_path).map_err(|e| Reply::bad(format!("{prefix}: {e}")))?;
-    if st.metrics.is_some() {
-        return Err(Reply::bad(format!(
-            "{prefix}: Reinitialization of metrics not allowed."
-        )));
-    }
-    st.metrics = Some(file);
-    Ok(Reply::no_content())
-}
-
-// ------------------------------------------------------------------- mmds
-
-fn mmds_too_large() -> Reply {
-    Reply::error(
-        413,
-        "MMDS limit exceeded error: The MMDS patch request doesn't fit.",
-    )
-}
-
-fn put_mmds(shared: &Shared, body: &[u8], second: Option<&str>) -> Outcome {
-    match second {
-        None => {
-            let data: Value = parse(body)?;
-            let limit = shared.opts.mmds_size_limit;
-            let mut st = shared.lock();
-            let store = st.mmds.get_or_insert_with(MmdsStore::new);
-            if data.to_string().len() > limit {
-                return Err(mmds_too_large());
-            }
-            store.data = data;
-            store.initialized = true;
-            Ok(Reply::no_content())
-        }
-        Some("config") => put_mmds_config(shared, body),
-        Some(other) => Err(Reply::bad(format!(
-            "Unrecognized PUT request path `{other}`."
-        ))),
-    }
-}
-
-fn put_mmds_config(shared: &Shared, body: &[u8]) -> Outcome {
-    let cfg: MmdsConfig = parse(body)?;
-    let deprecated = cfg.version == MmdsVersion::V1;
-    deprecating(deprecated, || set_mmds_config(shared, cfg))
-}
-
-fn set_mmds_config(shared: &Shared, cfg: MmdsConfig) -> Outcome {
-    let mut st = shared.lock();
-    st.preboot_only()?;
-    st.boot_path = true;
-    let prefix = "MMMDS config error";
-    let ipv4 = match cfg.ipv4_address {
-        None => Ipv4Addr::new(169, 254, 169, 254),
-        Some(addr) => match addr.octets() {
-            [169, 254, third, _] if third != 0 && third != 255 => addr,
-            _ => {
-                return Err(Reply::bad(format!(
-                    "{prefix}: The MMDS IPv4 address is not link local."
-                )))
-            }
-        },
-    };
-    if cfg.network_interfaces.is_empty() {
-        return Err(Reply::bad(format!(
-            "{prefix}: The list of network interface IDs that allow forwarding MMDS requests is \
-             empty."
-        )));
-    }
-    let all_known = cfg
-        .network_interfaces
-        .iter()
-        .all(|id| st.nets.iter().any(|n| &n.cfg.iface_id == id));
-    if !all_known {
-        return Err(Reply::bad(format!(
-            "{prefix}: The list of network interface IDs provided contains at least one ID that \
-             does not correspond to any existing network interface."
-        )));
-    }
-    for net in st.nets.iter_mut() {
-        net.mmds = cfg.network_interfaces.contains(&net.cfg.iface_id);
-    }
-    let store = st.mmds.get_or_insert_with(MmdsStore::new);
-    store.version = cfg.version;
-    store.imds_compat = cfg.imds_compat;
-    store.ipv4 = ipv4;
-    Ok(Reply::no_content())
-}
-
-/// Applies a JSON merge patch (RFC 7396).
-fn merge_patch(target: &mut Value, patch: &Value) {
-    let Value::Object(patch_map) = patch else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = Value::Object(serde_json::Map::new());
-    }
-    if let Value::Object(target_map) = target {
-        for (key, value) in patch_map {
-            if value.is_null() {
-                target_map.remove(key);
-            } else {
-                merge_patch(target_map.entry(key.clone()).or_insert(Value::Null), value);
-            }
-        }
-    }
-}
-
-fn patch_mmds(shared: &Shared, body: &[u8]) -> Outcome {
-    let patch: Value = parse(body)?;
-    let limit = shared.opts.mmds_size_limit;
-    let mut st = shared.lock();
-    let store = st.mmds.get_or_insert_with(MmdsStore::new);
-    if !store.initialized {
-        return Err(Reply::bad(
-            "MMDS error: The MMDS data store is not initialized.",
-        ));
-    }
-    let mut data = store.data.clone();
-    merge_patch(&mut data, &patch);
-    if data.to_string().len() > limit {
-        return Err(mmds_too_large());
-    }
-    store.data = data;
-    Ok(Reply::no_content())
-}
-
 // -------------------------------------------------------------- snapshots
 
 const MIB: u64 = 1024 * 1024;
 
 fn snapshot_create(shared: &Shared, body: &[u8]) -> Outcome {
-    let params: SnapshotCreate = parse(body)?;
+    let params: SnapshotCreateParams = parse(body)?;
     let st = shared.lock();
     st.postboot_only()?;
     if st.phase == Phase::Running {
@@ -1142,17 +767,20 @@ fn snapshot_create(shared: &Shared, body: &[u8]) -> Outcome {
              save/restore unavailable while running",
         ));
     }
+    if params.snapshot_type == Some(SnapshotType::Diff) && !st.machine.track_dirty_pages {
+        return Err(Reply::bad(
+            "Create snapshot error: Diff snapshots are not allowed on uVMs with dirty page \
+             tracking disabled.",
+        ));
+    }
     let state = SnapshotState {
-        fc_double_snapshot: 1,
-        vmm_version: VMM_VERSION.to_string(),
+        format: SNAPSHOT_FORMAT,
+        vmm_version: shared.opts.fc_version.label().to_string(),
         vm_id: shared.opts.id.clone(),
         machine_config: st.machine.clone(),
         drives: st.drives.clone(),
-        network_interfaces: st.nets.iter().map(|n| (n.cfg.clone(), n.mmds)).collect(),
+        network_interfaces: st.nets.clone(),
         vsock: st.vsock.clone(),
-        balloon: st.balloon.clone(),
-        entropy: st.entropy.clone(),
-        mmds_version: st.mmds.as_ref().map(|m| m.version),
         heartbeat: st.heartbeat,
     };
     let text = serde_json::to_string_pretty(&state).unwrap_or_default();
@@ -1162,9 +790,7 @@ fn snapshot_create(shared: &Shared, body: &[u8]) -> Outcome {
         ))
     };
     let mut file = File::create(&params.snapshot_path).map_err(|e| state_err("open", e))?;
-    file.write_all(text.as_bytes())
-        .and_then(|()| file.write_all(b"\n"))
-        .map_err(|e| state_err("write", e))?;
+    writeln!(file, "{SNAPSHOT_MAGIC}\n{text}").map_err(|e| state_err("write", e))?;
     // The memory file gets the guest memory's size; it stays sparse.
     let mem_err = |op: &str, e: std::io::Error| {
         Reply::bad(format!(
@@ -1174,12 +800,33 @@ fn snapshot_create(shared: &Shared, body: &[u8]) -> Outcome {
     let mem = File::create(&params.mem_file_path).map_err(|e| mem_err("open", e))?;
     mem.set_len(st.machine.mem_size_mib as u64 * MIB)
         .map_err(|e| mem_err("set_len", e))?;
-    let _ = params.snapshot_type;
     Ok(Reply::no_content())
 }
 
+/// The v1.16 fields of `SnapshotLoadParams`, which v1.13.1 refuses as unknown.
+const SNAPSHOT_LOAD_V1_16_ONLY: &[&str] = &["vsock_override", "clock_realtime"];
+
 fn snapshot_load(shared: &Shared, body: &[u8]) -> Outcome {
-    let params: SnapshotLoad = parse(body)?;
+    if shared.opts.fc_version == FcVersion::V1_13 {
+        // v1.13.1's parser knows neither field: the same error as for any
+        // unknown one.
+        let fields: serde_json::Map<String, serde_json::Value> = parse(body)?;
+        if let Some(field) = SNAPSHOT_LOAD_V1_16_ONLY
+            .iter()
+            .find(|f| fields.contains_key(**f))
+        {
+            let expected: Vec<String> = SNAPSHOT_LOAD_FIELDS_V1_13
+                .iter()
+                .map(|f| format!("`{f}`"))
+                .collect();
+            return Err(Reply::bad(format!(
+                "An error occurred when deserializing the json body of a request: unknown field \
+                 `{field}`, expected one of {}.",
+                expected.join(", ")
+            )));
+        }
+    }
+    let params: SnapshotLoadParams = parse(body)?;
     let deprecated = params.mem_file_path.is_some() || params.enable_diff_snapshots;
     let (mem_path, uffd) = match (&params.mem_backend, &params.mem_file_path) {
         (Some(_), Some(_)) => {
@@ -1205,8 +852,41 @@ fn snapshot_load(shared: &Shared, body: &[u8]) -> Outcome {
     })
 }
 
+/// Reads a state file the double wrote; the error says what is wrong.
+fn read_state(path: &Path) -> Result<SnapshotState, String> {
+    let from_file = "Failed to get snapshot state from file";
+    let mut text = String::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_string(&mut text))
+        .map_err(|e| format!("{from_file}: Failed to open snapshot file: {e}"))?;
+    let corrupt = |detail: String| {
+        format!(
+            "{from_file}: Failed to load snapshot state from file: {}: {detail}",
+            path.display()
+        )
+    };
+    let json = text
+        .strip_prefix(SNAPSHOT_MAGIC)
+        .and_then(|rest| rest.strip_prefix('\n'))
+        .ok_or_else(|| corrupt("not a snapshot made by this VMM".into()))?;
+    let state: SnapshotState =
+        serde_json::from_str(json).map_err(|e| corrupt(format!("corrupt state ({e})")))?;
+    if state.format != SNAPSHOT_FORMAT {
+        return Err(corrupt(format!(
+            "unsupported snapshot format {} (this VMM reads {SNAPSHOT_FORMAT})",
+            state.format
+        )));
+    }
+    Ok(state)
+}
+
 /// The stage of `PUT /snapshot/load` after parsing.
-fn load_snapshot(shared: &Shared, params: &SnapshotLoad, mem_path: &Path, uffd: bool) -> Outcome {
+fn load_snapshot(
+    shared: &Shared,
+    params: &SnapshotLoadParams,
+    mem_path: &Path,
+    uffd: bool,
+) -> Outcome {
     let mut st = shared.lock();
     st.preboot_only()?;
     if st.boot_path {
@@ -1222,24 +902,36 @@ fn load_snapshot(shared: &Shared, params: &SnapshotLoad, mem_path: &Path, uffd: 
         ))
         .then(After::Fatal(1))
     };
-    let from_file = "Failed to get snapshot state from file";
-    let text = std::fs::read_to_string(&params.snapshot_path)
-        .map_err(|e| fatal(format!("{from_file}: Failed to open snapshot file: {e}")))?;
-    let mut state: SnapshotState = serde_json::from_str(&text).map_err(|e| {
-        fatal(format!(
-            "{from_file}: Failed to load snapshot state from file: not a snapshot made by \
-             this VMM ({e})"
-        ))
-    })?;
+    let mut state = read_state(&params.snapshot_path).map_err(fatal)?;
+    let version = shared.opts.fc_version.label();
+    if state.vmm_version != version {
+        return Err(fatal(format!(
+            "Failed to get snapshot state from file: Invalid snapshot version: the snapshot was \
+             made by Firecracker v{}, this is v{version}",
+            state.vmm_version
+        )));
+    }
     for entry in &params.network_overrides {
         let net = state
             .network_interfaces
             .iter_mut()
-            .find(|(n, _)| n.iface_id == entry.iface_id)
-            .ok_or_else(|| fatal(format!("{from_file}: Unknown Network Device.")))?;
-        net.0.host_dev_name = entry.host_dev_name.clone();
+            .find(|n| n.iface_id == entry.iface_id)
+            .ok_or_else(|| {
+                fatal(format!(
+                    "Invalid network override: no network interface {}",
+                    entry.iface_id
+                ))
+            })?;
+        net.host_dev_name = entry.host_dev_name.clone();
+    }
+    if let Some(over) = &params.vsock_override {
+        let vsock = state.vsock.as_mut().ok_or_else(|| {
+            fatal("Invalid vsock override: the snapshot has no vsock device".into())
+        })?;
+        vsock.uds_path = over.uds_path.clone();
     }
     let memory = "Failed to load guest memory";
+    let mem_size = state.machine_config.mem_size_mib as u64 * MIB;
     if uffd {
         UnixStream::connect(mem_path).map_err(|e| {
             fatal(format!(
@@ -1248,12 +940,22 @@ fn load_snapshot(shared: &Shared, params: &SnapshotLoad, mem_path: &Path, uffd: 
             ))
         })?;
     } else {
-        File::open(mem_path).map_err(|e| {
-            fatal(format!(
-                "{memory}: Error creating guest memory from file: Failed to load guest memory: \
-                 {e}"
-            ))
-        })?;
+        let len = File::open(mem_path)
+            .and_then(|f| f.metadata())
+            .map(|m| m.len())
+            .map_err(|e| {
+                fatal(format!(
+                    "{memory}: Error creating guest memory from file: Failed to load guest \
+                     memory: {e}"
+                ))
+            })?;
+        if len < mem_size {
+            return Err(fatal(format!(
+                "{memory}: Error creating guest memory from file: {} holds {len} bytes, the \
+                 guest has {mem_size}",
+                mem_path.display()
+            )));
+        }
     }
     let build = "Failed to build microVM from snapshot";
     for drive in &state.drives {
@@ -1261,7 +963,8 @@ fn load_snapshot(shared: &Shared, params: &SnapshotLoad, mem_path: &Path, uffd: 
             open_backing_file(path, drive.is_read_only.unwrap_or(false)).map_err(|e| {
                 fatal(format!(
                     "{build}: Cannot restore devices: Block: Virtio backend error: Error \
-                     manipulating the backing file: {e} {path}"
+                     manipulating the backing file: {e} {}",
+                    path.display()
                 ))
             })?;
         }
@@ -1274,26 +977,20 @@ fn load_snapshot(shared: &Shared, params: &SnapshotLoad, mem_path: &Path, uffd: 
             ))
         })?;
     }
+    if params.clock_realtime {
+        super::log("clock_realtime: the guest clock is advanced to the host's (no effect here).");
+    }
 
-    st.machine = MachineConfig {
-        smt: false,
-        cpu_template: None,
+    st.machine = MachineConfiguration {
         track_dirty_pages: params.track_dirty_pages || params.enable_diff_snapshots,
         ..state.machine_config
     };
     st.drives = state.drives;
-    st.nets = state
-        .network_interfaces
-        .into_iter()
-        .map(|(cfg, mmds)| NetEntry { cfg, mmds })
-        .collect();
+    st.nets = state.network_interfaces;
     st.vsock = state.vsock;
-    st.balloon = state.balloon;
-    st.entropy = state.entropy;
-    if let Some(version) = state.mmds_version {
-        st.mmds.get_or_insert_with(MmdsStore::new).version = version;
-    }
     st.heartbeat = state.heartbeat;
+    // The restored guest is past its boot: its keyboard driver is up.
+    st.keyboard_up_at = Some(Instant::now());
     shared.vsock.start();
     st.phase = if params.resume_vm {
         Phase::Running
@@ -1308,14 +1005,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn merge_patch_follows_rfc7396() {
-        let mut target = serde_json::json!({"a": "b", "c": {"d": "e", "f": "g"}});
-        let patch = serde_json::json!({"a": "z", "c": {"f": null}});
-        merge_patch(&mut target, &patch);
-        assert_eq!(target, serde_json::json!({"a": "z", "c": {"d": "e"}}));
-    }
-
-    #[test]
     fn ids_are_checked() {
         assert!(checked_id(Some("root_fs1")).is_ok());
         assert!(checked_id(Some("")).is_err());
@@ -1328,5 +1017,42 @@ mod tests {
         assert!(check_cmdline("console=ttyS0 reboot=k").is_ok());
         assert!(check_cmdline("bad\u{7}char").is_err());
         assert!(check_cmdline(&"a".repeat(CMDLINE_CAPACITY)).is_err());
+    }
+
+    fn drive(id: &str, root: bool) -> Drive {
+        Drive::file(id, format!("/d/{id}").into(), root, root)
+    }
+
+    #[test]
+    fn firecracker_appends_root_and_one_mmio_device_each() {
+        let mut st = VmmState::new();
+        st.boot_source = Some(BootSource {
+            boot_args: Some("console=ttyS0".into()),
+            ..Default::default()
+        });
+        st.drives = vec![drive("rootfs", true), drive("overlay", false)];
+        st.vsock = Some(Vsock {
+            vsock_id: None,
+            guest_cid: 3,
+            uds_path: "/v".into(),
+        });
+        assert_eq!(
+            st.kernel_cmdline().unwrap(),
+            "console=ttyS0 root=/dev/vda ro virtio_mmio.device=4K@0xd0000000:5 \
+             virtio_mmio.device=4K@0xd0001000:6 virtio_mmio.device=4K@0xd0002000:7"
+        );
+        // The budget is what is left of 2048 bytes (NUL included) after
+        // the appended parts.
+        let appended = st.kernel_cmdline().unwrap().len() - "console=ttyS0".len();
+        let fits = "a".repeat(CMDLINE_CAPACITY - 1 - appended);
+        st.boot_source.as_mut().unwrap().boot_args = Some(fits.clone());
+        assert_eq!(st.kernel_cmdline().unwrap().len(), CMDLINE_CAPACITY - 1);
+        st.boot_source.as_mut().unwrap().boot_args = Some(format!("{fits}a"));
+        let err = st.kernel_cmdline().unwrap_err();
+        assert_eq!(
+            err.fault_message().unwrap(),
+            "Start microvm error: Invalid kernel command line: Inserting string would make \
+             command line too long."
+        );
     }
 }

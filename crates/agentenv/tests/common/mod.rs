@@ -101,20 +101,7 @@ impl TestDir {
     /// Writes a wrapper script that runs the VMM binary with extra flags (the
     /// double's failure injection), returning its path.
     pub fn wrapper(&self, name: &str, extra: &[&str]) -> PathBuf {
-        let p = self.path().join(name);
-        let quoted: Vec<String> = extra.iter().map(|a| format!("'{a}'")).collect();
-        std::fs::write(
-            &p,
-            format!(
-                "#!/bin/sh\nexec '{}' {} \"$@\"\n",
-                paths::fc_double().display(),
-                quoted.join(" ")
-            ),
-        )
-        .unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        p
+        paths::fc_double_wrapper(self.path(), name, extra)
     }
 }
 
