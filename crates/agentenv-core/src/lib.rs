@@ -1,9 +1,11 @@
 //! agentenv's domain and engine.
 //!
 //! Invariant: this crate makes no direct OS calls. Everything that touches the
-//! host (VMM processes, files, memory figures) goes through the traits in
-//! [`backend`] and [`host`], implemented in `agentenv-host` and faked in tests.
+//! host (VMM processes, files, memory figures, the guest agent's sockets) goes
+//! through the traits in [`backend`], [`host`] and [`agent`], implemented in
+//! `agentenv-host` and faked in tests.
 
+pub mod agent;
 pub mod backend;
 pub mod config;
 pub mod engine;

@@ -10,13 +10,11 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use agentenv_api::{AgentInfo, ExecRequest, ExecResult, VmInfo, VmState};
-use agentenv_guest::client::{
-    AgentClient, AgentError, Download, Endpoint, Exec, ExecEvent, Upload,
-};
-use agentenv_guest::proto::{self, ErrorCode, PutFile};
+use agentenv_proto::{self as proto, ErrorCode, PutFile};
 use chrono::Utc;
 
 use super::{Engine, VmSlot};
+use crate::agent::{AgentError, AgentLink, Download, Exec, ExecEvent, Upload};
 use crate::backend::{AgentChannel, VmmInstance};
 use crate::error::EngineError;
 
@@ -58,16 +56,6 @@ impl From<AgentError> for EngineError {
             AgentError::Timeout(_) => EngineError::Timeout(e.to_string()),
             other => EngineError::AgentUnavailable(other.to_string()),
         }
-    }
-}
-
-fn endpoint(ch: &AgentChannel) -> Endpoint {
-    match ch {
-        AgentChannel::Stream(p) => Endpoint::Stream(p.clone()),
-        AgentChannel::HybridVsock { socket, port } => Endpoint::HybridVsock {
-            socket: socket.clone(),
-            port: *port,
-        },
     }
 }
 
@@ -176,11 +164,11 @@ impl Engine {
             return;
         };
         let engine = Arc::downgrade(self);
-        tokio::spawn(agent_watch(engine, vm_id, inst, endpoint(&ch)));
+        tokio::spawn(agent_watch(engine, vm_id, inst, ch));
     }
 
     /// The VM's agent connection, when the VM is running and its agent answers.
-    fn agent(&self, slot: &VmSlot) -> Result<AgentClient, EngineError> {
+    fn agent(&self, slot: &VmSlot) -> Result<Arc<dyn AgentLink>, EngineError> {
         let state = slot.state();
         if matches!(state, VmState::Paused | VmState::Pausing) {
             return Err(EngineError::Conflict {
@@ -341,7 +329,7 @@ impl Engine {
 
     /// Freezes the guest's file systems for a snapshot, when its agent answers.
     /// Returns the connection to thaw with, or `None` (pause-only snapshot).
-    pub(super) async fn freeze_for_snapshot(&self, slot: &VmSlot) -> Option<AgentClient> {
+    pub(super) async fn freeze_for_snapshot(&self, slot: &VmSlot) -> Option<Arc<dyn AgentLink>> {
         let agent = slot.agent().filter(|c| !c.is_closed())?;
         let vm_id = slot.info().vm_id;
         match tokio::time::timeout(FREEZE_TIMEOUT, agent.freeze()).await {
@@ -376,7 +364,7 @@ async fn agent_watch(
     engine: Weak<Engine>,
     vm_id: String,
     inst: Arc<dyn VmmInstance>,
-    ep: Endpoint,
+    channel: AgentChannel,
 ) {
     let mut exit = inst.exit_watch();
     let mut delay = Duration::from_millis(50);
@@ -384,7 +372,7 @@ async fn agent_watch(
     // has no agent costs a connection attempt every few seconds, not twice a second.
     let mut unanswered_since = tokio::time::Instant::now();
     loop {
-        let (slot, connect_timeout) = {
+        let (slot, agents, connect_timeout) = {
             let Some(engine) = engine.upgrade() else {
                 return;
             };
@@ -397,6 +385,7 @@ async fn agent_watch(
             }
             (
                 slot,
+                engine.agents.clone(),
                 Duration::from_millis(engine.cfg.agent.connect_timeout_ms),
             )
         };
@@ -408,7 +397,7 @@ async fn agent_watch(
             continue;
         }
         let client = tokio::select! {
-            r = AgentClient::connect(&ep, connect_timeout) => r,
+            r = agents.connect(&channel, connect_timeout) => r,
             _ = exit.changed() => return,
         };
         let client = match client {

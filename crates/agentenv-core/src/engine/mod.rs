@@ -21,6 +21,7 @@ use agentenv_api::{ExitInfo, VmInfo, VmState};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
+use crate::agent::{AgentConnector, AgentLink};
 use crate::backend::{ProcessIdentity, Vmm, VmmExit, VmmInstance};
 use crate::config::Config;
 use crate::error::EngineError;
@@ -86,7 +87,7 @@ struct VmSlot {
     /// The network lease, while the VM holds one.
     net: Mutex<Option<NetLease>>,
     /// The guest agent connection, while the agent answers.
-    agent: Mutex<Option<agentenv_guest::client::AgentClient>>,
+    agent: Mutex<Option<Arc<dyn AgentLink>>>,
     /// True while the agent answers (for waiters).
     ready: tokio::sync::watch::Sender<bool>,
     /// The VMM process while there is one (persisted for re-adoption).
@@ -125,11 +126,11 @@ impl VmSlot {
         *self.process.lock().unwrap_or_else(|p| p.into_inner()) = p;
     }
 
-    fn agent(&self) -> Option<agentenv_guest::client::AgentClient> {
+    fn agent(&self) -> Option<Arc<dyn AgentLink>> {
         self.agent.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn set_agent(&self, a: Option<agentenv_guest::client::AgentClient>) {
+    fn set_agent(&self, a: Option<Arc<dyn AgentLink>>) {
         *self.agent.lock().unwrap_or_else(|p| p.into_inner()) = a;
     }
 
@@ -183,6 +184,8 @@ pub struct Engine {
     net: Option<(Arc<dyn HostNetwork>, NetPlan)>,
     /// Disk snapshots.
     snapshots: Arc<dyn SnapshotStore>,
+    /// Connects to the guest agents.
+    agents: Arc<dyn AgentConnector>,
     /// Snapshots being copied into new VMs, with their count (no delete meanwhile).
     snapshot_holds: Mutex<HashMap<String, usize>>,
     vms: Mutex<BTreeMap<String, Arc<VmSlot>>>,
@@ -196,13 +199,15 @@ impl Engine {
     /// re-adopted, dead ones recorded as failed, leftovers cleaned.
     ///
     /// `cfg` paths must be absolute. With networking, the firewall table is
-    /// installed and network objects no VM owns are reclaimed.
+    /// installed and network objects no VM owns are reclaimed. `agents`
+    /// connects to the guest agents of running VMs.
     pub async fn start(
         cfg: Config,
         vmm: Arc<dyn Vmm>,
         host: Arc<dyn Host>,
         net: Option<Arc<dyn HostNetwork>>,
         snapshots: Arc<dyn SnapshotStore>,
+        agents: Arc<dyn AgentConnector>,
     ) -> Result<Arc<Engine>, EngineError> {
         let plan = NetPlan::new(&cfg.network);
         let cleanup = snapshots.init().await?;
@@ -215,6 +220,7 @@ impl Engine {
             host,
             net: net.map(|n| (n, plan)),
             snapshots,
+            agents,
             snapshot_holds: Mutex::new(HashMap::new()),
             vms: Mutex::new(BTreeMap::new()),
             failpoints: Arc::new(Failpoints::default()),

@@ -1,11 +1,13 @@
 //! Disk snapshots: take one from a VM, list, persist, delete.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use agentenv_api::{SnapshotInfo, VmState};
 use chrono::Utc;
 
 use super::{Engine, SnapshotInProgress};
+use crate::agent::AgentLink;
 use crate::error::EngineError;
 use crate::ids::{validate_id, MAX_ID_LEN};
 use crate::snapshot::{NewSnapshot, SnapshotError};
@@ -99,7 +101,7 @@ impl Engine {
         } else {
             None
         };
-        let thaw = |frozen: Option<agentenv_guest::client::AgentClient>| async move {
+        let thaw = |frozen: Option<Arc<dyn AgentLink>>| async move {
             if let Some(agent) = frozen {
                 // Bounded: a guest left paused cannot answer; its agent thaws
                 // by itself once it runs again and no thaw has come.

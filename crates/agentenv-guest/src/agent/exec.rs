@@ -17,9 +17,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use agentenv_guest::proto::{
-    ErrorCode, ErrorMsg, ExecRequest, ExitStatus, Kind, Started, DATA_CHUNK,
-};
+use agentenv_proto::{ErrorCode, ErrorMsg, ExecRequest, ExitStatus, Kind, Started, DATA_CHUNK};
 
 use super::out::{Inflight, OutStream};
 use super::{lock, spawn, sys};

@@ -12,9 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 
-use agentenv_guest::proto::{
-    Done, ErrorCode, ErrorMsg, FileInfo, GetFile, Kind, PutFile, DATA_CHUNK,
-};
+use agentenv_proto::{Done, ErrorCode, ErrorMsg, FileInfo, GetFile, Kind, PutFile, DATA_CHUNK};
 
 use super::out::{Inflight, OutStream};
 use super::session::cancelled;

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use agentenv_guest::proto::{SERIAL_PORT_NAME, VSOCK_PORT};
+use agentenv_proto::{SERIAL_PORT_NAME, VSOCK_PORT};
 
 /// The agent's name and version, as `HelloOk` reports it.
 pub const AGENT: &str = concat!("agentenv-guest ", env!("CARGO_PKG_VERSION"));

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use agentenv_guest::proto::{
+use agentenv_proto::{
     Done, ErrorCode, ErrorMsg, ExecRequest, Frame, GetFile, Hello, HelloOk, Kind, PutFile,
     NONCE_LEN, PROTOCOL_VERSION,
 };
@@ -316,7 +316,7 @@ impl Session {
     }
 }
 
-fn bad_message(e: agentenv_guest::proto::ProtoError) -> ErrorMsg {
+fn bad_message(e: agentenv_proto::ProtoError) -> ErrorMsg {
     ErrorMsg::new(ErrorCode::BadRequest, None, e.to_string())
 }
 

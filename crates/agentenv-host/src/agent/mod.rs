@@ -1,4 +1,5 @@
-//! The host side of the agent protocol (tokio).
+//! The host side of the agent protocol (tokio over Unix sockets): the engine's
+//! [`AgentConnector`] and [`AgentLink`].
 //!
 //! One [`AgentClient`] is one connection to one VM's agent. Requests are
 //! multiplexed on it: each gets a stream id, a channel its frames are routed
@@ -9,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -19,45 +20,31 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::proto::{
-    self, Done, ErrorMsg, ExecRequest, ExitStatus, FileInfo, Frame, GetFile, Hello, HelloOk, Kind,
+use agentenv_core::agent::{
+    AgentConnector, AgentError, AgentLink, ChunkPool, Download, DownloadStream, Exec, ExecEvent,
+    ExecStream, Recycler, Upload, UploadSink,
+};
+use agentenv_core::backend::AgentChannel;
+use agentenv_proto::{
+    self as proto, Done, ErrorMsg, ExecRequest, FileInfo, Frame, GetFile, Hello, HelloOk, Kind,
     PutFile, Started, DATA_CHUNK, GRANT_BATCH, HEADER_LEN, INITIAL_WINDOW, NONCE_LEN,
     PROTOCOL_VERSION,
 };
 
-/// How to reach an agent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Endpoint {
-    /// A Unix socket that carries the byte stream (QEMU's virtio-serial chardev,
-    /// or an agent started with `--listen-unix`).
-    Stream(PathBuf),
-    /// Firecracker's hybrid vsock: the device's Unix socket and the guest port.
-    HybridVsock {
-        /// The vsock device's Unix socket.
-        socket: PathBuf,
-        /// The guest port the agent listens on.
-        port: u32,
-    },
-}
+/// Connects to agents over their VM's [`AgentChannel`] (the engine's
+/// [`AgentConnector`] in the daemon).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SocketConnector;
 
-/// Why talking to an agent failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum AgentError {
-    /// No connection could be made (nothing listens yet, the guest is booting…).
-    #[error("cannot connect to the guest agent: {0}")]
-    Connect(String),
-    /// The connection broke or was closed.
-    #[error("the guest agent connection was lost: {0}")]
-    Closed(String),
-    /// The agent refused the request.
-    #[error("{}", .0.error)]
-    Remote(ErrorMsg),
-    /// The agent said something that breaks the protocol.
-    #[error("guest agent protocol error: {0}")]
-    Protocol(String),
-    /// No answer in time.
-    #[error("the guest agent did not answer within {0} ms")]
-    Timeout(u64),
+#[async_trait::async_trait]
+impl AgentConnector for SocketConnector {
+    async fn connect(
+        &self,
+        channel: &AgentChannel,
+        timeout: Duration,
+    ) -> Result<Arc<dyn AgentLink>, AgentError> {
+        Ok(Arc::new(AgentClient::connect(channel, timeout).await?))
+    }
 }
 
 /// Per-stream routing state.
@@ -117,21 +104,9 @@ impl BufPool {
     }
 }
 
-/// Where a download's chunks go once the caller is done with them: handing
-/// them back (optional) lets the download reuse them instead of allocating.
-#[derive(Clone)]
-pub struct Recycler(Arc<BufPool>);
-
-impl Recycler {
-    /// Takes back a chunk that [`Download::next_chunk`] returned.
-    pub fn give(&self, chunk: Vec<u8>) {
-        self.0.give(chunk);
-    }
-}
-
-impl std::fmt::Debug for Recycler {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Recycler").finish_non_exhaustive()
+impl ChunkPool for BufPool {
+    fn give(&self, chunk: Vec<u8>) {
+        BufPool::give(self, chunk);
     }
 }
 
@@ -247,18 +222,21 @@ const MAX_RESYNC_BYTES: usize = 8 << 20;
 
 impl AgentClient {
     /// Connects and performs the handshake, all within `timeout`.
-    pub async fn connect(ep: &Endpoint, timeout: Duration) -> Result<AgentClient, AgentError> {
+    pub async fn connect(
+        channel: &AgentChannel,
+        timeout: Duration,
+    ) -> Result<AgentClient, AgentError> {
         let ms = timeout.as_millis() as u64;
-        match tokio::time::timeout(timeout, Self::connect_inner(ep)).await {
+        match tokio::time::timeout(timeout, Self::connect_inner(channel)).await {
             Ok(r) => r,
             Err(_) => Err(AgentError::Timeout(ms)),
         }
     }
 
-    async fn connect_inner(ep: &Endpoint) -> Result<AgentClient, AgentError> {
-        let (path, port) = match ep {
-            Endpoint::Stream(p) => (p.as_path(), None),
-            Endpoint::HybridVsock { socket, port } => (socket.as_path(), Some(*port)),
+    async fn connect_inner(channel: &AgentChannel) -> Result<AgentClient, AgentError> {
+        let (path, port) = match channel {
+            AgentChannel::Stream(p) => (p.as_path(), None),
+            AgentChannel::HybridVsock { socket, port } => (socket.as_path(), Some(*port)),
         };
         let mut sock = UnixStream::connect(path)
             .await
@@ -373,34 +351,6 @@ impl AgentClient {
         Ok(AgentClient { inner })
     }
 
-    /// The agent's handshake answer (its version and pid).
-    pub fn hello(&self) -> &HelloOk {
-        &self.inner.hello
-    }
-
-    /// True once the connection is gone.
-    pub fn is_closed(&self) -> bool {
-        self.inner.closed.borrow().is_some()
-    }
-
-    /// Resolves when the connection is gone, with the reason.
-    pub async fn closed(&self) -> String {
-        let mut rx = self.inner.closed.subscribe();
-        loop {
-            if let Some(why) = rx.borrow_and_update().clone() {
-                return why;
-            }
-            if rx.changed().await.is_err() {
-                return "closed".into();
-            }
-        }
-    }
-
-    /// Closes the connection; requests in flight fail.
-    pub fn shutdown(&self) {
-        self.inner.close("closed by the host".into());
-    }
-
     fn open(&self) -> Result<Request, AgentError> {
         self.open_with(None)
     }
@@ -434,20 +384,47 @@ impl AgentClient {
             ungranted: 0,
         })
     }
+}
+
+#[async_trait::async_trait]
+impl AgentLink for AgentClient {
+    /// The agent's handshake answer (its version and pid).
+    fn hello(&self) -> &HelloOk {
+        &self.inner.hello
+    }
+
+    /// True once the connection is gone.
+    fn is_closed(&self) -> bool {
+        self.inner.closed.borrow().is_some()
+    }
+
+    /// Resolves when the connection is gone, with the reason.
+    async fn closed(&self) -> String {
+        let mut rx = self.inner.closed.subscribe();
+        loop {
+            if let Some(why) = rx.borrow_and_update().clone() {
+                return why;
+            }
+            if rx.changed().await.is_err() {
+                return "closed".into();
+            }
+        }
+    }
+
+    /// Closes the connection; requests in flight fail.
+    fn shutdown(&self) {
+        self.inner.close("closed by the host".into());
+    }
 
     /// Liveness check.
-    pub async fn ping(&self) -> Result<(), AgentError> {
+    async fn ping(&self) -> Result<(), AgentError> {
         let mut r = self.open()?;
         r.send(Kind::Ping, Vec::new())?;
         r.expect_done().await.map(|_| ())
     }
 
     /// Starts a command. With `stdin`, its bytes are sent and stdin closed.
-    pub async fn exec(
-        &self,
-        req: &ExecRequest,
-        stdin: Option<Vec<u8>>,
-    ) -> Result<Exec, AgentError> {
+    async fn exec(&self, req: &ExecRequest, stdin: Option<Vec<u8>>) -> Result<Exec, AgentError> {
         let mut req = req.clone();
         req.stdin = stdin.is_some();
         let mut r = self.open()?;
@@ -471,25 +448,22 @@ impl AgentClient {
                 });
             });
         }
-        Ok(Exec {
-            req: r,
-            pid: started.pid,
-        })
+        Ok(Exec::new(started.pid, Box::new(ExecFrames { req: r })))
     }
 
     /// Starts an upload; write the content with [`Upload::write`], then [`Upload::finish`].
-    pub async fn put_file(&self, put: &PutFile) -> Result<Upload, AgentError> {
+    async fn put_file(&self, put: &PutFile) -> Result<Upload, AgentError> {
         let r = self.open()?;
         r.send_json(Kind::PutFile, put)?;
-        Ok(Upload {
+        Ok(Upload::new(Box::new(UploadFrames {
             req: r,
             frame: Vec::new(),
             pool: Arc::default(),
-        })
+        })))
     }
 
     /// Starts a download; read it with [`Download::next_chunk`].
-    pub async fn get_file(&self, path: &str) -> Result<Download, AgentError> {
+    async fn get_file(&self, path: &str) -> Result<Download, AgentError> {
         let pool = Arc::<BufPool>::default();
         let mut r = self.open_with(Some(pool.clone()))?;
         r.send_json(
@@ -503,23 +477,23 @@ impl AgentClient {
             Kind::FileInfo => parse(&f)?,
             _ => return Err(r.unexpected(f)),
         };
-        Ok(Download {
-            req: r,
+        let recycler = Recycler::new(pool);
+        Ok(Download::new(
             info,
-            done: None,
-            pool,
-        })
+            Box::new(DownloadFrames { req: r, done: None }),
+            recycler,
+        ))
     }
 
     /// Freezes the guest's writable file systems.
-    pub async fn freeze(&self) -> Result<Done, AgentError> {
+    async fn freeze(&self) -> Result<Done, AgentError> {
         let mut r = self.open()?;
         r.send(Kind::Freeze, Vec::new())?;
         r.expect_done().await
     }
 
     /// Thaws what [`AgentClient::freeze`] froze.
-    pub async fn thaw(&self) -> Result<Done, AgentError> {
+    async fn thaw(&self) -> Result<Done, AgentError> {
         let mut r = self.open()?;
         r.send(Kind::Thaw, Vec::new())?;
         r.expect_done().await
@@ -882,32 +856,14 @@ impl Drop for Request {
     }
 }
 
-/// What a running command produces.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExecEvent {
-    /// Bytes on stdout.
-    Stdout(Vec<u8>),
-    /// Bytes on stderr.
-    Stderr(Vec<u8>),
-    /// The command ended; nothing follows.
-    Exit(ExitStatus),
-}
-
-/// A running command. Dropping it before the exit kills the command.
-pub struct Exec {
+/// A running command's frames.
+struct ExecFrames {
     req: Request,
-    pid: u32,
 }
 
-impl Exec {
-    /// The command's pid in the guest.
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    /// The next output chunk or the exit. Credit for output is returned as
-    /// each chunk is taken.
-    pub async fn next(&mut self) -> Result<ExecEvent, AgentError> {
+#[async_trait::async_trait]
+impl ExecStream for ExecFrames {
+    async fn next(&mut self) -> Result<ExecEvent, AgentError> {
         let f = self.req.next().await?;
         match f.kind {
             Kind::Stdout => {
@@ -923,15 +879,13 @@ impl Exec {
         }
     }
 
-    /// Kills the command's process group; its `Exit` still follows.
-    pub async fn kill(&mut self) -> Result<(), AgentError> {
+    async fn kill(&mut self) -> Result<(), AgentError> {
         self.req.send(Kind::Kill, Vec::new())
     }
 }
 
-/// An upload in progress. Dropping it before [`Upload::finish`] aborts it and
-/// the guest removes the partial file.
-pub struct Upload {
+/// An upload's frames.
+struct UploadFrames {
     req: Request,
     /// The next `Data` frame: room for its header, then the bytes gathered
     /// so far (empty when none is started). Small writes are gathered into
@@ -941,9 +895,32 @@ pub struct Upload {
     pool: Arc<BufPool>,
 }
 
-impl Upload {
-    /// Sends the next bytes of the file (waits for credit).
-    pub async fn write(&mut self, mut bytes: &[u8]) -> Result<(), AgentError> {
+impl UploadFrames {
+    /// Sends the gathered frame once its credit is there.
+    async fn send_frame(&mut self) -> Result<(), AgentError> {
+        let n = self.frame.len() - HEADER_LEN;
+        let credit = self.req.credit.clone();
+        tokio::select! {
+            permit = credit.acquire_many(n as u32) => permit
+                .map_err(|_| AgentError::Closed(self.req.inner.reason()))?
+                .forget(),
+            f = self.req.next() => return Err(match f {
+                Ok(f) => self.req.unexpected(f),
+                Err(e) => e,
+            }),
+        }
+        let mut bytes = std::mem::take(&mut self.frame);
+        bytes[..HEADER_LEN].copy_from_slice(&proto::header(Kind::Data, self.req.id, n));
+        self.req.inner.send_out(Outgoing {
+            bytes,
+            pool: Some(self.pool.clone()),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl UploadSink for UploadFrames {
+    async fn write(&mut self, mut bytes: &[u8]) -> Result<(), AgentError> {
         // An early error (bad path) arrives while the host is still sending.
         if let Ok(f) = self.req.rx.try_recv() {
             return Err(match f.kind {
@@ -970,29 +947,7 @@ impl Upload {
         Ok(())
     }
 
-    /// Sends the gathered frame once its credit is there.
-    async fn send_frame(&mut self) -> Result<(), AgentError> {
-        let n = self.frame.len() - HEADER_LEN;
-        let credit = self.req.credit.clone();
-        tokio::select! {
-            permit = credit.acquire_many(n as u32) => permit
-                .map_err(|_| AgentError::Closed(self.req.inner.reason()))?
-                .forget(),
-            f = self.req.next() => return Err(match f {
-                Ok(f) => self.req.unexpected(f),
-                Err(e) => e,
-            }),
-        }
-        let mut bytes = std::mem::take(&mut self.frame);
-        bytes[..HEADER_LEN].copy_from_slice(&proto::header(Kind::Data, self.req.id, n));
-        self.req.inner.send_out(Outgoing {
-            bytes,
-            pool: Some(self.pool.clone()),
-        })
-    }
-
-    /// Ends the upload and waits until the file is in place.
-    pub async fn finish(mut self) -> Result<Done, AgentError> {
+    async fn finish(&mut self) -> Result<Done, AgentError> {
         if self.frame.len() > HEADER_LEN {
             self.send_frame().await?;
         }
@@ -1001,28 +956,14 @@ impl Upload {
     }
 }
 
-/// A download in progress. Dropping it early aborts it.
-pub struct Download {
+/// A download's frames (its chunks are read into the stream's pool).
+struct DownloadFrames {
     req: Request,
-    /// The file's size and mode when the agent opened it.
-    pub info: FileInfo,
     done: Option<Done>,
-    /// What the chunks are read into.
-    pool: Arc<BufPool>,
 }
 
-impl Download {
-    /// The next chunk of the file, or `None` at its end.
-    pub async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, AgentError> {
-        std::future::poll_fn(|cx| self.poll_chunk(cx)).await
-    }
-
-    /// [`Download::next_chunk`] as a poll, for a caller that is itself polled
-    /// (a response body). Credit goes back as chunks are taken.
-    pub fn poll_chunk(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Option<Vec<u8>>, AgentError>> {
+impl DownloadStream for DownloadFrames {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Vec<u8>>, AgentError>> {
         if self.done.is_some() {
             return Poll::Ready(Ok(None));
         }
@@ -1041,11 +982,6 @@ impl Download {
             }),
             _ => Err(self.req.unexpected(f)),
         })
-    }
-
-    /// Where chunks can be handed back once used, to be read into again.
-    pub fn recycler(&self) -> Recycler {
-        Recycler(self.pool.clone())
     }
 }
 
