@@ -505,17 +505,29 @@ mod tests {
         VmSlot::new(info, None, None)
     }
 
-    #[tokio::test]
-    async fn a_vm_is_ready_while_its_agent_link_lives() {
-        let agents = FakeAgents::new();
-        let slot = running_vm("ready");
+    /// A running VM holding a link to `agents`, once it is ready: the VM, the
+    /// VMM's exit watch, and what [`hold_link`] returns.
+    async fn held_link(
+        agents: &FakeAgents,
+    ) -> (
+        Arc<VmSlot>,
+        watch::Sender<Option<VmmExit>>,
+        tokio::task::JoinHandle<String>,
+    ) {
+        let slot = running_vm("held");
         let (exit_tx, mut exit) = watch::channel(None);
         let held = {
             let (slot, link) = (slot.clone(), agents.link());
-            tokio::spawn(async move { hold_link(&slot, "ready", link, &mut exit).await })
+            tokio::spawn(async move { hold_link(&slot, "held", link, &mut exit).await })
         };
-        let mut ready = slot.ready.subscribe();
-        ready.wait_for(|r| *r).await.unwrap();
+        slot.ready.subscribe().wait_for(|r| *r).await.unwrap();
+        (slot, exit_tx, held)
+    }
+
+    #[tokio::test]
+    async fn a_vm_is_ready_while_its_agent_link_lives() {
+        let agents = FakeAgents::new();
+        let (slot, _exit, held) = held_link(&agents).await;
         let info = slot.info();
         assert!(info.ready);
         assert_eq!(
@@ -533,19 +545,12 @@ mod tests {
         assert!(!*slot.ready.borrow());
         assert!(!slot.info().ready);
         assert!(slot.agent().is_none());
-        drop(exit_tx);
     }
 
     #[tokio::test]
     async fn a_vmm_exit_ends_the_link_and_readiness() {
         let agents = FakeAgents::new();
-        let slot = running_vm("exits");
-        let (exit_tx, mut exit) = watch::channel(None);
-        let held = {
-            let (slot, link) = (slot.clone(), agents.link());
-            tokio::spawn(async move { hold_link(&slot, "exits", link, &mut exit).await })
-        };
-        slot.ready.subscribe().wait_for(|r| *r).await.unwrap();
+        let (slot, exit_tx, held) = held_link(&agents).await;
         exit_tx.send_replace(Some(VmmExit {
             code: Some(0),
             signal: None,

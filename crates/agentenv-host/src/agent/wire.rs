@@ -78,8 +78,8 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
     loop {
         // Every whole frame in the buffer, then one move of the partial tail.
         let mut pos = 0;
-        // A large frame whose payload is only partly here: (kind, stream,
-        // length, the bytes so far).
+        // A large frame whose payload is only partly here: its length, and
+        // the frame with the bytes so far.
         let mut partial = None;
         while buf.len() - pos >= HEADER_LEN {
             let h: [u8; HEADER_LEN] = buf[pos..pos + HEADER_LEN]
@@ -107,7 +107,14 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
             payload.extend_from_slice(&buf[pos + HEADER_LEN..end.min(buf.len())]);
             if buf.len() < end {
                 pos = buf.len();
-                partial = Some((kind, stream, n, payload));
+                partial = Some((
+                    n,
+                    Frame {
+                        kind,
+                        stream,
+                        payload,
+                    },
+                ));
                 break;
             }
             pos = end;
@@ -122,29 +129,23 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
         }
         buf.drain(..pos);
         let read = match partial {
-            Some((kind, stream, n, mut payload)) => {
+            Some((n, mut frame)) => {
                 // The rest of the payload goes straight into its buffer (not
                 // past it: the reads are limited to what the frame lacks).
                 let read = loop {
-                    let want = n - payload.len();
-                    let Some(r) = read_some(&mut rd, &mut payload, want, &mut closed).await else {
+                    let want = n - frame.payload.len();
+                    let Some(r) = read_some(&mut rd, &mut frame.payload, want, &mut closed).await
+                    else {
                         return;
                     };
                     match r {
-                        Ok(m) if m > 0 && payload.len() < n => {}
+                        Ok(m) if m > 0 && frame.payload.len() < n => {}
                         r => break r,
                     }
                 };
                 if let Ok(1..) = read {
                     let Some(i) = inner.upgrade() else { return };
-                    dispatch(
-                        &i,
-                        Frame {
-                            kind,
-                            stream,
-                            payload,
-                        },
-                    );
+                    dispatch(&i, frame);
                     header_only = true;
                     continue;
                 }
