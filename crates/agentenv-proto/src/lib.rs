@@ -470,22 +470,6 @@ impl ErrorMsg {
             field: field.map(str::to_string),
         }
     }
-
-    /// The error for an OS error on `field`'s path.
-    pub fn from_io(field: &str, context: &str, e: &std::io::Error) -> ErrorMsg {
-        let code = match e.kind() {
-            std::io::ErrorKind::NotFound => ErrorCode::NotFound,
-            std::io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
-            std::io::ErrorKind::InvalidInput => ErrorCode::BadRequest,
-            _ if e.raw_os_error() == Some(libc::EISDIR)
-                || e.raw_os_error() == Some(libc::ENOTDIR) =>
-            {
-                ErrorCode::BadRequest
-            }
-            _ => ErrorCode::Io,
-        };
-        ErrorMsg::new(code, Some(field), format!("{context}: {e}"))
-    }
 }
 
 /// `PutFile`: write a file (replaced atomically when the upload completes).

@@ -16,7 +16,7 @@ use super::exec::{self, ExecHandle, KillReason};
 use super::files::{self, PutHandle};
 use super::freeze;
 use super::out::{OutStream, Outbox};
-use super::{lock, spawn, Config, AGENT};
+use super::{io_error, lock, spawn, Config, AGENT};
 
 /// The live requests of a session by stream id.
 pub type Registry = Mutex<HashMap<u32, Entry>>;
@@ -209,7 +209,7 @@ impl Session {
                 };
                 if let Err(e) = spawn("freeze", run) {
                     self.out
-                        .error(stream, &ErrorMsg::from_io("stream", "start a thread", &e));
+                        .error(stream, &io_error("stream", "start a thread", &e));
                 }
             }
             _ => self.transfer_or_exec(f),
