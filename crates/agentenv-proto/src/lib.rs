@@ -5,6 +5,11 @@
 //! named [`SERIAL_PORT_NAME`] (one long-lived stream). docs/guest-agent.md is the
 //! prose version of this module.
 //!
+//! This crate is the wire format only (frames, messages, constants and their
+//! codecs over any `Read` or byte buffer); it opens nothing. The guest agent
+//! (`agentenv-guest`) serves it, the host client (`agentenv_host::agent`)
+//! speaks it, and `agentenv-core` uses its message types in its agent seam.
+//!
 //! # Frames
 //!
 //! ```text
