@@ -1,5 +1,5 @@
 // The body of the `agent_frames` fuzz target: arbitrary bytes into the guest
-// agent protocol's decoders (agentenv_guest::proto). Shared, through
+// agent protocol's decoders (agentenv_proto). Shared, through
 // include!(), by the cargo-fuzz target (fuzz/fuzz_targets/agent_frames.rs) and
 // the ordinary test that runs it over PRNG-made inputs
 // (crates/agentenv/tests/fuzz_targets.rs), so it uses only crates both have
@@ -16,7 +16,7 @@
 // - frames built from the input (any kind, stream, payload) decode to
 //   themselves through both decoders.
 
-use agentenv_guest::proto::{self, Frame, Kind, ProtoError, HEADER_LEN, MAX_PAYLOAD, NONCE_LEN};
+use agentenv_proto::{self as proto, Frame, Kind, ProtoError, HEADER_LEN, MAX_PAYLOAD, NONCE_LEN};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 

@@ -42,10 +42,12 @@ use agentenv_bench::http::Client;
 use agentenv_bench::procfs::{self, HostInfo, Rss};
 use agentenv_bench::signals;
 use agentenv_bench::stats::{pass, round3, Summary};
+use agentenv_core::agent::{AgentLink, ExecEvent};
+use agentenv_core::backend::AgentChannel;
 use agentenv_core::config::AgentConfig;
 use agentenv_core::engine::AGENT_SOCKET;
-use agentenv_guest::client::{AgentClient, Endpoint, ExecEvent};
-use agentenv_guest::proto::{ExecRequest, PutFile, INITIAL_WINDOW, VSOCK_PORT};
+use agentenv_host::agent::AgentClient;
+use agentenv_proto::{ExecRequest, PutFile, INITIAL_WINDOW, VSOCK_PORT};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
@@ -340,7 +342,7 @@ struct AgentSide {
 impl AgentSide {
     fn connect(
         rt: Arc<tokio::runtime::Runtime>,
-        endpoint: Endpoint,
+        endpoint: AgentChannel,
         name: &'static str,
     ) -> Result<AgentSide> {
         let client = rt
@@ -1043,13 +1045,13 @@ fn run_fc(env: &mut FcEnv, bins: &Binaries, p: &Params) -> Result<FcReport> {
     let vsock = env.root.join("sessions/io").join(AGENT_SOCKET);
     let bridge = AgentSide::connect(
         rt.clone(),
-        Endpoint::HybridVsock {
+        AgentChannel::HybridVsock {
             socket: vsock,
             port: VSOCK_PORT,
         },
         "bridge",
     )?;
-    let direct = AgentSide::connect(rt, Endpoint::Stream(env.agent.socket.clone()), "direct")?;
+    let direct = AgentSide::connect(rt, AgentChannel::Stream(env.agent.socket.clone()), "direct")?;
 
     // Exec round trips.
     progress(&format!(

@@ -1,11 +1,12 @@
 //! agentenv's domain and engine.
 //!
 //! Invariant: this crate makes no direct OS calls. Everything that touches the
-//! host (VMM processes, files, memory figures) goes through the traits in
-//! [`backend`], [`host`], [`net`] and [`snapshot`], implemented in
-//! `agentenv-host` and faked by the recording fakes of `testing` in the
-//! engine's own tests.
+//! host (VMM processes, files, memory figures, the guest agent's sockets) goes
+//! through the traits in [`backend`], [`host`], [`net`], [`snapshot`] and
+//! [`agent`], implemented in `agentenv-host` and faked by the recording fakes
+//! of `testing` (and `engine/agent/fake.rs`) in the engine's own tests.
 
+pub mod agent;
 pub mod backend;
 pub mod config;
 pub mod engine;

@@ -1,5 +1,5 @@
 //! agentenv-guest: the agent every agentenv VM runs. It serves the protocol of
-//! `agentenv_guest::proto` on the vsock port and the virtio-serial port (or,
+//! `agentenv_proto` on the vsock port and the virtio-serial port (or,
 //! for tests, on a Unix socket): commands, file transfers, file-system freezes.
 
 mod agent;

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agentenv_guest::proto::{
-    self, Done, ErrorCode, ErrorMsg, ExecRequest, ExitStatus, FileInfo, Frame, GetFile, Hello,
-    HelloOk, Kind, PutFile, Started, DATA_CHUNK, INITIAL_WINDOW, PROTOCOL_VERSION,
+use agentenv_proto::{
+    self as proto, Done, ErrorCode, ErrorMsg, ExecRequest, ExitStatus, FileInfo, Frame, GetFile,
+    Hello, HelloOk, Kind, PutFile, Started, DATA_CHUNK, INITIAL_WINDOW, PROTOCOL_VERSION,
 };
 
 const NONCE: &str = "0123456789abcdef";

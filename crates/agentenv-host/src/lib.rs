@@ -1,6 +1,7 @@
 //! agentenv's host implementations: the VMM drivers and everything else that
 //! touches the operating system.
 
+pub mod agent;
 pub mod disk;
 pub mod firecracker;
 pub mod kvm;

@@ -9,10 +9,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use agentenv_core::agent::{AgentLink, ExecEvent};
+use agentenv_core::backend::AgentChannel;
 use agentenv_core::backend::{wait_exit, DriveSpec, LaunchSpec, Vmm, VmmError, VmmInstance};
-use agentenv_guest::client::{AgentClient, Endpoint, ExecEvent};
-use agentenv_guest::proto;
+use agentenv_host::agent::AgentClient;
 use agentenv_host::qemu::{Accel, QemuInstance, QemuVmm, COMMAND_FILE};
+use agentenv_proto as proto;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
@@ -464,7 +466,7 @@ async fn the_guest_agent_refuses_malformed_frames_and_keeps_serving() {
     s.agent_socket = Some(sock.clone());
     let vm: Box<dyn VmmInstance> = QemuVmm::new(qemu, Accel::Tcg).launch(&s).await.unwrap();
     let _guard = KillGuard(vm.pid());
-    let ep = Endpoint::Stream(sock.clone());
+    let ep = AgentChannel::Stream(sock.clone());
     assert_eq!(
         vm.agent_channel(),
         Some(agentenv_core::backend::AgentChannel::Stream(sock.clone()))

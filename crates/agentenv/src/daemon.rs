@@ -9,6 +9,7 @@ use agentenv_core::config::{Config, VmmChoice};
 use agentenv_core::host::Host;
 use agentenv_core::net::HostNetwork;
 use agentenv_core::Engine;
+use agentenv_host::agent::SocketConnector;
 use agentenv_host::firecracker::FirecrackerVmm;
 use agentenv_host::kvm;
 use agentenv_host::net::LinuxNetwork;
@@ -157,7 +158,7 @@ pub async fn build_engine_in(cfg: Config, netns: Option<PathBuf>) -> anyhow::Res
         tracing::info!("automatic networking off: create requests name their own TAP");
         None
     };
-    let engine = Engine::start(cfg, vmm, host, net, snapshots).await?;
+    let engine = Engine::start(cfg, vmm, host, net, snapshots, Arc::new(SocketConnector)).await?;
     Ok(engine)
 }
 

@@ -10,14 +10,13 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use agentenv_api::{AgentInfo, ExecRequest, ExecResult, VmInfo, VmState};
-use agentenv_guest::client::{
-    AgentClient, AgentError, Download, Endpoint, Exec, ExecEvent, Upload,
-};
-use agentenv_guest::proto::{self, ErrorCode, PutFile};
+use agentenv_proto::{self as proto, ErrorCode, PutFile};
 use chrono::Utc;
+use tokio::sync::watch;
 
 use super::{Engine, VmSlot};
-use crate::backend::{AgentChannel, VmmInstance};
+use crate::agent::{AgentError, AgentLink, Download, Exec, ExecEvent, Upload};
+use crate::backend::{AgentChannel, VmmExit, VmmInstance};
 use crate::error::EngineError;
 
 /// Longest guest path accepted.
@@ -25,6 +24,9 @@ const MAX_GUEST_PATH: usize = 4096;
 
 /// Longest a freeze may take before the snapshot goes ahead with a pause only.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest the host waits for the thaw after a snapshot.
+const THAW_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long the agent watcher retries quickly before backing off to 5 s.
 const SLOW_RETRY_AFTER: Duration = Duration::from_secs(60);
@@ -58,16 +60,6 @@ impl From<AgentError> for EngineError {
             AgentError::Timeout(_) => EngineError::Timeout(e.to_string()),
             other => EngineError::AgentUnavailable(other.to_string()),
         }
-    }
-}
-
-fn endpoint(ch: &AgentChannel) -> Endpoint {
-    match ch {
-        AgentChannel::Stream(p) => Endpoint::Stream(p.clone()),
-        AgentChannel::HybridVsock { socket, port } => Endpoint::HybridVsock {
-            socket: socket.clone(),
-            port: *port,
-        },
     }
 }
 
@@ -176,11 +168,11 @@ impl Engine {
             return;
         };
         let engine = Arc::downgrade(self);
-        tokio::spawn(agent_watch(engine, vm_id, inst, endpoint(&ch)));
+        tokio::spawn(agent_watch(engine, vm_id, inst, ch));
     }
 
     /// The VM's agent connection, when the VM is running and its agent answers.
-    fn agent(&self, slot: &VmSlot) -> Result<AgentClient, EngineError> {
+    fn agent(&self, slot: &VmSlot) -> Result<Arc<dyn AgentLink>, EngineError> {
         let state = slot.state();
         if matches!(state, VmState::Paused | VmState::Pausing) {
             return Err(EngineError::Conflict {
@@ -338,31 +330,45 @@ impl Engine {
         let agent = self.agent(&slot)?;
         Ok(agent.get_file(&path).await?)
     }
+}
 
-    /// Freezes the guest's file systems for a snapshot, when its agent answers.
-    /// Returns the connection to thaw with, or `None` (pause-only snapshot).
-    pub(super) async fn freeze_for_snapshot(&self, slot: &VmSlot) -> Option<AgentClient> {
-        let agent = slot.agent().filter(|c| !c.is_closed())?;
-        let vm_id = slot.info().vm_id;
-        match tokio::time::timeout(FREEZE_TIMEOUT, agent.freeze()).await {
-            Ok(Ok(done)) => {
-                tracing::info!(vm_id = %vm_id, "froze {:?} for a snapshot", done.mounts);
-                Some(agent)
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(vm_id = %vm_id, "fsfreeze failed, snapshot with a pause only: {e}");
-                None
-            }
-            Err(_) => {
-                tracing::warn!(vm_id = %vm_id, "fsfreeze timed out, snapshot with a pause only");
-                // The agent thaws by itself if no thaw comes; ask anyway.
-                let a = agent.clone();
-                tokio::spawn(async move {
-                    let _ = a.thaw().await;
-                });
-                None
-            }
+/// Freezes the guest's file systems for a snapshot, when its agent answers.
+/// Returns the connection to thaw with, or `None` (pause-only snapshot).
+pub(super) async fn freeze_for_snapshot(slot: &VmSlot) -> Option<Arc<dyn AgentLink>> {
+    let agent = slot.agent().filter(|c| !c.is_closed())?;
+    let vm_id = slot.info().vm_id;
+    match tokio::time::timeout(FREEZE_TIMEOUT, agent.freeze()).await {
+        Ok(Ok(done)) => {
+            tracing::info!(vm_id = %vm_id, "froze {:?} for a snapshot", done.mounts);
+            Some(agent)
         }
+        Ok(Err(e)) => {
+            tracing::warn!(vm_id = %vm_id, "fsfreeze failed, snapshot with a pause only: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(vm_id = %vm_id, "fsfreeze timed out, snapshot with a pause only");
+            // The agent thaws by itself if no thaw comes; ask anyway.
+            let a = agent.clone();
+            tokio::spawn(async move {
+                let _ = a.thaw().await;
+            });
+            None
+        }
+    }
+}
+
+/// Thaws what [`freeze_for_snapshot`] froze, if anything. Bounded: a guest
+/// left paused cannot answer; its agent thaws by itself once it runs again and
+/// no thaw has come.
+pub(super) async fn thaw_after_snapshot(vm_id: &str, frozen: Option<Arc<dyn AgentLink>>) {
+    let Some(agent) = frozen else {
+        return;
+    };
+    match tokio::time::timeout(THAW_TIMEOUT, agent.thaw()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!("vm {vm_id}: thaw after snapshot failed: {e}"),
+        Err(_) => tracing::error!("vm {vm_id}: thaw after snapshot timed out"),
     }
 }
 
@@ -376,7 +382,7 @@ async fn agent_watch(
     engine: Weak<Engine>,
     vm_id: String,
     inst: Arc<dyn VmmInstance>,
-    ep: Endpoint,
+    channel: AgentChannel,
 ) {
     let mut exit = inst.exit_watch();
     let mut delay = Duration::from_millis(50);
@@ -384,7 +390,7 @@ async fn agent_watch(
     // has no agent costs a connection attempt every few seconds, not twice a second.
     let mut unanswered_since = tokio::time::Instant::now();
     loop {
-        let (slot, connect_timeout) = {
+        let (slot, agents, connect_timeout) = {
             let Some(engine) = engine.upgrade() else {
                 return;
             };
@@ -397,6 +403,7 @@ async fn agent_watch(
             }
             (
                 slot,
+                engine.agents.clone(),
                 Duration::from_millis(engine.cfg.agent.connect_timeout_ms),
             )
         };
@@ -408,7 +415,7 @@ async fn agent_watch(
             continue;
         }
         let client = tokio::select! {
-            r = AgentClient::connect(&ep, connect_timeout) => r,
+            r = agents.connect(&channel, connect_timeout) => r,
             _ = exit.changed() => return,
         };
         let client = match client {
@@ -426,38 +433,248 @@ async fn agent_watch(
             }
         };
         delay = Duration::from_millis(50);
-        let hello = client.hello().clone();
-        tracing::info!(vm_id = %vm_id, "guest agent ready: {} (protocol {})", hello.agent, hello.version);
-        slot.set_agent(Some(client.clone()));
-        let _ = slot.update(|i| {
-            i.ready = true;
-            i.agent = Some(AgentInfo {
-                version: hello.agent.clone(),
-                protocol: hello.version,
-                ready_at: Utc::now(),
-            });
-            Ok::<(), std::convert::Infallible>(())
-        });
-        slot.ready.send_replace(true);
-        let why = tokio::select! {
-            why = client.closed() => why,
-            _ = exit.changed() => "the vmm exited".to_string(),
-        };
-        client.shutdown();
-        slot.set_agent(None);
-        let _ = slot.update(|i| {
-            i.ready = false;
-            Ok::<(), std::convert::Infallible>(())
-        });
-        slot.ready.send_replace(false);
+        let why = hold_link(&slot, &vm_id, client, &mut exit).await;
         tracing::info!(vm_id = %vm_id, "guest agent connection ended: {why}");
         unanswered_since = tokio::time::Instant::now();
     }
 }
 
+/// Holds one agent connection: the VM is ready, with the agent's version,
+/// while it lives. Returns why it ended (the connection broke, or the VMM
+/// exited), once the VM is marked not ready again.
+async fn hold_link(
+    slot: &VmSlot,
+    vm_id: &str,
+    client: Arc<dyn AgentLink>,
+    exit: &mut watch::Receiver<Option<VmmExit>>,
+) -> String {
+    let hello = client.hello().clone();
+    tracing::info!(vm_id = %vm_id, "guest agent ready: {} (protocol {})", hello.agent, hello.version);
+    slot.set_agent(Some(client.clone()));
+    let _ = slot.update(|i| {
+        i.ready = true;
+        i.agent = Some(AgentInfo {
+            version: hello.agent.clone(),
+            protocol: hello.version,
+            ready_at: Utc::now(),
+        });
+        Ok::<(), std::convert::Infallible>(())
+    });
+    slot.ready.send_replace(true);
+    let why = tokio::select! {
+        why = client.closed() => why,
+        _ = exit.changed() => "the vmm exited".to_string(),
+    };
+    client.shutdown();
+    slot.set_agent(None);
+    let _ = slot.update(|i| {
+        i.ready = false;
+        Ok::<(), std::convert::Infallible>(())
+    });
+    slot.ready.send_replace(false);
+    why
+}
+
+#[cfg(test)]
+pub(super) mod fake;
+
 #[cfg(test)]
 mod tests {
+    use super::fake::{AgentCall, Answer, FakeAgents, FAKE_AGENT};
     use super::*;
+
+    /// A running VM's slot, with no agent yet.
+    fn running_vm(vm_id: &str) -> Arc<VmSlot> {
+        let now = Utc::now();
+        let info: VmInfo = serde_json::from_value(serde_json::json!({
+            "vm_id": vm_id,
+            "state": "running",
+            "backend": "firecracker",
+            "api_socket": "/run/fc.sock",
+            "vcpus": 1,
+            "memory_mib": 128,
+            "disk": {"kind": "ephemeral", "writable_path": "/s/rootfs.ext4", "size_bytes": 0},
+            "kernel": "/k/vmlinux",
+            "boot_args": "console=ttyS0",
+            "session_dir": "/s",
+            "console_log": "/s/console.log",
+            "created_at": now,
+            "updated_at": now,
+        }))
+        .expect("a VmInfo");
+        VmSlot::new(info, None, None)
+    }
+
+    /// A running VM holding a link to `agents`, once it is ready: the VM, the
+    /// VMM's exit watch, and what [`hold_link`] returns.
+    async fn held_link(
+        agents: &FakeAgents,
+    ) -> (
+        Arc<VmSlot>,
+        watch::Sender<Option<VmmExit>>,
+        tokio::task::JoinHandle<String>,
+    ) {
+        let slot = running_vm("held");
+        let (exit_tx, mut exit) = watch::channel(None);
+        let held = {
+            let (slot, link) = (slot.clone(), agents.link());
+            tokio::spawn(async move { hold_link(&slot, "held", link, &mut exit).await })
+        };
+        slot.ready.subscribe().wait_for(|r| *r).await.unwrap();
+        (slot, exit_tx, held)
+    }
+
+    #[tokio::test]
+    async fn a_vm_is_ready_while_its_agent_link_lives() {
+        let agents = FakeAgents::new();
+        let (slot, _exit, held) = held_link(&agents).await;
+        let info = slot.info();
+        assert!(info.ready);
+        assert_eq!(
+            info.agent.as_ref().map(|a| a.version.as_str()),
+            Some(FAKE_AGENT)
+        );
+        assert_eq!(
+            info.agent.map(|a| a.protocol),
+            Some(proto::PROTOCOL_VERSION)
+        );
+        assert!(slot.agent().is_some());
+
+        agents.close_links("the guest rebooted");
+        assert_eq!(held.await.unwrap(), "the guest rebooted");
+        assert!(!*slot.ready.borrow());
+        assert!(!slot.info().ready);
+        assert!(slot.agent().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_vmm_exit_ends_the_link_and_readiness() {
+        let agents = FakeAgents::new();
+        let (slot, exit_tx, held) = held_link(&agents).await;
+        exit_tx.send_replace(Some(VmmExit {
+            code: Some(0),
+            signal: None,
+        }));
+        assert_eq!(held.await.unwrap(), "the vmm exited");
+        assert!(!slot.info().ready && slot.agent().is_none());
+        // The host closed the link it held.
+        assert_eq!(agents.calls(), [AgentCall::Shutdown]);
+    }
+
+    /// A snapshot's freeze, then its thaw, as `snapshot.rs` runs them.
+    async fn freeze_then_thaw(freeze: Answer, thaw: Answer) -> (bool, Vec<AgentCall>) {
+        let agents = FakeAgents::new();
+        agents.answer(freeze, thaw);
+        let slot = running_vm("frozen");
+        slot.set_agent(Some(agents.link()));
+        let frozen = freeze_for_snapshot(&slot).await;
+        let was_frozen = frozen.is_some();
+        thaw_after_snapshot("frozen", frozen).await;
+        // A thaw sent in the background (after a freeze timed out) runs now.
+        tokio::task::yield_now().await;
+        (was_frozen, agents.calls())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_snapshot_thaws_what_it_froze_on_every_path() {
+        use AgentCall::{Freeze, Thaw};
+        // Frozen: thawed after the copy.
+        assert_eq!(
+            freeze_then_thaw(Answer::Done, Answer::Done).await,
+            (true, vec![Freeze, Thaw])
+        );
+        // The freeze failed: nothing is frozen, nothing to thaw.
+        assert_eq!(
+            freeze_then_thaw(Answer::Fail, Answer::Done).await,
+            (false, vec![Freeze])
+        );
+        // The freeze never answered: a pause-only snapshot, and a thaw anyway
+        // in case the guest froze late.
+        assert_eq!(
+            freeze_then_thaw(Answer::Never, Answer::Done).await,
+            (false, vec![Freeze, Thaw])
+        );
+        // A thaw that fails or never answers does not hold the snapshot up.
+        for thaw in [Answer::Fail, Answer::Never] {
+            assert_eq!(
+                freeze_then_thaw(Answer::Done, thaw).await,
+                (true, vec![Freeze, Thaw])
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_seam_streams_exec_output_uploads_and_downloads() {
+        use crate::agent::AgentConnector;
+        let agents = FakeAgents::new();
+        let channel = AgentChannel::Stream("/s/agent.sock".into());
+        let link = agents
+            .connect(&channel, Duration::from_secs(1))
+            .await
+            .unwrap();
+        let put = PutFile {
+            path: "/etc/motd".into(),
+            mode: None,
+            make_parents: false,
+        };
+        let mut up = link.put_file(&put).await.unwrap();
+        up.write(b"hello ").await.unwrap();
+        up.write(b"world").await.unwrap();
+        assert_eq!(up.finish().await.unwrap().bytes, 11);
+        assert_eq!(
+            agents.file("/etc/motd").as_deref(),
+            Some(&b"hello world"[..])
+        );
+
+        let mut dl = link.get_file("/etc/motd").await.unwrap();
+        assert_eq!(dl.info.size, 11);
+        let (recycler, mut got) = (dl.recycler(), Vec::new());
+        while let Some(chunk) = dl.next_chunk().await.unwrap() {
+            got.extend_from_slice(&chunk);
+            recycler.give(chunk);
+        }
+        assert_eq!(got, b"hello world");
+
+        let req = proto::ExecRequest {
+            cmd: vec!["echo".into(), "hi".into()],
+            ..Default::default()
+        };
+        let mut exec = link.exec(&req, None).await.unwrap();
+        assert_eq!(
+            exec.next().await.unwrap(),
+            ExecEvent::Stdout(b"hi\n".to_vec())
+        );
+        match exec.next().await.unwrap() {
+            ExecEvent::Exit(st) => assert_eq!(st.exit_code, Some(0)),
+            e => panic!("{e:?}"),
+        }
+
+        // The agent's refusals become the engine's errors, field and all.
+        let e = EngineError::from(link.get_file("/nope").await.err().unwrap());
+        assert!(matches!(e, EngineError::NotFound { .. }), "{e}");
+        assert_eq!(e.field(), Some("path"));
+        assert_eq!(
+            agents.calls(),
+            [
+                AgentCall::Connect(channel),
+                AgentCall::PutFile("/etc/motd".into()),
+                AgentCall::GetFile("/etc/motd".into()),
+                AgentCall::Exec(req.cmd.clone()),
+                AgentCall::GetFile("/nope".into()),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn no_agent_or_a_closed_one_means_a_pause_only_snapshot() {
+        let slot = running_vm("noagent");
+        assert!(freeze_for_snapshot(&slot).await.is_none());
+        let agents = FakeAgents::new();
+        slot.set_agent(Some(agents.link()));
+        agents.close_links("gone");
+        assert!(freeze_for_snapshot(&slot).await.is_none());
+        assert_eq!(agents.calls(), []);
+    }
 
     #[test]
     fn exec_requests_are_checked_field_by_field() {

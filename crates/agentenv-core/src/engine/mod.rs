@@ -34,6 +34,7 @@ use agentenv_api::{ExitInfo, VmInfo, VmState};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
+use crate::agent::{AgentConnector, AgentLink};
 use crate::backend::{ProcessIdentity, Vmm, VmmExit, VmmInstance};
 use crate::config::Config;
 use crate::error::EngineError;
@@ -99,7 +100,7 @@ struct VmRuntime {
     /// The network lease, while the VM holds one.
     net: Option<NetLease>,
     /// The guest agent connection, while the agent answers.
-    agent: Option<agentenv_guest::client::AgentClient>,
+    agent: Option<Arc<dyn AgentLink>>,
     /// The VMM process while there is one (persisted for re-adoption).
     process: Option<ProcessIdentity>,
     /// The snapshot being taken (persisted while the state is `snapshotting`).
@@ -168,11 +169,11 @@ impl VmSlot {
         self.rt().process = p;
     }
 
-    fn agent(&self) -> Option<agentenv_guest::client::AgentClient> {
+    fn agent(&self) -> Option<Arc<dyn AgentLink>> {
         self.rt().agent.clone()
     }
 
-    fn set_agent(&self, a: Option<agentenv_guest::client::AgentClient>) {
+    fn set_agent(&self, a: Option<Arc<dyn AgentLink>>) {
         self.rt().agent = a;
     }
 
@@ -228,6 +229,8 @@ pub struct Engine {
     net: Option<(Arc<dyn HostNetwork>, NetPlan)>,
     /// Disk snapshots.
     snapshots: Arc<dyn SnapshotStore>,
+    /// Connects to the guest agents.
+    agents: Arc<dyn AgentConnector>,
     /// Snapshots being copied into new VMs, with their count (no delete meanwhile).
     snapshot_holds: Mutex<HashMap<String, usize>>,
     vms: Mutex<BTreeMap<String, Arc<VmSlot>>>,
@@ -241,13 +244,15 @@ impl Engine {
     /// re-adopted, dead ones recorded as failed, leftovers cleaned.
     ///
     /// `cfg` paths must be absolute. With networking, the firewall table is
-    /// installed and network objects no VM owns are reclaimed.
+    /// installed and network objects no VM owns are reclaimed. `agents`
+    /// connects to the guest agents of running VMs.
     pub async fn start(
         cfg: Config,
         vmm: Arc<dyn Vmm>,
         host: Host,
         net: Option<Arc<dyn HostNetwork>>,
         snapshots: Arc<dyn SnapshotStore>,
+        agents: Arc<dyn AgentConnector>,
     ) -> Result<Arc<Engine>, EngineError> {
         let plan = NetPlan::new(&cfg.network);
         let cleanup = snapshots.init().await?;
@@ -260,6 +265,7 @@ impl Engine {
             host,
             net: net.map(|n| (n, plan)),
             snapshots,
+            agents,
             snapshot_holds: Mutex::new(HashMap::new()),
             vms: Mutex::new(BTreeMap::new()),
             failpoints: Arc::new(Failpoints::default()),

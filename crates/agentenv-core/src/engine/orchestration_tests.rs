@@ -65,6 +65,7 @@ impl Rig {
             self.host.seams(),
             Some(self.net.clone()),
             self.snaps.clone(),
+            Arc::new(super::agent::fake::FakeAgents::new()),
         )
         .await
         .expect("engine starts")

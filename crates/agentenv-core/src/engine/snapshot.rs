@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use agentenv_api::{SnapshotInfo, VmState};
 use chrono::Utc;
 
+use super::agent::{freeze_for_snapshot, thaw_after_snapshot};
 use super::{Engine, SnapshotInProgress};
 use crate::error::EngineError;
 use crate::ids::{validate_id, MAX_ID_LEN};
@@ -95,20 +96,9 @@ impl Engine {
         // With an agent, the guest's file systems are frozen first (a paused
         // guest cannot freeze), so the copy holds no half-written metadata.
         let frozen = if was == VmState::Running {
-            self.freeze_for_snapshot(&slot).await
+            freeze_for_snapshot(&slot).await
         } else {
             None
-        };
-        let thaw = |frozen: Option<agentenv_guest::client::AgentClient>| async move {
-            if let Some(agent) = frozen {
-                // Bounded: a guest left paused cannot answer; its agent thaws
-                // by itself once it runs again and no thaw has come.
-                match tokio::time::timeout(std::time::Duration::from_secs(5), agent.thaw()).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => tracing::error!("vm {vm_id}: thaw after snapshot failed: {e}"),
-                    Err(_) => tracing::error!("vm {vm_id}: thaw after snapshot timed out"),
-                }
-            }
         };
         let fp = &self.failpoints;
         let mut paused = false;
@@ -151,7 +141,7 @@ impl Engine {
                 back = VmState::Paused;
             }
         }
-        thaw(frozen).await;
+        thaw_after_snapshot(vm_id, frozen).await;
         slot.set_snapshot(None);
         self.set_state(&slot, back)?;
         result

@@ -17,12 +17,10 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use agentenv_guest::proto::{
-    ErrorCode, ErrorMsg, ExecRequest, ExitStatus, Kind, Started, DATA_CHUNK,
-};
+use agentenv_proto::{ErrorCode, ErrorMsg, ExecRequest, ExitStatus, Kind, Started, DATA_CHUNK};
 
 use super::out::{Inflight, OutStream};
-use super::{lock, spawn, sys};
+use super::{io_error, lock, spawn, sys};
 
 /// The environment every command starts from (the request's `env` goes on top).
 pub const BASE_ENV: [(&str, &str); 3] = [
@@ -166,7 +164,7 @@ fn check(req: &ExecRequest) -> Result<String, ErrorMsg> {
     match std::fs::metadata(&cwd) {
         Ok(m) if m.is_dir() => Ok(cwd),
         Ok(_) => Err(bad("cwd", format!("cwd {cwd} is not a directory"))),
-        Err(e) => Err(ErrorMsg::from_io("cwd", &format!("cwd {cwd}"), &e)),
+        Err(e) => Err(io_error("cwd", &format!("cwd {cwd}"), &e)),
     }
 }
 
@@ -241,7 +239,7 @@ pub fn start(req: ExecRequest, out: Arc<OutStream>) -> Result<ExecHandle, ErrorM
             // No waiter (the closure and its `Child` are gone): kill and reap here.
             exec.kill(KillReason::SessionEnd);
             sys::reap(pid);
-            return Err(ErrorMsg::from_io("cmd", "start a thread", &e));
+            return Err(io_error("cmd", "start a thread", &e));
         }
     }
     for (i, pipe) in pipes.into_iter().enumerate() {

@@ -12,13 +12,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 
-use agentenv_guest::proto::{
-    Done, ErrorCode, ErrorMsg, FileInfo, GetFile, Kind, PutFile, DATA_CHUNK,
-};
+use agentenv_proto::{Done, ErrorCode, ErrorMsg, FileInfo, GetFile, Kind, PutFile, DATA_CHUNK};
 
 use super::out::{Inflight, OutStream};
 use super::session::cancelled;
-use super::spawn;
+use super::{io_error, spawn};
 
 /// Mode of an uploaded file when the request names none.
 const DEFAULT_MODE: u32 = 0o644;
@@ -125,8 +123,7 @@ pub fn start_put(req: PutFile, out: Arc<OutStream>) -> Result<PutHandle, ErrorMs
         inflight: handle.inflight.clone(),
         stop: handle.stop.clone(),
     };
-    spawn("put", move || upload.run(&rx))
-        .map_err(|e| ErrorMsg::from_io("path", "start a thread", &e))?;
+    spawn("put", move || upload.run(&rx)).map_err(|e| io_error("path", "start a thread", &e))?;
     Ok(handle)
 }
 
@@ -157,7 +154,7 @@ impl Upload {
                         if let Err(e) = file.write_all(&b) {
                             let _ = fs::remove_file(&self.tmp);
                             let what = format!("write {}", self.tmp.display());
-                            self.out.fail(&ErrorMsg::from_io("path", &what, &e));
+                            self.out.fail(&io_error("path", &what, &e));
                             return;
                         }
                         bytes += b.len() as u64;
@@ -206,7 +203,7 @@ impl Upload {
         if self.make_parents {
             fs::create_dir_all(parent).map_err(|e| {
                 let what = format!("create directory {}", parent.display());
-                ErrorMsg::from_io("path", &what, &e)
+                io_error("path", &what, &e)
             })?;
         }
         match fs::metadata(parent) {
@@ -227,7 +224,7 @@ impl Upload {
                     ),
                 ))
             }
-            Err(e) => return Err(ErrorMsg::from_io("path", &parent.display().to_string(), &e)),
+            Err(e) => return Err(io_error("path", &parent.display().to_string(), &e)),
         }
         OpenOptions::new()
             .write(true)
@@ -235,17 +232,17 @@ impl Upload {
             .truncate(true)
             .mode(0o600)
             .open(&self.tmp)
-            .map_err(|e| ErrorMsg::from_io("path", &format!("create {}", self.tmp.display()), &e))
+            .map_err(|e| io_error("path", &format!("create {}", self.tmp.display()), &e))
     }
 
     fn commit(&self, file: &File) -> Result<(), ErrorMsg> {
         let tmp = self.tmp.display();
         file.set_permissions(Permissions::from_mode(self.mode))
-            .map_err(|e| ErrorMsg::from_io("path", &format!("chmod {tmp}"), &e))?;
+            .map_err(|e| io_error("path", &format!("chmod {tmp}"), &e))?;
         file.sync_all()
-            .map_err(|e| ErrorMsg::from_io("path", &format!("fsync {tmp}"), &e))?;
+            .map_err(|e| io_error("path", &format!("fsync {tmp}"), &e))?;
         fs::rename(&self.tmp, &self.dest).map_err(|e| {
-            ErrorMsg::from_io(
+            io_error(
                 "path",
                 &format!("rename {tmp} to {}", self.dest.display()),
                 &e,
@@ -265,7 +262,7 @@ pub fn start_get(req: GetFile, out: Arc<OutStream>) -> Result<(), ErrorMsg> {
     let path = check_path(&req.path)?;
     let not_regular = || bad("path", format!("path {} is not a regular file", req.path));
     // stat first: opening a FIFO or a device can block or have side effects.
-    let meta = fs::metadata(path).map_err(|e| ErrorMsg::from_io("path", &req.path, &e))?;
+    let meta = fs::metadata(path).map_err(|e| io_error("path", &req.path, &e))?;
     if !meta.is_file() {
         return Err(not_regular());
     }
@@ -273,10 +270,10 @@ pub fn start_get(req: GetFile, out: Arc<OutStream>) -> Result<(), ErrorMsg> {
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
-        .map_err(|e| ErrorMsg::from_io("path", &format!("open {}", req.path), &e))?;
+        .map_err(|e| io_error("path", &format!("open {}", req.path), &e))?;
     let meta = file
         .metadata()
-        .map_err(|e| ErrorMsg::from_io("path", &format!("stat {}", req.path), &e))?;
+        .map_err(|e| io_error("path", &format!("stat {}", req.path), &e))?;
     if !meta.is_file() {
         return Err(not_regular());
     }
@@ -286,7 +283,7 @@ pub fn start_get(req: GetFile, out: Arc<OutStream>) -> Result<(), ErrorMsg> {
     };
     let path = req.path;
     spawn("get", move || download(file, &path, info, &out))
-        .map_err(|e| ErrorMsg::from_io("path", "start a thread", &e))
+        .map_err(|e| io_error("path", "start a thread", &e))
 }
 
 fn download(mut file: File, path: &str, info: FileInfo, out: &OutStream) {
@@ -301,7 +298,7 @@ fn download(mut file: File, path: &str, info: FileInfo, out: &OutStream) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                out.fail(&ErrorMsg::from_io("path", &format!("read {path}"), &e));
+                out.fail(&io_error("path", &format!("read {path}"), &e));
                 return;
             }
         };

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
-use agentenv_guest::proto::{ErrorCode, ErrorMsg};
+use agentenv_proto::{ErrorCode, ErrorMsg};
 
 use super::{lock, spawn, sys};
 

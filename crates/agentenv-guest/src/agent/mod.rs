@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use agentenv_guest::proto::{SERIAL_PORT_NAME, VSOCK_PORT};
+use agentenv_proto::{ErrorCode, ErrorMsg, SERIAL_PORT_NAME, VSOCK_PORT};
 
 /// The agent's name and version, as `HelloOk` reports it.
 pub const AGENT: &str = concat!("agentenv-guest ", env!("CARGO_PKG_VERSION"));
@@ -39,6 +39,20 @@ pub struct Config {
     /// `--freeze-only-under`: an agent running on a host must never freeze the
     /// host's own file systems.
     pub freeze_enabled: bool,
+}
+
+/// The protocol's error for an OS error on `field`'s path.
+pub fn io_error(field: &str, context: &str, e: &io::Error) -> ErrorMsg {
+    let code = match e.kind() {
+        io::ErrorKind::NotFound => ErrorCode::NotFound,
+        io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
+        io::ErrorKind::InvalidInput => ErrorCode::BadRequest,
+        _ if e.raw_os_error() == Some(libc::EISDIR) || e.raw_os_error() == Some(libc::ENOTDIR) => {
+            ErrorCode::BadRequest
+        }
+        _ => ErrorCode::Io,
+    };
+    ErrorMsg::new(code, Some(field), format!("{context}: {e}"))
 }
 
 /// Locks a mutex; a thread that panicked while holding it does not take the

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 
-use agentenv_guest::proto::{self, ErrorMsg, Frame, Kind, DATA_CHUNK, INITIAL_WINDOW};
+use agentenv_proto::{self as proto, ErrorMsg, Frame, Kind, DATA_CHUNK, INITIAL_WINDOW};
 use serde::Serialize;
 
 use super::lock;

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use agentenv_guest::proto::{
+use agentenv_proto::{
     Done, ErrorCode, ErrorMsg, ExecRequest, Frame, GetFile, Hello, HelloOk, Kind, PutFile,
     NONCE_LEN, PROTOCOL_VERSION,
 };
@@ -16,7 +16,7 @@ use super::exec::{self, ExecHandle, KillReason};
 use super::files::{self, PutHandle};
 use super::freeze;
 use super::out::{OutStream, Outbox};
-use super::{lock, spawn, Config, AGENT};
+use super::{io_error, lock, spawn, Config, AGENT};
 
 /// The live requests of a session by stream id.
 pub type Registry = Mutex<HashMap<u32, Entry>>;
@@ -209,7 +209,7 @@ impl Session {
                 };
                 if let Err(e) = spawn("freeze", run) {
                     self.out
-                        .error(stream, &ErrorMsg::from_io("stream", "start a thread", &e));
+                        .error(stream, &io_error("stream", "start a thread", &e));
                 }
             }
             _ => self.transfer_or_exec(f),
@@ -316,7 +316,7 @@ impl Session {
     }
 }
 
-fn bad_message(e: agentenv_guest::proto::ProtoError) -> ErrorMsg {
+fn bad_message(e: agentenv_proto::ProtoError) -> ErrorMsg {
     ErrorMsg::new(ErrorCode::BadRequest, None, e.to_string())
 }
 

@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentenv_guest::proto::{self, ProtoError, HEADER_LEN, MAX_PAYLOAD, SERIAL_PORT_NAME};
+use agentenv_proto::{self as proto, ProtoError, HEADER_LEN, MAX_PAYLOAD, SERIAL_PORT_NAME};
 
 use super::out::{write_loop, Outbox};
 use super::session::Session;
@@ -284,7 +284,7 @@ pub fn run_unix(listener: &UnixListener, cfg: &Arc<Config>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agentenv_guest::proto::{ErrorCode, ErrorMsg, ExecRequest, Frame, Hello, Kind, Started};
+    use agentenv_proto::{ErrorCode, ErrorMsg, ExecRequest, Frame, Hello, Kind, Started};
     use std::collections::VecDeque;
     use std::sync::Mutex;
 

@@ -39,7 +39,7 @@ pub const CONFIG_FILE: &str = "firecracker.json";
 pub const GUEST_CID: u32 = 3;
 
 /// The guest port the agent listens on (hybrid vsock `CONNECT <port>`).
-pub const AGENT_VSOCK_PORT: u32 = agentenv_guest::proto::VSOCK_PORT;
+pub const AGENT_VSOCK_PORT: u32 = agentenv_proto::VSOCK_PORT;
 
 /// Starts Firecracker VMMs.
 #[derive(Debug, Clone)]

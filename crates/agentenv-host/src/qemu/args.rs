@@ -27,7 +27,7 @@ pub const AGENT_CHARDEV_ID: &str = "agent";
 
 /// The name of the virtio-serial port the guest agent opens
 /// (`/sys/class/virtio-ports/vportNpM/name` in the guest).
-pub const AGENT_PORT_NAME: &str = agentenv_guest::proto::SERIAL_PORT_NAME;
+pub const AGENT_PORT_NAME: &str = agentenv_proto::SERIAL_PORT_NAME;
 
 /// QEMU's argument list for `spec`. Under TCG, `tsc_khz` (the host's TSC rate,
 /// see [`super::tsc`]) is handed to the guest kernel as `tsc_early_khz=` unless

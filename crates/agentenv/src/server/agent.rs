@@ -9,8 +9,8 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use agentenv_api::{base64, ErrorBody, ExecEvent, ExecRequest, ExecResult, FileWritten};
+use agentenv_core::agent::{Download, ExecEvent as AgentEvent, Recycler};
 use agentenv_core::EngineError;
-use agentenv_guest::client::{Download, ExecEvent as AgentEvent, Recycler};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Extension, Path, Query, State};

@@ -544,7 +544,7 @@ impl Drop for HostAgent {
 pub fn start_with_agent(tweak: impl FnOnce(&mut Config)) -> (Daemon, TestDir, HostAgent) {
     let mut dir = TestDir::new();
     let sock = dir.path().join("agent-host.sock");
-    let spec = format!("{}={}", agentenv_guest::proto::VSOCK_PORT, sock.display());
+    let spec = format!("{}={}", agentenv_proto::VSOCK_PORT, sock.display());
     let wrapper = dir.wrapper("fc-agent", &["--vsock-agent", &spec]);
     dir.baseline = Some(baseline(dir.path()));
     let agent = HostAgent::start(&sock);

@@ -5,6 +5,11 @@
 //! named [`SERIAL_PORT_NAME`] (one long-lived stream). docs/guest-agent.md is the
 //! prose version of this module.
 //!
+//! This crate is the wire format only (frames, messages, constants and their
+//! codecs over any `Read` or byte buffer); it opens nothing. The guest agent
+//! (`agentenv-guest`) serves it, the host client (`agentenv_host::agent`)
+//! speaks it, and `agentenv-core` uses its message types in its agent seam.
+//!
 //! # Frames
 //!
 //! ```text
@@ -469,22 +474,6 @@ impl ErrorMsg {
             error: error.into(),
             field: field.map(str::to_string),
         }
-    }
-
-    /// The error for an OS error on `field`'s path.
-    pub fn from_io(field: &str, context: &str, e: &std::io::Error) -> ErrorMsg {
-        let code = match e.kind() {
-            std::io::ErrorKind::NotFound => ErrorCode::NotFound,
-            std::io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
-            std::io::ErrorKind::InvalidInput => ErrorCode::BadRequest,
-            _ if e.raw_os_error() == Some(libc::EISDIR)
-                || e.raw_os_error() == Some(libc::ENOTDIR) =>
-            {
-                ErrorCode::BadRequest
-            }
-            _ => ErrorCode::Io,
-        };
-        ErrorMsg::new(code, Some(field), format!("{context}: {e}"))
     }
 }
 

@@ -1,0 +1,428 @@
+//! The host side of the agent protocol (tokio over Unix sockets): the engine's
+//! [`AgentConnector`] and [`AgentLink`].
+//!
+//! One [`AgentClient`] is one connection to one VM's agent. Requests are
+//! multiplexed on it: each gets a stream id, a channel its frames are routed
+//! to by a reader task, and a credit semaphore for the bytes it sends. Credit
+//! for the guest's output is returned as the caller takes each chunk, so a slow
+//! consumer slows only its own stream and the host never buffers more than a
+//! window per stream.
+
+mod handshake;
+mod pool;
+mod streams;
+mod wire;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentenv_core::agent::{
+    AgentConnector, AgentError, AgentLink, Download, Exec, Recycler, Upload,
+};
+use agentenv_core::backend::AgentChannel;
+use agentenv_proto::{
+    self as proto, Done, ExecRequest, FileInfo, Frame, GetFile, Hello, HelloOk, Kind, PutFile,
+    Started, INITIAL_WINDOW, NONCE_LEN, PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use handshake::{leading_error, nonce, vsock_handshake, HELLO_RESEND, MAX_RESYNC_BYTES};
+use pool::BufPool;
+use streams::{parse, send_data, DownloadFrames, ExecFrames, Request, UploadFrames};
+use wire::{read_loop, write_loop};
+
+/// Connects to agents over their VM's [`AgentChannel`] (the engine's
+/// [`AgentConnector`] in the daemon).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SocketConnector;
+
+#[async_trait::async_trait]
+impl AgentConnector for SocketConnector {
+    async fn connect(
+        &self,
+        channel: &AgentChannel,
+        timeout: Duration,
+    ) -> Result<Arc<dyn AgentLink>, AgentError> {
+        Ok(Arc::new(AgentClient::connect(channel, timeout).await?))
+    }
+}
+
+/// Per-stream routing state.
+struct Route {
+    tx: mpsc::UnboundedSender<Frame>,
+    /// Credit for the bytes this stream sends (`Data`).
+    credit: Arc<Semaphore>,
+    /// Where the stream's large payloads are read into (a download's).
+    pool: Option<Arc<BufPool>>,
+}
+
+/// Wire bytes for the writer task; buffers of a pool go back to it once written.
+struct Outgoing {
+    bytes: Vec<u8>,
+    pool: Option<Arc<BufPool>>,
+}
+
+struct Inner {
+    /// Encoded frames for the writer task. Writing happens in that task only,
+    /// so a caller that gives up can never leave half a frame on the wire.
+    /// Unbounded, but bulk data is queued only within a stream's credit.
+    out: mpsc::UnboundedSender<Outgoing>,
+    routes: Mutex<HashMap<u32, Route>>,
+    next_stream: AtomicU32,
+    /// Set once the connection is gone, with the reason.
+    closed: watch::Sender<Option<String>>,
+    hello: HelloOk,
+    dead: AtomicBool,
+}
+
+impl Inner {
+    fn send(&self, f: &Frame) -> Result<(), AgentError> {
+        self.send_encoded(f.encode())
+    }
+
+    fn send_encoded(&self, bytes: Vec<u8>) -> Result<(), AgentError> {
+        self.send_out(Outgoing { bytes, pool: None })
+    }
+
+    fn send_out(&self, out: Outgoing) -> Result<(), AgentError> {
+        if self.dead.load(Ordering::SeqCst) {
+            return Err(AgentError::Closed(self.reason()));
+        }
+        self.out
+            .send(out)
+            .map_err(|_| AgentError::Closed(self.reason()))
+    }
+
+    /// A buffer for an `n`-byte payload of `stream`: from the stream's pool
+    /// when it has one.
+    fn payload_buf(&self, stream: u32, n: usize) -> Vec<u8> {
+        let pool = self
+            .routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&stream)
+            .and_then(|r| r.pool.clone());
+        match pool {
+            Some(p) => p.take(n),
+            None => Vec::with_capacity(n),
+        }
+    }
+
+    fn close(&self, why: String) {
+        if self.dead.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.closed.send_replace(Some(why));
+        // Dropping the senders ends every request's receiver.
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    fn reason(&self) -> String {
+        self.closed
+            .borrow()
+            .clone()
+            .unwrap_or_else(|| "closed".to_string())
+    }
+}
+
+/// A connection to one VM's agent.
+#[derive(Clone)]
+pub struct AgentClient {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient")
+            .field("agent", &self.inner.hello.agent)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl AgentClient {
+    /// Connects and performs the handshake, all within `timeout`.
+    pub async fn connect(
+        channel: &AgentChannel,
+        timeout: Duration,
+    ) -> Result<AgentClient, AgentError> {
+        let ms = timeout.as_millis() as u64;
+        match tokio::time::timeout(timeout, Self::connect_inner(channel)).await {
+            Ok(r) => r,
+            Err(_) => Err(AgentError::Timeout(ms)),
+        }
+    }
+
+    async fn connect_inner(channel: &AgentChannel) -> Result<AgentClient, AgentError> {
+        let (path, port) = match channel {
+            AgentChannel::Stream(p) => (p.as_path(), None),
+            AgentChannel::HybridVsock { socket, port } => (socket.as_path(), Some(*port)),
+        };
+        let mut sock = UnixStream::connect(path)
+            .await
+            .map_err(|e| AgentError::Connect(format!("{}: {e}", path.display())))?;
+        if let Some(port) = port {
+            vsock_handshake(&mut sock, path, port).await?;
+        }
+        // Halves that need no lock between them (`tokio::io::split` takes
+        // one around every read and write, so the reader task would wait
+        // while the writer task's write runs).
+        let (rd, wr) = sock.into_split();
+        Self::handshake_halves(rd, wr).await
+    }
+
+    /// Runs the protocol handshake over an already connected byte stream.
+    pub async fn handshake<S>(sock: S) -> Result<AgentClient, AgentError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let (rd, wr) = tokio::io::split(sock);
+        Self::handshake_halves(rd, wr).await
+    }
+
+    async fn handshake_halves<R, W>(mut rd: R, mut wr: W) -> Result<AgentClient, AgentError>
+    where
+        R: AsyncRead + Send + Unpin + 'static,
+        W: AsyncWrite + Send + Unpin + 'static,
+    {
+        let nonce = nonce();
+        let hello = Frame::json(
+            Kind::Hello,
+            0,
+            &Hello {
+                version: PROTOCOL_VERSION,
+                nonce: String::from_utf8_lossy(&nonce).into_owned(),
+            },
+        );
+        wr.write_all(&hello.encode())
+            .await
+            .map_err(|e| AgentError::Connect(format!("sending hello: {e}")))?;
+        let mut buf = Vec::with_capacity(64 * 1024);
+        let mut chunk = vec![0u8; 64 * 1024];
+        let hello_ok = loop {
+            if let Some(at) = proto::find_hello_ok(&buf, &nonce) {
+                buf.drain(..at);
+                match proto::take_frame(&mut buf) {
+                    Ok(Some(f)) => break f,
+                    Ok(None) => {}
+                    Err(e) => return Err(AgentError::Protocol(e.to_string())),
+                }
+            } else if let Some(msg) = leading_error(&buf)? {
+                // An error on stream 0 before our HelloOk: the agent refused the hello.
+                if msg.error.contains("version") {
+                    return Err(AgentError::Remote(msg));
+                }
+            }
+            if buf.len() > MAX_RESYNC_BYTES {
+                return Err(AgentError::Protocol(format!(
+                    "no hello answer in the first {MAX_RESYNC_BYTES} bytes"
+                )));
+            }
+            // A serial port drops what arrives before the guest opens it, so the
+            // hello is repeated until answered (each answer carries the nonce).
+            let n = tokio::select! {
+                r = rd.read(&mut chunk) => r
+                    .map_err(|e| AgentError::Connect(format!("reading hello answer: {e}")))?,
+                _ = tokio::time::sleep(HELLO_RESEND) => {
+                    wr.write_all(&hello.encode())
+                        .await
+                        .map_err(|e| AgentError::Connect(format!("sending hello: {e}")))?;
+                    continue;
+                }
+            };
+            if n == 0 {
+                return Err(AgentError::Connect(
+                    "the connection closed before the agent answered".into(),
+                ));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let hello: HelloOk =
+            serde_json::from_slice(&hello_ok.payload[NONCE_LEN.min(hello_ok.payload.len())..])
+                .map_err(|e| AgentError::Protocol(format!("bad hello answer: {e}")))?;
+        if hello.version != PROTOCOL_VERSION {
+            return Err(AgentError::Protocol(format!(
+                "the agent speaks protocol {} and this host {PROTOCOL_VERSION}",
+                hello.version
+            )));
+        }
+        let (closed, _) = watch::channel(None);
+        let (out, out_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            out,
+            routes: Mutex::new(HashMap::new()),
+            next_stream: AtomicU32::new(1),
+            closed,
+            hello,
+            dead: AtomicBool::new(false),
+        });
+        tokio::spawn(write_loop(
+            Arc::downgrade(&inner),
+            wr,
+            out_rx,
+            inner.closed.subscribe(),
+        ));
+        tokio::spawn(read_loop(
+            Arc::downgrade(&inner),
+            rd,
+            buf,
+            inner.closed.subscribe(),
+        ));
+        Ok(AgentClient { inner })
+    }
+
+    fn open(&self) -> Result<Request, AgentError> {
+        self.open_with(None)
+    }
+
+    /// Opens a stream whose large payloads are read into `pool`'s buffers.
+    fn open_with(&self, pool: Option<Arc<BufPool>>) -> Result<Request, AgentError> {
+        if self.is_closed() {
+            return Err(AgentError::Closed(self.inner.reason()));
+        }
+        let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let credit = Arc::new(Semaphore::new(INITIAL_WINDOW as usize));
+        self.inner
+            .routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id,
+                Route {
+                    tx,
+                    credit: credit.clone(),
+                    pool,
+                },
+            );
+        Ok(Request {
+            inner: self.inner.clone(),
+            id,
+            rx,
+            credit,
+            finished: false,
+            ungranted: 0,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl AgentLink for AgentClient {
+    /// The agent's handshake answer (its version and pid).
+    fn hello(&self) -> &HelloOk {
+        &self.inner.hello
+    }
+
+    /// True once the connection is gone.
+    fn is_closed(&self) -> bool {
+        self.inner.closed.borrow().is_some()
+    }
+
+    /// Resolves when the connection is gone, with the reason.
+    async fn closed(&self) -> String {
+        let mut rx = self.inner.closed.subscribe();
+        loop {
+            if let Some(why) = rx.borrow_and_update().clone() {
+                return why;
+            }
+            if rx.changed().await.is_err() {
+                return "closed".into();
+            }
+        }
+    }
+
+    /// Closes the connection; requests in flight fail.
+    fn shutdown(&self) {
+        self.inner.close("closed by the host".into());
+    }
+
+    /// Liveness check.
+    async fn ping(&self) -> Result<(), AgentError> {
+        let mut r = self.open()?;
+        r.send(Kind::Ping, Vec::new())?;
+        r.expect_done().await.map(|_| ())
+    }
+
+    /// Starts a command. With `stdin`, its bytes are sent and stdin closed.
+    async fn exec(&self, req: &ExecRequest, stdin: Option<Vec<u8>>) -> Result<Exec, AgentError> {
+        let mut req = req.clone();
+        req.stdin = stdin.is_some();
+        let mut r = self.open()?;
+        r.send_json(Kind::Exec, &req)?;
+        let f = r.next().await?;
+        let started: Started = match f.kind {
+            Kind::Started => parse(&f)?,
+            _ => return Err(r.unexpected(f)),
+        };
+        if let Some(bytes) = stdin {
+            // Written in the background: the command may read stdin only
+            // after producing output the caller must drain first.
+            let inner = r.inner.clone();
+            let (id, credit) = (r.id, r.credit.clone());
+            tokio::spawn(async move {
+                let _ = send_data(&inner, id, &credit, &bytes).await;
+                let _ = inner.send(&Frame {
+                    kind: Kind::Eof,
+                    stream: id,
+                    payload: Vec::new(),
+                });
+            });
+        }
+        Ok(Exec::new(started.pid, Box::new(ExecFrames { req: r })))
+    }
+
+    /// Starts an upload; write the content with [`Upload::write`], then [`Upload::finish`].
+    async fn put_file(&self, put: &PutFile) -> Result<Upload, AgentError> {
+        let r = self.open()?;
+        r.send_json(Kind::PutFile, put)?;
+        Ok(Upload::new(Box::new(UploadFrames {
+            req: r,
+            frame: Vec::new(),
+            pool: Arc::default(),
+        })))
+    }
+
+    /// Starts a download; read it with [`Download::next_chunk`].
+    async fn get_file(&self, path: &str) -> Result<Download, AgentError> {
+        let pool = Arc::<BufPool>::default();
+        let mut r = self.open_with(Some(pool.clone()))?;
+        r.send_json(
+            Kind::GetFile,
+            &GetFile {
+                path: path.to_string(),
+            },
+        )?;
+        let f = r.next().await?;
+        let info: FileInfo = match f.kind {
+            Kind::FileInfo => parse(&f)?,
+            _ => return Err(r.unexpected(f)),
+        };
+        let recycler = Recycler::new(pool);
+        Ok(Download::new(
+            info,
+            Box::new(DownloadFrames { req: r, done: None }),
+            recycler,
+        ))
+    }
+
+    /// Freezes the guest's writable file systems.
+    async fn freeze(&self) -> Result<Done, AgentError> {
+        let mut r = self.open()?;
+        r.send(Kind::Freeze, Vec::new())?;
+        r.expect_done().await
+    }
+
+    /// Thaws what [`AgentClient::freeze`] froze.
+    async fn thaw(&self) -> Result<Done, AgentError> {
+        let mut r = self.open()?;
+        r.send(Kind::Thaw, Vec::new())?;
+        r.expect_done().await
+    }
+}

@@ -1,0 +1,255 @@
+//! One request stream, and the exec, upload and download streams the engine's
+//! seam hands out on top of it.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use agentenv_core::agent::{AgentError, DownloadStream, ExecEvent, ExecStream, UploadSink};
+use agentenv_proto::{self as proto, Done, Frame, Kind, DATA_CHUNK, GRANT_BATCH, HEADER_LEN};
+use tokio::sync::{mpsc, Semaphore};
+
+use super::pool::{BufPool, DATA_FRAME};
+use super::{Inner, Outgoing};
+
+pub(super) fn parse<T: for<'de> serde::Deserialize<'de>>(f: &Frame) -> Result<T, AgentError> {
+    f.parse().map_err(|e| AgentError::Protocol(e.to_string()))
+}
+
+/// Sends `bytes` as `Data` frames within the stream's credit.
+pub(super) async fn send_data(
+    inner: &Inner,
+    id: u32,
+    credit: &Semaphore,
+    bytes: &[u8],
+) -> Result<(), AgentError> {
+    for piece in bytes.chunks(DATA_CHUNK) {
+        let permit = credit
+            .acquire_many(piece.len() as u32)
+            .await
+            .map_err(|_| AgentError::Closed(inner.reason()))?;
+        permit.forget();
+        inner.send_encoded(proto::encode(Kind::Data, id, piece))?;
+    }
+    Ok(())
+}
+
+/// One request stream.
+pub(super) struct Request {
+    pub(super) inner: Arc<Inner>,
+    pub(super) id: u32,
+    pub(super) rx: mpsc::UnboundedReceiver<Frame>,
+    pub(super) credit: Arc<Semaphore>,
+    /// The agent ended the stream (no `Kill` needed on drop).
+    pub(super) finished: bool,
+    /// Bytes consumed but not yet credited back.
+    pub(super) ungranted: usize,
+}
+
+impl Request {
+    pub(super) fn send(&self, kind: Kind, payload: Vec<u8>) -> Result<(), AgentError> {
+        self.inner.send(&Frame {
+            kind,
+            stream: self.id,
+            payload,
+        })
+    }
+
+    pub(super) fn send_json<T: serde::Serialize>(
+        &self,
+        kind: Kind,
+        msg: &T,
+    ) -> Result<(), AgentError> {
+        self.inner.send(&Frame::json(kind, self.id, msg))
+    }
+
+    /// The next frame; an `Error` frame becomes `Err(Remote)`.
+    pub(super) async fn next(&mut self) -> Result<Frame, AgentError> {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame, AgentError>> {
+        Poll::Ready(match ready!(self.rx.poll_recv(cx)) {
+            Some(f) if f.kind == Kind::Error => {
+                self.finished = true;
+                parse(&f).and_then(|m| Err(AgentError::Remote(m)))
+            }
+            Some(f) => {
+                if matches!(f.kind, Kind::Exit | Kind::Done) {
+                    self.finished = true;
+                }
+                Ok(f)
+            }
+            None => {
+                self.finished = true;
+                Err(AgentError::Closed(self.inner.reason()))
+            }
+        })
+    }
+
+    pub(super) async fn expect_done(&mut self) -> Result<Done, AgentError> {
+        let f = self.next().await?;
+        match f.kind {
+            Kind::Done => parse(&f),
+            _ => Err(self.unexpected(f)),
+        }
+    }
+
+    pub(super) fn unexpected(&mut self, f: Frame) -> AgentError {
+        AgentError::Protocol(format!("unexpected {:?} on stream {}", f.kind, self.id))
+    }
+
+    /// Counts `n` consumed bytes; returns credit once a batch has gathered.
+    fn grant(&mut self, n: usize) {
+        self.ungranted += n;
+        if self.ungranted >= GRANT_BATCH as usize {
+            let give = std::mem::take(&mut self.ungranted);
+            let _ = self
+                .inner
+                .send(&Frame::window(Kind::Window, self.id, give as u32));
+        }
+    }
+}
+
+impl Drop for Request {
+    fn drop(&mut self) {
+        self.inner
+            .routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+        if !self.finished && !self.inner.dead.load(Ordering::SeqCst) {
+            // The caller gave up (client disconnect, timeout): stop the work in the guest.
+            let _ = self.send(Kind::Kill, Vec::new());
+        }
+    }
+}
+
+/// A running command's frames.
+pub(super) struct ExecFrames {
+    pub(super) req: Request,
+}
+
+#[async_trait::async_trait]
+impl ExecStream for ExecFrames {
+    async fn next(&mut self) -> Result<ExecEvent, AgentError> {
+        let f = self.req.next().await?;
+        match f.kind {
+            Kind::Stdout => {
+                self.req.grant(f.payload.len());
+                Ok(ExecEvent::Stdout(f.payload))
+            }
+            Kind::Stderr => {
+                self.req.grant(f.payload.len());
+                Ok(ExecEvent::Stderr(f.payload))
+            }
+            Kind::Exit => Ok(ExecEvent::Exit(parse(&f)?)),
+            _ => Err(self.req.unexpected(f)),
+        }
+    }
+
+    async fn kill(&mut self) -> Result<(), AgentError> {
+        self.req.send(Kind::Kill, Vec::new())
+    }
+}
+
+/// An upload's frames.
+pub(super) struct UploadFrames {
+    pub(super) req: Request,
+    /// The next `Data` frame: room for its header, then the bytes gathered
+    /// so far (empty when none is started). Small writes are gathered into
+    /// full frames; a frame goes out once it holds [`DATA_CHUNK`] bytes.
+    pub(super) frame: Vec<u8>,
+    /// The frames' buffers, back from the writer task once written.
+    pub(super) pool: Arc<BufPool>,
+}
+
+impl UploadFrames {
+    /// Sends the gathered frame once its credit is there.
+    async fn send_frame(&mut self) -> Result<(), AgentError> {
+        let n = self.frame.len() - HEADER_LEN;
+        let credit = self.req.credit.clone();
+        tokio::select! {
+            permit = credit.acquire_many(n as u32) => permit
+                .map_err(|_| AgentError::Closed(self.req.inner.reason()))?
+                .forget(),
+            f = self.req.next() => return Err(match f {
+                Ok(f) => self.req.unexpected(f),
+                Err(e) => e,
+            }),
+        }
+        let mut bytes = std::mem::take(&mut self.frame);
+        bytes[..HEADER_LEN].copy_from_slice(&proto::header(Kind::Data, self.req.id, n));
+        self.req.inner.send_out(Outgoing {
+            bytes,
+            pool: Some(self.pool.clone()),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl UploadSink for UploadFrames {
+    async fn write(&mut self, mut bytes: &[u8]) -> Result<(), AgentError> {
+        // An early error (bad path) arrives while the host is still sending.
+        if let Ok(f) = self.req.rx.try_recv() {
+            return Err(match f.kind {
+                Kind::Error => {
+                    self.req.finished = true;
+                    AgentError::Remote(parse(&f)?)
+                }
+                _ => self.req.unexpected(f),
+            });
+        }
+        // Whole frames go out; a tail shorter than a frame waits for more.
+        while !bytes.is_empty() {
+            if self.frame.is_empty() {
+                self.frame = self.pool.take(DATA_FRAME);
+                self.frame.extend_from_slice(&[0; HEADER_LEN]);
+            }
+            let n = (DATA_FRAME - self.frame.len()).min(bytes.len());
+            self.frame.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.frame.len() == DATA_FRAME {
+                self.send_frame().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> Result<Done, AgentError> {
+        if self.frame.len() > HEADER_LEN {
+            self.send_frame().await?;
+        }
+        self.req.send(Kind::Eof, Vec::new())?;
+        self.req.expect_done().await
+    }
+}
+
+/// A download's frames (its chunks are read into the stream's pool).
+pub(super) struct DownloadFrames {
+    pub(super) req: Request,
+    pub(super) done: Option<Done>,
+}
+
+impl DownloadStream for DownloadFrames {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Vec<u8>>, AgentError>> {
+        if self.done.is_some() {
+            return Poll::Ready(Ok(None));
+        }
+        let f = match ready!(self.req.poll_next(cx)) {
+            Ok(f) => f,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        Poll::Ready(match f.kind {
+            Kind::FileData => {
+                self.req.grant(f.payload.len());
+                Ok(Some(f.payload))
+            }
+            Kind::Done => parse(&f).map(|d| {
+                self.done = Some(d);
+                None
+            }),
+            _ => Err(self.req.unexpected(f)),
+        })
+    }
+}
