@@ -39,24 +39,24 @@ pub enum ClientError {
     },
     /// The server string is not an endpoint.
     #[error("bad server address: {0}")]
-    Endpoint(#[from] EndpointError),
+    Endpoint(EndpointError),
     /// No answer: the daemon could not be reached, or the exchange broke.
-    #[error("cannot reach the agentenv daemon at {server}: {source}")]
+    #[error("cannot reach the agentenv daemon at {server}: {error}")]
     Unreachable {
         /// The daemon's address.
         server: String,
-        /// The transport's error.
-        source: io::Error,
+        /// The transport's error (in the message, so not a `source`).
+        error: io::Error,
     },
     /// A streamed body (exec output, a file) broke off.
-    #[error("reading {what} from the agentenv daemon at {server}: {source}")]
+    #[error("reading {what} from the agentenv daemon at {server}: {error}")]
     Stream {
         /// The daemon's address.
         server: String,
         /// What was being read.
         what: String,
-        /// The transport's error.
-        source: io::Error,
+        /// The transport's error (in the message, so not a `source`).
+        error: io::Error,
     },
     /// A success answer that is not what the API promises.
     #[error("bad response from the agentenv daemon at {server} to {what}: {detail}")]
@@ -68,6 +68,12 @@ pub enum ClientError {
         /// What was wrong with it.
         detail: String,
     },
+}
+
+impl From<EndpointError> for ClientError {
+    fn from(e: EndpointError) -> ClientError {
+        ClientError::Endpoint(e)
+    }
 }
 
 impl ClientError {
@@ -146,10 +152,10 @@ impl ApiClient {
         }
     }
 
-    fn unreachable(&self, source: io::Error) -> ClientError {
+    fn unreachable(&self, error: io::Error) -> ClientError {
         ClientError::Unreachable {
             server: self.server.clone(),
-            source,
+            error,
         }
     }
 
@@ -400,11 +406,11 @@ impl Iterator for ExecStream {
                         }
                     }))
                 }
-                Err(source) => {
+                Err(error) => {
                     return Some(Err(ClientError::Stream {
                         server: self.server.clone(),
                         what: self.what.clone(),
-                        source,
+                        error,
                     }))
                 }
             }

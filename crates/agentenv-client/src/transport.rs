@@ -40,12 +40,12 @@ pub enum EndpointError {
     #[error("endpoint {0:?} is neither http://HOST:PORT nor unix:/PATH")]
     Form(String),
     /// The host name did not resolve.
-    #[error("cannot resolve {addr:?}: {source}")]
+    #[error("cannot resolve {addr:?}: {error}")]
     Resolve {
         /// The `HOST:PORT` part.
         addr: String,
-        /// The resolver's error.
-        source: io::Error,
+        /// The resolver's error (in the message, so not a `source`).
+        error: io::Error,
     },
 }
 
@@ -67,9 +67,9 @@ impl Endpoint {
         if addr.is_empty() || addr.contains('/') || !addr.contains(':') {
             return Err(EndpointError::Form(s.into()));
         }
-        let resolve = |source| EndpointError::Resolve {
+        let resolve = |error| EndpointError::Resolve {
             addr: addr.into(),
-            source,
+            error,
         };
         addr.to_socket_addrs()
             .map_err(resolve)?
