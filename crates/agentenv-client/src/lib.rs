@@ -310,7 +310,7 @@ impl ApiClient {
         body: impl Read,
         len: Option<u64>,
     ) -> Result<FileWritten, ClientError> {
-        let mut target = format!("{}?path={}", vm_path(vm_id, "/files"), encode(path));
+        let mut target = format!("{}?path={}", vm_path(vm_id, "/files"), percent_encode(path));
         if let Some(m) = opts.mode {
             target.push_str(&format!("&mode={m:o}"));
         }
@@ -330,7 +330,7 @@ impl ApiClient {
 
     /// `GET /v1/vm/{vm_id}/files?path=…`: the guest file as a stream.
     pub fn download(&self, vm_id: &str, path: &str) -> Result<Download, ClientError> {
-        let target = format!("{}?path={}", vm_path(vm_id, "/files"), encode(path));
+        let target = format!("{}?path={}", vm_path(vm_id, "/files"), percent_encode(path));
         let resp = self.stream(Request::new("GET", &target))?;
         Ok(Download {
             size: resp
@@ -434,15 +434,16 @@ impl Read for Download {
 }
 
 fn vm_path(vm_id: &str, rest: &str) -> String {
-    format!("/v1/vm/{}{rest}", encode(vm_id))
+    format!("/v1/vm/{}{rest}", percent_encode(vm_id))
 }
 
 fn snapshot_path(snapshot_id: &str, rest: &str) -> String {
-    format!("/v1/snapshots/{}{rest}", encode(snapshot_id))
+    format!("/v1/snapshots/{}{rest}", percent_encode(snapshot_id))
 }
 
-/// Percent-encodes everything but RFC 3986's unreserved characters.
-fn encode(s: &str) -> String {
+/// Percent-encodes everything but RFC 3986's unreserved characters (for a
+/// path segment or a query value).
+pub fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {

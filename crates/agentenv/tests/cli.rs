@@ -41,7 +41,7 @@ fn daemon_and_cli_end_to_end_then_sigterm_stops_cleanly() {
             .unwrap(),
     );
     let start = Instant::now();
-    while ureq::get(&format!("{server}/v1/health")).call().is_err() {
+    while !common::healthy(&server) {
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "daemon did not come up"
