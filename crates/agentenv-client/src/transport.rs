@@ -609,23 +609,8 @@ impl Client {
     fn exchange(&mut self, head: &[u8], body: &mut Body<'_>) -> Result<Response, Failure> {
         self.connect().map_err(Failure::BeforeResponse)?;
         let conn = self.conn.as_mut().expect("connected above");
-        let result = write_and_read_head(conn, head, body).and_then(|head| {
-            let mut reader = head.body(&mut *conn);
-            let mut body = match head.framing {
-                Framing::Length(n) => Vec::with_capacity(usize::try_from(n).unwrap_or(0)),
-                _ => Vec::new(),
-            };
-            reader.read_to_end(&mut body).map_err(Failure::During)?;
-            let close = head.close || head.framing == Framing::ToEnd;
-            Ok((
-                Response {
-                    status: head.status,
-                    body,
-                    headers: head.headers,
-                },
-                close,
-            ))
-        });
+        let result = write_and_read_head(conn, head, body)
+            .and_then(|head| read_body(conn, head).map_err(Failure::During));
         match result {
             Ok((resp, close)) => {
                 if close {
@@ -819,16 +804,27 @@ fn read_headers<R: BufRead>(r: &mut R, status: u16) -> io::Result<ResponseHead> 
     })
 }
 
-/// Reads one whole response off `r` (head and body).
-pub fn read_response<R: BufRead>(r: &mut R) -> io::Result<Response> {
-    let head = ResponseHead::read(r)?;
-    let mut body = Vec::new();
+/// Reads the body after `head` into a whole response; also says whether the
+/// server closes the connection after it.
+fn read_body<R: BufRead>(r: &mut R, head: ResponseHead) -> io::Result<(Response, bool)> {
+    let mut body = match head.framing {
+        // A hint only: a lying length must not allocate gigabytes up front.
+        Framing::Length(n) => Vec::with_capacity(n.min(1 << 26) as usize),
+        _ => Vec::new(),
+    };
     head.body(&mut *r).read_to_end(&mut body)?;
-    Ok(Response {
+    let response = Response {
         status: head.status,
         body,
         headers: head.headers,
-    })
+    };
+    Ok((response, head.close))
+}
+
+/// Reads one whole response off `r` (head and body).
+pub fn read_response<R: BufRead>(r: &mut R) -> io::Result<Response> {
+    let head = ResponseHead::read(r)?;
+    read_body(r, head).map(|(resp, _)| resp)
 }
 
 #[cfg(test)]
@@ -837,22 +833,9 @@ mod tests {
     use std::os::unix::net::UnixListener;
 
     /// A whole response and whether the connection closes after it.
-    fn parse_full(bytes: &[u8]) -> Result<(Response, bool), Failure> {
-        let mut r = bytes;
-        let head = read_head(&mut r)?;
-        let mut body = Vec::new();
-        head.body(&mut r)
-            .read_to_end(&mut body)
-            .map_err(Failure::During)?;
-        let close = head.close;
-        Ok((
-            Response {
-                status: head.status,
-                body,
-                headers: head.headers,
-            },
-            close,
-        ))
+    fn parse_full(mut bytes: &[u8]) -> Result<(Response, bool), Failure> {
+        let head = read_head(&mut bytes)?;
+        read_body(&mut bytes, head).map_err(Failure::During)
     }
 
     fn parse(bytes: &[u8]) -> (Response, bool) {

@@ -7,7 +7,7 @@ use anyhow::{anyhow, Context};
 
 use super::args::{guest_side, ClientOpts, CpArgs, ExecArgs, SnapshotCommand, VmCommand};
 use super::render::{
-    print_deleted, print_json, print_snapshot, print_vm, write_snapshot_table, write_table,
+    print_as, print_deleted, print_snapshot, print_vm, write_snapshot_table, write_table,
 };
 
 /// Runs one `vm` command, printing its result.
@@ -19,11 +19,7 @@ pub fn run_vm(opts: &ClientOpts, cmd: VmCommand) -> anyhow::Result<()> {
         VmCommand::Create(args) => print_vm(&mut out, opts, &c.create_vm(&args.request()?)?),
         VmCommand::Ls => {
             let list = c.list_vms()?;
-            if opts.json {
-                print_json(&mut out, &list)
-            } else {
-                write_table(&mut out, &list.vms)
-            }
+            print_as(&mut out, opts, &list, |out, l| write_table(out, &l.vms))
         }
         VmCommand::Show { vm_id } => print_vm(&mut out, opts, &c.get_vm(&vm_id)?),
         VmCommand::Pause { vm_id } => print_vm(&mut out, opts, &c.pause_vm(&vm_id)?),
@@ -129,12 +125,13 @@ fn run_cp(
                 make_parents: args.parents,
             };
             let done = c.upload(vm, path, &upload, reader, len)?;
-            if opts.json {
-                print_json(out, &done)
-            } else {
-                writeln!(out, "wrote {} bytes to {vm}:{}", done.bytes, done.path)
-                    .map_err(Into::into)
-            }
+            print_as(out, opts, &done, |out, done| {
+                Ok(writeln!(
+                    out,
+                    "wrote {} bytes to {vm}:{}",
+                    done.bytes, done.path
+                )?)
+            })
         }
         (Some((vm, path)), None) => {
             if args.mode.is_some() || args.parents {
@@ -170,11 +167,10 @@ fn run_cp(
             let n = copy.inspect_err(|_| {
                 let _ = std::fs::remove_file(&tmp);
             })?;
-            if opts.json {
-                print_json(out, &serde_json::json!({"path": dst, "bytes": n}))
-            } else {
-                writeln!(out, "wrote {n} bytes to {}", dst.display()).map_err(Into::into)
-            }
+            let v = serde_json::json!({"path": dst, "bytes": n});
+            print_as(out, opts, &v, |out, _| {
+                Ok(writeln!(out, "wrote {n} bytes to {}", dst.display())?)
+            })
         }
         (Some(_), Some(_)) => Err(anyhow!(
             "copy between two VMs is not supported; go through the host"
@@ -191,11 +187,9 @@ pub fn run_snapshot(opts: &ClientOpts, cmd: SnapshotCommand) -> anyhow::Result<(
     match cmd {
         SnapshotCommand::Ls => {
             let list = c.list_snapshots()?;
-            if opts.json {
-                print_json(&mut out, &list)
-            } else {
-                write_snapshot_table(&mut out, &list.snapshots)
-            }
+            print_as(&mut out, opts, &list, |out, l| {
+                write_snapshot_table(out, &l.snapshots)
+            })
         }
         SnapshotCommand::Show { snapshot_id } => {
             print_snapshot(&mut out, opts, &c.get_snapshot(&snapshot_id)?)

@@ -5,17 +5,28 @@ use serde::Serialize;
 
 use super::args::ClientOpts;
 
+/// `v` as JSON with `--json`, else as `human` writes it.
+pub fn print_as<W: std::io::Write, T: Serialize>(
+    out: &mut W,
+    opts: &ClientOpts,
+    v: &T,
+    human: impl FnOnce(&mut W, &T) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    if opts.json {
+        print_json(out, v)
+    } else {
+        human(out, v)
+    }
+}
+
 /// `deleted ID`, or `{"deleted": ID}` with `--json`.
 pub fn print_deleted(
     out: &mut impl std::io::Write,
     opts: &ClientOpts,
     id: &str,
 ) -> anyhow::Result<()> {
-    if opts.json {
-        print_json(out, &serde_json::json!({ "deleted": id }))
-    } else {
-        writeln!(out, "deleted {id}").map_err(Into::into)
-    }
+    let v = serde_json::json!({ "deleted": id });
+    print_as(out, opts, &v, |out, _| Ok(writeln!(out, "deleted {id}")?))
 }
 
 /// One snapshot as `key value` lines, or its JSON.
@@ -24,9 +35,14 @@ pub fn print_snapshot(
     opts: &ClientOpts,
     s: &SnapshotInfo,
 ) -> anyhow::Result<()> {
-    if opts.json {
-        return print_json(out, s);
-    }
+    print_as(out, opts, s, write_snapshot_details)
+}
+
+/// One snapshot as `key value` lines.
+pub fn write_snapshot_details(
+    out: &mut impl std::io::Write,
+    s: &SnapshotInfo,
+) -> anyhow::Result<()> {
     let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
     let rows = [
         ("snapshot_id", s.snapshot_id.clone()),
@@ -127,10 +143,7 @@ pub fn print_vm(
     opts: &ClientOpts,
     vm: &VmInfo,
 ) -> anyhow::Result<()> {
-    if opts.json {
-        return print_json(out, vm);
-    }
-    write_details(out, vm)
+    print_as(out, opts, vm, write_details)
 }
 
 /// `vm ls` as a table.
