@@ -13,6 +13,7 @@ use std::io::Read;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use agentenv_client::{Body, ClientError, Request, UploadOptions};
 use agentenv_core::config::Config;
 
 use common::{finish, is_real, noise, Daemon, HostAgent, TestDir};
@@ -233,16 +234,17 @@ fn streaming_exec_sends_output_as_it_comes() {
         return;
     };
     create_ready(&d, "vm1");
-    let url = format!("{}/v1/vm/vm1/exec", d.base);
-    let resp = ureq::post(&url)
-        .send_json(json!({
-            "cmd": ["sh", "-c", "echo one; sleep 0.3; echo two >&2; exit 7"],
-            "stream": true
-        }))
-        .unwrap();
+    let body = json!({
+        "cmd": ["sh", "-c", "echo one; sleep 0.3; echo two >&2; exit 7"],
+        "stream": true
+    })
+    .to_string();
+    let req = Request::new("POST", "/v1/vm/vm1/exec").body(Body::Bytes(body.as_bytes()));
+    let mut resp = d.client().send_streaming(req).unwrap();
+    assert_eq!(resp.status(), 200);
     assert_eq!(resp.header("content-type"), Some("application/x-ndjson"));
     let mut text = String::new();
-    resp.into_reader().read_to_string(&mut text).unwrap();
+    resp.read_to_string(&mut text).unwrap();
     let events: Vec<Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -278,34 +280,38 @@ fn files_round_trip_64_mib_and_bad_paths_are_refused() {
     create_ready(&d, "vm1");
     let data = noise(64 << 20, 7);
     let target = dir.path().join("guestfs/sub/big.bin");
-    let url = format!("{}/v1/vm/vm1/files", d.base);
-    let resp = ureq::put(&url)
-        .query("path", target.to_str().unwrap())
-        .query("mode", "0600")
-        .query("make_parents", "true")
-        .send(&data[..])
+    let c = d.client();
+    let opts = UploadOptions {
+        mode: Some(0o600),
+        make_parents: true,
+    };
+    let target_s = target.to_str().unwrap();
+    let w = c
+        .upload("vm1", target_s, &opts, &data[..], Some(data.len() as u64))
         .unwrap();
-    let w: Value = resp.into_json().unwrap();
-    assert_eq!(w["bytes"], 64u64 << 20, "{w}");
+    assert_eq!(w.bytes, 64u64 << 20, "{w:?}");
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(&target).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     assert_eq!(meta.len(), 64 << 20);
 
-    let resp = ureq::get(&url)
-        .query("path", target.to_str().unwrap())
-        .call()
-        .unwrap();
+    let target_q = format!(
+        "/v1/vm/vm1/files?path={}",
+        agentenv_client::percent_encode(target_s)
+    );
+    let mut resp = c.send_streaming(Request::new("GET", &target_q)).unwrap();
+    assert_eq!(resp.status(), 200);
     assert_eq!(resp.header("x-agentenv-file-size"), Some("67108864"));
     assert_eq!(resp.header("x-agentenv-file-mode"), Some("0600"));
     let mut back = Vec::new();
-    resp.into_reader().read_to_end(&mut back).unwrap();
+    resp.read_to_end(&mut back).unwrap();
     assert!(back == data, "downloaded bytes differ");
 
-    let status = |r: Result<ureq::Response, ureq::Error>| -> (u16, Value) {
+    // An API error's status and body.
+    let status = |r: Result<Value, ClientError>| -> (u16, Value) {
         match r {
-            Ok(r) => (r.status(), r.into_json().unwrap_or(Value::Null)),
-            Err(ureq::Error::Status(c, r)) => (c, r.into_json().unwrap()),
+            Ok(v) => (200, v),
+            Err(ClientError::Api { status, body }) => (status, serde_json::to_value(body).unwrap()),
             Err(e) => panic!("{e}"),
         }
     };
@@ -326,11 +332,14 @@ fn files_round_trip_64_mib_and_bad_paths_are_refused() {
         ("GET", fifo.display().to_string(), 400, "path"),
         ("GET", "".to_string(), 400, "path"),
     ] {
-        let req = ureq::request(method, &url).query("path", &path);
         let (code, e) = if method == "PUT" {
-            status(req.send_bytes(b"x"))
+            let no_opts = UploadOptions::default();
+            status(
+                c.upload("vm1", &path, &no_opts, &b"x"[..], Some(1))
+                    .map(|w| json!(w)),
+            )
         } else {
-            status(req.call())
+            status(c.download("vm1", &path).map(|_| Value::Null))
         };
         assert_eq!(
             (code, e["field"].as_str()),
@@ -338,14 +347,9 @@ fn files_round_trip_64_mib_and_bad_paths_are_refused() {
             "{method} {path}: {e}"
         );
     }
-    let (code, e) = status(
-        ureq::put(&url)
-            .query("path", "/x")
-            .query("mode", "9z")
-            .send_bytes(b""),
-    );
+    let (code, e) = common::send(&c, Request::new("PUT", "/v1/vm/vm1/files?path=/x&mode=9z"));
     assert_eq!((code, e["field"].as_str()), (400, Some("mode")), "{e}");
-    let (code, e) = status(ureq::get(&url).call());
+    let (code, e) = common::send(&c, Request::new("GET", "/v1/vm/vm1/files"));
     assert_eq!((code, e["field"].as_str()), (400, Some("path")), "{e}");
     // Nothing half-written stays behind a refused upload.
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())

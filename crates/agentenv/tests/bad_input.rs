@@ -11,7 +11,7 @@
 mod common;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1193,63 +1193,16 @@ impl Pair for (u16, Value) {
 /// Sends `head`, then `piece` every 100 ms for as long as the connection
 /// takes it, and reads the answer; panics when none comes within 30 s.
 fn trickle(d: &Daemon, head: String, piece: &'static [u8]) -> (u16, Value, Duration) {
-    use std::io::{Read, Write};
-    let addr = d.base.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.write_all(head.as_bytes()).unwrap();
-    let started = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut w = s.try_clone().unwrap();
-    let stop_w = stop.clone();
-    let writer = std::thread::spawn(move || {
-        while !stop_w.load(Ordering::SeqCst) && w.write_all(piece).is_ok() {
+    let (a, took) = common::raw_exchange(&d.base, Duration::from_secs(30), move |mut w, stop| {
+        use std::io::Write;
+        if w.write_all(head.as_bytes()).is_err() {
+            return;
+        }
+        while !stop.load(Ordering::SeqCst) && w.write_all(piece).is_ok() {
             std::thread::sleep(Duration::from_millis(100));
         }
     });
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        match s.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if !buf.is_empty() && e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            Err(e) => panic!("no answer after {:?}: {e}", started.elapsed()),
-        }
-        // The answer is complete once its Content-Length bytes are in.
-        let text = String::from_utf8_lossy(&buf).to_string();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().to_string())
-                })
-                .and_then(|v| v.parse::<usize>().ok());
-            if len.is_some_and(|n| body.len() >= n) {
-                break;
-            }
-        }
-    }
-    let took = started.elapsed();
-    stop.store(true, Ordering::SeqCst);
-    let _ = s.shutdown(std::net::Shutdown::Both);
-    writer.join().unwrap();
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no answer: {text:?}"));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap();
-    (
-        status,
-        serde_json::from_str(body).unwrap_or(Value::String(body.into())),
-        took,
-    )
+    (a.status, a.body, took)
 }
 
 #[test]

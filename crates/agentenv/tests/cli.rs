@@ -41,7 +41,7 @@ fn daemon_and_cli_end_to_end_then_sigterm_stops_cleanly() {
             .unwrap(),
     );
     let start = Instant::now();
-    while ureq::get(&format!("{server}/v1/health")).call().is_err() {
+    while !common::healthy(&server) {
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "daemon did not come up"
@@ -153,4 +153,34 @@ fn bad_config_stops_startup_naming_the_key() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agentenv.toml"));
+}
+
+#[test]
+fn only_the_daemon_takes_config_and_listen() {
+    for args in [
+        &["vm", "ls", "--config", "x.toml"][..],
+        &["snapshot", "ls", "--listen", "127.0.0.1:1"],
+        &["--config", "x.toml", "vm", "ls"],
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--config") || err.contains("--listen"),
+            "{err}"
+        );
+    }
+    // `check-config` reads one, before or after the subcommand.
+    let dir = TestDir::new();
+    let config = write_config(&dir, "");
+    let config = config.to_str().unwrap();
+    for args in [
+        &["check-config", "--config", config][..],
+        &["--config", config, "check-config"],
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&dir.path().display().to_string()), "{text}");
+    }
 }

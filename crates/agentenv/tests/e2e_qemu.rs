@@ -493,16 +493,16 @@ fn the_guest_agent_runs_commands_moves_files_and_freezes_for_snapshots() {
     let data = common::noise(64 << 20, 0x9e37_79b9_7f4a_7c15);
     let local = dir.path().join("big.bin");
     std::fs::write(&local, &data).unwrap();
-    let url = format!("{}/v1/vm/a1/files", d.base);
+    let c = d.client();
     let t = Instant::now();
-    let w: Value = ureq::put(&url)
-        .query("path", "/root/big.bin")
-        .send(std::fs::File::open(&local).unwrap())
-        .unwrap()
-        .into_json()
+    let no_opts = agentenv_client::UploadOptions::default();
+    let file = std::fs::File::open(&local).unwrap();
+    let len = file.metadata().unwrap().len();
+    let w = c
+        .upload("a1", "/root/big.bin", &no_opts, file, Some(len))
         .unwrap();
     eprintln!("64 MiB upload: {:?}", t.elapsed());
-    assert_eq!(w["bytes"], 64u64 << 20);
+    assert_eq!(w.bytes, 64u64 << 20);
     let r = exec(&d, "a1", json!({"cmd": ["sha256sum", "/root/big.bin"]}));
     assert_eq!(
         r["stdout"].as_str().unwrap().split_whitespace().next(),
@@ -511,15 +511,7 @@ fn the_guest_agent_runs_commands_moves_files_and_freezes_for_snapshots() {
     );
     let t = Instant::now();
     let mut back = Vec::with_capacity(64 << 20);
-    std::io::Read::read_to_end(
-        &mut ureq::get(&url)
-            .query("path", "/root/big.bin")
-            .call()
-            .unwrap()
-            .into_reader(),
-        &mut back,
-    )
-    .unwrap();
+    std::io::Read::read_to_end(&mut c.download("a1", "/root/big.bin").unwrap(), &mut back).unwrap();
     eprintln!("64 MiB download: {:?}", t.elapsed());
     assert!(back == data, "downloaded bytes differ");
     std::fs::remove_file(&local).unwrap();

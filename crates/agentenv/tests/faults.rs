@@ -54,20 +54,6 @@ fn timed(d: &Daemon, method: &str, path: &str, body: Option<Value>) -> (u16, Val
     (code, v, start.elapsed())
 }
 
-/// Firecracker's own view of the instance state (`Running`, `Paused`), over its socket.
-fn fc_state(socket: &str) -> String {
-    use std::io::Read;
-    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
-    let body = buf.split_once("\r\n\r\n").unwrap().1;
-    let v: Value = serde_json::from_str(body).unwrap();
-    v["state"].as_str().unwrap().to_string()
-}
-
 /// Writes `len` bytes of noise at `offset` of a VM's overlay, as the guest would.
 fn fill_disk(path: &str, offset: u64, len: usize) {
     let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
@@ -256,7 +242,7 @@ fn a_hung_vmm_gives_504_within_the_bound_and_other_vms_stay_fast() {
             .as_str()
             .unwrap()
             .to_string();
-        let vmm = fc_state(&a_sock);
+        let vmm = common::fc_state(&a_sock);
         if landed && api.eq_ignore_ascii_case(&vmm) {
             break (api, vmm);
         }
@@ -278,7 +264,7 @@ fn a_hung_vmm_gives_504_within_the_bound_and_other_vms_stay_fast() {
     for (verb, fc) in flips {
         let (code, v) = d.call("POST", &format!("/v1/vm/a/{verb}"), None);
         assert_eq!(code, 200, "{verb}: {v}");
-        assert_eq!(fc_state(&a_sock), fc);
+        assert_eq!(common::fc_state(&a_sock), fc);
     }
     if api_after == "paused" {
         assert_eq!(d.call("POST", "/v1/vm/a/resume", None).0, 200);
@@ -550,7 +536,7 @@ fn a_vmm_killed_mid_operation_leaves_a_failed_vm_and_nothing_else() {
         while start.elapsed() < Duration::from_secs(10) {
             if d.call("GET", "/v1/vm/cp", None).1["state"] == "snapshotting"
                 && std::os::unix::net::UnixStream::connect(&sock).is_ok()
-                && fc_state(&sock) == "Paused"
+                && common::fc_state(&sock) == "Paused"
             {
                 paused = true;
                 break;

@@ -8,11 +8,11 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 
 use std::time::{Duration, Instant};
 
+use agentenv_client::{Body, Request, Stream};
 use agentenv_core::config::Config;
 
 use common::{finish, is_real, Daemon, TestDir};
@@ -35,46 +35,29 @@ impl Raw {
     }
 }
 
-fn addr(d: &Daemon) -> String {
-    d.base.trim_start_matches("http://").to_string()
-}
-
 /// Opens a connection and sends `head` (and nothing more).
-fn connect(d: &Daemon, head: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr(d)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+fn connect(d: &Daemon, head: &str) -> Stream {
+    let mut s = d.client().endpoint().open(Duration::from_secs(30)).unwrap();
     s.write_all(head.as_bytes()).unwrap();
     s
 }
 
 /// Reads one response; the server is expected to close the connection after it
 /// (requests here say `Connection: close`, or the server does on a timeout).
-fn read_response(s: &mut TcpStream) -> Raw {
+fn read_response(s: &mut Stream) -> Raw {
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no response: {text:?}"));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line: {head:?}"));
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
+    let r = agentenv_client::transport::read_response(&mut &buf[..])
+        .unwrap_or_else(|e| panic!("no response ({e}): {:?}", String::from_utf8_lossy(&buf)));
     Raw {
-        status,
-        headers,
-        body: serde_json::from_str(body).unwrap_or(Value::String(body.to_string())),
+        status: r.status,
+        body: serde_json::from_slice(&r.body).unwrap_or(Value::String(r.text())),
+        headers: r.headers,
     }
 }
 
 /// True when the server closed the connection (EOF or reset) within `within`.
-fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+fn closed_within(s: &mut Stream, within: Duration) -> bool {
     s.set_read_timeout(Some(within)).unwrap();
     let mut b = [0u8; 256];
     loop {
@@ -87,25 +70,18 @@ fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
     }
 }
 
-/// One request through ureq, with its status, `Retry-After` and JSON body.
+/// One request, with its status, `Retry-After` and JSON body.
 fn call(d: &Daemon, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Option<String>, Value) {
-    let req = ureq::request(method, &format!("{}{path}", d.base)).timeout(Duration::from_secs(60));
-    let res = match body {
-        Some(b) => req.set("Content-Type", "application/json").send_bytes(b),
-        None => req.call(),
-    };
-    let resp = match res {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{method} {path}: {e}"),
-    };
-    let code = resp.status();
+    let req = Request::new(method, path).body(body.map_or(Body::Empty, Body::Bytes));
+    let resp = d
+        .client()
+        .send(req)
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
     let retry = resp.header("retry-after").map(str::to_string);
-    let text = resp.into_string().unwrap_or_default();
     (
-        code,
+        resp.status,
         retry,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        serde_json::from_slice(&resp.body).unwrap_or(Value::String(resp.text())),
     )
 }
 
@@ -170,12 +146,8 @@ fn operations_beyond_the_cap_get_429_at_once_and_reads_are_never_limited() {
     let hung: Vec<_> = ["a", "b"]
         .into_iter()
         .map(|vm| {
-            let url = format!("{base}/v1/vm/{vm}/pause");
-            std::thread::spawn(move || match ureq::post(&url).call() {
-                Ok(r) => r.status(),
-                Err(ureq::Error::Status(c, _)) => c,
-                Err(e) => panic!("{e}"),
-            })
+            let (base, path) = (base.clone(), format!("/v1/vm/{vm}/pause"));
+            std::thread::spawn(move || common::http_call(&base, "POST", &path, None).0)
         })
         .collect();
     for vm in ["a", "b"] {
@@ -405,7 +377,7 @@ fn slow_headers_and_idle_connections_are_closed() {
         "POST /v1/vm HTTP/1.1\r\nHost: x\r\nContent-Type: app",
         "GET /v1/vm HTTP/1.1\r\nHost: x\r\n",
     ];
-    let mut conns: Vec<TcpStream> = (0..40)
+    let mut conns: Vec<Stream> = (0..40)
         .map(|i| connect(&d, heads[i % heads.len()]))
         .collect();
     // While they hang, the daemon serves others.

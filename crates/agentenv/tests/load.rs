@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use agentenv_client::{Body, Request};
 use common::{finish, is_real, rss_kib_and_fds, Daemon, Rng};
 use serde_json::{json, Value};
 
@@ -46,26 +47,23 @@ fn call(
     body: Option<Value>,
     timeout: Duration,
 ) -> (u16, Value) {
-    let url = format!("{}{path}", d.base);
-    let req = ureq::request(method, &url).timeout(timeout);
+    let bytes = body.map(|b| b.to_string());
+    let req = Request::new(method, path).body(match &bytes {
+        Some(b) => Body::Bytes(b.as_bytes()),
+        None => Body::Empty,
+    });
     let started = Instant::now();
-    let res = match body {
-        Some(b) => req.send_json(b),
-        None => req.call(),
-    };
-    let resp = match res {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!(
-            "{method} {path}: no answer after {:?}: {e}",
-            started.elapsed()
-        ),
-    };
-    let code = resp.status();
-    let text = resp.into_string().unwrap_or_default();
+    let resp = common::client(&d.base, timeout)
+        .send(req)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{method} {path}: no answer after {:?}: {e}",
+                started.elapsed()
+            )
+        });
     (
-        code,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        resp.status,
+        serde_json::from_slice(&resp.body).unwrap_or(Value::String(resp.text())),
     )
 }
 

@@ -34,7 +34,7 @@ impl DaemonProc {
         let base = format!("http://127.0.0.1:{port}");
         let start = Instant::now();
         let mut child = child;
-        while ureq::get(&format!("{base}/v1/health")).call().is_err() {
+        while !common::healthy(&base) {
             assert!(
                 start.elapsed() < Duration::from_secs(20),
                 "daemon did not come up"

@@ -28,36 +28,8 @@ fn read_at(path: &str, offset: u64, len: usize) -> Vec<u8> {
 
 /// Firecracker's own view of the instance state (`Running`, `Paused`).
 fn fc_state(d: &Daemon, vm_id: &str) -> String {
-    use std::io::Read;
     let (_, v) = d.call("GET", &format!("/v1/vm/{vm_id}"), None);
-    let sock = v["api_socket"].as_str().unwrap();
-    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    // Read the head, then exactly Content-Length bytes (the connection stays open).
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    let (head_end, len) = loop {
-        let n = s.read(&mut chunk).unwrap();
-        assert!(n > 0, "connection closed early");
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map(|v| v.trim().parse().unwrap())
-                .unwrap_or(0);
-            break (i + 4, len);
-        }
-    };
-    while buf.len() < head_end + len {
-        let n = s.read(&mut chunk).unwrap();
-        assert!(n > 0, "connection closed early");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let v: Value = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap();
-    v["state"].as_str().unwrap().to_string()
+    common::fc_state(v["api_socket"].as_str().unwrap())
 }
 
 #[test]

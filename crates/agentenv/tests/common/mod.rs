@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agentenv_client::{ApiClient, Body, Request, ResponseHead, Stream};
 use agentenv_core::config::{Config, VmmChoice};
 use agentenv_core::Engine;
 use agentenv_testkit::leaks::Baseline;
@@ -223,21 +224,15 @@ impl Daemon {
 
     /// Sends raw bytes as a POST body.
     pub fn post_raw(&self, path: &str, body: &[u8]) -> (u16, Value) {
-        let url = format!("{}{path}", self.base);
-        let res = ureq::post(&url)
-            .set("Content-Type", "application/json")
-            .send_bytes(body);
-        let resp = match res {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("POST {path}: {e}"),
-        };
-        let code = resp.status();
-        let text = resp.into_string().unwrap_or_default();
-        (
-            code,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        send(
+            &client(&self.base, Duration::from_secs(60)),
+            Request::new("POST", path).body(Body::Bytes(body)),
         )
+    }
+
+    /// A client of this daemon.
+    pub fn client(&self) -> ApiClient {
+        client(&self.base, Duration::from_secs(60))
     }
 
     /// Creates an overlay VM on the test base image.
@@ -312,78 +307,57 @@ pub struct RawAnswer {
 /// answer is read, so a daemon that answers before reading a whole (huge)
 /// body is seen answering.
 pub fn raw_http(base: &str, request: Vec<u8>, timeout: Duration) -> RawAnswer {
-    use std::io::{Read, Write};
-    let addr = base.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).expect("daemon accepts connections");
-    s.set_read_timeout(Some(timeout)).unwrap();
-    s.set_write_timeout(Some(timeout)).unwrap();
-    let mut w = s.try_clone().unwrap();
-    // Write errors are expected when the daemon answers early and closes.
-    let writer = std::thread::spawn(move || {
+    raw_exchange(base, timeout, move |mut w, _| {
+        use std::io::Write;
+        // Write errors are expected when the daemon answers early and closes.
         let _ = w.write_all(&request);
-    });
+    })
+    .0
+}
+
+/// Opens a connection to the daemon, runs `write` on it from another thread
+/// (it should stop once the flag is set), and reads the answer; panics when
+/// none comes within `timeout`. Also returns how long the answer took.
+pub fn raw_exchange(
+    base: &str,
+    timeout: Duration,
+    write: impl FnOnce(Stream, &std::sync::atomic::AtomicBool) + Send + 'static,
+) -> (RawAnswer, Duration) {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let endpoint = client(base, timeout).endpoint();
+    let s = endpoint.open(timeout).expect("daemon accepts connections");
+    let w = s.try_clone().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_w = stop.clone();
+    let writer = std::thread::spawn(move || write(w, &stop_w));
     let start = Instant::now();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    let mut head: Option<(usize, Option<usize>)> = None;
-    loop {
-        if let Some((end, Some(len))) = head {
-            if buf.len() >= end + len {
-                break;
-            }
-        }
-        match s.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            // A reset after the answer was read (the daemon closed on an unread body).
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && head.is_some() => break,
-            Err(e) => panic!(
-                "no answer after {:?} ({e}); read so far: {:?}",
-                start.elapsed(),
-                String::from_utf8_lossy(&buf)
-            ),
-        }
-        if head.is_none() {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let text = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
-                let len = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .map(|v| v.trim().parse::<usize>().unwrap());
-                head = Some((i + 4, len));
-            }
-        }
+    let mut r = std::io::BufReader::new(s);
+    let head = ResponseHead::read(&mut r)
+        .unwrap_or_else(|e| panic!("no answer after {:?} ({e})", start.elapsed()));
+    let mut raw = Vec::new();
+    match head.body(&mut r).read_to_end(&mut raw) {
+        Ok(_) => {}
+        // A reset after the answer was read (the daemon closed on an unread body).
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!(
+            "incomplete answer after {:?} ({e}): {:?}",
+            start.elapsed(),
+            String::from_utf8_lossy(&raw[..raw.len().min(2000)])
+        ),
     }
-    let _ = s.shutdown(std::net::Shutdown::Both);
+    let took = start.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    let _ = r.get_ref().shutdown();
     let _ = writer.join();
-    let (end, _) = head.unwrap_or_else(|| {
-        panic!(
-            "incomplete answer: {:?}",
-            String::from_utf8_lossy(&buf[..buf.len().min(2000)])
-        )
-    });
-    let text = String::from_utf8_lossy(&buf[..end]).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line: {text:?}"));
-    let content_type = text
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-type")
-                .then(|| v.trim().to_string())
-        })
-        .unwrap_or_default();
-    let raw = &buf[end..];
-    let body = serde_json::from_slice(raw)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(raw).into_owned()));
-    RawAnswer {
-        status,
-        content_type,
+    let body = serde_json::from_slice(&raw)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into_owned()));
+    let answer = RawAnswer {
+        status: head.status,
+        content_type: head.header("content-type").unwrap_or_default().to_string(),
         body,
-    }
+    };
+    (answer, took)
 }
 
 impl Daemon {
@@ -597,28 +571,37 @@ impl Rng {
     }
 }
 
+/// A client of the daemon at `base` whose reads and writes block at most `timeout`.
+pub fn client(base: &str, timeout: Duration) -> ApiClient {
+    ApiClient::new(base)
+        .unwrap_or_else(|e| panic!("{base}: {e}"))
+        .with_timeout(timeout)
+}
+
+/// True when the daemon at `base` answers `GET /v1/health` with 200.
+pub fn healthy(base: &str) -> bool {
+    client(base, Duration::from_secs(10)).health().is_ok()
+}
+
+/// Sends `req` (the target verbatim); the status and the JSON body (`Null`
+/// when empty, a string when not JSON). Panics when no answer comes.
+pub fn send(c: &ApiClient, req: Request<'_>) -> (u16, Value) {
+    let what = format!("{} {}", req.method, req.target);
+    let resp = c.send(req).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let json = if resp.body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&resp.body).unwrap_or(Value::String(resp.text()))
+    };
+    (resp.status, json)
+}
+
 /// One request to a daemon at `base`; the status and the JSON body (`Null`
 /// when empty, a string when not JSON).
 pub fn http_call(base: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let url = format!("{base}{path}");
-    let req = ureq::request(method, &url).timeout(Duration::from_secs(60));
-    let res = match body {
-        Some(b) => req.send_json(b),
-        None => req.call(),
-    };
-    let resp = match res {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{method} {path}: {e}"),
-    };
-    let code = resp.status();
-    let text = resp.into_string().unwrap_or_default();
-    let json = if text.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&text).unwrap_or(Value::String(text))
-    };
-    (code, json)
+    let bytes = body.map(|b| serde_json::to_vec(&b).unwrap());
+    let req = Request::new(method, path).body(bytes.as_deref().map_or(Body::Empty, Body::Bytes));
+    send(&client(base, Duration::from_secs(60)), req)
 }
 
 /// Sends a request from its own thread, whose client gives up after
@@ -630,12 +613,20 @@ pub fn fire(
     body: serde_json::Value,
     patience: Duration,
 ) -> std::thread::JoinHandle<()> {
-    let url = format!("{}{path}", d.base);
+    let c = client(&d.base, patience);
     std::thread::spawn(move || {
-        let _ = ureq::request(method, &url)
-            .timeout(patience)
-            .send_string(&body.to_string());
+        let bytes = body.to_string();
+        let _ = c.send(Request::new(method, &path).body(Body::Bytes(bytes.as_bytes())));
     })
+}
+
+/// Firecracker's own view of the instance state (`Running`, `Paused`), over
+/// its API socket.
+pub fn fc_state(socket: &str) -> String {
+    let endpoint = agentenv_client::Endpoint::Unix(socket.into());
+    let mut c = agentenv_client::Client::new(endpoint, Duration::from_secs(5));
+    let v = c.request("GET", "/", None).unwrap().json().unwrap();
+    v["state"].as_str().unwrap().to_string()
 }
 
 /// Waits until an operation hangs at its failpoint.
@@ -668,14 +659,12 @@ pub fn sequential_and_concurrent_execs(d: &Daemon, vm: &str, n: usize, sleep_s: 
     }
     let threads: Vec<_> = (0..n)
         .map(|i| {
-            let url = format!("{}/v1/vm/{vm}/exec", d.base);
+            let (base, path) = (d.base.clone(), format!("/v1/vm/{vm}/exec"));
             std::thread::spawn(move || {
                 let cmd = format!("sleep {sleep_s}; echo {i}");
-                let r: Value = ureq::post(&url)
-                    .send_json(serde_json::json!({"cmd": ["sh", "-c", cmd]}))
-                    .unwrap()
-                    .into_json()
-                    .unwrap();
+                let body = serde_json::json!({"cmd": ["sh", "-c", cmd]});
+                let (code, r) = http_call(&base, "POST", &path, Some(body));
+                assert_eq!(code, 200, "{r}");
                 assert_eq!(r["stdout"], format!("{i}\n"), "{r}");
             })
         })
