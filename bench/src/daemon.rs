@@ -140,9 +140,11 @@ impl QemuGuest {
             "qemu-system-x86_64 not found in PATH (Debian: apt-get install qemu-system-x86)",
         )?;
         if find_in_path("mkfs.ext4").is_none() {
-            return Err("mkfs.ext4 not found (the daemon makes overlays with it; Debian: \
+            return Err(
+                "mkfs.ext4 not found (the daemon makes overlays with it; Debian: \
                         e2fsprogs)"
-                .into());
+                    .into(),
+            );
         }
         let art = artifacts.map_or_else(|| workspace().join("artifacts"), Path::to_path_buf);
         let missing: Vec<String> = [
@@ -161,13 +163,19 @@ impl QemuGuest {
                 missing.join(", ")
             ));
         }
-        let artifacts = std::fs::canonicalize(&art).map_err(|e| format!("{}: {e}", art.display()))?;
+        let artifacts =
+            std::fs::canonicalize(&art).map_err(|e| format!("{}: {e}", art.display()))?;
         let version = Command::new(&qemu)
             .arg("--version")
             .stdin(Stdio::null())
             .output()
             .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(str::to_string))
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .map(str::to_string)
+            })
             .unwrap_or_else(|| "version unknown".into());
         Ok(QemuGuest {
             qemu,

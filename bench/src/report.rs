@@ -213,14 +213,11 @@ impl Table {
             }
         }
         let line = |w: &mut String, first: &str, cells: Vec<String>, last: &str| {
-            let _ = write!(w, "{first:<0$}", widths[0]);
+            let mut l = format!("{first:<0$}", widths[0]);
             for (i, c) in cells.iter().enumerate() {
-                let _ = write!(w, "  {c:>0$}", widths[i + 1]);
+                let _ = write!(l, "  {c:>0$}", widths[i + 1]);
             }
-            let _ = match last {
-                "" => writeln!(w),
-                _ => writeln!(w, "  {last}"),
-            };
+            let _ = writeln!(w, "{}", format!("{l}  {last}").trim_end());
         };
         let _ = writeln!(w, "{}", self.title);
         line(
@@ -434,7 +431,11 @@ impl Report {
         }
         let mut ok = self.failures.is_empty();
         for (part, c) in self.cleanups.iter().filter(|(_, c)| !c.clean) {
-            eprintln!("{}: {part}: cleanup was not complete: {}", name(), c.summary);
+            eprintln!(
+                "{}: {part}: cleanup was not complete: {}",
+                name(),
+                c.summary
+            );
             ok = false;
         }
         for f in &self.failures {

@@ -57,7 +57,11 @@ impl<const N: usize> Sides<N> {
 
     /// Each side's summary; `None` before the first timed round.
     pub fn summaries(&self) -> Option<[Summary; N]> {
-        let s: Vec<Summary> = self.0.iter().map(|v| Summary::of(v)).collect::<Option<_>>()?;
+        let s: Vec<Summary> = self
+            .0
+            .iter()
+            .map(|v| Summary::of(v))
+            .collect::<Option<_>>()?;
         s.try_into().ok()
     }
 
@@ -107,9 +111,7 @@ pub fn rounds(
     timed: usize,
     mut f: impl FnMut(usize, bool) -> Result<()>,
 ) -> Result<()> {
-    progress(format!(
-        "{what}: {timed} rounds (+{warmup} warm-up), sides interleaved, order rotating"
-    ));
+    progress(format!("{what}: {timed} rounds (+{warmup} warm-up)"));
     let every = (timed / 10).max(1);
     for i in 0..warmup + timed {
         signals::check()?;
@@ -131,7 +133,8 @@ pub fn interleaved<const N: usize>(
     mut sides: [Side<'_>; N],
 ) -> Result<Sides<N>> {
     let mut out = Sides::default();
-    rounds(what, warmup, timed, |i, keep| {
+    let what = format!("{what}, {N} sides interleaved, order rotating");
+    rounds(&what, warmup, timed, |i, keep| {
         let t = rotated(i, sides.each_mut().map(|s| &mut **s as Side<'_>))?;
         if keep {
             out.push(t);

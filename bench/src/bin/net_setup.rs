@@ -76,10 +76,13 @@ fn main() {
         "net_setup: one more VM's network with N VMs configured",
         json!({"samples": samples, "warmup": warmup, "netmask": NETMASK}),
     );
-    rep.about("run", format!(
-        "{samples} samples per cell (+{warmup} warm-up), /30 subnets, namespace {}",
-        namespaces.host
-    ));
+    rep.about(
+        "run",
+        format!(
+            "{samples} samples per cell (+{warmup} warm-up), /30 subnets, namespace {}",
+            namespaces.host
+        ),
+    );
     let result = run(samples, warmup, &namespaces, &mut rep);
     let cleaned = namespaces.remove(c.keep);
     if let Err(e) = result {
@@ -128,23 +131,14 @@ impl Namespaces {
         }
         let (h, o) = (ns.host.as_str(), ns.outside.as_str());
         // Built inside the namespaces; the root namespace is never touched.
-        ip(
-            &[
-                "-n", h, "link", "add", HOST_VETH, "type", "veth", "peer", "name", "veth1",
-                "netns", o,
-            ],
-        )?;
-        ip(
-            &["-n", o, "addr", "add", "198.18.0.1/24", "dev", "veth1"],
-        )?;
+        ip(&[
+            "-n", h, "link", "add", HOST_VETH, "type", "veth", "peer", "name", "veth1", "netns", o,
+        ])?;
+        ip(&["-n", o, "addr", "add", "198.18.0.1/24", "dev", "veth1"])?;
         ip(&["-n", o, "link", "set", "veth1", "up"])?;
-        ip(
-            &["-n", h, "addr", "add", "198.18.0.2/24", "dev", HOST_VETH],
-        )?;
+        ip(&["-n", h, "addr", "add", "198.18.0.2/24", "dev", HOST_VETH])?;
         ip(&["-n", h, "link", "set", HOST_VETH, "up"])?;
-        ip(
-            &["-n", h, "route", "add", "default", "via", "198.18.0.1"],
-        )?;
+        ip(&["-n", h, "route", "add", "default", "via", "198.18.0.1"])?;
         Ok(ns)
     }
 
@@ -179,7 +173,11 @@ impl Namespaces {
         };
         Cleaned {
             clean: (keep || left.is_empty()) && errors.is_empty(),
-            summary: [summary].into_iter().chain(errors).collect::<Vec<_>>().join("\n  error: "),
+            summary: [summary]
+                .into_iter()
+                .chain(errors)
+                .collect::<Vec<_>>()
+                .join("\n  error: "),
             details: json!({"left": left}),
         }
     }
@@ -251,7 +249,10 @@ fn run(samples: usize, warmup: usize, ns: &Namespaces, rep: &mut Report) -> Resu
             block(&rt, net.setup(&lease(&plan, configured)?))?;
         }
         if vms > 0 {
-            fill.push(format!("to {vms} in {:.2} s", started.elapsed().as_secs_f64()));
+            fill.push(format!(
+                "to {vms} in {:.2} s",
+                started.elapsed().as_secs_f64()
+            ));
         }
         let probe = lease(&plan, vms + 1)?;
         let side = lease(&plan, vms + 2)?;
@@ -267,10 +268,9 @@ fn run(samples: usize, warmup: usize, ns: &Namespaces, rep: &mut Report) -> Resu
             let [s_ip, s_nl] = &mut split;
             let t = rotated(
                 i,
-                [
-                    &mut || keep(s_ip, tap_via_ip(&worker, &side)?),
-                    &mut || keep(s_nl, tap_via_netlink(&worker, &rtnl, &side)?),
-                ],
+                [&mut || keep(s_ip, tap_via_ip(&worker, &side)?), &mut || {
+                    keep(s_nl, tap_via_netlink(&worker, &rtnl, &side)?)
+                }],
             )?;
             if timed {
                 setup.push(t1 - t0);
@@ -282,7 +282,12 @@ fn run(samples: usize, warmup: usize, ns: &Namespaces, rep: &mut Report) -> Resu
             }
             Ok(())
         };
-        rounds(&format!("{vms} VMs configured"), warmup, samples, &mut round)?;
+        rounds(
+            &format!("{vms} VMs configured"),
+            warmup,
+            samples,
+            &mut round,
+        )?;
         drop(round);
         let [s, t, b] = [&setup, &teardown, &both].map(|v| Summary::of(v).expect("samples"));
         let base = *base_p50.get_or_insert(b.p50);
@@ -307,7 +312,10 @@ fn run(samples: usize, warmup: usize, ns: &Namespaces, rep: &mut Report) -> Resu
 }
 
 /// Runs a step of the network code to completion.
-fn block(rt: &tokio::runtime::Runtime, f: impl Future<Output = Result<(), NetError>>) -> Result<()> {
+fn block(
+    rt: &tokio::runtime::Runtime,
+    f: impl Future<Output = Result<(), NetError>>,
+) -> Result<()> {
     rt.block_on(f).map_err(anyhow::Error::msg)
 }
 
