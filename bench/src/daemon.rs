@@ -9,7 +9,6 @@
 
 use std::fs::File;
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -88,6 +87,29 @@ pub fn tail_lines(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Waits up to 10 s for `child` (`what`, logging to `log`) to make its
+/// socket, polling every `poll`; an early exit fails with the log's end.
+pub fn wait_for_socket(
+    child: &mut Child,
+    sock: &Path,
+    log: &Path,
+    what: &str,
+    poll: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited at start ({status}): {}", tail_lines(log, 5));
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{what} made no socket within 10 s"
+        );
+        std::thread::sleep(poll);
+    }
+    Ok(())
 }
 
 /// The flags the daemon gives `mkfs.ext4` for overlays
@@ -387,16 +409,10 @@ impl Daemon {
             .arg(addr.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log_file)
-            // Its own process group: a Ctrl-C in the terminal reaches only the
-            // benchmark, which then deletes the VMs and stops the daemon in order.
-            .process_group(0);
+            .stderr(log_file);
         // If the benchmark dies without cleaning up, the daemon gets SIGTERM
         // and stops its VMs itself.
-        signals::die_with_parent(&mut cmd, libc::SIGTERM);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", agentenv.display()))?;
+        let child = signals::spawn_group(&mut cmd, libc::SIGTERM)?;
         let mut d = Daemon {
             pid: child.id(),
             child,
@@ -558,9 +574,18 @@ impl Harness {
         ensure!(self.daemon.is_none(), "the daemon is already running");
         let log = self.root.join("daemon.log");
         let mut last_err = None;
+        crate::runner::progress(format!(
+            "temp dir {} ({}); starting the daemon {}",
+            self.root.display(),
+            self.fs,
+            agentenv.display()
+        ));
         for _ in 0..3 {
             match Daemon::start(agentenv, config, &log, io_timeout, health_timeout) {
-                Ok(d) => return Ok(self.daemon.insert(d)),
+                Ok(d) => {
+                    crate::runner::progress(format!("daemon pid {} on http://{}", d.pid, d.addr));
+                    return Ok(self.daemon.insert(d));
+                }
                 // Another process may have taken the free port; try another one.
                 Err(e) if format!("{e:#}").contains("cannot listen") => last_err = Some(e),
                 Err(e) => return Err(e),
@@ -598,20 +623,6 @@ impl Harness {
             }
         }
         (result, self.teardown(keep))
-    }
-
-    /// [`Harness::finish`] for a run that cannot go on without its result: a
-    /// failed run is reported on stderr with the cleanup, and the process
-    /// exits 1.
-    pub fn finish_or_exit<R>(&mut self, result: Result<R>, keep: bool) -> (R, Cleanup) {
-        match self.finish(result, keep) {
-            (Ok(r), c) => (r, c),
-            (Err(e), c) => {
-                eprintln!("{}: {e:#}", crate::runner::name());
-                eprintln!("cleanup: {}", c.summary());
-                std::process::exit(1);
-            }
-        }
     }
 
     /// Deletes every VM, stops the daemon with SIGTERM, kills (and reports)

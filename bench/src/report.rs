@@ -323,6 +323,22 @@ impl Report {
         self
     }
 
+    /// Ends a part of the run, once it is cleaned up: a failed part is
+    /// reported on stderr with its cleanup and the process exits 1; otherwise
+    /// the cleanup is recorded and the part's result comes back.
+    pub fn settle<T>(&mut self, result: Result<T>, part: &str, cleaned: Cleaned) -> T {
+        match result {
+            Ok(r) => {
+                self.cleanups.push((part.into(), cleaned));
+                r
+            }
+            Err(e) => {
+                eprintln!("{}: {e:#}\ncleanup ({part}): {}", name(), cleaned.summary);
+                std::process::exit(1)
+            }
+        }
+    }
+
     /// Records a failure that did not stop the run (exit status 1).
     pub fn fail(&mut self, what: impl Into<String>) -> &mut Report {
         self.failures.push(what.into());

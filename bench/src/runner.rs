@@ -15,11 +15,13 @@ use crate::stats::{median, ms, Summary};
 
 static NAME: OnceLock<&'static str> = OnceLock::new();
 
-/// Names the running benchmark and installs the signal handlers; the first
-/// thing every benchmark's `main` does.
-pub fn start(name: &'static str) {
-    let _ = NAME.set(name);
+/// Parses the benchmark's flags, takes its name from them and installs the
+/// signal handlers: the first thing every benchmark's `main` does.
+pub fn start<A: clap::Parser>() -> A {
+    let args = A::parse();
+    let _ = NAME.set(A::command().get_name().to_string().leak());
     signals::install();
+    args
 }
 
 /// The running benchmark's name.

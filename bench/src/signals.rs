@@ -4,7 +4,7 @@
 //! get cleaned up by the kernel).
 //!
 //! Also the two ways the benchmarks make sure their children go away:
-//! [`die_with_parent`] and [`kill_group`].
+//! [`die_with_parent`] (with [`spawn_group`]) and [`kill_group`].
 
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
@@ -62,6 +62,17 @@ pub fn die_with_parent(cmd: &mut Command, sig: libc::c_int) -> &mut Command {
             Ok(())
         })
     }
+}
+
+/// Spawns `cmd` as the leader of a process group of its own (so that a
+/// Ctrl-C in the terminal reaches only the benchmark, which then stops it in
+/// order, and [`kill_group`] takes its children too), with `sig` sent to it
+/// by the kernel should the benchmark die first.
+pub fn spawn_group(cmd: &mut Command, sig: libc::c_int) -> anyhow::Result<Child> {
+    use anyhow::Context as _;
+    die_with_parent(cmd.process_group(0), sig)
+        .spawn()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))
 }
 
 /// SIGKILL to the process group a child leads (it was started with

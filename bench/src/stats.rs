@@ -48,18 +48,6 @@ impl Summary {
             mean: v.iter().sum::<f64>() / v.len() as f64,
         })
     }
-
-    /// As JSON, milliseconds rounded to microseconds.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "n": self.n,
-            "p50_ms": round3(self.p50),
-            "p99_ms": round3(self.p99),
-            "min_ms": round3(self.min),
-            "max_ms": round3(self.max),
-            "mean_ms": round3(self.mean),
-        })
-    }
 }
 
 /// The median of plain numbers (the mean of the two middle ones for an even

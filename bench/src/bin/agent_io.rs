@@ -1,34 +1,12 @@
-//! `agent_io`: what the daemon adds to talking to the guest agent yourself.
-//!
-//! It starts the real `agentenv` daemon (from `target/release`) with the
-//! Firecracker API double `fc-double` as its VMM. The double bridges guest
-//! vsock port 10789 to the real `agentenv-guest`, which runs on the host with
-//! `--listen-unix` (as in `crates/agentenv/tests/agent_api.rs`). One VM is
-//! created with `wait_ready: true`, and the same work is done three ways,
-//! interleaved in the same run, the order rotating:
-//!
-//! - **daemon**: the HTTP API (`POST /v1/vm/{id}/exec`, `PUT`/`GET
-//!   /v1/vm/{id}/files`): HTTP, the engine, the hybrid-vsock bridge, the agent;
-//! - **bridge**: this program's own `AgentClient` (the client code the daemon
-//!   uses) through the double's hybrid vsock: the daemon's path without HTTP
-//!   and the engine, to split the overhead;
-//! - **direct**: the same client on the agent's Unix socket: the agent's own
-//!   cost, the baseline the targets compare with.
-//!
-//! Measured: the round trip of an exec of `true` (p50/p99, and the daemon's
-//! overhead at p50), upload and download throughput of a file (streamed on
-//! both sides, never held in memory), and the daemon's resident memory while
-//! a client downloads 1 GiB slowly. With `--qemu`, the exec and file figures
-//! are taken again through the daemon against a real QEMU (TCG) guest; there
-//! the daemon holds the VM's virtio-serial socket, so there is no direct
-//! baseline.
-//!
-//! Targets are printed beside the figures as PASS/MISS, for information: the
-//! exit status is 0 whenever the run itself completes and cleans up.
+//! `agent_io`: exec and file transfers through the daemon against the same
+//! work done straight to the guest agent (and through fc-double's vsock bridge
+//! alone), interleaved in one run; the daemon's memory during a slow download;
+//! with `--qemu`, the same through the daemon against a real QEMU guest.
+//! See `bench/README.md`.
+
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentenv_bench::args::{Common, Warmup};
-use agentenv_bench::daemon::{self, call, find_in_path, tail_lines, Harness, QemuGuest};
+use agentenv_bench::daemon::{self, call, find_in_path, wait_for_socket, Harness, QemuGuest};
 use agentenv_bench::http::Client;
 use agentenv_bench::procfs::{self, Rss};
 use agentenv_bench::report::{or_exit, Cell, Limit, Report, Table, Target};
@@ -47,7 +25,7 @@ use agentenv_core::config::AgentConfig;
 use agentenv_core::engine::AGENT_SOCKET;
 use agentenv_guest::client::{AgentClient, Endpoint, ExecEvent};
 use agentenv_guest::proto::{ExecRequest, PutFile, INITIAL_WINDOW, VSOCK_PORT};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
 
@@ -134,8 +112,7 @@ struct Params {
 }
 
 fn main() {
-    let args = Args::parse();
-    runner::start("agent_io");
+    let args: Args = runner::start();
     let c = &args.common;
     let p = Params {
         execs: args.execs.unwrap_or(c.pick(300, 100)).max(1),
@@ -193,8 +170,8 @@ fn main() {
     let result = run_fc(&mut env, &agentenv, &p, &mut rep);
     // The agent names the run's directory: stop it before the leak scan.
     env.agent.stop();
-    let (_, cleanup) = env.h.finish_or_exit(result, c.keep);
-    rep.cleanup("fc-double", cleanup.cleaned());
+    let (result, cleanup) = env.h.finish(result, c.keep);
+    rep.settle(result, "fc-double", cleanup.cleaned());
     if args.qemu {
         run_qemu_part(&args, &agentenv, &p, &mut rep);
     } else {
@@ -213,36 +190,22 @@ struct HostAgent {
 
 impl HostAgent {
     fn start(bin: &Path, socket: &Path, log: &Path) -> Result<HostAgent> {
-        let log_file = File::create(log)?;
         let mut cmd = Command::new(bin);
-        cmd.arg("--listen-unix")
-            .arg(socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .process_group(0);
-        signals::die_with_parent(&mut cmd, libc::SIGKILL);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let mut agent = HostAgent {
+        cmd.arg("--listen-unix").arg(socket).stdin(Stdio::null());
+        cmd.stdout(Stdio::null()).stderr(File::create(log)?);
+        let mut child = signals::spawn_group(&mut cmd, libc::SIGKILL)?;
+        let waited = wait_for_socket(
+            &mut child,
+            socket,
+            log,
+            "agentenv-guest",
+            Duration::from_millis(5),
+        );
+        let agent = HostAgent {
             child: Some(child),
             socket: socket.to_path_buf(),
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            if let Some(status) = agent.child.as_mut().expect("spawned").try_wait()? {
-                bail!(
-                    "agentenv-guest exited at start ({status}): {}",
-                    tail_lines(log, 5)
-                );
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "agentenv-guest made no socket within 10 s"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        waited?;
         Ok(agent)
     }
 
@@ -814,15 +777,9 @@ fn watch_download(via: &ViaDaemon, path: &Path, bytes: u64) -> Result<RssWatch> 
 }
 
 fn run_fc(env: &mut FcEnv, agentenv: &Path, p: &Params, rep: &mut Report) -> Result<()> {
-    progress(format!(
-        "temp dir {} ({}); starting the daemon",
-        env.root.display(),
-        env.h.fs()
-    ));
     let d = env
         .h
         .start_daemon(agentenv, IO_TIMEOUT, Duration::from_secs(15))?;
-    progress(format!("daemon pid {} on http://{}", d.pid, d.addr));
     let mut via = ViaDaemon::new(d, "io");
     let disk = env.root.join("disks/root.img");
     let ready = create_ready(
@@ -1116,10 +1073,6 @@ fn run_qemu(
     guest: &QemuGuest,
 ) -> Result<Table> {
     let root = h.root().to_path_buf();
-    progress(format!(
-        "qemu: temp dir {}; starting the daemon",
-        root.display()
-    ));
     let d = h.start_daemon(agentenv, IO_TIMEOUT, Duration::from_secs(15))?;
     let mut via = ViaDaemon::new(d, "q1");
     progress("qemu: booting a guest (create with wait_ready)");

@@ -1,27 +1,16 @@
 //! `api_overhead`: what the agentenv daemon adds on top of talking to the VMM
-//! directly, and how it holds up with many VMs.
-//!
-//! It starts the real `agentenv` daemon with the Firecracker API double
-//! `fc-double` as its VMM, and measures, interleaved in the same run:
-//!
-//! - create → running, pause, resume and delete through the daemon's HTTP API,
-//!   against a bare client doing the same Firecracker API calls itself over
-//!   the Unix socket (spawn the VMM, wait for its socket, PUT machine-config,
-//!   boot-source, drives, InstanceStart; PATCH /vm Paused / Resumed; kill);
-//! - overlay creates (which run `mkfs.ext4`), against the bare client running
-//!   the same `mkfs.ext4` and boot calls (for information);
-//! - with many VMs: `GET /v1/vm` latency (baseline: the same request at 0 VMs),
-//!   per-VM operations (baseline: at 1 VM) and the daemon's memory (baseline:
-//!   at 0 VMs).
+//! (fc-double) directly — create, pause, resume, delete and overlay creates
+//! against a bare Firecracker API client, interleaved in one run — and how it
+//! holds up with many VMs (list latency, per-VM operations, memory).
+//! See `bench/README.md`.
 
 use std::fs::File;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use agentenv_bench::args::{Common, Warmup};
-use agentenv_bench::daemon::{self, call, find_in_path, tail_lines, Harness};
+use agentenv_bench::daemon::{self, call, find_in_path, wait_for_socket, Harness};
 use agentenv_bench::http::{Client, Endpoint};
 use agentenv_bench::procfs::{self, Rss};
 use agentenv_bench::report::{or_exit, Cell, Limit, Report, Table, Target};
@@ -80,8 +69,7 @@ struct Params {
 }
 
 fn main() {
-    let args = Args::parse();
-    runner::start("api_overhead");
+    let args: Args = runner::start();
     let c = &args.common;
     let p = Params {
         iterations: args.iterations.unwrap_or(c.pick(200, 30)).max(1),
@@ -123,8 +111,8 @@ fn main() {
          itself over the Unix socket (the same HTTP client code talks to the daemon over TCP)",
     );
     let result = run(&mut env, &agentenv, &p, &mut rep);
-    let (_, cleanup) = env.h.finish_or_exit(result, c.keep);
-    rep.cleanup("daemon", cleanup.cleaned());
+    let (result, cleanup) = env.h.finish(result, c.keep);
+    rep.settle(result, "daemon", cleanup.cleaned());
     rep.finish(c.json)
 }
 
@@ -205,36 +193,21 @@ impl BareClient {
         let log = self.dir.join(format!("{name}.log"));
         let t0 = Instant::now();
         let out = File::create(&log)?;
-        let child = Command::new(&self.fc_double)
-            .arg("--api-sock")
-            .arg(&sock)
-            .arg("--id")
-            .arg(name)
-            .stdin(Stdio::null())
+        let mut cmd = Command::new(&self.fc_double);
+        cmd.arg("--api-sock").arg(&sock).arg("--id").arg(name);
+        cmd.stdin(Stdio::null())
             .stderr(out.try_clone()?)
-            .stdout(out)
-            .process_group(0)
-            .spawn()
-            .context("cannot start fc-double")?;
+            .stdout(out);
+        let mut child = signals::spawn_group(&mut cmd, libc::SIGKILL)?;
+        let poll = Duration::from_micros(100);
+        let waited = wait_for_socket(&mut child, &sock, &log, "fc-double", poll);
         let mut vm = BareVm {
             child: Some(child),
             sock: sock.clone(),
             api: Client::new(Endpoint::Unix(sock.clone()), IO_TIMEOUT),
         };
+        waited?;
         let deadline = t0 + Duration::from_secs(10);
-        while !sock.exists() {
-            if let Some(status) = vm.child.as_mut().expect("spawned").try_wait()? {
-                bail!(
-                    "fc-double exited at start ({status}): {}",
-                    tail_lines(&log, 5)
-                );
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "fc-double made no socket within 10 s"
-            );
-            std::thread::sleep(Duration::from_micros(100));
-        }
         // The socket file appears at bind(), an instant before listen().
         loop {
             match vm.api.connect() {
@@ -398,15 +371,8 @@ fn list(api: &mut Client, vms: usize, warmup: usize, n: usize) -> Result<(Vec<Du
 }
 
 fn run(env: &mut Env, agentenv: &Path, p: &Params, rep: &mut Report) -> Result<()> {
-    progress(format!(
-        "temp dir {} ({}); starting the daemon",
-        env.root.display(),
-        env.h.fs()
-    ));
-    let d = env
-        .h
+    env.h
         .start_daemon(agentenv, IO_TIMEOUT, Duration::from_secs(15))?;
-    progress(format!("daemon pid {} on http://{}", d.pid, d.addr));
     std::thread::sleep(Duration::from_millis(200));
     let rss_fresh = env.rss()?;
     let (list0, _) = list(env.api(), 0, p.warmup, p.list_requests)?;

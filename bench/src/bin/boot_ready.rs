@@ -1,32 +1,11 @@
-//! `boot_ready`: how long a guest takes from "create" to its `AGENTENV_READY`
-//! line through the agentenv daemon, against the very same QEMU command line
-//! launched by hand, in the same run; and how long each guest artifact takes
-//! to build.
-//!
-//! - **daemon**: `POST /v1/vm` (an overlay on `minimal.ext4`, 1 slot of
-//!   256 MiB) to the real `agentenv` daemon (`vmm = "qemu"`, networking off),
-//!   then wait until `AGENTENV_READY` appears in the VM's `console_log`
-//!   (inotify on the file); the VM is then deleted (untimed).
-//! - **by hand**: no daemon. The command line the daemon recorded in
-//!   `qemu.json` for an untimed reference VM is replayed with a fresh overlay,
-//!   QMP socket and VM id: clone the daemon's empty ext4 overlay template the
-//!   way the daemon does (sparse copy plus a new file-system UUID), spawn
-//!   `qemu-system-x86_64` with stdout and stderr on one pipe (as the daemon
-//!   does), read the pipe until `AGENTENV_READY`; then kill it (untimed).
-//!   Both sides time the overlay creation.
-//! - The two sides alternate, which one goes first alternating every run.
-//!   Each side first boots one untimed reference VM (warm caches, the daemon's
-//!   overlay template, and the command line to replay).
-//! - **artifacts**: unless `--skip-artifacts`, `scripts/build-artifacts.sh
-//!   --output <temp dir> --force` runs once and its timing lines are shown.
-//!
-//! The target (daemon p50 ≤ 1.05 × by-hand p50) is informational: the exit
-//! status is 0 whenever the run completes and cleans up. See `bench/README.md`.
+//! `boot_ready`: create → `AGENTENV_READY` through the agentenv daemon against
+//! the very same QEMU command line launched by hand (the daemon's `qemu.json`
+//! replayed), interleaved in one run; and how long the guest artifacts take to
+//! build. See `bench/README.md`.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -90,8 +69,7 @@ struct Args {
 }
 
 fn main() {
-    let args = Args::parse();
-    runner::start("boot_ready");
+    let args: Args = runner::start();
     let c = &args.common;
     let runs = args.runs.unwrap_or(c.pick(5, 2)) as usize;
     let build = !(args.skip_artifacts || c.quick);
@@ -149,8 +127,8 @@ fn main() {
         }
         Ok(())
     });
-    let (_, cleanup) = h.finish_or_exit(result, c.keep);
-    rep.cleanup("daemon", cleanup.cleaned());
+    let (result, cleanup) = h.finish(result, c.keep);
+    rep.settle(result, "daemon", cleanup.cleaned());
     rep.finish(c.json)
 }
 
@@ -580,15 +558,9 @@ fn hand_boot(
         .args(&args)
         .stdin(Stdio::null())
         .stdout(writer)
-        .stderr(writer2)
-        .process_group(0);
+        .stderr(writer2);
     // Should this benchmark die, QEMU dies too.
-    signals::die_with_parent(&mut command, libc::SIGKILL);
-    vm.child = Some(
-        command
-            .spawn()
-            .with_context(|| format!("cannot start {}", cmd.binary.display()))?,
-    );
+    vm.child = Some(signals::spawn_group(&mut command, libc::SIGKILL)?);
     // Our copies of the write end go with `command`: EOF once QEMU is gone.
     drop(command);
     let mut reader = reader;
@@ -736,18 +708,12 @@ fn build_artifacts(root: &Path, script: &Path) -> Result<ArtifactBuild> {
     cmd.arg("--output")
         .arg(&out)
         .arg("--force")
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file)
-        .process_group(0);
-    signals::die_with_parent(&mut cmd, libc::SIGTERM);
-    progress(&format!("artifacts: {command}"));
+        .stdin(Stdio::null());
+    cmd.stdout(log_file.try_clone()?).stderr(log_file);
+    progress(format!("artifacts: {command}"));
     let t0 = Instant::now();
     let mut proc = BuildProc {
-        child: Some(
-            cmd.spawn()
-                .with_context(|| format!("cannot start {}", script.display()))?,
-        ),
+        child: Some(signals::spawn_group(&mut cmd, libc::SIGTERM)?),
     };
     let mut shown = 0usize;
     let status = loop {
@@ -833,13 +799,7 @@ fn run(
     rep: &mut Report,
 ) -> Result<()> {
     let root = h.root().to_path_buf();
-    progress(format!(
-        "temp dir {} ({}); starting the daemon",
-        root.display(),
-        h.fs()
-    ));
-    let d = h.start_daemon(agentenv, IO_TIMEOUT, Duration::from_secs(30))?;
-    progress(format!("daemon pid {} on http://{}", d.pid, d.addr));
+    h.start_daemon(agentenv, IO_TIMEOUT, Duration::from_secs(30))?;
     progress(
         "reference boot through the daemon (untimed: builds its overlay template, warms caches)",
     );

@@ -1,20 +1,8 @@
-//! `net_setup`: what one VM's network costs, and whether that cost grows with
-//! the number of VMs already configured.
-//!
-//! In network namespaces of its own (a "host" with the TAPs and agentenv's
-//! nftables table, and an "outside" behind a veth pair, both deleted at the
-//! end, also on error or Ctrl-C) it measures, interleaved sample by sample:
-//!
-//! - `LinuxNetwork::setup` + `teardown` of one more VM with 0, 100 and 1,000
-//!   VMs already set up (/30 subnets, so 1,000+ fit in the /16);
-//! - the TAP part of that work done directly over netlink (create the
-//!   persistent TAP, add the address, set it up, delete it) against the same
-//!   work done by running `ip tuntap add`, `ip addr add`, `ip link set up` and
-//!   `ip link del` — both from a thread inside the host namespace, so neither
-//!   pays for entering it.
-//!
-//! Needs root. Targets are printed as PASS/MISS for information; the exit
-//! status is 0 whenever the run itself completes and cleans up.
+//! `net_setup`: what one VM's network costs with 0, 100 and 1,000 VMs already
+//! configured (`LinuxNetwork::setup` + `teardown`), and the TAP work done over
+//! netlink against `ip(8)`, interleaved, in network namespaces of its own
+//! (deleted at the end, also on error or Ctrl-C). Needs root.
+//! See `bench/README.md`.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -61,8 +49,7 @@ struct Args {
 }
 
 fn main() {
-    let args = Args::parse();
-    runner::start("net_setup");
+    let args: Args = runner::start();
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("net_setup: needs root (it creates network namespaces and TAPs)");
@@ -85,11 +72,7 @@ fn main() {
     );
     let result = run(samples, warmup, &namespaces, &mut rep);
     let cleaned = namespaces.remove(c.keep);
-    if let Err(e) = result {
-        eprintln!("net_setup: {e:#}\ncleanup: {}", cleaned.summary);
-        std::process::exit(1);
-    }
-    rep.cleanup("namespaces", cleaned);
+    rep.settle(result, "namespaces", cleaned);
     rep.finish(c.json)
 }
 

@@ -1,33 +1,8 @@
 //! `snapshot_copy`: what a disk snapshot, a persist, a restore and a fresh
-//! overlay cost, against `cp` and `mkfs.ext4` in the same run.
-//!
-//! For each data size (default 64 MiB, 256 MiB, 1 GiB) it builds a sparse
-//! ext4 overlay of `--disk-gib` (default 16 GiB) holding that much random
-//! data (`mkfs.ext4 -d` from a directory of random files), on the file system
-//! of `--tmp-dir` (default: the system temp directory), and measures,
-//! interleaved, median of `--reps`:
-//!
-//! - snapshot into a tmpfs tier it mounts (`TieredStore::create`: sparse
-//!   copy + checksum + `meta.json`) vs `cp --sparse=always` into the same
-//!   tmpfs, and vs a full copy (`cp --sparse=never`, to the source's file
-//!   system: 16 GiB do not fit in RAM);
-//! - snapshot into the durable tier (the source's file system, fsynced) vs
-//!   `cp --sparse=always` + `sync FILE` there;
-//! - persist (tmpfs → durable, fsync, read back and verify) vs `cp
-//!   --sparse=always` + `sync FILE` of the same tmpfs file;
-//! - restore (tmpfs → a session file, verified while copying) vs `cp
-//!   --sparse=always`;
-//! - the checksum design: hashing the data extents vs SHA-256 over the whole
-//!   logical content, and hashing while copying vs copy then hash.
-//!
-//! Then fresh overlays: `LocalHost` with ext4 templates vs plain `mkfs.ext4`
-//! on a sparse file, at `--disk-gib` and 4× that.
-//!
-//! The source is warm in the page cache (as a just-paused VM's disk mostly
-//! is); `sync` runs before each timed step so earlier writeback does not
-//! leak into it. Without root the "tmpfs" tier is a plain directory on the
-//! source's file system, and the table says so. Everything made is removed
-//! at the end, on error and on Ctrl-C (tmpfs unmounted).
+//! overlay cost, against `cp` and `mkfs.ext4` in the same run, for sparse
+//! ext4 overlays holding several amounts of random data; and the checksum
+//! design's variants. Everything made is removed at the end, on error and on
+//! Ctrl-C (its tmpfs unmounted). See `bench/README.md`.
 
 use std::fs::File;
 use std::io::Write as _;
@@ -308,8 +283,7 @@ fn new_snapshot(id: &str, source: &Path) -> NewSnapshot {
 }
 
 fn main() {
-    let args = Args::parse();
-    runner::start("snapshot_copy");
+    let args: Args = runner::start();
     let c = &args.common;
     let mut data_mib = args.data_mib.clone();
     if data_mib.is_empty() {
@@ -366,11 +340,7 @@ fn main() {
     );
     let result = run_all(&p, args.overlays_only, &ws, &mut rep);
     let cleaned = ws.remove(c.keep);
-    if let Err(e) = result {
-        eprintln!("snapshot_copy: {e:#}\ncleanup: {}", cleaned.summary);
-        std::process::exit(1);
-    }
-    rep.cleanup("workspace", cleaned);
+    rep.settle(result, "workspace", cleaned);
     rep.finish(c.json)
 }
 
