@@ -5,7 +5,6 @@
 //! See `bench/README.md`.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +19,7 @@ use agentenv_core::config::NetworkConfig;
 use agentenv_core::net::{HostNetwork, NetError, NetLease, NetPlan};
 use agentenv_host::net::rtnl::Rtnl;
 use agentenv_host::net::{tap, LinuxNetwork, NetnsThread};
+use agentenv_testkit::netns::{self, NetnsPair};
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use serde_json::json;
@@ -50,15 +50,17 @@ struct Args {
 
 fn main() {
     let args: Args = runner::start();
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("net_setup: needs root (it creates network namespaces and TAPs)");
-        std::process::exit(2);
-    }
     let c = &args.common;
     let (samples, warmup) = (c.pick(200, 30).max(1), args.warmup.get(c, 5, 2));
     let samples = args.samples.unwrap_or(samples).max(1);
-    let namespaces = or_exit(Namespaces::create(), 1, "setting up: ");
+    if let Some(why) = netns::unavailable() {
+        or_exit::<()>(Err(anyhow::anyhow!("{why}")), 2, "");
+    }
+    let namespaces = or_exit(
+        NetnsPair::new("bench").map_err(anyhow::Error::msg),
+        1,
+        "setting up: ",
+    );
     let mut rep = Report::new(
         "net_setup: one more VM's network with N VMs configured",
         json!({"samples": samples, "warmup": warmup, "netmask": NETMASK}),
@@ -71,106 +73,41 @@ fn main() {
         ),
     );
     let result = run(samples, warmup, &namespaces, &mut rep);
-    let cleaned = namespaces.remove(c.keep);
+    let cleaned = remove(namespaces, c.keep);
     rep.settle(result, "namespaces", cleaned);
     rep.finish(c.json)
 }
 
 // ------------------------------------------------------------ namespaces --
 
-/// The benchmark's two namespaces, deleted on drop (the kernel then removes
-/// every TAP, address, route and nft table in them).
-struct Namespaces {
-    host: String,
-    outside: String,
-    created: Vec<String>,
-}
-
-impl Namespaces {
-    fn create() -> Result<Namespaces> {
-        for (tool, arg) in [("ip", "-V"), ("nft", "--version")] {
-            let ok = Command::new(tool)
-                .arg(arg)
-                .output()
-                .is_ok_and(|o| o.status.success());
-            ensure!(ok, "`{tool}` is missing");
-        }
-        let id = format!(
-            "{:x}{:04x}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.subsec_nanos() & 0xffff)
-                .unwrap_or(0)
-        );
-        let mut ns = Namespaces {
-            host: format!("agentenv-b-{id}-h"),
-            outside: format!("agentenv-b-{id}-o"),
-            created: Vec::new(),
-        };
-        for name in [ns.host.clone(), ns.outside.clone()] {
-            ip(&["netns", "add", &name])?;
-            ns.created.push(name);
-        }
-        let (h, o) = (ns.host.as_str(), ns.outside.as_str());
-        // Built inside the namespaces; the root namespace is never touched.
-        ip(&[
-            "-n", h, "link", "add", HOST_VETH, "type", "veth", "peer", "name", "veth1", "netns", o,
-        ])?;
-        ip(&["-n", o, "addr", "add", "198.18.0.1/24", "dev", "veth1"])?;
-        ip(&["-n", o, "link", "set", "veth1", "up"])?;
-        ip(&["-n", h, "addr", "add", "198.18.0.2/24", "dev", HOST_VETH])?;
-        ip(&["-n", h, "link", "set", HOST_VETH, "up"])?;
-        ip(&["-n", h, "route", "add", "default", "via", "198.18.0.1"])?;
-        Ok(ns)
+/// Deletes the namespaces (unless `keep`: then they are left for a look),
+/// and checks that they are gone.
+fn remove(ns: NetnsPair, keep: bool) -> Cleaned {
+    let names = [ns.host.clone(), ns.outside.clone()];
+    if keep {
+        std::mem::forget(ns);
+    } else {
+        drop(ns);
     }
-
-    fn host_path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.host)
-    }
-
-    /// Deletes the namespaces (unless `keep`), and checks that they are gone.
-    fn remove(mut self, keep: bool) -> Cleaned {
-        let mut errors = Vec::new();
-        if !keep {
-            for name in std::mem::take(&mut self.created) {
-                if let Err(e) = ip(&["netns", "del", &name]) {
-                    errors.push(format!("{e:#}"));
-                }
-            }
-        }
-        let listed = Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        let left: Vec<&str> = [&self.host, &self.outside]
-            .into_iter()
-            .filter(|n| listed.contains(n.as_str()))
-            .map(String::as_str)
-            .collect();
-        let summary = match (keep, left.is_empty()) {
-            (true, _) => format!("namespaces kept: {}", left.join(", ")),
-            (false, true) => "namespaces deleted".into(),
-            (false, false) => format!("namespaces NOT deleted: {}", left.join(", ")),
-        };
-        Cleaned {
-            clean: (keep || left.is_empty()) && errors.is_empty(),
-            summary: [summary]
-                .into_iter()
-                .chain(errors)
-                .collect::<Vec<_>>()
-                .join("\n  error: "),
-            details: json!({"left": left}),
-        }
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for name in &self.created {
-            let _ = ip(&["netns", "del", name]);
-        }
+    let listed = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let left: Vec<&str> = names
+        .iter()
+        .filter(|n| listed.contains(n.as_str()))
+        .map(String::as_str)
+        .collect();
+    let summary = match (keep, left.is_empty()) {
+        (true, _) => format!("namespaces kept: {}", left.join(", ")),
+        (false, true) => format!("namespaces {} deleted", names.join(", ")),
+        (false, false) => format!("namespaces NOT deleted: {}", left.join(", ")),
+    };
+    Cleaned {
+        clean: keep || left.is_empty(),
+        summary,
+        details: json!({"left": left}),
     }
 }
 
@@ -181,7 +118,7 @@ fn ip(args: &[&str]) -> Result<()> {
 
 // ------------------------------------------------------------- measuring --
 
-fn run(samples: usize, warmup: usize, ns: &Namespaces, rep: &mut Report) -> Result<()> {
+fn run(samples: usize, warmup: usize, ns: &NetnsPair, rep: &mut Report) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
