@@ -729,7 +729,7 @@ fn build_artifacts(root: &Path, script: &Path) -> Result<ArtifactBuild> {
         };
         for l in &lines[shown.min(complete)..complete] {
             if l.starts_with("==> [") {
-                progress(&format!("  {l}"));
+                progress(format!("  {l}"));
             }
         }
         shown = shown.max(complete);

@@ -178,37 +178,35 @@ fn run(samples: usize, warmup: usize, ns: &NetnsPair, rep: &mut Report) -> Resul
         let side = lease(&plan, vms + 2)?;
         let (mut setup, mut teardown, mut both) = (vec![], vec![], vec![]);
         let [mut make, mut del, mut total] = [(); 3].map(|_| Sides::<2>::default());
-        let mut round = |i: usize, timed: bool| -> Result<()> {
-            let t0 = Instant::now();
-            block(&rt, net.setup(&probe))?;
-            let t1 = Instant::now();
-            block(&rt, net.teardown(&probe))?;
-            let t2 = Instant::now();
-            let mut split = [(Duration::ZERO, Duration::ZERO); 2];
-            let [s_ip, s_nl] = &mut split;
-            let t = rotated(
-                i,
-                [&mut || keep(s_ip, tap_via_ip(&worker, &side)?), &mut || {
-                    keep(s_nl, tap_via_netlink(&worker, &rtnl, &side)?)
-                }],
-            )?;
-            if timed {
-                setup.push(t1 - t0);
-                teardown.push(t2 - t1);
-                both.push(t2 - t0);
-                make.push(split.map(|s| s.0));
-                del.push(split.map(|s| s.1));
-                total.push(t);
-            }
-            Ok(())
-        };
         rounds(
             &format!("{vms} VMs configured"),
             warmup,
             samples,
-            &mut round,
+            |i, timed| {
+                let t0 = Instant::now();
+                block(&rt, net.setup(&probe))?;
+                let t1 = Instant::now();
+                block(&rt, net.teardown(&probe))?;
+                let t2 = Instant::now();
+                let mut split = [(Duration::ZERO, Duration::ZERO); 2];
+                let [s_ip, s_nl] = &mut split;
+                let t = rotated(
+                    i,
+                    [&mut || keep(s_ip, tap_via_ip(&worker, &side)?), &mut || {
+                        keep(s_nl, tap_via_netlink(&worker, &rtnl, &side)?)
+                    }],
+                )?;
+                if timed {
+                    setup.push(t1 - t0);
+                    teardown.push(t2 - t1);
+                    both.push(t2 - t0);
+                    make.push(split.map(|s| s.0));
+                    del.push(split.map(|s| s.1));
+                    total.push(t);
+                }
+                Ok(())
+            },
         )?;
-        drop(round);
         let [s, t, b] = [&setup, &teardown, &both].map(|v| Summary::of(v).expect("samples"));
         let base = *base_p50.get_or_insert(b.p50);
         let growth = b.p50 / base;
