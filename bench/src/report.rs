@@ -212,10 +212,20 @@ impl Table {
                 widths[i + 1] = widths[i + 1].max(width(&c.show()));
             }
         }
+        // Columns of words line up on the left, numbers on the right.
+        let words: Vec<bool> = (0..self.columns.len())
+            .map(|i| {
+                let text = |c: Option<&Cell>| matches!(c, None | Some(Cell::Text(_) | Cell::Empty));
+                self.rows.iter().all(|r| text(r.cells.get(i)))
+            })
+            .collect();
         let line = |w: &mut String, first: &str, cells: Vec<String>, last: &str| {
             let mut l = format!("{first:<0$}", widths[0]);
             for (i, c) in cells.iter().enumerate() {
-                let _ = write!(l, "  {c:>0$}", widths[i + 1]);
+                let _ = match words[i] {
+                    true => write!(l, "  {c:<0$}", widths[i + 1]),
+                    false => write!(l, "  {c:>0$}", widths[i + 1]),
+                };
             }
             let _ = writeln!(w, "{}", format!("{l}  {last}").trim_end());
         };

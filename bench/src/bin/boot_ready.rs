@@ -613,51 +613,14 @@ struct BuildProc {
     child: Option<Child>,
 }
 
-impl BuildProc {
-    fn wait_for(child: &mut Child, within: Duration) -> bool {
-        let t = Instant::now();
-        while t.elapsed() < within {
-            if matches!(child.try_wait(), Ok(Some(_)) | Err(_)) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
-    }
-}
-
 impl Drop for BuildProc {
     fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if matches!(child.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        let pgid = child.id() as i32;
-        for (sig, within) in [
-            (libc::SIGINT, Duration::from_secs(30)),
-            (libc::SIGTERM, Duration::from_secs(5)),
-        ] {
-            // SAFETY: the group leader is our unreaped child, so the group is ours.
-            unsafe {
-                libc::killpg(pgid, sig);
-            }
-            if Self::wait_for(&mut child, within) {
-                // The leader is gone; anything left in its group gets SIGKILL.
-                // SAFETY: as above; the group id stays ours until we reap it.
-                unsafe {
-                    libc::killpg(pgid, libc::SIGKILL);
-                }
-                let _ = child.wait();
-                return;
+        if let Some(mut child) = self.child.take() {
+            if matches!(child.try_wait(), Ok(None)) {
+                let stages = [(libc::SIGINT, 30), (libc::SIGTERM, 5)];
+                signals::stop_group(child, &stages.map(|(s, t)| (s, Duration::from_secs(t))));
             }
         }
-        // SAFETY: as above.
-        unsafe {
-            libc::killpg(pgid, libc::SIGKILL);
-        }
-        let _ = child.wait();
     }
 }
 
