@@ -135,7 +135,10 @@ pub fn interleaved<const N: usize>(
     mut sides: [Side<'_>; N],
 ) -> Result<Sides<N>> {
     let mut out = Sides::default();
-    let what = format!("{what}, {N} sides interleaved, order rotating");
+    let what = match N {
+        1 => what.to_string(),
+        _ => format!("{what}, {N} sides interleaved, order rotating"),
+    };
     rounds(&what, warmup, timed, |i, keep| {
         let t = rotated(i, sides.each_mut().map(|s| &mut **s as Side<'_>))?;
         if keep {
