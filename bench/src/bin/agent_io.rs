@@ -636,38 +636,10 @@ fn mib(kib: u64) -> f64 {
 
 // ---------------------------------------------------------------- CPU time
 
-/// CPU time used by each process on the path.
-#[derive(Debug, Clone, Copy, Default)]
-struct CpuUse {
-    /// This program (the HTTP client, or the direct AgentClient).
-    client: Duration,
-    daemon: Duration,
-    /// fc-double's vsock bridge.
-    bridge: Duration,
-    agent: Duration,
-}
-
-impl CpuUse {
-    fn total(&self) -> Duration {
-        self.client + self.daemon + self.bridge + self.agent
-    }
-
-    fn since(&self, before: &CpuUse) -> CpuUse {
-        CpuUse {
-            client: self.client.saturating_sub(before.client),
-            daemon: self.daemon.saturating_sub(before.daemon),
-            bridge: self.bridge.saturating_sub(before.bridge),
-            agent: self.agent.saturating_sub(before.agent),
-        }
-    }
-
-    fn add(&mut self, o: &CpuUse) {
-        self.client += o.client;
-        self.daemon += o.daemon;
-        self.bridge += o.bridge;
-        self.agent += o.agent;
-    }
-}
+/// CPU time used by each process on the path, in the order of the CPU
+/// table's columns: this program (the HTTP client, or the direct
+/// AgentClient), the daemon, fc-double's vsock bridge, the agent.
+type CpuUse = [Duration; 4];
 
 /// The processes whose CPU time is counted.
 struct Procs {
@@ -678,20 +650,22 @@ struct Procs {
 
 impl Procs {
     fn sample(&self) -> CpuUse {
-        let t = |pid: u32| procfs::cpu_time(pid).unwrap_or_default();
-        CpuUse {
-            client: t(std::process::id()),
-            daemon: t(self.daemon),
-            bridge: self.bridge.map(t).unwrap_or_default(),
-            agent: t(self.agent),
-        }
+        let pids = [
+            Some(std::process::id()),
+            Some(self.daemon),
+            self.bridge,
+            Some(self.agent),
+        ];
+        pids.map(|p| p.and_then(procfs::cpu_time).unwrap_or_default())
     }
 
     /// Runs `f`, adding the CPU time each process used meanwhile to `acc`.
     fn count<T>(&self, acc: &mut CpuUse, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let before = self.sample();
         let r = f()?;
-        acc.add(&self.sample().since(&before));
+        for ((a, now), then) in acc.iter_mut().zip(self.sample()).zip(before) {
+            *a += now.saturating_sub(then);
+        }
         Ok(r)
     }
 }
@@ -872,7 +846,7 @@ fn run_fc(env: &mut FcEnv, agentenv: &Path, p: &Params, rep: &mut Report) -> Res
             .map(|(pid, _)| pid),
         agent: env.agent.pid(),
     };
-    let mut cpu = [[CpuUse::default(); 3]; 2];
+    let mut cpu: [[CpuUse; 3]; 2] = Default::default();
     let (mut upload, mut download) = (Sides::<3>::default(), Sides::<3>::default());
     let n = p.file_bytes;
     rounds(
@@ -956,16 +930,12 @@ fn run_fc(env: &mut FcEnv, agentenv: &Path, p: &Params, rep: &mut Report) -> Res
         for (j, side) in SIDES.iter().enumerate() {
             let k = s.side(j).len().max(1) as f64;
             let c = cpu[i][j];
-            let cells = [
-                s.side(j).iter().sum(),
-                c.client,
-                c.daemon,
-                c.bridge,
-                c.agent,
-                c.total(),
-            ]
-            .map(|d: Duration| Cell::Num(d.as_secs_f64() * 1e3 / k, 0));
-            t.row(&format!("{dir}, {side}"), cells.into(), None);
+            let times = [s.side(j).iter().sum()]
+                .into_iter()
+                .chain(c)
+                .chain([c.iter().sum()]);
+            let cells = times.map(|d: Duration| Cell::Num(d.as_secs_f64() * 1e3 / k, 0));
+            t.row(&format!("{dir}, {side}"), cells.collect(), None);
         }
     }
     t.note(format!(
