@@ -9,14 +9,16 @@
 
 use std::fs::File;
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::http::{Client, Endpoint};
+use serde_json::{json, Value};
+
+use crate::http::{Client, Endpoint, Response};
+use crate::report::Cleaned;
 use crate::{procfs, signals};
 
 /// The workspace root (canonical where possible).
@@ -87,6 +89,29 @@ pub fn tail_lines(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Waits up to 10 s for `child` (`what`, logging to `log`) to make its
+/// socket, polling every `poll`; an early exit fails with the log's end.
+pub fn wait_for_socket(
+    child: &mut Child,
+    sock: &Path,
+    log: &Path,
+    what: &str,
+    poll: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited at start ({status}): {}", tail_lines(log, 5));
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{what} made no socket within 10 s"
+        );
+        std::thread::sleep(poll);
+    }
+    Ok(())
+}
+
 /// The flags the daemon gives `mkfs.ext4` for overlays
 /// (crates/agentenv-host/src/local.rs).
 pub const MKFS_FLAGS: &[&str] = &[
@@ -101,18 +126,85 @@ pub const MKFS_FLAGS: &[&str] = &[
 /// daemon's [`MKFS_FLAGS`].
 pub fn mkfs_overlay(mkfs: &Path, path: &Path, bytes: u64) -> Result<()> {
     File::create_new(path)?.set_len(bytes)?;
-    let out = Command::new(mkfs)
-        .args(MKFS_FLAGS)
-        .arg(path)
+    run(Command::new(mkfs).args(MKFS_FLAGS).arg(path))
+}
+
+/// Runs a command to completion (stdin closed); its stderr is in the error.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd
         .stdin(Stdio::null())
         .output()
-        .context("cannot run mkfs.ext4")?;
+        .with_context(|| format!("cannot run {cmd:?}"))?;
     ensure!(
         out.status.success(),
-        "mkfs.ext4: {}",
-        String::from_utf8_lossy(&out.stderr)
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
     );
     Ok(())
+}
+
+/// A QEMU guest this machine can boot: `qemu-system-x86_64` and the guest
+/// artifacts (`kernels/vmlinuz`, `initramfs/initrd.img`, `rootfs/ROOTFS`).
+#[derive(Debug, Clone)]
+pub struct QemuGuest {
+    pub qemu: PathBuf,
+    /// The first line of `qemu-system-x86_64 --version`.
+    pub version: String,
+    /// The artifacts directory, canonical.
+    pub artifacts: PathBuf,
+}
+
+impl QemuGuest {
+    /// Finds QEMU, `mkfs.ext4` and the artifacts (`artifacts`, by default
+    /// `<workspace>/artifacts`); the error says what is missing.
+    pub fn find(artifacts: Option<&Path>, rootfs: &str) -> Result<QemuGuest, String> {
+        let qemu = find_in_path("qemu-system-x86_64").ok_or(
+            "qemu-system-x86_64 not found in PATH (Debian: apt-get install qemu-system-x86)",
+        )?;
+        if find_in_path("mkfs.ext4").is_none() {
+            return Err(
+                "mkfs.ext4 not found (the daemon makes overlays with it; Debian: \
+                        e2fsprogs)"
+                    .into(),
+            );
+        }
+        let art = artifacts.map_or_else(|| workspace().join("artifacts"), Path::to_path_buf);
+        let missing: Vec<String> = [
+            "kernels/vmlinuz".to_string(),
+            "initramfs/initrd.img".to_string(),
+            format!("rootfs/{rootfs}"),
+        ]
+        .into_iter()
+        .filter(|f| !art.join(f).is_file())
+        .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "guest artifacts missing in {}: {}; build them with \
+                 `scripts/build-artifacts.sh --output artifacts`",
+                art.display(),
+                missing.join(", ")
+            ));
+        }
+        let artifacts =
+            std::fs::canonicalize(&art).map_err(|e| format!("{}: {e}", art.display()))?;
+        let version = Command::new(&qemu)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| "version unknown".into());
+        Ok(QemuGuest {
+            qemu,
+            version,
+            artifacts,
+        })
+    }
 }
 
 // ---------------------------------------------------------------- config
@@ -151,6 +243,52 @@ pub struct Config {
 }
 
 impl Config {
+    /// fc-double (or a wrapper of it, `binary`) as the VMM, in the run's
+    /// directory `root`: empty `rootfs/`, `kernels/` (with the fake kernel
+    /// fc-double only opens) and `initramfs/`, and direct disks in `disks/`.
+    pub fn fc_double(binary: PathBuf, root: &Path, memory_mib_per_slot: u64) -> Result<Config> {
+        for d in ["rootfs", "kernels", "initramfs", "disks"] {
+            std::fs::create_dir_all(root.join(d))?;
+        }
+        std::fs::write(
+            root.join("kernels/vmlinux"),
+            b"not a kernel: fc-double only opens it",
+        )?;
+        Ok(Config {
+            vmm: Vmm::Firecracker(binary),
+            rootfs_root: root.join("rootfs"),
+            kernel_root: root.join("kernels"),
+            initramfs_root: root.join("initramfs"),
+            default_kernel: None,
+            default_initrd: None,
+            memory_mib_per_slot,
+            default_disk_size_gib: 1,
+            max_memory_mib: None,
+            direct_disk_roots: vec![root.join("disks")],
+            startup_timeout_ms: 10000,
+            request_timeout_ms: 10000,
+        })
+    }
+
+    /// QEMU booting the guest artifacts (`vmlinuz`, `initrd.img`).
+    pub fn qemu(guest: &QemuGuest, memory_mib_per_slot: u64, disk_gib: u64) -> Config {
+        let a = &guest.artifacts;
+        Config {
+            vmm: Vmm::Qemu(guest.qemu.clone()),
+            rootfs_root: a.join("rootfs"),
+            kernel_root: a.join("kernels"),
+            initramfs_root: a.join("initramfs"),
+            default_kernel: Some("vmlinuz".into()),
+            default_initrd: Some("initrd.img".into()),
+            memory_mib_per_slot,
+            default_disk_size_gib: disk_gib,
+            max_memory_mib: None,
+            direct_disk_roots: Vec::new(),
+            startup_timeout_ms: 30000,
+            request_timeout_ms: 30000,
+        }
+    }
+
     /// The config file's text, for a run whose directory is `root`; `bench`
     /// names the benchmark in its first line.
     pub fn to_toml(&self, bench: &str, root: &Path) -> String {
@@ -214,6 +352,30 @@ impl Config {
 
 // ---------------------------------------------------------------- the daemon
 
+/// One request through `api`, timed, checked for the status `want`.
+pub fn call(
+    api: &mut Client,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    want: u16,
+) -> Result<(Duration, Response)> {
+    let t0 = Instant::now();
+    let r = match body {
+        Some(b) => api.request_json(method, path, b),
+        None => api.request(method, path, None),
+    }
+    .with_context(|| format!("{method} {path}"))?;
+    let took = t0.elapsed();
+    ensure!(
+        r.status == want,
+        "{method} {path}: HTTP {} (wanted {want}): {}",
+        r.status,
+        r.text()
+    );
+    Ok((took, r))
+}
+
 /// A running daemon, started by [`Harness::start_daemon`].
 pub struct Daemon {
     child: Child,
@@ -247,16 +409,10 @@ impl Daemon {
             .arg(addr.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log_file)
-            // Its own process group: a Ctrl-C in the terminal reaches only the
-            // benchmark, which then deletes the VMs and stops the daemon in order.
-            .process_group(0);
+            .stderr(log_file);
         // If the benchmark dies without cleaning up, the daemon gets SIGTERM
         // and stops its VMs itself.
-        signals::die_with_parent(&mut cmd, libc::SIGTERM);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", agentenv.display()))?;
+        let child = signals::spawn_group(&mut cmd, libc::SIGTERM)?;
         let mut d = Daemon {
             pid: child.id(),
             child,
@@ -395,9 +551,9 @@ impl Harness {
     }
 
     /// Writes the daemon's config to `agentenv.toml` in the run's directory.
-    pub fn write_config(&mut self, bench: &str, config: &Config) -> Result<()> {
+    pub fn write_config(&mut self, config: &Config) -> Result<()> {
         let path = self.root.join("agentenv.toml");
-        std::fs::write(&path, config.to_toml(bench, &self.root))?;
+        std::fs::write(&path, config.to_toml(crate::runner::name(), &self.root))?;
         self.config = Some(path);
         Ok(())
     }
@@ -418,9 +574,18 @@ impl Harness {
         ensure!(self.daemon.is_none(), "the daemon is already running");
         let log = self.root.join("daemon.log");
         let mut last_err = None;
+        crate::runner::progress(format!(
+            "temp dir {} ({}); starting the daemon {}",
+            self.root.display(),
+            self.fs,
+            agentenv.display()
+        ));
         for _ in 0..3 {
             match Daemon::start(agentenv, config, &log, io_timeout, health_timeout) {
-                Ok(d) => return Ok(self.daemon.insert(d)),
+                Ok(d) => {
+                    crate::runner::progress(format!("daemon pid {} on http://{}", d.pid, d.addr));
+                    return Ok(self.daemon.insert(d));
+                }
                 // Another process may have taken the free port; try another one.
                 Err(e) if format!("{e:#}").contains("cannot listen") => last_err = Some(e),
                 Err(e) => return Err(e),
@@ -449,31 +614,15 @@ impl Harness {
 
     /// Ends a benchmark's run. After a failure that no signal caused, it
     /// first shows the end of the daemon's log; then it tears down (see
-    /// [`Harness::teardown`]). A failed run is reported on stderr with the
-    /// cleanup, in `summary`'s words, and the process exits 1; otherwise the
-    /// run's result comes back with the cleanup.
-    pub fn finish<R>(
-        &mut self,
-        bench: &str,
-        result: Result<R>,
-        keep: bool,
-        summary: impl Fn(&Cleanup) -> String,
-    ) -> (R, Cleanup) {
+    /// [`Harness::teardown`]). The run's result comes back with the cleanup.
+    pub fn finish<R>(&mut self, result: Result<R>, keep: bool) -> (Result<R>, Cleanup) {
         if result.is_err() && signals::received().is_none() {
             let tail = self.daemon_log_tail(20);
             if !tail.is_empty() {
                 eprintln!("--- last lines of the daemon log ---\n{tail}\n---");
             }
         }
-        let cleanup = self.teardown(keep);
-        match result {
-            Ok(r) => (r, cleanup),
-            Err(e) => {
-                eprintln!("{bench}: {e:#}");
-                eprintln!("cleanup: {}", summary(&cleanup));
-                std::process::exit(1);
-            }
-        }
+        (result, self.teardown(keep))
     }
 
     /// Deletes every VM, stops the daemon with SIGTERM, kills (and reports)
@@ -549,11 +698,18 @@ impl Cleanup {
         self.leftover.is_empty() && self.errors.is_empty() && self.daemon_exit_ok
     }
 
-    /// `head` (the benchmark's own words about the VMs and the daemon), then
-    /// what became of the temporary directory, then each leftover process and
-    /// each error on a line of its own.
-    pub fn summary(&self, head: &str) -> String {
-        let mut s = head.to_string();
+    /// What happened to the VMs, the daemon, the directory and any leftover
+    /// process, and each error, on a line of its own.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "deleted {} VMs in {:.1} s; daemon stopped by SIGTERM in {:.2} s ({}); {} leftover \
+             processes; ",
+            self.deleted,
+            self.delete_s,
+            self.daemon_stop_s,
+            self.daemon_exit.as_deref().unwrap_or("not running"),
+            self.leftover.len(),
+        );
         match (&self.kept_dir, self.dir_removed) {
             (Some(d), _) => s.push_str(&format!("temp dir kept at {d}")),
             (None, true) => s.push_str("temp dir removed"),
@@ -568,17 +724,23 @@ impl Cleanup {
         s
     }
 
-    /// The fields every benchmark reports, as a JSON object to add to.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "daemon_exit": self.daemon_exit,
-            "daemon_exit_ok": self.daemon_exit_ok,
-            "leftover_processes": self.leftover,
-            "temp_dir_removed": self.dir_removed,
-            "temp_dir_kept": self.kept_dir,
-            "errors": self.errors,
-            "clean": self.clean(),
-        })
+    /// For the report.
+    pub fn cleaned(&self) -> Cleaned {
+        Cleaned {
+            clean: self.clean(),
+            summary: self.summary(),
+            details: json!({
+                "deleted_vms": self.deleted,
+                "delete_s": crate::stats::round3(self.delete_s),
+                "daemon_exit": self.daemon_exit,
+                "daemon_exit_ok": self.daemon_exit_ok,
+                "daemon_stop_s": crate::stats::round3(self.daemon_stop_s),
+                "leftover_processes": self.leftover,
+                "temp_dir_removed": self.dir_removed,
+                "temp_dir_kept": self.kept_dir,
+                "errors": self.errors,
+            }),
+        }
     }
 }
 

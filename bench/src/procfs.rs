@@ -147,17 +147,6 @@ impl HostInfo {
         load.0.max(load.1) > self.cpus as f64 * 0.5
     }
 
-    /// A report's line about the 1-minute load average at the start and at
-    /// the end of the run, ending in `busy_note` when the machine was busy.
-    pub fn load_line(&self, load: (f64, f64), busy_note: &str) -> String {
-        format!(
-            "  load      1-min load average {:.2} at the start, {:.2} at the end{}",
-            load.0,
-            load.1,
-            if self.busy(load) { busy_note } else { "" }
-        )
-    }
-
     /// As JSON: `cpus`, `kernel`, `cpu_model`.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({"cpus": self.cpus, "kernel": self.kernel, "cpu_model": self.cpu_model})

@@ -4,11 +4,12 @@
 //! get cleaned up by the kernel).
 //!
 //! Also the two ways the benchmarks make sure their children go away:
-//! [`die_with_parent`] and [`kill_group`].
+//! [`die_with_parent`] (with [`spawn_group`]) and [`kill_group`].
 
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
 
 static RECEIVED: AtomicI32 = AtomicI32::new(0);
 
@@ -64,12 +65,44 @@ pub fn die_with_parent(cmd: &mut Command, sig: libc::c_int) -> &mut Command {
     }
 }
 
+/// Spawns `cmd` as the leader of a process group of its own (so that a
+/// Ctrl-C in the terminal reaches only the benchmark, which then stops it in
+/// order, and [`kill_group`] takes its children too), with `sig` sent to it
+/// by the kernel should the benchmark die first.
+pub fn spawn_group(cmd: &mut Command, sig: libc::c_int) -> anyhow::Result<Child> {
+    use anyhow::Context as _;
+    die_with_parent(cmd.process_group(0), sig)
+        .spawn()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))
+}
+
 /// SIGKILL to the process group a child leads (it was started with
 /// `process_group(0)`), then reaps the child.
-pub fn kill_group(mut child: Child) {
-    // SAFETY: the group leader is our unreaped child, so the group id is ours.
+pub fn kill_group(child: Child) {
+    stop_group(child, &[]);
+}
+
+/// Stops the process group a child leads: each of `stages`' signals in turn
+/// until the leader exits within that stage's time, then SIGKILL to whatever
+/// is left in the group; reaps the child.
+pub fn stop_group(mut child: Child, stages: &[(libc::c_int, Duration)]) {
+    let pgid = child.id() as i32;
+    for &(sig, within) in stages {
+        // SAFETY: the group leader is our unreaped child, so the group id is ours.
+        unsafe {
+            libc::killpg(pgid, sig);
+        }
+        let t = Instant::now();
+        while t.elapsed() < within && matches!(child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if t.elapsed() < within {
+            break;
+        }
+    }
+    // SAFETY: as above; the group id stays ours until we reap the leader.
     unsafe {
-        libc::killpg(child.id() as i32, libc::SIGKILL);
+        libc::killpg(pgid, libc::SIGKILL);
     }
     let _ = child.wait();
 }

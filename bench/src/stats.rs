@@ -1,4 +1,4 @@
-//! Percentiles of latency samples, and PASS/MISS for targets.
+//! Percentiles of latency samples, medians and spreads of plain numbers.
 
 use std::time::Duration;
 
@@ -48,26 +48,38 @@ impl Summary {
             mean: v.iter().sum::<f64>() / v.len() as f64,
         })
     }
-
-    /// As JSON, milliseconds rounded to microseconds.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "n": self.n,
-            "p50_ms": round3(self.p50),
-            "p99_ms": round3(self.p99),
-            "min_ms": round3(self.min),
-            "max_ms": round3(self.max),
-            "mean_ms": round3(self.mean),
-        })
-    }
 }
 
-/// How a target is shown beside a figure: `PASS` or `MISS`.
-pub fn pass(ok: bool) -> &'static str {
-    if ok {
-        "PASS"
-    } else {
-        "MISS"
+/// The median of plain numbers (the mean of the two middle ones for an even
+/// count); `None` when there are none.
+pub fn median(v: &[f64]) -> Option<f64> {
+    Spread::of(v).map(|s| s.median)
+}
+
+/// Median, minimum and maximum of plain numbers (throughputs, ratios).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    /// `None` when there are no numbers.
+    pub fn of(v: &[f64]) -> Option<Spread> {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        let n = s.len();
+        let median = match n {
+            0 => return None,
+            n if n % 2 == 1 => s[n / 2],
+            n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+        };
+        Some(Spread {
+            median,
+            min: s[0],
+            max: s[n - 1],
+        })
     }
 }
 
@@ -100,5 +112,13 @@ mod tests {
         assert_eq!((s.n, s.p50, s.p99, s.min, s.max), (3, 2.0, 3.0, 1.0, 3.0));
         assert!((s.mean - 2.0).abs() < 1e-9);
         assert!(Summary::of(&[]).is_none());
+    }
+
+    #[test]
+    fn spreads_take_the_median() {
+        let s = Spread::of(&[3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        assert_eq!(median(&[1.0, 4.0]), Some(2.5));
+        assert!(Spread::of(&[]).is_none());
     }
 }

@@ -1,54 +1,33 @@
-//! `agent_io`: what the daemon adds to talking to the guest agent yourself.
-//!
-//! It starts the real `agentenv` daemon (from `target/release`) with the
-//! Firecracker API double `fc-double` as its VMM. The double bridges guest
-//! vsock port 10789 to the real `agentenv-guest`, which runs on the host with
-//! `--listen-unix` (as in `crates/agentenv/tests/agent_api.rs`). One VM is
-//! created with `wait_ready: true`, and the same work is done three ways,
-//! interleaved in the same run, the order rotating:
-//!
-//! - **daemon**: the HTTP API (`POST /v1/vm/{id}/exec`, `PUT`/`GET
-//!   /v1/vm/{id}/files`): HTTP, the engine, the hybrid-vsock bridge, the agent;
-//! - **bridge**: this program's own `AgentClient` (the client code the daemon
-//!   uses) through the double's hybrid vsock: the daemon's path without HTTP
-//!   and the engine, to split the overhead;
-//! - **direct**: the same client on the agent's Unix socket: the agent's own
-//!   cost, the baseline the targets compare with.
-//!
-//! Measured: the round trip of an exec of `true` (p50/p99, and the daemon's
-//! overhead at p50), upload and download throughput of a file (streamed on
-//! both sides, never held in memory), and the daemon's resident memory while
-//! a client downloads 1 GiB slowly. With `--qemu`, the exec and file figures
-//! are taken again through the daemon against a real QEMU (TCG) guest; there
-//! the daemon holds the VM's virtio-serial socket, so there is no direct
-//! baseline.
-//!
-//! Targets are printed beside the figures as PASS/MISS, for information: the
-//! exit status is 0 whenever the run itself completes and cleans up.
+//! `agent_io`: exec and file transfers through the daemon against the same
+//! work done straight to the guest agent (and through fc-double's vsock bridge
+//! alone), interleaved in one run; the daemon's memory during a slow download;
+//! with `--qemu`, the same through the daemon against a real QEMU guest.
+//! See `bench/README.md`.
 
-use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentenv_bench::daemon::{self, find_in_path, tail_lines, Cleanup, Harness, Vmm};
+use agentenv_bench::args::{Common, Warmup};
+use agentenv_bench::daemon::{self, call, find_in_path, wait_for_socket, Harness, QemuGuest};
 use agentenv_bench::http::Client;
-use agentenv_bench::procfs::{self, HostInfo, Rss};
+use agentenv_bench::procfs::{self, Rss};
+use agentenv_bench::report::{or_exit, Cell, Limit, Report, Table, Target};
+use agentenv_bench::runner::{self, interleaved, progress, rotated, rounds, Sides};
 use agentenv_bench::signals;
-use agentenv_bench::stats::{pass, round3, Summary};
+use agentenv_bench::stats::{Spread, Summary};
 use agentenv_core::agent::{AgentLink, ExecEvent};
 use agentenv_core::backend::AgentChannel;
 use agentenv_core::config::AgentConfig;
 use agentenv_core::engine::AGENT_SOCKET;
 use agentenv_host::agent::AgentClient;
 use agentenv_proto::{ExecRequest, PutFile, INITIAL_WINDOW, VSOCK_PORT};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
 
@@ -80,8 +59,6 @@ const CHECK_STRIDE: u64 = 4093;
 const MEMORY_MIB_PER_SLOT: u64 = 256;
 /// How long any single HTTP read or write may block.
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long the daemon may take to answer `/v1/health` after its start.
-const HEALTH_TIMEOUT: Duration = Duration::from_secs(15);
 /// `wait_ready_timeout_s` for the double (the agent answers at once).
 const READY_TIMEOUT_S: u64 = 30;
 /// The rootfs the QEMU guest boots (it carries the agent).
@@ -95,9 +72,6 @@ struct Args {
     /// Timed execs of `true` per side [default: 300; --quick: 100].
     #[arg(long)]
     execs: Option<usize>,
-    /// Untimed execs per side before them [default: 20; --quick: 10].
-    #[arg(long)]
-    warmup: Option<usize>,
     /// Size of the file moved each way, in MiB [default: 256; --quick: 64].
     #[arg(long)]
     file_mib: Option<u64>,
@@ -122,23 +96,10 @@ struct Args {
     /// With --qemu: a guest whose agent has not answered after S s fails the run.
     #[arg(long, default_value_t = 180, value_name = "S")]
     boot_timeout_s: u64,
-    /// A short run (well under a minute without --qemu).
-    #[arg(long)]
-    quick: bool,
-    /// Print the results as JSON on stdout (progress still goes to stderr).
-    #[arg(long)]
-    json: bool,
-    /// Directory holding `agentenv`, `fc-double` and `agentenv-guest`
-    /// [default: this binary's directory, then <workspace>/target/release].
-    #[arg(long, value_name = "DIR")]
-    bin_dir: Option<PathBuf>,
-    /// Where the run's temporary directory is made; the agent writes the
-    /// uploaded files there (and fsyncs them) [default: $TMPDIR or /tmp].
-    #[arg(long, value_name = "DIR")]
-    tmp_dir: Option<PathBuf>,
-    /// Keep the temporary directories (config, logs, sessions) at the end.
-    #[arg(long)]
-    keep: bool,
+    #[command(flatten)]
+    warmup: Warmup,
+    #[command(flatten)]
+    common: Common,
 }
 
 /// The resolved run parameters.
@@ -152,117 +113,73 @@ struct Params {
     qemu_file_bytes: u64,
 }
 
-impl Params {
-    fn from(a: &Args) -> Params {
-        let (execs, warmup, file_mib, runs, qemu_mib) = if a.quick {
-            (100, 10, 64, 3, 16)
-        } else {
-            (300, 20, 256, 6, 64)
-        };
-        Params {
-            execs: a.execs.unwrap_or(execs).max(1),
-            warmup: a.warmup.unwrap_or(warmup),
-            file_bytes: a.file_mib.unwrap_or(file_mib).max(1) * MIB,
-            file_runs: a.file_runs.unwrap_or(runs).max(1),
-            rss_bytes: a.rss_mib.unwrap_or(1024).max(1) * MIB,
-            qemu_file_bytes: a.qemu_file_mib.unwrap_or(qemu_mib).max(1) * MIB,
-        }
-    }
-}
-
-fn progress(msg: &str) {
-    eprintln!("[agent_io] {msg}");
-}
-
 fn main() {
-    let args = Args::parse();
-    signals::install();
-    let p = Params::from(&args);
-    let bins = match find_binaries(args.bin_dir.as_deref()) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("agent_io: {e:#}");
-            std::process::exit(2);
-        }
+    let args: Args = runner::start();
+    let c = &args.common;
+    let p = Params {
+        execs: args.execs.unwrap_or(c.pick(300, 100)).max(1),
+        warmup: args.warmup.get(c, 20, 10),
+        file_bytes: args.file_mib.unwrap_or(c.pick(256, 64)).max(1) * MIB,
+        file_runs: args.file_runs.unwrap_or(c.pick(6, 3)).max(1),
+        rss_bytes: args.rss_mib.unwrap_or(1024).max(1) * MIB,
+        qemu_file_bytes: args.qemu_file_mib.unwrap_or(c.pick(64, 16)).max(1) * MIB,
     };
-    let started = Instant::now();
-    let load_start = procfs::loadavg();
-
-    let mut env = match FcEnv::new(&args, &bins) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("agent_io: setting up: {e:#}");
-            std::process::exit(1);
-        }
-    };
-    let result = run_fc(&mut env, &bins, &p);
-    // The agent names the run's directory: stop it before the leak scan.
-    env.agent.stop();
-    let files_fs = env.h.fs().to_string();
-    let (fc, fc_cleanup) = env.h.finish("agent_io", result, args.keep, cleanup_summary);
-
-    let qemu = if args.qemu {
-        run_qemu_part(&args, &bins, &p)
-    } else {
-        QemuOutcome::NotRun
-    };
-    let report = Report {
-        fc,
-        fc_cleanup,
-        files_fs,
-        qemu,
-        wall: started.elapsed(),
-        load: (load_start, procfs::loadavg()),
-    };
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report.to_json(&bins, &p)).expect("json serialises")
-        );
-    } else {
-        print!("{}", report.to_text(&bins, &p));
-    }
-    let mut ok = true;
-    for (part, c) in report.cleanups() {
-        if !c.clean() {
-            eprintln!(
-                "agent_io: {part}: cleanup was not complete: {}",
-                cleanup_summary(c)
-            );
-            ok = false;
-        }
-    }
-    if let QemuOutcome::Failed { error, .. } = &report.qemu {
-        eprintln!("agent_io: qemu: {error}");
-        ok = false;
-    }
-    if !ok {
-        std::process::exit(1);
-    }
-}
-
-// ---------------------------------------------------------------- binaries
-
-struct Binaries {
-    agentenv: PathBuf,
-    fc_double: PathBuf,
-    guest: PathBuf,
-}
-
-fn find_binaries(bin_dir: Option<&Path>) -> Result<Binaries> {
     // Not `agentenv_testkit::paths::guest_agent()`: that one expects to run
     // from target/<profile>/deps (a test) and builds a debug agent.
-    let [agentenv, fc_double, guest] = daemon::find_binaries(
-        bin_dir,
-        ["agentenv", "fc-double", "agentenv-guest"],
-        "build them first with:\n\n    \
-         cargo build --release -p agentenv -p agentenv-testkit -p agentenv-guest\n",
-    )?;
-    Ok(Binaries {
-        agentenv,
-        fc_double,
-        guest,
-    })
+    let [agentenv, fc_double, guest] = or_exit(
+        daemon::find_binaries(
+            c.bin_dir.as_deref(),
+            ["agentenv", "fc-double", "agentenv-guest"],
+            "build them first with:\n\n    \
+             cargo build --release -p agentenv -p agentenv-testkit -p agentenv-guest\n",
+        ),
+        2,
+        "",
+    );
+    let mut rep = Report::new(
+        "agentenv agent I/O: through the daemon vs straight to the agent, same run",
+        json!({"execs": p.execs, "warmup": p.warmup, "file_bytes": p.file_bytes,
+               "file_runs": p.file_runs, "rss_download_bytes": p.rss_bytes,
+               "qemu_file_bytes": p.qemu_file_bytes, "qemu": args.qemu}),
+    );
+    let mut env = or_exit(FcEnv::new(c, &fc_double, &guest), 1, "setting up: ");
+    rep.about(
+        "daemon",
+        format!(
+            "{}, VMM {} bridging guest vsock port {VSOCK_PORT} to the agent",
+            agentenv.display(),
+            fc_double.display()
+        ),
+    )
+    .about(
+        "agent",
+        format!("{} --listen-unix, on the host", guest.display()),
+    )
+    .about(
+        "files",
+        format!(
+            "in the run's temp dir on {} (the agent fsyncs every upload before renaming it)",
+            env.h.fs()
+        ),
+    )
+    .about(
+        "sides",
+        "daemon = the HTTP API (HTTP, engine, fc-double's vsock bridge, agent)\n\
+         bridge = this program's AgentClient (the daemon's client code) through fc-double's\n\
+         \x20        hybrid vsock: the daemon's path without HTTP and engine\n\
+         direct = the same AgentClient on the agent's own Unix socket: the baseline",
+    );
+    let result = run_fc(&mut env, &agentenv, &p, &mut rep);
+    // The agent names the run's directory: stop it before the leak scan.
+    env.agent.stop();
+    let (result, cleanup) = env.h.finish(result, c.keep);
+    rep.settle(result, "fc-double", cleanup.cleaned());
+    if args.qemu {
+        run_qemu_part(&args, &agentenv, &p, &mut rep);
+    } else {
+        rep.about("QEMU", "not run (pass --qemu)");
+    }
+    rep.finish(c.json)
 }
 
 // ---------------------------------------------------------------- the host agent
@@ -275,36 +192,22 @@ struct HostAgent {
 
 impl HostAgent {
     fn start(bin: &Path, socket: &Path, log: &Path) -> Result<HostAgent> {
-        let log_file = File::create(log)?;
         let mut cmd = Command::new(bin);
-        cmd.arg("--listen-unix")
-            .arg(socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .process_group(0);
-        signals::die_with_parent(&mut cmd, libc::SIGKILL);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let mut agent = HostAgent {
+        cmd.arg("--listen-unix").arg(socket).stdin(Stdio::null());
+        cmd.stdout(Stdio::null()).stderr(File::create(log)?);
+        let mut child = signals::spawn_group(&mut cmd, libc::SIGKILL)?;
+        let waited = wait_for_socket(
+            &mut child,
+            socket,
+            log,
+            "agentenv-guest",
+            Duration::from_millis(5),
+        );
+        let agent = HostAgent {
             child: Some(child),
             socket: socket.to_path_buf(),
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            if let Some(status) = agent.child.as_mut().expect("spawned").try_wait()? {
-                bail!(
-                    "agentenv-guest exited at start ({status}): {}",
-                    tail_lines(log, 5)
-                );
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "agentenv-guest made no socket within 10 s"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        waited?;
         Ok(agent)
     }
 
@@ -707,27 +610,25 @@ impl RssWatch {
         mib(self.peak_rss_kib.max(self.before.rss_kib) - self.before.rss_kib)
     }
 
-    fn target_mib() -> f64 {
-        INITIAL_WINDOW as f64 / MIB as f64 + TARGET_RSS_SLACK_MIB
-    }
-
-    fn pass(&self) -> bool {
-        self.growth_mib() <= Self::target_mib()
-    }
-
-    fn to_json(self) -> Value {
-        json!({
-            "vm_rss_kib_before": self.before.rss_kib,
-            "vm_rss_kib_peak": self.peak_rss_kib,
-            "vm_rss_kib_after": self.after.rss_kib,
-            "vm_hwm_kib_before": self.before.hwm_kib,
-            "vm_hwm_kib_after": self.after.hwm_kib,
-            "growth_mib": round3(self.growth_mib()),
-            "samples": self.samples,
-            "bytes": self.bytes,
-            "seconds": round3(self.took.as_secs_f64()),
-            "target": {"growth_mib_max": Self::target_mib(), "pass": self.pass()},
-        })
+    /// Its rows in a table whose first columns are MiB and growth.
+    fn rows(&self, t: &mut Table, target: &str) {
+        let growth = self.growth_mib();
+        let limit = INITIAL_WINDOW as f64 / MIB as f64 + TARGET_RSS_SLACK_MIB;
+        t.row("VmRSS before", vec![Cell::Num(mib(self.before.rss_kib), 1)], None)
+            .row(
+                &format!("VmRSS peak ({} samples)", self.samples),
+                vec![Cell::Num(mib(self.peak_rss_kib), 1), Cell::Signed(growth, 1)],
+                Some(Target::at_most(target, growth, limit, " MiB")),
+            )
+            .row("VmRSS after", vec![Cell::Num(mib(self.after.rss_kib), 1)], None)
+            .row("VmHWM before", vec![Cell::Num(mib(self.before.hwm_kib), 1)], None)
+            .row("VmHWM after", vec![Cell::Num(mib(self.after.hwm_kib), 1)], None)
+            .note(format!(
+                "{:.2} s, {:.0} MB/s (pauses included); growth target: the agent's window ({} MiB) + {TARGET_RSS_SLACK_MIB} MiB",
+                self.took.as_secs_f64(),
+                self.bytes as f64 / self.took.as_secs_f64() / 1e6,
+                INITIAL_WINDOW as u64 / MIB
+            ));
     }
 }
 
@@ -737,49 +638,10 @@ fn mib(kib: u64) -> f64 {
 
 // ---------------------------------------------------------------- CPU time
 
-/// CPU time used by each process on the path.
-#[derive(Debug, Clone, Copy, Default)]
-struct CpuUse {
-    /// This program (the HTTP client, or the direct AgentClient).
-    client: Duration,
-    daemon: Duration,
-    /// fc-double's vsock bridge.
-    bridge: Duration,
-    agent: Duration,
-}
-
-impl CpuUse {
-    fn total(&self) -> Duration {
-        self.client + self.daemon + self.bridge + self.agent
-    }
-
-    fn since(&self, before: &CpuUse) -> CpuUse {
-        CpuUse {
-            client: self.client.saturating_sub(before.client),
-            daemon: self.daemon.saturating_sub(before.daemon),
-            bridge: self.bridge.saturating_sub(before.bridge),
-            agent: self.agent.saturating_sub(before.agent),
-        }
-    }
-
-    fn add(&mut self, o: &CpuUse) {
-        self.client += o.client;
-        self.daemon += o.daemon;
-        self.bridge += o.bridge;
-        self.agent += o.agent;
-    }
-
-    fn to_json(self, n: usize) -> Value {
-        let ms = |d: Duration| round3(d.as_secs_f64() * 1e3 / n.max(1) as f64);
-        json!({
-            "client_ms": ms(self.client),
-            "daemon_ms": ms(self.daemon),
-            "fc_double_ms": ms(self.bridge),
-            "agent_ms": ms(self.agent),
-            "total_ms": ms(self.total()),
-        })
-    }
-}
+/// CPU time used by each process on the path, in the order of the CPU
+/// table's columns: this program (the HTTP client, or the direct
+/// AgentClient), the daemon, fc-double's vsock bridge, the agent.
+type CpuUse = [Duration; 4];
 
 /// The processes whose CPU time is counted.
 struct Procs {
@@ -790,20 +652,22 @@ struct Procs {
 
 impl Procs {
     fn sample(&self) -> CpuUse {
-        let t = |pid: u32| procfs::cpu_time(pid).unwrap_or_default();
-        CpuUse {
-            client: t(std::process::id()),
-            daemon: t(self.daemon),
-            bridge: self.bridge.map(t).unwrap_or_default(),
-            agent: t(self.agent),
-        }
+        let pids = [
+            Some(std::process::id()),
+            Some(self.daemon),
+            self.bridge,
+            Some(self.agent),
+        ];
+        pids.map(|p| p.and_then(procfs::cpu_time).unwrap_or_default())
     }
 
     /// Runs `f`, adding the CPU time each process used meanwhile to `acc`.
     fn count<T>(&self, acc: &mut CpuUse, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let before = self.sample();
         let r = f()?;
-        acc.add(&self.sample().since(&before));
+        for ((a, now), then) in acc.iter_mut().zip(self.sample()).zip(before) {
+            *a += now.saturating_sub(then);
+        }
         Ok(r)
     }
 }
@@ -818,18 +682,9 @@ struct FcEnv {
 }
 
 impl FcEnv {
-    fn new(args: &Args, bins: &Binaries) -> Result<FcEnv> {
-        let mut h = Harness::new(
-            args.tmp_dir.as_deref(),
-            "ae-agentio-",
-            &["rootfs", "kernels", "initramfs", "disks", "files"],
-        )?;
+    fn new(c: &Common, fc_double: &Path, guest: &Path) -> Result<FcEnv> {
+        let mut h = Harness::new(c.tmp_dir.as_deref(), "ae-agentio-", &["files"])?;
         let root = h.root().to_path_buf();
-        std::fs::write(
-            root.join("kernels/vmlinux"),
-            b"not a kernel: fc-double only opens it",
-        )?;
-        File::create(root.join("disks/root.img"))?.set_len(MIB)?;
         let sock = root.join("agent.sock");
         // The double, told to bridge guest vsock port 10789 to the agent.
         let wrapper = root.join("fc-agent");
@@ -837,61 +692,25 @@ impl FcEnv {
             &wrapper,
             format!(
                 "#!/bin/sh\nexec '{}' --vsock-agent '{VSOCK_PORT}={}' \"$@\"\n",
-                bins.fc_double.display(),
+                fc_double.display(),
                 sock.display()
             ),
         )?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
-        h.write_config(
-            "agent_io",
-            &daemon::Config {
-                vmm: Vmm::Firecracker(wrapper),
-                rootfs_root: root.join("rootfs"),
-                kernel_root: root.join("kernels"),
-                initramfs_root: root.join("initramfs"),
-                default_kernel: None,
-                default_initrd: None,
-                memory_mib_per_slot: MEMORY_MIB_PER_SLOT,
-                default_disk_size_gib: 1,
-                max_memory_mib: None,
-                direct_disk_roots: vec![root.join("disks")],
-                startup_timeout_ms: 10000,
-                request_timeout_ms: 10000,
-            },
-        )?;
-        let agent = HostAgent::start(&bins.guest, &sock, &root.join("agent.log"))?;
+        h.write_config(&daemon::Config::fc_double(
+            wrapper,
+            &root,
+            MEMORY_MIB_PER_SLOT,
+        )?)?;
+        File::create(root.join("disks/root.img"))?.set_len(MIB)?;
+        let agent = HostAgent::start(guest, &sock, &root.join("agent.log"))?;
         Ok(FcEnv { h, root, agent })
     }
 }
 
 /// The ways the same work is done.
 const SIDES: [&str; 3] = ["daemon", "bridge", "direct"];
-
-/// Samples of one measurement, indexed like [`SIDES`]: through the daemon,
-/// through fc-double's vsock bridge only, straight to the agent.
-#[derive(Debug, Default)]
-struct Sides([Vec<Duration>; 3]);
-
-impl Sides {
-    fn daemon(&self) -> &[Duration] {
-        &self.0[0]
-    }
-
-    fn bridge(&self) -> &[Duration] {
-        &self.0[1]
-    }
-
-    fn direct(&self) -> &[Duration] {
-        &self.0[2]
-    }
-
-    fn push(&mut self, t: [Duration; 3]) {
-        for (v, t) in self.0.iter_mut().zip(t) {
-            v.push(t);
-        }
-    }
-}
 
 /// Throughputs in MB/s (10^6 bytes per second) of `bytes` moved in each time.
 fn throughputs(bytes: u64, times: &[Duration]) -> Vec<f64> {
@@ -901,115 +720,8 @@ fn throughputs(bytes: u64, times: &[Duration]) -> Vec<f64> {
         .collect()
 }
 
-/// Median, minimum and maximum.
-#[derive(Debug, Clone, Copy)]
-struct Spread {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Spread {
-    fn of(v: &[f64]) -> Option<Spread> {
-        if v.is_empty() {
-            return None;
-        }
-        let mut s = v.to_vec();
-        s.sort_by(f64::total_cmp);
-        let n = s.len();
-        let median = if n % 2 == 1 {
-            s[n / 2]
-        } else {
-            (s[n / 2 - 1] + s[n / 2]) / 2.0
-        };
-        Some(Spread {
-            median,
-            min: s[0],
-            max: s[n - 1],
-        })
-    }
-
-    fn to_json(self) -> Value {
-        json!({"median": round3(self.median), "min": round3(self.min), "max": round3(self.max)})
-    }
-}
-
-/// Transfer throughputs, each side.
-struct Rates {
-    daemon: Spread,
-    bridge: Spread,
-    direct: Spread,
-}
-
-impl Rates {
-    fn of(bytes: u64, p: &Sides) -> Option<Rates> {
-        Some(Rates {
-            daemon: Spread::of(&throughputs(bytes, p.daemon()))?,
-            bridge: Spread::of(&throughputs(bytes, p.bridge()))?,
-            direct: Spread::of(&throughputs(bytes, p.direct()))?,
-        })
-    }
-
-    fn ratio(&self) -> f64 {
-        self.daemon.median / self.direct.median
-    }
-
-    fn pass(&self) -> bool {
-        self.ratio() >= TARGET_FILE_RATIO
-    }
-
-    fn to_json(&self) -> Value {
-        json!({
-            "daemon_mb_s": self.daemon.to_json(),
-            "bridge_mb_s": self.bridge.to_json(),
-            "direct_mb_s": self.direct.to_json(),
-            "ratio": round3(self.ratio()),
-            "target": {"ratio_min": TARGET_FILE_RATIO, "pass": self.pass()},
-        })
-    }
-}
-
-/// What the part against the double measured.
-#[derive(Debug, Default)]
-struct FcReport {
-    ready: Duration,
-    exec: Sides,
-    file_bytes: u64,
-    upload: Sides,
-    download: Sides,
-    /// CPU time used during the timed transfers: [upload, download] × the
-    /// [`SIDES`], summed over the runs.
-    cpu: [[CpuUse; 3]; 2],
-    /// Whether fc-double's process was found (its CPU time is then counted).
-    bridge_found: bool,
-    rss: Option<RssWatch>,
-    /// The daemon's memory before and after all the timed transfers.
-    rss_idle: Option<(Rss, Rss)>,
-}
-
-/// Runs the three sides once each, starting with side `i % 3`; the times
-/// come back in the sides' order.
-fn rotated(i: usize, sides: [&mut dyn FnMut() -> Result<Duration>; 3]) -> Result<[Duration; 3]> {
-    let mut out = [Duration::ZERO; 3];
-    for k in 0..3 {
-        let j = (i + k) % 3;
-        out[j] = sides[j]()?;
-    }
-    Ok(out)
-}
-
 fn create_ready(api: &mut Client, body: &Value) -> Result<Duration> {
-    let t0 = Instant::now();
-    let r = api
-        .request_json("POST", "/v1/vm", body)
-        .context("POST /v1/vm")?;
-    let took = t0.elapsed();
-    ensure!(
-        r.status == 201,
-        "POST /v1/vm: HTTP {}: {}",
-        r.status,
-        r.text()
-    );
+    let (took, r) = call(api, "POST", "/v1/vm", Some(body), 201)?;
     let v = r.json()?;
     ensure!(
         v["state"] == "running" && v["ready"] == true,
@@ -1018,27 +730,46 @@ fn create_ready(api: &mut Client, body: &Value) -> Result<Duration> {
     Ok(took)
 }
 
-fn run_fc(env: &mut FcEnv, bins: &Binaries, p: &Params) -> Result<FcReport> {
-    let mut rep = FcReport {
-        file_bytes: p.file_bytes,
-        ..FcReport::default()
-    };
-    progress(&format!(
-        "temp dir {} ({}); starting the daemon",
-        env.root.display(),
-        env.h.fs()
-    ));
+/// The daemon's memory during a download of `bytes` of sparse file, after a
+/// first one to warm the path (connection pool, buffers) up.
+fn watch_download(via: &ViaDaemon, path: &Path, bytes: u64) -> Result<RssWatch> {
+    File::create(path)?.set_len(bytes)?;
+    let p = path.display().to_string();
+    via.get(&p, bytes, Content::Zeros, false)?;
+    signals::check()?;
+    let before = via.rss()?;
+    let sampler = RssSampler::start(via.pid);
+    let took = via.get(&p, bytes, Content::Zeros, true);
+    let (peak, samples) = sampler.finish();
+    std::fs::remove_file(path)?;
+    Ok(RssWatch {
+        before,
+        peak_rss_kib: peak,
+        samples,
+        after: via.rss()?,
+        bytes,
+        took: took?,
+    })
+}
+
+fn run_fc(env: &mut FcEnv, agentenv: &Path, p: &Params, rep: &mut Report) -> Result<()> {
     let d = env
         .h
-        .start_daemon(&bins.agentenv, IO_TIMEOUT, HEALTH_TIMEOUT)?;
-    progress(&format!("daemon pid {} on http://{}", d.pid, d.addr));
+        .start_daemon(agentenv, IO_TIMEOUT, Duration::from_secs(15))?;
     let mut via = ViaDaemon::new(d, "io");
     let disk = env.root.join("disks/root.img");
-    rep.ready = create_ready(
+    let ready = create_ready(
         &mut via.api,
         &json!({"vm_id": "io", "disk": {"kind": "direct", "path": disk},
                 "wait_ready": true, "wait_ready_timeout_s": READY_TIMEOUT_S}),
     )?;
+    rep.about(
+        "VM",
+        format!(
+            "POST /v1/vm with wait_ready answered in {:.3} s",
+            ready.as_secs_f64()
+        ),
+    );
     let rt = Arc::new(tokio::runtime::Runtime::new()?);
     // The VM's vsock device socket, which fc-double serves (the daemon has
     // its own connection on it; each connection is bridged separately).
@@ -1053,28 +784,34 @@ fn run_fc(env: &mut FcEnv, bins: &Binaries, p: &Params) -> Result<FcReport> {
     )?;
     let direct = AgentSide::connect(rt, AgentChannel::Stream(env.agent.socket.clone()), "direct")?;
 
-    // Exec round trips.
-    progress(&format!(
-        "exec: {} round trips of `true` (+{} warm-up) per side, interleaved",
-        p.execs, p.warmup
-    ));
-    for i in 0..(p.warmup + p.execs) {
-        signals::check()?;
-        let t = rotated(
-            i,
-            [
-                &mut || via.exec_true(),
-                &mut || bridge.exec_true(),
-                &mut || direct.exec_true(),
-            ],
-        )?;
-        if i >= p.warmup {
-            rep.exec.push(t);
-        }
+    let exec = interleaved(
+        "exec `true`",
+        p.warmup,
+        p.execs,
+        [
+            &mut || via.exec_true(),
+            &mut || bridge.exec_true(),
+            &mut || direct.exec_true(),
+        ],
+    )?;
+    let mut t = Table::latency("exec `true` (ms)", &SIDES);
+    t.latency_row(
+        "round trip",
+        &exec,
+        Some(Limit::OverheadMs(TARGET_EXEC_OVERHEAD_P50_MS)),
+    );
+    if let Some([d, v, b]) = exec.summaries() {
+        t.note(format!(
+            "overhead at p50: {:+.3} ms in fc-double's vsock bridge, {:+.3} ms in HTTP and the engine;\n\
+             median of the per-round differences daemon − direct: {:+.3} ms",
+            v.p50 - b.p50,
+            d.p50 - v.p50,
+            exec.paired_diff_ms(0, 2).unwrap_or(f64::NAN)
+        ));
     }
+    rep.table(t);
 
-    // The daemon's memory during a long download that the client reads slowly.
-    progress(&format!(
+    progress(format!(
         "memory: the daemon's VmRSS during a {} MiB download (sparse file; the client \
          stops reading for {} ms every {} MiB)",
         p.rss_bytes / MIB,
@@ -1082,29 +819,10 @@ fn run_fc(env: &mut FcEnv, bins: &Binaries, p: &Params) -> Result<FcReport> {
         THROTTLE_EVERY / MIB
     ));
     let files = env.root.join("files");
-    let sparse = files.join("sparse.bin");
-    File::create(&sparse)?.set_len(p.rss_bytes)?;
-    let sparse_s = sparse.display().to_string();
-    // Warm the path (connection pool, buffers) so the growth is the download's.
-    via.get(&sparse_s, p.rss_bytes, Content::Zeros, false)?;
-    signals::check()?;
-    let before = via.rss()?;
-    let sampler = RssSampler::start(via.pid);
-    let took = via.get(&sparse_s, p.rss_bytes, Content::Zeros, true);
-    let (peak, samples) = sampler.finish();
-    let took = took?;
-    rep.rss = Some(RssWatch {
-        before,
-        peak_rss_kib: peak,
-        samples,
-        after: via.rss()?,
-        bytes: p.rss_bytes,
-        took,
-    });
-    std::fs::remove_file(&sparse)?;
+    let watch = watch_download(&via, &files.join("sparse.bin"), p.rss_bytes)?;
 
     // File throughput, each way.
-    progress(&format!(
+    progress(format!(
         "files: writing a {} MiB source file",
         p.file_bytes / MIB
     ));
@@ -1125,11 +843,6 @@ fn run_fc(env: &mut FcEnv, bins: &Binaries, p: &Params) -> Result<FcReport> {
     direct.get(&warm, WARMUP_FILE_BYTES, Content::Noise)?;
     std::fs::remove_file(&warm)?;
     let idle_before = via.rss()?;
-    progress(&format!(
-        "files: {} × {} MiB each way per side, interleaved",
-        p.file_runs,
-        p.file_bytes / MIB
-    ));
     let procs = Procs {
         daemon: via.pid,
         bridge: procfs::processes_mentioning(&env.root)
@@ -1138,748 +851,284 @@ fn run_fc(env: &mut FcEnv, bins: &Binaries, p: &Params) -> Result<FcReport> {
             .map(|(pid, _)| pid),
         agent: env.agent.pid(),
     };
-    rep.bridge_found = procs.bridge.is_some();
-    let [mut cpu_up, mut cpu_down] = rep.cpu;
+    let mut cpu: [[CpuUse; 3]; 2] = Default::default();
+    let (mut upload, mut download) = (Sides::<3>::default(), Sides::<3>::default());
     let n = p.file_bytes;
-    for i in 0..p.file_runs {
-        signals::check()?;
-        let [c0, c1, c2] = &mut cpu_up;
-        let t = rotated(
-            i,
-            [
-                &mut || procs.count(c0, || via.put(&src_s, &up_daemon_s, n)),
-                &mut || procs.count(c1, || bridge.put(&src, &up[1], n)),
-                &mut || procs.count(c2, || direct.put(&src, &up[2], n)),
-            ],
-        )?;
-        for f in &up {
-            check_file(f, n)?;
-        }
-        rep.upload.push(t);
-        signals::check()?;
-        let [c0, c1, c2] = &mut cpu_down;
-        let t = rotated(
-            i,
-            [
-                &mut || procs.count(c0, || via.get(&src_s, n, Content::Noise, false)),
-                &mut || procs.count(c1, || bridge.get(&src, n, Content::Noise)),
-                &mut || procs.count(c2, || direct.get(&src, n, Content::Noise)),
-            ],
-        )?;
-        rep.download.push(t);
-        progress(&format!("  {}/{}", i + 1, p.file_runs));
-    }
-    rep.cpu = [cpu_up, cpu_down];
-    rep.rss_idle = Some((idle_before, via.rss()?));
+    rounds(
+        &format!("files: {} MiB each way per side", n / MIB),
+        0,
+        p.file_runs,
+        |i, _| {
+            let [[c0, c1, c2], [d0, d1, d2]] = &mut cpu;
+            upload.push(rotated(
+                i,
+                [
+                    &mut || procs.count(c0, || via.put(&src_s, &up_daemon_s, n)),
+                    &mut || procs.count(c1, || bridge.put(&src, &up[1], n)),
+                    &mut || procs.count(c2, || direct.put(&src, &up[2], n)),
+                ],
+            )?);
+            for f in &up {
+                check_file(f, n)?;
+            }
+            download.push(rotated(
+                i,
+                [
+                    &mut || procs.count(d0, || via.get(&src_s, n, Content::Noise, false)),
+                    &mut || procs.count(d1, || bridge.get(&src, n, Content::Noise)),
+                    &mut || procs.count(d2, || direct.get(&src, n, Content::Noise)),
+                ],
+            )?);
+            Ok(())
+        },
+    )?;
+    let idle_after = via.rss()?;
     std::fs::remove_file(&src)?;
     for f in &up {
         std::fs::remove_file(f)?;
     }
     bridge.client.shutdown();
     direct.client.shutdown();
-    Ok(rep)
+
+    let mut t = Table::new(
+        &format!("files, {} MiB (MB/s, medians of {})", n / MIB, p.file_runs),
+        [
+            "daemon",
+            "bridge",
+            "direct",
+            "daemon/direct",
+            "bridge/direct",
+            "daemon min",
+            "daemon max",
+            "direct min",
+            "direct max",
+        ],
+    );
+    for (name, s) in [("upload", &upload), ("download", &download)] {
+        let r = s.0.each_ref().map(|v| Spread::of(&throughputs(n, v)));
+        let [Some(d), Some(v), Some(b)] = r else {
+            continue;
+        };
+        let ratio = d.median / b.median;
+        let mut cells: Vec<Cell> = [d.median, v.median, b.median]
+            .map(|x| Cell::Num(x, 1))
+            .into();
+        cells.extend([Cell::Ratio(ratio), Cell::Ratio(v.median / b.median)]);
+        cells.extend([d.min, d.max, b.min, b.max].map(|x| Cell::Num(x, 0)));
+        t.row(
+            name,
+            cells,
+            Some(Target::at_least(name, ratio, TARGET_FILE_RATIO, "x")),
+        );
+    }
+    t.note("MB = 10^6 bytes; an upload is timed to the answer (the file fsynced and in place), a download to its last byte");
+    rep.table(t);
+
+    let mut t = Table::new(
+        "CPU per transfer (ms, mean)",
+        ["wall", "client", "daemon", "fc-double", "agent", "total"],
+    );
+    for (i, (dir, s)) in [("upload", &upload), ("download", &download)]
+        .into_iter()
+        .enumerate()
+    {
+        for (j, side) in SIDES.iter().enumerate() {
+            let k = s.side(j).len().max(1) as f64;
+            let c = cpu[i][j];
+            let times = [s.side(j).iter().sum()]
+                .into_iter()
+                .chain(c)
+                .chain([c.iter().sum()]);
+            let cells = times.map(|d: Duration| Cell::Num(d.as_secs_f64() * 1e3 / k, 0));
+            t.row(&format!("{dir}, {side}"), cells.collect(), None);
+        }
+    }
+    t.note(format!(
+        "user + system, from /proc/PID/stat (10 ms ticks); {} CPUs{}",
+        rep.host().cpus,
+        if procs.bridge.is_some() {
+            ""
+        } else {
+            "; fc-double's process was not found (its column is 0)"
+        }
+    ));
+    rep.table(t);
+
+    let mut t = Table::new(
+        &format!(
+            "daemon memory during a {} MiB download (MiB; a sparse file, the client stops reading for {} ms every {} MiB)",
+            watch.bytes / MIB,
+            THROTTLE_PAUSE.as_millis(),
+            THROTTLE_EVERY / MIB
+        ),
+        ["MiB", "growth"],
+    );
+    watch.rows(&mut t, "rss_growth");
+    t.row(
+        "VmRSS before the file runs",
+        vec![Cell::Num(mib(idle_before.rss_kib), 1)],
+        None,
+    )
+    .row(
+        "VmRSS after the file runs",
+        vec![Cell::Num(mib(idle_after.rss_kib), 1)],
+        None,
+    )
+    .row(
+        "VmHWM after the file runs",
+        vec![Cell::Num(mib(idle_after.hwm_kib), 1)],
+        None,
+    );
+    rep.table(t);
+    Ok(())
 }
 
 // ---------------------------------------------------------------- the QEMU part
 
-/// What the QEMU part measured, through the daemon only.
-#[derive(Debug, Default)]
-struct QemuReport {
-    qemu_version: String,
-    ready: Duration,
-    exec: Vec<Duration>,
-    file_bytes: u64,
-    upload: Vec<Duration>,
-    download: Vec<Duration>,
-    rss: Option<RssWatch>,
-}
-
-enum QemuOutcome {
-    NotRun,
-    Skipped(String),
-    Done(Box<QemuReport>, Cleanup),
-    Failed { error: String, cleanup: Cleanup },
-}
-
-/// Why the QEMU part cannot run here, if it cannot.
-fn qemu_preflight(args: &Args) -> Result<(PathBuf, PathBuf), String> {
-    let qemu = find_in_path("qemu-system-x86_64")
-        .ok_or("qemu-system-x86_64 not found in PATH (Debian: apt-get install qemu-system-x86)")?;
-    if find_in_path("mkfs.ext4").is_none() {
-        return Err("mkfs.ext4 not found (the daemon makes overlays with it)".into());
-    }
-    let art = args
-        .artifacts
-        .clone()
-        .unwrap_or_else(|| daemon::workspace().join("artifacts"));
-    let missing: Vec<String> = [
-        "kernels/vmlinuz".to_string(),
-        "initramfs/initrd.img".to_string(),
-        format!("rootfs/{QEMU_ROOTFS}"),
-    ]
-    .into_iter()
-    .filter(|f| !art.join(f).is_file())
-    .collect();
-    if !missing.is_empty() {
+/// The rootfs must carry the agent (older images do not).
+fn has_agent(guest: &QemuGuest) -> Result<(), String> {
+    let Some(debugfs) = find_in_path("debugfs") else {
+        return Ok(());
+    };
+    let out = Command::new(debugfs)
+        .args(["-R", "stat /usr/sbin/agentenv-guest"])
+        .arg(guest.artifacts.join("rootfs").join(QEMU_ROOTFS))
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run debugfs: {e}"))?;
+    if !String::from_utf8_lossy(&out.stdout).contains("Inode:") {
         return Err(format!(
-            "guest artifacts missing in {}: {}; build them with \
-             `scripts/build-artifacts.sh --output artifacts`",
-            art.display(),
-            missing.join(", ")
+            "rootfs/{QEMU_ROOTFS} has no /usr/sbin/agentenv-guest (rebuild it with \
+             scripts/build-artifacts.sh)"
         ));
     }
-    // The rootfs must carry the agent (older images do not).
-    if let Some(debugfs) = find_in_path("debugfs") {
-        let out = Command::new(debugfs)
-            .args(["-R", "stat /usr/sbin/agentenv-guest"])
-            .arg(art.join("rootfs").join(QEMU_ROOTFS))
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run debugfs: {e}"))?;
-        if !String::from_utf8_lossy(&out.stdout).contains("Inode:") {
-            return Err(format!(
-                "rootfs/{QEMU_ROOTFS} has no /usr/sbin/agentenv-guest (rebuild it with \
-                 scripts/build-artifacts.sh)"
-            ));
-        }
-    }
-    let art = std::fs::canonicalize(&art).map_err(|e| format!("{}: {e}", art.display()))?;
-    Ok((qemu, art))
+    Ok(())
 }
 
-fn run_qemu_part(args: &Args, bins: &Binaries, p: &Params) -> QemuOutcome {
-    let (qemu, art) = match qemu_preflight(args) {
-        Ok(x) => x,
+/// The same work through the daemon against a QEMU guest, with a daemon of
+/// its own; adds its figures, cleanup or failure to the report.
+fn run_qemu_part(args: &Args, agentenv: &Path, p: &Params, rep: &mut Report) {
+    let guest = match QemuGuest::find(args.artifacts.as_deref(), QEMU_ROOTFS)
+        .and_then(|g| has_agent(&g).map(|()| g))
+    {
+        Ok(g) => g,
         Err(why) => {
-            progress(&format!("qemu: skipped: {why}"));
-            return QemuOutcome::Skipped(why);
+            progress(format!("qemu: skipped: {why}"));
+            rep.about("QEMU", format!("skipped: {why}"));
+            return;
         }
     };
-    let mut h = match Harness::new(args.tmp_dir.as_deref(), "ae-agentio-q-", &["files"]) {
+    let mut h = match Harness::new(args.common.tmp_dir.as_deref(), "ae-agentio-q-", &["files"]) {
         Ok(h) => h,
         Err(e) => {
-            return QemuOutcome::Failed {
-                error: format!("setting up: {e:#}"),
-                cleanup: Cleanup::default(),
-            }
+            rep.fail(format!("qemu: setting up: {e:#}"));
+            return;
         }
     };
-    let result = (|| {
-        h.write_config(
-            "agent_io",
-            &daemon::Config {
-                vmm: Vmm::Qemu(qemu.clone()),
-                rootfs_root: art.join("rootfs"),
-                kernel_root: art.join("kernels"),
-                initramfs_root: art.join("initramfs"),
-                default_kernel: Some("vmlinuz".into()),
-                default_initrd: Some("initrd.img".into()),
-                memory_mib_per_slot: MEMORY_MIB_PER_SLOT,
-                default_disk_size_gib: 2,
-                max_memory_mib: None,
-                direct_disk_roots: Vec::new(),
-                startup_timeout_ms: 30000,
-                request_timeout_ms: 30000,
-            },
-        )?;
-        run_qemu(&mut h, bins, p, args.boot_timeout_s, &qemu)
-    })();
-    if result.is_err() && signals::received().is_none() {
-        let tail = h.daemon_log_tail(20);
-        if !tail.is_empty() {
-            eprintln!("--- last lines of the QEMU daemon's log ---\n{tail}\n---");
-        }
-    }
-    let cleanup = h.teardown(args.keep);
+    let result = h
+        .write_config(&daemon::Config::qemu(&guest, MEMORY_MIB_PER_SLOT, 2))
+        .and_then(|()| run_qemu(&mut h, agentenv, p, args.boot_timeout_s, &guest));
+    let (result, cleanup) = h.finish(result, args.common.keep);
+    rep.cleanup("qemu", cleanup.cleaned());
     match result {
-        Ok(r) => QemuOutcome::Done(Box::new(r), cleanup),
-        Err(e) => QemuOutcome::Failed {
-            error: format!("{e:#}"),
-            cleanup,
-        },
+        Ok(t) => {
+            rep.table(t);
+        }
+        Err(e) => {
+            rep.fail(format!("qemu: {e:#}"));
+        }
     }
 }
 
 fn run_qemu(
     h: &mut Harness,
-    bins: &Binaries,
+    agentenv: &Path,
     p: &Params,
     boot_timeout_s: u64,
-    qemu: &Path,
-) -> Result<QemuReport> {
-    let mut rep = QemuReport {
-        qemu_version: Command::new(qemu)
-            .arg("--version")
-            .stdin(Stdio::null())
-            .output()
-            .ok()
-            .and_then(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .next()
-                    .map(str::to_string)
-            })
-            .unwrap_or_else(|| "version unknown".into()),
-        file_bytes: p.qemu_file_bytes,
-        ..QemuReport::default()
-    };
+    guest: &QemuGuest,
+) -> Result<Table> {
     let root = h.root().to_path_buf();
-    progress(&format!(
-        "qemu: temp dir {}; starting the daemon",
-        root.display()
-    ));
-    let d = h.start_daemon(&bins.agentenv, IO_TIMEOUT, HEALTH_TIMEOUT)?;
+    let d = h.start_daemon(agentenv, IO_TIMEOUT, Duration::from_secs(15))?;
     let mut via = ViaDaemon::new(d, "q1");
     progress("qemu: booting a guest (create with wait_ready)");
-    rep.ready = create_ready(
+    let ready = create_ready(
         &mut via.api,
         &json!({"vm_id": "q1", "disk": {"kind": "overlay", "rootfs_id": QEMU_ROOTFS},
                 "wait_ready": true, "wait_ready_timeout_s": boot_timeout_s}),
     )?;
-    progress(&format!(
-        "qemu: ready after {:.1} s; {} execs of `true` (+{} warm-up)",
-        rep.ready.as_secs_f64(),
+    progress(format!("qemu: ready after {:.1} s", ready.as_secs_f64()));
+    let exec = interleaved(
+        "qemu: exec `true`",
+        p.warmup,
         p.execs,
-        p.warmup
-    ));
-    for i in 0..(p.warmup + p.execs) {
-        signals::check()?;
-        let t = via.exec_true()?;
-        if i >= p.warmup {
-            rep.exec.push(t);
-        }
-    }
+        [&mut || via.exec_true()],
+    )?;
     let src = root.join("files/src.bin");
     write_noise(&src, p.qemu_file_bytes)?;
     let src_s = src.display().to_string();
     // On the guest's overlay disk (its /tmp may be in its RAM).
-    let guest = "/root/agent-io.bin";
-    progress(&format!(
-        "qemu: files: {} × {} MiB each way",
+    let guest_path = "/root/agent-io.bin";
+    let n = p.qemu_file_bytes;
+    let (mut up, mut down) = (Vec::new(), Vec::new());
+    let (mut before, mut peak, mut samples) = (None, 0u64, 0usize);
+    rounds(
+        &format!("qemu: files: {} MiB each way", n / MIB),
+        0,
         p.file_runs,
-        p.qemu_file_bytes / MIB
-    ));
-    let mut before = None;
-    let mut peak = (0u64, 0usize);
-    let mut down_total = Duration::ZERO;
-    for i in 0..p.file_runs {
-        signals::check()?;
-        rep.upload.push(via.put(&src_s, guest, p.qemu_file_bytes)?);
-        signals::check()?;
-        if before.is_none() {
-            before = Some(via.rss()?);
-        }
-        let sampler = RssSampler::start(via.pid);
-        let took = via.get(guest, p.qemu_file_bytes, Content::Noise, false);
-        let (pk, n) = sampler.finish();
-        let took = took?;
-        peak = (peak.0.max(pk), peak.1 + n);
-        down_total += took;
-        rep.download.push(took);
-        progress(&format!("  {}/{}", i + 1, p.file_runs));
-    }
-    rep.rss = Some(RssWatch {
-        before: before.context("no download ran")?,
-        peak_rss_kib: peak.0,
-        samples: peak.1,
-        after: via.rss()?,
-        bytes: p.qemu_file_bytes * p.file_runs as u64,
-        took: down_total,
-    });
+        |_, _| {
+            up.push(via.put(&src_s, guest_path, n)?);
+            signals::check()?;
+            if before.is_none() {
+                before = Some(via.rss()?);
+            }
+            let sampler = RssSampler::start(via.pid);
+            let took = via.get(guest_path, n, Content::Noise, false);
+            let (pk, k) = sampler.finish();
+            (peak, samples) = (peak.max(pk), samples + k);
+            down.push(took?);
+            Ok(())
+        },
+    )?;
     std::fs::remove_file(&src)?;
-    Ok(rep)
-}
-
-// ---------------------------------------------------------------- cleanup
-
-fn cleanup_summary(c: &Cleanup) -> String {
-    c.summary(&format!(
-        "deleted {} VMs; daemon stopped by SIGTERM in {:.2} s ({}); {} leftover processes; ",
-        c.deleted,
-        c.daemon_stop_s,
-        c.daemon_exit.as_deref().unwrap_or("not running"),
-        c.leftover.len(),
-    ))
-}
-
-// ---------------------------------------------------------------- output
-
-struct Report {
-    fc: FcReport,
-    fc_cleanup: Cleanup,
-    files_fs: String,
-    qemu: QemuOutcome,
-    wall: Duration,
-    load: (f64, f64),
-}
-
-/// Exec latencies, each side.
-struct ExecRow {
-    d: Summary,
-    v: Summary,
-    b: Summary,
-    /// Median over the rounds of (daemon − direct) within the round, ms: less
-    /// sensitive than the difference of the p50s to the load changing.
-    paired: f64,
-}
-
-impl ExecRow {
-    fn of(p: &Sides) -> Option<ExecRow> {
-        let mut diffs: Vec<f64> = p
-            .daemon()
-            .iter()
-            .zip(p.direct())
-            .map(|(d, b)| (d.as_secs_f64() - b.as_secs_f64()) * 1e3)
-            .collect();
-        diffs.sort_by(f64::total_cmp);
-        Some(ExecRow {
-            d: Summary::of(p.daemon())?,
-            v: Summary::of(p.bridge())?,
-            b: Summary::of(p.direct())?,
-            paired: Spread::of(&diffs)?.median,
-        })
-    }
-
-    fn overhead(&self) -> f64 {
-        self.d.p50 - self.b.p50
-    }
-
-    fn pass(&self) -> bool {
-        self.overhead() <= TARGET_EXEC_OVERHEAD_P50_MS
-    }
-}
-
-impl Report {
-    fn cleanups(&self) -> Vec<(&'static str, &Cleanup)> {
-        let mut v = vec![("fc-double", &self.fc_cleanup)];
-        match &self.qemu {
-            QemuOutcome::Done(_, c) | QemuOutcome::Failed { cleanup: c, .. } => v.push(("qemu", c)),
-            QemuOutcome::NotRun | QemuOutcome::Skipped(_) => {}
-        }
-        v
-    }
-
-    fn targets(&self) -> Vec<(&'static str, bool)> {
-        let mut t = Vec::new();
-        if let Some(r) = ExecRow::of(&self.fc.exec) {
-            t.push(("exec_overhead", r.pass()));
-        }
-        if let Some(r) = Rates::of(self.fc.file_bytes, &self.fc.upload) {
-            t.push(("upload_ratio", r.pass()));
-        }
-        if let Some(r) = Rates::of(self.fc.file_bytes, &self.fc.download) {
-            t.push(("download_ratio", r.pass()));
-        }
-        if let Some(r) = &self.fc.rss {
-            t.push(("rss_growth", r.pass()));
-        }
-        if let QemuOutcome::Done(q, _) = &self.qemu {
-            if let Some(r) = &q.rss {
-                t.push(("qemu_rss_growth", r.pass()));
-            }
-        }
-        t
-    }
-
-    fn to_json(&self, bins: &Binaries, p: &Params) -> Value {
-        let fc = &self.fc;
-        let exec = ExecRow::of(&fc.exec).map_or(Value::Null, |r| {
-            json!({
-                "daemon": r.d.to_json(),
-                "bridge": r.v.to_json(),
-                "direct": r.b.to_json(),
-                "overhead_p50_ms": round3(r.overhead()),
-                "bridge_overhead_p50_ms": round3(r.v.p50 - r.b.p50),
-                "paired_overhead_median_ms": round3(r.paired),
-                "overhead_p99_ms": round3(r.d.p99 - r.b.p99),
-                "target": {"overhead_p50_ms_max": TARGET_EXEC_OVERHEAD_P50_MS, "pass": r.pass()},
-            })
-        });
-        let rates =
-            |pair: &Sides| Rates::of(fc.file_bytes, pair).map_or(Value::Null, |r| r.to_json());
-        let rss =
-            |r: Option<Rss>| r.map(|r| json!({"vm_rss_kib": r.rss_kib, "vm_hwm_kib": r.hwm_kib}));
-        let qemu = match &self.qemu {
-            QemuOutcome::NotRun => json!({"run": false}),
-            QemuOutcome::Skipped(why) => json!({"run": false, "skipped": why}),
-            QemuOutcome::Failed { error, cleanup } => {
-                json!({"run": true, "error": error, "cleanup": cleanup.to_json()})
-            }
-            QemuOutcome::Done(q, cleanup) => {
-                let mbs = |v: &[Duration]| {
-                    Spread::of(&throughputs(q.file_bytes, v)).map_or(Value::Null, |s| s.to_json())
-                };
-                json!({
-                    "run": true,
-                    "baseline": "none: the daemon holds the VM's virtio-serial socket",
-                    "qemu": q.qemu_version,
-                    "create_to_ready_s": round3(q.ready.as_secs_f64()),
-                    "exec_true": Summary::of(&q.exec).map(|s| s.to_json()),
-                    "file_bytes": q.file_bytes,
-                    "upload_mb_s": mbs(&q.upload),
-                    "download_mb_s": mbs(&q.download),
-                    "memory_during_downloads": q.rss.map(RssWatch::to_json),
-                    "cleanup": cleanup.to_json(),
-                })
-            }
-        };
-        let targets = self.targets();
-        json!({
-            "benchmark": "agent_io",
-            "params": {
-                "execs": p.execs,
-                "warmup": p.warmup,
-                "file_bytes": p.file_bytes,
-                "file_runs": p.file_runs,
-                "rss_download_bytes": p.rss_bytes,
-                "qemu_file_bytes": p.qemu_file_bytes,
-            },
-            "host": HostInfo::read().to_json(),
-            "temp_dir_fs": self.files_fs,
-            "binaries": {
-                "agentenv": bins.agentenv,
-                "fc_double": bins.fc_double,
-                "agentenv_guest": bins.guest,
-            },
-            "create_to_ready_s": round3(fc.ready.as_secs_f64()),
-            "exec_true": exec,
-            "upload": rates(&fc.upload),
-            "download": rates(&fc.download),
-            "cpu_per_transfer": {
-                "upload": cpu_json(&fc.cpu[0], &fc.upload),
-                "download": cpu_json(&fc.cpu[1], &fc.download),
-            },
-            "memory": {
-                "during_slow_download": fc.rss.map(RssWatch::to_json),
-                "before_file_transfers": rss(fc.rss_idle.map(|r| r.0)),
-                "after_file_transfers": rss(fc.rss_idle.map(|r| r.1)),
-            },
-            "qemu": qemu,
-            "targets": targets.iter().map(|(n, ok)| json!({"name": n, "pass": ok})).collect::<Vec<_>>(),
-            "targets_met": targets.iter().filter(|(_, ok)| *ok).count(),
-            "targets_total": targets.len(),
-            "wall_s": round3(self.wall.as_secs_f64()),
-            "loadavg_1min": {"start": self.load.0, "end": self.load.1},
-            "cleanup": self.fc_cleanup.to_json(),
-        })
-    }
-
-    fn to_text(&self, bins: &Binaries, p: &Params) -> String {
-        let mut o = String::new();
-        let w = &mut o;
-        let host = HostInfo::read();
-        let fc = &self.fc;
-        let _ = writeln!(
-            w,
-            "\nagentenv agent I/O: through the daemon vs straight to the agent, same run"
-        );
-        let _ = writeln!(w, "  host      {host}");
-        let _ = writeln!(
-            w,
-            "  daemon    {}, VMM {} bridging guest vsock port {VSOCK_PORT} to the agent",
-            bins.agentenv.display(),
-            bins.fc_double.display()
-        );
-        let _ = writeln!(
-            w,
-            "  agent     {} --listen-unix, on the host",
-            bins.guest.display()
-        );
-        let _ = writeln!(
-            w,
-            "  files     in the run's temp dir on {} (the agent fsyncs every upload before renaming it)",
-            self.files_fs
-        );
-        let _ = writeln!(
-            w,
-            "  run       {} execs (+{} warm-up) and {} × {} MiB each way per side, the three \
-             sides interleaved, order rotating; {:.0} s in all",
-            p.execs,
-            p.warmup,
-            p.file_runs,
-            p.file_bytes / MIB,
-            self.wall.as_secs_f64()
-        );
-        let _ = writeln!(
-            w,
-            "{}",
-            host.load_line(
-                self.load,
-                " (the machine was busy: expect noisy figures, p99 above all)"
-            )
-        );
-        let _ = writeln!(
-            w,
-            "  sides     daemon = the HTTP API (HTTP, engine, fc-double's vsock bridge, agent)\n\
-             \x20           bridge = this program's AgentClient (the daemon's client code) through \
-             fc-double's\n\
-             \x20                    hybrid vsock: the daemon's path without HTTP and engine\n\
-             \x20           direct = the same AgentClient on the agent's own Unix socket: the \
-             baseline"
-        );
-        let _ = writeln!(
-            w,
-            "  VM        POST /v1/vm with wait_ready answered in {:.3} s\n",
-            fc.ready.as_secs_f64()
-        );
-
-        let _ = writeln!(
-            w,
-            "{:<16} {:>17} {:>17} {:>17} {:>17} {:>9}  target",
-            "exec `true` (ms)", "daemon", "bridge", "direct", "daemon/direct", "overhead"
-        );
-        let _ = writeln!(
-            w,
-            "{:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}",
-            "", "p50", "p99", "p50", "p99", "p50", "p99", "p50", "p99", "p50"
-        );
-        if let Some(r) = ExecRow::of(&fc.exec) {
-            let _ = writeln!(
-                w,
-                "{:<16} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>7.2}x {:>7.2}x {:>+9.3}  \
-                 ≤ {} ms   {}",
-                "round trip",
-                r.d.p50,
-                r.d.p99,
-                r.v.p50,
-                r.v.p99,
-                r.b.p50,
-                r.b.p99,
-                r.d.p50 / r.b.p50,
-                r.d.p99 / r.b.p99,
-                r.overhead(),
-                TARGET_EXEC_OVERHEAD_P50_MS,
-                pass(r.pass())
-            );
-            let _ = writeln!(
-                w,
-                "  overhead at p50: {:+.3} ms in fc-double's vsock bridge, {:+.3} ms in HTTP and \
-                 the engine;\n  median of the per-round differences daemon − direct: {:+.3} ms",
-                r.v.p50 - r.b.p50,
-                r.d.p50 - r.v.p50,
-                r.paired
-            );
-        }
-
-        let _ = writeln!(
-            w,
-            "\n{:<16} {:>17} {:>17} {:>17} {:>17}  target",
-            format!("files, {} MiB", p.file_bytes / MIB),
-            "daemon MB/s",
-            "bridge MB/s",
-            "direct MB/s",
-            "daemon/direct"
-        );
-        for (name, pair) in [("upload", &fc.upload), ("download", &fc.download)] {
-            if let Some(r) = Rates::of(fc.file_bytes, pair) {
-                let _ = writeln!(
-                    w,
-                    "{:<16} {:>17.1} {:>17.1} {:>17.1} {:>16.2}x  ≥ {TARGET_FILE_RATIO}×   {}",
-                    name,
-                    r.daemon.median,
-                    r.bridge.median,
-                    r.direct.median,
-                    r.ratio(),
-                    pass(r.pass())
-                );
-                let range = |s: Spread| format!("{:.0} – {:.0}", s.min, s.max);
-                let _ = writeln!(
-                    w,
-                    "{:<16} {:>17} {:>17} {:>17} {:>16.2}x  (bridge/direct)",
-                    "  min – max",
-                    range(r.daemon),
-                    range(r.bridge),
-                    range(r.direct),
-                    r.bridge.median / r.direct.median
-                );
-            }
-        }
-        let _ = writeln!(
-            w,
-            "  median of {} runs; MB = 10^6 bytes; an upload is timed to the answer (the file \
-             fsynced and in place), a download to its last byte",
-            p.file_runs
-        );
-
-        let _ = writeln!(
-            w,
-            "\n{:<24} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8}",
-            "CPU per transfer (ms)", "wall", "client", "daemon", "fc-double", "agent", "total"
-        );
-        for (i, (dir, pair)) in [("upload", &fc.upload), ("download", &fc.download)]
-            .into_iter()
-            .enumerate()
-        {
-            for (j, side) in SIDES.iter().enumerate() {
-                let times = &pair.0[j];
-                let n = times.len().max(1) as f64;
-                let c = fc.cpu[i][j];
-                let ms = |d: Duration| d.as_secs_f64() * 1e3 / n;
-                let _ = writeln!(
-                    w,
-                    "{:<24} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>8.0} {:>8.0}",
-                    format!("{dir}, {side}"),
-                    ms(times.iter().sum()),
-                    ms(c.client),
-                    ms(c.daemon),
-                    ms(c.bridge),
-                    ms(c.agent),
-                    ms(c.total())
-                );
-            }
-        }
-        let _ = writeln!(
-            w,
-            "  mean per transfer, user + system, from /proc/PID/stat (10 ms ticks); {} CPUs{}",
-            host.cpus,
-            if fc.bridge_found {
-                ""
-            } else {
-                "; fc-double's process was not found (its column is 0)"
-            }
-        );
-
-        if let Some(r) = fc.rss {
-            let _ = writeln!(
-                w,
-                "\ndaemon memory during a {} MiB download (a sparse file; the client stops reading \
-                 for {} ms every {} MiB)",
-                r.bytes / MIB,
-                THROTTLE_PAUSE.as_millis(),
-                THROTTLE_EVERY / MIB
-            );
-            rss_lines(w, &r);
-            let _ = writeln!(
-                w,
-                "  {:<30} {:.2} s, {:.0} MB/s (pauses included)",
-                "download",
-                r.took.as_secs_f64(),
-                r.bytes as f64 / r.took.as_secs_f64() / 1e6
-            );
-        }
-        if let Some((a, b)) = fc.rss_idle {
-            let _ = writeln!(
-                w,
-                "  {:<30} {:.1} MiB before, {:.1} MiB after (VmHWM {:.1} MiB)",
-                "VmRSS around the file runs",
-                mib(a.rss_kib),
-                mib(b.rss_kib),
-                mib(b.hwm_kib)
-            );
-        }
-
-        let _ = writeln!(w);
-        match &self.qemu {
-            QemuOutcome::NotRun => {
-                let _ = writeln!(w, "QEMU guest: not run (pass --qemu)");
-            }
-            QemuOutcome::Skipped(why) => {
-                let _ = writeln!(w, "QEMU guest: skipped: {why}");
-            }
-            QemuOutcome::Failed { error, cleanup } => {
-                let _ = writeln!(w, "QEMU guest: FAILED: {error}");
-                let _ = writeln!(w, "  cleanup: {}", cleanup_summary(cleanup));
-            }
-            QemuOutcome::Done(q, cleanup) => {
-                let _ = writeln!(
-                    w,
-                    "QEMU TCG guest, through the daemon only: the daemon holds the VM's \
-                     virtio-serial\nsocket, so there is no direct baseline to compare with"
-                );
-                let _ = writeln!(w, "  {:<30} {}", "qemu", q.qemu_version);
-                let _ = writeln!(
-                    w,
-                    "  {:<30} {:.2} s",
-                    "POST /v1/vm → ready (boot)",
-                    q.ready.as_secs_f64()
-                );
-                if let Some(s) = Summary::of(&q.exec) {
-                    let _ = writeln!(
-                        w,
-                        "  {:<30} p50 {:.3} ms, p99 {:.3} ms ({} runs)",
-                        "exec `true`", s.p50, s.p99, s.n
-                    );
-                }
-                for (name, v) in [("upload", &q.upload), ("download", &q.download)] {
-                    if let Some(s) = Spread::of(&throughputs(q.file_bytes, v)) {
-                        let _ = writeln!(
-                            w,
-                            "  {:<30} {:.1} MB/s (median of {}; {:.1} – {:.1})",
-                            format!("{name} {} MiB", q.file_bytes / MIB),
-                            s.median,
-                            v.len(),
-                            s.min,
-                            s.max
-                        );
-                    }
-                }
-                if let Some(r) = &q.rss {
-                    let _ = writeln!(w, "  daemon memory during the downloads (VmRSS before: after the first upload)");
-                    rss_lines(w, r);
-                }
-                let _ = writeln!(w, "  cleanup: {}", cleanup_summary(cleanup));
-            }
-        }
-
-        let targets = self.targets();
-        let met = targets.iter().filter(|(_, ok)| *ok).count();
-        let missed: Vec<&str> = targets
-            .iter()
-            .filter(|(_, ok)| !ok)
-            .map(|(n, _)| *n)
-            .collect();
-        let _ = writeln!(w, "\ncleanup: {}", cleanup_summary(&self.fc_cleanup));
-        let _ = writeln!(
-            w,
-            "targets: {met} of {} met{} (informational: the exit status does not depend on them)",
-            targets.len(),
-            if missed.is_empty() {
-                String::new()
-            } else {
-                format!("; missed: {}", missed.join(", "))
-            }
-        );
-        o
-    }
-}
-
-fn cpu_json(cpu: &[CpuUse; 3], times: &Sides) -> Value {
-    let mut v = json!({});
-    for (j, side) in SIDES.iter().enumerate() {
-        let n = times.0[j].len();
-        let mut c = cpu[j].to_json(n);
-        let wall: Duration = times.0[j].iter().sum();
-        c["wall_ms"] = json!(round3(wall.as_secs_f64() * 1e3 / n.max(1) as f64));
-        v[*side] = c;
-    }
-    v
-}
-
-fn rss_lines(w: &mut String, r: &RssWatch) {
-    let _ = writeln!(
-        w,
-        "  {:<30} {:.1} MiB",
-        "VmRSS before",
-        mib(r.before.rss_kib)
+    let watch = RssWatch {
+        before: before.context("no download ran")?,
+        peak_rss_kib: peak,
+        samples,
+        after: via.rss()?,
+        bytes: n * p.file_runs as u64,
+        took: down.iter().sum(),
+    };
+    let mut t = Table::new(
+        "QEMU TCG guest, through the daemon only (no baseline: the daemon holds the VM's virtio-serial socket)",
+        ["value", "growth", "min", "max"],
     );
-    let _ = writeln!(
-        w,
-        "  {:<30} {:.1} MiB  {:+.1} MiB   ≤ +{:.0} MiB (window {} MiB + {TARGET_RSS_SLACK_MIB})   {}",
-        format!("VmRSS peak ({} samples)", r.samples),
-        mib(r.peak_rss_kib),
-        r.growth_mib(),
-        RssWatch::target_mib(),
-        INITIAL_WINDOW as u64 / MIB,
-        pass(r.pass())
+    t.note(format!("qemu: {}", guest.version));
+    t.row(
+        "POST /v1/vm → ready (s)",
+        vec![Cell::Num(ready.as_secs_f64(), 2)],
+        None,
     );
-    let _ = writeln!(w, "  {:<30} {:.1} MiB", "VmRSS after", mib(r.after.rss_kib));
-    let _ = writeln!(
-        w,
-        "  {:<30} {:.1} → {:.1} MiB",
-        "VmHWM before → after",
-        mib(r.before.hwm_kib),
-        mib(r.after.hwm_kib)
-    );
+    if let Some(s) = Summary::of(exec.side(0)) {
+        t.row("exec `true` p50 (ms)", vec![Cell::ms(s.p50)], None)
+            .row("exec `true` p99 (ms)", vec![Cell::ms(s.p99)], None);
+    }
+    for (name, v) in [("upload", &up), ("download", &down)] {
+        if let Some(s) = Spread::of(&throughputs(n, v)) {
+            let cells = vec![
+                Cell::Num(s.median, 1),
+                Cell::Empty,
+                Cell::Num(s.min, 1),
+                Cell::Num(s.max, 1),
+            ];
+            t.row(
+                &format!("{name} {} MiB (MB/s, median)", n / MIB),
+                cells,
+                None,
+            );
+        }
+    }
+    watch.rows(&mut t, "qemu_rss_growth");
+    Ok(t)
 }
 
 #[cfg(test)]

@@ -1,41 +1,22 @@
-//! `boot_ready`: how long a guest takes from "create" to its `AGENTENV_READY`
-//! line through the agentenv daemon, against the very same QEMU command line
-//! launched by hand, in the same run; and how long each guest artifact takes
-//! to build.
-//!
-//! - **daemon**: `POST /v1/vm` (an overlay on `minimal.ext4`, 1 slot of
-//!   256 MiB) to the real `agentenv` daemon (`vmm = "qemu"`, networking off),
-//!   then wait until `AGENTENV_READY` appears in the VM's `console_log`
-//!   (inotify on the file); the VM is then deleted (untimed).
-//! - **by hand**: no daemon. The command line the daemon recorded in
-//!   `qemu.json` for an untimed reference VM is replayed with a fresh overlay,
-//!   QMP socket and VM id: clone the daemon's empty ext4 overlay template the
-//!   way the daemon does (sparse copy plus a new file-system UUID), spawn
-//!   `qemu-system-x86_64` with stdout and stderr on one pipe (as the daemon
-//!   does), read the pipe until `AGENTENV_READY`; then kill it (untimed).
-//!   Both sides time the overlay creation.
-//! - The two sides alternate, which one goes first alternating every run.
-//!   Each side first boots one untimed reference VM (warm caches, the daemon's
-//!   overlay template, and the command line to replay).
-//! - **artifacts**: unless `--skip-artifacts`, `scripts/build-artifacts.sh
-//!   --output <temp dir> --force` runs once and its timing lines are shown.
-//!
-//! The target (daemon p50 ≤ 1.05 × by-hand p50) is informational: the exit
-//! status is 0 whenever the run completes and cleans up. See `bench/README.md`.
+//! `boot_ready`: create → `AGENTENV_READY` through the agentenv daemon against
+//! the very same QEMU command line launched by hand (the daemon's `qemu.json`
+//! replayed), interleaved in one run; and how long the guest artifacts take to
+//! build. See `bench/README.md`.
 
-use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agentenv_bench::daemon::{self, find_in_path, tail_lines, workspace, Cleanup, Harness, Vmm};
-use agentenv_bench::procfs::{self, HostInfo};
+use agentenv_bench::args::Common;
+use agentenv_bench::daemon::{self, find_in_path, tail_lines, workspace, Harness, QemuGuest};
+use agentenv_bench::procfs;
+use agentenv_bench::report::{or_exit, skip, Cell, Limit, Report, Table};
+use agentenv_bench::runner::{self, progress, rotated, rounds, Sides};
 use agentenv_bench::signals;
-use agentenv_bench::stats::{ms, pass, round3, Summary};
+use agentenv_bench::stats::{median, ms};
 use agentenv_host::disk;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
@@ -58,8 +39,6 @@ const ROOTFS_ID: &str = "minimal.ext4";
 const CHECK_EVERY: Duration = Duration::from_millis(5);
 /// How long a single HTTP read or write may block.
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long the daemon may take to answer `/v1/health` after its start.
-const HEALTH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Placeholders in a normalised QEMU command line.
 const P_SESSION: &str = "{SESSION_DIR}";
 const P_SOCKET: &str = "{QMP_SOCKET}";
@@ -68,218 +47,89 @@ const P_ID: &str = "{VM_ID}";
 /// Boot to AGENTENV_READY: the agentenv daemon against the same QEMU command
 /// line by hand, interleaved in one run; plus the guest artifacts' build times.
 #[derive(Debug, Parser)]
-#[command(name = "boot_ready", version)]
+#[command(name = "boot_ready", version, about, long_about = None)]
 struct Args {
-    /// Timed boots per side (daemon and by hand, interleaved).
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=999))]
-    runs: u64,
-    /// Do not run scripts/build-artifacts.sh (the artifact build times).
+    /// Timed boots per side (daemon and by hand, interleaved) [default: 5;
+    /// --quick: 2].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=999))]
+    runs: Option<u64>,
+    /// Do not run scripts/build-artifacts.sh (the artifact build times)
+    /// [--quick: not run].
     #[arg(long)]
     skip_artifacts: bool,
     /// The guest artifacts to boot (kernels/vmlinuz, initramfs/initrd.img,
     /// rootfs/minimal.ext4) [default: <workspace>/artifacts].
     #[arg(long, value_name = "DIR")]
     artifacts: Option<PathBuf>,
-    /// Directory holding `agentenv` [default: this binary's directory, then
-    /// <workspace>/target/release].
-    #[arg(long, value_name = "DIR")]
-    bin_dir: Option<PathBuf>,
-    /// Where the run's temporary directory is made [default: $TMPDIR or /tmp].
-    #[arg(long, value_name = "DIR")]
-    tmp_dir: Option<PathBuf>,
     /// Give up on a boot that has not printed AGENTENV_READY after this many seconds.
     #[arg(long, default_value_t = 120, value_name = "S")]
     boot_timeout_s: u64,
-    /// Keep the temporary directory (config, daemon log, build log) at the end.
-    #[arg(long)]
-    keep: bool,
-    /// Print the results as JSON on stdout (progress still goes to stderr).
-    #[arg(long)]
-    json: bool,
-}
-
-fn progress(msg: &str) {
-    eprintln!("[boot_ready] {msg}");
+    #[command(flatten)]
+    common: Common,
 }
 
 fn main() {
-    let args = Args::parse();
-    signals::install();
-    let pre = match preflight(&args) {
-        Ok(Preflight::Ready(p)) => p,
-        Ok(Preflight::Skip(why)) => {
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &json!({"benchmark": "boot_ready", "skipped": why})
-                    )
-                    .expect("json serialises")
-                );
-            } else {
-                println!("boot_ready: skipped: {why}");
-            }
-            return;
+    let args: Args = runner::start();
+    let c = &args.common;
+    let runs = args.runs.unwrap_or(c.pick(5, 2)) as usize;
+    let build = !(args.skip_artifacts || c.quick);
+    let guest = QemuGuest::find(args.artifacts.as_deref(), ROOTFS_ID)
+        .unwrap_or_else(|why| skip(&why, c.json));
+    let [agentenv] = or_exit(
+        daemon::find_binaries(
+            c.bin_dir.as_deref(),
+            ["agentenv"],
+            "build the daemon first with:\n\n    cargo build --release -p agentenv\n",
+        ),
+        2,
+        "",
+    );
+    let script = workspace().join("scripts/build-artifacts.sh");
+    if build && !script.is_file() {
+        let e = anyhow::anyhow!("{} not found (pass --skip-artifacts)", script.display());
+        or_exit::<()>(Err(e), 2, "");
+    }
+    let mut h = or_exit(
+        Harness::new(c.tmp_dir.as_deref(), "ae-boot-", &["hand"]).and_then(|mut h| {
+            h.write_config(&daemon::Config::qemu(&guest, MEMORY_MIB, OVERLAY_GIB))
+                .map(|()| h)
+        }),
+        1,
+        "setting up: ",
+    );
+    let mut rep = Report::new(
+        "agentenv boot to AGENTENV_READY: the daemon vs the same QEMU command line by hand, same run",
+        json!({"runs": runs, "boot_timeout_s": args.boot_timeout_s, "memory_mib": MEMORY_MIB,
+               "vcpus": 1, "overlay_gib": OVERLAY_GIB, "rootfs": ROOTFS_ID, "artifact_build": build}),
+    );
+    rep.about(
+        "guest",
+        format!(
+            "{}/kernels/vmlinuz + initrd.img, overlay ({OVERLAY_GIB} GiB) on {ROOTFS_ID}, 1 vCPU, \
+             {MEMORY_MIB} MiB",
+            guest.artifacts.display()
+        ),
+    )
+    .about(
+        "daemon",
+        format!(
+            "{} (vmm = \"qemu\", [network] enable = false); temp dir on {}",
+            agentenv.display(),
+            h.fs()
+        ),
+    );
+    let timeout = Duration::from_secs(args.boot_timeout_s.max(1));
+    let result = run(&mut h, &agentenv, &guest, runs, timeout, &mut rep);
+    let result = result.and_then(|()| {
+        if build {
+            signals::check()?;
+            artifacts_table(h.root(), &script, &mut rep)?;
         }
-        Err(e) => {
-            eprintln!("boot_ready: {e:#}");
-            std::process::exit(2);
-        }
-    };
-    let mut env = match Env::new(&args, pre) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("boot_ready: setting up: {e:#}");
-            std::process::exit(1);
-        }
-    };
-    let result = run(&mut env, &args);
-    let (report, cleanup) = env
-        .h
-        .finish("boot_ready", result, args.keep, cleanup_summary);
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report.to_json(&env, &args, &cleanup))
-                .expect("json serialises")
-        );
-    } else {
-        print!("{}", report.to_text(&env, &args, &cleanup));
-    }
-    if !cleanup.clean() {
-        eprintln!(
-            "boot_ready: cleanup was not complete: {}",
-            cleanup_summary(&cleanup)
-        );
-        std::process::exit(1);
-    }
-    if report.build.as_ref().is_some_and(|b| b.error.is_some()) {
-        eprintln!("boot_ready: scripts/build-artifacts.sh failed (see above)");
-        std::process::exit(1);
-    }
-}
-
-// ---------------------------------------------------------------- preflight
-
-/// What the run needs from the machine.
-struct Found {
-    agentenv: PathBuf,
-    qemu: PathBuf,
-    qemu_version: String,
-    artifacts: PathBuf,
-    build_script: PathBuf,
-}
-
-enum Preflight {
-    Ready(Found),
-    /// A clean skip (exit 0): the machine cannot run the benchmark.
-    Skip(String),
-}
-
-fn preflight(args: &Args) -> Result<Preflight> {
-    let Some(qemu) = find_in_path("qemu-system-x86_64") else {
-        return Ok(Preflight::Skip(
-            "qemu-system-x86_64 not found in PATH (Debian: apt-get install qemu-system-x86)".into(),
-        ));
-    };
-    if find_in_path("mkfs.ext4").is_none() {
-        return Ok(Preflight::Skip(
-            "mkfs.ext4 not found (the daemon makes overlays with it; Debian: e2fsprogs)".into(),
-        ));
-    }
-    let ws = workspace();
-    let artifacts = args
-        .artifacts
-        .clone()
-        .unwrap_or_else(|| ws.join("artifacts"));
-    let missing: Vec<String> = [
-        "kernels/vmlinuz",
-        "initramfs/initrd.img",
-        &format!("rootfs/{ROOTFS_ID}"),
-    ]
-    .iter()
-    .filter(|f| !artifacts.join(f).is_file())
-    .map(|f| f.to_string())
-    .collect();
-    if !missing.is_empty() {
-        return Ok(Preflight::Skip(format!(
-            "guest artifacts missing in {}: {}; build them with `scripts/build-artifacts.sh \
-             --output artifacts`",
-            artifacts.display(),
-            missing.join(", ")
-        )));
-    }
-    let artifacts = std::fs::canonicalize(&artifacts)?;
-    let [agentenv] = daemon::find_binaries(
-        args.bin_dir.as_deref(),
-        ["agentenv"],
-        "build the daemon first with:\n\n    cargo build --release -p agentenv\n",
-    )?;
-    let build_script = ws.join("scripts/build-artifacts.sh");
-    if !args.skip_artifacts && !build_script.is_file() {
-        bail!(
-            "{} not found (pass --skip-artifacts to time the boots only)",
-            build_script.display()
-        );
-    }
-    let qemu_version = Command::new(&qemu)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| "version unknown".into());
-    Ok(Preflight::Ready(Found {
-        agentenv,
-        qemu,
-        qemu_version,
-        artifacts,
-        build_script,
-    }))
-}
-
-// ---------------------------------------------------------------- environment
-
-/// The run's directory and the daemon.
-struct Env {
-    h: Harness,
-    /// The run's directory (`h.root()`).
-    root: PathBuf,
-    found: Found,
-}
-
-impl Env {
-    fn new(args: &Args, found: Found) -> Result<Env> {
-        let mut h = Harness::new(args.tmp_dir.as_deref(), "ae-boot-", &["hand"])?;
-        let a = &found.artifacts;
-        h.write_config(
-            "boot_ready",
-            &daemon::Config {
-                vmm: Vmm::Qemu(found.qemu.clone()),
-                rootfs_root: a.join("rootfs"),
-                kernel_root: a.join("kernels"),
-                initramfs_root: a.join("initramfs"),
-                default_kernel: Some("vmlinuz".into()),
-                default_initrd: Some("initrd.img".into()),
-                memory_mib_per_slot: MEMORY_MIB,
-                default_disk_size_gib: OVERLAY_GIB,
-                max_memory_mib: None,
-                direct_disk_roots: Vec::new(),
-                startup_timeout_ms: 30000,
-                request_timeout_ms: 30000,
-            },
-        )?;
-        Ok(Env {
-            root: h.root().to_path_buf(),
-            h,
-            found,
-        })
-    }
+        Ok(())
+    });
+    let (result, cleanup) = h.finish(result, c.keep);
+    rep.settle(result, "daemon", cleanup.cleaned());
+    rep.finish(c.json)
 }
 
 // ---------------------------------------------------------------- QEMU command line
@@ -500,15 +350,15 @@ struct DaemonBoot {
     qemu_cpu: Option<Duration>,
 }
 
-fn daemon_boot(env: &mut Env, id: &str, timeout: Duration) -> Result<DaemonBoot> {
+fn daemon_boot(h: &mut Harness, id: &str, timeout: Duration) -> Result<DaemonBoot> {
     let body = json!({
         "vm_id": id,
         "slots": 1,
         "disk": {"kind": "overlay", "rootfs_id": ROOTFS_ID},
     });
-    let d = env.h.daemon_mut();
+    let d = h.daemon_mut();
     let daemon_pid = d.pid;
-    let cpu0 = cpu_time(daemon_pid);
+    let cpu0 = procfs::cpu_time(daemon_pid);
     let t0 = Instant::now();
     let r = d
         .api
@@ -529,8 +379,8 @@ fn daemon_boot(env: &mut Env, id: &str, timeout: Duration) -> Result<DaemonBoot>
     wait_ready_in_file(Path::new(console), t0 + timeout, timeout)
         .with_context(|| format!("daemon VM {id}"))?;
     let ready = t0.elapsed();
-    let qemu_cpu = v["pid"].as_u64().and_then(|p| cpu_time(p as u32));
-    let daemon_cpu = cpu_time(daemon_pid)
+    let qemu_cpu = v["pid"].as_u64().and_then(|p| procfs::cpu_time(p as u32));
+    let daemon_cpu = procfs::cpu_time(daemon_pid)
         .zip(cpu0)
         .map(|(b, a)| b.saturating_sub(a));
 
@@ -675,17 +525,17 @@ struct HandBoot {
 }
 
 fn hand_boot(
-    env: &Env,
+    root: &Path,
     cmd: &QemuCmd,
     overlay: &OverlayMethod,
     id: &str,
     timeout: Duration,
 ) -> Result<HandBoot> {
-    let dir = env.root.join("hand").join(id);
-    let socket = env.root.join("s").join(format!("{id}.sock"));
+    let dir = root.join("hand").join(id);
+    let socket = root.join("s").join(format!("{id}.sock"));
     let args = cmd.instantiate(&dir, &socket, id);
     // The replay must not touch anything of the daemon's.
-    let daemon_sessions = env.root.join("sessions").display().to_string();
+    let daemon_sessions = root.join("sessions").display().to_string();
     if let Some(a) = args.iter().find(|a| a.contains(&daemon_sessions)) {
         bail!("the replayed command line still names a daemon session: {a}");
     }
@@ -708,15 +558,9 @@ fn hand_boot(
         .args(&args)
         .stdin(Stdio::null())
         .stdout(writer)
-        .stderr(writer2)
-        .process_group(0);
+        .stderr(writer2);
     // Should this benchmark die, QEMU dies too.
-    signals::die_with_parent(&mut command, libc::SIGKILL);
-    vm.child = Some(
-        command
-            .spawn()
-            .with_context(|| format!("cannot start {}", cmd.binary.display()))?,
-    );
+    vm.child = Some(signals::spawn_group(&mut command, libc::SIGKILL)?);
     // Our copies of the write end go with `command`: EOF once QEMU is gone.
     drop(command);
     let mut reader = reader;
@@ -749,7 +593,7 @@ fn hand_boot(
         );
     }
     let ready = t0.elapsed();
-    let qemu_cpu = vm.child.as_ref().and_then(|c| cpu_time(c.id()));
+    let qemu_cpu = vm.child.as_ref().and_then(|c| procfs::cpu_time(c.id()));
     let kill = vm.kill();
     Ok(HandBoot {
         ready,
@@ -769,51 +613,14 @@ struct BuildProc {
     child: Option<Child>,
 }
 
-impl BuildProc {
-    fn wait_for(child: &mut Child, within: Duration) -> bool {
-        let t = Instant::now();
-        while t.elapsed() < within {
-            if matches!(child.try_wait(), Ok(Some(_)) | Err(_)) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
-    }
-}
-
 impl Drop for BuildProc {
     fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if matches!(child.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        let pgid = child.id() as i32;
-        for (sig, within) in [
-            (libc::SIGINT, Duration::from_secs(30)),
-            (libc::SIGTERM, Duration::from_secs(5)),
-        ] {
-            // SAFETY: the group leader is our unreaped child, so the group is ours.
-            unsafe {
-                libc::killpg(pgid, sig);
-            }
-            if Self::wait_for(&mut child, within) {
-                // The leader is gone; anything left in its group gets SIGKILL.
-                // SAFETY: as above; the group id stays ours until we reap it.
-                unsafe {
-                    libc::killpg(pgid, libc::SIGKILL);
-                }
-                let _ = child.wait();
-                return;
+        if let Some(mut child) = self.child.take() {
+            if matches!(child.try_wait(), Ok(None)) {
+                let stages = [(libc::SIGINT, 30), (libc::SIGTERM, 5)];
+                signals::stop_group(child, &stages.map(|(s, t)| (s, Duration::from_secs(t))));
             }
         }
-        // SAFETY: as above.
-        unsafe {
-            libc::killpg(pgid, libc::SIGKILL);
-        }
-        let _ = child.wait();
     }
 }
 
@@ -822,8 +629,6 @@ struct ArtifactBuild {
     wall: Duration,
     /// The script's own timing lines, verbatim.
     lines: Vec<String>,
-    /// The script's `--timings` JSON.
-    timings: Value,
     error: Option<String>,
     /// Work directories that appeared in the scripts' cache during the build
     /// and were still there afterwards.
@@ -855,11 +660,9 @@ fn cache_workdirs(cache: Option<&Path>) -> Vec<String> {
     v
 }
 
-fn build_artifacts(env: &Env) -> Result<ArtifactBuild> {
-    let out = env.root.join("artifacts-build");
-    let log = env.root.join("build-artifacts.log");
-    let timings = env.root.join("build-timings.json");
-    let script = &env.found.build_script;
+fn build_artifacts(root: &Path, script: &Path) -> Result<ArtifactBuild> {
+    let out = root.join("artifacts-build");
+    let log = root.join("build-artifacts.log");
     let command = format!("{} --output {} --force", script.display(), out.display());
     let cache = script_cache();
     let before = cache_workdirs(cache.as_deref());
@@ -868,20 +671,12 @@ fn build_artifacts(env: &Env) -> Result<ArtifactBuild> {
     cmd.arg("--output")
         .arg(&out)
         .arg("--force")
-        .arg("--timings")
-        .arg(&timings)
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file)
-        .process_group(0);
-    signals::die_with_parent(&mut cmd, libc::SIGTERM);
-    progress(&format!("artifacts: {command}"));
+        .stdin(Stdio::null());
+    cmd.stdout(log_file.try_clone()?).stderr(log_file);
+    progress(format!("artifacts: {command}"));
     let t0 = Instant::now();
     let mut proc = BuildProc {
-        child: Some(
-            cmd.spawn()
-                .with_context(|| format!("cannot start {}", script.display()))?,
-        ),
+        child: Some(signals::spawn_group(&mut cmd, libc::SIGTERM)?),
     };
     let mut shown = 0usize;
     let status = loop {
@@ -897,7 +692,7 @@ fn build_artifacts(env: &Env) -> Result<ArtifactBuild> {
         };
         for l in &lines[shown.min(complete)..complete] {
             if l.starts_with("==> [") {
-                progress(&format!("  {l}"));
+                progress(format!("  {l}"));
             }
         }
         shown = shown.max(complete);
@@ -929,10 +724,6 @@ fn build_artifacts(env: &Env) -> Result<ArtifactBuild> {
             lines.push(l.replace(&out.display().to_string(), "<temp dir>"));
         }
     }
-    let timings_json = std::fs::read(&timings)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(Value::Null);
     let after = cache_workdirs(cache.as_deref());
     let cache_leftovers = after
         .into_iter()
@@ -955,7 +746,6 @@ fn build_artifacts(env: &Env) -> Result<ArtifactBuild> {
         command: command.replace(&out.display().to_string(), "<temp dir>"),
         wall,
         lines,
-        timings: timings_json,
         error,
         cache_leftovers,
     })
@@ -963,450 +753,156 @@ fn build_artifacts(env: &Env) -> Result<ArtifactBuild> {
 
 // ---------------------------------------------------------------- the run
 
-/// One interleaved pair.
-struct Pair {
-    daemon_first: bool,
-    d: DaemonBoot,
-    h: HandBoot,
-}
-
-struct Report {
-    /// The untimed reference boots.
-    ref_daemon: Duration,
-    ref_daemon_post: Duration,
-    ref_hand: Duration,
-    cmd: QemuCmd,
-    overlay: OverlayMethod,
-    copy_method: String,
-    pairs: Vec<Pair>,
-    /// Timed daemon VMs whose command line differed from the reference's.
-    cmd_mismatches: Vec<String>,
-    build: Option<ArtifactBuild>,
-    boots_wall: Duration,
-    load: (f64, f64),
-}
-
-fn run(env: &mut Env, args: &Args) -> Result<Report> {
-    let load_start = procfs::loadavg();
-    let timeout = Duration::from_secs(args.boot_timeout_s.max(1));
-    progress(&format!(
-        "temp dir {} ({}); starting the daemon {}",
-        env.root.display(),
-        env.h.fs(),
-        env.found.agentenv.display()
-    ));
-    let d = env
-        .h
-        .start_daemon(&env.found.agentenv, IO_TIMEOUT, HEALTH_TIMEOUT)?;
-    progress(&format!("daemon pid {} on http://{}", d.pid, d.addr));
-    let started = Instant::now();
-
+fn run(
+    h: &mut Harness,
+    agentenv: &Path,
+    guest: &QemuGuest,
+    runs: usize,
+    timeout: Duration,
+    rep: &mut Report,
+) -> Result<()> {
+    let root = h.root().to_path_buf();
+    h.start_daemon(agentenv, IO_TIMEOUT, Duration::from_secs(30))?;
     progress(
         "reference boot through the daemon (untimed: builds its overlay template, warms caches)",
     );
-    let r = daemon_boot(env, "bd-000", timeout)?;
-    progress(&format!(
+    let r = daemon_boot(h, "bd-000", timeout)?;
+    progress(format!(
         "  ready after {:.0} ms (POST → 201 {:.0} ms)",
-        r.ready.as_secs_f64() * 1e3,
-        r.post.as_secs_f64() * 1e3
+        ms(r.ready),
+        ms(r.post)
     ));
-    let cmd = r.cmd.clone();
-    let overlay = OverlayMethod::find(&env.root)?;
-    progress(&format!(
-        "replaying {} with {} arguments; overlay by hand: {}",
-        cmd.binary.display(),
-        cmd.args.len(),
-        overlay.describe()
-    ));
+    let cmd = r.cmd;
+    let overlay = OverlayMethod::find(&root)?;
     progress("reference boot by hand (untimed: checks the replayed command line)");
-    let h = hand_boot(env, &cmd, &overlay, "bh-000", timeout)?;
-    progress(&format!(
+    let hr = hand_boot(&root, &cmd, &overlay, "bh-000", timeout)?;
+    progress(format!(
         "  ready after {:.0} ms (overlay {:.1} ms, {})",
-        h.ready.as_secs_f64() * 1e3,
-        h.overlay.as_secs_f64() * 1e3,
-        h.copy_method
+        ms(hr.ready),
+        ms(hr.overlay),
+        hr.copy_method
     ));
-    let mut rep = Report {
-        ref_daemon: r.ready,
-        ref_daemon_post: r.post,
-        ref_hand: h.ready,
-        cmd,
-        overlay,
-        copy_method: h.copy_method,
-        pairs: Vec::new(),
-        cmd_mismatches: Vec::new(),
-        build: None,
-        boots_wall: Duration::ZERO,
-        load: (load_start, 0.0),
-    };
 
-    let n = args.runs as usize;
-    progress(&format!(
-        "{n} timed boots per side, interleaved, order alternating"
-    ));
-    for i in 0..n {
-        signals::check()?;
-        let daemon_first = i % 2 == 0;
-        let did = format!("bd-{:03}", i + 1);
-        let hid = format!("bh-{:03}", i + 1);
-        let (d, h) = if daemon_first {
-            let d = daemon_boot(env, &did, timeout)?;
-            signals::check()?;
-            (d, hand_boot(env, &rep.cmd, &rep.overlay, &hid, timeout)?)
-        } else {
-            let h = hand_boot(env, &rep.cmd, &rep.overlay, &hid, timeout)?;
-            signals::check()?;
-            (daemon_boot(env, &did, timeout)?, h)
-        };
-        if d.cmd != rep.cmd {
-            rep.cmd_mismatches.push(did.clone());
-        }
-        progress(&format!(
-            "  {}/{n} ({} first): daemon {:.0} ms, by hand {:.0} ms ({:.3}x)",
-            i + 1,
-            if daemon_first { "daemon" } else { "by hand" },
-            ms(d.ready),
-            ms(h.ready),
-            ms(d.ready) / ms(h.ready)
-        ));
-        rep.pairs.push(Pair { daemon_first, d, h });
-    }
-    rep.boots_wall = started.elapsed();
-    rep.load.1 = procfs::loadavg();
-
-    if !args.skip_artifacts {
-        signals::check()?;
-        let b = build_artifacts(env)?;
-        progress(&format!(
-            "  build-artifacts.sh {} after {:.1} s",
-            if b.error.is_none() { "done" } else { "FAILED" },
-            b.wall.as_secs_f64()
-        ));
-        rep.build = Some(b);
-    }
-    Ok(rep)
-}
-
-// ---------------------------------------------------------------- cleanup
-
-fn cleanup_summary(c: &Cleanup) -> String {
-    c.summary(&format!(
-        "{} VMs left to delete; daemon stopped by SIGTERM ({}); {} leftover processes; ",
-        c.deleted,
-        c.daemon_exit.as_deref().unwrap_or("not running"),
-        c.leftover.len(),
-    ))
-}
-
-fn cleanup_json(c: &Cleanup) -> Value {
-    let mut v = c.to_json();
-    v["vms_deleted_at_cleanup"] = json!(c.deleted);
-    v
-}
-
-// ---------------------------------------------------------------- output
-
-/// User + system CPU time of a process, from `/proc/PID/stat`.
-fn cpu_time(pid: u32) -> Option<Duration> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces): state is field 3,
-    // utime and stime are fields 14 and 15.
-    let rest = s.get(s.rfind(')')? + 2..)?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
-}
-
-/// The median (lower middle for an even count) of plain numbers.
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[(v.len() - 1) / 2]
-}
-
-impl Report {
-    fn series(&self, f: impl Fn(&Pair) -> Duration) -> Vec<Duration> {
-        self.pairs.iter().map(f).collect()
-    }
-
-    fn summaries(&self) -> (Summary, Summary) {
-        (
-            Summary::of(&self.series(|p| p.d.ready)).expect("at least one run"),
-            Summary::of(&self.series(|p| p.h.ready)).expect("at least one run"),
-        )
-    }
-
-    /// The median of the per-pair ratios (robust to load drifting over the run).
-    fn pair_ratio(&self) -> f64 {
-        median(
-            self.pairs
-                .iter()
-                .map(|p| ms(p.d.ready) / ms(p.h.ready))
-                .collect(),
-        )
-    }
-
-    fn to_json(&self, env: &Env, args: &Args, cleanup: &Cleanup) -> Value {
-        let (d, h) = self.summaries();
-        let ratio = d.p50 / h.p50;
-        let sj = |v: Vec<Duration>| Summary::of(&v).map(|s| s.to_json()).unwrap_or(Value::Null);
-        json!({
-            "benchmark": "boot_ready",
-            "params": {"runs": args.runs, "boot_timeout_s": args.boot_timeout_s,
-                       "memory_mib": MEMORY_MIB, "vcpus": 1, "overlay_gib": OVERLAY_GIB,
-                       "rootfs": ROOTFS_ID},
-            "host": HostInfo::read().to_json(),
-            "temp_dir_fs": env.h.fs(),
-            "daemon": env.found.agentenv,
-            "qemu": {"binary": self.cmd.binary, "version": env.found.qemu_version,
-                     "accel": self.cmd.value_of("-accel"), "args": self.cmd.args},
-            "artifacts": env.found.artifacts,
-            "overlay_by_hand": self.overlay.describe(),
-            "overlay_copy_method": self.copy_method,
-            "command_line_mismatches": self.cmd_mismatches,
-            "reference_untimed_ms": {"daemon": round3(ms(self.ref_daemon)),
-                                     "daemon_post": round3(ms(self.ref_daemon_post)),
-                                     "by_hand": round3(ms(self.ref_hand))},
-            "boot_to_ready": {
-                "daemon": d.to_json(),
-                "by_hand": h.to_json(),
-                "ratio_p50": round3(ratio),
-                "median_pair_ratio": round3(self.pair_ratio()),
-                "target": {"ratio_p50_max": TARGET_RATIO, "pass": ratio <= TARGET_RATIO},
-            },
-            "runs": self.pairs.iter().enumerate().map(|(i, p)| json!({
-                "run": i + 1,
-                "daemon_first": p.daemon_first,
-                "daemon_ready_ms": round3(ms(p.d.ready)),
-                "daemon_post_ms": round3(ms(p.d.post)),
-                "daemon_delete_ms": round3(ms(p.d.delete)),
-                "by_hand_ready_ms": round3(ms(p.h.ready)),
-                "by_hand_overlay_ms": round3(ms(p.h.overlay)),
-                "by_hand_kill_ms": round3(ms(p.h.kill)),
-                "daemon_cpu_ms": p.d.daemon_cpu.map(|d| round3(ms(d))),
-                "daemon_qemu_cpu_ms": p.d.qemu_cpu.map(|d| round3(ms(d))),
-                "by_hand_qemu_cpu_ms": p.h.qemu_cpu.map(|d| round3(ms(d))),
-            })).collect::<Vec<_>>(),
-            "breakdown": {
-                "daemon_post_to_201": sj(self.series(|p| p.d.post)),
-                "by_hand_overlay": sj(self.series(|p| p.h.overlay)),
-                "daemon_delete": sj(self.series(|p| p.d.delete)),
-                "by_hand_kill_reap_rm": sj(self.series(|p| p.h.kill)),
-            },
-            "boots_wall_s": round3(self.boots_wall.as_secs_f64()),
-            "loadavg_1min": {"start": self.load.0, "end": self.load.1},
-            "artifact_build": match &self.build {
-                None => json!({"skipped": true}),
-                Some(b) => json!({
-                    "command": b.command,
-                    "wall_s": round3(b.wall.as_secs_f64()),
-                    "timings": b.timings,
-                    "lines": b.lines,
-                    "error": b.error,
-                    "cache_leftovers": b.cache_leftovers,
-                }),
-            },
-            "cleanup": cleanup_json(cleanup),
-        })
-    }
-
-    fn to_text(&self, env: &Env, args: &Args, cleanup: &Cleanup) -> String {
-        let mut o = String::new();
-        let w = &mut o;
-        let host = HostInfo::read();
-        let (d, h) = self.summaries();
-        let ratio = d.p50 / h.p50;
-        let _ = writeln!(
-            w,
-            "\nagentenv boot to AGENTENV_READY: the daemon vs the same QEMU command line by hand, same run"
-        );
-        let _ = writeln!(w, "  host      {host}");
-        let _ = writeln!(
-            w,
-            "  qemu      {} ({}), -accel {}",
-            self.cmd.binary.display(),
-            env.found.qemu_version,
-            self.cmd.value_of("-accel").unwrap_or("?")
-        );
-        let _ = writeln!(
-            w,
-            "  guest     {}/kernels/vmlinuz + initrd.img, overlay ({OVERLAY_GIB} GiB) on {ROOTFS_ID}, \
-             1 vCPU, {MEMORY_MIB} MiB",
-            env.found.artifacts.display()
-        );
-        let _ = writeln!(
-            w,
-            "  daemon    {} (vmm = \"qemu\", [network] enable = false); temp dir on {}",
-            env.found.agentenv.display(),
-            env.h.fs()
-        );
-        let _ = writeln!(
-            w,
-            "  by hand   the reference VM's qemu.json ({} args) with a fresh overlay, QMP socket and \
-             VM id;\n            {}; spawn with stdout+stderr on one pipe, read it until the ready line",
-            self.cmd.args.len(),
-            if self.cmd_mismatches.is_empty() {
-                format!(
-                    "every timed daemon VM ran the identical command line ({} of {})",
-                    self.pairs.len(),
-                    self.pairs.len()
-                )
-            } else {
-                format!(
-                    "DIFFERENT command lines in daemon VMs {}",
-                    self.cmd_mismatches.join(", ")
-                )
-            }
-        );
-        let _ = writeln!(
-            w,
-            "  overlay   both sides make it inside the timed part; by hand: {} ({})",
-            self.overlay.describe(),
-            self.copy_method
-        );
-        let _ = writeln!(
-            w,
-            "  run       {} timed boots per side (+1 untimed reference each), interleaved, order \
-             alternating; {:.0} s of boots",
-            self.pairs.len(),
-            self.boots_wall.as_secs_f64()
-        );
-        let _ = writeln!(
-            w,
-            "{}",
-            host.load_line(
-                self.load,
-                " (the machine was busy: TCG boots slow down and vary with it)"
-            )
-        );
-
-        let _ = writeln!(
-            w,
-            "\n{:<48} {:>9} {:>9} {:>9} {:>3}",
-            "boot → AGENTENV_READY (ms)", "p50", "min", "max", "n"
-        );
-        let row = |w: &mut String, name: &str, s: &Summary| {
-            let _ = writeln!(
-                w,
-                "{:<48} {:>9.0} {:>9.0} {:>9.0} {:>3}",
-                name, s.p50, s.min, s.max, s.n
-            );
-        };
-        row(w, "daemon   POST /v1/vm → ready in console_log", &d);
-        row(w, "by hand  overlay + spawn QEMU → ready on stdout", &h);
-        let _ = writeln!(
-            w,
-            "{:<48} {:>8.3}x   target ≤ {TARGET_RATIO:.2}x   {}",
-            "daemon / by hand (p50)",
-            ratio,
-            pass(ratio <= TARGET_RATIO)
-        );
-        let _ = writeln!(
-            w,
-            "{:<48} {:>8.3}x   (info: robust to load drifting during the run)",
-            "  median of the per-run ratios",
-            self.pair_ratio()
-        );
-        let _ = writeln!(
-            w,
-            "{:<48} {:>9.0} {:>9.0}   (untimed reference boots: daemon, by hand)",
-            "  reference boots (ms)",
-            ms(self.ref_daemon),
-            ms(self.ref_hand)
-        );
-
-        let cpu = |d: Option<Duration>| d.map(|d| format!("{:.0}", ms(d))).unwrap_or("?".into());
-        let _ = writeln!(
-            w,
-            "\n{:<4} {:<8} {:>10} {:>10} {:>7} {:>9} {:>9} {:>9} {:>9} {:>8}",
-            "run",
+    let mut ready = Sides::<2>::default();
+    let mut per_run = Table::new(
+        "runs (ms)",
+        [
             "first",
             "daemon",
             "by hand",
             "ratio",
             "POST→201",
             "overlay",
-            "dmn CPU",
-            "QEMU CPU",
-            "QEMU CPU"
-        );
-        let _ = writeln!(
-            w,
-            "{:<4} {:<8} {:>10} {:>10} {:>7} {:>9} {:>9} {:>9} {:>9} {:>8}",
-            "", "", "", "", "", "daemon", "by hand", "daemon", "daemon", "by hand"
-        );
-        for (i, p) in self.pairs.iter().enumerate() {
-            let _ = writeln!(
-                w,
-                "{:<4} {:<8} {:>10.0} {:>10.0} {:>6.3}x {:>9.1} {:>9.1} {:>9} {:>9} {:>8}",
-                i + 1,
-                if p.daemon_first { "daemon" } else { "by hand" },
-                ms(p.d.ready),
-                ms(p.h.ready),
-                ms(p.d.ready) / ms(p.h.ready),
-                ms(p.d.post),
-                ms(p.h.overlay),
-                cpu(p.d.daemon_cpu),
-                cpu(p.d.qemu_cpu),
-                cpu(p.h.qemu_cpu)
-            );
+            "daemon CPU",
+            "its QEMU CPU",
+            "by-hand QEMU CPU",
+        ],
+    );
+    let (mut mismatches, mut deletes, mut kills) = (Vec::new(), Vec::new(), Vec::new());
+    rounds("boots, daemon and by hand interleaved", 0, runs, |i, _| {
+        let (did, hid) = (format!("bd-{:03}", i + 1), format!("bh-{:03}", i + 1));
+        let (mut db, mut hb) = (None, None);
+        let t = rotated(
+            i,
+            [
+                &mut || Ok(db.insert(daemon_boot(h, &did, timeout)?).ready),
+                &mut || {
+                    Ok(hb
+                        .insert(hand_boot(&root, &cmd, &overlay, &hid, timeout)?)
+                        .ready)
+                },
+            ],
+        )?;
+        let (d, b) = (db.expect("booted"), hb.expect("booted"));
+        if d.cmd != cmd {
+            mismatches.push(did);
         }
-        let p50 = |v: Vec<Duration>| Summary::of(&v).map(|s| s.p50).unwrap_or(f64::NAN);
-        let _ = writeln!(
-            w,
-            "  all in ms. POST→201: the daemon's create (overlay, records, QEMU spawn, QMP handshake);\n  \
-             overlay: making the by-hand overlay; dmn CPU: CPU time of the daemon process from POST to\n  \
-             ready; QEMU CPU: CPU time of the VM's QEMU when the ready line was seen (10 ms ticks)"
+        let cpu = |c: Option<Duration>| Cell::opt(c.map(ms), 0);
+        per_run.row(
+            &format!("{}", i + 1),
+            vec![
+                if i % 2 == 0 { "daemon" } else { "by hand" }.into(),
+                Cell::Num(ms(t[0]), 0),
+                Cell::Num(ms(t[1]), 0),
+                Cell::Ratio(ms(t[0]) / ms(t[1])),
+                Cell::Num(ms(d.post), 1),
+                Cell::Num(ms(b.overlay), 1),
+                cpu(d.daemon_cpu),
+                cpu(d.qemu_cpu),
+                cpu(b.qemu_cpu),
+            ],
+            None,
         );
-        let _ = writeln!(
-            w,
-            "  teardown (untimed, p50): DELETE /v1/vm/{{id}} {:.1} ms; by hand kill + reap + rm {:.1} ms",
-            p50(self.series(|p| p.d.delete)),
-            p50(self.series(|p| p.h.kill))
+        deletes.push(ms(d.delete));
+        kills.push(ms(b.kill));
+        ready.push(t);
+        Ok(())
+    })?;
+    let mut t = Table::latency("boot → AGENTENV_READY (ms)", &["daemon", "by hand"]);
+    t.latency_row("boot → ready", &ready, Some(Limit::Ratio(TARGET_RATIO)))
+        .note("daemon: POST /v1/vm → ready in console_log; by hand: overlay + spawn QEMU → ready on stdout")
+        .note(format!(
+            "untimed reference boots: daemon {:.0} ms, by hand {:.0} ms{}",
+            ms(r.ready),
+            ms(hr.ready),
+            if runs < 5 { "; fewer than 5 runs: a rough figure" } else { "" }
+        ));
+    per_run
+        .note("POST→201: the daemon's create (overlay, records, QEMU spawn, QMP handshake); overlay: making the")
+        .note("by-hand overlay; daemon CPU: the daemon process's CPU time from POST to ready; QEMU CPU: the VM's")
+        .note("QEMU's CPU time when the ready line was seen (10 ms ticks)")
+        .note(format!(
+            "teardown (untimed, p50): DELETE /v1/vm/{{id}} {:.1} ms; by hand kill + reap + rm {:.1} ms",
+            median(&deletes).unwrap_or(f64::NAN),
+            median(&kills).unwrap_or(f64::NAN)
+        ));
+    rep.about("qemu", format!("{} ({}), -accel {}", cmd.binary.display(), guest.version, cmd.value_of("-accel").unwrap_or("?")))
+        .about(
+            "by hand",
+            format!(
+                "the reference VM's qemu.json ({} args) with a fresh overlay, QMP socket and VM id;\n{}; \
+                 spawn with stdout+stderr on one pipe, read it until the ready line",
+                cmd.args.len(),
+                if mismatches.is_empty() {
+                    format!("every timed daemon VM ran the identical command line ({runs} of {runs})")
+                } else {
+                    format!("DIFFERENT command lines in daemon VMs {}", mismatches.join(", "))
+                }
+            ),
+        )
+        .about(
+            "overlay",
+            format!("both sides make it inside the timed part; by hand: {} ({})", overlay.describe(), hr.copy_method),
         );
+    rep.table(t).table(per_run);
+    Ok(())
+}
 
-        let _ = writeln!(w);
-        match &self.build {
-            None => {
-                let _ = writeln!(w, "artifact build: skipped (--skip-artifacts)");
-            }
-            Some(b) => {
-                let _ = writeln!(
-                    w,
-                    "artifact build: {} ({:.1} s wall)",
-                    b.command,
-                    b.wall.as_secs_f64()
-                );
-                for l in &b.lines {
-                    let _ = writeln!(w, "  {l}");
-                }
-                if let Some(e) = &b.error {
-                    let _ = writeln!(w, "  FAILED: {e}");
-                }
-                for l in &b.cache_leftovers {
-                    let _ = writeln!(
-                        w,
-                        "  note: {l} appeared in the scripts' cache during the build and is still \
-                         there (another build running at the same time, or an interrupted step)"
-                    );
-                }
-            }
-        }
-        let _ = writeln!(w, "\ncleanup: {}", cleanup_summary(cleanup));
-        let _ = writeln!(
-            w,
-            "target: daemon p50 ≤ {TARGET_RATIO:.2}x by hand: {} (informational: the exit status \
-             does not depend on it){}",
-            pass(ratio <= TARGET_RATIO),
-            if args.runs < 5 {
-                "; fewer than 5 runs: a rough figure"
-            } else {
-                ""
-            }
-        );
-        o
+/// Times `scripts/build-artifacts.sh` and adds its figures to the report.
+fn artifacts_table(root: &Path, script: &Path, rep: &mut Report) -> Result<()> {
+    let b = build_artifacts(root, script)?;
+    progress(format!(
+        "  build-artifacts.sh {} after {:.1} s",
+        if b.error.is_none() { "done" } else { "FAILED" },
+        b.wall.as_secs_f64()
+    ));
+    let mut t = Table::new(&format!("artifact build: {}", b.command), ["s"]);
+    t.row("wall", vec![Cell::Num(b.wall.as_secs_f64(), 1)], None);
+    for l in &b.lines {
+        t.note(l.clone());
     }
+    for l in &b.cache_leftovers {
+        t.note(format!(
+            "note: {l} appeared in the scripts' cache during the build and is still there \
+             (another build running at the same time, or an interrupted step)"
+        ));
+    }
+    if let Some(e) = &b.error {
+        t.note(format!("FAILED: {e}"));
+        rep.fail("scripts/build-artifacts.sh failed (see above)");
+    }
+    rep.table(t);
+    Ok(())
 }
 
 #[cfg(test)]

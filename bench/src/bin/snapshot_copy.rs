@@ -1,33 +1,8 @@
 //! `snapshot_copy`: what a disk snapshot, a persist, a restore and a fresh
-//! overlay cost, against `cp` and `mkfs.ext4` in the same run.
-//!
-//! For each data size (default 64 MiB, 256 MiB, 1 GiB) it builds a sparse
-//! ext4 overlay of `--disk-gib` (default 16 GiB) holding that much random
-//! data (`mkfs.ext4 -d` from a directory of random files), on the file system
-//! of `--dir` (default: the system temp directory), and measures,
-//! interleaved, median of `--reps`:
-//!
-//! - snapshot into a tmpfs tier it mounts (`TieredStore::create`: sparse
-//!   copy + checksum + `meta.json`) vs `cp --sparse=always` into the same
-//!   tmpfs, and vs a full copy (`cp --sparse=never`, to the source's file
-//!   system: 16 GiB do not fit in RAM);
-//! - snapshot into the durable tier (the source's file system, fsynced) vs
-//!   `cp --sparse=always` + `sync FILE` there;
-//! - persist (tmpfs → durable, fsync, read back and verify) vs `cp
-//!   --sparse=always` + `sync FILE` of the same tmpfs file;
-//! - restore (tmpfs → a session file, verified while copying) vs `cp
-//!   --sparse=always`;
-//! - the checksum design: hashing the data extents vs SHA-256 over the whole
-//!   logical content, and hashing while copying vs copy then hash.
-//!
-//! Then fresh overlays: `LocalHost` with ext4 templates vs plain `mkfs.ext4`
-//! on a sparse file, at `--disk-gib` and 4× that.
-//!
-//! The source is warm in the page cache (as a just-paused VM's disk mostly
-//! is); `sync` runs before each timed step so earlier writeback does not
-//! leak into it. Without root the "tmpfs" tier is a plain directory on the
-//! source's file system, and the table says so. Everything made is removed
-//! at the end, on error and on Ctrl-C (tmpfs unmounted).
+//! overlay cost, against `cp` and `mkfs.ext4` in the same run, for sparse
+//! ext4 overlays holding several amounts of random data; and the checksum
+//! design's variants. Everything made is removed at the end, on error and on
+//! Ctrl-C (its tmpfs unmounted). See `bench/README.md`.
 
 use std::fs::File;
 use std::io::Write as _;
@@ -37,6 +12,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use agentenv_api::BackendKind;
+use agentenv_bench::args::Common;
+use agentenv_bench::daemon::{run, MKFS_FLAGS};
+use agentenv_bench::procfs::fs_type;
+use agentenv_bench::report::{or_exit, Cell, Cleaned, Report, Table, Target};
+use agentenv_bench::runner::{self, progress};
 use agentenv_bench::signals;
 use agentenv_bench::stats::Summary;
 use agentenv_core::host::DiskImages;
@@ -46,6 +26,7 @@ use agentenv_host::snapshots::TieredStore;
 use agentenv_host::LocalHost;
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
+use serde_json::json;
 use sha2::Digest;
 
 const MIB: u64 = 1 << 20;
@@ -54,13 +35,6 @@ const GIB: u64 = 1 << 30;
 const TARGET_SNAPSHOT_RATIO: f64 = 0.5;
 /// Target: a fresh overlay from a template takes at most this share of `mkfs.ext4`.
 const TARGET_OVERLAY_RATIO: f64 = 0.2;
-/// What `LocalHost::create_ext4_disk` passes `mkfs.ext4` without templates.
-const MKFS_FLAGS: &[&str] = &[
-    "-q",
-    "-F",
-    "-E",
-    "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-];
 /// Size of each random file the overlay is built from.
 const FILE_BYTES: u64 = 16 * MIB;
 
@@ -68,36 +42,50 @@ const FILE_BYTES: u64 = 16 * MIB;
 #[derive(Debug, Parser)]
 #[command(name = "snapshot_copy", version, about, long_about = None)]
 struct Args {
-    /// Logical size of the overlay, in GiB.
-    #[arg(long, default_value_t = 16)]
-    disk_gib: u64,
-    /// Data held by the overlay, in MiB, one run each.
-    #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
+    /// Logical size of the overlay, in GiB [default: 16; --quick: 4].
+    #[arg(long)]
+    disk_gib: Option<u64>,
+    /// Data held by the overlay, in MiB, one run each [default: 64,256,1024;
+    /// --quick: 64].
+    #[arg(long, value_delimiter = ',')]
     data_mib: Vec<u64>,
-    /// Timed repetitions of each snapshot/persist/restore step (median shown).
-    #[arg(long, default_value_t = 3)]
-    reps: usize,
-    /// Timed repetitions of each overlay creation.
-    #[arg(long, default_value_t = 20)]
-    overlay_reps: usize,
-    /// Full copies (`cp --sparse=never`, ~16 GiB written each): every data
-    /// size, only the first, or none.
-    #[arg(long, default_value = "all", value_parser = ["all", "once", "none"])]
-    full_copy: String,
-    /// Skip SHA-256 over the whole logical content (reads the holes as zeroes).
+    /// Timed repetitions of each snapshot/persist/restore step (median shown)
+    /// [default: 3; --quick: 1].
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Timed repetitions of each overlay creation [default: 20; --quick: 5].
+    #[arg(long)]
+    overlay_reps: Option<usize>,
+    /// Full copies (`cp --sparse=never`, the whole disk written each): every
+    /// data size, only the first, or none [default: all; --quick: none].
+    #[arg(long, value_parser = ["all", "once", "none"])]
+    full_copy: Option<String>,
+    /// Skip SHA-256 over the whole logical content (reads the holes as
+    /// zeroes) [--quick: skipped].
     #[arg(long)]
     skip_plain_hash: bool,
     /// Only the fresh-overlay comparison (templates vs mkfs.ext4).
     #[arg(long)]
     overlays_only: bool,
-    /// Where the overlays and the durable tier live [default: the temp dir].
-    #[arg(long)]
-    dir: Option<PathBuf>,
+    #[command(flatten)]
+    common: Common,
 }
 
-/// Everything the run made; removed (tmpfs unmounted) when dropped.
+/// The resolved run parameters.
+struct Params {
+    disk_bytes: u64,
+    data_mib: Vec<u64>,
+    reps: usize,
+    overlay_reps: usize,
+    full_copy: String,
+    plain_hash: bool,
+}
+
+/// Everything the run made; removed (tmpfs unmounted) by [`Workspace::remove`]
+/// or when dropped.
 struct Workspace {
-    root: tempfile::TempDir,
+    root: Option<tempfile::TempDir>,
+    dir: PathBuf,
     tmpfs: PathBuf,
     mounted: bool,
 }
@@ -108,7 +96,8 @@ impl Workspace {
             .prefix("snapshot-copy-")
             .tempdir_in(parent)
             .with_context(|| format!("cannot make a directory in {}", parent.display()))?;
-        let tmpfs = root.path().join("tmpfs");
+        let dir = root.path().to_path_buf();
+        let tmpfs = dir.join("tmpfs");
         std::fs::create_dir(&tmpfs)?;
         let mounted = Command::new("mount")
             .args(["-t", "tmpfs", "-o"])
@@ -119,49 +108,65 @@ impl Workspace {
             .status()
             .is_ok_and(|s| s.success());
         for d in ["durable", "sessions", "snap", "templates"] {
-            std::fs::create_dir(root.path().join(d))?;
+            std::fs::create_dir(dir.join(d))?;
         }
         Ok(Workspace {
-            root,
+            root: Some(root),
+            dir,
             tmpfs,
             mounted,
         })
     }
 
     fn path(&self, p: &str) -> PathBuf {
-        self.root.path().join(p)
+        self.dir.join(p)
+    }
+
+    /// Unmounts the tmpfs, then removes the directory (or keeps it).
+    fn remove(&mut self, keep: bool) -> Cleaned {
+        let mut errors = Vec::new();
+        if std::mem::take(&mut self.mounted) {
+            let ok = Command::new("umount")
+                .arg(&self.tmpfs)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok
+                && !Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.tmpfs)
+                    .status()
+                    .is_ok_and(|s| s.success())
+            {
+                errors.push(format!("cannot unmount {}", self.tmpfs.display()));
+            }
+        }
+        let summary = match self.root.take() {
+            Some(r) if keep => format!("directory kept at {}", r.keep().display()),
+            Some(r) => match r.close() {
+                Ok(()) => "directory removed".into(),
+                Err(e) => {
+                    errors.push(format!("removing {}: {e}", self.dir.display()));
+                    "directory NOT removed".into()
+                }
+            },
+            None => "directory removed".into(),
+        };
+        Cleaned {
+            clean: errors.is_empty(),
+            summary: [summary]
+                .into_iter()
+                .chain(errors.clone())
+                .collect::<Vec<_>>()
+                .join("; "),
+            details: json!({"errors": errors}),
+        }
     }
 }
 
 impl Drop for Workspace {
     fn drop(&mut self) {
-        if self.mounted {
-            let ok = Command::new("umount")
-                .arg(&self.tmpfs)
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                let _ = Command::new("umount").arg("-l").arg(&self.tmpfs).status();
-            }
-        }
+        self.remove(false);
     }
-}
-
-fn sh(cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
-}
-
-fn sync_all() {
-    // SAFETY: sync() takes no arguments and cannot fail.
-    unsafe { libc::sync() };
 }
 
 /// Times `f` after a `sync`.
@@ -179,6 +184,11 @@ fn remove(p: &Path) {
 
 fn median_ms(samples: &[Duration]) -> f64 {
     Summary::of(samples).map(|s| s.p50).unwrap_or(f64::NAN)
+}
+
+fn sync_all() {
+    // SAFETY: sync() takes no arguments and cannot fail.
+    unsafe { libc::sync() };
 }
 
 /// Fills `buf` with xorshift noise (incompressible, never an all-zero block).
@@ -216,7 +226,7 @@ fn build_overlay(ws: &Workspace, disk_bytes: u64, data_bytes: u64) -> Result<Pat
     }
     let img = ws.path(&format!("overlay-{}.ext4", data_bytes / MIB));
     File::create(&img)?.set_len(disk_bytes)?;
-    sh(Command::new("mkfs.ext4")
+    run(Command::new("mkfs.ext4")
         .args(MKFS_FLAGS)
         .arg("-d")
         .arg(&stage)
@@ -226,12 +236,12 @@ fn build_overlay(ws: &Workspace, disk_bytes: u64, data_bytes: u64) -> Result<Pat
 }
 
 fn cp(args: &[&str], src: &Path, dst: &Path) -> Result<()> {
-    sh(Command::new("cp").args(args).arg(src).arg(dst))
+    run(Command::new("cp").args(args).arg(src).arg(dst))
 }
 
 fn cp_sync(src: &Path, dst: &Path) -> Result<()> {
     cp(&["--sparse=always"], src, dst)?;
-    sh(Command::new("sync").arg(dst))
+    run(Command::new("sync").arg(dst))
 }
 
 /// SHA-256 over every byte of the file, holes read as zeroes.
@@ -251,39 +261,6 @@ fn plain_sha256(path: &Path) -> Result<String> {
         off += n as u64;
     }
     Ok(format!("{:x}", h.finalize()))
-}
-
-/// One table row.
-struct Row {
-    case: String,
-    data: String,
-    ours: f64,
-    ours_note: String,
-    base_name: String,
-    base: f64,
-    target: Option<f64>,
-}
-
-impl Row {
-    fn print(&self) {
-        let ratio = self.ours / self.base;
-        let target = match self.target {
-            Some(t) if ratio <= t => format!("≤{t}× PASS"),
-            Some(t) => format!("≤{t}× MISS"),
-            None => String::new(),
-        };
-        println!(
-            "| {} | {} | {:.1} ms {} | {} {:.1} ms | {:.2}× | {} |",
-            self.case,
-            self.data,
-            self.ours,
-            self.ours_note,
-            self.base_name,
-            self.base,
-            ratio,
-            target
-        );
-    }
 }
 
 fn mib(b: u64) -> String {
@@ -306,105 +283,109 @@ fn new_snapshot(id: &str, source: &Path) -> NewSnapshot {
 }
 
 fn main() {
-    let args = Args::parse();
-    signals::install();
-    if let Err(e) = run(&args) {
-        eprintln!("snapshot_copy: {e:#}");
-        std::process::exit(1);
+    let args: Args = runner::start();
+    let c = &args.common;
+    let mut data_mib = args.data_mib.clone();
+    if data_mib.is_empty() {
+        data_mib = c.pick(vec![64, 256, 1024], vec![64]);
     }
-}
-
-fn run(args: &Args) -> Result<()> {
-    ensure!(
-        args.reps > 0 && args.overlay_reps > 0,
-        "--reps and --overlay-reps must be > 0"
-    );
-    let parent = args.dir.clone().unwrap_or_else(std::env::temp_dir);
-    let disk_bytes = args.disk_gib * GIB;
-    let max_data = args.data_mib.iter().copied().max().unwrap_or(64) * MIB;
+    let p = Params {
+        disk_bytes: args.disk_gib.unwrap_or(c.pick(16, 4)).max(1) * GIB,
+        data_mib,
+        reps: args.reps.unwrap_or(c.pick(3, 1)).max(1),
+        overlay_reps: args.overlay_reps.unwrap_or(c.pick(20, 5)).max(1),
+        full_copy: args
+            .full_copy
+            .clone()
+            .unwrap_or(c.pick("all", "none").into()),
+        plain_hash: !(args.skip_plain_hash || c.quick),
+    };
+    let parent = c.tmp_parent();
+    let max_data = p.data_mib.iter().copied().max().unwrap_or(64) * MIB;
     // Room for one snapshot and one cp copy at a time, plus slack.
-    let ws = Workspace::new(&parent, 2 * max_data + 512 * MIB)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    println!(
-        "# snapshot_copy: {} sparse ext4 overlay on {} ({}); tmpfs tier: {}",
-        mib(disk_bytes),
-        parent.display(),
-        fs_type(&parent),
+    let mut ws = or_exit(
+        Workspace::new(&parent, 2 * max_data + 512 * MIB),
+        1,
+        "setting up: ",
+    );
+    let mut rep = Report::new(
+        "snapshot_copy: snapshots, persists, restores and fresh overlays against cp and mkfs.ext4",
+        json!({"disk_bytes": p.disk_bytes, "data_mib": p.data_mib, "reps": p.reps,
+               "overlay_reps": p.overlay_reps, "full_copy": p.full_copy, "plain_hash": p.plain_hash,
+               "overlays_only": args.overlays_only}),
+    );
+    rep.about(
+        "overlay",
+        format!(
+            "{} sparse ext4 on {} ({})",
+            mib(p.disk_bytes),
+            parent.display(),
+            fs_type(&parent)
+        ),
+    )
+    .about(
+        "tmpfs",
         if ws.mounted {
             "a tmpfs mounted for the run"
         } else {
             "NOT a tmpfs (mount failed, not root?): a directory on the source's file system"
-        }
+        },
+    )
+    .about(
+        "run",
+        format!(
+            "medians of {} runs; source warm in the page cache; sync before each timed step",
+            p.reps
+        ),
     );
-    println!(
-        "# medians of {} runs; source warm in the page cache; sync before each timed step; \
-         load average at start: {}",
-        args.reps,
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
+    let result = run_all(&p, args.overlays_only, &ws, &mut rep);
+    let cleaned = ws.remove(c.keep);
+    rep.settle(result, "workspace", cleaned);
+    rep.finish(c.json)
+}
+
+fn run_all(p: &Params, overlays_only: bool, ws: &Workspace, rep: &mut Report) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut main = Table::new(
+        "snapshot, persist, restore (ms, medians)",
+        ["agentenv", "what", "baseline", "baseline ms", "ratio"],
     );
-    println!();
-    println!("| case | data | agentenv | baseline | ratio | target |");
-    println!("|---|---|---|---|---|---|");
-    let mut design = Vec::new();
-    let sizes: &[u64] = if args.overlays_only {
-        &[]
-    } else {
-        &args.data_mib
-    };
+    let mut design = Table::new("checksum design (same overlays)", ["ms", "note"]);
+    let sizes: &[u64] = if overlays_only { &[] } else { &p.data_mib };
     for (i, &data_mib) in sizes.iter().enumerate() {
         let data = data_mib * MIB;
-        let src = build_overlay(&ws, disk_bytes, data)?;
-        let full = match args.full_copy.as_str() {
+        progress(format!("{}: building the overlay", mib(data)));
+        let src = build_overlay(ws, p.disk_bytes, data)?;
+        let full = match p.full_copy.as_str() {
             "all" => true,
             "once" => i == 0,
             _ => false,
         };
-        let rows = measure_size(args, &ws, &rt, &src, data, full, i == 0, &mut design)?;
-        for r in rows {
-            r.print();
-        }
+        progress(format!("{}: measuring", mib(data)));
+        measure_size(p, ws, &rt, &src, data, full, i == 0, &mut main, &mut design)?;
         remove(&src);
     }
-    println!();
-    println!("Checksum design (same overlays):");
-    println!();
-    println!("| step | data | time | note |");
-    println!("|---|---|---|---|");
-    for line in &design {
-        println!("{line}");
+    if !overlays_only {
+        rep.table(main).table(design);
     }
-    println!();
-    overlays(args, &ws, &rt)?;
+    rep.table(overlays(p, ws, &rt)?);
     Ok(())
-}
-
-fn fs_type(p: &Path) -> String {
-    Command::new("stat")
-        .args(["-f", "-c", "%T"])
-        .arg(p)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
 }
 
 #[allow(clippy::too_many_arguments)]
 fn measure_size(
-    args: &Args,
+    p: &Params,
     ws: &Workspace,
     rt: &tokio::runtime::Runtime,
     src: &Path,
     data: u64,
     full: bool,
     first: bool,
-    design: &mut Vec<String>,
-) -> Result<Vec<Row>> {
+    main: &mut Table,
+    design: &mut Table,
+) -> Result<()> {
     let label = mib(data);
     let tmpfs_store = TieredStore::new(ws.path("snap"), &ws.tmpfs, ws.path("durable"), 0);
     // No tmpfs tier: every snapshot goes durable.
@@ -418,7 +399,7 @@ fn measure_size(
     let (mut snap, mut cp_t, mut snap_d, mut cp_d) = (vec![], vec![], vec![], vec![]);
     let (mut pers, mut cp_p, mut rest, mut cp_r) = (vec![], vec![], vec![], vec![]);
     let mut method = String::new();
-    for rep in 0..args.reps {
+    for rep in 0..p.reps {
         let id = format!("s{}-{rep}", data / MIB);
         // Snapshot into tmpfs vs cp --sparse=always into tmpfs.
         let (d, info) = timed(|| Ok(rt.block_on(tmpfs_store.create(new_snapshot(&id, src)))?))?;
@@ -469,54 +450,67 @@ fn measure_size(
             );
         }
     }
-    let mut rows = vec![
-        Row {
-            case: "snapshot → tmpfs tier".into(),
-            data: label.clone(),
-            ours: median_ms(&snap),
-            ours_note: "(copy+sha256+meta)".into(),
-            base_name: "cp --sparse=always".into(),
-            base: median_ms(&cp_t),
-            target: Some(TARGET_SNAPSHOT_RATIO),
-        },
-        Row {
-            case: "snapshot → durable tier".into(),
-            data: label.clone(),
-            ours: median_ms(&snap_d),
-            ours_note: "(copy+sha256+fsync)".into(),
-            base_name: "cp --sparse=always + sync".into(),
-            base: median_ms(&cp_d),
-            target: None,
-        },
-        Row {
-            case: "persist tmpfs → durable".into(),
-            data: label.clone(),
-            ours: median_ms(&pers),
-            ours_note: format!(
-                "({:.0} MB/s, copy+fsync+verify)",
-                data as f64 / 1e6 / (median_ms(&pers) / 1e3)
-            ),
-            base_name: "cp --sparse=always + sync".into(),
-            base: median_ms(&cp_p),
-            target: None,
-        },
-        Row {
-            case: "restore tmpfs → session".into(),
-            data: label.clone(),
-            ours: median_ms(&rest),
-            ours_note: "(verify while copying)".into(),
-            base_name: "cp --sparse=always".into(),
-            base: median_ms(&cp_r),
-            target: None,
-        },
-    ];
+    let mut row =
+        |case: &str, ours: &[Duration], note: String, base_name: &str, base: f64, target: bool| {
+            let ours = median_ms(ours);
+            let t = target.then(|| {
+                Target::at_most("snapshot_tmpfs", ours / base, TARGET_SNAPSHOT_RATIO, "x")
+            });
+            main.row(
+                &format!("{case}, {label}"),
+                vec![
+                    Cell::Num(ours, 1),
+                    note.into(),
+                    base_name.into(),
+                    Cell::Num(base, 1),
+                    Cell::Ratio(ours / base),
+                ],
+                t,
+            );
+        };
+    row(
+        "snapshot → tmpfs tier",
+        &snap,
+        format!("copy+sha256+meta {method}"),
+        "cp --sparse=always",
+        median_ms(&cp_t),
+        true,
+    );
+    row(
+        "snapshot → durable tier",
+        &snap_d,
+        "copy+sha256+fsync".into(),
+        "cp --sparse=always + sync",
+        median_ms(&cp_d),
+        false,
+    );
+    let rate = data as f64 / 1e6 / (median_ms(&pers) / 1e3);
+    row(
+        "persist tmpfs → durable",
+        &pers,
+        format!("{rate:.0} MB/s, copy+fsync+verify"),
+        "cp --sparse=always + sync",
+        median_ms(&cp_p),
+        false,
+    );
+    row(
+        "restore tmpfs → session",
+        &rest,
+        "verify while copying".into(),
+        "cp --sparse=always",
+        median_ms(&cp_r),
+        false,
+    );
     // The checksum design.
     let (d, _) = timed(|| Ok(disk::sparse_sha256(src)?))?;
-    design.push(format!(
-        "| sparse sha256 (data extents only) | {label} | {:.1} ms | {:.0} MB/s of data |",
-        d.as_secs_f64() * 1e3,
-        data as f64 / 1e6 / d.as_secs_f64()
-    ));
+    design.row(
+        &format!("sparse sha256 (data extents only), {label}"),
+        vec![
+            Cell::Num(d.as_secs_f64() * 1e3, 1),
+            format!("{:.0} MB/s of data", data as f64 / 1e6 / d.as_secs_f64()).into(),
+        ],
+        None,
+    );
     let o = |cfr: bool, checksum: bool, thread: bool| CopyOptions {
         reflink: false,
         copy_file_range: cfr,
@@ -561,63 +555,70 @@ fn measure_size(
         let dst = dir.join("variant");
         let mut samples = Vec::new();
         let mut how = "";
-        for _ in 0..args.reps {
+        for _ in 0..p.reps {
             let (d, (stats, _)) = timed(|| Ok(disk::copy_sparse_with(src, &dst, opts)?))?;
             how = stats.method.as_str();
             samples.push(d);
             remove(&dst);
         }
-        design.push(format!(
-            "| {name} | {label} | {:.1} ms | {how} |",
-            median_ms(&samples)
-        ));
+        design.row(
+            &format!("{name}, {label}"),
+            vec![Cell::Num(median_ms(&samples), 1), how.into()],
+            None,
+        );
     }
     // Last: both read the whole 16 GiB, which fills the page cache with the
     // source's holes (freed when the source is removed) and would slow
     // every step after them.
-    if first && !args.skip_plain_hash {
+    if first && p.plain_hash {
         let (d, _) = timed(|| plain_sha256(src))?;
-        design.push(format!(
-            "| plain sha256 of the whole logical disk | {label} | {:.1} ms | reads {} incl. holes |",
-            d.as_secs_f64() * 1e3,
-            mib(std::fs::metadata(src)?.len())
-        ));
+        let note = format!("reads {} incl. holes", mib(std::fs::metadata(src)?.len()));
+        design.row(
+            &format!("plain sha256 of the whole logical disk, {label}"),
+            vec![Cell::Num(d.as_secs_f64() * 1e3, 1), note.into()],
+            None,
+        );
     }
     if full {
         let dst = ws.path("durable/full.img");
         let (d, ()) = timed(|| cp(&["--sparse=never"], src, &dst))?;
         remove(&dst);
-        rows.push(Row {
-            case: "snapshot → tmpfs tier".into(),
-            data: label.clone(),
-            ours: median_ms(&snap),
-            ours_note: String::new(),
-            base_name: "full copy (cp --sparse=never, 1 run)".into(),
-            base: d.as_secs_f64() * 1e3,
-            target: None,
-        });
+        row(
+            "snapshot → tmpfs tier",
+            &snap,
+            String::new(),
+            "full copy (cp --sparse=never, 1 run)",
+            d.as_secs_f64() * 1e3,
+            false,
+        );
     }
-    rows[0].ours_note = format!("{} {method}", rows[0].ours_note);
-    Ok(rows)
+    Ok(())
 }
 
-fn overlays(args: &Args, ws: &Workspace, rt: &tokio::runtime::Runtime) -> Result<()> {
-    println!(
-        "Fresh overlays (`DiskImages::create_ext4_disk`), medians of {} runs:",
-        args.overlay_reps
+fn overlays(p: &Params, ws: &Workspace, rt: &tokio::runtime::Runtime) -> Result<Table> {
+    let mut table = Table::new(
+        &format!(
+            "fresh overlays (`DiskImages::create_ext4_disk`, ms, medians of {})",
+            p.overlay_reps
+        ),
+        [
+            "template clone",
+            "template built once",
+            "template KiB",
+            "mkfs.ext4 on a sparse file",
+            "ratio",
+        ],
     );
-    println!();
-    println!("| size | template clone | mkfs.ext4 on a sparse file | ratio | target |");
-    println!("|---|---|---|---|---|");
     let plain = LocalHost::default();
     let templated = LocalHost::with_templates(ws.path("templates"));
-    for size in [args.disk_gib * GIB, 4 * args.disk_gib * GIB] {
+    for size in [p.disk_bytes, 4 * p.disk_bytes] {
+        progress(format!("fresh overlays of {}", mib(size)));
         let t = Instant::now();
         let templates = templated.templates().context("templates")?;
         rt.block_on(templates.ensure(size))?;
         let build = t.elapsed();
         let (mut a, mut b) = (vec![], vec![]);
-        for i in 0..args.overlay_reps {
+        for i in 0..p.overlay_reps {
             let p = ws.path(&format!("sessions/t{i}.ext4"));
             let (d, ()) = timed(|| Ok(rt.block_on(templated.create_ext4_disk(&p, size))?))?;
             a.push(d);
@@ -629,13 +630,25 @@ fn overlays(args: &Args, ws: &Workspace, rt: &tokio::runtime::Runtime) -> Result
         }
         let (ma, mb) = (median_ms(&a), median_ms(&b));
         let ratio = ma / mb;
-        println!(
-            "| {} | {ma:.2} ms (template built once: {:.0} ms, {} KiB allocated) | {mb:.2} ms | {ratio:.2}× | ≤{TARGET_OVERLAY_RATIO}× {} |",
-            mib(size),
-            build.as_secs_f64() * 1e3,
-            disk::allocated_bytes(&templates.path_for(size))? / 1024,
-            if ratio <= TARGET_OVERLAY_RATIO { "PASS" } else { "MISS" }
+        table.row(
+            &mib(size),
+            vec![
+                Cell::Num(ma, 2),
+                Cell::Num(build.as_secs_f64() * 1e3, 0),
+                Cell::Num(
+                    (disk::allocated_bytes(&templates.path_for(size))? / 1024) as f64,
+                    0,
+                ),
+                Cell::Num(mb, 2),
+                Cell::Ratio(ratio),
+            ],
+            Some(Target::at_most(
+                &format!("overlay_{}", mib(size)),
+                ratio,
+                TARGET_OVERLAY_RATIO,
+                "x",
+            )),
         );
     }
-    Ok(())
+    Ok(table)
 }
