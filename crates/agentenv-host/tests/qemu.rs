@@ -13,7 +13,7 @@ use agentenv_core::agent::{AgentLink, ExecEvent};
 use agentenv_core::backend::AgentChannel;
 use agentenv_core::backend::{wait_exit, DriveSpec, LaunchSpec, Vmm, VmmError, VmmInstance};
 use agentenv_host::agent::AgentClient;
-use agentenv_host::qemu::{Accel, QemuInstance, QemuVmm, COMMAND_FILE};
+use agentenv_host::qemu::{Accel, GuestMemory, QemuInstance, QemuVmm, StartMode, COMMAND_FILE};
 use agentenv_proto as proto;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -549,4 +549,139 @@ async fn the_guest_agent_refuses_malformed_frames_and_keeps_serving() {
     );
     vm.kill().await.unwrap();
     assert!(!sock.exists(), "agent socket left behind");
+}
+
+/// Connects to the guest agent at `sock`, retrying while the guest comes up.
+async fn agent_at(sock: &Path, within: Duration, s: &LaunchSpec) -> AgentClient {
+    let ep = AgentChannel::Stream(sock.to_path_buf());
+    let t = Instant::now();
+    loop {
+        match AgentClient::connect(&ep, Duration::from_secs(2)).await {
+            Ok(c) => return c,
+            Err(e) => {
+                assert!(t.elapsed() < within, "{e}\n{}", tail(s));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Runs `sh -c script` in the guest: (exit code, stdout).
+async fn sh(client: &AgentClient, script: &str) -> (Option<i32>, String) {
+    let mut e = client
+        .exec(
+            &proto::ExecRequest {
+                cmd: vec!["sh".into(), "-c".into(), script.into()],
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    loop {
+        match e.next().await.unwrap() {
+            ExecEvent::Stdout(b) => out.extend(b),
+            ExecEvent::Stderr(_) => {}
+            ExecEvent::Exit(st) => return (st.exit_code, String::from_utf8_lossy(&out).into()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_guest_restored_from_its_memory_snapshot_runs_on_without_booting() {
+    let (qemu, a) = need_guest!();
+    if !rootfs_has_agent(&a) {
+        return;
+    }
+    let _one = GUESTS.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let mem = shm.path().join("guest.mem");
+    let mut s = guest_spec(dir.path(), "memsnap", &a);
+    s.agent_socket = Some(dir.path().join("agent.sock"));
+    let vmm = QemuVmm::new(qemu, Accel::Tcg);
+    let shared = StartMode {
+        memory: GuestMemory::File {
+            path: &mem,
+            shared: true,
+        },
+        incoming: false,
+    };
+    let vm = vmm.start_with(&s, shared).await.unwrap();
+    let guard = KillGuard(vm.pid());
+    let client = agent_at(
+        s.agent_socket.as_ref().unwrap(),
+        Duration::from_secs(90),
+        &s,
+    )
+    .await;
+
+    // A counter loop outside the exec's session, and a file never synced.
+    let (code, pid) = sh(
+        &client,
+        "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done' \
+         </dev/null >/dev/null 2>&1 & echo $!",
+    )
+    .await;
+    assert_eq!(code, Some(0));
+    let pid = pid.trim().to_string();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, _) = sh(&client, "echo unsynced > /tmp/unsynced").await;
+    assert_eq!(code, Some(0));
+    client.shutdown();
+
+    // The snapshot: stop, device state to a file, RAM file copied, then gone.
+    let state_path = dir.path().join("state");
+    let copy = shm.path().join("snap.mem");
+    let t = Instant::now();
+    vm.pause().await.unwrap();
+    let state = std::fs::File::create(&state_path).unwrap();
+    vm.save_state(&state).await.unwrap();
+    drop(state);
+    let saved = t.elapsed();
+    std::fs::copy(&mem, &copy).unwrap();
+    let window = t.elapsed();
+    assert_eq!(vm.query_status().await.unwrap(), "postmigrate");
+    assert!(
+        std::fs::metadata(&state_path).unwrap().len() < 1 << 20,
+        "the device state holds no RAM"
+    );
+    vm.kill().await.unwrap();
+    drop(guard);
+    eprintln!("stop + device state {saved:?}, + RAM copy {window:?}");
+
+    // The restore: new sockets, the same disk, RAM mapped privately from the copy.
+    let mut r = s.clone();
+    r.control_socket = dir.path().join("qmp2.sock");
+    r.agent_socket = Some(dir.path().join("agent2.sock"));
+    let state = std::fs::File::open(&state_path).unwrap();
+    let t = Instant::now();
+    let restored = vmm.restore(&r, &copy, &state).await.unwrap();
+    let _guard = KillGuard(restored.pid());
+    let running = t.elapsed();
+    assert_eq!(restored.query_status().await.unwrap(), "running");
+    let client = agent_at(
+        r.agent_socket.as_ref().unwrap(),
+        Duration::from_secs(10),
+        &r,
+    )
+    .await;
+    let (_, first) = sh(&client, "cat /tmp/counter").await;
+    eprintln!(
+        "restored: running after {running:?}, agent after {:?}",
+        t.elapsed()
+    );
+    let (code, alive) = sh(&client, &format!("kill -0 {pid} && cat /tmp/unsynced")).await;
+    assert_eq!((code, alive.as_str()), (Some(0), "unsynced\n"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, later) = sh(&client, "cat /tmp/counter").await;
+    let (first, later): (u64, u64) = (first.trim().parse().unwrap(), later.trim().parse().unwrap());
+    assert!(later > first, "the counter goes on: {first} then {later}");
+    // The snapshot's RAM file was never written through.
+    assert_eq!(std::fs::read(&copy).unwrap().len() as u64, 256 << 20);
+    client.shutdown();
+    restored.kill().await.unwrap();
+    assert!(!r.agent_socket.as_ref().unwrap().exists());
+    assert!(!r.control_socket.exists());
 }

@@ -3,6 +3,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::Path;
 
 use agentenv_core::backend::LaunchSpec;
 use serde_json::{json, Value};
@@ -29,10 +30,60 @@ pub const AGENT_CHARDEV_ID: &str = "agent";
 /// (`/sys/class/virtio-ports/vportNpM/name` in the guest).
 pub const AGENT_PORT_NAME: &str = agentenv_proto::SERIAL_PORT_NAME;
 
+/// The id of the memory backend that holds guest RAM when it lives in a file.
+pub const MEMORY_BACKEND_ID: &str = "mem";
+
+/// Where a guest's RAM lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestMemory<'a> {
+    /// Anonymous memory of the QEMU process (the default).
+    Anonymous,
+    /// A file (in a tmpfs) mapped as guest RAM. `shared`: the guest writes go
+    /// to the file (a VM whose memory a full snapshot copies); not shared: a
+    /// private copy-on-write mapping of it (a VM restored from that copy: its
+    /// pages stay shared with every other VM restored from it until written).
+    File {
+        /// The memory file (`memory_mib` long).
+        path: &'a Path,
+        /// Map it shared (`share=on`) or private (`share=off`).
+        shared: bool,
+    },
+}
+
+/// How a QEMU starts: booting the kernel, or waiting for a saved device state
+/// (`-incoming defer`, then QMP `migrate-incoming`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartMode<'a> {
+    /// Where guest RAM lives.
+    pub memory: GuestMemory<'a>,
+    /// Wait for an incoming device state instead of running.
+    pub incoming: bool,
+}
+
+impl StartMode<'_> {
+    /// A plain boot with anonymous memory.
+    pub const BOOT: StartMode<'static> = StartMode {
+        memory: GuestMemory::Anonymous,
+        incoming: false,
+    };
+}
+
 /// QEMU's argument list for `spec`. Under TCG, `tsc_khz` (the host's TSC rate,
 /// see [`super::tsc`]) is handed to the guest kernel as `tsc_early_khz=` unless
 /// the boot args set it already.
 pub fn qemu_args(spec: &LaunchSpec, accel: Accel, tsc_khz: Option<u64>) -> Vec<OsString> {
+    qemu_args_for(spec, accel, tsc_khz, StartMode::BOOT)
+}
+
+/// [`qemu_args`] for a given [`StartMode`]. A restore must use the same
+/// `spec` (devices in the same order) as the VM whose state it loads; only
+/// socket paths and the drives' files may differ.
+pub fn qemu_args_for(
+    spec: &LaunchSpec,
+    accel: Accel,
+    tsc_khz: Option<u64>,
+    mode: StartMode<'_>,
+) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |s: &[&OsStr]| a.extend(s.iter().map(|s| s.to_os_string()));
     let (accel_name, cpu) = match accel {
@@ -41,9 +92,27 @@ pub fn qemu_args(spec: &LaunchSpec, accel: Accel, tsc_khz: Option<u64>) -> Vec<O
     };
     let mem = format!("{}M", spec.memory_mib);
     let smp = spec.vcpus.to_string();
+    let machine = match mode.memory {
+        GuestMemory::Anonymous => OsString::from(MACHINE),
+        GuestMemory::File { .. } => {
+            OsString::from(format!("{MACHINE},memory-backend={MEMORY_BACKEND_ID}"))
+        }
+    };
+    push(&["-M".as_ref(), machine.as_ref()]);
+    if let GuestMemory::File { path, shared } = mode.memory {
+        let mut object = OsString::from(format!(
+            "memory-backend-file,id={MEMORY_BACKEND_ID},size={mem},share={},mem-path=",
+            if shared { "on" } else { "off" }
+        ));
+        object.push(opt_value(path.as_ref()));
+        push(&["-object".as_ref(), object.as_ref()]);
+    }
+    if mode.incoming {
+        // Stopped once the state is loaded (`-S`), so the driver decides when
+        // it runs.
+        push(&["-incoming".as_ref(), "defer".as_ref(), "-S".as_ref()]);
+    }
     push(&[
-        "-M".as_ref(),
-        MACHINE.as_ref(),
         "-accel".as_ref(),
         accel_name.as_ref(),
         "-cpu".as_ref(),
@@ -269,6 +338,41 @@ mod tests {
             "unix:/run/vm1.qmp,server=on,wait=off",
         ];
         assert_eq!(args, expected);
+    }
+
+    #[test]
+    fn file_memory_and_incoming_go_before_the_devices() {
+        let path = Path::new("/dev/shm/ae/vm,1.mem");
+        let shared = StartMode {
+            memory: GuestMemory::File { path, shared: true },
+            incoming: false,
+        };
+        let args = strings(&qemu_args_for(&spec(), Accel::Tcg, None, shared));
+        assert_eq!(
+            args[..4],
+            [
+                "-M",
+                "microvm,x-option-roms=off,isa-serial=on,rtc=off,memory-backend=mem",
+                "-object",
+                "memory-backend-file,id=mem,size=512M,share=on,mem-path=/dev/shm/ae/vm,,1.mem",
+            ]
+        );
+        assert!(!args.contains(&"-incoming".to_string()));
+        let restore = StartMode {
+            memory: GuestMemory::File {
+                path,
+                shared: false,
+            },
+            incoming: true,
+        };
+        let r = strings(&qemu_args_for(&spec(), Accel::Tcg, None, restore));
+        assert!(r[3].contains(",share=off,"), "{}", r[3]);
+        assert_eq!(r[4..7], ["-incoming", "defer", "-S"]);
+        // Everything after the memory options is the same as a boot's, so the
+        // device state of one loads into the other.
+        assert_eq!(r[7..], args[4..]);
+        let boot = strings(&qemu_args(&spec(), Accel::Tcg, None));
+        assert_eq!(boot[2..], args[4..]);
     }
 
     #[test]

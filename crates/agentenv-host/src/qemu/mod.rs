@@ -15,6 +15,7 @@ pub mod args;
 pub mod qmp;
 pub mod tsc;
 
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -25,16 +26,19 @@ use agentenv_core::backend::{
     VmmExit, VmmInstance,
 };
 use async_trait::async_trait;
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::sync::watch;
 
-pub use args::{command_document, qemu_args};
+pub use args::{command_document, qemu_args, qemu_args_for, GuestMemory, StartMode};
 pub use qmp::QmpClient;
 
 use crate::process::{last_lines, wait_for_socket, SpawnSpec, VmmProcess};
 
 /// Name of the recorded command line in the session directory.
 pub const COMMAND_FILE: &str = "qemu.json";
+
+/// The name a saved or loaded device state's file descriptor gets in QEMU.
+const STATE_FD_NAME: &str = "agentenv-state";
 
 /// How QEMU runs the guest's vCPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -101,7 +105,18 @@ impl QemuVmm {
 
     /// [`Vmm::launch`] with the concrete instance type.
     pub async fn start(&self, spec: &LaunchSpec) -> Result<QemuInstance, VmmError> {
-        let args = qemu_args(spec, self.accel, self.tsc_khz);
+        self.start_with(spec, StartMode::BOOT).await
+    }
+
+    /// Starts QEMU for `spec` in `mode`: a boot, with its RAM anonymous or in a
+    /// file, or (`mode.incoming`) a QEMU waiting for a saved state (see
+    /// [`QemuVmm::restore`]).
+    pub async fn start_with(
+        &self,
+        spec: &LaunchSpec,
+        mode: StartMode<'_>,
+    ) -> Result<QemuInstance, VmmError> {
+        let args = qemu_args_for(spec, self.accel, self.tsc_khz, mode);
         let doc = serde_json::to_vec_pretty(&command_document(&self.binary, &args))
             .expect("json serialises");
         let doc_path = spec.session_dir.join(COMMAND_FILE);
@@ -121,7 +136,12 @@ impl QemuVmm {
             console_log_max_bytes: spec.console_log_max_bytes,
         })?;
         let qmp = QmpClient::new(&spec.control_socket, spec.request_timeout);
-        match startup(&process, &qmp, spec, spawned).await {
+        let expect = if mode.incoming {
+            "inmigrate"
+        } else {
+            "running"
+        };
+        match startup(&process, &qmp, spec, spawned, expect).await {
             Ok(ids) => {
                 tracing::info!(
                     vm_id = %spec.vm_id,
@@ -145,6 +165,38 @@ impl QemuVmm {
                 if let Some(agent) = &spec.agent_socket {
                     let _ = remove_socket(agent, None);
                 }
+                Err(e)
+            }
+        }
+    }
+}
+
+impl QemuVmm {
+    /// Starts a VM from a full snapshot without booting it: a QEMU for the
+    /// same `spec` (devices in the same order; the drives may be copies of the
+    /// snapshot's, the sockets new) whose RAM is a private, copy-on-write
+    /// mapping of `memory` (the snapshot's memory file, never written through),
+    /// loads the device `state` saved by [`QemuInstance::save_state`] and runs.
+    /// On any failure the QEMU is killed and its sockets removed.
+    pub async fn restore(
+        &self,
+        spec: &LaunchSpec,
+        memory: &Path,
+        state: &std::fs::File,
+    ) -> Result<QemuInstance, VmmError> {
+        let mode = StartMode {
+            memory: GuestMemory::File {
+                path: memory,
+                shared: false,
+            },
+            incoming: true,
+        };
+        let inst = self.start_with(spec, mode).await?;
+        match inst.load_state(state).await {
+            Ok(()) => Ok(inst),
+            Err(e) => {
+                let e = explain_exit(e, &inst.process, &spec.console_log).await;
+                let _ = inst.kill().await;
                 Err(e)
             }
         }
@@ -191,7 +243,9 @@ impl Vmm for QemuVmm {
 fn adopted_state(status: &str) -> Result<AdoptedState, VmmError> {
     match status {
         "running" => Ok(AdoptedState::Running),
-        "paused" => Ok(AdoptedState::Paused),
+        // `postmigrate`: stopped after its state was saved (a full snapshot of
+        // a paused VM); `cont` runs it again like a paused one.
+        "paused" | "postmigrate" => Ok(AdoptedState::Paused),
         other => Err(VmmError::Refused {
             request: "query-status".into(),
             status: 0,
@@ -227,6 +281,7 @@ async fn startup(
     qmp: &QmpClient,
     spec: &LaunchSpec,
     spawned: Instant,
+    expect: &str,
 ) -> Result<SocketIds, VmmError> {
     wait_for_socket(
         &spec.control_socket,
@@ -243,11 +298,11 @@ async fn startup(
         .max(Duration::from_millis(100));
     qmp.connect(left).await?;
     let status = qmp.query_status().await?;
-    if status != "running" {
+    if status != expect {
         return Err(VmmError::Refused {
             request: "query-status".into(),
             status: 0,
-            message: format!("guest is {status}, expected running"),
+            message: format!("guest is {status}, expected {expect}"),
         });
     }
     // QEMU creates its chardev sockets before its monitor answers.
@@ -404,10 +459,114 @@ impl QemuInstance {
         }
     }
 
+    /// Saves the device state (vCPUs, devices, everything but RAM) of a
+    /// paused guest into `out`, by a migration to that file descriptor with
+    /// shared RAM skipped (`x-ignore-shared`): the guest's RAM is its shared
+    /// memory file, which the caller copies while the guest stays stopped.
+    /// Afterwards QEMU reports `postmigrate` (stopped); `resume` runs it again.
+    pub async fn save_state(&self, out: &std::fs::File) -> Result<(), VmmError> {
+        self.ignore_shared().await?;
+        self.checked(self.qmp.send_fd(STATE_FD_NAME, out.as_fd()).await)?;
+        let uri = format!("fd:{STATE_FD_NAME}");
+        self.execute("migrate", Some(json!({ "uri": uri }))).await?;
+        self.wait_migration("migrate").await
+    }
+
+    /// Loads a device state saved by [`save_state`](Self::save_state) into a
+    /// QEMU started with `-incoming defer`, then runs the guest.
+    async fn load_state(&self, state: &std::fs::File) -> Result<(), VmmError> {
+        self.ignore_shared().await?;
+        self.checked(self.qmp.send_fd(STATE_FD_NAME, state.as_fd()).await)?;
+        let uri = format!("fd:{STATE_FD_NAME}");
+        self.execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .await?;
+        // The load runs in QEMU's main loop; `inmigrate` until it is done.
+        // Started with `-S`, it then stops in `paused` instead of running.
+        let request = "migrate-incoming";
+        let deadline = Instant::now() + self.qmp.timeout();
+        loop {
+            let status = self.query_status().await?;
+            match status.as_str() {
+                "inmigrate" if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(1)).await
+                }
+                "paused" => break,
+                "inmigrate" => {
+                    return Err(VmmError::Timeout {
+                        request: request.into(),
+                        timeout_ms: self.qmp.timeout().as_millis() as u64,
+                    })
+                }
+                other => {
+                    let why = self.migration_error().await;
+                    return Err(VmmError::Refused {
+                        request: request.into(),
+                        status: 0,
+                        message: format!("the saved state did not load (guest is {other}){why}"),
+                    });
+                }
+            }
+        }
+        self.change_state("cont", "running").await
+    }
+
+    /// Both ends of a memory snapshot skip RAM that lives in a file.
+    async fn ignore_shared(&self) -> Result<(), VmmError> {
+        let caps = json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] });
+        self.execute("migrate-set-capabilities", Some(caps))
+            .await
+            .map(|_| ())
+    }
+
+    /// Polls `query-migrate` until the outgoing migration ends.
+    async fn wait_migration(&self, request: &str) -> Result<(), VmmError> {
+        let deadline = Instant::now() + self.qmp.timeout();
+        loop {
+            let v = self.execute("query-migrate", None).await?;
+            match v["status"].as_str().unwrap_or("none") {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    return Err(VmmError::Refused {
+                        request: request.into(),
+                        status: 0,
+                        message: format!(
+                            "saving the device state failed: {}",
+                            v["error-desc"].as_str().unwrap_or("no reason given")
+                        ),
+                    })
+                }
+                _ if Instant::now() >= deadline => {
+                    let _ = self.execute("migrate_cancel", None).await;
+                    return Err(VmmError::Timeout {
+                        request: request.into(),
+                        timeout_ms: self.qmp.timeout().as_millis() as u64,
+                    });
+                }
+                _ => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+    }
+
+    /// `query-migrate`'s error, as `: REASON`, or nothing.
+    async fn migration_error(&self) -> String {
+        match self.execute("query-migrate", None).await {
+            Ok(v) => v["error-desc"]
+                .as_str()
+                .map(|d| format!(": {d}"))
+                .unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
     /// Runs `command`, then checks that `query-status` reports `want`.
     async fn change_state(&self, command: &str, want: &str) -> Result<(), VmmError> {
         self.execute(command, None).await?;
         let status = self.query_status().await?;
+        // A guest stopped after its state was saved stays `postmigrate`.
+        let status = match status.as_str() {
+            "postmigrate" if want == "paused" => "paused".to_string(),
+            _ => status,
+        };
         if status != want {
             return Err(VmmError::Refused {
                 request: command.to_string(),

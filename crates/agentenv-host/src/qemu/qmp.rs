@@ -7,6 +7,7 @@
 //! next command connects again (QEMU serves one QMP client at a time on a socket,
 //! so the old one must be closed first).
 
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -121,6 +122,11 @@ impl QmpClient {
         }
     }
 
+    /// How long one command may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Connects and negotiates capabilities, waiting at most `timeout` for the
     /// greeting (QEMU sends it only once its main loop runs).
     pub async fn connect(&self, timeout: Duration) -> Result<(), VmmError> {
@@ -168,6 +174,33 @@ impl QmpClient {
         };
         // After a transport failure or a timeout the stream's state is unknown:
         // drop it so the next command starts clean.
+        if matches!(
+            result,
+            Err(VmmError::Transport { .. } | VmmError::Timeout { .. })
+        ) {
+            *guard = None;
+        }
+        result
+    }
+
+    /// Hands QEMU an open file under `fdname` (QMP `getfd`: the descriptor
+    /// travels with the command as `SCM_RIGHTS`), for a later `fd:NAME`
+    /// migration URI. A file descriptor, not a path or an `exec:` URI, because
+    /// QEMU's seccomp sandbox (`spawn=deny`) kills a QEMU that forks a shell.
+    pub async fn send_fd(&self, fdname: &str, fd: BorrowedFd<'_>) -> Result<(), VmmError> {
+        let request = "getfd";
+        let mut guard = self.conn.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.open(self.timeout).await?);
+        }
+        let conn = guard.as_mut().expect("connected above");
+        let args = json!({ "fdname": fdname });
+        let (id, line) = request_line(conn, request, Some(&args));
+        let sent = bounded(request, self.timeout, send_with_fd(conn, &line, fd)).await;
+        let result = match sent {
+            Ok(()) => self.read_reply(conn, request, &id).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
         if matches!(
             result,
             Err(VmmError::Transport { .. } | VmmError::Timeout { .. })
@@ -268,6 +301,45 @@ fn request_line(conn: &mut Conn, command: &str, arguments: Option<&Value>) -> (V
     let mut line = msg.to_string();
     line.push('\n');
     (id, line)
+}
+
+/// Writes one command line with `fd` attached (`SCM_RIGHTS`) to the first
+/// byte. The line is short, so it goes in one `sendmsg` once the socket is
+/// writable; a partial write sends the rest without the descriptor.
+async fn send_with_fd(conn: &mut Conn, line: &str, fd: BorrowedFd<'_>) -> Result<(), VmmError> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::io::IoSlice;
+    let request = "getfd";
+    let stream = conn.stream.get_mut();
+    let fds = [fd.as_raw_fd()];
+    let bytes = line.as_bytes();
+    let sent = loop {
+        stream
+            .writable()
+            .await
+            .map_err(|e| transport(request, format!("wait writable: {e}")))?;
+        let r = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let iov = [IoSlice::new(bytes)];
+            let cmsg = [ControlMessage::ScmRights(&fds)];
+            sendmsg::<()>(
+                stream.as_raw_fd(),
+                &iov,
+                &cmsg,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match r {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(transport(request, format!("sendmsg: {e}"))),
+        }
+    };
+    stream
+        .write_all(&bytes[sent..])
+        .await
+        .map_err(|e| transport(request, format!("write: {e}")))
 }
 
 async fn bounded<T>(
