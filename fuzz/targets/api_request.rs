@@ -21,9 +21,12 @@ pub fn api_request(data: &[u8]) {
     if let Some(req) = check::<CreateVmRequest>(data, |a, b| a == b) {
         id_joins("vm_id", &req.vm_id);
         match &req.disk {
-            DiskSpec::Overlay { rootfs_id, .. } => id_joins("disk.rootfs_id", rootfs_id),
-            DiskSpec::Snapshot { snapshot_id } => id_joins("disk.snapshot_id", snapshot_id),
-            DiskSpec::Direct { .. } => {}
+            Some(DiskSpec::Overlay { rootfs_id, .. }) => id_joins("disk.rootfs_id", rootfs_id),
+            Some(DiskSpec::Snapshot { snapshot_id }) => id_joins("disk.snapshot_id", snapshot_id),
+            Some(DiskSpec::Direct { .. }) | None => {}
+        }
+        if let Some(r) = &req.restore {
+            id_joins("restore.snapshot_id", &r.snapshot_id);
         }
         for name in req.kernel.iter().chain(req.initrd.iter()) {
             id_joins("kernel", name);

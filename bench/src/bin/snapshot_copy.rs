@@ -279,6 +279,8 @@ fn new_snapshot(id: &str, source: &Path) -> NewSnapshot {
         backend: BackendKind::Firecracker,
         source: source.to_path_buf(),
         fs_frozen: false,
+        rootfs_fingerprint: None,
+        full: None,
     }
 }
 

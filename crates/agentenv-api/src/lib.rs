@@ -123,8 +123,15 @@ pub struct CreateVmRequest {
     /// One slot is `memory_mib_per_slot` MiB and one vCPU; 1 to 32. Default from config.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slots: Option<u32>,
-    /// The VM's disk.
-    pub disk: DiskSpec,
+    /// The VM's disk. Required unless `restore` is given (then refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskSpec>,
+    /// Start from a full (memory) snapshot instead of booting: the VM runs on
+    /// from the instant of the snapshot, with its own id, disk copy and
+    /// network identity. `slots`, `kernel`, `initrd`, `boot_args` and
+    /// `shares` come from the snapshot (giving them is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreSpec>,
     /// TAP and MAC to use when automatic networking is disabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkSpec>,
@@ -148,6 +155,41 @@ pub struct CreateVmRequest {
     /// timeout the answer is 504 and the VM stays, running, for inspection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait_ready_timeout_s: Option<u64>,
+}
+
+/// `restore` in a create request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreSpec {
+    /// A full snapshot (`"kind": "full"`).
+    pub snapshot_id: String,
+}
+
+/// `POST /v1/vm/{vm_id}/fork` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkRequest {
+    /// How many clones: 1 to the configured `max_fork`.
+    pub count: u32,
+    /// Their ids, `count` of them; default `{vm_id}-fork-{n}` with the first
+    /// free numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_ids: Option<Vec<String>>,
+}
+
+/// `POST /v1/vm/{vm_id}/fork` response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ForkResponse {
+    /// The clones, running, in the order of `vm_ids`.
+    pub vms: Vec<VmInfo>,
+}
+
+/// `POST /v1/vm/{vm_id}/reset` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResetRequest {
+    /// A full snapshot of a compatible VM; the VM goes back to it in place.
+    pub snapshot_id: String,
 }
 
 /// A host directory shared with the guest as an extra disk.
@@ -318,6 +360,10 @@ pub struct VmInfo {
     /// The guest agent, once it has answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentInfo>,
+    /// The full snapshot the VM was restored (or last reset) from: its memory
+    /// maps that snapshot's memory file, which cannot be deleted meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<String>,
 }
 
 /// The guest agent of a VM.
@@ -484,6 +530,18 @@ pub enum SnapshotStatus {
     Corrupt,
 }
 
+/// What a snapshot holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotKind {
+    /// The writable disk only: new VMs boot from a copy of it.
+    #[default]
+    Disk,
+    /// The whole VM: memory, vCPU and device state and the writable disk from
+    /// one instant; VMs restored from it run on without booting.
+    Full,
+}
+
 /// `POST /v1/vm/{vm_id}/snapshot` body (may be empty).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -491,6 +549,41 @@ pub struct CreateSnapshotRequest {
     /// Id of the new snapshot; default `{vm_id}-{UTC timestamp}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_id: Option<String>,
+    /// A full snapshot (memory, vCPUs, devices and disk) instead of the disk only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub memory: bool,
+}
+
+/// What a restore from a full snapshot must match, as the snapshot records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FullSnapshotInfo {
+    /// The VMM and its version (`qemu 7.2.19`, `firecracker 1.13.1`).
+    pub vmm_version: String,
+    /// vCPUs of the source VM.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Kernel image path.
+    pub kernel: String,
+    /// Fingerprint of the kernel file (see docs/snapshots.md).
+    pub kernel_fingerprint: String,
+    /// Initramfs path, when one was used.
+    pub initrd: Option<String>,
+    /// Fingerprint of the initramfs file.
+    pub initrd_fingerprint: Option<String>,
+    /// The kernel command line the guest booted with.
+    pub boot_args: String,
+    /// The source VM had a network interface.
+    pub network: bool,
+    /// The source VM had a guest agent channel.
+    pub agent: bool,
+    /// Bytes of the memory file (logical; 0 when the memory is in the state file).
+    pub memory_bytes: u64,
+    /// Bytes of the VMM's state file.
+    pub state_bytes: u64,
+    /// Made by `fork`: removed with the last VM restored from it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ephemeral: bool,
 }
 
 /// `POST /v1/snapshots/{snapshot_id}/persist` body (may be empty).
@@ -535,6 +628,20 @@ pub struct SnapshotInfo {
     /// was only paused: consistent like a power cut).
     #[serde(default)]
     pub fs_frozen: bool,
+    /// `disk` or `full`.
+    #[serde(default)]
+    pub kind: SnapshotKind,
+    /// Fingerprint of the base image the disk sits on, when it has one: a VM
+    /// is made from the snapshot only while the base image still matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_fingerprint: Option<String>,
+    /// What a restore must match (full snapshots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full: Option<FullSnapshotInfo>,
+    /// VMs whose memory maps this snapshot's memory file (it cannot be
+    /// deleted while there are any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mapped_by: Vec<String>,
 }
 
 /// `GET /v1/snapshots` response.

@@ -270,7 +270,10 @@ impl ApiClient {
         vm_id: &str,
         snapshot_id: Option<String>,
     ) -> Result<SnapshotInfo, ClientError> {
-        let req = CreateSnapshotRequest { snapshot_id };
+        let req = CreateSnapshotRequest {
+            snapshot_id,
+            memory: false,
+        };
         self.call("POST", &vm_path(vm_id, "/snapshot"), Some(&req))
     }
 

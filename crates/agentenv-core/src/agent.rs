@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use agentenv_proto::{Done, ErrorMsg, ExecRequest, ExitStatus, FileInfo, HelloOk, PutFile};
+use agentenv_proto::{
+    Done, ErrorMsg, ExecRequest, ExitStatus, FileInfo, HelloOk, Identity, PutFile,
+};
 use async_trait::async_trait;
 
 use crate::backend::AgentChannel;
@@ -84,6 +86,10 @@ pub trait AgentLink: Send + Sync + 'static {
 
     /// Thaws what [`AgentLink::freeze`] froze.
     async fn thaw(&self) -> Result<Done, AgentError>;
+
+    /// Gives a VM restored from a memory snapshot its own identity: host
+    /// name, network settings, fresh entropy and the host's time.
+    async fn set_identity(&self, identity: &Identity) -> Result<Done, AgentError>;
 }
 
 /// What a running command produces.

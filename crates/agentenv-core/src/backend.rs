@@ -46,6 +46,49 @@ pub struct LaunchSpec {
     pub startup_timeout: Duration,
     /// How long one control-socket request may take before it fails.
     pub request_timeout: Duration,
+    /// A file (in a tmpfs) that holds the guest's RAM, mapped shared, so a
+    /// full snapshot can copy it while the guest is stopped (QEMU). `None`:
+    /// anonymous memory. Firecracker ignores it (it writes memory itself).
+    pub memory_file: Option<PathBuf>,
+}
+
+/// Where a VMM writes a full snapshot (inside the snapshot store's partial
+/// directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FullSnapshotFiles {
+    /// The vCPU and device state.
+    pub state: PathBuf,
+    /// Guest memory, when the VMM writes it itself ([`SavedMemory::Written`]).
+    pub memory: PathBuf,
+}
+
+/// Where a full snapshot's guest memory is after [`VmmInstance::save_full`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SavedMemory {
+    /// The VMM wrote it to [`FullSnapshotFiles::memory`] (Firecracker).
+    Written,
+    /// It is this shared memory file of the stopped guest (QEMU's
+    /// [`LaunchSpec::memory_file`]): the caller copies it before the guest
+    /// runs again.
+    InFile(PathBuf),
+    /// It went into the state file with the devices (QEMU, a guest whose RAM
+    /// is a private mapping, i.e. one itself restored from a snapshot).
+    InState,
+}
+
+/// How to start a VMM from a full snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestoreSpec {
+    /// The VM as launched: the same devices, in the same order, as the
+    /// snapshot's VM; the new VM's own sockets, disk copy, TAP and MAC.
+    /// Its `memory_file` is not used.
+    pub launch: LaunchSpec,
+    /// The snapshot's state file.
+    pub state: PathBuf,
+    /// The snapshot's memory file, mapped privately (copy-on-write, so VMs
+    /// restored from one snapshot share its pages until they write them);
+    /// `None` when the memory is in the state file ([`SavedMemory::InState`]).
+    pub memory: Option<PathBuf>,
 }
 
 /// One block device.
@@ -184,6 +227,15 @@ pub trait Vmm: Send + Sync + 'static {
     /// control socket removed.
     async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmmInstance>, VmmError>;
 
+    /// The VMM's name and version as a full snapshot records it (e.g.
+    /// `qemu 7.2.19`, `firecracker 1.13.1`); a restore needs the same.
+    async fn version(&self) -> Result<String, VmmError>;
+
+    /// Starts a VMM from a full snapshot, without booting: the guest runs on
+    /// from the instant of the snapshot. On error nothing is left behind, as
+    /// for [`Vmm::launch`].
+    async fn restore(&self, spec: &RestoreSpec) -> Result<Box<dyn VmmInstance>, VmmError>;
+
     /// Takes over a VMM that an earlier daemon started: checks that the process
     /// is the recorded one, connects to its control socket and reads back
     /// whether the guest runs or is paused. On error nothing is changed (the
@@ -246,6 +298,11 @@ pub trait VmmInstance: Send + Sync {
 
     /// Stops the guest's vCPUs.
     async fn pause(&self) -> Result<(), VmmError>;
+
+    /// Writes a full snapshot of the paused guest (vCPUs, devices and, per
+    /// [`SavedMemory`], its memory) into `files`. The guest stays paused;
+    /// [`VmmInstance::resume`] runs it again.
+    async fn save_full(&self, files: &FullSnapshotFiles) -> Result<SavedMemory, VmmError>;
 
     /// Restarts the guest's vCPUs.
     async fn resume(&self) -> Result<(), VmmError>;

@@ -93,6 +93,12 @@ impl Host {
 /// were built through [`crate::ids::checked_join`] or validated by the engine
 /// (see `engine::host_paths`).
 pub trait HostFiles: Send + Sync + 'static {
+    /// A fingerprint of a file's content that is cheap to take (`fp1:` and
+    /// the SHA-256 of its size, modification time and first and last
+    /// 64 KiB): what a snapshot records of the base image, kernel and
+    /// initramfs it depends on, so a VM is never made from it on other ones.
+    fn fingerprint(&self, path: &Path) -> Result<String, HostError>;
+
     /// `lstat` of a path.
     fn inspect(&self, path: &Path) -> std::io::Result<FileInfo>;
 

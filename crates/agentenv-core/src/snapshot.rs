@@ -1,10 +1,10 @@
-//! The snapshot seam: a store of disk snapshots in two tiers.
+//! The snapshot seam: a store of disk and full (memory) snapshots in two tiers.
 //!
 //! `agentenv_host::snapshots::TieredStore` implements it on real file systems.
 
 use std::path::{Path, PathBuf};
 
-use agentenv_api::{BackendKind, SnapshotInfo};
+use agentenv_api::{BackendKind, FullSnapshotInfo, SnapshotInfo, SnapshotTier};
 use async_trait::async_trait;
 
 /// What the engine hands the store to take a snapshot.
@@ -22,6 +22,43 @@ pub struct NewSnapshot {
     pub source: PathBuf,
     /// The guest's file systems are frozen by its agent during the copy.
     pub fs_frozen: bool,
+    /// Fingerprint of the source VM's base image (see [`crate::fingerprint`]).
+    pub rootfs_fingerprint: Option<String>,
+    /// A full snapshot: what a restore must match (`memory_bytes` and
+    /// `state_bytes` are filled in by [`SnapshotStore::seal`]). `None`: disk only.
+    pub full: Option<FullSnapshotInfo>,
+}
+
+/// A snapshot being made: a `.partial-*` directory in the tier chosen for it
+/// by [`SnapshotStore::begin`], invisible until [`SnapshotStore::seal`].
+#[derive(Debug)]
+pub struct PendingSnapshot {
+    /// What is being made.
+    pub new: NewSnapshot,
+    /// The tier it goes to.
+    pub tier: SnapshotTier,
+    /// The partial directory.
+    pub dir: PathBuf,
+    /// Where [`SnapshotStore::copy_disk`] puts the disk.
+    pub disk: PathBuf,
+    /// Where the VMM writes a full snapshot's state (and memory, when it
+    /// writes it itself); [`SnapshotStore::copy_memory`] writes `memory` too.
+    pub files: crate::backend::FullSnapshotFiles,
+    /// Set by the engine when the guest's memory went into the state file:
+    /// the snapshot then has no memory file.
+    pub memory_in_state: bool,
+}
+
+/// The files a VM restored from a full snapshot is started from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FullSnapshotFiles {
+    /// The snapshot.
+    pub info: SnapshotInfo,
+    /// Its state file (checked against its checksum).
+    pub state: PathBuf,
+    /// Its memory file, to map privately (its size and sampled fingerprint
+    /// checked); `None` when the memory is in the state file.
+    pub memory: Option<PathBuf>,
 }
 
 /// Why a snapshot operation failed. The daemon maps each to one status.
@@ -96,6 +133,42 @@ pub trait SnapshotStore: Send + Sync + 'static {
     /// falls back to the durable tier if tmpfs fills up during the copy. The
     /// snapshot becomes visible only once complete (data, metadata, checksum).
     async fn create(&self, new: NewSnapshot) -> Result<SnapshotInfo, SnapshotError>;
+
+    /// Starts a snapshot (disk or full): picks the tmpfs tier when it has room
+    /// for the disk's allocated bytes, the guest memory (full) and the
+    /// overhead, else the durable tier, and makes the partial directory.
+    async fn begin(&self, new: NewSnapshot) -> Result<PendingSnapshot, SnapshotError>;
+
+    /// Copies the source disk into a pending snapshot, sparse, without
+    /// hashing (the VM is paused meanwhile: only the copy is in its way).
+    async fn copy_disk(&self, pending: &PendingSnapshot) -> Result<(), SnapshotError>;
+
+    /// Copies a stopped guest's shared memory file into a pending full
+    /// snapshot (`pending.files.memory`), sparse, without hashing.
+    async fn copy_memory(
+        &self,
+        pending: &PendingSnapshot,
+        source: &Path,
+    ) -> Result<(), SnapshotError>;
+
+    /// Finishes a pending snapshot once its VM runs again: checksums of its
+    /// files, the record, the rename into place. On error nothing is left.
+    async fn seal(&self, pending: PendingSnapshot) -> Result<SnapshotInfo, SnapshotError>;
+
+    /// Drops a pending snapshot and its partial directory.
+    async fn abort(&self, pending: PendingSnapshot);
+
+    /// For a VM restored from a full snapshot: checks the state file against
+    /// its checksum and the memory file's size and sampled fingerprint
+    /// (`Corrupt` otherwise), copies the disk to `disk_dest` (checked while
+    /// copying, as [`SnapshotStore::restore`]) and returns the files the VMM
+    /// loads. A disk-only snapshot is `Busy`-free but refused by the engine
+    /// before this is called.
+    async fn open_full(
+        &self,
+        snapshot_id: &str,
+        disk_dest: &Path,
+    ) -> Result<FullSnapshotFiles, SnapshotError>;
 
     /// Every complete snapshot, sorted by id.
     fn list(&self) -> Vec<SnapshotInfo>;

@@ -13,20 +13,21 @@ use std::ffi::OsString;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use agentenv_api::{BackendKind, SnapshotInfo, SnapshotStatus, SnapshotTier};
+use agentenv_api::{BackendKind, SnapshotInfo, SnapshotKind, SnapshotStatus, SnapshotTier};
 use async_trait::async_trait;
 use chrono::Utc;
 use tokio::sync::watch;
 
 use crate::backend::{
-    AdoptSpec, AdoptedState, LaunchSpec, ProcessIdentity, Vmm, VmmError, VmmExit, VmmInstance,
+    AdoptSpec, AdoptedState, FullSnapshotFiles, LaunchSpec, ProcessIdentity, RestoreSpec,
+    SavedMemory, Vmm, VmmError, VmmExit, VmmInstance,
 };
 use crate::failpoints::Failpoints;
 use crate::host::{
     DiskImages, FileInfo, FileKind, Host, HostError, HostFacts, HostFiles, HostProcesses,
 };
 use crate::net::{HostNetwork, NetError, NetLease, NetPlan};
-use crate::snapshot::{Cleanup, NewSnapshot, SnapshotError, SnapshotStore};
+use crate::snapshot::{Cleanup, NewSnapshot, PendingSnapshot, SnapshotError, SnapshotStore};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -244,6 +245,16 @@ fn not_found() -> std::io::Error {
 }
 
 impl HostFiles for FakeHost {
+    fn fingerprint(&self, path: &Path) -> Result<String, HostError> {
+        match self.node(path) {
+            Some(Node::File { data, len }) => Ok(format!("fake:{len}:{}", data.len())),
+            _ => Err(HostError::io(
+                format!("cannot fingerprint {}", path.display()),
+                not_found(),
+            )),
+        }
+    }
+
     fn inspect(&self, path: &Path) -> std::io::Result<FileInfo> {
         // Like `lstat`: symlinks on the way are followed, a final one is not.
         let real = match (path.parent(), path.file_name()) {
@@ -495,6 +506,10 @@ pub enum VmmCall {
     RequestShutdown(u32),
     /// [`VmmInstance::kill`].
     Kill(u32),
+    /// [`Vmm::restore`] of a VM from a state file.
+    Restore(String, PathBuf),
+    /// [`VmmInstance::save_full`].
+    SaveFull(u32),
 }
 
 #[derive(Debug)]
@@ -606,34 +621,7 @@ impl FakeVmm {
         )
     }
 
-    fn instance(&self, pid: u32) -> Option<Box<dyn VmmInstance>> {
-        let w = lock(&self.shared.world);
-        let p = w.live.get(&pid)?;
-        Some(Box::new(FakeInstance {
-            shared: self.shared.clone(),
-            identity: p.identity,
-            exit: p.exit.subscribe(),
-        }))
-    }
-}
-
-#[async_trait]
-impl Vmm for FakeVmm {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Firecracker
-    }
-
-    async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmmInstance>, VmmError> {
-        self.shared.record(VmmCall::Launch(spec.vm_id.clone()));
-        if self.shared.faults.hit("launch") {
-            return Err(VmmError::ExitedEarly {
-                exit: VmmExit {
-                    code: Some(1),
-                    signal: None,
-                },
-                detail: "injected launch failure".into(),
-            });
-        }
+    fn start(&self, spec: &LaunchSpec) -> Result<Box<dyn VmmInstance>, VmmError> {
         let pid = {
             let mut w = lock(&self.shared.world);
             let pid = w.next_pid;
@@ -659,6 +647,56 @@ impl Vmm for FakeVmm {
         );
         host.put(&spec.control_socket, Node::Socket);
         Ok(self.instance(pid).expect("just launched"))
+    }
+
+    fn instance(&self, pid: u32) -> Option<Box<dyn VmmInstance>> {
+        let w = lock(&self.shared.world);
+        let p = w.live.get(&pid)?;
+        Some(Box::new(FakeInstance {
+            shared: self.shared.clone(),
+            identity: p.identity,
+            exit: p.exit.subscribe(),
+        }))
+    }
+}
+
+#[async_trait]
+impl Vmm for FakeVmm {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Firecracker
+    }
+
+    async fn version(&self) -> Result<String, VmmError> {
+        Ok("fake 1.0".into())
+    }
+
+    async fn restore(&self, spec: &RestoreSpec) -> Result<Box<dyn VmmInstance>, VmmError> {
+        self.shared.record(VmmCall::Restore(
+            spec.launch.vm_id.clone(),
+            spec.state.clone(),
+        ));
+        if self.shared.faults.hit("restore") {
+            return Err(VmmError::Refused {
+                request: "restore".into(),
+                status: 400,
+                message: "injected restore failure".into(),
+            });
+        }
+        self.start(&spec.launch)
+    }
+
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmmInstance>, VmmError> {
+        self.shared.record(VmmCall::Launch(spec.vm_id.clone()));
+        if self.shared.faults.hit("launch") {
+            return Err(VmmError::ExitedEarly {
+                exit: VmmExit {
+                    code: Some(1),
+                    signal: None,
+                },
+                detail: "injected launch failure".into(),
+            });
+        }
+        self.start(spec)
     }
 
     async fn adopt(
@@ -729,6 +767,21 @@ impl VmmInstance for FakeInstance {
 
     fn identity(&self) -> Option<ProcessIdentity> {
         Some(self.identity)
+    }
+
+    async fn save_full(&self, files: &FullSnapshotFiles) -> Result<SavedMemory, VmmError> {
+        let pid = self.identity.pid;
+        self.shared.record(VmmCall::SaveFull(pid));
+        if self.shared.faults.hit("save_full") {
+            return Err(VmmError::Refused {
+                request: "save_full".into(),
+                status: 400,
+                message: "injected failure".into(),
+            });
+        }
+        self.shared.host.put(&files.state, Node::sparse(4096));
+        self.shared.host.put(&files.memory, Node::sparse(1 << 20));
+        Ok(SavedMemory::Written)
     }
 
     async fn pause(&self) -> Result<(), VmmError> {
@@ -859,6 +912,18 @@ pub enum SnapshotCall {
     Restore(String, PathBuf),
     /// [`SnapshotStore::delete`].
     Delete(String),
+    /// [`SnapshotStore::begin`].
+    Begin(String),
+    /// [`SnapshotStore::copy_disk`].
+    CopyDisk(String),
+    /// [`SnapshotStore::copy_memory`] from a file.
+    CopyMemory(String, PathBuf),
+    /// [`SnapshotStore::seal`].
+    Seal(String),
+    /// [`SnapshotStore::abort`].
+    Abort(String),
+    /// [`SnapshotStore::open_full`] to a disk path.
+    OpenFull(String, PathBuf),
 }
 
 /// Snapshots as a table; restored disks are made in the [`FakeHost`].
@@ -904,6 +969,16 @@ impl FakeSnapshots {
         Ok(())
     }
 
+    fn source_len(&self, source: &Path) -> Result<u64, SnapshotError> {
+        match self.host.node(source) {
+            Some(Node::File { len, .. }) => Ok(len),
+            _ => Err(SnapshotError::Io {
+                context: format!("cannot read {}", source.display()),
+                source: not_found(),
+            }),
+        }
+    }
+
     fn point(&self, name: &'static str) -> Result<(), SnapshotError> {
         match &*lock(&self.failpoints) {
             Some(fp) if fp.hit(name) => Err(SnapshotError::Injected(name)),
@@ -917,6 +992,129 @@ impl SnapshotStore for FakeSnapshots {
     async fn init(&self) -> Result<Cleanup, SnapshotError> {
         lock(&self.calls).push(SnapshotCall::Init);
         Ok(Cleanup::default())
+    }
+
+    async fn begin(&self, new: NewSnapshot) -> Result<PendingSnapshot, SnapshotError> {
+        let id = new.snapshot_id.clone();
+        lock(&self.calls).push(SnapshotCall::Begin(id.clone()));
+        self.fault("begin", &id)?;
+        if lock(&self.snaps).contains_key(&id) {
+            return Err(SnapshotError::Exists(id));
+        }
+        let dir = PathBuf::from(format!("/tmpfs/.partial-{id}"));
+        self.host.put(&dir, Node::Dir);
+        Ok(PendingSnapshot {
+            tier: SnapshotTier::Tmpfs,
+            disk: dir.join("disk.ext4"),
+            files: FullSnapshotFiles {
+                state: dir.join("state"),
+                memory: dir.join("memory"),
+            },
+            dir,
+            new,
+            memory_in_state: false,
+        })
+    }
+
+    async fn copy_disk(&self, pending: &PendingSnapshot) -> Result<(), SnapshotError> {
+        let id = &pending.new.snapshot_id;
+        lock(&self.calls).push(SnapshotCall::CopyDisk(id.clone()));
+        self.fault("copy_disk", id)?;
+        let len = self.source_len(&pending.new.source)?;
+        self.point("snapshot_store.copied")?;
+        self.host.put(&pending.disk, Node::sparse(len));
+        Ok(())
+    }
+
+    async fn copy_memory(
+        &self,
+        pending: &PendingSnapshot,
+        source: &Path,
+    ) -> Result<(), SnapshotError> {
+        let id = &pending.new.snapshot_id;
+        lock(&self.calls).push(SnapshotCall::CopyMemory(id.clone(), source.into()));
+        self.fault("copy_memory", id)?;
+        let len = self.source_len(source)?;
+        self.host.put(&pending.files.memory, Node::sparse(len));
+        Ok(())
+    }
+
+    async fn seal(&self, pending: PendingSnapshot) -> Result<SnapshotInfo, SnapshotError> {
+        let id = pending.new.snapshot_id.clone();
+        lock(&self.calls).push(SnapshotCall::Seal(id.clone()));
+        let sealed = self.fault("seal", &id).and_then(|()| {
+            self.point("snapshot_store.recorded")?;
+            self.source_len(&pending.disk)
+        });
+        let len = match sealed {
+            Ok(len) => len,
+            Err(e) => {
+                let _ = self.host.remove_dir_all(&pending.dir);
+                return Err(e);
+            }
+        };
+        let _ = self.host.remove_dir_all(&pending.dir);
+        let new = pending.new;
+        let mut full = new.full;
+        if let Some(f) = full.as_mut() {
+            f.state_bytes = 4096;
+            f.memory_bytes = if pending.memory_in_state { 0 } else { 1 << 20 };
+        }
+        let info = SnapshotInfo {
+            snapshot_id: id.clone(),
+            vm_id: new.vm_id,
+            rootfs_id: new.rootfs_id,
+            backend: new.backend,
+            tier: SnapshotTier::Tmpfs,
+            status: SnapshotStatus::Ready,
+            tmpfs_path: Some(format!("/tmpfs/{id}")),
+            durable_path: None,
+            logical_bytes: len,
+            allocated_bytes: 0,
+            sha256: "0".repeat(64),
+            created_at: Utc::now(),
+            persisted_at: None,
+            fs_frozen: new.fs_frozen,
+            kind: if full.is_some() {
+                SnapshotKind::Full
+            } else {
+                SnapshotKind::Disk
+            },
+            rootfs_fingerprint: new.rootfs_fingerprint,
+            full,
+            mapped_by: Vec::new(),
+        };
+        lock(&self.snaps).insert(id, info.clone());
+        Ok(info)
+    }
+
+    async fn abort(&self, pending: PendingSnapshot) {
+        lock(&self.calls).push(SnapshotCall::Abort(pending.new.snapshot_id.clone()));
+        let _ = self.host.remove_dir_all(&pending.dir);
+    }
+
+    async fn open_full(
+        &self,
+        snapshot_id: &str,
+        disk_dest: &Path,
+    ) -> Result<crate::snapshot::FullSnapshotFiles, SnapshotError> {
+        lock(&self.calls).push(SnapshotCall::OpenFull(snapshot_id.into(), disk_dest.into()));
+        self.fault("open_full", snapshot_id)?;
+        let info = self.get(snapshot_id)?;
+        if self.host.node(disk_dest).is_some() {
+            return Err(SnapshotError::Io {
+                context: format!("cannot create {}", disk_dest.display()),
+                source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+            });
+        }
+        self.host.put(disk_dest, Node::sparse(info.logical_bytes));
+        let dir = PathBuf::from(format!("/tmpfs/{snapshot_id}"));
+        let in_state = info.full.as_ref().is_some_and(|f| f.memory_bytes == 0);
+        Ok(crate::snapshot::FullSnapshotFiles {
+            state: dir.join("state"),
+            memory: (!in_state).then(|| dir.join("memory")),
+            info,
+        })
     }
 
     async fn create(&self, new: NewSnapshot) -> Result<SnapshotInfo, SnapshotError> {
@@ -952,6 +1150,10 @@ impl SnapshotStore for FakeSnapshots {
             created_at: Utc::now(),
             persisted_at: None,
             fs_frozen: new.fs_frozen,
+            kind: SnapshotKind::Disk,
+            rootfs_fingerprint: new.rootfs_fingerprint,
+            full: None,
+            mapped_by: Vec::new(),
         };
         lock(&self.snaps).insert(id, info.clone());
         Ok(info)

@@ -103,6 +103,9 @@ pub enum Kind {
     Thaw = 0x0a,
     /// Liveness check: empty payload; answered with `Done`.
     Ping = 0x0b,
+    /// The VM's new identity after a restore from a memory snapshot: JSON
+    /// [`Identity`]; answered with `Done` once applied.
+    Identity = 0x0c,
 
     /// Guest → host, stream 0: nonce + JSON [`HelloOk`].
     HelloOk = 0x81,
@@ -142,6 +145,7 @@ impl Kind {
             0x09 => Freeze,
             0x0a => Thaw,
             0x0b => Ping,
+            0x0c => Identity,
             0x81 => HelloOk,
             0x82 => Started,
             0x83 => Stdout,
@@ -504,6 +508,36 @@ pub struct FileInfo {
     pub size: u64,
     /// Its permission bits.
     pub mode: u32,
+}
+
+/// `Identity`: who a VM restored from a memory snapshot now is. Its memory is
+/// its source's, so without this it would answer with the source's name,
+/// address and MAC, draw the same random numbers and keep the snapshot's time.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Identity {
+    /// The host name (`sethostname`).
+    pub hostname: String,
+    /// The network interface's new settings, when the VM has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<IdentityNet>,
+    /// Fresh host entropy, hex (at least 32 bytes), credited to the guest
+    /// kernel's pool (`RNDADDENTROPY`) and followed by a reseed of its CRNG.
+    pub entropy_hex: String,
+    /// The host's wall clock, nanoseconds since the Unix epoch (`clock_settime`).
+    pub unix_time_ns: u64,
+}
+
+/// `eth0` after a restore.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct IdentityNet {
+    /// The guest's IPv4 address.
+    pub address: String,
+    /// Its prefix length.
+    pub prefix_len: u8,
+    /// The default gateway.
+    pub gateway: String,
+    /// The interface's MAC, `xx:xx:xx:xx:xx:xx`.
+    pub mac: String,
 }
 
 /// `Done`: a request other than `Exec` succeeded.

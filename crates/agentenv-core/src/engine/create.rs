@@ -159,7 +159,12 @@ impl Engine {
             mut drives,
             source: disk_source,
             has_overlay,
-        } = self.plan_disk(&req.disk, &session_dir)?;
+        } = self.plan_disk(
+            req.disk
+                .as_ref()
+                .ok_or_else(|| EngineError::bad("disk", "disk is required"))?,
+            &session_dir,
+        )?;
         let (share_infos, shares, share_args) =
             self.plan_shares(&req.shares, &session_dir, &mut drives)?;
 
@@ -190,6 +195,7 @@ impl Engine {
         let agent_socket = session_dir.join(AGENT_SOCKET);
         let now = Utc::now();
         let info = VmInfo {
+            restored_from: None,
             vm_id: vm_id.clone(),
             state: VmState::Creating,
             backend: self.vmm.kind(),
@@ -216,6 +222,7 @@ impl Engine {
             agent: None,
         };
         let launch = LaunchSpec {
+            memory_file: None,
             vm_id,
             session_dir,
             control_socket: socket,

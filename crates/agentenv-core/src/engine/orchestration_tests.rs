@@ -118,10 +118,11 @@ fn overlay(vm_id: &str) -> CreateVmRequest {
     CreateVmRequest {
         vm_id: vm_id.into(),
         slots: Some(1),
-        disk: DiskSpec::Overlay {
+        disk: Some(DiskSpec::Overlay {
             rootfs_id: "base.ext4".into(),
             disk_size_gib: Some(1),
-        },
+        }),
+        restore: None,
         network: None,
         kernel: None,
         initrd: None,
@@ -138,9 +139,9 @@ fn overlay(vm_id: &str) -> CreateVmRequest {
 
 fn from_snapshot(vm_id: &str, snapshot_id: &str) -> CreateVmRequest {
     CreateVmRequest {
-        disk: DiskSpec::Snapshot {
+        disk: Some(DiskSpec::Snapshot {
             snapshot_id: snapshot_id.into(),
-        },
+        }),
         shares: Vec::new(),
         ..overlay(vm_id)
     }
@@ -156,6 +157,8 @@ async fn seed_snapshot(rig: &Rig, snapshot_id: &str) {
             backend: BackendKind::Firecracker,
             source: "/srv/direct/disk.ext4".into(),
             fs_frozen: false,
+            rootfs_fingerprint: None,
+            full: None,
         })
         .await
         .unwrap();

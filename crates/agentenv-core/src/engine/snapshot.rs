@@ -117,6 +117,8 @@ impl Engine {
             let snap = self
                 .snapshots
                 .create(NewSnapshot {
+                    rootfs_fingerprint: None,
+                    full: None,
                     snapshot_id: snapshot_id.clone(),
                     vm_id: vm_id.into(),
                     rootfs_id: info.disk.rootfs_id.clone(),

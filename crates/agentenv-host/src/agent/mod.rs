@@ -315,6 +315,11 @@ impl AgentClient {
 
 #[async_trait::async_trait]
 impl AgentLink for AgentClient {
+    async fn set_identity(&self, identity: &agentenv_proto::Identity) -> Result<Done, AgentError> {
+        let _ = identity;
+        Err(AgentError::Protocol("INTERIM: not implemented yet".into()))
+    }
+
     /// The agent's handshake answer (its version and pid).
     fn hello(&self) -> &HelloOk {
         &self.inner.hello

@@ -89,6 +89,11 @@ impl SnapshotMeta {
             created_at: self.created_at,
             persisted_at: self.persisted_at,
             fs_frozen: self.fs_frozen,
+            // INTERIM (issue 12 in progress): recorded in meta.json next.
+            kind: agentenv_api::SnapshotKind::Disk,
+            rootfs_fingerprint: None,
+            full: None,
+            mapped_by: Vec::new(),
         }
     }
 

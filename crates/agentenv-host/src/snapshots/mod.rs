@@ -313,6 +313,53 @@ where
 
 #[async_trait]
 impl SnapshotStore for TieredStore {
+    // INTERIM (issue 12 in progress): replaced by the real implementation.
+    async fn begin(
+        &self,
+        new: agentenv_core::snapshot::NewSnapshot,
+    ) -> Result<agentenv_core::snapshot::PendingSnapshot, SnapshotError> {
+        let _ = new;
+        Err(SnapshotError::Injected("interim"))
+    }
+
+    async fn copy_disk(
+        &self,
+        pending: &agentenv_core::snapshot::PendingSnapshot,
+    ) -> Result<(), SnapshotError> {
+        let _ = pending;
+        Err(SnapshotError::Injected("interim"))
+    }
+
+    async fn copy_memory(
+        &self,
+        pending: &agentenv_core::snapshot::PendingSnapshot,
+        source: &Path,
+    ) -> Result<(), SnapshotError> {
+        let _ = (pending, source);
+        Err(SnapshotError::Injected("interim"))
+    }
+
+    async fn seal(
+        &self,
+        pending: agentenv_core::snapshot::PendingSnapshot,
+    ) -> Result<SnapshotInfo, SnapshotError> {
+        let _ = pending;
+        Err(SnapshotError::Injected("interim"))
+    }
+
+    async fn abort(&self, pending: agentenv_core::snapshot::PendingSnapshot) {
+        let _ = pending;
+    }
+
+    async fn open_full(
+        &self,
+        snapshot_id: &str,
+        disk_dest: &Path,
+    ) -> Result<agentenv_core::snapshot::FullSnapshotFiles, SnapshotError> {
+        let _ = (snapshot_id, disk_dest);
+        Err(SnapshotError::Injected("interim"))
+    }
+
     async fn init(&self) -> Result<Cleanup, SnapshotError> {
         let inner = self.inner.clone();
         blocking(move || init::run(&inner)).await

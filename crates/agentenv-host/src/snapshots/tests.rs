@@ -68,6 +68,8 @@ impl Fixture {
 
     fn new_snapshot(&self, id: &str) -> NewSnapshot {
         NewSnapshot {
+            rootfs_fingerprint: None,
+            full: None,
             snapshot_id: id.into(),
             vm_id: "vm1".into(),
             rootfs_id: Some("base.ext4".into()),

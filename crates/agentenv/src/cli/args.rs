@@ -310,7 +310,8 @@ impl CreateArgs {
         Ok(CreateVmRequest {
             vm_id: self.vm_id,
             slots: self.slots,
-            disk,
+            disk: Some(disk),
+            restore: None,
             network,
             kernel: self.kernel,
             initrd: self.initrd,

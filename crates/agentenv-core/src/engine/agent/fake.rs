@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use agentenv_proto::{
-    Done, ErrorCode, ErrorMsg, ExecRequest, ExitStatus, FileInfo, HelloOk, PutFile,
+    Done, ErrorCode, ErrorMsg, ExecRequest, ExitStatus, FileInfo, HelloOk, Identity, PutFile,
     PROTOCOL_VERSION,
 };
 use async_trait::async_trait;
@@ -38,6 +38,8 @@ pub(crate) enum AgentCall {
     GetFile(String),
     Freeze,
     Thaw,
+    /// A new identity (its host name).
+    Identity(String),
     /// The host closed a link.
     Shutdown,
 }
@@ -194,6 +196,11 @@ impl AgentLink for FakeLink {
             self.closed
                 .send_replace(Some("closed by the host".to_string()));
         }
+    }
+
+    async fn set_identity(&self, identity: &Identity) -> Result<Done, AgentError> {
+        self.answer(AgentCall::Identity(identity.hostname.clone()), Answer::Done)
+            .await
     }
 
     async fn ping(&self) -> Result<(), AgentError> {
