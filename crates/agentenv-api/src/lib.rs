@@ -33,7 +33,7 @@ pub enum VmState {
     Paused,
     /// A resume request is in flight.
     Resuming,
-    /// A disk snapshot is being taken.
+    /// A snapshot is being taken.
     Snapshotting,
     /// A shutdown request is in flight.
     Stopping,
@@ -43,11 +43,13 @@ pub enum VmState {
     Failed,
     /// The VM is being removed.
     Deleting,
+    /// The VM is going back to a full snapshot in place (`reset`).
+    Resetting,
 }
 
 impl VmState {
     /// Every state, in declaration order.
-    pub const ALL: [VmState; 10] = [
+    pub const ALL: [VmState; 11] = [
         VmState::Creating,
         VmState::Running,
         VmState::Pausing,
@@ -58,6 +60,7 @@ impl VmState {
         VmState::Stopped,
         VmState::Failed,
         VmState::Deleting,
+        VmState::Resetting,
     ];
 
     /// The name used on the wire.
@@ -73,6 +76,7 @@ impl VmState {
             VmState::Stopped => "stopped",
             VmState::Failed => "failed",
             VmState::Deleting => "deleting",
+            VmState::Resetting => "resetting",
         }
     }
 

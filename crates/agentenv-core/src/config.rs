@@ -94,6 +94,11 @@ pub struct Config {
     pub on_shutdown: OnShutdown,
     /// Mutating API requests (POST, PUT, DELETE) served at once; more get 429.
     pub max_inflight_ops: u32,
+    /// Most clones one `fork` call makes.
+    pub max_fork: u32,
+    /// Where QEMU guests keep their RAM (a shared file each, so a full
+    /// snapshot can copy it): a tmpfs. Default `{tmpfs_snapshot_root}/.guest-memory`.
+    pub guest_memory_root: Option<PathBuf>,
     /// Milliseconds a client may take to send a request's headers (and an idle
     /// connection is kept open between requests).
     pub header_timeout_ms: u64,
@@ -193,6 +198,8 @@ impl Default for Config {
             max_memory_mib: None,
             on_shutdown: OnShutdown::Leave,
             max_inflight_ops: 64,
+            max_fork: 64,
+            guest_memory_root: None,
             header_timeout_ms: 10_000,
             body_timeout_ms: 10_000,
             network: NetworkConfig::default(),
@@ -318,6 +325,14 @@ impl Config {
             crate::ids::validate_id("default_initrd", initrd)
                 .map_err(|e| invalid("default_initrd", e.reason))?;
         }
+        if self.max_fork == 0 || self.max_fork > 1024 {
+            return Err(invalid("max_fork", "must be between 1 and 1024"));
+        }
+        if let Some(p) = &self.guest_memory_root {
+            if p.as_os_str().is_empty() {
+                return Err(invalid("guest_memory_root", "must not be empty"));
+            }
+        }
         for (key, value) in [
             ("shutdown_timeout_s", self.shutdown_timeout_s),
             ("startup_timeout_ms", self.startup_timeout_ms),
@@ -376,6 +391,13 @@ impl Config {
             }
         }
         self.network.validate()
+    }
+
+    /// Where guests' RAM files live (see [`Config::guest_memory_root`]).
+    pub fn guest_memory_dir(&self) -> PathBuf {
+        self.guest_memory_root
+            .clone()
+            .unwrap_or_else(|| self.tmpfs_snapshot_root.join(".guest-memory"))
     }
 
     /// Every directory the daemon owns, with its key.

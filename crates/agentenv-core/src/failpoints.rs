@@ -32,8 +32,8 @@ impl Failpoints {
             .insert(name.to_string());
     }
 
-    /// Makes the named engine step (one of `create.*`, `snapshot.frozen`,
-    /// `snapshot.paused`, `snapshot.copied`, `delete.*`) wait when it is
+    /// Makes the named engine step (one of `create.*`, `snapshot.*`,
+    /// `restore.*`, `fork.*`, `reset.*`, `delete.*`) wait when it is
     /// reached, until [`Failpoints::clear`] lets it go on.
     pub fn arm_hang(&self, name: &str) {
         self.hanging
@@ -101,11 +101,17 @@ pub const FAILPOINTS: &[&str] = &[
     "create.running",
     "snapshot.frozen",
     "snapshot.paused",
+    "snapshot.saved",
+    "snapshot.resumed",
     "snapshot.copied",
     "snapshot_store.copied",
     "snapshot_store.recorded",
     "persist.copied",
     "persist.recorded",
+    "fork.snapshot",
+    "fork.clone",
+    "reset.killed",
+    "reset.disk",
     "delete.vmm_stopped",
     "delete.marked",
     "delete.socket_removed",

@@ -172,4 +172,8 @@ pub trait HostProcesses: Send + Sync + 'static {
 pub trait HostFacts: Send + Sync + 'static {
     /// Total memory of the host in MiB.
     fn memory_total_mib(&self) -> u64;
+
+    /// `len` bytes from the host's random number generator (`getrandom`):
+    /// the fresh entropy a VM restored from a memory snapshot is given.
+    fn entropy(&self, len: usize) -> Vec<u8>;
 }

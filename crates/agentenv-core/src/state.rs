@@ -33,6 +33,13 @@ pub fn valid_transition(from: VmState, to: VmState) -> bool {
             | (Pausing, Failed)
             | (Resuming, Failed)
             | (Snapshotting, Failed)
+            // Reset to a full snapshot, in place, from any settled state.
+            | (Running, Resetting)
+            | (Paused, Resetting)
+            | (Stopped, Resetting)
+            | (Failed, Resetting)
+            | (Resetting, Running)
+            | (Resetting, Failed)
             // Deletion from any settled state.
             | (Running, Deleting)
             | (Paused, Deleting)

@@ -489,6 +489,15 @@ impl HostFacts for FakeHost {
     fn memory_total_mib(&self) -> u64 {
         self.memory_mib
     }
+
+    fn entropy(&self, len: usize) -> Vec<u8> {
+        // Different on every call, like the real thing.
+        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let seed = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (0..len as u64)
+            .map(|i| (seed.wrapping_mul(31).wrapping_add(i) % 251) as u8)
+            .collect()
+    }
 }
 
 /// A call to the fake VMM backend or one of its instances.

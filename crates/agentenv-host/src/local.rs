@@ -51,6 +51,27 @@ impl HostFacts for LocalHost {
     fn memory_total_mib(&self) -> u64 {
         memory_total_mib().unwrap_or(u64::MAX)
     }
+
+    fn entropy(&self, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        let mut filled = 0;
+        while filled < len {
+            // SAFETY: the pointer and length describe the unfilled tail of `buf`.
+            let n = unsafe {
+                libc::getrandom(
+                    buf[filled..].as_mut_ptr().cast(),
+                    len - filled,
+                    0,
+                )
+            };
+            if n > 0 {
+                filled += n as usize;
+            } else if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                panic!("getrandom failed: {}", std::io::Error::last_os_error());
+            }
+        }
+        buf
+    }
 }
 
 impl HostFiles for LocalHost {

@@ -39,6 +39,9 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     abs(&mut cfg.hdfs_snapshot_root);
     abs(&mut cfg.kernel_root);
     abs(&mut cfg.initramfs_root);
+    if let Some(p) = cfg.guest_memory_root.as_mut() {
+        abs(p);
+    }
     Ok(cfg)
 }
 
@@ -48,6 +51,10 @@ pub fn create_roots(cfg: &Config) -> anyhow::Result<()> {
         std::fs::create_dir_all(path)
             .with_context(|| format!("config key `{key}`: cannot create {}", path.display()))?;
     }
+    let mem = cfg.guest_memory_dir();
+    std::fs::create_dir_all(&mem).with_context(|| {
+        format!("config key `guest_memory_root`: cannot create {}", mem.display())
+    })?;
     Ok(())
 }
 

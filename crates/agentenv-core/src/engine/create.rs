@@ -12,7 +12,7 @@ use chrono::Utc;
 use super::host_paths::check_host_path;
 use super::validate::{check_boot_args, check_network, check_share_guest_path};
 use super::{Engine, VmSlot, AGENT_SOCKET, CONSOLE_LOG};
-use crate::backend::{DriveSpec, LaunchSpec, NetAttachment, VmmInstance};
+use crate::backend::{DriveSpec, LaunchSpec, NetAttachment, RestoreSpec, VmmInstance};
 use crate::config::MAX_SLOTS;
 use crate::error::EngineError;
 use crate::host::FileKind;
@@ -36,6 +36,9 @@ enum DiskSource {
     Restore(String, PathBuf),
     /// The user's own disk, used in place.
     InPlace,
+    /// A copy of a full snapshot's disk; the VMM is restored from the
+    /// snapshot, not booted.
+    Full(String, PathBuf),
 }
 
 /// The disk part of a plan.
@@ -62,8 +65,13 @@ impl Engine {
     /// Creates and boots a VM. On any failure everything made so far is undone.
     pub async fn create(self: &Arc<Self>, req: CreateVmRequest) -> Result<VmInfo, EngineError> {
         let mut plan = self.plan(&req)?;
+        if let Some(r) = &req.restore {
+            // What a restore must match is checked before anything is made.
+            let (snap, full, base) = self.restorable("restore.snapshot_id", &r.snapshot_id).await?;
+            self.plan_restore(&mut plan, snap, full, base)?;
+        }
         let _hold = match &plan.disk_source {
-            DiskSource::Restore(id, _) => Some(self.hold_snapshot(id)),
+            DiskSource::Restore(id, _) | DiskSource::Full(id, _) => Some(self.hold_snapshot(id)),
             _ => None,
         };
         let slot = self.reserve(&mut plan)?;
@@ -113,6 +121,9 @@ impl Engine {
                     format!("wait_ready_timeout_s must be 1 to 3600, got {t}"),
                 ));
             }
+        }
+        if req.restore.is_some() {
+            return self.plan_restore_request(req);
         }
         let slots = req.slots.unwrap_or(cfg.default_slots);
         if slots == 0 || slots > MAX_SLOTS {
@@ -222,7 +233,7 @@ impl Engine {
             agent: None,
         };
         let launch = LaunchSpec {
-            memory_file: None,
+            memory_file: Some(self.memory_file(&vm_id)?),
             vm_id,
             session_dir,
             control_socket: socket,
@@ -246,6 +257,169 @@ impl Engine {
             shares,
             lease: None,
         })
+    }
+
+    /// The plan of a VM restored from a full snapshot, before the snapshot
+    /// is read ([`Engine::plan_restore`] fills in what it records): the
+    /// fields a snapshot decides are refused, the ids and paths checked.
+    fn plan_restore_request(&self, req: &CreateVmRequest) -> Result<Plan, EngineError> {
+        let cfg = &self.cfg;
+        let given = [
+            ("disk", req.disk.is_some()),
+            ("slots", req.slots.is_some()),
+            ("kernel", req.kernel.is_some()),
+            ("initrd", req.initrd.is_some()),
+            ("boot_args", req.boot_args.is_some()),
+            ("shares", !req.shares.is_empty()),
+        ];
+        if let Some((field, _)) = given.iter().find(|(_, g)| *g) {
+            return Err(EngineError::bad(
+                field,
+                format!("{field} cannot be given with restore: the snapshot decides it"),
+            ));
+        }
+        let vm_id = req.vm_id.clone();
+        let session_dir = checked_join(&cfg.session_root, "vm_id", &vm_id)?;
+        let socket = cfg.socket_root.join(format!("{vm_id}.sock"));
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(EngineError::bad(
+                "vm_id",
+                format!(
+                    "vm_id {vm_id:?} is too long for socket_root: {} exceeds {MAX_SOCKET_PATH} bytes",
+                    socket.display()
+                ),
+            ));
+        }
+        let net = match &req.network {
+            Some(n) if self.net.is_none() => {
+                check_network(n)?;
+                Some(NetAttachment {
+                    tap_name: n.tap_name.clone(),
+                    guest_mac: n.guest_mac.to_ascii_lowercase(),
+                })
+            }
+            _ => None,
+        };
+        let overlay = session_dir.join("overlay.ext4");
+        let console_log = session_dir.join(CONSOLE_LOG);
+        let now = Utc::now();
+        let snapshot_id = req
+            .restore
+            .as_ref()
+            .map(|r| r.snapshot_id.clone())
+            .unwrap_or_default();
+        let info = VmInfo {
+            vm_id: vm_id.clone(),
+            state: VmState::Creating,
+            backend: self.vmm.kind(),
+            api_socket: socket.display().to_string(),
+            vcpus: 0,
+            memory_mib: 0,
+            disk: DiskInfo {
+                kind: "snapshot".into(),
+                rootfs_path: None,
+                writable_path: overlay.display().to_string(),
+                rootfs_id: None,
+                snapshot_id: Some(snapshot_id.clone()),
+                size_bytes: 0,
+            },
+            shares: Vec::new(),
+            kernel: String::new(),
+            initrd: None,
+            boot_args: String::new(),
+            tap_name: net.as_ref().map(|n| n.tap_name.clone()),
+            guest_mac: net.as_ref().map(|n| n.guest_mac.clone()),
+            host_ip: None,
+            guest_ip: None,
+            session_dir: session_dir.display().to_string(),
+            console_log: console_log.display().to_string(),
+            pid: None,
+            created_at: now,
+            updated_at: now,
+            exit: None,
+            warnings: Vec::new(),
+            ready: false,
+            agent: None,
+            restored_from: Some(snapshot_id.clone()),
+        };
+        let launch = LaunchSpec {
+            memory_file: None,
+            vm_id,
+            control_socket: socket,
+            console_log,
+            console_log_max_bytes: cfg.console_log_max_bytes,
+            vcpus: 0,
+            memory_mib: 0,
+            kernel: PathBuf::new(),
+            initrd: None,
+            boot_args: String::new(),
+            drives: Vec::new(),
+            net,
+            agent_socket: None,
+            startup_timeout: Duration::from_millis(cfg.startup_timeout_ms),
+            request_timeout: Duration::from_millis(cfg.request_timeout_ms),
+            session_dir,
+        };
+        Ok(Plan {
+            info,
+            launch,
+            disk_source: DiskSource::Full(snapshot_id, overlay),
+            shares: Vec::new(),
+            lease: None,
+        })
+    }
+
+    /// Fills a restore's plan with what its full snapshot records.
+    fn plan_restore(
+        &self,
+        plan: &mut Plan,
+        snap: agentenv_api::SnapshotInfo,
+        full: agentenv_api::FullSnapshotInfo,
+        base: PathBuf,
+    ) -> Result<(), EngineError> {
+        let info = &mut plan.info;
+        if full.network && self.net.is_none() && plan.launch.net.is_none() {
+            return Err(EngineError::Conflict {
+                message: format!(
+                    "restore.snapshot_id: snapshot {} was taken of a vm with a network interface; \
+                     networking is disabled, so give network {{tap_name, guest_mac}}",
+                    snap.snapshot_id
+                ),
+                state: None,
+            });
+        }
+        if !full.network && plan.launch.net.is_some() {
+            info.warnings.push(
+                "`network` was ignored: the snapshot's vm had no network interface".into(),
+            );
+            plan.launch.net = None;
+            info.tap_name = None;
+            info.guest_mac = None;
+        }
+        if full.agent && !self.cfg.agent.enable {
+            info.warnings.push(
+                "the guest agent is disabled (agent.enable = false): the restored vm keeps its source's host name, random state and clock".into(),
+            );
+        }
+        info.vcpus = full.vcpus;
+        info.memory_mib = full.memory_mib;
+        info.kernel = full.kernel.clone();
+        info.initrd = full.initrd.clone();
+        info.boot_args = full.boot_args.clone();
+        info.disk.rootfs_path = Some(base.display().to_string());
+        info.disk.rootfs_id = snap.rootfs_id.clone();
+        info.disk.size_bytes = snap.logical_bytes;
+        let agent_socket = full
+            .agent
+            .then(|| PathBuf::from(&info.session_dir).join(AGENT_SOCKET));
+        let net = plan.launch.net.clone();
+        let launch = self.restore_launch(info, &full, base, agent_socket, net);
+        plan.launch = launch;
+        if !full.network {
+            // No interface, so no lease either.
+            plan.info.tap_name = None;
+        }
+        Ok(())
     }
 
     /// A regular file `root/name`, or 404 naming the field.
@@ -612,6 +786,7 @@ impl Engine {
                 .map_err(|e| EngineError::Network(e.to_string()))?;
         }
         fp.point("create.network").await?;
+        let mut restore = None;
         match &plan.disk_source {
             DiskSource::Fresh(path, size) => self.host.images.create_ext4_disk(path, *size).await?,
             DiskSource::Restore(id, path) => {
@@ -621,6 +796,14 @@ impl Engine {
                     .map_err(|e| EngineError::snapshot("disk.snapshot_id", e))?;
             }
             DiskSource::InPlace => {}
+            DiskSource::Full(id, path) => {
+                let files = self
+                    .snapshots
+                    .open_full(id, path)
+                    .await
+                    .map_err(|e| EngineError::snapshot("restore.snapshot_id", e))?;
+                restore = Some(files);
+            }
         }
         for (dir, image, size) in &plan.shares {
             self.host
@@ -631,12 +814,22 @@ impl Engine {
         fp.point("create.disk").await?;
         self.write_record(slot)?;
         fp.point("create.record").await?;
-        let inst: Arc<dyn VmmInstance> = Arc::from(self.vmm.launch(&plan.launch).await.map_err(
-            |source| EngineError::Vmm {
-                vm_id: plan.info.vm_id.clone(),
-                source,
-            },
-        )?);
+        let started = match restore {
+            Some(files) => {
+                self.vmm
+                    .restore(&RestoreSpec {
+                        launch: plan.launch.clone(),
+                        state: files.state,
+                        memory: files.memory,
+                    })
+                    .await
+            }
+            None => self.vmm.launch(&plan.launch).await,
+        };
+        let inst: Arc<dyn VmmInstance> = Arc::from(started.map_err(|source| EngineError::Vmm {
+            vm_id: plan.info.vm_id.clone(),
+            source,
+        })?);
         if let Err(e) = fp.point("create.launch").await {
             let _ = inst.kill().await;
             return Err(e);
@@ -653,6 +846,10 @@ impl Engine {
         if let Err(e) = settled {
             let _ = inst.kill().await;
             return Err(e);
+        }
+        if plan.info.restored_from.is_some() {
+            // Its agent gives it its own identity before it counts as ready.
+            slot.set_identity(Some(self.identity_for(slot)));
         }
         // Still under the operation lock: an operation that waited for it (a
         // delete) must find the VMM to stop, not a running VM without one.
@@ -673,6 +870,11 @@ impl Engine {
         }
         if let Err(e) = self.host.files.remove_file(&plan.launch.control_socket) {
             tracing::error!("vm {id}: rollback: {e}");
+        }
+        if let Some(mem) = &plan.launch.memory_file {
+            if let Err(e) = self.host.files.remove_file(mem) {
+                tracing::error!("vm {id}: rollback: {e}");
+            }
         }
         self.vms
             .lock()

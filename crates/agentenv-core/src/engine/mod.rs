@@ -16,6 +16,7 @@
 
 mod agent;
 mod create;
+mod full;
 mod host_paths;
 mod lifecycle;
 mod restore;
@@ -75,6 +76,10 @@ pub struct VmRecord {
     /// A snapshot being taken, for a restart to finish what a crash cut short.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotInProgress>,
+    /// A reset under way (the full snapshot it goes back to), for a restart
+    /// to finish what a crash cut short.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset: Option<String>,
 }
 
 /// A snapshot in progress, as the VM record keeps it (state `snapshotting`).
@@ -105,6 +110,11 @@ struct VmRuntime {
     process: Option<ProcessIdentity>,
     /// The snapshot being taken (persisted while the state is `snapshotting`).
     snapshot: Option<SnapshotInProgress>,
+    /// The full snapshot a reset goes back to (persisted while `resetting`).
+    reset: Option<String>,
+    /// The identity a VM restored from a memory snapshot still has to be
+    /// given by its agent; it is not `ready` before.
+    identity: Option<agentenv_proto::Identity>,
 }
 
 /// One tracked VM.
@@ -134,6 +144,8 @@ impl VmSlot {
                 agent: None,
                 process: None,
                 snapshot: None,
+                reset: None,
+                identity: None,
             }),
             ready: tokio::sync::watch::channel(false).0,
             agent_socket,
@@ -154,7 +166,20 @@ impl VmSlot {
             vmm_process: rt.process,
             agent_socket: self.agent_socket.clone(),
             snapshot: rt.snapshot.clone(),
+            reset: rt.reset.clone(),
         }
+    }
+
+    fn set_reset(&self, r: Option<String>) {
+        self.rt().reset = r;
+    }
+
+    fn identity(&self) -> Option<agentenv_proto::Identity> {
+        self.rt().identity.clone()
+    }
+
+    fn set_identity(&self, i: Option<agentenv_proto::Identity>) {
+        self.rt().identity = i;
     }
 
     fn set_snapshot(&self, s: Option<SnapshotInProgress>) {

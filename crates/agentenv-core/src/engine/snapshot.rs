@@ -9,6 +9,7 @@ use super::agent::{freeze_for_snapshot, thaw_after_snapshot};
 use super::{Engine, SnapshotInProgress};
 use crate::error::EngineError;
 use crate::ids::{validate_id, MAX_ID_LEN};
+use crate::backend::SavedMemory;
 use crate::snapshot::{NewSnapshot, SnapshotError};
 
 /// Releases a snapshot hold when a create from it ends, however it ends.
@@ -48,12 +49,27 @@ impl Engine {
         }
     }
 
-    /// Takes a consistent copy of a VM's writable disk: a running VM is paused
-    /// for the copy and resumed on every path, success or error.
+    /// Takes a snapshot of a VM: its writable disk, or with `memory` the
+    /// whole VM (memory, vCPUs, devices and disk from one instant). A running
+    /// VM is paused only while the files are copied, and resumed on every
+    /// path, success or error; the checksums are computed after it runs again.
     pub async fn snapshot(
         &self,
         vm_id: &str,
         snapshot_id: Option<String>,
+        memory: bool,
+    ) -> Result<SnapshotInfo, EngineError> {
+        self.take_snapshot(vm_id, snapshot_id, memory, false).await
+    }
+
+    /// [`Engine::snapshot`]; `ephemeral` marks a fork's snapshot, removed
+    /// with the last VM restored from it.
+    pub(super) async fn take_snapshot(
+        &self,
+        vm_id: &str,
+        snapshot_id: Option<String>,
+        memory: bool,
+        ephemeral: bool,
     ) -> Result<SnapshotInfo, EngineError> {
         let slot = self.slot(vm_id)?;
         let snapshot_id = match snapshot_id {
@@ -74,6 +90,15 @@ impl Engine {
         self.check_transition(&slot, VmState::Snapshotting)?;
         let inst = self.live_instance(&slot)?;
         let info = slot.info();
+        let full = match memory {
+            true => {
+                let mut f = self.full_record(&info, slot.agent_socket.is_some()).await?;
+                f.ephemeral = ephemeral;
+                Some(f)
+            }
+            false => None,
+        };
+        let rootfs_fingerprint = self.rootfs_fingerprint(&info)?;
         // The record says a snapshot is under way before anything is frozen or
         // paused, so that a crash from here on is finished at the next start
         // (`restore.rs`): the VM runs again and a partial copy is removed.
@@ -93,16 +118,41 @@ impl Engine {
             }
             return Err(e);
         }
-        // With an agent, the guest's file systems are frozen first (a paused
-        // guest cannot freeze), so the copy holds no half-written metadata.
-        let frozen = if was == VmState::Running {
+        let disk = PathBuf::from(&info.disk.writable_path);
+        let begun = self
+            .snapshots
+            .begin(NewSnapshot {
+                snapshot_id: snapshot_id.clone(),
+                vm_id: vm_id.into(),
+                rootfs_id: info.disk.rootfs_id.clone(),
+                backend: info.backend,
+                source: disk.clone(),
+                fs_frozen: false,
+                rootfs_fingerprint,
+                full,
+            })
+            .await;
+        let mut pending = match begun {
+            Ok(p) => p,
+            Err(e) => {
+                slot.set_snapshot(None);
+                self.set_state(&slot, was)?;
+                return Err(EngineError::snapshot("snapshot_id", e));
+            }
+        };
+        // A disk snapshot of a guest with an agent freezes its file systems
+        // first (a paused guest cannot freeze), so the copy holds no
+        // half-written metadata. A full snapshot needs no freeze: the page
+        // cache and the disk are taken at the same instant.
+        let frozen = if was == VmState::Running && !memory {
             freeze_for_snapshot(&slot).await
         } else {
             None
         };
+        pending.new.fs_frozen = frozen.is_some();
         let fp = &self.failpoints;
         let mut paused = false;
-        let result = async {
+        let copied = async {
             fp.point("snapshot.frozen").await?;
             if was == VmState::Running {
                 inst.pause().await.map_err(|source| EngineError::Vmm {
@@ -112,28 +162,30 @@ impl Engine {
                 paused = true;
             }
             fp.point("snapshot.paused").await?;
-            let disk = PathBuf::from(&info.disk.writable_path);
-            self.host.files.sync_file(&disk)?;
-            let snap = self
-                .snapshots
-                .create(NewSnapshot {
-                    rootfs_fingerprint: None,
-                    full: None,
-                    snapshot_id: snapshot_id.clone(),
-                    vm_id: vm_id.into(),
-                    rootfs_id: info.disk.rootfs_id.clone(),
-                    backend: info.backend,
-                    source: disk,
-                    fs_frozen: frozen.is_some(),
-                })
-                .await?;
-            if let Err(e) = fp.point("snapshot.copied").await {
-                if let Err(de) = self.snapshots.delete(&snapshot_id).await {
-                    tracing::error!("snapshot {snapshot_id}: rollback: {de}");
+            if memory {
+                let saved = inst
+                    .save_full(&pending.files)
+                    .await
+                    .map_err(|source| EngineError::Vmm {
+                        vm_id: vm_id.into(),
+                        source,
+                    })?;
+                match saved {
+                    SavedMemory::Written => {}
+                    SavedMemory::InFile(ram) => self
+                        .snapshots
+                        .copy_memory(&pending, &ram)
+                        .await
+                        .map_err(|e| EngineError::snapshot("snapshot_id", e))?,
+                    SavedMemory::InState => pending.memory_in_state = true,
                 }
-                return Err(e);
             }
-            Ok(snap)
+            self.host.files.sync_file(&disk)?;
+            self.snapshots
+                .copy_disk(&pending)
+                .await
+                .map_err(|e| EngineError::snapshot("snapshot_id", e))?;
+            fp.point("snapshot.saved").await
         }
         .await;
         let mut back = was;
@@ -144,9 +196,39 @@ impl Engine {
             }
         }
         thaw_after_snapshot(vm_id, frozen).await;
+        // The seal (checksums, record, rename) runs while the VM runs again.
+        let sealed = match copied {
+            Ok(()) => match fp.point("snapshot.resumed").await {
+                Ok(()) => self
+                    .snapshots
+                    .seal(pending)
+                    .await
+                    .map_err(|e| EngineError::snapshot("snapshot_id", e)),
+                Err(e) => {
+                    self.snapshots.abort(pending).await;
+                    Err(e)
+                }
+            },
+            Err(e) => {
+                self.snapshots.abort(pending).await;
+                Err(e)
+            }
+        };
+        let sealed = match sealed {
+            Ok(snap) => match fp.point("snapshot.copied").await {
+                Ok(()) => Ok(snap),
+                Err(e) => {
+                    if let Err(de) = self.snapshots.delete(&snapshot_id).await {
+                        tracing::error!("snapshot {snapshot_id}: rollback: {de}");
+                    }
+                    Err(e)
+                }
+            },
+            Err(e) => Err(e),
+        };
         slot.set_snapshot(None);
         self.set_state(&slot, back)?;
-        result
+        sealed
     }
 
     /// Every complete snapshot.
