@@ -17,9 +17,9 @@ use anyhow::{bail, ensure, Context, Result};
 
 use serde_json::{json, Value};
 
-use crate::http::{Client, Endpoint, Response};
 use crate::report::Cleaned;
 use crate::{procfs, signals};
+use agentenv_client::{ApiClient, Body, Request, Response};
 
 /// The workspace root (canonical where possible).
 pub fn workspace() -> PathBuf {
@@ -354,18 +354,16 @@ impl Config {
 
 /// One request through `api`, timed, checked for the status `want`.
 pub fn call(
-    api: &mut Client,
+    api: &ApiClient,
     method: &str,
     path: &str,
     body: Option<&Value>,
     want: u16,
 ) -> Result<(Duration, Response)> {
+    let bytes = body.map(|b| serde_json::to_vec(b).expect("JSON values serialise"));
+    let req = Request::new(method, path).body(bytes.as_deref().map_or(Body::Empty, Body::Bytes));
     let t0 = Instant::now();
-    let r = match body {
-        Some(b) => api.request_json(method, path, b),
-        None => api.request(method, path, None),
-    }
-    .with_context(|| format!("{method} {path}"))?;
+    let r = api.send(req).with_context(|| format!("{method} {path}"))?;
     let took = t0.elapsed();
     ensure!(
         r.status == want,
@@ -381,8 +379,8 @@ pub struct Daemon {
     child: Child,
     pub pid: u32,
     pub addr: SocketAddr,
-    /// A client for its HTTP API.
-    pub api: Client,
+    /// A client for its HTTP API (one keep-alive connection).
+    pub api: ApiClient,
     /// Its stderr.
     pub log: PathBuf,
 }
@@ -401,6 +399,7 @@ impl Daemon {
             .local_addr()?
             .port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let api = ApiClient::new(&format!("http://{addr}"))?.with_timeout(io_timeout);
         let log_file = File::create(log)?;
         let mut cmd = Command::new(agentenv);
         cmd.arg("--config")
@@ -417,7 +416,7 @@ impl Daemon {
             pid: child.id(),
             child,
             addr,
-            api: Client::new(Endpoint::Tcp(addr), io_timeout),
+            api,
             log: log.to_path_buf(),
         };
         let start = Instant::now();
@@ -435,10 +434,8 @@ impl Daemon {
                     health_timeout.as_secs()
                 );
             }
-            if let Ok(r) = d.api.request("GET", "/v1/health", None) {
-                if r.status == 200 {
-                    return Ok(d);
-                }
+            if d.api.health().is_ok() {
+                return Ok(d);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -448,19 +445,8 @@ impl Daemon {
     /// (SIGKILL after 30 s), recording what happened in `c`.
     fn stop(mut self, c: &mut Cleanup) {
         let t0 = Instant::now();
-        let ids: Vec<String> = match self
-            .api
-            .request("GET", "/v1/vm", None)
-            .and_then(|r| r.json())
-        {
-            Ok(v) => v["vms"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|vm| vm["vm_id"].as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default(),
+        let ids: Vec<String> = match self.api.list_vms() {
+            Ok(l) => l.vms.into_iter().map(|vm| vm.vm_id).collect(),
             Err(e) => {
                 c.errors.push(format!("listing VMs: {e}"));
                 Vec::new()
@@ -470,11 +456,8 @@ impl Daemon {
             eprintln!("cleanup: deleting {} VMs …", ids.len());
         }
         for id in &ids {
-            match self.api.request("DELETE", &format!("/v1/vm/{id}"), None) {
-                Ok(r) if r.status == 204 => c.deleted += 1,
-                Ok(r) => c
-                    .errors
-                    .push(format!("DELETE {id}: HTTP {}: {}", r.status, r.text())),
+            match self.api.delete_vm(id) {
+                Ok(()) => c.deleted += 1,
                 Err(e) => c.errors.push(format!("DELETE {id}: {e}")),
             }
         }

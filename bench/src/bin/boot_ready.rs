@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use agentenv_api::{CreateVmRequest, VmState};
 use agentenv_bench::args::Common;
 use agentenv_bench::daemon::{self, find_in_path, tail_lines, workspace, Harness, QemuGuest};
 use agentenv_bench::procfs;
@@ -351,64 +352,38 @@ struct DaemonBoot {
 }
 
 fn daemon_boot(h: &mut Harness, id: &str, timeout: Duration) -> Result<DaemonBoot> {
-    let body = json!({
+    let req: CreateVmRequest = serde_json::from_value(json!({
         "vm_id": id,
         "slots": 1,
         "disk": {"kind": "overlay", "rootfs_id": ROOTFS_ID},
-    });
+    }))?;
     let d = h.daemon_mut();
     let daemon_pid = d.pid;
     let cpu0 = procfs::cpu_time(daemon_pid);
     let t0 = Instant::now();
-    let r = d
-        .api
-        .request_json("POST", "/v1/vm", &body)
-        .context("POST /v1/vm")?;
+    let v = d.api.create_vm(&req).context("POST /v1/vm")?;
     let post = t0.elapsed();
-    ensure!(
-        r.status == 201,
-        "POST /v1/vm: HTTP {} (wanted 201): {}",
-        r.status,
-        r.text()
-    );
-    let v = r.json()?;
-    ensure!(v["state"] == "running", "created vm is {}: {v}", v["state"]);
-    let console = v["console_log"]
-        .as_str()
-        .context("the create response has no console_log")?;
-    wait_ready_in_file(Path::new(console), t0 + timeout, timeout)
+    ensure!(v.state == VmState::Running, "created vm is {:?}", v.state);
+    wait_ready_in_file(Path::new(&v.console_log), t0 + timeout, timeout)
         .with_context(|| format!("daemon VM {id}"))?;
     let ready = t0.elapsed();
-    let qemu_cpu = v["pid"].as_u64().and_then(|p| procfs::cpu_time(p as u32));
+    let qemu_cpu = v.pid.and_then(procfs::cpu_time);
     let daemon_cpu = procfs::cpu_time(daemon_pid)
         .zip(cpu0)
         .map(|(b, a)| b.saturating_sub(a));
 
     // Untimed: what the daemon ran, then delete.
-    let session_dir = v["session_dir"]
-        .as_str()
-        .context("the create response has no session_dir")?;
-    let socket = v["api_socket"]
-        .as_str()
-        .context("the create response has no api_socket")?;
-    let doc_path = Path::new(session_dir).join("qemu.json");
+    let doc_path = Path::new(&v.session_dir).join("qemu.json");
     let doc: Value = serde_json::from_slice(
         &std::fs::read(&doc_path).with_context(|| format!("cannot read {}", doc_path.display()))?,
     )
     .with_context(|| format!("{} is not JSON", doc_path.display()))?;
-    let cmd = QemuCmd::from_doc(&doc, session_dir, socket, id)?;
+    let cmd = QemuCmd::from_doc(&doc, &v.session_dir, &v.api_socket, id)?;
     let t1 = Instant::now();
-    let r = d
-        .api
-        .request("DELETE", &format!("/v1/vm/{id}"), None)
+    d.api
+        .delete_vm(id)
         .with_context(|| format!("DELETE /v1/vm/{id}"))?;
     let delete = t1.elapsed();
-    ensure!(
-        r.status == 204,
-        "DELETE /v1/vm/{id}: HTTP {}: {}",
-        r.status,
-        r.text()
-    );
     Ok(DaemonBoot {
         ready,
         post,
