@@ -669,7 +669,7 @@ impl FcEnv {
         )?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
-        h.write_config(&daemon::Config::fc_double(
+        h.write_config(&daemon::fc_double_config(
             wrapper,
             &root,
             MEMORY_MIB_PER_SLOT,
@@ -997,7 +997,7 @@ fn run_qemu_part(args: &Args, agentenv: &Path, p: &Params, rep: &mut Report) {
         }
     };
     let result = h
-        .write_config(&daemon::Config::qemu(&guest, MEMORY_MIB_PER_SLOT, 2))
+        .write_config(&daemon::qemu_config(&guest, MEMORY_MIB_PER_SLOT, 2))
         .and_then(|()| run_qemu(&mut h, agentenv, p, args.boot_timeout_s, &guest));
     let (result, cleanup) = h.finish(result, args.common.keep);
     rep.cleanup("qemu", cleanup.cleaned());

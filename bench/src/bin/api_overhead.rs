@@ -17,10 +17,12 @@ use agentenv_bench::runner::{self, progress, rotated, rounds, Sides};
 use agentenv_bench::signals;
 use agentenv_bench::stats::Summary;
 use agentenv_client::{ApiClient, Client, Endpoint};
+use agentenv_core::host::DiskImages;
 use agentenv_host::firecracker::models::{
     ActionType, BootSource, Drive, FullVmConfiguration, InstanceActionInfo, MachineConfiguration,
     Vm, VmState,
 };
+use agentenv_host::LocalHost;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
@@ -137,7 +139,7 @@ impl Env {
         let config = daemon::Config {
             default_disk_size_gib: OVERLAY_GIB,
             max_memory_mib: Some((p.vms as u64 + 1024) * MEMORY_MIB_PER_SLOT),
-            ..daemon::Config::fc_double(fc_double.clone(), &root, MEMORY_MIB_PER_SLOT)?
+            ..daemon::fc_double_config(fc_double.clone(), &root, MEMORY_MIB_PER_SLOT)?
         };
         File::create(root.join("rootfs/base.ext4"))?.set_len(8 << 20)?;
         for name in ["lat", "bare"]
@@ -452,8 +454,8 @@ fn run(env: &mut Env, agentenv: &Path, p: &Params, rep: &mut Report) -> Result<(
     match (p.overlay_iterations, find_in_path("mkfs.ext4")) {
         (0, _) => lat.note("overlay create: skipped (--overlay-iterations 0)"),
         (_, None) => lat.note("overlay create: skipped (mkfs.ext4 not found in PATH)"),
-        (n, Some(mkfs)) => {
-            let s = overlays(env, &mkfs, n, p.warmup.min(2))?;
+        (n, Some(_)) => {
+            let s = overlays(env, n, p.warmup.min(2))?;
             lat.latency_row("overlay create (mkfs.ext4)", &s, None)
                 .note(format!(
                 "overlay create: {n} iterations; bare = truncate + mkfs.ext4 with the daemon's \
@@ -466,8 +468,11 @@ fn run(env: &mut Env, agentenv: &Path, p: &Params, rep: &mut Report) -> Result<(
 }
 
 /// Overlay creates (the daemon runs mkfs.ext4) against the same done bare.
-fn overlays(env: &mut Env, mkfs: &Path, n: usize, warm: usize) -> Result<Sides<2>> {
+fn overlays(env: &mut Env, n: usize, warm: usize) -> Result<Sides<2>> {
     let base = env.root.join("rootfs/base.ext4");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let mut out = Sides::default();
     let Env { h, bare, root } = env;
     let api = &h.daemon_mut().api;
@@ -482,7 +487,7 @@ fn overlays(env: &mut Env, mkfs: &Path, n: usize, warm: usize) -> Result<Sides<2
                 // The bare equivalent: make the sparse file, mkfs.ext4 it with
                 // the daemon's flags, then boot with base (read-only) and overlay.
                 let t0 = Instant::now();
-                daemon::mkfs_overlay(mkfs, &overlay, OVERLAY_GIB << 30)?;
+                rt.block_on(LocalHost::new().create_ext4_disk(&overlay, OVERLAY_GIB << 30))?;
                 let drives = [
                     ("rootfs", base.as_path(), true),
                     ("overlay", &overlay, false),

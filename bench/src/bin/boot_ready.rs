@@ -12,13 +12,15 @@ use std::time::{Duration, Instant};
 
 use agentenv_api::{CreateVmRequest, VmState};
 use agentenv_bench::args::Common;
-use agentenv_bench::daemon::{self, find_in_path, tail_lines, workspace, Harness, QemuGuest};
+use agentenv_bench::daemon::{self, tail_lines, workspace, Harness, QemuGuest};
 use agentenv_bench::procfs;
 use agentenv_bench::report::{or_exit, skip, Cell, Limit, Report, Table};
 use agentenv_bench::runner::{self, progress, rotated, rounds, Sides};
 use agentenv_bench::signals;
 use agentenv_bench::stats::{median, ms};
-use agentenv_host::disk;
+use agentenv_core::host::DiskImages;
+use agentenv_host::disk::Ext4Templates;
+use agentenv_host::LocalHost;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
@@ -92,7 +94,7 @@ fn main() {
     }
     let mut h = or_exit(
         Harness::new(c.tmp_dir.as_deref(), "ae-boot-", &["hand"]).and_then(|mut h| {
-            h.write_config(&daemon::Config::qemu(&guest, MEMORY_MIB, OVERLAY_GIB))
+            h.write_config(&daemon::qemu_config(&guest, MEMORY_MIB, OVERLAY_GIB))
                 .map(|()| h)
         }),
         1,
@@ -396,64 +398,51 @@ fn daemon_boot(h: &mut Harness, id: &str, timeout: Duration) -> Result<DaemonBoo
 
 // ---------------------------------------------------------------- the by-hand side
 
-/// How the by-hand side makes its overlay.
-#[derive(Debug, Clone)]
-enum OverlayMethod {
-    /// Clone the daemon's empty ext4 template (as the daemon does).
-    Template(PathBuf),
-    /// `truncate` + `mkfs.ext4` with the daemon's flags (only when the daemon
-    /// left no template to clone).
-    Mkfs(PathBuf),
+/// How the by-hand side makes its overlay: with the daemon's own code, from
+/// the daemon's template when it made one (`Ext4Templates::create_disk`: a
+/// sparse copy plus a new UUID), else with `mkfs.ext4` (`LocalHost`).
+struct Overlays {
+    rt: tokio::runtime::Runtime,
+    templates: Option<Ext4Templates>,
 }
 
-impl OverlayMethod {
-    /// The daemon's template for our overlay size, if it made one; else mkfs.
-    fn find(root: &Path) -> Result<OverlayMethod> {
-        let dir = root.join("snap/templates");
-        let size = OVERLAY_GIB << 30;
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            let mut found: Vec<PathBuf> = rd
-                .flatten()
-                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-                .filter(|e| e.metadata().is_ok_and(|m| m.is_file() && m.len() == size))
-                .map(|e| e.path())
-                .collect();
-            found.sort();
-            if let Some(t) = found.pop() {
-                return Ok(OverlayMethod::Template(t));
-            }
-        }
-        let mkfs = find_in_path("mkfs.ext4").context("mkfs.ext4 not found")?;
-        Ok(OverlayMethod::Mkfs(mkfs))
+impl Overlays {
+    fn find(root: &Path) -> Result<Overlays> {
+        let t = Ext4Templates::new(root.join("snap/templates"));
+        Ok(Overlays {
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+            templates: t.path_for(OVERLAY_GIB << 30).is_file().then_some(t),
+        })
     }
 
     fn describe(&self) -> String {
-        match self {
-            OverlayMethod::Template(t) => format!(
+        match &self.templates {
+            Some(t) => format!(
                 "a sparse copy of the daemon's empty ext4 template {} plus a new file-system \
                  UUID (the daemon's own code, agentenv_host::disk)",
-                t.file_name().unwrap_or_default().to_string_lossy()
+                t.path_for(OVERLAY_GIB << 30).display()
             ),
-            OverlayMethod::Mkfs(_) => format!(
-                "truncate to {OVERLAY_GIB} GiB + mkfs.ext4 {} (the daemon left no template)",
-                daemon::MKFS_FLAGS.join(" ")
+            None => format!(
+                "truncate to {OVERLAY_GIB} GiB + mkfs.ext4 with the daemon's flags (it left no template)"
             ),
         }
     }
 
     /// Makes `path`; returns how the copy was done (for the report).
     fn make(&self, path: &Path) -> Result<String> {
-        match self {
-            OverlayMethod::Template(t) => {
-                let stats = disk::copy_sparse(t, path)
-                    .with_context(|| format!("cannot clone {}", t.display()))?;
-                let uuid = disk::random_uuid()?;
-                disk::set_ext4_uuid(path, uuid)
-                    .with_context(|| format!("cannot set the UUID of {}", path.display()))?;
-                Ok(stats.method.as_str().to_string())
-            }
-            OverlayMethod::Mkfs(mkfs) => {
-                daemon::mkfs_overlay(mkfs, path, OVERLAY_GIB << 30)?;
+        let size = OVERLAY_GIB << 30;
+        match &self.templates {
+            Some(t) => Ok(self
+                .rt
+                .block_on(t.create_disk(path, size))?
+                .method
+                .as_str()
+                .into()),
+            None => {
+                self.rt
+                    .block_on(LocalHost::new().create_ext4_disk(path, size))?;
                 Ok("mkfs.ext4".into())
             }
         }
@@ -502,7 +491,7 @@ struct HandBoot {
 fn hand_boot(
     root: &Path,
     cmd: &QemuCmd,
-    overlay: &OverlayMethod,
+    overlay: &Overlays,
     id: &str,
     timeout: Duration,
 ) -> Result<HandBoot> {
@@ -748,7 +737,7 @@ fn run(
         ms(r.post)
     ));
     let cmd = r.cmd;
-    let overlay = OverlayMethod::find(&root)?;
+    let overlay = Overlays::find(&root)?;
     progress("reference boot by hand (untimed: checks the replayed command line)");
     let hr = hand_boot(&root, &cmd, &overlay, "bh-000", timeout)?;
     progress(format!(

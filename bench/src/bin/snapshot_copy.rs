@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use agentenv_api::BackendKind;
 use agentenv_bench::args::Common;
-use agentenv_bench::daemon::{run, MKFS_FLAGS};
+use agentenv_bench::daemon::run;
 use agentenv_bench::procfs::fs_type;
 use agentenv_bench::report::{or_exit, Cell, Cleaned, Report, Table, Target};
 use agentenv_bench::runner::{self, progress};
@@ -203,7 +203,12 @@ fn noise(buf: &mut [u8], state: &mut u64) {
 }
 
 /// A sparse ext4 image of `disk_bytes` holding `data_bytes` of random files.
-fn build_overlay(ws: &Workspace, disk_bytes: u64, data_bytes: u64) -> Result<PathBuf> {
+fn build_overlay(
+    ws: &Workspace,
+    rt: &tokio::runtime::Runtime,
+    disk_bytes: u64,
+    data_bytes: u64,
+) -> Result<PathBuf> {
     let stage = ws.path(&format!("stage-{}", data_bytes / MIB));
     std::fs::create_dir(&stage)?;
     let mut state = 0x2545_f491_4f6c_dd1d ^ data_bytes;
@@ -225,12 +230,7 @@ fn build_overlay(ws: &Workspace, disk_bytes: u64, data_bytes: u64) -> Result<Pat
         n += 1;
     }
     let img = ws.path(&format!("overlay-{}.ext4", data_bytes / MIB));
-    File::create(&img)?.set_len(disk_bytes)?;
-    run(Command::new("mkfs.ext4")
-        .args(MKFS_FLAGS)
-        .arg("-d")
-        .arg(&stage)
-        .arg(&img))?;
+    rt.block_on(LocalHost::new().create_ext4_from_dir(&stage, &img, disk_bytes))?;
     std::fs::remove_dir_all(&stage)?;
     Ok(img)
 }
@@ -357,7 +357,7 @@ fn run_all(p: &Params, overlays_only: bool, ws: &Workspace, rep: &mut Report) ->
     for (i, &data_mib) in sizes.iter().enumerate() {
         let data = data_mib * MIB;
         progress(format!("{}: building the overlay", mib(data)));
-        let src = build_overlay(ws, p.disk_bytes, data)?;
+        let src = build_overlay(ws, &rt, p.disk_bytes, data)?;
         let full = match p.full_copy.as_str() {
             "all" => true,
             "once" => i == 0,
