@@ -8,13 +8,13 @@ use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentenv_bench::args::{Common, Warmup};
-use agentenv_bench::daemon::{self, call, find_in_path, wait_for_socket, Harness, QemuGuest};
+use agentenv_bench::daemon::{self, call, find_in_path, Harness, QemuGuest};
 use agentenv_bench::procfs::{self, Rss};
 use agentenv_bench::report::{or_exit, Cell, Limit, Report, Table, Target};
 use agentenv_bench::runner::{self, interleaved, progress, rotated, rounds, Sides};
@@ -27,6 +27,7 @@ use agentenv_core::config::AgentConfig;
 use agentenv_core::engine::AGENT_SOCKET;
 use agentenv_host::agent::AgentClient;
 use agentenv_proto::{ExecRequest, PutFile, INITIAL_WINDOW, VSOCK_PORT};
+use agentenv_testkit::agent::HostAgent;
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
@@ -180,53 +181,6 @@ fn main() {
         rep.about("QEMU", "not run (pass --qemu)");
     }
     rep.finish(c.json)
-}
-
-// ---------------------------------------------------------------- the host agent
-
-/// `agentenv-guest --listen-unix SOCK` on the host; killed when dropped.
-struct HostAgent {
-    child: Option<Child>,
-    socket: PathBuf,
-}
-
-impl HostAgent {
-    fn start(bin: &Path, socket: &Path, log: &Path) -> Result<HostAgent> {
-        let mut cmd = Command::new(bin);
-        cmd.arg("--listen-unix").arg(socket).stdin(Stdio::null());
-        cmd.stdout(Stdio::null()).stderr(File::create(log)?);
-        let mut child = signals::spawn_group(&mut cmd, libc::SIGKILL)?;
-        let waited = wait_for_socket(
-            &mut child,
-            socket,
-            log,
-            "agentenv-guest",
-            Duration::from_millis(5),
-        );
-        let agent = HostAgent {
-            child: Some(child),
-            socket: socket.to_path_buf(),
-        };
-        waited?;
-        Ok(agent)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-
-    fn stop(&mut self) {
-        if let Some(child) = self.child.take() {
-            signals::kill_group(child);
-            let _ = std::fs::remove_file(&self.socket);
-        }
-    }
-}
-
-impl Drop for HostAgent {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 // ---------------------------------------------------------------- the client sides
@@ -675,7 +629,8 @@ impl FcEnv {
             MEMORY_MIB_PER_SLOT,
         )?)?;
         File::create(root.join("disks/root.img"))?.set_len(MIB)?;
-        let agent = HostAgent::start(guest, &sock, &root.join("agent.log"))?;
+        let agent = HostAgent::spawn(guest, &sock, Some(&root.join("agent.log")))
+            .context("agentenv-guest")?;
         Ok(FcEnv { h, root, agent })
     }
 }

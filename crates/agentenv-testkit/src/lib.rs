@@ -1,5 +1,6 @@
 //! Test kit.
 
+pub mod agent;
 pub mod leaks;
 pub mod netns;
 pub mod paths;
