@@ -602,15 +602,14 @@ impl Cleanup {
     /// What happened to the VMs, the daemon, the directory and any leftover
     /// process, and each error, on a line of its own.
     pub fn summary(&self) -> String {
-        let mut s = format!(
-            "deleted {} VMs in {:.1} s; daemon stopped by SIGTERM in {:.2} s ({}); {} leftover \
-             processes; ",
-            self.deleted,
-            self.delete_s,
-            self.daemon_stop_s,
-            self.daemon_exit.as_deref().unwrap_or("not running"),
-            self.leftover.len(),
-        );
+        let mut s = match &self.daemon_exit {
+            Some(exit) => format!(
+                "deleted {} VMs in {:.1} s; daemon stopped by SIGTERM in {:.2} s ({exit}); ",
+                self.deleted, self.delete_s, self.daemon_stop_s,
+            ),
+            None => String::new(),
+        };
+        s.push_str(&format!("{} leftover processes; ", self.leftover.len()));
         match (&self.kept_dir, self.dir_removed) {
             (Some(d), _) => s.push_str(&format!("temp dir kept at {d}")),
             (None, true) => s.push_str("temp dir removed"),
