@@ -22,11 +22,7 @@ use crate::report::Cleaned;
 use crate::{procfs, signals};
 use agentenv_client::{ApiClient, Body, Request, Response};
 
-/// The workspace root (canonical where possible).
-pub fn workspace() -> PathBuf {
-    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    std::fs::canonicalize(&ws).unwrap_or(ws)
-}
+pub use agentenv_testkit::paths::workspace_root as workspace;
 
 /// Finds all of `names` in one directory: `bin_dir` if given, else this
 /// program's own directory, then `<workspace>/target/release`. The paths come
@@ -152,7 +148,7 @@ impl QemuGuest {
                     .into(),
             );
         }
-        let art = artifacts.map_or_else(|| workspace().join("artifacts"), Path::to_path_buf);
+        let art = artifacts.map_or_else(agentenv_testkit::paths::artifacts, Path::to_path_buf);
         let missing: Vec<String> = [
             "kernels/vmlinuz".to_string(),
             "initramfs/initrd.img".to_string(),

@@ -1,10 +1,11 @@
 //! The guest agent (`agentenv-guest --listen-unix SOCKET`) running on the host,
 //! for the tests and benchmarks that take the agent path without a VM.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::process::{kill_group, spawn_group};
 
 /// An agent on the host, in a process group of its own; killed (the whole
 /// group) and its socket removed when stopped or dropped.
@@ -29,25 +30,13 @@ impl HostAgent {
     pub fn spawn(bin: &Path, socket: &Path, log: Option<&Path>) -> std::io::Result<HostAgent> {
         let _ = std::fs::remove_file(socket);
         let mut cmd = Command::new(bin);
-        cmd.arg("--listen-unix")
-            .arg(socket)
-            .stdin(Stdio::null())
-            .process_group(0);
+        cmd.arg("--listen-unix").arg(socket).stdin(Stdio::null());
         if let Some(log) = log {
             let out = std::fs::File::create(log)?;
             cmd.stdout(out.try_clone()?).stderr(out);
         }
-        // SAFETY: prctl is async-signal-safe and touches nothing of the parent's.
-        unsafe {
-            cmd.pre_exec(
-                || match libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) {
-                    0 => Ok(()),
-                    _ => Err(std::io::Error::last_os_error()),
-                },
-            );
-        }
         let mut agent = HostAgent {
-            child: Some(cmd.spawn()?),
+            child: Some(spawn_group(&mut cmd, libc::SIGKILL)?),
             socket: socket.to_path_buf(),
         };
         let start = Instant::now();
@@ -74,12 +63,8 @@ impl HostAgent {
 
     /// Kills the agent's process group, reaps it and removes its socket.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: the group leader is our unreaped child, so the group is ours.
-            unsafe {
-                libc::killpg(child.id() as i32, libc::SIGKILL);
-            }
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            kill_group(child);
             let _ = std::fs::remove_file(&self.socket);
         }
     }

@@ -4,5 +4,6 @@ pub mod agent;
 pub mod leaks;
 pub mod netns;
 pub mod paths;
+pub mod process;
 
 pub mod fc_double;
