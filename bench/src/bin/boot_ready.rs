@@ -451,7 +451,7 @@ impl Overlays {
             Some(t) => format!(
                 "a sparse copy of the daemon's empty ext4 template {} plus a new file-system \
                  UUID (the daemon's own code, agentenv_host::disk)",
-                t.path_for(OVERLAY_GIB << 30).display()
+                t.path_for(OVERLAY_GIB << 30).file_name().unwrap_or_default().to_string_lossy()
             ),
             None => format!(
                 "truncate to {OVERLAY_GIB} GiB + mkfs.ext4 with the daemon's flags (it left no template)"
