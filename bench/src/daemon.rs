@@ -15,17 +15,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
+use agentenv_core::config::{NetworkConfig, OnShutdown, VmmChoice};
 use serde_json::{json, Value};
 
-use crate::http::{Client, Endpoint, Response};
 use crate::report::Cleaned;
 use crate::{procfs, signals};
+use agentenv_client::{ApiClient, Body, Request, Response};
 
-/// The workspace root (canonical where possible).
-pub fn workspace() -> PathBuf {
-    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    std::fs::canonicalize(&ws).unwrap_or(ws)
-}
+pub use agentenv_testkit::paths::workspace_root as workspace;
 
 /// Finds all of `names` in one directory: `bin_dir` if given, else this
 /// program's own directory, then `<workspace>/target/release`. The paths come
@@ -112,23 +109,6 @@ pub fn wait_for_socket(
     Ok(())
 }
 
-/// The flags the daemon gives `mkfs.ext4` for overlays
-/// (crates/agentenv-host/src/local.rs).
-pub const MKFS_FLAGS: &[&str] = &[
-    "-q",
-    "-F",
-    "-E",
-    "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-];
-
-/// Makes an empty overlay the way the daemon does without a template: a new
-/// sparse file of `bytes`, then `mkfs` (the path of `mkfs.ext4`) with the
-/// daemon's [`MKFS_FLAGS`].
-pub fn mkfs_overlay(mkfs: &Path, path: &Path, bytes: u64) -> Result<()> {
-    File::create_new(path)?.set_len(bytes)?;
-    run(Command::new(mkfs).args(MKFS_FLAGS).arg(path))
-}
-
 /// Runs a command to completion (stdin closed); its stderr is in the error.
 pub fn run(cmd: &mut Command) -> Result<()> {
     let out = cmd
@@ -168,7 +148,7 @@ impl QemuGuest {
                     .into(),
             );
         }
-        let art = artifacts.map_or_else(|| workspace().join("artifacts"), Path::to_path_buf);
+        let art = artifacts.map_or_else(agentenv_testkit::paths::artifacts, Path::to_path_buf);
         let missing: Vec<String> = [
             "kernels/vmlinuz".to_string(),
             "initramfs/initrd.img".to_string(),
@@ -209,144 +189,75 @@ impl QemuGuest {
 
 // ---------------------------------------------------------------- config
 
-/// The VMM the daemon runs, with its binary.
-#[derive(Debug, Clone)]
-pub enum Vmm {
-    /// `vmm = "firecracker"` and `firecracker_binary`.
-    Firecracker(PathBuf),
-    /// `vmm = "qemu"` and `qemu_binary`.
-    Qemu(PathBuf),
+/// The daemon's own config type: a benchmark sets what it chooses, and
+/// [`Harness::write_config`] the rest.
+pub use agentenv_core::config::Config;
+
+/// fc-double (or a wrapper of it, `binary`) as the VMM, in the run's
+/// directory `root`: empty `rootfs/`, `kernels/` (with the fake kernel
+/// fc-double only opens) and `initramfs/`, and direct disks in `disks/`.
+pub fn fc_double_config(binary: PathBuf, root: &Path, memory_mib_per_slot: u64) -> Result<Config> {
+    for d in ["rootfs", "kernels", "initramfs", "disks"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    std::fs::write(
+        root.join("kernels/vmlinux"),
+        b"not a kernel: fc-double only opens it",
+    )?;
+    Ok(Config {
+        vmm: VmmChoice::Firecracker,
+        firecracker_binary: binary,
+        rootfs_root: root.join("rootfs"),
+        kernel_root: root.join("kernels"),
+        initramfs_root: root.join("initramfs"),
+        memory_mib_per_slot,
+        default_disk_size_gib: 1,
+        direct_disk_roots: vec![root.join("disks")],
+        startup_timeout_ms: 10000,
+        request_timeout_ms: 10000,
+        ..Config::default()
+    })
 }
 
-/// What a benchmark chooses in the daemon's config. The roots of the daemon's
-/// own state (`sessions/`, sockets in `s/`, snapshots in `snap/`) always go
-/// under the run's directory, and networking is always off: the benchmarks
-/// run in the host's own network namespace and must never create TAPs or
-/// firewall rules there.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub vmm: Vmm,
-    pub rootfs_root: PathBuf,
-    pub kernel_root: PathBuf,
-    pub initramfs_root: PathBuf,
-    /// `default_kernel` (the daemon's default when `None`).
-    pub default_kernel: Option<String>,
-    /// `default_initrd` (none when `None`).
-    pub default_initrd: Option<String>,
-    pub memory_mib_per_slot: u64,
-    pub default_disk_size_gib: u64,
-    /// `max_memory_mib` (the daemon's default when `None`).
-    pub max_memory_mib: Option<u64>,
-    pub direct_disk_roots: Vec<PathBuf>,
-    pub startup_timeout_ms: u64,
-    pub request_timeout_ms: u64,
+/// QEMU booting the guest artifacts (`vmlinuz`, `initrd.img`).
+pub fn qemu_config(guest: &QemuGuest, memory_mib_per_slot: u64, disk_gib: u64) -> Config {
+    let a = &guest.artifacts;
+    Config {
+        vmm: VmmChoice::Qemu,
+        qemu_binary: guest.qemu.clone(),
+        rootfs_root: a.join("rootfs"),
+        kernel_root: a.join("kernels"),
+        initramfs_root: a.join("initramfs"),
+        default_kernel: "vmlinuz".into(),
+        default_initrd: Some("initrd.img".into()),
+        memory_mib_per_slot,
+        default_disk_size_gib: disk_gib,
+        startup_timeout_ms: 30000,
+        request_timeout_ms: 30000,
+        ..Config::default()
+    }
 }
 
-impl Config {
-    /// fc-double (or a wrapper of it, `binary`) as the VMM, in the run's
-    /// directory `root`: empty `rootfs/`, `kernels/` (with the fake kernel
-    /// fc-double only opens) and `initramfs/`, and direct disks in `disks/`.
-    pub fn fc_double(binary: PathBuf, root: &Path, memory_mib_per_slot: u64) -> Result<Config> {
-        for d in ["rootfs", "kernels", "initramfs", "disks"] {
-            std::fs::create_dir_all(root.join(d))?;
-        }
-        std::fs::write(
-            root.join("kernels/vmlinux"),
-            b"not a kernel: fc-double only opens it",
-        )?;
-        Ok(Config {
-            vmm: Vmm::Firecracker(binary),
-            rootfs_root: root.join("rootfs"),
-            kernel_root: root.join("kernels"),
-            initramfs_root: root.join("initramfs"),
-            default_kernel: None,
-            default_initrd: None,
-            memory_mib_per_slot,
-            default_disk_size_gib: 1,
-            max_memory_mib: None,
-            direct_disk_roots: vec![root.join("disks")],
-            startup_timeout_ms: 10000,
-            request_timeout_ms: 10000,
-        })
-    }
-
-    /// QEMU booting the guest artifacts (`vmlinuz`, `initrd.img`).
-    pub fn qemu(guest: &QemuGuest, memory_mib_per_slot: u64, disk_gib: u64) -> Config {
-        let a = &guest.artifacts;
-        Config {
-            vmm: Vmm::Qemu(guest.qemu.clone()),
-            rootfs_root: a.join("rootfs"),
-            kernel_root: a.join("kernels"),
-            initramfs_root: a.join("initramfs"),
-            default_kernel: Some("vmlinuz".into()),
-            default_initrd: Some("initrd.img".into()),
-            memory_mib_per_slot,
-            default_disk_size_gib: disk_gib,
-            max_memory_mib: None,
-            direct_disk_roots: Vec::new(),
-            startup_timeout_ms: 30000,
-            request_timeout_ms: 30000,
-        }
-    }
-
-    /// The config file's text, for a run whose directory is `root`; `bench`
-    /// names the benchmark in its first line.
-    pub fn to_toml(&self, bench: &str, root: &Path) -> String {
-        let q = |path: &Path| serde_json::to_string(&path.display().to_string()).expect("string");
-        let (vmm, binary_key, binary) = match &self.vmm {
-            Vmm::Firecracker(b) => ("firecracker", "firecracker_binary", b),
-            Vmm::Qemu(b) => ("qemu", "qemu_binary", b),
-        };
-        let mut t = format!("# agentenv-bench {bench}\n");
-        for (key, path) in [
-            ("session_root", root.join("sessions")),
-            ("socket_root", root.join("s")),
-            ("snapshots_root", root.join("snap")),
-            ("tmpfs_snapshot_root", root.join("snap/tmpfs")),
-            ("hdfs_snapshot_root", root.join("snap/durable")),
-            ("rootfs_root", self.rootfs_root.clone()),
-            ("kernel_root", self.kernel_root.clone()),
-            ("initramfs_root", self.initramfs_root.clone()),
-            (binary_key, binary.clone()),
-        ] {
-            t.push_str(&format!("{key} = {}\n", q(&path)));
-        }
-        t.push_str(&format!("vmm = \"{vmm}\"\n"));
-        for (key, value) in [
-            ("default_kernel", &self.default_kernel),
-            ("default_initrd", &self.default_initrd),
-        ] {
-            if let Some(v) = value {
-                t.push_str(&format!(
-                    "{key} = {}\n",
-                    serde_json::to_string(v).expect("string")
-                ));
-            }
-        }
-        t.push_str(&format!(
-            "memory_mib_per_slot = {}\ndefault_slots = 1\ndefault_disk_size_gib = {}\n",
-            self.memory_mib_per_slot, self.default_disk_size_gib
-        ));
-        if let Some(m) = self.max_memory_mib {
-            t.push_str(&format!("max_memory_mib = {m}\n"));
-        }
-        if !self.direct_disk_roots.is_empty() {
-            let roots: Vec<String> = self.direct_disk_roots.iter().map(|p| q(p)).collect();
-            t.push_str(&format!("direct_disk_roots = [{}]\n", roots.join(", ")));
-        }
-        t.push_str(&format!(
-            "shutdown_timeout_s = 5\nstartup_timeout_ms = {}\nrequest_timeout_ms = {}\n\
-             # A benchmark's VMs go with its daemon, even when it is interrupted.\n\
-             on_shutdown = \"stop\"\n",
-            self.startup_timeout_ms, self.request_timeout_ms
-        ));
-        t.push_str(
-            "\n# The benchmarks run in the host's own network namespace: they must never\n\
-             # create TAPs or firewall rules there.\n\
-             [network]\n\
-             enable = false\n",
-        );
-        t
+/// `config` for a run whose directory is `root`: the roots of the daemon's
+/// own state (`sessions/`, sockets in `s/`, snapshots in `snap/`) under it,
+/// one slot per VM, its VMs stopped with it (even when the benchmark is
+/// interrupted), and networking off: the benchmarks run in the host's own
+/// network namespace and must never create TAPs or firewall rules there.
+pub fn in_run(config: &Config, root: &Path) -> Config {
+    Config {
+        session_root: root.join("sessions"),
+        socket_root: root.join("s"),
+        snapshots_root: root.join("snap"),
+        tmpfs_snapshot_root: root.join("snap/tmpfs"),
+        hdfs_snapshot_root: root.join("snap/durable"),
+        default_slots: 1,
+        shutdown_timeout_s: 5,
+        on_shutdown: OnShutdown::Stop,
+        network: NetworkConfig {
+            enable: false,
+            ..config.network.clone()
+        },
+        ..config.clone()
     }
 }
 
@@ -354,18 +265,16 @@ impl Config {
 
 /// One request through `api`, timed, checked for the status `want`.
 pub fn call(
-    api: &mut Client,
+    api: &ApiClient,
     method: &str,
     path: &str,
     body: Option<&Value>,
     want: u16,
 ) -> Result<(Duration, Response)> {
+    let bytes = body.map(|b| serde_json::to_vec(b).expect("JSON values serialise"));
+    let req = Request::new(method, path).body(bytes.as_deref().map_or(Body::Empty, Body::Bytes));
     let t0 = Instant::now();
-    let r = match body {
-        Some(b) => api.request_json(method, path, b),
-        None => api.request(method, path, None),
-    }
-    .with_context(|| format!("{method} {path}"))?;
+    let r = api.send(req).with_context(|| format!("{method} {path}"))?;
     let took = t0.elapsed();
     ensure!(
         r.status == want,
@@ -381,8 +290,8 @@ pub struct Daemon {
     child: Child,
     pub pid: u32,
     pub addr: SocketAddr,
-    /// A client for its HTTP API.
-    pub api: Client,
+    /// A client for its HTTP API (one keep-alive connection).
+    pub api: ApiClient,
     /// Its stderr.
     pub log: PathBuf,
 }
@@ -401,6 +310,7 @@ impl Daemon {
             .local_addr()?
             .port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let api = ApiClient::new(&format!("http://{addr}"))?.with_timeout(io_timeout);
         let log_file = File::create(log)?;
         let mut cmd = Command::new(agentenv);
         cmd.arg("--config")
@@ -417,7 +327,7 @@ impl Daemon {
             pid: child.id(),
             child,
             addr,
-            api: Client::new(Endpoint::Tcp(addr), io_timeout),
+            api,
             log: log.to_path_buf(),
         };
         let start = Instant::now();
@@ -435,10 +345,8 @@ impl Daemon {
                     health_timeout.as_secs()
                 );
             }
-            if let Ok(r) = d.api.request("GET", "/v1/health", None) {
-                if r.status == 200 {
-                    return Ok(d);
-                }
+            if d.api.health().is_ok() {
+                return Ok(d);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -448,19 +356,8 @@ impl Daemon {
     /// (SIGKILL after 30 s), recording what happened in `c`.
     fn stop(mut self, c: &mut Cleanup) {
         let t0 = Instant::now();
-        let ids: Vec<String> = match self
-            .api
-            .request("GET", "/v1/vm", None)
-            .and_then(|r| r.json())
-        {
-            Ok(v) => v["vms"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|vm| vm["vm_id"].as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default(),
+        let ids: Vec<String> = match self.api.list_vms() {
+            Ok(l) => l.vms.into_iter().map(|vm| vm.vm_id).collect(),
             Err(e) => {
                 c.errors.push(format!("listing VMs: {e}"));
                 Vec::new()
@@ -470,11 +367,8 @@ impl Daemon {
             eprintln!("cleanup: deleting {} VMs …", ids.len());
         }
         for id in &ids {
-            match self.api.request("DELETE", &format!("/v1/vm/{id}"), None) {
-                Ok(r) if r.status == 204 => c.deleted += 1,
-                Ok(r) => c
-                    .errors
-                    .push(format!("DELETE {id}: HTTP {}: {}", r.status, r.text())),
+            match self.api.delete_vm(id) {
+                Ok(()) => c.deleted += 1,
                 Err(e) => c.errors.push(format!("DELETE {id}: {e}")),
             }
         }
@@ -550,10 +444,13 @@ impl Harness {
         &self.fs
     }
 
-    /// Writes the daemon's config to `agentenv.toml` in the run's directory.
+    /// Writes the daemon's config ([`in_run`] of `config`) to
+    /// `agentenv.toml` in the run's directory.
     pub fn write_config(&mut self, config: &Config) -> Result<()> {
         let path = self.root.join("agentenv.toml");
-        std::fs::write(&path, config.to_toml(crate::runner::name(), &self.root))?;
+        let text = toml::to_string(&in_run(config, &self.root))?;
+        let name = crate::runner::name();
+        std::fs::write(&path, format!("# agentenv-bench {name}\n{text}"))?;
         self.config = Some(path);
         Ok(())
     }
@@ -701,15 +598,14 @@ impl Cleanup {
     /// What happened to the VMs, the daemon, the directory and any leftover
     /// process, and each error, on a line of its own.
     pub fn summary(&self) -> String {
-        let mut s = format!(
-            "deleted {} VMs in {:.1} s; daemon stopped by SIGTERM in {:.2} s ({}); {} leftover \
-             processes; ",
-            self.deleted,
-            self.delete_s,
-            self.daemon_stop_s,
-            self.daemon_exit.as_deref().unwrap_or("not running"),
-            self.leftover.len(),
-        );
+        let mut s = match &self.daemon_exit {
+            Some(exit) => format!(
+                "deleted {} VMs in {:.1} s; daemon stopped by SIGTERM in {:.2} s ({exit}); ",
+                self.deleted, self.delete_s, self.daemon_stop_s,
+            ),
+            None => String::new(),
+        };
+        s.push_str(&format!("{} leftover processes; ", self.leftover.len()));
         match (&self.kept_dir, self.dir_removed) {
             (Some(d), _) => s.push_str(&format!("temp dir kept at {d}")),
             (None, true) => s.push_str("temp dir removed"),
@@ -748,59 +644,27 @@ impl Cleanup {
 mod tests {
     use super::*;
 
-    fn config(vmm: Vmm) -> Config {
-        Config {
-            vmm,
-            rootfs_root: "/a/rootfs".into(),
-            kernel_root: "/a/kernels".into(),
-            initramfs_root: "/a/initramfs".into(),
-            default_kernel: None,
-            default_initrd: None,
-            memory_mib_per_slot: 32,
-            default_disk_size_gib: 1,
-            max_memory_mib: None,
-            direct_disk_roots: Vec::new(),
-            startup_timeout_ms: 10000,
-            request_timeout_ms: 20000,
-        }
-    }
-
     #[test]
     fn configs_parse_with_the_roots_in_the_run_and_networking_off() {
-        use agentenv_core::config::{Config as Daemon, VmmChoice};
         let root = Path::new("/r \"x\"");
         let fc = Config {
             max_memory_mib: Some(4096),
             direct_disk_roots: vec![root.join("disks"), "/d2".into()],
-            ..config(Vmm::Firecracker("/bin/fc".into()))
+            vmm: VmmChoice::Qemu,
+            default_initrd: Some("initrd.img".into()),
+            ..Config::default()
         };
-        let c = Daemon::parse(&fc.to_toml("t", root)).unwrap();
-        assert_eq!(c.vmm, VmmChoice::Firecracker);
-        assert_eq!(c.firecracker_binary, Path::new("/bin/fc"));
+        let c = Config::parse(&toml::to_string(&in_run(&fc, root)).unwrap()).unwrap();
         assert_eq!(c.session_root, root.join("sessions"));
         assert_eq!(c.socket_root, root.join("s"));
         assert_eq!(c.snapshots_root, root.join("snap"));
         assert_eq!(c.tmpfs_snapshot_root, root.join("snap/tmpfs"));
         assert_eq!(c.hdfs_snapshot_root, root.join("snap/durable"));
-        assert_eq!(c.rootfs_root, Path::new("/a/rootfs"));
         assert_eq!(c.max_memory_mib, Some(4096));
         assert_eq!(c.direct_disk_roots, [root.join("disks"), "/d2".into()]);
-        assert_eq!((c.startup_timeout_ms, c.request_timeout_ms), (10000, 20000));
+        assert_eq!(c.on_shutdown, OnShutdown::Stop);
         assert!(!c.network.enable);
-
-        let qemu = Config {
-            default_kernel: Some("vmlinuz".into()),
-            default_initrd: Some("initrd.img".into()),
-            ..config(Vmm::Qemu("/bin/qemu".into()))
-        };
-        let c = Daemon::parse(&qemu.to_toml("t", root)).unwrap();
-        assert_eq!(c.vmm, VmmChoice::Qemu);
-        assert_eq!(c.qemu_binary, Path::new("/bin/qemu"));
-        assert_eq!(c.default_kernel, "vmlinuz");
-        assert_eq!(c.default_initrd.as_deref(), Some("initrd.img"));
-        assert_eq!(c.max_memory_mib, None);
-        assert!(c.direct_disk_roots.is_empty());
-        assert!(!c.network.enable);
+        assert_eq!(c, in_run(&fc, root));
     }
 
     #[test]

@@ -13,9 +13,6 @@
 //! - [`report`], the figures: tables with targets, as text or JSON, the
 //!   cleanup, and the exit status;
 //! - [`stats`], percentiles, medians and spreads;
-//! - [`http`], a minimal blocking HTTP/1.1 client over TCP or a Unix socket,
-//!   used for both the daemon and the bare Firecracker API baseline, so that
-//!   both sides pay for the same client code;
 //! - [`daemon`], the real `agentenv` daemon as a separate process: finding
 //!   the binaries, a temporary directory with a generated config (networking
 //!   always off), start, health wait, and a teardown that deletes the VMs,
@@ -31,7 +28,6 @@
 
 pub mod args;
 pub mod daemon;
-pub mod http;
 pub mod procfs;
 pub mod report;
 pub mod runner;

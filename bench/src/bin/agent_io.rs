@@ -8,25 +8,26 @@ use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentenv_bench::args::{Common, Warmup};
-use agentenv_bench::daemon::{self, call, find_in_path, wait_for_socket, Harness, QemuGuest};
-use agentenv_bench::http::Client;
+use agentenv_bench::daemon::{self, call, find_in_path, Harness, QemuGuest};
 use agentenv_bench::procfs::{self, Rss};
 use agentenv_bench::report::{or_exit, Cell, Limit, Report, Table, Target};
 use agentenv_bench::runner::{self, interleaved, progress, rotated, rounds, Sides};
 use agentenv_bench::signals;
 use agentenv_bench::stats::{Spread, Summary};
+use agentenv_client::{ApiClient, UploadOptions};
 use agentenv_core::agent::{AgentLink, ExecEvent};
 use agentenv_core::backend::AgentChannel;
 use agentenv_core::config::AgentConfig;
 use agentenv_core::engine::AGENT_SOCKET;
 use agentenv_host::agent::AgentClient;
 use agentenv_proto::{ExecRequest, PutFile, INITIAL_WINDOW, VSOCK_PORT};
+use agentenv_testkit::agent::HostAgent;
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
@@ -182,53 +183,6 @@ fn main() {
     rep.finish(c.json)
 }
 
-// ---------------------------------------------------------------- the host agent
-
-/// `agentenv-guest --listen-unix SOCK` on the host; killed when dropped.
-struct HostAgent {
-    child: Option<Child>,
-    socket: PathBuf,
-}
-
-impl HostAgent {
-    fn start(bin: &Path, socket: &Path, log: &Path) -> Result<HostAgent> {
-        let mut cmd = Command::new(bin);
-        cmd.arg("--listen-unix").arg(socket).stdin(Stdio::null());
-        cmd.stdout(Stdio::null()).stderr(File::create(log)?);
-        let mut child = signals::spawn_group(&mut cmd, libc::SIGKILL)?;
-        let waited = wait_for_socket(
-            &mut child,
-            socket,
-            log,
-            "agentenv-guest",
-            Duration::from_millis(5),
-        );
-        let agent = HostAgent {
-            child: Some(child),
-            socket: socket.to_path_buf(),
-        };
-        waited?;
-        Ok(agent)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-
-    fn stop(&mut self) {
-        if let Some(child) = self.child.take() {
-            signals::kill_group(child);
-            let _ = std::fs::remove_file(&self.socket);
-        }
-    }
-}
-
-impl Drop for HostAgent {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 // ---------------------------------------------------------------- the client sides
 
 /// This program's own `AgentClient` (the daemon's client code), in a
@@ -344,29 +298,23 @@ impl AgentSide {
 
 // ---------------------------------------------------------------- the daemon side
 
-/// The daemon's API: the benchmarks' own HTTP client for execs (one keep-alive
-/// connection), ureq for the streamed file bodies.
+/// The daemon's API through `agentenv-client`: execs on its keep-alive
+/// connection, file bodies streamed on connections of their own.
 struct ViaDaemon {
-    api: Client,
-    http: ureq::Agent,
-    files_url: String,
-    exec_path: String,
+    api: ApiClient,
+    vm_id: String,
+    exec: agentenv_api::ExecRequest,
     pid: u32,
 }
 
 impl ViaDaemon {
-    fn new(d: &daemon::Daemon, vm_id: &str) -> ViaDaemon {
-        ViaDaemon {
-            api: Client::new(agentenv_bench::http::Endpoint::Tcp(d.addr), IO_TIMEOUT),
-            http: ureq::AgentBuilder::new()
-                .timeout_connect(Duration::from_secs(5))
-                .timeout_read(IO_TIMEOUT)
-                .timeout_write(IO_TIMEOUT)
-                .build(),
-            files_url: format!("http://{}/v1/vm/{vm_id}/files", d.addr),
-            exec_path: format!("/v1/vm/{vm_id}/exec"),
+    fn new(d: &daemon::Daemon, vm_id: &str) -> Result<ViaDaemon> {
+        Ok(ViaDaemon {
+            api: ApiClient::new(&format!("http://{}", d.addr))?.with_timeout(IO_TIMEOUT),
+            vm_id: vm_id.into(),
+            exec: serde_json::from_value(json!({"cmd": ["true"]}))?,
             pid: d.pid,
-        }
+        })
     }
 
     fn rss(&self) -> Result<Rss> {
@@ -374,22 +322,13 @@ impl ViaDaemon {
     }
 
     fn exec_true(&mut self) -> Result<Duration> {
-        let body = br#"{"cmd":["true"]}"#;
         let t0 = Instant::now();
-        let r = self
-            .api
-            .request("POST", &self.exec_path, Some(body))
-            .with_context(|| format!("POST {}", self.exec_path))?;
+        let r = self.api.exec(&self.vm_id, &self.exec).context("exec")?;
         let took = t0.elapsed();
         ensure!(
-            r.status == 200,
-            "POST {}: HTTP {}: {}",
-            self.exec_path,
-            r.status,
-            r.text()
+            r.exit_code == Some(0),
+            "exec of true through the daemon: {r:?}"
         );
-        let v = r.json()?;
-        ensure!(v["exit_code"] == 0, "exec of true through the daemon: {v}");
         Ok(took)
     }
 
@@ -398,18 +337,17 @@ impl ViaDaemon {
     fn put(&self, src: &str, guest_path: &str, size: u64) -> Result<Duration> {
         let file = BufReader::with_capacity(BUF, File::open(src)?);
         let t0 = Instant::now();
-        let r = self
-            .http
-            .put(&self.files_url)
-            .query("path", guest_path)
-            .set("Content-Type", "application/octet-stream")
-            .set("Content-Length", &size.to_string())
-            .send(file)
-            .map_err(ureq_error)
+        let opts = UploadOptions::default();
+        let w = self
+            .api
+            .upload(&self.vm_id, guest_path, &opts, file, Some(size))
             .context("PUT files")?;
-        let v: Value = r.into_json().context("PUT files: the answer")?;
         let took = t0.elapsed();
-        ensure!(v["bytes"] == size, "PUT files: {v} (sent {size} bytes)");
+        ensure!(
+            w.bytes == size,
+            "PUT files: wrote {} bytes, sent {size}",
+            w.bytes
+        );
         Ok(took)
     }
 
@@ -425,19 +363,15 @@ impl ViaDaemon {
         let mut check = Check::new(content);
         let mut buf = vec![0u8; BUF];
         let t0 = Instant::now();
-        let r = self
-            .http
-            .get(&self.files_url)
-            .query("path", guest_path)
-            .call()
-            .map_err(ureq_error)
+        let mut body = self
+            .api
+            .download(&self.vm_id, guest_path)
             .context("GET files")?;
-        let announced = r.header("x-agentenv-file-size").map(str::to_string);
         ensure!(
-            announced.as_deref() == Some(size.to_string().as_str()),
-            "GET files: x-agentenv-file-size {announced:?}, expected {size}"
+            body.size == Some(size),
+            "GET files: x-agentenv-file-size {:?}, expected {size}",
+            body.size
         );
-        let mut body = r.into_reader();
         let mut next_pause = THROTTLE_EVERY;
         loop {
             let n = body.read(&mut buf).context("GET files: reading the body")?;
@@ -453,15 +387,6 @@ impl ViaDaemon {
         let took = t0.elapsed();
         check.finish(size)?;
         Ok(took)
-    }
-}
-
-fn ureq_error(e: ureq::Error) -> anyhow::Error {
-    match e {
-        ureq::Error::Status(code, r) => {
-            anyhow::anyhow!("HTTP {code}: {}", r.into_string().unwrap_or_default())
-        }
-        other => anyhow::Error::new(other),
     }
 }
 
@@ -698,13 +623,14 @@ impl FcEnv {
         )?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
-        h.write_config(&daemon::Config::fc_double(
+        h.write_config(&daemon::fc_double_config(
             wrapper,
             &root,
             MEMORY_MIB_PER_SLOT,
         )?)?;
         File::create(root.join("disks/root.img"))?.set_len(MIB)?;
-        let agent = HostAgent::start(guest, &sock, &root.join("agent.log"))?;
+        let agent = HostAgent::spawn(guest, &sock, Some(&root.join("agent.log")))
+            .context("agentenv-guest")?;
         Ok(FcEnv { h, root, agent })
     }
 }
@@ -720,7 +646,7 @@ fn throughputs(bytes: u64, times: &[Duration]) -> Vec<f64> {
         .collect()
 }
 
-fn create_ready(api: &mut Client, body: &Value) -> Result<Duration> {
+fn create_ready(api: &ApiClient, body: &Value) -> Result<Duration> {
     let (took, r) = call(api, "POST", "/v1/vm", Some(body), 201)?;
     let v = r.json()?;
     ensure!(
@@ -756,10 +682,10 @@ fn run_fc(env: &mut FcEnv, agentenv: &Path, p: &Params, rep: &mut Report) -> Res
     let d = env
         .h
         .start_daemon(agentenv, IO_TIMEOUT, Duration::from_secs(15))?;
-    let mut via = ViaDaemon::new(d, "io");
+    let mut via = ViaDaemon::new(d, "io")?;
     let disk = env.root.join("disks/root.img");
     let ready = create_ready(
-        &mut via.api,
+        &via.api,
         &json!({"vm_id": "io", "disk": {"kind": "direct", "path": disk},
                 "wait_ready": true, "wait_ready_timeout_s": READY_TIMEOUT_S}),
     )?;
@@ -1026,7 +952,7 @@ fn run_qemu_part(args: &Args, agentenv: &Path, p: &Params, rep: &mut Report) {
         }
     };
     let result = h
-        .write_config(&daemon::Config::qemu(&guest, MEMORY_MIB_PER_SLOT, 2))
+        .write_config(&daemon::qemu_config(&guest, MEMORY_MIB_PER_SLOT, 2))
         .and_then(|()| run_qemu(&mut h, agentenv, p, args.boot_timeout_s, &guest));
     let (result, cleanup) = h.finish(result, args.common.keep);
     rep.cleanup("qemu", cleanup.cleaned());
@@ -1049,10 +975,10 @@ fn run_qemu(
 ) -> Result<Table> {
     let root = h.root().to_path_buf();
     let d = h.start_daemon(agentenv, IO_TIMEOUT, Duration::from_secs(15))?;
-    let mut via = ViaDaemon::new(d, "q1");
+    let mut via = ViaDaemon::new(d, "q1")?;
     progress("qemu: booting a guest (create with wait_ready)");
     let ready = create_ready(
-        &mut via.api,
+        &via.api,
         &json!({"vm_id": "q1", "disk": {"kind": "overlay", "rootfs_id": QEMU_ROOTFS},
                 "wait_ready": true, "wait_ready_timeout_s": boot_timeout_s}),
     )?;
@@ -1159,13 +1085,5 @@ mod tests {
         c.feed(&data[..100]).unwrap();
         assert!(c.finish(size).is_err());
         assert!(Check::new(Content::Zeros).feed(&data).is_err());
-    }
-
-    #[test]
-    fn spreads_take_the_median() {
-        let s = Spread::of(&[3.0, 1.0, 2.0]).unwrap();
-        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
-        assert_eq!(Spread::of(&[1.0, 4.0]).unwrap().median, 2.5);
-        assert!(Spread::of(&[]).is_none());
     }
 }

@@ -11,12 +11,18 @@ use std::time::{Duration, Instant};
 
 use agentenv_bench::args::{Common, Warmup};
 use agentenv_bench::daemon::{self, call, find_in_path, wait_for_socket, Harness};
-use agentenv_bench::http::{Client, Endpoint};
 use agentenv_bench::procfs::{self, Rss};
 use agentenv_bench::report::{or_exit, Cell, Limit, Report, Table, Target};
 use agentenv_bench::runner::{self, progress, rotated, rounds, Sides};
 use agentenv_bench::signals;
 use agentenv_bench::stats::Summary;
+use agentenv_client::{ApiClient, Client, Endpoint};
+use agentenv_core::host::DiskImages;
+use agentenv_host::firecracker::models::{
+    ActionType, BootSource, Drive, FullVmConfiguration, InstanceActionInfo, MachineConfiguration,
+    Vm, VmState,
+};
+use agentenv_host::LocalHost;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
@@ -133,7 +139,7 @@ impl Env {
         let config = daemon::Config {
             default_disk_size_gib: OVERLAY_GIB,
             max_memory_mib: Some((p.vms as u64 + 1024) * MEMORY_MIB_PER_SLOT),
-            ..daemon::Config::fc_double(fc_double.clone(), &root, MEMORY_MIB_PER_SLOT)?
+            ..daemon::fc_double_config(fc_double.clone(), &root, MEMORY_MIB_PER_SLOT)?
         };
         File::create(root.join("rootfs/base.ext4"))?.set_len(8 << 20)?;
         for name in ["lat", "bare"]
@@ -152,8 +158,8 @@ impl Env {
         Ok(Env { h, root, bare })
     }
 
-    fn api(&mut self) -> &mut Client {
-        &mut self.h.daemon_mut().api
+    fn api(&mut self) -> &ApiClient {
+        &self.h.daemon_mut().api
     }
 
     fn rss(&self) -> Result<Rss> {
@@ -161,21 +167,21 @@ impl Env {
     }
 }
 
-fn create(api: &mut Client, body: &Value) -> Result<Duration> {
+fn create(api: &ApiClient, body: &Value) -> Result<Duration> {
     let (took, r) = call(api, "POST", "/v1/vm", Some(body), 201)?;
     let v = r.json()?;
     ensure!(v["state"] == "running", "created vm is {}: {v}", v["state"]);
     Ok(took)
 }
 
-fn flip(api: &mut Client, vm_id: &str, op: &str, want_state: &str) -> Result<Duration> {
+fn flip(api: &ApiClient, vm_id: &str, op: &str, want_state: &str) -> Result<Duration> {
     let (took, r) = call(api, "POST", &format!("/v1/vm/{vm_id}/{op}"), None, 200)?;
     let v = r.json()?;
     ensure!(v["state"] == want_state, "{op}: vm is {}: {v}", v["state"]);
     Ok(took)
 }
 
-fn delete(api: &mut Client, vm_id: &str) -> Result<Duration> {
+fn delete(api: &ApiClient, vm_id: &str) -> Result<Duration> {
     Ok(call(api, "DELETE", &format!("/v1/vm/{vm_id}"), None, 204)?.0)
 }
 
@@ -221,27 +227,32 @@ impl BareClient {
                 Err(e) => return Err(e).context("cannot connect to fc-double"),
             }
         }
-        let boot_args = format!("{BOOT_ARGS} agentenv.vm_id={name} agentenv.root=/dev/vda");
-        let mut puts = vec![
-            (
-                "/machine-config".to_string(),
-                json!({"vcpu_count": 1, "mem_size_mib": MEMORY_MIB_PER_SLOT, "smt": false}),
-            ),
-            (
-                "/boot-source".into(),
-                json!({"kernel_image_path": self.kernel, "boot_args": boot_args}),
-            ),
-        ];
-        for (id, path, read_only) in drives {
-            puts.push((
-                format!("/drives/{id}"),
-                json!({"drive_id": id, "path_on_host": path, "is_root_device": *id == "rootfs",
-                       "is_read_only": read_only}),
-            ));
-        }
-        puts.push(("/actions".into(), json!({"action_type": "InstanceStart"})));
+        // The daemon's bodies: its driver builds them from the same models.
+        let config = FullVmConfiguration {
+            boot_source: BootSource {
+                kernel_image_path: self.kernel.clone(),
+                initrd_path: None,
+                boot_args: Some(format!(
+                    "{BOOT_ARGS} agentenv.vm_id={name} agentenv.root=/dev/vda"
+                )),
+            },
+            drives: drives
+                .iter()
+                .map(|(id, path, ro)| Drive::file(id, path.to_path_buf(), *id == "rootfs", *ro))
+                .collect(),
+            machine_config: MachineConfiguration {
+                mem_size_mib: MEMORY_MIB_PER_SLOT as usize,
+                ..MachineConfiguration::default()
+            },
+            ..FullVmConfiguration::default()
+        };
+        let start = InstanceActionInfo {
+            action_type: ActionType::InstanceStart,
+        };
+        let mut puts = config.api_calls();
+        puts.push(("/actions".into(), serde_json::to_value(start)?));
         for (path, body) in &puts {
-            call(&mut vm.api, "PUT", path, Some(body), 204)?;
+            call_bare(&mut vm.api, "PUT", path, body)?;
         }
         Ok((t0.elapsed(), vm))
     }
@@ -255,15 +266,13 @@ struct BareVm {
 }
 
 impl BareVm {
-    fn patch_state(&mut self, state: &str) -> Result<Duration> {
-        Ok(call(
+    fn patch_state(&mut self, state: VmState) -> Result<Duration> {
+        call_bare(
             &mut self.api,
             "PATCH",
             "/vm",
-            Some(&json!({"state": state})),
-            204,
-        )?
-        .0)
+            &serde_json::to_value(Vm { state })?,
+        )
     }
 
     /// What the daemon does on delete, minus its bookkeeping: kill the
@@ -283,6 +292,21 @@ impl Drop for BareVm {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// One request of the bare client, timed; Firecracker answers 204.
+fn call_bare(api: &mut Client, method: &str, path: &str, body: &Value) -> Result<Duration> {
+    let t0 = Instant::now();
+    let r = api
+        .request_json(method, path, body)
+        .with_context(|| format!("{method} {path}"))?;
+    ensure!(
+        r.status == 204,
+        "{method} {path}: HTTP {}: {}",
+        r.status,
+        r.text()
+    );
+    Ok(t0.elapsed())
 }
 
 /// Raises the open-file limit to its hard limit and checks that `vms` VMs fit.
@@ -325,7 +349,7 @@ fn check_limits(vms: usize) -> Result<()> {
 
 /// Back-to-back GET, pause and resume of one VM (no bare side: this compares
 /// the daemon with itself at 1 VM and at N VMs).
-fn per_vm_ops(api: &mut Client, id: &str, k: usize, warmup: usize) -> Result<[Vec<Duration>; 3]> {
+fn per_vm_ops(api: &ApiClient, id: &str, k: usize, warmup: usize) -> Result<[Vec<Duration>; 3]> {
     let mut out: [Vec<Duration>; 3] = Default::default();
     rounds(
         &format!("GET, pause and resume {id}"),
@@ -348,7 +372,7 @@ fn per_vm_ops(api: &mut Client, id: &str, k: usize, warmup: usize) -> Result<[Ve
 
 /// `GET /v1/vm` `n` times after `warmup`; checks the VM count and returns
 /// the size of the answer.
-fn list(api: &mut Client, vms: usize, warmup: usize, n: usize) -> Result<(Vec<Duration>, usize)> {
+fn list(api: &ApiClient, vms: usize, warmup: usize, n: usize) -> Result<(Vec<Duration>, usize)> {
     let (mut out, mut bytes) = (Vec::new(), 0);
     rounds(
         &format!("GET /v1/vm at {vms} VMs"),
@@ -383,7 +407,7 @@ fn run(env: &mut Env, agentenv: &Path, p: &Params, rep: &mut Report) -> Result<(
     let [mut create_s, mut pause_s, mut resume_s, mut delete_s] =
         [(); 4].map(|_| Sides::<2>::default());
     let Env { h, bare, .. } = env;
-    let api = &mut h.daemon_mut().api;
+    let api = &h.daemon_mut().api;
     rounds("latency", p.warmup, p.iterations, |i, timed| {
         let id = format!("lat-{i:04}");
         let body = json!({"vm_id": id, "disk": {"kind": "direct", "path": lat_disk}});
@@ -401,13 +425,13 @@ fn run(env: &mut Env, agentenv: &Path, p: &Params, rep: &mut Report) -> Result<(
         let pz = rotated(
             i,
             [&mut || flip(api, &id, "pause", "paused"), &mut || {
-                vm.patch_state("Paused")
+                vm.patch_state(VmState::Paused)
             }],
         )?;
         let rs = rotated(
             i,
             [&mut || flip(api, &id, "resume", "running"), &mut || {
-                vm.patch_state("Resumed")
+                vm.patch_state(VmState::Resumed)
             }],
         )?;
         let dl = rotated(i, [&mut || delete(api, &id), &mut || Ok(vm.kill())])?;
@@ -430,8 +454,8 @@ fn run(env: &mut Env, agentenv: &Path, p: &Params, rep: &mut Report) -> Result<(
     match (p.overlay_iterations, find_in_path("mkfs.ext4")) {
         (0, _) => lat.note("overlay create: skipped (--overlay-iterations 0)"),
         (_, None) => lat.note("overlay create: skipped (mkfs.ext4 not found in PATH)"),
-        (n, Some(mkfs)) => {
-            let s = overlays(env, &mkfs, n, p.warmup.min(2))?;
+        (n, Some(_)) => {
+            let s = overlays(env, n, p.warmup.min(2))?;
             lat.latency_row("overlay create (mkfs.ext4)", &s, None)
                 .note(format!(
                 "overlay create: {n} iterations; bare = truncate + mkfs.ext4 with the daemon's \
@@ -444,11 +468,14 @@ fn run(env: &mut Env, agentenv: &Path, p: &Params, rep: &mut Report) -> Result<(
 }
 
 /// Overlay creates (the daemon runs mkfs.ext4) against the same done bare.
-fn overlays(env: &mut Env, mkfs: &Path, n: usize, warm: usize) -> Result<Sides<2>> {
+fn overlays(env: &mut Env, n: usize, warm: usize) -> Result<Sides<2>> {
     let base = env.root.join("rootfs/base.ext4");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let mut out = Sides::default();
     let Env { h, bare, root } = env;
-    let api = &mut h.daemon_mut().api;
+    let api = &h.daemon_mut().api;
     rounds("overlay creates", warm, n, |i, timed| {
         let id = format!("ovl-{i:03}");
         let body = json!({"vm_id": id, "disk": {"kind": "overlay", "rootfs_id": "base.ext4"}});
@@ -460,7 +487,7 @@ fn overlays(env: &mut Env, mkfs: &Path, n: usize, warm: usize) -> Result<Sides<2
                 // The bare equivalent: make the sparse file, mkfs.ext4 it with
                 // the daemon's flags, then boot with base (read-only) and overlay.
                 let t0 = Instant::now();
-                daemon::mkfs_overlay(mkfs, &overlay, OVERLAY_GIB << 30)?;
+                rt.block_on(LocalHost::new().create_ext4_disk(&overlay, OVERLAY_GIB << 30))?;
                 let drives = [
                     ("rootfs", base.as_path(), true),
                     ("overlay", &overlay, false),

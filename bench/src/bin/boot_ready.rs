@@ -3,6 +3,7 @@
 //! replayed), interleaved in one run; and how long the guest artifacts take to
 //! build. See `bench/README.md`.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -10,14 +11,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use agentenv_api::{CreateVmRequest, VmInfo, VmState};
 use agentenv_bench::args::Common;
-use agentenv_bench::daemon::{self, find_in_path, tail_lines, workspace, Harness, QemuGuest};
+use agentenv_bench::daemon::{self, tail_lines, workspace, Harness, QemuGuest};
 use agentenv_bench::procfs;
 use agentenv_bench::report::{or_exit, skip, Cell, Limit, Report, Table};
 use agentenv_bench::runner::{self, progress, rotated, rounds, Sides};
 use agentenv_bench::signals;
 use agentenv_bench::stats::{median, ms};
-use agentenv_host::disk;
+use agentenv_core::backend::{DriveSpec, LaunchSpec};
+use agentenv_core::engine::{AGENT_SOCKET, CONSOLE_LOG};
+use agentenv_core::host::DiskImages;
+use agentenv_host::disk::Ext4Templates;
+use agentenv_host::qemu::{command_document, qemu_args, Accel};
+use agentenv_host::LocalHost;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
@@ -39,10 +46,6 @@ const ROOTFS_ID: &str = "minimal.ext4";
 const CHECK_EVERY: Duration = Duration::from_millis(5);
 /// How long a single HTTP read or write may block.
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
-/// Placeholders in a normalised QEMU command line.
-const P_SESSION: &str = "{SESSION_DIR}";
-const P_SOCKET: &str = "{QMP_SOCKET}";
-const P_ID: &str = "{VM_ID}";
 
 /// Boot to AGENTENV_READY: the agentenv daemon against the same QEMU command
 /// line by hand, interleaved in one run; plus the guest artifacts' build times.
@@ -91,7 +94,7 @@ fn main() {
     }
     let mut h = or_exit(
         Harness::new(c.tmp_dir.as_deref(), "ae-boot-", &["hand"]).and_then(|mut h| {
-            h.write_config(&daemon::Config::qemu(&guest, MEMORY_MIB, OVERLAY_GIB))
+            h.write_config(&daemon::qemu_config(&guest, MEMORY_MIB, OVERLAY_GIB))
                 .map(|()| h)
         }),
         1,
@@ -134,75 +137,102 @@ fn main() {
 
 // ---------------------------------------------------------------- QEMU command line
 
-/// A QEMU command line as the daemon recorded it in `qemu.json`, with the
-/// VM's own session directory, QMP socket and id replaced by placeholders.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The daemon's QEMU command line, built by its own code
+/// (`agentenv_host::qemu::qemu_args`) from what the API says of a VM, with
+/// the binary, accelerator and TSC rate the daemon chose (read from the
+/// `qemu.json` of its reference VM).
+#[derive(Debug, Clone)]
 struct QemuCmd {
     binary: PathBuf,
-    args: Vec<String>,
+    accel: Accel,
+    tsc_khz: Option<u64>,
+    args: usize,
 }
 
 impl QemuCmd {
-    fn from_doc(doc: &Value, session_dir: &str, socket: &str, vm_id: &str) -> Result<QemuCmd> {
-        let binary = doc["binary"]
-            .as_str()
-            .context("qemu.json has no \"binary\"")?;
-        let raw = doc["args"]
+    fn from_doc(doc: &Value) -> Result<QemuCmd> {
+        let args: Vec<&str> = doc["args"]
             .as_array()
-            .context("qemu.json has no \"args\"")?;
-        let id_param = format!("agentenv.vm_id={vm_id}");
-        let id_placeholder = format!("agentenv.vm_id={P_ID}");
-        let mut args = Vec::with_capacity(raw.len());
-        for a in raw {
-            let a = a.as_str().context("a qemu.json argument is not a string")?;
-            let a = if a == vm_id {
-                P_ID.to_string()
-            } else {
-                a.replace(socket, P_SOCKET)
-                    .replace(session_dir, P_SESSION)
-                    .replace(&id_param, &id_placeholder)
-            };
-            args.push(a);
-        }
-        let cmd = QemuCmd {
-            binary: PathBuf::from(binary),
-            args,
-        };
-        for p in [P_SESSION, P_SOCKET, P_ID] {
-            ensure!(
-                cmd.args.iter().any(|a| a.contains(p)),
-                "the daemon's QEMU command line does not name its {} ({}); \
-                 cannot replay it",
-                match p {
-                    P_SESSION => "session directory",
-                    P_SOCKET => "QMP socket",
-                    _ => "VM id",
-                },
-                session_dir
-            );
-        }
-        Ok(cmd)
-    }
-
-    /// The argument list for a VM of our own.
-    fn instantiate(&self, session_dir: &Path, socket: &Path, vm_id: &str) -> Vec<String> {
-        let s = session_dir.display().to_string();
-        let q = socket.display().to_string();
-        self.args
+            .context("qemu.json has no \"args\"")?
             .iter()
-            .map(|a| {
-                a.replace(P_SESSION, &s)
-                    .replace(P_SOCKET, &q)
-                    .replace(P_ID, vm_id)
-            })
-            .collect()
+            .filter_map(Value::as_str)
+            .collect();
+        let after = |flag: &str| {
+            args.iter()
+                .position(|a| *a == flag)
+                .and_then(|i| args.get(i + 1))
+        };
+        Ok(QemuCmd {
+            binary: doc["binary"]
+                .as_str()
+                .context("qemu.json has no \"binary\"")?
+                .into(),
+            accel: if after("-accel") == Some(&"kvm") {
+                Accel::Kvm
+            } else {
+                Accel::Tcg
+            },
+            tsc_khz: after("-append").and_then(|a| {
+                a.split_whitespace()
+                    .find_map(|w| w.strip_prefix("tsc_early_khz=")?.parse().ok())
+            }),
+            args: args.len(),
+        })
     }
 
-    /// The value after `flag`, if any.
-    fn value_of(&self, flag: &str) -> Option<&str> {
-        let at = self.args.iter().position(|a| a == flag)?;
-        self.args.get(at + 1).map(String::as_str)
+    /// The arguments for VM `id` with its session in `dir` and its QMP socket
+    /// at `socket`, otherwise as the daemon's VM `v`.
+    fn args(&self, v: &VmInfo, id: &str, dir: &Path, socket: &Path) -> Vec<OsString> {
+        let drive = |id: &str, path: PathBuf, root: bool| DriveSpec {
+            id: id.into(),
+            path,
+            read_only: root,
+            is_root: root,
+        };
+        let spec = LaunchSpec {
+            vm_id: id.into(),
+            session_dir: dir.into(),
+            control_socket: socket.into(),
+            console_log: dir.join(CONSOLE_LOG),
+            console_log_max_bytes: 0,
+            vcpus: v.vcpus,
+            memory_mib: v.memory_mib,
+            kernel: v.kernel.clone().into(),
+            initrd: v.initrd.clone().map(PathBuf::from),
+            boot_args: v.boot_args.replace(
+                &format!("agentenv.vm_id={}", v.vm_id),
+                &format!("agentenv.vm_id={id}"),
+            ),
+            drives: (v
+                .disk
+                .rootfs_path
+                .iter()
+                .map(|p| drive("rootfs", p.into(), true)))
+            .chain([drive("overlay", overlay_in(v, dir), false)])
+            .collect(),
+            net: None,
+            agent_socket: Some(dir.join(AGENT_SOCKET)),
+            startup_timeout: Duration::ZERO,
+            request_timeout: Duration::ZERO,
+        };
+        qemu_args(&spec, self.accel, self.tsc_khz)
     }
+
+    /// Whether `doc` (a VM's `qemu.json`) is exactly the command line this
+    /// builds for the daemon's VM `v`.
+    fn rebuilds(&self, v: &VmInfo, doc: &Value) -> bool {
+        let (dir, socket) = (Path::new(&v.session_dir), Path::new(&v.api_socket));
+        command_document(&self.binary, &self.args(v, &v.vm_id, dir, socket)) == *doc
+    }
+}
+
+/// Where VM `v`'s overlay goes in a session directory `dir`.
+fn overlay_in(v: &VmInfo, dir: &Path) -> PathBuf {
+    dir.join(
+        Path::new(&v.disk.writable_path)
+            .file_name()
+            .unwrap_or_default(),
+    )
 }
 
 // ---------------------------------------------------------------- waiting for READY
@@ -342,8 +372,10 @@ struct DaemonBoot {
     post: Duration,
     /// DELETE /v1/vm/{id} (untimed part).
     delete: Duration,
-    /// The command line the daemon ran, normalised.
-    cmd: QemuCmd,
+    /// The VM, as the create answered.
+    info: VmInfo,
+    /// Its `qemu.json`: the command line the daemon ran.
+    doc: Value,
     /// CPU time the daemon process used from POST to ready.
     daemon_cpu: Option<Duration>,
     /// CPU time its QEMU had used when the ready line was seen.
@@ -351,69 +383,43 @@ struct DaemonBoot {
 }
 
 fn daemon_boot(h: &mut Harness, id: &str, timeout: Duration) -> Result<DaemonBoot> {
-    let body = json!({
+    let req: CreateVmRequest = serde_json::from_value(json!({
         "vm_id": id,
         "slots": 1,
         "disk": {"kind": "overlay", "rootfs_id": ROOTFS_ID},
-    });
+    }))?;
     let d = h.daemon_mut();
     let daemon_pid = d.pid;
     let cpu0 = procfs::cpu_time(daemon_pid);
     let t0 = Instant::now();
-    let r = d
-        .api
-        .request_json("POST", "/v1/vm", &body)
-        .context("POST /v1/vm")?;
+    let v = d.api.create_vm(&req).context("POST /v1/vm")?;
     let post = t0.elapsed();
-    ensure!(
-        r.status == 201,
-        "POST /v1/vm: HTTP {} (wanted 201): {}",
-        r.status,
-        r.text()
-    );
-    let v = r.json()?;
-    ensure!(v["state"] == "running", "created vm is {}: {v}", v["state"]);
-    let console = v["console_log"]
-        .as_str()
-        .context("the create response has no console_log")?;
-    wait_ready_in_file(Path::new(console), t0 + timeout, timeout)
+    ensure!(v.state == VmState::Running, "created vm is {:?}", v.state);
+    wait_ready_in_file(Path::new(&v.console_log), t0 + timeout, timeout)
         .with_context(|| format!("daemon VM {id}"))?;
     let ready = t0.elapsed();
-    let qemu_cpu = v["pid"].as_u64().and_then(|p| procfs::cpu_time(p as u32));
+    let qemu_cpu = v.pid.and_then(procfs::cpu_time);
     let daemon_cpu = procfs::cpu_time(daemon_pid)
         .zip(cpu0)
         .map(|(b, a)| b.saturating_sub(a));
 
     // Untimed: what the daemon ran, then delete.
-    let session_dir = v["session_dir"]
-        .as_str()
-        .context("the create response has no session_dir")?;
-    let socket = v["api_socket"]
-        .as_str()
-        .context("the create response has no api_socket")?;
-    let doc_path = Path::new(session_dir).join("qemu.json");
+    let doc_path = Path::new(&v.session_dir).join("qemu.json");
     let doc: Value = serde_json::from_slice(
         &std::fs::read(&doc_path).with_context(|| format!("cannot read {}", doc_path.display()))?,
     )
     .with_context(|| format!("{} is not JSON", doc_path.display()))?;
-    let cmd = QemuCmd::from_doc(&doc, session_dir, socket, id)?;
     let t1 = Instant::now();
-    let r = d
-        .api
-        .request("DELETE", &format!("/v1/vm/{id}"), None)
+    d.api
+        .delete_vm(id)
         .with_context(|| format!("DELETE /v1/vm/{id}"))?;
     let delete = t1.elapsed();
-    ensure!(
-        r.status == 204,
-        "DELETE /v1/vm/{id}: HTTP {}: {}",
-        r.status,
-        r.text()
-    );
     Ok(DaemonBoot {
         ready,
         post,
         delete,
-        cmd,
+        info: v,
+        doc,
         daemon_cpu,
         qemu_cpu,
     })
@@ -421,64 +427,51 @@ fn daemon_boot(h: &mut Harness, id: &str, timeout: Duration) -> Result<DaemonBoo
 
 // ---------------------------------------------------------------- the by-hand side
 
-/// How the by-hand side makes its overlay.
-#[derive(Debug, Clone)]
-enum OverlayMethod {
-    /// Clone the daemon's empty ext4 template (as the daemon does).
-    Template(PathBuf),
-    /// `truncate` + `mkfs.ext4` with the daemon's flags (only when the daemon
-    /// left no template to clone).
-    Mkfs(PathBuf),
+/// How the by-hand side makes its overlay: with the daemon's own code, from
+/// the daemon's template when it made one (`Ext4Templates::create_disk`: a
+/// sparse copy plus a new UUID), else with `mkfs.ext4` (`LocalHost`).
+struct Overlays {
+    rt: tokio::runtime::Runtime,
+    templates: Option<Ext4Templates>,
 }
 
-impl OverlayMethod {
-    /// The daemon's template for our overlay size, if it made one; else mkfs.
-    fn find(root: &Path) -> Result<OverlayMethod> {
-        let dir = root.join("snap/templates");
-        let size = OVERLAY_GIB << 30;
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            let mut found: Vec<PathBuf> = rd
-                .flatten()
-                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-                .filter(|e| e.metadata().is_ok_and(|m| m.is_file() && m.len() == size))
-                .map(|e| e.path())
-                .collect();
-            found.sort();
-            if let Some(t) = found.pop() {
-                return Ok(OverlayMethod::Template(t));
-            }
-        }
-        let mkfs = find_in_path("mkfs.ext4").context("mkfs.ext4 not found")?;
-        Ok(OverlayMethod::Mkfs(mkfs))
+impl Overlays {
+    fn find(root: &Path) -> Result<Overlays> {
+        let t = Ext4Templates::new(root.join("snap/templates"));
+        Ok(Overlays {
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+            templates: t.path_for(OVERLAY_GIB << 30).is_file().then_some(t),
+        })
     }
 
     fn describe(&self) -> String {
-        match self {
-            OverlayMethod::Template(t) => format!(
+        match &self.templates {
+            Some(t) => format!(
                 "a sparse copy of the daemon's empty ext4 template {} plus a new file-system \
                  UUID (the daemon's own code, agentenv_host::disk)",
-                t.file_name().unwrap_or_default().to_string_lossy()
+                t.path_for(OVERLAY_GIB << 30).file_name().unwrap_or_default().to_string_lossy()
             ),
-            OverlayMethod::Mkfs(_) => format!(
-                "truncate to {OVERLAY_GIB} GiB + mkfs.ext4 {} (the daemon left no template)",
-                daemon::MKFS_FLAGS.join(" ")
+            None => format!(
+                "truncate to {OVERLAY_GIB} GiB + mkfs.ext4 with the daemon's flags (it left no template)"
             ),
         }
     }
 
     /// Makes `path`; returns how the copy was done (for the report).
     fn make(&self, path: &Path) -> Result<String> {
-        match self {
-            OverlayMethod::Template(t) => {
-                let stats = disk::copy_sparse(t, path)
-                    .with_context(|| format!("cannot clone {}", t.display()))?;
-                let uuid = disk::random_uuid()?;
-                disk::set_ext4_uuid(path, uuid)
-                    .with_context(|| format!("cannot set the UUID of {}", path.display()))?;
-                Ok(stats.method.as_str().to_string())
-            }
-            OverlayMethod::Mkfs(mkfs) => {
-                daemon::mkfs_overlay(mkfs, path, OVERLAY_GIB << 30)?;
+        let size = OVERLAY_GIB << 30;
+        match &self.templates {
+            Some(t) => Ok(self
+                .rt
+                .block_on(t.create_disk(path, size))?
+                .method
+                .as_str()
+                .into()),
+            None => {
+                self.rt
+                    .block_on(LocalHost::new().create_ext4_disk(path, size))?;
                 Ok("mkfs.ext4".into())
             }
         }
@@ -527,17 +520,21 @@ struct HandBoot {
 fn hand_boot(
     root: &Path,
     cmd: &QemuCmd,
-    overlay: &OverlayMethod,
+    reference: &VmInfo,
+    overlay: &Overlays,
     id: &str,
     timeout: Duration,
 ) -> Result<HandBoot> {
     let dir = root.join("hand").join(id);
     let socket = root.join("s").join(format!("{id}.sock"));
-    let args = cmd.instantiate(&dir, &socket, id);
-    // The replay must not touch anything of the daemon's.
+    let args = cmd.args(reference, id, &dir, &socket);
+    // The by-hand VM must not touch anything of the daemon's.
     let daemon_sessions = root.join("sessions").display().to_string();
-    if let Some(a) = args.iter().find(|a| a.contains(&daemon_sessions)) {
-        bail!("the replayed command line still names a daemon session: {a}");
+    if let Some(a) = args
+        .iter()
+        .find(|a| a.to_string_lossy().contains(&daemon_sessions))
+    {
+        bail!("the by-hand command line names a daemon session: {a:?}");
     }
 
     let t0 = Instant::now();
@@ -547,7 +544,7 @@ fn hand_boot(
         socket,
         dir: dir.clone(),
     };
-    let copy_method = overlay.make(&dir.join("overlay.ext4"))?;
+    let copy_method = overlay.make(&overlay_in(reference, &dir))?;
     let overlay_took = t0.elapsed();
     // stdout and stderr on one pipe, stdin closed, own process group: as the
     // daemon spawns it (crates/agentenv-host/src/process.rs).
@@ -772,10 +769,15 @@ fn run(
         ms(r.ready),
         ms(r.post)
     ));
-    let cmd = r.cmd;
-    let overlay = OverlayMethod::find(&root)?;
-    progress("reference boot by hand (untimed: checks the replayed command line)");
-    let hr = hand_boot(&root, &cmd, &overlay, "bh-000", timeout)?;
+    let cmd = QemuCmd::from_doc(&r.doc)?;
+    ensure!(
+        cmd.rebuilds(&r.info, &r.doc),
+        "agentenv_host::qemu::qemu_args does not rebuild the daemon's command line {}",
+        r.doc
+    );
+    let overlay = Overlays::find(&root)?;
+    progress("reference boot by hand (untimed: checks the rebuilt command line)");
+    let hr = hand_boot(&root, &cmd, &r.info, &overlay, "bh-000", timeout)?;
     progress(format!(
         "  ready after {:.0} ms (overlay {:.1} ms, {})",
         ms(hr.ready),
@@ -808,13 +810,13 @@ fn run(
                 &mut || Ok(db.insert(daemon_boot(h, &did, timeout)?).ready),
                 &mut || {
                     Ok(hb
-                        .insert(hand_boot(&root, &cmd, &overlay, &hid, timeout)?)
+                        .insert(hand_boot(&root, &cmd, &r.info, &overlay, &hid, timeout)?)
                         .ready)
                 },
             ],
         )?;
         let (d, b) = (db.expect("booted"), hb.expect("booted"));
-        if d.cmd != cmd {
+        if !cmd.rebuilds(&d.info, &d.doc) {
             mismatches.push(did);
         }
         let cpu = |c: Option<Duration>| Cell::opt(c.map(ms), 0);
@@ -856,15 +858,15 @@ fn run(
             median(&deletes).unwrap_or(f64::NAN),
             median(&kills).unwrap_or(f64::NAN)
         ));
-    rep.about("qemu", format!("{} ({}), -accel {}", cmd.binary.display(), guest.version, cmd.value_of("-accel").unwrap_or("?")))
+    rep.about("qemu", format!("{} ({}), -accel {}", cmd.binary.display(), guest.version, cmd.accel))
         .about(
             "by hand",
             format!(
-                "the reference VM's qemu.json ({} args) with a fresh overlay, QMP socket and VM id;\n{}; \
+                "the daemon's command line ({} args) built by agentenv_host::qemu::qemu_args for a fresh overlay,\nQMP socket and VM id; {}; \
                  spawn with stdout+stderr on one pipe, read it until the ready line",
-                cmd.args.len(),
+                cmd.args,
                 if mismatches.is_empty() {
-                    format!("every timed daemon VM ran the identical command line ({runs} of {runs})")
+                    format!("every timed daemon VM ran exactly the command line it builds ({runs} of {runs})")
                 } else {
                     format!("DIFFERENT command lines in daemon VMs {}", mismatches.join(", "))
                 }
@@ -921,43 +923,56 @@ mod tests {
     }
 
     #[test]
-    fn command_lines_are_normalised_and_replayed() {
-        // What the daemon records for VM `id`, normalised.
-        let recorded = |id: &str| {
-            let doc = json!({
-                "binary": "/usr/bin/qemu-system-x86_64",
-                "args": ["-name", id,
-                         "-append", format!("console=ttyS0 agentenv.vm_id={id} agentenv.root=/dev/vda"),
-                         "-drive", format!("id=overlay,file=/t/sessions/{id}/overlay.ext4,format=raw,if=none"),
-                         "-qmp", format!("unix:/t/s/{id}.sock,server=on,wait=off")],
-            });
-            let (session, socket) = (format!("/t/sessions/{id}"), format!("/t/s/{id}.sock"));
-            QemuCmd::from_doc(&doc, &session, &socket, id).unwrap()
+    fn command_lines_are_rebuilt_for_another_vm() {
+        let v: VmInfo = serde_json::from_value(json!({
+            "vm_id": "bd-000", "state": "running", "backend": "qemu",
+            "api_socket": "/t/s/bd-000.sock", "vcpus": 1, "memory_mib": 256,
+            "disk": {"kind": "overlay", "rootfs_path": "/a/rootfs/minimal.ext4",
+                     "writable_path": "/t/sessions/bd-000/overlay.ext4", "size_bytes": 1},
+            "kernel": "/a/kernels/vmlinuz", "initrd": "/a/initramfs/initrd.img",
+            "boot_args": "console=ttyS0 agentenv.vm_id=bd-000 agentenv.root=/dev/vda",
+            "session_dir": "/t/sessions/bd-000", "console_log": "/t/sessions/bd-000/console.log",
+            "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z",
+        }))
+        .unwrap();
+        let cmd = QemuCmd {
+            binary: "/q".into(),
+            accel: Accel::Tcg,
+            tsc_khz: Some(2_000_000),
+            args: 0,
         };
-        let c = recorded("bd-000");
-        assert_eq!(c, recorded("bd-001"));
-        let args = c.instantiate(
+        let doc = command_document(
+            &cmd.binary,
+            &cmd.args(
+                &v,
+                "bd-000",
+                Path::new(&v.session_dir),
+                Path::new(&v.api_socket),
+            ),
+        );
+        let read = QemuCmd::from_doc(&doc).unwrap();
+        assert_eq!((read.accel, read.tsc_khz), (Accel::Tcg, Some(2_000_000)));
+        assert!(read.rebuilds(&v, &doc));
+        let hand = read.args(
+            &v,
+            "bh-001",
             Path::new("/t/hand/bh-001"),
             Path::new("/t/s/bh-001.sock"),
-            "bh-001",
         );
-        assert_eq!(
-            args,
-            [
-                "-name",
-                "bh-001",
-                "-append",
-                "console=ttyS0 agentenv.vm_id=bh-001 agentenv.root=/dev/vda",
-                "-drive",
-                "id=overlay,file=/t/hand/bh-001/overlay.ext4,format=raw,if=none",
-                "-qmp",
-                "unix:/t/s/bh-001.sock,server=on,wait=off"
-            ]
-        );
-        // A command line that does not name its session cannot be replayed.
-        let bad = json!({"binary": "q", "args": ["-name", "bd-000"]});
+        let text: Vec<String> = hand
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(text.contains(&"bh-001".to_string()), "{text:?}");
         assert!(
-            QemuCmd::from_doc(&bad, "/t/sessions/bd-000", "/t/s/bd-000.sock", "bd-000").is_err()
+            text.iter().any(|a| a.contains("agentenv.vm_id=bh-001 ")),
+            "{text:?}"
         );
+        assert!(
+            text.iter()
+                .any(|a| a.contains("file=/t/hand/bh-001/overlay.ext4,")),
+            "{text:?}"
+        );
+        assert!(!text.iter().any(|a| a.contains("bd-000")), "{text:?}");
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use agentenv_api::BackendKind;
 use agentenv_bench::args::Common;
-use agentenv_bench::daemon::{run, MKFS_FLAGS};
+use agentenv_bench::daemon::{run, Harness};
 use agentenv_bench::procfs::fs_type;
 use agentenv_bench::report::{or_exit, Cell, Cleaned, Report, Table, Target};
 use agentenv_bench::runner::{self, progress};
@@ -81,24 +81,20 @@ struct Params {
     plain_hash: bool,
 }
 
-/// Everything the run made; removed (tmpfs unmounted) by [`Workspace::remove`]
-/// or when dropped.
+/// Everything the run made, in a [`Harness`] directory with a tmpfs mounted
+/// in it; removed (the tmpfs unmounted first) by [`Workspace::remove`] or
+/// when dropped.
 struct Workspace {
-    root: Option<tempfile::TempDir>,
-    dir: PathBuf,
+    h: Harness,
     tmpfs: PathBuf,
     mounted: bool,
 }
 
 impl Workspace {
     fn new(parent: &Path, tmpfs_bytes: u64) -> Result<Workspace> {
-        let root = tempfile::Builder::new()
-            .prefix("snapshot-copy-")
-            .tempdir_in(parent)
-            .with_context(|| format!("cannot make a directory in {}", parent.display()))?;
-        let dir = root.path().to_path_buf();
-        let tmpfs = dir.join("tmpfs");
-        std::fs::create_dir(&tmpfs)?;
+        let dirs = ["tmpfs", "durable", "templates"];
+        let h = Harness::new(Some(parent), "snapshot-copy-", &dirs)?;
+        let tmpfs = h.root().join("tmpfs");
         let mounted = Command::new("mount")
             .args(["-t", "tmpfs", "-o"])
             .arg(format!("size={}m", tmpfs_bytes / MIB))
@@ -107,65 +103,38 @@ impl Workspace {
             .stderr(std::process::Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
-        for d in ["durable", "sessions", "snap", "templates"] {
-            std::fs::create_dir(dir.join(d))?;
-        }
-        Ok(Workspace {
-            root: Some(root),
-            dir,
-            tmpfs,
-            mounted,
-        })
+        Ok(Workspace { h, tmpfs, mounted })
     }
 
     fn path(&self, p: &str) -> PathBuf {
-        self.dir.join(p)
+        self.h.root().join(p)
+    }
+
+    /// Unmounts the tmpfs (lazily if it is busy).
+    fn unmount(&mut self) -> Option<String> {
+        let umount = |lazy: &[&str]| {
+            let mut cmd = Command::new("umount");
+            cmd.args(lazy)
+                .arg(&self.tmpfs)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let ok = !std::mem::take(&mut self.mounted) || umount(&[]) || umount(&["-l"]);
+        (!ok).then(|| format!("cannot unmount {}", self.tmpfs.display()))
     }
 
     /// Unmounts the tmpfs, then removes the directory (or keeps it).
     fn remove(&mut self, keep: bool) -> Cleaned {
-        let mut errors = Vec::new();
-        if std::mem::take(&mut self.mounted) {
-            let ok = Command::new("umount")
-                .arg(&self.tmpfs)
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok
-                && !Command::new("umount")
-                    .arg("-l")
-                    .arg(&self.tmpfs)
-                    .status()
-                    .is_ok_and(|s| s.success())
-            {
-                errors.push(format!("cannot unmount {}", self.tmpfs.display()));
-            }
-        }
-        let summary = match self.root.take() {
-            Some(r) if keep => format!("directory kept at {}", r.keep().display()),
-            Some(r) => match r.close() {
-                Ok(()) => "directory removed".into(),
-                Err(e) => {
-                    errors.push(format!("removing {}: {e}", self.dir.display()));
-                    "directory NOT removed".into()
-                }
-            },
-            None => "directory removed".into(),
-        };
-        Cleaned {
-            clean: errors.is_empty(),
-            summary: [summary]
-                .into_iter()
-                .chain(errors.clone())
-                .collect::<Vec<_>>()
-                .join("; "),
-            details: json!({"errors": errors}),
-        }
+        let unmounted = self.unmount();
+        let mut c = self.h.teardown(keep);
+        c.errors.extend(unmounted);
+        c.cleaned()
     }
 }
 
 impl Drop for Workspace {
     fn drop(&mut self) {
-        self.remove(false);
+        self.unmount();
     }
 }
 
@@ -203,7 +172,12 @@ fn noise(buf: &mut [u8], state: &mut u64) {
 }
 
 /// A sparse ext4 image of `disk_bytes` holding `data_bytes` of random files.
-fn build_overlay(ws: &Workspace, disk_bytes: u64, data_bytes: u64) -> Result<PathBuf> {
+fn build_overlay(
+    ws: &Workspace,
+    rt: &tokio::runtime::Runtime,
+    disk_bytes: u64,
+    data_bytes: u64,
+) -> Result<PathBuf> {
     let stage = ws.path(&format!("stage-{}", data_bytes / MIB));
     std::fs::create_dir(&stage)?;
     let mut state = 0x2545_f491_4f6c_dd1d ^ data_bytes;
@@ -225,12 +199,7 @@ fn build_overlay(ws: &Workspace, disk_bytes: u64, data_bytes: u64) -> Result<Pat
         n += 1;
     }
     let img = ws.path(&format!("overlay-{}.ext4", data_bytes / MIB));
-    File::create(&img)?.set_len(disk_bytes)?;
-    run(Command::new("mkfs.ext4")
-        .args(MKFS_FLAGS)
-        .arg("-d")
-        .arg(&stage)
-        .arg(&img))?;
+    rt.block_on(LocalHost::new().create_ext4_from_dir(&stage, &img, disk_bytes))?;
     std::fs::remove_dir_all(&stage)?;
     Ok(img)
 }
@@ -359,7 +328,7 @@ fn run_all(p: &Params, overlays_only: bool, ws: &Workspace, rep: &mut Report) ->
     for (i, &data_mib) in sizes.iter().enumerate() {
         let data = data_mib * MIB;
         progress(format!("{}: building the overlay", mib(data)));
-        let src = build_overlay(ws, p.disk_bytes, data)?;
+        let src = build_overlay(ws, &rt, p.disk_bytes, data)?;
         let full = match p.full_copy.as_str() {
             "all" => true,
             "once" => i == 0,

@@ -3,7 +3,7 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Default kernel command line.
 pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
@@ -12,7 +12,7 @@ pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 pub const MAX_SLOTS: u32 = 32;
 
 /// Which VMM new VMs get.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VmmChoice {
     /// Firecracker (needs a working KVM).
@@ -24,7 +24,7 @@ pub enum VmmChoice {
 }
 
 /// What a clean daemon stop does to running VMs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnShutdown {
     /// Shut every VM down (then kill what does not exit in time).
@@ -34,7 +34,7 @@ pub enum OnShutdown {
 }
 
 /// The whole configuration file.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Per-VM session directories.
@@ -112,7 +112,7 @@ pub struct Config {
 }
 
 /// The `[agent]` table.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     /// Give VMs an agent channel and connect to the agent.
@@ -141,7 +141,7 @@ impl Default for AgentConfig {
 }
 
 /// The `[network]` table.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkConfig {
     /// Create a TAP and a subnet per VM.

@@ -1,7 +1,9 @@
 //! Test kit.
 
+pub mod agent;
 pub mod leaks;
 pub mod netns;
 pub mod paths;
+pub mod process;
 
 pub mod fc_double;

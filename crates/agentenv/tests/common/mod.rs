@@ -470,48 +470,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// The guest agent running on the host (`--listen-unix`), killed when dropped.
-pub struct HostAgent {
-    child: std::process::Child,
-    pub socket: PathBuf,
-}
-
-impl HostAgent {
-    /// Starts `agentenv-guest --listen-unix socket` and waits for its socket.
-    pub fn start(socket: &Path) -> HostAgent {
-        let _ = std::fs::remove_file(socket);
-        let child = std::process::Command::new(paths::guest_agent())
-            .arg("--listen-unix")
-            .arg(socket)
-            .spawn()
-            .expect("agentenv-guest starts");
-        let start = Instant::now();
-        while !socket.exists() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "agent socket missing"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        HostAgent {
-            child,
-            socket: socket.to_path_buf(),
-        }
-    }
-
-    /// Kills the agent and removes its socket.
-    pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.socket);
-    }
-}
-
-impl Drop for HostAgent {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
+pub use agentenv_testkit::agent::HostAgent;
 
 /// A daemon whose Firecracker double bridges the guest agent's vsock port to
 /// an agent running on the host, so the whole agent path runs without a VM.
