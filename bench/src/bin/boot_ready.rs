@@ -190,6 +190,7 @@ impl QemuCmd {
             is_root: root,
         };
         let spec = LaunchSpec {
+            memory_file: None,
             vm_id: id.into(),
             session_dir: dir.into(),
             control_socket: socket.into(),

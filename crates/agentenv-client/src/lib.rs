@@ -270,11 +270,64 @@ impl ApiClient {
         vm_id: &str,
         snapshot_id: Option<String>,
     ) -> Result<SnapshotInfo, ClientError> {
-        let req = CreateSnapshotRequest {
-            snapshot_id,
-            memory: false,
+        self.snapshot_vm_with(
+            vm_id,
+            &CreateSnapshotRequest {
+                snapshot_id,
+                memory: false,
+            },
+        )
+    }
+
+    /// `POST /v1/vm/{vm_id}/snapshot` with the whole request (`memory: true`
+    /// for a full snapshot).
+    pub fn snapshot_vm_with(
+        &self,
+        vm_id: &str,
+        req: &CreateSnapshotRequest,
+    ) -> Result<SnapshotInfo, ClientError> {
+        self.call("POST", &vm_path(vm_id, "/snapshot"), Some(req))
+    }
+
+    /// `POST /v1/vm` with `restore`: a VM restored from a full snapshot.
+    pub fn restore_vm(
+        &self,
+        vm_id: &str,
+        snapshot_id: &str,
+        wait_ready: bool,
+    ) -> Result<VmInfo, ClientError> {
+        self.create_vm(&CreateVmRequest {
+            vm_id: vm_id.into(),
+            restore: Some(agentenv_api::RestoreSpec {
+                snapshot_id: snapshot_id.into(),
+            }),
+            disk: None,
+            slots: None,
+            network: None,
+            kernel: None,
+            initrd: None,
+            boot_args: None,
+            shares: Vec::new(),
+            wait_ready,
+            wait_ready_timeout_s: None,
+        })
+    }
+
+    /// `POST /v1/vm/{vm_id}/fork`: new running VMs from the VM's current state.
+    pub fn fork_vm(
+        &self,
+        vm_id: &str,
+        req: &agentenv_api::ForkRequest,
+    ) -> Result<agentenv_api::ForkResponse, ClientError> {
+        self.call("POST", &vm_path(vm_id, "/fork"), Some(req))
+    }
+
+    /// `POST /v1/vm/{vm_id}/reset`: the VM goes back to a full snapshot in place.
+    pub fn reset_vm(&self, vm_id: &str, snapshot_id: &str) -> Result<VmInfo, ClientError> {
+        let req = agentenv_api::ResetRequest {
+            snapshot_id: snapshot_id.into(),
         };
-        self.call("POST", &vm_path(vm_id, "/snapshot"), Some(&req))
+        self.call("POST", &vm_path(vm_id, "/reset"), Some(&req))
     }
 
     /// `POST /v1/vm/{vm_id}/exec`, the whole result at the end (`stream` is

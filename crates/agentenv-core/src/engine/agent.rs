@@ -432,6 +432,27 @@ async fn agent_watch(
                 continue;
             }
         };
+        // A VM restored from a memory snapshot still has its source's
+        // identity: its agent applies its own before the VM counts as ready.
+        if let Some(identity) = slot.identity() {
+            let applied = tokio::select! {
+                r = client.set_identity(&identity) => r,
+                _ = exit.changed() => return,
+            };
+            match applied {
+                Ok(_) => {
+                    slot.set_identity(None);
+                    tracing::info!(vm_id = %vm_id, "the restored guest took its own identity");
+                }
+                Err(e) => {
+                    tracing::warn!(vm_id = %vm_id, "the guest agent did not apply the vm's identity: {e}");
+                    client.shutdown();
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+        }
         delay = Duration::from_millis(50);
         let why = hold_link(&slot, &vm_id, client, &mut exit).await;
         tracing::info!(vm_id = %vm_id, "guest agent connection ended: {why}");

@@ -59,6 +59,9 @@ struct Plan {
     shares: Vec<(PathBuf, PathBuf, u64)>,
     /// The network lease, assigned at reservation (automatic networking).
     lease: Option<NetLease>,
+    /// The VM gets a network interface (automatic networking gives it a
+    /// lease): not a VM restored from a snapshot of a VM without one.
+    wants_network: bool,
 }
 
 impl Engine {
@@ -256,6 +259,7 @@ impl Engine {
             disk_source,
             shares,
             lease: None,
+            wants_network: true,
         })
     }
 
@@ -366,6 +370,7 @@ impl Engine {
             disk_source: DiskSource::Full(snapshot_id, overlay),
             shares: Vec::new(),
             lease: None,
+            wants_network: true,
         })
     }
 
@@ -415,10 +420,8 @@ impl Engine {
         let net = plan.launch.net.clone();
         let launch = self.restore_launch(info, &full, base, agent_socket, net);
         plan.launch = launch;
-        if !full.network {
-            // No interface, so no lease either.
-            plan.info.tap_name = None;
-        }
+        // No interface, so no lease either.
+        plan.wants_network = full.network;
         Ok(())
     }
 
@@ -714,7 +717,7 @@ impl Engine {
                 ),
             });
         }
-        if let Some((_, netplan)) = &self.net {
+        if let (Some((_, netplan)), true) = (&self.net, plan.wants_network) {
             let used = vms.values().filter_map(|s| s.lease()).map(|l| l.index);
             let lease = netplan.next_free(used).ok_or_else(|| {
                 EngineError::Exhausted(format!(

@@ -229,6 +229,9 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(vm_id);
+        if let Some(snapshot_id) = &info.restored_from {
+            self.drop_ephemeral(snapshot_id).await;
+        }
         Ok(())
     }
 

@@ -416,6 +416,9 @@ impl Engine {
         slot.set_agent(None);
         slot.ready.send_replace(false);
         self.release_network(slot).await;
+        if let Ok(mem) = self.memory_file(&slot.with_info(|i| i.vm_id.clone())) {
+            let _ = self.host.files.remove_file(&mem);
+        }
         let info = slot.update(|info| {
             let _ = self.host.files.remove_file(Path::new(&info.api_socket));
             match transition(&info.vm_id, info.state, to) {

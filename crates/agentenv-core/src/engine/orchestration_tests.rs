@@ -409,7 +409,7 @@ async fn snapshot_with(
     let engine = rig.start().await;
     let pid = engine.create(overlay("vm1")).await.unwrap().pid.unwrap();
     inject(&rig, &engine);
-    let result = engine.snapshot("vm1", Some("s1".into())).await;
+    let result = engine.snapshot("vm1", Some("s1".into()), false).await;
     assert_eq!(engine.get("vm1").unwrap().state, VmState::Running, "{why}");
     assert_eq!(rig.vmm.guest(pid), Some(AdoptedState::Running), "{why}");
     let record = rig.record("vm1");
@@ -467,7 +467,7 @@ async fn a_snapshot_of_a_paused_vm_leaves_it_paused() {
     let engine = rig.start().await;
     let pid = engine.create(overlay("vm1")).await.unwrap().pid.unwrap();
     engine.pause("vm1").await.unwrap();
-    engine.snapshot("vm1", Some("s1".into())).await.unwrap();
+    engine.snapshot("vm1", Some("s1".into()), false).await.unwrap();
     assert_eq!(engine.get("vm1").unwrap().state, VmState::Paused);
     assert_eq!(rig.vmm.guest(pid), Some(AdoptedState::Paused));
     assert_eq!(rig.record("vm1").vm.state, VmState::Paused);

@@ -72,7 +72,84 @@ impl Engine {
             self.spawn_exit_monitor(vm_id.clone(), inst.clone());
             self.spawn_agent_watch(vm_id, inst);
         }
+        for slot in self.slots() {
+            if slot.state() == VmState::Resetting {
+                self.finish_reset(&slot).await;
+            }
+        }
         self.clean_orphans();
+        self.clean_memory_files();
+        for snap in self.snapshots.list() {
+            if snap.full.as_ref().is_some_and(|f| f.ephemeral) {
+                self.drop_ephemeral(&snap.snapshot_id).await;
+            }
+        }
+    }
+
+    /// Finishes a reset a crash cut short: the VM goes back to its snapshot
+    /// now, or ends `failed` with the cause.
+    async fn finish_reset(self: &Arc<Self>, slot: &Arc<VmSlot>) {
+        let vm_id = slot.with_info(|i| i.vm_id.clone());
+        let snapshot_id = slot.rt().reset.clone().unwrap_or_default();
+        let done = async {
+            let (_, full, base) = self.restorable("snapshot_id", &snapshot_id).await?;
+            self.reset_in_place(slot, &snapshot_id, &full, base).await
+        }
+        .await;
+        slot.set_reset(None);
+        match done {
+            Ok(inst) => {
+                if let Err(e) = self.set_state(slot, VmState::Running) {
+                    tracing::error!("vm {vm_id}: {e}");
+                }
+                tracing::warn!("vm {vm_id}: finished a reset to {snapshot_id} that a restart interrupted");
+                self.spawn_exit_monitor(vm_id.clone(), inst.clone());
+                self.spawn_agent_watch(vm_id, inst);
+            }
+            Err(e) => {
+                let _ = slot.take_lease();
+                let _ = slot.update(|i| {
+                    i.state = VmState::Failed;
+                    i.pid = None;
+                    i.exit = Some(ExitInfo {
+                        exit_code: None,
+                        signal: None,
+                        cause: format!(
+                            "agentenv restarted during a reset to {snapshot_id}, which could not be finished: {e}"
+                        ),
+                        at: Utc::now(),
+                    });
+                    Ok::<(), std::convert::Infallible>(())
+                });
+                if let Err(e) = self.write_record(slot) {
+                    tracing::warn!("vm {vm_id}: {e}");
+                }
+                tracing::error!("vm {vm_id}: an interrupted reset could not be finished: {e}");
+            }
+        }
+    }
+
+    /// Removes guest RAM files no VM with a VMM owns (left by a crash).
+    fn clean_memory_files(&self) {
+        let dir = self.cfg.guest_memory_dir();
+        let Ok(names) = self.host.files.list_dir(&dir) else {
+            return;
+        };
+        for name in names {
+            let Some(vm_id) = name.strip_suffix(".mem") else {
+                continue;
+            };
+            let owned = self
+                .slot(vm_id)
+                .is_ok_and(|s| s.state().has_vmm() && s.with_info(|i| i.restored_from.is_none()));
+            if !owned {
+                let path = dir.join(&name);
+                match self.host.files.remove_file(&path) {
+                    Ok(()) => tracing::warn!("removed guest memory file {} that no vm owns", path.display()),
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
+        }
     }
 
     async fn restore_one(&self, root: &Path, name: &str) -> Outcome {
@@ -148,6 +225,17 @@ impl Engine {
             record.agent_socket.clone(),
         );
         if !info.state.has_vmm() {
+            return Outcome::Track(slot, None);
+        }
+        if info.state == VmState::Resetting {
+            // Whatever VMM the reset left goes; the reset is finished once
+            // every record is loaded (`finish_reset`).
+            self.host.processes.kill_stale_process(info.pid, &socket);
+            let _ = self.host.files.remove_file(&socket);
+            if let Some(a) = &record.agent_socket {
+                let _ = self.host.files.remove_file(a);
+            }
+            slot.set_reset(Some(record.reset.clone().unwrap_or_default()));
             return Outcome::Track(slot, None);
         }
         match self.adopt(&info, &record).await {

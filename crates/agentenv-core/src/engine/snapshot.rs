@@ -233,7 +233,11 @@ impl Engine {
 
     /// Every complete snapshot.
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
-        self.snapshots.list()
+        self.snapshots
+            .list()
+            .into_iter()
+            .map(|s| self.with_mappers(s))
+            .collect()
     }
 
     /// One snapshot.
@@ -241,6 +245,7 @@ impl Engine {
         validate_id("snapshot_id", snapshot_id)?;
         self.snapshots
             .get(snapshot_id)
+            .map(|s| self.with_mappers(s))
             .map_err(|e| EngineError::snapshot("snapshot_id", e))
     }
 
@@ -273,6 +278,19 @@ impl Engine {
                 SnapshotError::Busy {
                     id: snapshot_id.into(),
                     why: format!("{held} vm(s) are being created from it"),
+                },
+            ));
+        }
+        let mappers = self.mapped_by(snapshot_id);
+        if !mappers.is_empty() {
+            return Err(EngineError::snapshot(
+                "snapshot_id",
+                SnapshotError::Busy {
+                    id: snapshot_id.into(),
+                    why: format!(
+                        "the memory of vm(s) {} maps it; delete or reset them first",
+                        mappers.join(", ")
+                    ),
                 },
             ));
         }

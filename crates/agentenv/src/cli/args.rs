@@ -137,13 +137,47 @@ pub enum VmCommand {
     /// Copy a file into or out of a VM: `cp LOCAL VM:/PATH` or `cp VM:/PATH LOCAL`
     /// (`-` is stdin/stdout).
     Cp(CpArgs),
-    /// Snapshot a VM's writable disk (a running VM is paused for the copy).
+    /// Snapshot a VM's writable disk, or with --memory the whole VM (a
+    /// running VM is paused for the copy).
     Snapshot {
         /// The VM's id.
         vm_id: String,
         /// The snapshot's id (default `{vm_id}-{UTC timestamp}`).
         #[arg(long = "id")]
         snapshot_id: Option<String>,
+        /// A full snapshot: memory, vCPUs and devices too, so VMs restored
+        /// from it run on without booting.
+        #[arg(long)]
+        memory: bool,
+    },
+    /// Start a new VM from a full snapshot, without booting.
+    Restore {
+        /// The new VM's id.
+        vm_id: String,
+        /// The full snapshot.
+        #[arg(long = "snapshot")]
+        snapshot_id: String,
+        /// Answer only once the guest agent answers.
+        #[arg(long)]
+        wait_ready: bool,
+    },
+    /// New running VMs from a VM's current state (it runs on after a short pause).
+    Fork {
+        /// The VM's id.
+        vm_id: String,
+        /// How many clones.
+        #[arg(short = 'n', long = "count", default_value_t = 1)]
+        count: u32,
+        /// Their ids, comma-separated (default `{vm_id}-fork-{n}`).
+        #[arg(long = "ids", value_delimiter = ',')]
+        vm_ids: Option<Vec<String>>,
+    },
+    /// Put a VM back to a full snapshot in place (same id and address).
+    Reset {
+        /// The VM's id.
+        vm_id: String,
+        /// The full snapshot.
+        snapshot_id: String,
     },
 }
 

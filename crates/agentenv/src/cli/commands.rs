@@ -29,8 +29,32 @@ pub fn run_vm(opts: &ClientOpts, cmd: VmCommand) -> anyhow::Result<()> {
             c.delete_vm(&vm_id)?;
             print_deleted(&mut out, opts, &vm_id)
         }
-        VmCommand::Snapshot { vm_id, snapshot_id } => {
-            print_snapshot(&mut out, opts, &c.snapshot_vm(&vm_id, snapshot_id)?)
+        VmCommand::Snapshot {
+            vm_id,
+            snapshot_id,
+            memory,
+        } => {
+            let req = agentenv_api::CreateSnapshotRequest {
+                snapshot_id,
+                memory,
+            };
+            print_snapshot(&mut out, opts, &c.snapshot_vm_with(&vm_id, &req)?)
+        }
+        VmCommand::Restore {
+            vm_id,
+            snapshot_id,
+            wait_ready,
+        } => print_vm(&mut out, opts, &c.restore_vm(&vm_id, &snapshot_id, wait_ready)?),
+        VmCommand::Fork {
+            vm_id,
+            count,
+            vm_ids,
+        } => {
+            let forked = c.fork_vm(&vm_id, &agentenv_api::ForkRequest { count, vm_ids })?;
+            print_as(&mut out, opts, &forked, |out, f| write_table(out, &f.vms))
+        }
+        VmCommand::Reset { vm_id, snapshot_id } => {
+            print_vm(&mut out, opts, &c.reset_vm(&vm_id, &snapshot_id)?)
         }
         VmCommand::Exec(args) => {
             drop(out);

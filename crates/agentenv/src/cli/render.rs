@@ -46,6 +46,7 @@ pub fn write_snapshot_details(
     let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
     let rows = [
         ("snapshot_id", s.snapshot_id.clone()),
+        ("kind", format!("{:?}", s.kind).to_lowercase()),
         ("vm_id", s.vm_id.clone()),
         ("rootfs_id", opt(&s.rootfs_id)),
         ("tier", format!("{:?}", s.tier).to_lowercase()),

@@ -41,6 +41,8 @@ fn router_with(engine: Arc<Engine>, limits: limits::Limits) -> Router {
         .route("/v1/vm/{vm_id}/resume", post(vm::resume))
         .route("/v1/vm/{vm_id}/shutdown", post(vm::shutdown))
         .route("/v1/vm/{vm_id}/snapshot", post(snapshots::create))
+        .route("/v1/vm/{vm_id}/fork", post(vm::fork))
+        .route("/v1/vm/{vm_id}/reset", post(vm::reset))
         .route("/v1/vm/{vm_id}/exec", post(agent::exec))
         .route(
             "/v1/vm/{vm_id}/files",

@@ -14,12 +14,12 @@ use super::{detached, AppState};
 
 #[utoipa::path(post, path = "/v1/vm/{vm_id}/snapshot", tag = "snapshots",
     params(("vm_id" = String, Path, description = "The VM's id")),
-    request_body(content = CreateSnapshotRequest, description = "Optional; an empty body generates the id"),
+    request_body(content = CreateSnapshotRequest, description = "Optional; an empty body generates the id and takes a disk snapshot; `memory: true` takes a full one"),
     responses(
         (status = 201, description = "Complete; the VM runs again if it was running", body = SnapshotInfo),
         (status = 400, description = "Malformed snapshot_id", body = ErrorBody),
         (status = 404, description = "No such VM", body = ErrorBody),
-        (status = 409, description = "The id is taken, or the VM is not running or paused", body = ErrorBody),
+        (status = 409, description = "The id is taken, the VM is not running or paused, or (memory) it cannot have a full snapshot (a direct disk, shares)", body = ErrorBody),
         (status = 503, description = "The durable tier is missing or read-only", body = ErrorBody),
         (status = 507, description = "Both tiers are full; nothing was kept", body = ErrorBody),
     ))]
@@ -30,7 +30,7 @@ pub(crate) async fn create(
     OptionalJsonBody(req): OptionalJsonBody<CreateSnapshotRequest>,
 ) -> Result<(StatusCode, Json<SnapshotInfo>), ApiError> {
     let s = detached(held, async move {
-        engine.snapshot(&vm_id, req.snapshot_id).await
+        engine.snapshot(&vm_id, req.snapshot_id, req.memory).await
     })
     .await?;
     Ok((StatusCode::CREATED, Json(s)))

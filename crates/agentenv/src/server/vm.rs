@@ -1,6 +1,6 @@
 //! `/v1/vm` routes.
 
-use agentenv_api::{CreateVmRequest, ErrorBody, VmInfo};
+use agentenv_api::{CreateVmRequest, ErrorBody, ForkRequest, ForkResponse, ResetRequest, VmInfo};
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -13,11 +13,12 @@ use super::{detached, AppState};
 
 #[utoipa::path(post, path = "/v1/vm", tag = "vm", request_body = CreateVmRequest,
     responses(
-        (status = 201, description = "Created and running", body = VmInfo),
-        (status = 400, description = "A field is malformed (named in `field`)", body = ErrorBody),
+        (status = 201, description = "Created and running (booted, or restored from a full snapshot)", body = VmInfo),
+        (status = 400, description = "A field is malformed (named in `field`), or given with `restore`", body = ErrorBody),
         (status = 403, description = "Not allowed by config (direct disks)", body = ErrorBody),
         (status = 404, description = "Unknown rootfs, kernel, initrd or snapshot", body = ErrorBody),
-        (status = 409, description = "The vm_id is taken", body = ErrorBody),
+        (status = 409, description = "The vm_id is taken; or `restore` names a disk snapshot or one from another backend, VMM version, kernel or base image (named in the message)", body = ErrorBody),
+        (status = 422, description = "The snapshot is corrupt", body = ErrorBody),
         (status = 413, description = "Body over 64 KiB", body = ErrorBody),
         (status = 502, description = "The VMM failed to start or refused its configuration", body = ErrorBody),
         (status = 507, description = "Not enough host memory", body = ErrorBody),
@@ -124,4 +125,43 @@ pub(crate) async fn delete(
 ) -> Result<StatusCode, ApiError> {
     detached(held, async move { engine.delete(&vm_id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/vm/{vm_id}/fork", tag = "vm",
+    params(("vm_id" = String, Path, description = "The VM's id")),
+    request_body = ForkRequest,
+    responses(
+        (status = 201, description = "The clones, running; the source runs on after a short pause", body = ForkResponse),
+        (status = 400, description = "`count` is 0 or above `max_fork`, or `vm_ids` does not fit it", body = ErrorBody),
+        (status = 404, description = "No such VM", body = ErrorBody),
+        (status = 409, description = "A clone id is taken, or the VM cannot have a full snapshot", body = ErrorBody),
+        (status = 507, description = "Not enough host memory or snapshot space", body = ErrorBody),
+    ))]
+pub(crate) async fn fork(
+    State(engine): State<AppState>,
+    held: Held,
+    Path(vm_id): Path<String>,
+    JsonBody(req): JsonBody<ForkRequest>,
+) -> Result<(StatusCode, Json<ForkResponse>), ApiError> {
+    let vms = detached(held, async move { engine.fork(&vm_id, req).await }).await?;
+    Ok((StatusCode::CREATED, Json(ForkResponse { vms })))
+}
+
+#[utoipa::path(post, path = "/v1/vm/{vm_id}/reset", tag = "vm",
+    params(("vm_id" = String, Path, description = "The VM's id")),
+    request_body = ResetRequest,
+    responses(
+        (status = 200, description = "Back to the snapshot, running, same id and address", body = VmInfo),
+        (status = 404, description = "No such VM or snapshot", body = ErrorBody),
+        (status = 409, description = "A disk-only snapshot, one that does not fit the VM, or the VM is busy", body = ErrorBody),
+        (status = 422, description = "The snapshot is corrupt", body = ErrorBody),
+    ))]
+pub(crate) async fn reset(
+    State(engine): State<AppState>,
+    held: Held,
+    Path(vm_id): Path<String>,
+    JsonBody(req): JsonBody<ResetRequest>,
+) -> Result<Json<VmInfo>, ApiError> {
+    let vm = detached(held, async move { engine.reset(&vm_id, &req.snapshot_id).await }).await?;
+    Ok(Json(vm))
 }
