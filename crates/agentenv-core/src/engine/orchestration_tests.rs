@@ -8,6 +8,7 @@ use std::sync::Arc;
 use agentenv_api::{BackendKind, CreateVmRequest, DiskSpec, ShareSpec, VmState};
 
 use super::{Engine, SnapshotInProgress, VmRecord, RECORD_FILE};
+use crate::error::EngineError;
 use crate::backend::AdoptedState;
 use crate::config::{AgentConfig, Config};
 use crate::snapshot::{NewSnapshot, SnapshotStore};
@@ -437,6 +438,8 @@ async fn a_snapshot_resumes_the_vm_on_every_path() {
     for fp in [
         "snapshot.frozen",
         "snapshot.paused",
+        "snapshot.saved",
+        "snapshot.resumed",
         "snapshot.copied",
         "snapshot_store.copied",
         "snapshot_store.recorded",
@@ -451,11 +454,11 @@ async fn a_snapshot_resumes_the_vm_on_every_path() {
     })
     .await
     .unwrap_err();
-    snapshot_with("store create", 0, |rig, _| {
-        rig.snaps.faults.inject("create")
-    })
-    .await
-    .unwrap_err();
+    for step in ["begin", "copy_disk", "seal"] {
+        snapshot_with(step, 0, |rig, _| rig.snaps.faults.inject(step))
+            .await
+            .unwrap_err();
+    }
     snapshot_with("vmm pause", 1, |rig, _| rig.vmm.faults().inject("pause"))
         .await
         .unwrap_err();
@@ -506,4 +509,306 @@ async fn a_vmm_that_dies_on_its_own_leaves_its_vm_failed_and_its_lease_freed() {
     assert!(record.net.is_none() && record.vmm_process.is_none());
     assert_eq!(rig.net.taps(), Vec::<String>::new());
     assert_eq!(rig.host.node(&rig.socket("vm1")), None);
+}
+
+
+/// An overlay VM without shares (full snapshots refuse shares).
+fn plain(vm_id: &str) -> CreateVmRequest {
+    CreateVmRequest {
+        shares: Vec::new(),
+        ..overlay(vm_id)
+    }
+}
+
+fn restore_req(vm_id: &str, snapshot_id: &str) -> CreateVmRequest {
+    CreateVmRequest {
+        vm_id: vm_id.into(),
+        slots: None,
+        disk: None,
+        restore: Some(agentenv_api::RestoreSpec {
+            snapshot_id: snapshot_id.into(),
+        }),
+        network: None,
+        kernel: None,
+        initrd: None,
+        boot_args: None,
+        shares: Vec::new(),
+        wait_ready: false,
+        wait_ready_timeout_s: None,
+    }
+}
+
+/// A running VM `src` and a full snapshot `full` of it.
+async fn with_full_snapshot(rig: &Rig) -> Arc<Engine> {
+    let engine = rig.start().await;
+    engine.create(plain("src")).await.unwrap();
+    let snap = engine
+        .snapshot("src", Some("full".into()), true)
+        .await
+        .unwrap();
+    assert_eq!(snap.kind, agentenv_api::SnapshotKind::Full);
+    let full = snap.full.expect("a full record");
+    assert_eq!(full.vmm_version, "fake 1.0");
+    assert_eq!(full.kernel, "/srv/kernels/vmlinux");
+    assert!(full.network);
+    assert!(snap.rootfs_fingerprint.is_some());
+    engine
+}
+
+#[tokio::test]
+async fn a_full_snapshot_saves_the_paused_vm_and_runs_it_again() {
+    let rig = Rig::new();
+    let engine = with_full_snapshot(&rig).await;
+    let pid = engine.get("src").unwrap().pid.unwrap();
+    let calls = rig.vmm.calls();
+    let at = calls.iter().position(|c| *c == VmmCall::Pause(pid)).unwrap();
+    assert_eq!(
+        calls[at..],
+        [VmmCall::Pause(pid), VmmCall::SaveFull(pid), VmmCall::Resume(pid)]
+    );
+    assert_eq!(engine.get("src").unwrap().state, VmState::Running);
+    // The checksums come after the VM runs again: the seal is the last step.
+    let store = rig.snaps.calls();
+    let tail: Vec<_> = store.iter().rev().take(2).rev().cloned().collect();
+    assert_eq!(
+        tail,
+        [
+            SnapshotCall::CopyDisk("full".into()),
+            SnapshotCall::Seal("full".into())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_vm_with_shares_cannot_have_a_full_snapshot() {
+    let rig = Rig::new();
+    let engine = rig.start().await;
+    engine.create(overlay("vm1")).await.unwrap();
+    let e = engine
+        .snapshot("vm1", Some("s".into()), true)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("shares"), "{e}");
+    assert!(rig.snaps.ids().is_empty());
+    assert_eq!(engine.get("vm1").unwrap().state, VmState::Running);
+}
+
+#[tokio::test]
+async fn a_restored_vm_runs_without_booting_with_its_own_disk_and_tap() {
+    let rig = Rig::new();
+    let engine = with_full_snapshot(&rig).await;
+    let vm = engine.create(restore_req("clone", "full")).await.unwrap();
+    assert_eq!(vm.state, VmState::Running);
+    assert_eq!(vm.restored_from.as_deref(), Some("full"));
+    assert_eq!(vm.tap_name.as_deref(), Some("agtap2"));
+    assert_ne!(vm.guest_ip, engine.get("src").unwrap().guest_ip);
+    assert!(rig
+        .vmm
+        .calls()
+        .iter()
+        .any(|c| matches!(c, VmmCall::Restore(id, _) if id == "clone")));
+    assert!(!rig
+        .vmm
+        .calls()
+        .contains(&VmmCall::Launch("clone".into())));
+    let disk = rig.session("clone").join("overlay.ext4");
+    assert!(rig.host.node(&disk).is_some());
+    assert!(rig
+        .snaps
+        .calls()
+        .contains(&SnapshotCall::OpenFull("full".into(), disk)));
+    // Its identity: its own name and address, fresh entropy.
+    let slot = engine.slot("clone").unwrap();
+    let id = slot.identity().expect("an identity to apply");
+    assert_eq!(id.hostname, "clone");
+    assert_eq!(id.net.as_ref().unwrap().address, vm.guest_ip.clone().unwrap());
+    assert_eq!(id.net.as_ref().unwrap().mac, vm.guest_mac.clone().unwrap());
+    let other = engine.identity_for(&slot);
+    assert_ne!(id.entropy_hex, other.entropy_hex, "fresh entropy each time");
+    // The snapshot cannot go while the clone maps it.
+    assert_eq!(engine.snapshot_info("full").unwrap().mapped_by, ["clone"]);
+    let e = engine.delete_snapshot("full").await.unwrap_err();
+    assert!(e.to_string().contains("clone"), "{e}");
+    engine.delete("clone").await.unwrap();
+    engine.delete_snapshot("full").await.unwrap();
+}
+
+#[tokio::test]
+async fn restores_refuse_what_the_snapshot_decides_and_what_does_not_match() {
+    let rig = Rig::new();
+    let engine = with_full_snapshot(&rig).await;
+    let mut req = restore_req("c", "full");
+    req.slots = Some(2);
+    let e = engine.create(req).await.unwrap_err();
+    assert_eq!(e.field(), Some("slots"), "{e}");
+    let mut req = restore_req("c", "full");
+    req.disk = plain("c").disk;
+    assert_eq!(engine.create(req).await.unwrap_err().field(), Some("disk"));
+    let e = engine.create(restore_req("c", "nope")).await.unwrap_err();
+    assert_eq!(e.field(), Some("restore.snapshot_id"), "{e}");
+    // A disk snapshot: 409.
+    engine.snapshot("src", Some("disk".into()), false).await.unwrap();
+    let e = engine.create(restore_req("c", "disk")).await.unwrap_err();
+    assert!(matches!(e, EngineError::Conflict { .. }), "{e}");
+    assert!(e.to_string().contains("disk snapshot"), "{e}");
+    // A changed base image or kernel: 409 naming it.
+    rig.host
+        .put_file(Path::new("/srv/rootfs/base.ext4"), b"another base");
+    let e = engine.create(restore_req("c", "full")).await.unwrap_err();
+    assert!(e.to_string().contains("base image"), "{e}");
+    rig.host.put_file(Path::new("/srv/rootfs/base.ext4"), b"base");
+    rig.host
+        .put_file(Path::new("/srv/kernels/vmlinux"), b"a new kernel");
+    let e = engine.create(restore_req("c", "full")).await.unwrap_err();
+    assert!(e.to_string().contains("kernel"), "{e}");
+    assert!(engine.get("c").is_err());
+    assert_eq!(rig.host.node(&rig.session("c")), None);
+    assert_eq!(rig.vmm.live().len(), 1, "only the source's vmm");
+    assert_eq!(rig.net.taps(), ["agtap1"]);
+}
+
+#[tokio::test]
+async fn a_failed_restore_rolls_back_everything() {
+    let rig = Rig::new();
+    let engine = with_full_snapshot(&rig).await;
+    for fault in ["restore", "open_full"] {
+        match fault {
+            "restore" => rig.vmm.faults().inject(fault),
+            _ => rig.snaps.faults.inject(fault),
+        }
+        engine.create(restore_req("c", "full")).await.unwrap_err();
+        assert!(engine.get("c").is_err(), "{fault}");
+        assert_eq!(rig.host.node(&rig.session("c")), None, "{fault}");
+        assert_eq!(rig.net.taps(), ["agtap1"], "{fault}: only the source's tap");
+        assert!(engine.snapshot_holds.lock().unwrap().is_empty(), "{fault}");
+    }
+    assert!(engine.snapshot_info("full").unwrap().mapped_by.is_empty());
+}
+
+#[tokio::test]
+async fn fork_makes_running_clones_and_its_snapshot_goes_with_the_last() {
+    let rig = Rig::new();
+    let engine = rig.start().await;
+    engine.create(plain("src")).await.unwrap();
+    let vms = engine
+        .fork(
+            "src",
+            agentenv_api::ForkRequest {
+                count: 3,
+                vm_ids: None,
+            },
+        )
+        .await
+        .unwrap();
+    let ids: Vec<_> = vms.iter().map(|v| v.vm_id.as_str()).collect();
+    assert_eq!(ids, ["src-fork-1", "src-fork-2", "src-fork-3"]);
+    let mut ips: Vec<_> = vms.iter().map(|v| v.guest_ip.clone().unwrap()).collect();
+    ips.push(engine.get("src").unwrap().guest_ip.unwrap());
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 4, "every clone has its own address");
+    assert!(vms.iter().all(|v| v.state == VmState::Running));
+    assert_eq!(engine.get("src").unwrap().state, VmState::Running);
+    let snaps = engine.snapshots();
+    assert_eq!(snaps.len(), 1);
+    assert!(snaps[0].full.as_ref().unwrap().ephemeral);
+    assert_eq!(snaps[0].mapped_by.len(), 3);
+    for v in &vms {
+        engine.delete(&v.vm_id).await.unwrap();
+    }
+    assert!(engine.snapshots().is_empty(), "the fork's snapshot went with its last clone");
+}
+
+#[tokio::test]
+async fn fork_checks_its_count_and_ids() {
+    let rig = Rig::new();
+    let engine = rig.start().await;
+    engine.create(plain("src")).await.unwrap();
+    let fork = |count, vm_ids| agentenv_api::ForkRequest { count, vm_ids };
+    for (req, field) in [
+        (fork(0, None), "count"),
+        (fork(65, None), "count"),
+        (fork(2, Some(vec!["a".into()])), "vm_ids"),
+        (fork(2, Some(vec!["a".into(), "a".into()])), "vm_ids[1]"),
+        (fork(1, Some(vec!["../x".into()])), "vm_ids[0]"),
+    ] {
+        let e = engine.fork("src", req).await.unwrap_err();
+        assert_eq!(e.field(), Some(field), "{e}");
+    }
+    let e = engine
+        .fork("src", fork(1, Some(vec!["src".into()])))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, EngineError::Conflict { .. }), "{e}");
+    assert!(engine.snapshots().is_empty());
+}
+
+#[tokio::test]
+async fn a_fork_that_fails_half_way_leaves_no_clone_and_no_snapshot() {
+    let rig = Rig::new();
+    let engine = rig.start().await;
+    engine.create(plain("src")).await.unwrap();
+    rig.vmm.faults().inject("restore");
+    let e = engine
+        .fork(
+            "src",
+            agentenv_api::ForkRequest {
+                count: 2,
+                vm_ids: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("restore"), "{e}");
+    assert_eq!(engine.list().len(), 1);
+    assert!(engine.snapshots().is_empty());
+    assert_eq!(rig.net.taps(), ["agtap1"]);
+    assert_eq!(engine.get("src").unwrap().state, VmState::Running);
+}
+
+#[tokio::test]
+async fn reset_puts_the_vm_back_in_place_and_refuses_disk_snapshots() {
+    let rig = Rig::new();
+    let engine = with_full_snapshot(&rig).await;
+    let before = engine.get("src").unwrap();
+    let old_pid = before.pid.unwrap();
+    let after = engine.reset("src", "full").await.unwrap();
+    assert_eq!(after.state, VmState::Running);
+    assert_eq!(after.tap_name, before.tap_name);
+    assert_eq!(after.guest_ip, before.guest_ip);
+    assert_eq!(after.api_socket, before.api_socket);
+    assert_ne!(after.pid, Some(old_pid));
+    assert_eq!(after.restored_from.as_deref(), Some("full"));
+    assert!(rig.vmm.calls().contains(&VmmCall::Kill(old_pid)));
+    assert_eq!(rig.vmm.live().len(), 1);
+    assert!(rig.record("src").reset.is_none());
+    // Again and again: the loop a fuzzer runs.
+    for _ in 0..5 {
+        assert_eq!(engine.reset("src", "full").await.unwrap().state, VmState::Running);
+    }
+    assert_eq!(rig.vmm.live().len(), 1);
+    engine.snapshot("src", Some("disk".into()), false).await.unwrap();
+    let e = engine.reset("src", "disk").await.unwrap_err();
+    assert!(matches!(e, EngineError::Conflict { .. }), "{e}");
+    assert_eq!(engine.get("src").unwrap().state, VmState::Running);
+}
+
+#[tokio::test]
+async fn a_reset_cut_short_by_a_crash_is_finished_at_the_next_start() {
+    let rig = Rig::new();
+    let engine = with_full_snapshot(&rig).await;
+    let pid = engine.get("src").unwrap().pid.unwrap();
+    drop(engine);
+    // The crash: the record says resetting, the old VMM is already gone.
+    rig.edit_record("src", |r| {
+        r.vm.state = VmState::Resetting;
+        r.reset = Some("full".into());
+    });
+    rig.vmm.crash(pid);
+    let engine = rig.start().await;
+    let vm = engine.get("src").unwrap();
+    assert_eq!(vm.state, VmState::Running, "{:?}", vm.exit);
+    assert_eq!(vm.restored_from.as_deref(), Some("full"));
+    assert_eq!(rig.vmm.live().len(), 1);
+    assert!(rig.record("src").reset.is_none());
 }
