@@ -57,13 +57,7 @@ impl HostFacts for LocalHost {
         let mut filled = 0;
         while filled < len {
             // SAFETY: the pointer and length describe the unfilled tail of `buf`.
-            let n = unsafe {
-                libc::getrandom(
-                    buf[filled..].as_mut_ptr().cast(),
-                    len - filled,
-                    0,
-                )
-            };
+            let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), len - filled, 0) };
             if n > 0 {
                 filled += n as usize;
             } else if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {

@@ -53,7 +53,10 @@ pub fn create_roots(cfg: &Config) -> anyhow::Result<()> {
     }
     let mem = cfg.guest_memory_dir();
     std::fs::create_dir_all(&mem).with_context(|| {
-        format!("config key `guest_memory_root`: cannot create {}", mem.display())
+        format!(
+            "config key `guest_memory_root`: cannot create {}",
+            mem.display()
+        )
     })?;
     Ok(())
 }

@@ -70,7 +70,9 @@ impl Engine {
         let mut plan = self.plan(&req)?;
         if let Some(r) = &req.restore {
             // What a restore must match is checked before anything is made.
-            let (snap, full, base) = self.restorable("restore.snapshot_id", &r.snapshot_id).await?;
+            let (snap, full, base) = self
+                .restorable("restore.snapshot_id", &r.snapshot_id)
+                .await?;
             self.plan_restore(&mut plan, snap, full, base)?;
         }
         let _hold = match &plan.disk_source {
@@ -394,9 +396,8 @@ impl Engine {
             });
         }
         if !full.network && plan.launch.net.is_some() {
-            info.warnings.push(
-                "`network` was ignored: the snapshot's vm had no network interface".into(),
-            );
+            info.warnings
+                .push("`network` was ignored: the snapshot's vm had no network interface".into());
             plan.launch.net = None;
             info.tap_name = None;
             info.guest_mac = None;

@@ -48,7 +48,8 @@ impl Engine {
         }
         if !info.shares.is_empty() {
             return Err(refuse(
-                "it has shares, whose host directories a restore could not bring back as they were".into(),
+                "it has shares, whose host directories a restore could not bring back as they were"
+                    .into(),
             ));
         }
         let kernel = PathBuf::from(&info.kernel);
@@ -75,13 +76,10 @@ impl Engine {
 
     /// The VMM's version, as snapshots record it.
     async fn vmm_version(&self) -> Result<String, EngineError> {
-        self.vmm
-            .version()
-            .await
-            .map_err(|source| EngineError::Vmm {
-                vm_id: String::new(),
-                source,
-            })
+        self.vmm.version().await.map_err(|source| EngineError::Vmm {
+            vm_id: String::new(),
+            source,
+        })
     }
 
     /// The fingerprint of a VM's base image, when it has one.
@@ -295,7 +293,10 @@ impl Engine {
         if req.count == 0 || req.count > max {
             return Err(EngineError::bad(
                 "count",
-                format!("count must be between 1 and max_fork ({max}), got {}", req.count),
+                format!(
+                    "count must be between 1 and max_fork ({max}), got {}",
+                    req.count
+                ),
             ));
         }
         let ids = match req.vm_ids {

@@ -174,7 +174,10 @@ impl Engine {
         });
     }
 
-    pub(super) async fn kill_instance(&self, inst: &Arc<dyn VmmInstance>) -> crate::backend::VmmExit {
+    pub(super) async fn kill_instance(
+        &self,
+        inst: &Arc<dyn VmmInstance>,
+    ) -> crate::backend::VmmExit {
         match inst.kill().await {
             Ok(e) => e,
             Err(e) => {

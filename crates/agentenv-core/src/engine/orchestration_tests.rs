@@ -8,9 +8,9 @@ use std::sync::Arc;
 use agentenv_api::{BackendKind, CreateVmRequest, DiskSpec, ShareSpec, VmState};
 
 use super::{Engine, SnapshotInProgress, VmRecord, RECORD_FILE};
-use crate::error::EngineError;
 use crate::backend::AdoptedState;
 use crate::config::{AgentConfig, Config};
+use crate::error::EngineError;
 use crate::snapshot::{NewSnapshot, SnapshotStore};
 use crate::testing::{
     FakeHost, FakeNetwork, FakeSnapshots, FakeVmm, HostCall, NetCall, SnapshotCall, VmmCall,
@@ -470,7 +470,10 @@ async fn a_snapshot_of_a_paused_vm_leaves_it_paused() {
     let engine = rig.start().await;
     let pid = engine.create(overlay("vm1")).await.unwrap().pid.unwrap();
     engine.pause("vm1").await.unwrap();
-    engine.snapshot("vm1", Some("s1".into()), false).await.unwrap();
+    engine
+        .snapshot("vm1", Some("s1".into()), false)
+        .await
+        .unwrap();
     assert_eq!(engine.get("vm1").unwrap().state, VmState::Paused);
     assert_eq!(rig.vmm.guest(pid), Some(AdoptedState::Paused));
     assert_eq!(rig.record("vm1").vm.state, VmState::Paused);
@@ -510,7 +513,6 @@ async fn a_vmm_that_dies_on_its_own_leaves_its_vm_failed_and_its_lease_freed() {
     assert_eq!(rig.net.taps(), Vec::<String>::new());
     assert_eq!(rig.host.node(&rig.socket("vm1")), None);
 }
-
 
 /// An overlay VM without shares (full snapshots refuse shares).
 fn plain(vm_id: &str) -> CreateVmRequest {
@@ -561,10 +563,17 @@ async fn a_full_snapshot_saves_the_paused_vm_and_runs_it_again() {
     let engine = with_full_snapshot(&rig).await;
     let pid = engine.get("src").unwrap().pid.unwrap();
     let calls = rig.vmm.calls();
-    let at = calls.iter().position(|c| *c == VmmCall::Pause(pid)).unwrap();
+    let at = calls
+        .iter()
+        .position(|c| *c == VmmCall::Pause(pid))
+        .unwrap();
     assert_eq!(
         calls[at..],
-        [VmmCall::Pause(pid), VmmCall::SaveFull(pid), VmmCall::Resume(pid)]
+        [
+            VmmCall::Pause(pid),
+            VmmCall::SaveFull(pid),
+            VmmCall::Resume(pid)
+        ]
     );
     assert_eq!(engine.get("src").unwrap().state, VmState::Running);
     // The checksums come after the VM runs again: the seal is the last step.
@@ -607,10 +616,7 @@ async fn a_restored_vm_runs_without_booting_with_its_own_disk_and_tap() {
         .calls()
         .iter()
         .any(|c| matches!(c, VmmCall::Restore(id, _) if id == "clone")));
-    assert!(!rig
-        .vmm
-        .calls()
-        .contains(&VmmCall::Launch("clone".into())));
+    assert!(!rig.vmm.calls().contains(&VmmCall::Launch("clone".into())));
     let disk = rig.session("clone").join("overlay.ext4");
     assert!(rig.host.node(&disk).is_some());
     assert!(rig
@@ -621,7 +627,10 @@ async fn a_restored_vm_runs_without_booting_with_its_own_disk_and_tap() {
     let slot = engine.slot("clone").unwrap();
     let id = slot.identity().expect("an identity to apply");
     assert_eq!(id.hostname, "clone");
-    assert_eq!(id.net.as_ref().unwrap().address, vm.guest_ip.clone().unwrap());
+    assert_eq!(
+        id.net.as_ref().unwrap().address,
+        vm.guest_ip.clone().unwrap()
+    );
     assert_eq!(id.net.as_ref().unwrap().mac, vm.guest_mac.clone().unwrap());
     let other = engine.identity_for(&slot);
     assert_ne!(id.entropy_hex, other.entropy_hex, "fresh entropy each time");
@@ -647,7 +656,10 @@ async fn restores_refuse_what_the_snapshot_decides_and_what_does_not_match() {
     let e = engine.create(restore_req("c", "nope")).await.unwrap_err();
     assert_eq!(e.field(), Some("restore.snapshot_id"), "{e}");
     // A disk snapshot: 409.
-    engine.snapshot("src", Some("disk".into()), false).await.unwrap();
+    engine
+        .snapshot("src", Some("disk".into()), false)
+        .await
+        .unwrap();
     let e = engine.create(restore_req("c", "disk")).await.unwrap_err();
     assert!(matches!(e, EngineError::Conflict { .. }), "{e}");
     assert!(e.to_string().contains("disk snapshot"), "{e}");
@@ -656,7 +668,8 @@ async fn restores_refuse_what_the_snapshot_decides_and_what_does_not_match() {
         .put_file(Path::new("/srv/rootfs/base.ext4"), b"another base");
     let e = engine.create(restore_req("c", "full")).await.unwrap_err();
     assert!(e.to_string().contains("base image"), "{e}");
-    rig.host.put_file(Path::new("/srv/rootfs/base.ext4"), b"base");
+    rig.host
+        .put_file(Path::new("/srv/rootfs/base.ext4"), b"base");
     rig.host
         .put_file(Path::new("/srv/kernels/vmlinux"), b"a new kernel");
     let e = engine.create(restore_req("c", "full")).await.unwrap_err();
@@ -716,7 +729,10 @@ async fn fork_makes_running_clones_and_its_snapshot_goes_with_the_last() {
     for v in &vms {
         engine.delete(&v.vm_id).await.unwrap();
     }
-    assert!(engine.snapshots().is_empty(), "the fork's snapshot went with its last clone");
+    assert!(
+        engine.snapshots().is_empty(),
+        "the fork's snapshot went with its last clone"
+    );
 }
 
 #[tokio::test]
@@ -784,10 +800,16 @@ async fn reset_puts_the_vm_back_in_place_and_refuses_disk_snapshots() {
     assert!(rig.record("src").reset.is_none());
     // Again and again: the loop a fuzzer runs.
     for _ in 0..5 {
-        assert_eq!(engine.reset("src", "full").await.unwrap().state, VmState::Running);
+        assert_eq!(
+            engine.reset("src", "full").await.unwrap().state,
+            VmState::Running
+        );
     }
     assert_eq!(rig.vmm.live().len(), 1);
-    engine.snapshot("src", Some("disk".into()), false).await.unwrap();
+    engine
+        .snapshot("src", Some("disk".into()), false)
+        .await
+        .unwrap();
     let e = engine.reset("src", "disk").await.unwrap_err();
     assert!(matches!(e, EngineError::Conflict { .. }), "{e}");
     assert_eq!(engine.get("src").unwrap().state, VmState::Running);

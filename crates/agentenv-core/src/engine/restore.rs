@@ -102,7 +102,9 @@ impl Engine {
                 if let Err(e) = self.set_state(slot, VmState::Running) {
                     tracing::error!("vm {vm_id}: {e}");
                 }
-                tracing::warn!("vm {vm_id}: finished a reset to {snapshot_id} that a restart interrupted");
+                tracing::warn!(
+                    "vm {vm_id}: finished a reset to {snapshot_id} that a restart interrupted"
+                );
                 self.spawn_exit_monitor(vm_id.clone(), inst.clone());
                 self.spawn_agent_watch(vm_id, inst);
             }
@@ -145,7 +147,10 @@ impl Engine {
             if !owned {
                 let path = dir.join(&name);
                 match self.host.files.remove_file(&path) {
-                    Ok(()) => tracing::warn!("removed guest memory file {} that no vm owns", path.display()),
+                    Ok(()) => tracing::warn!(
+                        "removed guest memory file {} that no vm owns",
+                        path.display()
+                    ),
                     Err(e) => tracing::warn!("{e}"),
                 }
             }

@@ -7,9 +7,9 @@ use chrono::Utc;
 
 use super::agent::{freeze_for_snapshot, thaw_after_snapshot};
 use super::{Engine, SnapshotInProgress};
+use crate::backend::SavedMemory;
 use crate::error::EngineError;
 use crate::ids::{validate_id, MAX_ID_LEN};
-use crate::backend::SavedMemory;
 use crate::snapshot::{NewSnapshot, SnapshotError};
 
 /// Releases a snapshot hold when a create from it ends, however it ends.
@@ -163,13 +163,13 @@ impl Engine {
             }
             fp.point("snapshot.paused").await?;
             if memory {
-                let saved = inst
-                    .save_full(&pending.files)
-                    .await
-                    .map_err(|source| EngineError::Vmm {
-                        vm_id: vm_id.into(),
-                        source,
-                    })?;
+                let saved =
+                    inst.save_full(&pending.files)
+                        .await
+                        .map_err(|source| EngineError::Vmm {
+                            vm_id: vm_id.into(),
+                            source,
+                        })?;
                 match saved {
                     SavedMemory::Written => {}
                     SavedMemory::InFile(ram) => self

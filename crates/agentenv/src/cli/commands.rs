@@ -44,7 +44,11 @@ pub fn run_vm(opts: &ClientOpts, cmd: VmCommand) -> anyhow::Result<()> {
             vm_id,
             snapshot_id,
             wait_ready,
-        } => print_vm(&mut out, opts, &c.restore_vm(&vm_id, &snapshot_id, wait_ready)?),
+        } => print_vm(
+            &mut out,
+            opts,
+            &c.restore_vm(&vm_id, &snapshot_id, wait_ready)?,
+        ),
         VmCommand::Fork {
             vm_id,
             count,

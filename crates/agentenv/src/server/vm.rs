@@ -162,6 +162,10 @@ pub(crate) async fn reset(
     Path(vm_id): Path<String>,
     JsonBody(req): JsonBody<ResetRequest>,
 ) -> Result<Json<VmInfo>, ApiError> {
-    let vm = detached(held, async move { engine.reset(&vm_id, &req.snapshot_id).await }).await?;
+    let vm = detached(
+        held,
+        async move { engine.reset(&vm_id, &req.snapshot_id).await },
+    )
+    .await?;
     Ok(Json(vm))
 }
