@@ -11,7 +11,7 @@ use agentenv_host::firecracker::models::{
     InstanceState, MemBackend, MemBackendType, NetworkOverride, SnapshotCreateParams,
     SnapshotLoadParams, SnapshotType, VsockOverride,
 };
-use agentenv_host::firecracker::{FirecrackerInstance, FirecrackerVmm, ProcessSpec, RestoreSpec};
+use agentenv_host::firecracker::{FirecrackerInstance, FirecrackerVmm, LoadSpec, ProcessSpec};
 use agentenv_testkit::paths;
 
 /// The double behind a wrapper script that adds `extra` flags.
@@ -70,10 +70,10 @@ fn spec(dir: &Path, vm_id: &str) -> LaunchSpec {
     }
 }
 
-fn restore_spec(dir: &Path, vm_id: &str, load: SnapshotLoadParams) -> RestoreSpec {
+fn load_spec(dir: &Path, vm_id: &str, load: SnapshotLoadParams) -> LoadSpec {
     let mut process = ProcessSpec::from(&spec(dir, vm_id));
     process.agent_socket = Some(dir.join("agent.sock"));
-    RestoreSpec { process, load }
+    LoadSpec { process, load }
 }
 
 fn file_load(snap: &Path, mem: &Path) -> SnapshotLoadParams {
@@ -172,7 +172,7 @@ async fn restore_loads_the_snapshot_into_a_fresh_vmm() {
     }];
     let started = Instant::now();
     let inst = vmm
-        .restore(&restore_spec(dir.path(), "clone", load))
+        .load_snapshot(&load_spec(dir.path(), "clone", load))
         .await
         .unwrap();
     eprintln!("restore took {:?}", started.elapsed());
@@ -189,7 +189,7 @@ async fn a_failed_restore_leaves_no_process_or_socket() {
     let dir = tempdir();
     let vmm = driver(dir.path(), &[]);
     let load = file_load(&dir.path().join("missing.snap"), &dir.path().join("m"));
-    match vmm.restore(&restore_spec(dir.path(), "clone", load)).await {
+    match vmm.load_snapshot(&load_spec(dir.path(), "clone", load)).await {
         Err(VmmError::Refused { message, .. }) => {
             assert!(
                 message.contains("Failed to open snapshot file"),
@@ -213,9 +213,9 @@ async fn v1_16_restores_a_clone_beside_its_source_with_vsock_override() {
     load.vsock_override = Some(VsockOverride {
         uds_path: dir.path().join("clone-agent.sock"),
     });
-    let mut rs = restore_spec(dir.path(), "clone", load);
+    let mut rs = load_spec(dir.path(), "clone", load);
     rs.process.agent_socket = Some(dir.path().join("clone-agent.sock"));
-    let clone = vmm.restore(&rs).await.unwrap();
+    let clone = vmm.load_snapshot(&rs).await.unwrap();
     assert_eq!(clone.instance_info().await.unwrap().vmm_version, "1.16.1");
     assert!(dir.path().join("clone-agent.sock").exists());
     assert!(
