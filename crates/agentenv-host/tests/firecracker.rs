@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agentenv_core::backend::{
-    wait_exit, AdoptedState, AgentChannel, DriveSpec, FullSnapshotFiles, LaunchSpec,
-    NetAttachment, RestoreSpec as SeamRestore, SavedMemory, Vmm, VmmError, VmmInstance,
+    wait_exit, AdoptedState, AgentChannel, DriveSpec, FullSnapshotFiles, LaunchSpec, NetAttachment,
+    RestoreSpec as SeamRestore, SavedMemory, Vmm, VmmError, VmmInstance,
 };
 use agentenv_host::firecracker::models::{
     InstanceState, MemBackend, MemBackendType, NetworkOverride, SnapshotCreateParams,
@@ -194,7 +194,10 @@ async fn a_failed_restore_leaves_no_process_or_socket() {
     let dir = tempdir();
     let vmm = driver(dir.path(), &[]);
     let load = file_load(&dir.path().join("missing.snap"), &dir.path().join("m"));
-    match vmm.load_snapshot(&load_spec(dir.path(), "clone", load)).await {
+    match vmm
+        .load_snapshot(&load_spec(dir.path(), "clone", load))
+        .await
+    {
         Err(VmmError::Refused { message, .. }) => {
             assert!(
                 message.contains("Failed to open snapshot file"),
@@ -261,7 +264,10 @@ impl Target {
             .map(PathBuf::from)
             .unwrap_or_else(|| agentenv_testkit::paths::artifacts().join("kernels/vmlinux"));
         if !kernel.exists() {
-            eprintln!("skipping the real Firecracker: no kernel at {}", kernel.display());
+            eprintln!(
+                "skipping the real Firecracker: no kernel at {}",
+                kernel.display()
+            );
             return None;
         }
         Some(Target {
@@ -318,7 +324,12 @@ fn processes_in(dir: &Path) -> Vec<u32> {
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).ok().as_deref() == Some(dir))
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/cwd"))
+                .ok()
+                .as_deref()
+                == Some(dir)
+        })
         .collect()
 }
 
@@ -359,7 +370,13 @@ async fn saved_source(
 
 /// The restore of `vm_id` from `files`: its own session directory with a
 /// copy of the source's disk.
-fn clone_spec(t: &Target, root: &Path, vm_id: &str, source: &LaunchSpec, files: &FullSnapshotFiles) -> SeamRestore {
+fn clone_spec(
+    t: &Target,
+    root: &Path,
+    vm_id: &str,
+    source: &LaunchSpec,
+    files: &FullSnapshotFiles,
+) -> SeamRestore {
     let launch = t.launch(root, vm_id);
     std::fs::copy(&source.drives[1].path, &launch.drives[1].path).unwrap();
     SeamRestore {
@@ -406,7 +423,11 @@ async fn two_clones_from_one_snapshot(t: Target, root: &Path) {
         );
         let open = open_files(pid);
         assert!(open.contains(&rs.launch.drives[1].path), "{open:?}");
-        for other in [&src_spec.session_dir, &a.launch.session_dir, &b.launch.session_dir] {
+        for other in [
+            &src_spec.session_dir,
+            &a.launch.session_dir,
+            &b.launch.session_dir,
+        ] {
             if other != session {
                 assert!(
                     !open.iter().any(|f| f.starts_with(other)),
@@ -425,10 +446,8 @@ async fn two_clones_from_one_snapshot(t: Target, root: &Path) {
                 load["network_overrides"],
                 serde_json::json!([{"iface_id": "eth0", "host_dev_name": net.tap_name}])
             );
-            let cfg: serde_json::Value = serde_json::from_slice(
-                &clone_config(&rs.launch.control_socket).await,
-            )
-            .unwrap();
+            let cfg: serde_json::Value =
+                serde_json::from_slice(&clone_config(&rs.launch.control_socket).await).unwrap();
             assert_eq!(cfg["network-interfaces"][0]["host_dev_name"], net.tap_name);
             assert_eq!(cfg["drives"][1]["path_on_host"], "overlay.ext4");
         }
@@ -453,10 +472,16 @@ async fn two_clones_from_one_snapshot(t: Target, root: &Path) {
         clone.kill().await.unwrap();
         assert!(wait_exit(exit, Duration::from_secs(5)).await.is_some());
         assert!(!rs.launch.control_socket.exists(), "control socket removed");
-        assert!(!rs.launch.session_dir.join("agent.sock").exists(), "vsock socket removed");
+        assert!(
+            !rs.launch.session_dir.join("agent.sock").exists(),
+            "vsock socket removed"
+        );
         assert!(processes_in(&rs.launch.session_dir).is_empty());
     }
-    assert!(src_spec.session_dir.join("agent.sock").exists(), "the source's socket stays");
+    assert!(
+        src_spec.session_dir.join("agent.sock").exists(),
+        "the source's socket stays"
+    );
     src.kill().await.unwrap();
 }
 
@@ -502,7 +527,11 @@ async fn refused_restores(t: Target, root: &Path) {
     let short = root.join("snap/short.mem");
     std::fs::write(&short, b"too short").unwrap();
     let cases = [
-        ("missing", root.join("snap/missing.state"), Some(files.memory.clone())),
+        (
+            "missing",
+            root.join("snap/missing.state"),
+            Some(files.memory.clone()),
+        ),
         ("corrupt", corrupt, Some(files.memory.clone())),
         ("short", files.state.clone(), Some(short)),
         ("no-memory", files.state.clone(), None),
@@ -523,15 +552,26 @@ async fn refused_restores(t: Target, root: &Path) {
                 let text = e.to_string();
                 eprintln!("{name}: {text}");
                 assert!(
-                    matches!(e, VmmError::Refused { .. } | VmmError::Io { .. } | VmmError::ExitedEarly { .. }),
+                    matches!(
+                        e,
+                        VmmError::Refused { .. }
+                            | VmmError::Io { .. }
+                            | VmmError::ExitedEarly { .. }
+                    ),
                     "{name}: {text}"
                 );
             }
         }
         let session = &rs.launch.session_dir;
         assert!(processes_in(session).is_empty(), "{name}: a vmm is left");
-        assert!(!rs.launch.control_socket.exists(), "{name}: control socket left");
-        assert!(!session.join("agent.sock").exists(), "{name}: vsock socket left");
+        assert!(
+            !rs.launch.control_socket.exists(),
+            "{name}: control socket left"
+        );
+        assert!(
+            !session.join("agent.sock").exists(),
+            "{name}: vsock socket left"
+        );
         let after = agentenv_testkit::leaks::files_below(root);
         let new: Vec<_> = after
             .difference(&before)

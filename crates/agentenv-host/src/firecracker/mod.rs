@@ -85,7 +85,11 @@ pub fn session_relative(session_dir: &Path, path: &Path) -> PathBuf {
 /// The version in `firecracker --version`'s first line
 /// (`Firecracker v1.13.1`): `1.13.1`.
 pub fn parse_version(output: &str) -> Option<String> {
-    let rest = output.lines().next()?.trim().strip_prefix("Firecracker v")?;
+    let rest = output
+        .lines()
+        .next()?
+        .trim()
+        .strip_prefix("Firecracker v")?;
     let version: String = rest
         .chars()
         .take_while(|c| c.is_ascii_digit() || *c == '.')
@@ -166,7 +170,10 @@ pub fn vm_config(spec: &LaunchSpec) -> FullVmConfiguration {
 /// `vsock_override` (Firecracker v1.16), the new VM's vsock socket (relative,
 /// as it is saved). On v1.13.1 the socket comes back under its saved relative
 /// name, which is the new VM's too: Firecracker runs in its session directory.
-pub fn load_params(spec: &RestoreSpec, vsock_override: bool) -> Result<SnapshotLoadParams, VmmError> {
+pub fn load_params(
+    spec: &RestoreSpec,
+    vsock_override: bool,
+) -> Result<SnapshotLoadParams, VmmError> {
     let launch = &spec.launch;
     let memory = spec.memory.clone().ok_or_else(|| VmmError::Io {
         context: format!("cannot restore from {}", spec.state.display()),
@@ -880,7 +887,10 @@ mod tests {
 
         bare.memory = None;
         let err = load_params(&bare, false).unwrap_err().to_string();
-        assert!(err.contains("/t/snap/vm.state") && err.contains("memory file"), "{err}");
+        assert!(
+            err.contains("/t/snap/vm.state") && err.contains("memory file"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -946,4 +956,3 @@ mod tests {
         assert_eq!(instance_id(&"x".repeat(70)).len(), 64);
     }
 }
-

@@ -985,13 +985,14 @@ fn load_snapshot(
     let mut backing = Vec::new();
     for drive in &state.drives {
         if let Some(path) = &drive.path_on_host {
-            let file = open_backing_file(path, drive.is_read_only.unwrap_or(false)).map_err(|e| {
-                fatal(format!(
-                    "{build}: Cannot restore devices: Block: Virtio backend error: Error \
+            let file =
+                open_backing_file(path, drive.is_read_only.unwrap_or(false)).map_err(|e| {
+                    fatal(format!(
+                        "{build}: Cannot restore devices: Block: Virtio backend error: Error \
                      manipulating the backing file: {e} {}",
-                    path.display()
-                ))
-            })?;
+                        path.display()
+                    ))
+                })?;
             backing.push((drive.drive_id.clone(), file));
         }
     }
