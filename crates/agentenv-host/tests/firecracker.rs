@@ -636,7 +636,7 @@ async fn a_clones_agent_channel_reaches_the_guest() {
     let answer = tokio::task::spawn_blocking(move || {
         let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(s, "CONNECT {port}\n").unwrap();
+        writeln!(s, "CONNECT {port}").unwrap();
         let mut reader = BufReader::new(s.try_clone().unwrap());
         let mut ok = String::new();
         reader.read_line(&mut ok).unwrap();
