@@ -17,6 +17,7 @@ use agentenv_host::firecracker::models::{
     SnapshotLoadParams, SnapshotType, VsockOverride,
 };
 use agentenv_host::firecracker::{FirecrackerInstance, FirecrackerVmm, LoadSpec, ProcessSpec};
+use agentenv_testkit::leaks::{open_files, processes_in};
 use agentenv_testkit::paths;
 
 /// The double behind a wrapper script that adds `extra` flags.
@@ -256,9 +257,13 @@ impl Target {
         }
     }
 
-    /// The real Firecracker, when `AGENTENV_TEST_FIRECRACKER` and a kernel are given.
+    /// The real Firecracker, when `AGENTENV_TEST_FIRECRACKER` and a kernel
+    /// are given (else the test skips, saying so).
     fn real() -> Option<Target> {
-        let binary = agentenv_testkit::paths::real_firecracker()?;
+        let Some(binary) = agentenv_testkit::paths::real_firecracker() else {
+            eprintln!("skipping: AGENTENV_TEST_FIRECRACKER is not set");
+            return None;
+        };
         let kernel = std::env::var_os("AGENTENV_TEST_KERNEL")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
@@ -316,30 +321,6 @@ fn existing(dir: &Path, name: &str) -> PathBuf {
         file(dir, name);
     }
     p
-}
-
-/// Processes whose working directory is `dir` (a VMM left running there).
-fn processes_in(dir: &Path) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_link(format!("/proc/{pid}/cwd"))
-                .ok()
-                .as_deref()
-                == Some(dir)
-        })
-        .collect()
-}
-
-/// The files a process holds open.
-fn open_files(pid: u32) -> Vec<PathBuf> {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .collect()
 }
 
 /// A source VM launched, paused, saved in full to `root/snap` and resumed:
@@ -509,10 +490,7 @@ async fn two_clones_from_one_snapshot_on_v1_16() {
 
 #[tokio::test]
 async fn two_clones_from_one_snapshot_on_a_real_firecracker() {
-    let Some(t) = Target::real() else {
-        eprintln!("skipping: AGENTENV_TEST_FIRECRACKER is not set");
-        return;
-    };
+    let Some(t) = Target::real() else { return };
     let dir = tempdir();
     two_clones_from_one_snapshot(t, dir.path()).await;
 }
@@ -591,10 +569,7 @@ async fn restores_from_bad_files_are_refused_with_nothing_left() {
 
 #[tokio::test]
 async fn restores_from_bad_files_are_refused_on_a_real_firecracker() {
-    let Some(t) = Target::real() else {
-        eprintln!("skipping: AGENTENV_TEST_FIRECRACKER is not set");
-        return;
-    };
+    let Some(t) = Target::real() else { return };
     let dir = tempdir();
     refused_restores(t, dir.path()).await;
 }

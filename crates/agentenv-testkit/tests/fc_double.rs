@@ -1427,14 +1427,7 @@ fn snapshot_create_only_when_paused_and_writes_both_files() {
 #[test]
 fn snapshot_load_restores_the_saved_devices() {
     let (source, snap, mem) = snapshotted(&["--boot-console"]);
-    let saved: Value = serde_json::from_str(
-        std::fs::read_to_string(&snap)
-            .unwrap()
-            .split_once('\n')
-            .unwrap()
-            .1,
-    )
-    .unwrap();
+    let saved = saved_state(&snap);
     assert_eq!(saved["vsock"]["uds_path"], json!(source.path("agent.sock")));
 
     // The source still holds the vsock socket: a v1.13 load, which binds the
@@ -2018,13 +2011,22 @@ fn vsock_is_configured_before_boot_only() {
     }
 }
 
-/// Files a process holds open.
-fn open_files(pid: u32) -> Vec<PathBuf> {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .collect()
+/// The configuration a state file of the double records.
+fn saved_state(snap: &Path) -> Value {
+    let text = std::fs::read_to_string(snap).unwrap();
+    serde_json::from_str(text.split_once('\n').unwrap().1).unwrap()
+}
+
+/// A fresh double with an `overlay.ext4` in its directory that loads the
+/// snapshot giving interface `iface` the TAP `tap`.
+fn load_with_override(snap: &Path, mem: &Path, iface: &str, tap: &str) -> (Vmm, Resp) {
+    let vmm = Vmm::start(&Target::Double, &[]);
+    vmm.file("overlay.ext4");
+    let mut body = load_body(snap, mem);
+    body["resume_vm"] = json!(true);
+    body["network_overrides"] = json!([{"iface_id": iface, "host_dev_name": tap}]);
+    let r = vmm.put("/snapshot/load", body);
+    (vmm, r)
 }
 
 #[test]
@@ -2081,14 +2083,7 @@ fn snapshot_load_resolves_saved_relative_paths_in_its_own_directory() {
         "create",
     );
     source.ok(source.patch("/vm", json!({"state": "Resumed"})), "resume");
-    let saved: Value = serde_json::from_str(
-        std::fs::read_to_string(&snap)
-            .unwrap()
-            .split_once('\n')
-            .unwrap()
-            .1,
-    )
-    .unwrap();
+    let saved = saved_state(&snap);
     assert_eq!(saved["drives"][1]["path_on_host"], "overlay.ext4");
     assert_eq!(saved["vsock"]["uds_path"], "agent.sock");
 
@@ -2098,19 +2093,15 @@ fn snapshot_load_resolves_saved_relative_paths_in_its_own_directory() {
     let clones: Vec<Vmm> = ["tap-c1", "tap-c2"]
         .iter()
         .map(|tap| {
-            let clone = Vmm::start(&Target::Double, &[]);
-            clone.file("overlay.ext4");
-            let mut body = load_body(&snap, &mem);
-            body["resume_vm"] = json!(true);
-            body["network_overrides"] = json!([{"iface_id": "eth0", "host_dev_name": tap}]);
-            clone.ok(clone.put("/snapshot/load", body), "load");
+            let (clone, r) = load_with_override(&snap, &mem, "eth0", tap);
+            clone.ok(r, "load");
             clone
         })
         .collect();
     for (clone, tap) in clones.iter().zip(["tap-c1", "tap-c2"]) {
         assert_eq!(clone.state(), "Running");
         assert!(clone.path("agent.sock").exists());
-        let open = open_files(clone.child.id());
+        let open = agentenv_testkit::leaks::open_files(clone.child.id());
         assert!(open.contains(&clone.path("overlay.ext4")), "{open:?}");
         assert!(open.contains(&mem), "the memory file is mapped: {open:?}");
         assert!(!open.contains(&source.path("overlay.ext4")), "{open:?}");
@@ -2124,19 +2115,9 @@ fn snapshot_load_resolves_saved_relative_paths_in_its_own_directory() {
     // Without a disk under the saved name in its directory, a load fails.
     let (vmm, r) = load_into_fresh(&[], load_body(&snap, &mem));
     assert_fatal_load(vmm, r, "Block: Virtio backend error");
-    // A TAP name the kernel refuses.
-    let vmm = Vmm::start(&Target::Double, &[]);
-    vmm.file("overlay.ext4");
-    let mut body = load_body(&snap, &mem);
-    body["network_overrides"] =
-        json!([{"iface_id": "eth0", "host_dev_name": "a-tap-name-too-long"}]);
-    let r = vmm.put("/snapshot/load", body);
+    // A TAP name the kernel refuses; an interface the snapshot does not have.
+    let (vmm, r) = load_with_override(&snap, &mem, "eth0", "a-tap-name-too-long");
     assert_fatal_load(vmm, r, "Open tap device failed");
-    // An interface the snapshot does not have.
-    let vmm = Vmm::start(&Target::Double, &[]);
-    vmm.file("overlay.ext4");
-    let mut body = load_body(&snap, &mem);
-    body["network_overrides"] = json!([{"iface_id": "eth1", "host_dev_name": "tap1"}]);
-    let r = vmm.put("/snapshot/load", body);
+    let (vmm, r) = load_with_override(&snap, &mem, "eth1", "tap1");
     assert_fatal_load(vmm, r, "Invalid network override");
 }
