@@ -1,5 +1,16 @@
 //! The Firecracker driver: one `firecracker` process per VM, configured over its
 //! Unix-socket API exactly as Firecracker's swagger documents it.
+//!
+//! Firecracker runs in the VM's session directory, and every path inside that
+//! directory (the overlay disk, shares, the vsock socket) is given to it
+//! relative ([`session_relative`]); base images and the kernel stay absolute.
+//! A full snapshot (`PUT /snapshot/create`, [`VmmInstance::save_full`])
+//! records the paths as given, and both Firecracker v1.13.1 and v1.16 reopen
+//! them at load: a VM restored in its own session directory
+//! ([`Vmm::restore`]: a fresh Firecracker there, `PUT /snapshot/load` with the
+//! memory file mapped privately, its own TAP through `network_overrides`, and
+//! on v1.16 its socket through `vsock_override` too) thus uses its own disk
+//! copy and socket, and any number of clones of one snapshot run side by side.
 
 mod api;
 pub mod models;
