@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agentenv_core::backend::{
-    wait_exit, AdoptedState, AgentChannel, DriveSpec, FullSnapshotFiles, LaunchSpec, NetAttachment,
-    RestoreSpec as SeamRestore, SavedMemory, Vmm, VmmError, VmmInstance,
+    wait_exit, AdoptSpec, AdoptedState, AgentChannel, DriveSpec, FullSnapshotFiles, LaunchSpec,
+    NetAttachment, RestoreSpec as SeamRestore, SavedMemory, Vmm, VmmError, VmmInstance,
 };
 use agentenv_host::firecracker::models::{
     InstanceState, MemBackend, MemBackendType, NetworkOverride, SnapshotCreateParams,
@@ -625,5 +625,41 @@ async fn a_clones_agent_channel_reaches_the_guest() {
     .unwrap();
     assert_eq!(&answer, b"hello");
     clone.kill().await.unwrap();
+    src.kill().await.unwrap();
+}
+
+/// A restored VM is re-adopted after a daemon restart like a booted one.
+#[tokio::test]
+async fn a_restored_vm_is_adopted_after_a_restart() {
+    let dir = tempdir();
+    let root = dir.path();
+    let t = Target::double(root, "1.13.1", &[]);
+    let (src, src_spec, files) = saved_source(&t, root).await;
+    let rs = clone_spec(&t, root, "c1", &src_spec, &files);
+    let clone = t.vmm.restore(&rs).await.unwrap();
+    let l = &rs.launch;
+    let (adopted, state) = t
+        .vmm
+        .adopt(&AdoptSpec {
+            vm_id: l.vm_id.clone(),
+            process: clone.identity().unwrap(),
+            control_socket: l.control_socket.clone(),
+            agent_socket: l.agent_socket.clone(),
+            console_log: l.console_log.clone(),
+            console_log_max_bytes: l.console_log_max_bytes,
+            request_timeout: l.request_timeout,
+        })
+        .await
+        .unwrap();
+    assert_eq!(state, AdoptedState::Running);
+    assert_eq!(adopted.agent_channel(), clone.agent_channel());
+    adopted.pause().await.unwrap();
+    assert_eq!(clone.guest_state().await.unwrap(), AdoptedState::Paused);
+    adopted.kill().await.unwrap();
+    assert!(wait_exit(clone.exit_watch(), Duration::from_secs(5))
+        .await
+        .is_some());
+    assert!(!l.control_socket.exists());
+    assert!(!l.session_dir.join("agent.sock").exists());
     src.kill().await.unwrap();
 }
