@@ -563,19 +563,9 @@ impl FirecrackerInstance {
         Ok(())
     }
 
-    /// One API call; when the process died meanwhile, says so with its output.
+    /// One API call that may take `timeout`; when the process died
+    /// meanwhile, says so with its output.
     async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Bytes>,
-    ) -> Result<Bytes, VmmError> {
-        self.call_within(method, path, body, self.request_timeout)
-            .await
-    }
-
-    /// [`FirecrackerInstance::call`] that may take `timeout`.
-    async fn call_within(
         &self,
         method: Method,
         path: &str,
@@ -600,20 +590,32 @@ impl FirecrackerInstance {
         }
     }
 
+    /// A request with a JSON body and an empty answer.
+    async fn send<T: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &T,
+        timeout: Duration,
+    ) -> Result<(), VmmError> {
+        let body = Some(api::to_bytes(body));
+        self.call(method, path, body, timeout).await.map(|_| ())
+    }
+
     async fn put<T: Serialize>(&self, path: &str, body: &T) -> Result<(), VmmError> {
-        self.call(Method::PUT, path, Some(api::to_bytes(body)))
+        self.send(Method::PUT, path, body, self.request_timeout)
             .await
-            .map(|_| ())
     }
 
     async fn patch<T: Serialize>(&self, path: &str, body: &T) -> Result<(), VmmError> {
-        self.call(Method::PATCH, path, Some(api::to_bytes(body)))
+        self.send(Method::PATCH, path, body, self.request_timeout)
             .await
-            .map(|_| ())
     }
 
     async fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, VmmError> {
-        let body = self.call(Method::GET, path, None).await?;
+        let body = self
+            .call(Method::GET, path, None, self.request_timeout)
+            .await?;
         serde_json::from_slice(&body).map_err(|e| VmmError::Transport {
             request: format!("GET {path}"),
             message: format!("unexpected answer: {e}"),
@@ -648,14 +650,8 @@ impl FirecrackerInstance {
     /// longer): Firecracker writes the whole guest memory first.
     pub async fn snapshot_create(&self, params: &SnapshotCreateParams) -> Result<(), VmmError> {
         let timeout = self.request_timeout.max(SNAPSHOT_CREATE_TIMEOUT);
-        self.call_within(
-            Method::PUT,
-            "/snapshot/create",
-            Some(api::to_bytes(params)),
-            timeout,
-        )
-        .await
-        .map(|_| ())
+        self.send(Method::PUT, "/snapshot/create", params, timeout)
+            .await
     }
 }
 
