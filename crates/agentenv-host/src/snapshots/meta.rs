@@ -156,7 +156,8 @@ impl SnapshotMeta {
     }
 
     /// Reads and checks a record: schema version (1 or 2; a version 1
-    /// record is a disk snapshot), checksum definitions, kind.
+    /// record is a disk snapshot), checksum definitions, kind. Returns it
+    /// migrated to [`SCHEMA_VERSION`] (the file is not rewritten).
     pub fn load(path: &Path) -> Result<SnapshotMeta, MetaError> {
         let bytes = std::fs::read(path).map_err(|source| MetaError::Read {
             path: path.display().to_string(),
@@ -177,7 +178,7 @@ impl SnapshotMeta {
             }
             None => return Err(parse("no schema_version".into())),
         }
-        let meta: SnapshotMeta = serde_json::from_value(v).map_err(|e| parse(e.to_string()))?;
+        let mut meta: SnapshotMeta = serde_json::from_value(v).map_err(|e| parse(e.to_string()))?;
         if meta.checksum_algorithm != CHECKSUM_ALGORITHM {
             return Err(parse(format!(
                 "checksum_algorithm {:?} is not {CHECKSUM_ALGORITHM:?}",
@@ -209,6 +210,10 @@ impl SnapshotMeta {
                 )))
             }
         }
+        // The migration from version 1: the fields it lacks take their
+        // defaults (a disk snapshot); the record is now a current one, and
+        // the next write of it says so.
+        meta.schema_version = SCHEMA_VERSION;
         Ok(meta)
     }
 }
@@ -297,13 +302,7 @@ mod tests {
         let p = dir.path().join("meta.json");
         std::fs::write(&p, V1_RECORD).unwrap();
         let m = SnapshotMeta::load(&p).unwrap();
-        assert_eq!(
-            m,
-            SnapshotMeta {
-                schema_version: 1,
-                ..sample()
-            }
-        );
+        assert_eq!(m, sample());
         assert_eq!(m.to_info().kind, SnapshotKind::Disk);
         assert_eq!(m.files(), vec!["disk.ext4"]);
         // A version 1 record claiming to be full is not one this code wrote.
