@@ -491,3 +491,129 @@ impl Mounted {
         }
     }
 }
+
+fn full_snapshot(id: &str, source: &Path, memory_mib: u64) -> NewSnapshot {
+    NewSnapshot {
+        rootfs_fingerprint: Some("fp".into()),
+        full: Some(agentenv_api::FullSnapshotInfo {
+            vmm_version: "qemu 7.2.19".into(),
+            vcpus: 1,
+            memory_mib,
+            kernel: "/k".into(),
+            kernel_fingerprint: "kf".into(),
+            initrd: None,
+            initrd_fingerprint: None,
+            boot_args: String::new(),
+            network: false,
+            agent: true,
+            memory_bytes: 0,
+            state_bytes: 0,
+            ephemeral: false,
+        }),
+        ..new_snapshot(id, source)
+    }
+}
+
+#[tokio::test]
+async fn a_full_snapshot_goes_durable_when_tmpfs_lacks_room_for_its_memory() {
+    if !can_mount("a_full_snapshot_goes_durable_when_tmpfs_lacks_room_for_its_memory") {
+        return;
+    }
+    let tmpfs = Mounted::tmpfs("size=16m");
+    let dir = tempfile::tempdir().unwrap();
+    let durable = dir.path().join("durable");
+    std::fs::create_dir(&durable).unwrap();
+    let src = dir.path().join("disk");
+    sparse(&src, 1 << 30, &[(0, 2 * MIB)]);
+    let ram = dir.path().join("ram");
+    sparse(&ram, 32 * MIB, &[(0, MIB), (20 * MIB, 3 * MIB)]);
+    let store = TieredStore::new(dir.path(), &tmpfs.path, &durable, MIB);
+    store.init().await.unwrap();
+    // 2 MiB of disk + 32 MiB of memory + 1 MiB do not fit in 16 MiB; the
+    // disk alone does.
+    let p = store.begin(full_snapshot("f", &src, 32)).await.unwrap();
+    assert_eq!(p.tier, SnapshotTier::Durable);
+    let d = store.begin(new_snapshot("d", &src)).await.unwrap();
+    assert_eq!(d.tier, SnapshotTier::Tmpfs);
+    store.copy_disk(&d).await.unwrap();
+    store.seal(d).await.unwrap();
+
+    std::fs::write(&p.files.state, b"state").unwrap();
+    store.copy_memory(&p, &ram).await.unwrap();
+    store.copy_disk(&p).await.unwrap();
+    let info = store.seal(p).await.unwrap();
+    assert_eq!(info.tier, SnapshotTier::Durable);
+    assert_eq!(info.full.as_ref().unwrap().memory_bytes, 32 * MIB);
+    assert_eq!(names(&durable), ["f"]);
+    assert_eq!(names(&tmpfs.path), ["d"]);
+    let dest = dir.path().join("clone.ext4");
+    let files = store.open_full("f", &dest).await.unwrap();
+    assert_eq!(files.memory, Some(durable.join("f/memory")));
+    assert_eq!(extents(&durable.join("f/memory")), extents(&ram));
+    assert_eq!(disk::sparse_sha256(&dest).unwrap(), info.sha256);
+}
+
+#[tokio::test]
+async fn a_full_snapshot_filling_tmpfs_is_no_space_and_abort_leaves_nothing() {
+    if !can_mount("a_full_snapshot_filling_tmpfs_is_no_space_and_abort_leaves_nothing") {
+        return;
+    }
+    let tmpfs = Mounted::tmpfs("size=16m");
+    let dir = tempfile::tempdir().unwrap();
+    let durable = dir.path().join("durable");
+    std::fs::create_dir(&durable).unwrap();
+    let src = dir.path().join("disk");
+    sparse(&src, 1 << 30, &[(0, MIB)]);
+    // The guest says 4 MiB, its memory file holds 24 MiB of data: the
+    // tier is chosen by the former, the copy meets the latter.
+    let ram = dir.path().join("ram");
+    sparse(&ram, 32 * MIB, &[(0, 24 * MIB)]);
+    let store = TieredStore::new(dir.path(), &tmpfs.path, &durable, 0);
+    store.init().await.unwrap();
+    let p = store.begin(full_snapshot("f", &src, 4)).await.unwrap();
+    assert_eq!(p.tier, SnapshotTier::Tmpfs);
+    std::fs::write(&p.files.state, b"state").unwrap();
+    let e = store.copy_memory(&p, &ram).await.unwrap_err();
+    assert!(matches!(e, SnapshotError::NoSpace { .. }), "{e}");
+    assert!(e.to_string().contains("memory"), "{e}");
+    store.abort(p).await;
+    assert!(names(&tmpfs.path).is_empty());
+    assert!(names(&durable).is_empty());
+    assert!(used_bytes(&tmpfs.path) < MIB);
+    assert!(store.list().is_empty());
+}
+
+#[tokio::test]
+async fn a_full_snapshot_on_tmpfs_catches_a_damaged_memory_page() {
+    if !can_mount("a_full_snapshot_on_tmpfs_catches_a_damaged_memory_page") {
+        return;
+    }
+    let tmpfs = Mounted::tmpfs("size=64m");
+    let dir = tempfile::tempdir().unwrap();
+    let durable = dir.path().join("durable");
+    std::fs::create_dir(&durable).unwrap();
+    let src = dir.path().join("disk");
+    sparse(&src, 1 << 30, &[(0, MIB)]);
+    let ram = dir.path().join("ram");
+    sparse(&ram, 32 * MIB, &[(0, 32 * MIB)]);
+    let store = TieredStore::new(dir.path(), &tmpfs.path, &durable, 0);
+    store.init().await.unwrap();
+    let p = store.begin(full_snapshot("f", &src, 32)).await.unwrap();
+    std::fs::write(&p.files.state, b"state").unwrap();
+    store.copy_memory(&p, &ram).await.unwrap();
+    store.copy_disk(&p).await.unwrap();
+    store.seal(p).await.unwrap();
+    // A byte in a sampled page, the mtime put back.
+    let mem = tmpfs.path.join("f/memory");
+    let before = std::fs::metadata(&mem).unwrap().modified().unwrap();
+    let off = agentenv_host::snapshots::quick::sample_ranges(32 * MIB, 64)[10].0;
+    let f = std::fs::OpenOptions::new().write(true).open(&mem).unwrap();
+    f.write_all_at(b"\0\0\0\0", off).unwrap();
+    f.set_modified(before).unwrap();
+    drop(f);
+    let dest = dir.path().join("clone.ext4");
+    let e = store.open_full("f", &dest).await.unwrap_err();
+    assert!(matches!(e, SnapshotError::Corrupt { .. }), "{e}");
+    assert!(!dest.exists());
+    assert_eq!(store.get("f").unwrap().status, SnapshotStatus::Corrupt);
+}
