@@ -434,7 +434,7 @@ impl SnapshotStore for TieredStore {
         keep_tmpfs: bool,
     ) -> Result<SnapshotInfo, SnapshotError> {
         let (meta, hold) = match persist::start(&self.inner, snapshot_id)? {
-            persist::Start::AlreadyDurable(info) => return Ok(info),
+            persist::Start::AlreadyDurable(info) => return Ok(*info),
             persist::Start::Copy(meta, hold) => (meta, hold),
         };
         blocking(move || persist::run(*meta, keep_tmpfs, hold)).await

@@ -14,7 +14,7 @@ use crate::disk;
 
 pub(super) enum Start {
     /// Nothing to do: the snapshot has a durable copy.
-    AlreadyDurable(SnapshotInfo),
+    AlreadyDurable(Box<SnapshotInfo>),
     /// Copy it; the snapshot is marked busy until the hold drops.
     Copy(Box<SnapshotMeta>, Hold),
 }
@@ -27,7 +27,7 @@ pub(super) fn start(inner: &Arc<Inner>, id: &str) -> Result<Start, SnapshotError
         .ok_or_else(|| SnapshotError::NotFound(id.to_string()))?;
     let meta = e.meta.clone().expect("checked above");
     if meta.durable_path.is_some() {
-        return Ok(Start::AlreadyDurable(meta.to_info()));
+        return Ok(Start::AlreadyDurable(Box::new(meta.to_info())));
     }
     if let Some(why) = e.busy {
         return Err(SnapshotError::Busy {
