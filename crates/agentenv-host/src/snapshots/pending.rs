@@ -282,18 +282,7 @@ pub(super) fn finish(
         Err(e) => return Err(e.into()),
     }
     inner.failpoint("snapshot_store.recorded")?;
-    std::fs::rename(partial, &final_dir).map_err(|e| {
-        classify(
-            root,
-            format!(
-                "cannot rename {} to {}",
-                partial.display(),
-                final_dir.display()
-            ),
-            e,
-        )
-    })?;
-    disk::sync_dir(root).map_err(fail)?;
+    disk::rename_durably(partial, &final_dir, root).map_err(fail)?;
     tracing::info!(
         "snapshot {} ({:?}) of vm {}: {:?} tier, disk {} bytes ({} allocated)",
         meta.snapshot_id,

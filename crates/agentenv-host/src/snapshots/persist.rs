@@ -94,18 +94,8 @@ pub(super) fn run(
     let publish = (|| {
         inner.write_meta(&partial, &new_meta)?;
         inner.failpoint("persist.recorded")?;
-        std::fs::rename(&partial, &final_dir).map_err(|e| {
-            tier_error(
-                root,
-                format!(
-                    "cannot rename {} to {}",
-                    partial.display(),
-                    final_dir.display()
-                ),
-                e,
-            )
-        })?;
-        disk::sync_dir(root).map_err(io_err(format!("cannot flush {}", root.display())))
+        disk::rename_durably(&partial, &final_dir, root)
+            .map_err(|e| tier_error(root, format!("cannot persist snapshot {id}"), e))
     })();
     if let Err(e) = publish {
         let _ = std::fs::remove_dir_all(&partial);
