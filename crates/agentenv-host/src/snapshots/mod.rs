@@ -1,12 +1,15 @@
-//! [`TieredStore`]: disk snapshots in a tmpfs tier and a durable tier, on
-//! real file systems.
+//! [`TieredStore`]: disk and full snapshots in a tmpfs tier and a durable
+//! tier, on real file systems.
 //!
 //! Layout, in each tier root:
 //!
 //! ```text
 //! {tier_root}/{snapshot_id}/disk.ext4    sparse copy of the VM's writable disk
-//! {tier_root}/{snapshot_id}/meta.json    SnapshotMeta, schema_version 1
-//! {tier_root}/.partial-{id}-{pid}-{n}/   a copy being made or being removed
+//! {tier_root}/{snapshot_id}/state        full snapshots: the VMM's state
+//! {tier_root}/{snapshot_id}/memory       full snapshots: guest memory (sparse;
+//!                                        absent when it is inside `state`)
+//! {tier_root}/{snapshot_id}/meta.json    SnapshotMeta, schema_version 2
+//! {tier_root}/.partial-{id}-{pid}-{n}/   a snapshot being made or removed
 //! ```
 //!
 //! Invariants:
@@ -20,11 +23,14 @@
 //!   exists, and a snapshot is corrupt when any record says so.
 //! - The in-memory index is the only thing `list`/`get` read; every change
 //!   on disk updates it before the call returns.
-//! - One operation at a time changes a snapshot (create, persist, delete mark
-//!   it busy); restores only read, count themselves, and block `delete`.
+//! - One operation at a time changes a snapshot (create, begin…seal/abort,
+//!   persist, delete mark it busy); restores and `open_full` only read,
+//!   count themselves, and block `delete`.
 //!
-//! One file per verb: [`init`], [`create`], [`persist`], [`restore`],
-//! [`delete`]; the record is in [`meta`].
+//! One file per verb: [`init`], [`create`], [`pending`] (begin, copy_disk,
+//! copy_memory, seal, abort), [`open_full`], [`persist`], [`restore`],
+//! [`delete`]; the record is in [`meta`], the memory file's quick check in
+//! [`quick`].
 
 mod create;
 mod delete;
