@@ -414,6 +414,18 @@ impl Vmm for QemuVmm {
         &self,
         spec: &AdoptSpec,
     ) -> Result<(Box<dyn VmmInstance>, AdoptedState), VmmError> {
+        let (inst, state) = self.adopt_instance(spec).await?;
+        Ok((Box::new(inst), state))
+    }
+}
+
+impl QemuVmm {
+    /// [`Vmm::adopt`] with the concrete instance type. Where the guest's RAM
+    /// lives is read back from QEMU (`qom-get` on the memory backend).
+    pub async fn adopt_instance(
+        &self,
+        spec: &AdoptSpec,
+    ) -> Result<(QemuInstance, AdoptedState), VmmError> {
         let process = VmmProcess::adopt_vmm(spec)?;
         let qmp = QmpClient::new(&spec.control_socket, spec.request_timeout);
         qmp.connect(spec.request_timeout).await?;
@@ -442,7 +454,7 @@ impl Vmm for QemuVmm {
             memory,
             owned,
         );
-        Ok((Box::new(inst), state))
+        Ok((inst, state))
     }
 }
 
