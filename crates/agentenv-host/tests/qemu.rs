@@ -1003,11 +1003,23 @@ async fn full_snapshots_restore_into_clones_that_share_memory_and_snapshot_again
     assert_eq!(v3.memory(), &InstanceMemory::Ram);
     let a3 = check_restored(&v3, &c3, &pid).await;
     assert_eq!(sh(&a3, "cat /tmp/who").await.1, "one\n");
-    a3.shutdown();
     v3.pause().await.unwrap();
     let c4 = clone_spec(&c3, &dir.path().join("c4"), "clone4");
-    let (saved, state3, _) = snapshot_and_kill(v3, &dir.path().join("c3")).await;
+    let state3 = dir.path().join("c3/state");
+    let saved = v3
+        .save_full(&FullSnapshotFiles {
+            state: state3.clone(),
+            memory: dir.path().join("c3/memory-unused"),
+        })
+        .await
+        .unwrap();
     assert_eq!(saved, SavedMemory::InState);
+    // After its RAM went into a state the VM runs on, its disk writable.
+    v3.resume().await.unwrap();
+    let (code, out) = sh(&a3, "echo on > /on && sync && cat /on /tmp/who").await;
+    assert_eq!((code, out.as_str()), (Some(0), "on\none\n"));
+    a3.shutdown();
+    v3.kill().await.unwrap();
     let v4 = vmm
         .restore_full(&restore(&c4, None, &state3))
         .await
@@ -1091,4 +1103,27 @@ async fn a_garbage_or_missing_state_is_refused_and_leaves_nothing() {
     }
     // The snapshot's memory file is the caller's: still there.
     assert!(memory.exists());
+    // A missing or short memory file is refused before QEMU starts (QEMU
+    // would create or grow it), naming it.
+    let short = shm.path().join("short.mem");
+    std::fs::File::create(&short)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    for bad in [shm.path().join("no-such.mem"), short.clone()] {
+        let r = RestoreSpec {
+            launch: s.clone(),
+            state: garbage.clone(),
+            memory: Some(bad.clone()),
+        };
+        match vmm.restore_full(&r).await {
+            Err(VmmError::Io { context, .. }) => {
+                assert!(context.contains(&*bad.to_string_lossy()), "{context}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(!shm.path().join("no-such.mem").exists());
+    assert_eq!(std::fs::metadata(&short).unwrap().len(), 128 << 20);
+    assert!(!s.control_socket.exists() && !s.agent_socket.as_ref().unwrap().exists());
 }

@@ -308,6 +308,9 @@ impl QemuVmm {
         state: &std::fs::File,
         what: &str,
     ) -> Result<QemuInstance, VmmError> {
+        if let Some(path) = memory {
+            check_memory_file(path, spec.memory_mib)?;
+        }
         let mode = StartMode {
             memory: match memory {
                 Some(path) => GuestMemory::File {
@@ -527,6 +530,28 @@ fn create_memory_file(path: &Path) -> Result<FileId, VmmError> {
         .map_err(|e| io("create", e))?;
     let m = f.metadata().map_err(|e| io("stat", e))?;
     Ok((m.dev(), m.ino()))
+}
+
+/// Checks that a snapshot's memory file is there and as large as the guest's
+/// RAM before a QEMU maps it: QEMU would create a missing one (an empty
+/// guest) and grow an empty one.
+fn check_memory_file(path: &Path, memory_mib: u64) -> Result<(), VmmError> {
+    let io = |source| VmmError::Io {
+        context: format!("cannot map memory file {}", path.display()),
+        source,
+    };
+    let m = std::fs::metadata(path).map_err(io)?;
+    let want = memory_mib << 20;
+    if !m.is_file() || m.len() != want {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "not a regular file of {want} bytes (the guest's memory), but {} bytes",
+                m.len()
+            ),
+        )));
+    }
+    Ok(())
 }
 
 /// Removes the memory file at `path` if it is still the one with identity `id`.
