@@ -594,6 +594,22 @@ async fn sh(client: &AgentClient, script: &str) -> (Option<i32>, String) {
     }
 }
 
+/// Starts a counter loop (`/tmp/counter`) outside the exec's session and
+/// writes `/tmp/unsynced` without syncing it; returns the loop's pid.
+async fn start_counter(client: &AgentClient) -> String {
+    let (code, pid) = sh(
+        client,
+        "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done' \
+         </dev/null >/dev/null 2>&1 & echo $!",
+    )
+    .await;
+    assert_eq!(code, Some(0));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, _) = sh(client, "echo unsynced > /tmp/unsynced").await;
+    assert_eq!(code, Some(0));
+    pid.trim().to_string()
+}
+
 #[tokio::test]
 async fn a_guest_restored_from_its_memory_snapshot_runs_on_without_booting() {
     let (qemu, a) = need_guest!();
@@ -623,18 +639,7 @@ async fn a_guest_restored_from_its_memory_snapshot_runs_on_without_booting() {
     )
     .await;
 
-    // A counter loop outside the exec's session, and a file never synced.
-    let (code, pid) = sh(
-        &client,
-        "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done' \
-         </dev/null >/dev/null 2>&1 & echo $!",
-    )
-    .await;
-    assert_eq!(code, Some(0));
-    let pid = pid.trim().to_string();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (code, _) = sh(&client, "echo unsynced > /tmp/unsynced").await;
-    assert_eq!(code, Some(0));
+    let pid = start_counter(&client).await;
     client.shutdown();
 
     // The snapshot: stop, device state to a file, RAM file copied, then gone.
@@ -867,19 +872,7 @@ async fn full_snapshots_restore_into_clones_that_share_memory_and_snapshot_again
         &s,
     )
     .await;
-    let (code, pid) = sh(
-        &client,
-        "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done' \
-         </dev/null >/dev/null 2>&1 & echo $!",
-    )
-    .await;
-    assert_eq!(code, Some(0));
-    let pid = pid.trim().to_string();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        sh(&client, "echo unsynced > /tmp/unsynced").await.0,
-        Some(0)
-    );
+    let pid = start_counter(&client).await;
 
     // Full snapshot: the device state only; RAM is the shared file, copied
     // (with the disk) while the guest is stopped.
