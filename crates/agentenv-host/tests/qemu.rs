@@ -356,6 +356,17 @@ async fn kill_takes_the_whole_group_and_the_socket() {
     let _guard = KillGuard(Some(pgid));
     assert!(group_alive(pgid));
     assert!(s.control_socket.exists());
+    // Its RAM is the machine's own (no memory file): no full snapshot.
+    let files = FullSnapshotFiles {
+        state: dir.path().join("state"),
+        memory: dir.path().join("memory"),
+    };
+    match vm.save_full(&files).await {
+        Err(VmmError::Refused { message, .. }) => {
+            assert!(message.contains("memory file"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
     // Let the guest get going, so that it is killed mid-boot.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let t = Instant::now();
@@ -875,7 +886,16 @@ async fn full_snapshots_restore_into_clones_that_share_memory_and_snapshot_again
     let pid = start_counter(&client).await;
 
     // Full snapshot: the device state only; RAM is the shared file, copied
-    // (with the disk) while the guest is stopped.
+    // (with the disk) while the guest is stopped. Not of a running guest.
+    let running = FullSnapshotFiles {
+        state: dir.path().join("running.state"),
+        memory: dir.path().join("unused.mem"),
+    };
+    match vm.save_full(&running).await {
+        Err(VmmError::Refused { message, .. }) => assert!(message.contains("paused"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!running.state.exists());
     vm.pause().await.unwrap();
     let state = dir.path().join("src.state");
     let t = Instant::now();
@@ -899,6 +919,14 @@ async fn full_snapshots_restore_into_clones_that_share_memory_and_snapshot_again
         "full snapshot: device state {state_len} bytes in {save_ms:?}, paused {:?}",
         t.elapsed()
     );
+    // A guest still paused after a snapshot can be snapshotted again.
+    let again = dir.path().join("again.state");
+    let files = FullSnapshotFiles {
+        state: again.clone(),
+        memory: dir.path().join("unused.mem"),
+    };
+    assert_eq!(vm.save_full(&files).await.unwrap(), saved);
+    assert!(std::fs::metadata(&again).unwrap().len() < 1 << 20);
 
     // The source runs on, its disk writable again.
     vm.resume().await.unwrap();

@@ -959,6 +959,25 @@ impl VmmInstance for QemuInstance {
                     .into(),
             });
         }
+        // A running guest would be migrated live and stopped at the end: the
+        // snapshot's instant would not be the caller's.
+        match self.query_status().await?.as_str() {
+            "paused" => {}
+            // Paused since an earlier snapshot: QEMU migrates such a VM only
+            // after it ran again ("Can't migrate the vm that was paused due to
+            // previous migration"), so it runs for the two commands (< 1 ms).
+            "postmigrate" => {
+                self.change_state("cont", "running").await?;
+                self.change_state("stop", "paused").await?;
+            }
+            other => {
+                return Err(VmmError::Refused {
+                    request: "save_full".into(),
+                    status: 0,
+                    message: format!("the guest is {other}, a full snapshot needs it paused"),
+                })
+            }
+        }
         let state = &files.state;
         let out = std::fs::OpenOptions::new()
             .write(true)
@@ -970,7 +989,18 @@ impl VmmInstance for QemuInstance {
                 context: format!("cannot create state file {}", state.display()),
                 source,
             })?;
-        self.save_state(&out).await?;
+        self.save_state(&out).await.map_err(|e| match e {
+            VmmError::Refused {
+                request,
+                status,
+                message,
+            } => VmmError::Refused {
+                request,
+                status,
+                message: format!("{message} (state file {})", state.display()),
+            },
+            e => e,
+        })?;
         Ok(match &self.memory {
             InstanceMemory::SharedFile(path) => SavedMemory::InFile(path.clone()),
             _ => SavedMemory::InState,
