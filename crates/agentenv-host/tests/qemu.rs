@@ -937,20 +937,7 @@ async fn full_snapshots_restore_into_clones_that_share_memory_and_snapshot_again
 
     // Re-adopted (a daemon restart): QEMU says where its RAM is; killing
     // the adopted VMM removes the memory file.
-    let identity = vm.identity().unwrap();
-    drop(vm);
-    let (adopted, st) = vmm
-        .adopt_instance(&AdoptSpec {
-            vm_id: s.vm_id.clone(),
-            process: identity,
-            control_socket: s.control_socket.clone(),
-            agent_socket: s.agent_socket.clone(),
-            console_log: s.console_log.clone(),
-            console_log_max_bytes: s.console_log_max_bytes,
-            request_timeout: s.request_timeout,
-        })
-        .await
-        .unwrap();
+    let (adopted, st) = readopt(&vmm, vm, &s).await;
     assert_eq!(st, agentenv_core::backend::AdoptedState::Running);
     assert_eq!(adopted.memory(), &InstanceMemory::SharedFile(mem.clone()));
     adopted.kill().await.unwrap();
@@ -996,6 +983,10 @@ async fn full_snapshots_restore_into_clones_that_share_memory_and_snapshot_again
         assert!(pss < guest_kib * 2 / 5, "{name}: PSS {pss} KiB");
     }
     a2.shutdown();
+    // Re-adopted, a clone still maps the snapshot's memory privately, and
+    // its end leaves that file alone.
+    let (v2, _) = readopt(&vmm, v2, &c2).await;
+    assert_eq!(v2.memory(), &InstanceMemory::PrivateFile(snap_mem.clone()));
     v2.kill().await.unwrap();
     assert!(!c2.control_socket.exists() && !c2.agent_socket.as_ref().unwrap().exists());
     // The snapshot's memory was never written through, nor removed.
@@ -1048,6 +1039,8 @@ async fn full_snapshots_restore_into_clones_that_share_memory_and_snapshot_again
     let _g4 = KillGuard(v4.pid());
     let a4 = check_restored(&v4, &c4, &pid).await;
     a4.shutdown();
+    let (v4, _) = readopt(&vmm, v4, &c4).await;
+    assert_eq!(v4.memory(), &InstanceMemory::Ram);
     v4.kill().await.unwrap();
 
     // A truncated state: refused naming the file, nothing left behind.
@@ -1064,6 +1057,28 @@ async fn full_snapshots_restore_into_clones_that_share_memory_and_snapshot_again
         let left = processes_mentioning(&dir.path().join(d).to_string_lossy());
         assert!(left.is_empty(), "processes left: {left:?}");
     }
+}
+
+/// Adopts the QEMU of `vm` as a restarted daemon would (`vm`'s own QMP
+/// connection closed first: QEMU serves one client).
+async fn readopt(
+    vmm: &QemuVmm,
+    vm: QemuInstance,
+    s: &LaunchSpec,
+) -> (QemuInstance, agentenv_core::backend::AdoptedState) {
+    let identity = vm.identity().unwrap();
+    drop(vm);
+    vmm.adopt_instance(&AdoptSpec {
+        vm_id: s.vm_id.clone(),
+        process: identity,
+        control_socket: s.control_socket.clone(),
+        agent_socket: s.agent_socket.clone(),
+        console_log: s.console_log.clone(),
+        console_log_max_bytes: s.console_log_max_bytes,
+        request_timeout: s.request_timeout,
+    })
+    .await
+    .unwrap()
 }
 
 /// A restore from `spec` fails naming its state file, and leaves no process
