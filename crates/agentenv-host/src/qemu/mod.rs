@@ -287,7 +287,8 @@ impl QemuVmm {
     /// [`Vmm::restore`] with the concrete instance type: the state file
     /// `spec.state`, RAM from `spec.memory` (mapped privately) or, when it is
     /// `None`, from the state itself into a RAM backend. Errors of the load
-    /// name the state file.
+    /// name the state file. `spec.launch.memory_file` is not used: a
+    /// restored VM's RAM is private, so its own full snapshots carry it.
     pub async fn restore_full(&self, spec: &RestoreSpec) -> Result<QemuInstance, VmmError> {
         let state = std::fs::File::open(&spec.state).map_err(|source| VmmError::Io {
             context: format!("cannot open saved state {}", spec.state.display()),
