@@ -867,12 +867,14 @@ async fn full_snapshots_restore_into_clones_that_share_memory_and_snapshot_again
     let mut s = guest_spec(&dir.path().join("src"), "fullsrc", &a);
     s.agent_socket = Some(dir.path().join("src/agent.sock"));
     s.memory_file = Some(mem.clone());
+    // The benchmark's guest size: PSS per clone is measured against it.
+    s.memory_mib = 512;
     let vmm = QemuVmm::new(qemu, Accel::Tcg);
     let vm = vmm.start(&s).await.unwrap();
     let guard = KillGuard(vm.pid());
     assert_eq!(vm.memory(), &InstanceMemory::SharedFile(mem.clone()));
     let m = std::fs::metadata(&mem).unwrap();
-    assert_eq!(m.len(), 256 << 20);
+    assert_eq!(m.len(), s.memory_mib << 20);
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777,
         0o600
@@ -980,7 +982,8 @@ async fn full_snapshots_restore_into_clones_that_share_memory_and_snapshot_again
             pss as f64 * 100.0 / guest_kib as f64
         );
         eprintln!("  largest: {}", pss_breakdown(vm.pid().unwrap()));
-        assert!(pss < guest_kib * 2 / 5, "{name}: PSS {pss} KiB");
+        // The bound for an idle clone: 20 % of guest memory.
+        assert!(pss <= guest_kib / 5, "{name}: PSS {pss} KiB");
     }
     a2.shutdown();
     // Re-adopted, a clone still maps the snapshot's memory privately, and
@@ -990,7 +993,10 @@ async fn full_snapshots_restore_into_clones_that_share_memory_and_snapshot_again
     v2.kill().await.unwrap();
     assert!(!c2.control_socket.exists() && !c2.agent_socket.as_ref().unwrap().exists());
     // The snapshot's memory was never written through, nor removed.
-    assert_eq!(std::fs::metadata(&snap_mem).unwrap().len(), 256 << 20);
+    assert_eq!(
+        std::fs::metadata(&snap_mem).unwrap().len(),
+        s.memory_mib << 20
+    );
 
     // A restored VM's RAM is private: its full snapshot carries the RAM, and a
     // restore from that state alone works, and again.
