@@ -192,3 +192,62 @@ pub fn fifreeze(mount_point: &Path) -> io::Result<()> {
 pub fn fithaw(mount_point: &Path) -> io::Result<()> {
     fs_ioctl(mount_point, FITHAW)
 }
+
+/// `RNDADDENTROPY` (`_IOW('R', 0x03, int[2])`).
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG` (`_IO('R', 0x07)`).
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+fn open_random() -> io::Result<OwnedFd> {
+    // SAFETY: the path is a valid NUL-terminated string.
+    let fd =
+        check(unsafe { libc::open(c"/dev/random".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) })?;
+    // SAFETY: open succeeded, so fd is open and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Mixes `bytes` into the kernel's input pool and credits 8 bits of entropy
+/// per byte (`RNDADDENTROPY` on /dev/random; needs `CAP_SYS_ADMIN`).
+pub fn add_entropy(bytes: &[u8]) -> io::Result<()> {
+    let too_big = || io::Error::from_raw_os_error(libc::EINVAL);
+    let size = libc::c_int::try_from(bytes.len()).map_err(|_| too_big())?;
+    let bits = size.checked_mul(8).ok_or_else(too_big)?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; },
+    // built in u32 words so the header is aligned.
+    let mut info = vec![0u32; 2 + bytes.len().div_ceil(4)];
+    info[0] = bits as u32;
+    info[1] = size as u32;
+    for (i, chunk) in bytes.chunks(4).enumerate() {
+        let mut w = [0u8; 4];
+        w[..chunk.len()].copy_from_slice(chunk);
+        info[2 + i] = u32::from_ne_bytes(w);
+    }
+    let fd = open_random()?;
+    // SAFETY: `info` is a rand_pool_info whose buffer holds `size` bytes; the
+    // kernel only reads it during the call.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) }).map(|_| ())
+}
+
+/// Reseeds the kernel's CRNG from its input pool at once (`RNDRESEEDCRNG`).
+pub fn reseed_crng() -> io::Result<()> {
+    let fd = open_random()?;
+    // SAFETY: RNDRESEEDCRNG takes no argument and writes no memory.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), RNDRESEEDCRNG as _, 0) }).map(|_| ())
+}
+
+/// Sets the wall clock (`clock_settime(CLOCK_REALTIME)`).
+pub fn set_realtime(secs: u64, nanos: u32) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(secs)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+        tv_nsec: nanos as libc::c_long,
+    };
+    // SAFETY: `ts` is a valid timespec read only during the call.
+    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) }).map(|_| ())
+}
+
+/// Sets the host name (`sethostname`).
+pub fn sethostname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes, read only during the call.
+    check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) }).map(|_| ())
+}
