@@ -668,9 +668,11 @@ async fn a_guest_restored_from_its_memory_snapshot_runs_on_without_booting() {
         &r,
     )
     .await;
+    let connected = t.elapsed();
     let (_, first) = sh(&client, "cat /tmp/counter").await;
     eprintln!(
-        "restored: running after {running:?}, agent after {:?}",
+        "restored: running after {running:?}, agent connected after {connected:?}, \
+         first exec answered after {:?}",
         t.elapsed()
     );
     let (code, alive) = sh(&client, &format!("kill -0 {pid} && cat /tmp/unsynced")).await;
