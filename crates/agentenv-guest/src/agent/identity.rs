@@ -15,6 +15,7 @@ use std::process::{Command, Stdio};
 
 use agentenv_proto::{ErrorCode, ErrorMsg, Identity, IdentityNet};
 
+use super::exec::BASE_ENV;
 use super::sys;
 
 /// The interface an `Identity`'s `net` configures.
@@ -214,6 +215,8 @@ fn ip(args: &[String]) -> Result<(), ErrorMsg> {
     let shown = format!("ip {}", args.join(" "));
     let out = Command::new("ip")
         .args(args)
+        .env_clear()
+        .envs(BASE_ENV)
         .stdin(Stdio::null())
         .output()
         .map_err(|e| failed("net", &shown, &e))?;
