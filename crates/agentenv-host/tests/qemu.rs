@@ -753,6 +753,20 @@ async fn a_guest_takes_the_identity_the_host_gives_it() {
     let (code, _) = sh(&client, "date -s @1000000000 >/dev/null").await;
     assert_eq!(code, Some(0));
     let (_, before) = sh(&client, "cat /proc/sys/kernel/random/entropy_avail").await;
+    if nic {
+        // The source's address (and a secondary one) and a neighbour it knew.
+        let (code, _) = sh(
+            &client,
+            "ip link set dev eth0 up && ip addr add 10.9.9.9/24 dev eth0 && \
+             ip addr add 10.9.9.10/24 dev eth0 && \
+             arp -i eth0 -s 10.9.9.1 06:00:00:00:00:01 && \
+             ip route add default via 10.9.9.1 dev eth0",
+        )
+        .await;
+        assert_eq!(code, Some(0));
+        let (_, neigh) = sh(&client, "ip neigh show dev eth0").await;
+        assert!(neigh.contains("10.9.9.1"), "{neigh}");
+    }
 
     let entropy: String = (0..64)
         .map(|i| format!("{:02x}", (i * 37 + std::process::id() as usize) % 251))
@@ -804,8 +818,11 @@ async fn a_guest_takes_the_identity_the_host_gives_it() {
         let (_, addrs) = sh(&client, "ip -4 addr show dev eth0").await;
         assert!(addrs.contains("inet 10.0.0.6/30"), "{addrs}");
         assert_eq!(addrs.matches("inet ").count(), 1, "{addrs}");
+        let (_, neigh) = sh(&client, "ip neigh show dev eth0").await;
+        assert!(!neigh.contains("10.9.9.1"), "{neigh}");
         let (_, routes) = sh(&client, "ip route").await;
         assert!(routes.contains("default via 10.0.0.5 dev eth0"), "{routes}");
+        assert!(!routes.contains("10.9.9"), "{routes}");
         let (_, up) = sh(&client, "cat /sys/class/net/eth0/flags").await;
         let flags = u32::from_str_radix(up.trim().trim_start_matches("0x"), 16).unwrap();
         assert_eq!(flags & 1, 1, "eth0 is up: flags {up}");
