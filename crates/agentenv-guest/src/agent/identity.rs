@@ -159,13 +159,13 @@ pub fn parse_mac(s: &str) -> Result<String, ErrorMsg> {
 /// Hex of [`MIN_ENTROPY`]..=[`MAX_ENTROPY`] bytes.
 pub fn parse_entropy(hex: &str) -> Result<Vec<u8>, ErrorMsg> {
     let field = "entropy_hex";
-    if hex.len() % 2 != 0 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+    let n = hex.len() / 2;
+    if n * 2 != hex.len() || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
         return Err(bad(
             field,
             "entropy_hex must be an even number of hex digits",
         ));
     }
-    let n = hex.len() / 2;
     if !(MIN_ENTROPY..=MAX_ENTROPY).contains(&n) {
         return Err(bad(
             field,
@@ -315,7 +315,8 @@ mod tests {
 
     #[test]
     fn bad_fields_are_refused_by_name() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut Identity)>)> = vec![
+        type Change = Box<dyn Fn(&mut Identity)>;
+        let cases: Vec<(&str, Change)> = vec![
             ("hostname", Box::new(|i| i.hostname = String::new())),
             ("hostname", Box::new(|i| i.hostname = "a".repeat(65))),
             ("hostname", Box::new(|i| i.hostname = "-vm".into())),
