@@ -325,34 +325,13 @@ mod tests {
                     }
                     Some(Step::Disconnect) => return Ok(0),
                     Some(Step::WaitFrames(n)) => {
-                        let t = std::time::Instant::now();
-                        loop {
-                            let written = self.sink.frames();
-                            if written.len() >= n {
-                                break;
-                            }
-                            assert!(
-                                t.elapsed() < WRITER_DEADLINE,
-                                "waiting for {n} frames, the agent wrote {:?}",
-                                kinds(&written)
-                            );
-                            std::thread::sleep(Duration::from_millis(2));
-                        }
+                        self.sink
+                            .wait(&format!("{n} frames"), |written| written.len() >= n);
                     }
                     Some(Step::WaitFor(kind, stream)) => {
-                        let t = std::time::Instant::now();
-                        loop {
-                            let written = self.sink.frames();
-                            if written.iter().any(|f| f.kind == kind && f.stream == stream) {
-                                break;
-                            }
-                            assert!(
-                                t.elapsed() < WRITER_DEADLINE,
-                                "waiting for {kind:?} on {stream}, the agent wrote {:?}",
-                                kinds(&written)
-                            );
-                            std::thread::sleep(Duration::from_millis(2));
-                        }
+                        self.sink.wait(&format!("{kind:?} on {stream}"), |written| {
+                            written.iter().any(|f| f.kind == kind && f.stream == stream)
+                        });
                     }
                     None => return Err(io::Error::other("end of script")),
                 }
@@ -364,6 +343,23 @@ mod tests {
     struct Sink(Arc<Mutex<Vec<u8>>>);
 
     impl Sink {
+        /// Waits until what the agent wrote satisfies `done`.
+        fn wait(&self, what: &str, done: impl Fn(&[Frame]) -> bool) {
+            let t = std::time::Instant::now();
+            loop {
+                let written = self.frames();
+                if done(&written) {
+                    return;
+                }
+                assert!(
+                    t.elapsed() < WRITER_DEADLINE,
+                    "waiting for {what}, the agent wrote {:?}",
+                    kinds(&written)
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+
         /// The whole frames written so far.
         fn frames(&self) -> Vec<Frame> {
             let mut bytes = self.0.lock().unwrap().clone();
