@@ -689,11 +689,28 @@ async fn a_guest_restored_from_its_memory_snapshot_runs_on_without_booting() {
         &r,
     )
     .await;
+    let connected = t.elapsed();
     let (_, first) = sh(&client, "cat /tmp/counter").await;
     eprintln!(
-        "restored: running after {running:?}, agent after {:?}",
+        "restored: running after {running:?}, agent connected after {connected:?}, \
+         first exec answered after {:?}",
         t.elapsed()
     );
+    // The restored guest takes its new identity.
+    let identity = proto::Identity {
+        hostname: "memsnap-clone".into(),
+        net: None,
+        entropy_hex: "a5".repeat(32),
+        unix_time_ns: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    };
+    let ti = Instant::now();
+    client.set_identity(&identity).await.unwrap();
+    eprintln!("restored: identity applied in {:?}", ti.elapsed());
+    let (_, name) = sh(&client, "hostname").await;
+    assert_eq!(name.trim(), "memsnap-clone");
     let (code, alive) = sh(&client, &format!("kill -0 {pid} && cat /tmp/unsynced")).await;
     assert_eq!((code, alive.as_str()), (Some(0), "unsynced\n"));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1168,4 +1185,156 @@ async fn a_garbage_or_missing_state_is_refused_and_leaves_nothing() {
     assert!(!shm.path().join("no-such.mem").exists());
     assert_eq!(std::fs::metadata(&short).unwrap().len(), 128 << 20);
     assert!(!s.control_socket.exists() && !s.agent_socket.as_ref().unwrap().exists());
+}
+
+#[tokio::test]
+async fn a_guest_takes_the_identity_the_host_gives_it() {
+    let (qemu, a) = need_guest!();
+    if !rootfs_has_agent(&a) {
+        return;
+    }
+    let _one = GUESTS.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = guest_spec(dir.path(), "identity", &a);
+    s.agent_socket = Some(dir.path().join("agent.sock"));
+    // With a NIC, QEMU runs in a network namespace of the test's own, where
+    // it makes its TAP: the host's namespace is never touched.
+    let ns = match agentenv_testkit::netns::unavailable() {
+        None => Some(agentenv_testkit::netns::NetnsPair::new("ident").unwrap()),
+        Some(why) => {
+            eprintln!("the guest gets no NIC ({why}): the net step is not tested");
+            None
+        }
+    };
+    let nic = ns.is_some();
+    let qemu = match &ns {
+        Some(ns) => {
+            s.net = Some(agentenv_core::backend::NetAttachment {
+                tap_name: "aeid0".into(),
+                guest_mac: "06:00:0a:00:00:02".into(),
+            });
+            let w = dir.path().join("qemu-in-netns");
+            std::fs::write(
+                &w,
+                format!(
+                    "#!/bin/sh\nexec ip netns exec '{}' '{}' \"$@\"\n",
+                    ns.host,
+                    qemu.display()
+                ),
+            )
+            .unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&w, std::fs::Permissions::from_mode(0o755)).unwrap();
+            w
+        }
+        None => qemu,
+    };
+    let vm = QemuVmm::new(qemu, Accel::Tcg).launch(&s).await.unwrap();
+    let _guard = KillGuard(vm.pid());
+    let client = agent_at(
+        s.agent_socket.as_ref().unwrap(),
+        Duration::from_secs(90),
+        &s,
+    )
+    .await;
+    // The boot scripts are done (they set the host name and eth0 themselves).
+    assert!(
+        wait_until(Duration::from_secs(60), || heartbeats(&s) > 0).await,
+        "no heartbeat\n{}",
+        tail(&s)
+    );
+
+    // The guest's clock is far off, as a snapshot's is after a while.
+    let (code, _) = sh(&client, "date -s @1000000000 >/dev/null").await;
+    assert_eq!(code, Some(0));
+    let (_, before) = sh(&client, "cat /proc/sys/kernel/random/entropy_avail").await;
+    if nic {
+        // The source's address (and a secondary one) and a neighbour it knew.
+        let (code, _) = sh(
+            &client,
+            "ip link set dev eth0 up && ip addr add 10.9.9.9/24 dev eth0 && \
+             ip addr add 10.9.9.10/24 dev eth0 && \
+             arp -i eth0 -s 10.9.9.1 06:00:00:00:00:01 && \
+             ip route add default via 10.9.9.1 dev eth0",
+        )
+        .await;
+        assert_eq!(code, Some(0));
+        let (_, neigh) = sh(&client, "ip neigh show dev eth0").await;
+        assert!(neigh.contains("10.9.9.1"), "{neigh}");
+    }
+
+    let entropy: String = (0..64)
+        .map(|i| format!("{:02x}", (i * 37 + std::process::id() as usize) % 251))
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let identity = proto::Identity {
+        hostname: "clone-7".into(),
+        net: nic.then(|| proto::IdentityNet {
+            address: "10.0.0.6".into(),
+            prefix_len: 30,
+            gateway: "10.0.0.5".into(),
+            mac: "06:00:0a:00:00:06".into(),
+        }),
+        entropy_hex: entropy,
+        unix_time_ns: now.as_nanos() as u64,
+    };
+    let t = Instant::now();
+    client.set_identity(&identity).await.unwrap();
+    eprintln!("identity applied in {:?}", t.elapsed());
+
+    let (_, name) = sh(&client, "hostname").await;
+    assert_eq!(name.trim(), "clone-7");
+    let (_, guest_now) = sh(&client, "date +%s").await;
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let guest_now: u64 = guest_now.trim().parse().unwrap();
+    assert!(
+        guest_now.abs_diff(host_now) <= 5,
+        "guest clock {guest_now}, host clock {host_now}"
+    );
+    let (_, after) = sh(&client, "cat /proc/sys/kernel/random/entropy_avail").await;
+    eprintln!(
+        "entropy_avail {} before, {} after",
+        before.trim(),
+        after.trim()
+    );
+    let after: u32 = after.trim().parse().unwrap();
+    assert!(
+        after >= 256,
+        "512 bits were credited: entropy_avail is {after}"
+    );
+    if nic {
+        let (_, mac) = sh(&client, "cat /sys/class/net/eth0/address").await;
+        assert_eq!(mac.trim(), "06:00:0a:00:00:06");
+        let (_, addrs) = sh(&client, "ip -4 addr show dev eth0").await;
+        assert!(addrs.contains("inet 10.0.0.6/30"), "{addrs}");
+        assert_eq!(addrs.matches("inet ").count(), 1, "{addrs}");
+        let (_, neigh) = sh(&client, "ip neigh show dev eth0").await;
+        assert!(!neigh.contains("10.9.9.1"), "{neigh}");
+        let (_, routes) = sh(&client, "ip route").await;
+        assert!(routes.contains("default via 10.0.0.5 dev eth0"), "{routes}");
+        assert!(!routes.contains("10.9.9"), "{routes}");
+        let (_, up) = sh(&client, "cat /sys/class/net/eth0/flags").await;
+        let flags = u32::from_str_radix(up.trim().trim_start_matches("0x"), 16).unwrap();
+        assert_eq!(flags & 1, 1, "eth0 is up: flags {up}");
+    }
+
+    // A bad identity is refused and changes nothing.
+    let mut bad = identity.clone();
+    bad.hostname = "other".into();
+    bad.entropy_hex = "00".repeat(8);
+    match client.set_identity(&bad).await {
+        Err(agentenv_core::agent::AgentError::Remote(m)) => {
+            assert_eq!(m.field.as_deref(), Some("entropy_hex"), "{m:?}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let (_, name) = sh(&client, "hostname").await;
+    assert_eq!(name.trim(), "clone-7");
+    client.shutdown();
+    vm.kill().await.unwrap();
 }
