@@ -320,6 +320,10 @@ fn reset_twenty_times_each_time_forgets_what_was_written() {
         Some(json!({"snapshot_id": "disk"})),
     );
     assert_eq!(code, 409, "{e}");
+    call_ok(&d, "DELETE", "/v1/vm/rl", None, 204);
+    for s in ["base", "disk"] {
+        call_ok(&d, "DELETE", &format!("/v1/snapshots/{s}"), None, 204);
+    }
     finish(d, dir);
     assert_eq!(shm.leftovers(), Vec::<String>::new());
 }
@@ -337,13 +341,12 @@ fn bad_snapshots_are_refused_and_leave_nothing() {
     cfg.rootfs_root = rootfs.clone();
     let d = start(&mut dir, cfg);
     boot_ready(&d, "b1");
-    let snap = full_snapshot(&d, "b1", "good");
-    full_snapshot(&d, "b1", "bad");
+    full_snapshot(&d, "b1", "good");
+    let bad = full_snapshot(&d, "b1", "bad");
     // A memory file changed behind the daemon's back: 422, nothing made.
-    let mem = PathBuf::from(snap["tmpfs_path"].as_str().unwrap())
+    let mem = PathBuf::from(bad["tmpfs_path"].as_str().unwrap())
         .parent()
         .unwrap()
-        .join("bad")
         .join("memory");
     assert!(mem.exists(), "{}", mem.display());
     {
