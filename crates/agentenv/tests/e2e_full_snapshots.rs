@@ -535,3 +535,44 @@ fn five_clones_have_their_own_address_and_randomness_and_cannot_reach_each_other
     assert_eq!(ns.state(), before, "namespace not back to its baseline");
     assert_eq!(shm.leftovers(), Vec::<String>::new());
 }
+
+#[test]
+fn a_crash_mid_full_snapshot_leaves_the_guest_running_after_the_restart() {
+    let art = need_artifacts!();
+    let shm = Shm::new();
+    let mut dir = TestDir::new();
+    let mut cfg = qemu_config(&dir, &art, &shm);
+    cfg.on_shutdown = agentenv_core::config::OnShutdown::Stop;
+    let d = start(&mut dir, cfg.clone());
+    let pid = boot_ready(&d, "cs")["pid"].clone();
+    // The daemon dies with the guest stopped and its state saved.
+    d.engine.failpoints.arm_hang("snapshot.saved");
+    common::fire(
+        &d,
+        "POST",
+        "/v1/vm/cs/snapshot".into(),
+        json!({"snapshot_id": "cut", "memory": true}),
+        Duration::from_secs(60),
+    );
+    common::wait_hung(&d, "snapshot.saved");
+    d.crash();
+    let d = Daemon::start_with(cfg, dir.path());
+    let v = call_ok(&d, "GET", "/v1/vm/cs", None, 200);
+    assert_eq!(
+        (v["state"].as_str(), &v["pid"]),
+        (Some("running"), &pid),
+        "{v}"
+    );
+    assert_eq!(d.call("GET", "/v1/snapshots/cut", None).0, 404);
+    wait_ready(&d, "cs", Duration::from_secs(30));
+    assert_eq!(
+        sh(&d, "cs", "echo after > /root/after && cat /root/after").1,
+        "after\n"
+    );
+    // And a full snapshot works again on the re-adopted VMM.
+    full_snapshot(&d, "cs", "again");
+    call_ok(&d, "DELETE", "/v1/vm/cs", None, 204);
+    call_ok(&d, "DELETE", "/v1/snapshots/again", None, 204);
+    finish(d, dir);
+    assert_eq!(shm.leftovers(), Vec::<String>::new());
+}
