@@ -161,6 +161,28 @@ pub struct CreateVmRequest {
     pub wait_ready_timeout_s: Option<u64>,
 }
 
+impl CreateVmRequest {
+    /// A request that restores `vm_id` from the full snapshot `snapshot_id`,
+    /// leaving everything the snapshot decides to it.
+    pub fn restore(vm_id: &str, snapshot_id: &str) -> CreateVmRequest {
+        CreateVmRequest {
+            vm_id: vm_id.into(),
+            slots: None,
+            disk: None,
+            restore: Some(RestoreSpec {
+                snapshot_id: snapshot_id.into(),
+            }),
+            network: None,
+            kernel: None,
+            initrd: None,
+            boot_args: None,
+            shares: Vec::new(),
+            wait_ready: false,
+            wait_ready_timeout_s: None,
+        }
+    }
+}
+
 /// `restore` in a create request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -297,19 +297,8 @@ impl ApiClient {
         wait_ready: bool,
     ) -> Result<VmInfo, ClientError> {
         self.create_vm(&CreateVmRequest {
-            vm_id: vm_id.into(),
-            restore: Some(agentenv_api::RestoreSpec {
-                snapshot_id: snapshot_id.into(),
-            }),
-            disk: None,
-            slots: None,
-            network: None,
-            kernel: None,
-            initrd: None,
-            boot_args: None,
-            shares: Vec::new(),
             wait_ready,
-            wait_ready_timeout_s: None,
+            ..CreateVmRequest::restore(vm_id, snapshot_id)
         })
     }
 

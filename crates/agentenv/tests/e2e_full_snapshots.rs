@@ -15,38 +15,6 @@ use serde_json::{json, Value};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn artifacts() -> Result<PathBuf, String> {
-    let dir = agentenv_testkit::paths::artifacts();
-    for f in [
-        "kernels/vmlinuz",
-        "initramfs/initrd.img",
-        "rootfs/minimal.ext4",
-    ] {
-        if !dir.join(f).exists() {
-            return Err(format!(
-                "{} missing (run scripts/build-artifacts.sh)",
-                dir.join(f).display()
-            ));
-        }
-    }
-    if agentenv::daemon::find_binary(Path::new("qemu-system-x86_64")).is_none() {
-        return Err("qemu-system-x86_64 is not installed".into());
-    }
-    Ok(dir)
-}
-
-macro_rules! need_artifacts {
-    () => {
-        match artifacts() {
-            Ok(a) => a,
-            Err(why) => {
-                eprintln!("skipping: {why}");
-                return;
-            }
-        }
-    };
-}
-
 /// A tmpfs directory for the fast snapshot tier and guest RAM, removed (and
 /// checked empty of leftovers) at the end.
 struct Shm(tempfile::TempDir);
@@ -450,18 +418,6 @@ fn a_crash_mid_fork_leaves_no_clone_and_no_snapshot_after_the_restart() {
     assert_eq!(shm.leftovers(), Vec::<String>::new());
 }
 
-fn qemu_in_netns(dir: &TestDir, ns: &str) -> PathBuf {
-    let p = dir.path().join("qemu-in-netns");
-    std::fs::write(
-        &p,
-        format!("#!/bin/sh\nexec ip netns exec '{ns}' qemu-system-x86_64 \"$@\"\n"),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    p
-}
-
 #[test]
 fn five_clones_have_their_own_address_and_randomness_and_cannot_reach_each_other() {
     let art = need_artifacts!();
@@ -474,7 +430,7 @@ fn five_clones_have_their_own_address_and_randomness_and_cannot_reach_each_other
     let mut dir = TestDir::new();
     let mut cfg = qemu_config(&dir, &art, &shm);
     cfg.network.enable = true;
-    cfg.qemu_binary = qemu_in_netns(&dir, &ns.host);
+    cfg.qemu_binary = common::qemu_in_netns(&dir, &ns.host);
     for p in [&cfg.tmpfs_snapshot_root, &cfg.guest_memory_dir()] {
         std::fs::create_dir_all(p).unwrap();
     }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use agentenv_core::config::{Config, VmmChoice};
@@ -13,39 +13,6 @@ use serde_json::{json, Value};
 
 const BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 agentenv.heartbeat=1";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// The artifacts, or why the test cannot run.
-fn artifacts() -> Result<PathBuf, String> {
-    let dir = agentenv_testkit::paths::artifacts();
-    for f in [
-        "kernels/vmlinuz",
-        "initramfs/initrd.img",
-        "rootfs/minimal.ext4",
-    ] {
-        if !dir.join(f).exists() {
-            return Err(format!(
-                "{} missing (run scripts/build-artifacts.sh)",
-                dir.join(f).display()
-            ));
-        }
-    }
-    if agentenv::daemon::find_binary(Path::new("qemu-system-x86_64")).is_none() {
-        return Err("qemu-system-x86_64 is not installed".into());
-    }
-    Ok(dir)
-}
-
-macro_rules! need_artifacts {
-    () => {
-        match artifacts() {
-            Ok(a) => a,
-            Err(why) => {
-                eprintln!("skipping: {why}");
-                return;
-            }
-        }
-    };
-}
 
 /// A QEMU config over the artifacts (base images are only read).
 fn qemu_config(dir: &TestDir, art: &Path) -> Config {
@@ -276,18 +243,6 @@ fn snapshot_carries_guest_data_into_a_new_vm_while_the_source_runs() {
 }
 
 /// A `qemu_binary` that runs QEMU inside the network namespace holding the TAPs.
-fn qemu_in_netns(dir: &TestDir, ns: &str) -> PathBuf {
-    let p = dir.path().join("qemu-in-netns");
-    std::fs::write(
-        &p,
-        format!("#!/bin/sh\nexec ip netns exec '{ns}' qemu-system-x86_64 \"$@\"\n"),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    p
-}
-
 #[test]
 fn guests_reach_their_gateway_and_the_outside_but_not_each_other() {
     let art = need_artifacts!();
@@ -299,7 +254,7 @@ fn guests_reach_their_gateway_and_the_outside_but_not_each_other() {
     let mut dir = TestDir::new();
     let mut cfg = qemu_config(&dir, &art);
     cfg.network.enable = true;
-    cfg.qemu_binary = qemu_in_netns(&dir, &ns.host);
+    cfg.qemu_binary = common::qemu_in_netns(&dir, &ns.host);
     dir.baseline = Some(common::baseline(dir.path()));
     let d = Daemon::start_in(cfg, dir.path(), Some(ns.host_path()));
     let before = ns.state();

@@ -159,16 +159,7 @@ impl Engine {
         };
 
         let session_dir = checked_join(&cfg.session_root, "vm_id", &vm_id)?;
-        let socket = cfg.socket_root.join(format!("{vm_id}.sock"));
-        if socket.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(EngineError::bad(
-                "vm_id",
-                format!(
-                    "vm_id {vm_id:?} is too long for socket_root: {} exceeds {MAX_SOCKET_PATH} bytes",
-                    socket.display()
-                ),
-            ));
-        }
+        let socket = self.control_socket(&vm_id)?;
 
         let DiskPlan {
             info: disk,
@@ -286,16 +277,7 @@ impl Engine {
         }
         let vm_id = req.vm_id.clone();
         let session_dir = checked_join(&cfg.session_root, "vm_id", &vm_id)?;
-        let socket = cfg.socket_root.join(format!("{vm_id}.sock"));
-        if socket.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(EngineError::bad(
-                "vm_id",
-                format!(
-                    "vm_id {vm_id:?} is too long for socket_root: {} exceeds {MAX_SOCKET_PATH} bytes",
-                    socket.display()
-                ),
-            ));
-        }
+        let socket = self.control_socket(&vm_id)?;
         let net = match &req.network {
             Some(n) if self.net.is_none() => {
                 check_network(n)?;
@@ -426,6 +408,22 @@ impl Engine {
         Ok(())
     }
 
+    /// The control socket of VM `vm_id`, or 400 when its path would be too
+    /// long for a Unix socket.
+    fn control_socket(&self, vm_id: &str) -> Result<PathBuf, EngineError> {
+        let socket = self.cfg.socket_root.join(format!("{vm_id}.sock"));
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(EngineError::bad(
+                "vm_id",
+                format!(
+                    "vm_id {vm_id:?} is too long for socket_root: {} exceeds {MAX_SOCKET_PATH} bytes",
+                    socket.display()
+                ),
+            ));
+        }
+        Ok(socket)
+    }
+
     /// A regular file `root/name`, or 404 naming the field.
     fn existing_file(
         &self,
@@ -454,22 +452,6 @@ impl Engine {
     fn plan_disk(&self, spec: &DiskSpec, session_dir: &Path) -> Result<DiskPlan, EngineError> {
         let cfg = &self.cfg;
         let overlay = session_dir.join("overlay.ext4");
-        let overlay_drives = |base: PathBuf, overlay: &Path| {
-            vec![
-                DriveSpec {
-                    id: "rootfs".into(),
-                    path: base,
-                    read_only: true,
-                    is_root: true,
-                },
-                DriveSpec {
-                    id: "overlay".into(),
-                    path: overlay.to_path_buf(),
-                    read_only: false,
-                    is_root: false,
-                },
-            ]
-        };
         match spec {
             DiskSpec::Overlay {
                 rootfs_id,
@@ -901,4 +883,23 @@ fn apply_lease(plan: &mut Plan, lease: NetLease) {
         guest_mac: lease.guest_mac.clone(),
     });
     plan.lease = Some(lease);
+}
+
+/// The drives of an overlay VM: the read-only base image it boots from, then
+/// its writable overlay (`/dev/vda`, `/dev/vdb`).
+pub(super) fn overlay_drives(base: PathBuf, overlay: &Path) -> Vec<DriveSpec> {
+    vec![
+        DriveSpec {
+            id: "rootfs".into(),
+            path: base,
+            read_only: true,
+            is_root: true,
+        },
+        DriveSpec {
+            id: "overlay".into(),
+            path: overlay.to_path_buf(),
+            read_only: false,
+            is_root: false,
+        },
+    ]
 }

@@ -4,19 +4,19 @@
 //! A full snapshot is taken by [`Engine::snapshot`] with `memory`; a VM is
 //! restored from one by a create with `restore` (`create.rs`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use agentenv_api::{
-    CreateVmRequest, ForkRequest, FullSnapshotInfo, RestoreSpec, SnapshotInfo, SnapshotKind,
-    SnapshotStatus, VmInfo, VmState,
+    CreateVmRequest, ForkRequest, FullSnapshotInfo, SnapshotInfo, SnapshotKind, SnapshotStatus,
+    VmInfo, VmState,
 };
 use agentenv_proto::{Identity, IdentityNet};
 use chrono::Utc;
 
 use super::{Engine, VmSlot};
-use crate::backend::{DriveSpec, LaunchSpec, NetAttachment, RestoreSpec as VmmRestore};
+use crate::backend::{LaunchSpec, NetAttachment, RestoreSpec as VmmRestore};
 use crate::error::EngineError;
 use crate::ids::{checked_join, validate_id, MAX_ID_LEN};
 use crate::snapshot::SnapshotError;
@@ -221,20 +221,7 @@ impl Engine {
             kernel: PathBuf::from(&full.kernel),
             initrd: full.initrd.as_ref().map(PathBuf::from),
             boot_args: full.boot_args.clone(),
-            drives: vec![
-                DriveSpec {
-                    id: "rootfs".into(),
-                    path: base,
-                    read_only: true,
-                    is_root: true,
-                },
-                DriveSpec {
-                    id: "overlay".into(),
-                    path: PathBuf::from(&info.disk.writable_path),
-                    read_only: false,
-                    is_root: false,
-                },
-            ],
+            drives: super::create::overlay_drives(base, Path::new(&info.disk.writable_path)),
             net,
             agent_socket,
             startup_timeout: Duration::from_millis(self.cfg.startup_timeout_ms),
@@ -341,7 +328,7 @@ impl Engine {
                 let mut tasks = tokio::task::JoinSet::new();
                 for (i, id) in chunk.iter().enumerate() {
                     let engine = self.clone();
-                    let req = restore_request(id, &snapshot_id);
+                    let req = CreateVmRequest::restore(id, &snapshot_id);
                     tasks.spawn(async move { (i, engine.create(req).await) });
                 }
                 let mut done = Vec::with_capacity(chunk.len());
@@ -555,25 +542,6 @@ impl Engine {
         slot.set_identity(Some(self.identity_for(slot)));
         slot.set_instance(Some(inst.clone()));
         Ok(inst)
-    }
-}
-
-/// A create request that restores `vm_id` from a full snapshot.
-fn restore_request(vm_id: &str, snapshot_id: &str) -> CreateVmRequest {
-    CreateVmRequest {
-        vm_id: vm_id.into(),
-        restore: Some(RestoreSpec {
-            snapshot_id: snapshot_id.into(),
-        }),
-        disk: None,
-        slots: None,
-        network: None,
-        kernel: None,
-        initrd: None,
-        boot_args: None,
-        shares: Vec::new(),
-        wait_ready: false,
-        wait_ready_timeout_s: None,
     }
 }
 

@@ -523,21 +523,7 @@ fn plain(vm_id: &str) -> CreateVmRequest {
 }
 
 fn restore_req(vm_id: &str, snapshot_id: &str) -> CreateVmRequest {
-    CreateVmRequest {
-        vm_id: vm_id.into(),
-        slots: None,
-        disk: None,
-        restore: Some(agentenv_api::RestoreSpec {
-            snapshot_id: snapshot_id.into(),
-        }),
-        network: None,
-        kernel: None,
-        initrd: None,
-        boot_args: None,
-        shares: Vec::new(),
-        wait_ready: false,
-        wait_ready_timeout_s: None,
-    }
+    CreateVmRequest::restore(vm_id, snapshot_id)
 }
 
 /// A running VM `src` and a full snapshot `full` of it.

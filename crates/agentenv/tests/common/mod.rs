@@ -633,3 +633,52 @@ pub fn sequential_and_concurrent_execs(d: &Daemon, vm: &str, n: usize, sleep_s: 
         t.join().unwrap();
     }
 }
+
+/// The guest artifacts for tests that boot real QEMU guests, or why such a
+/// test cannot run here.
+pub fn guest_artifacts() -> Result<PathBuf, String> {
+    let dir = paths::artifacts();
+    for f in [
+        "kernels/vmlinuz",
+        "initramfs/initrd.img",
+        "rootfs/minimal.ext4",
+    ] {
+        if !dir.join(f).exists() {
+            return Err(format!(
+                "{} missing (run scripts/build-artifacts.sh)",
+                dir.join(f).display()
+            ));
+        }
+    }
+    if agentenv::daemon::find_binary(Path::new("qemu-system-x86_64")).is_none() {
+        return Err("qemu-system-x86_64 is not installed".into());
+    }
+    Ok(dir)
+}
+
+/// The guest artifacts, or returns from the test saying why it skips.
+#[macro_export]
+macro_rules! need_artifacts {
+    () => {
+        match common::guest_artifacts() {
+            Ok(a) => a,
+            Err(why) => {
+                eprintln!("skipping: {why}");
+                return;
+            }
+        }
+    };
+}
+
+/// A wrapper that runs QEMU inside network namespace `ns`.
+pub fn qemu_in_netns(dir: &TestDir, ns: &str) -> PathBuf {
+    let p = dir.path().join("qemu-in-netns");
+    std::fs::write(
+        &p,
+        format!("#!/bin/sh\nexec ip netns exec '{ns}' qemu-system-x86_64 \"$@\"\n"),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
