@@ -354,6 +354,37 @@ pub fn memory_total_mib() -> Option<u64> {
     Some(kib / 1024)
 }
 
+/// How much of each end of a file [`file_fingerprint`] reads.
+const FINGERPRINT_EDGE: u64 = 64 * 1024;
+
+/// `fp1:` + SHA-256 of a file's size, modification time (ns) and its first
+/// and last 64 KiB: it changes when the file is rewritten, replaced, cut or
+/// grown, and costs two small reads whatever the file's size.
+pub fn file_fingerprint(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path)?;
+    let m = f.metadata()?;
+    let len = m.len();
+    let mtime_ns = (m.mtime() as i128) * 1_000_000_000 + m.mtime_nsec() as i128;
+    let mut h = Sha256::new();
+    h.update(b"agentenv fingerprint v1\0");
+    h.update(len.to_le_bytes());
+    h.update(mtime_ns.to_le_bytes());
+    let mut buf = vec![0u8; FINGERPRINT_EDGE.min(len) as usize];
+    f.read_exact_at(&mut buf, 0)?;
+    h.update(&buf);
+    let tail = len.saturating_sub(FINGERPRINT_EDGE).max(buf.len() as u64);
+    let mut buf = vec![0u8; (len - tail) as usize];
+    f.read_exact_at(&mut buf, tail)?;
+    h.update(&buf);
+    let d = h.finalize();
+    Ok(format!(
+        "fp1:{}",
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,35 +456,4 @@ mod tests {
                 .find(|c| c.exists())
         })
     }
-}
-
-/// How much of each end of a file [`file_fingerprint`] reads.
-const FINGERPRINT_EDGE: u64 = 64 * 1024;
-
-/// `fp1:` + SHA-256 of a file's size, modification time (ns) and its first
-/// and last 64 KiB: it changes when the file is rewritten, replaced, cut or
-/// grown, and costs two small reads whatever the file's size.
-pub fn file_fingerprint(path: &Path) -> std::io::Result<String> {
-    use sha2::{Digest, Sha256};
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(path)?;
-    let m = f.metadata()?;
-    let len = m.len();
-    let mtime_ns = (m.mtime() as i128) * 1_000_000_000 + m.mtime_nsec() as i128;
-    let mut h = Sha256::new();
-    h.update(b"agentenv fingerprint v1\0");
-    h.update(len.to_le_bytes());
-    h.update(mtime_ns.to_le_bytes());
-    let mut buf = vec![0u8; FINGERPRINT_EDGE.min(len) as usize];
-    f.read_exact_at(&mut buf, 0)?;
-    h.update(&buf);
-    let tail = len.saturating_sub(FINGERPRINT_EDGE).max(buf.len() as u64);
-    let mut buf = vec![0u8; (len - tail) as usize];
-    f.read_exact_at(&mut buf, tail)?;
-    h.update(&buf);
-    let d = h.finalize();
-    Ok(format!(
-        "fp1:{}",
-        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    ))
 }

@@ -52,6 +52,12 @@ impl VmmProcess {
     /// Starts the process in a new process group with stdin closed and its
     /// output appended to the console log.
     pub fn spawn(spec: &SpawnSpec) -> Result<VmmProcess, VmmError> {
+        VmmProcess::spawn_in(spec, None)
+    }
+
+    /// [`VmmProcess::spawn`] with the working directory `cwd` (the daemon's
+    /// own when `None`): relative paths the VMM is given resolve there.
+    pub fn spawn_in(spec: &SpawnSpec, cwd: Option<&Path>) -> Result<VmmProcess, VmmError> {
         let open_log = || {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -70,6 +76,9 @@ impl VmmProcess {
             .stderr(Stdio::from(err))
             .process_group(0)
             .kill_on_drop(false);
+        if let Some(dir) = cwd {
+            cmd.current_dir(dir);
+        }
         let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
             binary: spec.binary.clone(),
             source,

@@ -46,6 +46,33 @@ pub fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
     out
 }
 
+/// Live processes whose working directory is `dir` (a VMM started there).
+pub fn processes_in(dir: &Path) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| !is_zombie(*pid))
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/cwd"))
+                .ok()
+                .as_deref()
+                == Some(dir)
+        })
+        .collect()
+}
+
+/// The files process `pid` holds open (empty when it is gone).
+pub fn open_files(pid: u32) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .collect()
+}
+
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()

@@ -300,6 +300,9 @@ impl Vmm {
             .arg(&sock)
             .args(["--id", "vm-test"])
             .args(extra)
+            // As agentenv's driver runs it: relative paths resolve in the
+            // VM's own directory.
+            .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(Stdio::piped())
@@ -1424,14 +1427,7 @@ fn snapshot_create_only_when_paused_and_writes_both_files() {
 #[test]
 fn snapshot_load_restores_the_saved_devices() {
     let (source, snap, mem) = snapshotted(&["--boot-console"]);
-    let saved: Value = serde_json::from_str(
-        std::fs::read_to_string(&snap)
-            .unwrap()
-            .split_once('\n')
-            .unwrap()
-            .1,
-    )
-    .unwrap();
+    let saved = saved_state(&snap);
     assert_eq!(saved["vsock"]["uds_path"], json!(source.path("agent.sock")));
 
     // The source still holds the vsock socket: a v1.13 load, which binds the
@@ -2013,4 +2009,115 @@ fn vsock_is_configured_before_boot_only() {
         assert_eq!(cfg["vsock"]["guest_cid"], 3);
         assert_eq!(cfg["vsock"]["uds_path"], json!(uds));
     }
+}
+
+/// The configuration a state file of the double records.
+fn saved_state(snap: &Path) -> Value {
+    let text = std::fs::read_to_string(snap).unwrap();
+    serde_json::from_str(text.split_once('\n').unwrap().1).unwrap()
+}
+
+/// A fresh double with an `overlay.ext4` in its directory that loads the
+/// snapshot giving interface `iface` the TAP `tap`.
+fn load_with_override(snap: &Path, mem: &Path, iface: &str, tap: &str) -> (Vmm, Resp) {
+    let vmm = Vmm::start(&Target::Double, &[]);
+    vmm.file("overlay.ext4");
+    let mut body = load_body(snap, mem);
+    body["resume_vm"] = json!(true);
+    body["network_overrides"] = json!([{"iface_id": iface, "host_dev_name": tap}]);
+    let r = vmm.put("/snapshot/load", body);
+    (vmm, r)
+}
+
+#[test]
+fn snapshot_load_resolves_saved_relative_paths_in_its_own_directory() {
+    // A source whose overlay disk and vsock socket are given relative to its
+    // working directory, as agentenv's driver gives them.
+    let source = Vmm::start(&Target::Double, &[]);
+    let kernel = source.file("vmlinux");
+    source.ok(
+        source.put(
+            "/boot-source",
+            json!({"kernel_image_path": kernel, "boot_args": BOOT_ARGS}),
+        ),
+        "boot-source",
+    );
+    let rootfs = source.file("rootfs.ext4");
+    source.ok(
+        source.put(
+            "/drives/rootfs",
+            json!({"drive_id": "rootfs", "path_on_host": rootfs,
+                   "is_root_device": true, "is_read_only": true}),
+        ),
+        "rootfs",
+    );
+    source.file("overlay.ext4");
+    source.ok(
+        source.put(
+            "/drives/overlay",
+            json!({"drive_id": "overlay", "path_on_host": "overlay.ext4",
+                   "is_root_device": false, "is_read_only": false}),
+        ),
+        "overlay",
+    );
+    source.ok(
+        source.put(
+            "/network-interfaces/eth0",
+            json!({"iface_id": "eth0", "host_dev_name": "tap0"}),
+        ),
+        "eth0",
+    );
+    source.ok(
+        source.put("/vsock", json!({"guest_cid": 3, "uds_path": "agent.sock"})),
+        "vsock",
+    );
+    assert!(source.path("agent.sock").exists(), "bound in its directory");
+    source.ok(source.action("InstanceStart"), "start");
+    source.ok(source.patch("/vm", json!({"state": "Paused"})), "pause");
+    let (snap, mem) = (source.path("vm.snap"), source.path("vm.mem"));
+    source.ok(
+        source.put(
+            "/snapshot/create",
+            json!({"snapshot_type": "Full", "snapshot_path": snap, "mem_file_path": mem}),
+        ),
+        "create",
+    );
+    source.ok(source.patch("/vm", json!({"state": "Resumed"})), "resume");
+    let saved = saved_state(&snap);
+    assert_eq!(saved["drives"][1]["path_on_host"], "overlay.ext4");
+    assert_eq!(saved["vsock"]["uds_path"], "agent.sock");
+
+    // Two clones at once, each in its own directory with its own disk copy:
+    // v1.13 binds the saved (relative) socket name there, beside the
+    // running source.
+    let clones: Vec<Vmm> = ["tap-c1", "tap-c2"]
+        .iter()
+        .map(|tap| {
+            let (clone, r) = load_with_override(&snap, &mem, "eth0", tap);
+            clone.ok(r, "load");
+            clone
+        })
+        .collect();
+    for (clone, tap) in clones.iter().zip(["tap-c1", "tap-c2"]) {
+        assert_eq!(clone.state(), "Running");
+        assert!(clone.path("agent.sock").exists());
+        let open = agentenv_testkit::leaks::open_files(clone.child.id());
+        assert!(open.contains(&clone.path("overlay.ext4")), "{open:?}");
+        assert!(open.contains(&mem), "the memory file is mapped: {open:?}");
+        assert!(!open.contains(&source.path("overlay.ext4")), "{open:?}");
+        let cfg = clone.get("/vm/config").json();
+        assert_eq!(cfg["network-interfaces"][0]["host_dev_name"], tap);
+        assert_eq!(cfg["drives"][1]["path_on_host"], "overlay.ext4");
+    }
+    assert_eq!(source.state(), "Running");
+    assert!(source.path("agent.sock").exists());
+
+    // Without a disk under the saved name in its directory, a load fails.
+    let (vmm, r) = load_into_fresh(&[], load_body(&snap, &mem));
+    assert_fatal_load(vmm, r, "Block: Virtio backend error");
+    // A TAP name the kernel refuses; an interface the snapshot does not have.
+    let (vmm, r) = load_with_override(&snap, &mem, "eth0", "a-tap-name-too-long");
+    assert_fatal_load(vmm, r, "Open tap device failed");
+    let (vmm, r) = load_with_override(&snap, &mem, "eth1", "tap1");
+    assert_fatal_load(vmm, r, "Invalid network override");
 }

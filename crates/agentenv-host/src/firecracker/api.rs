@@ -93,9 +93,22 @@ impl FcClient {
         path: &str,
         body: Option<Bytes>,
     ) -> Result<Bytes, VmmError> {
+        self.request_within(method, path, body, self.timeout).await
+    }
+
+    /// [`FcClient::request`] that may take `timeout` instead of the
+    /// client's own (for requests whose work grows with the guest, such as
+    /// writing its memory).
+    pub async fn request_within(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        timeout: Duration,
+    ) -> Result<Bytes, VmmError> {
         let what = format!("{method} {path}");
         let fut = self.request_inner(method, path, body, &what);
-        match tokio::time::timeout(self.timeout, fut).await {
+        match tokio::time::timeout(timeout, fut).await {
             Ok(r) => r,
             Err(_) => {
                 // The connection may be mid-request; never reuse it.
@@ -104,7 +117,7 @@ impl FcClient {
                 }
                 Err(VmmError::Timeout {
                     request: what,
-                    timeout_ms: self.timeout.as_millis() as u64,
+                    timeout_ms: timeout.as_millis() as u64,
                 })
             }
         }

@@ -1,5 +1,16 @@
 //! The Firecracker driver: one `firecracker` process per VM, configured over its
 //! Unix-socket API exactly as Firecracker's swagger documents it.
+//!
+//! Firecracker runs in the VM's session directory, and every path inside that
+//! directory (the overlay disk, shares, the vsock socket) is given to it
+//! relative ([`session_relative`]); base images and the kernel stay absolute.
+//! A full snapshot (`PUT /snapshot/create`, [`VmmInstance::save_full`])
+//! records the paths as given, and both Firecracker v1.13.1 and v1.16 reopen
+//! them at load: a VM restored in its own session directory
+//! ([`Vmm::restore`]: a fresh Firecracker there, `PUT /snapshot/load` with the
+//! memory file mapped privately, its own TAP through `network_overrides`, and
+//! on v1.16 its socket through `vsock_override` too) thus uses its own disk
+//! copy and socket, and any number of clones of one snapshot run side by side.
 
 mod api;
 pub mod models;
@@ -10,8 +21,8 @@ use std::time::Duration;
 
 use agentenv_api::BackendKind;
 use agentenv_core::backend::{
-    AdoptSpec, AdoptedState, AgentChannel, LaunchSpec, ProcessIdentity, Vmm, VmmError, VmmExit,
-    VmmInstance,
+    AdoptSpec, AdoptedState, AgentChannel, FullSnapshotFiles, LaunchSpec, ProcessIdentity,
+    RestoreSpec, SavedMemory, Vmm, VmmError, VmmExit, VmmInstance,
 };
 use async_trait::async_trait;
 use hyper::body::Bytes;
@@ -24,14 +35,30 @@ use tokio::sync::watch;
 pub use api::FcClient;
 use models::{
     ActionType, BootSource, Drive, FullVmConfiguration, InstanceActionInfo, InstanceInfo,
-    InstanceState, MachineConfiguration, NetworkInterface, SnapshotCreateParams,
-    SnapshotLoadParams, Vm, VmState, Vsock,
+    InstanceState, MachineConfiguration, MemBackend, MemBackendType, NetworkInterface,
+    NetworkOverride, SnapshotCreateParams, SnapshotLoadParams, SnapshotType, Vm, VmState, Vsock,
+    VsockOverride,
 };
 
 use crate::process::{wait_for_socket, SpawnSpec, VmmProcess};
 
 /// Name of the generated configuration in the session directory.
 pub const CONFIG_FILE: &str = "firecracker.json";
+
+/// Name of the `PUT /snapshot/load` body a restored VM's session directory
+/// keeps (for people to read, as [`CONFIG_FILE`] for a booted one).
+pub const LOAD_FILE: &str = "snapshot-load.json";
+
+/// The guest's one network interface.
+pub const NET_IFACE: &str = "eth0";
+
+/// How long `firecracker --version` may take.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long `PUT /snapshot/create` may take at least: Firecracker writes the
+/// whole guest memory before it answers (0.2–0.7 s per 128 MiB measured here),
+/// which the ordinary request timeout does not allow for large guests.
+pub const SNAPSHOT_CREATE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The guest's vsock context id. Each Firecracker process has its own vsock
 /// device and the host end is a Unix socket, so every VM can use the first
@@ -45,13 +72,57 @@ pub const AGENT_VSOCK_PORT: u32 = agentenv_proto::VSOCK_PORT;
 #[derive(Debug, Clone)]
 pub struct FirecrackerVmm {
     binary: PathBuf,
+    /// `firecracker X.Y.Z`, once asked.
+    version: Arc<tokio::sync::OnceCell<String>>,
 }
 
 impl FirecrackerVmm {
     /// A driver for the given `firecracker` binary.
     pub fn new(binary: PathBuf) -> FirecrackerVmm {
-        FirecrackerVmm { binary }
+        FirecrackerVmm {
+            binary,
+            version: Arc::default(),
+        }
     }
+}
+
+/// `path` as Firecracker is given it. Firecracker runs in the VM's session
+/// directory, so a path inside it is given relative to it: a snapshot records
+/// drive and vsock paths as given, and a VM restored from it (in its own
+/// session directory) then finds its own disk copy and socket under the same
+/// names. Paths elsewhere (base images, the kernel) stay as they are.
+pub fn session_relative(session_dir: &Path, path: &Path) -> PathBuf {
+    match path.strip_prefix(session_dir) {
+        Ok(rel) if !rel.as_os_str().is_empty() && session_dir.is_absolute() => rel.to_path_buf(),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// The version in `firecracker --version`'s first line
+/// (`Firecracker v1.13.1`): `1.13.1`.
+pub fn parse_version(output: &str) -> Option<String> {
+    let rest = output
+        .lines()
+        .next()?
+        .trim()
+        .strip_prefix("Firecracker v")?;
+    let version: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    (!version.is_empty()).then_some(version)
+}
+
+/// Whether Firecracker `version` (as [`Vmm::version`] says it,
+/// `firecracker X.Y.Z`) takes `vsock_override` in `PUT /snapshot/load`
+/// (v1.16 and later).
+pub fn has_vsock_override(version: &str) -> bool {
+    let mut parts = version
+        .trim_start_matches("firecracker ")
+        .split('.')
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (1, 16)
 }
 
 /// Firecracker's instance ids allow ASCII letters, digits and `-`, 1 to 64 long.
@@ -70,7 +141,10 @@ pub const CTRL_ALT_DEL_REPEAT: Duration = Duration::from_millis(500);
 /// The VM's whole configuration, typed: the API calls that build it
 /// ([`api_calls`]) and the readable `firecracker.json` (Firecracker's
 /// `--config-file` format) both come from it.
+///
+/// Paths inside the session directory are relative ([`session_relative`]).
 pub fn vm_config(spec: &LaunchSpec) -> FullVmConfiguration {
+    let local = |p: &Path| session_relative(&spec.session_dir, p);
     FullVmConfiguration {
         boot_source: BootSource {
             kernel_image_path: spec.kernel.clone(),
@@ -80,7 +154,7 @@ pub fn vm_config(spec: &LaunchSpec) -> FullVmConfiguration {
         drives: spec
             .drives
             .iter()
-            .map(|d| Drive::file(&d.id, d.path.clone(), d.is_root, d.read_only))
+            .map(|d| Drive::file(&d.id, local(&d.path), d.is_root, d.read_only))
             .collect(),
         machine_config: MachineConfiguration {
             // The engine caps a VM's slots far below 255.
@@ -91,7 +165,7 @@ pub fn vm_config(spec: &LaunchSpec) -> FullVmConfiguration {
         },
         network_interfaces: spec.net.as_ref().map(|net| {
             vec![NetworkInterface {
-                iface_id: "eth0".into(),
+                iface_id: NET_IFACE.into(),
                 host_dev_name: net.tap_name.clone(),
                 guest_mac: Some(net.guest_mac.clone()),
                 rx_rate_limiter: None,
@@ -102,9 +176,52 @@ pub fn vm_config(spec: &LaunchSpec) -> FullVmConfiguration {
         vsock: spec.agent_socket.as_ref().map(|sock| Vsock {
             vsock_id: None,
             guest_cid: GUEST_CID,
-            uds_path: sock.clone(),
+            uds_path: local(sock),
         }),
     }
+}
+
+/// The `PUT /snapshot/load` body that restores `spec`: the state file, the
+/// memory file mapped privately (`File`), the new TAP for `eth0`, and, when
+/// `vsock_override` (Firecracker v1.16), the new VM's vsock socket (relative,
+/// as it is saved). On v1.13.1 the socket comes back under its saved relative
+/// name, which is the new VM's too: Firecracker runs in its session directory.
+pub fn load_params(
+    spec: &RestoreSpec,
+    vsock_override: bool,
+) -> Result<SnapshotLoadParams, VmmError> {
+    let launch = &spec.launch;
+    let memory = spec.memory.clone().ok_or_else(|| VmmError::Io {
+        context: format!("cannot restore from {}", spec.state.display()),
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a firecracker snapshot needs its memory file",
+        ),
+    })?;
+    Ok(SnapshotLoadParams {
+        snapshot_path: spec.state.clone(),
+        mem_backend: Some(MemBackend {
+            backend_path: memory,
+            backend_type: MemBackendType::File,
+        }),
+        resume_vm: true,
+        network_overrides: launch
+            .net
+            .iter()
+            .map(|net| NetworkOverride {
+                iface_id: NET_IFACE.into(),
+                host_dev_name: net.tap_name.clone(),
+            })
+            .collect(),
+        vsock_override: launch
+            .agent_socket
+            .as_ref()
+            .filter(|_| vsock_override)
+            .map(|sock| VsockOverride {
+                uds_path: session_relative(&launch.session_dir, sock),
+            }),
+        ..SnapshotLoadParams::default()
+    })
 }
 
 /// The VM's configuration as the API calls that build it, in order.
@@ -121,6 +238,9 @@ pub fn config_document(spec: &LaunchSpec) -> Value {
 #[derive(Debug, Clone)]
 pub struct ProcessSpec {
     pub vm_id: String,
+    /// Firecracker's working directory: the VM's session directory, where
+    /// the relative paths it is given (and saved in its snapshots) resolve.
+    pub cwd: PathBuf,
     pub control_socket: PathBuf,
     /// The vsock device's socket (the host end of the agent channel). After
     /// a restore it is the saved `uds_path`, or `vsock_override`'s
@@ -136,6 +256,7 @@ impl From<&LaunchSpec> for ProcessSpec {
     fn from(s: &LaunchSpec) -> Self {
         ProcessSpec {
             vm_id: s.vm_id.clone(),
+            cwd: s.session_dir.clone(),
             control_socket: s.control_socket.clone(),
             agent_socket: s.agent_socket.clone(),
             console_log: s.console_log.clone(),
@@ -146,10 +267,10 @@ impl From<&LaunchSpec> for ProcessSpec {
     }
 }
 
-/// What [`FirecrackerVmm::restore`] needs: a fresh VMM and the snapshot to
-/// load into it.
+/// What [`FirecrackerVmm::load_snapshot`] needs: a fresh VMM and the
+/// snapshot to load into it.
 #[derive(Debug, Clone)]
-pub struct RestoreSpec {
+pub struct LoadSpec {
     pub process: ProcessSpec,
     pub load: SnapshotLoadParams,
 }
@@ -164,7 +285,7 @@ impl FirecrackerVmm {
         if let Some(agent) = &p.agent_socket {
             remove_socket(agent, None);
         }
-        let process = VmmProcess::spawn(&SpawnSpec {
+        let spawn = SpawnSpec {
             binary: self.binary.clone(),
             args: vec![
                 "--api-sock".into(),
@@ -174,7 +295,8 @@ impl FirecrackerVmm {
             ],
             console_log: p.console_log.clone(),
             console_log_max_bytes: p.console_log_max_bytes,
-        })?;
+        };
+        let process = VmmProcess::spawn_in(&spawn, Some(&p.cwd))?;
         Ok(FirecrackerInstance::new(
             process,
             &p.control_socket,
@@ -189,13 +311,7 @@ impl FirecrackerVmm {
         &self,
         spec: &LaunchSpec,
     ) -> Result<FirecrackerInstance, VmmError> {
-        let doc = serde_json::to_vec_pretty(&vm_config(spec)).expect("api objects serialise");
-        let cfg_path = spec.session_dir.join(CONFIG_FILE);
-        // For people to read; the API calls are what configure the VMM, so no fsync.
-        std::fs::write(&cfg_path, &doc).map_err(|source| VmmError::Io {
-            context: format!("cannot write {}", cfg_path.display()),
-            source,
-        })?;
+        write_readable(&spec.session_dir.join(CONFIG_FILE), &vm_config(spec))?;
         let inst = self.spawn(&spec.into())?;
         let booted = inst.boot(spec).await;
         inst.settle(booted).await
@@ -204,7 +320,7 @@ impl FirecrackerVmm {
     /// Starts a fresh VMM and loads a snapshot into it (`PUT /snapshot/load`),
     /// instead of configuring and booting it. With `load.resume_vm` the VM
     /// runs on at once, else it stays paused.
-    pub async fn restore(&self, spec: &RestoreSpec) -> Result<FirecrackerInstance, VmmError> {
+    pub async fn load_snapshot(&self, spec: &LoadSpec) -> Result<FirecrackerInstance, VmmError> {
         let p = &spec.process;
         let inst = self.spawn(p)?;
         let loaded = async {
@@ -217,21 +333,74 @@ impl FirecrackerVmm {
         .await;
         inst.settle(loaded).await
     }
+
+    /// A running VM from a full snapshot (what [`Vmm::restore`] does): a
+    /// fresh Firecracker in the new VM's session directory loads it with
+    /// [`load_params`] and runs it on.
+    pub async fn restore_instance(
+        &self,
+        spec: &RestoreSpec,
+    ) -> Result<FirecrackerInstance, VmmError> {
+        let vsock_override =
+            spec.launch.agent_socket.is_some() && has_vsock_override(&self.version().await?);
+        let load = load_params(spec, vsock_override)?;
+        write_readable(&spec.launch.session_dir.join(LOAD_FILE), &load)?;
+        self.load_snapshot(&LoadSpec {
+            process: (&spec.launch).into(),
+            load,
+        })
+        .await
+    }
+
+    /// `firecracker --version`, as `firecracker X.Y.Z`.
+    async fn ask_version(&self) -> Result<String, VmmError> {
+        let binary = self.binary.to_string_lossy();
+        let out = crate::runner::run(&binary, ["--version"], VERSION_TIMEOUT)
+            .await
+            .map_err(|e| match e {
+                crate::runner::RunError::Spawn { source, .. } => VmmError::Spawn {
+                    binary: self.binary.clone(),
+                    source,
+                },
+                other => VmmError::Transport {
+                    request: format!("{binary} --version"),
+                    message: other.to_string(),
+                },
+            })?;
+        let text = String::from_utf8_lossy(&out);
+        parse_version(&text)
+            .map(|v| format!("firecracker {v}"))
+            .ok_or_else(|| VmmError::Transport {
+                request: format!("{binary} --version"),
+                message: format!("unexpected answer: {:?}", text.lines().next().unwrap_or("")),
+            })
+    }
+}
+
+/// Writes `value` as readable JSON to `path` (for people; the API calls are
+/// what configure the VMM, so no fsync).
+fn write_readable<T: Serialize>(path: &Path, value: &T) -> Result<(), VmmError> {
+    let doc = serde_json::to_vec_pretty(value).expect("api objects serialise");
+    std::fs::write(path, &doc).map_err(|source| VmmError::Io {
+        context: format!("cannot write {}", path.display()),
+        source,
+    })
 }
 
 #[async_trait]
 impl Vmm for FirecrackerVmm {
+    /// Asked once (`firecracker --version`), then cached.
     async fn version(&self) -> Result<String, VmmError> {
-        Err(interim("version"))
+        self.version
+            .get_or_try_init(|| self.ask_version())
+            .await
+            .cloned()
     }
 
-    async fn restore(
-        &self,
-        spec: &agentenv_core::backend::RestoreSpec,
-    ) -> Result<Box<dyn VmmInstance>, VmmError> {
-        let _ = spec;
-        Err(interim("restore"))
+    async fn restore(&self, spec: &RestoreSpec) -> Result<Box<dyn VmmInstance>, VmmError> {
+        Ok(Box::new(self.restore_instance(spec).await?))
     }
+
     fn kind(&self) -> BackendKind {
         BackendKind::Firecracker
     }
@@ -285,6 +454,8 @@ pub struct FirecrackerInstance {
     agent_socket: Option<PathBuf>,
     /// The sockets this VMM made, with their identities, once it has booted.
     owned: Arc<Mutex<Vec<(PathBuf, SocketId)>>>,
+    /// How long one ordinary API request may take.
+    request_timeout: Duration,
 }
 
 impl FirecrackerInstance {
@@ -300,6 +471,7 @@ impl FirecrackerInstance {
             agent_socket,
             process,
             owned: Arc::default(),
+            request_timeout,
         };
         // Firecracker leaves its socket files behind when it exits; remove them
         // (those it made: this runs whenever the exit is noticed, maybe after
@@ -391,14 +563,20 @@ impl FirecrackerInstance {
         Ok(())
     }
 
-    /// One API call; when the process died meanwhile, says so with its output.
+    /// One API call that may take `timeout`; when the process died
+    /// meanwhile, says so with its output.
     async fn call(
         &self,
         method: Method,
         path: &str,
         body: Option<Bytes>,
+        timeout: Duration,
     ) -> Result<Bytes, VmmError> {
-        match self.client.request(method, path, body).await {
+        match self
+            .client
+            .request_within(method, path, body, timeout)
+            .await
+        {
             Ok(v) => Ok(v),
             Err(e) => match self.exited_soon(&e).await {
                 Some(exit) if !matches!(e, VmmError::Refused { .. }) => {
@@ -412,20 +590,32 @@ impl FirecrackerInstance {
         }
     }
 
+    /// A request with a JSON body and an empty answer.
+    async fn send<T: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &T,
+        timeout: Duration,
+    ) -> Result<(), VmmError> {
+        let body = Some(api::to_bytes(body));
+        self.call(method, path, body, timeout).await.map(|_| ())
+    }
+
     async fn put<T: Serialize>(&self, path: &str, body: &T) -> Result<(), VmmError> {
-        self.call(Method::PUT, path, Some(api::to_bytes(body)))
+        self.send(Method::PUT, path, body, self.request_timeout)
             .await
-            .map(|_| ())
     }
 
     async fn patch<T: Serialize>(&self, path: &str, body: &T) -> Result<(), VmmError> {
-        self.call(Method::PATCH, path, Some(api::to_bytes(body)))
+        self.send(Method::PATCH, path, body, self.request_timeout)
             .await
-            .map(|_| ())
     }
 
     async fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, VmmError> {
-        let body = self.call(Method::GET, path, None).await?;
+        let body = self
+            .call(Method::GET, path, None, self.request_timeout)
+            .await?;
         serde_json::from_slice(&body).map_err(|e| VmmError::Transport {
             request: format!("GET {path}"),
             message: format!("unexpected answer: {e}"),
@@ -456,20 +646,29 @@ impl FirecrackerInstance {
     /// `PUT /snapshot/create`: writes the VM's state and its memory to the
     /// files `params` names. Firecracker refuses it unless the VM is paused
     /// ([`VmmInstance::pause`] first); the VM stays paused.
+    /// It may take [`SNAPSHOT_CREATE_TIMEOUT`] (or the request timeout, if
+    /// longer): Firecracker writes the whole guest memory first.
     pub async fn snapshot_create(&self, params: &SnapshotCreateParams) -> Result<(), VmmError> {
-        self.put("/snapshot/create", params).await
+        let timeout = self.request_timeout.max(SNAPSHOT_CREATE_TIMEOUT);
+        self.send(Method::PUT, "/snapshot/create", params, timeout)
+            .await
     }
 }
 
 #[async_trait]
 impl VmmInstance for FirecrackerInstance {
-    async fn save_full(
-        &self,
-        files: &agentenv_core::backend::FullSnapshotFiles,
-    ) -> Result<agentenv_core::backend::SavedMemory, VmmError> {
-        let _ = files;
-        Err(interim("save_full"))
+    /// `PUT /snapshot/create` (Full): Firecracker writes the state and the
+    /// memory files itself.
+    async fn save_full(&self, files: &FullSnapshotFiles) -> Result<SavedMemory, VmmError> {
+        self.snapshot_create(&SnapshotCreateParams {
+            snapshot_type: Some(SnapshotType::Full),
+            snapshot_path: files.state.clone(),
+            mem_file_path: files.memory.clone(),
+        })
+        .await?;
+        Ok(SavedMemory::Written)
     }
+
     fn pid(&self) -> Option<u32> {
         Some(self.process.pid())
     }
@@ -636,10 +835,16 @@ mod tests {
             calls[4].1,
             json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:00:00:00:01"})
         );
+        // Inside the session directory (Firecracker's working directory):
+        // relative, so a snapshot records names a clone has too.
+        assert_eq!(
+            calls[3].1,
+            json!({"drive_id": "overlay", "path_on_host": "overlay.ext4", "is_root_device": false, "is_read_only": false})
+        );
         // Firecracker 1.13's Vsock object, without the deprecated `vsock_id`.
         assert_eq!(
             calls[5].1,
-            json!({"guest_cid": 3, "uds_path": "/s/vm/agent.sock"})
+            json!({"guest_cid": 3, "uds_path": "agent.sock"})
         );
     }
 
@@ -659,7 +864,73 @@ mod tests {
         assert_eq!(doc["network-interfaces"][0]["host_dev_name"], "tap0");
         assert_eq!(
             doc["vsock"],
-            json!({"guest_cid": 3, "uds_path": "/s/vm/agent.sock"})
+            json!({"guest_cid": 3, "uds_path": "agent.sock"})
+        );
+        assert_eq!(doc["drives"][1]["path_on_host"], "overlay.ext4");
+    }
+
+    #[test]
+    fn only_paths_inside_the_session_directory_are_relative() {
+        let dir = Path::new("/s/vm");
+        let rel = |p: &str| session_relative(dir, Path::new(p));
+        assert_eq!(rel("/s/vm/overlay.ext4"), Path::new("overlay.ext4"));
+        assert_eq!(rel("/s/vm/sub/share0.ext4"), Path::new("sub/share0.ext4"));
+        assert_eq!(rel("/s/vm2/overlay.ext4"), Path::new("/s/vm2/overlay.ext4"));
+        assert_eq!(rel("/s/vm"), Path::new("/s/vm"));
+        assert_eq!(rel("/k/vmlinux"), Path::new("/k/vmlinux"));
+        // A relative session directory is no working directory to rely on.
+        assert_eq!(
+            session_relative(Path::new("s"), Path::new("s/a.ext4")),
+            Path::new("s/a.ext4")
+        );
+    }
+
+    #[test]
+    fn versions_are_read_from_the_version_banner() {
+        let real = "Firecracker v1.13.1\n\nSupported snapshot versions: v6.0.0\n";
+        assert_eq!(parse_version(real).as_deref(), Some("1.13.1"));
+        assert_eq!(
+            parse_version("Firecracker v1.16.1-double\n").as_deref(),
+            Some("1.16.1")
+        );
+        assert_eq!(parse_version("qemu 7.2"), None);
+        assert_eq!(parse_version("Firecracker v\n"), None);
+        assert!(!has_vsock_override("firecracker 1.13.1"));
+        assert!(!has_vsock_override("firecracker 1.9.0"));
+        assert!(has_vsock_override("firecracker 1.16.1"));
+        assert!(has_vsock_override("firecracker 2.0.0"));
+    }
+
+    #[test]
+    fn a_restore_loads_with_the_new_vms_tap_and_socket() {
+        let rs = RestoreSpec {
+            launch: spec(),
+            state: "/t/snap/vm.state".into(),
+            memory: Some("/t/snap/vm.mem".into()),
+        };
+        assert_eq!(
+            serde_json::to_value(load_params(&rs, false).unwrap()).unwrap(),
+            json!({"snapshot_path": "/t/snap/vm.state",
+                   "mem_backend": {"backend_type": "File", "backend_path": "/t/snap/vm.mem"},
+                   "resume_vm": true,
+                   "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap0"}]})
+        );
+        let v1_16 = serde_json::to_value(load_params(&rs, true).unwrap()).unwrap();
+        assert_eq!(v1_16["vsock_override"], json!({"uds_path": "agent.sock"}));
+        assert!(v1_16.get("clock_realtime").is_none());
+
+        let mut bare = rs.clone();
+        bare.launch.net = None;
+        bare.launch.agent_socket = None;
+        let body = serde_json::to_value(load_params(&bare, true).unwrap()).unwrap();
+        assert!(body.get("network_overrides").is_none(), "{body}");
+        assert!(body.get("vsock_override").is_none(), "{body}");
+
+        bare.memory = None;
+        let err = load_params(&bare, false).unwrap_err().to_string();
+        assert!(
+            err.contains("/t/snap/vm.state") && err.contains("memory file"),
+            "{err}"
         );
     }
 
@@ -724,14 +995,5 @@ mod tests {
     fn instance_ids_are_sanitised() {
         assert_eq!(instance_id("vm_1.a"), "vm-1-a");
         assert_eq!(instance_id(&"x".repeat(70)).len(), 64);
-    }
-}
-
-/// INTERIM (issue 12 in progress): replaced by the real implementation.
-fn interim(request: &str) -> VmmError {
-    VmmError::Refused {
-        request: request.into(),
-        status: 0,
-        message: "not implemented yet".into(),
     }
 }

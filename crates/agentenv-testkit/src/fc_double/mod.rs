@@ -41,10 +41,15 @@
 //!   (else 400); exactly one of `mem_backend` (`File` or `Uffd`) and the
 //!   deprecated `mem_file_path`; it reads the state back (missing, corrupt,
 //!   another format or another Firecracker version → 400), checks the memory
-//!   file (missing or shorter than the guest memory → 400), opens the drives
-//!   and binds the vsock socket at their saved paths, applies
-//!   `network_overrides` and — v1.16 only, v1.13.1 refuses them as unknown
-//!   fields — `vsock_override` and `clock_realtime`, and leaves the VM
+//!   file (missing or shorter than the guest memory → 400; the file is then
+//!   held open, as Firecracker maps it), opens the drives and binds the vsock
+//!   socket at their saved paths (a relative path, as agentenv's driver gives
+//!   them, resolves in the process's working directory, as in Firecracker:
+//!   clones in their own directories open their own disk copies and bind
+//!   their own sockets), applies `network_overrides` (an unknown interface or
+//!   a TAP name of 16 bytes or more → 400) and — v1.16 only, v1.13.1 refuses
+//!   them as unknown fields — `vsock_override` and `clock_realtime`, and
+//!   leaves the VM
 //!   `Paused`, or `Running` with `resume_vm`. A failure once loading began is
 //!   fatal, as in Firecracker: answered, then the process exits with
 //!   status 1.

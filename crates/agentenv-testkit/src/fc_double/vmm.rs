@@ -102,6 +102,11 @@ pub struct VmmState {
     machine: MachineConfiguration,
     boot_source: Option<BootSource>,
     drives: Vec<Drive>,
+    /// The drives' backing files by drive id, held open as Firecracker
+    /// holds them (so `/proc/PID/fd` shows which files a VMM uses).
+    backing: Vec<(String, File)>,
+    /// A loaded snapshot's memory file, held open (Firecracker maps it).
+    memory: Option<File>,
     nets: Vec<NetworkInterface>,
     vsock: Option<Vsock>,
     /// From when the guest's keyboard driver (i8042) takes Ctrl-Alt-Del.
@@ -118,6 +123,8 @@ impl VmmState {
             machine: MachineConfiguration::default(),
             boot_source: None,
             drives: Vec::new(),
+            backing: Vec::new(),
+            memory: None,
             nets: Vec::new(),
             vsock: None,
             keyboard_up_at: None,
@@ -570,15 +577,15 @@ fn put_drive(shared: &Shared, body: &[u8], path_id: Option<&str>) -> Outcome {
     let mut st = shared.lock();
     st.preboot_only()?;
     st.boot_path = true;
-    insert_drive(&mut st.drives, cfg)?;
+    insert_drive(&mut st, cfg)?;
     Ok(Reply::no_content())
 }
 
 const BLOCK_ERR: &str = "Drive config error: Unable to create the virtio block device";
 
 /// Checks a drive the way creating its block device would, and returns it
-/// as Firecracker reports it back.
-fn build_drive(cfg: Drive) -> Result<Drive, Reply> {
+/// as Firecracker reports it back, with its open backing file (virtio-block).
+fn build_drive(cfg: Drive) -> Result<(Drive, Option<File>), Reply> {
     let virtio = cfg.path_on_host.is_some() && cfg.socket.is_none();
     let vhost_user = cfg.socket.is_some()
         && cfg.is_read_only.is_none()
@@ -588,21 +595,22 @@ fn build_drive(cfg: Drive) -> Result<Drive, Reply> {
     if virtio {
         let path = cfg.path_on_host.clone().unwrap_or_default();
         let read_only = cfg.is_read_only.unwrap_or(false);
-        open_backing_file(&path, read_only).map_err(|e| {
+        let file = open_backing_file(&path, read_only).map_err(|e| {
             Reply::bad(format!(
                 "{BLOCK_ERR}: Virtio backend error: Error manipulating the backing file: {e} \
                  {}",
                 path.display()
             ))
         })?;
-        Ok(Drive {
+        let drive = Drive {
             is_read_only: Some(read_only),
             rate_limiter: normalize_rate_limiter(cfg.rate_limiter),
             cache_type: Some(cfg.cache_type.unwrap_or_default()),
             io_engine: Some(cfg.io_engine.unwrap_or_default()),
             socket: None,
             ..cfg
-        })
+        };
+        Ok((drive, Some(file)))
     } else if vhost_user {
         let socket = cfg.socket.clone().unwrap_or_default();
         UnixStream::connect(&socket).map_err(|e| {
@@ -611,7 +619,7 @@ fn build_drive(cfg: Drive) -> Result<Drive, Reply> {
                  UDS Unix stream: {e}"
             ))
         })?;
-        Ok(cfg)
+        Ok((cfg, None))
     } else {
         Err(Reply::bad(format!("{BLOCK_ERR}: Invalid block config.")))
     }
@@ -621,7 +629,8 @@ fn open_backing_file(path: &Path, read_only: bool) -> std::io::Result<File> {
     OpenOptions::new().read(true).write(!read_only).open(path)
 }
 
-fn insert_drive(drives: &mut Vec<Drive>, cfg: Drive) -> Result<(), Reply> {
+fn insert_drive(st: &mut VmmState, cfg: Drive) -> Result<(), Reply> {
+    let drives = &mut st.drives;
     let position = drives.iter().position(|d| d.drive_id == cfg.drive_id);
     let has_root = drives.first().is_some_and(|d| d.is_root_device);
     let as_root = cfg.is_root_device;
@@ -630,7 +639,12 @@ fn insert_drive(drives: &mut Vec<Drive>, cfg: Drive) -> Result<(), Reply> {
             "Drive config error: A root block device already exists!",
         ));
     }
-    let drive = build_drive(cfg)?;
+    let (drive, file) = build_drive(cfg)?;
+    st.backing.retain(|(id, _)| *id != drive.drive_id);
+    if let Some(file) = file {
+        st.backing.push((drive.drive_id.clone(), file));
+    }
+    let drives = &mut st.drives;
     match position {
         None if as_root => drives.insert(0, drive),
         None => drives.push(drive),
@@ -922,6 +936,13 @@ fn load_snapshot(
                     entry.iface_id
                 ))
             })?;
+        if entry.host_dev_name.len() >= 16 {
+            return Err(fatal(format!(
+                "Failed to build microVM from snapshot: Cannot restore devices: Net: Open tap \
+                 device failed: Invalid interface name {}",
+                entry.host_dev_name
+            )));
+        }
         net.host_dev_name = entry.host_dev_name.clone();
     }
     if let Some(over) = &params.vsock_override {
@@ -932,6 +953,7 @@ fn load_snapshot(
     }
     let memory = "Failed to load guest memory";
     let mem_size = state.machine_config.mem_size_mib as u64 * MIB;
+    let mut memory_file = None;
     if uffd {
         UnixStream::connect(mem_path).map_err(|e| {
             fatal(format!(
@@ -940,15 +962,15 @@ fn load_snapshot(
             ))
         })?;
     } else {
-        let len = File::open(mem_path)
-            .and_then(|f| f.metadata())
-            .map(|m| m.len())
+        let (file, len) = File::open(mem_path)
+            .and_then(|f| f.metadata().map(|m| (f, m.len())))
             .map_err(|e| {
                 fatal(format!(
                     "{memory}: Error creating guest memory from file: Failed to load guest \
                      memory: {e}"
                 ))
             })?;
+        memory_file = Some(file);
         if len < mem_size {
             return Err(fatal(format!(
                 "{memory}: Error creating guest memory from file: {} holds {len} bytes, the \
@@ -958,15 +980,20 @@ fn load_snapshot(
         }
     }
     let build = "Failed to build microVM from snapshot";
+    // Relative paths (as saved) resolve in this process's working directory,
+    // as in Firecracker.
+    let mut backing = Vec::new();
     for drive in &state.drives {
         if let Some(path) = &drive.path_on_host {
-            open_backing_file(path, drive.is_read_only.unwrap_or(false)).map_err(|e| {
-                fatal(format!(
-                    "{build}: Cannot restore devices: Block: Virtio backend error: Error \
+            let file =
+                open_backing_file(path, drive.is_read_only.unwrap_or(false)).map_err(|e| {
+                    fatal(format!(
+                        "{build}: Cannot restore devices: Block: Virtio backend error: Error \
                      manipulating the backing file: {e} {}",
-                    path.display()
-                ))
-            })?;
+                        path.display()
+                    ))
+                })?;
+            backing.push((drive.drive_id.clone(), file));
         }
     }
     if let Some(vsock) = &state.vsock {
@@ -986,6 +1013,8 @@ fn load_snapshot(
         ..state.machine_config
     };
     st.drives = state.drives;
+    st.backing = backing;
+    st.memory = memory_file;
     st.nets = state.network_interfaces;
     st.vsock = state.vsock;
     st.heartbeat = state.heartbeat;
