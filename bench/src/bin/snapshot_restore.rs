@@ -170,6 +170,8 @@ fn main() {
                         max_memory_mib: Some(GUEST_MIB * (u64::from(p.fork_count) + 8)),
                         ..daemon::qemu_config(&guest, GUEST_MIB, 2)
                     };
+                    // The guests' RAM files go in the tmpfs tier; the daemon wants it there.
+                    std::fs::create_dir_all(daemon::in_run(&config, h.root()).guest_memory_dir())?;
                     h.write_config(&config)?;
                     run_qemu(h, &agentenv, &p)
                 });
@@ -417,7 +419,8 @@ fn run_qemu(h: &mut Harness, agentenv: &Path, p: &Params) -> Result<Vec<Table>> 
     let busy = sh(
         api,
         "src",
-        "setsid nice -n 19 sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 & echo $!",
+        "setsid sh -c 'renice -n 19 -p $$ >/dev/null; while :; do :; done' \
+         </dev/null >/dev/null 2>&1 & echo $!",
     )?;
     let vcpu = Vcpu::find(src_pid)?;
     let (mut full_pause, mut full_call) = (Sides::<1>::default(), Sides::<1>::default());
@@ -768,7 +771,7 @@ impl FcSnapshot {
         for e in std::fs::read_dir(dir)? {
             let path = e?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if name == DISK_FILE || name == META_FILE || !path.is_file() {
+            if name == DISK_FILE || name == META_FILE || name.starts_with('.') || !path.is_file() {
                 continue;
             }
             let mut head = [0u8; 18];
@@ -815,7 +818,9 @@ impl BareLoad {
         let dir = self.work.join(format!("b{n}"));
         std::fs::create_dir_all(&dir)?;
         for rel in &self.files.relative_drives {
-            std::fs::hard_link(&self.files.disk, dir.join(rel))?;
+            let link = dir.join(rel);
+            std::fs::create_dir_all(link.parent().unwrap_or(&dir))?;
+            std::fs::hard_link(&self.files.disk, &link)?;
         }
         let sock = dir.join("api.sock");
         let log = dir.join("fc.log");
