@@ -148,12 +148,7 @@ fn main() {
                "touch_mib": p.touch_mib, "disk_mib": p.disk_mib, "guest_mib": GUEST_MIB,
                "fc_iterations": p.fc_iterations, "warmup": p.warmup}),
     );
-    rep.about("daemon", agentenv.display().to_string()).about(
-        "pauses",
-        "pause window = longest stretch in which the guest's vCPU thread (the QEMU thread\n\
-         burning CPU for a busy loop in the guest) is not runnable, sampled from\n\
-         /proc/PID/task/TID/stat every ~0.2 ms during the snapshot call",
-    );
+    rep.about("daemon", agentenv.display().to_string());
     // The tmpfs tier and the guests' RAM files belong on a tmpfs, as in production.
     let tmp = c
         .tmp_dir
@@ -164,7 +159,12 @@ fn main() {
     } else {
         match QemuGuest::find(args.artifacts.as_deref(), QEMU_ROOTFS) {
             Ok(guest) => {
-                rep.about("QEMU", guest.version.clone());
+                rep.about("QEMU", guest.version.clone()).about(
+                    "pauses",
+                    "pause window = longest stretch in which the guest's vCPU thread (the QEMU\n\
+                     thread busy with a loop in the guest) is not runnable, sampled from\n\
+                     /proc/PID/task/TID/stat every ~0.2 ms during the snapshot call",
+                );
                 run_part(&mut rep, &tmp, "ae-snaprest-q-", "qemu", c.keep, |h| {
                     let config = daemon::Config {
                         max_memory_mib: Some(GUEST_MIB * (u64::from(p.fork_count) + 8)),
