@@ -23,7 +23,7 @@ use agentenv_core::backend::{DriveSpec, LaunchSpec};
 use agentenv_core::engine::{AGENT_SOCKET, CONSOLE_LOG};
 use agentenv_core::host::DiskImages;
 use agentenv_host::disk::Ext4Templates;
-use agentenv_host::qemu::{command_document, qemu_args, Accel};
+use agentenv_host::qemu::{command_document, qemu_args_for, Accel, GuestMemory, StartMode};
 use agentenv_host::LocalHost;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
@@ -147,6 +147,8 @@ struct QemuCmd {
     accel: Accel,
     tsc_khz: Option<u64>,
     args: usize,
+    /// Where the daemon keeps guest RAM files (its `guest_memory_root`).
+    memory_dir: Option<PathBuf>,
 }
 
 impl QemuCmd {
@@ -177,12 +179,23 @@ impl QemuCmd {
                     .find_map(|w| w.strip_prefix("tsc_early_khz=")?.parse().ok())
             }),
             args: args.len(),
+            memory_dir: after("-object")
+                .and_then(|o| o.split_once("mem-path="))
+                .and_then(|(_, p)| Path::new(p).parent().map(Path::to_path_buf)),
         })
     }
 
-    /// The arguments for VM `id` with its session in `dir` and its QMP socket
-    /// at `socket`, otherwise as the daemon's VM `v`.
-    fn args(&self, v: &VmInfo, id: &str, dir: &Path, socket: &Path) -> Vec<OsString> {
+    /// The arguments for VM `id` with its session in `dir`, its QMP socket at
+    /// `socket` and (as the daemon's VMs) its RAM in a file in `memory_dir`,
+    /// otherwise as the daemon's VM `v`.
+    fn args(
+        &self,
+        v: &VmInfo,
+        id: &str,
+        dir: &Path,
+        socket: &Path,
+        memory_dir: Option<&Path>,
+    ) -> Vec<OsString> {
         let drive = |id: &str, path: PathBuf, root: bool| DriveSpec {
             id: id.into(),
             path,
@@ -190,7 +203,7 @@ impl QemuCmd {
             is_root: root,
         };
         let spec = LaunchSpec {
-            memory_file: None,
+            memory_file: memory_dir.map(|d| d.join(format!("{id}.mem"))),
             vm_id: id.into(),
             session_dir: dir.into(),
             control_socket: socket.into(),
@@ -216,14 +229,22 @@ impl QemuCmd {
             startup_timeout: Duration::ZERO,
             request_timeout: Duration::ZERO,
         };
-        qemu_args(&spec, self.accel, self.tsc_khz)
+        let mode = match &spec.memory_file {
+            Some(path) => StartMode {
+                memory: GuestMemory::File { path, shared: true },
+                incoming: false,
+            },
+            None => StartMode::BOOT,
+        };
+        qemu_args_for(&spec, self.accel, self.tsc_khz, mode)
     }
 
     /// Whether `doc` (a VM's `qemu.json`) is exactly the command line this
     /// builds for the daemon's VM `v`.
     fn rebuilds(&self, v: &VmInfo, doc: &Value) -> bool {
         let (dir, socket) = (Path::new(&v.session_dir), Path::new(&v.api_socket));
-        command_document(&self.binary, &self.args(v, &v.vm_id, dir, socket)) == *doc
+        let args = self.args(v, &v.vm_id, dir, socket, self.memory_dir.as_deref());
+        command_document(&self.binary, &args) == *doc
     }
 }
 
@@ -528,7 +549,9 @@ fn hand_boot(
 ) -> Result<HandBoot> {
     let dir = root.join("hand").join(id);
     let socket = root.join("s").join(format!("{id}.sock"));
-    let args = cmd.args(reference, id, &dir, &socket);
+    // Its RAM in a file of its own, as the daemon's VMs have theirs.
+    let memory = cmd.memory_dir.as_ref().map(|_| dir.as_path());
+    let args = cmd.args(reference, id, &dir, &socket, memory);
     // The by-hand VM must not touch anything of the daemon's.
     let daemon_sessions = root.join("sessions").display().to_string();
     if let Some(a) = args
@@ -941,6 +964,7 @@ mod tests {
             accel: Accel::Tcg,
             tsc_khz: Some(2_000_000),
             args: 0,
+            memory_dir: Some("/t/mem".into()),
         };
         let doc = command_document(
             &cmd.binary,
@@ -949,6 +973,7 @@ mod tests {
                 "bd-000",
                 Path::new(&v.session_dir),
                 Path::new(&v.api_socket),
+                Some(Path::new("/t/mem")),
             ),
         );
         let read = QemuCmd::from_doc(&doc).unwrap();
@@ -959,6 +984,7 @@ mod tests {
             "bh-001",
             Path::new("/t/hand/bh-001"),
             Path::new("/t/s/bh-001.sock"),
+            Some(Path::new("/t/hand/bh-001")),
         );
         let text: Vec<String> = hand
             .iter()

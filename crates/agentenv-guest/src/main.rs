@@ -50,6 +50,7 @@ fn parse(args: impl Iterator<Item = String>) -> Result<(Mode, agent::Config), St
         return Err("--freeze-only-under needs --listen-unix".to_string());
     }
     cfg.freeze_enabled = matches!(mode, Mode::Guest) || cfg.freeze_only_under.is_some();
+    cfg.identity_enabled = matches!(mode, Mode::Guest);
     Ok((mode, cfg))
 }
 

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use agentenv_proto::{
     self as proto, Done, ErrorCode, ErrorMsg, ExecRequest, ExitStatus, FileInfo, Frame, GetFile,
-    Hello, HelloOk, Kind, PutFile, Started, DATA_CHUNK, INITIAL_WINDOW, PROTOCOL_VERSION,
+    Hello, HelloOk, Identity, IdentityNet, Kind, PutFile, Started, DATA_CHUNK, INITIAL_WINDOW,
+    PROTOCOL_VERSION,
 };
 
 const NONCE: &str = "0123456789abcdef";
@@ -1003,6 +1004,73 @@ fn an_agent_on_a_unix_socket_never_freezes_the_host() {
     // Thaw stays harmless.
     let s = c.bare(Kind::Thaw);
     assert_eq!(c.recv(s).kind, Kind::Done);
+}
+
+fn identity() -> Identity {
+    Identity {
+        hostname: "clone-1".into(),
+        net: Some(IdentityNet {
+            address: "172.16.0.10".into(),
+            prefix_len: 30,
+            gateway: "172.16.0.9".into(),
+            mac: "06:00:ac:10:00:0a".into(),
+        }),
+        entropy_hex: "5a".repeat(32),
+        unix_time_ns: 1_765_000_000_000_000_000,
+    }
+}
+
+fn host_name() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname").unwrap()
+}
+
+#[test]
+fn an_agent_on_a_unix_socket_never_changes_the_hosts_identity() {
+    let before = host_name();
+    let agent = Agent::start_with(&["--freeze-only-under", "/nonexistent-agentenv-test"]);
+    let mut c = agent.client();
+    let s = c.request(Kind::Identity, &identity());
+    let e = c.expect_error(s);
+    assert_eq!(e.code, ErrorCode::BadRequest, "{e:?}");
+    assert!(e.error.contains("identity is disabled"), "{}", e.error);
+    assert_eq!(host_name(), before);
+    // The session goes on.
+    let s = c.bare(Kind::Ping);
+    assert_eq!(c.recv(s).kind, Kind::Done);
+}
+
+#[test]
+fn a_bad_identity_is_refused_naming_the_field() {
+    let agent = Agent::start();
+    let mut c = agent.client();
+    let mut cases: Vec<(&str, Identity)> = Vec::new();
+    let mut i = identity();
+    i.hostname = "bad host".into();
+    cases.push(("hostname", i));
+    let mut i = identity();
+    i.net.as_mut().unwrap().address = "10.0.0.300".into();
+    cases.push(("net.address", i));
+    let mut i = identity();
+    i.net.as_mut().unwrap().prefix_len = 40;
+    cases.push(("net.prefix_len", i));
+    let mut i = identity();
+    i.net.as_mut().unwrap().gateway = "".into();
+    cases.push(("net.gateway", i));
+    let mut i = identity();
+    i.net.as_mut().unwrap().mac = "06:00:ac:10:00".into();
+    cases.push(("net.mac", i));
+    let mut i = identity();
+    i.entropy_hex = "00".repeat(16);
+    cases.push(("entropy_hex", i));
+    for (field, id) in cases {
+        let s = c.request(Kind::Identity, &id);
+        let e = c.expect_error(s);
+        assert_eq!(e.code, ErrorCode::BadRequest, "{e:?}");
+        assert_eq!(e.field.as_deref(), Some(field), "{e:?}");
+    }
+    // Not even JSON of the right shape.
+    let s = c.request(Kind::Identity, &serde_json::json!({"hostname": 5}));
+    assert_eq!(c.expect_error(s).code, ErrorCode::BadRequest);
 }
 
 /// A loop-mounted ext4 in a temporary directory; thawed and unmounted on drop.

@@ -11,9 +11,14 @@ use std::time::{Duration, Instant};
 
 use agentenv_core::agent::{AgentLink, ExecEvent};
 use agentenv_core::backend::AgentChannel;
-use agentenv_core::backend::{wait_exit, DriveSpec, LaunchSpec, Vmm, VmmError, VmmInstance};
+use agentenv_core::backend::{
+    wait_exit, AdoptSpec, DriveSpec, FullSnapshotFiles, LaunchSpec, RestoreSpec, SavedMemory, Vmm,
+    VmmError, VmmInstance,
+};
 use agentenv_host::agent::AgentClient;
-use agentenv_host::qemu::{Accel, GuestMemory, QemuInstance, QemuVmm, StartMode, COMMAND_FILE};
+use agentenv_host::qemu::{
+    Accel, GuestMemory, InstanceMemory, QemuInstance, QemuVmm, StartMode, COMMAND_FILE,
+};
 use agentenv_proto as proto;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -351,6 +356,17 @@ async fn kill_takes_the_whole_group_and_the_socket() {
     let _guard = KillGuard(Some(pgid));
     assert!(group_alive(pgid));
     assert!(s.control_socket.exists());
+    // Its RAM is the machine's own (no memory file): no full snapshot.
+    let files = FullSnapshotFiles {
+        state: dir.path().join("state"),
+        memory: dir.path().join("memory"),
+    };
+    match vm.save_full(&files).await {
+        Err(VmmError::Refused { message, .. }) => {
+            assert!(message.contains("memory file"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
     // Let the guest get going, so that it is killed mid-boot.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let t = Instant::now();
@@ -589,6 +605,22 @@ async fn sh(client: &AgentClient, script: &str) -> (Option<i32>, String) {
     }
 }
 
+/// Starts a counter loop (`/tmp/counter`) outside the exec's session and
+/// writes `/tmp/unsynced` without syncing it; returns the loop's pid.
+async fn start_counter(client: &AgentClient) -> String {
+    let (code, pid) = sh(
+        client,
+        "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done' \
+         </dev/null >/dev/null 2>&1 & echo $!",
+    )
+    .await;
+    assert_eq!(code, Some(0));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, _) = sh(client, "echo unsynced > /tmp/unsynced").await;
+    assert_eq!(code, Some(0));
+    pid.trim().to_string()
+}
+
 #[tokio::test]
 async fn a_guest_restored_from_its_memory_snapshot_runs_on_without_booting() {
     let (qemu, a) = need_guest!();
@@ -618,18 +650,7 @@ async fn a_guest_restored_from_its_memory_snapshot_runs_on_without_booting() {
     )
     .await;
 
-    // A counter loop outside the exec's session, and a file never synced.
-    let (code, pid) = sh(
-        &client,
-        "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done' \
-         </dev/null >/dev/null 2>&1 & echo $!",
-    )
-    .await;
-    assert_eq!(code, Some(0));
-    let pid = pid.trim().to_string();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (code, _) = sh(&client, "echo unsynced > /tmp/unsynced").await;
-    assert_eq!(code, Some(0));
+    let pid = start_counter(&client).await;
     client.shutdown();
 
     // The snapshot: stop, device state to a file, RAM file copied, then gone.
@@ -668,11 +689,28 @@ async fn a_guest_restored_from_its_memory_snapshot_runs_on_without_booting() {
         &r,
     )
     .await;
+    let connected = t.elapsed();
     let (_, first) = sh(&client, "cat /tmp/counter").await;
     eprintln!(
-        "restored: running after {running:?}, agent after {:?}",
+        "restored: running after {running:?}, agent connected after {connected:?}, \
+         first exec answered after {:?}",
         t.elapsed()
     );
+    // The restored guest takes its new identity.
+    let identity = proto::Identity {
+        hostname: "memsnap-clone".into(),
+        net: None,
+        entropy_hex: "a5".repeat(32),
+        unix_time_ns: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    };
+    let ti = Instant::now();
+    client.set_identity(&identity).await.unwrap();
+    eprintln!("restored: identity applied in {:?}", ti.elapsed());
+    let (_, name) = sh(&client, "hostname").await;
+    assert_eq!(name.trim(), "memsnap-clone");
     let (code, alive) = sh(&client, &format!("kill -0 {pid} && cat /tmp/unsynced")).await;
     assert_eq!((code, alive.as_str()), (Some(0), "unsynced\n"));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -685,4 +723,618 @@ async fn a_guest_restored_from_its_memory_snapshot_runs_on_without_booting() {
     restored.kill().await.unwrap();
     assert!(!r.agent_socket.as_ref().unwrap().exists());
     assert!(!r.control_socket.exists());
+}
+
+#[tokio::test]
+async fn the_version_is_read_once_from_qemu() {
+    let qemu = need_qemu!();
+    let out = std::process::Command::new(&qemu)
+        .arg("--version")
+        .output()
+        .unwrap();
+    let banner = String::from_utf8_lossy(&out.stdout).into_owned();
+    let vmm = QemuVmm::new(qemu, Accel::Tcg);
+    let v = Vmm::version(&vmm).await.unwrap();
+    let number = v.strip_prefix("qemu ").expect("qemu X.Y.Z");
+    assert!(
+        banner.starts_with(&format!("QEMU emulator version {number} ")),
+        "{v} from {banner}"
+    );
+    // Cached: asked again, even by a clone of the driver, the same answer.
+    let t = Instant::now();
+    assert_eq!(vmm.clone().qemu_version().await.unwrap(), v);
+    assert!(t.elapsed() < Duration::from_millis(5));
+}
+
+/// The VM `base` again in `dir`: its own sockets, console and a copy of its
+/// disk taken now (`base` is paused), RAM as the restore decides.
+fn clone_spec(base: &LaunchSpec, dir: &Path, vm_id: &str) -> LaunchSpec {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut s = base.clone();
+    s.vm_id = vm_id.into();
+    s.session_dir = dir.to_path_buf();
+    s.control_socket = dir.join("qmp.sock");
+    s.console_log = dir.join("console.log");
+    s.agent_socket = Some(dir.join("agent.sock"));
+    s.memory_file = None;
+    let root = dir.join("root.ext4");
+    sparse_copy(&base.drives[0].path, &root);
+    s.drives[0].path = root;
+    s
+}
+
+fn sparse_copy(from: &Path, to: &Path) {
+    let st = std::process::Command::new("cp")
+        .arg("--sparse=always")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cp {} {}", from.display(), to.display());
+}
+
+/// The largest mappings of a process by PSS (KiB), for the record.
+fn pss_breakdown(pid: u32) -> String {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut maps: Vec<(u64, String)> = Vec::new();
+    let mut name = String::new();
+    for l in smaps.lines() {
+        if let Some(v) = l.strip_prefix("Pss:") {
+            let kib = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            maps.push((kib, name.clone()));
+        } else if l.split_whitespace().next().is_some_and(|f| f.contains('-')) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            name = format!("{} {}", f[0], f.get(5).copied().unwrap_or("[anon]"));
+        }
+    }
+    maps.sort_by_key(|m| std::cmp::Reverse(m.0));
+    maps.iter()
+        .take(4)
+        .map(|(k, n)| format!("{} MiB {n}", k >> 10))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The proportional set size of a process, in KiB.
+fn pss_kib(pid: u32) -> u64 {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Pss in {rollup}"))
+}
+
+/// Checks a restored VM: it runs without a boot, its agent answers at once,
+/// the counter process `pid` is alive and counting, the unsynced file is there.
+async fn check_restored(vm: &QemuInstance, s: &LaunchSpec, pid: &str) -> AgentClient {
+    assert_eq!(vm.query_status().await.unwrap(), "running");
+    let ep = AgentChannel::Stream(s.agent_socket.clone().unwrap());
+    let t = Instant::now();
+    let client = AgentClient::connect(&ep, Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}\n{}", s.vm_id, tail(s)));
+    let connected = t.elapsed();
+    let (code, out) = sh(
+        &client,
+        &format!("kill -0 {pid} && cat /tmp/unsynced /tmp/counter"),
+    )
+    .await;
+    eprintln!(
+        "{}: agent connected {connected:?}, first exec answered {:?} after the restore",
+        s.vm_id,
+        t.elapsed()
+    );
+    assert!(
+        connected < Duration::from_millis(900),
+        "{}: the agent took {connected:?}",
+        s.vm_id
+    );
+    assert_eq!(code, Some(0), "{}: {out}", s.vm_id);
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("unsynced"));
+    let first: u64 = lines.next().unwrap().trim().parse().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, later) = sh(&client, "cat /tmp/counter").await;
+    let later: u64 = later.trim().parse().unwrap();
+    assert!(later > first, "{}: counter {first} then {later}", s.vm_id);
+    client
+}
+
+/// Saves a full snapshot of the paused `vm` into `dir/state` and kills it;
+/// returns the saved memory, the state path and how long the save took.
+async fn snapshot_and_kill(vm: QemuInstance, dir: &Path) -> (SavedMemory, PathBuf, Duration) {
+    let state = dir.join("state");
+    let t = Instant::now();
+    let saved = vm
+        .save_full(&FullSnapshotFiles {
+            state: state.clone(),
+            memory: dir.join("memory-unused"),
+        })
+        .await
+        .unwrap();
+    let took = t.elapsed();
+    let m = vm.execute("query-migrate", None).await.unwrap();
+    eprintln!(
+        "migration: total {} ms, downtime {} ms, ram {} MiB transferred, {} mbps",
+        m["total-time"],
+        m["downtime"],
+        m["ram"]["transferred"].as_u64().unwrap_or(0) >> 20,
+        m["ram"]["mbps"]
+    );
+    // Still stopped: the caller resumes.
+    assert_eq!(vm.query_status().await.unwrap(), "postmigrate");
+    assert!(!dir.join("memory-unused").exists());
+    vm.kill().await.unwrap();
+    (saved, state, took)
+}
+
+#[tokio::test]
+async fn full_snapshots_restore_into_clones_that_share_memory_and_snapshot_again() {
+    let (qemu, a) = need_guest!();
+    if !rootfs_has_agent(&a) {
+        return;
+    }
+    let _one = GUESTS.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    // The memory file's directory does not exist yet: the driver makes it.
+    let mem = shm.path().join("src/guest.mem");
+    std::fs::create_dir(dir.path().join("src")).unwrap();
+    let mut s = guest_spec(&dir.path().join("src"), "fullsrc", &a);
+    s.agent_socket = Some(dir.path().join("src/agent.sock"));
+    s.memory_file = Some(mem.clone());
+    // The benchmark's guest size: PSS per clone is measured against it.
+    s.memory_mib = 512;
+    let vmm = QemuVmm::new(qemu, Accel::Tcg);
+    let vm = vmm.start(&s).await.unwrap();
+    let guard = KillGuard(vm.pid());
+    assert_eq!(vm.memory(), &InstanceMemory::SharedFile(mem.clone()));
+    let m = std::fs::metadata(&mem).unwrap();
+    assert_eq!(m.len(), s.memory_mib << 20);
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777,
+        0o600
+    );
+    let client = agent_at(
+        s.agent_socket.as_ref().unwrap(),
+        Duration::from_secs(90),
+        &s,
+    )
+    .await;
+    let pid = start_counter(&client).await;
+
+    // Full snapshot: the device state only; RAM is the shared file, copied
+    // (with the disk) while the guest is stopped. Not of a running guest.
+    let running = FullSnapshotFiles {
+        state: dir.path().join("running.state"),
+        memory: dir.path().join("unused.mem"),
+    };
+    match vm.save_full(&running).await {
+        Err(VmmError::Refused { message, .. }) => assert!(message.contains("paused"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!running.state.exists());
+    vm.pause().await.unwrap();
+    let state = dir.path().join("src.state");
+    let t = Instant::now();
+    let saved = vm
+        .save_full(&FullSnapshotFiles {
+            state: state.clone(),
+            memory: dir.path().join("unused.mem"),
+        })
+        .await
+        .unwrap();
+    let save_ms = t.elapsed();
+    assert_eq!(saved, SavedMemory::InFile(mem.clone()));
+    assert_eq!(vm.query_status().await.unwrap(), "postmigrate");
+    let state_len = std::fs::metadata(&state).unwrap().len();
+    assert!(state_len < 1 << 20, "device state of {state_len} bytes");
+    let snap_mem = shm.path().join("snap.mem");
+    sparse_copy(&mem, &snap_mem);
+    let c1 = clone_spec(&s, &dir.path().join("c1"), "clone1");
+    let c2 = clone_spec(&s, &dir.path().join("c2"), "clone2");
+    eprintln!(
+        "full snapshot: device state {state_len} bytes in {save_ms:?}, paused {:?}",
+        t.elapsed()
+    );
+    // A guest still paused after a snapshot can be snapshotted again.
+    let again = dir.path().join("again.state");
+    let files = FullSnapshotFiles {
+        state: again.clone(),
+        memory: dir.path().join("unused.mem"),
+    };
+    assert_eq!(vm.save_full(&files).await.unwrap(), saved);
+    assert!(std::fs::metadata(&again).unwrap().len() < 1 << 20);
+
+    // The source runs on, its disk writable again.
+    vm.resume().await.unwrap();
+    let (code, out) = sh(&client, "echo after > /after && sync && cat /after").await;
+    assert_eq!((code, out.as_str()), (Some(0), "after\n"));
+    client.shutdown();
+    drop(client);
+
+    // Re-adopted (a daemon restart): QEMU says where its RAM is; killing
+    // the adopted VMM removes the memory file.
+    let (adopted, st) = readopt(&vmm, vm, &s).await;
+    assert_eq!(st, agentenv_core::backend::AdoptedState::Running);
+    assert_eq!(adopted.memory(), &InstanceMemory::SharedFile(mem.clone()));
+    adopted.kill().await.unwrap();
+    drop(guard);
+    assert!(!mem.exists(), "the memory file outlived its qemu");
+    assert!(!s.control_socket.exists());
+
+    // Two clones at once from the one memory copy.
+    let restore = |l: &LaunchSpec, memory: Option<&Path>, state: &Path| RestoreSpec {
+        launch: l.clone(),
+        state: state.to_path_buf(),
+        memory: memory.map(Path::to_path_buf),
+    };
+    let (r1, r2) = (
+        restore(&c1, Some(&snap_mem), &state),
+        restore(&c2, Some(&snap_mem), &state),
+    );
+    let t = Instant::now();
+    let (v1, v2) = tokio::join!(vmm.restore_full(&r1), vmm.restore_full(&r2));
+    let both = t.elapsed();
+    let (v1, v2) = (v1.unwrap(), v2.unwrap());
+    let _g1 = KillGuard(v1.pid());
+    let _g2 = KillGuard(v2.pid());
+    eprintln!("two clones running {both:?} after the restores began");
+    assert_eq!(v1.memory(), &InstanceMemory::PrivateFile(snap_mem.clone()));
+    let a1 = check_restored(&v1, &c1, &pid).await;
+    let a2 = check_restored(&v2, &c2, &pid).await;
+    // The clones' writes stay their own.
+    assert_eq!(sh(&a1, "echo one > /tmp/who").await.0, Some(0));
+    assert_eq!(sh(&a2, "echo two > /tmp/who").await.0, Some(0));
+    assert_eq!(sh(&a1, "cat /tmp/who").await.1, "one\n");
+    assert_eq!(sh(&a2, "cat /tmp/who").await.1, "two\n");
+    let guest_kib = s.memory_mib * 1024;
+    for (name, vm) in [("clone1", &v1), ("clone2", &v2)] {
+        let pss = pss_kib(vm.pid().unwrap());
+        eprintln!(
+            "{name}: qemu PSS {} MiB for a {} MiB guest ({:.0} %)",
+            pss / 1024,
+            s.memory_mib,
+            pss as f64 * 100.0 / guest_kib as f64
+        );
+        eprintln!("  largest: {}", pss_breakdown(vm.pid().unwrap()));
+        // The issue's bound for an idle clone: 20 % of guest memory.
+        assert!(pss <= guest_kib / 5, "{name}: PSS {pss} KiB");
+    }
+    a2.shutdown();
+    // Re-adopted, a clone still maps the snapshot's memory privately, and
+    // its end leaves that file alone.
+    let (v2, _) = readopt(&vmm, v2, &c2).await;
+    assert_eq!(v2.memory(), &InstanceMemory::PrivateFile(snap_mem.clone()));
+    v2.kill().await.unwrap();
+    assert!(!c2.control_socket.exists() && !c2.agent_socket.as_ref().unwrap().exists());
+    // The snapshot's memory was never written through, nor removed.
+    assert_eq!(
+        std::fs::metadata(&snap_mem).unwrap().len(),
+        s.memory_mib << 20
+    );
+
+    // A restored VM's RAM is private: its full snapshot carries the RAM, and a
+    // restore from that state alone works, and again.
+    a1.shutdown();
+    v1.pause().await.unwrap();
+    let c3 = clone_spec(&c1, &dir.path().join("c3"), "clone3");
+    let (saved, state1, took) = snapshot_and_kill(v1, &dir.path().join("c1")).await;
+    assert_eq!(saved, SavedMemory::InState);
+    let len1 = std::fs::metadata(&state1).unwrap().len();
+    eprintln!(
+        "clone1's state with its RAM: {} MiB in {took:?}",
+        len1 >> 20
+    );
+    assert!(len1 > 8 << 20, "the state holds RAM: {len1} bytes");
+    let t = Instant::now();
+    let v3 = vmm
+        .restore_full(&restore(&c3, None, &state1))
+        .await
+        .unwrap();
+    let _g3 = KillGuard(v3.pid());
+    eprintln!("clone3 running {:?} after its restore began", t.elapsed());
+    assert_eq!(v3.memory(), &InstanceMemory::Ram);
+    let a3 = check_restored(&v3, &c3, &pid).await;
+    assert_eq!(sh(&a3, "cat /tmp/who").await.1, "one\n");
+    v3.pause().await.unwrap();
+    let c4 = clone_spec(&c3, &dir.path().join("c4"), "clone4");
+    let state3 = dir.path().join("c3/state");
+    let saved = v3
+        .save_full(&FullSnapshotFiles {
+            state: state3.clone(),
+            memory: dir.path().join("c3/memory-unused"),
+        })
+        .await
+        .unwrap();
+    assert_eq!(saved, SavedMemory::InState);
+    // After its RAM went into a state the VM runs on, its disk writable.
+    v3.resume().await.unwrap();
+    let (code, out) = sh(&a3, "echo on > /on && sync && cat /on /tmp/who").await;
+    assert_eq!((code, out.as_str()), (Some(0), "on\none\n"));
+    a3.shutdown();
+    v3.kill().await.unwrap();
+    let v4 = vmm
+        .restore_full(&restore(&c4, None, &state3))
+        .await
+        .unwrap();
+    let _g4 = KillGuard(v4.pid());
+    let a4 = check_restored(&v4, &c4, &pid).await;
+    a4.shutdown();
+    let (v4, _) = readopt(&vmm, v4, &c4).await;
+    assert_eq!(v4.memory(), &InstanceMemory::Ram);
+    v4.kill().await.unwrap();
+
+    // A truncated state: refused naming the file, nothing left behind.
+    let cut = dir.path().join("cut.state");
+    let bytes = std::fs::read(&state1).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let c5 = clone_spec(&c1, &dir.path().join("c5"), "clone5");
+    expect_refused(&vmm, &restore(&c5, None, &cut)).await;
+    let cut_dev = dir.path().join("cut-device.state");
+    let bytes = std::fs::read(&state).unwrap();
+    std::fs::write(&cut_dev, &bytes[..bytes.len() / 2]).unwrap();
+    expect_refused(&vmm, &restore(&c5, Some(&snap_mem), &cut_dev)).await;
+    for d in ["src", "c1", "c2", "c3", "c4", "c5"] {
+        let left = processes_mentioning(&dir.path().join(d).to_string_lossy());
+        assert!(left.is_empty(), "processes left: {left:?}");
+    }
+}
+
+/// Adopts the QEMU of `vm` as a restarted daemon would (`vm`'s own QMP
+/// connection closed first: QEMU serves one client).
+async fn readopt(
+    vmm: &QemuVmm,
+    vm: QemuInstance,
+    s: &LaunchSpec,
+) -> (QemuInstance, agentenv_core::backend::AdoptedState) {
+    let identity = vm.identity().unwrap();
+    drop(vm);
+    vmm.adopt_instance(&AdoptSpec {
+        vm_id: s.vm_id.clone(),
+        process: identity,
+        control_socket: s.control_socket.clone(),
+        agent_socket: s.agent_socket.clone(),
+        console_log: s.console_log.clone(),
+        console_log_max_bytes: s.console_log_max_bytes,
+        request_timeout: s.request_timeout,
+    })
+    .await
+    .unwrap()
+}
+
+/// A restore from `spec` fails naming its state file, and leaves no process
+/// or socket behind.
+async fn expect_refused(vmm: &QemuVmm, spec: &RestoreSpec) {
+    let t = Instant::now();
+    let err = vmm.restore_full(spec).await.expect_err("restore must fail");
+    eprintln!("refused after {:?}: {err}", t.elapsed());
+    let msg = err.to_string();
+    assert!(msg.contains(&*spec.state.to_string_lossy()), "{msg}");
+    let l = &spec.launch;
+    assert!(!l.control_socket.exists(), "qmp socket left");
+    assert!(
+        !l.agent_socket.as_ref().unwrap().exists(),
+        "agent socket left"
+    );
+    let left = processes_mentioning(&l.session_dir.to_string_lossy());
+    assert!(left.is_empty(), "processes left: {left:?}");
+}
+
+#[tokio::test]
+async fn a_garbage_or_missing_state_is_refused_and_leaves_nothing() {
+    let (qemu, a) = need_guest!();
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = spec(dir.path(), "garbage", a.kernel.clone());
+    s.initrd = Some(a.initrd.clone());
+    s.agent_socket = Some(dir.path().join("agent.sock"));
+    let vmm = QemuVmm::new(qemu, Accel::Tcg);
+    let garbage = dir.path().join("garbage.state");
+    let noise: Vec<u8> = (0..64u32 << 10)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&garbage, &noise).unwrap();
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let memory = shm.path().join("snap.mem");
+    std::fs::File::create(&memory)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    for memory in [None, Some(memory.clone())] {
+        let r = RestoreSpec {
+            launch: s.clone(),
+            state: garbage.clone(),
+            memory,
+        };
+        expect_refused(&vmm, &r).await;
+    }
+    let r = RestoreSpec {
+        launch: s.clone(),
+        state: dir.path().join("no-such.state"),
+        memory: None,
+    };
+    match vmm.restore_full(&r).await {
+        Err(VmmError::Io { context, .. }) => {
+            assert!(context.contains("no-such.state"), "{context}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // The snapshot's memory file is the caller's: still there.
+    assert!(memory.exists());
+    // A missing or short memory file is refused before QEMU starts (QEMU
+    // would create or grow it), naming it.
+    let short = shm.path().join("short.mem");
+    std::fs::File::create(&short)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    for bad in [shm.path().join("no-such.mem"), short.clone()] {
+        let r = RestoreSpec {
+            launch: s.clone(),
+            state: garbage.clone(),
+            memory: Some(bad.clone()),
+        };
+        match vmm.restore_full(&r).await {
+            Err(VmmError::Io { context, .. }) => {
+                assert!(context.contains(&*bad.to_string_lossy()), "{context}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(!shm.path().join("no-such.mem").exists());
+    assert_eq!(std::fs::metadata(&short).unwrap().len(), 128 << 20);
+    assert!(!s.control_socket.exists() && !s.agent_socket.as_ref().unwrap().exists());
+}
+
+#[tokio::test]
+async fn a_guest_takes_the_identity_the_host_gives_it() {
+    let (qemu, a) = need_guest!();
+    if !rootfs_has_agent(&a) {
+        return;
+    }
+    let _one = GUESTS.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = guest_spec(dir.path(), "identity", &a);
+    s.agent_socket = Some(dir.path().join("agent.sock"));
+    // With a NIC, QEMU runs in a network namespace of the test's own, where
+    // it makes its TAP: the host's namespace is never touched.
+    let ns = match agentenv_testkit::netns::unavailable() {
+        None => Some(agentenv_testkit::netns::NetnsPair::new("ident").unwrap()),
+        Some(why) => {
+            eprintln!("the guest gets no NIC ({why}): the net step is not tested");
+            None
+        }
+    };
+    let nic = ns.is_some();
+    let qemu = match &ns {
+        Some(ns) => {
+            s.net = Some(agentenv_core::backend::NetAttachment {
+                tap_name: "aeid0".into(),
+                guest_mac: "06:00:0a:00:00:02".into(),
+            });
+            let w = dir.path().join("qemu-in-netns");
+            std::fs::write(
+                &w,
+                format!(
+                    "#!/bin/sh\nexec ip netns exec '{}' '{}' \"$@\"\n",
+                    ns.host,
+                    qemu.display()
+                ),
+            )
+            .unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&w, std::fs::Permissions::from_mode(0o755)).unwrap();
+            w
+        }
+        None => qemu,
+    };
+    let vm = QemuVmm::new(qemu, Accel::Tcg).launch(&s).await.unwrap();
+    let _guard = KillGuard(vm.pid());
+    let client = agent_at(
+        s.agent_socket.as_ref().unwrap(),
+        Duration::from_secs(90),
+        &s,
+    )
+    .await;
+    // The boot scripts are done (they set the host name and eth0 themselves).
+    assert!(
+        wait_until(Duration::from_secs(60), || heartbeats(&s) > 0).await,
+        "no heartbeat\n{}",
+        tail(&s)
+    );
+
+    // The guest's clock is far off, as a snapshot's is after a while.
+    let (code, _) = sh(&client, "date -s @1000000000 >/dev/null").await;
+    assert_eq!(code, Some(0));
+    let (_, before) = sh(&client, "cat /proc/sys/kernel/random/entropy_avail").await;
+    if nic {
+        // The source's address (and a secondary one) and a neighbour it knew.
+        let (code, _) = sh(
+            &client,
+            "ip link set dev eth0 up && ip addr add 10.9.9.9/24 dev eth0 && \
+             ip addr add 10.9.9.10/24 dev eth0 && \
+             arp -i eth0 -s 10.9.9.1 06:00:00:00:00:01 && \
+             ip route add default via 10.9.9.1 dev eth0",
+        )
+        .await;
+        assert_eq!(code, Some(0));
+        let (_, neigh) = sh(&client, "ip neigh show dev eth0").await;
+        assert!(neigh.contains("10.9.9.1"), "{neigh}");
+    }
+
+    let entropy: String = (0..64)
+        .map(|i| format!("{:02x}", (i * 37 + std::process::id() as usize) % 251))
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let identity = proto::Identity {
+        hostname: "clone-7".into(),
+        net: nic.then(|| proto::IdentityNet {
+            address: "10.0.0.6".into(),
+            prefix_len: 30,
+            gateway: "10.0.0.5".into(),
+            mac: "06:00:0a:00:00:06".into(),
+        }),
+        entropy_hex: entropy,
+        unix_time_ns: now.as_nanos() as u64,
+    };
+    let t = Instant::now();
+    client.set_identity(&identity).await.unwrap();
+    eprintln!("identity applied in {:?}", t.elapsed());
+
+    let (_, name) = sh(&client, "hostname").await;
+    assert_eq!(name.trim(), "clone-7");
+    let (_, guest_now) = sh(&client, "date +%s").await;
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let guest_now: u64 = guest_now.trim().parse().unwrap();
+    assert!(
+        guest_now.abs_diff(host_now) <= 5,
+        "guest clock {guest_now}, host clock {host_now}"
+    );
+    let (_, after) = sh(&client, "cat /proc/sys/kernel/random/entropy_avail").await;
+    eprintln!(
+        "entropy_avail {} before, {} after",
+        before.trim(),
+        after.trim()
+    );
+    let after: u32 = after.trim().parse().unwrap();
+    assert!(
+        after >= 256,
+        "512 bits were credited: entropy_avail is {after}"
+    );
+    if nic {
+        let (_, mac) = sh(&client, "cat /sys/class/net/eth0/address").await;
+        assert_eq!(mac.trim(), "06:00:0a:00:00:06");
+        let (_, addrs) = sh(&client, "ip -4 addr show dev eth0").await;
+        assert!(addrs.contains("inet 10.0.0.6/30"), "{addrs}");
+        assert_eq!(addrs.matches("inet ").count(), 1, "{addrs}");
+        let (_, neigh) = sh(&client, "ip neigh show dev eth0").await;
+        assert!(!neigh.contains("10.9.9.1"), "{neigh}");
+        let (_, routes) = sh(&client, "ip route").await;
+        assert!(routes.contains("default via 10.0.0.5 dev eth0"), "{routes}");
+        assert!(!routes.contains("10.9.9"), "{routes}");
+        let (_, up) = sh(&client, "cat /sys/class/net/eth0/flags").await;
+        let flags = u32::from_str_radix(up.trim().trim_start_matches("0x"), 16).unwrap();
+        assert_eq!(flags & 1, 1, "eth0 is up: flags {up}");
+    }
+
+    // A bad identity is refused and changes nothing.
+    let mut bad = identity.clone();
+    bad.hostname = "other".into();
+    bad.entropy_hex = "00".repeat(8);
+    match client.set_identity(&bad).await {
+        Err(agentenv_core::agent::AgentError::Remote(m)) => {
+            assert_eq!(m.field.as_deref(), Some("entropy_hex"), "{m:?}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let (_, name) = sh(&client, "hostname").await;
+    assert_eq!(name.trim(), "clone-7");
+    client.shutdown();
+    vm.kill().await.unwrap();
 }

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use agentenv_api::{BackendKind, SnapshotStatus, SnapshotTier};
 use agentenv_core::host::DiskImages;
-use agentenv_core::snapshot::{NewSnapshot, SnapshotError, SnapshotStore};
+use agentenv_core::snapshot::{NewSnapshot, PendingSnapshot, SnapshotError, SnapshotStore};
 use agentenv_host::disk::{self, CopyMethod};
 use agentenv_host::snapshots::TieredStore;
 use agentenv_host::LocalHost;
@@ -490,4 +490,150 @@ impl Mounted {
             _dir: dir,
         }
     }
+}
+
+fn full_snapshot(id: &str, source: &Path, memory_mib: u64) -> NewSnapshot {
+    NewSnapshot {
+        rootfs_fingerprint: Some("fp".into()),
+        full: Some(agentenv_api::FullSnapshotInfo {
+            vmm_version: "qemu 7.2.19".into(),
+            vcpus: 1,
+            memory_mib,
+            kernel: "/k".into(),
+            kernel_fingerprint: "kf".into(),
+            initrd: None,
+            initrd_fingerprint: None,
+            boot_args: String::new(),
+            network: false,
+            agent: true,
+            memory_bytes: 0,
+            state_bytes: 0,
+            ephemeral: false,
+        }),
+        ..new_snapshot(id, source)
+    }
+}
+
+/// A real tmpfs tier of `tmpfs_size`, a durable directory, a store over
+/// them, a 1 GiB sparse disk with `disk_mib` MiB of data and a 32 MiB
+/// sparse memory file with the given data regions.
+struct FullTiers {
+    tmpfs: Mounted,
+    dir: tempfile::TempDir,
+    durable: PathBuf,
+    src: PathBuf,
+    ram: PathBuf,
+    store: TieredStore,
+}
+
+impl FullTiers {
+    async fn new(tmpfs_size: &str, overhead: u64, disk_mib: u64, ram: &[(u64, u64)]) -> Self {
+        let tmpfs = Mounted::tmpfs(&format!("size={tmpfs_size}"));
+        let dir = tempfile::tempdir().unwrap();
+        let durable = dir.path().join("durable");
+        std::fs::create_dir(&durable).unwrap();
+        let src = dir.path().join("disk");
+        sparse(&src, 1 << 30, &[(0, disk_mib * MIB)]);
+        let ram_path = dir.path().join("ram");
+        sparse(&ram_path, 32 * MIB, ram);
+        let store = TieredStore::new(dir.path(), &tmpfs.path, &durable, overhead);
+        store.init().await.unwrap();
+        FullTiers {
+            tmpfs,
+            dir,
+            durable,
+            src,
+            ram: ram_path,
+            store,
+        }
+    }
+
+    /// Begins a full snapshot whose guest has `memory_mib` and writes its
+    /// state file, as the VMM would.
+    async fn begin(&self, id: &str, memory_mib: u64) -> PendingSnapshot {
+        let p = self
+            .store
+            .begin(full_snapshot(id, &self.src, memory_mib))
+            .await
+            .unwrap();
+        std::fs::write(&p.files.state, b"state").unwrap();
+        p
+    }
+
+    /// Copies the memory and the disk and seals.
+    async fn finish(&self, p: PendingSnapshot) -> agentenv_api::SnapshotInfo {
+        self.store.copy_memory(&p, &self.ram).await.unwrap();
+        self.store.copy_disk(&p).await.unwrap();
+        self.store.seal(p).await.unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_full_snapshot_goes_durable_when_tmpfs_lacks_room_for_its_memory() {
+    if !can_mount("a_full_snapshot_goes_durable_when_tmpfs_lacks_room_for_its_memory") {
+        return;
+    }
+    let t = FullTiers::new("16m", MIB, 2, &[(0, MIB), (20 * MIB, 3 * MIB)]).await;
+    // 2 MiB of disk + 32 MiB of memory + 1 MiB do not fit in 16 MiB; the
+    // disk alone does.
+    let p = t.begin("f", 32).await;
+    assert_eq!(p.tier, SnapshotTier::Durable);
+    let d = t.store.begin(new_snapshot("d", &t.src)).await.unwrap();
+    assert_eq!(d.tier, SnapshotTier::Tmpfs);
+    t.store.copy_disk(&d).await.unwrap();
+    t.store.seal(d).await.unwrap();
+
+    let info = t.finish(p).await;
+    assert_eq!(info.tier, SnapshotTier::Durable);
+    assert_eq!(info.full.as_ref().unwrap().memory_bytes, 32 * MIB);
+    assert_eq!(names(&t.durable), ["f"]);
+    assert_eq!(names(&t.tmpfs.path), ["d"]);
+    let dest = t.dir.path().join("clone.ext4");
+    let files = t.store.open_full("f", &dest).await.unwrap();
+    assert_eq!(files.memory, Some(t.durable.join("f/memory")));
+    assert_eq!(extents(&t.durable.join("f/memory")), extents(&t.ram));
+    assert_eq!(disk::sparse_sha256(&dest).unwrap(), info.sha256);
+}
+
+#[tokio::test]
+async fn a_full_snapshot_filling_tmpfs_is_no_space_and_abort_leaves_nothing() {
+    if !can_mount("a_full_snapshot_filling_tmpfs_is_no_space_and_abort_leaves_nothing") {
+        return;
+    }
+    // The guest says 4 MiB, its memory file holds 24 MiB of data: the
+    // tier is chosen by the former, the copy meets the latter.
+    let t = FullTiers::new("16m", 0, 1, &[(0, 24 * MIB)]).await;
+    let p = t.begin("f", 4).await;
+    assert_eq!(p.tier, SnapshotTier::Tmpfs);
+    let e = t.store.copy_memory(&p, &t.ram).await.unwrap_err();
+    assert!(matches!(e, SnapshotError::NoSpace { .. }), "{e}");
+    assert!(e.to_string().contains("memory"), "{e}");
+    t.store.abort(p).await;
+    assert!(names(&t.tmpfs.path).is_empty());
+    assert!(names(&t.durable).is_empty());
+    assert!(used_bytes(&t.tmpfs.path) < MIB);
+    assert!(t.store.list().is_empty());
+}
+
+#[tokio::test]
+async fn a_full_snapshot_on_tmpfs_catches_a_damaged_memory_page() {
+    if !can_mount("a_full_snapshot_on_tmpfs_catches_a_damaged_memory_page") {
+        return;
+    }
+    let t = FullTiers::new("64m", 0, 1, &[(0, 32 * MIB)]).await;
+    let p = t.begin("f", 32).await;
+    t.finish(p).await;
+    // A byte in a sampled page, the mtime put back.
+    let mem = t.tmpfs.path.join("f/memory");
+    let before = std::fs::metadata(&mem).unwrap().modified().unwrap();
+    let off = agentenv_host::snapshots::quick::sample_ranges(32 * MIB, 64)[10].0;
+    let f = std::fs::OpenOptions::new().write(true).open(&mem).unwrap();
+    f.write_all_at(b"\0\0\0\0", off).unwrap();
+    f.set_modified(before).unwrap();
+    drop(f);
+    let dest = t.dir.path().join("clone.ext4");
+    let e = t.store.open_full("f", &dest).await.unwrap_err();
+    assert!(matches!(e, SnapshotError::Corrupt { .. }), "{e}");
+    assert!(!dest.exists());
+    assert_eq!(t.store.get("f").unwrap().status, SnapshotStatus::Corrupt);
 }

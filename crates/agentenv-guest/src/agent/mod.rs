@@ -1,11 +1,13 @@
 //! The agent: transports ([`transport`]) feed sessions ([`session`]), which
 //! start requests: commands ([`exec`]), file transfers ([`files`]) and
-//! file-system freezes ([`freeze`]). Everything runs on std threads; the
+//! file-system freezes ([`freeze`]) and a restored VM's new identity
+//! ([`identity`]). Everything runs on std threads; the
 //! guest → host direction goes through one writer thread per session ([`out`]).
 
 pub mod exec;
 pub mod files;
 pub mod freeze;
+pub mod identity;
 pub mod out;
 pub mod session;
 pub mod sys;
@@ -39,6 +41,10 @@ pub struct Config {
     /// `--freeze-only-under`: an agent running on a host must never freeze the
     /// host's own file systems.
     pub freeze_enabled: bool,
+    /// `Identity` requests are applied. Only in a VM: an agent serving a unix
+    /// socket on a host must never rename the host or touch its network,
+    /// clock or random pool.
+    pub identity_enabled: bool,
 }
 
 /// The protocol's error for an OS error on `field`'s path.

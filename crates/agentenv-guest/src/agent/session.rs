@@ -8,13 +8,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use agentenv_proto::{
-    Done, ErrorCode, ErrorMsg, ExecRequest, Frame, GetFile, Hello, HelloOk, Kind, PutFile,
-    NONCE_LEN, PROTOCOL_VERSION,
+    Done, ErrorCode, ErrorMsg, ExecRequest, Frame, GetFile, Hello, HelloOk, Identity, Kind,
+    PutFile, NONCE_LEN, PROTOCOL_VERSION,
 };
 
 use super::exec::{self, ExecHandle, KillReason};
 use super::files::{self, PutHandle};
 use super::freeze;
+use super::identity;
 use super::out::{OutStream, Outbox};
 use super::{io_error, lock, spawn, Config, AGENT};
 
@@ -91,7 +92,13 @@ impl Session {
         }
         match f.kind {
             Kind::Hello => Err(format!("Hello frame on stream {}", f.stream)),
-            Kind::Exec | Kind::PutFile | Kind::GetFile | Kind::Freeze | Kind::Thaw | Kind::Ping => {
+            Kind::Exec
+            | Kind::PutFile
+            | Kind::GetFile
+            | Kind::Freeze
+            | Kind::Thaw
+            | Kind::Ping
+            | Kind::Identity => {
                 self.request(f);
                 Ok(())
             }
@@ -212,7 +219,42 @@ impl Session {
                         .error(stream, &io_error("stream", "start a thread", &e));
                 }
             }
+            Kind::Identity => self.identity(&f),
             _ => self.transfer_or_exec(f),
+        }
+    }
+
+    /// Checks the new identity here, then applies it on its own thread (the
+    /// `ip` commands take a while; the session keeps reading).
+    fn identity(&mut self, f: &Frame) {
+        let stream = f.stream;
+        let plan = f
+            .parse::<Identity>()
+            .map_err(bad_message)
+            .and_then(|id| identity::validate(&id));
+        let plan = match plan {
+            Ok(_) if !self.cfg.identity_enabled => Err(ErrorMsg::new(
+                ErrorCode::BadRequest,
+                None,
+                "identity is disabled: this agent serves a unix socket on a host, whose \
+                 name, network, clock and random pool it must not change",
+            )),
+            r => r,
+        };
+        let plan = match plan {
+            Ok(p) => p,
+            Err(e) => return self.out.error(stream, &e),
+        };
+        let out = OutStream::new(self.out.clone(), stream, None);
+        let run = move || {
+            match identity::apply(&plan) {
+                Ok(()) => out.finish(Kind::Done, &Done::default()),
+                Err(e) => out.fail(&e),
+            };
+        };
+        if let Err(e) = spawn("identity", run) {
+            self.out
+                .error(stream, &io_error("stream", "start a thread", &e));
         }
     }
 

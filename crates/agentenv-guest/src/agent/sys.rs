@@ -192,3 +192,207 @@ pub fn fifreeze(mount_point: &Path) -> io::Result<()> {
 pub fn fithaw(mount_point: &Path) -> io::Result<()> {
     fs_ioctl(mount_point, FITHAW)
 }
+
+/// `RNDADDENTROPY` (`_IOW('R', 0x03, int[2])`).
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG` (`_IO('R', 0x07)`).
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+fn open_random() -> io::Result<OwnedFd> {
+    // SAFETY: the path is a valid NUL-terminated string.
+    let fd =
+        check(unsafe { libc::open(c"/dev/random".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) })?;
+    // SAFETY: open succeeded, so fd is open and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Mixes `bytes` into the kernel's input pool and credits 8 bits of entropy
+/// per byte (`RNDADDENTROPY` on /dev/random; needs `CAP_SYS_ADMIN`).
+pub fn add_entropy(bytes: &[u8]) -> io::Result<()> {
+    let too_big = || io::Error::from_raw_os_error(libc::EINVAL);
+    let size = libc::c_int::try_from(bytes.len()).map_err(|_| too_big())?;
+    let bits = size.checked_mul(8).ok_or_else(too_big)?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; },
+    // built in u32 words so the header is aligned.
+    let mut info = vec![0u32; 2 + bytes.len().div_ceil(4)];
+    info[0] = bits as u32;
+    info[1] = size as u32;
+    for (i, chunk) in bytes.chunks(4).enumerate() {
+        let mut w = [0u8; 4];
+        w[..chunk.len()].copy_from_slice(chunk);
+        info[2 + i] = u32::from_ne_bytes(w);
+    }
+    let fd = open_random()?;
+    // SAFETY: `info` is a rand_pool_info whose buffer holds `size` bytes; the
+    // kernel only reads it during the call.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) }).map(|_| ())
+}
+
+/// Reseeds the kernel's CRNG from its input pool at once (`RNDRESEEDCRNG`).
+pub fn reseed_crng() -> io::Result<()> {
+    let fd = open_random()?;
+    // SAFETY: RNDRESEEDCRNG takes no argument and writes no memory.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), RNDRESEEDCRNG as _, 0) }).map(|_| ())
+}
+
+/// Sets the wall clock (`clock_settime(CLOCK_REALTIME)`).
+pub fn set_realtime(secs: u64, nanos: u32) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(secs)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+        tv_nsec: nanos as libc::c_long,
+    };
+    // SAFETY: `ts` is a valid timespec read only during the call.
+    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) }).map(|_| ())
+}
+
+/// Sets the host name (`sethostname`).
+pub fn sethostname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes, read only during the call.
+    check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) }).map(|_| ())
+}
+
+/// `struct rtentry` (linux/route.h; libc has it only for musl).
+#[repr(C)]
+struct RtEntry {
+    rt_pad1: libc::c_ulong,
+    rt_dst: libc::sockaddr,
+    rt_gateway: libc::sockaddr,
+    rt_genmask: libc::sockaddr,
+    rt_flags: libc::c_ushort,
+    rt_pad2: libc::c_short,
+    rt_pad3: libc::c_ulong,
+    rt_pad4: *mut libc::c_void,
+    rt_metric: libc::c_short,
+    rt_dev: *mut libc::c_char,
+    rt_mtu: libc::c_ulong,
+    rt_window: libc::c_ulong,
+    rt_irtt: libc::c_ushort,
+}
+
+/// An `AF_INET` datagram socket for the interface ioctls.
+fn inet_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket has no memory effects.
+    let fd =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: socket succeeded, so fd is open and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// An `ifreq` naming `dev`, the rest zero.
+fn ifreq(dev: &str) -> io::Result<libc::ifreq> {
+    if dev.is_empty() || dev.len() >= libc::IFNAMSIZ || dev.contains('\0') {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: ifreq is plain old data (a name and a union of plain fields); all-zero is valid.
+    let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in r.ifr_name.iter_mut().zip(dev.bytes()) {
+        *d = s as libc::c_char;
+    }
+    Ok(r)
+}
+
+/// `sockaddr_in` for `addr`, as the `sockaddr` the ioctls take.
+fn inet_addr(addr: std::net::Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr are both 16-byte plain-old-data
+    // structs; this is the cast every C caller of these ioctls makes.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// One interface ioctl with `req` on an `AF_INET` socket.
+fn if_ioctl(sock: &OwnedFd, request: libc::c_ulong, req: &mut libc::ifreq) -> io::Result<()> {
+    // SAFETY: `req` is a valid ifreq for the whole call; the kernel reads and
+    // writes only within it for these requests.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), request as _, req as *mut libc::ifreq) })
+        .map(|_| ())
+}
+
+/// Brings `dev` up or down (`SIOCSIFFLAGS`). Taking an interface down also
+/// drops its IPv4 routes and its neighbour (ARP) entries.
+pub fn set_link_up(dev: &str, up: bool) -> io::Result<()> {
+    let sock = inet_socket()?;
+    let mut r = ifreq(dev)?;
+    if_ioctl(&sock, libc::SIOCGIFFLAGS, &mut r)?;
+    // SAFETY: SIOCGIFFLAGS filled the union's flags member.
+    let flags = unsafe { r.ifr_ifru.ifru_flags };
+    let want = libc::IFF_UP as libc::c_short;
+    r.ifr_ifru.ifru_flags = if up { flags | want } else { flags & !want };
+    if_ioctl(&sock, libc::SIOCSIFFLAGS, &mut r)
+}
+
+/// Sets `dev`'s Ethernet address (`SIOCSIFHWADDR`).
+pub fn set_mac(dev: &str, mac: [u8; 6]) -> io::Result<()> {
+    let sock = inet_socket()?;
+    let mut r = ifreq(dev)?;
+    // SAFETY: sockaddr is plain old data; all-zero is a valid value.
+    let mut hw: libc::sockaddr = unsafe { std::mem::zeroed() };
+    hw.sa_family = libc::ARPHRD_ETHER;
+    for (d, s) in hw.sa_data.iter_mut().zip(mac) {
+        *d = s as libc::c_char;
+    }
+    r.ifr_ifru.ifru_hwaddr = hw;
+    if_ioctl(&sock, libc::SIOCSIFHWADDR, &mut r)
+}
+
+/// Removes every IPv4 address labelled `dev`, then gives it `addr/prefix_len`
+/// (`SIOCSIFADDR`: setting 0.0.0.0 deletes the address it finds first).
+pub fn replace_ipv4(dev: &str, addr: std::net::Ipv4Addr, prefix_len: u8) -> io::Result<()> {
+    let sock = inet_socket()?;
+    for _ in 0..256 {
+        let mut r = ifreq(dev)?;
+        match if_ioctl(&sock, libc::SIOCGIFADDR, &mut r) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => break,
+            Err(e) => return Err(e),
+        }
+        r.ifr_ifru.ifru_addr = inet_addr(std::net::Ipv4Addr::UNSPECIFIED);
+        if_ioctl(&sock, libc::SIOCSIFADDR, &mut r)?;
+    }
+    let mut r = ifreq(dev)?;
+    r.ifr_ifru.ifru_addr = inet_addr(addr);
+    if_ioctl(&sock, libc::SIOCSIFADDR, &mut r)?;
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(prefix_len.min(32)))
+        .unwrap_or(0);
+    let mut r = ifreq(dev)?;
+    r.ifr_ifru.ifru_netmask = inet_addr(std::net::Ipv4Addr::from(mask));
+    if_ioctl(&sock, libc::SIOCSIFNETMASK, &mut r)
+}
+
+/// Adds the default route through `gateway` on `dev` (`SIOCADDRT`); one that
+/// exists already is fine.
+pub fn add_default_route(dev: &str, gateway: std::net::Ipv4Addr) -> io::Result<()> {
+    let sock = inet_socket()?;
+    let dev = CString::new(dev).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let any = inet_addr(std::net::Ipv4Addr::UNSPECIFIED);
+    let mut rt = RtEntry {
+        rt_pad1: 0,
+        rt_dst: any,
+        rt_gateway: inet_addr(gateway),
+        rt_genmask: any,
+        rt_flags: libc::RTF_UP | libc::RTF_GATEWAY,
+        rt_pad2: 0,
+        rt_pad3: 0,
+        rt_pad4: std::ptr::null_mut(),
+        rt_metric: 0,
+        rt_dev: dev.as_ptr() as *mut libc::c_char,
+        rt_mtu: 0,
+        rt_window: 0,
+        rt_irtt: 0,
+    };
+    // SAFETY: `rt` is a valid rtentry and `dev` (which rt_dev points to)
+    // outlives the call; the kernel only reads them.
+    match check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCADDRT as _, &mut rt) }) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(e) => Err(e),
+    }
+}

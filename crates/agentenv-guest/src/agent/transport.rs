@@ -296,6 +296,9 @@ mod tests {
         /// all (frames queued for an older generation are dropped once a
         /// `Hello` or a disconnect starts a new one).
         WaitFrames(usize),
+        /// Let the writer catch up: wait until it has written a frame of
+        /// this kind on this stream.
+        WaitFor(Kind, u32),
     }
 
     /// A serial port that replays a script, then fails. It sees what the
@@ -322,19 +325,13 @@ mod tests {
                     }
                     Some(Step::Disconnect) => return Ok(0),
                     Some(Step::WaitFrames(n)) => {
-                        let t = std::time::Instant::now();
-                        loop {
-                            let written = self.sink.frames();
-                            if written.len() >= n {
-                                break;
-                            }
-                            assert!(
-                                t.elapsed() < WRITER_DEADLINE,
-                                "waiting for {n} frames, the agent wrote {:?}",
-                                kinds(&written)
-                            );
-                            std::thread::sleep(Duration::from_millis(2));
-                        }
+                        self.sink
+                            .wait(&format!("{n} frames"), |written| written.len() >= n);
+                    }
+                    Some(Step::WaitFor(kind, stream)) => {
+                        self.sink.wait(&format!("{kind:?} on {stream}"), |written| {
+                            written.iter().any(|f| f.kind == kind && f.stream == stream)
+                        });
                     }
                     None => return Err(io::Error::other("end of script")),
                 }
@@ -346,6 +343,23 @@ mod tests {
     struct Sink(Arc<Mutex<Vec<u8>>>);
 
     impl Sink {
+        /// Waits until what the agent wrote satisfies `done`.
+        fn wait(&self, what: &str, done: impl Fn(&[Frame]) -> bool) {
+            let t = std::time::Instant::now();
+            loop {
+                let written = self.frames();
+                if done(&written) {
+                    return;
+                }
+                assert!(
+                    t.elapsed() < WRITER_DEADLINE,
+                    "waiting for {what}, the agent wrote {:?}",
+                    kinds(&written)
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+
         /// The whole frames written so far.
         fn frames(&self) -> Vec<Frame> {
             let mut bytes = self.0.lock().unwrap().clone();
@@ -459,6 +473,37 @@ mod tests {
             ErrorCode::Protocol
         );
         assert_eq!(&frames[3].payload[..16], b"bbbbbbbbbbbbbbbb");
+    }
+
+    #[test]
+    fn a_burst_of_repeated_hellos_after_a_lost_start_gets_answers_and_a_working_session() {
+        // What a host that repeats its hello every few milliseconds sends to
+        // a guest that missed the start of the first copy: a cut hello, then
+        // many whole ones, one cut in two reads, then a request.
+        let one = hello("cccccccccccccccc");
+        let mut burst = one[3..].to_vec();
+        for _ in 0..50 {
+            burst.extend_from_slice(&one);
+        }
+        let mid = burst.len() - one.len() / 2;
+        let frames = serve(vec![
+            Step::Bytes(burst[..mid].to_vec()),
+            Step::Bytes(burst[mid..].to_vec()),
+            Step::Bytes(bare(Kind::Ping, 1)),
+            Step::WaitFor(Kind::Done, 1),
+        ]);
+        // Answers to older copies may be dropped (each copy starts a new
+        // generation), but the last copy's answer and the request's get out.
+        let k = kinds(&frames);
+        assert_eq!(&k[k.len() - 2..], &[(Kind::HelloOk, 0), (Kind::Done, 1)]);
+        assert!(
+            k.iter()
+                .all(|f| matches!(f, (Kind::HelloOk | Kind::Error, 0) | (Kind::Done, 1))),
+            "{k:?}"
+        );
+        for f in frames.iter().filter(|f| f.kind == Kind::HelloOk) {
+            assert_eq!(&f.payload[..16], b"cccccccccccccccc");
+        }
     }
 
     #[test]

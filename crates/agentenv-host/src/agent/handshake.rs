@@ -27,8 +27,36 @@ pub(super) fn nonce() -> [u8; NONCE_LEN] {
     out
 }
 
-/// How often an unanswered hello is sent again.
-pub(super) const HELLO_RESEND: Duration = Duration::from_millis(300);
+/// The first wait before an unanswered hello is sent again. After a restore
+/// from a memory snapshot the agent answers within a few milliseconds, but the
+/// first hello is often lost: a short first wait brings the channel back at once.
+pub(super) const HELLO_RESEND_FIRST: Duration = Duration::from_millis(5);
+
+/// The longest wait between two hellos: the wait doubles up to this, so a
+/// guest that is still booting gets about three hellos a second, not hundreds.
+pub(super) const HELLO_RESEND_MAX: Duration = Duration::from_millis(300);
+
+/// When the hellos go out: at once, then after waits of
+/// [`HELLO_RESEND_FIRST`], doubling, capped at [`HELLO_RESEND_MAX`].
+#[derive(Debug, Clone)]
+pub(super) struct HelloResend {
+    next: Duration,
+}
+
+impl HelloResend {
+    pub(super) fn new() -> HelloResend {
+        HelloResend {
+            next: HELLO_RESEND_FIRST,
+        }
+    }
+
+    /// How long to wait for an answer before the next hello.
+    pub(super) fn wait(&mut self) -> Duration {
+        let w = self.next;
+        self.next = (w * 2).min(HELLO_RESEND_MAX);
+        w
+    }
+}
 
 /// Most bytes skipped while looking for the agent's `HelloOk`.
 pub(super) const MAX_RESYNC_BYTES: usize = 8 << 20;
@@ -91,4 +119,24 @@ pub(super) async fn vsock_handshake(
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hellos_are_resent_quickly_at_first_then_at_most_every_300_ms() {
+        let mut r = HelloResend::new();
+        let waits: Vec<u64> = (0..10).map(|_| r.wait().as_millis() as u64).collect();
+        assert_eq!(waits, vec![5, 10, 20, 40, 80, 160, 300, 300, 300, 300]);
+        // A guest that boots for 10 s gets ~40 hellos, not thousands.
+        let mut r = HelloResend::new();
+        let (mut t, mut n) = (Duration::ZERO, 0);
+        while t < Duration::from_secs(10) {
+            t += r.wait();
+            n += 1;
+        }
+        assert!(n <= 40, "{n} hellos in 10 s");
+    }
 }

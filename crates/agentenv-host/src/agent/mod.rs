@@ -23,14 +23,14 @@ use agentenv_core::agent::{
 };
 use agentenv_core::backend::AgentChannel;
 use agentenv_proto::{
-    self as proto, Done, ExecRequest, FileInfo, Frame, GetFile, Hello, HelloOk, Kind, PutFile,
-    Started, INITIAL_WINDOW, NONCE_LEN, PROTOCOL_VERSION,
+    self as proto, Done, ExecRequest, FileInfo, Frame, GetFile, Hello, HelloOk, Identity, Kind,
+    PutFile, Started, INITIAL_WINDOW, NONCE_LEN, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use handshake::{leading_error, nonce, vsock_handshake, HELLO_RESEND, MAX_RESYNC_BYTES};
+use handshake::{leading_error, nonce, vsock_handshake, HelloResend, MAX_RESYNC_BYTES};
 use pool::BufPool;
 use streams::{parse, send_data, DownloadFrames, ExecFrames, Request, UploadFrames};
 use wire::{read_loop, write_loop};
@@ -206,6 +206,8 @@ impl AgentClient {
             .map_err(|e| AgentError::Connect(format!("sending hello: {e}")))?;
         let mut buf = Vec::with_capacity(64 * 1024);
         let mut chunk = vec![0u8; 64 * 1024];
+        let mut resend = HelloResend::new();
+        let mut next_hello = tokio::time::Instant::now() + resend.wait();
         let hello_ok = loop {
             if let Some(at) = proto::find_hello_ok(&buf, &nonce) {
                 buf.drain(..at);
@@ -226,14 +228,18 @@ impl AgentClient {
                 )));
             }
             // A serial port drops what arrives before the guest opens it, so the
-            // hello is repeated until answered (each answer carries the nonce).
+            // hello is repeated until answered (each answer carries the nonce;
+            // the agent answers every copy, the first answer found wins). The
+            // deadline is kept across reads: bytes that are not the answer
+            // do not postpone the next hello.
             let n = tokio::select! {
                 r = rd.read(&mut chunk) => r
                     .map_err(|e| AgentError::Connect(format!("reading hello answer: {e}")))?,
-                _ = tokio::time::sleep(HELLO_RESEND) => {
+                _ = tokio::time::sleep_until(next_hello) => {
                     wr.write_all(&hello.encode())
                         .await
                         .map_err(|e| AgentError::Connect(format!("sending hello: {e}")))?;
+                    next_hello = tokio::time::Instant::now() + resend.wait();
                     continue;
                 }
             };
@@ -315,9 +321,11 @@ impl AgentClient {
 
 #[async_trait::async_trait]
 impl AgentLink for AgentClient {
-    async fn set_identity(&self, identity: &agentenv_proto::Identity) -> Result<Done, AgentError> {
-        let _ = identity;
-        Err(AgentError::Protocol("INTERIM: not implemented yet".into()))
+    /// Gives a restored VM its new identity; `Done` once the agent applied all of it.
+    async fn set_identity(&self, identity: &Identity) -> Result<Done, AgentError> {
+        let mut r = self.open()?;
+        r.send_json(Kind::Identity, identity)?;
+        r.expect_done().await
     }
 
     /// The agent's handshake answer (its version and pid).
@@ -429,5 +437,96 @@ impl AgentLink for AgentClient {
         let mut r = self.open()?;
         r.send(Kind::Thaw, Vec::new())?;
         r.expect_done().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentenv_proto::{ErrorCode, ErrorMsg, IdentityNet};
+    use std::time::Instant;
+
+    /// Reads the next whole frame from `sock` into/out of `buf`.
+    async fn next_frame(sock: &mut UnixStream, buf: &mut Vec<u8>) -> Frame {
+        loop {
+            if let Some(f) = proto::take_frame(buf).unwrap() {
+                return f;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = sock.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the host closed the connection");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn hello_ok(hello: &Frame) -> Frame {
+        let h: Hello = hello.parse().unwrap();
+        let mut payload = h.nonce.into_bytes();
+        let ok = HelloOk {
+            version: PROTOCOL_VERSION,
+            agent: "fake".into(),
+            pid: 1,
+        };
+        payload.extend_from_slice(&serde_json::to_vec(&ok).unwrap());
+        Frame {
+            kind: Kind::HelloOk,
+            stream: 0,
+            payload,
+        }
+    }
+
+    fn identity() -> Identity {
+        Identity {
+            hostname: "clone-3".into(),
+            net: Some(IdentityNet {
+                address: "172.16.0.14".into(),
+                prefix_len: 30,
+                gateway: "172.16.0.13".into(),
+                mac: "06:00:ac:10:00:0e".into(),
+            }),
+            entropy_hex: "11".repeat(32),
+            unix_time_ns: 1_765_000_000_000_000_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn lost_hellos_are_repeated_within_milliseconds_and_identity_is_sent() {
+        let (host, mut agent) = UnixStream::pair().unwrap();
+        let fake = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            // The first three hellos are lost, as on a port not open yet.
+            for _ in 0..3 {
+                assert_eq!(next_frame(&mut agent, &mut buf).await.kind, Kind::Hello);
+            }
+            let h = next_frame(&mut agent, &mut buf).await;
+            agent.write_all(&hello_ok(&h).encode()).await.unwrap();
+            // The first Identity is applied, the second refused.
+            let f = next_frame(&mut agent, &mut buf).await;
+            assert_eq!(f.kind, Kind::Identity);
+            assert_eq!(f.parse::<Identity>().unwrap(), identity());
+            let done = Frame::json(Kind::Done, f.stream, &Done::default());
+            agent.write_all(&done.encode()).await.unwrap();
+            let f = next_frame(&mut agent, &mut buf).await;
+            assert_eq!(f.kind, Kind::Identity);
+            let err = ErrorMsg::new(ErrorCode::Io, Some("net"), "ip link set: no eth0");
+            let err = Frame::json(Kind::Error, f.stream, &err);
+            agent.write_all(&err.encode()).await.unwrap();
+            agent
+        });
+        let t = Instant::now();
+        let client = AgentClient::handshake(host).await.unwrap();
+        let took = t.elapsed();
+        // Waits of 5 + 10 + 20 ms; the old fixed 300 ms resend took 900 ms.
+        assert!(took < Duration::from_millis(400), "handshake took {took:?}");
+        assert_eq!(client.hello().agent, "fake");
+        assert_eq!(
+            client.set_identity(&identity()).await.unwrap(),
+            Done::default()
+        );
+        match client.set_identity(&identity()).await {
+            Err(AgentError::Remote(m)) => assert_eq!(m.field.as_deref(), Some("net"), "{m:?}"),
+            other => panic!("expected the agent's error, got {other:?}"),
+        }
+        drop(fake.await.unwrap());
     }
 }

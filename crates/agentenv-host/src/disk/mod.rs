@@ -60,6 +60,18 @@ pub fn sync_file(path: &Path) -> io::Result<()> {
         .map_err(|e| with_path(format!("cannot flush {}", path.display()), e))
 }
 
+/// Renames `from` to `to` (a file or a directory) inside the directory
+/// `parent`, then flushes `parent`, so the new name survives a crash.
+pub fn rename_durably(from: &Path, to: &Path, parent: &Path) -> io::Result<()> {
+    std::fs::rename(from, to).map_err(|e| {
+        with_path(
+            format!("cannot rename {} to {}", from.display(), to.display()),
+            e,
+        )
+    })?;
+    sync_dir(parent)
+}
+
 /// Flushes a directory's entries to stable storage.
 pub fn sync_dir(path: &Path) -> io::Result<()> {
     File::open(path)

@@ -30,14 +30,20 @@ pub const AGENT_CHARDEV_ID: &str = "agent";
 /// (`/sys/class/virtio-ports/vportNpM/name` in the guest).
 pub const AGENT_PORT_NAME: &str = agentenv_proto::SERIAL_PORT_NAME;
 
-/// The id of the memory backend that holds guest RAM when it lives in a file.
+/// The id of the memory backend that holds guest RAM (a file or a RAM
+/// backend). The migration stream names RAM by it, so a VM whose RAM went
+/// into a saved state loads it back only into a backend of the same id.
 pub const MEMORY_BACKEND_ID: &str = "mem";
 
 /// Where a guest's RAM lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuestMemory<'a> {
-    /// Anonymous memory of the QEMU process (the default).
+    /// Anonymous memory of the QEMU process (the default; no memory backend).
     Anonymous,
+    /// Anonymous memory in a RAM backend with id [`MEMORY_BACKEND_ID`]
+    /// (`memory-backend-ram`): a VM restored from a state that carries its
+    /// RAM.
+    Ram,
     /// A file (in a tmpfs) mapped as guest RAM. `shared`: the guest writes go
     /// to the file (a VM whose memory a full snapshot copies); not shared: a
     /// private copy-on-write mapping of it (a VM restored from that copy: its
@@ -94,18 +100,25 @@ pub fn qemu_args_for(
     let smp = spec.vcpus.to_string();
     let machine = match mode.memory {
         GuestMemory::Anonymous => OsString::from(MACHINE),
-        GuestMemory::File { .. } => {
+        GuestMemory::Ram | GuestMemory::File { .. } => {
             OsString::from(format!("{MACHINE},memory-backend={MEMORY_BACKEND_ID}"))
         }
     };
     push(&["-M".as_ref(), machine.as_ref()]);
-    if let GuestMemory::File { path, shared } = mode.memory {
-        let mut object = OsString::from(format!(
-            "memory-backend-file,id={MEMORY_BACKEND_ID},size={mem},share={},mem-path=",
-            if shared { "on" } else { "off" }
-        ));
-        object.push(opt_value(path.as_ref()));
-        push(&["-object".as_ref(), object.as_ref()]);
+    match mode.memory {
+        GuestMemory::Anonymous => {}
+        GuestMemory::Ram => {
+            let object = format!("memory-backend-ram,id={MEMORY_BACKEND_ID},size={mem}");
+            push(&["-object".as_ref(), object.as_ref()]);
+        }
+        GuestMemory::File { path, shared } => {
+            let mut object = OsString::from(format!(
+                "memory-backend-file,id={MEMORY_BACKEND_ID},size={mem},share={},mem-path=",
+                if shared { "on" } else { "off" }
+            ));
+            object.push(opt_value(path.as_ref()));
+            push(&["-object".as_ref(), object.as_ref()]);
+        }
     }
     if mode.incoming {
         // Stopped once the state is loaded (`-S`), so the driver decides when
@@ -374,6 +387,25 @@ mod tests {
         assert_eq!(r[7..], args[4..]);
         let boot = strings(&qemu_args(&spec(), Accel::Tcg, None));
         assert_eq!(boot[2..], args[4..]);
+        // RAM carried in the saved state: a RAM backend of the same id.
+        let ram = StartMode {
+            memory: GuestMemory::Ram,
+            incoming: true,
+        };
+        let r = strings(&qemu_args_for(&spec(), Accel::Tcg, None, ram));
+        assert_eq!(
+            r[..7],
+            [
+                "-M",
+                "microvm,x-option-roms=off,isa-serial=on,rtc=off,memory-backend=mem",
+                "-object",
+                "memory-backend-ram,id=mem,size=512M",
+                "-incoming",
+                "defer",
+                "-S",
+            ]
+        );
+        assert_eq!(r[7..], args[4..]);
     }
 
     #[test]

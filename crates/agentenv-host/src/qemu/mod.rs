@@ -10,20 +10,35 @@
 //! Under TCG the guest kernel's command line gets `tsc_early_khz=<host TSC rate>`
 //! (see [`tsc`]): without it a busy host makes the Debian cloud kernel hang early
 //! in boot.
+//!
+//! Guest memory ([`InstanceMemory`]): a VM launched with
+//! [`LaunchSpec::memory_file`] keeps its RAM in that file, mapped shared. The
+//! driver creates the file (empty, mode 0600, its directory if missing; a stale
+//! regular file of a dead VM there is replaced), QEMU sizes and maps it, and the
+//! driver removes it as soon as that QEMU is gone (killed, exited, or a failed
+//! launch); the engine removes the path too when it deletes the VM. Only the
+//! file the driver created (same device and inode) is ever removed. A full
+//! snapshot of such a VM saves the device state only and names the file
+//! ([`SavedMemory::InFile`]). A VM restored from a snapshot's memory file maps
+//! it privately (never written through, never removed by the driver) and one
+//! restored from a state that carries RAM has a `memory-backend-ram`; full
+//! snapshots of both carry the RAM in the migration stream
+//! ([`SavedMemory::InState`]). A re-adopted QEMU's memory is read back over QMP.
 
 pub mod args;
 pub mod qmp;
 pub mod tsc;
 
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentenv_api::BackendKind;
 use agentenv_core::backend::{
-    wait_exit, AdoptSpec, AdoptedState, AgentChannel, LaunchSpec, ProcessIdentity, Vmm, VmmError,
-    VmmExit, VmmInstance,
+    wait_exit, AdoptSpec, AdoptedState, AgentChannel, FullSnapshotFiles, LaunchSpec,
+    ProcessIdentity, RestoreSpec, SavedMemory, Vmm, VmmError, VmmExit, VmmInstance,
 };
 use async_trait::async_trait;
 use serde_json::{json, Value};
@@ -39,6 +54,35 @@ pub const COMMAND_FILE: &str = "qemu.json";
 
 /// The name a saved or loaded device state's file descriptor gets in QEMU.
 const STATE_FD_NAME: &str = "agentenv-state";
+
+/// Migration bandwidth while saving a state (bytes/s): unlimited in effect
+/// (QEMU's default, 32 MiB/s, would make a state that carries RAM take seconds).
+const SAVE_BANDWIDTH: u64 = 1 << 40;
+
+/// How long saving a state that carries guest RAM may take at least.
+const RAM_SAVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long `qemu --version` may take.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a running QEMU's guest RAM lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstanceMemory {
+    /// The machine's own anonymous RAM, no memory backend (a VM launched
+    /// without a memory file). A full snapshot of it is refused: its RAM
+    /// block is not named like a restore's.
+    Machine,
+    /// Anonymous RAM in a `memory-backend-ram` (a VM restored from a state
+    /// that carries its RAM). Full snapshots carry it in the state.
+    Ram,
+    /// A shared memory file: the VM's own ([`LaunchSpec::memory_file`]),
+    /// removed by the driver once this QEMU is gone. Full snapshots name it.
+    SharedFile(PathBuf),
+    /// A private, copy-on-write mapping of a snapshot's memory file (not
+    /// this VM's, never removed by the driver). Full snapshots carry the RAM
+    /// in the state.
+    PrivateFile(PathBuf),
+}
 
 /// How QEMU runs the guest's vCPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -71,6 +115,8 @@ pub struct QemuVmm {
     binary: PathBuf,
     accel: Accel,
     tsc_khz: Option<u64>,
+    /// `qemu X.Y.Z`, once asked.
+    version: Arc<tokio::sync::OnceCell<String>>,
 }
 
 impl QemuVmm {
@@ -85,6 +131,7 @@ impl QemuVmm {
             binary,
             accel,
             tsc_khz,
+            version: Arc::default(),
         }
     }
 
@@ -103,19 +150,74 @@ impl QemuVmm {
         self.tsc_khz
     }
 
-    /// [`Vmm::launch`] with the concrete instance type.
+    /// [`Vmm::launch`] with the concrete instance type: RAM in
+    /// `spec.memory_file` (shared) when it is set, else anonymous.
     pub async fn start(&self, spec: &LaunchSpec) -> Result<QemuInstance, VmmError> {
-        self.start_with(spec, StartMode::BOOT).await
+        let mode = match &spec.memory_file {
+            Some(path) => StartMode {
+                memory: GuestMemory::File { path, shared: true },
+                incoming: false,
+            },
+            None => StartMode::BOOT,
+        };
+        self.start_with(spec, mode).await
     }
 
     /// Starts QEMU for `spec` in `mode`: a boot, with its RAM anonymous or in a
     /// file, or (`mode.incoming`) a QEMU waiting for a saved state (see
-    /// [`QemuVmm::restore`]).
+    /// [`QemuVmm::restore`]). A shared memory file is created here and removed
+    /// once this QEMU is gone (see the module docs).
     pub async fn start_with(
         &self,
         spec: &LaunchSpec,
         mode: StartMode<'_>,
     ) -> Result<QemuInstance, VmmError> {
+        let (memory, memory_id) = match mode.memory {
+            GuestMemory::Anonymous => (InstanceMemory::Machine, None),
+            GuestMemory::Ram => (InstanceMemory::Ram, None),
+            GuestMemory::File {
+                path,
+                shared: false,
+            } => (InstanceMemory::PrivateFile(path.to_path_buf()), None),
+            GuestMemory::File { path, shared: true } => (
+                InstanceMemory::SharedFile(path.to_path_buf()),
+                Some(create_memory_file(path)?),
+            ),
+        };
+        let owned_memory = |memory: &InstanceMemory| match (memory, memory_id) {
+            (InstanceMemory::SharedFile(path), Some(id)) => Some((path.clone(), id)),
+            _ => None,
+        };
+        let result = self.spawn_and_connect(spec, mode).await;
+        match result {
+            Ok((process, qmp, ids)) => {
+                let owned = owned_memory(&memory);
+                Ok(QemuInstance::new(
+                    process,
+                    qmp,
+                    &spec.control_socket,
+                    spec.agent_socket.clone(),
+                    ids,
+                    memory,
+                    owned,
+                ))
+            }
+            Err(e) => {
+                if let Some((path, id)) = owned_memory(&memory) {
+                    let _ = remove_memory_file(&path, id);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Spawns QEMU and waits for its QMP; on failure kills it and removes its
+    /// sockets.
+    async fn spawn_and_connect(
+        &self,
+        spec: &LaunchSpec,
+        mode: StartMode<'_>,
+    ) -> Result<(VmmProcess, QmpClient, SocketIds), VmmError> {
         let args = qemu_args_for(spec, self.accel, self.tsc_khz, mode);
         let doc = serde_json::to_vec_pretty(&command_document(&self.binary, &args))
             .expect("json serialises");
@@ -150,13 +252,7 @@ impl QemuVmm {
                     ms = spawned.elapsed().as_millis() as u64,
                     "qemu running, qmp ready"
                 );
-                Ok(QemuInstance::new(
-                    process,
-                    qmp,
-                    &spec.control_socket,
-                    spec.agent_socket.clone(),
-                    ids,
-                ))
+                Ok((process, qmp, ids))
             }
             Err(e) => {
                 let e = explain_exit(e, &process, &spec.console_log).await;
@@ -184,38 +280,132 @@ impl QemuVmm {
         memory: &Path,
         state: &std::fs::File,
     ) -> Result<QemuInstance, VmmError> {
+        self.restore_with(spec, Some(memory), state, "the saved state")
+            .await
+    }
+
+    /// [`Vmm::restore`] with the concrete instance type: the state file
+    /// `spec.state`, RAM from `spec.memory` (mapped privately) or, when it is
+    /// `None`, from the state itself into a RAM backend. Errors of the load
+    /// name the state file. `spec.launch.memory_file` is not used: a
+    /// restored VM's RAM is private, so its own full snapshots carry it.
+    pub async fn restore_full(&self, spec: &RestoreSpec) -> Result<QemuInstance, VmmError> {
+        let state = std::fs::File::open(&spec.state).map_err(|source| VmmError::Io {
+            context: format!("cannot open saved state {}", spec.state.display()),
+            source,
+        })?;
+        let what = format!("the saved state {}", spec.state.display());
+        self.restore_with(&spec.launch, spec.memory.as_deref(), &state, &what)
+            .await
+    }
+
+    /// Starts a QEMU waiting for a saved state (RAM a private mapping of
+    /// `memory`, or a RAM backend the state fills) and loads `state` into it.
+    /// A failed load is refused naming `what` (the state) and QEMU's reason.
+    async fn restore_with(
+        &self,
+        spec: &LaunchSpec,
+        memory: Option<&Path>,
+        state: &std::fs::File,
+        what: &str,
+    ) -> Result<QemuInstance, VmmError> {
+        if let Some(path) = memory {
+            check_memory_file(path, spec.memory_mib)?;
+        }
         let mode = StartMode {
-            memory: GuestMemory::File {
-                path: memory,
-                shared: false,
+            memory: match memory {
+                Some(path) => GuestMemory::File {
+                    path,
+                    shared: false,
+                },
+                None => GuestMemory::Ram,
             },
             incoming: true,
         };
         let inst = self.start_with(spec, mode).await?;
-        match inst.load_state(state).await {
+        let budget = spec.startup_timeout.max(spec.request_timeout);
+        match inst.load_state(state, budget).await {
             Ok(()) => Ok(inst),
             Err(e) => {
                 let e = explain_exit(e, &inst.process, &spec.console_log).await;
                 let _ = inst.kill().await;
-                Err(e)
+                let why = match e {
+                    // QEMU exits when an incoming state does not load.
+                    VmmError::ExitedEarly { exit, detail } => format!("qemu {exit}: {detail}"),
+                    e => e.to_string(),
+                };
+                Err(VmmError::Refused {
+                    request: "migrate-incoming".into(),
+                    status: 0,
+                    message: format!("cannot load {what}: {why}"),
+                })
             }
         }
     }
+
+    /// `qemu X.Y.Z` from `qemu-system-x86_64 --version` (asked once).
+    pub async fn qemu_version(&self) -> Result<String, VmmError> {
+        self.version
+            .get_or_try_init(|| async {
+                let request = "--version";
+                let run = tokio::process::Command::new(&self.binary)
+                    .arg("--version")
+                    .stdin(std::process::Stdio::null())
+                    .kill_on_drop(true)
+                    .output();
+                let out = match tokio::time::timeout(VERSION_TIMEOUT, run).await {
+                    Ok(Ok(out)) => out,
+                    Ok(Err(source)) => {
+                        return Err(VmmError::Spawn {
+                            binary: self.binary.clone(),
+                            source,
+                        })
+                    }
+                    Err(_) => {
+                        return Err(VmmError::Timeout {
+                            request: request.into(),
+                            timeout_ms: VERSION_TIMEOUT.as_millis() as u64,
+                        })
+                    }
+                };
+                let text = String::from_utf8_lossy(&out.stdout);
+                parse_version(&text).ok_or_else(|| VmmError::Transport {
+                    request: request.into(),
+                    message: format!(
+                        "{} printed no version ({}): {}",
+                        self.binary.display(),
+                        out.status,
+                        text.trim()
+                    ),
+                })
+            })
+            .await
+            .cloned()
+    }
+}
+
+/// `qemu X.Y.Z` from `QEMU emulator version X.Y.Z (...)`.
+fn parse_version(text: &str) -> Option<String> {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("QEMU emulator version "))?;
+    let v = line["QEMU emulator version ".len()..]
+        .split_whitespace()
+        .next()?;
+    let ok = !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    ok.then(|| format!("qemu {v}"))
 }
 
 #[async_trait]
 impl Vmm for QemuVmm {
     async fn version(&self) -> Result<String, VmmError> {
-        Err(interim("version"))
+        self.qemu_version().await
     }
 
-    async fn restore(
-        &self,
-        spec: &agentenv_core::backend::RestoreSpec,
-    ) -> Result<Box<dyn VmmInstance>, VmmError> {
-        let _ = spec;
-        Err(interim("restore"))
+    async fn restore(&self, spec: &RestoreSpec) -> Result<Box<dyn VmmInstance>, VmmError> {
+        Ok(Box::new(self.restore_full(spec).await?))
     }
+
     fn kind(&self) -> BackendKind {
         BackendKind::Qemu
     }
@@ -228,6 +418,18 @@ impl Vmm for QemuVmm {
         &self,
         spec: &AdoptSpec,
     ) -> Result<(Box<dyn VmmInstance>, AdoptedState), VmmError> {
+        let (inst, state) = self.adopt_instance(spec).await?;
+        Ok((Box::new(inst), state))
+    }
+}
+
+impl QemuVmm {
+    /// [`Vmm::adopt`] with the concrete instance type. Where the guest's RAM
+    /// lives is read back from QEMU (`qom-get` on the memory backend).
+    pub async fn adopt_instance(
+        &self,
+        spec: &AdoptSpec,
+    ) -> Result<(QemuInstance, AdoptedState), VmmError> {
         let process = VmmProcess::adopt_vmm(spec)?;
         let qmp = QmpClient::new(&spec.control_socket, spec.request_timeout);
         qmp.connect(spec.request_timeout).await?;
@@ -239,14 +441,132 @@ impl Vmm for QemuVmm {
                 None => None,
             },
         };
+        let memory = read_memory(&qmp).await?;
+        // The shared file as it is now is this QEMU's (it maps it).
+        let owned = match &memory {
+            InstanceMemory::SharedFile(path) => std::fs::metadata(path)
+                .ok()
+                .map(|m| (path.clone(), (m.dev(), m.ino()))),
+            _ => None,
+        };
         let inst = QemuInstance::new(
             process,
             qmp,
             &spec.control_socket,
             spec.agent_socket.clone(),
             ids,
+            memory,
+            owned,
         );
-        Ok((Box::new(inst), state))
+        Ok((inst, state))
+    }
+}
+
+/// What QEMU says about its guest RAM (the backend `/objects/mem`, if any).
+async fn read_memory(qmp: &QmpClient) -> Result<InstanceMemory, VmmError> {
+    let path = format!("/objects/{}", args::MEMORY_BACKEND_ID);
+    let get = |property: &'static str| {
+        let arguments = json!({ "path": path, "property": property });
+        qmp.execute("qom-get", Some(arguments))
+    };
+    let kind = match get("type").await {
+        Ok(v) => v.as_str().unwrap_or_default().to_string(),
+        // No such object: the machine's own RAM.
+        Err(VmmError::Refused { .. }) => return Ok(InstanceMemory::Machine),
+        Err(e) => return Err(e),
+    };
+    match kind.as_str() {
+        "memory-backend-ram" => Ok(InstanceMemory::Ram),
+        "memory-backend-file" => {
+            let shared = get("share").await?.as_bool() == Some(true);
+            let file = get("mem-path").await?;
+            let file = PathBuf::from(file.as_str().unwrap_or_default());
+            Ok(if shared {
+                InstanceMemory::SharedFile(file)
+            } else {
+                InstanceMemory::PrivateFile(file)
+            })
+        }
+        other => Err(VmmError::Refused {
+            request: "qom-get".into(),
+            status: 0,
+            message: format!("{path} is a {other}, not a ram or file memory backend"),
+        }),
+    }
+}
+
+/// Makes the empty file QEMU maps as shared guest RAM at `path` (mode 0600;
+/// its directory made if missing; a stale regular file replaced) and returns
+/// its identity.
+fn create_memory_file(path: &Path) -> Result<FileId, VmmError> {
+    let io = |what: &str, source| VmmError::Io {
+        context: format!("cannot {what} memory file {}", path.display()),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| io("make the directory of", e))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        // A dead VM's RAM: nothing can want it.
+        Ok(m) if m.file_type().is_file() => {
+            std::fs::remove_file(path).map_err(|e| io("remove stale", e))?
+        }
+        Ok(_) => {
+            return Err(io(
+                "use",
+                std::io::Error::new(std::io::ErrorKind::AlreadyExists, "not a regular file"),
+            ))
+        }
+        Err(_) => {}
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| io("create", e))?;
+    let m = f.metadata().map_err(|e| io("stat", e))?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// Checks that a snapshot's memory file is there and as large as the guest's
+/// RAM before a QEMU maps it: QEMU would create a missing one (an empty
+/// guest) and grow an empty one.
+fn check_memory_file(path: &Path, memory_mib: u64) -> Result<(), VmmError> {
+    let io = |source| VmmError::Io {
+        context: format!("cannot map memory file {}", path.display()),
+        source,
+    };
+    let m = std::fs::metadata(path).map_err(io)?;
+    let want = memory_mib << 20;
+    if !m.is_file() || m.len() != want {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "not a regular file of {want} bytes (the guest's memory), but {} bytes",
+                m.len()
+            ),
+        )));
+    }
+    Ok(())
+}
+
+/// Removes the memory file at `path` if it is still the one with identity `id`.
+fn remove_memory_file(path: &Path, id: FileId) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() && (m.dev(), m.ino()) == id => {
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -265,9 +585,12 @@ fn adopted_state(status: &str) -> Result<AdoptedState, VmmError> {
     }
 }
 
-/// A socket file's identity (device, inode): only the socket this QEMU created
-/// is removed later.
-type SocketId = (u64, u64);
+/// A file's identity (device, inode): only the socket or memory file this QEMU
+/// (or the driver for it) created is removed later.
+type FileId = (u64, u64);
+
+/// A socket's identity.
+type SocketId = FileId;
 
 /// The identities of a QEMU's sockets.
 #[derive(Debug, Clone, Copy)]
@@ -327,7 +650,10 @@ async fn startup(
 /// A control-socket failure during startup is usually QEMU exiting (a missing
 /// kernel, a bad option): say so, with its last words.
 async fn explain_exit(e: VmmError, process: &VmmProcess, console_log: &Path) -> VmmError {
-    if !matches!(e, VmmError::Transport { .. } | VmmError::Timeout { .. }) {
+    if !matches!(
+        e,
+        VmmError::Transport { .. } | VmmError::Timeout { .. } | VmmError::NotRunning
+    ) {
         return e;
     }
     match wait_exit(process.exit_watch(), Duration::from_millis(500)).await {
@@ -389,6 +715,10 @@ pub struct QemuInstance {
     /// The agent channel's socket (a virtio-serial chardev QEMU serves).
     agent_socket: Option<PathBuf>,
     ids: SocketIds,
+    /// Where guest RAM lives.
+    memory: InstanceMemory,
+    /// The shared memory file the driver removes once QEMU is gone.
+    owned_memory: Option<(PathBuf, FileId)>,
 }
 
 impl std::fmt::Debug for QemuInstance {
@@ -396,6 +726,7 @@ impl std::fmt::Debug for QemuInstance {
         f.debug_struct("QemuInstance")
             .field("pid", &self.process.pid())
             .field("socket", &self.socket)
+            .field("memory", &self.memory)
             .finish_non_exhaustive()
     }
 }
@@ -407,6 +738,8 @@ impl QemuInstance {
         control_socket: &Path,
         agent_socket: Option<PathBuf>,
         ids: SocketIds,
+        memory: InstanceMemory,
+        owned_memory: Option<(PathBuf, FileId)>,
     ) -> QemuInstance {
         let inst = QemuInstance {
             process,
@@ -414,18 +747,30 @@ impl QemuInstance {
             socket: control_socket.to_path_buf(),
             agent_socket,
             ids,
+            memory,
+            owned_memory,
         };
-        // QEMU removes its sockets when it exits cleanly, not when killed.
+        // QEMU removes its sockets when it exits cleanly, not when killed, and
+        // never its memory file.
         let sockets = inst.sockets();
+        let memory_file = inst.owned_memory.clone();
         let rx = inst.process.exit_watch();
         tokio::spawn(async move {
             if wait_exit(rx, Duration::MAX).await.is_some() {
                 for (path, id) in sockets {
                     let _ = remove_socket(&path, Some(id));
                 }
+                if let Some((path, id)) = memory_file {
+                    let _ = remove_memory_file(&path, id);
+                }
             }
         });
         inst
+    }
+
+    /// Where the guest's RAM lives.
+    pub fn memory(&self) -> &InstanceMemory {
+        &self.memory
     }
 
     /// The QMP socket and, when there is one, the agent socket, with their identities.
@@ -475,17 +820,29 @@ impl QemuInstance {
     /// shared RAM skipped (`x-ignore-shared`): the guest's RAM is its shared
     /// memory file, which the caller copies while the guest stays stopped.
     /// Afterwards QEMU reports `postmigrate` (stopped); `resume` runs it again.
+    ///
+    /// RAM that is not a shared file (a private mapping, a RAM backend) goes
+    /// into `out` too.
     pub async fn save_state(&self, out: &std::fs::File) -> Result<(), VmmError> {
         self.ignore_shared().await?;
+        let carries_ram = !matches!(self.memory, InstanceMemory::SharedFile(_));
+        let budget = if carries_ram {
+            let p = json!({ "max-bandwidth": SAVE_BANDWIDTH });
+            self.execute("migrate-set-parameters", Some(p)).await?;
+            self.qmp.timeout().max(RAM_SAVE_TIMEOUT)
+        } else {
+            self.qmp.timeout()
+        };
         self.checked(self.qmp.send_fd(STATE_FD_NAME, out.as_fd()).await)?;
         let uri = format!("fd:{STATE_FD_NAME}");
         self.execute("migrate", Some(json!({ "uri": uri }))).await?;
-        self.wait_migration("migrate").await
+        self.wait_migration("migrate", budget).await
     }
 
     /// Loads a device state saved by [`save_state`](Self::save_state) into a
-    /// QEMU started with `-incoming defer`, then runs the guest.
-    async fn load_state(&self, state: &std::fs::File) -> Result<(), VmmError> {
+    /// QEMU started with `-incoming defer` (waiting at most `budget`), then
+    /// runs the guest.
+    async fn load_state(&self, state: &std::fs::File, budget: Duration) -> Result<(), VmmError> {
         self.ignore_shared().await?;
         self.checked(self.qmp.send_fd(STATE_FD_NAME, state.as_fd()).await)?;
         let uri = format!("fd:{STATE_FD_NAME}");
@@ -494,7 +851,7 @@ impl QemuInstance {
         // The load runs in QEMU's main loop; `inmigrate` until it is done.
         // Started with `-S`, it then stops in `paused` instead of running.
         let request = "migrate-incoming";
-        let deadline = Instant::now() + self.qmp.timeout();
+        let deadline = Instant::now() + budget;
         loop {
             let status = self.query_status().await?;
             match status.as_str() {
@@ -505,7 +862,7 @@ impl QemuInstance {
                 "inmigrate" => {
                     return Err(VmmError::Timeout {
                         request: request.into(),
-                        timeout_ms: self.qmp.timeout().as_millis() as u64,
+                        timeout_ms: budget.as_millis() as u64,
                     })
                 }
                 other => {
@@ -529,9 +886,9 @@ impl QemuInstance {
             .map(|_| ())
     }
 
-    /// Polls `query-migrate` until the outgoing migration ends.
-    async fn wait_migration(&self, request: &str) -> Result<(), VmmError> {
-        let deadline = Instant::now() + self.qmp.timeout();
+    /// Polls `query-migrate` until the outgoing migration ends, for at most `budget`.
+    async fn wait_migration(&self, request: &str, budget: Duration) -> Result<(), VmmError> {
+        let deadline = Instant::now() + budget;
         loop {
             let v = self.execute("query-migrate", None).await?;
             match v["status"].as_str().unwrap_or("none") {
@@ -550,7 +907,7 @@ impl QemuInstance {
                     let _ = self.execute("migrate_cancel", None).await;
                     return Err(VmmError::Timeout {
                         request: request.into(),
-                        timeout_ms: self.qmp.timeout().as_millis() as u64,
+                        timeout_ms: budget.as_millis() as u64,
                     });
                 }
                 _ => tokio::time::sleep(Duration::from_millis(1)).await,
@@ -591,13 +948,66 @@ impl QemuInstance {
 
 #[async_trait]
 impl VmmInstance for QemuInstance {
-    async fn save_full(
-        &self,
-        files: &agentenv_core::backend::FullSnapshotFiles,
-    ) -> Result<agentenv_core::backend::SavedMemory, VmmError> {
-        let _ = files;
-        Err(interim("save_full"))
+    /// The device state (and RAM that is not a shared file) into
+    /// `files.state`; the caller paused the guest and resumes it.
+    async fn save_full(&self, files: &FullSnapshotFiles) -> Result<SavedMemory, VmmError> {
+        if self.memory == InstanceMemory::Machine {
+            return Err(VmmError::Refused {
+                request: "save_full".into(),
+                status: 0,
+                message: "the guest's ram is not in a memory backend \
+                          (a full snapshot needs a vm launched with a memory file)"
+                    .into(),
+            });
+        }
+        // A running guest would be migrated live and stopped at the end: the
+        // snapshot's instant would not be the caller's.
+        match self.query_status().await?.as_str() {
+            "paused" => {}
+            // Paused since an earlier snapshot: QEMU migrates such a VM only
+            // after it ran again ("Can't migrate the vm that was paused due to
+            // previous migration"), so it runs for the two commands (< 1 ms).
+            "postmigrate" => {
+                self.change_state("cont", "running").await?;
+                self.change_state("stop", "paused").await?;
+            }
+            other => {
+                return Err(VmmError::Refused {
+                    request: "save_full".into(),
+                    status: 0,
+                    message: format!("the guest is {other}, a full snapshot needs it paused"),
+                })
+            }
+        }
+        let state = &files.state;
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(state)
+            .map_err(|source| VmmError::Io {
+                context: format!("cannot create state file {}", state.display()),
+                source,
+            })?;
+        self.save_state(&out).await.map_err(|e| match e {
+            VmmError::Refused {
+                request,
+                status,
+                message,
+            } => VmmError::Refused {
+                request,
+                status,
+                message: format!("{message} (state file {})", state.display()),
+            },
+            e => e,
+        })?;
+        Ok(match &self.memory {
+            InstanceMemory::SharedFile(path) => SavedMemory::InFile(path.clone()),
+            _ => SavedMemory::InState,
+        })
     }
+
     fn pid(&self) -> Option<u32> {
         Some(self.process.pid())
     }
@@ -627,6 +1037,12 @@ impl VmmInstance for QemuInstance {
         for (path, id) in self.sockets() {
             remove_socket(&path, Some(id)).map_err(|source| VmmError::Io {
                 context: format!("cannot remove {}", path.display()),
+                source,
+            })?;
+        }
+        if let Some((path, id)) = &self.owned_memory {
+            remove_memory_file(path, *id).map_err(|source| VmmError::Io {
+                context: format!("cannot remove memory file {}", path.display()),
                 source,
             })?;
         }
@@ -661,6 +1077,52 @@ mod tests {
     }
 
     #[test]
+    fn versions_are_read_from_the_banner() {
+        let banner = "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\n\
+                      Copyright (c) 2003-2022 Fabrice Bellard and the QEMU Project developers\n";
+        assert_eq!(parse_version(banner).as_deref(), Some("qemu 7.2.22"));
+        assert_eq!(
+            parse_version("QEMU emulator version 9.1.0\n").as_deref(),
+            Some("qemu 9.1.0")
+        );
+        assert_eq!(parse_version(""), None);
+        assert_eq!(parse_version("QEMU emulator version (x)\n"), None);
+        assert_eq!(parse_version("qemu-img version 7.2.22\n"), None);
+    }
+
+    #[test]
+    fn memory_files_are_private_replace_stale_ones_and_only_ours_go() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mem = dir.path().join("shm/vm1/guest.mem");
+        create_memory_file(&mem).unwrap();
+        let m = std::fs::metadata(&mem).unwrap();
+        assert_eq!((m.len(), m.permissions().mode() & 0o777), (0, 0o600));
+        let dir_mode = std::fs::metadata(mem.parent().unwrap()).unwrap();
+        assert_eq!(dir_mode.permissions().mode() & 0o777, 0o700);
+        // A stale file (a dead VM's RAM) is replaced by a new, empty one.
+        std::fs::write(&mem, b"old ram").unwrap();
+        let stale = std::fs::metadata(&mem).unwrap();
+        let id2 = create_memory_file(&mem).unwrap();
+        assert_eq!(std::fs::metadata(&mem).unwrap().len(), 0);
+        // Another file now at the path (another inode) stays.
+        remove_memory_file(&mem, (stale.dev(), stale.ino() + 1)).unwrap();
+        assert!(mem.exists());
+        remove_memory_file(&mem, id2).unwrap();
+        assert!(!mem.exists());
+        remove_memory_file(&mem, id2).unwrap();
+        // A directory at the path is refused, naming it.
+        std::fs::create_dir(&mem).unwrap();
+        match create_memory_file(&mem) {
+            Err(VmmError::Io { context, .. }) => {
+                assert!(context.contains("guest.mem"), "{context}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(mem.is_dir());
+    }
+
+    #[test]
     fn only_our_socket_is_removed() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("vm.qmp");
@@ -677,14 +1139,5 @@ mod tests {
         std::fs::write(&sock, b"x").unwrap();
         remove_socket(&sock, None).unwrap();
         assert!(sock.exists());
-    }
-}
-
-/// INTERIM (issue 12 in progress): replaced by the real implementation.
-fn interim(request: &str) -> VmmError {
-    VmmError::Refused {
-        request: request.into(),
-        status: 0,
-        message: "not implemented yet".into(),
     }
 }

@@ -4,12 +4,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use agentenv_api::{SnapshotInfo, SnapshotStatus, SnapshotTier};
+use agentenv_api::{SnapshotInfo, SnapshotTier};
 use agentenv_core::snapshot::{NewSnapshot, SnapshotError};
-use chrono::Utc;
 
-use super::meta::{SnapshotMeta, SCHEMA_VERSION};
-use super::{io_err, tier_error, Entry, Hold, HoldKind, Inner, DISK_FILE};
+use super::meta::SnapshotMeta;
+use super::pending::{check_free_id, finish, make_partial, needed_bytes, remove_partial};
+use super::{tier_error, Entry, Hold, HoldKind, Inner, DISK_FILE};
 use crate::disk;
 
 /// Reserves the id in the index (not listed until complete).
@@ -44,23 +44,9 @@ enum TmpfsOutcome {
 pub(super) fn run(new: &NewSnapshot, hold: Hold) -> Result<SnapshotInfo, SnapshotError> {
     let inner = &*hold.inner;
     let id = &new.snapshot_id;
-    for tier in [SnapshotTier::Tmpfs, SnapshotTier::Durable] {
-        let dir = inner.dir(tier, id)?;
-        if dir.exists() {
-            return Err(SnapshotError::Exists(format!(
-                "{id} (at {})",
-                dir.display()
-            )));
-        }
-    }
-    // Opening the source first keeps its errors apart from the tiers'.
-    let src = std::fs::File::open(&new.source)
-        .and_then(|f| f.metadata())
-        .map_err(io_err(format!("cannot read {}", new.source.display())))?;
-    let allocated = src
-        .len()
-        .min(disk::allocated_bytes(&new.source).unwrap_or(src.len()));
-    let need = allocated.saturating_add(inner.overhead_bytes);
+    check_free_id(inner, id)?;
+    // Reading the source first keeps its errors apart from the tiers'.
+    let (need, allocated) = needed_bytes(inner, new)?;
 
     let why_not_tmpfs = match try_tmpfs(inner, new, need)? {
         TmpfsOutcome::Done(meta) => return Ok(publish(inner, *meta)),
@@ -81,22 +67,25 @@ pub(super) fn run(new: &NewSnapshot, hold: Hold) -> Result<SnapshotInfo, Snapsho
     }
 }
 
-fn try_tmpfs(inner: &Inner, new: &NewSnapshot, need: u64) -> Result<TmpfsOutcome, SnapshotError> {
+/// The tmpfs tier can take `need` bytes, or why not.
+pub(super) fn tmpfs_room(inner: &Inner, need: u64) -> Result<(), String> {
     let root = &inner.tmpfs_root;
-    let free = match disk::free_bytes(root) {
-        Ok(f) => f,
-        Err(e) => return Ok(TmpfsOutcome::Skipped(format!("tmpfs tier unusable: {e}"))),
-    };
+    let free = disk::free_bytes(root).map_err(|e| format!("tmpfs tier unusable: {e}"))?;
     if free < need {
-        return Ok(TmpfsOutcome::Skipped(format!(
-            "tmpfs tier {} has {free} bytes free, needs {need} (disk's allocated bytes + {} overhead)",
+        return Err(format!(
+            "tmpfs tier {} has {free} bytes free, needs {need} (allocated bytes of the disk, the guest memory of a full snapshot, {} overhead)",
             root.display(),
             inner.overhead_bytes
-        )));
+        ));
     }
-    if let Err(e) = super::writable_dir(root) {
-        return Ok(TmpfsOutcome::Skipped(e.to_string()));
+    super::writable_dir(root).map_err(|e| e.to_string())
+}
+
+fn try_tmpfs(inner: &Inner, new: &NewSnapshot, need: u64) -> Result<TmpfsOutcome, SnapshotError> {
+    if let Err(why) = tmpfs_room(inner, need) {
+        return Ok(TmpfsOutcome::Skipped(why));
     }
+    let root = &inner.tmpfs_root;
     match copy_into(inner, SnapshotTier::Tmpfs, new) {
         Ok(meta) => Ok(TmpfsOutcome::Done(Box::new(meta))),
         Err(CopyError::NoSpace(e)) => {
@@ -116,8 +105,8 @@ fn try_tmpfs(inner: &Inner, new: &NewSnapshot, need: u64) -> Result<TmpfsOutcome
     }
 }
 
-enum CopyError {
-    /// The tier filled up; nothing is left behind.
+pub(super) enum CopyError {
+    /// The tier filled up.
     NoSpace(String),
     Other(SnapshotError),
 }
@@ -128,101 +117,53 @@ impl From<SnapshotError> for CopyError {
     }
 }
 
-/// Copies the disk into a `.partial-*` directory of `tier`, writes the
-/// record, renames the directory into place. Leaves nothing on failure.
+impl CopyError {
+    /// The error of a snapshot step that has no other tier to try.
+    pub(super) fn into_error(self, id: &str) -> SnapshotError {
+        match self {
+            CopyError::NoSpace(why) => SnapshotError::NoSpace {
+                id: id.to_string(),
+                why,
+            },
+            CopyError::Other(e) => e,
+        }
+    }
+}
+
+/// Copies the disk into a `.partial-*` directory of `tier`, hashing it on
+/// the way, and finishes the snapshot there. Leaves nothing on failure.
 fn copy_into(
     inner: &Inner,
     tier: SnapshotTier,
     new: &NewSnapshot,
 ) -> Result<SnapshotMeta, CopyError> {
-    let root = inner.root(tier);
-    let partial = inner.partial_dir(tier, &new.snapshot_id)?;
-    if let Err(e) = std::fs::create_dir(&partial) {
-        return Err(classify(
-            root,
-            format!("cannot create {}", partial.display()),
-            e,
-        ));
-    }
-    let result = fill(inner, tier, new, &partial);
+    let partial = make_partial(inner, tier, &new.snapshot_id)?;
+    let result = disk::copy_sparse_hashed(&new.source, &partial.join(DISK_FILE))
+        .map_err(|e| {
+            classify(
+                inner.root(tier),
+                format!("cannot copy {}", new.source.display()),
+                e,
+            )
+        })
+        .and_then(|(stats, sha256)| {
+            tracing::debug!(
+                "snapshot {}: {} of {} bytes by {}",
+                new.snapshot_id,
+                stats.bytes_copied,
+                stats.logical_bytes,
+                stats.method.as_str()
+            );
+            finish(inner, tier, new, &partial, Some(sha256), false)
+        });
     if result.is_err() {
-        if let Err(e) = std::fs::remove_dir_all(&partial) {
-            tracing::warn!("cannot remove {}: {e}", partial.display());
-        }
+        remove_partial(&partial);
     }
     result
 }
 
-fn fill(
-    inner: &Inner,
-    tier: SnapshotTier,
-    new: &NewSnapshot,
-    partial: &Path,
-) -> Result<SnapshotMeta, CopyError> {
-    let root = inner.root(tier);
-    let tmp_disk = partial.join(DISK_FILE);
-    let (stats, sha256) = disk::copy_sparse_hashed(&new.source, &tmp_disk)
-        .map_err(|e| classify(root, format!("cannot copy {}", new.source.display()), e))?;
-    disk::sync_file(&tmp_disk).map_err(|e| classify(root, String::new(), e))?;
-    let allocated =
-        disk::allocated_bytes(&tmp_disk).map_err(|e| classify(root, String::new(), e))?;
-    inner.failpoint("snapshot_store.copied")?;
-    let final_dir = inner.dir(tier, &new.snapshot_id)?;
-    let final_disk = final_dir.join(DISK_FILE).display().to_string();
-    let (tmpfs_path, durable_path, persisted_at) = match tier {
-        SnapshotTier::Tmpfs => (Some(final_disk), None, None),
-        SnapshotTier::Durable => (None, Some(final_disk), Some(Utc::now())),
-    };
-    let meta = SnapshotMeta {
-        schema_version: SCHEMA_VERSION,
-        snapshot_id: new.snapshot_id.clone(),
-        vm_id: new.vm_id.clone(),
-        rootfs_id: new.rootfs_id.clone(),
-        backend: new.backend,
-        tier,
-        status: SnapshotStatus::Ready,
-        tmpfs_path,
-        durable_path,
-        logical_bytes: stats.logical_bytes,
-        allocated_bytes: allocated,
-        checksum_algorithm: disk::CHECKSUM_ALGORITHM.to_string(),
-        sha256,
-        created_at: Utc::now(),
-        persisted_at,
-        fs_frozen: new.fs_frozen,
-    };
-    match inner.write_meta(partial, &meta) {
-        Ok(()) => {}
-        Err(SnapshotError::Io { context, source }) => return Err(classify(root, context, source)),
-        Err(e) => return Err(e.into()),
-    }
-    inner.failpoint("snapshot_store.recorded")?;
-    std::fs::rename(partial, &final_dir).map_err(|e| {
-        classify(
-            root,
-            format!(
-                "cannot rename {} to {}",
-                partial.display(),
-                final_dir.display()
-            ),
-            e,
-        )
-    })?;
-    disk::sync_dir(root).map_err(|e| classify(root, String::new(), e))?;
-    tracing::info!(
-        "snapshot {} of vm {}: {:?} tier, {} of {} bytes by {}",
-        meta.snapshot_id,
-        meta.vm_id,
-        tier,
-        stats.bytes_copied,
-        stats.logical_bytes,
-        stats.method.as_str()
-    );
-    Ok(meta)
-}
-
 /// Sorts an error in a tier: full, unusable, or other.
-fn classify(root: &Path, context: String, e: std::io::Error) -> CopyError {
+pub(super) fn classify(root: &Path, context: String, e: std::io::Error) -> CopyError {
     if disk::is_no_space(&e) {
         return CopyError::NoSpace(e.to_string());
     }
@@ -235,7 +176,7 @@ fn classify(root: &Path, context: String, e: std::io::Error) -> CopyError {
 }
 
 /// Makes the snapshot visible.
-fn publish(inner: &Inner, meta: SnapshotMeta) -> SnapshotInfo {
+pub(super) fn publish(inner: &Inner, meta: SnapshotMeta) -> SnapshotInfo {
     let info = meta.to_info();
     let mut index = inner.index();
     let e = index.entry(meta.snapshot_id.clone()).or_default();

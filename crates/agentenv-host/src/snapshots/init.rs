@@ -71,6 +71,15 @@ fn merge(copies: Vec<Found>) -> SnapshotMeta {
     if corrupt {
         meta.status = SnapshotStatus::Corrupt;
     }
+    // Each copy's memory file has its own mtime; its own record has it.
+    if let Some(m) = meta.full.as_mut().and_then(|f| f.memory.as_mut()) {
+        for c in [tmpfs, durable].into_iter().flatten() {
+            let own = c.meta.full.as_ref().and_then(|f| f.memory.as_ref());
+            if let Some(t) = own.and_then(|o| o.quick.mtime_ns.get(c.tier)) {
+                m.quick.mtime_ns.set(c.tier, Some(t));
+            }
+        }
+    }
     meta
 }
 
@@ -135,11 +144,8 @@ fn scan(
             );
             continue;
         }
-        if !disk.is_file() {
-            tracing::warn!(
-                "ignoring snapshot {}: {DISK_FILE} is missing",
-                path.display()
-            );
+        if let Some(missing) = meta.files().into_iter().find(|f| !path.join(f).is_file()) {
+            tracing::warn!("ignoring snapshot {}: {missing} is missing", path.display());
             continue;
         }
         found

@@ -1,15 +1,26 @@
-//! `meta.json`: the versioned record beside each copy of a snapshot's disk.
+//! `meta.json`: the versioned record beside each copy of a snapshot.
+//!
+//! Version 2 adds the kind, the base image's fingerprint and, for full
+//! snapshots, the state and memory files' checksums and quick check.
+//! Version 1 records (disk snapshots from before) still load, as `kind: disk`;
+//! they are rewritten as version 2 only when the record changes anyway.
 
 use std::path::Path;
 
-use agentenv_api::{BackendKind, SnapshotInfo, SnapshotStatus, SnapshotTier};
+use agentenv_api::{
+    BackendKind, FullSnapshotInfo, SnapshotInfo, SnapshotKind, SnapshotStatus, SnapshotTier,
+};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::disk::CHECKSUM_ALGORITHM;
 
-/// The `schema_version` this code writes and reads.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The `schema_version` this code writes.
+pub const SCHEMA_VERSION: u32 = 2;
+/// The older versions it still reads (see [`SnapshotMeta::load`]).
+pub const READS_SCHEMA_VERSIONS: [u32; 2] = [1, 2];
+/// How a full snapshot's state file is checked: plain SHA-256 of its bytes.
+pub const STATE_CHECKSUM_ALGORITHM: &str = "sha256";
 
 /// One snapshot's record. Every copy's directory holds the same record; the
 /// paths are recomputed from the tier roots when the store loads.
@@ -48,6 +59,37 @@ pub struct SnapshotMeta {
     /// The guest agent froze the file systems for the copy.
     #[serde(default)]
     pub fs_frozen: bool,
+    /// `disk` or `full` (version 1 records are `disk`).
+    #[serde(default)]
+    pub kind: SnapshotKind,
+    /// Fingerprint of the base image under the disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_fingerprint: Option<String>,
+    /// A full snapshot's VM description and its files' checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full: Option<FullRecord>,
+}
+
+/// What a full snapshot adds to the record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FullRecord {
+    /// What a restore must match (as the API shows it).
+    pub info: FullSnapshotInfo,
+    /// How `state_sha256` is defined ([`STATE_CHECKSUM_ALGORITHM`]).
+    pub state_checksum_algorithm: String,
+    /// SHA-256 of the VMM's state file.
+    pub state_sha256: String,
+    /// The memory file; `None` when the guest memory is in the state file.
+    pub memory: Option<MemoryRecord>,
+}
+
+/// A full snapshot's memory file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRecord {
+    /// Its checksum, `sparse-sha256-4k-v1` like the disk's (checked by persist).
+    pub sha256: String,
+    /// The cheap check a restore makes instead.
+    pub quick: super::quick::QuickCheck,
 }
 
 /// Why a `meta.json` was not loaded.
@@ -89,11 +131,20 @@ impl SnapshotMeta {
             created_at: self.created_at,
             persisted_at: self.persisted_at,
             fs_frozen: self.fs_frozen,
-            // INTERIM (issue 12 in progress): recorded in meta.json next.
-            kind: agentenv_api::SnapshotKind::Disk,
-            rootfs_fingerprint: None,
-            full: None,
+            kind: self.kind,
+            rootfs_fingerprint: self.rootfs_fingerprint.clone(),
+            full: self.full.as_ref().map(|f| f.info.clone()),
             mapped_by: Vec::new(),
+        }
+    }
+
+    /// The files of each copy, the disk first.
+    pub fn files(&self) -> Vec<&'static str> {
+        use super::{DISK_FILE, MEMORY_FILE, STATE_FILE};
+        match &self.full {
+            None => vec![DISK_FILE],
+            Some(f) if f.memory.is_none() => vec![DISK_FILE, STATE_FILE],
+            Some(_) => vec![DISK_FILE, STATE_FILE, MEMORY_FILE],
         }
     }
 
@@ -104,7 +155,9 @@ impl SnapshotMeta {
         v
     }
 
-    /// Reads and checks a record: schema version, checksum definition.
+    /// Reads and checks a record: schema version (1 or 2; a version 1
+    /// record is a disk snapshot), checksum definitions, kind. Returns it
+    /// migrated to [`SCHEMA_VERSION`] (the file is not rewritten).
     pub fn load(path: &Path) -> Result<SnapshotMeta, MetaError> {
         let bytes = std::fs::read(path).map_err(|source| MetaError::Read {
             path: path.display().to_string(),
@@ -117,17 +170,50 @@ impl SnapshotMeta {
         let v: serde_json::Value =
             serde_json::from_slice(&bytes).map_err(|e| parse(e.to_string()))?;
         match v.get("schema_version").and_then(|s| s.as_u64()) {
-            Some(n) if n == SCHEMA_VERSION as u64 => {}
-            Some(n) => return Err(parse(format!("schema_version {n} is not {SCHEMA_VERSION}"))),
+            Some(n) if READS_SCHEMA_VERSIONS.iter().any(|&v| u64::from(v) == n) => {}
+            Some(n) => {
+                return Err(parse(format!(
+                    "schema_version {n} is not one of {READS_SCHEMA_VERSIONS:?}"
+                )))
+            }
             None => return Err(parse("no schema_version".into())),
         }
-        let meta: SnapshotMeta = serde_json::from_value(v).map_err(|e| parse(e.to_string()))?;
+        let mut meta: SnapshotMeta = serde_json::from_value(v).map_err(|e| parse(e.to_string()))?;
         if meta.checksum_algorithm != CHECKSUM_ALGORITHM {
             return Err(parse(format!(
                 "checksum_algorithm {:?} is not {CHECKSUM_ALGORITHM:?}",
                 meta.checksum_algorithm
             )));
         }
+        if meta.schema_version == 1 && (meta.kind != SnapshotKind::Disk || meta.full.is_some()) {
+            return Err(parse(
+                "a schema_version 1 record holds only disk snapshots".into(),
+            ));
+        }
+        match (&meta.kind, &meta.full) {
+            (SnapshotKind::Disk, None) => {}
+            (SnapshotKind::Full, Some(f)) => {
+                if f.state_checksum_algorithm != STATE_CHECKSUM_ALGORITHM {
+                    return Err(parse(format!(
+                        "state_checksum_algorithm {:?} is not {STATE_CHECKSUM_ALGORITHM:?}",
+                        f.state_checksum_algorithm
+                    )));
+                }
+                if let Some(m) = &f.memory {
+                    m.quick.check_definition().map_err(parse)?;
+                }
+            }
+            (kind, full) => {
+                return Err(parse(format!(
+                    "kind {kind:?} does not match its full part ({})",
+                    if full.is_some() { "present" } else { "missing" }
+                )))
+            }
+        }
+        // The migration from version 1: the fields it lacks take their
+        // defaults (a disk snapshot); the record is now a current one, and
+        // the next write of it says so.
+        meta.schema_version = SCHEMA_VERSION;
         Ok(meta)
     }
 }
@@ -154,6 +240,9 @@ mod tests {
             created_at: "2025-01-02T03:04:05Z".parse().unwrap(),
             persisted_at: None,
             fs_frozen: false,
+            kind: SnapshotKind::Disk,
+            rootfs_fingerprint: None,
+            full: None,
         }
     }
 
@@ -164,7 +253,7 @@ mod tests {
         std::fs::write(&p, sample().to_json()).unwrap();
         assert_eq!(SnapshotMeta::load(&p).unwrap(), sample());
         let text = std::fs::read_to_string(&p).unwrap();
-        assert!(text.contains("\"schema_version\": 1"), "{text}");
+        assert!(text.contains("\"schema_version\": 2"), "{text}");
         assert!(text.contains("\"tier\": \"tmpfs\""), "{text}");
     }
 
@@ -173,15 +262,112 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("meta.json");
         let mut v = serde_json::to_value(sample()).unwrap();
-        v["schema_version"] = 2.into();
+        v["schema_version"] = 3.into();
         std::fs::write(&p, v.to_string()).unwrap();
         let e = SnapshotMeta::load(&p).unwrap_err();
-        assert!(e.to_string().contains("schema_version 2"), "{e}");
+        assert!(e.to_string().contains("schema_version 3"), "{e}");
         std::fs::write(&p, b"{").unwrap();
         let e = SnapshotMeta::load(&p).unwrap_err();
         assert!(e.to_string().contains("meta.json"), "{e}");
         let mut v = serde_json::to_value(sample()).unwrap();
         v["checksum_algorithm"] = "sha256".into();
+        std::fs::write(&p, v.to_string()).unwrap();
+        assert!(SnapshotMeta::load(&p).is_err());
+    }
+
+    /// A record as version 1 wrote it (before full snapshots).
+    const V1_RECORD: &str = r#"{
+  "schema_version": 1,
+  "snapshot_id": "s1",
+  "vm_id": "vm1",
+  "rootfs_id": "base.ext4",
+  "backend": "firecracker",
+  "tier": "tmpfs",
+  "status": "ready",
+  "tmpfs_path": "/t/s1/disk.ext4",
+  "durable_path": null,
+  "logical_bytes": 1073741824,
+  "allocated_bytes": 4096,
+  "checksum_algorithm": "sparse-sha256-4k-v1",
+  "sha256": "abababababababababababababababababababababababababababababababab",
+  "created_at": "2025-01-02T03:04:05Z",
+  "persisted_at": null,
+  "fs_frozen": false
+}
+"#;
+
+    #[test]
+    fn version_1_records_load_as_disk_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("meta.json");
+        std::fs::write(&p, V1_RECORD).unwrap();
+        let m = SnapshotMeta::load(&p).unwrap();
+        assert_eq!(m, sample());
+        assert_eq!(m.to_info().kind, SnapshotKind::Disk);
+        assert_eq!(m.files(), vec!["disk.ext4"]);
+        // A version 1 record claiming to be full is not one this code wrote.
+        let mut v: serde_json::Value = serde_json::from_str(V1_RECORD).unwrap();
+        v["kind"] = "full".into();
+        std::fs::write(&p, v.to_string()).unwrap();
+        assert!(SnapshotMeta::load(&p).is_err());
+    }
+
+    #[test]
+    fn full_records_round_trip_and_are_checked() {
+        use super::super::quick::{QuickCheck, TierMtimes, QUICK_CHECK_ALGORITHM};
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("meta.json");
+        let info: FullSnapshotInfo = serde_json::from_value(serde_json::json!({
+            "vmm_version": "qemu 7.2.19", "vcpus": 1, "memory_mib": 512,
+            "kernel": "/k", "kernel_fingerprint": "kf", "initrd": null,
+            "initrd_fingerprint": null, "boot_args": "console=ttyS0",
+            "network": true, "agent": true, "memory_bytes": 536870912,
+            "state_bytes": 1000
+        }))
+        .unwrap();
+        let full = SnapshotMeta {
+            kind: SnapshotKind::Full,
+            rootfs_fingerprint: Some("rf".into()),
+            full: Some(FullRecord {
+                info,
+                state_checksum_algorithm: STATE_CHECKSUM_ALGORITHM.into(),
+                state_sha256: "cd".repeat(32),
+                memory: Some(MemoryRecord {
+                    sha256: "ef".repeat(32),
+                    quick: QuickCheck {
+                        algorithm: QUICK_CHECK_ALGORITHM.into(),
+                        size: 536870912,
+                        sample_pages: 64,
+                        sample_sha256: "01".repeat(32),
+                        mtime_ns: TierMtimes {
+                            tmpfs: Some(1_700_000_000_123_456_789),
+                            durable: None,
+                        },
+                    },
+                }),
+            }),
+            ..sample()
+        };
+        std::fs::write(&p, full.to_json()).unwrap();
+        let back = SnapshotMeta::load(&p).unwrap();
+        assert_eq!(back, full);
+        assert_eq!(back.files(), vec!["disk.ext4", "state", "memory"]);
+        let info = back.to_info();
+        assert_eq!(info.kind, SnapshotKind::Full);
+        assert_eq!(info.rootfs_fingerprint.as_deref(), Some("rf"));
+        assert_eq!(info.full.unwrap().memory_bytes, 536870912);
+        for (field, value) in [
+            ("kind", serde_json::json!("disk")),
+            ("full", serde_json::Value::Null),
+        ] {
+            let mut v = serde_json::to_value(&full).unwrap();
+            v[field] = value;
+            std::fs::write(&p, v.to_string()).unwrap();
+            let e = SnapshotMeta::load(&p).unwrap_err();
+            assert!(e.to_string().contains("does not match"), "{e}");
+        }
+        let mut v = serde_json::to_value(&full).unwrap();
+        v["full"]["memory"]["quick"]["algorithm"] = "other".into();
         std::fs::write(&p, v.to_string()).unwrap();
         assert!(SnapshotMeta::load(&p).is_err());
     }

@@ -1,12 +1,15 @@
-//! [`TieredStore`]: disk snapshots in a tmpfs tier and a durable tier, on
-//! real file systems.
+//! [`TieredStore`]: disk and full snapshots in a tmpfs tier and a durable
+//! tier, on real file systems.
 //!
 //! Layout, in each tier root:
 //!
 //! ```text
 //! {tier_root}/{snapshot_id}/disk.ext4    sparse copy of the VM's writable disk
-//! {tier_root}/{snapshot_id}/meta.json    SnapshotMeta, schema_version 1
-//! {tier_root}/.partial-{id}-{pid}-{n}/   a copy being made or being removed
+//! {tier_root}/{snapshot_id}/state        full snapshots: the VMM's state
+//! {tier_root}/{snapshot_id}/memory       full snapshots: guest memory (sparse;
+//!                                        absent when it is inside `state`)
+//! {tier_root}/{snapshot_id}/meta.json    SnapshotMeta, schema_version 2
+//! {tier_root}/.partial-{id}-{pid}-{n}/   a snapshot being made or removed
 //! ```
 //!
 //! Invariants:
@@ -20,17 +23,23 @@
 //!   exists, and a snapshot is corrupt when any record says so.
 //! - The in-memory index is the only thing `list`/`get` read; every change
 //!   on disk updates it before the call returns.
-//! - One operation at a time changes a snapshot (create, persist, delete mark
-//!   it busy); restores only read, count themselves, and block `delete`.
+//! - One operation at a time changes a snapshot (create, begin…seal/abort,
+//!   persist, delete mark it busy); restores and `open_full` only read,
+//!   count themselves, and block `delete`.
 //!
-//! One file per verb: [`init`], [`create`], [`persist`], [`restore`],
-//! [`delete`]; the record is in [`meta`].
+//! One file per verb: [`init`], [`create`], [`pending`] (begin, copy_disk,
+//! copy_memory, seal, abort), [`open_full`], [`persist`], [`restore`],
+//! [`delete`]; the record is in [`meta`], the memory file's quick check in
+//! [`quick`].
 
 mod create;
 mod delete;
 mod init;
 pub mod meta;
+mod open_full;
+mod pending;
 mod persist;
+pub mod quick;
 mod restore;
 
 use std::collections::BTreeMap;
@@ -41,7 +50,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use agentenv_api::{SnapshotInfo, SnapshotTier};
 use agentenv_core::config::Config;
-use agentenv_core::snapshot::{Cleanup, NewSnapshot, SnapshotError, SnapshotStore};
+use agentenv_core::snapshot::{
+    Cleanup, FullSnapshotFiles, NewSnapshot, PendingSnapshot, SnapshotError, SnapshotStore,
+};
 use async_trait::async_trait;
 
 use crate::disk;
@@ -49,6 +60,10 @@ use meta::SnapshotMeta;
 
 /// File name of a snapshot's disk inside its directory.
 pub const DISK_FILE: &str = "disk.ext4";
+/// File name of a full snapshot's VMM state inside its directory.
+pub const STATE_FILE: &str = "state";
+/// File name of a full snapshot's guest memory inside its directory.
+pub const MEMORY_FILE: &str = "memory";
 /// File name of a snapshot's record inside its directory.
 pub const META_FILE: &str = "meta.json";
 /// Prefix of directories being made or removed.
@@ -279,6 +294,8 @@ enum HoldKind {
     Busy,
     /// A restore: the count goes down.
     Restore,
+    /// Nothing: the entry outlives the hold (see [`Hold::keep`]).
+    Kept,
 }
 
 impl Drop for Hold {
@@ -293,7 +310,29 @@ impl Drop for Hold {
             }
             HoldKind::Create | HoldKind::Busy => e.busy = None,
             HoldKind::Restore => e.restores = e.restores.saturating_sub(1),
+            HoldKind::Kept => {}
         }
+    }
+}
+
+impl Hold {
+    /// Leaves the entry as it is when this hold goes (a pending snapshot
+    /// keeps its reservation until `seal` or `abort`).
+    fn keep(mut self) {
+        self.kind = HoldKind::Kept;
+    }
+}
+
+/// A copy of a pending snapshot's description for a blocking task (the
+/// caller keeps the original).
+fn shallow(p: &PendingSnapshot) -> PendingSnapshot {
+    PendingSnapshot {
+        new: p.new.clone(),
+        tier: p.tier,
+        dir: p.dir.clone(),
+        disk: p.disk.clone(),
+        files: p.files.clone(),
+        memory_in_state: p.memory_in_state,
     }
 }
 
@@ -313,51 +352,59 @@ where
 
 #[async_trait]
 impl SnapshotStore for TieredStore {
-    // INTERIM (issue 12 in progress): replaced by the real implementation.
-    async fn begin(
-        &self,
-        new: agentenv_core::snapshot::NewSnapshot,
-    ) -> Result<agentenv_core::snapshot::PendingSnapshot, SnapshotError> {
-        let _ = new;
-        Err(SnapshotError::Injected("interim"))
+    async fn begin(&self, new: NewSnapshot) -> Result<PendingSnapshot, SnapshotError> {
+        let inner = self.inner.clone();
+        blocking(move || pending::begin(&inner, new)).await
     }
 
-    async fn copy_disk(
-        &self,
-        pending: &agentenv_core::snapshot::PendingSnapshot,
-    ) -> Result<(), SnapshotError> {
-        let _ = pending;
-        Err(SnapshotError::Injected("interim"))
+    async fn copy_disk(&self, pending: &PendingSnapshot) -> Result<(), SnapshotError> {
+        let inner = self.inner.clone();
+        let (src, dst) = (pending.new.source.clone(), pending.disk.clone());
+        let p = shallow(pending);
+        blocking(move || pending::copy_in(&inner, &p, &src, &dst)).await
     }
 
     async fn copy_memory(
         &self,
-        pending: &agentenv_core::snapshot::PendingSnapshot,
+        pending: &PendingSnapshot,
         source: &Path,
     ) -> Result<(), SnapshotError> {
-        let _ = (pending, source);
-        Err(SnapshotError::Injected("interim"))
+        let inner = self.inner.clone();
+        let (src, dst) = (source.to_path_buf(), pending.files.memory.clone());
+        let p = shallow(pending);
+        blocking(move || pending::copy_in(&inner, &p, &src, &dst)).await
     }
 
-    async fn seal(
-        &self,
-        pending: agentenv_core::snapshot::PendingSnapshot,
-    ) -> Result<SnapshotInfo, SnapshotError> {
-        let _ = pending;
-        Err(SnapshotError::Injected("interim"))
+    async fn seal(&self, pending: PendingSnapshot) -> Result<SnapshotInfo, SnapshotError> {
+        pending::check_pending(&self.inner, &pending)?;
+        let hold = pending::hold_for(&self.inner, &pending);
+        blocking(move || pending::seal(pending, hold)).await
     }
 
-    async fn abort(&self, pending: agentenv_core::snapshot::PendingSnapshot) {
-        let _ = pending;
+    async fn abort(&self, pending: PendingSnapshot) {
+        if let Err(e) = pending::check_pending(&self.inner, &pending) {
+            tracing::warn!("not aborting: {e}");
+            return;
+        }
+        let hold = pending::hold_for(&self.inner, &pending);
+        let dir = pending.dir.clone();
+        let _ = blocking(move || {
+            pending::remove_partial(&dir);
+            drop(hold);
+            Ok(())
+        })
+        .await;
+        tracing::info!("snapshot {} aborted", pending.new.snapshot_id);
     }
 
     async fn open_full(
         &self,
         snapshot_id: &str,
         disk_dest: &Path,
-    ) -> Result<agentenv_core::snapshot::FullSnapshotFiles, SnapshotError> {
-        let _ = (snapshot_id, disk_dest);
-        Err(SnapshotError::Injected("interim"))
+    ) -> Result<FullSnapshotFiles, SnapshotError> {
+        let started = open_full::start(&self.inner, snapshot_id)?;
+        let dest = disk_dest.to_path_buf();
+        blocking(move || open_full::run(started, &dest)).await
     }
 
     async fn init(&self) -> Result<Cleanup, SnapshotError> {
@@ -393,7 +440,7 @@ impl SnapshotStore for TieredStore {
         keep_tmpfs: bool,
     ) -> Result<SnapshotInfo, SnapshotError> {
         let (meta, hold) = match persist::start(&self.inner, snapshot_id)? {
-            persist::Start::AlreadyDurable(info) => return Ok(info),
+            persist::Start::AlreadyDurable(info) => return Ok(*info),
             persist::Start::Copy(meta, hold) => (meta, hold),
         };
         blocking(move || persist::run(*meta, keep_tmpfs, hold)).await

@@ -1,5 +1,6 @@
 //! `persist`: copy a tmpfs snapshot to the durable tier, verified.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use agentenv_api::{SnapshotInfo, SnapshotStatus, SnapshotTier};
@@ -7,12 +8,13 @@ use agentenv_core::snapshot::SnapshotError;
 use chrono::Utc;
 
 use super::meta::SnapshotMeta;
-use super::{io_err, tier_error, Hold, HoldKind, Inner, DISK_FILE};
+use super::quick::sha256_file;
+use super::{io_err, tier_error, Hold, HoldKind, Inner, DISK_FILE, MEMORY_FILE, STATE_FILE};
 use crate::disk;
 
 pub(super) enum Start {
     /// Nothing to do: the snapshot has a durable copy.
-    AlreadyDurable(SnapshotInfo),
+    AlreadyDurable(Box<SnapshotInfo>),
     /// Copy it; the snapshot is marked busy until the hold drops.
     Copy(Box<SnapshotMeta>, Hold),
 }
@@ -25,7 +27,7 @@ pub(super) fn start(inner: &Arc<Inner>, id: &str) -> Result<Start, SnapshotError
         .ok_or_else(|| SnapshotError::NotFound(id.to_string()))?;
     let meta = e.meta.clone().expect("checked above");
     if meta.durable_path.is_some() {
-        return Ok(Start::AlreadyDurable(meta.to_info()));
+        return Ok(Start::AlreadyDurable(Box::new(meta.to_info())));
     }
     if let Some(why) = e.busy {
         return Err(SnapshotError::Busy {
@@ -59,7 +61,7 @@ pub(super) fn run(
     let id = meta.snapshot_id.clone();
     inner.durable_ready()?;
     let root = &inner.durable_root;
-    let src = inner.dir(SnapshotTier::Tmpfs, &id)?.join(DISK_FILE);
+    let src_dir = inner.dir(SnapshotTier::Tmpfs, &id)?;
     let final_dir = inner.dir(SnapshotTier::Durable, &id)?;
     if final_dir.exists() {
         return Err(SnapshotError::Exists(format!(
@@ -70,7 +72,7 @@ pub(super) fn run(
     let partial = inner.partial_dir(SnapshotTier::Durable, &id)?;
     std::fs::create_dir(&partial)
         .map_err(|e| tier_error(root, format!("cannot create {}", partial.display()), e))?;
-    let copied = copy_verified(inner, &meta, &src, &partial);
+    let copied = copy_verified(inner, &meta, &src_dir, &partial);
     let mut new_meta = match copied {
         Ok(m) => m,
         Err(e) => {
@@ -92,18 +94,8 @@ pub(super) fn run(
     let publish = (|| {
         inner.write_meta(&partial, &new_meta)?;
         inner.failpoint("persist.recorded")?;
-        std::fs::rename(&partial, &final_dir).map_err(|e| {
-            tier_error(
-                root,
-                format!(
-                    "cannot rename {} to {}",
-                    partial.display(),
-                    final_dir.display()
-                ),
-                e,
-            )
-        })?;
-        disk::sync_dir(root).map_err(io_err(format!("cannot flush {}", root.display())))
+        disk::rename_durably(&partial, &final_dir, root)
+            .map_err(|e| tier_error(root, format!("cannot persist snapshot {id}"), e))
     })();
     if let Err(e) = publish {
         let _ = std::fs::remove_dir_all(&partial);
@@ -120,7 +112,7 @@ pub(super) fn run(
         }
     } else if let Err(e) = inner.remove_copy(SnapshotTier::Tmpfs, &id) {
         tracing::warn!("snapshot {id}: persisted, but the tmpfs copy stays: {e}");
-        new_meta.tmpfs_path = Some(src.display().to_string());
+        new_meta.tmpfs_path = Some(src_dir.join(DISK_FILE).display().to_string());
         set_meta(inner, &new_meta);
     }
     tracing::info!("snapshot {id} persisted to {}", root.display());
@@ -133,19 +125,19 @@ fn set_meta(inner: &Inner, meta: &SnapshotMeta) {
     }
 }
 
-/// Copies the tmpfs disk into `partial`, flushes it and checks the durable
-/// copy's checksum. On a mismatch, checks the tmpfs copy to tell a bad
-/// source (corrupt snapshot) from a bad write.
+/// Copies the tmpfs copy's files into `partial`, flushes them and checks
+/// the durable copies against the record (every byte, memory included).
+/// On a mismatch, checks the tmpfs file to tell a bad source (corrupt
+/// snapshot) from a bad write.
 fn copy_verified(
     inner: &Inner,
     meta: &SnapshotMeta,
-    src: &std::path::Path,
-    partial: &std::path::Path,
+    src_dir: &Path,
+    partial: &Path,
 ) -> Result<SnapshotMeta, SnapshotError> {
     let id = &meta.snapshot_id;
     let root = &inner.durable_root;
-    let disk_path = partial.join(DISK_FILE);
-    let stats = disk::copy_sparse(src, &disk_path).map_err(|e| {
+    let full_space = |e: std::io::Error| {
         if disk::is_no_space(&e) {
             SnapshotError::NoSpace {
                 id: id.clone(),
@@ -154,53 +146,76 @@ fn copy_verified(
         } else {
             tier_error(root, format!("cannot persist snapshot {id}"), e)
         }
-    })?;
-    disk::sync_file(&disk_path).map_err(|e| {
-        if disk::is_no_space(&e) {
-            SnapshotError::NoSpace {
-                id: id.clone(),
-                why: format!("durable tier {}: {e}", root.display()),
+    };
+    let mut m = meta.clone();
+    for name in meta.files() {
+        let src = src_dir.join(name);
+        let dst = partial.join(name);
+        let stats = disk::copy_sparse(&src, &dst).map_err(full_space)?;
+        disk::sync_file(&dst).map_err(full_space)?;
+        let (expected, sum): (&str, fn(&Path) -> std::io::Result<String>) = match name {
+            STATE_FILE => (
+                &meta
+                    .full
+                    .as_ref()
+                    .expect("full snapshots have a state file")
+                    .state_sha256,
+                sha256_file,
+            ),
+            MEMORY_FILE => (
+                &meta
+                    .full
+                    .as_ref()
+                    .and_then(|f| f.memory.as_ref())
+                    .expect("files() lists it")
+                    .sha256,
+                disk::sparse_sha256,
+            ),
+            _ => (&meta.sha256, disk::sparse_sha256),
+        };
+        let verify = |p: &Path| sum(p).map_err(io_err(format!("cannot verify snapshot {id}")));
+        let got = verify(&dst)?;
+        if got != expected {
+            let source_sum = verify(&src)?;
+            if source_sum != expected {
+                let why = format!(
+                    "{} has sha256 {source_sum}, recorded {expected}",
+                    src.display()
+                );
+                super::restore::mark_corrupt(inner, id, &why);
+                return Err(SnapshotError::Corrupt {
+                    id: id.clone(),
+                    why,
+                });
             }
-        } else {
-            io_err(format!("cannot persist snapshot {id}"))(e)
-        }
-    })?;
-    let got =
-        disk::sparse_sha256(&disk_path).map_err(io_err(format!("cannot verify snapshot {id}")))?;
-    if got != meta.sha256 {
-        let source_sum =
-            disk::sparse_sha256(src).map_err(io_err(format!("cannot verify snapshot {id}")))?;
-        if source_sum != meta.sha256 {
-            let why = format!(
-                "{} has sha256 {source_sum}, recorded {}",
-                src.display(),
-                meta.sha256
-            );
-            super::restore::mark_corrupt(inner, id, &why);
-            return Err(SnapshotError::Corrupt {
-                id: id.clone(),
-                why,
+            return Err(SnapshotError::Io {
+                context: format!("cannot persist snapshot {id}"),
+                source: std::io::Error::other(format!(
+                    "the durable copy {} reads back as sha256 {got}, expected {expected}",
+                    dst.display()
+                )),
             });
         }
-        return Err(SnapshotError::Io {
-            context: format!("cannot persist snapshot {id}"),
-            source: std::io::Error::other(format!(
-                "the durable copy {} reads back as sha256 {got}, expected {}",
-                disk_path.display(),
-                meta.sha256
-            )),
-        });
+        if name == MEMORY_FILE {
+            let t = std::fs::metadata(&dst)
+                .map_err(io_err(format!("cannot stat {}", dst.display())))?;
+            if let Some(mem) = m.full.as_mut().and_then(|f| f.memory.as_mut()) {
+                mem.quick
+                    .mtime_ns
+                    .set(SnapshotTier::Durable, Some(super::quick::mtime_ns(&t)));
+            }
+        }
+        if name == DISK_FILE {
+            m.allocated_bytes = disk::allocated_bytes(&dst)
+                .map_err(io_err(format!("cannot persist snapshot {id}")))?;
+        }
+        tracing::debug!(
+            "snapshot {id}: {} bytes of {name} to the durable tier by {}",
+            stats.bytes_copied,
+            stats.method.as_str()
+        );
     }
-    let allocated = disk::allocated_bytes(&disk_path)
-        .map_err(io_err(format!("cannot persist snapshot {id}")))?;
-    tracing::debug!(
-        "snapshot {id}: {} bytes to the durable tier by {}",
-        stats.bytes_copied,
-        stats.method.as_str()
-    );
-    let mut m = meta.clone();
     m.tier = SnapshotTier::Durable;
-    m.allocated_bytes = allocated;
     m.persisted_at = Some(Utc::now());
     Ok(m)
 }

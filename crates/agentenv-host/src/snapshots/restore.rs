@@ -12,15 +12,32 @@ use super::meta::SnapshotMeta;
 use super::{io_err, Hold, HoldKind, Inner, DISK_FILE};
 use crate::disk::{self, CopyOptions};
 
-/// A restore under way: the record it started from and the copies, opened
-/// while the index was locked, fastest first.
+/// A restore under way: the record it started from and the copies' files,
+/// opened while the index was locked, fastest copy first.
 pub(super) struct Started {
-    meta: SnapshotMeta,
-    copies: Vec<(SnapshotTier, PathBuf, File)>,
-    hold: Hold,
+    pub(super) meta: SnapshotMeta,
+    pub(super) copies: Vec<Copy>,
+    pub(super) hold: Hold,
+}
+
+/// One tier's copy, its files open in the order they were asked for (the
+/// disk first).
+pub(super) struct Copy {
+    pub(super) tier: SnapshotTier,
+    pub(super) files: Vec<(PathBuf, File)>,
 }
 
 pub(super) fn start(inner: &Arc<Inner>, id: &str) -> Result<Started, SnapshotError> {
+    start_with(inner, id, |_| Ok(vec![DISK_FILE]))
+}
+
+/// Opens the files `names` gives for the snapshot (the disk first) in each
+/// of its copies and counts a restore, which blocks `delete`.
+pub(super) fn start_with(
+    inner: &Arc<Inner>,
+    id: &str,
+    names: impl FnOnce(&SnapshotMeta) -> Result<Vec<&'static str>, SnapshotError>,
+) -> Result<Started, SnapshotError> {
     let mut index = inner.index();
     let e = index
         .get_mut(id)
@@ -33,6 +50,7 @@ pub(super) fn start(inner: &Arc<Inner>, id: &str) -> Result<Started, SnapshotErr
         });
     }
     let meta = e.meta.clone().expect("checked above");
+    let names = names(&meta)?;
     if meta.status == SnapshotStatus::Corrupt {
         return Err(SnapshotError::Corrupt {
             id: id.to_string(),
@@ -48,14 +66,21 @@ pub(super) fn start(inner: &Arc<Inner>, id: &str) -> Result<Started, SnapshotErr
         if path.is_none() {
             continue;
         }
-        // The path is rebuilt from the root, not taken from the record.
-        let p = inner.dir(tier, id)?.join(DISK_FILE);
-        match File::open(&p) {
-            Ok(f) => copies.push((tier, p, f)),
-            Err(err) => {
-                tracing::warn!("snapshot {id}: cannot open {}: {err}", p.display());
-                last_err = Some(io_err(format!("cannot open {}", p.display()))(err));
-            }
+        // The paths are rebuilt from the root, not taken from the record.
+        let dir = inner.dir(tier, id)?;
+        let opened: Result<Vec<_>, _> = names
+            .iter()
+            .map(|n| {
+                let p = dir.join(n);
+                File::open(&p).map(|f| (p.clone(), f)).map_err(|err| {
+                    tracing::warn!("snapshot {id}: cannot open {}: {err}", p.display());
+                    io_err(format!("cannot open {}", p.display()))(err)
+                })
+            })
+            .collect();
+        match opened {
+            Ok(files) => copies.push(Copy { tier, files }),
+            Err(err) => last_err = Some(err),
         }
     }
     if copies.is_empty() {
@@ -74,6 +99,20 @@ pub(super) fn start(inner: &Arc<Inner>, id: &str) -> Result<Started, SnapshotErr
 }
 
 pub(super) fn run(started: Started, dest: &Path) -> Result<SnapshotInfo, SnapshotError> {
+    run_with(started, dest, |_| Ok(Ok(()))).map(|(info, _)| info)
+}
+
+/// Copies the disk of the first copy that passes `check` (its other files,
+/// `Ok(Err(why))` when they do not match) and whose disk matches its
+/// checksum while it is copied to `dest`. A bad tmpfs copy is dropped when
+/// a later one is good; when all are bad the snapshot is marked corrupt and
+/// nothing is left at `dest`. Returns the paths of the files of the copy
+/// used.
+pub(super) fn run_with(
+    started: Started,
+    dest: &Path,
+    check: impl Fn(&Copy) -> Result<Result<(), String>, SnapshotError>,
+) -> Result<(SnapshotInfo, Vec<PathBuf>), SnapshotError> {
     let Started { meta, copies, hold } = started;
     let inner = &*hold.inner;
     #[cfg(test)]
@@ -81,9 +120,48 @@ pub(super) fn run(started: Started, dest: &Path) -> Result<SnapshotInfo, Snapsho
     let id = &meta.snapshot_id;
     let mut mismatches = Vec::new();
     let n = copies.len();
-    for (i, (tier, path, file)) in copies.into_iter().enumerate() {
-        let (stats, sum) = disk::copy_sparse_from(&file, &path, dest, CopyOptions::COPY_AND_HASH)
-            .map_err(|e| {
+    for (i, copy) in copies.iter().enumerate() {
+        let tier = copy.tier;
+        let verdict = match check(copy)? {
+            Err(why) => Err(why),
+            Ok(()) => copy_disk_checked(&meta, &copy.files[0], dest)?,
+        };
+        match verdict {
+            Ok(()) => {
+                if !mismatches.is_empty() {
+                    drop_bad_tmpfs_copy(inner, id);
+                }
+                let current = inner.index().get(id).and_then(|e| e.meta.clone());
+                let paths = copy.files.iter().map(|(p, _)| p.clone()).collect();
+                return Ok((current.unwrap_or(meta).to_info(), paths));
+            }
+            Err(why) => {
+                tracing::warn!("snapshot {id}: {why}");
+                mismatches.push(why);
+                if i + 1 < n {
+                    tracing::warn!("snapshot {id}: the {tier:?} copy is bad, trying the next copy");
+                }
+            }
+        }
+    }
+    let why = mismatches.join("; ");
+    mark_corrupt(inner, id, &why);
+    Err(SnapshotError::Corrupt {
+        id: id.clone(),
+        why,
+    })
+}
+
+/// Copies one copy's disk to `dest`, checking its checksum on the way;
+/// `Ok(Err(why))` (and `dest` removed) on a mismatch.
+fn copy_disk_checked(
+    meta: &SnapshotMeta,
+    (path, file): &(PathBuf, File),
+    dest: &Path,
+) -> Result<Result<(), String>, SnapshotError> {
+    let id = &meta.snapshot_id;
+    let (stats, sum) = disk::copy_sparse_from(file, path, dest, CopyOptions::COPY_AND_HASH)
+        .map_err(|e| {
             if disk::is_no_space(&e) {
                 SnapshotError::NoSpace {
                     id: id.clone(),
@@ -96,39 +174,23 @@ pub(super) fn run(started: Started, dest: &Path) -> Result<SnapshotInfo, Snapsho
                 ))(e)
             }
         })?;
-        let sum = sum.unwrap_or_default();
-        if sum == meta.sha256 {
-            tracing::info!(
-                "snapshot {id} restored to {} from {} by {} ({} bytes written)",
-                dest.display(),
-                path.display(),
-                stats.method.as_str(),
-                stats.bytes_copied
-            );
-            if !mismatches.is_empty() {
-                drop_bad_tmpfs_copy(inner, id);
-            }
-            let current = inner.index().get(id).and_then(|e| e.meta.clone());
-            return Ok(current.unwrap_or(meta).to_info());
-        }
-        let _ = std::fs::remove_file(dest);
-        let why = format!(
-            "{} has sha256 {sum}, recorded {}",
+    let sum = sum.unwrap_or_default();
+    if sum == meta.sha256 {
+        tracing::info!(
+            "snapshot {id} restored to {} from {} by {} ({} bytes written)",
+            dest.display(),
             path.display(),
-            meta.sha256
+            stats.method.as_str(),
+            stats.bytes_copied
         );
-        tracing::warn!("snapshot {id}: {why}");
-        mismatches.push(why);
-        if i + 1 < n {
-            tracing::warn!("snapshot {id}: the {tier:?} copy is bad, trying the next copy");
-        }
+        return Ok(Ok(()));
     }
-    let why = mismatches.join("; ");
-    mark_corrupt(inner, id, &why);
-    Err(SnapshotError::Corrupt {
-        id: id.clone(),
-        why,
-    })
+    let _ = std::fs::remove_file(dest);
+    Ok(Err(format!(
+        "{} has sha256 {sum}, recorded {}",
+        path.display(),
+        meta.sha256
+    )))
 }
 
 /// The tmpfs copy failed its check but the durable one passed: drop the

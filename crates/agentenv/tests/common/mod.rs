@@ -45,6 +45,7 @@ impl TestDir {
             "kernels",
             "initramfs",
             "snap/tmpfs",
+            "snap/tmpfs/.guest-memory",
             "snap/durable",
             "disks",
         ] {
