@@ -198,15 +198,21 @@ fn main() {
     rep.finish(c.json)
 }
 
+/// What a part of the run found: its tables, and the phases that failed.
+struct Part {
+    tables: Vec<Table>,
+    fails: Vec<String>,
+}
+
 /// One part of the run with a daemon of its own in a fresh temporary
-/// directory; its tables, cleanup or failure go to the report.
+/// directory; its tables, cleanup and failures go to the report.
 fn run_part(
     rep: &mut Report,
     tmp: &Path,
     prefix: &str,
     part: &str,
     keep: bool,
-    f: impl FnOnce(&mut Harness) -> Result<Vec<Table>>,
+    f: impl FnOnce(&mut Harness) -> Result<Part>,
 ) {
     let mut h = match Harness::new(Some(tmp), prefix, &["work"]) {
         Ok(h) => h,
@@ -219,9 +225,14 @@ fn run_part(
     let (result, cleanup) = h.finish(result, keep);
     rep.cleanup(part, cleanup.cleaned());
     match result {
-        Ok(tables) => tables.into_iter().for_each(|t| {
-            rep.table(t);
-        }),
+        Ok(part) => {
+            for t in part.tables {
+                rep.table(t);
+            }
+            for f in part.fails {
+                rep.fail(f);
+            }
+        }
         Err(e) => {
             rep.fail(format!("{part}: {e:#}"));
         }
@@ -281,7 +292,9 @@ fn vm_pid(api: &ApiClient, vm_id: &str) -> Result<u32> {
         .with_context(|| format!("{vm_id} has no VMM pid"))
 }
 
-fn run_qemu(h: &mut Harness, agentenv: &Path, p: &Params) -> Result<Vec<Table>> {
+/// The QEMU part: each phase that fails is reported and the next one still
+/// runs (a signal stops them all).
+fn run_qemu(h: &mut Harness, agentenv: &Path, p: &Params) -> Result<Part> {
     let tier = h.root().join("snap/tmpfs");
     let d = h.start_daemon(agentenv, IO_TIMEOUT, Duration::from_secs(15))?;
     let server = format!("http://{}", d.addr);
@@ -295,7 +308,19 @@ fn run_qemu(h: &mut Harness, agentenv: &Path, p: &Params) -> Result<Vec<Table>> 
         201,
     )?;
     first_exec(api, "src")?;
-    full_snapshot(api, "src", "base")?;
+    let mut fails = Vec::new();
+    let mut phase = |what: &str, r: Result<()>| -> Result<()> {
+        signals::check()?;
+        if let Err(e) = r {
+            progress(format!("qemu: {what}: FAILED: {e:#}"));
+            fails.push(format!("qemu: {what}: {e:#}"));
+        }
+        Ok(())
+    };
+    phase(
+        "full snapshot of the source",
+        full_snapshot(api, "src", "base").map(drop),
+    )?;
 
     // Restore against a cold boot, each up to its first exec.
     let n = Counter::new(0usize);
@@ -303,63 +328,72 @@ fn run_qemu(h: &mut Harness, agentenv: &Path, p: &Params) -> Result<Vec<Table>> 
         n.set(n.get() + 1);
         format!("{prefix}{}", n.get())
     };
-    let boot = interleaved(
-        "qemu: restore vs cold boot → first exec",
-        p.warmup,
-        p.runs,
-        [
-            &mut || {
-                let id = next("r");
-                let t0 = Instant::now();
-                api.restore_vm(&id, "base", true)
-                    .with_context(|| format!("restore {id}"))?;
-                first_exec(api, &id)?;
-                let t = t0.elapsed();
-                api.delete_vm(&id)?;
-                Ok(t)
-            },
-            &mut || {
-                let id = next("b");
-                let t0 = Instant::now();
-                call(
-                    api,
-                    "POST",
-                    "/v1/vm",
-                    Some(&boot_body(&id, p.boot_timeout_s)),
-                    201,
-                )?;
-                first_exec(api, &id)?;
-                let t = t0.elapsed();
-                api.delete_vm(&id)?;
-                Ok(t)
-            },
-        ],
-    )?;
+    let mut boot = Sides::<2>::default();
+    let r = (|| -> Result<()> {
+        boot = interleaved(
+            "qemu: restore vs cold boot → first exec",
+            p.warmup,
+            p.runs,
+            [
+                &mut || {
+                    let id = next("r");
+                    let t0 = Instant::now();
+                    api.restore_vm(&id, "base", true)
+                        .with_context(|| format!("restore {id}"))?;
+                    first_exec(api, &id)?;
+                    let t = t0.elapsed();
+                    api.delete_vm(&id)?;
+                    Ok(t)
+                },
+                &mut || {
+                    let id = next("b");
+                    let t0 = Instant::now();
+                    call(
+                        api,
+                        "POST",
+                        "/v1/vm",
+                        Some(&boot_body(&id, p.boot_timeout_s)),
+                        201,
+                    )?;
+                    first_exec(api, &id)?;
+                    let t = t0.elapsed();
+                    api.delete_vm(&id)?;
+                    Ok(t)
+                },
+            ],
+        )?;
+        Ok(())
+    })();
+    phase("restore vs cold boot", r)?;
 
     // The reset loop.
-    api.restore_vm("rs", "base", true)?;
-    first_exec(api, "rs")?;
     let mut resets = Sides::<1>::default();
-    rounds(
-        "qemu: reset → first exec",
-        p.warmup,
-        p.resets,
-        |_, keep| {
-            let t0 = Instant::now();
-            api.reset_vm("rs", "base").context("reset")?;
-            first_exec(api, "rs")?;
-            if keep {
-                resets.push([t0.elapsed()]);
-            }
-            Ok(())
-        },
-    )?;
-    api.delete_vm("rs")?;
+    let r = (|| -> Result<()> {
+        api.restore_vm("rs", "base", true)?;
+        first_exec(api, "rs")?;
+        rounds(
+            "qemu: reset → first exec",
+            p.warmup,
+            p.resets,
+            |_, keep| {
+                let t0 = Instant::now();
+                api.reset_vm("rs", "base").context("reset")?;
+                first_exec(api, "rs")?;
+                if keep {
+                    resets.push([t0.elapsed()]);
+                }
+                Ok(())
+            },
+        )?;
+        api.delete_vm("rs")?;
+        Ok(())
+    })();
+    phase("reset loop", r)?;
 
     // Fork: all clones exec-ready, then their memory when idle.
     let (mut fork_call, mut fork_ready) = (Sides::<1>::default(), Sides::<1>::default());
     let (mut pss, mut rss) = (Vec::new(), Vec::new());
-    rounds("qemu: fork", 0, p.forks, |_, _| {
+    let r = rounds("qemu: fork", 0, p.forks, |_, _| {
         let t0 = Instant::now();
         let f = api
             .fork_vm(
@@ -397,100 +431,116 @@ fn run_qemu(h: &mut Harness, agentenv: &Path, p: &Params) -> Result<Vec<Table>> 
             api.delete_vm(id)?;
         }
         Ok(())
-    })?;
+    });
+    phase("fork", r)?;
     let src_pid = vm_pid(api, "src")?;
     let src_pss = procfs::pss_kib(src_pid).unwrap_or(0) as f64 / 1024.0;
 
     // Pause windows: memory touched, a busy loop keeping the vCPU runnable.
-    progress(format!(
-        "qemu: touching {} MiB of guest memory and starting a busy loop",
-        p.touch_mib
-    ));
-    sh(
-        api,
-        "src",
-        &format!(
+    let (mut busy, mut vcpu) = (None, None);
+    let r = (|| -> Result<()> {
+        progress(format!(
+            "qemu: touching {} MiB of guest memory and starting a busy loop",
+            p.touch_mib
+        ));
+        sh(
+            api,
+            "src",
+            &format!(
             "mkdir -p {GUEST_TOUCH_DIR} && mount -t tmpfs -o size={}m tmpfs {GUEST_TOUCH_DIR} && \
              dd if=/dev/urandom of={GUEST_TOUCH_DIR}/x bs=1M count={} 2>/dev/null",
             p.touch_mib + 16,
             p.touch_mib
         ),
-    )?;
-    let busy = sh(
-        api,
-        "src",
-        "setsid sh -c 'renice -n 19 -p $$ >/dev/null; while :; do :; done' \
+        )?;
+        busy = Some(sh(
+            api,
+            "src",
+            "setsid sh -c 'renice -n 19 -p $$ >/dev/null; while :; do :; done' \
          </dev/null >/dev/null 2>&1 & echo $!",
-    )?;
-    let vcpu = Vcpu::find(src_pid)?;
-    let (mut full_pause, mut full_call) = (Sides::<1>::default(), Sides::<1>::default());
-    rounds("qemu: full snapshot pause window", 0, p.pauses, |i, _| {
-        let s = Stalls::start(vcpu);
-        let t0 = Instant::now();
-        let r = full_snapshot(api, "src", &format!("pw{i}"));
-        let took = t0.elapsed();
-        let pause = s.stop()?;
-        r?;
-        full_pause.push([pause]);
-        full_call.push([took]);
-        api.delete_snapshot(&format!("pw{i}"))?;
+        )?);
+        vcpu = Some(Vcpu::find(src_pid)?);
         Ok(())
-    })?;
-    sh(
-        api,
-        "src",
-        &format!("rm -f {GUEST_TOUCH_DIR}/x; umount {GUEST_TOUCH_DIR}"),
-    )?;
+    })();
+    phase("touching guest memory, starting a busy loop", r)?;
+    let (mut full_pause, mut full_call) = (Sides::<1>::default(), Sides::<1>::default());
+    let r = (|| -> Result<()> {
+        let vcpu = vcpu.context("no busy loop in the guest")?;
+        rounds("qemu: full snapshot pause window", 0, p.pauses, |i, _| {
+            let s = Stalls::start(vcpu);
+            let t0 = Instant::now();
+            let r = full_snapshot(api, "src", &format!("pw{i}"));
+            let took = t0.elapsed();
+            let pause = s.stop()?;
+            r?;
+            full_pause.push([pause]);
+            full_call.push([took]);
+            api.delete_snapshot(&format!("pw{i}"))?;
+            Ok(())
+        })?;
+        sh(
+            api,
+            "src",
+            &format!("rm -f {GUEST_TOUCH_DIR}/x; umount {GUEST_TOUCH_DIR}"),
+        )?;
+        Ok(())
+    })();
+    phase("pause window of full snapshots", r)?;
 
-    progress(format!(
-        "qemu: writing {} MiB to the guest's disk",
-        p.disk_mib
-    ));
-    sh(
-        api,
-        "src",
-        &format!(
-            "dd if=/dev/urandom of=/root/ae-disk.bin bs=1M count={} 2>/dev/null && sync",
+    let mut disk = Sides::<2>::default();
+    let r = (|| -> Result<()> {
+        let vcpu = vcpu.context("no busy loop in the guest")?;
+        progress(format!(
+            "qemu: writing {} MiB to the guest's disk",
             p.disk_mib
-        ),
-    )?;
-    let overlay = PathBuf::from(api.get_vm("src")?.disk.writable_path);
-    let copy = tier.join("cp-baseline.ext4");
-    let k = Counter::new(0usize);
-    let disk = interleaved(
-        "qemu: disk snapshot pause vs cp --sparse=always",
-        p.warmup,
-        p.disk_runs,
-        [
-            &mut || {
-                k.set(k.get() + 1);
-                let id = format!("ds{}", k.get());
-                let s = Stalls::start(vcpu);
-                let r = api.snapshot_vm("src", Some(id.clone()));
-                let pause = s.stop()?;
-                r.with_context(|| format!("disk snapshot {id}"))?;
-                api.delete_snapshot(&id)?;
-                Ok(pause)
-            },
-            &mut || {
-                let t0 = Instant::now();
-                daemon::run(
-                    Command::new("cp")
-                        .arg("--sparse=always")
-                        .arg(&overlay)
-                        .arg(&copy),
-                )?;
-                let t = t0.elapsed();
-                std::fs::remove_file(&copy)?;
-                Ok(t)
-            },
-        ],
-    )?;
-    sh(
-        api,
-        "src",
-        &format!("kill {}; rm -f /root/ae-disk.bin", busy.trim()),
-    )?;
+        ));
+        sh(
+            api,
+            "src",
+            &format!(
+                "dd if=/dev/urandom of=/root/ae-disk.bin bs=1M count={} 2>/dev/null && sync",
+                p.disk_mib
+            ),
+        )?;
+        let overlay = PathBuf::from(api.get_vm("src")?.disk.writable_path);
+        let copy = tier.join("cp-baseline.ext4");
+        let k = Counter::new(0usize);
+        disk = interleaved(
+            "qemu: disk snapshot pause vs cp --sparse=always",
+            p.warmup,
+            p.disk_runs,
+            [
+                &mut || {
+                    k.set(k.get() + 1);
+                    let id = format!("ds{}", k.get());
+                    let s = Stalls::start(vcpu);
+                    let r = api.snapshot_vm("src", Some(id.clone()));
+                    let pause = s.stop()?;
+                    r.with_context(|| format!("disk snapshot {id}"))?;
+                    api.delete_snapshot(&id)?;
+                    Ok(pause)
+                },
+                &mut || {
+                    let t0 = Instant::now();
+                    daemon::run(
+                        Command::new("cp")
+                            .arg("--sparse=always")
+                            .arg(&overlay)
+                            .arg(&copy),
+                    )?;
+                    let t = t0.elapsed();
+                    std::fs::remove_file(&copy)?;
+                    Ok(t)
+                },
+            ],
+        )?;
+        sh(api, "src", "rm -f /root/ae-disk.bin").map(drop)
+    })();
+    phase("pause window of disk snapshots vs cp", r)?;
+    if let Some(pid) = busy {
+        let r = sh(api, "src", &format!("kill {}", pid.trim()));
+        phase("stopping the busy loop", r.map(drop))?;
+    }
 
     // The tables.
     let mut t = Table::new(
@@ -523,16 +573,18 @@ fn run_qemu(h: &mut Harness, agentenv: &Path, p: &Params) -> Result<Vec<Table>> 
         )),
     );
     stat_row(&mut t, "cold boot → first exec", boot.side(1), None);
-    t.row(
-        "speedup (cold boot p50 ÷ restore p50)",
-        vec![Cell::Ratio(boot_p50 / restore_p50)],
-        Some(Target::at_least(
-            "restore_speedup",
-            boot_p50 / restore_p50,
-            TARGET_SPEEDUP,
-            "x",
-        )),
-    );
+    if boot.summaries().is_some() {
+        t.row(
+            "speedup (cold boot p50 ÷ restore p50)",
+            vec![Cell::Ratio(boot_p50 / restore_p50)],
+            Some(Target::at_least(
+                "restore_speedup",
+                boot_p50 / restore_p50,
+                TARGET_SPEEDUP,
+                "x",
+            )),
+        );
+    }
     stat_row(
         &mut t,
         "reset → first exec",
@@ -615,7 +667,11 @@ fn run_qemu(h: &mut Harness, agentenv: &Path, p: &Params) -> Result<Vec<Table>> 
     .row("PSS of the booted source VM", vec![Cell::Num(src_pss, 1), Cell::Num(pct(src_pss), 1)], None)
     .note("PSS from /proc/PID/smaps_rollup of each clone's QEMU, 3 s after all answered: pages shared\n\
            copy-on-write from the snapshot's memory file count for their share");
-    Ok(vec![t, disk_t, mem])
+    let mut tables = vec![t, disk_t];
+    if !pss.is_empty() {
+        tables.push(mem);
+    }
+    Ok(Part { tables, fails })
 }
 
 /// The guest's vCPU thread: the QEMU thread that uses the CPU while the
@@ -696,7 +752,7 @@ impl Stalls {
 
 // ---------------------------------------------------------------- fc-double
 
-fn run_fc(h: &mut Harness, agentenv: &Path, fc_double: &Path, p: &Params) -> Result<Vec<Table>> {
+fn run_fc(h: &mut Harness, agentenv: &Path, fc_double: &Path, p: &Params) -> Result<Part> {
     let root = h.root().to_path_buf();
     let config = daemon::fc_double_config(fc_double.to_path_buf(), &root, FC_GUEST_MIB)?;
     File::create(root.join("rootfs/base.ext4"))?.set_len(8 << 20)?;
@@ -750,7 +806,10 @@ fn run_fc(h: &mut Harness, agentenv: &Path, fc_double: &Path, p: &Params) -> Res
         .note("daemon: POST /v1/vm {\"restore\"} until the 201 (disk copy, records, spawn, load, resume)\n\
                bare: spawn fc-double, wait for its socket, PUT /snapshot/load (resume_vm) on the\n\
                snapshot's own state and memory files until the 204");
-    Ok(vec![t])
+    Ok(Part {
+        tables: vec![t],
+        fails: Vec::new(),
+    })
 }
 
 /// A full snapshot's files as the store keeps them, and the paths inside
