@@ -770,6 +770,14 @@ fn run_fc(h: &mut Harness, agentenv: &Path, fc_double: &Path, p: &Params) -> Res
             .or(snap.durable_path)
             .context("no snapshot path")?,
     );
+    // The record names the snapshot's disk file; the other files are beside it.
+    let dir = match dir.is_dir() {
+        true => dir,
+        false => dir
+            .parent()
+            .context("a snapshot path without a parent")?
+            .to_path_buf(),
+    };
     let files = FcSnapshot::find(&dir)?;
     let bare = BareLoad {
         fc_double: fc_double.to_path_buf(),
