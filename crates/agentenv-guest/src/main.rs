@@ -51,6 +51,9 @@ fn parse(args: impl Iterator<Item = String>) -> Result<(Mode, agent::Config), St
     }
     cfg.freeze_enabled = matches!(mode, Mode::Guest) || cfg.freeze_only_under.is_some();
     cfg.identity_enabled = matches!(mode, Mode::Guest);
+    if matches!(mode, Mode::Guest) {
+        cfg.boot_marker = Some(PathBuf::from(agent::BOOT_MARKER));
+    }
     Ok((mode, cfg))
 }
 

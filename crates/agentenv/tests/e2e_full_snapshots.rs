@@ -320,6 +320,10 @@ fn reset_twenty_times_each_time_forgets_what_was_written() {
         Some(json!({"snapshot_id": "disk"})),
     );
     assert_eq!(code, 409, "{e}");
+    call_ok(&d, "DELETE", "/v1/vm/rl", None, 204);
+    for s in ["base", "disk"] {
+        call_ok(&d, "DELETE", &format!("/v1/snapshots/{s}"), None, 204);
+    }
     finish(d, dir);
     assert_eq!(shm.leftovers(), Vec::<String>::new());
 }
@@ -337,13 +341,12 @@ fn bad_snapshots_are_refused_and_leave_nothing() {
     cfg.rootfs_root = rootfs.clone();
     let d = start(&mut dir, cfg);
     boot_ready(&d, "b1");
-    let snap = full_snapshot(&d, "b1", "good");
-    full_snapshot(&d, "b1", "bad");
+    full_snapshot(&d, "b1", "good");
+    let bad = full_snapshot(&d, "b1", "bad");
     // A memory file changed behind the daemon's back: 422, nothing made.
-    let mem = PathBuf::from(snap["tmpfs_path"].as_str().unwrap())
+    let mem = PathBuf::from(bad["tmpfs_path"].as_str().unwrap())
         .parent()
         .unwrap()
-        .join("bad")
         .join("memory");
     assert!(mem.exists(), "{}", mem.display());
     {
@@ -530,5 +533,46 @@ fn five_clones_have_their_own_address_and_randomness_and_cannot_reach_each_other
     assert_eq!(randoms.len(), 5, "clones draw different random bytes");
     finish(d, dir);
     assert_eq!(ns.state(), before, "namespace not back to its baseline");
+    assert_eq!(shm.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn a_crash_mid_full_snapshot_leaves_the_guest_running_after_the_restart() {
+    let art = need_artifacts!();
+    let shm = Shm::new();
+    let mut dir = TestDir::new();
+    let mut cfg = qemu_config(&dir, &art, &shm);
+    cfg.on_shutdown = agentenv_core::config::OnShutdown::Stop;
+    let d = start(&mut dir, cfg.clone());
+    let pid = boot_ready(&d, "cs")["pid"].clone();
+    // The daemon dies with the guest stopped and its state saved.
+    d.engine.failpoints.arm_hang("snapshot.saved");
+    common::fire(
+        &d,
+        "POST",
+        "/v1/vm/cs/snapshot".into(),
+        json!({"snapshot_id": "cut", "memory": true}),
+        Duration::from_secs(60),
+    );
+    common::wait_hung(&d, "snapshot.saved");
+    d.crash();
+    let d = Daemon::start_with(cfg, dir.path());
+    let v = call_ok(&d, "GET", "/v1/vm/cs", None, 200);
+    assert_eq!(
+        (v["state"].as_str(), &v["pid"]),
+        (Some("running"), &pid),
+        "{v}"
+    );
+    assert_eq!(d.call("GET", "/v1/snapshots/cut", None).0, 404);
+    wait_ready(&d, "cs", Duration::from_secs(30));
+    assert_eq!(
+        sh(&d, "cs", "echo after > /root/after && cat /root/after").1,
+        "after\n"
+    );
+    // And a full snapshot works again on the re-adopted VMM.
+    full_snapshot(&d, "cs", "again");
+    call_ok(&d, "DELETE", "/v1/vm/cs", None, 204);
+    call_ok(&d, "DELETE", "/v1/snapshots/again", None, 204);
+    finish(d, dir);
     assert_eq!(shm.leftovers(), Vec::<String>::new());
 }

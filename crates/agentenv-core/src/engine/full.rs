@@ -410,7 +410,7 @@ impl Engine {
     ) -> Result<VmInfo, EngineError> {
         let slot = self.slot(vm_id)?;
         let (snap, full, base) = self.restorable("snapshot_id", snapshot_id).await?;
-        let _op = slot.op.lock().await;
+        let op = slot.op.lock().await;
         self.check_transition(&slot, VmState::Resetting)?;
         let info = slot.info();
         if snap.rootfs_id != info.disk.rootfs_id || info.disk.rootfs_id.is_none() {
@@ -454,6 +454,14 @@ impl Engine {
                 self.spawn_agent_watch(vm_id.to_string(), inst);
                 if let Some(old) = info.restored_from.filter(|o| o != snapshot_id) {
                     self.drop_ephemeral(&old).await;
+                }
+                drop(op);
+                // A reset of a VM whose agent answered answers with a usable
+                // VM, as a create with wait_ready does: its agent answers
+                // again and took its identity.
+                if info.ready && self.cfg.agent.enable && slot.agent_socket.is_some() {
+                    let timeout = Duration::from_secs(self.cfg.agent.ready_timeout_s);
+                    return self.wait_ready(vm_id, timeout).await;
                 }
                 Ok(slot.info())
             }

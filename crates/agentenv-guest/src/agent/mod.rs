@@ -45,6 +45,37 @@ pub struct Config {
     /// socket on a host must never rename the host or touch its network,
     /// clock or random pool.
     pub identity_enabled: bool,
+    /// In a VM: the file the guest's boot setup (`agentenv-boot setup`:
+    /// host name, `eth0`) makes when it is done. The first hello is answered
+    /// only once it exists (or after [`BOOT_SETUP_WAIT`]), so `ready` means
+    /// the boot setup is over: a snapshot of a ready VM never catches it
+    /// half-way, to finish later in a clone with its source's settings.
+    pub boot_marker: Option<PathBuf>,
+}
+
+/// Where `agentenv-boot setup` says it is done: on devtmpfs, so every boot
+/// starts without it.
+pub const BOOT_MARKER: &str = "/dev/.agentenv-setup-done";
+
+/// How long the first hello waits for [`Config::boot_marker`] (an image
+/// whose boot never makes it still gets an agent, later).
+pub const BOOT_SETUP_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until `marker` exists, at most [`BOOT_SETUP_WAIT`]; says so when it
+/// gives up.
+pub fn wait_for_boot_setup(marker: &Path) {
+    let start = Instant::now();
+    while !marker.exists() {
+        if start.elapsed() >= BOOT_SETUP_WAIT {
+            eprintln!(
+                "{AGENT}: {} did not appear within {} s; answering anyway",
+                marker.display(),
+                BOOT_SETUP_WAIT.as_secs()
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// The protocol's error for an OS error on `field`'s path.

@@ -167,6 +167,9 @@ impl Session {
                 h.nonce.len()
             ));
         }
+        if let Some(marker) = &self.cfg.boot_marker {
+            super::wait_for_boot_setup(marker);
+        }
         // A Hello mid-session: the host reconnected (serial) or starts over.
         self.end();
         self.new_generation();
