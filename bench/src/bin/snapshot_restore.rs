@@ -729,24 +729,52 @@ impl Stalls {
     /// first sample not `R` to the next sample `R`.
     fn stop(self) -> Result<Duration> {
         self.stop.store(true, Ordering::Relaxed);
-        let samples = self.thread.join().expect("the sampler");
-        let mut longest = Duration::ZERO;
-        let mut since: Option<Instant> = None;
-        for (t, runnable) in samples {
-            match (runnable, since) {
-                (false, None) => since = Some(t),
-                (true, Some(s)) => {
-                    longest = longest.max(t - s);
-                    since = None;
-                }
-                _ => {}
+        longest_stall(&self.thread.join().expect("the sampler"))
+    }
+}
+
+/// The longest run of samples not runnable, from its first sample to the
+/// next runnable one; an error if the last run never ended.
+fn longest_stall(samples: &[(Instant, bool)]) -> Result<Duration> {
+    let mut longest = Duration::ZERO;
+    let mut since: Option<Instant> = None;
+    for &(t, runnable) in samples {
+        match (runnable, since) {
+            (false, None) => since = Some(t),
+            (true, Some(s)) => {
+                longest = longest.max(t - s);
+                since = None;
             }
+            _ => {}
         }
-        ensure!(
-            since.is_none(),
-            "the vCPU thread was still stopped after the snapshot"
-        );
-        Ok(longest)
+    }
+    ensure!(
+        since.is_none(),
+        "the vCPU thread was still stopped after the snapshot"
+    );
+    Ok(longest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_stall_runs_from_its_first_sleeping_sample_to_the_next_runnable_one() {
+        let t0 = Instant::now();
+        let at = |ms: u64, r: bool| (t0 + Duration::from_millis(ms), r);
+        let s = [
+            at(0, true),
+            at(1, false),
+            at(3, true),
+            at(4, false),
+            at(5, false),
+            at(9, true),
+            at(10, true),
+        ];
+        assert_eq!(longest_stall(&s).unwrap(), Duration::from_millis(5));
+        assert_eq!(longest_stall(&s[..1]).unwrap(), Duration::ZERO);
+        assert!(longest_stall(&s[..5]).is_err());
     }
 }
 
@@ -810,7 +838,7 @@ fn run_fc(h: &mut Harness, agentenv: &Path, fc_double: &Path, p: &Params) -> Res
         &format!("restore of a {FC_GUEST_MIB} MiB fc-double VM (ms)"),
         &["daemon", "bare"],
     );
-    t.latency_row("restore → running", &s, Some(Limit::OverheadMs(TARGET_FC_OVERHEAD_MS)))
+    t.latency_row("fc-double restore → running", &s, Some(Limit::OverheadMs(TARGET_FC_OVERHEAD_MS)))
         .note("daemon: POST /v1/vm {\"restore\"} until the 201 (disk copy, records, spawn, load, resume)\n\
                bare: spawn fc-double, wait for its socket, PUT /snapshot/load (resume_vm) on the\n\
                snapshot's own state and memory files until the 204");
