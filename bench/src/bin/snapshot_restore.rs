@@ -755,29 +755,6 @@ fn longest_stall(samples: &[(Instant, bool)]) -> Result<Duration> {
     Ok(longest)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_longest_stall_runs_from_its_first_sleeping_sample_to_the_next_runnable_one() {
-        let t0 = Instant::now();
-        let at = |ms: u64, r: bool| (t0 + Duration::from_millis(ms), r);
-        let s = [
-            at(0, true),
-            at(1, false),
-            at(3, true),
-            at(4, false),
-            at(5, false),
-            at(9, true),
-            at(10, true),
-        ];
-        assert_eq!(longest_stall(&s).unwrap(), Duration::from_millis(5));
-        assert_eq!(longest_stall(&s[..1]).unwrap(), Duration::ZERO);
-        assert!(longest_stall(&s[..5]).is_err());
-    }
-}
-
 // ---------------------------------------------------------------- fc-double
 
 fn run_fc(h: &mut Harness, agentenv: &Path, fc_double: &Path, p: &Params) -> Result<Part> {
@@ -971,5 +948,28 @@ impl BareLoad {
 fn kill(child: Option<Child>) {
     if let Some(c) = child {
         signals::kill_group(c);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_stall_runs_from_its_first_sleeping_sample_to_the_next_runnable_one() {
+        let t0 = Instant::now();
+        let at = |ms: u64, r: bool| (t0 + Duration::from_millis(ms), r);
+        let s = [
+            at(0, true),
+            at(1, false),
+            at(3, true),
+            at(4, false),
+            at(5, false),
+            at(9, true),
+            at(10, true),
+        ];
+        assert_eq!(longest_stall(&s).unwrap(), Duration::from_millis(5));
+        assert_eq!(longest_stall(&s[..1]).unwrap(), Duration::ZERO);
+        assert!(longest_stall(&s[..5]).is_err());
     }
 }
