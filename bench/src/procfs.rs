@@ -198,6 +198,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn own_threads_pss_and_state_are_read() {
+        let pid = std::process::id();
+        assert!(pss_kib(pid).unwrap() > 0);
+        // SAFETY: gettid(2) has no preconditions.
+        let tid = unsafe { libc::gettid() } as u32;
+        assert_eq!(thread_state(pid, tid), Some('R'));
+        assert!(thread_cpu_ticks(pid).iter().any(|(t, _)| *t == tid));
+        assert_eq!(thread_state(pid, u32::MAX), None);
+    }
+
+    #[test]
     fn status_fields_are_read() {
         let text = "Name:\tx\nVmHWM:\t   12345 kB\nVmRSS:\t    2048 kB\nThreads:\t3\n";
         assert_eq!(parse_status_kib(text, "VmRSS"), Some(2048));
