@@ -73,6 +73,37 @@ fn daemon_and_cli_end_to_end_then_sigterm_stops_cleanly() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["vms"].as_array().unwrap().len(), 2);
 
+    // Full snapshots: snapshot --memory, restore, fork, reset.
+    let (code, out, err) = cli(&server, &["snapshot", "c2", "--id", "f1", "--memory"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("kind") && out.contains("full"), "{out}");
+    let (code, out, err) = cli(&server, &["restore", "r1", "--snapshot", "f1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("running"), "{out}");
+    let (code, out, err) = cli(&server, &["fork", "c2", "-n", "2"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("c2-fork-1") && out.contains("c2-fork-2"),
+        "{out}"
+    );
+    let (code, out, err) = cli(&server, &["reset", "r1", "f1"]);
+    assert_eq!((code, out.contains("running")), (0, true), "{out}{err}");
+    let (code, _, err) = cli(&server, &["fork", "c2", "-n", "0"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("count") && err.contains("HTTP 400"), "{err}");
+    for id in ["r1", "c2-fork-1", "c2-fork-2"] {
+        assert_eq!(cli(&server, &["rm", id]).0, 0);
+    }
+    let out = Command::new(BIN)
+        .args(["snapshot", "rm", "f1", "--server", &server])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let (code, out, _) = cli(&server, &["pause", "c1"]);
     assert_eq!(code, 0);
     assert!(out.contains("paused"), "{out}");

@@ -77,11 +77,14 @@ fn fill_disk(path: &str, offset: u64, len: usize) {
 }
 
 /// The entries of a directory (empty when it does not exist).
+/// The entries of a directory, leaving out the guests' RAM directory that
+/// the tmpfs tier holds by default (`guest_memory_root`).
 fn entries(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .map(|r| {
             r.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != ".guest-memory")
                 .collect()
         })
         .unwrap_or_default()
@@ -661,6 +664,8 @@ fn full_storage_roots_fail_cleanly() {
     let sessions = Mount::tmpfs(&cfg.session_root, "size=64m");
     let sockets = Mount::tmpfs(&cfg.socket_root, "size=64m");
     let tmpfs_tier = Mount::tmpfs(&cfg.tmpfs_snapshot_root, "size=2m");
+    // The guests' RAM directory the daemon keeps in the tier (also under the mount).
+    std::fs::create_dir(cfg.guest_memory_dir()).unwrap();
     let durable = Mount::tmpfs(&cfg.hdfs_snapshot_root, "size=64m");
     dir.baseline = Some(common::baseline(dir.path()));
     let d = Daemon::start_with(cfg.clone(), dir.path());
