@@ -55,6 +55,35 @@ pub fn cpu_time(pid: u32) -> Option<std::time::Duration> {
     (hz > 0).then(|| std::time::Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
+/// Proportional set size of a process (`Pss` of `/proc/PID/smaps_rollup`),
+/// KiB: each page shared with other processes counts for its share.
+pub fn pss_kib(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    parse_status_kib(&text, "Pss")
+}
+
+/// The threads of a process with the CPU time each has used so far (clock
+/// ticks, from `/proc/PID/task/TID/stat`).
+pub fn thread_cpu_ticks(pid: u32) -> Vec<(u32, u64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let tid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let text = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            Some((tid, parse_stat_cpu_ticks(&text)?))
+        })
+        .collect()
+}
+
+/// The scheduler state of one thread (`R` running or runnable, `S`
+/// sleeping, …: field 3 of `/proc/PID/task/TID/stat`).
+pub fn thread_state(pid: u32, tid: u32) -> Option<char> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    text[text.rfind(')')? + 1..].trim_start().chars().next()
+}
+
 /// utime + stime from a `/proc/PID/stat` line. The command name (field 2)
 /// may hold spaces and parentheses, so fields are counted after its last `)`.
 fn parse_stat_cpu_ticks(text: &str) -> Option<u64> {
@@ -167,6 +196,17 @@ impl std::fmt::Display for HostInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_threads_pss_and_state_are_read() {
+        let pid = std::process::id();
+        assert!(pss_kib(pid).unwrap() > 0);
+        // SAFETY: gettid(2) has no preconditions.
+        let tid = unsafe { libc::gettid() } as u32;
+        assert_eq!(thread_state(pid, tid), Some('R'));
+        assert!(thread_cpu_ticks(pid).iter().any(|(t, _)| *t == tid));
+        assert_eq!(thread_state(pid, u32::MAX), None);
+    }
 
     #[test]
     fn status_fields_are_read() {
