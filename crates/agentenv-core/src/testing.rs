@@ -541,6 +541,8 @@ struct VmmShared {
     host: Arc<FakeHost>,
     world: Mutex<VmmWorld>,
     faults: Faults,
+    /// What [`Vmm::version`] answers (an upgrade changes it).
+    version: Mutex<String>,
 }
 
 impl VmmShared {
@@ -581,8 +583,14 @@ impl FakeVmm {
                     calls: Vec::new(),
                 }),
                 faults: Faults::default(),
+                version: Mutex::new("fake 1.0".into()),
             }),
         })
+    }
+
+    /// The VMM is upgraded: [`Vmm::version`] answers `v` from now on.
+    pub fn set_version(&self, v: &str) {
+        *lock(&self.shared.version) = v.into();
     }
 
     /// Calls to fail: `launch`, `adopt`, `pause`, `resume`, `request_shutdown`.
@@ -676,7 +684,7 @@ impl Vmm for FakeVmm {
     }
 
     async fn version(&self) -> Result<String, VmmError> {
-        Ok("fake 1.0".into())
+        Ok(lock(&self.shared.version).clone())
     }
 
     async fn restore(&self, spec: &RestoreSpec) -> Result<Box<dyn VmmInstance>, VmmError> {

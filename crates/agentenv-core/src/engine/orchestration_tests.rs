@@ -820,3 +820,32 @@ async fn a_reset_cut_short_by_a_crash_is_finished_at_the_next_start() {
     assert_eq!(rig.vmm.live().len(), 1);
     assert!(rig.record("src").reset.is_none());
 }
+
+#[tokio::test]
+async fn a_restore_needs_the_same_vmm_version_and_the_memory_it_restores() {
+    let mut rig = Rig::new();
+    let engine = with_full_snapshot(&rig).await;
+    rig.vmm.set_version("fake 2.0");
+    let e = engine.create(restore_req("c", "full")).await.unwrap_err();
+    assert!(matches!(e, EngineError::Conflict { .. }), "{e}");
+    assert!(
+        e.to_string().contains("fake 1.0") && e.to_string().contains("fake 2.0"),
+        "{e}"
+    );
+    let e = engine.reset("src", "full").await.unwrap_err();
+    assert!(e.to_string().contains("fake 2.0"), "{e}");
+    assert_eq!(engine.get("src").unwrap().state, VmState::Running);
+    rig.vmm.set_version("fake 1.0");
+    drop(engine);
+    // Not enough memory for another VM of the snapshot's size: 507 before
+    // any VMM starts.
+    let src_mib = rig.record("src").vm.memory_mib;
+    rig.cfg.max_memory_mib = Some(src_mib);
+    let engine = rig.start().await;
+    let before = rig.vmm.calls().len();
+    let e = engine.create(restore_req("c", "full")).await.unwrap_err();
+    assert!(matches!(e, EngineError::InsufficientMemory { .. }), "{e}");
+    assert_eq!(rig.vmm.calls().len(), before, "no vmm call");
+    assert!(engine.get("c").is_err());
+    assert_eq!(rig.host.node(&rig.session("c")), None);
+}
