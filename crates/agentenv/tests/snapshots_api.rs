@@ -292,6 +292,8 @@ fn full_or_missing_tiers_fail_cleanly_and_the_vm_runs_on() {
         return;
     };
     let durable = Tmpfs::mount(&cfg.hdfs_snapshot_root, "2m", "").unwrap();
+    // The guests' RAM directory the daemon keeps in the tier (also under the mount).
+    std::fs::create_dir(cfg.guest_memory_dir()).unwrap();
     dir.baseline = Some(common::baseline(dir.path()));
     let d = Daemon::start_with(cfg.clone(), dir.path());
     let vm = d.create_ok("big");
