@@ -986,6 +986,19 @@ impl FakeSnapshots {
         Ok(())
     }
 
+    /// A snapshot's disk copied to `dest`, which must not exist.
+    fn disk_copy(&self, snapshot_id: &str, dest: &Path) -> Result<SnapshotInfo, SnapshotError> {
+        let s = self.get(snapshot_id)?;
+        if self.host.node(dest).is_some() {
+            return Err(SnapshotError::Io {
+                context: format!("cannot create {}", dest.display()),
+                source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+            });
+        }
+        self.host.put(dest, Node::sparse(s.logical_bytes));
+        Ok(s)
+    }
+
     fn source_len(&self, source: &Path) -> Result<u64, SnapshotError> {
         match self.host.node(source) {
             Some(Node::File { len, .. }) => Ok(len),
@@ -1117,14 +1130,7 @@ impl SnapshotStore for FakeSnapshots {
     ) -> Result<crate::snapshot::FullSnapshotFiles, SnapshotError> {
         lock(&self.calls).push(SnapshotCall::OpenFull(snapshot_id.into(), disk_dest.into()));
         self.fault("open_full", snapshot_id)?;
-        let info = self.get(snapshot_id)?;
-        if self.host.node(disk_dest).is_some() {
-            return Err(SnapshotError::Io {
-                context: format!("cannot create {}", disk_dest.display()),
-                source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
-            });
-        }
-        self.host.put(disk_dest, Node::sparse(info.logical_bytes));
+        let info = self.disk_copy(snapshot_id, disk_dest)?;
         let dir = PathBuf::from(format!("/tmpfs/{snapshot_id}"));
         let in_state = info.full.as_ref().is_some_and(|f| f.memory_bytes == 0);
         Ok(crate::snapshot::FullSnapshotFiles {
@@ -1213,15 +1219,7 @@ impl SnapshotStore for FakeSnapshots {
     async fn restore(&self, snapshot_id: &str, dest: &Path) -> Result<SnapshotInfo, SnapshotError> {
         lock(&self.calls).push(SnapshotCall::Restore(snapshot_id.into(), dest.into()));
         self.fault("restore", snapshot_id)?;
-        let s = self.get(snapshot_id)?;
-        if self.host.node(dest).is_some() {
-            return Err(SnapshotError::Io {
-                context: format!("cannot create {}", dest.display()),
-                source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
-            });
-        }
-        self.host.put(dest, Node::sparse(s.logical_bytes));
-        Ok(s)
+        self.disk_copy(snapshot_id, dest)
     }
 
     async fn delete(&self, snapshot_id: &str) -> Result<(), SnapshotError> {

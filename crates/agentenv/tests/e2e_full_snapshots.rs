@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use agentenv_core::config::{Config, VmmChoice};
+use agentenv_core::config::Config;
 use common::{finish, Daemon, TestDir};
 use serde_json::{json, Value};
 
@@ -45,22 +45,24 @@ impl Shm {
 /// A QEMU config over the artifacts, the fast tier and guest RAM in `shm`.
 fn qemu_config(dir: &TestDir, art: &Path, shm: &Shm) -> Config {
     Config {
-        vmm: VmmChoice::Qemu,
-        kernel_root: art.join("kernels"),
-        initramfs_root: art.join("initramfs"),
-        rootfs_root: art.join("rootfs"),
-        default_kernel: "vmlinuz".into(),
-        default_initrd: Some("initrd.img".into()),
-        memory_mib_per_slot: 256,
-        default_slots: 1,
-        default_disk_size_gib: 2,
-        startup_timeout_ms: 10_000,
         request_timeout_ms: 20_000,
-        shutdown_timeout_s: 60,
         tmpfs_snapshot_root: shm.0.path().join("tier"),
         guest_memory_root: Some(shm.0.path().join("ram")),
-        ..dir.config()
+        ..common::qemu_config(dir, art)
     }
+}
+
+/// Deletes the test's VMs and snapshots, then checks that nothing is left:
+/// no process, file or socket of the daemon's, nothing in the tmpfs.
+fn clean_up(d: Daemon, dir: TestDir, shm: &Shm, vms: &[&str], snapshots: &[&str]) {
+    for vm in vms {
+        call_ok(&d, "DELETE", &format!("/v1/vm/{vm}"), None, 204);
+    }
+    for s in snapshots {
+        call_ok(&d, "DELETE", &format!("/v1/snapshots/{s}"), None, 204);
+    }
+    finish(d, dir);
+    assert_eq!(shm.leftovers(), Vec::<String>::new());
 }
 
 fn start(dir: &mut TestDir, cfg: Config) -> Daemon {
@@ -228,10 +230,7 @@ fn a_restored_vm_runs_on_from_its_snapshot_with_its_processes_and_page_cache() {
         call_ok(&d, "GET", "/v1/snapshots/full1", None, 200)["mapped_by"],
         json!(["r1"])
     );
-    call_ok(&d, "DELETE", "/v1/vm/r1", None, 204);
-    call_ok(&d, "DELETE", "/v1/snapshots/full1", None, 204);
-    finish(d, dir);
-    assert_eq!(shm.leftovers(), Vec::<String>::new());
+    clean_up(d, dir, &shm, &["r1"], &["full1"]);
 }
 
 #[test]
@@ -288,12 +287,7 @@ fn reset_twenty_times_each_time_forgets_what_was_written() {
         Some(json!({"snapshot_id": "disk"})),
     );
     assert_eq!(code, 409, "{e}");
-    call_ok(&d, "DELETE", "/v1/vm/rl", None, 204);
-    for s in ["base", "disk"] {
-        call_ok(&d, "DELETE", &format!("/v1/snapshots/{s}"), None, 204);
-    }
-    finish(d, dir);
-    assert_eq!(shm.leftovers(), Vec::<String>::new());
+    clean_up(d, dir, &shm, &["rl"], &["base", "disk"]);
 }
 
 #[test]
@@ -352,12 +346,7 @@ fn bad_snapshots_are_refused_and_leave_nothing() {
     );
     assert_eq!(code, 409, "{e}");
     assert!(e["error"].as_str().unwrap().contains("minimal.ext4"), "{e}");
-    call_ok(&d, "DELETE", "/v1/vm/b1", None, 204);
-    for s in ["good", "bad"] {
-        call_ok(&d, "DELETE", &format!("/v1/snapshots/{s}"), None, 204);
-    }
-    finish(d, dir);
-    assert_eq!(shm.leftovers(), Vec::<String>::new());
+    clean_up(d, dir, &shm, &["b1"], &["good", "bad"]);
 }
 
 #[test]
@@ -527,8 +516,5 @@ fn a_crash_mid_full_snapshot_leaves_the_guest_running_after_the_restart() {
     );
     // And a full snapshot works again on the re-adopted VMM.
     full_snapshot(&d, "cs", "again");
-    call_ok(&d, "DELETE", "/v1/vm/cs", None, 204);
-    call_ok(&d, "DELETE", "/v1/snapshots/again", None, 204);
-    finish(d, dir);
-    assert_eq!(shm.leftovers(), Vec::<String>::new());
+    clean_up(d, dir, &shm, &["cs"], &["again"]);
 }

@@ -7,31 +7,12 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use agentenv_core::config::{Config, VmmChoice};
+use agentenv_core::config::Config;
 use common::{finish, Daemon, TestDir};
 use serde_json::{json, Value};
 
 const BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 agentenv.heartbeat=1";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// A QEMU config over the artifacts (base images are only read).
-fn qemu_config(dir: &TestDir, art: &Path) -> Config {
-    Config {
-        vmm: VmmChoice::Qemu,
-        kernel_root: art.join("kernels"),
-        initramfs_root: art.join("initramfs"),
-        rootfs_root: art.join("rootfs"),
-        default_kernel: "vmlinuz".into(),
-        default_initrd: Some("initrd.img".into()),
-        memory_mib_per_slot: 256,
-        default_slots: 1,
-        default_disk_size_gib: 2,
-        startup_timeout_ms: 10_000,
-        request_timeout_ms: 10_000,
-        shutdown_timeout_s: 60,
-        ..dir.config()
-    }
-}
 
 fn sha256(path: &Path) -> String {
     let out = std::process::Command::new("sha256sum")
@@ -107,7 +88,7 @@ fn boot_pause_resume_shutdown_and_boot_again() {
     let base = art.join("rootfs/minimal.ext4");
     let base_sum = sha256(&base);
     let mut dir = TestDir::new();
-    let cfg = qemu_config(&dir, &art);
+    let cfg = common::qemu_config(&dir, &art);
     dir.baseline = Some(common::baseline(dir.path()));
     let d = Daemon::start_with(cfg, dir.path());
 
@@ -178,7 +159,7 @@ fn boot_pause_resume_shutdown_and_boot_again() {
 fn a_kernel_panic_ends_in_failed_with_the_cause() {
     let art = need_artifacts!();
     let mut dir = TestDir::new();
-    let cfg = qemu_config(&dir, &art);
+    let cfg = common::qemu_config(&dir, &art);
     dir.baseline = Some(common::baseline(dir.path()));
     let d = Daemon::start_with(cfg, dir.path());
     let vm = create(
@@ -200,7 +181,7 @@ fn a_kernel_panic_ends_in_failed_with_the_cause() {
 fn snapshot_carries_guest_data_into_a_new_vm_while_the_source_runs() {
     let art = need_artifacts!();
     let mut dir = TestDir::new();
-    let cfg = qemu_config(&dir, &art);
+    let cfg = common::qemu_config(&dir, &art);
     dir.baseline = Some(common::baseline(dir.path()));
     let d = Daemon::start_with(cfg, dir.path());
     let src = create(&d, overlay("src"));
@@ -252,7 +233,7 @@ fn guests_reach_their_gateway_and_the_outside_but_not_each_other() {
     }
     let ns = agentenv_testkit::netns::NetnsPair::new("e2e").unwrap();
     let mut dir = TestDir::new();
-    let mut cfg = qemu_config(&dir, &art);
+    let mut cfg = common::qemu_config(&dir, &art);
     cfg.network.enable = true;
     cfg.qemu_binary = common::qemu_in_netns(&dir, &ns.host);
     dir.baseline = Some(common::baseline(dir.path()));
@@ -310,7 +291,7 @@ fn a_guest_sees_its_host_shares() {
     let share = dir.path().join("disks/data");
     std::fs::create_dir_all(&share).unwrap();
     std::fs::write(share.join("hello.txt"), b"hello from the host").unwrap();
-    let mut cfg = qemu_config(&dir, &art);
+    let mut cfg = common::qemu_config(&dir, &art);
     cfg.direct_disk_roots = vec![dir.path().join("disks")];
     dir.baseline = Some(common::baseline(dir.path()));
     let d = Daemon::start_with(cfg, dir.path());
@@ -368,7 +349,7 @@ fn the_guest_agent_runs_commands_moves_files_and_freezes_for_snapshots() {
         return;
     }
     let mut dir = TestDir::new();
-    let mut cfg = qemu_config(&dir, &art);
+    let mut cfg = common::qemu_config(&dir, &art);
     cfg.agent.max_output_bytes = 1 << 20;
     dir.baseline = Some(common::baseline(dir.path()));
     let d = Daemon::start_with(cfg, dir.path());
@@ -513,7 +494,7 @@ fn the_guest_agent_runs_commands_moves_files_and_freezes_for_snapshots() {
 /// A QEMU daemon whose VMs outlive it (`on_shutdown = leave`), as after a crash.
 fn daemon_that_leaves_its_vms(art: &Path) -> (Daemon, TestDir, Config) {
     let mut dir = TestDir::new();
-    let mut cfg = qemu_config(&dir, art);
+    let mut cfg = common::qemu_config(&dir, art);
     cfg.on_shutdown = agentenv_core::config::OnShutdown::Leave;
     dir.baseline = Some(common::baseline(dir.path()));
     (Daemon::start_with(cfg.clone(), dir.path()), dir, cfg)

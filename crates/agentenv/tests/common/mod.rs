@@ -682,3 +682,22 @@ pub fn qemu_in_netns(dir: &TestDir, ns: &str) -> PathBuf {
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
     p
 }
+
+/// A QEMU config over the guest artifacts in `art` (base images are only read).
+pub fn qemu_config(dir: &TestDir, art: &Path) -> Config {
+    Config {
+        vmm: VmmChoice::Qemu,
+        kernel_root: art.join("kernels"),
+        initramfs_root: art.join("initramfs"),
+        rootfs_root: art.join("rootfs"),
+        default_kernel: "vmlinuz".into(),
+        default_initrd: Some("initrd.img".into()),
+        memory_mib_per_slot: 256,
+        default_slots: 1,
+        default_disk_size_gib: 2,
+        startup_timeout_ms: 10_000,
+        request_timeout_ms: 10_000,
+        shutdown_timeout_s: 60,
+        ..dir.config()
+    }
+}
