@@ -149,6 +149,76 @@ pub fn copy_sparse_from(
     result
 }
 
+/// Copies `src` over `dst`, a file of the same length made and allocated
+/// beforehand ([`preallocate`]): only the source's data extents are
+/// written, into pages that already exist, and the source's holes are then
+/// punched into `dst` so that it takes no more room than a sparse copy.
+/// This is the copy a full snapshot makes of a stopped guest's RAM: the page
+/// allocations happen before the guest stops, not while it waits.
+pub fn copy_sparse_over(src: &Path, dst: &Path) -> io::Result<CopyStats> {
+    let input =
+        File::open(src).map_err(|e| with_path(format!("cannot open {}", src.display()), e))?;
+    let size = input
+        .metadata()
+        .map_err(|e| with_path(format!("cannot stat {}", src.display()), e))?
+        .len();
+    let output = OpenOptions::new()
+        .write(true)
+        .read(true)
+        .open(dst)
+        .map_err(|e| with_path(format!("cannot open {}", dst.display()), e))?;
+    let opts = CopyOptions {
+        reflink: false,
+        ..CopyOptions::COPY
+    };
+    let (stats, _) = copy_open(&input, &output, size, opts, src, dst)?;
+    let extents = data_extents(&input, size)
+        .map_err(|e| with_path(format!("cannot read {}", src.display()), e))?;
+    let mut pos = 0;
+    for (start, end) in extents.into_iter().chain([(size, size)]) {
+        if start > pos {
+            punch_hole(&output, pos, start - pos)
+                .map_err(|e| with_path(format!("cannot punch a hole in {}", dst.display()), e))?;
+        }
+        pos = end;
+    }
+    Ok(stats)
+}
+
+/// Makes `path` a new file of `len` bytes, all allocated (so a later copy
+/// into it allocates nothing).
+pub fn preallocate(path: &Path, len: u64) -> io::Result<()> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| with_path(format!("cannot create {}", path.display()), e))?;
+    let done = nix::fcntl::fallocate(
+        f.as_raw_fd(),
+        nix::fcntl::FallocateFlags::empty(),
+        0,
+        len as i64,
+    )
+    .map_err(io::Error::from);
+    if let Err(e) = done {
+        drop(f);
+        let _ = std::fs::remove_file(path);
+        return Err(with_path(format!("cannot allocate {}", path.display()), e));
+    }
+    Ok(())
+}
+
+fn punch_hole(f: &File, off: u64, len: u64) -> io::Result<()> {
+    use nix::fcntl::FallocateFlags;
+    nix::fcntl::fallocate(
+        f.as_raw_fd(),
+        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        off as i64,
+        len as i64,
+    )
+    .map_err(io::Error::from)
+}
+
 fn copy_open(
     input: &File,
     output: &File,
@@ -450,6 +520,43 @@ mod tests {
             },
             CopyMethod::ReadWrite,
         );
+    }
+
+    #[test]
+    fn a_copy_over_a_preallocated_file_keeps_only_the_data_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        let f = File::create(&src).unwrap();
+        f.set_len(32 << 20).unwrap();
+        f.write_all_at(&pattern(3 << 20, 7), 4 << 20).unwrap();
+        f.write_all_at(&pattern(1 << 20, 8), 30 << 20).unwrap();
+        let dst = dir.path().join("dst");
+        preallocate(&dst, 32 << 20).unwrap();
+        assert!(
+            allocated_bytes(&dst).unwrap() >= 32 << 20,
+            "all allocated first"
+        );
+        // Stale bytes where the source has holes must not survive.
+        OpenOptions::new()
+            .write(true)
+            .open(&dst)
+            .unwrap()
+            .write_all_at(b"stale", 20 << 20)
+            .unwrap();
+        copy_sparse_over(&src, &dst).unwrap();
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        let alloc = allocated_bytes(&dst).unwrap();
+        assert!(
+            alloc <= 5 << 20,
+            "holes punched back: {alloc} bytes allocated"
+        );
+        // A new file that exists already is refused, and a missing one named.
+        assert_eq!(
+            preallocate(&dst, 1).unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
+        let e = copy_sparse_over(&src, &dir.path().join("nope")).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
     }
 
     #[test]

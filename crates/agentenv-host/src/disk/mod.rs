@@ -40,8 +40,8 @@ mod test_files;
 
 pub use checksum::{sparse_sha256, SparseSha256, CHECKSUM_ALGORITHM, CHECKSUM_BLOCK};
 pub use copy::{
-    copy_sparse, copy_sparse_from, copy_sparse_hashed, copy_sparse_with, CopyMethod, CopyOptions,
-    CopyStats,
+    copy_sparse, copy_sparse_from, copy_sparse_hashed, copy_sparse_over, copy_sparse_with,
+    preallocate, CopyMethod, CopyOptions, CopyStats,
 };
 pub use error::{is_no_space, is_read_only, raw_os_error};
 pub use ext4::{rewrite_uuid, set_ext4_uuid, Ext4Error, Ext4Image};

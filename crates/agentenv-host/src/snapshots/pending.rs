@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use agentenv_api::{SnapshotKind, SnapshotStatus, SnapshotTier};
+use agentenv_api::{BackendKind, SnapshotKind, SnapshotStatus, SnapshotTier};
 use agentenv_core::backend::FullSnapshotFiles;
 use agentenv_core::snapshot::{NewSnapshot, PendingSnapshot, SnapshotError};
 use chrono::Utc;
@@ -106,6 +106,16 @@ pub(super) fn begin(
         }
     };
     let dir = make_partial(inner, tier, &id).map_err(|e| e.into_error(&id))?;
+    // A QEMU guest's RAM is copied while it is stopped: the memory file is
+    // allocated now, before the pause, so that the copy only fills pages
+    // (Firecracker writes its memory file itself).
+    if let (Some(full), BackendKind::Qemu) = (&new.full, new.backend) {
+        let memory = dir.join(MEMORY_FILE);
+        if let Err(e) = disk::preallocate(&memory, full.memory_mib << 20) {
+            remove_partial(&dir);
+            return Err(classify(inner.root(tier), String::new(), e).into_error(&id));
+        }
+    }
     hold.keep();
     Ok(PendingSnapshot {
         disk: dir.join(DISK_FILE),
@@ -158,7 +168,13 @@ pub(super) fn copy_in(
 ) -> Result<(), SnapshotError> {
     check_pending(inner, p)?;
     let id = &p.new.snapshot_id;
-    let stats = disk::copy_sparse(src, dst).map_err(|e| {
+    // Over a file `begin` allocated (a QEMU guest's memory), else a new one.
+    let copied = if dst.exists() {
+        disk::copy_sparse_over(src, dst)
+    } else {
+        disk::copy_sparse(src, dst)
+    };
+    let stats = copied.map_err(|e| {
         classify(
             inner.root(p.tier),
             format!("cannot copy {}", src.display()),
