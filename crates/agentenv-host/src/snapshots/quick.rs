@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 /// Name of the quick check's definition, stored with it.
 pub const QUICK_CHECK_ALGORITHM: &str = "sample-sha256-v1";
 /// Bytes hashed at each end of the file.
-pub const EDGE_BYTES: u64 = 1 << 20;
+pub const EDGE_BYTES: u64 = 64 << 10;
 /// Pages hashed at fixed offsets between the ends.
 pub const SAMPLE_PAGES: u32 = 64;
 /// Size of a sampled page.
@@ -226,7 +226,7 @@ mod tests {
         let r = sample_ranges(1 << 30, 3);
         assert_eq!(r[1], (256 << 20, 4096));
         assert_eq!(r[3], (768 << 20, 4096));
-        assert_eq!(r[4], ((1 << 30) - (1 << 20), 1 << 20));
+        assert_eq!(r[4], ((1 << 30) - EDGE_BYTES, EDGE_BYTES));
     }
 
     #[test]
