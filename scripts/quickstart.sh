@@ -42,7 +42,7 @@ step() { printf '==> %s\n' "$*"; }
 if [[ $install -eq 1 ]]; then
   step "installing Debian packages"
   if [[ $(id -u) -ne 0 ]]; then
-    echo "quickstart: installing packages needs root: run with sudo, or pass --no-install" >&2
+    echo "quickstart: installing packages needs root: run it as root, or pass --no-install" >&2
     exit 1
   fi
   # shellcheck source=scripts/packages.sh
