@@ -849,3 +849,13 @@ async fn a_restore_needs_the_same_vmm_version_and_the_memory_it_restores() {
     assert!(engine.get("c").is_err());
     assert_eq!(rig.host.node(&rig.session("c")), None);
 }
+
+#[tokio::test]
+async fn a_persist_keeps_the_tmpfs_copy_that_restored_vms_map() {
+    let rig = Rig::new();
+    let engine = with_full_snapshot(&rig).await;
+    engine.create(restore_req("c", "full")).await.unwrap();
+    let s = engine.persist_snapshot("full", false).await.unwrap();
+    assert!(s.tmpfs_path.is_some(), "{s:?}");
+    assert!(s.durable_path.is_some(), "{s:?}");
+}

@@ -256,6 +256,8 @@ impl Engine {
         keep_tmpfs: bool,
     ) -> Result<SnapshotInfo, EngineError> {
         validate_id("snapshot_id", snapshot_id)?;
+        // VMs that map the tmpfs copy's memory file keep it where it is.
+        let keep_tmpfs = keep_tmpfs || !self.mapped_by(snapshot_id).is_empty();
         self.snapshots
             .persist(snapshot_id, keep_tmpfs)
             .await
