@@ -67,14 +67,18 @@ struct Plan {
 impl Engine {
     /// Creates and boots a VM. On any failure everything made so far is undone.
     pub async fn create(self: &Arc<Self>, req: CreateVmRequest) -> Result<VmInfo, EngineError> {
-        let mut plan = self.plan(&req)?;
-        if let Some(r) = &req.restore {
-            // What a restore must match is checked before anything is made.
-            let (snap, full, base) = self
-                .restorable("restore.snapshot_id", &r.snapshot_id)
-                .await?;
-            self.plan_restore(&mut plan, snap, full, base)?;
-        }
+        self.check_request(&req)?;
+        let mut plan = match &req.restore {
+            Some(r) => {
+                check_restore_fields(&req)?;
+                // What a restore must match is checked before anything is made.
+                let (snap, full, base) = self
+                    .restorable("restore.snapshot_id", &r.snapshot_id)
+                    .await?;
+                self.plan_restore(&req, snap, full, base)?
+            }
+            None => self.plan(&req)?,
+        };
         let _hold = match &plan.disk_source {
             DiskSource::Restore(id, _) | DiskSource::Full(id, _) => Some(self.hold_snapshot(id)),
             _ => None,
@@ -102,12 +106,10 @@ impl Engine {
         }
     }
 
-    /// Validates the request and resolves every path. No file-system writes.
-    fn plan(&self, req: &CreateVmRequest) -> Result<Plan, EngineError> {
-        let cfg = &self.cfg;
+    /// The checks every create request gets: its id and `wait_ready`.
+    fn check_request(&self, req: &CreateVmRequest) -> Result<(), EngineError> {
         validate_id("vm_id", &req.vm_id)?;
-        let vm_id = req.vm_id.clone();
-        if req.wait_ready && !cfg.agent.enable {
+        if req.wait_ready && !self.cfg.agent.enable {
             return Err(EngineError::bad(
                 "wait_ready",
                 "wait_ready needs the guest agent, which is disabled (agent.enable = false)",
@@ -127,9 +129,14 @@ impl Engine {
                 ));
             }
         }
-        if req.restore.is_some() {
-            return self.plan_restore_request(req);
-        }
+        Ok(())
+    }
+
+    /// Validates a boot's request and resolves every path. No file-system
+    /// writes.
+    fn plan(&self, req: &CreateVmRequest) -> Result<Plan, EngineError> {
+        let cfg = &self.cfg;
+        let vm_id = req.vm_id.clone();
         let slots = req.slots.unwrap_or(cfg.default_slots);
         if slots == 0 || slots > MAX_SLOTS {
             return Err(EngineError::bad(
@@ -256,29 +263,21 @@ impl Engine {
         })
     }
 
-    /// The plan of a VM restored from a full snapshot, before the snapshot
-    /// is read ([`Engine::plan_restore`] fills in what it records): the
-    /// fields a snapshot decides are refused, the ids and paths checked.
-    fn plan_restore_request(&self, req: &CreateVmRequest) -> Result<Plan, EngineError> {
-        let cfg = &self.cfg;
-        let given = [
-            ("disk", req.disk.is_some()),
-            ("slots", req.slots.is_some()),
-            ("kernel", req.kernel.is_some()),
-            ("initrd", req.initrd.is_some()),
-            ("boot_args", req.boot_args.is_some()),
-            ("shares", !req.shares.is_empty()),
-        ];
-        if let Some((field, _)) = given.iter().find(|(_, g)| *g) {
-            return Err(EngineError::bad(
-                field,
-                format!("{field} cannot be given with restore: the snapshot decides it"),
-            ));
-        }
+    /// The plan of a VM restored from the full snapshot `snap` (checked by
+    /// [`Engine::restorable`]): what the snapshot records, with the new VM's
+    /// own id, session directory, disk copy, sockets and network.
+    fn plan_restore(
+        &self,
+        req: &CreateVmRequest,
+        snap: agentenv_api::SnapshotInfo,
+        full: agentenv_api::FullSnapshotInfo,
+        base: PathBuf,
+    ) -> Result<Plan, EngineError> {
         let vm_id = req.vm_id.clone();
-        let session_dir = checked_join(&cfg.session_root, "vm_id", &vm_id)?;
+        let session_dir = checked_join(&self.cfg.session_root, "vm_id", &vm_id)?;
         let socket = self.control_socket(&vm_id)?;
-        let net = match &req.network {
+        let mut warnings = Vec::new();
+        let given = match &req.network {
             Some(n) if self.net.is_none() => {
                 check_network(n)?;
                 Some(NetAttachment {
@@ -288,86 +287,16 @@ impl Engine {
             }
             _ => None,
         };
-        let overlay = session_dir.join("overlay.ext4");
-        let console_log = session_dir.join(CONSOLE_LOG);
-        let now = Utc::now();
-        let snapshot_id = req
-            .restore
-            .as_ref()
-            .map(|r| r.snapshot_id.clone())
-            .unwrap_or_default();
-        let info = VmInfo {
-            vm_id: vm_id.clone(),
-            state: VmState::Creating,
-            backend: self.vmm.kind(),
-            api_socket: socket.display().to_string(),
-            vcpus: 0,
-            memory_mib: 0,
-            disk: DiskInfo {
-                kind: "snapshot".into(),
-                rootfs_path: None,
-                writable_path: overlay.display().to_string(),
-                rootfs_id: None,
-                snapshot_id: Some(snapshot_id.clone()),
-                size_bytes: 0,
-            },
-            shares: Vec::new(),
-            kernel: String::new(),
-            initrd: None,
-            boot_args: String::new(),
-            tap_name: net.as_ref().map(|n| n.tap_name.clone()),
-            guest_mac: net.as_ref().map(|n| n.guest_mac.clone()),
-            host_ip: None,
-            guest_ip: None,
-            session_dir: session_dir.display().to_string(),
-            console_log: console_log.display().to_string(),
-            pid: None,
-            created_at: now,
-            updated_at: now,
-            exit: None,
-            warnings: Vec::new(),
-            ready: false,
-            agent: None,
-            restored_from: Some(snapshot_id.clone()),
+        let net = match given {
+            Some(_) if !full.network => {
+                warnings.push(
+                    "`network` was ignored: the snapshot's vm had no network interface".into(),
+                );
+                None
+            }
+            given => given,
         };
-        let launch = LaunchSpec {
-            memory_file: None,
-            vm_id,
-            control_socket: socket,
-            console_log,
-            console_log_max_bytes: cfg.console_log_max_bytes,
-            vcpus: 0,
-            memory_mib: 0,
-            kernel: PathBuf::new(),
-            initrd: None,
-            boot_args: String::new(),
-            drives: Vec::new(),
-            net,
-            agent_socket: None,
-            startup_timeout: Duration::from_millis(cfg.startup_timeout_ms),
-            request_timeout: Duration::from_millis(cfg.request_timeout_ms),
-            session_dir,
-        };
-        Ok(Plan {
-            info,
-            launch,
-            disk_source: DiskSource::Full(snapshot_id, overlay),
-            shares: Vec::new(),
-            lease: None,
-            wants_network: true,
-        })
-    }
-
-    /// Fills a restore's plan with what its full snapshot records.
-    fn plan_restore(
-        &self,
-        plan: &mut Plan,
-        snap: agentenv_api::SnapshotInfo,
-        full: agentenv_api::FullSnapshotInfo,
-        base: PathBuf,
-    ) -> Result<(), EngineError> {
-        let info = &mut plan.info;
-        if full.network && self.net.is_none() && plan.launch.net.is_none() {
+        if full.network && self.net.is_none() && net.is_none() {
             return Err(EngineError::Conflict {
                 message: format!(
                     "restore.snapshot_id: snapshot {} was taken of a vm with a network interface; \
@@ -377,35 +306,58 @@ impl Engine {
                 state: None,
             });
         }
-        if !full.network && plan.launch.net.is_some() {
-            info.warnings
-                .push("`network` was ignored: the snapshot's vm had no network interface".into());
-            plan.launch.net = None;
-            info.tap_name = None;
-            info.guest_mac = None;
-        }
         if full.agent && !self.cfg.agent.enable {
-            info.warnings.push(
+            warnings.push(
                 "the guest agent is disabled (agent.enable = false): the restored vm keeps its source's host name, random state and clock".into(),
             );
         }
-        info.vcpus = full.vcpus;
-        info.memory_mib = full.memory_mib;
-        info.kernel = full.kernel.clone();
-        info.initrd = full.initrd.clone();
-        info.boot_args = full.boot_args.clone();
-        info.disk.rootfs_path = Some(base.display().to_string());
-        info.disk.rootfs_id = snap.rootfs_id.clone();
-        info.disk.size_bytes = snap.logical_bytes;
-        let agent_socket = full
-            .agent
-            .then(|| PathBuf::from(&info.session_dir).join(AGENT_SOCKET));
-        let net = plan.launch.net.clone();
-        let launch = self.restore_launch(info, &full, base, agent_socket, net);
-        plan.launch = launch;
-        // No interface, so no lease either.
-        plan.wants_network = full.network;
-        Ok(())
+        let overlay = session_dir.join("overlay.ext4");
+        let now = Utc::now();
+        let info = VmInfo {
+            vm_id: vm_id.clone(),
+            state: VmState::Creating,
+            backend: self.vmm.kind(),
+            api_socket: socket.display().to_string(),
+            vcpus: full.vcpus,
+            memory_mib: full.memory_mib,
+            disk: DiskInfo {
+                kind: "snapshot".into(),
+                rootfs_path: Some(base.display().to_string()),
+                writable_path: overlay.display().to_string(),
+                rootfs_id: snap.rootfs_id.clone(),
+                snapshot_id: Some(snap.snapshot_id.clone()),
+                size_bytes: snap.logical_bytes,
+            },
+            shares: Vec::new(),
+            kernel: full.kernel.clone(),
+            initrd: full.initrd.clone(),
+            boot_args: full.boot_args.clone(),
+            tap_name: net.as_ref().map(|n| n.tap_name.clone()),
+            guest_mac: net.as_ref().map(|n| n.guest_mac.clone()),
+            host_ip: None,
+            guest_ip: None,
+            session_dir: session_dir.display().to_string(),
+            console_log: session_dir.join(CONSOLE_LOG).display().to_string(),
+            pid: None,
+            created_at: now,
+            updated_at: now,
+            exit: None,
+            warnings,
+            ready: false,
+            agent: None,
+            restored_from: Some(snap.snapshot_id.clone()),
+        };
+        let agent_socket = full.agent.then(|| session_dir.join(AGENT_SOCKET));
+        let launch = self.restore_launch(&info, &full, base, agent_socket, net);
+        Ok(Plan {
+            info,
+            launch,
+            disk_source: DiskSource::Full(snap.snapshot_id, overlay),
+            shares: Vec::new(),
+            lease: None,
+            // No interface, so no lease either.
+            wants_network: full.network,
+        })
     }
 
     /// The control socket of VM `vm_id`, or 400 when its path would be too
@@ -883,6 +835,25 @@ fn apply_lease(plan: &mut Plan, lease: NetLease) {
         guest_mac: lease.guest_mac.clone(),
     });
     plan.lease = Some(lease);
+}
+
+/// Refuses what a restore takes from its snapshot, naming the field.
+fn check_restore_fields(req: &CreateVmRequest) -> Result<(), EngineError> {
+    let given = [
+        ("disk", req.disk.is_some()),
+        ("slots", req.slots.is_some()),
+        ("kernel", req.kernel.is_some()),
+        ("initrd", req.initrd.is_some()),
+        ("boot_args", req.boot_args.is_some()),
+        ("shares", !req.shares.is_empty()),
+    ];
+    match given.iter().find(|(_, g)| *g) {
+        Some((field, _)) => Err(EngineError::bad(
+            field,
+            format!("{field} cannot be given with restore: the snapshot decides it"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The drives of an overlay VM: the read-only base image it boots from, then
