@@ -19,12 +19,17 @@ usage() {
     cat <<EOF
 Usage: $PROG [OPTIONS]
 
-Builds, into OUTPUT:
+Builds, into the directory OUTPUT (directory form):
   kernels/vmlinuz         the kernel as a bzImage (what QEMU boots)
   kernels/vmlinux         the same kernel as an uncompressed ELF (what Firecracker boots)
   initramfs/initrd.img    gzip newc cpio: busybox, the virtio/vsock/overlay modules and an
                           /init that mounts agentenv.root and runs /sbin/overlay-init
                           (docs/guest-contract.md)
+or, when OUTPUT is a file path (file form, e.g. --output artifacts/vmlinux):
+  OUTPUT                  the uncompressed ELF kernel (what Firecracker boots)
+  DIR/initrd.img          the initramfs, beside it (DIR is OUTPUT's directory)
+OUTPUT is a directory when it exists as one, ends in '/', or is not given; otherwise it
+is the kernel's file path (missing parent directories are created).
 
 Default mode: takes Debian's cloud kernel (the package $META_PACKAGE depends on,
 resolved with apt-cache), downloads it with apt-get and unpacks it into the cache.
@@ -32,7 +37,8 @@ Compile mode (--version): builds a kernel from source with a config fragment; ev
 is built in, so the initramfs carries no modules.
 
 Options:
-  --output DIR         where to put kernels/ and initramfs/ (default: $AGENTENV_REPO/artifacts)
+  --output PATH        a directory for kernels/ and initramfs/, or the kernel's file path
+                       (see above; default: the directory $AGENTENV_REPO/artifacts)
   --package NAME       Debian kernel package to use instead of the one $META_PACKAGE
                        depends on (e.g. linux-image-6.1.0-56-cloud-amd64)
   --deb FILE           use this kernel .deb instead of downloading one
@@ -40,8 +46,9 @@ Options:
   --busybox FILE       static busybox to put in the initramfs (default: /bin/busybox from
                        busybox-static)
   --version V          compile mode: build kernel V (e.g. 6.1 or 6.1.119) from source, from
-                       Debian's linux-source-X.Y package when it has that version, else from
-                       cdn.kernel.org
+                       Debian's linux-source-X.Y package when it has that version (apt:
+                       works with a Debian mirror), else from cdn.kernel.org (needs the
+                       internet, or the tarball put into the cache's src/ directory)
   --fragment FILE      compile mode: config fragment merged over x86_64_defconfig
                        (default: resources/kernel/firecracker.fragment)
   --jobs N             compile mode: parallel make jobs (default: nproc)
@@ -58,6 +65,7 @@ EOF
 }
 
 output="$AGENTENV_REPO/artifacts"
+output_given=""
 package=""
 deb=""
 busybox=/bin/busybox
@@ -70,8 +78,8 @@ extra_modules=()
 while [ $# -gt 0 ]; do
     case "$1" in
         -h | --help) usage; exit 0 ;;
-        --output) need_value "$1" $#; output=$2; shift 2 ;;
-        --output=*) output=${1#*=}; shift ;;
+        --output) need_value "$1" $#; output=$2; output_given=1; shift 2 ;;
+        --output=*) output=${1#*=}; output_given=1; shift ;;
         --package) need_value "$1" $#; package=$2; shift 2 ;;
         --package=*) package=${1#*=}; shift ;;
         --deb) need_value "$1" $#; deb=$2; shift 2 ;;
@@ -92,6 +100,11 @@ while [ $# -gt 0 ]; do
 done
 
 [ -n "$output" ] || usage_error "--output must not be empty"
+# Directory form when OUTPUT is (or is written as) a directory; file form otherwise.
+output_form=file
+if [ -z "$output_given" ] || [ -d "$output" ] || [[ $output == */ ]]; then
+    output_form=dir
+fi
 if [ -n "$version" ]; then
     [[ $version =~ ^[0-9]+\.[0-9]+(\.[0-9]+)?$ ]] \
         || usage_error "--version must look like 6.1 or 6.1.119, got '$version'"
@@ -124,11 +137,23 @@ need_cmd cpio cpio
 need_cmd gzip gzip
 is_static_elf "$busybox" || die "--busybox: $busybox is not statically linked (install busybox-static)"
 
-vmlinuz_out="$output/kernels/vmlinuz"
-vmlinux_out="$output/kernels/vmlinux"
-initrd_out="$output/initramfs/initrd.img"
+if [ "$output_form" = dir ]; then
+    vmlinuz_out="$output/kernels/vmlinuz"
+    vmlinux_out="$output/kernels/vmlinux"
+    initrd_out="$output/initramfs/initrd.img"
+    outputs=("$vmlinuz_out" "$vmlinux_out" "$initrd_out")
+else
+    vmlinuz_out="" # the file form makes no bzImage
+    vmlinux_out=$output
+    initrd_out="$(dirname "$output")/initrd.img"
+    [ "$initrd_out" != "$vmlinux_out" ] || usage_error "--output: $output would be overwritten by the initramfs; name the kernel otherwise"
+    outputs=("$vmlinux_out" "$initrd_out")
+fi
 stamp=$(stamp_file build-kernel "$output")
-mkdir -p "$cache" "$output/kernels" "$output/initramfs"
+mkdir -p "$cache"
+for f in "${outputs[@]}"; do
+    mkdir -p "$(dirname "$f")" || die "--output: cannot create the directory $(dirname "$f")"
+done
 workdir=$(mktemp -d "$cache/build-kernel.XXXXXX")
 trap 'rm -rf "$workdir"' EXIT
 chmod 0755 "$workdir" # apt-get download runs as _apt and must reach $workdir/download
@@ -203,13 +228,20 @@ use_debian_package() {
     echo "    kernel $kver from $kernel_id"
 }
 
+# debian_source_versions: the kernel sources apt can fetch (Debian's linux-source-X.Y
+# packages), as --version choices, for the offline message.
+debian_source_versions() {
+    local pkg ver list=""
+    for pkg in $(apt-cache search --names-only '^linux-source-[0-9]+\.[0-9]+$' 2>/dev/null | awk '{ print $1 }' | sort -V); do
+        ver=$(apt-cache policy "$pkg" 2>/dev/null | awk '$1 == "Candidate:" { print $2 }')
+        [ -n "$ver" ] && [ "$ver" != "(none)" ] || continue
+        list+="${list:+, }--version ${pkg#linux-source-} ($pkg $ver)"
+    done
+    echo "${list:-none (apt knows no linux-source-X.Y package; run 'apt-get update' with a Debian mirror)}"
+}
+
 # Sets kernel_root, kver and kernel_id for a kernel compiled from source.
 compile_kernel() {
-    need_cmd make build-essential
-    need_cmd gcc build-essential
-    need_cmd flex flex
-    need_cmd bison bison
-    need_cmd bc bc
     need_cmd xz xz-utils
     local series=${version%.*}
     [[ $version =~ ^[0-9]+\.[0-9]+$ ]] && series=$version
@@ -238,9 +270,15 @@ compile_kernel() {
             tarball="$cache/src/linux-$version.tar.xz"
             if [ ! -f "$tarball" ]; then
                 mkdir -p "$cache/src"
-                curl -fL --connect-timeout 20 -o "$tarball.tmp" "$url" \
-                    || die "cannot download $url and Debian has no $debsrc $version;" \
-                        "without internet access put linux-$version.tar.xz into $cache/src/ yourself"
+                need_cmd curl curl
+                local err
+                if ! err=$(curl -fsSL --proto '=https' --connect-timeout 20 -o "$tarball.tmp" "$url" 2>&1); then
+                    rm -f "$tarball.tmp"
+                    die "cannot download $url (${err:-curl failed}), and apt offers no $debsrc with $version.
+The source of linux $version needs the internet (cdn.kernel.org). Without it:
+  - build a version apt has: $(debian_source_versions)
+  - or download $url on a machine that has access and put it at $tarball, then run this again"
+                fi
                 mv -f "$tarball.tmp" "$tarball"
             fi
             echo "    source: $url"
@@ -249,6 +287,11 @@ compile_kernel() {
         tar -xf "$tarball" -C "$srcdir" --strip-components=1 || die "cannot unpack $tarball"
         touch "$srcdir/.unpacked"
     fi
+    need_cmd make build-essential
+    need_cmd gcc build-essential
+    need_cmd flex flex
+    need_cmd bison bison
+    need_cmd bc bc
     step "configuring (x86_64_defconfig + $(basename "$fragment"))"
     make -C "$srcdir" -s x86_64_defconfig >/dev/null
     (cd "$srcdir" && ./scripts/kconfig/merge_config.sh -m .config "$(abspath "$fragment")") >/dev/null \
@@ -290,9 +333,9 @@ inputs=$( {
     sha256 "$init_script"
     sha256 "$busybox"
 } | sha256sum | cut -d' ' -f1)
-if [ "$force" = 0 ] && stamp_matches "$stamp" "$inputs" "$vmlinuz_out" "$vmlinux_out" "$initrd_out"; then
+if [ "$force" = 0 ] && stamp_matches "$stamp" "$inputs" "${outputs[@]}"; then
     step_end
-    echo "==> up to date: $vmlinuz_out, $vmlinux_out, $initrd_out (--force rebuilds)"
+    echo "==> up to date: $(printf '%s, ' "${outputs[@]}" | sed 's/, $//') (--force rebuilds)"
     exit 0
 fi
 if [ -n "$version" ]; then
@@ -313,12 +356,15 @@ check_elf() {
     [ "$size" -ge $((shoff + shentsize * shnum)) ]
 }
 
-step "kernels/vmlinuz"
-cp -f "$kernel_root/boot/vmlinuz-$kver" "$vmlinuz_out.tmp"
-mv -f "$vmlinuz_out.tmp" "$vmlinuz_out"
-echo "    $vmlinuz_out ($(du -h "$vmlinuz_out" | cut -f1))"
+bzimage="$kernel_root/boot/vmlinuz-$kver"
+if [ -n "$vmlinuz_out" ]; then
+    step "kernels/vmlinuz"
+    cp -f "$bzimage" "$vmlinuz_out.tmp"
+    mv -f "$vmlinuz_out.tmp" "$vmlinuz_out"
+    echo "    $vmlinuz_out ($(du -h "$vmlinuz_out" | cut -f1))"
+fi
 
-step "kernels/vmlinux"
+step "$( [ "$output_form" = dir ] && echo kernels/vmlinux || echo "$vmlinux_out") (ELF)"
 if [ -f "$kernel_root/boot/vmlinux-$kver" ]; then
     cp -f "$kernel_root/boot/vmlinux-$kver" "$vmlinux_out.tmp"
 else
@@ -327,16 +373,16 @@ else
     grep -q '^CONFIG_KERNEL_LZ4=y' "$kernel_root/boot/config-$kver" \
         || die "$kernel_id is not LZ4-compressed (CONFIG_KERNEL_LZ4); cannot extract vmlinux"
     found=0
-    for off in $(LC_ALL=C grep -obUaP '\x02\x21\x4c\x18' "$vmlinuz_out" | cut -d: -f1); do
+    for off in $(LC_ALL=C grep -obUaP '\x02\x21\x4c\x18' "$bzimage" | cut -d: -f1); do
         # lz4 stops with an error at the bzImage's trailing bytes; check_elf judges the result.
-        tail -c +$((off + 1)) "$vmlinuz_out" | lz4 -dc >"$vmlinux_out.tmp" 2>/dev/null || true
+        tail -c +$((off + 1)) "$bzimage" | lz4 -dc >"$vmlinux_out.tmp" 2>/dev/null || true
         if check_elf "$vmlinux_out.tmp"; then
             found=1
             echo "    LZ4 payload at offset $off"
             break
         fi
     done
-    [ "$found" = 1 ] || die "no LZ4 payload in $vmlinuz_out decompresses to an ELF kernel"
+    [ "$found" = 1 ] || die "no LZ4 payload in $bzimage decompresses to an ELF kernel"
 fi
 check_elf "$vmlinux_out.tmp" || die "$vmlinux_out.tmp is not a complete ELF kernel"
 mv -f "$vmlinux_out.tmp" "$vmlinux_out"
@@ -345,7 +391,7 @@ echo "    $vmlinux_out ($(du -h "$vmlinux_out" | cut -f1), ELF)"
 # ---------------------------------------------------------------------------------------
 # initramfs/initrd.img
 
-step "initramfs/initrd.img"
+step "$( [ "$output_form" = dir ] && echo initramfs/initrd.img || echo "$initrd_out")"
 tree="$workdir/initramfs"
 mkdir -p "$tree"/{bin,dev,proc,sys,newroot,etc/agentenv,lib/modules}
 ln -s bin "$tree/sbin"
@@ -394,6 +440,6 @@ fi
 mv -f "$initrd_out.tmp" "$initrd_out"
 echo "    $initrd_out ($(du -h "$initrd_out" | cut -f1))"
 
-stamp_write "$stamp" "$inputs" "$vmlinuz_out" "$vmlinux_out" "$initrd_out"
+stamp_write "$stamp" "$inputs" "${outputs[@]}"
 step_end
-echo "==> done: kernel $kver ($kernel_id)"
+echo "==> done: kernel $kver ($kernel_id) in $(printf '%s, ' "${outputs[@]}" | sed 's/, $//')"

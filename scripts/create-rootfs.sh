@@ -8,7 +8,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 usage() {
     cat <<EOF
 Usage: $PROG --output IMG --size-mib N [--flavor minimal|debian] [--dockerfile FILE]
-       [--agent FILE] [--force]
+       [--tar FILE] [--agent FILE] [--force]
 
 Builds the ext4 image IMG of N MiB. Every image carries /sbin/overlay-init (the program the
 agentenv initramfs starts; it stacks the overlay disk over the read-only image, starts the
@@ -23,11 +23,15 @@ Flavors:
             Debian mirror. Root has no password on the console; SSH logins need --ssh-key.
 
 Options:
-  --output IMG          image file to write (required)
+  --output IMG          image file to write (required; missing parent directories are
+                        created)
   --size-mib N          image size in MiB (required)
   --flavor F            minimal (default) or debian
   --dockerfile FILE     build the file system from a Dockerfile instead of a flavor (needs a
                         running docker engine); e.g. resources/rootfs/Dockerfile
+  --tar FILE            build the file system from a container's exported file system
+                        (a tar file, e.g. made elsewhere with 'docker build' and
+                        'docker export CONTAINER >FILE'); needs no docker here
   --busybox FILE        minimal: static busybox to use (default /bin/busybox)
   --suite S             debian: release (default bookworm)
   --mirror URL          debian: mirror (default: the first deb.debian.org-style URL apt uses,
@@ -46,7 +50,7 @@ Environment:
                         ~/.cache/agentenv): build stamps, debootstrap's package cache
 
 Needs: e2fsprogs (mkfs.ext4 >= 1.43 for -d); minimal: busybox-static, fakeroot when not
-root; debian: debootstrap; dockerfile: docker with a running engine; without --agent and
+root; debian: debootstrap; dockerfile: docker with a running engine; tar: root; without --agent and
 without the default agent: a Rust toolchain (see scripts/build-guest-agent.sh).
 EOF
 }
@@ -57,6 +61,7 @@ output=""
 size_mib=""
 flavor=""
 dockerfile=""
+tarfile=""
 busybox=/bin/busybox
 suite=bookworm
 mirror=""
@@ -77,6 +82,8 @@ while [ $# -gt 0 ]; do
         --flavor=*) flavor=${1#*=}; shift ;;
         --dockerfile) need_value "$1" $#; dockerfile=$2; shift 2 ;;
         --dockerfile=*) dockerfile=${1#*=}; shift ;;
+        --tar) need_value "$1" $#; tarfile=$2; shift 2 ;;
+        --tar=*) tarfile=${1#*=}; shift ;;
         --busybox) need_value "$1" $#; busybox=$2; shift 2 ;;
         --busybox=*) busybox=${1#*=}; shift ;;
         --suite) need_value "$1" $#; suite=$2; shift 2 ;;
@@ -104,12 +111,16 @@ if [ -n "$dockerfile" ]; then
     [ -f "$dockerfile" ] || usage_error "--dockerfile: no such file '$dockerfile'"
     flavor=dockerfile
 fi
+if [ -n "$tarfile" ]; then
+    [ -z "$flavor" ] || usage_error "--tar cannot be combined with --flavor or --dockerfile (the tar file is the flavor)"
+    [ -f "$tarfile" ] || usage_error "--tar: no such file '$tarfile'"
+    flavor=tar
+fi
 flavor=${flavor:-minimal}
 case "$flavor" in
-    minimal | debian | dockerfile) ;;
+    minimal | debian | dockerfile | tar) ;;
     *) usage_error "--flavor must be minimal or debian, got '$flavor'" ;;
 esac
-[ -d "$(dirname "$output")" ] || usage_error "--output: directory $(dirname "$output") does not exist"
 [ ! -d "$output" ] || usage_error "--output: $output is a directory; give the image file's path"
 if [ "$flavor" = minimal ]; then
     [ -f "$busybox" ] || usage_error "--busybox: no such file '$busybox' (install busybox-static)"
@@ -125,6 +136,28 @@ if [ -n "$agent" ]; then
 fi
 
 need_cmd mkfs.ext4 e2fsprogs
+
+# --dockerfile needs a docker engine: say so (with the other ways to an image) before the
+# guest agent is built or anything else is done.
+if [ "$flavor" = dockerfile ]; then
+    docker_alternatives="Other ways to a root file system image:
+  - $PROG --flavor debian --output $output --size-mib $size_mib
+      (debootstrap from the Debian mirror; systemd and openssh-server, like resources/rootfs/Dockerfile)
+  - $PROG --flavor minimal --output $output --size-mib $size_mib
+      (busybox, offline, seconds; what scripts/build-artifacts.sh builds)
+  - on a machine with docker: docker build -t img -f $dockerfile $(dirname "$dockerfile") &&
+      docker export \$(docker create img /sbin/init) >rootfs.tar; then here: $PROG --tar rootfs.tar --output $output --size-mib $size_mib"
+    command -v podman >/dev/null 2>&1 \
+        && docker_alternatives+="
+  - podman is installed: its docker-compatible socket (systemctl start podman.socket;
+      DOCKER_HOST=unix:///run/podman/podman.sock) serves as the docker engine"
+    command -v docker >/dev/null 2>&1 \
+        || die "--dockerfile needs docker with a running engine, and 'docker' is not installed (Debian package docker.io).
+$docker_alternatives"
+    docker_err=$(docker info 2>&1 >/dev/null) \
+        || die "--dockerfile needs a running docker engine, and 'docker info' failed: $(echo "$docker_err" | head -3 | tr '\n' ' ')
+$docker_alternatives"
+fi
 
 # The guest agent: the default one is built when missing (before a fakeroot re-run, which
 # then finds it).
@@ -154,9 +187,11 @@ if [ "$(id -u)" != 0 ]; then
             ;;
         debian) die "--flavor debian needs root (debootstrap)" ;;
         dockerfile) die "--dockerfile needs root (to unpack the container's files with their owners)" ;;
+        tar) die "--tar needs root (to unpack the container's files with their owners)" ;;
     esac
 fi
 
+mkdir -p -- "$(dirname "$output")" || die "--output: cannot create the directory $(dirname "$output")"
 output=$(abspath "$output")
 cache=$(cache_root)
 res="$AGENTENV_REPO/resources/rootfs"
@@ -171,6 +206,7 @@ inputs=$( {
     case "$flavor" in
         minimal) sha256 "$busybox" ;;
         dockerfile) sha256 "$dockerfile" ;;
+        tar) sha256 "$tarfile" ;;
     esac
     [ -z "$ssh_key" ] || sha256 "$ssh_key"
     sha256 "$agent"
@@ -305,10 +341,6 @@ build_debian() {
 }
 
 build_dockerfile() {
-    need_cmd docker docker.io
-    local out
-    out=$(docker info 2>&1 >/dev/null) || die "--dockerfile needs a running docker engine, and 'docker info' failed:" \
-        "$(echo "$out" | head -3 | tr '\n' ' ')"
     local tag="agentenv-rootfs-build:$$" ctr
     step "docker build $(basename "$dockerfile")"
     docker build -q -t "$tag" -f "$dockerfile" "$(dirname "$dockerfile")" >/dev/null \
@@ -325,10 +357,21 @@ build_dockerfile() {
     finish_debian_like "$root"
 }
 
+build_tar() {
+    step "unpacking $(basename "$tarfile")"
+    tar -x -f "$tarfile" -C "$root" --numeric-owner 2>"$workdir/tar.err" \
+        || die "--tar: cannot unpack $tarfile: $(head -3 "$workdir/tar.err" | tr '\n' ' ')"
+    [ -e "$root/sbin/init" ] || [ -L "$root/sbin/init" ] || warn "the image has no /sbin/init; pass agentenv.init=PATH when booting it"
+    rm -f "$root/.dockerenv"
+    step "adding the agentenv files"
+    finish_debian_like "$root"
+}
+
 case "$flavor" in
     minimal) build_minimal ;;
     debian) build_debian ;;
     dockerfile) build_dockerfile ;;
+    tar) build_tar ;;
 esac
 
 step "mkfs.ext4 -d ($size_mib MiB)"

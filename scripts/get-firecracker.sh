@@ -6,14 +6,20 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
 usage() {
     cat <<EOF
-Usage: $PROG --version V --output PATH [--arch x86_64|aarch64] [--force]
+Usage: $PROG --version V --output PATH [--arch x86_64|aarch64] [--from FILE] [--force]
 
 Downloads firecracker-vV-ARCH.tgz from Firecracker's GitHub releases (cached), extracts
 release-vV-ARCH/firecracker-vV-ARCH to PATH and checks that it runs '--version'.
+Needs the internet (github.com) unless --from gives the release file.
 
 Options:
   --version V           release, e.g. 1.13.1 (a leading v is accepted)
-  --output PATH         where to put the firecracker binary
+  --output PATH         where to put the firecracker binary; missing parent directories
+                        are created. An existing directory, or a PATH ending in '/',
+                        gets the binary as PATH/firecracker
+  --from FILE           offline: take the release from FILE instead of downloading it,
+                        either the release tarball firecracker-vV-ARCH.tgz or the
+                        firecracker binary itself (a tarball is kept in the cache)
   --arch A              x86_64 or aarch64 (default: this machine's, $(uname -m))
   --force               download and extract again even when PATH is already that version
   --connect-timeout S   seconds to wait for the connection (default 15)
@@ -22,9 +28,9 @@ Options:
                         https://github.com/firecracker-microvm/firecracker/releases/download)
   -h, --help            show this help
 
-Without internet access the download fails: fetch the tarball elsewhere and put it in the
-cache directory (\$AGENTENV_CACHE/firecracker/, default /var/cache/agentenv/firecracker/),
-or copy a firecracker binary to PATH yourself.
+Without internet access the download fails and says which URL it needs: fetch that file
+on a machine that has access and give it with --from FILE (or put it in the cache
+directory, \$AGENTENV_CACHE/firecracker/, default /var/cache/agentenv/firecracker/).
 
 Needs: curl, tar.
 EOF
@@ -34,6 +40,7 @@ version=""
 output=""
 arch=$(uname -m)
 force=0
+from=""
 connect_timeout=15
 max_time=600
 base_url=https://github.com/firecracker-microvm/firecracker/releases/download
@@ -47,6 +54,8 @@ while [ $# -gt 0 ]; do
         --output=*) output=${1#*=}; shift ;;
         --arch) need_value "$1" $#; arch=$2; shift 2 ;;
         --arch=*) arch=${1#*=}; shift ;;
+        --from) need_value "$1" $#; from=$2; shift 2 ;;
+        --from=*) from=${1#*=}; shift ;;
         --force) force=1; shift ;;
         --connect-timeout) need_value "$1" $#; connect_timeout=$2; shift 2 ;;
         --connect-timeout=*) connect_timeout=${1#*=}; shift ;;
@@ -68,9 +77,16 @@ case "$arch" in
 esac
 need_uint --connect-timeout "$connect_timeout"
 need_uint --max-time "$max_time"
-[ ! -d "$output" ] || usage_error "--output: $output is a directory; give the binary's path (e.g. $output/firecracker)"
-[ -d "$(dirname "$output")" ] || usage_error "--output: directory $(dirname "$output") does not exist"
-need_cmd curl curl
+if [ -n "$from" ]; then
+    [ -f "$from" ] || usage_error "--from: no such file '$from'"
+fi
+case "$output" in
+    */) output="${output}firecracker" ;;
+    *) [ ! -d "$output" ] || output="$output/firecracker" ;;
+esac
+[ ! -d "$output" ] || usage_error "--output: $output is a directory"
+mkdir -p -- "$(dirname "$output")" || die "--output: cannot create the directory $(dirname "$output")"
+[ -n "$from" ] || need_cmd curl curl
 need_cmd tar tar
 
 name="firecracker-v$version-$arch"
@@ -90,7 +106,18 @@ if [ "$force" = 0 ] && [ -x "$output" ] && can_run \
 fi
 
 mkdir -p "$cache"
-if [ "$force" = 1 ] || [ ! -s "$tarball" ]; then
+binary=""
+if [ -n "$from" ]; then
+    if [ "$(head -c 4 "$from" | od -An -tx1 | tr -d ' \n')" = 7f454c46 ]; then
+        step "using the firecracker binary $from"
+        binary=$from
+    else
+        step "using the release file $from"
+        gzip -t "$from" 2>/dev/null || die "--from: $from is neither a firecracker binary (ELF) nor a .tgz release file"
+        install -m 0644 "$from" "$tarball.part"
+        mv -f "$tarball.part" "$tarball"
+    fi
+elif [ "$force" = 1 ] || [ ! -s "$tarball" ]; then
     step "downloading $url"
     rm -f "$tarball.part"
     if ! err=$(curl --fail --location --silent --show-error --proto '=https,http' \
@@ -98,31 +125,35 @@ if [ "$force" = 1 ] || [ ! -s "$tarball" ]; then
         --output "$tarball.part" "$url" 2>&1); then
         rm -f "$tarball.part"
         die "download of $url failed: ${err:-curl failed}
-This machine may have no internet access. Without it, copy a firecracker binary to
-$output yourself, or download $name.tgz on a machine that has access
-(https://github.com/firecracker-microvm/firecracker/releases) and put it at
-$tarball, then run this again."
+This machine may have no internet access. Without it, download
+  $url
+on a machine that has access and run this again with --from FILE, e.g.
+  $PROG --version $version --output $output --from ./$name.tgz
+(--from also takes the firecracker binary itself; or put the tarball at $tarball)."
     fi
     mv -f "$tarball.part" "$tarball"
 else
     step "using the cached $tarball"
 fi
 
-step "extracting release-v$version-$arch/$name"
 workdir=$(mktemp -d "$cache/extract.XXXXXX")
-trap 'rm -rf "$workdir"' EXIT
-tar -xzf "$tarball" -C "$workdir" "release-v$version-$arch/$name" 2>"$workdir/tar.err" \
-    || die "$tarball has no release-v$version-$arch/$name ($(head -1 "$workdir/tar.err")); remove it and run again"
-install -m 0755 "$workdir/release-v$version-$arch/$name" "$output.tmp"
-mv -f "$output.tmp" "$output"
+trap 'rm -rf "$workdir" "$output.tmp"' EXIT
+if [ -z "$binary" ]; then
+    step "extracting release-v$version-$arch/$name"
+    tar -xzf "$tarball" -C "$workdir" "release-v$version-$arch/$name" 2>"$workdir/tar.err" \
+        || die "$tarball has no release-v$version-$arch/$name ($(head -1 "$workdir/tar.err")); remove it and run again"
+    binary="$workdir/release-v$version-$arch/$name"
+fi
+install -m 0755 "$binary" "$output.tmp"
 
-step "checking $output --version"
+step "checking $name --version"
 if can_run; then
-    out=$("$output" --version 2>&1 | head -1) || die "$output --version failed: $out"
-    echo "$out" | grep -q "v$version\b" || die "$output --version says '$out', expected v$version"
+    out=$("$output.tmp" --version 2>&1 | head -1) || die "$name --version failed: $out"
+    echo "$out" | grep -q "v$version\b" || die "$name --version says '$out', expected v$version"
     echo "    $out"
 else
     echo "    skipped: $arch binary on a $(uname -m) machine"
 fi
+mv -f "$output.tmp" "$output"
 step_end
 echo "==> done: $output"

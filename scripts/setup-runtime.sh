@@ -6,6 +6,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
 # The directory keys of the config and their defaults (agentenv-core's Config::default).
 KEYS=(session_root socket_root rootfs_root snapshots_root tmpfs_snapshot_root hdfs_snapshot_root kernel_root initramfs_root)
+# What --clean wipes: the daemon's runtime state. The other keys hold what the operator
+# built or copied (base images, kernels, initramfs images); --clean never removes them.
+STATE_KEYS=(session_root socket_root snapshots_root tmpfs_snapshot_root hdfs_snapshot_root)
+INPUT_KEYS=(rootfs_root kernel_root initramfs_root)
 declare -A DEFAULTS=(
     [session_root]=data/sessions
     [socket_root]=data/sockets
@@ -35,10 +39,14 @@ current directory, as the daemon does.
 
 Options:
   --config FILE   the daemon's TOML config (default: none, i.e. all defaults)
-  --clean         remove those directories instead (a directory that is a mount point is
-                  emptied and kept); refuses /, top-level system directories, symlinks and
-                  any directory holding the current or home directory
-  --force         with --clean: also remove directories that are not empty
+  --clean         first wipe the runtime state: ${STATE_KEYS[*]}
+                  (a directory that is a mount point is emptied and kept), then create
+                  every directory again. Never touches ${INPUT_KEYS[*]}
+                  (base images, kernels, initramfs images) nor the repository's artifacts/.
+                  Refuses /, top-level system directories, symlinks, and a state directory
+                  that holds the current or home directory, the repository, artifacts/ (the
+                  repository's or the current directory's), the config file or one of ${INPUT_KEYS[*]}
+  --force         with --clean: also remove state directories that are not empty
   -h, --help      show this help
 
 Needs: python3 >= 3.11 (tomllib) for full TOML; without it only simple top-level
@@ -138,17 +146,21 @@ refuse_to_clean() {
             | /proc | /root | /run | /sbin | /srv | /sys | /tmp | /usr | /var)
             die "$key = $dir is $real; refusing to clean it" ;;
     esac
-    local keep
-    for keep in "$(realpath -m -- "$PWD")" "$(realpath -m -- "${HOME:-/}")" "$AGENTENV_REPO"; do
+    local keep what
+    for keep in "$(realpath -m -- "$PWD")" "$(realpath -m -- "${HOME:-/}")" "$AGENTENV_REPO" \
+        "$AGENTENV_REPO/artifacts" "$(realpath -m -- "$PWD/artifacts")" ${config:+"$(realpath -m -- "$config")"} "${protected[@]}"; do
         if [ "$real" = "$keep" ] || [[ $keep == "$real"/* ]]; then
-            die "$key = $dir ($real) contains $keep; refusing to clean it"
+            what=$keep
+            [ -z "${protected_key[$keep]:-}" ] || what="${protected_key[$keep]} ($keep)"
+            die "$key = $dir ($real) is or contains $what; refusing to clean it"
         fi
     done
 }
 
 source_desc=${config:-"(defaults)"}
 
-if [ "$clean" = 0 ]; then
+# create_all: make every directory of the config (they may exist already).
+create_all() {
     step "creating the runtime directories of $source_desc"
     for key in "${KEYS[@]}"; do
         dir=${roots[$key]}
@@ -165,15 +177,28 @@ if [ "$clean" = 0 ]; then
         echo "    note: tmpfs_snapshot_root (${roots[tmpfs_snapshot_root]}) is on $fstype, not tmpfs;" \
             "for the fast tier mount one: mount -t tmpfs -o size=8G tmpfs ${roots[tmpfs_snapshot_root]}"
     fi
+}
+
+if [ "$clean" = 0 ]; then
+    create_all
     step_end
     echo "==> done"
     exit 0
 fi
 
-# --clean: check everything first, then remove deepest first.
-step "cleaning the runtime directories of $source_desc"
+# --clean: check everything first, then remove deepest first, then create everything again.
+# The input directories (and whatever they hold) are protected: no state directory may be
+# one of them or contain one.
+protected=()
+declare -A protected_key=()
+for key in "${INPUT_KEYS[@]}"; do
+    real=$(realpath -m -- "${roots[$key]}")
+    protected+=("$real")
+    protected_key[$real]=$key
+done
+step "cleaning the runtime state of $source_desc"
 existing=()
-for key in "${KEYS[@]}"; do
+for key in "${STATE_KEYS[@]}"; do
     dir=${roots[$key]}
     [ -e "$dir" ] || [ -L "$dir" ] || continue
     refuse_to_clean "$key" "$dir"
@@ -183,30 +208,34 @@ for key in "${KEYS[@]}"; do
     fi
     existing+=("$(realpath -- "$dir")"$'\t'"$key")
 done
+for key in "${INPUT_KEYS[@]}"; do
+    printf '    %-20s %s (kept: never cleaned)\n' "$key" "${roots[$key]}"
+done
+status=0
 if [ ${#existing[@]} -eq 0 ]; then
     echo "    nothing to clean"
-    exit 0
-fi
-mapfile -t ordered < <(printf '%s\n' "${existing[@]}" | awk -F'\t' '{ print length($1) "\t" $0 }' \
-    | sort -t$'\t' -k1,1nr -k2,2 -u | cut -f2-)
-status=0
-for entry in "${ordered[@]}"; do
-    dir=${entry%%$'\t'*}
-    key=${entry#*$'\t'}
-    [ -d "$dir" ] || continue # removed with a parent already
-    if is_mountpoint "$dir"; then
-        find "$dir" -mindepth 1 -maxdepth 1 -exec rm -rf --one-file-system -- {} + \
-            || { status=1; warn "could not empty every entry of $dir"; }
-        printf '    %-20s %s (mount point: emptied, kept)\n' "$key" "$dir"
-    else
-        if rm -rf --one-file-system -- "$dir"; then
-            printf '    %-20s %s (removed)\n' "$key" "$dir"
+else
+    mapfile -t ordered < <(printf '%s\n' "${existing[@]}" | awk -F'\t' '{ print length($1) "\t" $0 }' \
+        | sort -t$'\t' -k1,1nr -k2,2 -u | cut -f2-)
+    for entry in "${ordered[@]}"; do
+        dir=${entry%%$'\t'*}
+        key=${entry#*$'\t'}
+        [ -d "$dir" ] || continue # removed with a parent already
+        if is_mountpoint "$dir"; then
+            find "$dir" -mindepth 1 -maxdepth 1 -exec rm -rf --one-file-system -- {} + \
+                || { status=1; warn "could not empty every entry of $dir"; }
+            printf '    %-20s %s (mount point: emptied, kept)\n' "$key" "$dir"
         else
-            status=1
-            warn "could not remove all of $key = $dir (a mount point inside it?)"
+            if rm -rf --one-file-system -- "$dir"; then
+                printf '    %-20s %s (removed)\n' "$key" "$dir"
+            else
+                status=1
+                warn "could not remove all of $key = $dir (a mount point inside it?)"
+            fi
         fi
-    fi
-done
-step_end
+    done
+fi
 [ "$status" = 0 ] || die "some directories could not be removed (see above)"
+create_all
+step_end
 echo "==> done"
