@@ -6,13 +6,17 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
 PREFIX=/opt/agentenv
 UNIT=agentenv.service
+# The staged name of the config as installed (with the keys naming the installed files).
+INSTALLED_CONFIG=agentenv.toml
+# The keys the installed config gets from the installed files.
+FILE_KEYS=(firecracker_binary kernel_root default_kernel rootfs_root initramfs_root default_initrd)
 
 usage() {
     cat <<EOF
 Usage: $PROG --host USER@HOST --firecracker FILE --agentenv BIN --kernel FILE
           --rootfs FILE --config FILE [--initrd FILE] [--no-service] [--sudo]
-          [--ssh-opts "..."] [--listen ADDR] [--dry-run]
-       $PROG --print-unit [--listen ADDR]
+          [--ssh-opts "..."] [--listen ADDR] [--prefix DIR] [--dry-run]
+       $PROG --print-unit [--listen ADDR] [--prefix DIR]
 
 Copies the files to USER@HOST with scp and ssh:
   $PREFIX/bin/agentenv              <- --agentenv (the agentenv daemon binary)
@@ -22,10 +26,14 @@ Copies the files to USER@HOST with scp and ssh:
   $PREFIX/kernels/NAME              <- --kernel
   $PREFIX/initramfs/NAME            <- --initrd
   $PREFIX/rootfs/NAME               <- --rootfs
-  $PREFIX/config/agentenv.toml      <- --config
+  $PREFIX/config/agentenv.toml      <- --config, with the keys that name the installed
+                                     files set to them: firecracker_binary, kernel_root,
+                                     default_kernel, rootfs_root, initramfs_root and
+                                     default_initrd (when there is an initramfs)
 and installs, enables and (re)starts the systemd unit $UNIT. The unit runs the daemon
-from $PREFIX (relative config paths are taken from there) with KillMode=process, so
-VMMs survive a daemon restart. Give the config kernel_root = "$PREFIX/kernels" etc.
+from $PREFIX (the config's other relative paths, e.g. session_root, are taken from
+there) with KillMode=process, so VMMs survive a daemon restart. The rootfs is then
+created with "rootfs_id": "NAME", NAME being the --rootfs file's name.
 
 Options:
   --host USER@HOST     the SSH destination
@@ -33,10 +41,13 @@ Options:
   --agentenv BIN       the agentenv daemon binary
   --hypervisor BIN     the same (the option's former name, still accepted)
   --kernel FILE        guest kernel (vmlinux for Firecracker, vmlinuz for QEMU)
-  --initrd FILE        guest initramfs (initrd.img), optional
+  --initrd FILE        guest initramfs (default: initrd.img beside --kernel when there is
+                       one, as scripts/build-kernel.sh --output DIR/vmlinux leaves it)
+  --no-initrd          install no initramfs, even when there is one beside --kernel
   --rootfs FILE        base root file system image
   --config FILE        the daemon's TOML config
   --listen ADDR        address the daemon listens on (default 127.0.0.1:8080)
+  --prefix DIR         where to install on the host (default $PREFIX)
   --no-service         copy the files only; leave systemd alone
   --sudo               run the remote install commands with sudo (for a non-root USER)
   --ssh-opts "OPTS"    extra options for ssh and scp, split on spaces (e.g. "-p 2222 -i key")
@@ -54,6 +65,7 @@ agentenv_bin=""
 agentenv_opt=""
 kernel=""
 initrd=""
+no_initrd=0
 rootfs=""
 config=""
 listen=127.0.0.1:8080
@@ -84,6 +96,9 @@ while [ $# -gt 0 ]; do
         --kernel=*) kernel=${1#*=}; shift ;;
         --initrd) need_value "$1" $#; initrd=$2; shift 2 ;;
         --initrd=*) initrd=${1#*=}; shift ;;
+        --no-initrd) no_initrd=1; shift ;;
+        --prefix) need_value "$1" $#; PREFIX=$2; shift 2 ;;
+        --prefix=*) PREFIX=${1#*=}; shift ;;
         --rootfs) need_value "$1" $#; rootfs=$2; shift 2 ;;
         --rootfs=*) rootfs=${1#*=}; shift ;;
         --config) need_value "$1" $#; config=$2; shift 2 ;;
@@ -101,6 +116,8 @@ while [ $# -gt 0 ]; do
 done
 
 [[ $listen =~ ^[^[:space:]]+:[0-9]+$ ]] || usage_error "--listen must be ADDR:PORT, got '$listen'"
+[[ $PREFIX =~ ^/[A-Za-z0-9._/-]*[A-Za-z0-9._-]$ ]] && [[ ! $PREFIX =~ (^|/)\.\.?(/|$) ]] \
+    || usage_error "--prefix must be an absolute directory of letters, digits, '.', '_', '-' and '/' (not / itself, no . or ..), got '$PREFIX'"
 
 unit_text() {
     cat <<EOF
@@ -141,13 +158,17 @@ for pair in "--firecracker:$firecracker" "--agentenv:$agentenv_bin" "--kernel:$k
     [ -f "$file" ] || usage_error "$opt: no such file '$file'"
 done
 if [ -n "$initrd" ]; then
+    [ "$no_initrd" = 0 ] || usage_error "--initrd and --no-initrd cannot be combined"
     [ -f "$initrd" ] || usage_error "--initrd: no such file '$initrd'"
+elif [ "$no_initrd" = 0 ] && [ -f "$(dirname "$kernel")/initrd.img" ]; then
+    initrd="$(dirname "$kernel")/initrd.img"
+    echo "==> using the initramfs $initrd beside the kernel (--initrd FILE or --no-initrd to change)"
 fi
 declare -A seen_names=()
-for file in "$agentenv_bin" "$firecracker" "$kernel" "$rootfs" "$config" ${initrd:+"$initrd"}; do
+for file in "$agentenv_bin" "$firecracker" "$kernel" "$rootfs" ${initrd:+"$initrd"}; do
     name=$(basename "$file")
     [[ $name =~ ^[A-Za-z0-9._-]+$ ]] || usage_error "file name '$name' must be letters, digits, '.', '_' or '-' only"
-    case "$name" in setup-runtime.sh | common.sh) usage_error "file name '$name' clashes with the helper scripts copied along" ;; esac
+    case "$name" in setup-runtime.sh | common.sh | "$INSTALLED_CONFIG") usage_error "file name '$name' clashes with the helper scripts copied along" ;; esac
     [ -z "${seen_names[$name]:-}" ] || usage_error "two of the files are named '$name'; rename one"
     seen_names[$name]=1
 done
@@ -156,9 +177,41 @@ if [ "$dry_run" = 0 ]; then
     need_cmd scp openssh-client
 fi
 
-if grep -qE '^[[:space:]]*kernel_root[[:space:]]*=' "$config" \
-    && ! grep -qE "^[[:space:]]*kernel_root[[:space:]]*=[[:space:]]*\"$PREFIX/kernels\"" "$config"; then
-    warn "$config sets kernel_root to something else than $PREFIX/kernels, where the kernel is copied"
+# The config as installed: the keys naming installed files are set to them (a first block
+# of top-level keys; the config's own lines for those keys, which must be top-level
+# one-line `key = value` lines, are commented out), everything else is kept as written.
+workdir=$(mktemp -d)
+trap 'rm -rf "$workdir"' EXIT
+installed_config="$workdir/$INSTALLED_CONFIG"
+{
+    echo "# Installed by $PROG from $(basename "$config"): the keys below name the installed files."
+    echo "firecracker_binary = \"$PREFIX/bin/firecracker\""
+    echo "kernel_root = \"$PREFIX/kernels\""
+    echo "default_kernel = \"$(basename "$kernel")\""
+    echo "rootfs_root = \"$PREFIX/rootfs\""
+    echo "initramfs_root = \"$PREFIX/initramfs\""
+    [ -z "$initrd" ] || echo "default_initrd = \"$(basename "$initrd")\""
+    echo "# --- $(basename "$config") as given (its lines for the keys above are commented out) ---"
+    awk -v keys="${FILE_KEYS[*]}" '
+        BEGIN { n = split(keys, k, " "); for (i = 1; i <= n; i++) drop[k[i]] = 1 }
+        /^[ \t]*\[/ { table = 1 }
+        !table && match($0, /^[ \t]*[A-Za-z0-9_]+[ \t]*=/) {
+            key = substr($0, RSTART, RLENGTH); gsub(/[ \t=]/, "", key)
+            if (key in drop) { print "# (set above) " $0; next }
+        }
+        { print }' "$config"
+} >"$installed_config"
+if python3 -c 'import tomllib' 2>/dev/null; then
+    python3 - "$installed_config" "$config" "${FILE_KEYS[@]}" <<'EOF' || die "--config: $config cannot be installed (see above)"
+import sys, tomllib
+path, given, keys = sys.argv[1], sys.argv[2], sys.argv[3:]
+try:
+    with open(path, "rb") as f:
+        tomllib.load(f)
+except tomllib.TOMLDecodeError as e:
+    sys.exit(f"{given}: not valid TOML once the installed file keys are set ({e}); "
+             f"write {', '.join(keys)} as top-level one-line key = \"value\" lines")
+EOF
 fi
 
 # shellcheck disable=SC2206 # --ssh-opts is split on spaces on purpose
@@ -206,7 +259,7 @@ remote "set -e; mkdir -p $stage; ${sudo}mkdir -p $PREFIX/bin $PREFIX/kernels $PR
     || die "cannot prepare $PREFIX on $host over ssh (reachable? key? --sudo needed for a non-root user?)"
 
 step "copying files to $host"
-files=("$agentenv_bin" "$firecracker" "$AGENTENV_REPO/scripts/setup-runtime.sh" "$AGENTENV_REPO/scripts/lib/common.sh" "$kernel" "$rootfs" "$config")
+files=("$agentenv_bin" "$firecracker" "$AGENTENV_REPO/scripts/setup-runtime.sh" "$AGENTENV_REPO/scripts/lib/common.sh" "$kernel" "$rootfs" "$installed_config")
 [ -n "$initrd" ] && files+=("$initrd")
 run scp -p ${scp_args[@]+"${scp_args[@]}"} "${files[@]}" "$host:$stage/" \
     || die "copying the files to $host:$stage/ failed (scp; the remote sshd needs its sftp subsystem)"
@@ -220,7 +273,7 @@ install_cmd+="; ${sudo}install -D -m 0644 common.sh $PREFIX/bin/lib/common.sh"
 install_cmd+="; ${sudo}install -m 0644 $(basename "$kernel") $PREFIX/kernels/$(basename "$kernel")"
 [ -n "$initrd" ] && install_cmd+="; ${sudo}install -m 0644 $(basename "$initrd") $PREFIX/initramfs/$(basename "$initrd")"
 install_cmd+="; ${sudo}install -m 0644 $(basename "$rootfs") $PREFIX/rootfs/$(basename "$rootfs")"
-install_cmd+="; ${sudo}install -m 0644 $(basename "$config") $PREFIX/config/agentenv.toml"
+install_cmd+="; ${sudo}install -m 0644 $INSTALLED_CONFIG $PREFIX/config/agentenv.toml"
 install_cmd+="; cd $PREFIX && ${sudo}$PREFIX/bin/setup-runtime.sh --config $PREFIX/config/agentenv.toml"
 install_cmd+="; rm -rf ~/$stage"
 remote "$install_cmd" || die "installing into $PREFIX on $host failed"

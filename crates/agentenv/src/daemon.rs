@@ -155,6 +155,7 @@ pub async fn build_engine_in(cfg: Config, netns: Option<PathBuf>) -> anyhow::Res
     )));
     let snapshots = Arc::new(TieredStore::from_config(&cfg));
     let net: Option<Arc<dyn HostNetwork>> = if cfg.network.enable {
+        check_network_privilege()?;
         let net = LinuxNetwork::new(&cfg.network, netns)
             .map_err(|e| anyhow::anyhow!("config table `[network]`: {e}"))?;
         tracing::info!(
@@ -170,6 +171,45 @@ pub async fn build_engine_in(cfg: Config, netns: Option<PathBuf>) -> anyhow::Res
     };
     let engine = Engine::start(cfg, vmm, host, net, snapshots, Arc::new(SocketConnector)).await?;
     Ok(engine)
+}
+
+/// Automatic networking needs root or `CAP_NET_ADMIN` (`setcap
+/// cap_net_admin+ep agentenv`); without either, a clear error naming the key
+/// instead of a failure half-way through loading the firewall table.
+fn check_network_privilege() -> anyhow::Result<()> {
+    use agentenv_host::caps;
+    if caps::is_root() {
+        return Ok(());
+    }
+    let has = caps::has_effective(caps::CAP_NET_ADMIN)
+        .context("config table `[network]`: cannot read the daemon's capabilities")?;
+    if has {
+        // CAP_NET_ADMIN does not bypass file permissions: the daemon, and the
+        // VMMs it starts as the same user, open /dev/net/tun themselves.
+        const TUN: &str = "/dev/net/tun";
+        if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(TUN) {
+            bail!(
+                "config table `[network]`: enable = true needs {TUN}, and the daemon (uid {}) cannot open it: {e}; \
+                 give its user read and write access (most distributions make it mode 0666), \
+                 or set [network] enable = false",
+                caps::euid()
+            );
+        }
+        tracing::info!(
+            "running as uid {} with CAP_NET_ADMIN: automatic networking on; VMMs run without capabilities",
+            caps::euid()
+        );
+        return Ok(());
+    }
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "agentenv".into());
+    bail!(
+        "config table `[network]`: enable = true needs root or CAP_NET_ADMIN, and the daemon runs as uid {} without it; \
+         grant it with `setcap cap_net_admin+ep {exe}` (as root), run the daemon as root, \
+         or set [network] enable = false (create requests then name their own TAP)",
+        caps::euid()
+    )
 }
 
 /// Runs the daemon until Ctrl-C or SIGTERM.

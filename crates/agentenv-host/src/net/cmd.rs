@@ -23,13 +23,14 @@ pub fn run_with_input(
         program: program.to_string(),
         source,
     };
-    let mut child = Command::new(program)
-        .args(args)
+    let mut cmd = Command::new(program);
+    cmd.args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(spawn_err)?;
+        .stderr(Stdio::piped());
+    // A non-root daemon with CAP_NET_ADMIN (setcap) passes it on to `nft`.
+    crate::caps::pass_net_admin(&mut cmd);
+    let mut child = cmd.spawn().map_err(spawn_err)?;
     let (tx, rx) = mpsc::channel::<(u8, Vec<u8>)>();
     let mut stdin = child.stdin.take().expect("piped");
     let input = input.to_vec();

@@ -22,6 +22,24 @@ const TUN_PATH: &str = "/dev/net/tun";
 pub fn create_persistent(name: &str) -> io::Result<()> {
     let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_TUN_EXCL;
     let file = attach(name, flags)?;
+    if !crate::caps::is_root() {
+        // A non-root daemon (CAP_NET_ADMIN from setcap) starts VMMs that hold no
+        // capability: they may attach to the TAP because it is theirs (same
+        // uid). A root daemon leaves the TAP ownerless: only CAP_NET_ADMIN
+        // holders may attach.
+        // SAFETY: `file` is an open /dev/net/tun descriptor attached to a device
+        // by TUNSETIFF above; TUNSETOWNER takes the uid by value.
+        let rc = unsafe {
+            libc::ioctl(
+                file.as_raw_fd(),
+                libc::TUNSETOWNER,
+                crate::caps::euid() as libc::c_ulong,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
     // SAFETY: `file` is an open /dev/net/tun descriptor attached to a device by
     // TUNSETIFF above; TUNSETPERSIST takes its argument by value.
     let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) };
