@@ -29,7 +29,7 @@ or, when OUTPUT is a file path (file form, e.g. --output artifacts/vmlinux):
   OUTPUT                  the uncompressed ELF kernel (what Firecracker boots)
   DIR/initrd.img          the initramfs, beside it (DIR is OUTPUT's directory)
 OUTPUT is a directory when it exists as one, ends in '/', or is not given; otherwise it
-is the kernel's file path (missing parent directories are created).
+is the kernel's file path (a missing parent directory, one level, is created).
 
 Default mode: takes Debian's cloud kernel (the package $META_PACKAGE depends on,
 resolved with apt-cache), downloads it with apt-get and unpacks it into the cache.
@@ -104,6 +104,8 @@ done
 output_form=file
 if [ -z "$output_given" ] || [ -d "$output" ] || [[ $output == */ ]]; then
     output_form=dir
+else
+    check_parent_dir --output "$output"
 fi
 if [ -n "$version" ]; then
     [[ $version =~ ^[0-9]+\.[0-9]+(\.[0-9]+)?$ ]] \

@@ -23,8 +23,8 @@ Flavors:
             Debian mirror. Root has no password on the console; SSH logins need --ssh-key.
 
 Options:
-  --output IMG          image file to write (required; missing parent directories are
-                        created)
+  --output IMG          image file to write (required; a missing parent directory, one
+                        level, e.g. artifacts/, is created)
   --size-mib N          image size in MiB (required)
   --flavor F            minimal (default) or debian
   --dockerfile FILE     build the file system from a Dockerfile instead of a flavor (needs a
@@ -122,6 +122,7 @@ case "$flavor" in
     *) usage_error "--flavor must be minimal or debian, got '$flavor'" ;;
 esac
 [ ! -d "$output" ] || usage_error "--output: $output is a directory; give the image file's path"
+check_parent_dir --output "$output"
 if [ "$flavor" = minimal ]; then
     [ -f "$busybox" ] || usage_error "--busybox: no such file '$busybox' (install busybox-static)"
 fi
@@ -191,7 +192,7 @@ if [ "$(id -u)" != 0 ]; then
     esac
 fi
 
-mkdir -p -- "$(dirname "$output")" || die "--output: cannot create the directory $(dirname "$output")"
+ensure_parent_dir --output "$output"
 output=$(abspath "$output")
 cache=$(cache_root)
 res="$AGENTENV_REPO/resources/rootfs"

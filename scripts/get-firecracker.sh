@@ -14,9 +14,8 @@ Needs the internet (github.com) unless --from gives the release file.
 
 Options:
   --version V           release, e.g. 1.13.1 (a leading v is accepted)
-  --output PATH         where to put the firecracker binary; missing parent directories
-                        are created. An existing directory, or a PATH ending in '/',
-                        gets the binary as PATH/firecracker
+  --output PATH         the firecracker binary's path (not a directory); a missing parent
+                        directory (one level, e.g. artifacts/) is created
   --from FILE           offline: take the release from FILE instead of downloading it,
                         either the release tarball firecracker-vV-ARCH.tgz or the
                         firecracker binary itself (a tarball is kept in the cache)
@@ -80,12 +79,10 @@ need_uint --max-time "$max_time"
 if [ -n "$from" ]; then
     [ -f "$from" ] || usage_error "--from: no such file '$from'"
 fi
-case "$output" in
-    */) output="${output}firecracker" ;;
-    *) [ ! -d "$output" ] || output="$output/firecracker" ;;
-esac
-[ ! -d "$output" ] || usage_error "--output: $output is a directory"
-mkdir -p -- "$(dirname "$output")" || die "--output: cannot create the directory $(dirname "$output")"
+[ ! -d "$output" ] && [[ $output != */ ]] \
+    || usage_error "--output: $output is a directory; give the binary's path (e.g. ${output%/}/firecracker)"
+check_parent_dir --output "$output"
+ensure_parent_dir --output "$output"
 [ -n "$from" ] || need_cmd curl curl
 need_cmd tar tar
 
@@ -129,7 +126,8 @@ This machine may have no internet access. Without it, download
   $url
 on a machine that has access and run this again with --from FILE, e.g.
   $PROG --version $version --output $output --from ./$name.tgz
-(--from also takes the firecracker binary itself; or put the tarball at $tarball)."
+(--from also takes the firecracker binary itself; or put the tarball at $tarball,
+or copy a firecracker binary to $output yourself)."
     fi
     mv -f "$tarball.part" "$tarball"
 else

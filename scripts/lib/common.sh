@@ -39,6 +39,24 @@ need_uint() {
     [[ $2 =~ ^[1-9][0-9]*$ ]] || usage_error "$1 must be a positive integer, got '$2'"
 }
 
+# check_parent_dir OPTION PATH: fail (argument error) unless PATH's directory exists or
+# can be made by ensure_parent_dir: one missing level below an existing directory (e.g.
+# artifacts/ of a fresh clone), not a whole invented tree (a typo).
+check_parent_dir() {
+    local parent
+    parent=$(dirname -- "$2")
+    [ -d "$parent" ] || [ -d "$(dirname -- "$parent")" ] \
+        || usage_error "$1: directory $parent does not exist, nor does its parent"
+}
+
+# ensure_parent_dir OPTION PATH: create PATH's directory when it is missing (after
+# check_parent_dir accepted it).
+ensure_parent_dir() {
+    local parent
+    parent=$(dirname -- "$2")
+    [ -d "$parent" ] || mkdir -- "$parent" || die "$1: cannot create the directory $parent"
+}
+
 # need_cmd COMMAND DEBIAN_PACKAGE: fail unless COMMAND is on PATH.
 need_cmd() {
     command -v "$1" >/dev/null 2>&1 \
