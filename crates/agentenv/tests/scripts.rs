@@ -64,15 +64,20 @@ impl Run {
         } else {
             Command::new(&path)
         };
-        cmd.args(args)
-            .current_dir(repo())
-            .stdin(Stdio::null())
+        cmd.args(args).current_dir(repo());
+        Run::command(cmd, &format!("{name} {}", args.join(" ")))
+    }
+
+    /// Any command (a script of another tree, a script under `unshare`), with the
+    /// same pipes, process group and timeout as [`Run::new`].
+    fn command(mut cmd: Command, what: &str) -> Run {
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
         Run {
             cmd,
-            what: format!("{name} {}", args.join(" ")),
+            what: what.to_string(),
             timeout: Duration::from_secs(60),
         }
     }
@@ -932,6 +937,29 @@ fn get_firecracker_without_network_fails_clearly() {
     assert!(!out.exists(), "a failed download left {}", out.display());
 }
 
+/// Writes a release tarball laid out like Firecracker's (`release-vV-ARCH/firecracker-vV-ARCH`)
+/// to `tgz`, its "binary" a script printing `Firecracker vV`; `dir` holds the tree.
+fn fake_firecracker_release(dir: &Path, version: &str, tgz: &Path) {
+    let arch = std::env::consts::ARCH;
+    let release = format!("release-v{version}-{arch}");
+    let tree = dir.join(format!("fake-release-{version}"));
+    fs::create_dir_all(tree.join(&release)).unwrap();
+    let fake = tree
+        .join(&release)
+        .join(format!("firecracker-v{version}-{arch}"));
+    fs::write(&fake, format!("#!/bin/sh\necho 'Firecracker v{version}'\n")).unwrap();
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    let tar = Command::new("tar")
+        .arg("-czf")
+        .arg(tgz)
+        .arg("-C")
+        .arg(&tree)
+        .arg(&release)
+        .status()
+        .unwrap();
+    assert!(tar.success());
+}
+
 #[test]
 fn get_firecracker_extracts_a_cached_release() {
     if !on_path("tar") || !on_path("curl") {
@@ -940,26 +968,10 @@ fn get_firecracker_extracts_a_cached_release() {
     }
     let dir = tempdir();
     let arch = std::env::consts::ARCH;
-    let release = format!("release-v9.8.7-{arch}");
-    let tree = dir.path().join("tree");
-    fs::create_dir_all(tree.join(&release)).unwrap();
-    let fake = tree
-        .join(&release)
-        .join(format!("firecracker-v9.8.7-{arch}"));
-    fs::write(&fake, "#!/bin/sh\necho 'Firecracker v9.8.7'\n").unwrap();
-    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
     let cache = dir.path().join("cache");
     fs::create_dir_all(cache.join("firecracker")).unwrap();
     let tgz = cache.join(format!("firecracker/firecracker-v9.8.7-{arch}.tgz"));
-    let tar = Command::new("tar")
-        .arg("-czf")
-        .arg(&tgz)
-        .arg("-C")
-        .arg(&tree)
-        .arg(&release)
-        .status()
-        .unwrap();
-    assert!(tar.success());
+    fake_firecracker_release(dir.path(), "9.8.7", &tgz);
 
     let out = dir.path().join("fc");
     let args = [
@@ -1401,4 +1413,613 @@ fn kernel_artifacts_from_a_cached_package() {
         .run();
     assert_eq!(again.code, Some(0), "{}", again.describe());
     assert!(again.stdout.contains("up to date"), "{}", again.describe());
+}
+
+// ---------------------------------------------------------------------------------------
+// The seed's documented commands, verbatim, on a fresh tree (issue 13). Each runs the
+// command exactly as the documentation writes it, from the root of a copy of what a fresh
+// clone has (scripts/, resources/, config/; no artifacts/, no data/). Without the internet
+// (every machine here) the downloads fail: they run in a network namespace of their own
+// (`unshare --net`), so they fail at once and send nothing anywhere. These tests need root
+// (namespaces, setcap, sshd) and fail, not skip, without it.
+
+/// The tools a test needs; panics naming the missing one and its package.
+fn require(tools: &[(&str, &str)]) {
+    assert!(
+        is_root(),
+        "the seed-command tests need root (unshare, setcap, sshd)"
+    );
+    for (tool, package) in tools {
+        assert!(
+            on_path(tool) || Path::new(tool).is_file(),
+            "`{tool}` is missing (Debian package {package}); this test must run"
+        );
+    }
+}
+
+/// A copy of what a fresh clone has, at `dir/tree`.
+fn fresh_tree(dir: &Path) -> PathBuf {
+    let tree = dir.join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    for sub in ["scripts", "resources", "config"] {
+        let ok = Command::new("cp")
+            .arg("-a")
+            .arg(repo().join(sub))
+            .arg(&tree)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "copying {sub}");
+    }
+    tree
+}
+
+/// `tree/scripts/SCRIPT ARGS…` from `tree`, in a network namespace with no network.
+fn offline(tree: &Path, script: &str, args: &[&str]) -> Run {
+    let mut cmd = Command::new("unshare");
+    cmd.arg("--net")
+        .arg("--")
+        .arg(tree.join("scripts").join(script))
+        .args(args)
+        .current_dir(tree);
+    Run::command(cmd, &format!("(offline) scripts/{script} {}", args.join(" ")))
+}
+
+/// `tree/scripts/SCRIPT ARGS…` from `tree`.
+fn in_tree(tree: &Path, script: &str, args: &[&str]) -> Run {
+    let mut cmd = Command::new(tree.join("scripts").join(script));
+    cmd.args(args).current_dir(tree);
+    Run::command(cmd, &format!("scripts/{script} {}", args.join(" ")))
+}
+
+#[test]
+fn seed_get_firecracker_offline_names_the_url_and_takes_the_file() {
+    require(&[("unshare", "util-linux"), ("tar", "tar"), ("curl", "curl")]);
+    let dir = tempdir();
+    let tree = fresh_tree(dir.path());
+    let cache = dir.path().join("cache");
+    let arch = std::env::consts::ARCH;
+    let verbatim = ["--version", "1.13.1", "--output", "artifacts/firecracker"];
+    let ran = offline(&tree, "get-firecracker.sh", &verbatim)
+        .env("AGENTENV_CACHE", &cache)
+        .run();
+    assert_eq!(ran.code, Some(1), "{}", ran.describe());
+    let url = format!("https://github.com/firecracker-microvm/firecracker/releases/download/v1.13.1/firecracker-v1.13.1-{arch}.tgz");
+    for needle in [url.as_str(), "no internet access", "--from"] {
+        assert!(
+            ran.stderr.contains(needle),
+            "lacks {needle:?}: {}",
+            ran.describe()
+        );
+    }
+    assert!(
+        tree.join("artifacts").is_dir(),
+        "artifacts/ not created: {}",
+        ran.describe()
+    );
+    let out = tree.join("artifacts/firecracker");
+    assert!(!out.exists(), "a failed download left {}", out.display());
+
+    // The file fetched elsewhere, given with --from.
+    let tgz = dir.path().join(format!("firecracker-v1.13.1-{arch}.tgz"));
+    fake_firecracker_release(dir.path(), "1.13.1", &tgz);
+    let mut args = verbatim.to_vec();
+    args.extend(["--from", tgz.to_str().unwrap()]);
+    let ran = offline(&tree, "get-firecracker.sh", &args)
+        .env("AGENTENV_CACHE", &cache)
+        .run();
+    assert_eq!(ran.code, Some(0), "{}", ran.describe());
+    assert!(
+        ran.stdout.contains("Firecracker v1.13.1"),
+        "{}",
+        ran.describe()
+    );
+    let says = Command::new(&out).arg("--version").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&says.stdout).trim(),
+        "Firecracker v1.13.1"
+    );
+
+    // A file of another release, or one that is no release at all, is refused and the
+    // installed binary stays as it was.
+    let other = dir.path().join("other.tgz");
+    fake_firecracker_release(dir.path(), "1.12.0", &other);
+    let junk = dir.path().join("junk.tgz");
+    fs::write(&junk, "not a tarball").unwrap();
+    for (file, needle) in [
+        (&other, "has no release-v1.13.1"),
+        (&junk, "neither a firecracker binary"),
+    ] {
+        let mut args = verbatim.to_vec();
+        args.extend(["--from", file.to_str().unwrap(), "--force"]);
+        let ran = offline(&tree, "get-firecracker.sh", &args)
+            .env("AGENTENV_CACHE", &cache)
+            .run();
+        assert_eq!(ran.code, Some(1), "{}", ran.describe());
+        assert!(ran.stderr.contains(needle), "{}", ran.describe());
+        let says = Command::new(&out).arg("--version").output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&says.stdout).trim(),
+            "Firecracker v1.13.1",
+            "a refused --from replaced the binary"
+        );
+        assert!(!tree.join("artifacts/firecracker.tmp").exists());
+    }
+}
+
+#[test]
+fn seed_build_kernel_offline_names_the_source_and_the_versions_it_has() {
+    require(&[("unshare", "util-linux"), ("xz", "xz-utils"), ("curl", "curl")]);
+    assert!(
+        Path::new("/bin/busybox").is_file(),
+        "/bin/busybox is missing (busybox-static); this test must run"
+    );
+    let dir = tempdir();
+    let tree = fresh_tree(dir.path());
+    let fragment = fs::read_to_string(tree.join("resources/kernel/firecracker.fragment")).unwrap();
+    assert!(
+        fragment
+            .lines()
+            .any(|l| l == "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y"),
+        "the fragment must let the kernel find virtio-mmio devices without ACPI"
+    );
+    let ran = offline(
+        &tree,
+        "build-kernel.sh",
+        &[
+            "--version",
+            "6.6.30",
+            "--fragment",
+            "resources/kernel/firecracker.fragment",
+            "--output",
+            "artifacts/vmlinux",
+        ],
+    )
+    .env("AGENTENV_CACHE", dir.path().join("cache"))
+    .run();
+    assert_eq!(ran.code, Some(1), "{}", ran.describe());
+    for needle in [
+        "https://cdn.kernel.org/pub/linux/kernel/v6.x/linux-6.6.30.tar.xz",
+        "needs the internet",
+        // The versions apt can fetch (Debian's linux-source-X.Y), or why there are none.
+        "linux-source-",
+        "linux-6.6.30.tar.xz, then run this again",
+    ] {
+        assert!(
+            ran.stderr.contains(needle),
+            "lacks {needle:?}: {}",
+            ran.describe()
+        );
+    }
+    assert!(
+        !tree.join("artifacts/vmlinux").exists(),
+        "{}",
+        ran.describe()
+    );
+}
+
+#[test]
+fn seed_build_kernel_output_is_the_kernel_file() {
+    require(&[
+        ("dpkg-deb", "dpkg"),
+        ("depmod", "kmod"),
+        ("modprobe", "kmod"),
+        ("lz4", "lz4"),
+        ("cpio", "cpio"),
+    ]);
+    let dir = tempdir();
+    let tree = fresh_tree(dir.path());
+    // A cached kernel package when there is one (fast, offline); else the script's
+    // default: Debian's cloud kernel through apt (the Debian mirror).
+    let deb = cached_kernel_deb();
+    let build = |output: &str| {
+        let mut args = vec!["--output", output];
+        if let Some(deb) = &deb {
+            args.extend(["--deb", deb.to_str().unwrap()]);
+        }
+        let mut run = in_tree(&tree, "build-kernel.sh", &args).timeout(600);
+        if deb.is_some() {
+            run = run.env("AGENTENV_CACHE", dir.path().join("cache"));
+        }
+        run.run()
+    };
+    let ran = build("artifacts/vmlinux");
+    assert_eq!(ran.code, Some(0), "{}", ran.describe());
+    let vmlinux = fs::read(tree.join("artifacts/vmlinux")).unwrap();
+    assert_eq!(&vmlinux[..4], b"\x7fELF", "artifacts/vmlinux is not an ELF kernel");
+    let initrd = fs::read(tree.join("artifacts/initrd.img")).unwrap();
+    assert_eq!(&initrd[..2], b"\x1f\x8b", "artifacts/initrd.img is not gzip");
+    assert!(
+        !tree.join("artifacts/kernels").exists() && !tree.join("artifacts/initramfs").exists(),
+        "the file form made the directory form's layout too"
+    );
+    let again = build("artifacts/vmlinux");
+    assert!(again.stdout.contains("up to date"), "{}", again.describe());
+
+    // The directory form stays, when it is unambiguous: a trailing slash.
+    let ran = build("out/");
+    assert_eq!(ran.code, Some(0), "{}", ran.describe());
+    for f in ["kernels/vmlinux", "kernels/vmlinuz", "initramfs/initrd.img"] {
+        assert!(tree.join("out").join(f).is_file(), "out/{f} missing");
+    }
+    // A typo'd tree is not invented.
+    let ran = in_tree(
+        &tree,
+        "build-kernel.sh",
+        &["--output", "no/such/dir/vmlinux"],
+    )
+    .run();
+    assert_eq!(ran.code, Some(2), "{}", ran.describe());
+    assert!(!tree.join("no").exists());
+}
+
+#[test]
+fn seed_create_rootfs_without_docker_names_the_alternatives() {
+    require(&[("mkfs.ext4", "e2fsprogs"), ("debugfs", "e2fsprogs")]);
+    let dir = tempdir();
+    let tree = fresh_tree(dir.path());
+    let ran = in_tree(
+        &tree,
+        "create-rootfs.sh",
+        &[
+            "--dockerfile",
+            "resources/rootfs/Dockerfile",
+            "--output",
+            "artifacts/rootfs.ext4",
+            "--size-mib",
+            "4096",
+        ],
+    )
+    // No engine at this address, whatever runs on the machine.
+    .env("DOCKER_HOST", "unix:///nonexistent/agentenv-test-docker.sock")
+    .run();
+    assert_eq!(ran.code, Some(1), "{}", ran.describe());
+    for needle in [
+        "needs a running docker engine",
+        "--flavor debian",
+        "--flavor minimal",
+        "--tar rootfs.tar",
+    ] {
+        assert!(
+            ran.stderr.contains(needle),
+            "lacks {needle:?}: {}",
+            ran.describe()
+        );
+    }
+    // Refused before anything was built or written.
+    assert!(!tree.join("artifacts").exists(), "{}", ran.describe());
+
+    // The offline alternative: a container's exported file system.
+    let agent = build_guest_agent(dir.path());
+    let fs_tree = dir.path().join("exported");
+    fs::create_dir_all(fs_tree.join("bin")).unwrap();
+    fs::create_dir_all(fs_tree.join("sbin")).unwrap();
+    fs::create_dir_all(fs_tree.join("etc")).unwrap();
+    fs::copy("/bin/sh", fs_tree.join("bin/sh")).unwrap();
+    std::os::unix::fs::symlink("/bin/sh", fs_tree.join("sbin/init")).unwrap();
+    fs::write(fs_tree.join("etc/from-the-tar"), "yes\n").unwrap();
+    let tar = dir.path().join("rootfs.tar");
+    let ok = Command::new("tar")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&fs_tree)
+        .arg(".")
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let ran = in_tree(
+        &tree,
+        "create-rootfs.sh",
+        &[
+            "--tar",
+            tar.to_str().unwrap(),
+            "--output",
+            "artifacts/rootfs.ext4",
+            "--size-mib",
+            "64",
+            "--agent",
+            agent.to_str().unwrap(),
+        ],
+    )
+    .env("AGENTENV_CACHE", dir.path().join("cache"))
+    .run();
+    assert_eq!(ran.code, Some(0), "{}", ran.describe());
+    let img = tree.join("artifacts/rootfs.ext4");
+    assert_eq!(debugfs(&img, "cat /etc/from-the-tar"), "yes\n");
+    let sbin = debugfs(&img, "ls -l /sbin");
+    assert!(sbin.contains("overlay-init"), "{sbin}");
+    let usr_sbin = debugfs(&img, "ls -l /usr/sbin");
+    assert!(usr_sbin.contains("agentenv-guest"), "{usr_sbin}");
+}
+
+#[test]
+fn seed_setup_runtime_clean_never_deletes_artifacts() {
+    require(&[]);
+    let dir = tempdir();
+    let tree = fresh_tree(dir.path());
+    let artifacts = [
+        "artifacts/kernels/vmlinux",
+        "artifacts/kernels/vmlinuz",
+        "artifacts/initramfs/initrd.img",
+        "artifacts/rootfs/minimal.ext4",
+        "artifacts/vmlinux",
+        "artifacts/rootfs.ext4",
+        "artifacts/firecracker",
+        "artifacts/agentenv-guest",
+    ];
+    let state = [
+        "data/sessions/vm1/vm.json",
+        "data/sockets/vm1.sock",
+        "data/snapshots/s1/snapshot.json",
+        "data/snapshots/tmpfs/s1/mem",
+        "data/snapshots/durable/s1/mem",
+    ];
+    for f in artifacts.iter().chain(&state) {
+        let path = tree.join(f);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, f).unwrap();
+    }
+    let intact = |what: &str| {
+        for f in artifacts {
+            assert_eq!(
+                fs::read_to_string(tree.join(f)).ok().as_deref(),
+                Some(f),
+                "{what} touched {f}"
+            );
+        }
+    };
+    let ran = in_tree(
+        &tree,
+        "setup-runtime.sh",
+        &[
+            "--clean",
+            "--force",
+            "--config",
+            "config/hypervisor.artifacts.toml",
+        ],
+    )
+    .run();
+    assert_eq!(ran.code, Some(0), "{}", ran.describe());
+    intact("setup-runtime.sh --clean --force");
+    for f in state {
+        assert!(!tree.join(f).exists(), "{f} survived: {}", ran.describe());
+    }
+    for d in [
+        "data/sessions",
+        "data/sockets",
+        "data/snapshots/tmpfs",
+        "data/snapshots/durable",
+    ] {
+        assert!(tree.join(d).is_dir(), "{d} not recreated: {}", ran.describe());
+    }
+
+    // Roots that must never be wiped: refused, and nothing is removed.
+    let home = dir.path().join("home");
+    fs::create_dir_all(&home).unwrap();
+    let cases = [
+        ("session_root = \"/\"\n", "refusing"),
+        (
+            &*format!("session_root = \"{}\"\n", home.display()),
+            "refusing",
+        ),
+        ("snapshots_root = \"artifacts\"\n", "artifacts"),
+        ("session_root = \".\"\n", "refusing"),
+        (
+            "session_root = \"data/sessions\"\nkernel_root = \"data/sessions/kernels\"\n",
+            "kernel_root",
+        ),
+        (
+            "hdfs_snapshot_root = \"base\"\nrootfs_root = \"base/images\"\n",
+            "rootfs_root",
+        ),
+    ];
+    fs::create_dir_all(tree.join("data/sessions/kernels")).unwrap();
+    fs::write(tree.join("data/sessions/kernels/k"), "k").unwrap();
+    fs::create_dir_all(tree.join("base/images")).unwrap();
+    fs::write(tree.join("base/images/i"), "i").unwrap();
+    for (text, needle) in cases {
+        let config = dir.path().join("danger.toml");
+        fs::write(&config, text).unwrap();
+        let ran = in_tree(
+            &tree,
+            "setup-runtime.sh",
+            &["--clean", "--force", "--config", config.to_str().unwrap()],
+        )
+        .env("HOME", &home)
+        .run();
+        assert_eq!(ran.code, Some(1), "{text}: {}", ran.describe());
+        assert!(
+            ran.stderr.contains(needle) && ran.stderr.contains("refusing"),
+            "{text}: {}",
+            ran.describe()
+        );
+        intact(text);
+        assert!(home.is_dir() && tree.join("config").is_dir());
+        assert!(tree.join("data/sessions/kernels/k").is_file(), "{text}");
+        assert!(tree.join("base/images/i").is_file(), "{text}");
+    }
+}
+
+/// An sshd on a loopback port, accepting only a key made for the test; killed on drop.
+struct Sshd {
+    child: std::process::Child,
+    port: u16,
+    key: PathBuf,
+}
+
+impl Sshd {
+    fn start(dir: &Path) -> Sshd {
+        let sshd = Path::new("/usr/sbin/sshd");
+        assert!(
+            sshd.is_file(),
+            "/usr/sbin/sshd is missing (Debian package openssh-server); this test must run"
+        );
+        let keygen = |name: &str| {
+            let ok = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(dir.join(name))
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "ssh-keygen {name}");
+        };
+        keygen("host_key");
+        keygen("user_key");
+        fs::copy(dir.join("user_key.pub"), dir.join("authorized_keys")).unwrap();
+        // sshd's privilege separation directory (what the package's service makes).
+        fs::create_dir_all("/run/sshd").unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let config = dir.join("sshd_config");
+        fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\n\
+                 AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+                 StrictModes no\nPidFile {d}/sshd.pid\n\
+                 Subsystem sftp /usr/lib/openssh/sftp-server\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(sshd)
+            .arg("-D")
+            .arg("-e")
+            .arg("-f")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("sshd.log")).unwrap())
+            .spawn()
+            .expect("sshd starts");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "sshd does not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Sshd {
+            child,
+            port,
+            key: dir.join("user_key"),
+        }
+    }
+
+    fn ssh_opts(&self) -> String {
+        format!(
+            "-p {} -i {} -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
+            self.port,
+            self.key.display()
+        )
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn seed_setup_remote_host_installs_a_config_that_finds_its_files() {
+    require(&[("ssh", "openssh-client"), ("scp", "openssh-client"), ("ssh-keygen", "openssh-client")]);
+    let dir = tempdir();
+    let tree = fresh_tree(dir.path());
+    let sshd_dir = dir.path().join("sshd");
+    fs::create_dir_all(&sshd_dir).unwrap();
+    let sshd = Sshd::start(&sshd_dir);
+    // The files the documented command names, where it names them.
+    let daemon = Path::new(env!("CARGO_BIN_EXE_agentenv"));
+    fs::create_dir_all(tree.join("target/release")).unwrap();
+    fs::copy(daemon, tree.join("target/release/agentenv")).unwrap();
+    fs::write(tree.join("firecracker"), "#!/bin/sh\necho 'Firecracker v1.13.1'\n").unwrap();
+    fs::set_permissions(tree.join("firecracker"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::create_dir_all(tree.join("artifacts")).unwrap();
+    for (f, content) in [
+        ("artifacts/vmlinux", "kernel"),
+        ("artifacts/initrd.img", "initramfs"),
+        ("artifacts/rootfs.ext4", "rootfs"),
+    ] {
+        fs::write(tree.join(f), content).unwrap();
+    }
+    let prefix = dir.path().join("remote/opt/agentenv");
+    let opts = sshd.ssh_opts();
+    let ran = in_tree(
+        &tree,
+        "setup-remote-host.sh",
+        &[
+            "--host",
+            "root@127.0.0.1",
+            "--firecracker",
+            "./firecracker",
+            "--hypervisor",
+            "target/release/agentenv",
+            "--kernel",
+            "artifacts/vmlinux",
+            "--rootfs",
+            "artifacts/rootfs.ext4",
+            "--config",
+            "config/hypervisor.example.toml",
+            "--no-service",
+            "--ssh-opts",
+            &opts,
+            "--prefix",
+            prefix.to_str().unwrap(),
+        ],
+    )
+    .timeout(180)
+    .run();
+    assert_eq!(ran.code, Some(0), "{}", ran.describe());
+    assert!(
+        ran.stdout.contains("using the initramfs artifacts/initrd.img"),
+        "{}",
+        ran.describe()
+    );
+
+    // The installed config, read as the daemon reads it (relative paths from the prefix,
+    // the unit's working directory), names the installed files.
+    let config_path = prefix.join("config/agentenv.toml");
+    let cfg = agentenv_core::config::Config::load(&config_path)
+        .unwrap_or_else(|e| panic!("the installed config does not load: {e}"));
+    let abs = |p: &Path| prefix.join(p);
+    let same = |installed: &Path, original: &str| {
+        assert_eq!(
+            fs::read(installed).unwrap_or_else(|e| panic!("{}: {e}", installed.display())),
+            fs::read(tree.join(original)).unwrap(),
+            "{} is not {original}",
+            installed.display()
+        );
+    };
+    assert_eq!(abs(&cfg.firecracker_binary), prefix.join("bin/firecracker"));
+    same(&abs(&cfg.firecracker_binary), "firecracker");
+    same(&abs(&cfg.kernel_root).join(&cfg.default_kernel), "artifacts/vmlinux");
+    let initrd = cfg.default_initrd.as_deref().expect("default_initrd is set");
+    same(&abs(&cfg.initramfs_root).join(initrd), "artifacts/initrd.img");
+    same(&abs(&cfg.rootfs_root).join("rootfs.ext4"), "artifacts/rootfs.ext4");
+    same(&prefix.join("bin/agentenv"), "target/release/agentenv");
+    // The rest of the example config is kept (its [network] table, say).
+    assert!(cfg.network.enable);
+    // The installed daemon accepts it, and the runtime directories were made there.
+    let check = Command::new(prefix.join("bin/agentenv"))
+        .arg("check-config")
+        .arg("--config")
+        .arg(&config_path)
+        .current_dir(&prefix)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(prefix.join(&cfg.session_root).is_dir());
+    assert!(
+        !Path::new("/root/.agentenv-install").exists(),
+        "the staging directory was left in the remote home"
+    );
 }
