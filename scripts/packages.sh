@@ -16,4 +16,12 @@ AGENTENV_PACKAGES=(
   curl ca-certificates
   python3
   fakeroot          # building images without root
+  libcap2-bin       # setcap: the non-root daemon test (cap_net_admin on a copy)
+  util-linux        # unshare, setpriv: offline seed-command and non-root tests
+)
+# Only where the tests run (CI): the seed setup-remote-host test starts its own sshd on
+# a loopback port. Installing openssh-server also enables the host's ssh service, so the
+# quickstart does not install it.
+AGENTENV_CI_PACKAGES=(
+  openssh-server openssh-client
 )

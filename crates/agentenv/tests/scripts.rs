@@ -4,7 +4,8 @@
 //! release), the static guest agent build, and builds of the minimal rootfs (with the agent)
 //! and of the kernel artifacts.
 //!
-//! Nothing here needs root. The guest agent is built in `target/guest` (shared with
+//! The `seed_*` tests at the end run the seed's documented commands verbatim and need
+//! root (network namespaces, a loopback sshd); the others do not. The guest agent is built in `target/guest` (shared with
 //! `scripts/build-guest-agent.sh` runs outside the tests), so only the first build is slow. Tests that need tools which may be missing (mkfs.ext4, debugfs,
 //! busybox-static, a cached kernel package) print why they skip. Every script runs with a
 //! timeout, in its own process group, which is killed if the timeout passes.
