@@ -101,9 +101,9 @@ done
 
 [ -n "$output" ] || usage_error "--output must not be empty"
 # Directory form when OUTPUT is (or is written as) a directory; file form otherwise.
-output_form=file
+output_form="file"
 if [ -z "$output_given" ] || [ -d "$output" ] || [[ $output == */ ]]; then
-    output_form=dir
+    output_form="dir"
 else
     check_parent_dir --output "$output"
 fi
@@ -236,7 +236,7 @@ debian_source_versions() {
     local pkg ver list=""
     for pkg in $(apt-cache search --names-only '^linux-source-[0-9]+\.[0-9]+$' 2>/dev/null | awk '{ print $1 }' | sort -V); do
         ver=$(apt-cache policy "$pkg" 2>/dev/null | awk '$1 == "Candidate:" { print $2 }')
-        [ -n "$ver" ] && [ "$ver" != "(none)" ] || continue
+        if [ -z "$ver" ] || [ "$ver" = "(none)" ]; then continue; fi
         list+="${list:+, }--version ${pkg#linux-source-} ($pkg $ver)"
     done
     echo "${list:-none (apt knows no linux-source-X.Y package; run 'apt-get update' with a Debian mirror)}"

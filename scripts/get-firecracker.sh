@@ -79,8 +79,9 @@ need_uint --max-time "$max_time"
 if [ -n "$from" ]; then
     [ -f "$from" ] || usage_error "--from: no such file '$from'"
 fi
-[ ! -d "$output" ] && [[ $output != */ ]] \
-    || usage_error "--output: $output is a directory; give the binary's path (e.g. ${output%/}/firecracker)"
+if [ -d "$output" ] || [[ $output == */ ]]; then
+    usage_error "--output: $output is a directory; give the binary's path (e.g. ${output%/}/firecracker)"
+fi
 check_parent_dir --output "$output"
 ensure_parent_dir --output "$output"
 [ -n "$from" ] || need_cmd curl curl

@@ -116,8 +116,9 @@ while [ $# -gt 0 ]; do
 done
 
 [[ $listen =~ ^[^[:space:]]+:[0-9]+$ ]] || usage_error "--listen must be ADDR:PORT, got '$listen'"
-[[ $PREFIX =~ ^/[A-Za-z0-9._/-]*[A-Za-z0-9._-]$ ]] && [[ ! $PREFIX =~ (^|/)\.\.?(/|$) ]] \
-    || usage_error "--prefix must be an absolute directory of letters, digits, '.', '_', '-' and '/' (not / itself, no . or ..), got '$PREFIX'"
+if [[ ! $PREFIX =~ ^/[A-Za-z0-9._/-]*[A-Za-z0-9._-]$ ]] || [[ $PREFIX =~ (^|/)\.\.?(/|$) ]]; then
+    usage_error "--prefix must be an absolute directory of letters, digits, '.', '_', '-' and '/' (not / itself, no . or ..), got '$PREFIX'"
+fi
 
 unit_text() {
     cat <<EOF

@@ -154,5 +154,4 @@ mod tests {
             assert!(has_effective(CAP_NET_ADMIN).unwrap());
         }
     }
-
 }

@@ -180,7 +180,8 @@ struct Daemon {
 impl Daemon {
     fn start(ns: &NetnsPair, bin: &Path, tun: &Path, workdir: &Path) -> Daemon {
         let log = workdir.join("daemon.log");
-        let script = "mount --bind \"$1\" /dev/net/tun && exec setpriv --reuid=65534 --regid=65534 \
+        let script =
+            "mount --bind \"$1\" /dev/net/tun && exec setpriv --reuid=65534 --regid=65534 \
                       --clear-groups -- \"$2\" --config agentenv.toml --listen \"$3\"";
         let child = Command::new("ip")
             .args(["netns", "exec", &ns.host, "sh", "-c", script, "sh"])
@@ -293,7 +294,9 @@ fn without_cap_net_admin_networking_is_refused_clearly() {
     let before = ns.state();
     let workdir = setup.workdir("plain-net", true);
     let mut d = Daemon::start(&ns, &setup.plain, &setup.tun_nobody, &workdir);
-    let status = d.wait_up().expect_err("a daemon without the capability served");
+    let status = d
+        .wait_up()
+        .expect_err("a daemon without the capability served");
     assert_eq!(status.code(), Some(1), "{}", d.log());
     let log = d.log();
     for needle in [
@@ -328,7 +331,9 @@ fn with_cap_net_admin_but_no_tun_access_the_start_is_refused_clearly() {
     let before = ns.state();
     let workdir = setup.workdir("cap-notun", true);
     let mut d = Daemon::start(&ns, &setup.capable, &setup.tun_root_only, &workdir);
-    let status = d.wait_up().expect_err("a daemon without /dev/net/tun served");
+    let status = d
+        .wait_up()
+        .expect_err("a daemon without /dev/net/tun served");
     assert_eq!(status.code(), Some(1), "{}", d.log());
     let log = d.log();
     for needle in [
@@ -371,7 +376,10 @@ fn with_cap_net_admin_a_non_root_daemon_networks_its_vms() {
     let tap = vm["tap_name"].as_str().expect("a TAP").to_string();
     assert_eq!(tap, "nrtap1");
     let link = ns.ip(&["-d", "link", "show", &tap]).unwrap();
-    assert!(link.contains("user nobody"), "the TAP is not nobody's: {link}");
+    assert!(
+        link.contains("user nobody"),
+        "the TAP is not nobody's: {link}"
+    );
     // The VMM runs as the daemon's user without any capability.
     let vmm_pid = vm["pid"].as_u64().expect("a VMM pid") as u32;
     assert_eq!(caps_and_uid(vmm_pid), (0, NOBODY));

@@ -197,6 +197,7 @@ fn help_names_every_option() {
                 "minimal",
                 "debian",
                 "--dockerfile",
+                "--tar",
                 "--busybox",
                 "--suite",
                 "--mirror",
@@ -230,6 +231,7 @@ fn help_names_every_option() {
                 "--connect-timeout",
                 "--max-time",
                 "--base-url",
+                "--from",
             ],
         ),
         (
@@ -252,6 +254,8 @@ fn help_names_every_option() {
                 "--hypervisor",
                 "--kernel",
                 "--initrd",
+                "--no-initrd",
+                "--prefix",
                 "--rootfs",
                 "--config",
                 "--listen",
@@ -530,6 +534,64 @@ fn bad_arguments_are_named() {
             "--rootfs-size-mib",
         ),
         ("build-artifacts.sh", &["--rebuild"], "--rebuild"),
+        (
+            "setup-remote-host.sh",
+            &["--print-unit", "--prefix", "opt/agentenv"],
+            "--prefix",
+        ),
+        (
+            "setup-remote-host.sh",
+            &["--print-unit", "--prefix", "/opt/../etc"],
+            "--prefix",
+        ),
+        (
+            "get-firecracker.sh",
+            &[
+                "--version",
+                "1.13.1",
+                "--output",
+                "fc",
+                "--from",
+                "/nonexistent.tgz",
+            ],
+            "--from",
+        ),
+        (
+            "get-firecracker.sh",
+            &["--version", "1.13.1", "--output", "artifacts/fc/"],
+            "is a directory",
+        ),
+        (
+            "get-firecracker.sh",
+            &["--version", "1.13.1", "--output", "no/such/fc"],
+            "does not exist, nor does its parent",
+        ),
+        (
+            "create-rootfs.sh",
+            &[
+                "--output",
+                "x.ext4",
+                "--size-mib",
+                "64",
+                "--tar",
+                "/nonexistent.tar",
+            ],
+            "--tar",
+        ),
+        (
+            "create-rootfs.sh",
+            &[
+                "--output",
+                "x.ext4",
+                "--size-mib",
+                "64",
+                "--tar",
+                "/etc/hostname",
+                "--flavor",
+                "debian",
+            ],
+            "--tar cannot be combined",
+        ),
     ];
     let dir = tempdir();
     for (name, args, needle) in cases {
@@ -655,7 +717,11 @@ fn setup_runtime_creates_and_cleans_the_config_directories() {
 
     // --clean --force wipes the runtime state and creates every directory again; the
     // inputs (base images, kernels, initramfs images) are kept with their contents.
-    let inputs = ["rt/rootfs/base.ext4", "rt/kernels/vmlinux", "rt/initramfs/initrd.img"];
+    let inputs = [
+        "rt/rootfs/base.ext4",
+        "rt/kernels/vmlinux",
+        "rt/initramfs/initrd.img",
+    ];
     for f in inputs {
         fs::write(dir.path().join(f), f).unwrap();
     }
@@ -1463,7 +1529,10 @@ fn offline(tree: &Path, script: &str, args: &[&str]) -> Run {
         .arg(tree.join("scripts").join(script))
         .args(args)
         .current_dir(tree);
-    Run::command(cmd, &format!("(offline) scripts/{script} {}", args.join(" ")))
+    Run::command(
+        cmd,
+        &format!("(offline) scripts/{script} {}", args.join(" ")),
+    )
 }
 
 /// `tree/scripts/SCRIPT ARGS…` from `tree`.
@@ -1550,7 +1619,11 @@ fn seed_get_firecracker_offline_names_the_url_and_takes_the_file() {
 
 #[test]
 fn seed_build_kernel_offline_names_the_source_and_the_versions_it_has() {
-    require(&[("unshare", "util-linux"), ("xz", "xz-utils"), ("curl", "curl")]);
+    require(&[
+        ("unshare", "util-linux"),
+        ("xz", "xz-utils"),
+        ("curl", "curl"),
+    ]);
     assert!(
         Path::new("/bin/busybox").is_file(),
         "/bin/busybox is missing (busybox-static); this test must run"
@@ -1627,9 +1700,17 @@ fn seed_build_kernel_output_is_the_kernel_file() {
     let ran = build("artifacts/vmlinux");
     assert_eq!(ran.code, Some(0), "{}", ran.describe());
     let vmlinux = fs::read(tree.join("artifacts/vmlinux")).unwrap();
-    assert_eq!(&vmlinux[..4], b"\x7fELF", "artifacts/vmlinux is not an ELF kernel");
+    assert_eq!(
+        &vmlinux[..4],
+        b"\x7fELF",
+        "artifacts/vmlinux is not an ELF kernel"
+    );
     let initrd = fs::read(tree.join("artifacts/initrd.img")).unwrap();
-    assert_eq!(&initrd[..2], b"\x1f\x8b", "artifacts/initrd.img is not gzip");
+    assert_eq!(
+        &initrd[..2],
+        b"\x1f\x8b",
+        "artifacts/initrd.img is not gzip"
+    );
     assert!(
         !tree.join("artifacts/kernels").exists() && !tree.join("artifacts/initramfs").exists(),
         "the file form made the directory form's layout too"
@@ -1672,7 +1753,10 @@ fn seed_create_rootfs_without_docker_names_the_alternatives() {
         ],
     )
     // No engine at this address, whatever runs on the machine.
-    .env("DOCKER_HOST", "unix:///nonexistent/agentenv-test-docker.sock")
+    .env(
+        "DOCKER_HOST",
+        "unix:///nonexistent/agentenv-test-docker.sock",
+    )
     .run();
     assert_eq!(ran.code, Some(1), "{}", ran.describe());
     for needle in [
@@ -1793,7 +1877,11 @@ fn seed_setup_runtime_clean_never_deletes_artifacts() {
         "data/snapshots/tmpfs",
         "data/snapshots/durable",
     ] {
-        assert!(tree.join(d).is_dir(), "{d} not recreated: {}", ran.describe());
+        assert!(
+            tree.join(d).is_dir(),
+            "{d} not recreated: {}",
+            ran.describe()
+        );
     }
 
     // Roots that must never be wiped: refused, and nothing is removed.
@@ -1928,7 +2016,11 @@ impl Drop for Sshd {
 
 #[test]
 fn seed_setup_remote_host_installs_a_config_that_finds_its_files() {
-    require(&[("ssh", "openssh-client"), ("scp", "openssh-client"), ("ssh-keygen", "openssh-client")]);
+    require(&[
+        ("ssh", "openssh-client"),
+        ("scp", "openssh-client"),
+        ("ssh-keygen", "openssh-client"),
+    ]);
     let dir = tempdir();
     let tree = fresh_tree(dir.path());
     let sshd_dir = dir.path().join("sshd");
@@ -1938,7 +2030,11 @@ fn seed_setup_remote_host_installs_a_config_that_finds_its_files() {
     let daemon = Path::new(env!("CARGO_BIN_EXE_agentenv"));
     fs::create_dir_all(tree.join("target/release")).unwrap();
     fs::copy(daemon, tree.join("target/release/agentenv")).unwrap();
-    fs::write(tree.join("firecracker"), "#!/bin/sh\necho 'Firecracker v1.13.1'\n").unwrap();
+    fs::write(
+        tree.join("firecracker"),
+        "#!/bin/sh\necho 'Firecracker v1.13.1'\n",
+    )
+    .unwrap();
     fs::set_permissions(tree.join("firecracker"), fs::Permissions::from_mode(0o755)).unwrap();
     fs::create_dir_all(tree.join("artifacts")).unwrap();
     for (f, content) in [
@@ -1977,7 +2073,8 @@ fn seed_setup_remote_host_installs_a_config_that_finds_its_files() {
     .run();
     assert_eq!(ran.code, Some(0), "{}", ran.describe());
     assert!(
-        ran.stdout.contains("using the initramfs artifacts/initrd.img"),
+        ran.stdout
+            .contains("using the initramfs artifacts/initrd.img"),
         "{}",
         ran.describe()
     );
@@ -1998,10 +2095,22 @@ fn seed_setup_remote_host_installs_a_config_that_finds_its_files() {
     };
     assert_eq!(abs(&cfg.firecracker_binary), prefix.join("bin/firecracker"));
     same(&abs(&cfg.firecracker_binary), "firecracker");
-    same(&abs(&cfg.kernel_root).join(&cfg.default_kernel), "artifacts/vmlinux");
-    let initrd = cfg.default_initrd.as_deref().expect("default_initrd is set");
-    same(&abs(&cfg.initramfs_root).join(initrd), "artifacts/initrd.img");
-    same(&abs(&cfg.rootfs_root).join("rootfs.ext4"), "artifacts/rootfs.ext4");
+    same(
+        &abs(&cfg.kernel_root).join(&cfg.default_kernel),
+        "artifacts/vmlinux",
+    );
+    let initrd = cfg
+        .default_initrd
+        .as_deref()
+        .expect("default_initrd is set");
+    same(
+        &abs(&cfg.initramfs_root).join(initrd),
+        "artifacts/initrd.img",
+    );
+    same(
+        &abs(&cfg.rootfs_root).join("rootfs.ext4"),
+        "artifacts/rootfs.ext4",
+    );
     same(&prefix.join("bin/agentenv"), "target/release/agentenv");
     // The rest of the example config is kept (its [network] table, say).
     assert!(cfg.network.enable);
