@@ -45,7 +45,9 @@ Options:
                   (base images, kernels, initramfs images) nor the repository's artifacts/.
                   Refuses /, top-level system directories, symlinks, and a state directory
                   that holds the current or home directory, the repository, artifacts/ (the
-                  repository's or the current directory's), the config file or one of ${INPUT_KEYS[*]}
+                  repository's or the current directory's), the config file or one of ${INPUT_KEYS[*]};
+                  and refuses while a VMM socket in socket_root or session_root accepts
+                  connections (a running VM)
   --force         with --clean: also remove state directories that are not empty
   -h, --help      show this help
 
@@ -208,6 +210,37 @@ for key in "${STATE_KEYS[@]}"; do
     fi
     existing+=("$(realpath -- "$dir")"$'\t'"$key")
 done
+# live_sockets DIR...: the Unix sockets below DIRs that accept a connection (a VMM's API or
+# QMP socket of a running VM; a stale socket file refuses).
+live_sockets() {
+    local dirs=() d
+    for d in "$@"; do [ -d "$d" ] && dirs+=("$d"); done
+    [ ${#dirs[@]} -gt 0 ] || return 0
+    if ! command -v python3 >/dev/null 2>&1; then
+        warn "python3 is missing: cannot check for running VMs' sockets"
+        return 0
+    fi
+    { find "${dirs[@]}" -type s -print0 2>/dev/null || true; } | python3 -c '
+import socket, sys
+for path in sys.stdin.buffer.read().split(b"\0"):
+    if not path:
+        continue
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1)
+    try:
+        s.connect(path)
+        print(path.decode(errors="replace"))
+    except OSError:
+        pass
+    finally:
+        s.close()
+'
+}
+live=$(live_sockets "${roots[socket_root]}" "${roots[session_root]}")
+if [ -n "$live" ]; then
+    die "VMs are running: $(echo "$live" | wc -l) VMM socket(s) accept connections, e.g. $(echo "$live" | head -1);
+wiping their state would orphan them. Delete the VMs first (or stop the daemon with on_shutdown = \"stop\"), then run this again"
+fi
 for key in "${INPUT_KEYS[@]}"; do
     printf '    %-20s %s (kept: never cleaned)\n' "$key" "${roots[$key]}"
 done

@@ -1855,18 +1855,30 @@ fn seed_setup_runtime_clean_never_deletes_artifacts() {
             );
         }
     };
-    let ran = in_tree(
-        &tree,
-        "setup-runtime.sh",
-        &[
-            "--clean",
-            "--force",
-            "--config",
-            "config/hypervisor.artifacts.toml",
-        ],
-    )
-    .run();
+    let verbatim = [
+        "--clean",
+        "--force",
+        "--config",
+        "config/hypervisor.artifacts.toml",
+    ];
+    // A running VM's socket (one that accepts connections): refused, nothing removed.
+    let live = tree.join("data/sockets/vm2.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    let ran = in_tree(&tree, "setup-runtime.sh", &verbatim).run();
+    assert_eq!(ran.code, Some(1), "{}", ran.describe());
+    assert!(
+        ran.stderr.contains("VMs are running") && ran.stderr.contains("vm2.sock"),
+        "{}",
+        ran.describe()
+    );
+    for f in state {
+        assert!(tree.join(f).exists(), "{f} removed: {}", ran.describe());
+    }
+    // Once the VMM is gone its socket file is stale, and the clean goes ahead.
+    drop(listener);
+    let ran = in_tree(&tree, "setup-runtime.sh", &verbatim).run();
     assert_eq!(ran.code, Some(0), "{}", ran.describe());
+    assert!(!live.exists(), "{}", ran.describe());
     intact("setup-runtime.sh --clean --force");
     for f in state {
         assert!(!tree.join(f).exists(), "{f} survived: {}", ran.describe());
