@@ -281,6 +281,21 @@ fn caps_and_uid(pid: u32) -> (u64, u32) {
     )
 }
 
+/// Starts the daemon in `ns` and checks that it refuses to start: exit 1, every
+/// needle in its log, the namespace unchanged (no table, no link).
+fn assert_refused(ns: &NetnsPair, bin: &Path, tun: &Path, workdir: &Path, needles: &[&str]) {
+    let before = ns.state();
+    let mut d = Daemon::start(ns, bin, tun, workdir);
+    let status = d.wait_up().expect_err("the daemon served");
+    assert_eq!(status.code(), Some(1), "{}", d.log());
+    let log = d.log();
+    for needle in needles {
+        assert!(log.contains(needle), "lacks {needle:?}: {log}");
+    }
+    assert!(!has_agentenv_table(ns), "a refused start loaded the table");
+    assert_eq!(ns.state(), before, "a refused start changed the namespace");
+}
+
 fn has_agentenv_table(ns: &NetnsPair) -> bool {
     ns.exec(&["nft", "list", "tables"])
         .unwrap()
@@ -293,22 +308,18 @@ fn without_cap_net_admin_networking_is_refused_clearly() {
     let ns = NetnsPair::new("nr-plain").unwrap();
     let before = ns.state();
     let workdir = setup.workdir("plain-net", true);
-    let mut d = Daemon::start(&ns, &setup.plain, &setup.tun_nobody, &workdir);
-    let status = d
-        .wait_up()
-        .expect_err("a daemon without the capability served");
-    assert_eq!(status.code(), Some(1), "{}", d.log());
-    let log = d.log();
-    for needle in [
-        "config table `[network]`: enable = true needs root or CAP_NET_ADMIN",
-        "uid 65534",
-        "setcap cap_net_admin+ep",
-        "[network] enable = false",
-    ] {
-        assert!(log.contains(needle), "lacks {needle:?}: {log}");
-    }
-    assert!(!has_agentenv_table(&ns), "a refused start loaded the table");
-    assert_eq!(ns.state(), before, "a refused start changed the namespace");
+    assert_refused(
+        &ns,
+        &setup.plain,
+        &setup.tun_nobody,
+        &workdir,
+        &[
+            "config table `[network]`: enable = true needs root or CAP_NET_ADMIN",
+            "uid 65534",
+            "setcap cap_net_admin+ep",
+            "[network] enable = false",
+        ],
+    );
 
     // Networking off: an ordinary user's daemon needs no capability.
     let workdir = setup.workdir("plain-nonet", false);
@@ -328,22 +339,18 @@ fn without_cap_net_admin_networking_is_refused_clearly() {
 fn with_cap_net_admin_but_no_tun_access_the_start_is_refused_clearly() {
     let setup = Setup::new();
     let ns = NetnsPair::new("nr-tun").unwrap();
-    let before = ns.state();
     let workdir = setup.workdir("cap-notun", true);
-    let mut d = Daemon::start(&ns, &setup.capable, &setup.tun_root_only, &workdir);
-    let status = d
-        .wait_up()
-        .expect_err("a daemon without /dev/net/tun served");
-    assert_eq!(status.code(), Some(1), "{}", d.log());
-    let log = d.log();
-    for needle in [
-        "config table `[network]`: enable = true needs /dev/net/tun",
-        "uid 65534",
-        "Permission denied",
-    ] {
-        assert!(log.contains(needle), "lacks {needle:?}: {log}");
-    }
-    assert_eq!(ns.state(), before, "a refused start changed the namespace");
+    assert_refused(
+        &ns,
+        &setup.capable,
+        &setup.tun_root_only,
+        &workdir,
+        &[
+            "config table `[network]`: enable = true needs /dev/net/tun",
+            "uid 65534",
+            "Permission denied",
+        ],
+    );
 }
 
 #[test]
