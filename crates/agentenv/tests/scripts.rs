@@ -1596,9 +1596,12 @@ fn seed_get_firecracker_offline_names_the_url_and_takes_the_file() {
     fake_firecracker_release(dir.path(), "1.12.0", &other);
     let junk = dir.path().join("junk.tgz");
     fs::write(&junk, "not a tarball").unwrap();
+    // An ELF binary is taken as the firecracker binary itself, and checked.
+    let not_firecracker = PathBuf::from("/bin/true");
     for (file, needle) in [
         (&other, "has no release-v1.13.1"),
         (&junk, "neither a firecracker binary"),
+        (&not_firecracker, "expected v1.13.1"),
     ] {
         let mut args = verbatim.to_vec();
         args.extend(["--from", file.to_str().unwrap(), "--force"]);
