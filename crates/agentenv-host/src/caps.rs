@@ -89,6 +89,30 @@ pub fn has_effective(cap: u32) -> io::Result<bool> {
     Ok(CapSets::current()?.effective(cap))
 }
 
+/// Drops every capability of the calling thread (effective, permitted and
+/// inheritable sets), for a non-root daemon that does not need the one a file
+/// capability gave it. Threads started afterwards inherit the empty sets.
+pub fn drop_all() -> io::Result<()> {
+    let mut header = CapHeader {
+        version: CAP_VERSION_3,
+        pid: 0,
+    };
+    let data = [CapData::default(); 2];
+    // SAFETY: capset reads two `CapData` records (version 3) from `data`, which
+    // holds exactly two; `header` is valid; pid 0 is the calling thread.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Lets the child `cmd` starts keep `CAP_NET_ADMIN` across its `execve`, when
 /// this process is not root and holds it (from a file capability): the child
 /// raises it into its inheritable and ambient sets just before the exec. A

@@ -212,6 +212,23 @@ fn check_network_privilege() -> anyhow::Result<()> {
     )
 }
 
+/// A non-root daemon with networking off needs no capability: drops what a
+/// file capability (`setcap`) gave it. Capabilities are per thread, so this
+/// runs before the daemon starts any thread (the async runtime's included). A
+/// root daemon keeps its privileges.
+pub fn drop_unused_capabilities(cfg: &Config) -> anyhow::Result<()> {
+    use agentenv_host::caps;
+    if cfg.network.enable
+        || caps::is_root()
+        || !caps::has_effective(caps::CAP_NET_ADMIN).unwrap_or(false)
+    {
+        return Ok(());
+    }
+    caps::drop_all().context("cannot drop the capabilities networking off does not need")?;
+    tracing::info!("networking off: dropped CAP_NET_ADMIN (not needed)");
+    Ok(())
+}
+
 /// Runs the daemon until Ctrl-C or SIGTERM.
 pub async fn serve(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
     let engine = build_engine(cfg).await?;

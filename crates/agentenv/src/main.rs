@@ -48,6 +48,7 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cfg = agentenv::daemon::load_config(args.config.as_deref())?;
+    agentenv::daemon::drop_unused_capabilities(&cfg)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(agentenv::daemon::serve(cfg, args.listen()))
 }

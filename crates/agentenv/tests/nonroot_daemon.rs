@@ -13,6 +13,8 @@
 //! - without the capability and with `[network] enable = true`: a clear
 //!   startup error naming the key and `setcap`, before anything is changed;
 //! - without the capability and networking off: the daemon serves;
+//! - with the capability and networking off: the daemon drops it, in every
+//!   thread;
 //! - with the capability but no access to `/dev/net/tun`: a clear error;
 //! - with the capability: networking works end to end (a TAP owned by the
 //!   daemon's user, a VM that is ready and pings its host address), the VMM runs
@@ -296,6 +298,21 @@ fn assert_refused(ns: &NetnsPair, bin: &Path, tun: &Path, workdir: &Path, needle
     assert_eq!(ns.state(), before, "a refused start changed the namespace");
 }
 
+/// `CapPrm` of every thread of a process.
+fn permitted_caps_of_threads(pid: u32) -> Vec<u64> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| {
+            let status = fs::read_to_string(t.unwrap().path().join("status")).unwrap();
+            let prm = status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapPrm:"))
+                .expect("CapPrm");
+            u64::from_str_radix(prm.trim(), 16).unwrap()
+        })
+        .collect()
+}
+
 fn has_agentenv_table(ns: &NetnsPair) -> bool {
     ns.exec(&["nft", "list", "tables"])
         .unwrap()
@@ -336,6 +353,26 @@ fn without_cap_net_admin_networking_is_refused_clearly() {
 }
 
 #[test]
+fn with_cap_net_admin_and_networking_off_the_capability_is_dropped() {
+    let setup = Setup::new();
+    let ns = NetnsPair::new("nr-drop").unwrap();
+    let workdir = setup.workdir("cap-nonet", false);
+    let mut d = Daemon::start(&ns, &setup.capable, &setup.tun_root_only, &workdir);
+    if let Err(status) = d.wait_up() {
+        panic!("networking off, the daemon exited ({status}): {}", d.log());
+    }
+    let threads = permitted_caps_of_threads(d.child.id());
+    assert!(threads.len() > 1, "the runtime's threads: {threads:?}");
+    assert!(
+        threads.iter().all(|&c| c == 0),
+        "a thread kept a capability: {threads:?}"
+    );
+    let log = d.log();
+    assert!(log.contains("dropped CAP_NET_ADMIN"), "{log}");
+    assert!(d.stop().success(), "{log}");
+}
+
+#[test]
 fn with_cap_net_admin_but_no_tun_access_the_start_is_refused_clearly() {
     let setup = Setup::new();
     let ns = NetnsPair::new("nr-tun").unwrap();
@@ -368,6 +405,8 @@ fn with_cap_net_admin_a_non_root_daemon_networks_its_vms() {
     let (caps, uid) = caps_and_uid(daemon_pid);
     assert_eq!(uid, NOBODY);
     assert_eq!(caps, 1 << 12, "the daemon holds exactly CAP_NET_ADMIN");
+    let threads = permitted_caps_of_threads(daemon_pid);
+    assert!(threads.iter().all(|&c| c == 1 << 12), "{threads:?}");
 
     let (code, vm) = d.call(
         "POST",
