@@ -169,7 +169,7 @@ declare -A seen_names=()
 for file in "$agentenv_bin" "$firecracker" "$kernel" "$rootfs" ${initrd:+"$initrd"}; do
     name=$(basename "$file")
     [[ $name =~ ^[A-Za-z0-9._-]+$ ]] || usage_error "file name '$name' must be letters, digits, '.', '_' or '-' only"
-    case "$name" in setup-runtime.sh | common.sh | "$INSTALLED_CONFIG") usage_error "file name '$name' clashes with the helper scripts copied along" ;; esac
+    case "$name" in setup-runtime.sh | common.sh | "$INSTALLED_CONFIG") usage_error "file name '$name' clashes with the helper scripts and the config copied along" ;; esac
     [ -z "${seen_names[$name]:-}" ] || usage_error "two of the files are named '$name'; rename one"
     seen_names[$name]=1
 done
