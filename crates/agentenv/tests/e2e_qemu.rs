@@ -36,7 +36,9 @@ fn wait_line(vm: &Value, needle: &str, timeout: Duration) -> String {
     let start = Instant::now();
     loop {
         let text = console(vm);
-        if let Some(l) = text.lines().find(|l| l.contains(needle)) {
+        // Only whole lines: the guest may be half-way through writing the last one.
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        if let Some(l) = complete.lines().find(|l| l.contains(needle)) {
             return l.trim().to_string();
         }
         assert!(
