@@ -82,7 +82,8 @@ pub(super) fn check_network(n: &NetworkSpec) -> Result<NetAttachment, EngineErro
 
 /// `network.allow` and `network.internet`: parsed into the VM's policy.
 /// They need automatic networking (`auto`): a caller's own TAP is outside
-/// agentenv's firewall, so a policy for it could not be kept.
+/// agentenv's firewall, so a policy for it could not be kept. Also checks
+/// that `tap_name` and `guest_mac` come together, in either mode.
 pub(super) fn check_egress(
     n: Option<&NetworkSpec>,
     auto: bool,
@@ -90,6 +91,12 @@ pub(super) fn check_egress(
     let Some(n) = n else {
         return Ok(EgressPolicy::default());
     };
+    if n.tap_name.is_some() != n.guest_mac.is_some() {
+        return Err(EngineError::bad(
+            "network",
+            "network.tap_name and network.guest_mac go together: give both or neither",
+        ));
+    }
     if !auto && n.has_egress() {
         let field = if n.allow.is_empty() {
             "network.internet"
@@ -232,6 +239,14 @@ mod tests {
         assert_eq!(e.field(), Some("network.allow"));
         let e = check_egress(Some(&spec(&[], Some(false))), false).unwrap_err();
         assert_eq!(e.field(), Some("network.internet"));
+        let half = NetworkSpec {
+            tap_name: Some("tap0".into()),
+            ..NetworkSpec::default()
+        };
+        for auto in [true, false] {
+            let e = check_egress(Some(&half), auto).unwrap_err();
+            assert_eq!(e.field(), Some("network"));
+        }
         let e = check_egress(
             Some(&spec(&["10.0.0.0/8", "10.1.2.0/24:99999"], None)),
             true,
