@@ -97,6 +97,17 @@ fn egress_policy_is_recorded_shown_enforced_as_elements_and_survives_a_restart()
     let taps = set_text(&ns, "taps");
     assert!(taps.contains("\"agtap1\"") && taps.contains("\"agtap2\""), "{taps}");
 
+    // A fork's clones keep their source's policy (a fork never widens it).
+    let (code, f) = d.call("POST", "/v1/vm/a/fork", Some(json!({"count": 1})));
+    assert_eq!(code, 201, "{f}");
+    let clone = &f["vms"][0];
+    assert_eq!(clone["egress"], want, "{clone}");
+    let gc = clone["guest_ip"].as_str().unwrap().to_string();
+    assert!(set_text(&ns, "offline").contains(&gc), "{clone}");
+    let cid = clone["vm_id"].as_str().unwrap().to_string();
+    assert_eq!(d.call("DELETE", &format!("/v1/vm/{cid}"), None).0, 204);
+    assert!(!set_text(&ns, "offline").contains(&gc));
+
     // A restart (VMs left running) restores the policy from the records.
     d.stop();
     let d = Daemon::start_in(cfg, dir.path(), Some(ns.host_path()));
@@ -154,6 +165,40 @@ fn bad_egress_requests_are_400_naming_the_entry_and_leave_nothing() {
     }
     assert_eq!(d.call("GET", "/v1/vm", None).1["vms"], json!([]));
     assert_eq!(ns.state(), before, "a refused create left something");
+    finish(d, dir);
+    assert_eq!(ns.state(), before);
+}
+
+#[test]
+fn a_create_that_fails_at_any_step_leaves_no_policy_element() {
+    if skip() {
+        return;
+    }
+    let ns = NetnsPair::new("egrb").unwrap();
+    let mut dir = TestDir::new();
+    let cfg = net_config(&dir);
+    dir.baseline = Some(common::baseline(dir.path()));
+    let d = Daemon::start_in(cfg, dir.path(), Some(ns.host_path()));
+    let before = ns.state();
+    let body = with_network(
+        "rb",
+        json!({"allow": ["10.1.2.0/24:443", "10.9.0.0/16"], "internet": false}),
+    );
+    let points: Vec<&str> = agentenv_core::engine::FAILPOINTS
+        .iter()
+        .copied()
+        .filter(|f| f.starts_with("create."))
+        .collect();
+    assert!(points.contains(&"create.network"), "{points:?}");
+    for fp in points {
+        d.engine.failpoints.arm(fp);
+        let (code, v) = d.call("POST", "/v1/vm", Some(body.clone()));
+        d.engine.failpoints.clear();
+        assert_eq!(code, 500, "{fp}: {v}");
+        assert_eq!(ns.state(), before, "{fp} left a TAP or an element");
+    }
+    let (code, v) = d.call("POST", "/v1/vm", Some(body));
+    assert_eq!(code, 201, "{v}");
     finish(d, dir);
     assert_eq!(ns.state(), before);
 }
