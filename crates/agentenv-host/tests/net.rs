@@ -938,6 +938,8 @@ async fn init_reclaims_a_thousand_stale_taps() {
 /// "private" one (RFC 1918), both in the outside namespace, behind NAT.
 const PUBLIC_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 const PRIVATE_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 10);
+/// Another private host, in a network one guest's `allow` opens whole.
+const PRIVATE_NET_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 10);
 /// A second port on the outside hosts, which `allow` does not open.
 const OTHER_PORT: u16 = 9998;
 
@@ -1002,7 +1004,7 @@ fn set_text(f: &Fixture, set: &str) -> String {
 #[tokio::test]
 async fn egress_reaches_public_hosts_not_private_ones_and_allow_opens_exactly_its_entries() {
     let Some(f) = fixture() else { return };
-    for ip in [PUBLIC_IP, PRIVATE_IP] {
+    for ip in [PUBLIC_IP, PRIVATE_IP, PRIVATE_NET_IP] {
         f.outside
             .ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
     }
@@ -1011,7 +1013,7 @@ async fn egress_reaches_public_hosts_not_private_ones_and_allow_opens_exactly_it
     let p = plan("255.255.255.0");
     let allow = ["10.77.0.10/32:9999"];
     let plain = with_policy(p.lease(1).unwrap(), &[], true);
-    let allowed = with_policy(p.lease(2).unwrap(), &allow, true);
+    let allowed = with_policy(p.lease(2).unwrap(), &[allow[0], "10.88.0.0/16"], true);
     let offline = with_policy(p.lease(3).unwrap(), &allow, false);
     for l in [&plain, &allowed, &offline] {
         net.setup(l).await.unwrap();
@@ -1028,6 +1030,7 @@ async fn egress_reaches_public_hosts_not_private_ones_and_allow_opens_exactly_it
         "private"
     );
     assert!(!delivered(&mut g, &l, PRIVATE_IP, OTHER_PORT, OUTSIDE_IP));
+    assert!(!delivered(&mut g, &l, PRIVATE_NET_IP, PORT, OUTSIDE_IP));
     for closed in [
         Ipv4Addr::new(192, 168, 1, 1),
         Ipv4Addr::new(172, 16, 0, 1),
@@ -1053,6 +1056,15 @@ async fn egress_reaches_public_hosts_not_private_ones_and_allow_opens_exactly_it
     );
     assert!(!delivered(&mut g, &l, PRIVATE_IP, OTHER_PORT, OUTSIDE_IP));
     assert!(delivered(&mut g, &l, PUBLIC_IP, OTHER_PORT, OUTSIDE_IP));
+    // A network without a port: every port of it.
+    assert!(delivered(&mut g, &l, PRIVATE_NET_IP, PORT, OUTSIDE_IP));
+    assert!(delivered(
+        &mut g,
+        &l,
+        PRIVATE_NET_IP,
+        OTHER_PORT,
+        OUTSIDE_IP
+    ));
 
     // internet = false: only the allowed entry, no public host.
     let mut g = Guest::attach(&f, &in_host, &offline);

@@ -95,7 +95,10 @@ fn egress_policy_is_recorded_shown_enforced_as_elements_and_survives_a_restart()
     assert!(nets.contains(&format!("{ga} . 192.0.2.7")), "{nets}");
     assert!(!nets.contains("10.9.1.0"), "{nets}");
     let taps = set_text(&ns, "taps");
-    assert!(taps.contains("\"agtap1\"") && taps.contains("\"agtap2\""), "{taps}");
+    assert!(
+        taps.contains("\"agtap1\"") && taps.contains("\"agtap2\""),
+        "{taps}"
+    );
 
     // A fork's clones keep their source's policy (a fork never widens it).
     let (code, f) = d.call("POST", "/v1/vm/a/fork", Some(json!({"count": 1})));
@@ -124,7 +127,10 @@ fn egress_policy_is_recorded_shown_enforced_as_elements_and_survives_a_restart()
     assert!(!set_text(&ns, "allow_ports").contains(ga));
     assert!(!set_text(&ns, "allow_nets").contains(ga));
     let taps = set_text(&ns, "taps");
-    assert!(!taps.contains("\"agtap1\"") && taps.contains("\"agtap2\""), "{taps}");
+    assert!(
+        !taps.contains("\"agtap1\"") && taps.contains("\"agtap2\""),
+        "{taps}"
+    );
     finish(d, dir);
     assert_eq!(ns.state(), before, "namespace differs after delete");
 }
@@ -142,14 +148,38 @@ fn bad_egress_requests_are_400_naming_the_entry_and_leave_nothing() {
     let before = ns.state();
     let many: Vec<String> = (0..65).map(|i| format!("10.0.{i}.0/24")).collect();
     let cases: Vec<(Value, &str, &str)> = vec![
-        (json!({"allow": ["10.1.2.0/24:443", "10.1.2.3/24"]}), "network.allow[1]", "host bits"),
-        (json!({"allow": ["10.1.2.0/33"]}), "network.allow[0]", "prefix length"),
-        (json!({"allow": ["10.1.2.0/24:0"]}), "network.allow[0]", "port"),
-        (json!({"allow": ["8.8.8.8:65536"]}), "network.allow[0]", "port"),
+        (
+            json!({"allow": ["10.1.2.0/24:443", "10.1.2.3/24"]}),
+            "network.allow[1]",
+            "host bits",
+        ),
+        (
+            json!({"allow": ["10.1.2.0/33"]}),
+            "network.allow[0]",
+            "prefix length",
+        ),
+        (
+            json!({"allow": ["10.1.2.0/24:0"]}),
+            "network.allow[0]",
+            "port",
+        ),
+        (
+            json!({"allow": ["8.8.8.8:65536"]}),
+            "network.allow[0]",
+            "port",
+        ),
         (json!({"allow": ["fc00::/7"]}), "network.allow[0]", "IPv4"),
-        (json!({"allow": ["example.com:443"]}), "network.allow[0]", "IPv4"),
+        (
+            json!({"allow": ["example.com:443"]}),
+            "network.allow[0]",
+            "IPv4",
+        ),
         (json!({"allow": many}), "network.allow", "at most 64"),
-        (json!({"tap_name": "tap0", "internet": false}), "network", "together"),
+        (
+            json!({"tap_name": "tap0", "internet": false}),
+            "network",
+            "together",
+        ),
     ];
     for (network, field, says) in cases {
         let (code, v) = d.call("POST", "/v1/vm", Some(with_network("bad", network.clone())));
@@ -244,7 +274,15 @@ impl Outside {
     fn start(ns: &NetnsPair) -> Outside {
         for ip in [PUBLIC_IP, PRIVATE_IP] {
             let out = std::process::Command::new("ip")
-                .args(["-n", &ns.outside, "addr", "add", &format!("{ip}/32"), "dev", "lo"])
+                .args([
+                    "-n",
+                    &ns.outside,
+                    "addr",
+                    "add",
+                    &format!("{ip}/32"),
+                    "dev",
+                    "lo",
+                ])
                 .output()
                 .unwrap();
             assert!(out.status.success(), "{out:?}");
@@ -333,7 +371,8 @@ fn real_guests_reach_public_hosts_not_private_ones_and_allow_opens_exactly_its_p
     let d = Daemon::start_in(cfg, dir.path(), Some(ns.host_path()));
     let before = ns.state();
     let vm = |id: &str, network: Option<Value>| {
-        let mut body = json!({"vm_id": id, "disk": {"kind": "overlay", "rootfs_id": "minimal.ext4"}});
+        let mut body =
+            json!({"vm_id": id, "disk": {"kind": "overlay", "rootfs_id": "minimal.ext4"}});
         if let Some(n) = network {
             body["network"] = n;
         }
@@ -351,12 +390,21 @@ fn real_guests_reach_public_hosts_not_private_ones_and_allow_opens_exactly_its_p
     // The default: the public host on any port, not the private one.
     assert!(connects(&d, &out, "open", PUBLIC_IP, OPEN_PORT), "public");
     assert!(connects(&d, &out, "open", PUBLIC_IP, OTHER_PORT), "public");
-    assert!(!connects(&d, &out, "open", PRIVATE_IP, OPEN_PORT), "private");
+    assert!(
+        !connects(&d, &out, "open", PRIVATE_IP, OPEN_PORT),
+        "private"
+    );
 
     // internet = false with one allow entry: exactly that port of that host.
     assert!(connects(&d, &out, "shut", PRIVATE_IP, OPEN_PORT), "allowed");
-    assert!(!connects(&d, &out, "shut", PRIVATE_IP, OTHER_PORT), "other port");
-    assert!(!connects(&d, &out, "shut", PUBLIC_IP, OPEN_PORT), "no internet");
+    assert!(
+        !connects(&d, &out, "shut", PRIVATE_IP, OTHER_PORT),
+        "other port"
+    );
+    assert!(
+        !connects(&d, &out, "shut", PUBLIC_IP, OPEN_PORT),
+        "no internet"
+    );
 
     // The policy's elements go with the VM.
     let ip = shut["guest_ip"].as_str().unwrap().to_string();
