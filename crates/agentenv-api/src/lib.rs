@@ -329,7 +329,7 @@ pub struct EgressInfo {
     /// are dropped; bare addresses shown as /32).
     pub allow: Vec<String>,
     /// Private and other non-public ranges are closed except `allow`
-    /// (the daemon's `[network] deny_private` when the VM was created).
+    /// (the daemon's `[network] deny_private`, as of its last start).
     pub deny_private: bool,
 }
 

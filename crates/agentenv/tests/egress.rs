@@ -113,13 +113,33 @@ fn egress_policy_is_recorded_shown_enforced_as_elements_and_survives_a_restart()
 
     // A restart (VMs left running) restores the policy from the records.
     d.stop();
-    let d = Daemon::start_in(cfg, dir.path(), Some(ns.host_path()));
+    let d = Daemon::start_in(cfg.clone(), dir.path(), Some(ns.host_path()));
     let a = d.call("GET", "/v1/vm/a", None).1;
     assert_eq!(a["state"], "running", "re-adopted: {a}");
     assert_eq!(a["egress"], want);
     assert_eq!(set_text(&ns, "offline"), offline);
     assert_eq!(set_text(&ns, "allow_ports"), ports);
     assert_eq!(set_text(&ns, "allow_nets"), nets);
+
+    // deny_private is the daemon's: a restart without it shows and applies
+    // that to every VM, their own policies unchanged.
+    let rule = "ip daddr @private drop";
+    assert!(ns
+        .exec(&["nft", "list", "chain", "inet", "agentenv", "egress"])
+        .unwrap()
+        .contains(rule));
+    d.stop();
+    let mut open = cfg.clone();
+    open.network.deny_private = false;
+    let d = Daemon::start_in(open, dir.path(), Some(ns.host_path()));
+    let a = d.call("GET", "/v1/vm/a", None).1;
+    assert_eq!(a["egress"]["deny_private"], false, "{a}");
+    assert_eq!(a["egress"]["allow"], want["allow"], "{a}");
+    let chain = ns
+        .exec(&["nft", "list", "chain", "inet", "agentenv", "egress"])
+        .unwrap();
+    assert!(!chain.contains(rule), "{chain}");
+    assert_eq!(set_text(&ns, "offline"), offline);
 
     // Delete takes the VM's elements with it, and only its own.
     assert_eq!(d.call("DELETE", "/v1/vm/a", None).0, 204);
@@ -132,6 +152,8 @@ fn egress_policy_is_recorded_shown_enforced_as_elements_and_survives_a_restart()
         "{taps}"
     );
     finish(d, dir);
+    // The baseline of a daemon started with deny_private = false.
+    let before = before.replace(&format!("{rule}\n"), "");
     assert_eq!(ns.state(), before, "namespace differs after delete");
 }
 
