@@ -547,13 +547,18 @@ fn readable(file: &File, timeout: Duration) -> bool {
 
 /// A UDP socket bound to `0.0.0.0:9999` in the outside namespace.
 fn outside_listener(f: &Fixture) -> UdpSocket {
+    outside_udp(f, PORT, ARRIVES)
+}
+
+/// A UDP socket bound to `0.0.0.0:port` in the outside namespace.
+fn outside_udp(f: &Fixture, port: u16, timeout: Duration) -> UdpSocket {
     let s = f
         .outside
         .thread()
-        .run_blocking(|| UdpSocket::bind(("0.0.0.0", PORT)))
+        .run_blocking(move || UdpSocket::bind(("0.0.0.0", port)))
         .expect("worker")
         .expect("bind in outside namespace");
-    s.set_read_timeout(Some(ARRIVES)).expect("timeout");
+    s.set_read_timeout(Some(timeout)).expect("timeout");
     s
 }
 
@@ -950,18 +955,9 @@ struct Listeners {
 }
 
 fn listeners(f: &Fixture) -> Listeners {
-    let other = f
-        .outside
-        .thread()
-        .run_blocking(|| UdpSocket::bind(("0.0.0.0", OTHER_PORT)))
-        .expect("worker")
-        .expect("bind in outside namespace");
-    other
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
     Listeners {
         port: outside_listener(f),
-        other,
+        other: outside_udp(f, OTHER_PORT, Duration::from_millis(100)),
     }
 }
 

@@ -32,6 +32,26 @@ fn net_config(dir: &TestDir) -> agentenv_core::config::Config {
     cfg
 }
 
+/// A daemon (over the Firecracker double) whose networking lives in a new
+/// namespace pair, with the namespace's baseline state.
+struct NetDaemon {
+    ns: NetnsPair,
+    dir: TestDir,
+    d: Daemon,
+    before: String,
+}
+
+fn start_net(tag: &str, tweak: impl FnOnce(&mut agentenv_core::config::Config)) -> NetDaemon {
+    let ns = NetnsPair::new(tag).unwrap();
+    let mut dir = TestDir::new();
+    let mut cfg = net_config(&dir);
+    tweak(&mut cfg);
+    dir.baseline = Some(common::baseline(dir.path()));
+    let d = Daemon::start_in(cfg, dir.path(), Some(ns.host_path()));
+    let before = ns.state();
+    NetDaemon { ns, dir, d, before }
+}
+
 fn with_network(vm_id: &str, network: Value) -> Value {
     let mut body = overlay_req(vm_id);
     body["network"] = network;
@@ -49,14 +69,12 @@ fn egress_policy_is_recorded_shown_enforced_as_elements_and_survives_a_restart()
     if skip() {
         return;
     }
-    let ns = NetnsPair::new("egress").unwrap();
-    let mut dir = TestDir::new();
-    let mut cfg = net_config(&dir);
     // VMs outlive the daemon, so the second one re-adopts them.
-    cfg.on_shutdown = agentenv_core::config::OnShutdown::Leave;
-    dir.baseline = Some(common::baseline(dir.path()));
-    let d = Daemon::start_in(cfg.clone(), dir.path(), Some(ns.host_path()));
-    let before = ns.state();
+    let leave = |c: &mut agentenv_core::config::Config| {
+        c.on_shutdown = agentenv_core::config::OnShutdown::Leave
+    };
+    let NetDaemon { ns, dir, d, before } = start_net("egress", leave);
+    let cfg = d.cfg.clone();
 
     let (code, a) = d.call(
         "POST",
@@ -162,12 +180,7 @@ fn bad_egress_requests_are_400_naming_the_entry_and_leave_nothing() {
     if skip() {
         return;
     }
-    let ns = NetnsPair::new("egbad").unwrap();
-    let mut dir = TestDir::new();
-    let cfg = net_config(&dir);
-    dir.baseline = Some(common::baseline(dir.path()));
-    let d = Daemon::start_in(cfg, dir.path(), Some(ns.host_path()));
-    let before = ns.state();
+    let NetDaemon { ns, dir, d, before } = start_net("egbad", |_| {});
     let many: Vec<String> = (0..65).map(|i| format!("10.0.{i}.0/24")).collect();
     let cases: Vec<(Value, &str, &str)> = vec![
         (
@@ -226,12 +239,7 @@ fn a_create_that_fails_at_any_step_leaves_no_policy_element() {
     if skip() {
         return;
     }
-    let ns = NetnsPair::new("egrb").unwrap();
-    let mut dir = TestDir::new();
-    let cfg = net_config(&dir);
-    dir.baseline = Some(common::baseline(dir.path()));
-    let d = Daemon::start_in(cfg, dir.path(), Some(ns.host_path()));
-    let before = ns.state();
+    let NetDaemon { ns, dir, d, before } = start_net("egrb", |_| {});
     let body = with_network(
         "rb",
         json!({"allow": ["10.1.2.0/24:443", "10.9.0.0/16"], "internet": false}),
