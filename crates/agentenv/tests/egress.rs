@@ -263,6 +263,64 @@ fn a_create_that_fails_at_any_step_leaves_no_policy_element() {
     assert_eq!(ns.state(), before);
 }
 
+/// Issue 13: the seed's `tap_prefix = "tap"` next to other programs' `tap0`
+/// and `tapfoo` (and a `tap9` named like ours): the daemon's start, its VMs
+/// and a restart after a crash never remove or match them.
+#[test]
+fn the_daemon_never_touches_taps_it_did_not_create() {
+    if skip() {
+        return;
+    }
+    let ns = NetnsPair::new("tap13").unwrap();
+    let foreign = ["tap0", "tapfoo", "tap9"];
+    for name in foreign {
+        ns.ip(&["tuntap", "add", "dev", name, "mode", "tap"])
+            .unwrap();
+    }
+    let mut dir = TestDir::new();
+    let mut cfg = net_config(&dir);
+    cfg.network.tap_prefix = "tap".into();
+    dir.baseline = Some(common::baseline(dir.path()));
+    let d = Daemon::start_in(cfg.clone(), dir.path(), Some(ns.host_path()));
+    let before = ns.state();
+    for name in foreign {
+        assert!(
+            before.contains(&format!(": {name}:")),
+            "{name} gone: {before}"
+        );
+    }
+    let v = d.create_ok("v1");
+    assert_eq!(v["tap_name"], "tap1", "{v}");
+    let ruleset = ns.exec(&["nft", "list", "ruleset"]).unwrap();
+    assert!(!ruleset.contains('*'), "a wildcard: {ruleset}");
+    for name in foreign {
+        assert!(
+            !ruleset.contains(&format!("\"{name}\"")),
+            "{name}: {ruleset}"
+        );
+    }
+    // A crash leaves the VM and tap1; the next start re-adopts both and
+    // touches nothing else.
+    d.crash();
+    let d = Daemon::start_in(cfg, dir.path(), Some(ns.host_path()));
+    let after = ns.state();
+    for name in foreign {
+        assert!(
+            after.contains(&format!(": {name}:")),
+            "{name} removed: {after}"
+        );
+    }
+    assert_eq!(d.call("GET", "/v1/vm/v1", None).1["state"], "running");
+    let tap1 = ns.ip(&["-d", "link", "show", "tap1"]).unwrap();
+    assert!(tap1.contains("alias agentenv:v1"), "{tap1}");
+    for name in foreign {
+        let link = ns.ip(&["-d", "link", "show", name]).unwrap();
+        assert!(!link.contains("alias"), "{link}");
+    }
+    finish(d, dir);
+    assert_eq!(ns.state(), before);
+}
+
 #[test]
 fn egress_fields_need_automatic_networking() {
     let (d, dir) = Daemon::start();
