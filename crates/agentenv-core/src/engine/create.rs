@@ -292,6 +292,11 @@ impl Engine {
             }
             given => given,
         };
+        if !full.network && req.network.as_ref().is_some_and(|n| n.has_egress()) {
+            warnings.push(
+                "`network` allow and internet were ignored: the snapshot's vm had no network interface".into(),
+            );
+        }
         if full.network && self.net.is_none() && net.is_none() {
             return Err(EngineError::Conflict {
                 message: format!(
