@@ -288,14 +288,49 @@ impl DiskSpec {
     }
 }
 
-/// A caller-chosen TAP device and guest MAC (used only when networking is disabled).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// The VM's network: its egress policy (automatic networking), or a
+/// caller-chosen TAP device and guest MAC (only when networking is disabled).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkSpec {
-    /// Existing TAP device on the host, at most 15 bytes.
-    pub tap_name: String,
-    /// `xx:xx:xx:xx:xx:xx`, unicast.
-    pub guest_mac: String,
+    /// Existing TAP device on the host, at most 15 bytes. Required when
+    /// automatic networking is disabled; ignored (with a warning) when it is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap_name: Option<String>,
+    /// `xx:xx:xx:xx:xx:xx`, unicast. Required with `tap_name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// Destinations opened for this guest whatever `internet` and the
+    /// daemon's `[network] deny_private` say: `CIDR` (every protocol and
+    /// port) or `CIDR:port` (that TCP and UDP port), IPv4, e.g.
+    /// `"10.1.2.0/24:443"`; a bare address is a /32. At most 64 entries.
+    /// Needs automatic networking.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// `false`: no egress at all except `allow`. Default `true` (public
+    /// addresses are reachable). Needs automatic networking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internet: Option<bool>,
+}
+
+impl NetworkSpec {
+    /// True when the egress fields (`allow`, `internet`) are given.
+    pub fn has_egress(&self) -> bool {
+        !self.allow.is_empty() || self.internet.is_some()
+    }
+}
+
+/// A VM's egress policy as `GET /v1/vm/{vm_id}` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EgressInfo {
+    /// Public addresses are reachable.
+    pub internet: bool,
+    /// Destinations opened in addition (normalised: entries another covers
+    /// are dropped; bare addresses shown as /32).
+    pub allow: Vec<String>,
+    /// Private and other non-public ranges are closed except `allow`
+    /// (the daemon's `[network] deny_private`, as of its last start).
+    pub deny_private: bool,
 }
 
 /// The disks a VM was given, as host paths.
@@ -365,6 +400,9 @@ pub struct VmInfo {
     pub host_ip: Option<String>,
     /// Guest address (automatic networking).
     pub guest_ip: Option<String>,
+    /// What the guest may reach (automatic networking).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressInfo>,
     /// Session directory holding config, disks, logs and the metadata record.
     pub session_dir: String,
     /// Console and VMM log file (bounded in size).

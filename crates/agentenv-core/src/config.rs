@@ -154,6 +154,9 @@ pub struct NetworkConfig {
     pub netmask: String,
     /// Interface NAT leaves through (default: the default route's).
     pub host_interface: Option<String>,
+    /// Guests may not reach private, CGNAT, link-local, loopback, multicast
+    /// and reserved IPv4 ranges (only what a VM's `network.allow` lists).
+    pub deny_private: bool,
 }
 
 impl Default for NetworkConfig {
@@ -164,6 +167,7 @@ impl Default for NetworkConfig {
             subnet_prefix: "172.20".into(),
             netmask: "255.255.255.0".into(),
             host_interface: None,
+            deny_private: true,
         }
     }
 }

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use agentenv_core::config::NetworkConfig;
-use agentenv_core::net::{HostNetwork, NetLease, NetPlan};
+use agentenv_core::net::{EgressPolicy, HostNetwork, NetLease, NetPlan};
 use agentenv_host::net::{tap, LinuxNetwork, NetnsThread};
 
 const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -547,13 +547,18 @@ fn readable(file: &File, timeout: Duration) -> bool {
 
 /// A UDP socket bound to `0.0.0.0:9999` in the outside namespace.
 fn outside_listener(f: &Fixture) -> UdpSocket {
+    outside_udp(f, PORT, ARRIVES)
+}
+
+/// A UDP socket bound to `0.0.0.0:port` in the outside namespace.
+fn outside_udp(f: &Fixture, port: u16, timeout: Duration) -> UdpSocket {
     let s = f
         .outside
         .thread()
-        .run_blocking(|| UdpSocket::bind(("0.0.0.0", PORT)))
+        .run_blocking(move || UdpSocket::bind(("0.0.0.0", port)))
         .expect("worker")
         .expect("bind in outside namespace");
-    s.set_read_timeout(Some(ARRIVES)).expect("timeout");
+    s.set_read_timeout(Some(timeout)).expect("timeout");
     s
 }
 
@@ -930,4 +935,254 @@ async fn init_reclaims_a_thousand_stale_taps() {
     let _net = network(&f, mask, &[]).await;
     println!("init reclaimed 1,000 taps in {:?}", started.elapsed());
     assert_eq!(snapshot(&f), baseline);
+}
+
+// ----------------------------------------------------------------- egress --
+
+/// A "public" test host (TEST-NET-2, standing for the internet) and a
+/// "private" one (RFC 1918), both in the outside namespace, behind NAT.
+const PUBLIC_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const PRIVATE_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 10);
+/// Another private host, in a network one guest's `allow` opens whole.
+const PRIVATE_NET_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 10);
+/// A second port on the outside hosts, which `allow` does not open.
+const OTHER_PORT: u16 = 9998;
+
+/// UDP listeners on `PORT` and `OTHER_PORT` (all addresses) outside.
+struct Listeners {
+    port: UdpSocket,
+    other: UdpSocket,
+}
+
+fn listeners(f: &Fixture) -> Listeners {
+    Listeners {
+        port: outside_listener(f),
+        other: outside_udp(f, OTHER_PORT, Duration::from_millis(100)),
+    }
+}
+
+/// Whether a UDP datagram from `g` to `dst:port` is forwarded. A sentinel to
+/// `open` (a destination `g` may reach, on `PORT`) follows it on the same
+/// path: once the sentinel is in, the datagram would be too.
+fn delivered(g: &mut Guest, l: &Listeners, dst: Ipv4Addr, port: u16, open: Ipv4Addr) -> bool {
+    let tag = format!("to {dst}:{port} #{}", unique());
+    g.send_ip(&udp_packet(g.ip, dst, 40100, port, tag.as_bytes()));
+    g.send_ip(&udp_packet(g.ip, open, 40100, PORT, b"sentinel"));
+    let mut seen = false;
+    loop {
+        let (data, _) = recv(&l.port).expect("the sentinel arrives");
+        if data == tag.as_bytes() {
+            seen = true;
+        } else if data == b"sentinel" {
+            break;
+        }
+    }
+    if port == OTHER_PORT {
+        while let Some((data, _)) = recv(&l.other) {
+            seen |= data == tag.as_bytes();
+        }
+    }
+    seen
+}
+
+fn with_policy(mut l: NetLease, allow: &[&str], internet: bool) -> NetLease {
+    let allow: Vec<String> = allow.iter().map(|s| s.to_string()).collect();
+    l.egress = EgressPolicy::parse(&allow, Some(internet)).unwrap();
+    l.vm_id = format!("vm{}", l.index);
+    l
+}
+
+/// Elements of one of agentenv's sets, as nft prints them.
+fn set_text(f: &Fixture, set: &str) -> String {
+    f.host.nft(&["list", "set", "inet", "agentenv", set])
+}
+
+#[tokio::test]
+async fn egress_reaches_public_hosts_not_private_ones_and_allow_opens_exactly_its_entries() {
+    let Some(f) = fixture() else { return };
+    for ip in [PUBLIC_IP, PRIVATE_IP, PRIVATE_NET_IP] {
+        f.outside
+            .ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+    }
+    let net = network(&f, "255.255.255.0", &[]).await;
+    let baseline = snapshot(&f);
+    let p = plan("255.255.255.0");
+    let allow = ["10.77.0.10/32:9999"];
+    let plain = with_policy(p.lease(1).unwrap(), &[], true);
+    let allowed = with_policy(p.lease(2).unwrap(), &[allow[0], "10.88.0.0/16"], true);
+    let offline = with_policy(p.lease(3).unwrap(), &allow, false);
+    for l in [&plain, &allowed, &offline] {
+        net.setup(l).await.unwrap();
+    }
+    let in_host = f.host.thread();
+    let l = listeners(&f);
+
+    // The default policy: public hosts yes, private ones no (any port).
+    let mut g = Guest::attach(&f, &in_host, &plain);
+    assert!(delivered(&mut g, &l, PUBLIC_IP, PORT, OUTSIDE_IP), "public");
+    assert!(delivered(&mut g, &l, PUBLIC_IP, OTHER_PORT, OUTSIDE_IP));
+    assert!(
+        !delivered(&mut g, &l, PRIVATE_IP, PORT, OUTSIDE_IP),
+        "private"
+    );
+    assert!(!delivered(&mut g, &l, PRIVATE_IP, OTHER_PORT, OUTSIDE_IP));
+    assert!(!delivered(&mut g, &l, PRIVATE_NET_IP, PORT, OUTSIDE_IP));
+    for closed in [
+        Ipv4Addr::new(192, 168, 1, 1),
+        Ipv4Addr::new(172, 16, 0, 1),
+        Ipv4Addr::new(100, 64, 0, 1),
+        Ipv4Addr::new(169, 254, 1, 1),
+        Ipv4Addr::new(224, 0, 0, 251),
+        Ipv4Addr::new(255, 255, 255, 255),
+    ] {
+        f.outside
+            .ip(&["addr", "add", &format!("{closed}/32"), "dev", "lo"]);
+        let reached = delivered(&mut g, &l, closed, PORT, OUTSIDE_IP);
+        f.outside
+            .ip(&["addr", "del", &format!("{closed}/32"), "dev", "lo"]);
+        assert!(!reached, "{closed} is not public");
+    }
+
+    // allow opens exactly 10.77.0.10:9999, not its other port; the internet
+    // stays open.
+    let mut g = Guest::attach(&f, &in_host, &allowed);
+    assert!(
+        delivered(&mut g, &l, PRIVATE_IP, PORT, OUTSIDE_IP),
+        "allowed"
+    );
+    assert!(!delivered(&mut g, &l, PRIVATE_IP, OTHER_PORT, OUTSIDE_IP));
+    assert!(delivered(&mut g, &l, PUBLIC_IP, OTHER_PORT, OUTSIDE_IP));
+    // A network without a port: every port of it.
+    assert!(delivered(&mut g, &l, PRIVATE_NET_IP, PORT, OUTSIDE_IP));
+    assert!(delivered(
+        &mut g,
+        &l,
+        PRIVATE_NET_IP,
+        OTHER_PORT,
+        OUTSIDE_IP
+    ));
+
+    // internet = false: only the allowed entry, no public host.
+    let mut g = Guest::attach(&f, &in_host, &offline);
+    assert!(
+        delivered(&mut g, &l, PRIVATE_IP, PORT, PRIVATE_IP),
+        "allowed"
+    );
+    assert!(
+        !delivered(&mut g, &l, PUBLIC_IP, PORT, PRIVATE_IP),
+        "public"
+    );
+    assert!(!delivered(&mut g, &l, OUTSIDE_IP, PORT, PRIVATE_IP));
+    assert!(!delivered(&mut g, &l, PRIVATE_IP, OTHER_PORT, PRIVATE_IP));
+    // A guest that forges another guest's address gets nothing of its policy.
+    g.send_ip(&udp_packet(
+        allowed.guest_ip,
+        PUBLIC_IP,
+        40100,
+        PORT,
+        b"forged",
+    ));
+    assert!(delivered(&mut g, &l, PRIVATE_IP, PORT, PRIVATE_IP));
+
+    // The policy is elements of the guest, and leaves with it.
+    assert!(set_text(&f, "offline").contains("172.20.3.2"));
+    assert!(set_text(&f, "allow_ports").contains("172.20.2.2 . 10.77.0.10 . tcp . 9999"));
+    drop(l);
+    for l in [&plain, &allowed, &offline] {
+        net.teardown(l).await.unwrap();
+    }
+    for set in ["offline", "allow_ports", "allow_nets", "taps"] {
+        assert!(!set_text(&f, set).contains("elements"), "{set} not empty");
+    }
+    assert_eq!(snapshot(&f), baseline);
+
+    // A restart restores the recorded policies with the table.
+    net.setup(&offline).await.unwrap();
+    drop(net);
+    let _net = network(&f, "255.255.255.0", std::slice::from_ref(&offline)).await;
+    let mut g = Guest::attach(&f, &in_host, &offline);
+    let l = listeners(&f);
+    assert!(delivered(&mut g, &l, PRIVATE_IP, PORT, PRIVATE_IP));
+    assert!(!delivered(&mut g, &l, PUBLIC_IP, PORT, PRIVATE_IP));
+}
+
+#[tokio::test]
+async fn deny_private_off_opens_private_hosts() {
+    let Some(f) = fixture() else { return };
+    f.outside
+        .ip(&["addr", "add", &format!("{PRIVATE_IP}/32"), "dev", "lo"]);
+    let cfg = NetworkConfig {
+        deny_private: false,
+        ..cfg("255.255.255.0")
+    };
+    let net = LinuxNetwork::new(&cfg, Some(f.host.path())).unwrap();
+    net.init(&NetPlan::new(&cfg), &[]).await.unwrap();
+    let lease = NetPlan::new(&cfg).lease(1).unwrap();
+    net.setup(&lease).await.unwrap();
+    let in_host = f.host.thread();
+    let l = listeners(&f);
+    let mut g = Guest::attach(&f, &in_host, &lease);
+    assert!(delivered(&mut g, &l, PRIVATE_IP, PORT, OUTSIDE_IP));
+}
+
+/// Issue 13: with `tap_prefix = "tap"`, other programs' `tap0`, `tapfoo`
+/// and even a `tap7` (named like ours) are never matched, changed or
+/// removed; only links agentenv marked are reclaimed.
+#[tokio::test]
+async fn links_agentenv_did_not_create_are_never_touched() {
+    let Some(f) = fixture() else { return };
+    let foreign = ["tap0", "tapfoo", "tap7"];
+    for name in foreign {
+        f.host.ip(&["tuntap", "add", "dev", name, "mode", "tap"]);
+    }
+    let cfg = NetworkConfig {
+        tap_prefix: "tap".into(),
+        ..cfg("255.255.255.0")
+    };
+    let p = NetPlan::new(&cfg);
+    let foreign_state = |f: &Fixture| -> Vec<String> {
+        foreign
+            .iter()
+            .map(|n| f.host.ip(&["-o", "addr", "show", "dev", n]))
+            .collect()
+    };
+    let before = foreign_state(&f);
+    let net = LinuxNetwork::new(&cfg, Some(f.host.path())).unwrap();
+    net.init(&p, &[]).await.unwrap();
+    let (l1, l2) = (p.lease(1).unwrap(), p.lease(2).unwrap());
+    net.setup(&l1).await.unwrap();
+    net.setup(&l2).await.unwrap();
+    // Ours are marked; the rules name TAPs only through the exact-name set.
+    let alias = f.host.ip(&["-d", "link", "show", "tap1"]);
+    assert!(alias.contains("alias agentenv:"), "{alias}");
+    let ruleset = f.host.nft(&["list", "ruleset"]);
+    assert!(!ruleset.contains('*'), "a wildcard: {ruleset}");
+    for name in foreign {
+        assert!(
+            !ruleset.contains(&format!("\"{name}\"")),
+            "{name} is in the ruleset: {ruleset}"
+        );
+    }
+    let taps = set_text(&f, "taps");
+    assert!(
+        taps.contains("\"tap1\"") && taps.contains("\"tap2\""),
+        "{taps}"
+    );
+    // A lease whose name another program holds fails, and leaves it alone.
+    let e = net.setup(&p.lease(7).unwrap()).await.unwrap_err();
+    assert!(e.to_string().contains("tap7 already exists"), "{e}");
+
+    // A crash, then a start that keeps nothing: ours go, theirs stay as
+    // they were.
+    drop(net);
+    let _net = {
+        let net = LinuxNetwork::new(&cfg, Some(f.host.path())).unwrap();
+        net.init(&p, &[]).await.unwrap();
+        net
+    };
+    for l in [&l1, &l2] {
+        assert!(link_state(&f, &l.tap_name).is_none(), "{} left", l.tap_name);
+    }
+    assert_eq!(foreign_state(&f), before);
+    assert!(!f.host.nft(&["list", "ruleset"]).contains("tap0"));
 }

@@ -10,14 +10,14 @@ use agentenv_api::{
 use chrono::Utc;
 
 use super::host_paths::check_host_path;
-use super::validate::{check_boot_args, check_network, check_share_guest_path};
+use super::validate::{check_boot_args, check_egress, check_network, check_share_guest_path};
 use super::{Engine, VmSlot, AGENT_SOCKET, CONSOLE_LOG};
 use crate::backend::{DriveSpec, LaunchSpec, NetAttachment, RestoreSpec, VmmInstance};
 use crate::config::MAX_SLOTS;
 use crate::error::EngineError;
 use crate::host::FileKind;
 use crate::ids::{checked_join, validate_id};
-use crate::net::NetLease;
+use crate::net::{EgressPolicy, NetLease};
 
 /// Longest path a Unix socket address holds.
 const MAX_SOCKET_PATH: usize = 107;
@@ -62,6 +62,8 @@ struct Plan {
     /// The VM gets a network interface (automatic networking gives it a
     /// lease): not a VM restored from a snapshot of a VM without one.
     wants_network: bool,
+    /// What the guest may reach (given to its lease).
+    egress: EgressPolicy,
 }
 
 impl Engine {
@@ -183,20 +185,17 @@ impl Engine {
             self.plan_shares(&req.shares, &session_dir, &mut drives)?;
 
         let mut warnings = Vec::new();
+        let egress = check_egress(req.network.as_ref(), self.net.is_some())?;
         let net = match &req.network {
-            Some(_) if self.net.is_some() => {
-                warnings.push(
-                    "`network` was ignored: automatic networking is enabled, so agentenv assigned the TAP, MAC and addresses".to_string(),
-                );
+            Some(n) if self.net.is_some() => {
+                if n.tap_name.is_some() || n.guest_mac.is_some() {
+                    warnings.push(
+                        "`network` tap_name and guest_mac were ignored: automatic networking is enabled, so agentenv assigned the TAP, MAC and addresses".to_string(),
+                    );
+                }
                 None
             }
-            Some(n) => {
-                check_network(n)?;
-                Some(NetAttachment {
-                    tap_name: n.tap_name.clone(),
-                    guest_mac: n.guest_mac.to_ascii_lowercase(),
-                })
-            }
+            Some(n) => Some(check_network(n)?),
             None => None,
         };
 
@@ -225,6 +224,7 @@ impl Engine {
             guest_mac: net.as_ref().map(|n| n.guest_mac.clone()),
             host_ip: None,
             guest_ip: None,
+            egress: None,
             session_dir: session_dir.display().to_string(),
             console_log: console_log.display().to_string(),
             pid: None,
@@ -260,6 +260,7 @@ impl Engine {
             shares,
             lease: None,
             wants_network: true,
+            egress,
         })
     }
 
@@ -277,14 +278,9 @@ impl Engine {
         let session_dir = checked_join(&self.cfg.session_root, "vm_id", &vm_id)?;
         let socket = self.control_socket(&vm_id)?;
         let mut warnings = Vec::new();
+        let egress = check_egress(req.network.as_ref(), self.net.is_some())?;
         let given = match &req.network {
-            Some(n) if self.net.is_none() => {
-                check_network(n)?;
-                Some(NetAttachment {
-                    tap_name: n.tap_name.clone(),
-                    guest_mac: n.guest_mac.to_ascii_lowercase(),
-                })
-            }
+            Some(n) if self.net.is_none() => Some(check_network(n)?),
             _ => None,
         };
         let net = match given {
@@ -296,6 +292,11 @@ impl Engine {
             }
             given => given,
         };
+        if !full.network && req.network.as_ref().is_some_and(|n| n.has_egress()) {
+            warnings.push(
+                "`network` allow and internet were ignored: the snapshot's vm had no network interface".into(),
+            );
+        }
         if full.network && self.net.is_none() && net.is_none() {
             return Err(EngineError::Conflict {
                 message: format!(
@@ -336,6 +337,7 @@ impl Engine {
             guest_mac: net.as_ref().map(|n| n.guest_mac.clone()),
             host_ip: None,
             guest_ip: None,
+            egress: None,
             session_dir: session_dir.display().to_string(),
             console_log: session_dir.join(CONSOLE_LOG).display().to_string(),
             pid: None,
@@ -357,6 +359,7 @@ impl Engine {
             lease: None,
             // No interface, so no lease either.
             wants_network: full.network,
+            egress,
         })
     }
 
@@ -660,7 +663,7 @@ impl Engine {
                     netplan.capacity()
                 ))
             })?;
-            apply_lease(plan, lease);
+            apply_lease(plan, lease, netplan.deny_private());
         }
         let slot = VmSlot::new(
             plan.info.clone(),
@@ -821,13 +824,22 @@ impl Engine {
     }
 }
 
-/// Puts a lease's TAP, MAC and addresses into the plan.
-fn apply_lease(plan: &mut Plan, lease: NetLease) {
+/// Puts a lease's TAP, MAC, addresses and egress policy into the plan, and
+/// the VM's id into the lease (its TAP is marked with it).
+fn apply_lease(plan: &mut Plan, lease: NetLease, deny_private: bool) {
     let info = &mut plan.info;
     info.tap_name = Some(lease.tap_name.clone());
     info.guest_mac = Some(lease.guest_mac.clone());
     info.host_ip = Some(lease.host_ip.to_string());
     info.guest_ip = Some(lease.guest_ip.to_string());
+    let mut lease = lease;
+    lease.vm_id = info.vm_id.clone();
+    lease.egress = plan.egress.clone();
+    info.egress = Some(agentenv_api::EgressInfo {
+        internet: lease.egress.internet,
+        allow: lease.egress.allow_strings(),
+        deny_private,
+    });
     info.boot_args = format!("{} {}", info.boot_args, lease.boot_args());
     plan.launch.boot_args = info.boot_args.clone();
     plan.launch.net = Some(NetAttachment {

@@ -316,6 +316,16 @@ impl Engine {
                 });
             }
         }
+        // Clones keep their source's egress policy: a fork never widens it.
+        let network = source
+            .lease()
+            .map(|l| l.egress)
+            .filter(|e| !e.is_default())
+            .map(|e| agentenv_api::NetworkSpec {
+                allow: e.allow_strings(),
+                internet: Some(e.internet),
+                ..Default::default()
+            });
         drop(source);
         let snap = self
             .take_snapshot(vm_id, Some(fork_snapshot_id(vm_id)), true, true)
@@ -328,7 +338,8 @@ impl Engine {
                 let mut tasks = tokio::task::JoinSet::new();
                 for (i, id) in chunk.iter().enumerate() {
                     let engine = self.clone();
-                    let req = CreateVmRequest::restore(id, &snapshot_id);
+                    let mut req = CreateVmRequest::restore(id, &snapshot_id);
+                    req.network = network.clone();
                     tasks.spawn(async move { (i, engine.create(req).await) });
                 }
                 let mut done = Vec::with_capacity(chunk.len());

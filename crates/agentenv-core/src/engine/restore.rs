@@ -204,6 +204,10 @@ impl Engine {
         let socket = PathBuf::from(&info.api_socket);
         // Readiness is a live connection, never carried over.
         info.ready = false;
+        // `deny_private` is the daemon's, applied to every VM as of this start.
+        if let (Some(e), Some((_, plan))) = (info.egress.as_mut(), &self.net) {
+            e.deny_private = plan.deny_private();
+        }
 
         if matches!(info.state, VmState::Creating | VmState::Deleting) {
             // A create or a delete cut short by a crash is finished now: the

@@ -3,7 +3,9 @@
 
 use agentenv_api::NetworkSpec;
 
+use crate::backend::NetAttachment;
 use crate::error::EngineError;
+use crate::net::EgressPolicy;
 
 /// Longest kernel command line accepted from a request.
 const MAX_BOOT_ARGS: usize = 2048;
@@ -43,9 +45,15 @@ pub(super) fn check_boot_args(args: &str) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// A caller's own TAP and MAC (without automatic networking).
-pub(super) fn check_network(n: &NetworkSpec) -> Result<(), EngineError> {
-    let t = &n.tap_name;
+/// A caller's own TAP and MAC (without automatic networking): both required;
+/// the MAC comes back lower-case.
+pub(super) fn check_network(n: &NetworkSpec) -> Result<NetAttachment, EngineError> {
+    let t = n.tap_name.as_deref().ok_or_else(|| {
+        EngineError::bad(
+            "network.tap_name",
+            "network.tap_name is required: automatic networking is disabled, so give the TAP and guest_mac",
+        )
+    })?;
     if t.is_empty()
         || t.len() > 15
         || !t
@@ -59,16 +67,49 @@ pub(super) fn check_network(n: &NetworkSpec) -> Result<(), EngineError> {
             ),
         ));
     }
-    if !is_unicast_mac(&n.guest_mac) {
+    let mac = n.guest_mac.as_deref().unwrap_or("");
+    if !is_unicast_mac(mac) {
         return Err(EngineError::bad(
             "network.guest_mac",
-            format!(
-                "network.guest_mac {:?} must be a unicast MAC written as xx:xx:xx:xx:xx:xx",
-                n.guest_mac
-            ),
+            format!("network.guest_mac {mac:?} must be a unicast MAC written as xx:xx:xx:xx:xx:xx"),
         ));
     }
-    Ok(())
+    Ok(NetAttachment {
+        tap_name: t.to_string(),
+        guest_mac: mac.to_ascii_lowercase(),
+    })
+}
+
+/// `network.allow` and `network.internet`: parsed into the VM's policy.
+/// They need automatic networking (`auto`): a caller's own TAP is outside
+/// agentenv's firewall, so a policy for it could not be kept. Also checks
+/// that `tap_name` and `guest_mac` come together, in either mode.
+pub(super) fn check_egress(
+    n: Option<&NetworkSpec>,
+    auto: bool,
+) -> Result<EgressPolicy, EngineError> {
+    let Some(n) = n else {
+        return Ok(EgressPolicy::default());
+    };
+    if n.tap_name.is_some() != n.guest_mac.is_some() {
+        return Err(EngineError::bad(
+            "network",
+            "network.tap_name and network.guest_mac go together: give both or neither",
+        ));
+    }
+    if !auto && n.has_egress() {
+        let field = if n.allow.is_empty() {
+            "network.internet"
+        } else {
+            "network.allow"
+        };
+        return Err(EngineError::bad(
+            field,
+            format!("{field} needs automatic networking ([network] enable = true): agentenv's firewall does not see a caller's own TAP"),
+        ));
+    }
+    EgressPolicy::parse(&n.allow, n.internet)
+        .map_err(|e| EngineError::bad(&e.field(), e.to_string()))
 }
 
 fn is_unicast_mac(mac: &str) -> bool {
@@ -143,13 +184,18 @@ mod tests {
     #[test]
     fn tap_names() {
         let ok = NetworkSpec {
-            tap_name: "tap0".into(),
-            guest_mac: "06:00:00:00:00:01".into(),
+            tap_name: Some("tap0".into()),
+            guest_mac: Some("06:00:00:00:00:0A".into()),
+            ..NetworkSpec::default()
         };
-        assert!(check_network(&ok).is_ok());
+        let a = check_network(&ok).unwrap();
+        assert_eq!(
+            (a.tap_name.as_str(), a.guest_mac.as_str()),
+            ("tap0", "06:00:00:00:00:0a")
+        );
         for bad in ["", "a/b", "way-too-long-name0", "tap 0"] {
             let n = NetworkSpec {
-                tap_name: bad.into(),
+                tap_name: Some(bad.into()),
                 ..ok.clone()
             };
             assert_eq!(
@@ -157,5 +203,56 @@ mod tests {
                 Some("network.tap_name")
             );
         }
+        let missing = NetworkSpec {
+            tap_name: None,
+            ..ok.clone()
+        };
+        assert_eq!(
+            check_network(&missing).unwrap_err().field(),
+            Some("network.tap_name")
+        );
+        let no_mac = NetworkSpec {
+            guest_mac: None,
+            ..ok
+        };
+        assert_eq!(
+            check_network(&no_mac).unwrap_err().field(),
+            Some("network.guest_mac")
+        );
+    }
+
+    #[test]
+    fn egress_fields() {
+        let spec = |allow: &[&str], internet| NetworkSpec {
+            allow: allow.iter().map(|s| s.to_string()).collect(),
+            internet,
+            ..NetworkSpec::default()
+        };
+        assert!(check_egress(None, false).unwrap().is_default());
+        assert!(check_egress(Some(&NetworkSpec::default()), false)
+            .unwrap()
+            .is_default());
+        let p = check_egress(Some(&spec(&["10.1.2.0/24:443"], Some(false))), true).unwrap();
+        assert!(!p.internet);
+        assert_eq!(p.allow_strings(), ["10.1.2.0/24:443"]);
+        let e = check_egress(Some(&spec(&["10.1.2.0/24:443"], None)), false).unwrap_err();
+        assert_eq!(e.field(), Some("network.allow"));
+        let e = check_egress(Some(&spec(&[], Some(false))), false).unwrap_err();
+        assert_eq!(e.field(), Some("network.internet"));
+        let half = NetworkSpec {
+            tap_name: Some("tap0".into()),
+            ..NetworkSpec::default()
+        };
+        for auto in [true, false] {
+            let e = check_egress(Some(&half), auto).unwrap_err();
+            assert_eq!(e.field(), Some("network"));
+        }
+        let e = check_egress(
+            Some(&spec(&["10.0.0.0/8", "10.1.2.0/24:99999"], None)),
+            true,
+        )
+        .unwrap_err();
+        assert_eq!(e.field(), Some("network.allow[1]"));
+        assert!(e.to_string().contains("99999"), "{e}");
     }
 }

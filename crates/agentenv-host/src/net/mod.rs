@@ -2,11 +2,13 @@
 //! [`HostNetwork`].
 //!
 //! Each VM gets a persistent TAP (`/dev/net/tun`) carrying the host side of
-//! its subnet, configured over rtnetlink ([`rtnl`]), and two elements in the
-//! sets of agentenv's own nftables table ([`nft`]), which does NAT, isolation
-//! and anti-spoofing with fixed rules. All of it runs on one thread that
-//! joined the target network namespace ([`NetnsThread`]); the async methods
-//! only queue jobs for it. See `docs/networking.md`.
+//! its subnet, marked as agentenv's with its alias ([`TAP_MARK`]) and
+//! configured over rtnetlink ([`rtnl`]), and elements in the sets of
+//! agentenv's own nftables table ([`nft`]), which does NAT, isolation,
+//! anti-spoofing and the VM's egress policy with fixed rules. All of it runs
+//! on one thread that joined the target network namespace ([`NetnsThread`]);
+//! the async methods only queue jobs for it. See `docs/networking.md` and
+//! `docs/security.md` (Egress).
 
 mod cmd;
 pub mod netns;
@@ -36,6 +38,9 @@ const NFT_TIMEOUT: Duration = Duration::from_secs(10);
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 /// Longest TAP prefix: leaves room for five index digits in 15 bytes.
 const MAX_TAP_PREFIX: usize = 10;
+/// The alias of every TAP agentenv creates, followed by the VM's id
+/// (`agentenv:VM_ID`): the startup sweep removes only links that carry it.
+pub const TAP_MARK: &str = "agentenv:";
 
 /// TAPs, addresses and nftables rules in one network namespace.
 #[derive(Debug)]
@@ -147,9 +152,9 @@ impl State {
         };
         check_host_interface(&host_interface)?;
         let spec = TableSpec {
-            tap_prefix: plan.tap_prefix().to_string(),
             supernet: plan.supernet(),
             host_interface: host_interface.clone(),
+            deny_private: plan.deny_private(),
         };
         nft_apply(
             &nft::table_script(&spec, keep),
@@ -160,7 +165,7 @@ impl State {
         let ctx = "list links to reclaim stale taps";
         let links = self.rtnl.links().map_err(|e| err(ctx, e))?;
         for link in links {
-            if is_plan_tap(plan.tap_prefix(), &link.name) && !kept.contains(link.name.as_str()) {
+            if is_reclaimable(&link, &kept) {
                 self.rtnl
                     .delete_link(&link.name)
                     .map_err(|e| err(format!("delete stale tap {}", link.name), e))?;
@@ -190,6 +195,8 @@ impl State {
     fn setup(&mut self, lease: &NetLease) -> Result<(), NetError> {
         check_lease(self.plan()?, lease)?;
         let tap = &lease.tap_name;
+        // Exclusive: an existing link of that name (ours or anyone's) is an
+        // error and is left alone.
         tap::create_persistent(tap).map_err(|e| NetError {
             context: format!("create tap {tap}"),
             message: match e.raw_os_error() {
@@ -226,6 +233,9 @@ impl State {
                 message: "it vanished after creation".into(),
             })?;
         self.rtnl
+            .set_alias(index, &tap_mark(lease))
+            .map_err(|e| err(format!("mark {tap} as agentenv's"), e))?;
+        self.rtnl
             .add_ipv4(index, lease.host_ip, lease.prefix_len)
             .map_err(|e| {
                 err(
@@ -242,11 +252,9 @@ impl State {
         nft_apply(
             &nft::admit_script(lease),
             &format!(
-                "add {tap} . {} to set {} and {tap} . {} to set {} in table {} {}",
+                "add {tap} ({} via {}) and its egress policy to the sets of table {} {}",
                 lease.guest_ip,
-                nft::GUESTS,
                 lease.host_ip,
-                nft::GATEWAYS,
                 nft::FAMILY,
                 nft::TABLE
             ),
@@ -260,9 +268,7 @@ impl State {
         nft_apply(
             &nft::evict_script(lease),
             &format!(
-                "remove {tap} from sets {} and {} in table {} {}",
-                nft::GUESTS,
-                nft::GATEWAYS,
+                "remove {tap} and its egress policy from the sets of table {} {}",
                 nft::FAMILY,
                 nft::TABLE
             ),
@@ -317,10 +323,19 @@ fn enable_ip_forward() -> Result<(), NetError> {
     Ok(())
 }
 
-/// `{prefix}N`, N decimal: the names `init` reclaims.
-fn is_plan_tap(prefix: &str, name: &str) -> bool {
-    name.strip_prefix(prefix)
-        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+/// The alias a lease's TAP is marked with.
+fn tap_mark(lease: &NetLease) -> String {
+    format!("{TAP_MARK}{}", lease.vm_id)
+}
+
+/// A link `init` removes: one agentenv made (it carries [`TAP_MARK`]) that no
+/// kept lease owns. Whatever its name, a link without the mark is someone
+/// else's (another program's `tap0`) and is never touched.
+fn is_reclaimable(link: &rtnl::Link, kept: &HashSet<&str>) -> bool {
+    link.alias
+        .as_deref()
+        .is_some_and(|a| a.starts_with(TAP_MARK))
+        && !kept.contains(link.name.as_str())
 }
 
 fn check_tap_prefix(prefix: &str) -> Result<(), NetError> {
@@ -375,14 +390,39 @@ mod tests {
         NetPlan::new(&NetworkConfig::default())
     }
 
+    fn link(name: &str, alias: Option<&str>) -> rtnl::Link {
+        rtnl::Link {
+            index: 7,
+            name: name.into(),
+            alias: alias.map(str::to_string),
+        }
+    }
+
     #[test]
-    fn only_prefix_and_digits_are_reclaimed() {
-        assert!(is_plan_tap("agtap", "agtap1"));
-        assert!(is_plan_tap("agtap", "agtap16383"));
-        assert!(!is_plan_tap("agtap", "agtap"));
-        assert!(!is_plan_tap("agtap", "agtap1x"));
-        assert!(!is_plan_tap("agtap", "agtapx1"));
-        assert!(!is_plan_tap("agtap", "eth0"));
+    fn only_marked_links_no_vm_owns_are_reclaimed() {
+        let kept: HashSet<&str> = ["agtap2"].into_iter().collect();
+        let ours = Some("agentenv:vm1");
+        assert!(is_reclaimable(&link("agtap1", ours), &kept));
+        assert!(is_reclaimable(
+            &link("agtap16383", Some("agentenv:")),
+            &kept
+        ));
+        // A kept VM's TAP stays.
+        assert!(!is_reclaimable(&link("agtap2", ours), &kept));
+        // Names alone never decide: another program's links, even ones that
+        // look like ours, stay.
+        for name in [
+            "agtap1", "agtap", "agtap1x", "agtapx1", "eth0", "tap0", "tapfoo",
+        ] {
+            assert!(!is_reclaimable(&link(name, None), &kept), "{name}");
+            assert!(
+                !is_reclaimable(&link(name, Some("libvirt: vnet")), &kept),
+                "{name}"
+            );
+        }
+        let mut l = plan().lease(1).unwrap();
+        l.vm_id = "web-1".into();
+        assert_eq!(tap_mark(&l), "agentenv:web-1");
     }
 
     #[test]

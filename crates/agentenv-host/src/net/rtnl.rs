@@ -76,6 +76,8 @@ pub struct Link {
     pub index: u32,
     /// Interface name.
     pub name: String,
+    /// Its alias (`IFLA_IFALIAS`), when it has one.
+    pub alias: Option<String>,
 }
 
 /// One rtnetlink socket. Requests are sequential; not shared between threads.
@@ -146,6 +148,10 @@ impl Rtnl {
                 RouteNetlinkMessage::NewLink(l) => Some(Link {
                     index: l.header.index,
                     name: link_name(&l)?,
+                    alias: l.attributes.iter().find_map(|a| match a {
+                        LinkAttribute::IfAlias(s) if !s.is_empty() => Some(s.clone()),
+                        _ => None,
+                    }),
                 }),
                 _ => None,
             })
@@ -170,6 +176,16 @@ impl Rtnl {
             NLM_F_CREATE | NLM_F_EXCL,
         )
         .map(drop)
+    }
+
+    /// Sets the link's alias (`IFLA_IFALIAS`, at most 255 bytes), e.g. the
+    /// mark that says who made it.
+    pub fn set_alias(&mut self, index: u32, alias: &str) -> Result<(), RtnlError> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes
+            .push(LinkAttribute::IfAlias(alias.to_string()));
+        self.request(RouteNetlinkMessage::SetLink(msg), 0).map(drop)
     }
 
     /// Sets the link administratively up.

@@ -281,6 +281,13 @@ pub struct CreateArgs {
     /// Guest MAC address for --tap.
     #[arg(long, requires = "tap")]
     pub mac: Option<String>,
+    /// Open a destination for the guest: CIDR or CIDR:PORT (repeatable;
+    /// automatic networking).
+    #[arg(long = "allow", value_name = "CIDR[:PORT]")]
+    pub allow: Vec<String>,
+    /// No egress at all except --allow (automatic networking).
+    #[arg(long)]
+    pub no_internet: bool,
     /// Kernel file name under kernel_root.
     #[arg(long)]
     pub kernel: Option<String>,
@@ -334,13 +341,16 @@ impl CreateArgs {
                 ))
             }
         };
-        let network = match (self.tap, self.mac) {
-            (Some(tap_name), Some(guest_mac)) => Some(NetworkSpec {
-                tap_name,
-                guest_mac,
-            }),
-            _ => None,
+        let mut network = NetworkSpec {
+            allow: self.allow,
+            internet: self.no_internet.then_some(false),
+            ..NetworkSpec::default()
         };
+        if let (Some(tap_name), Some(guest_mac)) = (self.tap, self.mac) {
+            network.tap_name = Some(tap_name);
+            network.guest_mac = Some(guest_mac);
+        }
+        let network = (network != NetworkSpec::default()).then_some(network);
         Ok(CreateVmRequest {
             vm_id: self.vm_id,
             slots: self.slots,

@@ -199,6 +199,20 @@ pub fn write_details(out: &mut impl std::io::Write, v: &VmInfo) -> anyhow::Resul
         ("guest_mac", opt(&v.guest_mac)),
         ("host_ip", opt(&v.host_ip)),
         ("guest_ip", opt(&v.guest_ip)),
+        (
+            "egress",
+            v.egress.as_ref().map_or_else(
+                || "-".into(),
+                |e| {
+                    format!(
+                        "internet {}, private {}, allow [{}]",
+                        if e.internet { "open" } else { "closed" },
+                        if e.deny_private { "closed" } else { "open" },
+                        e.allow.join(", ")
+                    )
+                },
+            ),
+        ),
         ("api_socket", v.api_socket.clone()),
         ("session_dir", v.session_dir.clone()),
         ("console_log", v.console_log.clone()),

@@ -37,6 +37,7 @@ use utoipa::OpenApi;
         api::CreateVmRequest,
         api::DiskSpec,
         api::NetworkSpec,
+        api::EgressInfo,
         api::VmInfo,
         api::VmList,
         api::DiskInfo,
