@@ -252,6 +252,15 @@ pub trait Vmm: Send + Sync + 'static {
     }
 }
 
+/// The drivers of backends other than the one new VMs get, for the VMs an
+/// earlier daemon recorded with them: a VM keeps its backend across restarts,
+/// whatever the configuration now chooses for new VMs.
+pub trait VmmDrivers: Send + Sync + 'static {
+    /// A driver for `kind`, or why this host cannot have one (its binary is
+    /// not found, …). Called once per kind, when a record first needs it.
+    fn driver(&self, kind: BackendKind) -> Result<std::sync::Arc<dyn Vmm>, String>;
+}
+
 /// What a new daemon knows about a VMM an earlier one started.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdoptSpec {

@@ -6,12 +6,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentenv_core::backend::ProcessIdentity;
 use agentenv_core::host::{
     DiskImages, FileInfo, FileKind, HostError, HostFacts, HostFiles, HostProcesses,
 };
 use async_trait::async_trait;
 
 use crate::disk::Ext4Templates;
+use crate::process::{control_sockets, has_control_socket, proc_argv, proc_start_time};
 use crate::runner;
 
 /// The real host.
@@ -236,12 +238,16 @@ impl DiskImages for LocalHost {
 }
 
 impl HostProcesses for LocalHost {
-    fn kill_stale_process(&self, pid: Option<u32>, marker: &Path) -> bool {
+    fn kill_stale_process(&self, pid: Option<u32>, control_socket: &Path) -> bool {
         let pids: Vec<u32> = match pid {
-            Some(p) if mentions(p, marker) => vec![p],
+            Some(p) if has_control_socket(p, control_socket) => vec![p],
             Some(_) => vec![],
-            // No pid recorded: look for the VMM by its socket path.
-            None => processes_mentioning(marker),
+            // No pid recorded: look for the VMM by its control socket.
+            None => vmm_processes()
+                .into_iter()
+                .filter(|(_, s)| s == control_socket)
+                .map(|(p, _)| p)
+                .collect(),
         };
         let mut killed = false;
         for p in pids {
@@ -253,9 +259,41 @@ impl HostProcesses for LocalHost {
         killed
     }
 
-    fn processes_mentioning(&self, marker: &Path) -> Vec<u32> {
-        processes_mentioning(marker)
+    fn kill_recorded_process(&self, id: ProcessIdentity, control_socket: &Path) -> bool {
+        proc_start_time(id.pid) == Some(id.start_time)
+            && self.kill_stale_process(Some(id.pid), control_socket)
     }
+
+    fn vmm_processes_in(&self, dir: &Path) -> Vec<(u32, PathBuf)> {
+        vmm_processes()
+            .into_iter()
+            .filter(|(_, s)| s.parent() == Some(dir))
+            .collect()
+    }
+}
+
+/// Live processes (not this one, not zombies) that name a control socket in
+/// their arguments ([`control_sockets`]), with each socket they name.
+fn vmm_processes() -> Vec<(u32, PathBuf)> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| p != std::process::id() && !is_zombie(p))
+        .flat_map(|p| {
+            let argv = proc_argv(p).unwrap_or_default();
+            control_sockets(&argv).into_iter().map(move |s| (p, s))
+        })
+        .collect()
+}
+
+/// True for a zombie (it waits for its reaper and holds nothing).
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
+        == Some(true)
 }
 
 /// True when process `pid`'s command line contains `marker`'s bytes.
@@ -265,20 +303,15 @@ fn mentions(pid: u32, marker: &Path) -> bool {
         .is_ok_and(|c| !m.is_empty() && c.windows(m.len()).any(|w| w == m))
 }
 
-/// Live processes (not this one) whose command line contains `marker`.
+/// Live processes (not this one, not zombies) whose command line contains
+/// `marker` (for tests and diagnostics: the daemon itself recognises VMMs by
+/// their control socket only, see [`control_sockets`]).
 pub fn processes_mentioning(marker: &Path) -> Vec<u32> {
     std::fs::read_dir("/proc")
         .map(|rd| {
             rd.flatten()
                 .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .filter(|&p| p != std::process::id() && mentions(p, marker))
-                .filter(|&p| {
-                    // Zombies wait for their reaper; they hold nothing.
-                    std::fs::read_to_string(format!("/proc/{p}/stat"))
-                        .ok()
-                        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
-                        == Some(false)
-                })
+                .filter(|&p| p != std::process::id() && mentions(p, marker) && !is_zombie(p))
                 .collect()
         })
         .unwrap_or_default()
