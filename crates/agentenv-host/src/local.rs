@@ -422,6 +422,72 @@ pub fn file_fingerprint(path: &Path) -> std::io::Result<String> {
 mod tests {
     use super::*;
 
+    /// A detached `sh` whose arguments are `args` (it sleeps until killed).
+    fn sleeper(args: &str) -> u32 {
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!(
+                "setsid sh -c 'sleep 1000; :' {args} >/dev/null 2>&1 </dev/null & echo $!"
+            ))
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    fn wait_argv(pid: u32) {
+        for _ in 0..200 {
+            if proc_argv(pid).is_some_and(|a| a.len() > 3) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("process {pid} did not start");
+    }
+
+    #[test]
+    fn stale_vmm_cleanup_matches_whole_control_socket_arguments() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        // VM `a.sock.b`'s VMM, and an operator's socat on VM `a`'s socket.
+        let other_vm = sleeper(&format!("--api-sock {d}/a.sock.b.sock"));
+        let socat = sleeper(&format!("UNIX-CONNECT:{d}/a.sock -"));
+        wait_argv(other_vm);
+        wait_argv(socat);
+        let host = LocalHost::new();
+        let a = dir.path().join("a.sock");
+        assert!(!host.kill_stale_process(None, &a), "nothing is VM a's vmm");
+        assert!(!host.kill_stale_process(Some(socat), &a));
+        assert!(!host.kill_stale_process(Some(other_vm), &a));
+        let found = host.vmm_processes_in(dir.path());
+        assert_eq!(found, vec![(other_vm, dir.path().join("a.sock.b.sock"))]);
+        // A wrong start time protects a recorded pid.
+        let t = proc_start_time(other_vm).unwrap();
+        let sock_b = dir.path().join("a.sock.b.sock");
+        let wrong = ProcessIdentity {
+            pid: other_vm,
+            start_time: t + 1,
+        };
+        assert!(!host.kill_recorded_process(wrong, &sock_b));
+        assert!(std::path::Path::new(&format!("/proc/{socat}")).exists());
+        assert!(has_control_socket(other_vm, &sock_b));
+        let right = ProcessIdentity {
+            pid: other_vm,
+            start_time: t,
+        };
+        assert!(host.kill_recorded_process(right, &sock_b));
+        // The operator's process is no VMM: only an explicit kill ends it.
+        assert!(is_zombie(socat) == false && proc_argv(socat).is_some());
+        nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(socat as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+
     #[test]
     fn atomic_write_replaces_and_leaves_no_temp() {
         let dir = tempfile::tempdir().unwrap();
