@@ -806,3 +806,34 @@ fn shares_become_disk_images_and_follow_the_path_rules() {
     }
     finish(d, dir);
 }
+
+/// The kernel command line is budgeted as Firecracker sees it (boot_args,
+/// agentenv's parameters, `root=/dev/vda ro` and one `virtio_mmio.device=`
+/// per device, within 2048 bytes with the final NUL): the longest boot_args
+/// that fits is accepted by the VMM (the double counts as the real binary
+/// does), one byte more is a 400 naming `boot_args` before any VMM starts.
+#[test]
+fn boot_args_are_budgeted_as_firecracker_sees_the_command_line() {
+    let (d, dir) = Daemon::start();
+    let req = |id: &str, args: &str| json!({"vm_id": id, "boot_args": args, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}});
+    let (code, v) = d.call("POST", "/v1/vm", Some(req("fc1", &"a".repeat(2000))));
+    assert_eq!(code, 400, "{v}");
+    assert_eq!(v["field"], "boot_args", "{v}");
+    let msg = v["error"].as_str().unwrap();
+    assert!(msg.contains("as Firecracker sees it"), "{v}");
+    let over: usize = msg
+        .rsplit("shorten boot_args by ")
+        .next()
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in {msg}"));
+    assert!(d.engine.is_empty());
+    let longest = "a".repeat(2000 - over);
+    let (code, v) = d.call("POST", "/v1/vm", Some(req("fc1", &format!("{longest}b"))));
+    assert_eq!((code, v["field"].as_str()), (400, Some("boot_args")), "{v}");
+    // Exactly at the limit: Firecracker (or its double) starts the guest.
+    let (code, v) = d.call("POST", "/v1/vm", Some(req("fc1", &longest)));
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["state"], "running", "{v}");
+    finish(d, dir);
+}

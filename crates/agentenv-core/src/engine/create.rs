@@ -10,7 +10,9 @@ use agentenv_api::{
 use chrono::Utc;
 
 use super::host_paths::check_host_path;
-use super::validate::{check_boot_args, check_network, check_share_guest_path};
+use super::validate::{
+    check_boot_args, check_firecracker_cmdline, check_network, check_share_guest_path,
+};
 use super::{Engine, VmSlot, AGENT_SOCKET, CONSOLE_LOG};
 use crate::backend::{DriveSpec, LaunchSpec, NetAttachment, RestoreSpec, VmmInstance};
 use crate::config::MAX_SLOTS;
@@ -205,6 +207,16 @@ impl Engine {
             boot_args.push_str(" agentenv.overlay=/dev/vdb");
         }
         boot_args.push_str(&share_args);
+        if self.vmm.kind() == agentenv_api::BackendKind::Firecracker {
+            // A lease's parameters come later (at reserve): counted at their
+            // longest, " agentenv.ip=255.255.255.255/30 agentenv.gw=255.255.255.255".
+            let lease = if self.net.is_some() { 59 } else { 0 };
+            let root_ro = drives.first().filter(|d| d.is_root).map(|d| d.read_only);
+            let devices = drives.len()
+                + usize::from(net.is_some() || self.net.is_some())
+                + usize::from(cfg.agent.enable);
+            check_firecracker_cmdline(&boot_args, lease, root_ro, devices)?;
+        }
         let console_log = session_dir.join(CONSOLE_LOG);
         let agent_socket = session_dir.join(AGENT_SOCKET);
         let now = Utc::now();
