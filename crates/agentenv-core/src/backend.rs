@@ -11,6 +11,17 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+/// True when a kernel command line turns ACPI off (its last `acpi=` word
+/// says `off`, as the kernel reads it). The guest then finds its virtio-mmio
+/// devices only through `virtio_mmio.device=` on its command line.
+pub fn boot_args_turn_acpi_off(boot_args: &str) -> bool {
+    boot_args
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("acpi="))
+        .last()
+        == Some("off")
+}
+
 /// Everything a backend needs to start one VM.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LaunchSpec {

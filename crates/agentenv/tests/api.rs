@@ -837,3 +837,71 @@ fn boot_args_are_budgeted_as_firecracker_sees_the_command_line() {
     assert_eq!(v["state"], "running", "{v}");
     finish(d, dir);
 }
+
+/// `acpi=off` (the seed's sample boot args): a kernel whose config says it
+/// cannot find virtio-mmio devices on its command line is refused with a 400
+/// naming `boot_args` (the guest would never find its disks); one built with
+/// CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y boots; without a config beside the
+/// kernel the create goes on, with a warning saying what to check.
+#[test]
+fn acpi_off_needs_a_kernel_that_reads_virtio_mmio_devices_from_its_command_line() {
+    let seed_args = "console=ttyS0 reboot=k panic=1 pci=off acpi=off";
+    let mut dir = TestDir::new();
+    dir.baseline = Some(common::baseline(dir.path()));
+    let mut cfg = dir.config();
+    cfg.default_boot_args = seed_args.into();
+    let d = Daemon::start_with(cfg, dir.path());
+    let sidecar = dir.path().join("kernels/vmlinux.config");
+    let req = |id: &str, args: Option<&str>| {
+        let mut r = common::overlay_req(id);
+        if let Some(a) = args {
+            r["boot_args"] = json!(a);
+        }
+        r
+    };
+
+    std::fs::write(
+        &sidecar,
+        "CONFIG_VIRTIO_MMIO=m\n# CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES is not set\n",
+    )
+    .unwrap();
+    let (code, v) = d.call("POST", "/v1/vm", Some(req("noacpi", Some(seed_args))));
+    assert_eq!((code, v["field"].as_str()), (400, Some("boot_args")), "{v}");
+    let msg = v["error"].as_str().unwrap();
+    assert!(
+        msg.contains("CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES is off") && msg.contains("drop acpi=off"),
+        "{v}"
+    );
+    // The config's default_boot_args: the same answer, saying where it came from.
+    let (code, v) = d.call("POST", "/v1/vm", Some(req("noacpi", None)));
+    assert_eq!((code, v["field"].as_str()), (400, Some("boot_args")), "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("default_boot_args"),
+        "{v}"
+    );
+    assert!(d.engine.is_empty());
+
+    std::fs::write(
+        &sidecar,
+        "CONFIG_VIRTIO_MMIO=y\nCONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y\n",
+    )
+    .unwrap();
+    let (code, v) = d.call("POST", "/v1/vm", Some(req("cmdline", None)));
+    assert_eq!(code, 201, "{v}");
+    assert!(v["warnings"].as_array().is_none_or(|w| w.is_empty()), "{v}");
+
+    std::fs::remove_file(&sidecar).unwrap();
+    let (code, v) = d.call("POST", "/v1/vm", Some(req("unknown", None)));
+    assert_eq!(code, 201, "{v}");
+    assert!(
+        v["warnings"][0]
+            .as_str()
+            .is_some_and(|w| w.contains("CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES")),
+        "{v}"
+    );
+    // Without acpi=off nothing is asked of the kernel.
+    let (code, v) = d.call("POST", "/v1/vm", Some(req("acpi", Some("console=ttyS0"))));
+    assert_eq!(code, 201, "{v}");
+    assert!(v["warnings"].as_array().is_none_or(|w| w.is_empty()), "{v}");
+    finish(d, dir);
+}
