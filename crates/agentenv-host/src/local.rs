@@ -525,7 +525,7 @@ mod tests {
     #[tokio::test]
     async fn ext4_disk_is_sparse() {
         if which("mkfs.ext4").is_none() {
-            eprintln!("skipping: mkfs.ext4 not installed");
+            agentenv_testkit::skip::skip("mkfs.ext4 not installed");
             return;
         }
         let dir = tempfile::tempdir().unwrap();

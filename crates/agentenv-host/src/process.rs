@@ -592,11 +592,11 @@ mod tests {
             let both = read_tail(&dir.path().join("console.log.1"), 4096) + &read_tail(&p, 4096);
             assert!(both.ends_with("line 2999\n"), "{both:?}");
         } else {
-            eprintln!(
-                "skipping the last-line check: {} cannot collapse ranges, so rotation is \
+            agentenv_testkit::skip::skip(&format!(
+                "the last-line check: {} cannot collapse ranges, so rotation is \
                  copy-and-truncate, which may drop a line written during it",
                 dir.path().display()
-            );
+            ));
         }
     }
 
@@ -604,7 +604,10 @@ mod tests {
     fn rotation_under_a_busy_writer_keeps_every_line() {
         let dir = tempfile::tempdir().unwrap();
         if !collapse_supported(dir.path()) {
-            eprintln!("skipping: {} cannot collapse ranges", dir.path().display());
+            agentenv_testkit::skip::skip(&format!(
+                "{} cannot collapse ranges",
+                dir.path().display()
+            ));
             return;
         }
         let p = dir.path().join("console.log");
@@ -662,7 +665,7 @@ mod tests {
     fn rotation_falls_back_to_copy_and_truncate_on_tmpfs() {
         let shm = Path::new("/dev/shm");
         if !shm.is_dir() {
-            eprintln!("skipping: no /dev/shm");
+            agentenv_testkit::skip::skip("no /dev/shm");
             return;
         }
         let dir = tempfile::tempdir_in(shm).unwrap();

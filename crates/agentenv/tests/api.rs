@@ -441,7 +441,9 @@ fn direct_disks_follow_the_path_rules() {
 fn network_is_used_as_given_when_networking_is_disabled() {
     if is_real() {
         // A real Firecracker opens the TAP, creating it in the host's namespace.
-        eprintln!("skipping: would make a real Firecracker create a TAP on this host");
+        agentenv_testkit::skip::skip_optional(
+            "would make a real Firecracker create a TAP on this host",
+        );
         return;
     }
     let (d, dir) = Daemon::start();
@@ -495,7 +497,7 @@ fn openapi_document_is_served() {
 #[test]
 fn vmm_exit_is_noticed_and_recorded() {
     if is_real() {
-        eprintln!("skipping: uses the double's --exit-on-start/--panic-on-start");
+        agentenv_testkit::skip::skip_optional("uses the double's --exit-on-start/--panic-on-start");
         return;
     }
     let mut dir = TestDir::new();
@@ -531,7 +533,7 @@ fn vmm_exit_is_noticed_and_recorded() {
 #[test]
 fn shutdown_kills_a_guest_that_ignores_it() {
     if is_real() {
-        eprintln!("skipping: uses the double's --ignore-ctrl-alt-del");
+        agentenv_testkit::skip::skip_optional("uses the double's --ignore-ctrl-alt-del");
         return;
     }
     let mut dir = TestDir::new();
@@ -558,7 +560,7 @@ fn shutdown_kills_a_guest_that_ignores_it() {
 #[test]
 fn a_hung_vmm_gives_504_and_the_vm_stays_usable() {
     if is_real() {
-        eprintln!("skipping: uses the double's --hang-on");
+        agentenv_testkit::skip::skip_optional("uses the double's --hang-on");
         return;
     }
     let mut dir = TestDir::new();

@@ -99,7 +99,7 @@ fn percentile(v: &mut [Duration], p: f64) -> Duration {
 #[test]
 fn sigkill_of_the_daemon_with_20_vms_loses_none() {
     if common::is_real() {
-        eprintln!("skipping: 20 real Firecracker guests do not boot here");
+        agentenv_testkit::skip::skip_optional("20 real Firecracker guests do not boot here");
         return;
     }
     let dir = TestDir::new();

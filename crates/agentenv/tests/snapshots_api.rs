@@ -282,13 +282,13 @@ impl Drop for Tmpfs {
 #[test]
 fn full_or_missing_tiers_fail_cleanly_and_the_vm_runs_on() {
     if nix::unistd::geteuid().as_raw() != 0 {
-        eprintln!("skipping: needs root to mount small tmpfs tiers");
+        agentenv_testkit::skip::skip("needs root to mount small tmpfs tiers");
         return;
     }
     let mut dir = TestDir::new();
     let cfg = dir.config();
     let Some(tmpfs) = Tmpfs::mount(&cfg.tmpfs_snapshot_root, "2m", "") else {
-        eprintln!("skipping: cannot mount a tmpfs");
+        agentenv_testkit::skip::skip("cannot mount a tmpfs");
         return;
     };
     let durable = Tmpfs::mount(&cfg.hdfs_snapshot_root, "2m", "").unwrap();
