@@ -540,6 +540,24 @@ impl Engine {
                                 },
                                 other => other,
                             })?;
+                        // The overlay holds block-level changes to the base
+                        // as it was: over a changed base they are garbage.
+                        if let Some(want) = &snap.rootfs_fingerprint {
+                            let changed = match self.host.files.fingerprint(&base) {
+                                Ok(fp) if &fp == want => None,
+                                Ok(_) => Some("that file has changed since".to_string()),
+                                Err(e) => Some(e.to_string()),
+                            };
+                            if let Some(why) = changed {
+                                return Err(EngineError::Conflict {
+                                    message: format!(
+                                        "{F}: snapshot {snapshot_id} needs the base image (rootfs) {} as it was; {why}",
+                                        base.display()
+                                    ),
+                                    state: None,
+                                });
+                            }
+                        }
                         Ok(DiskPlan {
                             info: DiskInfo {
                                 kind: "snapshot".into(),
