@@ -17,8 +17,8 @@ use tokio::sync::watch;
 pub fn boot_args_turn_acpi_off(boot_args: &str) -> bool {
     boot_args
         .split_whitespace()
-        .filter_map(|w| w.strip_prefix("acpi="))
-        .last()
+        .rev()
+        .find_map(|w| w.strip_prefix("acpi="))
         == Some("off")
 }
 

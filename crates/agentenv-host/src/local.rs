@@ -480,7 +480,7 @@ mod tests {
         };
         assert!(host.kill_recorded_process(right, &sock_b));
         // The operator's process is no VMM: only an explicit kill ends it.
-        assert!(is_zombie(socat) == false && proc_argv(socat).is_some());
+        assert!(!is_zombie(socat) && proc_argv(socat).is_some());
         nix::sys::signal::killpg(
             nix::unistd::Pid::from_raw(socat as i32),
             nix::sys::signal::Signal::SIGKILL,

@@ -245,6 +245,9 @@ impl VmSlot {
     }
 }
 
+/// A backend's driver as built for the VMs recorded with it, or why not.
+type BuiltDriver = Result<Arc<dyn Vmm>, String>;
+
 /// The lifecycle engine.
 pub struct Engine {
     cfg: Arc<Config>,
@@ -253,7 +256,7 @@ pub struct Engine {
     /// Builds the drivers of other backends, for VMs recorded with them.
     drivers: Option<Arc<dyn VmmDrivers>>,
     /// The other backends' drivers built so far (or why one cannot be).
-    other_vmms: Mutex<Vec<(agentenv_api::BackendKind, Result<Arc<dyn Vmm>, String>)>>,
+    other_vmms: Mutex<Vec<(agentenv_api::BackendKind, BuiltDriver)>>,
     host: Host,
     /// Automatic networking, when `[network] enable = true`.
     net: Option<(Arc<dyn HostNetwork>, NetPlan)>,
@@ -350,7 +353,7 @@ impl Engine {
 
     /// The driver of backend `kind`: the one new VMs get, or another one
     /// built (once) for the VMs recorded with it; or why there is none.
-    fn vmm_for(&self, kind: agentenv_api::BackendKind) -> Result<Arc<dyn Vmm>, String> {
+    fn vmm_for(&self, kind: agentenv_api::BackendKind) -> BuiltDriver {
         if kind == self.vmm.kind() {
             return Ok(self.vmm.clone());
         }
