@@ -284,6 +284,20 @@ fn get(d: &common::Daemon, id: &str) -> Value {
     v
 }
 
+/// Deletes VM `id` and waits until its VMM `pid` is gone.
+fn delete_kills(d: &common::Daemon, id: &str, pid: u64) {
+    let (code, body) = d.call("DELETE", &format!("/v1/vm/{id}"), None);
+    assert_eq!(code, 204, "{body}");
+    let t = Instant::now();
+    while alive(pid) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "vmm {pid} still alive"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn alive(pid: u64) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -346,16 +360,7 @@ fn a_restart_with_another_backend_keeps_each_vm_on_its_own_driver() {
     let d = common::Daemon::start_with(qemu_cfg, dir.path());
     let v = d.wait_state("keep", "running", Duration::from_secs(5));
     assert_eq!(v["pid"].as_u64(), Some(pid), "{v}");
-    let (code, body) = d.call("DELETE", "/v1/vm/keep", None);
-    assert_eq!(code, 204, "{body}");
-    let t = Instant::now();
-    while alive(pid) {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "vmm {pid} still alive"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    delete_kills(&d, "keep", pid);
     common::finish(d, dir);
 }
 
@@ -376,16 +381,7 @@ fn deleting_an_unmanaged_vm_kills_its_vmm() {
     let d = common::Daemon::start_with(cfg, dir.path());
     assert_eq!(get(&d, "lone")["state"], "failed");
     assert!(alive(pid));
-    let (code, body) = d.call("DELETE", "/v1/vm/lone", None);
-    assert_eq!(code, 204, "{body}");
-    let t = Instant::now();
-    while alive(pid) {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "vmm {pid} still alive"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    delete_kills(&d, "lone", pid);
     common::finish(d, dir);
 }
 
