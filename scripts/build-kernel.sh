@@ -22,6 +22,7 @@ Usage: $PROG [OPTIONS]
 Builds, into the directory OUTPUT (directory form):
   kernels/vmlinuz         the kernel as a bzImage (what QEMU boots)
   kernels/vmlinux         the same kernel as an uncompressed ELF (what Firecracker boots)
+  kernels/*.config        the kernel's config beside each (read by the daemon for acpi=off)
   initramfs/initrd.img    gzip newc cpio: busybox, the virtio/vsock/overlay modules and an
                           /init that mounts agentenv.root and runs /sbin/overlay-init
                           (docs/guest-contract.md)
@@ -389,6 +390,13 @@ fi
 check_elf "$vmlinux_out.tmp" || die "$vmlinux_out.tmp is not a complete ELF kernel"
 mv -f "$vmlinux_out.tmp" "$vmlinux_out"
 echo "    $vmlinux_out ($(du -h "$vmlinux_out" | cut -f1), ELF)"
+
+# The kernel's config beside each image (KERNEL.config): the daemon reads it to tell whether
+# the kernel finds virtio-mmio devices without ACPI (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) and
+# refuses `acpi=off` for one that cannot, instead of a guest that never gets ready.
+for img in "$vmlinuz_out" "$vmlinux_out"; do
+    cp -f "$kernel_root/boot/config-$kver" "$img.config"
+done
 
 # ---------------------------------------------------------------------------------------
 # initramfs/initrd.img

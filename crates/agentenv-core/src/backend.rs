@@ -11,6 +11,17 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+/// True when a kernel command line turns ACPI off (its last `acpi=` word
+/// says `off`, as the kernel reads it). The guest then finds its virtio-mmio
+/// devices only through `virtio_mmio.device=` on its command line.
+pub fn boot_args_turn_acpi_off(boot_args: &str) -> bool {
+    boot_args
+        .split_whitespace()
+        .rev()
+        .find_map(|w| w.strip_prefix("acpi="))
+        == Some("off")
+}
+
 /// Everything a backend needs to start one VM.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LaunchSpec {
@@ -250,6 +261,15 @@ pub trait Vmm: Send + Sync + 'static {
             message: format!("the {} backend cannot re-adopt vmms", self.kind()),
         })
     }
+}
+
+/// The drivers of backends other than the one new VMs get, for the VMs an
+/// earlier daemon recorded with them: a VM keeps its backend across restarts,
+/// whatever the configuration now chooses for new VMs.
+pub trait VmmDrivers: Send + Sync + 'static {
+    /// A driver for `kind`, or why this host cannot have one (its binary is
+    /// not found, …). Called once per kind, when a record first needs it.
+    fn driver(&self, kind: BackendKind) -> Result<std::sync::Arc<dyn Vmm>, String>;
 }
 
 /// What a new daemon knows about a VMM an earlier one started.

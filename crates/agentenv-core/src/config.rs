@@ -150,13 +150,58 @@ pub struct NetworkConfig {
     pub tap_prefix: String,
     /// First two octets of the VM subnets: VM `n` gets `{subnet_prefix}.{n}.0`.
     pub subnet_prefix: String,
-    /// Netmask of each VM subnet.
+    /// Netmask of each VM subnet, kept in dotted form; the file may give a
+    /// prefix length (`netmask = 24`) or the dotted form
+    /// (`netmask = "255.255.255.0"`).
+    #[serde(deserialize_with = "netmask_from_toml")]
     pub netmask: String,
     /// Interface NAT leaves through (default: the default route's).
     pub host_interface: Option<String>,
     /// Guests may not reach private, CGNAT, link-local, loopback, multicast
     /// and reserved IPv4 ranges (only what a VM's `network.allow` lists).
     pub deny_private: bool,
+}
+
+/// A prefix length (0 to 32) as a dotted netmask.
+pub fn netmask_from_prefix(len: u8) -> Option<String> {
+    (len <= 32).then(|| {
+        let bits = if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(len))
+        };
+        Ipv4Addr::from(bits).to_string()
+    })
+}
+
+/// `[network] netmask`: an integer prefix length, or a string holding the
+/// dotted form (or a prefix length). Kept dotted; `validate` checks the range.
+fn netmask_from_toml<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Mask {
+        Prefix(i64),
+        Text(String),
+    }
+    let bad_prefix = |n: &dyn std::fmt::Display| {
+        serde::de::Error::custom(format!(
+            "network.netmask: prefix length {n} is not 0 to 32 (give 24 to 30, or the dotted form such as \"255.255.255.0\")"
+        ))
+    };
+    match Mask::deserialize(d).map_err(|_| {
+        serde::de::Error::custom(
+            "network.netmask must be a prefix length such as 24 or a dotted netmask such as \"255.255.255.0\"",
+        )
+    })? {
+        Mask::Prefix(n) => u8::try_from(n)
+            .ok()
+            .and_then(netmask_from_prefix)
+            .ok_or_else(|| bad_prefix(&n)),
+        Mask::Text(t) => match t.trim().trim_start_matches('/').parse::<u8>() {
+            Ok(n) => netmask_from_prefix(n).ok_or_else(|| bad_prefix(&n)),
+            Err(_) => Ok(t),
+        },
+    }
 }
 
 impl Default for NetworkConfig {
@@ -455,7 +500,7 @@ impl NetworkConfig {
             return Err(invalid(
                 "network.netmask",
                 format!(
-                    "{:?} must be a contiguous mask from /24 to /30",
+                    "{:?} must be a contiguous mask from /24 to /30 (a prefix length 24 to 30, or its dotted form)",
                     self.netmask
                 ),
             ));
@@ -564,6 +609,12 @@ mod tests {
                 "network.netmask",
             ),
             ("[network]\nnetmask = \"255.255.0.0\"", "network.netmask"),
+            ("[network]\nnetmask = 16", "network.netmask"),
+            ("[network]\nnetmask = 31", "network.netmask"),
+            ("[network]\nnetmask = 33", "network.netmask"),
+            ("[network]\nnetmask = -1", "network.netmask"),
+            ("[network]\nnetmask = true", "network.netmask"),
+            ("[network]\nnetmask = \"/40\"", "network.netmask"),
             ("[network]\nsubnet_prefix = \"10\"", "network.subnet_prefix"),
             (
                 "[network]\ntap_prefix = \"a-very-long-prefix\"",
@@ -574,5 +625,45 @@ mod tests {
             let e = err(text);
             assert!(e.contains(key), "{text:?} gave {e:?}");
         }
+    }
+
+    /// The seed's own sample config (fuzzland/agentenv's README) loads as
+    /// written: an integer netmask and `acpi=off` in the boot args.
+    #[test]
+    fn the_seeds_sample_config_loads_unchanged() {
+        let c = Config::parse(
+            r#"
+default_boot_args = "console=ttyS0 reboot=k panic=1 pci=off acpi=off"
+[network]
+enable = true
+tap_prefix = "tap"
+subnet_prefix = "172.20"
+netmask = 24
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.network.netmask, "255.255.255.0");
+        assert_eq!(c.network.tap_prefix, "tap");
+        assert!(c.default_boot_args.ends_with("acpi=off"));
+    }
+
+    #[test]
+    fn netmask_is_a_prefix_length_or_dotted() {
+        let mask = |v: &str| {
+            Config::parse(&format!("[network]\nnetmask = {v}"))
+                .unwrap()
+                .network
+                .netmask
+        };
+        assert_eq!(mask("24"), "255.255.255.0");
+        assert_eq!(mask("28"), "255.255.255.240");
+        assert_eq!(mask("30"), "255.255.255.252");
+        assert_eq!(mask("\"255.255.255.0\""), "255.255.255.0");
+        assert_eq!(mask("\"255.255.255.248\""), "255.255.255.248");
+        assert_eq!(mask("\"/26\""), "255.255.255.192");
+        assert_eq!(mask("\"24\""), "255.255.255.0");
+        assert_eq!(netmask_from_prefix(0).unwrap(), "0.0.0.0");
+        assert_eq!(netmask_from_prefix(32).unwrap(), "255.255.255.255");
+        assert_eq!(netmask_from_prefix(33), None);
     }
 }

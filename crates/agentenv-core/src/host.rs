@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::backend::ProcessIdentity;
+
 /// What kind of file a path names (without following a final symlink).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
@@ -157,15 +159,30 @@ pub trait DiskImages: Send + Sync + 'static {
 }
 
 /// The host's processes, for cleaning up VMMs an earlier daemon left.
+///
+/// A VMM is recognised by its *control socket*, read from its arguments as
+/// the drivers pass it (Firecracker's `--api-sock PATH`, QEMU's
+/// `-qmp unix:PATH,…`) and compared as a whole path: never by a substring of
+/// its command line, so VM `a` never matches the VMM of VM `a.sock.b`, and a
+/// process that merely mentions a socket path (an operator's `socat`) is no
+/// VMM at all.
 pub trait HostProcesses: Send + Sync + 'static {
     /// Kills the process group of `pid` if that process is still alive and its
-    /// command line mentions `marker` (so an unrelated process that reused the pid
-    /// is never touched); with no pid, of every process whose command line
-    /// mentions `marker`. Returns whether something was killed.
-    fn kill_stale_process(&self, pid: Option<u32>, marker: &Path) -> bool;
+    /// control socket is exactly `control_socket` (so an unrelated process that
+    /// reused the pid is never touched); with no pid, of every process whose
+    /// control socket is exactly `control_socket`. Returns whether something
+    /// was killed.
+    fn kill_stale_process(&self, pid: Option<u32>, control_socket: &Path) -> bool;
 
-    /// Live processes (not this one, not zombies) whose command line mentions `marker`.
-    fn processes_mentioning(&self, marker: &Path) -> Vec<u32>;
+    /// Like [`kill_stale_process`](HostProcesses::kill_stale_process) for a
+    /// recorded process: it must also still have the recorded start time.
+    fn kill_recorded_process(&self, id: ProcessIdentity, control_socket: &Path) -> bool {
+        self.kill_stale_process(Some(id.pid), control_socket)
+    }
+
+    /// Live VMM processes (not this one, not zombies) whose control socket lies
+    /// directly in `dir`, with that socket.
+    fn vmm_processes_in(&self, dir: &Path) -> Vec<(u32, PathBuf)>;
 }
 
 /// Facts about the machine.

@@ -234,9 +234,15 @@ impl FakeHost {
         Ok(())
     }
 
-    fn mentions(cmdline: &str, marker: &Path) -> bool {
-        let m = marker.to_string_lossy();
-        !m.is_empty() && cmdline.contains(&*m)
+    /// The control sockets a fake command line names: the word after each
+    /// `--api-sock` (as the real host reads whole arguments, never substrings).
+    fn control_sockets(cmdline: &str) -> Vec<PathBuf> {
+        let words: Vec<&str> = cmdline.split_whitespace().collect();
+        words
+            .windows(2)
+            .filter(|w| w[0] == "--api-sock")
+            .map(|w| PathBuf::from(w[1]))
+            .collect()
     }
 }
 
@@ -464,7 +470,10 @@ impl HostProcesses for FakeHost {
         let victims: Vec<u32> = w
             .processes
             .iter()
-            .filter(|(p, cmd)| pid.is_none_or(|want| want == **p) && Self::mentions(cmd, marker))
+            .filter(|(p, cmd)| {
+                pid.is_none_or(|want| want == **p)
+                    && Self::control_sockets(cmd).iter().any(|s| s == marker)
+            })
             .map(|(p, _)| *p)
             .collect();
         for p in &victims {
@@ -475,12 +484,16 @@ impl HostProcesses for FakeHost {
         !victims.is_empty()
     }
 
-    fn processes_mentioning(&self, marker: &Path) -> Vec<u32> {
+    fn vmm_processes_in(&self, dir: &Path) -> Vec<(u32, PathBuf)> {
         lock(&self.world)
             .processes
             .iter()
-            .filter(|(_, cmd)| Self::mentions(cmd, marker))
-            .map(|(p, _)| *p)
+            .flat_map(|(p, cmd)| {
+                Self::control_sockets(cmd)
+                    .into_iter()
+                    .filter(|s| s.parent() == Some(dir))
+                    .map(move |s| (*p, s))
+            })
             .collect()
     }
 }

@@ -1117,7 +1117,7 @@ impl Drop for LoopMount {
 #[test]
 fn freeze_blocks_writes_until_thaw_or_the_session_ends() {
     let Some(m) = LoopMount::new() else {
-        eprintln!("skipped: needs root, mkfs.ext4 and a loop mount");
+        agentenv_testkit::skip::skip("needs root, mkfs.ext4 and a loop mount");
         return;
     };
     let mnt = m.mnt();

@@ -6,12 +6,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentenv_core::backend::ProcessIdentity;
 use agentenv_core::host::{
     DiskImages, FileInfo, FileKind, HostError, HostFacts, HostFiles, HostProcesses,
 };
 use async_trait::async_trait;
 
 use crate::disk::Ext4Templates;
+use crate::process::{control_sockets, has_control_socket, proc_argv, proc_start_time};
 use crate::runner;
 
 /// The real host.
@@ -236,12 +238,16 @@ impl DiskImages for LocalHost {
 }
 
 impl HostProcesses for LocalHost {
-    fn kill_stale_process(&self, pid: Option<u32>, marker: &Path) -> bool {
+    fn kill_stale_process(&self, pid: Option<u32>, control_socket: &Path) -> bool {
         let pids: Vec<u32> = match pid {
-            Some(p) if mentions(p, marker) => vec![p],
+            Some(p) if has_control_socket(p, control_socket) => vec![p],
             Some(_) => vec![],
-            // No pid recorded: look for the VMM by its socket path.
-            None => processes_mentioning(marker),
+            // No pid recorded: look for the VMM by its control socket.
+            None => vmm_processes()
+                .into_iter()
+                .filter(|(_, s)| s == control_socket)
+                .map(|(p, _)| p)
+                .collect(),
         };
         let mut killed = false;
         for p in pids {
@@ -253,9 +259,41 @@ impl HostProcesses for LocalHost {
         killed
     }
 
-    fn processes_mentioning(&self, marker: &Path) -> Vec<u32> {
-        processes_mentioning(marker)
+    fn kill_recorded_process(&self, id: ProcessIdentity, control_socket: &Path) -> bool {
+        proc_start_time(id.pid) == Some(id.start_time)
+            && self.kill_stale_process(Some(id.pid), control_socket)
     }
+
+    fn vmm_processes_in(&self, dir: &Path) -> Vec<(u32, PathBuf)> {
+        vmm_processes()
+            .into_iter()
+            .filter(|(_, s)| s.parent() == Some(dir))
+            .collect()
+    }
+}
+
+/// Live processes (not this one, not zombies) that name a control socket in
+/// their arguments ([`control_sockets`]), with each socket they name.
+fn vmm_processes() -> Vec<(u32, PathBuf)> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| p != std::process::id() && !is_zombie(p))
+        .flat_map(|p| {
+            let argv = proc_argv(p).unwrap_or_default();
+            control_sockets(&argv).into_iter().map(move |s| (p, s))
+        })
+        .collect()
+}
+
+/// True for a zombie (it waits for its reaper and holds nothing).
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
+        == Some(true)
 }
 
 /// True when process `pid`'s command line contains `marker`'s bytes.
@@ -265,20 +303,15 @@ fn mentions(pid: u32, marker: &Path) -> bool {
         .is_ok_and(|c| !m.is_empty() && c.windows(m.len()).any(|w| w == m))
 }
 
-/// Live processes (not this one) whose command line contains `marker`.
+/// Live processes (not this one, not zombies) whose command line contains
+/// `marker` (for tests and diagnostics: the daemon itself recognises VMMs by
+/// their control socket only, see [`control_sockets`]).
 pub fn processes_mentioning(marker: &Path) -> Vec<u32> {
     std::fs::read_dir("/proc")
         .map(|rd| {
             rd.flatten()
                 .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .filter(|&p| p != std::process::id() && mentions(p, marker))
-                .filter(|&p| {
-                    // Zombies wait for their reaper; they hold nothing.
-                    std::fs::read_to_string(format!("/proc/{p}/stat"))
-                        .ok()
-                        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
-                        == Some(false)
-                })
+                .filter(|&p| p != std::process::id() && mentions(p, marker) && !is_zombie(p))
                 .collect()
         })
         .unwrap_or_default()
@@ -389,6 +422,72 @@ pub fn file_fingerprint(path: &Path) -> std::io::Result<String> {
 mod tests {
     use super::*;
 
+    /// A detached `sh` whose arguments are `args` (it sleeps until killed).
+    fn sleeper(args: &str) -> u32 {
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!(
+                "setsid sh -c 'sleep 1000; :' {args} >/dev/null 2>&1 </dev/null & echo $!"
+            ))
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    fn wait_argv(pid: u32) {
+        for _ in 0..200 {
+            if proc_argv(pid).is_some_and(|a| a.len() > 3) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("process {pid} did not start");
+    }
+
+    #[test]
+    fn stale_vmm_cleanup_matches_whole_control_socket_arguments() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        // VM `a.sock.b`'s VMM, and an operator's socat on VM `a`'s socket.
+        let other_vm = sleeper(&format!("--api-sock {d}/a.sock.b.sock"));
+        let socat = sleeper(&format!("UNIX-CONNECT:{d}/a.sock -"));
+        wait_argv(other_vm);
+        wait_argv(socat);
+        let host = LocalHost::new();
+        let a = dir.path().join("a.sock");
+        assert!(!host.kill_stale_process(None, &a), "nothing is VM a's vmm");
+        assert!(!host.kill_stale_process(Some(socat), &a));
+        assert!(!host.kill_stale_process(Some(other_vm), &a));
+        let found = host.vmm_processes_in(dir.path());
+        assert_eq!(found, vec![(other_vm, dir.path().join("a.sock.b.sock"))]);
+        // A wrong start time protects a recorded pid.
+        let t = proc_start_time(other_vm).unwrap();
+        let sock_b = dir.path().join("a.sock.b.sock");
+        let wrong = ProcessIdentity {
+            pid: other_vm,
+            start_time: t + 1,
+        };
+        assert!(!host.kill_recorded_process(wrong, &sock_b));
+        assert!(std::path::Path::new(&format!("/proc/{socat}")).exists());
+        assert!(has_control_socket(other_vm, &sock_b));
+        let right = ProcessIdentity {
+            pid: other_vm,
+            start_time: t,
+        };
+        assert!(host.kill_recorded_process(right, &sock_b));
+        // The operator's process is no VMM: only an explicit kill ends it.
+        assert!(!is_zombie(socat) && proc_argv(socat).is_some());
+        nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(socat as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+
     #[test]
     fn atomic_write_replaces_and_leaves_no_temp() {
         let dir = tempfile::tempdir().unwrap();
@@ -426,7 +525,7 @@ mod tests {
     #[tokio::test]
     async fn ext4_disk_is_sparse() {
         if which("mkfs.ext4").is_none() {
-            eprintln!("skipping: mkfs.ext4 not installed");
+            agentenv_testkit::skip::skip("mkfs.ext4 not installed");
             return;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -118,8 +118,8 @@ impl VmmProcess {
     }
 
     /// Takes over a VMM started by an earlier daemon: `id` must still name the
-    /// same process (its start time matches) and its command line must mention
-    /// `marker` (its control socket). Its exit is then noticed through a pidfd;
+    /// same process (its start time matches) and its arguments must name
+    /// `marker` as its control socket ([`control_sockets`]). Its exit is then noticed through a pidfd;
     /// the exit status is unknown (it is not our child), so it reads as `None`.
     pub fn adopt(
         id: ProcessIdentity,
@@ -151,11 +151,9 @@ impl VmmProcess {
         if proc_state(id.pid) == Some('Z') {
             return Err(gone("is gone (exited, not reaped yet)".into()));
         }
-        let cmdline = std::fs::read(format!("/proc/{}/cmdline", id.pid)).unwrap_or_default();
-        let m = marker.as_os_str().as_encoded_bytes();
-        if m.is_empty() || !cmdline.windows(m.len()).any(|w| w == m) {
+        if !has_control_socket(id.pid, marker) {
             return Err(gone(format!(
-                "does not mention {} in its command line",
+                "does not name {} as its control socket in its arguments",
                 marker.display()
             )));
         }
@@ -317,6 +315,76 @@ pub fn proc_start_time(pid: u32) -> Option<u64> {
     // The command name is in parentheses and may hold spaces: count after it.
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// A process's arguments (`/proc/<pid>/cmdline` split at its NULs), or `None`
+/// when it is gone.
+pub fn proc_argv(pid: u32) -> Option<Vec<Vec<u8>>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut argv: Vec<Vec<u8>> = raw.split(|&b| b == 0).map(<[u8]>::to_vec).collect();
+    if raw.last() == Some(&0) {
+        argv.pop();
+    }
+    Some(argv)
+}
+
+/// The control sockets a VMM's arguments name, as the drivers pass them:
+/// Firecracker's `--api-sock PATH` (or `--api-sock=PATH`) and QEMU's
+/// `-qmp unix:PATH[,opts]` (a `,,` in PATH is an escaped comma). Whole
+/// argument elements are compared, never substrings of the command line: a
+/// process that only mentions a socket path somewhere (an operator's
+/// `socat UNIX-CONNECT:/run/x.sock`, a VMM whose socket path merely starts
+/// with another's) names no control socket here.
+pub fn control_sockets(argv: &[Vec<u8>]) -> Vec<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = |b: &[u8]| PathBuf::from(std::ffi::OsStr::from_bytes(b));
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < argv.len() {
+        let a = argv[i].as_slice();
+        let next = argv.get(i + 1).map(Vec::as_slice);
+        if let Some(v) = a.strip_prefix(b"--api-sock=") {
+            out.push(path(v));
+        } else if a == b"--api-sock" {
+            if let Some(v) = next {
+                out.push(path(v));
+                i += 1;
+            }
+        } else if a == b"-qmp" || a == b"--qmp" {
+            if let Some(v) = next.and_then(|v| v.strip_prefix(b"unix:")) {
+                out.push(path(&qemu_first_option(v)));
+            }
+            i += 1;
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The first comma-separated part of a QEMU option value, with `,,` read as
+/// one comma.
+fn qemu_first_option(v: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len());
+    let mut i = 0;
+    while i < v.len() {
+        if v[i] == b',' {
+            if v.get(i + 1) == Some(&b',') {
+                out.push(b',');
+                i += 2;
+                continue;
+            }
+            break;
+        }
+        out.push(v[i]);
+        i += 1;
+    }
+    out
+}
+
+/// True when live process `pid`'s arguments name `socket` as its control
+/// socket ([`control_sockets`]).
+pub fn has_control_socket(pid: u32, socket: &Path) -> bool {
+    proc_argv(pid).is_some_and(|argv| control_sockets(&argv).iter().any(|s| s == socket))
 }
 
 /// Keeps a console log under about `max` bytes while its VMM runs (see
@@ -524,11 +592,11 @@ mod tests {
             let both = read_tail(&dir.path().join("console.log.1"), 4096) + &read_tail(&p, 4096);
             assert!(both.ends_with("line 2999\n"), "{both:?}");
         } else {
-            eprintln!(
-                "skipping the last-line check: {} cannot collapse ranges, so rotation is \
+            agentenv_testkit::skip::skip(&format!(
+                "the last-line check: {} cannot collapse ranges, so rotation is \
                  copy-and-truncate, which may drop a line written during it",
                 dir.path().display()
-            );
+            ));
         }
     }
 
@@ -536,7 +604,10 @@ mod tests {
     fn rotation_under_a_busy_writer_keeps_every_line() {
         let dir = tempfile::tempdir().unwrap();
         if !collapse_supported(dir.path()) {
-            eprintln!("skipping: {} cannot collapse ranges", dir.path().display());
+            agentenv_testkit::skip::skip(&format!(
+                "{} cannot collapse ranges",
+                dir.path().display()
+            ));
             return;
         }
         let p = dir.path().join("console.log");
@@ -594,7 +665,7 @@ mod tests {
     fn rotation_falls_back_to_copy_and_truncate_on_tmpfs() {
         let shm = Path::new("/dev/shm");
         if !shm.is_dir() {
-            eprintln!("skipping: no /dev/shm");
+            agentenv_testkit::skip::skip("no /dev/shm");
             return;
         }
         let dir = tempfile::tempdir_in(shm).unwrap();
@@ -622,7 +693,7 @@ mod tests {
         std::process::Command::new("/bin/sh")
             .arg("-c")
             .arg(format!(
-                "setsid sh -c 'sleep 1000; :' {} >/dev/null 2>&1 </dev/null &",
+                "setsid sh -c 'sleep 1000; :' --api-sock {} >/dev/null 2>&1 </dev/null &",
                 marker.display()
             ))
             .status()
@@ -668,6 +739,28 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
         // Dead (at most a zombie waiting for its reaper).
         assert!(crate::local::processes_mentioning(&marker).is_empty());
+    }
+
+    #[test]
+    fn control_sockets_are_whole_arguments_of_the_vmm_options() {
+        let argv =
+            |a: &[&str]| -> Vec<Vec<u8>> { a.iter().map(|s| s.as_bytes().to_vec()).collect() };
+        let fc = argv(&["firecracker", "--api-sock", "/s/a.sock", "--id", "a"]);
+        assert_eq!(control_sockets(&fc), [PathBuf::from("/s/a.sock")]);
+        let fc_eq = argv(&["firecracker", "--api-sock=/s/a.sock"]);
+        assert_eq!(control_sockets(&fc_eq), [PathBuf::from("/s/a.sock")]);
+        let qemu = argv(&["qemu", "-qmp", "unix:/s/a,,b.sock,server=on,wait=off"]);
+        assert_eq!(control_sockets(&qemu), [PathBuf::from("/s/a,b.sock")]);
+        // VM `a.sock.b`'s VMM does not name VM `a`'s socket.
+        let other = argv(&["firecracker", "--api-sock", "/s/a.sock.b.sock"]);
+        assert_eq!(control_sockets(&other), [PathBuf::from("/s/a.sock.b.sock")]);
+        // An operator's socat on the socket names no control socket.
+        let socat = argv(&["socat", "UNIX-CONNECT:/s/a.sock", "-"]);
+        assert!(control_sockets(&socat).is_empty());
+        let mention = argv(&["sh", "-c", "echo --api-sock /s/a.sock", "/s/a.sock"]);
+        assert!(control_sockets(&mention).is_empty());
+        // A trailing option without its value names nothing.
+        assert!(control_sockets(&argv(&["firecracker", "--api-sock"])).is_empty());
     }
 
     #[tokio::test]

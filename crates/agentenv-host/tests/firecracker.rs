@@ -261,7 +261,7 @@ impl Target {
     /// are given (else the test skips, saying so).
     fn real() -> Option<Target> {
         let Some(binary) = agentenv_testkit::paths::real_firecracker() else {
-            eprintln!("skipping: AGENTENV_TEST_FIRECRACKER is not set");
+            agentenv_testkit::skip::skip_optional("AGENTENV_TEST_FIRECRACKER is not set");
             return None;
         };
         let kernel = std::env::var_os("AGENTENV_TEST_KERNEL")
@@ -269,10 +269,10 @@ impl Target {
             .map(PathBuf::from)
             .unwrap_or_else(|| agentenv_testkit::paths::artifacts().join("kernels/vmlinux"));
         if !kernel.exists() {
-            eprintln!(
-                "skipping the real Firecracker: no kernel at {}",
+            agentenv_testkit::skip::skip_optional(&format!(
+                "the real Firecracker: no kernel at {}",
                 kernel.display()
-            );
+            ));
             return None;
         }
         Some(Target {

@@ -131,17 +131,17 @@ fn unique() -> String {
 fn fixture() -> Option<Fixture> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        println!("skipped: needs root");
+        agentenv_testkit::skip::skip("needs root");
         return None;
     }
     for (tool, arg) in [("ip", "-V"), ("nft", "--version")] {
         if !runs(tool, &[arg]) {
-            println!("skipped: `{tool}` is missing");
+            agentenv_testkit::skip::skip(&format!("`{tool}` is missing"));
             return None;
         }
     }
     if !std::path::Path::new("/dev/net/tun").exists() {
-        println!("skipped: /dev/net/tun is missing");
+        agentenv_testkit::skip::skip("/dev/net/tun is missing");
         return None;
     }
     let id = unique();
@@ -152,14 +152,14 @@ fn fixture() -> Option<Fixture> {
         match out {
             Ok(o) if o.status.success() => made.push(Netns { name }),
             Ok(o) => {
-                println!(
-                    "skipped: cannot create a network namespace: {}",
+                agentenv_testkit::skip::skip(&format!(
+                    "cannot create a network namespace: {}",
                     String::from_utf8_lossy(&o.stderr).trim()
-                );
+                ));
                 return None;
             }
             Err(e) => {
-                println!("skipped: cannot create a network namespace: {e}");
+                agentenv_testkit::skip::skip(&format!("cannot create a network namespace: {e}"));
                 return None;
             }
         }
@@ -919,7 +919,7 @@ async fn vm_one_thousand_and_one_adds_elements_not_rules() {
 #[tokio::test]
 async fn init_reclaims_a_thousand_stale_taps() {
     if std::env::var_os("AGENTENV_SLOW_TESTS").is_none() {
-        println!("skipped: set AGENTENV_SLOW_TESTS=1 to run");
+        agentenv_testkit::skip::skip_optional("set AGENTENV_SLOW_TESTS=1 to run");
         return;
     }
     let Some(f) = fixture() else { return };

@@ -61,7 +61,7 @@ macro_rules! need_qemu {
         match qemu_binary() {
             Some(q) => q,
             None => {
-                eprintln!("skipped: qemu-system-x86_64 is not on PATH");
+                agentenv_testkit::skip::skip("qemu-system-x86_64 is not on PATH");
                 return;
             }
         }
@@ -73,11 +73,13 @@ macro_rules! need_guest {
         match (qemu_binary(), artifacts()) {
             (Some(q), Ok(a)) => (q, a),
             (None, _) => {
-                eprintln!("skipped: qemu-system-x86_64 is not on PATH");
+                agentenv_testkit::skip::skip("qemu-system-x86_64 is not on PATH");
                 return;
             }
             (_, Err(e)) => {
-                eprintln!("skipped: no guest artifacts ({e}); set AGENTENV_ARTIFACTS");
+                agentenv_testkit::skip::skip(&format!(
+                    "no guest artifacts ({e}); set AGENTENV_ARTIFACTS"
+                ));
                 return;
             }
         }
@@ -386,7 +388,7 @@ async fn kill_takes_the_whole_group_and_the_socket() {
 #[tokio::test]
 async fn guest_boots_while_the_host_is_saturated() {
     if std::env::var_os("AGENTENV_SLOW_TESTS").is_none() {
-        eprintln!("skipped: set AGENTENV_SLOW_TESTS=1 to run");
+        agentenv_testkit::skip::skip_optional("set AGENTENV_SLOW_TESTS=1 to run");
         return;
     }
     let (qemu, a) = need_guest!();
@@ -435,10 +437,10 @@ fn rootfs_has_agent(a: &Artifacts) -> bool {
         .unwrap();
     let ok = String::from_utf8_lossy(&out.stdout).contains("Inode:");
     if !ok {
-        eprintln!(
-            "skipped: {} has no /usr/sbin/agentenv-guest",
+        agentenv_testkit::skip::skip(&format!(
+            "{} has no /usr/sbin/agentenv-guest",
             a.rootfs.display()
-        );
+        ));
     }
     ok
 }

@@ -29,7 +29,9 @@ fn have(tool: &str) -> bool {
 /// Returns false (and says why) when the test cannot run here.
 fn can_mount(test: &str) -> bool {
     if !is_root() {
-        eprintln!("skipping {test}: mounting a tmpfs or loop device needs root");
+        agentenv_testkit::skip::skip(&format!(
+            "{test}: mounting a tmpfs or loop device needs root"
+        ));
         return false;
     }
     true
@@ -197,7 +199,7 @@ fn reflink_is_used_where_the_file_system_shares_extents() {
         return;
     }
     if !have("mkfs.xfs") {
-        eprintln!("skipping {test}: mkfs.xfs (xfsprogs) is not installed");
+        agentenv_testkit::skip::skip(&format!("{test}: mkfs.xfs (xfsprogs) is not installed"));
         return;
     }
     let img_dir = tempfile::tempdir().unwrap();
@@ -440,7 +442,7 @@ async fn crash_leftovers_in_a_real_tmpfs_are_cleaned_by_init() {
 async fn template_overlays_are_cheap_distinct_and_mountable() {
     let test = "template_overlays_are_cheap_distinct_and_mountable";
     if !have("mkfs.ext4") {
-        eprintln!("skipping {test}: mkfs.ext4 is not installed");
+        agentenv_testkit::skip::skip(&format!("{test}: mkfs.ext4 is not installed"));
         return;
     }
     let dir = tempfile::tempdir().unwrap();

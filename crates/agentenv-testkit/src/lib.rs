@@ -5,5 +5,6 @@ pub mod leaks;
 pub mod netns;
 pub mod paths;
 pub mod process;
+pub mod skip;
 
 pub mod fc_double;

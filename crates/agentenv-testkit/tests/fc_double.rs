@@ -102,7 +102,9 @@ fn bootable_targets() -> Vec<Target> {
         .filter(|t| {
             let ok = t.is_double() || real_kernel().is_some();
             if !ok {
-                eprintln!("skipping the real Firecracker: no kernel (AGENTENV_TEST_KERNEL)");
+                agentenv_testkit::skip::skip_optional(
+                    "the real Firecracker: no kernel (AGENTENV_TEST_KERNEL)",
+                );
             }
             ok
         })
@@ -573,7 +575,9 @@ fn happy_path_configure_start_pause_resume_power_off() {
 
         let real_guest = std::env::var_os("AGENTENV_TEST_ROOTFS").is_some();
         if !target.is_double() && !real_guest {
-            eprintln!("skipping Ctrl-Alt-Del on the real Firecracker: no AGENTENV_TEST_ROOTFS");
+            agentenv_testkit::skip::skip_optional(
+                "Ctrl-Alt-Del on the real Firecracker: no AGENTENV_TEST_ROOTFS",
+            );
             continue;
         }
         // A real guest only reacts once its keyboard driver is up: repeat.
@@ -1842,9 +1846,9 @@ fn assert_echo(s: &mut UnixStream, data: &[u8]) {
 fn vsock_connect_is_bridged_to_a_guest_listener() {
     for target in targets() {
         if !target.is_double() {
-            eprintln!(
-                "skipping the real Firecracker: a guest listener needs a booted guest (the \
-                 double's --vsock-agent stands in for one)"
+            agentenv_testkit::skip::skip_optional(
+                "the real Firecracker: a guest listener needs a booted guest (the \
+                 double's --vsock-agent stands in for one)",
             );
             continue;
         }

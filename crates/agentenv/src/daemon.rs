@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use agentenv_core::backend::Vmm;
+use agentenv_api::BackendKind;
+use agentenv_core::backend::{Vmm, VmmDrivers};
 use agentenv_core::config::{Config, VmmChoice};
 use agentenv_core::host::Host;
 use agentenv_core::net::HostNetwork;
@@ -139,6 +140,80 @@ pub fn choose_backend(cfg: &Config) -> anyhow::Result<(Arc<dyn Vmm>, String)> {
     }
 }
 
+/// Name of the file under `session_root` that pins `vmm = "auto"`'s choice
+/// while VMs exist: a restart then keeps the backend instead of probing KVM
+/// again (a probe that times out on a loaded host would flip it).
+pub const AUTO_PIN_FILE: &str = ".vmm-auto";
+
+/// `vmm = "auto"`'s earlier choice, when one is pinned and VMs still exist
+/// under `session_root` (a VM's session directory is a name not starting
+/// with `.`).
+pub fn pinned_auto(cfg: &Config) -> Option<BackendKind> {
+    let text = std::fs::read_to_string(cfg.session_root.join(AUTO_PIN_FILE)).ok()?;
+    let kind = match text.trim() {
+        "firecracker" => BackendKind::Firecracker,
+        "qemu" => BackendKind::Qemu,
+        other => {
+            tracing::warn!(
+                "{} holds {other:?}, no backend; ignored",
+                cfg.session_root.join(AUTO_PIN_FILE).display()
+            );
+            return None;
+        }
+    };
+    let vms_exist = std::fs::read_dir(&cfg.session_root)
+        .ok()?
+        .flatten()
+        .any(|e| !e.file_name().to_string_lossy().starts_with('.'));
+    vms_exist.then_some(kind)
+}
+
+/// Records `vmm = "auto"`'s choice (see [`pinned_auto`]).
+fn pin_auto(cfg: &Config, kind: BackendKind) -> anyhow::Result<()> {
+    let path = cfg.session_root.join(AUTO_PIN_FILE);
+    let tmp = cfg.session_root.join(format!("{AUTO_PIN_FILE}.tmp"));
+    std::fs::write(&tmp, format!("{}\n", kind.as_str()))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The driver of backend `kind` as the config describes it, without any
+/// probe (for VMs recorded with it: re-adoption needs no accelerator choice).
+fn driver_from_config(cfg: &Config, kind: BackendKind) -> Result<Arc<dyn Vmm>, String> {
+    match kind {
+        BackendKind::Firecracker => match find_binary(&cfg.firecracker_binary) {
+            Some(bin) => Ok(Arc::new(FirecrackerVmm::new(bin))),
+            None => Err(format!(
+                "config key `firecracker_binary`: {} not found",
+                cfg.firecracker_binary.display()
+            )),
+        },
+        BackendKind::Qemu => match find_binary(&cfg.qemu_binary) {
+            // The accelerator only matters for a launch; this driver re-adopts.
+            Some(bin) => Ok(Arc::new(QemuVmm::new(bin, kvm::choose_accel().0))),
+            None => Err(format!(
+                "config key `qemu_binary`: {} not found",
+                cfg.qemu_binary.display()
+            )),
+        },
+    }
+}
+
+/// Builds the drivers of the backends new VMs do not get, from the config,
+/// for the VMs recorded with them.
+struct ConfigDrivers(Config);
+
+impl VmmDrivers for ConfigDrivers {
+    fn driver(&self, kind: BackendKind) -> Result<Arc<dyn Vmm>, String> {
+        let d = driver_from_config(&self.0, kind);
+        match &d {
+            Ok(_) => tracing::info!("{kind} driver built for the vms recorded with it"),
+            Err(e) => tracing::error!("no {kind} driver for the vms recorded with it: {e}"),
+        }
+        d
+    }
+}
+
 /// Builds the engine for a config: directories, backend, networking, records.
 pub async fn build_engine(cfg: Config) -> anyhow::Result<Arc<Engine>> {
     build_engine_in(cfg, None).await
@@ -148,8 +223,29 @@ pub async fn build_engine(cfg: Config) -> anyhow::Result<Arc<Engine>> {
 /// namespace `netns` (a path like `/run/netns/NAME`) instead of the daemon's own.
 pub async fn build_engine_in(cfg: Config, netns: Option<PathBuf>) -> anyhow::Result<Arc<Engine>> {
     create_roots(&cfg)?;
-    let (vmm, why) = choose_backend(&cfg)?;
+    let (vmm, why) = match (cfg.vmm, pinned_auto(&cfg)) {
+        (VmmChoice::Auto, Some(kind)) => match driver_from_config(&cfg, kind) {
+            Ok(vmm) => (
+                vmm,
+                format!(
+                    "vmm = \"auto\", pinned to {kind} while vms exist ({})",
+                    cfg.session_root.join(AUTO_PIN_FILE).display()
+                ),
+            ),
+            Err(e) => {
+                tracing::warn!(
+                    "vmm = \"auto\" was pinned to {kind}, which is gone ({e}); choosing again"
+                );
+                choose_backend(&cfg)?
+            }
+        },
+        _ => choose_backend(&cfg)?,
+    };
+    if cfg.vmm == VmmChoice::Auto {
+        pin_auto(&cfg, vmm.kind())?;
+    }
     tracing::info!("vmm backend: {} ({why})", vmm.kind());
+    let drivers: Arc<dyn VmmDrivers> = Arc::new(ConfigDrivers(cfg.clone()));
     let host = Host::from_one(Arc::new(LocalHost::with_templates(
         cfg.snapshots_root.join("templates"),
     )));
@@ -169,7 +265,16 @@ pub async fn build_engine_in(cfg: Config, netns: Option<PathBuf>) -> anyhow::Res
         tracing::info!("automatic networking off: create requests name their own TAP");
         None
     };
-    let engine = Engine::start(cfg, vmm, host, net, snapshots, Arc::new(SocketConnector)).await?;
+    let engine = Engine::start_with_drivers(
+        cfg,
+        vmm,
+        Some(drivers),
+        host,
+        net,
+        snapshots,
+        Arc::new(SocketConnector),
+    )
+    .await?;
     Ok(engine)
 }
 

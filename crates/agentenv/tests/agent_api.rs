@@ -22,7 +22,9 @@ use serde_json::{json, Value};
 /// A daemon whose Firecracker double bridges the agent's vsock port to a host agent.
 fn start(tweak: impl FnOnce(&mut Config)) -> Option<(Daemon, TestDir, HostAgent)> {
     if is_real() {
-        eprintln!("skipped: a real Firecracker boots no guest here, so no agent answers");
+        agentenv_testkit::skip::skip_optional(
+            "a real Firecracker boots no guest here, so no agent answers",
+        );
         return None;
     }
     Some(common::start_with_agent(tweak))

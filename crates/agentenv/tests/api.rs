@@ -441,7 +441,9 @@ fn direct_disks_follow_the_path_rules() {
 fn network_is_used_as_given_when_networking_is_disabled() {
     if is_real() {
         // A real Firecracker opens the TAP, creating it in the host's namespace.
-        eprintln!("skipping: would make a real Firecracker create a TAP on this host");
+        agentenv_testkit::skip::skip_optional(
+            "would make a real Firecracker create a TAP on this host",
+        );
         return;
     }
     let (d, dir) = Daemon::start();
@@ -495,7 +497,7 @@ fn openapi_document_is_served() {
 #[test]
 fn vmm_exit_is_noticed_and_recorded() {
     if is_real() {
-        eprintln!("skipping: uses the double's --exit-on-start/--panic-on-start");
+        agentenv_testkit::skip::skip_optional("uses the double's --exit-on-start/--panic-on-start");
         return;
     }
     let mut dir = TestDir::new();
@@ -531,7 +533,7 @@ fn vmm_exit_is_noticed_and_recorded() {
 #[test]
 fn shutdown_kills_a_guest_that_ignores_it() {
     if is_real() {
-        eprintln!("skipping: uses the double's --ignore-ctrl-alt-del");
+        agentenv_testkit::skip::skip_optional("uses the double's --ignore-ctrl-alt-del");
         return;
     }
     let mut dir = TestDir::new();
@@ -558,7 +560,7 @@ fn shutdown_kills_a_guest_that_ignores_it() {
 #[test]
 fn a_hung_vmm_gives_504_and_the_vm_stays_usable() {
     if is_real() {
-        eprintln!("skipping: uses the double's --hang-on");
+        agentenv_testkit::skip::skip_optional("uses the double's --hang-on");
         return;
     }
     let mut dir = TestDir::new();
@@ -804,5 +806,104 @@ fn shares_become_disk_images_and_follow_the_path_rules() {
             "{shares} → {v}"
         );
     }
+    finish(d, dir);
+}
+
+/// The kernel command line is budgeted as Firecracker sees it (boot_args,
+/// agentenv's parameters, `root=/dev/vda ro` and one `virtio_mmio.device=`
+/// per device, within 2048 bytes with the final NUL): the longest boot_args
+/// that fits is accepted by the VMM (the double counts as the real binary
+/// does), one byte more is a 400 naming `boot_args` before any VMM starts.
+#[test]
+fn boot_args_are_budgeted_as_firecracker_sees_the_command_line() {
+    let (d, dir) = Daemon::start();
+    let req = |id: &str, args: &str| json!({"vm_id": id, "boot_args": args, "disk": {"kind":"overlay","rootfs_id":"base.ext4"}});
+    let (code, v) = d.call("POST", "/v1/vm", Some(req("fc1", &"a".repeat(2000))));
+    assert_eq!(code, 400, "{v}");
+    assert_eq!(v["field"], "boot_args", "{v}");
+    let msg = v["error"].as_str().unwrap();
+    assert!(msg.contains("as Firecracker sees it"), "{v}");
+    let over: usize = msg
+        .rsplit("shorten boot_args by ")
+        .next()
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in {msg}"));
+    assert!(d.engine.is_empty());
+    let longest = "a".repeat(2000 - over);
+    let (code, v) = d.call("POST", "/v1/vm", Some(req("fc1", &format!("{longest}b"))));
+    assert_eq!((code, v["field"].as_str()), (400, Some("boot_args")), "{v}");
+    // Exactly at the limit: Firecracker (or its double) starts the guest.
+    let (code, v) = d.call("POST", "/v1/vm", Some(req("fc1", &longest)));
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["state"], "running", "{v}");
+    finish(d, dir);
+}
+
+/// `acpi=off` (the seed's sample boot args): a kernel whose config says it
+/// cannot find virtio-mmio devices on its command line is refused with a 400
+/// naming `boot_args` (the guest would never find its disks); one built with
+/// CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y boots; without a config beside the
+/// kernel the create goes on, with a warning saying what to check.
+#[test]
+fn acpi_off_needs_a_kernel_that_reads_virtio_mmio_devices_from_its_command_line() {
+    let seed_args = "console=ttyS0 reboot=k panic=1 pci=off acpi=off";
+    let mut dir = TestDir::new();
+    dir.baseline = Some(common::baseline(dir.path()));
+    let mut cfg = dir.config();
+    cfg.default_boot_args = seed_args.into();
+    let d = Daemon::start_with(cfg, dir.path());
+    let sidecar = dir.path().join("kernels/vmlinux.config");
+    let req = |id: &str, args: Option<&str>| {
+        let mut r = common::overlay_req(id);
+        if let Some(a) = args {
+            r["boot_args"] = json!(a);
+        }
+        r
+    };
+
+    std::fs::write(
+        &sidecar,
+        "CONFIG_VIRTIO_MMIO=m\n# CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES is not set\n",
+    )
+    .unwrap();
+    let (code, v) = d.call("POST", "/v1/vm", Some(req("noacpi", Some(seed_args))));
+    assert_eq!((code, v["field"].as_str()), (400, Some("boot_args")), "{v}");
+    let msg = v["error"].as_str().unwrap();
+    assert!(
+        msg.contains("CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES is off") && msg.contains("drop acpi=off"),
+        "{v}"
+    );
+    // The config's default_boot_args: the same answer, saying where it came from.
+    let (code, v) = d.call("POST", "/v1/vm", Some(req("noacpi", None)));
+    assert_eq!((code, v["field"].as_str()), (400, Some("boot_args")), "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("default_boot_args"),
+        "{v}"
+    );
+    assert!(d.engine.is_empty());
+
+    std::fs::write(
+        &sidecar,
+        "CONFIG_VIRTIO_MMIO=y\nCONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y\n",
+    )
+    .unwrap();
+    let (code, v) = d.call("POST", "/v1/vm", Some(req("cmdline", None)));
+    assert_eq!(code, 201, "{v}");
+    assert!(v["warnings"].as_array().is_none_or(|w| w.is_empty()), "{v}");
+
+    std::fs::remove_file(&sidecar).unwrap();
+    let (code, v) = d.call("POST", "/v1/vm", Some(req("unknown", None)));
+    assert_eq!(code, 201, "{v}");
+    assert!(
+        v["warnings"][0]
+            .as_str()
+            .is_some_and(|w| w.contains("CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES")),
+        "{v}"
+    );
+    // Without acpi=off nothing is asked of the kernel.
+    let (code, v) = d.call("POST", "/v1/vm", Some(req("acpi", Some("console=ttyS0"))));
+    assert_eq!(code, 201, "{v}");
+    assert!(v["warnings"].as_array().is_none_or(|w| w.is_empty()), "{v}");
     finish(d, dir);
 }

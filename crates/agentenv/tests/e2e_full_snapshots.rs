@@ -411,7 +411,7 @@ fn a_crash_mid_fork_leaves_no_clone_and_no_snapshot_after_the_restart() {
 fn five_clones_have_their_own_address_and_randomness_and_cannot_reach_each_other() {
     let art = need_artifacts!();
     if let Some(why) = agentenv_testkit::netns::unavailable() {
-        eprintln!("skipping: {why}");
+        agentenv_testkit::skip::skip(&why);
         return;
     }
     let ns = agentenv_testkit::netns::NetnsPair::new("fork").unwrap();

@@ -230,7 +230,7 @@ fn snapshot_carries_guest_data_into_a_new_vm_while_the_source_runs() {
 fn guests_reach_their_gateway_and_the_outside_but_not_each_other() {
     let art = need_artifacts!();
     if let Some(why) = agentenv_testkit::netns::unavailable() {
-        eprintln!("skipping: {why}");
+        agentenv_testkit::skip::skip(&why);
         return;
     }
     let ns = agentenv_testkit::netns::NetnsPair::new("e2e").unwrap();
@@ -325,7 +325,7 @@ fn image_has_agent(art: &Path) -> bool {
         .unwrap();
     let ok = String::from_utf8_lossy(&out.stdout).contains("Inode:");
     if !ok {
-        eprintln!("skipping: rootfs/minimal.ext4 has no /usr/sbin/agentenv-guest (rebuild it with scripts/build-artifacts.sh)");
+        agentenv_testkit::skip::skip("rootfs/minimal.ext4 has no /usr/sbin/agentenv-guest (rebuild it with scripts/build-artifacts.sh)");
     }
     ok
 }

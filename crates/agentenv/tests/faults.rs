@@ -145,7 +145,7 @@ fn daemon(
 fn a_hung_vmm_gives_504_within_the_bound_and_other_vms_stay_fast() {
     let _serial = serial();
     if is_real() {
-        eprintln!("skipping: SIGSTOP tests run against the double");
+        agentenv_testkit::skip::skip_optional("SIGSTOP tests run against the double");
         return;
     }
     // Long enough that a call held up by the hung VMM (which would cost up to
@@ -370,7 +370,7 @@ fn assert_failed_by_sigkill(d: &Daemon, vm: &str) -> Value {
 fn a_vmm_killed_mid_operation_leaves_a_failed_vm_and_nothing_else() {
     let _serial = serial();
     if is_real() {
-        eprintln!("skipping: uses the double's --hang-on");
+        agentenv_testkit::skip::skip_optional("uses the double's --hang-on");
         return;
     }
     let mut cases = 0;
@@ -654,7 +654,7 @@ fn assert_no_trace(d: &Daemon, dir: &TestDir, vm: &str) {
 fn full_storage_roots_fail_cleanly() {
     let _serial = serial();
     if !is_root() {
-        eprintln!("skipping: needs root to mount small tmpfs roots");
+        agentenv_testkit::skip::skip("needs root to mount small tmpfs roots");
         return;
     }
     let mut cases = 0;

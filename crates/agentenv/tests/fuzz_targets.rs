@@ -83,8 +83,13 @@ fn mutate(rng: &mut Rng, input: &[u8], tokens: &[&[u8]], others: &[Vec<u8>]) -> 
     v
 }
 
-/// Runs `target` over every input, reporting the count and time.
-fn run(name: &str, inputs: Vec<Vec<u8>>, target: fn(&[u8])) {
+/// Runs `target` over every input, reporting the count and time. With
+/// `AGENTENV_FUZZ_SECONDS=N` it then fuzzes for N more seconds on the stable
+/// toolchain (what CI runs, as no nightly toolchain for cargo-fuzz can be
+/// had there): random mutations of the inputs, from a seed taken from the
+/// clock and printed first, reporting the number of executions; an input
+/// that panics is saved under `target/fuzz-failures/` before the panic goes on.
+fn run(name: &str, inputs: Vec<Vec<u8>>, tokens: &[&[u8]], target: fn(&[u8])) {
     let started = Instant::now();
     for input in &inputs {
         target(input);
@@ -94,6 +99,38 @@ fn run(name: &str, inputs: Vec<Vec<u8>>, target: fn(&[u8])) {
         inputs.len(),
         started.elapsed().as_secs_f64()
     );
+    let Some(seconds) = std::env::var("AGENTENV_FUZZ_SECONDS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        | 1;
+    println!("{name}: fuzzing for {seconds} s from seed {seed:#x}");
+    let mut rng = Rng(seed);
+    let mut corpus = inputs;
+    let deadline = Instant::now() + std::time::Duration::from_secs(seconds);
+    let mut execs = 0u64;
+    while Instant::now() < deadline {
+        let base = rng.pick(&corpus).clone();
+        let input = mutate(&mut rng, &base, tokens, &corpus);
+        if std::panic::catch_unwind(|| target(&input)).is_err() {
+            let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/fuzz-failures");
+            let _ = std::fs::create_dir_all(&dir);
+            let file = dir.join(format!("{name}-{seed:x}-{execs}"));
+            let _ = std::fs::write(&file, &input);
+            panic!("{name}: input {} panicked (seed {seed:#x})", file.display());
+        }
+        execs += 1;
+        // Keep some mutants, so mutations stack up over the run.
+        if rng.below(64) == 0 && corpus.len() < 200_000 {
+            corpus.push(input);
+        }
+    }
+    println!("{name}: {execs} fuzzed executions in {seconds} s (seed {seed:#x})");
 }
 
 const JSON_TOKENS: &[&[u8]] = &[
@@ -204,7 +241,7 @@ fn api_request_target_over_generated_inputs() {
         }
         inputs.push(v);
     }
-    run("api_request", inputs, api_request::api_request);
+    run("api_request", inputs, JSON_TOKENS, api_request::api_request);
 }
 
 /// The wire bytes of one frame (the length is the caller's to get right or not).
@@ -314,7 +351,7 @@ fn agent_frames_target_over_generated_inputs() {
         let n = rng.below(128);
         inputs.push(rng.bytes(n));
     }
-    run("agent_frames", inputs, agent_frames::agent_frames);
+    run("agent_frames", inputs, &tokens, agent_frames::agent_frames);
 }
 
 #[test]
@@ -392,5 +429,10 @@ fn ext4_superblock_target_over_generated_inputs() {
         let n = rng.below(4096);
         inputs.push(rng.bytes(n));
     }
-    run("ext4_superblock", inputs, ext4_superblock::ext4_superblock);
+    run(
+        "ext4_superblock",
+        inputs,
+        tokens,
+        ext4_superblock::ext4_superblock,
+    );
 }

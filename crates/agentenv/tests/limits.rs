@@ -127,7 +127,7 @@ fn daemon(tweak: impl FnOnce(&mut Config, &TestDir)) -> (Daemon, TestDir) {
 #[test]
 fn operations_beyond_the_cap_get_429_at_once_and_reads_are_never_limited() {
     if is_real() {
-        eprintln!("skipping: uses the double's --hang-on");
+        agentenv_testkit::skip::skip_optional("uses the double's --hang-on");
         return;
     }
     let mut cases = 0;
@@ -221,7 +221,7 @@ fn operations_beyond_the_cap_get_429_at_once_and_reads_are_never_limited() {
 #[test]
 fn an_operation_whose_client_went_away_still_counts() {
     if is_real() {
-        eprintln!("skipping: uses the double's --hang-on");
+        agentenv_testkit::skip::skip_optional("uses the double's --hang-on");
         return;
     }
     // The hung pause holds the only permit until it times out: the checks
@@ -443,7 +443,9 @@ fn a_stop_with_slow_clients_connected_is_prompt() {
 #[test]
 fn a_stalled_upload_is_408_but_a_slow_steady_one_completes() {
     if is_real() {
-        eprintln!("skipped: a real Firecracker boots no guest here, so no agent answers");
+        agentenv_testkit::skip::skip_optional(
+            "a real Firecracker boots no guest here, so no agent answers",
+        );
         return;
     }
     let mut cases = 0;

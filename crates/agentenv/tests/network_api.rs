@@ -14,7 +14,7 @@ use serde_json::json;
 
 fn skip() -> bool {
     if let Some(why) = unavailable() {
-        eprintln!("skipping: {why}");
+        agentenv_testkit::skip::skip(&why);
         return true;
     }
     false

@@ -99,7 +99,7 @@ fn percentile(v: &mut [Duration], p: f64) -> Duration {
 #[test]
 fn sigkill_of_the_daemon_with_20_vms_loses_none() {
     if common::is_real() {
-        eprintln!("skipping: 20 real Firecracker guests do not boot here");
+        agentenv_testkit::skip::skip_optional("20 real Firecracker guests do not boot here");
         return;
     }
     let dir = TestDir::new();
@@ -276,4 +276,155 @@ fn sigkill_of_the_daemon_with_20_vms_loses_none() {
     }
     d.sigkill();
     base.assert_clean();
+}
+
+fn get(d: &common::Daemon, id: &str) -> Value {
+    let (code, v) = d.call("GET", &format!("/v1/vm/{id}"), None);
+    assert_eq!(code, 200, "{v}");
+    v
+}
+
+/// Deletes VM `id` and waits until its VMM `pid` is gone.
+fn delete_kills(d: &common::Daemon, id: &str, pid: u64) {
+    let (code, body) = d.call("DELETE", &format!("/v1/vm/{id}"), None);
+    assert_eq!(code, 204, "{body}");
+    let t = Instant::now();
+    while alive(pid) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "vmm {pid} still alive"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn alive(pid: u64) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rfind(')').is_some_and(|i| s[i + 2..].starts_with('Z')))
+}
+
+/// A daemon restarted with another backend for new VMs re-adopts a running
+/// VM with the driver of its own record and drives it through it; where that
+/// driver cannot be built, the VMM is left running (never killed), shown as
+/// `failed` with the cause, and a later daemon that has the driver re-adopts it.
+#[test]
+fn a_restart_with_another_backend_keeps_each_vm_on_its_own_driver() {
+    use agentenv_core::config::VmmChoice;
+    let mut dir = common::TestDir::new();
+    dir.baseline = Some(common::baseline(dir.path()));
+    let fc_cfg = dir.config();
+    let d = common::Daemon::start_with(fc_cfg.clone(), dir.path());
+    let v = d.create_ok("keep");
+    let pid = v["pid"].as_u64().unwrap();
+    d.crash();
+
+    // New VMs get QEMU now; the Firecracker VM keeps its VMM.
+    let mut qemu_cfg = fc_cfg.clone();
+    qemu_cfg.vmm = VmmChoice::Qemu;
+    let d = common::Daemon::start_with(qemu_cfg.clone(), dir.path());
+    assert_eq!(d.engine.backend().as_str(), "qemu");
+    let v = d.wait_state("keep", "running", Duration::from_secs(5));
+    assert_eq!(v["backend"], "firecracker", "{v}");
+    assert_eq!(v["pid"].as_u64(), Some(pid), "the same vmm: {v}");
+    let (code, v) = d.call("POST", "/v1/vm/keep/pause", None);
+    assert_eq!((code, v["state"].as_str()), (200, Some("paused")), "{v}");
+    assert_eq!(
+        common::fc_state(v["api_socket"].as_str().unwrap()),
+        "Paused"
+    );
+    let (code, v) = d.call("POST", "/v1/vm/keep/resume", None);
+    assert_eq!((code, v["state"].as_str()), (200, Some("running")), "{v}");
+    assert_eq!(
+        common::fc_state(v["api_socket"].as_str().unwrap()),
+        "Running"
+    );
+    d.crash();
+
+    // No Firecracker binary at all now: the VMM is left running, untouched.
+    let mut no_fc = qemu_cfg.clone();
+    no_fc.firecracker_binary = dir.path().join("no-such-firecracker");
+    let d = common::Daemon::start_with(no_fc, dir.path());
+    let v = get(&d, "keep");
+    assert_eq!(v["state"], "failed", "{v}");
+    let cause = v["exit"]["cause"].as_str().unwrap_or_default();
+    assert!(
+        cause.contains("not managed") && cause.contains("firecracker_binary"),
+        "{v}"
+    );
+    assert!(alive(pid), "the vmm must be left running: {v}");
+    assert!(std::path::Path::new(v["api_socket"].as_str().unwrap()).exists());
+    d.crash();
+
+    // With the driver back, it is re-adopted, and a delete ends it.
+    let d = common::Daemon::start_with(qemu_cfg, dir.path());
+    let v = d.wait_state("keep", "running", Duration::from_secs(5));
+    assert_eq!(v["pid"].as_u64(), Some(pid), "{v}");
+    delete_kills(&d, "keep", pid);
+    common::finish(d, dir);
+}
+
+/// Deleting a VM whose VMM was left running unmanaged kills it by its
+/// recorded identity, and nothing is left.
+#[test]
+fn deleting_an_unmanaged_vm_kills_its_vmm() {
+    use agentenv_core::config::VmmChoice;
+    let mut dir = common::TestDir::new();
+    dir.baseline = Some(common::baseline(dir.path()));
+    let fc_cfg = dir.config();
+    let d = common::Daemon::start_with(fc_cfg.clone(), dir.path());
+    let pid = d.create_ok("lone")["pid"].as_u64().unwrap();
+    d.crash();
+    let mut cfg = fc_cfg;
+    cfg.vmm = VmmChoice::Qemu;
+    cfg.firecracker_binary = dir.path().join("no-such-firecracker");
+    let d = common::Daemon::start_with(cfg, dir.path());
+    assert_eq!(get(&d, "lone")["state"], "failed");
+    assert!(alive(pid));
+    delete_kills(&d, "lone", pid);
+    common::finish(d, dir);
+}
+
+/// `vmm = "auto"` is pinned while VMs exist: a restart keeps the backend the
+/// VMs were made with instead of probing KVM again.
+#[test]
+fn vmm_auto_is_pinned_while_vms_exist() {
+    use agentenv_core::config::VmmChoice;
+    let mut dir = common::TestDir::new();
+    dir.baseline = Some(common::baseline(dir.path()));
+    let mut cfg = dir.config();
+    cfg.vmm = VmmChoice::Auto;
+    let pin = cfg.session_root.join(agentenv::daemon::AUTO_PIN_FILE);
+    // No VM yet: the choice is made (by the probe) and recorded.
+    let d = common::Daemon::start_with(cfg.clone(), dir.path());
+    let chosen = d.engine.backend();
+    assert_eq!(
+        std::fs::read_to_string(&pin).unwrap().trim(),
+        chosen.as_str()
+    );
+    d.stop();
+    // A VM exists, made with Firecracker (as if the probe had chosen it):
+    // whatever the probe says now, new VMs keep getting Firecracker.
+    let mut fc = cfg.clone();
+    fc.vmm = VmmChoice::Firecracker;
+    let d = common::Daemon::start_with(fc, dir.path());
+    d.create_ok("pinned");
+    d.crash();
+    std::fs::write(&pin, "firecracker\n").unwrap();
+    assert_eq!(
+        agentenv::daemon::pinned_auto(&cfg).map(|k| k.as_str()),
+        Some("firecracker")
+    );
+    let d = common::Daemon::start_with(cfg.clone(), dir.path());
+    assert_eq!(d.engine.backend().as_str(), "firecracker");
+    d.wait_state("pinned", "running", Duration::from_secs(5));
+    let (code, body) = d.call("DELETE", "/v1/vm/pinned", None);
+    assert_eq!(code, 204, "{body}");
+    // Without VMs the pin no longer holds.
+    assert_eq!(agentenv::daemon::pinned_auto(&cfg), None);
+    d.stop();
+    std::fs::remove_file(&pin).unwrap();
+    if let Some(b) = &dir.baseline {
+        b.assert_clean();
+    }
 }

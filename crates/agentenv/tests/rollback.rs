@@ -121,7 +121,7 @@ fn engine_failpoints_roll_back_every_step() {
 #[test]
 fn vmm_failures_roll_back_every_step() {
     if is_real() {
-        eprintln!("skipping: uses the double's failure injection");
+        agentenv_testkit::skip::skip_optional("uses the double's failure injection");
         return;
     }
     let mut dir = TestDir::new();

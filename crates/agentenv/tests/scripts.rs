@@ -284,7 +284,7 @@ fn help_names_every_option() {
     ];
     for (name, options) in cases {
         if name.ends_with(".py") && !on_path("python3") {
-            eprintln!("skipped {name}: python3 is not installed");
+            agentenv_testkit::skip::skip(&format!("{name}: python3 is not installed"));
             continue;
         }
         let ran = Run::new(name, &["--help"]).run();
@@ -1030,7 +1030,7 @@ fn fake_firecracker_release(dir: &Path, version: &str, tgz: &Path) {
 #[test]
 fn get_firecracker_extracts_a_cached_release() {
     if !on_path("tar") || !on_path("curl") {
-        eprintln!("skipped: tar or curl is not installed");
+        agentenv_testkit::skip::skip("tar or curl is not installed");
         return;
     }
     let dir = tempdir();
@@ -1081,7 +1081,9 @@ fn dockerfile_without_a_docker_engine_is_refused_clearly() {
         .status()
         .is_ok_and(|s| s.success());
     if engine_up {
-        eprintln!("skipped: a docker engine is running here (the test needs one that is not)");
+        agentenv_testkit::skip::skip(
+            "a docker engine is running here (the test needs one that is not)",
+        );
         return;
     }
     let dir = tempdir();
@@ -1201,7 +1203,7 @@ fn guest_agent_builds_static_and_is_kept_when_up_to_date() {
 #[test]
 fn create_rootfs_refuses_an_agent_that_is_not_static() {
     if let Some(why) = minimal_rootfs_blocker() {
-        eprintln!("skipped: {why}");
+        agentenv_testkit::skip::skip(&why);
         return;
     }
     let dir = tempdir();
@@ -1241,7 +1243,7 @@ fn create_rootfs_refuses_an_agent_that_is_not_static() {
 #[test]
 fn minimal_rootfs_carries_overlay_init_and_the_agent() {
     if let Some(why) = minimal_rootfs_blocker() {
-        eprintln!("skipped: {why}");
+        agentenv_testkit::skip::skip(&why);
         return;
     }
     let dir = tempdir();
@@ -1412,19 +1414,19 @@ fn cached_kernel_deb() -> Option<PathBuf> {
 #[test]
 fn kernel_artifacts_from_a_cached_package() {
     let Some(deb) = cached_kernel_deb() else {
-        eprintln!(
-            "skipped: no linux-image-*.deb in the cache (scripts/build-kernel.sh downloads one)"
+        agentenv_testkit::skip::skip(
+            "no linux-image-*.deb in the cache (scripts/build-kernel.sh downloads one)",
         );
         return;
     };
     for tool in ["dpkg-deb", "depmod", "modprobe", "lz4", "cpio", "gzip"] {
         if !on_path(tool) {
-            eprintln!("skipped: {tool} is not installed");
+            agentenv_testkit::skip::skip(&format!("{tool} is not installed"));
             return;
         }
     }
     if !Path::new("/bin/busybox").is_file() {
-        eprintln!("skipped: /bin/busybox is missing (busybox-static)");
+        agentenv_testkit::skip::skip("/bin/busybox is missing (busybox-static)");
         return;
     }
     let dir = tempdir();

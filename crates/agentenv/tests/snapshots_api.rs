@@ -282,13 +282,13 @@ impl Drop for Tmpfs {
 #[test]
 fn full_or_missing_tiers_fail_cleanly_and_the_vm_runs_on() {
     if nix::unistd::geteuid().as_raw() != 0 {
-        eprintln!("skipping: needs root to mount small tmpfs tiers");
+        agentenv_testkit::skip::skip("needs root to mount small tmpfs tiers");
         return;
     }
     let mut dir = TestDir::new();
     let cfg = dir.config();
     let Some(tmpfs) = Tmpfs::mount(&cfg.tmpfs_snapshot_root, "2m", "") else {
-        eprintln!("skipping: cannot mount a tmpfs");
+        agentenv_testkit::skip::skip("cannot mount a tmpfs");
         return;
     };
     let durable = Tmpfs::mount(&cfg.hdfs_snapshot_root, "2m", "").unwrap();
@@ -357,5 +357,45 @@ fn full_or_missing_tiers_fail_cleanly_and_the_vm_runs_on() {
     );
     assert_eq!(fc_state(&d, "big2"), "Running");
     drop((tmpfs, ro));
+    finish(d, dir);
+}
+
+/// A disk snapshot records its base image's fingerprint: once the base has
+/// changed, a VM from the snapshot is a 409 naming the rootfs (its overlay
+/// holds block changes to the base as it was), and nothing is left behind.
+#[test]
+fn a_disk_snapshot_over_a_changed_base_is_a_409_naming_the_rootfs() {
+    let (d, dir) = Daemon::start();
+    d.create_ok("src");
+    let (code, s) = d.call(
+        "POST",
+        "/v1/vm/src/snapshot",
+        Some(json!({"snapshot_id": "s1"})),
+    );
+    assert_eq!(code, 201, "{s}");
+    assert!(
+        s["rootfs_fingerprint"]
+            .as_str()
+            .is_some_and(|f| f.starts_with("fp1:")),
+        "{s}"
+    );
+    let req = |id: &str| json!({"vm_id": id, "disk": {"kind": "snapshot", "snapshot_id": "s1"}});
+    let (code, v) = d.call("POST", "/v1/vm", Some(req("same")));
+    assert_eq!(code, 201, "the base as it was: {v}");
+
+    // The base image changes (as a rebuilt image would).
+    let base = dir.path().join("rootfs/base.ext4");
+    write_into(base.to_str().unwrap(), 4096, b"a rebuilt base image");
+    let (code, v) = d.call("POST", "/v1/vm", Some(req("changed")));
+    assert_eq!(code, 409, "{v}");
+    let msg = v["error"].as_str().unwrap();
+    assert!(
+        msg.contains("base image (rootfs)") && msg.contains(base.to_str().unwrap()),
+        "{v}"
+    );
+    assert!(d.engine.get("changed").is_err());
+    assert!(!dir.path().join("sessions/changed").exists());
+    let (code, v) = d.call("DELETE", "/v1/snapshots/s1", None);
+    assert_eq!(code, 204, "{v}");
     finish(d, dir);
 }

@@ -10,7 +10,10 @@ use agentenv_api::{
 use chrono::Utc;
 
 use super::host_paths::check_host_path;
-use super::validate::{check_boot_args, check_egress, check_network, check_share_guest_path};
+use super::validate::{
+    check_boot_args, check_egress, check_firecracker_cmdline, check_network,
+    check_share_guest_path,
+};
 use super::{Engine, VmSlot, AGENT_SOCKET, CONSOLE_LOG};
 use crate::backend::{DriveSpec, LaunchSpec, NetAttachment, RestoreSpec, VmmInstance};
 use crate::config::MAX_SLOTS;
@@ -167,6 +170,8 @@ impl Engine {
             None => cfg.default_boot_args.clone(),
         };
 
+        let acpi_warning = self.check_acpi_off(&kernel, &base_args, req.boot_args.is_none())?;
+
         let session_dir = checked_join(&cfg.session_root, "vm_id", &vm_id)?;
         let socket = self.control_socket(&vm_id)?;
 
@@ -184,7 +189,7 @@ impl Engine {
         let (share_infos, shares, share_args) =
             self.plan_shares(&req.shares, &session_dir, &mut drives)?;
 
-        let mut warnings = Vec::new();
+        let mut warnings: Vec<String> = acpi_warning.into_iter().collect();
         let egress = check_egress(req.network.as_ref(), self.net.is_some())?;
         let net = match &req.network {
             Some(n) if self.net.is_some() => {
@@ -204,6 +209,16 @@ impl Engine {
             boot_args.push_str(" agentenv.overlay=/dev/vdb");
         }
         boot_args.push_str(&share_args);
+        if self.vmm.kind() == agentenv_api::BackendKind::Firecracker {
+            // A lease's parameters come later (at reserve): counted at their
+            // longest, " agentenv.ip=255.255.255.255/30 agentenv.gw=255.255.255.255".
+            let lease = if self.net.is_some() { 59 } else { 0 };
+            let root_ro = drives.first().filter(|d| d.is_root).map(|d| d.read_only);
+            let devices = drives.len()
+                + usize::from(net.is_some() || self.net.is_some())
+                + usize::from(cfg.agent.enable);
+            check_firecracker_cmdline(&boot_args, lease, root_ro, devices)?;
+        }
         let console_log = session_dir.join(CONSOLE_LOG);
         let agent_socket = session_dir.join(AGENT_SOCKET);
         let now = Utc::now();
@@ -380,6 +395,64 @@ impl Engine {
     }
 
     /// A regular file `root/name`, or 404 naming the field.
+    /// With `acpi=off` in the boot args the guest finds its virtio-mmio
+    /// devices only through `virtio_mmio.device=` on its command line (QEMU
+    /// microvm without ACPI and Firecracker both put them there), which a
+    /// kernel reads only when built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y.
+    /// The kernel's config is read from a sidecar (`<kernel>.config`, or
+    /// Debian's `config-<version>` beside `vmlinuz-<version>`): a kernel that
+    /// says no is refused (400 naming `boot_args`) instead of a guest that
+    /// never finds its disks; without a sidecar the create goes on with a
+    /// warning.
+    fn check_acpi_off(
+        &self,
+        kernel: &Path,
+        args: &str,
+        from_config: bool,
+    ) -> Result<Option<String>, EngineError> {
+        if !crate::backend::boot_args_turn_acpi_off(args) {
+            return Ok(None);
+        }
+        let name = kernel
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let dir = kernel.parent().unwrap_or(Path::new("/"));
+        let mut sidecars = vec![dir.join(format!("{name}.config"))];
+        if let Some(v) = name
+            .strip_prefix("vmlinuz-")
+            .or_else(|| name.strip_prefix("vmlinux-"))
+        {
+            sidecars.push(dir.join(format!("config-{v}")));
+        }
+        let Some((sidecar, text)) = sidecars
+            .iter()
+            .find_map(|p| Some((p, self.host.files.read(p).ok()?)))
+        else {
+            return Ok(Some(format!(
+                "boot_args has acpi=off: the guest finds its disks only if the kernel at {} was built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y, which agentenv cannot tell (no {} beside it); without it the guest never gets ready",
+                kernel.display(),
+                sidecars[0].display()
+            )));
+        };
+        let text = String::from_utf8_lossy(&text);
+        if text
+            .lines()
+            .any(|l| l.trim() == "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y")
+        {
+            return Ok(None);
+        }
+        Err(EngineError::bad(
+            "boot_args",
+            format!(
+                "boot_args{} has acpi=off, but the kernel at {} cannot find virtio-mmio devices without ACPI (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES is off in {}); drop acpi=off or use a kernel built with resources/kernel/firecracker.fragment (scripts/build-kernel.sh --fragment)",
+                if from_config { " (the config's default_boot_args)" } else { "" },
+                kernel.display(),
+                sidecar.display()
+            ),
+        ))
+    }
+
     fn existing_file(
         &self,
         root: &Path,
@@ -471,6 +544,24 @@ impl Engine {
                                 },
                                 other => other,
                             })?;
+                        // The overlay holds block-level changes to the base
+                        // as it was: over a changed base they are garbage.
+                        if let Some(want) = &snap.rootfs_fingerprint {
+                            let changed = match self.host.files.fingerprint(&base) {
+                                Ok(fp) if &fp == want => None,
+                                Ok(_) => Some("that file has changed since".to_string()),
+                                Err(e) => Some(e.to_string()),
+                            };
+                            if let Some(why) = changed {
+                                return Err(EngineError::Conflict {
+                                    message: format!(
+                                        "{F}: snapshot {snapshot_id} needs the base image (rootfs) {} as it was; {why}",
+                                        base.display()
+                                    ),
+                                    state: None,
+                                });
+                            }
+                        }
                         Ok(DiskPlan {
                             info: DiskInfo {
                                 kind: "snapshot".into(),

@@ -55,7 +55,7 @@ impl Engine {
         let kernel = PathBuf::from(&info.kernel);
         let initrd = info.initrd.as_ref().map(PathBuf::from);
         Ok(FullSnapshotInfo {
-            vmm_version: self.vmm_version().await?,
+            vmm_version: self.vmm_version_of(info.backend).await?,
             vcpus: info.vcpus,
             memory_mib: info.memory_mib,
             kernel_fingerprint: self.host.files.fingerprint(&kernel)?,
@@ -77,6 +77,22 @@ impl Engine {
     /// The VMM's version, as snapshots record it.
     async fn vmm_version(&self) -> Result<String, EngineError> {
         self.vmm.version().await.map_err(|source| EngineError::Vmm {
+            vm_id: String::new(),
+            source,
+        })
+    }
+
+    /// The version of backend `kind`'s VMM (a VM re-adopted with another
+    /// backend than new VMs get is snapshotted with its own).
+    async fn vmm_version_of(&self, kind: agentenv_api::BackendKind) -> Result<String, EngineError> {
+        let vmm = self.vmm_for(kind).map_err(|why| EngineError::Vmm {
+            vm_id: String::new(),
+            source: crate::backend::VmmError::Transport {
+                request: "version".into(),
+                message: why,
+            },
+        })?;
+        vmm.version().await.map_err(|source| EngineError::Vmm {
             vm_id: String::new(),
             source,
         })

@@ -212,6 +212,15 @@ impl Engine {
             let exit = self.kill_instance(&inst).await;
             self.settle_exit(&slot, exit, Some("killed: the vm was deleted"))
                 .await;
+        } else if let Some(id) = slot.process() {
+            // A VMM left running at startup, not managed (no driver for its
+            // backend): the delete kills it by its recorded identity.
+            let socket = PathBuf::from(slot.with_info(|i| i.api_socket.clone()));
+            if self.host.processes.kill_recorded_process(id, &socket) {
+                tracing::warn!("vm {vm_id}: killed its unmanaged vmm (pid {})", id.pid);
+            }
+            slot.set_process(None);
+            self.release_network(&slot).await;
         }
         // From here a failure leaves the VM stopped or `deleting`: a retried
         // DELETE (or the next startup) finishes the job.

@@ -36,7 +36,7 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::{AgentConnector, AgentLink};
-use crate::backend::{ProcessIdentity, Vmm, VmmExit, VmmInstance};
+use crate::backend::{ProcessIdentity, Vmm, VmmDrivers, VmmExit, VmmInstance};
 use crate::config::Config;
 use crate::error::EngineError;
 pub use crate::failpoints::{Failpoints, FAILPOINTS};
@@ -245,10 +245,18 @@ impl VmSlot {
     }
 }
 
+/// A backend's driver as built for the VMs recorded with it, or why not.
+type BuiltDriver = Result<Arc<dyn Vmm>, String>;
+
 /// The lifecycle engine.
 pub struct Engine {
     cfg: Arc<Config>,
+    /// The driver new VMs get.
     vmm: Arc<dyn Vmm>,
+    /// Builds the drivers of other backends, for VMs recorded with them.
+    drivers: Option<Arc<dyn VmmDrivers>>,
+    /// The other backends' drivers built so far (or why one cannot be).
+    other_vmms: Mutex<Vec<(agentenv_api::BackendKind, BuiltDriver)>>,
     host: Host,
     /// Automatic networking, when `[network] enable = true`.
     net: Option<(Arc<dyn HostNetwork>, NetPlan)>,
@@ -279,6 +287,22 @@ impl Engine {
         snapshots: Arc<dyn SnapshotStore>,
         agents: Arc<dyn AgentConnector>,
     ) -> Result<Arc<Engine>, EngineError> {
+        Engine::start_with_drivers(cfg, vmm, None, host, net, snapshots, agents).await
+    }
+
+    /// Like [`start`](Engine::start), with `drivers` building the driver of
+    /// every other backend a recorded VM needs: each VM is re-adopted with
+    /// its own backend's driver, whatever `vmm` (the backend new VMs get) is.
+    /// A VM whose driver cannot be built is left running, untouched.
+    pub async fn start_with_drivers(
+        cfg: Config,
+        vmm: Arc<dyn Vmm>,
+        drivers: Option<Arc<dyn VmmDrivers>>,
+        host: Host,
+        net: Option<Arc<dyn HostNetwork>>,
+        snapshots: Arc<dyn SnapshotStore>,
+        agents: Arc<dyn AgentConnector>,
+    ) -> Result<Arc<Engine>, EngineError> {
         let plan = NetPlan::new(&cfg.network);
         let cleanup = snapshots.init().await?;
         for p in &cleanup.removed {
@@ -287,6 +311,8 @@ impl Engine {
         let engine = Arc::new(Engine {
             cfg: Arc::new(cfg),
             vmm,
+            drivers,
+            other_vmms: Mutex::new(Vec::new()),
             host,
             net: net.map(|n| (n, plan)),
             snapshots,
@@ -323,6 +349,30 @@ impl Engine {
     /// The backend new VMs get.
     pub fn backend(&self) -> agentenv_api::BackendKind {
         self.vmm.kind()
+    }
+
+    /// The driver of backend `kind`: the one new VMs get, or another one
+    /// built (once) for the VMs recorded with it; or why there is none.
+    fn vmm_for(&self, kind: agentenv_api::BackendKind) -> BuiltDriver {
+        if kind == self.vmm.kind() {
+            return Ok(self.vmm.clone());
+        }
+        let mut others = self.other_vmms.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, built)) = others.iter().find(|(k, _)| *k == kind) {
+            return built.clone();
+        }
+        let built = match &self.drivers {
+            Some(d) => d.driver(kind).and_then(|v| {
+                if v.kind() == kind {
+                    Ok(v)
+                } else {
+                    Err(format!("the driver built for {kind} is {}", v.kind()))
+                }
+            }),
+            None => Err(format!("this daemon runs {} only", self.vmm.kind())),
+        };
+        others.push((kind, built.clone()));
+        built
     }
 
     fn slot(&self, vm_id: &str) -> Result<Arc<VmSlot>, EngineError> {

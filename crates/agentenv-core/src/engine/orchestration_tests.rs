@@ -312,6 +312,69 @@ async fn restore_re_adopts_a_live_matching_vmm() {
     assert_eq!(rig.record("vm1").vm.state, VmState::Stopped);
 }
 
+/// Cleanup at startup matches a VMM's control socket as a whole argument:
+/// finishing VM `a`'s interrupted create never touches the VMM of VM
+/// `a.sock.b`, and no sweep touches an operator's `socat` on a socket.
+#[tokio::test]
+async fn restore_cleanup_never_matches_a_substring_of_a_command_line() {
+    let rig = Rig::new();
+    let first = rig.start().await;
+    let pid_a = first.create(overlay("a")).await.unwrap().pid.unwrap();
+    let pid_b = first
+        .create(overlay("a.sock.b"))
+        .await
+        .unwrap()
+        .pid
+        .unwrap();
+    drop(first);
+    // VM `a`'s create was cut short before its VMM was recorded.
+    rig.edit_record("a", |r| {
+        r.vm.state = VmState::Creating;
+        r.vm.pid = None;
+        r.vmm_process = None;
+    });
+    rig.host
+        .spawn_process(9000, format!("socat UNIX-CONNECT:{SOCKETS}/a.sock -"));
+    rig.host.spawn_process(
+        9001,
+        format!("socat UNIX-LISTEN:{SOCKETS}/operator.sock,fork -"),
+    );
+
+    let engine = rig.start().await;
+    assert!(engine.get("a").is_err());
+    let b = engine.get("a.sock.b").unwrap();
+    assert_eq!((b.state, b.pid), (VmState::Running, Some(pid_b)));
+    let procs = rig.host.processes();
+    assert!(!procs.contains(&pid_a), "VM a's vmm is killed: {procs:?}");
+    for p in [pid_b, 9000, 9001] {
+        assert!(procs.contains(&p), "{p} must live: {procs:?}");
+    }
+}
+
+/// A VM recorded with a backend this daemon has no driver for is left
+/// running: never killed, shown `failed` with the cause, its record kept
+/// for a daemon that has the driver.
+#[tokio::test]
+async fn restore_leaves_a_vm_of_another_backend_running_when_no_driver() {
+    let rig = Rig::new();
+    let first = rig.start().await;
+    let pid = first.create(overlay("vm1")).await.unwrap().pid.unwrap();
+    drop(first);
+    rig.edit_record("vm1", |r| r.vm.backend = BackendKind::Qemu);
+
+    let engine = rig.start().await;
+    let info = engine.get("vm1").unwrap();
+    assert_eq!(info.state, VmState::Failed);
+    let cause = info.exit.expect("a cause").cause;
+    assert!(cause.starts_with("not managed: its qemu vmm"), "{cause}");
+    assert_eq!(rig.vmm.live(), vec![pid], "left running");
+    assert_eq!(rig.record("vm1").vm.state, VmState::Running, "record kept");
+    assert_eq!(rig.net.taps(), vec!["agtap1".to_string()], "its TAP kept");
+    // A delete kills it.
+    engine.delete("vm1").await.unwrap();
+    rig.assert_gone(&engine, "vm1", "deleted");
+}
+
 #[tokio::test]
 async fn restore_leaves_a_vm_whose_vmm_died_failed_with_the_cause() {
     let rig = Rig::new();

@@ -30,6 +30,15 @@ use crate::ids::checked_join;
 /// Where unreadable session directories are moved, under `session_root`.
 pub const QUARANTINE_DIR: &str = ".quarantine";
 
+/// Why a recorded VMM was not re-adopted.
+enum NotAdopted {
+    /// This daemon cannot build the driver of its backend: the VMM is left
+    /// running, untouched.
+    NoDriver(String),
+    /// It is gone, or not the recorded process, or does not answer.
+    Failed(String),
+}
+
 /// What became of one session directory.
 enum Outcome {
     /// A VM to track, with its VMM when it was re-adopted.
@@ -141,9 +150,10 @@ impl Engine {
             let Some(vm_id) = name.strip_suffix(".mem") else {
                 continue;
             };
-            let owned = self
-                .slot(vm_id)
-                .is_ok_and(|s| s.state().has_vmm() && s.with_info(|i| i.restored_from.is_none()));
+            let owned = self.slot(vm_id).is_ok_and(|s| {
+                (s.state().has_vmm() || s.process().is_some())
+                    && s.with_info(|i| i.restored_from.is_none())
+            });
             if !owned {
                 let path = dir.join(&name);
                 match self.host.files.remove_file(&path) {
@@ -212,7 +222,7 @@ impl Engine {
         if matches!(info.state, VmState::Creating | VmState::Deleting) {
             // A create or a delete cut short by a crash is finished now: the
             // create is rolled back, the delete completed.
-            self.host.processes.kill_stale_process(info.pid, &socket);
+            self.kill_stale(&info, &record, &socket);
             let _ = self.host.files.remove_file(&socket);
             match self.host.files.remove_dir_all(&dir) {
                 Ok(()) => tracing::warn!(
@@ -239,7 +249,7 @@ impl Engine {
         if info.state == VmState::Resetting {
             // Whatever VMM the reset left goes; the reset is finished once
             // every record is loaded (`finish_reset`).
-            self.host.processes.kill_stale_process(info.pid, &socket);
+            self.kill_stale(&info, &record, &socket);
             let _ = self.host.files.remove_file(&socket);
             if let Some(a) = &record.agent_socket {
                 let _ = self.host.files.remove_file(a);
@@ -284,8 +294,12 @@ impl Engine {
                 );
                 Outcome::Track(slot, Some(inst))
             }
-            Err(why) => {
-                if self.host.processes.kill_stale_process(info.pid, &socket) {
+            Err(NotAdopted::NoDriver(why)) => {
+                self.leave_running(name, &slot, &record, &why);
+                Outcome::Track(slot, None)
+            }
+            Err(NotAdopted::Failed(why)) => {
+                if self.kill_stale(&info, &record, &socket) {
                     tracing::warn!("vm {name}: killed its vmm (pid {:?}): {why}", info.pid);
                 }
                 let _ = self.host.files.remove_file(&socket);
@@ -352,21 +366,18 @@ impl Engine {
         to
     }
 
-    /// Re-adopts a record's VMM, or says why it cannot be.
+    /// Re-adopts a record's VMM with the driver of the record's own backend,
+    /// or says why it cannot be.
     async fn adopt(
         &self,
         info: &VmInfo,
         record: &VmRecord,
-    ) -> Result<(Arc<dyn VmmInstance>, AdoptedState), String> {
-        if info.backend != self.vmm.kind() {
-            return Err(format!(
-                "its vmm is {} but this daemon runs {}; it was not re-adopted",
-                info.backend,
-                self.vmm.kind()
-            ));
-        }
+    ) -> Result<(Arc<dyn VmmInstance>, AdoptedState), NotAdopted> {
+        let vmm = self.vmm_for(info.backend).map_err(NotAdopted::NoDriver)?;
         let Some(process) = record.vmm_process else {
-            return Err("its record names no vmm process (written by an older agentenv)".into());
+            return Err(NotAdopted::Failed(
+                "its record names no vmm process (written by an older agentenv)".into(),
+            ));
         };
         let spec = AdoptSpec {
             vm_id: info.vm_id.clone(),
@@ -377,13 +388,42 @@ impl Engine {
             console_log_max_bytes: self.cfg.console_log_max_bytes,
             request_timeout: std::time::Duration::from_millis(self.cfg.request_timeout_ms),
         };
-        match self.vmm.adopt(&spec).await {
+        match vmm.adopt(&spec).await {
             Ok((inst, state)) => Ok((Arc::from(inst), state)),
-            Err(e) => Err(format!(
+            Err(e) => Err(NotAdopted::Failed(format!(
                 "its vmm (pid {}) could not be re-adopted: {e}",
                 process.pid
-            )),
+            ))),
         }
+    }
+
+    /// A VM whose backend this daemon has no driver for: its VMM is left
+    /// running, untouched (never killed: a later daemon that has the driver
+    /// re-adopts it, since its record on disk is not rewritten). It is shown
+    /// as `failed` with the cause; its process, sockets and network lease stay
+    /// owned, so no cleanup touches them; a delete kills it by its recorded
+    /// identity.
+    fn leave_running(&self, name: &str, slot: &Arc<VmSlot>, record: &VmRecord, why: &str) {
+        slot.set_process(record.vmm_process);
+        let was = record.vm.state;
+        let backend = record.vm.backend;
+        let pid = record.vm.pid.map_or("?".to_string(), |p| p.to_string());
+        let _ = slot.update(|i| {
+            i.exit = Some(ExitInfo {
+                exit_code: None,
+                signal: None,
+                cause: format!(
+                    "not managed: its {backend} vmm (pid {pid}) was left {was} because this daemon cannot drive {backend} ({why}); \
+                     start agentenv where {backend} is available to re-adopt it, or delete the vm to kill it"
+                ),
+                at: Utc::now(),
+            });
+            i.state = VmState::Failed;
+            Ok::<(), std::convert::Infallible>(())
+        });
+        tracing::error!(
+            "vm {name}: left its {backend} vmm (pid {pid}) running, not managed: {why}"
+        );
     }
 
     /// Moves an unreadable session aside so it blocks nothing, and says so.
@@ -411,8 +451,24 @@ impl Engine {
         }
     }
 
+    /// Kills what is left of a record's VMM: the recorded process (same pid
+    /// and start time) when the record has it, else the process with the
+    /// recorded pid, else any process; each only if its control socket is
+    /// exactly the VM's own.
+    fn kill_stale(&self, info: &VmInfo, record: &VmRecord, socket: &Path) -> bool {
+        match record.vmm_process {
+            Some(id) if info.pid.is_none_or(|p| p == id.pid) => {
+                self.host.processes.kill_recorded_process(id, socket)
+            }
+            _ => self.host.processes.kill_stale_process(info.pid, socket),
+        }
+    }
+
     /// Kills VMM processes and removes sockets under `socket_root` that no
     /// tracked VM owns (left by a crash between spawn and record, or by hand).
+    /// A VMM is a process whose control socket (a whole argument of its
+    /// `--api-sock` / `-qmp` option) lies in `socket_root`: a process that
+    /// only mentions a path there (an operator's `socat`) is left alone.
     fn clean_orphans(&self) {
         let slots = self.slots();
         let owned_pids: Vec<u32> = slots
@@ -424,16 +480,14 @@ impl Engine {
             .map(|s| PathBuf::from(&s.info().api_socket))
             .collect();
         let root = &self.cfg.socket_root;
-        // With the separator, so `/x/s` does not match `/x/sessions`.
-        let marker = PathBuf::from(format!("{}/", root.display()));
-        for pid in self.host.processes.processes_mentioning(&marker) {
-            if owned_pids.contains(&pid) {
+        for (pid, socket) in self.host.processes.vmm_processes_in(root) {
+            if owned_pids.contains(&pid) || owned_sockets.contains(&socket) {
                 continue;
             }
-            if self.host.processes.kill_stale_process(Some(pid), &marker) {
+            if self.host.processes.kill_stale_process(Some(pid), &socket) {
                 tracing::warn!(
-                    "killed orphan process {pid}: it uses {} but no vm owns it",
-                    root.display()
+                    "killed orphan vmm {pid}: its control socket {} is in socket_root but no vm owns it",
+                    socket.display()
                 );
             }
         }

@@ -45,6 +45,62 @@ pub(super) fn check_boot_args(args: &str) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// Firecracker's kernel command line capacity, its final NUL included (as
+/// linux-loader's `Cmdline` counts it: at most 2047 visible bytes).
+pub const FIRECRACKER_CMDLINE_CAPACITY: usize = 2048;
+
+/// What Firecracker (v1.13–v1.16) appends to `boot_args` at `InstanceStart`,
+/// each part after a space: `root=/dev/vda ro|rw` when the first drive is the
+/// root device, then one `virtio_mmio.device=4K@0x<addr>:<irq>` per virtio
+/// device (drives, network interface, vsock), addresses from `0xd0000000` in
+/// steps of `0x1000`, IRQs from 5 — with or without ACPI.
+pub fn firecracker_appends(root_read_only: Option<bool>, devices: usize) -> Vec<String> {
+    let mut parts = Vec::with_capacity(devices + 1);
+    if let Some(ro) = root_read_only {
+        parts.push(format!("root=/dev/vda {}", if ro { "ro" } else { "rw" }));
+    }
+    for i in 0..devices as u64 {
+        parts.push(format!(
+            "virtio_mmio.device=4K@0x{:x}:{}",
+            0xd000_0000u64 + i * 0x1000,
+            5 + i
+        ));
+    }
+    parts
+}
+
+/// Refuses a kernel command line that Firecracker would refuse at
+/// `InstanceStart` ("Inserting string would make command line too long"):
+/// `args` (agentenv's parameters included) plus `later` bytes still to come
+/// (a network lease's parameters) plus [`firecracker_appends`] must fit in
+/// [`FIRECRACKER_CMDLINE_CAPACITY`].
+pub(super) fn check_firecracker_cmdline(
+    args: &str,
+    later: usize,
+    root_read_only: Option<bool>,
+    devices: usize,
+) -> Result<(), EngineError> {
+    let appended: usize = firecracker_appends(root_read_only, devices)
+        .iter()
+        .map(|p| p.len() + 1)
+        .sum();
+    let total = args.len() + later + appended;
+    let limit = FIRECRACKER_CMDLINE_CAPACITY - 1;
+    if total > limit {
+        let over = total - limit;
+        return Err(EngineError::bad(
+            "boot_args",
+            format!(
+                "the kernel command line would be {total} bytes as Firecracker sees it (boot_args, \
+                 agentenv's own parameters and what Firecracker appends: root=/dev/vda and one \
+                 virtio_mmio.device= per device), over its limit of {limit} bytes plus the final NUL; \
+                 shorten boot_args by {over} bytes"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A caller's own TAP and MAC (without automatic networking): both required;
 /// the MAC comes back lower-case.
 pub(super) fn check_network(n: &NetworkSpec) -> Result<NetAttachment, EngineError> {
@@ -254,5 +310,35 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.field(), Some("network.allow[1]"));
         assert!(e.to_string().contains("99999"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod firecracker_cmdline_tests {
+    use super::*;
+
+    #[test]
+    fn firecracker_appends_root_and_one_mmio_device_each() {
+        assert_eq!(
+            firecracker_appends(Some(true), 3).join(" "),
+            "root=/dev/vda ro virtio_mmio.device=4K@0xd0000000:5 \
+             virtio_mmio.device=4K@0xd0001000:6 virtio_mmio.device=4K@0xd0002000:7"
+        );
+        assert_eq!(firecracker_appends(Some(false), 0), ["root=/dev/vda rw"]);
+        assert!(firecracker_appends(None, 0).is_empty());
+    }
+
+    #[test]
+    fn the_budget_is_2047_bytes_with_what_firecracker_appends() {
+        let appended = " root=/dev/vda ro virtio_mmio.device=4K@0xd0000000:5".len();
+        let fits = "a".repeat(2047 - appended);
+        check_firecracker_cmdline(&fits, 0, Some(true), 1).unwrap();
+        let e = check_firecracker_cmdline(&format!("{fits}a"), 0, Some(true), 1).unwrap_err();
+        assert!(
+            e.to_string().contains("shorten boot_args by 1 bytes"),
+            "{e}"
+        );
+        let e = check_firecracker_cmdline(&fits, 10, Some(true), 1).unwrap_err();
+        assert!(e.to_string().contains("by 10 bytes"), "{e}");
     }
 }

@@ -353,7 +353,7 @@ mod tests {
     #[test]
     fn uuid_change_refuses_uuid_bound_checksums() {
         if !have("mkfs.ext4") {
-            eprintln!("skipping: mkfs.ext4 not installed");
+            agentenv_testkit::skip::skip("mkfs.ext4 not installed");
             return;
         }
         let dir = tempfile::tempdir().unwrap();

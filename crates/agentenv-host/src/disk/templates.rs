@@ -250,7 +250,7 @@ mod tests {
     #[tokio::test]
     async fn template_clones_are_valid_ext4_with_their_own_uuid() {
         if !have("mkfs.ext4") || !have("e2fsck") || !have("dumpe2fs") {
-            eprintln!("skipping: e2fsprogs (mkfs.ext4, e2fsck, dumpe2fs) not installed");
+            agentenv_testkit::skip::skip("e2fsprogs (mkfs.ext4, e2fsck, dumpe2fs) not installed");
             return;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -98,12 +98,20 @@ pub fn qemu_args_for(
     };
     let mem = format!("{}M", spec.memory_mib);
     let smp = spec.vcpus.to_string();
-    let machine = match mode.memory {
-        GuestMemory::Anonymous => OsString::from(MACHINE),
+    let mut machine = OsString::from(MACHINE);
+    if wants_no_acpi(&spec.boot_args) {
+        // The guest is told `acpi=off`: the machine has none either, and QEMU
+        // then appends one `virtio_mmio.device=` per device to the kernel
+        // command line (microvm's `auto-kernel-cmdline`), which a kernel with
+        // CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y reads.
+        machine.push(",acpi=off");
+    }
+    match mode.memory {
+        GuestMemory::Anonymous => {}
         GuestMemory::Ram | GuestMemory::File { .. } => {
-            OsString::from(format!("{MACHINE},memory-backend={MEMORY_BACKEND_ID}"))
+            machine.push(format!(",memory-backend={MEMORY_BACKEND_ID}"));
         }
-    };
+    }
     push(&["-M".as_ref(), machine.as_ref()]);
     match mode.memory {
         GuestMemory::Anonymous => {}
@@ -211,6 +219,29 @@ pub fn qemu_args_for(
     qmp.push(",server=on,wait=off");
     push(&["-qmp".as_ref(), qmp.as_ref()]);
     a
+}
+
+/// True when a kernel command line turns ACPI off (its last `acpi=` word
+/// says `off`, as the kernel reads it).
+pub fn wants_no_acpi(boot_args: &str) -> bool {
+    agentenv_core::backend::boot_args_turn_acpi_off(boot_args)
+}
+
+/// True when QEMU arguments run the machine without ACPI (`-M …,acpi=off`).
+pub fn machine_without_acpi(argv: &[Vec<u8>]) -> bool {
+    argv.windows(2).any(|w| {
+        (w[0] == b"-M" || w[0] == b"-machine")
+            && w[1].split(|&b| b == b',').any(|o| o == b"acpi=off")
+    })
+}
+
+/// QMP `send-key` arguments for Ctrl-Alt-Del.
+pub fn ctrl_alt_del() -> Value {
+    json!({"keys": [
+        {"type": "qcode", "data": "ctrl"},
+        {"type": "qcode", "data": "alt"},
+        {"type": "qcode", "data": "delete"},
+    ]})
 }
 
 /// The guest kernel's command line: the spec's, plus `tsc_early_khz=` under TCG.
@@ -406,6 +437,37 @@ mod tests {
             ]
         );
         assert_eq!(r[7..], args[4..]);
+    }
+
+    #[test]
+    fn acpi_off_in_the_boot_args_turns_the_machines_acpi_off() {
+        let mut s = spec();
+        s.boot_args = "console=ttyS0 reboot=k panic=1 pci=off acpi=off".into();
+        let args = strings(&qemu_args(&s, Accel::Tcg, None));
+        assert_eq!(args[0..2], ["-M", &format!("{MACHINE},acpi=off")]);
+        let raw: Vec<Vec<u8>> = args.iter().map(|a| a.as_bytes().to_vec()).collect();
+        assert!(machine_without_acpi(&raw));
+        let restored = strings(&qemu_args_for(
+            &s,
+            Accel::Tcg,
+            None,
+            StartMode {
+                memory: GuestMemory::Ram,
+                incoming: true,
+            },
+        ));
+        assert_eq!(
+            restored[1],
+            format!("{MACHINE},acpi=off,memory-backend={MEMORY_BACKEND_ID}")
+        );
+        // ACPI stays on otherwise (a later acpi= word wins, as in the kernel).
+        s.boot_args = "console=ttyS0 acpi=off acpi=force".into();
+        let args = strings(&qemu_args(&s, Accel::Tcg, None));
+        assert_eq!(args[1], MACHINE);
+        let raw: Vec<Vec<u8>> = args.iter().map(|a| a.as_bytes().to_vec()).collect();
+        assert!(!machine_without_acpi(&raw));
+        assert!(!wants_no_acpi("noacpi=off"));
+        assert!(wants_no_acpi("acpi=off"));
     }
 
     #[test]

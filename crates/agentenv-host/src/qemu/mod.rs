@@ -49,6 +49,9 @@ pub use qmp::QmpClient;
 
 use crate::process::{last_lines, wait_for_socket, SpawnSpec, VmmProcess};
 
+/// How often a shutdown of a machine without ACPI presses Ctrl-Alt-Del again.
+pub const CTRL_ALT_DEL_REPEAT: Duration = Duration::from_millis(500);
+
 /// Name of the recorded command line in the session directory.
 pub const COMMAND_FILE: &str = "qemu.json";
 
@@ -710,7 +713,7 @@ fn remove_socket(path: &Path, id: Option<SocketId>) -> std::io::Result<()> {
 /// engine decides its fate); [`VmmInstance::kill`] ends it.
 pub struct QemuInstance {
     process: VmmProcess,
-    qmp: QmpClient,
+    qmp: Arc<QmpClient>,
     socket: PathBuf,
     /// The agent channel's socket (a virtio-serial chardev QEMU serves).
     agent_socket: Option<PathBuf>,
@@ -743,7 +746,7 @@ impl QemuInstance {
     ) -> QemuInstance {
         let inst = QemuInstance {
             process,
-            qmp,
+            qmp: Arc::new(qmp),
             socket: control_socket.to_path_buf(),
             agent_socket,
             ids,
@@ -1028,8 +1031,36 @@ impl VmmInstance for QemuInstance {
         self.change_state("cont", "running").await
     }
 
+    /// With ACPI (the default): the ACPI power button (`system_powerdown`).
+    /// A machine without ACPI (boot args with `acpi=off`) has no power button:
+    /// Ctrl-Alt-Del is pressed on the i8042 keyboard controller instead (the
+    /// guest's init reboots, `reboot=k` resets through the i8042 and
+    /// `-no-reboot` ends QEMU), and again every [`CTRL_ALT_DEL_REPEAT`] until
+    /// QEMU exits, as on Firecracker (a guest ignores it until its keyboard
+    /// driver is up). The caller kills QEMU when its shutdown timeout passes.
     async fn request_shutdown(&self) -> Result<(), VmmError> {
-        self.execute("system_powerdown", None).await.map(|_| ())
+        let pid = self.process.pid();
+        if !crate::process::proc_argv(pid).is_some_and(|a| args::machine_without_acpi(&a)) {
+            return self.execute("system_powerdown", None).await.map(|_| ());
+        }
+        self.execute("send-key", Some(args::ctrl_alt_del())).await?;
+        let qmp = Arc::downgrade(&self.qmp);
+        let exit = self.process.exit_watch();
+        tokio::spawn(async move {
+            loop {
+                if wait_exit(exit.clone(), CTRL_ALT_DEL_REPEAT).await.is_some() {
+                    return;
+                }
+                let Some(qmp) = qmp.upgrade() else {
+                    return;
+                };
+                if let Err(e) = qmp.execute("send-key", Some(args::ctrl_alt_del())).await {
+                    tracing::debug!("repeated Ctrl-Alt-Del: {e}");
+                    return;
+                }
+            }
+        });
+        Ok(())
     }
 
     async fn kill(&self) -> Result<VmmExit, VmmError> {

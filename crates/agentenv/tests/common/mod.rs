@@ -663,7 +663,7 @@ macro_rules! need_artifacts {
         match common::guest_artifacts() {
             Ok(a) => a,
             Err(why) => {
-                eprintln!("skipping: {why}");
+                agentenv_testkit::skip::skip(&why);
                 return;
             }
         }
