@@ -22,7 +22,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use agentenv_core::config::{AuthMode, Config};
-use agentenv_core::principal::{Principal, Scope};
+use agentenv_core::principal::Principal;
 use axum::extract::{FromRequestParts, RawPathParams, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, Method};
@@ -230,7 +230,8 @@ fn target_of(path: &str) -> String {
 
 /// The route layer: every `{vm_id}` / `{snapshot_id}` of the path must be
 /// visible to the caller, else the answer is the one an absent one gets.
-/// Admins see everything, so their requests pass untouched.
+/// Admins see everything, so their requests pass untouched (the engine's
+/// `visible_*` answer `Ok` for them at once).
 pub async fn owns(
     State(engine): State<AppState>,
     params: Result<RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
@@ -244,16 +245,14 @@ pub async fn owns(
         }
         return next.run(req).await;
     };
-    if who.scope != Scope::Admin {
-        for (key, value) in params.iter().flat_map(|p| p.iter()) {
-            let visible = match key {
-                "vm_id" => engine.visible_vm(who, value),
-                "snapshot_id" => engine.visible_snapshot(who, "snapshot_id", value),
-                _ => Ok(()),
-            };
-            if let Err(e) = visible {
-                return ApiError::from(e).into_response();
-            }
+    for (key, value) in params.iter().flat_map(|p| p.iter()) {
+        let visible = match key {
+            "vm_id" => engine.visible_vm(who, value),
+            "snapshot_id" => engine.visible_snapshot(who, "snapshot_id", value),
+            _ => Ok(()),
+        };
+        if let Err(e) = visible {
+            return ApiError::from(e).into_response();
         }
     }
     next.run(req).await
