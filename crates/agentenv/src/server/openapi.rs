@@ -73,6 +73,7 @@ pub fn document() -> String {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
     add_limit_responses(&mut doc);
+    add_auth(&mut doc);
     doc.to_pretty_json().expect("the document serialises") + "\n"
 }
 
@@ -118,6 +119,63 @@ fn add_limit_responses(doc: &mut utoipa::openapi::OpenApi) {
             responses
                 .entry("429".into())
                 .or_insert_with(|| too_many.clone().into());
+        }
+    }
+}
+
+/// The answers of `auth.rs`: every route but `GET /v1/health` needs a bearer
+/// token (security scheme `bearer`) and answers 401 without a valid one.
+fn add_auth(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
+    use utoipa::openapi::{ContentBuilder, HeaderBuilder, Ref, ResponseBuilder};
+    let components = doc.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "bearer",
+        SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+    );
+    let unauthorized = ResponseBuilder::new()
+        .description(
+            "No valid credential: the `Authorization: Bearer TOKEN` header is missing, malformed or names an unknown token",
+        )
+        .header(
+            "WWW-Authenticate",
+            HeaderBuilder::new()
+                .schema(utoipa::openapi::ObjectBuilder::new().schema_type(
+                    utoipa::openapi::schema::SchemaType::Type(utoipa::openapi::Type::String),
+                ))
+                .description(Some("`Bearer realm=\"agentenv\"`"))
+                .build(),
+        )
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build(),
+        )
+        .build();
+    let bearer = vec![SecurityRequirement::new("bearer", Vec::<String>::new())];
+    for (path, item) in doc.paths.paths.iter_mut() {
+        for op in [
+            &mut item.get,
+            &mut item.post,
+            &mut item.put,
+            &mut item.delete,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if path == "/v1/health" {
+                continue;
+            }
+            op.security = Some(bearer.clone());
+            if let Some(utoipa::openapi::RefOr::T(r)) = op.responses.responses.get_mut("404") {
+                r.description
+                    .push_str("; a `user` token gets the same answer for another owner's");
+            }
+            op.responses
+                .responses
+                .entry("401".into())
+                .or_insert_with(|| unauthorized.clone().into());
         }
     }
 }
