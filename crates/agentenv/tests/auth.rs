@@ -80,7 +80,8 @@ fn two_users() -> (Daemon, TestDir) {
 fn requests_without_a_valid_token_get_401_with_www_authenticate_and_touch_nothing() {
     let (d, dir) = Daemon::start();
     let create = common::overlay_req("x1");
-    let cases: [(&str, Option<&str>, &[(&str, &str)]); 8] = [
+    type Case<'a> = (&'a str, Option<&'a str>, &'a [(&'a str, &'a str)]);
+    let cases: [Case; 8] = [
         ("missing", None, &[]),
         (
             "unknown token",
