@@ -52,6 +52,12 @@ fn call_as(
     (resp.status, resp.headers, v)
 }
 
+/// One request as `token`: the status and the JSON body.
+fn json_as(base: &str, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let (code, _, v) = call_as(base, Some(token), method, path, &[], body);
+    (code, v)
+}
+
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
     headers
         .iter()
@@ -201,27 +207,32 @@ fn every_verb(vm: &str, snap: &str, file: &str) -> Vec<(&'static str, String, Op
 fn a_user_sees_only_its_own_vms_and_snapshots_and_the_rest_answers_404_as_if_absent() {
     let (d, dir) = two_users();
     let as_ = |token: &str, method: &str, path: &str, body: Option<Value>| {
-        let (code, _, v) = call_as(&d.base, Some(token), method, path, &[], body);
-        (code, v)
+        json_as(&d.base, token, method, path, body)
     };
-    let (code, a1) = as_(ALICE, "POST", "/v1/vm", Some(common::overlay_req("a1")));
-    assert_eq!((code, a1["owner"].as_str()), (201, Some("alice")), "{a1}");
-    let (code, b1) = as_(BOB, "POST", "/v1/vm", Some(common::overlay_req("b1")));
-    assert_eq!((code, b1["owner"].as_str()), (201, Some("bob")), "{b1}");
-    let (code, s) = as_(
-        ALICE,
-        "POST",
-        "/v1/vm/a1/snapshot",
-        Some(json!({"snapshot_id": "sa"})),
-    );
-    assert_eq!((code, s["owner"].as_str()), (201, Some("alice")), "{s}");
-    let (code, s) = as_(
-        BOB,
-        "POST",
-        "/v1/vm/b1/snapshot",
-        Some(json!({"snapshot_id": "sb"})),
-    );
-    assert_eq!((code, s["owner"].as_str()), (201, Some("bob")), "{s}");
+    // Made by (token, path, body), owned by the token's name.
+    for (token, owner, path, body) in [
+        (ALICE, "alice", "/v1/vm", common::overlay_req("a1")),
+        (BOB, "bob", "/v1/vm", common::overlay_req("b1")),
+        (
+            ALICE,
+            "alice",
+            "/v1/vm/a1/snapshot",
+            json!({"snapshot_id": "sa"}),
+        ),
+        (
+            BOB,
+            "bob",
+            "/v1/vm/b1/snapshot",
+            json!({"snapshot_id": "sb"}),
+        ),
+    ] {
+        let (code, v) = as_(token, "POST", path, Some(body));
+        assert_eq!(
+            (code, v["owner"].as_str()),
+            (201, Some(owner)),
+            "{path}: {v}"
+        );
+    }
 
     // Lists: each user its own.
     let ids = |v: &Value, key: &str, id: &str| -> Vec<String> {
@@ -363,8 +374,7 @@ fn forks_and_restores_belong_to_their_caller() {
     }
     let (d, dir) = two_users();
     let as_ = |token: &str, method: &str, path: &str, body: Option<Value>| {
-        let (code, _, v) = call_as(&d.base, Some(token), method, path, &[], body);
-        (code, v)
+        json_as(&d.base, token, method, path, body)
     };
     // Alice's VM, snapshotted (memory) by the admin: the snapshot is the admin's.
     assert_eq!(
@@ -768,9 +778,8 @@ fn bad_tokens_files_stop_startup_naming_the_file() {
             "unknown scope \"superuser\"",
         ),
     ];
-    for (text, mode, want) in cases {
-        set(text, mode);
-        let out = Command::new(BIN)
+    let start = || {
+        Command::new(BIN)
             .args([
                 "--config",
                 config.to_str().unwrap(),
@@ -778,7 +787,11 @@ fn bad_tokens_files_stop_startup_naming_the_file() {
                 "127.0.0.1:0",
             ])
             .output()
-            .unwrap();
+            .unwrap()
+    };
+    for (text, mode, want) in cases {
+        set(text, mode);
+        let out = start();
         assert!(!out.status.success(), "{want}: started");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
@@ -795,15 +808,7 @@ fn bad_tokens_files_stop_startup_naming_the_file() {
             .create(&tokens)
             .unwrap();
     }
-    let out = Command::new(BIN)
-        .args([
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
+    let out = start();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -80,27 +80,18 @@ pub fn document() -> String {
 /// The answers of `limits.rs`, the same on every route they apply to: 429 on
 /// every operation (every method but GET), 408 on those that read a body.
 fn add_limit_responses(doc: &mut utoipa::openapi::OpenApi) {
-    use utoipa::openapi::{ContentBuilder, HeaderBuilder, Ref, ResponseBuilder};
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
     let error = || {
         ContentBuilder::new()
             .schema(Some(Ref::from_schema_name("ErrorBody")))
             .build()
     };
-    let too_many = ResponseBuilder::new()
-        .description(
-            "Too many operations in flight (`max_inflight_ops`); retry after `Retry-After` seconds",
-        )
-        .header(
-            "Retry-After",
-            HeaderBuilder::new()
-                .schema(utoipa::openapi::ObjectBuilder::new().schema_type(
-                    utoipa::openapi::schema::SchemaType::Type(utoipa::openapi::Type::Integer),
-                ))
-                .description(Some("Seconds to wait before retrying (1)"))
-                .build(),
-        )
-        .content("application/json", error())
-        .build();
+    let too_many = error_with_header(
+        "Too many operations in flight (`max_inflight_ops`); retry after `Retry-After` seconds",
+        "Retry-After",
+        utoipa::openapi::Type::Integer,
+        "Seconds to wait before retrying (1)",
+    );
     let slow = ResponseBuilder::new()
         .description("The request body did not arrive within `body_timeout_ms`")
         .content("application/json", error())
@@ -123,27 +114,24 @@ fn add_limit_responses(doc: &mut utoipa::openapi::OpenApi) {
     }
 }
 
-/// The answers of `auth.rs`: every route but `GET /v1/health` needs a bearer
-/// token (security scheme `bearer`) and answers 401 without a valid one.
-fn add_auth(doc: &mut utoipa::openapi::OpenApi) {
-    use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
+/// An `ErrorBody` answer with one documented header.
+fn error_with_header(
+    description: &str,
+    header: &str,
+    ty: utoipa::openapi::Type,
+    header_description: &str,
+) -> utoipa::openapi::Response {
     use utoipa::openapi::{ContentBuilder, HeaderBuilder, Ref, ResponseBuilder};
-    let components = doc.components.get_or_insert_with(Default::default);
-    components.add_security_scheme(
-        "bearer",
-        SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
-    );
-    let unauthorized = ResponseBuilder::new()
-        .description(
-            "No valid credential: the `Authorization: Bearer TOKEN` header is missing, malformed or names an unknown token",
-        )
+    ResponseBuilder::new()
+        .description(description)
         .header(
-            "WWW-Authenticate",
+            header,
             HeaderBuilder::new()
-                .schema(utoipa::openapi::ObjectBuilder::new().schema_type(
-                    utoipa::openapi::schema::SchemaType::Type(utoipa::openapi::Type::String),
-                ))
-                .description(Some("`Bearer realm=\"agentenv\"`"))
+                .schema(
+                    utoipa::openapi::ObjectBuilder::new()
+                        .schema_type(utoipa::openapi::schema::SchemaType::Type(ty)),
+                )
+                .description(Some(header_description))
                 .build(),
         )
         .content(
@@ -152,7 +140,24 @@ fn add_auth(doc: &mut utoipa::openapi::OpenApi) {
                 .schema(Some(Ref::from_schema_name("ErrorBody")))
                 .build(),
         )
-        .build();
+        .build()
+}
+
+/// The answers of `auth.rs`: every route but `GET /v1/health` needs a bearer
+/// token (security scheme `bearer`) and answers 401 without a valid one.
+fn add_auth(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
+    let components = doc.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "bearer",
+        SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+    );
+    let unauthorized = error_with_header(
+        "No valid credential: the `Authorization: Bearer TOKEN` header is missing, malformed or names an unknown token",
+        "WWW-Authenticate",
+        utoipa::openapi::Type::String,
+        "`Bearer realm=\"agentenv\"`",
+    );
     let bearer = vec![SecurityRequirement::new("bearer", Vec::<String>::new())];
     for (path, item) in doc.paths.paths.iter_mut() {
         for op in [
