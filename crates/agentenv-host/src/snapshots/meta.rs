@@ -247,7 +247,7 @@ mod tests {
             kind: SnapshotKind::Disk,
             rootfs_fingerprint: None,
             full: None,
-            owner: Some("alice".into()),
+            owner: None,
         }
     }
 
