@@ -146,7 +146,8 @@ pub enum TokenCommand {
         #[arg(long, value_parser = parse_scope)]
         scope: agentenv_core::principal::Scope,
     },
-    /// List the tokens' names and scopes.
+    /// List the tokens' names and scopes (never their hashes).
+    #[command(alias = "list")]
     Ls,
     /// Remove a token (the daemon stops accepting it on SIGHUP or restart).
     Revoke {
