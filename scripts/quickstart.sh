@@ -11,7 +11,9 @@ Sets everything up on a fresh Debian machine and runs the main job:
   1. installs the Debian packages agentenv needs (apt-get; needs root),
   2. builds agentenv (cargo build --release),
   3. builds the guest artifacts (kernel, initramfs, minimal rootfs) into artifacts/,
-  4. starts the daemon with config/hypervisor.artifacts.toml (log: data/agentenv.log),
+  4. starts the daemon with config/hypervisor.artifacts.toml (log: data/agentenv.log);
+     its API needs a token: the first start creates an admin one in data/admin.token,
+     which the CLI then uses (AGENTENV_TOKEN),
   5. creates a VM and waits for its console's ready line,
   6. shows the VM running.
 
@@ -73,6 +75,15 @@ if [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
   for _ in $(seq 100); do kill -0 "$(cat "$pidfile")" 2>/dev/null || break; sleep 0.1; done
 fi
 
+# The API needs a token. The daemon's first start creates the tokens file
+# (data/tokens) with an admin token saved in data/admin.token; an earlier run's
+# tokens file without that copy gets a new admin token here.
+token_file=data/admin.token
+if [[ -f data/tokens && ! -s $token_file ]]; then
+  step "adding an admin token to data/tokens (saved in $token_file)"
+  (umask 077 && "$bin" token create "quickstart-$(date +%s)" --scope admin --config "$config" >"$token_file")
+fi
+
 step "starting the daemon on $listen (log: data/agentenv.log)"
 nohup "$bin" --config "$config" --listen "$listen" >data/agentenv.log 2>&1 &
 echo $! >"$pidfile"
@@ -87,6 +98,8 @@ for i in $(seq 100); do
   sleep 0.1
 done
 grep -m1 "vmm backend" data/agentenv.log || true
+AGENTENV_TOKEN=$(cat "$token_file")
+export AGENTENV_TOKEN
 
 if "$bin" vm show "$vm" --server "$server" >/dev/null 2>&1; then
   step "removing the VM $vm left by an earlier run"
@@ -126,7 +139,9 @@ step "the VM is running"
 echo
 echo "console: $ready"
 echo
-echo "The daemon keeps running (pid $(cat "$pidfile")). Try:"
+echo "The daemon keeps running (pid $(cat "$pidfile")). Its admin token is in $token_file:"
+echo "  export AGENTENV_TOKEN=\$(cat $token_file)"
+echo "Then try:"
 echo "  $bin vm exec $vm -- sh -c 'cat /etc/os-release'; $bin vm cp ./file $vm:/root/file"
 echo "  $bin vm pause $vm; $bin vm resume $vm; $bin vm shutdown $vm; $bin vm rm $vm"
 echo "Stop the daemon with: kill \$(cat data/agentenv.pid)"

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use agentenv_core::config::{NetworkConfig, OnShutdown, VmmChoice};
+use agentenv_core::config::{AuthConfig, NetworkConfig, OnShutdown, VmmChoice};
 use serde_json::{json, Value};
 
 use crate::report::Cleaned;
@@ -191,7 +191,7 @@ impl QemuGuest {
 
 /// The daemon's own config type: a benchmark sets what it chooses, and
 /// [`Harness::write_config`] the rest.
-pub use agentenv_core::config::Config;
+pub use agentenv_core::config::{AuthMode, Config};
 
 /// fc-double (or a wrapper of it, `binary`) as the VMM, in the run's
 /// directory `root`: empty `rootfs/`, `kernels/` (with the fake kernel
@@ -257,6 +257,12 @@ pub fn in_run(config: &Config, root: &Path) -> Config {
             enable: false,
             ..config.network.clone()
         },
+        // Auth as configured; the tokens file in the run, created by the
+        // daemon's first start with an admin token in `admin.token`.
+        auth: AuthConfig {
+            tokens_file: root.join("tokens"),
+            ..config.auth.clone()
+        },
         ..config.clone()
     }
 }
@@ -290,8 +296,11 @@ pub struct Daemon {
     child: Child,
     pub pid: u32,
     pub addr: SocketAddr,
-    /// A client for its HTTP API (one keep-alive connection).
+    /// A client for its HTTP API (one keep-alive connection), with the
+    /// admin token its first start made (when auth is on).
     pub api: ApiClient,
+    /// That token (`None` with `[auth] mode = "none"`).
+    pub token: Option<String>,
     /// Its stderr.
     pub log: PathBuf,
 }
@@ -328,8 +337,10 @@ impl Daemon {
             child,
             addr,
             api,
+            token: None,
             log: log.to_path_buf(),
         };
+        let token_file = config.with_file_name("admin.token");
         let start = Instant::now();
         loop {
             if let Some(status) = d.child.try_wait()? {
@@ -346,10 +357,24 @@ impl Daemon {
                 );
             }
             if d.api.health().is_ok() {
+                // The first start writes the admin token before it serves.
+                if let Ok(t) = std::fs::read_to_string(&token_file) {
+                    d.token = Some(t.trim().to_string());
+                    d.api = d.client(io_timeout)?;
+                }
                 return Ok(d);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// A new client of this daemon (its own connection), with its token.
+    pub fn client(&self, io_timeout: Duration) -> Result<ApiClient> {
+        let c = ApiClient::new(&format!("http://{}", self.addr))?.with_timeout(io_timeout);
+        Ok(match &self.token {
+            Some(t) => c.with_token(t),
+            None => c,
+        })
     }
 
     /// Deletes every VM through the API, then stops the daemon with SIGTERM

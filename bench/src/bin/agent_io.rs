@@ -310,7 +310,7 @@ struct ViaDaemon {
 impl ViaDaemon {
     fn new(d: &daemon::Daemon, vm_id: &str) -> Result<ViaDaemon> {
         Ok(ViaDaemon {
-            api: ApiClient::new(&format!("http://{}", d.addr))?.with_timeout(IO_TIMEOUT),
+            api: d.client(IO_TIMEOUT)?,
             vm_id: vm_id.into(),
             exec: serde_json::from_value(json!({"cmd": ["true"]}))?,
             pid: d.pid,

@@ -29,6 +29,8 @@ use serde_json::{json, Value};
 
 /// Target: the daemon adds at most this much to the p50 of an operation.
 const TARGET_OVERHEAD_P50_MS: f64 = 2.0;
+/// Target: checking a bearer token adds at most this much to a request's p50.
+const TARGET_AUTH_P50_MS: f64 = 0.1;
 /// Target: `GET /v1/vm` p99 with all the VMs, in ms.
 const TARGET_LIST_P99_MS: f64 = 5.0;
 /// Target: the daemon's resident memory with all the VMs, in MiB.
@@ -129,6 +131,8 @@ struct Env {
     h: Harness,
     root: PathBuf,
     bare: BareClient,
+    /// Where a second run directory goes (`--tmp-dir`).
+    tmp_parent: Option<PathBuf>,
 }
 
 impl Env {
@@ -155,7 +159,12 @@ impl Env {
             kernel: root.join("kernels/vmlinux"),
             dir: root.join("bare"),
         };
-        Ok(Env { h, root, bare })
+        Ok(Env {
+            h,
+            root,
+            bare,
+            tmp_parent: c.tmp_dir.clone(),
+        })
     }
 
     fn api(&mut self) -> &ApiClient {
@@ -400,6 +409,21 @@ fn run(env: &mut Env, agentenv: &Path, p: &Params, rep: &mut Report) -> Result<(
     std::thread::sleep(Duration::from_millis(200));
     let rss_fresh = env.rss()?;
     let (list0, _) = list(env.api(), 0, p.warmup, p.list_requests)?;
+    let auth = auth_cost(env, agentenv, p)?;
+    let mut t = Table::latency(
+        "auth (ms): GET /v1/vm/{id} (404), the token's daemon vs one with [auth] mode = \"none\"",
+        &["token", "none"],
+    );
+    t.latency_row(
+        "per request",
+        &auth,
+        Some(Limit::OverheadMs(TARGET_AUTH_P50_MS)),
+    )
+    .note(
+        "both daemons empty, same build, requests interleaved; \"token\" checks \
+         Authorization: Bearer (SHA-256 + constant-time compare), \"none\" makes every caller admin",
+    );
+    rep.table(t);
 
     // create, pause, resume and delete, daemon and bare, each pair in turn.
     let lat_disk = env.root.join("disks/lat.img");
@@ -467,6 +491,51 @@ fn run(env: &mut Env, agentenv: &Path, p: &Params, rep: &mut Report) -> Result<(
     scale(env, p, rss_fresh, rss_churned, &list0, rep)
 }
 
+/// The cost of a bearer token: the same cheap request (a lookup that answers
+/// 404, so nothing is rendered) to the run's daemon, with its token, and to
+/// a second daemon of the same build with `[auth] mode = "none"`,
+/// interleaved.
+fn auth_cost(env: &mut Env, agentenv: &Path, p: &Params) -> Result<Sides<2>> {
+    let mut h = Harness::new(env.tmp_parent.as_deref(), "ae-bench-noauth-", &[])?;
+    let root = h.root().to_path_buf();
+    let mut config = daemon::fc_double_config(env.bare.fc_double.clone(), &root, 32)?;
+    config.auth.mode = daemon::AuthMode::None;
+    h.write_config(&config)?;
+    let result = (|| {
+        h.start_daemon(agentenv, IO_TIMEOUT, Duration::from_secs(15))?;
+        let open = &h.daemon_mut().api;
+        let api = &env.h.daemon_mut().api;
+        let mut s = Sides::<2>::default();
+        let n = p.list_requests * 4;
+        rounds(
+            "auth on/off: GET /v1/vm/none",
+            p.warmup * 10,
+            n,
+            |i, timed| {
+                let pair = rotated(
+                    i,
+                    [
+                        &mut || Ok(call(api, "GET", "/v1/vm/none", None, 404)?.0),
+                        &mut || Ok(call(open, "GET", "/v1/vm/none", None, 404)?.0),
+                    ],
+                )?;
+                if timed {
+                    s.push(pair);
+                }
+                Ok(())
+            },
+        )?;
+        Ok(s)
+    })();
+    let (result, cleanup) = h.finish(result, false);
+    ensure!(
+        cleanup.clean(),
+        "the auth-off daemon: {}",
+        cleanup.summary()
+    );
+    result
+}
+
 /// Overlay creates (the daemon runs mkfs.ext4) against the same done bare.
 fn overlays(env: &mut Env, n: usize, warm: usize) -> Result<Sides<2>> {
     let base = env.root.join("rootfs/base.ext4");
@@ -474,7 +543,7 @@ fn overlays(env: &mut Env, n: usize, warm: usize) -> Result<Sides<2>> {
         .enable_all()
         .build()?;
     let mut out = Sides::default();
-    let Env { h, bare, root } = env;
+    let Env { h, bare, root, .. } = env;
     let api = &h.daemon_mut().api;
     rounds("overlay creates", warm, n, |i, timed| {
         let id = format!("ovl-{i:03}");

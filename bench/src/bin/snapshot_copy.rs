@@ -250,6 +250,7 @@ fn new_snapshot(id: &str, source: &Path) -> NewSnapshot {
         fs_frozen: false,
         rootfs_fingerprint: None,
         full: None,
+        owner: None,
     }
 }
 

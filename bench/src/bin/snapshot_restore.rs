@@ -297,7 +297,7 @@ fn vm_pid(api: &ApiClient, vm_id: &str) -> Result<u32> {
 fn run_qemu(h: &mut Harness, agentenv: &Path, p: &Params) -> Result<Part> {
     let tier = h.root().join("snap/tmpfs");
     let d = h.start_daemon(agentenv, IO_TIMEOUT, Duration::from_secs(15))?;
-    let server = format!("http://{}", d.addr);
+    let (server, token) = (format!("http://{}", d.addr), d.token.clone());
     let api = &d.api;
     progress("qemu: booting the source VM");
     call(
@@ -409,9 +409,12 @@ fn run_qemu(h: &mut Harness, agentenv: &Path, p: &Params) -> Result<Part> {
         let ready: Vec<JoinHandle<Result<()>>> = ids
             .iter()
             .map(|id| {
-                let (id, server) = (id.clone(), server.clone());
+                let (id, server, token) = (id.clone(), server.clone(), token.clone());
                 std::thread::spawn(move || {
-                    let api = ApiClient::new(&server)?.with_timeout(IO_TIMEOUT);
+                    let mut api = ApiClient::new(&server)?.with_timeout(IO_TIMEOUT);
+                    if let Some(t) = token {
+                        api = api.with_token(t);
+                    }
                     first_exec(&api, &id)
                 })
             })

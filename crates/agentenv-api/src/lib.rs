@@ -428,6 +428,11 @@ pub struct VmInfo {
     /// maps that snapshot's memory file, which cannot be deleted meanwhile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<String>,
+    /// The name of the token (or `uid:N` of the Unix peer) that created it: a
+    /// `user` token sees only what it owns. `None`: made before owners were
+    /// recorded, visible to `admin` tokens only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// The guest agent of a VM.
@@ -706,6 +711,11 @@ pub struct SnapshotInfo {
     /// deleted while there are any).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mapped_by: Vec<String>,
+    /// The name of the token (or `uid:N` of the Unix peer) that took it: a
+    /// `user` token sees only what it owns. `None`: taken before owners were
+    /// recorded, visible to `admin` tokens only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// `GET /v1/snapshots` response.

@@ -109,6 +109,43 @@ pub struct Config {
     pub network: NetworkConfig,
     /// The guest agent.
     pub agent: AgentConfig,
+    /// Who may call the API (`[auth]`).
+    pub auth: AuthConfig,
+}
+
+/// How API requests are authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// Every request but `GET /v1/health` needs `Authorization: Bearer TOKEN`
+    /// with a token of the tokens file (the default).
+    #[default]
+    Token,
+    /// No credentials: every request is an admin named `anonymous`. Must be
+    /// written explicitly.
+    None,
+}
+
+/// The `[auth]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `token` (default) or `none`.
+    pub mode: AuthMode,
+    /// The tokens file: one `NAME SCOPE SHA256-HEX-OF-TOKEN` per line, `#`
+    /// comments; only hashes are stored. It must not be world-accessible or
+    /// group-writable. Default `data/tokens` (beside the default state
+    /// roots; relative paths are taken from the daemon's directory).
+    pub tokens_file: PathBuf,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::Token,
+            tokens_file: PathBuf::from("data/tokens"),
+        }
+    }
 }
 
 /// The `[agent]` table.
@@ -253,6 +290,7 @@ impl Default for Config {
             body_timeout_ms: 10_000,
             network: NetworkConfig::default(),
             agent: AgentConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -517,6 +555,24 @@ impl NetworkConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auth_is_on_by_default_and_none_must_be_written() {
+        let cfg = Config::parse("").unwrap();
+        assert_eq!(cfg.auth.mode, AuthMode::Token);
+        assert_eq!(cfg.auth.tokens_file, PathBuf::from("data/tokens"));
+        let cfg = Config::parse("[auth]\nmode = \"none\"\ntokens_file = \"/etc/t\"").unwrap();
+        assert_eq!(cfg.auth.mode, AuthMode::None);
+        assert_eq!(cfg.auth.tokens_file, PathBuf::from("/etc/t"));
+        let e = Config::parse("[auth]\nmode = \"off\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mode"), "{e}");
+        let e = Config::parse("[auth]\ntoken = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("token"), "{e}");
+    }
 
     fn err(text: &str) -> String {
         Config::parse(text).unwrap_err().to_string()

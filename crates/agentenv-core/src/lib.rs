@@ -15,6 +15,7 @@ pub mod failpoints;
 pub mod host;
 pub mod ids;
 pub mod net;
+pub mod principal;
 pub mod snapshot;
 pub mod state;
 #[cfg(test)]

@@ -27,6 +27,8 @@ pub struct NewSnapshot {
     /// A full snapshot: what a restore must match (`memory_bytes` and
     /// `state_bytes` are filled in by [`SnapshotStore::seal`]). `None`: disk only.
     pub full: Option<FullSnapshotInfo>,
+    /// Who takes it (a token name, `uid:N`); kept in its record.
+    pub owner: Option<String>,
 }
 
 /// A snapshot being made: a `.partial-*` directory in the tier chosen for it

@@ -1126,6 +1126,7 @@ impl SnapshotStore for FakeSnapshots {
             rootfs_fingerprint: new.rootfs_fingerprint,
             full,
             mapped_by: Vec::new(),
+            owner: new.owner,
         };
         lock(&self.snaps).insert(id, info.clone());
         Ok(info)
@@ -1190,6 +1191,7 @@ impl SnapshotStore for FakeSnapshots {
             rootfs_fingerprint: new.rootfs_fingerprint,
             full: None,
             mapped_by: Vec::new(),
+            owner: new.owner,
         };
         lock(&self.snaps).insert(id, info.clone());
         Ok(info)

@@ -134,6 +134,7 @@ fn new_snapshot(id: &str, source: &Path) -> NewSnapshot {
         backend: BackendKind::Qemu,
         source: source.to_path_buf(),
         fs_frozen: false,
+        owner: None,
     }
 }
 

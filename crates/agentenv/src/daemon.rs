@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use agentenv_api::BackendKind;
 use agentenv_core::backend::{Vmm, VmmDrivers};
-use agentenv_core::config::{Config, VmmChoice};
+use agentenv_core::config::{AuthMode, Config, VmmChoice};
 use agentenv_core::host::Host;
 use agentenv_core::net::HostNetwork;
 use agentenv_core::Engine;
@@ -18,6 +18,8 @@ use agentenv_host::qemu::QemuVmm;
 use agentenv_host::snapshots::TieredStore;
 use agentenv_host::LocalHost;
 use anyhow::{bail, Context};
+
+use crate::server::auth::Auth;
 
 /// Loads the config from `path` (or defaults when `None`) and makes every root
 /// path absolute, relative to the current directory.
@@ -40,6 +42,7 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     abs(&mut cfg.hdfs_snapshot_root);
     abs(&mut cfg.kernel_root);
     abs(&mut cfg.initramfs_root);
+    abs(&mut cfg.auth.tokens_file);
     if let Some(p) = cfg.guest_memory_root.as_mut() {
         abs(p);
     }
@@ -334,8 +337,91 @@ pub fn drop_unused_capabilities(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the daemon until Ctrl-C or SIGTERM.
+/// Where the first start saves the admin token it creates: `admin.token`
+/// beside the tokens file.
+pub fn first_admin_token_path(cfg: &Config) -> PathBuf {
+    cfg.auth.tokens_file.with_file_name("admin.token")
+}
+
+/// On the first start (`mode = "token"` and no tokens file): creates the
+/// tokens file with one admin token named `admin`, and saves that token in
+/// [`first_admin_token_path`] (mode 0600, readable by the daemon's user
+/// only, like the tokens file) for its administrator to pick up. Nothing
+/// happens when the tokens file exists.
+pub fn bootstrap_tokens(cfg: &Config) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = &cfg.auth.tokens_file;
+    if cfg.auth.mode != AuthMode::Token || file.symlink_metadata().is_ok() {
+        return Ok(());
+    }
+    let saved = first_admin_token_path(cfg);
+    let token = crate::tokens::create(file, "admin", agentenv_core::principal::Scope::Admin)
+        .context("config key `auth.tokens_file`")?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&saved)
+        .and_then(|mut f| {
+            f.write_all(format!("{token}\n").as_bytes())?;
+            f.sync_all()
+        })
+        .with_context(|| format!("cannot save the first admin token in {}", saved.display()))?;
+    tracing::warn!(
+        "auth: no tokens file at {}: created it with an admin token named `admin`, saved in {} \
+         (mode 0600); use it with: export AGENTENV_TOKEN=$(cat {})",
+        file.display(),
+        saved.display(),
+        saved.display()
+    );
+    Ok(())
+}
+
+/// Loads the authentication `[auth]` asks for: a tokens file that cannot be
+/// used is a startup error naming it.
+pub fn load_auth(cfg: &Config) -> anyhow::Result<Auth> {
+    match Auth::from_config(cfg) {
+        Ok(auth) => {
+            match auth.mode() {
+                AuthMode::Token => tracing::info!(
+                    "auth: bearer tokens from {}",
+                    cfg.auth.tokens_file.display()
+                ),
+                AuthMode::None => {
+                    tracing::warn!("auth: mode = \"none\": every caller is admin (anonymous)")
+                }
+            }
+            Ok(auth)
+        }
+        Err(e) => Err(anyhow::anyhow!("config key `auth.tokens_file`: {e}")),
+    }
+}
+
+/// Reads the tokens file again on every SIGHUP; a file that cannot be used
+/// is logged and the tokens in force stay.
+pub fn reload_on_sighup(auth: Auth) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match auth.reload() {
+                Ok(n) => tracing::info!(
+                    "SIGHUP: {} reloaded ({n} token(s))",
+                    auth.tokens_file().display()
+                ),
+                Err(e) => tracing::error!("SIGHUP: {e}; the tokens loaded before stay in force"),
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Runs the daemon until Ctrl-C or SIGTERM; SIGHUP reloads the tokens file.
 pub async fn serve(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
+    bootstrap_tokens(&cfg)?;
+    let auth = load_auth(&cfg)?;
     let engine = build_engine(cfg).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -345,7 +431,8 @@ pub async fn serve(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION"),
         listener.local_addr()?
     );
-    crate::server::run(listener, engine, shutdown_signal()).await?;
+    reload_on_sighup(auth.clone()).context("cannot install the SIGHUP handler")?;
+    crate::server::run_with(listener, engine, auth, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -19,6 +19,7 @@ fn main() {
             .exit(),
         Some(Command::Vm { opts, command }) => agentenv::cli::run_vm(&opts, command),
         Some(Command::Snapshot { opts, command }) => agentenv::cli::run_snapshot(&opts, command),
+        Some(Command::Token { file, command }) => agentenv::cli::run_token(&file, command),
         Some(Command::CheckConfig { config }) => {
             agentenv::daemon::load_config(config.or(cli.daemon.config).as_deref())
                 .map(|c| print_out(&format!("{c:#?}\n")))

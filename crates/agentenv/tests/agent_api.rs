@@ -421,6 +421,7 @@ fn cli_exec_streams_and_exits_with_the_command_status_and_cp_copies_both_ways() 
         Command::new(env!("CARGO_BIN_EXE_agentenv"))
             .args(args)
             .env("AGENTENV_SERVER", &d.base)
+            .env("AGENTENV_TOKEN", common::TEST_TOKEN)
             .output()
             .unwrap()
     };

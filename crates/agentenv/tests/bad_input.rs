@@ -1195,7 +1195,7 @@ impl Pair for (u16, Value) {
 fn trickle(d: &Daemon, head: String, piece: &'static [u8]) -> (u16, Value, Duration) {
     let (a, took) = common::raw_exchange(&d.base, Duration::from_secs(30), move |mut w, stop| {
         use std::io::Write;
-        if w.write_all(head.as_bytes()).is_err() {
+        if w.write_all(&common::with_auth(head.into_bytes())).is_err() {
             return;
         }
         while !stop.load(Ordering::SeqCst) && w.write_all(piece).is_ok() {

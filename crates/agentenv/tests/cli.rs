@@ -15,6 +15,7 @@ fn cli(server: &str, args: &[&str]) -> (i32, String, String) {
         .arg("vm")
         .args(args)
         .args(["--server", server])
+        .env("AGENTENV_TOKEN", common::TEST_TOKEN)
         .output()
         .unwrap();
     (
@@ -96,6 +97,7 @@ fn daemon_and_cli_end_to_end_then_sigterm_stops_cleanly() {
     }
     let out = Command::new(BIN)
         .args(["snapshot", "rm", "f1", "--server", &server])
+        .env("AGENTENV_TOKEN", common::TEST_TOKEN)
         .output()
         .unwrap();
     assert!(

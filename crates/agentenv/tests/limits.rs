@@ -35,10 +35,12 @@ impl Raw {
     }
 }
 
-/// Opens a connection and sends `head` (and nothing more).
+/// Opens a connection and sends `head` (with the harness's token) and
+/// nothing more.
 fn connect(d: &Daemon, head: &str) -> Stream {
     let mut s = d.client().endpoint().open(Duration::from_secs(30)).unwrap();
-    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(&common::with_auth(head.as_bytes().to_vec()))
+        .unwrap();
     s
 }
 

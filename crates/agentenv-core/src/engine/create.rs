@@ -70,8 +70,18 @@ struct Plan {
 }
 
 impl Engine {
-    /// Creates and boots a VM. On any failure everything made so far is undone.
+    /// Creates and boots a VM without an owner (visible to admins only). On
+    /// any failure everything made so far is undone.
     pub async fn create(self: &Arc<Self>, req: CreateVmRequest) -> Result<VmInfo, EngineError> {
+        self.create_owned(req, None).await
+    }
+
+    /// [`Engine::create`], the VM recorded as `owner`'s.
+    pub(super) async fn create_owned(
+        self: &Arc<Self>,
+        req: CreateVmRequest,
+        owner: Option<String>,
+    ) -> Result<VmInfo, EngineError> {
         self.check_request(&req)?;
         let mut plan = match &req.restore {
             Some(r) => {
@@ -84,6 +94,7 @@ impl Engine {
             }
             None => self.plan(&req)?,
         };
+        plan.info.owner = owner;
         let _hold = match &plan.disk_source {
             DiskSource::Restore(id, _) | DiskSource::Full(id, _) => Some(self.hold_snapshot(id)),
             _ => None,
@@ -224,6 +235,7 @@ impl Engine {
         let now = Utc::now();
         let info = VmInfo {
             restored_from: None,
+            owner: None,
             vm_id: vm_id.clone(),
             state: VmState::Creating,
             backend: self.vmm.kind(),
@@ -363,6 +375,7 @@ impl Engine {
             ready: false,
             agent: None,
             restored_from: Some(snap.snapshot_id.clone()),
+            owner: None,
         };
         let agent_socket = full.agent.then(|| session_dir.join(AGENT_SOCKET));
         let launch = self.restore_launch(&info, &full, base, agent_socket, net);

@@ -291,6 +291,16 @@ impl Engine {
         vm_id: &str,
         req: ForkRequest,
     ) -> Result<Vec<VmInfo>, EngineError> {
+        self.fork_owned(vm_id, req, None).await
+    }
+
+    /// [`Engine::fork`], the clones (and their snapshot) recorded as `owner`'s.
+    pub(super) async fn fork_owned(
+        self: &Arc<Self>,
+        vm_id: &str,
+        req: ForkRequest,
+        owner: Option<String>,
+    ) -> Result<Vec<VmInfo>, EngineError> {
         let source = self.slot(vm_id)?;
         let max = self.cfg.max_fork;
         if req.count == 0 || req.count > max {
@@ -344,7 +354,13 @@ impl Engine {
             });
         drop(source);
         let snap = self
-            .take_snapshot(vm_id, Some(fork_snapshot_id(vm_id)), true, true)
+            .take_snapshot(
+                vm_id,
+                Some(fork_snapshot_id(vm_id)),
+                true,
+                true,
+                owner.clone(),
+            )
             .await?;
         let snapshot_id = snap.snapshot_id.clone();
         let mut made: Vec<VmInfo> = Vec::with_capacity(ids.len());
@@ -356,7 +372,8 @@ impl Engine {
                     let engine = self.clone();
                     let mut req = CreateVmRequest::restore(id, &snapshot_id);
                     req.network = network.clone();
-                    tasks.spawn(async move { (i, engine.create(req).await) });
+                    let owner = owner.clone();
+                    tasks.spawn(async move { (i, engine.create_owned(req, owner).await) });
                 }
                 let mut done = Vec::with_capacity(chunk.len());
                 while let Some(r) = tasks.join_next().await {

@@ -19,6 +19,7 @@ mod create;
 mod full;
 mod host_paths;
 mod lifecycle;
+mod owners;
 mod restore;
 mod snapshot;
 mod validate;
@@ -398,16 +399,7 @@ impl Engine {
     /// Every VM, sorted by id, as the JSON of a `VmList`, without re-serialising.
     pub fn list_json(&self) -> String {
         let parts: Vec<Arc<str>> = self.slots().iter().map(|s| s.json()).collect();
-        let mut out = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum::<usize>() + 12);
-        out.push_str("{\"vms\":[");
-        for (i, p) in parts.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push_str(p);
-        }
-        out.push_str("]}");
-        out
+        vm_list_json(&parts)
     }
 
     /// Number of tracked VMs.
@@ -568,6 +560,20 @@ impl Engine {
             let _ = t.await;
         }
     }
+}
+
+/// The JSON of a `VmList` from the rendered JSON of each VM.
+fn vm_list_json(parts: &[Arc<str>]) -> String {
+    let mut out = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum::<usize>() + 12);
+    out.push_str("{\"vms\":[");
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(p);
+    }
+    out.push_str("]}");
+    out
 }
 
 fn render(info: &VmInfo) -> Arc<str> {

@@ -160,6 +160,7 @@ async fn seed_snapshot(rig: &Rig, snapshot_id: &str) {
             fs_frozen: false,
             rootfs_fingerprint: None,
             full: None,
+            owner: None,
         })
         .await
         .unwrap();

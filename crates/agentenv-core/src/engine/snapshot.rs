@@ -59,17 +59,19 @@ impl Engine {
         snapshot_id: Option<String>,
         memory: bool,
     ) -> Result<SnapshotInfo, EngineError> {
-        self.take_snapshot(vm_id, snapshot_id, memory, false).await
+        self.take_snapshot(vm_id, snapshot_id, memory, false, None)
+            .await
     }
 
     /// [`Engine::snapshot`]; `ephemeral` marks a fork's snapshot, removed
-    /// with the last VM restored from it.
+    /// with the last VM restored from it; `owner` is recorded in it.
     pub(super) async fn take_snapshot(
         &self,
         vm_id: &str,
         snapshot_id: Option<String>,
         memory: bool,
         ephemeral: bool,
+        owner: Option<String>,
     ) -> Result<SnapshotInfo, EngineError> {
         let slot = self.slot(vm_id)?;
         let snapshot_id = match snapshot_id {
@@ -130,6 +132,7 @@ impl Engine {
                 fs_frozen: false,
                 rootfs_fingerprint,
                 full,
+                owner,
             })
             .await;
         let mut pending = match begun {

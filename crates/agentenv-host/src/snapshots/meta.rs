@@ -68,6 +68,9 @@ pub struct SnapshotMeta {
     /// A full snapshot's VM description and its files' checks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub full: Option<FullRecord>,
+    /// Who took it (a token name, `uid:N`); absent in older records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// What a full snapshot adds to the record.
@@ -135,6 +138,7 @@ impl SnapshotMeta {
             rootfs_fingerprint: self.rootfs_fingerprint.clone(),
             full: self.full.as_ref().map(|f| f.info.clone()),
             mapped_by: Vec::new(),
+            owner: self.owner.clone(),
         }
     }
 
@@ -243,6 +247,7 @@ mod tests {
             kind: SnapshotKind::Disk,
             rootfs_fingerprint: None,
             full: None,
+            owner: None,
         }
     }
 

@@ -291,6 +291,7 @@ pub(super) fn finish(
         },
         rootfs_fingerprint: new.rootfs_fingerprint.clone(),
         full,
+        owner: new.owner.clone(),
     };
     match inner.write_meta(partial, &meta) {
         Ok(()) => {}

@@ -77,6 +77,7 @@ impl Fixture {
             backend: BackendKind::Firecracker,
             source: self.source(),
             fs_frozen: false,
+            owner: Some("alice".into()),
         }
     }
 
@@ -314,6 +315,17 @@ async fn init_removes_crash_leftovers_and_loads_the_rest() {
     let ids: Vec<String> = again.list().into_iter().map(|s| s.snapshot_id).collect();
     assert_eq!(ids, ["kept"]);
     assert!(fx.path("durable/norecord").exists());
+}
+
+#[tokio::test]
+async fn the_owner_is_kept_in_the_record_through_persist_and_a_restart() {
+    let fx = Fixture::new(0);
+    let made = fx.store.create(fx.new_snapshot("mine")).await.unwrap();
+    assert_eq!(made.owner.as_deref(), Some("alice"));
+    fx.store.persist("mine", false).await.unwrap();
+    let again = TieredStore::new(fx.dir.path(), fx.path("tmpfs"), fx.path("durable"), 0);
+    again.init().await.unwrap();
+    assert_eq!(again.get("mine").unwrap().owner.as_deref(), Some("alice"));
 }
 
 #[tokio::test]

@@ -73,6 +73,16 @@ pub enum Command {
         #[command(subcommand)]
         command: SnapshotCommand,
     },
+    /// Manage the API tokens of the tokens file (`[auth] tokens_file`); the
+    /// daemon reads it again on SIGHUP.
+    Token {
+        /// Which tokens file.
+        #[command(flatten)]
+        file: TokenFileArgs,
+        /// The verb.
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Check a config file and print it with every default filled in.
     CheckConfig {
         /// The configuration file (TOML).
@@ -97,6 +107,57 @@ pub struct ClientOpts {
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The API token (`agentenv token create`), sent as `Authorization:
+    /// Bearer TOKEN`.
+    #[arg(long, global = true, env = "AGENTENV_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl ClientOpts {
+    /// A client of the daemon these options name, with the token if given.
+    pub fn client(&self) -> anyhow::Result<agentenv_client::ApiClient> {
+        let c = agentenv_client::ApiClient::new(&self.server)?;
+        Ok(match &self.token {
+            Some(t) => c.with_token(t.trim()),
+            None => c,
+        })
+    }
+}
+
+/// Which tokens file `agentenv token` edits.
+#[derive(Debug, Clone, Args)]
+pub struct TokenFileArgs {
+    /// The tokens file [default: the config's `[auth] tokens_file`].
+    #[arg(long, global = true)]
+    pub tokens_file: Option<PathBuf>,
+    /// The daemon's configuration file, for its `[auth] tokens_file`.
+    #[arg(long, global = true, env = "AGENTENV_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// `agentenv token …`
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Add a token and print it (once: only its hash is kept).
+    Create {
+        /// Its name: the `owner` of what it creates, and its name in the audit log.
+        name: String,
+        /// `user` (only its own VMs and snapshots) or `admin` (everything).
+        #[arg(long, value_parser = parse_scope)]
+        scope: agentenv_core::principal::Scope,
+    },
+    /// List the tokens' names and scopes (never their hashes).
+    #[command(alias = "list")]
+    Ls,
+    /// Remove a token (the daemon stops accepting it on SIGHUP or restart).
+    Revoke {
+        /// Its name.
+        name: String,
+    },
+}
+
+fn parse_scope(s: &str) -> Result<agentenv_core::principal::Scope, String> {
+    s.parse()
 }
 
 /// `agentenv vm …`

@@ -5,14 +5,17 @@ use agentenv_api::{ExecEvent, ExecRequest};
 use agentenv_client::{ApiClient, UploadOptions};
 use anyhow::{anyhow, Context};
 
-use super::args::{guest_side, ClientOpts, CpArgs, ExecArgs, SnapshotCommand, VmCommand};
+use super::args::{
+    guest_side, ClientOpts, CpArgs, ExecArgs, SnapshotCommand, TokenCommand, TokenFileArgs,
+    VmCommand,
+};
 use super::render::{
     print_as, print_deleted, print_snapshot, print_vm, write_snapshot_table, write_table,
 };
 
 /// Runs one `vm` command, printing its result.
 pub fn run_vm(opts: &ClientOpts, cmd: VmCommand) -> anyhow::Result<()> {
-    let c = ApiClient::new(&opts.server)?;
+    let c = opts.client()?;
     let out = std::io::stdout();
     let mut out = out.lock();
     match cmd {
@@ -209,7 +212,7 @@ fn run_cp(
 
 /// Runs one `snapshot` command, printing its result.
 pub fn run_snapshot(opts: &ClientOpts, cmd: SnapshotCommand) -> anyhow::Result<()> {
-    let c = ApiClient::new(&opts.server)?;
+    let c = opts.client()?;
     let out = std::io::stdout();
     let mut out = out.lock();
     match cmd {
@@ -242,5 +245,46 @@ fn copy_output(data: &str, out: &mut impl std::io::Write) -> anyhow::Result<()> 
     let b = agentenv_api::base64::decode(data).ok_or_else(|| anyhow!("bad base64 output"))?;
     out.write_all(&b)?;
     out.flush()?;
+    Ok(())
+}
+
+/// Runs one `token` command on the tokens file, printing its result.
+pub fn run_token(file: &TokenFileArgs, cmd: TokenCommand) -> anyhow::Result<()> {
+    use std::io::Write;
+    let path = match &file.tokens_file {
+        Some(p) => p.clone(),
+        None => {
+            crate::daemon::load_config(file.config.as_deref())?
+                .auth
+                .tokens_file
+        }
+    };
+    let out = std::io::stdout();
+    let mut out = out.lock();
+    match cmd {
+        TokenCommand::Create { name, scope } => {
+            let token = crate::tokens::create(&path, &name, scope)?;
+            writeln!(out, "{token}")?;
+            eprintln!(
+                "agentenv: token {name} ({scope}) added to {}; it is shown only now. \
+                 Send SIGHUP to a running daemon to load it.",
+                path.display()
+            );
+        }
+        TokenCommand::Ls => {
+            let tokens = crate::tokens::Tokens::load(&path)?;
+            writeln!(out, "{:<32} SCOPE", "NAME")?;
+            for e in tokens.entries() {
+                writeln!(out, "{:<32} {}", e.name, e.scope)?;
+            }
+        }
+        TokenCommand::Revoke { name } => {
+            crate::tokens::revoke(&path, &name)?;
+            eprintln!(
+                "agentenv: token {name} removed from {}; send SIGHUP to a running daemon to drop it",
+                path.display()
+            );
+        }
+    }
     Ok(())
 }

@@ -8,5 +8,7 @@ pub mod args;
 pub mod commands;
 pub mod render;
 
-pub use args::{Cli, ClientOpts, Command, DaemonArgs, SnapshotCommand, VmCommand};
-pub use commands::{run_snapshot, run_vm};
+pub use args::{
+    Cli, ClientOpts, Command, DaemonArgs, SnapshotCommand, TokenCommand, TokenFileArgs, VmCommand,
+};
+pub use commands::{run_snapshot, run_token, run_vm};

@@ -101,6 +101,14 @@ impl From<LimitError> for ApiError {
     }
 }
 
+impl From<super::auth::AuthError> for ApiError {
+    /// Every authentication failure is a 401 (`auth.rs` adds
+    /// `WWW-Authenticate`).
+    fn from(e: super::auth::AuthError) -> Self {
+        ApiError::new(StatusCode::UNAUTHORIZED, e.to_string())
+    }
+}
+
 /// The HTTP status of each engine error. Decided here and nowhere else.
 pub fn status_of(e: &EngineError) -> StatusCode {
     match e {

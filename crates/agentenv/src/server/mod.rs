@@ -2,6 +2,7 @@
 //! parse, call the engine, map the result — no state checks, no OS calls.
 
 mod agent;
+pub mod auth;
 pub mod error;
 pub mod json;
 pub mod limits;
@@ -24,14 +25,18 @@ use error::ApiError;
 /// Shared state of every handler.
 pub type AppState = Arc<Engine>;
 
-/// The whole API, with the request limits of the engine's config.
-pub fn router(engine: Arc<Engine>) -> Router {
+/// The whole API, with the request limits of the engine's config, callers
+/// authenticated by `auth`.
+pub fn router(engine: Arc<Engine>, auth: auth::Auth) -> Router {
     let limits = limits::Limits::from_config(engine.config());
-    router_with(engine, limits)
+    router_with(engine, limits, auth)
 }
 
-/// The whole API, counting its operations in `limits`.
-fn router_with(engine: Arc<Engine>, limits: limits::Limits) -> Router {
+/// The whole API, counting its operations in `limits`. Layers, outermost
+/// first: authentication (and the audit log: a request without a valid
+/// credential never takes an in-flight slot), the in-flight limit, JSON
+/// error bodies; then routing, and on every route the ownership check.
+fn router_with(engine: Arc<Engine>, limits: limits::Limits, auth: auth::Auth) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi::serve))
@@ -57,12 +62,20 @@ fn router_with(engine: Arc<Engine>, limits: limits::Limits) -> Router {
             "/v1/snapshots/{snapshot_id}/persist",
             post(snapshots::persist),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            engine.clone(),
+            auth::owns,
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(engine)
         .layer(Extension(limits.clone()))
         .layer(axum::middleware::map_response(error::json_rejections))
         .layer(axum::middleware::from_fn_with_state(limits, limits::limit))
+        .layer(axum::middleware::from_fn_with_state(
+            auth,
+            auth::authenticate,
+        ))
 }
 
 /// How long a clean stop waits for operations still in flight.
@@ -76,22 +89,38 @@ pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(6
 /// connection idle that long, is disconnected. On shutdown, no new connection
 /// is accepted, idle ones are closed, requests in progress finish first, and
 /// so do operations whose clients went away (up to [`SHUTDOWN_GRACE`]).
+///
+/// Callers are authenticated as the engine's config says (`[auth]`); a
+/// tokens file that cannot be used is an error before anything is served.
 pub async fn run(
     listener: tokio::net::TcpListener,
     engine: Arc<Engine>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let auth = auth::Auth::from_config(engine.config()).map_err(std::io::Error::other)?;
+    run_with(listener, engine, auth, shutdown).await
+}
+
+/// [`run`] with the authentication given (the daemon keeps a handle to
+/// reload its tokens on SIGHUP).
+pub async fn run_with(
+    listener: tokio::net::TcpListener,
+    engine: Arc<Engine>,
+    auth: auth::Auth,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::server::graceful::GracefulShutdown;
     use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt;
 
     let limits = limits::Limits::from_config(engine.config());
-    let app = router_with(engine.clone(), limits.clone());
+    let app = router_with(engine.clone(), limits.clone(), auth);
     let header_timeout = std::time::Duration::from_millis(engine.config().header_timeout_ms);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
@@ -104,7 +133,13 @@ pub async fn run(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let client = auth::ClientAddr(peer.to_string());
+        let service = TowerToHyperService::new(app.clone().map_request(
+            move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(client.clone());
+                req
+            },
+        ));
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(header_timeout)

@@ -5,8 +5,10 @@ use agentenv_api::{
 };
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::Json;
 
+use super::auth::{AuditTarget, Caller};
 use super::error::ApiError;
 use super::json::OptionalJsonBody;
 use super::limits::Held;
@@ -25,22 +27,29 @@ use super::{detached, AppState};
     ))]
 pub(crate) async fn create(
     State(engine): State<AppState>,
+    Caller(who): Caller,
     held: Held,
     Path(vm_id): Path<String>,
     OptionalJsonBody(req): OptionalJsonBody<CreateSnapshotRequest>,
-) -> Result<(StatusCode, Json<SnapshotInfo>), ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let s = detached(held, async move {
-        engine.snapshot(&vm_id, req.snapshot_id, req.memory).await
+        engine
+            .snapshot_as(&who, &vm_id, req.snapshot_id, req.memory)
+            .await
     })
     .await?;
-    Ok((StatusCode::CREATED, Json(s)))
+    let target = AuditTarget::snapshot(&s.snapshot_id);
+    Ok((StatusCode::CREATED, axum::Extension(target), Json(s)))
 }
 
 #[utoipa::path(get, path = "/v1/snapshots", tag = "snapshots",
     responses((status = 200, description = "Every complete snapshot", body = SnapshotList)))]
-pub(crate) async fn list(State(engine): State<AppState>) -> Json<SnapshotList> {
+pub(crate) async fn list(
+    State(engine): State<AppState>,
+    Caller(who): Caller,
+) -> Json<SnapshotList> {
     Json(SnapshotList {
-        snapshots: engine.snapshots(),
+        snapshots: engine.snapshots_as(&who),
     })
 }
 

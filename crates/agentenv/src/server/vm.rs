@@ -6,6 +6,7 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 
+use super::auth::{AuditTarget, Caller};
 use super::error::ApiError;
 use super::json::JsonBody;
 use super::limits::Held;
@@ -25,20 +26,24 @@ use super::{detached, AppState};
     ))]
 pub(crate) async fn create(
     State(engine): State<AppState>,
+    Caller(who): Caller,
     held: Held,
     JsonBody(req): JsonBody<CreateVmRequest>,
-) -> Result<(StatusCode, Json<VmInfo>), ApiError> {
-    let vm = detached(held, async move { engine.create(req).await }).await?;
-    Ok((StatusCode::CREATED, Json(vm)))
+) -> impl IntoResponse {
+    let target = AuditTarget::vm(&req.vm_id);
+    let vm = detached(held, async move { engine.create_as(&who, req).await }).await;
+    let mut resp = vm.map(|vm| (StatusCode::CREATED, Json(vm))).into_response();
+    resp.extensions_mut().insert(target);
+    resp
 }
 
 #[utoipa::path(get, path = "/v1/vm", tag = "vm",
     responses((status = 200, description = "Every VM", body = agentenv_api::VmList)))]
-pub(crate) async fn list(State(engine): State<AppState>) -> impl IntoResponse {
+pub(crate) async fn list(State(engine): State<AppState>, Caller(who): Caller) -> impl IntoResponse {
     // Each VM's JSON is rendered when it changes; listing only concatenates.
     (
         [(header::CONTENT_TYPE, "application/json")],
-        engine.list_json(),
+        engine.list_json_as(&who),
     )
 }
 
@@ -139,11 +144,12 @@ pub(crate) async fn delete(
     ))]
 pub(crate) async fn fork(
     State(engine): State<AppState>,
+    Caller(who): Caller,
     held: Held,
     Path(vm_id): Path<String>,
     JsonBody(req): JsonBody<ForkRequest>,
 ) -> Result<(StatusCode, Json<ForkResponse>), ApiError> {
-    let vms = detached(held, async move { engine.fork(&vm_id, req).await }).await?;
+    let vms = detached(held, async move { engine.fork_as(&who, &vm_id, req).await }).await?;
     Ok((StatusCode::CREATED, Json(ForkResponse { vms })))
 }
 
@@ -158,14 +164,14 @@ pub(crate) async fn fork(
     ))]
 pub(crate) async fn reset(
     State(engine): State<AppState>,
+    Caller(who): Caller,
     held: Held,
     Path(vm_id): Path<String>,
     JsonBody(req): JsonBody<ResetRequest>,
 ) -> Result<Json<VmInfo>, ApiError> {
-    let vm = detached(
-        held,
-        async move { engine.reset(&vm_id, &req.snapshot_id).await },
-    )
+    let vm = detached(held, async move {
+        engine.reset_as(&who, &vm_id, &req.snapshot_id).await
+    })
     .await?;
     Ok(Json(vm))
 }

@@ -13,6 +13,47 @@ use agentenv_testkit::leaks::Baseline;
 use agentenv_testkit::paths;
 use serde_json::Value;
 
+/// The admin token every test daemon accepts (its hash is in the test
+/// directory's `tokens` file, name [`TEST_TOKEN_NAME`]); the harness's
+/// clients and raw requests send it, so every test runs with auth on.
+pub const TEST_TOKEN: &str = "e2b_0123456789abcdef0123456789abcdef01234567";
+
+/// The name of [`TEST_TOKEN`] in the tokens file (the owner of what tests create).
+pub const TEST_TOKEN_NAME: &str = "harness";
+
+/// Writes a tokens file (mode 0600) with `tokens` as (name, scope, token).
+pub fn write_tokens(path: &Path, tokens: &[(&str, &str, &str)]) {
+    use std::os::unix::fs::PermissionsExt;
+    let text: String = tokens
+        .iter()
+        .map(|(name, scope, token)| {
+            format!("{name} {scope} {}\n", agentenv::tokens::hash_hex(token))
+        })
+        .collect();
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// `request` with `Authorization: Bearer TEST_TOKEN` after its request line,
+/// unless it has an `Authorization` header already.
+pub fn with_auth(request: Vec<u8>) -> Vec<u8> {
+    let head_end = request
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(request.len());
+    let head = String::from_utf8_lossy(&request[..head_end]).to_ascii_lowercase();
+    if head.contains("\r\nauthorization:") {
+        return request;
+    }
+    let Some(line_end) = request.windows(2).position(|w| w == b"\r\n") else {
+        return request;
+    };
+    let mut out = request[..line_end + 2].to_vec();
+    out.extend_from_slice(format!("Authorization: Bearer {TEST_TOKEN}\r\n").as_bytes());
+    out.extend_from_slice(&request[line_end + 2..]);
+    out
+}
+
 /// A running daemon and the directory holding all its state.
 pub struct Daemon {
     pub base: String,
@@ -59,6 +100,7 @@ impl TestDir {
         }
         let base = std::fs::File::create(d.join("rootfs/base.ext4")).unwrap();
         base.set_len(8 << 20).unwrap();
+        write_tokens(&d.join("tokens"), &[(TEST_TOKEN_NAME, "admin", TEST_TOKEN)]);
         TestDir {
             tmp,
             baseline: None,
@@ -94,6 +136,11 @@ impl TestDir {
             // These tests run in the host's namespace: never touch its network.
             network: agentenv_core::config::NetworkConfig {
                 enable: false,
+                ..Default::default()
+            },
+            // Auth on, with the harness's admin token (`TEST_TOKEN`).
+            auth: agentenv_core::config::AuthConfig {
+                tokens_file: d.join("tokens"),
                 ..Default::default()
             },
             ..Config::default()
@@ -301,13 +348,15 @@ pub struct RawAnswer {
     pub body: Value,
 }
 
-/// Sends `request` (bytes exactly as given: no URL normalisation, any method,
-/// header or body) on a new connection to the daemon and reads the answer.
+/// Sends `request` (bytes as given: no URL normalisation, any method,
+/// header or body; the harness's token added by [`with_auth`] unless it has
+/// an `Authorization` header) on a new connection to the daemon and reads the answer.
 /// The request should say `Connection: close`. Panics when no answer comes
 /// within `timeout`. The request is written from another thread while the
 /// answer is read, so a daemon that answers before reading a whole (huge)
 /// body is seen answering.
 pub fn raw_http(base: &str, request: Vec<u8>, timeout: Duration) -> RawAnswer {
+    let request = with_auth(request);
     raw_exchange(base, timeout, move |mut w, _| {
         use std::io::Write;
         // Write errors are expected when the daemon answers early and closes.
@@ -429,6 +478,7 @@ default_disk_size_gib = 1
 shutdown_timeout_s = 3
 {on_shutdown}
 {extra}
+{auth}
 "#,
         c.session_root.display(),
         c.socket_root.display(),
@@ -443,6 +493,11 @@ shutdown_timeout_s = 3
             ""
         } else {
             "on_shutdown = \"stop\""
+        },
+        auth = if extra.contains("[auth]") {
+            String::new()
+        } else {
+            format!("[auth]\ntokens_file = \"{}\"", c.auth.tokens_file.display())
         },
     );
     let p = dir.path().join("agentenv.toml");
@@ -533,6 +588,11 @@ impl Rng {
 
 /// A client of the daemon at `base` whose reads and writes block at most `timeout`.
 pub fn client(base: &str, timeout: Duration) -> ApiClient {
+    anonymous_client(base, timeout).with_token(TEST_TOKEN)
+}
+
+/// A client of the daemon at `base` that sends no token.
+pub fn anonymous_client(base: &str, timeout: Duration) -> ApiClient {
     ApiClient::new(base)
         .unwrap_or_else(|e| panic!("{base}: {e}"))
         .with_timeout(timeout)
