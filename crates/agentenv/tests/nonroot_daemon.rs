@@ -177,6 +177,8 @@ struct Daemon {
     child: Child,
     log: PathBuf,
     ns: String,
+    /// The admin token the daemon's first start saved (`data/admin.token`).
+    token_file: PathBuf,
 }
 
 impl Daemon {
@@ -200,6 +202,7 @@ impl Daemon {
             child,
             log,
             ns: ns.host.clone(),
+            token_file: workdir.join("data/admin.token"),
         }
     }
 
@@ -231,6 +234,10 @@ impl Daemon {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns, "curl", "-s", "-m", "240"])
             .args(["-X", method, "-w", "\n%{http_code}"]);
+        // The token the first start created, as the quickstart uses it.
+        if let Ok(token) = fs::read_to_string(&self.token_file) {
+            cmd.args(["-H", &format!("authorization: Bearer {}", token.trim())]);
+        }
         if let Some(body) = body {
             cmd.args(["-H", "content-type: application/json", "-d"])
                 .arg(body.to_string());
