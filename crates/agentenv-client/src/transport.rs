@@ -18,6 +18,8 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::tls::{TlsClient, TlsError, TlsOptions};
+
 /// Longest status or header line accepted.
 const MAX_LINE: u64 = 16 * 1024;
 
@@ -31,14 +33,26 @@ pub enum Endpoint {
     Tcp(SocketAddr),
     /// A Unix stream socket (Firecracker's API socket, or a daemon's).
     Unix(PathBuf),
+    /// HTTPS: TLS over TCP, the daemon's certificate checked for `name`.
+    Https {
+        /// The address connected to.
+        addr: SocketAddr,
+        /// The host name (or IP) the certificate must be valid for.
+        name: String,
+        /// The client configuration (CA, client certificate).
+        tls: TlsClient,
+    },
 }
 
 /// Why an endpoint string was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
-    /// Neither `http://HOST:PORT` nor `unix:/PATH`.
-    #[error("endpoint {0:?} is neither http://HOST:PORT nor unix:/PATH")]
+    /// Neither `http://HOST:PORT`, `https://HOST:PORT` nor `unix:/PATH`.
+    #[error("endpoint {0:?} is neither http://HOST:PORT, https://HOST:PORT nor unix:/PATH")]
     Form(String),
+    /// The TLS files of an `https://` endpoint cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The host name did not resolve.
     #[error("cannot resolve {addr:?}: {error}")]
     Resolve {
@@ -53,6 +67,28 @@ impl Endpoint {
     /// Parses `http://HOST:PORT` (a trailing `/` allowed; the host is resolved
     /// now, the first address wins) or `unix:/PATH` (also `unix:///PATH`).
     pub fn parse(s: &str) -> Result<Endpoint, EndpointError> {
+        Endpoint::parse_with(s, &TlsOptions::default())
+    }
+
+    /// Like [`Endpoint::parse`], also taking `https://HOST:PORT`, checked
+    /// against the CA in `tls` (and sending its client certificate, if any).
+    pub fn parse_with(s: &str, tls: &TlsOptions) -> Result<Endpoint, EndpointError> {
+        if let Some(rest) = s.strip_prefix("https://") {
+            let addr = match Endpoint::parse(&format!("http://{rest}"))? {
+                Endpoint::Tcp(addr) => addr,
+                _ => return Err(EndpointError::Form(s.into())),
+            };
+            let hostport = rest.strip_suffix('/').unwrap_or(rest);
+            let name = match hostport.rsplit_once(':') {
+                Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+                None => hostport,
+            };
+            return Ok(Endpoint::Https {
+                addr,
+                name: name.to_string(),
+                tls: tls.client()?,
+            });
+        }
         if let Some(path) = s.strip_prefix("unix:") {
             let path = path.strip_prefix("//").unwrap_or(path);
             if !path.starts_with('/') {
@@ -87,6 +123,23 @@ impl Endpoint {
                 Stream::Tcp(s)
             }
             Endpoint::Unix(path) => Stream::Unix(UnixStream::connect(path)?),
+            Endpoint::Https { addr, name, tls } => {
+                let s = TcpStream::connect_timeout(addr, timeout)?;
+                s.set_nodelay(true)?;
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))?;
+                let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                let mut conn = rustls::ClientConnection::new(tls.0.clone(), server_name)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                let mut s = s;
+                // The handshake now, so that a refused certificate is an error
+                // of the connection, not of the first request.
+                while conn.is_handshaking() {
+                    conn.complete_io(&mut s)?;
+                }
+                Stream::Tls(Box::new(rustls::StreamOwned::new(conn, s)))
+            }
         };
         s.set_timeout(Some(timeout))?;
         Ok(s)
@@ -106,6 +159,7 @@ impl std::fmt::Display for Endpoint {
         match self {
             Endpoint::Tcp(a) => write!(f, "http://{a}"),
             Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            Endpoint::Https { addr, .. } => write!(f, "https://{addr}"),
         }
     }
 }
@@ -117,6 +171,8 @@ pub enum Stream {
     Tcp(TcpStream),
     /// Over a Unix stream socket.
     Unix(UnixStream),
+    /// TLS over TCP.
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
 impl Stream {
@@ -125,6 +181,12 @@ impl Stream {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tls(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "a TLS connection has one handle",
+                ))
+            }
         })
     }
 
@@ -134,6 +196,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(timeout),
             Stream::Unix(s) => s.set_write_timeout(timeout),
+            Stream::Tls(s) => s.sock.set_write_timeout(timeout),
         }
     }
 
@@ -142,6 +205,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(timeout),
             Stream::Unix(s) => s.set_read_timeout(timeout),
+            Stream::Tls(s) => s.sock.set_read_timeout(timeout),
         }
     }
 
@@ -150,6 +214,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
             Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Tls(s) => s.sock.shutdown(std::net::Shutdown::Both),
         }
     }
 }
@@ -159,6 +224,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -168,6 +234,7 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
 
@@ -175,6 +242,7 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.flush(),
             Stream::Unix(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
         }
     }
 }

@@ -109,6 +109,71 @@ pub struct Config {
     pub network: NetworkConfig,
     /// The guest agent.
     pub agent: AgentConfig,
+    /// Who may call the API.
+    pub auth: AuthConfig,
+    /// HTTPS (and client certificates) on the TCP listeners.
+    pub tls: TlsConfig,
+    /// Listeners and the checks every request passes before a handler.
+    pub http: HttpConfig,
+}
+
+/// How API callers prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// Bearer tokens from `tokens_file` (the default).
+    #[default]
+    Token,
+    /// No credential: only loopback TCP and Unix listeners are allowed.
+    None,
+}
+
+/// The `[auth]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `token` (default) or `none`.
+    pub mode: AuthMode,
+    /// The tokens file (one `name scope token-hash` per line).
+    pub tokens_file: PathBuf,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::Token,
+            tokens_file: PathBuf::from("data/tokens"),
+        }
+    }
+}
+
+/// The `[tls]` table: with `cert_file` and `key_file`, TCP listeners serve
+/// HTTPS; with `client_ca_file` too, they require a client certificate
+/// signed by that CA (mTLS). All PEM files.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The server's certificate chain (PEM), leaf first.
+    pub cert_file: Option<PathBuf>,
+    /// The server certificate's private key (PEM).
+    pub key_file: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates must chain to.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// The `[http]` table.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Addresses to listen on (`HOST:PORT` or `unix:/PATH`) when the command
+    /// line gives no `--listen` (none here either: `127.0.0.1:8080`).
+    pub listen: Vec<String>,
+    /// `Host` header values TCP requests may carry besides the loopback names
+    /// and the listen addresses (a name, or `name:port`).
+    pub allowed_hosts: Vec<String>,
+    /// Group (name or numeric gid) of the Unix listener sockets, which are
+    /// mode 0660: its members may call the API (default: the daemon's group).
+    pub socket_group: Option<String>,
 }
 
 /// The `[agent]` table.
@@ -204,6 +269,9 @@ impl Default for Config {
             body_timeout_ms: 10_000,
             network: NetworkConfig::default(),
             agent: AgentConfig::default(),
+            auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -390,6 +458,7 @@ impl Config {
                 ));
             }
         }
+        self.tls.validate()?;
         self.network.validate()
     }
 
@@ -412,6 +481,20 @@ impl Config {
             ("kernel_root", &self.kernel_root),
             ("initramfs_root", &self.initramfs_root),
         ]
+    }
+}
+
+impl TlsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => Err(invalid("tls.key_file", "must be given with tls.cert_file")),
+            (None, Some(_)) => Err(invalid("tls.cert_file", "must be given with tls.key_file")),
+            (None, None) if self.client_ca_file.is_some() => Err(invalid(
+                "tls.client_ca_file",
+                "needs tls.cert_file and tls.key_file (client certificates are asked for in a TLS handshake)",
+            )),
+            _ => Ok(()),
+        }
     }
 }
 

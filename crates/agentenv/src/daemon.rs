@@ -1,6 +1,5 @@
 //! Daemon start-up: configuration, directories, backend choice, serving, signals.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -17,6 +16,9 @@ use agentenv_host::qemu::QemuVmm;
 use agentenv_host::snapshots::TieredStore;
 use agentenv_host::LocalHost;
 use anyhow::{bail, Context};
+
+use crate::server::listen::{check_policy, ListenAddr, Listener};
+use crate::server::tls::TlsAcceptor;
 
 /// Loads the config from `path` (or defaults when `None`) and makes every root
 /// path absolute, relative to the current directory.
@@ -172,18 +174,36 @@ pub async fn build_engine_in(cfg: Config, netns: Option<PathBuf>) -> anyhow::Res
     Ok(engine)
 }
 
+/// Sets the process umask to 077: files the daemon makes are 0600 and
+/// directories 0700 unless it sets another mode on purpose.
+pub fn private_umask() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+}
+
+/// Binds every listen address, after checking them against the auth mode
+/// and loading the TLS files: nothing is bound when any of it is wrong.
+pub async fn bind_listeners(cfg: &Config, addrs: &[ListenAddr]) -> anyhow::Result<Vec<Listener>> {
+    check_policy(cfg, addrs)?;
+    let tls = TlsAcceptor::from_config(&cfg.tls)?;
+    let mut listeners = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        listeners.push(Listener::bind(addr, cfg, tls.clone()).await?);
+    }
+    Ok(listeners)
+}
+
 /// Runs the daemon until Ctrl-C or SIGTERM.
-pub async fn serve(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
+pub async fn serve(cfg: Config, listen: Vec<ListenAddr>) -> anyhow::Result<()> {
+    let listeners = bind_listeners(&cfg, &listen).await?;
     let engine = build_engine(cfg).await?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    tracing::info!(
-        "agentenv {} listening on http://{}",
-        env!("CARGO_PKG_VERSION"),
-        listener.local_addr()?
-    );
-    crate::server::run(listener, engine, shutdown_signal()).await?;
+    for l in &listeners {
+        tracing::info!(
+            "agentenv {} listening on {}",
+            env!("CARGO_PKG_VERSION"),
+            l.describe()
+        );
+    }
+    crate::server::run_listeners(listeners, engine, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }

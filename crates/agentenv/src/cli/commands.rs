@@ -12,7 +12,7 @@ use super::render::{
 
 /// Runs one `vm` command, printing its result.
 pub fn run_vm(opts: &ClientOpts, cmd: VmCommand) -> anyhow::Result<()> {
-    let c = ApiClient::new(&opts.server)?;
+    let c = opts.client()?;
     let out = std::io::stdout();
     let mut out = out.lock();
     match cmd {
@@ -209,7 +209,7 @@ fn run_cp(
 
 /// Runs one `snapshot` command, printing its result.
 pub fn run_snapshot(opts: &ClientOpts, cmd: SnapshotCommand) -> anyhow::Result<()> {
-    let c = ApiClient::new(&opts.server)?;
+    let c = opts.client()?;
     let out = std::io::stdout();
     let mut out = out.lock();
     match cmd {
