@@ -50,11 +50,11 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
 /// Creates every root directory the config names.
 pub fn create_roots(cfg: &Config) -> anyhow::Result<()> {
     for (key, path) in cfg.roots() {
-        std::fs::create_dir_all(path)
+        agentenv_host::private::create_dir_all(path)
             .with_context(|| format!("config key `{key}`: cannot create {}", path.display()))?;
     }
     let mem = cfg.guest_memory_dir();
-    std::fs::create_dir_all(&mem).with_context(|| {
+    agentenv_host::private::create_dir_all(&mem).with_context(|| {
         format!(
             "config key `guest_memory_root`: cannot create {}",
             mem.display()
