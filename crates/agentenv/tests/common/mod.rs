@@ -193,6 +193,74 @@ impl Daemon {
         }
     }
 
+    /// Starts a daemon on the listeners `addrs` name (`IP:PORT`, HTTPS when
+    /// `cfg.tls` has a certificate, or `unix:/PATH`), as `agentenv serve`
+    /// binds them; returns it with every listener's address
+    /// (`http://…`, `https://…`, `unix:…`; the first is its `base`), or the
+    /// startup error.
+    pub fn start_listening(
+        cfg: Config,
+        dir: &Path,
+        addrs: &[&str],
+    ) -> Result<(Daemon, Vec<String>), String> {
+        use agentenv::server::listen::ListenAddr;
+        let addrs = addrs
+            .iter()
+            .map(|a| a.parse::<ListenAddr>().map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (abort_tx, abort_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let c = cfg.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listeners = match agentenv::daemon::bind_listeners(&c, &addrs).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        ready_tx.send(Err(format!("{e:#}"))).unwrap();
+                        return;
+                    }
+                };
+                let engine = agentenv::daemon::build_engine(c)
+                    .await
+                    .expect("engine builds");
+                let bases: Vec<String> = listeners.iter().map(|l| l.describe()).collect();
+                ready_tx.send(Ok((bases, engine.clone()))).unwrap();
+                let serve = agentenv::server::run_listeners(listeners, engine, async {
+                    let _ = rx.await;
+                });
+                tokio::select! {
+                    biased;
+                    Ok(()) = abort_rx => {}
+                    r = serve => r.unwrap(),
+                }
+            });
+            rt.shutdown_background();
+        });
+        let (bases, engine) = match ready_rx.recv().expect("daemon starts or fails") {
+            Ok(ready) => ready,
+            Err(e) => {
+                thread.join().unwrap();
+                return Err(e);
+            }
+        };
+        let d = Daemon {
+            base: bases[0].clone(),
+            engine,
+            dir: dir.to_path_buf(),
+            cfg,
+            stop: Some(tx),
+            abort: Some(abort_tx),
+            thread: Some(thread),
+        };
+        Ok((d, bases))
+    }
+
     /// Stops the daemon (its VMs are stopped as `on_shutdown` says).
     pub fn stop(mut self) {
         self.stop_inner();
@@ -373,7 +441,7 @@ impl Daemon {
         body: &[u8],
     ) -> RawAnswer {
         let mut req =
-            format!("{method} {path} HTTP/1.1\r\nHost: agentenv\r\nConnection: close\r\n");
+            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
         if let Some(ct) = content_type {
             req.push_str(&format!("Content-Type: {ct}\r\n"));
         }
