@@ -73,22 +73,6 @@ impl Endpoint {
     /// Like [`Endpoint::parse`], also taking `https://HOST:PORT`, checked
     /// against the CA in `tls` (and sending its client certificate, if any).
     pub fn parse_with(s: &str, tls: &TlsOptions) -> Result<Endpoint, EndpointError> {
-        if let Some(rest) = s.strip_prefix("https://") {
-            let addr = match Endpoint::parse(&format!("http://{rest}"))? {
-                Endpoint::Tcp(addr) => addr,
-                _ => return Err(EndpointError::Form(s.into())),
-            };
-            let hostport = rest.strip_suffix('/').unwrap_or(rest);
-            let name = match hostport.rsplit_once(':') {
-                Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
-                None => hostport,
-            };
-            return Ok(Endpoint::Https {
-                addr,
-                name: name.to_string(),
-                tls: tls.client()?,
-            });
-        }
         if let Some(path) = s.strip_prefix("unix:") {
             let path = path.strip_prefix("//").unwrap_or(path);
             if !path.starts_with('/') {
@@ -96,22 +80,36 @@ impl Endpoint {
             }
             return Ok(Endpoint::Unix(PathBuf::from(path)));
         }
-        let Some(addr) = s.strip_prefix("http://") else {
-            return Err(EndpointError::Form(s.into()));
+        let (https, addr) = match (s.strip_prefix("http://"), s.strip_prefix("https://")) {
+            (Some(a), _) => (false, a),
+            (_, Some(a)) => (true, a),
+            _ => return Err(EndpointError::Form(s.into())),
         };
         let addr = addr.strip_suffix('/').unwrap_or(addr);
         if addr.is_empty() || addr.contains('/') || !addr.contains(':') {
             return Err(EndpointError::Form(s.into()));
         }
+        let tls = if https { Some(tls.client()?) } else { None };
         let resolve = |error| EndpointError::Resolve {
             addr: addr.into(),
             error,
         };
-        addr.to_socket_addrs()
+        let sockaddr = addr
+            .to_socket_addrs()
             .map_err(resolve)?
             .next()
-            .map(Endpoint::Tcp)
-            .ok_or_else(|| resolve(io::Error::new(io::ErrorKind::NotFound, "no address")))
+            .ok_or_else(|| resolve(io::Error::new(io::ErrorKind::NotFound, "no address")))?;
+        Ok(match tls {
+            None => Endpoint::Tcp(sockaddr),
+            Some(tls) => {
+                let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+                Endpoint::Https {
+                    addr: sockaddr,
+                    name: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+                    tls,
+                }
+            }
+        })
     }
 
     /// A new connection; reads and writes on it block at most `timeout`.
@@ -1017,9 +1015,17 @@ mod tests {
             Endpoint::parse("unix:///run/a.sock").unwrap().to_string(),
             "unix:/run/a.sock"
         );
+        // https:// needs a CA to check the daemon against.
+        assert!(
+            matches!(
+                Endpoint::parse("https://a:1"),
+                Err(EndpointError::Tls(TlsError::NoCa))
+            ),
+            "https without a CA"
+        );
         for bad in [
             "127.0.0.1:80",
-            "https://a:1",
+            "https://a",
             "http://a",
             "http://a:1/v1",
             "unix:rel",
