@@ -105,7 +105,10 @@ impl Endpoint {
                 let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
                 Endpoint::Https {
                     addr: sockaddr,
-                    name: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+                    name: host
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_string(),
                     tls,
                 }
             }

@@ -33,7 +33,10 @@ pub fn create_dir(path: &Path) -> io::Result<()> {
 
 /// Creates a directory and its missing parents, each with mode [`DIR_MODE`].
 pub fn create_dir_all(path: &Path) -> io::Result<()> {
-    DirBuilder::new().mode(DIR_MODE).recursive(true).create(path)
+    DirBuilder::new()
+        .mode(DIR_MODE)
+        .recursive(true)
+        .create(path)
 }
 
 /// Writes `data` to `path` (created 0600, or truncated).

@@ -1037,7 +1037,11 @@ fn hostile_bodies_are_refused_cleanly() {
             Want::Field("Content-Type"),
         );
     }
-    assert_eq!(d.call("GET", "/v1/vm/ct", None).0, 404, "nothing was created");
+    assert_eq!(
+        d.call("GET", "/v1/vm/ct", None).0,
+        404,
+        "nothing was created"
+    );
     // A JSON type with a parameter is JSON: the body is parsed and refused
     // the usual way.
     {

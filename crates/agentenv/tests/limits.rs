@@ -72,7 +72,11 @@ fn closed_within(s: &mut Stream, within: Duration) -> bool {
 
 /// One request, with its status, `Retry-After` and JSON body.
 fn call(d: &Daemon, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Option<String>, Value) {
-    let req = Request::new(method, path).body(body.map_or(Body::Empty, Body::Bytes));
+    let mut req = Request::new(method, path).body(body.map_or(Body::Empty, Body::Bytes));
+    if method == "PUT" {
+        // An upload's body is the file (issue 14: octet-stream only).
+        req = req.header("Content-Type", "application/octet-stream");
+    }
     let resp = d
         .client()
         .send(req)

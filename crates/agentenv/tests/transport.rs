@@ -80,7 +80,14 @@ fn open_dir() -> tempfile::TempDir {
 fn curl_as(uid: u32, gid: u32, sock: &Path) -> Result<u16, String> {
     use std::os::unix::process::CommandExt;
     let out = std::process::Command::new("curl")
-        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket"])
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--unix-socket",
+        ])
         .arg(sock)
         .arg("http://localhost/v1/health")
         .uid(uid)
@@ -110,9 +117,12 @@ fn a_unix_socket_is_0660_in_its_group_and_its_peer_is_known() {
     // A stale socket from a dead daemon is replaced.
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     assert!(sock.exists());
-    let (d, bases) =
-        Daemon::start_listening(cfg.clone(), dir.path(), &[&format!("unix:{}", sock.display())])
-            .unwrap();
+    let (d, bases) = Daemon::start_listening(
+        cfg.clone(),
+        dir.path(),
+        &[&format!("unix:{}", sock.display())],
+    )
+    .unwrap();
     assert_eq!(bases, [format!("unix:{}", sock.display())]);
     let meta = std::fs::symlink_metadata(&sock).unwrap();
     assert_eq!(mode(&sock), 0o660);
@@ -126,15 +136,24 @@ fn a_unix_socket_is_0660_in_its_group_and_its_peer_is_known() {
 
     // A member of the socket's group gets in; another uid does not.
     assert_eq!(curl_as(65534, nogroup, &sock), Ok(200));
-    wait_logged(&format!("connection on unix:{} from uid 65534", sock.display()));
+    wait_logged(&format!(
+        "connection on unix:{} from uid 65534",
+        sock.display()
+    ));
     let refused = curl_as(65534, 12345, &sock).unwrap_err();
-    assert!(refused.contains("Permission denied") || refused.contains("Couldn't connect"), "{refused}");
+    assert!(
+        refused.contains("Permission denied") || refused.contains("Couldn't connect"),
+        "{refused}"
+    );
 
     // A second daemon on the same (live) socket is refused, and leaves it be.
     let e = Daemon::start_listening(cfg, dir.path(), &[&format!("unix:{}", sock.display())])
         .err()
         .expect("a live socket is an error");
-    assert!(e.contains("already answers") && e.contains("api.sock"), "{e}");
+    assert!(
+        e.contains("already answers") && e.contains("api.sock"),
+        "{e}"
+    );
     assert_eq!(c.health().unwrap().status, "ok");
 
     // A clean stop removes the socket.
@@ -149,10 +168,17 @@ fn socket_paths_and_groups_that_cannot_be_used_are_named() {
     let file = socks.path().join("not-a-socket");
     std::fs::write(&file, b"keep me").unwrap();
     let mut cases = 0;
-    let e = Daemon::start_listening(dir.config(), dir.path(), &[&format!("unix:{}", file.display())])
-        .err()
-        .unwrap();
-    assert!(e.contains("not a socket") && e.contains("not-a-socket"), "{e}");
+    let e = Daemon::start_listening(
+        dir.config(),
+        dir.path(),
+        &[&format!("unix:{}", file.display())],
+    )
+    .err()
+    .unwrap();
+    assert!(
+        e.contains("not a socket") && e.contains("not-a-socket"),
+        "{e}"
+    );
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
     cases += 1;
     let mut cfg = dir.config();
@@ -161,7 +187,10 @@ fn socket_paths_and_groups_that_cannot_be_used_are_named() {
     let e = Daemon::start_listening(cfg, dir.path(), &[&format!("unix:{}", sock.display())])
         .err()
         .unwrap();
-    assert!(e.contains("http.socket_group") && e.contains("no-such-group-ae"), "{e}");
+    assert!(
+        e.contains("http.socket_group") && e.contains("no-such-group-ae"),
+        "{e}"
+    );
     assert!(!sock.exists(), "nothing is left behind");
     cases += 1;
     for bad in ["unix:relative.sock", "localhost:80"] {
@@ -183,7 +212,10 @@ fn auth_none_allows_only_loopback_and_unix_listeners() {
         let e = Daemon::start_listening(cfg.clone(), dir.path(), &["127.0.0.1:0", addr])
             .err()
             .expect("a non-loopback listener is refused");
-        assert!(e.contains("auth.mode") && e.contains(&addr.replace(":0", "")), "{e}");
+        assert!(
+            e.contains("auth.mode") && e.contains(&addr.replace(":0", "")),
+            "{e}"
+        );
     }
     let socks = open_dir();
     let sock = socks.path().join("none.sock");
@@ -195,7 +227,11 @@ fn auth_none_allows_only_loopback_and_unix_listeners() {
     .unwrap();
     // One daemon, both listeners.
     for base in &bases {
-        assert_eq!(ApiClient::new(base).unwrap().health().unwrap().status, "ok", "{base}");
+        assert_eq!(
+            ApiClient::new(base).unwrap().health().unwrap().status,
+            "ok",
+            "{base}"
+        );
     }
     finish(d, dir);
 }
@@ -285,7 +321,11 @@ fn https_with_a_test_ca() {
     std::fs::create_dir(&pki).unwrap();
     let ca = Ca::new("agentenv test CA");
     let ca_file = ca.write(&pki, "ca.crt");
-    let (cert, key) = write_pair(&pki, "server", ca.issue("localhost", &["localhost", "127.0.0.1"], false));
+    let (cert, key) = write_pair(
+        &pki,
+        "server",
+        ca.issue("localhost", &["localhost", "127.0.0.1"], false),
+    );
     let (d, https) = tls_daemon(
         &dir,
         dir.path(),
@@ -299,18 +339,31 @@ fn https_with_a_test_ca() {
     assert_eq!(c.health().unwrap().status, "ok");
     let (code, v) = common::send(
         &c,
-        agentenv_client::Request::new("POST", "/v1/vm")
-            .body(agentenv_client::Body::Bytes(&serde_json::to_vec(&common::overlay_req("t1")).unwrap())),
+        agentenv_client::Request::new("POST", "/v1/vm").body(agentenv_client::Body::Bytes(
+            &serde_json::to_vec(&common::overlay_req("t1")).unwrap(),
+        )),
     );
     assert_eq!(code, 201, "{v}");
     // The same name as a host name.
     let by_name = https.replace("127.0.0.1", "localhost");
-    assert_eq!(tls_client(&by_name, &ca_file, None).health().unwrap().status, "ok");
+    assert_eq!(
+        tls_client(&by_name, &ca_file, None)
+            .health()
+            .unwrap()
+            .status,
+        "ok"
+    );
     // A client trusting another CA refuses the daemon.
     let other = Ca::new("another CA");
     let other_file = other.write(&pki, "other.crt");
-    let e = tls_client(&https, &other_file, None).health().unwrap_err().to_string();
-    assert!(e.contains("certificate") || e.contains("UnknownIssuer"), "{e}");
+    let e = tls_client(&https, &other_file, None)
+        .health()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("certificate") || e.contains("UnknownIssuer"),
+        "{e}"
+    );
     // Plain HTTP to the TLS port gets no answer.
     let plain = https.replace("https://", "http://");
     assert!(ApiClient::new(&plain)
@@ -335,7 +388,11 @@ fn mtls_needs_a_client_certificate_from_the_configured_ca() {
     let client_ca = Ca::new("client CA");
     let server_ca_file = server_ca.write(&pki, "server-ca.crt");
     let client_ca_file = client_ca.write(&pki, "client-ca.crt");
-    let (cert, key) = write_pair(&pki, "server", server_ca.issue("localhost", &["127.0.0.1"], false));
+    let (cert, key) = write_pair(
+        &pki,
+        "server",
+        server_ca.issue("localhost", &["127.0.0.1"], false),
+    );
     let (d, https) = tls_daemon(
         &dir,
         dir.path(),
@@ -351,7 +408,9 @@ fn mtls_needs_a_client_certificate_from_the_configured_ca() {
     cases += 1;
     // A certificate from another CA (here the server's): refused.
     let stranger = write_pair(&pki, "stranger", server_ca.issue("mallory", &[], true));
-    assert!(tls_client(&https, &server_ca_file, Some(&stranger)).health().is_err());
+    assert!(tls_client(&https, &server_ca_file, Some(&stranger))
+        .health()
+        .is_err());
     cases += 1;
     wait_logged("TLS handshake with 127.0.0.1:");
     // A good one: in, named by its CN.
@@ -386,7 +445,11 @@ fn tls_files_that_cannot_be_used_stop_the_start() {
     let a = write_pair(&pki, "a", ca.issue("a", &["127.0.0.1"], false));
     let b = write_pair(&pki, "b", ca.issue("b", &["127.0.0.1"], false));
     let junk = pki.join("junk.pem");
-    std::fs::write(&junk, "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n").unwrap();
+    std::fs::write(
+        &junk,
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     let empty = pki.join("empty.pem");
     std::fs::write(&empty, "").unwrap();
     let missing = pki.join("missing.pem");
@@ -402,8 +465,14 @@ fn tls_files_that_cannot_be_used_stop_the_start() {
         (tls(&junk, &a.1, None), &["tls.cert_file", "junk.pem"]),
         (tls(&empty, &a.1, None), &["tls.cert_file", "empty.pem"]),
         (tls(&a.0, &a.0, None), &["tls.key_file", "a.crt"]),
-        (tls(&a.0, &a.1, Some(&missing)), &["tls.client_ca_file", "missing.pem"]),
-        (tls(&a.0, &a.1, Some(&empty)), &["tls.client_ca_file", "empty.pem"]),
+        (
+            tls(&a.0, &a.1, Some(&missing)),
+            &["tls.client_ca_file", "missing.pem"],
+        ),
+        (
+            tls(&a.0, &a.1, Some(&empty)),
+            &["tls.client_ca_file", "empty.pem"],
+        ),
     ];
     let socks = open_dir();
     let sock = socks.path().join("t.sock");
@@ -411,18 +480,26 @@ fn tls_files_that_cannot_be_used_stop_the_start() {
     for (t, words) in cases {
         let mut cfg = dir.config();
         cfg.tls = t;
-        let e = Daemon::start_listening(cfg, dir.path(), &[&format!("unix:{}", sock.display()), "127.0.0.1:0"])
-            .err()
-            .expect("the start fails");
+        let e = Daemon::start_listening(
+            cfg,
+            dir.path(),
+            &[&format!("unix:{}", sock.display()), "127.0.0.1:0"],
+        )
+        .err()
+        .expect("the start fails");
         for w in words {
             assert!(e.contains(w), "{w:?} not in {e}");
         }
         assert!(!sock.exists(), "nothing bound: {e}");
     }
     // Half a pair, in the config file itself.
-    let e = Config::parse("[tls]\ncert_file = \"/x.crt\"\n").unwrap_err().to_string();
+    let e = Config::parse("[tls]\ncert_file = \"/x.crt\"\n")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("tls.key_file"), "{e}");
-    let e = Config::parse("[tls]\nclient_ca_file = \"/x.crt\"\n").unwrap_err().to_string();
+    let e = Config::parse("[tls]\nclient_ca_file = \"/x.crt\"\n")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("tls.client_ca_file"), "{e}");
     println!("fault cases: {}", n + 2);
 }
@@ -444,19 +521,29 @@ fn cross_site_requests_are_refused_before_anything_runs() {
     let mut cases = 0;
 
     // The issue's simple cross-site POST: 415, nothing created.
-    for ct in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=b"] {
+    for ct in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=b",
+    ] {
         let a = raw(
             &format!("POST /v1/vm HTTP/1.1\nHost: 127.0.0.1:{port}\nOrigin: http://evil.example\nContent-Type: {ct}\nContent-Length: {}\nConnection: close\n\n", body.len()),
             &body,
         );
         assert_eq!(a.status, 415, "{ct}: {:?}", a.body);
         assert_eq!(a.body["field"], "Content-Type", "{:?}", a.body);
-        assert!(a.body["error"].as_str().unwrap().contains("application/json"));
+        assert!(a.body["error"]
+            .as_str()
+            .unwrap()
+            .contains("application/json"));
         cases += 1;
     }
     // No type at all, and a chunked body: the same.
     let a = raw(
-        &format!("POST /v1/vm HTTP/1.1\nHost: localhost\nContent-Length: {}\nConnection: close\n\n", body.len()),
+        &format!(
+            "POST /v1/vm HTTP/1.1\nHost: localhost\nContent-Length: {}\nConnection: close\n\n",
+            body.len()
+        ),
         &body,
     );
     assert_eq!(a.status, 415, "{:?}", a.body);
@@ -471,9 +558,16 @@ fn cross_site_requests_are_refused_before_anything_runs() {
         b"hi",
     );
     assert_eq!(a.status, 415, "{:?}", a.body);
-    assert!(a.body["error"].as_str().unwrap().contains("application/octet-stream"));
+    assert!(a.body["error"]
+        .as_str()
+        .unwrap()
+        .contains("application/octet-stream"));
     cases += 3;
-    assert_eq!(d.call("GET", "/v1/vm/x", None).0, 404, "nothing was created");
+    assert_eq!(
+        d.call("GET", "/v1/vm/x", None).0,
+        404,
+        "nothing was created"
+    );
     assert!(d.engine.list().is_empty());
 
     // A bad Host is 421 (DNS rebinding), whatever the method.
@@ -504,7 +598,10 @@ fn cross_site_requests_are_refused_before_anything_runs() {
         "api.example.test".to_string(),
         "API.example.test:443".to_string(),
     ] {
-        let a = raw(&format!("GET /v1/health HTTP/1.1\nHost: {host}\nConnection: close\n\n"), b"");
+        let a = raw(
+            &format!("GET /v1/health HTTP/1.1\nHost: {host}\nConnection: close\n\n"),
+            b"",
+        );
         assert_eq!(a.status, 200, "{host}: {:?}", a.body);
     }
     // Refusals take no in-flight slot: with max_inflight_ops = 1, a real
@@ -542,7 +639,9 @@ fn walk(root: &Path) -> BTreeSet<PathBuf> {
     let mut out = BTreeSet::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(p) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&p) else { continue };
+        let Ok(rd) = std::fs::read_dir(&p) else {
+            continue;
+        };
         for e in rd.flatten() {
             let path = e.path();
             if e.file_type().unwrap().is_dir() {
@@ -556,13 +655,20 @@ fn walk(root: &Path) -> BTreeSet<PathBuf> {
 
 /// Checks the mode of everything under `root` not in `before`; returns how
 /// many were checked.
-fn check_modes(root: &Path, before: &BTreeSet<PathBuf>, sockets_0660: &[PathBuf], seen: &mut BTreeSet<PathBuf>) {
+fn check_modes(
+    root: &Path,
+    before: &BTreeSet<PathBuf>,
+    sockets_0660: &[PathBuf],
+    seen: &mut BTreeSet<PathBuf>,
+) {
     use std::os::unix::fs::FileTypeExt;
     for p in walk(root) {
         if before.contains(&p) {
             continue;
         }
-        let Ok(meta) = std::fs::symlink_metadata(&p) else { continue };
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
         let m = meta.permissions().mode() & 0o7777;
         let ft = meta.file_type();
         let want = if ft.is_dir() {
@@ -572,7 +678,11 @@ fn check_modes(root: &Path, before: &BTreeSet<PathBuf>, sockets_0660: &[PathBuf]
         } else {
             0o600
         };
-        assert!(!ft.is_symlink(), "the daemon made a symlink {}", p.display());
+        assert!(
+            !ft.is_symlink(),
+            "the daemon made a symlink {}",
+            p.display()
+        );
         assert_eq!(m, want, "{} is {m:o}, not {want:o}", p.display());
         seen.insert(p);
     }
@@ -605,14 +715,44 @@ fn everything_the_daemon_makes_is_private_over_a_whole_vm_life() {
         assert_eq!(code, want, "{m} {p}: {v}");
         v
     };
-    ok("POST", "/v1/vm/life/snapshot", Some(json!({"snapshot_id": "disk1"})), 201);
-    ok("POST", "/v1/vm/life/snapshot", Some(json!({"snapshot_id": "full1", "memory": true})), 201);
+    ok(
+        "POST",
+        "/v1/vm/life/snapshot",
+        Some(json!({"snapshot_id": "disk1"})),
+        201,
+    );
+    ok(
+        "POST",
+        "/v1/vm/life/snapshot",
+        Some(json!({"snapshot_id": "full1", "memory": true})),
+        201,
+    );
     check("snapshots");
-    ok("POST", "/v1/snapshots/disk1/persist", Some(json!({"keep_tmpfs": true})), 200);
-    ok("POST", "/v1/snapshots/full1/persist", Some(json!({"keep_tmpfs": true})), 200);
+    ok(
+        "POST",
+        "/v1/snapshots/disk1/persist",
+        Some(json!({"keep_tmpfs": true})),
+        200,
+    );
+    ok(
+        "POST",
+        "/v1/snapshots/full1/persist",
+        Some(json!({"keep_tmpfs": true})),
+        200,
+    );
     check("persisted");
-    ok("POST", "/v1/vm", Some(json!({"vm_id": "restored", "restore": {"snapshot_id": "full1"}})), 201);
-    ok("POST", "/v1/vm", Some(json!({"vm_id": "copy", "disk": {"kind": "snapshot", "snapshot_id": "disk1"}})), 201);
+    ok(
+        "POST",
+        "/v1/vm",
+        Some(json!({"vm_id": "restored", "restore": {"snapshot_id": "full1"}})),
+        201,
+    );
+    ok(
+        "POST",
+        "/v1/vm",
+        Some(json!({"vm_id": "copy", "disk": {"kind": "snapshot", "snapshot_id": "disk1"}})),
+        201,
+    );
     check("restored");
     ok("POST", "/v1/vm/life/pause", None, 200);
     ok("POST", "/v1/vm/life/shutdown", None, 200);
@@ -634,12 +774,80 @@ fn everything_the_daemon_makes_is_private_over_a_whole_vm_life() {
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
-    assert!(seen.contains(&session), "the session directory {} was checked", session.display());
+    assert!(
+        seen.contains(&session),
+        "the session directory {} was checked",
+        session.display()
+    );
     for want in ["console.log", "vm.json", "meta.json"] {
         assert!(names.iter().any(|n| n == want), "no {want} among {names:?}");
     }
-    assert!(names.iter().any(|n| n.ends_with(".sock")), "no socket among {names:?}");
+    assert!(
+        names.iter().any(|n| n.ends_with(".sock")),
+        "no socket among {names:?}"
+    );
     assert!(seen.contains(&sock));
     println!("{} paths checked", seen.len());
     finish(d, dir);
+}
+
+#[test]
+fn the_daemon_binary_serves_tcp_and_a_unix_socket_and_removes_it_on_sigterm() {
+    let dir = TestDir::new();
+    let config = common::write_config(&dir, "[http]\nsocket_group = \"nogroup\"\n");
+    let sock = dir.path().join("bin.sock");
+    let log = dir.path().join("daemon.log");
+    let port = common::free_port();
+    let mut d = common::KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_agentenv"))
+            .arg("--config")
+            .arg(&config)
+            .args(["--listen", &format!("unix:{}", sock.display())])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let unix = ApiClient::new(&format!("unix:{}", sock.display())).unwrap();
+    let start = std::time::Instant::now();
+    while unix.health().is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no answer: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        assert!(
+            matches!(d.0.try_wait(), Ok(None)),
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(mode(&sock), 0o660);
+    let tcp = ApiClient::new(&format!("http://127.0.0.1:{port}")).unwrap();
+    assert_eq!(tcp.health().unwrap().status, "ok");
+    let vm = unix
+        .create_vm(&serde_json::from_value(common::overlay_req("b1")).unwrap())
+        .unwrap();
+    assert_eq!(vm.vm_id, "b1");
+    let text = std::fs::read_to_string(&log).unwrap();
+    for want in [
+        format!("listening on unix:{}", sock.display()),
+        format!("listening on http://127.0.0.1:{port}"),
+        format!("connection on unix:{} from uid 0", sock.display()),
+    ] {
+        assert!(text.contains(&want), "{want:?} not in the log:\n{text}");
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = d.0.wait().unwrap();
+    assert!(
+        status.success(),
+        "{status}: {}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert!(!sock.exists(), "the socket outlived the daemon");
 }

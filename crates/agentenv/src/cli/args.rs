@@ -61,7 +61,10 @@ impl DaemonArgs {
         cfg.http
             .listen
             .iter()
-            .map(|a| a.parse().map_err(|e| anyhow!("config key `http.listen`: {e}")))
+            .map(|a| {
+                a.parse()
+                    .map_err(|e| anyhow!("config key `http.listen`: {e}"))
+            })
             .collect()
     }
 }

@@ -15,7 +15,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -57,9 +57,9 @@ impl AllowedHosts {
                 return true;
             }
         }
-        self.configured
-            .iter()
-            .any(|c| *c == host || (!c.contains(':') && *c == name) || (c.starts_with('[') && *c == name))
+        self.configured.iter().any(|c| {
+            *c == host || (!c.contains(':') && *c == name) || (c.starts_with('[') && *c == name)
+        })
     }
 }
 
@@ -101,7 +101,7 @@ pub async fn check(State(allowed): State<Arc<AllowedHosts>>, req: Request, next:
         }
     }
     if has_body(req.headers()) {
-        let want = if is_upload(req.method(), req.uri().path()) {
+        let want = if is_files_route(req.uri().path()) {
             "application/octet-stream"
         } else {
             "application/json"
@@ -136,10 +136,10 @@ fn has_body(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes() != b"0")
 }
 
-/// `PUT /v1/vm/{id}/files`: a file upload, whose body is the file's bytes
-/// (a bad id is the route's to refuse, with a 400 naming `vm_id`).
-fn is_upload(method: &Method, path: &str) -> bool {
-    method == Method::PUT && path.starts_with("/v1/vm/") && path.ends_with("/files")
+/// `/v1/vm/{id}/files`: the file route, whose upload body (`PUT`) is the
+/// file's bytes (a bad id is the route's to refuse, with a 400 naming `vm_id`).
+fn is_files_route(path: &str) -> bool {
+    path.starts_with("/v1/vm/") && path.ends_with("/files")
 }
 
 /// The media type of a `Content-Type` value, without its parameters.
@@ -186,11 +186,15 @@ mod tests {
     }
 
     #[test]
-    fn uploads() {
-        assert!(is_upload(&Method::PUT, "/v1/vm/a/files"));
-        assert!(!is_upload(&Method::POST, "/v1/vm/a/files"));
-        assert!(!is_upload(&Method::PUT, "/v1/snapshots/a/files"));
-        assert!(!is_upload(&Method::PUT, "/v1/vm"));
-        assert_eq!(media_type("application/json; charset=utf-8"), "application/json");
+    fn files_route() {
+        assert!(is_files_route("/v1/vm/a/files"));
+        assert!(is_files_route("/v1/vm//files"));
+        assert!(!is_files_route("/v1/snapshots/a/files"));
+        assert!(!is_files_route("/v1/vm"));
+        assert!(!is_files_route("/v1/vm/a/exec"));
+        assert_eq!(
+            media_type("application/json; charset=utf-8"),
+            "application/json"
+        );
     }
 }

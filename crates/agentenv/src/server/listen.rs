@@ -217,7 +217,10 @@ fn bind_unix(
         Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
             Ok(_) => return Err(UnixBindError::Listen(ListenError::Live(path.into()))),
             Err(_) => {
-                tracing::info!("removing the stale socket {} (nothing answers)", path.display());
+                tracing::info!(
+                    "removing the stale socket {} (nothing answers)",
+                    path.display()
+                );
                 std::fs::remove_file(path)?;
             }
         },
@@ -332,7 +335,12 @@ mod tests {
             "unix:///run/a.sock".parse::<ListenAddr>().unwrap(),
             ListenAddr::Unix("/run/a.sock".into())
         );
-        for bad in ["unix:rel.sock", "localhost:80", "8080", "http://127.0.0.1:1"] {
+        for bad in [
+            "unix:rel.sock",
+            "localhost:80",
+            "8080",
+            "http://127.0.0.1:1",
+        ] {
             let e = bad.parse::<ListenAddr>().unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");
         }
@@ -358,7 +366,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("http.socket_group") && e.contains("no-such-group-agentenv"));
-        assert_eq!(socket_gid(Some("0")).unwrap(), Some(nix::unistd::Gid::from_raw(0)));
+        assert_eq!(
+            socket_gid(Some("0")).unwrap(),
+            Some(nix::unistd::Gid::from_raw(0))
+        );
         assert_eq!(socket_gid(None).unwrap(), None);
     }
 }

@@ -276,15 +276,15 @@ impl Connection {
         use hyper_util::service::TowerToHyperService;
         use tower::ServiceExt;
 
-        let app = self.app.map_request(
-            move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(peer.clone());
-                if let Some(p) = &principal {
-                    req.extensions_mut().insert(p.clone());
-                }
-                req
-            },
-        );
+        let app =
+            self.app
+                .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(peer.clone());
+                    if let Some(p) = &principal {
+                        req.extensions_mut().insert(p.clone());
+                    }
+                    req
+                });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(self.header_timeout)

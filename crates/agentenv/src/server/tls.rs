@@ -76,12 +76,15 @@ impl TlsAcceptor {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let chain = read_certs("tls.cert_file", cert_file)?;
         let key = read_key("tls.key_file", key_file)?;
-        let signing = provider.key_provider.load_private_key(key.clone_key()).map_err(|e| TlsError::Pem {
-            key: "tls.key_file",
-            path: key_file.clone(),
-            what: "private key",
-            detail: e.to_string(),
-        })?;
+        let signing = provider
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|e| TlsError::Pem {
+                key: "tls.key_file",
+                path: key_file.clone(),
+                what: "private key",
+                detail: e.to_string(),
+            })?;
         let certified = rustls::sign::CertifiedKey::new(chain.clone(), signing);
         certified.keys_match().map_err(|e| TlsError::KeyMismatch {
             cert: cert_file.clone(),
@@ -103,9 +106,10 @@ impl TlsAcceptor {
                         detail: e.to_string(),
                     })?;
                 }
-                let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                    .build()
-                    .map_err(|e| TlsError::Config(format!("tls.client_ca_file: {e}")))?;
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .map_err(|e| TlsError::Config(format!("tls.client_ca_file: {e}")))?;
                 builder.with_client_cert_verifier(verifier)
             }
         };
