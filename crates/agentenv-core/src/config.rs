@@ -612,6 +612,28 @@ mod tests {
     }
 
     #[test]
+    fn listener_tls_and_auth_tables_are_read() {
+        let c = Config::parse(
+            "[http]\nlisten = [\"unix:/run/a.sock\", \"127.0.0.1:1\"]\nallowed_hosts = [\"a.example\"]\n\
+             socket_group = \"agentenv\"\n[tls]\ncert_file = \"/c\"\nkey_file = \"/k\"\n\
+             client_ca_file = \"/ca\"\n[auth]\nmode = \"none\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.http.listen, ["unix:/run/a.sock", "127.0.0.1:1"]);
+        assert_eq!(c.http.allowed_hosts, ["a.example"]);
+        assert_eq!(c.http.socket_group.as_deref(), Some("agentenv"));
+        assert_eq!(c.tls.client_ca_file.as_deref(), Some(Path::new("/ca")));
+        assert_eq!(c.tls.key_file.as_deref(), Some(Path::new("/k")));
+        assert_eq!(c.auth.mode, AuthMode::None);
+        assert_eq!(Config::default().auth.mode, AuthMode::Token);
+        assert!(err("[http]\nlisten = \"x\"").contains("listen"));
+        assert!(err("[http]\nhosts = []").contains("unknown field `hosts`"));
+        assert!(err("[tls]\ncert = \"/c\"").contains("unknown field `cert`"));
+        assert!(err("[auth]\nmode = \"off\"").contains("mode"));
+        assert!(err("[tls]\nkey_file = \"/k\"").contains("tls.cert_file"));
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         assert!(err("sesion_root = \"/x\"").contains("unknown field `sesion_root`"));
         assert!(err("[network]\nenabled = true").contains("unknown field `enabled`"));

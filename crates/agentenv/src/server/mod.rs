@@ -111,9 +111,11 @@ pub async fn run_listeners(
     let header_timeout = std::time::Duration::from_millis(engine.config().header_timeout_ms);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut turn = 0usize;
     loop {
+        turn = turn.wrapping_add(1);
         let accepted = tokio::select! {
-            accepted = accept_any(&listeners) => accepted,
+            accepted = accept_any(&listeners, turn) => accepted,
             () = &mut shutdown => break,
         };
         let accepted = match accepted {
@@ -165,12 +167,19 @@ enum Accepted {
     },
 }
 
-/// The next connection on any of `listeners`.
-async fn accept_any(listeners: &[listen::Listener]) -> std::io::Result<Accepted> {
+/// The next connection on any of `listeners`, asking them in turn from
+/// `turn` on (so that a busy one cannot starve the others).
+async fn accept_any(listeners: &[listen::Listener], turn: usize) -> std::io::Result<Accepted> {
     use listen::{Listener, Peer, Transport};
     use std::task::Poll;
+    let n = listeners.len().max(1);
     std::future::poll_fn(|cx| {
-        for l in listeners {
+        for l in listeners
+            .iter()
+            .cycle()
+            .skip(turn % n)
+            .take(listeners.len())
+        {
             match l {
                 Listener::Tcp { listener, tls } => {
                     if let Poll::Ready(r) = listener.poll_accept(cx) {
