@@ -278,6 +278,14 @@ impl Ca {
     }
 }
 
+/// A test directory with an empty `pki/` for certificates.
+fn dir_with_pki() -> (TestDir, PathBuf) {
+    let dir = TestDir::new();
+    let pki = dir.path().join("pki");
+    std::fs::create_dir(&pki).unwrap();
+    (dir, pki)
+}
+
 fn write_pair(dir: &Path, name: &str, (cert, key): (String, String)) -> (PathBuf, PathBuf) {
     let c = dir.join(format!("{name}.crt"));
     let k = dir.join(format!("{name}.key"));
@@ -316,9 +324,7 @@ fn tls_client(https: &str, cacert: &Path, pair: Option<&(PathBuf, PathBuf)>) -> 
 
 #[test]
 fn https_with_a_test_ca() {
-    let dir = TestDir::new();
-    let pki = dir.path().join("pki");
-    std::fs::create_dir(&pki).unwrap();
+    let (dir, pki) = dir_with_pki();
     let ca = Ca::new("agentenv test CA");
     let ca_file = ca.write(&pki, "ca.crt");
     let (cert, key) = write_pair(
@@ -381,9 +387,7 @@ fn https_with_a_test_ca() {
 #[test]
 fn mtls_needs_a_client_certificate_from_the_configured_ca() {
     log();
-    let dir = TestDir::new();
-    let pki = dir.path().join("pki");
-    std::fs::create_dir(&pki).unwrap();
+    let (dir, pki) = dir_with_pki();
     let server_ca = Ca::new("server CA");
     let client_ca = Ca::new("client CA");
     let server_ca_file = server_ca.write(&pki, "server-ca.crt");
@@ -438,9 +442,7 @@ fn mtls_needs_a_client_certificate_from_the_configured_ca() {
 
 #[test]
 fn tls_files_that_cannot_be_used_stop_the_start() {
-    let dir = TestDir::new();
-    let pki = dir.path().join("pki");
-    std::fs::create_dir(&pki).unwrap();
+    let (dir, pki) = dir_with_pki();
     let ca = Ca::new("ca");
     let a = write_pair(&pki, "a", ca.issue("a", &["127.0.0.1"], false));
     let b = write_pair(&pki, "b", ca.issue("b", &["127.0.0.1"], false));
@@ -634,25 +636,6 @@ fn cross_site_requests_are_refused_before_anything_runs() {
     finish(d, dir);
 }
 
-/// Every path under `root`.
-fn walk(root: &Path) -> BTreeSet<PathBuf> {
-    let mut out = BTreeSet::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&p) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let path = e.path();
-            if e.file_type().unwrap().is_dir() {
-                stack.push(path.clone());
-            }
-            out.insert(path);
-        }
-    }
-    out
-}
-
 /// Checks the mode of everything under `root` not in `before`; returns how
 /// many were checked.
 fn check_modes(
@@ -662,7 +645,7 @@ fn check_modes(
     seen: &mut BTreeSet<PathBuf>,
 ) {
     use std::os::unix::fs::FileTypeExt;
-    for p in walk(root) {
+    for p in agentenv_testkit::leaks::files_below(root) {
         if before.contains(&p) {
             continue;
         }
@@ -694,7 +677,7 @@ fn everything_the_daemon_makes_is_private_over_a_whole_vm_life() {
     // The test process's own umask lets group and others read: the modes
     // must come from the daemon's code, not from the umask.
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
-    let before = walk(dir.path());
+    let before = agentenv_testkit::leaks::files_below(dir.path());
     let sock = dir.path().join("api.sock");
     let (d, _) = Daemon::start_listening(
         dir.config(),

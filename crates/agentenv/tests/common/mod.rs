@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agentenv::server::listen::Listener;
 use agentenv_client::{ApiClient, Body, Request, ResponseHead, Stream};
 use agentenv_core::config::{Config, VmmChoice};
 use agentenv_core::Engine;
@@ -151,46 +152,16 @@ impl Daemon {
 
     /// Starts a daemon whose VM networking lives in the namespace `netns`.
     pub fn start_in(cfg: Config, dir: &Path, netns: Option<PathBuf>) -> Daemon {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let (abort_tx, abort_rx) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let c = cfg.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let engine = agentenv::daemon::build_engine_in(c, netns)
-                    .await
-                    .expect("engine builds");
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                ready_tx
-                    .send((listener.local_addr().unwrap(), engine.clone()))
-                    .unwrap();
-                let serve = agentenv::server::run(listener, engine, async {
-                    let _ = rx.await;
-                });
-                tokio::select! {
-                    biased;
-                    Ok(()) = abort_rx => {}
-                    r = serve => r.unwrap(),
-                }
-            });
-            // After an abort: every task is dropped where it stands.
-            rt.shutdown_background();
-        });
-        let (addr, engine) = ready_rx.recv().expect("daemon starts");
-        Daemon {
-            base: format!("http://{addr}"),
-            engine,
-            dir: dir.to_path_buf(),
-            cfg,
-            stop: Some(tx),
-            abort: Some(abort_tx),
-            thread: Some(thread),
-        }
+        let setup = move |c| async move {
+            let engine = agentenv::daemon::build_engine_in(c, netns)
+                .await
+                .expect("engine builds");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            Ok((vec![Listener::tcp(listener)], engine))
+        };
+        Daemon::serve_thread(cfg, dir, setup)
+            .expect("daemon starts")
+            .0
     }
 
     /// Starts a daemon on the listeners `addrs` name (`IP:PORT`, HTTPS when
@@ -208,6 +179,29 @@ impl Daemon {
             .iter()
             .map(|a| a.parse::<ListenAddr>().map_err(|e| e.to_string()))
             .collect::<Result<Vec<_>, _>>()?;
+        let setup = move |c: Config| async move {
+            let listeners = agentenv::daemon::bind_listeners(&c, &addrs)
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            let engine = agentenv::daemon::build_engine(c)
+                .await
+                .expect("engine builds");
+            Ok((listeners, engine))
+        };
+        Daemon::serve_thread(cfg, dir, setup)
+    }
+
+    /// Runs a daemon on a runtime thread of its own: `setup` binds its
+    /// listeners and builds its engine (or fails, and the error is returned),
+    /// then it serves until stopped or aborted.
+    fn serve_thread<F>(
+        cfg: Config,
+        dir: &Path,
+        setup: impl FnOnce(Config) -> F + Send + 'static,
+    ) -> Result<(Daemon, Vec<String>), String>
+    where
+        F: std::future::Future<Output = Result<(Vec<Listener>, Arc<Engine>), String>>,
+    {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (abort_tx, abort_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -219,16 +213,13 @@ impl Daemon {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let listeners = match agentenv::daemon::bind_listeners(&c, &addrs).await {
-                    Ok(l) => l,
+                let (listeners, engine) = match setup(c).await {
+                    Ok(ready) => ready,
                     Err(e) => {
-                        ready_tx.send(Err(format!("{e:#}"))).unwrap();
+                        ready_tx.send(Err(e)).unwrap();
                         return;
                     }
                 };
-                let engine = agentenv::daemon::build_engine(c)
-                    .await
-                    .expect("engine builds");
                 let bases: Vec<String> = listeners.iter().map(|l| l.describe()).collect();
                 ready_tx.send(Ok((bases, engine.clone()))).unwrap();
                 let serve = agentenv::server::run_listeners(listeners, engine, async {
@@ -240,6 +231,7 @@ impl Daemon {
                     r = serve => r.unwrap(),
                 }
             });
+            // After an abort: every task is dropped where it stands.
             rt.shutdown_background();
         });
         let (bases, engine) = match ready_rx.recv().expect("daemon starts or fails") {
