@@ -296,10 +296,18 @@ fn write_pair(dir: &Path, name: &str, (cert, key): (String, String)) -> (PathBuf
 
 /// A daemon on a Unix socket (its `base`, for the harness) and TCP with TLS;
 /// returns it and the `https://` address.
-fn tls_daemon(dir: &TestDir, sock_dir: &Path, tls: TlsConfig) -> (Daemon, String) {
+fn tls_daemon(
+    dir: &TestDir,
+    (cert, key): (PathBuf, PathBuf),
+    client_ca: Option<PathBuf>,
+) -> (Daemon, String) {
     let mut cfg = dir.config();
-    cfg.tls = tls;
-    let sock = sock_dir.join("tls.sock");
+    cfg.tls = TlsConfig {
+        cert_file: Some(cert),
+        key_file: Some(key),
+        client_ca_file: client_ca,
+    };
+    let sock = dir.path().join("tls.sock");
     let (d, bases) = Daemon::start_listening(
         cfg,
         dir.path(),
@@ -332,15 +340,7 @@ fn https_with_a_test_ca() {
         "server",
         ca.issue("localhost", &["localhost", "127.0.0.1"], false),
     );
-    let (d, https) = tls_daemon(
-        &dir,
-        dir.path(),
-        TlsConfig {
-            cert_file: Some(cert),
-            key_file: Some(key),
-            client_ca_file: None,
-        },
-    );
+    let (d, https) = tls_daemon(&dir, (cert, key), None);
     let c = tls_client(&https, &ca_file, None);
     assert_eq!(c.health().unwrap().status, "ok");
     let (code, v) = common::send(
@@ -397,15 +397,7 @@ fn mtls_needs_a_client_certificate_from_the_configured_ca() {
         "server",
         server_ca.issue("localhost", &["127.0.0.1"], false),
     );
-    let (d, https) = tls_daemon(
-        &dir,
-        dir.path(),
-        TlsConfig {
-            cert_file: Some(cert),
-            key_file: Some(key),
-            client_ca_file: Some(client_ca_file),
-        },
-    );
+    let (d, https) = tls_daemon(&dir, (cert, key), Some(client_ca_file));
     let mut cases = 0;
     // No client certificate: the handshake is refused.
     assert!(tls_client(&https, &server_ca_file, None).health().is_err());
