@@ -258,3 +258,36 @@ fn der_next(bytes: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     }
     Some((tag, &rest[..len], &rest[len..]))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert_with(dn: &[(rcgen::DnType, &str)]) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["x.example".to_string()]).unwrap();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        for (t, v) in dn {
+            p.distinguished_name.push(t.clone(), *v);
+        }
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn the_subject_cn_is_read_from_der() {
+        use rcgen::DnType::{CommonName, OrganizationName};
+        assert_eq!(
+            subject_cn(&cert_with(&[(OrganizationName, "acme"), (CommonName, "alice")])),
+            Some("alice".into())
+        );
+        assert_eq!(subject_cn(&cert_with(&[(OrganizationName, "acme")])), None);
+        let der = cert_with(&[(CommonName, "bob")]);
+        assert_eq!(subject_cn(&der), Some("bob".into()));
+        // Cut anywhere: never a panic, never a wrong name.
+        for n in 0..der.len() {
+            assert!(matches!(subject_cn(&der[..n]).as_deref(), None | Some("bob")));
+        }
+        assert_eq!(subject_cn(b""), None);
+        assert_eq!(subject_cn(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+    }
+}
