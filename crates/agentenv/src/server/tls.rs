@@ -277,7 +277,10 @@ mod tests {
     fn the_subject_cn_is_read_from_der() {
         use rcgen::DnType::{CommonName, OrganizationName};
         assert_eq!(
-            subject_cn(&cert_with(&[(OrganizationName, "acme"), (CommonName, "alice")])),
+            subject_cn(&cert_with(&[
+                (OrganizationName, "acme"),
+                (CommonName, "alice")
+            ])),
             Some("alice".into())
         );
         assert_eq!(subject_cn(&cert_with(&[(OrganizationName, "acme")])), None);
@@ -285,7 +288,10 @@ mod tests {
         assert_eq!(subject_cn(&der), Some("bob".into()));
         // Cut anywhere: never a panic, never a wrong name.
         for n in 0..der.len() {
-            assert!(matches!(subject_cn(&der[..n]).as_deref(), None | Some("bob")));
+            assert!(matches!(
+                subject_cn(&der[..n]).as_deref(),
+                None | Some("bob")
+            ));
         }
         assert_eq!(subject_cn(b""), None);
         assert_eq!(subject_cn(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
