@@ -118,7 +118,8 @@ fn main() {
         "bare = this program spawning fc-double and making the same Firecracker API calls\n\
          itself over the Unix socket (the same HTTP client code talks to the daemon over TCP)",
     );
-    let result = run(&mut env, &agentenv, &p, &mut rep);
+    let result = run(&mut env, &agentenv, &p, &mut rep)
+        .and_then(|()| tls_handshake(&mut env, &agentenv, &p, &mut rep));
     let (result, cleanup) = env.h.finish(result, c.keep);
     rep.settle(result, "daemon", cleanup.cleaned());
     rep.finish(c.json)
@@ -723,6 +724,109 @@ fn scale(
             p.vms
         ));
     }
+    rep.table(t);
+    Ok(())
+}
+
+// ---------------------------------------------------------------- TLS (issue 14)
+
+/// A new connection and one `GET /v1/health` over HTTPS (TLS handshake
+/// included) against the same over plain TCP, interleaved: a second daemon
+/// serves HTTPS with a certificate from a CA made here, in its own
+/// directory, beside the plain daemon of the other tables.
+fn tls_handshake(env: &mut Env, agentenv: &Path, p: &Params, rep: &mut Report) -> Result<()> {
+    let plain = Endpoint::Tcp(env.h.daemon().context("the daemon runs")?.addr);
+    let dir = env.root.join("tls");
+    for sub in ["sessions", "s", "snap", "pki"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key)?;
+    let key = rcgen::KeyPair::generate()?;
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])?
+        .signed_by(&key, &ca, &ca_key)?;
+    let pki = dir.join("pki");
+    for (name, pem) in [
+        ("ca.crt", ca.pem()),
+        ("server.crt", cert.pem()),
+        ("server.key", key.serialize_pem()),
+    ] {
+        std::fs::write(pki.join(name), pem)?;
+    }
+    let mut config = daemon::in_run(
+        &daemon::fc_double_config(env.bare.fc_double.clone(), &dir, MEMORY_MIB_PER_SLOT)?,
+        &dir,
+    );
+    config.tls = agentenv_core::config::TlsConfig {
+        cert_file: Some(pki.join("server.crt")),
+        key_file: Some(pki.join("server.key")),
+        client_ca_file: None,
+    };
+    let config_path = dir.join("agentenv.toml");
+    std::fs::write(&config_path, toml::to_string(&config)?)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let sock = dir.join("api.sock");
+    let mut cmd = Command::new(agentenv);
+    cmd.arg("--config")
+        .arg(&config_path)
+        .arg("--listen")
+        .arg(format!("unix:{}", sock.display()))
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(dir.join("daemon.log"))?);
+    let child = signals::spawn_group(&mut cmd, libc::SIGTERM)?;
+    let result = (|| {
+        let local = ApiClient::new(&format!("unix:{}", sock.display()))?;
+        let t0 = Instant::now();
+        while local.health().is_err() {
+            signals::check()?;
+            ensure!(
+                t0.elapsed() < Duration::from_secs(15),
+                "the HTTPS daemon did not answer: {}",
+                daemon::tail_lines(&dir.join("daemon.log"), 10)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let tls = agentenv_client::TlsOptions {
+            cacert: Some(pki.join("ca.crt")),
+            ..Default::default()
+        };
+        let https = Endpoint::parse_with(&format!("https://127.0.0.1:{port}"), &tls)?;
+        let one = |ep: &Endpoint| -> Result<Duration> {
+            let t0 = Instant::now();
+            let r = Client::new(ep.clone(), IO_TIMEOUT).request("GET", "/v1/health", None)?;
+            let took = t0.elapsed();
+            ensure!(
+                r.status == 200,
+                "GET /v1/health over {ep}: HTTP {}",
+                r.status
+            );
+            Ok(took)
+        };
+        let mut sides = Sides::<2>::default();
+        rounds("TLS handshake", p.warmup, p.iterations, |i, timed| {
+            let s = rotated(i, [&mut || one(&https), &mut || one(&plain)])?;
+            if timed {
+                sides.push(s);
+            }
+            Ok(())
+        })?;
+        Ok(sides)
+    })();
+    signals::stop_group(child, &[(libc::SIGTERM, Duration::from_secs(30))]);
+    let sides = result?;
+    let mut t = Table::latency("new connection + one request (ms)", &["https", "http"]);
+    t.latency_row("connect (+ TLS handshake) + GET /v1/health", &sides, None)
+        .note(
+            "https: TLS 1.3 (rustls, ring), a P-256 certificate from a CA made for the run, \
+             no client certificate; http: the plain daemon of the tables above",
+        );
     rep.table(t);
     Ok(())
 }

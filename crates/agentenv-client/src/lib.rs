@@ -5,6 +5,7 @@
 //! HTTP/1.1 client (keep-alive, streamed bodies, raw requests) that the
 //! benchmarks and the tests also use directly.
 
+pub mod tls;
 pub mod transport;
 
 use std::io::{self, BufRead, BufReader, Read};
@@ -20,7 +21,7 @@ use serde::Serialize;
 
 pub use transport::{
     encode_request, Body, BodyReader, Client, Endpoint, EndpointError, Request, Response,
-    ResponseHead, Stream, StreamingResponse,
+    ResponseHead, Stream, StreamingResponse, TlsOptions,
 };
 
 /// How long one read or write may block by default.
@@ -108,6 +109,19 @@ impl ApiClient {
     pub fn new(server: &str) -> Result<ApiClient, ClientError> {
         let server = server.trim_end_matches('/');
         let endpoint = Endpoint::parse(server)?;
+        Ok(ApiClient {
+            server: server.to_string(),
+            token: None,
+            http: Mutex::new(Client::new(endpoint, DEFAULT_TIMEOUT)),
+        })
+    }
+
+    /// A client for `server`, which may also be `https://HOST:PORT`: the
+    /// daemon's certificate is checked against `tls.cacert`, and `tls.cert`
+    /// / `tls.key` are sent when the daemon asks for a client certificate.
+    pub fn with_tls(server: &str, tls: &TlsOptions) -> Result<ApiClient, ClientError> {
+        let server = server.trim_end_matches('/');
+        let endpoint = Endpoint::parse_with(server, tls)?;
         Ok(ApiClient {
             server: server.to_string(),
             token: None,

@@ -18,6 +18,8 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::tls::{TlsClient, TlsError, TlsOptions};
+
 /// Longest status or header line accepted.
 const MAX_LINE: u64 = 16 * 1024;
 
@@ -31,14 +33,26 @@ pub enum Endpoint {
     Tcp(SocketAddr),
     /// A Unix stream socket (Firecracker's API socket, or a daemon's).
     Unix(PathBuf),
+    /// HTTPS: TLS over TCP, the daemon's certificate checked for `name`.
+    Https {
+        /// The address connected to.
+        addr: SocketAddr,
+        /// The host name (or IP) the certificate must be valid for.
+        name: String,
+        /// The client configuration (CA, client certificate).
+        tls: TlsClient,
+    },
 }
 
 /// Why an endpoint string was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
-    /// Neither `http://HOST:PORT` nor `unix:/PATH`.
-    #[error("endpoint {0:?} is neither http://HOST:PORT nor unix:/PATH")]
+    /// Neither `http://HOST:PORT`, `https://HOST:PORT` nor `unix:/PATH`.
+    #[error("endpoint {0:?} is neither http://HOST:PORT, https://HOST:PORT nor unix:/PATH")]
     Form(String),
+    /// The TLS files of an `https://` endpoint cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The host name did not resolve.
     #[error("cannot resolve {addr:?}: {error}")]
     Resolve {
@@ -53,6 +67,12 @@ impl Endpoint {
     /// Parses `http://HOST:PORT` (a trailing `/` allowed; the host is resolved
     /// now, the first address wins) or `unix:/PATH` (also `unix:///PATH`).
     pub fn parse(s: &str) -> Result<Endpoint, EndpointError> {
+        Endpoint::parse_with(s, &TlsOptions::default())
+    }
+
+    /// Like [`Endpoint::parse`], also taking `https://HOST:PORT`, checked
+    /// against the CA in `tls` (and sending its client certificate, if any).
+    pub fn parse_with(s: &str, tls: &TlsOptions) -> Result<Endpoint, EndpointError> {
         if let Some(path) = s.strip_prefix("unix:") {
             let path = path.strip_prefix("//").unwrap_or(path);
             if !path.starts_with('/') {
@@ -60,22 +80,39 @@ impl Endpoint {
             }
             return Ok(Endpoint::Unix(PathBuf::from(path)));
         }
-        let Some(addr) = s.strip_prefix("http://") else {
-            return Err(EndpointError::Form(s.into()));
+        let (https, addr) = match (s.strip_prefix("http://"), s.strip_prefix("https://")) {
+            (Some(a), _) => (false, a),
+            (_, Some(a)) => (true, a),
+            _ => return Err(EndpointError::Form(s.into())),
         };
         let addr = addr.strip_suffix('/').unwrap_or(addr);
         if addr.is_empty() || addr.contains('/') || !addr.contains(':') {
             return Err(EndpointError::Form(s.into()));
         }
+        let tls = if https { Some(tls.client()?) } else { None };
         let resolve = |error| EndpointError::Resolve {
             addr: addr.into(),
             error,
         };
-        addr.to_socket_addrs()
+        let sockaddr = addr
+            .to_socket_addrs()
             .map_err(resolve)?
             .next()
-            .map(Endpoint::Tcp)
-            .ok_or_else(|| resolve(io::Error::new(io::ErrorKind::NotFound, "no address")))
+            .ok_or_else(|| resolve(io::Error::new(io::ErrorKind::NotFound, "no address")))?;
+        Ok(match tls {
+            None => Endpoint::Tcp(sockaddr),
+            Some(tls) => {
+                let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+                Endpoint::Https {
+                    addr: sockaddr,
+                    name: host
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_string(),
+                    tls,
+                }
+            }
+        })
     }
 
     /// A new connection; reads and writes on it block at most `timeout`.
@@ -87,6 +124,23 @@ impl Endpoint {
                 Stream::Tcp(s)
             }
             Endpoint::Unix(path) => Stream::Unix(UnixStream::connect(path)?),
+            Endpoint::Https { addr, name, tls } => {
+                let s = TcpStream::connect_timeout(addr, timeout)?;
+                s.set_nodelay(true)?;
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))?;
+                let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                let mut conn = rustls::ClientConnection::new(tls.0.clone(), server_name)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                let mut s = s;
+                // The handshake now, so that a refused certificate is an error
+                // of the connection, not of the first request.
+                while conn.is_handshaking() {
+                    conn.complete_io(&mut s)?;
+                }
+                Stream::Tls(Box::new(rustls::StreamOwned::new(conn, s)))
+            }
         };
         s.set_timeout(Some(timeout))?;
         Ok(s)
@@ -106,6 +160,7 @@ impl std::fmt::Display for Endpoint {
         match self {
             Endpoint::Tcp(a) => write!(f, "http://{a}"),
             Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            Endpoint::Https { addr, .. } => write!(f, "https://{addr}"),
         }
     }
 }
@@ -117,6 +172,8 @@ pub enum Stream {
     Tcp(TcpStream),
     /// Over a Unix stream socket.
     Unix(UnixStream),
+    /// TLS over TCP.
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
 impl Stream {
@@ -125,6 +182,12 @@ impl Stream {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tls(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "a TLS connection has one handle",
+                ))
+            }
         })
     }
 
@@ -134,6 +197,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(timeout),
             Stream::Unix(s) => s.set_write_timeout(timeout),
+            Stream::Tls(s) => s.sock.set_write_timeout(timeout),
         }
     }
 
@@ -142,6 +206,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(timeout),
             Stream::Unix(s) => s.set_read_timeout(timeout),
+            Stream::Tls(s) => s.sock.set_read_timeout(timeout),
         }
     }
 
@@ -150,6 +215,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
             Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Tls(s) => s.sock.shutdown(std::net::Shutdown::Both),
         }
     }
 }
@@ -159,6 +225,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -168,6 +235,7 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
 
@@ -175,6 +243,7 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.flush(),
             Stream::Unix(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
         }
     }
 }
@@ -949,9 +1018,17 @@ mod tests {
             Endpoint::parse("unix:///run/a.sock").unwrap().to_string(),
             "unix:/run/a.sock"
         );
+        // https:// needs a CA to check the daemon against.
+        assert!(
+            matches!(
+                Endpoint::parse("https://a:1"),
+                Err(EndpointError::Tls(TlsError::NoCa))
+            ),
+            "https without a CA"
+        );
         for bad in [
             "127.0.0.1:80",
-            "https://a:1",
+            "https://a",
             "http://a",
             "http://a:1/v1",
             "unix:rel",

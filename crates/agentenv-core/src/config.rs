@@ -111,6 +111,10 @@ pub struct Config {
     pub agent: AgentConfig,
     /// Who may call the API (`[auth]`).
     pub auth: AuthConfig,
+    /// HTTPS (and client certificates) on the TCP listeners.
+    pub tls: TlsConfig,
+    /// Listeners and the checks every request passes before a handler.
+    pub http: HttpConfig,
 }
 
 /// How API requests are authenticated.
@@ -122,7 +126,8 @@ pub enum AuthMode {
     #[default]
     Token,
     /// No credentials: every request is an admin named `anonymous`. Must be
-    /// written explicitly.
+    /// written explicitly, and then only loopback TCP and Unix listeners are
+    /// allowed.
     None,
 }
 
@@ -146,6 +151,35 @@ impl Default for AuthConfig {
             tokens_file: PathBuf::from("data/tokens"),
         }
     }
+}
+
+/// The `[tls]` table: with `cert_file` and `key_file`, TCP listeners serve
+/// HTTPS; with `client_ca_file` too, they require a client certificate
+/// signed by that CA (mTLS). All PEM files.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The server's certificate chain (PEM), leaf first.
+    pub cert_file: Option<PathBuf>,
+    /// The server certificate's private key (PEM).
+    pub key_file: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates must chain to.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// The `[http]` table.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Addresses to listen on (`HOST:PORT` or `unix:/PATH`) when the command
+    /// line gives no `--listen` (none here either: `127.0.0.1:8080`).
+    pub listen: Vec<String>,
+    /// `Host` header values TCP requests may carry besides the loopback names
+    /// and the listen addresses (a name, or `name:port`).
+    pub allowed_hosts: Vec<String>,
+    /// Group (name or numeric gid) of the Unix listener sockets, which are
+    /// mode 0660: its members may call the API (default: the daemon's group).
+    pub socket_group: Option<String>,
 }
 
 /// The `[agent]` table.
@@ -291,6 +325,8 @@ impl Default for Config {
             network: NetworkConfig::default(),
             agent: AgentConfig::default(),
             auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -477,6 +513,7 @@ impl Config {
                 ));
             }
         }
+        self.tls.validate()?;
         self.network.validate()
     }
 
@@ -499,6 +536,20 @@ impl Config {
             ("kernel_root", &self.kernel_root),
             ("initramfs_root", &self.initramfs_root),
         ]
+    }
+}
+
+impl TlsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => Err(invalid("tls.key_file", "must be given with tls.cert_file")),
+            (None, Some(_)) => Err(invalid("tls.cert_file", "must be given with tls.key_file")),
+            (None, None) if self.client_ca_file.is_some() => Err(invalid(
+                "tls.client_ca_file",
+                "needs tls.cert_file and tls.key_file (client certificates are asked for in a TLS handshake)",
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -631,6 +682,28 @@ mod tests {
         // The same key twice is still the parser's error, with its line.
         let e = err("durable_snapshot_root = \"/a\"\ndurable_snapshot_root = \"/b\"");
         assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn listener_tls_and_auth_tables_are_read() {
+        let c = Config::parse(
+            "[http]\nlisten = [\"unix:/run/a.sock\", \"127.0.0.1:1\"]\nallowed_hosts = [\"a.example\"]\n\
+             socket_group = \"agentenv\"\n[tls]\ncert_file = \"/c\"\nkey_file = \"/k\"\n\
+             client_ca_file = \"/ca\"\n[auth]\nmode = \"none\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.http.listen, ["unix:/run/a.sock", "127.0.0.1:1"]);
+        assert_eq!(c.http.allowed_hosts, ["a.example"]);
+        assert_eq!(c.http.socket_group.as_deref(), Some("agentenv"));
+        assert_eq!(c.tls.client_ca_file.as_deref(), Some(Path::new("/ca")));
+        assert_eq!(c.tls.key_file.as_deref(), Some(Path::new("/k")));
+        assert_eq!(c.auth.mode, AuthMode::None);
+        assert_eq!(Config::default().auth.mode, AuthMode::Token);
+        assert!(err("[http]\nlisten = \"x\"").contains("listen"));
+        assert!(err("[http]\nhosts = []").contains("unknown field `hosts`"));
+        assert!(err("[tls]\ncert = \"/c\"").contains("unknown field `cert`"));
+        assert!(err("[auth]\nmode = \"off\"").contains("mode"));
+        assert!(err("[tls]\nkey_file = \"/k\"").contains("tls.cert_file"));
     }
 
     #[test]

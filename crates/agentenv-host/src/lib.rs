@@ -8,6 +8,7 @@ pub mod firecracker;
 pub mod kvm;
 pub mod local;
 pub mod net;
+pub mod private;
 pub mod process;
 pub mod qemu;
 pub mod runner;

@@ -103,7 +103,7 @@ impl HostFiles for LocalHost {
     }
 
     fn create_dir(&self, path: &Path) -> Result<(), HostError> {
-        std::fs::create_dir(path)
+        crate::private::create_dir(path)
             .map_err(|e| HostError::io(format!("cannot create {}", path.display()), e))
     }
 
@@ -131,7 +131,7 @@ impl HostFiles for LocalHost {
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let probe = dir.join(format!(".probe-{}-{n}", std::process::id()));
-        std::fs::OpenOptions::new()
+        crate::private::file_options()
             .write(true)
             .create_new(true)
             .open(&probe)
@@ -326,7 +326,7 @@ async fn mkfs_ext4(
     from_dir: Option<&Path>,
     ctx: String,
 ) -> Result<(), HostError> {
-    let f = std::fs::OpenOptions::new()
+    let f = crate::private::file_options()
         .write(true)
         .create_new(true)
         .open(image)
@@ -367,7 +367,11 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = crate::private::file_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;

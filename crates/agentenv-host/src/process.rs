@@ -59,7 +59,7 @@ impl VmmProcess {
     /// own when `None`): relative paths the VMM is given resolve there.
     pub fn spawn_in(spec: &SpawnSpec, cwd: Option<&Path>) -> Result<VmmProcess, VmmError> {
         let open_log = || {
-            std::fs::OpenOptions::new()
+            crate::private::file_options()
                 .create(true)
                 .append(true)
                 .open(&spec.console_log)
@@ -76,6 +76,14 @@ impl VmmProcess {
             .stderr(Stdio::from(err))
             .process_group(0)
             .kill_on_drop(false);
+        // SAFETY: umask is async-signal-safe and touches no memory; it runs
+        // in the child between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::umask(crate::private::VMM_UMASK as libc::mode_t);
+                Ok(())
+            });
+        }
         if let Some(dir) = cwd {
             cmd.current_dir(dir);
         }
@@ -458,7 +466,7 @@ pub fn rotate_if_over(path: &Path, max: u64) -> Rotation {
                 )
             };
             if r == 0 {
-                let _ = std::fs::write(&old, kept);
+                let _ = crate::private::write(Path::new(&old), &kept);
                 return Rotation::Collapsed;
             }
         }
@@ -467,7 +475,7 @@ pub fn rotate_if_over(path: &Path, max: u64) -> Rotation {
     // append is lost is as short as it can be.
     let tail = read_tail_bytes(path, max);
     let _ = file.set_len(0);
-    let _ = std::fs::write(&old, tail);
+    let _ = crate::private::write(Path::new(&old), &tail);
     Rotation::CopyTruncated
 }
 

@@ -1,6 +1,5 @@
 //! Daemon start-up: configuration, directories, backend choice, serving, signals.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,6 +19,8 @@ use agentenv_host::LocalHost;
 use anyhow::{bail, Context};
 
 use crate::server::auth::Auth;
+use crate::server::listen::{check_policy, ListenAddr, Listener};
+use crate::server::tls::TlsAcceptor;
 
 /// Loads the config from `path` (or defaults when `None`) and makes every root
 /// path absolute, relative to the current directory.
@@ -52,11 +53,11 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
 /// Creates every root directory the config names.
 pub fn create_roots(cfg: &Config) -> anyhow::Result<()> {
     for (key, path) in cfg.roots() {
-        std::fs::create_dir_all(path)
+        agentenv_host::private::create_dir_all(path)
             .with_context(|| format!("config key `{key}`: cannot create {}", path.display()))?;
     }
     let mem = cfg.guest_memory_dir();
-    std::fs::create_dir_all(&mem).with_context(|| {
+    agentenv_host::private::create_dir_all(&mem).with_context(|| {
         format!(
             "config key `guest_memory_root`: cannot create {}",
             mem.display()
@@ -418,21 +419,39 @@ pub fn reload_on_sighup(auth: Auth) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Sets the process umask to 077: files the daemon makes are 0600 and
+/// directories 0700 unless it sets another mode on purpose.
+pub fn private_umask() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+}
+
+/// Binds every listen address, after checking them against the auth mode
+/// and loading the TLS files: nothing is bound when any of it is wrong.
+pub async fn bind_listeners(cfg: &Config, addrs: &[ListenAddr]) -> anyhow::Result<Vec<Listener>> {
+    check_policy(cfg, addrs)?;
+    let tls = TlsAcceptor::from_config(&cfg.tls)?;
+    let mut listeners = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        listeners.push(Listener::bind(addr, cfg, tls.clone()).await?);
+    }
+    Ok(listeners)
+}
+
 /// Runs the daemon until Ctrl-C or SIGTERM; SIGHUP reloads the tokens file.
-pub async fn serve(cfg: Config, listen: SocketAddr) -> anyhow::Result<()> {
+pub async fn serve(cfg: Config, listen: Vec<ListenAddr>) -> anyhow::Result<()> {
     bootstrap_tokens(&cfg)?;
     let auth = load_auth(&cfg)?;
+    let listeners = bind_listeners(&cfg, &listen).await?;
     let engine = build_engine(cfg).await?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    tracing::info!(
-        "agentenv {} listening on http://{}",
-        env!("CARGO_PKG_VERSION"),
-        listener.local_addr()?
-    );
+    for l in &listeners {
+        tracing::info!(
+            "agentenv {} listening on {}",
+            env!("CARGO_PKG_VERSION"),
+            l.describe()
+        );
+    }
     reload_on_sighup(auth.clone()).context("cannot install the SIGHUP handler")?;
-    crate::server::run_with(listener, engine, auth, shutdown_signal()).await?;
+    crate::server::run_listeners_with(listeners, engine, auth, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -48,8 +48,11 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Everything the daemon makes is private unless it says otherwise.
+    agentenv::daemon::private_umask();
     let cfg = agentenv::daemon::load_config(args.config.as_deref())?;
     agentenv::daemon::drop_unused_capabilities(&cfg)?;
+    let listen = args.listen(&cfg)?;
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(agentenv::daemon::serve(cfg, args.listen()))
+    rt.block_on(agentenv::daemon::serve(cfg, listen))
 }

@@ -74,7 +74,11 @@ fn closed_within(s: &mut Stream, within: Duration) -> bool {
 
 /// One request, with its status, `Retry-After` and JSON body.
 fn call(d: &Daemon, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Option<String>, Value) {
-    let req = Request::new(method, path).body(body.map_or(Body::Empty, Body::Bytes));
+    let mut req = Request::new(method, path).body(body.map_or(Body::Empty, Body::Bytes));
+    if method == "PUT" {
+        // An upload's body is the file (issue 14: octet-stream only).
+        req = req.header("Content-Type", "application/octet-stream");
+    }
     let resp = d
         .client()
         .send(req)
@@ -241,7 +245,7 @@ fn an_operation_whose_client_went_away_still_counts() {
     let sent = Instant::now();
     let s = connect(
         &d,
-        "POST /v1/vm/a/pause HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        "POST /v1/vm/a/pause HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n",
     );
     d.wait_state("a", "pausing", Duration::from_secs(10));
     drop(s);
@@ -275,7 +279,7 @@ fn a_slow_json_body_holds_its_permit_until_408() {
     let body = serde_json::to_string(&common::overlay_req("slow")).unwrap();
     let head = |len: usize| {
         format!(
-            "POST /v1/vm HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {len}\r\n\r\n"
+            "POST /v1/vm HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {len}\r\n\r\n"
         )
     };
     // 1. Part of the body, then silence.
@@ -350,7 +354,7 @@ fn a_slow_json_body_holds_its_permit_until_408() {
     permit_back();
     let mut s = connect(
         &d,
-        "POST /v1/vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n100\r\n{\"vm_id\":",
+        "POST /v1/vm HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n100\r\n{\"vm_id\":",
     );
     let r = read_response(&mut s);
     assert_eq!(r.status, 408, "{r:?}");
@@ -376,8 +380,8 @@ fn slow_headers_and_idle_connections_are_closed() {
         "",
         "P",
         "POST /v1/vm HTTP/1.1\r\n",
-        "POST /v1/vm HTTP/1.1\r\nHost: x\r\nContent-Type: app",
-        "GET /v1/vm HTTP/1.1\r\nHost: x\r\n",
+        "POST /v1/vm HTTP/1.1\r\nHost: localhost\r\nContent-Type: app",
+        "GET /v1/vm HTTP/1.1\r\nHost: localhost\r\n",
     ];
     let mut conns: Vec<Stream> = (0..40)
         .map(|i| connect(&d, heads[i % heads.len()]))
@@ -394,7 +398,7 @@ fn slow_headers_and_idle_connections_are_closed() {
     let took = start.elapsed();
     assert!(took < Duration::from_secs(10), "{took:?}");
     // A kept-alive connection left idle after a request is closed as well.
-    let mut s = connect(&d, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut s = connect(&d, "GET /v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n");
     let mut first = [0u8; 12];
     s.read_exact(&mut first).unwrap();
     assert_eq!(&first, b"HTTP/1.1 200");
@@ -424,11 +428,11 @@ fn a_stop_with_slow_clients_connected_is_prompt() {
         cfg.body_timeout_ms = 500;
     });
     d.create_ok("vm1");
-    let mut partial = connect(&d, "POST /v1/vm HTTP/1.1\r\nHost: x\r\n");
+    let mut partial = connect(&d, "POST /v1/vm HTTP/1.1\r\nHost: localhost\r\n");
     let mut idle = connect(&d, "");
     let mut body = connect(
         &d,
-        "POST /v1/vm HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{",
+        "POST /v1/vm HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{",
     );
     std::thread::sleep(Duration::from_millis(50));
     let start = Instant::now();
@@ -460,7 +464,7 @@ fn a_stalled_upload_is_408_but_a_slow_steady_one_completes() {
     assert_eq!(code, 201, "{v}");
     let put_head = |target: &Path, len: usize| {
         format!(
-            "PUT /v1/vm/vm1/files?path={} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {len}\r\n\r\n",
+            "PUT /v1/vm/vm1/files?path={} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\n\r\n",
             target.display()
         )
     };

@@ -135,7 +135,7 @@ pub fn copy_sparse_from(
             io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
         ));
     }
-    let output = OpenOptions::new()
+    let output = crate::private::file_options()
         .write(true)
         .read(true)
         .create_new(true)
@@ -188,7 +188,7 @@ pub fn copy_sparse_over(src: &Path, dst: &Path) -> io::Result<CopyStats> {
 /// Makes `path` a new file of `len` bytes, all allocated (so a later copy
 /// into it allocates nothing).
 pub fn preallocate(path: &Path, len: u64) -> io::Result<()> {
-    let f = OpenOptions::new()
+    let f = crate::private::file_options()
         .write(true)
         .create_new(true)
         .open(path)

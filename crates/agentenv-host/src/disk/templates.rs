@@ -2,7 +2,7 @@
 //! `mkfs.ext4` and cloned with a sparse copy for each new overlay, which then
 //! gets its own UUID ([`super::ext4`]).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -135,7 +135,7 @@ impl Ext4Templates {
         if Self::is_ready(&path, size_bytes) {
             return Ok(path);
         }
-        std::fs::create_dir_all(&self.dir)
+        crate::private::create_dir_all(&self.dir)
             .map_err(tio(format!("cannot create {}", self.dir.display())))?;
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -190,7 +190,7 @@ async fn build_template(
     size_bytes: u64,
     dir: &Path,
 ) -> Result<(), TemplateError> {
-    let f = OpenOptions::new()
+    let f = crate::private::file_options()
         .write(true)
         .create_new(true)
         .open(tmp)

@@ -381,7 +381,7 @@ impl FirecrackerVmm {
 /// what configure the VMM, so no fsync).
 fn write_readable<T: Serialize>(path: &Path, value: &T) -> Result<(), VmmError> {
     let doc = serde_json::to_vec_pretty(value).expect("api objects serialise");
-    std::fs::write(path, &doc).map_err(|source| VmmError::Io {
+    crate::private::write(path, &doc).map_err(|source| VmmError::Io {
         context: format!("cannot write {}", path.display()),
         source,
     })

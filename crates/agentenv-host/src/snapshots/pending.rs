@@ -65,7 +65,7 @@ pub(super) fn make_partial(
     id: &str,
 ) -> Result<std::path::PathBuf, CopyError> {
     let partial = inner.partial_dir(tier, id)?;
-    std::fs::create_dir(&partial).map_err(|e| {
+    crate::private::create_dir(&partial).map_err(|e| {
         classify(
             inner.root(tier),
             format!("cannot create {}", partial.display()),

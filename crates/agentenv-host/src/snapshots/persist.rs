@@ -70,7 +70,7 @@ pub(super) fn run(
         )));
     }
     let partial = inner.partial_dir(SnapshotTier::Durable, &id)?;
-    std::fs::create_dir(&partial)
+    crate::private::create_dir(&partial)
         .map_err(|e| tier_error(root, format!("cannot create {}", partial.display()), e))?;
     let copied = copy_verified(inner, &meta, &src_dir, &partial);
     let mut new_meta = match copied {

@@ -1,12 +1,13 @@
 //! The command line: clap definitions of the daemon's flags and of the client
 //! commands, and their conversion into API requests.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use agentenv_api::{CreateVmRequest, DiskSpec, NetworkSpec, ShareSpec};
 use anyhow::anyhow;
 use clap::{Args, Parser, Subcommand};
+
+use crate::server::listen::ListenAddr;
 
 /// Where the daemon listens when `--listen` is not given.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -29,9 +30,10 @@ pub struct DaemonArgs {
     /// Daemon configuration file (TOML). Without one, defaults under ./data.
     #[arg(long, env = "AGENTENV_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Address the daemon listens on [default: 127.0.0.1:8080].
+    /// Where the daemon listens: IP:PORT (HTTPS with [tls]) or unix:/PATH;
+    /// repeat it for several [default: http.listen, else 127.0.0.1:8080].
     #[arg(long)]
-    pub listen: Option<SocketAddr>,
+    pub listen: Vec<ListenAddr>,
 }
 
 impl DaemonArgs {
@@ -39,14 +41,31 @@ impl DaemonArgs {
     pub fn or(self, outer: DaemonArgs) -> DaemonArgs {
         DaemonArgs {
             config: self.config.or(outer.config),
-            listen: self.listen.or(outer.listen),
+            listen: if self.listen.is_empty() {
+                outer.listen
+            } else {
+                self.listen
+            },
         }
     }
 
-    /// The address to listen on.
-    pub fn listen(&self) -> SocketAddr {
-        self.listen
-            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("a socket address"))
+    /// The addresses to listen on: `--listen`, else the config's
+    /// `http.listen`, else [`DEFAULT_LISTEN`].
+    pub fn listen(&self, cfg: &agentenv_core::config::Config) -> anyhow::Result<Vec<ListenAddr>> {
+        if !self.listen.is_empty() {
+            return Ok(self.listen.clone());
+        }
+        if cfg.http.listen.is_empty() {
+            return Ok(vec![DEFAULT_LISTEN.parse().expect("a listen address")]);
+        }
+        cfg.http
+            .listen
+            .iter()
+            .map(|a| {
+                a.parse()
+                    .map_err(|e| anyhow!("config key `http.listen`: {e}"))
+            })
+            .collect()
     }
 }
 
@@ -96,7 +115,7 @@ pub enum Command {
 /// Options every client command takes.
 #[derive(Debug, Clone, Args)]
 pub struct ClientOpts {
-    /// The daemon's address: http://HOST:PORT or unix:/PATH.
+    /// The daemon's address: http://HOST:PORT, https://HOST:PORT or unix:/PATH.
     #[arg(
         long,
         global = true,
@@ -104,6 +123,15 @@ pub struct ClientOpts {
         default_value = "http://127.0.0.1:8080"
     )]
     pub server: String,
+    /// CA certificate (PEM) an https:// daemon's certificate must chain to.
+    #[arg(long, global = true, env = "AGENTENV_CACERT")]
+    pub cacert: Option<PathBuf>,
+    /// Client certificate (PEM) for a daemon that requires one (mTLS).
+    #[arg(long, global = true, env = "AGENTENV_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "AGENTENV_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -158,6 +186,18 @@ pub enum TokenCommand {
 
 fn parse_scope(s: &str) -> Result<agentenv_core::principal::Scope, String> {
     s.parse()
+}
+
+impl ClientOpts {
+    /// A client of the daemon these options name.
+    pub fn client(&self) -> Result<agentenv_client::ApiClient, agentenv_client::ClientError> {
+        let tls = agentenv_client::TlsOptions {
+            cacert: self.cacert.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        };
+        agentenv_client::ApiClient::with_tls(&self.server, &tls)
+    }
 }
 
 /// `agentenv vm …`

@@ -4,10 +4,14 @@
 mod agent;
 pub mod auth;
 pub mod error;
+pub mod guard;
 pub mod json;
 pub mod limits;
+pub mod listen;
 pub mod openapi;
+pub mod principal;
 mod snapshots;
+pub mod tls;
 mod vm;
 
 use std::future::Future;
@@ -33,10 +37,12 @@ pub fn router(engine: Arc<Engine>, auth: auth::Auth) -> Router {
 }
 
 /// The whole API, counting its operations in `limits`. Layers, outermost
-/// first: authentication (and the audit log: a request without a valid
-/// credential never takes an in-flight slot), the in-flight limit, JSON
-/// error bodies; then routing, and on every route the ownership check.
+/// first: the cross-site refusals (Host allow-list, Content-Type), then
+/// authentication (and the audit log: a request without a valid credential
+/// never takes an in-flight slot), the in-flight limit, JSON error bodies;
+/// then routing, and on every route the ownership check.
 fn router_with(engine: Arc<Engine>, limits: limits::Limits, auth: auth::Auth) -> Router {
+    let allowed_hosts = engine.config().http.allowed_hosts.clone();
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi::serve))
@@ -76,6 +82,11 @@ fn router_with(engine: Arc<Engine>, limits: limits::Limits, auth: auth::Auth) ->
             auth,
             auth::authenticate,
         ))
+        // Outermost: cross-site refusals cost nothing and take no slot.
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(guard::AllowedHosts::new(&allowed_hosts)),
+            guard::check,
+        ))
 }
 
 /// How long a clean stop waits for operations still in flight.
@@ -97,61 +108,64 @@ pub async fn run(
     engine: Arc<Engine>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let auth = auth::Auth::from_config(engine.config()).map_err(std::io::Error::other)?;
-    run_with(listener, engine, auth, shutdown).await
+    run_listeners(vec![listen::Listener::tcp(listener)], engine, shutdown).await
 }
 
-/// [`run`] with the authentication given (the daemon keeps a handle to
-/// reload its tokens on SIGHUP).
-pub async fn run_with(
-    listener: tokio::net::TcpListener,
+/// Like [`run`], on several listeners at once (TCP, TLS, Unix sockets; see
+/// [`listen::Listener::bind`]), callers authenticated as the engine's config
+/// says (`[auth]`).
+pub async fn run_listeners(
+    listeners: Vec<listen::Listener>,
+    engine: Arc<Engine>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let auth = auth::Auth::from_config(engine.config()).map_err(std::io::Error::other)?;
+    run_listeners_with(listeners, engine, auth, shutdown).await
+}
+
+/// [`run_listeners`] with the authentication given (the daemon keeps a
+/// handle to reload its tokens on SIGHUP). Each request carries its
+/// [`listen::Peer`] and [`auth::ClientAddr`], and, for a Unix peer or an mTLS
+/// client, its [`principal::Principal`]. A TLS handshake must end within the
+/// header read timeout. A Unix listener's socket file is removed when this
+/// returns.
+pub async fn run_listeners_with(
+    listeners: Vec<listen::Listener>,
     engine: Arc<Engine>,
     auth: auth::Auth,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::server::graceful::GracefulShutdown;
-    use hyper_util::service::TowerToHyperService;
-    use tower::ServiceExt;
 
     let limits = limits::Limits::from_config(engine.config());
     let app = router_with(engine.clone(), limits.clone(), auth);
     let header_timeout = std::time::Duration::from_millis(engine.config().header_timeout_ms);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut turn = 0usize;
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!("accepting a connection failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        turn = turn.wrapping_add(1);
+        let accepted = tokio::select! {
+            accepted = accept_any(&listeners, turn) => accepted,
             () = &mut shutdown => break,
         };
-        let _ = stream.set_nodelay(true);
-        let client = auth::ClientAddr(peer.to_string());
-        let service = TowerToHyperService::new(app.clone().map_request(
-            move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(client.clone());
-                req
-            },
-        ));
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!("connection ended: {e}");
+        let accepted = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!("accepting a connection failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
             }
-        });
+        };
+        let conn = Connection {
+            app: app.clone(),
+            header_timeout,
+            watcher: graceful.watcher(),
+        };
+        tokio::spawn(conn.serve(accepted));
     }
-    drop(listener);
+    drop(listeners);
     graceful.shutdown().await;
     // Operations whose clients went away still run in their own tasks: they
     // finish (or roll back) before the runtime goes, not cut at an arbitrary
@@ -166,6 +180,161 @@ pub async fn run_with(
     }
     engine.shutdown_all().await;
     Ok(())
+}
+
+/// A connection just accepted, with what is known of its peer.
+enum Accepted {
+    /// TCP, with the listener's TLS acceptor when it serves HTTPS.
+    Tcp {
+        stream: tokio::net::TcpStream,
+        peer: listen::Peer,
+        tls: Option<tls::TlsAcceptor>,
+    },
+    /// A Unix stream socket.
+    Unix {
+        stream: tokio::net::UnixStream,
+        peer: listen::Peer,
+        path: std::path::PathBuf,
+    },
+}
+
+/// The next connection on any of `listeners`, asking them in turn from
+/// `turn` on (so that a busy one cannot starve the others).
+async fn accept_any(listeners: &[listen::Listener], turn: usize) -> std::io::Result<Accepted> {
+    use listen::{Listener, Peer, Transport};
+    use std::task::Poll;
+    let n = listeners.len().max(1);
+    std::future::poll_fn(|cx| {
+        for l in listeners
+            .iter()
+            .cycle()
+            .skip(turn % n)
+            .take(listeners.len())
+        {
+            match l {
+                Listener::Tcp { listener, tls } => {
+                    if let Poll::Ready(r) = listener.poll_accept(cx) {
+                        return Poll::Ready(r.map(|(stream, addr)| Accepted::Tcp {
+                            stream,
+                            peer: Peer {
+                                transport: if tls.is_some() {
+                                    Transport::Tls
+                                } else {
+                                    Transport::Tcp
+                                },
+                                addr: Some(addr),
+                                local: listener.local_addr().ok(),
+                                uid: None,
+                            },
+                            tls: tls.clone(),
+                        }));
+                    }
+                }
+                Listener::Unix { listener, file } => {
+                    if let Poll::Ready(r) = listener.poll_accept(cx) {
+                        return Poll::Ready(r.map(|(stream, _)| {
+                            let uid = stream.peer_cred().ok().map(|c| c.uid());
+                            Accepted::Unix {
+                                stream,
+                                peer: Peer {
+                                    transport: Transport::Unix,
+                                    addr: None,
+                                    local: None,
+                                    uid,
+                                },
+                                path: file.path().to_path_buf(),
+                            }
+                        }));
+                    }
+                }
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// What serving one connection needs.
+struct Connection {
+    app: Router,
+    header_timeout: std::time::Duration,
+    watcher: hyper_util::server::graceful::Watcher,
+}
+
+impl Connection {
+    /// Serves an accepted connection: the TLS handshake first on an HTTPS
+    /// listener, then HTTP/1.1 until the client or a clean stop closes it.
+    async fn serve(self, accepted: Accepted) {
+        match accepted {
+            Accepted::Tcp {
+                stream,
+                peer,
+                tls: None,
+            } => {
+                let _ = stream.set_nodelay(true);
+                self.http(stream, peer, None).await;
+            }
+            Accepted::Tcp {
+                stream,
+                peer,
+                tls: Some(tls),
+            } => {
+                let _ = stream.set_nodelay(true);
+                let who = peer.describe();
+                match tokio::time::timeout(self.header_timeout, tls.accept(stream)).await {
+                    Ok(Ok((stream, principal))) => {
+                        if let Some(p) = &principal {
+                            tracing::info!("TLS client {who}: certificate CN {:?}", p.name);
+                        }
+                        self.http(stream, peer, principal).await;
+                    }
+                    Ok(Err(e)) => tracing::info!("TLS handshake with {who} failed: {e}"),
+                    Err(_) => tracing::info!("TLS handshake with {who} timed out"),
+                }
+            }
+            Accepted::Unix { stream, peer, path } => {
+                let Some(uid) = peer.uid else {
+                    tracing::warn!(
+                        "connection on unix:{} refused: its peer's uid is unknown (SO_PEERCRED failed)",
+                        path.display()
+                    );
+                    return;
+                };
+                tracing::info!("connection on unix:{} from uid {uid}", path.display());
+                self.http(stream, peer, Some(listen::unix_principal(uid)))
+                    .await;
+            }
+        }
+    }
+
+    /// HTTP/1.1 over `io`, every request tagged with `peer` and `principal`.
+    async fn http<I>(self, io: I, peer: listen::Peer, principal: Option<principal::Principal>)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        use hyper_util::rt::{TokioIo, TokioTimer};
+        use hyper_util::service::TowerToHyperService;
+        use tower::ServiceExt;
+
+        let app =
+            self.app
+                .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(peer.clone());
+                    req.extensions_mut()
+                        .insert(auth::ClientAddr(peer.describe()));
+                    if let Some(p) = &principal {
+                        req.extensions_mut().insert(p.clone());
+                    }
+                    req
+                });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_timeout)
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+        if let Err(e) = self.watcher.watch(conn).await {
+            tracing::debug!("connection ended: {e}");
+        }
+    }
 }
 
 #[utoipa::path(get, path = "/v1/health", tag = "daemon",

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agentenv::server::listen::Listener;
 use agentenv_client::{ApiClient, Body, Request, ResponseHead, Stream};
 use agentenv_core::config::{Config, VmmChoice};
 use agentenv_core::Engine;
@@ -198,6 +199,56 @@ impl Daemon {
 
     /// Starts a daemon whose VM networking lives in the namespace `netns`.
     pub fn start_in(cfg: Config, dir: &Path, netns: Option<PathBuf>) -> Daemon {
+        let setup = move |c| async move {
+            let engine = agentenv::daemon::build_engine_in(c, netns)
+                .await
+                .expect("engine builds");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            Ok((vec![Listener::tcp(listener)], engine))
+        };
+        Daemon::serve_thread(cfg, dir, setup)
+            .expect("daemon starts")
+            .0
+    }
+
+    /// Starts a daemon on the listeners `addrs` name (`IP:PORT`, HTTPS when
+    /// `cfg.tls` has a certificate, or `unix:/PATH`), as `agentenv serve`
+    /// binds them; returns it with every listener's address
+    /// (`http://…`, `https://…`, `unix:…`; the first is its `base`), or the
+    /// startup error.
+    pub fn start_listening(
+        cfg: Config,
+        dir: &Path,
+        addrs: &[&str],
+    ) -> Result<(Daemon, Vec<String>), String> {
+        use agentenv::server::listen::ListenAddr;
+        let addrs = addrs
+            .iter()
+            .map(|a| a.parse::<ListenAddr>().map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let setup = move |c: Config| async move {
+            let listeners = agentenv::daemon::bind_listeners(&c, &addrs)
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            let engine = agentenv::daemon::build_engine(c)
+                .await
+                .expect("engine builds");
+            Ok((listeners, engine))
+        };
+        Daemon::serve_thread(cfg, dir, setup)
+    }
+
+    /// Runs a daemon on a runtime thread of its own: `setup` binds its
+    /// listeners and builds its engine (or fails, and the error is returned),
+    /// then it serves until stopped or aborted.
+    fn serve_thread<F>(
+        cfg: Config,
+        dir: &Path,
+        setup: impl FnOnce(Config) -> F + Send + 'static,
+    ) -> Result<(Daemon, Vec<String>), String>
+    where
+        F: std::future::Future<Output = Result<(Vec<Listener>, Arc<Engine>), String>>,
+    {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (abort_tx, abort_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -209,14 +260,16 @@ impl Daemon {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let engine = agentenv::daemon::build_engine_in(c, netns)
-                    .await
-                    .expect("engine builds");
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                ready_tx
-                    .send((listener.local_addr().unwrap(), engine.clone()))
-                    .unwrap();
-                let serve = agentenv::server::run(listener, engine, async {
+                let (listeners, engine) = match setup(c).await {
+                    Ok(ready) => ready,
+                    Err(e) => {
+                        ready_tx.send(Err(e)).unwrap();
+                        return;
+                    }
+                };
+                let bases: Vec<String> = listeners.iter().map(|l| l.describe()).collect();
+                ready_tx.send(Ok((bases, engine.clone()))).unwrap();
+                let serve = agentenv::server::run_listeners(listeners, engine, async {
                     let _ = rx.await;
                 });
                 tokio::select! {
@@ -228,16 +281,23 @@ impl Daemon {
             // After an abort: every task is dropped where it stands.
             rt.shutdown_background();
         });
-        let (addr, engine) = ready_rx.recv().expect("daemon starts");
-        Daemon {
-            base: format!("http://{addr}"),
+        let (bases, engine) = match ready_rx.recv().expect("daemon starts or fails") {
+            Ok(ready) => ready,
+            Err(e) => {
+                thread.join().unwrap();
+                return Err(e);
+            }
+        };
+        let d = Daemon {
+            base: bases[0].clone(),
             engine,
             dir: dir.to_path_buf(),
             cfg,
             stop: Some(tx),
             abort: Some(abort_tx),
             thread: Some(thread),
-        }
+        };
+        Ok((d, bases))
     }
 
     /// Stops the daemon (its VMs are stopped as `on_shutdown` says).
@@ -422,7 +482,7 @@ impl Daemon {
         body: &[u8],
     ) -> RawAnswer {
         let mut req =
-            format!("{method} {path} HTTP/1.1\r\nHost: agentenv\r\nConnection: close\r\n");
+            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
         if let Some(ct) = content_type {
             req.push_str(&format!("Content-Type: {ct}\r\n"));
         }
