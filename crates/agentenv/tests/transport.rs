@@ -325,9 +325,15 @@ fn tls_client(https: &str, cacert: &Path, pair: Option<&(PathBuf, PathBuf)>) -> 
         cert: pair.map(|p| p.0.clone()),
         key: pair.map(|p| p.1.clone()),
     };
-    ApiClient::with_tls(https, &opts)
+    let c = ApiClient::with_tls(https, &opts)
         .unwrap()
-        .with_timeout(Duration::from_secs(10))
+        .with_timeout(Duration::from_secs(10));
+    // A client certificate is a credential of its own (mTLS); without one,
+    // the harness's bearer token.
+    match pair {
+        Some(_) => c,
+        None => c.with_token(common::TEST_TOKEN),
+    }
 }
 
 #[test]

@@ -142,9 +142,15 @@ pub struct ClientOpts {
 }
 
 impl ClientOpts {
-    /// A client of the daemon these options name, with the token if given.
+    /// A client of the daemon these options name (with its TLS files), with
+    /// the token if given.
     pub fn client(&self) -> anyhow::Result<agentenv_client::ApiClient> {
-        let c = agentenv_client::ApiClient::new(&self.server)?;
+        let tls = agentenv_client::TlsOptions {
+            cacert: self.cacert.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        };
+        let c = agentenv_client::ApiClient::with_tls(&self.server, &tls)?;
         Ok(match &self.token {
             Some(t) => c.with_token(t.trim()),
             None => c,
@@ -186,18 +192,6 @@ pub enum TokenCommand {
 
 fn parse_scope(s: &str) -> Result<agentenv_core::principal::Scope, String> {
     s.parse()
-}
-
-impl ClientOpts {
-    /// A client of the daemon these options name.
-    pub fn client(&self) -> Result<agentenv_client::ApiClient, agentenv_client::ClientError> {
-        let tls = agentenv_client::TlsOptions {
-            cacert: self.cacert.clone(),
-            cert: self.cert.clone(),
-            key: self.key.clone(),
-        };
-        agentenv_client::ApiClient::with_tls(&self.server, &tls)
-    }
 }
 
 /// `agentenv vm …`
