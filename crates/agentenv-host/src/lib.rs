@@ -10,6 +10,7 @@ pub mod net;
 pub mod process;
 pub mod qemu;
 pub mod runner;
+pub mod safe_open;
 pub mod snapshots;
 
 pub use local::LocalHost;

@@ -130,6 +130,9 @@ struct VmSlot {
     ready: tokio::sync::watch::Sender<bool>,
     /// The host end of the agent channel, when the VM has one (never changes).
     agent_socket: Option<PathBuf>,
+    /// Device and inode of the direct disk this daemon opened for the VM
+    /// (set once at reservation; unknown for a VM adopted after a restart).
+    direct_disk: std::sync::OnceLock<(u64, u64)>,
 }
 
 impl VmSlot {
@@ -149,6 +152,7 @@ impl VmSlot {
             }),
             ready: tokio::sync::watch::channel(false).0,
             agent_socket,
+            direct_disk: std::sync::OnceLock::new(),
         })
     }
 
