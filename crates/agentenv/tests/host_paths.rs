@@ -312,3 +312,66 @@ fn a_path_swapped_for_a_symlink_during_200_creates_never_reaches_a_guest() {
     assert!(swaps.iter().all(|&s| s > 0), "{swaps:?}");
     finish(d, dir);
 }
+
+/// A real QEMU guest boots from a direct disk that QEMU reaches only through
+/// the descriptor the daemon opened: its command line names
+/// `/proc/self/fd/N`, never the path, and the guest reads the disk's own
+/// data even though the path was renamed and replaced by a symlink to
+/// another image right after the create.
+#[test]
+fn a_qemu_guest_boots_from_the_direct_disk_the_daemon_opened() {
+    let art = need_artifacts!();
+    let mut dir = TestDir::new();
+    let disks = dir.path().join("disks");
+    let disk = disks.join("root.ext4");
+    std::fs::copy(art.join("rootfs/minimal.ext4"), &disk).unwrap();
+    let marker = dir.path().join("marker");
+    std::fs::write(&marker, b"the opened disk").unwrap();
+    let out = std::process::Command::new("debugfs")
+        .args(["-w", "-R", &format!("write {} /marker", marker.display())])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    std::fs::remove_file(&marker).unwrap();
+    let mut cfg = common::qemu_config(&dir, &art);
+    cfg.direct_disk_roots = vec![disks.clone()];
+    dir.baseline = Some(common::baseline(dir.path()));
+    let d = Daemon::start_with(cfg, dir.path());
+    let (code, vm) = d.call(
+        "POST",
+        "/v1/vm",
+        Some(json!({"vm_id": "direct",
+            "boot_args": "console=ttyS0 reboot=k panic=1 agentenv.check=file:/marker",
+            "disk": {"kind": "direct", "path": disk}})),
+    );
+    assert_eq!(code, 201, "{vm}");
+    // Swapped at once: the guest must still boot from the opened file.
+    std::fs::rename(&disk, disks.join("moved.ext4")).unwrap();
+    symlink(&art.join("rootfs/minimal.ext4"), &disk);
+    let pid = vm["pid"].as_u64().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains("file=/proc/self/fd/"), "{cmdline}");
+    assert!(!cmdline.contains("root.ext4"), "{cmdline}");
+    assert!(open_inodes(pid).contains(&id_of(&disks.join("moved.ext4"))));
+    let log = PathBuf::from(vm["console_log"].as_str().unwrap());
+    let start = std::time::Instant::now();
+    let want = "agentenv-check file /marker ok the opened disk";
+    loop {
+        let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
+        if text.contains(want) {
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(90),
+            "no {want:?} on the console:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (code, body) = d.call("DELETE", "/v1/vm/direct", None);
+    assert_eq!(code, 204, "{body}");
+    std::fs::remove_file(&disk).unwrap();
+    std::fs::rename(disks.join("moved.ext4"), &disk).unwrap();
+    finish(d, dir);
+}
