@@ -457,7 +457,7 @@ mod tests {
     use std::time::Instant;
 
     /// Reads the next whole frame from `sock` into/out of `buf`.
-    async fn next_frame(sock: &mut UnixStream, buf: &mut Vec<u8>) -> Frame {
+    pub(super) async fn next_frame(sock: &mut UnixStream, buf: &mut Vec<u8>) -> Frame {
         loop {
             if let Some(f) = proto::take_frame(buf).unwrap() {
                 return f;
@@ -469,7 +469,7 @@ mod tests {
         }
     }
 
-    fn hello_ok(hello: &Frame) -> Frame {
+    pub(super) fn hello_ok(hello: &Frame) -> Frame {
         let h: Hello = hello.parse().unwrap();
         let mut payload = h.nonce.into_bytes();
         let ok = HelloOk {
@@ -545,6 +545,7 @@ mod tests {
 /// cuts it off, and its memory stays bounded.
 #[cfg(test)]
 mod hostile_tests {
+    use super::tests::{hello_ok, next_frame};
     use super::*;
     use agentenv_proto::{ExecRequest, GRANT_BATCH, HEADER_LEN, MAX_PAYLOAD};
 
@@ -561,39 +562,14 @@ mod hostile_tests {
         let (host, mut agent) = UnixStream::pair().unwrap();
         let fake = tokio::spawn(async move {
             let mut buf = Vec::new();
-            let h = loop {
-                if let Some(f) = proto::take_frame(&mut buf).unwrap() {
-                    break f;
-                }
-                let mut chunk = [0u8; 4096];
-                let n = agent.read(&mut chunk).await.unwrap();
-                buf.extend_from_slice(&chunk[..n]);
-            };
-            let hello: Hello = h.parse().unwrap();
-            let mut payload = hello.nonce.into_bytes();
-            let ok = HelloOk {
-                version: PROTOCOL_VERSION,
-                agent: "hostile".into(),
-                pid: 1,
-            };
-            payload.extend_from_slice(&serde_json::to_vec(&ok).unwrap());
-            let f = Frame {
-                kind: Kind::HelloOk,
-                stream: 0,
-                payload,
-            };
-            agent.write_all(&f.encode()).await.unwrap();
+            let h = next_frame(&mut agent, &mut buf).await;
+            agent.write_all(&hello_ok(&h).encode()).await.unwrap();
             // The exec request, answered.
             let exec = loop {
-                if let Some(f) = proto::take_frame(&mut buf).unwrap() {
-                    if f.kind == Kind::Exec {
-                        break f;
-                    }
-                    continue;
+                let f = next_frame(&mut agent, &mut buf).await;
+                if f.kind == Kind::Exec {
+                    break f;
                 }
-                let mut chunk = [0u8; 4096];
-                let n = agent.read(&mut chunk).await.unwrap();
-                buf.extend_from_slice(&chunk[..n]);
             };
             let started = Frame::json(Kind::Started, exec.stream, &Started { pid: 7 });
             agent.write_all(&started.encode()).await.unwrap();
@@ -662,27 +638,19 @@ mod hostile_tests {
             }
             (exec, got)
         });
-        let (mut rd, mut wr) = agent.split();
         let mut credit = INITIAL_WINDOW as usize;
         let mut sent = 0;
         let mut buf = Vec::new();
         while sent < total {
             while credit < GRANT_BATCH as usize {
-                let f = loop {
-                    if let Some(f) = proto::take_frame(&mut buf).unwrap() {
-                        break f;
-                    }
-                    let mut chunk = [0u8; 4096];
-                    let n = rd.read(&mut chunk).await.unwrap();
-                    assert!(n > 0);
-                    buf.extend_from_slice(&chunk[..n]);
-                };
+                let f = next_frame(&mut agent, &mut buf).await;
                 if f.kind == Kind::Window {
                     credit += f.window_bytes().unwrap() as usize;
                 }
             }
             let n = GRANT_BATCH as usize;
-            wr.write_all(&proto::encode(Kind::Stdout, stream, &vec![b'y'; n]))
+            agent
+                .write_all(&proto::encode(Kind::Stdout, stream, &vec![b'y'; n]))
                 .await
                 .unwrap();
             credit -= n;
