@@ -75,6 +75,10 @@ pub struct OpenedPath {
     pub ino: u64,
     /// `fstat` facts of the open file.
     pub info: FileInfo,
+    /// A path by which this process reaches the open file itself (not
+    /// whatever is at `path` now), for a later read such as a snapshot's
+    /// copy of a direct disk; `None` from a fake host.
+    pub reopen: Option<PathBuf>,
 }
 
 /// Why [`HostFiles::open_beneath`] refused a path.

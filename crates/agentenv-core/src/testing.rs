@@ -467,6 +467,7 @@ impl HostFiles for FakeHost {
                 nlink: 1,
                 writable: true,
             },
+            reopen: None,
         })
     }
 }

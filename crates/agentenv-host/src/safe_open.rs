@@ -178,6 +178,7 @@ pub fn open_beneath(root: &Path, rel: &Path) -> Result<OpenedPath, OpenBeneathEr
     };
     Ok(OpenedPath {
         path,
+        reopen: Some(fd_path(fd.as_raw_fd())),
         fd: Some(SharedFd(Arc::new(fd))),
         dev: st.st_dev,
         ino: st.st_ino,

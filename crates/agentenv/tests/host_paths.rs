@@ -375,3 +375,51 @@ fn a_qemu_guest_boots_from_the_direct_disk_the_daemon_opened() {
     std::fs::rename(disks.join("moved.ext4"), &disk).unwrap();
     finish(d, dir);
 }
+
+/// A snapshot of a VM on a direct disk copies the file the daemon opened for
+/// it, not whatever its path names by then.
+#[test]
+fn a_snapshot_of_a_direct_disk_copies_the_opened_file() {
+    let mut dir = TestDir::new();
+    let d0 = dir.path().to_path_buf();
+    let disks = d0.join("disks");
+    let disk = disks.join("s.img");
+    disk_file(&disk, b"INSIDE");
+    let mut cfg = dir.config();
+    cfg.direct_disk_roots = vec![disks.clone()];
+    dir.baseline = Some(common::baseline(&d0));
+    let d = Daemon::start_with(cfg, &d0);
+    let (code, v) = d.call("POST", "/v1/vm", Some(direct("src", &disk)));
+    assert_eq!(code, 201, "{v}");
+    // Swapped under the running VM for another file, then a symlink.
+    std::fs::rename(&disk, disks.join("s.moved")).unwrap();
+    disk_file(&d0.join("outside.img"), b"OUTSIDE");
+    symlink(&d0.join("outside.img"), &disk);
+    let (code, s) = d.call(
+        "POST",
+        "/v1/vm/src/snapshot",
+        Some(json!({"snapshot_id": "s1"})),
+    );
+    assert_eq!(code, 201, "{s}");
+    let (code, v) = d.call(
+        "POST",
+        "/v1/vm",
+        Some(json!({"vm_id": "copy", "disk": {"kind": "snapshot", "snapshot_id": "s1"}})),
+    );
+    assert_eq!(code, 201, "{v}");
+    let copy = std::fs::read(v["disk"]["writable_path"].as_str().unwrap()).unwrap();
+    assert!(
+        copy.starts_with(b"INSIDE"),
+        "the snapshot copied another file"
+    );
+    for vm in ["copy", "src"] {
+        let (code, body) = d.call("DELETE", &format!("/v1/vm/{vm}"), None);
+        assert_eq!(code, 204, "{body}");
+    }
+    let (code, body) = d.call("DELETE", "/v1/snapshots/s1", None);
+    assert!(code == 204 || code == 200, "{code} {body}");
+    std::fs::remove_file(&disk).unwrap();
+    std::fs::remove_file(d0.join("outside.img")).unwrap();
+    std::fs::rename(disks.join("s.moved"), &disk).unwrap();
+    finish(d, dir);
+}

@@ -47,8 +47,8 @@ struct DiskPlan {
     drives: Vec<DriveSpec>,
     source: DiskSource,
     has_overlay: bool,
-    /// Device and inode of a direct disk.
-    direct: Option<(u64, u64)>,
+    /// A direct disk, opened.
+    direct: Option<crate::host::OpenedPath>,
 }
 
 /// One share image to build: the opened host directory is copied into a
@@ -72,8 +72,8 @@ struct Plan {
     disk_source: DiskSource,
     /// Share images to build.
     shares: Vec<ShareBuild>,
-    /// Device and inode of the direct disk the daemon opened.
-    direct_disk: Option<(u64, u64)>,
+    /// The direct disk the daemon opened.
+    direct_disk: Option<crate::host::OpenedPath>,
     /// The network lease, assigned at reservation (automatic networking).
     lease: Option<NetLease>,
     /// The VM gets a network interface (automatic networking gives it a
@@ -550,7 +550,7 @@ impl Engine {
                     }],
                     source: DiskSource::InPlace,
                     has_overlay: false,
-                    direct: Some((opened.dev, opened.ino)),
+                    direct: Some(opened),
                 })
             }
         }
@@ -660,8 +660,11 @@ impl Engine {
                 committed += info.memory_mib;
                 // Two VMs never share a direct disk: not by its path, and
                 // not by its inode (the file the daemon opened).
-                let same_file =
-                    plan.direct_disk.is_some() && s.direct_disk.get().copied() == plan.direct_disk;
+                let file = |o: &crate::host::OpenedPath| (o.dev, o.ino);
+                let same_file = plan
+                    .direct_disk
+                    .as_ref()
+                    .is_some_and(|mine| s.direct_disk.get().map(file) == Some(file(mine)));
                 if same_file
                     || plan.info.disk.kind == "direct"
                         && info.disk.kind == "direct"
@@ -704,8 +707,8 @@ impl Engine {
             plan.lease.clone(),
             plan.launch.agent_socket.clone(),
         );
-        if let Some(file) = plan.direct_disk {
-            let _ = slot.direct_disk.set(file);
+        if let Some(file) = &plan.direct_disk {
+            let _ = slot.direct_disk.set(file.clone());
         }
         vms.insert(id.clone(), slot.clone());
         Ok(slot)

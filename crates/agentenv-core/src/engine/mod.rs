@@ -130,9 +130,10 @@ struct VmSlot {
     ready: tokio::sync::watch::Sender<bool>,
     /// The host end of the agent channel, when the VM has one (never changes).
     agent_socket: Option<PathBuf>,
-    /// Device and inode of the direct disk this daemon opened for the VM
-    /// (set once at reservation; unknown for a VM adopted after a restart).
-    direct_disk: std::sync::OnceLock<(u64, u64)>,
+    /// The direct disk this daemon opened for the VM, kept open while the
+    /// VM lives (set once at reservation; unknown for a VM adopted after a
+    /// restart).
+    direct_disk: std::sync::OnceLock<crate::host::OpenedPath>,
 }
 
 impl VmSlot {
