@@ -227,4 +227,40 @@ mod tests {
             .to_string();
         assert!(e.contains("no direct_disk_roots"), "{e}");
     }
+
+    #[test]
+    fn the_open_refuses_daemon_roots_and_symlinks_and_keeps_the_file() {
+        let host = FakeHost::new(1024);
+        let cfg = Config {
+            direct_disk_roots: vec!["/srv".into()],
+            session_root: "/srv/agentenv/sessions".into(),
+            rootfs_root: "/srv/rootfs".into(),
+            ..Config::default()
+        };
+        host.put_file(Path::new("/srv/direct/d.ext4"), b"");
+        host.put_file(Path::new("/srv/rootfs/base.ext4"), b"");
+        host.put_file(Path::new("/srv/agentenv/sessions/v/overlay.ext4"), b"");
+        host.mkdir_p(Path::new("/srv/direct/share"));
+        let open = |raw: &str, want_dir| open_host_path(&*host, &cfg, "disk.path", raw, want_dir);
+        let o = open("/srv/direct/d.ext4", false).unwrap();
+        assert_eq!(o.path, Path::new("/srv/direct/d.ext4"));
+        assert!(open("/srv/direct/share", true).is_ok());
+        for (raw, want_dir, says) in [
+            (
+                "/srv/rootfs/base.ext4",
+                false,
+                "inside the daemon's rootfs_root",
+            ),
+            (
+                "/srv/agentenv/sessions/v/overlay.ext4",
+                false,
+                "inside the daemon's session_root",
+            ),
+            ("/srv/agentenv", true, "holds the daemon's session_root"),
+        ] {
+            let e = open(raw, want_dir).unwrap_err();
+            assert!(matches!(e, EngineError::Forbidden { .. }), "{raw}: {e}");
+            assert!(e.to_string().contains(says), "{raw}: {e}");
+        }
+    }
 }
