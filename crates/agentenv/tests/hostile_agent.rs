@@ -37,19 +37,12 @@ fn serve(mut s: UnixStream, seen: &Seen, flood: u64) {
         };
         let answer = match f.kind {
             Kind::Hello => {
-                let h: Hello = f.parse().unwrap();
-                let mut payload = h.nonce.into_bytes();
                 let ok = HelloOk {
                     version: proto::PROTOCOL_VERSION,
                     agent: "hostile".into(),
                     pid: 1,
                 };
-                payload.extend_from_slice(&serde_json::to_vec(&ok).unwrap());
-                Frame {
-                    kind: Kind::HelloOk,
-                    stream: 0,
-                    payload,
-                }
+                proto::hello_ok_frame(&f.parse::<Hello>().unwrap(), &ok)
             }
             Kind::Ping => Frame::json(Kind::Done, f.stream, &proto::Done::default()),
             Kind::GetFile => {

@@ -470,19 +470,12 @@ mod tests {
     }
 
     pub(super) fn hello_ok(hello: &Frame) -> Frame {
-        let h: Hello = hello.parse().unwrap();
-        let mut payload = h.nonce.into_bytes();
         let ok = HelloOk {
             version: PROTOCOL_VERSION,
             agent: "fake".into(),
             pid: 1,
         };
-        payload.extend_from_slice(&serde_json::to_vec(&ok).unwrap());
-        Frame {
-            kind: Kind::HelloOk,
-            stream: 0,
-            payload,
-        }
+        proto::hello_ok_frame(&hello.parse().unwrap(), &ok)
     }
 
     fn identity() -> Identity {
