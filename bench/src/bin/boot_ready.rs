@@ -201,6 +201,7 @@ impl QemuCmd {
             path,
             read_only: root,
             is_root: root,
+            fd: None,
         };
         let spec = LaunchSpec {
             memory_file: memory_dir.map(|d| d.join(format!("{id}.mem"))),

@@ -113,6 +113,9 @@ pub struct DriveSpec {
     pub read_only: bool,
     /// The guest boots from it.
     pub is_root: bool,
+    /// The file opened by the daemon (a direct disk): the VMM gets this
+    /// descriptor and never reopens `path`.
+    pub fd: Option<crate::host::SharedFd>,
 }
 
 /// A TAP device attached as the guest's `eth0`.

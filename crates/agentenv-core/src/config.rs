@@ -80,6 +80,9 @@ pub struct Config {
     pub snapshot_state_overhead_mib: u64,
     /// Directories under which `direct` disks may live (none: direct disks refused).
     pub direct_disk_roots: Vec<PathBuf>,
+    /// Largest share directory, in MiB (file sizes plus a block per entry,
+    /// counted while it is copied).
+    pub max_share_mib: u64,
     /// Seconds a shutdown waits for the guest to power off before killing the VMM.
     pub shutdown_timeout_s: u64,
     /// Milliseconds a VMM may take to come up and accept its configuration.
@@ -311,6 +314,7 @@ impl Default for Config {
             default_disk_size_gib: 32,
             snapshot_state_overhead_mib: 64,
             direct_disk_roots: Vec::new(),
+            max_share_mib: 4096,
             shutdown_timeout_s: 10,
             startup_timeout_ms: 5000,
             request_timeout_ms: 5000,
@@ -496,6 +500,9 @@ impl Config {
         }
         if self.console_log_max_bytes < 4096 {
             return Err(invalid("console_log_max_bytes", "must be at least 4096"));
+        }
+        if self.max_share_mib == 0 || self.max_share_mib > 1 << 20 {
+            return Err(invalid("max_share_mib", "must be between 1 and 1048576"));
         }
         if self.max_memory_mib == Some(0) {
             return Err(invalid("max_memory_mib", "must be at least 1"));

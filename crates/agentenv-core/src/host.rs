@@ -3,6 +3,7 @@
 //!
 //! `agentenv_host::LocalHost` implements them on the real machine.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -36,6 +37,89 @@ pub struct FileInfo {
     pub nlink: u64,
     /// Whether the current user may write it.
     pub writable: bool,
+}
+
+/// An open file descriptor, shared by whoever passes it on (to a VMM, to a
+/// copy); equal only to itself.
+#[derive(Debug, Clone)]
+pub struct SharedFd(pub Arc<OwnedFd>);
+
+impl PartialEq for SharedFd {
+    fn eq(&self, other: &SharedFd) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for SharedFd {}
+
+impl SharedFd {
+    /// Its descriptor number (in this process, and in a child that
+    /// inherits it).
+    pub fn raw(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.0.as_raw_fd()
+    }
+}
+
+/// A host file or directory from a request (a direct disk, a share), opened
+/// once beneath its root without following a symlink at any component. The
+/// open file is what travels on; the path is only for messages and records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenedPath {
+    /// The path it was opened by.
+    pub path: PathBuf,
+    /// The open file (read-write for a file, read-only for a directory);
+    /// `None` from a fake host.
+    pub fd: Option<SharedFd>,
+    /// Device of the open file.
+    pub dev: u64,
+    /// Inode of the open file: with `dev`, what identifies it.
+    pub ino: u64,
+    /// `fstat` facts of the open file.
+    pub info: FileInfo,
+    /// A path by which this process reaches the open file itself (not
+    /// whatever is at `path` now), for a later read such as a snapshot's
+    /// copy of a direct disk; `None` from a fake host.
+    pub reopen: Option<PathBuf>,
+}
+
+/// Why [`HostFiles::open_beneath`] refused a path.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenBeneathError {
+    /// A component of the path is a symlink (or a magic link).
+    #[error("{0} is reached through a symlink")]
+    Symlink(PathBuf),
+    /// Nothing is there.
+    #[error("{0} does not exist")]
+    NotFound(PathBuf),
+    /// Any other failure.
+    #[error("cannot open {0}: {1}")]
+    Io(PathBuf, std::io::Error),
+}
+
+/// Why [`DiskImages::stage_share`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StageShareError {
+    /// The directory holds more than the cap (counted while copying, so
+    /// growth during the copy is caught).
+    #[error("{path} holds more than {limit_mib} MiB (max_share_mib)")]
+    TooBig {
+        /// The share's host directory.
+        path: PathBuf,
+        /// The cap.
+        limit_mib: u64,
+    },
+    /// The tree nests deeper than the copy follows.
+    #[error("{path} nests directories deeper than {depth} levels")]
+    TooDeep {
+        /// The share's host directory.
+        path: PathBuf,
+        /// The deepest level copied.
+        depth: usize,
+    },
+    /// Reading the share or writing the copy failed.
+    #[error(transparent)]
+    Host(#[from] HostError),
 }
 
 /// A host operation that failed.
@@ -141,6 +225,13 @@ pub trait HostFiles: Send + Sync + 'static {
 
     /// Renames a file or directory (same file system).
     fn rename(&self, from: &Path, to: &Path) -> Result<(), HostError>;
+
+    /// Opens `rel` (relative, without `..`) beneath the directory `root`,
+    /// refusing a symlink at any component (`openat2` with
+    /// `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`, or an equivalent walk). A
+    /// regular file is opened read-write, a directory read-only; anything
+    /// else is returned without being opened for I/O (the caller refuses it).
+    fn open_beneath(&self, root: &Path, rel: &Path) -> Result<OpenedPath, OpenBeneathError>;
 }
 
 /// Builds the ext4 images a VM boots with.
@@ -156,6 +247,18 @@ pub trait DiskImages: Send + Sync + 'static {
         image: &Path,
         size_bytes: u64,
     ) -> Result<(), HostError>;
+
+    /// Copies the opened directory `dir` into the new private directory
+    /// `dest` through its descriptor, never following a symlink (symlinks
+    /// are copied as symlinks; devices, FIFOs and sockets are left out), and
+    /// stops once more than `max_bytes` were counted. Returns the bytes
+    /// counted (file sizes, and a block per entry).
+    async fn stage_share(
+        &self,
+        dir: &OpenedPath,
+        dest: &Path,
+        max_bytes: u64,
+    ) -> Result<u64, StageShareError>;
 }
 
 /// The host's processes, for cleaning up VMMs an earlier daemon left.

@@ -25,6 +25,7 @@ use crate::backend::{
 use crate::failpoints::Failpoints;
 use crate::host::{
     DiskImages, FileInfo, FileKind, Host, HostError, HostFacts, HostFiles, HostProcesses,
+    OpenBeneathError, OpenedPath, StageShareError,
 };
 use crate::net::{HostNetwork, NetError, NetLease, NetPlan};
 use crate::snapshot::{Cleanup, NewSnapshot, PendingSnapshot, SnapshotError, SnapshotStore};
@@ -101,6 +102,8 @@ pub enum HostCall {
     CreateExt4Disk(PathBuf, u64),
     /// [`DiskImages::create_ext4_from_dir`].
     CreateExt4FromDir(PathBuf, PathBuf, u64),
+    /// [`DiskImages::stage_share`]: the share, the copy, the cap.
+    StageShare(PathBuf, PathBuf, u64),
     /// [`HostProcesses::kill_stale_process`], with the pids it killed.
     KillStale(Option<u32>, PathBuf, Vec<u32>),
 }
@@ -438,6 +441,41 @@ impl HostFiles for FakeHost {
         }
         Ok(())
     }
+
+    fn open_beneath(&self, root: &Path, rel: &Path) -> Result<OpenedPath, OpenBeneathError> {
+        let path = root.join(rel);
+        let w = lock(&self.world);
+        // Every component below the root, the last one too, must be no symlink.
+        let mut at = root.to_path_buf();
+        for c in rel.components() {
+            at.push(c);
+            match w.nodes.get(&at) {
+                None => return Err(OpenBeneathError::NotFound(path)),
+                Some(Node::Symlink(_)) => return Err(OpenBeneathError::Symlink(path)),
+                Some(_) => {}
+            }
+        }
+        let (kind, len) = match w.nodes.get(&path) {
+            Some(Node::Dir) => (FileKind::Dir, 4096),
+            Some(Node::File { len, .. }) => (FileKind::File, *len),
+            _ => (FileKind::Special, 0),
+        };
+        // A fake inode: the node's place in the (ordered) tree.
+        let ino = w.nodes.keys().position(|p| *p == path).unwrap_or(0) as u64 + 1;
+        Ok(OpenedPath {
+            path,
+            fd: None,
+            dev: 1,
+            ino,
+            info: FileInfo {
+                kind,
+                len,
+                nlink: 1,
+                writable: true,
+            },
+            reopen: None,
+        })
+    }
 }
 
 #[async_trait]
@@ -461,6 +499,41 @@ impl DiskImages for FakeHost {
         ));
         self.fault("create_ext4_from_dir", image)?;
         self.create(image, Node::sparse(size_bytes), "build")
+    }
+
+    async fn stage_share(
+        &self,
+        dir: &OpenedPath,
+        dest: &Path,
+        max_bytes: u64,
+    ) -> Result<u64, StageShareError> {
+        self.record(HostCall::StageShare(
+            dir.path.clone(),
+            dest.into(),
+            max_bytes,
+        ));
+        self.fault("stage_share", dest)?;
+        let used = self.dir_usage(&dir.path)?;
+        if used > max_bytes {
+            return Err(StageShareError::TooBig {
+                path: dir.path.clone(),
+                limit_mib: max_bytes >> 20,
+            });
+        }
+        self.create(dest, Node::Dir, "stage")?;
+        let copied: Vec<(PathBuf, Node)> = lock(&self.world)
+            .nodes
+            .iter()
+            .filter(|(p, _)| p.starts_with(&dir.path) && **p != dir.path)
+            .map(|(p, n)| {
+                (
+                    dest.join(p.strip_prefix(&dir.path).expect("below")),
+                    n.clone(),
+                )
+            })
+            .collect();
+        lock(&self.world).nodes.extend(copied);
+        Ok(used)
     }
 }
 

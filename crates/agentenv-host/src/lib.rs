@@ -12,6 +12,7 @@ pub mod private;
 pub mod process;
 pub mod qemu;
 pub mod runner;
+pub mod safe_open;
 pub mod snapshots;
 
 pub use local::LocalHost;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use agentenv_core::backend::ProcessIdentity;
 use agentenv_core::host::{
     DiskImages, FileInfo, FileKind, HostError, HostFacts, HostFiles, HostProcesses,
+    OpenBeneathError, OpenedPath, StageShareError,
 };
 use async_trait::async_trait;
 
@@ -204,6 +205,10 @@ impl HostFiles for LocalHost {
             )
         })
     }
+
+    fn open_beneath(&self, root: &Path, rel: &Path) -> Result<OpenedPath, OpenBeneathError> {
+        crate::safe_open::open_beneath(root, rel)
+    }
 }
 
 #[async_trait]
@@ -234,6 +239,24 @@ impl DiskImages for LocalHost {
     ) -> Result<(), HostError> {
         let ctx = format!("cannot build {} from {}", image.display(), dir.display());
         mkfs_ext4(image, size_bytes, Some(dir), ctx).await
+    }
+
+    async fn stage_share(
+        &self,
+        dir: &OpenedPath,
+        dest: &Path,
+        max_bytes: u64,
+    ) -> Result<u64, StageShareError> {
+        let (dir, dest) = (dir.clone(), dest.to_path_buf());
+        tokio::task::spawn_blocking(move || crate::safe_open::stage_share(&dir, &dest, max_bytes))
+            .await
+            .map_err(|e| {
+                StageShareError::Host(HostError {
+                    context: "share copy".into(),
+                    message: e.to_string(),
+                    no_space: false,
+                })
+            })?
     }
 }
 

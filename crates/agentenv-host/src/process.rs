@@ -36,6 +36,10 @@ pub struct SpawnSpec {
     pub console_log: PathBuf,
     /// Rotation size of `console_log`.
     pub console_log_max_bytes: u64,
+    /// Descriptors the process inherits at their numbers (the files the
+    /// daemon opened for it, such as a direct disk). Close-on-exec is cleared
+    /// in the child only: the daemon's other children never see them.
+    pub inherit_fds: Vec<agentenv_core::host::SharedFd>,
 }
 
 /// A VMM process: our child, or one adopted from an earlier daemon.
@@ -86,6 +90,22 @@ impl VmmProcess {
         }
         if let Some(dir) = cwd {
             cmd.current_dir(dir);
+        }
+        let fds: Vec<std::os::fd::RawFd> = spec.inherit_fds.iter().map(|f| f.raw()).collect();
+        if !fds.is_empty() {
+            // SAFETY: the closure runs in the child between fork and exec and
+            // only calls fcntl, which is async-signal-safe, on descriptors
+            // that `spec` keeps open in the parent until spawn returns.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for fd in &fds {
+                        if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
             binary: spec.binary.clone(),
@@ -566,6 +586,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn only_the_child_given_a_descriptor_inherits_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("disk"), b"the opened file").unwrap();
+        let f = std::fs::File::open(dir.path().join("disk")).unwrap();
+        let fd = agentenv_core::host::SharedFd(Arc::new(OwnedFd::from(f)));
+        // Renamed after the open: the child still reaches the file by its fd.
+        std::fs::rename(dir.path().join("disk"), dir.path().join("moved")).unwrap();
+        let n = fd.raw();
+        let run = |log: &str, inherit: Vec<agentenv_core::host::SharedFd>| {
+            VmmProcess::spawn(&SpawnSpec {
+                binary: "/bin/sh".into(),
+                args: vec![
+                    "-c".into(),
+                    format!("cat /proc/self/fd/{n} 2>/dev/null || echo no fd {n}").into(),
+                ],
+                console_log: dir.path().join(log),
+                console_log_max_bytes: 4096,
+                inherit_fds: inherit,
+            })
+            .unwrap()
+        };
+        for (log, inherit, want) in [
+            ("given.log", vec![fd.clone()], "the opened file".to_string()),
+            ("other.log", Vec::new(), format!("no fd {n}")),
+        ] {
+            let p = run(log, inherit);
+            while p.exited().is_none() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let out = std::fs::read_to_string(dir.path().join(log)).unwrap();
+            assert_eq!(out.trim(), want, "{log}");
+        }
+    }
+
+    #[tokio::test]
     async fn the_console_log_stays_bounded_while_the_vmm_writes() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("console.log");
@@ -579,6 +634,7 @@ mod tests {
             ],
             console_log: p.clone(),
             console_log_max_bytes: 4096,
+            inherit_fds: Vec::new(),
         })
         .unwrap();
         let mut biggest = 0;
@@ -780,6 +836,7 @@ mod tests {
             args: vec!["-c".into(), "echo hello; echo oops >&2; exit 3".into()],
             console_log: log.clone(),
             console_log_max_bytes: 1 << 20,
+            inherit_fds: Vec::new(),
         })
         .unwrap();
         let exit = agentenv_core::backend::wait_exit(p.exit_watch(), Duration::from_secs(5))
@@ -818,6 +875,7 @@ mod tests {
             args: vec!["-c".into(), "sleep 100 & sleep 100; wait".into()],
             console_log: dir.path().join("c.log"),
             console_log_max_bytes: 1 << 20,
+            inherit_fds: Vec::new(),
         })
         .unwrap();
         let pgid = p.pid() as i32;

@@ -58,12 +58,14 @@ fn spec(dir: &Path, vm_id: &str) -> LaunchSpec {
                 path: file(dir, "rootfs.ext4"),
                 read_only: true,
                 is_root: true,
+                fd: None,
             },
             DriveSpec {
                 id: "overlay".into(),
                 path: file(dir, "overlay.ext4"),
                 read_only: false,
                 is_root: false,
+                fd: None,
             },
         ],
         net: Some(NetAttachment {

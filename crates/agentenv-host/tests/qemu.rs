@@ -163,6 +163,7 @@ fn guest_spec(dir: &Path, vm_id: &str, a: &Artifacts) -> LaunchSpec {
         path: root,
         read_only: false,
         is_root: true,
+        fd: None,
     });
     s
 }

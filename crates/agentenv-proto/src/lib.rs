@@ -351,6 +351,17 @@ pub fn take_frame(buf: &mut Vec<u8>) -> Result<Option<Frame>, ProtoError> {
     }))
 }
 
+/// The agent's answer to `hello`: its nonce, then `ok` as JSON (stream 0).
+pub fn hello_ok_frame(hello: &Hello, ok: &HelloOk) -> Frame {
+    let mut payload = hello.nonce.clone().into_bytes();
+    payload.extend_from_slice(&serde_json::to_vec(ok).expect("json serialises"));
+    Frame {
+        kind: Kind::HelloOk,
+        stream: 0,
+        payload,
+    }
+}
+
 /// Finds the agent's `HelloOk` for `nonce` in bytes received after a `Hello`.
 /// Returns the offset of its header, skipping whatever came before it.
 pub fn find_hello_ok(buf: &[u8], nonce: &[u8; NONCE_LEN]) -> Option<usize> {

@@ -9,7 +9,7 @@ use agentenv_api::{
 };
 use chrono::Utc;
 
-use super::host_paths::check_host_path;
+use super::host_paths::open_host_path;
 use super::validate::{
     check_boot_args, check_egress, check_firecracker_cmdline, check_network,
     check_share_guest_path,
@@ -18,7 +18,7 @@ use super::{Engine, VmSlot, AGENT_SOCKET, CONSOLE_LOG};
 use crate::backend::{DriveSpec, LaunchSpec, NetAttachment, RestoreSpec, VmmInstance};
 use crate::config::MAX_SLOTS;
 use crate::error::EngineError;
-use crate::host::FileKind;
+use crate::host::{FileKind, StageShareError};
 use crate::ids::{checked_join, validate_id};
 use crate::net::{EgressPolicy, NetLease};
 
@@ -50,6 +50,21 @@ struct DiskPlan {
     drives: Vec<DriveSpec>,
     source: DiskSource,
     has_overlay: bool,
+    /// A direct disk, opened.
+    direct: Option<crate::host::OpenedPath>,
+}
+
+/// One share image to build: the opened host directory is copied into a
+/// private directory in the session, and the image made from that copy.
+struct ShareBuild {
+    /// The request's field (`shares[i].host_path`).
+    field: String,
+    /// The share's directory, opened.
+    dir: crate::host::OpenedPath,
+    /// The private copy (removed once the image is built).
+    staging: PathBuf,
+    /// The image.
+    image: PathBuf,
 }
 
 /// A create request checked and resolved against the configuration.
@@ -58,8 +73,10 @@ struct Plan {
     launch: LaunchSpec,
     /// How the writable disk comes to be.
     disk_source: DiskSource,
-    /// Share images to build: (host dir, image, size).
-    shares: Vec<(PathBuf, PathBuf, u64)>,
+    /// Share images to build.
+    shares: Vec<ShareBuild>,
+    /// The direct disk the daemon opened.
+    direct_disk: Option<crate::host::OpenedPath>,
     /// The network lease, assigned at reservation (automatic networking).
     lease: Option<NetLease>,
     /// The VM gets a network interface (automatic networking gives it a
@@ -191,6 +208,7 @@ impl Engine {
             mut drives,
             source: disk_source,
             has_overlay,
+            direct: direct_disk,
         } = self.plan_disk(
             req.disk
                 .as_ref()
@@ -285,6 +303,7 @@ impl Engine {
             launch,
             disk_source,
             shares,
+            direct_disk,
             lease: None,
             wants_network: true,
             egress,
@@ -384,6 +403,7 @@ impl Engine {
             launch,
             disk_source: DiskSource::Full(snap.snapshot_id, overlay),
             shares: Vec::new(),
+            direct_disk: None,
             lease: None,
             // No interface, so no lease either.
             wants_network: full.network,
@@ -526,6 +546,7 @@ impl Engine {
                     drives: overlay_drives(base, &overlay),
                     source: DiskSource::Fresh(overlay.clone(), size),
                     has_overlay: true,
+                    direct: None,
                 })
             }
             DiskSpec::Snapshot { snapshot_id } => {
@@ -587,6 +608,7 @@ impl Engine {
                             drives: overlay_drives(base, &overlay),
                             source: DiskSource::Restore(snapshot_id.clone(), overlay.clone()),
                             has_overlay: true,
+                            direct: None,
                         })
                     }
                     None => {
@@ -606,39 +628,36 @@ impl Engine {
                                 path: root.clone(),
                                 read_only: false,
                                 is_root: true,
+                                fd: None,
                             }],
                             source: DiskSource::Restore(snapshot_id.clone(), root),
                             has_overlay: false,
+                            direct: None,
                         })
                     }
                 }
             }
             DiskSpec::Direct { path } => {
-                let path = check_host_path(
-                    &*self.host.files,
-                    &cfg.direct_disk_roots,
-                    "disk.path",
-                    path,
-                    false,
-                )?;
-                let size = self.host.files.inspect(&path).map(|i| i.len).unwrap_or(0);
+                let opened = open_host_path(&*self.host.files, cfg, "disk.path", path, false)?;
                 Ok(DiskPlan {
                     info: DiskInfo {
                         kind: "direct".into(),
                         rootfs_path: None,
-                        writable_path: path.display().to_string(),
+                        writable_path: opened.path.display().to_string(),
                         rootfs_id: None,
                         snapshot_id: None,
-                        size_bytes: size,
+                        size_bytes: opened.info.len,
                     },
                     drives: vec![DriveSpec {
                         id: "rootfs".into(),
-                        path,
+                        path: opened.path.clone(),
                         read_only: false,
                         is_root: true,
+                        fd: opened.fd.clone(),
                     }],
                     source: DiskSource::InPlace,
                     has_overlay: false,
+                    direct: Some(opened),
                 })
             }
         }
@@ -652,7 +671,7 @@ impl Engine {
         shares: &[ShareSpec],
         session_dir: &Path,
         drives: &mut Vec<DriveSpec>,
-    ) -> Result<(Vec<ShareInfo>, Vec<(PathBuf, PathBuf, u64)>, String), EngineError> {
+    ) -> Result<(Vec<ShareInfo>, Vec<ShareBuild>, String), EngineError> {
         if shares.len() > MAX_SHARES {
             return Err(EngineError::bad(
                 "shares",
@@ -665,13 +684,15 @@ impl Engine {
         let mut seen = std::collections::HashSet::new();
         for (i, share) in shares.iter().enumerate() {
             let field = format!("shares[{i}]");
-            let host = check_host_path(
+            let hfield = format!("{field}.host_path");
+            let dir = open_host_path(
                 &*self.host.files,
-                &self.cfg.direct_disk_roots,
-                &format!("{field}.host_path"),
+                &self.cfg,
+                &hfield,
                 &share.host_path,
                 true,
             )?;
+            let host = dir.path.clone();
             let g = &share.guest_path;
             let gfield = format!("{field}.guest_path");
             check_share_guest_path(&gfield, g)?;
@@ -683,13 +704,19 @@ impl Engine {
                     format!("{gfield} {g:?} is used twice"),
                 ));
             }
+            // A first look, for a quick answer; the copy counts again.
             let used = self
                 .host
                 .files
                 .dir_usage(&host)
-                .map_err(|e| EngineError::bad(&format!("{field}.host_path"), e.to_string()))?;
-            // Room for the data, its metadata and the journal.
-            let size = (used + used / 2 + (64 << 20)).next_multiple_of(1 << 20);
+                .map_err(|e| EngineError::bad(&hfield, e.to_string()))?;
+            if used > self.max_share_bytes() {
+                return Err(share_too_big(
+                    &hfield,
+                    &share.host_path,
+                    self.cfg.max_share_mib,
+                ));
+            }
             let image = session_dir.join(format!("share{i}.ext4"));
             let device = format!("/dev/vd{}", (b'a' + drives.len() as u8) as char);
             drives.push(DriveSpec {
@@ -697,6 +724,7 @@ impl Engine {
                 path: image.clone(),
                 read_only: share.read_only,
                 is_root: false,
+                fd: None,
             });
             args.push_str(&format!(
                 " agentenv.share={device}:{g}:{}",
@@ -709,7 +737,12 @@ impl Engine {
                 image_path: image.display().to_string(),
                 device,
             });
-            builds.push((host, image, size));
+            builds.push(ShareBuild {
+                field: hfield,
+                dir,
+                staging: session_dir.join(format!("share{i}.staging")),
+                image,
+            });
         }
         Ok((infos, builds, args))
     }
@@ -732,10 +765,17 @@ impl Engine {
             let info = &rt.info;
             if info.state.has_vmm() {
                 committed += info.memory_mib;
-                // Two VMs never share a direct disk.
-                if plan.info.disk.kind == "direct"
-                    && info.disk.kind == "direct"
-                    && info.disk.writable_path == plan.info.disk.writable_path
+                // Two VMs never share a direct disk: not by its path, and
+                // not by its inode (the file the daemon opened).
+                let file = |o: &crate::host::OpenedPath| (o.dev, o.ino);
+                let same_file = plan
+                    .direct_disk
+                    .as_ref()
+                    .is_some_and(|mine| s.direct_disk.get().map(file) == Some(file(mine)));
+                if same_file
+                    || plan.info.disk.kind == "direct"
+                        && info.disk.kind == "direct"
+                        && info.disk.writable_path == plan.info.disk.writable_path
                 {
                     return Err(EngineError::Conflict {
                         message: format!(
@@ -774,6 +814,9 @@ impl Engine {
             plan.lease.clone(),
             plan.launch.agent_socket.clone(),
         );
+        if let Some(file) = &plan.direct_disk {
+            let _ = slot.direct_disk.set(file.clone());
+        }
         vms.insert(id.clone(), slot.clone());
         Ok(slot)
     }
@@ -850,11 +893,8 @@ impl Engine {
                 restore = Some(files);
             }
         }
-        for (dir, image, size) in &plan.shares {
-            self.host
-                .images
-                .create_ext4_from_dir(dir, image, *size)
-                .await?;
+        for share in &plan.shares {
+            self.build_share(share).await?;
         }
         fp.point("create.disk").await?;
         self.write_record(slot)?;
@@ -900,6 +940,40 @@ impl Engine {
         // delete) must find the VMM to stop, not a running VM without one.
         slot.set_instance(Some(inst.clone()));
         Ok(inst)
+    }
+
+    /// The share's image: its opened directory is copied (within
+    /// `max_share_mib`) into a private directory, the image built from the
+    /// copy, and the copy removed.
+    async fn build_share(&self, share: &ShareBuild) -> Result<(), EngineError> {
+        let f = &share.field;
+        let used = self
+            .host
+            .images
+            .stage_share(&share.dir, &share.staging, self.max_share_bytes())
+            .await
+            .map_err(|e| match e {
+                StageShareError::TooBig { path, limit_mib } => {
+                    share_too_big(f, &path.display().to_string(), limit_mib)
+                }
+                StageShareError::TooDeep { .. } => EngineError::bad(f, format!("{f}: {e}")),
+                StageShareError::Host(e) => e.into(),
+            })?;
+        // Room for the data, its metadata and the journal.
+        let size = (used + used / 2 + (64 << 20)).next_multiple_of(1 << 20);
+        let built = self
+            .host
+            .images
+            .create_ext4_from_dir(&share.staging, &share.image, size)
+            .await;
+        let removed = self.host.files.remove_dir_all(&share.staging);
+        built?;
+        removed?;
+        Ok(())
+    }
+
+    fn max_share_bytes(&self) -> u64 {
+        self.cfg.max_share_mib.saturating_mul(1 << 20)
     }
 
     /// Undoes a failed create: session directory, socket, table entry.
@@ -981,12 +1055,22 @@ pub(super) fn overlay_drives(base: PathBuf, overlay: &Path) -> Vec<DriveSpec> {
             path: base,
             read_only: true,
             is_root: true,
+            fd: None,
         },
         DriveSpec {
             id: "overlay".into(),
             path: overlay.to_path_buf(),
             read_only: false,
             is_root: false,
+            fd: None,
         },
     ]
+}
+
+/// A share over `max_share_mib`: 400 naming the field.
+fn share_too_big(field: &str, path: &str, limit_mib: u64) -> EngineError {
+    EngineError::bad(
+        field,
+        format!("{field} {path:?} holds more than max_share_mib ({limit_mib} MiB)"),
+    )
 }

@@ -1,12 +1,99 @@
 //! The host-path policy: which paths on the host a request may name (direct
 //! disks, shares), and how they are checked. Paths from users enter the
-//! engine here and nowhere else; a later safe open (no symlinks, beneath its
-//! root, the open file passed on) belongs here too.
+//! engine here and nowhere else: [`open_host_path`] checks a path, then opens
+//! it once beneath its root without following a symlink at any component,
+//! and the open file is what travels on (to the VMM, to the share copy).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use crate::config::Config;
 use crate::error::EngineError;
-use crate::host::{FileKind, HostFiles};
+use crate::host::{FileKind, HostFiles, OpenBeneathError, OpenedPath};
+
+/// The daemon's own directories, by config key: no direct disk may be in
+/// one, and no share may be one or hold one.
+pub(super) fn daemon_roots(cfg: &Config) -> Vec<(&'static str, PathBuf)> {
+    let mut roots = vec![
+        ("session_root", cfg.session_root.clone()),
+        ("socket_root", cfg.socket_root.clone()),
+        ("rootfs_root", cfg.rootfs_root.clone()),
+        ("snapshots_root", cfg.snapshots_root.clone()),
+        ("tmpfs_snapshot_root", cfg.tmpfs_snapshot_root.clone()),
+        ("hdfs_snapshot_root", cfg.hdfs_snapshot_root.clone()),
+        ("kernel_root", cfg.kernel_root.clone()),
+        ("initramfs_root", cfg.initramfs_root.clone()),
+    ];
+    if let Some(m) = &cfg.guest_memory_root {
+        roots.push(("guest_memory_root", m.clone()));
+    }
+    roots
+}
+
+/// [`check_host_path`], then the one open that counts: `raw` is opened
+/// beneath the (canonical) direct-disk root that holds it, refusing a
+/// symlink at any component, and what was opened is checked again (a path
+/// swapped after the check is refused or never reached). A direct disk in
+/// one of the daemon's own directories, or a share that is or holds one, is
+/// refused with 403.
+pub(super) fn open_host_path(
+    files: &dyn HostFiles,
+    cfg: &Config,
+    field: &str,
+    raw: &str,
+    want_dir: bool,
+) -> Result<OpenedPath, EngineError> {
+    let f = field;
+    let roots = &cfg.direct_disk_roots;
+    let path = check_host_path(files, roots, f, raw, want_dir)?;
+    let canon = |p: &Path| files.canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let forbidden = |message: String| EngineError::Forbidden {
+        field: f.into(),
+        message,
+    };
+    for (key, root) in daemon_roots(cfg) {
+        let root = canon(&root);
+        if path.starts_with(&root) {
+            return Err(forbidden(format!(
+                "{f} {raw:?} is inside the daemon's {key} ({})",
+                root.display()
+            )));
+        }
+        if want_dir && root.starts_with(&path) {
+            return Err(forbidden(format!(
+                "{f} {raw:?} holds the daemon's {key} ({})",
+                root.display()
+            )));
+        }
+    }
+    let (root, rel) = roots
+        .iter()
+        .map(|r| canon(r))
+        .find_map(|r| {
+            let rel = path.strip_prefix(&r).ok()?.to_path_buf();
+            Some((r, rel))
+        })
+        .ok_or_else(|| forbidden(format!("{f} {raw:?} is not under any of direct_disk_roots")))?;
+    let opened = files.open_beneath(&root, &rel).map_err(|e| match e {
+        OpenBeneathError::Symlink(_) => {
+            EngineError::bad(f, format!("{f} {raw:?} is reached through a symlink"))
+        }
+        OpenBeneathError::NotFound(_) => {
+            EngineError::not_found(f, format!("{f} {raw:?} does not exist"))
+        }
+        OpenBeneathError::Io(_, e) => EngineError::bad(f, format!("{f} {raw:?}: {e}")),
+    })?;
+    let kind_err = |what: &str| EngineError::bad(f, format!("{f} {raw:?} is {what}"));
+    match (opened.info.kind, want_dir) {
+        (FileKind::File, false) | (FileKind::Dir, true) => {}
+        (FileKind::Dir, false) => return Err(kind_err("a directory")),
+        (FileKind::File, true) => return Err(kind_err("a file, not a directory")),
+        _ => return Err(kind_err("no longer a plain file or directory")),
+    }
+    if !want_dir && opened.info.nlink > 1 {
+        return Err(kind_err("a file with more than one hard link"));
+    }
+    Ok(opened)
+}
 
 /// A direct disk (or a share's directory) must be an absolute, `..`-free,
 /// symlink-free path under one of `direct_disk_roots`; a disk must be a
@@ -139,5 +226,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no direct_disk_roots"), "{e}");
+    }
+
+    #[test]
+    fn the_open_refuses_daemon_roots_and_symlinks_and_keeps_the_file() {
+        let host = FakeHost::new(1024);
+        let cfg = Config {
+            direct_disk_roots: vec!["/srv".into()],
+            session_root: "/srv/agentenv/sessions".into(),
+            rootfs_root: "/srv/rootfs".into(),
+            ..Config::default()
+        };
+        host.put_file(Path::new("/srv/direct/d.ext4"), b"");
+        host.put_file(Path::new("/srv/rootfs/base.ext4"), b"");
+        host.put_file(Path::new("/srv/agentenv/sessions/v/overlay.ext4"), b"");
+        host.mkdir_p(Path::new("/srv/direct/share"));
+        let open = |raw: &str, want_dir| open_host_path(&*host, &cfg, "disk.path", raw, want_dir);
+        let o = open("/srv/direct/d.ext4", false).unwrap();
+        assert_eq!(o.path, Path::new("/srv/direct/d.ext4"));
+        assert!(open("/srv/direct/share", true).is_ok());
+        for (raw, want_dir, says) in [
+            (
+                "/srv/rootfs/base.ext4",
+                false,
+                "inside the daemon's rootfs_root",
+            ),
+            (
+                "/srv/agentenv/sessions/v/overlay.ext4",
+                false,
+                "inside the daemon's session_root",
+            ),
+            ("/srv/agentenv", true, "holds the daemon's session_root"),
+        ] {
+            let e = open(raw, want_dir).unwrap_err();
+            assert!(matches!(e, EngineError::Forbidden { .. }), "{raw}: {e}");
+            assert!(e.to_string().contains(says), "{raw}: {e}");
+        }
     }
 }

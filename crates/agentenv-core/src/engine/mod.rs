@@ -131,6 +131,10 @@ struct VmSlot {
     ready: tokio::sync::watch::Sender<bool>,
     /// The host end of the agent channel, when the VM has one (never changes).
     agent_socket: Option<PathBuf>,
+    /// The direct disk this daemon opened for the VM, kept open while the
+    /// VM lives (set once at reservation; unknown for a VM adopted after a
+    /// restart).
+    direct_disk: std::sync::OnceLock<crate::host::OpenedPath>,
 }
 
 impl VmSlot {
@@ -150,6 +154,7 @@ impl VmSlot {
             }),
             ready: tokio::sync::watch::channel(false).0,
             agent_socket,
+            direct_disk: std::sync::OnceLock::new(),
         })
     }
 

@@ -199,11 +199,19 @@ async fn create_boots_the_vm_and_writes_its_record() {
         vec![
             HostCall::CreateDir(session.clone()),
             HostCall::CreateExt4Disk(session.join("overlay.ext4"), 1 << 30),
-            HostCall::CreateExt4FromDir(
+            // The share is copied through its opened directory into the
+            // session, the image built from the copy, the copy removed.
+            HostCall::StageShare(
                 "/srv/direct/share".into(),
+                session.join("share0.staging"),
+                4096 << 20,
+            ),
+            HostCall::CreateExt4FromDir(
+                session.join("share0.staging"),
                 session.join("share0.ext4"),
                 (64 << 20) + (1 << 20),
             ),
+            HostCall::RemoveDirAll(session.join("share0.staging")),
             HostCall::WriteAtomic(record_path.clone()),
             HostCall::WriteAtomic(record_path),
         ]

@@ -120,7 +120,13 @@ impl Engine {
             }
             return Err(e);
         }
-        let disk = PathBuf::from(&info.disk.writable_path);
+        // A direct disk is read through the file the daemon opened for the
+        // VM, not by its path (which may name another file by now).
+        let disk = slot
+            .direct_disk
+            .get()
+            .and_then(|d| d.reopen.clone())
+            .unwrap_or_else(|| PathBuf::from(&info.disk.writable_path));
         let begun = self
             .snapshots
             .begin(NewSnapshot {

@@ -14,7 +14,7 @@ mod streams;
 mod wire;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,6 +58,12 @@ struct Route {
     credit: Arc<Semaphore>,
     /// Where the stream's large payloads are read into (a download's).
     pool: Option<Arc<BufPool>>,
+    /// Bulk bytes (`Stdout`, `Stderr`, `FileData`) the guest may still send:
+    /// the credit the host granted and the guest has not spent. Going past
+    /// it closes the connection.
+    guest_credit: Arc<AtomicI64>,
+    /// Frames other than bulk data and credit received so far.
+    control_frames: u32,
 }
 
 /// Wire bytes for the writer task; buffers of a pool go back to it once written.
@@ -296,6 +302,7 @@ impl AgentClient {
         let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         let credit = Arc::new(Semaphore::new(INITIAL_WINDOW as usize));
+        let guest_credit = Arc::new(AtomicI64::new(i64::from(INITIAL_WINDOW)));
         self.inner
             .routes
             .lock()
@@ -306,6 +313,8 @@ impl AgentClient {
                     tx,
                     credit: credit.clone(),
                     pool,
+                    guest_credit: guest_credit.clone(),
+                    control_frames: 0,
                 },
             );
         Ok(Request {
@@ -313,6 +322,7 @@ impl AgentClient {
             id,
             rx,
             credit,
+            guest_credit,
             finished: false,
             ungranted: 0,
         })
@@ -447,7 +457,7 @@ mod tests {
     use std::time::Instant;
 
     /// Reads the next whole frame from `sock` into/out of `buf`.
-    async fn next_frame(sock: &mut UnixStream, buf: &mut Vec<u8>) -> Frame {
+    pub(super) async fn next_frame(sock: &mut UnixStream, buf: &mut Vec<u8>) -> Frame {
         loop {
             if let Some(f) = proto::take_frame(buf).unwrap() {
                 return f;
@@ -459,20 +469,13 @@ mod tests {
         }
     }
 
-    fn hello_ok(hello: &Frame) -> Frame {
-        let h: Hello = hello.parse().unwrap();
-        let mut payload = h.nonce.into_bytes();
+    pub(super) fn hello_ok(hello: &Frame) -> Frame {
         let ok = HelloOk {
             version: PROTOCOL_VERSION,
             agent: "fake".into(),
             pid: 1,
         };
-        payload.extend_from_slice(&serde_json::to_vec(&ok).unwrap());
-        Frame {
-            kind: Kind::HelloOk,
-            stream: 0,
-            payload,
-        }
+        proto::hello_ok_frame(&hello.parse().unwrap(), &ok)
     }
 
     fn identity() -> Identity {
@@ -528,5 +531,164 @@ mod tests {
             other => panic!("expected the agent's error, got {other:?}"),
         }
         drop(fake.await.unwrap());
+    }
+}
+
+/// A hostile guest's agent: floods, oversized frames, forged credit. The host
+/// cuts it off, and its memory stays bounded.
+#[cfg(test)]
+mod hostile_tests {
+    use super::tests::{hello_ok, next_frame};
+    use super::*;
+    use agentenv_proto::{ExecRequest, GRANT_BATCH, HEADER_LEN, MAX_PAYLOAD};
+
+    /// The test process's resident set, in KiB.
+    fn rss_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// A connected host and the fake agent's end, with a stream opened by an
+    /// exec the fake answered with `Started` (its id).
+    async fn connected() -> (AgentClient, UnixStream, Exec, u32) {
+        let (host, mut agent) = UnixStream::pair().unwrap();
+        let fake = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let h = next_frame(&mut agent, &mut buf).await;
+            agent.write_all(&hello_ok(&h).encode()).await.unwrap();
+            // The exec request, answered.
+            let exec = loop {
+                let f = next_frame(&mut agent, &mut buf).await;
+                if f.kind == Kind::Exec {
+                    break f;
+                }
+            };
+            let started = Frame::json(Kind::Started, exec.stream, &Started { pid: 7 });
+            agent.write_all(&started.encode()).await.unwrap();
+            (agent, exec.stream)
+        });
+        let client = AgentClient::handshake(host).await.unwrap();
+        let c = client.clone();
+        let req: ExecRequest = serde_json::from_str(r#"{"cmd":["yes"]}"#).unwrap();
+        let exec = tokio::spawn(async move { c.exec(&req, None).await.unwrap() });
+        let (agent, stream) = fake.await.unwrap();
+        (client, agent, exec.await.unwrap(), stream)
+    }
+
+    /// Writes `total` bytes of `Stdout` frames, stopping when the host hangs
+    /// up; returns how many were written.
+    async fn flood(agent: &mut UnixStream, stream: u32, total: u64) -> u64 {
+        let frame = proto::encode(Kind::Stdout, stream, &vec![b'y'; MAX_PAYLOAD]);
+        let mut sent = 0u64;
+        while sent < total {
+            if agent.write_all(&frame).await.is_err() {
+                break;
+            }
+            sent += MAX_PAYLOAD as u64;
+        }
+        sent
+    }
+
+    async fn closed_within(client: &AgentClient, secs: u64) -> String {
+        tokio::time::timeout(Duration::from_secs(secs), client.closed())
+            .await
+            .expect("the host did not cut the agent off")
+    }
+
+    #[tokio::test]
+    async fn a_guest_flooding_past_its_window_is_cut_off_and_memory_stays_bounded() {
+        let (client, mut agent, exec, stream) = connected().await;
+        let before = rss_kib();
+        // Nobody reads the command's output, so no credit comes back: an
+        // honest agent stops at 4 MiB; this one tries to send 1 GiB.
+        let sent = flood(&mut agent, stream, 1 << 30).await;
+        let why = closed_within(&client, 10).await;
+        let grown = rss_kib().saturating_sub(before);
+        assert!(why.contains("flow control"), "{why}");
+        assert!(why.contains("credit left"), "{why}");
+        assert!(
+            sent < 1 << 30,
+            "the host kept reading {sent} bytes past the window"
+        );
+        assert!(grown < 32 * 1024, "rss grew {grown} KiB during the flood");
+        drop(exec);
+    }
+
+    #[tokio::test]
+    async fn output_within_the_credit_the_host_returns_is_not_cut_off() {
+        let (client, mut agent, mut exec, stream) = connected().await;
+        // 3 windows' worth, sent only as credit allows: the host's grants
+        // (one per 256 KiB consumed) let it through.
+        let total = 3 * INITIAL_WINDOW as usize;
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            while got < total {
+                match exec.next().await.unwrap() {
+                    agentenv_core::agent::ExecEvent::Stdout(b) => got += b.len(),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            (exec, got)
+        });
+        let mut credit = INITIAL_WINDOW as usize;
+        let mut sent = 0;
+        let mut buf = Vec::new();
+        while sent < total {
+            while credit < GRANT_BATCH as usize {
+                let f = next_frame(&mut agent, &mut buf).await;
+                if f.kind == Kind::Window {
+                    credit += f.window_bytes().unwrap() as usize;
+                }
+            }
+            let n = GRANT_BATCH as usize;
+            agent
+                .write_all(&proto::encode(Kind::Stdout, stream, &vec![b'y'; n]))
+                .await
+                .unwrap();
+            credit -= n;
+            sent += n;
+        }
+        let (_exec, got) = reader.await.unwrap();
+        assert_eq!(got, total);
+        assert!(!client.is_closed(), "{}", client.inner.reason());
+    }
+
+    #[tokio::test]
+    async fn an_oversized_frame_header_is_refused_before_any_allocation() {
+        let (client, mut agent, _exec, stream) = connected().await;
+        let before = rss_kib();
+        let mut h = [0u8; HEADER_LEN];
+        h[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        h[4] = Kind::Stdout as u8;
+        h[5..].copy_from_slice(&stream.to_be_bytes());
+        agent.write_all(&h).await.unwrap();
+        let why = closed_within(&client, 5).await;
+        assert!(why.contains("protocol error"), "{why}");
+        let grown = rss_kib().saturating_sub(before);
+        assert!(grown < 8 * 1024, "rss grew {grown} KiB");
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_control_frames_or_forged_credit_is_cut_off() {
+        let (client, mut agent, _exec, stream) = connected().await;
+        let started = Frame::json(Kind::Started, stream, &Started { pid: 7 }).encode();
+        for _ in 0..100_000 {
+            if agent.write_all(&started).await.is_err() {
+                break;
+            }
+        }
+        let why = closed_within(&client, 5).await;
+        assert!(why.contains("control frames"), "{why}");
+
+        let (client, mut agent, _exec, stream) = connected().await;
+        let grant = Frame::window(Kind::GuestWindow, stream, u32::MAX).encode();
+        for _ in 0..1000 {
+            if agent.write_all(&grant).await.is_err() {
+                break;
+            }
+        }
+        let why = closed_within(&client, 5).await;
+        assert!(why.contains("more credit"), "{why}");
     }
 }

@@ -1,7 +1,7 @@
 //! One request stream, and the exec, upload and download streams the engine's
 //! seam hands out on top of it.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -40,6 +40,9 @@ pub(super) struct Request {
     pub(super) id: u32,
     pub(super) rx: mpsc::UnboundedReceiver<Frame>,
     pub(super) credit: Arc<Semaphore>,
+    /// The credit the guest holds for its bulk bytes (the reader task spends
+    /// it; [`Request::grant`] returns it before telling the guest).
+    pub(super) guest_credit: Arc<AtomicI64>,
     /// The agent ended the stream (no `Kill` needed on drop).
     pub(super) finished: bool,
     /// Bytes consumed but not yet credited back.
@@ -104,6 +107,9 @@ impl Request {
         self.ungranted += n;
         if self.ungranted >= GRANT_BATCH as usize {
             let give = std::mem::take(&mut self.ungranted);
+            // Counted before the guest hears of it, so bytes sent on the
+            // new credit never arrive ahead of it.
+            self.guest_credit.fetch_add(give as i64, Ordering::SeqCst);
             let _ = self
                 .inner
                 .send(&Frame::window(Kind::Window, self.id, give as u32));

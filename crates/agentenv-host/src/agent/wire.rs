@@ -6,7 +6,20 @@ use tokio::sync::{mpsc, watch};
 
 use agentenv_proto::{self as proto, ErrorMsg, Frame, Kind, HEADER_LEN};
 
-use super::{Inner, Outgoing};
+use std::sync::atomic::Ordering;
+
+use agentenv_proto::INITIAL_WINDOW;
+
+use super::{Inner, Outgoing, Route};
+
+/// Most frames other than bulk data and credit one request's stream may
+/// carry (a request gets at most a `Started`/`FileInfo` and an ending frame).
+const MAX_CONTROL_FRAMES: u32 = 16;
+
+/// Most credit the host can hold for its own `Data` on a stream: a guest
+/// returns only what the host sent, so an honest one never takes the host
+/// past its initial window; twice that leaves room for rounding.
+const MAX_HOST_CREDIT: usize = 2 * INITIAL_WINDOW as usize;
 
 /// A payload at least this large that is not all in the read buffer yet is
 /// read straight into its own buffer instead of through the read buffer.
@@ -191,15 +204,65 @@ fn dispatch(inner: &Inner, frame: Frame) {
         inner.close(format!("the agent reported a protocol error: {why}"));
         return;
     }
-    let routes = inner.routes.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(route) = routes.get(&frame.stream) else {
-        return; // a request the host has given up on
-    };
-    if frame.kind == Kind::GuestWindow {
-        if let Ok(n) = frame.window_bytes() {
-            route.credit.add_permits(n as usize);
+    let violation = {
+        let mut routes = inner.routes.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(route) = routes.get_mut(&frame.stream) else {
+            return; // a request the host has given up on
+        };
+        match admit(route, &frame) {
+            Ok(true) => {
+                let _ = route.tx.send(frame);
+                None
+            }
+            Ok(false) => None,
+            Err(why) => Some(why),
         }
-        return;
+    };
+    if let Some(why) = violation {
+        // The lock is released: closing takes it to drop every route.
+        inner.close(format!("the agent broke flow control: {why}"));
     }
-    let _ = route.tx.send(frame);
+}
+
+/// Whether `frame` may be queued on `route` (`Ok(false)`: it was a credit
+/// grant, applied here). `Err` when the guest broke the protocol's limits: it
+/// sent bulk bytes past the credit the host granted, more control frames
+/// than a request has, or more credit than the host can have spent. Every
+/// queued frame is thereby counted, so a stream's queue holds at most its
+/// window of bulk bytes and [`MAX_CONTROL_FRAMES`] small frames.
+fn admit(route: &mut Route, frame: &Frame) -> Result<bool, String> {
+    let stream = frame.stream;
+    match frame.kind {
+        Kind::GuestWindow => {
+            let n = frame.window_bytes().map_err(|e| e.to_string())? as usize;
+            if route.credit.available_permits().saturating_add(n) > MAX_HOST_CREDIT {
+                return Err(format!(
+                    "stream {stream}: a window of {n} bytes gives more credit than the host's data in flight"
+                ));
+            }
+            route.credit.add_permits(n);
+            Ok(false)
+        }
+        Kind::Stdout | Kind::Stderr | Kind::FileData => {
+            let n = frame.payload.len() as i64;
+            let left = route.guest_credit.fetch_sub(n, Ordering::SeqCst);
+            if left < n {
+                return Err(format!(
+                    "stream {stream}: a {n}-byte {:?} frame with {} bytes of credit left",
+                    frame.kind,
+                    left.max(0)
+                ));
+            }
+            Ok(true)
+        }
+        kind => {
+            route.control_frames += 1;
+            if route.control_frames > MAX_CONTROL_FRAMES {
+                return Err(format!(
+                    "stream {stream}: more than {MAX_CONTROL_FRAMES} control frames (last {kind:?})"
+                ));
+            }
+            Ok(true)
+        }
+    }
 }

@@ -98,6 +98,16 @@ pub fn session_relative(session_dir: &Path, path: &Path) -> PathBuf {
     }
 }
 
+/// Where Firecracker finds a drive's file: for a file the daemon opened (a
+/// direct disk), the descriptor Firecracker inherits (`/proc/self/fd/N`
+/// reopens that inode, never the path); otherwise its path.
+fn drive_path(d: &agentenv_core::backend::DriveSpec, local: &dyn Fn(&Path) -> PathBuf) -> PathBuf {
+    match &d.fd {
+        Some(fd) => crate::safe_open::fd_path(fd.raw()),
+        None => local(&d.path),
+    }
+}
+
 /// The version in `firecracker --version`'s first line
 /// (`Firecracker v1.13.1`): `1.13.1`.
 pub fn parse_version(output: &str) -> Option<String> {
@@ -154,7 +164,7 @@ pub fn vm_config(spec: &LaunchSpec) -> FullVmConfiguration {
         drives: spec
             .drives
             .iter()
-            .map(|d| Drive::file(&d.id, local(&d.path), d.is_root, d.read_only))
+            .map(|d| Drive::file(&d.id, drive_path(d, &local), d.is_root, d.read_only))
             .collect(),
         machine_config: MachineConfiguration {
             // The engine caps a VM's slots far below 255.
@@ -250,6 +260,8 @@ pub struct ProcessSpec {
     pub console_log_max_bytes: u64,
     pub startup_timeout: Duration,
     pub request_timeout: Duration,
+    /// Files the daemon opened for the VM (its drives'), inherited by Firecracker.
+    pub inherit_fds: Vec<agentenv_core::host::SharedFd>,
 }
 
 impl From<&LaunchSpec> for ProcessSpec {
@@ -263,6 +275,7 @@ impl From<&LaunchSpec> for ProcessSpec {
             console_log_max_bytes: s.console_log_max_bytes,
             startup_timeout: s.startup_timeout,
             request_timeout: s.request_timeout,
+            inherit_fds: s.drives.iter().filter_map(|d| d.fd.clone()).collect(),
         }
     }
 }
@@ -295,6 +308,7 @@ impl FirecrackerVmm {
             ],
             console_log: p.console_log.clone(),
             console_log_max_bytes: p.console_log_max_bytes,
+            inherit_fds: p.inherit_fds.clone(),
         };
         let process = VmmProcess::spawn_in(&spawn, Some(&p.cwd))?;
         Ok(FirecrackerInstance::new(
@@ -786,12 +800,14 @@ mod tests {
                     path: "/r/base.ext4".into(),
                     read_only: true,
                     is_root: true,
+                    fd: None,
                 },
                 DriveSpec {
                     id: "overlay".into(),
                     path: "/s/vm/overlay.ext4".into(),
                     read_only: false,
                     is_root: false,
+                    fd: None,
                 },
             ],
             net: Some(NetAttachment {

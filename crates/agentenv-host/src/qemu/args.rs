@@ -170,7 +170,13 @@ pub fn qemu_args_for(
         let mut drive = OsString::from("id=");
         drive.push(&id);
         drive.push(",file=");
-        drive.push(opt_value(d.path.as_ref()));
+        // A file the daemon opened (a direct disk) is reached through the
+        // descriptor QEMU inherits: `/proc/self/fd/N` reopens that inode,
+        // never the path.
+        match &d.fd {
+            Some(fd) => drive.push(crate::safe_open::fd_path(fd.raw())),
+            None => drive.push(opt_value(d.path.as_ref())),
+        }
         drive.push(",format=raw,if=none");
         if d.read_only {
             drive.push(",readonly=on");
@@ -307,12 +313,14 @@ mod tests {
                     path: "/r/base.ext4".into(),
                     read_only: true,
                     is_root: true,
+                    fd: None,
                 },
                 DriveSpec {
                     id: "overlay".into(),
                     path: "/s/vm1/overlay.ext4".into(),
                     read_only: false,
                     is_root: false,
+                    fd: None,
                 },
             ],
             net: Some(NetAttachment {
