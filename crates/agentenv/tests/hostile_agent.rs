@@ -110,11 +110,11 @@ fn a_guest_flooding_past_its_window_is_cut_off_and_the_daemon_stays_small() {
     // goes back to the guest, which sends on regardless.
     let addr = d.base.trim_start_matches("http://").to_string();
     let mut client = std::net::TcpStream::connect(&addr).unwrap();
-    write!(
-        client,
-        "GET /v1/vm/flood/files?path=/big HTTP/1.1\r\nHost: x\r\n\r\n"
-    )
-    .unwrap();
+    client
+        .write_all(&common::with_auth(
+            b"GET /v1/vm/flood/files?path=/big HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec(),
+        ))
+        .unwrap();
     let mut head = [0u8; 512];
     let n = client.read(&mut head).unwrap();
     assert!(
