@@ -72,6 +72,9 @@ pub struct Host {
     pub processes: Arc<dyn HostProcesses>,
     /// Facts about the machine.
     pub facts: Arc<dyn HostFacts>,
+    /// Cgroups for the VMs' resource limits; `None`: VMMs are not confined
+    /// (`[cgroup] enable = false`).
+    pub cgroups: Option<Arc<dyn crate::limits::HostCgroups>>,
 }
 
 impl Host {
@@ -85,6 +88,7 @@ impl Host {
             images: host.clone(),
             processes: host.clone(),
             facts: host,
+            cgroups: None,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! touches the operating system.
 
 pub mod agent;
+pub mod cgroup;
 pub mod disk;
 pub mod firecracker;
 pub mod kvm;

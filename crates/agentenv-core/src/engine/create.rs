@@ -210,6 +210,7 @@ impl Engine {
         let now = Utc::now();
         let info = VmInfo {
             restored_from: None,
+            limits: None,
             vm_id: vm_id.clone(),
             state: VmState::Creating,
             backend: self.vmm.kind(),
@@ -237,6 +238,7 @@ impl Engine {
         };
         let launch = LaunchSpec {
             memory_file: Some(self.memory_file(&vm_id)?),
+            cgroup_procs: Vec::new(),
             vm_id,
             session_dir,
             control_socket: socket,
@@ -346,6 +348,7 @@ impl Engine {
             ready: false,
             agent: None,
             restored_from: Some(snap.snapshot_id.clone()),
+            limits: None,
         };
         let agent_socket = full.agent.then(|| session_dir.join(AGENT_SOCKET));
         let launch = self.restore_launch(&info, &full, base, agent_socket, net);

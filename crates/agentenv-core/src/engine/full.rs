@@ -227,6 +227,7 @@ impl Engine {
             startup_timeout: Duration::from_millis(self.cfg.startup_timeout_ms),
             request_timeout: Duration::from_millis(self.cfg.request_timeout_ms),
             memory_file: None,
+            cgroup_procs: Vec::new(),
             session_dir,
         }
     }

@@ -250,6 +250,8 @@ pub struct ProcessSpec {
     pub console_log_max_bytes: u64,
     pub startup_timeout: Duration,
     pub request_timeout: Duration,
+    /// The VM's `cgroup.procs` files ([`LaunchSpec::cgroup_procs`]).
+    pub cgroup_procs: Vec<PathBuf>,
 }
 
 impl From<&LaunchSpec> for ProcessSpec {
@@ -263,6 +265,7 @@ impl From<&LaunchSpec> for ProcessSpec {
             console_log_max_bytes: s.console_log_max_bytes,
             startup_timeout: s.startup_timeout,
             request_timeout: s.request_timeout,
+            cgroup_procs: s.cgroup_procs.clone(),
         }
     }
 }
@@ -295,6 +298,7 @@ impl FirecrackerVmm {
             ],
             console_log: p.console_log.clone(),
             console_log_max_bytes: p.console_log_max_bytes,
+            cgroup_procs: p.cgroup_procs.clone(),
         };
         let process = VmmProcess::spawn_in(&spawn, Some(&p.cwd))?;
         Ok(FirecrackerInstance::new(
@@ -770,6 +774,7 @@ mod tests {
     fn spec() -> LaunchSpec {
         LaunchSpec {
             memory_file: None,
+            cgroup_procs: Vec::new(),
             vm_id: "vm_1.a".into(),
             session_dir: "/s/vm".into(),
             control_socket: "/sock/vm.sock".into(),

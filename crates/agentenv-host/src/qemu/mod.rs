@@ -236,6 +236,7 @@ impl QemuVmm {
             args,
             console_log: spec.console_log.clone(),
             console_log_max_bytes: spec.console_log_max_bytes,
+            cgroup_procs: spec.cgroup_procs.clone(),
         })?;
         let qmp = QmpClient::new(&spec.control_socket, spec.request_timeout);
         let expect = if mode.incoming {
