@@ -753,19 +753,22 @@ impl Engine {
                 .await?;
         }
         fp.point("create.disk").await?;
+        let mut launch = plan.launch.clone();
+        launch.cgroup_procs =
+            self.place_in_cgroup(slot, plan.info.vcpus, plan.info.memory_mib)?;
         self.write_record(slot)?;
         fp.point("create.record").await?;
         let started = match restore {
             Some(files) => {
                 self.vmm
                     .restore(&RestoreSpec {
-                        launch: plan.launch.clone(),
+                        launch,
                         state: files.state,
                         memory: files.memory,
                     })
                     .await
             }
-            None => self.vmm.launch(&plan.launch).await,
+            None => self.vmm.launch(&launch).await,
         };
         let inst: Arc<dyn VmmInstance> = Arc::from(started.map_err(|source| EngineError::Vmm {
             vm_id: plan.info.vm_id.clone(),
@@ -798,7 +801,7 @@ impl Engine {
         Ok(inst)
     }
 
-    /// Undoes a failed create: session directory, socket, table entry.
+    /// Undoes a failed create: session directory, socket, cgroup, table entry.
     async fn rollback(&self, plan: &Plan) {
         let id = &plan.info.vm_id;
         if let (Some((net, _)), Some(lease)) = (&self.net, &plan.lease) {
@@ -816,6 +819,9 @@ impl Engine {
             if let Err(e) = self.host.files.remove_file(mem) {
                 tracing::error!("vm {id}: rollback: {e}");
             }
+        }
+        if let Err(e) = self.remove_cgroup(id) {
+            tracing::error!("vm {id}: rollback: {e}");
         }
         self.vms
             .lock()

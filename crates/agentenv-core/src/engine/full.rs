@@ -514,7 +514,8 @@ impl Engine {
             }),
             _ => None,
         };
-        let launch = self.restore_launch(&info, full, base, slot.agent_socket.clone(), net);
+        let mut launch = self.restore_launch(&info, full, base, slot.agent_socket.clone(), net);
+        launch.cgroup_procs = self.place_in_cgroup(slot, full.vcpus, full.memory_mib)?;
         let inst: Arc<dyn crate::backend::VmmInstance> = Arc::from(
             self.vmm
                 .restore(&VmmRestore {

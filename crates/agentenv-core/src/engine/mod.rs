@@ -15,6 +15,7 @@
 //! `crate::testing`.
 
 mod agent;
+mod cgroup;
 mod create;
 mod full;
 mod host_paths;
@@ -399,7 +400,12 @@ impl Engine {
     async fn settle_exit(&self, slot: &VmSlot, exit: VmmExit, requested: Option<&str>) -> VmInfo {
         let console = slot.with_info(|info| PathBuf::from(&info.console_log));
         let panic = find_panic(&self.host.files.read_tail(&console, 64 * 1024));
+        let oom = match requested {
+            None => self.oom_cause(slot, &exit),
+            Some(_) => None,
+        };
         let (to, cause) = match (panic, requested) {
+            _ if oom.is_some() => (VmState::Failed, oom.unwrap_or_default()),
             (Some(p), _) => (VmState::Failed, format!("guest kernel panic: {p}")),
             (None, Some(why)) => (VmState::Stopped, format!("{why} (vmm {exit})")),
             (None, None) if exit.success() => (

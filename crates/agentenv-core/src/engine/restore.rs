@@ -78,6 +78,7 @@ impl Engine {
             }
         }
         self.clean_orphans();
+        self.clean_orphan_cgroups();
         self.clean_memory_files();
         for snap in self.snapshots.list() {
             if snap.full.as_ref().is_some_and(|f| f.ephemeral) {
@@ -210,6 +211,9 @@ impl Engine {
             // create is rolled back, the delete completed.
             self.host.processes.kill_stale_process(info.pid, &socket);
             let _ = self.host.files.remove_file(&socket);
+            if let Err(e) = self.remove_cgroup(name) {
+                tracing::error!("vm {name}: {e}");
+            }
             match self.host.files.remove_dir_all(&dir) {
                 Ok(()) => tracing::warn!(
                     "vm {name}: finished an interrupted {} (session removed)",
@@ -247,6 +251,11 @@ impl Engine {
             Ok((inst, state)) => {
                 slot.set_process(inst.identity());
                 slot.set_instance(Some(inst.clone()));
+                // Its VMM stays in the cgroup it joined; the limits are
+                // written again (the configuration may have changed).
+                if let Err(e) = self.place_in_cgroup(&slot, info.vcpus, info.memory_mib) {
+                    tracing::warn!("vm {name}: {e}");
+                }
                 let mut to = match state {
                     AdoptedState::Running => VmState::Running,
                     AdoptedState::Paused => VmState::Paused,
