@@ -232,6 +232,23 @@ fn own_path(h: &Hierarchy, version: u8, proc_cgroup: &str) -> String {
     "/".into()
 }
 
+/// The directories from where `parent` starts (the daemon's own cgroup, or
+/// the root for an absolute one) down to `parent` itself, in hierarchy `h`.
+fn parent_chain(layout: &Layout, h: &Hierarchy, proc_cgroup: &str, parent: &str) -> Vec<PathBuf> {
+    let start = if parent.starts_with('/') {
+        "/".to_string()
+    } else {
+        own_path(h, layout.version, proc_cgroup)
+    };
+    let mut dir = Layout::dir_of(h, &start);
+    let mut chain = vec![dir.clone()];
+    for c in parent.split('/').filter(|c| !c.is_empty()) {
+        dir.push(c);
+        chain.push(dir.clone());
+    }
+    chain
+}
+
 /// One hierarchy's parent cgroup directory.
 #[derive(Debug, Clone)]
 struct ParentDir {
@@ -247,6 +264,12 @@ pub struct Cgroups {
 }
 
 impl Cgroups {
+    /// Whether `[cgroup] enable` is on when the config does not say: when the
+    /// daemon runs as root (only root may make cgroups and move VMMs there).
+    pub fn on_by_default() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
     /// Uses this host's cgroups (`/proc/self/mountinfo`, `/proc/self/cgroup`)
     /// with the parent cgroup `parent`, made if missing.
     pub fn open_host(parent: &str) -> Result<Cgroups, CgroupError> {
@@ -259,24 +282,30 @@ impl Cgroups {
         Cgroups::open(&layout, &own, parent)
     }
 
+    /// Where the parent cgroup `parent` is on this host (one directory per
+    /// hierarchy), without making anything.
+    pub fn locate_host(parent: &str) -> Result<Vec<PathBuf>, CgroupError> {
+        let read = |p: &str| std::fs::read_to_string(p).map_err(io_err(Path::new(p)));
+        let layout = Layout::detect(&read("/proc/self/mountinfo")?, |m| {
+            std::fs::read_to_string(m.join("cgroup.controllers")).ok()
+        })?;
+        let own = read("/proc/self/cgroup")?;
+        Ok(layout
+            .hierarchies
+            .iter()
+            .map(|h| parent_chain(&layout, h, &own, parent).pop().unwrap_or_default())
+            .collect())
+    }
+
     /// Sets up the parent cgroup `parent` in `layout` (relative: below the
     /// cgroup `proc_cgroup` names, absolute: below the root), enables the
     /// controllers its children need (v2), and checks it can make a child.
     pub fn open(layout: &Layout, proc_cgroup: &str, parent: &str) -> Result<Cgroups, CgroupError> {
         let mut parents = Vec::new();
         for h in &layout.hierarchies {
-            let start = if parent.starts_with('/') {
-                "/".to_string()
-            } else {
-                own_path(h, layout.version, proc_cgroup)
-            };
-            let start_dir = Layout::dir_of(h, &start);
-            let mut dir = start_dir.clone();
-            let mut chain = vec![dir.clone()];
-            for c in parent.split('/').filter(|c| !c.is_empty()) {
-                dir.push(c);
-                chain.push(dir.clone());
-            }
+            let chain = parent_chain(layout, h, proc_cgroup, parent);
+            let start_dir = chain[0].clone();
+            let dir = chain[chain.len() - 1].clone();
             if !start_dir.is_dir() {
                 return Err(CgroupError::Io {
                     path: start_dir,
@@ -523,15 +552,7 @@ impl HostCgroups for Cgroups {
                     Ok(()) => break,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
                     Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
-                        // Processes left in it (a VMM's strays) are the VM's:
-                        // they go with it.
-                        let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
-                        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                            let _ = nix::sys::signal::kill(
-                                nix::unistd::Pid::from_raw(pid),
-                                nix::sys::signal::Signal::SIGKILL,
-                            );
-                        }
+                        // A VMM just killed may not be released by the kernel yet.
                         std::thread::sleep(Duration::from_millis(20));
                     }
                     Err(e) => return Err(cg_err(format!("cannot remove cgroup {}", d.display()), e)),

@@ -122,6 +122,39 @@ impl Baseline {
         self
     }
 
+    /// The parent cgroup of the VMs of a test daemon whose roots are in
+    /// `root` (`[cgroup] parent`): its own, so tests in parallel never see
+    /// each other's VM cgroups.
+    pub fn cgroup_parent(root: &Path) -> String {
+        format!(
+            "agentenv-test/{}",
+            root.file_name().unwrap_or_default().to_string_lossy()
+        )
+    }
+
+    /// VM cgroups left below this test's parent cgroup, in every hierarchy.
+    pub fn cgroups_left(&self) -> Vec<PathBuf> {
+        let parent = Baseline::cgroup_parent(&self.root);
+        let dirs = agentenv_host::cgroup::Cgroups::locate_host(&parent).unwrap_or_default();
+        dirs.iter()
+            .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect()
+    }
+
+    /// Removes this test's (empty) parent cgroup, so nothing stays on the host.
+    pub fn remove_cgroup_parent(&self) {
+        let parent = Baseline::cgroup_parent(&self.root);
+        for d in agentenv_host::cgroup::Cgroups::locate_host(&parent).unwrap_or_default() {
+            let _ = std::fs::remove_dir(&d);
+            // `agentenv-test` itself, once no test uses it.
+            if let Some(up) = d.parent() {
+                let _ = std::fs::remove_dir(up);
+            }
+        }
+    }
+
     /// What is there now and was not at the baseline (waiting up to `grace` for
     /// exiting processes to go). Empty means no leak.
     pub fn leaks(&self, grace: Duration) -> Vec<String> {
@@ -138,6 +171,9 @@ impl Baseline {
                     leaks.push(format!("file {}", f.display()));
                 }
             }
+            for c in self.cgroups_left() {
+                leaks.push(format!("cgroup {}", c.display()));
+            }
             if leaks.is_empty() || start.elapsed() >= grace {
                 return leaks;
             }
@@ -149,6 +185,7 @@ impl Baseline {
     pub fn assert_clean(&self) {
         let leaks = self.leaks(Duration::from_secs(2));
         assert!(leaks.is_empty(), "leaked:\n  {}", leaks.join("\n  "));
+        self.remove_cgroup_parent();
     }
 }
 

@@ -15,6 +15,8 @@ use agentenv_host::kvm;
 use agentenv_host::net::LinuxNetwork;
 use agentenv_host::qemu::QemuVmm;
 use agentenv_host::snapshots::TieredStore;
+use agentenv_core::limits::HostCgroups;
+use agentenv_host::cgroup::Cgroups;
 use agentenv_host::LocalHost;
 use anyhow::{bail, Context};
 
@@ -150,9 +152,10 @@ pub async fn build_engine_in(cfg: Config, netns: Option<PathBuf>) -> anyhow::Res
     create_roots(&cfg)?;
     let (vmm, why) = choose_backend(&cfg)?;
     tracing::info!("vmm backend: {} ({why})", vmm.kind());
-    let host = Host::from_one(Arc::new(LocalHost::with_templates(
+    let mut host = Host::from_one(Arc::new(LocalHost::with_templates(
         cfg.snapshots_root.join("templates"),
     )));
+    host.cgroups = open_cgroups(&cfg)?;
     let snapshots = Arc::new(TieredStore::from_config(&cfg));
     let net: Option<Arc<dyn HostNetwork>> = if cfg.network.enable {
         let net = LinuxNetwork::new(&cfg.network, netns)
@@ -170,6 +173,31 @@ pub async fn build_engine_in(cfg: Config, netns: Option<PathBuf>) -> anyhow::Res
     };
     let engine = Engine::start(cfg, vmm, host, net, snapshots, Arc::new(SocketConnector)).await?;
     Ok(engine)
+}
+
+/// The VMs' cgroups (resource limits), when `[cgroup]` is on: by default
+/// when the daemon runs as root. A host where they cannot be set up is a
+/// startup error naming the controller or the path.
+pub fn open_cgroups(cfg: &Config) -> anyhow::Result<Option<Arc<dyn HostCgroups>>> {
+    if !cfg.cgroup.enable.unwrap_or_else(Cgroups::on_by_default) {
+        tracing::warn!("cgroups off: VMMs run without CPU, memory, pids or I/O limits");
+        return Ok(None);
+    }
+    let cg = Cgroups::open_host(&cfg.cgroup.parent).map_err(|e| {
+        anyhow::anyhow!(
+            "config table `[cgroup]`: {e} (set cgroup.enable = false to run VMMs without limits)"
+        )
+    })?;
+    tracing::info!(
+        "cgroups v{}: each vm's vmm is limited below {}",
+        cg.version(),
+        cg.parent_dirs()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(Some(Arc::new(cg)))
 }
 
 /// Runs the daemon until Ctrl-C or SIGTERM.

@@ -96,6 +96,11 @@ impl TestDir {
                 enable: false,
                 ..Default::default()
             },
+            // Each test daemon has its own parent cgroup (checked for leaks).
+            cgroup: agentenv_core::config::CgroupConfig {
+                parent: Baseline::cgroup_parent(d),
+                ..Default::default()
+            },
             ..Config::default()
         }
     }
@@ -411,6 +416,13 @@ pub fn write_config(dir: &TestDir, extra: &str) -> std::path::PathBuf {
         extra.replace("[network]", "[network]\nenable = false")
     } else {
         format!("{extra}\n[network]\nenable = false")
+    };
+    // Its own parent cgroup, as in `TestDir::config`.
+    let parent = format!("parent = \"{}\"", Baseline::cgroup_parent(dir.path()));
+    let extra = if extra.contains("[cgroup]") {
+        extra.replace("[cgroup]", &format!("[cgroup]\n{parent}"))
+    } else {
+        format!("{extra}\n[cgroup]\n{parent}")
     };
     let text = format!(
         r#"session_root = "{}"
