@@ -297,3 +297,48 @@ fn a_vmm_over_its_memory_limit_is_killed_and_its_vm_fails_with_that_cause() {
     finish(d, dir);
     std::fs::remove_dir_all(&shm).unwrap();
 }
+
+/// Runs the daemon binary with `config`, expecting it to refuse to start;
+/// returns its stderr.
+fn refused_start(config: &Path) -> String {
+    use std::io::Read;
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_agentenv"))
+        .args(["--listen", &format!("127.0.0.1:{}", common::free_port())])
+        .env("AGENTENV_CONFIG", config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = common::KillOnDrop(child);
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the daemon started");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    child.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    err
+}
+
+#[test]
+fn a_parent_cgroup_that_cannot_be_made_stops_the_daemon_naming_it() {
+    let mut dir = TestDir::new();
+    dir.baseline = Some(common::baseline(dir.path()));
+    // Below a cgroup file: no directory can be made there.
+    let config = common::write_config(&dir, "[cgroup]\nenable = true\nparent = \"/cgroup.procs/x\"");
+    let err = refused_start(&config);
+    assert!(
+        err.contains("[cgroup]") && err.contains("cgroup.procs/x"),
+        "{err}"
+    );
+    // A value out of range is refused by name.
+    let config = common::write_config(&dir, "[cgroup]\ncpu_per_vcpu = 2.0");
+    let err = refused_start(&config);
+    assert!(err.contains("cgroup.cpu_per_vcpu"), "{err}");
+    std::fs::remove_file(&config).unwrap();
+    dir.baseline.as_ref().unwrap().assert_clean();
+}

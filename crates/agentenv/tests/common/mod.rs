@@ -419,7 +419,9 @@ pub fn write_config(dir: &TestDir, extra: &str) -> std::path::PathBuf {
     };
     // Its own parent cgroup, as in `TestDir::config`.
     let parent = format!("parent = \"{}\"", Baseline::cgroup_parent(dir.path()));
-    let extra = if extra.contains("[cgroup]") {
+    let extra = if extra.contains("parent =") {
+        extra
+    } else if extra.contains("[cgroup]") {
         extra.replace("[cgroup]", &format!("[cgroup]\n{parent}"))
     } else {
         format!("{extra}\n[cgroup]\n{parent}")
