@@ -177,16 +177,13 @@ impl CgroupConfig {
                 ),
             ));
         }
-        if !(self.cpu_per_vcpu.is_finite() && self.cpu_per_vcpu > 0.0 && self.cpu_per_vcpu <= 1.0)
-        {
+        if !(self.cpu_per_vcpu.is_finite() && self.cpu_per_vcpu > 0.0 && self.cpu_per_vcpu <= 1.0) {
             return Err(invalid(
                 "cgroup.cpu_per_vcpu",
                 "must be more than 0 and at most 1",
             ));
         }
-        if !(self.vmm_cpu_allowance.is_finite()
-            && (0.0..=16.0).contains(&self.vmm_cpu_allowance))
-        {
+        if !(self.vmm_cpu_allowance.is_finite() && (0.0..=16.0).contains(&self.vmm_cpu_allowance)) {
             return Err(invalid(
                 "cgroup.vmm_cpu_allowance",
                 "must be between 0 and 16",
@@ -211,10 +208,7 @@ impl CgroupConfig {
             ));
         }
         if !(16..=1_000_000).contains(&self.pids_max) {
-            return Err(invalid(
-                "cgroup.pids_max",
-                "must be between 16 and 1000000",
-            ));
+            return Err(invalid("cgroup.pids_max", "must be between 16 and 1000000"));
         }
         if !(1..=10_000).contains(&self.io_weight) {
             return Err(invalid("cgroup.io_weight", "must be between 1 and 10000"));

@@ -33,12 +33,14 @@ impl VmLimits {
     pub fn compute(cfg: &CgroupConfig, vcpus: u32, memory_mib: u64) -> VmLimits {
         let cores = f64::from(vcpus) * cfg.cpu_per_vcpu + cfg.vmm_cpu_allowance;
         let cpu_quota_us = ((cores * cfg.cpu_period_us as f64).round() as u64).max(1000);
-        let overhead_mib =
-            cfg.vmm_memory_overhead_mib + memory_mib.saturating_mul(cfg.vmm_memory_overhead_percent) / 100;
+        let overhead_mib = cfg.vmm_memory_overhead_mib
+            + memory_mib.saturating_mul(cfg.vmm_memory_overhead_percent) / 100;
         VmLimits {
             cpu_quota_us,
             cpu_period_us: cfg.cpu_period_us,
-            memory_bytes: memory_mib.saturating_add(overhead_mib).saturating_mul(1 << 20),
+            memory_bytes: memory_mib
+                .saturating_add(overhead_mib)
+                .saturating_mul(1 << 20),
             pids_max: cfg.pids_max,
             io_weight: cfg.io_weight,
         }

@@ -94,7 +94,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -188,7 +191,10 @@ impl Layout {
             });
         }
         for c in REQUIRED {
-            if !hierarchies.iter().any(|h| h.controllers.iter().any(|x| x == c)) {
+            if !hierarchies
+                .iter()
+                .any(|h| h.controllers.iter().any(|x| x == c))
+            {
                 return Err(CgroupError::MissingController {
                     controller: c.to_string(),
                     why: format!("{v2_why}, and no cgroup v1 hierarchy has it"),
@@ -223,7 +229,9 @@ fn own_path(h: &Hierarchy, version: u8, proc_cgroup: &str) -> String {
         let matches = if version == 2 {
             ctrls.is_empty()
         } else {
-            ctrls.split(',').any(|c| h.controllers.iter().any(|x| x == c))
+            ctrls
+                .split(',')
+                .any(|c| h.controllers.iter().any(|x| x == c))
         };
         if matches {
             return path.to_string();
@@ -293,7 +301,11 @@ impl Cgroups {
         Ok(layout
             .hierarchies
             .iter()
-            .map(|h| parent_chain(&layout, h, &own, parent).pop().unwrap_or_default())
+            .map(|h| {
+                parent_chain(&layout, h, &own, parent)
+                    .pop()
+                    .unwrap_or_default()
+            })
             .collect())
     }
 
@@ -332,7 +344,10 @@ impl Cgroups {
                 for d in &chain {
                     let file = d.join("cgroup.subtree_control");
                     let have = std::fs::read_to_string(&file).unwrap_or_default();
-                    if wanted.iter().all(|c| have.split_whitespace().any(|x| x == *c)) {
+                    if wanted
+                        .iter()
+                        .all(|c| have.split_whitespace().any(|x| x == *c))
+                    {
                         continue;
                     }
                     write_file(&file, &line).map_err(|source| CgroupError::Subtree {
@@ -411,7 +426,10 @@ impl Cgroups {
         };
         let mut io_weight = None;
         if self.version == 2 {
-            w("cpu.max", &format!("{} {}", l.cpu_quota_us, l.cpu_period_us))?;
+            w(
+                "cpu.max",
+                &format!("{} {}", l.cpu_quota_us, l.cpu_period_us),
+            )?;
             w("memory.max", &l.memory_bytes.to_string())?;
             if dir.join("memory.swap.max").exists() {
                 w("memory.swap.max", "0")?;
@@ -551,11 +569,15 @@ impl HostCgroups for Cgroups {
                 match std::fs::remove_dir(&d) {
                     Ok(()) => break,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+                    {
                         // A VMM just killed may not be released by the kernel yet.
                         std::thread::sleep(Duration::from_millis(20));
                     }
-                    Err(e) => return Err(cg_err(format!("cannot remove cgroup {}", d.display()), e)),
+                    Err(e) => {
+                        return Err(cg_err(format!("cannot remove cgroup {}", d.display()), e))
+                    }
                 }
             }
         }
@@ -676,7 +698,11 @@ mod tests {
     fn a_hybrid_host_without_v2_controllers_uses_v1() {
         let l = Layout::detect(V1, |_| Some(String::new())).unwrap();
         assert_eq!(l.version, 1);
-        let names: Vec<String> = l.hierarchies.iter().map(|h| h.controllers.join(",")).collect();
+        let names: Vec<String> = l
+            .hierarchies
+            .iter()
+            .map(|h| h.controllers.join(","))
+            .collect();
         assert_eq!(names, ["cpu", "cpuacct", "memory", "blkio", "pids"]);
         assert_eq!(l.hierarchies[2].mount, Path::new("/sys/fs/cgroup/memory"));
     }
@@ -764,12 +790,22 @@ mod tests {
         let cpu = t.path().join("cpu/agentenv/vm1");
         assert_eq!(f(&cpu, "cpu.cfs_quota_us"), "125000");
         assert_eq!(f(&cpu, "cpu.cfs_period_us"), "100000");
-        assert_eq!(f(&vm_mem, "memory.limit_in_bytes"), (300u64 << 20).to_string());
-        assert_eq!(f(&vm_mem, "memory.memsw.limit_in_bytes"), (300u64 << 20).to_string());
+        assert_eq!(
+            f(&vm_mem, "memory.limit_in_bytes"),
+            (300u64 << 20).to_string()
+        );
+        assert_eq!(
+            f(&vm_mem, "memory.memsw.limit_in_bytes"),
+            (300u64 << 20).to_string()
+        );
         assert_eq!(f(&t.path().join("pids/agentenv/vm1"), "pids.max"), "512");
         assert_eq!(placed.info.cgroup_version, 1);
         assert_eq!(placed.info.io_weight, None);
-        assert!(placed.info.unsupported[0].contains("blkio.weight"), "{:?}", placed.info);
+        assert!(
+            placed.info.unsupported[0].contains("blkio.weight"),
+            "{:?}",
+            placed.info
+        );
         assert_eq!(placed.procs.len(), 4);
         assert!(placed.procs.contains(&vm_mem.join("cgroup.procs")));
         assert_eq!(cg.list(), ["vm1"]);
@@ -782,7 +818,11 @@ mod tests {
         assert_eq!(placed.info.io_weight, Some(1000));
 
         assert!(!cg.oom_killed("vm1"));
-        std::fs::write(vm_mem.join("memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n").unwrap();
+        std::fs::write(
+            vm_mem.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n",
+        )
+        .unwrap();
         assert!(cg.oom_killed("vm1"));
     }
 
@@ -814,7 +854,11 @@ mod tests {
         assert_eq!(placed.info.io_weight, Some(5000));
         assert!(placed.info.unsupported.is_empty());
         assert_eq!(placed.procs, [vm.join("cgroup.procs")]);
-        std::fs::write(vm.join("memory.events"), "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n").unwrap();
+        std::fs::write(
+            vm.join("memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        )
+        .unwrap();
         assert!(cg.oom_killed("a"));
     }
 
@@ -827,7 +871,9 @@ mod tests {
         assert!(cg.prepare(".probe", &limits()).is_err());
         // A parent below a file cannot be made: the error names the path.
         std::fs::write(t.path().join("cpu/file"), "").unwrap();
-        let e = Cgroups::open(&layout, "", "/file/agentenv").unwrap_err().to_string();
+        let e = Cgroups::open(&layout, "", "/file/agentenv")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cpu/file"), "{e}");
     }
 

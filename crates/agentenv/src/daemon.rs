@@ -7,16 +7,16 @@ use std::sync::Arc;
 use agentenv_core::backend::Vmm;
 use agentenv_core::config::{Config, VmmChoice};
 use agentenv_core::host::Host;
+use agentenv_core::limits::HostCgroups;
 use agentenv_core::net::HostNetwork;
 use agentenv_core::Engine;
 use agentenv_host::agent::SocketConnector;
+use agentenv_host::cgroup::Cgroups;
 use agentenv_host::firecracker::FirecrackerVmm;
 use agentenv_host::kvm;
 use agentenv_host::net::LinuxNetwork;
 use agentenv_host::qemu::QemuVmm;
 use agentenv_host::snapshots::TieredStore;
-use agentenv_core::limits::HostCgroups;
-use agentenv_host::cgroup::Cgroups;
 use agentenv_host::LocalHost;
 use anyhow::{bail, Context};
 

@@ -16,8 +16,10 @@ fn create_ready(d: &Daemon, vm: &str) -> Value {
     let (code, v) = d.call(
         "POST",
         "/v1/vm",
-        Some(json!({"vm_id": vm, "disk": {"kind": "overlay", "rootfs_id": "minimal.ext4"},
-                    "wait_ready": true, "wait_ready_timeout_s": 120})),
+        Some(
+            json!({"vm_id": vm, "disk": {"kind": "overlay", "rootfs_id": "minimal.ext4"},
+                    "wait_ready": true, "wait_ready_timeout_s": 120}),
+        ),
     );
     assert_eq!(code, 201, "{v}");
     v
@@ -86,7 +88,10 @@ fn assert_files_hold(limits: &Value, pid: u64) {
             let m = dir_with(limits, "memory.limit_in_bytes").expect("a memory cgroup");
             assert_eq!(read(&m.join("memory.limit_in_bytes")), mem.to_string());
             if m.join("memory.memsw.limit_in_bytes").exists() {
-                assert_eq!(read(&m.join("memory.memsw.limit_in_bytes")), mem.to_string());
+                assert_eq!(
+                    read(&m.join("memory.memsw.limit_in_bytes")),
+                    mem.to_string()
+                );
             }
             let pd = dir_with(limits, "pids.max").expect("a pids cgroup");
             assert_eq!(read(&pd.join("pids.max")), pids.to_string());
@@ -133,7 +138,11 @@ fn the_vms_cgroup_holds_its_limits_across_a_restart_and_goes_with_delete() {
     // 1 vCPU + 0.25 core; 256 MiB + 256 MiB + 5 %.
     assert_eq!(limits["cpu_quota_us"], 125_000, "{limits}");
     assert_eq!(limits["cpu_period_us"], 100_000, "{limits}");
-    assert_eq!(limits["memory_bytes"], (256u64 + 256 + 12) << 20, "{limits}");
+    assert_eq!(
+        limits["memory_bytes"],
+        (256u64 + 256 + 12) << 20,
+        "{limits}"
+    );
     assert_eq!(limits["pids_max"], 512, "{limits}");
     let pid = vm["pid"].as_u64().unwrap();
     assert_files_hold(&limits, pid);
@@ -228,7 +237,8 @@ fn a_guest_spinning_on_all_its_vcpus_is_held_to_its_quota() {
         let req = serde_json::to_vec(&json!({"cmd": ["sh", "-c",
             "end=$(($(date +%s) + 25)); \
              for i in 1 2; do (while [ $(date +%s) -lt $end ]; do :; done) & done; wait"],
-            "timeout_s": 300})).unwrap();
+            "timeout_s": 300}))
+        .unwrap();
         common::send(
             &common::client(&base, Duration::from_secs(600)),
             agentenv_client::Request::new("POST", "/v1/vm/spin/exec")
@@ -319,7 +329,13 @@ fn refused_start(config: &Path) -> String {
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut err = String::new();
-    child.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(!status.success(), "{err}");
     err
 }
@@ -329,7 +345,10 @@ fn a_parent_cgroup_that_cannot_be_made_stops_the_daemon_naming_it() {
     let mut dir = TestDir::new();
     dir.baseline = Some(common::baseline(dir.path()));
     // Below a cgroup file: no directory can be made there.
-    let config = common::write_config(&dir, "[cgroup]\nenable = true\nparent = \"/cgroup.procs/x\"");
+    let config = common::write_config(
+        &dir,
+        "[cgroup]\nenable = true\nparent = \"/cgroup.procs/x\"",
+    );
     let err = refused_start(&config);
     assert!(
         err.contains("[cgroup]") && err.contains("cgroup.procs/x"),

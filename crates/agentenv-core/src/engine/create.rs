@@ -754,8 +754,7 @@ impl Engine {
         }
         fp.point("create.disk").await?;
         let mut launch = plan.launch.clone();
-        launch.cgroup_procs =
-            self.place_in_cgroup(slot, plan.info.vcpus, plan.info.memory_mib)?;
+        launch.cgroup_procs = self.place_in_cgroup(slot, plan.info.vcpus, plan.info.memory_mib)?;
         self.write_record(slot)?;
         fp.point("create.record").await?;
         let started = match restore {
