@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use agentenv_api::VmLimitsInfo;
 use agentenv_core::host::HostError;
 use agentenv_core::limits::{CgroupPlacement, HostCgroups, VmLimits};
+use agentenv_proto::unescape_mount_field as unescape;
 
 /// Controllers every VM cgroup needs.
 const REQUIRED: [&str; 3] = ["cpu", "memory", "pids"];
@@ -86,26 +87,6 @@ pub struct Layout {
     pub version: u8,
     /// The unified hierarchy (v2), or those of the controllers used (v1).
     pub hierarchies: Vec<Hierarchy>,
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The cgroup mounts in a mountinfo text: (fstype, mount root, mount point, super options).
