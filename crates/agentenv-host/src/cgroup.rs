@@ -12,7 +12,6 @@
 //! A VMM joins its cgroup itself, in the forked child before it executes
 //! ([`CgroupJoin`]): every thread and every page it ever has is accounted.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -645,18 +644,6 @@ pub fn join_in_child(fds: &[RawFd]) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Per-hierarchy contents of a VM cgroup, for tests and diagnostics:
-/// `file name → trimmed contents` of the files that exist.
-pub fn read_files(dir: &Path, names: &[&str]) -> HashMap<String, String> {
-    names
-        .iter()
-        .filter_map(|n| {
-            let v = std::fs::read_to_string(dir.join(n)).ok()?;
-            Some((n.to_string(), v.trim().to_string()))
-        })
-        .collect()
 }
 
 #[cfg(test)]
