@@ -60,8 +60,15 @@ pub struct CgroupPlacement {
 /// Puts VMMs in cgroups: one per VM, below the daemon's parent cgroup.
 pub trait HostCgroups: Send + Sync + 'static {
     /// Makes VM `vm_id`'s cgroup (or takes the one that exists: a restarted
-    /// daemon, a reset) and writes `limits` into it.
-    fn prepare(&self, vm_id: &str, limits: &VmLimits) -> Result<CgroupPlacement, HostError>;
+    /// daemon, a reset) and writes `limits` into it. `running`: the VM's VMM
+    /// already runs (re-adopted after a restart) and is moved into the
+    /// cgroup if it is not there (an earlier daemon ran without cgroups).
+    fn prepare(
+        &self,
+        vm_id: &str,
+        limits: &VmLimits,
+        running: Option<u32>,
+    ) -> Result<CgroupPlacement, HostError>;
 
     /// Removes VM `vm_id`'s cgroup once its processes are gone (retrying
     /// briefly while the kernel releases it); succeeds when it is already gone.

@@ -1271,6 +1271,7 @@ impl crate::limits::HostCgroups for FakeCgroups {
         &self,
         vm_id: &str,
         limits: &crate::limits::VmLimits,
+        _running: Option<u32>,
     ) -> Result<crate::limits::CgroupPlacement, HostError> {
         lock(&self.calls).push(CgroupCall::Prepare(vm_id.into(), *limits));
         if self.faults.hit("prepare") {

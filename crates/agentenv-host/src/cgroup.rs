@@ -507,7 +507,12 @@ fn keyed(text: &str, key: &str) -> Option<u64> {
 }
 
 impl HostCgroups for Cgroups {
-    fn prepare(&self, vm_id: &str, limits: &VmLimits) -> Result<CgroupPlacement, HostError> {
+    fn prepare(
+        &self,
+        vm_id: &str,
+        limits: &VmLimits,
+        running: Option<u32>,
+    ) -> Result<CgroupPlacement, HostError> {
         let dirs = self.vm_dirs(vm_id)?;
         let mut made = Vec::new();
         let fail = |e: std::io::Error, made: &[PathBuf], what: &Path| {
@@ -527,6 +532,20 @@ impl HostCgroups for Cgroups {
             Ok(r) => r,
             Err(e) => return Err(fail(e, &made, &self.parents[0].dir)),
         };
+        if let Some(pid) = running {
+            for d in &dirs {
+                let procs = d.join("cgroup.procs");
+                let inside = std::fs::read_to_string(&procs)
+                    .is_ok_and(|t| t.lines().any(|l| l.trim() == pid.to_string()));
+                if !inside {
+                    // The whole process, every thread, moves (what it
+                    // allocated before stays charged where it was).
+                    write_file(&procs, &pid.to_string()).map_err(|e| {
+                        cg_err(format!("cannot move vmm {pid} into {}", procs.display()), e)
+                    })?;
+                }
+            }
+        }
         Ok(CgroupPlacement {
             procs: dirs.iter().map(|d| d.join("cgroup.procs")).collect(),
             info: VmLimitsInfo {
@@ -753,7 +772,7 @@ mod tests {
         let vm_mem = mem_parent.join("vm1");
         std::fs::create_dir(&vm_mem).unwrap();
         std::fs::write(vm_mem.join("memory.memsw.limit_in_bytes"), "").unwrap();
-        let placed = cg.prepare("vm1", &limits()).unwrap();
+        let placed = cg.prepare("vm1", &limits(), None).unwrap();
         let f = |d: &Path, n: &str| std::fs::read_to_string(d.join(n)).unwrap();
         let cpu = t.path().join("cpu/agentenv/vm1");
         assert_eq!(f(&cpu, "cpu.cfs_quota_us"), "125000");
@@ -781,9 +800,15 @@ mod tests {
         // blkio.weight present: clamped into v1's range.
         let blk = t.path().join("blkio/agentenv/vm1");
         std::fs::write(blk.join("blkio.weight"), "").unwrap();
-        let placed = cg.prepare("vm1", &limits()).unwrap();
+        let placed = cg.prepare("vm1", &limits(), None).unwrap();
         assert_eq!(f(&blk, "blkio.weight"), "1000");
         assert_eq!(placed.info.io_weight, Some(1000));
+
+        // A re-adopted VMM outside its cgroup is moved in, in every hierarchy.
+        cg.prepare("vm1", &limits(), Some(4242)).unwrap();
+        for p in &placed.procs {
+            assert_eq!(f(p.parent().unwrap(), "cgroup.procs"), "4242");
+        }
 
         assert!(!cg.oom_killed("vm1"));
         std::fs::write(
@@ -812,7 +837,7 @@ mod tests {
         std::fs::create_dir(&vm).unwrap();
         std::fs::write(vm.join("memory.swap.max"), "").unwrap();
         std::fs::write(vm.join("io.weight"), "").unwrap();
-        let placed = cg.prepare("a", &limits()).unwrap();
+        let placed = cg.prepare("a", &limits(), None).unwrap();
         let f = |n: &str| std::fs::read_to_string(vm.join(n)).unwrap();
         assert_eq!(f("cpu.max"), "125000 100000");
         assert_eq!(f("memory.max"), (300u64 << 20).to_string());
@@ -835,8 +860,8 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let layout = fake_v1(t.path());
         let cg = Cgroups::open(&layout, "", "/agentenv").unwrap();
-        assert!(cg.prepare("../x", &limits()).is_err());
-        assert!(cg.prepare(".probe", &limits()).is_err());
+        assert!(cg.prepare("../x", &limits(), None).is_err());
+        assert!(cg.prepare(".probe", &limits(), None).is_err());
         // A parent below a file cannot be made: the error names the path.
         std::fs::write(t.path().join("cpu/file"), "").unwrap();
         let e = Cgroups::open(&layout, "", "/file/agentenv")

@@ -12,14 +12,17 @@ use agentenv_core::config::Config;
 use common::{finish, Daemon, TestDir};
 use serde_json::{json, Value};
 
+/// Creates a VM and waits until its agent answers (TCG guests booting side
+/// by side on a busy host take a while: a client that waits long enough).
 fn create_ready(d: &Daemon, vm: &str) -> Value {
-    let (code, v) = d.call(
-        "POST",
-        "/v1/vm",
-        Some(
-            json!({"vm_id": vm, "disk": {"kind": "overlay", "rootfs_id": "minimal.ext4"},
-                    "wait_ready": true, "wait_ready_timeout_s": 120}),
-        ),
+    let body = serde_json::to_vec(
+        &json!({"vm_id": vm, "disk": {"kind": "overlay", "rootfs_id": "minimal.ext4"},
+                "wait_ready": true, "wait_ready_timeout_s": 280}),
+    )
+    .unwrap();
+    let (code, v) = common::send(
+        &common::client(&d.base, Duration::from_secs(300)),
+        agentenv_client::Request::new("POST", "/v1/vm").body(agentenv_client::Body::Bytes(&body)),
     );
     assert_eq!(code, 201, "{v}");
     v
@@ -304,6 +307,12 @@ fn a_vmm_over_its_memory_limit_is_killed_and_its_vm_fails_with_that_cause() {
         "{failed}"
     );
     assert_eq!(failed["exit"]["signal"], 9, "{failed}");
+    // Its cgroup went with its VMM.
+    for p in limits["cgroup_paths"].as_array().unwrap() {
+        let p = Path::new(p.as_str().unwrap());
+        assert!(!p.exists(), "{} left after the vmm died", p.display());
+    }
+    assert!(failed["limits"].is_null(), "{failed}");
     finish(d, dir);
     std::fs::remove_dir_all(&shm).unwrap();
 }

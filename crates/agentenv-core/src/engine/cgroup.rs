@@ -13,19 +13,21 @@ impl Engine {
     /// Makes VM `vm_id`'s cgroup with the limits of a VM of its size (or
     /// takes the one it has: a reset, a restarted daemon), shows them in its
     /// info and returns the `cgroup.procs` files its VMM joins. Empty when
-    /// cgroups are off.
+    /// cgroups are off. `running`: the pid of its VMM when it already runs
+    /// (re-adopted), which is put in the cgroup if it is not there yet.
     pub(super) fn place_in_cgroup(
         &self,
         slot: &VmSlot,
         vcpus: u32,
         memory_mib: u64,
+        running: Option<u32>,
     ) -> Result<Vec<PathBuf>, EngineError> {
         let Some(cg) = &self.host.cgroups else {
             return Ok(Vec::new());
         };
         let vm_id = slot.with_info(|i| i.vm_id.clone());
         let limits = VmLimits::compute(&self.cfg.cgroup, vcpus, memory_mib);
-        let placed = cg.prepare(&vm_id, &limits).map_err(|e| {
+        let placed = cg.prepare(&vm_id, &limits, running).map_err(|e| {
             EngineError::Cgroup(format!("vm {vm_id}: cannot set up its cgroup: {e}"))
         })?;
         let _ = slot.update(|i| {
@@ -35,14 +37,17 @@ impl Engine {
         Ok(placed.procs)
     }
 
-    /// Removes VM `vm_id`'s cgroup (its VMM must be gone).
-    pub(super) fn remove_cgroup(&self, vm_id: &str) -> Result<(), EngineError> {
-        match &self.host.cgroups {
-            Some(cg) => cg
-                .remove(vm_id)
-                .map_err(|e| EngineError::Cgroup(format!("vm {vm_id}: {e}"))),
-            None => Ok(()),
-        }
+    /// Removes VM `vm_id`'s cgroup (its VMM must be gone). The removal may
+    /// wait briefly for the kernel, so it runs off the async workers.
+    pub(super) async fn remove_cgroup(&self, vm_id: &str) -> Result<(), EngineError> {
+        let Some(cg) = self.host.cgroups.clone() else {
+            return Ok(());
+        };
+        let id = vm_id.to_string();
+        tokio::task::spawn_blocking(move || cg.remove(&id))
+            .await
+            .map_err(|e| EngineError::Cgroup(format!("vm {vm_id}: {e}")))?
+            .map_err(|e| EngineError::Cgroup(format!("vm {vm_id}: {e}")))
     }
 
     /// Why a VMM that died unasked was killed, when it was the kernel's
@@ -66,17 +71,24 @@ impl Engine {
         })
     }
 
-    /// Removes the cgroups below the parent that no VM owns (left by a crash).
-    pub(super) fn clean_orphan_cgroups(&self) {
+    /// Removes the cgroups below the parent that no VM with a VMM owns (left
+    /// by a crash, or by a VM whose VMM ended while no daemon ran).
+    pub(super) async fn clean_orphan_cgroups(&self) {
         let Some(cg) = &self.host.cgroups else {
             return;
         };
-        let owned: Vec<String> = self.slots().iter().map(|s| s.info().vm_id).collect();
+        let owned: Vec<String> = self
+            .slots()
+            .iter()
+            .map(|s| s.info())
+            .filter(|i| i.state.has_vmm())
+            .map(|i| i.vm_id)
+            .collect();
         for name in cg.list() {
             if owned.contains(&name) {
                 continue;
             }
-            match cg.remove(&name) {
+            match self.remove_cgroup(&name).await {
                 Ok(()) => tracing::warn!("removed orphan cgroup {name}: no vm owns it"),
                 Err(e) => tracing::error!("orphan cgroup {name}: {e}"),
             }

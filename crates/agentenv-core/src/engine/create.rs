@@ -754,7 +754,8 @@ impl Engine {
         }
         fp.point("create.disk").await?;
         let mut launch = plan.launch.clone();
-        launch.cgroup_procs = self.place_in_cgroup(slot, plan.info.vcpus, plan.info.memory_mib)?;
+        launch.cgroup_procs =
+            self.place_in_cgroup(slot, plan.info.vcpus, plan.info.memory_mib, None)?;
         self.write_record(slot)?;
         fp.point("create.record").await?;
         let started = match restore {
@@ -819,7 +820,7 @@ impl Engine {
                 tracing::error!("vm {id}: rollback: {e}");
             }
         }
-        if let Err(e) = self.remove_cgroup(id) {
+        if let Err(e) = self.remove_cgroup(id).await {
             tracing::error!("vm {id}: rollback: {e}");
         }
         self.vms

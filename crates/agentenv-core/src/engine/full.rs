@@ -515,7 +515,7 @@ impl Engine {
             _ => None,
         };
         let mut launch = self.restore_launch(&info, full, base, slot.agent_socket.clone(), net);
-        launch.cgroup_procs = self.place_in_cgroup(slot, full.vcpus, full.memory_mib)?;
+        launch.cgroup_procs = self.place_in_cgroup(slot, full.vcpus, full.memory_mib, None)?;
         let inst: Arc<dyn crate::backend::VmmInstance> = Arc::from(
             self.vmm
                 .restore(&VmmRestore {

@@ -422,8 +422,14 @@ impl Engine {
         slot.set_agent(None);
         slot.ready.send_replace(false);
         self.release_network(slot).await;
-        if let Ok(mem) = self.memory_file(&slot.with_info(|i| i.vm_id.clone())) {
+        let vm_id = slot.with_info(|i| i.vm_id.clone());
+        if let Ok(mem) = self.memory_file(&vm_id) {
             let _ = self.host.files.remove_file(&mem);
+        }
+        // The cgroup goes with its VMM (a reset makes it again); a removal
+        // that fails is retried by delete.
+        if let Err(e) = self.remove_cgroup(&vm_id).await {
+            tracing::warn!("{e}");
         }
         let info = slot.update(|info| {
             let _ = self.host.files.remove_file(Path::new(&info.api_socket));
@@ -436,6 +442,7 @@ impl Engine {
             }
             info.pid = None;
             info.ready = false;
+            info.limits = None;
             info.updated_at = Utc::now();
             info.exit = Some(ExitInfo {
                 exit_code: exit.code,

@@ -951,8 +951,9 @@ async fn a_vmm_the_oom_killer_ended_fails_its_vm_with_that_cause() {
     assert!(cause.contains("memory limit of"), "{cause}");
     let cause = settled("vm2").await.exit.unwrap().cause;
     assert!(!cause.contains("out-of-memory"), "{cause}");
-    // The cgroup stays with the failed VM until it is deleted.
-    assert_eq!(cg.names(), ["vm1", "vm2"]);
+    // The cgroups went with their VMMs; the limits are no longer shown.
+    assert_eq!(cg.names(), Vec::<String>::new());
+    assert_eq!(engine.get("vm1").unwrap().limits, None);
 }
 
 #[tokio::test]
