@@ -80,6 +80,10 @@ pub trait HostCgroups: Send + Sync + 'static {
 
     /// The names of the VM cgroups below the parent.
     fn list(&self) -> Vec<String>;
+
+    /// Removes the parent cgroup if no VM cgroup is left below it (a clean
+    /// daemon stop that stopped its VMs).
+    fn remove_parent(&self) {}
 }
 
 #[cfg(test)]

@@ -600,6 +600,13 @@ impl HostCgroups for Cgroups {
         })
     }
 
+    fn remove_parent(&self) {
+        for p in &self.parents {
+            // Fails (and is left) while a VM cgroup is below it.
+            let _ = std::fs::remove_dir(&p.dir);
+        }
+    }
+
     fn list(&self) -> Vec<String> {
         let mut names: Vec<String> = Vec::new();
         for p in &self.parents {

@@ -500,6 +500,13 @@ impl Engine {
 
     /// Stops the daemon's VMs as `on_shutdown` says. Called on a clean daemon stop.
     pub async fn shutdown_all(self: &Arc<Self>) {
+        self.stop_vms().await;
+        if let Some(cg) = &self.host.cgroups {
+            cg.remove_parent();
+        }
+    }
+
+    async fn stop_vms(self: &Arc<Self>) {
         if self.cfg.on_shutdown == crate::config::OnShutdown::Leave {
             return;
         }

@@ -295,6 +295,7 @@ pub fn finish(d: Daemon, dir: TestDir) {
     if let Some(b) = &dir.baseline {
         b.assert_clean();
     }
+    agentenv_testkit::leaks::remove_test_cgroups();
 }
 
 /// An answer read off a raw HTTP connection.
