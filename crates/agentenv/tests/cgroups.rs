@@ -279,6 +279,7 @@ fn a_vmm_over_its_memory_limit_is_killed_and_its_vm_fails_with_that_cause() {
         dir.path().file_name().unwrap().to_string_lossy()
     ));
     std::fs::create_dir_all(&shm).unwrap();
+    let _shm = RemoveOnDrop(shm.clone());
     let mut cfg = common::qemu_config(&dir, &art);
     cfg.guest_memory_root = Some(shm.clone());
     // 256 MiB guest + 64 MiB: enough to boot, not for a guest that fills its RAM.
@@ -314,7 +315,15 @@ fn a_vmm_over_its_memory_limit_is_killed_and_its_vm_fails_with_that_cause() {
     }
     assert!(failed["limits"].is_null(), "{failed}");
     finish(d, dir);
-    std::fs::remove_dir_all(&shm).unwrap();
+}
+
+/// Removes a directory outside the test's own when the test ends, even by a panic.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Runs the daemon binary with `config`, expecting it to refuse to start;
