@@ -205,6 +205,7 @@ impl QemuCmd {
         };
         let spec = LaunchSpec {
             memory_file: memory_dir.map(|d| d.join(format!("{id}.mem"))),
+            cgroup_procs: Vec::new(),
             vm_id: id.into(),
             session_dir: dir.into(),
             control_socket: socket.into(),

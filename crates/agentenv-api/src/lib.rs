@@ -433,6 +433,39 @@ pub struct VmInfo {
     /// recorded, visible to `admin` tokens only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// The resource limits its VMM runs under (its cgroup), when the daemon
+    /// confines VMMs with cgroups (`[cgroup]` in the config).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<VmLimitsInfo>,
+}
+
+/// The resource limits of a VM's VMM: one cgroup per VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmLimitsInfo {
+    /// The cgroup version the host has: 1 (one hierarchy per controller) or 2 (unified).
+    pub cgroup_version: u8,
+    /// The VM's cgroup directories (one per hierarchy on cgroup v1).
+    pub cgroup_paths: Vec<String>,
+    /// CPU time the VMM may use per `cpu_period_us`, in microseconds
+    /// (`cpu.max` on v2, `cpu.cfs_quota_us` on v1): its vCPUs plus a small
+    /// allowance for the VMM's own threads.
+    pub cpu_quota_us: u64,
+    /// The CPU accounting period, in microseconds.
+    pub cpu_period_us: u64,
+    /// Memory the VMM may use, guest memory included, in bytes (`memory.max` /
+    /// `memory.limit_in_bytes`); no swap on top. Above it the kernel's
+    /// out-of-memory killer ends the VMM and the VM fails with that cause.
+    pub memory_bytes: u64,
+    /// Most processes and threads the VMM may have (`pids.max`).
+    pub pids_max: u64,
+    /// Its I/O weight (`io.weight` / `blkio.weight`); absent when the host
+    /// cannot weigh I/O (see `unsupported`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_weight: Option<u32>,
+    /// Limits the host cannot apply, each with the reason (e.g. `io_weight:
+    /// blkio.weight does not exist`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unsupported: Vec<String>,
 }
 
 /// The guest agent of a VM.

@@ -61,6 +61,10 @@ pub struct LaunchSpec {
     /// full snapshot can copy it while the guest is stopped (QEMU). `None`:
     /// anonymous memory. Firecracker ignores it (it writes memory itself).
     pub memory_file: Option<PathBuf>,
+    /// The `cgroup.procs` files of the VM's cgroup (one per hierarchy on
+    /// cgroup v1): the VMM joins them before it executes, so all of it runs
+    /// under the VM's limits. Empty: no cgroup.
+    pub cgroup_procs: Vec<PathBuf>,
 }
 
 /// Where a VMM writes a full snapshot (inside the snapshot store's partial

@@ -118,6 +118,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Listeners and the checks every request passes before a handler.
     pub http: HttpConfig,
+    /// Resource limits per VM through cgroups.
+    pub cgroup: CgroupConfig,
 }
 
 /// How API requests are authenticated.
@@ -156,6 +158,49 @@ impl Default for AuthConfig {
     }
 }
 
+/// The `[cgroup]` table: one cgroup per VM holding its VMM, under `parent`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CgroupConfig {
+    /// Confine VMMs in cgroups. Absent: on when the daemon runs as root.
+    pub enable: Option<bool>,
+    /// The parent cgroup of the VMs' cgroups: relative to the daemon's own
+    /// cgroup, or absolute (a leading `/`) from the hierarchy's root.
+    pub parent: String,
+    /// Cores each vCPU may use (1.0: a whole core; less overcommits the host).
+    pub cpu_per_vcpu: f64,
+    /// Cores the VMM's own threads (I/O, emulation) may use on top of its vCPUs.
+    pub vmm_cpu_allowance: f64,
+    /// The CPU accounting period, in microseconds.
+    pub cpu_period_us: u64,
+    /// MiB the VMM may use beyond the guest's memory.
+    pub vmm_memory_overhead_mib: u64,
+    /// And this percentage of the guest's memory on top (page tables, caches
+    /// that grow with the guest).
+    pub vmm_memory_overhead_percent: u64,
+    /// Most processes and threads one VMM may have.
+    pub pids_max: u64,
+    /// I/O weight, 1 to 10000 (cgroup v2 `io.weight`; v1 `blkio.weight` takes
+    /// 10 to 1000, the value is clamped into that range).
+    pub io_weight: u32,
+}
+
+impl Default for CgroupConfig {
+    fn default() -> Self {
+        CgroupConfig {
+            enable: None,
+            parent: "agentenv".into(),
+            cpu_per_vcpu: 1.0,
+            vmm_cpu_allowance: 0.25,
+            cpu_period_us: 100_000,
+            vmm_memory_overhead_mib: 256,
+            vmm_memory_overhead_percent: 5,
+            pids_max: 512,
+            io_weight: 100,
+        }
+    }
+}
+
 /// The `[tls]` table: with `cert_file` and `key_file`, TCP listeners serve
 /// HTTPS; with `client_ca_file` too, they require a client certificate
 /// signed by that CA (mTLS). All PEM files.
@@ -183,6 +228,67 @@ pub struct HttpConfig {
     /// Group (name or numeric gid) of the Unix listener sockets, which are
     /// mode 0660: its members may call the API (default: the daemon's group).
     pub socket_group: Option<String>,
+}
+
+impl CgroupConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let p = self.parent.trim_start_matches('/');
+        if p.is_empty()
+            || p.split('/').any(|c| {
+                c.is_empty()
+                    || c == "."
+                    || c == ".."
+                    || !c
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
+            })
+        {
+            return Err(invalid(
+                "cgroup.parent",
+                format!(
+                    "{:?} is not a cgroup path (components of letters, digits, `-`, `_`, `.`, `@`; no `..`)",
+                    self.parent
+                ),
+            ));
+        }
+        if !(self.cpu_per_vcpu.is_finite() && self.cpu_per_vcpu > 0.0 && self.cpu_per_vcpu <= 1.0) {
+            return Err(invalid(
+                "cgroup.cpu_per_vcpu",
+                "must be more than 0 and at most 1",
+            ));
+        }
+        if !(self.vmm_cpu_allowance.is_finite() && (0.0..=16.0).contains(&self.vmm_cpu_allowance)) {
+            return Err(invalid(
+                "cgroup.vmm_cpu_allowance",
+                "must be between 0 and 16",
+            ));
+        }
+        if !(1000..=1_000_000).contains(&self.cpu_period_us) {
+            return Err(invalid(
+                "cgroup.cpu_period_us",
+                "must be between 1000 and 1000000",
+            ));
+        }
+        if self.vmm_memory_overhead_mib > 1 << 20 {
+            return Err(invalid(
+                "cgroup.vmm_memory_overhead_mib",
+                "must be at most 1048576",
+            ));
+        }
+        if self.vmm_memory_overhead_percent > 100 {
+            return Err(invalid(
+                "cgroup.vmm_memory_overhead_percent",
+                "must be at most 100",
+            ));
+        }
+        if !(16..=1_000_000).contains(&self.pids_max) {
+            return Err(invalid("cgroup.pids_max", "must be between 16 and 1000000"));
+        }
+        if !(1..=10_000).contains(&self.io_weight) {
+            return Err(invalid("cgroup.io_weight", "must be between 1 and 10000"));
+        }
+        Ok(())
+    }
 }
 
 /// The `[agent]` table.
@@ -331,6 +437,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
             http: HttpConfig::default(),
+            cgroup: CgroupConfig::default(),
         }
     }
 }
@@ -521,7 +628,8 @@ impl Config {
             }
         }
         self.tls.validate()?;
-        self.network.validate()
+        self.network.validate()?;
+        self.cgroup.validate()
     }
 
     /// Where guests' RAM files live (see [`Config::guest_memory_root`]).

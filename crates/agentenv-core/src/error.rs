@@ -88,6 +88,9 @@ pub enum EngineError {
     /// Something did not finish in time.
     #[error("{0}")]
     Timeout(String),
+    /// The VM's cgroup (its resource limits) could not be set up.
+    #[error("{0}")]
+    Cgroup(String),
     /// An injected failure (tests only).
     #[error("injected failure at {0}")]
     Injected(&'static str),

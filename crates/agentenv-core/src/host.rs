@@ -158,6 +158,9 @@ pub struct Host {
     pub processes: Arc<dyn HostProcesses>,
     /// Facts about the machine.
     pub facts: Arc<dyn HostFacts>,
+    /// Cgroups for the VMs' resource limits; `None`: VMMs are not confined
+    /// (`[cgroup] enable = false`).
+    pub cgroups: Option<Arc<dyn crate::limits::HostCgroups>>,
 }
 
 impl Host {
@@ -171,6 +174,7 @@ impl Host {
             images: host.clone(),
             processes: host.clone(),
             facts: host,
+            cgroups: None,
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod error;
 pub mod failpoints;
 pub mod host;
 pub mod ids;
+pub mod limits;
 pub mod net;
 pub mod principal;
 pub mod snapshot;

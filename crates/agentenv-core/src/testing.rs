@@ -1323,3 +1323,87 @@ impl SnapshotStore for FakeSnapshots {
         *lock(&self.failpoints) = Some(failpoints);
     }
 }
+
+/// A recorded [`HostCgroups`](crate::limits::HostCgroups) call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupCall {
+    /// `prepare(vm_id, limits)`.
+    Prepare(String, crate::limits::VmLimits),
+    /// `remove(vm_id)`.
+    Remove(String),
+}
+
+/// Cgroups as a set of names: `prepare` fails when `prepare` is injected,
+/// `oom_killed` answers true for the VMs in `oom`.
+#[derive(Debug, Default)]
+pub struct FakeCgroups {
+    /// The cgroups that exist.
+    pub live: Mutex<std::collections::BTreeSet<String>>,
+    /// The VMs whose VMM the OOM killer ended.
+    pub oom: Mutex<HashSet<String>>,
+    /// The calls so far.
+    pub calls: Mutex<Vec<CgroupCall>>,
+    /// Failures to inject: `prepare`, `remove`.
+    pub faults: Faults,
+}
+
+impl FakeCgroups {
+    /// The cgroups that exist, sorted.
+    pub fn names(&self) -> Vec<String> {
+        lock(&self.live).iter().cloned().collect()
+    }
+}
+
+impl crate::limits::HostCgroups for FakeCgroups {
+    fn prepare(
+        &self,
+        vm_id: &str,
+        limits: &crate::limits::VmLimits,
+        _running: Option<u32>,
+    ) -> Result<crate::limits::CgroupPlacement, HostError> {
+        lock(&self.calls).push(CgroupCall::Prepare(vm_id.into(), *limits));
+        if self.faults.hit("prepare") {
+            return Err(HostError {
+                context: format!("/cg/agentenv/{vm_id}/memory.limit_in_bytes"),
+                message: "injected failure".into(),
+                no_space: false,
+            });
+        }
+        lock(&self.live).insert(vm_id.into());
+        let dir = format!("/cg/agentenv/{vm_id}");
+        Ok(crate::limits::CgroupPlacement {
+            procs: vec![PathBuf::from(&dir).join("cgroup.procs")],
+            info: agentenv_api::VmLimitsInfo {
+                cgroup_version: 2,
+                cgroup_paths: vec![dir],
+                cpu_quota_us: limits.cpu_quota_us,
+                cpu_period_us: limits.cpu_period_us,
+                memory_bytes: limits.memory_bytes,
+                pids_max: limits.pids_max,
+                io_weight: Some(limits.io_weight),
+                unsupported: Vec::new(),
+            },
+        })
+    }
+
+    fn remove(&self, vm_id: &str) -> Result<(), HostError> {
+        lock(&self.calls).push(CgroupCall::Remove(vm_id.into()));
+        if self.faults.hit("remove") {
+            return Err(HostError {
+                context: format!("cannot remove cgroup /cg/agentenv/{vm_id}"),
+                message: "injected failure".into(),
+                no_space: false,
+            });
+        }
+        lock(&self.live).remove(vm_id);
+        Ok(())
+    }
+
+    fn oom_killed(&self, vm_id: &str) -> bool {
+        lock(&self.oom).contains(vm_id)
+    }
+
+    fn list(&self) -> Vec<String> {
+        self.names()
+    }
+}

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod caps;
+pub mod cgroup;
 pub mod disk;
 pub mod firecracker;
 pub mod kvm;

@@ -18,6 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentenv_core::backend::{AdoptSpec, ProcessIdentity, VmmError, VmmExit};
+
+use crate::cgroup::{join_in_child, CgroupJoin};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::sync::watch;
@@ -40,6 +42,9 @@ pub struct SpawnSpec {
     /// daemon opened for it, such as a direct disk). Close-on-exec is cleared
     /// in the child only: the daemon's other children never see them.
     pub inherit_fds: Vec<agentenv_core::host::SharedFd>,
+    /// `cgroup.procs` files the process joins before it executes (its VM's
+    /// cgroup, see [`crate::cgroup`]); empty: it stays in the daemon's.
+    pub cgroup_procs: Vec<PathBuf>,
 }
 
 /// A VMM process: our child, or one adopted from an earlier daemon.
@@ -107,10 +112,40 @@ impl VmmProcess {
                 });
             }
         }
-        let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
-            binary: spec.binary.clone(),
+        // Opened before the fork: the child only writes to them.
+        let join = CgroupJoin::open(&spec.cgroup_procs).map_err(|source| VmmError::Io {
+            context: "cannot open the vm's cgroup".into(),
             source,
         })?;
+        if !join.is_empty() {
+            let fds = join.raw_fds();
+            // SAFETY: the closure runs in the forked child before exec and
+            // only calls `join_in_child`, which is async-signal-safe (write(2)
+            // on descriptors opened above, still open in the child); `fds`
+            // was allocated before the fork.
+            unsafe {
+                cmd.pre_exec(move || join_in_child(&fds));
+            }
+        }
+        let mut child = cmd.spawn().map_err(|source| match join.is_empty() {
+            true => VmmError::Spawn {
+                binary: spec.binary.clone(),
+                source,
+            },
+            false => VmmError::Io {
+                context: format!(
+                    "cannot start {} in its cgroup ({})",
+                    spec.binary.display(),
+                    spec.cgroup_procs
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                source,
+            },
+        })?;
+        drop(join);
         let pid = child.id().expect("a freshly spawned child has a pid");
         // Not reaped yet, so /proc/<pid> is this process.
         let start_time = proc_start_time(pid).unwrap_or(0);
@@ -604,6 +639,7 @@ mod tests {
                 console_log: dir.path().join(log),
                 console_log_max_bytes: 4096,
                 inherit_fds: inherit,
+                cgroup_procs: Vec::new(),
             })
             .unwrap()
         };
@@ -635,6 +671,7 @@ mod tests {
             console_log: p.clone(),
             console_log_max_bytes: 4096,
             inherit_fds: Vec::new(),
+            cgroup_procs: Vec::new(),
         })
         .unwrap();
         let mut biggest = 0;
@@ -837,6 +874,7 @@ mod tests {
             console_log: log.clone(),
             console_log_max_bytes: 1 << 20,
             inherit_fds: Vec::new(),
+            cgroup_procs: Vec::new(),
         })
         .unwrap();
         let exit = agentenv_core::backend::wait_exit(p.exit_watch(), Duration::from_secs(5))
@@ -876,6 +914,7 @@ mod tests {
             console_log: dir.path().join("c.log"),
             console_log_max_bytes: 1 << 20,
             inherit_fds: Vec::new(),
+            cgroup_procs: Vec::new(),
         })
         .unwrap();
         let pgid = p.pid() as i32;

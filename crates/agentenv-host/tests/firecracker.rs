@@ -42,6 +42,7 @@ fn file(dir: &Path, name: &str) -> PathBuf {
 fn spec(dir: &Path, vm_id: &str) -> LaunchSpec {
     LaunchSpec {
         memory_file: None,
+        cgroup_procs: Vec::new(),
         vm_id: vm_id.into(),
         session_dir: dir.to_path_buf(),
         control_socket: dir.join(format!("{vm_id}.sock")),

@@ -131,6 +131,7 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
 fn spec(dir: &Path, vm_id: &str, kernel: PathBuf) -> LaunchSpec {
     LaunchSpec {
         memory_file: None,
+        cgroup_procs: Vec::new(),
         vm_id: vm_id.into(),
         session_dir: dir.to_path_buf(),
         control_socket: dir.join("qmp.sock"),

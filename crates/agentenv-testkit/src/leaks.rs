@@ -14,6 +14,8 @@ pub struct Baseline {
     root: PathBuf,
     files: BTreeSet<PathBuf>,
     processes: BTreeSet<u32>,
+    /// VM cgroups below the test daemon's parent cgroup.
+    cgroups: BTreeSet<PathBuf>,
     /// Paths that may appear and stay (caches such as overlay templates).
     allowed: Vec<PathBuf>,
 }
@@ -102,6 +104,26 @@ pub fn files_below(root: &Path) -> BTreeSet<PathBuf> {
     out
 }
 
+/// VM cgroups below the parent cgroup of the test daemon rooted at `root`
+/// ([`Baseline::cgroup_parent`]), in every hierarchy.
+pub fn cgroups_left(root: &Path) -> Vec<PathBuf> {
+    let parent = Baseline::cgroup_parent(root);
+    let dirs = agentenv_host::cgroup::Cgroups::locate_host(&parent).unwrap_or_default();
+    dirs.iter()
+        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Removes `agentenv-test`, the cgroup holding the test daemons' parents,
+/// once no test uses it (a daemon's clean stop removes its own parent).
+pub fn remove_test_cgroups() {
+    for d in agentenv_host::cgroup::Cgroups::locate_host("agentenv-test").unwrap_or_default() {
+        let _ = std::fs::remove_dir(&d);
+    }
+}
+
 impl Baseline {
     /// Records the files below `root` and the processes mentioning it.
     pub fn capture(root: &Path) -> Baseline {
@@ -112,6 +134,7 @@ impl Baseline {
                 .into_iter()
                 .map(|p| p.0)
                 .collect(),
+            cgroups: cgroups_left(root).into_iter().collect(),
             allowed: Vec::new(),
         }
     }
@@ -120,6 +143,16 @@ impl Baseline {
     pub fn allow(mut self, path: &Path) -> Baseline {
         self.allowed.push(path.to_path_buf());
         self
+    }
+
+    /// The parent cgroup of the VMs of a test daemon whose roots are in
+    /// `root` (`[cgroup] parent`): its own, so tests in parallel never see
+    /// each other's VM cgroups.
+    pub fn cgroup_parent(root: &Path) -> String {
+        format!(
+            "agentenv-test/{}",
+            root.file_name().unwrap_or_default().to_string_lossy()
+        )
     }
 
     /// What is there now and was not at the baseline (waiting up to `grace` for
@@ -136,6 +169,11 @@ impl Baseline {
             for f in files_below(&self.root).difference(&self.files) {
                 if !self.allowed.iter().any(|a| f.starts_with(a)) {
                     leaks.push(format!("file {}", f.display()));
+                }
+            }
+            for c in cgroups_left(&self.root) {
+                if !self.cgroups.contains(&c) {
+                    leaks.push(format!("cgroup {}", c.display()));
                 }
             }
             if leaks.is_empty() || start.elapsed() >= grace {

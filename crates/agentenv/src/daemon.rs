@@ -7,9 +7,11 @@ use agentenv_api::BackendKind;
 use agentenv_core::backend::{Vmm, VmmDrivers};
 use agentenv_core::config::{AuthMode, Config, VmmChoice};
 use agentenv_core::host::Host;
+use agentenv_core::limits::HostCgroups;
 use agentenv_core::net::HostNetwork;
 use agentenv_core::Engine;
 use agentenv_host::agent::SocketConnector;
+use agentenv_host::cgroup::Cgroups;
 use agentenv_host::firecracker::FirecrackerVmm;
 use agentenv_host::kvm;
 use agentenv_host::net::LinuxNetwork;
@@ -250,9 +252,10 @@ pub async fn build_engine_in(cfg: Config, netns: Option<PathBuf>) -> anyhow::Res
     }
     tracing::info!("vmm backend: {} ({why})", vmm.kind());
     let drivers: Arc<dyn VmmDrivers> = Arc::new(ConfigDrivers(cfg.clone()));
-    let host = Host::from_one(Arc::new(LocalHost::with_templates(
+    let mut host = Host::from_one(Arc::new(LocalHost::with_templates(
         cfg.snapshots_root.join("templates"),
     )));
+    host.cgroups = open_cgroups(&cfg)?;
     let snapshots = Arc::new(TieredStore::from_config(&cfg));
     let net: Option<Arc<dyn HostNetwork>> = if cfg.network.enable {
         check_network_privilege()?;
@@ -378,6 +381,31 @@ pub fn bootstrap_tokens(cfg: &Config) -> anyhow::Result<()> {
         saved.display()
     );
     Ok(())
+}
+
+/// The VMs' cgroups (resource limits), when `[cgroup]` is on: by default
+/// when the daemon runs as root. A host where they cannot be set up is a
+/// startup error naming the controller or the path.
+pub fn open_cgroups(cfg: &Config) -> anyhow::Result<Option<Arc<dyn HostCgroups>>> {
+    if !cfg.cgroup.enable.unwrap_or_else(Cgroups::on_by_default) {
+        tracing::warn!("cgroups off: VMMs run without CPU, memory, pids or I/O limits");
+        return Ok(None);
+    }
+    let cg = Cgroups::open_host(&cfg.cgroup.parent).map_err(|e| {
+        anyhow::anyhow!(
+            "config table `[cgroup]`: {e} (set cgroup.enable = false to run VMMs without limits)"
+        )
+    })?;
+    tracing::info!(
+        "cgroups v{}: each vm's vmm is limited below {}",
+        cg.version(),
+        cg.parent_dirs()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(Some(Arc::new(cg)))
 }
 
 /// Loads the authentication `[auth]` asks for: a tokens file that cannot be

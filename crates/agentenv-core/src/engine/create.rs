@@ -254,6 +254,7 @@ impl Engine {
         let info = VmInfo {
             restored_from: None,
             owner: None,
+            limits: None,
             vm_id: vm_id.clone(),
             state: VmState::Creating,
             backend: self.vmm.kind(),
@@ -282,6 +283,7 @@ impl Engine {
         };
         let launch = LaunchSpec {
             memory_file: Some(self.memory_file(&vm_id)?),
+            cgroup_procs: Vec::new(),
             vm_id,
             session_dir,
             control_socket: socket,
@@ -395,6 +397,7 @@ impl Engine {
             agent: None,
             restored_from: Some(snap.snapshot_id.clone()),
             owner: None,
+            limits: None,
         };
         let agent_socket = full.agent.then(|| session_dir.join(AGENT_SOCKET));
         let launch = self.restore_launch(&info, &full, base, agent_socket, net);
@@ -897,19 +900,22 @@ impl Engine {
             self.build_share(share).await?;
         }
         fp.point("create.disk").await?;
+        let mut launch = plan.launch.clone();
+        launch.cgroup_procs =
+            self.place_in_cgroup(slot, plan.info.vcpus, plan.info.memory_mib, None)?;
         self.write_record(slot)?;
         fp.point("create.record").await?;
         let started = match restore {
             Some(files) => {
                 self.vmm
                     .restore(&RestoreSpec {
-                        launch: plan.launch.clone(),
+                        launch,
                         state: files.state,
                         memory: files.memory,
                     })
                     .await
             }
-            None => self.vmm.launch(&plan.launch).await,
+            None => self.vmm.launch(&launch).await,
         };
         let inst: Arc<dyn VmmInstance> = Arc::from(started.map_err(|source| EngineError::Vmm {
             vm_id: plan.info.vm_id.clone(),
@@ -976,7 +982,7 @@ impl Engine {
         self.cfg.max_share_mib.saturating_mul(1 << 20)
     }
 
-    /// Undoes a failed create: session directory, socket, table entry.
+    /// Undoes a failed create: session directory, socket, cgroup, table entry.
     async fn rollback(&self, plan: &Plan) {
         let id = &plan.info.vm_id;
         if let (Some((net, _)), Some(lease)) = (&self.net, &plan.lease) {
@@ -994,6 +1000,9 @@ impl Engine {
             if let Err(e) = self.host.files.remove_file(mem) {
                 tracing::error!("vm {id}: rollback: {e}");
             }
+        }
+        if let Err(e) = self.remove_cgroup(id).await {
+            tracing::error!("vm {id}: rollback: {e}");
         }
         self.vms
             .lock()

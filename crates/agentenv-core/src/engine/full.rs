@@ -243,6 +243,7 @@ impl Engine {
             startup_timeout: Duration::from_millis(self.cfg.startup_timeout_ms),
             request_timeout: Duration::from_millis(self.cfg.request_timeout_ms),
             memory_file: None,
+            cgroup_procs: Vec::new(),
             session_dir,
         }
     }
@@ -557,7 +558,8 @@ impl Engine {
             }),
             _ => None,
         };
-        let launch = self.restore_launch(&info, full, base, slot.agent_socket.clone(), net);
+        let mut launch = self.restore_launch(&info, full, base, slot.agent_socket.clone(), net);
+        launch.cgroup_procs = self.place_in_cgroup(slot, full.vcpus, full.memory_mib, None)?;
         let inst: Arc<dyn crate::backend::VmmInstance> = Arc::from(
             self.vmm
                 .restore(&VmmRestore {

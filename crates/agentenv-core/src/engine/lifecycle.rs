@@ -234,6 +234,7 @@ impl Engine {
             .files
             .remove_file(&PathBuf::from(&info.api_socket))?;
         self.failpoints.point("delete.socket_removed").await?;
+        self.remove_cgroup(vm_id).await?;
         self.host
             .files
             .remove_dir_all(&PathBuf::from(&info.session_dir))?;

@@ -15,6 +15,7 @@
 //! `crate::testing`.
 
 mod agent;
+mod cgroup;
 mod create;
 mod full;
 mod host_paths;
@@ -446,7 +447,12 @@ impl Engine {
     async fn settle_exit(&self, slot: &VmSlot, exit: VmmExit, requested: Option<&str>) -> VmInfo {
         let console = slot.with_info(|info| PathBuf::from(&info.console_log));
         let panic = find_panic(&self.host.files.read_tail(&console, 64 * 1024));
+        let oom = match requested {
+            None => self.oom_cause(slot, &exit),
+            Some(_) => None,
+        };
         let (to, cause) = match (panic, requested) {
+            _ if oom.is_some() => (VmState::Failed, oom.unwrap_or_default()),
             (Some(p), _) => (VmState::Failed, format!("guest kernel panic: {p}")),
             (None, Some(why)) => (VmState::Stopped, format!("{why} (vmm {exit})")),
             (None, None) if exit.success() => (
@@ -463,8 +469,14 @@ impl Engine {
         slot.set_agent(None);
         slot.ready.send_replace(false);
         self.release_network(slot).await;
-        if let Ok(mem) = self.memory_file(&slot.with_info(|i| i.vm_id.clone())) {
+        let vm_id = slot.with_info(|i| i.vm_id.clone());
+        if let Ok(mem) = self.memory_file(&vm_id) {
             let _ = self.host.files.remove_file(&mem);
+        }
+        // The cgroup goes with its VMM (a reset makes it again); a removal
+        // that fails is retried by delete.
+        if let Err(e) = self.remove_cgroup(&vm_id).await {
+            tracing::warn!("{e}");
         }
         let info = slot.update(|info| {
             let _ = self.host.files.remove_file(Path::new(&info.api_socket));
@@ -477,6 +489,7 @@ impl Engine {
             }
             info.pid = None;
             info.ready = false;
+            info.limits = None;
             info.updated_at = Utc::now();
             info.exit = Some(ExitInfo {
                 exit_code: exit.code,
@@ -534,6 +547,13 @@ impl Engine {
 
     /// Stops the daemon's VMs as `on_shutdown` says. Called on a clean daemon stop.
     pub async fn shutdown_all(self: &Arc<Self>) {
+        self.stop_vms().await;
+        if let Some(cg) = &self.host.cgroups {
+            cg.remove_parent();
+        }
+    }
+
+    async fn stop_vms(self: &Arc<Self>) {
         if self.cfg.on_shutdown == crate::config::OnShutdown::Leave {
             return;
         }

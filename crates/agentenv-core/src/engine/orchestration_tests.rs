@@ -931,3 +931,122 @@ async fn a_persist_keeps_the_tmpfs_copy_that_restored_vms_map() {
     assert!(s.tmpfs_path.is_some(), "{s:?}");
     assert!(s.durable_path.is_some(), "{s:?}");
 }
+
+/// An engine on `rig` whose VMMs go into the cgroups of `cg`.
+async fn start_with_cgroups(rig: &Rig, cg: &Arc<crate::testing::FakeCgroups>) -> Arc<Engine> {
+    let mut host = rig.host.seams();
+    host.cgroups = Some(cg.clone());
+    Engine::start(
+        rig.cfg.clone(),
+        rig.vmm.clone(),
+        host,
+        Some(rig.net.clone()),
+        rig.snaps.clone(),
+        Arc::new(super::agent::fake::FakeAgents::new()),
+    )
+    .await
+    .expect("engine starts")
+}
+
+#[tokio::test]
+async fn a_vm_gets_its_cgroup_before_its_vmm_and_loses_it_on_delete() {
+    use crate::limits::VmLimits;
+    use crate::testing::{CgroupCall, FakeCgroups};
+    let rig = Rig::new();
+    let cg = Arc::new(FakeCgroups::default());
+    let engine = start_with_cgroups(&rig, &cg).await;
+    let info = engine.create(overlay("vm1")).await.unwrap();
+    let want = VmLimits::compute(&rig.cfg.cgroup, 1, rig.cfg.memory_mib_per_slot);
+    assert_eq!(
+        *cg.calls.lock().unwrap(),
+        vec![CgroupCall::Prepare("vm1".into(), want)]
+    );
+    let limits = info.limits.expect("limits shown");
+    assert_eq!(limits.memory_bytes, want.memory_bytes);
+    assert_eq!(limits.cpu_quota_us, 125_000);
+    // Recorded, so a restarted daemon shows them too.
+    assert_eq!(rig.record("vm1").vm.limits, Some(limits));
+    engine.delete("vm1").await.unwrap();
+    assert_eq!(cg.names(), Vec::<String>::new());
+    rig.assert_gone(&engine, "vm1", "delete");
+}
+
+#[tokio::test]
+async fn a_cgroup_that_cannot_be_made_is_a_503_and_leaves_nothing() {
+    use crate::testing::FakeCgroups;
+    let rig = Rig::new();
+    let cg = Arc::new(FakeCgroups::default());
+    let engine = start_with_cgroups(&rig, &cg).await;
+    cg.faults.inject("prepare");
+    let e = engine.create(overlay("vm1")).await.unwrap_err();
+    assert!(matches!(e, EngineError::Cgroup(_)), "{e:?}");
+    assert!(e.to_string().contains("memory.limit_in_bytes"), "{e}");
+    assert!(rig.vmm.calls().is_empty(), "no vmm started");
+    rig.assert_gone(&engine, "vm1", "prepare failed");
+    assert_eq!(cg.names(), Vec::<String>::new());
+
+    // A VMM that fails to start: its cgroup goes with the rollback.
+    cg.faults.clear();
+    rig.vmm.faults().inject("launch");
+    assert!(engine.create(overlay("vm1")).await.is_err());
+    rig.assert_gone(&engine, "vm1", "launch failed");
+    assert_eq!(cg.names(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_vmm_the_oom_killer_ended_fails_its_vm_with_that_cause() {
+    use crate::testing::FakeCgroups;
+    let rig = Rig::new();
+    let cg = Arc::new(FakeCgroups::default());
+    let engine = start_with_cgroups(&rig, &cg).await;
+    let pid = engine.create(overlay("vm1")).await.unwrap().pid.unwrap();
+    let pid2 = engine.create(overlay("vm2")).await.unwrap().pid.unwrap();
+    cg.oom.lock().unwrap().insert("vm1".into());
+    assert!(rig.vmm.crash(pid));
+    assert!(rig.vmm.crash(pid2));
+    let settled = |id: &str| {
+        let engine = engine.clone();
+        let id = id.to_string();
+        async move {
+            for _ in 0..200 {
+                let i = engine.get(&id).unwrap();
+                if i.state == VmState::Failed {
+                    return i;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            panic!("{id} did not fail");
+        }
+    };
+    let cause = settled("vm1").await.exit.unwrap().cause;
+    assert!(cause.contains("out-of-memory killer"), "{cause}");
+    assert!(cause.contains("memory limit of"), "{cause}");
+    let cause = settled("vm2").await.exit.unwrap().cause;
+    assert!(!cause.contains("out-of-memory"), "{cause}");
+    // The cgroups went with their VMMs; the limits are no longer shown.
+    assert_eq!(cg.names(), Vec::<String>::new());
+    assert_eq!(engine.get("vm1").unwrap().limits, None);
+}
+
+#[tokio::test]
+async fn a_restart_keeps_the_vms_cgroups_and_removes_orphans() {
+    use crate::testing::{CgroupCall, FakeCgroups};
+    let rig = Rig::new();
+    let cg = Arc::new(FakeCgroups::default());
+    let first = start_with_cgroups(&rig, &cg).await;
+    first.create(overlay("vm1")).await.unwrap();
+    drop(first);
+    cg.live.lock().unwrap().insert("stray".into());
+    cg.calls.lock().unwrap().clear();
+
+    let engine = start_with_cgroups(&rig, &cg).await;
+    let info = engine.get("vm1").unwrap();
+    assert_eq!(info.state, VmState::Running);
+    assert!(info.limits.is_some());
+    let calls = cg.calls.lock().unwrap().clone();
+    assert!(
+        matches!(&calls[..], [CgroupCall::Prepare(a, _), CgroupCall::Remove(b)] if a == "vm1" && b == "stray"),
+        "{calls:?}"
+    );
+    assert_eq!(cg.names(), ["vm1"]);
+}

@@ -87,6 +87,7 @@ impl Engine {
             }
         }
         self.clean_orphans();
+        self.clean_orphan_cgroups().await;
         self.clean_memory_files();
         for snap in self.snapshots.list() {
             if snap.full.as_ref().is_some_and(|f| f.ephemeral) {
@@ -224,6 +225,9 @@ impl Engine {
             // create is rolled back, the delete completed.
             self.kill_stale(&info, &record, &socket);
             let _ = self.host.files.remove_file(&socket);
+            if let Err(e) = self.remove_cgroup(name).await {
+                tracing::error!("vm {name}: {e}");
+            }
             match self.host.files.remove_dir_all(&dir) {
                 Ok(()) => tracing::warn!(
                     "vm {name}: finished an interrupted {} (session removed)",
@@ -261,6 +265,13 @@ impl Engine {
             Ok((inst, state)) => {
                 slot.set_process(inst.identity());
                 slot.set_instance(Some(inst.clone()));
+                // Its VMM stays in the cgroup it joined (or is put there, if
+                // an earlier daemon ran without cgroups); the limits are
+                // written again (the configuration may have changed).
+                if let Err(e) = self.place_in_cgroup(&slot, info.vcpus, info.memory_mib, inst.pid())
+                {
+                    tracing::warn!("vm {name}: {e}");
+                }
                 let mut to = match state {
                     AdoptedState::Running => VmState::Running,
                     AdoptedState::Paused => VmState::Paused,
@@ -309,6 +320,17 @@ impl Engine {
                 // Its TAP and rules are reclaimed by the network's init.
                 let _ = slot.take_lease();
                 let was = info.state;
+                // A VMM the OOM killer ended while no daemon ran says so.
+                let why = match self.oom_cause(
+                    &slot,
+                    &crate::backend::VmmExit {
+                        code: None,
+                        signal: None,
+                    },
+                ) {
+                    Some(oom) => format!("{why}; {oom}"),
+                    None => why,
+                };
                 let Ok(_) = slot.update(|i| {
                     i.exit = Some(ExitInfo {
                         exit_code: None,
@@ -318,6 +340,7 @@ impl Engine {
                     });
                     i.state = VmState::Failed;
                     i.pid = None;
+                    i.limits = None;
                     i.updated_at = Utc::now();
                     Ok::<(), std::convert::Infallible>(())
                 });

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
-use agentenv_proto::{ErrorCode, ErrorMsg};
+use agentenv_proto::{unescape_mount_field as unescape, ErrorCode, ErrorMsg};
 
 use super::{lock, spawn, sys};
 
@@ -32,31 +32,6 @@ pub struct Mount {
     pub fstype: String,
     /// Mounted read-only.
     pub read_only: bool,
-}
-
-/// Decodes the `\ooo` escapes `/proc/mounts` uses for space, tab, newline, backslash.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') as u32 * 64
-                + (b[i + 2] - b'0') as u32 * 8
-                + (b[i + 3] - b'0') as u32;
-            if let Ok(v) = u8::try_from(v) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Parses `/proc/mounts`; lines that do not parse are skipped.

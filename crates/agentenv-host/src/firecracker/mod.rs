@@ -262,6 +262,8 @@ pub struct ProcessSpec {
     pub request_timeout: Duration,
     /// Files the daemon opened for the VM (its drives'), inherited by Firecracker.
     pub inherit_fds: Vec<agentenv_core::host::SharedFd>,
+    /// The VM's `cgroup.procs` files ([`LaunchSpec::cgroup_procs`]).
+    pub cgroup_procs: Vec<PathBuf>,
 }
 
 impl From<&LaunchSpec> for ProcessSpec {
@@ -276,6 +278,7 @@ impl From<&LaunchSpec> for ProcessSpec {
             startup_timeout: s.startup_timeout,
             request_timeout: s.request_timeout,
             inherit_fds: s.drives.iter().filter_map(|d| d.fd.clone()).collect(),
+            cgroup_procs: s.cgroup_procs.clone(),
         }
     }
 }
@@ -309,6 +312,7 @@ impl FirecrackerVmm {
             console_log: p.console_log.clone(),
             console_log_max_bytes: p.console_log_max_bytes,
             inherit_fds: p.inherit_fds.clone(),
+            cgroup_procs: p.cgroup_procs.clone(),
         };
         let process = VmmProcess::spawn_in(&spawn, Some(&p.cwd))?;
         Ok(FirecrackerInstance::new(
@@ -784,6 +788,7 @@ mod tests {
     fn spec() -> LaunchSpec {
         LaunchSpec {
             memory_file: None,
+            cgroup_procs: Vec::new(),
             vm_id: "vm_1.a".into(),
             session_dir: "/s/vm".into(),
             control_socket: "/sock/vm.sock".into(),

@@ -297,6 +297,7 @@ mod tests {
     fn spec() -> LaunchSpec {
         LaunchSpec {
             memory_file: None,
+            cgroup_procs: Vec::new(),
             vm_id: "vm1".into(),
             session_dir: "/s/vm1".into(),
             control_socket: "/run/vm1.qmp".into(),

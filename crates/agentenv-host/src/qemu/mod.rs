@@ -240,6 +240,7 @@ impl QemuVmm {
             console_log: spec.console_log.clone(),
             console_log_max_bytes: spec.console_log_max_bytes,
             inherit_fds: spec.drives.iter().filter_map(|d| d.fd.clone()).collect(),
+            cgroup_procs: spec.cgroup_procs.clone(),
         })?;
         let qmp = QmpClient::new(&spec.control_socket, spec.request_timeout);
         let expect = if mode.incoming {

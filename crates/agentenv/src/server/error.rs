@@ -134,7 +134,9 @@ pub fn status_of(e: &EngineError) -> StatusCode {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         },
-        EngineError::AgentUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        EngineError::AgentUnavailable(_) | EngineError::Cgroup(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         EngineError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         EngineError::Guest(_) => StatusCode::BAD_GATEWAY,
         EngineError::Host(_) | EngineError::Network(_) | EngineError::Injected(_) => {
@@ -251,6 +253,7 @@ mod tests {
                 502,
             ),
             (EngineError::AgentUnavailable("x".into()), 503),
+            (EngineError::Cgroup("x".into()), 503),
             (EngineError::Timeout("x".into()), 504),
             (EngineError::Guest("x".into()), 502),
             (EngineError::Injected("x"), 500),

@@ -42,6 +42,7 @@ use utoipa::OpenApi;
         api::VmList,
         api::DiskInfo,
         api::ExitInfo,
+        api::VmLimitsInfo,
         api::VmState,
         api::BackendKind,
         api::ErrorBody,

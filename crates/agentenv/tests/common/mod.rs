@@ -144,6 +144,11 @@ impl TestDir {
                 tokens_file: d.join("tokens"),
                 ..Default::default()
             },
+            // Each test daemon has its own parent cgroup (checked for leaks).
+            cgroup: agentenv_core::config::CgroupConfig {
+                parent: Baseline::cgroup_parent(d),
+                ..Default::default()
+            },
             ..Config::default()
         }
     }
@@ -397,6 +402,7 @@ pub fn finish(d: Daemon, dir: TestDir) {
     if let Some(b) = &dir.baseline {
         b.assert_clean();
     }
+    agentenv_testkit::leaks::remove_test_cgroups();
 }
 
 /// An answer read off a raw HTTP connection.
@@ -520,6 +526,15 @@ pub fn write_config(dir: &TestDir, extra: &str) -> std::path::PathBuf {
         extra.replace("[network]", "[network]\nenable = false")
     } else {
         format!("{extra}\n[network]\nenable = false")
+    };
+    // Its own parent cgroup, as in `TestDir::config`.
+    let parent = format!("parent = \"{}\"", Baseline::cgroup_parent(dir.path()));
+    let extra = if extra.contains("parent =") {
+        extra
+    } else if extra.contains("[cgroup]") {
+        extra.replace("[cgroup]", &format!("[cgroup]\n{parent}"))
+    } else {
+        format!("{extra}\n[cgroup]\n{parent}")
     };
     let text = format!(
         r#"session_root = "{}"
