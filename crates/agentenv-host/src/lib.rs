@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod disk;
 pub mod firecracker;
+pub mod jail;
 pub mod kvm;
 pub mod local;
 pub mod net;

@@ -11,6 +11,7 @@ use agentenv_core::net::HostNetwork;
 use agentenv_core::Engine;
 use agentenv_host::agent::SocketConnector;
 use agentenv_host::firecracker::FirecrackerVmm;
+use agentenv_host::jail::Jail;
 use agentenv_host::kvm;
 use agentenv_host::net::LinuxNetwork;
 use agentenv_host::qemu::QemuVmm;
@@ -80,6 +81,14 @@ pub fn find_binary(bin: &Path) -> Option<PathBuf> {
 /// `auto`: Firecracker when its binary exists and KVM really runs a guest;
 /// otherwise QEMU, with KVM when usable and TCG when not.
 pub fn choose_backend(cfg: &Config) -> anyhow::Result<(Arc<dyn Vmm>, String)> {
+    choose_backend_with(cfg, make_jail(cfg)?)
+}
+
+/// [`choose_backend`] with VMMs started in `jail` (see [`make_jail`]).
+pub fn choose_backend_with(
+    cfg: &Config,
+    jail: Option<Arc<Jail>>,
+) -> anyhow::Result<(Arc<dyn Vmm>, String)> {
     let fc = find_binary(&cfg.firecracker_binary);
     let qemu = || {
         let Some(bin) = find_binary(&cfg.qemu_binary) else {
@@ -89,7 +98,7 @@ pub fn choose_backend(cfg: &Config) -> anyhow::Result<(Arc<dyn Vmm>, String)> {
             );
         };
         let (accel, why) = kvm::choose_accel();
-        let vmm: Arc<dyn Vmm> = Arc::new(QemuVmm::new(bin.clone(), accel));
+        let vmm: Arc<dyn Vmm> = Arc::new(QemuVmm::new(bin.clone(), accel).with_jail(jail.clone()));
         Ok((vmm, format!("{} with {accel}: {why}", bin.display())))
     };
     match cfg.vmm {
@@ -139,6 +148,38 @@ pub fn choose_backend(cfg: &Config) -> anyhow::Result<(Arc<dyn Vmm>, String)> {
     }
 }
 
+/// The VMM jail the config asks for (`[jail]`): on by default when the
+/// daemon runs as root, off (with a log line saying so) otherwise.
+pub fn make_jail(cfg: &Config) -> anyhow::Result<Option<Arc<Jail>>> {
+    let euid = agentenv_host::jail::euid();
+    if !cfg.jail.enabled(euid) {
+        if euid != 0 {
+            tracing::warn!(
+                "vmm jail off: the daemon does not run as root (euid {euid}), so VMMs run unconfined as its uid"
+            );
+        } else {
+            tracing::warn!("vmm jail off (`[jail] enable = false`): VMMs run unconfined as root");
+        }
+        return Ok(None);
+    }
+    if euid != 0 {
+        bail!("config key `jail.enable`: a jail needs a daemon running as root (euid is {euid})");
+    }
+    let jail = Jail::new(&cfg.jail, &cfg.jail_dir())?;
+    Ok(Some(Arc::new(jail)))
+}
+
+/// Removes the jail directories of VMMs that are gone (a VMM that died while
+/// no daemon ran): a live VMM names its control socket in its command line.
+fn sweep_jails(cfg: &Config, jail: &Jail) {
+    for vm_id in jail.sweep(|vm_id| {
+        let socket = cfg.socket_root.join(format!("{vm_id}.sock"));
+        !agentenv_host::local::processes_mentioning(&socket).is_empty()
+    }) {
+        tracing::info!("removed the jail directory of vm {vm_id}: its vmm is gone");
+    }
+}
+
 /// Builds the engine for a config: directories, backend, networking, records.
 pub async fn build_engine(cfg: Config) -> anyhow::Result<Arc<Engine>> {
     build_engine_in(cfg, None).await
@@ -148,7 +189,8 @@ pub async fn build_engine(cfg: Config) -> anyhow::Result<Arc<Engine>> {
 /// namespace `netns` (a path like `/run/netns/NAME`) instead of the daemon's own.
 pub async fn build_engine_in(cfg: Config, netns: Option<PathBuf>) -> anyhow::Result<Arc<Engine>> {
     create_roots(&cfg)?;
-    let (vmm, why) = choose_backend(&cfg)?;
+    let jail = make_jail(&cfg)?;
+    let (vmm, why) = choose_backend_with(&cfg, jail.clone())?;
     tracing::info!("vmm backend: {} ({why})", vmm.kind());
     let host = Host::from_one(Arc::new(LocalHost::with_templates(
         cfg.snapshots_root.join("templates"),
@@ -168,7 +210,11 @@ pub async fn build_engine_in(cfg: Config, netns: Option<PathBuf>) -> anyhow::Res
         tracing::info!("automatic networking off: create requests name their own TAP");
         None
     };
+    let jail_cfg = cfg.clone();
     let engine = Engine::start(cfg, vmm, host, net, snapshots, Arc::new(SocketConnector)).await?;
+    if let Some(jail) = &jail {
+        sweep_jails(&jail_cfg, jail);
+    }
     Ok(engine)
 }
 

@@ -295,6 +295,7 @@ impl FirecrackerVmm {
             ],
             console_log: p.console_log.clone(),
             console_log_max_bytes: p.console_log_max_bytes,
+            jail: None,
         };
         let process = VmmProcess::spawn_in(&spawn, Some(&p.cwd))?;
         Ok(FirecrackerInstance::new(

@@ -47,6 +47,7 @@ use tokio::sync::watch;
 pub use args::{command_document, qemu_args, qemu_args_for, GuestMemory, StartMode};
 pub use qmp::QmpClient;
 
+use crate::jail::{Access, Jail, JailCleanup, PreparedJail};
 use crate::process::{last_lines, wait_for_socket, SpawnSpec, VmmProcess};
 
 /// Name of the recorded command line in the session directory.
@@ -117,7 +118,15 @@ pub struct QemuVmm {
     tsc_khz: Option<u64>,
     /// `qemu X.Y.Z`, once asked.
     version: Arc<tokio::sync::OnceCell<String>>,
+    /// The jail every QEMU starts in (`None`: unconfined).
+    jail: Option<Arc<Jail>>,
 }
+
+/// QEMU's own seccomp filter, on for every jailed QEMU: no obsolete system
+/// calls, no set*uid, no fork/exec, no scheduler or affinity changes. Full
+/// snapshots save and load through descriptors (no `exec:` migration), so
+/// `spawn=deny` costs nothing.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 impl QemuVmm {
     /// A driver for the given `qemu-system-x86_64` binary and accelerator. Under
@@ -132,7 +141,72 @@ impl QemuVmm {
             accel,
             tsc_khz,
             version: Arc::default(),
+            jail: None,
         }
+    }
+
+    /// Starts every QEMU in `jail` (with its seccomp sandbox on) when given.
+    pub fn with_jail(mut self, jail: Option<Arc<Jail>>) -> QemuVmm {
+        self.jail = jail;
+        self
+    }
+
+    /// The jail QEMUs start in.
+    pub fn jail(&self) -> Option<&Arc<Jail>> {
+        self.jail.as_ref()
+    }
+
+    /// Describes the jail of a QEMU for `spec` in `mode`: its kernel, initrd,
+    /// drives, session directory and memory file, its staged QMP socket.
+    fn prepare_jail(
+        &self,
+        spec: &LaunchSpec,
+        mode: StartMode<'_>,
+    ) -> Result<Option<Arc<PreparedJail>>, VmmError> {
+        let Some(jail) = &self.jail else {
+            return Ok(None);
+        };
+        let mut paths = vec![
+            (spec.kernel.clone(), Access::ReadOnly),
+            (spec.session_dir.clone(), Access::Owned),
+        ];
+        paths.extend(spec.initrd.iter().map(|p| (p.clone(), Access::ReadOnly)));
+        for d in &spec.drives {
+            let access = if d.read_only {
+                Access::ReadOnly
+            } else {
+                Access::Owned
+            };
+            paths.push((d.path.clone(), access));
+        }
+        if let Some(agent) = &spec.agent_socket {
+            if let Some(dir) = agent.parent().filter(|d| *d != spec.session_dir) {
+                paths.push((dir.to_path_buf(), Access::Owned));
+            }
+        }
+        match mode.memory {
+            GuestMemory::File { path, shared: true } => {
+                paths.push((path.to_path_buf(), Access::Owned))
+            }
+            GuestMemory::File {
+                path,
+                shared: false,
+            } => paths.push((path.to_path_buf(), Access::SharedWritable)),
+            GuestMemory::Anonymous | GuestMemory::Ram => {}
+        }
+        let prepared = jail
+            .prepare(
+                &spec.vm_id,
+                &self.binary,
+                &paths,
+                Some(&spec.control_socket),
+                None,
+            )
+            .map_err(|e| VmmError::Spawn {
+                binary: self.binary.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        Ok(Some(Arc::new(prepared)))
     }
 
     /// The QEMU binary.
@@ -218,7 +292,10 @@ impl QemuVmm {
         spec: &LaunchSpec,
         mode: StartMode<'_>,
     ) -> Result<(VmmProcess, QmpClient, SocketIds), VmmError> {
-        let args = qemu_args_for(spec, self.accel, self.tsc_khz, mode);
+        let mut args = qemu_args_for(spec, self.accel, self.tsc_khz, mode);
+        if self.jail.is_some() {
+            args.extend(["-sandbox".into(), SANDBOX.into()]);
+        }
         let doc = serde_json::to_vec_pretty(&command_document(&self.binary, &args))
             .expect("json serialises");
         let doc_path = spec.session_dir.join(COMMAND_FILE);
@@ -231,11 +308,19 @@ impl QemuVmm {
             clear_stale_socket(agent)?;
         }
         let spawned = Instant::now();
+        let jail = self.prepare_jail(spec, mode)?;
+        let cleanup = jail.as_ref().map(|j| j.cleanup());
         let process = VmmProcess::spawn(&SpawnSpec {
             binary: self.binary.clone(),
             args,
             console_log: spec.console_log.clone(),
             console_log_max_bytes: spec.console_log_max_bytes,
+            jail,
+        })
+        .inspect_err(|_| {
+            if let Some(c) = &cleanup {
+                c.run();
+            }
         })?;
         let qmp = QmpClient::new(&spec.control_socket, spec.request_timeout);
         let expect = if mode.incoming {
@@ -430,7 +515,11 @@ impl QemuVmm {
         &self,
         spec: &AdoptSpec,
     ) -> Result<(QemuInstance, AdoptedState), VmmError> {
-        let process = VmmProcess::adopt_vmm(spec)?;
+        let mut process = VmmProcess::adopt_vmm(spec)?;
+        if let Some(jail) = &self.jail {
+            process =
+                process.with_jail_cleanup(JailCleanup::of(jail, &spec.vm_id, &spec.control_socket));
+        }
         let qmp = QmpClient::new(&spec.control_socket, spec.request_timeout);
         qmp.connect(spec.request_timeout).await?;
         let state = adopted_state(&qmp.query_status().await?)?;
