@@ -209,13 +209,10 @@ pub(crate) fn spawn_jailed(
         };
         jail.cleanup().run();
         let os = std::io::Error::from_raw_os_error(errno);
-        return Err(spawn_err(std::io::Error::new(
-            os.kind(),
-            format!(
-                "jail for vm {}: cannot {}: {os}",
-                jail.vm_id(),
-                describe(step, &jail)
-            ),
+        return Err(VmmError::Jail(format!(
+            "jail for vm {}: cannot {}: {os}",
+            jail.vm_id(),
+            describe(step, &jail)
         )));
     }
     Ok(VmmProcess::from_jailed_child(

@@ -202,10 +202,7 @@ impl QemuVmm {
                 Some(&spec.control_socket),
                 None,
             )
-            .map_err(|e| VmmError::Spawn {
-                binary: self.binary.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
+            .map_err(|e| VmmError::Jail(e.to_string()))?;
         Ok(Some(Arc::new(prepared)))
     }
 

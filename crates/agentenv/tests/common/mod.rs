@@ -48,6 +48,8 @@ impl TestDir {
             "snap/tmpfs/.guest-memory",
             "snap/durable",
             "disks",
+            // `[jail] chroot_base` (its default: beside `sessions`).
+            "jail",
         ] {
             std::fs::create_dir_all(d.join(sub)).unwrap();
         }
