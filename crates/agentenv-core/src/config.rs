@@ -137,6 +137,9 @@ pub struct JailConfig {
     /// Firecracker's own `jailer` binary: when set, Firecracker VMs start
     /// through it instead of the daemon's jail.
     pub firecracker_jailer: Option<PathBuf>,
+    /// More host files or directories every VMM sees, read-only, at their
+    /// host paths (what a wrapper script given as the VMM binary runs, say).
+    pub read_only_paths: Vec<PathBuf>,
 }
 
 /// The first uid of the default `[jail] uid_range`.
@@ -151,6 +154,7 @@ impl Default for JailConfig {
             uid_range: [DEFAULT_JAIL_UID_START, 65_536],
             chroot_base: None,
             firecracker_jailer: None,
+            read_only_paths: Vec::new(),
         }
     }
 }
@@ -185,6 +189,14 @@ impl JailConfig {
                 "jail.uid_range",
                 "must be [start, count] with start >= 1, count >= 1 and start + count below 4294967295",
             ));
+        }
+        for p in &self.read_only_paths {
+            if !p.is_absolute() {
+                return Err(invalid(
+                    "jail.read_only_paths",
+                    format!("{} is not an absolute path", p.display()),
+                ));
+            }
         }
         for (key, id) in [("jail.uid", self.uid), ("jail.gid", self.gid)] {
             if id == Some(u32::MAX) {

@@ -110,7 +110,10 @@ pub fn choose_backend_with(
                 );
             };
             let why = format!("vmm = \"firecracker\" ({})", bin.display());
-            Ok((Arc::new(FirecrackerVmm::new(bin)), why))
+            Ok((
+                Arc::new(FirecrackerVmm::new(bin).with_jail(jail.clone())),
+                why,
+            ))
         }
         VmmChoice::Qemu => {
             let (vmm, why) = qemu()?;
@@ -125,7 +128,10 @@ pub fn choose_backend_with(
                             "vmm = \"auto\": {} found and KVM runs guests ({why})",
                             bin.display()
                         );
-                        return Ok((Arc::new(FirecrackerVmm::new(bin)), why));
+                        return Ok((
+                            Arc::new(FirecrackerVmm::new(bin).with_jail(jail.clone())),
+                            why,
+                        ));
                     }
                     let (vmm, qwhy) = qemu()?;
                     Ok((
@@ -151,6 +157,10 @@ pub fn choose_backend_with(
 /// The VMM jail the config asks for (`[jail]`): on by default when the
 /// daemon runs as root, off (with a log line saying so) otherwise.
 pub fn make_jail(cfg: &Config) -> anyhow::Result<Option<Arc<Jail>>> {
+    Ok(new_jail(cfg)?.map(Arc::new))
+}
+
+fn new_jail(cfg: &Config) -> anyhow::Result<Option<Jail>> {
     let euid = agentenv_host::jail::euid();
     if !cfg.jail.enabled(euid) {
         if euid != 0 {
@@ -165,8 +175,7 @@ pub fn make_jail(cfg: &Config) -> anyhow::Result<Option<Arc<Jail>>> {
     if euid != 0 {
         bail!("config key `jail.enable`: a jail needs a daemon running as root (euid is {euid})");
     }
-    let jail = Jail::new(&cfg.jail, &cfg.jail_dir())?;
-    Ok(Some(Arc::new(jail)))
+    Ok(Some(Jail::new(&cfg.jail, &cfg.jail_dir())?))
 }
 
 /// Removes the jail directories of VMMs that are gone (a VMM that died while
@@ -189,7 +198,7 @@ pub async fn build_engine(cfg: Config) -> anyhow::Result<Arc<Engine>> {
 /// namespace `netns` (a path like `/run/netns/NAME`) instead of the daemon's own.
 pub async fn build_engine_in(cfg: Config, netns: Option<PathBuf>) -> anyhow::Result<Arc<Engine>> {
     create_roots(&cfg)?;
-    let jail = make_jail(&cfg)?;
+    let jail = new_jail(&cfg)?.map(|j| Arc::new(j.with_netns(netns.clone())));
     let (vmm, why) = choose_backend_with(&cfg, jail.clone())?;
     tracing::info!("vmm backend: {} ({why})", vmm.kind());
     let host = Host::from_one(Arc::new(LocalHost::with_templates(

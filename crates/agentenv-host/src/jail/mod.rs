@@ -21,11 +21,13 @@
 
 use std::collections::BTreeSet;
 use std::ffi::{CString, OsStr};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use agentenv_core::backend::LaunchSpec;
 use agentenv_core::config::JailConfig;
 
 pub mod spawn;
@@ -112,6 +114,10 @@ pub struct Jail {
     ids: Ids,
     gid: u32,
     firecracker_jailer: Option<PathBuf>,
+    read_only_paths: Vec<PathBuf>,
+    /// The network namespace VMMs join (where their TAPs are), when not the
+    /// daemon's.
+    netns: Option<PathBuf>,
     /// Serializes uid allocation.
     alloc: Mutex<()>,
 }
@@ -162,8 +168,17 @@ impl Jail {
             ids,
             gid: cfg.group(),
             firecracker_jailer: cfg.firecracker_jailer.clone(),
+            read_only_paths: cfg.read_only_paths.clone(),
+            netns: None,
             alloc: Mutex::new(()),
         })
+    }
+
+    /// VMMs join the network namespace at `netns` (a path like
+    /// `/run/netns/NAME`, where the daemon makes their TAPs).
+    pub fn with_netns(mut self, netns: Option<PathBuf>) -> Jail {
+        self.netns = netns;
+        self
     }
 
     /// Where the per-VM roots are.
@@ -311,6 +326,13 @@ impl Jail {
         if !tree.covered(&binary) {
             tree.bind(&binary, false, Kind::System, true);
         }
+        for p in &self.read_only_paths {
+            if let Ok(m) = std::fs::metadata(p) {
+                if !tree.covered(p) {
+                    tree.bind(p, m.is_dir(), Kind::System, true);
+                }
+            }
+        }
         for f in SYSTEM_FILES {
             if Path::new(f).is_file() {
                 tree.bind(Path::new(f), false, Kind::System, true);
@@ -359,7 +381,16 @@ impl Jail {
             }
         }
         let cstr = |p: &Path| cpath(p);
+        let netns = match &self.netns {
+            Some(p) => Some(
+                std::fs::File::open(p)
+                    .map(OwnedFd::from)
+                    .map_err(io(format!("cannot open network namespace {}", p.display())))?,
+            ),
+            None => None,
+        };
         Ok(PreparedJail {
+            netns,
             vm_id: vm_id.to_string(),
             host_root: root.clone(),
             root: cstr(&root),
@@ -415,6 +446,34 @@ impl Jail {
         }
         removed
     }
+}
+
+/// The paths a VMM launched for `spec` uses: its kernel and initrd and
+/// read-only drives (read-only), its session directory and writable drives
+/// (its own), the agent socket's directory when it is elsewhere.
+pub fn launch_paths(spec: &LaunchSpec) -> Vec<(PathBuf, Access)> {
+    let mut paths = vec![
+        (spec.kernel.clone(), Access::ReadOnly),
+        (spec.session_dir.clone(), Access::Owned),
+    ];
+    paths.extend(spec.initrd.iter().map(|p| (p.clone(), Access::ReadOnly)));
+    for d in &spec.drives {
+        let access = if d.read_only {
+            Access::ReadOnly
+        } else {
+            Access::Owned
+        };
+        paths.push((d.path.clone(), access));
+    }
+    if let Some(dir) = spec
+        .agent_socket
+        .as_deref()
+        .and_then(Path::parent)
+        .filter(|d| *d != spec.session_dir)
+    {
+        paths.push((dir.to_path_buf(), Access::Owned));
+    }
+    paths
 }
 
 /// The daemon's effective uid (a jail needs 0).
@@ -596,6 +655,8 @@ pub struct PreparedJail {
     pub(crate) cwd: Option<CString>,
     pub(crate) uid: u32,
     pub(crate) gid: u32,
+    /// The network namespace to join.
+    pub(crate) netns: Option<OwnedFd>,
     /// (where the VMM binds it on the host, where it belongs)
     staged_socket: Option<(PathBuf, PathBuf)>,
     staging_dir: Option<PathBuf>,

@@ -52,6 +52,7 @@ const STEP_RLIMIT: u32 = u32::MAX - 7;
 const STEP_IDS: u32 = u32::MAX - 8;
 const STEP_NNP: u32 = u32::MAX - 9;
 const STEP_EXEC: u32 = u32::MAX - 10;
+const STEP_NETNS: u32 = u32::MAX - 11;
 
 fn describe(step: u32, jail: &PreparedJail) -> String {
     match step {
@@ -66,6 +67,7 @@ fn describe(step: u32, jail: &PreparedJail) -> String {
         STEP_IDS => format!("switch to uid {} gid {}", jail.uid, jail.gid),
         STEP_NNP => "set no_new_privs".into(),
         STEP_EXEC => format!("execute {}", jail.exec.to_string_lossy()),
+        STEP_NETNS => "join the network namespace".into(),
         i => jail
             .ops
             .get(i as usize)
@@ -248,6 +250,11 @@ unsafe fn child_main(c: &Child) -> ! {
     }
     if libc::dup2(c.null, 0) < 0 || libc::dup2(c.log, 1) < 0 || libc::dup2(c.log, 2) < 0 {
         fail(STEP_FDS);
+    }
+    if let Some(ns) = &j.netns {
+        if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+            fail(STEP_NETNS);
+        }
     }
     // The tree's directories must be searchable by the jail uid.
     libc::umask(0o022);

@@ -166,24 +166,7 @@ impl QemuVmm {
         let Some(jail) = &self.jail else {
             return Ok(None);
         };
-        let mut paths = vec![
-            (spec.kernel.clone(), Access::ReadOnly),
-            (spec.session_dir.clone(), Access::Owned),
-        ];
-        paths.extend(spec.initrd.iter().map(|p| (p.clone(), Access::ReadOnly)));
-        for d in &spec.drives {
-            let access = if d.read_only {
-                Access::ReadOnly
-            } else {
-                Access::Owned
-            };
-            paths.push((d.path.clone(), access));
-        }
-        if let Some(agent) = &spec.agent_socket {
-            if let Some(dir) = agent.parent().filter(|d| *d != spec.session_dir) {
-                paths.push((dir.to_path_buf(), Access::Owned));
-            }
-        }
+        let mut paths = crate::jail::launch_paths(spec);
         match mode.memory {
             GuestMemory::File { path, shared: true } => {
                 paths.push((path.to_path_buf(), Access::Owned))

@@ -98,6 +98,11 @@ impl TestDir {
                 enable: false,
                 ..Default::default()
             },
+            // The double's wrapper scripts run it: jailed VMMs must see it.
+            jail: agentenv_core::config::JailConfig {
+                read_only_paths: vec![paths::fc_double()],
+                ..Default::default()
+            },
             ..Config::default()
         }
     }
@@ -677,7 +682,12 @@ pub fn qemu_in_netns(dir: &TestDir, ns: &str) -> PathBuf {
     let p = dir.path().join("qemu-in-netns");
     std::fs::write(
         &p,
-        format!("#!/bin/sh\nexec ip netns exec '{ns}' qemu-system-x86_64 \"$@\"\n"),
+        // Jailed (not root), QEMU is in the namespace already: the daemon's
+        // jail joins the one it was started with.
+        format!(
+            "#!/bin/sh\n[ \"$(id -u)\" = 0 ] || exec qemu-system-x86_64 \"$@\"\n\
+             exec ip netns exec '{ns}' qemu-system-x86_64 \"$@\"\n"
+        ),
     )
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
