@@ -619,6 +619,10 @@ impl Tree {
     }
 
     fn bind_with(&mut self, host: &Path, at: &Path, dir: bool, flags: libc::c_ulong) {
+        if !dir && self.made.contains(at) {
+            // Bound already (the binary is also a `read_only_paths` entry, say).
+            return;
+        }
         if dir {
             self.mkdirs(at);
             self.dirs.push(at.to_path_buf());
