@@ -278,7 +278,7 @@ impl Jail {
         socket: Option<&Path>,
         cwd: Option<&Path>,
     ) -> Result<PreparedJail, JailError> {
-        let uid = self.claim(vm_id)?;
+        let uid = self.claim(vm_id).inspect_err(|_| self.remove(vm_id))?;
         let staged = socket.map(|s| staging_dir(s, vm_id));
         match self.prepare_claimed(vm_id, uid, binary, paths, socket, staged.as_deref(), cwd) {
             Ok(p) => Ok(p),
