@@ -90,7 +90,14 @@ impl Side {
 
     fn exec_true(&self, vm: &str) -> Result<Duration> {
         let body = json!({"cmd": ["true"]});
-        Ok(call(&self.api(), "POST", &format!("/v1/vm/{vm}/exec"), Some(&body), 200)?.0)
+        Ok(call(
+            &self.api(),
+            "POST",
+            &format!("/v1/vm/{vm}/exec"),
+            Some(&body),
+            200,
+        )?
+        .0)
     }
 }
 
@@ -130,7 +137,11 @@ fn main() {
          no jail = [jail] enable = false: the baseline",
     );
     let on = or_exit(Side::start(c, &agentenv, &guest, true), 1, "jail daemon: ");
-    let off = or_exit(Side::start(c, &agentenv, &guest, false), 1, "baseline daemon: ");
+    let off = or_exit(
+        Side::start(c, &agentenv, &guest, false),
+        1,
+        "baseline daemon: ",
+    );
     let mut sides = [on, off];
     let result = run(&sides, creates, execs, warmup, args.boot_timeout_s);
     let mut cleaned = Vec::new();

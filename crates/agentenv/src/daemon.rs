@@ -175,6 +175,16 @@ fn new_jail(cfg: &Config) -> anyhow::Result<Option<Jail>> {
     if euid != 0 {
         bail!("config key `jail.enable`: a jail needs a daemon running as root (euid is {euid})");
     }
+    if let Some(jailer) = &cfg.jail.firecracker_jailer {
+        // Refused rather than ignored: a config asking for it must not run
+        // Firecracker some other way without saying so.
+        bail!(
+            "config key `jail.firecracker_jailer`: starting Firecracker through its jailer ({}) \
+             is not supported by this build; remove the key (Firecracker then runs in the \
+             daemon's own jail)",
+            jailer.display()
+        );
+    }
     Ok(Some(Jail::new(&cfg.jail, &cfg.jail_dir())?))
 }
 

@@ -281,20 +281,26 @@ fn full_snapshot_restore_fork_and_reset_work_jailed() {
         Some("0")
     );
     assert_eq!(sh(&d, "frest", "cat /root/mark"), "kept\n");
-    // Reset: back to the snapshot's instant, still jailed.
-    sh(&d, "frest", "echo gone > /root/mark");
-    let v = call_ok(&d, "POST", "/v1/vm/frest/reset", Some(json!({})), 200);
+    // Reset: the source back to the snapshot's instant, still jailed.
+    sh(&d, "fsrc", "echo gone > /root/mark");
+    let v = call_ok(
+        &d,
+        "POST",
+        "/v1/vm/fsrc/reset",
+        Some(json!({"snapshot_id": "jfull"})),
+        200,
+    );
     assert_eq!(v["state"], "running", "{v}");
     let t = std::time::Instant::now();
-    while d.call("GET", "/v1/vm/frest", None).1["ready"] != true {
+    while d.call("GET", "/v1/vm/fsrc", None).1["ready"] != true {
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "not ready after reset"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(sh(&d, "frest", "cat /root/mark"), "kept\n");
-    let v = call_ok(&d, "GET", "/v1/vm/frest", None, 200);
+    assert_eq!(sh(&d, "fsrc", "cat /root/mark"), "kept\n");
+    let v = call_ok(&d, "GET", "/v1/vm/fsrc", None, 200);
     assert_eq!(status_field(v["pid"].as_u64().unwrap(), "Seccomp"), "2");
     // Fork: clones of a running VM, each jailed under its own uid.
     let forked = call_ok(
@@ -325,15 +331,10 @@ fn full_snapshot_restore_fork_and_reset_work_jailed() {
     {
         call_ok(&d, "DELETE", &format!("/v1/vm/{vm}"), None, 204);
     }
-    for s in names(&cfg.snapshots_root.join("meta"))
-        .iter()
-        .chain(["jfull".to_string()].iter())
-    {
-        let _ = d.call(
-            "DELETE",
-            &format!("/v1/snapshots/{}", s.trim_end_matches(".json")),
-            None,
-        );
+    let snaps = call_ok(&d, "GET", "/v1/snapshots", None, 200);
+    for s in snaps["snapshots"].as_array().unwrap() {
+        let id = s["snapshot_id"].as_str().unwrap();
+        call_ok(&d, "DELETE", &format!("/v1/snapshots/{id}"), None, 204);
     }
     assert_eq!(names(&cfg.jail_dir()), Vec::<String>::new());
     finish(d, dir);

@@ -113,7 +113,6 @@ pub struct Jail {
     base: PathBuf,
     ids: Ids,
     gid: u32,
-    firecracker_jailer: Option<PathBuf>,
     read_only_paths: Vec<PathBuf>,
     /// The network namespace VMMs join (where their TAPs are), when not the
     /// daemon's.
@@ -167,7 +166,6 @@ impl Jail {
             base: base.to_path_buf(),
             ids,
             gid: cfg.group(),
-            firecracker_jailer: cfg.firecracker_jailer.clone(),
             read_only_paths: cfg.read_only_paths.clone(),
             netns: None,
             alloc: Mutex::new(()),
@@ -189,11 +187,6 @@ impl Jail {
     /// The VMMs' group.
     pub fn gid(&self) -> u32 {
         self.gid
-    }
-
-    /// Firecracker's own jailer, when configured.
-    pub fn firecracker_jailer(&self) -> Option<&Path> {
-        self.firecracker_jailer.as_deref()
     }
 
     /// The root of `vm_id`'s jail on the host.
