@@ -81,17 +81,17 @@ impl Side {
     fn create(&self, round: usize) -> Result<Duration> {
         let id = format!("c{round}");
         let body = json!({"vm_id": id, "disk": {"kind": "overlay", "rootfs_id": ROOTFS}});
-        let (took, r) = call(&self.api(), "POST", "/v1/vm", Some(&body), 201)?;
+        let (took, r) = call(self.api(), "POST", "/v1/vm", Some(&body), 201)?;
         let v: serde_json::Value = serde_json::from_slice(&r.body)?;
         anyhow::ensure!(v["state"] == "running", "{}: {v}", self.name);
-        call(&self.api(), "DELETE", &format!("/v1/vm/{id}"), None, 204)?;
+        call(self.api(), "DELETE", &format!("/v1/vm/{id}"), None, 204)?;
         Ok(took)
     }
 
     fn exec_true(&self, vm: &str) -> Result<Duration> {
         let body = json!({"cmd": ["true"]});
         Ok(call(
-            &self.api(),
+            self.api(),
             "POST",
             &format!("/v1/vm/{vm}/exec"),
             Some(&body),

@@ -556,16 +556,14 @@ pub async fn wait_for_socket(
         .and_then(|j| j.staged(socket).map(|s| (j, s)));
     loop {
         match staged {
-            Some((jail, at)) => {
-                if at.exists() {
-                    return jail.publish(at, socket).map_err(|source| VmmError::Io {
-                        context: format!("cannot move {} to {}", at.display(), socket.display()),
-                        source,
-                    });
-                }
+            Some((jail, at)) if at.exists() => {
+                return jail.publish(at, socket).map_err(|source| VmmError::Io {
+                    context: format!("cannot move {} to {}", at.display(), socket.display()),
+                    source,
+                });
             }
             None if socket.exists() => return Ok(()),
-            None => {}
+            _ => {}
         }
         if let Some(exit) = process.exited() {
             return Err(VmmError::ExitedEarly {
