@@ -484,12 +484,17 @@ pub use agentenv_testkit::agent::HostAgent;
 /// an agent running on the host, so the whole agent path runs without a VM.
 pub fn start_with_agent(tweak: impl FnOnce(&mut Config)) -> (Daemon, TestDir, HostAgent) {
     let mut dir = TestDir::new();
-    let sock = dir.path().join("agent-host.sock");
+    // In a directory of its own, which jailed VMMs see (the double connects
+    // to the agent from inside the jail; a restarted agent is a new socket).
+    let agent_dir = dir.path().join("agent");
+    std::fs::create_dir(&agent_dir).unwrap();
+    let sock = agent_dir.join("agent-host.sock");
     let spec = format!("{}={}", agentenv_proto::VSOCK_PORT, sock.display());
     let wrapper = dir.wrapper("fc-agent", &["--vsock-agent", &spec]);
     dir.baseline = Some(baseline(dir.path()));
     let agent = HostAgent::start(&sock);
     let mut cfg = dir.config();
+    cfg.jail.read_only_paths.push(agent_dir);
     cfg.firecracker_binary = wrapper;
     tweak(&mut cfg);
     let d = Daemon::start_with(cfg, dir.path());
