@@ -70,16 +70,7 @@ impl VmmProcess {
         if let Some(jail) = &spec.jail {
             return crate::jail::spawn::spawn_jailed(spec, jail.clone());
         }
-        let open_log = || {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&spec.console_log)
-                .map_err(|source| VmmError::Io {
-                    context: format!("cannot open console log {}", spec.console_log.display()),
-                    source,
-                })
-        };
+        let open_log = || open_console_log(&spec.console_log);
         let (out, err) = (open_log()?, open_log()?);
         let mut cmd = tokio::process::Command::new(&spec.binary);
         cmd.args(&spec.args)
@@ -405,6 +396,18 @@ fn reap_pidfd(pidfd: &OwnedFd) -> VmmExit {
             signal: Some(status),
         },
     }
+}
+
+/// Opens (creates) a console log for appending.
+pub(crate) fn open_console_log(path: &Path) -> Result<std::fs::File, VmmError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| VmmError::Io {
+            context: format!("cannot open console log {}", path.display()),
+            source,
+        })
 }
 
 /// A shared pidfd, registrable with tokio.

@@ -199,14 +199,7 @@ impl Jail {
     /// by another jail directory (the directory's owner records it).
     fn claim(&self, vm_id: &str) -> Result<u32, JailError> {
         let dir = self.dir(vm_id);
-        let io = |context: String| {
-            let vm_id = vm_id.to_string();
-            move |source| JailError::Io {
-                vm_id,
-                context,
-                source,
-            }
-        };
+        let io = |context: String| io_error(vm_id, context);
         let _held = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
         match std::fs::symlink_metadata(&dir) {
             Ok(m) if m.is_dir() && !m.file_type().is_symlink() => {
@@ -293,14 +286,7 @@ impl Jail {
         staged: Option<&Path>,
         cwd: Option<&Path>,
     ) -> Result<PreparedJail, JailError> {
-        let io = |context: String| {
-            let vm_id = vm_id.to_string();
-            move |source| JailError::Io {
-                vm_id,
-                context,
-                source,
-            }
-        };
+        let io = |context: String| io_error(vm_id, context);
         let root = self.dir(vm_id);
         let binary = std::fs::canonicalize(binary)
             .map_err(io(format!("cannot resolve {}", binary.display())))?;
@@ -467,6 +453,16 @@ pub fn launch_paths(spec: &LaunchSpec) -> Vec<(PathBuf, Access)> {
         paths.push((dir.to_path_buf(), Access::Owned));
     }
     paths
+}
+
+/// A [`JailError::Io`] maker for `map_err`.
+fn io_error(vm_id: &str, context: String) -> impl FnOnce(std::io::Error) -> JailError {
+    let vm_id = vm_id.to_string();
+    move |source| JailError::Io {
+        vm_id,
+        context,
+        source,
+    }
 }
 
 /// The daemon's effective uid (a jail needs 0).

@@ -103,14 +103,7 @@ pub(crate) fn spawn_jailed(
         binary: spec.binary.clone(),
         source,
     };
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&spec.console_log)
-        .map_err(|source| VmmError::Io {
-            context: format!("cannot open console log {}", spec.console_log.display()),
-            source,
-        })?;
+    let log = crate::process::open_console_log(&spec.console_log)?;
     let null = File::open("/dev/null").map_err(spawn_err)?;
     let argv_c: Vec<CString> = std::iter::once(spec.binary.as_os_str())
         .chain(spec.args.iter().map(|a| a.as_os_str()))
