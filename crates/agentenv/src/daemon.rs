@@ -191,7 +191,7 @@ fn new_jail(cfg: &Config) -> anyhow::Result<Option<Jail>> {
 /// Removes the jail directories of VMMs that are gone (a VMM that died while
 /// no daemon ran): a live VMM names its control socket in its command line.
 fn sweep_jails(cfg: &Config, jail: &Jail) {
-    for vm_id in jail.sweep(|vm_id| {
+    for vm_id in jail.sweep(&cfg.socket_root, |vm_id| {
         let socket = cfg.socket_root.join(format!("{vm_id}.sock"));
         !agentenv_host::local::processes_mentioning(&socket).is_empty()
     }) {

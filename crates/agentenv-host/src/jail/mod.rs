@@ -408,9 +408,10 @@ impl Jail {
         remove_jail_dir(&self.dir(vm_id));
     }
 
-    /// Removes the jail directories whose VMM is gone: those for which
-    /// `alive(vm_id)` says no. Returns what it removed.
-    pub fn sweep(&self, alive: impl Fn(&str) -> bool) -> Vec<String> {
+    /// Removes the jail directories (and control-socket staging directories
+    /// in `socket_root`) whose VMM is gone: those for which `alive(vm_id)`
+    /// says no. Returns what it removed.
+    pub fn sweep(&self, socket_root: &Path, alive: impl Fn(&str) -> bool) -> Vec<String> {
         let mut removed = Vec::new();
         for e in std::fs::read_dir(&self.base)
             .into_iter()
@@ -419,7 +420,8 @@ impl Jail {
         {
             let name = e.file_name().to_string_lossy().into_owned();
             if !alive(&name) {
-                self.remove(&name);
+                let socket = socket_root.join(format!("{name}.sock"));
+                JailCleanup::of(self, &name, &socket).run();
                 removed.push(name);
             }
         }
@@ -766,6 +768,26 @@ mod tests {
         jail.remove("c");
         jail.remove("a");
         assert_eq!(jail.claim("c").unwrap(), 950_000);
+    }
+
+    #[test]
+    fn the_sweep_removes_only_jails_whose_vmm_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let sockets = dir.path().join("s");
+        std::fs::create_dir(&sockets).unwrap();
+        let jail = Jail::new(&cfg(Some(4244), [1, 1]), &dir.path().join("j")).unwrap();
+        for vm in ["gone", "alive"] {
+            jail.claim(vm).unwrap();
+            std::fs::create_dir(staging_dir(&sockets.join(format!("{vm}.sock")), vm)).unwrap();
+        }
+        assert_eq!(
+            jail.sweep(&sockets, |vm| vm == "alive"),
+            vec!["gone".to_string()]
+        );
+        assert!(!jail.dir("gone").exists());
+        assert!(!staging_dir(&sockets.join("gone.sock"), "gone").exists());
+        assert!(jail.dir("alive").exists());
+        assert!(staging_dir(&sockets.join("alive.sock"), "alive").exists());
     }
 
     #[test]
