@@ -686,14 +686,11 @@ impl PreparedJail {
         }
     }
 
-    /// Moves a staged control socket to its host path and removes the
-    /// staging directory.
+    /// Moves a staged control socket to its host path. The (now empty)
+    /// staging directory stays until the VMM is gone: its mount in the VMM's
+    /// namespace holds it anyway (one inode of `socket_root` per jailed VM).
     pub fn publish(&self, staged: &Path, socket: &Path) -> std::io::Result<()> {
-        std::fs::rename(staged, socket)?;
-        if let Some(d) = &self.staging_dir {
-            let _ = std::fs::remove_dir_all(d);
-        }
-        Ok(())
+        std::fs::rename(staged, socket)
     }
 
     /// What to remove once the VMM is gone.
