@@ -268,6 +268,8 @@ pub struct ProcessSpec {
     pub request_timeout: Duration,
     /// The host paths the VMM uses, for its jail.
     pub jail_paths: Vec<(PathBuf, Access)>,
+    /// The TAP it opens, for its jail.
+    pub tap_name: Option<String>,
 }
 
 impl From<&LaunchSpec> for ProcessSpec {
@@ -282,6 +284,7 @@ impl From<&LaunchSpec> for ProcessSpec {
             startup_timeout: s.startup_timeout,
             request_timeout: s.request_timeout,
             jail_paths: crate::jail::launch_paths(s),
+            tap_name: s.net.as_ref().map(|n| n.tap_name.clone()),
         }
     }
 }
@@ -323,7 +326,8 @@ impl FirecrackerVmm {
                         Some(&p.control_socket),
                         Some(&p.cwd),
                     )
-                    .map_err(|e| VmmError::Jail(e.to_string()))?,
+                    .map_err(|e| VmmError::Jail(e.to_string()))?
+                    .with_tap(p.tap_name.as_deref().unwrap_or_default()),
                 )),
                 None => None,
             },

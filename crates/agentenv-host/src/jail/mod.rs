@@ -370,6 +370,7 @@ impl Jail {
         };
         Ok(PreparedJail {
             netns,
+            tap: None,
             vm_id: vm_id.to_string(),
             host_root: root.clone(),
             root: cstr(&root),
@@ -652,6 +653,9 @@ pub struct PreparedJail {
     pub(crate) gid: u32,
     /// The network namespace to join.
     pub(crate) netns: Option<OwnedFd>,
+    /// The persistent TAP the VMM opens by name: made its uid's (and gid's)
+    /// before it drops privileges, so it may attach.
+    pub(crate) tap: Option<[u8; libc::IFNAMSIZ]>,
     /// (where the VMM binds it on the host, where it belongs)
     staged_socket: Option<(PathBuf, PathBuf)>,
     staging_dir: Option<PathBuf>,
@@ -661,6 +665,20 @@ impl PreparedJail {
     /// The VM.
     pub fn vm_id(&self) -> &str {
         &self.vm_id
+    }
+
+    /// The VMM opens the persistent TAP `name`: it is made the jail uid's
+    /// and gid's (`TUNSETOWNER`, `TUNSETGROUP`) in the VMM's network
+    /// namespace before it starts. A name that is not a valid interface
+    /// name is left alone (the VMM's own open then fails, naming it).
+    pub fn with_tap(mut self, name: &str) -> PreparedJail {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
+            return self;
+        }
+        let mut nul_terminated = [0u8; libc::IFNAMSIZ];
+        nul_terminated[..name.len()].copy_from_slice(name.as_bytes());
+        self.tap = Some(nul_terminated);
+        self
     }
 
     /// The jail's root on the host.

@@ -53,6 +53,11 @@ const STEP_IDS: u32 = u32::MAX - 8;
 const STEP_NNP: u32 = u32::MAX - 9;
 const STEP_EXEC: u32 = u32::MAX - 10;
 const STEP_NETNS: u32 = u32::MAX - 11;
+const STEP_TAP: u32 = u32::MAX - 12;
+
+/// `TUNSETOWNER` and `TUNSETGROUP` (`_IOW('T', 204|206, int)`).
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
+const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
 
 fn describe(step: u32, jail: &PreparedJail) -> String {
     match step {
@@ -68,6 +73,7 @@ fn describe(step: u32, jail: &PreparedJail) -> String {
         STEP_NNP => "set no_new_privs".into(),
         STEP_EXEC => format!("execute {}", jail.exec.to_string_lossy()),
         STEP_NETNS => "join the network namespace".into(),
+        STEP_TAP => "give the tap to the jail uid".into(),
         i => jail
             .ops
             .get(i as usize)
@@ -248,6 +254,27 @@ unsafe fn child_main(c: &Child) -> ! {
         if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
             fail(STEP_NETNS);
         }
+    }
+    if let Some(tap) = &j.tap {
+        let fd = libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        if fd < 0 {
+            fail(STEP_TAP);
+        }
+        // SAFETY (of the zeroing): `ifreq` is plain old data; all-zero bytes
+        // are a valid value (no allocation: it is on this stack).
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(tap.iter()) {
+            *dst = *src as libc::c_char;
+        }
+        req.ifr_ifru.ifru_flags =
+            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        if libc::ioctl(fd, libc::TUNSETIFF, &mut req) < 0
+            || libc::ioctl(fd, TUNSETOWNER, j.uid as libc::c_ulong) < 0
+            || libc::ioctl(fd, TUNSETGROUP, j.gid as libc::c_ulong) < 0
+        {
+            fail(STEP_TAP);
+        }
+        libc::close(fd);
     }
     // The tree's directories must be searchable by the jail uid.
     libc::umask(0o022);

@@ -186,6 +186,10 @@ impl QemuVmm {
                 None,
             )
             .map_err(|e| VmmError::Jail(e.to_string()))?;
+        let prepared = match &spec.net {
+            Some(net) => prepared.with_tap(&net.tap_name),
+            None => prepared,
+        };
         Ok(Some(Arc::new(prepared)))
     }
 
