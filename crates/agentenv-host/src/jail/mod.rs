@@ -317,10 +317,36 @@ impl Jail {
                 tree.bind(Path::new(f), false, Kind::System, true);
             }
         }
+        // A /dev of its own (a tmpfs that allows device nodes): the host's
+        // nodes may be root's only (`/dev/net/tun`, `/dev/kvm` are often
+        // 0600), and the jail uid must open them.
+        tree.mkdirs(Path::new("/dev"));
+        tree.ops
+            .push(Op::DevTmpfs(cpath(&tree.inside(Path::new("/dev")))));
         for d in DEVICES {
-            if Path::new(d).exists() {
-                tree.bind(Path::new(d), false, Kind::Device, false);
+            use std::os::unix::fs::FileTypeExt;
+            let Ok(m) = std::fs::metadata(d) else {
+                continue;
+            };
+            if !m.file_type().is_char_device() {
+                continue;
             }
+            let p = Path::new(d);
+            if let Some(parent) = p.parent() {
+                tree.mkdirs(parent);
+            }
+            // /dev/kvm only to the jail group; the others to everyone, as usual.
+            let (mode, gid) = if *d == "/dev/kvm" {
+                (0o660, Some(self.gid))
+            } else {
+                (0o666, None)
+            };
+            tree.ops.push(Op::Mknod {
+                path: cpath(&tree.inside(p)),
+                mode,
+                dev: m.rdev(),
+                gid,
+            });
         }
         tree.proc();
         if let (Some(socket), Some(staged)) = (socket, staged) {
@@ -518,6 +544,15 @@ pub(crate) enum Op {
     },
     /// Mount a `proc` of the jail's PID namespace.
     Proc(CString),
+    /// Mount the tmpfs of the jail's `/dev` (device nodes allowed).
+    DevTmpfs(CString),
+    /// A character device node (`mode`, and `gid` as its group when given).
+    Mknod {
+        path: CString,
+        mode: u32,
+        dev: u64,
+        gid: Option<u32>,
+    },
 }
 
 impl Op {
@@ -530,6 +565,8 @@ impl Op {
             Op::Symlink(t, p) => format!("symlink {} -> {}", s(p), s(t)),
             Op::Bind { src, dst, .. } => format!("bind {} at {}", s(src), s(dst)),
             Op::Proc(p) => format!("mount proc at {}", s(p)),
+            Op::DevTmpfs(p) => format!("mount a tmpfs at {}", s(p)),
+            Op::Mknod { path, .. } => format!("make the device node {}", s(path)),
         }
     }
 }
@@ -877,9 +914,10 @@ mod tests {
         assert!(!binds.iter().any(|b| b.contains("overlay")), "{binds:?}");
         assert!(!binds.iter().any(|b| b.contains("/proc/self")), "{binds:?}");
         assert!(binds.iter().any(|b| b.ends_with(&at(&kernel))));
-        assert!(binds
-            .iter()
-            .any(|b| b.ends_with(&at(Path::new("/dev/null")))));
+        // /dev is the jail's own, with nodes made for it.
+        let null = format!("make the device node {}", root.join("dev/null").display());
+        assert!(p.ops.iter().any(|o| o.describe() == null));
+        assert!(!binds.iter().any(|b| b.contains("/dev/")), "{binds:?}");
         // The staged socket directory is mounted where the socket's directory is.
         let staged = staging_dir(&socket, "x");
         assert!(binds

@@ -343,6 +343,31 @@ unsafe fn child_main(c: &Child) -> ! {
                     fail(step);
                 }
             }
+            Op::DevTmpfs(p) => {
+                if libc::mount(
+                    c"tmpfs".as_ptr(),
+                    p.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NOEXEC,
+                    c"mode=0755,size=64k,nr_inodes=64".as_ptr().cast(),
+                ) != 0
+                {
+                    fail(step);
+                }
+            }
+            Op::Mknod {
+                path,
+                mode,
+                dev,
+                gid,
+            } => {
+                if libc::mknod(path.as_ptr(), libc::S_IFCHR | mode, *dev) != 0
+                    || libc::chmod(path.as_ptr(), *mode) != 0
+                    || gid.is_some_and(|g| libc::chown(path.as_ptr(), 0, g) != 0)
+                {
+                    fail(step);
+                }
+            }
             Op::Proc(p) => {
                 let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
                 // `subset=pid`: only the process directories (no /proc/sys,
