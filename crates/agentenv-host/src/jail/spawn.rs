@@ -434,9 +434,12 @@ unsafe fn child_main(c: &Child) -> ! {
     {
         fail(STEP_RLIMIT);
     }
-    if libc::setgroups(0, std::ptr::null()) != 0
-        || libc::setresgid(j.gid, j.gid, j.gid) != 0
-        || libc::setresuid(j.uid, j.uid, j.uid) != 0
+    // Raw system calls, not glibc's wrappers: those broadcast the change to
+    // every thread glibc knows of (the parent's, copied by the clone but not
+    // here) and would wait for them forever.
+    if libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+        || libc::syscall(libc::SYS_setresgid, j.gid, j.gid, j.gid) != 0
+        || libc::syscall(libc::SYS_setresuid, j.uid, j.uid, j.uid) != 0
     {
         fail(STEP_IDS);
     }
