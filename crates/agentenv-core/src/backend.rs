@@ -223,6 +223,10 @@ pub enum VmmError {
     /// The VMM process is gone.
     #[error("vmm is not running")]
     NotRunning,
+    /// The VMM's jail cannot be set up (an unusable `[jail]` setting, no
+    /// free uid, a mount that fails): the VM cannot start now.
+    #[error("cannot jail the vmm: {0}")]
+    Jail(String),
     /// A host file operation failed.
     #[error("{context}: {source}")]
     Io {

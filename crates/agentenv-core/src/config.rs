@@ -120,6 +120,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// Resource limits per VM through cgroups.
     pub cgroup: CgroupConfig,
+    /// The VMM jail.
+    pub jail: JailConfig,
 }
 
 /// How API requests are authenticated.
@@ -197,6 +199,52 @@ impl Default for CgroupConfig {
             vmm_memory_overhead_percent: 5,
             pids_max: 512,
             io_weight: 100,
+        }
+    }
+}
+
+/// The `[jail]` table: every VMM runs in its own mount, PID, IPC and UTS
+/// namespaces, under a per-VM root, as an unprivileged uid.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JailConfig {
+    /// Jail every VMM. Default (unset): on when the daemon runs as root (a
+    /// jail needs root to set up), off otherwise.
+    pub enable: Option<bool>,
+    /// One fixed uid for every VMM (instead of `uid_range`).
+    pub uid: Option<u32>,
+    /// The group of every VMM (default: `uid` when that is set, else the
+    /// first id of `uid_range`). Read-only inputs shared by VMs (kernels,
+    /// base images, snapshot memory files) are made readable to it.
+    pub gid: Option<u32>,
+    /// `[start, count]`: each VM gets its own uid out of this range (used
+    /// when `uid` is unset). The uid is recorded as the owner of the VM's
+    /// jail directory.
+    pub uid_range: [u32; 2],
+    /// Where the per-VM jail roots are made (default: `jail` beside
+    /// `session_root`).
+    pub chroot_base: Option<PathBuf>,
+    /// Firecracker's own `jailer` binary: when set, Firecracker VMs start
+    /// through it instead of the daemon's jail.
+    pub firecracker_jailer: Option<PathBuf>,
+    /// More host files or directories every VMM sees, read-only, at their
+    /// host paths (what a wrapper script given as the VMM binary runs, say).
+    pub read_only_paths: Vec<PathBuf>,
+}
+
+/// The first uid of the default `[jail] uid_range`.
+pub const DEFAULT_JAIL_UID_START: u32 = 900_000;
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        JailConfig {
+            enable: None,
+            uid: None,
+            gid: None,
+            uid_range: [DEFAULT_JAIL_UID_START, 65_536],
+            chroot_base: None,
+            firecracker_jailer: None,
+            read_only_paths: Vec::new(),
         }
     }
 }
@@ -286,6 +334,54 @@ impl CgroupConfig {
         }
         if !(1..=10_000).contains(&self.io_weight) {
             return Err(invalid("cgroup.io_weight", "must be between 1 and 10000"));
+        }
+        Ok(())
+    }
+}
+
+impl JailConfig {
+    /// Whether VMMs are jailed, given the daemon's effective uid.
+    pub fn enabled(&self, euid: u32) -> bool {
+        self.enable.unwrap_or(euid == 0)
+    }
+
+    /// The VMMs' group.
+    pub fn group(&self) -> u32 {
+        self.gid.or(self.uid).unwrap_or(self.uid_range[0])
+    }
+
+    /// Checks the ids: never root, a range that does not wrap.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.uid == Some(0) {
+            return Err(invalid("jail.uid", "must not be 0 (root)"));
+        }
+        if self.gid == Some(0) {
+            return Err(invalid("jail.gid", "must not be 0 (root)"));
+        }
+        let [start, count] = self.uid_range;
+        if start == 0
+            || count == 0
+            || start
+                .checked_add(count)
+                .is_none_or(|end| end > u32::MAX - 1)
+        {
+            return Err(invalid(
+                "jail.uid_range",
+                "must be [start, count] with start >= 1, count >= 1 and start + count below 4294967295",
+            ));
+        }
+        for p in &self.read_only_paths {
+            if !p.is_absolute() {
+                return Err(invalid(
+                    "jail.read_only_paths",
+                    format!("{} is not an absolute path", p.display()),
+                ));
+            }
+        }
+        for (key, id) in [("jail.uid", self.uid), ("jail.gid", self.gid)] {
+            if id == Some(u32::MAX) {
+                return Err(invalid(key, "4294967295 is not a valid id"));
+            }
         }
         Ok(())
     }
@@ -438,6 +534,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             http: HttpConfig::default(),
             cgroup: CgroupConfig::default(),
+            jail: JailConfig::default(),
         }
     }
 }
@@ -628,6 +725,7 @@ impl Config {
             }
         }
         self.tls.validate()?;
+        self.jail.validate()?;
         self.network.validate()?;
         self.cgroup.validate()
     }
@@ -637,6 +735,17 @@ impl Config {
         self.guest_memory_root
             .clone()
             .unwrap_or_else(|| self.tmpfs_snapshot_root.join(".guest-memory"))
+    }
+
+    /// Where the per-VM jail roots are made (`[jail] chroot_base`, default
+    /// `jail` beside `session_root`).
+    pub fn jail_dir(&self) -> PathBuf {
+        self.jail.chroot_base.clone().unwrap_or_else(|| {
+            self.session_root
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("jail")
+        })
     }
 
     /// Every directory the daemon owns, with its key.

@@ -6,6 +6,7 @@ pub mod caps;
 pub mod cgroup;
 pub mod disk;
 pub mod firecracker;
+pub mod jail;
 pub mod kvm;
 pub mod local;
 pub mod net;

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use agentenv_core::backend::{AdoptSpec, ProcessIdentity, VmmError, VmmExit};
 
 use crate::cgroup::{join_in_child, CgroupJoin};
+use crate::jail::{JailCleanup, PreparedJail};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::sync::watch;
@@ -45,6 +46,9 @@ pub struct SpawnSpec {
     /// `cgroup.procs` files the process joins before it executes (its VM's
     /// cgroup, see [`crate::cgroup`]); empty: it stays in the daemon's.
     pub cgroup_procs: Vec<PathBuf>,
+    /// The jail to start it in (see [`crate::jail`]); `None`: as the
+    /// daemon's own child, unconfined.
+    pub jail: Option<Arc<PreparedJail>>,
 }
 
 /// A VMM process: our child, or one adopted from an earlier daemon.
@@ -53,8 +57,12 @@ pub struct VmmProcess {
     pid: u32,
     start_time: u64,
     exit_rx: watch::Receiver<Option<VmmExit>>,
-    /// For an adopted process: a pidfd, so signals can never reach a reused pid.
+    /// For an adopted or jailed process: a pidfd, so signals can never reach a reused pid.
     pidfd: Option<Arc<OwnedFd>>,
+    /// A jailed process's jail: its staged control socket.
+    jail: Option<Arc<PreparedJail>>,
+    /// The jail directories to remove once the process is gone.
+    cleanup: Option<JailCleanup>,
 }
 
 impl VmmProcess {
@@ -67,6 +75,9 @@ impl VmmProcess {
     /// [`VmmProcess::spawn`] with the working directory `cwd` (the daemon's
     /// own when `None`): relative paths the VMM is given resolve there.
     pub fn spawn_in(spec: &SpawnSpec, cwd: Option<&Path>) -> Result<VmmProcess, VmmError> {
+        if let Some(jail) = &spec.jail {
+            return crate::jail::spawn::spawn_jailed(spec, jail.clone());
+        }
         let open_log = || {
             crate::private::file_options()
                 .create(true)
@@ -177,7 +188,59 @@ impl VmmProcess {
             start_time,
             exit_rx,
             pidfd: None,
+            jail: None,
+            cleanup: None,
         })
+    }
+
+    /// A jailed child (see [`crate::jail::spawn`]): watched and reaped
+    /// through its pidfd.
+    pub(crate) fn from_jailed_child(
+        pid: u32,
+        pidfd: OwnedFd,
+        jail: Arc<PreparedJail>,
+        console_log: &Path,
+        console_log_max_bytes: u64,
+    ) -> VmmProcess {
+        let start_time = proc_start_time(pid).unwrap_or(0);
+        let pidfd = Arc::new(pidfd);
+        let cleanup = jail.cleanup();
+        let exit_rx = watch_pidfd(pidfd.clone(), true, Some(cleanup.clone()));
+        tokio::spawn(keep_bounded(
+            console_log.to_path_buf(),
+            console_log_max_bytes,
+            exit_rx.clone(),
+        ));
+        VmmProcess {
+            pid,
+            start_time,
+            exit_rx,
+            pidfd: Some(pidfd),
+            jail: Some(jail),
+            cleanup: Some(cleanup),
+        }
+    }
+
+    /// Removes `cleanup` (a jail's directories) once this process is gone:
+    /// for a jailed VMM started by an earlier daemon.
+    pub fn with_jail_cleanup(mut self, cleanup: JailCleanup) -> VmmProcess {
+        let mut exit = self.exit_rx.clone();
+        let run = cleanup.clone();
+        tokio::spawn(async move {
+            while exit.borrow_and_update().is_none() {
+                if exit.changed().await.is_err() {
+                    break;
+                }
+            }
+            run.run();
+        });
+        self.cleanup = Some(cleanup);
+        self
+    }
+
+    /// The jail this process was started in (by this daemon).
+    pub fn jail(&self) -> Option<&PreparedJail> {
+        self.jail.as_deref()
     }
 
     /// Takes over a VMM started by an earlier daemon: `id` must still name the
@@ -220,31 +283,7 @@ impl VmmProcess {
                 marker.display()
             )));
         }
-        let (tx, exit_rx) = watch::channel(None);
-        let watched = pidfd.clone();
-        tokio::spawn(async move {
-            // A pidfd becomes readable when its process exits.
-            // SAFETY: the `SharedFd` owns a clone of the `Arc<OwnedFd>`, so the
-            // descriptor stays open and the same for the AsyncFd's whole life.
-            let registered = unsafe {
-                tokio::io::unix::AsyncFd::register_with_interest(
-                    SharedFd(watched.clone()),
-                    tokio::io::Interest::READABLE,
-                )
-            };
-            if let Ok(afd) = registered {
-                let _ = afd.readable().await;
-            } else {
-                // Cannot register (should not happen): poll instead.
-                while pidfd_alive(&watched) {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-            let _ = tx.send(Some(VmmExit {
-                code: None,
-                signal: None,
-            }));
-        });
+        let exit_rx = watch_pidfd(pidfd.clone(), false, None);
         tokio::spawn(keep_bounded(
             console_log.to_path_buf(),
             console_log_max_bytes,
@@ -255,6 +294,8 @@ impl VmmProcess {
             start_time: id.start_time,
             exit_rx,
             pidfd: Some(pidfd),
+            jail: None,
+            cleanup: None,
         })
     }
 
@@ -341,8 +382,101 @@ impl VmmProcess {
         while killpg(group, None).is_ok() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        if let Some(c) = &self.cleanup {
+            c.run();
+        }
         exit
     }
+}
+
+/// Watches the process a pidfd names: the receiver becomes `Some` once it
+/// has exited. `reap`: it is our child, reaped here (`waitid(P_PIDFD)`) for
+/// its exit status; otherwise the status is unknown. `cleanup` runs after.
+fn watch_pidfd(
+    pidfd: Arc<OwnedFd>,
+    reap: bool,
+    cleanup: Option<JailCleanup>,
+) -> watch::Receiver<Option<VmmExit>> {
+    let (tx, exit_rx) = watch::channel(None);
+    tokio::spawn(async move {
+        // A pidfd becomes readable when its process exits.
+        // SAFETY: the `SharedFd` owns a clone of the `Arc<OwnedFd>`, so the
+        // descriptor stays open and the same for the AsyncFd's whole life.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                SharedFd(pidfd.clone()),
+                tokio::io::Interest::READABLE,
+            )
+        };
+        if let Ok(afd) = registered {
+            let _ = afd.readable().await;
+        } else {
+            // Cannot register (should not happen): poll instead.
+            while pidfd_alive(&pidfd) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let exit = if reap {
+            reap_pidfd(&pidfd)
+        } else {
+            VmmExit {
+                code: None,
+                signal: None,
+            }
+        };
+        if let Some(c) = cleanup {
+            c.run();
+        }
+        let _ = tx.send(Some(exit));
+    });
+    exit_rx
+}
+
+/// Reaps the exited child a pidfd names and returns how it ended.
+fn reap_pidfd(pidfd: &OwnedFd) -> VmmExit {
+    // SAFETY: siginfo_t is plain data; all-zero is a valid value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid with P_PIDFD takes the descriptor as its id and writes
+    // one siginfo_t into `info`, which lives across the call.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED,
+        )
+    };
+    if r != 0 {
+        return VmmExit {
+            code: None,
+            signal: None,
+        };
+    }
+    // SAFETY: waitid filled `info` for a child that exited (WEXITED), so its
+    // status field is set.
+    let status = unsafe { info.si_status() };
+    match info.si_code {
+        libc::CLD_EXITED => VmmExit {
+            code: Some(status),
+            signal: None,
+        },
+        _ => VmmExit {
+            code: None,
+            signal: Some(status),
+        },
+    }
+}
+
+/// Opens (creates) a console log for appending.
+pub(crate) fn open_console_log(path: &Path) -> Result<std::fs::File, VmmError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| VmmError::Io {
+            context: format!("cannot open console log {}", path.display()),
+            source,
+        })
 }
 
 /// A shared pidfd, registrable with tokio.
@@ -559,9 +693,19 @@ pub async fn wait_for_socket(
     timeout: Duration,
 ) -> Result<(), VmmError> {
     let start = Instant::now();
+    let staged = process
+        .jail()
+        .and_then(|j| j.staged(socket).map(|s| (j, s)));
     loop {
-        if socket.exists() {
-            return Ok(());
+        match staged {
+            Some((jail, at)) if at.exists() => {
+                return jail.publish(at, socket).map_err(|source| VmmError::Io {
+                    context: format!("cannot move {} to {}", at.display(), socket.display()),
+                    source,
+                });
+            }
+            None if socket.exists() => return Ok(()),
+            _ => {}
         }
         if let Some(exit) = process.exited() {
             return Err(VmmError::ExitedEarly {
@@ -640,6 +784,7 @@ mod tests {
                 console_log_max_bytes: 4096,
                 inherit_fds: inherit,
                 cgroup_procs: Vec::new(),
+                jail: None,
             })
             .unwrap()
         };
@@ -672,6 +817,7 @@ mod tests {
             console_log_max_bytes: 4096,
             inherit_fds: Vec::new(),
             cgroup_procs: Vec::new(),
+            jail: None,
         })
         .unwrap();
         let mut biggest = 0;
@@ -875,6 +1021,7 @@ mod tests {
             console_log_max_bytes: 1 << 20,
             inherit_fds: Vec::new(),
             cgroup_procs: Vec::new(),
+            jail: None,
         })
         .unwrap();
         let exit = agentenv_core::backend::wait_exit(p.exit_watch(), Duration::from_secs(5))
@@ -915,6 +1062,7 @@ mod tests {
             console_log_max_bytes: 1 << 20,
             inherit_fds: Vec::new(),
             cgroup_procs: Vec::new(),
+            jail: None,
         })
         .unwrap();
         let pgid = p.pid() as i32;

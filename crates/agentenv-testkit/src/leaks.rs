@@ -16,6 +16,7 @@ pub struct Baseline {
     processes: BTreeSet<u32>,
     /// VM cgroups below the test daemon's parent cgroup.
     cgroups: BTreeSet<PathBuf>,
+    mounts: BTreeSet<PathBuf>,
     /// Paths that may appear and stay (caches such as overlay templates).
     allowed: Vec<PathBuf>,
 }
@@ -85,6 +86,21 @@ fn is_zombie(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Mount points at or below `root` in this process's mount namespace
+/// (`/proc/self/mountinfo`; a jailed VMM's own mounts live in its namespace
+/// and go with it, so one seen here is a leak on the host).
+pub fn mounts_below(root: &Path) -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        // Spaces and the like are octal escapes (`\040`).
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(root))
+        .collect()
+}
+
 /// Every file and directory below `root` (not following symlinks).
 pub fn files_below(root: &Path) -> BTreeSet<PathBuf> {
     let mut out = BTreeSet::new();
@@ -135,6 +151,7 @@ impl Baseline {
                 .map(|p| p.0)
                 .collect(),
             cgroups: cgroups_left(root).into_iter().collect(),
+            mounts: mounts_below(root).into_iter().collect(),
             allowed: Vec::new(),
         }
     }
@@ -164,6 +181,11 @@ impl Baseline {
             for (pid, cmd) in processes_mentioning(&self.root) {
                 if !self.processes.contains(&pid) {
                     leaks.push(format!("process {pid}: {cmd}"));
+                }
+            }
+            for m in mounts_below(&self.root) {
+                if !self.mounts.contains(&m) {
+                    leaks.push(format!("mount {}", m.display()));
                 }
             }
             for f in files_below(&self.root).difference(&self.files) {
@@ -231,5 +253,31 @@ mod tests {
         std::fs::remove_file(dir.join("left")).unwrap();
         assert!(base.leaks(Duration::ZERO).is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn finds_a_mount_left_below_the_root() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPING: mounting a tmpfs needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("mnt");
+        std::fs::create_dir(&m).unwrap();
+        let base = Baseline::capture(dir.path());
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "none"])
+            .arg(&m)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let leaks = base.leaks(Duration::ZERO);
+        let umount = std::process::Command::new("umount")
+            .arg(&m)
+            .status()
+            .unwrap();
+        assert!(umount.success());
+        assert_eq!(leaks, vec![format!("mount {}", m.display())]);
+        assert!(base.leaks(Duration::ZERO).is_empty());
     }
 }

@@ -13,6 +13,7 @@ use agentenv_core::Engine;
 use agentenv_host::agent::SocketConnector;
 use agentenv_host::cgroup::Cgroups;
 use agentenv_host::firecracker::FirecrackerVmm;
+use agentenv_host::jail::Jail;
 use agentenv_host::kvm;
 use agentenv_host::net::LinuxNetwork;
 use agentenv_host::qemu::QemuVmm;
@@ -87,6 +88,14 @@ pub fn find_binary(bin: &Path) -> Option<PathBuf> {
 /// `auto`: Firecracker when its binary exists and KVM really runs a guest;
 /// otherwise QEMU, with KVM when usable and TCG when not.
 pub fn choose_backend(cfg: &Config) -> anyhow::Result<(Arc<dyn Vmm>, String)> {
+    choose_backend_with(cfg, make_jail(cfg)?)
+}
+
+/// [`choose_backend`] with VMMs started in `jail` (see [`make_jail`]).
+pub fn choose_backend_with(
+    cfg: &Config,
+    jail: Option<Arc<Jail>>,
+) -> anyhow::Result<(Arc<dyn Vmm>, String)> {
     let fc = find_binary(&cfg.firecracker_binary);
     let qemu = || {
         let Some(bin) = find_binary(&cfg.qemu_binary) else {
@@ -96,7 +105,7 @@ pub fn choose_backend(cfg: &Config) -> anyhow::Result<(Arc<dyn Vmm>, String)> {
             );
         };
         let (accel, why) = kvm::choose_accel();
-        let vmm: Arc<dyn Vmm> = Arc::new(QemuVmm::new(bin.clone(), accel));
+        let vmm: Arc<dyn Vmm> = Arc::new(QemuVmm::new(bin.clone(), accel).with_jail(jail.clone()));
         Ok((vmm, format!("{} with {accel}: {why}", bin.display())))
     };
     match cfg.vmm {
@@ -108,7 +117,10 @@ pub fn choose_backend(cfg: &Config) -> anyhow::Result<(Arc<dyn Vmm>, String)> {
                 );
             };
             let why = format!("vmm = \"firecracker\" ({})", bin.display());
-            Ok((Arc::new(FirecrackerVmm::new(bin)), why))
+            Ok((
+                Arc::new(FirecrackerVmm::new(bin).with_jail(jail.clone())),
+                why,
+            ))
         }
         VmmChoice::Qemu => {
             let (vmm, why) = qemu()?;
@@ -123,7 +135,10 @@ pub fn choose_backend(cfg: &Config) -> anyhow::Result<(Arc<dyn Vmm>, String)> {
                             "vmm = \"auto\": {} found and KVM runs guests ({why})",
                             bin.display()
                         );
-                        return Ok((Arc::new(FirecrackerVmm::new(bin)), why));
+                        return Ok((
+                            Arc::new(FirecrackerVmm::new(bin).with_jail(jail.clone())),
+                            why,
+                        ));
                     }
                     let (vmm, qwhy) = qemu()?;
                     Ok((
@@ -185,10 +200,15 @@ fn pin_auto(cfg: &Config, kind: BackendKind) -> anyhow::Result<()> {
 
 /// The driver of backend `kind` as the config describes it, without any
 /// probe (for VMs recorded with it: re-adoption needs no accelerator choice).
-fn driver_from_config(cfg: &Config, kind: BackendKind) -> Result<Arc<dyn Vmm>, String> {
+/// Its VMMs are (and were) started in `jail`.
+fn driver_from_config(
+    cfg: &Config,
+    kind: BackendKind,
+    jail: Option<Arc<Jail>>,
+) -> Result<Arc<dyn Vmm>, String> {
     match kind {
         BackendKind::Firecracker => match find_binary(&cfg.firecracker_binary) {
-            Some(bin) => Ok(Arc::new(FirecrackerVmm::new(bin))),
+            Some(bin) => Ok(Arc::new(FirecrackerVmm::new(bin).with_jail(jail))),
             None => Err(format!(
                 "config key `firecracker_binary`: {} not found",
                 cfg.firecracker_binary.display()
@@ -196,7 +216,9 @@ fn driver_from_config(cfg: &Config, kind: BackendKind) -> Result<Arc<dyn Vmm>, S
         },
         BackendKind::Qemu => match find_binary(&cfg.qemu_binary) {
             // The accelerator only matters for a launch; this driver re-adopts.
-            Some(bin) => Ok(Arc::new(QemuVmm::new(bin, kvm::choose_accel().0))),
+            Some(bin) => Ok(Arc::new(
+                QemuVmm::new(bin, kvm::choose_accel().0).with_jail(jail),
+            )),
             None => Err(format!(
                 "config key `qemu_binary`: {} not found",
                 cfg.qemu_binary.display()
@@ -207,16 +229,67 @@ fn driver_from_config(cfg: &Config, kind: BackendKind) -> Result<Arc<dyn Vmm>, S
 
 /// Builds the drivers of the backends new VMs do not get, from the config,
 /// for the VMs recorded with them.
-struct ConfigDrivers(Config);
+struct ConfigDrivers(Config, Option<Arc<Jail>>);
 
 impl VmmDrivers for ConfigDrivers {
     fn driver(&self, kind: BackendKind) -> Result<Arc<dyn Vmm>, String> {
-        let d = driver_from_config(&self.0, kind);
+        let d = driver_from_config(&self.0, kind, self.1.clone());
         match &d {
             Ok(_) => tracing::info!("{kind} driver built for the vms recorded with it"),
             Err(e) => tracing::error!("no {kind} driver for the vms recorded with it: {e}"),
         }
         d
+    }
+}
+
+/// The VMM jail the config asks for (`[jail]`): on by default when the
+/// daemon runs as root, off (with a log line saying so) otherwise.
+pub fn make_jail(cfg: &Config) -> anyhow::Result<Option<Arc<Jail>>> {
+    Ok(new_jail(cfg)?.map(Arc::new))
+}
+
+fn new_jail(cfg: &Config) -> anyhow::Result<Option<Jail>> {
+    let euid = agentenv_host::jail::euid();
+    if !cfg.jail.enabled(euid) {
+        if euid != 0 {
+            tracing::warn!(
+                "vmm jail off: the daemon does not run as root (euid {euid}), so VMMs run unconfined as its uid"
+            );
+        } else {
+            tracing::warn!("vmm jail off (`[jail] enable = false`): VMMs run unconfined as root");
+        }
+        return Ok(None);
+    }
+    if euid != 0 {
+        bail!("config key `jail.enable`: a jail needs a daemon running as root (euid is {euid})");
+    }
+    if let Some(jailer) = &cfg.jail.firecracker_jailer {
+        // Refused rather than ignored: a config asking for it must not run
+        // Firecracker some other way without saying so.
+        bail!(
+            "config key `jail.firecracker_jailer`: starting Firecracker through its jailer ({}) \
+             is not supported by this build; remove the key (Firecracker then runs in the \
+             daemon's own jail)",
+            jailer.display()
+        );
+    }
+    Ok(Some(Jail::new(&cfg.jail, &cfg.jail_dir())?))
+}
+
+/// Removes the jail directories of VMMs that are gone (a VMM that died while
+/// no daemon ran): a live VMM names its control socket in its command line.
+fn sweep_jails(cfg: &Config, jail: &Jail) {
+    use agentenv_core::host::HostProcesses;
+    // VMMs by their control socket as a whole argument, never a substring.
+    let live: Vec<PathBuf> = LocalHost::default()
+        .vmm_processes_in(&cfg.socket_root)
+        .into_iter()
+        .map(|(_, socket)| socket)
+        .collect();
+    for vm_id in jail.sweep(&cfg.socket_root, |vm_id| {
+        live.contains(&cfg.socket_root.join(format!("{vm_id}.sock")))
+    }) {
+        tracing::info!("removed the jail directory of vm {vm_id}: its vmm is gone");
     }
 }
 
@@ -229,8 +302,9 @@ pub async fn build_engine(cfg: Config) -> anyhow::Result<Arc<Engine>> {
 /// namespace `netns` (a path like `/run/netns/NAME`) instead of the daemon's own.
 pub async fn build_engine_in(cfg: Config, netns: Option<PathBuf>) -> anyhow::Result<Arc<Engine>> {
     create_roots(&cfg)?;
+    let jail = new_jail(&cfg)?.map(|j| Arc::new(j.with_netns(netns.clone())));
     let (vmm, why) = match (cfg.vmm, pinned_auto(&cfg)) {
-        (VmmChoice::Auto, Some(kind)) => match driver_from_config(&cfg, kind) {
+        (VmmChoice::Auto, Some(kind)) => match driver_from_config(&cfg, kind, jail.clone()) {
             Ok(vmm) => (
                 vmm,
                 format!(
@@ -242,16 +316,16 @@ pub async fn build_engine_in(cfg: Config, netns: Option<PathBuf>) -> anyhow::Res
                 tracing::warn!(
                     "vmm = \"auto\" was pinned to {kind}, which is gone ({e}); choosing again"
                 );
-                choose_backend(&cfg)?
+                choose_backend_with(&cfg, jail.clone())?
             }
         },
-        _ => choose_backend(&cfg)?,
+        _ => choose_backend_with(&cfg, jail.clone())?,
     };
     if cfg.vmm == VmmChoice::Auto {
         pin_auto(&cfg, vmm.kind())?;
     }
     tracing::info!("vmm backend: {} ({why})", vmm.kind());
-    let drivers: Arc<dyn VmmDrivers> = Arc::new(ConfigDrivers(cfg.clone()));
+    let drivers: Arc<dyn VmmDrivers> = Arc::new(ConfigDrivers(cfg.clone(), jail.clone()));
     let mut host = Host::from_one(Arc::new(LocalHost::with_templates(
         cfg.snapshots_root.join("templates"),
     )));
@@ -272,6 +346,7 @@ pub async fn build_engine_in(cfg: Config, netns: Option<PathBuf>) -> anyhow::Res
         tracing::info!("automatic networking off: create requests name their own TAP");
         None
     };
+    let jail_cfg = cfg.clone();
     let engine = Engine::start_with_drivers(
         cfg,
         vmm,
@@ -282,6 +357,9 @@ pub async fn build_engine_in(cfg: Config, netns: Option<PathBuf>) -> anyhow::Res
         Arc::new(SocketConnector),
     )
     .await?;
+    if let Some(jail) = &jail {
+        sweep_jails(&jail_cfg, jail);
+    }
     Ok(engine)
 }
 

@@ -702,8 +702,10 @@ fn full_storage_roots_fail_cleanly() {
     assert_eq!(code, 201, "{v}");
     cases += 1;
     // socket_root out of inodes: the VMM could not bind its socket; refused
-    // before it starts with 507 naming the root, nothing left.
-    sockets.remount("nr_inodes=3");
+    // before it starts with 507 naming the root, nothing left. In use: the
+    // root, the filler, sock1's socket and its jail's socket staging
+    // directory (this test runs as root, so VMMs are jailed).
+    sockets.remount("nr_inodes=4");
     let (code, v) = d.create("sock2");
     assert_eq!(code, 507, "{v}");
     let err = v["error"].as_str().unwrap();

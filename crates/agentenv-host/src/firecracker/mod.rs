@@ -40,6 +40,7 @@ use models::{
     VsockOverride,
 };
 
+use crate::jail::{Access, Jail, JailCleanup};
 use crate::process::{wait_for_socket, SpawnSpec, VmmProcess};
 
 /// Name of the generated configuration in the session directory.
@@ -74,6 +75,8 @@ pub struct FirecrackerVmm {
     binary: PathBuf,
     /// `firecracker X.Y.Z`, once asked.
     version: Arc<tokio::sync::OnceCell<String>>,
+    /// The jail every Firecracker starts in (`None`: unconfined).
+    jail: Option<Arc<Jail>>,
 }
 
 impl FirecrackerVmm {
@@ -82,9 +85,22 @@ impl FirecrackerVmm {
         FirecrackerVmm {
             binary,
             version: Arc::default(),
+            jail: None,
         }
     }
+
+    /// Starts every Firecracker in `jail` when given.
+    pub fn with_jail(mut self, jail: Option<Arc<Jail>>) -> FirecrackerVmm {
+        self.jail = jail;
+        self
+    }
 }
+
+/// Where a jailed Firecracker writes a full snapshot: in its session
+/// directory (its working directory), the only place of the host it may
+/// write; the driver then moves the files where they belong.
+const JAILED_STATE: &str = ".snapshot.state";
+const JAILED_MEMORY: &str = ".snapshot.mem";
 
 /// `path` as Firecracker is given it. Firecracker runs in the VM's session
 /// directory, so a path inside it is given relative to it: a snapshot records
@@ -264,6 +280,10 @@ pub struct ProcessSpec {
     pub inherit_fds: Vec<agentenv_core::host::SharedFd>,
     /// The VM's `cgroup.procs` files ([`LaunchSpec::cgroup_procs`]).
     pub cgroup_procs: Vec<PathBuf>,
+    /// The host paths the VMM uses, for its jail.
+    pub jail_paths: Vec<(PathBuf, Access)>,
+    /// The TAP it opens, for its jail.
+    pub tap_name: Option<String>,
 }
 
 impl From<&LaunchSpec> for ProcessSpec {
@@ -279,6 +299,8 @@ impl From<&LaunchSpec> for ProcessSpec {
             request_timeout: s.request_timeout,
             inherit_fds: s.drives.iter().filter_map(|d| d.fd.clone()).collect(),
             cgroup_procs: s.cgroup_procs.clone(),
+            jail_paths: crate::jail::launch_paths(s),
+            tap_name: s.net.as_ref().map(|n| n.tap_name.clone()),
         }
     }
 }
@@ -313,14 +335,37 @@ impl FirecrackerVmm {
             console_log_max_bytes: p.console_log_max_bytes,
             inherit_fds: p.inherit_fds.clone(),
             cgroup_procs: p.cgroup_procs.clone(),
+            jail: match &self.jail {
+                Some(jail) => Some(Arc::new(
+                    jail.prepare(
+                        &p.vm_id,
+                        &self.binary,
+                        &p.jail_paths,
+                        Some(&p.control_socket),
+                        Some(&p.cwd),
+                    )
+                    .map_err(|e| VmmError::Jail(e.to_string()))?
+                    .with_tap(p.tap_name.as_deref().unwrap_or_default()),
+                )),
+                None => None,
+            },
         };
-        let process = VmmProcess::spawn_in(&spawn, Some(&p.cwd))?;
-        Ok(FirecrackerInstance::new(
+        let cleanup = spawn.jail.as_ref().map(|j| j.cleanup());
+        let process = VmmProcess::spawn_in(&spawn, Some(&p.cwd)).inspect_err(|_| {
+            if let Some(c) = &cleanup {
+                c.run();
+            }
+        })?;
+        let mut inst = FirecrackerInstance::new(
             process,
             &p.control_socket,
             p.agent_socket.clone(),
             p.request_timeout,
-        ))
+        );
+        if self.jail.is_some() {
+            inst.jailed_in = Some(p.cwd.clone());
+        }
+        Ok(inst)
     }
 
     /// Starts a VMM, configures it for `spec` and boots it (what
@@ -363,11 +408,14 @@ impl FirecrackerVmm {
             spec.launch.agent_socket.is_some() && has_vsock_override(&self.version().await?);
         let load = load_params(spec, vsock_override)?;
         write_readable(&spec.launch.session_dir.join(LOAD_FILE), &load)?;
-        self.load_snapshot(&LoadSpec {
-            process: (&spec.launch).into(),
-            load,
-        })
-        .await
+        let mut process = ProcessSpec::from(&spec.launch);
+        process
+            .jail_paths
+            .push((spec.state.clone(), Access::ReadOnly));
+        if let Some(memory) = &spec.memory {
+            process.jail_paths.push((memory.clone(), Access::ReadOnly));
+        }
+        self.load_snapshot(&LoadSpec { process, load }).await
     }
 
     /// `firecracker --version`, as `firecracker X.Y.Z`.
@@ -431,18 +479,44 @@ impl Vmm for FirecrackerVmm {
         &self,
         spec: &AdoptSpec,
     ) -> Result<(Box<dyn VmmInstance>, AdoptedState), VmmError> {
-        let process = VmmProcess::adopt_vmm(spec)?;
-        let inst = FirecrackerInstance::new(
+        let mut process = VmmProcess::adopt_vmm(spec)?;
+        if let Some(jail) = &self.jail {
+            process =
+                process.with_jail_cleanup(JailCleanup::of(jail, &spec.vm_id, &spec.control_socket));
+        }
+        let mut inst = FirecrackerInstance::new(
             process,
             &spec.control_socket,
             spec.agent_socket.clone(),
             spec.request_timeout,
         );
+        if self.jail.is_some() {
+            // Firecracker runs in the session directory, its console log's.
+            inst.jailed_in = spec.console_log.parent().map(Path::to_path_buf);
+        }
         inst.remember_sockets();
         inst.client.set_keep_alive(false).await;
         let state = inst.guest_state().await?;
         Ok((Box::new(inst), state))
     }
+}
+
+/// Moves a file: a rename, or a copy where `to` is on another file system.
+fn move_file(from: &Path, to: &Path) -> Result<(), VmmError> {
+    let io = |source| VmmError::Io {
+        context: format!("cannot move {} to {}", from.display(), to.display()),
+        source,
+    };
+    let moved = match std::fs::rename(from, to) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            std::fs::copy(from, to).map_err(io)?;
+            std::fs::remove_file(from).map_err(io)
+        }
+        Err(e) => Err(io(e)),
+    };
+    // The jail uid wrote it; the snapshot store's files are the daemon's.
+    moved.and_then(|()| std::os::unix::fs::chown(to, Some(0), Some(0)).map_err(io))
 }
 
 /// A socket file's identity: device and inode.
@@ -474,6 +548,8 @@ pub struct FirecrackerInstance {
     owned: Arc<Mutex<Vec<(PathBuf, SocketId)>>>,
     /// How long one ordinary API request may take.
     request_timeout: Duration,
+    /// A jailed VMM's session directory (where it writes full snapshots).
+    jailed_in: Option<PathBuf>,
 }
 
 impl FirecrackerInstance {
@@ -490,6 +566,7 @@ impl FirecrackerInstance {
             process,
             owned: Arc::default(),
             request_timeout,
+            jailed_in: None,
         };
         // Firecracker leaves its socket files behind when it exits; remove them
         // (those it made: this runs whenever the exit is noticed, maybe after
@@ -678,13 +755,36 @@ impl VmmInstance for FirecrackerInstance {
     /// `PUT /snapshot/create` (Full): Firecracker writes the state and the
     /// memory files itself.
     async fn save_full(&self, files: &FullSnapshotFiles) -> Result<SavedMemory, VmmError> {
-        self.snapshot_create(&SnapshotCreateParams {
-            snapshot_type: Some(SnapshotType::Full),
-            snapshot_path: files.state.clone(),
-            mem_file_path: files.memory.clone(),
-        })
-        .await?;
-        Ok(SavedMemory::Written)
+        let Some(session) = &self.jailed_in else {
+            self.snapshot_create(&SnapshotCreateParams {
+                snapshot_type: Some(SnapshotType::Full),
+                snapshot_path: files.state.clone(),
+                mem_file_path: files.memory.clone(),
+            })
+            .await?;
+            return Ok(SavedMemory::Written);
+        };
+        // Jailed: written in the session directory (relative to it), then
+        // moved.
+        let staged = [
+            (session.join(JAILED_STATE), &files.state),
+            (session.join(JAILED_MEMORY), &files.memory),
+        ];
+        let written = self
+            .snapshot_create(&SnapshotCreateParams {
+                snapshot_type: Some(SnapshotType::Full),
+                snapshot_path: JAILED_STATE.into(),
+                mem_file_path: JAILED_MEMORY.into(),
+            })
+            .await;
+        let moved = match written {
+            Ok(()) => staged.iter().try_for_each(|(from, to)| move_file(from, to)),
+            Err(e) => Err(e),
+        };
+        for (from, _) in &staged {
+            let _ = std::fs::remove_file(from);
+        }
+        moved.map(|()| SavedMemory::Written)
     }
 
     fn pid(&self) -> Option<u32> {

@@ -47,6 +47,7 @@ use tokio::sync::watch;
 pub use args::{command_document, qemu_args, qemu_args_for, GuestMemory, StartMode};
 pub use qmp::QmpClient;
 
+use crate::jail::{Access, Jail, JailCleanup, PreparedJail};
 use crate::process::{last_lines, wait_for_socket, SpawnSpec, VmmProcess};
 
 /// How often a shutdown of a machine without ACPI presses Ctrl-Alt-Del again.
@@ -120,7 +121,15 @@ pub struct QemuVmm {
     tsc_khz: Option<u64>,
     /// `qemu X.Y.Z`, once asked.
     version: Arc<tokio::sync::OnceCell<String>>,
+    /// The jail every QEMU starts in (`None`: unconfined).
+    jail: Option<Arc<Jail>>,
 }
+
+/// QEMU's own seccomp filter, on for every jailed QEMU: no obsolete system
+/// calls, no set*uid, no fork/exec, no scheduler or affinity changes. Full
+/// snapshots save and load through descriptors (no `exec:` migration), so
+/// `spawn=deny` costs nothing.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 impl QemuVmm {
     /// A driver for the given `qemu-system-x86_64` binary and accelerator. Under
@@ -135,7 +144,56 @@ impl QemuVmm {
             accel,
             tsc_khz,
             version: Arc::default(),
+            jail: None,
         }
+    }
+
+    /// Starts every QEMU in `jail` (with its seccomp sandbox on) when given.
+    pub fn with_jail(mut self, jail: Option<Arc<Jail>>) -> QemuVmm {
+        self.jail = jail;
+        self
+    }
+
+    /// The jail QEMUs start in.
+    pub fn jail(&self) -> Option<&Arc<Jail>> {
+        self.jail.as_ref()
+    }
+
+    /// Describes the jail of a QEMU for `spec` in `mode`: its kernel, initrd,
+    /// drives, session directory and memory file, its staged QMP socket.
+    fn prepare_jail(
+        &self,
+        spec: &LaunchSpec,
+        mode: StartMode<'_>,
+    ) -> Result<Option<Arc<PreparedJail>>, VmmError> {
+        let Some(jail) = &self.jail else {
+            return Ok(None);
+        };
+        let mut paths = crate::jail::launch_paths(spec);
+        match mode.memory {
+            GuestMemory::File { path, shared: true } => {
+                paths.push((path.to_path_buf(), Access::Owned))
+            }
+            GuestMemory::File {
+                path,
+                shared: false,
+            } => paths.push((path.to_path_buf(), Access::SharedWritable)),
+            GuestMemory::Anonymous | GuestMemory::Ram => {}
+        }
+        let prepared = jail
+            .prepare(
+                &spec.vm_id,
+                &self.binary,
+                &paths,
+                Some(&spec.control_socket),
+                None,
+            )
+            .map_err(|e| VmmError::Jail(e.to_string()))?;
+        let prepared = match &spec.net {
+            Some(net) => prepared.with_tap(&net.tap_name),
+            None => prepared,
+        };
+        Ok(Some(Arc::new(prepared)))
     }
 
     /// The QEMU binary.
@@ -221,7 +279,10 @@ impl QemuVmm {
         spec: &LaunchSpec,
         mode: StartMode<'_>,
     ) -> Result<(VmmProcess, QmpClient, SocketIds), VmmError> {
-        let args = qemu_args_for(spec, self.accel, self.tsc_khz, mode);
+        let mut args = qemu_args_for(spec, self.accel, self.tsc_khz, mode);
+        if self.jail.is_some() {
+            args.extend(["-sandbox".into(), SANDBOX.into()]);
+        }
         let doc = serde_json::to_vec_pretty(&command_document(&self.binary, &args))
             .expect("json serialises");
         let doc_path = spec.session_dir.join(COMMAND_FILE);
@@ -234,6 +295,8 @@ impl QemuVmm {
             clear_stale_socket(agent)?;
         }
         let spawned = Instant::now();
+        let jail = self.prepare_jail(spec, mode)?;
+        let cleanup = jail.as_ref().map(|j| j.cleanup());
         let process = VmmProcess::spawn(&SpawnSpec {
             binary: self.binary.clone(),
             args,
@@ -241,6 +304,12 @@ impl QemuVmm {
             console_log_max_bytes: spec.console_log_max_bytes,
             inherit_fds: spec.drives.iter().filter_map(|d| d.fd.clone()).collect(),
             cgroup_procs: spec.cgroup_procs.clone(),
+            jail,
+        })
+        .inspect_err(|_| {
+            if let Some(c) = &cleanup {
+                c.run();
+            }
         })?;
         let qmp = QmpClient::new(&spec.control_socket, spec.request_timeout);
         let expect = if mode.incoming {
@@ -435,7 +504,11 @@ impl QemuVmm {
         &self,
         spec: &AdoptSpec,
     ) -> Result<(QemuInstance, AdoptedState), VmmError> {
-        let process = VmmProcess::adopt_vmm(spec)?;
+        let mut process = VmmProcess::adopt_vmm(spec)?;
+        if let Some(jail) = &self.jail {
+            process =
+                process.with_jail_cleanup(JailCleanup::of(jail, &spec.vm_id, &spec.control_socket));
+        }
         let qmp = QmpClient::new(&spec.control_socket, spec.request_timeout);
         qmp.connect(spec.request_timeout).await?;
         let state = adopted_state(&qmp.query_status().await?)?;

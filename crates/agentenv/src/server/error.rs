@@ -123,6 +123,10 @@ pub fn status_of(e: &EngineError) -> StatusCode {
             source: VmmError::Timeout { .. },
             ..
         } => StatusCode::GATEWAY_TIMEOUT,
+        EngineError::Vmm {
+            source: VmmError::Jail(_),
+            ..
+        } => StatusCode::SERVICE_UNAVAILABLE,
         EngineError::Vmm { .. } => StatusCode::BAD_GATEWAY,
         EngineError::Snapshot { source, .. } => match source {
             SnapshotError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -251,6 +255,13 @@ mod tests {
                     source: VmmError::NotRunning,
                 },
                 502,
+            ),
+            (
+                EngineError::Vmm {
+                    vm_id: "a".into(),
+                    source: VmmError::Jail("x".into()),
+                },
+                503,
             ),
             (EngineError::AgentUnavailable("x".into()), 503),
             (EngineError::Cgroup("x".into()), 503),

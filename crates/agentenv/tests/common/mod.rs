@@ -90,6 +90,8 @@ impl TestDir {
             "snap/tmpfs/.guest-memory",
             "snap/durable",
             "disks",
+            // `[jail] chroot_base` (its default: beside `sessions`).
+            "jail",
         ] {
             std::fs::create_dir_all(d.join(sub)).unwrap();
         }
@@ -147,6 +149,11 @@ impl TestDir {
             // Each test daemon has its own parent cgroup (checked for leaks).
             cgroup: agentenv_core::config::CgroupConfig {
                 parent: Baseline::cgroup_parent(d),
+                ..Default::default()
+            },
+            // The double's wrapper scripts run it: jailed VMMs must see it.
+            jail: agentenv_core::config::JailConfig {
+                read_only_paths: vec![paths::fc_double()],
                 ..Default::default()
             },
             ..Config::default()
@@ -607,12 +614,17 @@ pub use agentenv_testkit::agent::HostAgent;
 /// an agent running on the host, so the whole agent path runs without a VM.
 pub fn start_with_agent(tweak: impl FnOnce(&mut Config)) -> (Daemon, TestDir, HostAgent) {
     let mut dir = TestDir::new();
-    let sock = dir.path().join("agent-host.sock");
+    // In a directory of its own, which jailed VMMs see (the double connects
+    // to the agent from inside the jail; a restarted agent is a new socket).
+    let agent_dir = dir.path().join("agent");
+    std::fs::create_dir(&agent_dir).unwrap();
+    let sock = agent_dir.join("agent-host.sock");
     let spec = format!("{}={}", agentenv_proto::VSOCK_PORT, sock.display());
     let wrapper = dir.wrapper("fc-agent", &["--vsock-agent", &spec]);
     dir.baseline = Some(baseline(dir.path()));
     let agent = HostAgent::start(&sock);
     let mut cfg = dir.config();
+    cfg.jail.read_only_paths.push(agent_dir);
     cfg.firecracker_binary = wrapper;
     tweak(&mut cfg);
     let d = Daemon::start_with(cfg, dir.path());
@@ -810,7 +822,12 @@ pub fn qemu_in_netns(dir: &TestDir, ns: &str) -> PathBuf {
     let p = dir.path().join("qemu-in-netns");
     std::fs::write(
         &p,
-        format!("#!/bin/sh\nexec ip netns exec '{ns}' qemu-system-x86_64 \"$@\"\n"),
+        // Jailed (not root), QEMU is in the namespace already: the daemon's
+        // jail joins the one it was started with.
+        format!(
+            "#!/bin/sh\n[ \"$(id -u)\" = 0 ] || exec qemu-system-x86_64 \"$@\"\n\
+             exec ip netns exec '{ns}' qemu-system-x86_64 \"$@\"\n"
+        ),
     )
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
