@@ -78,16 +78,7 @@ impl VmmProcess {
         if let Some(jail) = &spec.jail {
             return crate::jail::spawn::spawn_jailed(spec, jail.clone());
         }
-        let open_log = || {
-            crate::private::file_options()
-                .create(true)
-                .append(true)
-                .open(&spec.console_log)
-                .map_err(|source| VmmError::Io {
-                    context: format!("cannot open console log {}", spec.console_log.display()),
-                    source,
-                })
-        };
+        let open_log = || open_console_log(&spec.console_log);
         let (out, err) = (open_log()?, open_log()?);
         let mut cmd = tokio::process::Command::new(&spec.binary);
         cmd.args(&spec.args)
@@ -469,7 +460,7 @@ fn reap_pidfd(pidfd: &OwnedFd) -> VmmExit {
 
 /// Opens (creates) a console log for appending.
 pub(crate) fn open_console_log(path: &Path) -> Result<std::fs::File, VmmError> {
-    std::fs::OpenOptions::new()
+    crate::private::file_options()
         .create(true)
         .append(true)
         .open(path)

@@ -64,6 +64,8 @@ fn symlinks_daemon_roots_shared_disks_and_big_shares_are_refused() {
     std::fs::write(disks.join("big/f"), vec![7u8; 2 << 20]).unwrap();
     // The daemon's roots, reachable from a direct-disk root that holds them.
     std::fs::create_dir_all(d0.join("var/sessions")).unwrap();
+    // The jail's base, beside session_root, stays (as TestDir's own jail/).
+    std::fs::create_dir_all(d0.join("var/jail")).unwrap();
     disk_file(&d0.join("rootfs/other.img"), b"base");
     disk_file(&d0.join("snap/durable/x.img"), b"snapshot");
     let mut cfg = dir.config();

@@ -652,10 +652,16 @@ fn check_modes(
         };
         let m = meta.permissions().mode() & 0o7777;
         let ft = meta.file_type();
+        let jail_group = agentenv_core::config::JailConfig::default().group();
         let want = if ft.is_dir() {
             0o700
         } else if ft.is_socket() && sockets_0660.contains(&p) {
             0o660
+        } else if ft.is_file() && meta.gid() == jail_group && m & 0o040 != 0 {
+            // A read-only input the jail shares with jailed VMMs (a full
+            // snapshot's memory file, which restored VMs map): readable by
+            // the jail group only, never by other users.
+            0o640
         } else {
             0o600
         };

@@ -11,8 +11,7 @@ use chrono::Utc;
 
 use super::host_paths::open_host_path;
 use super::validate::{
-    check_boot_args, check_egress, check_firecracker_cmdline, check_network,
-    check_share_guest_path,
+    check_boot_args, check_egress, check_firecracker_cmdline, check_network, check_share_guest_path,
 };
 use super::{Engine, VmSlot, AGENT_SOCKET, CONSOLE_LOG};
 use crate::backend::{DriveSpec, LaunchSpec, NetAttachment, RestoreSpec, VmmInstance};

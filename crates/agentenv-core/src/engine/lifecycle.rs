@@ -1,6 +1,6 @@
 //! Pause, resume, shutdown and delete.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -218,6 +218,15 @@ impl Engine {
             let socket = PathBuf::from(slot.with_info(|i| i.api_socket.clone()));
             if self.host.processes.kill_recorded_process(id, &socket) {
                 tracing::warn!("vm {vm_id}: killed its unmanaged vmm (pid {})", id.pid);
+            }
+            // Its jail directories (empty once it is gone: the jail's mounts
+            // lived only in its own mount namespace), which no driver removes.
+            let staging = socket
+                .parent()
+                .unwrap_or(Path::new("/"))
+                .join(format!(".jail-{vm_id}"));
+            for dir in [self.cfg.jail_dir().join(vm_id), staging] {
+                self.host.files.remove_dir_all(&dir)?;
             }
             slot.set_process(None);
             self.release_network(&slot).await;

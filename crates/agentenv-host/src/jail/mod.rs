@@ -215,7 +215,12 @@ impl Jail {
                 })
             }
             Err(_) => {
-                std::fs::create_dir(&dir).map_err(io(format!("cannot create {}", dir.display())))?
+                std::fs::create_dir(&dir)
+                    .map_err(io(format!("cannot create {}", dir.display())))?;
+                // Private like every directory the daemon makes (the VMM
+                // never uses it: its own tmpfs is mounted over it).
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                    .map_err(io(format!("cannot chmod {}", dir.display())))?
             }
         }
         let uid = match self.ids {
@@ -353,15 +358,19 @@ impl Jail {
             let _ = std::fs::remove_dir_all(staged);
             std::fs::create_dir(staged)
                 .map_err(io(format!("cannot create {}", staged.display())))?;
+            std::fs::set_permissions(staged, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(format!("cannot chmod {}", staged.display())))?;
             std::os::unix::fs::chown(staged, Some(uid), Some(self.gid))
                 .map_err(io(format!("cannot chown {}", staged.display())))?;
             let dir = socket.parent().unwrap_or(Path::new("/"));
             tree.bind_at(staged, dir, true, false);
         }
         for (path, access) in paths {
-            if NOT_FILES
-                .iter()
-                .any(|p| path.as_os_str().as_bytes().starts_with(p.as_bytes()))
+            let inherited = path.as_os_str().as_bytes().starts_with(b"/proc/self/fd/");
+            if !inherited
+                && NOT_FILES
+                    .iter()
+                    .any(|p| path.as_os_str().as_bytes().starts_with(p.as_bytes()))
             {
                 continue;
             }
@@ -381,7 +390,12 @@ impl Jail {
                     self.gid
                 )))?,
             }
-            if !tree.covered(path) {
+            // A descriptor the VMM inherits (a direct disk the daemon opened)
+            // names no path to bind: the jail's own /proc reaches it. Its
+            // access was granted above through the descriptor (the daemon's
+            // own `/proc/self/fd/N`, the same number), never a path a swap
+            // could redirect.
+            if !inherited && !tree.covered(path) {
                 tree.bind(path, meta.is_dir(), Kind::Data, *access == Access::ReadOnly);
             }
         }
@@ -466,12 +480,26 @@ pub fn launch_paths(spec: &LaunchSpec) -> Vec<(PathBuf, Access)> {
     ];
     paths.extend(spec.initrd.iter().map(|p| (p.clone(), Access::ReadOnly)));
     for d in &spec.drives {
-        let access = if d.read_only {
-            Access::ReadOnly
-        } else {
-            Access::Owned
-        };
-        paths.push((d.path.clone(), access));
+        match &d.fd {
+            // A file the daemon opened for the VM (a direct disk): the user's,
+            // so it is shared with the jail group rather than given away.
+            Some(fd) => paths.push((
+                crate::safe_open::fd_path(fd.raw()).into(),
+                if d.read_only {
+                    Access::ReadOnly
+                } else {
+                    Access::SharedWritable
+                },
+            )),
+            None => paths.push((
+                d.path.clone(),
+                if d.read_only {
+                    Access::ReadOnly
+                } else {
+                    Access::Owned
+                },
+            )),
+        }
     }
     if let Some(dir) = spec
         .agent_socket

@@ -448,7 +448,8 @@ unsafe fn child_main(c: &Child) -> ! {
             fail(STEP_CWD);
         }
     }
-    libc::umask(0o077);
+    // As for an unjailed VMM: its sockets and files are 0600.
+    libc::umask(0o177);
     let limit = |resource, n: u64| {
         let l = libc::rlimit {
             rlim_cur: n,
