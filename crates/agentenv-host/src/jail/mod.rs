@@ -484,7 +484,7 @@ pub fn launch_paths(spec: &LaunchSpec) -> Vec<(PathBuf, Access)> {
             // A file the daemon opened for the VM (a direct disk): the user's,
             // so it is shared with the jail group rather than given away.
             Some(fd) => paths.push((
-                crate::safe_open::fd_path(fd.raw()).into(),
+                crate::safe_open::fd_path(fd.raw()),
                 if d.read_only {
                     Access::ReadOnly
                 } else {
