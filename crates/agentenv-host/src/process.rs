@@ -936,10 +936,16 @@ mod tests {
             ))
             .status()
             .unwrap();
-        // Find it by its marker.
+        // Find it by its marker, once it runs as `sh … --api-sock MARKER` (a
+        // fork of the outer shell names the marker too, inside one argument,
+        // until it executes).
         let mut pid = None;
-        for _ in 0..100 {
-            pid = crate::local::processes_mentioning(&marker).first().copied();
+        for _ in 0..250 {
+            pid = crate::local::processes_mentioning(&marker)
+                .into_iter()
+                .find(|&p| {
+                    proc_argv(p).is_some_and(|argv| control_sockets(&argv).contains(&marker))
+                });
             if pid.is_some() {
                 break;
             }

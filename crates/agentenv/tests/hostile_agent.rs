@@ -76,6 +76,8 @@ fn serve(mut s: UnixStream, seen: &Seen, flood: u64) {
 
 fn fake_agent(sock: &Path, seen: Arc<Seen>, flood: u64) {
     let l = UnixListener::bind(sock).unwrap();
+    // The jailed double connects as the jail's uid.
+    std::fs::set_permissions(sock, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(s) = s else { return };
@@ -89,7 +91,11 @@ fn fake_agent(sock: &Path, seen: Arc<Seen>, flood: u64) {
 #[test]
 fn a_guest_flooding_past_its_window_is_cut_off_and_the_daemon_stays_small() {
     let mut dir = TestDir::new();
-    let sock = dir.path().join("agent-host.sock");
+    // In a directory of its own, which the jailed double sees (as in
+    // `common::start_with_agent`).
+    let agent_dir = dir.path().join("agent");
+    std::fs::create_dir(&agent_dir).unwrap();
+    let sock = agent_dir.join("agent-host.sock");
     let spec = format!("{}={}", proto::VSOCK_PORT, sock.display());
     let wrapper = dir.wrapper("fc-agent", &["--vsock-agent", &spec]);
     let seen = Arc::new(Seen::default());
@@ -97,6 +103,7 @@ fn a_guest_flooding_past_its_window_is_cut_off_and_the_daemon_stays_small() {
     fake_agent(&sock, seen.clone(), flood);
     dir.baseline = Some(common::baseline(dir.path()).allow(&sock));
     let mut cfg = dir.config();
+    cfg.jail.read_only_paths.push(agent_dir);
     cfg.firecracker_binary = wrapper;
     let d = Daemon::start_with(cfg, dir.path());
     let mut body = common::overlay_req("flood");
