@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use agentenv_core::config::{AuthConfig, NetworkConfig, OnShutdown, VmmChoice};
+use agentenv_core::config::{AuthConfig, CgroupConfig, NetworkConfig, OnShutdown, VmmChoice};
 use serde_json::{json, Value};
 
 use crate::report::Cleaned;
@@ -262,6 +262,20 @@ pub fn in_run(config: &Config, root: &Path) -> Config {
         auth: AuthConfig {
             tokens_file: root.join("tokens"),
             ..config.auth.clone()
+        },
+        // A parent cgroup of its own: two daemons of one run (jail on and
+        // off, say) may give a VM the same id, and a shared parent would
+        // give both VMs one cgroup.
+        cgroup: CgroupConfig {
+            parent: format!(
+                "agentenv-bench-{}",
+                root.file_name()
+                    .map(|n| n
+                        .to_string_lossy()
+                        .replace(|c: char| !c.is_ascii_alphanumeric(), "_"))
+                    .unwrap_or_default()
+            ),
+            ..config.cgroup.clone()
         },
         ..config.clone()
     }
