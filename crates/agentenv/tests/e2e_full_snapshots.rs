@@ -10,10 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agentenv_core::config::Config;
-use common::{finish, Daemon, TestDir};
+use common::{boot_ready, call_ok, finish, Daemon, TestDir};
 use serde_json::{json, Value};
-
-const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A tmpfs directory for the fast snapshot tier and guest RAM, removed (and
 /// checked empty of leftovers) at the end.
@@ -71,26 +69,6 @@ fn start(dir: &mut TestDir, cfg: Config) -> Daemon {
     }
     dir.baseline = Some(common::baseline(dir.path()));
     Daemon::start_with(cfg, dir.path())
-}
-
-fn call_ok(d: &Daemon, method: &str, path: &str, body: Option<Value>, want: u16) -> Value {
-    let (code, v) = d.call(method, path, body);
-    assert_eq!(code, want, "{method} {path}: {v}");
-    v
-}
-
-fn boot_ready(d: &Daemon, vm_id: &str) -> Value {
-    let v = call_ok(
-        d,
-        "POST",
-        "/v1/vm",
-        Some(json!({"vm_id": vm_id, "wait_ready": true,
-                    "wait_ready_timeout_s": BOOT_TIMEOUT.as_secs(),
-                    "disk": {"kind": "overlay", "rootfs_id": "minimal.ext4"}})),
-        201,
-    );
-    assert_eq!(v["ready"], true, "{v}");
-    v
 }
 
 fn restore_ready(d: &Daemon, vm_id: &str, snapshot_id: &str) -> (Value, Duration) {

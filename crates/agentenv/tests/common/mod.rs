@@ -853,3 +853,29 @@ pub fn qemu_config(dir: &TestDir, art: &Path) -> Config {
         ..dir.config()
     }
 }
+
+/// How long a real (QEMU/TCG) guest may take to boot and answer ready.
+pub const GUEST_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `method path` with `body`, asserting the status is `want`; the body.
+pub fn call_ok(d: &Daemon, method: &str, path: &str, body: Option<Value>, want: u16) -> Value {
+    let (code, v) = d.call(method, path, body);
+    assert_eq!(code, want, "{method} {path}: {v}");
+    v
+}
+
+/// Creates `vm_id` on the `minimal.ext4` base image and waits until its agent
+/// is ready ([`GUEST_BOOT_TIMEOUT`]); the VM.
+pub fn boot_ready(d: &Daemon, vm_id: &str) -> Value {
+    let v = call_ok(
+        d,
+        "POST",
+        "/v1/vm",
+        Some(serde_json::json!({"vm_id": vm_id, "wait_ready": true,
+                    "wait_ready_timeout_s": GUEST_BOOT_TIMEOUT.as_secs(),
+                    "disk": {"kind": "overlay", "rootfs_id": "minimal.ext4"}})),
+        201,
+    );
+    assert_eq!(v["ready"], true, "{v}");
+    v
+}
