@@ -395,14 +395,11 @@ fn five_clones_have_their_own_address_and_randomness_and_cannot_reach_each_other
     let ns = agentenv_testkit::netns::NetnsPair::new("fork").unwrap();
     let shm = Shm::new();
     let mut dir = TestDir::new();
-    let mut cfg = qemu_config(&dir, &art, &shm);
-    cfg.network.enable = true;
-    cfg.qemu_binary = common::qemu_in_netns(&dir, &ns.host);
+    let cfg = qemu_config(&dir, &art, &shm);
     for p in [&cfg.tmpfs_snapshot_root, &cfg.guest_memory_dir()] {
         std::fs::create_dir_all(p).unwrap();
     }
-    dir.baseline = Some(common::baseline(dir.path()));
-    let d = Daemon::start_in(cfg, dir.path(), Some(ns.host_path()));
+    let d = common::start_networked(cfg, &mut dir, &ns);
     let before = ns.state();
     let parent = boot_ready(&d, "p");
     let t = Instant::now();

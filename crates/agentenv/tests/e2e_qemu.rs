@@ -235,11 +235,8 @@ fn guests_reach_their_gateway_and_the_outside_but_not_each_other() {
     }
     let ns = agentenv_testkit::netns::NetnsPair::new("e2e").unwrap();
     let mut dir = TestDir::new();
-    let mut cfg = common::qemu_config(&dir, &art);
-    cfg.network.enable = true;
-    cfg.qemu_binary = common::qemu_in_netns(&dir, &ns.host);
-    dir.baseline = Some(common::baseline(dir.path()));
-    let d = Daemon::start_in(cfg, dir.path(), Some(ns.host_path()));
+    let cfg = common::qemu_config(&dir, &art);
+    let d = common::start_networked(cfg, &mut dir, &ns);
     let before = ns.state();
 
     // a: eth0 from the command line; its gateway and the outside answer.

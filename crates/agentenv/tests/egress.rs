@@ -452,11 +452,8 @@ fn real_guests_reach_public_hosts_not_private_ones_and_allow_opens_exactly_its_p
     let ns = NetnsPair::new("egq").unwrap();
     let out = Outside::start(&ns);
     let mut dir = TestDir::new();
-    let mut cfg = common::qemu_config(&dir, &art);
-    cfg.network.enable = true;
-    cfg.qemu_binary = common::qemu_in_netns(&dir, &ns.host);
-    dir.baseline = Some(common::baseline(dir.path()));
-    let d = Daemon::start_in(cfg, dir.path(), Some(ns.host_path()));
+    let cfg = common::qemu_config(&dir, &art);
+    let d = common::start_networked(cfg, &mut dir, &ns);
     let before = ns.state();
     let vm = |id: &str, network: Option<Value>| {
         let mut body =

@@ -879,3 +879,17 @@ pub fn boot_ready(d: &Daemon, vm_id: &str) -> Value {
     assert_eq!(v["ready"], true, "{v}");
     v
 }
+
+/// A daemon whose VMs get automatic networking inside the test's namespace
+/// pair `ns` (QEMU run there through [`qemu_in_netns`]), with `cfg` otherwise
+/// as given; the leak baseline is taken just before it starts.
+pub fn start_networked(
+    mut cfg: Config,
+    dir: &mut TestDir,
+    ns: &agentenv_testkit::netns::NetnsPair,
+) -> Daemon {
+    cfg.network.enable = true;
+    cfg.qemu_binary = qemu_in_netns(dir, &ns.host);
+    dir.baseline = Some(baseline(dir.path()));
+    Daemon::start_in(cfg, dir.path(), Some(ns.host_path()))
+}
