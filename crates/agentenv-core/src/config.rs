@@ -737,6 +737,15 @@ impl Config {
             .unwrap_or_else(|| self.tmpfs_snapshot_root.join(".guest-memory"))
     }
 
+    /// Where a jailed VMM binds its control socket `socket` (`.jail-<vm_id>`
+    /// beside it); the daemon renames the socket into place from there.
+    pub fn jail_socket_staging(socket: &Path, vm_id: &str) -> PathBuf {
+        socket
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .join(format!(".jail-{vm_id}"))
+    }
+
     /// Where the per-VM jail roots are made (`[jail] chroot_base`, default
     /// `jail` beside `session_root`).
     pub fn jail_dir(&self) -> PathBuf {

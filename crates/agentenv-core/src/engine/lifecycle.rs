@@ -1,6 +1,6 @@
 //! Pause, resume, shutdown and delete.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -221,10 +221,7 @@ impl Engine {
             }
             // Its jail directories (empty once it is gone: the jail's mounts
             // lived only in its own mount namespace), which no driver removes.
-            let staging = socket
-                .parent()
-                .unwrap_or(Path::new("/"))
-                .join(format!(".jail-{vm_id}"));
+            let staging = crate::config::Config::jail_socket_staging(&socket, vm_id);
             for dir in [self.cfg.jail_dir().join(vm_id), staging] {
                 self.host.files.remove_dir_all(&dir)?;
             }

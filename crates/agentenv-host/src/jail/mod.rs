@@ -529,10 +529,7 @@ pub fn euid() -> u32 {
 
 /// The staging directory of a control socket.
 pub fn staging_dir(socket: &Path, vm_id: &str) -> PathBuf {
-    socket
-        .parent()
-        .unwrap_or(Path::new("/"))
-        .join(format!(".jail-{vm_id}"))
+    agentenv_core::config::Config::jail_socket_staging(socket, vm_id)
 }
 
 fn remove_jail_dir(dir: &Path) {
@@ -908,6 +905,12 @@ mod tests {
         std::fs::write(&overlay, b"").unwrap();
         std::fs::write(&kernel, b"").unwrap();
         std::fs::set_permissions(&kernel, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // A direct disk the daemon opened: the VMM reaches it by descriptor.
+        let disk = dir.path().join("disk.img");
+        std::fs::write(&disk, b"").unwrap();
+        std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let opened = std::fs::File::open(&disk).unwrap();
+        let fd_path = crate::safe_open::fd_path(std::os::fd::AsRawFd::as_raw_fd(&opened));
         let jail = Jail::new(&cfg(Some(4243), [1, 1]), &dir.path().join("j")).unwrap();
         let socket = dir.path().join("sockets/x.sock");
         std::fs::create_dir(socket.parent().unwrap()).unwrap();
@@ -919,7 +922,7 @@ mod tests {
                     (kernel.clone(), Access::ReadOnly),
                     (session.clone(), Access::Owned),
                     (overlay.clone(), Access::Owned),
-                    ("/proc/self/fd/7".into(), Access::Owned),
+                    (fd_path.clone(), Access::SharedWritable),
                 ],
                 Some(&socket),
                 None,
@@ -958,6 +961,11 @@ mod tests {
         let k = std::fs::metadata(&kernel).unwrap();
         assert_eq!((k.gid(), k.mode() & 0o777), (4243, 0o640));
         assert_eq!(std::fs::metadata(&staged).unwrap().uid(), 4243);
+        // The opened disk is shared with the jail group through its
+        // descriptor, and stays its owner's.
+        let m = std::fs::metadata(&disk).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (0, 4243, 0o660));
+        drop(opened);
         p.cleanup().run();
         assert!(!root.exists() && !staged.exists());
     }
