@@ -122,6 +122,8 @@ pub struct Config {
     pub cgroup: CgroupConfig,
     /// The VMM jail.
     pub jail: JailConfig,
+    /// The E2B-compatible API (`[e2b]`): its listeners and templates.
+    pub e2b: E2bConfig,
 }
 
 /// How API requests are authenticated.
@@ -261,6 +263,138 @@ pub struct TlsConfig {
     pub key_file: Option<PathBuf>,
     /// CA certificates (PEM) that client certificates must chain to.
     pub client_ca_file: Option<PathBuf>,
+}
+
+/// The `[e2b]` table: the E2B-compatible API (docs/e2b.md). Off unless it
+/// has a listener.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct E2bConfig {
+    /// Addresses the E2B API listens on (`HOST:PORT`; TLS as `[tls]` says).
+    /// Empty (the default): no E2B API. `--e2b-listen` on the command line
+    /// replaces this list.
+    pub listen: Vec<String>,
+    /// The domain of host-based routing (`Host: 49983-<id>.<domain>`), also
+    /// returned to the SDK as the sandbox's `domain`. None: routing by the
+    /// `E2b-Sandbox-Id` header only, and `domain` is null.
+    pub domain: Option<String>,
+    /// Seconds a sandbox lives when its create gives no `timeout`.
+    pub default_timeout_s: u64,
+    /// Longest `timeout` a create or `set_timeout` may ask for, in seconds.
+    pub max_timeout_s: u64,
+    /// The guest user processes and file operations run as when the SDK names none.
+    pub default_user: String,
+    /// Templates by E2B `templateID` (`[e2b.templates.NAME]`).
+    pub templates: std::collections::BTreeMap<String, E2bTemplate>,
+}
+
+impl Default for E2bConfig {
+    fn default() -> Self {
+        E2bConfig {
+            listen: Vec::new(),
+            domain: None,
+            default_timeout_s: 300,
+            max_timeout_s: 86_400,
+            default_user: "user".into(),
+            templates: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// One `[e2b.templates.NAME]` table: what a sandbox of that template starts from.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct E2bTemplate {
+    /// Base image file name under `rootfs_root`.
+    pub image: String,
+    /// Slots (vCPUs and `memory_mib_per_slot` MiB each); default `default_slots`.
+    #[serde(default)]
+    pub slots: Option<u32>,
+    /// Kernel under `kernel_root`; default `default_kernel`.
+    #[serde(default)]
+    pub kernel: Option<String>,
+    /// Initramfs under `initramfs_root`; default `default_initrd`.
+    #[serde(default)]
+    pub initrd: Option<String>,
+    /// Kernel command line; default `default_boot_args`.
+    #[serde(default)]
+    pub boot_args: Option<String>,
+    /// Keep a full snapshot of the template booted and idle, so a create is a
+    /// restore instead of a boot (default true).
+    #[serde(default = "yes")]
+    pub snapshot: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl E2bConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.default_timeout_s == 0 || self.default_timeout_s > self.max_timeout_s {
+            return Err(invalid(
+                "e2b.default_timeout_s",
+                format!("must be 1 to e2b.max_timeout_s ({})", self.max_timeout_s),
+            ));
+        }
+        if self.max_timeout_s == 0 || self.max_timeout_s > 30 * 86_400 {
+            return Err(invalid(
+                "e2b.max_timeout_s",
+                "must be 1 to 2592000 (30 days)",
+            ));
+        }
+        if let Some(domain) = &self.domain {
+            let ok = !domain.is_empty()
+                && domain.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if !ok {
+                return Err(invalid(
+                    "e2b.domain",
+                    format!("{domain:?} is not a DNS name (labels of letters, digits and `-`)"),
+                ));
+            }
+        }
+        let user_ok = !self.default_user.is_empty()
+            && self.default_user.len() <= 32
+            && self
+                .default_user
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !user_ok {
+            return Err(invalid(
+                "e2b.default_user",
+                format!("{:?} is not a user name", self.default_user),
+            ));
+        }
+        for (name, t) in &self.templates {
+            let key = format!("e2b.templates.{name}");
+            crate::ids::validate_id(&key, name).map_err(|e| invalid(&key, e.reason))?;
+            crate::ids::validate_id(&format!("{key}.image"), &t.image)
+                .map_err(|e| invalid(&format!("{key}.image"), e.reason))?;
+            if let Some(k) = &t.kernel {
+                crate::ids::validate_id(&format!("{key}.kernel"), k)
+                    .map_err(|e| invalid(&format!("{key}.kernel"), e.reason))?;
+            }
+            if let Some(i) = &t.initrd {
+                crate::ids::validate_id(&format!("{key}.initrd"), i)
+                    .map_err(|e| invalid(&format!("{key}.initrd"), e.reason))?;
+            }
+            if let Some(s) = t.slots {
+                if s == 0 || s > MAX_SLOTS {
+                    return Err(invalid(
+                        &format!("{key}.slots"),
+                        format!("must be between 1 and {MAX_SLOTS}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The `[http]` table.
@@ -535,6 +669,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             cgroup: CgroupConfig::default(),
             jail: JailConfig::default(),
+            e2b: E2bConfig::default(),
         }
     }
 }
@@ -727,6 +862,7 @@ impl Config {
         self.tls.validate()?;
         self.jail.validate()?;
         self.network.validate()?;
+        self.e2b.validate()?;
         self.cgroup.validate()
     }
 

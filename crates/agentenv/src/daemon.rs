@@ -544,10 +544,16 @@ pub async fn bind_listeners(cfg: &Config, addrs: &[ListenAddr]) -> anyhow::Resul
 }
 
 /// Runs the daemon until Ctrl-C or SIGTERM; SIGHUP reloads the tokens file.
-pub async fn serve(cfg: Config, listen: Vec<ListenAddr>) -> anyhow::Result<()> {
+/// The E2B-compatible API listens on `e2b_listen` (none: not served).
+pub async fn serve(
+    cfg: Config,
+    listen: Vec<ListenAddr>,
+    e2b_listen: Vec<ListenAddr>,
+) -> anyhow::Result<()> {
     bootstrap_tokens(&cfg)?;
     let auth = load_auth(&cfg)?;
     let listeners = bind_listeners(&cfg, &listen).await?;
+    let e2b_listeners = bind_listeners(&cfg, &e2b_listen).await?;
     let engine = build_engine(cfg).await?;
     for l in &listeners {
         tracing::info!(
@@ -556,8 +562,11 @@ pub async fn serve(cfg: Config, listen: Vec<ListenAddr>) -> anyhow::Result<()> {
             l.describe()
         );
     }
+    for l in &e2b_listeners {
+        tracing::info!("E2B API listening on {}", l.describe());
+    }
     reload_on_sighup(auth.clone()).context("cannot install the SIGHUP handler")?;
-    crate::server::run_listeners_with(listeners, engine, auth, shutdown_signal()).await?;
+    crate::server::run_surfaces(listeners, e2b_listeners, engine, auth, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }

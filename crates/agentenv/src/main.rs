@@ -53,6 +53,7 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     let cfg = agentenv::daemon::load_config(args.config.as_deref())?;
     agentenv::daemon::drop_unused_capabilities(&cfg)?;
     let listen = args.listen(&cfg)?;
+    let e2b_listen = args.e2b_listen(&cfg)?;
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(agentenv::daemon::serve(cfg, listen))
+    rt.block_on(agentenv::daemon::serve(cfg, listen, e2b_listen))
 }

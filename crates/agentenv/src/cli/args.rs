@@ -34,6 +34,10 @@ pub struct DaemonArgs {
     /// repeat it for several [default: http.listen, else 127.0.0.1:8080].
     #[arg(long)]
     pub listen: Vec<ListenAddr>,
+    /// Where the E2B-compatible API listens: IP:PORT (HTTPS with [tls]);
+    /// repeat it for several [default: e2b.listen, else no E2B API].
+    #[arg(long)]
+    pub e2b_listen: Vec<ListenAddr>,
 }
 
 impl DaemonArgs {
@@ -46,7 +50,38 @@ impl DaemonArgs {
             } else {
                 self.listen
             },
+            e2b_listen: if self.e2b_listen.is_empty() {
+                outer.e2b_listen
+            } else {
+                self.e2b_listen
+            },
         }
+    }
+
+    /// The addresses of the E2B API: `--e2b-listen`, else the config's
+    /// `e2b.listen` (none: no E2B API). TCP only: the SDK speaks HTTP(S).
+    pub fn e2b_listen(
+        &self,
+        cfg: &agentenv_core::config::Config,
+    ) -> anyhow::Result<Vec<ListenAddr>> {
+        let addrs: Vec<ListenAddr> = if self.e2b_listen.is_empty() {
+            cfg.e2b
+                .listen
+                .iter()
+                .map(|a| {
+                    a.parse()
+                        .map_err(|e| anyhow!("config key `e2b.listen`: {e}"))
+                })
+                .collect::<anyhow::Result<_>>()?
+        } else {
+            self.e2b_listen.clone()
+        };
+        if let Some(unix) = addrs.iter().find(|a| matches!(a, ListenAddr::Unix(_))) {
+            return Err(anyhow!(
+                "e2b listen address {unix}: the E2B API is served on TCP (IP:PORT) only"
+            ));
+        }
+        Ok(addrs)
     }
 
     /// The addresses to listen on: `--listen`, else the config's

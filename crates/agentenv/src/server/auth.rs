@@ -79,6 +79,16 @@ impl Auth {
         self.mode
     }
 
+    /// Who `token` stands for (constant-time comparison), if anyone; with
+    /// `mode = "none"` every caller is an admin named `anonymous`. The E2B
+    /// API's `X-API-KEY` is checked with this.
+    pub fn principal_of(&self, token: &str) -> Option<Principal> {
+        match self.mode {
+            AuthMode::None => Some(Principal::admin("anonymous")),
+            AuthMode::Token => self.current().find(token),
+        }
+    }
+
     fn current(&self) -> Arc<Tokens> {
         self.tokens
             .read()

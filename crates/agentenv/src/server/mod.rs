@@ -3,6 +3,7 @@
 
 mod agent;
 pub mod auth;
+pub mod e2b;
 pub mod error;
 pub mod guard;
 pub mod json;
@@ -135,10 +136,35 @@ pub async fn run_listeners_with(
     auth: auth::Auth,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    run_surfaces(listeners, Vec::new(), engine, auth, shutdown).await
+}
+
+/// [`run_listeners_with`], also serving the E2B-compatible API
+/// ([`e2b`]) on `e2b_listeners` (none: no E2B API). Both surfaces share
+/// the engine, the tokens and the in-flight limit.
+pub async fn run_surfaces(
+    listeners: Vec<listen::Listener>,
+    e2b_listeners: Vec<listen::Listener>,
+    engine: Arc<Engine>,
+    auth: auth::Auth,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     use hyper_util::server::graceful::GracefulShutdown;
 
     let limits = limits::Limits::from_config(engine.config());
-    let app = router_with(engine.clone(), limits.clone(), auth);
+    let native = router_with(engine.clone(), limits.clone(), auth.clone());
+    let e2b_api = if e2b_listeners.is_empty() {
+        None
+    } else {
+        Some(e2b::E2bApi::start(engine.clone(), auth, limits.clone()).await?)
+    };
+    // Which router serves each listener, by index.
+    let mut apps = vec![native; listeners.len()];
+    let mut listeners = listeners;
+    if let Some(api) = &e2b_api {
+        apps.extend(std::iter::repeat_n(api.router(), e2b_listeners.len()));
+        listeners.extend(e2b_listeners);
+    }
     let header_timeout = std::time::Duration::from_millis(engine.config().header_timeout_ms);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -158,8 +184,9 @@ pub async fn run_listeners_with(
                 continue;
             }
         };
+        let (index, accepted) = accepted;
         let conn = Connection {
-            app: app.clone(),
+            app: apps[index].clone(),
             header_timeout,
             watcher: graceful.watcher(),
         };
@@ -177,6 +204,9 @@ pub async fn run_listeners_with(
             limits.in_flight(),
             SHUTDOWN_GRACE.as_secs()
         );
+    }
+    if let Some(api) = e2b_api {
+        api.stop().await;
     }
     engine.shutdown_all().await;
     Ok(())
@@ -198,15 +228,20 @@ enum Accepted {
     },
 }
 
-/// The next connection on any of `listeners`, asking them in turn from
-/// `turn` on (so that a busy one cannot starve the others).
-async fn accept_any(listeners: &[listen::Listener], turn: usize) -> std::io::Result<Accepted> {
+/// The next connection on any of `listeners`, with the listener's index,
+/// asking them in turn from `turn` on (so that a busy one cannot starve the
+/// others).
+async fn accept_any(
+    listeners: &[listen::Listener],
+    turn: usize,
+) -> std::io::Result<(usize, Accepted)> {
     use listen::{Listener, Peer, Transport};
     use std::task::Poll;
     let n = listeners.len().max(1);
     std::future::poll_fn(|cx| {
-        for l in listeners
+        for (index, l) in listeners
             .iter()
+            .enumerate()
             .cycle()
             .skip(turn % n)
             .take(listeners.len())
@@ -214,19 +249,24 @@ async fn accept_any(listeners: &[listen::Listener], turn: usize) -> std::io::Res
             match l {
                 Listener::Tcp { listener, tls } => {
                     if let Poll::Ready(r) = listener.poll_accept(cx) {
-                        return Poll::Ready(r.map(|(stream, addr)| Accepted::Tcp {
-                            stream,
-                            peer: Peer {
-                                transport: if tls.is_some() {
-                                    Transport::Tls
-                                } else {
-                                    Transport::Tcp
+                        return Poll::Ready(r.map(|(stream, addr)| {
+                            (
+                                index,
+                                Accepted::Tcp {
+                                    stream,
+                                    peer: Peer {
+                                        transport: if tls.is_some() {
+                                            Transport::Tls
+                                        } else {
+                                            Transport::Tcp
+                                        },
+                                        addr: Some(addr),
+                                        local: listener.local_addr().ok(),
+                                        uid: None,
+                                    },
+                                    tls: tls.clone(),
                                 },
-                                addr: Some(addr),
-                                local: listener.local_addr().ok(),
-                                uid: None,
-                            },
-                            tls: tls.clone(),
+                            )
                         }));
                     }
                 }
@@ -234,16 +274,19 @@ async fn accept_any(listeners: &[listen::Listener], turn: usize) -> std::io::Res
                     if let Poll::Ready(r) = listener.poll_accept(cx) {
                         return Poll::Ready(r.map(|(stream, _)| {
                             let uid = stream.peer_cred().ok().map(|c| c.uid());
-                            Accepted::Unix {
-                                stream,
-                                peer: Peer {
-                                    transport: Transport::Unix,
-                                    addr: None,
-                                    local: None,
-                                    uid,
+                            (
+                                index,
+                                Accepted::Unix {
+                                    stream,
+                                    peer: Peer {
+                                        transport: Transport::Unix,
+                                        addr: None,
+                                        local: None,
+                                        uid,
+                                    },
+                                    path: file.path().to_path_buf(),
                                 },
-                                path: file.path().to_path_buf(),
-                            }
+                            )
                         }));
                     }
                 }

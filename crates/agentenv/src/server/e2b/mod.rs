@@ -1,0 +1,121 @@
+//! The E2B-compatible API (docs/e2b.md): what the official `e2b` SDK calls,
+//! served on its own listeners (`[e2b] listen`, `--e2b-listen`) so the native
+//! `/v1` API keeps its own rules.
+//!
+//! One listener carries both of the SDK's planes, as E2B's own
+//! `sandbox.<domain>` front does:
+//! - a request naming a sandbox — header `E2b-Sandbox-Id` (with
+//!   `E2b-Sandbox-Port: 49983`), or `Host: 49983-<id>.<domain>` when
+//!   `[e2b] domain` is set — goes to that sandbox's envd ([`envd`]): Connect
+//!   RPC (`process.Process`, `filesystem.Filesystem`), `/files`, `/health`,
+//!   served by the daemon over the guest agent, authenticated by the
+//!   sandbox's `X-Access-Token` (or a signed URL);
+//! - everything else is the control plane ([`control`]): `/sandboxes`,
+//!   `/v2/sandboxes`, `/snapshots`, `/templates`, authenticated by
+//!   `X-API-KEY` (a token of the tokens file).
+//!
+//! Sandboxes are agentenv VMs; [`state`] keeps what E2B adds to them
+//! (template, metadata, envVars, access token, deadline) and
+//! [`templates`] turns a `templateID` into a create.
+
+pub mod control;
+pub mod envd;
+pub mod error;
+pub mod state;
+pub mod templates;
+
+use std::sync::Arc;
+
+use agentenv_core::config::E2bConfig;
+use agentenv_core::Engine;
+use axum::extract::Request;
+use axum::response::Response;
+use axum::Router;
+
+use super::auth::Auth;
+use super::limits::Limits;
+
+/// The port envd listens on in an E2B sandbox: the only one served.
+pub const ENVD_PORT: u16 = 49983;
+
+/// The envd version reported to the SDK: the features below it are served.
+pub const ENVD_VERSION: &str = "0.5.7";
+
+/// Everything the E2B handlers share.
+pub struct E2bState {
+    /// The engine the sandboxes live in.
+    pub engine: Arc<Engine>,
+    /// The daemon's tokens (`X-API-KEY`).
+    pub auth: Auth,
+    /// The daemon's in-flight limit, shared with the native API.
+    pub limits: Limits,
+    /// `[e2b]`.
+    pub config: E2bConfig,
+    /// The sandboxes and what E2B knows of them.
+    pub sandboxes: state::Sandboxes,
+    /// The templates, and their warm snapshots.
+    pub templates: templates::Templates,
+}
+
+/// The E2B API of a running daemon.
+pub struct E2bApi {
+    state: Arc<E2bState>,
+}
+
+impl E2bApi {
+    /// Loads the sandboxes' records (those whose VM is gone are dropped),
+    /// arms their deadlines and starts warming the templates.
+    pub async fn start(engine: Arc<Engine>, auth: Auth, limits: Limits) -> std::io::Result<E2bApi> {
+        let config = engine.config().e2b.clone();
+        let sandboxes = state::Sandboxes::load(&engine)?;
+        let templates = templates::Templates::new(&engine);
+        let state = Arc::new(E2bState {
+            engine,
+            auth,
+            limits,
+            config,
+            sandboxes,
+            templates,
+        });
+        control::start(&state);
+        templates::start(&state);
+        Ok(E2bApi { state })
+    }
+
+    /// The router of the E2B listeners.
+    pub fn router(&self) -> Router {
+        let control = control::router(self.state.clone());
+        let envd = envd::router(self.state.clone());
+        let state = self.state.clone();
+        Router::new().fallback(move |req: Request| {
+            let control = control.clone();
+            let envd = envd.clone();
+            let state = state.clone();
+            async move { dispatch(&state, control, envd, req).await }
+        })
+    }
+
+    /// Stops the deadlines and the template warmers (the sandboxes stay).
+    pub async fn stop(&self) {
+        control::stop(&self.state).await;
+        templates::stop(&self.state).await;
+    }
+}
+
+/// Sends `req` to the envd router when it names a sandbox, else to the
+/// control plane's.
+async fn dispatch(state: &E2bState, control: Router, envd: Router, mut req: Request) -> Response {
+    use tower::ServiceExt;
+    let target = envd::target_of(&state.config, req.headers());
+    let router = match target {
+        Some(target) => {
+            req.extensions_mut().insert(target);
+            envd
+        }
+        None => control,
+    };
+    match router.oneshot(req).await {
+        Ok(resp) => resp,
+        Err(never) => match never {},
+    }
+}
