@@ -58,6 +58,9 @@ pub fn with_auth(request: Vec<u8>) -> Vec<u8> {
 /// A running daemon and the directory holding all its state.
 pub struct Daemon {
     pub base: String,
+    /// The E2B API's `http://IP:PORT`, when `cfg.e2b.listen` names one
+    /// (`127.0.0.1:0` picks a free port).
+    pub e2b_base: Option<String>,
     pub engine: Arc<Engine>,
     pub dir: PathBuf,
     pub cfg: Config,
@@ -279,11 +282,31 @@ impl Daemon {
                         return;
                     }
                 };
+                let c = engine.config().clone();
+                let e2b_addrs = c
+                    .e2b
+                    .listen
+                    .iter()
+                    .map(|a| a.parse::<agentenv::server::listen::ListenAddr>().unwrap())
+                    .collect::<Vec<_>>();
+                let e2b_listeners = match agentenv::daemon::bind_listeners(&c, &e2b_addrs).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        ready_tx.send(Err(format!("{e:#}"))).unwrap();
+                        return;
+                    }
+                };
                 let bases: Vec<String> = listeners.iter().map(|l| l.describe()).collect();
-                ready_tx.send(Ok((bases, engine.clone()))).unwrap();
-                let serve = agentenv::server::run_listeners(listeners, engine, async {
-                    let _ = rx.await;
-                });
+                let e2b_base = e2b_listeners.first().map(|l| l.describe());
+                ready_tx
+                    .send(Ok((bases, e2b_base, engine.clone())))
+                    .unwrap();
+                let auth = agentenv::server::auth::Auth::from_config(engine.config())
+                    .expect("the tokens file loads");
+                let serve =
+                    agentenv::server::run_surfaces(listeners, e2b_listeners, engine, auth, async {
+                        let _ = rx.await;
+                    });
                 tokio::select! {
                     biased;
                     Ok(()) = abort_rx => {}
@@ -293,7 +316,7 @@ impl Daemon {
             // After an abort: every task is dropped where it stands.
             rt.shutdown_background();
         });
-        let (bases, engine) = match ready_rx.recv().expect("daemon starts or fails") {
+        let (bases, e2b_base, engine) = match ready_rx.recv().expect("daemon starts or fails") {
             Ok(ready) => ready,
             Err(e) => {
                 thread.join().unwrap();
@@ -302,6 +325,7 @@ impl Daemon {
         };
         let d = Daemon {
             base: bases[0].clone(),
+            e2b_base,
             engine,
             dir: dir.to_path_buf(),
             cfg,
