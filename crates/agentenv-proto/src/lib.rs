@@ -68,6 +68,10 @@ pub const INITIAL_WINDOW: u32 = 4 * 1024 * 1024;
 /// window, so a sender waiting for credit always gets it.
 pub const GRANT_BATCH: u32 = 256 * 1024;
 
+/// Most entries one `Fs` listing may hold: an agent refuses a larger one,
+/// and a host cuts off an agent that sends more.
+pub const MAX_LIST_ENTRIES: usize = 100_000;
+
 /// The vsock port the agent listens on (Firecracker).
 pub const VSOCK_PORT: u32 = 10789;
 

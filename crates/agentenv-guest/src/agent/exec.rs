@@ -1,25 +1,29 @@
-//! `Exec`: one command in its own process group.
+//! `Exec`: one command in its own process group, as root or as a guest user,
+//! on pipes or on a pseudo-terminal.
 //!
 //! Threads per command: the waiter (owns the `Child`: waits for the leader,
-//! reaps it, sends `Exit`), one pump per output pipe, a stdin feeder when the
-//! host sends stdin, and a timer when there is a timeout. The process group
-//! is only signalled while the leader is unreaped, so its id cannot have been
-//! reused.
+//! reaps it, sends `Exit`), one pump per output pipe (one for the terminal),
+//! a stdin feeder when the host sends stdin (always with a terminal), and a
+//! timer when there is a timeout. The process group is only signalled while
+//! the leader is unreaped, so its id cannot have been reused.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use agentenv_proto::{ErrorCode, ErrorMsg, ExecRequest, ExitStatus, Kind, Started, DATA_CHUNK};
+use agentenv_proto::{
+    ErrorCode, ErrorMsg, ExecRequest, ExitStatus, Kind, PtySize, Started, DATA_CHUNK,
+};
 
 use super::out::{Inflight, OutStream};
+use super::users::{self, User};
 use super::{io_error, lock, spawn, sys};
 
 /// The environment every command starts from (the request's `env` goes on top).
@@ -77,6 +81,8 @@ pub struct Exec {
     pumps_cv: Condvar,
     stdout: Output,
     stderr: Output,
+    /// The terminal's master side, when the command has one (for `Resize`).
+    pty: Option<OwnedFd>,
 }
 
 impl Exec {
@@ -91,6 +97,23 @@ impl Exec {
             KillReason::Killed => st.killed = true,
             KillReason::TimedOut => st.timed_out = true,
             KillReason::SessionEnd => {}
+        }
+    }
+
+    /// Sends `signal` to the process group, unless the leader is already
+    /// reaped. Signals outside 1..=64 are ignored.
+    pub fn signal(&self, signal: i32) {
+        let st = lock(&self.proc_);
+        if st.reaped || !(1..=64).contains(&signal) {
+            return;
+        }
+        let _ = sys::signal_group(self.pid, signal);
+    }
+
+    /// Resizes the command's terminal; nothing without one.
+    pub fn resize(&self, size: PtySize) {
+        if let Some(m) = &self.pty {
+            let _ = sys::set_winsize(m.as_fd(), size.cols.max(1), size.rows.max(1));
         }
     }
 
@@ -114,6 +137,13 @@ pub struct ExecHandle {
     /// The command.
     pub exec: Arc<Exec>,
     stdin: Option<(Sender<StdinMsg>, Arc<Inflight>)>,
+}
+
+/// Where the command's input goes: its stdin pipe (closed at `Eof`) or its
+/// terminal (kept open: the pump reads the same terminal).
+enum Input {
+    Pipe(File),
+    Terminal(File),
 }
 
 impl ExecHandle {
@@ -142,7 +172,8 @@ fn bad(field: &str, msg: impl Into<String>) -> ErrorMsg {
     ErrorMsg::new(ErrorCode::BadRequest, Some(field), msg)
 }
 
-fn check(req: &ExecRequest) -> Result<String, ErrorMsg> {
+/// Checks a request; returns its working directory.
+fn check(req: &ExecRequest, user: Option<&User>) -> Result<PathBuf, ErrorMsg> {
     if req.cmd.is_empty() || req.cmd[0].is_empty() {
         return Err(bad("cmd", "cmd is empty"));
     }
@@ -157,14 +188,28 @@ fn check(req: &ExecRequest) -> Result<String, ErrorMsg> {
             ));
         }
     }
-    let cwd = req.cwd.clone().unwrap_or_else(|| "/".to_string());
-    if !cwd.starts_with('/') || cwd.contains('\0') {
-        return Err(bad("cwd", format!("cwd {cwd:?} is not an absolute path")));
+    if let Some(size) = req.pty {
+        if size.cols == 0 || size.rows == 0 {
+            return Err(bad("pty", "a terminal needs at least 1 column and 1 row"));
+        }
     }
+    let cwd = match (&req.cwd, user) {
+        (Some(c), _) => {
+            if user.is_none() && !c.starts_with('/') {
+                return Err(bad("cwd", format!("cwd {c:?} is not an absolute path")));
+            }
+            users::resolve("cwd", c, user)?
+        }
+        // A user's home that does not exist (`nobody`'s /nonexistent) is no
+        // reason to refuse a command that named no directory.
+        (None, Some(u)) if Path::new(&u.home).is_dir() => PathBuf::from(&u.home),
+        (None, _) => PathBuf::from("/"),
+    };
+    let shown = cwd.display();
     match std::fs::metadata(&cwd) {
         Ok(m) if m.is_dir() => Ok(cwd),
-        Ok(_) => Err(bad("cwd", format!("cwd {cwd} is not a directory"))),
-        Err(e) => Err(io_error("cwd", &format!("cwd {cwd}"), &e)),
+        Ok(_) => Err(bad("cwd", format!("cwd {shown} is not a directory"))),
+        Err(e) => Err(io_error("cwd", &format!("cwd {shown}"), &e)),
     }
 }
 
@@ -185,23 +230,64 @@ fn spawn_error(program: &str, e: &io::Error) -> ErrorMsg {
 /// Starts a command: sends `Started`, then runs it on its own threads, which
 /// end the stream with `Exit`.
 pub fn start(req: ExecRequest, out: Arc<OutStream>) -> Result<ExecHandle, ErrorMsg> {
-    let cwd = check(&req)?;
+    let user = users::acting(req.user.as_deref())?;
+    let cwd = check(&req, user.as_ref())?;
     let mut cmd = Command::new(&req.cmd[0]);
     cmd.args(&req.cmd[1..])
         .env_clear()
         .envs(BASE_ENV)
-        .envs(&req.env)
-        .current_dir(Path::new(&cwd))
-        .process_group(0)
-        .stdin(if req.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .current_dir(&cwd);
+    let mut setup = sys::ChildSetup::default();
+    if let Some(u) = &user {
+        cmd.env("HOME", &u.home)
+            .env("USER", &u.name)
+            .env("LOGNAME", &u.name)
+            .env("SHELL", &u.shell);
+        setup.user = Some((u.groups.clone(), u.gid, u.uid));
+    }
+    cmd.envs(&req.env);
+    // With a terminal: a new session (so also a new process group) whose
+    // controlling terminal is the pty on stdin, stdout and stderr.
+    let pty = match req.pty {
+        Some(size) => {
+            let (master, slave) = sys::openpty(size.cols, size.rows)
+                .map_err(|e| io_error("pty", "open a pseudo-terminal", &e))?;
+            let dup = |fd: &OwnedFd| {
+                fd.try_clone()
+                    .map(Stdio::from)
+                    .map_err(|e| io_error("pty", "duplicate the terminal", &e))
+            };
+            cmd.stdin(dup(&slave)?)
+                .stdout(dup(&slave)?)
+                .stderr(Stdio::from(slave));
+            setup.terminal = true;
+            Some(master)
+        }
+        None => {
+            cmd.process_group(0)
+                .stdin(if req.stdin {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            None
+        }
+    };
+    if setup.terminal || setup.user.is_some() {
+        // SAFETY: `apply` makes only system calls (setsid, ioctl, setgroups,
+        // setgid, setuid) on data prepared before the fork; it allocates
+        // nothing and takes no lock, as a pre_exec hook must.
+        unsafe {
+            cmd.pre_exec(move || setup.apply());
+        }
+    }
     let started_at = Instant::now();
     let mut child = cmd.spawn().map_err(|e| spawn_error(&req.cmd[0], &e))?;
+    // The parent's copies of the terminal's slave side go now, so the pump
+    // sees the end once the command's processes have closed theirs.
+    drop(cmd);
     let pid = child.id();
     out.send_json(Kind::Started, &Started { pid });
 
@@ -216,12 +302,31 @@ pub fn start(req: ExecRequest, out: Arc<OutStream>) -> Result<ExecHandle, ErrorM
         pumps_cv: Condvar::new(),
         stdout: Output::default(),
         stderr: Output::default(),
+        pty: pty.as_ref().and_then(|m| m.try_clone().ok()),
     });
-    let pipes = [
-        child.stdout.take().map(OwnedFd::from),
-        child.stderr.take().map(OwnedFd::from),
-    ];
-    let stdin = child.stdin.take();
+    let (pipes, input) = match pty {
+        // The terminal is read as stdout; what the host sends goes to it.
+        Some(master) => {
+            let input = master
+                .try_clone()
+                .ok()
+                .map(|m| Input::Terminal(File::from(m)));
+            if input.is_none() {
+                exec.kill(KillReason::SessionEnd);
+            }
+            ([Some(master), None], input)
+        }
+        None => (
+            [
+                child.stdout.take().map(OwnedFd::from),
+                child.stderr.take().map(OwnedFd::from),
+            ],
+            child
+                .stdin
+                .take()
+                .map(|p| Input::Pipe(File::from(OwnedFd::from(p)))),
+        ),
+    };
 
     // A failure from here on (no thread for a pump, no wake pipe) kills the
     // command; the waiter still reaps it and reports how it ended.
@@ -244,6 +349,11 @@ pub fn start(req: ExecRequest, out: Arc<OutStream>) -> Result<ExecHandle, ErrorM
     }
     for (i, pipe) in pipes.into_iter().enumerate() {
         let kind = if i == 0 { Kind::Stdout } else { Kind::Stderr };
+        if i == 1 && exec.pty.is_some() {
+            // One pump reads the terminal.
+            exec.pump_done();
+            continue;
+        }
         let started = match (pipe, wake_r.clone()) {
             (Some(fd), Some(wake)) => {
                 let exec2 = exec.clone();
@@ -266,13 +376,13 @@ pub fn start(req: ExecRequest, out: Arc<OutStream>) -> Result<ExecHandle, ErrorM
             exec.kill(KillReason::TimedOut);
         }
     }
-    let stdin = match stdin {
-        Some(pipe) => {
+    let stdin = match input {
+        Some(input) => {
             let (tx, rx) = mpsc::channel();
             let inflight = Arc::new(Inflight::default());
             let (out2, inflight2) = (exec.out.clone(), inflight.clone());
             if spawn("exec-stdin", move || {
-                feed_stdin(pipe, &rx, &out2, &inflight2)
+                feed_stdin(input, &rx, &out2, &inflight2)
             })
             .is_err()
             {
@@ -388,20 +498,26 @@ fn pump(exec: &Exec, fd: OwnedFd, wake: &OwnedFd, kind: Kind) {
 }
 
 /// Writes the host's stdin bytes; grants them back once written. After the
-/// command closed its stdin the rest is dropped (and still granted).
-fn feed_stdin(pipe: ChildStdin, rx: &Receiver<StdinMsg>, out: &OutStream, inflight: &Inflight) {
-    let mut pipe = Some(pipe);
+/// command closed its stdin the rest is dropped (and still granted). `Eof`
+/// closes a stdin pipe; a terminal stays open (its reader needs it; a
+/// program reading the terminal sees the end when the host sends `^D`).
+fn feed_stdin(input: Input, rx: &Receiver<StdinMsg>, out: &OutStream, inflight: &Inflight) {
+    let (mut sink, is_pipe) = match input {
+        Input::Pipe(f) => (Some(f), true),
+        Input::Terminal(f) => (Some(f), false),
+    };
     while let Ok(msg) = rx.recv() {
         match msg {
             StdinMsg::Data(b) => {
-                if let Some(p) = pipe.as_mut() {
+                if let Some(p) = sink.as_mut() {
                     if p.write_all(&b).is_err() {
-                        pipe = None;
+                        sink = None;
                     }
                 }
                 inflight.consumed(out, b.len());
             }
-            StdinMsg::Eof => pipe = None,
+            StdinMsg::Eof if is_pipe => sink = None,
+            StdinMsg::Eof => {}
         }
     }
 }

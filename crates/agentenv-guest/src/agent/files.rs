@@ -1,4 +1,6 @@
-//! `PutFile` and `GetFile`: file transfers, each on its own thread.
+//! `PutFile` and `GetFile`: file transfers, each on its own thread, for root
+//! or as a guest user (a relative path from its home; an upload and the
+//! parents it makes belong to the user).
 //!
 //! An upload is written to `.<name>.agentenv-upload-<stream>` beside its
 //! destination and renamed over it after `Eof` (fsync, chmod, rename, fsync
@@ -14,8 +16,10 @@ use std::sync::Arc;
 
 use agentenv_proto::{Done, ErrorCode, ErrorMsg, FileInfo, GetFile, Kind, PutFile, DATA_CHUNK};
 
+use super::fsops::make_dirs;
 use super::out::{Inflight, OutStream};
 use super::session::cancelled;
+use super::users::{self, User};
 use super::{io_error, spawn};
 
 /// Mode of an uploaded file when the request names none.
@@ -25,15 +29,14 @@ fn bad(field: &str, msg: impl Into<String>) -> ErrorMsg {
     ErrorMsg::new(ErrorCode::BadRequest, Some(field), msg)
 }
 
-/// Checks a request's path: absolute, without NUL bytes.
-fn check_path(path: &str) -> Result<&Path, ErrorMsg> {
-    if !path.starts_with('/') {
+/// Checks a request's path and makes it absolute: relative to `user`'s
+/// home, or absolute when there is no user; without NUL bytes.
+fn check_path(path: &str, user: Option<&str>) -> Result<(PathBuf, Option<User>), ErrorMsg> {
+    if user.is_none() && !path.starts_with('/') {
         return Err(bad("path", format!("path {path:?} is not absolute")));
     }
-    if path.contains('\0') {
-        return Err(bad("path", format!("path {path:?} contains a NUL byte")));
-    }
-    Ok(Path::new(path))
+    let user = users::acting(user)?;
+    Ok((users::resolve("path", path, user.as_ref())?, user))
 }
 
 enum PutMsg {
@@ -88,7 +91,7 @@ impl PutHandle {
 /// directory and the temporary file (off the session's reader thread: on a
 /// frozen file system that would block until the thaw the reader must read).
 pub fn start_put(req: PutFile, out: Arc<OutStream>) -> Result<PutHandle, ErrorMsg> {
-    let path = check_path(&req.path)?;
+    let (path, user) = check_path(&req.path, req.user.as_deref())?;
     if req.path.ends_with('/') {
         return Err(bad("path", format!("path {} ends with '/'", req.path)));
     }
@@ -116,7 +119,8 @@ pub fn start_put(req: PutFile, out: Arc<OutStream>) -> Result<PutHandle, ErrorMs
     };
     let upload = Upload {
         tmp: parent.join(tmp_name),
-        dest: path.to_path_buf(),
+        dest: path.clone(),
+        owner: user.map(|u| (u.uid, u.gid)),
         make_parents: req.make_parents,
         mode,
         out,
@@ -130,6 +134,8 @@ pub fn start_put(req: PutFile, out: Arc<OutStream>) -> Result<PutHandle, ErrorMs
 struct Upload {
     tmp: PathBuf,
     dest: PathBuf,
+    /// Who the file (and the parents it makes) belongs to; None: root.
+    owner: Option<(u32, u32)>,
     make_parents: bool,
     mode: u32,
     out: Arc<OutStream>,
@@ -201,7 +207,7 @@ impl Upload {
             return Err(bad("path", format!("path {dest} is a directory")));
         }
         if self.make_parents {
-            fs::create_dir_all(parent).map_err(|e| {
+            make_dirs(parent, self.owner).map_err(|e| {
                 let what = format!("create directory {}", parent.display());
                 io_error("path", &what, &e)
             })?;
@@ -237,6 +243,11 @@ impl Upload {
 
     fn commit(&self, file: &File) -> Result<(), ErrorMsg> {
         let tmp = self.tmp.display();
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::fchown(file, Some(uid), Some(gid))
+                .map_err(|e| io_error("path", &format!("chown {tmp}"), &e))?;
+        }
+        // After the chown, which clears set-id bits.
         file.set_permissions(Permissions::from_mode(self.mode))
             .map_err(|e| io_error("path", &format!("chmod {tmp}"), &e))?;
         file.sync_all()
@@ -259,21 +270,22 @@ impl Upload {
 
 /// Validates a `GetFile`, opens the file and starts the sender thread.
 pub fn start_get(req: GetFile, out: Arc<OutStream>) -> Result<(), ErrorMsg> {
-    let path = check_path(&req.path)?;
-    let not_regular = || bad("path", format!("path {} is not a regular file", req.path));
+    let (path, _) = check_path(&req.path, req.user.as_deref())?;
+    let shown = path.display().to_string();
+    let not_regular = || bad("path", format!("path {shown} is not a regular file"));
     // stat first: opening a FIFO or a device can block or have side effects.
-    let meta = fs::metadata(path).map_err(|e| io_error("path", &req.path, &e))?;
+    let meta = fs::metadata(&path).map_err(|e| io_error("path", &shown, &e))?;
     if !meta.is_file() {
         return Err(not_regular());
     }
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| io_error("path", &format!("open {}", req.path), &e))?;
+        .open(&path)
+        .map_err(|e| io_error("path", &format!("open {shown}"), &e))?;
     let meta = file
         .metadata()
-        .map_err(|e| io_error("path", &format!("stat {}", req.path), &e))?;
+        .map_err(|e| io_error("path", &format!("stat {shown}"), &e))?;
     if !meta.is_file() {
         return Err(not_regular());
     }
@@ -281,8 +293,7 @@ pub fn start_get(req: GetFile, out: Arc<OutStream>) -> Result<(), ErrorMsg> {
         size: meta.len(),
         mode: meta.mode() & 0o7777,
     };
-    let path = req.path;
-    spawn("get", move || download(file, &path, info, &out))
+    spawn("get", move || download(file, &shown, info, &out))
         .map_err(|e| io_error("path", "start a thread", &e))
 }
 

@@ -1,17 +1,21 @@
 //! The agent: transports ([`transport`]) feed sessions ([`session`]), which
-//! start requests: commands ([`exec`]), file transfers ([`files`]) and
-//! file-system freezes ([`freeze`]) and a restored VM's new identity
-//! ([`identity`]). Everything runs on std threads; the
+//! start requests: commands ([`exec`]), file transfers ([`files`]),
+//! file-system operations ([`fsops`]) and watches ([`watch`]), on behalf of
+//! guest users ([`users`]), file-system freezes ([`freeze`]) and a restored
+//! VM's new identity ([`identity`]). Everything runs on std threads; the
 //! guest → host direction goes through one writer thread per session ([`out`]).
 
 pub mod exec;
 pub mod files;
 pub mod freeze;
+pub mod fsops;
 pub mod identity;
 pub mod out;
 pub mod session;
 pub mod sys;
 pub mod transport;
+pub mod users;
+pub mod watch;
 
 use std::io;
 use std::os::fd::OwnedFd;

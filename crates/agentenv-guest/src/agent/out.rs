@@ -193,6 +193,26 @@ impl OutStream {
         true
     }
 
+    /// Sends one frame whose whole payload spends credit (a message that
+    /// cannot be split: `FsEvent`, `FsEntries`), waiting until there is
+    /// enough. False (and nothing sent) once the stream has ended.
+    pub fn send_credited(&self, kind: Kind, payload: &[u8]) -> bool {
+        let n = payload.len() as u64;
+        let mut st = lock(&self.st);
+        while st.credit < n && !st.ended {
+            st = self
+                .cv
+                .wait(st)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        if st.ended {
+            return false;
+        }
+        self.outbox.send(kind, self.stream, payload);
+        st.credit -= n;
+        true
+    }
+
     /// Adds credit (a `Window` frame from the host).
     pub fn grant(&self, bytes: u32) {
         let mut st = lock(&self.st);

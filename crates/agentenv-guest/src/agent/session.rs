@@ -8,15 +8,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use agentenv_proto::{
-    Done, ErrorCode, ErrorMsg, ExecRequest, Frame, GetFile, Hello, HelloOk, Identity, Kind,
-    PutFile, NONCE_LEN, PROTOCOL_VERSION,
+    Done, ErrorCode, ErrorMsg, ExecRequest, Frame, FsRequest, GetFile, Hello, HelloOk, Identity,
+    Kind, PtySize, PutFile, SignalMsg, WatchRequest, FEATURES, NONCE_LEN, PROTOCOL_VERSION,
 };
 
 use super::exec::{self, ExecHandle, KillReason};
 use super::files::{self, PutHandle};
 use super::freeze;
+use super::fsops;
 use super::identity;
 use super::out::{OutStream, Outbox};
+use super::watch::{self, WatchHandle};
 use super::{io_error, lock, spawn, Config, AGENT};
 
 /// The live requests of a session by stream id.
@@ -40,8 +42,10 @@ pub enum Handle {
     Exec(ExecHandle),
     /// An upload.
     Put(PutHandle),
-    /// A download (driven by credit only).
+    /// A download or a file-system operation (driven by credit only).
     Get,
+    /// A directory watch.
+    Watch(WatchHandle),
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -98,7 +102,9 @@ impl Session {
             | Kind::Freeze
             | Kind::Thaw
             | Kind::Ping
-            | Kind::Identity => {
+            | Kind::Identity
+            | Kind::Fs
+            | Kind::Watch => {
                 self.request(f);
                 Ok(())
             }
@@ -108,18 +114,7 @@ impl Session {
                 Ok(())
             }
             Kind::Window => self.window(&f),
-            Kind::Signal | Kind::Resize => Ok(()),
-            Kind::Fs | Kind::Watch => {
-                self.out.error(
-                    f.stream,
-                    &ErrorMsg::new(
-                        ErrorCode::BadRequest,
-                        None,
-                        "not supported by this agent yet",
-                    ),
-                );
-                Ok(())
-            }
+            Kind::Signal | Kind::Resize => self.control(&f),
             // Guest → host kinds were refused above.
             _ => Err(format!("the host sent a {:?} frame", f.kind)),
         }
@@ -144,6 +139,7 @@ impl Session {
             match &e.handle {
                 Handle::Exec(h) => h.exec.kill(KillReason::SessionEnd),
                 Handle::Put(h) => h.abort(),
+                Handle::Watch(h) => h.abort(),
                 Handle::Get => {}
             }
         }
@@ -190,7 +186,7 @@ impl Session {
             version: PROTOCOL_VERSION,
             agent: AGENT.to_string(),
             pid: std::process::id(),
-            features: Vec::new(),
+            features: FEATURES.iter().map(|f| f.to_string()).collect(),
         };
         payload.extend_from_slice(&Frame::json(Kind::HelloOk, 0, &ok).payload);
         self.out.send(Kind::HelloOk, 0, &payload);
@@ -313,6 +309,16 @@ impl Session {
                 .map_err(bad_message)
                 .and_then(|req| files::start_get(req, out.clone()))
                 .map(|()| Handle::Get),
+            Kind::Fs => f
+                .parse::<FsRequest>()
+                .map_err(bad_message)
+                .and_then(|req| fsops::start(req, out.clone()))
+                .map(|()| Handle::Get),
+            Kind::Watch => f
+                .parse::<WatchRequest>()
+                .map_err(bad_message)
+                .and_then(|req| watch::start(req, out.clone()))
+                .map(Handle::Watch),
             _ => return,
         };
         match started {
@@ -339,7 +345,7 @@ impl Session {
         let accepted = match &e.handle {
             Handle::Exec(h) => h.stdin(f.payload, eof),
             Handle::Put(h) => h.data(f.payload, eof),
-            Handle::Get => true,
+            Handle::Get | Handle::Watch(_) => true,
         };
         if accepted {
             Ok(())
@@ -358,10 +364,31 @@ impl Session {
         match &e.handle {
             Handle::Exec(h) => h.exec.kill(KillReason::Killed),
             Handle::Put(h) => h.kill(),
+            Handle::Watch(h) => h.kill(),
             Handle::Get => {
                 e.out.fail(&cancelled());
             }
         }
+    }
+
+    /// `Signal` or `Resize` for a command. One for a stream that is not (or
+    /// no longer) a command is dropped; a malformed one breaks the protocol.
+    fn control(&mut self, f: &Frame) -> Result<(), ProtocolError> {
+        let Some(Entry {
+            handle: Handle::Exec(h),
+            ..
+        }) = self.entry(f.stream)
+        else {
+            return Ok(());
+        };
+        if f.kind == Kind::Signal {
+            let m: SignalMsg = f.parse().map_err(|e| e.to_string())?;
+            h.exec.signal(m.signal);
+        } else {
+            let size: PtySize = f.parse().map_err(|e| e.to_string())?;
+            h.exec.resize(size);
+        }
+        Ok(())
     }
 
     fn window(&mut self, f: &Frame) -> Result<(), ProtocolError> {

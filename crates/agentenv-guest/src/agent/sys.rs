@@ -22,6 +22,11 @@ fn check(r: libc::c_int) -> io::Result<libc::c_int> {
 
 /// Sends SIGKILL to process group `pgid`.
 pub fn killpg(pgid: u32) -> io::Result<()> {
+    signal_group(pgid, libc::SIGKILL)
+}
+
+/// Sends `signal` to process group `pgid`.
+pub fn signal_group(pgid: u32, signal: i32) -> io::Result<()> {
     let pgid =
         libc::pid_t::try_from(pgid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
     if pgid <= 1 {
@@ -29,7 +34,98 @@ pub fn killpg(pgid: u32) -> io::Result<()> {
         return Err(io::Error::from_raw_os_error(libc::ESRCH));
     }
     // SAFETY: killpg has no memory effects; pgid is a positive process group id.
-    check(unsafe { libc::killpg(pgid, libc::SIGKILL) }).map(|_| ())
+    check(unsafe { libc::killpg(pgid, signal) }).map(|_| ())
+}
+
+fn winsize(cols: u16, rows: u16) -> libc::winsize {
+    libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}
+
+fn set_cloexec(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: fcntl(F_SETFD) has no memory effects; fd is open.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) }).map(|_| ())
+}
+
+/// A new pseudo-terminal of `cols`×`rows`: (master, slave), both close-on-exec.
+pub fn openpty(cols: u16, rows: u16) -> io::Result<(OwnedFd, OwnedFd)> {
+    let (mut master, mut slave) = (-1, -1);
+    let ws = winsize(cols, rows);
+    // SAFETY: master and slave are valid out-pointers; a null name and
+    // termios are allowed; `ws` is read only during the call.
+    check(unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &ws,
+        )
+    })?;
+    // SAFETY: openpty succeeded, so both descriptors are open and owned by nobody else.
+    let fds = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    set_cloexec(&fds.0)?;
+    set_cloexec(&fds.1)?;
+    Ok(fds)
+}
+
+/// Sets a terminal's size (`TIOCSWINSZ`; its foreground group gets SIGWINCH).
+pub fn set_winsize(fd: BorrowedFd<'_>, cols: u16, rows: u16) -> io::Result<()> {
+    let ws = winsize(cols, rows);
+    // SAFETY: TIOCSWINSZ reads a winsize, which `ws` is, during the call.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) }).map(|_| ())
+}
+
+/// The identity and terminal a command's process takes between fork and exec.
+#[derive(Debug, Clone, Default)]
+pub struct ChildSetup {
+    /// Start a new session and make stdin (a terminal) its controlling terminal.
+    pub terminal: bool,
+    /// Become this user: (supplementary groups, gid, uid).
+    pub user: Option<(Vec<libc::gid_t>, libc::gid_t, libc::uid_t)>,
+}
+
+impl ChildSetup {
+    /// Runs in the forked child before exec: only system calls (no
+    /// allocation), as a `pre_exec` hook must.
+    pub fn apply(&self) -> io::Result<()> {
+        if self.terminal {
+            // SAFETY: setsid has no memory effects.
+            check(unsafe { libc::setsid() })?;
+            // SAFETY: TIOCSCTTY takes an int argument (0: do not steal) and writes no memory.
+            check(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) })?;
+        }
+        if let Some((groups, gid, uid)) = &self.user {
+            // SAFETY: the pointer and length describe `groups`, read only during the call.
+            check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;
+            // SAFETY: setgid and setuid have no memory effects; groups first,
+            // then the gid, then the uid (after which the others are not allowed).
+            check(unsafe { libc::setgid(*gid) })?;
+            // SAFETY: as above.
+            check(unsafe { libc::setuid(*uid) })?;
+        }
+        Ok(())
+    }
+}
+
+/// A non-blocking, close-on-exec inotify instance.
+pub fn inotify_init() -> io::Result<OwnedFd> {
+    // SAFETY: inotify_init1 has no memory effects.
+    let fd = check(unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) })?;
+    // SAFETY: inotify_init1 succeeded, so fd is open and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds (or updates) a watch on `path`; returns its descriptor.
+pub fn inotify_add(fd: BorrowedFd<'_>, path: &Path, mask: u32) -> io::Result<i32> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `c` is a valid NUL-terminated path read only during the call.
+    check(unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), mask) })
 }
 
 /// Blocks until child `pid` has exited, without reaping it (`WNOWAIT`), so

@@ -10,7 +10,7 @@ use agentenv_core::agent::{
 };
 use agentenv_proto::{
     self as proto, Done, EntryInfo, Frame, FsEvent, FsResponse, Kind, PtySize, SignalMsg,
-    DATA_CHUNK, GRANT_BATCH, HEADER_LEN,
+    DATA_CHUNK, GRANT_BATCH, HEADER_LEN, MAX_LIST_ENTRIES,
 };
 use tokio::sync::{mpsc, Semaphore};
 
@@ -243,9 +243,6 @@ impl ExecInput for ExecSender {
         self.send(Kind::Kill, Vec::new())
     }
 }
-
-/// Most entries one listing may bring back; a guest sending more is cut off.
-pub(super) const MAX_LIST_ENTRIES: usize = 100_000;
 
 /// Reads an `Fs` answer: `FsEntries` frames (credited bulk), then `FsResult`.
 pub(super) async fn fs_answer(req: &mut Request) -> Result<FsResponse, AgentError> {
