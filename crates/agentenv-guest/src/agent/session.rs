@@ -48,6 +48,10 @@ pub enum Handle {
     Watch(WatchHandle),
 }
 
+/// Most watches one session keeps at once: each is an inotify instance, and
+/// the kernel allows a user few of them (`max_user_instances`, 128 by default).
+pub const MAX_WATCHES: usize = 32;
+
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 fn next_id() -> u64 {
@@ -314,11 +318,26 @@ impl Session {
                 .map_err(bad_message)
                 .and_then(|req| fsops::start(req, out.clone()))
                 .map(|()| Handle::Get),
-            Kind::Watch => f
-                .parse::<WatchRequest>()
-                .map_err(bad_message)
-                .and_then(|req| watch::start(req, out.clone()))
-                .map(Handle::Watch),
+            Kind::Watch => {
+                let watches = reg
+                    .values()
+                    .filter(|e| matches!(e.handle, Handle::Watch(_)))
+                    .count();
+                if watches >= MAX_WATCHES {
+                    Err(ErrorMsg::new(
+                        ErrorCode::BadRequest,
+                        None,
+                        format!(
+                            "this connection already has {MAX_WATCHES} watches; stop one first"
+                        ),
+                    ))
+                } else {
+                    f.parse::<WatchRequest>()
+                        .map_err(bad_message)
+                        .and_then(|req| watch::start(req, out.clone()))
+                        .map(Handle::Watch)
+                }
+            }
             _ => return,
         };
         match started {
