@@ -22,10 +22,17 @@ async fn connect(dir: &Path) -> (HostAgent, AgentClient) {
     assert_root();
     let sock = dir.join("agent.sock");
     let agent = HostAgent::start(&sock);
-    let client = AgentClient::connect(&AgentChannel::Stream(sock), Duration::from_secs(10))
-        .await
-        .expect("the agent answers");
-    (agent, client)
+    // The socket's file exists from bind(), a moment before listen().
+    let t = Instant::now();
+    loop {
+        match AgentClient::connect(&AgentChannel::Stream(sock.clone()), Duration::from_secs(10))
+            .await
+        {
+            Ok(client) => return (agent, client),
+            Err(e) if t.elapsed() > Duration::from_secs(10) => panic!("the agent answers: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
 }
 
 fn assert_root() {
@@ -495,6 +502,19 @@ async fn a_watch_reports_changes_by_relative_name_until_dropped() {
     std::fs::remove_file(root.join("c.txt")).unwrap();
     let e = next(&mut watch).await;
     assert_eq!((e.name.as_str(), e.op), ("c.txt", FsEventOp::Remove));
+    // A tree made faster than the agent adds its watches: still every part.
+    std::fs::create_dir_all(root.join("deep/er/est")).unwrap();
+    std::fs::write(root.join("deep/er/est/f"), b"").unwrap();
+    let mut created = std::collections::BTreeSet::new();
+    while !created.contains("deep/er/est/f") {
+        let e = next(&mut watch).await;
+        if e.op == FsEventOp::Create {
+            created.insert(e.name);
+        }
+    }
+    for d in ["deep", "deep/er", "deep/er/est"] {
+        assert!(created.contains(d), "{created:?}");
+    }
     drop(watch);
 
     // The watched directory going away ends the watch with an error.

@@ -1342,3 +1342,117 @@ async fn a_guest_takes_the_identity_the_host_gives_it() {
     client.shutdown();
     vm.kill().await.unwrap();
 }
+
+/// The E2B surface's requests in a real guest: its own /etc/passwd, a pty
+/// from its devpts, inotify on its file systems.
+#[tokio::test]
+async fn the_guest_agent_serves_users_ptys_file_operations_and_watches() {
+    let (qemu, a) = need_guest!();
+    if !rootfs_has_agent(&a) {
+        return;
+    }
+    let _one = GUESTS.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = guest_spec(dir.path(), "e2bops", &a);
+    let sock = dir.path().join("agent.sock");
+    s.agent_socket = Some(sock.clone());
+    let vm: Box<dyn VmmInstance> = QemuVmm::new(qemu, Accel::Tcg).launch(&s).await.unwrap();
+    let _guard = KillGuard(vm.pid());
+    let client = agent_at(&sock, Duration::from_secs(60), &s).await;
+    assert_eq!(client.hello().features, proto::FEATURES);
+
+    // Watch /tmp before anything happens there.
+    let mut watch = client
+        .watch(&proto::WatchRequest {
+            path: "/tmp".into(),
+            recursive: true,
+            user: None,
+        })
+        .await
+        .unwrap();
+
+    let run = |req: proto::ExecRequest| {
+        let client = client.clone();
+        async move {
+            let mut e = client.exec(&req, None).await.unwrap();
+            let mut out = Vec::new();
+            loop {
+                match e.next().await.unwrap() {
+                    ExecEvent::Stdout(b) | ExecEvent::Stderr(b) => out.extend(b),
+                    ExecEvent::Exit(st) => {
+                        return (
+                            st.exit_code,
+                            String::from_utf8_lossy(&out).replace('\r', ""),
+                        )
+                    }
+                }
+            }
+        }
+    };
+    let sh = |script: &str| proto::ExecRequest {
+        cmd: vec!["sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    };
+    let mut nobody = sh("id -u; echo $HOME $USER; touch /tmp/by-nobody");
+    nobody.user = Some("nobody".into());
+    assert_eq!(
+        run(nobody).await,
+        (Some(0), "65534\n/nonexistent nobody\n".to_string())
+    );
+    let mut tty = sh("tty; test -t 0 && echo on-a-terminal");
+    tty.pty = Some(proto::PtySize { cols: 80, rows: 24 });
+    let (code, out) = run(tty).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.starts_with("/dev/pts/") && out.contains("on-a-terminal"),
+        "{out}"
+    );
+
+    let made = client
+        .fs(&proto::FsRequest {
+            user: Some("nobody".into()),
+            op: proto::FsOp::MakeDir {
+                path: "/tmp/a/b".into(),
+            },
+        })
+        .await
+        .unwrap()
+        .entry
+        .unwrap();
+    assert_eq!(
+        (made.owner.as_str(), made.group.as_str()),
+        ("nobody", "nogroup")
+    );
+    let listed = client
+        .fs(&proto::FsRequest {
+            user: None,
+            op: proto::FsOp::List {
+                path: "/tmp".into(),
+                depth: 2,
+            },
+        })
+        .await
+        .unwrap()
+        .entries;
+    let paths: Vec<&str> = listed.iter().map(|e| e.path.as_str()).collect();
+    assert!(
+        paths.contains(&"/tmp/a/b") && paths.contains(&"/tmp/by-nobody"),
+        "{paths:?}"
+    );
+
+    // The watch saw the command's file and the new directories, by name.
+    let mut seen = Vec::new();
+    while !seen.contains(&"a/b".to_string()) {
+        let ev = tokio::time::timeout(Duration::from_secs(20), watch.next())
+            .await
+            .expect("an event in time")
+            .unwrap();
+        if ev.op == proto::FsEventOp::Create {
+            seen.push(ev.name);
+        }
+    }
+    assert_eq!(seen, ["by-nobody", "a", "a/b"]);
+    drop(watch);
+    client.ping().await.unwrap();
+    vm.kill().await.unwrap();
+}

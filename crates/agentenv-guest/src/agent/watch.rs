@@ -75,8 +75,11 @@ struct Dirs {
 
 impl Dirs {
     /// Watches `rel` (below the root) and, when recursive, every directory
-    /// under it.
-    fn add_tree(&mut self, rel: PathBuf) -> Result<(), ErrorMsg> {
+    /// under it. With `announce` (a directory that appeared during the
+    /// watch), what is already inside it is reported as created: it was,
+    /// after the watch began, but before its directory was watched. False
+    /// once the stream has ended.
+    fn add_tree(&mut self, rel: PathBuf, announce: Option<&OutStream>) -> Result<bool, ErrorMsg> {
         let mut todo = vec![rel];
         while let Some(rel) = todo.pop() {
             if self.by_wd.len() >= MAX_WATCHED_DIRS {
@@ -97,18 +100,39 @@ impl Dirs {
                 Err(e) => return Err(io_error("path", &format!("watch {}", abs.display()), &e)),
             };
             self.by_wd.insert(wd, rel.clone());
-            if self.recursive {
-                if let Ok(rd) = std::fs::read_dir(&abs) {
-                    for e in rd.flatten() {
-                        if e.file_type().is_ok_and(|t| t.is_dir()) {
-                            todo.push(rel.join(e.file_name()));
-                        }
+            if !self.recursive {
+                continue;
+            }
+            let Ok(rd) = std::fs::read_dir(&abs) else {
+                continue;
+            };
+            let mut names: Vec<_> = rd.flatten().collect();
+            names.sort_by_key(|e| e.file_name());
+            for e in names.iter().rev() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    todo.push(rel.join(e.file_name()));
+                }
+            }
+            if let Some(out) = announce {
+                for e in &names {
+                    if !send(out, &rel.join(e.file_name()), FsEventOp::Create) {
+                        return Ok(false);
                     }
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
+}
+
+/// Sends one event within the stream's credit; false once it has ended.
+fn send(out: &OutStream, rel: &Path, op: FsEventOp) -> bool {
+    let ev = FsEvent {
+        name: rel.to_string_lossy().into_owned(),
+        op,
+    };
+    let json = serde_json::to_vec(&ev).expect("json serialises");
+    out.send_credited(Kind::FsEvent, &json)
 }
 
 /// Validates a `Watch`, sets its watches up, answers `FsResult` with the
@@ -134,7 +158,7 @@ pub fn start(req: WatchRequest, out: Arc<OutStream>) -> Result<WatchHandle, Erro
         recursive: req.recursive,
         by_wd: HashMap::new(),
     };
-    dirs.add_tree(PathBuf::new())?;
+    dirs.add_tree(PathBuf::new(), None)?;
     let entry = entry_of(&root, &Accounts::guest())
         .map_err(|e| io_error("path", &root.display().to_string(), &e))?;
     let (wake_r, wake_w) = sys::pipe().map_err(|e| io_error("path", "pipe", &e))?;
@@ -246,9 +270,6 @@ fn event(
     }
     let path = rel.join(name);
     let op = if mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0 {
-        if dirs.recursive && mask & libc::IN_ISDIR != 0 {
-            dirs.add_tree(path.clone())?;
-        }
         FsEventOp::Create
     } else if mask & libc::IN_MODIFY != 0 {
         FsEventOp::Write
@@ -261,14 +282,11 @@ fn event(
     } else {
         return Ok(true);
     };
-    let ev = FsEvent {
-        name: rel_name(&path),
-        op,
-    };
-    let json = serde_json::to_vec(&ev).expect("json serialises");
-    Ok(out.send_credited(Kind::FsEvent, &json))
-}
-
-fn rel_name(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
+    if !send(out, &path, op) {
+        return Ok(false);
+    }
+    if op == FsEventOp::Create && dirs.recursive && mask & libc::IN_ISDIR != 0 {
+        return dirs.add_tree(path, Some(out));
+    }
+    Ok(true)
 }
