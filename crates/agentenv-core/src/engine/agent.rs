@@ -850,6 +850,200 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_seam_carries_fs_watches_and_exec_control() {
+        use crate::agent::AgentConnector;
+        use proto::{EntryKind, FsEventOp, WatchRequest};
+        let agents = FakeAgents::new();
+        let link = agents
+            .connect(
+                &AgentChannel::Stream("/s/a.sock".into()),
+                Duration::from_secs(1),
+            )
+            .await
+            .unwrap();
+        let as_user = |op| FsRequest {
+            user: Some("user".into()),
+            op,
+        };
+        let made = link
+            .fs(&as_user(FsOp::MakeDir { path: "dir".into() }))
+            .await
+            .unwrap()
+            .entry
+            .unwrap();
+        assert_eq!(
+            (made.path.as_str(), made.kind, made.owner.as_str()),
+            ("/home/user/dir", EntryKind::Directory, "user")
+        );
+        // An existing directory is the agent's AlreadyExists, a conflict
+        // without a VM state for the engine's callers.
+        let again = link
+            .fs(&as_user(FsOp::MakeDir { path: "dir".into() }))
+            .await
+            .unwrap_err();
+        let e = EngineError::from(again);
+        assert!(
+            matches!(e, EngineError::Conflict { state: None, .. }),
+            "{e:?}"
+        );
+
+        let mut watch = link
+            .watch(&WatchRequest {
+                path: "dir".into(),
+                recursive: false,
+                user: Some("user".into()),
+            })
+            .await
+            .unwrap();
+        let mut up = link
+            .put_file(&PutFile {
+                path: "dir/a.txt".into(),
+                user: Some("user".into()),
+                ..PutFile::default()
+            })
+            .await
+            .unwrap();
+        up.write(b"x").await.unwrap();
+        up.finish().await.unwrap();
+        let ev = watch.next().await.unwrap();
+        assert_eq!((ev.name.as_str(), ev.op), ("a.txt", FsEventOp::Create));
+        let listed = link
+            .fs(&as_user(FsOp::List {
+                path: "dir".into(),
+                depth: 1,
+            }))
+            .await
+            .unwrap()
+            .entries;
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].path, "/home/user/dir/a.txt");
+
+        // A command's stdin and signals go through a handle another task holds.
+        let cat = proto::ExecRequest {
+            cmd: vec!["cat".into()],
+            stdin: true,
+            ..Default::default()
+        };
+        let mut exec = link.exec(&cat, None).await.unwrap();
+        let control = exec.control();
+        let writer = tokio::spawn(async move {
+            control.write_stdin(b"typed").await.unwrap();
+            control.close_stdin().await.unwrap();
+        });
+        assert_eq!(
+            exec.next().await.unwrap(),
+            ExecEvent::Stdout(b"typed".to_vec())
+        );
+        writer.await.unwrap();
+        match exec.next().await.unwrap() {
+            ExecEvent::Exit(st) => assert_eq!(st.exit_code, Some(0)),
+            e => panic!("{e:?}"),
+        }
+        let mut exec = link.exec(&cat, None).await.unwrap();
+        exec.control().signal(15).await.unwrap();
+        match exec.next().await.unwrap() {
+            ExecEvent::Exit(st) => assert_eq!(st.signal, Some(15)),
+            e => panic!("{e:?}"),
+        }
+        assert!(agents.calls().contains(&AgentCall::Signal(15)));
+    }
+
+    #[test]
+    fn agent_requests_are_checked_field_by_field() {
+        let exec = |f: &dyn Fn(&mut proto::ExecRequest)| {
+            let mut r = proto::ExecRequest {
+                cmd: vec!["true".into()],
+                ..Default::default()
+            };
+            f(&mut r);
+            check_agent_exec(&r)
+                .err()
+                .and_then(|e| e.field().map(str::to_string))
+        };
+        assert_eq!(exec(&|_| {}), None);
+        assert_eq!(
+            exec(&|r| {
+                r.user = Some("user".into());
+                r.cwd = Some("proj".into());
+                r.pty = Some(proto::PtySize { cols: 80, rows: 24 });
+            }),
+            None
+        );
+        assert_eq!(
+            exec(&|r| r.cwd = Some("rel".into())).as_deref(),
+            Some("cwd")
+        );
+        assert_eq!(
+            exec(&|r| r.user = Some("a:b".into())).as_deref(),
+            Some("user")
+        );
+        assert_eq!(
+            exec(&|r| r.user = Some(String::new())).as_deref(),
+            Some("user")
+        );
+        assert_eq!(
+            exec(&|r| r.pty = Some(proto::PtySize { cols: 0, rows: 24 })).as_deref(),
+            Some("pty")
+        );
+        assert_eq!(exec(&|r| r.cmd.clear()).as_deref(), Some("cmd"));
+        assert_eq!(
+            exec(&|r| r.timeout_ms = Some(0)).as_deref(),
+            Some("timeout_ms")
+        );
+
+        let fs = |user: Option<&str>, op: FsOp| {
+            check_fs(&FsRequest {
+                user: user.map(str::to_string),
+                op,
+            })
+            .err()
+            .and_then(|e| e.field().map(str::to_string))
+        };
+        assert_eq!(fs(Some("user"), FsOp::Stat { path: "a".into() }), None);
+        assert_eq!(fs(None, FsOp::Stat { path: "/a".into() }), None);
+        assert_eq!(
+            fs(None, FsOp::Stat { path: "a".into() }).as_deref(),
+            Some("path")
+        );
+        assert_eq!(
+            fs(Some("user"), FsOp::Remove { path: "a\0".into() }).as_deref(),
+            Some("path")
+        );
+        assert_eq!(
+            fs(
+                Some("user"),
+                FsOp::List {
+                    path: "a".into(),
+                    depth: 0
+                }
+            )
+            .as_deref(),
+            Some("depth")
+        );
+        assert_eq!(
+            fs(
+                None,
+                FsOp::Move {
+                    source: "/a".into(),
+                    destination: "b".into()
+                }
+            )
+            .as_deref(),
+            Some("destination")
+        );
+        assert_eq!(
+            fs(
+                Some("user"),
+                FsOp::MakeDir {
+                    path: "x".repeat(MAX_GUEST_PATH + 1)
+                }
+            )
+            .as_deref(),
+            Some("path")
+        );
+    }
+
+    #[tokio::test]
     async fn no_agent_or_a_closed_one_means_a_pause_only_snapshot() {
         let slot = running_vm("noagent");
         assert!(freeze_for_snapshot(&slot).await.is_none());

@@ -573,6 +573,7 @@ mod hostile_tests {
     use super::tests::{hello_ok, next_frame};
     use super::*;
     use agentenv_proto::{ExecRequest, GRANT_BATCH, HEADER_LEN, MAX_PAYLOAD};
+    use std::time::Duration;
 
     /// The test process's resident set, in KiB.
     fn rss_kib() -> u64 {
@@ -722,5 +723,132 @@ mod hostile_tests {
         }
         let why = closed_within(&client, 5).await;
         assert!(why.contains("more credit"), "{why}");
+    }
+
+    /// A connected host and the fake agent's end, with the stream of the
+    /// first request of `kind` the host sent (the host's call runs in `call`).
+    async fn serving<T: Send + 'static>(
+        kind: Kind,
+        call: impl FnOnce(AgentClient) -> tokio::task::JoinHandle<T>,
+    ) -> (AgentClient, UnixStream, u32, tokio::task::JoinHandle<T>) {
+        let (host, mut agent) = UnixStream::pair().unwrap();
+        let fake = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let h = next_frame(&mut agent, &mut buf).await;
+            agent.write_all(&hello_ok(&h).encode()).await.unwrap();
+            let f = loop {
+                let f = next_frame(&mut agent, &mut buf).await;
+                if f.kind == kind {
+                    break f;
+                }
+            };
+            (agent, f.stream)
+        });
+        let client = AgentClient::handshake(host).await.unwrap();
+        let task = call(client.clone());
+        let (agent, stream) = fake.await.unwrap();
+        (client, agent, stream, task)
+    }
+
+    #[tokio::test]
+    async fn a_guest_flooding_fs_events_past_its_window_is_cut_off() {
+        let (client, mut agent, stream, watch) = serving(Kind::Watch, |c| {
+            tokio::spawn(async move {
+                let req = agentenv_proto::WatchRequest {
+                    path: "/tmp".into(),
+                    recursive: false,
+                    user: None,
+                };
+                c.watch(&req).await
+            })
+        })
+        .await;
+        let ok = Frame::json(Kind::FsResult, stream, &FsResponse::default());
+        agent.write_all(&ok.encode()).await.unwrap();
+        let _watch = watch.await.unwrap().unwrap();
+        let before = rss_kib();
+        // Nobody takes the events: an honest agent stops at the window.
+        let frame = proto::encode(Kind::FsEvent, stream, &vec![b' '; MAX_PAYLOAD]);
+        let mut sent = 0u64;
+        while sent < 1 << 30 {
+            if agent.write_all(&frame).await.is_err() {
+                break;
+            }
+            sent += MAX_PAYLOAD as u64;
+        }
+        let why = closed_within(&client, 10).await;
+        assert!(
+            why.contains("flow control") && why.contains("FsEvent"),
+            "{why}"
+        );
+        assert!(sent < 1 << 30, "the host kept reading {sent} bytes");
+        let grown = rss_kib().saturating_sub(before);
+        assert!(grown < 32 * 1024, "rss grew {grown} KiB during the flood");
+    }
+
+    #[tokio::test]
+    async fn a_listing_past_the_entry_limit_is_refused_even_within_credit() {
+        let (_client, mut agent, stream, fs) = serving(Kind::Fs, |c| {
+            tokio::spawn(async move {
+                let req = FsRequest {
+                    user: None,
+                    op: agentenv_proto::FsOp::List {
+                        path: "/".into(),
+                        depth: 1,
+                    },
+                };
+                c.fs(&req).await
+            })
+        })
+        .await;
+        let entry = agentenv_proto::EntryInfo {
+            name: "f".into(),
+            path: "/f".into(),
+            kind: agentenv_proto::EntryKind::File,
+            size: 0,
+            mode: 0o644,
+            permissions: "-rw-r--r--".into(),
+            owner: "root".into(),
+            group: "root".into(),
+            modified_unix_ns: 0,
+            symlink_target: None,
+        };
+        let part = serde_json::to_vec(&vec![entry; 1000]).unwrap();
+        assert!(part.len() <= MAX_PAYLOAD);
+        // Within the credit the host returns as it takes each part.
+        let (mut credit, mut buf) = (INITIAL_WINDOW as usize, Vec::new());
+        let mut sent = 0;
+        let refused = loop {
+            if fs.is_finished() {
+                break fs.await.unwrap();
+            }
+            while credit < part.len() {
+                let f =
+                    tokio::time::timeout(Duration::from_secs(5), next_frame(&mut agent, &mut buf))
+                        .await
+                        .expect("credit or an end");
+                if f.kind == Kind::Window {
+                    credit += f.window_bytes().unwrap() as usize;
+                }
+            }
+            if agent
+                .write_all(&proto::encode(Kind::FsEntries, stream, &part))
+                .await
+                .is_err()
+            {
+                break fs.await.unwrap();
+            }
+            credit -= part.len();
+            sent += 1000;
+            assert!(
+                sent <= 2 * agentenv_proto::MAX_LIST_ENTRIES,
+                "never refused"
+            );
+            tokio::task::yield_now().await;
+        };
+        match refused {
+            Err(AgentError::Protocol(m)) => assert!(m.contains("entries"), "{m}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
     }
 }
