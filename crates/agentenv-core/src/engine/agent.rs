@@ -31,6 +31,10 @@ const THAW_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the agent watcher retries quickly before backing off to 5 s.
 const SLOW_RETRY_AFTER: Duration = Duration::from_secs(60);
 
+/// Longest one file-system operation may take (a wedged or frozen guest
+/// does not hold its caller forever).
+const FS_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Extra time the host gives the agent past an exec's own timeout.
 const EXEC_GRACE: Duration = Duration::from_secs(30);
 
@@ -405,12 +409,18 @@ impl Engine {
     }
 
     /// One file-system operation in the guest (stat, list, make_dir, move,
-    /// remove), as `req.user`.
+    /// remove), as `req.user`; at most [`FS_TIMEOUT`].
     pub async fn agent_fs(&self, vm_id: &str, req: &FsRequest) -> Result<FsResponse, EngineError> {
         let slot = self.slot(vm_id)?;
         check_fs(req)?;
         let agent = self.agent(&slot)?;
-        Ok(agent.fs(req).await?)
+        match tokio::time::timeout(FS_TIMEOUT, agent.fs(req)).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(EngineError::Timeout(format!(
+                "vm {vm_id}: the guest agent did not answer the file operation within {} s",
+                FS_TIMEOUT.as_secs()
+            ))),
+        }
     }
 
     /// Starts watching a guest directory; dropping the [`Watch`] stops it.
