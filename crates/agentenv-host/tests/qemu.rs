@@ -482,11 +482,7 @@ async fn the_guest_agent_refuses_malformed_frames_and_keeps_serving() {
     }
     let _one = GUESTS.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut s = guest_spec(dir.path(), "agentframes", &a);
-    let sock = dir.path().join("agent.sock");
-    s.agent_socket = Some(sock.clone());
-    let vm: Box<dyn VmmInstance> = QemuVmm::new(qemu, Accel::Tcg).launch(&s).await.unwrap();
-    let _guard = KillGuard(vm.pid());
+    let (vm, _guard, s, sock) = launch_with_agent(qemu, &a, dir.path(), "agentframes").await;
     let ep = AgentChannel::Stream(sock.clone());
     assert_eq!(
         vm.agent_channel(),
@@ -570,6 +566,22 @@ async fn the_guest_agent_refuses_malformed_frames_and_keeps_serving() {
     );
     vm.kill().await.unwrap();
     assert!(!sock.exists(), "agent socket left behind");
+}
+
+/// Launches the test guest with its agent's socket at `dir/agent.sock`:
+/// the VMM (killed with the guard), its spec and the socket.
+async fn launch_with_agent(
+    qemu: PathBuf,
+    a: &Artifacts,
+    dir: &Path,
+    vm_id: &str,
+) -> (Box<dyn VmmInstance>, KillGuard, LaunchSpec, PathBuf) {
+    let mut s = guest_spec(dir, vm_id, a);
+    let sock = dir.join("agent.sock");
+    s.agent_socket = Some(sock.clone());
+    let vm: Box<dyn VmmInstance> = QemuVmm::new(qemu, Accel::Tcg).launch(&s).await.unwrap();
+    let guard = KillGuard(vm.pid());
+    (vm, guard, s, sock)
 }
 
 /// Connects to the guest agent at `sock`, retrying while the guest comes up.
@@ -1353,11 +1365,7 @@ async fn the_guest_agent_serves_users_ptys_file_operations_and_watches() {
     }
     let _one = GUESTS.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut s = guest_spec(dir.path(), "e2bops", &a);
-    let sock = dir.path().join("agent.sock");
-    s.agent_socket = Some(sock.clone());
-    let vm: Box<dyn VmmInstance> = QemuVmm::new(qemu, Accel::Tcg).launch(&s).await.unwrap();
-    let _guard = KillGuard(vm.pid());
+    let (vm, _guard, s, sock) = launch_with_agent(qemu, &a, dir.path(), "e2bops").await;
     let client = agent_at(&sock, Duration::from_secs(60), &s).await;
     assert_eq!(client.hello().features, proto::FEATURES);
 

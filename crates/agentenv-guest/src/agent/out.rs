@@ -174,16 +174,9 @@ impl OutStream {
     /// credit. False (and nothing more sent) once the stream has ended.
     pub fn send_data(&self, kind: Kind, mut data: &[u8]) -> bool {
         while !data.is_empty() {
-            let mut st = lock(&self.st);
-            while st.credit == 0 && !st.ended {
-                st = self
-                    .cv
-                    .wait(st)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-            }
-            if st.ended {
+            let Some(mut st) = self.credit_for(1) else {
                 return false;
-            }
+            };
             let n = data.len().min(DATA_CHUNK).min(st.credit as usize);
             // Sent while holding the lock, so it cannot follow the final frame.
             self.outbox.send(kind, self.stream, &data[..n]);
@@ -198,6 +191,18 @@ impl OutStream {
     /// enough. False (and nothing sent) once the stream has ended.
     pub fn send_credited(&self, kind: Kind, payload: &[u8]) -> bool {
         let n = payload.len() as u64;
+        let Some(mut st) = self.credit_for(n) else {
+            return false;
+        };
+        self.outbox.send(kind, self.stream, payload);
+        st.credit -= n;
+        true
+    }
+
+    /// Waits until the stream has at least `n` bytes of credit; the state,
+    /// locked (what is sent under it cannot follow the final frame), or None
+    /// once the stream has ended.
+    fn credit_for(&self, n: u64) -> Option<std::sync::MutexGuard<'_, OutState>> {
         let mut st = lock(&self.st);
         while st.credit < n && !st.ended {
             st = self
@@ -205,12 +210,7 @@ impl OutStream {
                 .wait(st)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
-        if st.ended {
-            return false;
-        }
-        self.outbox.send(kind, self.stream, payload);
-        st.credit -= n;
-        true
+        (!st.ended).then_some(st)
     }
 
     /// Adds credit (a `Window` frame from the host).

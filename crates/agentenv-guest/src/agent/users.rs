@@ -96,7 +96,7 @@ impl Accounts {
             let mut extra: Vec<u32> = a
                 .members
                 .iter()
-                .filter(|(g, m)| **g != gid && m.iter().any(|m| *m == name))
+                .filter(|(g, m)| **g != gid && m.contains(&name))
                 .map(|(g, _)| *g)
                 .collect();
             extra.sort_unstable();

@@ -585,27 +585,15 @@ mod hostile_tests {
     /// A connected host and the fake agent's end, with a stream opened by an
     /// exec the fake answered with `Started` (its id).
     async fn connected() -> (AgentClient, UnixStream, Exec, u32) {
-        let (host, mut agent) = UnixStream::pair().unwrap();
-        let fake = tokio::spawn(async move {
-            let mut buf = Vec::new();
-            let h = next_frame(&mut agent, &mut buf).await;
-            agent.write_all(&hello_ok(&h).encode()).await.unwrap();
-            // The exec request, answered.
-            let exec = loop {
-                let f = next_frame(&mut agent, &mut buf).await;
-                if f.kind == Kind::Exec {
-                    break f;
-                }
-            };
-            let started = Frame::json(Kind::Started, exec.stream, &Started { pid: 7 });
-            agent.write_all(&started.encode()).await.unwrap();
-            (agent, exec.stream)
-        });
-        let client = AgentClient::handshake(host).await.unwrap();
-        let c = client.clone();
-        let req: ExecRequest = serde_json::from_str(r#"{"cmd":["yes"]}"#).unwrap();
-        let exec = tokio::spawn(async move { c.exec(&req, None).await.unwrap() });
-        let (agent, stream) = fake.await.unwrap();
+        let (client, mut agent, stream, exec) = serving(Kind::Exec, |c| {
+            tokio::spawn(async move {
+                let req: ExecRequest = serde_json::from_str(r#"{"cmd":["yes"]}"#).unwrap();
+                c.exec(&req, None).await.unwrap()
+            })
+        })
+        .await;
+        let started = Frame::json(Kind::Started, stream, &Started { pid: 7 });
+        agent.write_all(&started.encode()).await.unwrap();
         (client, agent, exec.await.unwrap(), stream)
     }
 
