@@ -528,6 +528,13 @@ async fn a_watch_reports_changes_by_relative_name_until_dropped() {
     .expect("the watch ended");
     assert_eq!(remote(err).code, ErrorCode::NotFound);
 
+    // A directory reached through a symlink is watched too.
+    std::os::unix::fs::symlink(&root, dir.path().join("alias")).unwrap();
+    let mut watch = watch_of(&client, &dir.path().join("alias"), false).await;
+    std::fs::write(root.join("via-alias"), b"").unwrap();
+    assert_eq!(next(&mut watch).await.name, "via-alias");
+    drop(watch);
+
     // Missing or not a directory: refused at once.
     let e = remote(
         client
@@ -687,4 +694,78 @@ async fn transfers_as_a_user_resolve_from_home_and_belong_to_the_user() {
         (e.code, e.field.as_deref()),
         (ErrorCode::NotFound, Some("user"))
     );
+}
+
+/// The agent's threads.
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count()
+}
+
+#[tokio::test]
+async fn a_closed_connection_leaves_no_watch_terminal_or_command_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, client) = connect(dir.path()).await;
+    let idle = threads(agent.pid());
+    let root = dir.path().join("w");
+    std::fs::create_dir(&root).unwrap();
+
+    // At most 32 watches on one connection.
+    let mut watches = Vec::new();
+    for _ in 0..32 {
+        watches.push(watch_of(&client, &root, true).await);
+    }
+    let e = remote(
+        client
+            .watch(&WatchRequest {
+                path: root.display().to_string(),
+                recursive: false,
+                user: None,
+            })
+            .await
+            .unwrap_err(),
+    );
+    assert!(e.error.contains("32 watches"), "{e:?}");
+    // Dropping one makes room again.
+    watches.pop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    watches.push(watch_of(&client, &root, true).await);
+
+    // A shell on a terminal and a cat waiting for stdin, as a user.
+    let mut shell = req(&["sh", "-c", "echo $$; exec sleep 300"]);
+    shell.pty = Some(PtySize { cols: 80, rows: 24 });
+    shell.user = Some("nobody".into());
+    let mut term = client.exec(&shell, None).await.unwrap();
+    let mut seen = String::new();
+    until(&mut term, &mut seen, "\n").await;
+    let mut cat = req(&["cat"]);
+    cat.stdin = true;
+    let cat = client.exec(&cat, None).await.unwrap();
+    let pids = [term.pid(), cat.pid()];
+    // Writing to a command started without stdin is refused at once.
+    let no_stdin = client.exec(&sh("sleep 300"), None).await.unwrap();
+    let e = remote(no_stdin.control().write_stdin(b"x").await.unwrap_err());
+    assert_eq!(e.field.as_deref(), Some("stdin"));
+    assert!(threads(agent.pid()) > idle);
+
+    // The host goes away: the agent ends all of it.
+    client.shutdown();
+    drop((watches, term, cat, no_stdin, client));
+    let t = Instant::now();
+    while threads(agent.pid()) > idle
+        || pids
+            .iter()
+            .any(|p| Path::new(&format!("/proc/{p}")).exists())
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{} threads (idle: {idle}), processes {:?}",
+            threads(agent.pid()),
+            pids.iter()
+                .filter(|p| Path::new(&format!("/proc/{p}")).exists())
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -36,8 +36,7 @@ const MASK: u32 = libc::IN_CREATE
     | libc::IN_ATTRIB
     | libc::IN_DELETE_SELF
     | libc::IN_MOVE_SELF
-    | libc::IN_ONLYDIR
-    | libc::IN_DONT_FOLLOW;
+    | libc::IN_ONLYDIR;
 
 /// Bytes of `struct inotify_event` before its name.
 const EVENT_HEADER: usize = 16;
@@ -93,7 +92,14 @@ impl Dirs {
                 ));
             }
             let abs = self.root.join(&rel);
-            let wd = match sys::inotify_add(self.fd.as_fd(), &abs, MASK) {
+            // The watched directory may be reached through a symlink; the
+            // directories under it are followed only as directories.
+            let mask = if rel.as_os_str().is_empty() {
+                MASK
+            } else {
+                MASK | libc::IN_DONT_FOLLOW
+            };
+            let wd = match sys::inotify_add(self.fd.as_fd(), &abs, mask) {
                 Ok(wd) => wd,
                 // A sub-directory that went (or turned into a file) meanwhile.
                 Err(_) if !rel.as_os_str().is_empty() => continue,

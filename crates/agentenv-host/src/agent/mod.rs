@@ -409,6 +409,7 @@ impl AgentLink for AgentClient {
             id: r.id,
             credit: r.credit.clone(),
             writing: tokio::sync::Mutex::new(()),
+            takes_input: req.stdin || req.pty.is_some(),
         }));
         Ok(Exec::new(
             started.pid,

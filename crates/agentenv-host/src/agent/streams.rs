@@ -180,6 +180,9 @@ pub(super) struct ExecSender {
     pub(super) credit: Arc<Semaphore>,
     /// Held by one `write_stdin` at a time, so concurrent writes do not interleave.
     pub(super) writing: tokio::sync::Mutex<()>,
+    /// The command reads what the host sends (`stdin` or a terminal); else
+    /// the guest drops it without returning credit, so writes are refused here.
+    pub(super) takes_input: bool,
 }
 
 impl ExecSender {
@@ -195,6 +198,13 @@ impl ExecSender {
 #[async_trait::async_trait]
 impl ExecInput for ExecSender {
     async fn write_stdin(&self, bytes: &[u8]) -> Result<(), AgentError> {
+        if !self.takes_input {
+            return Err(AgentError::Remote(proto::ErrorMsg::new(
+                proto::ErrorCode::BadRequest,
+                Some("stdin"),
+                "the command was started without stdin (set stdin or pty)",
+            )));
+        }
         let _one = self.writing.lock().await;
         if self.credit.is_closed() {
             return Err(AgentError::Closed(format!(
