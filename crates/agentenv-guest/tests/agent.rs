@@ -208,6 +208,15 @@ impl Client {
         s
     }
 
+    /// Sends a frame with an empty payload on an existing stream (`Kill`).
+    fn bare_on(&mut self, kind: Kind, stream: u32) {
+        self.send(&Frame {
+            kind,
+            stream,
+            payload: vec![],
+        });
+    }
+
     fn expect_error(&mut self, stream: u32) -> ErrorMsg {
         let f = self.recv(stream);
         assert_eq!(f.kind, Kind::Error, "{f:?}");
@@ -1194,5 +1203,112 @@ fn command_line() {
         assert!(String::from_utf8(o.stderr)
             .unwrap()
             .starts_with("agentenv-guest: "));
+    }
+}
+
+#[test]
+fn hello_lists_the_features_this_agent_serves() {
+    let agent = Agent::start();
+    let mut c = agent.raw();
+    assert_eq!(c.hello().features, proto::FEATURES);
+}
+
+#[test]
+fn signal_and_resize_for_other_streams_are_dropped_and_a_malformed_one_is_a_protocol_error() {
+    let agent = Agent::start();
+    let mut c = agent.client();
+    // For a stream that does not exist, and for one that is not a command.
+    c.send(&Frame::json(
+        Kind::Signal,
+        999,
+        &proto::SignalMsg { signal: 9 },
+    ));
+    let ping = c.bare(Kind::Ping);
+    assert_eq!(c.recv(ping).kind, Kind::Done);
+    let out = c.run(&sh("echo still"));
+    assert_eq!(out.stdout, b"still\n");
+    // A signal out of range is ignored; SIGTERM then ends the command.
+    let s = c.request(Kind::Exec, &sh("echo ready; exec sleep 30"));
+    assert_eq!(c.recv(s).kind, Kind::Started);
+    assert_eq!(c.recv(s).payload, b"ready\n");
+    c.send(&Frame::json(
+        Kind::Signal,
+        s,
+        &proto::SignalMsg { signal: 0 },
+    ));
+    c.send(&Frame::json(
+        Kind::Signal,
+        s,
+        &proto::SignalMsg { signal: 15 },
+    ));
+    let f = c.recv(s);
+    assert_eq!(f.kind, Kind::Exit, "{f:?}");
+    assert_eq!(f.parse::<ExitStatus>().unwrap().signal, Some(15));
+
+    let s = c.request(Kind::Exec, &sh("exec sleep 30"));
+    assert_eq!(c.recv(s).kind, Kind::Started);
+    c.send(&Frame {
+        kind: Kind::Resize,
+        stream: s,
+        payload: b"not json".to_vec(),
+    });
+    let e = c.expect_error(0);
+    assert_eq!(e.code, ErrorCode::Protocol);
+    // The session is over: its command ends without a word, the connection closes.
+    let rest = c.drain(Duration::from_millis(500));
+    assert!(rest.is_empty(), "{rest:?}");
+    assert_eq!(c.read(), None, "the connection is closed");
+}
+
+#[test]
+fn watch_events_stop_at_the_window_and_kill_ends_the_watch_with_done() {
+    let agent = Agent::start();
+    let mut c = agent.client();
+    let dir = agent.path("watched");
+    fs::create_dir(&dir).unwrap();
+    let s = c.request(
+        Kind::Watch,
+        &proto::WatchRequest {
+            path: dir.to_str().unwrap().into(),
+            recursive: false,
+            user: None,
+        },
+    );
+    let f = c.recv(s);
+    assert_eq!(f.kind, Kind::FsResult, "{f:?}");
+    let entry = f.parse::<proto::FsResponse>().unwrap().entry.unwrap();
+    assert_eq!(entry.path, dir.to_str().unwrap());
+    // About 260 bytes per event: 4 MiB of credit is ~16 000 events.
+    let long = "x".repeat(220);
+    for i in 0..20_000 {
+        fs::File::create(dir.join(format!("{long}{i:05}"))).unwrap();
+    }
+    let mut bytes = 0usize;
+    let mut events = 0usize;
+    for f in c.drain(Duration::from_millis(1000)) {
+        assert_eq!((f.stream, f.kind), (s, Kind::FsEvent));
+        let ev: proto::FsEvent = f.parse().unwrap();
+        assert_eq!(ev.op, proto::FsEventOp::Create);
+        bytes += f.payload.len();
+        events += 1;
+    }
+    assert!(
+        bytes <= INITIAL_WINDOW as usize,
+        "{bytes} bytes past the window"
+    );
+    assert!(events > 10_000 && events < 20_000, "{events} events");
+    // More credit, more events.
+    c.window(s, INITIAL_WINDOW as usize);
+    let more = c.drain(Duration::from_millis(1000));
+    assert!(!more.is_empty() && more.iter().all(|f| f.kind == Kind::FsEvent));
+    // Kill: Done (events in flight may come first).
+    c.bare_on(Kind::Kill, s);
+    loop {
+        let f = c.recv(s);
+        match f.kind {
+            Kind::FsEvent => {}
+            Kind::Done => break,
+            k => panic!("unexpected {k:?}"),
+        }
     }
 }
