@@ -159,13 +159,17 @@ async fn commands_run_as_a_guest_user_with_its_environment() {
 async fn a_terminal_reports_its_size_and_follows_resizes() {
     let dir = tempfile::tempdir().unwrap();
     let (_agent, client) = connect(dir.path()).await;
-    let mut r = sh("stty size; tty; test -t 0 && test -t 1 && test -t 2 && echo all-ttys");
+    let mut r = sh(
+        "stty size; tty; test -t 0 && test -t 1 && test -t 2 && echo all-ttys; \
+         stat -c %u \"$(tty)\"",
+    );
     r.pty = Some(PtySize { cols: 80, rows: 24 });
+    r.user = Some("nobody".into());
     let (out, _, st) = finish(&mut client.exec(&r, None).await.unwrap()).await;
     assert_eq!(st.exit_code, Some(0), "{out}");
     let out = out.replace('\r', "");
     assert!(out.starts_with("24 80\n/dev/pts/"), "{out:?}");
-    assert!(out.contains("all-ttys"), "{out:?}");
+    assert!(out.contains("all-ttys\n65534\n"), "{out:?}");
 
     // An interactive shell: what the host writes goes to the terminal.
     let mut shell = req(&["sh"]);

@@ -252,6 +252,12 @@ pub fn start(req: ExecRequest, out: Arc<OutStream>) -> Result<ExecHandle, ErrorM
         Some(size) => {
             let (master, slave) = sys::openpty(size.cols, size.rows)
                 .map_err(|e| io_error("pty", "open a pseudo-terminal", &e))?;
+            // The user's own terminal, as login makes it (a program that
+            // reopens it by name may then).
+            if let Some(u) = &user {
+                std::os::unix::fs::fchown(&slave, Some(u.uid), None)
+                    .map_err(|e| io_error("pty", "chown the terminal", &e))?;
+            }
             let dup = |fd: &OwnedFd| {
                 fd.try_clone()
                     .map(Stdio::from)
