@@ -423,7 +423,8 @@ impl Engine {
         }
     }
 
-    /// Starts watching a guest directory; dropping the [`Watch`] stops it.
+    /// Starts watching a guest directory (its start bounded by
+    /// [`FS_TIMEOUT`]); dropping the [`Watch`] stops it.
     pub async fn agent_watch(
         &self,
         vm_id: &str,
@@ -433,7 +434,13 @@ impl Engine {
         guest_user(&req.user)?;
         user_path("path", &req.path, &req.user)?;
         let agent = self.agent(&slot)?;
-        Ok(agent.watch(req).await?)
+        match tokio::time::timeout(FS_TIMEOUT, agent.watch(req)).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(EngineError::Timeout(format!(
+                "vm {vm_id}: the guest agent did not start the watch within {} s",
+                FS_TIMEOUT.as_secs()
+            ))),
+        }
     }
 
     /// Starts an upload of a guest file.
