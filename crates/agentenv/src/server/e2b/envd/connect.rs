@@ -47,7 +47,12 @@ pub fn check_content_type(headers: &HeaderMap, shape: Shape) -> Result<(), Conne
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let base = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let base = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     let want = match shape {
         Shape::Unary => "application/json",
         Shape::ServerStream | Shape::ClientStream => "application/connect+json",
@@ -105,10 +110,7 @@ pub async fn read_unary(body: Body) -> Result<Value, ConnectError> {
 pub async fn read_one_envelope(body: Body) -> Result<Value, ConnectError> {
     let mut reader = EnvelopeReader::new(body);
     let msg = reader.next().await?.ok_or_else(|| {
-        ConnectError::new(
-            Code::InvalidArgument,
-            "the request has no message envelope",
-        )
+        ConnectError::new(Code::InvalidArgument, "the request has no message envelope")
     })?;
     if reader.next().await?.is_some() {
         return Err(ConnectError::new(
@@ -254,7 +256,10 @@ pub fn end_envelope(err: Option<&ConnectError>) -> Bytes {
         None => serde_json::json!({}),
         Some(e) => serde_json::json!({ "error": e.to_json() }),
     };
-    envelope(END_STREAM, &serde_json::to_vec(&v).expect("json serialises"))
+    envelope(
+        END_STREAM,
+        &serde_json::to_vec(&v).expect("json serialises"),
+    )
 }
 
 /// The client went away: the stream's body is gone.
@@ -427,10 +432,7 @@ pub fn bytes(msg: &Value, name: &str) -> Result<Vec<u8>, ConnectError> {
                 })
                 .collect();
             agentenv_api::base64::decode(&std).ok_or_else(|| {
-                ConnectError::new(
-                    Code::InvalidArgument,
-                    format!("{name}: not valid base64"),
-                )
+                ConnectError::new(Code::InvalidArgument, format!("{name}: not valid base64"))
             })
         }
         Some(v) => Err(wrong(name, "a base64 string", v)),
@@ -501,12 +503,18 @@ mod tests {
         assert_eq!(r.next().await.unwrap(), None);
 
         let cut = envelope(0, br#"{"a":1}"#).slice(..8);
-        let e = EnvelopeReader::new(Body::from(cut)).next().await.unwrap_err();
+        let e = EnvelopeReader::new(Body::from(cut))
+            .next()
+            .await
+            .unwrap_err();
         assert_eq!(e.code, Code::InvalidArgument);
 
         let mut huge = vec![0u8];
         huge.extend_from_slice(&((MAX_MESSAGE + 1) as u32).to_be_bytes());
-        let e = EnvelopeReader::new(Body::from(huge)).next().await.unwrap_err();
+        let e = EnvelopeReader::new(Body::from(huge))
+            .next()
+            .await
+            .unwrap_err();
         assert_eq!(e.code, Code::ResourceExhausted);
 
         let e = EnvelopeReader::new(Body::from(envelope(1, b"{}")))

@@ -362,7 +362,10 @@ async fn upload(call: &Call, q: &FilesQuery, req: Request) -> Result<Response, E
                 match f.chunk().await {
                     Ok(Some(c)) => Ok(Some((c, f))),
                     Ok(None) => Ok(None),
-                    Err(e) => Err(E2bError::bad_field("body", format!("malformed multipart: {e}"))),
+                    Err(e) => Err(E2bError::bad_field(
+                        "body",
+                        format!("malformed multipart: {e}"),
+                    )),
                 }
             });
             written.push(write_one(call, &target, Box::pin(data)).await?);
@@ -424,11 +427,20 @@ mod tests {
     #[test]
     fn gzip_acceptance_honours_q_zero() {
         let mut h = HeaderMap::new();
-        h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("zstd, gzip"));
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("zstd, gzip"),
+        );
         assert!(accepts_gzip(&h));
-        h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip;q=0"));
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("gzip;q=0"),
+        );
         assert!(!accepts_gzip(&h));
-        h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
         assert!(!accepts_gzip(&h));
     }
 }

@@ -12,8 +12,8 @@
 //! sandbox.
 
 pub mod connect;
-pub mod filesystem;
 pub mod files;
+pub mod filesystem;
 pub mod process;
 
 use std::sync::Arc;
@@ -199,7 +199,7 @@ async fn handle(state: Arc<E2bState>, req: Request) -> Response {
         return E2bError::new(
             StatusCode::BAD_GATEWAY,
             format!(
-                "The sandbox {} is running but port {} is not open (only envd's port {} is served)",
+                "The sandbox {} is running but port is not open: {} (only envd's port {} is served)",
                 target.sandbox_id,
                 target.port,
                 super::ENVD_PORT
@@ -222,12 +222,15 @@ async fn handle(state: Arc<E2bState>, req: Request) -> Response {
         return sandbox_gone(&target.sandbox_id).into_response();
     }
     let path = req.uri().path().to_string();
-    let is_rpc = path.starts_with("/process.Process/") || path.starts_with("/filesystem.Filesystem/");
+    let is_rpc =
+        path.starts_with("/process.Process/") || path.starts_with("/filesystem.Filesystem/");
     let header_token = req
         .headers()
         .get("x-access-token")
         .map(|v| v.as_bytes().to_vec());
-    let token_valid = header_token.as_deref().is_some_and(|t| token_ok(&record, t));
+    let token_valid = header_token
+        .as_deref()
+        .is_some_and(|t| token_ok(&record, t));
     if is_rpc {
         if !token_valid {
             return ConnectError::new(
@@ -263,7 +266,9 @@ async fn handle(state: Arc<E2bState>, req: Request) -> Response {
             StatusCode::NO_CONTENT.into_response()
         }
         "/files" => files::handle(state, record, token_valid, req).await,
-        _ => ConnectError::new(Code::Unimplemented, format!("{path} is not served")).into_response(),
+        _ => {
+            ConnectError::new(Code::Unimplemented, format!("{path} is not served")).into_response()
+        }
     }
 }
 

@@ -168,14 +168,15 @@ impl Proc {
     /// Hands `msg` to every subscriber that has room; drops those that do
     /// not (and those that went away).
     fn fan_out(&self, msg: Value) {
-        self.subs().retain(|s| match s.tx.try_send(Out::Msg(msg.clone())) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                s.lagged.store(true, Ordering::SeqCst);
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        });
+        self.subs()
+            .retain(|s| match s.tx.try_send(Out::Msg(msg.clone())) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    s.lagged.store(true, Ordering::SeqCst);
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            });
     }
 
     /// Ends every subscription with `t`.
@@ -211,7 +212,7 @@ fn selector(msg: &Value) -> Result<Selector, ConnectError> {
     };
     if connect::field(sel, "pid").is_some() {
         return Ok(Selector::Pid(
-            connect::uint(sel, "pid", u32::MAX as u64)? as u32,
+            connect::uint(sel, "pid", u32::MAX as u64)? as u32
         ));
     }
     match connect::opt_string(sel, "tag")? {
@@ -270,14 +271,13 @@ where
 }
 
 /// `Start`: runs a command and streams its events.
-async fn start(
-    call: Call,
-    headers: HeaderMap,
-    msg: Value,
-) -> Result<Response, ConnectError> {
+async fn start(call: Call, headers: HeaderMap, msg: Value) -> Result<Response, ConnectError> {
     let lifetime = connect::timeout_of(&headers)?;
     let process = connect::message(&msg, "process")?.ok_or_else(|| {
-        ConnectError::new(Code::InvalidArgument, "process: the process config is missing")
+        ConnectError::new(
+            Code::InvalidArgument,
+            "process: the process config is missing",
+        )
     })?;
     let cmd = connect::string(process, "cmd")?;
     if cmd.is_empty() {
@@ -369,7 +369,10 @@ async fn start(
 
 fn pty_size(p: &Value) -> Result<(u16, u16), ConnectError> {
     let size = connect::message(p, "size")?.ok_or_else(|| {
-        ConnectError::new(Code::InvalidArgument, "pty.size: the terminal size is missing")
+        ConnectError::new(
+            Code::InvalidArgument,
+            "pty.size: the terminal size is missing",
+        )
     })?;
     let cols = connect::uint(size, "cols", u16::MAX as u64)? as u16;
     let rows = connect::uint(size, "rows", u16::MAX as u64)? as u16;
@@ -586,11 +589,7 @@ fn pump(pid: u32, mut sub: Subscription, timers: Timers) -> Response {
 }
 
 /// `Connect`: re-attaches to a running process.
-async fn connect_to(
-    call: Call,
-    headers: HeaderMap,
-    msg: Value,
-) -> Result<Response, ConnectError> {
+async fn connect_to(call: Call, headers: HeaderMap, msg: Value) -> Result<Response, ConnectError> {
     let sel = selector(&msg)?;
     let deadline = connect::timeout_of(&headers)?.map(|d| Instant::now() + d);
     let proc = call
@@ -638,8 +637,8 @@ async fn kill(proc: &Proc) -> Result<(), ConnectError> {
 }
 
 async fn send_signal(call: Call, msg: Value) -> Result<Value, ConnectError> {
-    let proc = find(&call, &msg)?;
     let sig = connect::enumeration(&msg, "signal", SIGNALS)?;
+    let proc = find(&call, &msg)?;
     match sig {
         9 => kill(&proc).await?,
         0 => {
