@@ -26,7 +26,7 @@ use agentenv_core::backend::AgentChannel;
 use agentenv_core::config::AgentConfig;
 use agentenv_core::engine::AGENT_SOCKET;
 use agentenv_host::agent::AgentClient;
-use agentenv_proto::{ExecRequest, PutFile, INITIAL_WINDOW, VSOCK_PORT};
+use agentenv_proto::{ExecRequest, GetFile, PutFile, INITIAL_WINDOW, VSOCK_PORT};
 use agentenv_testkit::agent::HostAgent;
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
@@ -252,6 +252,7 @@ impl AgentSide {
                     path: path.display().to_string(),
                     mode: None,
                     make_parents: false,
+                    user: None,
                 })
                 .await?;
             loop {
@@ -278,7 +279,13 @@ impl AgentSide {
         let mut check = Check::new(content);
         let t0 = Instant::now();
         self.rt.block_on(async {
-            let mut dl = self.client.get_file(&path.display().to_string()).await?;
+            let mut dl = self
+                .client
+                .get_file(&GetFile {
+                    path: path.display().to_string(),
+                    user: None,
+                })
+                .await?;
             ensure!(
                 dl.info.size == size,
                 "{}: the agent reports {} bytes to download, not {size}",

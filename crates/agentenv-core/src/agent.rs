@@ -14,7 +14,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use agentenv_proto::{
-    Done, ErrorMsg, ExecRequest, ExitStatus, FileInfo, HelloOk, Identity, PutFile,
+    Done, ErrorMsg, ExecRequest, ExitStatus, FileInfo, FsEvent, FsRequest, FsResponse, GetFile,
+    HelloOk, Identity, PtySize, PutFile, WatchRequest,
 };
 use async_trait::async_trait;
 
@@ -72,6 +73,9 @@ pub trait AgentLink: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), AgentError>;
 
     /// Starts a command. With `stdin`, its bytes are sent and stdin closed.
+    /// Without, and with `req.stdin` set, stdin stays open for
+    /// [`Exec::control`]'s [`ExecControl::write_stdin`] until
+    /// [`ExecControl::close_stdin`].
     async fn exec(&self, req: &ExecRequest, stdin: Option<Vec<u8>>) -> Result<Exec, AgentError>;
 
     /// Starts an upload; write the content with [`Upload::write`], then
@@ -79,7 +83,13 @@ pub trait AgentLink: Send + Sync + 'static {
     async fn put_file(&self, put: &PutFile) -> Result<Upload, AgentError>;
 
     /// Starts a download; read it with [`Download::next_chunk`].
-    async fn get_file(&self, path: &str) -> Result<Download, AgentError>;
+    async fn get_file(&self, get: &GetFile) -> Result<Download, AgentError>;
+
+    /// One file-system operation (stat, list, make_dir, move, remove).
+    async fn fs(&self, req: &FsRequest) -> Result<FsResponse, AgentError>;
+
+    /// Starts watching a directory; read its events with [`Watch::next`].
+    async fn watch(&self, req: &WatchRequest) -> Result<Watch, AgentError>;
 
     /// Freezes the guest's writable file systems.
     async fn freeze(&self) -> Result<Done, AgentError>;
@@ -115,21 +125,99 @@ pub trait ExecStream: Send {
     async fn kill(&mut self) -> Result<(), AgentError>;
 }
 
+/// What can be sent to a running command while its events are pulled
+/// elsewhere, as a link implements it.
+#[async_trait]
+pub trait ExecInput: Send + Sync {
+    /// Sends bytes to the command's stdin (or its terminal), waiting for the
+    /// guest's credit.
+    async fn write_stdin(&self, bytes: &[u8]) -> Result<(), AgentError>;
+
+    /// Closes the command's stdin.
+    async fn close_stdin(&self) -> Result<(), AgentError>;
+
+    /// Sends `signal` to the command's process group.
+    async fn signal(&self, signal: i32) -> Result<(), AgentError>;
+
+    /// Resizes the command's terminal.
+    async fn resize(&self, size: PtySize) -> Result<(), AgentError>;
+
+    /// Kills the command's process group (SIGKILL; its exit says `killed`).
+    async fn kill(&self) -> Result<(), AgentError>;
+}
+
+/// A handle on a running command's input and signals: cheap to clone, usable
+/// from any task while another pulls [`Exec::next`]. Once the command has
+/// ended (or its [`Exec`] was dropped), `write_stdin` fails and the others
+/// do nothing.
+#[derive(Clone)]
+pub struct ExecControl(Arc<dyn ExecInput>);
+
+impl ExecControl {
+    /// A handle sending through `input`.
+    pub fn new(input: Arc<dyn ExecInput>) -> ExecControl {
+        ExecControl(input)
+    }
+
+    /// Sends bytes to the command's stdin (its terminal, with a pty),
+    /// waiting for the guest's credit. Concurrent writes are not interleaved.
+    pub async fn write_stdin(&self, bytes: &[u8]) -> Result<(), AgentError> {
+        self.0.write_stdin(bytes).await
+    }
+
+    /// Closes the command's stdin (with a pty: nothing to close; ignored).
+    pub async fn close_stdin(&self) -> Result<(), AgentError> {
+        self.0.close_stdin().await
+    }
+
+    /// Sends `signal` (1..=64) to the command's process group.
+    pub async fn signal(&self, signal: i32) -> Result<(), AgentError> {
+        self.0.signal(signal).await
+    }
+
+    /// Resizes the command's terminal (commands started with a pty).
+    pub async fn resize(&self, size: PtySize) -> Result<(), AgentError> {
+        self.0.resize(size).await
+    }
+
+    /// Kills the command's process group; its [`ExecEvent::Exit`] still follows.
+    pub async fn kill(&self) -> Result<(), AgentError> {
+        self.0.kill().await
+    }
+}
+
+impl std::fmt::Debug for ExecControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecControl").finish_non_exhaustive()
+    }
+}
+
 /// A running command. Dropping it before the exit kills the command.
 pub struct Exec {
     pid: u32,
     events: Box<dyn ExecStream>,
+    control: ExecControl,
 }
 
 impl Exec {
-    /// A command of pid `pid` whose events come from `events`.
-    pub fn new(pid: u32, events: Box<dyn ExecStream>) -> Exec {
-        Exec { pid, events }
+    /// A command of pid `pid` whose events come from `events` and whose
+    /// input goes through `control`.
+    pub fn new(pid: u32, events: Box<dyn ExecStream>, control: ExecControl) -> Exec {
+        Exec {
+            pid,
+            events,
+            control,
+        }
     }
 
     /// The command's pid in the guest.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// A handle on the command's stdin, signals and terminal, for other tasks.
+    pub fn control(&self) -> ExecControl {
+        self.control.clone()
     }
 
     /// The next output chunk or the exit.
@@ -140,6 +228,38 @@ impl Exec {
     /// Kills the command's process group; its [`ExecEvent::Exit`] still follows.
     pub async fn kill(&mut self) -> Result<(), AgentError> {
         self.events.kill().await
+    }
+}
+
+/// A directory watch's events, as a link delivers them. Dropping it stops
+/// the watch.
+#[async_trait]
+pub trait WatchStream: Send {
+    /// The next change. An error ends the watch (the directory went away,
+    /// the guest fell behind and lost events, the connection broke).
+    async fn next(&mut self) -> Result<FsEvent, AgentError>;
+}
+
+/// A directory watch. Dropping it stops the watch in the guest.
+pub struct Watch(Box<dyn WatchStream>);
+
+impl Watch {
+    /// A watch whose events come from `events`.
+    pub fn new(events: Box<dyn WatchStream>) -> Watch {
+        Watch(events)
+    }
+
+    /// The next change, waiting for it. Credit for events goes back to the
+    /// guest as each is taken, so an unread watch holds back the guest, not
+    /// memory on the host.
+    pub async fn next(&mut self) -> Result<FsEvent, AgentError> {
+        self.0.next().await
+    }
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch").finish_non_exhaustive()
     }
 }
 

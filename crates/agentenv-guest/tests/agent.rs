@@ -294,7 +294,13 @@ impl Client {
     }
 
     fn get(&mut self, path: &str) -> Result<(FileInfo, Vec<u8>, Done), ErrorMsg> {
-        let s = self.request(Kind::GetFile, &GetFile { path: path.into() });
+        let s = self.request(
+            Kind::GetFile,
+            &GetFile {
+                path: path.into(),
+                user: None,
+            },
+        );
         let f = self.recv(s);
         let info: FileInfo = match f.kind {
             Kind::FileInfo => f.parse().unwrap(),
@@ -321,6 +327,7 @@ fn put_req(path: &Path) -> PutFile {
         path: path.to_str().unwrap().into(),
         mode: None,
         make_parents: false,
+        user: None,
     }
 }
 
@@ -851,6 +858,7 @@ fn uploads_replace_files_with_the_given_mode_and_can_make_parents() {
                     path: path.into(),
                     mode: None,
                     make_parents: false,
+                    user: None,
                 },
                 b"x",
             )
@@ -969,6 +977,7 @@ fn a_download_waits_for_credit_and_can_be_cancelled() {
         Kind::GetFile,
         &GetFile {
             path: path.to_str().unwrap().into(),
+            user: None,
         },
     );
     just_the_initial_window(&mut c, s, Kind::FileInfo, Kind::FileData);

@@ -106,6 +106,16 @@ pub enum Kind {
     /// The VM's new identity after a restore from a memory snapshot: JSON
     /// [`Identity`]; answered with `Done` once applied.
     Identity = 0x0c,
+    /// Sends a signal to a command's process group: JSON [`SignalMsg`].
+    Signal = 0x0d,
+    /// Resizes a command's terminal: JSON [`PtySize`].
+    Resize = 0x0e,
+    /// A file-system operation: JSON [`FsRequest`]; answered by `FsEntries`…
+    /// then `FsResult`, or `Error`.
+    Fs = 0x0f,
+    /// Watches a directory: JSON [`WatchRequest`]; answered by `FsEvent`
+    /// frames until the host sends `Kill` (then `Done`), or `Error`.
+    Watch = 0x10,
 
     /// Guest → host, stream 0: nonce + JSON [`HelloOk`].
     HelloOk = 0x81,
@@ -127,6 +137,14 @@ pub enum Kind {
     GuestWindow = 0x89,
     /// A download starts: JSON [`FileInfo`], then `FileData`…, `Done`.
     FileInfo = 0x8a,
+    /// The answer to `Fs`: JSON [`FsResponse`]. Ends the stream.
+    FsResult = 0x8b,
+    /// A change in a watched directory: JSON [`FsEvent`]. Bulk: its payload
+    /// spends the stream's credit like output does.
+    FsEvent = 0x8c,
+    /// Part of a listing (before its `FsResult`): JSON `Vec<`[`EntryInfo`]`>`.
+    /// Bulk: its payload spends the stream's credit like output does.
+    FsEntries = 0x8d,
 }
 
 impl Kind {
@@ -146,6 +164,10 @@ impl Kind {
             0x0a => Thaw,
             0x0b => Ping,
             0x0c => Identity,
+            0x0d => Signal,
+            0x0e => Resize,
+            0x0f => Fs,
+            0x10 => Watch,
             0x81 => HelloOk,
             0x82 => Started,
             0x83 => Stdout,
@@ -156,6 +178,9 @@ impl Kind {
             0x88 => Done,
             0x89 => GuestWindow,
             0x8a => FileInfo,
+            0x8b => FsResult,
+            0x8c => FsEvent,
+            0x8d => FsEntries,
             _ => return None,
         })
     }
@@ -398,7 +423,16 @@ pub struct HelloOk {
     pub agent: String,
     /// The agent's process id in the guest.
     pub pid: u32,
+    /// What this agent serves beyond protocol 1's first set of requests
+    /// ([`FEATURES`] for this crate's agent; empty for an older agent).
+    #[serde(default)]
+    pub features: Vec<String>,
 }
+
+/// The optional features an agent of this crate's version serves: `Exec`
+/// with `user` and `pty`, `Signal`, `Resize`, `Fs`, `Watch`, and transfers
+/// with `user`.
+pub const FEATURES: [&str; 5] = ["user", "pty", "signal", "fs", "watch"];
 
 /// `Exec`: run a command.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -421,6 +455,33 @@ pub struct ExecRequest {
     /// read and dropped, and the exit status says it was truncated.
     #[serde(default)]
     pub max_output: Option<u64>,
+    /// Run as this guest user (uid, gid and supplementary groups from the
+    /// guest's /etc/passwd and /etc/group; `HOME`, `USER`, `LOGNAME`, `SHELL`
+    /// set; `cwd` defaults to, and a relative `cwd` resolves against, the
+    /// user's home). None: root, as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Run in a new session with a pseudo-terminal of this size as its
+    /// controlling terminal on stdin, stdout and stderr: output comes as
+    /// `Stdout`, `Data` goes to the terminal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<PtySize>,
+}
+
+/// A terminal size (`Exec.pty`, `Resize`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtySize {
+    /// Columns (at least 1).
+    pub cols: u16,
+    /// Rows (at least 1).
+    pub rows: u16,
+}
+
+/// `Signal`: a signal for a command's process group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalMsg {
+    /// The signal number (1..=64).
+    pub signal: i32,
 }
 
 /// `Started`: the command runs.
@@ -467,6 +528,8 @@ pub enum ErrorCode {
     Io,
     /// The byte stream broke the protocol; the connection is dropped.
     Protocol,
+    /// The path to create exists already (`make_dir`).
+    AlreadyExists,
 }
 
 /// `Error`: the request (or, on stream 0, the connection) failed.
@@ -493,9 +556,9 @@ impl ErrorMsg {
 }
 
 /// `PutFile`: write a file (replaced atomically when the upload completes).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct PutFile {
-    /// Absolute path in the guest.
+    /// Path in the guest: absolute, or relative to `user`'s home.
     pub path: String,
     /// Permission bits (default 0644).
     #[serde(default)]
@@ -503,13 +566,163 @@ pub struct PutFile {
     /// Create missing parent directories.
     #[serde(default)]
     pub make_parents: bool,
+    /// Write as this guest user: the file and the parents it creates belong
+    /// to the user (and its primary group); a relative path resolves against
+    /// the user's home. None: root, and the path must be absolute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// `GetFile`: read a file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct GetFile {
-    /// Absolute path in the guest.
+    /// Path in the guest: absolute, or relative to `user`'s home.
     pub path: String,
+    /// Resolve a relative path against this guest user's home. None: root,
+    /// and the path must be absolute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// `Fs`: one file-system operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsRequest {
+    /// Act for this guest user: relative paths resolve against its home and
+    /// what the operation creates belongs to it. None: root, and paths must
+    /// be absolute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The operation.
+    #[serde(flatten)]
+    pub op: FsOp,
+}
+
+/// The operation of an [`FsRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum FsOp {
+    /// Describe a path (a symlink itself, not its target): `entry`.
+    Stat {
+        /// The path.
+        path: String,
+    },
+    /// The entries of a directory, and of its sub-directories down to
+    /// `depth` levels (1: the directory's own entries): `entries`.
+    List {
+        /// The directory.
+        path: String,
+        /// Levels to descend, at least 1.
+        depth: u32,
+    },
+    /// Create a directory and its missing parents: `entry`.
+    /// `AlreadyExists` when the path exists.
+    MakeDir {
+        /// The directory.
+        path: String,
+    },
+    /// Rename (across file systems too: copy, then remove): the
+    /// destination's `entry`. Missing parents of the destination are made.
+    Move {
+        /// What to move.
+        source: String,
+        /// Where to.
+        destination: String,
+    },
+    /// Remove a path, recursively; a missing path is success.
+    Remove {
+        /// The path.
+        path: String,
+    },
+}
+
+/// `FsResult`: the answer to an [`FsRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FsResponse {
+    /// The entry (`stat`, `make_dir`, `move`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry: Option<EntryInfo>,
+    /// The entries (`list`; on the wire they come in `FsEntries` frames
+    /// before this message).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entries: Vec<EntryInfo>,
+}
+
+/// What a directory entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Directory,
+    /// A symbolic link.
+    Symlink,
+    /// Anything else (device, FIFO, socket).
+    Other,
+}
+
+/// One file-system entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryInfo {
+    /// Its base name.
+    pub name: String,
+    /// Its absolute path.
+    pub path: String,
+    /// What it is (a symlink is described itself, not its target).
+    pub kind: EntryKind,
+    /// Its size in bytes (`lstat`).
+    pub size: u64,
+    /// Its permission bits (`0o777` at most).
+    pub mode: u32,
+    /// `ls -l` style type and permissions, e.g. `-rw-r--r--`.
+    pub permissions: String,
+    /// The owner's user name (the number when the guest has no name for it).
+    pub owner: String,
+    /// The group's name (the number when the guest has no name for it).
+    pub group: String,
+    /// Last modification, nanoseconds since the Unix epoch.
+    pub modified_unix_ns: i128,
+    /// A symlink's target, made absolute against the link's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symlink_target: Option<String>,
+}
+
+/// `Watch`: report changes in a directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchRequest {
+    /// The directory: absolute, or relative to `user`'s home.
+    pub path: String,
+    /// Watch its sub-directories too (and the ones created later).
+    #[serde(default)]
+    pub recursive: bool,
+    /// Resolve a relative path against this guest user's home.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// `FsEvent`: one change under a watched directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsEvent {
+    /// The changed entry's path relative to the watched directory.
+    pub name: String,
+    /// What happened.
+    pub op: FsEventOp,
+}
+
+/// What an [`FsEvent`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsEventOp {
+    /// Created (or moved in).
+    Create,
+    /// Written.
+    Write,
+    /// Removed.
+    Remove,
+    /// Renamed away (moved out).
+    Rename,
+    /// Its attributes (mode, owner, times) changed.
+    Chmod,
 }
 
 /// `FileInfo`: the file a download sends.
@@ -656,5 +869,124 @@ mod tests {
         assert_eq!(find_hello_ok(&buf, &nonce), Some(at));
         assert_eq!(find_hello_ok(&buf[..at + 10], &nonce), None);
         assert_eq!(find_hello_ok(b"short", &nonce), None);
+    }
+
+    #[test]
+    fn every_kind_round_trips_through_its_byte() {
+        for b in 0..=255u8 {
+            if let Some(k) = Kind::from_u8(b) {
+                assert_eq!(k as u8, b);
+                assert_eq!(k.from_host(), b < 0x80);
+            }
+        }
+        for k in [Kind::Signal, Kind::Resize, Kind::Fs, Kind::Watch] {
+            assert!(k.from_host(), "{k:?}");
+        }
+        for k in [Kind::FsResult, Kind::FsEvent, Kind::FsEntries] {
+            assert!(!k.from_host(), "{k:?}");
+        }
+    }
+
+    #[test]
+    fn new_fields_are_optional_for_old_peers() {
+        // An old host's requests and an old agent's hello still parse.
+        let exec: ExecRequest = serde_json::from_str(r#"{"cmd":["true"]}"#).unwrap();
+        assert_eq!((exec.user, exec.pty), (None, None));
+        let put: PutFile = serde_json::from_str(r#"{"path":"/a"}"#).unwrap();
+        assert_eq!(put.user, None);
+        let get: GetFile = serde_json::from_str(r#"{"path":"/a"}"#).unwrap();
+        assert_eq!(get.user, None);
+        let ok: HelloOk =
+            serde_json::from_str(r#"{"version":1,"agent":"agentenv-guest 0.1.0","pid":1}"#)
+                .unwrap();
+        assert!(ok.features.is_empty());
+        // And what a new host sends without the new fields is what an old agent reads.
+        let old = serde_json::to_value(ExecRequest {
+            cmd: vec!["true".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(
+            old.get("user").is_none() && old.get("pty").is_none(),
+            "{old}"
+        );
+    }
+
+    #[test]
+    fn fs_messages_have_their_documented_shape() {
+        let req = FsRequest {
+            user: Some("user".into()),
+            op: FsOp::List {
+                path: "docs".into(),
+                depth: 2,
+            },
+        };
+        let v = serde_json::to_value(&req).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"user":"user","op":"list","path":"docs","depth":2})
+        );
+        assert_eq!(serde_json::from_value::<FsRequest>(v).unwrap(), req);
+        let mv: FsRequest =
+            serde_json::from_str(r#"{"op":"move","source":"/a","destination":"/b"}"#).unwrap();
+        assert_eq!(
+            mv.op,
+            FsOp::Move {
+                source: "/a".into(),
+                destination: "/b".into()
+            }
+        );
+        for op in ["stat", "make_dir", "remove"] {
+            let r: FsRequest =
+                serde_json::from_str(&format!(r#"{{"op":"{op}","path":"/p"}}"#)).unwrap();
+            assert_eq!(r.user, None);
+        }
+        assert!(serde_json::from_str::<FsRequest>(r#"{"op":"chmod","path":"/p"}"#).is_err());
+
+        let entry = EntryInfo {
+            name: "a.txt".into(),
+            path: "/home/user/a.txt".into(),
+            kind: EntryKind::Symlink,
+            size: 12,
+            mode: 0o777,
+            permissions: "lrwxrwxrwx".into(),
+            owner: "user".into(),
+            group: "user".into(),
+            modified_unix_ns: -5,
+            symlink_target: Some("/etc/hosts".into()),
+        };
+        let res = FsResponse {
+            entry: Some(entry.clone()),
+            entries: vec![entry],
+        };
+        let f = Frame::json(Kind::FsResult, 3, &res);
+        let back = read_frame(&mut &f.encode()[..]).unwrap().unwrap();
+        assert_eq!(back.parse::<FsResponse>().unwrap(), res);
+        assert_eq!(
+            serde_json::from_str::<FsResponse>("{}").unwrap(),
+            FsResponse::default()
+        );
+
+        let ev = FsEvent {
+            name: "sub/new.txt".into(),
+            op: FsEventOp::Create,
+        };
+        assert_eq!(
+            serde_json::to_value(&ev).unwrap(),
+            serde_json::json!({"name":"sub/new.txt","op":"create"})
+        );
+        let w: WatchRequest = serde_json::from_str(r#"{"path":"/tmp"}"#).unwrap();
+        assert!(!w.recursive && w.user.is_none());
+        assert_eq!(
+            serde_json::to_value(ErrorCode::AlreadyExists).unwrap(),
+            "already_exists"
+        );
+        let sig = Frame::json(Kind::Signal, 5, &SignalMsg { signal: 15 });
+        assert_eq!(sig.payload, br#"{"signal":15}"#);
+        let size = Frame::json(Kind::Resize, 5, &PtySize { cols: 80, rows: 24 });
+        assert_eq!(
+            size.parse::<PtySize>().unwrap(),
+            PtySize { cols: 80, rows: 24 }
+        );
     }
 }

@@ -41,6 +41,7 @@ fn serve(mut s: UnixStream, seen: &Seen, flood: u64) {
                     version: proto::PROTOCOL_VERSION,
                     agent: "hostile".into(),
                     pid: 1,
+                    features: Vec::new(),
                 };
                 proto::hello_ok_frame(&f.parse::<Hello>().unwrap(), &ok)
             }

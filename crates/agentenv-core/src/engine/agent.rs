@@ -10,12 +10,12 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use agentenv_api::{AgentInfo, ExecRequest, ExecResult, VmInfo, VmState};
-use agentenv_proto::{self as proto, ErrorCode, PutFile};
+use agentenv_proto::{self as proto, ErrorCode, FsOp, FsRequest, FsResponse, GetFile, PutFile};
 use chrono::Utc;
 use tokio::sync::watch;
 
 use super::{Engine, VmSlot};
-use crate::agent::{AgentError, AgentLink, Download, Exec, ExecEvent, Upload};
+use crate::agent::{AgentError, AgentLink, Download, Exec, ExecEvent, Upload, Watch};
 use crate::backend::{AgentChannel, VmmExit, VmmInstance};
 use crate::error::EngineError;
 
@@ -52,6 +52,10 @@ impl From<AgentError> for EngineError {
                         field,
                         message: m.error,
                     },
+                    ErrorCode::AlreadyExists => EngineError::Conflict {
+                        message: m.error,
+                        state: None,
+                    },
                     ErrorCode::Io | ErrorCode::Protocol => {
                         EngineError::Guest(format!("guest agent: {}", m.error))
                     }
@@ -87,6 +91,98 @@ pub(super) fn guest_path(field: &str, p: &str) -> Result<String, EngineError> {
         ));
     }
     Ok(p.to_string())
+}
+
+/// Longest guest user name accepted.
+const MAX_USER_NAME: usize = 256;
+
+/// A guest user name from a request: what /etc/passwd can hold.
+fn guest_user(user: &Option<String>) -> Result<(), EngineError> {
+    let Some(u) = user else { return Ok(()) };
+    if u.is_empty()
+        || u.len() > MAX_USER_NAME
+        || u.chars()
+            .any(|c| c == ':' || c == '/' || c.is_control() || c.is_whitespace())
+    {
+        return Err(EngineError::bad(
+            "user",
+            format!("user {u:?} is not a user name"),
+        ));
+    }
+    Ok(())
+}
+
+/// A guest path that may be relative to `user`'s home (absolute without a user).
+fn user_path(field: &str, p: &str, user: &Option<String>) -> Result<(), EngineError> {
+    if user.is_some() && !p.starts_with('/') && !p.is_empty() {
+        // Relative: the guest resolves it against the user's home.
+        guest_path(field, &format!("/{p}")).map(drop)
+    } else {
+        guest_path(field, p).map(drop)
+    }
+}
+
+/// Checks an agent-level exec request (the E2B surface's): the same rules as
+/// the native API's, plus `user` and `pty`; `cwd` may be relative to the
+/// user's home.
+fn check_agent_exec(req: &proto::ExecRequest) -> Result<(), EngineError> {
+    let api = ExecRequest {
+        cmd: req.cmd.clone(),
+        env: req.env.clone(),
+        ..Default::default()
+    };
+    exec_request(&api, 1)?;
+    guest_user(&req.user)?;
+    if let Some(cwd) = &req.cwd {
+        user_path("cwd", cwd, &req.user)?;
+    }
+    if let Some(size) = req.pty {
+        check_pty(size)?;
+    }
+    if req.timeout_ms == Some(0) {
+        return Err(EngineError::bad(
+            "timeout_ms",
+            "timeout_ms must be more than 0",
+        ));
+    }
+    Ok(())
+}
+
+/// A terminal size: both sides at least 1.
+pub(super) fn check_pty(size: proto::PtySize) -> Result<(), EngineError> {
+    if size.cols == 0 || size.rows == 0 {
+        return Err(EngineError::bad(
+            "pty",
+            format!(
+                "a terminal of {}x{} has no room: cols and rows must be at least 1",
+                size.cols, size.rows
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a file-system request's user and paths.
+fn check_fs(req: &FsRequest) -> Result<(), EngineError> {
+    guest_user(&req.user)?;
+    match &req.op {
+        FsOp::Stat { path } | FsOp::MakeDir { path } | FsOp::Remove { path } => {
+            user_path("path", path, &req.user)
+        }
+        FsOp::List { path, depth } => {
+            if *depth == 0 {
+                return Err(EngineError::bad("depth", "depth must be at least 1"));
+            }
+            user_path("path", path, &req.user)
+        }
+        FsOp::Move {
+            source,
+            destination,
+        } => {
+            user_path("source", source, &req.user)?;
+            user_path("destination", destination, &req.user)
+        }
+    }
 }
 
 /// The agent-side request for an API exec, checked.
@@ -155,6 +251,8 @@ fn exec_request(
             stdin: stdin.is_some(),
             timeout_ms: Some(timeout.as_millis().max(1) as u64),
             max_output: None,
+            user: None,
+            pty: None,
         },
         stdin,
         timeout,
@@ -289,6 +387,45 @@ impl Engine {
         }
     }
 
+    /// Starts a command given as the agent protocol's own request (with
+    /// `user`, `pty`, an open stdin): the E2B surface's exec. With `stdin`,
+    /// its bytes are sent and stdin closed; without, and with `req.stdin`,
+    /// stdin stays open for [`Exec::control`]. `timeout_ms` is optional
+    /// here (None: the command runs until it ends or is killed).
+    pub async fn agent_exec(
+        &self,
+        vm_id: &str,
+        req: &proto::ExecRequest,
+        stdin: Option<Vec<u8>>,
+    ) -> Result<Exec, EngineError> {
+        let slot = self.slot(vm_id)?;
+        check_agent_exec(req)?;
+        let agent = self.agent(&slot)?;
+        Ok(agent.exec(req, stdin).await?)
+    }
+
+    /// One file-system operation in the guest (stat, list, make_dir, move,
+    /// remove), as `req.user`.
+    pub async fn agent_fs(&self, vm_id: &str, req: &FsRequest) -> Result<FsResponse, EngineError> {
+        let slot = self.slot(vm_id)?;
+        check_fs(req)?;
+        let agent = self.agent(&slot)?;
+        Ok(agent.fs(req).await?)
+    }
+
+    /// Starts watching a guest directory; dropping the [`Watch`] stops it.
+    pub async fn agent_watch(
+        &self,
+        vm_id: &str,
+        req: &proto::WatchRequest,
+    ) -> Result<Watch, EngineError> {
+        let slot = self.slot(vm_id)?;
+        guest_user(&req.user)?;
+        user_path("path", &req.path, &req.user)?;
+        let agent = self.agent(&slot)?;
+        Ok(agent.watch(req).await?)
+    }
+
     /// Starts an upload of a guest file.
     pub async fn put_file(
         &self,
@@ -297,15 +434,33 @@ impl Engine {
         mode: Option<u32>,
         make_parents: bool,
     ) -> Result<Upload, EngineError> {
-        let slot = self.slot(vm_id)?;
         let path = guest_path("path", path)?;
+        self.put_file_as(
+            vm_id,
+            &PutFile {
+                path,
+                mode,
+                make_parents,
+                user: None,
+            },
+        )
+        .await
+    }
+
+    /// Starts an upload of a guest file as `put.user` (who then owns it and
+    /// the parents it creates; a relative path is relative to its home).
+    pub async fn put_file_as(&self, vm_id: &str, put: &PutFile) -> Result<Upload, EngineError> {
+        let slot = self.slot(vm_id)?;
+        guest_user(&put.user)?;
+        user_path("path", &put.path, &put.user)?;
+        let path = &put.path;
         if path.ends_with('/') {
             return Err(EngineError::bad(
                 "path",
                 format!("path {path:?} names a directory"),
             ));
         }
-        if let Some(m) = mode {
+        if let Some(m) = put.mode {
             if m > 0o7777 {
                 return Err(EngineError::bad(
                     "mode",
@@ -314,21 +469,23 @@ impl Engine {
             }
         }
         let agent = self.agent(&slot)?;
-        Ok(agent
-            .put_file(&PutFile {
-                path,
-                mode,
-                make_parents,
-            })
-            .await?)
+        Ok(agent.put_file(put).await?)
     }
 
     /// Starts a download of a guest file.
     pub async fn get_file(&self, vm_id: &str, path: &str) -> Result<Download, EngineError> {
-        let slot = self.slot(vm_id)?;
         let path = guest_path("path", path)?;
+        self.get_file_as(vm_id, &GetFile { path, user: None }).await
+    }
+
+    /// Starts a download of a guest file as `get.user` (a relative path is
+    /// relative to its home).
+    pub async fn get_file_as(&self, vm_id: &str, get: &GetFile) -> Result<Download, EngineError> {
+        let slot = self.slot(vm_id)?;
+        guest_user(&get.user)?;
+        user_path("path", &get.path, &get.user)?;
         let agent = self.agent(&slot)?;
-        Ok(agent.get_file(&path).await?)
+        Ok(agent.get_file(get).await?)
     }
 }
 
@@ -624,6 +781,13 @@ mod tests {
         }
     }
 
+    fn get(path: &str) -> GetFile {
+        GetFile {
+            path: path.into(),
+            user: None,
+        }
+    }
+
     #[tokio::test]
     async fn the_seam_streams_exec_output_uploads_and_downloads() {
         use crate::agent::AgentConnector;
@@ -635,8 +799,7 @@ mod tests {
             .unwrap();
         let put = PutFile {
             path: "/etc/motd".into(),
-            mode: None,
-            make_parents: false,
+            ..PutFile::default()
         };
         let mut up = link.put_file(&put).await.unwrap();
         up.write(b"hello ").await.unwrap();
@@ -647,7 +810,7 @@ mod tests {
             Some(&b"hello world"[..])
         );
 
-        let mut dl = link.get_file("/etc/motd").await.unwrap();
+        let mut dl = link.get_file(&get("/etc/motd")).await.unwrap();
         assert_eq!(dl.info.size, 11);
         let (recycler, mut got) = (dl.recycler(), Vec::new());
         while let Some(chunk) = dl.next_chunk().await.unwrap() {
@@ -671,7 +834,7 @@ mod tests {
         }
 
         // The agent's refusals become the engine's errors, field and all.
-        let e = EngineError::from(link.get_file("/nope").await.err().unwrap());
+        let e = EngineError::from(link.get_file(&get("/nope")).await.err().unwrap());
         assert!(matches!(e, EngineError::NotFound { .. }), "{e}");
         assert_eq!(e.field(), Some("path"));
         assert_eq!(

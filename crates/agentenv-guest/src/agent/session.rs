@@ -108,6 +108,18 @@ impl Session {
                 Ok(())
             }
             Kind::Window => self.window(&f),
+            Kind::Signal | Kind::Resize => Ok(()),
+            Kind::Fs | Kind::Watch => {
+                self.out.error(
+                    f.stream,
+                    &ErrorMsg::new(
+                        ErrorCode::BadRequest,
+                        None,
+                        "not supported by this agent yet",
+                    ),
+                );
+                Ok(())
+            }
             // Guest → host kinds were refused above.
             _ => Err(format!("the host sent a {:?} frame", f.kind)),
         }
@@ -178,6 +190,7 @@ impl Session {
             version: PROTOCOL_VERSION,
             agent: AGENT.to_string(),
             pid: std::process::id(),
+            features: Vec::new(),
         };
         payload.extend_from_slice(&Frame::json(Kind::HelloOk, 0, &ok).payload);
         self.out.send(Kind::HelloOk, 0, &payload);

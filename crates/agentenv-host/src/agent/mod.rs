@@ -19,12 +19,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentenv_core::agent::{
-    AgentConnector, AgentError, AgentLink, Download, Exec, Recycler, Upload,
+    AgentConnector, AgentError, AgentLink, Download, Exec, ExecControl, Recycler, Upload, Watch,
 };
 use agentenv_core::backend::AgentChannel;
 use agentenv_proto::{
-    self as proto, Done, ExecRequest, FileInfo, Frame, GetFile, Hello, HelloOk, Identity, Kind,
-    PutFile, Started, INITIAL_WINDOW, NONCE_LEN, PROTOCOL_VERSION,
+    self as proto, Done, ExecRequest, FileInfo, Frame, FsRequest, FsResponse, GetFile, Hello,
+    HelloOk, Identity, Kind, PutFile, Started, WatchRequest, INITIAL_WINDOW, NONCE_LEN,
+    PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -32,7 +33,10 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use handshake::{leading_error, nonce, vsock_handshake, HelloResend, MAX_RESYNC_BYTES};
 use pool::BufPool;
-use streams::{parse, send_data, DownloadFrames, ExecFrames, Request, UploadFrames};
+use streams::{
+    fs_answer, parse, send_data, DownloadFrames, ExecFrames, ExecSender, Request, UploadFrames,
+    WatchFrames,
+};
 use wire::{read_loop, write_loop};
 
 /// Connects to agents over their VM's [`AgentChannel`] (the engine's
@@ -123,11 +127,12 @@ impl Inner {
             return;
         }
         self.closed.send_replace(Some(why));
-        // Dropping the senders ends every request's receiver.
-        self.routes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        // Dropping the senders ends every request's receiver; closing the
+        // credit wakes every writer waiting for it.
+        let routes = std::mem::take(&mut *self.routes.lock().unwrap_or_else(|p| p.into_inner()));
+        for r in routes.values() {
+            r.credit.close();
+        }
     }
 
     fn reason(&self) -> String {
@@ -373,10 +378,11 @@ impl AgentLink for AgentClient {
         r.expect_done().await.map(|_| ())
     }
 
-    /// Starts a command. With `stdin`, its bytes are sent and stdin closed.
+    /// Starts a command. With `stdin`, its bytes are sent and stdin closed;
+    /// without, and with `req.stdin`, stdin stays open for [`Exec::control`].
     async fn exec(&self, req: &ExecRequest, stdin: Option<Vec<u8>>) -> Result<Exec, AgentError> {
         let mut req = req.clone();
-        req.stdin = stdin.is_some();
+        req.stdin = req.stdin || stdin.is_some();
         let mut r = self.open()?;
         r.send_json(Kind::Exec, &req)?;
         let f = r.next().await?;
@@ -398,7 +404,17 @@ impl AgentLink for AgentClient {
                 });
             });
         }
-        Ok(Exec::new(started.pid, Box::new(ExecFrames { req: r })))
+        let control = ExecControl::new(Arc::new(ExecSender {
+            inner: r.inner.clone(),
+            id: r.id,
+            credit: r.credit.clone(),
+            writing: tokio::sync::Mutex::new(()),
+        }));
+        Ok(Exec::new(
+            started.pid,
+            Box::new(ExecFrames { req: r }),
+            control,
+        ))
     }
 
     /// Starts an upload; write the content with [`Upload::write`], then [`Upload::finish`].
@@ -413,15 +429,10 @@ impl AgentLink for AgentClient {
     }
 
     /// Starts a download; read it with [`Download::next_chunk`].
-    async fn get_file(&self, path: &str) -> Result<Download, AgentError> {
+    async fn get_file(&self, get: &GetFile) -> Result<Download, AgentError> {
         let pool = Arc::<BufPool>::default();
         let mut r = self.open_with(Some(pool.clone()))?;
-        r.send_json(
-            Kind::GetFile,
-            &GetFile {
-                path: path.to_string(),
-            },
-        )?;
+        r.send_json(Kind::GetFile, get)?;
         let f = r.next().await?;
         let info: FileInfo = match f.kind {
             Kind::FileInfo => parse(&f)?,
@@ -433,6 +444,26 @@ impl AgentLink for AgentClient {
             Box::new(DownloadFrames { req: r, done: None }),
             recycler,
         ))
+    }
+
+    /// One file-system operation; a listing's entries arrive in credited
+    /// `FsEntries` frames before the `FsResult`.
+    async fn fs(&self, req: &FsRequest) -> Result<FsResponse, AgentError> {
+        let mut r = self.open()?;
+        r.send_json(Kind::Fs, req)?;
+        fs_answer(&mut r).await
+    }
+
+    /// Starts a watch: the agent answers `FsResult` (the directory's entry)
+    /// once its watches are in place, then `FsEvent`s.
+    async fn watch(&self, req: &WatchRequest) -> Result<Watch, AgentError> {
+        let mut r = self.open()?;
+        r.send_json(Kind::Watch, req)?;
+        let f = r.next().await?;
+        if f.kind != Kind::FsResult {
+            return Err(r.unexpected(f));
+        }
+        Ok(Watch::new(Box::new(WatchFrames { req: r })))
     }
 
     /// Freezes the guest's writable file systems.
@@ -474,6 +505,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             agent: "fake".into(),
             pid: 1,
+            features: Vec::new(),
         };
         proto::hello_ok_frame(&hello.parse().unwrap(), &ok)
     }

@@ -5,8 +5,13 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use agentenv_core::agent::{AgentError, DownloadStream, ExecEvent, ExecStream, UploadSink};
-use agentenv_proto::{self as proto, Done, Frame, Kind, DATA_CHUNK, GRANT_BATCH, HEADER_LEN};
+use agentenv_core::agent::{
+    AgentError, DownloadStream, ExecEvent, ExecInput, ExecStream, UploadSink, WatchStream,
+};
+use agentenv_proto::{
+    self as proto, Done, EntryInfo, Frame, FsEvent, FsResponse, Kind, PtySize, SignalMsg,
+    DATA_CHUNK, GRANT_BATCH, HEADER_LEN,
+};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::pool::{BufPool, DATA_FRAME};
@@ -74,20 +79,27 @@ impl Request {
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame, AgentError>> {
         Poll::Ready(match ready!(self.rx.poll_recv(cx)) {
             Some(f) if f.kind == Kind::Error => {
-                self.finished = true;
+                self.end();
                 parse(&f).and_then(|m| Err(AgentError::Remote(m)))
             }
             Some(f) => {
                 if matches!(f.kind, Kind::Exit | Kind::Done) {
-                    self.finished = true;
+                    self.end();
                 }
                 Ok(f)
             }
             None => {
-                self.finished = true;
+                self.end();
                 Err(AgentError::Closed(self.inner.reason()))
             }
         })
+    }
+
+    /// The agent ended the stream: no `Kill` on drop, and a writer waiting
+    /// for credit (stdin of a command that exited) gives up.
+    fn end(&mut self) {
+        self.finished = true;
+        self.credit.close();
     }
 
     pub(super) async fn expect_done(&mut self) -> Result<Done, AgentError> {
@@ -124,6 +136,7 @@ impl Drop for Request {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.id);
+        self.credit.close();
         if !self.finished && !self.inner.dead.load(Ordering::SeqCst) {
             // The caller gave up (client disconnect, timeout): stop the work in the guest.
             let _ = self.send(Kind::Kill, Vec::new());
@@ -156,6 +169,135 @@ impl ExecStream for ExecFrames {
 
     async fn kill(&mut self) -> Result<(), AgentError> {
         self.req.send(Kind::Kill, Vec::new())
+    }
+}
+
+/// What the host sends to a running command from any task: stdin within
+/// the stream's credit, `Eof`, `Signal`, `Resize`, `Kill`.
+pub(super) struct ExecSender {
+    pub(super) inner: Arc<super::Inner>,
+    pub(super) id: u32,
+    pub(super) credit: Arc<Semaphore>,
+    /// Held by one `write_stdin` at a time, so concurrent writes do not interleave.
+    pub(super) writing: tokio::sync::Mutex<()>,
+}
+
+impl ExecSender {
+    fn send(&self, kind: Kind, payload: Vec<u8>) -> Result<(), AgentError> {
+        self.inner.send(&Frame {
+            kind,
+            stream: self.id,
+            payload,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl ExecInput for ExecSender {
+    async fn write_stdin(&self, bytes: &[u8]) -> Result<(), AgentError> {
+        let _one = self.writing.lock().await;
+        if self.credit.is_closed() {
+            return Err(AgentError::Closed(format!(
+                "stream {}: the command has ended",
+                self.id
+            )));
+        }
+        send_data(&self.inner, self.id, &self.credit, bytes)
+            .await
+            .map_err(|e| match e {
+                AgentError::Closed(_) if !self.inner.dead.load(Ordering::SeqCst) => {
+                    AgentError::Closed(format!("stream {}: the command has ended", self.id))
+                }
+                e => e,
+            })
+    }
+
+    async fn close_stdin(&self) -> Result<(), AgentError> {
+        // After the stdin bytes already queued.
+        let _one = self.writing.lock().await;
+        self.send(Kind::Eof, Vec::new())
+    }
+
+    async fn signal(&self, signal: i32) -> Result<(), AgentError> {
+        if !(1..=64).contains(&signal) {
+            return Err(AgentError::Remote(proto::ErrorMsg::new(
+                proto::ErrorCode::BadRequest,
+                Some("signal"),
+                format!("signal {signal} is not a signal number (1..=64)"),
+            )));
+        }
+        self.send(
+            Kind::Signal,
+            serde_json::to_vec(&SignalMsg { signal }).expect("json serialises"),
+        )
+    }
+
+    async fn resize(&self, size: PtySize) -> Result<(), AgentError> {
+        self.send(
+            Kind::Resize,
+            serde_json::to_vec(&size).expect("json serialises"),
+        )
+    }
+
+    async fn kill(&self) -> Result<(), AgentError> {
+        self.send(Kind::Kill, Vec::new())
+    }
+}
+
+/// Most entries one listing may bring back; a guest sending more is cut off.
+pub(super) const MAX_LIST_ENTRIES: usize = 100_000;
+
+/// Reads an `Fs` answer: `FsEntries` frames (credited bulk), then `FsResult`.
+pub(super) async fn fs_answer(req: &mut Request) -> Result<FsResponse, AgentError> {
+    let mut entries: Vec<EntryInfo> = Vec::new();
+    loop {
+        let f = req.next().await?;
+        match f.kind {
+            Kind::FsEntries => {
+                req.grant(f.payload.len());
+                let part: Vec<EntryInfo> = parse(&f)?;
+                if entries.len() + part.len() > MAX_LIST_ENTRIES {
+                    return Err(AgentError::Protocol(format!(
+                        "stream {}: a listing of more than {MAX_LIST_ENTRIES} entries",
+                        req.id
+                    )));
+                }
+                entries.extend(part);
+            }
+            Kind::FsResult => {
+                let mut res: FsResponse = parse(&f)?;
+                req.end();
+                if !entries.is_empty() {
+                    entries.append(&mut res.entries);
+                    res.entries = entries;
+                }
+                return Ok(res);
+            }
+            _ => return Err(req.unexpected(f)),
+        }
+    }
+}
+
+/// A directory watch's frames: `FsEvent`s (credited bulk) until an `Error`.
+pub(super) struct WatchFrames {
+    pub(super) req: Request,
+}
+
+#[async_trait::async_trait]
+impl WatchStream for WatchFrames {
+    async fn next(&mut self) -> Result<FsEvent, AgentError> {
+        let f = self.req.next().await?;
+        match f.kind {
+            Kind::FsEvent => {
+                self.req.grant(f.payload.len());
+                parse(&f)
+            }
+            Kind::Done => Err(AgentError::Closed(format!(
+                "stream {}: the watch ended",
+                self.req.id
+            ))),
+            _ => Err(self.req.unexpected(f)),
+        }
     }
 }
 

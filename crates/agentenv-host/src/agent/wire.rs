@@ -243,7 +243,7 @@ fn admit(route: &mut Route, frame: &Frame) -> Result<bool, String> {
             route.credit.add_permits(n);
             Ok(false)
         }
-        Kind::Stdout | Kind::Stderr | Kind::FileData => {
+        Kind::Stdout | Kind::Stderr | Kind::FileData | Kind::FsEvent | Kind::FsEntries => {
             let n = frame.payload.len() as i64;
             let left = route.guest_credit.fetch_sub(n, Ordering::SeqCst);
             if left < n {

@@ -1,26 +1,29 @@
 //! A fake guest agent for engine tests: an [`AgentConnector`] whose links
 //! record every call and answer as the test tells them, with no sockets.
 //!
-//! Its guest is a file table (uploads write it, downloads read it) and an
-//! `echo` that writes its arguments to stdout; freeze and thaw answer, fail or
-//! never answer ([`Answer`]); a link closes when the test says
-//! ([`FakeAgents::close_links`]).
+//! Its guest is a file table (uploads write it, downloads read it, `fs`
+//! works on it and its directories, watches see uploads), an `echo` that
+//! writes its arguments to stdout and a `cat` that echoes what
+//! [`ExecControl`] writes until stdin closes or a signal ends it; freeze and
+//! thaw answer, fail or never answer ([`Answer`]); a link closes when the
+//! test says ([`FakeAgents::close_links`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use agentenv_proto::{
-    Done, ErrorCode, ErrorMsg, ExecRequest, ExitStatus, FileInfo, HelloOk, Identity, PutFile,
-    PROTOCOL_VERSION,
+    Done, EntryInfo, EntryKind, ErrorCode, ErrorMsg, ExecRequest, ExitStatus, FileInfo, FsEvent,
+    FsEventOp, FsOp, FsRequest, FsResponse, GetFile, HelloOk, Identity, PtySize, PutFile,
+    WatchRequest, FEATURES, PROTOCOL_VERSION,
 };
 use async_trait::async_trait;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::agent::{
-    AgentConnector, AgentError, AgentLink, Download, DownloadStream, Exec, ExecEvent, ExecStream,
-    Recycler, Upload, UploadSink,
+    AgentConnector, AgentError, AgentLink, Download, DownloadStream, Exec, ExecControl, ExecEvent,
+    ExecInput, ExecStream, Recycler, Upload, UploadSink, Watch, WatchStream,
 };
 use crate::backend::AgentChannel;
 
@@ -36,6 +39,16 @@ pub(crate) enum AgentCall {
     Exec(Vec<String>),
     PutFile(String),
     GetFile(String),
+    /// A file-system operation (its request).
+    Fs(FsRequest),
+    /// A watch started (its path).
+    Watch(String),
+    /// Bytes written to a command's stdin.
+    Stdin(Vec<u8>),
+    CloseStdin,
+    Signal(i32),
+    Resize(PtySize),
+    Kill,
     Freeze,
     Thaw,
     /// A new identity (its host name).
@@ -60,6 +73,10 @@ struct Guest {
     freeze: Answer,
     thaw: Answer,
     files: HashMap<String, Vec<u8>>,
+    /// Directories (besides `/`), made by `make_dir`.
+    dirs: BTreeSet<String>,
+    /// Live watches: their directory and where their events go.
+    watches: Vec<(String, mpsc::UnboundedSender<FsEvent>)>,
     /// Every link handed out, to close them.
     links: Vec<Arc<FakeLink>>,
 }
@@ -76,6 +93,8 @@ impl FakeAgents {
             freeze: Answer::Done,
             thaw: Answer::Done,
             files: HashMap::new(),
+            dirs: BTreeSet::new(),
+            watches: Vec::new(),
             links: Vec::new(),
         })))
     }
@@ -117,6 +136,7 @@ impl FakeAgents {
                 version: PROTOCOL_VERSION,
                 agent: FAKE_AGENT.to_string(),
                 pid: 1,
+                features: FEATURES.iter().map(|f| f.to_string()).collect(),
             },
             closed: watch::channel(None).0,
         });
@@ -210,23 +230,34 @@ impl AgentLink for FakeLink {
     async fn exec(&self, req: &ExecRequest, stdin: Option<Vec<u8>>) -> Result<Exec, AgentError> {
         self.check_open()?;
         self.guest.record(AgentCall::Exec(req.cmd.clone()));
-        if req.cmd.first().map(String::as_str) != Some("echo") {
-            return Err(remote(
-                ErrorCode::NotFound,
-                Some("cmd"),
-                "the fake guest runs only echo",
-            ));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let control = ExecControl::new(Arc::new(FakeInput {
+            guest: self.guest.clone(),
+            events: tx.clone(),
+        }));
+        match req.cmd.first().map(String::as_str) {
+            Some("echo") => {
+                let mut out = req.cmd[1..].join(" ").into_bytes();
+                out.push(b'\n');
+                out.extend(stdin.unwrap_or_default());
+                let status = ExitStatus {
+                    exit_code: Some(0),
+                    stdout_bytes: out.len() as u64,
+                    ..ExitStatus::default()
+                };
+                let _ = tx.send(ExecEvent::Stdout(out));
+                let _ = tx.send(ExecEvent::Exit(status));
+            }
+            Some("cat") if req.stdin && stdin.is_none() => {}
+            _ => {
+                return Err(remote(
+                    ErrorCode::NotFound,
+                    Some("cmd"),
+                    "the fake guest runs only echo, and cat with an open stdin",
+                ))
+            }
         }
-        let mut out = req.cmd[1..].join(" ").into_bytes();
-        out.push(b'\n');
-        out.extend(stdin.unwrap_or_default());
-        let status = ExitStatus {
-            exit_code: Some(0),
-            stdout_bytes: out.len() as u64,
-            ..ExitStatus::default()
-        };
-        let events = VecDeque::from([ExecEvent::Stdout(out), ExecEvent::Exit(status)]);
-        Ok(Exec::new(2, Box::new(FakeExec(events))))
+        Ok(Exec::new(2, Box::new(FakeExec(rx)), control))
     }
 
     async fn put_file(&self, put: &PutFile) -> Result<Upload, AgentError> {
@@ -234,17 +265,17 @@ impl AgentLink for FakeLink {
         self.guest.record(AgentCall::PutFile(put.path.clone()));
         Ok(Upload::new(Box::new(FakeUpload {
             guest: self.guest.clone(),
-            path: put.path.clone(),
+            path: home_path(&put.path, put.user.as_deref()),
             bytes: Vec::new(),
         })))
     }
 
-    async fn get_file(&self, path: &str) -> Result<Download, AgentError> {
+    async fn get_file(&self, get: &GetFile) -> Result<Download, AgentError> {
         self.check_open()?;
-        self.guest.record(AgentCall::GetFile(path.to_string()));
+        self.guest.record(AgentCall::GetFile(get.path.clone()));
         let data = self
             .guest
-            .file(path)
+            .file(&home_path(&get.path, get.user.as_deref()))
             .ok_or_else(|| remote(ErrorCode::NotFound, Some("path"), "no such file"))?;
         let info = FileInfo {
             size: data.len() as u64,
@@ -258,6 +289,102 @@ impl AgentLink for FakeLink {
         ))
     }
 
+    async fn fs(&self, req: &FsRequest) -> Result<FsResponse, AgentError> {
+        self.check_open()?;
+        self.guest.record(AgentCall::Fs(req.clone()));
+        let user = req.user.as_deref();
+        let mut g = self.guest.guest();
+        let missing = |field: &str, p: &str| {
+            remote(
+                ErrorCode::NotFound,
+                Some(field),
+                &format!("{p}: no such file or directory"),
+            )
+        };
+        match &req.op {
+            FsOp::Stat { path } => {
+                let p = home_path(path, user);
+                let entry = g.entry(&p, user).ok_or_else(|| missing("path", &p))?;
+                Ok(FsResponse {
+                    entry: Some(entry),
+                    entries: Vec::new(),
+                })
+            }
+            FsOp::List { path, depth } => {
+                let p = home_path(path, user);
+                if p != "/" && !g.dirs.contains(&p) {
+                    return Err(missing("path", &p));
+                }
+                let base = p.trim_end_matches('/').to_string();
+                let levels = |q: &str| q[base.len()..].matches('/').count() as u32;
+                let mut names: Vec<String> = g.files.keys().chain(g.dirs.iter()).cloned().collect();
+                names.sort();
+                let entries = names
+                    .iter()
+                    .filter(|q| q.starts_with(&format!("{base}/")) && levels(q) <= *depth)
+                    .filter_map(|q| g.entry(q, user))
+                    .collect();
+                Ok(FsResponse {
+                    entry: None,
+                    entries,
+                })
+            }
+            FsOp::MakeDir { path } => {
+                let p = home_path(path, user);
+                if g.dirs.contains(&p) || g.files.contains_key(&p) {
+                    return Err(remote(
+                        ErrorCode::AlreadyExists,
+                        Some("path"),
+                        &format!("{p} exists already"),
+                    ));
+                }
+                g.dirs.insert(p.clone());
+                Ok(FsResponse {
+                    entry: g.entry(&p, user),
+                    entries: Vec::new(),
+                })
+            }
+            FsOp::Move {
+                source,
+                destination,
+            } => {
+                let (src, dst) = (home_path(source, user), home_path(destination, user));
+                let data = g
+                    .files
+                    .remove(&src)
+                    .ok_or_else(|| missing("source", &src))?;
+                g.files.insert(dst.clone(), data);
+                Ok(FsResponse {
+                    entry: g.entry(&dst, user),
+                    entries: Vec::new(),
+                })
+            }
+            FsOp::Remove { path } => {
+                let p = home_path(path, user);
+                g.files.remove(&p);
+                g.dirs.remove(&p);
+                Ok(FsResponse::default())
+            }
+        }
+    }
+
+    async fn watch(&self, req: &WatchRequest) -> Result<Watch, AgentError> {
+        self.check_open()?;
+        self.guest.record(AgentCall::Watch(req.path.clone()));
+        let dir = home_path(&req.path, req.user.as_deref());
+        let mut g = self.guest.guest();
+        if dir != "/" && !g.dirs.contains(&dir) {
+            return Err(remote(
+                ErrorCode::NotFound,
+                Some("path"),
+                "no such directory",
+            ));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        g.watches.push((dir, tx));
+        Ok(Watch::new(Box::new(FakeWatch(rx))))
+    }
+
     async fn freeze(&self) -> Result<Done, AgentError> {
         let how = self.guest.guest().freeze;
         self.answer(AgentCall::Freeze, how).await
@@ -269,19 +396,131 @@ impl AgentLink for FakeLink {
     }
 }
 
-/// An exec's events, all ready at once.
-struct FakeExec(VecDeque<ExecEvent>);
+/// `path` as the fake guest resolves it: relative to `/home/USER` (or `/root`).
+fn home_path(path: &str, user: Option<&str>) -> String {
+    if path.starts_with('/') {
+        return path.to_string();
+    }
+    match user {
+        Some("root") | None => format!("/root/{path}"),
+        Some(u) => format!("/home/{u}/{path}"),
+    }
+}
+
+impl Guest {
+    /// The entry at `path`, owned by `user`.
+    fn entry(&self, path: &str, user: Option<&str>) -> Option<EntryInfo> {
+        let (kind, size, mode) = if let Some(data) = self.files.get(path) {
+            (EntryKind::File, data.len() as u64, 0o644)
+        } else if self.dirs.contains(path) || path == "/" {
+            (EntryKind::Directory, 4096, 0o755)
+        } else {
+            return None;
+        };
+        let owner = user.unwrap_or("root").to_string();
+        Some(EntryInfo {
+            name: path.rsplit('/').next().unwrap_or_default().to_string(),
+            path: path.to_string(),
+            kind,
+            size,
+            mode,
+            permissions: if kind == EntryKind::File {
+                "-rw-r--r--"
+            } else {
+                "drwxr-xr-x"
+            }
+            .into(),
+            owner: owner.clone(),
+            group: owner,
+            modified_unix_ns: 0,
+            symlink_target: None,
+        })
+    }
+}
+
+/// An exec's events, as the fake command produces them.
+struct FakeExec(mpsc::UnboundedReceiver<ExecEvent>);
 
 #[async_trait]
 impl ExecStream for FakeExec {
     async fn next(&mut self) -> Result<ExecEvent, AgentError> {
         self.0
-            .pop_front()
+            .recv()
+            .await
             .ok_or_else(|| AgentError::Protocol("the command already ended".into()))
     }
 
     async fn kill(&mut self) -> Result<(), AgentError> {
         Ok(())
+    }
+}
+
+/// The fake `cat`'s input: stdin comes back as stdout; closing stdin ends it
+/// with 0, a signal or a kill with that signal.
+struct FakeInput {
+    guest: FakeAgents,
+    events: mpsc::UnboundedSender<ExecEvent>,
+}
+
+impl FakeInput {
+    fn end(&self, status: ExitStatus) {
+        let _ = self.events.send(ExecEvent::Exit(status));
+    }
+}
+
+#[async_trait]
+impl ExecInput for FakeInput {
+    async fn write_stdin(&self, bytes: &[u8]) -> Result<(), AgentError> {
+        self.guest.record(AgentCall::Stdin(bytes.to_vec()));
+        self.events
+            .send(ExecEvent::Stdout(bytes.to_vec()))
+            .map_err(|_| AgentError::Closed("the command ended".into()))
+    }
+
+    async fn close_stdin(&self) -> Result<(), AgentError> {
+        self.guest.record(AgentCall::CloseStdin);
+        self.end(ExitStatus {
+            exit_code: Some(0),
+            ..ExitStatus::default()
+        });
+        Ok(())
+    }
+
+    async fn signal(&self, signal: i32) -> Result<(), AgentError> {
+        self.guest.record(AgentCall::Signal(signal));
+        self.end(ExitStatus {
+            signal: Some(signal),
+            ..ExitStatus::default()
+        });
+        Ok(())
+    }
+
+    async fn resize(&self, size: PtySize) -> Result<(), AgentError> {
+        self.guest.record(AgentCall::Resize(size));
+        Ok(())
+    }
+
+    async fn kill(&self) -> Result<(), AgentError> {
+        self.guest.record(AgentCall::Kill);
+        self.end(ExitStatus {
+            signal: Some(9),
+            killed: true,
+            ..ExitStatus::default()
+        });
+        Ok(())
+    }
+}
+
+/// A watch's events: uploads finished under its directory.
+struct FakeWatch(mpsc::UnboundedReceiver<FsEvent>);
+
+#[async_trait]
+impl WatchStream for FakeWatch {
+    async fn next(&mut self) -> Result<FsEvent, AgentError> {
+        self.0
+            .recv()
+            .await
+            .ok_or_else(|| AgentError::Closed("the watch ended".into()))
     }
 }
 
@@ -305,7 +544,22 @@ impl UploadSink for FakeUpload {
             bytes: bytes.len() as u64,
             mounts: Vec::new(),
         };
-        self.guest.guest().files.insert(self.path.clone(), bytes);
+        let mut g = self.guest.guest();
+        let created = !g.files.contains_key(&self.path);
+        g.files.insert(self.path.clone(), bytes);
+        for (dir, tx) in &g.watches {
+            if let Some(name) = self.path.strip_prefix(&format!("{dir}/")) {
+                let op = if created {
+                    FsEventOp::Create
+                } else {
+                    FsEventOp::Write
+                };
+                let _ = tx.send(FsEvent {
+                    name: name.to_string(),
+                    op,
+                });
+            }
+        }
         Ok(done)
     }
 }
