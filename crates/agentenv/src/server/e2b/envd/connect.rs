@@ -305,7 +305,17 @@ pub fn stream_response() -> (StreamSender, Response) {
 
 /// A streaming response that is only an end-stream error.
 pub fn stream_error(err: ConnectError) -> Response {
-    let mut resp = (StatusCode::OK, end_envelope(Some(&err))).into_response();
+    stream_body(end_envelope(Some(&err)).to_vec())
+}
+
+/// One message envelope.
+pub fn envelope_bytes(msg: &Value) -> Vec<u8> {
+    envelope(0, &serde_json::to_vec(msg).expect("json serialises")).to_vec()
+}
+
+/// A whole streaming response body, known up front.
+pub fn stream_body(body: Vec<u8>) -> Response {
+    let mut resp = (StatusCode::OK, body).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/connect+json"),

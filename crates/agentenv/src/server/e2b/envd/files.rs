@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use agentenv_core::agent::Download;
 use agentenv_core::EngineError;
+use agentenv_proto::{FsOp, FsRequest, GetFile, PutFile};
 use async_compression::tokio::bufread::{GzipDecoder, GzipEncoder};
 use axum::body::{Body, Bytes};
 use axum::extract::Request;
@@ -159,28 +160,18 @@ pub async fn handle(
     r.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-/// The absolute guest path of `path` for `user`: relative paths are taken
-/// from the user's home.
-pub fn absolute(user: &str, path: &str) -> Result<String, E2bError> {
+/// A path from a request: relative paths are the guest's to resolve
+/// against the user's home (a leading `~/` is the home too).
+pub fn user_path(path: &str) -> Result<String, E2bError> {
     if path.is_empty() {
         return Err(E2bError::bad_field("path", "the path is empty"));
     }
     if path.contains('\0') {
         return Err(E2bError::bad_field("path", "the path contains a NUL byte"));
     }
-    if path.starts_with('/') {
-        return Ok(path.to_string());
-    }
-    let home = if user == "root" {
-        "/root".to_string()
-    } else {
-        format!("/home/{user}")
-    };
-    let rel = path.strip_prefix("~/").unwrap_or(path);
-    Ok(if rel == "~" {
-        home
-    } else {
-        format!("{home}/{rel}")
+    Ok(match path {
+        "~" => ".".to_string(),
+        p => p.strip_prefix("~/").unwrap_or(p).to_string(),
     })
 }
 
@@ -189,6 +180,8 @@ fn files_error(e: EngineError, sandbox: &str) -> E2bError {
     let msg = e.to_string();
     let status = match e {
         EngineError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+        // envd: an unknown user is 401.
+        EngineError::NotFound { ref field, .. } if field == "user" => StatusCode::UNAUTHORIZED,
         EngineError::NotFound { .. } => StatusCode::NOT_FOUND,
         EngineError::Forbidden { .. } => StatusCode::FORBIDDEN,
         EngineError::NoSpace(_) => StatusCode::INSUFFICIENT_STORAGE,
@@ -234,11 +227,14 @@ async fn download(call: &Call, q: &FilesQuery, headers: &HeaderMap) -> Result<Re
         .path
         .as_deref()
         .ok_or_else(|| E2bError::bad_field("path", "the query needs path"))?;
-    let path = absolute(&call.user, path)?;
+    let get = GetFile {
+        path: user_path(path)?,
+        user: Some(call.user.clone()),
+    };
     let dl = call
         .state
         .engine
-        .get_file(call.sandbox_id(), &path)
+        .get_file_as(call.sandbox_id(), &get)
         .await
         .map_err(|e| files_error(e, call.sandbox_id()))?;
     let stream = chunks(dl);
@@ -287,12 +283,16 @@ async fn write_one<S>(call: &Call, path: &str, mut data: S) -> Result<Value, E2b
 where
     S: Stream<Item = Result<Bytes, E2bError>> + Unpin,
 {
-    let path = absolute(&call.user, path)?;
+    let put = PutFile {
+        path: user_path(path)?,
+        mode: None,
+        make_parents: true,
+        user: Some(call.user.clone()),
+    };
     let sandbox = call.sandbox_id();
-    let mut up = call
-        .state
-        .engine
-        .put_file(sandbox, &path, None, true)
+    let engine = &call.state.engine;
+    let mut up = engine
+        .put_file_as(sandbox, &put)
         .await
         .map_err(|e| files_error(e, sandbox))?;
     // An error drops `up`, which aborts the upload: no partial file stays.
@@ -304,6 +304,22 @@ where
     up.finish()
         .await
         .map_err(|e| files_error(e.into(), sandbox))?;
+    // The answer names the absolute path: the guest resolved a relative one.
+    let path = if put.path.starts_with('/') {
+        put.path
+    } else {
+        let stat = FsRequest {
+            user: put.user.clone(),
+            op: FsOp::Stat { path: put.path },
+        };
+        let res = engine
+            .agent_fs(sandbox, &stat)
+            .await
+            .map_err(|e| files_error(e, sandbox))?;
+        res.entry.map(|e| e.path).ok_or_else(|| {
+            E2bError::new(StatusCode::BAD_GATEWAY, "the agent's stat named no entry")
+        })?
+    };
     let name = path.rsplit('/').next().unwrap_or("").to_string();
     Ok(json!({ "name": name, "type": "file", "path": path }))
 }
@@ -417,11 +433,13 @@ mod tests {
     }
 
     #[test]
-    fn relative_paths_are_taken_from_home() {
-        assert_eq!(absolute("user", "a/b").unwrap(), "/home/user/a/b");
-        assert_eq!(absolute("root", "~/x").unwrap(), "/root/x");
-        assert_eq!(absolute("user", "/etc/x").unwrap(), "/etc/x");
-        assert!(absolute("user", "").is_err());
+    fn paths_are_checked_and_home_is_the_guests() {
+        assert_eq!(user_path("a/b").unwrap(), "a/b");
+        assert_eq!(user_path("~/x").unwrap(), "x");
+        assert_eq!(user_path("~").unwrap(), ".");
+        assert_eq!(user_path("/etc/x").unwrap(), "/etc/x");
+        assert!(user_path("").is_err());
+        assert!(user_path("a\0").is_err());
     }
 
     #[test]

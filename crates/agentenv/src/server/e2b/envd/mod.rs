@@ -326,7 +326,13 @@ pub fn engine_error(e: EngineError) -> ConnectError {
     let msg = e.to_string();
     let code = match e {
         EngineError::BadRequest { .. } => Code::InvalidArgument,
+        // envd: a missing cwd is a bad argument, an unknown user is not
+        // authenticated.
+        EngineError::NotFound { field, .. } if field == "cwd" => Code::InvalidArgument,
+        EngineError::NotFound { field, .. } if field == "user" => Code::Unauthenticated,
         EngineError::NotFound { .. } => Code::NotFound,
+        // The agent's `already_exists`.
+        EngineError::Conflict { state: None, .. } => Code::AlreadyExists,
         EngineError::Forbidden { .. } => Code::PermissionDenied,
         EngineError::Timeout(_) => Code::DeadlineExceeded,
         EngineError::Exhausted(_) => Code::ResourceExhausted,

@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agentenv_core::agent::{Exec, ExecEvent};
-use agentenv_proto::ExitStatus;
+use agentenv_core::agent::{Exec, ExecControl, ExecEvent};
+use agentenv_proto::{ExitStatus, PtySize};
 use axum::body::Body;
 use axum::http::HeaderMap;
 use axum::response::Response;
@@ -142,6 +142,8 @@ struct Proc {
     pty: bool,
     subs: Mutex<Vec<Sub>>,
     cmds: mpsc::UnboundedSender<Cmd>,
+    /// Input, signals and resizes, while the drain task pulls the output.
+    control: ExecControl,
 }
 
 /// A subscription to a process's output.
@@ -328,6 +330,7 @@ async fn start(call: Call, headers: HeaderMap, msg: Value) -> Result<Response, C
         user: call.user.clone(),
         stdin,
         pty,
+        lifetime,
     };
     let exec = spawn(&call, &spec).await?;
     let pid = exec.pid();
@@ -343,6 +346,7 @@ async fn start(call: Call, headers: HeaderMap, msg: Value) -> Result<Response, C
         pty: pty.is_some(),
         subs: Mutex::new(Vec::new()),
         cmds: cmds_tx,
+        control: exec.control(),
     });
     // Subscribed before the first output is pulled: nothing is lost.
     let sub = proc.subscribe();
@@ -367,7 +371,7 @@ async fn start(call: Call, headers: HeaderMap, msg: Value) -> Result<Response, C
     Ok(pump(pid, sub, timers))
 }
 
-fn pty_size(p: &Value) -> Result<(u16, u16), ConnectError> {
+fn pty_size(p: &Value) -> Result<PtySize, ConnectError> {
     let size = connect::message(p, "size")?.ok_or_else(|| {
         ConnectError::new(
             Code::InvalidArgument,
@@ -382,7 +386,7 @@ fn pty_size(p: &Value) -> Result<(u16, u16), ConnectError> {
             "pty.size: cols and rows must be at least 1",
         ));
     }
-    Ok((cols, rows))
+    Ok(PtySize { cols, rows })
 }
 
 /// What to run.
@@ -390,33 +394,37 @@ struct Spawn {
     argv: Vec<String>,
     env: BTreeMap<String, String>,
     cwd: Option<String>,
-    #[allow(dead_code)]
     user: String,
-    #[allow(dead_code)]
     stdin: bool,
-    pty: Option<(u16, u16)>,
+    pty: Option<PtySize>,
+    lifetime: Option<Duration>,
 }
 
-/// Starts `spec` in the sandbox's VM.
+/// How long past its lifetime the agent kills a process by itself, should
+/// the daemon's kill not reach it.
+const AGENT_BACKSTOP: Duration = Duration::from_secs(5);
+
+/// Starts `spec` in the sandbox's VM, as its user.
 async fn spawn(call: &Call, spec: &Spawn) -> Result<Exec, ConnectError> {
-    if spec.pty.is_some() {
-        return Err(ConnectError::new(
-            Code::Unimplemented,
-            "pty: terminals need the guest agent's pty support",
-        ));
-    }
-    let req = agentenv_api::ExecRequest {
+    let req = agentenv_proto::ExecRequest {
         cmd: spec.argv.clone(),
         env: spec.env.clone(),
         cwd: spec.cwd.clone(),
+        // A pty takes its input through the master, like stdin.
+        stdin: spec.stdin || spec.pty.is_some(),
         // The lifetime is the drain task's to enforce; the agent's own
-        // timeout only backs it up.
-        timeout_s: Some(86_400.0),
-        ..Default::default()
+        // timeout only backs it up. Without one the process runs until it
+        // ends or is killed, as in envd.
+        timeout_ms: spec
+            .lifetime
+            .map(|d| (d + AGENT_BACKSTOP).as_millis().min(u64::MAX as u128) as u64),
+        max_output: None,
+        user: Some(spec.user.clone()),
+        pty: spec.pty,
     };
     call.state
         .engine
-        .exec_start(call.sandbox_id(), &req)
+        .agent_exec(call.sandbox_id(), &req, None)
         .await
         .map_err(engine_error)
 }
@@ -638,56 +646,109 @@ async fn kill(proc: &Proc) -> Result<(), ConnectError> {
 
 async fn send_signal(call: Call, msg: Value) -> Result<Value, ConnectError> {
     let sig = connect::enumeration(&msg, "signal", SIGNALS)?;
+    if !(1..=64).contains(&sig) {
+        return Err(ConnectError::new(
+            Code::InvalidArgument,
+            format!("signal: {sig} is not a signal"),
+        ));
+    }
     let proc = find(&call, &msg)?;
-    match sig {
-        9 => kill(&proc).await?,
-        0 => {
-            return Err(ConnectError::new(
-                Code::InvalidArgument,
-                "signal: SIGNAL_UNSPECIFIED is not a signal",
-            ))
-        }
-        n => {
-            return Err(ConnectError::new(
-                Code::Unimplemented,
-                format!("signal: signal {n} needs the guest agent's signal support"),
-            ))
-        }
+    if sig == 9 {
+        kill(&proc).await?;
+    } else {
+        proc.control
+            .signal(sig as i32)
+            .await
+            .map_err(|e| control_error(&proc, e))?;
     }
     Ok(json!({}))
 }
 
+/// The error of a control operation on a process (it may have just ended).
+fn control_error(proc: &Proc, e: agentenv_core::agent::AgentError) -> ConnectError {
+    match e {
+        agentenv_core::agent::AgentError::Remote(_) => engine_error(e.into()),
+        e => ConnectError::new(
+            Code::NotFound,
+            format!("process {} is not running: {e}", proc.pid),
+        ),
+    }
+}
+
+/// `ProcessInput`: `{"stdin": b64}` or `{"pty": b64}`.
+fn input_bytes(input: Option<&Value>) -> Result<Vec<u8>, ConnectError> {
+    let Some(input) = input else {
+        return Err(ConnectError::new(
+            Code::InvalidArgument,
+            "input: the input is missing",
+        ));
+    };
+    if connect::field(input, "pty").is_some() {
+        connect::bytes(input, "pty")
+    } else {
+        connect::bytes(input, "stdin")
+    }
+}
+
+async fn write_input(proc: &Proc, bytes: &[u8]) -> Result<(), ConnectError> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    proc.control
+        .write_stdin(bytes)
+        .await
+        .map_err(|e| control_error(proc, e))
+}
+
 async fn send_input(call: Call, msg: Value) -> Result<Value, ConnectError> {
-    let _proc = find(&call, &msg)?;
-    Err(ConnectError::new(
-        Code::Unimplemented,
-        "input: streaming stdin needs the guest agent's stdin support",
-    ))
+    let bytes = input_bytes(connect::message(&msg, "input")?)?;
+    let proc = find(&call, &msg)?;
+    write_input(&proc, &bytes).await?;
+    Ok(json!({}))
 }
 
 async fn close_stdin(call: Call, msg: Value) -> Result<Value, ConnectError> {
-    let _proc = find(&call, &msg)?;
-    Err(ConnectError::new(
-        Code::Unimplemented,
-        "closing stdin needs the guest agent's stdin support",
-    ))
+    let proc = find(&call, &msg)?;
+    proc.control
+        .close_stdin()
+        .await
+        .map_err(|e| control_error(&proc, e))?;
+    Ok(json!({}))
 }
 
 async fn update(call: Call, msg: Value) -> Result<Value, ConnectError> {
-    let _proc = find(&call, &msg)?;
-    Err(ConnectError::new(
-        Code::Unimplemented,
-        "pty: resizing needs the guest agent's pty support",
-    ))
+    let size = match connect::message(&msg, "pty")? {
+        Some(p) => pty_size(p)?,
+        None => {
+            return Err(ConnectError::new(
+                Code::InvalidArgument,
+                "pty: the new terminal size is missing",
+            ))
+        }
+    };
+    let proc = find(&call, &msg)?;
+    if !proc.pty {
+        return Err(ConnectError::new(
+            Code::FailedPrecondition,
+            format!("pty: process {} has no terminal", proc.pid),
+        ));
+    }
+    proc.control
+        .resize(size)
+        .await
+        .map_err(|e| control_error(&proc, e))?;
+    Ok(json!({}))
 }
 
-/// `StreamInput`: a client stream of input for one process.
+/// `StreamInput`: a client stream of input for one process: `start`
+/// first, then `data` (and `keepalive`) messages; answered once the client
+/// ends its stream.
 async fn stream_input(call: Call, headers: HeaderMap, body: Body) -> Response {
     if let Err(e) = connect::check_content_type(&headers, Shape::ClientStream) {
         return connect::unsupported_media(e);
     }
     let mut reader = connect::EnvelopeReader::new(body);
-    let r = async {
+    let run = async {
         let first = reader.next().await?.ok_or_else(|| {
             ConnectError::new(Code::InvalidArgument, "the stream has no start message")
         })?;
@@ -697,21 +758,32 @@ async fn stream_input(call: Call, headers: HeaderMap, body: Body) -> Response {
                 "the first StreamInput message must be start{process}",
             )
         })?;
-        let _proc = find(&call, start)?;
-        Err::<(), _>(ConnectError::new(
-            Code::Unimplemented,
-            "input: streaming stdin needs the guest agent's stdin support",
-        ))
+        let proc = find(&call, start)?;
+        while let Some(msg) = reader.next().await? {
+            if let Some(data) = connect::message(&msg, "data")? {
+                let bytes = input_bytes(connect::message(data, "input")?)?;
+                write_input(&proc, &bytes).await?;
+            } else if connect::field(&msg, "keepalive").is_none() {
+                return Err(ConnectError::new(
+                    Code::InvalidArgument,
+                    "a StreamInput message is data{input} or keepalive{}",
+                ));
+            }
+        }
+        Ok::<(), ConnectError>(())
     };
-    match r.await {
+    let r = match connect::timeout_of(&headers) {
+        Ok(None) => run.await,
+        Ok(Some(d)) => tokio::time::timeout(d, run)
+            .await
+            .unwrap_or_else(|_| Err(deadline_error())),
+        Err(e) => Err(e),
+    };
+    match r {
         Ok(()) => {
-            let (tx, resp) = connect::stream_response();
-            tokio::spawn(async move {
-                if tx.send(&json!({})).await.is_ok() {
-                    tx.finish(None).await;
-                }
-            });
-            resp
+            let mut body = connect::envelope_bytes(&json!({}));
+            body.extend_from_slice(&connect::end_envelope(None));
+            connect::stream_body(body)
         }
         Err(e) => connect::stream_error(e),
     }
