@@ -909,3 +909,347 @@ fn files_upload_and_download_stream_with_gzip_multipart_and_signatures() {
     }
     env.done();
 }
+
+fn b64(s: &[u8]) -> String {
+    agentenv_api::base64::encode(s)
+}
+
+fn basic(user: &str) -> (&'static str, String) {
+    (
+        "authorization",
+        format!("Basic {}", b64(format!("{user}:").as_bytes())),
+    )
+}
+
+/// Reads data messages until their `kind` output contains `want`.
+fn read_until(s: &mut Stream, kind: &str, want: &str) -> String {
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains(want) {
+        let v = s.data();
+        if let Some(d) = v["event"]["data"][kind].as_str() {
+            got.extend(agentenv_api::base64::decode(d).unwrap());
+        } else {
+            assert!(v["event"]["keepalive"].is_object(), "{v}");
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[test]
+fn stdin_signals_and_terminals_reach_the_process() {
+    let Some(env) = Env::start() else { return };
+    // A missing `stdin` means stdin is open; SendInput, then CloseStdin.
+    let mut s = env.stream(
+        "process.Process/Start",
+        json!({"process": {"cmd": "/bin/cat"}}),
+        &[],
+    );
+    let pid = s.data()["event"]["start"]["pid"].as_u64().unwrap();
+    let (code, v) = env.unary(
+        "process.Process/SendInput",
+        json!({"process": {"pid": pid}, "input": {"stdin": b64(b"hello\n")}}),
+    );
+    assert_eq!((code, &v), (200, &json!({})));
+    assert_eq!(read_until(&mut s, "stdout", "hello\n"), "hello\n");
+    // Bad base64 is invalid_argument; the process is untouched.
+    let (code, v) = env.unary(
+        "process.Process/SendInput",
+        json!({"process": {"pid": pid}, "input": {"stdin": "!!!"}}),
+    );
+    assert_eq!((code, v["code"].as_str()), (400, Some("invalid_argument")));
+    let (code, v) = env.unary(
+        "process.Process/Update",
+        json!({"process": {"pid": pid}, "pty": {"size": {"cols": 10, "rows": 10}}}),
+    );
+    assert_eq!(
+        (code, v["code"].as_str()),
+        (400, Some("failed_precondition"))
+    );
+    // StreamInput: start, data, keepalive, data; answered `{}` once ended.
+    let mut h = env.envd_headers("application/connect+json");
+    h.push(("connect-content-encoding", "identity".into()));
+    let (head, r) = env.send(
+        "POST",
+        "/process.Process/StreamInput",
+        &h,
+        Body::Chunked(vec![
+            envelope(0, &json!({"start": {"process": {"pid": pid}}})),
+            envelope(0, &json!({"data": {"input": {"stdin": b64(b"one ")}}})),
+            envelope(0, &json!({"keepalive": {}})),
+            envelope(0, &json!({"data": {"input": {"stdin": b64(b"two\n")}}})),
+        ]),
+    );
+    assert_eq!(head.status, 200);
+    let mut answer = Stream { r };
+    assert_eq!(answer.data(), json!({}));
+    match answer.next() {
+        Msg::End(e) => assert_eq!(e, json!({})),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(read_until(&mut s, "stdout", "one two\n"), "one two\n");
+    let (code, _) = env.unary(
+        "process.Process/CloseStdin",
+        json!({"process": {"pid": pid}}),
+    );
+    assert_eq!(code, 200);
+    let (_, _, end, _) = s.collect();
+    assert_eq!(end.unwrap()["exitCode"], 0);
+
+    // SIGTERM.
+    let mut s = env.stream("process.Process/Start", start_msg("exec sleep 30"), &[]);
+    let pid = s.data()["event"]["start"]["pid"].as_u64().unwrap();
+    let (code, v) = env.unary(
+        "process.Process/SendSignal",
+        json!({"process": {"pid": pid}, "signal": "SIGNAL_SIGTERM"}),
+    );
+    assert_eq!(code, 200, "{v}");
+    let (_, _, end, _) = s.collect();
+    assert_eq!(
+        end.unwrap(),
+        json!({"exitCode": -1, "exited": false, "status": "signal: terminated",
+               "error": "signal: terminated"})
+    );
+
+    // A terminal: output comes as `pty`, input goes to it, resize works.
+    let mut s = env.stream(
+        "process.Process/Start",
+        json!({"process": {"cmd": "/bin/bash",
+                           "args": ["-c", "stty size; read x; stty size; echo got $x"],
+                           "envs": {"TERM": "xterm-256color"}},
+               "pty": {"size": {"cols": 80, "rows": 24}}}),
+        &[],
+    );
+    let pid = s.data()["event"]["start"]["pid"].as_u64().unwrap();
+    read_until(&mut s, "pty", "24 80");
+    let (code, v) = env.unary(
+        "process.Process/Update",
+        json!({"process": {"pid": pid}, "pty": {"size": {"cols": 100, "rows": 30}}}),
+    );
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = env.unary(
+        "process.Process/SendInput",
+        json!({"process": {"pid": pid}, "input": {"pty": b64(b"yo\n")}}),
+    );
+    assert_eq!(code, 200, "{v}");
+    let out = read_until(&mut s, "pty", "got yo");
+    assert!(out.contains("30 100"), "{out:?}");
+    let (_, _, end, _) = s.collect();
+    assert_eq!(end.unwrap()["exitCode"], 0);
+    env.wait_no_processes();
+    env.done();
+}
+
+#[test]
+fn users_and_file_system_calls_act_as_the_callers_user() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Some(env) = Env::start() else { return };
+    let root = env.scratch.display().to_string();
+    std::fs::set_permissions(&env.scratch, std::fs::Permissions::from_mode(0o777)).unwrap();
+
+    // Processes run as the Basic user (default: [e2b] default_user).
+    let mut s = env.stream(
+        "process.Process/Start",
+        start_msg("id -un; echo $HOME"),
+        &[],
+    );
+    s.data();
+    assert_eq!(s.collect().0, "root\n/root\n");
+    let mut s = env.stream(
+        "process.Process/Start",
+        start_msg("id -un"),
+        &[basic("nobody")],
+    );
+    s.data();
+    assert_eq!(s.collect().0, "nobody\n");
+    let mut s = env.stream(
+        "process.Process/Start",
+        start_msg("id -un"),
+        &[basic("no-such-user-e2b")],
+    );
+    match s.next() {
+        Msg::End(e) => assert_eq!(e["error"]["code"], "unauthenticated", "{e}"),
+        other => panic!("{other:?}"),
+    }
+
+    let fs = |method: &str, msg: Value, user: &str| {
+        env.unary_with(
+            &format!("filesystem.Filesystem/{method}"),
+            msg,
+            &[basic(user)],
+        )
+    };
+    // MakeDir creates parents, then says already_exists.
+    let dir = format!("{root}/made/deep");
+    let (code, v) = fs("MakeDir", json!({"path": dir}), "nobody");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["entry"]["type"], "FILE_TYPE_DIRECTORY");
+    assert_eq!(v["entry"]["path"], dir.as_str());
+    assert_eq!(v["entry"]["owner"], "nobody");
+    assert_eq!(std::fs::metadata(&dir).unwrap().uid(), 65534);
+    let (code, v) = fs("MakeDir", json!({"path": dir}), "nobody");
+    assert_eq!((code, v["code"].as_str()), (409, Some("already_exists")));
+
+    // A file uploaded as nobody belongs to nobody.
+    let mut h = files_headers(&env);
+    h.push(("content-type", "application/octet-stream".into()));
+    let file = format!("{dir}/f.txt");
+    let (head, r) = env.send(
+        "POST",
+        &format!("/files?path={}&username=nobody", q(&file)),
+        &h,
+        Body::Fixed(b"abc".to_vec()),
+    );
+    assert_eq!(
+        head.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&read_all(r))
+    );
+    assert_eq!(std::fs::metadata(&file).unwrap().uid(), 65534);
+    let (code, v) = fs("Stat", json!({"path": file}), "root");
+    assert_eq!(code, 200, "{v}");
+    let e = &v["entry"];
+    assert_eq!(
+        (e["name"].as_str(), e["type"].as_str(), e["size"].as_str()),
+        (Some("f.txt"), Some("FILE_TYPE_FILE"), Some("3"))
+    );
+    assert_eq!(e["permissions"].as_str().unwrap().len(), 10);
+    assert!(e["modifiedTime"].as_str().unwrap().ends_with('Z'));
+    // An unknown user on /files is 401.
+    let (head, _) = env.send(
+        "GET",
+        &format!("/files?path={}&username=no-such-user-e2b", q(&file)),
+        &files_headers(&env),
+        Body::Fixed(vec![]),
+    );
+    assert_eq!(head.status, 401);
+
+    // ListDir by depth.
+    let (code, v) = fs("ListDir", json!({"path": format!("{root}/made")}), "root");
+    assert_eq!(code, 200, "{v}");
+    let names = |v: &Value| {
+        let mut n: Vec<String> = v["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["path"].as_str().unwrap().to_string())
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&v), vec![dir.clone()]);
+    let (_, v) = fs(
+        "ListDir",
+        json!({"path": format!("{root}/made"), "depth": 2}),
+        "root",
+    );
+    assert_eq!(names(&v), vec![dir.clone(), file.clone()]);
+    let (code, v) = fs("ListDir", json!({"path": format!("{root}/nope")}), "root");
+    assert_eq!((code, v["code"].as_str()), (404, Some("not_found")));
+
+    // A symlink is described as one.
+    std::os::unix::fs::symlink(&file, format!("{root}/link")).unwrap();
+    let (_, v) = fs("Stat", json!({"path": format!("{root}/link")}), "root");
+    assert_eq!(v["entry"]["type"], "FILE_TYPE_SYMLINK", "{v}");
+    assert_eq!(v["entry"]["symlinkTarget"], file.as_str());
+
+    // Move answers the destination; Remove is recursive and a missing path
+    // is fine; Stat of what is gone is not_found.
+    let moved = format!("{root}/moved.txt");
+    let (code, v) = fs(
+        "Move",
+        json!({"source": file, "destination": moved}),
+        "root",
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["entry"]["path"], moved.as_str());
+    assert_eq!(std::fs::read(&moved).unwrap(), b"abc");
+    let (code, v) = fs(
+        "Move",
+        json!({"source": file, "destination": moved}),
+        "root",
+    );
+    assert_eq!((code, v["code"].as_str()), (404, Some("not_found")));
+    for _ in 0..2 {
+        let (code, v) = fs("Remove", json!({"path": format!("{root}/made")}), "root");
+        assert_eq!((code, &v), (200, &json!({})));
+    }
+    assert!(!std::path::Path::new(&dir).exists());
+    let (code, v) = fs("Stat", json!({"path": dir}), "root");
+    assert_eq!((code, v["code"].as_str()), (404, Some("not_found")));
+    let (code, v) = fs("Stat", json!({}), "root");
+    assert_eq!((code, v["code"].as_str()), (400, Some("invalid_argument")));
+    env.done();
+}
+
+#[test]
+fn directory_watches_stream_and_poll_events() {
+    let Some(env) = Env::start() else { return };
+    let root = env.scratch.display().to_string();
+    // WatchDir: start first, then events.
+    let mut w = env.stream(
+        "filesystem.Filesystem/WatchDir",
+        json!({"path": root, "recursive": false}),
+        &[],
+    );
+    assert_eq!(w.data(), json!({"start": {}}));
+    std::fs::write(env.scratch.join("streamed.txt"), b"x").unwrap();
+    let ev = w.data();
+    assert_eq!(ev["filesystem"]["name"], "streamed.txt", "{ev}");
+    assert_eq!(ev["filesystem"]["type"], "EVENT_TYPE_CREATE");
+    drop(w);
+
+    // CreateWatcher / GetWatcherEvents / RemoveWatcher.
+    let (code, v) = env.unary(
+        "filesystem.Filesystem/CreateWatcher",
+        json!({"path": root, "recursive": true}),
+    );
+    assert_eq!(code, 200, "{v}");
+    let id = v["watcherId"].as_str().unwrap().to_string();
+    std::fs::create_dir(env.scratch.join("sub")).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    std::fs::write(env.scratch.join("sub/polled.txt"), b"y").unwrap();
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    while !seen.iter().any(|e: &Value| e["name"] == "sub/polled.txt") {
+        assert!(start.elapsed() < Duration::from_secs(10), "{seen:?}");
+        let (code, v) = env.unary(
+            "filesystem.Filesystem/GetWatcherEvents",
+            json!({"watcher_id": id}),
+        );
+        assert_eq!(code, 200, "{v}");
+        seen.extend(v["events"].as_array().unwrap().iter().cloned());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(seen
+        .iter()
+        .any(|e| e["name"] == "sub" && e["type"] == "EVENT_TYPE_CREATE"));
+    let (code, _) = env.unary(
+        "filesystem.Filesystem/RemoveWatcher",
+        json!({"watcherId": id}),
+    );
+    assert_eq!(code, 200);
+    let (code, v) = env.unary(
+        "filesystem.Filesystem/GetWatcherEvents",
+        json!({"watcherId": id}),
+    );
+    assert_eq!((code, v["code"].as_str()), (404, Some("not_found")));
+    let (code, v) = env.unary(
+        "filesystem.Filesystem/CreateWatcher",
+        json!({"path": format!("{root}/nope")}),
+    );
+    assert_eq!((code, v["code"].as_str()), (404, Some("not_found")), "{v}");
+
+    // A WatchDir's Connect-Timeout-Ms ends it with deadline_exceeded.
+    let mut w = env.stream(
+        "filesystem.Filesystem/WatchDir",
+        json!({"path": root}),
+        &[("connect-timeout-ms", "300".into())],
+    );
+    assert_eq!(w.data(), json!({"start": {}}));
+    match w.next() {
+        Msg::End(e) => assert_eq!(e["error"]["code"], "deadline_exceeded"),
+        other => panic!("{other:?}"),
+    }
+    env.done();
+}
