@@ -419,7 +419,8 @@ fn start_streams_output_env_cwd_and_exit_codes() {
         &[],
     );
     match s.next() {
-        Msg::End(e) => assert_eq!(e["error"]["code"], "not_found", "{e}"),
+        // envd: a missing cwd is invalid_argument.
+        Msg::End(e) => assert_eq!(e["error"]["code"], "invalid_argument", "{e}"),
         other => panic!("{other:?}"),
     }
     env.wait_no_processes();
