@@ -360,8 +360,15 @@ async fn start(call: Call, headers: HeaderMap, msg: Value) -> Result<Response, C
     let state = call.state.clone();
     let sandbox = call.sandbox_id().to_string();
     tokio::spawn(async move {
-        drain(&proc, exec, cmds_rx, deadline).await;
+        let (terminal, killers) = drain(&proc, exec, cmds_rx, deadline).await;
+        // Gone from the table before anyone hears of the end: a kill that
+        // returned, or an end event, means List and SendSignal no longer
+        // find it.
         state.envd.processes.remove(&sandbox, &proc);
+        proc.finish(terminal);
+        for k in killers {
+            let _ = k.send(Ok(()));
+        }
     });
     let timers = Timers {
         keepalive: connect::keepalive_of(&headers),
@@ -430,13 +437,15 @@ async fn spawn(call: &Call, spec: &Spawn) -> Result<Exec, ConnectError> {
 }
 
 /// Pulls a process's events until it ends, fanning them out; carries out
-/// kills; enforces its lifetime.
+/// kills; enforces its lifetime. Returns how its streams end and the kills
+/// waiting for the end.
 async fn drain(
     proc: &Proc,
     mut exec: Exec,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
     deadline: Option<Instant>,
-) {
+) -> (Terminal, Vec<oneshot::Sender<Result<(), ConnectError>>>) {
+    let mut killers = Vec::new();
     let mut expired = false;
     let mut killed_at: Option<Instant> = None;
     let data_kind = if proc.pty { "pty" } else { "stdout" };
@@ -471,10 +480,17 @@ async fn drain(
             },
             cmd = cmds.recv() => match cmd {
                 Some(Cmd::Kill(done)) => {
-                    let r = exec.kill().await.map_err(|e| ConnectError::new(
-                        Code::Unavailable, format!("killing the process failed: {e}")));
+                    match exec.kill().await {
+                        // Answered once the process has ended.
+                        Ok(()) => killers.push(done),
+                        Err(e) => {
+                            let _ = done.send(Err(ConnectError::new(
+                                Code::Unavailable,
+                                format!("killing the process failed: {e}"),
+                            )));
+                        }
+                    }
                     killed_at.get_or_insert_with(Instant::now);
-                    let _ = done.send(r);
                 }
                 // Dropping `exec` kills the command (if the VM still runs).
                 Some(Cmd::Forget) | None => break Terminal::Error(ConnectError::new(
@@ -493,7 +509,7 @@ async fn drain(
             )),
         }
     };
-    proc.finish(terminal);
+    (terminal, killers)
 }
 
 /// `{"event":{"data":{kind: base64}}}`.
