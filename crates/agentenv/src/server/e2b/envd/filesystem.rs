@@ -232,6 +232,56 @@ fn event_json(e: &FsEvent) -> Value {
     json!({ "name": e.name, "type": t })
 }
 
+/// Most uploads whose final name a watch waits to see at once.
+const MAX_PENDING_UPLOADS: usize = 1024;
+
+/// Folds the guest agent's atomic uploads into what envd's in-place writes
+/// look like to a watcher. The agent writes `.<name>.agentenv-upload-<n>`
+/// and renames it over `<name>`: its events are hidden, and the final
+/// name's `create` gets the `write` a client of `files.write` waits for.
+#[derive(Default)]
+struct UploadFold {
+    /// Final names whose temporary file was written to.
+    written: std::collections::HashSet<String>,
+}
+
+/// The final name of an agent upload's temporary file `name`, if it is one.
+fn upload_target(name: &str) -> Option<String> {
+    let (dir, base) = match name.rsplit_once('/') {
+        Some((d, b)) => (Some(d), b),
+        None => (None, name),
+    };
+    let rest = base.strip_prefix('.')?;
+    let (target, n) = rest.rsplit_once(".agentenv-upload-")?;
+    if target.is_empty() || n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(match dir {
+        Some(d) => format!("{d}/{target}"),
+        None => target.to_string(),
+    })
+}
+
+impl UploadFold {
+    /// What the client sees of `ev`.
+    fn feed(&mut self, ev: FsEvent) -> Vec<FsEvent> {
+        if let Some(target) = upload_target(&ev.name) {
+            if ev.op == FsEventOp::Write && self.written.len() < MAX_PENDING_UPLOADS {
+                self.written.insert(target);
+            }
+            return Vec::new();
+        }
+        if ev.op == FsEventOp::Create && self.written.remove(&ev.name) {
+            let write = FsEvent {
+                name: ev.name.clone(),
+                op: FsEventOp::Write,
+            };
+            return vec![ev, write];
+        }
+        vec![ev]
+    }
+}
+
 /// The watch a `WatchDir`/`CreateWatcher` message asks for.
 fn watch_request(call: &Call, msg: &Value) -> Result<WatchRequest, ConnectError> {
     let path = path_field(msg, "path")?;
@@ -284,13 +334,16 @@ async fn watch_dir(call: Call, headers: HeaderMap, body: Body) -> Response {
         if tx.send(&json!({ "start": {} })).await.is_err() {
             return;
         }
+        let mut fold = UploadFold::default();
         // Dropping `watch` (any return) stops it in the guest.
         loop {
             tokio::select! {
                 ev = watch.next() => match ev {
                     Ok(ev) => {
-                        if tx.send(&json!({ "filesystem": event_json(&ev) })).await.is_err() {
-                            return;
+                        for ev in fold.feed(ev) {
+                            if tx.send(&json!({ "filesystem": event_json(&ev) })).await.is_err() {
+                                return;
+                            }
                         }
                     }
                     Err(e) => {
@@ -362,14 +415,17 @@ async fn create_watcher(call: Call, msg: Value) -> Result<Value, ConnectError> {
     });
     let w = watcher.clone();
     let task = tokio::spawn(async move {
+        let mut fold = UploadFold::default();
         loop {
             match watch.next().await {
                 Ok(ev) => {
                     let mut q = w.queue();
-                    if q.events.len() < WATCHER_QUEUE {
-                        q.events.push_back(event_json(&ev));
-                    } else {
-                        q.dropped += 1;
+                    for ev in fold.feed(ev) {
+                        if q.events.len() < WATCHER_QUEUE {
+                            q.events.push_back(event_json(&ev));
+                        } else {
+                            q.dropped += 1;
+                        }
                     }
                 }
                 Err(e) => {
@@ -438,6 +494,38 @@ async fn remove_watcher(call: Call, msg: Value) -> Result<Value, ConnectError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_uploads_look_like_in_place_writes() {
+        let ev = |name: &str, op| FsEvent {
+            name: name.into(),
+            op,
+        };
+        let mut f = UploadFold::default();
+        let mut seen = Vec::new();
+        for e in [
+            ev("d/.a.txt.agentenv-upload-7", FsEventOp::Create),
+            ev("d/.a.txt.agentenv-upload-7", FsEventOp::Write),
+            ev("d/.a.txt.agentenv-upload-7", FsEventOp::Chmod),
+            ev("d/.a.txt.agentenv-upload-7", FsEventOp::Rename),
+            ev("d/a.txt", FsEventOp::Create),
+            ev("b", FsEventOp::Create),
+            ev(".x.agentenv-upload-", FsEventOp::Create),
+        ] {
+            seen.extend(f.feed(e));
+        }
+        assert_eq!(
+            seen,
+            vec![
+                ev("d/a.txt", FsEventOp::Create),
+                ev("d/a.txt", FsEventOp::Write),
+                ev("b", FsEventOp::Create),
+                ev(".x.agentenv-upload-", FsEventOp::Create),
+            ]
+        );
+        assert_eq!(upload_target(".a.agentenv-upload-1").as_deref(), Some("a"));
+        assert_eq!(upload_target("a.agentenv-upload-1"), None);
+    }
 
     #[test]
     fn entries_read_as_envds() {
