@@ -187,6 +187,8 @@ impl Env {
         h.push(("connect-accept-encoding", "identity".into()));
         h.push(("connect-content-encoding", "identity".into()));
         h.push(("keepalive-ping-interval", "50".into()));
+        // A header in `extra` replaces the SDK's.
+        h.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
         h.extend(extra.iter().cloned());
         let (head, r) = self.send(
             "POST",
@@ -1252,5 +1254,50 @@ fn directory_watches_stream_and_poll_events() {
         Msg::End(e) => assert_eq!(e["error"]["code"], "deadline_exceeded"),
         other => panic!("{other:?}"),
     }
+    env.done();
+}
+
+#[test]
+fn idle_streams_get_keepalives_and_a_reader_that_stops_is_dropped_not_the_process() {
+    let Some(env) = Env::start() else { return };
+    // Keepalive-Ping-Interval: 1 s of silence gets a keepalive event.
+    let mut s = env.stream(
+        "process.Process/Start",
+        start_msg("sleep 2.5; echo done"),
+        &[("keepalive-ping-interval", "1".into())],
+    );
+    s.data();
+    let ka = s.data();
+    assert_eq!(ka, json!({"event": {"keepalive": {}}}));
+    let (out, _, end, _) = s.collect();
+    assert_eq!(out, "done\n");
+    assert_eq!(end.unwrap()["exitCode"], 0);
+
+    // A client that reads nothing while the process writes 64 MiB: the
+    // process still runs to its end (its output is not held for the client),
+    // and the stream, once read, ends resource_exhausted.
+    let marker = env.scratch.join("finished");
+    let s = env.stream(
+        "process.Process/Start",
+        start_msg(&format!(
+            "head -c 67108864 /dev/zero; touch {}",
+            marker.display()
+        )),
+        &[],
+    );
+    let start = Instant::now();
+    while !marker.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the process is held back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    env.wait_no_processes();
+    let mut s = s;
+    assert!(s.data()["event"]["start"]["pid"].is_u64());
+    let (_, _, end, last) = s.collect();
+    assert!(end.is_none());
+    assert_eq!(last["error"]["code"], "resource_exhausted", "{last}");
     env.done();
 }
