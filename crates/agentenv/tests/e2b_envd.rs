@@ -547,7 +547,7 @@ fn bad_connect_input_is_a_connect_error_and_starts_nothing() {
     // A client that hangs up inside the envelope.
     {
         let mut s = env.open();
-        let mut req = format!("POST /process.Process/Start HTTP/1.1\r\nHost: x\r\n");
+        let mut req = "POST /process.Process/Start HTTP/1.1\r\nHost: x\r\n".to_string();
         for (k, v) in &h {
             req.push_str(&format!("{k}: {v}\r\n"));
         }

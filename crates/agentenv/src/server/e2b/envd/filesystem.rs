@@ -122,8 +122,7 @@ fn path_field(msg: &Value, name: &str) -> Result<String, ConnectError> {
             format!("{name}: the path is empty"),
         ));
     }
-    Ok(super::files::user_path(&p)
-        .map_err(|e| ConnectError::new(Code::InvalidArgument, e.message))?)
+    super::files::user_path(&p).map_err(|e| ConnectError::new(Code::InvalidArgument, e.message))
 }
 
 async fn fs(call: &Call, op: FsOp) -> Result<agentenv_proto::FsResponse, ConnectError> {
