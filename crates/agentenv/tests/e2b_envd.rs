@@ -265,6 +265,14 @@ impl Stream {
         }
     }
 
+    /// The code of the end-stream error that must come next.
+    fn end_code(&mut self) -> String {
+        match self.next() {
+            Msg::End(e) => e["error"]["code"].as_str().unwrap_or_default().to_string(),
+            Msg::Data(v) => panic!("a message where the end was due: {v}"),
+        }
+    }
+
     fn data(&mut self) -> Value {
         match self.next() {
             Msg::Data(v) => v,
@@ -420,11 +428,8 @@ fn start_streams_output_env_cwd_and_exit_codes() {
         json!({"process": {"cmd": "/bin/true", "cwd": "/does/not/exist"}, "stdin": false}),
         &[],
     );
-    match s.next() {
-        // envd: a missing cwd is invalid_argument.
-        Msg::End(e) => assert_eq!(e["error"]["code"], "invalid_argument", "{e}"),
-        other => panic!("{other:?}"),
-    }
+    // envd: a missing cwd is invalid_argument.
+    assert_eq!(s.end_code(), "invalid_argument");
     env.wait_no_processes();
     env.done();
 }
@@ -491,10 +496,7 @@ fn a_process_outlives_its_client_and_is_reattached_listed_and_killed() {
         json!({"process": {"tag": "ticker"}}),
         &[],
     );
-    match c.next() {
-        Msg::End(e) => assert_eq!(e["error"]["code"], "not_found"),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(c.end_code(), "not_found");
     env.done();
 }
 
@@ -540,10 +542,7 @@ fn bad_connect_input_is_a_connect_error_and_starts_nothing() {
         Body::Chunked(vec![env_bytes[..env_bytes.len() - 3].to_vec()]),
     );
     assert_eq!(head.status, 200);
-    match (Stream { r }).next() {
-        Msg::End(e) => assert_eq!(e["error"]["code"], "invalid_argument", "{e}"),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!((Stream { r }).end_code(), "invalid_argument");
     // A client that hangs up inside the envelope.
     {
         let mut s = env.open();
@@ -642,10 +641,7 @@ fn bad_connect_input_is_a_connect_error_and_starts_nothing() {
     // An empty Start and an empty command.
     for msg in [json!({}), json!({"process": {"cmd": ""}})] {
         let mut s = env.stream("process.Process/Start", msg, &[]);
-        match s.next() {
-            Msg::End(e) => assert_eq!(e["error"]["code"], "invalid_argument"),
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(s.end_code(), "invalid_argument");
     }
 
     std::thread::sleep(Duration::from_millis(500));
@@ -1069,10 +1065,7 @@ fn users_and_file_system_calls_act_as_the_callers_user() {
         start_msg("id -un"),
         &[basic("no-such-user-e2b")],
     );
-    match s.next() {
-        Msg::End(e) => assert_eq!(e["error"]["code"], "unauthenticated", "{e}"),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(s.end_code(), "unauthenticated");
 
     let fs = |method: &str, msg: Value, user: &str| {
         env.unary_with(
@@ -1250,10 +1243,7 @@ fn directory_watches_stream_and_poll_events() {
         &[("connect-timeout-ms", "300".into())],
     );
     assert_eq!(w.data(), json!({"start": {}}));
-    match w.next() {
-        Msg::End(e) => assert_eq!(e["error"]["code"], "deadline_exceeded"),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(w.end_code(), "deadline_exceeded");
     env.done();
 }
 

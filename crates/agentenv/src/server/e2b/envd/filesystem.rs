@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
 use super::connect::{self, Shape};
-use super::{deadline_error, engine_error, unary, Call, Timers};
+use super::{engine_error, run_stream, unary, Call, Step, Timers};
 use crate::server::e2b::error::{Code, ConnectError};
 
 /// Events a `CreateWatcher` watcher keeps for `GetWatcherEvents`.
@@ -320,7 +320,7 @@ async fn watch_dir(call: Call, headers: HeaderMap, body: Body) -> Response {
             .map_err(engine_error)?;
         Ok::<_, ConnectError>((watch, deadline))
     };
-    let (mut watch, deadline) = match opened.await {
+    let (watch, deadline) = match opened.await {
         Ok(w) => w,
         Err(e) => return connect::stream_error(e),
     };
@@ -333,35 +333,29 @@ async fn watch_dir(call: Call, headers: HeaderMap, body: Body) -> Response {
         if tx.send(&json!({ "start": {} })).await.is_err() {
             return;
         }
-        let mut fold = UploadFold::default();
-        // Dropping `watch` (any return) stops it in the guest.
-        loop {
-            tokio::select! {
-                ev = watch.next() => match ev {
-                    Ok(ev) => {
-                        for ev in fold.feed(ev) {
-                            if tx.send(&json!({ "filesystem": event_json(&ev) })).await.is_err() {
-                                return;
-                            }
-                        }
+        let source = (watch, UploadFold::default());
+        // Dropping `watch` (the stream ended or the client went) stops it
+        // in the guest.
+        run_stream(
+            tx,
+            timers,
+            json!({ "keepalive": {} }),
+            source,
+            |(watch, fold)| {
+                Box::pin(async move {
+                    match watch.next().await {
+                        Ok(ev) => Step::Msgs(
+                            fold.feed(ev)
+                                .iter()
+                                .map(|ev| json!({ "filesystem": event_json(ev) }))
+                                .collect(),
+                        ),
+                        Err(e) => Step::End(None, Some(watch_error(e))),
                     }
-                    Err(e) => {
-                        tx.finish(Some(watch_error(e))).await;
-                        return;
-                    }
-                },
-                () = timers.keepalive() => {
-                    if tx.send(&json!({ "keepalive": {} })).await.is_err() {
-                        return;
-                    }
-                }
-                () = timers.deadline() => {
-                    tx.finish(Some(deadline_error())).await;
-                    return;
-                }
-                () = tx.closed() => return,
-            }
-        }
+                })
+            },
+        )
+        .await;
     });
     resp
 }

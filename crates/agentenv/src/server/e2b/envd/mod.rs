@@ -368,6 +368,60 @@ impl Timers {
     }
 }
 
+/// What a stream's source gives next.
+pub enum Step {
+    /// Messages to send.
+    Msgs(Vec<serde_json::Value>),
+    /// The last message (if any), then the end of the stream (with an
+    /// error or successfully).
+    End(Option<serde_json::Value>, Option<ConnectError>),
+}
+
+/// Feeds a streaming response from `source` (`step` pulls its next
+/// [`Step`]; it must be cancel-safe), sending `keepalive` when idle and
+/// ending with `deadline_exceeded` at the deadline. Returns when the stream
+/// ends or the client goes; `source` is dropped then.
+pub async fn run_stream<S>(
+    tx: connect::StreamSender,
+    timers: Timers,
+    keepalive: serde_json::Value,
+    mut source: S,
+    step: for<'a> fn(&'a mut S) -> futures_util::future::BoxFuture<'a, Step>,
+) {
+    loop {
+        tokio::select! {
+            next = step(&mut source) => match next {
+                Step::Msgs(msgs) => {
+                    for m in &msgs {
+                        if tx.send(m).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Step::End(last, err) => {
+                    if let Some(m) = last {
+                        if tx.send(&m).await.is_err() {
+                            return;
+                        }
+                    }
+                    tx.finish(err).await;
+                    return;
+                }
+            },
+            () = timers.keepalive() => {
+                if tx.send(&keepalive).await.is_err() {
+                    return;
+                }
+            }
+            () = timers.deadline() => {
+                tx.finish(Some(deadline_error())).await;
+                return;
+            }
+            () = tx.closed() => return,
+        }
+    }
+}
+
 /// The `deadline_exceeded` that ends a stream at its `Connect-Timeout-Ms`.
 pub fn deadline_error() -> ConnectError {
     ConnectError::new(

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::connect::{self, Shape};
-use super::{deadline_error, engine_error, unary, Call, Timers};
+use super::{deadline_error, engine_error, run_stream, unary, Call, Step, Timers};
 use crate::server::e2b::error::{Code, ConnectError};
 
 /// Messages a subscriber may have queued before it counts as fallen behind.
@@ -556,7 +556,7 @@ fn signal_name(sig: i32) -> String {
 
 /// The stream of one subscription: `start{pid}` first, then the process's
 /// messages, keepalives when idle, and its end.
-fn pump(pid: u32, mut sub: Subscription, timers: Timers) -> Response {
+fn pump(pid: u32, sub: Subscription, timers: Timers) -> Response {
     let (tx, resp) = connect::stream_response();
     tokio::spawn(async move {
         if tx
@@ -566,50 +566,33 @@ fn pump(pid: u32, mut sub: Subscription, timers: Timers) -> Response {
         {
             return;
         }
-        loop {
-            tokio::select! {
-                out = sub.rx.recv() => match out {
-                    Some(Out::Msg(m)) => {
-                        // The client went away: dropping `sub` unsubscribes.
-                        if tx.send(&m).await.is_err() {
-                            return;
-                        }
-                    }
-                    Some(Out::Done(Terminal::End(end))) => {
-                        if tx.send(&end).await.is_ok() {
-                            tx.finish(None).await;
-                        }
-                        return;
-                    }
-                    Some(Out::Done(Terminal::Error(e))) => {
-                        tx.finish(Some(e)).await;
-                        return;
-                    }
-                    None => {
-                        let e = if sub.lagged.load(Ordering::SeqCst) {
-                            ConnectError::new(Code::ResourceExhausted,
-                                "the client fell behind the process's output; reattach with Connect")
-                        } else {
-                            ConnectError::new(Code::Unavailable, "the process's output ended")
-                        };
-                        tx.finish(Some(e)).await;
-                        return;
-                    }
-                },
-                () = timers.keepalive() => {
-                    if tx.send(&json!({ "event": { "keepalive": {} } })).await.is_err() {
-                        return;
-                    }
-                }
-                () = timers.deadline() => {
-                    tx.finish(Some(deadline_error())).await;
-                    return;
-                }
-                () = tx.closed() => return,
-            }
-        }
+        let keepalive = json!({ "event": { "keepalive": {} } });
+        // The client going away drops `sub`, which unsubscribes.
+        run_stream(tx, timers, keepalive, sub, |sub| Box::pin(sub.next())).await;
     });
     resp
+}
+
+impl Subscription {
+    /// The next thing for the stream (cancel-safe).
+    async fn next(&mut self) -> Step {
+        match self.rx.recv().await {
+            Some(Out::Msg(m)) => Step::Msgs(vec![m]),
+            Some(Out::Done(Terminal::End(end))) => Step::End(Some(end), None),
+            Some(Out::Done(Terminal::Error(e))) => Step::End(None, Some(e)),
+            None => Step::End(
+                None,
+                Some(if self.lagged.load(Ordering::SeqCst) {
+                    ConnectError::new(
+                        Code::ResourceExhausted,
+                        "the client fell behind the process's output; reattach with Connect",
+                    )
+                } else {
+                    ConnectError::new(Code::Unavailable, "the process's output ended")
+                }),
+            ),
+        }
+    }
 }
 
 /// `Connect`: re-attaches to a running process.
