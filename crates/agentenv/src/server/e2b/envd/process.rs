@@ -31,6 +31,9 @@ use crate::server::e2b::error::{Code, ConnectError};
 /// Messages a subscriber may have queued before it counts as fallen behind.
 const SUBSCRIBER_QUEUE: usize = 64;
 
+/// Streams one process may feed at once (its `Start` and `Connect`s).
+const MAX_SUBSCRIBERS: usize = 64;
+
 /// Processes one sandbox may have at once.
 const MAX_PROCESSES: usize = 1024;
 
@@ -157,14 +160,25 @@ impl Proc {
         self.subs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn subscribe(&self) -> Subscription {
+    fn subscribe(&self) -> Result<Subscription, ConnectError> {
         let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
         let lagged = Arc::new(AtomicBool::new(false));
-        self.subs().push(Sub {
+        let mut subs = self.subs();
+        subs.retain(|s| !s.tx.is_closed());
+        if subs.len() >= MAX_SUBSCRIBERS {
+            return Err(ConnectError::new(
+                Code::ResourceExhausted,
+                format!(
+                    "process {} already feeds {MAX_SUBSCRIBERS} streams",
+                    self.pid
+                ),
+            ));
+        }
+        subs.push(Sub {
             tx,
             lagged: lagged.clone(),
         });
-        Subscription { rx, lagged }
+        Ok(Subscription { rx, lagged })
     }
 
     /// Hands `msg` to every subscriber that has room; drops those that do
@@ -349,7 +363,7 @@ async fn start(call: Call, headers: HeaderMap, msg: Value) -> Result<Response, C
         control: exec.control(),
     });
     // Subscribed before the first output is pulled: nothing is lost.
-    let sub = proc.subscribe();
+    let sub = proc.subscribe()?;
     {
         let mut map = table.lock();
         map.entry(call.sandbox_id().to_string())
@@ -605,7 +619,7 @@ async fn connect_to(call: Call, headers: HeaderMap, msg: Value) -> Result<Respon
         .processes
         .find(call.sandbox_id(), &sel)
         .ok_or_else(|| not_found(&sel))?;
-    let sub = proc.subscribe();
+    let sub = proc.subscribe()?;
     let timers = Timers {
         keepalive: connect::keepalive_of(&headers),
         deadline,
