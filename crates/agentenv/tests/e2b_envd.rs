@@ -47,6 +47,7 @@ impl Env {
         let (d, dir, agent) = common::start_with_agent(|c| {
             c.e2b.listen = vec!["127.0.0.1:0".into()];
             c.e2b.default_user = "root".into();
+            c.e2b.domain = Some("e2b.test".into());
             // The restart below keeps the VM.
             c.on_shutdown = agentenv_core::config::OnShutdown::Leave;
         });
@@ -118,7 +119,10 @@ impl Env {
         body: Body,
     ) -> (ResponseHead, Reader) {
         let mut s = self.open();
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.addr);
+        let mut req = format!("{method} {path} HTTP/1.1\r\n");
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            req.push_str(&format!("Host: {}\r\n", self.addr));
+        }
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -343,6 +347,20 @@ fn health_and_auth_follow_the_token_and_the_sandbox() {
         "The sandbox nope was not found",
         "the SDK looks for \"was not found\""
     );
+    // Host routing (`[e2b] domain`): `Host: 49983-<id>.<domain>`; another
+    // domain is a control-plane request, which /health is not.
+    for (host, envd) in [
+        ("49983-sbx1.e2b.test:443", true),
+        ("49983-sbx1.other.test", false),
+    ] {
+        let (head, _) = env.send(
+            "GET",
+            "/health",
+            &[("host", host.into()), ("x-access-token", TOKEN.into())],
+            Body::Fixed(vec![]),
+        );
+        assert_eq!(head.status == 204, envd, "{host}: {}", head.status);
+    }
     let (code, body) = health(SBX, Some(TOKEN), "8080");
     assert_eq!(code, 502);
     assert!(body.unwrap()["message"]
