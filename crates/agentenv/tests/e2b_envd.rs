@@ -637,6 +637,23 @@ fn bad_connect_input_is_a_connect_error_and_starts_nothing() {
         (400, Some("invalid_argument")),
         "{v}"
     );
+    // A connect-timeout-ms that is not a number.
+    let (code, v) = env.unary_with(
+        "process.Process/List",
+        json!({}),
+        &[("connect-timeout-ms", "soon".into())],
+    );
+    assert_eq!(
+        (code, v["code"].as_str()),
+        (400, Some("invalid_argument")),
+        "{v}"
+    );
+    let mut s = env.stream(
+        "process.Process/Start",
+        touch.clone(),
+        &[("connect-timeout-ms", "-1".into())],
+    );
+    assert_eq!(s.end_code(), "invalid_argument");
     // Unknown methods and services, wrong content types.
     let (code, v) = env.unary("process.Process/Nope", json!({}));
     assert_eq!((code, v["code"].as_str()), (501, Some("unimplemented")));
