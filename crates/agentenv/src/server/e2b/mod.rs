@@ -55,6 +55,8 @@ pub struct E2bState {
     pub sandboxes: state::Sandboxes,
     /// The templates, and their warm snapshots.
     pub templates: templates::Templates,
+    /// envd's processes and watchers.
+    pub envd: envd::Envd,
 }
 
 /// The E2B API of a running daemon.
@@ -76,6 +78,7 @@ impl E2bApi {
             config,
             sandboxes,
             templates,
+            envd: envd::Envd::default(),
         });
         control::start(&state);
         templates::start(&state);
@@ -106,7 +109,8 @@ impl E2bApi {
 /// control plane's.
 async fn dispatch(state: &E2bState, control: Router, envd: Router, mut req: Request) -> Response {
     use tower::ServiceExt;
-    let target = envd::target_of(&state.config, req.headers());
+    let target = envd::target_of(&state.config, req.headers())
+        .or_else(|| envd::signed_target(state, req.method(), req.uri()));
     let router = match target {
         Some(target) => {
             req.extensions_mut().insert(target);
