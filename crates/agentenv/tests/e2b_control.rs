@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
@@ -122,6 +121,28 @@ impl E2b {
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Answer {
         let bytes = body.map(|b| serde_json::to_vec(&b).unwrap());
         self.send(method, path, bytes.as_deref(), &[])
+    }
+
+    /// Milliseconds sandbox `id` has left (its `endAt` from now).
+    fn left_ms(&self, id: &str) -> i64 {
+        let info = self.call("GET", &format!("/sandboxes/{id}"), None).body;
+        ms(&info["endAt"]) - chrono::Utc::now().timestamp_millis()
+    }
+
+    /// `POST /sandboxes/{id}/{verb}` with `body`.
+    fn post_to(&self, id: &str, verb: &str, body: Value) -> Answer {
+        self.call("POST", &format!("/sandboxes/{id}/{verb}"), Some(body))
+    }
+
+    /// Status and bytes of each of `routes`.
+    fn answers(&self, routes: Vec<(&str, String, Option<Value>)>) -> Vec<(u16, Vec<u8>)> {
+        routes
+            .into_iter()
+            .map(|(m, p, body)| {
+                let r = self.call(m, &p, body);
+                (r.status, r.raw)
+            })
+            .collect()
     }
 
     /// `Sandbox.create()`: 201 and the `Sandbox` JSON.
@@ -515,8 +536,6 @@ fn bad_input_answers_e2b_errors_and_leaves_nothing() {
         assert!(m.contains(field), "{q}: {m}");
     }
     // A Host that does not name the daemon: 421, before anything else.
-    let mut evil = c.as_key(Some(TEST_TOKEN));
-    evil.addr = c.addr.clone();
     let a = {
         let mut s = std::net::TcpStream::connect(&c.addr).unwrap();
         write!(
@@ -545,20 +564,12 @@ fn pause_connect_and_timeouts() {
     let info = |c: &E2b| c.call("GET", &format!("/sandboxes/{id}"), None).body;
 
     // set_timeout: seconds from now, longer or shorter.
-    let a = c.call(
-        "POST",
-        &format!("/sandboxes/{id}/timeout"),
-        Some(json!({"timeout": 1000})),
-    );
+    let a = c.post_to(&id, "timeout", json!({"timeout": 1000}));
     assert_eq!(a.status, 204, "{a:?}");
-    let end = ms(&info(&c)["endAt"]) - chrono::Utc::now().timestamp_millis();
+    let end = c.left_ms(&id);
     assert!((990_000..=1_000_500).contains(&end), "{end}");
-    c.call(
-        "POST",
-        &format!("/sandboxes/{id}/timeout"),
-        Some(json!({"timeout": 50})),
-    );
-    let end = ms(&info(&c)["endAt"]) - chrono::Utc::now().timestamp_millis();
+    c.post_to(&id, "timeout", json!({"timeout": 50}));
+    let end = c.left_ms(&id);
     assert!((45_000..=50_500).contains(&end), "{end}");
     assert!(c
         .call("POST", &format!("/sandboxes/{id}/timeout"), Some(json!({})))
@@ -574,18 +585,13 @@ fn pause_connect_and_timeouts() {
         .contains("timeout"));
 
     // pause: 204, then 409 (the SDK's False); the VM is paused.
-    assert_eq!(
-        c.call("POST", &format!("/sandboxes/{id}/pause"), Some(json!({})))
-            .status,
-        204
-    );
+    assert_eq!(c.post_to(&id, "pause", json!({})).status, 204);
     assert_eq!(info(&c)["state"], "paused");
     assert_eq!(
         d.engine.get(&id).unwrap().state,
         agentenv_api::VmState::Paused
     );
-    c.call("POST", &format!("/sandboxes/{id}/pause"), Some(json!({})))
-        .error(409);
+    c.post_to(&id, "pause", json!({})).error(409);
     let paused = c.call("GET", "/v2/sandboxes?state=paused", None).body;
     assert_eq!(ids(&paused), vec![id.clone()]);
     assert_eq!(
@@ -610,26 +616,18 @@ fn pause_connect_and_timeouts() {
     assert_eq!(a.body["envdAccessToken"], token);
     assert_eq!(a.body["sandboxID"], id.as_str());
     assert_eq!(info(&c)["state"], "running");
-    let end = ms(&info(&c)["endAt"]) - chrono::Utc::now().timestamp_millis();
+    let end = c.left_ms(&id);
     assert!((195_000..=200_500).contains(&end), "{end}");
     let a = c.send("POST", &format!("/v2/sandboxes/{id}/connect"), None, &[]);
     assert_eq!(a.status, 200, "{a:?}");
     assert_eq!(a.body["envdAccessToken"], token);
     // v1 connect (2.45.1 always sends 300): extends, never shortens.
-    let a = c.call(
-        "POST",
-        &format!("/sandboxes/{id}/connect"),
-        Some(json!({"timeout": 300})),
-    );
+    let a = c.post_to(&id, "connect", json!({"timeout": 300}));
     assert_eq!(a.status, 200, "{a:?}");
-    let end = ms(&info(&c)["endAt"]) - chrono::Utc::now().timestamp_millis();
+    let end = c.left_ms(&id);
     assert!((295_000..=300_500).contains(&end), "{end}");
-    c.call(
-        "POST",
-        &format!("/sandboxes/{id}/connect"),
-        Some(json!({"timeout": 10})),
-    );
-    let end = ms(&info(&c)["endAt"]) - chrono::Utc::now().timestamp_millis();
+    c.post_to(&id, "connect", json!({"timeout": 10}));
+    let end = c.left_ms(&id);
     assert!(end > 290_000, "{end}");
     assert!(c
         .call(
@@ -660,11 +658,7 @@ fn deadlines_kill_or_pause_and_survive_a_restart() {
     let shortened = shortened["sandboxID"].as_str().unwrap().to_string();
     let info = c.call("GET", &format!("/sandboxes/{paused}"), None).body;
     assert_eq!(info["lifecycle"]["onTimeout"], "pause");
-    c.call(
-        "POST",
-        &format!("/sandboxes/{shortened}/timeout"),
-        Some(json!({"timeout": 1})),
-    );
+    c.post_to(&shortened, "timeout", json!({"timeout": 1}));
     let session = d.engine.get(&killed).unwrap().session_dir;
 
     eventually(
@@ -694,11 +688,7 @@ fn deadlines_kill_or_pause_and_survive_a_restart() {
         Some(json!({"timeout": 2})),
     );
     assert_eq!(a.status, 201, "{a:?}");
-    c.call(
-        "POST",
-        &format!("/sandboxes/{paused}/timeout"),
-        Some(json!({"timeout": 3600})),
-    );
+    c.post_to(&paused, "timeout", json!({"timeout": 3600}));
 
     // A restarted daemon re-arms the deadlines in the records.
     let later = c.create(json!({"templateID": "base", "timeout": 4}));
@@ -965,13 +955,7 @@ fn a_user_token_sees_only_its_own() {
             ("DELETE", format!("/sandboxes/{id}"), None),
         ]
     };
-    let as_bob: Vec<(u16, Vec<u8>)> = routes(&a)
-        .into_iter()
-        .map(|(m, p, body)| {
-            let r = bob.call(m, &p, body);
-            (r.status, r.raw)
-        })
-        .collect();
+    let as_bob = bob.answers(routes(&a));
     let bob_template = bob.call(
         "POST",
         "/v2/sandboxes",
@@ -996,13 +980,7 @@ fn a_user_token_sees_only_its_own() {
             .status,
         204
     );
-    let absent: Vec<(u16, Vec<u8>)> = routes(&a)
-        .into_iter()
-        .map(|(m, p, body)| {
-            let r = alice.call(m, &p, body);
-            (r.status, r.raw)
-        })
-        .collect();
+    let absent = alice.answers(routes(&a));
     assert_eq!(as_bob, absent);
     assert!(as_bob.iter().all(|(s, _)| *s == 404));
     let t = alice.call(
@@ -1067,11 +1045,7 @@ fn fork_snapshots_and_metrics() {
             .error(400)
             .contains("count"));
     }
-    let f = c.call(
-        "POST",
-        &format!("/sandboxes/{id}/fork"),
-        Some(json!({"count": 2, "timeout": 120})),
-    );
+    let f = c.post_to(&id, "fork", json!({"count": 2, "timeout": 120}));
     assert_eq!(f.status, 201, "{f:?}");
     let forks: Vec<Value> = f
         .body
@@ -1103,19 +1077,11 @@ fn fork_snapshots_and_metrics() {
         )
         .error(400)
         .contains("name"));
-    let sn = c.call(
-        "POST",
-        &format!("/sandboxes/{id}/snapshots"),
-        Some(json!({"name": "my-snap"})),
-    );
+    let sn = c.post_to(&id, "snapshots", json!({"name": "my-snap"}));
     assert_eq!(sn.status, 201, "{sn:?}");
     let snap = sn.body["snapshotID"].as_str().unwrap().to_string();
     assert_eq!(sn.body["names"], json!(["my-snap"]));
-    let unnamed = c.call(
-        "POST",
-        &format!("/sandboxes/{id}/snapshots"),
-        Some(json!({})),
-    );
+    let unnamed = c.post_to(&id, "snapshots", json!({}));
     assert_eq!(unnamed.status, 201, "{unnamed:?}");
     assert_eq!(unnamed.body["names"], json!([]));
     let unnamed = unnamed.body["snapshotID"].as_str().unwrap().to_string();
@@ -1170,6 +1136,5 @@ fn fork_snapshots_and_metrics() {
             204
         );
     }
-    let _ = BTreeMap::<(), ()>::new();
     done(d, dir, agent);
 }

@@ -23,7 +23,6 @@ mod sandboxes;
 mod snapshots;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use agentenv_core::config::AuthMode;
 use agentenv_core::principal::Principal;
@@ -39,7 +38,7 @@ use serde::de::DeserializeOwned;
 use super::error::E2bError;
 use super::state::SandboxRecord;
 use super::E2bState;
-use crate::server::auth::{AuditTarget, ClientAddr};
+use crate::server::auth::{AuditLine, AuditTarget};
 use crate::server::error::ApiError;
 
 /// The control plane's routes, with their layers (see the module doc).
@@ -151,17 +150,7 @@ async fn authenticate(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let started = Instant::now();
-    let mutating = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-    let audit = mutating.then(|| {
-        (
-            req.method().clone(),
-            req.uri().path().to_string(),
-            req.extensions()
-                .get::<ClientAddr>()
-                .map_or_else(|| "-".to_string(), |a| a.0.clone()),
-        )
-    });
+    let audit = AuditLine::begin(&req);
     let who = match req.extensions().get::<Principal>().cloned() {
         Some(p) => Ok(p),
         None => key_principal(&state, req.headers()),
@@ -174,22 +163,8 @@ async fn authenticate(
             (name, next.run(req).await)
         }
     };
-    if let Some((method, path, client)) = audit {
-        let target = resp
-            .extensions()
-            .get::<AuditTarget>()
-            .map(|t| t.0.clone())
-            .unwrap_or_else(|| audit_target(&path));
-        tracing::info!(
-            target: "agentenv::audit",
-            principal = %name,
-            client = %client,
-            request = %format_args!("{method} {path}"),
-            target = %target,
-            status = resp.status().as_u16(),
-            duration_ms = format_args!("{:.3}", started.elapsed().as_secs_f64() * 1e3),
-            "audit"
-        );
+    if let Some(audit) = audit {
+        audit.write(&name, &resp, audit_target);
     }
     resp
 }
