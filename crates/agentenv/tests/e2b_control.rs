@@ -207,6 +207,23 @@ fn parse(all: &[u8]) -> Answer {
     }
 }
 
+/// The E2B listener on a free port and the `base` template (the test
+/// image, booted with `wait_ready`).
+fn with_e2b(cfg: &mut Config) {
+    cfg.e2b.listen = vec!["127.0.0.1:0".into()];
+    cfg.e2b.templates.insert(
+        "base".into(),
+        E2bTemplate {
+            image: "base.ext4".into(),
+            slots: None,
+            kernel: None,
+            initrd: None,
+            boot_args: None,
+            snapshot: false,
+        },
+    );
+}
+
 /// A daemon with the E2B listener, the `base` template (the test image)
 /// and the host agent; `tweak` changes the config further.
 fn start(tweak: impl FnOnce(&mut Config)) -> Option<(Daemon, TestDir, HostAgent)> {
@@ -217,18 +234,7 @@ fn start(tweak: impl FnOnce(&mut Config)) -> Option<(Daemon, TestDir, HostAgent)
         return None;
     }
     Some(common::start_with_agent(|cfg| {
-        cfg.e2b.listen = vec!["127.0.0.1:0".into()];
-        cfg.e2b.templates.insert(
-            "base".into(),
-            E2bTemplate {
-                image: "base.ext4".into(),
-                slots: None,
-                kernel: None,
-                initrd: None,
-                boot_args: None,
-                snapshot: false,
-            },
-        );
+        with_e2b(cfg);
         tweak(cfg);
     }))
 }
@@ -1137,4 +1143,77 @@ fn fork_snapshots_and_metrics() {
         );
     }
     done(d, dir, agent);
+}
+
+#[test]
+fn mutating_calls_leave_audit_lines() {
+    let lines = common::audit_lines();
+    let Some((d, dir, agent)) = start(|_| {}) else {
+        return;
+    };
+    let c = E2b::new(&d, TEST_TOKEN);
+    let id = c.create(json!({"templateID": "base"}))["sandboxID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    c.post_to(&id, "pause", json!({}));
+    c.call("GET", &format!("/sandboxes/{id}"), None);
+    c.as_key(Some("e2b_ffffffffffffffffffffffffffffffffffffffff"))
+        .call("DELETE", &format!("/sandboxes/{id}"), None)
+        .error(401);
+    assert_eq!(
+        c.call("DELETE", &format!("/sandboxes/{id}"), None).status,
+        204
+    );
+    let text = String::from_utf8(lines.lock().unwrap().clone()).unwrap();
+    let mine: Vec<&str> = text.lines().filter(|l| l.contains(&id)).collect();
+    let want = [
+        (common::TEST_TOKEN_NAME, "POST /v2/sandboxes", 201),
+        (
+            common::TEST_TOKEN_NAME,
+            &format!("POST /sandboxes/{id}/pause"),
+            204,
+        ),
+        ("-", &format!("DELETE /sandboxes/{id}"), 401),
+        (
+            common::TEST_TOKEN_NAME,
+            &format!("DELETE /sandboxes/{id}"),
+            204,
+        ),
+    ];
+    assert_eq!(mine.len(), want.len(), "reads are not audited: {mine:#?}");
+    for (line, (who, request, status)) in mine.iter().zip(want) {
+        for part in [
+            format!("principal={who}"),
+            format!("request={request}"),
+            format!("target=vm={id}"),
+            format!("status={status}"),
+        ] {
+            assert!(line.contains(&part), "{part} in {line}");
+        }
+    }
+    done(d, dir, agent);
+}
+
+#[test]
+fn a_create_that_fails_late_leaves_no_vm() {
+    // No agent answers: the template's wait_ready times out (504) after
+    // the VM was made; the E2B create deletes it (the native API keeps it).
+    let mut dir = TestDir::new();
+    dir.baseline = Some(common::baseline(dir.path()));
+    let mut cfg = dir.config();
+    cfg.agent.ready_timeout_s = 1;
+    with_e2b(&mut cfg);
+    let d = Daemon::start_with(cfg, dir.path());
+    let c = E2b::new(&d, TEST_TOKEN);
+    let a = c.send(
+        "POST",
+        "/v2/sandboxes",
+        Some(br#"{"templateID":"base"}"#),
+        &[("idempotency-key", "late")],
+    );
+    a.error(504);
+    assert!(d.engine.list().is_empty(), "{:?}", d.engine.list());
+    assert_eq!(c.call("GET", "/v2/sandboxes", None).body, json!([]));
+    finish(d, dir);
 }

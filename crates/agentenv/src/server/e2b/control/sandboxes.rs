@@ -283,11 +283,17 @@ async fn create_sandbox(
             req.network.get_or_insert_with(Default::default).internet = Some(internet);
         }
     }
-    state
-        .engine
-        .create_as(who, req)
-        .await
-        .map_err(engine_error)?;
+    if let Err(e) = state.engine.create_as(who, req).await {
+        // A create that fails once its VM exists (a template's `wait_ready`
+        // timing out keeps the VM, for inspection through the native API)
+        // leaves nothing here: the E2B caller never learns its id.
+        if state.engine.get(&vm_id).is_ok() {
+            if let Err(de) = state.engine.delete(&vm_id).await {
+                tracing::error!("e2b: deleting VM {vm_id} of a failed create: {de}");
+            }
+        }
+        return Err(engine_error(e));
+    }
     let now = now_ms();
     let mut env_vars = inherited;
     env_vars.extend(spec.env_vars);
