@@ -523,6 +523,15 @@ fn bad_input_answers_e2b_errors_and_leaves_nothing() {
     ] {
         c.call(method, &path, body).error(404);
     }
+    // axum's own rejections (a path that is not UTF-8) and the body limit
+    // answer in the E2B shape too.
+    c.call("GET", "/sandboxes/%FF", None).error(400);
+    let huge = format!(
+        r#"{{"templateID":"base","metadata":{{"k":"{}"}}}}"#,
+        "x".repeat(70_000)
+    );
+    c.send("POST", "/v2/sandboxes", Some(huge.as_bytes()), &[])
+        .error(413);
     // Unknown routes and methods, bad list queries.
     c.call("GET", "/nope", None).error(404);
     c.call("PUT", "/v2/sandboxes", Some(json!({}))).error(405);
