@@ -9,9 +9,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use agentenv_api::{CreateVmRequest, DiskSpec};
+use agentenv_api::{CreateVmRequest, DiskSpec, VmInfo};
 use agentenv_core::config::E2bTemplate;
-use agentenv_core::Engine;
+use agentenv_core::principal::Principal;
+use agentenv_core::{Engine, EngineError};
 use axum::http::StatusCode;
 
 use super::error::E2bError;
@@ -66,6 +67,16 @@ impl Templates {
             wait_ready: true,
             wait_ready_timeout_s: None,
         })
+    }
+
+    /// Creates `req` (from [`Templates::create_request`]) as `who`'s VM.
+    pub async fn create_vm(
+        &self,
+        state: &E2bState,
+        who: &Principal,
+        req: CreateVmRequest,
+    ) -> Result<VmInfo, EngineError> {
+        state.engine.create_as(who, req).await
     }
 }
 

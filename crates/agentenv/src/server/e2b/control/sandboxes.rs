@@ -240,26 +240,36 @@ pub(super) async fn create(
 }
 
 /// The VM request of `template_id`: a configured template's, or a restore
-/// of an E2B snapshot `who` may see (by id or name); with the envVars the
-/// snapshot's sandbox had, and its alias.
+/// of an E2B snapshot `who` may see (by id or name); with its alias, the
+/// envVars the snapshot's sandbox had, and whether it is a configured
+/// template's.
 async fn vm_request(
     state: &E2bState,
     who: &Principal,
     template_id: &str,
     vm_id: &str,
-) -> Result<(CreateVmRequest, Option<String>, BTreeMap<String, String>), E2bError> {
+) -> Result<
+    (
+        CreateVmRequest,
+        Option<String>,
+        BTreeMap<String, String>,
+        bool,
+    ),
+    E2bError,
+> {
     if state.config.templates.contains_key(template_id) {
         let req = state
             .templates
             .create_request(state, template_id, vm_id)
             .await?;
-        return Ok((req, Some(template_id.to_string()), BTreeMap::new()));
+        return Ok((req, Some(template_id.to_string()), BTreeMap::new(), true));
     }
     match super::snapshots::find(state, who, template_id) {
         Some(s) => Ok((
             CreateVmRequest::restore(vm_id, &s.snapshot_id),
             s.alias,
             s.env_vars,
+            false,
         )),
         None => Err(E2bError::new(
             StatusCode::NOT_FOUND,
@@ -276,14 +286,22 @@ async fn create_sandbox(
 ) -> Result<Value, E2bError> {
     let vm_id = format!("i{}", random_alnum(19)?);
     let token = random_alnum(40)?;
-    let (mut req, alias, inherited) = vm_request(state, who, &spec.template_id, &vm_id).await?;
+    let (mut req, alias, inherited, configured) =
+        vm_request(state, who, &spec.template_id, &vm_id).await?;
     if let Some(internet) = spec.allow_internet_access {
         // Without automatic networking a VM has no network at all.
         if state.engine.config().network.enable {
             req.network.get_or_insert_with(Default::default).internet = Some(internet);
         }
     }
-    if let Err(e) = state.engine.create_as(who, req).await {
+    // A configured template's create may restore the daemon's own warm
+    // snapshot: the templates module makes it; an E2B snapshot is `who`'s.
+    let made = if configured {
+        state.templates.create_vm(state, who, req).await
+    } else {
+        state.engine.create_as(who, req).await
+    };
+    if let Err(e) = made {
         // A create that fails once its VM exists (a template's `wait_ready`
         // timing out keeps the VM, for inspection through the native API)
         // leaves nothing here: the E2B caller never learns its id.
