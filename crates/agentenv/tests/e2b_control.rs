@@ -1014,8 +1014,8 @@ fn a_user_token_sees_only_its_own() {
 }
 
 #[test]
-fn fork_snapshots_and_metrics() {
-    let Some((d, dir, agent)) = start(|_| {}) else {
+fn metrics_fork_and_snapshots() {
+    let Some((d, dir, agent)) = start(|cfg| cfg.agent.ready_timeout_s = 2) else {
         return;
     };
     let c = E2b::new(&d, TEST_TOKEN);
@@ -1049,53 +1049,42 @@ fn fork_snapshots_and_metrics() {
     let pct = sample["cpuUsedPct"].as_f64().unwrap();
     assert!((0.0..=100.0).contains(&pct), "{sample}");
 
-    // fork: count 1-20, each a new sandbox with its own token.
+    // fork: count 1-20.
     for bad in [
         json!({"count": 0}),
         json!({"count": 21}),
         json!({"count": "x"}),
     ] {
-        assert!(c
-            .call("POST", &format!("/sandboxes/{id}/fork"), Some(bad))
-            .error(400)
-            .contains("count"));
+        assert!(c.post_to(&id, "fork", bad).error(400).contains("count"));
     }
-    let f = c.post_to(&id, "fork", json!({"count": 2, "timeout": 120}));
+    // The double's clones never become ready (the host agent refuses to
+    // take a restored VM's identity), so here each fork is an `error`
+    // entry (504 after agent.ready_timeout_s) and leaves no VM; forks that
+    // answer are checked on real guests (`forks_and_snapshot_templates_*`).
+    let f = c.post_to(&id, "fork", json!({"count": 2}));
     assert_eq!(f.status, 201, "{f:?}");
-    let forks: Vec<Value> = f
-        .body
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["sandbox"].clone())
-        .collect();
-    assert_eq!(forks.len(), 2, "{f:?}");
-    let mut tokens = std::collections::BTreeSet::new();
-    tokens.insert(s["envdAccessToken"].as_str().unwrap().to_string());
-    for fork in &forks {
-        let fid = fork["sandboxID"].as_str().unwrap();
-        assert_eq!(fork["templateID"], "base");
-        assert!(tokens.insert(fork["envdAccessToken"].as_str().unwrap().to_string()));
-        let i = c.call("GET", &format!("/sandboxes/{fid}"), None).body;
-        assert_eq!(i["metadata"], json!({"k": "v"}));
-        assert_eq!(i["state"], "running");
-        let life = ms(&i["endAt"]) - chrono::Utc::now().timestamp_millis();
-        assert!((100_000..=120_500).contains(&life), "{i}");
+    let entries = f.body.as_array().unwrap();
+    assert_eq!(entries.len(), 2, "{f:?}");
+    for e in entries {
+        assert_eq!(e["error"]["code"], 504, "{f:?}");
+        assert!(e["sandbox"].is_null(), "{f:?}");
     }
+    assert_eq!(
+        ids(&c.call("GET", "/v2/sandboxes", None).body),
+        vec![id.clone()]
+    );
+    eventually(
+        "the unready clones are gone",
+        Duration::from_secs(10),
+        || d.engine.list().len() == 1,
+    );
 
-    // snapshots: a full one, listed, usable as a template by id and name.
+    // snapshots: full ones, listed, filtered, in pages.
     assert!(c
-        .call(
-            "POST",
-            &format!("/sandboxes/{id}/snapshots"),
-            Some(json!({"name": "bad name"}))
-        )
+        .post_to(&id, "snapshots", json!({"name": "bad name"}))
         .error(400)
         .contains("name"));
-    let sn = c.post_to(&id, "snapshots", json!({"name": "my-snap"}));
-    assert_eq!(sn.status, 201, "{sn:?}");
-    let snap = sn.body["snapshotID"].as_str().unwrap().to_string();
-    assert_eq!(sn.body["names"], json!(["my-snap"]));
+    let snap = snapshot(&c, &id, Some("my-snap"));
     let unnamed = c.post_to(&id, "snapshots", json!({}));
     assert_eq!(unnamed.status, 201, "{unnamed:?}");
     assert_eq!(unnamed.body["names"], json!([]));
@@ -1114,44 +1103,158 @@ fn fork_snapshots_and_metrics() {
     );
     assert_eq!(l2.body.as_array().unwrap().len(), 1);
     assert_ne!(l2.body[0], l.body[0]);
+    assert!(l2.header("x-next-token").is_none(), "{l2:?}");
     assert_eq!(
         c.call("GET", "/snapshots?sandboxID=other", None).body,
         json!([])
     );
+    // A create from it restores (here: never ready, so 504 and no VM).
+    c.call(
+        "POST",
+        "/v2/sandboxes",
+        Some(json!({"templateID": "my-snap"})),
+    )
+    .error(504);
+    assert_eq!(d.engine.list().len(), 1);
+    delete_snapshots(&c, &d, &[&snap, &unnamed]);
+    assert_eq!(
+        c.call("DELETE", &format!("/sandboxes/{id}"), None).status,
+        204
+    );
+    done(d, dir, agent);
+}
+
+/// Takes a snapshot of sandbox `id` named `name`: its id.
+fn snapshot(c: &E2b, id: &str, name: Option<&str>) -> String {
+    let body = match name {
+        Some(n) => json!({ "name": n }),
+        None => json!({}),
+    };
+    let sn = c.post_to(id, "snapshots", body);
+    assert_eq!(sn.status, 201, "{sn:?}");
+    let snap = sn.body["snapshotID"].as_str().unwrap().to_string();
+    assert!(snap.starts_with('s') && snap.len() == 20, "{sn:?}");
+    assert_eq!(
+        sn.body["names"],
+        json!(name.into_iter().collect::<Vec<_>>())
+    );
+    snap
+}
+
+/// delete_snapshot of each: 204, then 404 (the SDK's False); a create from
+/// it is then 404 too, and the registry file is gone with the last one.
+fn delete_snapshots(c: &E2b, d: &Daemon, snaps: &[&str]) {
+    for sid in snaps {
+        let a = c.call("DELETE", &format!("/templates/{sid}"), None);
+        assert_eq!(a.status, 204, "{a:?}");
+        c.call("DELETE", &format!("/templates/{sid}"), None)
+            .error(404);
+        c.call("POST", "/v2/sandboxes", Some(json!({"templateID": sid})))
+            .error(404);
+    }
+    assert_eq!(c.call("GET", "/snapshots", None).body, json!([]));
+    assert!(!d.cfg.session_root.join(".e2b-snapshots.json").exists());
+}
+
+/// Real QEMU guests (the artifacts' kernel and `minimal.ext4`): a fork's
+/// sandboxes and a create from an E2B snapshot answer once their agents
+/// do (the SDK's first envd call comes at once), each with its own token,
+/// the source's template, metadata and envVars.
+#[test]
+fn forks_and_snapshot_templates_give_ready_sandboxes_on_real_guests() {
+    let art = need_artifacts!();
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let mut dir = TestDir::new();
+    let mut cfg = Config {
+        request_timeout_ms: 20_000,
+        tmpfs_snapshot_root: shm.path().join("tier"),
+        guest_memory_root: Some(shm.path().join("ram")),
+        ..common::qemu_config(&dir, &art)
+    };
+    cfg.agent.ready_timeout_s = common::GUEST_BOOT_TIMEOUT.as_secs();
+    with_e2b(&mut cfg);
+    cfg.e2b.templates.get_mut("base").unwrap().image = "minimal.ext4".into();
+    for p in [&cfg.tmpfs_snapshot_root, &cfg.guest_memory_dir()] {
+        std::fs::create_dir_all(p).unwrap();
+    }
+    dir.baseline = Some(common::baseline(dir.path()));
+    let d = Daemon::start_with(cfg, dir.path());
+    let c = E2b::new(&d, TEST_TOKEN);
+    let s = c.create(json!({"templateID": "base", "metadata": {"k": "v"}, "envVars": {"A": "1"}}));
+    let id = s["sandboxID"].as_str().unwrap().to_string();
+    assert!(d.engine.get(&id).unwrap().ready);
+
+    let f = c.post_to(&id, "fork", json!({"count": 2, "timeout": 120}));
+    assert_eq!(f.status, 201, "{f:?}");
+    let forks: Vec<String> = f
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            e["sandbox"]["sandboxID"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{f:?}"))
+                .to_string()
+        })
+        .collect();
+    assert_eq!(forks.len(), 2, "{f:?}");
+    let mut tokens = std::collections::BTreeSet::new();
+    tokens.insert(s["envdAccessToken"].as_str().unwrap().to_string());
+    for (fork, fid) in f.body.as_array().unwrap().iter().zip(&forks) {
+        let fork = &fork["sandbox"];
+        assert_eq!(fork["templateID"], "base");
+        assert!(tokens.insert(fork["envdAccessToken"].as_str().unwrap().to_string()));
+        assert!(
+            d.engine.get(fid).unwrap().ready,
+            "a fork answers once its agent does"
+        );
+        let i = c.call("GET", &format!("/sandboxes/{fid}"), None).body;
+        assert_eq!(i["metadata"], json!({"k": "v"}));
+        assert_eq!(i["state"], "running");
+        assert!((100_000..=120_500).contains(&c.left_ms(fid)), "{i}");
+    }
+
+    let snap = snapshot(&c, &id, Some("my-snap"));
     for template in [snap.as_str(), "my-snap"] {
-        let r = c.create(json!({"templateID": template}));
+        let r = c.create(json!({"templateID": template, "envVars": {"B": "2"}}));
         let rid = r["sandboxID"].as_str().unwrap();
         assert_eq!(r["templateID"], template);
         let vm = d.engine.get(rid).unwrap();
         assert_eq!(vm.restored_from.as_deref(), Some(snap.as_str()), "{vm:?}");
+        assert!(vm.ready, "a restore answers once its agent does: {vm:?}");
+        let record = d.engine.config().session_root.join(rid).join("e2b.json");
+        let record: Value = serde_json::from_slice(&std::fs::read(record).unwrap()).unwrap();
+        assert_eq!(
+            record["envVars"],
+            json!({"A": "1", "B": "2"}),
+            "the snapshot's envVars, then the create's"
+        );
         assert_eq!(
             c.call("DELETE", &format!("/sandboxes/{rid}"), None).status,
             204
         );
     }
-    // delete_snapshot: 204, then 404 (the SDK's False).
-    for sid in [&snap, &unnamed] {
-        let a = c.call("DELETE", &format!("/templates/{sid}"), None);
-        assert_eq!(a.status, 204, "{a:?}");
-        c.call("DELETE", &format!("/templates/{sid}"), None)
-            .error(404);
-    }
-    c.call("POST", "/v2/sandboxes", Some(json!({"templateID": snap})))
-        .error(404);
-    assert_eq!(c.call("GET", "/snapshots", None).body, json!([]));
-    assert!(!d.cfg.session_root.join(".e2b-snapshots.json").exists());
-
-    for s in forks
-        .iter()
-        .map(|f| f["sandboxID"].as_str().unwrap())
-        .chain([id.as_str()])
-    {
+    delete_snapshots(&c, &d, &[&snap]);
+    for s in forks.iter().chain([&id]) {
         assert_eq!(
             c.call("DELETE", &format!("/sandboxes/{s}"), None).status,
             204
         );
     }
-    done(d, dir, agent);
+    finish(d, dir);
+    let mut left = Vec::new();
+    let mut stack = vec![shm.path().to_path_buf()];
+    while let Some(p) = stack.pop() {
+        for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                left.push(e.path());
+            }
+        }
+    }
+    assert!(left.is_empty(), "left in the tmpfs tier: {left:?}");
 }
 
 #[test]

@@ -266,7 +266,12 @@ async fn vm_request(
     }
     match super::snapshots::find(state, who, template_id) {
         Some(s) => Ok((
-            CreateVmRequest::restore(vm_id, &s.snapshot_id),
+            CreateVmRequest {
+                // Answer once the restored agent answers, as a template's
+                // create does: the SDK's first envd call comes at once.
+                wait_ready: state.engine.config().agent.enable,
+                ..CreateVmRequest::restore(vm_id, &s.snapshot_id)
+            },
             s.alias,
             s.env_vars,
             false,
@@ -436,6 +441,35 @@ pub(super) async fn list(
     Ok(with_next_token(Json(page).into_response(), next))
 }
 
+/// Waits until VM `vm_id`'s agent answers (`[agent] ready_timeout_s` at
+/// most): 504 when it does not, 409 when the VM stops first.
+async fn wait_ready(state: &E2bState, vm_id: &str) -> Result<(), E2bError> {
+    let timeout = std::time::Duration::from_secs(state.engine.config().agent.ready_timeout_s);
+    let start = Instant::now();
+    loop {
+        let vm = state.engine.get(vm_id).map_err(engine_error)?;
+        if vm.ready {
+            return Ok(());
+        }
+        if !vm.state.has_vmm() {
+            return Err(E2bError::new(
+                StatusCode::CONFLICT,
+                format!("sandbox {vm_id} is {} before its agent answered", vm.state),
+            ));
+        }
+        if start.elapsed() > timeout {
+            return Err(E2bError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "the agent of sandbox {vm_id} did not answer within {}s (agent.ready_timeout_s)",
+                    timeout.as_secs()
+                ),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Sets `x-next-token` when there is a next page.
 pub(super) fn with_next_token(mut resp: Response, next: Option<String>) -> Response {
     if let Some(t) = next.and_then(|t| HeaderValue::from_str(&t).ok()) {
@@ -580,7 +614,7 @@ pub(super) async fn fork(
     Path(id): Path<String>,
     E2bJson(body): E2bJson<TimeoutBody>,
 ) -> Result<Response, E2bError> {
-    let (src, _) = visible(&state, &who, &id)?;
+    let (src, src_vm) = visible(&state, &who, &id)?;
     let count = body.count.unwrap_or(1);
     let count = u32::try_from(count)
         .ok()
@@ -612,6 +646,17 @@ pub(super) async fn fork(
             let now = now_ms();
             let mut out = Vec::with_capacity(vms.len());
             for vm in vms {
+                // A fork of a sandbox whose agent answered is answered once
+                // its own agent does (the SDK uses it at once).
+                if src_vm.ready {
+                    if let Err(e) = wait_ready(&state, &vm.vm_id).await {
+                        let _ = state.engine.delete(&vm.vm_id).await;
+                        out.push(
+                            json!({"error": {"code": e.status.as_u16(), "message": e.message}}),
+                        );
+                        continue;
+                    }
+                }
                 let token = match random_alnum(40) {
                     Ok(t) => t,
                     Err(e) => {
