@@ -441,11 +441,11 @@ pub(super) async fn list(
     Ok(with_next_token(Json(page).into_response(), next))
 }
 
-/// Waits until VM `vm_id`'s agent answers (`[agent] ready_timeout_s` at
-/// most): 504 when it does not, 409 when the VM stops first.
-async fn wait_ready(state: &E2bState, vm_id: &str) -> Result<(), E2bError> {
+/// Waits until VM `vm_id`'s agent answers, at most until `start` plus
+/// `[agent] ready_timeout_s`: 504 when it does not, 409 when the VM stops
+/// first.
+async fn wait_ready(state: &E2bState, vm_id: &str, start: Instant) -> Result<(), E2bError> {
     let timeout = std::time::Duration::from_secs(state.engine.config().agent.ready_timeout_s);
-    let start = Instant::now();
     loop {
         let vm = state.engine.get(vm_id).map_err(engine_error)?;
         if vm.ready {
@@ -644,12 +644,14 @@ pub(super) async fn fork(
                 .await
                 .map_err(engine_error)?;
             let now = now_ms();
+            // The clones' agents come up together: one deadline for all.
+            let started = Instant::now();
             let mut out = Vec::with_capacity(vms.len());
             for vm in vms {
                 // A fork of a sandbox whose agent answered is answered once
                 // its own agent does (the SDK uses it at once).
                 if src_vm.ready {
-                    if let Err(e) = wait_ready(&state, &vm.vm_id).await {
+                    if let Err(e) = wait_ready(&state, &vm.vm_id, started).await {
                         let _ = state.engine.delete(&vm.vm_id).await;
                         out.push(
                             json!({"error": {"code": e.status.as_u16(), "message": e.message}}),
