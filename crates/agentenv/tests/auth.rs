@@ -10,7 +10,6 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use agentenv_client::{Body, Request};
@@ -435,39 +434,9 @@ fn forks_and_restores_belong_to_their_caller() {
     finish(d, dir);
 }
 
-/// Every `agentenv::audit` line written in this test process.
-fn audit_lines() -> Arc<Mutex<Vec<u8>>> {
-    static LINES: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LINES
-        .get_or_init(|| {
-            let buf = Arc::new(Mutex::new(Vec::new()));
-            let sink = buf.clone();
-            let subscriber = tracing_subscriber::fmt()
-                .with_env_filter("agentenv::audit=info")
-                .with_ansi(false)
-                .with_writer(move || Sink(sink.clone()))
-                .finish();
-            tracing::subscriber::set_global_default(subscriber).expect("one subscriber");
-            buf
-        })
-        .clone()
-}
-
-struct Sink(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Sink {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[test]
 fn every_mutating_request_leaves_one_audit_line() {
-    let lines = audit_lines();
+    let lines = common::audit_lines();
     let (d, dir) = two_users();
     let (code, _, _) = call_as(
         &d.base,

@@ -178,17 +178,7 @@ fn bearer(auth: &Auth, req: &Request) -> Result<Principal, AuthError> {
 
 /// The authentication layer (see the module doc), with the audit line.
 pub async fn authenticate(State(auth): State<Auth>, mut req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let mutating = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-    let audit = mutating.then(|| {
-        (
-            req.method().clone(),
-            req.uri().path().to_string(),
-            req.extensions()
-                .get::<ClientAddr>()
-                .map_or_else(|| "-".to_string(), |a| a.0.clone()),
-        )
-    });
+    let audit = AuditLine::begin(&req);
     let who: Result<Option<Principal>, AuthError> =
         match req.extensions().get::<Principal>().cloned() {
             Some(p) => Ok(Some(p)),
@@ -208,24 +198,57 @@ pub async fn authenticate(State(auth): State<Auth>, mut req: Request, next: Next
             (name, next.run(req).await)
         }
     };
-    if let Some((method, path, client)) = audit {
+    if let Some(audit) = audit {
+        audit.write(&name, &resp, target_of);
+    }
+    resp
+}
+
+/// The audit line of a mutating request (target `agentenv::audit`), begun
+/// when it arrives and written with its answer. The E2B API writes the
+/// same lines.
+pub struct AuditLine {
+    started: Instant,
+    method: Method,
+    path: String,
+    client: String,
+}
+
+impl AuditLine {
+    /// The line of `req`; None for a read (`GET`, `HEAD`, `OPTIONS`).
+    pub fn begin(req: &Request) -> Option<AuditLine> {
+        let mutating = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+        mutating.then(|| AuditLine {
+            started: Instant::now(),
+            method: req.method().clone(),
+            path: req.uri().path().to_string(),
+            client: req
+                .extensions()
+                .get::<ClientAddr>()
+                .map_or_else(|| "-".to_string(), |a| a.0.clone()),
+        })
+    }
+
+    /// Writes the line: `principal` answered `resp`, about the
+    /// [`AuditTarget`] the response carries, else what `target_of` makes
+    /// of the path.
+    pub fn write(self, principal: &str, resp: &Response, target_of: fn(&str) -> String) {
         let target = resp
             .extensions()
             .get::<AuditTarget>()
             .map(|t| t.0.clone())
-            .unwrap_or_else(|| target_of(&path));
+            .unwrap_or_else(|| target_of(&self.path));
         tracing::info!(
             target: "agentenv::audit",
-            principal = %name,
-            client = %client,
-            request = %format_args!("{method} {path}"),
+            principal = %principal,
+            client = %self.client,
+            request = %format_args!("{} {}", self.method, self.path),
             target = %target,
             status = resp.status().as_u16(),
-            duration_ms = format_args!("{:.3}", started.elapsed().as_secs_f64() * 1e3),
+            duration_ms = format_args!("{:.3}", self.started.elapsed().as_secs_f64() * 1e3),
             "audit"
         );
     }
-    resp
 }
 
 /// The VM or snapshot a path names, for the audit log.

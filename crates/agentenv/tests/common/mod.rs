@@ -917,3 +917,34 @@ pub fn start_networked(
     dir.baseline = Some(baseline(dir.path()));
     Daemon::start_in(cfg, dir.path(), Some(ns.host_path()))
 }
+
+/// Every `agentenv::audit` line written in this test process.
+pub fn audit_lines() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    static LINES: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LINES
+        .get_or_init(|| {
+            let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let sink = buf.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_env_filter("agentenv::audit=info")
+                .with_ansi(false)
+                .with_writer(move || Sink(sink.clone()))
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).expect("one subscriber");
+            buf
+        })
+        .clone()
+}
+
+/// Where [`audit_lines`] collects the lines.
+pub struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

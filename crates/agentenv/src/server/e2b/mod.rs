@@ -105,10 +105,15 @@ impl E2bApi {
     }
 }
 
-/// Sends `req` to the envd router when it names a sandbox, else to the
-/// control plane's.
+/// Refuses a `Host` that does not name this daemon (421, see
+/// [`control::host`]), then sends `req` to the envd router when it names a
+/// sandbox, else to the control plane's.
 async fn dispatch(state: &E2bState, control: Router, envd: Router, mut req: Request) -> Response {
+    use axum::response::IntoResponse;
     use tower::ServiceExt;
+    if let Err(e) = control::host::check(state.engine.config(), &req) {
+        return e.into_response();
+    }
     let target = envd::target_of(&state.config, req.headers())
         .or_else(|| envd::signed_target(state, req.method(), req.uri()));
     let router = match target {
