@@ -1,9 +1,10 @@
 //! `Fs`: stat, list, make_dir, move and remove, for root or on a guest
-//! user's behalf (relative paths from its home; what is created is its own).
+//! user's behalf (relative paths from its home).
 //!
-//! The agent runs them as root: a caller with the VM's agent can run any
-//! command as root anyway, so acting "as a user" is about paths and
-//! ownership, not a permission boundary. A listing is streamed to the host
+//! A request with a user runs on a thread with the user's file-system
+//! credentials ([`creds`](super::creds)): the kernel checks each access as
+//! the user's (`permission_denied` naming the path when it refuses), and
+//! what the operation creates is the user's. A listing is streamed to the host
 //! in `FsEntries` frames within the stream's credit as the walk goes, so
 //! neither side holds more than a chunk of it beyond the window.
 
@@ -18,7 +19,7 @@ use agentenv_proto::{
 
 use super::out::OutStream;
 use super::users::{self, Accounts, User};
-use super::{io_error, spawn};
+use super::{creds, io_error, spawn};
 
 /// A listing goes out in frames of about this many bytes of JSON.
 const ENTRIES_CHUNK: usize = 64 * 1024;
@@ -28,12 +29,21 @@ fn bad(field: &str, msg: impl Into<String>) -> ErrorMsg {
 }
 
 /// Starts an `Fs` request on its own thread (a frozen file system blocks it,
-/// not the session), which ends the stream with `FsResult` or `Error`.
+/// not the session; a user's request switches it to the user's
+/// credentials), which ends the stream with `FsResult` or `Error`.
 pub fn start(req: FsRequest, out: std::sync::Arc<OutStream>) -> Result<(), ErrorMsg> {
     let user = users::acting(req.user.as_deref())?;
     let o = out.clone();
     spawn("fs", move || {
         let accounts = Accounts::guest();
+        // This thread serves this request only and ends with it.
+        let _as_user = match creds::enter(user.as_ref()) {
+            Ok(g) => g,
+            Err(e) => {
+                o.fail(&e);
+                return;
+            }
+        };
         match run(&req.op, user.as_ref(), &accounts, &o) {
             Ok(Some(res)) => o.finish(Kind::FsResult, &res),
             Ok(None) => false,
@@ -69,7 +79,7 @@ pub fn run(
         }
         FsOp::MakeDir { path } => {
             let p = users::resolve("path", path, user)?;
-            make_dir(&p, user)?;
+            make_dir(&p)?;
             one(entry_of(&p, accounts).map_err(|e| io_error("path", &shown(&p), &e))?)
         }
         FsOp::Move {
@@ -253,14 +263,10 @@ fn list(dir: &Path, depth: u32, accounts: &Accounts, out: &OutStream) -> Result<
     Ok(chunks.flush())
 }
 
-/// The owner a user's new files and directories get.
-fn owner(user: Option<&User>) -> Option<(u32, u32)> {
-    user.map(|u| (u.uid, u.gid))
-}
-
-/// Creates `dir`'s missing ancestors and `dir` (mode 0755), each owned by
-/// `owner` when given. An existing directory on the way is fine.
-pub fn make_dirs(dir: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
+/// Creates `dir`'s missing ancestors and `dir` (mode 0755), as the calling
+/// thread's credentials allow (a user's thread: they are the user's). An
+/// existing directory on the way is fine.
+pub fn make_dirs(dir: &Path) -> io::Result<()> {
     let mut missing = Vec::new();
     let mut p = dir;
     loop {
@@ -278,11 +284,7 @@ pub fn make_dirs(dir: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
     }
     for d in missing.into_iter().rev() {
         match fs::create_dir(d) {
-            Ok(()) => {
-                if let Some((uid, gid)) = owner {
-                    lchown(d, Some(uid), Some(gid))?;
-                }
-            }
+            Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => {}
             Err(e) => return Err(e),
         }
@@ -290,7 +292,7 @@ pub fn make_dirs(dir: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
     Ok(())
 }
 
-fn make_dir(p: &Path, user: Option<&User>) -> Result<(), ErrorMsg> {
+fn make_dir(p: &Path) -> Result<(), ErrorMsg> {
     match fs::metadata(p) {
         Ok(m) if m.is_dir() => {
             return Err(ErrorMsg::new(
@@ -308,8 +310,7 @@ fn make_dir(p: &Path, user: Option<&User>) -> Result<(), ErrorMsg> {
         }
         Err(_) => {}
     }
-    make_dirs(p, owner(user))
-        .map_err(|e| io_error("path", &format!("create directory {}", p.display()), &e))
+    make_dirs(p).map_err(|e| io_error("path", &format!("create directory {}", p.display()), &e))
 }
 
 fn move_path(src: &Path, dst: &Path, user: Option<&User>) -> Result<(), ErrorMsg> {
@@ -325,7 +326,7 @@ fn move_path(src: &Path, dst: &Path, user: Option<&User>) -> Result<(), ErrorMsg
         ));
     }
     if let Some(parent) = dst.parent() {
-        make_dirs(parent, owner(user)).map_err(|e| {
+        make_dirs(parent).map_err(|e| {
             io_error(
                 "destination",
                 &format!("create directory {}", parent.display()),
@@ -337,8 +338,10 @@ fn move_path(src: &Path, dst: &Path, user: Option<&User>) -> Result<(), ErrorMsg
     match fs::rename(src, dst) {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            // Another file system: copy (modes, owners, links kept), then remove.
-            if let Err(e) = copy_tree(src, dst) {
+            // Another file system: copy (modes, links kept; owners too,
+            // as root: a user's copy is its own, as with mv), then remove.
+            let keep_owners = creds::switching(user).is_none();
+            if let Err(e) = copy_tree(src, dst, keep_owners) {
                 let _ = remove_tree(dst);
                 return Err(io_error("destination", &what(), &e));
             }
@@ -349,8 +352,8 @@ fn move_path(src: &Path, dst: &Path, user: Option<&User>) -> Result<(), ErrorMsg
 }
 
 /// Copies `src` to `dst` (which must not exist, or be a file to replace),
-/// keeping modes, owners and symlinks.
-fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
+/// keeping modes and symlinks, and owners with `keep_owners`.
+fn copy_tree(src: &Path, dst: &Path, keep_owners: bool) -> io::Result<()> {
     let meta = fs::symlink_metadata(src)?;
     let ft = meta.file_type();
     if ft.is_symlink() {
@@ -359,7 +362,7 @@ fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
         fs::create_dir(dst)?;
         for e in fs::read_dir(src)? {
             let e = e?;
-            copy_tree(&e.path(), &dst.join(e.file_name()))?;
+            copy_tree(&e.path(), &dst.join(e.file_name()), keep_owners)?;
         }
         fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
     } else if ft.is_file() {
@@ -370,7 +373,10 @@ fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
             format!("{} is not a file, directory or symlink", src.display()),
         ));
     }
-    lchown(dst, Some(meta.uid()), Some(meta.gid()))
+    if keep_owners {
+        lchown(dst, Some(meta.uid()), Some(meta.gid()))?;
+    }
+    Ok(())
 }
 
 /// Removes a path: a directory with everything in it, a symlink itself.
@@ -532,7 +538,7 @@ mod tests {
         fs::write(src.join("d/f"), b"data").unwrap();
         fs::set_permissions(src.join("d/f"), fs::Permissions::from_mode(0o600)).unwrap();
         std::os::unix::fs::symlink("d/f", src.join("l")).unwrap();
-        copy_tree(&src, &t.path().join("dst")).unwrap();
+        copy_tree(&src, &t.path().join("dst"), true).unwrap();
         let dst = t.path().join("dst");
         assert_eq!(fs::read(dst.join("d/f")).unwrap(), b"data");
         assert_eq!(fs::metadata(dst.join("d/f")).unwrap().mode() & 0o777, 0o600);
@@ -600,11 +606,15 @@ mod tests {
             return;
         }
         let t = tempfile::tempdir().unwrap();
+        // Writable by anyone, as /tmp (the agent acts as the user: it
+        // needs a directory the user may write in).
+        fs::set_permissions(t.path(), fs::Permissions::from_mode(0o1777)).unwrap();
         let a = accounts();
         let nobody = a.user("nobody").unwrap();
         let (o, _rx) = out();
         let p = format!("{}/x/y", t.path().display());
-        let e = run(&FsOp::MakeDir { path: p }, Some(&nobody), &a, &o)
+        let op = FsOp::MakeDir { path: p };
+        let e = creds::run_as(Some(&nobody), || run(&op, Some(&nobody), &a, &o))
             .unwrap()
             .unwrap()
             .entry
