@@ -156,8 +156,9 @@ mod tests {
         unsafe { libc::geteuid() == 0 }
     }
 
-    /// This thread's `Uid:`, `Gid:` and `Groups:` lines, as the kernel sees them.
-    fn status() -> (String, String, String) {
+    /// This thread's `Uid:`, `Gid:`, `Groups:` and `CapEff:` lines, as the
+    /// kernel sees them.
+    fn status() -> (String, String, String, String) {
         let s = std::fs::read_to_string("/proc/thread-self/status").unwrap();
         let line = |key: &str| {
             s.lines()
@@ -170,7 +171,7 @@ mod tests {
                 })
                 .unwrap_or_default()
         };
-        (line("Uid:"), line("Gid:"), line("Groups:"))
+        (line("Uid:"), line("Gid:"), line("Groups:"), line("CapEff:"))
     }
 
     #[test]
@@ -196,6 +197,12 @@ mod tests {
         assert_eq!(inside.0, "0 0 0 65534", "{inside:?}");
         assert_eq!(inside.1, "0 0 0 65534", "{inside:?}");
         assert_eq!(inside.2, "4242 65534", "{inside:?}");
+        // The kernel took the file capabilities (CAP_DAC_OVERRIDE is bit 1)
+        // from the switched thread only.
+        const CAP_DAC_OVERRIDE: u64 = 1 << 1;
+        let caps = |hex: &str| u64::from_str_radix(hex, 16).unwrap();
+        assert_ne!(caps(&before.3) & CAP_DAC_OVERRIDE, 0, "{before:?}");
+        assert_eq!(caps(&inside.3) & CAP_DAC_OVERRIDE, 0, "{inside:?}");
         // ...while this thread and a new one keep root's.
         assert_eq!(status(), before);
         let other = std::thread::spawn(status).join().unwrap();
