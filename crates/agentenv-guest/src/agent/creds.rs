@@ -151,9 +151,14 @@ mod tests {
         }
     }
 
-    fn is_root() -> bool {
+    /// These tests switch threads to nobody: they need root, and say so.
+    fn assert_root() {
         // SAFETY: geteuid has no memory effects.
-        unsafe { libc::geteuid() == 0 }
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "these tests act as nobody on root's files: run the guest crate's tests as root"
+        );
     }
 
     /// This thread's `Uid:`, `Gid:`, `Groups:` and `CapEff:` lines, as the
@@ -176,10 +181,7 @@ mod tests {
 
     #[test]
     fn a_switched_thread_keeps_its_credentials_to_itself() {
-        assert!(
-            is_root(),
-            "this test switches a thread to nobody: run the guest crate's tests as root"
-        );
+        assert_root();
         let before = status();
         assert_eq!(before.0, "0 0 0 0", "{before:?}");
         let (switched_tx, switched_rx) = mpsc::channel();
@@ -214,10 +216,7 @@ mod tests {
 
     #[test]
     fn run_as_works_on_its_own_thread_and_checks_as_the_user() {
-        assert!(
-            is_root(),
-            "this test switches a thread to nobody: run the guest crate's tests as root"
-        );
+        assert_root();
         let before = status();
         let t = tempfile::tempdir().unwrap();
         let secret = t.path().join("secret");
@@ -361,10 +360,7 @@ mod tests {
 
         #[test]
         fn nobody_gets_the_kernels_answers_and_owns_what_it_makes() {
-            assert!(
-                super::is_root(),
-                "this test acts as nobody on files of root's: run the guest crate's tests as root"
-            );
+            super::assert_root();
             assert!(
                 users::acting(Some("nobody")).is_ok(),
                 "this test needs a user nobody in /etc/passwd"
