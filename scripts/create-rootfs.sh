@@ -23,9 +23,9 @@ Flavors:
             Debian mirror. Root has no password on the console; SSH logins need --ssh-key.
   e2b       the E2B \`base\` template: Debian (debootstrap, minbase) with systemd, bash,
             coreutils, python3 and sudo, and the user \`user\` (uid 1000, home /home/user,
-            shell bash, passwordless sudo), as E2B's base image has. No SSH server, no
-            docs/man pages/locales/apt lists (dpkg keeps skipping docs for later installs);
-            systemd starts only what a sandbox needs. Needs root and the Debian mirror.
+            shell bash, passwordless sudo), as E2B's base image has. No SSH server, no udev,
+            no docs/man pages/locales/apt lists (dpkg keeps skipping docs for later
+            installs); systemd starts only what a sandbox needs (resources/e2b/). Needs root and the Debian mirror.
             See docs/e2b-templates.md.
 
 Options:
@@ -356,7 +356,7 @@ build_debian() {
 # to boot. resources/e2b/ holds its dpkg excludes and the systemd units it masks.
 build_e2b() {
     local e2b="$AGENTENV_REPO/resources/e2b" r=$root unit
-    debootstrap_root systemd-sysv,udev,iproute2,procps,ca-certificates,netbase,sudo,python3,bash,coreutils
+    debootstrap_root systemd-sysv,iproute2,procps,ca-certificates,netbase,sudo,python3,bash,coreutils
     step "adding the user, sudo and the agentenv files"
     chroot "$r" passwd -d root >/dev/null
     chroot "$r" groupadd --gid 1000 user

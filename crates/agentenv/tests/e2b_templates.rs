@@ -218,7 +218,16 @@ impl Running {
         let r = self
             .rt
             .block_on(self.d.engine.exec(vm, &req))
-            .unwrap_or_else(|e| panic!("exec in {vm}: {e}"));
+            .unwrap_or_else(|e| {
+                let console = self
+                    .d
+                    .engine
+                    .get(vm)
+                    .ok()
+                    .and_then(|v| std::fs::read_to_string(v.console_log).ok())
+                    .unwrap_or_default();
+                panic!("exec of {script:?} in {vm}: {e}; console:\n{console}")
+            });
         (r.exit_code.unwrap_or(-1), r.stdout)
     }
 
@@ -242,14 +251,13 @@ fn get_as(d: &Daemon, token: &str, path: &str) -> (u16, Value) {
 /// Ends a test: the warm snapshots deleted (they outlive daemons by design),
 /// every VM deleted, the daemon stopped, nothing left behind.
 fn clean_up(r: Running, s: Setup) {
-    let warm: Vec<String> = r
-        .d
-        .engine
-        .snapshots()
-        .into_iter()
-        .filter(|x| x.owner.as_deref() == Some(OWNER))
-        .map(|x| x.snapshot_id)
-        .collect();
+    let warm: Vec<String> =
+        r.d.engine
+            .snapshots()
+            .into_iter()
+            .filter(|x| x.owner.as_deref() == Some(OWNER))
+            .map(|x| x.snapshot_id)
+            .collect();
     let d = r.stop();
     for vm in d.engine.list() {
         let (code, body) = d.call("DELETE", &format!("/v1/vm/{}", vm.vm_id), None);
@@ -300,9 +308,8 @@ fn a_warm_snapshot_is_made_restored_reused_and_rebuilt() {
     let (code, body) = get_as(&r.d, ALICE_TOKEN, &format!("/v1/snapshots/{id}"));
     assert_eq!(code, 404, "{body}");
     // Nor may she restore from it herself through the native API.
-    let e = r
-        .rt
-        .block_on(
+    let e =
+        r.rt.block_on(
             r.d.engine
                 .create_as(&alice(), CreateVmRequest::restore("mine", &id)),
         )
@@ -341,10 +348,9 @@ fn a_warm_snapshot_is_made_restored_reused_and_rebuilt() {
 
     // An unknown template: 404 naming it, nothing made.
     let state = r.api.state();
-    let e = r
-        .rt
-        .block_on(state.templates.create_request(state, "no-such", "sb3"))
-        .unwrap_err();
+    let e =
+        r.rt.block_on(state.templates.create_request(state, "no-such", "sb3"))
+            .unwrap_err();
     assert_eq!(e.status.as_u16(), 404);
     assert!(e.message.contains("no-such"), "{}", e.message);
     assert_eq!(r.d.engine.list(), Vec::<VmInfo>::new());
@@ -478,7 +484,10 @@ fn the_base_template_boots_has_its_user_and_restores_fast() {
     eprintln!("cold boot of base to ready: {took:?}");
     assert!(vm.ready && vm.restored_from.is_none(), "{vm:?}");
     for (script, want) in [
-        ("id -u user; id -g user; id -nG user", "1000\n1000\nuser sudo\n"),
+        (
+            "id -u user; id -g user; id -nG user",
+            "1000\n1000\nuser sudo\n",
+        ),
         (
             "getent passwd user | cut -d: -f6,7",
             "/home/user:/bin/bash\n",
@@ -495,15 +504,12 @@ fn the_base_template_boots_has_its_user_and_restores_fast() {
     ] {
         assert_eq!(r.sh("cold1", script), (0, want.to_string()), "{script}");
     }
+    // systemd is up, and nothing it starts fails.
     let (_, running) = r.sh(
         "cold1",
-        "systemctl is-system-running --wait; systemctl --failed --no-legend --plain | cut -d' ' -f1",
+        "systemctl is-system-running --wait; systemctl --failed --no-legend --plain",
     );
-    eprintln!("cold1: systemd says {running:?}");
-    assert!(
-        running.starts_with("running"),
-        "systemd is not running cleanly (failed units listed): {running}"
-    );
+    assert_eq!(running, "running\n", "systemd in the base template");
     r.delete("cold1");
 
     // Restores: create → ready, and create → first command.
@@ -514,9 +520,14 @@ fn the_base_template_boots_has_its_user_and_restores_fast() {
         let t = Instant::now();
         let (vm, took) = r.create(&alice(), r.request("base", &vm_id));
         assert_eq!(vm.restored_from.as_deref(), Some(id.as_str()));
-        assert_eq!(r.sh(&vm_id, "hostname; id -u user"), (0, format!("{vm_id}\n1000\n")));
+        // The benchmark's first command: `true`.
+        assert_eq!(r.sh(&vm_id, "true"), (0, String::new()));
         first.push(t.elapsed());
         ready.push(took);
+        assert_eq!(
+            r.sh(&vm_id, "hostname; id -u user"),
+            (0, format!("{vm_id}\n1000\n"))
+        );
         r.delete(&vm_id);
     }
     ready.sort();
@@ -530,7 +541,7 @@ fn the_base_template_boots_has_its_user_and_restores_fast() {
         ready[ready.len() - 1]
     );
     eprintln!(
-        "base template create → first command done: p50 {:?}, p90 {:?}",
+        "base template create → first command (`sh -c true`) done: p50 {:?}, p90 {:?}",
         percentile(&first, 50),
         percentile(&first, 90)
     );

@@ -299,8 +299,8 @@ async fn warm_snapshot(state: &E2bState, entry: &Entry) -> Option<String> {
 fn fingerprint(cfg: &Config, name: &str, t: &E2bTemplate) -> Result<String, String> {
     let file = |what: &str, path: &Path| -> Result<String, String> {
         use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(path)
-            .map_err(|e| format!("the {what} {}: {e}", path.display()))?;
+        let m =
+            std::fs::metadata(path).map_err(|e| format!("the {what} {}: {e}", path.display()))?;
         Ok(format!(
             "{what} {} size={} mtime={}.{} dev={} ino={}\n",
             path.display(),
