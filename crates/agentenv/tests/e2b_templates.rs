@@ -272,22 +272,30 @@ fn clean_up(r: Running, s: Setup) {
     assert_eq!(files_under(s.shm.path()), Vec::<PathBuf>::new());
 }
 
-#[test]
-fn a_warm_snapshot_is_made_restored_reused_and_rebuilt() {
-    let art = need_artifacts!();
-    let minimal = art.join("rootfs/minimal.ext4");
+/// A daemon with the templates `name` (a warm snapshot) and `name-cold`
+/// (none), both on a copy of `image` named `name.ext4`, once `name` is warm:
+/// the setup, the daemon and the warm snapshot's id.
+fn warm_pair(art: &Path, name: &str, image: &Path) -> (Setup, Running, String) {
+    let file = format!("{name}.ext4");
     let s = Setup::new(
-        &art,
-        &[("mini.ext4", &minimal)],
+        art,
+        &[(&file, image)],
         &[
-            ("mini", template("mini.ext4", true)),
-            ("mini-cold", template("mini.ext4", false)),
+            (name, template(&file, true)),
+            (&format!("{name}-cold"), template(&file, false)),
         ],
     );
     let r = Running::start(&s);
     let t = Instant::now();
-    let id = r.wait_warm("mini", None, GUEST_BOOT_TIMEOUT * 2);
-    eprintln!("warm-up of mini (minimal image): {:?}", t.elapsed());
+    let id = r.wait_warm(name, None, GUEST_BOOT_TIMEOUT * 2);
+    eprintln!("warm-up of {name} ({}): {:?}", image.display(), t.elapsed());
+    (s, r, id)
+}
+
+#[test]
+fn a_warm_snapshot_is_made_restored_reused_and_rebuilt() {
+    let art = need_artifacts!();
+    let (s, r, id) = warm_pair(&art, "mini", &art.join("rootfs/minimal.ext4"));
     assert!(id.starts_with("e2b-tpl-mini-"), "{id}");
     assert_eq!(r.template("mini").status, "ready");
     // A template without a snapshot is never warmed.
@@ -465,18 +473,7 @@ fn the_base_template_boots_has_its_user_and_restores_fast() {
             return;
         }
     };
-    let s = Setup::new(
-        &art,
-        &[("e2b-base.ext4", &image)],
-        &[
-            ("base", template("e2b-base.ext4", true)),
-            ("base-cold", template("e2b-base.ext4", false)),
-        ],
-    );
-    let r = Running::start(&s);
-    let t = Instant::now();
-    let id = r.wait_warm("base", None, GUEST_BOOT_TIMEOUT * 2);
-    eprintln!("warm-up of base: {:?}", t.elapsed());
+    let (s, r, id) = warm_pair(&art, "base", &image);
 
     // A cold boot of the image, jailed as the daemon runs by default: what
     // E2B's base image has.

@@ -1264,6 +1264,26 @@ fn create_rootfs_refuses_an_agent_that_is_not_static() {
     }
 }
 
+/// `create-rootfs.sh ARGS` with the cache `cache`, a build of up to
+/// `timeout` seconds, checked to succeed.
+fn create_rootfs_ok(args: &[&str], cache: &Path, timeout: u64) -> Ran {
+    let ran = Run::new("create-rootfs.sh", args)
+        .env("AGENTENV_CACHE", cache)
+        .timeout(timeout)
+        .run();
+    assert_eq!(ran.code, Some(0), "{}", ran.describe());
+    ran
+}
+
+/// A second `create-rootfs.sh ARGS` with the same inputs keeps the image.
+fn assert_rootfs_kept(args: &[&str], cache: &Path) {
+    let again = Run::new("create-rootfs.sh", args)
+        .env("AGENTENV_CACHE", cache)
+        .run();
+    assert_eq!(again.code, Some(0), "{}", again.describe());
+    assert!(again.stdout.contains("up to date"), "{}", again.describe());
+}
+
 #[test]
 fn minimal_rootfs_carries_overlay_init_and_the_agent() {
     if let Some(why) = minimal_rootfs_blocker() {
@@ -1284,11 +1304,7 @@ fn minimal_rootfs_carries_overlay_init_and_the_agent() {
         "--agent",
         agent.to_str().unwrap(),
     ];
-    let ran = Run::new("create-rootfs.sh", &args)
-        .env("AGENTENV_CACHE", &cache)
-        .timeout(180)
-        .run();
-    assert_eq!(ran.code, Some(0), "{}", ran.describe());
+    let ran = create_rootfs_ok(&args, &cache, 180);
     assert!(
         ran.stdout.contains("==> "),
         "no progress lines: {}",
@@ -1367,11 +1383,7 @@ fn minimal_rootfs_carries_overlay_init_and_the_agent() {
     }
 
     // Idempotent: a second run with the same inputs keeps the image.
-    let again = Run::new("create-rootfs.sh", &args)
-        .env("AGENTENV_CACHE", &cache)
-        .run();
-    assert_eq!(again.code, Some(0), "{}", again.describe());
-    assert!(again.stdout.contains("up to date"), "{}", again.describe());
+    assert_rootfs_kept(&args, &cache);
 
     // Another agent is another image.
     let other = dir.path().join("other-agent");
@@ -1466,11 +1478,7 @@ fn e2b_rootfs_has_the_user_sudo_python_and_the_agent() {
         "--agent",
         agent.to_str().unwrap(),
     ];
-    let ran = Run::new("create-rootfs.sh", &args)
-        .env("AGENTENV_CACHE", &cache)
-        .timeout(900)
-        .run();
-    assert_eq!(ran.code, Some(0), "{}", ran.describe());
+    let ran = create_rootfs_ok(&args, &cache, 900);
     assert_eq!(fs::metadata(&img).unwrap().len(), 512 << 20);
 
     let passwd = debugfs(&img, "cat /etc/passwd");
@@ -1555,11 +1563,7 @@ fn e2b_rootfs_has_the_user_sudo_python_and_the_agent() {
     assert!(ran.stdout.contains("MiB of files"), "{}", ran.describe());
 
     // Idempotent: the same inputs keep the image.
-    let again = Run::new("create-rootfs.sh", &args)
-        .env("AGENTENV_CACHE", &cache)
-        .run();
-    assert_eq!(again.code, Some(0), "{}", again.describe());
-    assert!(again.stdout.contains("up to date"), "{}", again.describe());
+    assert_rootfs_kept(&args, &cache);
 }
 
 /// A kernel package already in the cache, to build the kernel artifacts without network.
