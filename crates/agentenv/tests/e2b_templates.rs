@@ -133,7 +133,11 @@ struct Running {
 
 impl Running {
     fn start(s: &Setup) -> Running {
-        let d = Daemon::start_with(s.cfg.clone(), s.dir.path());
+        Running::start_with(s.cfg.clone(), s.dir.path())
+    }
+
+    fn start_with(cfg: Config, dir: &Path) -> Running {
+        let d = Daemon::start_with(cfg, dir);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -569,4 +573,45 @@ fn the_example_config_serves_the_base_template_on_port_3000() {
         "{}",
         cfg.rootfs_root.display()
     );
+}
+
+/// With the guest agent off nothing tells when a guest is ready: no warm
+/// snapshot (the template says why), and creates are boots answered once the
+/// VM runs. (The Firecracker double: nothing boots here.)
+#[test]
+fn without_the_agent_a_template_boots_and_says_why_it_has_no_snapshot() {
+    let mut dir = TestDir::new();
+    let mut cfg = dir.config();
+    cfg.agent.enable = false;
+    cfg.e2b
+        .templates
+        .insert("t".into(), template("base.ext4", true));
+    dir.baseline = Some(common::baseline(dir.path()));
+    let r = Running::start_with(cfg, dir.path());
+    let t = Instant::now();
+    let info = loop {
+        let info = r.template("t");
+        if info.status == "failed" {
+            break info;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{info:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        info.error
+            .as_deref()
+            .unwrap()
+            .contains("agent.enable = false"),
+        "{info:?}"
+    );
+    let req = r.request("t", "vm1");
+    assert_eq!(req.restore, None);
+    assert!(!req.wait_ready, "{req:?}");
+    let (vm, _) = r.create(&alice(), req);
+    assert_eq!(vm.owner.as_deref(), Some("alice"));
+    assert_eq!(vm.disk.rootfs_id.as_deref(), Some("base.ext4"));
+    r.delete("vm1");
+    assert_eq!(r.d.engine.snapshots().len(), 0);
+    let d = r.stop();
+    finish(d, dir);
 }

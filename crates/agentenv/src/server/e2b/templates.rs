@@ -181,7 +181,9 @@ impl Templates {
     /// The create of sandbox VM `vm_id` from template `template_id`: a
     /// restore from its warm snapshot when it has one (waiting up to
     /// [`WARM_WAIT`] for a warm-up under way), else a boot from its image;
-    /// both with `wait_ready`. 404 for an unknown template.
+    /// both with `wait_ready` (unless the guest agent is disabled: then
+    /// always a boot, answered once the VM runs). 404 for an unknown
+    /// template.
     pub async fn create_request(
         &self,
         state: &E2bState,
@@ -194,14 +196,17 @@ impl Templates {
                 format!("template {template_id:?} not found"),
             )
         })?;
-        if entry.template.snapshot {
+        // Without the guest agent nothing can tell when a guest is ready:
+        // the create answers once the VM runs.
+        let agent = state.engine.config().agent.enable;
+        if entry.template.snapshot && agent {
             if let Some(snapshot_id) = warm_snapshot(state, entry).await {
                 let mut req = CreateVmRequest::restore(vm_id, &snapshot_id);
                 req.wait_ready = true;
                 return Ok(req);
             }
         }
-        Ok(boot_request(&entry.template, vm_id, true))
+        Ok(boot_request(&entry.template, vm_id, agent))
     }
 
     /// Creates `req` (from [`Templates::create_request`]) as `who`'s VM: a
@@ -417,6 +422,12 @@ async fn warmer(state: Arc<E2bState>, entry: Arc<Entry>) {
     let mut stop = state.templates.stop.subscribe();
     let mut backoff = BACKOFF_FIRST;
     let name = &entry.name;
+    if !state.engine.config().agent.enable {
+        let cause = "a warm snapshot is taken once the guest agent answers, and the agent is disabled (agent.enable = false)".to_string();
+        tracing::warn!("e2b template {name}: no warm snapshot: {cause}; creates boot");
+        entry.warm.send_replace(Warm::Failed { cause });
+        return;
+    }
     loop {
         if *stop.borrow() {
             break;
@@ -692,8 +703,14 @@ mod tests {
         let a = fingerprint(&cfg, "base", &t).unwrap();
         assert_eq!(a, fingerprint(&cfg, "base", &t).unwrap());
         assert_ne!(a, fingerprint(&cfg, "other", &t).unwrap());
+        // Slots count as resolved: the default given explicitly is the same.
+        let same = E2bTemplate {
+            slots: Some(cfg.default_slots),
+            ..t.clone()
+        };
+        assert_eq!(a, fingerprint(&cfg, "base", &same).unwrap());
         let more = E2bTemplate {
-            slots: Some(2),
+            slots: Some(cfg.default_slots + 1),
             ..t.clone()
         };
         assert_ne!(a, fingerprint(&cfg, "base", &more).unwrap());
