@@ -365,6 +365,7 @@ build_e2b() {
     chroot "$r" passwd -d user >/dev/null
     install -m 0440 "$e2b/sudoers" "$r/etc/sudoers.d/user"
     install -m 0644 "$e2b/dpkg-excludes" "$r/etc/dpkg/dpkg.cfg.d/excludes"
+    install -D -m 0644 "$e2b/journald.conf" "$r/etc/systemd/journald.conf.d/e2b.conf"
     finish_debian_like "$r"
     # What systemd would start and a sandbox does not need (each costs seconds under TCG).
     while read -r unit; do
