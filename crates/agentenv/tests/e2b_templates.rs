@@ -420,6 +420,25 @@ fn a_warm_snapshot_is_made_restored_reused_and_rebuilt() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(r.d.engine.snapshots().len(), 1);
+
+    // An admin may delete it: the next create boots cold and a new one is
+    // made (the same files: the same id).
+    let (code, body) = r.d.call("DELETE", &format!("/v1/snapshots/{new_id}"), None);
+    assert_eq!(code, 204, "{body}");
+    assert_eq!(r.request("mini", "sb7").restore, None);
+    let t = Instant::now();
+    while !(r.d.engine.snapshot_info(&new_id).is_ok() && r.template("mini").status == "ready") {
+        assert!(
+            t.elapsed() < GUEST_BOOT_TIMEOUT * 2,
+            "no new warm snapshot: {:?}",
+            r.template("mini")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        r.request("mini", "sb8").restore.map(|x| x.snapshot_id),
+        Some(new_id)
+    );
     clean_up(r, s);
 }
 

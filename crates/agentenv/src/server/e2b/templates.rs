@@ -260,13 +260,15 @@ async fn warm_snapshot(state: &E2bState, entry: &Entry) -> Option<String> {
                 fingerprint: made_from,
             } => {
                 let now = fingerprint(state.engine.config(), &entry.name, &entry.template);
-                if now.as_deref() == Ok(made_from.as_str())
-                    && state.engine.snapshot_info(&snapshot_id).is_ok()
-                {
+                let why = if now.as_deref() != Ok(made_from.as_str()) {
+                    "its files changed since it was made"
+                } else if state.engine.snapshot_info(&snapshot_id).is_err() {
+                    "it was deleted"
+                } else {
                     return Some(snapshot_id);
-                }
+                };
                 tracing::warn!(
-                    "e2b template {}: its files changed since warm snapshot {snapshot_id} was made; \
+                    "e2b template {}: warm snapshot {snapshot_id} is unusable ({why}); \
                      making a new one, and this create boots cold",
                     entry.name
                 );
