@@ -1264,6 +1264,21 @@ fn create_rootfs_refuses_an_agent_that_is_not_static() {
     }
 }
 
+/// The arguments that build `img` of `size` MiB of `flavor` with `agent`
+/// (the agent's path last, at index 7).
+fn rootfs_args<'a>(img: &'a Path, size: &'a str, flavor: &'a str, agent: &'a Path) -> [&'a str; 8] {
+    [
+        "--output",
+        img.to_str().unwrap(),
+        "--size-mib",
+        size,
+        "--flavor",
+        flavor,
+        "--agent",
+        agent.to_str().unwrap(),
+    ]
+}
+
 /// `create-rootfs.sh ARGS` with the cache `cache`, a build of up to
 /// `timeout` seconds, checked to succeed.
 fn create_rootfs_ok(args: &[&str], cache: &Path, timeout: u64) -> Ran {
@@ -1294,16 +1309,7 @@ fn minimal_rootfs_carries_overlay_init_and_the_agent() {
     let agent = build_guest_agent(dir.path());
     let img = dir.path().join("minimal.ext4");
     let cache = dir.path().join("cache");
-    let args = [
-        "--output",
-        img.to_str().unwrap(),
-        "--size-mib",
-        "32",
-        "--flavor",
-        "minimal",
-        "--agent",
-        agent.to_str().unwrap(),
-    ];
+    let args = rootfs_args(&img, "32", "minimal", &agent);
     let ran = create_rootfs_ok(&args, &cache, 180);
     assert!(
         ran.stdout.contains("==> "),
@@ -1468,16 +1474,7 @@ fn e2b_rootfs_has_the_user_sudo_python_and_the_agent() {
     fs::create_dir_all(&shared).unwrap();
     std::os::unix::fs::symlink(&shared, cache.join("debootstrap")).unwrap();
     let img = dir.path().join("e2b-base.ext4");
-    let args = [
-        "--output",
-        img.to_str().unwrap(),
-        "--size-mib",
-        "512",
-        "--flavor",
-        "e2b",
-        "--agent",
-        agent.to_str().unwrap(),
-    ];
+    let args = rootfs_args(&img, "512", "e2b", &agent);
     let ran = create_rootfs_ok(&args, &cache, 900);
     assert_eq!(fs::metadata(&img).unwrap().len(), 512 << 20);
 
