@@ -456,14 +456,17 @@ async fn warmer(state: Arc<E2bState>, entry: Arc<Entry>) {
                     backoff = BACKOFF_FIRST;
                 } else {
                     entry.warm.send_replace(Warm::Warming);
-                    let warm_stop = stop.clone();
-                    let made = tokio::select! {
+                    // Only the wait for the lock is cut by a stop: a warm-up
+                    // stops itself at its safe points (an engine operation is
+                    // never dropped half-way).
+                    let one = tokio::select! {
                         biased;
-                        () = stopped(&mut stop) => Err(WarmError::Stopped),
-                        r = async {
-                            let _one = state.templates.warming.lock().await;
-                            warm_up(&state, &entry, &id, warm_stop).await
-                        } => r,
+                        () = stopped(&mut stop) => None,
+                        one = state.templates.warming.lock() => Some(one),
+                    };
+                    let made = match one {
+                        None => Err(WarmError::Stopped),
+                        Some(_one) => warm_up(&state, &entry, &id, stop.clone()).await,
                     };
                     match made {
                         Ok(took) => {
@@ -521,6 +524,9 @@ async fn warm_up(
     let started = std::time::Instant::now();
     if engine.get(&vm).is_ok() {
         engine.delete(&vm).await?;
+    }
+    if *stop.borrow() {
+        return Err(WarmError::Stopped);
     }
     // Launched without wait_ready: the wait below ends when the daemon stops.
     engine
