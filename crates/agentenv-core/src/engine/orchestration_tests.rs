@@ -1059,12 +1059,18 @@ async fn a_daemon_snapshot_is_restored_for_a_user_only_through_create_as_from() 
     use crate::principal::{Principal, Scope};
     let rig = Rig::new();
     let engine = rig.start().await;
-    let daemon = Principal::new("daemon:t", Scope::User);
-    engine.create_as(&daemon, plain("warm")).await.unwrap();
-    engine
-        .snapshot_as(&daemon, "warm", Some("w".into()), true)
-        .await
-        .unwrap();
+    // `who`'s VM `vm` and a full snapshot `id` of it, `who`'s too.
+    let owned_snapshot = |who: Principal, vm: &'static str, id: &'static str| {
+        let engine = engine.clone();
+        async move {
+            engine.create_as(&who, plain(vm)).await.unwrap();
+            engine
+                .snapshot_as(&who, vm, Some(id.into()), true)
+                .await
+                .unwrap();
+        }
+    };
+    owned_snapshot(Principal::new("daemon:t", Scope::User), "warm", "w").await;
     let alice = Principal::new("alice", Scope::User);
     let e = engine
         .create_as(&alice, restore_req("a1", "w"))
@@ -1079,12 +1085,7 @@ async fn a_daemon_snapshot_is_restored_for_a_user_only_through_create_as_from() 
     assert_eq!(vm.owner.as_deref(), Some("alice"));
     assert_eq!(vm.restored_from.as_deref(), Some("w"));
     // Bob's snapshot is not the daemon's: absent for alice.
-    let bob = Principal::new("bob", Scope::User);
-    engine.create_as(&bob, plain("b")).await.unwrap();
-    engine
-        .snapshot_as(&bob, "b", Some("bobs".into()), true)
-        .await
-        .unwrap();
+    owned_snapshot(Principal::new("bob", Scope::User), "b", "bobs").await;
     let e = engine
         .create_as_from(&alice, restore_req("a3", "bobs"), "daemon:t")
         .await
