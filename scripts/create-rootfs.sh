@@ -7,7 +7,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
 usage() {
     cat <<EOF
-Usage: $PROG --output IMG --size-mib N [--flavor minimal|debian] [--dockerfile FILE]
+Usage: $PROG --output IMG --size-mib N [--flavor minimal|debian|e2b] [--dockerfile FILE]
        [--tar FILE] [--agent FILE] [--force]
 
 Builds the ext4 image IMG of N MiB. Every image carries /sbin/overlay-init (the program the
@@ -21,23 +21,29 @@ Flavors:
             at once on Ctrl-Alt-Del. No root needed (uses fakeroot when not root).
   debian    Debian (debootstrap, minbase) with systemd and openssh-server. Needs root and the
             Debian mirror. Root has no password on the console; SSH logins need --ssh-key.
+  e2b       the E2B \`base\` template: Debian (debootstrap, minbase) with systemd, bash,
+            coreutils, python3 and sudo, and the user \`user\` (uid 1000, home /home/user,
+            shell bash, passwordless sudo), as E2B's base image has. No SSH server, no udev,
+            no docs/man pages/locales/apt lists (dpkg keeps skipping docs for later
+            installs); systemd starts only what a sandbox needs (resources/e2b/). Needs root and the Debian mirror.
+            See docs/e2b-templates.md.
 
 Options:
   --output IMG          image file to write (required; a missing parent directory, one
                         level, e.g. artifacts/, is created)
   --size-mib N          image size in MiB (required)
-  --flavor F            minimal (default) or debian
+  --flavor F            minimal (default), debian or e2b
   --dockerfile FILE     build the file system from a Dockerfile instead of a flavor (needs a
                         running docker engine); e.g. resources/rootfs/Dockerfile
   --tar FILE            build the file system from a container's exported file system
                         (a tar file, e.g. made elsewhere with 'docker build' and
                         'docker export CONTAINER >FILE'); needs no docker here
   --busybox FILE        minimal: static busybox to use (default /bin/busybox)
-  --suite S             debian: release (default bookworm)
-  --mirror URL          debian: mirror (default: the first deb.debian.org-style URL apt uses,
-                        else http://deb.debian.org/debian)
-  --include PKGS        debian: extra packages, comma-separated
-  --ssh-key FILE        debian/dockerfile: install FILE as /root/.ssh/authorized_keys
+  --suite S             debian/e2b: release (default bookworm)
+  --mirror URL          debian/e2b: mirror (default: the first deb.debian.org-style URL apt
+                        uses, else http://deb.debian.org/debian)
+  --include PKGS        debian/e2b: extra packages, comma-separated
+  --ssh-key FILE        debian/e2b/dockerfile: install FILE as /root/.ssh/authorized_keys
   --agent FILE          the guest agent to install as /usr/sbin/agentenv-guest, a static
                         executable (default $default_agent;
                         built with scripts/build-guest-agent.sh when missing; run that
@@ -118,8 +124,8 @@ if [ -n "$tarfile" ]; then
 fi
 flavor=${flavor:-minimal}
 case "$flavor" in
-    minimal | debian | dockerfile | tar) ;;
-    *) usage_error "--flavor must be minimal or debian, got '$flavor'" ;;
+    minimal | debian | e2b | dockerfile | tar) ;;
+    *) usage_error "--flavor must be minimal, debian or e2b, got '$flavor'" ;;
 esac
 [ ! -d "$output" ] || usage_error "--output: $output is a directory; give the image file's path"
 check_parent_dir --output "$output"
@@ -186,7 +192,7 @@ if [ "$(id -u)" != 0 ]; then
             [ -z "${AGENTENV_UNDER_FAKEROOT:-}" ] || die "fakeroot did not give root (id -u is $(id -u))"
             AGENTENV_UNDER_FAKEROOT=1 exec fakeroot -- "$0" "${orig_args[@]}"
             ;;
-        debian) die "--flavor debian needs root (debootstrap)" ;;
+        debian | e2b) die "--flavor $flavor needs root (debootstrap)" ;;
         dockerfile) die "--dockerfile needs root (to unpack the container's files with their owners)" ;;
         tar) die "--tar needs root (to unpack the container's files with their owners)" ;;
     esac
@@ -206,6 +212,7 @@ inputs=$( {
     find "$res" -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
     case "$flavor" in
         minimal) sha256 "$busybox" ;;
+        e2b) find "$AGENTENV_REPO/resources/e2b" -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum ;;
         dockerfile) sha256 "$dockerfile" ;;
         tar) sha256 "$tarfile" ;;
     esac
@@ -325,20 +332,52 @@ finish_debian_like() {
     rm -rf "$r"/var/lib/apt/lists/* "$r"/var/cache/apt/*.bin "$r"/var/cache/apt/archives/*.deb
 }
 
-build_debian() {
+# debootstrap_root PKGS: debootstrap (minbase) $suite into $root with PKGS and --include.
+debootstrap_root() {
     need_cmd debootstrap debootstrap
-    local m
+    local m pkgs=$1
     m=$(debian_mirror)
     step "debootstrap $suite from $m"
     mkdir -p "$cache/debootstrap"
-    local pkgs=systemd-sysv,udev,dbus,openssh-server,iproute2,procps,iputils-ping,ca-certificates,netbase
     [ -z "$include" ] || pkgs="$pkgs,$include"
     debootstrap --variant=minbase --include="$pkgs" --cache-dir="$cache/debootstrap" \
         "$suite" "$root" "$m" >"$workdir/debootstrap.log" 2>&1 \
         || { tail -20 "$workdir/debootstrap.log" >&2; die "debootstrap $suite from $m failed (log above)"; }
+}
+
+build_debian() {
+    debootstrap_root systemd-sysv,udev,dbus,openssh-server,iproute2,procps,iputils-ping,ca-certificates,netbase
     step "adding the agentenv files"
     chroot "$root" passwd -d root >/dev/null
     finish_debian_like "$root"
+}
+
+# The E2B base template (docs/e2b-templates.md): what E2B's base image has, small and quick
+# to boot. resources/e2b/ holds its dpkg excludes and the systemd units it masks.
+build_e2b() {
+    local e2b="$AGENTENV_REPO/resources/e2b" r=$root unit
+    debootstrap_root systemd-sysv,iproute2,procps,ca-certificates,netbase,sudo,python3,bash,coreutils
+    step "adding the user, sudo and the agentenv files"
+    chroot "$r" passwd -d root >/dev/null
+    chroot "$r" groupadd --gid 1000 user
+    chroot "$r" useradd --uid 1000 --gid 1000 --groups sudo --create-home --home-dir /home/user \
+        --shell /bin/bash user
+    chroot "$r" passwd -d user >/dev/null
+    install -m 0440 "$e2b/sudoers" "$r/etc/sudoers.d/user"
+    install -m 0644 "$e2b/dpkg-excludes" "$r/etc/dpkg/dpkg.cfg.d/excludes"
+    install -D -m 0644 "$e2b/journald.conf" "$r/etc/systemd/journald.conf.d/e2b.conf"
+    finish_debian_like "$r"
+    # What systemd would start and a sandbox does not need (each costs seconds under TCG).
+    while read -r unit; do
+        case "$unit" in '' | '#'*) continue ;; esac
+        ln -sf /dev/null "$r/etc/systemd/system/$unit"
+    done <"$e2b/masked-units"
+    ln -sf /lib/systemd/system/multi-user.target "$r/etc/systemd/system/default.target"
+    step "removing docs, man pages, locales and caches"
+    rm -rf "$r"/usr/share/doc/* "$r"/usr/share/man/* "$r"/usr/share/info/* \
+        "$r"/usr/share/lintian "$r"/usr/share/linda "$r"/var/cache/debconf/*-old \
+        "$r"/var/log/*.log "$r"/var/log/apt/* "$r"/var/cache/ldconfig/aux-cache
+    find "$r/usr/share/locale" -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} +
 }
 
 build_dockerfile() {
@@ -371,6 +410,7 @@ build_tar() {
 case "$flavor" in
     minimal) build_minimal ;;
     debian) build_debian ;;
+    e2b) build_e2b ;;
     dockerfile) build_dockerfile ;;
     tar) build_tar ;;
 esac

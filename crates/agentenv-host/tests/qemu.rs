@@ -233,7 +233,7 @@ async fn a_missing_kernel_fails_the_launch_and_leaves_nothing() {
             "-M",
             "microvm,x-option-roms=off,isa-serial=on,rtc=off",
             "-accel",
-            "tcg",
+            "tcg,tb-size=128",
             "-cpu",
             "max"
         ]

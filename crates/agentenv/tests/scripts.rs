@@ -196,6 +196,8 @@ fn help_names_every_option() {
                 "--flavor",
                 "minimal",
                 "debian",
+                "e2b",
+                "/home/user",
                 "--dockerfile",
                 "--tar",
                 "--busybox",
@@ -273,6 +275,9 @@ fn help_names_every_option() {
                 "--output",
                 "--force",
                 "--rootfs-size-mib",
+                "--e2b",
+                "--e2b-size-mib",
+                "e2b-base.ext4",
                 "--timings",
                 "agentenv-guest",
             ],
@@ -534,6 +539,25 @@ fn bad_arguments_are_named() {
             "--rootfs-size-mib",
         ),
         ("build-artifacts.sh", &["--rebuild"], "--rebuild"),
+        (
+            "build-artifacts.sh",
+            &["--e2b", "--e2b-size-mib", "big"],
+            "--e2b-size-mib",
+        ),
+        (
+            "create-rootfs.sh",
+            &[
+                "--output",
+                "x.ext4",
+                "--size-mib",
+                "64",
+                "--flavor",
+                "e2b",
+                "--suite",
+                "Bookworm!",
+            ],
+            "--suite",
+        ),
         (
             "setup-remote-host.sh",
             &["--print-unit", "--prefix", "opt/agentenv"],
@@ -1240,6 +1264,41 @@ fn create_rootfs_refuses_an_agent_that_is_not_static() {
     }
 }
 
+/// The arguments that build `img` of `size` MiB of `flavor` with `agent`
+/// (the agent's path last, at index 7).
+fn rootfs_args<'a>(img: &'a Path, size: &'a str, flavor: &'a str, agent: &'a Path) -> [&'a str; 8] {
+    [
+        "--output",
+        img.to_str().unwrap(),
+        "--size-mib",
+        size,
+        "--flavor",
+        flavor,
+        "--agent",
+        agent.to_str().unwrap(),
+    ]
+}
+
+/// `create-rootfs.sh ARGS` with the cache `cache`, a build of up to
+/// `timeout` seconds, checked to succeed.
+fn create_rootfs_ok(args: &[&str], cache: &Path, timeout: u64) -> Ran {
+    let ran = Run::new("create-rootfs.sh", args)
+        .env("AGENTENV_CACHE", cache)
+        .timeout(timeout)
+        .run();
+    assert_eq!(ran.code, Some(0), "{}", ran.describe());
+    ran
+}
+
+/// A second `create-rootfs.sh ARGS` with the same inputs keeps the image.
+fn assert_rootfs_kept(args: &[&str], cache: &Path) {
+    let again = Run::new("create-rootfs.sh", args)
+        .env("AGENTENV_CACHE", cache)
+        .run();
+    assert_eq!(again.code, Some(0), "{}", again.describe());
+    assert!(again.stdout.contains("up to date"), "{}", again.describe());
+}
+
 #[test]
 fn minimal_rootfs_carries_overlay_init_and_the_agent() {
     if let Some(why) = minimal_rootfs_blocker() {
@@ -1250,21 +1309,8 @@ fn minimal_rootfs_carries_overlay_init_and_the_agent() {
     let agent = build_guest_agent(dir.path());
     let img = dir.path().join("minimal.ext4");
     let cache = dir.path().join("cache");
-    let args = [
-        "--output",
-        img.to_str().unwrap(),
-        "--size-mib",
-        "32",
-        "--flavor",
-        "minimal",
-        "--agent",
-        agent.to_str().unwrap(),
-    ];
-    let ran = Run::new("create-rootfs.sh", &args)
-        .env("AGENTENV_CACHE", &cache)
-        .timeout(180)
-        .run();
-    assert_eq!(ran.code, Some(0), "{}", ran.describe());
+    let args = rootfs_args(&img, "32", "minimal", &agent);
+    let ran = create_rootfs_ok(&args, &cache, 180);
     assert!(
         ran.stdout.contains("==> "),
         "no progress lines: {}",
@@ -1343,11 +1389,7 @@ fn minimal_rootfs_carries_overlay_init_and_the_agent() {
     }
 
     // Idempotent: a second run with the same inputs keeps the image.
-    let again = Run::new("create-rootfs.sh", &args)
-        .env("AGENTENV_CACHE", &cache)
-        .run();
-    assert_eq!(again.code, Some(0), "{}", again.describe());
-    assert!(again.stdout.contains("up to date"), "{}", again.describe());
+    assert_rootfs_kept(&args, &cache);
 
     // Another agent is another image.
     let other = dir.path().join("other-agent");
@@ -1391,6 +1433,134 @@ fn minimal_rootfs_carries_overlay_init_and_the_agent() {
         );
         assert!(!small.exists());
     }
+}
+
+/// Why the E2B base image cannot be built here, if it cannot.
+fn e2b_rootfs_blocker() -> Option<String> {
+    if !is_root() {
+        return Some("--flavor e2b needs root (debootstrap)".into());
+    }
+    for (tool, package) in [
+        ("debootstrap", "debootstrap"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("debugfs", "e2fsprogs"),
+    ] {
+        if !on_path(tool) {
+            return Some(format!("{tool} is not installed ({package})"));
+        }
+    }
+    None
+}
+
+/// `--flavor e2b`: E2B's base image (user `user` with passwordless sudo,
+/// bash, coreutils, python3), small (no docs, no apt lists), systemd
+/// trimmed, and the agentenv boot contract (overlay-init, the agent, the
+/// agentenv units). Built with the shared debootstrap package cache.
+#[test]
+fn e2b_rootfs_has_the_user_sudo_python_and_the_agent() {
+    if let Some(why) = e2b_rootfs_blocker() {
+        agentenv_testkit::skip::skip(&why);
+        return;
+    }
+    let dir = tempdir();
+    let agent = build_guest_agent(dir.path());
+    // Stamps in the test's cache; the packages from the shared one.
+    let cache = dir.path().join("cache");
+    fs::create_dir_all(&cache).unwrap();
+    let shared = std::env::var_os("AGENTENV_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/agentenv"))
+        .join("debootstrap");
+    fs::create_dir_all(&shared).unwrap();
+    std::os::unix::fs::symlink(&shared, cache.join("debootstrap")).unwrap();
+    let img = dir.path().join("e2b-base.ext4");
+    let args = rootfs_args(&img, "512", "e2b", &agent);
+    let ran = create_rootfs_ok(&args, &cache, 900);
+    assert_eq!(fs::metadata(&img).unwrap().len(), 512 << 20);
+
+    let passwd = debugfs(&img, "cat /etc/passwd");
+    assert!(
+        passwd.contains("\nuser:x:1000:1000::/home/user:/bin/bash\n"),
+        "/etc/passwd: {passwd}"
+    );
+    let group = debugfs(&img, "cat /etc/group");
+    assert!(group.contains("\nuser:x:1000:\n"), "/etc/group: {group}");
+    assert!(
+        group
+            .lines()
+            .any(|l| l.starts_with("sudo:") && l.ends_with(":user")),
+        "user is not in group sudo: {group}"
+    );
+    let home = debugfs(&img, "stat /home/user");
+    assert!(
+        home.contains("Type: directory") && home.contains("User:  1000   Group:  1000"),
+        "/home/user: {home}"
+    );
+    let sudoers = debugfs(&img, "stat /etc/sudoers.d/user");
+    assert!(
+        sudoers.contains("Mode:  0440") && sudoers.contains("User:     0   Group:     0"),
+        "/etc/sudoers.d/user: {sudoers}"
+    );
+    assert!(debugfs(&img, "cat /etc/sudoers.d/user").contains("user ALL=(ALL:ALL) NOPASSWD: ALL"));
+    let sudo = debugfs(&img, "stat /usr/bin/sudo");
+    assert!(
+        sudo.contains("Mode:  04755"),
+        "sudo is not setuid root: {sudo}"
+    );
+    for path in [
+        "/usr/bin/python3",
+        "/bin/bash",
+        "/usr/bin/env",
+        "/usr/bin/timeout",
+        "/lib/systemd/systemd",
+        "/sbin/init",
+        "/sbin/overlay-init",
+        "/sbin/agentenv-boot",
+        "/usr/sbin/agentenv-guest",
+        "/etc/systemd/system/agentenv-setup.service",
+        "/etc/systemd/system/agentenv-ready.service",
+        "/etc/dpkg/dpkg.cfg.d/excludes",
+    ] {
+        let stat = debugfs(&img, &format!("stat {path}"));
+        assert!(stat.contains("Inode:"), "{path} missing: {stat}");
+    }
+    // Masked units point at /dev/null; the default target is multi-user.
+    let masked = fs::read_to_string(repo().join("resources/e2b/masked-units")).unwrap();
+    let masked: Vec<&str> = masked
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    assert!(masked.contains(&"apt-daily.timer"), "{masked:?}");
+    let units = debugfs(&img, "ls -l /etc/systemd/system");
+    for unit in &masked {
+        let link = debugfs(&img, &format!("stat /etc/systemd/system/{unit}"));
+        assert!(
+            link.contains("Type: symlink") && link.contains("\"/dev/null\""),
+            "{unit} is not masked: {link}\n{units}"
+        );
+    }
+    let target = debugfs(&img, "stat /etc/systemd/system/default.target");
+    assert!(target.contains("multi-user.target"), "{target}");
+    // Small: no docs, man pages or apt lists; no SSH server, no udev.
+    for dir in ["/usr/share/doc", "/usr/share/man", "/var/lib/apt/lists"] {
+        let names: Vec<String> = debugfs(&img, &format!("ls {dir}"))
+            .split_whitespace()
+            .filter(|n| !n.starts_with('.') && !n.starts_with('(') && *n != "partial")
+            .filter(|n| n.parse::<u64>().is_err())
+            .map(String::from)
+            .collect();
+        assert_eq!(names, Vec::<String>::new(), "{dir} is not empty");
+    }
+    for path in ["/usr/sbin/sshd", "/lib/systemd/systemd-udevd"] {
+        assert!(
+            !debugfs(&img, &format!("stat {path}")).contains("Inode:"),
+            "{path} is in the image"
+        );
+    }
+    assert!(ran.stdout.contains("MiB of files"), "{}", ran.describe());
+
+    // Idempotent: the same inputs keep the image.
+    assert_rootfs_kept(&args, &cache);
 }
 
 /// A kernel package already in the cache, to build the kernel artifacts without network.

@@ -1050,3 +1050,52 @@ async fn a_restart_keeps_the_vms_cgroups_and_removes_orphans() {
     );
     assert_eq!(cg.names(), ["vm1"]);
 }
+
+/// A snapshot the daemon keeps for itself (an E2B template's warm snapshot)
+/// is restored for a user only by `create_as_from` naming its owner; the VM
+/// is the user's. Anyone else's snapshot stays invisible there too.
+#[tokio::test]
+async fn a_daemon_snapshot_is_restored_for_a_user_only_through_create_as_from() {
+    use crate::principal::{Principal, Scope};
+    let rig = Rig::new();
+    let engine = rig.start().await;
+    // `who`'s VM `vm` and a full snapshot `id` of it, `who`'s too.
+    let owned_snapshot = |who: Principal, vm: &'static str, id: &'static str| {
+        let engine = engine.clone();
+        async move {
+            engine.create_as(&who, plain(vm)).await.unwrap();
+            engine
+                .snapshot_as(&who, vm, Some(id.into()), true)
+                .await
+                .unwrap();
+        }
+    };
+    owned_snapshot(Principal::new("daemon:t", Scope::User), "warm", "w").await;
+    let alice = Principal::new("alice", Scope::User);
+    let e = engine
+        .create_as(&alice, restore_req("a1", "w"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.field(), Some("restore.snapshot_id"), "{e}");
+    assert!(engine.get("a1").is_err());
+    let vm = engine
+        .create_as_from(&alice, restore_req("a2", "w"), "daemon:t")
+        .await
+        .unwrap();
+    assert_eq!(vm.owner.as_deref(), Some("alice"));
+    assert_eq!(vm.restored_from.as_deref(), Some("w"));
+    // Bob's snapshot is not the daemon's: absent for alice.
+    owned_snapshot(Principal::new("bob", Scope::User), "b", "bobs").await;
+    let e = engine
+        .create_as_from(&alice, restore_req("a3", "bobs"), "daemon:t")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("bobs"), "{e}");
+    assert!(engine.get("a3").is_err());
+    // A malformed id is refused by its field before any lookup.
+    let e = engine
+        .create_as_from(&alice, restore_req("a4", "../w"), "daemon:t")
+        .await
+        .unwrap_err();
+    assert_eq!(e.field(), Some("restore.snapshot_id"), "{e}");
+}

@@ -96,6 +96,32 @@ impl Engine {
         self.create_owned(req, Some(who.name.clone())).await
     }
 
+    /// [`Engine::create_as`] for a create whose restore snapshot the daemon
+    /// chose for `who` (an E2B template's warm snapshot, kept by the daemon as
+    /// `snapshot_owner`'s): that snapshot may be `snapshot_owner`'s as well as
+    /// `who`'s; every other check is [`Engine::create_as`]'s. The VM is `who`'s.
+    pub async fn create_as_from(
+        self: &Arc<Self>,
+        who: &Principal,
+        req: CreateVmRequest,
+        snapshot_owner: &str,
+    ) -> Result<VmInfo, EngineError> {
+        if let Some(r) = &req.restore {
+            validate_id("restore.snapshot_id", &r.snapshot_id)?;
+            let daemons = self
+                .snapshots
+                .get(&r.snapshot_id)
+                .is_ok_and(|s| s.owner.as_deref() == Some(snapshot_owner));
+            if !daemons {
+                self.visible_snapshot(who, "restore.snapshot_id", &r.snapshot_id)?;
+            }
+        }
+        if let Some(DiskSpec::Snapshot { snapshot_id }) = &req.disk {
+            self.visible_snapshot(who, "disk.snapshot_id", snapshot_id)?;
+        }
+        self.create_owned(req, Some(who.name.clone())).await
+    }
+
     /// [`Engine::fork`] for `who`: the clones are `who`'s.
     pub async fn fork_as(
         self: &Arc<Self>,

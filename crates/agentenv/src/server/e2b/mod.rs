@@ -85,6 +85,11 @@ impl E2bApi {
         Ok(E2bApi { state })
     }
 
+    /// What the handlers share (the templates, the sandboxes' records).
+    pub fn state(&self) -> &Arc<E2bState> {
+        &self.state
+    }
+
     /// The router of the E2B listeners.
     pub fn router(&self) -> Router {
         let control = control::router(self.state.clone());
