@@ -5,7 +5,7 @@ set -euo pipefail
 
 usage() {
   cat <<'USAGE'
-Usage: scripts/quickstart.sh [--listen ADDR] [--vm NAME] [--no-install] [--help]
+Usage: scripts/quickstart.sh [--listen ADDR] [--vm NAME] [--e2b ADDR] [--no-install] [--help]
 
 Sets everything up on a fresh Debian machine and runs the main job:
   1. installs the Debian packages agentenv needs (apt-get; needs root),
@@ -20,6 +20,9 @@ Sets everything up on a fresh Debian machine and runs the main job:
 Options:
   --listen ADDR   daemon address (default 127.0.0.1:8080)
   --vm NAME       id of the VM to create (default demo)
+  --e2b ADDR      also serve the E2B-compatible API on ADDR (e.g. 127.0.0.1:3000):
+                  builds the E2B base template image too (artifacts/rootfs/e2b-base.ext4,
+                  debootstrap from the Debian mirror) and prints the SDK's three variables
   --no-install    skip apt-get (packages already present)
 USAGE
 }
@@ -27,10 +30,12 @@ USAGE
 listen=127.0.0.1:8080
 vm=demo
 install=1
+e2b=
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --listen) listen=${2:?--listen needs an address}; shift 2 ;;
     --vm) vm=${2:?--vm needs a name}; shift 2 ;;
+    --e2b) e2b=${2:?--e2b needs an address}; shift 2 ;;
     --no-install) install=0; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "quickstart: unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -63,7 +68,11 @@ cargo build --release -q -p agentenv
 bin=$root/target/release/agentenv
 
 step "building guest artifacts into artifacts/"
-scripts/build-artifacts.sh --output artifacts
+if [[ -n $e2b ]]; then
+  scripts/build-artifacts.sh --output artifacts --e2b
+else
+  scripts/build-artifacts.sh --output artifacts
+fi
 
 config=config/hypervisor.artifacts.toml
 server="http://$listen"
@@ -85,7 +94,9 @@ if [[ -f data/tokens && ! -s $token_file ]]; then
 fi
 
 step "starting the daemon on $listen (log: data/agentenv.log)"
-nohup "$bin" --config "$config" --listen "$listen" >data/agentenv.log 2>&1 &
+e2b_args=()
+[[ -n $e2b ]] && e2b_args=(--e2b-listen "$e2b")
+nohup "$bin" --config "$config" --listen "$listen" "${e2b_args[@]}" >data/agentenv.log 2>&1 &
 echo $! >"$pidfile"
 for i in $(seq 100); do
   curl -fsS "$server/v1/health" >/dev/null 2>&1 && break
@@ -145,3 +156,13 @@ echo "Then try:"
 echo "  $bin vm exec $vm -- sh -c 'cat /etc/os-release'; $bin vm cp ./file $vm:/root/file"
 echo "  $bin vm pause $vm; $bin vm resume $vm; $bin vm shutdown $vm; $bin vm rm $vm"
 echo "Stop the daemon with: kill \$(cat data/agentenv.pid)"
+
+if [[ -n $e2b ]]; then
+  step "the E2B API answers on $e2b"
+  curl -fsS -H "X-API-KEY: $AGENTENV_TOKEN" "http://$e2b/v2/sandboxes" >/dev/null || {
+    echo "quickstart: the E2B API on $e2b did not answer; daemon log: data/agentenv.log" >&2
+    exit 1
+  }
+  echo "Point the E2B SDK at it (template \"base\" is warmed in the background; see docs/e2b.md):"
+  echo "  export E2B_API_URL=http://$e2b E2B_SANDBOX_URL=http://$e2b E2B_API_KEY=\$(cat data/admin.token)"
+fi
