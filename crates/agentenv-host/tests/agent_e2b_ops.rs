@@ -4,7 +4,7 @@
 //! interactive stdin, file-system operations, watches, and transfers as a
 //! user; and a watch whose events nobody reads stays bounded.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -274,11 +274,6 @@ async fn stdin_stays_open_until_closed_and_writes_come_from_another_task() {
     control.signal(libc::SIGTERM).await.unwrap();
 }
 
-/// Makes `dir` writable by every user, sticky, as /tmp is.
-fn writable_by_all(dir: &Path) {
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
-}
-
 fn fs(user: Option<&str>, op: FsOp) -> FsRequest {
     FsRequest {
         user: user.map(str::to_string),
@@ -290,8 +285,6 @@ fn fs(user: Option<&str>, op: FsOp) -> FsRequest {
 async fn file_system_operations_answer_as_envd_does() {
     let dir = tempfile::tempdir().unwrap();
     let (_agent, client) = connect(dir.path()).await;
-    // The agent acts as the user: nobody may create in it, as in /tmp.
-    writable_by_all(dir.path());
     let root = dir.path().join("work");
     let r = root.display().to_string();
 
@@ -642,7 +635,6 @@ async fn an_unread_watch_does_not_grow_the_agent() {
 async fn transfers_as_a_user_resolve_from_home_and_belong_to_the_user() {
     let dir = tempfile::tempdir().unwrap();
     let (_agent, client) = connect(dir.path()).await;
-    writable_by_all(dir.path());
     let path = dir.path().join("up/deeper/file.txt");
     let mut up = client
         .put_file(&PutFile {
@@ -780,183 +772,4 @@ async fn a_closed_connection_leaves_no_watch_terminal_or_command_behind() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// The fs user id of each of `pid`'s threads, by thread name.
-fn thread_fsuids(pid: u32) -> Vec<(String, u32)> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let Ok(status) = std::fs::read_to_string(t.unwrap().path().join("status")) else {
-            continue;
-        };
-        let field = |key: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .unwrap_or_default()
-                .trim()
-                .to_string()
-        };
-        let fsuid = field("Uid:")
-            .split_whitespace()
-            .nth(3)
-            .unwrap()
-            .parse()
-            .unwrap();
-        out.push((field("Name:"), fsuid));
-    }
-    out
-}
-
-#[tokio::test]
-async fn a_user_is_refused_what_the_kernel_refuses_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let (agent, client) = connect(dir.path()).await;
-    let p = |rel: &str| dir.path().join(rel);
-    let s = |rel: &str| p(rel).display().to_string();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    // locked/: root's, 0700; shared/: root's, 0755, with a file only root reads.
-    std::fs::create_dir(p("locked")).unwrap();
-    std::fs::set_permissions(p("locked"), std::fs::Permissions::from_mode(0o700)).unwrap();
-    std::fs::write(p("locked/secret"), b"secret").unwrap();
-    std::fs::create_dir(p("shared")).unwrap();
-    std::fs::write(p("shared/secret"), b"root only").unwrap();
-    std::fs::set_permissions(p("shared/secret"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    let denied = |e: AgentError, path: &str| {
-        let e = remote(e);
-        assert_eq!(e.code, ErrorCode::PermissionDenied, "{e:?}");
-        assert!(e.error.contains(path), "the error names {path}: {e:?}");
-    };
-    let nobody = || Some("nobody".to_string());
-
-    // Reading root's 0600 file (E2B's files.read(path, user="user")).
-    let get = |rel: &str, user: Option<String>| GetFile { path: s(rel), user };
-    for rel in ["shared/secret", "locked/secret"] {
-        denied(
-            client.get_file(&get(rel, nobody())).await.err().unwrap(),
-            &s(rel),
-        );
-    }
-    // Writing into root's 0755 directory, and making parents in a 0700 one.
-    for rel in ["shared/new.txt", "locked/a/new.txt"] {
-        let up = client
-            .put_file(&PutFile {
-                path: s(rel),
-                mode: None,
-                make_parents: true,
-                user: nobody(),
-            })
-            .await;
-        let e = match up {
-            Ok(mut up) => {
-                let _ = up.write(b"x").await;
-                up.finish().await.unwrap_err()
-            }
-            Err(e) => e,
-        };
-        denied(e, &s(rel)[..s(rel).rfind('/').unwrap()]);
-    }
-    assert_eq!(std::fs::read_dir(p("shared")).unwrap().count(), 1);
-    // make_dir, list, stat, remove, move.
-    let fs_nobody = |op| fs(Some("nobody"), op);
-    for (op, path) in [
-        (
-            FsOp::MakeDir {
-                path: s("shared/d"),
-            },
-            s("shared/d"),
-        ),
-        (
-            FsOp::MakeDir {
-                path: s("locked/d"),
-            },
-            s("locked/d"),
-        ),
-        (
-            FsOp::List {
-                path: s("locked"),
-                depth: 1,
-            },
-            s("locked"),
-        ),
-        (
-            FsOp::Stat {
-                path: s("locked/secret"),
-            },
-            s("locked/secret"),
-        ),
-        (
-            FsOp::Remove {
-                path: s("shared/secret"),
-            },
-            s("shared/secret"),
-        ),
-    ] {
-        denied(client.fs(&fs_nobody(op)).await.unwrap_err(), &path);
-    }
-    assert!(p("shared/secret").exists() && !p("shared/d").exists());
-    // A watch of a directory nobody may not read.
-    let e = client
-        .watch(&WatchRequest {
-            path: s("locked"),
-            recursive: false,
-            user: nobody(),
-        })
-        .await
-        .err()
-        .unwrap();
-    denied(e, &s("locked"));
-
-    // Root, named or not, as before.
-    for user in [None, Some("root".to_string())] {
-        let mut dl = client.get_file(&get("locked/secret", user)).await.unwrap();
-        let mut got = Vec::new();
-        while let Some(c) = dl.next_chunk().await.unwrap() {
-            got.extend(c);
-        }
-        assert_eq!(got, b"secret");
-    }
-
-    // A user's watch holds its thread as the user: the agent's other
-    // threads, and a command started meanwhile, stay root.
-    std::fs::create_dir(p("mine")).unwrap();
-    std::os::unix::fs::chown(p("mine"), Some(65534), Some(65534)).unwrap();
-    let mut w = client
-        .watch(&WatchRequest {
-            path: s("mine"),
-            recursive: true,
-            user: nobody(),
-        })
-        .await
-        .unwrap();
-    let mut up = client
-        .put_file(&PutFile {
-            path: s("mine/sub/f.txt"),
-            mode: None,
-            make_parents: true,
-            user: nobody(),
-        })
-        .await
-        .unwrap();
-    up.write(b"nobody's").await.unwrap();
-    up.finish().await.unwrap();
-    for rel in ["mine/sub", "mine/sub/f.txt"] {
-        assert_eq!(std::fs::metadata(p(rel)).unwrap().uid(), 65534, "{rel}");
-    }
-    assert_eq!(next(&mut w).await.name, "sub");
-    let threads = thread_fsuids(agent.pid());
-    let switched: Vec<_> = threads.iter().filter(|(_, uid)| *uid != 0).collect();
-    assert_eq!(switched, [&("watch".to_string(), 65534)], "{threads:?}");
-    let mut exec = client
-        .exec(&sh("grep -E '^(Uid|Gid):' /proc/self/status"), None)
-        .await
-        .unwrap();
-    let (out, _, status) = finish(&mut exec).await;
-    assert_eq!(status.exit_code, Some(0), "{status:?}");
-    let ids: Vec<String> = out
-        .lines()
-        .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
-        .collect();
-    assert_eq!(ids, ["0 0 0 0", "0 0 0 0"], "{out}");
-    drop(w);
 }

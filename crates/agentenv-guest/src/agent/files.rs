@@ -1,9 +1,6 @@
 //! `PutFile` and `GetFile`: file transfers, each on its own thread, for root
-//! or as a guest user (a relative path from its home). A user's upload runs
-//! on a thread with the user's file-system credentials, and a user's
-//! download opens its file on one ([`creds`](super::creds)): the kernel
-//! checks them as the user's, and an upload and the parents it makes belong
-//! to the user.
+//! or as a guest user (a relative path from its home; an upload and the
+//! parents it makes belong to the user).
 //!
 //! An upload is written to `.<name>.agentenv-upload-<stream>` beside its
 //! destination and renamed over it after `Eof` (fsync, chmod, rename, fsync
@@ -23,7 +20,7 @@ use super::fsops::make_dirs;
 use super::out::{Inflight, OutStream};
 use super::session::cancelled;
 use super::users::{self, User};
-use super::{creds, io_error, spawn};
+use super::{io_error, spawn};
 
 /// Mode of an uploaded file when the request names none.
 const DEFAULT_MODE: u32 = 0o644;
@@ -123,7 +120,7 @@ pub fn start_put(req: PutFile, out: Arc<OutStream>) -> Result<PutHandle, ErrorMs
     let upload = Upload {
         tmp: parent.join(tmp_name),
         dest: path.clone(),
-        user,
+        owner: user.map(|u| (u.uid, u.gid)),
         make_parents: req.make_parents,
         mode,
         out,
@@ -137,8 +134,8 @@ pub fn start_put(req: PutFile, out: Arc<OutStream>) -> Result<PutHandle, ErrorMs
 struct Upload {
     tmp: PathBuf,
     dest: PathBuf,
-    /// Whose credentials the upload's thread has (None: the agent's).
-    user: Option<User>,
+    /// Who the file (and the parents it makes) belongs to; None: root.
+    owner: Option<(u32, u32)>,
     make_parents: bool,
     mode: u32,
     out: Arc<OutStream>,
@@ -148,14 +145,6 @@ struct Upload {
 
 impl Upload {
     fn run(self, rx: &Receiver<PutMsg>) {
-        // This thread serves this upload only and ends with it.
-        let _as_user = match creds::enter(self.user.as_ref()) {
-            Ok(g) => g,
-            Err(e) => {
-                self.out.fail(&e);
-                return;
-            }
-        };
         let mut file = match self.prepare() {
             Ok(f) => f,
             Err(e) => {
@@ -218,7 +207,7 @@ impl Upload {
             return Err(bad("path", format!("path {dest} is a directory")));
         }
         if self.make_parents {
-            make_dirs(parent).map_err(|e| {
+            make_dirs(parent, self.owner).map_err(|e| {
                 let what = format!("create directory {}", parent.display());
                 io_error("path", &what, &e)
             })?;
@@ -249,14 +238,16 @@ impl Upload {
             .truncate(true)
             .mode(0o600)
             .open(&self.tmp)
-            .map_err(|e| {
-                let what = format!("create {dest} (as {})", self.tmp.display());
-                io_error("path", &what, &e)
-            })
+            .map_err(|e| io_error("path", &format!("create {}", self.tmp.display()), &e))
     }
 
     fn commit(&self, file: &File) -> Result<(), ErrorMsg> {
         let tmp = self.tmp.display();
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::fchown(file, Some(uid), Some(gid))
+                .map_err(|e| io_error("path", &format!("chown {tmp}"), &e))?;
+        }
+        // After the chown, which clears set-id bits.
         file.set_permissions(Permissions::from_mode(self.mode))
             .map_err(|e| io_error("path", &format!("chmod {tmp}"), &e))?;
         file.sync_all()
@@ -277,28 +268,20 @@ impl Upload {
     }
 }
 
-/// Validates a `GetFile`, opens the file (as the user, on a thread of its
-/// own) and starts the sender thread, which reads the open file.
+/// Validates a `GetFile`, opens the file and starts the sender thread.
 pub fn start_get(req: GetFile, out: Arc<OutStream>) -> Result<(), ErrorMsg> {
-    let (path, user) = check_path(&req.path, req.user.as_deref())?;
+    let (path, _) = check_path(&req.path, req.user.as_deref())?;
     let shown = path.display().to_string();
-    let (file, info) = creds::run_as(user.as_ref(), || open_regular(&path, &shown))?;
-    spawn("get", move || download(file, &shown, info, &out))
-        .map_err(|e| io_error("path", "start a thread", &e))
-}
-
-/// Opens `path` for reading if it is a regular file.
-fn open_regular(path: &Path, shown: &str) -> Result<(File, FileInfo), ErrorMsg> {
     let not_regular = || bad("path", format!("path {shown} is not a regular file"));
     // stat first: opening a FIFO or a device can block or have side effects.
-    let meta = fs::metadata(path).map_err(|e| io_error("path", shown, &e))?;
+    let meta = fs::metadata(&path).map_err(|e| io_error("path", &shown, &e))?;
     if !meta.is_file() {
         return Err(not_regular());
     }
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
-        .open(path)
+        .open(&path)
         .map_err(|e| io_error("path", &format!("open {shown}"), &e))?;
     let meta = file
         .metadata()
@@ -310,7 +293,8 @@ fn open_regular(path: &Path, shown: &str) -> Result<(File, FileInfo), ErrorMsg> 
         size: meta.len(),
         mode: meta.mode() & 0o7777,
     };
-    Ok((file, info))
+    spawn("get", move || download(file, &shown, info, &out))
+        .map_err(|e| io_error("path", "start a thread", &e))
 }
 
 fn download(mut file: File, path: &str, info: FileInfo, out: &OutStream) {

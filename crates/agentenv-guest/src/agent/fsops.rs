@@ -1,10 +1,9 @@
 //! `Fs`: stat, list, make_dir, move and remove, for root or on a guest
-//! user's behalf (relative paths from its home).
+//! user's behalf (relative paths from its home; what is created is its own).
 //!
-//! A request with a user runs on a thread with the user's file-system
-//! credentials ([`creds`](super::creds)): the kernel checks each access as
-//! the user's (`permission_denied` naming the path when it refuses), and
-//! what the operation creates is the user's. A listing is streamed to the host
+//! The agent runs them as root: a caller with the VM's agent can run any
+//! command as root anyway, so acting "as a user" is about paths and
+//! ownership, not a permission boundary. A listing is streamed to the host
 //! in `FsEntries` frames within the stream's credit as the walk goes, so
 //! neither side holds more than a chunk of it beyond the window.
 
@@ -19,7 +18,7 @@ use agentenv_proto::{
 
 use super::out::OutStream;
 use super::users::{self, Accounts, User};
-use super::{creds, io_error, spawn};
+use super::{io_error, spawn};
 
 /// A listing goes out in frames of about this many bytes of JSON.
 const ENTRIES_CHUNK: usize = 64 * 1024;
@@ -29,21 +28,12 @@ fn bad(field: &str, msg: impl Into<String>) -> ErrorMsg {
 }
 
 /// Starts an `Fs` request on its own thread (a frozen file system blocks it,
-/// not the session; a user's request switches it to the user's
-/// credentials), which ends the stream with `FsResult` or `Error`.
+/// not the session), which ends the stream with `FsResult` or `Error`.
 pub fn start(req: FsRequest, out: std::sync::Arc<OutStream>) -> Result<(), ErrorMsg> {
     let user = users::acting(req.user.as_deref())?;
     let o = out.clone();
     spawn("fs", move || {
         let accounts = Accounts::guest();
-        // This thread serves this request only and ends with it.
-        let _as_user = match creds::enter(user.as_ref()) {
-            Ok(g) => g,
-            Err(e) => {
-                o.fail(&e);
-                return;
-            }
-        };
         match run(&req.op, user.as_ref(), &accounts, &o) {
             Ok(Some(res)) => o.finish(Kind::FsResult, &res),
             Ok(None) => false,
@@ -79,7 +69,7 @@ pub fn run(
         }
         FsOp::MakeDir { path } => {
             let p = users::resolve("path", path, user)?;
-            make_dir(&p)?;
+            make_dir(&p, user)?;
             one(entry_of(&p, accounts).map_err(|e| io_error("path", &shown(&p), &e))?)
         }
         FsOp::Move {
@@ -263,10 +253,14 @@ fn list(dir: &Path, depth: u32, accounts: &Accounts, out: &OutStream) -> Result<
     Ok(chunks.flush())
 }
 
-/// Creates `dir`'s missing ancestors and `dir` (mode 0755), as the calling
-/// thread's credentials allow (a user's thread: they are the user's). An
-/// existing directory on the way is fine.
-pub fn make_dirs(dir: &Path) -> io::Result<()> {
+/// The owner a user's new files and directories get.
+fn owner(user: Option<&User>) -> Option<(u32, u32)> {
+    user.map(|u| (u.uid, u.gid))
+}
+
+/// Creates `dir`'s missing ancestors and `dir` (mode 0755), each owned by
+/// `owner` when given. An existing directory on the way is fine.
+pub fn make_dirs(dir: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
     let mut missing = Vec::new();
     let mut p = dir;
     loop {
@@ -284,7 +278,11 @@ pub fn make_dirs(dir: &Path) -> io::Result<()> {
     }
     for d in missing.into_iter().rev() {
         match fs::create_dir(d) {
-            Ok(()) => {}
+            Ok(()) => {
+                if let Some((uid, gid)) = owner {
+                    lchown(d, Some(uid), Some(gid))?;
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => {}
             Err(e) => return Err(e),
         }
@@ -292,7 +290,7 @@ pub fn make_dirs(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-fn make_dir(p: &Path) -> Result<(), ErrorMsg> {
+fn make_dir(p: &Path, user: Option<&User>) -> Result<(), ErrorMsg> {
     match fs::metadata(p) {
         Ok(m) if m.is_dir() => {
             return Err(ErrorMsg::new(
@@ -310,7 +308,8 @@ fn make_dir(p: &Path) -> Result<(), ErrorMsg> {
         }
         Err(_) => {}
     }
-    make_dirs(p).map_err(|e| io_error("path", &format!("create directory {}", p.display()), &e))
+    make_dirs(p, owner(user))
+        .map_err(|e| io_error("path", &format!("create directory {}", p.display()), &e))
 }
 
 fn move_path(src: &Path, dst: &Path, user: Option<&User>) -> Result<(), ErrorMsg> {
@@ -326,7 +325,7 @@ fn move_path(src: &Path, dst: &Path, user: Option<&User>) -> Result<(), ErrorMsg
         ));
     }
     if let Some(parent) = dst.parent() {
-        make_dirs(parent).map_err(|e| {
+        make_dirs(parent, owner(user)).map_err(|e| {
             io_error(
                 "destination",
                 &format!("create directory {}", parent.display()),
@@ -338,10 +337,8 @@ fn move_path(src: &Path, dst: &Path, user: Option<&User>) -> Result<(), ErrorMsg
     match fs::rename(src, dst) {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            // Another file system: copy (modes, links kept; owners too,
-            // as root: a user's copy is its own, as with mv), then remove.
-            let keep_owners = creds::switching(user).is_none();
-            if let Err(e) = copy_tree(src, dst, keep_owners) {
+            // Another file system: copy (modes, owners, links kept), then remove.
+            if let Err(e) = copy_tree(src, dst) {
                 let _ = remove_tree(dst);
                 return Err(io_error("destination", &what(), &e));
             }
@@ -352,8 +349,8 @@ fn move_path(src: &Path, dst: &Path, user: Option<&User>) -> Result<(), ErrorMsg
 }
 
 /// Copies `src` to `dst` (which must not exist, or be a file to replace),
-/// keeping modes and symlinks, and owners with `keep_owners`.
-fn copy_tree(src: &Path, dst: &Path, keep_owners: bool) -> io::Result<()> {
+/// keeping modes, owners and symlinks.
+fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
     let meta = fs::symlink_metadata(src)?;
     let ft = meta.file_type();
     if ft.is_symlink() {
@@ -362,7 +359,7 @@ fn copy_tree(src: &Path, dst: &Path, keep_owners: bool) -> io::Result<()> {
         fs::create_dir(dst)?;
         for e in fs::read_dir(src)? {
             let e = e?;
-            copy_tree(&e.path(), &dst.join(e.file_name()), keep_owners)?;
+            copy_tree(&e.path(), &dst.join(e.file_name()))?;
         }
         fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
     } else if ft.is_file() {
@@ -373,10 +370,7 @@ fn copy_tree(src: &Path, dst: &Path, keep_owners: bool) -> io::Result<()> {
             format!("{} is not a file, directory or symlink", src.display()),
         ));
     }
-    if keep_owners {
-        lchown(dst, Some(meta.uid()), Some(meta.gid()))?;
-    }
-    Ok(())
+    lchown(dst, Some(meta.uid()), Some(meta.gid()))
 }
 
 /// Removes a path: a directory with everything in it, a symlink itself.
@@ -538,7 +532,7 @@ mod tests {
         fs::write(src.join("d/f"), b"data").unwrap();
         fs::set_permissions(src.join("d/f"), fs::Permissions::from_mode(0o600)).unwrap();
         std::os::unix::fs::symlink("d/f", src.join("l")).unwrap();
-        copy_tree(&src, &t.path().join("dst"), true).unwrap();
+        copy_tree(&src, &t.path().join("dst")).unwrap();
         let dst = t.path().join("dst");
         assert_eq!(fs::read(dst.join("d/f")).unwrap(), b"data");
         assert_eq!(fs::metadata(dst.join("d/f")).unwrap().mode() & 0o777, 0o600);
@@ -606,15 +600,11 @@ mod tests {
             return;
         }
         let t = tempfile::tempdir().unwrap();
-        // Writable by anyone, as /tmp (the agent acts as the user: it
-        // needs a directory the user may write in).
-        fs::set_permissions(t.path(), fs::Permissions::from_mode(0o1777)).unwrap();
         let a = accounts();
         let nobody = a.user("nobody").unwrap();
         let (o, _rx) = out();
         let p = format!("{}/x/y", t.path().display());
-        let op = FsOp::MakeDir { path: p };
-        let e = creds::run_as(Some(&nobody), || run(&op, Some(&nobody), &a, &o))
+        let e = run(&FsOp::MakeDir { path: p }, Some(&nobody), &a, &o)
             .unwrap()
             .unwrap()
             .entry

@@ -1,12 +1,10 @@
 //! The agent: transports ([`transport`]) feed sessions ([`session`]), which
 //! start requests: commands ([`exec`]), file transfers ([`files`]),
 //! file-system operations ([`fsops`]) and watches ([`watch`]), on behalf of
-//! guest users ([`users`], with their file-system credentials: [`creds`]),
-//! file-system freezes ([`freeze`]) and a restored
+//! guest users ([`users`]), file-system freezes ([`freeze`]) and a restored
 //! VM's new identity ([`identity`]). Everything runs on std threads; the
 //! guest → host direction goes through one writer thread per session ([`out`]).
 
-pub mod creds;
 pub mod exec;
 pub mod files;
 pub mod freeze;

@@ -112,63 +112,6 @@ impl ChildSetup {
     }
 }
 
-/// Sets the calling thread's file-system user id (`setfsuid(2)`, the raw
-/// system call: libc's wrappers of the set-id calls change every thread of
-/// the process). Returns the previous one; the kernel reports no error, so
-/// the caller checks the change took (see [`thread_fsuid`]).
-pub fn set_thread_fsuid(uid: u32) -> u32 {
-    // SAFETY: setfsuid takes an integer and has no memory effects.
-    unsafe { libc::syscall(libc::SYS_setfsuid, libc::c_long::from(uid)) as u32 }
-}
-
-/// Sets the calling thread's file-system group id (raw `setfsgid(2)`);
-/// returns the previous one.
-pub fn set_thread_fsgid(gid: u32) -> u32 {
-    // SAFETY: setfsgid takes an integer and has no memory effects.
-    unsafe { libc::syscall(libc::SYS_setfsgid, libc::c_long::from(gid)) as u32 }
-}
-
-/// The calling thread's file-system user id: an invalid id (-1) changes
-/// nothing and the call returns the current one.
-pub fn thread_fsuid() -> u32 {
-    set_thread_fsuid(u32::MAX)
-}
-
-/// The calling thread's file-system group id.
-pub fn thread_fsgid() -> u32 {
-    set_thread_fsgid(u32::MAX)
-}
-
-/// Sets the calling thread's supplementary groups (raw `setgroups(2)`:
-/// only this thread, unlike libc's wrapper).
-pub fn set_thread_groups(groups: &[u32]) -> io::Result<()> {
-    // SAFETY: the kernel reads `groups.len()` gid_t values from the slice,
-    // which lives for the call.
-    let r = unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-/// The calling thread's supplementary groups (`getgroups(2)`).
-pub fn thread_groups() -> io::Result<Vec<u32>> {
-    // SAFETY: a size of 0 asks for the count only; the buffer is not touched.
-    let n = unsafe { libc::syscall(libc::SYS_getgroups, 0, std::ptr::null_mut::<u32>()) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut groups = vec![0u32; usize::try_from(n).unwrap_or(0)];
-    // SAFETY: the kernel writes at most `groups.len()` gid_t values into it.
-    let n = unsafe { libc::syscall(libc::SYS_getgroups, groups.len(), groups.as_mut_ptr()) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    groups.truncate(usize::try_from(n).unwrap_or(0));
-    Ok(groups)
-}
-
 /// A non-blocking, close-on-exec inotify instance.
 pub fn inotify_init() -> io::Result<OwnedFd> {
     // SAFETY: inotify_init1 has no memory effects.

@@ -7,11 +7,6 @@
 //! queue overflows the watch ends with an error saying events were lost. So
 //! a watch holds a fixed read buffer and one path per watched directory
 //! ([`MAX_WATCHED_DIRS`] at most), never a queue that grows.
-//!
-//! A user's watch is set up, and its thread runs, with the user's
-//! file-system credentials ([`creds`](super::creds)): a directory the user
-//! may not read cannot be watched (`permission_denied`), and a recursive
-//! watch skips the sub-directories the user may not read.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -27,7 +22,7 @@ use agentenv_proto::{
 use super::fsops::entry_of;
 use super::out::OutStream;
 use super::users::{self, Accounts};
-use super::{creds, io_error, lock, spawn, sys};
+use super::{io_error, lock, spawn, sys};
 
 /// Most directories one recursive watch follows.
 pub const MAX_WATCHED_DIRS: usize = 65_536;
@@ -106,8 +101,7 @@ impl Dirs {
             };
             let wd = match sys::inotify_add(self.fd.as_fd(), &abs, mask) {
                 Ok(wd) => wd,
-                // A sub-directory that went (or turned into a file) meanwhile,
-                // or that the user may not read.
+                // A sub-directory that went (or turned into a file) meanwhile.
                 Err(_) if !rel.as_os_str().is_empty() => continue,
                 Err(e) => return Err(io_error("path", &format!("watch {}", abs.display()), &e)),
             };
@@ -152,31 +146,27 @@ fn send(out: &OutStream, rel: &Path, op: FsEventOp) -> bool {
 pub fn start(req: WatchRequest, out: Arc<OutStream>) -> Result<WatchHandle, ErrorMsg> {
     let user = users::acting(req.user.as_deref())?;
     let root = users::resolve("path", &req.path, user.as_ref())?;
-    let accounts = Accounts::guest();
-    let (mut dirs, entry) = creds::run_as(user.as_ref(), || {
-        match std::fs::metadata(&root) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(ErrorMsg::new(
-                    ErrorCode::BadRequest,
-                    Some("path"),
-                    format!("path {} is not a directory", root.display()),
-                ))
-            }
-            Err(e) => return Err(io_error("path", &root.display().to_string(), &e)),
+    match std::fs::metadata(&root) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(ErrorMsg::new(
+                ErrorCode::BadRequest,
+                Some("path"),
+                format!("path {} is not a directory", root.display()),
+            ))
         }
-        let fd = sys::inotify_init().map_err(|e| io_error("path", "inotify_init", &e))?;
-        let mut dirs = Dirs {
-            fd,
-            root: root.clone(),
-            recursive: req.recursive,
-            by_wd: HashMap::new(),
-        };
-        dirs.add_tree(PathBuf::new(), None)?;
-        let entry = entry_of(&root, &accounts)
-            .map_err(|e| io_error("path", &root.display().to_string(), &e))?;
-        Ok((dirs, entry))
-    })?;
+        Err(e) => return Err(io_error("path", &root.display().to_string(), &e)),
+    }
+    let fd = sys::inotify_init().map_err(|e| io_error("path", "inotify_init", &e))?;
+    let mut dirs = Dirs {
+        fd,
+        root: root.clone(),
+        recursive: req.recursive,
+        by_wd: HashMap::new(),
+    };
+    dirs.add_tree(PathBuf::new(), None)?;
+    let entry = entry_of(&root, &Accounts::guest())
+        .map_err(|e| io_error("path", &root.display().to_string(), &e))?;
     let (wake_r, wake_w) = sys::pipe().map_err(|e| io_error("path", "pipe", &e))?;
     out.send_json(
         Kind::FsResult,
@@ -187,11 +177,7 @@ pub fn start(req: WatchRequest, out: Arc<OutStream>) -> Result<WatchHandle, Erro
     );
     let out2 = out.clone();
     spawn("watch", move || {
-        // This thread serves this watch only and ends with it; it watches
-        // the directories that appear as the user.
-        let result =
-            creds::enter(user.as_ref()).and_then(|_as_user| run(&mut dirs, &wake_r, &out2));
-        if let Err(e) = result {
+        if let Err(e) = run(&mut dirs, &wake_r, &out2) {
             out2.fail(&e);
         }
     })
