@@ -179,7 +179,7 @@ async def test_pause_connect_kill():
     s = await AsyncSandbox.create(timeout=SANDBOX_TIMEOUT, metadata=metadata())
     try:
         await s.files.write("/home/user/p.txt", "paused")
-        assert await s.pause() is not False
+        assert await s.pause() is True
         assert not await s.is_running()
         r = await AsyncSandbox.connect(s.sandbox_id)
         assert await r.files.read("/home/user/p.txt") == "paused"

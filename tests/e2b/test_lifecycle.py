@@ -6,7 +6,7 @@ import time
 import uuid
 
 import pytest
-from e2b import AuthenticationException, Sandbox, SandboxException
+from e2b import AuthenticationException, CommandExitException, Sandbox, SandboxException
 from e2b.sandbox.sandbox_api import SandboxQuery
 
 from conftest import RUN_ID, SANDBOX_TIMEOUT, metadata, wait_until
@@ -68,7 +68,7 @@ def test_list_with_metadata_and_state_filters():
         assert only_a[0].metadata["role"] == "a"
         assert listed(SandboxQuery(metadata={"tag": tag, "role": "nobody"})) == []
 
-        assert b.pause() is not False
+        assert b.pause() is True
         running = listed(SandboxQuery(metadata={"tag": tag}, state=[SandboxState.RUNNING]))
         paused = listed(SandboxQuery(metadata={"tag": tag}, state=[SandboxState.PAUSED]))
         assert [s.sandbox_id for s in running] == [a.sandbox_id]
@@ -86,11 +86,19 @@ def test_list_with_metadata_and_state_filters():
 
 
 def test_kill_and_kill_unknown():
-    """kill: True the first time, then the sandbox is gone (is_running False,
-    get_info raises); killing it again or an unknown id returns False."""
+    """kill: True the first time, then the sandbox is gone (its open streams
+    end with an error, is_running False, get_info raises); killing it again
+    or an unknown id returns False."""
     s = Sandbox.create(timeout=SANDBOX_TIMEOUT, metadata=metadata())
+    h = s.commands.run("sleep 300", background=True)
     assert s.kill() is True
+    # The open output stream ends with an error, not an exit code.
+    with pytest.raises(SandboxException) as e:
+        h.wait()
+    assert not isinstance(e.value, CommandExitException), e.value
     assert s.is_running() is False
+    with pytest.raises(SandboxException):
+        s.commands.run("true")
     with pytest.raises(SandboxException):
         s.get_info()
     assert Sandbox.kill(s.sandbox_id) is False
@@ -119,7 +127,7 @@ def test_pause_and_connect_resumes():
     s = Sandbox.create(timeout=SANDBOX_TIMEOUT, metadata=metadata())
     try:
         s.files.write("/home/user/before-pause.txt", "kept across pause")
-        assert s.pause() is not False
+        assert s.pause() is True
         assert s.get_info().state == SandboxState.PAUSED
         assert s.is_running() is False
         assert Sandbox.pause(s.sandbox_id) is False  # already paused: 409
