@@ -116,7 +116,7 @@ leaks() {
     local cmd
     for p in /proc/[0-9]*; do
         [ "${p#/proc/}" = "$$" ] && continue
-        cmd=$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null) || continue
+        cmd=$( { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null) || continue
         if [[ $cmd == *"$run"* ]]; then
             out+="process ${p#/proc/}: ${cmd:0:160}"$'\n'
         fi
