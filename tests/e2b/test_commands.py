@@ -6,6 +6,7 @@ import time
 
 import pytest
 from e2b import (
+    AuthenticationException,
     CommandExitException,
     InvalidArgumentException,
     SandboxException,
@@ -83,7 +84,8 @@ def test_user(sbx):
     assert r.stdout.split()[0] == "user" and r.stdout.split()[1] != "0"
     # Passwordless sudo, as E2B's base template has.
     assert sbx.commands.run("sudo -n id -u").stdout == "0\n"
-    with pytest.raises(SandboxException):
+    # As envd: an unknown user fails authentication (`unauthenticated`).
+    with pytest.raises(AuthenticationException):
         sbx.commands.run("true", user="no-such-user")
 
 

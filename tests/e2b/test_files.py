@@ -8,7 +8,7 @@ import os
 import time
 
 import pytest
-from e2b import FileNotFoundException, FileType, SandboxException
+from e2b import AuthenticationException, FileNotFoundException, FileType, SandboxException
 from e2b.sandbox.filesystem.watch_handle import FilesystemEventType
 
 from conftest import sdk_at_least, wait_until
@@ -180,19 +180,26 @@ def test_remove(sbx, tmpdir_in_sbx):
 def test_files_as_user(sbx, tmpdir_in_sbx):
     """Files written as root belong to root; the default user's to `user`;
     the default user cannot read root's 0600 files."""
-    p = "/root/suite-root-only.txt"
+    p = "/tmp/suite-root-only.txt"
     sbx.files.write(p, "secret", user="root")
     try:
         i = sbx.files.get_info(p, user="root")
         assert i.owner == "root"
         assert sbx.files.read(p, user="root") == "secret"
+        sbx.commands.run(f"chmod 600 {p}", user="root")
         with pytest.raises(SandboxException):
             sbx.files.read(p)  # as `user`: permission denied
+        with pytest.raises(SandboxException):
+            sbx.files.write(p, "overwrite")  # likewise
+        assert sbx.files.read(p, user="root") == "secret"
         q = f"{tmpdir_in_sbx}/mine.txt"
         sbx.files.write(q, "mine")
         assert sbx.commands.run(f"stat -c %U {q}").stdout == "user\n"
     finally:
         sbx.files.remove(p, user="root")
+    assert sbx.files.exists(p) is False
+    with pytest.raises(AuthenticationException):
+        sbx.files.read(q, user="no-such-user")
 
 
 def _events(handle, want, timeout=20, any_of=False):
