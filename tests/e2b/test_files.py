@@ -178,28 +178,38 @@ def test_remove(sbx, tmpdir_in_sbx):
 
 
 def test_files_as_user(sbx, tmpdir_in_sbx):
-    """Files written as root belong to root; the default user's to `user`;
-    the default user cannot read root's 0600 files."""
+    """Files written as root belong to root, the default user's to `user`; an
+    unknown user fails authentication (401), as on envd."""
+    p = "/tmp/suite-root-owned.txt"
+    sbx.files.write(p, "rooted", user="root")
+    try:
+        assert sbx.files.get_info(p, user="root").owner == "root"
+        assert sbx.files.read(p, user="root") == "rooted"
+        q = f"{tmpdir_in_sbx}/mine.txt"
+        sbx.files.write(q, "mine")
+        assert sbx.files.get_info(q).owner == "user"
+        assert sbx.commands.run(f"stat -c %U {q}").stdout == "user\n"
+        with pytest.raises(AuthenticationException):
+            sbx.files.read(q, user="no-such-user")
+    finally:
+        sbx.files.remove(p, user="root")
+    assert sbx.files.exists(p) is False
+
+
+def test_file_permissions_apply_to_the_user(sbx):
+    """File operations run with the user's rights, as envd's do: the default
+    user can neither read nor overwrite root's 0600 file; root can."""
     p = "/tmp/suite-root-only.txt"
     sbx.files.write(p, "secret", user="root")
     try:
-        i = sbx.files.get_info(p, user="root")
-        assert i.owner == "root"
-        assert sbx.files.read(p, user="root") == "secret"
         sbx.commands.run(f"chmod 600 {p}", user="root")
         with pytest.raises(SandboxException):
             sbx.files.read(p)  # as `user`: permission denied
         with pytest.raises(SandboxException):
             sbx.files.write(p, "overwrite")  # likewise
         assert sbx.files.read(p, user="root") == "secret"
-        q = f"{tmpdir_in_sbx}/mine.txt"
-        sbx.files.write(q, "mine")
-        assert sbx.commands.run(f"stat -c %U {q}").stdout == "user\n"
     finally:
         sbx.files.remove(p, user="root")
-    assert sbx.files.exists(p) is False
-    with pytest.raises(AuthenticationException):
-        sbx.files.read(q, user="no-such-user")
 
 
 def _events(handle, want, timeout=20, any_of=False):
