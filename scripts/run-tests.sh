@@ -31,7 +31,14 @@ esac
 cd "$(dirname "$0")/.."
 if command -v mkfs.ext4 >/dev/null && command -v busybox >/dev/null && command -v lz4 >/dev/null; then
   echo "==> building guest artifacts (cached)"
-  scripts/build-artifacts.sh --output artifacts
+  # With --e2b also the E2B base template image (tests/e2b, the e2b_* tests):
+  # Debian by debootstrap, which needs root and the Debian mirror.
+  e2b=()
+  if [ "$(id -u)" = 0 ] && command -v debootstrap >/dev/null &&
+    scripts/build-artifacts.sh --help | grep -q -- '--e2b'; then
+    e2b=(--e2b)
+  fi
+  scripts/build-artifacts.sh --output artifacts "${e2b[@]}"
 else
   echo "==> skipping guest artifacts: mkfs.ext4, busybox or lz4 missing; tests that boot real guests will skip"
 fi
