@@ -9,7 +9,7 @@ import pytest
 from e2b import AuthenticationException, CommandExitException, Sandbox, SandboxException
 from e2b.sandbox.sandbox_api import SandboxQuery
 
-from conftest import RUN_ID, SANDBOX_TIMEOUT, metadata, wait_until
+from conftest import RUN_ID, SANDBOX_TIMEOUT, metadata, sdk_at_least, wait_until
 
 try:  # the state enum lives in the generated API models in every 2.x
     from e2b.api.client.models.sandbox_state import SandboxState
@@ -237,3 +237,42 @@ def test_snapshot_create_list_delete(sbx):
         assert Sandbox.delete_snapshot(snap.snapshot_id) is True
         sbx.files.remove("/home/user/snap.txt")
     assert Sandbox.delete_snapshot(snap.snapshot_id) is False
+
+
+def test_auto_pause_on_timeout():
+    """lifecycle on_timeout=pause (autoPause): at the deadline the sandbox is
+    paused, not killed; connect resumes it with its files."""
+    s = Sandbox.create(
+        timeout=SANDBOX_TIMEOUT, metadata=metadata(), lifecycle={"on_timeout": "pause"}
+    )
+    try:
+        s.files.write("/home/user/auto.txt", "still here")
+        s.set_timeout(3)
+        wait_until(
+            "the sandbox to pause itself",
+            lambda: Sandbox.get_info(s.sandbox_id).state == SandboxState.PAUSED,
+            timeout=40,
+        )
+        r = Sandbox.connect(s.sandbox_id, timeout=SANDBOX_TIMEOUT)
+        assert r.get_info().state == SandboxState.RUNNING
+        assert r.files.read("/home/user/auto.txt") == "still here"
+    finally:
+        s.kill()
+
+
+@sdk_at_least("2.63.0", "e2b 2.45.1 has no idempotency_key")
+def test_idempotent_create():
+    """The same Idempotency-Key gives the same sandbox; another key another one."""
+    key = uuid.uuid4().hex
+    a = Sandbox.create(timeout=SANDBOX_TIMEOUT, metadata=metadata(), idempotency_key=key)
+    try:
+        b = Sandbox.create(timeout=SANDBOX_TIMEOUT, metadata=metadata(), idempotency_key=key)
+        assert b.sandbox_id == a.sandbox_id
+        assert b.commands.run("echo same").stdout == "same\n"
+        c = Sandbox.create(
+            timeout=SANDBOX_TIMEOUT, metadata=metadata(), idempotency_key=uuid.uuid4().hex
+        )
+        assert c.sandbox_id != a.sandbox_id
+        c.kill()
+    finally:
+        a.kill()
