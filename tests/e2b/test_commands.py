@@ -180,3 +180,25 @@ def test_many_commands_in_a_row(sbx):
     for i in range(20):
         assert sbx.commands.run(f"echo {i}").stdout == f"{i}\n"
     assert pids(sbx) <= before
+
+
+def test_pty_resize_input_and_kill(sbx):
+    """pty.create runs a login bash on a terminal: a resize (Update) reaches
+    it, input goes to the terminal, output comes back as pty data; kill ends
+    another one."""
+    from e2b import PtySize
+
+    h = sbx.pty.create(PtySize(rows=24, cols=80))
+    sbx.pty.resize(h.pid, PtySize(rows=30, cols=101))
+    sbx.pty.send_stdin(h.pid, b"stty size; tty; exit 0\n")
+    out = bytearray()
+    r = h.wait(on_pty=out.extend)
+    text = out.decode(errors="replace")
+    assert r.exit_code == 0
+    assert "30 101" in text, text
+    assert "/dev/pts/" in text, text
+
+    h2 = sbx.pty.create(PtySize(rows=24, cols=80))
+    assert sbx.pty.kill(h2.pid) is True
+    with pytest.raises(CommandExitException):
+        h2.wait()
