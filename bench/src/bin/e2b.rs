@@ -258,10 +258,12 @@ fn run(
     let mut sdk = Driver::start(python, &script, &e2b_url, &key)?;
     progress(format!("SDK driver: e2b {}", sdk.sdk));
 
+    // The same login shell as the SDK's: its startup files are read from
+    // HOME, so HOME and cwd are the user's (root's own ~/.profile runs more).
     let exec_req = ExecRequest {
         cmd: SDK_ARGV.map(String::from).to_vec(),
-        env: Default::default(),
-        cwd: None,
+        env: [("HOME".to_string(), "/home/user".to_string())].into(),
+        cwd: Some("/home/user".into()),
         stdin: None,
         stdin_base64: None,
         timeout_s: None,
@@ -335,7 +337,8 @@ fn run(
          {{restore: {warm}, wait_ready}} + exec, deleted untimed"
     ))
     .note(format!(
-        "exec: both run {} (what the SDK's commands.run sends); sdk as user `user`, native as root",
+        "exec: both run {} (what the SDK's commands.run sends) in /home/user with HOME=/home/user (the same \
+         startup files); sdk as user `user`, native as root (the native exec has no user)",
         SDK_ARGV.join(" ")
     ));
     Ok((t, sdk_version))
