@@ -64,7 +64,6 @@ skip() {
         echo "test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out (e2b SDK suite)"
         exit 1
     fi
-    echo "AGENTENV-SKIP: e2b_sdk_suite $*" >&2
     echo "AGENTENV-SKIP: e2b_sdk_suite $*"
     echo "test e2b_sdk_suite ... ok"
     echo "test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out (e2b SDK suite: skipped)"
