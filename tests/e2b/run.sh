@@ -103,9 +103,14 @@ parent=/dev/shm
 [ -d "$parent" ] && [ -w "$parent" ] || parent=${TMPDIR:-/tmp}
 run=$(mktemp -d "$parent/ae-e2b-XXXXXX")
 name=$(basename "$run")
-cgroup_parent="agentenv-e2b-suite/$name"
+# From the hierarchies' roots, so the leak check knows where to look.
+cgroup_parent="/agentenv-e2b-suite/$name"
 daemon_pid=""
 status=0
+
+# The links carrying agentenv's TAP alias (agentenv:<vm_id>).
+taps() { ip -o link show 2>/dev/null | grep -o 'alias agentenv:[^ ]*' | sed 's/^alias //' | sort || true; }
+taps_before=$(taps)
 
 # Leaks: processes naming the run directory, TAPs of this daemon, mounts under
 # it, VM cgroups under its parent cgroup (in every hierarchy).
@@ -120,16 +125,17 @@ leaks() {
             out+="process ${p#/proc/}: ${cmd:0:160}"$'\n'
         fi
     done
-    if command -v ip >/dev/null; then
-        local taps
-        taps=$(ip -o link show 2>/dev/null | grep -F "agentenv-e2b-suite" || true)
-        [ -n "$taps" ] && out+="TAP: $taps"$'\n'
-    fi
+    # agentenv's TAPs carry the alias agentenv:<vm_id>; networking is off, so
+    # any new one is this daemon's leak.
+    local t
+    for t in $(taps); do
+        grep -qxF "$t" <<<"$taps_before" || out+="TAP: $t"$'\n'
+    done
     local m
     m=$(awk -v r="$run" 'index($5, r) == 1 {print $5}' /proc/self/mountinfo)
     [ -n "$m" ] && out+="mount: $m"$'\n'
     local d
-    for d in /sys/fs/cgroup/*/"$cgroup_parent" /sys/fs/cgroup/"$cgroup_parent"; do
+    for d in /sys/fs/cgroup/*"$cgroup_parent" /sys/fs/cgroup"$cgroup_parent"; do
         [ -d "$d" ] || continue
         local c
         for c in "$d"/*/; do
@@ -176,7 +182,10 @@ cleanup() {
             kill -KILL "$p" 2>/dev/null || true
         done
     fi
-    for d in /sys/fs/cgroup/*/agentenv-e2b-suite/"$name" /sys/fs/cgroup/agentenv-e2b-suite/"$name"; do
+    # The daemon removes its parent cgroup on a clean stop; the shared
+    # directory above it goes once no run uses it.
+    for d in /sys/fs/cgroup/*/agentenv-e2b-suite /sys/fs/cgroup/agentenv-e2b-suite; do
+        if [ -d "$d/$name" ]; then rmdir "$d/$name" 2>/dev/null || true; fi
         if [ -d "$d" ]; then rmdir "$d" 2>/dev/null || true; fi
     done
     if [ "$keep" = 1 ]; then
