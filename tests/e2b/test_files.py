@@ -196,22 +196,6 @@ def test_files_as_user(sbx, tmpdir_in_sbx):
     assert sbx.files.exists(p) is False
 
 
-def test_file_permissions_apply_to_the_user(sbx):
-    """File operations run with the user's rights, as envd's do: the default
-    user can neither read nor overwrite root's 0600 file; root can."""
-    p = "/tmp/suite-root-only.txt"
-    sbx.files.write(p, "secret", user="root")
-    try:
-        sbx.commands.run(f"chmod 600 {p}", user="root")
-        with pytest.raises(SandboxException):
-            sbx.files.read(p)  # as `user`: permission denied
-        with pytest.raises(SandboxException):
-            sbx.files.write(p, "overwrite")  # likewise
-        assert sbx.files.read(p, user="root") == "secret"
-    finally:
-        sbx.files.remove(p, user="root")
-
-
 def _events(handle, want, timeout=20, any_of=False):
     """Polls the sync watch handle until every (name, type) in `want` (or,
     with `any_of`, one of them) was seen."""
