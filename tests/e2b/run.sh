@@ -23,7 +23,7 @@ It builds nothing but \`cargo build -p agentenv --bin agentenv\` (a no-op when
 fresh). It needs root, qemu-system-x86_64 and:
   \$AGENTENV_ARTIFACTS (default artifacts/): kernels/vmlinuz, initramfs/initrd.img
   the base template image: \$AGENTENV_E2B_BASE_IMAGE (default
-      \$AGENTENV_ARTIFACTS/rootfs/e2b-base.ext4, built by scripts/build-artifacts.sh)
+      \$AGENTENV_ARTIFACTS/rootfs/e2b-base.ext4, built by scripts/build-artifacts.sh --e2b)
   the SDK venvs: \$AGENTENV_E2B_VENVS/e2b-<version> (default
       /var/cache/agentenv/e2b-venvs; .ci/run makes them)
 
@@ -83,7 +83,7 @@ command -v curl >/dev/null || skip "curl not found"
 for f in kernels/vmlinuz initramfs/initrd.img; do
     [ -f "$artifacts/$f" ] || skip "guest artifact $artifacts/$f missing (scripts/build-artifacts.sh --output artifacts)"
 done
-[ -f "$base_image" ] || skip "base template image $base_image missing (scripts/build-artifacts.sh builds it)"
+[ -f "$base_image" ] || skip "base template image $base_image missing (scripts/build-artifacts.sh --output artifacts --e2b builds it: root, debootstrap)"
 for py in "${pythons[@]}"; do
     [ -x "$py" ] || skip "no Python at $py (.ci/run makes the SDK venvs; or pass --python)"
     "$py" -c 'import e2b, pytest, pytest_asyncio' 2>/dev/null ||

@@ -155,7 +155,7 @@ fn main() {
     let guest = match QemuGuest::find(args.artifacts.as_deref(), &args.image) {
         Ok(g) => g,
         Err(why) => skip(
-            &format!("{why} (the base template image: scripts/build-artifacts.sh)"),
+            &format!("{why} (the base template image: scripts/build-artifacts.sh --e2b)"),
             c.json,
         ),
     };
