@@ -18,11 +18,16 @@ except ImportError:  # pragma: no cover
 
 
 def listed(query):
-    """Every sandbox `Sandbox.list(query)` yields, across all pages."""
-    pages = Sandbox.list(query=query, limit=2)
+    """Every sandbox `Sandbox.list(query)` yields, one per page (so the
+    `x-next-token` pagination is exercised whenever two match)."""
+    pages = Sandbox.list(query=query, limit=1)
     out = []
     while pages.has_next:
-        out.extend(pages.next_items())
+        page = pages.next_items()
+        assert len(page) <= 1
+        out.extend(page)
+    ids = [s.sandbox_id for s in out]
+    assert len(ids) == len(set(ids)), f"a sandbox listed twice across pages: {ids}"
     return out
 
 
