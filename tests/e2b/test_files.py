@@ -246,3 +246,49 @@ def test_watch_dir_recursive(sbx, tmpdir_in_sbx):
 def test_watch_missing_dir_fails(sbx):
     with pytest.raises(SandboxException):
         sbx.files.watch_dir("/home/user/no-such-dir-to-watch")
+
+
+def _http(method, url, body=None, headers=None):
+    """A plain HTTP request with no SDK and no sandbox headers; (status, body)."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_signed_urls(sbx, tmpdir_in_sbx):
+    """download_url / upload_url: URLs signed with the sandbox's access token
+    work without any header (a browser, curl); the signature binds the path,
+    the operation and the expiry."""
+    p = f"{tmpdir_in_sbx}/signed.txt"
+    sbx.files.write(p, "via a signed URL")
+    url = sbx.download_url(p)
+    assert "signature=v1_" in url
+    assert _http("GET", url) == (200, b"via a signed URL")
+    assert _http("GET", sbx.download_url(p, use_signature_expiration=120)) == (
+        200,
+        b"via a signed URL",
+    )
+    # Another path with this path's signature, or a tampered one: refused.
+    other = url.replace("signed.txt", "other.txt")
+    assert _http("GET", other)[0] in (401, 403)
+    bad = url.replace("signature=v1_", "signature=v1_x")
+    assert _http("GET", bad)[0] in (401, 403)
+    # A read URL does not write.
+    boundary = "suiteboundary42"
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"up.txt\"\r\n"
+        f"Content-Type: application/octet-stream\r\n\r\nuploaded\r\n--{boundary}--\r\n"
+    ).encode()
+    ctype = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    up = f"{tmpdir_in_sbx}/up.txt"
+    assert _http("POST", sbx.download_url(up), body, ctype)[0] in (401, 403)
+    status, answer = _http("POST", sbx.upload_url(up), body, ctype)
+    assert status == 200, answer
+    assert sbx.files.read(up) == "uploaded"
+    assert sbx.files.get_info(up).owner == "user"
