@@ -12,7 +12,7 @@ usage() {
 Usage: tests/e2b/run.sh [--python PY]... [--keep] [--session-timeout S] [-- PYTEST ARGS...]
 
 Starts an agentenv daemon (QEMU backend, networking off, run directory under
-/dev/shm) serving the E2B API on a free loopback port with a \`base\` template,
+/dev/shm when it has 6 GiB free, else \$TMPDIR) serving the E2B API on a free loopback port with a \`base\` template,
 writes a tokens file holding one e2b_<40 hex> key, waits until the base
 template's warm snapshot exists, then runs pytest in tests/e2b under each
 Python given (default: the venvs of the pinned SDKs ${SDK_VERSIONS[*]}, see
@@ -99,8 +99,13 @@ agentenv="$target_dir/debug/agentenv"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # Everything of the run lives here (guests' RAM files and snapshots on tmpfs).
+# /dev/shm when it has room for a few guests' RAM and the warm snapshot
+# (containers often give it 64 MiB), else $TMPDIR.
 parent=/dev/shm
-[ -d "$parent" ] && [ -w "$parent" ] || parent=${TMPDIR:-/tmp}
+shm_free_gib=$(df --output=avail -BG "$parent" 2>/dev/null | tail -1 | tr -dc '0-9')
+if [ ! -w "$parent" ] || [ "${shm_free_gib:-0}" -lt 6 ]; then
+    parent=${TMPDIR:-/tmp}
+fi
 run=$(mktemp -d "$parent/ae-e2b-XXXXXX")
 name=$(basename "$run")
 # From the hierarchies' roots, so the leak check knows where to look.
