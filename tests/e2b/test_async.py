@@ -92,7 +92,7 @@ async def test_stdin_and_connect(asbx):
     await asbx.commands.close_stdin(h.pid)
     assert (await h.wait()).stdout == "async in\n"
 
-    h = await asbx.commands.run("sleep 1; echo later", background=True)
+    h = await asbx.commands.run("sleep 3; echo later", background=True)
     await h.disconnect()
     h2 = await asbx.commands.connect(h.pid)
     assert (await h2.wait()).stdout == "later\n"

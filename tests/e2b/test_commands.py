@@ -161,7 +161,7 @@ def test_connect_to_running_process(sbx):
     """A background process survives the client's disconnect; connect(pid)
     re-attaches and gets its later output and its end."""
     h = sbx.commands.run(
-        "echo first; sleep 2; echo second; sleep 1; echo third", background=True
+        "echo first; sleep 4; echo second; sleep 1; echo third", background=True
     )
     pid = h.pid
     h.disconnect()
