@@ -35,7 +35,7 @@ if command -v mkfs.ext4 >/dev/null && command -v busybox >/dev/null && command -
   # Debian by debootstrap, which needs root and the Debian mirror.
   e2b=()
   if [ "$(id -u)" = 0 ] && command -v debootstrap >/dev/null &&
-    scripts/build-artifacts.sh --help | grep -q -- '--e2b'; then
+    [[ $(scripts/build-artifacts.sh --help) == *--e2b* ]]; then
     e2b=(--e2b)
   fi
   scripts/build-artifacts.sh --output artifacts "${e2b[@]}"
