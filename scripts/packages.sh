@@ -24,4 +24,6 @@ AGENTENV_PACKAGES=(
 # quickstart does not install it.
 AGENTENV_CI_PACKAGES=(
   openssh-server openssh-client
+  python3-venv      # tests/e2b: a venv per pinned e2b SDK version
+  debootstrap       # the E2B base template image (Debian)
 )

@@ -70,6 +70,21 @@ pub fn find_binaries<const N: usize>(
     )
 }
 
+/// The `agentenv` binary ([`find_binaries`] in `bin_dir`), or exit 2 saying
+/// where it looked and how to build it.
+pub fn agentenv_binary(bin_dir: Option<&Path>) -> PathBuf {
+    let [agentenv] = crate::report::or_exit(
+        find_binaries(
+            bin_dir,
+            ["agentenv"],
+            "build it first with:\n\n    cargo build --release -p agentenv\n",
+        ),
+        2,
+        "",
+    );
+    agentenv
+}
+
 /// The first file called `name` in `$PATH`, then `/usr/sbin` and `/sbin`.
 pub fn find_in_path(name: &str) -> Option<PathBuf> {
     let paths = std::env::var_os("PATH").unwrap_or_default();

@@ -115,15 +115,7 @@ fn main() {
             std::process::exit(0);
         }
     };
-    let [agentenv] = or_exit(
-        daemon::find_binaries(
-            c.bin_dir.as_deref(),
-            ["agentenv"],
-            "build it first with:\n\n    cargo build --release -p agentenv\n",
-        ),
-        2,
-        "",
-    );
+    let agentenv = daemon::agentenv_binary(c.bin_dir.as_deref());
     let creates = args.creates.unwrap_or(c.pick(30, 10)).max(1);
     let execs = args.execs.unwrap_or(c.pick(200, 50)).max(1);
     let warmup = args.warmup.get(c, 3, 1);
