@@ -29,6 +29,7 @@ use std::sync::Arc;
 use agentenv_core::config::E2bConfig;
 use agentenv_core::Engine;
 use axum::extract::Request;
+use axum::http::{header, HeaderValue};
 use axum::response::Response;
 use axum::Router;
 
@@ -128,8 +129,21 @@ async fn dispatch(state: &E2bState, control: Router, envd: Router, mut req: Requ
         }
         None => control,
     };
-    match router.oneshot(req).await {
+    // An error answered before the request's body was read ends the
+    // connection (hyper cannot reuse it); say so, or the SDK's connection
+    // pool writes its next request into a closed socket ("Broken pipe").
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    let mut resp = match router.oneshot(req).await {
         Ok(resp) => resp,
         Err(never) => match never {},
+    };
+    if has_body && (resp.status().is_client_error() || resp.status().is_server_error()) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    resp
 }
