@@ -465,9 +465,22 @@ mod tests {
             .unwrap()
     }
 
+    /// Waits until the sleeper `pid` runs with its arguments and its
+    /// `sleep` child has exec'ed: between its fork and exec that child still
+    /// carries the shell's arguments, and would be found as a second process
+    /// with them.
     fn wait_argv(pid: u32) {
-        for _ in 0..200 {
-            if proc_argv(pid).is_some_and(|a| a.len() > 3) {
+        for _ in 0..500 {
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            let sleeping = children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+                .any(|c| {
+                    proc_argv(c)
+                        .is_some_and(|a| a.first().is_some_and(|a0| a0.as_slice() == b"sleep"))
+                });
+            if proc_argv(pid).is_some_and(|a| a.len() > 3) && sleeping {
                 return;
             }
             std::thread::sleep(Duration::from_millis(10));
