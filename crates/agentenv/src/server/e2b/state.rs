@@ -197,7 +197,7 @@ impl Sandboxes {
     pub fn put(&self, record: SandboxRecord) -> std::io::Result<Arc<SandboxRecord>> {
         let dir = self.session_root.join(&record.sandbox_id);
         let bytes = serde_json::to_vec_pretty(&record).expect("records serialise");
-        write_private(&dir.join(RECORD_FILE), &bytes)?;
+        agentenv_host::local::write_atomic(&dir.join(RECORD_FILE), &bytes)?;
         let record = Arc::new(record);
         self.lock()
             .insert(record.sandbox_id.clone(), record.clone());
@@ -270,7 +270,7 @@ impl Sandboxes {
         }
         let list: Vec<&SnapshotRecord> = map.values().collect();
         let bytes = serde_json::to_vec_pretty(&list).expect("records serialise");
-        write_private(&path, &bytes)
+        agentenv_host::local::write_atomic(&path, &bytes)
     }
 
     fn snapshot_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, SnapshotRecord>> {
@@ -304,22 +304,4 @@ fn load_snapshots(
         .filter(|s| engine.snapshot_info(&s.snapshot_id).is_ok())
         .map(|s| (s.snapshot_id.clone(), s))
         .collect())
-}
-
-/// Writes `bytes` to `path` atomically, mode 0600.
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
