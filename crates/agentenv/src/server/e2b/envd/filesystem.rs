@@ -371,20 +371,6 @@ fn watcher_id(msg: &Value) -> Result<String, ConnectError> {
     Ok(id)
 }
 
-fn new_watcher_id() -> String {
-    let mut b = [0u8; 16];
-    getrandom(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// Random bytes from the kernel.
-fn getrandom(buf: &mut [u8]) {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(buf))
-        .expect("/dev/urandom is readable");
-}
-
 async fn create_watcher(call: Call, msg: Value) -> Result<Value, ConnectError> {
     let req = watch_request(&call, &msg)?;
     let sandbox = call.sandbox_id().to_string();
@@ -395,13 +381,15 @@ async fn create_watcher(call: Call, msg: Value) -> Result<Value, ConnectError> {
             format!("sandbox already has {MAX_WATCHERS} watchers: remove one first"),
         ));
     }
+    // Watcher ids are opaque: drawn like sandbox ids.
+    let id = crate::server::e2b::control::random_alnum(32)
+        .map_err(|e| ConnectError::new(Code::Internal, e.message))?;
     let mut watch = call
         .state
         .engine
         .agent_watch(&sandbox, &req)
         .await
         .map_err(engine_error)?;
-    let id = new_watcher_id();
     let watcher = Arc::new(Watcher {
         queue: Mutex::new(Queue::default()),
         task: Mutex::new(None),
