@@ -64,7 +64,7 @@ impl AllowedHosts {
 }
 
 /// `name` without its `:port` (IPv6 literals keep their brackets).
-fn strip_port(host: &str) -> &str {
+pub(crate) fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         return match host.find(']') {
             Some(end) => &host[..=end],

@@ -111,6 +111,16 @@ impl E2bApi {
     }
 }
 
+/// What `host` (a `Host` header value) names below `domain`, lower-case,
+/// without the port: `49983-<id>` for `49983-<id>.<domain>`, `api` for
+/// `api.<domain>`. None when it is not below `domain`.
+pub(crate) fn below_domain(host: &str, domain: &str) -> Option<String> {
+    let host = host.trim().to_ascii_lowercase();
+    let name = super::guard::strip_port(&host);
+    let label = name.strip_suffix(&format!(".{}", domain.to_ascii_lowercase()))?;
+    (!label.is_empty()).then(|| label.to_string())
+}
+
 /// Refuses a `Host` that does not name this daemon (421, see
 /// [`control::host`]), then sends `req` to the envd router when it names a
 /// sandbox, else to the control plane's.

@@ -48,17 +48,10 @@ fn allows(config: &Config, host: &str, local: Option<std::net::SocketAddr>) -> b
     let Some(domain) = &config.e2b.domain else {
         return false;
     };
-    let host = host.trim().to_ascii_lowercase();
-    let name = match host.rsplit_once(':') {
-        Some((n, p)) if !n.contains(']') && p.bytes().all(|b| b.is_ascii_digit()) => n,
-        _ => host.as_str(),
-    };
-    let suffix = format!(".{}", domain.to_ascii_lowercase());
-    name.strip_suffix(&suffix).is_some_and(|label| {
-        !label.is_empty()
-            && label
-                .split('.')
-                .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    crate::server::e2b::below_domain(host, domain).is_some_and(|label| {
+        label
+            .split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
     })
 }
 

@@ -74,17 +74,7 @@ pub fn target_of(config: &E2bConfig, headers: &HeaderMap) -> Option<Target> {
     }
     let domain = config.domain.as_deref()?;
     let host = headers.get(axum::http::header::HOST)?.to_str().ok()?;
-    let host = host.rsplit_once(':').map_or(host, |(h, p)| {
-        if p.bytes().all(|b| b.is_ascii_digit()) {
-            h
-        } else {
-            host
-        }
-    });
-    let label = host
-        .to_ascii_lowercase()
-        .strip_suffix(&format!(".{}", domain.to_ascii_lowercase()))?
-        .to_string();
+    let label = super::below_domain(host, domain)?;
     let (port, id) = label.split_once('-')?;
     Some(Target {
         sandbox_id: id.to_string(),
