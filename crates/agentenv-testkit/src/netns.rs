@@ -120,6 +120,20 @@ impl NetnsPair {
         for s in steps {
             run(&s)?;
         }
+        // The veth's carrier comes up a moment after `link set up`; a state
+        // snapshot taken before then (NO-CARRIER, routes `linkdown`) would
+        // differ from every later one.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let link = pair.ip(&["-o", "link", "show", "veth0"])?;
+            if link.contains("state UP") && !link.contains("NO-CARRIER") {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!("veth0 in {h} has no carrier after 10 s: {link}"));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         Ok(pair)
     }
 
