@@ -72,6 +72,13 @@ pub fn real_firecracker() -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
+/// Firecracker's own jailer to test through, from `AGENTENV_TEST_JAILER`.
+pub fn real_jailer() -> Option<PathBuf> {
+    std::env::var_os("AGENTENV_TEST_JAILER")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
 /// The guest artifacts directory: `AGENTENV_ARTIFACTS` or `<workspace>/artifacts`.
 pub fn artifacts() -> PathBuf {
     std::env::var_os("AGENTENV_ARTIFACTS")

@@ -251,6 +251,14 @@ pub fn make_jail(cfg: &Config) -> anyhow::Result<Option<Arc<Jail>>> {
 fn new_jail(cfg: &Config) -> anyhow::Result<Option<Jail>> {
     let euid = agentenv_host::jail::euid();
     if !cfg.jail.enabled(euid) {
+        if let Some(jailer) = &cfg.jail.firecracker_jailer {
+            // Refused rather than ignored: the config asks for a jail.
+            bail!(
+                "config key `jail.firecracker_jailer` ({}): Firecracker's jailer needs the jail on \
+                 (a daemon running as root, `[jail] enable` not false)",
+                jailer.display()
+            );
+        }
         if euid != 0 {
             tracing::warn!(
                 "vmm jail off: the daemon does not run as root (euid {euid}), so VMMs run unconfined as its uid"
@@ -263,17 +271,14 @@ fn new_jail(cfg: &Config) -> anyhow::Result<Option<Jail>> {
     if euid != 0 {
         bail!("config key `jail.enable`: a jail needs a daemon running as root (euid is {euid})");
     }
-    if let Some(jailer) = &cfg.jail.firecracker_jailer {
-        // Refused rather than ignored: a config asking for it must not run
-        // Firecracker some other way without saying so.
-        bail!(
-            "config key `jail.firecracker_jailer`: starting Firecracker through its jailer ({}) \
-             is not supported by this build; remove the key (Firecracker then runs in the \
-             daemon's own jail)",
+    let jail = Jail::new(&cfg.jail, &cfg.jail_dir())?;
+    if let Some(jailer) = jail.firecracker_jailer() {
+        tracing::info!(
+            "firecracker VMMs start through firecracker's jailer {}",
             jailer.display()
         );
     }
-    Ok(Some(Jail::new(&cfg.jail, &cfg.jail_dir())?))
+    Ok(Some(jail))
 }
 
 /// Removes the jail directories of VMMs that are gone (a VMM that died while

@@ -40,7 +40,7 @@ use models::{
     VsockOverride,
 };
 
-use crate::jail::{Access, Jail, JailCleanup};
+use crate::jail::{Access, Jail, JailCleanup, JAILER_SESSION};
 use crate::process::{wait_for_socket, SpawnSpec, VmmProcess};
 
 /// Name of the generated configuration in the session directory.
@@ -89,10 +89,19 @@ impl FirecrackerVmm {
         }
     }
 
-    /// Starts every Firecracker in `jail` when given.
+    /// Starts every Firecracker in `jail` when given (through Firecracker's
+    /// own jailer when the jail names one).
     pub fn with_jail(mut self, jail: Option<Arc<Jail>>) -> FirecrackerVmm {
         self.jail = jail;
         self
+    }
+
+    /// How this driver's Firecrackers name their session directory.
+    pub fn view(&self) -> SessionView {
+        match &self.jail {
+            Some(j) if j.firecracker_jailer().is_some() => SessionView::Jailer,
+            _ => SessionView::Cwd,
+        }
     }
 }
 
@@ -101,6 +110,30 @@ impl FirecrackerVmm {
 /// write; the driver then moves the files where they belong.
 const JAILED_STATE: &str = ".snapshot.state";
 const JAILED_MEMORY: &str = ".snapshot.mem";
+
+/// How Firecracker names the files of the VM's session directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SessionView {
+    /// Relative to its working directory, the session directory
+    /// ([`session_relative`]): unconfined or in the daemon's jail.
+    #[default]
+    Cwd,
+    /// Under [`JAILER_SESSION`] of its chroot: started through Firecracker's
+    /// jailer, which runs it in `/`.
+    Jailer,
+}
+
+impl SessionView {
+    /// `path` as Firecracker is given it: inside the session directory,
+    /// relative to it or under [`JAILER_SESSION`]; elsewhere as it is.
+    pub fn path(self, session_dir: &Path, path: &Path) -> PathBuf {
+        let local = session_relative(session_dir, path);
+        match self {
+            SessionView::Jailer if local.is_relative() => Path::new(JAILER_SESSION).join(local),
+            _ => local,
+        }
+    }
+}
 
 /// `path` as Firecracker is given it. Firecracker runs in the VM's session
 /// directory, so a path inside it is given relative to it: a snapshot records
@@ -168,9 +201,9 @@ pub const CTRL_ALT_DEL_REPEAT: Duration = Duration::from_millis(500);
 /// ([`api_calls`]) and the readable `firecracker.json` (Firecracker's
 /// `--config-file` format) both come from it.
 ///
-/// Paths inside the session directory are relative ([`session_relative`]).
-pub fn vm_config(spec: &LaunchSpec) -> FullVmConfiguration {
-    let local = |p: &Path| session_relative(&spec.session_dir, p);
+/// Paths inside the session directory are as `view` names them.
+pub fn vm_config(spec: &LaunchSpec, view: SessionView) -> FullVmConfiguration {
+    let local = |p: &Path| view.path(&spec.session_dir, p);
     FullVmConfiguration {
         boot_source: BootSource {
             kernel_image_path: spec.kernel.clone(),
@@ -215,6 +248,7 @@ pub fn vm_config(spec: &LaunchSpec) -> FullVmConfiguration {
 pub fn load_params(
     spec: &RestoreSpec,
     vsock_override: bool,
+    view: SessionView,
 ) -> Result<SnapshotLoadParams, VmmError> {
     let launch = &spec.launch;
     let memory = spec.memory.clone().ok_or_else(|| VmmError::Io {
@@ -244,20 +278,20 @@ pub fn load_params(
             .as_ref()
             .filter(|_| vsock_override)
             .map(|sock| VsockOverride {
-                uds_path: session_relative(&launch.session_dir, sock),
+                uds_path: view.path(&launch.session_dir, sock),
             }),
         ..SnapshotLoadParams::default()
     })
 }
 
 /// The VM's configuration as the API calls that build it, in order.
-pub fn api_calls(spec: &LaunchSpec) -> Vec<(String, Value)> {
-    vm_config(spec).api_calls()
+pub fn api_calls(spec: &LaunchSpec, view: SessionView) -> Vec<(String, Value)> {
+    vm_config(spec, view).api_calls()
 }
 
 /// The readable `--config-file` form of a launch.
-pub fn config_document(spec: &LaunchSpec) -> Value {
-    serde_json::to_value(vm_config(spec)).expect("api objects serialise")
+pub fn config_document(spec: &LaunchSpec, view: SessionView) -> Value {
+    serde_json::to_value(vm_config(spec, view)).expect("api objects serialise")
 }
 
 /// What starting a `firecracker` process needs: its id and paths.
@@ -323,32 +357,48 @@ impl FirecrackerVmm {
         if let Some(agent) = &p.agent_socket {
             remove_socket(agent, None);
         }
-        let spawn = SpawnSpec {
-            binary: self.binary.clone(),
-            args: vec![
-                "--api-sock".into(),
-                p.control_socket.clone().into_os_string(),
-                "--id".into(),
-                instance_id(&p.vm_id).into(),
-            ],
-            console_log: p.console_log.clone(),
-            console_log_max_bytes: p.console_log_max_bytes,
-            inherit_fds: p.inherit_fds.clone(),
-            cgroup_procs: p.cgroup_procs.clone(),
-            jail: match &self.jail {
-                Some(jail) => Some(Arc::new(
-                    jail.prepare(
+        let mut args = vec![
+            "--api-sock".into(),
+            p.control_socket.clone().into_os_string(),
+        ];
+        let view = self.view();
+        if view == SessionView::Cwd {
+            // The jailer gives `--id` itself (the same instance id).
+            args.extend(["--id".into(), instance_id(&p.vm_id).into()]);
+        }
+        let jail = match &self.jail {
+            Some(jail) => {
+                let prepared = match view {
+                    SessionView::Cwd => jail.prepare(
                         &p.vm_id,
                         &self.binary,
                         &p.jail_paths,
                         Some(&p.control_socket),
                         Some(&p.cwd),
-                    )
-                    .map_err(|e| VmmError::Jail(e.to_string()))?
-                    .with_tap(p.tap_name.as_deref().unwrap_or_default()),
-                )),
-                None => None,
-            },
+                    ),
+                    SessionView::Jailer => jail.prepare_jailer(
+                        &p.vm_id,
+                        &self.binary,
+                        &p.cwd,
+                        &p.jail_paths,
+                        Some(&p.control_socket),
+                    ),
+                }
+                .map_err(|e| VmmError::Jail(e.to_string()))?;
+                Some(Arc::new(
+                    prepared.with_tap(p.tap_name.as_deref().unwrap_or_default()),
+                ))
+            }
+            None => None,
+        };
+        let spawn = SpawnSpec {
+            binary: self.binary.clone(),
+            args,
+            console_log: p.console_log.clone(),
+            console_log_max_bytes: p.console_log_max_bytes,
+            inherit_fds: p.inherit_fds.clone(),
+            cgroup_procs: p.cgroup_procs.clone(),
+            jail,
         };
         let cleanup = spawn.jail.as_ref().map(|j| j.cleanup());
         let process = VmmProcess::spawn_in(&spawn, Some(&p.cwd)).inspect_err(|_| {
@@ -363,7 +413,7 @@ impl FirecrackerVmm {
             p.request_timeout,
         );
         if self.jail.is_some() {
-            inst.jailed_in = Some(p.cwd.clone());
+            inst.jailed_in = Some((p.cwd.clone(), view));
         }
         Ok(inst)
     }
@@ -374,7 +424,10 @@ impl FirecrackerVmm {
         &self,
         spec: &LaunchSpec,
     ) -> Result<FirecrackerInstance, VmmError> {
-        write_readable(&spec.session_dir.join(CONFIG_FILE), &vm_config(spec))?;
+        write_readable(
+            &spec.session_dir.join(CONFIG_FILE),
+            &vm_config(spec, self.view()),
+        )?;
         let inst = self.spawn(&spec.into())?;
         let booted = inst.boot(spec).await;
         inst.settle(booted).await
@@ -406,7 +459,7 @@ impl FirecrackerVmm {
     ) -> Result<FirecrackerInstance, VmmError> {
         let vsock_override =
             spec.launch.agent_socket.is_some() && has_vsock_override(&self.version().await?);
-        let load = load_params(spec, vsock_override)?;
+        let load = load_params(spec, vsock_override, self.view())?;
         write_readable(&spec.launch.session_dir.join(LOAD_FILE), &load)?;
         let mut process = ProcessSpec::from(&spec.launch);
         process
@@ -434,8 +487,15 @@ impl FirecrackerVmm {
                 },
             })?;
         let text = String::from_utf8_lossy(&out);
+        // Through the jailer, Firecracker is given session paths its own way
+        // (`SessionView`): its full snapshots restore only through it, and
+        // the version recorded in them says so.
+        let through = match self.view() {
+            SessionView::Jailer => " (jailer)",
+            SessionView::Cwd => "",
+        };
         parse_version(&text)
-            .map(|v| format!("firecracker {v}"))
+            .map(|v| format!("firecracker {v}{through}"))
             .ok_or_else(|| VmmError::Transport {
                 request: format!("{binary} --version"),
                 message: format!("unexpected answer: {:?}", text.lines().next().unwrap_or("")),
@@ -491,8 +551,11 @@ impl Vmm for FirecrackerVmm {
             spec.request_timeout,
         );
         if self.jail.is_some() {
-            // Firecracker runs in the session directory, its console log's.
-            inst.jailed_in = spec.console_log.parent().map(Path::to_path_buf);
+            // The session directory is its console log's.
+            inst.jailed_in = spec
+                .console_log
+                .parent()
+                .map(|d| (d.to_path_buf(), self.view()));
         }
         inst.remember_sockets();
         inst.client.set_keep_alive(false).await;
@@ -548,8 +611,9 @@ pub struct FirecrackerInstance {
     owned: Arc<Mutex<Vec<(PathBuf, SocketId)>>>,
     /// How long one ordinary API request may take.
     request_timeout: Duration,
-    /// A jailed VMM's session directory (where it writes full snapshots).
-    jailed_in: Option<PathBuf>,
+    /// A jailed VMM's session directory (where it writes full snapshots)
+    /// and how it names it.
+    jailed_in: Option<(PathBuf, SessionView)>,
 }
 
 impl FirecrackerInstance {
@@ -649,7 +713,11 @@ impl FirecrackerInstance {
     async fn boot(&self, spec: &LaunchSpec) -> Result<(), VmmError> {
         self.wait_api(&spec.console_log, spec.startup_timeout)
             .await?;
-        for (path, body) in api_calls(spec) {
+        let view = self
+            .jailed_in
+            .as_ref()
+            .map_or(SessionView::Cwd, |(_, v)| *v);
+        for (path, body) in api_calls(spec, view) {
             self.put(&path, &body).await?;
         }
         self.action(ActionType::InstanceStart).await?;
@@ -755,7 +823,7 @@ impl VmmInstance for FirecrackerInstance {
     /// `PUT /snapshot/create` (Full): Firecracker writes the state and the
     /// memory files itself.
     async fn save_full(&self, files: &FullSnapshotFiles) -> Result<SavedMemory, VmmError> {
-        let Some(session) = &self.jailed_in else {
+        let Some((session, view)) = &self.jailed_in else {
             self.snapshot_create(&SnapshotCreateParams {
                 snapshot_type: Some(SnapshotType::Full),
                 snapshot_path: files.state.clone(),
@@ -773,8 +841,8 @@ impl VmmInstance for FirecrackerInstance {
         let written = self
             .snapshot_create(&SnapshotCreateParams {
                 snapshot_type: Some(SnapshotType::Full),
-                snapshot_path: JAILED_STATE.into(),
-                mem_file_path: JAILED_MEMORY.into(),
+                snapshot_path: view.path(session, &session.join(JAILED_STATE)),
+                mem_file_path: view.path(session, &session.join(JAILED_MEMORY)),
             })
             .await;
         let moved = match written {
@@ -927,7 +995,7 @@ mod tests {
 
     #[test]
     fn calls_follow_the_documented_bodies() {
-        let calls = api_calls(&spec());
+        let calls = api_calls(&spec(), SessionView::Cwd);
         let paths: Vec<&str> = calls.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(
             paths,
@@ -973,13 +1041,37 @@ mod tests {
     fn no_agent_socket_no_vsock() {
         let mut s = spec();
         s.agent_socket = None;
-        assert!(!api_calls(&s).iter().any(|(p, _)| p == "/vsock"));
-        assert!(config_document(&s).get("vsock").is_none());
+        assert!(!api_calls(&s, SessionView::Cwd)
+            .iter()
+            .any(|(p, _)| p == "/vsock"));
+        assert!(config_document(&s, SessionView::Cwd).get("vsock").is_none());
+    }
+
+    #[test]
+    fn through_the_jailer_session_files_are_named_under_vm() {
+        let s = spec();
+        let doc = config_document(&s, SessionView::Jailer);
+        assert_eq!(doc["drives"][1]["path_on_host"], "/vm/overlay.ext4");
+        assert_eq!(doc["vsock"]["uds_path"], "/vm/agent.sock");
+        // Paths outside the session directory stay as they are.
+        assert_eq!(
+            doc["boot-source"]["kernel_image_path"],
+            config_document(&s, SessionView::Cwd)["boot-source"]["kernel_image_path"]
+        );
+        let session = Path::new("/srv/s/vm1");
+        assert_eq!(
+            SessionView::Jailer.path(session, &session.join(".snapshot.mem")),
+            Path::new("/vm/.snapshot.mem")
+        );
+        assert_eq!(
+            SessionView::Cwd.path(session, &session.join(".snapshot.mem")),
+            Path::new(".snapshot.mem")
+        );
     }
 
     #[test]
     fn config_document_groups_the_same_bodies() {
-        let doc = config_document(&spec());
+        let doc = config_document(&spec(), SessionView::Cwd);
         assert_eq!(doc["drives"].as_array().unwrap().len(), 2);
         assert_eq!(doc["machine-config"]["vcpu_count"], 2);
         assert_eq!(doc["network-interfaces"][0]["host_dev_name"], "tap0");
@@ -1030,25 +1122,29 @@ mod tests {
             memory: Some("/t/snap/vm.mem".into()),
         };
         assert_eq!(
-            serde_json::to_value(load_params(&rs, false).unwrap()).unwrap(),
+            serde_json::to_value(load_params(&rs, false, SessionView::Cwd).unwrap()).unwrap(),
             json!({"snapshot_path": "/t/snap/vm.state",
                    "mem_backend": {"backend_type": "File", "backend_path": "/t/snap/vm.mem"},
                    "resume_vm": true,
                    "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap0"}]})
         );
-        let v1_16 = serde_json::to_value(load_params(&rs, true).unwrap()).unwrap();
+        let v1_16 =
+            serde_json::to_value(load_params(&rs, true, SessionView::Cwd).unwrap()).unwrap();
         assert_eq!(v1_16["vsock_override"], json!({"uds_path": "agent.sock"}));
         assert!(v1_16.get("clock_realtime").is_none());
 
         let mut bare = rs.clone();
         bare.launch.net = None;
         bare.launch.agent_socket = None;
-        let body = serde_json::to_value(load_params(&bare, true).unwrap()).unwrap();
+        let body =
+            serde_json::to_value(load_params(&bare, true, SessionView::Cwd).unwrap()).unwrap();
         assert!(body.get("network_overrides").is_none(), "{body}");
         assert!(body.get("vsock_override").is_none(), "{body}");
 
         bare.memory = None;
-        let err = load_params(&bare, false).unwrap_err().to_string();
+        let err = load_params(&bare, false, SessionView::Cwd)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("/t/snap/vm.state") && err.contains("memory file"),
             "{err}"

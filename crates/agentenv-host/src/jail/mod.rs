@@ -61,6 +61,82 @@ pub const RLIMIT_NOFILE: u64 = 4096;
 /// Processes (threads) its uid may have.
 pub const RLIMIT_NPROC: u64 = 4096;
 
+/// Where a Firecracker started through its jailer finds its session
+/// directory (it runs in `/` of its chroot, not in its session directory):
+/// the same path in every VM's chroot, so a full snapshot's drive and vsock
+/// paths name the restoring VM's own files.
+pub const JAILER_SESSION: &str = "/vm";
+
+/// What the jail's child executes.
+#[derive(Debug, Clone, Copy)]
+enum Launcher<'a> {
+    /// The VMM itself, after the child's own `pivot_root` and uid drop.
+    Direct {
+        binary: &'a Path,
+        cwd: Option<&'a Path>,
+    },
+    /// Firecracker's jailer, which does those itself, then runs Firecracker.
+    Jailer {
+        jailer: &'a Path,
+        firecracker: &'a Path,
+        session_dir: &'a Path,
+    },
+}
+
+/// A VMM started through Firecracker's jailer.
+#[derive(Debug)]
+pub(crate) struct JailerRun {
+    /// The jailer and its arguments up to `--` (Firecracker's follow).
+    pub(crate) argv: Vec<CString>,
+    session_dir: PathBuf,
+    /// Of the tmpfs on the jail directory.
+    pub(crate) tmpfs_options: CString,
+}
+
+/// A detached mount of the file `path` names (`open_tree` with
+/// `OPEN_TREE_CLONE`): for a descriptor's `/proc/self/fd/N`, of the very file
+/// it holds. A jail's child (in a new mount namespace) can attach it, which
+/// it could not bind from a mount of the daemon's namespace.
+fn open_tree(path: &Path) -> std::io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let p = cpath(path);
+    // SAFETY: a NUL-terminated path; open_tree returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            p.as_ptr(),
+            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as std::os::fd::RawFd) })
+}
+
+/// Checks `[jail] firecracker_jailer`: an absolute path to an executable
+/// regular file. Returns its canonical path.
+fn check_jailer(path: &Path) -> Result<PathBuf, JailError> {
+    let bad = |reason: String| JailError::Jailer {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if !path.is_absolute() {
+        return Err(bad("must be an absolute path".into()));
+    }
+    let canonical = std::fs::canonicalize(path).map_err(|e| bad(e.to_string()))?;
+    let m = std::fs::metadata(&canonical).map_err(|e| bad(e.to_string()))?;
+    if !m.is_file() {
+        return Err(bad("is not a regular file".into()));
+    }
+    if m.mode() & 0o111 == 0 {
+        return Err(bad("is not executable".into()));
+    }
+    Ok(canonical)
+}
+
 /// A jail that cannot be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
@@ -68,6 +144,14 @@ pub enum JailError {
     #[error("config key `jail.chroot_base`: {path}: {reason}")]
     Base {
         /// The directory.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// `firecracker_jailer` cannot be used.
+    #[error("config key `jail.firecracker_jailer`: {path}: {reason}")]
+    Jailer {
+        /// The configured path.
         path: PathBuf,
         /// Why.
         reason: String,
@@ -117,6 +201,9 @@ pub struct Jail {
     /// The network namespace VMMs join (where their TAPs are), when not the
     /// daemon's.
     netns: Option<PathBuf>,
+    /// Firecracker's own `jailer` (`[jail] firecracker_jailer`): Firecracker
+    /// VMMs start through it (see [`Jail::prepare_jailer`]).
+    firecracker_jailer: Option<PathBuf>,
     /// Serializes uid allocation.
     alloc: Mutex<()>,
 }
@@ -168,8 +255,17 @@ impl Jail {
             gid: cfg.group(),
             read_only_paths: cfg.read_only_paths.clone(),
             netns: None,
+            firecracker_jailer: match &cfg.firecracker_jailer {
+                Some(p) => Some(check_jailer(p)?),
+                None => None,
+            },
             alloc: Mutex::new(()),
         })
+    }
+
+    /// Firecracker's own jailer, when Firecracker VMMs start through it.
+    pub fn firecracker_jailer(&self) -> Option<&Path> {
+        self.firecracker_jailer.as_deref()
     }
 
     /// VMMs join the network namespace at `netns` (a path like
@@ -269,9 +365,52 @@ impl Jail {
         socket: Option<&Path>,
         cwd: Option<&Path>,
     ) -> Result<PreparedJail, JailError> {
+        self.prepare_as(vm_id, Launcher::Direct { binary, cwd }, paths, socket)
+    }
+
+    /// Describes `vm_id`'s jail for a Firecracker started through
+    /// Firecracker's own jailer ([`Jail::firecracker_jailer`], which must be
+    /// set): the daemon's child mounts a tmpfs on the VM's jail directory
+    /// (in its own mount namespace, as for [`Jail::prepare`]), binds `paths`
+    /// at their host paths under the chroot the jailer will use
+    /// (`<jail dir>/<firecracker's file name>/<id>/root`), the VM's session
+    /// directory also at [`JAILER_SESSION`], and executes the jailer, which
+    /// copies `firecracker` in, makes its `/dev` nodes, `pivot_root`s, drops
+    /// to the jail uid and gid and executes Firecracker, PID 1 of the new
+    /// PID namespace, in `/`. Arguments given to [`crate::process::SpawnSpec`]
+    /// are Firecracker's (after the jailer's `--`).
+    pub fn prepare_jailer(
+        &self,
+        vm_id: &str,
+        firecracker: &Path,
+        session_dir: &Path,
+        paths: &[(PathBuf, Access)],
+        socket: Option<&Path>,
+    ) -> Result<PreparedJail, JailError> {
+        let Some(jailer) = self.firecracker_jailer.as_deref() else {
+            return Err(io_error(
+                vm_id,
+                "no firecracker_jailer is configured".into(),
+            )(std::io::ErrorKind::NotFound.into()));
+        };
+        let launcher = Launcher::Jailer {
+            jailer,
+            firecracker,
+            session_dir,
+        };
+        self.prepare_as(vm_id, launcher, paths, socket)
+    }
+
+    fn prepare_as(
+        &self,
+        vm_id: &str,
+        launcher: Launcher<'_>,
+        paths: &[(PathBuf, Access)],
+        socket: Option<&Path>,
+    ) -> Result<PreparedJail, JailError> {
         let uid = self.claim(vm_id).inspect_err(|_| self.remove(vm_id))?;
         let staged = socket.map(|s| staging_dir(s, vm_id));
-        match self.prepare_claimed(vm_id, uid, binary, paths, socket, staged.as_deref(), cwd) {
+        match self.prepare_claimed(vm_id, uid, launcher, paths, socket, staged.as_deref()) {
             Ok(p) => Ok(p),
             Err(e) => {
                 self.remove(vm_id);
@@ -280,22 +419,78 @@ impl Jail {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn prepare_claimed(
         &self,
         vm_id: &str,
         uid: u32,
-        binary: &Path,
+        launcher: Launcher<'_>,
         paths: &[(PathBuf, Access)],
         socket: Option<&Path>,
         staged: Option<&Path>,
-        cwd: Option<&Path>,
     ) -> Result<PreparedJail, JailError> {
         let io = |context: String| io_error(vm_id, context);
-        let root = self.dir(vm_id);
-        let binary = std::fs::canonicalize(binary)
-            .map_err(io(format!("cannot resolve {}", binary.display())))?;
+        let host_root = self.dir(vm_id);
+        let canonical = |p: &Path| {
+            std::fs::canonicalize(p).map_err(io(format!("cannot resolve {}", p.display())))
+        };
+        // Direct: the tree is the root itself; through the jailer: its chroot
+        // inside it, made (with its parents) first.
+        let (root, exec, jailer, scaffold) = match launcher {
+            Launcher::Direct { binary, .. } => {
+                (host_root.clone(), canonical(binary)?, None, Vec::new())
+            }
+            Launcher::Jailer {
+                jailer,
+                firecracker,
+                session_dir,
+            } => {
+                let firecracker = canonical(firecracker)?;
+                let size = std::fs::metadata(&firecracker)
+                    .map_err(io(format!("cannot stat {}", firecracker.display())))?
+                    .len();
+                let name = firecracker.file_name().unwrap_or_default().to_owned();
+                let id = crate::firecracker::instance_id(vm_id);
+                let chroot = host_root.join(&name).join(&id).join("root");
+                let argv = [
+                    jailer.as_os_str(),
+                    OsStr::new("--id"),
+                    OsStr::new(&id),
+                    OsStr::new("--exec-file"),
+                    firecracker.as_os_str(),
+                    OsStr::new("--uid"),
+                    OsStr::new(&uid.to_string()),
+                    OsStr::new("--gid"),
+                    OsStr::new(&self.gid.to_string()),
+                    OsStr::new("--chroot-base-dir"),
+                    host_root.as_os_str(),
+                    OsStr::new("--resource-limit"),
+                    OsStr::new(&format!("no-file={RLIMIT_NOFILE}")),
+                    OsStr::new("--"),
+                ]
+                .iter()
+                .map(|a| cpath(Path::new(a)))
+                .collect();
+                let scaffold = vec![
+                    host_root.join(&name),
+                    host_root.join(&name).join(&id),
+                    chroot.clone(),
+                ];
+                let run = JailerRun {
+                    argv,
+                    session_dir: session_dir.to_path_buf(),
+                    // The jailer copies Firecracker into the tmpfs.
+                    tmpfs_options: CString::new(format!(
+                        "mode=0755,size={}k,nr_inodes=4096",
+                        size / 1024 + 4096
+                    ))
+                    .expect("no NUL"),
+                };
+                (chroot, jailer.to_path_buf(), Some(run), scaffold)
+            }
+        };
         let mut tree = Tree::new(&root);
+        tree.ops
+            .extend(scaffold.iter().map(|d| Op::Mkdir(cpath(d))));
         for sys in SYSTEM_PATHS {
             let p = Path::new(sys);
             match std::fs::symlink_metadata(p) {
@@ -307,8 +502,9 @@ impl Jail {
                 _ => {}
             }
         }
-        if !tree.covered(&binary) {
-            tree.bind(&binary, false, Kind::System, true);
+        // The jailer (run before the chroot) copies Firecracker in itself.
+        if jailer.is_none() && !tree.covered(&exec) {
+            tree.bind(&exec, false, Kind::System, true);
         }
         for p in &self.read_only_paths {
             if let Ok(m) = std::fs::metadata(p) {
@@ -322,38 +518,9 @@ impl Jail {
                 tree.bind(Path::new(f), false, Kind::System, true);
             }
         }
-        // A /dev of its own (a tmpfs that allows device nodes): the host's
-        // nodes may be root's only (`/dev/net/tun`, `/dev/kvm` are often
-        // 0600), and the jail uid must open them.
-        tree.mkdirs(Path::new("/dev"));
-        tree.ops
-            .push(Op::DevTmpfs(cpath(&tree.inside(Path::new("/dev")))));
-        for d in DEVICES {
-            use std::os::unix::fs::FileTypeExt;
-            let Ok(m) = std::fs::metadata(d) else {
-                continue;
-            };
-            if !m.file_type().is_char_device() {
-                continue;
-            }
-            let p = Path::new(d);
-            if let Some(parent) = p.parent() {
-                tree.mkdirs(parent);
-            }
-            // /dev/kvm only to the jail group; the others to everyone, as usual.
-            let (mode, gid) = if *d == "/dev/kvm" {
-                (0o660, Some(self.gid))
-            } else {
-                (0o666, None)
-            };
-            tree.ops.push(Op::Mknod {
-                path: cpath(&tree.inside(p)),
-                mode,
-                dev: m.rdev(),
-                gid,
-            });
+        if jailer.is_none() {
+            self.dev_and_proc(&mut tree);
         }
-        tree.proc();
         if let (Some(socket), Some(staged)) = (socket, staged) {
             let _ = std::fs::remove_dir_all(staged);
             std::fs::create_dir(staged)
@@ -365,6 +532,8 @@ impl Jail {
             let dir = socket.parent().unwrap_or(Path::new("/"));
             tree.bind_at(staged, dir, true, false);
         }
+        // Detached mounts of the files of inherited descriptors (jailer).
+        let mut trees = Vec::new();
         for (path, access) in paths {
             let inherited = path.as_os_str().as_bytes().starts_with(b"/proc/self/fd/");
             if !inherited
@@ -394,10 +563,22 @@ impl Jail {
             // names no path to bind: the jail's own /proc reaches it. Its
             // access was granted above through the descriptor (the daemon's
             // own `/proc/self/fd/N`, the same number), never a path a swap
-            // could redirect.
-            if !inherited && !tree.covered(path) {
+            // could redirect. The jailer closes inherited descriptors and
+            // gives no /proc: there the file the descriptor holds (not a
+            // path) is bound at that same path instead.
+            if inherited && jailer.is_some() {
+                let clone = open_tree(path).map_err(io(format!(
+                    "cannot clone a mount of the file of {}",
+                    path.display()
+                )))?;
+                tree.attach(path, &clone, *access == Access::ReadOnly);
+                trees.push(clone);
+            } else if !inherited && !tree.covered(path) {
                 tree.bind(path, meta.is_dir(), Kind::Data, *access == Access::ReadOnly);
             }
+        }
+        if let Some(run) = &jailer {
+            tree.bind_at(&run.session_dir, Path::new(JAILER_SESSION), true, false);
         }
         let cstr = |p: &Path| cpath(p);
         let netns = match &self.netns {
@@ -408,15 +589,21 @@ impl Jail {
             ),
             None => None,
         };
+        let cwd = match launcher {
+            Launcher::Direct { cwd, .. } => cwd.map(cstr),
+            Launcher::Jailer { .. } => None,
+        };
         Ok(PreparedJail {
             netns,
             tap: None,
             vm_id: vm_id.to_string(),
-            host_root: root.clone(),
-            root: cstr(&root),
+            root: cstr(&host_root),
+            host_root,
             ops: tree.ops,
-            exec: cstr(&binary),
-            cwd: cwd.map(cstr),
+            exec: cstr(&exec),
+            cwd,
+            jailer,
+            trees,
             uid,
             gid: self.gid,
             staged_socket: match (socket, staged) {
@@ -427,6 +614,42 @@ impl Jail {
             },
             staging_dir: staged.map(Path::to_path_buf),
         })
+    }
+
+    /// A `/dev` of its own (a tmpfs that allows device nodes: the host's
+    /// nodes may be root's only, `/dev/net/tun`, `/dev/kvm` are often 0600,
+    /// and the jail uid must open them) and a `/proc` of its own. (The
+    /// jailer makes its `/dev` itself, and gives none.)
+    fn dev_and_proc(&self, tree: &mut Tree) {
+        tree.mkdirs(Path::new("/dev"));
+        tree.ops
+            .push(Op::DevTmpfs(cpath(&tree.inside(Path::new("/dev")))));
+        for d in DEVICES {
+            use std::os::unix::fs::FileTypeExt;
+            let Ok(m) = std::fs::metadata(d) else {
+                continue;
+            };
+            if !m.file_type().is_char_device() {
+                continue;
+            }
+            let p = Path::new(d);
+            if let Some(parent) = p.parent() {
+                tree.mkdirs(parent);
+            }
+            // /dev/kvm only to the jail group; the others to everyone, as usual.
+            let (mode, gid) = if *d == "/dev/kvm" {
+                (0o660, Some(self.gid))
+            } else {
+                (0o666, None)
+            };
+            tree.ops.push(Op::Mknod {
+                path: cpath(&tree.inside(p)),
+                mode,
+                dev: m.rdev(),
+                gid,
+            });
+        }
+        tree.proc();
     }
 
     /// Gives the jail group read (and, `write`, write) access to `path`
@@ -567,6 +790,13 @@ pub(crate) enum Op {
         dst: CString,
         flags: libc::c_ulong,
     },
+    /// Attach the detached mount `tree` (from `open_tree`, made by the
+    /// daemon) at `dst`, then remount with `flags`.
+    Attach {
+        tree: std::os::fd::RawFd,
+        dst: CString,
+        flags: libc::c_ulong,
+    },
     /// Mount a `proc` of the jail's PID namespace.
     Proc(CString),
     /// Mount the tmpfs of the jail's `/dev` (device nodes allowed).
@@ -589,6 +819,7 @@ impl Op {
             Op::Touch(p) => format!("create {}", s(p)),
             Op::Symlink(t, p) => format!("symlink {} -> {}", s(p), s(t)),
             Op::Bind { src, dst, .. } => format!("bind {} at {}", s(src), s(dst)),
+            Op::Attach { dst, .. } => format!("attach a file's mount at {}", s(dst)),
             Op::Proc(p) => format!("mount proc at {}", s(p)),
             Op::DevTmpfs(p) => format!("mount a tmpfs at {}", s(p)),
             Op::Mknod { path, .. } => format!("make the device node {}", s(path)),
@@ -694,6 +925,25 @@ impl Tree {
         });
     }
 
+    /// Attaches `tree` (a detached mount of one file) at `at`.
+    fn attach(&mut self, at: &Path, tree: &OwnedFd, read_only: bool) {
+        use std::os::fd::AsRawFd;
+        if let Some(parent) = at.parent() {
+            self.mkdirs(parent);
+        }
+        self.ops.push(Op::Touch(cpath(&self.inside(at))));
+        self.made.insert(at.to_path_buf());
+        let mut flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        if read_only {
+            flags |= libc::MS_RDONLY;
+        }
+        self.ops.push(Op::Attach {
+            tree: tree.as_raw_fd(),
+            dst: cpath(&self.inside(at)),
+            flags,
+        });
+    }
+
     fn proc(&mut self) {
         self.mkdirs(Path::new("/proc"));
         self.ops
@@ -711,6 +961,12 @@ pub struct PreparedJail {
     /// The binary to execute (its canonical path, the same in the jail).
     pub(crate) exec: CString,
     pub(crate) cwd: Option<CString>,
+    /// Started through Firecracker's jailer: how.
+    pub(crate) jailer: Option<JailerRun>,
+    /// What [`Op::Attach`] attaches: held open (never read) until the
+    /// child has attached them.
+    #[allow(dead_code)]
+    trees: Vec<OwnedFd>,
     pub(crate) uid: u32,
     pub(crate) gid: u32,
     /// The network namespace to join.
@@ -968,5 +1224,127 @@ mod tests {
         drop(opened);
         p.cleanup().run();
         assert!(!root.exists() && !staged.exists());
+    }
+
+    #[test]
+    fn through_the_jailer_the_tree_is_its_chroot_with_the_session_at_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let session = dir.path().join("s");
+        std::fs::create_dir(&session).unwrap();
+        let kernel = dir.path().join("vmlinux");
+        std::fs::write(&kernel, b"").unwrap();
+        let disk = dir.path().join("disk.img");
+        std::fs::write(&disk, b"").unwrap();
+        let opened = std::fs::File::open(&disk).unwrap();
+        let fd_path = crate::safe_open::fd_path(std::os::fd::AsRawFd::as_raw_fd(&opened));
+        // Any executable file is a jailer to describe (it is not run here).
+        let jailer_bin = dir.path().join("jailer");
+        std::fs::write(&jailer_bin, b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&jailer_bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let firecracker = dir.path().join("firecracker");
+        std::fs::write(&firecracker, vec![0u8; 8192]).unwrap();
+        let cfg = JailConfig {
+            uid: Some(4245),
+            firecracker_jailer: Some(jailer_bin.clone()),
+            ..JailConfig::default()
+        };
+        let jail = Jail::new(&cfg, &dir.path().join("j")).unwrap();
+        let socket = dir.path().join("sockets/vm.1.sock");
+        std::fs::create_dir(socket.parent().unwrap()).unwrap();
+        let p = jail
+            .prepare_jailer(
+                "vm.1",
+                &firecracker,
+                &session,
+                &[
+                    (kernel.clone(), Access::ReadOnly),
+                    (session.clone(), Access::Owned),
+                    (fd_path.clone(), Access::SharedWritable),
+                ],
+                Some(&socket),
+            )
+            .unwrap();
+        let run = p.jailer.as_ref().unwrap();
+        let argv: Vec<String> = run
+            .argv
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let root = jail.dir("vm.1");
+        assert_eq!(
+            argv,
+            [
+                jailer_bin.to_str().unwrap(),
+                "--id",
+                "vm-1",
+                "--exec-file",
+                firecracker.to_str().unwrap(),
+                "--uid",
+                "4245",
+                "--gid",
+                "4245",
+                "--chroot-base-dir",
+                root.to_str().unwrap(),
+                "--resource-limit",
+                "no-file=4096",
+                "--",
+            ]
+        );
+        assert_eq!(p.exec.to_str().unwrap(), jailer_bin.to_str().unwrap());
+        assert_eq!(p.cwd, None);
+        // The tmpfs goes on the jail directory; the tree is the chroot in it.
+        assert_eq!(p.root.to_str().unwrap(), root.to_str().unwrap());
+        let chroot = root.join("firecracker/vm-1/root");
+        let ops: Vec<String> = p.ops.iter().map(Op::describe).collect();
+        assert_eq!(ops[2], format!("mkdir {}", chroot.display()), "{ops:?}");
+        let at = |h: &Path| chroot.join(h.strip_prefix("/").unwrap());
+        assert!(ops.contains(&format!(
+            "bind {} at {}",
+            kernel.display(),
+            at(&kernel).display()
+        )));
+        assert!(ops.contains(&format!(
+            "bind {} at {}",
+            session.display(),
+            chroot.join("vm").display()
+        )));
+        // The direct disk: the file its descriptor holds, attached at the
+        // same path (the jailer closes descriptors and gives no /proc).
+        assert!(ops.contains(&format!(
+            "attach a file's mount at {}",
+            at(&fd_path).display()
+        )));
+        // No /dev or /proc of the daemon's making: the jailer makes /dev.
+        assert!(!ops
+            .iter()
+            .any(|o| o.contains("device node") || o.contains("mount proc")));
+        drop(opened);
+        p.cleanup().run();
+        assert!(!root.exists());
+    }
+
+    #[test]
+    fn an_unusable_jailer_names_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"").unwrap();
+        for (path, why) in [
+            (PathBuf::from("jailer"), "must be an absolute path"),
+            (dir.path().join("missing"), "No such file"),
+            (dir.path().to_path_buf(), "is not a regular file"),
+            (plain, "is not executable"),
+        ] {
+            let cfg = JailConfig {
+                firecracker_jailer: Some(path),
+                ..JailConfig::default()
+            };
+            let e = Jail::new(&cfg, &dir.path().join("j"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("jail.firecracker_jailer") && e.contains(why),
+                "{e}"
+            );
+        }
     }
 }

@@ -125,10 +125,19 @@ pub(crate) fn spawn_jailed(
             source,
         })?;
     let null = File::open("/dev/null").map_err(spawn_err)?;
-    let argv_c: Vec<CString> = std::iter::once(spec.binary.as_os_str())
-        .chain(spec.args.iter().map(|a| a.as_os_str()))
-        .map(|a| cstring(a.as_bytes()))
-        .collect();
+    // Through Firecracker's jailer: its arguments, then Firecracker's.
+    let argv_c: Vec<CString> = match &jail.jailer {
+        Some(run) => run
+            .argv
+            .iter()
+            .cloned()
+            .chain(spec.args.iter().map(|a| cstring(a.as_bytes())))
+            .collect(),
+        None => std::iter::once(spec.binary.as_os_str())
+            .chain(spec.args.iter().map(|a| a.as_os_str()))
+            .map(|a| cstring(a.as_bytes()))
+            .collect(),
+    };
     let envp_c: Vec<CString> = std::env::vars_os()
         .map(|(k, v)| {
             let mut b = k.as_bytes().to_vec();
@@ -257,6 +266,13 @@ unsafe fn child_main(c: &Child) -> ! {
     };
     let null = std::ptr::null::<c_char>();
     let j = c.jail;
+    let limit = |resource, n: u64| {
+        let l = libc::rlimit {
+            rlim_cur: n,
+            rlim_max: n,
+        };
+        libc::setrlimit(resource, &l) == 0
+    };
     if libc::sigprocmask(libc::SIG_SETMASK, &c.empty_mask, std::ptr::null_mut()) != 0
         || libc::signal(libc::SIGPIPE, libc::SIG_DFL) == libc::SIG_ERR
         || libc::setpgid(0, 0) != 0
@@ -317,12 +333,21 @@ unsafe fn child_main(c: &Child) -> ! {
     {
         fail(STEP_PRIVATE);
     }
+    // The jailer copies Firecracker into this tmpfs, executes it from there
+    // and makes its device nodes in it.
+    let (tmpfs_flags, tmpfs_options) = match &j.jailer {
+        Some(run) => (libc::MS_NOSUID, run.tmpfs_options.as_ptr()),
+        None => (
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            c"mode=0755,size=1m,nr_inodes=4096".as_ptr(),
+        ),
+    };
     if libc::mount(
         c"tmpfs".as_ptr(),
         j.root.as_ptr(),
         c"tmpfs".as_ptr(),
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        c"mode=0755,size=1m,nr_inodes=4096".as_ptr().cast(),
+        tmpfs_flags,
+        tmpfs_options.cast(),
     ) != 0
     {
         fail(STEP_TMPFS);
@@ -359,6 +384,26 @@ unsafe fn child_main(c: &Child) -> ! {
                     null,
                     libc::MS_BIND,
                     std::ptr::null(),
+                ) != 0
+                    || libc::mount(
+                        null,
+                        dst.as_ptr(),
+                        null,
+                        libc::MS_REMOUNT | libc::MS_BIND | flags,
+                        std::ptr::null(),
+                    ) != 0
+                {
+                    fail(step);
+                }
+            }
+            Op::Attach { tree, dst, flags } => {
+                if libc::syscall(
+                    libc::SYS_move_mount,
+                    *tree,
+                    c"".as_ptr(),
+                    libc::AT_FDCWD,
+                    dst.as_ptr(),
+                    libc::MOVE_MOUNT_F_EMPTY_PATH,
                 ) != 0
                     || libc::mount(
                         null,
@@ -420,6 +465,20 @@ unsafe fn child_main(c: &Child) -> ! {
             }
         }
     }
+    if j.jailer.is_some() {
+        // The jailer does the rest (pivot_root, ids, rlimits, /dev) and
+        // executes Firecracker; what it does not set is set here.
+        if !limit(libc::RLIMIT_NPROC, RLIMIT_NPROC) || !limit(libc::RLIMIT_CORE, 0) {
+            fail(STEP_RLIMIT);
+        }
+        // The jailer needs no privilege an exec would grant (it is root).
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            fail(STEP_NNP);
+        }
+        libc::umask(0o177);
+        libc::execve(j.exec.as_ptr(), c.argv.as_ptr(), c.envp.as_ptr());
+        fail(STEP_EXEC)
+    }
     let dot = c".";
     if libc::chdir(j.root.as_ptr()) != 0
         || libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) != 0
@@ -450,13 +509,6 @@ unsafe fn child_main(c: &Child) -> ! {
     }
     // As for an unjailed VMM: its sockets and files are 0600.
     libc::umask(0o177);
-    let limit = |resource, n: u64| {
-        let l = libc::rlimit {
-            rlim_cur: n,
-            rlim_max: n,
-        };
-        libc::setrlimit(resource, &l) == 0
-    };
     if !limit(libc::RLIMIT_NOFILE, RLIMIT_NOFILE)
         || !limit(libc::RLIMIT_NPROC, RLIMIT_NPROC)
         || !limit(libc::RLIMIT_CORE, 0)

@@ -155,8 +155,12 @@ impl TestDir {
                 ..Default::default()
             },
             // The double's wrapper scripts run it: jailed VMMs must see it.
+            // With AGENTENV_TEST_JAILER (and root, which the jail needs),
+            // every Firecracker starts through Firecracker's own jailer.
             jail: agentenv_core::config::JailConfig {
                 read_only_paths: vec![paths::fc_double()],
+                firecracker_jailer: paths::real_jailer()
+                    .filter(|_| nix::unistd::geteuid().is_root()),
                 ..Default::default()
             },
             ..Config::default()
