@@ -26,4 +26,5 @@ AGENTENV_CI_PACKAGES=(
   openssh-server openssh-client
   python3-venv      # tests/e2b: a venv per pinned e2b SDK version
   debootstrap       # the E2B base template image (Debian)
+  build-essential bc bison flex libelf-dev libssl-dev  # compiling the guest kernel (acpi=off test)
 )
