@@ -50,12 +50,16 @@ pub(super) fn check_boot_args(args: &str) -> Result<(), EngineError> {
 pub const FIRECRACKER_CMDLINE_CAPACITY: usize = 2048;
 
 /// What Firecracker (v1.13–v1.16) appends to `boot_args` at `InstanceStart`,
-/// each part after a space: `root=/dev/vda ro|rw` when the first drive is the
-/// root device, then one `virtio_mmio.device=4K@0x<addr>:<irq>` per virtio
-/// device (drives, network interface, vsock), addresses from `0xd0000000` in
-/// steps of `0x1000`, IRQs from 5 — with or without ACPI.
+/// each part after a space: `pci=off` (it runs without `--enable-pci`; it is
+/// appended even when `boot_args` has it already), `root=/dev/vda ro|rw` when
+/// the first drive is the root device, then one
+/// `virtio_mmio.device=4K@0x<addr>:<irq>` per virtio device (drives, network
+/// interface, vsock), addresses from `0xd0000000` in steps of `0x1000`, IRQs
+/// from 5 — with or without ACPI. (Checked against the real v1.13.1: a
+/// command line one byte over this budget is refused at `InstanceStart`.)
 pub fn firecracker_appends(root_read_only: Option<bool>, devices: usize) -> Vec<String> {
-    let mut parts = Vec::with_capacity(devices + 1);
+    let mut parts = Vec::with_capacity(devices + 2);
+    parts.push("pci=off".to_string());
     if let Some(ro) = root_read_only {
         parts.push(format!("root=/dev/vda {}", if ro { "ro" } else { "rw" }));
     }
@@ -92,8 +96,8 @@ pub(super) fn check_firecracker_cmdline(
             "boot_args",
             format!(
                 "the kernel command line would be {total} bytes as Firecracker sees it (boot_args, \
-                 agentenv's own parameters and what Firecracker appends: root=/dev/vda and one \
-                 virtio_mmio.device= per device), over its limit of {limit} bytes plus the final NUL; \
+                 agentenv's own parameters and what Firecracker appends: pci=off, root=/dev/vda and \
+                 one virtio_mmio.device= per device), over its limit of {limit} bytes plus the final NUL; \
                  shorten boot_args by {over} bytes"
             ),
         ));
@@ -321,16 +325,19 @@ mod firecracker_cmdline_tests {
     fn firecracker_appends_root_and_one_mmio_device_each() {
         assert_eq!(
             firecracker_appends(Some(true), 3).join(" "),
-            "root=/dev/vda ro virtio_mmio.device=4K@0xd0000000:5 \
+            "pci=off root=/dev/vda ro virtio_mmio.device=4K@0xd0000000:5 \
              virtio_mmio.device=4K@0xd0001000:6 virtio_mmio.device=4K@0xd0002000:7"
         );
-        assert_eq!(firecracker_appends(Some(false), 0), ["root=/dev/vda rw"]);
-        assert!(firecracker_appends(None, 0).is_empty());
+        assert_eq!(
+            firecracker_appends(Some(false), 0),
+            ["pci=off", "root=/dev/vda rw"]
+        );
+        assert_eq!(firecracker_appends(None, 0), ["pci=off"]);
     }
 
     #[test]
     fn the_budget_is_2047_bytes_with_what_firecracker_appends() {
-        let appended = " root=/dev/vda ro virtio_mmio.device=4K@0xd0000000:5".len();
+        let appended = " pci=off root=/dev/vda ro virtio_mmio.device=4K@0xd0000000:5".len();
         let fits = "a".repeat(2047 - appended);
         check_firecracker_cmdline(&fits, 0, Some(true), 1).unwrap();
         let e = check_firecracker_cmdline(&format!("{fits}a"), 0, Some(true), 1).unwrap_err();

@@ -21,7 +21,8 @@
 //! Behaviours that decide real outcomes:
 //!
 //! - **The kernel command-line budget.** At `InstanceStart` Firecracker
-//!   appends `root=/dev/vda ro` (or `rw`; for the root drive) and one
+//!   appends `pci=off` (run without `--enable-pci`), `root=/dev/vda ro` (or
+//!   `rw`; for the root drive) and one
 //!   `virtio_mmio.device=4K@0x…:IRQ` per virtio device (drives, network
 //!   interfaces, vsock) to `boot_args`, within 2048 bytes (the final NUL
 //!   included). Over it, `InstanceStart` fails with 400 `Start microvm error:

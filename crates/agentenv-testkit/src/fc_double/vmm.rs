@@ -159,7 +159,8 @@ impl VmmState {
     }
 
     /// The command line the guest kernel gets: the boot arguments, then what
-    /// Firecracker appends at `InstanceStart` — `root=/dev/vda ro|rw` for a
+    /// Firecracker appends at `InstanceStart` — `pci=off` (no `--enable-pci`;
+    /// even when the boot arguments have it), `root=/dev/vda ro|rw` for a
     /// root drive and one `virtio_mmio.device=4K@0x…:IRQ` per virtio device
     /// (drives, network interfaces, vsock) — within [`CMDLINE_CAPACITY`]
     /// (its final NUL included), as linux-loader's `Cmdline` counts it.
@@ -183,6 +184,7 @@ impl VmmState {
             line.push_str(s);
             Ok(())
         };
+        insert("pci=off")?;
         if let Some(root) = self.drives.first().filter(|d| d.is_root_device) {
             let mode = if root.is_read_only.unwrap_or(false) {
                 "ro"
@@ -1067,7 +1069,7 @@ mod tests {
         });
         assert_eq!(
             st.kernel_cmdline().unwrap(),
-            "console=ttyS0 root=/dev/vda ro virtio_mmio.device=4K@0xd0000000:5 \
+            "console=ttyS0 pci=off root=/dev/vda ro virtio_mmio.device=4K@0xd0000000:5 \
              virtio_mmio.device=4K@0xd0001000:6 virtio_mmio.device=4K@0xd0002000:7"
         );
         // The budget is what is left of 2048 bytes (NUL included) after
