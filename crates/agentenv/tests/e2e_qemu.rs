@@ -125,16 +125,7 @@ fn boot_pause_resume_shutdown_and_boot_again() {
     // Shutdown: the guest powers off and QEMU exits by itself.
     let (code, v) = d.call("POST", "/v1/vm/e1/shutdown", None);
     assert_eq!(code, 200, "{v}");
-    assert_eq!(v["state"], "stopped");
-    assert_eq!(v["exit"]["exit_code"], 0, "{v}");
-    assert_eq!(v["exit"]["signal"], Value::Null, "{v}");
-    assert!(
-        v["exit"]["cause"]
-            .as_str()
-            .unwrap()
-            .starts_with("shut down by request"),
-        "{v}"
-    );
+    common::assert_shut_down_by_request(&v);
     // What the guest wrote landed in its overlay; the base is untouched.
     let boots = debugfs_cat(
         vm["disk"]["writable_path"].as_str().unwrap(),

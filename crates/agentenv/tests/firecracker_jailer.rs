@@ -12,7 +12,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{finish, Daemon, TestDir};
+use common::{finish, seen_by, Daemon, TestDir};
 use serde_json::{json, Value};
 
 fn jailer() -> Option<PathBuf> {
@@ -37,20 +37,6 @@ fn ok(d: &Daemon, method: &str, path: &str, body: Option<Value>, want: u16) -> V
     let (code, v) = d.call(method, path, body);
     assert_eq!(code, want, "{method} {path}: {v}");
     v
-}
-
-fn status_field(pid: u64, field: &str) -> String {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-        .trim()
-        .to_string()
-}
-
-/// A path as the process `pid` sees it.
-fn seen_by(pid: u64, path: &str) -> PathBuf {
-    Path::new(&format!("/proc/{pid}/root")).join(path.trim_start_matches('/'))
 }
 
 fn argv(pid: u64) -> Vec<String> {
@@ -82,38 +68,20 @@ fn assert_through_jailer(d: &Daemon, vm: &Value) {
     let sock = d.cfg.socket_root.join(format!("{id}.sock"));
     let at = args.iter().position(|a| a == "--api-sock").unwrap();
     assert_eq!(Path::new(&args[at + 1]), sock, "{args:?}");
-    // The jail uid and gid (never root), no capabilities.
-    let uids = status_field(pid, "Uid");
-    assert!(
-        uids.split_whitespace().all(|u| u != "0"),
-        "uid {uids} for {id}"
-    );
-    assert!(!status_field(pid, "Gid")
-        .split_whitespace()
-        .any(|g| g == "0"));
-    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
-    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
-    // PID 1 of its own PID namespace, its own mount, IPC and UTS namespaces.
-    assert_eq!(
-        status_field(pid, "NSpid").split_whitespace().last(),
-        Some("1")
-    );
-    for ns in ["mnt", "pid", "ipc", "uts"] {
-        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
-        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
-        assert_ne!(theirs, ours, "{ns} namespace shared with the daemon");
-    }
+    // The jail uid and gid (never root), no capabilities, no_new_privs, PID
+    // 1 of its own PID namespace, its own mount, IPC and UTS namespaces.
+    common::assert_unprivileged_pid1(pid);
     // Its root is the jailer's chroot: its copy of Firecracker, the /dev the
     // jailer made, the session directory at /vm; none of the host's files.
-    assert!(seen_by(pid, &copied).is_file());
-    assert!(seen_by(pid, "/dev/kvm").exists() || !Path::new("/dev/kvm").exists());
-    assert!(seen_by(pid, "/dev/net/tun").exists());
+    assert!(seen_by(pid, Path::new(&copied)).is_file());
+    assert!(seen_by(pid, Path::new("/dev/kvm")).exists() || !Path::new("/dev/kvm").exists());
+    assert!(seen_by(pid, Path::new("/dev/net/tun")).exists());
     let session = vm["session_dir"].as_str().unwrap();
-    assert!(seen_by(pid, "/vm/console.log").exists());
-    assert!(seen_by(pid, &format!("{session}/console.log")).exists());
-    assert!(!seen_by(pid, "/etc/passwd").exists());
-    assert!(!seen_by(pid, "/proc/1").exists());
-    assert!(!seen_by(pid, &d.cfg.auth.tokens_file.to_string_lossy()).exists());
+    assert!(seen_by(pid, Path::new("/vm/console.log")).exists());
+    assert!(seen_by(pid, Path::new(&format!("{session}/console.log"))).exists());
+    assert!(!seen_by(pid, Path::new("/etc/passwd")).exists());
+    assert!(!seen_by(pid, Path::new("/proc/1")).exists());
+    assert!(!seen_by(pid, &d.cfg.auth.tokens_file).exists());
     // In the VM's cgroup (the daemon's limits hold).
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     assert!(cgroup.contains(&format!("/{id}\n")), "{cgroup}");

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agentenv_core::config::Config;
-use common::{boot_ready, call_ok, finish, Daemon, TestDir};
+use common::{boot_ready, call_ok, finish, seen_by, status_field, Daemon, TestDir};
 use serde_json::{json, Value};
 
 macro_rules! need_root_and_artifacts {
@@ -37,21 +37,6 @@ fn sh(d: &Daemon, vm: &str, script: &str) -> String {
     v["stdout"].as_str().unwrap_or_default().to_string()
 }
 
-/// A field of /proc/PID/status.
-fn status_field(pid: u64, field: &str) -> String {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-        .trim()
-        .to_string()
-}
-
-/// A path as the process `pid` sees it (through /proc/PID/root).
-fn seen_by(pid: u64, path: &Path) -> PathBuf {
-    Path::new(&format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap())
-}
-
 fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -67,27 +52,8 @@ fn assert_jailed(d: &Daemon, cfg: &Config, vm: &Value, others: &[&Value]) -> u32
     let pid = vm["pid"].as_u64().unwrap();
     // An unprivileged uid and gid, no supplementary groups, no_new_privs,
     // QEMU's seccomp filter.
-    let uids: Vec<u32> = status_field(pid, "Uid")
-        .split_whitespace()
-        .map(|u| u.parse().unwrap())
-        .collect();
-    assert!(uids.iter().all(|&u| u == uids[0] && u != 0), "{uids:?}");
-    let gids = status_field(pid, "Gid");
-    assert!(!gids.split_whitespace().any(|g| g == "0"), "{gids}");
-    assert_eq!(status_field(pid, "Groups"), "");
-    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    let uid = common::assert_unprivileged_pid1(pid);
     assert_eq!(status_field(pid, "Seccomp"), "2");
-    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
-    // PID 1 of its own PID namespace; other mount, IPC and UTS namespaces.
-    assert_eq!(
-        status_field(pid, "NSpid").split_whitespace().last(),
-        Some("1")
-    );
-    for ns in ["mnt", "pid", "ipc", "uts"] {
-        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
-        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
-        assert_ne!(theirs, ours, "{ns} namespace shared with the daemon");
-    }
     // Its root is the jail: the system's read-only directories, a minimal
     // /dev, its own /proc, and the paths leading to its own files only.
     let root = seen_by(pid, Path::new("/"));
@@ -141,7 +107,7 @@ fn assert_jailed(d: &Daemon, cfg: &Config, vm: &Value, others: &[&Value]) -> u32
     assert!(opened.is_err(), "the base image is writable in the jail");
     // The daemon still reaches it.
     let _ = d;
-    uids[0]
+    uid
 }
 
 fn jail_config(dir: &TestDir, art: &Path) -> Config {

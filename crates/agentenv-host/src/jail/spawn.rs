@@ -266,6 +266,16 @@ unsafe fn child_main(c: &Child) -> ! {
     };
     let null = std::ptr::null::<c_char>();
     let j = c.jail;
+    // A bind mount at `dst` remounted with `flags` (read-only, noexec, ...).
+    let remount = |dst: &std::ffi::CStr, flags: libc::c_ulong| {
+        libc::mount(
+            null,
+            dst.as_ptr(),
+            null,
+            libc::MS_REMOUNT | libc::MS_BIND | flags,
+            std::ptr::null(),
+        ) == 0
+    };
     let limit = |resource, n: u64| {
         let l = libc::rlimit {
             rlim_cur: n,
@@ -385,13 +395,7 @@ unsafe fn child_main(c: &Child) -> ! {
                     libc::MS_BIND,
                     std::ptr::null(),
                 ) != 0
-                    || libc::mount(
-                        null,
-                        dst.as_ptr(),
-                        null,
-                        libc::MS_REMOUNT | libc::MS_BIND | flags,
-                        std::ptr::null(),
-                    ) != 0
+                    || !remount(dst, *flags)
                 {
                     fail(step);
                 }
@@ -405,13 +409,7 @@ unsafe fn child_main(c: &Child) -> ! {
                     dst.as_ptr(),
                     libc::MOVE_MOUNT_F_EMPTY_PATH,
                 ) != 0
-                    || libc::mount(
-                        null,
-                        dst.as_ptr(),
-                        null,
-                        libc::MS_REMOUNT | libc::MS_BIND | flags,
-                        std::ptr::null(),
-                    ) != 0
+                    || !remount(dst, *flags)
                 {
                     fail(step);
                 }

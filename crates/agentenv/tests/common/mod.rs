@@ -952,3 +952,60 @@ impl std::io::Write for Sink {
         Ok(())
     }
 }
+
+/// A field of /proc/PID/status.
+pub fn status_field(pid: u64, field: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+/// A path as the process `pid` sees it (through /proc/PID/root).
+pub fn seen_by(pid: u64, path: &Path) -> PathBuf {
+    Path::new(&format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(path))
+}
+
+/// Checks a shutdown's answer: `stopped`, the VMM exited 0 by itself (no
+/// signal) after the request.
+pub fn assert_shut_down_by_request(v: &Value) {
+    assert_eq!(v["state"], "stopped", "{v}");
+    assert_eq!(v["exit"]["exit_code"], 0, "{v}");
+    assert_eq!(v["exit"]["signal"], Value::Null, "{v}");
+    assert!(
+        v["exit"]["cause"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("shut down by request"),
+        "{v}"
+    );
+}
+
+/// Checks that process `pid` runs unprivileged as PID 1 of its own PID
+/// namespace: one non-root uid, no root gid, no supplementary groups or
+/// capabilities, `no_new_privs`, and mount, PID, IPC and UTS namespaces
+/// other than the daemon's. Returns its uid.
+pub fn assert_unprivileged_pid1(pid: u64) -> u32 {
+    let uids: Vec<u32> = status_field(pid, "Uid")
+        .split_whitespace()
+        .map(|u| u.parse().unwrap())
+        .collect();
+    assert!(uids.iter().all(|&u| u == uids[0] && u != 0), "{uids:?}");
+    let gids = status_field(pid, "Gid");
+    assert!(!gids.split_whitespace().any(|g| g == "0"), "{gids}");
+    assert_eq!(status_field(pid, "Groups"), "");
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+    assert_eq!(
+        status_field(pid, "NSpid").split_whitespace().last(),
+        Some("1")
+    );
+    for ns in ["mnt", "pid", "ipc", "uts"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "{ns} namespace shared with the daemon");
+    }
+    uids[0]
+}
