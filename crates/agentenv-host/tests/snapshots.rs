@@ -152,6 +152,16 @@ fn used_bytes(path: &Path) -> u64 {
     (s.blocks() - s.blocks_free()) * s.fragment_size()
 }
 
+/// What a tmpfs uses once its freed pages show: they can take a moment to
+/// show in statvfs on a busy host. Waits (at most 5 s) for less than a MiB.
+fn settled_used_bytes(path: &Path) -> u64 {
+    let t = std::time::Instant::now();
+    while used_bytes(path) >= MIB && t.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    used_bytes(path)
+}
+
 fn extents(path: &Path) -> Vec<(u64, u64)> {
     let f = std::fs::File::open(path).unwrap();
     let len = f.metadata().unwrap().len();
@@ -312,7 +322,7 @@ async fn tmpfs_filling_up_during_the_copy_falls_back_to_durable() {
     let info = store.create(new_snapshot("s", &src)).await.unwrap();
     assert_eq!(info.tier, SnapshotTier::Durable);
     assert!(names(&tmpfs.path).is_empty(), "{:?}", names(&tmpfs.path));
-    assert!(used_bytes(&tmpfs.path) < MIB);
+    assert!(settled_used_bytes(&tmpfs.path) < MIB);
     assert_eq!(names(&durable), ["s"]);
     assert_eq!(info.sha256, disk::sparse_sha256(&src).unwrap());
 }
@@ -343,7 +353,8 @@ async fn both_tiers_full_is_no_space_and_leaves_nothing() {
         "{:?}",
         names(&durable.path)
     );
-    assert!(used_bytes(&durable.path) < MIB);
+    let used = settled_used_bytes(&durable.path);
+    assert!(used < MIB, "{used} bytes used");
     assert!(store.list().is_empty());
     // The id is free again.
     let small = dir.path().join("small");
@@ -426,16 +437,8 @@ async fn crash_leftovers_in_a_real_tmpfs_are_cleaned_by_init() {
     let cleanup = store.init().await.unwrap();
     assert_eq!(cleanup.removed, [partial]);
     assert!(names(&tmpfs.path).is_empty());
-    // Freed tmpfs pages can take a moment to show in statvfs on a busy host.
-    let t = std::time::Instant::now();
-    while used_bytes(&tmpfs.path) >= MIB && t.elapsed() < std::time::Duration::from_secs(5) {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert!(
-        used_bytes(&tmpfs.path) < MIB,
-        "{} bytes used",
-        used_bytes(&tmpfs.path)
-    );
+    let used = settled_used_bytes(&tmpfs.path);
+    assert!(used < MIB, "{used} bytes used");
     assert!(store.list().is_empty());
 }
 

@@ -108,7 +108,11 @@ fn subnet_exhaustion_is_507_and_frees_nothing_wrongly() {
     let ns = NetnsPair::new("full").unwrap();
     let mut dir = TestDir::new();
     let mut cfg = net_config(&dir, "255.255.255.0");
+    // 255 VMs of 1 MiB: the subnet space is under test, not the VMM, so the
+    // double even with AGENTENV_TEST_FIRECRACKER (a real Firecracker cannot
+    // load a kernel into 1 MiB).
     cfg.memory_mib_per_slot = 1;
+    cfg.firecracker_binary = agentenv_testkit::paths::fc_double();
     dir.baseline = Some(common::baseline(dir.path()));
     let d = Daemon::start_in(cfg, dir.path(), Some(ns.host_path()));
     let before = ns.state();
