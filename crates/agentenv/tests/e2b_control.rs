@@ -807,6 +807,55 @@ fn idempotency_key_gives_the_same_sandbox_once() {
     done(d, dir, agent);
 }
 
+/// A sandbox whose VM ended by itself (powered off, crashed, OOM-killed) is
+/// over: E2B has no stopped sandbox. It is not found, not listed, and its VM
+/// is deleted; the others stay.
+#[test]
+fn a_sandbox_whose_vm_ended_is_gone_and_its_vm_deleted() {
+    let Some((d, dir, agent)) = start(|_| {}) else {
+        return;
+    };
+    let c = E2b::new(&d, TEST_TOKEN);
+    let body = json!({"templateID": "base", "metadata": {}, "envVars": {}});
+    let ended = c.create(body.clone())["sandboxID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let other = c.create(body.clone())["sandboxID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let also_ended = c.create(body)["sandboxID"].as_str().unwrap().to_string();
+    // The guests power off (as a shutdown through the native API makes them).
+    for id in [&ended, &also_ended] {
+        let (code, v) = d.call("POST", &format!("/v1/vm/{id}/shutdown"), None);
+        assert_eq!((code, v["state"].as_str()), (200, Some("stopped")), "{v}");
+    }
+    // Seen through get_info: not found, at once.
+    c.call("GET", &format!("/sandboxes/{ended}"), None)
+        .error(404);
+    // Seen through the list: only the live one is listed.
+    let list = c.call("GET", "/v2/sandboxes", None);
+    assert_eq!(list.status, 200, "{list:?}");
+    assert_eq!(ids(&list.body), vec![other.clone()]);
+    // Both ended VMs are deleted (with their session directories); the
+    // live sandbox is untouched.
+    eventually(
+        "the ended sandboxes' vms deleted",
+        Duration::from_secs(10),
+        || d.engine.get(&ended).is_err() && d.engine.get(&also_ended).is_err(),
+    );
+    c.call("GET", &format!("/sandboxes/{also_ended}"), None)
+        .error(404);
+    let live = c.call("GET", &format!("/sandboxes/{other}"), None);
+    assert_eq!(
+        (live.status, live.body["state"].as_str()),
+        (200, Some("running")),
+        "{live:?}"
+    );
+    done(d, dir, agent);
+}
+
 #[test]
 fn list_filters_and_pages() {
     let Some((d, dir, agent)) = start(|_| {}) else {

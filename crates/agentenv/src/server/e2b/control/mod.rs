@@ -284,9 +284,35 @@ pub(crate) fn internal(e: impl std::fmt::Display) -> E2bError {
     E2bError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
+/// Whether a sandbox is over because its VM ended by itself (powered off,
+/// crashed, OOM-killed: `stopped` or `failed`, no VMM). E2B has no stopped
+/// sandbox: such a sandbox is gone. [`end_ended`] ends it.
+pub(crate) fn has_ended(vm: &agentenv_api::VmInfo) -> bool {
+    !vm.state.has_vmm()
+}
+
+/// Ends a sandbox whose VM ended by itself ([`has_ended`]): its record goes
+/// now (it is not found from here on), its VM is deleted in a task of its
+/// own (overlay, session directory; a failure is logged and the VM stays
+/// for the native API).
+pub(crate) fn end_ended(state: &E2bState, record: &SandboxRecord, vm: &agentenv_api::VmInfo) {
+    forget(state, record);
+    let engine = state.engine.clone();
+    let id = record.sandbox_id.clone();
+    let why = vm.state;
+    tokio::spawn(async move {
+        match engine.delete(&id).await {
+            Ok(()) | Err(agentenv_core::EngineError::NotFound { .. }) => {
+                tracing::info!("e2b: sandbox {id} ended by itself (its vm is {why}); deleted");
+            }
+            Err(e) => tracing::warn!("e2b: sandbox {id} ended by itself, its vm stays: {e}"),
+        }
+    });
+}
+
 /// The record of sandbox `id` when `who` may see it, else the 404 an absent
 /// id gets. A record whose VM went (deleted through the native API) is
-/// dropped on the way.
+/// dropped on the way, and one whose VM ended by itself is ended.
 pub(crate) fn visible(
     state: &E2bState,
     who: &Principal,
@@ -298,6 +324,10 @@ pub(crate) fn visible(
         .filter(|r| who.may_see(Some(&r.owner)))
         .ok_or_else(|| E2bError::sandbox_not_found(id))?;
     match state.engine.get(id) {
+        Ok(vm) if has_ended(&vm) => {
+            end_ended(state, &record, &vm);
+            Err(E2bError::sandbox_not_found(id))
+        }
         Ok(vm) => Ok((record, vm)),
         Err(_) => {
             forget(state, &record);

@@ -85,7 +85,8 @@ pub(super) fn sandbox_json(state: &E2bState, r: &SandboxRecord) -> Value {
     })
 }
 
-/// `running` or `paused`: every state but paused is running to E2B.
+/// `running` or `paused`: every state but paused is running to E2B (a
+/// sandbox whose VM ended is over, never listed: [`super::has_ended`]).
 fn e2b_state(vm: &VmInfo) -> &'static str {
     if vm.state == VmState::Paused {
         "paused"
@@ -422,6 +423,10 @@ pub(super) async fn list(
             forget(&state, &r);
             continue;
         };
+        if super::has_ended(&vm) {
+            super::end_ended(&state, &r, &vm);
+            continue;
+        }
         let started = started_ms(&r);
         let keep = states.iter().any(|s| s == e2b_state(&vm))
             && metadata.iter().all(|(k, v)| r.metadata.get(k) == Some(v))
