@@ -144,19 +144,35 @@ fn firecracker_through_its_jailer_boots_snapshots_restores_and_leaves_nothing() 
         "{load}"
     );
 
-    // A restarted daemon re-adopts both jailed Firecrackers.
+    // A restarted daemon re-adopts both jailed Firecrackers, even when it
+    // no longer starts Firecracker through the jailer; a full snapshot of
+    // one started the other way is refused (its paths and version label
+    // would disagree), naming why.
     let pids: Vec<u64> = [&vm, &copy]
         .iter()
         .map(|v| v["pid"].as_u64().unwrap())
         .collect();
-    let cfg = d.cfg.clone();
+    let mut cfg = d.cfg.clone();
     d.crash();
+    cfg.jail.firecracker_jailer = None;
     let d = Daemon::start_with(cfg, dir.path());
     for (id, pid) in ["src", "copy"].iter().zip(&pids) {
         let v = ok(&d, "GET", &format!("/v1/vm/{id}"), None, 200);
         assert_eq!(v["state"], "running", "{v}");
         assert_eq!(v["pid"].as_u64(), Some(*pid), "{v}");
     }
+    let (code, e) = d.call(
+        "POST",
+        "/v1/vm/src/snapshot",
+        Some(json!({"snapshot_id": "other", "memory": true})),
+    );
+    assert!(code >= 400, "{code} {e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("firecracker_jailer"),
+        "{e}"
+    );
+    let src = ok(&d, "GET", "/v1/vm/src", None, 200);
+    assert_eq!(src["state"], "running", "{src}");
     // Delete: no process, jail directory, mount or cgroup stays (checked
     // against the baseline by `finish`).
     ok(&d, "DELETE", "/v1/vm/copy", None, 204);

@@ -550,12 +550,22 @@ impl Vmm for FirecrackerVmm {
             spec.agent_socket.clone(),
             spec.request_timeout,
         );
-        if self.jail.is_some() {
-            // The session directory is its console log's.
-            inst.jailed_in = spec
-                .console_log
-                .parent()
-                .map(|d| (d.to_path_buf(), self.view()));
+        if let (Some(_), Some(session)) = (&self.jail, spec.console_log.parent()) {
+            // The session directory is its console log's. How the VMM names
+            // it follows how it was started, which `[jail]
+            // firecracker_jailer` may no longer say: in its session
+            // directory (the daemon's jail) or in `/` (the jailer's chroot).
+            let view = match std::fs::read_link(format!("/proc/{}/cwd", inst.process.pid())) {
+                Ok(cwd) if cwd == session => SessionView::Cwd,
+                Ok(cwd) if cwd == Path::new("/") => SessionView::Jailer,
+                _ => self.view(),
+            };
+            if view != self.view() {
+                // Its full snapshot would carry this daemon's version label
+                // and the other mode's paths: refused (see `save_full`).
+                inst.other_mode = true;
+            }
+            inst.jailed_in = Some((session.to_path_buf(), view));
         }
         inst.remember_sockets();
         inst.client.set_keep_alive(false).await;
@@ -614,6 +624,9 @@ pub struct FirecrackerInstance {
     /// A jailed VMM's session directory (where it writes full snapshots)
     /// and how it names it.
     jailed_in: Option<(PathBuf, SessionView)>,
+    /// Adopted after `[jail] firecracker_jailer` changed: started the other
+    /// way than this daemon starts Firecracker.
+    other_mode: bool,
 }
 
 impl FirecrackerInstance {
@@ -631,6 +644,7 @@ impl FirecrackerInstance {
             owned: Arc::default(),
             request_timeout,
             jailed_in: None,
+            other_mode: false,
         };
         // Firecracker leaves its socket files behind when it exits; remove them
         // (those it made: this runs whenever the exit is noticed, maybe after
@@ -823,6 +837,17 @@ impl VmmInstance for FirecrackerInstance {
     /// `PUT /snapshot/create` (Full): Firecracker writes the state and the
     /// memory files itself.
     async fn save_full(&self, files: &FullSnapshotFiles) -> Result<SavedMemory, VmmError> {
+        if self.other_mode {
+            return Err(VmmError::Io {
+                context: "cannot take a full snapshot of this vm".into(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "its Firecracker was started the other way than `[jail] firecracker_jailer` \
+                     now says (through the jailer or not), so the snapshot's paths and version \
+                     label would disagree; restart the vm first",
+                ),
+            });
+        }
         let Some((session, view)) = &self.jailed_in else {
             self.snapshot_create(&SnapshotCreateParams {
                 snapshot_type: Some(SnapshotType::Full),
