@@ -804,6 +804,17 @@ fn idempotency_key_gives_the_same_sandbox_once() {
     );
     assert_eq!(retry.status, 201, "{retry:?}");
     assert_eq!(d.engine.list().len(), 4);
+
+    // The key is kept in the sandbox's record: after a daemon restart a
+    // retry still answers the first sandbox, and creates nothing.
+    let cfg = d.cfg.clone();
+    d.crash();
+    let d = Daemon::start_with(cfg, dir.path());
+    let c = E2b::new(&d, TEST_TOKEN);
+    let after = c.send("POST", "/v2/sandboxes", Some(body), &key);
+    assert_eq!(after.status, 201, "{after:?}");
+    assert_eq!(after.body, first.body);
+    assert_eq!(d.engine.list().len(), 4);
     done(d, dir, agent);
 }
 

@@ -48,6 +48,10 @@ pub struct SandboxRecord {
     pub auto_pause: bool,
     /// The create's `allow_internet_access` (default true).
     pub allow_internet_access: bool,
+    /// The create's `Idempotency-Key`: a retry with it (same caller, within
+    /// [`IDEMPOTENCY_TTL`]) answers this sandbox, also after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// An E2B snapshot (`POST /sandboxes/{id}/snapshots`): a full engine

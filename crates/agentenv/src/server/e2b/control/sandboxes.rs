@@ -209,8 +209,9 @@ fn created(body: Value) -> Response {
 /// in a task of its own (holding the in-flight permit), so a client that
 /// goes away leaves either a whole sandbox (VM, record, deadline) or none.
 /// With `Idempotency-Key`, the same key of the same caller within 24 h
-/// answers the first create's sandbox; a duplicate sent while the first
-/// runs waits for it.
+/// answers the first create's sandbox (kept in its record, so also after a
+/// daemon restart, while the sandbox lives); a duplicate sent while the
+/// first runs waits for it.
 pub(super) async fn create(
     State(state): State<Arc<E2bState>>,
     Caller(who): Caller,
@@ -223,14 +224,26 @@ pub(super) async fn create(
     let task = async move {
         let _held = held;
         let Some(key) = key else {
-            return create_sandbox(&state, &who, spec).await;
+            return create_sandbox(&state, &who, spec, None).await;
         };
         let slot = state.sandboxes.idempotency_slot(&who.name, &key);
         let mut done = slot.lock().await;
         if let Some((_, body)) = done.as_ref() {
             return Ok(body.clone());
         }
-        let body = create_sandbox(&state, &who, spec).await?;
+        // Created before a restart: its record has the key.
+        let ttl_ms = crate::server::e2b::state::IDEMPOTENCY_TTL.as_millis() as u64;
+        let earlier = state.sandboxes.all().into_iter().find(|r| {
+            r.owner == who.name
+                && r.idempotency_key.as_deref() == Some(key.as_str())
+                && now_ms().saturating_sub(started_ms(r)) < ttl_ms
+        });
+        if let Some(r) = earlier {
+            let body = sandbox_json(&state, &r);
+            *done = Some((Instant::now(), body.clone()));
+            return Ok(body);
+        }
+        let body = create_sandbox(&state, &who, spec, Some(key)).await?;
         *done = Some((Instant::now(), body.clone()));
         Ok(body)
     };
@@ -289,6 +302,7 @@ async fn create_sandbox(
     state: &Arc<E2bState>,
     who: &Principal,
     spec: Spec,
+    idempotency_key: Option<String>,
 ) -> Result<Value, E2bError> {
     let vm_id = format!("i{}", random_alnum(19)?);
     let token = random_alnum(40)?;
@@ -333,6 +347,7 @@ async fn create_sandbox(
         end_at_ms: now + spec.timeout_s * 1000,
         auto_pause: spec.auto_pause,
         allow_internet_access: spec.allow_internet_access.unwrap_or(true),
+        idempotency_key,
     };
     store_new(state, record).await
 }
@@ -684,6 +699,7 @@ pub(super) async fn fork(
                     end_at_ms: now + t * 1000,
                     auto_pause: src.auto_pause,
                     allow_internet_access: src.allow_internet_access,
+                    idempotency_key: None,
                 };
                 match store_new(&state, record).await {
                     Ok(s) => out.push(json!({ "sandbox": s })),
