@@ -11,6 +11,9 @@
 //! memory file mapped privately, its own TAP through `network_overrides`, and
 //! on v1.16 its socket through `vsock_override` too) thus uses its own disk
 //! copy and socket, and any number of clones of one snapshot run side by side.
+//! Started through Firecracker's own jailer (`[jail] firecracker_jailer`),
+//! Firecracker runs in `/` of its chroot instead, where the session directory
+//! is at [`JAILER_SESSION`]: those paths are given under it ([`SessionView`]).
 
 mod api;
 pub mod models;
@@ -106,8 +109,8 @@ impl FirecrackerVmm {
 }
 
 /// Where a jailed Firecracker writes a full snapshot: in its session
-/// directory (its working directory), the only place of the host it may
-/// write; the driver then moves the files where they belong.
+/// directory (named as its [`SessionView`] says), the only place of the host
+/// it may write; the driver then moves the files where they belong.
 const JAILED_STATE: &str = ".snapshot.state";
 const JAILED_MEMORY: &str = ".snapshot.mem";
 
