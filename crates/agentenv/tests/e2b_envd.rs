@@ -118,7 +118,7 @@ impl Env {
         headers: &[(&str, String)],
         body: Body,
     ) -> (ResponseHead, Reader) {
-        let mut s = self.open();
+        let s = self.open();
         let mut req = format!("{method} {path} HTTP/1.1\r\n");
         if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
             req.push_str(&format!("Host: {}\r\n", self.addr));
@@ -144,7 +144,13 @@ impl Env {
                 bytes.extend_from_slice(b"0\r\n\r\n");
             }
         }
-        s.write_all(&bytes).unwrap();
+        // Written from a thread of its own while the answer is read: the
+        // daemon may answer early (an oversized message) and close, and a
+        // write that then fails must not hide that answer.
+        let mut w = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let _ = w.write_all(&bytes);
+        });
         let mut r = BufReader::new(s);
         let head = ResponseHead::read(&mut r).expect("an answer");
         let body = head.body(r);
