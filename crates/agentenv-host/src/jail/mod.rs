@@ -963,8 +963,10 @@ pub struct PreparedJail {
     pub(crate) cwd: Option<CString>,
     /// Started through Firecracker's jailer: how.
     pub(crate) jailer: Option<JailerRun>,
-    /// What [`Op::Attach`] attaches: held open (never read) until the
-    /// child has attached them.
+    /// What [`Op::Attach`] attaches: held open (never read here) so that
+    /// the child, which inherits them, can attach them; they live as long as
+    /// this description (the VMM's), each pinning only the file its VMM
+    /// uses anyway.
     #[allow(dead_code)]
     trees: Vec<OwnedFd>,
     pub(crate) uid: u32,

@@ -296,7 +296,10 @@ pub(crate) fn has_ended(vm: &agentenv_api::VmInfo) -> bool {
 /// own (overlay, session directory; a failure is logged and the VM stays
 /// for the native API).
 pub(crate) fn end_ended(state: &E2bState, record: &SandboxRecord, vm: &agentenv_api::VmInfo) {
-    forget(state, record);
+    // Calls that see it at once (two lists, say) delete it once.
+    if !forget(state, record) {
+        return;
+    }
     let engine = state.engine.clone();
     let id = record.sandbox_id.clone();
     let why = vm.state;
@@ -337,15 +340,17 @@ pub(crate) fn visible(
 }
 
 /// Forgets a sandbox whose VM is gone: its record, its deadline, and what
-/// envd holds for it (open streams end with `unavailable`).
-pub(crate) fn forget(state: &E2bState, record: &SandboxRecord) {
+/// envd holds for it (open streams end with `unavailable`). True when this
+/// call removed the record (false: another did first).
+pub(crate) fn forget(state: &E2bState, record: &SandboxRecord) -> bool {
     state
         .sandboxes
         .deadlines
         .disarm(&record.sandbox_id, record.end_at_ms);
-    state.sandboxes.remove(&record.sandbox_id);
+    let removed = state.sandboxes.remove(&record.sandbox_id).is_some();
     // Ends the sandbox's open streams and forgets its processes and watchers.
     super::envd::forget(state, &record.sandbox_id);
+    removed
 }
 
 /// Adds `target` to `resp` for the audit line.
