@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use agentenv_bench::args::{Common, Warmup};
 use agentenv_bench::daemon::{self, call, Harness, QemuGuest};
-use agentenv_bench::report::{or_exit, Limit, Report, Table};
+use agentenv_bench::report::{or_exit, skip, Limit, Report, Table};
 use agentenv_bench::runner::{self, interleaved, progress};
 use agentenv_client::ApiClient;
 use agentenv_core::config::JailConfig;
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use clap::Parser;
 use serde_json::json;
 
@@ -89,12 +89,12 @@ impl Side {
     }
 
     fn exec_true(&self, vm: &str) -> Result<Duration> {
-        let body = json!({"cmd": ["true"]});
+        let path = format!("/v1/vm/{vm}/exec");
         Ok(call(
             self.api(),
             "POST",
-            &format!("/v1/vm/{vm}/exec"),
-            Some(&body),
+            &path,
+            Some(&json!({"cmd": ["true"]})),
             200,
         )?
         .0)
@@ -105,16 +105,14 @@ fn main() {
     let args: Args = runner::start();
     let c = &args.common;
     if agentenv_host::jail::euid() != 0 {
-        eprintln!("jail_overhead: needs root (the jail mounts and changes uid)");
-        std::process::exit(2);
+        or_exit::<()>(
+            Err(anyhow!("needs root (the jail mounts and changes uid)")),
+            2,
+            "",
+        );
     }
-    let guest = match QemuGuest::find(args.artifacts.as_deref(), ROOTFS) {
-        Ok(g) => g,
-        Err(why) => {
-            println!("jail_overhead: skipped: {why}");
-            std::process::exit(0);
-        }
-    };
+    let guest =
+        QemuGuest::find(args.artifacts.as_deref(), ROOTFS).unwrap_or_else(|why| skip(&why, c.json));
     let agentenv = daemon::agentenv_binary(c.bin_dir.as_deref());
     let creates = args.creates.unwrap_or(c.pick(30, 10)).max(1);
     let execs = args.execs.unwrap_or(c.pick(200, 50)).max(1);
@@ -136,22 +134,13 @@ fn main() {
     );
     let mut sides = [on, off];
     let result = run(&sides, creates, execs, warmup, args.boot_timeout_s);
-    let mut cleaned = Vec::new();
     for s in &mut sides {
-        let (_, cleanup) = s.h.finish(Ok(()), c.keep);
-        cleaned.push((s.name, cleanup.cleaned()));
-    }
-    for (name, cl) in cleaned {
-        rep.cleanup(name, cl);
+        rep.cleanup(s.name, s.h.teardown(c.keep).cleaned());
     }
     match result {
-        Ok(t) => {
-            rep.table(t);
-        }
-        Err(e) => {
-            rep.fail(format!("{e:#}"));
-        }
-    }
+        Ok(t) => rep.table(t),
+        Err(e) => rep.fail(format!("{e:#}")),
+    };
     rep.finish(c.json)
 }
 
