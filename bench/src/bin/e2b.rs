@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use agentenv_api::ExecRequest;
 use agentenv_bench::args::{Common, Warmup};
 use agentenv_bench::daemon::{self, Harness, QemuGuest};
-use agentenv_bench::report::{or_exit, skip, Limit, Report, Table, Target};
+use agentenv_bench::report::{or_exit, skip, Cell, Limit, Report, Table, Target};
 use agentenv_bench::runner::{self, interleaved, progress};
 use agentenv_bench::signals;
 use agentenv_client::ApiClient;
@@ -196,21 +196,15 @@ fn main() {
 /// `--python`, else the CI venv of the newest pinned SDK, else `python3` if
 /// it has the `e2b` package.
 fn find_python(given: Option<&Path>) -> Option<PathBuf> {
-    if let Some(p) = given {
-        return Some(p.to_path_buf());
-    }
-    let venv = PathBuf::from("/var/cache/agentenv/e2b-venvs/e2b-2.63.0/bin/python");
-    if venv.is_file() {
-        return Some(venv);
-    }
-    let ok = Command::new("python3")
-        .args(["-c", "import e2b"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    ok.then(|| PathBuf::from("python3"))
+    let venv = Path::new("/var/cache/agentenv/e2b-venvs/e2b-2.63.0/bin/python");
+    let has_e2b = || {
+        let import = daemon::run(Command::new("python3").args(["-c", "import e2b"]));
+        import.is_ok().then(|| PathBuf::from("python3"))
+    };
+    given
+        .or(venv.is_file().then_some(venv))
+        .map(Path::to_path_buf)
+        .or_else(has_e2b)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -260,15 +254,8 @@ fn run(
 
     // The same login shell as the SDK's: its startup files are read from
     // HOME, so HOME and cwd are the user's (root's own ~/.profile runs more).
-    let exec_req = ExecRequest {
-        cmd: SDK_ARGV.map(String::from).to_vec(),
-        env: [("HOME".to_string(), "/home/user".to_string())].into(),
-        cwd: Some("/home/user".into()),
-        stdin: None,
-        stdin_base64: None,
-        timeout_s: None,
-        stream: false,
-    };
+    let exec_req: ExecRequest = serde_json::from_value(json!({"cmd": SDK_ARGV,
+        "env": {"HOME": "/home/user"}, "cwd": "/home/user"}))?;
     let native_exec = |vm: &str| -> Result<Duration> {
         let t0 = Instant::now();
         let r = api.exec(vm, &exec_req)?;
@@ -321,16 +308,9 @@ fn run(
         Some(Limit::Ratio(TARGET_EXEC_RATIO)),
     );
     if let Some([s, _]) = created.summaries() {
-        t.row(
-            "sdk create → first command p50",
-            vec![agentenv_bench::report::Cell::ms(s.p50)],
-            Some(Target::at_most(
-                "sdk create → first command p50",
-                s.p50,
-                TARGET_CREATE_P50_MS,
-                " ms",
-            )),
-        );
+        let name = "sdk create → first command p50";
+        let target = Target::at_most(name, s.p50, TARGET_CREATE_P50_MS, " ms");
+        t.row(name, vec![Cell::ms(s.p50)], Some(target));
     }
     t.note(format!(
         "create: sdk = Sandbox.create() + commands.run(\"true\"), killed untimed; native = POST /v1/vm \
