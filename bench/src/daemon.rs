@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 
 use agentenv_core::config::{AuthConfig, CgroupConfig, NetworkConfig, OnShutdown, VmmChoice};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::report::Cleaned;
 use crate::{procfs, signals};
 use agentenv_client::{ApiClient, Body, Request, Response};
+use agentenv_testkit::leaks::processes_mentioning;
 
 pub use agentenv_testkit::paths::workspace_root as workspace;
 
@@ -56,16 +57,11 @@ pub fn find_binaries<const N: usize>(
             return Ok(paths);
         }
     }
-    let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
-    let what = match quoted.as_slice() {
-        [one] => one.clone(),
-        [a, b] => format!("both {a} and {b}"),
-        all => format!("all of {}", all.join(", ")),
-    };
     let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
     bail!(
-        "cannot find {what} (looked in {}).\n\
+        "cannot find all of {} (looked in {}).\n\
          This benchmark builds nothing itself; {build}",
+        names.join(", "),
         looked.join(", ")
     )
 }
@@ -555,23 +551,13 @@ impl Harness {
         self.daemon.as_mut().expect("the daemon runs")
     }
 
-    /// The last `n` lines of the daemon's log (empty if it never started).
-    pub fn daemon_log_tail(&self, n: usize) -> String {
-        self.daemon
-            .as_ref()
-            .map(|d| tail_lines(&d.log, n))
-            .unwrap_or_default()
-    }
-
     /// Ends a benchmark's run. After a failure that no signal caused, it
     /// first shows the end of the daemon's log; then it tears down (see
     /// [`Harness::teardown`]). The run's result comes back with the cleanup.
     pub fn finish<R>(&mut self, result: Result<R>, keep: bool) -> (Result<R>, Cleanup) {
-        if result.is_err() && signals::received().is_none() {
-            let tail = self.daemon_log_tail(20);
-            if !tail.is_empty() {
-                eprintln!("--- last lines of the daemon log ---\n{tail}\n---");
-            }
+        if let (Err(_), None, Some(d)) = (&result, signals::received(), &self.daemon) {
+            let tail = tail_lines(&d.log, 20);
+            eprintln!("--- last lines of the daemon log ---\n{tail}\n---");
         }
         (result, self.teardown(keep))
     }
@@ -587,10 +573,10 @@ impl Harness {
         }
         // Any process still naming the run's directory: a VMM, a build step.
         let deadline = Instant::now() + Duration::from_secs(2);
-        let mut left = procfs::processes_mentioning(&self.root);
+        let mut left = processes_mentioning(&self.root);
         while !left.is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
-            left = procfs::processes_mentioning(&self.root);
+            left = processes_mentioning(&self.root);
         }
         for (pid, cmd) in &left {
             c.leftover.push(format!("{pid} {cmd}"));
@@ -623,8 +609,8 @@ impl Drop for Harness {
 
 // ---------------------------------------------------------------- cleanup
 
-/// What [`Harness::teardown`] did.
-#[derive(Debug, Default)]
+/// What [`Harness::teardown`] did (its fields are the report's JSON).
+#[derive(Debug, Default, serde::Serialize)]
 pub struct Cleanup {
     /// VMs deleted through the API.
     pub deleted: usize,
@@ -679,17 +665,7 @@ impl Cleanup {
         Cleaned {
             clean: self.clean(),
             summary: self.summary(),
-            details: json!({
-                "deleted_vms": self.deleted,
-                "delete_s": crate::stats::round3(self.delete_s),
-                "daemon_exit": self.daemon_exit,
-                "daemon_exit_ok": self.daemon_exit_ok,
-                "daemon_stop_s": crate::stats::round3(self.daemon_stop_s),
-                "leftover_processes": self.leftover,
-                "temp_dir_removed": self.dir_removed,
-                "temp_dir_kept": self.kept_dir,
-                "errors": self.errors,
-            }),
+            details: serde_json::to_value(self).expect("plain fields serialise"),
         }
     }
 }
@@ -730,10 +706,7 @@ mod tests {
         let e = find_binaries(Some(dir.path()), ["a", "b"], "build them.")
             .unwrap_err()
             .to_string();
-        assert!(
-            e.starts_with("cannot find both `a` and `b` (looked in "),
-            "{e}"
-        );
+        assert!(e.starts_with("cannot find all of a, b (looked in "), "{e}");
         assert!(e.ends_with("builds nothing itself; build them."), "{e}");
     }
 }

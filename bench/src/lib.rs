@@ -18,8 +18,9 @@
 //!   always off), start, health wait, and a teardown that deletes the VMs,
 //!   stops the daemon with SIGTERM and checks that no process is left; what
 //!   a QEMU guest needs; and running a command to completion;
-//! - [`procfs`], memory and CPU figures and process scans from `/proc`, and
-//!   the host's description and load;
+//! - [`procfs`], memory and CPU figures from `/proc`, and the host's
+//!   description and load;
+//! - [`bare`], fc-double spawned and driven directly: the bare baseline;
 //! - [`signals`], Ctrl-C and SIGTERM turned into a flag that the benchmark
 //!   loops check, so they can stop and clean up; and children that die with
 //!   the benchmark.
@@ -27,6 +28,7 @@
 //! See `bench/README.md` for how to run each benchmark.
 
 pub mod args;
+pub mod bare;
 pub mod daemon;
 pub mod procfs;
 pub mod report;

@@ -1,5 +1,5 @@
-//! Memory figures and process scans from `/proc`, and the host's description
-//! and load for the reports.
+//! Memory and CPU figures of processes from `/proc`, and the host's
+//! description and load for the reports.
 
 use std::path::Path;
 
@@ -34,25 +34,6 @@ impl Rss {
             hwm_kib: parse_status_kib(&text, "VmHWM")?,
         })
     }
-}
-
-/// Live (non-zombie) processes other than this one whose command line
-/// mentions a path: the test kit's leak checker's scan, shared.
-pub use agentenv_testkit::leaks::processes_mentioning;
-
-/// Number of open file descriptors of a process.
-pub fn open_fds(pid: u32) -> Option<usize> {
-    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
-}
-
-/// CPU time a process has used so far, user plus system (all its threads;
-/// `/proc/PID/stat` fields 14 and 15, in clock ticks, usually 10 ms).
-pub fn cpu_time(pid: u32) -> Option<std::time::Duration> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let ticks = parse_stat_cpu_ticks(&text)?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (hz > 0).then(|| std::time::Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
 /// Proportional set size of a process (`Pss` of `/proc/PID/smaps_rollup`),
@@ -92,13 +73,6 @@ fn parse_stat_cpu_ticks(text: &str) -> Option<u64> {
     let utime: u64 = f.next()?.parse().ok()?;
     let stime: u64 = f.next()?.parse().ok()?;
     Some(utime + stime)
-}
-
-/// Number of threads of a process.
-pub fn threads(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("Threads:")?.trim().parse().ok())
 }
 
 /// The file-system type of a path, by `statfs` magic (for the report: fsync
@@ -218,7 +192,6 @@ mod tests {
         assert_eq!(parse_status_kib(text, "VmSwap"), None);
         let me = Rss::of(std::process::id()).unwrap();
         assert!(me.rss_kib > 0 && me.hwm_kib >= me.rss_kib);
-        assert!(threads(std::process::id()).unwrap() >= 1);
     }
 
     #[test]
@@ -226,6 +199,5 @@ mod tests {
         let line = "42 (a b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 31 0 0 20 0 1 0 5 0 0\n";
         assert_eq!(parse_stat_cpu_ticks(line), Some(281));
         assert_eq!(parse_stat_cpu_ticks("42 (x) S 1"), None);
-        assert!(cpu_time(std::process::id()).is_some());
     }
 }

@@ -34,11 +34,6 @@ impl Cell {
         Cell::Num(x, 3)
     }
 
-    /// An optional number (`Empty` when absent).
-    pub fn opt(x: Option<f64>, decimals: usize) -> Cell {
-        x.map_or(Cell::Empty, |x| Cell::Num(x, decimals))
-    }
-
     fn show(&self) -> String {
         match self {
             Cell::Num(x, p) => format!("{x:.p$}"),
@@ -309,11 +304,6 @@ impl Report {
             cleanups: Vec::new(),
             failures: Vec::new(),
         }
-    }
-
-    /// The machine.
-    pub fn host(&self) -> &HostInfo {
-        &self.host
     }
 
     /// A header line: what ran, how, where.
