@@ -9,15 +9,8 @@ use agentenv_client::{Client, Endpoint};
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 
-use crate::daemon::{find_binaries, wait_for_socket};
-use crate::{report::or_exit, signals};
-
-/// `agentenv` and `fc-double` ([`find_binaries`]), or exit 2.
-pub fn binaries(bin_dir: Option<&Path>) -> [PathBuf; 2] {
-    let build = "build them with:\n\n    cargo build --release -p agentenv -p agentenv-testkit\n";
-    let found = find_binaries(bin_dir, ["agentenv", "fc-double"], build);
-    or_exit(found, 2, "")
-}
+use crate::daemon::wait_for_socket;
+use crate::signals;
 
 /// A running fc-double and a connection to its API; killed when dropped.
 pub struct BareVmm {

@@ -26,59 +26,47 @@ use agentenv_testkit::leaks::processes_mentioning;
 pub use agentenv_testkit::paths::workspace_root as workspace;
 
 /// Finds all of `names` in one directory: `bin_dir` if given, else this
-/// program's own directory, then `<workspace>/target/release`. The paths come
-/// back canonical, in the order of `names`. When no directory holds them
-/// all, the error says where it looked and then `build` (how to build them,
-/// e.g. "build the daemon first with:\n\n    cargo build --release -p agentenv\n").
-pub fn find_binaries<const N: usize>(
-    bin_dir: Option<&Path>,
-    names: [&str; N],
-    build: &str,
-) -> Result<[PathBuf; N]> {
-    let mut dirs = Vec::new();
-    match bin_dir {
-        Some(d) => dirs.push(d.to_path_buf()),
-        None => {
-            if let Some(d) = std::env::current_exe()
-                .ok()
-                .and_then(|e| e.parent().map(Path::to_path_buf))
-            {
-                dirs.push(d);
-            }
-            dirs.push(workspace().join("target/release"));
-        }
-    }
+/// program's own directory, then `<workspace>/target/release`; canonical, in
+/// the order of `names`. When no directory holds them all, it exits 2 saying
+/// where it looked and how to build them.
+pub fn binaries<const N: usize>(bin_dir: Option<&Path>, names: [&str; N]) -> [PathBuf; N] {
+    crate::report::or_exit(find_binaries(bin_dir, names), 2, "")
+}
+
+fn find_binaries<const N: usize>(bin_dir: Option<&Path>, names: [&str; N]) -> Result<[PathBuf; N]> {
+    let own_dir = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf));
+    let dirs: Vec<PathBuf> = match bin_dir {
+        Some(d) => vec![d.to_path_buf()],
+        None => own_dir
+            .into_iter()
+            .chain([workspace().join("target/release")])
+            .collect(),
+    };
     for d in &dirs {
-        let mut paths = names.map(|n| d.join(n));
+        let paths = names.map(|n| d.join(n));
         if paths.iter().all(|p| p.is_file()) {
-            for p in &mut paths {
-                *p = std::fs::canonicalize(&p)?;
-            }
-            return Ok(paths);
+            return Ok(paths.map(|p| std::fs::canonicalize(&p).unwrap_or(p)));
         }
     }
     let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+    // fc-double is a binary of the test kit; the others are their packages.
+    let packages = names.map(|n| {
+        if n == "fc-double" {
+            "agentenv-testkit"
+        } else {
+            n
+        }
+    });
     bail!(
         "cannot find all of {} (looked in {}).\n\
-         This benchmark builds nothing itself; {build}",
+         This benchmark builds nothing itself; build them first with:\n\n    \
+         cargo build --release -p {}\n",
         names.join(", "),
-        looked.join(", ")
+        looked.join(", "),
+        packages.join(" -p ")
     )
-}
-
-/// The `agentenv` binary ([`find_binaries`] in `bin_dir`), or exit 2 saying
-/// where it looked and how to build it.
-pub fn agentenv_binary(bin_dir: Option<&Path>) -> PathBuf {
-    let [agentenv] = crate::report::or_exit(
-        find_binaries(
-            bin_dir,
-            ["agentenv"],
-            "build it first with:\n\n    cargo build --release -p agentenv\n",
-        ),
-        2,
-        "",
-    );
-    agentenv
 }
 
 /// The first file called `name` in `$PATH`, then `/usr/sbin` and `/sbin`.
@@ -701,12 +689,18 @@ mod tests {
     fn missing_binaries_are_named() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a"), b"").unwrap();
-        let [a] = find_binaries(Some(dir.path()), ["a"], "").unwrap();
+        let [a] = find_binaries(Some(dir.path()), ["a"]).unwrap();
         assert_eq!(a, std::fs::canonicalize(dir.path().join("a")).unwrap());
-        let e = find_binaries(Some(dir.path()), ["a", "b"], "build them.")
+        let e = find_binaries(Some(dir.path()), ["a", "fc-double"])
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("cannot find all of a, b (looked in "), "{e}");
-        assert!(e.ends_with("builds nothing itself; build them."), "{e}");
+        assert!(
+            e.starts_with("cannot find all of a, fc-double (looked in "),
+            "{e}"
+        );
+        assert!(
+            e.ends_with("cargo build --release -p a -p agentenv-testkit\n"),
+            "{e}"
+        );
     }
 }

@@ -90,13 +90,10 @@ fn main() {
     };
     // Not `agentenv_testkit::paths::guest_agent()`: that one expects to run
     // from target/<profile>/deps (a test) and builds a debug agent.
-    let bins = daemon::find_binaries(
+    let bins = daemon::binaries(
         c.bin_dir.as_deref(),
         ["agentenv", "fc-double", "agentenv-guest"],
-        "build them first with:\n\n    \
-         cargo build --release -p agentenv -p agentenv-testkit -p agentenv-guest\n",
     );
-    let bins = or_exit(bins, 2, "");
     let mut rep = Report::new(
         "agentenv agent I/O: through the daemon vs straight to the agent, same run",
         json!({"execs": p.execs, "warmup": p.warmup, "file_bytes": p.file_bytes,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use agentenv_bench::args::{Common, Warmup};
-use agentenv_bench::bare::{self, BareVmm};
+use agentenv_bench::bare::BareVmm;
 use agentenv_bench::daemon::{self, call, find_in_path, Harness};
 use agentenv_bench::report::{or_exit, Cell, Limit, Report, Table, Target};
 use agentenv_bench::runner::{self, interleaved, rotated, rounds, Side, Sides};
@@ -65,7 +65,7 @@ struct Args {
 fn main() {
     let p: Args = runner::start();
     let c = &p.common;
-    let bins = bare::binaries(c.bin_dir.as_deref());
+    let bins = daemon::binaries(c.bin_dir.as_deref(), ["agentenv", "fc-double"]);
     let mut env = or_exit(Env::new(c, bins, &p), 1, "setting up: ");
     let mut rep = Report::new(
         "agentenv API overhead: the daemon vs a bare Firecracker API client, same run",

@@ -63,7 +63,7 @@ fn main() {
     let runs = args.runs.unwrap_or(c.pick(5, 2)) as usize;
     let guest = QemuGuest::find(args.artifacts.as_deref(), ROOTFS_ID)
         .unwrap_or_else(|why| skip(&why, c.json));
-    let agentenv = daemon::agentenv_binary(c.bin_dir.as_deref());
+    let [agentenv] = daemon::binaries(c.bin_dir.as_deref(), ["agentenv"]);
     let config = daemon::qemu_config(&guest, MEMORY_MIB, OVERLAY_GIB);
     let mut h = or_exit(
         Harness::new(c.tmp_dir.as_deref(), "ae-boot-", &["hand"])

@@ -165,7 +165,7 @@ fn main() {
             c.json,
         )
     };
-    let agentenv = daemon::agentenv_binary(c.bin_dir.as_deref());
+    let [agentenv] = daemon::binaries(c.bin_dir.as_deref(), ["agentenv"]);
     let creates = args.creates.unwrap_or(c.pick(20, 5)).max(1);
     let execs = args.execs.unwrap_or(c.pick(100, 30)).max(1);
     let warmup = args.warmup.get(c, 2, 1);

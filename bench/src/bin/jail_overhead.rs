@@ -113,7 +113,7 @@ fn main() {
     }
     let guest =
         QemuGuest::find(args.artifacts.as_deref(), ROOTFS).unwrap_or_else(|why| skip(&why, c.json));
-    let agentenv = daemon::agentenv_binary(c.bin_dir.as_deref());
+    let [agentenv] = daemon::binaries(c.bin_dir.as_deref(), ["agentenv"]);
     let creates = args.creates.unwrap_or(c.pick(30, 10)).max(1);
     let execs = args.execs.unwrap_or(c.pick(200, 50)).max(1);
     let warmup = args.warmup.get(c, 3, 1);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use agentenv_api::{ExecRequest, SnapshotInfo};
 use agentenv_bench::args::{Common, Warmup};
-use agentenv_bench::bare::{self, BareVmm};
+use agentenv_bench::bare::BareVmm;
 use agentenv_bench::daemon::{self, call, Harness, QemuGuest};
 use agentenv_bench::report::{Cell, Limit, Report, Table, Target};
 use agentenv_bench::runner::{interleaved, progress, rounds, Side};
@@ -97,7 +97,7 @@ struct Args {
 
 fn main() {
     let mut p: Args = runner::start();
-    p.bins = bare::binaries(p.common.bin_dir.as_deref());
+    p.bins = daemon::binaries(p.common.bin_dir.as_deref(), ["agentenv", "fc-double"]);
     let (p, c) = (&p, &p.common);
     let mut rep = Report::new(
         "agentenv full-VM snapshots: restore, fork, reset and pause windows, same run",
