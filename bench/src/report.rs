@@ -68,7 +68,7 @@ impl From<&str> for Cell {
 }
 
 /// A target beside a figure.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Target {
     pub name: String,
     /// What it asks, e.g. `≤ 2 ms`.
@@ -79,28 +79,21 @@ pub struct Target {
 impl Target {
     /// `value ≤ limit`; `unit` follows the limit (e.g. `" ms"`, `"x"`).
     pub fn at_most(name: &str, value: f64, limit: f64, unit: &str) -> Target {
-        Target {
-            name: name.into(),
-            want: format!("≤ {limit}{unit}"),
-            pass: value <= limit,
-        }
+        Target::new(name, format!("≤ {limit}{unit}"), value <= limit)
     }
 
     /// `value ≥ limit`.
     pub fn at_least(name: &str, value: f64, limit: f64, unit: &str) -> Target {
-        Target {
-            name: name.into(),
-            want: format!("≥ {limit}{unit}"),
-            pass: value >= limit,
-        }
+        Target::new(name, format!("≥ {limit}{unit}"), value >= limit)
+    }
+
+    fn new(name: &str, want: String, pass: bool) -> Target {
+        let name = name.into();
+        Target { name, want, pass }
     }
 
     fn show(&self) -> String {
         format!("{}  {}", self.want, if self.pass { "PASS" } else { "MISS" })
-    }
-
-    fn json(&self) -> Value {
-        json!({"name": self.name, "want": self.want, "pass": self.pass})
     }
 }
 
@@ -257,7 +250,7 @@ impl Table {
                     o.insert(c.clone(), v.json());
                 }
                 if let Some(t) = &r.target {
-                    o.insert("target".into(), t.json());
+                    o.insert("target".into(), json!(t));
                 }
                 Value::Object(o)
             })
@@ -427,7 +420,7 @@ impl Report {
             "loadavg_1min": {"start": self.load_start, "end": load_end},
             "wall_s": round3(self.started.elapsed().as_secs_f64()),
             "tables": self.tables.iter().map(Table::json).collect::<Vec<_>>(),
-            "targets": targets.iter().map(|t| t.json()).collect::<Vec<_>>(),
+            "targets": targets,
             "targets_met": targets.iter().filter(|t| t.pass).count(),
             "targets_total": targets.len(),
             "cleanup": cleanup,

@@ -70,22 +70,17 @@ impl<const N: usize> Sides<N> {
     /// The median over the rounds of side `a` ÷ side `b` within the round:
     /// less sensitive than the ratio of the p50s to the load drifting.
     pub fn paired_ratio(&self, a: usize, b: usize) -> Option<f64> {
-        let r: Vec<f64> = self.0[a]
-            .iter()
-            .zip(&self.0[b])
-            .map(|(x, y)| ms(*x) / ms(*y))
-            .collect();
-        median(&r)
+        self.paired(a, b, |x, y| x / y)
     }
 
     /// The median over the rounds of side `a` − side `b` within the round, ms.
     pub fn paired_diff_ms(&self, a: usize, b: usize) -> Option<f64> {
-        let d: Vec<f64> = self.0[a]
-            .iter()
-            .zip(&self.0[b])
-            .map(|(x, y)| ms(*x) - ms(*y))
-            .collect();
-        median(&d)
+        self.paired(a, b, |x, y| x - y)
+    }
+
+    fn paired(&self, a: usize, b: usize, f: impl Fn(f64, f64) -> f64) -> Option<f64> {
+        let pairs = self.0[a].iter().zip(&self.0[b]);
+        median(&pairs.map(|(x, y)| f(ms(*x), ms(*y))).collect::<Vec<_>>())
     }
 }
 
