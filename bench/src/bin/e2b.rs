@@ -17,13 +17,12 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use agentenv_api::ExecRequest;
-use agentenv_bench::args::{Common, Warmup};
+use agentenv_bench::args::Common;
 use agentenv_bench::daemon::{self, Harness, QemuGuest};
 use agentenv_bench::report::{or_exit, skip, Cell, Limit, Report, Table, Target};
 use agentenv_bench::runner::{self, interleaved, progress};
 use agentenv_bench::signals;
 use agentenv_client::ApiClient;
-use agentenv_core::config::{E2bConfig, E2bTemplate};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
@@ -49,12 +48,15 @@ const DRIVER: &str = include_str!("../../py/e2b_driver.py");
 #[derive(Debug, Parser)]
 #[command(name = "e2b", version, about, long_about = None)]
 struct Args {
-    /// Timed create → first command pairs [default: 20; --quick: 5].
-    #[arg(long)]
-    creates: Option<usize>,
-    /// Timed `commands.run("true")` / exec pairs [default: 100; --quick: 30].
-    #[arg(long)]
-    execs: Option<usize>,
+    /// Timed create → first command pairs [--quick: 5].
+    #[arg(long, default_value_t = 20, default_value_if("quick", "true", "5"))]
+    creates: usize,
+    /// Timed `commands.run("true")` / exec pairs [--quick: 30].
+    #[arg(long, default_value_t = 100, default_value_if("quick", "true", "30"))]
+    execs: usize,
+    /// Untimed rounds before the creates, and 5× that before the execs [--quick: 1].
+    #[arg(long, default_value_t = 2, default_value_if("quick", "true", "1"))]
+    warmup: usize,
     /// The Python with the `e2b` package [default:
     /// /var/cache/agentenv/e2b-venvs/e2b-2.63.0/bin/python, then python3].
     #[arg(long, value_name = "PY")]
@@ -62,38 +64,35 @@ struct Args {
     /// The guest artifacts [default: $AGENTENV_ARTIFACTS, else <workspace>/artifacts].
     #[arg(long, value_name = "DIR")]
     artifacts: Option<PathBuf>,
-    /// The base template's image, under the artifacts' rootfs/ [default: e2b-base.ext4].
+    /// The base template's image, under the artifacts' rootfs/.
     #[arg(long, default_value = "e2b-base.ext4", value_name = "FILE")]
     image: String,
     /// Seconds to wait for the template's warm snapshot (a cold boot).
     #[arg(long, default_value_t = 600, value_name = "S")]
     warm_timeout_s: u64,
     #[command(flatten)]
-    warmup: Warmup,
-    #[command(flatten)]
     common: Common,
 }
 
-/// The Python SDK driver: one JSON line per request, one per answer.
+/// The SDK driver, `bench/py/e2b_driver.py`: one JSON line per request, one per answer.
 struct Driver {
     child: Option<Child>,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
-    sdk: String,
 }
 
 impl Driver {
-    fn start(python: &Path, script: &Path, e2b_url: &str, key: &str) -> Result<Driver> {
+    /// Starts the driver against the E2B listener at `url`; returns it and the SDK's version.
+    fn start(python: &Path, script: &Path, url: &str, key: &str) -> Result<(Driver, String)> {
         let mut cmd = Command::new(python);
         cmd.arg(script)
-            .env("E2B_API_URL", e2b_url)
-            .env("E2B_SANDBOX_URL", e2b_url)
+            .env("E2B_API_URL", url)
+            .env("E2B_SANDBOX_URL", url)
             .env("E2B_API_KEY", key)
             .env_remove("E2B_DOMAIN")
             .env_remove("E2B_DEBUG")
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stdout(Stdio::piped());
         let mut child = signals::spawn_group(&mut cmd, libc::SIGKILL)?;
         let stdin = child.stdin.take().context("driver stdin")?;
         let stdout = BufReader::new(child.stdout.take().context("driver stdout")?);
@@ -101,19 +100,15 @@ impl Driver {
             child: Some(child),
             stdin,
             stdout,
-            sdk: String::new(),
         };
         let hello = d.read()?;
-        d.sdk = hello["sdk"].as_str().unwrap_or("?").to_string();
-        Ok(d)
+        Ok((d, hello["sdk"].as_str().unwrap_or("?").into()))
     }
 
     fn read(&mut self) -> Result<Value> {
         let mut line = String::new();
-        ensure!(
-            self.stdout.read_line(&mut line)? > 0,
-            "the SDK driver exited"
-        );
+        let read = self.stdout.read_line(&mut line)?;
+        ensure!(read > 0, "the SDK driver exited");
         let v: Value = serde_json::from_str(&line).with_context(|| format!("driver: {line}"))?;
         if let Some(e) = v.get("error") {
             bail!("SDK driver: {e}");
@@ -129,36 +124,26 @@ impl Driver {
 
     /// A timed op: the driver's own measurement.
     fn timed(&mut self, op: &str) -> Result<Duration> {
-        let v = self.call(op)?;
-        let ms = v["ms"].as_f64().context("driver answer without ms")?;
+        let answer = self.call(op)?;
+        let ms = answer["ms"].as_f64().context("driver answer without ms")?;
         Ok(Duration::from_secs_f64(ms / 1e3))
     }
+}
 
-    fn quit(&mut self) {
-        let _ = writeln!(self.stdin, "{}", json!({"op": "quit"}));
-        let _ = self.stdin.flush();
+impl Drop for Driver {
+    fn drop(&mut self) {
         if let Some(child) = self.child.take() {
             signals::stop_group(child, &[(libc::SIGTERM, Duration::from_secs(10))]);
         }
     }
 }
 
-impl Drop for Driver {
-    fn drop(&mut self) {
-        self.quit();
-    }
-}
-
 fn main() {
     let args: Args = runner::start();
     let c = &args.common;
-    let guest = match QemuGuest::find(args.artifacts.as_deref(), &args.image) {
-        Ok(g) => g,
-        Err(why) => skip(
-            &format!("{why} (the base template image: scripts/build-artifacts.sh --e2b)"),
-            c.json,
-        ),
-    };
+    let image_hint = "(the base template image: scripts/build-artifacts.sh --e2b)";
+    let guest = QemuGuest::find(args.artifacts.as_deref(), &args.image)
+        .unwrap_or_else(|why| skip(&format!("{why} {image_hint}"), c.json));
     let Some(python) = find_python(args.python.as_deref()) else {
         skip(
             "no Python with the e2b package (tests/e2b/setup-venvs.sh makes one; or --python)",
@@ -166,30 +151,21 @@ fn main() {
         )
     };
     let [agentenv] = daemon::binaries(c.bin_dir.as_deref(), ["agentenv"]);
-    let creates = args.creates.unwrap_or(c.pick(20, 5)).max(1);
-    let execs = args.execs.unwrap_or(c.pick(100, 30)).max(1);
-    let warmup = args.warmup.get(c, 2, 1);
     let mut rep = Report::new(
         "agentenv E2B API: the official SDK vs the native API, same daemon, same run",
-        json!({"creates": creates, "execs": execs, "warmup": warmup, "image": args.image}),
+        json!({"creates": args.creates, "execs": args.execs, "warmup": args.warmup,
+               "image": args.image}),
     );
     rep.about("vmm", guest.version.clone()).about(
         "sides",
         "sdk = the e2b Python SDK against the daemon's E2B listener (timed in Python)\n\
          native = agentenv-client against /v1: the baseline",
     );
-    let mut h = or_exit(
-        Harness::new(c.tmp_dir.as_deref(), "ae-e2b-", &[]),
-        1,
-        "temp dir: ",
-    );
-    let result = run(
-        &mut h, &guest, &agentenv, &python, &args, creates, execs, warmup,
-    );
+    let h = Harness::new(c.tmp_dir.as_deref(), "ae-e2b-", &[]);
+    let mut h = or_exit(h, 1, "temp dir: ");
+    let result = run(&mut h, &guest, &agentenv, &python, &args, &mut rep);
     let (result, cleanup) = h.finish(result, c.keep);
-    let (table, sdk) = rep.settle(result, "daemon", cleanup.cleaned());
-    rep.about("sdk", format!("e2b {sdk} ({})", python.display()));
-    rep.table(table);
+    rep.settle(result, "daemon", cleanup.cleaned());
     rep.finish(c.json)
 }
 
@@ -207,38 +183,23 @@ fn find_python(given: Option<&Path>) -> Option<PathBuf> {
         .or_else(has_e2b)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Starts the daemon with the `base` template, waits for it to be warm, and adds the table.
 fn run(
     h: &mut Harness,
     guest: &QemuGuest,
     agentenv: &Path,
     python: &Path,
     args: &Args,
-    creates: usize,
-    execs: usize,
-    warmup: usize,
-) -> Result<(Table, String)> {
+    rep: &mut Report,
+) -> Result<()> {
     let e2b_port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
     let mut cfg = daemon::qemu_config(guest, MEMORY_MIB_PER_SLOT, 4);
     cfg.default_slots = 1;
-    cfg.e2b = E2bConfig {
-        listen: vec![format!("127.0.0.1:{e2b_port}")],
-        templates: [(
-            "base".to_string(),
-            E2bTemplate {
-                image: args.image.clone(),
-                slots: Some(1),
-                kernel: None,
-                initrd: None,
-                boot_args: None,
-                snapshot: true,
-            },
-        )]
-        .into(),
-        ..E2bConfig::default()
-    };
+    // As `[e2b]` in a config file: the listener, and the template with a warm snapshot.
+    cfg.e2b = serde_json::from_value(json!({"listen": [format!("127.0.0.1:{e2b_port}")],
+        "templates": {"base": {"image": args.image, "slots": 1, "snapshot": true}}}))?;
     h.write_config(&cfg)?;
     let d = h.start_daemon(agentenv, IO_TIMEOUT, Duration::from_secs(30))?;
     let key = d.token.clone().context("the daemon wrote no admin token")?;
@@ -249,8 +210,9 @@ fn run(
     let script = h.root().join("e2b_driver.py");
     std::fs::write(&script, DRIVER)?;
     let e2b_url = format!("http://127.0.0.1:{e2b_port}");
-    let mut sdk = Driver::start(python, &script, &e2b_url, &key)?;
-    progress(format!("SDK driver: e2b {}", sdk.sdk));
+    let (mut sdk, version) = Driver::start(python, &script, &e2b_url, &key)?;
+    progress(format!("SDK driver: e2b {version}"));
+    rep.about("sdk", format!("e2b {version} ({})", python.display()));
 
     // The same login shell as the SDK's: its startup files are read from
     // HOME, so HOME and cwd are the user's (root's own ~/.profile runs more).
@@ -267,8 +229,8 @@ fn run(
     let mut round = 0usize;
     let created = interleaved(
         "create → first run(\"true\")",
-        warmup,
-        creates,
+        args.warmup,
+        args.creates.max(1),
         [&mut || sdk.timed("create_first"), &mut || {
             round += 1;
             let id = format!("n{round}");
@@ -287,61 +249,54 @@ fn run(
     native_exec("x")?;
     let exec = interleaved(
         "run(\"true\") round trip",
-        warmup * 5,
-        execs,
+        args.warmup * 5,
+        args.execs.max(1),
         [&mut || sdk.timed("run_true"), &mut || native_exec("x")],
     )?;
     sdk.call("close")?;
     api.delete_vm("x")?;
-    let sdk_version = sdk.sdk.clone();
-    drop(sdk);
 
+    let create_limit = Some(Limit::Ratio(TARGET_CREATE_RATIO));
+    let exec_limit = Some(Limit::Ratio(TARGET_EXEC_RATIO));
     let mut t = Table::latency("E2B SDK vs native API (QEMU, TCG)", &["sdk", "native"]);
-    t.latency_row(
-        "create → first run(\"true\")",
-        &created,
-        Some(Limit::Ratio(TARGET_CREATE_RATIO)),
-    )
-    .latency_row(
-        "run(\"true\") round trip",
-        &exec,
-        Some(Limit::Ratio(TARGET_EXEC_RATIO)),
-    );
+    t.latency_row("create → first run(\"true\")", &created, create_limit)
+        .latency_row("run(\"true\") round trip", &exec, exec_limit);
     if let Some([s, _]) = created.summaries() {
         let name = "sdk create → first command p50";
         let target = Target::at_most(name, s.p50, TARGET_CREATE_P50_MS, " ms");
         t.row(name, vec![Cell::ms(s.p50)], Some(target));
     }
     t.note(format!(
-        "create: sdk = Sandbox.create() + commands.run(\"true\"), killed untimed; native = POST /v1/vm \
-         {{restore: {warm}, wait_ready}} + exec, deleted untimed"
+        "create: sdk = Sandbox.create() + commands.run(\"true\"), killed untimed; native = \
+         POST /v1/vm {{restore: {warm}, wait_ready}} + exec, deleted untimed"
     ))
     .note(format!(
-        "exec: both run {} (what the SDK's commands.run sends) in /home/user with HOME=/home/user (the same \
-         startup files); sdk as user `user`, native as root (the native exec has no user)",
+        "exec: both run {} (what the SDK's commands.run sends) in /home/user with \
+         HOME=/home/user (the same startup files); sdk as user `user`, native as root (the \
+         native exec has no user)",
         SDK_ARGV.join(" ")
     ));
-    Ok((t, sdk_version))
+    rep.table(t);
+    Ok(())
 }
 
 /// Waits for the `base` template's warm snapshot; returns its id.
 fn wait_warm(api: &ApiClient, timeout: Duration) -> Result<String> {
     progress("waiting for the base template's warm snapshot (a cold boot under TCG)");
-    let t0 = Instant::now();
+    let deadline = Instant::now() + timeout;
     loop {
         signals::check()?;
-        let snaps = api.list_snapshots()?;
-        if let Some(s) = snaps
-            .snapshots
-            .iter()
+        let snapshots = api.list_snapshots()?.snapshots;
+        if let Some(s) = snapshots
+            .into_iter()
             .find(|s| s.snapshot_id.starts_with(WARM_PREFIX))
         {
-            return Ok(s.snapshot_id.clone());
+            return Ok(s.snapshot_id);
         }
+        let secs = timeout.as_secs();
         ensure!(
-            t0.elapsed() < timeout,
-            "the base template was not warm within {} s",
-            timeout.as_secs()
+            Instant::now() < deadline,
+            "the base template was not warm within {secs} s"
         );
         std::thread::sleep(Duration::from_millis(500));
     }

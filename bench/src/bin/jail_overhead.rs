@@ -8,15 +8,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agentenv_bench::args::{Common, Warmup};
+use agentenv_bench::args::Common;
 use agentenv_bench::daemon::{self, call, Harness, QemuGuest};
-use agentenv_bench::report::{or_exit, skip, Limit, Report, Table};
+use agentenv_bench::report::{skip, Limit, Report, Table};
 use agentenv_bench::runner::{self, interleaved, progress};
 use agentenv_client::ApiClient;
-use agentenv_core::config::JailConfig;
-use anyhow::{anyhow, Result};
+use anyhow::{ensure, Result};
 use clap::Parser;
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// Target: the jail adds at most this much to create → running, p50, in ms.
 const TARGET_CREATE_OVERHEAD_P50_MS: f64 = 20.0;
@@ -34,20 +33,21 @@ const ROOTFS: &str = "minimal.ext4";
 #[derive(Debug, Parser)]
 #[command(name = "jail_overhead", version, about, long_about = None)]
 struct Args {
-    /// Timed creates per side [default: 30; --quick: 10].
-    #[arg(long)]
-    creates: Option<usize>,
-    /// Timed execs of `true` per side [default: 200; --quick: 50].
-    #[arg(long)]
-    execs: Option<usize>,
-    /// The guest artifacts [default: <workspace>/artifacts].
+    /// Timed creates per side [--quick: 10].
+    #[arg(long, default_value_t = 30, default_value_if("quick", "true", "10"))]
+    creates: usize,
+    /// Timed execs of `true` per side [--quick: 50].
+    #[arg(long, default_value_t = 200, default_value_if("quick", "true", "50"))]
+    execs: usize,
+    /// Untimed rounds before the creates, and 5× that before the execs [--quick: 1].
+    #[arg(long, default_value_t = 3, default_value_if("quick", "true", "1"))]
+    warmup: usize,
+    /// The guest artifacts [default: $AGENTENV_ARTIFACTS, else <workspace>/artifacts].
     #[arg(long, value_name = "DIR")]
     artifacts: Option<PathBuf>,
     /// A guest whose agent has not answered after S s fails the run.
     #[arg(long, default_value_t = 180, value_name = "S")]
     boot_timeout_s: u64,
-    #[command(flatten)]
-    warmup: Warmup,
     #[command(flatten)]
     common: Common,
 }
@@ -64,10 +64,7 @@ impl Side {
         let prefix = if jail { "ae-jail-on-" } else { "ae-jail-off-" };
         let mut h = Harness::new(c.tmp_dir.as_deref(), prefix, &[])?;
         let mut cfg = daemon::qemu_config(guest, MEMORY_MIB_PER_SLOT, 2);
-        cfg.jail = JailConfig {
-            enable: Some(jail),
-            ..JailConfig::default()
-        };
+        cfg.jail.enable = Some(jail);
         h.write_config(&cfg)?;
         h.start_daemon(agentenv, IO_TIMEOUT, Duration::from_secs(15))?;
         Ok(Side { h, name })
@@ -78,26 +75,22 @@ impl Side {
     }
 
     /// POST /v1/vm until it answers `running` (timed), then DELETE (untimed).
-    fn create(&self, round: usize) -> Result<Duration> {
-        let id = format!("c{round}");
-        let body = json!({"vm_id": id, "disk": {"kind": "overlay", "rootfs_id": ROOTFS}});
+    fn create(&self) -> Result<Duration> {
+        let body = json!({"vm_id": "c", "disk": {"kind": "overlay", "rootfs_id": ROOTFS}});
         let (took, r) = call(self.api(), "POST", "/v1/vm", Some(&body), 201)?;
-        let v: serde_json::Value = serde_json::from_slice(&r.body)?;
-        anyhow::ensure!(v["state"] == "running", "{}: {v}", self.name);
-        call(self.api(), "DELETE", &format!("/v1/vm/{id}"), None, 204)?;
+        let v: Value = serde_json::from_slice(&r.body)?;
+        ensure!(v["state"] == "running", "{}: {v}", self.name);
+        call(self.api(), "DELETE", "/v1/vm/c", None, 204)?;
         Ok(took)
     }
 
-    fn exec_true(&self, vm: &str) -> Result<Duration> {
-        let path = format!("/v1/vm/{vm}/exec");
-        Ok(call(
-            self.api(),
-            "POST",
-            &path,
-            Some(&json!({"cmd": ["true"]})),
-            200,
-        )?
-        .0)
+    /// An exec of `true` in the guest `x`, checked to exit 0.
+    fn exec_true(&self) -> Result<Duration> {
+        let body = json!({"cmd": ["true"]});
+        let (took, r) = call(self.api(), "POST", "/v1/vm/x/exec", Some(&body), 200)?;
+        let v: Value = serde_json::from_slice(&r.body)?;
+        ensure!(v["exit_code"] == 0, "{}: exec: {v}", self.name);
+        Ok(took)
     }
 }
 
@@ -105,35 +98,29 @@ fn main() {
     let args: Args = runner::start();
     let c = &args.common;
     if agentenv_host::jail::euid() != 0 {
-        or_exit::<()>(
-            Err(anyhow!("needs root (the jail mounts and changes uid)")),
-            2,
-            "",
-        );
+        eprintln!("jail_overhead: needs root (the jail mounts and changes uid)");
+        std::process::exit(2);
     }
     let guest =
         QemuGuest::find(args.artifacts.as_deref(), ROOTFS).unwrap_or_else(|why| skip(&why, c.json));
     let [agentenv] = daemon::binaries(c.bin_dir.as_deref(), ["agentenv"]);
-    let creates = args.creates.unwrap_or(c.pick(30, 10)).max(1);
-    let execs = args.execs.unwrap_or(c.pick(200, 50)).max(1);
-    let warmup = args.warmup.get(c, 3, 1);
     let mut rep = Report::new(
         "agentenv VMM jail: jail on vs off, same run",
-        json!({"creates": creates, "execs": execs, "warmup": warmup}),
+        json!({"creates": args.creates, "execs": args.execs, "warmup": args.warmup}),
     );
     rep.about("vmm", guest.version.clone()).about(
         "sides",
         "jail = [jail] enable = true (namespaces, pivot_root, uid, seccomp sandbox)\n\
          no jail = [jail] enable = false: the baseline",
     );
-    let on = or_exit(Side::start(c, &agentenv, &guest, true), 1, "jail daemon: ");
-    let off = or_exit(
-        Side::start(c, &agentenv, &guest, false),
-        1,
-        "baseline daemon: ",
-    );
-    let mut sides = [on, off];
-    let result = run(&sides, creates, execs, warmup, args.boot_timeout_s);
+    // Both daemons' cleanups are reported, also when the second one fails to start.
+    let mut sides = Vec::new();
+    let result = (|| {
+        for jail in [true, false] {
+            sides.push(Side::start(c, &agentenv, &guest, jail)?);
+        }
+        run(&sides[0], &sides[1], &args)
+    })();
     for s in &mut sides {
         rep.cleanup(s.name, s.h.teardown(c.keep).cleaned());
     }
@@ -144,39 +131,33 @@ fn main() {
     rep.finish(c.json)
 }
 
-fn run(
-    sides: &[Side; 2],
-    creates: usize,
-    execs: usize,
-    warmup: usize,
-    boot_timeout_s: u64,
-) -> Result<Table> {
-    let [on, off] = sides;
+fn run(on: &Side, off: &Side, args: &Args) -> Result<Table> {
     let created = interleaved(
         "create → running",
-        warmup,
-        creates,
-        [&mut || on.create(0), &mut || off.create(0)],
+        args.warmup,
+        args.creates.max(1),
+        [&mut || on.create(), &mut || off.create()],
     )?;
     progress("booting one guest per daemon (create with wait_ready)");
-    for s in sides {
+    for s in [on, off] {
         let body = json!({"vm_id": "x", "disk": {"kind": "overlay", "rootfs_id": ROOTFS},
-                          "wait_ready": true, "wait_ready_timeout_s": boot_timeout_s});
+                          "wait_ready": true, "wait_ready_timeout_s": args.boot_timeout_s});
         call(s.api(), "POST", "/v1/vm", Some(&body), 201)?;
     }
     let exec = interleaved(
         "exec `true`",
-        warmup * 5,
-        execs,
-        [&mut || on.exec_true("x"), &mut || off.exec_true("x")],
+        args.warmup * 5,
+        args.execs.max(1),
+        [&mut || on.exec_true(), &mut || off.exec_true()],
     )?;
+    let create_limit = Limit::OverheadMs(TARGET_CREATE_OVERHEAD_P50_MS);
+    let exec_limit = Limit::Ratio(TARGET_EXEC_RATIO);
     let mut t = Table::latency("jail on vs off (QEMU, TCG)", &["jail", "no jail"]);
-    t.latency_row(
-        "create → running",
-        &created,
-        Some(Limit::OverheadMs(TARGET_CREATE_OVERHEAD_P50_MS)),
-    )
-    .latency_row("exec round trip", &exec, Some(Limit::Ratio(TARGET_EXEC_RATIO)))
-    .note("create → running: POST /v1/vm until QEMU runs and its QMP answered (no wait for the guest); each VM deleted untimed");
+    t.latency_row("create → running", &created, Some(create_limit))
+        .latency_row("exec round trip", &exec, Some(exec_limit))
+        .note(
+            "create → running: POST /v1/vm until QEMU runs and its QMP answered (no wait for \
+             the guest); each VM deleted untimed",
+        );
     Ok(t)
 }

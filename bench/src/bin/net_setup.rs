@@ -4,10 +4,10 @@
 //! See `bench/README.md`.
 
 use std::future::Future;
-use std::process::Command;
+use std::path::Path;
 use std::time::Instant;
 
-use agentenv_bench::args::{Common, Warmup};
+use agentenv_bench::args::Common;
 use agentenv_bench::report::{or_exit, Cell, Cleaned, Report, Table, Target};
 use agentenv_bench::runner::{self, rounds, Sides};
 use agentenv_bench::signals;
@@ -32,20 +32,19 @@ const HOST_VETH: &str = "veth0";
 #[derive(Debug, Parser)]
 #[command(name = "net_setup", version, about, long_about = None)]
 struct Args {
-    /// Measured samples per row [default: 200; --quick: 30].
-    #[arg(long)]
-    samples: Option<usize>,
-    #[command(flatten)]
-    warmup: Warmup,
+    /// Measured samples per row [--quick: 30].
+    #[arg(long, default_value_t = 200, default_value_if("quick", "true", "30"))]
+    samples: usize,
+    /// Untimed rounds before each row's samples [--quick: 2].
+    #[arg(long, default_value_t = 5, default_value_if("quick", "true", "2"))]
+    warmup: usize,
     #[command(flatten)]
     common: Common,
 }
 
 fn main() {
     let args: Args = runner::start();
-    let c = &args.common;
-    let (samples, warmup) = (c.pick(200, 30).max(1), args.warmup.get(c, 5, 2));
-    let samples = args.samples.unwrap_or(samples).max(1);
+    let (c, samples, warmup) = (&args.common, args.samples.max(1), args.warmup);
     if let Some(why) = netns::unavailable() {
         or_exit::<()>(Err(anyhow::anyhow!("{why}")), 2, "");
     }
@@ -58,13 +57,9 @@ fn main() {
         "net_setup: one more VM's network with N VMs configured",
         json!({"samples": samples, "warmup": warmup, "netmask": NETMASK}),
     );
-    rep.about(
-        "run",
-        format!(
-            "{samples} samples per cell (+{warmup} warm-up), /30 subnets, namespace {}",
-            namespaces.host
-        ),
-    );
+    let ns = &namespaces.host;
+    let run_about = format!("{samples} samples per cell (+{warmup} warm-up), /30 subnets");
+    rep.about("run", format!("{run_about}, namespace {ns}"));
     let result = run(samples, warmup, &namespaces, &mut rep);
     let cleaned = remove(namespaces, c.keep);
     rep.settle(result, "namespaces", cleaned);
@@ -82,14 +77,10 @@ fn remove(ns: NetnsPair, keep: bool) -> Cleaned {
     } else {
         drop(ns);
     }
-    let listed = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
+    // `ip netns` keeps a namespace as a file under /run/netns.
     let left: Vec<&str> = names
         .iter()
-        .filter(|n| listed.contains(n.as_str()))
+        .filter(|n| Path::new("/run/netns").join(n).exists())
         .map(String::as_str)
         .collect();
     let summary = match (keep, left.is_empty()) {
@@ -120,18 +111,13 @@ fn run(samples: usize, warmup: usize, ns: &NetnsPair, rep: &mut Report) -> Resul
     let plan = NetPlan::new(&cfg);
     let net = LinuxNetwork::new(&cfg, Some(ns.host_path())).map_err(anyhow::Error::msg)?;
     block(&rt, net.init(&plan, &[]))?;
-    let mut t = Table::new(
-        "LinuxNetwork (ms): TAP over netlink + nft set elements",
-        [
-            "setup p50",
-            "setup p99",
-            "teardown p50",
-            "teardown p99",
-            "both p50",
-            "both p99",
-            "vs 0 VMs",
-        ],
-    );
+    let mut columns: Vec<String> = ["setup", "teardown", "both"]
+        .iter()
+        .flat_map(|s| [format!("{s} p50"), format!("{s} p99")])
+        .collect();
+    columns.push("vs 0 VMs".into());
+    let title = "LinuxNetwork (ms): TAP over netlink + nft set elements";
+    let mut t = Table::new(title, columns);
     let (mut fill, mut configured, mut base_p50) = (Vec::new(), 0u32, None);
     for vms in LEVELS {
         let started = Instant::now();
@@ -146,21 +132,17 @@ fn run(samples: usize, warmup: usize, ns: &NetnsPair, rep: &mut Report) -> Resul
         }
         let probe = lease(&plan, vms + 1)?;
         let mut s = Sides::<3>::default();
-        rounds(
-            &format!("{vms} VMs configured"),
-            warmup,
-            samples,
-            |_, timed| {
-                let t0 = Instant::now();
-                block(&rt, net.setup(&probe))?;
-                let t1 = Instant::now();
-                block(&rt, net.teardown(&probe))?;
-                if timed {
-                    s.push([t1 - t0, t1.elapsed(), t0.elapsed()]);
-                }
-                Ok(())
-            },
-        )?;
+        let what = format!("{vms} VMs configured");
+        rounds(&what, warmup, samples, |_, timed| {
+            let t0 = Instant::now();
+            block(&rt, net.setup(&probe))?;
+            let t1 = Instant::now();
+            block(&rt, net.teardown(&probe))?;
+            if timed {
+                s.push([t1 - t0, t1.elapsed(), t0.elapsed()]);
+            }
+            Ok(())
+        })?;
         let sum = s.summaries().context("no samples")?;
         let growth = sum[2].p50 / *base_p50.get_or_insert(sum[2].p50);
         let target = (vms == LEVELS[2])

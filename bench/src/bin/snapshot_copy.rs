@@ -42,21 +42,23 @@ const ROWS: [(&str, &str); 5] = [
 #[derive(Debug, Parser)]
 #[command(name = "snapshot_copy", version, about, long_about = None)]
 struct Args {
-    /// Logical size of the overlay, in GiB [default: 16; --quick: 4].
-    #[arg(long)]
-    disk_gib: Option<u64>,
-    /// Data held by the overlay, in MiB, one run each [default: 64,256,1024; --quick: 64].
-    #[arg(long, value_delimiter = ',')]
+    /// Logical size of the overlay, in GiB [--quick: 4].
+    #[arg(long, default_value_t = 16, default_value_if("quick", "true", "4"))]
+    disk_gib: u64,
+    /// Data held by the overlay, in MiB, one run each [--quick: 64].
+    #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
+    #[arg(default_value_if("quick", "true", "64"))]
     data_mib: Vec<u64>,
-    /// Timed repetitions of each snapshot/persist/restore step [default: 3; --quick: 1].
-    #[arg(long)]
-    reps: Option<usize>,
-    /// Timed repetitions of each overlay creation [default: 20; --quick: 5].
-    #[arg(long)]
-    overlay_reps: Option<usize>,
-    /// Full copies (`cp --sparse=never`): each size, the first, none [default: all; --quick: none].
-    #[arg(long, value_parser = ["all", "once", "none"])]
-    full_copy: Option<String>,
+    /// Timed repetitions of each snapshot/persist/restore step [--quick: 1].
+    #[arg(long, default_value_t = 3, default_value_if("quick", "true", "1"))]
+    reps: usize,
+    /// Timed repetitions of each overlay creation [--quick: 5].
+    #[arg(long, default_value_t = 20, default_value_if("quick", "true", "5"))]
+    overlay_reps: usize,
+    /// Full copies (`cp --sparse=never`): each size, the first, none [--quick: none].
+    #[arg(long, value_parser = ["all", "once", "none"], default_value = "all")]
+    #[arg(default_value_if("quick", "true", "none"))]
+    full_copy: String,
     /// Only the fresh-overlay comparison (templates vs mkfs.ext4).
     #[arg(long)]
     overlays_only: bool,
@@ -64,52 +66,36 @@ struct Args {
     common: Common,
 }
 
-/// The run: its parameters, and what it made, in a [`Harness`] directory with a tmpfs mounted
-/// in it, removed at the end of `main` (the tmpfs unmounted first, also when dropped).
+/// The run's directory (a [`Harness`] with a tmpfs mounted in it, removed at the end of `main`;
+/// the tmpfs unmounted first, also when dropped) and the overlay's size.
 struct Run {
     h: Harness,
     tmpfs: PathBuf,
     mounted: bool,
     rt: tokio::runtime::Runtime,
     disk_bytes: u64,
-    data_mib: Vec<u64>,
-    reps: usize,
-    overlay_reps: usize,
-    full_copy: String,
 }
 
 impl Run {
     fn new(a: &Args) -> Result<Run> {
-        let c = &a.common;
-        let data_mib = match &a.data_mib[..] {
-            [] => c.pick(vec![64, 256, 1024], vec![64]),
-            d => d.to_vec(),
-        };
+        let mut builder = tokio::runtime::Builder::new_current_thread();
+        let rt = builder.enable_all().build()?;
         let dirs = ["tmpfs", "durable"];
-        let h = Harness::new(c.tmp_dir.as_deref(), "snapshot-copy-", &dirs)?;
+        let h = Harness::new(a.common.tmp_dir.as_deref(), "snapshot-copy-", &dirs)?;
         let tmpfs = h.root().join("tmpfs");
         // Room for one snapshot and one cp copy at a time, plus slack.
-        let o = format!("size={}m", 2 * data_mib.iter().max().unwrap_or(&64) + 512);
+        let o = format!("size={}m", 2 * a.data_mib.iter().max().unwrap_or(&64) + 512);
         let mut mount = Command::new("mount");
         mount.args(["-t", "tmpfs", "-o", &o, "tmpfs"]).arg(&tmpfs);
+        // The last step: nothing fails after the mount, which `Drop` undoes.
         let mounted = run(&mut mount).is_ok();
-        let mut rt = tokio::runtime::Builder::new_current_thread();
-        let full_copy = a.full_copy.as_deref().unwrap_or(c.pick("all", "none"));
         Ok(Run {
             h,
             tmpfs,
             mounted,
-            rt: rt.enable_all().build()?,
-            disk_bytes: a.disk_gib.unwrap_or(c.pick(16, 4)).max(1) * GIB,
-            data_mib,
-            reps: a.reps.unwrap_or(c.pick(3, 1)).max(1),
-            overlay_reps: a.overlay_reps.unwrap_or(c.pick(20, 5)).max(1),
-            full_copy: full_copy.into(),
+            rt,
+            disk_bytes: a.disk_gib.max(1) * GIB,
         })
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.h.root().join(p)
     }
 
     /// Unmounts the tmpfs (lazily: at once, or once it is no longer busy).
@@ -120,11 +106,12 @@ impl Run {
         (!ok).then(|| format!("cannot unmount {}", self.tmpfs.display()))
     }
 
-    /// Builds a sparse ext4 overlay of `--disk-gib` holding `data` bytes of
-    /// random files, and adds its rows to `main`.
-    fn measure(&self, data: u64, full: bool, main: &mut Table) -> Result<()> {
+    /// Builds a sparse ext4 overlay of `--disk-gib` holding `data` bytes of random files, and
+    /// adds its rows to `main`: medians of `reps` rounds, and the full copy if `full`.
+    fn measure(&self, data: u64, reps: usize, full: bool, main: &mut Table) -> Result<()> {
         progress(format!("{}: building the overlay", mib(data)));
-        let (rt, stage, src) = (&self.rt, &self.path("stage"), &self.path("overlay.ext4"));
+        let (rt, root) = (&self.rt, self.h.root());
+        let (stage, src) = (&root.join("stage"), &root.join("overlay.ext4"));
         std::fs::create_dir(stage)?;
         // 16 MiB files of random bytes: no all-zero block (that a sparse copy would skip).
         for (n, off) in (0..data).step_by(16 << 20).enumerate() {
@@ -136,39 +123,36 @@ impl Run {
         rt.block_on(LocalHost::new().create_ext4_from_dir(stage, src, self.disk_bytes))?;
         std::fs::remove_dir_all(stage)?;
         progress(format!("{}: measuring", mib(data)));
-        let (snap, durable) = (self.path("snap"), self.path("durable"));
+        let (snap, durable) = (root.join("snap"), root.join("durable"));
         let tmpfs = TieredStore::new(&snap, &self.tmpfs, &durable, 0);
         // No tmpfs tier: every snapshot goes durable.
-        let durable_only = TieredStore::new(&snap, self.path("no-tmpfs"), &durable, 0);
+        let durable_only = TieredStore::new(&snap, root.join("no-tmpfs"), &durable, 0);
         rt.block_on(tmpfs.init())?;
         // The mechanism of the store's hashed copies into the tmpfs, and on the source's fs.
         let mut method = vec![];
         for probe in [self.tmpfs.join("probe"), durable.join("probe")] {
             method.push(disk::copy_sparse_hashed(src, &probe)?.0.method.as_str());
-            remove(&[&probe]);
+            remove(&probe);
         }
         let (cp_tmpfs, cp_durable) = (&self.tmpfs.join("cp.img"), &durable.join("cp.img"));
-        let (restored, cp_restored) = (&self.path("sessions/r.ext4"), &self.path("sessions/cp"));
+        let (restored, cp_restored) = (&root.join("sessions/r.ext4"), &root.join("sessions/cp"));
         let in_tmpfs = &self.tmpfs.join("s/disk.ext4");
         // Per row of ROWS: agentenv, then its baseline, each round.
         let mut s: [Sides<2>; 4] = Default::default();
-        for _ in 0..self.reps {
+        for _ in 0..reps {
             let ours = timed(|| rt.block_on(tmpfs.create(new_snapshot("s", src))))?;
-            s[0].push([ours, timed(|| cp("always", src, cp_tmpfs, false))?]);
-            remove(&[cp_tmpfs]);
+            s[0].push([ours, cp("always", src, cp_tmpfs, false)?]);
             ensure!(in_tmpfs.exists(), "the snapshot is not in the tmpfs tier");
             let ours = timed(|| rt.block_on(tmpfs.restore("s", restored)))?;
-            s[3].push([ours, timed(|| cp("always", in_tmpfs, cp_restored, false))?]);
-            remove(&[restored, cp_restored]);
+            s[3].push([ours, cp("always", in_tmpfs, cp_restored, false)?]);
+            remove(restored);
             // The baseline first: the persist removes the tmpfs copy.
-            let base = timed(|| cp("always", in_tmpfs, cp_durable, true))?;
-            remove(&[cp_durable]);
+            let base = cp("always", in_tmpfs, cp_durable, true)?;
             s[2].push([timed(|| rt.block_on(tmpfs.persist("s", false)))?, base]);
             rt.block_on(tmpfs.delete("s"))?;
             let ours = timed(|| rt.block_on(durable_only.create(new_snapshot("d", src))))?;
             rt.block_on(durable_only.delete("d"))?;
-            s[1].push([ours, timed(|| cp("always", src, cp_durable, true))?]);
-            remove(&[cp_durable]);
+            s[1].push([ours, cp("always", src, cp_durable, true)?]);
         }
         let mut row = |i: usize, [x, y]: [f64; 2], what: String| {
             let (case, base) = ROWS[i];
@@ -185,18 +169,15 @@ impl Run {
         row(2, persist, format!("{rate:.0} MB/s, copy+fsync+verify"));
         row(3, restore, "verify while copying".into());
         if full {
-            let dst = &durable.join("full.img");
-            let d = timed(|| cp("never", src, dst, false))?;
-            remove(&[dst]);
-            row(4, [snap[0], d.as_secs_f64() * 1e3], String::new());
+            let full = cp("never", src, &durable.join("full.img"), false)?;
+            row(4, [snap[0], full.as_secs_f64() * 1e3], String::new());
         }
-        remove(&[src]);
+        remove(src);
         Ok(())
     }
 
     /// Fresh overlays at `--disk-gib` and 4× that: template clone vs mkfs.ext4.
-    fn overlays(&self) -> Result<Table> {
-        let reps = self.overlay_reps;
+    fn overlays(&self, reps: usize) -> Result<Table> {
         let mut table = Table::new(
             &format!("fresh overlays (`DiskImages::create_ext4_disk`, ms, medians of {reps})"),
             [
@@ -207,18 +188,20 @@ impl Run {
                 "ratio",
             ],
         );
-        let templated = LocalHost::with_templates(self.path("templates"));
+        let root = self.h.root();
+        let templated = LocalHost::with_templates(root.join("templates"));
         let templates = templated.templates().expect("made with templates");
         for size in [self.disk_bytes, 4 * self.disk_bytes] {
             progress(format!("fresh overlays of {}", mib(size)));
             let build = timed(|| self.rt.block_on(templates.ensure(size)))?;
             let create =
                 |h: &LocalHost, p: &Path| timed(|| self.rt.block_on(h.create_ext4_disk(p, size)));
-            let (t, m) = (&self.path("sessions/t.ext4"), &self.path("sessions/m.ext4"));
+            let (t, m) = (&root.join("sessions/t.ext4"), &root.join("sessions/m.ext4"));
             let mut s = Sides::<2>::default();
             for _ in 0..reps {
                 s.push([create(&templated, t)?, create(&LocalHost::default(), m)?]);
-                remove(&[t, m]);
+                remove(t);
+                remove(m);
             }
             let [x, y] = p50s(&s);
             let kib = disk::allocated_bytes(&templates.path_for(size))? / 1024;
@@ -248,10 +231,8 @@ fn timed<T, E: Into<anyhow::Error>>(f: impl FnOnce() -> Result<T, E>) -> Result<
     Ok(t.elapsed())
 }
 
-fn remove(paths: &[&Path]) {
-    for p in paths {
-        let _ = std::fs::remove_file(p);
-    }
+fn remove(path: &Path) {
+    let _ = std::fs::remove_file(path);
 }
 
 /// The medians of both sides, in ms.
@@ -259,14 +240,19 @@ fn p50s(s: &Sides<2>) -> [f64; 2] {
     s.summaries().map_or([f64::NAN; 2], |[a, b]| [a.p50, b.p50])
 }
 
-/// `cp --sparse=<sparse>`, then a `sync` of the copy if `sync`.
-fn cp(sparse: &str, src: &Path, dst: &Path, sync: bool) -> Result<()> {
-    let mut cmd = Command::new("cp");
-    run(cmd.arg(format!("--sparse={sparse}")).arg(src).arg(dst))?;
-    match sync {
-        true => run(Command::new("sync").arg(dst)),
-        false => Ok(()),
-    }
+/// A baseline: `cp --sparse=<sparse>`, then a `sync` of the copy if `sync`, timed as [`timed`];
+/// the copy is removed after.
+fn cp(sparse: &str, src: &Path, dst: &Path, sync: bool) -> Result<Duration> {
+    let took = timed(|| {
+        let mut cmd = Command::new("cp");
+        run(cmd.arg(format!("--sparse={sparse}")).arg(src).arg(dst))?;
+        match sync {
+            true => run(Command::new("sync").arg(dst)),
+            false => Ok(()),
+        }
+    });
+    remove(dst);
+    took
 }
 
 fn mib(b: u64) -> String {
@@ -292,12 +278,12 @@ fn new_snapshot(id: &str, source: &Path) -> NewSnapshot {
 
 fn main() {
     let args: Args = runner::start();
-    let c = &args.common;
+    let (c, reps, overlay_reps) = (&args.common, args.reps.max(1), args.overlay_reps.max(1));
     let mut r = or_exit(Run::new(&args), 1, "setting up: ");
     let mut rep = Report::new(
         "snapshot_copy: snapshots, persists, restores and fresh overlays against cp and mkfs.ext4",
-        json!({"disk_bytes": r.disk_bytes, "data_mib": r.data_mib, "reps": r.reps,
-               "overlay_reps": r.overlay_reps, "full_copy": r.full_copy,
+        json!({"disk_bytes": r.disk_bytes, "data_mib": args.data_mib, "reps": reps,
+               "overlay_reps": overlay_reps, "full_copy": args.full_copy,
                "overlays_only": args.overlays_only}),
     );
     let (disk, fs) = (mib(r.disk_bytes), r.h.fs());
@@ -308,18 +294,18 @@ fn main() {
     };
     let how = "source warm in the page cache; sync before each timed step";
     rep.about("overlay", overlay).about("tmpfs", tmpfs);
-    rep.about("run", format!("medians of {} runs; {how}", r.reps));
+    rep.about("run", format!("medians of {reps} runs; {how}"));
     let result = (|| -> Result<()> {
         if !args.overlays_only {
             let columns = ["agentenv", "what", "baseline", "baseline ms", "ratio"];
             let mut main = Table::new("snapshot, persist, restore (ms, medians)", columns);
-            for (i, &data_mib) in r.data_mib.iter().enumerate() {
-                let full = r.full_copy == "all" || (r.full_copy == "once" && i == 0);
-                r.measure(data_mib * MIB, full, &mut main)?;
+            for (i, &data_mib) in args.data_mib.iter().enumerate() {
+                let full = args.full_copy == "all" || (args.full_copy == "once" && i == 0);
+                r.measure(data_mib * MIB, reps, full, &mut main)?;
             }
             rep.table(main);
         }
-        rep.table(r.overlays()?);
+        rep.table(r.overlays(overlay_reps)?);
         Ok(())
     })();
     let unmounted = r.unmount();
