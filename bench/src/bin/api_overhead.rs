@@ -2,22 +2,19 @@
 //! what a token and TLS cost, and the daemon with many VMs. See bench/README.md.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use agentenv_bench::args::{Common, Warmup};
+use agentenv_bench::args::Common;
 use agentenv_bench::bare::BareVmm;
-use agentenv_bench::daemon::{self, call, find_in_path, Harness};
+use agentenv_bench::daemon::{self, call, Harness};
 use agentenv_bench::report::{or_exit, Cell, Limit, Report, Table, Target};
 use agentenv_bench::runner::{self, interleaved, rotated, rounds, Side, Sides};
 use agentenv_bench::{procfs::Rss, signals, stats::Summary};
 use agentenv_client::{ApiClient, TlsOptions};
-use agentenv_core::host::DiskImages;
 use agentenv_host::firecracker::models::{ActionType, Drive, FullVmConfiguration};
 use agentenv_host::firecracker::models::{InstanceActionInfo, Vm, VmState};
-use agentenv_host::LocalHost;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
@@ -34,8 +31,6 @@ const TARGET_RSS_MIB: f64 = 30.0;
 const MEMORY_MIB_PER_SLOT: u64 = 32;
 /// Kernel command line, as the daemon's default plus its `agentenv.*` parameters.
 const BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
-/// Overlay size: the config's `default_disk_size_gib`.
-const OVERLAY_GIB: u64 = 1;
 /// How long any single HTTP read or write may block.
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(15);
@@ -53,11 +48,9 @@ struct Args {
     /// Timed `GET /v1/vm` requests, at 0 VMs and at --vms VMs [--quick: 50].
     #[arg(long, default_value_t = 200, default_value_if("quick", "true", "50"))]
     list_requests: usize,
-    /// Timed overlay creates (they run mkfs.ext4), 0 to skip [--quick: 5].
-    #[arg(long, default_value_t = 30, default_value_if("quick", "true", "5"))]
-    overlay_iterations: usize,
-    #[command(flatten)]
-    warmup: Warmup,
+    /// Untimed rounds before each timed series (auth: 10×) [--quick: 2].
+    #[arg(long, default_value_t = 5, default_value_if("quick", "true", "2"))]
+    warmup: usize,
     #[command(flatten)]
     common: Common,
 }
@@ -70,7 +63,7 @@ fn main() {
     let mut rep = Report::new(
         "agentenv API overhead: the daemon vs a bare Firecracker API client, same run",
         json!({"iterations": p.iterations, "vms": p.vms, "list_requests": p.list_requests,
-               "overlay_iterations": p.overlay_iterations, "warmup": warmup(&p)}),
+               "warmup": p.warmup}),
     );
     let [a, f] = env.bins.each_ref().map(|b| b.display());
     let fs = format!("on {} (the daemon fsyncs its VM records there)", env.h.fs());
@@ -81,11 +74,6 @@ fn main() {
     let (result, cleanup) = env.h.finish(result, c.keep);
     rep.settle(result, "daemon", cleanup.cleaned());
     rep.finish(c.json)
-}
-
-/// `--warmup`: 5 by default, 2 with `--quick`.
-fn warmup(p: &Args) -> usize {
-    p.warmup.get(&p.common, 5, 2)
 }
 
 /// The run's directory and daemon, and the binaries: `agentenv`, `fc-double`.
@@ -100,9 +88,7 @@ impl Env {
         let mut h = Harness::new(c.tmp_dir.as_deref(), "ae-bench-", &["bare", "pki"])?;
         let root = h.root();
         let mut config = daemon::fc_double_config(bins[1].clone(), root, MEMORY_MIB_PER_SLOT)?;
-        config.default_disk_size_gib = OVERLAY_GIB;
         config.max_memory_mib = Some((p.vms as u64 + 1024) * MEMORY_MIB_PER_SLOT);
-        File::create(root.join("rootfs/base.ext4"))?.set_len(8 << 20)?;
         let disks = ["lat".into(), "bare".into()].into_iter();
         for name in disks.chain((0..p.vms).map(|j| format!("d-{j:05}"))) {
             File::create(root.join(format!("disks/{name}.img")))?.set_len(1 << 20)?;
@@ -119,8 +105,8 @@ impl Env {
         Rss::of(self.h.daemon().map_or(0, |d| d.pid)).context("cannot read the daemon's memory")
     }
 
-    /// A VM started bare with `drives` (id, path, read-only), timed to InstanceStart.
-    fn bare(&self, name: &str, drives: &[(&str, &Path, bool)]) -> Result<(Duration, BareVmm)> {
+    /// A VM started bare on the direct disk `bare.img`, timed to InstanceStart.
+    fn bare(&self, name: &str) -> Result<(Duration, BareVmm)> {
         let (root, t0) = (self.h.root(), Instant::now());
         let mut vm = BareVmm::start(&self.bins[1], &root.join("bare"), name, IO_TIMEOUT)?;
         let mut config = FullVmConfiguration::default();
@@ -128,10 +114,8 @@ impl Env {
         config.boot_source.boot_args = Some(boot_args);
         config.boot_source.kernel_image_path = root.join("kernels/vmlinux");
         config.machine_config.mem_size_mib = MEMORY_MIB_PER_SLOT as usize;
-        for &(id, path, ro) in drives {
-            let drive = Drive::file(id, path.to_path_buf(), id == "rootfs", ro);
-            config.drives.push(drive);
-        }
+        let disk = root.join("disks/bare.img");
+        config.drives.push(Drive::file("rootfs", disk, true, false));
         for (path, body) in &config.api_calls() {
             vm.call("PUT", path, body)?;
         }
@@ -197,7 +181,7 @@ fn raise_nofile(vms: u64) -> Result<()> {
 fn per_vm_ops(api: &ApiClient, id: &str, p: &Args) -> Result<Sides<3>> {
     let mut out = Sides::default();
     let what = format!("GET, pause and resume {id}");
-    rounds(&what, warmup(p), p.iterations.min(50), |_, timed| {
+    rounds(&what, p.warmup, p.iterations.min(50), |_, timed| {
         let get = call(api, "GET", &format!("/v1/vm/{id}"), None, 200)?.0;
         let pause = flip(api, id, "pause", "paused")?;
         let resume = flip(api, id, "resume", "running")?;
@@ -216,7 +200,7 @@ fn list(api: &ApiClient, vms: usize, p: &Args) -> Result<Vec<Duration>> {
     ensure!(n == vms, "GET /v1/vm listed {n} VMs, not {vms}");
     let mut get = || Ok(call(api, "GET", "/v1/vm", None, 200)?.0);
     let what = format!("GET /v1/vm at {vms} VMs");
-    let [s] = interleaved(&what, warmup(p), p.list_requests, [&mut get])?.0;
+    let [s] = interleaved(&what, p.warmup, p.list_requests, [&mut get])?.0;
     Ok(s)
 }
 
@@ -236,14 +220,13 @@ fn run(env: &mut Env, p: &Args, rep: &mut Report) -> Result<()> {
     rep.table(t);
     // create, pause, resume and delete, daemon and bare, each pair in turn.
     let lat_disk = root.join("disks/lat.img");
-    let bare_disk = [("rootfs", &*root.join("disks/bare.img"), false)];
     let mut s: [Sides<2>; 4] = Default::default();
-    rounds("latency", warmup(p), p.iterations, |i, timed| {
+    rounds("latency", p.warmup, p.iterations, |i, timed| {
         let id = format!("lat-{i:04}");
         let body = json!({"vm_id": id, "disk": {"kind": "direct", "path": lat_disk}});
         let mut vm = None;
         let mut bare = || {
-            let (took, v) = env.bare(&format!("b-{i:04}"), &bare_disk)?;
+            let (took, v) = env.bare(&format!("b-{i:04}"))?;
             vm = Some(v);
             Ok(took)
         };
@@ -267,15 +250,6 @@ fn run(env: &mut Env, p: &Args, rep: &mut Report) -> Result<()> {
         .latency_row("pause", &s[1], limit)
         .latency_row("resume", &s[2], limit)
         .latency_row("delete (bare: kill, reap)", &s[3], None);
-    match (p.overlay_iterations, find_in_path("mkfs.ext4")) {
-        (0, _) => lat.note("overlay create: skipped (--overlay-iterations 0)"),
-        (_, None) => lat.note("overlay create: skipped (mkfs.ext4 not found in PATH)"),
-        (n, Some(_)) => {
-            let (s, name) = (overlays(env, n, p)?, "overlay create (mkfs.ext4)");
-            let note = format!("overlay create: {n} rounds; bare: mkfs.ext4 + boot");
-            lat.latency_row(name, &s, None).note(note)
-        }
-    };
     rep.table(lat);
     scale(env, p, rss_fresh, &list0, rep)?;
     let mut t = Table::latency("new connection + one request (ms)", &["https", "http"]);
@@ -296,36 +270,8 @@ fn auth_cost(env: &Env, p: &Args) -> Result<Sides<2>> {
         let get = |api| Ok(call(api, "GET", "/v1/vm/none", None, 404)?.0);
         let sides: [Side; 2] = [&mut || get(api), &mut || get(open)];
         let (what, n) = ("auth on/off: GET /v1/vm/none", p.list_requests * 4);
-        interleaved(what, warmup(p) * 10, n, sides)
+        interleaved(what, p.warmup * 10, n, sides)
     })
-}
-
-/// Overlay creates vs bare mkfs.ext4 (the daemon's code) + boot; each side's VM
-/// is removed (untimed) before the other side runs.
-fn overlays(env: &Env, n: usize, p: &Args) -> Result<Sides<2>> {
-    let (root, api, k) = (env.h.root(), env.api()?, AtomicUsize::new(0));
-    let (base, overlay) = (root.join("rootfs/base.ext4"), root.join("bare/ovl.ext4"));
-    let mut rt = tokio::runtime::Builder::new_current_thread();
-    let rt = rt.enable_all().build()?;
-    let mut daemon = || {
-        let id = format!("ovl-{:03}", k.fetch_add(1, Relaxed));
-        let body = json!({"vm_id": id, "disk": {"kind": "overlay", "rootfs_id": "base.ext4"}});
-        let took = create(api, &body)?;
-        delete(api, &id)?;
-        Ok(took)
-    };
-    let mut bare = || {
-        let t0 = Instant::now();
-        rt.block_on(LocalHost::new().create_ext4_disk(&overlay, OVERLAY_GIB << 30))?;
-        let drives = [("rootfs", &*base, true), ("overlay", &*overlay, false)];
-        let (_, vm) = env.bare("ovl", &drives)?;
-        let took = t0.elapsed();
-        drop(vm);
-        std::fs::remove_file(&overlay)?;
-        Ok(took)
-    };
-    let sides: [Side; 2] = [&mut daemon, &mut bare];
-    interleaved("overlay creates", warmup(p).min(2), n, sides)
 }
 
 /// The list, per-VM operation and memory figures with `p.vms` VMs.
@@ -415,7 +361,7 @@ fn tls_handshake(env: &Env, p: &Args) -> Result<Sides<2>> {
                 std::thread::sleep(Duration::from_millis(20));
             }
             let sides: [Side; 2] = [&mut || one(&https), &mut || one(&plain)];
-            interleaved("TLS handshake", warmup(p), p.iterations, sides)
+            interleaved("TLS handshake", p.warmup, p.iterations, sides)
         })();
         signals::stop_group(child, &[(libc::SIGTERM, Duration::from_secs(30))]);
         result

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use agentenv_api::{ExecRequest, SnapshotInfo};
-use agentenv_bench::args::{Common, Warmup};
+use agentenv_bench::args::Common;
 use agentenv_bench::bare::BareVmm;
 use agentenv_bench::daemon::{self, call, Harness, QemuGuest};
 use agentenv_bench::report::{Cell, Limit, Report, Table, Target};
@@ -86,8 +86,9 @@ struct Args {
     /// A cold boot whose agent has not answered after S s fails the run.
     #[arg(long, default_value_t = 180)]
     boot_timeout_s: u64,
-    #[command(flatten)]
-    warmup: Warmup,
+    /// Untimed rounds before each interleaved series (fc-double: at least 3).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
     #[command(flatten)]
     common: Common,
     /// `agentenv` and `fc-double`, found once the flags are parsed.
@@ -104,7 +105,7 @@ fn main() {
         json!({"runs": p.runs, "resets": p.resets, "pauses": p.pauses,
                "disk_runs": p.disk_runs, "forks": p.forks, "fork_count": p.fork_count,
                "touch_mib": p.touch_mib, "disk_mib": p.disk_mib, "guest_mib": GUEST_MIB,
-               "fc_iterations": p.fc_iterations, "warmup": p.warmup.get(c, 1, 1)}),
+               "fc_iterations": p.fc_iterations, "warmup": p.warmup}),
     );
     rep.about("daemon", p.bins[0].display().to_string());
     match QemuGuest::find(p.artifacts.as_deref(), QEMU_ROOTFS) {
@@ -166,6 +167,12 @@ fn first_exec(api: &ApiClient, vm_id: &str) -> Result<()> {
     }
 }
 
+/// A name not used before in the run: `prefix` and a number.
+fn fresh(prefix: &str) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!("{prefix}{}", NEXT.fetch_add(1, Relaxed))
+}
+
 /// `start` making the VM `id`, timed; then the VM is deleted.
 fn timed(api: &ApiClient, id: String, start: impl FnOnce(&str) -> Result<()>) -> Result<Duration> {
     let t0 = Instant::now();
@@ -205,21 +212,19 @@ fn run_qemu(h: &mut Harness, guest: &QemuGuest, p: &Args, rep: &mut Report) -> R
     // The guests' RAM files go in the tmpfs tier; the daemon wants it there.
     std::fs::create_dir_all(daemon::in_run(&config, h.root()).guest_memory_dir())?;
     h.write_config(&config)?;
-    let (tier, w) = (h.root().join("snap/tmpfs"), p.warmup.get(&p.common, 1, 1));
+    let tier = h.root().join("snap/tmpfs");
     let d = &*h.start_daemon(&p.bins[0], IO_TIMEOUT, HEALTH_TIMEOUT)?;
     let api = &d.api;
     progress("qemu: booting the source VM");
     cold_boot(api, "src", p)?;
     let src_pid = api.get_vm("src")?.pid.context("src has no VMM pid")?;
     full_snapshot(api, "src", "base")?;
-    let n = AtomicUsize::new(0);
-    let next = |prefix: &str| format!("{prefix}{}", n.fetch_add(1, Relaxed));
     let what = "qemu: restore vs cold boot → first exec";
     let sides: [Side; 2] = [
-        &mut || timed(api, next("r"), |id| restore(api, id, true)),
-        &mut || timed(api, next("b"), |id| cold_boot(api, id, p)),
+        &mut || timed(api, fresh("r"), |id| restore(api, id, true)),
+        &mut || timed(api, fresh("b"), |id| cold_boot(api, id, p)),
     ];
-    let boot = interleaved(what, w, p.runs, sides)?;
+    let boot = interleaved(what, p.warmup, p.runs, sides)?;
     restore(api, "rs", true)?;
     let mut reset = || {
         let t0 = Instant::now();
@@ -227,7 +232,8 @@ fn run_qemu(h: &mut Harness, guest: &QemuGuest, p: &Args, rep: &mut Report) -> R
         first_exec(api, "rs")?;
         Ok(t0.elapsed())
     };
-    let resets = interleaved("qemu: reset → first exec", w, p.resets, [&mut reset])?;
+    let what = "qemu: reset → first exec";
+    let resets = interleaved(what, p.warmup, p.resets, [&mut reset])?;
     api.delete_vm("rs")?;
     // Fork: all clones exec-ready (a thread each), then their idle memory (MiB).
     let (mut fork_call, mut fork_ready, mut pss, mut rss) = (vec![], vec![], vec![], vec![]);
@@ -284,7 +290,7 @@ fn run_qemu(h: &mut Harness, guest: &QemuGuest, p: &Args, rep: &mut Report) -> R
     let overlay = api.get_vm("src")?.disk.writable_path;
     let copy = tier.join("cp-baseline.ext4");
     let mut snapshot = || {
-        let id = next("ds");
+        let id = fresh("ds");
         let (pause, r) = stalls(vcpu, || api.snapshot_vm("src", Some(id.clone())))?;
         r.with_context(|| format!("disk snapshot {id}"))?;
         api.delete_snapshot(&id)?;
@@ -298,7 +304,7 @@ fn run_qemu(h: &mut Harness, guest: &QemuGuest, p: &Args, rep: &mut Report) -> R
         Ok(took)
     };
     let what = "qemu: disk snapshot pause vs cp --sparse=always";
-    let disk = interleaved(what, w, p.disk_runs, [&mut snapshot, &mut cp])?;
+    let disk = interleaved(what, p.warmup, p.disk_runs, [&mut snapshot, &mut cp])?;
     let clean = format!("rm -f /root/ae-disk.bin; kill {}", busy.trim());
     sh(api, "src", &clean)?;
     let title = format!("QEMU/TCG, {GUEST_MIB} MiB guest, agent ready (ms)");
@@ -419,27 +425,11 @@ fn run_fc(h: &mut Harness, p: &Args, rep: &mut Report) -> Result<()> {
     let disk = snap.tmpfs_path.or(snap.durable_path);
     let disk = PathBuf::from(disk.context("no snapshot path")?);
     let dir = disk.parent().context("a snapshot path without a parent")?;
-    let n = AtomicUsize::new(0);
-    let next = |prefix: &str| format!("{prefix}{}", n.fetch_add(1, Relaxed));
-    let mut daemon = || timed(api, next("r"), |id| restore(api, id, false));
-    // The baseline: a fresh fc-double in a directory of its own loading the files.
-    let mut bare = || {
-        let name = next("b");
-        let work = root.join("work").join(&name);
-        let body = bare_load(dir, &work)?;
-        let t0 = Instant::now();
-        let took = (|| {
-            let mut vmm = BareVmm::start(fc, &work, &name, IO_TIMEOUT)?;
-            vmm.call("PUT", "/snapshot/load", &body)?;
-            Ok(t0.elapsed())
-        })();
-        std::fs::remove_dir_all(&work)?;
-        took
-    };
+    let mut daemon = || timed(api, fresh("r"), |id| restore(api, id, false));
+    let mut bare = || bare_load(fc, dir, &root.join("work"), &fresh("b"));
     let what = "fc-double: daemon restore vs bare snapshot/load";
     let sides: [Side; 2] = [&mut daemon, &mut bare];
-    let w = p.warmup.get(&p.common, 1, 1).max(3);
-    let s = interleaved(what, w, p.fc_iterations, sides)?;
+    let s = interleaved(what, p.warmup.max(3), p.fc_iterations, sides)?;
     let title = format!("restore of a {FC_GUEST_MIB} MiB fc-double VM (ms)");
     let mut t = Table::latency(&title, &["daemon", "bare"]);
     let name = "fc-double restore → running";
@@ -450,9 +440,12 @@ fn run_fc(h: &mut Harness, p: &Args, rep: &mut Report) -> Result<()> {
     Ok(())
 }
 
-/// The bare `PUT /snapshot/load` body for the snapshot in `dir`; `work` gets its
-/// disk at each relative drive path the state names, as a session directory.
-fn bare_load(dir: &Path, work: &Path) -> Result<Value> {
+/// The baseline: a fresh fc-double `name` in a new directory `work/name`
+/// loading the snapshot in `dir`, timed from its spawn to the load's 204. The
+/// directory first gets (untimed) the snapshot's disk at each relative drive
+/// path the state names, as a session directory; it is removed after.
+fn bare_load(fc_double: &Path, dir: &Path, work: &Path, name: &str) -> Result<Duration> {
+    let work = &work.join(name);
     std::fs::create_dir_all(work)?;
     let state = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&state)?;
@@ -470,7 +463,15 @@ fn bare_load(dir: &Path, work: &Path) -> Result<Value> {
     let mem = json!({"backend_path": dir.join(MEMORY_FILE), "backend_type": "File"});
     let body = json!({"snapshot_path": state, "mem_backend": mem, "resume_vm": true});
     let load: SnapshotLoadParams = serde_json::from_value(body)?;
-    Ok(serde_json::to_value(&load)?)
+    let body = json!(load);
+    let t0 = Instant::now();
+    let took = (|| {
+        let mut vmm = BareVmm::start(fc_double, work, name, IO_TIMEOUT)?;
+        vmm.call("PUT", "/snapshot/load", &body)?;
+        Ok(t0.elapsed())
+    })();
+    std::fs::remove_dir_all(work)?;
+    took
 }
 
 #[cfg(test)]
