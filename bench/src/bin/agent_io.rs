@@ -5,11 +5,9 @@
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentenv_bench::args::{Common, Warmup};
+use agentenv_bench::args::Common;
 use agentenv_bench::daemon::{self, call, Harness};
 use agentenv_bench::procfs::{self, Rss};
 use agentenv_bench::report::{or_exit, Cell, Limit, Report, Table, Target};
@@ -22,8 +20,9 @@ use agentenv_host::agent::AgentClient;
 use agentenv_proto::{ExecRequest, GetFile, PutFile, INITIAL_WINDOW, VSOCK_PORT};
 use agentenv_testkit::agent::HostAgent;
 use anyhow::{ensure, Context, Result};
-use clap::Parser;
+use clap::{builder::RangedU64ValueParser, Parser};
 use serde_json::json;
+use tokio::runtime::{Handle, Runtime};
 
 /// Target: the daemon adds at most this much to an exec's p50, in ms.
 const TARGET_EXEC_OVERHEAD_P50_MS: f64 = 2.0;
@@ -50,44 +49,32 @@ const SIDES: [&str; 3] = ["daemon", "bridge", "direct"];
 #[derive(Debug, Parser)]
 #[command(name = "agent_io", version, about, long_about = None)]
 struct Args {
-    /// Timed execs of `true` per side [default: 300; --quick: 100].
-    #[arg(long)]
-    execs: Option<usize>,
-    /// Size of the file moved each way, in MiB [default: 256; --quick: 64].
-    #[arg(long)]
-    file_mib: Option<u64>,
-    /// Timed transfers per side and direction [default: 6; --quick: 3].
-    #[arg(long)]
-    file_runs: Option<usize>,
-    /// Size of the sparse file downloaded while the daemon's memory is watched,
-    /// in MiB [default: 1024].
-    #[arg(long)]
-    rss_mib: Option<u64>,
-    #[command(flatten)]
-    warmup: Warmup,
+    /// Timed execs of `true` per side [--quick: 100].
+    #[arg(long, default_value_t = 300, default_value_if("quick", "true", "100"))]
+    #[arg(value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    execs: usize,
+    /// Untimed execs per side before them [--quick: 10].
+    #[arg(long, default_value_t = 20, default_value_if("quick", "true", "10"))]
+    warmup: usize,
+    /// Size of the file moved each way, in MiB [--quick: 64].
+    #[arg(long, default_value_t = 256, default_value_if("quick", "true", "64"))]
+    #[arg(value_parser = RangedU64ValueParser::<u64>::new().range(1..))]
+    file_mib: u64,
+    /// Timed transfers per side and direction [--quick: 3].
+    #[arg(long, default_value_t = 6, default_value_if("quick", "true", "3"))]
+    #[arg(value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    file_runs: usize,
+    /// Size of the sparse file downloaded while the daemon's memory is watched, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    #[arg(value_parser = RangedU64ValueParser::<u64>::new().range(1..))]
+    rss_mib: u64,
     #[command(flatten)]
     common: Common,
-}
-
-/// The resolved run parameters.
-struct Params {
-    execs: usize,
-    warmup: usize,
-    file_bytes: u64,
-    file_runs: usize,
-    rss_bytes: u64,
 }
 
 fn main() {
     let args: Args = runner::start();
     let c = &args.common;
-    let p = Params {
-        execs: args.execs.unwrap_or(c.pick(300, 100)).max(1),
-        warmup: args.warmup.get(c, 20, 10),
-        file_bytes: args.file_mib.unwrap_or(c.pick(256, 64)).max(1) * MIB,
-        file_runs: args.file_runs.unwrap_or(c.pick(6, 3)).max(1),
-        rss_bytes: args.rss_mib.unwrap_or(1024).max(1) * MIB,
-    };
     // Not `agentenv_testkit::paths::guest_agent()`: that one expects to run
     // from target/<profile>/deps (a test) and builds a debug agent.
     let bins = daemon::binaries(
@@ -96,12 +83,12 @@ fn main() {
     );
     let mut rep = Report::new(
         "agentenv agent I/O: through the daemon vs straight to the agent, same run",
-        json!({"execs": p.execs, "warmup": p.warmup, "file_bytes": p.file_bytes,
-               "file_runs": p.file_runs, "rss_download_bytes": p.rss_bytes}),
+        json!({"execs": args.execs, "warmup": args.warmup, "file_bytes": args.file_mib * MIB,
+               "file_runs": args.file_runs, "rss_download_bytes": args.rss_mib * MIB}),
     );
-    let h = Harness::new(c.tmp_dir.as_deref(), "ae-agentio-", &["files"]);
+    let h = Harness::new(c.tmp_dir.as_deref(), "ae-agentio-", &["files", "agent"]);
     let mut h = or_exit(h, 1, "setting up: ");
-    let result = run(&mut h, &bins, &p, &mut rep);
+    let result = run(&mut h, &bins, &args, &mut rep);
     let (result, cleanup) = h.finish(result, c.keep);
     rep.settle(result, "fc-double", cleanup.cleaned());
     rep.finish(c.json)
@@ -112,7 +99,7 @@ fn main() {
 /// daemon's client code) in a multi-threaded tokio runtime like the daemon's.
 enum Way {
     Daemon(ApiClient),
-    Agent(Arc<tokio::runtime::Runtime>, AgentClient),
+    Agent(Handle, AgentClient),
 }
 
 /// What `f` returns, and how long it took.
@@ -269,12 +256,11 @@ fn sides<F: FnMut() -> Result<Duration>>(fs: &mut [F; 3]) -> [Side<'_>; 3] {
     fs.each_mut().map(|f| f as Side<'_>)
 }
 
-fn run(h: &mut Harness, bins: &[PathBuf; 3], p: &Params, rep: &mut Report) -> Result<()> {
+fn run(h: &mut Harness, bins: &[PathBuf; 3], args: &Args, rep: &mut Report) -> Result<()> {
     let [agentenv, fc_double, guest] = bins.each_ref().map(|b| b.display());
     let root = h.root().to_path_buf();
     // The agent's socket in a directory of its own, seen by fc-double in the jail (as root).
     let (agent_dir, wrapper) = (root.join("agent"), root.join("fc-agent"));
-    std::fs::create_dir(&agent_dir)?;
     let sock = agent_dir.join("agent.sock");
     let s = sock.display();
     let script = format!("#!/bin/sh\nexec '{fc_double}' --vsock-agent '{VSOCK_PORT}={s}' \"$@\"\n");
@@ -285,7 +271,8 @@ fn run(h: &mut Harness, bins: &[PathBuf; 3], p: &Params, rep: &mut Report) -> Re
     let mut config = daemon::fc_double_config(wrapper, &root, 256)?;
     config.jail.read_only_paths = vec![bins[1].clone(), agent_dir];
     h.write_config(&config)?;
-    File::create(root.join("disks/root.img"))?.set_len(MIB)?;
+    let disk = root.join("disks/root.img");
+    File::create(&disk)?.set_len(MIB)?;
     // Killed when `run` returns, before the leak scan (it names the run's directory).
     let log = root.join("agent.log");
     let _agent = HostAgent::spawn(&bins[2], &sock, Some(&log)).context("agentenv-guest")?;
@@ -304,7 +291,6 @@ fn run(h: &mut Harness, bins: &[PathBuf; 3], p: &Params, rep: &mut Report) -> Re
     let d = h.start_daemon(&bins[0], IO_TIMEOUT, Duration::from_secs(15))?;
     let (pid, api) = (d.pid, d.client(IO_TIMEOUT)?);
     let rss = || Rss::of(pid).context("cannot read the daemon's /proc/PID/status");
-    let disk = root.join("disks/root.img");
     let body = json!({"vm_id": "io", "disk": {"kind": "direct", "path": disk},
                       "wait_ready": true, "wait_ready_timeout_s": 30});
     let (ready, r) = call(&api, "POST", "/v1/vm", Some(&body), 201)?;
@@ -314,11 +300,11 @@ fn run(h: &mut Harness, bins: &[PathBuf; 3], p: &Params, rep: &mut Report) -> Re
     let ready = ready.as_secs_f64();
     rep.about("VM", format!("created with wait_ready in {ready:.3} s"));
     // The runtime, and with it the two connections, go when `run` returns.
-    let rt = Arc::new(tokio::runtime::Runtime::new()?);
+    let rt = Runtime::new()?;
     let agent = |ch: AgentChannel| -> Result<Way> {
         let c = rt.block_on(AgentClient::connect(&ch, Duration::from_secs(5)));
         let c = c.with_context(|| format!("cannot connect to the agent ({ch:?})"))?;
-        Ok(Way::Agent(rt.clone(), c))
+        Ok(Way::Agent(rt.handle().clone(), c))
     };
     // The VM's vsock device socket, which fc-double serves (the daemon has
     // its own connection on it; each connection is bridged separately).
@@ -330,7 +316,7 @@ fn run(h: &mut Harness, bins: &[PathBuf; 3], p: &Params, rep: &mut Report) -> Re
     let ways = [Way::Daemon(api), agent(bridge)?, agent(direct)?];
 
     let mut fs = each(&ways, |w, _| w.exec_true());
-    let exec = interleaved("exec `true`", p.warmup, p.execs, sides(&mut fs))?;
+    let exec = interleaved("exec `true`", args.warmup, args.execs, sides(&mut fs))?;
     let mut t = Table::latency("exec `true` (ms)", &SIDES);
     let limit = Limit::OverheadMs(TARGET_EXEC_OVERHEAD_P50_MS);
     t.latency_row("round trip", &exec, Some(limit));
@@ -344,34 +330,34 @@ fn run(h: &mut Harness, bins: &[PathBuf; 3], p: &Params, rep: &mut Report) -> Re
     }
     rep.table(t);
 
-    // Memory: a warm-up download, then a slow one with the VmRSS sampled every 2 ms meanwhile.
-    let (n, pause, every) = (p.rss_bytes, THROTTLE_PAUSE, THROTTLE_EVERY / MIB);
-    let slow = format!("the client stops reading for {pause:?} every {every} MiB");
+    // Memory: a warm-up download, then a slow one on a thread of its own while this one
+    // samples the daemon's VmRSS every 2 ms.
+    let (n, every) = (args.rss_mib * MIB, THROTTLE_EVERY / MIB);
+    let slow = format!("the client stops reading for {THROTTLE_PAUSE:?} every {every} MiB");
     let what = format!("a {} MiB download (a sparse file; {slow})", n / MIB);
     progress(format!("memory: the daemon's VmRSS during {what}"));
     let sparse = root.join("files/sparse.bin");
     File::create(&sparse)?.set_len(n)?;
     ways[0].get(&sparse, n, Check::new(|_| 0, false))?;
     signals::check()?;
-    let (before, stop) = (rss()?, AtomicBool::new(false));
+    let before = rss()?;
     let (took, kib) = std::thread::scope(|s| {
-        let sampler = s.spawn(|| {
-            let mut kib = Vec::new();
-            while !stop.load(Relaxed) {
-                kib.extend(procfs::status_kib(pid, "VmRSS"));
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            kib
-        });
-        let took = ways[0].get(&sparse, n, Check::new(|_| 0, true));
-        stop.store(true, Relaxed);
-        (took, sampler.join().unwrap_or_default())
+        let slow = s.spawn(|| ways[0].get(&sparse, n, Check::new(|_| 0, true)));
+        let mut kib = Vec::new();
+        while !slow.is_finished() {
+            kib.extend(procfs::status_kib(pid, "VmRSS"));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (slow.join(), kib)
     });
-    let (took, after) = (took?.as_secs_f64(), rss()?);
+    let took = took
+        .expect("the download thread does not panic")?
+        .as_secs_f64();
+    let (after, rate) = (rss()?, n as f64 / took / 1e6);
     std::fs::remove_file(&sparse)?;
 
     // File throughput, each way, after a small file each way on each side.
-    let n = p.file_bytes;
+    let n = args.file_mib * MIB;
     progress(format!("files: writing a {} MiB source file", n / MIB));
     let (src, warm) = (root.join("files/src.bin"), root.join("files/warm.bin"));
     write_noise(&src, n)?;
@@ -387,8 +373,9 @@ fn run(h: &mut Harness, bins: &[PathBuf; 3], p: &Params, rep: &mut Report) -> Re
     let (mut upload, mut download) = (Sides::<3>::default(), Sides::<3>::default());
     let mut puts = each(&ways, |w, k| w.put(&src, &up[k], n));
     let mut gets = each(&ways, |w, _| w.get(&src, n, Check::new(noise, false)));
+    let runs = args.file_runs;
     let what_files = format!("files: {} MiB each way per side", n / MIB);
-    rounds(&what_files, 0, p.file_runs, |i, _| {
+    rounds(&what_files, 0, runs, |i, _| {
         upload.push(rotated(i, sides(&mut puts))?);
         up.iter().try_for_each(|f| check_file(f, n))?;
         download.push(rotated(i, sides(&mut gets))?);
@@ -398,7 +385,7 @@ fn run(h: &mut Harness, bins: &[PathBuf; 3], p: &Params, rep: &mut Report) -> Re
     up.iter().chain([&src]).try_for_each(std::fs::remove_file)?;
 
     let mut t = Table::new(
-        &format!("files, {} MiB (MB/s, medians of {})", n / MIB, p.file_runs),
+        &format!("files, {} MiB (MB/s, medians of {runs})", n / MIB),
         "daemon,bridge,direct,daemon/direct,bridge/direct,\
          daemon min,daemon max,direct min,direct max"
             .split(','),
@@ -417,9 +404,7 @@ fn run(h: &mut Harness, bins: &[PathBuf; 3], p: &Params, rep: &mut Report) -> Re
         let target = Target::at_least(name, ratio, TARGET_FILE_RATIO, "x");
         t.row(name, cells, Some(target));
     }
-    t.note(
-        "MB = 10^6 B; upload: to the answer (file fsynced, in place); download: to the last byte",
-    );
+    t.note("MB = 10^6 B; uploads timed to the answer (file fsynced), downloads to the last byte");
     rep.table(t);
 
     let mib = |kib: u64| kib as f64 / 1024.0;
@@ -443,8 +428,7 @@ fn run(h: &mut Harness, bins: &[PathBuf; 3], p: &Params, rep: &mut Report) -> Re
         .row("VmRSS after the file runs", one(idle_after.rss_kib), None)
         .row("VmHWM after the file runs", one(idle_after.hwm_kib), None)
         .note(format!(
-            "{took:.2} s, {:.0} MB/s, pauses in; target: agent window ({window} MiB) + {slack} MiB",
-            p.rss_bytes as f64 / took / 1e6,
+            "{took:.2} s, {rate:.0} MB/s, pauses in; target: agent window ({window} MiB) + {slack} MiB"
         ));
     rep.table(t);
     Ok(())

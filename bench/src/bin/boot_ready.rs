@@ -14,10 +14,11 @@ use agentenv_bench::daemon::{self, call, tail_lines, Harness, QemuGuest};
 use agentenv_bench::report::{or_exit, skip, Cell, Limit, Report, Table};
 use agentenv_bench::runner::{self, interleaved, progress};
 use agentenv_bench::{args::Common, signals, stats::median, stats::ms};
+use agentenv_client::ApiClient;
 use agentenv_core::{engine::CONSOLE_LOG, host::DiskImages};
 use agentenv_host::{disk::Ext4Templates, LocalHost};
 use anyhow::{bail, ensure, Context, Result};
-use clap::Parser;
+use clap::{builder::RangedU64ValueParser, Parser};
 use serde_json::{json, Value};
 
 /// What a booted guest prints on its console (docs/guest-contract.md).
@@ -42,10 +43,10 @@ const IO_TIMEOUT: Duration = Duration::from_secs(120);
 #[derive(Debug, Parser)]
 #[command(name = "boot_ready", version, about, long_about = None)]
 struct Args {
-    /// Timed boots per side (daemon and by hand, interleaved) [default: 5;
-    /// --quick: 2].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=999))]
-    runs: Option<u64>,
+    /// Timed boots per side (daemon and by hand, interleaved) [--quick: 2].
+    #[arg(long, default_value_t = 5, default_value_if("quick", "true", "2"))]
+    #[arg(value_parser = RangedU64ValueParser::<usize>::new().range(1..=999))]
+    runs: usize,
     /// The guest artifacts to boot (kernels/vmlinuz, initramfs/initrd.img,
     /// rootfs/minimal.ext4) [default: <workspace>/artifacts].
     #[arg(long, value_name = "DIR")]
@@ -60,31 +61,27 @@ struct Args {
 fn main() {
     let args: Args = runner::start();
     let c = &args.common;
-    let runs = args.runs.unwrap_or(c.pick(5, 2)) as usize;
     let guest = QemuGuest::find(args.artifacts.as_deref(), ROOTFS_ID)
         .unwrap_or_else(|why| skip(&why, c.json));
     let [agentenv] = daemon::binaries(c.bin_dir.as_deref(), ["agentenv"]);
-    let config = daemon::qemu_config(&guest, MEMORY_MIB, OVERLAY_GIB);
-    let mut h = or_exit(
-        Harness::new(c.tmp_dir.as_deref(), "ae-boot-", &["hand"])
-            .and_then(|mut h| h.write_config(&config).map(|()| h)),
-        1,
-        "setting up: ",
-    );
     let mut rep = Report::new(
         "agentenv boot to AGENTENV_READY: the daemon vs the same QEMU command line by hand",
-        json!({"runs": runs, "boot_timeout_s": args.boot_timeout_s, "memory_mib": MEMORY_MIB,
+        json!({"runs": args.runs, "boot_timeout_s": args.boot_timeout_s, "memory_mib": MEMORY_MIB,
                "vcpus": 1, "overlay_gib": OVERLAY_GIB, "rootfs": ROOTFS_ID}),
     );
+    let h = Harness::new(c.tmp_dir.as_deref(), "ae-boot-", &["hand"]);
+    let mut h = or_exit(h, 1, "setting up: ");
     let disk = format!("overlay ({OVERLAY_GIB} GiB) on {ROOTFS_ID}, 1 vCPU, {MEMORY_MIB} MiB");
     let art = format!("{}/kernels/vmlinuz + initrd.img", guest.artifacts.display());
     let how = format!("vmm = \"qemu\", no networking; temp dir on {}", h.fs());
     rep.about("guest", format!("{art}, {disk}"));
     rep.about("daemon", format!("{} ({how})", agentenv.display()));
-    let timeout = Duration::from_secs(args.boot_timeout_s.max(1));
-    let health = Duration::from_secs(30);
-    let started = h.start_daemon(&agentenv, IO_TIMEOUT, health).map(|_| ());
-    let result = started.and_then(|()| run(&mut h, &guest.version, runs, timeout, &mut rep));
+    let config = daemon::qemu_config(&guest, MEMORY_MIB, OVERLAY_GIB);
+    let started = h.write_config(&config).and_then(|()| {
+        let health = Duration::from_secs(30);
+        h.start_daemon(&agentenv, IO_TIMEOUT, health).map(|_| ())
+    });
+    let result = started.and_then(|()| run(&h, &args, &guest.version, &mut rep));
     let (result, cleanup) = h.finish(result, c.keep);
     rep.settle(result, "daemon", cleanup.cleaned());
     rep.finish(c.json)
@@ -113,29 +110,19 @@ fn value<'a>(argv: &'a [String], key: &str) -> Option<&'a str> {
 
 // ---------------------------------------------------------------- waiting for READY
 
-/// Finds `READY` in a stream fed in pieces.
-struct Scanner(Vec<u8>);
-
-impl Scanner {
-    fn feed(&mut self, data: &[u8]) -> bool {
-        self.0.extend_from_slice(data);
-        let found = self.0.windows(READY.len()).any(|w| w == READY);
-        self.0.drain(..self.0.len().saturating_sub(READY.len() - 1));
-        found
-    }
-}
-
 /// Waits until the console log `log` holds `READY`, reading what is new every
 /// `CHECK_EVERY` (the daemon rotates it only past 4 MiB; a boot prints
 /// ~20 KiB). `qemu`: a QEMU whose exit fails the wait at once.
 fn wait_ready(log: &Path, deadline: Instant, mut qemu: Option<&mut Child>) -> Result<()> {
     let mut f = File::open(log).with_context(|| format!("cannot open {}", log.display()))?;
-    let (mut scan, mut buf) = (Scanner(Vec::new()), vec![0u8; 64 << 10]);
+    let mut text = Vec::new();
     loop {
-        while let n @ 1.. = f.read(&mut buf)? {
-            if scan.feed(&buf[..n]) {
-                return Ok(());
-            }
+        // Only what is new is searched, with the end of what came before
+        // (READY may straddle two reads).
+        let from = text.len().saturating_sub(READY.len() - 1);
+        f.read_to_end(&mut text)?;
+        if text[from..].windows(READY.len()).any(|w| w == READY) {
+            return Ok(());
         }
         let why = match qemu.as_mut().map(|c| c.try_wait()).transpose()?.flatten() {
             Some(status) => format!("QEMU exited ({status})"),
@@ -167,10 +154,9 @@ struct Boot {
 type Ran = (VmInfo, Vec<String>);
 
 /// POST /v1/vm → AGENTENV_READY in the VM's console log.
-fn daemon_boot(h: &mut Harness, id: &str, timeout: Duration) -> Result<(Boot, Ran)> {
+fn daemon_boot(api: &ApiClient, id: &str, timeout: Duration) -> Result<(Boot, Ran)> {
     let disk = json!({"kind": "overlay", "rootfs_id": ROOTFS_ID});
     let body = json!({"vm_id": id, "slots": 1, "disk": disk});
-    let api = &h.daemon_mut().api;
     let t0 = Instant::now();
     let (part, r) = call(api, "POST", "/v1/vm", Some(&body), 201)?;
     let v: VmInfo = serde_json::from_slice(&r.body).context("POST /v1/vm")?;
@@ -188,9 +174,7 @@ fn daemon_boot(h: &mut Harness, id: &str, timeout: Duration) -> Result<(Boot, Ra
         Ok(serde_json::from_value(argv.into())?)
     };
     let argv = read().with_context(|| format!("reading {}", path.display()))?;
-    let t1 = Instant::now();
-    call(api, "DELETE", &format!("/v1/vm/{id}"), None, 204)?;
-    let end = t1.elapsed();
+    let (end, _) = call(api, "DELETE", &format!("/v1/vm/{id}"), None, 204)?;
     Ok((Boot { ready, part, end }, (v, argv)))
 }
 
@@ -280,9 +264,12 @@ impl ByHand {
 
 // ---------------------------------------------------------------- the run
 
-fn run(h: &mut Harness, qemu: &str, runs: usize, limit: Duration, rep: &mut Report) -> Result<()> {
+fn run(h: &Harness, args: &Args, qemu: &str, rep: &mut Report) -> Result<()> {
+    let runs = args.runs;
+    let limit = Duration::from_secs(args.boot_timeout_s.max(1));
+    let api = &h.daemon().context("the daemon runs")?.api;
     progress("reference boot through the daemon (untimed: makes its overlay template)");
-    let (d0, reference) = daemon_boot(h, "bd-000", limit)?;
+    let (d0, reference) = daemon_boot(api, "bd-000", limit)?;
     let (d, p) = (ms(d0.ready), ms(d0.part));
     progress(format!("  ready after {d:.0} ms (POST → 201 {p:.0} ms)"));
     let hand = ByHand::new(h.root())?;
@@ -295,7 +282,7 @@ fn run(h: &mut Harness, qemu: &str, runs: usize, limit: Duration, rep: &mut Repo
     let (mut ds, mut bs, mut mismatches) = (Vec::new(), Vec::new(), Vec::new());
     let mut daemon = || {
         let id = format!("bd-{:03}", ds.len() + 1);
-        let (d, (_, ran)) = daemon_boot(h, &id, limit)?;
+        let (d, (_, ran)) = daemon_boot(api, &id, limit)?;
         // The reference's command line with only the VM id changed?
         if !replay(argv, &[(&r.vm_id, &id)]).is_ok_and(|a| a == ran) {
             mismatches.push(id);
@@ -362,14 +349,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_ready_line_is_found_across_chunks() {
-        let mut s = Scanner(Vec::new());
-        assert!(!s.feed(b"boot...\nAGENTENV_RE"));
-        assert!(s.feed(b"ADY vm_id=x boots=1\n"));
-        let mut s = Scanner(Vec::new());
-        assert!(!s.feed(b"AGENTENV_READ"));
-        assert!(!s.feed(b""));
-        assert!(s.feed(b"Y"));
+    fn the_ready_line_is_found_across_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join(CONSOLE_LOG);
+        std::fs::write(&log, "boot...\nAGENTENV_RE").unwrap();
+        let err = wait_ready(&log, Instant::now(), None).unwrap_err();
+        let e = err.to_string();
+        assert!(e.contains("(--boot-timeout-s passed)") && e.ends_with(":\nboot...\nAGENTENV_RE"));
+        // The rest of the line comes while it waits: found across two reads.
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            std::io::Write::write_all(&mut f, b"ADY vm_id=x boots=1\n").unwrap();
+        });
+        wait_ready(&log, Instant::now() + Duration::from_secs(10), None).unwrap();
+        writer.join().unwrap();
     }
 
     #[test]
