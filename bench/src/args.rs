@@ -1,4 +1,6 @@
 //! The flags every benchmark takes, flattened into each binary's own `Args`.
+//! A benchmark declares its own flags beside them, each with its default and,
+//! where `--quick` changes it, `default_value_if("quick", "true", …)`.
 
 use std::path::PathBuf;
 
@@ -27,35 +29,8 @@ pub struct Common {
 }
 
 impl Common {
-    /// `full` for a normal run, `quick` with `--quick`.
-    pub fn pick<T>(&self, full: T, quick: T) -> T {
-        if self.quick {
-            quick
-        } else {
-            full
-        }
-    }
-
     /// The directory the run's temporary directory goes in.
     pub fn tmp_parent(&self) -> PathBuf {
         self.tmp_dir.clone().unwrap_or_else(std::env::temp_dir)
-    }
-}
-
-/// `--warmup`, for the benchmarks that repeat a step and can discard its
-/// first rounds.
-#[derive(Debug, Clone, clap::Args)]
-pub struct Warmup {
-    /// Untimed rounds before each timed series [default: per benchmark,
-    /// fewer with --quick].
-    #[arg(long, value_name = "N")]
-    pub warmup: Option<usize>,
-}
-
-impl Warmup {
-    /// The flag's value, else the benchmark's default for a normal or a
-    /// `--quick` run.
-    pub fn get(&self, common: &Common, full: usize, quick: usize) -> usize {
-        self.warmup.unwrap_or(common.pick(full, quick))
     }
 }

@@ -70,7 +70,7 @@ fn find_binaries<const N: usize>(bin_dir: Option<&Path>, names: [&str; N]) -> Re
 }
 
 /// The first file called `name` in `$PATH`, then `/usr/sbin` and `/sbin`.
-pub fn find_in_path(name: &str) -> Option<PathBuf> {
+fn find_in_path(name: &str) -> Option<PathBuf> {
     let paths = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&paths)
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
@@ -532,11 +532,6 @@ impl Harness {
     /// The daemon, if it runs.
     pub fn daemon(&self) -> Option<&Daemon> {
         self.daemon.as_ref()
-    }
-
-    /// The daemon, which must run.
-    pub fn daemon_mut(&mut self) -> &mut Daemon {
-        self.daemon.as_mut().expect("the daemon runs")
     }
 
     /// Ends a benchmark's run. After a failure that no signal caused, it

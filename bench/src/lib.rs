@@ -7,7 +7,8 @@
 //! scenario; the rest is here:
 //!
 //! - [`args`], the flags every benchmark takes (`--quick`, `--json`,
-//!   `--keep`, `--tmp-dir`, `--bin-dir`, and `--warmup` where it applies);
+//!   `--keep`, `--tmp-dir`, `--bin-dir`); each declares its own beside them,
+//!   `--warmup` among them where it applies;
 //! - [`runner`], the interleaved A/B runner (rotating order, warm-up, paired
 //!   samples) and progress lines;
 //! - [`report`], the figures: tables with targets, as text or JSON, the
