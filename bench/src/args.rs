@@ -34,3 +34,24 @@ impl Common {
         self.tmp_dir.clone().unwrap_or_else(std::env::temp_dir)
     }
 }
+
+/// The value parser of every count flag (`--runs`, `--execs`, …): a whole
+/// number of at least 1, so that no series runs empty and no row or target
+/// silently drops out of the report.
+pub fn count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_are_at_least_one() {
+        assert_eq!(super::count("3"), Ok(3));
+        assert!(super::count("0").is_err());
+        assert!(super::count("-1").is_err());
+    }
+}

@@ -20,6 +20,7 @@ use serde_json::Value;
 
 use crate::report::Cleaned;
 use crate::{procfs, signals};
+use agentenv_api::{ExecRequest, VmInfo, VmState};
 use agentenv_client::{ApiClient, Body, Request, Response};
 use agentenv_testkit::leaks::processes_mentioning;
 
@@ -134,6 +135,11 @@ pub struct QemuGuest {
 }
 
 impl QemuGuest {
+    /// [`QemuGuest::find`], or the benchmark skips (exit 0) saying why.
+    pub fn find_or_skip(artifacts: Option<&Path>, rootfs: &str, json: bool) -> QemuGuest {
+        QemuGuest::find(artifacts, rootfs).unwrap_or_else(|why| crate::report::skip(&why, json))
+    }
+
     /// Finds QEMU, `mkfs.ext4` and the artifacts (`artifacts`, by default
     /// `<workspace>/artifacts`); the error says what is missing.
     pub fn find(artifacts: Option<&Path>, rootfs: &str) -> Result<QemuGuest, String> {
@@ -184,6 +190,13 @@ impl QemuGuest {
             artifacts,
         })
     }
+}
+
+/// A free TCP port on loopback (another process may take it before it is used).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 // ---------------------------------------------------------------- config
@@ -304,6 +317,33 @@ pub fn call(
     Ok((took, r))
 }
 
+/// `POST /v1/vm` with `body`, timed up to its 201; the VM must be running.
+pub fn create_vm(api: &ApiClient, body: &Value) -> Result<(Duration, VmInfo)> {
+    let (took, r) = call(api, "POST", "/v1/vm", Some(body), 201)?;
+    let vm: VmInfo = serde_json::from_slice(&r.body).context("POST /v1/vm: the answer")?;
+    ensure!(
+        vm.state == VmState::Running,
+        "created VM is {:?}: {vm:?}",
+        vm.state
+    );
+    Ok((took, vm))
+}
+
+/// An exec of `true` in VM `vm_id`, timed; it must exit 0.
+pub fn exec_true(api: &ApiClient, vm_id: &str) -> Result<Duration> {
+    let req = ExecRequest {
+        cmd: vec!["true".into()],
+        ..ExecRequest::default()
+    };
+    let t0 = Instant::now();
+    let r = api
+        .exec(vm_id, &req)
+        .with_context(|| format!("{vm_id}: exec of true"))?;
+    let took = t0.elapsed();
+    ensure!(r.exit_code == Some(0), "{vm_id}: exec of true: {r:?}");
+    Ok(took)
+}
+
 /// A running daemon, started by [`Harness::start_daemon`].
 pub struct Daemon {
     child: Child,
@@ -328,10 +368,7 @@ impl Daemon {
         io_timeout: Duration,
         health_timeout: Duration,
     ) -> Result<Daemon> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
         let api = ApiClient::new(&format!("http://{addr}"))?.with_timeout(io_timeout);
         let log_file = File::create(log)?;
         let mut cmd = Command::new(agentenv);
@@ -529,6 +566,15 @@ impl Harness {
         Err(last_err.expect("three attempts"))
     }
 
+    /// The running daemon's API client.
+    pub fn api(&self) -> Result<&ApiClient> {
+        Ok(&self
+            .daemon
+            .as_ref()
+            .context("the daemon is not running")?
+            .api)
+    }
+
     /// The daemon, if it runs.
     pub fn daemon(&self) -> Option<&Daemon> {
         self.daemon.as_ref()
@@ -538,7 +584,8 @@ impl Harness {
     /// first shows the end of the daemon's log; then it tears down (see
     /// [`Harness::teardown`]). The run's result comes back with the cleanup.
     pub fn finish<R>(&mut self, result: Result<R>, keep: bool) -> (Result<R>, Cleanup) {
-        if let (Err(_), None, Some(d)) = (&result, signals::received(), &self.daemon) {
+        let failed = result.is_err() && signals::received().is_none();
+        if let (true, Some(d)) = (failed, &self.daemon) {
             let tail = tail_lines(&d.log, 20);
             eprintln!("--- last lines of the daemon log ---\n{tail}\n---");
         }
@@ -592,8 +639,8 @@ impl Drop for Harness {
 
 // ---------------------------------------------------------------- cleanup
 
-/// What [`Harness::teardown`] did (its fields are the report's JSON).
-#[derive(Debug, Default, serde::Serialize)]
+/// What [`Harness::teardown`] did.
+#[derive(Debug, Default)]
 pub struct Cleanup {
     /// VMs deleted through the API.
     pub deleted: usize,
@@ -648,7 +695,17 @@ impl Cleanup {
         Cleaned {
             clean: self.clean(),
             summary: self.summary(),
-            details: serde_json::to_value(self).expect("plain fields serialise"),
+            details: serde_json::json!({
+                "deleted_vms": self.deleted,
+                "delete_s": crate::stats::round3(self.delete_s),
+                "daemon_exit": self.daemon_exit,
+                "daemon_exit_ok": self.daemon_exit_ok,
+                "daemon_stop_s": crate::stats::round3(self.daemon_stop_s),
+                "leftover_processes": self.leftover,
+                "temp_dir_removed": self.dir_removed,
+                "temp_dir_kept": self.kept_dir,
+                "errors": self.errors,
+            }),
         }
     }
 }

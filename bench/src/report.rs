@@ -11,6 +11,7 @@ use std::time::Instant;
 use anyhow::Result;
 use serde_json::{json, Map, Value};
 
+use crate::daemon::Harness;
 use crate::procfs::{self, HostInfo};
 use crate::runner::{name, Sides};
 use crate::stats::round3;
@@ -330,6 +331,30 @@ impl Report {
                 std::process::exit(1)
             }
         }
+    }
+
+    /// Runs one part of the run with a harness of its own (`h`, as made):
+    /// `f`, then [`Harness::finish`] (the daemon's log tail after a failure),
+    /// the cleanup recorded under `part`. A failure of the setup or of `f` is
+    /// recorded (exit status 1) and gives `None`; the next part still runs.
+    pub fn part<T>(
+        &mut self,
+        part: &str,
+        h: Result<Harness>,
+        keep: bool,
+        f: impl FnOnce(&mut Harness) -> Result<T>,
+    ) -> Option<T> {
+        let mut h = match h {
+            Ok(h) => h,
+            Err(e) => {
+                self.fail(format!("{part}: setting up: {e:#}"));
+                return None;
+            }
+        };
+        let result = f(&mut h);
+        let (result, cleanup) = h.finish(result, keep);
+        self.cleanup(part, cleanup.cleaned());
+        result.map_err(|e| self.fail(format!("{part}: {e:#}"))).ok()
     }
 
     /// Records a failure that did not stop the run (exit status 1).

@@ -84,6 +84,13 @@ impl<const N: usize> Sides<N> {
     }
 }
 
+/// Runs `f` and times it.
+pub fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Duration)> {
+    let t0 = std::time::Instant::now();
+    let value = f()?;
+    Ok((value, t0.elapsed()))
+}
+
 /// One side of a round: runs its step and returns the time it took.
 pub type Side<'a> = &'a mut dyn FnMut() -> Result<Duration>;
 
