@@ -9,16 +9,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agentenv_api::{VmInfo, VmState};
-use agentenv_bench::daemon::{self, call, tail_lines, Harness, QemuGuest};
-use agentenv_bench::report::{or_exit, skip, Cell, Limit, Report, Table};
+use agentenv_api::VmInfo;
+use agentenv_bench::args::{count, Common};
+use agentenv_bench::daemon::{self, call, create_vm, tail_lines, Harness, QemuGuest};
+use agentenv_bench::report::{or_exit, Cell, Limit, Report, Table};
 use agentenv_bench::runner::{self, interleaved, progress};
-use agentenv_bench::{args::Common, signals, stats::median, stats::ms};
+use agentenv_bench::{signals, stats::median, stats::ms};
 use agentenv_client::ApiClient;
 use agentenv_core::{engine::CONSOLE_LOG, host::DiskImages};
 use agentenv_host::{disk::Ext4Templates, LocalHost};
-use anyhow::{bail, ensure, Context, Result};
-use clap::{builder::RangedU64ValueParser, Parser};
+use anyhow::{bail, Context, Result};
+use clap::Parser;
 use serde_json::{json, Value};
 
 /// What a booted guest prints on its console (docs/guest-contract.md).
@@ -45,15 +46,15 @@ const IO_TIMEOUT: Duration = Duration::from_secs(120);
 struct Args {
     /// Timed boots per side (daemon and by hand, interleaved) [--quick: 2].
     #[arg(long, default_value_t = 5, default_value_if("quick", "true", "2"))]
-    #[arg(value_parser = RangedU64ValueParser::<usize>::new().range(1..=999))]
+    #[arg(value_parser = count)]
     runs: usize,
     /// The guest artifacts to boot (kernels/vmlinuz, initramfs/initrd.img,
-    /// rootfs/minimal.ext4) [default: <workspace>/artifacts].
+    /// rootfs/minimal.ext4) [default: $AGENTENV_ARTIFACTS, else <workspace>/artifacts].
     #[arg(long, value_name = "DIR")]
     artifacts: Option<PathBuf>,
     /// Give up on a boot that has not printed AGENTENV_READY after this many seconds.
-    #[arg(long, default_value_t = 120, value_name = "S")]
-    boot_timeout_s: u64,
+    #[arg(long, default_value_t = 120, value_name = "S", value_parser = count)]
+    boot_timeout_s: usize,
     #[command(flatten)]
     common: Common,
 }
@@ -61,8 +62,7 @@ struct Args {
 fn main() {
     let args: Args = runner::start();
     let c = &args.common;
-    let guest = QemuGuest::find(args.artifacts.as_deref(), ROOTFS_ID)
-        .unwrap_or_else(|why| skip(&why, c.json));
+    let guest = QemuGuest::find_or_skip(args.artifacts.as_deref(), ROOTFS_ID, c.json);
     let [agentenv] = daemon::binaries(c.bin_dir.as_deref(), ["agentenv"]);
     let mut rep = Report::new(
         "agentenv boot to AGENTENV_READY: the daemon vs the same QEMU command line by hand",
@@ -76,12 +76,7 @@ fn main() {
     let how = format!("vmm = \"qemu\", no networking; temp dir on {}", h.fs());
     rep.about("guest", format!("{art}, {disk}"));
     rep.about("daemon", format!("{} ({how})", agentenv.display()));
-    let config = daemon::qemu_config(&guest, MEMORY_MIB, OVERLAY_GIB);
-    let started = h.write_config(&config).and_then(|()| {
-        let health = Duration::from_secs(30);
-        h.start_daemon(&agentenv, IO_TIMEOUT, health).map(|_| ())
-    });
-    let result = started.and_then(|()| run(&h, &args, &guest.version, &mut rep));
+    let result = run(&mut h, &agentenv, &args, &guest, &mut rep);
     let (result, cleanup) = h.finish(result, c.keep);
     rep.settle(result, "daemon", cleanup.cleaned());
     rep.finish(c.json)
@@ -150,44 +145,54 @@ struct Boot {
     end: Duration,
 }
 
-/// A VM booted through the daemon, and the command line it ran (`qemu.json`).
-type Ran = (VmInfo, Vec<String>);
+/// A VM booted through the daemon, and the command line it ran.
+struct DaemonVm {
+    info: VmInfo,
+    /// Its `qemu.json`: the binary, then the arguments.
+    argv: Vec<String>,
+}
 
 /// POST /v1/vm → AGENTENV_READY in the VM's console log.
-fn daemon_boot(api: &ApiClient, id: &str, timeout: Duration) -> Result<(Boot, Ran)> {
+fn daemon_boot(api: &ApiClient, id: &str, timeout: Duration) -> Result<(Boot, DaemonVm)> {
     let disk = json!({"kind": "overlay", "rootfs_id": ROOTFS_ID});
     let body = json!({"vm_id": id, "slots": 1, "disk": disk});
     let t0 = Instant::now();
-    let (part, r) = call(api, "POST", "/v1/vm", Some(&body), 201)?;
-    let v: VmInfo = serde_json::from_slice(&r.body).context("POST /v1/vm")?;
-    ensure!(v.state == VmState::Running, "created vm is {:?}", v.state);
-    let log = Path::new(&v.console_log);
+    // The part of the boot reported beside it: POST /v1/vm → 201.
+    let (part, info) = create_vm(api, &body)?;
+    let log = Path::new(&info.console_log);
     wait_ready(log, t0 + timeout, None).with_context(|| format!("daemon VM {id}"))?;
     let ready = t0.elapsed();
     // Untimed: what the daemon ran, then delete.
-    let path = Path::new(&v.session_dir).join("qemu.json");
+    let argv = read_qemu_json(&Path::new(&info.session_dir).join("qemu.json"))?;
+    let (end, _) = call(api, "DELETE", &format!("/v1/vm/{id}"), None, 204)?;
+    Ok((Boot { ready, part, end }, DaemonVm { info, argv }))
+}
+
+/// The command line in a `qemu.json`: its binary, then its arguments.
+fn read_qemu_json(path: &Path) -> Result<Vec<String>> {
     let read = || -> Result<Vec<String>> {
-        let doc: Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        let doc: Value = serde_json::from_slice(&std::fs::read(path)?)?;
         let args = doc["args"].as_array().context("no \"args\"")?;
         let mut argv = vec![doc["binary"].clone()];
         argv.extend_from_slice(args);
         Ok(serde_json::from_value(argv.into())?)
     };
-    let argv = read().with_context(|| format!("reading {}", path.display()))?;
-    let (end, _) = call(api, "DELETE", &format!("/v1/vm/{id}"), None, 204)?;
-    Ok((Boot { ready, part, end }, (v, argv)))
+    read().with_context(|| format!("reading {}", path.display()))
 }
 
-/// A QEMU started by hand, and its files: killed (its process group), reaped
-/// and removed when dropped.
-struct HandVm(Option<Child>, Vec<PathBuf>);
+/// A QEMU started by hand and its files: when dropped, QEMU is killed (its
+/// process group) and reaped, and the files are removed.
+struct HandVm {
+    qemu: Option<Child>,
+    files: Vec<PathBuf>,
+}
 
 impl Drop for HandVm {
     fn drop(&mut self) {
-        if let Some(child) = self.0.take() {
-            signals::kill_group(child);
+        if let Some(qemu) = self.qemu.take() {
+            signals::kill_group(qemu);
         }
-        for p in &self.1 {
+        for p in &self.files {
             let _ = std::fs::remove_dir_all(p).or_else(|_| std::fs::remove_file(p));
         }
     }
@@ -224,17 +229,18 @@ impl ByHand {
         Ok(how.as_str().to_string() + " of the daemon's template + a new UUID")
     }
 
-    /// Boots VM `id` with the command line of `r` replayed for it: makes its
-    /// overlay, starts QEMU, waits for READY.
-    fn boot(&self, r: &Ran, id: &str, timeout: Duration) -> Result<(Boot, String)> {
-        let (v, argv) = r;
+    /// Boots VM `id` with the command line of `reference` replayed for it:
+    /// makes its overlay, starts QEMU, waits for READY.
+    fn boot(&self, reference: &DaemonVm, id: &str, timeout: Duration) -> Result<(Boot, String)> {
         let dir = self.root.join("hand").join(id);
         let s = dir.display().to_string();
-        let argv = replay(argv, &[(&v.session_dir, &s), (&v.vm_id, id)])?;
-        // Its own RAM file, QMP socket, overlay and console log.
+        let DaemonVm { info, argv } = reference;
+        let argv = replay(argv, &[(&info.session_dir, &s), (&info.vm_id, id)])?;
+        // Its own RAM file, QMP socket, overlay and console log: nothing of the daemon's.
         let sessions = self.root.join("sessions").display().to_string();
-        let theirs = argv.iter().find(|a| a.contains(&sessions));
-        ensure!(theirs.is_none(), "by hand, QEMU would get {theirs:?}");
+        if let Some(a) = argv.iter().find(|a| a.contains(&sessions)) {
+            bail!("the by-hand command line names a daemon session: {a}");
+        }
         let [overlay, sock, mem] =
             ["id=overlay,file=", "unix:", "mem-path="].map(|k| value(&argv, k).map(PathBuf::from));
         let overlay = overlay.context("qemu.json has no overlay drive")?;
@@ -242,8 +248,9 @@ impl ByHand {
         let t0 = Instant::now();
         std::fs::create_dir(&dir).with_context(|| format!("cannot create {s}"))?;
         let files = [Some(dir), sock, mem].into_iter().flatten().collect();
-        let mut vm = HandVm(None, files);
+        let mut vm = HandVm { qemu: None, files };
         let how = self.overlay(&overlay)?;
+        // The part of the boot reported beside it: making the overlay.
         let part = t0.elapsed();
         // Stdin closed, own process group, as the daemon spawns it; stdout and
         // stderr straight into the console log (the daemon copies them there).
@@ -252,10 +259,12 @@ impl ByHand {
         cmd.args(&argv[1..]).stdin(Stdio::null());
         cmd.stdout(out.try_clone()?).stderr(out);
         // Should this benchmark die, QEMU dies too.
-        let qemu = signals::spawn_group(&mut cmd, libc::SIGKILL)?;
-        let wait = wait_ready(&log, t0 + timeout, Some(vm.0.insert(qemu)));
+        let child = signals::spawn_group(&mut cmd, libc::SIGKILL)?;
+        let qemu = vm.qemu.insert(child);
+        let wait = wait_ready(&log, t0 + timeout, Some(qemu));
         wait.with_context(|| format!("QEMU by hand ({id})"))?;
-        let (ready, t1) = (t0.elapsed(), Instant::now());
+        let ready = t0.elapsed();
+        let t1 = Instant::now();
         drop(vm);
         let end = t1.elapsed();
         Ok((Boot { ready, part, end }, how))
@@ -264,64 +273,90 @@ impl ByHand {
 
 // ---------------------------------------------------------------- the run
 
-fn run(h: &Harness, args: &Args, qemu: &str, rep: &mut Report) -> Result<()> {
+fn run(
+    h: &mut Harness,
+    agentenv: &Path,
+    args: &Args,
+    guest: &QemuGuest,
+    rep: &mut Report,
+) -> Result<()> {
+    h.write_config(&daemon::qemu_config(guest, MEMORY_MIB, OVERLAY_GIB))?;
+    h.start_daemon(agentenv, IO_TIMEOUT, Duration::from_secs(30))?;
+    let api = h.api()?;
     let runs = args.runs;
-    let limit = Duration::from_secs(args.boot_timeout_s.max(1));
-    let api = &h.daemon().context("the daemon runs")?.api;
+    let limit = Duration::from_secs(args.boot_timeout_s as u64);
     progress("reference boot through the daemon (untimed: makes its overlay template)");
-    let (d0, reference) = daemon_boot(api, "bd-000", limit)?;
-    let (d, p) = (ms(d0.ready), ms(d0.part));
-    progress(format!("  ready after {d:.0} ms (POST → 201 {p:.0} ms)"));
-    let hand = ByHand::new(h.root())?;
+    let (ref_daemon, reference) = daemon_boot(api, "bd-000", limit)?;
+    let (ref_daemon_ms, ref_post_ms) = (ms(ref_daemon.ready), ms(ref_daemon.part));
+    progress(format!(
+        "  ready after {ref_daemon_ms:.0} ms (POST → 201 {ref_post_ms:.0} ms)"
+    ));
+    let by_hand = ByHand::new(h.root())?;
     progress("reference boot by hand (untimed: checks the replayed command line)");
-    let (b0, how) = hand.boot(&reference, "bh-000", limit)?;
-    let (b, o) = (ms(b0.ready), ms(b0.part));
-    progress(format!("  ready after {b:.0} ms (overlay {o:.1} ms)"));
+    let (ref_hand, how) = by_hand.boot(&reference, "bh-000", limit)?;
+    let (ref_hand_ms, ref_overlay_ms) = (ms(ref_hand.ready), ms(ref_hand.part));
+    progress(format!(
+        "  ready after {ref_hand_ms:.0} ms (overlay {ref_overlay_ms:.1} ms)"
+    ));
 
-    let (r, argv) = &reference;
-    let (mut ds, mut bs, mut mismatches) = (Vec::new(), Vec::new(), Vec::new());
-    let mut daemon = || {
-        let id = format!("bd-{:03}", ds.len() + 1);
-        let (d, (_, ran)) = daemon_boot(api, &id, limit)?;
+    let (mut daemon_boots, mut hand_boots) = (Vec::new(), Vec::new());
+    let mut mismatches = Vec::new();
+    let mut daemon_side = || {
+        let id = format!("bd-{:03}", daemon_boots.len() + 1);
+        let (boot, vm) = daemon_boot(api, &id, limit)?;
         // The reference's command line with only the VM id changed?
-        if !replay(argv, &[(&r.vm_id, &id)]).is_ok_and(|a| a == ran) {
+        let expected = replay(&reference.argv, &[(&reference.info.vm_id, &id)]);
+        if !expected.is_ok_and(|argv| argv == vm.argv) {
             mismatches.push(id);
         }
-        ds.push(d);
-        Ok(d.ready)
+        daemon_boots.push(boot);
+        Ok(boot.ready)
     };
-    let mut by_hand = || {
-        let id = format!("bh-{:03}", bs.len() + 1);
-        let b = hand.boot(&reference, &id, limit)?.0;
-        bs.push(b);
-        Ok(b.ready)
+    let mut hand_side = || {
+        let id = format!("bh-{:03}", hand_boots.len() + 1);
+        let (boot, _) = by_hand.boot(&reference, &id, limit)?;
+        hand_boots.push(boot);
+        Ok(boot.ready)
     };
-    let ready = interleaved("boots", 0, runs, [&mut daemon, &mut by_hand])?;
+    let ready = interleaved("boots", 0, runs, [&mut daemon_side, &mut hand_side])?;
 
     let mut t = Table::latency("boot → AGENTENV_READY (ms)", &["daemon", "by hand"]);
-    let rough = ["", "; fewer than 5 runs: a rough figure"][usize::from(runs < 5)];
-    let refs = format!("untimed reference boots: daemon {d:.0} ms, by hand {b:.0} ms{rough}");
+    let rough = if runs < 5 {
+        "; fewer than 5 runs: a rough figure"
+    } else {
+        ""
+    };
+    let refs = format!(
+        "untimed reference boots: daemon {ref_daemon_ms:.0} ms, by hand {ref_hand_ms:.0} ms{rough}"
+    );
     t.latency_row("boot → ready", &ready, Some(Limit::Ratio(TARGET_RATIO)))
         .note("daemon: POST /v1/vm → ready in its console_log; by hand: overlay + QEMU → ready")
         .note(refs);
     let cols = ["first", "daemon", "by hand", "ratio", "POST→201", "overlay"];
     let mut per_run = Table::new("runs (ms)", cols);
-    for (i, (d, b)) in ds.iter().zip(&bs).enumerate() {
-        let [dr, br, post, ov] = [d.ready, b.ready, d.part, b.part].map(ms);
-        let mut cells = vec![Cell::from(["daemon", "by hand"][i % 2])];
-        cells.extend([Cell::Num(dr, 0), Cell::Num(br, 0), Cell::Ratio(dr / br)]);
-        cells.extend([post, ov].map(|x| Cell::Num(x, 1)));
+    for (i, (daemon, hand)) in daemon_boots.iter().zip(&hand_boots).enumerate() {
+        let [daemon_ms, hand_ms] = [daemon.ready, hand.ready].map(ms);
+        // interleaved() starts round i with side i % 2: the daemon in even rounds.
+        let first = if i % 2 == 0 { "daemon" } else { "by hand" };
+        let mut cells = vec![Cell::from(first)];
+        cells.extend([daemon_ms, hand_ms].map(|x| Cell::Num(x, 0)));
+        cells.push(Cell::Ratio(daemon_ms / hand_ms));
+        cells.extend([daemon.part, hand.part].map(|part| Cell::Num(ms(part), 1)));
         per_run.row(&(i + 1).to_string(), cells, None);
     }
-    let p50 = |v: &[Boot]| median(&v.iter().map(|b| ms(b.end)).collect::<Vec<_>>());
-    let [del, kill] = [p50(&ds), p50(&bs)].map(Option::unwrap_or_default);
-    let del = format!("teardown (untimed, p50): DELETE /v1/vm/{{id}} {del:.1} ms");
-    let ends = format!("{del}; by hand kill + reap + remove its files {kill:.1} ms");
+    let teardown_p50 = |boots: &[Boot]| {
+        let ends: Vec<f64> = boots.iter().map(|b| ms(b.end)).collect();
+        median(&ends).unwrap_or_default()
+    };
+    let (delete_ms, kill_ms) = (teardown_p50(&daemon_boots), teardown_p50(&hand_boots));
+    let delete = format!("teardown (untimed, p50): DELETE /v1/vm/{{id}} {delete_ms:.1} ms");
+    let ends = format!("{delete}; by hand kill + reap + remove its files {kill_ms:.1} ms");
     per_run
         .note("POST→201: the daemon's create (overlay, records, QEMU spawn, QMP handshake)")
         .note("overlay: making the by-hand overlay (part of its boot)")
         .note(ends);
 
+    let argv = &reference.argv;
     let has = |a: &str| argv.iter().any(|x| x == a);
     let accel = if has("kvm") { "kvm" } else { "tcg" };
     let jail = match has("-sandbox") {
@@ -332,11 +367,12 @@ fn run(h: &Harness, args: &Args, qemu: &str, rep: &mut Report) -> Result<()> {
         m if m.is_empty() => format!("all {runs} timed daemon VMs ran it with their own id"),
         m => format!("DIFFERENT command lines in daemon VMs {m}"),
     };
-    let (qemu, n) = (format!("{} ({qemu})", argv[0]), argv.len() - 1);
+    let qemu = format!("{} ({})", argv[0], guest.version);
+    let n_args = argv.len() - 1;
     let fresh = "with its own VM id and session directory";
     let spawn = "stdin /dev/null, stdout+stderr to its console log, own process group";
     let hand =
-        format!("the reference daemon VM's qemu.json ({n} args) {fresh};\n{check};\n{spawn}");
+        format!("the reference daemon VM's qemu.json ({n_args} args) {fresh};\n{check};\n{spawn}");
     rep.about("qemu", format!("{qemu}, -accel {accel};\n{jail}"));
     rep.about("by hand", hand);
     let how = format!("made inside the timed part on both sides; by hand: {how}");
