@@ -17,12 +17,13 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use agentenv_api::ExecRequest;
-use agentenv_bench::args::Common;
+use agentenv_bench::args::{count, Common};
 use agentenv_bench::daemon::{self, Harness, QemuGuest};
-use agentenv_bench::report::{or_exit, skip, Cell, Limit, Report, Table, Target};
-use agentenv_bench::runner::{self, interleaved, progress};
+use agentenv_bench::report::{skip, Cell, Limit, Report, Table, Target};
+use agentenv_bench::runner::{self, interleaved, progress, timed};
 use agentenv_bench::signals;
 use agentenv_client::ApiClient;
+use agentenv_core::config::{E2bConfig, E2bTemplate};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
@@ -50,9 +51,11 @@ const DRIVER: &str = include_str!("../../py/e2b_driver.py");
 struct Args {
     /// Timed create → first command pairs [--quick: 5].
     #[arg(long, default_value_t = 20, default_value_if("quick", "true", "5"))]
+    #[arg(value_parser = count)]
     creates: usize,
     /// Timed `commands.run("true")` / exec pairs [--quick: 30].
     #[arg(long, default_value_t = 100, default_value_if("quick", "true", "30"))]
+    #[arg(value_parser = count)]
     execs: usize,
     /// Untimed rounds before the creates, and 5× that before the execs [--quick: 1].
     #[arg(long, default_value_t = 2, default_value_if("quick", "true", "1"))]
@@ -93,7 +96,8 @@ impl Driver {
             .env_remove("E2B_DEBUG")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
-        let mut child = signals::spawn_group(&mut cmd, libc::SIGKILL)?;
+        let mut child = signals::spawn_group(&mut cmd, libc::SIGKILL)
+            .with_context(|| format!("cannot start the SDK driver with {}", python.display()))?;
         let stdin = child.stdin.take().context("driver stdin")?;
         let stdout = BufReader::new(child.stdout.take().context("driver stdout")?);
         let mut d = Driver {
@@ -101,7 +105,7 @@ impl Driver {
             stdin,
             stdout,
         };
-        let hello = d.read()?;
+        let hello = d.read().context("the SDK driver's first line")?;
         Ok((d, hello["sdk"].as_str().unwrap_or("?").into()))
     }
 
@@ -119,7 +123,7 @@ impl Driver {
     fn call(&mut self, op: &str) -> Result<Value> {
         writeln!(self.stdin, "{}", json!({ "op": op }))?;
         self.stdin.flush()?;
-        self.read()
+        self.read().with_context(|| format!("SDK driver op {op}"))
     }
 
     /// A timed op: the driver's own measurement.
@@ -162,10 +166,13 @@ fn main() {
          native = agentenv-client against /v1: the baseline",
     );
     let h = Harness::new(c.tmp_dir.as_deref(), "ae-e2b-", &[]);
-    let mut h = or_exit(h, 1, "temp dir: ");
-    let result = run(&mut h, &guest, &agentenv, &python, &args, &mut rep);
-    let (result, cleanup) = h.finish(result, c.keep);
-    rep.settle(result, "daemon", cleanup.cleaned());
+    let ran = rep.part("daemon", h, c.keep, |h| {
+        run(h, &guest, &agentenv, &python, &args)
+    });
+    if let Some((sdk, table)) = ran {
+        rep.about("sdk", format!("e2b {sdk} ({})", python.display()))
+            .table(table);
+    }
     rep.finish(c.json)
 }
 
@@ -183,23 +190,32 @@ fn find_python(given: Option<&Path>) -> Option<PathBuf> {
         .or_else(has_e2b)
 }
 
-/// Starts the daemon with the `base` template, waits for it to be warm, and adds the table.
+/// Starts the daemon with the `base` template, waits for it to be warm, and measures; returns
+/// the SDK's version and the table.
 fn run(
     h: &mut Harness,
     guest: &QemuGuest,
     agentenv: &Path,
     python: &Path,
     args: &Args,
-    rep: &mut Report,
-) -> Result<()> {
-    let e2b_port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+) -> Result<(String, Table)> {
+    let e2b_port = daemon::free_port()?;
     let mut cfg = daemon::qemu_config(guest, MEMORY_MIB_PER_SLOT, 4);
     cfg.default_slots = 1;
-    // As `[e2b]` in a config file: the listener, and the template with a warm snapshot.
-    cfg.e2b = serde_json::from_value(json!({"listen": [format!("127.0.0.1:{e2b_port}")],
-        "templates": {"base": {"image": args.image, "slots": 1, "snapshot": true}}}))?;
+    // The E2B listener, and the template `base` with a warm snapshot (a create restores it).
+    let base = E2bTemplate {
+        image: args.image.clone(),
+        slots: Some(1),
+        kernel: None,
+        initrd: None,
+        boot_args: None,
+        snapshot: true,
+    };
+    cfg.e2b = E2bConfig {
+        listen: vec![format!("127.0.0.1:{e2b_port}")],
+        templates: [("base".to_string(), base)].into(),
+        ..E2bConfig::default()
+    };
     h.write_config(&cfg)?;
     let d = h.start_daemon(agentenv, IO_TIMEOUT, Duration::from_secs(30))?;
     let key = d.token.clone().context("the daemon wrote no admin token")?;
@@ -212,49 +228,60 @@ fn run(
     let e2b_url = format!("http://127.0.0.1:{e2b_port}");
     let (mut sdk, version) = Driver::start(python, &script, &e2b_url, &key)?;
     progress(format!("SDK driver: e2b {version}"));
-    rep.about("sdk", format!("e2b {version} ({})", python.display()));
 
     // The same login shell as the SDK's: its startup files are read from
     // HOME, so HOME and cwd are the user's (root's own ~/.profile runs more).
-    let exec_req: ExecRequest = serde_json::from_value(json!({"cmd": SDK_ARGV,
-        "env": {"HOME": "/home/user"}, "cwd": "/home/user"}))?;
+    let exec_req = ExecRequest {
+        cmd: SDK_ARGV.map(String::from).to_vec(),
+        env: [("HOME".to_string(), "/home/user".to_string())].into(),
+        cwd: Some("/home/user".into()),
+        ..ExecRequest::default()
+    };
     let native_exec = |vm: &str| -> Result<Duration> {
-        let t0 = Instant::now();
-        let r = api.exec(vm, &exec_req)?;
-        let took = t0.elapsed();
-        ensure!(r.exit_code == Some(0), "native exec: {r:?}");
+        let send = || {
+            api.exec(vm, &exec_req)
+                .with_context(|| format!("{vm}: native exec"))
+        };
+        let (r, took) = timed(send)?;
+        ensure!(r.exit_code == Some(0), "{vm}: native exec: {r:?}");
         Ok(took)
+    };
+    // A native VM restored from the warm snapshot, its agent ready.
+    let restore = |vm: &str| {
+        let restored = api.restore_vm(vm, &warm, true);
+        restored.with_context(|| format!("{vm}: restoring {warm}"))
     };
 
     let mut round = 0usize;
     let created = interleaved(
         "create → first run(\"true\")",
         args.warmup,
-        args.creates.max(1),
+        args.creates,
         [&mut || sdk.timed("create_first"), &mut || {
             round += 1;
             let id = format!("n{round}");
-            let t0 = Instant::now();
-            api.restore_vm(&id, &warm, true)?;
-            native_exec(&id)?;
-            let took = t0.elapsed();
-            api.delete_vm(&id)?;
+            let ((), took) = timed(|| {
+                restore(&id)?;
+                native_exec(&id)?;
+                Ok(())
+            })?;
+            api.delete_vm(&id).with_context(|| format!("DELETE {id}"))?;
             Ok(took)
         }],
     )?;
 
     progress("one sandbox and one native VM for the exec round trips");
     sdk.call("open")?;
-    api.restore_vm("x", &warm, true)?;
+    restore("x")?;
     native_exec("x")?;
     let exec = interleaved(
         "run(\"true\") round trip",
         args.warmup * 5,
-        args.execs.max(1),
+        args.execs,
         [&mut || sdk.timed("run_true"), &mut || native_exec("x")],
     )?;
     sdk.call("close")?;
-    api.delete_vm("x")?;
+    api.delete_vm("x").context("DELETE x")?;
 
     let create_limit = Some(Limit::Ratio(TARGET_CREATE_RATIO));
     let exec_limit = Some(Limit::Ratio(TARGET_EXEC_RATIO));
@@ -276,8 +303,7 @@ fn run(
          native exec has no user)",
         SDK_ARGV.join(" ")
     ));
-    rep.table(t);
-    Ok(())
+    Ok((version, t))
 }
 
 /// Waits for the `base` template's warm snapshot; returns its id.

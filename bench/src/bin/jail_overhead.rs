@@ -8,14 +8,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agentenv_bench::args::Common;
-use agentenv_bench::daemon::{self, call, Harness, QemuGuest};
-use agentenv_bench::report::{skip, Limit, Report, Table};
+use agentenv_bench::args::{count, Common};
+use agentenv_bench::daemon::{self, Harness, QemuGuest};
+use agentenv_bench::report::{Limit, Report, Table};
 use agentenv_bench::runner::{self, interleaved, progress};
-use agentenv_client::ApiClient;
-use anyhow::{ensure, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// Target: the jail adds at most this much to create → running, p50, in ms.
 const TARGET_CREATE_OVERHEAD_P50_MS: f64 = 20.0;
@@ -35,9 +34,11 @@ const ROOTFS: &str = "minimal.ext4";
 struct Args {
     /// Timed creates per side [--quick: 10].
     #[arg(long, default_value_t = 30, default_value_if("quick", "true", "10"))]
+    #[arg(value_parser = count)]
     creates: usize,
     /// Timed execs of `true` per side [--quick: 50].
     #[arg(long, default_value_t = 200, default_value_if("quick", "true", "50"))]
+    #[arg(value_parser = count)]
     execs: usize,
     /// Untimed rounds before the creates, and 5× that before the execs [--quick: 1].
     #[arg(long, default_value_t = 3, default_value_if("quick", "true", "1"))]
@@ -52,45 +53,56 @@ struct Args {
     common: Common,
 }
 
-/// One daemon of the run.
+/// One daemon of the run, in a run directory of its own.
 struct Side {
     h: Harness,
+    jail: bool,
     name: &'static str,
 }
 
 impl Side {
-    fn start(c: &Common, agentenv: &Path, guest: &QemuGuest, jail: bool) -> Result<Side> {
+    /// The side's run directory; [`Side::start`] starts its daemon.
+    fn new(c: &Common, jail: bool) -> Result<Side> {
         let name = if jail { "jail" } else { "no jail" };
         let prefix = if jail { "ae-jail-on-" } else { "ae-jail-off-" };
-        let mut h = Harness::new(c.tmp_dir.as_deref(), prefix, &[])?;
-        let mut cfg = daemon::qemu_config(guest, MEMORY_MIB_PER_SLOT, 2);
-        cfg.jail.enable = Some(jail);
-        h.write_config(&cfg)?;
-        h.start_daemon(agentenv, IO_TIMEOUT, Duration::from_secs(15))?;
-        Ok(Side { h, name })
+        let h = Harness::new(c.tmp_dir.as_deref(), prefix, &[])
+            .with_context(|| format!("{name}: setting up"))?;
+        Ok(Side { h, jail, name })
     }
 
-    fn api(&self) -> &ApiClient {
-        &self.h.daemon().expect("the daemon runs").api
+    /// Writes the side's config (the jail on or off) and starts its daemon.
+    fn start(&mut self, agentenv: &Path, guest: &QemuGuest) -> Result<()> {
+        let mut cfg = daemon::qemu_config(guest, MEMORY_MIB_PER_SLOT, 2);
+        cfg.jail.enable = Some(self.jail);
+        self.h.write_config(&cfg)?;
+        self.h
+            .start_daemon(agentenv, IO_TIMEOUT, Duration::from_secs(15))?;
+        Ok(())
     }
 
     /// POST /v1/vm until it answers `running` (timed), then DELETE (untimed).
     fn create(&self) -> Result<Duration> {
+        let api = self.h.api()?;
         let body = json!({"vm_id": "c", "disk": {"kind": "overlay", "rootfs_id": ROOTFS}});
-        let (took, r) = call(self.api(), "POST", "/v1/vm", Some(&body), 201)?;
-        let v: Value = serde_json::from_slice(&r.body)?;
-        ensure!(v["state"] == "running", "{}: {v}", self.name);
-        call(self.api(), "DELETE", "/v1/vm/c", None, 204)?;
+        let created = daemon::create_vm(api, &body);
+        let (took, _) = created.with_context(|| format!("{}: creating c", self.name))?;
+        let deleted = api.delete_vm("c");
+        deleted.with_context(|| format!("{}: DELETE c", self.name))?;
         Ok(took)
+    }
+
+    /// Boots the guest `x` that the execs run in: a create that waits for its agent.
+    fn boot(&self, timeout_s: u64) -> Result<()> {
+        let body = json!({"vm_id": "x", "disk": {"kind": "overlay", "rootfs_id": ROOTFS},
+                          "wait_ready": true, "wait_ready_timeout_s": timeout_s});
+        let created = daemon::create_vm(self.h.api()?, &body);
+        created.with_context(|| format!("{}: booting x", self.name))?;
+        Ok(())
     }
 
     /// An exec of `true` in the guest `x`, checked to exit 0.
     fn exec_true(&self) -> Result<Duration> {
-        let body = json!({"cmd": ["true"]});
-        let (took, r) = call(self.api(), "POST", "/v1/vm/x/exec", Some(&body), 200)?;
-        let v: Value = serde_json::from_slice(&r.body)?;
-        ensure!(v["exit_code"] == 0, "{}: exec: {v}", self.name);
-        Ok(took)
+        daemon::exec_true(self.h.api()?, "x").with_context(|| self.name)
     }
 }
 
@@ -101,8 +113,7 @@ fn main() {
         eprintln!("jail_overhead: needs root (the jail mounts and changes uid)");
         std::process::exit(2);
     }
-    let guest =
-        QemuGuest::find(args.artifacts.as_deref(), ROOTFS).unwrap_or_else(|why| skip(&why, c.json));
+    let guest = QemuGuest::find_or_skip(args.artifacts.as_deref(), ROOTFS, c.json);
     let [agentenv] = daemon::binaries(c.bin_dir.as_deref(), ["agentenv"]);
     let mut rep = Report::new(
         "agentenv VMM jail: jail on vs off, same run",
@@ -113,16 +124,25 @@ fn main() {
         "jail = [jail] enable = true (namespaces, pivot_root, uid, seccomp sandbox)\n\
          no jail = [jail] enable = false: the baseline",
     );
-    // Both daemons' cleanups are reported, also when the second one fails to start.
+    // A side joins `sides` also when its daemon fails to start, so that its cleanup is
+    // reported (and --keep holds); the second is not started when the first fails.
     let mut sides = Vec::new();
-    let result = (|| {
+    let mut result = (|| {
         for jail in [true, false] {
-            sides.push(Side::start(c, &agentenv, &guest, jail)?);
+            let mut side = Side::new(c, jail)?;
+            let started = side.start(&agentenv, &guest);
+            let name = side.name;
+            sides.push(side);
+            started.with_context(|| format!("{name}: starting the daemon"))?;
         }
         run(&sides[0], &sides[1], &args)
     })();
+    // After a failure, `finish` shows each running daemon's log tail before its teardown.
     for s in &mut sides {
-        rep.cleanup(s.name, s.h.teardown(c.keep).cleaned());
+        progress(format!("{}: teardown", s.name));
+        let (r, cleanup) = s.h.finish(result, c.keep);
+        result = r;
+        rep.cleanup(s.name, cleanup.cleaned());
     }
     match result {
         Ok(t) => rep.table(t),
@@ -135,19 +155,17 @@ fn run(on: &Side, off: &Side, args: &Args) -> Result<Table> {
     let created = interleaved(
         "create → running",
         args.warmup,
-        args.creates.max(1),
+        args.creates,
         [&mut || on.create(), &mut || off.create()],
     )?;
     progress("booting one guest per daemon (create with wait_ready)");
     for s in [on, off] {
-        let body = json!({"vm_id": "x", "disk": {"kind": "overlay", "rootfs_id": ROOTFS},
-                          "wait_ready": true, "wait_ready_timeout_s": args.boot_timeout_s});
-        call(s.api(), "POST", "/v1/vm", Some(&body), 201)?;
+        s.boot(args.boot_timeout_s)?;
     }
     let exec = interleaved(
         "exec `true`",
         args.warmup * 5,
-        args.execs.max(1),
+        args.execs,
         [&mut || on.exec_true(), &mut || off.exec_true()],
     )?;
     let create_limit = Limit::OverheadMs(TARGET_CREATE_OVERHEAD_P50_MS);

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::path::Path;
 use std::time::Instant;
 
-use agentenv_bench::args::Common;
+use agentenv_bench::args::{count, Common};
 use agentenv_bench::report::{or_exit, Cell, Cleaned, Report, Table, Target};
 use agentenv_bench::runner::{self, rounds, Sides};
 use agentenv_bench::signals;
@@ -34,6 +34,7 @@ const HOST_VETH: &str = "veth0";
 struct Args {
     /// Measured samples per row [--quick: 30].
     #[arg(long, default_value_t = 200, default_value_if("quick", "true", "30"))]
+    #[arg(value_parser = count)]
     samples: usize,
     /// Untimed rounds before each row's samples [--quick: 2].
     #[arg(long, default_value_t = 5, default_value_if("quick", "true", "2"))]
@@ -44,9 +45,10 @@ struct Args {
 
 fn main() {
     let args: Args = runner::start();
-    let (c, samples, warmup) = (&args.common, args.samples.max(1), args.warmup);
+    let c = &args.common;
     if let Some(why) = netns::unavailable() {
-        or_exit::<()>(Err(anyhow::anyhow!("{why}")), 2, "");
+        eprintln!("{}: {why}", runner::name());
+        std::process::exit(2);
     }
     let namespaces = or_exit(
         NetnsPair::new("bench").map_err(anyhow::Error::msg),
@@ -55,9 +57,10 @@ fn main() {
     );
     let mut rep = Report::new(
         "net_setup: one more VM's network with N VMs configured",
-        json!({"samples": samples, "warmup": warmup, "netmask": NETMASK}),
+        json!({"samples": args.samples, "warmup": args.warmup, "netmask": NETMASK}),
     );
     let ns = &namespaces.host;
+    let (samples, warmup) = (args.samples, args.warmup);
     let run_about = format!("{samples} samples per cell (+{warmup} warm-up), /30 subnets");
     rep.about("run", format!("{run_about}, namespace {ns}"));
     let result = run(samples, warmup, &namespaces, &mut rep);
@@ -118,7 +121,12 @@ fn run(samples: usize, warmup: usize, ns: &NetnsPair, rep: &mut Report) -> Resul
     columns.push("vs 0 VMs".into());
     let title = "LinuxNetwork (ms): TAP over netlink + nft set elements";
     let mut t = Table::new(title, columns);
-    let (mut fill, mut configured, mut base_p50) = (Vec::new(), 0u32, None);
+    // How long filling up to each level took, for the note.
+    let mut fill = Vec::new();
+    // VMs configured so far, kept from one level to the next.
+    let mut configured = 0u32;
+    // Setup + teardown p50 with 0 VMs: what the growth is against.
+    let mut base_p50 = None;
     for vms in LEVELS {
         let started = Instant::now();
         while configured < vms {
@@ -130,24 +138,27 @@ fn run(samples: usize, warmup: usize, ns: &NetnsPair, rep: &mut Report) -> Resul
             let s = started.elapsed().as_secs_f64();
             fill.push(format!("to {vms} in {s:.2} s"));
         }
+        // One more VM's lease, set up and torn down each round.
         let probe = lease(&plan, vms + 1)?;
-        let mut s = Sides::<3>::default();
+        // Per round: setup, teardown, and both (the sum of the two, from the same clock reads).
+        let mut times = Sides::<3>::default();
         let what = format!("{vms} VMs configured");
         rounds(&what, warmup, samples, |_, timed| {
             let t0 = Instant::now();
             block(&rt, net.setup(&probe))?;
             let t1 = Instant::now();
             block(&rt, net.teardown(&probe))?;
+            let t2 = Instant::now();
             if timed {
-                s.push([t1 - t0, t1.elapsed(), t0.elapsed()]);
+                times.push([t1 - t0, t2 - t1, t2 - t0]);
             }
             Ok(())
         })?;
-        let sum = s.summaries().context("no samples")?;
-        let growth = sum[2].p50 / *base_p50.get_or_insert(sum[2].p50);
+        let [setup, teardown, both] = times.summaries().context("no samples")?;
+        let growth = both.p50 / *base_p50.get_or_insert(both.p50);
         let target = (vms == LEVELS[2])
             .then(|| Target::at_most("growth 0 → 1,000 VMs", growth, TARGET_GROWTH, "x"));
-        let mut cells: Vec<Cell> = sum
+        let mut cells: Vec<Cell> = [setup, teardown, both]
             .iter()
             .flat_map(|x| [Cell::ms(x.p50), Cell::ms(x.p99)])
             .collect();

@@ -6,20 +6,21 @@ use std::fs::File;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use agentenv_api::BackendKind;
-use agentenv_bench::args::Common;
+use agentenv_bench::args::{count, Common};
 use agentenv_bench::daemon::{run, Harness};
-use agentenv_bench::report::Cell::{Num, Ratio};
+use agentenv_bench::report::Cell::{self, Num, Ratio};
 use agentenv_bench::report::{or_exit, Report, Table, Target};
 use agentenv_bench::runner::{self, progress, Sides};
+use agentenv_bench::signals;
 use agentenv_core::host::DiskImages;
 use agentenv_core::snapshot::{NewSnapshot, SnapshotStore};
 use agentenv_host::disk;
 use agentenv_host::snapshots::TieredStore;
 use agentenv_host::LocalHost;
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use serde_json::json;
 
@@ -29,31 +30,26 @@ const GIB: u64 = 1 << 30;
 const TARGET_SNAPSHOT_RATIO: f64 = 0.5;
 /// Target: a fresh overlay from a template takes at most this share of `mkfs.ext4`.
 const TARGET_OVERLAY_RATIO: f64 = 0.2;
-/// The rows of each overlay: agentenv's step (median, what it did) vs its baseline (median).
-const ROWS: [(&str, &str); 5] = [
-    ("snapshot → tmpfs tier", "cp --sparse=always"),
-    ("snapshot → durable tier", "cp --sparse=always + sync"),
-    ("persist tmpfs → durable", "cp --sparse=always + sync"),
-    ("restore tmpfs → session", "cp --sparse=always"),
-    ("snapshot → tmpfs tier", "cp --sparse=never (1 run)"),
-];
 
 /// Snapshot, persist, restore and overlay creation against cp and mkfs.
 #[derive(Debug, Parser)]
 #[command(name = "snapshot_copy", version, about, long_about = None)]
 struct Args {
-    /// Logical size of the overlay, in GiB [--quick: 4].
+    /// Logical size of the overlay, in GiB (at least 1) [--quick: 4].
     #[arg(long, default_value_t = 16, default_value_if("quick", "true", "4"))]
-    disk_gib: u64,
+    #[arg(value_parser = count)]
+    disk_gib: usize,
     /// Data held by the overlay, in MiB, one run each [--quick: 64].
     #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
     #[arg(default_value_if("quick", "true", "64"))]
     data_mib: Vec<u64>,
     /// Timed repetitions of each snapshot/persist/restore step [--quick: 1].
     #[arg(long, default_value_t = 3, default_value_if("quick", "true", "1"))]
+    #[arg(value_parser = count)]
     reps: usize,
     /// Timed repetitions of each overlay creation [--quick: 5].
     #[arg(long, default_value_t = 20, default_value_if("quick", "true", "5"))]
+    #[arg(value_parser = count)]
     overlay_reps: usize,
     /// Full copies (`cp --sparse=never`): each size, the first, none [--quick: none].
     #[arg(long, value_parser = ["all", "once", "none"], default_value = "all")]
@@ -76,6 +72,19 @@ struct Run {
     disk_bytes: u64,
 }
 
+/// One overlay's samples, per step: agentenv's time, then its baseline's, each round.
+#[derive(Default)]
+struct Steps {
+    /// Snapshot into the tmpfs tier vs `cp --sparse=always` into the tmpfs.
+    snap_tmpfs: Sides<2>,
+    /// Snapshot into the durable tier (no tmpfs tier) vs `cp --sparse=always` + `sync`.
+    snap_durable: Sides<2>,
+    /// Persist tmpfs → durable vs `cp --sparse=always` + `sync` of the same tmpfs file.
+    persist: Sides<2>,
+    /// Restore tmpfs → a session file vs `cp --sparse=always` of the same tmpfs file.
+    restore: Sides<2>,
+}
+
 impl Run {
     fn new(a: &Args) -> Result<Run> {
         let mut builder = tokio::runtime::Builder::new_current_thread();
@@ -87,90 +96,123 @@ impl Run {
         let o = format!("size={}m", 2 * a.data_mib.iter().max().unwrap_or(&64) + 512);
         let mut mount = Command::new("mount");
         mount.args(["-t", "tmpfs", "-o", &o, "tmpfs"]).arg(&tmpfs);
-        // The last step: nothing fails after the mount, which `Drop` undoes.
-        let mounted = run(&mut mount).is_ok();
+        // The last step: nothing fails after the mount, which `Drop` undoes. Without it (not
+        // root), the "tmpfs" tier is a plain directory, and the report's header says so.
+        let mounted = match run(&mut mount) {
+            Ok(()) => true,
+            Err(e) => {
+                progress(format!("no tmpfs for the tmpfs tier: {e:#}"));
+                false
+            }
+        };
         Ok(Run {
             h,
             tmpfs,
             mounted,
             rt,
-            disk_bytes: a.disk_gib.max(1) * GIB,
+            disk_bytes: a.disk_gib as u64 * GIB,
         })
     }
 
-    /// Unmounts the tmpfs (lazily: at once, or once it is no longer busy).
-    fn unmount(&mut self) -> Option<String> {
-        let mut umount = Command::new("umount");
-        let ok =
-            !std::mem::take(&mut self.mounted) || run(umount.arg("-l").arg(&self.tmpfs)).is_ok();
-        (!ok).then(|| format!("cannot unmount {}", self.tmpfs.display()))
+    /// Unmounts the tmpfs if it is mounted (lazily: at once, or once it is no longer busy).
+    fn unmount(&mut self) -> Result<()> {
+        if !self.mounted {
+            return Ok(());
+        }
+        self.mounted = false;
+        run(Command::new("umount").arg("-l").arg(&self.tmpfs))
+            .with_context(|| format!("cannot unmount {}", self.tmpfs.display()))
     }
 
     /// Builds a sparse ext4 overlay of `--disk-gib` holding `data` bytes of random files, and
     /// adds its rows to `main`: medians of `reps` rounds, and the full copy if `full`.
     fn measure(&self, data: u64, reps: usize, full: bool, main: &mut Table) -> Result<()> {
-        progress(format!("{}: building the overlay", mib(data)));
+        let data_label = size_label(data);
+        progress(format!("{data_label}: building the overlay"));
         let (rt, root) = (&self.rt, self.h.root());
-        let (stage, src) = (&root.join("stage"), &root.join("overlay.ext4"));
+        let stage = &root.join("stage");
+        let src = &root.join("overlay.ext4");
         std::fs::create_dir(stage)?;
         // 16 MiB files of random bytes: no all-zero block (that a sparse copy would skip).
         for (n, off) in (0..data).step_by(16 << 20).enumerate() {
-            agentenv_bench::signals::check()?;
+            signals::check()?;
             let mut random = File::open("/dev/urandom")?.take((data - off).min(16 * MIB));
             let mut file = File::create(stage.join(format!("f{n:04}")))?;
             std::io::copy(&mut random, &mut file)?;
         }
         rt.block_on(LocalHost::new().create_ext4_from_dir(stage, src, self.disk_bytes))?;
         std::fs::remove_dir_all(stage)?;
-        progress(format!("{}: measuring", mib(data)));
+        progress(format!("{data_label}: measuring"));
         let (snap, durable) = (root.join("snap"), root.join("durable"));
         let tmpfs = TieredStore::new(&snap, &self.tmpfs, &durable, 0);
         // No tmpfs tier: every snapshot goes durable.
         let durable_only = TieredStore::new(&snap, root.join("no-tmpfs"), &durable, 0);
         rt.block_on(tmpfs.init())?;
         // The mechanism of the store's hashed copies into the tmpfs, and on the source's fs.
-        let mut method = vec![];
-        for probe in [self.tmpfs.join("probe"), durable.join("probe")] {
-            method.push(disk::copy_sparse_hashed(src, &probe)?.0.method.as_str());
-            remove(&probe);
-        }
-        let (cp_tmpfs, cp_durable) = (&self.tmpfs.join("cp.img"), &durable.join("cp.img"));
-        let (restored, cp_restored) = (&root.join("sessions/r.ext4"), &root.join("sessions/cp"));
+        let method_tmpfs = copy_method(src, &self.tmpfs)?;
+        let method_durable = copy_method(src, &durable)?;
+        let cp_tmpfs = &self.tmpfs.join("cp.img");
+        let cp_durable = &durable.join("cp.img");
+        let restored = &root.join("sessions/r.ext4");
+        let cp_restored = &root.join("sessions/cp");
+        // Where the tmpfs tier keeps snapshot `s`.
         let in_tmpfs = &self.tmpfs.join("s/disk.ext4");
-        // Per row of ROWS: agentenv, then its baseline, each round.
-        let mut s: [Sides<2>; 4] = Default::default();
+        let mut steps = Steps::default();
         for _ in 0..reps {
-            let ours = timed(|| rt.block_on(tmpfs.create(new_snapshot("s", src))))?;
-            s[0].push([ours, cp("always", src, cp_tmpfs, false)?]);
+            let ours = timed_after_sync(|| rt.block_on(tmpfs.create(new_snapshot("s", src))))?;
+            let base = cp("always", src, cp_tmpfs, false)?;
+            steps.snap_tmpfs.push([ours, base]);
             ensure!(in_tmpfs.exists(), "the snapshot is not in the tmpfs tier");
-            let ours = timed(|| rt.block_on(tmpfs.restore("s", restored)))?;
-            s[3].push([ours, cp("always", in_tmpfs, cp_restored, false)?]);
+
+            let ours = timed_after_sync(|| rt.block_on(tmpfs.restore("s", restored)))?;
+            let base = cp("always", in_tmpfs, cp_restored, false)?;
+            steps.restore.push([ours, base]);
             remove(restored);
+
             // The baseline first: the persist removes the tmpfs copy.
             let base = cp("always", in_tmpfs, cp_durable, true)?;
-            s[2].push([timed(|| rt.block_on(tmpfs.persist("s", false)))?, base]);
+            let ours = timed_after_sync(|| rt.block_on(tmpfs.persist("s", false)))?;
+            steps.persist.push([ours, base]);
             rt.block_on(tmpfs.delete("s"))?;
-            let ours = timed(|| rt.block_on(durable_only.create(new_snapshot("d", src))))?;
+
+            let ours =
+                timed_after_sync(|| rt.block_on(durable_only.create(new_snapshot("d", src))))?;
             rt.block_on(durable_only.delete("d"))?;
-            s[1].push([ours, cp("always", src, cp_durable, true)?]);
+            let base = cp("always", src, cp_durable, true)?;
+            steps.snap_durable.push([ours, base]);
         }
-        let mut row = |i: usize, [x, y]: [f64; 2], what: String| {
-            let (case, base) = ROWS[i];
-            let r = x / y;
-            let target =
-                (i == 0).then(|| Target::at_most("snapshot_tmpfs", r, TARGET_SNAPSHOT_RATIO, "x"));
-            let cells = vec![Num(x, 1), what.into(), base.into(), Num(y, 1), Ratio(r)];
-            main.row(&format!("{case}, {}", mib(data)), cells, target);
-        };
-        let [snap, snap_d, persist, restore] = s.map(|s| p50s(&s));
-        row(0, snap, format!("copy+sha256+meta ({})", method[0]));
-        row(1, snap_d, format!("copy+sha256+fsync ({})", method[1]));
+
+        let snap_tmpfs = p50s(&steps.snap_tmpfs);
+        let [ours, base] = snap_tmpfs;
+        let target = Target::at_most("snapshot_tmpfs", ours / base, TARGET_SNAPSHOT_RATIO, "x");
+        let name = format!("snapshot → tmpfs tier, {data_label}");
+        let what = format!("copy+sha256+meta ({method_tmpfs})");
+        let cells = step_cells(snap_tmpfs, what, "cp --sparse=always");
+        main.row(&name, cells, Some(target));
+
+        let name = format!("snapshot → durable tier, {data_label}");
+        let what = format!("copy+sha256+fsync ({method_durable})");
+        let cells = step_cells(p50s(&steps.snap_durable), what, "cp --sparse=always + sync");
+        main.row(&name, cells, None);
+
+        let name = format!("persist tmpfs → durable, {data_label}");
+        let persist = p50s(&steps.persist);
         let rate = data as f64 / 1e3 / persist[0];
-        row(2, persist, format!("{rate:.0} MB/s, copy+fsync+verify"));
-        row(3, restore, "verify while copying".into());
+        let what = format!("{rate:.0} MB/s, copy+fsync+verify");
+        let cells = step_cells(persist, what, "cp --sparse=always + sync");
+        main.row(&name, cells, None);
+
+        let name = format!("restore tmpfs → session, {data_label}");
+        let what = "verify while copying".into();
+        let cells = step_cells(p50s(&steps.restore), what, "cp --sparse=always");
+        main.row(&name, cells, None);
+
         if full {
+            let name = format!("snapshot → tmpfs tier, {data_label}");
             let full = cp("never", src, &durable.join("full.img"), false)?;
-            row(4, [snap[0], full.as_secs_f64() * 1e3], String::new());
+            let medians = [snap_tmpfs[0], full.as_secs_f64() * 1e3];
+            let cells = step_cells(medians, String::new(), "cp --sparse=never (1 run)");
+            main.row(&name, cells, None);
         }
         remove(src);
         Ok(())
@@ -192,24 +234,36 @@ impl Run {
         let templated = LocalHost::with_templates(root.join("templates"));
         let templates = templated.templates().expect("made with templates");
         for size in [self.disk_bytes, 4 * self.disk_bytes] {
-            progress(format!("fresh overlays of {}", mib(size)));
-            let build = timed(|| self.rt.block_on(templates.ensure(size)))?;
-            let create =
-                |h: &LocalHost, p: &Path| timed(|| self.rt.block_on(h.create_ext4_disk(p, size)));
-            let (t, m) = (&root.join("sessions/t.ext4"), &root.join("sessions/m.ext4"));
+            let size_label = size_label(size);
+            progress(format!("fresh overlays of {size_label}"));
+            let build = timed_after_sync(|| self.rt.block_on(templates.ensure(size)))?;
+            let create = |h: &LocalHost, p: &Path| {
+                timed_after_sync(|| self.rt.block_on(h.create_ext4_disk(p, size)))
+            };
+            let from_template = &root.join("sessions/t.ext4");
+            let from_mkfs = &root.join("sessions/m.ext4");
             let mut s = Sides::<2>::default();
             for _ in 0..reps {
-                s.push([create(&templated, t)?, create(&LocalHost::default(), m)?]);
-                remove(t);
-                remove(m);
+                let ours = create(&templated, from_template)?;
+                let mkfs = create(&LocalHost::default(), from_mkfs)?;
+                s.push([ours, mkfs]);
+                remove(from_template);
+                remove(from_mkfs);
             }
-            let [x, y] = p50s(&s);
+            let [ours, mkfs] = p50s(&s);
             let kib = disk::allocated_bytes(&templates.path_for(size))? / 1024;
-            let (build, kib) = (Num(build.as_secs_f64() * 1e3, 0), Num(kib as f64, 0));
-            let cells = vec![Num(x, 2), build, kib, Num(y, 2), Ratio(x / y)];
-            let name = format!("overlay_{}", mib(size));
-            let target = Target::at_most(&name, x / y, TARGET_OVERLAY_RATIO, "x");
-            table.row(&mib(size), cells, Some(target));
+            let build_ms = build.as_secs_f64() * 1e3;
+            let ratio = ours / mkfs;
+            let cells = vec![
+                Num(ours, 2),
+                Num(build_ms, 0),
+                Num(kib as f64, 0),
+                Num(mkfs, 2),
+                Ratio(ratio),
+            ];
+            let name = format!("overlay_{size_label}");
+            let target = Target::at_most(&name, ratio, TARGET_OVERLAY_RATIO, "x");
+            table.row(&size_label, cells, Some(target));
         }
         Ok(table)
     }
@@ -217,18 +271,33 @@ impl Run {
 
 impl Drop for Run {
     fn drop(&mut self) {
-        self.unmount();
+        if let Err(e) = self.unmount() {
+            eprintln!("{}: {e:#}", runner::name());
+        }
     }
 }
 
-/// Times `f` after a `sync`.
-fn timed<T, E: Into<anyhow::Error>>(f: impl FnOnce() -> Result<T, E>) -> Result<Duration> {
-    agentenv_bench::signals::check()?;
+/// The cells of a row of the main table: agentenv's median and what it did, its baseline and
+/// the baseline's median, and their ratio.
+fn step_cells([ours, base]: [f64; 2], what: String, baseline: &str) -> Vec<Cell> {
+    vec![
+        Num(ours, 1),
+        what.into(),
+        baseline.into(),
+        Num(base, 1),
+        Ratio(ours / base),
+    ]
+}
+
+/// Times `f` after a `sync`, so that no writeback of an earlier step lands in it.
+fn timed_after_sync<T, E: Into<anyhow::Error>>(
+    f: impl FnOnce() -> Result<T, E>,
+) -> Result<Duration> {
+    signals::check()?;
     // SAFETY: sync() takes no arguments and cannot fail.
     unsafe { libc::sync() };
-    let t = Instant::now();
-    f().map_err(Into::into)?;
-    Ok(t.elapsed())
+    let (_, took) = runner::timed(|| f().map_err(Into::into))?;
+    Ok(took)
 }
 
 fn remove(path: &Path) {
@@ -240,10 +309,10 @@ fn p50s(s: &Sides<2>) -> [f64; 2] {
     s.summaries().map_or([f64::NAN; 2], |[a, b]| [a.p50, b.p50])
 }
 
-/// A baseline: `cp --sparse=<sparse>`, then a `sync` of the copy if `sync`, timed as [`timed`];
-/// the copy is removed after.
+/// A baseline: `cp --sparse=<sparse>`, then a `sync` of the copy if `sync`, timed as
+/// [`timed_after_sync`]; the copy is removed after.
 fn cp(sparse: &str, src: &Path, dst: &Path, sync: bool) -> Result<Duration> {
-    let took = timed(|| {
+    let took = timed_after_sync(|| {
         let mut cmd = Command::new("cp");
         run(cmd.arg(format!("--sparse={sparse}")).arg(src).arg(dst))?;
         match sync {
@@ -255,10 +324,21 @@ fn cp(sparse: &str, src: &Path, dst: &Path, sync: bool) -> Result<Duration> {
     took
 }
 
-fn mib(b: u64) -> String {
-    match b % GIB {
-        0 => format!("{} GiB", b / GIB),
-        _ => format!("{} MiB", b / MIB),
+/// How the store's hashed copy of `src` into directory `dir` moves the data (a probe copy,
+/// removed after).
+fn copy_method(src: &Path, dir: &Path) -> Result<&'static str> {
+    let probe = dir.join("probe");
+    let copied = disk::copy_sparse_hashed(src, &probe);
+    remove(&probe);
+    let (stats, _) = copied.with_context(|| format!("probe copy into {}", dir.display()))?;
+    Ok(stats.method.as_str())
+}
+
+/// A size for labels: `16 GiB`, `64 MiB`.
+fn size_label(bytes: u64) -> String {
+    match bytes % GIB {
+        0 => format!("{} GiB", bytes / GIB),
+        _ => format!("{} MiB", bytes / MIB),
     }
 }
 
@@ -278,15 +358,15 @@ fn new_snapshot(id: &str, source: &Path) -> NewSnapshot {
 
 fn main() {
     let args: Args = runner::start();
-    let (c, reps, overlay_reps) = (&args.common, args.reps.max(1), args.overlay_reps.max(1));
+    let c = &args.common;
     let mut r = or_exit(Run::new(&args), 1, "setting up: ");
     let mut rep = Report::new(
         "snapshot_copy: snapshots, persists, restores and fresh overlays against cp and mkfs.ext4",
-        json!({"disk_bytes": r.disk_bytes, "data_mib": args.data_mib, "reps": reps,
-               "overlay_reps": overlay_reps, "full_copy": args.full_copy,
+        json!({"disk_bytes": r.disk_bytes, "data_mib": args.data_mib, "reps": args.reps,
+               "overlay_reps": args.overlay_reps, "full_copy": args.full_copy,
                "overlays_only": args.overlays_only}),
     );
-    let (disk, fs) = (mib(r.disk_bytes), r.h.fs());
+    let (disk, fs) = (size_label(r.disk_bytes), r.h.fs());
     let overlay = format!("{disk} sparse ext4 on {} ({fs})", c.tmp_parent().display());
     let tmpfs = match r.mounted {
         true => "a tmpfs mounted for the run",
@@ -294,23 +374,25 @@ fn main() {
     };
     let how = "source warm in the page cache; sync before each timed step";
     rep.about("overlay", overlay).about("tmpfs", tmpfs);
-    rep.about("run", format!("medians of {reps} runs; {how}"));
+    rep.about("run", format!("medians of {} runs; {how}", args.reps));
     let result = (|| -> Result<()> {
         if !args.overlays_only {
             let columns = ["agentenv", "what", "baseline", "baseline ms", "ratio"];
             let mut main = Table::new("snapshot, persist, restore (ms, medians)", columns);
             for (i, &data_mib) in args.data_mib.iter().enumerate() {
                 let full = args.full_copy == "all" || (args.full_copy == "once" && i == 0);
-                r.measure(data_mib * MIB, reps, full, &mut main)?;
+                r.measure(data_mib * MIB, args.reps, full, &mut main)?;
             }
             rep.table(main);
         }
-        rep.table(r.overlays(overlay_reps)?);
+        rep.table(r.overlays(args.overlay_reps)?);
         Ok(())
     })();
     let unmounted = r.unmount();
     let mut cleaned = r.h.teardown(c.keep);
-    cleaned.errors.extend(unmounted);
+    cleaned
+        .errors
+        .extend(unmounted.err().map(|e| format!("{e:#}")));
     rep.settle(result, "workspace", cleaned.cleaned());
     rep.finish(c.json)
 }
