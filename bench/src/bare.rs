@@ -10,6 +10,7 @@ use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 
 use crate::daemon::wait_for_socket;
+use crate::runner::timed;
 use crate::signals;
 
 /// A running fc-double and a connection to its API; killed when dropped.
@@ -32,6 +33,7 @@ impl BareVmm {
         cmd.stderr(out.try_clone()?).stdout(out);
         let child = Some(signals::spawn_group(&mut cmd, libc::SIGKILL)?);
         let api = Client::new(Endpoint::Unix(sock.clone()), timeout);
+        // Made before the waits, so that a failure kills it (on drop).
         let mut vmm = BareVmm { child, sock, api };
         let child = vmm.child.as_mut().expect("spawned");
         let poll = Duration::from_micros(100);
@@ -50,10 +52,11 @@ impl BareVmm {
 
     /// A `PUT` or `PATCH` with a JSON body, timed; Firecracker answers 204.
     pub fn call(&mut self, method: &str, path: &str, body: &Value) -> Result<Duration> {
-        let t0 = Instant::now();
-        let r = self.api.request_json(method, path, body);
-        let r = r.with_context(|| format!("{method} {path}"))?;
-        let (took, status, text) = (t0.elapsed(), r.status, r.text());
+        let (r, took) = timed(|| {
+            let r = self.api.request_json(method, path, body);
+            r.with_context(|| format!("{method} {path}"))
+        })?;
+        let (status, text) = (r.status, r.text());
         ensure!(status == 204, "{method} {path}: HTTP {status}: {text}");
         Ok(took)
     }

@@ -7,15 +7,15 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use agentenv_api::{ExecRequest, SnapshotInfo};
-use agentenv_bench::args::Common;
+use agentenv_api::{CreateSnapshotRequest, ExecRequest, ForkRequest, SnapshotInfo, VmState};
+use agentenv_bench::args::{count, Common};
 use agentenv_bench::bare::BareVmm;
-use agentenv_bench::daemon::{self, call, Harness, QemuGuest};
+use agentenv_bench::daemon::{self, create_vm, Daemon, Harness, QemuGuest};
 use agentenv_bench::report::{Cell, Limit, Report, Table, Target};
-use agentenv_bench::runner::{interleaved, progress, rounds, Side};
+use agentenv_bench::runner::{interleaved, progress, rounds, Side, Sides};
 use agentenv_bench::{procfs, runner, signals, stats::Summary};
 use agentenv_client::ApiClient;
-use agentenv_host::firecracker::models::SnapshotLoadParams;
+use agentenv_host::firecracker::models::{MemBackend, MemBackendType, SnapshotLoadParams};
 use agentenv_host::snapshots::{DISK_FILE, MEMORY_FILE, STATE_FILE};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
@@ -32,6 +32,10 @@ const IO_TIMEOUT: Duration = Duration::from_secs(300);
 const EXEC_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Where the guest's touched memory lives (a tmpfs mounted for the run).
 const GUEST_TOUCH_DIR: &str = "/run/ae-touch";
+/// A busy loop that keeps the guest's vCPU running: niced, in a session of
+/// its own (the image's busybox has `renice` but no `nice`); prints its pid.
+const BUSY_LOOP_CMD: &str = "setsid sh -c 'renice -n 19 -p $$ >/dev/null; while :; do :; done' \
+                             </dev/null >/dev/null 2>&1 & echo $!";
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(15);
 
 const TARGET_RESTORE_P50_MS: f64 = 300.0;
@@ -49,30 +53,37 @@ const TARGET_DISK_PAUSE_RATIO: f64 = 1.1;
 struct Args {
     /// Restore / cold-boot pairs, interleaved [--quick: 2].
     #[arg(long, default_value_t = 5, default_value_if("quick", "true", "2"))]
+    #[arg(value_parser = count)]
     runs: usize,
     /// Timed resets in the reset loop [--quick: 5].
     #[arg(long, default_value_t = 20, default_value_if("quick", "true", "5"))]
+    #[arg(value_parser = count)]
     resets: usize,
     /// Full snapshots whose pause window is measured [--quick: 3].
     #[arg(long, default_value_t = 10, default_value_if("quick", "true", "3"))]
+    #[arg(value_parser = count)]
     pauses: usize,
     /// Disk-snapshot / `cp` pairs, interleaved [--quick: 2].
     #[arg(long, default_value_t = 5, default_value_if("quick", "true", "2"))]
+    #[arg(value_parser = count)]
     disk_runs: usize,
     /// Forks of --fork-count clones [--quick: 1].
     #[arg(long, default_value_t = 3, default_value_if("quick", "true", "1"))]
+    #[arg(value_parser = count)]
     forks: usize,
     /// Clones per fork.
-    #[arg(long, default_value_t = 10)]
-    fork_count: u32,
+    #[arg(long, default_value_t = 10, value_parser = count)]
+    fork_count: usize,
     /// Guest memory touched (tmpfs in the guest) before the full snapshots, MiB.
-    #[arg(long, default_value_t = 256)]
-    touch_mib: u64,
+    #[arg(long, default_value_t = 256, value_parser = count)]
+    touch_mib: usize,
     /// Data written to the guest's disk before the disk snapshots, MiB [--quick: 64].
     #[arg(long, default_value_t = 256, default_value_if("quick", "true", "64"))]
-    disk_mib: u64,
+    #[arg(value_parser = count)]
+    disk_mib: usize,
     /// fc-double restore / bare `snapshot/load` pairs [--quick: 20].
     #[arg(long, default_value_t = 100, default_value_if("quick", "true", "20"))]
+    #[arg(value_parser = count)]
     fc_iterations: usize,
     /// Skip the QEMU part.
     #[arg(long)]
@@ -91,15 +102,12 @@ struct Args {
     warmup: usize,
     #[command(flatten)]
     common: Common,
-    /// `agentenv` and `fc-double`, found once the flags are parsed.
-    #[arg(skip)]
-    bins: [PathBuf; 2],
 }
 
 fn main() {
-    let mut p: Args = runner::start();
-    p.bins = daemon::binaries(p.common.bin_dir.as_deref(), ["agentenv", "fc-double"]);
-    let (p, c) = (&p, &p.common);
+    let p: Args = runner::start();
+    let c = &p.common;
+    let [agentenv, fc_double] = daemon::binaries(c.bin_dir.as_deref(), ["agentenv", "fc-double"]);
     let mut rep = Report::new(
         "agentenv full-VM snapshots: restore, fork, reset and pause windows, same run",
         json!({"runs": p.runs, "resets": p.resets, "pauses": p.pauses,
@@ -107,52 +115,61 @@ fn main() {
                "touch_mib": p.touch_mib, "disk_mib": p.disk_mib, "guest_mib": GUEST_MIB,
                "fc_iterations": p.fc_iterations, "warmup": p.warmup}),
     );
-    rep.about("daemon", p.bins[0].display().to_string());
-    match QemuGuest::find(p.artifacts.as_deref(), QEMU_ROOTFS) {
-        _ if p.skip_qemu => drop(rep.about("QEMU", "not run (--skip-qemu)")),
-        Err(why) => drop(rep.about("QEMU", format!("skipped: {why}"))),
-        Ok(g) => run_part(rep.about("QEMU", g.version.clone()), p, "qemu", Some(&g)),
+    rep.about("daemon", agentenv.display().to_string());
+    // Each part has a daemon in a directory of its own, by default on
+    // /dev/shm: the tmpfs snapshot tier and the guests' RAM files belong on a
+    // tmpfs, as in production.
+    let tmp = c.tmp_dir.clone().unwrap_or_else(|| "/dev/shm".into());
+    let harness = |tag: &str| Harness::new(Some(&tmp), &format!("ae-snaprest-{tag}-"), &["work"]);
+    if p.skip_qemu {
+        rep.about("QEMU", "not run (--skip-qemu)");
+    } else {
+        match QemuGuest::find(p.artifacts.as_deref(), QEMU_ROOTFS) {
+            Ok(guest) => {
+                rep.about("QEMU", guest.version.clone());
+                let run = |h: &mut Harness| run_qemu(h, &agentenv, &guest, &p);
+                let tables = rep.part("qemu", harness("q"), c.keep, run);
+                for t in tables.unwrap_or_default() {
+                    rep.table(t);
+                }
+            }
+            Err(why) => {
+                progress(format!("qemu: skipped: {why}"));
+                rep.about("QEMU", format!("skipped: {why}"));
+            }
+        }
     }
     if p.skip_fc {
         rep.about("fc-double", "not run (--skip-fc)");
     } else {
-        let fc = p.bins[1].display().to_string();
-        run_part(rep.about("fc-double", fc), p, "fc-double", None);
+        rep.about("fc-double", fc_double.display().to_string());
+        let run = |h: &mut Harness| run_fc(h, &agentenv, &fc_double, &p);
+        if let Some(t) = rep.part("fc-double", harness("fc"), c.keep, run) {
+            rep.table(t);
+        }
     }
     rep.finish(c.json)
 }
 
-/// A part of the run, its daemon in a fresh directory (default /dev/shm: a tmpfs).
-fn run_part(rep: &mut Report, p: &Args, part: &str, qemu: Option<&QemuGuest>) {
-    let (c, tag) = (&p.common, if qemu.is_some() { "q" } else { "fc" });
-    let tmp = c.tmp_dir.clone().unwrap_or_else(|| "/dev/shm".into());
-    let h = Harness::new(Some(&tmp), &format!("ae-snaprest-{tag}-"), &["work"]);
-    let result = h.and_then(|mut h| {
-        let result = match qemu {
-            Some(guest) => run_qemu(&mut h, guest, p, rep),
-            None => run_fc(&mut h, p, rep),
-        };
-        let (result, cleanup) = h.finish(result, c.keep);
-        rep.cleanup(part, cleanup.cleaned());
-        result
-    });
-    if let Err(e) = result {
-        rep.fail(format!("{part}: {e:#}"));
-    }
-}
-
 /// Runs `cmd` in the guest; its stdout, or an error with its output.
 fn sh(api: &ApiClient, vm_id: &str, cmd: &str) -> Result<String> {
-    let req: ExecRequest = serde_json::from_value(json!({"cmd": ["sh", "-c", cmd]}))?;
+    let req = ExecRequest {
+        cmd: vec!["sh".into(), "-c".into(), cmd.into()],
+        ..ExecRequest::default()
+    };
     let r = api.exec(vm_id, &req);
     let r = r.with_context(|| format!("{vm_id}: exec {cmd:?}"))?;
     ensure!(r.exit_code == Some(0), "{vm_id}: `{cmd}` failed: {r:?}");
     Ok(r.stdout)
 }
 
-/// Execs `true` until answered, every 2 ms while the agent is not back (503).
+/// Execs `true` until one is answered: the agent of a VM just restored,
+/// reset or forked may not be back yet (503), which is retried every 2 ms.
 fn first_exec(api: &ApiClient, vm_id: &str) -> Result<()> {
-    let req: ExecRequest = serde_json::from_value(json!({"cmd": ["true"]}))?;
+    let req = ExecRequest {
+        cmd: vec!["true".into()],
+        ..ExecRequest::default()
+    };
     let deadline = Instant::now() + EXEC_READY_TIMEOUT;
     loop {
         match api.exec(vm_id, &req) {
@@ -173,12 +190,15 @@ fn fresh(prefix: &str) -> String {
     format!("{prefix}{}", NEXT.fetch_add(1, Relaxed))
 }
 
-/// `start` making the VM `id`, timed; then the VM is deleted.
-fn timed(api: &ApiClient, id: String, start: impl FnOnce(&str) -> Result<()>) -> Result<Duration> {
-    let t0 = Instant::now();
-    start(&id)?;
-    let took = t0.elapsed();
-    api.delete_vm(&id)?;
+/// `start` making the VM `id`, timed; then, untimed, the VM is deleted.
+fn timed_then_delete(
+    api: &ApiClient,
+    id: String,
+    start: impl FnOnce(&str) -> Result<()>,
+) -> Result<Duration> {
+    let ((), took) = runner::timed(|| start(&id))?;
+    api.delete_vm(&id)
+        .with_context(|| format!("deleting {id}"))?;
     Ok(took)
 }
 
@@ -186,14 +206,19 @@ fn timed(api: &ApiClient, id: String, start: impl FnOnce(&str) -> Result<()>) ->
 fn cold_boot(api: &ApiClient, vm_id: &str, p: &Args) -> Result<()> {
     let body = json!({"vm_id": vm_id, "disk": {"kind": "overlay", "rootfs_id": QEMU_ROOTFS},
                       "wait_ready": true, "wait_ready_timeout_s": p.boot_timeout_s});
-    call(api, "POST", "/v1/vm", Some(&body), 201)?;
+    create_vm(api, &body)?;
     first_exec(api, vm_id)
 }
 
-/// A VM restored from the snapshot `base`; a QEMU one up to its first exec.
+/// A VM restored from the snapshot `base`, running; a QEMU one up to its first exec.
 fn restore(api: &ApiClient, vm_id: &str, qemu: bool) -> Result<()> {
-    let r = api.restore_vm(vm_id, "base", qemu);
-    r.with_context(|| format!("restore {vm_id}"))?;
+    let vm = api.restore_vm(vm_id, "base", qemu);
+    let vm = vm.with_context(|| format!("restore {vm_id}"))?;
+    ensure!(
+        vm.state == VmState::Running,
+        "restored {vm_id} is {:?}",
+        vm.state
+    );
     if qemu {
         first_exec(api, vm_id)?;
     }
@@ -201,201 +226,327 @@ fn restore(api: &ApiClient, vm_id: &str, qemu: bool) -> Result<()> {
 }
 
 fn full_snapshot(api: &ApiClient, vm_id: &str, id: &str) -> Result<SnapshotInfo> {
-    let req = serde_json::from_value(json!({"snapshot_id": id, "memory": true}))?;
+    let req = CreateSnapshotRequest {
+        snapshot_id: Some(id.into()),
+        memory: true,
+    };
     let r = api.snapshot_vm_with(vm_id, &req);
     r.with_context(|| format!("full snapshot {id} of {vm_id}"))
 }
 
-fn run_qemu(h: &mut Harness, guest: &QemuGuest, p: &Args, rep: &mut Report) -> Result<()> {
+/// KiB in MiB.
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// The QEMU part: restore vs cold boot, the reset loop, forks, then the
+/// pause windows while a busy loop runs in the source VM; its tables.
+fn run_qemu(h: &mut Harness, agentenv: &Path, guest: &QemuGuest, p: &Args) -> Result<Vec<Table>> {
     let mut config = daemon::qemu_config(guest, GUEST_MIB, 2);
-    config.max_memory_mib = Some(GUEST_MIB * (u64::from(p.fork_count) + 8));
+    config.max_memory_mib = Some(GUEST_MIB * (p.fork_count as u64 + 8));
     // The guests' RAM files go in the tmpfs tier; the daemon wants it there.
     std::fs::create_dir_all(daemon::in_run(&config, h.root()).guest_memory_dir())?;
     h.write_config(&config)?;
     let tier = h.root().join("snap/tmpfs");
-    let d = &*h.start_daemon(&p.bins[0], IO_TIMEOUT, HEALTH_TIMEOUT)?;
+    let d = &*h.start_daemon(agentenv, IO_TIMEOUT, HEALTH_TIMEOUT)?;
     let api = &d.api;
     progress("qemu: booting the source VM");
     cold_boot(api, "src", p)?;
     let src_pid = api.get_vm("src")?.pid.context("src has no VMM pid")?;
     full_snapshot(api, "src", "base")?;
     let what = "qemu: restore vs cold boot → first exec";
-    let sides: [Side; 2] = [
-        &mut || timed(api, fresh("r"), |id| restore(api, id, true)),
-        &mut || timed(api, fresh("b"), |id| cold_boot(api, id, p)),
-    ];
+    let mut restored = || timed_then_delete(api, fresh("r"), |id| restore(api, id, true));
+    let mut booted = || timed_then_delete(api, fresh("b"), |id| cold_boot(api, id, p));
+    let sides: [Side; 2] = [&mut restored, &mut booted];
     let boot = interleaved(what, p.warmup, p.runs, sides)?;
     restore(api, "rs", true)?;
     let mut reset = || {
-        let t0 = Instant::now();
-        api.reset_vm("rs", "base").context("reset")?;
-        first_exec(api, "rs")?;
-        Ok(t0.elapsed())
+        let ((), took) = runner::timed(|| {
+            api.reset_vm("rs", "base").context("reset rs")?;
+            first_exec(api, "rs")
+        })?;
+        Ok(took)
     };
     let what = "qemu: reset → first exec";
-    let resets = interleaved(what, p.warmup, p.resets, [&mut reset])?;
+    let [resets] = interleaved(what, p.warmup, p.resets, [&mut reset])?.0;
     api.delete_vm("rs")?;
-    // Fork: all clones exec-ready (a thread each), then their idle memory (MiB).
-    let (mut fork_call, mut fork_ready, mut pss, mut rss) = (vec![], vec![], vec![], vec![]);
+    let forks = forks(d, p)?;
+    let src_pss = procfs::pss_kib(src_pid).context("smaps_rollup of the source VM")?;
+    let pauses = pause_windows(api, src_pid, &tier, p)?;
+    Ok(vec![
+        ready_table(p, &boot, &resets, &forks, &pauses),
+        disk_pause_table(p, &pauses.disk, &tier),
+        clone_memory_table(&forks, mib(src_pss)),
+    ])
+}
+
+/// What the forks measured.
+#[derive(Default)]
+struct Forks {
+    /// The fork call, to its 201.
+    call: Vec<Duration>,
+    /// From the fork call to the last clone's first exec answered.
+    all_ready: Vec<Duration>,
+    /// Each clone's PSS and VmRSS, MiB, idle 3 s after all answered.
+    pss_mib: Vec<f64>,
+    rss_mib: Vec<f64>,
+}
+
+/// `--forks` forks of `--fork-count` clones of `src`: every clone up to its
+/// first exec (each from a thread and a client of its own), then the clones'
+/// idle memory; the clones are deleted after.
+fn forks(d: &Daemon, p: &Args) -> Result<Forks> {
+    let (api, mut out) = (&d.api, Forks::default());
+    let req = ForkRequest {
+        count: u32::try_from(p.fork_count).context("--fork-count")?,
+        vm_ids: None,
+    };
     rounds("qemu: fork", 0, p.forks, |_, _| {
         let t0 = Instant::now();
-        let req = serde_json::from_value(json!({"count": p.fork_count}))?;
-        let f = api.fork_vm("src", &req).context("fork")?;
-        fork_call.push(t0.elapsed());
+        let fork = api.fork_vm("src", &req).context("fork")?;
+        out.call.push(t0.elapsed());
         std::thread::scope(|s| {
-            let exec = |id| move || first_exec(&d.client(IO_TIMEOUT)?, id);
-            let ready: Vec<_> = f.vms.iter().map(|v| s.spawn(exec(&v.vm_id))).collect();
-            let mut ready = ready.into_iter();
-            ready.try_for_each(|r| r.join().expect("an exec thread"))
+            let execs: Vec<_> = fork
+                .vms
+                .iter()
+                .map(|vm| s.spawn(|| first_exec(&d.client(IO_TIMEOUT)?, &vm.vm_id)))
+                .collect();
+            for exec in execs {
+                exec.join().expect("an exec thread panicked")?;
+            }
+            anyhow::Ok(())
         })?;
-        fork_ready.push(t0.elapsed());
+        out.all_ready.push(t0.elapsed());
         std::thread::sleep(Duration::from_secs(3));
-        for v in &f.vms {
-            let pid = v.pid.context("a clone without a pid")?;
-            let kib = procfs::pss_kib(pid).context("smaps_rollup of a clone")?;
-            pss.push(kib as f64 / 1024.0);
-            rss.push(procfs::status_kib(pid, "VmRSS").unwrap_or(0) as f64 / 1024.0);
+        for vm in &fork.vms {
+            let pid = vm
+                .pid
+                .with_context(|| format!("{} has no VMM pid", vm.vm_id))?;
+            let pss = procfs::pss_kib(pid).context("smaps_rollup of a clone")?;
+            let rss = procfs::status_kib(pid, "VmRSS").context("VmRSS of a clone")?;
+            out.pss_mib.push(mib(pss));
+            out.rss_mib.push(mib(rss));
         }
-        f.vms.iter().try_for_each(|v| api.delete_vm(&v.vm_id))?;
+        for vm in &fork.vms {
+            api.delete_vm(&vm.vm_id)?;
+        }
         Ok(())
     })?;
-    let src_pss = procfs::pss_kib(src_pid).unwrap_or(0) as f64 / 1024.0;
-    // Pause windows (full, then disk vs cp) while a guest busy loop runs the vCPU.
-    let (mut full_pause, mut full_call) = (vec![], vec![]);
-    let (dir, mib, size) = (GUEST_TOUCH_DIR, p.touch_mib, p.touch_mib + 16);
-    progress(format!("qemu: touching {mib} MiB, starting a busy loop"));
-    let mount = format!("mkdir -p {dir} && mount -t tmpfs -o size={size}m tmpfs {dir}");
-    let dd = format!("dd if=/dev/urandom of={dir}/x bs=1M count={mib} 2>/dev/null");
-    sh(api, "src", &format!("{mount} && {dd}"))?;
-    let lp = "setsid sh -c 'renice -n 19 -p $$ >/dev/null; while :; do :; done' \
-              </dev/null >/dev/null 2>&1 & echo $!";
-    let busy = sh(api, "src", lp)?;
-    let vcpu = vcpu_thread(src_pid)?;
+    Ok(out)
+}
+
+/// The pause windows of `src`, each the longest stall of its vCPU thread.
+struct Pauses {
+    /// Full snapshots with `--touch-mib` MiB touched: the pause window, and
+    /// the whole call (201, seal included).
+    full: Vec<Duration>,
+    full_call: Vec<Duration>,
+    /// A disk snapshot's pause window vs `cp --sparse=always` of the overlay.
+    disk: Sides<2>,
+}
+
+/// Touches `--touch-mib` MiB in `src` (QEMU `src_pid`) and starts a busy
+/// loop in it; the full snapshots' pause windows; then `--disk-mib` MiB
+/// written to its disk, and the disk snapshots' pause windows against `cp`
+/// of its overlay into `tier`. The busy loop is stopped after.
+fn pause_windows(api: &ApiClient, src_pid: u32, tier: &Path, p: &Args) -> Result<Pauses> {
+    let (dir, touch_mib, disk_mib) = (GUEST_TOUCH_DIR, p.touch_mib, p.disk_mib);
+    progress(format!(
+        "qemu: touching {touch_mib} MiB, starting a busy loop"
+    ));
+    let touch = format!(
+        "mkdir -p {dir} && mount -t tmpfs -o size={}m tmpfs {dir} \
+         && dd if=/dev/urandom of={dir}/x bs=1M count={touch_mib} 2>/dev/null",
+        touch_mib + 16
+    );
+    sh(api, "src", &touch)?;
+    let busy_loop_pid = sh(api, "src", BUSY_LOOP_CMD)?;
+    let vcpu = Vcpu::find(src_pid)?;
+    let (mut full, mut full_call) = (vec![], vec![]);
     rounds("qemu: full snapshot pause window", 0, p.pauses, |i, _| {
         let id = format!("pw{i}");
-        let (pause, (r, took)) = stalls(vcpu, || {
-            let t0 = Instant::now();
-            (full_snapshot(api, "src", &id), t0.elapsed())
-        })?;
-        r?;
-        full_pause.push(pause);
-        full_call.push(took);
+        let snapshot = vcpu.watch(|| runner::timed(|| full_snapshot(api, "src", &id)))?;
+        let (_, call) = snapshot.result?;
+        full.push(snapshot.longest_stall);
+        full_call.push(call);
         Ok(api.delete_snapshot(&id)?)
     })?;
-    let mib = p.disk_mib;
-    progress(format!("qemu: writing {mib} MiB to the guest's disk"));
-    let dd = format!("dd if=/dev/urandom of=/root/ae-disk.bin bs=1M count={mib}");
-    let write = format!("rm -f {dir}/x; umount {dir}; {dd} 2>/dev/null && sync");
+    progress(format!("qemu: writing {disk_mib} MiB to the guest's disk"));
+    let write = format!(
+        "rm -f {dir}/x && umount {dir} \
+         && dd if=/dev/urandom of=/root/ae-disk.bin bs=1M count={disk_mib} 2>/dev/null && sync"
+    );
     sh(api, "src", &write)?;
     let overlay = api.get_vm("src")?.disk.writable_path;
     let copy = tier.join("cp-baseline.ext4");
-    let mut snapshot = || {
+    let mut disk_snapshot = || {
         let id = fresh("ds");
-        let (pause, r) = stalls(vcpu, || api.snapshot_vm("src", Some(id.clone())))?;
-        r.with_context(|| format!("disk snapshot {id}"))?;
+        let snapshot = vcpu.watch(|| api.snapshot_vm("src", Some(id.clone())))?;
+        snapshot
+            .result
+            .with_context(|| format!("disk snapshot {id}"))?;
         api.delete_snapshot(&id)?;
-        Ok(pause)
+        Ok(snapshot.longest_stall)
     };
-    let mut cp = || {
-        let (mut cp, t0) = (Command::new("cp"), Instant::now());
-        daemon::run(cp.arg("--sparse=always").arg(&overlay).arg(&copy))?;
-        let took = t0.elapsed();
+    let mut cp = Command::new("cp");
+    cp.arg("--sparse=always").arg(&overlay).arg(&copy);
+    let mut cp_overlay = || {
+        let ((), took) = runner::timed(|| daemon::run(&mut cp))?;
         std::fs::remove_file(&copy)?;
         Ok(took)
     };
     let what = "qemu: disk snapshot pause vs cp --sparse=always";
-    let disk = interleaved(what, p.warmup, p.disk_runs, [&mut snapshot, &mut cp])?;
-    let clean = format!("rm -f /root/ae-disk.bin; kill {}", busy.trim());
-    sh(api, "src", &clean)?;
-    let title = format!("QEMU/TCG, {GUEST_MIB} MiB guest, agent ready (ms)");
-    let mut t = Table::new(&title, ["p50", "p99", "min", "max", "n"]);
-    let p50 = |n, s: &[Duration], l| Summary::of(s).map(|x| Target::at_most(n, x.p50, l, " ms"));
-    let target = p50("restore_p50", boot.side(0), TARGET_RESTORE_P50_MS);
-    stats(&mut t, "restore → first exec", boot.side(0), target);
-    stats(&mut t, "cold boot → first exec", boot.side(1), None);
-    if let Some([r, b]) = boot.summaries() {
-        let x = b.p50 / r.p50;
-        let target = Target::at_least("restore_speedup", x, TARGET_SPEEDUP, "x");
-        let name = "speedup (cold boot p50 ÷ restore p50)";
-        t.row(name, vec![Cell::Ratio(x)], Some(target));
-    }
-    let target = p50("reset_p50", resets.side(0), TARGET_RESET_P50_MS);
-    stats(&mut t, "reset → first exec", resets.side(0), target);
-    let (limit, unit) = (TARGET_FORK_READY_MS, " ms (max)");
-    let target = Summary::of(&fork_ready).map(|x| x.max);
-    let target = target.map(|x| Target::at_most("fork_all_ready", x, limit, unit));
-    let name = format!("fork {} → all exec-ready", p.fork_count);
-    stats(&mut t, &name, &fork_ready, target);
-    stats(&mut t, "  fork call (201)", &fork_call, None);
-    let target = p50("full_pause_p50", &full_pause, TARGET_PAUSE_P50_MS);
-    let name = format!("pause window, full snapshot ({} MiB touched)", p.touch_mib);
-    stats(&mut t, &name, &full_pause, target);
-    let name = "  snapshot call (201, seal included)";
-    stats(&mut t, name, &full_call, None);
-    t.note("each up to the first `exec true` answered; pause window: the vCPU thread not runnable");
-    let title = format!("disk snapshot of {mib} MiB written: pause vs `cp --sparse=always` (ms)");
-    let mut disk_t = Table::latency(&title, &["snapshot pause", "cp"]);
-    let limit = Some(Limit::Ratio(TARGET_DISK_PAUSE_RATIO));
-    let fs = procfs::fs_type(&tier);
-    let note = format!("cp: the VM's overlay into the tmpfs tier ({fs}), where snapshots go");
-    disk_t.latency_row("pause vs cp", &disk, limit).note(note);
-    rep.table(t).table(disk_t);
-    if pss.is_empty() {
-        return Ok(());
-    }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let pct = |mib: f64| mib / GUEST_MIB as f64 * 100.0;
-    let cells = |mib: f64| vec![Cell::Num(mib, 1), Cell::Num(pct(mib), 1)];
-    let title = format!("host memory of idle clones, {GUEST_MIB} MiB guests");
-    let mut mem = Table::new(&title, ["MiB", "% of guest"]);
-    let target = Target::at_most("clone_pss", pct(mean(&pss)), TARGET_CLONE_PSS_PCT, " %");
-    let max_pss = pss.iter().copied().fold(f64::NAN, f64::max);
-    mem.row("PSS per clone, mean", cells(mean(&pss)), Some(target))
-        .row("PSS, largest clone", cells(max_pss), None)
-        .row("VmRSS per clone, mean", cells(mean(&rss)), None)
-        .row("PSS of the booted source VM", cells(src_pss), None)
-        .note("PSS (smaps_rollup) of each clone's QEMU, 3 s after all answered");
-    rep.table(mem);
-    Ok(())
+    let sides: [Side; 2] = [&mut disk_snapshot, &mut cp_overlay];
+    let disk = interleaved(what, p.warmup, p.disk_runs, sides)?;
+    let stop = format!("rm -f /root/ae-disk.bin && kill {}", busy_loop_pid.trim());
+    sh(api, "src", &stop)?;
+    Ok(Pauses {
+        full,
+        full_call,
+        disk,
+    })
 }
 
-/// A row of p50, p99, min, max and count, when there are samples.
-fn stats(t: &mut Table, name: &str, s: &[Duration], target: Option<Target>) {
-    if let Some(x) = Summary::of(s) {
+/// A row of p50, p99, min, max and count; none without samples.
+fn summary_row(t: &mut Table, name: &str, samples: &[Duration], target: Option<Target>) {
+    if let Some(x) = Summary::of(samples) {
         let mut cells: Vec<Cell> = [x.p50, x.p99, x.min, x.max].map(Cell::ms).into();
         cells.push(Cell::Num(x.n as f64, 0));
         t.row(name, cells, target);
     }
 }
 
-/// The vCPU thread (pid, tid): QEMU's busiest in 0.5 s of a guest busy loop.
-fn vcpu_thread(pid: u32) -> Result<(u32, u32)> {
-    let before = procfs::thread_cpu_ticks(pid);
-    std::thread::sleep(Duration::from_millis(500));
-    let mut most = (0, 0);
-    for (tid, t) in procfs::thread_cpu_ticks(pid) {
-        let t0 = before.iter().find(|b| b.0 == tid).map_or(0, |b| b.1);
-        most = most.max((t - t0, tid));
-    }
-    match most {
-        (0, _) => bail!("no QEMU thread used the CPU: is the guest's busy loop running?"),
-        (_, tid) => Ok((pid, tid)),
-    }
+/// The target `name`: the p50 of `samples` at most `limit_ms`; none without samples.
+fn p50_target(name: &str, samples: &[Duration], limit_ms: f64) -> Option<Target> {
+    let p50 = Summary::of(samples)?.p50;
+    Some(Target::at_most(name, p50, limit_ms, " ms"))
 }
 
-/// `f`'s result and the longest stall of the vCPU thread, sampled every ~0.2 ms.
-fn stalls<R: Send>((pid, tid): (u32, u32), f: impl FnOnce() -> R + Send) -> Result<(Duration, R)> {
-    std::thread::scope(|s| {
-        let (call, mut samples) = (s.spawn(f), Vec::with_capacity(1 << 14));
-        while !call.is_finished() {
-            samples.push((Instant::now(), procfs::thread_state(pid, tid) == Some('R')));
-            std::thread::sleep(Duration::from_micros(200));
+/// Restore, cold boot, reset and fork up to the agent's answer, and the
+/// full snapshots' pause windows.
+fn ready_table(
+    p: &Args,
+    boot: &Sides<2>,
+    resets: &[Duration],
+    forks: &Forks,
+    pauses: &Pauses,
+) -> Table {
+    let title = format!("QEMU/TCG, {GUEST_MIB} MiB guest, agent ready (ms)");
+    let mut t = Table::new(&title, ["p50", "p99", "min", "max", "n"]);
+    let (restored, booted) = (boot.side(0), boot.side(1));
+    let target = p50_target("restore_p50", restored, TARGET_RESTORE_P50_MS);
+    summary_row(&mut t, "restore → first exec", restored, target);
+    summary_row(&mut t, "cold boot → first exec", booted, None);
+    if let Some([restore, cold_boot]) = boot.summaries() {
+        let speedup = cold_boot.p50 / restore.p50;
+        let target = Target::at_least("restore_speedup", speedup, TARGET_SPEEDUP, "x");
+        let name = "speedup (cold boot p50 ÷ restore p50)";
+        t.row(name, vec![Cell::Ratio(speedup)], Some(target));
+    }
+    let target = p50_target("reset_p50", resets, TARGET_RESET_P50_MS);
+    summary_row(&mut t, "reset → first exec", resets, target);
+    let worst_fork_ms = Summary::of(&forks.all_ready).map(|s| s.max);
+    let (limit, unit) = (TARGET_FORK_READY_MS, " ms (max)");
+    let target = worst_fork_ms.map(|ms| Target::at_most("fork_all_ready", ms, limit, unit));
+    let name = format!("fork {} → all exec-ready", p.fork_count);
+    summary_row(&mut t, &name, &forks.all_ready, target);
+    summary_row(&mut t, "  fork call (201)", &forks.call, None);
+    let target = p50_target("full_pause_p50", &pauses.full, TARGET_PAUSE_P50_MS);
+    let name = format!("pause window, full snapshot ({} MiB touched)", p.touch_mib);
+    summary_row(&mut t, &name, &pauses.full, target);
+    let name = "  snapshot call (201, seal included)";
+    summary_row(&mut t, name, &pauses.full_call, None);
+    t.note("each up to the first `exec true` answered; pause window: the vCPU thread not runnable");
+    t
+}
+
+/// A disk snapshot's pause window against `cp` of the overlay into `tier`.
+fn disk_pause_table(p: &Args, disk: &Sides<2>, tier: &Path) -> Table {
+    let title = format!(
+        "disk snapshot of {} MiB written: pause vs `cp --sparse=always` (ms)",
+        p.disk_mib
+    );
+    let mut t = Table::latency(&title, &["snapshot pause", "cp"]);
+    let limit = Some(Limit::Ratio(TARGET_DISK_PAUSE_RATIO));
+    let fs = procfs::fs_type(tier);
+    let note = format!("cp: the VM's overlay into the tmpfs tier ({fs}), where snapshots go");
+    t.latency_row("pause vs cp", disk, limit).note(note);
+    t
+}
+
+/// The idle clones' memory, beside that of the booted source VM.
+fn clone_memory_table(forks: &Forks, src_pss_mib: f64) -> Table {
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let pct = |mib: f64| mib / GUEST_MIB as f64 * 100.0;
+    let cells = |mib: f64| vec![Cell::Num(mib, 1), Cell::Num(pct(mib), 1)];
+    let title = format!("host memory of idle clones, {GUEST_MIB} MiB guests");
+    let mut t = Table::new(&title, ["MiB", "% of guest"]);
+    let mean_pss = mean(&forks.pss_mib);
+    let target = Target::at_most("clone_pss", pct(mean_pss), TARGET_CLONE_PSS_PCT, " %");
+    let max_pss = forks.pss_mib.iter().copied().fold(f64::NAN, f64::max);
+    t.row("PSS per clone, mean", cells(mean_pss), Some(target))
+        .row("PSS, largest clone", cells(max_pss), None)
+        .row("VmRSS per clone, mean", cells(mean(&forks.rss_mib)), None)
+        .row("PSS of the booted source VM", cells(src_pss_mib), None)
+        .note("PSS (smaps_rollup) of each clone's QEMU, 3 s after all answered");
+    t
+}
+
+/// The guest's vCPU thread: the QEMU thread that uses the CPU while the
+/// guest runs a busy loop.
+#[derive(Debug, Clone, Copy)]
+struct Vcpu {
+    pid: u32,
+    tid: u32,
+}
+
+/// What a call gave, and the longest stall of the vCPU thread during it.
+struct Watched<R> {
+    result: R,
+    longest_stall: Duration,
+}
+
+impl Vcpu {
+    /// QEMU `pid`'s thread that used the most CPU in 0.5 s.
+    fn find(pid: u32) -> Result<Vcpu> {
+        let before = procfs::thread_cpu_ticks(pid);
+        std::thread::sleep(Duration::from_millis(500));
+        let mut busiest = (0, 0); // (ticks used, tid)
+        for (tid, ticks) in procfs::thread_cpu_ticks(pid) {
+            let ticks_before = before.iter().find(|b| b.0 == tid).map_or(0, |b| b.1);
+            busiest = busiest.max((ticks.saturating_sub(ticks_before), tid));
         }
-        Ok((longest_stall(&samples)?, call.join().expect("the call")))
-    })
+        let (used, tid) = busiest;
+        ensure!(
+            used > 0,
+            "no QEMU thread used the CPU: is the guest's busy loop running?"
+        );
+        Ok(Vcpu { pid, tid })
+    }
+
+    /// Runs `f` on a thread of its own while this thread's state is sampled
+    /// every ~0.2 ms.
+    fn watch<R: Send>(self, f: impl FnOnce() -> R + Send) -> Result<Watched<R>> {
+        std::thread::scope(|s| {
+            let call = s.spawn(f);
+            let mut samples = Vec::with_capacity(1 << 14);
+            while !call.is_finished() {
+                let runnable = procfs::thread_state(self.pid, self.tid) == Some('R');
+                samples.push((Instant::now(), runnable));
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            let longest_stall = longest_stall(&samples)?;
+            let result = call.join().expect("the watched call panicked");
+            Ok(Watched {
+                result,
+                longest_stall,
+            })
+        })
+    }
 }
 
-/// The longest run of samples not runnable, from its first to the next runnable.
+/// The longest run of samples not runnable, from its first sample to the
+/// next runnable one; an error if the last run never ended.
 fn longest_stall(samples: &[(Instant, bool)]) -> Result<Duration> {
     let (mut longest, mut since) = (Duration::ZERO, None);
     for &(t, runnable) in samples {
@@ -405,28 +556,31 @@ fn longest_stall(samples: &[(Instant, bool)]) -> Result<Duration> {
             _ => {}
         }
     }
-    match since {
-        Some(_) => bail!("the vCPU thread was still stopped after the snapshot"),
-        None => Ok(longest),
-    }
+    ensure!(
+        since.is_none(),
+        "the vCPU thread was still stopped after the snapshot"
+    );
+    Ok(longest)
 }
 
-fn run_fc(h: &mut Harness, p: &Args, rep: &mut Report) -> Result<()> {
-    let (root, fc) = (h.root().to_path_buf(), &*p.bins[1]);
-    let mut config = daemon::fc_double_config(fc.into(), &root, FC_GUEST_MIB)?;
+/// The fc-double part: the daemon's restore of a full snapshot against a
+/// bare fc-double loading the same files; its table.
+fn run_fc(h: &mut Harness, agentenv: &Path, fc_double: &Path, p: &Args) -> Result<Table> {
+    let root = h.root().to_path_buf();
+    let mut config = daemon::fc_double_config(fc_double.into(), &root, FC_GUEST_MIB)?;
     config.max_memory_mib = Some(FC_GUEST_MIB * 16);
     std::fs::File::create(root.join("rootfs/base.ext4"))?.set_len(8 << 20)?;
     h.write_config(&config)?;
-    let api = &h.start_daemon(&p.bins[0], IO_TIMEOUT, HEALTH_TIMEOUT)?.api;
+    let api = &h.start_daemon(agentenv, IO_TIMEOUT, HEALTH_TIMEOUT)?.api;
     let body = json!({"vm_id": "src", "disk": {"kind": "overlay", "rootfs_id": "base.ext4"}});
-    call(api, "POST", "/v1/vm", Some(&body), 201)?;
+    create_vm(api, &body)?;
     let snap = full_snapshot(api, "src", "base")?;
     // The record names the snapshot's disk file; the other files are beside it.
     let disk = snap.tmpfs_path.or(snap.durable_path);
-    let disk = PathBuf::from(disk.context("no snapshot path")?);
+    let disk = PathBuf::from(disk.context("the snapshot record names no path")?);
     let dir = disk.parent().context("a snapshot path without a parent")?;
-    let mut daemon = || timed(api, fresh("r"), |id| restore(api, id, false));
-    let mut bare = || bare_load(fc, dir, &root.join("work"), &fresh("b"));
+    let mut daemon = || timed_then_delete(api, fresh("r"), |id| restore(api, id, false));
+    let mut bare = || bare_load(fc_double, dir, &root.join("work"), &fresh("b"));
     let what = "fc-double: daemon restore vs bare snapshot/load";
     let sides: [Side; 2] = [&mut daemon, &mut bare];
     let s = interleaved(what, p.warmup.max(3), p.fc_iterations, sides)?;
@@ -436,8 +590,7 @@ fn run_fc(h: &mut Harness, p: &Args, rep: &mut Report) -> Result<()> {
     let limit = Some(Limit::OverheadMs(TARGET_FC_OVERHEAD_MS));
     let note = "daemon: POST /v1/vm {\"restore\"} to its 201; bare: spawn to the load's 204";
     t.latency_row(name, &s, limit).note(note);
-    rep.table(t);
-    Ok(())
+    Ok(t)
 }
 
 /// The baseline: a fresh fc-double `name` in a new directory `work/name`
@@ -450,9 +603,11 @@ fn bare_load(fc_double: &Path, dir: &Path, work: &Path, name: &str) -> Result<Du
     let state = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&state)?;
     let (magic, saved) = text.split_once('\n').unwrap_or_default();
-    if magic != "fc-double snapshot" {
-        bail!("{} is no fc-double state file", state.display());
-    }
+    ensure!(
+        magic == "fc-double snapshot",
+        "{} is no fc-double state file",
+        state.display()
+    );
     let saved: Value = serde_json::from_str(saved).context("the state file's JSON")?;
     let drives = saved["drives"].as_array().into_iter().flatten();
     let paths = drives.filter_map(|d| d["path_on_host"].as_str());
@@ -460,23 +615,55 @@ fn bare_load(fc_double: &Path, dir: &Path, work: &Path, name: &str) -> Result<Du
         std::fs::create_dir_all(work.join(rel).parent().unwrap_or(work))?;
         std::fs::hard_link(dir.join(DISK_FILE), work.join(rel))?;
     }
-    let mem = json!({"backend_path": dir.join(MEMORY_FILE), "backend_type": "File"});
-    let body = json!({"snapshot_path": state, "mem_backend": mem, "resume_vm": true});
-    let load: SnapshotLoadParams = serde_json::from_value(body)?;
-    let body = json!(load);
-    let t0 = Instant::now();
-    let took = (|| {
+    let load = SnapshotLoadParams {
+        snapshot_path: state,
+        mem_backend: Some(MemBackend {
+            backend_path: dir.join(MEMORY_FILE),
+            backend_type: MemBackendType::File,
+        }),
+        resume_vm: true,
+        ..SnapshotLoadParams::default()
+    };
+    let body = serde_json::to_value(&load)?;
+    let loaded = runner::timed(|| {
         let mut vmm = BareVmm::start(fc_double, work, name, IO_TIMEOUT)?;
         vmm.call("PUT", "/snapshot/load", &body)?;
-        Ok(t0.elapsed())
-    })();
-    std::fs::remove_dir_all(work)?;
-    took
+        Ok(vmm)
+    });
+    // Killed (untimed) before its directory goes; a failed load has been already.
+    let took = loaded.map(|(mut vmm, took)| {
+        vmm.kill();
+        took
+    });
+    let removed =
+        std::fs::remove_dir_all(work).with_context(|| format!("removing {}", work.display()));
+    // The load's error first: it is what went wrong.
+    let took = took?;
+    removed?;
+    Ok(took)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_of_zero_are_refused_and_quick_shortens_the_run() {
+        let parse = |a: &[&str]| Args::try_parse_from([&["snapshot_restore"], a].concat());
+        assert!(parse(&["--fork-count", "0"]).is_err());
+        assert!(parse(&["--runs", "0"]).is_err());
+        let q = parse(&["--quick"]).unwrap();
+        let counts = (
+            q.runs,
+            q.resets,
+            q.pauses,
+            q.disk_runs,
+            q.forks,
+            q.fork_count,
+        );
+        assert_eq!(counts, (2, 5, 3, 2, 1, 10));
+        assert_eq!((q.disk_mib, q.fc_iterations, q.warmup), (64, 20, 1));
+    }
 
     #[test]
     fn the_longest_stall_runs_from_its_first_sleeping_sample_to_the_next_runnable_one() {
