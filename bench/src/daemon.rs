@@ -585,7 +585,7 @@ impl Harness {
     /// [`Harness::teardown`]). The run's result comes back with the cleanup.
     pub fn finish<R>(&mut self, result: Result<R>, keep: bool) -> (Result<R>, Cleanup) {
         let failed = result.is_err() && signals::received().is_none();
-        if let (true, Some(d)) = (failed, &self.daemon) {
+        if let Some(d) = self.daemon.as_ref().filter(|_| failed) {
             let tail = tail_lines(&d.log, 20);
             eprintln!("--- last lines of the daemon log ---\n{tail}\n---");
         }

@@ -16,6 +16,11 @@ fn parse_status_kib(text: &str, field: &str) -> Option<u64> {
     })
 }
 
+/// KiB (as `/proc` gives them) in MiB, for the reports.
+pub fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
 /// Resident and peak-resident memory of a process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rss {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use agentenv_bench::args::{count, Common};
 use agentenv_bench::daemon::{self, create_vm, Harness};
-use agentenv_bench::procfs::{self, Rss};
+use agentenv_bench::procfs::{self, mib, Rss};
 use agentenv_bench::report::{or_exit, Cell, Limit, Report, Table, Target};
 use agentenv_bench::runner::{self, progress, rotated, rounds, timed, Side, Sides};
 use agentenv_bench::{signals, stats::Spread};
@@ -464,10 +464,6 @@ fn memory_part(ways: &[Way; 3], root: &Path, daemon_pid: u32, bytes: u64) -> Res
         after,
         samples_kib,
     })
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
 }
 
 impl Memory {

@@ -11,7 +11,7 @@ use agentenv_bench::bare::BareVmm;
 use agentenv_bench::daemon::{self, call, create_vm, tail_lines, Harness};
 use agentenv_bench::report::{or_exit, Cell, Limit, Report, Table, Target};
 use agentenv_bench::runner::{self, interleaved, rotated, rounds, Side, Sides};
-use agentenv_bench::{procfs::Rss, signals, stats::Summary};
+use agentenv_bench::{procfs::mib, procfs::Rss, signals, stats::Summary};
 use agentenv_client::{ApiClient, TlsOptions};
 use agentenv_host::firecracker::models::VmState::{Paused, Resumed};
 use agentenv_host::firecracker::models::{ActionType, Drive, FullVmConfiguration};
@@ -345,11 +345,6 @@ fn latency(env: &Env, p: &Args, rep: &mut Report) -> Result<()> {
         .latency_row("delete (bare: kill, reap)", &delete, None);
     rep.table(t);
     Ok(())
-}
-
-/// KiB in MiB.
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
 }
 
 /// The list, per-VM operation and memory figures with `p.vms` VMs, against

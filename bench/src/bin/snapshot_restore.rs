@@ -11,9 +11,10 @@ use agentenv_api::{CreateSnapshotRequest, ExecRequest, ForkRequest, SnapshotInfo
 use agentenv_bench::args::{count, Common};
 use agentenv_bench::bare::BareVmm;
 use agentenv_bench::daemon::{self, create_vm, Daemon, Harness, QemuGuest};
+use agentenv_bench::procfs::{self, mib};
 use agentenv_bench::report::{Cell, Limit, Report, Table, Target};
 use agentenv_bench::runner::{interleaved, progress, rounds, Side, Sides};
-use agentenv_bench::{procfs, runner, signals, stats::Summary};
+use agentenv_bench::{runner, signals, stats::Summary};
 use agentenv_client::ApiClient;
 use agentenv_host::firecracker::models::{MemBackend, MemBackendType, SnapshotLoadParams};
 use agentenv_host::snapshots::{DISK_FILE, MEMORY_FILE, STATE_FILE};
@@ -232,11 +233,6 @@ fn full_snapshot(api: &ApiClient, vm_id: &str, id: &str) -> Result<SnapshotInfo>
     };
     let r = api.snapshot_vm_with(vm_id, &req);
     r.with_context(|| format!("full snapshot {id} of {vm_id}"))
-}
-
-/// KiB in MiB.
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
 }
 
 /// The QEMU part: restore vs cold boot, the reset loop, forks, then the
